@@ -1,0 +1,18 @@
+# Two commands for a new user: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/qlora: pyproject.toml requirements-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c requirements-ci.txt torch
+	$(BIN)/pip install -q -c requirements-ci.txt -e '.[dev]'
+	touch $(BIN)/qlora
+
+.PHONY: demo test
+demo: $(BIN)/qlora
+	$(BIN)/qlora demo
+
+test: $(BIN)/qlora
+	$(BIN)/python -m pytest -q -n 2 tests

@@ -1,0 +1,119 @@
+"""Tiny random models of each supported family, written in Hugging Face layout.
+
+The demo and the tests build these on the spot (no hub here) and then load them through the
+same path a user's real model directory takes. The tokenizer is character level: every printable
+ASCII character is one token, so any text round-trips and sequences stay short.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CHARACTERS = list(string.printable[:95]) + ["\n", "\t"]  # digits, letters, punctuation, space
+
+# ChatML, as Qwen uses it; `generation` marks what the assistant says.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tokenizer_vocab() -> dict[str, int]:
+    tokens = SPECIAL_TOKENS + CHARACTERS
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_tokenizer(out_dir: str | Path, chat_template: str | None = CHATML_TEMPLATE) -> None:
+    """Write tokenizer.json + tokenizer_config.json (+ special_tokens_map.json) to out_dir."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = tokenizer_vocab()
+    # BPE with no merges splits every word into single characters; no pre-tokenizer means
+    # spaces and newlines are characters like any other.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(out_dir))
+
+
+def tiny_config(family: str, vocab_size: int = 128, **overrides):
+    """A transformers config of `family` with tiny random-model sizes."""
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"tiny models exist for {', '.join(FAMILIES)}, not {family!r}")
+    vocab = tokenizer_vocab()
+    sizes = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+    )
+    if family == "qwen3":
+        sizes["head_dim"] = 16
+    sizes.update(overrides)
+    return AutoConfig.for_model(family, **sizes)
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    seed: int = 0,
+    dtype: str = "float32",
+    chat_template: str | None = CHATML_TEMPLATE,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
+    """Save a random `family` model with the tiny tokenizer to out_dir; return out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    # Random init of transformers gives std 0.02 everywhere; norms at 1. Perturb the norms so
+    # that a model that forgets to apply one is caught by the logit comparisons.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith(".bias"):
+                p.normal_(0, 0.02)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(out), **kwargs)
+    build_tokenizer(out, chat_template=chat_template)
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
