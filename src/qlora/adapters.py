@@ -1,0 +1,282 @@
+"""LoRA, rsLoRA and DoRA over a frozen (quantized) base linear, saved and loaded in PEFT's format.
+
+A wrapped layer keeps PEFT's attribute names (`base_layer`, `lora_A`, `lora_B`,
+`lora_magnitude_vector`) so that module paths, and therefore the adapter file's keys, are PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora.errors import QloraError
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    extra: dict = field(default_factory=dict)  # PEFT config keys we keep verbatim on save
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise QloraError(f"lora r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise QloraError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + scale · B(A(dropout(x))), or DoRA's magnitude-rescaled version of it."""
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig):
+        super().__init__()
+        out_features, in_features = _linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.lora_A = nn.Linear(in_features, cfg.r, bias=False)
+        self.lora_B = nn.Linear(cfg.r, out_features, bias=False)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.scaling = cfg.scaling
+        self.use_dora = cfg.use_dora
+        # PEFT's default init: A like nn.Linear (kaiming uniform, a=√5), B zero, so ΔW starts at 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if cfg.use_dora:
+            from qlora.quant import dequantize_weight
+
+            with torch.no_grad():
+                norm = torch.linalg.norm(dequantize_weight(base_layer).float(), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        A = self.lora_A.weight.to(x.dtype)
+        B = self.lora_B.weight.to(x.dtype)
+        if not self.use_dora:
+            return result + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
+        return result + self._dora_delta(x, result, A, B)
+
+    def _dora_delta(self, x, result, A, B) -> torch.Tensor:
+        # DoRA: W' = m · (W + sBA) / ‖W + sBA‖ (row norms, treated as a constant as the paper
+        # advises), written as an addition to the base output so the base matmul is reused
+        # whenever dropout leaves x unchanged.
+        from qlora.quant import dequantize_weight
+
+        weight = dequantize_weight(self.base_layer).to(x.dtype)
+        with torch.no_grad():
+            norm = torch.linalg.norm(weight + self.scaling * (B @ A), dim=1)
+        scale = (self.lora_magnitude_vector.to(x.dtype) / norm).view(1, -1)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = result if bias is None else result - bias
+        else:
+            x = self.lora_dropout(x)
+            base = F.linear(x, weight)
+        return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged weight minus the base weight, in fp32."""
+        from qlora.quant import dequantize_weight
+
+        weight = dequantize_weight(self.base_layer).float()
+        lora = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        if not self.use_dora:
+            return lora
+        merged = weight + lora
+        scale = self.lora_magnitude_vector.float() / torch.linalg.norm(merged, dim=1)
+        return merged * scale.unsqueeze(1) - weight
+
+
+def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+    return layer.out_features, layer.in_features
+
+
+def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Full module paths to wrap. `all-linear` is every linear of the decoder blocks (not lm_head)."""
+    wanted = set(BLOCK_LINEARS) if target_modules == "all-linear" else set(target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, _ in _block_linears(model)}
+    missing = sorted(wanted - present)
+    if missing:
+        raise QloraError(
+            f"target_modules {missing} do not exist in this model; its linear layers are "
+            f"{sorted(present)} (or use all-linear)"
+        )
+    return [name for name, _ in _block_linears(model) if name.rsplit(".", 1)[-1] in wanted]
+
+
+def _block_linears(model: nn.Module):
+    for name, module in model.named_modules():
+        if ".layers." in name and name.rsplit(".", 1)[-1] in BLOCK_LINEARS and not isinstance(
+            module, LoraLinear
+        ):
+            yield name, module
+
+
+def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Freeze the model and wrap each target linear in a LoraLinear. Returns the wrapped paths."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = target_names(model, cfg.target_modules)
+    device = next(model.parameters()).device
+    for name in names:
+        parent_name, leaf = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, LoraLinear(getattr(parent, leaf), cfg).to(device))
+    model.adapter_config = cfg
+    model.adapter_targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return names
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT's key names."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
+            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
+            if module.use_dora:
+                state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
+    return state
+
+
+def peft_config_dict(cfg: AdapterConfig, targets: list[str], base_model: str) -> dict:
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    config.update(cfg.extra)
+    return config
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's format), atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    if not state:
+        raise QloraError("the model has no adapters to save (attach_adapters was not called)")
+    config = peft_config_dict(model.adapter_config, model.adapter_targets, base_model_name_or_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.exists():
+        raise QloraError(f"{path} not found: an adapter directory in PEFT format needs {ADAPTER_CONFIG}")
+    raw = json.loads(path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise QloraError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise QloraError(f"{path}: per-layer {key} is not supported yet; retrain with one r/alpha")
+    if raw.get("bias", "none") != "none":
+        raise QloraError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
+    targets = raw.get("target_modules") or "all-linear"
+    if isinstance(targets, str) and targets != "all-linear":
+        # PEFT stores a regex when target_modules was given as one; match leaf names in it
+        import re
+
+        targets = [m for m in BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
+                   or re.search(targets, f"model.layers.0.mlp.{m}")]
+    return AdapterConfig(
+        r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+        target_modules=targets, use_rslora=raw.get("use_rslora", False),
+        use_dora=raw.get("use_dora", False),
+    )
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
+    """Attach the adapter saved in `adapter_dir` (ours or PEFT's) to `model`."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(adapter_dir)
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise QloraError(f"{weights} not found: the adapter directory has no {ADAPTER_WEIGHTS}")
+    attach_adapters(model, cfg)
+    state = load_file(str(weights))
+    expected = adapter_state_dict(model)
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if unknown or missing:
+        raise QloraError(
+            f"{weights} does not fit this model: {len(missing)} adapter tensors missing "
+            f"(e.g. {missing[:2]}), {len(unknown)} unexpected (e.g. {unknown[:2]}); "
+            "was it trained on another base model?"
+        )
+    with torch.no_grad():
+        for key, tensor in state.items():
+            target = expected[key]
+            if target.shape != tensor.shape:
+                raise QloraError(
+                    f"{weights}: {key} has shape {tuple(tensor.shape)} but this model needs "
+                    f"{tuple(target.shape)}; the adapter was trained on another base model"
+                )
+            target.copy_(tensor.to(target.dtype))
+    return cfg
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's print_trainable_parameters line (the 4-bit base counted as PEFT counts it)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        # a packed 4-bit tensor holds two weights per byte; PEFT counts the weights
+        if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
+            n *= 2
+        total += n
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / total:.4f}")

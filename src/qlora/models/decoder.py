@@ -1,0 +1,253 @@
+"""One decoder-only transformer for every supported family, with Hugging Face's module names.
+
+llama, mistral, qwen2 and qwen3 differ only in what ArchSpec records: q/k/v biases (qwen2),
+RMSNorm on q and k per head (qwen3), rope scaling (llama 3.x), a tied output head and a sliding
+attention window (mistral). Names follow transformers (`model.layers.N.self_attn.q_proj`, ...),
+so checkpoints load by name and adapters saved from here are PEFT adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qlora.models.spec import ArchSpec, rope_inverse_frequencies
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, scale in the input dtype: what the checkpoints were trained with
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary position embeddings at given position ids."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(spec)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [B, T, hd]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to `max_len` per layer."""
+
+    def __init__(self, spec: ArchSpec, batch: int, max_len: int, device, dtype):
+        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.length = 0  # tokens stored, the same for every layer once a forward pass completes
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ArchSpec, layer_index: int):
+        super().__init__()
+        h, hd = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.layer_index = layer_index
+        self.q_proj = nn.Linear(h, spec.num_heads * hd, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * hd, h, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        y = sdpa(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def sdpa(q, k, v, mask):
+    """Scaled dot-product attention; `mask` is "causal", None (attend to all) or a bool tensor."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        h, i, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ArchSpec, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_index)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary_emb = Rotary(spec)
+
+
+class DecoderLM(nn.Module):
+    """Causal LM: `model` (embeddings, blocks, final norm) and `lm_head`."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = Backbone(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.loss_chunk_tokens = 4096
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32)."""
+        hidden = self.hidden_states(input_ids, position_ids, cache)
+        if labels is None:
+            return self.lm_head(hidden)
+        return self.loss_sum(hidden, labels)
+
+    def hidden_states(self, input_ids, position_ids=None, cache=None) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = attention_mask(position_ids, past, self.spec.sliding_window)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if use_checkpoint:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of cross-entropies of the label tokens, computed only where a label exists.
+
+        Logits are made chunk by chunk and recomputed in backward, so the full [tokens, vocab]
+        fp32 matrix never exists; positions without a label cost nothing.
+        """
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        keep = targets.reshape(-1) != IGNORE_INDEX
+        h = hidden.reshape(-1, hidden.shape[-1])[keep]
+        t = targets.reshape(-1)[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, t.numel(), self.loss_chunk_tokens):
+            end = start + self.loss_chunk_tokens
+            if torch.is_grad_enabled() and h.requires_grad:
+                total = total + checkpoint(self._chunk_loss, h[start:end], t[start:end],
+                                           use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(h[start:end], t[start:end])
+        return total
+
+    def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits, t, reduction="sum")
+
+
+def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None):
+    """"causal" for one document per row, else a bool mask [B, 1, T, past+T].
+
+    Packed rows hold several documents; a document starts where position_ids restarts at 0,
+    and each token may only attend to earlier tokens of its own document.
+    """
+    B, T = position_ids.shape
+    packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
+    windowed = sliding_window is not None and past + T > sliding_window
+    if past == 0 and not packed and not windowed:
+        return "causal"
+    if T == 1 and not windowed:
+        return None
+    device = position_ids.device
+    q_pos = torch.arange(past, past + T, device=device)
+    k_pos = torch.arange(past + T, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None]).expand(B, T, past + T)
+    if packed:
+        if past:
+            raise ValueError("a KV cache cannot be combined with packed rows")
+        doc = (position_ids == 0).cumsum(-1)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    if windowed:
+        mask = mask & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    return mask[:, None]

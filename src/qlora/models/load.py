@@ -1,0 +1,189 @@
+"""A model directory in Hugging Face layout → DecoderLM on the target device, streamed.
+
+Tensors are read one at a time from memory-mapped safetensors, shard after shard; each linear
+weight of the decoder blocks is quantized on the target device as soon as it is read, so the
+16-bit model never exists whole in host or device memory. Checkpoints already saved in 4 bits by
+transformers + bitsandbytes are rebuilt from their stored bytes, not re-quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.errors import QloraError
+from qlora.models.decoder import DecoderLM, Rotary
+from qlora.models.spec import ArchSpec, read_spec
+from qlora.quant import QuantConfig, prequantized_linear, quantize_linear
+
+BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
+IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, in shard order."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise QloraError(f"{index} is not a valid safetensors index ({err})") from err
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise QloraError(f"{index} names shards that are not in {root}: {', '.join(missing)}; "
+                             "download the missing files")
+        return files
+    single = root / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(root.glob("*.bin")) or any(root.glob("*.pth")):
+        raise QloraError(f"{root} holds only pickle weights (*.bin/*.pth); convert them to "
+                         "safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise QloraError(f"no model.safetensors or model.safetensors.index.json in {root}")
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise QloraError(f"{path} cannot be read as safetensors ({err}); the file is probably "
+                         "truncated or corrupt: download it again") from err
+
+
+def _read(handle, path: Path, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as err:
+        raise QloraError(f"{path}: tensor {key} cannot be read ({err}); the file is probably "
+                         "truncated: download it again") from err
+
+
+def prequantized_4bit(spec: ArchSpec) -> bool:
+    qc = spec.raw.get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def load_model(
+    model_dir: str | Path,
+    quant: QuantConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> DecoderLM:
+    """Build a DecoderLM from `model_dir`, quantizing its block linears as `quant` says."""
+    quant = quant or QuantConfig()
+    device = torch.device(device)
+    spec = read_spec(model_dir)
+    files = weight_files(model_dir)
+    with torch.device("meta"):
+        model = DecoderLM(spec)
+    model.name_or_path = str(model_dir)
+    dtype = quant.compute_dtype
+    pending_4bit: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    prequant = prequantized_4bit(spec)
+
+    for path in files:
+        handle = _open(path)
+        for key in handle.keys():
+            if IGNORED_KEYS.search(key) or (spec.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            module_name, _, leaf = key.partition(".weight") if ".weight" in key else key.rpartition(".")
+            if BLOCK_LINEAR.match(module_name) and key.startswith(module_name + ".weight"):
+                if prequant:
+                    suffix = key[len(module_name) + len(".weight"):]
+                    pending_4bit[module_name][suffix] = _read(handle, path, key)
+                else:
+                    _set_linear(model, module_name, _read(handle, path, key), quant, device)
+                continue
+            _set_tensor(model, key, _read(handle, path, key).to(device, dtype), path)
+        del handle
+        for module_name in list(pending_4bit):
+            group = pending_4bit[module_name]
+            if _is_complete_4bit(group):
+                shape = spec.linear_shapes()[module_name.rsplit(".", 1)[-1]]
+                layer = prequantized_linear(group, None, shape, quant, device)
+                _replace_keeping_bias(model, module_name, layer)
+                del pending_4bit[module_name]
+    if pending_4bit:
+        raise QloraError(f"{model_dir}: 4-bit tensors incomplete for {sorted(pending_4bit)[:3]}; "
+                         "the checkpoint is missing its quant_state keys")
+    model.model.rotary_emb = Rotary(spec).to(device)
+    model.tie_weights()
+    _check_nothing_missing(model, model_dir)
+    model.quant = quant
+    return model.eval()
+
+
+def _is_complete_4bit(group: dict[str, torch.Tensor]) -> bool:
+    return "" in group and ".absmax" in group and any(k.startswith(".quant_state.") for k in group)
+
+
+def _set_linear(model: nn.Module, name: str, weight: torch.Tensor, quant: QuantConfig, device):
+    expected = tuple(model.get_submodule(name).weight.shape)
+    if tuple(weight.shape) != expected:
+        raise QloraError(f"tensor {name}.weight has shape {tuple(weight.shape)} but config.json "
+                         f"implies {expected}; config.json and weights disagree")
+    layer = quantize_linear(weight, None, quant, device)
+    _replace_keeping_bias(model, name, layer)
+
+
+def _replace_keeping_bias(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, leaf = name.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, leaf)
+    # a bias read before its weight already sits on the old module; an unread one is still meta
+    layer.bias = old.bias if old.bias is not None else None
+    setattr(parent, leaf, layer)
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, path: Path) -> None:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise QloraError(f"{path}: tensor {key} has no place in a {model.spec.model_type} model; "
+                         "is config.json from the same checkpoint?") from None
+    old = getattr(module, attr, None)
+    if not isinstance(old, torch.Tensor):
+        raise QloraError(f"{path}: tensor {key} has no place in a {model.spec.model_type} model")
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise QloraError(f"{path}: tensor {key} has shape {tuple(tensor.shape)} but config.json "
+                         f"implies {tuple(old.shape)}; config.json and weights disagree")
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _check_nothing_missing(model: nn.Module, model_dir) -> None:
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise QloraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the config "
+                         f"implies (e.g. {', '.join(missing[:3])}); a shard may be missing")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The model's tokenizer (tokenizer.json + tokenizer_config.json with its chat template)."""
+    root = Path(model_dir)
+    if not (root / "tokenizer.json").exists() and not (root / "tokenizer.model").exists():
+        raise QloraError(f"no tokenizer.json in {root}: copy the tokenizer files of the base "
+                         "model (tokenizer.json, tokenizer_config.json) into it")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
+    except (ValueError, OSError):
+        # a custom tokenizer class would need remote code; tokenizer.json alone is enough
+        tok = PreTrainedTokenizerFast.from_pretrained(str(root))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_generation_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}

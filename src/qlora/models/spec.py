@@ -1,0 +1,162 @@
+"""config.json → ArchSpec: everything the decoder needs to know about an architecture.
+
+One decoder class serves every supported family; the differences between families are the few
+fields below (biases, q/k norms, rope scaling, tied head, sliding window).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora.errors import QloraError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {"rope_type": "llama3", "factor": ..., ...} or None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # qwen2: bias on q, k, v
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # qwen3: RMSNorm over head_dim on q and k before rope
+    sliding_window: int | None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear layer of a decoder block, by its HF leaf name."""
+        h, hd = self.hidden_size, self.head_dim
+        return {
+            "q_proj": (self.num_heads * hd, h),
+            "k_proj": (self.num_kv_heads * hd, h),
+            "v_proj": (self.num_kv_heads * hd, h),
+            "o_proj": (h, self.num_heads * hd),
+            "gate_proj": (self.intermediate_size, h),
+            "up_proj": (self.intermediate_size, h),
+            "down_proj": (h, self.intermediate_size),
+        }
+
+
+def read_spec(model_dir: str | Path) -> ArchSpec:
+    """Read `model_dir/config.json` (or a config.json path) into an ArchSpec."""
+    path = Path(model_dir)
+    config_path = path if path.is_file() else path / "config.json"
+    if not config_path.exists():
+        raise QloraError(
+            f"{config_path} not found: a model directory in Hugging Face layout needs config.json "
+            "(pass --model the directory that holds config.json and *.safetensors)"
+        )
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise QloraError(f"{config_path} is not valid JSON ({err}); re-download or fix the file") from err
+    return spec_from_config(cfg, source=str(config_path))
+
+
+def spec_from_config(cfg: dict, source: str = "config.json") -> ArchSpec:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise QloraError(
+            f"{source}: model_type {model_type!r} is not supported; supported families are "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise QloraError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    num_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    rope_theta, rope_scaling = _rope(cfg, source)
+    attention_bias = bool(cfg.get("attention_bias", False))
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    sliding = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        sliding = None
+    return ArchSpec(
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=sliding,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        pad_token_id=cfg.get("pad_token_id"),
+        raw=cfg,
+    )
+
+
+def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
+    """transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`."""
+    params = dict(cfg.get("rope_parameters") or {})
+    if not params:
+        params = dict(cfg.get("rope_scaling") or {})
+        params["rope_theta"] = cfg.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise QloraError(
+            f"{source}: rope type {rope_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    theta = float(params.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        return theta, None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    return theta, scaling
+
+
+def rope_inverse_frequencies(spec: ArchSpec) -> tuple["torch.Tensor", float]:
+    """inv_freq [head_dim/2] (fp32) and the attention scaling applied to cos/sin."""
+    import torch
+
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if scaling is None or scaling["rope_type"] == "dynamic":
+        # dynamic NTK only changes anything beyond the trained context; we keep the base frequencies
+        return inv_freq, 1.0
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled), 1.0

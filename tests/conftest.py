@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models of each family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+               "rope_theta": 500000.0}
+
+# name → (family, config overrides): every family, plus the variants that take other code paths
+VARIANTS = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    "mistral-window": ("mistral", {"sliding_window": 16}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """name → directory of a saved tiny random model (fp32 weights, char tokenizer)."""
+    from qlora.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {name: build_tiny_model(root / name, family, seed=i, **overrides)
+            for i, (name, (family, overrides)) in enumerate(VARIANTS.items())}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_models):
+    return tiny_models["llama"]

@@ -1,0 +1,242 @@
+"""The model layer against transformers and bitsandbytes: logits, quantized bytes, generation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import VARIANTS
+from qlora.errors import QloraError
+from qlora.infer import GenerationOptions, generate
+from qlora.models import load_model, load_tokenizer, read_spec
+from qlora.quant import QuantConfig
+
+FP32 = torch.float32
+
+
+def hf_model(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs).eval()
+
+
+def hf_4bit(path, quant_type: str, double_quant: bool):
+    from transformers import BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                    bnb_4bit_use_double_quant=double_quant,
+                                    bnb_4bit_compute_dtype=FP32)
+    return hf_model(path, quantization_config=bnb_config, device_map="cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def token_batch(seed: int = 0, batch: int = 2, length: int = 40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(6, 128, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers_16bit(tiny_models, variant):
+    path = tiny_models[variant]
+    ids = token_batch()
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    with torch.no_grad():
+        expected = hf_model(path)(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    assert rel_err(expected, got) <= 1e-5
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_4bit_bytes_and_logits_match_bitsandbytes(tiny_models, variant, quant_type, double_quant):
+    path = tiny_models[variant]
+    ref = hf_4bit(path, quant_type, double_quant)
+    ours = load_model(path, QuantConfig(method=quant_type, double_quant=double_quant,
+                                        compute_dtype=FP32))
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    quantized = [k for k in ref_state if k.endswith("q_proj.weight") or ".weight." in k]
+    assert quantized, "transformers produced no quantized tensors"
+    for key in quantized:
+        assert key in our_state, key
+        a, b = ref_state[key], our_state[key]
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{key} differs from bitsandbytes' bytes"
+    q = ours.model.layers[0].self_attn.q_proj.weight
+    assert q.dtype == torch.uint8 and q.quant_state.quant_type == quant_type
+    assert (q.quant_state.state2 is not None) == double_quant
+    ids = token_batch(1)
+    with torch.no_grad():
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
+
+
+def test_norms_embeddings_head_stay_in_compute_dtype(llama_dir):
+    model = load_model(llama_dir, QuantConfig(compute_dtype=torch.bfloat16))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert model(token_batch()).dtype == torch.bfloat16
+
+
+def test_prequantized_checkpoint_loads_without_requantizing(tiny_models, tmp_path):
+    ref = hf_4bit(tiny_models["qwen2"], "nf4", True)
+    saved = tmp_path / "qwen2-bnb-4bit"
+    ref.save_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_models["qwen2"] / name, saved / name)
+    keys = json.dumps(json.loads((saved / "config.json").read_text())["quantization_config"])
+    assert "bitsandbytes" in keys
+    import bitsandbytes as bnb
+
+    calls = []
+    original = bnb.functional.quantize_4bit
+    bnb.functional.quantize_4bit = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        ours = load_model(saved, QuantConfig(compute_dtype=FP32))
+    finally:
+        bnb.functional.quantize_4bit = original
+    assert not calls, "a pre-quantized checkpoint was quantized again"
+    for key, tensor in ref.state_dict().items():
+        if ".weight" in key and "proj" in key:
+            assert torch.equal(tensor, ours.state_dict()[key]), key
+    ids = token_batch(2)
+    with torch.no_grad():
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
+
+
+def test_sharded_checkpoint_streams(tmp_path):
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "sharded", "llama", max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 2
+    ours = load_model(path, QuantConfig(method="nf4", compute_dtype=FP32))
+    ids = token_batch()
+    with torch.no_grad():
+        assert rel_err(hf_4bit(path, "nf4", True)(ids).logits, ours(ids)) <= 1e-4
+
+
+def test_int8_base_runs_close_to_16bit(llama_dir):
+    ids = token_batch()
+    ours = load_model(llama_dir, QuantConfig(method="int8", compute_dtype=FP32))
+    with torch.no_grad():
+        expected = hf_model(llama_dir)(ids).logits
+        got = ours(ids).float()
+    # LLM.int8 rounds each row to 127 levels: close to, not equal to, the 16-bit logits
+    assert rel_err(expected, got) < 0.05
+
+
+def test_packed_rows_equal_examples_run_one_by_one(llama_dir):
+    model = load_model(llama_dir, QuantConfig(method="nf4", compute_dtype=FP32))
+    docs = [token_batch(3, 1, 7)[0], token_batch(4, 1, 12)[0], token_batch(5, 1, 5)[0]]
+    separate = []
+    for doc in docs:
+        labels = doc.clone()
+        labels[0] = -100
+        with torch.no_grad():
+            separate.append(model(doc[None], labels=labels[None]))
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = ids.clone()
+    starts = torch.cumsum(torch.tensor([0] + [len(d) for d in docs[:-1]]), 0)
+    labels[0, starts] = -100
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions, labels=labels)
+        packed_logits = model(ids, position_ids=positions)
+        alone = model(docs[1][None])
+    torch.testing.assert_close(packed, sum(separate), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_logits[0, 7:19], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral-window"])
+def test_greedy_generation_matches_transformers(tiny_models, variant):
+    path = tiny_models[variant]
+    tok = load_tokenizer(path)
+    prompt = tok("Once upon a time")["input_ids"]
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    got = generate(ours, prompt, GenerationOptions(max_new_tokens=24))
+    ref = hf_model(path)
+    out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    assert got == out[0, len(prompt):].tolist()
+
+
+def test_generation_with_penalty_and_stop_on_eos(llama_dir):
+    tok = load_tokenizer(llama_dir)
+    prompt = tok("abc abc abc")["input_ids"]
+    ours = load_model(llama_dir, QuantConfig(method="none", compute_dtype=FP32))
+    ref = hf_model(llama_dir)
+    out = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                       repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    opts = GenerationOptions(max_new_tokens=16, repetition_penalty=1.3)
+    assert generate(ours, prompt, opts) == out[0, len(prompt):].tolist()
+    first = generate(ours, prompt, GenerationOptions(max_new_tokens=16))[3]
+    stopped = generate(ours, prompt, GenerationOptions(max_new_tokens=16, eos_token_ids=(first,)))
+    assert stopped[-1] == first and len(stopped) <= 4
+
+
+def test_sampling_is_seeded_and_respects_top_k(llama_dir):
+    tok = load_tokenizer(llama_dir)
+    prompt = tok("hello")["input_ids"]
+    ours = load_model(llama_dir, QuantConfig(method="nf4", compute_dtype=FP32))
+    opts = GenerationOptions(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=5, seed=7)
+    assert generate(ours, prompt, opts) == generate(ours, prompt, opts)
+    greedy = GenerationOptions(max_new_tokens=12)
+    top1 = GenerationOptions(max_new_tokens=12, temperature=1.0, top_k=1, seed=3)
+    assert generate(ours, prompt, top1) == generate(ours, prompt, greedy)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(QloraError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_type_lists_supported(llama_dir, tmp_path):
+    bad = tmp_path / "gpt2ish"
+    shutil.copytree(llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QloraError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
+        read_spec(bad)
+
+
+def test_missing_tokenizer_is_named(llama_dir, tmp_path):
+    bad = tmp_path / "no-tokenizer"
+    shutil.copytree(llama_dir, bad)
+    (bad / "tokenizer.json").unlink()
+    with pytest.raises(QloraError, match="tokenizer.json"):
+        load_tokenizer(bad)
+
+
+def test_truncated_shard_is_named(llama_dir, tmp_path):
+    bad = tmp_path / "truncated"
+    shutil.copytree(llama_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(QloraError, match="model.safetensors.*truncated"):
+        load_model(bad, QuantConfig(compute_dtype=FP32))
+
+
+def test_config_weights_disagreement_is_named(llama_dir, tmp_path):
+    bad = tmp_path / "wrong-config"
+    shutil.copytree(llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QloraError, match="shape"):
+        load_model(bad, QuantConfig(compute_dtype=FP32))
+
+
+def test_unknown_quant_method_is_refused():
+    with pytest.raises(QloraError, match="nf4, fp4, int8, none"):
+        QuantConfig(method="nf3")
