@@ -1,0 +1,341 @@
+"""A Hugging Face checkpoint (optionally + adapter) → one GGUF file for llama.cpp, via the gguf package.
+
+What llama.cpp needs and where it comes from:
+- architecture: llama and mistral → "llama" (llama.cpp runs Mistral as llama), qwen2 → "qwen2",
+  qwen3 → "qwen3"; tensor names from gguf's own TensorNameMap for that architecture.
+- q_proj / k_proj of the "llama" architecture are permuted: llama.cpp's rope for llama rotates
+  adjacent pairs (2i, 2i+1) of each head, HF's rotates (i, i+d/2). The rows of each head are
+  reordered from [first half, second half] to interleaved (what convert_hf_to_gguf.py does too).
+  qwen2/qwen3 run with llama.cpp's NEOX rope, which is HF's layout: no permutation.
+- hyper-parameters, rope (theta; linear / yarn / llama3 scaling: llama3's per-frequency factors go
+  into a `rope_freqs.weight` tensor), RMS eps, the tokenizer (tokens, types, merges, special ids,
+  chat template).
+
+Types: f16 / bf16 / q8_0 / q4_0 through gguf.quants; q4_k_m with our own Q4_K / Q6_K (kquants.py).
+1-D tensors (norms, biases, rope_freqs) stay F32. A 2-D tensor whose row length is not a multiple of
+its type's block falls back: a k-quant to Q8_0 when the row is a multiple of 32, anything else to F16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from qlora.errors import QloraError
+
+QTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def arch_of(model_type: str):
+    g = _gguf()
+    archs = {"llama": g.MODEL_ARCH.LLAMA, "mistral": g.MODEL_ARCH.LLAMA,
+             "qwen2": g.MODEL_ARCH.QWEN2, "qwen3": g.MODEL_ARCH.QWEN3}
+    if model_type not in archs:
+        raise QloraError(f"config.json model_type {model_type!r}: GGUF export supports "
+                         f"{', '.join(archs)}")
+    return archs[model_type]
+
+
+# --- q/k permutation ----------------------------------------------------------------------------
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF (i, i+d/2) rotary row order → llama.cpp's interleaved (2i, 2i+1), per head."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of permute_rope (for reading a GGUF back)."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+# --- tensor types -------------------------------------------------------------------------------
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's rule for which attn_v / ffn_down layers get Q6_K in Q4_K_M: the first and
+    last eighth of the layers, and every third one in between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], qtype: str, n_layer: int, has_output: bool):
+    """The GGML type a tensor is stored in, for the file type `qtype`."""
+    T = _gguf().GGMLQuantizationType
+    if len(shape) < 2:
+        return T.F32
+    if qtype == "f16":
+        want = T.F16
+    elif qtype == "bf16":
+        want = T.BF16
+    elif qtype == "q8_0":
+        want = T.Q8_0
+    elif qtype == "q4_0":
+        want = T.Q4_0
+    else:  # q4_k_m
+        want = T.Q4_K
+        m = re.match(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight$", name)
+        if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+            want = T.Q6_K
+        elif m and use_more_bits(int(m.group(1)), n_layer):
+            want = T.Q6_K
+    block = _gguf().GGML_QUANT_SIZES[want][0]
+    if shape[-1] % block:
+        if want in (T.Q4_K, T.Q6_K) and shape[-1] % 32 == 0:
+            return T.Q8_0
+        return T.F16
+    return want
+
+
+def encode(x: np.ndarray, ggml_type) -> np.ndarray:
+    """fp32 array → the array GGUFWriter.add_tensor takes for that type."""
+    g = _gguf()
+    T = g.GGMLQuantizationType
+    from qlora.export import kquants
+
+    if ggml_type == T.F32:
+        return x.astype(np.float32)
+    if ggml_type == T.F16:
+        return x.astype(np.float16)
+    if ggml_type == T.Q4_K:
+        return kquants.quantize_q4_k(x)
+    if ggml_type == T.Q6_K:
+        return kquants.quantize_q6_k(x)
+    return g.quants.quantize(x, ggml_type)  # BF16, Q8_0, Q4_0
+
+
+# --- hyper-parameters ---------------------------------------------------------------------------
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(rope theta, rope scaling dict or None) from either transformers 4 or 5 config keys."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    return float(theta), scaling
+
+
+def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of llama3 rope scaling (llama.cpp reads them as rope_freqs)."""
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_ctx = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:  # smooth blend between the two regimes
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def add_hparams(w, config: dict, arch_name: str) -> np.ndarray | None:
+    """Write the model hyper-parameters; return llama3 rope factors to store, if any."""
+    g = _gguf()
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    w.add_context_length(config.get("max_position_embeddings", 4096))
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    theta, scaling = rope_settings(config)
+    w.add_rope_freq_base(theta)
+    w.add_vocab_size(config["vocab_size"])
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(g.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    elif kind == "llama3":
+        return llama3_rope_factors(scaling, theta, head_dim)
+    else:
+        raise QloraError(f"config.json rope scaling type {kind!r} is not supported by GGUF export "
+                         f"(supported: linear, yarn, llama3)")
+    return None
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+def add_tokenizer(w, model_dir: Path, config: dict) -> None:
+    """tokenizer.json → tokenizer.ggml.* keys. BPE with byte_fallback (Llama 2, Mistral) is
+    llama.cpp's "llama" (SentencePiece) model; other BPE (Llama 3, Qwen, byte-level) is "gpt2"."""
+    g = _gguf()
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise QloraError(f"{model_dir}: no tokenizer.json (GGUF export needs the fast tokenizer file)")
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        raise QloraError(f"{path}: tokenizer model {model.get('type')!r}; GGUF export supports BPE")
+    spm = bool(model.get("byte_fallback"))
+    entries = {i: (tok, g.TokenType.NORMAL) for tok, i in model["vocab"].items()}
+    for a in tj.get("added_tokens", []):
+        entries[a["id"]] = (a["content"], g.TokenType.CONTROL if a.get("special") else g.TokenType.USER_DEFINED)
+    n = max(config["vocab_size"], max(entries) + 1)
+    if n > config["vocab_size"]:
+        raise QloraError(f"{path}: {max(entries) + 1} tokens but config.json vocab_size is "
+                         f"{config['vocab_size']}; the embedding would not cover them")
+    tokens, types = [], []
+    for i in range(n):  # ids the tokenizer never produces (padded embeddings) become UNUSED
+        tok, typ = entries.get(i, (f"[PAD{i}]", g.TokenType.UNUSED))
+        if spm and typ == g.TokenType.NORMAL and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            typ = g.TokenType.BYTE
+        tokens.append(tok)
+        types.append(typ)
+    w.add_tokenizer_model("llama" if spm else "gpt2")
+    w.add_tokenizer_pre(pre_tokenizer_name(tj, config, spm))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if spm:
+        # SentencePiece in llama.cpp merges by score; tokenizer.json keeps no scores, and the
+        # vocab order of these models is merge order, so a higher id gets a lower score.
+        w.add_token_scores([-float(i) for i in range(n)])
+    special = g.SpecialVocab(model_dir, load_merges=not spm, n_vocab=n)
+    special.add_to_gguf(w, quiet=True)
+    if not spm and not special.merges:
+        # llama.cpp refuses a gpt2 vocab without the merges key, and gguf cannot write an empty
+        # array: write one merge that never fires (BPE starts from single characters and no merge
+        # produces this multi-character left side).
+        w.add_token_merges(["[no-merges] [no-merges]"])
+
+
+def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
+    """llama.cpp's name for the pre-tokenizer regex. convert_hf_to_gguf.py identifies it by
+    hashing a tokenization; we go by family and the tokenizer's shape (see docs)."""
+    if spm or tj.get("pre_tokenizer") is None:
+        return "default"
+    if config.get("model_type") in ("qwen2", "qwen3"):
+        return "qwen2"
+    if tj["model"].get("ignore_merges"):  # Llama 3's tokenizer
+        return "llama-bpe"
+    return "default"
+
+
+# --- the export ---------------------------------------------------------------------------------
+def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
+                adapter_dir: str | Path | None = None, merge_base: str = "original",
+                ignore_base_name: bool = False) -> Path:
+    """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file."""
+    model_dir, out = Path(model_dir), Path(out_file)
+    qtype = qtype.lower()
+    if qtype not in QTYPES:
+        raise QloraError(f"--type {qtype!r}: choose one of {', '.join(QTYPES)}")
+    if out.exists():
+        raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
+    if not model_dir.is_dir():
+        raise QloraError(f"--model {model_dir}: no such directory")
+    if adapter_dir is None:
+        return _export(model_dir, out, qtype)
+    from qlora.merge import merge_adapter, read_config
+
+    src = read_config(model_dir)
+    # keep the base's own precision for the intermediate merge (no extra rounding before quantizing)
+    dtype = src.get("dtype") or src.get("torch_dtype") or "bfloat16"
+    dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".merge", dir=out.parent) as tmp:
+        merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype,
+                               base=merge_base, ignore_base_name=ignore_base_name)
+        return _export(merged, out, qtype)
+
+
+def _export(model_dir: Path, out: Path, qtype: str) -> Path:
+    from safetensors import safe_open
+
+    from qlora.merge import base_weight_files, read_config
+
+    g = _gguf()
+    config = read_config(model_dir)
+    arch = arch_of(config.get("model_type", "?"))
+    arch_name = g.MODEL_ARCH_NAMES[arch]
+    n_layer = config["num_hidden_layers"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    files = base_weight_files(model_dir)
+    tmap = g.get_tensor_name_map(arch, n_layer)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = g.GGUFWriter(str(tmp), arch_name, use_temp_file=True)
+        w.add_name(model_dir.resolve().name)
+        rope_factors = add_hparams(w, config, arch_name)
+        add_tokenizer(w, model_dir, config)
+        file_types = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16,
+                      "q8_0": g.LlamaFileType.MOSTLY_Q8_0, "q4_0": g.LlamaFileType.MOSTLY_Q4_0,
+                      "q4_k_m": g.LlamaFileType.MOSTLY_Q4_K_M}
+        w.add_file_type(file_types[qtype])
+        w.add_quantization_version(g.GGML_QUANT_VERSION)
+
+        has_output = False
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                has_output |= "lm_head.weight" in sf.keys()
+        if rope_factors is not None:
+            name = g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            w.add_tensor(name, rope_factors)
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for hf_name in sf.keys():
+                    if hf_name.endswith("rotary_emb.inv_freq"):
+                        continue  # recomputed by llama.cpp
+                    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                    if name is None:
+                        raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
+                    x = sf.get_tensor(hf_name).float().numpy()
+                    if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
+                        x = permute_rope(x, n_head)
+                    elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
+                        x = permute_rope(x, n_kv)
+                    ggml_type = tensor_type(name, x.shape, qtype, n_layer, has_output)
+                    w.add_tensor(name, encode(x, ggml_type), raw_dtype=ggml_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        if out.exists():
+            raise QloraError(f"{out} appeared while exporting; not overwriting it")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def describe(gguf_file: str | Path) -> str:
+    """One line about a GGUF file: architecture, tensor count, types used (for the CLI)."""
+    g = _gguf()
+    r = g.GGUFReader(str(gguf_file))
+    arch = r.fields["general.architecture"]
+    arch_name = bytes(arch.parts[arch.data[0]]).decode()
+    counts: dict[str, int] = {}
+    for t in r.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    size = Path(gguf_file).stat().st_size
+    return f"{arch_name}, {len(r.tensors)} tensors ({counts}), {size / 1e6:.1f} MB"

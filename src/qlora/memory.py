@@ -1,0 +1,719 @@
+"""Predict the peak GPU memory of a QLoRA training step, part by part, without a GPU or weights.
+
+Everything here is arithmetic on an architecture (config.json sizes) and the run's settings.
+The model of a step is:
+
+    peak allocated = static + max(
+        end of forward:  saved activations + max(logits/loss, backward of one layer) + workspace,
+        optimizer step:  step temporaries)
+    static         = quantized base + 16-bit embeddings/head + norms + adapters + their grads
+                     + optimizer states that live in PyTorch's allocator
+
+Paged optimizer states (bitsandbytes `paged_*`, tensors of >= 1e5 elements) live in CUDA managed
+memory: they take GPU memory but never show in `torch.cuda.max_memory_allocated`, so they are a
+separate part. The CUDA context is not allocated memory either; `reserved_estimate` and
+`needed_bytes` add the allocator's slack and the context as advice for "does it fit".
+
+The activation terms are derived for a LLaMA block (llama, mistral, qwen2, qwen3) computed in bf16
+with SDPA flash/efficient attention; each term says which tensor autograd keeps and why. They are
+not yet calibrated on a GPU: docs/MEMORY.md lists what is derived and what is estimated, and
+benchmarks/measure_memory.py measures it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qlora.errors import QloraError
+
+GiB = 1024**3
+MiB = 1024**2
+
+# The CUDA caching allocator hands out blocks in multiples of 512 bytes (and at least 512), and
+# memory_allocated counts the rounded blocks. Matters only for the many tiny quant-state tensors.
+ALLOC_GRANULE = 512
+# Advice only, not part of allocated memory: the allocator's cached-but-free slack
+# (reserved / allocated, typically 1.05-1.2 in training) and the CUDA context + kernels
+# (about 0.5-1 GiB on an H100 with torch 2.x). Calibrate with benchmarks/measure_memory.py.
+RESERVED_FACTOR = 1.10
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+# cuBLAS takes a workspace through the caching allocator per handle: 32 MiB on Hopper with
+# CUDA 12; the forward thread and the autograd thread each hold a handle.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * MiB
+
+QUANT_METHODS = ("nf4", "fp4", "int8", "none")
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
+SHARDING = ("ddp", "fsdp")
+KERNELS = ("eager", "fused")
+LOSSES = ("chunked", "full")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+# --- architecture -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """The sizes that memory depends on, read from a config.json."""
+
+    name: str
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False  # qwen2 has biases on q/k/v
+    qk_norm: bool = False  # qwen3 normalises q and k per head
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the seven projections of one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+    def num_params(self) -> int:
+        per_layer = sum(i * o for _, i, o in self.linears())
+        if self.qkv_bias:
+            per_layer += (self.heads + 2 * self.kv_heads) * self.head_dim
+        norms = (2 * self.layers + 1) * self.hidden + (2 * self.layers * self.head_dim if self.qk_norm else 0)
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * per_layer + norms + embed
+
+
+# Real sizes of the shapes the seeds and benchmarks name (from each model's config.json).
+SHAPES: dict[str, dict] = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       tie_word_embeddings=False),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       tie_word_embeddings=False),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       tie_word_embeddings=False),
+    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                        tie_word_embeddings=False),
+    "llama-2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                        tie_word_embeddings=False),
+    # Mistral-7B-v0.1 (v0.3 has a 32768 vocabulary; the difference is 6 MiB of embeddings)
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                       tie_word_embeddings=False),
+}
+
+
+def arch_from_config(config: dict, name: str = "model", source: str = "config.json") -> Arch:
+    """An Arch from a config.json dict; refuses unknown families and missing sizes, naming them."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise QloraError(f"{source}: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        arch = Arch(
+            name=name,
+            model_type=model_type,
+            hidden=hidden,
+            intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab=int(config["vocab_size"]),
+            # transformers' default for these four families is untied
+            tied=bool(config.get("tie_word_embeddings", False)),
+            # qwen2 always has q/k/v biases; llama/mistral only with attention_bias
+            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+        )
+    except KeyError as err:
+        raise QloraError(f"{source}: missing {err.args[0]!r}, needed to plan memory") from None
+    return arch
+
+
+def resolve_arch(model_dir: str | None = None, config_json: str | None = None, shape: str | None = None) -> Arch:
+    """Exactly one of: a model directory, a config.json path, a named shape."""
+    given = [x for x in (model_dir, config_json, shape) if x]
+    if len(given) != 1:
+        raise QloraError("give exactly one of --model DIR, --config-json FILE, --shape NAME")
+    if shape:
+        key = shape.lower()
+        if key not in SHAPES:
+            raise QloraError(f"--shape {shape!r} is not known; known shapes: {', '.join(SHAPES)}")
+        return arch_from_config(SHAPES[key], name=key, source=f"shape {key}")
+    path = Path(config_json) if config_json else Path(model_dir) / "config.json"
+    if not path.is_file():
+        what = "--config-json" if config_json else "--model"
+        raise QloraError(f"{what}: {path} does not exist (expected a Hugging Face config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise QloraError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    name = Path(model_dir).name if model_dir else path.parent.name or path.stem
+    return arch_from_config(config, name=name, source=str(path))
+
+
+# --- the run's settings -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanConfig:
+    quant: str = "nf4"  # nf4 | fp4 | int8 | none
+    double_quant: bool = True
+    blocksize: int = 64
+    r: int = 16
+    targets: str | tuple[str, ...] = "all-linear"
+    dora: bool = False
+    lora_dropout: float = 0.05  # AdapterConfig's default; > 0 keeps a dropped copy of each target's input
+    adapter_dtype: str = "fp32"  # master weights (PEFT keeps fp32); compute is bf16
+    nonquant_dtype: str = "bf16"  # embeddings, head, norms; "fp32" = prepare_model_for_kbit_training
+    seq_len: int = 2048
+    micro_batch: int = 1
+    checkpointing: bool = True
+    offload_activations: bool = False
+    optimizer: str = "paged_adamw_8bit"
+    kernels: str = "eager"  # eager = autograd over PyTorch ops (HF/our reference); fused = issue 5's kernels
+    loss: str = "chunked"  # chunked cross entropy, or full fp32 logits (transformers' ForCausalLMLoss)
+    loss_chunk_tokens: int = 1024
+    gpus: int = 1
+    sharding: str = "ddp"
+    alloc_rounding: bool = True
+
+    def validate(self) -> None:
+        def bad(option: str, value, choices) -> QloraError:
+            return QloraError(f"{option} {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+        if self.quant not in QUANT_METHODS:
+            raise bad("--quant", self.quant, QUANT_METHODS)
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.sharding not in SHARDING:
+            raise bad("--sharding", self.sharding, SHARDING)
+        if self.kernels not in KERNELS:
+            raise bad("--kernels", self.kernels, KERNELS)
+        if self.loss not in LOSSES:
+            raise bad("--loss", self.loss, LOSSES)
+        if self.adapter_dtype not in DTYPE_BYTES:
+            raise bad("--adapter-dtype", self.adapter_dtype, DTYPE_BYTES)
+        if self.nonquant_dtype not in DTYPE_BYTES:
+            raise bad("nonquant_dtype", self.nonquant_dtype, DTYPE_BYTES)
+        for option, value in (("--r", self.r), ("--seq-len", self.seq_len), ("--micro-batch", self.micro_batch),
+                              ("--gpus", self.gpus), ("loss_chunk_tokens", self.loss_chunk_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise QloraError(f"{option} must be a positive whole number, not {value!r}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise QloraError(f"blocksize {self.blocksize} is not one bitsandbytes supports (64 is the default)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise QloraError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        target_names(self.targets)
+
+
+def target_names(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'all-linear' (PEFT's meaning: every projection, never lm_head) or a list of projection names."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return PROJECTIONS
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    names = tuple(targets)
+    unknown = [t for t in names if t not in PROJECTIONS]
+    if unknown or not names:
+        raise QloraError(f"--targets: {', '.join(unknown) or '(empty)'} not known; use all-linear or a "
+                         f"comma-separated list of {', '.join(PROJECTIONS)}")
+    return tuple(t for t in PROJECTIONS if t in names)  # de-duplicated, in layer order
+
+
+# --- pieces -------------------------------------------------------------------------------------
+def _alloc(nbytes: int, rounding: bool) -> int:
+    """Bytes one tensor of nbytes takes in the CUDA caching allocator (rounded to 512)."""
+    if not rounding or nbytes == 0:
+        return nbytes
+    return max(ALLOC_GRANULE, -(-nbytes // ALLOC_GRANULE) * ALLOC_GRANULE)
+
+
+def quantized_linear_tensors(n_out: int, n_in: int, quant: str, double_quant: bool = True,
+                             blocksize: int = 64) -> list[int]:
+    """Byte sizes of the tensors bitsandbytes keeps for one quantized weight (no bias).
+
+    4-bit (bitsandbytes.functional.quantize_4bit): two 4-bit codes per uint8, [ceil(n/2), 1];
+    one absmax per block of `blocksize` values: fp32, or with double quant uint8 codes of
+    (absmax - mean) plus the nested state: fp32 mean (`offset`), one fp32 absmax per 256 blocks
+    and its own 256-entry fp32 code book. The 16-entry fp32 NF4/FP4 code book is kept per weight.
+    int8 (LLM.int8, int8_vectorwise_quant): int8 weight + one fp32 scale per output row.
+    """
+    n = n_out * n_in
+    if quant == "none":
+        return [2 * n]
+    if quant == "int8":
+        return [n, 4 * n_out]
+    blocks = -(-n // blocksize)
+    sizes = [(n + 1) // 2, 16 * 4]  # packed codes, code book
+    if double_quant:
+        sizes += [blocks, 4, 4 * -(-blocks // 256), 256 * 4]  # uint8 absmax, offset, absmax2, code2
+    else:
+        sizes += [4 * blocks]
+    return sizes
+
+
+def adapter_tensors(arch: Arch, cfg: PlanConfig) -> list[int]:
+    """Element counts of every trainable tensor: lora_A [r, in], lora_B [out, r], DoRA magnitude [out]."""
+    targets = target_names(cfg.targets)
+    sizes = []
+    for name, n_in, n_out in arch.linears():
+        if name in targets:
+            sizes += [cfg.r * n_in, n_out * cfg.r] + ([n_out] if cfg.dora else [])
+    return sizes * arch.layers
+
+
+def adapter_param_count(arch: Arch, cfg: PlanConfig) -> int:
+    return sum(adapter_tensors(arch, cfg))
+
+
+def optimizer_state_bytes(numels: list[int], cfg: PlanConfig) -> tuple[int, int, int]:
+    """(bytes in the PyTorch allocator, bytes in CUDA managed memory, step temporaries)."""
+    pbytes = DTYPE_BYTES[cfg.adapter_dtype]
+    rnd = cfg.alloc_rounding
+    if cfg.optimizer == "adamw_torch":
+        # exp_avg and exp_avg_sq in the parameter's dtype; the foreach step makes one temporary
+        # list the size of the parameters (sqrt(exp_avg_sq) + eps) while the rest is in place.
+        states = sum(2 * _alloc(n * pbytes, rnd) for n in numels)
+        return states, 0, sum(_alloc(n * pbytes, rnd) for n in numels)
+    paged = cfg.optimizer.startswith("paged_")
+    eight_bit = cfg.optimizer.endswith("8bit")
+    in_alloc = in_managed = 0
+    for n in numels:
+        # bitsandbytes: tensors under min_8bit_size=4096 elements get fp32 states; states of
+        # tensors of >= 1e5 elements are paged (get_state_buffer) when the optimizer is paged.
+        if eight_bit and n >= 4096:
+            state, extra = n, 2 * _alloc(4 * -(-n // 256), rnd)  # uint8 state + fp32 absmax per 256
+        else:
+            state, extra = 4 * n, 0
+        if paged and n >= 1e5:
+            in_managed += 2 * state
+        else:
+            in_alloc += 2 * _alloc(state, rnd)
+        in_alloc += extra
+    return in_alloc, in_managed, 0  # bitsandbytes updates in place: no step temporaries
+
+
+def layer_activation_terms(arch: Arch, cfg: PlanConfig) -> dict[str, float]:
+    """Bytes per token that autograd keeps for one decoder layer, term by term (bf16 = 2 bytes).
+
+    A LLaMA block: x -> RMSNorm -> q,k,v -> RoPE -> SDPA -> o -> +x -> RMSNorm -> gate,up ->
+    silu(gate)*up -> down -> +. The frozen 4-bit matmul keeps no input (its input gradient needs only
+    the weight, dequantized again in backward) and the dequantized weight is never saved; an input
+    is kept because the LoRA A of the projections that read it needs it for its weight gradient.
+    """
+    h, i = arch.hidden, arch.intermediate
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    eager = cfg.kernels == "eager"
+    targets = target_names(cfg.targets)
+    inputs = {name: n_in for name, n_in, _ in arch.linears()}
+    outputs = {name: n_out for name, _, n_out in arch.linears()}
+    t: dict[str, float] = {}
+    # RMSNorm, twice. Eager (x.float(); x * rsqrt(mean(x^2) + eps); w * x.to(bf16)) keeps the fp32
+    # copy of its input and the fp32 rstd per token; a fused kernel keeps the bf16 input + rstd.
+    t["norm inputs (2 norms)"] = 2 * ((4 if eager else 2) * h + 4)
+    # The normed hidden state read by q,k,v and, in the MLP, by gate,up: one tensor each, shared.
+    t["attention input (normed)"] = 2 * h
+    t["MLP input (normed)"] = 2 * h
+    if arch.qk_norm:  # qwen3: per-head RMSNorm of q and k, same rule as above
+        t["q/k norm inputs"] = (4 if eager else 2) * (q + kv) + 4 * (arch.heads + arch.kv_heads)
+    # Flash/efficient SDPA keeps q and k after RoPE, v, its output and a fp32 logsumexp per
+    # head. (GQA through enable_gqa: k and v stay at kv_heads, no repeat_kv copies.) RoPE is a
+    # linear map of q: its backward needs cos/sin only, so the pre-RoPE q, k are not kept.
+    t["q, k (after RoPE), v"] = 2 * (q + 2 * kv)
+    t["attention output (= o_proj input)"] = 2 * q
+    t["attention logsumexp (fp32)"] = 4 * arch.heads
+    # MLP: gate and up outputs; silu(gate) kept by eager autograd for the product's backward (a
+    # fused SwiGLU recomputes it); the product is down_proj's input.
+    t["gate, up outputs"] = 2 * 2 * i
+    if eager:
+        t["silu(gate)"] = 2 * i
+    t["down_proj input"] = 2 * i
+    # LoRA: lora_B's weight gradient needs lora_A's output [tokens, r] per target.
+    t["LoRA A outputs"] = sum(2 * cfg.r for _ in targets)
+    if cfg.lora_dropout > 0:
+        # PEFT applies dropout per target: a dropped bf16 copy of the input (kept by lora_A)
+        # and a bool mask (kept by dropout's backward), 3 bytes per input feature.
+        t["LoRA dropout copies + masks"] = sum(3 * inputs[name] for name in targets)
+    if cfg.dora:
+        # PEFT's DoRA forward keeps the base output (scaled by magnitude/norm - 1) and the LoRA
+        # output (scaled by magnitude/norm) for the magnitude's gradient: 2 x out per target.
+        t["DoRA base + LoRA outputs"] = sum(2 * 2 * outputs[name] for name in targets)
+    return t
+
+
+def backward_working_bytes_per_token(arch: Arch, cfg: PlanConfig) -> float:
+    """Gradients alive while one layer runs backward (estimate; calibrate).
+
+    The gradient of the residual stream coming in and going out (2 x bf16 h) and, at the MLP's
+    peak, the gradients of down's input, of silu(gate) and up, and the silu backward temporary.
+    """
+    return 2 * 2 * arch.hidden + 3 * 2 * arch.intermediate
+
+
+def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
+    """The logits/loss transient and how it is computed."""
+    tokens = cfg.seq_len * cfg.micro_batch
+    v, h = arch.vocab, arch.hidden
+    if cfg.loss == "full":
+        # transformers' ForCausalLMLoss: bf16 logits, .float() copy, log_softmax output (kept) =
+        # 10 B/entry in forward; in backward the nll gradient, the kept log_softmax output and the
+        # log_softmax input gradient are alive together = 12 B/entry (bf16 logits already freed).
+        return 12 * tokens * v, f"full fp32 logits: 12 B x {tokens} tokens x {v} vocab"
+    chunk = min(tokens, cfg.loss_chunk_tokens)
+    # One chunk at a time: bf16 logits, fp32 upcast and its gradient (2 + 4 + 4 B/entry), plus a
+    # bf16 gradient of the final hidden state for all tokens.
+    return 10 * chunk * v + 2 * tokens * h, f"chunked: 10 B x {chunk}-token chunk x {v} vocab"
+
+
+# --- the breakdown ------------------------------------------------------------------------------
+@dataclass
+class Breakdown:
+    """Bytes per GPU. `allocated` is what torch.cuda.max_memory_allocated should read."""
+
+    arch: Arch
+    cfg: PlanConfig
+    base: int  # quantized (or 16-bit) decoder linears, with their biases
+    embeddings: int  # embed_tokens + lm_head (once when tied)
+    norms: int
+    adapters: int  # master weights (+ their bf16 compute copies when the masters are fp32)
+    adapter_grads: int
+    optimizer: int  # states inside PyTorch's allocator
+    optimizer_paged: int  # paged states: GPU memory, but outside memory_allocated
+    activations: int  # saved for backward at the end of the forward
+    loss: int  # logits/loss transient
+    backward: int  # one layer's backward: recomputed activations (checkpointing) + gradients
+    optimizer_step: int  # temporaries during optimizer.step()
+    workspace: int  # dequantized weight, cuBLAS workspace, batch tensors
+    adapter_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> int:
+        return self.base + self.embeddings + self.norms + self.adapters + self.adapter_grads + self.optimizer
+
+    @property
+    def transient(self) -> int:
+        return max(self.loss, self.backward)
+
+    @property
+    def peak_phase(self) -> str:
+        step = self.optimizer_step
+        fwd = self.activations + self.transient + self.workspace
+        if step > fwd:
+            return "optimizer step"
+        return "loss (logits)" if self.loss >= self.backward else "backward of the last layer"
+
+    @property
+    def allocated(self) -> int:
+        return self.static + max(self.activations + self.transient + self.workspace, self.optimizer_step)
+
+    @property
+    def total(self) -> int:
+        """GPU memory the run needs: allocated peak + paged optimizer states."""
+        return self.allocated + self.optimizer_paged
+
+    @property
+    def reserved_estimate(self) -> int:
+        return int(self.allocated * RESERVED_FACTOR)
+
+    def parts(self) -> list[tuple[str, int]]:
+        """(label, bytes) rows of the table, in the order they add up to `allocated`."""
+        c = self.cfg
+        base = {"none": "16-bit base (bf16)", "int8": "8-bit base (LLM.int8)"}.get(
+            c.quant, f"4-bit base ({c.quant}{', double quant' if c.double_quant else ''})")
+        emb = f"16-bit embeddings + lm_head ({'tied' if self.arch.tied else 'untied'}, {c.nonquant_dtype})"
+        rows = [
+            (base, self.base),
+            (emb, self.embeddings),
+            ("norms", self.norms),
+            (f"adapters ({self.adapter_params:,} params, {c.adapter_dtype}"
+             + (" + bf16 copies)" if c.adapter_dtype == "fp32" else ")"), self.adapters),
+            ("adapter gradients", self.adapter_grads),
+            (f"optimizer states ({c.optimizer}, in allocator)", self.optimizer),
+            ("activations saved for backward" + (" (checkpointed)" if c.checkpointing else ""), self.activations),
+            (f"peak transient: max(logits/loss {_gib(self.loss):.2f}, backward {_gib(self.backward):.2f})",
+             self.transient),
+            ("workspace (dequantized weight, cuBLAS, batch)", self.workspace),
+        ]
+        if self.optimizer_step > self.activations + self.transient + self.workspace:
+            rows.append(("(peak is the optimizer step instead: step temporaries)", self.optimizer_step))
+        return rows
+
+
+def _gib(n: float) -> float:
+    return n / GiB
+
+
+def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
+    """Predict the per-GPU memory of one training step of `arch` under `cfg`."""
+    cfg.validate()
+    rnd = cfg.alloc_rounding
+    L, h, v = arch.layers, arch.hidden, arch.vocab
+    tokens = cfg.seq_len * cfg.micro_batch
+    nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
+    notes: list[str] = []
+
+    # Static: frozen weights.
+    base_layer = 0
+    for name, n_in, n_out in arch.linears():
+        base_layer += sum(_alloc(s, rnd) for s in
+                          quantized_linear_tensors(n_out, n_in, cfg.quant, cfg.double_quant, cfg.blocksize))
+        if arch.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+            base_layer += _alloc(2 * n_out, rnd)  # bias stays in bf16
+    base = L * base_layer
+    embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tied else 2)
+    norm_tensors = [h] * (2 * L + 1) + ([arch.head_dim] * 2 * L if arch.qk_norm else [])
+    norms = sum(_alloc(n * nbytes, rnd) for n in norm_tensors)
+
+    # Trainable: adapters, grads, optimizer.
+    numels = adapter_tensors(arch, cfg)
+    abytes = DTYPE_BYTES[cfg.adapter_dtype]
+    adapters = sum(_alloc(n * abytes, rnd) for n in numels)
+    if cfg.adapter_dtype == "fp32":
+        # bf16 compute: the cast copy of each A and B is kept for backward (autocast caches it)
+        adapters += sum(_alloc(n * 2, rnd) for n in numels)
+    grads = sum(_alloc(n * abytes, rnd) for n in numels)
+    opt, opt_paged, opt_step = optimizer_state_bytes(numels, cfg)
+
+    # Activations.
+    per_layer = sum(layer_activation_terms(arch, cfg).values())
+    layer_input = 2 * h  # the bf16 hidden state entering a layer
+    final_norm = (4 if cfg.kernels == "eager" else 2) * h + 4
+    rope = 2 * 2 * arch.head_dim  # cos and sin in bf16, computed once and shared by all layers
+    if cfg.checkpointing:
+        # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
+        kept_layers = 2 if cfg.offload_activations else L  # offload: current + prefetched one on GPU
+        activations = tokens * (kept_layers * layer_input + final_norm + rope)
+        backward = tokens * (per_layer + backward_working_bytes_per_token(arch, cfg))
+    else:
+        kept_layers = 2 if cfg.offload_activations else L
+        activations = tokens * (kept_layers * per_layer + final_norm + rope)
+        backward = tokens * backward_working_bytes_per_token(arch, cfg)
+    activations = int(activations)
+    backward = int(backward)
+    loss, loss_note = loss_peak_bytes(arch, cfg)
+    notes.append(f"logits/loss: {loss_note}")
+
+    # Workspace: the frozen weight dequantized for one matmul (forward and backward alike), with
+    # double quant first its fp32 absmax; the cuBLAS workspaces; the batch (ids, labels, positions).
+    largest = max(arch.linears(), key=lambda x: x[1] * x[2])
+    n_largest = largest[1] * largest[2]
+    workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens
+    if cfg.quant in ("nf4", "fp4"):
+        workspace += 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
+    elif cfg.quant == "int8":
+        # backward turns int8 rows back to bf16; forward quantizes the input to int8 and gets int32
+        workspace += 2 * n_largest + tokens * (largest[1] + 4 * largest[2])
+    if cfg.dora:
+        # PEFT's DoRA builds the full weight each step to take its row norms: dequantized W,
+        # B @ A and their sum, in fp32, for the largest target.
+        t = [x for x in arch.linears() if x[0] in target_names(cfg.targets)]
+        big = max(t, key=lambda x: x[1] * x[2])
+        workspace += 3 * 4 * big[1] * big[2]
+        notes.append("DoRA: activation and workspace terms are estimates of PEFT's implementation")
+
+    # Several GPUs: DDP replicates everything (and keeps a bucket copy of the gradients); FSDP
+    # shards the weights, adapters, grads and optimizer, and gathers one layer at a time (twice:
+    # current + prefetched).
+    if cfg.gpus > 1:
+        n = cfg.gpus
+        if cfg.sharding == "ddp":
+            grads *= 2
+            notes.append(f"DDP over {n} GPUs: each holds a full copy; micro-batch is per GPU")
+        else:
+            layer_full = base_layer + sum(_alloc(x * abytes, rnd) for x in numels[: len(numels) // L])
+            base, embeddings, norms = -(-base // n), -(-embeddings // n), -(-norms // n)
+            adapters, grads = -(-adapters // n), -(-grads // n)
+            opt, opt_paged, opt_step = -(-opt // n), -(-opt_paged // n), -(-opt_step // n)
+            workspace += 2 * layer_full + _alloc(v * h * nbytes, rnd)  # + the gathered embedding/head
+            notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer sharded; "
+                         "two gathered layers and the gathered embedding/head in workspace")
+    if cfg.offload_activations:
+        notes.append("offload: saved activations live in host memory; two layers' worth stay on the GPU")
+    if cfg.optimizer.startswith("paged_") and opt_paged:
+        notes.append("paged optimizer states are in CUDA managed memory: counted in total, "
+                     "not in torch.cuda.max_memory_allocated")
+
+    return Breakdown(arch=arch, cfg=cfg, base=base, embeddings=embeddings, norms=norms, adapters=adapters,
+                     adapter_grads=grads, optimizer=opt, optimizer_paged=opt_paged, activations=activations,
+                     loss=loss, backward=backward, optimizer_step=opt_step, workspace=workspace,
+                     adapter_params=sum(numels), notes=notes)
+
+
+# --- does it fit, and what to change ------------------------------------------------------------
+def needed_bytes(b: Breakdown) -> int:
+    """What the GPU must have: allocated x allocator slack + paged states + the CUDA context."""
+    return int(b.allocated * RESERVED_FACTOR) + b.optimizer_paged + CUDA_CONTEXT_BYTES
+
+
+def fits(b: Breakdown, gpu_bytes: int) -> bool:
+    return needed_bytes(b) <= gpu_bytes
+
+
+@dataclass
+class Advice:
+    changes: dict  # PlanConfig field -> new value
+    text: str
+    breakdown: Breakdown
+
+
+def _describe(cfg: PlanConfig, new: PlanConfig) -> str:
+    parts = []
+    if new.micro_batch != cfg.micro_batch:
+        k = cfg.micro_batch // new.micro_batch
+        parts.append(f"--micro-batch {new.micro_batch} (and x{k} gradient accumulation to keep the batch)")
+    if new.checkpointing != cfg.checkpointing:
+        parts.append("--checkpointing")
+    if new.seq_len != cfg.seq_len:
+        parts.append(f"--seq-len {new.seq_len}")
+    if new.r != cfg.r:
+        parts.append(f"--r {new.r}")
+    if new.offload_activations != cfg.offload_activations:
+        parts.append("--offload-activations")
+    return " + ".join(parts)
+
+
+def _largest_fitting(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: str, start: int,
+                     floor: int) -> PlanConfig | None:
+    """Halve `field_name` from `start` down to `floor`; the first (largest) value that fits."""
+    value = start
+    while value >= floor:
+        new = replace(cfg, **{field_name: value})
+        if fits(plan(arch, new), gpu_bytes):
+            return new
+        value //= 2
+    return None
+
+
+def advise(arch: Arch, cfg: PlanConfig, gpu_bytes: int) -> list[Advice]:
+    """Changes that make the run fit, each checked by re-running the planner; [] if it fits.
+
+    Tried one at a time, in this order: smaller micro-batch, checkpointing on, shorter sequence,
+    smaller rank, offload of activations. If no single change fits, they are combined in the same
+    order, each at its most conservative setting, until the plan fits. If even that does not fit,
+    one Advice with empty changes says so.
+    """
+    if fits(plan(arch, cfg), gpu_bytes):
+        return []
+    singles: list[PlanConfig | None] = []
+    if cfg.micro_batch > 1:
+        singles.append(_largest_fitting(arch, cfg, gpu_bytes, "micro_batch", cfg.micro_batch // 2, 1))
+    if not cfg.checkpointing:
+        singles.append(replace(cfg, checkpointing=True))
+    if cfg.seq_len > 128:
+        singles.append(_largest_fitting(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, 128))
+    if cfg.r > 4:
+        singles.append(_largest_fitting(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
+    if not cfg.offload_activations:
+        singles.append(replace(cfg, offload_activations=True))
+    out = []
+    for new in singles:
+        if new is not None:
+            b = plan(arch, new)
+            if fits(b, gpu_bytes):
+                out.append(Advice(_changes(cfg, new), _describe(cfg, new), b))
+    if out:
+        return out
+    # Combine, in the same order: micro-batch 1 and checkpointing on; then the longest sequence,
+    # the largest rank, offload; a knob that cannot make it fit alone is left at its floor.
+    combined = replace(cfg, micro_batch=1, checkpointing=True)
+    if fits(plan(arch, combined), gpu_bytes):
+        return [Advice(_changes(cfg, combined), _describe(cfg, combined), plan(arch, combined))]
+    for knob, floor in (("seq_len", 128), ("r", 4)):
+        trial = _largest_fitting(arch, combined, gpu_bytes, knob, getattr(combined, knob), floor)
+        if trial is not None:
+            return [Advice(_changes(cfg, trial), _describe(cfg, trial), plan(arch, trial))]
+        combined = replace(combined, **{knob: min(getattr(combined, knob), floor)})
+    combined = replace(combined, offload_activations=True)
+    if fits(plan(arch, combined), gpu_bytes):
+        return [Advice(_changes(cfg, combined), _describe(cfg, combined), plan(arch, combined))]
+    b = plan(arch, combined)
+    more = _min_fsdp_gpus(arch, replace(cfg, micro_batch=1, checkpointing=True), gpu_bytes)
+    text = (f"does not fit even with {_describe(cfg, combined)}: the static part alone is "
+            f"{_gib(b.static + b.optimizer_paged):.1f} GiB; use a larger GPU"
+            + (f" or --gpus {more} --sharding fsdp" if more else ""))
+    return [Advice({}, text, b)]
+
+
+def _min_fsdp_gpus(arch: Arch, cfg: PlanConfig, gpu_bytes: int, most: int = 8) -> int | None:
+    for n in range(2, most + 1):
+        if fits(plan(arch, replace(cfg, gpus=n, sharding="fsdp")), gpu_bytes):
+            return n
+    return None
+
+
+def _changes(old: PlanConfig, new: PlanConfig) -> dict:
+    return {f: getattr(new, f) for f in old.__dataclass_fields__ if getattr(old, f) != getattr(new, f)}
+
+
+def auto_fit(arch: Arch, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: int = 64) -> PlanConfig | None:
+    """The largest micro-batch that fits, with checkpointing off if it fits that way at all.
+
+    Checkpointing costs a recomputed forward (about a third more compute), so no checkpointing at
+    micro-batch 1 is preferred to checkpointing at a larger micro-batch. None if nothing fits.
+    """
+    for checkpointing in (False, True):
+        base = replace(cfg, checkpointing=checkpointing, micro_batch=1)
+        if not fits(plan(arch, base), gpu_bytes):
+            continue
+        lo, hi = 1, max_micro_batch  # memory grows with micro-batch: binary search the boundary
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(plan(arch, replace(base, micro_batch=mid)), gpu_bytes):
+                lo = mid
+            else:
+                hi = mid - 1
+        return replace(base, micro_batch=lo)
+    return None
+
+
+# --- reading sizes ------------------------------------------------------------------------------
+def parse_size(text: str, option: str = "--gpu-memory") -> int:
+    """'24GB', '24GiB', '24G', '80', '512MiB' -> bytes. GB and GiB both mean 2^30 here: a card
+    sold as '24 GB' has 24 GiB."""
+    s = text.strip().lower().replace(" ", "")
+    units = [("gib", GiB), ("gb", GiB), ("g", GiB), ("mib", MiB), ("mb", MiB), ("m", MiB),
+             ("tib", 1024 * GiB), ("tb", 1024 * GiB)]
+    scale = GiB
+    for suffix, mult in units:
+        if s.endswith(suffix):
+            s, scale = s[: -len(suffix)], mult
+            break
+    try:
+        value = float(s)
+    except ValueError:
+        raise QloraError(f"{option} {text!r} is not a size; write e.g. 24GB, 80GiB or 16000MiB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise QloraError(f"{option} {text!r} must be a positive size")
+    return int(value * scale)
+
+
+def format_table(b: Breakdown) -> str:
+    rows = b.parts()
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'part':<{width}}{'GiB':>8}", "-" * (width + 8)]
+    lines += [f"{label:<{width}}{_gib(n):>8.2f}" for label, n in rows]
+    lines.append("-" * (width + 8))
+    lines.append(f"{'peak allocated (torch.cuda.max_memory_allocated)':<{width}}{_gib(b.allocated):>8.2f}")
+    if b.optimizer_paged:
+        lines.append(f"{'+ paged optimizer states (managed memory)':<{width}}{_gib(b.optimizer_paged):>8.2f}")
+    lines.append(f"{'total GPU memory of the run':<{width}}{_gib(b.total):>8.2f}")
+    lines.append(f"{'needed on the GPU (advice: slack, CUDA context)':<{width}}{_gib(needed_bytes(b)):>8.2f}")
+    lines.append(f"  = allocated x {RESERVED_FACTOR:.2f} (reserved, estimate) + paged states "
+                 f"+ {_gib(CUDA_CONTEXT_BYTES):.2f} GiB CUDA context")
+    lines.append(f"peak phase: {b.peak_phase}")
+    lines += [f"note: {n}" for n in b.notes]
+    return "\n".join(lines)

@@ -1,0 +1,408 @@
+"""Fold a PEFT LoRA / rsLoRA / DoRA adapter into its base: a 16-bit Hugging Face checkpoint out.
+
+Works on files only: the base is streamed tensor by tensor from its safetensors shards, each target
+weight gets its adapter folded in (in fp32), and the result is written shard by shard into a temp
+directory that is renamed to `out_dir` at the very end, so a failure leaves nothing behind.
+
+The fold, exactly as PEFT 0.21 defines it (peft/tuners/lora/layer.py, variants.py, dora.py):
+
+    scale = alpha / r              (rsLoRA: alpha / sqrt(r); r, alpha from rank_/alpha_pattern if set)
+    W'    = W + scale · B @ A                                  LoRA, rsLoRA
+    W'    = m / ‖W + scale · B @ A‖_row · (W + scale · B @ A)  DoRA
+
+where ‖·‖_row is the L2 norm of each output row (torch.linalg.norm(W, dim=1): over the input
+features, one value per output feature, the shape of the magnitude vector m). PEFT detaches that
+norm for gradients only; at inference/merge it is the plain value above.
+
+`base="original"` folds into the 16-bit weights as stored; `base="dequantized-nf4"` first replaces
+every linear weight of the decoder blocks by its NF4 round trip (bitsandbytes quantize_4bit /
+dequantize_4bit, blocksize 64, double quant) — the weights the adapter actually saw in QLoRA
+training. docs/MERGE_AND_EXPORT.md measures both against the adapter model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora.errors import QloraError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16": "float16", "f32": "float32"}
+BASES = ("original", "dequantized-nf4")
+BASE_ALIASES = {"nf4": "dequantized-nf4", "16bit": "original"}
+
+# Files copied from the base directory as they are (those that exist).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+ADAPTER_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraModule:
+    """The adapter tensors of one target linear (module name in HF naming, no PEFT prefix)."""
+
+    name: str
+    scale: float
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None  # DoRA
+    bias: torch.Tensor | None = None  # lora_bias=True
+
+
+# --- reading the base ---------------------------------------------------------------------------
+def base_weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a base model directory (single file or index + shards)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise QloraError(f"{index}: not a safetensors index ({err})") from None
+        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+    elif (model_dir / "model.safetensors").exists():
+        files = [model_dir / "model.safetensors"]
+    else:
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        hint = " (found pytorch_model*.bin: re-save the model with safetensors)" if bins else ""
+        raise QloraError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+    for f in files:
+        if not f.exists():
+            raise QloraError(f"{f}: shard named in the index is missing")
+    return files
+
+
+def base_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from the safetensors headers only (no tensor data read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise QloraError(f"{model_dir}: no config.json; give a model directory in Hugging Face layout")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise QloraError(f"{path}: not valid JSON ({err})") from None
+
+
+# --- reading the adapter ------------------------------------------------------------------------
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor]]:
+    """(adapter_config, module name → LoraModule, full replacement tensors from modules_to_save)."""
+    from safetensors.torch import load_file
+
+    cfg_path = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.exists():
+        raise QloraError(f"{adapter_dir}: no adapter_config.json; give a PEFT adapter directory")
+    if not weights.exists():
+        bin_hint = " (found adapter_model.bin: re-save it with safetensors)" if (
+            adapter_dir / "adapter_model.bin").exists() else ""
+        raise QloraError(f"{adapter_dir}: no adapter_model.safetensors{bin_hint}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as err:
+        raise QloraError(f"{cfg_path}: not valid JSON ({err})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise QloraError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters can be merged")
+    if cfg.get("fan_in_fan_out"):
+        raise QloraError(f"{cfg_path}: fan_in_fan_out=true (Conv1D models) is not supported")
+    if cfg.get("trainable_token_indices"):
+        raise QloraError(f"{cfg_path}: trainable_token_indices is not supported by merge")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    tensors = load_file(str(weights))
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude",
+                ".lora_B.bias": "bias"}
+    for key, t in tensors.items():
+        name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
+        for suffix, field in suffixes.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                if module not in modules:
+                    mr = _pattern_value(rank_pattern, module, r)
+                    ma = _pattern_value(alpha_pattern, module, alpha)
+                    scale = ma / math.sqrt(mr) if cfg.get("use_rslora") else ma / mr
+                    modules[module] = LoraModule(module, scale)
+                setattr(modules[module], field, t)
+                break
+        else:
+            if ".lora_" in name or ".modules_to_save." in name:
+                raise QloraError(f"{weights}: tensor {key} is of a kind merge does not know")
+            replacements[name] = t  # modules_to_save: a whole trained copy of a base tensor
+    for m in modules.values():
+        if m.A is None or m.B is None:
+            raise QloraError(f"{weights}: module {m.name} lacks lora_A or lora_B")
+    return cfg, modules, replacements
+
+
+def _name_stem(name: str) -> str:
+    """'org/Llama-3-8B-bnb-4bit' / '/models/llama-3-8b/' → 'llama-3-8b' (for comparing base names)."""
+    stem = name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+    for tail in ("-bnb-4bit", "-4bit", "-bnb", "-unsloth", "-hf"):
+        stem = stem.removesuffix(tail)
+    return stem
+
+
+def check_base_name(adapter_cfg: dict, model_dir: Path, config: dict) -> None:
+    """Refuse an adapter whose base_model_name_or_path names another model than model_dir.
+
+    'Names another model' means: the adapter records a base name, and its last path component
+    matches neither the model directory's name nor the `_name_or_path` in its config.json
+    (case-insensitive, quantization suffixes like -bnb-4bit ignored). Shapes are checked too,
+    but two models of one architecture and size (base vs instruct) have the same shapes.
+    """
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    if not recorded:
+        return
+    ours = {_name_stem(str(model_dir.resolve())), _name_stem(str(model_dir))}
+    if config.get("_name_or_path"):
+        ours.add(_name_stem(config["_name_or_path"]))
+    if _name_stem(recorded) not in ours:
+        raise QloraError(
+            f"the adapter was trained on {recorded!r} (adapter_config.json base_model_name_or_path) "
+            f"but the base given is {str(model_dir)!r}; pass the matching base, or "
+            f"--ignore-base-name if this is the same model under another name")
+
+
+def check_adapter_fits(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor],
+                       shapes: dict[str, tuple[int, ...]], adapter_dir: Path) -> None:
+    """Every adapter module exists in the base with shapes that fit; name key and shapes if not."""
+    where = adapter_dir / "adapter_model.safetensors"
+    for m in modules.values():
+        key = m.name + ".weight"
+        if key not in shapes:
+            raise QloraError(f"{where}: adapter module {m.name} has no base weight {key} "
+                             f"(is the adapter for another model?)")
+        w = shapes[key]
+        if len(w) != 2:
+            raise QloraError(f"{where}: {key} has shape {list(w)}; only linear weights can be merged")
+        out_f, in_f = w
+        a, b = tuple(m.A.shape), tuple(m.B.shape)
+        if a[1] != in_f or b[0] != out_f or a[0] != b[1]:
+            raise QloraError(
+                f"{where}: {ADAPTER_PREFIX}{m.name}.lora_A.weight {list(a)} / lora_B.weight {list(b)} "
+                f"do not fit base {key} {list(w)} (is the adapter for another model?)")
+        if m.magnitude is not None and tuple(m.magnitude.shape) != (out_f,):
+            raise QloraError(f"{where}: {m.name}.lora_magnitude_vector {list(m.magnitude.shape)} "
+                             f"does not fit base {key} {list(w)}")
+        if m.bias is not None:
+            if m.name + ".bias" not in shapes:
+                raise QloraError(f"{where}: {m.name} has a LoRA bias but base {m.name}.bias is absent")
+    for name, t in replacements.items():
+        if name not in shapes:
+            raise QloraError(f"{where}: tensor {name} (modules_to_save) is not in the base")
+        if tuple(t.shape) != shapes[name]:
+            raise QloraError(f"{where}: {name} has shape {list(t.shape)} but the base has "
+                             f"{list(shapes[name])} (is the adapter for another model?)")
+
+
+# --- the fold -----------------------------------------------------------------------------------
+def nf4_round_trip(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
+    """W as QLoRA training saw it: bitsandbytes NF4 quantize then dequantize, in w's dtype."""
+    import bitsandbytes.functional as bnbf
+
+    q, state = bnbf.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type="nf4",
+                                  compress_statistics=double_quant)
+    return bnbf.dequantize_4bit(q, state).to(w.dtype).reshape(w.shape)
+
+
+def is_quantized_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """The weights our loader (and transformers+bitsandbytes) store in 4 bits: decoder-block linears."""
+    return ".layers." in name and name.endswith(".weight") and len(shape) == 2
+
+
+def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
+    """W' for one module, computed in fp32."""
+    w = w.float()
+    delta = m.scale * (m.B.float() @ m.A.float())
+    merged = w + delta
+    if m.magnitude is not None:
+        norm = torch.linalg.norm(merged, dim=1)
+        merged = (m.magnitude.float() / norm).unsqueeze(1) * merged
+    return merged
+
+
+# --- writing ------------------------------------------------------------------------------------
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise QloraError(f"max shard size {size!r}: write it like 5GB or 500MB")
+    unit = (m.group(2) or "B").upper().replace("I", "")
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+class ShardWriter:
+    """Collects tensors and writes a safetensors shard each time max_bytes is reached."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.current and self.current_bytes + n > self.max_bytes:
+            self.flush()
+        self.current[name] = t.contiguous()
+        self.current_bytes += n
+        self.total += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        save_file(self.current, str(self.out / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Rename shards to HF names; write the index when there is more than one."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.out / "shard-00000.tmp", self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f"shard-{i:05d}.tmp", self.out / fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
+
+
+def normalise_dtype(dtype: str) -> str:
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise QloraError(f"dtype {dtype!r}: choose bfloat16 (bf16), float16 (fp16) or float32")
+    return dtype
+
+
+def normalise_base(base: str) -> str:
+    base = BASE_ALIASES.get(base, base)
+    if base not in BASES:
+        raise QloraError(f"base {base!r}: choose 'original' or 'nf4' (dequantized-nf4)")
+    return base
+
+
+def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                  dtype: str = "bfloat16", base: str = "original", max_shard_size: str | int = "5GB",
+                  ignore_base_name: bool = False) -> Path:
+    """Write base + adapter folded together as a Hugging Face checkpoint in out_dir; return out_dir."""
+    model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out_dir)
+    dtype, base = normalise_dtype(dtype), normalise_base(base)
+    refuse_existing(out)
+    if not model_dir.is_dir():
+        raise QloraError(f"--model {model_dir}: no such directory")
+    if not adapter_dir.is_dir():
+        raise QloraError(f"--adapter {adapter_dir}: no such directory")
+    config = read_config(model_dir)
+    if config.get("quantization_config"):
+        raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
+                         f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
+                         f"the 16-bit original (use --base nf4 to reproduce the 4-bit weights)")
+    files = base_weight_files(model_dir)
+    shapes = base_shapes(files)
+    adapter_cfg, modules, replacements = read_adapter(adapter_dir)
+    if not ignore_base_name:
+        check_base_name(adapter_cfg, model_dir, config)
+    check_adapter_fits(modules, replacements, shapes, adapter_dir)
+    tied = config.get("tie_word_embeddings", False)
+    if tied and any(n in ("lm_head", "model.embed_tokens") for n in list(modules) + list(replacements)):
+        raise QloraError("the adapter changes lm_head or embed_tokens of a model with tied embeddings; "
+                         "merging it would change both; this is not supported")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base, parse_size(max_shard_size))
+        config = dict(config)
+        config["torch_dtype"] = dtype  # transformers 4.x reads this key
+        config["dtype"] = dtype  # transformers 5 writes and reads this one
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for fname in TOKENIZER_FILES:
+            if (model_dir / fname).exists():
+                shutil.copy2(model_dir / fname, tmp / fname)
+        refuse_existing(out)  # someone may have made it meanwhile
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_merged(files, modules, replacements, tmp: Path, dtype: torch.dtype, base: str,
+                  max_bytes: int) -> None:
+    from safetensors import safe_open
+
+    writer = ShardWriter(tmp, max_bytes)
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                t = replacements[name] if name in replacements else sf.get_tensor(name)
+                if not t.is_floating_point():
+                    writer.add(name, t)
+                    continue
+                if base == "dequantized-nf4" and is_quantized_linear(name, tuple(t.shape)):
+                    t = nf4_round_trip(t)
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module in modules:
+                    t = fold(t, modules[module])
+                elif name.endswith(".bias") and name.removesuffix(".bias") in modules:
+                    m = modules[name.removesuffix(".bias")]
+                    if m.bias is not None:
+                        t = t.float() + m.scale * m.bias.float()
+                if not torch.isfinite(t).all():
+                    raise QloraError(f"merging gives non-finite values in {name}; the adapter is broken")
+                writer.add(name, t.to(dtype))
+    writer.finish()
+
+
+def describe(adapter_dir: str | Path) -> str:
+    """One line about an adapter: kind, rank, scale (for the CLI)."""
+    cfg, modules, _ = read_adapter(Path(adapter_dir))
+    kind = "DoRA" if cfg.get("use_dora") else ("rsLoRA" if cfg.get("use_rslora") else "LoRA")
+    scales = sorted({round(m.scale, 6) for m in modules.values()})
+    return f"{kind} r={cfg['r']} alpha={cfg['lora_alpha']} scale={scales} on {len(modules)} modules"

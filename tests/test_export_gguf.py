@@ -1,0 +1,255 @@
+"""`qlora export --gguf`: read back with gguf's own reader, every tensor and key there, values right.
+
+Error bounds, RMS(dequantized − source) / RMS(source) per tensor (measured on these random weights
+in brackets): F32 exact · F16 1e-3 (3e-4) · BF16 5e-3 (2e-3) · Q8_0 1e-2 (5e-3) · Q6_K 3e-2 (1.7e-2)
+· Q4_K 0.1 (7e-2) · Q4_0 0.12 (8.6e-2).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from qlora.errors import QloraError  # noqa: E402
+from qlora.export import kquants  # noqa: E402
+from qlora.export.gguf import export_gguf, permute_rope, unpermute_rope  # noqa: E402
+from qlora.tiny import build_tiny_model  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+BOUND = {T.F32: 0.0, T.F16: 1e-3, T.BF16: 5e-3, T.Q8_0: 1e-2, T.Q6_K: 3e-2, T.Q4_K: 0.1, T.Q4_0: 0.12}
+SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PER_LAYER = {
+    "llama": ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"],
+}
+PER_LAYER["mistral"] = PER_LAYER["llama"]
+PER_LAYER["qwen2"] = PER_LAYER["llama"] + ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+PER_LAYER["qwen3"] = PER_LAYER["llama"] + ["attn_q_norm", "attn_k_norm"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    extra = {"qwen3": {"head_dim": 64}}
+    return {f: build_tiny_model(root / f, f, **SIZES, **extra.get(f, {})) for f in ARCH}
+
+
+def _source(model_dir):
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+
+
+def _field(reader, key):
+    return reader.fields[key].contents()
+
+
+def _hf_name(gguf_name):
+    """llama.cpp name → HF name, written out here independently of the export's mapping."""
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    if gguf_name in fixed:
+        return fixed[gguf_name]
+    _, i, part, kind = gguf_name.split(".")
+    hf = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}[part]
+    return f"model.layers.{i}.{hf}.{kind}"
+
+
+def _rel_rms(got, want):
+    return float(np.sqrt(((got - want) ** 2).mean()) / max(np.sqrt((want**2).mean()), 1e-30))
+
+
+CASES = [(f, q) for f in ("llama", "qwen2", "qwen3") for q in ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")]
+CASES += [("mistral", "f16"), ("mistral", "q4_k_m")]  # exported as llama: two types suffice
+
+
+@pytest.mark.parametrize("family,qtype", CASES)
+def test_export_reads_back(models, tmp_path, family, qtype):
+    model = models[family]
+    out = export_gguf(model, tmp_path / "m.gguf", qtype)
+    r = gguf.GGUFReader(str(out))
+    config = json.loads((model / "config.json").read_text())
+    arch = ARCH[family]
+
+    # metadata llama.cpp reads
+    assert _field(r, "general.architecture") == arch
+    assert _field(r, f"{arch}.context_length") == config["max_position_embeddings"]
+    assert _field(r, f"{arch}.embedding_length") == config["hidden_size"]
+    assert _field(r, f"{arch}.block_count") == config["num_hidden_layers"]
+    assert _field(r, f"{arch}.feed_forward_length") == config["intermediate_size"]
+    assert _field(r, f"{arch}.attention.head_count") == config["num_attention_heads"]
+    assert _field(r, f"{arch}.attention.head_count_kv") == config["num_key_value_heads"]
+    assert _field(r, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(config["rms_norm_eps"])
+    assert _field(r, f"{arch}.rope.freq_base") == pytest.approx(config["rope_parameters"]["rope_theta"])
+    assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    tok = json.loads((model / "tokenizer.json").read_text())
+    vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == config["vocab_size"]
+    assert all(tokens[i] == t for t, i in vocab.items())
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert types[vocab["<|im_start|>"]] == gguf.TokenType.CONTROL and types[vocab["a"]] == gguf.TokenType.NORMAL
+    assert "tokenizer.ggml.merges" in r.fields
+    assert _field(r, "tokenizer.ggml.bos_token_id") == config["bos_token_id"]
+    assert _field(r, "tokenizer.ggml.eos_token_id") == config["eos_token_id"]
+    assert _field(r, "tokenizer.ggml.padding_token_id") == config["pad_token_id"]
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    template = tok_cfg.get("chat_template") or (model / "chat_template.jinja").read_text()
+    assert _field(r, "tokenizer.chat_template") == template
+
+    # every tensor, under llama.cpp's names, within its type's error
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{p}" + ("" if p.endswith(".bias") else ".weight")
+        for i in range(config["num_hidden_layers"]) for p in PER_LAYER[family]}
+    assert {t.name for t in r.tensors} == expected
+    src = _source(model)
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    for t in r.tensors:
+        want = src[_hf_name(t.name)]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        if arch == "llama" and ".attn_q." in t.name:
+            got = unpermute_rope(got, n_head)
+        elif arch == "llama" and ".attn_k." in t.name:
+            got = unpermute_rope(got, n_kv)
+        if want.ndim == 1:
+            assert t.tensor_type == T.F32
+        assert _rel_rms(got, want) <= BOUND[t.tensor_type], (t.name, t.tensor_type.name, _rel_rms(got, want))
+
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    if qtype == "q4_k_m":  # llama.cpp's rule with 2 layers: output and layer 1's attn_v/ffn_down
+        assert kinds["output.weight"] == T.Q6_K and kinds["token_embd.weight"] == T.Q4_K
+        assert kinds["blk.0.attn_v.weight"] == T.Q4_K and kinds["blk.1.attn_v.weight"] == T.Q6_K
+        assert kinds["blk.0.ffn_down.weight"] == T.Q4_K and kinds["blk.1.ffn_down.weight"] == T.Q6_K
+        assert kinds["blk.0.attn_q.weight"] == T.Q4_K
+    else:
+        want_type = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
+        assert kinds["blk.0.ffn_up.weight"] == want_type
+
+
+def test_rope_permutation_matches_llama_cpp_rotation(models):
+    """HF rotates (i, i+d/2) pairs; ggml's llama rope rotates (2i, 2i+1). With the permuted weights
+    the attention scores must come out the same."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    src = _source(models["llama"])
+    wq, wk = src["model.layers.0.self_attn.q_proj.weight"], src["model.layers.0.self_attn.k_proj.weight"]
+    n_head, n_kv, d, seq = 4, 2, 64, 5
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((seq, 256)).astype(np.float32)
+    pos = np.arange(seq)[:, None]
+    theta = pos * 10000.0 ** (-np.arange(0, d, 2) / d)  # (seq, d/2)
+
+    def hf(w, heads):
+        q = torch.from_numpy((x @ w.T).reshape(seq, heads, d)).transpose(0, 1)[None]  # 1,H,T,D
+        cos = torch.from_numpy(np.cos(np.concatenate([theta, theta], -1)))[None].float()
+        sin = torch.from_numpy(np.sin(np.concatenate([theta, theta], -1)))[None].float()
+        return apply_rotary_pos_emb(q, q, cos, sin)[0][0].numpy()  # H,T,D
+
+    def ggml(w, heads):
+        q = (x @ w.T).reshape(seq, heads, d // 2, 2)
+        c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+        a, b = q[..., 0], q[..., 1]
+        return np.stack([a * c - b * s, a * s + b * c], -1).reshape(seq, heads, d).transpose(1, 0, 2)
+
+    q_hf, k_hf = hf(wq, n_head), hf(wk, n_kv)
+    q_gg, k_gg = ggml(permute_rope(wq, n_head), n_head), ggml(permute_rope(wk, n_kv), n_kv)
+    scores_hf = np.einsum("htd,hsd->hts", q_hf, np.repeat(k_hf, 2, 0))
+    scores_gg = np.einsum("htd,hsd->hts", q_gg, np.repeat(k_gg, 2, 0))
+    np.testing.assert_allclose(scores_gg, scores_hf, rtol=1e-4, atol=1e-6)
+    # without the permutation they differ (the test can fail)
+    q_bad = ggml(wq, n_head)
+    assert not np.allclose(np.einsum("htd,hsd->hts", q_bad, np.repeat(ggml(wk, n_kv), 2, 0)), scores_hf, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k"])
+def test_kquant_blocks_against_gguf_dequantizer(kind):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
+    x[1] = 0.0  # an all-zero block
+    x[2] = 0.5  # a constant block
+    x[3] = -np.abs(x[3])  # all negative
+    x[4, 7] = 3.0  # one outlier
+    x[5] *= 1e3  # large scale
+    codes = kquants.q4_k_codes(x) if kind == "q4_k" else kquants.q6_k_codes(x)
+    packed = kquants.pack_q4_k(codes) if kind == "q4_k" else kquants.pack_q6_k(codes)
+    qt = T.Q4_K if kind == "q4_k" else T.Q6_K
+    assert packed.shape == (64, gguf.GGML_QUANT_SIZES[qt][1])
+    theirs = gguf.quants.dequantize(packed, qt)  # gguf's dequantizer reads our bytes
+    ours = (kquants.dequantize_codes_q4_k if kind == "q4_k" else kquants.dequantize_codes_q6_k)(codes)
+    for b in range(64):  # block by block: the bytes mean what the fields say
+        np.testing.assert_allclose(theirs[b], ours[b], rtol=1e-6, atol=1e-12, err_msg=f"block {b}")
+    assert np.all(theirs[1] == 0)
+    np.testing.assert_allclose(theirs[2], 0.5, rtol=2e-2)
+    assert abs(theirs[4, 7] - 3.0) < 0.05
+    rest = np.r_[0, 6:64]
+    assert _rel_rms(theirs[rest], x[rest]) <= BOUND[qt]
+    assert _rel_rms(theirs[5], x[5]) <= BOUND[qt]
+    # quantize_* is pack(codes) row by row, for a 2-D tensor too
+    two_d = (kquants.quantize_q4_k if kind == "q4_k" else kquants.quantize_q6_k)(x.reshape(8, 2048))
+    np.testing.assert_array_equal(two_d.reshape(64, -1), packed)
+
+
+def test_adapter_export_equals_merged_export(models, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from qlora.merge import merge_adapter
+
+    model = models["qwen2"]
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    p = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, w in p.named_parameters():
+            if "lora_B" in n:
+                w.normal_(0, 0.05)
+    p.save_pretrained(str(tmp_path / "ad"))
+    a = export_gguf(model, tmp_path / "a.gguf", "f16", adapter_dir=tmp_path / "ad")
+    merged = merge_adapter(model, tmp_path / "ad", tmp_path / "merged", dtype="float32")
+    b = export_gguf(merged, tmp_path / "b.gguf", "f16")
+    ta = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(a)).tensors}
+    tb = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(b)).tensors}
+    plain = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(export_gguf(model, tmp_path / "c.gguf"))).tensors}
+    assert ta.keys() == tb.keys()
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta)
+    assert not np.array_equal(ta["blk.0.attn_q.weight"], plain["blk.0.attn_q.weight"])
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.gguf", "ad", "b.gguf", "c.gguf", "merged"]
+
+
+def test_bad_inputs(models, tmp_path):
+    model = models["llama"]
+    (tmp_path / "exists.gguf").write_bytes(b"mine")
+    with pytest.raises(QloraError, match="exists"):
+        export_gguf(model, tmp_path / "exists.gguf", "f16")
+    assert (tmp_path / "exists.gguf").read_bytes() == b"mine"
+    with pytest.raises(QloraError, match="--type"):
+        export_gguf(model, tmp_path / "x.gguf", "q3_k")
+    with pytest.raises(QloraError, match="no such directory"):
+        export_gguf(tmp_path / "nope", tmp_path / "x.gguf")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    cfg = json.loads((model / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    (odd / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    with pytest.raises(QloraError, match="model_type 'gpt2'"):
+        export_gguf(odd, tmp_path / "x.gguf")
+    with pytest.raises(QloraError, match="adapter_config.json"):
+        export_gguf(model, tmp_path / "x.gguf", adapter_dir=odd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf", "odd"]
+
+
+def test_cli_export(models, tmp_path, capsys):
+    from qlora.cli import main
+
+    out = tmp_path / "m.gguf"
+    args = ["export", "--gguf", "--model", str(models["qwen3"]), "--out", str(out), "--type", "q4_k_m"]
+    assert main(args) == 0
+    assert "GGUF written" in capsys.readouterr().out
+    assert main(args) == 2

@@ -1,0 +1,225 @@
+"""`qlora merge`: the merged checkpoint, loaded by transformers, gives PEFT's base+adapter logits.
+
+Tolerances: fp32 merge vs PeftModel on the fp32 base: rtol 1e-4, atol 1e-5 on logits (the two only
+differ in summation order). bf16 output: 2e-2 of the logits' scale (bf16 has 8 mantissa bits).
+NF4 merge vs PeftModel on a base holding bitsandbytes' NF4 round trip: the same fp32 tolerance.
+NF4 merge vs PeftModel on the transformers+bitsandbytes 4-bit base (CPU matmul rounds on its own):
+at least 10x closer than the 16-bit merge, same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora.errors import QloraError
+from qlora.merge import merge_adapter
+from qlora.tiny import build_tiny_model
+
+peft = pytest.importorskip("peft")
+
+
+def _make_adapter(model_dir, out_dir, kind: str, seed: int = 1):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+        use_rslora=kind == "rslora", use_dora=kind == "dora",
+        # a per-module rank/alpha override, to check the scale lookup too
+        alpha_pattern={} if kind == "rslora" else {"v_proj": 4},
+    )
+    model = peft.get_peft_model(base, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT initialises B to zero: make the adapter do something
+                p.normal_(0, 0.05)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    model = build_tiny_model(root / "tiny-llama", "llama", max_shard_size="100KB")
+    adapters = {k: _make_adapter(model, root / f"adapter-{k}", k) for k in ("lora", "rslora", "dora")}
+    return root, model, adapters
+
+
+def _ids():
+    torch.manual_seed(0)
+    return torch.randint(0, 128, (2, 12))
+
+
+def _peft_logits(model_dir, adapter_dir, quantized=False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    with torch.no_grad():
+        base_logits = base(_ids()).logits
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return base_logits, model(_ids()).logits
+
+
+def _logits(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora"])
+def test_merged_logits_match_peft_fp32(tiny, tmp_path, kind):
+    _, model, adapters = tiny
+    out = merge_adapter(model, adapters[kind], tmp_path / "merged", dtype="float32")
+    base_logits, want = _peft_logits(model, adapters[kind])
+    got = _logits(out)
+    # the adapter matters: the base alone is far from the adapted logits
+    assert (want - base_logits).abs().max() > 100 * 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_output_is_sharded_and_complete(tiny, tmp_path):
+    _, model, adapters = tiny
+    out = merge_adapter(model, adapters["dora"], tmp_path / "merged", dtype="bf16", max_shard_size="60KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["torch_dtype"] == "bfloat16"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (model / f).read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(out / sorted(shards)[0]), "pt") as sf:
+        assert all(sf.get_tensor(k).dtype == torch.bfloat16 for k in sf.keys())
+    _, want = _peft_logits(model, adapters["dora"])
+    got = _logits(out)
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_nf4_base_matches_4bit_peft_model(tiny, tmp_path):
+    _, model, adapters = tiny
+    out_nf4 = merge_adapter(model, adapters["lora"], tmp_path / "nf4", dtype="fp32", base="nf4")
+    out_orig = merge_adapter(model, adapters["lora"], tmp_path / "orig", dtype="fp32")
+    _, want = _peft_logits(model, adapters["lora"], quantized=True)
+    got_nf4, got_orig = _logits(out_nf4), _logits(out_orig)
+    # bitsandbytes' CPU 4-bit matmul rounds on its own (~1e-3 per layer), so not fp32-tight here;
+    # the NF4 merge must still be >10x closer to the 4-bit adapter model than the 16-bit merge.
+    err_nf4, err_orig = (got_nf4 - want).abs().max(), (got_orig - want).abs().max()
+    assert err_nf4 < 0.1 * err_orig, (err_nf4, err_orig)
+    assert (got_nf4.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_nf4_base_matches_peft_on_nf4_weights(tiny, tmp_path, kind):
+    """Exact check: PEFT on a base holding bitsandbytes' NF4 round trip of each linear, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.merge import is_quantized_linear
+
+    _, model, adapters = tiny
+    out = merge_adapter(model, adapters[kind], tmp_path / "nf4", dtype="fp32", base="nf4")
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    import bitsandbytes.functional as bnbf
+
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if is_quantized_linear(name, tuple(p.shape)):
+                q, state = bnbf.quantize_4bit(p.data, blocksize=64, quant_type="nf4", compress_statistics=True)
+                p.copy_(bnbf.dequantize_4bit(q, state))
+        want = peft.PeftModel.from_pretrained(base, str(adapters[kind])).eval()(_ids()).logits
+    torch.testing.assert_close(_logits(out), want, rtol=1e-4, atol=1e-5)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+def _clean(parent):
+    return not [p for p in parent.iterdir() if "partial" in p.name]
+
+
+def test_adapter_for_another_model_shapes(tiny, tmp_path):
+    root, model, _ = tiny
+    # same directory name, another size: the name check passes, the shape check must refuse
+    other = build_tiny_model(tmp_path / "x" / "tiny-llama", "llama", hidden_size=32, intermediate_size=64)
+    adapter = _make_adapter(other, tmp_path / "adapter-other", "lora")
+    with pytest.raises(QloraError, match=r"layers\.0\.\S+\.lora_A\.weight \[4, \d+\] / lora_B\.weight \[\d+, 4\] do not fit base "
+                       r"model\.layers\.0\.\S+\.weight \[\d+, \d+\]"):
+        merge_adapter(model, adapter, tmp_path / "out", dtype="fp32")
+    assert not (tmp_path / "out").exists() and _clean(tmp_path)
+
+
+def test_adapter_for_another_model_name(tiny, tmp_path):
+    _, model, adapters = tiny
+    cfg = json.loads((adapters["lora"] / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-7B-Instruct"
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    (bad / "adapter_model.safetensors").write_bytes((adapters["lora"] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(QloraError, match="Qwen2.5-7B-Instruct.*--ignore-base-name"):
+        merge_adapter(model, bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_adapter(model, bad, tmp_path / "out", ignore_base_name=True)  # the override works
+
+
+def test_missing_files_and_existing_out(tiny, tmp_path):
+    _, model, adapters = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QloraError, match="adapter_config.json"):
+        merge_adapter(model, empty, tmp_path / "o1")
+    (empty / "adapter_config.json").write_text((adapters["lora"] / "adapter_config.json").read_text())
+    with pytest.raises(QloraError, match="adapter_model.safetensors"):
+        merge_adapter(model, empty, tmp_path / "o2")
+    with pytest.raises(QloraError, match="config.json"):
+        merge_adapter(empty, adapters["lora"], tmp_path / "o3")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    (exists / "keep.txt").write_text("mine")
+    with pytest.raises(QloraError, match="exists"):
+        merge_adapter(model, adapters["lora"], exists)
+    assert (exists / "keep.txt").read_text() == "mine"
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3)) and _clean(tmp_path)
+
+
+def test_failure_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
+    _, model, adapters = tiny
+    import qlora.merge as m
+
+    calls = {"n": 0}
+    real = m.fold
+
+    def failing(w, mod):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("disk full")
+        return real(w, mod)
+
+    monkeypatch.setattr(m, "fold", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_adapter(model, adapters["lora"], tmp_path / "out", max_shard_size="20KB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_merge(tiny, tmp_path, capsys):
+    from qlora.cli import main
+
+    _, model, adapters = tiny
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(model), "--adapter", str(adapters["rslora"]), "--out", str(out)]
+    assert main(args + ["--dtype", "fp16"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert main(args) == 2
+    assert "exists" in capsys.readouterr().err
