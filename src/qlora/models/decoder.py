@@ -108,7 +108,13 @@ class Attention(nn.Module):
 
 
 def sdpa(q, k, v, mask):
-    """Scaled dot-product attention; `mask` is "causal", None (attend to all) or a bool tensor."""
+    """Attention over q [B,H,T,D], k/v [B,Hkv,S,D].
+
+    `mask` is "causal", None (attend to all), a bool tensor [B,1,T,S], or a Varlen plan for
+    packed rows on the GPU (flash attention over each document, no padding, no mask).
+    """
+    if isinstance(mask, Varlen):
+        return varlen_attention(q, k, v, mask)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
@@ -116,6 +122,48 @@ def sdpa(q, k, v, mask):
     if isinstance(mask, str):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Varlen:
+    """Document offsets of packed rows, flattened over the batch: flash attention's cu_seqlens."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int):
+        self.cu_seqlens, self.max_len = cu_seqlens, max_len
+
+
+def varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention import varlen  # noqa: F401  (torch >= 2.9)
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_plan(position_ids: torch.Tensor) -> Varlen:
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    ends = torch.cat([starts, starts.new_tensor([flat.numel()])])
+    max_len = int((ends[1:] - ends[:-1]).max())
+    return Varlen(ends.to(torch.int32), max_len)
+
+
+def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, H, T, D = q.shape
+    if k.shape[1] != H:
+        repeat = H // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    out = varlen_attn(*flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len, **causal)
+    return out.reshape(B, T, H, D).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -227,7 +275,7 @@ class DecoderLM(nn.Module):
 
 
 def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None):
-    """"causal" for one document per row, else a bool mask [B, 1, T, past+T].
+    """"causal" for one document per row, else a bool mask [B, 1, T, past+T] or a Varlen plan.
 
     Packed rows hold several documents; a document starts where position_ids restarts at 0,
     and each token may only attend to earlier tokens of its own document.
@@ -239,6 +287,8 @@ def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | 
         return "causal"
     if T == 1 and not windowed:
         return None
+    if packed and not windowed and past == 0 and varlen_available(position_ids.device):
+        return varlen_plan(position_ids)
     device = position_ids.device
     q_pos = torch.arange(past, past + T, device=device)
     k_pos = torch.arange(past + T, device=device)

@@ -1,0 +1,174 @@
+"""Correctness of the GPU paths, on the GPU (CI has none): run on the device machine.
+
+    python benchmarks/gpu_check.py  [--out results.json]
+
+Checks, each against the real other tool on CUDA:
+  1. 16-bit logits vs transformers (fp32 and bf16), each family;
+  2. NF4 + double quant logits vs transformers + bitsandbytes (bf16 compute);
+  3. packed rows through flash varlen attention vs the same rows through SDPA with a mask,
+     and vs each document alone;
+  4. loss and LoRA gradients vs transformers + peft (bf16 compute);
+  5. torch.compile'd decoder layers vs eager.
+Prints one JSON line per check and exits non-zero if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from qlora.adapters import AdapterConfig, attach_adapters  # noqa: E402
+from qlora.models import load_model  # noqa: E402
+from qlora.models import decoder  # noqa: E402
+from qlora.quant import QuantConfig  # noqa: E402
+from qlora.tiny import build_tiny_model  # noqa: E402
+
+DEV = "cuda"
+RESULTS: list[dict] = []
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def record(name: str, value: float, bound: float, **extra) -> None:
+    rec = {"check": name, "value": value, "bound": bound, "ok": value <= bound, **extra}
+    RESULTS.append(rec)
+    print(json.dumps(rec), flush=True)
+
+
+def hf(path, dtype, quant=None):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quant:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=DEV,
+                                                **kwargs).eval()
+
+
+def ids(seed=0, b=2, t=256):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(6, 128, (b, t), generator=g).to(DEV)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp())
+    sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2, num_hidden_layers=2)
+    dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
+    checks = [check_16bit, check_nf4, check_packed, check_grads, check_compile]
+    for check in checks:
+        try:
+            check(dirs)
+        except Exception as err:  # a crash is a failed check, and the others still run
+            record(check.__name__, float("inf"), 0.0, error=f"{type(err).__name__}: {err}",
+                   trace=traceback.format_exc()[-1500:])
+    if args.out:
+        Path(args.out).write_text("\n".join(json.dumps(r) for r in RESULTS) + "\n")
+    return 0 if all(r["ok"] for r in RESULTS) else 1
+
+
+def check_16bit(dirs):
+    x = ids()
+    for fam, path in dirs.items():
+        for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            ours = load_model(path, QuantConfig(method="none", compute_dtype=dtype), device=DEV)
+            with torch.no_grad():
+                record(f"16bit-{fam}-{dtype}", rel(hf(path, dtype)(x).logits, ours(x)), bound)
+
+
+def check_nf4(dirs):
+    x = ids(1)
+    for fam, path in dirs.items():
+        ours = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+        ref = hf(path, torch.bfloat16, quant="nf4")
+        same = all(torch.equal(a, ours.state_dict()[k]) for k, a in ref.state_dict().items()
+                   if k.endswith("proj.weight"))
+        with torch.no_grad():
+            record(f"nf4-{fam}", rel(ref(x).logits, ours(x)), 3e-2, bytes_equal=same)
+
+
+def check_packed(dirs):
+    model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    lengths = [100, 37, 119]
+    docs = [ids(10 + i, 1, n)[0] for i, n in enumerate(lengths)]
+    row = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]
+    plan = decoder.attention_mask(pos, 0, None)
+    record("packed-uses-varlen", 0.0 if isinstance(plan, decoder.Varlen) else 1.0, 0.0)
+    with torch.no_grad():
+        packed = model(row, position_ids=pos)
+        alone = model(docs[1][None])
+        original = decoder.varlen_available
+        decoder.varlen_available = lambda device: False
+        try:
+            masked = model(row, position_ids=pos)
+        finally:
+            decoder.varlen_available = original
+    record("packed-varlen-vs-mask", rel(masked, packed), 2e-2)
+    record("packed-vs-alone", rel(alone[0], packed[0, 100:137]), 2e-2)
+
+
+def check_grads(dirs):
+    from peft import LoraConfig, get_peft_model
+
+    path = dirs["qwen2"]
+    peft_model = get_peft_model(hf(path, torch.bfloat16, quant="nf4"), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ours = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    attach_adapters(ours, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    g = torch.Generator().manual_seed(5)
+    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p
+              for n, p in peft_model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                theirs[name].copy_(p)
+    x = ids(3)
+    peft_model.train()
+    ours.train()
+    ref = peft_model(input_ids=x, labels=x).loss
+    ref.backward()
+    loss = ours(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
+    loss.backward()
+    record("loss-vs-peft", abs(loss.item() - ref.item()) / ref.item(), 1e-2)
+    worst = max(rel(theirs[n].grad, p.grad) for n, p in ours.named_parameters() if p.requires_grad)
+    record("lora-grads-vs-peft", worst, 5e-2)
+
+
+def check_compile(dirs):
+    model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    x = ids(4)
+    model.train()
+    eager = model(x, labels=x)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    for layer in model.model.layers:
+        layer.compile()
+    compiled = model(x, labels=x)
+    compiled.backward()
+    record("compile-loss", abs(compiled.item() - eager.item()) / eager.item(), 1e-2)
+    worst = max(rel(a, p.grad) for a, p in zip(grads, [p for p in model.parameters() if p.requires_grad]))
+    record("compile-grads", worst, 5e-2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
