@@ -1,0 +1,594 @@
+"""Time one QLoRA training step (forward, backward, optimizer step) for several systems side by side.
+
+Every system runs in its own subprocess on the same GPU, on the same random-weight checkpoint (real
+shapes), with the same data, seed and LoRA configuration, so memory peaks don't mix and a crash of one
+system is recorded as that system's result instead of stopping the run.
+
+Systems
+  hf        transformers + peft + bitsandbytes exactly as the seeds set it up: BitsAndBytesConfig(nf4,
+            double quant, bf16 compute), prepare_model_for_kbit_training(use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False}), LoraConfig(r=16, alpha=32,
+            dropout=0.05, all seven projections), get_peft_model, bitsandbytes PagedAdamW8bit, lr 2e-4,
+            bf16 autocast and grad-norm clipping at 0.3 as the seeds' Trainer (bf16=True, max_grad_norm=0.3).
+  hf+liger  the same with liger-kernel's patches applied before the model is built (RoPE, RMSNorm,
+            SwiGLU, fused linear cross-entropy).
+  unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
+  qlora     this project (run_qlora below); with and without gradient checkpointing.
+
+Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
+  python benchmarks/train_step.py --shapes qwen2.5-1.5b --seqs 2048,8192 --out results/
+Each finished (system, shape, config) appends one JSON line to OUT/results.jsonl as it completes, so a
+run that is cut off still leaves what it measured.
+
+FLOP count (per optimizer step, written out in step_flops below and in docs/BENCHMARKS.md):
+  N_lin  = weights of the seven projections of all layers, N_head = vocab x hidden (the LM head matmul),
+  N_lora = LoRA A and B weights, T = micro_batch x seq tokens, ckpt = 1 with gradient checkpointing.
+  dense  = 2(N_lin+N_head)T forward + 2(N_lin+N_head)T input-gradient (the base is frozen: no
+           weight-gradient) + ckpt * 2 N_lin T recompute of the decoder layers
+  lora   = 2 N_lora T (forward + input-grad + weight-grad + ckpt * recompute)
+  attn   = (1 + 2 + ckpt) * 2 * mb * seq^2 * n_heads * head_dim * n_layers
+           (forward QK^T and PV at 4 T^2 d each, halved for the causal mask; backward twice the forward)
+  MFU    = (dense + lora + attn) / step_time / 989e12   (H100 SXM dense bf16 peak)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+H100_BF16_PEAK = 989e12
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora"]
+
+# Real shapes, random weights.
+SHAPES = {
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+    ),
+    # for a CPU smoke test of this script only
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def step_flops(shape: dict, seq: int, mb: int, ckpt: bool, r: int = 16) -> dict:
+    """FLOPs of one QLoRA training step, by term (see the module docstring)."""
+    h, i, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hd = h // nh
+    q, kv = nh * hd, nkv * hd
+    # (in, out) of the seven projections
+    projs = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    n_lin = n_layers * sum(a * b for a, b in projs)
+    n_head = shape["vocab_size"] * h
+    n_lora = n_layers * sum(r * (a + b) for a, b in projs)
+    t = mb * seq
+    c = 1 if ckpt else 0
+    dense = 2 * (n_lin + n_head) * t * 2 + c * 2 * n_lin * t
+    lora = 2 * n_lora * t * (3 + c)
+    attn = (3 + c) * 2 * mb * seq * seq * q * n_layers
+    return dict(n_lin=n_lin, n_head=n_head, n_lora=n_lora, dense=dense, lora=lora, attn=attn,
+                total=dense + lora + attn)
+
+
+# ----------------------------------------------------------------------------- model files
+
+def make_model_dir(shape_name: str, out_dir: Path, device: str) -> dict:
+    """Random bf16 weights in the real shape, written once; every system loads these files."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[shape_name])
+    model_type = spec.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                               initializer_range=0.02, dtype="bfloat16", use_cache=False, **spec)
+    torch.manual_seed(0)
+    t0 = time.time()
+    # Built directly on the device: transformers' normal(0, 0.02) init runs there in a second or two
+    # where the CPU would take minutes for 8B parameters.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    if model_type == "qwen2":
+        # Qwen2's q/k/v biases start at zero; give them values as a trained model has.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.02)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(out_dir))
+    _write_tokenizer(out_dir)
+    return dict(shape=shape_name, n_params=n_params, build_s=round(time.time() - t0, 1))
+
+
+def _write_tokenizer(out_dir: Path) -> None:
+    # Unsloth's loader wants a tokenizer beside the weights; the data are random ids, so any will do.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(str(out_dir))
+
+
+# ----------------------------------------------------------------------------- systems
+# Each setup returns (model, trainable params, loss_fn(ids, ckpt) -> mean token loss, autocast?).
+
+def _bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _lora_config(args):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                      target_modules=SEVEN, task_type="CAUSAL_LM")
+
+
+def setup_hf(model_dir: str, args, liger: bool = False):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if liger:
+        # Liger patches the transformers classes, so it must run before the model is built.
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        {"llama": apply_liger_kernel_to_llama, "qwen2": apply_liger_kernel_to_qwen2}[model_type]()
+    quant = _bnb_config() if args.device == "cuda" else None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, device_map={"": 0} if args.device == "cuda" else None,
+        dtype=torch.bfloat16, attn_implementation=args.hf_attn)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, _lora_config(args))
+    model.train()
+
+    def loss_fn(ids, ckpt):
+        assert ckpt, "the seeds' stack always trains with gradient checkpointing"
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, [p for p in model.parameters() if p.requires_grad], loss_fn, True
+
+
+def setup_unsloth(model_dir: str, args):
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import unsloth  # noqa: F401  (must come before transformers to patch it)
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _tok = FastLanguageModel.from_pretrained(
+        model_name=model_dir, max_seq_length=max(args.seqs), dtype=torch.bfloat16, load_in_4bit=True,
+        local_files_only=True, fix_tokenizer=False)
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+        target_modules=SEVEN, use_gradient_checkpointing="unsloth", random_state=args.seed)
+    FastLanguageModel.for_training(model)
+
+    def loss_fn(ids, ckpt):
+        assert ckpt
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, [p for p in model.parameters() if p.requires_grad], loss_fn, True
+
+
+# ============================================================================= run_qlora
+# THIS PROJECT. Written against the contracts in docs/ARCHITECTURE.md while qlora.models is being
+# written in parallel: adjust here when the API lands (the gradient-checkpointing switch especially).
+
+def _set_qlora_checkpointing(model, on: bool) -> str:
+    """Turn our gradient checkpointing on/off through whichever switch DecoderLM exposes."""
+    if hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(on)
+        return "set_gradient_checkpointing"
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = on
+        return "attribute gradient_checkpointing"
+    raise RuntimeError("DecoderLM exposes no gradient-checkpointing switch "
+                       "(set_gradient_checkpointing(on) or .gradient_checkpointing)")
+
+
+def run_qlora(model_dir: str, args):
+    """Load this project's model with NF4 + double quant, attach LoRA, return the training closure."""
+    import torch
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    model = load_model(model_dir, quant, device=args.device)
+    torch.manual_seed(args.seed)
+    attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                         target_modules=list(SEVEN)))
+    model.train()
+
+    def loss_fn(ids, ckpt):
+        _set_qlora_checkpointing(model, ckpt)
+        # DecoderLM returns the SUM of token losses (HF shift convention); divide by label count.
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        return model(ids, position_ids=None, labels=ids) / n
+
+    return model, [p for p in model.parameters() if p.requires_grad], loss_fn, False
+# ============================================================================= /run_qlora
+
+
+def setup_system(system: str, model_dir: str, args):
+    if system == "hf":
+        return setup_hf(model_dir, args)
+    if system == "hf+liger":
+        return setup_hf(model_dir, args, liger=True)
+    if system == "unsloth":
+        return setup_unsloth(model_dir, args)
+    if system == "qlora":
+        return run_qlora(model_dir, args)
+    raise ValueError(system)
+
+
+# ----------------------------------------------------------------------------- worker
+
+def configs_for(system: str, seqs: list[int], ckpt_off: bool) -> list[tuple[int, bool]]:
+    out = []
+    for s in seqs:
+        out.append((s, True))
+        if system == "qlora" and ckpt_off:
+            out.append((s, False))
+    return out
+
+
+def _optimizer(params, args):
+    import torch
+
+    if args.device == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.001)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.001)
+
+
+def batches(seed: int, seq: int, mb: int, n: int, data_vocab: int):
+    """The same random token ids for every system: ids from a small sub-vocabulary, so the loss has
+    somewhere to go (the model can learn the unigram distribution) and trends are comparable."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + seq)
+    return [torch.randint(4, data_vocab, (mb, seq), generator=g) for _ in range(n)]
+
+
+def emit(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+    short = {k: rec[k] for k in ("system", "shape", "seq", "ckpt", "tokens_per_s", "peak_alloc_gib",
+                                 "peak_reserved_gib", "mfu", "loss_first", "loss_last", "error") if k in rec}
+    print("RESULT", json.dumps(short), flush=True)
+
+
+def worker(args) -> int:
+    import torch
+
+    cuda = args.device == "cuda"
+    shape = SHAPES[args.shape]
+    base = dict(system=args.system, shape=args.shape, mb=args.mb)
+    t0 = time.time()
+    model, params, loss_fn, autocast = setup_system(args.system, args.model_dir, args)
+    load_s = time.time() - t0
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    after_load = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    n_trainable = sum(p.numel() for p in params)
+    init_state = [p.detach().clone() for p in params]
+    print(f"[{args.system}] loaded in {load_s:.1f}s, {after_load:.2f} GiB allocated, "
+          f"{n_trainable:,} trainable", flush=True)
+
+    for seq, ckpt in configs_for(args.system, args.seqs, args.qlora_ckpt_off):
+        n_steps = args.long_steps if seq >= args.long_from else args.steps
+        rec = dict(base, seq=seq, ckpt=ckpt, steps=n_steps, warmup=args.warmup, load_s=round(load_s, 1),
+                   alloc_after_load_gib=round(after_load, 3), trainable_params=n_trainable)
+        opt = None
+        try:
+            # Every config starts from the same adapter weights and a fresh optimizer.
+            with torch.no_grad():
+                for p, s in zip(params, init_state):
+                    p.copy_(s)
+                    p.grad = None
+            torch.manual_seed(args.seed)
+            opt = _optimizer(params, args)
+            data = batches(args.seed, seq, args.mb, n_steps, min(args.data_vocab, shape["vocab_size"]))
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            times, losses, opt_times = [], [], []
+            for step in range(n_steps):
+                ids = data[step].to(args.device, non_blocking=False)
+                sync()
+                t = time.perf_counter()
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(ids, ckpt)
+                loss.backward()
+                # one extra sync splits the step into forward+backward and clip+optimizer
+                sync()
+                t_mid = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                t_end = time.perf_counter()
+                times.append(t_end - t)
+                opt_times.append(t_end - t_mid)
+                losses.append(float(loss.detach().float()))
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"loss is {losses[-1]} at step {step + 1}")
+            timed = times[args.warmup:]
+            med = statistics.median(timed)
+            fl = step_flops(shape, seq, args.mb, ckpt, args.lora_r)
+            rec.update(
+                step_s_median=round(med, 5), step_s_min=round(min(timed), 5), step_s_max=round(max(timed), 5),
+                opt_s_median=round(statistics.median(opt_times[args.warmup:]), 5),
+                tokens_per_s=round(args.mb * seq / med, 1),
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+                flops_per_step=fl["total"], mfu=round(fl["total"] / med / H100_BF16_PEAK, 4),
+                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+                losses=[round(x, 4) for x in losses], step_times=[round(x, 4) for x in times])
+        except Exception as e:  # noqa: BLE001 — a failed config is a result, not a crash
+            oom = isinstance(e, torch.OutOfMemoryError)
+            rec["error"] = ("OOM: " if oom else "") + f"{type(e).__name__}: {e}"[:1500]
+            if not oom:
+                rec["traceback"] = traceback.format_exc()[-3000:]
+        finally:
+            del opt
+            for p in params:
+                p.grad = None
+            if cuda:
+                torch.cuda.empty_cache()
+        emit(Path(args.results), rec)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "unsloth",
+                 "unsloth-zoo", "triton", "trl", "torchao", "cut-cross-entropy", "xformers", "qlora"]:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(device: str) -> dict:
+    import platform
+
+    env = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               python=platform.python_version(), packages=package_versions())
+    try:
+        import torch
+
+        env["torch_cuda"] = torch.version.cuda
+        if device == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except Exception as e:  # noqa: BLE001
+        env["torch_error"] = repr(e)
+    try:
+        env["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        env["nvidia_smi"] = f"unavailable: {e!r}"
+    return env
+
+
+def _run_child(cmd: list[str], log_path: Path, timeout: float, env=None, cwd=None) -> tuple[int | None, str]:
+    """Run cmd in its own process group, tee its output into the log; return (rc or None on timeout, tail)."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, env=env, cwd=cwd)
+        tail: list[str] = []
+        deadline = time.time() + timeout
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        rc = None
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                log.write(f"!! killed after {timeout:.0f}s\n")
+                break
+            if sel.select(timeout=min(left, 1.0)):
+                line = p.stdout.readline()
+                if line == "":
+                    rc = p.wait()
+                    break
+                log.write(line)
+                log.flush()
+                sys.stdout.write(line)
+                tail = (tail + [line])[-40:]
+        return rc, "".join(tail)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="qwen2.5-1.5b,llama-3-8b")
+    ap.add_argument("--seqs", default="2048,8192")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--mb", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=30, help="steps per config (loss reported after these)")
+    ap.add_argument("--long-steps", type=int, default=30, help="steps for seq >= --long-from")
+    ap.add_argument("--long-from", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each config")
+    ap.add_argument("--qlora-ckpt-off", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run qlora without gradient checkpointing")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=int, default=32)
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--max-grad-norm", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-vocab", type=int, default=1024, help="token ids are drawn from [4, data_vocab)")
+    ap.add_argument("--hf-attn", default="sdpa", help="attn_implementation for hf / hf+liger")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="benchmarks/results/run")
+    ap.add_argument("--model-root", default=None, help="where the random checkpoints go (default: a tmp dir)")
+    ap.add_argument("--worker-timeout", type=float, default=600)
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds for the whole run; later work skipped")
+    # internal
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--system", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--results", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.seqs = [int(s) for s in str(args.seqs).split(",")]
+    return args
+
+
+def _child_argv(args, **kw) -> list[str]:
+    keep = ["mb", "steps", "long_steps", "long_from", "warmup", "lora_r", "lora_alpha", "lora_dropout", "lr",
+            "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
+    argv = [sys.executable, os.path.abspath(__file__), "--seqs", ",".join(map(str, args.seqs))]
+    for k in keep:
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
+    for k, v in kw.items():
+        if v is True:
+            argv.append(f"--{k.replace('_', '-')}")
+        else:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.make_model:
+        info = make_model_dir(args.shape, Path(args.model_dir), args.device)
+        print("MODEL", json.dumps(info), flush=True)
+        return 0
+    if args.worker:
+        return worker(args)
+
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, log = out / "results.jsonl", out / "log.txt"
+    env = environment(args.device)
+    env["argv"] = sys.argv
+    (out / "env.json").write_text(json.dumps(env, indent=1))
+    print("ENV", json.dumps(env), flush=True)
+    systems = args.systems.split(",")
+    model_root = Path(args.model_root or tempfile.mkdtemp(prefix="bench-models-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-work-"))  # Unsloth writes its compile cache into cwd
+    child_env = dict(os.environ)
+    src = str(Path(__file__).resolve().parent.parent / "src")  # this project's package, uninstalled
+    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+
+    def left() -> float:
+        return args.deadline - (time.time() - start)
+
+    def error_records(system, shape, msg):
+        for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
+            emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt, error=msg))
+
+    for shape in args.shapes.split(","):
+        model_dir = model_root / shape
+        if not (model_dir / "config.json").exists():
+            rc, tail = _run_child(_child_argv(args, make_model=True, shape=shape, model_dir=model_dir),
+                                  log, max(left(), 1), env=child_env)
+            if rc != 0:
+                for system in systems:
+                    error_records(system, shape, f"could not build the random checkpoint: rc={rc}\n{tail[-1500:]}")
+                continue
+        for system in systems:
+            if left() < 20:
+                error_records(system, shape, "skipped: the run's --deadline was reached")
+                continue
+            before = _done(results)
+            rc, tail = _run_child(
+                _child_argv(args, worker=True, system=system, shape=shape, model_dir=model_dir, results=results),
+                log, min(args.worker_timeout, left()), env=child_env, cwd=str(workdir))
+            done = _done(results) - before
+            for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
+                if (system, shape, seq, ckpt) not in done:
+                    why = "timed out" if rc is None else f"worker exited with rc={rc}"
+                    emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt,
+                                       error=f"{why}\n{_last_error(tail)}"))
+    print_table(results)
+    print(f"total {time.time() - start:.0f}s", flush=True)
+    return 0
+
+
+def _done(results: Path) -> set:
+    if not results.exists():
+        return set()
+    recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    return {(r["system"], r["shape"], r["seq"], r["ckpt"]) for r in recs}
+
+
+def _last_error(tail: str) -> str:
+    lines = [x for x in tail.splitlines() if x.strip()]
+    return "\n".join(lines[-12:])[-1500:]
+
+
+def print_table(results: Path) -> None:
+    if not results.exists():
+        return
+    recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    print(f"\n{'system':10} {'shape':13} {'seq':>5} {'ckpt':>4} {'step s':>8} {'tok/s':>8} {'alloc':>6} "
+          f"{'resv':>6} {'MFU':>6} {'loss0':>7} {'lossN':>7}")
+    for r in recs:
+        head = f"{r['system']:10} {r['shape']:13} {r['seq']:>5} {'on' if r['ckpt'] else 'off':>4}"
+        if "error" in r:
+            print(head, "ERROR", r["error"].splitlines()[0][:100])
+        else:
+            print(head, f"{r['step_s_median']:8.3f} {r['tokens_per_s']:8.0f} {r['peak_alloc_gib'] or 0:6.2f} "
+                        f"{r['peak_reserved_gib'] or 0:6.2f} {r['mfu']:6.3f} {r['loss_first']:7.3f} "
+                        f"{r['loss_last']:7.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
