@@ -155,6 +155,13 @@ def check_grads(dirs):
 def check_compile(dirs):
     model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
     attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():  # B starts at zero, which would leave A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    from qlora.kernels import use_fast_path
+
+    use_fast_path(model)
     x = ids(4)
     model.train()
     eager = model(x, labels=x)

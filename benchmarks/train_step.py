@@ -14,6 +14,8 @@ Systems
             SwiGLU, fused linear cross-entropy).
   unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
   qlora     this project (run_qlora below); with and without gradient checkpointing.
+  qlora-fast      the same through our 4-bit dequantize+matmul (qlora.kernels.use_fast_path)
+  qlora-compiled  qlora-fast with every decoder layer compiled by torch.compile
 
 Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
   python benchmarks/train_step.py --shapes qwen2.5-1.5b --seqs 2048,8192 --out results/
@@ -49,7 +51,7 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora"]
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-fast", "qlora-compiled"]
 
 # Real shapes, random weights.
 SHAPES = {
@@ -223,7 +225,7 @@ def _set_qlora_checkpointing(model, on: bool) -> str:
                        "(set_gradient_checkpointing(on) or .gradient_checkpointing)")
 
 
-def run_qlora(model_dir: str, args):
+def run_qlora(model_dir: str, args, variant: str = "qlora"):
     """Load this project's model with NF4 + double quant, attach LoRA, return the training closure."""
     import torch
     from qlora.adapters import AdapterConfig, attach_adapters
@@ -235,6 +237,10 @@ def run_qlora(model_dir: str, args):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
+    if variant != "qlora":
+        from qlora.kernels import use_fast_path
+
+        use_fast_path(model, compile_layers=variant == "qlora-compiled")
     model.train()
 
     def loss_fn(ids, ckpt):
@@ -254,8 +260,8 @@ def setup_system(system: str, model_dir: str, args):
         return setup_hf(model_dir, args, liger=True)
     if system == "unsloth":
         return setup_unsloth(model_dir, args)
-    if system == "qlora":
-        return run_qlora(model_dir, args)
+    if system.startswith("qlora"):
+        return run_qlora(model_dir, args, variant=system)
     raise ValueError(system)
 
 
@@ -265,7 +271,7 @@ def configs_for(system: str, seqs: list[int], ckpt_off: bool) -> list[tuple[int,
     out = []
     for s in seqs:
         out.append((s, True))
-        if system == "qlora" and ckpt_off:
+        if system.startswith("qlora") and ckpt_off:
             out.append((s, False))
     return out
 

@@ -39,3 +39,16 @@ def tiny_models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_models):
     return tiny_models["llama"]
+
+
+def fp32_bnb_reference(model):
+    """transformers' 4-bit model, computing in the fp32 it was asked for.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit on its first no-grad eval
+    forward and computes it in bf16 from then on; qlora.quant turns that off for our layers, so
+    the reference must not use it either.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import fp32_bnb_reference
 from qlora.adapters import AdapterConfig, attach_adapters, load_adapter, save_adapter, trainable_summary
 from qlora.errors import QloraError
 from qlora.models import load_model
@@ -28,7 +29,7 @@ def hf_base(path, quant: str):
         kwargs = dict(quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=FP32), device_map="cpu")
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs).eval()
+    return fp32_bnb_reference(AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs).eval())
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int) -> None:

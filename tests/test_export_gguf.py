@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 
 gguf = pytest.importorskip("gguf")
@@ -94,7 +95,13 @@ def test_export_reads_back(models, tmp_path, family, qtype):
     vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
     tokens = _field(r, "tokenizer.ggml.tokens")
     assert len(tokens) == config["vocab_size"]
-    assert all(tokens[i] == t for t, i in vocab.items())
+    # normal tokens of this char-level (not byte-level) vocab are written as GPT-2 byte-level text,
+    # which is how llama.cpp's gpt2 model reads them; the tokenizers library's ByteLevel gives it
+    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    added = {a["content"] for a in tok["added_tokens"]}
+    assert all(tokens[i] == (t if t in added else byte_level.pre_tokenize_str(t)[0][0])
+               for t, i in vocab.items())
+    assert tokens[vocab[" "]] == "\u0120" and tokens[vocab["\n"]] == "\u010a"
     types = _field(r, "tokenizer.ggml.token_type")
     assert types[vocab["<|im_start|>"]] == gguf.TokenType.CONTROL and types[vocab["a"]] == gguf.TokenType.NORMAL
     assert "tokenizer.ggml.merges" in r.fields

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import VARIANTS
+from conftest import VARIANTS, fp32_bnb_reference
 from qlora.errors import QloraError
 from qlora.infer import GenerationOptions, generate
 from qlora.models import load_model, load_tokenizer, read_spec
@@ -29,7 +29,7 @@ def hf_4bit(path, quant_type: str, double_quant: bool):
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                     bnb_4bit_use_double_quant=double_quant,
                                     bnb_4bit_compute_dtype=FP32)
-    return hf_model(path, quantization_config=bnb_config, device_map="cpu")
+    return fp32_bnb_reference(hf_model(path, quantization_config=bnb_config, device_map="cpu"))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -72,7 +72,8 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        fast_base = getattr(self, "fast_base", None)  # set by qlora.kernels.use_fast_path
+        result = self.base_layer(x) if fast_base is None else fast_base(x, self.base_layer.bias)
         A = self.lora_A.weight.to(x.dtype)
         B = self.lora_B.weight.to(x.dtype)
         if not self.use_dora:

@@ -29,37 +29,221 @@ def build_parser() -> argparse.ArgumentParser:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny model on a bundled task, end to end, on the CPU")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300: held-out "
+                   "accuracy 0%% -> 98%%, under a minute on 2 CPU cores)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> None:
-    from qlora.demo import run
+    from qlora.demo import DEFAULT_STEPS, run
 
-    run(out_dir=args.out)
+    run(out_dir=args.out, max_steps=args.steps or DEFAULT_STEPS)
 
 
 # --- train --------------------------------------------------------------------------------------
+class _TrainParser(argparse.ArgumentParser):
+    """Leaves unknown `--key value` pairs to the run config, which refuses them naming the
+    closest option (argparse would only say "unrecognized arguments")."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        ns.unknown_options = extra
+        return ns, []
+
+
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune adapters on a data file")
-    p.set_defaults(func=lambda args: _not_yet("train"))
+    import dataclasses
+
+    from qlora.config import ALIASES, CHOICES, RunConfig
+
+    p = sub.add_parser(
+        "train", help="fine-tune adapters on a data file", allow_abbrev=False,
+        description="Fine-tune LoRA / rsLoRA / DoRA adapters over a 4-bit base. Options come from "
+        "the defaults (the QLoRA recipe), then --config FILE (YAML), then --key value here.",
+        epilog="Aliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
+        + "; --bf16 / --fp16 set --dtype. Example: qlora train --model models/Qwen2.5-1.5B-Instruct "
+        "--data alpaca.jsonl --config examples/notebook-qwen2.5-1.5b-alpaca.yaml --max_steps 100")
+    p.__class__ = _TrainParser
+    p.add_argument("--config", metavar="FILE", help="a YAML file holding a whole run")
+    for f in dataclasses.fields(RunConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"one of {', '.join(CHOICES[f.name])}; " if f.name in CHOICES else ""
+        kind = getattr(f.type, "__name__", str(f.type))
+        bare = kind == "bool"  # `--packing` alone means true
+        p.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
+                       dest=f"opt_{f.name}", metavar=kind.upper().replace(" | NONE", ""),
+                       nargs="?" if bare else None, const="true" if bare else None,
+                       help=f"{text}default {default}")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> None:
+    from qlora.config import load_config, parse_cli_overrides
+    from qlora.train import train
+
+    overrides = {k[len("opt_"):]: v for k, v in vars(args).items()
+                 if k.startswith("opt_") and v is not None}
+    overrides.update(parse_cli_overrides(getattr(args, "unknown_options", [])))
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    out = result.output_dir
+    if result.stopped == "interrupted":
+        print(f"stopped by signal {result.signal}; checkpoint {result.checkpoint}. Continue with: "
+              f"qlora train --config {out}/run_config.yaml --resume latest", file=sys.stderr)
+        raise SystemExit(128 + (result.signal or 2))
+    s = result.summary
+    best = "" if s.get("best_eval_loss") is None else (
+        f", best eval loss {s['best_eval_loss']:.4f} at step {s['best_step']}")
+    print(f"done: {s['global_step']} steps in {s['wall_time_s']:.0f} s ({result.stopped}{best}); "
+          f"adapter, tokenizer, config, metrics, loss.png and summary.json in {out}")
 
 
 # --- generate -----------------------------------------------------------------------------------
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with base (+ adapter)")
-    p.set_defaults(func=lambda args: _not_yet("generate"))
+    p = sub.add_parser("generate", help="generate text with base (+ adapter)",
+                       description="Answer prompts with the model (and adapter), streaming the text. "
+                                   "The model's chat template is applied when it has one.")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to answer")
+    p.add_argument("--prompts-file", help="prompts, one per line, or JSONL with a \"prompt\" field")
+    _add_model_args(p)
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the prompt as plain text, without the model's chat template")
+    p.add_argument("--chat-template", help="template to use instead of the tokenizer's: "
+                                           "'chatml', a .jinja file or a template string")
+    p.add_argument("--system", help="system prompt (with a chat template)")
+    _add_sampling_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
+    p.add_argument("--adapter", help="adapter directory (PEFT format)")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"],
+                   help="how to hold the base weights (default nf4, as QLoRA trains)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cuda | cpu")
+
+
+def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"longest answer in tokens (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0 = off")
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable samples")
+
+
+def _load_for_generation(args):
+    """(model, tokenizer, template, options) from the shared generate/chat arguments."""
+    from qlora.chat import chat_template_for, stop_token_ids
+    from qlora.infer import GenerationOptions, load_for_inference
+
+    _warn_adapter_base(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter, quant=args.quant,
+                                          device=args.device)
+    template = chat_template_for(tokenizer, not getattr(args, "no_chat_template", False),
+                                 args.chat_template)
+    opts = GenerationOptions(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        eos_token_ids=stop_token_ids(tokenizer, args.model, template))
+    return model, tokenizer, template, opts
+
+
+def _warn_adapter_base(model_dir, adapter_dir) -> None:
+    """An adapter naming another base model: warn (shapes are checked when it loads)."""
+    import json
+    from pathlib import Path
+
+    if adapter_dir is None:
+        return
+    from qlora.merge import check_base_name
+
+    try:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        check_base_name(cfg, Path(model_dir), config)
+    except (OSError, ValueError):
+        return  # missing or broken files are reported by the loaders, with their names
+    except QloraError as err:
+        print(f"warning: {err}", file=sys.stderr)
+
+
+def run_generate(args) -> None:
+    from qlora.chat import generate_all, read_prompts_file
+
+    if args.prompts and args.prompts_file:
+        raise QloraError("give prompts as arguments or with --prompts-file, not both")
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(args.prompts)
+    if not prompts:
+        raise QloraError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
+    if args.system and args.no_chat_template:
+        print("note: --system without a chat template is put before the prompt as plain text",
+              file=sys.stderr)
+    model, tokenizer, template, opts = _load_for_generation(args)
+    if template is None and not args.no_chat_template:
+        print("note: the model has no chat template; prompts are fed as plain text",
+              file=sys.stderr)
+    generate_all(model, tokenizer, prompts, template, args.system, opts,
+                 model.spec.max_position_embeddings)
 
 
 # --- chat ---------------------------------------------------------------------------------------
 def add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="interactive multi-turn chat with base (+ adapter)")
-    p.set_defaults(func=lambda args: _not_yet("chat"))
+    p = sub.add_parser("chat", help="interactive multi-turn chat with base (+ adapter)",
+                       description="Chat in the terminal: one message per line; /reset clears the "
+                                   "conversation, /exit or Ctrl-D leaves.")
+    _add_model_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--chat-template", help="template to use instead of the tokenizer's: "
+                                           "'chatml', a .jinja file or a template string")
+    _add_sampling_args(p)
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> None:
+    from qlora.chat import ChatSession, run_chat as chat_loop
+
+    model, tokenizer, template, opts = _load_for_generation(args)
+    if template is None:
+        print("note: the model has no chat template; the conversation is fed as plain text "
+              "(pass --chat-template chatml to use ChatML)", file=sys.stderr)
+    session = ChatSession(model, tokenizer, template, opts, system=args.system,
+                          context=model.spec.max_position_embeddings)
+    chat_loop(session)
 
 
 # --- eval ---------------------------------------------------------------------------------------
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity and generation metrics on a data file")
-    p.set_defaults(func=lambda args: _not_yet("eval"))
+    p = sub.add_parser("eval", help="perplexity and generation metrics on a data file",
+                       description="Perplexity on the tokens training puts loss on; for instruction "
+                                   "data also exact match, ROUGE-L and BLEU of greedy answers.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="data file (jsonl/json/csv/parquet)")
+    p.add_argument("--max-samples", type=int, help="evaluate the first N examples only")
+    p.add_argument("--report", help="write all numbers and settings to this JSON file")
+    p.add_argument("--compare-base", action="store_true",
+                   help="with --adapter: also evaluate the base alone, side by side")
+    p.add_argument("--max-len", type=int,
+                   help="tokens per packed row; longer examples are cut (default: the model's "
+                        "context, at most 2048)")
+    p.add_argument("--batch-size", type=int, default=4, help="packed rows per forward pass (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="longest generated answer (default 128)")
+    p.add_argument("--no-generate", action="store_true", help="perplexity only")
+    p.add_argument("--chat-template", help="template for chat data instead of the tokenizer's")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> None:
+    from qlora.eval import run_eval as evaluate
+
+    _warn_adapter_base(args.model, args.adapter)
+    evaluate(args.model, args.data, args.adapter, compare_base=args.compare_base, quant=args.quant,
+             device=args.device, max_samples=args.max_samples, max_len=args.max_len,
+             micro_batch=args.batch_size, generate=not args.no_generate,
+             max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
+             report_path=args.report)
 
 
 # --- merge --------------------------------------------------------------------------------------

@@ -68,14 +68,14 @@ def quantize_linear(
             in_features, out_features, bias=bias is not None, compute_dtype=dtype,
             compress_statistics=quant.double_quant, quant_type=quant.method, device="meta",
         )
-        # Params4bit quantizes when moved to a device. Quantizing from the dtype the checkpoint
-        # stores (not a cast to the compute dtype) keeps the most precision and gives the bytes
-        # transformers + bitsandbytes write for the same checkpoint.
+        # Params4bit quantizes when moved to a device. transformers casts a checkpoint to the
+        # compute dtype before quantizing; doing the same gives its bytes exactly.
         param = bnb.nn.Params4bit(
-            weight, requires_grad=False, blocksize=quant.blocksize,
+            weight.to(dtype), requires_grad=False, blocksize=quant.blocksize,
             compress_statistics=quant.double_quant, quant_type=quant.method,
         )
         layer.weight = param.to(device)
+        _keep_cpu_layout(layer)
     else:
         layer = bnb.nn.Linear8bitLt(
             in_features, out_features, bias=bias is not None, has_fp16_weights=False,
@@ -109,9 +109,21 @@ def prequantized_linear(
     layer.weight = bnb.nn.Params4bit.from_prequantized(
         data=tensors[""], quantized_stats=stats, requires_grad=False, device=device,
     )
+    _keep_cpu_layout(layer)
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device, quant.compute_dtype), requires_grad=False)
     return layer
+
+
+def _keep_cpu_layout(layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking the weight for its CPU bf16 inference kernel.
+
+    On a CPU with AVX512-BF16, a Linear4bit run in eval mode without grad rewrites its weight
+    into another layout once, for good; every later forward, training included, then goes
+    through a kernel with no autograd formula (wrong gradients through the frozen base) and in
+    bf16 whatever the compute dtype. Our layers keep bitsandbytes' standard layout.
+    """
+    layer.support_avx512bf16_for_cpu = False
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:

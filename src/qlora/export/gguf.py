@@ -18,6 +18,7 @@ its type's block falls back: a k-quant to Q8_0 when the row is a multiple of 32,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -192,7 +193,12 @@ def add_tokenizer(w, model_dir: Path, config: dict) -> None:
     if model.get("type") != "BPE":
         raise QloraError(f"{path}: tokenizer model {model.get('type')!r}; GGUF export supports BPE")
     spm = bool(model.get("byte_fallback"))
-    entries = {i: (tok, g.TokenType.NORMAL) for tok, i in model["vocab"].items()}
+    # llama.cpp's "gpt2" model reads every normal token and merge as GPT-2 byte-level text (a space
+    # is "Ġ"). A BPE vocabulary over raw characters (no ByteLevel step, e.g. our tiny char-level
+    # tokenizer) is rewritten into that form, or llama.cpp drops spaces and newlines when it
+    # tokenizes and prints "[UNK_BYTE_0x20]" when it detokenizes.
+    recode = (lambda t: t) if spm or is_byte_level(tj) else byte_level_text
+    entries = {i: (recode(tok), g.TokenType.NORMAL) for tok, i in model["vocab"].items()}
     for a in tj.get("added_tokens", []):
         entries[a["id"]] = (a["content"], g.TokenType.CONTROL if a.get("special") else g.TokenType.USER_DEFINED)
     n = max(config["vocab_size"], max(entries) + 1)
@@ -215,12 +221,42 @@ def add_tokenizer(w, model_dir: Path, config: dict) -> None:
         # vocab order of these models is merge order, so a higher id gets a lower score.
         w.add_token_scores([-float(i) for i in range(n)])
     special = g.SpecialVocab(model_dir, load_merges=not spm, n_vocab=n)
+    if not spm and not is_byte_level(tj):
+        special.merges = [" ".join(recode(part) for part in (m if isinstance(m, list) else m.split(" ", 1)))
+                          for m in model.get("merges") or []]
     special.add_to_gguf(w, quiet=True)
     if not spm and not special.merges:
         # llama.cpp refuses a gpt2 vocab without the merges key, and gguf cannot write an empty
         # array: write one merge that never fires (BPE starts from single characters and no merge
         # produces this multi-character left side).
         w.add_token_merges(["[no-merges] [no-merges]"])
+
+
+def is_byte_level(tj: dict) -> bool:
+    """Whether tokenizer.json maps bytes to GPT-2's printable characters (ByteLevel pre-tokenizer
+    or decoder, possibly inside a Sequence)."""
+    return '"ByteLevel"' in json.dumps([tj.get("pre_tokenizer"), tj.get("decoder")])
+
+
+@functools.cache
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's byte → character table: printable Latin-1 bytes stand for themselves, the other 68
+    bytes (controls, space, 0x7f-0xa0, 0xad) take the characters from U+0100 on, in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_level_text(token: str) -> str:
+    """A token over raw characters → the same token as GPT-2 byte-level text."""
+    table = _gpt2_byte_chars()
+    return "".join(table[b] for b in token.encode("utf-8"))
 
 
 def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:

@@ -172,13 +172,17 @@ def load_tokenizer(model_dir: str | Path):
     if not (root / "tokenizer.json").exists() and not (root / "tokenizer.model").exists():
         raise QloraError(f"no tokenizer.json in {root}: copy the tokenizer files of the base "
                          "model (tokenizer.json, tokenizer_config.json) into it")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
-    except (ValueError, OSError):
-        # a custom tokenizer class would need remote code; tokenizer.json alone is enough
-        tok = PreTrainedTokenizerFast.from_pretrained(str(root))
+    # tokenizer.json is the tokenizer (llama.cpp reads the same file); a model-specific class
+    # from AutoTokenizer may rebuild parts of it (transformers 5's Qwen2Tokenizer replaces the
+    # pre-tokenizer) or need remote code. tokenizer_config.json adds special tokens and the
+    # chat template.
+    if not (root / "tokenizer.json").exists():
+        raise QloraError(f"{root} has only a SentencePiece tokenizer.model; save a fast tokenizer "
+                         "(tokenizer.json) with transformers first: "
+                         "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(root))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

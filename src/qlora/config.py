@@ -1,0 +1,386 @@
+"""The run configuration: one flat dataclass, filled from a YAML file and `--key value` overrides.
+
+Option names are the ones a Hugging Face / TRL / Axolotl user already knows (`learning_rate`,
+`lr_scheduler_type`, `gradient_accumulation_steps`, `lora_alpha`, ...); a few of their synonyms are
+accepted as aliases (`per_device_train_batch_size` -> `micro_batch_size`, `r` -> `lora_r`, ...).
+Everything is checked here, before any model or data is loaded: an unknown key gets a "did you
+mean", a bad value gets the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora.errors import QloraError
+
+
+@dataclass
+class RunConfig:
+    # --- model and data -------------------------------------------------------------------------
+    model: str = ""  # a local model directory in Hugging Face layout
+    data: str = ""  # jsonl / json / csv / parquet file or a datasets.save_to_disk directory
+    val_data: str | None = None  # a second file for validation (instead of val_set_size)
+    val_set_size: float = 0.0  # fraction (< 1) or number of examples (>= 1) held out for eval
+    data_format: str = "auto"  # detected from the columns unless named
+    chat_template: str | None = None  # None: the tokenizer's own; or a fallback name / jinja file
+    train_on: str = "responses"  # loss on the responses only, or on every token ("all")
+    max_seq_length: int = 2048
+    packing: bool = True  # padding-free packing of several examples per row
+    long_examples: str = "truncate"  # what to do with an example longer than max_seq_length
+    # --- quantization (the model layer's QuantConfig) --------------------------------------------
+    quant: str = "nf4"
+    double_quant: bool = True
+    dtype: str = "auto"  # compute dtype; auto = bf16 on a GPU that has it, fp16 on others, fp32 on CPU
+    device: str = "auto"  # auto = cuda when available, else cpu
+    # --- adapter (the model layer's AdapterConfig) -----------------------------------------------
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False
+    use_dora: bool = False
+    # --- optimisation ----------------------------------------------------------------------------
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio (as in transformers)
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs (as in transformers)
+    micro_batch_size: int = 1  # rows per forward pass
+    gradient_accumulation_steps: int = 8
+    eval_batch_size: int = 0  # 0 = micro_batch_size
+    max_grad_norm: float = 0.3  # 0 = no clipping
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # --- evaluation, checkpoints, logging --------------------------------------------------------
+    eval_steps: int = 200  # evaluate every N optimizer steps (and at the end); 0 = at the end only
+    save_steps: int = 200  # checkpoint every N optimizer steps; 0 = no intermediate checkpoints
+    save_total_limit: int = 3  # newest checkpoints kept (the best one is kept besides)
+    load_best_at_end: bool = True  # the adapter in output_dir is the best by eval loss
+    early_stopping_patience: int = 0  # stop after N evals without improvement; 0 = never
+    logging_steps: int = 10
+    tensorboard: bool = False
+    # --- output ------------------------------------------------------------------------------------
+    output_dir: str = "runs/qlora"
+    resume: str | None = None  # "latest" or a checkpoint directory
+    overwrite: bool = False  # allow a non-empty output_dir (its old contents are removed)
+
+
+# The values a string option may take (the first is the default where it matters).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data_format": ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"),
+    "train_on": ("responses", "all"),
+    "long_examples": ("truncate", "drop"),
+    "quant": ("nf4", "fp4", "int8", "none"),
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "device": ("auto", "cpu", "cuda"),
+    "lr_scheduler_type": ("cosine", "linear", "constant"),
+    "optim": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"),
+}
+
+# Other spellings users bring from transformers / TRL / peft / Axolotl.
+ALIASES: dict[str, str] = {
+    "per_device_train_batch_size": "micro_batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "r": "lora_r",
+    "load_best_model_at_end": "load_best_at_end",
+    "bnb_4bit_quant_type": "quant",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "dtype",
+    "max_length": "max_seq_length",
+    "sequence_len": "max_seq_length",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "model_name_or_path": "model",
+    "dataset": "data",
+    "eval_data": "val_data",
+}
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float": "float32",
+                 "half": "float16", "torch.bfloat16": "bfloat16", "torch.float16": "float16",
+                 "torch.float32": "float32"}
+
+# Numeric bounds: (low, high, low inclusive, high inclusive); None = unbounded.
+BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "val_set_size": (0, None, True, True),
+    "max_seq_length": (8, None, True, True),
+    "lora_r": (1, None, True, True),
+    "lora_alpha": (0, None, False, True),
+    "lora_dropout": (0, 1, True, False),
+    "learning_rate": (0, None, False, True),
+    "warmup_ratio": (0, 1, True, False),
+    "warmup_steps": (0, None, True, True),
+    "num_train_epochs": (0, None, False, True),
+    "micro_batch_size": (1, None, True, True),
+    "gradient_accumulation_steps": (1, None, True, True),
+    "eval_batch_size": (0, None, True, True),
+    "max_grad_norm": (0, None, True, True),
+    "weight_decay": (0, None, True, True),
+    "adam_beta1": (0, 1, True, False),
+    "adam_beta2": (0, 1, True, False),
+    "adam_epsilon": (0, None, False, True),
+    "eval_steps": (0, None, True, True),
+    "save_steps": (0, None, True, True),
+    "save_total_limit": (1, None, True, True),
+    "early_stopping_patience": (0, None, True, True),
+    "logging_steps": (1, None, True, True),
+}
+
+CONFIG_FILE_NAME = "run_config.yaml"  # the resolved configuration, in the output directory
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _unknown_key(key: str, where: str) -> QloraError:
+    known = field_names() + list(ALIASES) + ["bf16", "fp16"]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else (
+        "; see `qlora train --help` for the options")
+    return QloraError(f"unknown option `{key}`{where}{hint}")
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or refuse it."""
+    tp = _field_types()[key]
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+
+    def bad(expected: str) -> QloraError:
+        return QloraError(f"option `{key}`{where}: {_describe(value)} is not {expected}")
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")
+                         and optional):
+        if optional:
+            return None
+        raise bad(f"allowed to be empty (give a value of type {getattr(tp, '__name__', tp)})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise bad("a boolean (true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            as_float = float(str(value).strip())
+        except ValueError:
+            raise bad("an integer") from None
+        if not as_float.is_integer():
+            raise bad("an integer")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            # PyYAML reads `2e-4` (no dot) as a string: accept it, users write it that way.
+            out = float(str(value).strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+        if not math.isfinite(out):
+            raise bad("a finite number")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad("a single value")
+        return str(value).strip()
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = [str(v).strip() for v in value]
+        else:
+            raise bad("a list (YAML list or comma-separated names)")
+        if not items:
+            raise bad("a non-empty list")
+        return items
+    raise AssertionError(f"no coercion for {key}: {tp}")  # a field type this file forgot
+
+
+def _check_value(key: str, value: Any, where: str) -> Any:
+    if key == "dtype" and isinstance(value, str):
+        value = DTYPE_ALIASES.get(value.lower(), value.lower())
+    if key in CHOICES and value is not None:
+        allowed = CHOICES[key]
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise QloraError(f"option `{key}`{where}: {_describe(value)} is not allowed{hint}; "
+                             f"allowed values: {', '.join(allowed)}")
+    if key in BOUNDS and value is not None:
+        lo, hi, lo_in, hi_in = BOUNDS[key]
+        ok = (lo is None or (value >= lo if lo_in else value > lo)) and (
+            hi is None or (value <= hi if hi_in else value < hi))
+        if not ok:
+            lo_s = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
+            hi_s = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
+            rule = " and ".join(s for s in (lo_s, hi_s) if s)
+            raise QloraError(f"option `{key}`{where}: {_describe(value)} is out of range; "
+                             f"it must be {rule}")
+    return value
+
+
+def _normalise_key(key: str) -> str:
+    return str(key).strip().lstrip("-").replace("-", "_")
+
+
+def apply_overrides(cfg: RunConfig, values: dict[str, Any], where: str = "") -> RunConfig:
+    """Return a copy of cfg with `values` (raw YAML / command-line values) checked and applied."""
+    known = set(field_names())
+    updates: dict[str, Any] = {}
+    for raw_key, raw_value in values.items():
+        key = _normalise_key(raw_key)
+        if key in ("bf16", "fp16"):
+            # transformers' precision flags: `bf16: true` means compute in bfloat16.
+            flag = _coerce_flag(key, raw_value, where)
+            if flag:
+                if updates.get("dtype") not in (None, "auto", DTYPE_ALIASES[key]):
+                    raise QloraError(f"options `bf16` and `fp16`{where} are both true; pick one")
+                updates["dtype"] = DTYPE_ALIASES[key]
+            continue
+        key = ALIASES.get(key, key)
+        if key not in known:
+            raise _unknown_key(_normalise_key(raw_key), where)
+        updates[key] = _check_value(key, _coerce(key, raw_value, where), where)
+    return dataclasses.replace(cfg, **updates)
+
+
+def _coerce_flag(key: str, value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", "none", "null"):
+        return False
+    raise QloraError(f"option `{key}`{where}: {_describe(value)} is not a boolean (true or false)")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise QloraError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise QloraError(f"config file {path}{line} is not valid YAML: "
+                         f"{getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise QloraError(f"config file {path} must be a mapping of `option: value` lines, "
+                         f"not a {type(data).__name__}")
+    # Nested sections (`lora: {r: 16}`) are flattened: the keys are unique across sections.
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_cli_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value`, and a bare `--flag` (true) into a dict of raw strings."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise QloraError(f"unexpected command-line argument {tok!r}; options are written "
+                             f"`--key value`")
+        if "=" in tok:
+            key, value = tok[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            key, value = tok[2:], tokens[i + 1]
+            i += 2
+        else:
+            key, value = tok[2:], "true"
+            i += 1
+        out[key] = value
+    return out
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Cross-field rules: the checks a single value cannot make on its own."""
+    if not cfg.model:
+        raise QloraError("no model given: pass --model DIR (a local Hugging Face model directory)")
+    if not cfg.data:
+        raise QloraError("no data given: pass --data FILE (jsonl, json, csv, parquet or a "
+                         "datasets.save_to_disk directory)")
+    if cfg.val_data and cfg.val_set_size:
+        raise QloraError("options `val_data` and `val_set_size` both given; use one of them")
+    if cfg.val_set_size >= 1 and not float(cfg.val_set_size).is_integer():
+        raise QloraError(f"option `val_set_size`: {cfg.val_set_size} is a count (>= 1) and must be "
+                         f"whole, or a fraction below 1")
+    if cfg.dtype == "float16" and cfg.quant == "none" and cfg.device == "cpu":
+        raise QloraError("option `dtype`: float16 compute is not supported on the CPU; use float32")
+    if cfg.resume and cfg.overwrite:
+        raise QloraError("options `resume` and `overwrite` exclude each other: resuming continues "
+                         "the run in output_dir, overwrite deletes it")
+    return cfg
+
+
+def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: RunConfig | None = None) -> RunConfig:
+    """Defaults <- YAML file <- command-line overrides, all checked; nothing is loaded yet."""
+    cfg = base or RunConfig()
+    if config_file is not None:
+        cfg = apply_overrides(cfg, read_yaml(config_file), where=f" in {config_file}")
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, where=" on the command line")
+    return check(cfg)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the resolved configuration as YAML (loadable again with --config)."""
+    path = Path(path)
+    text = "# resolved configuration of this run: `qlora train --config` reads it back\n"
+    text += yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if extra:
+        # facts the run decided (device, optimizer fallback, dtype), for the reader only
+        text += "".join(f"# {k}: {v}\n" for k, v in extra.items())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,211 @@
+"""Checkpoints that appear whole or not at all, and that resume a run exactly.
+
+A checkpoint is a directory `output_dir/checkpoints/step-00000123/` holding:
+
+    adapter/                   the adapter in PEFT format (usable on its own)
+    trainable.safetensors      every trainable tensor, bit-exact, by module name (what resume loads)
+    optimizer.pt               optimizer state_dict
+    scheduler.pt               LR scheduler state_dict
+    rng.pt                     python, numpy, torch (and CUDA) generator states
+    trainer_state.json         global step, data position (epoch, batch index), best metric, ...
+
+It is written into a temporary directory next to its final place, every file fsynced, then
+renamed: a crash leaves either the old set of checkpoints or the new one, never half a checkpoint.
+Temporary directories start with a dot and are ignored (and cleaned) when looking for `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlora.errors import QloraError
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    batch_index: int = 0  # index, within that epoch's order, of the next micro-batch
+    tokens_seen: int = 0  # label tokens trained on so far
+    best_metric: float | None = None  # best eval loss so far
+    best_step: int | None = None
+    best_checkpoint: str | None = None  # directory name of the checkpoint holding the best adapter
+    evals_without_improvement: int = 0
+    elapsed_s: float = 0.0  # training wall time before this process (for summary)
+    grad_scaler: dict[str, Any] | None = None  # fp16 loss-scaler state, when there is one
+    log_history: list[dict[str, Any]] = field(default_factory=list)  # eval records, for the plot
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's state as plain values and a tensor, so that torch.load(weights_only=True) reads it
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, state: TrainerState,
+                    rng: dict[str, Any], base_model: str, save_adapter_fn=None) -> Path:
+    """Write checkpoint `step-<global_step>` atomically and return its path.
+
+    `rng` is passed in (not read here) because the loop saves the generator states of the moment
+    the data position refers to, which on an interrupt is the start of the unfinished step.
+    """
+    from safetensors.torch import save_file
+
+    parent = checkpoint_dir(output_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / f"{PREFIX}{state.global_step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary dir
+    try:
+        if save_adapter_fn is None:
+            from qlora.adapters import save_adapter as save_adapter_fn
+        save_adapter_fn(model, tmp / "adapter", base_model)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (interrupt right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are not listed)."""
+    parent = checkpoint_dir(output_dir)
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def clean_partial(output_dir: str | Path) -> None:
+    """Remove temporary directories a crash left behind."""
+    parent = checkpoint_dir(output_dir)
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int, best: str | None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and the best one; return the deleted ones."""
+    ckpts = list_checkpoints(output_dir)
+    newest = {p.name for p in ckpts[-keep:]} if keep > 0 else set()
+    deleted = []
+    for p in ckpts:
+        if p.name not in newest and p.name != best:
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p)
+    return deleted
+
+
+def resolve_resume(output_dir: str | Path, resume: str) -> Path:
+    """`latest` -> the newest complete checkpoint of output_dir; otherwise a checkpoint path."""
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        if not ckpts:
+            raise QloraError(f"--resume latest: no checkpoint in {checkpoint_dir(output_dir)}; "
+                             f"start the run without --resume")
+        return ckpts[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise QloraError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE}); "
+                         f"pass `latest` or a path like {checkpoint_dir(output_dir)}/step-00000100")
+    return path
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler) -> tuple[TrainerState, dict[str, Any]]:
+    """Restore model adapters, optimizer and scheduler in place; return the state and RNG states."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing = sorted(set(params) - set(saved))[:2]
+        extra = sorted(set(saved) - set(params))[:2]
+        raise QloraError(f"checkpoint {path} does not fit this model and adapter configuration "
+                         f"(missing {missing}, unexpected {extra}); resume with the same options")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != saved[name].shape:
+                raise QloraError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
+                                 f"the model needs {tuple(p.shape)}; resume with the same options")
+            p.copy_(saved[name].to(p.device, p.dtype))
+    device = next(iter(params.values())).device
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    raw = json.loads((path / STATE_FILE).read_text())
+    return TrainerState(**raw), rng

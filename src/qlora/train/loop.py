@@ -1,0 +1,496 @@
+"""The training loop: a plain loop over micro-batches, torchtune style.
+
+    for each optimizer step:
+        count the label tokens of the whole accumulation window      (before any forward pass)
+        for each micro-batch: loss = model(...) / tokens; backward     (model returns a SUM)
+        clip, optimizer step, schedule step
+        log · evaluate (+ early stopping, best adapter) · checkpoint
+
+Exact resume: the data order depends only on (seed, epoch) (qlora.data.packing), a checkpoint is
+taken at a step boundary together with the RNG states of that moment, so the steps after a resume
+see the same batches, the same dropout masks and the same optimizer state as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
+from qlora.errors import QloraError
+from qlora.train import checkpoint as ckpt
+from qlora.train.metrics import (MetricsLog, Progress, gib, peak_memory_bytes, plot_losses,
+                                 write_summary)
+from qlora.train.optim import build_optimizer, build_scheduler, resolve_optim, warmup_steps
+
+IGNORE = -100
+BEST_ADAPTER = "best_adapter"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    stopped: str  # "completed", "early_stopping" or "interrupted"
+    step_losses: dict[int, float] = field(default_factory=dict)  # this process's steps
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    checkpoint: Path | None = None  # the checkpoint written on interrupt
+    summary: dict[str, Any] = field(default_factory=dict)
+    signal: int | None = None
+
+
+# --- resolving what the machine can do -------------------------------------------------------
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise QloraError("option `device`: 'cuda' asked for but torch sees no CUDA GPU; "
+                         "use --device cpu or auto")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPUs lack fast 16-bit matmuls, and fp32 keeps tests exact
+
+
+# --- the output directory --------------------------------------------------------------------
+def check_output_dir(cfg: RunConfig) -> Path:
+    """Refuse a non-empty output_dir unless resuming or told to overwrite (a previous run only).
+
+    Only checks: nothing is created or deleted until the model and data have loaded."""
+    out = Path(cfg.output_dir)
+    if cfg.resume:
+        if cfg.resume == "latest" and not ckpt.list_checkpoints(out):
+            raise QloraError(f"--resume latest: no checkpoint in {ckpt.checkpoint_dir(out)}")
+        return out
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"output_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise QloraError(f"output_dir {out} is not empty; pass --resume latest to continue "
+                             f"its run, --overwrite true to replace it, or another --output_dir")
+        if not (out / CONFIG_FILE_NAME).exists():
+            # never delete a directory that is not a run of ours (`--output_dir ~ --overwrite`)
+            raise QloraError(f"output_dir {out} is not empty and holds no {CONFIG_FILE_NAME}, so "
+                             f"it is not a qlora run; --overwrite only replaces a previous run")
+    return out
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """check_output_dir, then empty it (overwrite) and create it."""
+    out = check_output_dir(cfg)
+    if not cfg.resume and out.is_dir() and cfg.overwrite:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def copy_tokenizer_files(model_dir: str | Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, out / name)
+            copied.append(name)
+    return copied
+
+
+# --- model and data --------------------------------------------------------------------------
+def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+    """The quantized base with fresh adapters (their init draws from the seeded torch RNG)."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    quant = QuantConfig(method=cfg.quant, double_quant=cfg.double_quant, compute_dtype=dtype)
+    model = load_model(cfg.model, quant, device=device)
+    torch.manual_seed(cfg.seed)
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
+    attach_adapters(model, AdapterConfig(r=cfg.lora_r, alpha=alpha, dropout=cfg.lora_dropout,
+                                         target_modules=targets, use_rslora=cfg.use_rslora,
+                                         use_dora=cfg.use_dora))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
+              ) -> tuple[list[dict], list[dict]]:
+    """Tokenized (train, validation) examples, as the config says."""
+    from qlora.data import prepare, split_validation
+
+    def one(path: str) -> list[dict]:
+        examples, report = prepare(path, tokenizer, fmt=cfg.data_format, train_on=cfg.train_on,
+                                   max_len=cfg.max_seq_length, overlong=cfg.long_examples,
+                                   chat_template=cfg.chat_template)
+        for line in report.lines():
+            log(line)
+        return examples
+
+    train = one(cfg.data)
+    val: list[dict] = []
+    if cfg.val_data:
+        val = one(cfg.val_data)
+    elif cfg.val_set_size > 0:
+        frac = cfg.val_set_size if cfg.val_set_size < 1 else cfg.val_set_size / len(train)
+        if frac >= 1:
+            raise QloraError(f"option `val_set_size`: {cfg.val_set_size:g} examples held out of "
+                             f"{len(train)} leaves none to train on")
+        train, val = split_validation(train, frac, seed=cfg.seed)
+    return train, val
+
+
+# --- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_id: int,
+             device: torch.device, packing: bool = True) -> dict[str, float]:
+    """Mean token loss and perplexity of `examples` (sum of losses / number of label tokens)."""
+    from qlora.data import build_rows, make_batch
+
+    was_training = model.training
+    model.eval()
+    rows = build_rows(examples, max_len, packing=packing)
+    total, tokens = 0.0, 0
+    for k in range(0, len(rows), batch_size):
+        batch = make_batch([[examples[i] for i in r] for r in rows[k:k + batch_size]], pad_id)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        if n == 0:
+            continue
+        total += float(model(batch["input_ids"].to(device), batch["position_ids"].to(device),
+                             batch["labels"].to(device)))
+        tokens += n
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+# --- signals -----------------------------------------------------------------------------------
+class StopFlag:
+    """SIGINT / SIGTERM set a flag the loop checks between micro-batches; a second one kills."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def _adapter_weights_from(model, adapter_dir: Path) -> None:
+    """Copy a saved adapter's tensors into the (already attached) adapters of `model`."""
+    from safetensors.torch import load_file
+
+    from qlora.adapters import ADAPTER_WEIGHTS, adapter_state_dict
+
+    saved = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    with torch.no_grad():
+        for key, param in adapter_state_dict(model).items():
+            param.copy_(saved[key].to(param.device, param.dtype))
+
+
+def _save_adapter_into(model, out: Path, base_model: str) -> None:
+    """The adapter files straight into `out` (save_adapter replaces a whole directory)."""
+    from qlora.adapters import save_adapter
+
+    tmp = out / ".adapter.tmp"
+    save_adapter(model, tmp, base_model)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
+        *, device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
+        base_model: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Train `model`'s adapters on `train_examples`; write everything into cfg.output_dir.
+
+    `stop_after_steps` behaves like a Ctrl-C after that many steps (tests use it to cut a run).
+    """
+    from qlora.data import make_batch, batch_order, build_rows, num_batches
+
+    out = Path(cfg.output_dir)
+    base_model = base_model or cfg.model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = build_rows(train_examples, cfg.max_seq_length, packing=cfg.packing, seed=cfg.seed)
+    per_epoch = num_batches(len(rows), cfg.micro_batch_size)
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(per_epoch / accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    warmup = warmup_steps(total, cfg.warmup_steps, cfg.warmup_ratio)
+
+    optim_name, note = resolve_optim(cfg.optim, device)
+    if note:
+        log(note)
+    model.train()
+    optimizer = build_optimizer(model, optim_name, cfg.learning_rate, cfg.weight_decay,
+                                (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler_type, warmup, total)
+    compute_dtype = next((m.weight.dtype for m in model.modules()
+                          if isinstance(m, torch.nn.Embedding)), torch.float32)
+    scaler = (torch.amp.GradScaler("cuda") if compute_dtype == torch.float16
+              and device.type == "cuda" else None)  # fp16 gradients underflow without scaling
+
+    state = ckpt.TrainerState()
+    torch.manual_seed(cfg.seed)  # the dropout stream starts from the seed
+    if cfg.resume:
+        path = ckpt.resolve_resume(out, cfg.resume)
+        state, rng = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        ckpt.set_rng_state(rng)
+        if scaler is not None and state.grad_scaler:
+            scaler.load_state_dict(state.grad_scaler)
+        log(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
+            f"micro-batch {state.batch_index})")
+    ckpt.clean_partial(out)
+    metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
+                         keep_until_step=state.global_step if cfg.resume else None)
+    log(f"{len(train_examples)} train examples in {len(rows)} rows, {per_epoch} micro-batches of "
+        f"{cfg.micro_batch_size} per epoch, {accum} per step: {total} optimizer steps "
+        f"({warmup} warm-up), {len(val_examples)} validation examples")
+    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+    result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
+
+    def run_eval() -> dict[str, float]:
+        ev = evaluate(model, val_examples, max_len=cfg.max_seq_length, batch_size=eval_bs,
+                      pad_id=pad_id, device=device, packing=cfg.packing)
+        record = {"split": "eval", "step": state.global_step, "loss": ev["loss"],
+                  "perplexity": ev["perplexity"]}
+        metrics.write(record)
+        state.log_history.append(record)
+        result.evals.append(record)
+        improved = state.best_metric is None or ev["loss"] < state.best_metric
+        if improved:
+            state.best_metric, state.best_step = ev["loss"], state.global_step
+            state.evals_without_improvement = 0
+            from qlora.adapters import save_adapter
+
+            save_adapter(model, out / BEST_ADAPTER, base_model)
+        else:
+            state.evals_without_improvement += 1
+        bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} ppl {ev['perplexity']:.3f}"
+                  + (" (best)" if improved else f" (best {state.best_metric:.4f} at step "
+                     f"{state.best_step})"))
+        return ev
+
+    def save(rng) -> Path:
+        state.elapsed_s = elapsed_before + (time.perf_counter() - t_start)
+        state.grad_scaler = scaler.state_dict() if scaler is not None else None
+        if state.best_step is not None and state.best_step == state.global_step:
+            state.best_checkpoint = f"{ckpt.PREFIX}{state.global_step:08d}"
+        path = ckpt.save_checkpoint(out, model, optimizer, scheduler, state, rng, base_model)
+        ckpt.rotate_checkpoints(out, cfg.save_total_limit, state.best_checkpoint)
+        return path
+
+    bar = Progress(total, state.global_step, device, enabled=progress)
+    elapsed_before, t_start = state.elapsed_s, time.perf_counter()
+    tokens_this_run, window_tokens_logged, window_losses = 0, 0, []
+    last_eval_step = -1
+    t_log = time.perf_counter()
+    try:
+        with StopFlag() as stop:
+            while state.global_step < total:
+                order = batch_order(len(rows), state.epoch, cfg.seed)
+                start = state.batch_index
+                window_ids = list(range(start, min(start + accum, per_epoch)))
+                rng_at_start = ckpt.rng_state()
+                batches, n_input = [], 0
+                for k in window_ids:
+                    chosen = order[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
+                    row_examples = [[train_examples[i] for i in rows[r]] for r in chosen]
+                    n_input += sum(len(e["input_ids"]) for row in row_examples for e in row)
+                    batches.append(make_batch(row_examples, pad_id))
+                # the normaliser: label tokens of the whole window (the model shifts labels by 1)
+                n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+                step_loss = 0.0
+                interrupted = False
+                for b in batches:
+                    if stop.signum is not None:
+                        interrupted = True
+                        break
+                    loss_sum = model(b["input_ids"].to(device), b["position_ids"].to(device),
+                                     b["labels"].to(device))
+                    step_loss += float(loss_sum.detach())
+                    loss = loss_sum / max(n_labels, 1)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                if interrupted:
+                    # the unfinished step is dropped: weights and optimizer are still those of
+                    # the step boundary, and so are the RNG states saved with them
+                    optimizer.zero_grad(set_to_none=True)
+                    result.checkpoint = save(rng_at_start)
+                    result.stopped, result.signal = "interrupted", stop.signum
+                    break
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                             if cfg.max_grad_norm > 0 else
+                             torch.nn.utils.clip_grad_norm_(params, float("inf")))
+                lr = optimizer.param_groups[0]["lr"]
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                state.global_step += 1
+                state.batch_index = window_ids[-1] + 1
+                if state.batch_index >= per_epoch:
+                    state.epoch, state.batch_index = state.epoch + 1, 0
+                state.tokens_seen += n_labels
+                tokens_this_run += n_input
+                window_tokens_logged += n_input
+                loss_value = step_loss / max(n_labels, 1)
+                result.step_losses[state.global_step] = loss_value
+                window_losses.append(loss_value)
+                bar.update(loss_value, lr, n_input)
+
+                step = state.global_step
+                if step % cfg.logging_steps == 0 or step == total:
+                    now = time.perf_counter()
+                    metrics.write({"split": "train", "step": step,
+                                   "epoch": round(state.epoch + state.batch_index / per_epoch, 4),
+                                   "loss": sum(window_losses) / len(window_losses),
+                                   "lr": lr, "grad_norm": float(grad_norm),
+                                   "tokens_per_s": window_tokens_logged / max(now - t_log, 1e-9),
+                                   "memory_bytes": peak_memory_bytes(device)})
+                    window_losses, window_tokens_logged, t_log = [], 0, now
+                stop_early = False
+                if val_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0)
+                                     or step == total):
+                    run_eval()
+                    last_eval_step = step
+                    patience = cfg.early_stopping_patience
+                    stop_early = patience > 0 and state.evals_without_improvement >= patience
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    save(ckpt.rng_state())
+                if stop_early:
+                    bar.write(f"early stopping: no eval improvement in {cfg.early_stopping_patience}"
+                              f" evaluations (best {state.best_metric:.4f} at step "
+                              f"{state.best_step})")
+                    result.stopped = "early_stopping"
+                    break
+                if stop_after_steps is not None and step >= stop_after_steps and step < total:
+                    stop.signum = signal.SIGINT  # as if Ctrl-C came now
+                if stop.signum is not None:
+                    result.checkpoint = save(ckpt.rng_state())
+                    result.stopped, result.signal = "interrupted", stop.signum
+                    break
+    finally:
+        bar.close()
+        metrics.close()
+
+    result.global_step = state.global_step
+    train_time = time.perf_counter() - t_start
+    if result.stopped == "interrupted":
+        log(f"interrupted at step {state.global_step}: checkpoint {result.checkpoint}; "
+            f"continue with --resume latest")
+    else:
+        if val_examples and last_eval_step != state.global_step:
+            run_eval()
+        if cfg.load_best_at_end and state.best_step is not None and \
+                state.best_step != state.global_step:
+            _adapter_weights_from(model, out / BEST_ADAPTER)
+            log(f"loaded the best adapter (step {state.best_step}, eval loss "
+                f"{state.best_metric:.4f})")
+        _save_adapter_into(model, out, base_model)
+    result.best_eval_loss, result.best_step = state.best_metric, state.best_step
+    last_eval = next((r for r in reversed(state.log_history) if r["split"] == "eval"), None)
+    wall = state.elapsed_s if result.stopped == "interrupted" else elapsed_before + train_time
+    result.summary = {
+        "stopped": result.stopped, "global_step": state.global_step, "total_steps": total,
+        "epochs": round(state.epoch + state.batch_index / per_epoch, 4),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens_this_run / max(train_time, 1e-9), 1),
+        "label_tokens_seen": state.tokens_seen,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory": gib(peak_memory_bytes(device)),
+        "final_eval_loss": last_eval["loss"] if last_eval else None,
+        "final_eval_perplexity": last_eval["perplexity"] if last_eval else None,
+        "best_eval_loss": state.best_metric, "best_step": state.best_step,
+        "adapter": "best" if (cfg.load_best_at_end and state.best_step is not None) else "last",
+        "device": str(device), "optimizer": optim_name,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+    }
+    write_summary(out, result.summary)
+    plot_losses(out)
+    return result
+
+
+def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """`qlora train`: output dir checked, data tokenized, model loaded, adapters trained, saved."""
+    from qlora.adapters import trainable_summary
+    from qlora.models import load_tokenizer
+
+    check_output_dir(cfg)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    optim_name, _ = resolve_optim(cfg.optim, device)
+    resolved = {"device": str(device), "compute dtype": str(dtype).removeprefix("torch."),
+                "optimizer used": optim_name}
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples, val_examples = load_data(cfg, tokenizer, log)
+    model = build_model(cfg, device, dtype)
+    log(trainable_summary(model))
+    # everything loaded: only now is the output directory touched
+    out = prepare_output_dir(cfg)
+    if cfg.resume:
+        _report_config_changes(out, cfg, log)
+    else:
+        save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
+    copy_tokenizer_files(cfg.model, out)
+    result = fit(model, tokenizer, train_examples, val_examples, cfg, device=device, log=log,
+                 progress=progress, stop_after_steps=stop_after_steps)
+    if cfg.resume:
+        save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
+    return result
+
+
+def _report_config_changes(out: Path, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """Resuming with other options is allowed (more epochs, say) but said out loud."""
+    import yaml
+
+    path = out / CONFIG_FILE_NAME
+    if not path.exists():
+        return
+    before = yaml.safe_load(path.read_text()) or {}
+    now = to_dict(cfg)
+    changed = [k for k in now if k not in ("resume", "overwrite") and before.get(k) != now[k]]
+    if changed:
+        log("resuming with changed options: " + ", ".join(
+            f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed))

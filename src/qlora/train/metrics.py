@@ -1,0 +1,150 @@
+"""What a run reports: metrics.jsonl, optional TensorBoard, the loss-curve PNG, summary.json, the bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+SUMMARY_FILE = "summary.json"
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (and TensorBoard scalars when asked)."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = False,
+                 log: Callable[[str], None] = print, keep_until_step: int | None = None):
+        self.path = Path(out_dir) / METRICS_FILE
+        if keep_until_step is not None and self.path.exists():
+            # resuming: records written after the checkpoint we resume from will be written again
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:
+                log("tensorboard is not installed (pip install tensorboard): "
+                    "metrics go to metrics.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_losses(out_dir: str | Path) -> Path | None:
+    """Train loss (per logged step) and eval loss against the optimizer step, as a PNG."""
+    records = read_metrics(out_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out_dir) / PLOT_FILE
+    tmp = path.with_name(".loss.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+    except (ImportError, OSError):
+        return 0
+
+
+def memory_now_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    path = Path(out_dir) / SUMMARY_FILE
+    tmp = path.with_name(".summary.tmp.json")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.0f}MiB"
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and memory (ETA from tqdm)."""
+
+    def __init__(self, total: int, initial: int, device: torch.device, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.device = device
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, loss: float, lr: float, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(
+            f"loss={loss:.4f} lr={lr:.2e} tok/s={self.tokens / elapsed:,.0f} "
+            f"mem={gib(memory_now_bytes(self.device))}", refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()

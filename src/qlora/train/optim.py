@@ -1,0 +1,94 @@
+"""The optimizer (bitsandbytes' paged / 8-bit AdamW, or torch's AdamW) and the learning-rate schedule.
+
+The schedules are transformers' `get_{cosine,linear,constant}_schedule_with_warmup`, written out as
+one small function of the step so that a checkpoint only has to remember the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qlora.errors import QloraError
+
+PAGED = {"paged_adamw_8bit", "paged_adamw_32bit"}
+
+
+def resolve_optim(name: str, device: torch.device) -> tuple[str, str | None]:
+    """The optimizer this machine can run, and a note for the log when it is not the one asked for.
+
+    Paged optimizers page their state between GPU and host memory through CUDA unified memory; on a
+    CPU there is nothing to page, so the paged 8-bit AdamW becomes bitsandbytes' plain 8-bit AdamW
+    (same update, same 8-bit state) and the paged 32-bit one torch's AdamW.
+    """
+    if device.type == "cuda" or name not in PAGED:
+        return name, None
+    fallback = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}[name]
+    return fallback, f"optimizer {name} needs CUDA (paged memory); using {fallback} on {device.type}"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: decayed (LoRA A/B matrices) and not decayed.
+
+    Decision: no weight decay on DoRA's magnitude vectors or on any bias/norm-like 1-D parameter.
+    Decay pulls parameters towards zero; for A/B that means "towards the base model", which is the
+    point, but a magnitude vector at zero would erase the weight, so decaying it is harmful.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "lora_magnitude_vector" in name else decay).append(p)
+    if not decay and not no_decay:
+        raise QloraError("the model has no trainable parameters: no adapter was attached")
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
+                    betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "adamw_torch":
+        # foreach=False: the same arithmetic on every machine, which exact resume relies on
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+           "adamw_8bit": bnb.optim.AdamW8bit}.get(name)
+    if cls is None:
+        raise QloraError(f"option `optim`: {name!r} is not one of paged_adamw_8bit, "
+                         f"paged_adamw_32bit, adamw_8bit, adamw_torch")
+    return cls(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based), as transformers.
+
+    Warm-up rises linearly from 0; then cosine decays to 0 over the remaining steps (half a
+    period), linear decays to 0, constant stays at 1.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise QloraError(f"option `lr_scheduler_type`: {kind!r} is not one of cosine, linear, constant")
+
+
+def warmup_steps(total: int, warmup_steps: int, warmup_ratio: float) -> int:
+    """transformers' rule: explicit warm-up steps win, else ceil(ratio * total)."""
+    return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
+                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, kind, warmup, total))

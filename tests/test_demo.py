@@ -1,0 +1,20 @@
+"""The demo, fast variant: a few steps, a few held-out words; it runs and writes its outputs.
+(The full demo's figures, held-out accuracy before and after, are measured by `qlora demo`.)"""
+
+import json
+
+from qlora.cli import main
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "before training" in text and "after training" in text and "reloaded adapter" in text
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "summary.json", "demo.json", "run_config.yaml"):
+        assert (out / name).is_file(), name
+    figures = json.loads((out / "demo.json").read_text())
+    assert figures["steps"] == 3
+    assert figures["reloaded_matches"] is True
+    assert figures["before"]["exact_match"] == 0.0
