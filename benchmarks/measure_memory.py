@@ -43,7 +43,35 @@ def build_ours(shape_config: dict, run: dict, device: str):
     None while that API is not available. step_fn(input_ids) runs forward + backward + optimizer
     step. planner_overrides: PlanConfig fields that describe our step (e.g. kernels="fused",
     loss="chunked", loss_chunk_tokens=...)."""
-    return None
+    import bitsandbytes as bnb
+
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantConfig
+
+    config = dict(shape_config)
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    spec = spec_from_config(config, source=f"shape {config.get('model_type')}")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_model(spec, QuantConfig(method=run["quant"], double_quant=run["double_quant"],
+                                           compute_dtype=dtype), device=device)
+    attach_adapters(model, AdapterConfig(r=run["r"], alpha=2 * run["r"], dropout=run["lora_dropout"]))
+    model.gradient_checkpointing = run["checkpointing"]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (bnb.optim.PagedAdamW8bit(params, lr=1e-4) if device == "cuda"
+                 else torch.optim.AdamW(params, lr=1e-4))
+
+    def step(input_ids: torch.Tensor) -> float:
+        loss = model(input_ids, labels=input_ids) / (input_ids.numel() - input_ids.shape[0])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return model, step, dict(kernels="eager", loss="chunked", loss_chunk_tokens=model.loss_chunk_tokens)
 
 
 # --- fallback: transformers + peft + bitsandbytes -----------------------------------------------

@@ -211,7 +211,9 @@ class DecoderLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.loss_chunk_tokens = 4096
+        # 1024 tokens × a 152k vocabulary is 0.6 GB of fp32 logits at a time (the memory
+        # planner assumes the same chunk)
+        self.loss_chunk_tokens = 1024
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:

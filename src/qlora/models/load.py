@@ -191,3 +191,35 @@ def load_tokenizer(model_dir: str | Path):
 def load_generation_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "generation_config.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def random_model(spec: ArchSpec, quant: QuantConfig, device: str | torch.device = "cpu",
+                 seed: int = 0, std: float = 0.02) -> DecoderLM:
+    """A DecoderLM with random weights in `spec`'s shape, quantized as `quant` says.
+
+    Benchmarks use it: speed and memory do not depend on the values, and an 8B checkpoint need
+    not be written and read back. Each linear is drawn on the device and quantized at once.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = DecoderLM(spec)
+    for name, module in list(model.named_modules()):
+        if BLOCK_LINEAR.match(name):
+            weight = torch.randn(module.weight.shape, generator=gen, device=device,
+                                 dtype=quant.compute_dtype) * std
+            _set_linear(model, name, weight, quant, device)
+    for key, param in list(model.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        if key.endswith("norm.weight"):
+            value = torch.ones(param.shape, device=device, dtype=quant.compute_dtype)
+        else:
+            value = torch.randn(param.shape, generator=gen, device=device,
+                                dtype=quant.compute_dtype) * std
+        _set_tensor(model, key, value, Path("<random>"))
+    model.model.rotary_emb = Rotary(spec).to(device)
+    model.tie_weights()
+    model.name_or_path = f"random-{spec.model_type}"
+    model.quant = quant
+    return model.eval()
