@@ -1,10 +1,10 @@
-"""Peak host memory while loading: streaming quantization vs the whole model in 16 bits.
+"""Peak host memory while loading a 4-bit model: qlora's streaming loader beside transformers'.
 
     .venv/bin/python benchmarks/load_memory.py [--hidden 1024 --layers 12 --shard 200MB]
 
 Builds a random llama-shaped checkpoint in bf16 with shards of --shard, then, in a fresh process
-each, loads it (a) with qlora.models.load_model (NF4, CPU) and (b) whole into memory with
-safetensors.torch.load_file, and prints each process's peak resident memory (VmHWM, which unlike ru_maxrss does not carry over the parent's peak) beside
+each, loads it (a) with qlora.models.load_model (NF4 + double quant, CPU) and (b) with transformers'
+from_pretrained + BitsAndBytesConfig (the same quantization), and prints each process's peak resident memory (VmHWM, which unlike ru_maxrss does not carry over the parent's peak) beside
 the checkpoint size. Runs on the CPU; nothing here needs a GPU.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 LOAD_OURS = """
 import sys, torch
+import bitsandbytes
 from qlora.models import load_model
 from qlora.quant import QuantConfig
 HWM = "import re; hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])"
@@ -27,15 +28,25 @@ before = hwm()
 model = load_model(sys.argv[1], QuantConfig(method="nf4", compute_dtype=torch.bfloat16))
 print(before, hwm())
 """
-LOAD_WHOLE = """
+LOAD_TRANSFORMERS = """
 import re, sys, torch
-from pathlib import Path
-from safetensors.torch import load_file
 hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])
+import bitsandbytes
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 before = hwm()
-state = {}
-for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
-    state.update(load_file(str(f)))
+config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config,
+                                             dtype=torch.bfloat16, device_map="cpu")
+print(before, hwm())
+"""
+IMPORT_ONLY = """
+import re, sys, torch
+hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])
+import bitsandbytes, bitsandbytes.functional as F
+from qlora.models import load_model
+before = hwm()
+F.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), compress_statistics=True)  # bnb's CPU runtime
 print(before, hwm())
 """
 
@@ -50,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--shard", default="200MB")
+    parser.add_argument("--shard", default="50MB")
     args = parser.parse_args()
     from qlora.tiny import build_tiny_model
 
@@ -64,11 +75,16 @@ def main() -> None:
         total = sum(f.stat().st_size for f in shards) / 2**20
         largest = max(f.stat().st_size for f in shards) / 2**20
         ours = peak_rss_mib(LOAD_OURS, model_dir)
-        whole = peak_rss_mib(LOAD_WHOLE, model_dir)
+        theirs = peak_rss_mib(LOAD_TRANSFORMERS, model_dir)
+        runtime = peak_rss_mib(IMPORT_ONLY, model_dir)
     result = {
         "checkpoint_mib": round(total, 1), "shards": len(shards), "largest_shard_mib": round(largest, 1),
         "qlora_load_peak_rss_mib": round(ours[1], 1), "qlora_rss_before_load_mib": round(ours[0], 1),
-        "whole_load_peak_rss_mib": round(whole[1], 1), "whole_rss_before_load_mib": round(whole[0], 1),
+        "transformers_bnb_load_peak_rss_mib": round(theirs[1], 1),
+        "transformers_rss_before_load_mib": round(theirs[0], 1),
+        "qlora_load_increase_mib": round(ours[1] - ours[0], 1),
+        "transformers_load_increase_mib": round(theirs[1] - theirs[0], 1),
+        "bnb_cpu_runtime_first_quantize_mib": round(runtime[1] - runtime[0], 1),
     }
     print(json.dumps(result, indent=2))
 

@@ -66,6 +66,8 @@ class RunConfig:
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     seed: int = 42
+    # --- several GPUs (under torchrun; docs/DISTRIBUTED.md) ---------------------------------------
+    sharding: str = "ddp"  # ddp: each rank holds the whole 4-bit base; fsdp: not yet trainable
     # --- evaluation, checkpoints, logging --------------------------------------------------------
     eval_steps: int = 200  # evaluate every N optimizer steps (and at the end); 0 = at the end only
     save_steps: int = 200  # checkpoint every N optimizer steps; 0 = no intermediate checkpoints
@@ -90,6 +92,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "lr_scheduler_type": ("cosine", "linear", "constant"),
     "optim": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"),
+    "sharding": ("ddp", "fsdp"),
 }
 
 # Other spellings users bring from transformers / TRL / peft / Axolotl.

@@ -11,19 +11,11 @@ import json
 import string
 from pathlib import Path
 
+# ChatML, as Qwen uses it; its `generation` markers tell transformers what the assistant says
+from qlora.data.templates import CHATML_TEMPLATE
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
 CHARACTERS = list(string.printable[:95]) + ["\n", "\t"]  # digits, letters, punctuation, space
-
-# ChatML, as Qwen uses it; `generation` marks what the assistant says.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

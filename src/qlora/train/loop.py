@@ -28,6 +28,8 @@ import torch
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.errors import QloraError
 from qlora.train import checkpoint as ckpt
+from qlora.train import distributed as dist_
+from qlora.train.distributed import SINGLE, DistEnv
 from qlora.train.metrics import (MetricsLog, Progress, gib, peak_memory_bytes, plot_losses,
                                  write_summary)
 from qlora.train.optim import build_optimizer, build_scheduler, resolve_optim, warmup_steps
@@ -164,8 +166,11 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
 # --- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_id: int,
-             device: torch.device, packing: bool = True) -> dict[str, float]:
-    """Mean token loss and perplexity of `examples` (sum of losses / number of label tokens)."""
+             device: torch.device, packing: bool = True, env: DistEnv = SINGLE
+             ) -> dict[str, float]:
+    """Mean token loss and perplexity of `examples` (sum of losses / number of label tokens).
+
+    Under torchrun each rank takes every W-th eval batch; the sums are all-reduced."""
     from qlora.data import build_rows, make_batch
 
     was_training = model.training
@@ -173,6 +178,8 @@ def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_
     rows = build_rows(examples, max_len, packing=packing)
     total, tokens = 0.0, 0
     for k in range(0, len(rows), batch_size):
+        if (k // batch_size) % env.world_size != env.rank:
+            continue
         batch = make_batch([[examples[i] for i in r] for r in rows[k:k + batch_size]], pad_id)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
         if n == 0:
@@ -181,6 +188,9 @@ def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_
                              batch["labels"].to(device)))
         tokens += n
     model.train(was_training)
+    if env.enabled:
+        total, tokens = dist_.all_reduce_sum(env, [total, tokens], device)
+        tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
@@ -235,20 +245,26 @@ def _save_adapter_into(model, out: Path, base_model: str) -> None:
 
 def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
         *, device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
-        base_model: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
+        base_model: str | None = None, stop_after_steps: int | None = None,
+        env: DistEnv = SINGLE) -> TrainResult:
     """Train `model`'s adapters on `train_examples`; write everything into cfg.output_dir.
 
     `stop_after_steps` behaves like a Ctrl-C after that many steps (tests use it to cut a run).
+    `env`: this process's place in a torchrun job (train/distributed.py); rank 0 alone writes.
     """
     from qlora.data import make_batch, batch_order, build_rows, num_batches
 
     out = Path(cfg.output_dir)
+    main = env.is_main
+    if not main:
+        log = _quiet
     base_model = base_model or cfg.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = build_rows(train_examples, cfg.max_seq_length, packing=cfg.packing, seed=cfg.seed)
     per_epoch = num_batches(len(rows), cfg.micro_batch_size)
     accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(per_epoch / accum)
+    window = accum * env.world_size  # micro-batches per optimizer step, over all ranks
+    steps_per_epoch = math.ceil(per_epoch / window)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     warmup = warmup_steps(total, cfg.warmup_steps, cfg.warmup_ratio)
 
@@ -274,18 +290,24 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
             scaler.load_state_dict(state.grad_scaler)
         log(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
             f"micro-batch {state.batch_index})")
-    ckpt.clean_partial(out)
+    # DDP over the adapters only; wrapped after a resume so every rank starts from the checkpoint
+    ddp = dist_.wrap_ddp(model, env, device) if env.enabled else None
+    forward = ddp if ddp is not None else model
+    if main:
+        ckpt.clean_partial(out)
     metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
-                         keep_until_step=state.global_step if cfg.resume else None)
+                         keep_until_step=state.global_step if cfg.resume else None, enabled=main)
     log(f"{len(train_examples)} train examples in {len(rows)} rows, {per_epoch} micro-batches of "
-        f"{cfg.micro_batch_size} per epoch, {accum} per step: {total} optimizer steps "
+        f"{cfg.micro_batch_size} per epoch, {accum} per step"
+        + (f" on each of {env.world_size} ranks" if env.enabled else "")
+        + f": {total} optimizer steps "
         f"({warmup} warm-up), {len(val_examples)} validation examples")
     eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
     result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
 
     def run_eval() -> dict[str, float]:
         ev = evaluate(model, val_examples, max_len=cfg.max_seq_length, batch_size=eval_bs,
-                      pad_id=pad_id, device=device, packing=cfg.packing)
+                      pad_id=pad_id, device=device, packing=cfg.packing, env=env)
         record = {"split": "eval", "step": state.global_step, "loss": ev["loss"],
                   "perplexity": ev["perplexity"]}
         metrics.write(record)
@@ -297,12 +319,14 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
             state.evals_without_improvement = 0
             from qlora.adapters import save_adapter
 
-            save_adapter(model, out / BEST_ADAPTER, base_model)
+            if main:
+                save_adapter(model, out / BEST_ADAPTER, base_model)
         else:
             state.evals_without_improvement += 1
-        bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} ppl {ev['perplexity']:.3f}"
-                  + (" (best)" if improved else f" (best {state.best_metric:.4f} at step "
-                     f"{state.best_step})"))
+        if main:
+                bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} ppl {ev['perplexity']:.3f}"
+                      + (" (best)" if improved else f" (best {state.best_metric:.4f} at step "
+                         f"{state.best_step})"))
         return ev
 
     def save(rng) -> Path:
@@ -310,11 +334,15 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         state.grad_scaler = scaler.state_dict() if scaler is not None else None
         if state.best_step is not None and state.best_step == state.global_step:
             state.best_checkpoint = f"{ckpt.PREFIX}{state.global_step:08d}"
+        if not main:  # rank 0 writes; the others wait until the checkpoint is whole
+            dist_.barrier(env)
+            return ckpt.checkpoint_dir(out) / f"{ckpt.PREFIX}{state.global_step:08d}"
         path = ckpt.save_checkpoint(out, model, optimizer, scheduler, state, rng, base_model)
         ckpt.rotate_checkpoints(out, cfg.save_total_limit, state.best_checkpoint)
+        dist_.barrier(env)
         return path
 
-    bar = Progress(total, state.global_step, device, enabled=progress)
+    bar = Progress(total, state.global_step, device, enabled=progress and main)
     elapsed_before, t_start = state.elapsed_s, time.perf_counter()
     tokens_this_run, window_tokens_logged, window_losses = 0, 0, []
     last_eval_step = -1
@@ -324,10 +352,14 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
             while state.global_step < total:
                 order = batch_order(len(rows), state.epoch, cfg.seed)
                 start = state.batch_index
-                window_ids = list(range(start, min(start + accum, per_epoch)))
+                window_ids = list(range(start, min(start + window, per_epoch)))
                 rng_at_start = ckpt.rng_state()
                 batches, n_input = [], 0
-                for k in window_ids:
+                mine = dist_.rank_share(window_ids, env) if env.enabled else window_ids
+                # a rank left without a micro-batch (short last window) still joins the gradient
+                # all-reduce: it runs the window's first micro-batch with weight 0
+                weight = 1.0 if mine else 0.0
+                for k in (mine or window_ids[:1]):
                     chosen = order[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
                     row_examples = [[train_examples[i] for i in rows[r]] for r in chosen]
                     n_input += sum(len(e["input_ids"]) for row in row_examples for e in row)
@@ -336,15 +368,31 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
                 step_loss = 0.0
                 interrupted = False
-                for b in batches:
-                    if stop.signum is not None:
+                if env.enabled:
+                    # one all-reduce: the window's label and input tokens, and whether any rank
+                    # was signalled (ranks stop together, at a step boundary, or they would hang)
+                    n_labels, n_input, stops = dist_.all_reduce_sum(
+                        env, [n_labels * weight, n_input * weight,
+                              float(stop.signum is not None)], device)
+                    n_labels, n_input = int(n_labels), int(n_input)
+                    if stops:
+                        stop.signum = stop.signum or signal.SIGTERM
+                        interrupted = True
+                        batches = []
+                for j, b in enumerate(batches):
+                    if stop.signum is not None and not env.enabled:
                         interrupted = True
                         break
-                    loss_sum = model(b["input_ids"].to(device), b["position_ids"].to(device),
-                                     b["labels"].to(device))
-                    step_loss += float(loss_sum.detach())
-                    loss = loss_sum / max(n_labels, 1)
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    with dist_.sync_context(ddp, last=j == len(batches) - 1):
+                        loss_sum = forward(b["input_ids"].to(device), b["position_ids"].to(device),
+                                           b["labels"].to(device))
+                        step_loss += float(loss_sum.detach())
+                        loss = loss_sum / max(n_labels, 1)
+                        if env.enabled:  # DDP averages over ranks: W / N makes it a sum / N
+                            loss = loss * (env.world_size * weight)
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                if env.enabled and not interrupted:
+                    step_loss = dist_.all_reduce_sum(env, [step_loss * weight], device)[0]
                 if interrupted:
                     # the unfinished step is dropped: weights and optimizer are still those of
                     # the step boundary, and so are the RNG states saved with them
@@ -404,9 +452,11 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                               f"{state.best_step})")
                     result.stopped = "early_stopping"
                     break
-                if stop_after_steps is not None and step >= stop_after_steps and step < total:
+                cut = stop_after_steps is not None and step >= stop_after_steps and step < total
+                if cut:
                     stop.signum = signal.SIGINT  # as if Ctrl-C came now
-                if stop.signum is not None:
+                # under torchrun a signal is acted on at the next step's all-reduce, by all ranks
+                if stop.signum is not None and (cut or not env.enabled):
                     result.checkpoint = save(ckpt.rng_state())
                     result.stopped, result.signal = "interrupted", stop.signum
                     break
@@ -424,10 +474,12 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
             run_eval()
         if cfg.load_best_at_end and state.best_step is not None and \
                 state.best_step != state.global_step:
-            _adapter_weights_from(model, out / BEST_ADAPTER)
+            if main:
+                _adapter_weights_from(model, out / BEST_ADAPTER)
             log(f"loaded the best adapter (step {state.best_step}, eval loss "
                 f"{state.best_metric:.4f})")
-        _save_adapter_into(model, out, base_model)
+        if main:
+            _save_adapter_into(model, out, base_model)
     result.best_eval_loss, result.best_step = state.best_metric, state.best_step
     last_eval = next((r for r in reversed(state.log_history) if r["split"] == "eval"), None)
     wall = state.elapsed_s if result.stopped == "interrupted" else elapsed_before + train_time
@@ -446,37 +498,75 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         "device": str(device), "optimizer": optim_name,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
     }
-    write_summary(out, result.summary)
-    plot_losses(out)
+    if env.enabled:
+        result.summary["world_size"] = env.world_size  # tokens_per_s is over all ranks
+    if main:
+        write_summary(out, result.summary)
+        plot_losses(out)
+    dist_.barrier(env)
     return result
+
+
+def _quiet(text: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True,
           stop_after_steps: int | None = None) -> TrainResult:
-    """`qlora train`: output dir checked, data tokenized, model loaded, adapters trained, saved."""
+    """`qlora train`: output dir checked, data tokenized, model loaded, adapters trained, saved.
+
+    Under torchrun (RANK / WORLD_SIZE in the environment) every rank runs this same function:
+    it joins the process group, trains its share of each step, and rank 0 writes the output."""
+    import torch.distributed
+
+    env = dist_.env_from_environ()
+    dist_.check_sharding(cfg.sharding, env)
+    check_output_dir(cfg)
+    device = resolve_device(cfg)
+    joined = env.enabled and not torch.distributed.is_initialized()
+    if env.enabled:
+        device = dist_.init(env, device.type)
+        if not env.is_main:
+            log = _quiet
+    try:
+        return _train(cfg, env, device, log, progress, stop_after_steps)
+    finally:
+        if joined:
+            dist_.shutdown(env)
+
+
+def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[str], None],
+           progress: bool, stop_after_steps: int | None) -> TrainResult:
     from qlora.adapters import trainable_summary
     from qlora.models import load_tokenizer
 
-    check_output_dir(cfg)
-    device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     optim_name, _ = resolve_optim(cfg.optim, device)
     resolved = {"device": str(device), "compute dtype": str(dtype).removeprefix("torch."),
                 "optimizer used": optim_name}
+    if env.enabled:
+        resolved["ranks"] = env.world_size
     tokenizer = load_tokenizer(cfg.model)
+    if not env.is_main:  # rank 0 tokenizes and fills the data cache; the others then read it
+        dist_.barrier(env)
     train_examples, val_examples = load_data(cfg, tokenizer, log)
+    if env.is_main:
+        dist_.barrier(env)
     model = build_model(cfg, device, dtype)
     log(trainable_summary(model))
-    # everything loaded: only now is the output directory touched
-    out = prepare_output_dir(cfg)
-    if cfg.resume:
-        _report_config_changes(out, cfg, log)
-    else:
-        save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
-    copy_tokenizer_files(cfg.model, out)
+    # everything loaded (and every rank has checked the output dir): only now is it touched
+    dist_.barrier(env)
+    if env.is_main:
+        out = prepare_output_dir(cfg)
+        if cfg.resume:
+            _report_config_changes(out, cfg, log)
+        else:
+            save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
+        copy_tokenizer_files(cfg.model, out)
+    dist_.barrier(env)
     result = fit(model, tokenizer, train_examples, val_examples, cfg, device=device, log=log,
-                 progress=progress, stop_after_steps=stop_after_steps)
-    if cfg.resume:
+                 progress=progress, stop_after_steps=stop_after_steps, env=env)
+    if cfg.resume and env.is_main:
         save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
     return result
 

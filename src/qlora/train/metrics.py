@@ -20,8 +20,13 @@ class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (and TensorBoard scalars when asked)."""
 
     def __init__(self, out_dir: str | Path, tensorboard: bool = False,
-                 log: Callable[[str], None] = print, keep_until_step: int | None = None):
+                 log: Callable[[str], None] = print, keep_until_step: int | None = None,
+                 enabled: bool = True):
         self.path = Path(out_dir) / METRICS_FILE
+        self.tb = None
+        self.enabled = enabled  # False on ranks other than 0 of a distributed run: writes nothing
+        if not enabled:
+            return
         if keep_until_step is not None and self.path.exists():
             # resuming: records written after the checkpoint we resume from will be written again
             kept = [ln for ln in self.path.read_text().splitlines()
@@ -38,6 +43,8 @@ class MetricsLog:
                     "metrics go to metrics.jsonl only")
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
