@@ -7,7 +7,7 @@ import torch
 
 from qlora.adapters import AdapterConfig, attach_adapters
 from qlora.kernels import use_fast_path
-from qlora.kernels.dequant import Packed4bit, dequantize_4bit, matmul_4bit, packed_from_bnb
+from qlora.kernels.dequant import dequantize_4bit, matmul_4bit, packed_from_bnb
 from qlora.models import load_model
 from qlora.quant import QuantConfig
 

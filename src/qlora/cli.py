@@ -78,6 +78,8 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> None:
+    import os
+
     from qlora.config import load_config, parse_cli_overrides
     from qlora.train import train
 
@@ -87,6 +89,10 @@ def run_train(args) -> None:
     cfg = load_config(args.config, overrides)
     result = train(cfg)
     out = result.output_dir
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+        if result.stopped == "interrupted":
+            raise SystemExit(128 + (result.signal or 2))
+        return
     if result.stopped == "interrupted":
         print(f"stopped by signal {result.signal}; checkpoint {result.checkpoint}. Continue with: "
               f"qlora train --config {out}/run_config.yaml --resume latest", file=sys.stderr)

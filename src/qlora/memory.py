@@ -306,13 +306,19 @@ def optimizer_state_bytes(numels: list[int], cfg: PlanConfig) -> tuple[int, int,
     return in_alloc, in_managed, 0  # bitsandbytes updates in place: no step temporaries
 
 
-def layer_activation_terms(arch: Arch, cfg: PlanConfig) -> dict[str, float]:
+def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int = 1) -> dict[str, float]:
     """Bytes per token that autograd keeps for one decoder layer, term by term (bf16 = 2 bytes).
 
-    A LLaMA block: x -> RMSNorm -> q,k,v -> RoPE -> SDPA -> o -> +x -> RMSNorm -> gate,up ->
-    silu(gate)*up -> down -> +. The frozen 4-bit matmul keeps no input (its input gradient needs only
-    the weight, dequantized again in backward) and the dequantized weight is never saved; an input
-    is kept because the LoRA A of the projections that read it needs it for its weight gradient.
+    A LLaMA block as qlora.models.decoder computes it: x -> RMSNorm -> q,k,v -> RoPE -> SDPA -> o
+    -> +x -> RMSNorm -> gate,up -> silu(gate)*up -> down -> +. The frozen 4-bit matmul keeps no
+    input (bitsandbytes' MatMul4Bit saves only the packed weight; the input gradient needs the
+    weight alone, dequantized again in backward) and the dequantized weight is never saved; an
+    input is kept only because the LoRA A of the projections that read it needs it for its weight
+    gradient. With LoRA dropout that is the dropped copy, so the normed input itself is kept by
+    no one. tests/test_memory.py checks this sum against the tensors autograd saves on the CPU.
+
+    dropout_mask_bytes: 1 on CUDA (native_dropout keeps a bool mask); the CPU's dropout keeps a
+    noise tensor in the input dtype (2).
     """
     h, i = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
@@ -320,51 +326,82 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig) -> dict[str, float]:
     targets = target_names(cfg.targets)
     inputs = {name: n_in for name, n_in, _ in arch.linears()}
     outputs = {name: n_out for name, _, n_out in arch.linears()}
+    dropout = cfg.lora_dropout > 0
     t: dict[str, float] = {}
     # RMSNorm, twice. Eager (x.float(); x * rsqrt(mean(x^2) + eps); w * x.to(bf16)) keeps the fp32
     # copy of its input and the fp32 rstd per token; a fused kernel keeps the bf16 input + rstd.
     t["norm inputs (2 norms)"] = 2 * ((4 if eager else 2) * h + 4)
-    # The normed hidden state read by q,k,v and, in the MLP, by gate,up: one tensor each, shared.
-    t["attention input (normed)"] = 2 * h
-    t["MLP input (normed)"] = 2 * h
+    # The normed hidden state read by q,k,v and, in the MLP, by gate,up: one tensor each, shared,
+    # kept for LoRA A's weight gradient -- unless every reader targets dropout's copy instead.
+    attn_readers = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets]
+    mlp_readers = [n for n in ("gate_proj", "up_proj") if n in targets]
+    if attn_readers and not dropout:
+        t["attention input (normed)"] = 2 * h
+    if mlp_readers and not dropout:
+        t["MLP input (normed)"] = 2 * h
     if arch.qk_norm:  # qwen3: per-head RMSNorm of q and k, same rule as above
         t["q/k norm inputs"] = (4 if eager else 2) * (q + kv) + 4 * (arch.heads + arch.kv_heads)
-    # Flash/efficient SDPA keeps q and k after RoPE, v, its output and a fp32 logsumexp per
-    # head. (GQA through enable_gqa: k and v stay at kv_heads, no repeat_kv copies.) RoPE is a
-    # linear map of q: its backward needs cos/sin only, so the pre-RoPE q, k are not kept.
-    t["q, k (after RoPE), v"] = 2 * (q + 2 * kv)
+    # SDPA (flash/efficient) keeps q and k after RoPE, v, its output and a fp32 logsumexp per
+    # head. The decoder repeats k and v to all heads for GQA (repeat_interleave) before SDPA, so the
+    # kept k and v have nh heads. RoPE is a linear map: its backward needs cos/sin only.
+    t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
+    # The output, [B, T, H, D] in memory, is also o_proj's input (transpose + reshape is a view).
     t["attention output (= o_proj input)"] = 2 * q
     t["attention logsumexp (fp32)"] = 4 * arch.heads
-    # MLP: gate and up outputs; silu(gate) kept by eager autograd for the product's backward (a
-    # fused SwiGLU recomputes it); the product is down_proj's input.
+    # MLP: gate and up outputs (silu's input, the product's other factor); silu(gate) kept by
+    # eager autograd for the product's backward (a fused SwiGLU recomputes it); the product is
+    # down_proj's input, kept for its LoRA A unless dropout's copy is kept instead.
     t["gate, up outputs"] = 2 * 2 * i
     if eager:
         t["silu(gate)"] = 2 * i
-    t["down_proj input"] = 2 * i
+    if "down_proj" in targets and not dropout:
+        t["down_proj input"] = 2 * i
     # LoRA: lora_B's weight gradient needs lora_A's output [tokens, r] per target.
     t["LoRA A outputs"] = sum(2 * cfg.r for _ in targets)
-    if cfg.lora_dropout > 0:
-        # PEFT applies dropout per target: a dropped bf16 copy of the input (kept by lora_A)
-        # and a bool mask (kept by dropout's backward), 3 bytes per input feature.
-        t["LoRA dropout copies + masks"] = sum(3 * inputs[name] for name in targets)
+    if dropout:
+        # Dropout per target: the dropped bf16 copy of the input (kept by lora_A) and the mask
+        # (kept by dropout's backward).
+        t["LoRA dropout copies + masks"] = sum((2 + dropout_mask_bytes) * inputs[name] for name in targets)
     if cfg.dora:
-        # PEFT's DoRA forward keeps the base output (scaled by magnitude/norm - 1) and the LoRA
-        # output (scaled by magnitude/norm) for the magnitude's gradient: 2 x out per target.
+        # DoRA (qlora.adapters): (scale - 1) * base and scale * lora keep the base output and the
+        # LoRA output for the magnitude's gradient: 2 x out per target.
         t["DoRA base + LoRA outputs"] = sum(2 * 2 * outputs[name] for name in targets)
     return t
 
 
+def layer_weight_terms(arch: Arch, cfg: PlanConfig) -> dict[str, int]:
+    """Bytes per layer (not per token) that autograd keeps while the layer's graph exists.
+
+    F.linear(x, A) keeps A for x's gradient; with fp32 masters that A is the bf16 copy made by
+    `.to(x.dtype)` in the forward, so each layer's graph holds bf16 copies of its adapters. With
+    checkpointing only the layer being recomputed has a graph; without, every layer does.
+    DoRA with dropout computes the base output of the dropped input with the dequantized weight,
+    which F.linear then keeps (2 B/weight per target).
+    """
+    rnd = cfg.alloc_rounding
+    targets = target_names(cfg.targets)
+    t: dict[str, int] = {}
+    if cfg.adapter_dtype == "fp32":
+        t["bf16 adapter copies"] = sum(_alloc(2 * cfg.r * n_in, rnd) + _alloc(2 * cfg.r * n_out, rnd)
+                                       for name, n_in, n_out in arch.linears() if name in targets)
+    if cfg.dora and cfg.lora_dropout > 0:
+        t["DoRA: dequantized weights kept by the dropped-input matmul"] = sum(
+            _alloc(2 * n_in * n_out, rnd) for name, n_in, n_out in arch.linears() if name in targets)
+    return t
+
+
 def backward_working_bytes_per_token(arch: Arch, cfg: PlanConfig) -> float:
-    """Gradients alive while one layer runs backward (estimate; calibrate).
+    """Gradients alive while one layer runs backward (estimate, an upper bound).
 
     The gradient of the residual stream coming in and going out (2 x bf16 h) and, at the MLP's
-    peak, the gradients of down's input, of silu(gate) and up, and the silu backward temporary.
+    peak, the gradients of silu(gate), of up and of gate (3 x bf16 I) while the layer's saved
+    tensors are still counted in full.
     """
     return 2 * 2 * arch.hidden + 3 * 2 * arch.intermediate
 
 
 def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
-    """The logits/loss transient and how it is computed."""
+    """The logits/loss transient (the peak of the loss's backward) and how it is computed."""
     tokens = cfg.seq_len * cfg.micro_batch
     v, h = arch.vocab, arch.hidden
     if cfg.loss == "full":
@@ -373,52 +410,81 @@ def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
         # log_softmax input gradient are alive together = 12 B/entry (bf16 logits already freed).
         return 12 * tokens * v, f"full fp32 logits: 12 B x {tokens} tokens x {v} vocab"
     chunk = min(tokens, cfg.loss_chunk_tokens)
-    # One chunk at a time: bf16 logits, fp32 upcast and its gradient (2 + 4 + 4 B/entry), plus a
-    # bf16 gradient of the final hidden state for all tokens.
-    return 10 * chunk * v + 2 * tokens * h, f"chunked: 10 B x {chunk}-token chunk x {v} vocab"
+    # Each chunk is checkpointed: in backward it is recomputed (lm_head -> .float() ->
+    # log_softmax, whose fp32 output is kept) and then log_softmax's backward holds its kept output,
+    # the gradient coming from nll_loss and the gradient it makes: 3 fp32 [chunk, V] = 12 B/entry.
+    # The gradient of the final hidden state for all tokens is accumulated over the chunks: the
+    # running sum and one chunk's zero-padded slice gradient, 2 x bf16.
+    return 12 * chunk * v + 4 * tokens * h, f"chunked: 12 B x {chunk}-token chunk x {v} vocab (in backward)"
 
 
 # --- the breakdown ------------------------------------------------------------------------------
 @dataclass
 class Breakdown:
-    """Bytes per GPU. `allocated` is what torch.cuda.max_memory_allocated should read."""
+    """Bytes per GPU. `allocated` is what torch.cuda.max_memory_allocated should read.
+
+    static: what lives across steps. Then three moments of a step, each of which may be the peak:
+    the loss's backward (all activations still saved, no adapter gradient yet: they are set to
+    None after every step and made during backward), the last layer's backward, and the
+    optimizer step (every gradient, activations freed).
+    """
 
     arch: Arch
     cfg: PlanConfig
     base: int  # quantized (or 16-bit) decoder linears, with their biases
     embeddings: int  # embed_tokens + lm_head (once when tied)
     norms: int
-    adapters: int  # master weights (+ their bf16 compute copies when the masters are fp32)
-    adapter_grads: int
+    adapters: int  # master weights
     optimizer: int  # states inside PyTorch's allocator
     optimizer_paged: int  # paged states: GPU memory, but outside memory_allocated
-    activations: int  # saved for backward at the end of the forward
+    activations: int  # saved for backward at the end of the forward (per-token tensors)
+    adapter_copies: int  # per-layer tensors the graph keeps (bf16 adapter copies, DoRA weights)
     loss: int  # logits/loss transient
-    backward: int  # one layer's backward: recomputed activations (checkpointing) + gradients
+    backward: int  # one layer's backward: recomputed layer (checkpointing) + gradients in flight
+    adapter_grads: int  # all adapter gradients (alive at the optimizer step)
+    layer_grads: int  # one layer's adapter gradients (alive in the last layer's backward)
     optimizer_step: int  # temporaries during optimizer.step()
-    workspace: int  # dequantized weight, cuBLAS workspace, batch tensors
+    workspace: int  # cuBLAS workspaces + batch tensors (always) + dequantized weight (in a matmul)
+    dequant: int  # the part of workspace alive only inside a quantized matmul
     adapter_params: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def static(self) -> int:
-        return self.base + self.embeddings + self.norms + self.adapters + self.adapter_grads + self.optimizer
+        return self.base + self.embeddings + self.norms + self.adapters + self.optimizer
+
+    def phases(self) -> dict[str, list[tuple[str, int]]]:
+        """The rows alive on top of `static` at each candidate peak."""
+        fixed = ("workspace (cuBLAS, batch)", self.workspace - self.dequant)
+        acts = ("activations saved for backward" + (" (checkpointed)" if self.cfg.checkpointing else ""),
+                self.activations)
+        copies = ("adapter compute copies kept by autograd" + (" (one layer)" if self.cfg.checkpointing else ""),
+                  self.adapter_copies)
+        return {
+            "backward of the loss (logits)": [
+                acts, (copies if not self.cfg.checkpointing else (copies[0], 0)),
+                ("adapter gradients (none yet)", 0), ("logits/loss", self.loss), fixed],
+            "backward of the last layer": [
+                acts, copies, ("adapter gradients (last layer)", self.layer_grads),
+                ("recomputed layer + gradients in flight" if self.cfg.checkpointing else "gradients in flight",
+                 self.backward),
+                fixed, ("dequantized weight", self.dequant)],
+            "optimizer step": [
+                ("adapter gradients (all)", self.adapter_grads), ("optimizer step temporaries", self.optimizer_step),
+                fixed],
+        }
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases().items(), key=lambda kv: sum(n for _, n in kv[1]))[0]
+
+    @property
+    def allocated(self) -> int:
+        return self.static + sum(n for _, n in self.phases()[self.peak_phase])
 
     @property
     def transient(self) -> int:
         return max(self.loss, self.backward)
-
-    @property
-    def peak_phase(self) -> str:
-        step = self.optimizer_step
-        fwd = self.activations + self.transient + self.workspace
-        if step > fwd:
-            return "optimizer step"
-        return "loss (logits)" if self.loss >= self.backward else "backward of the last layer"
-
-    @property
-    def allocated(self) -> int:
-        return self.static + max(self.activations + self.transient + self.workspace, self.optimizer_step)
 
     @property
     def total(self) -> int:
@@ -439,17 +505,11 @@ class Breakdown:
             (base, self.base),
             (emb, self.embeddings),
             ("norms", self.norms),
-            (f"adapters ({self.adapter_params:,} params, {c.adapter_dtype}"
-             + (" + bf16 copies)" if c.adapter_dtype == "fp32" else ")"), self.adapters),
-            ("adapter gradients", self.adapter_grads),
+            (f"adapters ({self.adapter_params:,} params, {c.adapter_dtype})", self.adapters),
             (f"optimizer states ({c.optimizer}, in allocator)", self.optimizer),
-            ("activations saved for backward" + (" (checkpointed)" if c.checkpointing else ""), self.activations),
-            (f"peak transient: max(logits/loss {_gib(self.loss):.2f}, backward {_gib(self.backward):.2f})",
-             self.transient),
-            ("workspace (dequantized weight, cuBLAS, batch)", self.workspace),
         ]
-        if self.optimizer_step > self.activations + self.transient + self.workspace:
-            rows.append(("(peak is the optimizer step instead: step temporaries)", self.optimizer_step))
+        phase = self.peak_phase
+        rows += [(f"[{phase}] {label}", n) for label, n in self.phases()[phase]]
         return rows
 
 
@@ -478,52 +538,58 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
     norm_tensors = [h] * (2 * L + 1) + ([arch.head_dim] * 2 * L if arch.qk_norm else [])
     norms = sum(_alloc(n * nbytes, rnd) for n in norm_tensors)
 
-    # Trainable: adapters, grads, optimizer.
+    # Trainable: adapters (static), their gradients (made in backward, set to None after the
+    # step), optimizer states (static from the first step on).
     numels = adapter_tensors(arch, cfg)
     abytes = DTYPE_BYTES[cfg.adapter_dtype]
     adapters = sum(_alloc(n * abytes, rnd) for n in numels)
-    if cfg.adapter_dtype == "fp32":
-        # bf16 compute: the cast copy of each A and B is kept for backward (autocast caches it)
-        adapters += sum(_alloc(n * 2, rnd) for n in numels)
     grads = sum(_alloc(n * abytes, rnd) for n in numels)
+    layer_grads = -(-grads // L)
     opt, opt_paged, opt_step = optimizer_state_bytes(numels, cfg)
 
     # Activations.
     per_layer = sum(layer_activation_terms(arch, cfg).values())
+    per_layer_weights = sum(layer_weight_terms(arch, cfg).values())
     layer_input = 2 * h  # the bf16 hidden state entering a layer
-    final_norm = (4 if cfg.kernels == "eager" else 2) * h + 4
-    rope = 2 * 2 * arch.head_dim  # cos and sin in bf16, computed once and shared by all layers
+    # After the layers: the final norm (fp32 input copy + rstd, eager), the loss's input (the
+    # normed hidden state of the label positions, kept by each chunk's checkpoint) with its int64
+    # gather indices and targets; RoPE cos/sin in bf16, computed once and shared by all layers.
+    final = (4 if cfg.kernels == "eager" else 2) * h + 4 + 2 * h + 8 + 8
+    rope = 2 * 2 * arch.head_dim
+    kept_layers = 2 if cfg.offload_activations else L  # offload: current + prefetched one on GPU
     if cfg.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
-        kept_layers = 2 if cfg.offload_activations else L  # offload: current + prefetched one on GPU
-        activations = tokens * (kept_layers * layer_input + final_norm + rope)
+        activations = tokens * (kept_layers * layer_input + final + rope)
+        copies = per_layer_weights
         backward = tokens * (per_layer + backward_working_bytes_per_token(arch, cfg))
     else:
-        kept_layers = 2 if cfg.offload_activations else L
-        activations = tokens * (kept_layers * per_layer + final_norm + rope)
+        activations = tokens * (kept_layers * per_layer + final + rope)
+        copies = L * per_layer_weights
         backward = tokens * backward_working_bytes_per_token(arch, cfg)
     activations = int(activations)
     backward = int(backward)
     loss, loss_note = loss_peak_bytes(arch, cfg)
     notes.append(f"logits/loss: {loss_note}")
 
-    # Workspace: the frozen weight dequantized for one matmul (forward and backward alike), with
-    # double quant first its fp32 absmax; the cuBLAS workspaces; the batch (ids, labels, positions).
+    # Workspace: the cuBLAS workspaces and the batch (ids, labels, positions) always; inside a
+    # quantized matmul (forward and backward alike) the frozen weight dequantized, with double
+    # quant first its fp32 absmax.
     largest = max(arch.linears(), key=lambda x: x[1] * x[2])
     n_largest = largest[1] * largest[2]
-    workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens
+    dequant = 0
     if cfg.quant in ("nf4", "fp4"):
-        workspace += 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
+        dequant = 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
     elif cfg.quant == "int8":
         # backward turns int8 rows back to bf16; forward quantizes the input to int8 and gets int32
-        workspace += 2 * n_largest + tokens * (largest[1] + 4 * largest[2])
+        dequant = 2 * n_largest + tokens * (largest[1] + 4 * largest[2])
     if cfg.dora:
-        # PEFT's DoRA builds the full weight each step to take its row norms: dequantized W,
-        # B @ A and their sum, in fp32, for the largest target.
+        # DoRA (qlora.adapters) takes the row norms of W + s·BA each forward: the dequantized
+        # weight, B @ A and their sum in bf16, for the largest target (estimate).
         t = [x for x in arch.linears() if x[0] in target_names(cfg.targets)]
         big = max(t, key=lambda x: x[1] * x[2])
-        workspace += 3 * 4 * big[1] * big[2]
-        notes.append("DoRA: activation and workspace terms are estimates of PEFT's implementation")
+        dequant += 3 * 2 * big[1] * big[2]
+        notes.append("DoRA: its workspace term is an estimate")
+    workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
 
     # Several GPUs: DDP replicates everything (and keeps a bucket copy of the gradients); FSDP
     # shards the weights, adapters, grads and optimizer, and gathers one layer at a time (twice:
@@ -532,13 +598,16 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         n = cfg.gpus
         if cfg.sharding == "ddp":
             grads *= 2
+            layer_grads *= 2
             notes.append(f"DDP over {n} GPUs: each holds a full copy; micro-batch is per GPU")
         else:
             layer_full = base_layer + sum(_alloc(x * abytes, rnd) for x in numels[: len(numels) // L])
             base, embeddings, norms = -(-base // n), -(-embeddings // n), -(-norms // n)
             adapters, grads = -(-adapters // n), -(-grads // n)
             opt, opt_paged, opt_step = -(-opt // n), -(-opt_paged // n), -(-opt_step // n)
-            workspace += 2 * layer_full + _alloc(v * h * nbytes, rnd)  # + the gathered embedding/head
+            gathered = 2 * layer_full + _alloc(v * h * nbytes, rnd)  # + the gathered embedding/head
+            workspace += gathered
+            dequant += gathered
             notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer sharded; "
                          "two gathered layers and the gathered embedding/head in workspace")
     if cfg.offload_activations:
@@ -548,8 +617,9 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
                      "not in torch.cuda.max_memory_allocated")
 
     return Breakdown(arch=arch, cfg=cfg, base=base, embeddings=embeddings, norms=norms, adapters=adapters,
-                     adapter_grads=grads, optimizer=opt, optimizer_paged=opt_paged, activations=activations,
-                     loss=loss, backward=backward, optimizer_step=opt_step, workspace=workspace,
+                     optimizer=opt, optimizer_paged=opt_paged, activations=activations, adapter_copies=copies,
+                     loss=loss, backward=backward, adapter_grads=grads, layer_grads=layer_grads,
+                     optimizer_step=opt_step, workspace=workspace, dequant=dequant,
                      adapter_params=sum(numels), notes=notes)
 
 

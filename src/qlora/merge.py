@@ -27,13 +27,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qlora.errors import QloraError
+from qlora.files import staged_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16": "float16", "f32": "float32"}
@@ -354,9 +354,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         raise QloraError("the adapter changes lm_head or embed_tokens of a model with tied embeddings; "
                          "merging it would change both; this is not supported")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base, parse_size(max_shard_size))
         config = dict(config)
         config["torch_dtype"] = dtype  # transformers 4.x reads this key
@@ -366,10 +364,6 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
             if (model_dir / fname).exists():
                 shutil.copy2(model_dir / fname, tmp / fname)
         refuse_existing(out)  # someone may have made it meanwhile
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from qlora.errors import QloraError
+from qlora.files import staged_file
 
 QTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 
@@ -314,11 +314,7 @@ def _export(model_dir: Path, out: Path, qtype: str) -> Path:
     files = base_weight_files(model_dir)
     tmap = g.get_tensor_name_map(arch, n_layer)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with staged_file(out) as tmp:
         w = g.GGUFWriter(str(tmp), arch_name, use_temp_file=True)
         w.add_name(model_dir.resolve().name)
         rope_factors = add_hparams(w, config, arch_name)
@@ -357,10 +353,6 @@ def _export(model_dir: Path, out: Path, qtype: str) -> Path:
         w.close()
         if out.exists():
             raise QloraError(f"{out} appeared while exporting; not overwriting it")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -124,8 +124,9 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv, device: torch.device):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen_names(model))
+    # the buffers (RoPE tables) are on the ignore list too, so DDP has none to broadcast
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False, find_unused_parameters=False)
+               find_unused_parameters=False)
 
 
 def sync_context(ddp_model, last: bool):

@@ -1,0 +1,220 @@
+"""Several ranks under torchrun (gloo, two CPU processes): the same steps as one process with the
+accumulation multiplied by the rank count, rank 0 alone writing, resume across rank counts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora import memory
+from qlora.cli import main
+from qlora.config import load_config
+from qlora.train import loop
+from qlora.train.distributed import DistEnv, env_from_environ, rank_share
+
+# Rank 1 records every write-like event under the output dir (Python audit hooks see each open
+# for writing, rename, mkdir, remove) and reports them; the test wants none.
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    spec = json.loads(sys.argv[1])
+    out = os.path.realpath(spec["overrides"]["output_dir"])
+    seen = []
+
+    def under(p):
+        try:
+            return os.path.realpath(os.fsdecode(p)).startswith(out)
+        except TypeError:
+            return False
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and under(args[0]):
+            mode, flags = args[1], args[2]
+            if (mode and any(c in mode for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR)):
+                seen.append([event, os.fsdecode(args[0])])
+        elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir",
+                       "shutil.rmtree", "os.unlink") and under(args[0]):
+            seen.append([event, os.fsdecode(args[0])])
+
+    rank = int(os.environ["RANK"])
+    if rank != 0:
+        sys.addaudithook(hook)
+    from qlora.config import load_config
+    from qlora.train import loop
+    res = loop.train(load_config(None, spec["overrides"]), progress=False,
+                     stop_after_steps=spec["stop_after"])
+    with open(os.path.join(spec["report"], f"rank{rank}.json"), "w") as fh:
+        json.dump({"losses": res.step_losses, "stopped": res.stopped, "writes": seen}, fh)
+""")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from qlora.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("dist")
+    model = build_tiny_model(root / "model", "llama")
+    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
+            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow", "wind",
+                      "leaf", "rock", "sand", "star", "lake", "hill")]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    worker = root / "worker.py"
+    worker.write_text(WORKER)
+    return model, data, worker
+
+
+def overrides(inputs, out, **kw):
+    model, data, _ = inputs
+    # 13 train rows unpacked, micro-batch 2: 7 micro-batches an epoch, so the last window of
+    # each epoch is short (one rank runs a weight-0 micro-batch) and 6 steps cross an epoch
+    base = dict(model=str(model), data=str(data), output_dir=str(out), max_seq_length=64,
+                micro_batch_size=2, max_steps=6, learning_rate=5e-3, warmup_steps=1,
+                logging_steps=1, eval_steps=3, save_steps=0, device="cpu", val_set_size=3,
+                gradient_checkpointing=False, packing=False, double_quant=False, lora_dropout=0.0)
+    base.update(kw)
+    return base
+
+
+def torchrun(args, tmp_path, timeout=120):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_worker(inputs, tmp_path, name, stop_after=None, **kw):
+    report = tmp_path / f"report-{name}"
+    report.mkdir()
+    spec = {"overrides": overrides(inputs, tmp_path / name, **kw), "stop_after": stop_after,
+            "report": str(report)}
+    torchrun([str(inputs[2]), json.dumps(spec)], tmp_path)
+    return [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def train_losses(out):
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
+
+
+def eval_losses(out):
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if r["split"] == "eval"]
+
+
+def tree(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """One process, accumulation 2: what two ranks with accumulation 1 must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = loop.train(load_config(None, overrides(inputs, out, gradient_accumulation_steps=2,
+                                                 save_steps=3)), progress=False)
+    return out, res
+
+
+def test_two_ranks_equal_one_rank_with_double_accumulation(inputs, reference, tmp_path):
+    """`qlora train` unchanged under torchrun: same per-step losses, evals and adapter; the output
+    dir holds the same files, each metric once (rank 1 wrote none of them)."""
+    ref_out, ref = reference
+    out = tmp_path / "two"
+    args = [a for k, v in overrides(inputs, out, gradient_accumulation_steps=1,
+                                    save_steps=3).items() for a in (f"--{k}", str(v))]
+    proc = torchrun(["-m", "qlora.cli", "train", *args], tmp_path)
+    assert proc.stdout.count("done: 6 steps") == 1  # rank 0 speaks for the run
+    got, want = train_losses(out), train_losses(ref_out)
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6] == sorted(ref.step_losses)
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
+    assert [loss for _, loss in eval_losses(out)] == pytest.approx(
+        [loss for _, loss in eval_losses(ref_out)], rel=1e-5)
+    assert len(eval_losses(out)) == 2
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(ref_out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did train
+    assert tree(out) == tree(ref_out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 6
+
+
+def test_resume_two_ranks_from_one_and_one_from_two(inputs, reference, tmp_path):
+    """A 2-rank run cut at step 3 resumes on 1 rank, a 1-rank run cut at step 3 resumes on 2:
+    the later steps equal the unbroken run's. Rank 1 never writes into the output dir."""
+    _, ref = reference
+    # 2 ranks (accumulation 1) cut after step 3, then 1 rank (accumulation 2) finishes
+    r0, r1 = run_worker(inputs, tmp_path, "cut2", stop_after=3, gradient_accumulation_steps=1)
+    assert r0["stopped"] == r1["stopped"] == "interrupted"
+    assert r1["writes"] == []
+    assert sorted(int(s) for s in r0["losses"]) == [1, 2, 3]
+    resumed = loop.train(load_config(None, overrides(inputs, tmp_path / "cut2", resume="latest",
+                                                     gradient_accumulation_steps=2)),
+                         progress=False)
+    assert sorted(resumed.step_losses) == [4, 5, 6]
+    for step in range(4, 7):
+        assert resumed.step_losses[step] == pytest.approx(ref.step_losses[step], rel=1e-5)
+
+    # 1 rank cut after step 3, then 2 ranks finish
+    cut = loop.train(load_config(None, overrides(inputs, tmp_path / "cut1",
+                                                 gradient_accumulation_steps=2)),
+                     progress=False, stop_after_steps=3)
+    assert cut.stopped == "interrupted"
+    r0, r1 = run_worker(inputs, tmp_path, "cut1", resume="latest", gradient_accumulation_steps=1)
+    assert r1["writes"] == [] and r0["stopped"] == "completed"
+    assert sorted(int(s) for s in r0["losses"]) == [4, 5, 6]
+    for step in range(4, 7):
+        assert r0["losses"][str(step)] == pytest.approx(ref.step_losses[step], rel=1e-5)
+        assert r1["losses"][str(step)] == r0["losses"][str(step)]  # all-reduced: every rank agrees
+    assert [s for s, _ in train_losses(tmp_path / "cut1")] == [1, 2, 3, 4, 5, 6]
+
+
+# --- pieces that need no second process ------------------------------------------------------------
+def test_environment_and_shares():
+    assert env_from_environ({}) == DistEnv() and not DistEnv().enabled
+    env = env_from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.is_main) == (1, 2, 1, False)
+    window = [10, 11, 12, 13, 14]
+    shares = [rank_share(window, DistEnv(r, 2, r)) for r in (0, 1)]
+    assert shares == [[10, 12, 14], [11, 13]]
+    assert sorted(shares[0] + shares[1]) == window
+
+
+def test_fsdp_is_refused_naming_the_option(inputs, tmp_path, capsys):
+    args = [a for k, v in overrides(inputs, tmp_path / "run", sharding="fsdp").items()
+            for a in (f"--{k}", str(v))]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "option `sharding`: 'fsdp'" in err and "--sharding ddp" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_divides_what_each_mode_shards():
+    arch = memory.resolve_arch(shape="llama-3-8b")
+    one = memory.plan(arch, memory.PlanConfig())
+    ddp = memory.plan(arch, replace(memory.PlanConfig(), gpus=2, sharding="ddp"))
+    fsdp = memory.plan(arch, replace(memory.PlanConfig(), gpus=2, sharding="fsdp"))
+    # DDP: every rank holds everything; gradients get DDP's bucket copy besides
+    assert (ddp.base, ddp.adapters, ddp.optimizer, ddp.activations) == (
+        one.base, one.adapters, one.optimizer, one.activations)
+    assert ddp.adapter_grads == 2 * one.adapter_grads
+    # FSDP: base, embeddings, adapters, grads and optimizer states halve; activations do not
+    for part in ("base", "embeddings", "adapters", "adapter_grads", "optimizer", "optimizer_paged"):
+        assert getattr(fsdp, part) == -(-getattr(one, part) // 2), part
+    assert fsdp.activations == one.activations and fsdp.workspace > one.workspace
+    # a 70B base does not fit one 24 GiB card, and sharding over enough ranks is what plan advises
+    big = memory.resolve_arch(shape="llama-2-70b")
+    (advice,) = memory.advise(big, memory.PlanConfig(), 24 * memory.GiB)
+    assert "--sharding fsdp" in advice.text
