@@ -1,0 +1,100 @@
+"""Where one QLoRA training step of ours spends its time, on the GPU machine.
+
+    python3 benchmarks/profile_step.py --shape qwen2.5-1.5b --seq 2048 [--no-checkpointing]
+        [--fast] [--compile] [--out DIR]
+
+Builds the shape with random weights (qlora.models.load.random_model, NF4 + double quant, bf16),
+LoRA r=16 on all linear layers, paged 8-bit AdamW, then profiles a few steps with torch.profiler
+and prints: wall time per step, the number of CUDA kernels launched per step, GPU busy time per
+step (sum of kernel times: the gap to wall time is host/launch overhead), and the top kernels and
+host-side ops. A Chrome trace goes to DIR/trace.json. Needs CUDA; the tests do not run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def build(args):
+    import bitsandbytes as bnb
+
+    from qlora import memory
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantConfig
+
+    config = dict(memory.SHAPES[args.shape])
+    spec = spec_from_config(config, source=args.shape)
+    model = random_model(spec, QuantConfig(compute_dtype=torch.bfloat16), device="cuda")
+    attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.05))
+    model.gradient_checkpointing = args.checkpointing
+    if args.fast or args.compile:
+        from qlora.kernels import use_fast_path
+
+        use_fast_path(model, compile_layers=args.compile)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+
+    def step(ids):
+        loss = model(ids, labels=ids) / (ids.numel() - 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen2.5-1.5b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fast", action="store_true", help="qlora.kernels.use_fast_path")
+    parser.add_argument("--compile", action="store_true", help="fast path + compiled layers")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    _, step = build(args)
+    ids = torch.randint(4, 1024, (1, args.seq), device="cuda")
+    for _ in range(3):  # warm-up (and compilation)
+        step(ids)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(ids)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step(ids)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    n_kernels = sum(e.count for e in kernels) / args.steps
+    gpu_busy = sum(e.self_device_time_total for e in kernels) / args.steps / 1e6
+    print(f"{args.shape} seq {args.seq} checkpointing={args.checkpointing} fast={args.fast} "
+          f"compile={args.compile}")
+    print(f"wall {wall * 1e3:.1f} ms/step · GPU busy {gpu_busy * 1e3:.1f} ms/step · "
+          f"{n_kernels:.0f} kernels/step · host-bound share {(1 - gpu_busy / wall) * 100:.0f}%")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=15))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(Path(args.out) / "trace.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
