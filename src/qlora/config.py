@@ -66,6 +66,9 @@ class RunConfig:
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     seed: int = 42
+    # --- memory (qlora.memory plans the run before anything loads; docs/MEMORY.md) -----------------
+    gpu_memory: str | None = None  # GPU size to plan for, e.g. 24GB; None = the detected CUDA GPU
+    auto_fit: bool = False  # pick the largest micro-batch that fits, checkpointing off if it can be
     # --- several GPUs (under torchrun; docs/DISTRIBUTED.md) ---------------------------------------
     sharding: str = "ddp"  # ddp: each rank holds the whole 4-bit base; fsdp: not yet trainable
     # --- evaluation, checkpoints, logging --------------------------------------------------------
@@ -355,6 +358,10 @@ def check(cfg: RunConfig) -> RunConfig:
                          f"whole, or a fraction below 1")
     if cfg.dtype == "float16" and cfg.quant == "none" and cfg.device == "cpu":
         raise QloraError("option `dtype`: float16 compute is not supported on the CPU; use float32")
+    if cfg.gpu_memory:
+        from qlora.memory import parse_size
+
+        parse_size(cfg.gpu_memory, "option `gpu_memory`")
     if cfg.resume and cfg.overwrite:
         raise QloraError("options `resume` and `overwrite` exclude each other: resuming continues "
                          "the run in output_dir, overwrite deletes it")

@@ -640,19 +640,26 @@ class Advice:
     breakdown: Breakdown
 
 
-def _describe(cfg: PlanConfig, new: PlanConfig) -> str:
+# How each knob is spelled on the command line: `qlora plan` and `qlora train`.
+PLAN_OPTIONS = dict(micro_batch="--micro-batch", checkpointing="--checkpointing", seq_len="--seq-len",
+                    r="--r", offload_activations="--offload-activations")
+TRAIN_OPTIONS = dict(micro_batch="--micro_batch_size", checkpointing="--gradient_checkpointing true",
+                     seq_len="--max_seq_length", r="--lora_r", offload_activations=None)
+
+
+def _describe(cfg: PlanConfig, new: PlanConfig, names: dict = PLAN_OPTIONS) -> str:
     parts = []
     if new.micro_batch != cfg.micro_batch:
         k = cfg.micro_batch // new.micro_batch
-        parts.append(f"--micro-batch {new.micro_batch} (and x{k} gradient accumulation to keep the batch)")
+        parts.append(f"{names['micro_batch']} {new.micro_batch} (and x{k} gradient accumulation to keep the batch)")
     if new.checkpointing != cfg.checkpointing:
-        parts.append("--checkpointing")
+        parts.append(names["checkpointing"])
     if new.seq_len != cfg.seq_len:
-        parts.append(f"--seq-len {new.seq_len}")
+        parts.append(f"{names['seq_len']} {new.seq_len}")
     if new.r != cfg.r:
-        parts.append(f"--r {new.r}")
+        parts.append(f"{names['r']} {new.r}")
     if new.offload_activations != cfg.offload_activations:
-        parts.append("--offload-activations")
+        parts.append(names["offload_activations"])
     return " + ".join(parts)
 
 
@@ -668,14 +675,16 @@ def _largest_fitting(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: st
     return None
 
 
-def advise(arch: Arch, cfg: PlanConfig, gpu_bytes: int) -> list[Advice]:
+def advise(arch: Arch, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_OPTIONS) -> list[Advice]:
     """Changes that make the run fit, each checked by re-running the planner; [] if it fits.
 
     Tried one at a time, in this order: smaller micro-batch, checkpointing on, shorter sequence,
     smaller rank, offload of activations. If no single change fits, they are combined in the same
     order, each at its most conservative setting, until the plan fits. If even that does not fit,
-    one Advice with empty changes says so.
+    one Advice with empty changes says so. `names` spells the options (a knob named None, such as
+    offload for `qlora train`, which has none, is not offered).
     """
+    offload = names.get("offload_activations") is not None
     if fits(plan(arch, cfg), gpu_bytes):
         return []
     singles: list[PlanConfig | None] = []
@@ -687,34 +696,34 @@ def advise(arch: Arch, cfg: PlanConfig, gpu_bytes: int) -> list[Advice]:
         singles.append(_largest_fitting(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, 128))
     if cfg.r > 4:
         singles.append(_largest_fitting(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
-    if not cfg.offload_activations:
+    if offload and not cfg.offload_activations:
         singles.append(replace(cfg, offload_activations=True))
     out = []
     for new in singles:
         if new is not None:
             b = plan(arch, new)
             if fits(b, gpu_bytes):
-                out.append(Advice(_changes(cfg, new), _describe(cfg, new), b))
+                out.append(Advice(_changes(cfg, new), _describe(cfg, new, names), b))
     if out:
         return out
     # Combine, in the same order: micro-batch 1 and checkpointing on; then the longest sequence,
     # the largest rank, offload; a knob that cannot make it fit alone is left at its floor.
     combined = replace(cfg, micro_batch=1, checkpointing=True)
     if fits(plan(arch, combined), gpu_bytes):
-        return [Advice(_changes(cfg, combined), _describe(cfg, combined), plan(arch, combined))]
+        return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     for knob, floor in (("seq_len", 128), ("r", 4)):
         trial = _largest_fitting(arch, combined, gpu_bytes, knob, getattr(combined, knob), floor)
         if trial is not None:
-            return [Advice(_changes(cfg, trial), _describe(cfg, trial), plan(arch, trial))]
+            return [Advice(_changes(cfg, trial), _describe(cfg, trial, names), plan(arch, trial))]
         combined = replace(combined, **{knob: min(getattr(combined, knob), floor)})
-    combined = replace(combined, offload_activations=True)
-    if fits(plan(arch, combined), gpu_bytes):
-        return [Advice(_changes(cfg, combined), _describe(cfg, combined), plan(arch, combined))]
+    combined = replace(combined, offload_activations=offload)
+    if offload and fits(plan(arch, combined), gpu_bytes):
+        return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     b = plan(arch, combined)
     more = _min_fsdp_gpus(arch, replace(cfg, micro_batch=1, checkpointing=True), gpu_bytes)
-    text = (f"does not fit even with {_describe(cfg, combined)}: the static part alone is "
+    text = (f"does not fit even with {_describe(cfg, combined, names)}: the static part alone is "
             f"{_gib(b.static + b.optimizer_paged):.1f} GiB; use a larger GPU"
-            + (f" or --gpus {more} --sharding fsdp" if more else ""))
+            + (f" or {more} GPUs with FSDP sharding" if more else ""))
     return [Advice({}, text, b)]
 
 
@@ -787,3 +796,121 @@ def format_table(b: Breakdown) -> str:
     lines.append(f"peak phase: {b.peak_phase}")
     lines += [f"note: {n}" for n in b.notes]
     return "\n".join(lines)
+
+
+# --- `qlora train`: check before loading, auto-fit, out of memory -------------------------------
+def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
+    """The PlanConfig of a RunConfig (qlora.config): what `qlora train` will run, as the planner
+    sees it. Target names the planner does not know (not one of the seven projections) are left
+    out; the model layer refuses them later if they do not exist."""
+    targets = "all-linear" if "all-linear" in cfg.target_modules else tuple(
+        t for t in cfg.target_modules if t in PROJECTIONS) or "all-linear"
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
+    nonquant = {"float32": "fp32", "float16": "fp16"}.get(name, "bf16")
+    return PlanConfig(quant=cfg.quant, double_quant=cfg.double_quant, r=cfg.lora_r, targets=targets,
+                      dora=cfg.use_dora, lora_dropout=cfg.lora_dropout, nonquant_dtype=nonquant,
+                      seq_len=cfg.max_seq_length, micro_batch=cfg.micro_batch_size,
+                      checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optim,
+                      gpus=world_size, sharding=cfg.sharding)
+
+
+def run_gpu_bytes(cfg, device) -> tuple[int | None, str]:
+    """The GPU size to plan for: --gpu-memory, else the CUDA device's, else None (CPU run)."""
+    if cfg.gpu_memory:
+        return parse_size(cfg.gpu_memory, "--gpu_memory"), f"--gpu_memory {cfg.gpu_memory}"
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} ({props.total_memory / GiB:.1f} GiB)"
+    return None, ""
+
+
+def _advice_lines(arch: Arch, pc: PlanConfig, gpu_bytes: int) -> list[str]:
+    lines = []
+    for a in advise(arch, pc, gpu_bytes, names=TRAIN_OPTIONS):
+        if a.changes:
+            lines.append(f"  - {a.text}: ~{_gib(needed_bytes(a.breakdown)):.1f} GiB")
+        else:
+            lines.append(f"  - {a.text}")
+    return lines
+
+
+def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
+    """Run the planner for `qlora train` before anything is loaded.
+
+    Returns (cfg, facts): cfg possibly changed by --auto_fit (micro-batch, gradient accumulation,
+    checkpointing), facts for the resolved config. Raises QloraError, naming what to change, when
+    the run will not fit. Does nothing on the CPU unless --gpu_memory is given.
+    """
+    import dataclasses
+
+    gpu_bytes, gpu_name = run_gpu_bytes(cfg, device)
+    if gpu_bytes is None:
+        return cfg, {}
+    arch = resolve_arch(model_dir=cfg.model)
+    pc = plan_config_for_run(cfg, dtype, world_size)
+    b = plan(arch, pc)
+    need = needed_bytes(b)
+    facts = {"memory plan": f"needs ~{_gib(need):.1f} GiB of {_gib(gpu_bytes):.1f} GiB ({gpu_name}), "
+                            f"peak allocated ~{_gib(b.allocated):.2f} GiB"}
+    if cfg.auto_fit:
+        global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+        best = auto_fit(arch, pc, gpu_bytes, max_micro_batch=max(global_batch, 1))
+        if best is None:
+            raise QloraError(
+                f"--auto_fit: nothing fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}), even micro-batch 1 with "
+                f"gradient checkpointing (needs ~{_gib(needed_bytes(plan(arch, replace(pc, micro_batch=1, checkpointing=True)))):.1f} GiB). "
+                "Change:\n" + "\n".join(_advice_lines(arch, replace(pc, micro_batch=1, checkpointing=True), gpu_bytes)))
+        # the largest micro-batch that fits and divides the global batch, so the global batch
+        # (micro-batch x accumulation) stays what the config asked for
+        mb = max(d for d in range(1, best.micro_batch + 1) if global_batch % d == 0)
+        accum = global_batch // mb
+        chosen = replace(best, micro_batch=mb)
+        text = (f"auto-fit: micro-batch {mb} x gradient accumulation {accum} (global batch {global_batch} kept; "
+                f"largest micro-batch that fits: {best.micro_batch}), gradient checkpointing "
+                f"{'on' if chosen.checkpointing else 'off'}; was micro-batch {cfg.micro_batch_size} x "
+                f"{cfg.gradient_accumulation_steps}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; "
+                f"needs ~{_gib(needed_bytes(plan(arch, chosen))):.1f} of {_gib(gpu_bytes):.1f} GiB ({gpu_name})")
+        log(text)
+        cfg = dataclasses.replace(cfg, micro_batch_size=mb, gradient_accumulation_steps=accum,
+                                  gradient_checkpointing=chosen.checkpointing, auto_fit=False)
+        facts = {"memory plan": text}
+        return cfg, facts
+    if not fits(b, gpu_bytes):
+        raise QloraError(
+            f"this run will not fit in {_gib(gpu_bytes):.1f} GiB ({gpu_name}): the memory planner predicts "
+            f"~{_gib(need):.1f} GiB (peak allocated {_gib(b.allocated):.2f} GiB at the {b.peak_phase}, "
+            f"+ paged optimizer states, allocator slack and CUDA context; `qlora plan --model {cfg.model}` "
+            f"shows the parts). Change one of:\n" + "\n".join(_advice_lines(arch, pc, gpu_bytes))
+            + "\nor pass --auto_fit true to pick the micro-batch and checkpointing automatically.")
+    log(f"memory plan: {facts['memory plan']}")
+    return cfg, facts
+
+
+def out_of_memory_error(cfg, device, err: BaseException, checkpoint=None, dtype=None,
+                        world_size: int = 1) -> QloraError:
+    """The QloraError `qlora train` raises when CUDA runs out of memory mid-run: what happened,
+    the checkpoint kept, and the planner's advice against a budget the run did not have."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [f"out of GPU memory during training: {first}"]
+    lines.append(f"checkpoint kept: {checkpoint} (continue with --resume latest after changing the options)"
+                 if checkpoint else "no checkpoint was written yet (or it could not be saved)")
+    try:
+        arch = resolve_arch(model_dir=cfg.model)
+        pc = plan_config_for_run(cfg, dtype, world_size)
+        b = plan(arch, pc)
+        gpu_bytes, gpu_name = run_gpu_bytes(cfg, device)
+        need = needed_bytes(b)
+        # The planner said (or would have said) it fits, yet memory ran out: other processes,
+        # fragmentation or an estimate off. Advise changes that fit in 85% of what it predicted.
+        budget = min(gpu_bytes or need, int(0.85 * need))
+        lines.append(f"the planner predicted ~{_gib(need):.1f} GiB"
+                     + (f" on {_gib(gpu_bytes):.1f} GiB ({gpu_name})" if gpu_bytes else "")
+                     + f"; to need at most {_gib(budget):.1f} GiB, change one of:")
+        lines += _advice_lines(arch, pc, budget)
+    except QloraError as planner_err:  # a model the planner cannot read: still say what happened
+        lines.append(f"(no memory plan: {planner_err})")
+    lines.append("other processes on the GPU also take memory; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                 "reduces fragmentation")
+    return QloraError("\n".join(lines))

@@ -141,7 +141,51 @@ def check_sharding(sharding: str, env: DistEnv) -> None:
     if sharding == "fsdp":
         raise QloraError(
             "option `sharding`: 'fsdp' (the 4-bit base sharded over ranks with FSDP2 fully_shard) "
-            "is not implemented yet: bitsandbytes' Params4bit keeps its quant_state outside the "
-            "tensor, which fully_shard's DTensor parameters drop (see docs/DISTRIBUTED.md). "
+            "is not wired into the training loop yet: the model shards and steps (shard_fsdp), "
+            "but checkpoints, the adapter file, the 8-bit optimizer and evaluation do not yet "
+            "handle sharded (DTensor) parameters (see docs/DISTRIBUTED.md). "
             "Use --sharding ddp (every rank holds the whole 4-bit base) under torchrun, and "
             "`qlora plan --gpus N --sharding fsdp` to see what sharding would need")
+
+
+# --- sharded (FSDP2) building blocks: tested on CPU, not yet used by the loop ---------------------
+def float_storage_4bit(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Re-store every bitsandbytes Linear4bit's packed bytes as `dtype` (bitsandbytes'
+    `quant_storage`, the Answer.AI FSDP+QLoRA trick), so that FSDP2, which all-gathers one dtype
+    per group, can shard them beside the adapters and norms. The bytes are the same (a view);
+    the quant state (absmax, code; small) stays on the module, replicated on every rank, and
+    bitsandbytes finds it there again (module.quant_state) when FSDP hands back a plain tensor.
+    Returns how many layers were changed."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit) or m.weight.dtype == dtype:
+            continue
+        w, qs = m.weight, m.weight.quant_state
+        raw = w.data.reshape(-1).view(torch.uint8)
+        if raw.numel() % dtype.itemsize:
+            raise QloraError(f"a 4-bit weight of {raw.numel()} bytes cannot be stored as {dtype}")
+        m.weight = bnb.nn.Params4bit(raw.view(dtype).reshape(-1, 1), requires_grad=False,
+                                     quant_state=qs, blocksize=w.blocksize,
+                                     compress_statistics=w.compress_statistics,
+                                     quant_type=w.quant_type, quant_storage=dtype, module=m,
+                                     bnb_quantized=True)
+        m.quant_state, m.quant_storage = qs, dtype
+        n += 1
+    return n
+
+
+def shard_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """FSDP2: each decoder block one all-gather unit, the rest (embeddings, norm, head) the root's.
+
+    Base bytes, norms, embeddings and adapters are sharded along dim 0 over the ranks; gradients
+    come back reduce-scattered (averaged, like DDP) and an optimizer built afterwards holds only
+    its shard of the states."""
+    from torch.distributed.fsdp import fully_shard
+
+    float_storage_4bit(model, dtype)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model

@@ -347,6 +347,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     tokens_this_run, window_tokens_logged, window_losses = 0, 0, []
     last_eval_step = -1
     t_log = time.perf_counter()
+    boundary_rng, in_update = None, False  # for a checkpoint after an out-of-memory error
     try:
         with StopFlag() as stop:
             while state.global_step < total:
@@ -354,6 +355,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 start = state.batch_index
                 window_ids = list(range(start, min(start + window, per_epoch)))
                 rng_at_start = ckpt.rng_state()
+                boundary_rng = rng_at_start
                 batches, n_input = [], 0
                 mine = dist_.rank_share(window_ids, env) if env.enabled else window_ids
                 # a rank left without a micro-batch (short last window) still joins the gradient
@@ -400,6 +402,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     result.checkpoint = save(rng_at_start)
                     result.stopped, result.signal = "interrupted", stop.signum
                     break
+                in_update = True  # from here until the step is counted, no consistent state
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -419,6 +422,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 state.batch_index = window_ids[-1] + 1
                 if state.batch_index >= per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
+                in_update, boundary_rng = False, None  # None: the RNG state now is the boundary's
                 state.tokens_seen += n_labels
                 tokens_this_run += n_input
                 window_tokens_logged += n_input
@@ -460,6 +464,22 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     result.checkpoint = save(ckpt.rng_state())
                     result.stopped, result.signal = "interrupted", stop.signum
                     break
+    except torch.OutOfMemoryError as err:
+        # Keep a checkpoint at the last step boundary (unless the optimizer was mid-update), then
+        # the planner's advice, as a QloraError (exit code 2).
+        from qlora.memory import out_of_memory_error
+
+        optimizer.zero_grad(set_to_none=True)
+        kept = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not in_update and state.global_step > 0:
+            try:
+                kept = save(boundary_rng if boundary_rng is not None else ckpt.rng_state())
+            except Exception as save_err:  # noqa: BLE001 -- e.g. out of memory again
+                log(f"could not save a checkpoint after running out of memory: {save_err}")
+        kept = kept or next(iter(reversed(ckpt.list_checkpoints(out))), None)
+        raise out_of_memory_error(cfg, device, err, kept, compute_dtype, env.world_size) from None
     finally:
         bar.close()
         metrics.close()
@@ -541,9 +561,13 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
     from qlora.models import load_tokenizer
 
     dtype = resolve_dtype(cfg, device)
+    # the memory planner, before anything loads: refuses a run that will not fit, or --auto_fit
+    from qlora.memory import check_run
+
+    cfg, memory_facts = check_run(cfg, device, dtype, env.world_size, log)
     optim_name, _ = resolve_optim(cfg.optim, device)
     resolved = {"device": str(device), "compute dtype": str(dtype).removeprefix("torch."),
-                "optimizer used": optim_name}
+                "optimizer used": optim_name, **memory_facts}
     if env.enabled:
         resolved["ranks"] = env.world_size
     tokenizer = load_tokenizer(cfg.model)

@@ -1,0 +1,259 @@
+"""`qlora compare`: the notebook's "PEFT methods comparison", with numbers measured here.
+
+For each method (LoRA on a 16-bit base, QLoRA NF4 / FP4 / NF4 without double quant, rsLoRA r=64,
+DoRA, QLoRA + DoRA, 8-bit base):
+
+- trainable parameters of the adapters, for the demo model and for the Llama-3-8B shape;
+- peak GPU memory for the Llama-3-8B shape, *predicted* by qlora.memory (seq 2048, micro-batch 1,
+  checkpointing, LoRA dropout 0.05, paged 8-bit AdamW: the settings the planner is calibrated at);
+- the held-out loss and exact-match accuracy on the demo task (qlora.demo: capitalise a word),
+  trained on this machine's CPU with the loop `qlora train` runs, every method from the same
+  random base, data, seed and schedule.
+
+GPU columns (measured peak memory and tokens/s on the device for the Llama-3-8B shape) come from
+`benchmarks/measure_memory.py --methods ...` (see docs/COMPARE.md); given that file with
+--gpu-results they are filled in, otherwise they say what command fills them.
+Outputs: compare.json, compare.md and compare.png (memory vs quality, ranking) in --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qlora.errors import QloraError
+
+# name -> (label, RunConfig fields). Every method: all seven projections, alpha 32.
+METHODS: dict[str, tuple[str, dict]] = {
+    "lora-16bit": ("LoRA r=16, 16-bit base", dict(quant="none", lora_r=16)),
+    "qlora-nf4": ("QLoRA NF4 r=16", dict(quant="nf4", double_quant=True, lora_r=16)),
+    "qlora-fp4": ("QLoRA FP4 r=16", dict(quant="fp4", double_quant=True, lora_r=16)),
+    "qlora-nf4-no-dq": ("QLoRA NF4 r=16, no double quant", dict(quant="nf4", double_quant=False, lora_r=16)),
+    "rslora-r64": ("rsLoRA r=64 (NF4 base)", dict(quant="nf4", double_quant=True, lora_r=64, use_rslora=True)),
+    "dora-16bit": ("DoRA r=16, 16-bit base", dict(quant="none", lora_r=16, use_dora=True)),
+    "qlora-dora": ("QLoRA+DoRA r=16 (NF4)", dict(quant="nf4", double_quant=True, lora_r=16, use_dora=True)),
+    "lora-8bit": ("LoRA r=16, 8-bit base", dict(quant="int8", lora_r=16)),
+}
+DEFAULT_STEPS = 80
+GPU_SHAPE = "llama-3-8b"
+GPU_SETTINGS = dict(seq_len=2048, micro_batch=1, checkpointing=True, lora_dropout=0.05,
+                    optimizer="paged_adamw_8bit")
+PENDING = "pending: needs the GPU"
+
+
+def gpu_command(methods: list[str]) -> str:
+    """The command that measures the GPU columns on the device (not run here)."""
+    return ("python benchmarks/measure_memory.py --shapes llama-3-8b --seqs 2048 --checkpointing on "
+            f"--ranks 16 --steps 6 --methods {' '.join(methods)} --out benchmarks/results/compare-llama-3-8b.json"
+            " && qlora compare --gpu-results benchmarks/results/compare-llama-3-8b.json --out docs/compare")
+
+
+def plan_config(method: str):
+    """The planner's settings for `method` on the GPU shape."""
+    from qlora import memory
+
+    f = METHODS[method][1]
+    return memory.PlanConfig(quant=f["quant"], double_quant=f.get("double_quant", True), r=f["lora_r"],
+                             dora=f.get("use_dora", False), **GPU_SETTINGS)
+
+
+def predicted_gpu(method: str) -> dict:
+    from qlora import memory
+
+    arch = memory.resolve_arch(shape=GPU_SHAPE)
+    b = memory.plan(arch, plan_config(method))
+    return {"trainable_params": b.adapter_params, "peak_allocated_gib": round(b.allocated / memory.GiB, 2),
+            "needed_gib": round(memory.needed_bytes(b) / memory.GiB, 2)}
+
+
+def _read_gpu_results(path: str | None) -> dict[str, dict]:
+    """method -> {peak_allocated_gib, tokens_per_s, device} from measure_memory.py --methods."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise QloraError(f"--gpu-results: {p} does not exist (write it with: {gpu_command(list(METHODS))})")
+    data = json.loads(p.read_text())
+    out = {}
+    for rec in data.get("records", []):
+        meas, method = rec.get("measured", {}), rec.get("method")
+        if method and "peak_allocated" in meas:
+            out[method] = {"peak_allocated_gib": round(meas["peak_allocated"] / 2**30, 2),
+                           "tokens_per_s": meas.get("tokens_per_s"), "device": meas.get("device_name")}
+    return out
+
+
+def train_method(method: str, base_cfg, tokenizer, train_examples, val_examples, prompts, work: Path,
+                 log: Callable[[str], None]) -> dict:
+    """Train one method from the shared random base; held-out loss and exact match."""
+    from qlora.demo import held_out_scores
+    from qlora.train.loop import build_model, fit, prepare_output_dir
+
+    fields = METHODS[method][1]
+    cfg = dataclasses.replace(base_cfg, output_dir=str(work / method), **fields)
+    device = torch.device("cpu")
+    # bitsandbytes says, every int8 matmul on the CPU, that it casts fp32 inputs to fp16
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    prepare_output_dir(cfg)
+    model = build_model(cfg, device, torch.float32)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    t0 = time.perf_counter()
+    result = fit(model, tokenizer, train_examples, val_examples, cfg, device=device, log=lambda s: None,
+                 progress=False)
+    train_s = time.perf_counter() - t0
+    scores = held_out_scores(model, tokenizer, val_examples, prompts, device)
+    log(f"  {method:<16} {trainable:>9,} trainable  eval loss {scores['loss']:.4f}  "
+        f"exact match {100 * scores['exact_match']:.1f}%  ({train_s:.0f} s)")
+    return {"trainable_params": trainable, "eval_loss": scores["loss"], "exact_match": scores["exact_match"],
+            "steps": result.global_step, "train_time_s": round(train_s, 1),
+            "cpu_tokens_per_s": result.summary.get("tokens_per_s")}
+
+
+def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, steps: int = DEFAULT_STEPS,
+        model_sizes: dict | None = None, n_train: int | None = None, gpu_results: str | None = None,
+        log: Callable[[str], None] = print) -> dict:
+    """Train every method on the demo task, predict its GPU memory, write JSON, markdown and plots."""
+    from qlora import demo
+    from qlora.data import encode_prompt, load_examples
+    from qlora.models import load_tokenizer
+    from qlora.tiny import build_tiny_model
+    from qlora.train.loop import load_data
+
+    methods = methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise QloraError(f"--methods: {', '.join(unknown)} not known; choose from {', '.join(METHODS)}")
+    if steps < 1:
+        raise QloraError(f"--steps must be at least 1, not {steps}")
+    gpu = _read_gpu_results(gpu_results)
+    out = Path(out_dir)
+    work = out.parent / f".{out.name}-work"  # the runs themselves are scratch: removed at the end
+    if work.exists():
+        shutil.rmtree(work)
+    sizes = dict(demo.MODEL_SIZES, **(model_sizes or {}))
+    torch.manual_seed(0)
+    model_dir = build_tiny_model(work / "base-model", "llama", seed=0, **sizes)
+    train_file, val_file = demo.write_dataset(work / "data")
+    if n_train:
+        lines = train_file.read_text().splitlines(keepends=True)[:n_train]
+        train_file.write_text("".join(lines))
+    base = demo.demo_config(model_dir, train_file, val_file, work / "run", steps)
+    base = dataclasses.replace(base, eval_steps=steps, save_steps=0, logging_steps=max(1, steps))
+    tokenizer = load_tokenizer(model_dir)
+    train_examples, val_examples = load_data(base, tokenizer, log=lambda s: None)
+    raw, _ = load_examples(str(val_file))
+    prompts = [encode_prompt(e, tokenizer) for e in raw]
+    log(f"training {len(methods)} methods for {steps} steps each on the demo task (CPU) ...")
+    rows = []
+    t0 = time.perf_counter()
+    for method in methods:
+        cpu = train_method(method, base, tokenizer, train_examples, val_examples, prompts, work, log)
+        pred = predicted_gpu(method)
+        measured = gpu.get(method, {})
+        rows.append({"method": method, "label": METHODS[method][0], "settings": METHODS[method][1],
+                     "demo": cpu,
+                     "llama_3_8b": {"trainable_params": pred["trainable_params"],
+                                    "predicted_peak_allocated_gib": pred["peak_allocated_gib"],
+                                    "predicted_needed_gib": pred["needed_gib"],
+                                    "measured_peak_allocated_gib": measured.get("peak_allocated_gib", PENDING),
+                                    "tokens_per_s": measured.get("tokens_per_s", PENDING),
+                                    "device": measured.get("device")}})
+    result = {
+        "task": "qlora.demo: capitalise a word; held-out words never seen in training",
+        "demo_model": {"family": "llama", **sizes, "random_base": True},
+        "cpu_training": {"steps": steps, "micro_batch": base.micro_batch_size, "learning_rate": base.learning_rate,
+                         "lora_alpha": base.lora_alpha, "lora_dropout": base.lora_dropout, "optim": base.optim,
+                         "dtype": "float32 (CPU)", "seed": base.seed, "train_examples": len(train_examples),
+                         "held_out_examples": len(val_examples)},
+        "gpu_prediction": {"shape": GPU_SHAPE, **GPU_SETTINGS, "predicted_by": "qlora.memory.plan"},
+        "gpu_command": gpu_command(methods),
+        "versions": _versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "methods": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    _write(out / "compare.md", markdown(result))
+    plot(result, out / "compare.png")
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"wrote {out}/compare.json, compare.md, compare.png")
+    return result
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "bitsandbytes")}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| method | trainable params (demo model) | trainable params (Llama-3-8B) "
+             "| predicted peak allocated, Llama-3-8B (GiB) | measured peak allocated, Llama-3-8B (GiB) "
+             "| tokens/s, Llama-3-8B | held-out eval loss (demo) | exact match (demo) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["methods"], key=lambda r: r["demo"]["eval_loss"]):
+        g, d = r["llama_3_8b"], r["demo"]
+        meas = g["measured_peak_allocated_gib"]
+        tps = g["tokens_per_s"]
+        lines.append(f"| {r['label']} | {d['trainable_params']:,} | {g['trainable_params']:,} "
+                     f"| {g['predicted_peak_allocated_gib']:.2f} (predicted) "
+                     f"| {meas if isinstance(meas, str) else f'{meas:.2f}'} "
+                     f"| {tps if isinstance(tps, str) else f'{tps:,.0f}'} "
+                     f"| {d['eval_loss']:.4f} | {100 * d['exact_match']:.1f}% |")
+    lines.append("")
+    lines.append(f"GPU columns: `{result['gpu_command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """The notebook's two panels from the measured data: memory vs quality, and the ranking."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["methods"]
+    names = [r["label"] for r in rows]
+    mem = [r["llama_3_8b"]["predicted_peak_allocated_gib"] for r in rows]
+    loss = [r["demo"]["eval_loss"] for r in rows]
+    colors = plt.cm.tab10(range(len(rows)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6))
+    ax1.scatter(mem, loss, s=160, c=colors, edgecolors="#2c3e50", linewidths=1.2, zorder=5)
+    for x, y, name in zip(mem, loss, names):
+        ax1.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    ax1.set_xlabel("peak GPU memory, Llama-3-8B shape, seq 2048 (GiB, predicted by qlora plan)")
+    ax1.set_ylabel(f"held-out loss on the demo task after {result['cpu_training']['steps']} steps (lower is better)")
+    ax1.set_title("PEFT methods: memory vs quality (measured loss, predicted memory)")
+    ax1.grid(True, alpha=0.3)
+    order = sorted(range(len(rows)), key=lambda i: loss[i])
+    ax2.barh(range(len(order)), [loss[i] for i in order], color=[colors[i] for i in order],
+             edgecolor="#2c3e50", linewidth=0.8)
+    ax2.set_yticks(range(len(order)))
+    ax2.set_yticklabels([names[i] for i in order], fontsize=9)
+    ax2.invert_yaxis()  # best at the top
+    ax2.set_xlabel("held-out loss (demo task, CPU)")
+    ax2.set_title("PEFT methods ranked by held-out loss")
+    ax2.grid(True, alpha=0.3, axis="x")
+    for k, i in enumerate(order):
+        em = 100 * rows[i]["demo"]["exact_match"]
+        ax2.text(loss[i], k, f" {loss[i]:.3f} ({em:.0f}% exact)", va="center", fontsize=8)
+    ax2.set_xlim(0, max(loss) * 1.35)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)

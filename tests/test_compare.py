@@ -1,0 +1,70 @@
+"""`qlora compare` on a tiny model: two methods, a few steps; outputs and sane numbers."""
+
+import json
+import math
+
+import pytest
+
+from qlora.cli import main
+from qlora.compare import METHODS, PENDING, run
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "out"
+    return out, run(out_dir=out, methods=["qlora-nf4", "qlora-dora"], steps=3, model_sizes=SIZES, n_train=64,
+                    log=lambda s: None)
+
+
+def _peft_trainable(method: str, sizes: dict) -> int:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = METHODS[method][1]
+    with torch.device("meta"):  # shapes only: the 8B layer is never materialised
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, **sizes))
+        peft = get_peft_model(model, LoraConfig(
+            r=fields["lora_r"], lora_alpha=32, use_dora=fields.get("use_dora", False),
+            use_rslora=fields.get("use_rslora", False),
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    return sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def test_compare_writes_json_markdown_and_plot(result):
+    out, res = result
+    for name in ("compare.json", "compare.md", "compare.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "compare.json").read_text()) == res
+    assert not (out.parent / ".out-work").exists()  # scratch runs removed
+    md = (out / "compare.md").read_text()
+    for r in res["methods"]:
+        assert r["label"] in md
+    assert PENDING in md and "measure_memory.py" in md
+
+
+def test_compare_numbers_are_sane(result):
+    _, res = result
+    assert [r["method"] for r in res["methods"]] == ["qlora-nf4", "qlora-dora"]
+    for r in res["methods"]:
+        d, g = r["demo"], r["llama_3_8b"]
+        assert d["trainable_params"] == _peft_trainable(r["method"], SIZES), r["method"]
+        assert math.isfinite(d["eval_loss"]) and 0 < d["eval_loss"] < 10
+        assert 0.0 <= d["exact_match"] <= 1.0 and d["steps"] == 3
+        # Llama-3-8B, r=16, seven projections: 41,943,040 LoRA params (+ DoRA magnitudes)
+        assert g["trainable_params"] == _peft_trainable(r["method"], dict(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
+            num_key_value_heads=8)) * 32
+        assert 5 < g["predicted_peak_allocated_gib"] < 20
+        assert g["measured_peak_allocated_gib"] == PENDING and g["tokens_per_s"] == PENDING
+    nf4, dora = res["methods"]
+    assert dora["demo"]["trainable_params"] > nf4["demo"]["trainable_params"]
+
+
+def test_compare_refuses_unknown_methods(capsys):
+    assert main(["compare", "--methods", "lora", "--steps", "1"]) == 2
+    assert "not known" in capsys.readouterr().err
