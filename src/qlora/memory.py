@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qlora.adapters import BLOCK_LINEARS as PROJECTIONS  # the seven linears, in layer order
 from qlora.errors import QloraError
 
 GiB = 1024**3
@@ -50,8 +51,6 @@ SHARDING = ("ddp", "fsdp")
 KERNELS = ("eager", "fused")
 LOSSES = ("chunked", "full")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 # --- architecture -------------------------------------------------------------------------------
@@ -115,33 +114,18 @@ SHAPES: dict[str, dict] = {
 
 
 def arch_from_config(config: dict, name: str = "model", source: str = "config.json") -> Arch:
-    """An Arch from a config.json dict; refuses unknown families and missing sizes, naming them."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise QloraError(f"{source}: model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    """An Arch from a config.json dict, read by the model layer's own parser (models/spec.py),
+    which refuses unknown families and names what is missing."""
+    from qlora.models.spec import spec_from_config
+
     try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        arch = Arch(
-            name=name,
-            model_type=model_type,
-            hidden=hidden,
-            intermediate=int(config["intermediate_size"]),
-            layers=int(config["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab=int(config["vocab_size"]),
-            # transformers' default for these four families is untied
-            tied=bool(config.get("tie_word_embeddings", False)),
-            # qwen2 always has q/k/v biases; llama/mistral only with attention_bias
-            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
-        )
+        spec = spec_from_config(config, source=source)
     except KeyError as err:
         raise QloraError(f"{source}: missing {err.args[0]!r}, needed to plan memory") from None
-    return arch
+    return Arch(name=name, model_type=spec.model_type, hidden=spec.hidden_size,
+                intermediate=spec.intermediate_size, layers=spec.num_layers, heads=spec.num_heads,
+                kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
+                tied=spec.tie_word_embeddings, qkv_bias=spec.qkv_bias, qk_norm=spec.qk_norm)
 
 
 def resolve_arch(model_dir: str | None = None, config_json: str | None = None, shape: str | None = None) -> Arch:

@@ -368,7 +368,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     batches.append(make_batch(row_examples, pad_id))
                 # the normaliser: label tokens of the whole window (the model shifts labels by 1)
                 n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-                step_loss = 0.0
+                step_loss = torch.zeros((), dtype=torch.float32, device=device)
                 interrupted = False
                 if env.enabled:
                     # one all-reduce: the window's label and input tokens, and whether any rank
@@ -388,11 +388,12 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     with dist_.sync_context(ddp, last=j == len(batches) - 1):
                         loss_sum = forward(b["input_ids"].to(device), b["position_ids"].to(device),
                                            b["labels"].to(device))
-                        step_loss += float(loss_sum.detach())
+                        step_loss += loss_sum.detach()  # read once per step: no sync here
                         loss = loss_sum / max(n_labels, 1)
                         if env.enabled:  # DDP averages over ranks: W / N makes it a sum / N
                             loss = loss * (env.world_size * weight)
                         (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss = float(step_loss)
                 if env.enabled and not interrupted:
                     step_loss = dist_.all_reduce_sum(env, [step_loss * weight], device)[0]
                 if interrupted:
