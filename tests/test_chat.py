@@ -133,3 +133,17 @@ def test_chat_missing_model_dir(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "gone"
     assert cli.main(["chat", "--model", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_a_template_that_refuses_the_conversation_is_a_clear_error(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qlora.chat import build_prompt, conversation
+
+    path = build_tiny_model(tmp_path / "m", "llama")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{{ raise_exception('System role not supported') }}{% endif %}"
+              "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(QloraError, match="System role not supported.*--system"):
+        build_prompt(tok, conversation("hi", system="be brief"), strict)

@@ -90,3 +90,13 @@ def test_example_configs_load_and_match_the_seeds():
     for cfg in (guide, notebook):
         assert (cfg.optim, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.learning_rate) == (
             "paged_adamw_8bit", "cosine", 0.03, 2e-4)
+
+
+def test_saved_config_resumes_a_run_that_was_started_with_overwrite(tmp_path):
+    cfg = load_config(None, {"model": "m", "data": "d.jsonl", "output_dir": str(tmp_path),
+                             "overwrite": True})
+    save_config(cfg, tmp_path / CONFIG_FILE_NAME)
+    # what `qlora train` tells a user to run after Ctrl-C
+    resumed = load_config(tmp_path / CONFIG_FILE_NAME, {"resume": "latest"})
+    assert resumed.resume == "latest" and resumed.overwrite is False
+    assert resumed.model == "m" and resumed.learning_rate == cfg.learning_rate

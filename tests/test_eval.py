@@ -203,3 +203,10 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
                      "--report", str(report)]) == 2
     assert str(report) in capsys.readouterr().err
+    for bad in ("0", "100000"):
+        assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
+                         "--max-len", bad]) == 2
+        assert "--max-len" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
+                     "--device", "gpu"]) == 2
+    assert "'gpu'" in capsys.readouterr().err

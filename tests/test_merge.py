@@ -223,3 +223,13 @@ def test_cli_merge(tiny, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_shard_sizes_follow_transformers_units():
+    from qlora.merge import parse_shard_size
+
+    assert parse_shard_size("5GB") == 5 * 10**9
+    assert parse_shard_size("2GiB") == 2 * 2**30
+    assert parse_shard_size("500MiB") == 500 * 2**20
+    with pytest.raises(QloraError, match="5GB"):
+        parse_shard_size("lots")

@@ -48,8 +48,15 @@ def build_prompt(tokenizer, messages: list[dict], template: str | None) -> list[
     assistant generation prompt; without a template, the turns' texts joined by blank lines
     (plain continuation, the tokenizer's BOS added as in training on text)."""
     if template is not None:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        except TemplateError as err:
+            raise QloraError(f"the chat template refused this conversation: {err} (some templates "
+                             "take no system message or need alternating roles: drop --system, "
+                             "or pass --chat-template chatml / --no-chat-template)") from err
         # the template writes BOS itself when the model wants one
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "\n\n".join(m["content"] for m in messages)

@@ -412,10 +412,6 @@ def _plan_gpu_bytes(args, memory):
     return None, None
 
 
-def _not_yet(name: str) -> None:
-    raise QloraError(f"`qlora {name}` is not available in this build yet")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -386,8 +386,12 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 def save_config(cfg: RunConfig, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved configuration as YAML (loadable again with --config)."""
     path = Path(path)
+    values = to_dict(cfg)
+    # resume/overwrite steer one invocation, not the run: written back they would make
+    # `--config run_config.yaml --resume latest` contradict itself
+    values.update(resume=None, overwrite=False)
     text = "# resolved configuration of this run: `qlora train --config` reads it back\n"
-    text += yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text += yaml.safe_dump(values, sort_keys=False)
     if extra:
         # facts the run decided (device, optimizer fallback, dtype), for the reader only
         text += "".join(f"# {k}: {v}\n" for k, v in extra.items())

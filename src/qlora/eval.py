@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qlora.errors import QloraError
+from qlora.files import staged_file
 from qlora.infer import GenerationOptions
 
 IGNORE = -100
@@ -110,10 +110,12 @@ def load_eval_data(path: str, tokenizer, max_len: int, max_samples: int | None =
     fmt = examples[0].format
     data = EvalData(path=str(path), format=fmt, encoded=[], prompts=[], n_rows=n_rows,
                     problems=summarize_problems(problems))
+    from jinja2 import TemplateError
+
     for ex in examples:
         try:
             enc = encode_example(ex, tokenizer, "responses", chat_template)
-        except QloraError as e:
+        except (QloraError, TemplateError) as e:
             raise QloraError(f"{ex.source}: {e}") from e
         if len(enc["input_ids"]) > max_len:
             enc = {"input_ids": enc["input_ids"][:max_len], "labels": enc["labels"][:max_len]}
@@ -233,15 +235,10 @@ def format_table(results: dict[str, dict]) -> str:
 def write_report(path: str | Path, report: dict) -> Path:
     """Write the JSON report through a temp file, so a crash never leaves half of one."""
     out = Path(path)
-    if out.parent and not out.parent.exists():
+    if not out.parent.exists():
         raise QloraError(f"--report {path}: directory {out.parent} does not exist")
-    tmp = out.with_name(out.name + f".partial{os.getpid()}")
-    try:
+    with staged_file(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -271,9 +268,11 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
     t0 = time.perf_counter()
     spec = read_spec(model_dir)
     context = spec.max_position_embeddings
-    max_len = max_len or min(context, 2048)
-    if max_len < 2:
-        raise QloraError(f"--max-len must be at least 2, got {max_len}")
+    if max_len is None:
+        max_len = min(context, 2048)
+    if not 2 <= max_len <= context:
+        raise QloraError(f"--max-len must be between 2 and the model's context ({context}), "
+                         f"got {max_len}")
     tokenizer = load_tokenizer(model_dir)
     data = load_eval_data(data_path, tokenizer, max_len, max_samples, chat_template)
     log(f"{data_path}: {len(data.encoded)} examples ({data.format}), {data.n_label_tokens} tokens "
@@ -301,7 +300,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
         del model
         if settings_device.type == "cuda":
             torch.cuda.empty_cache()
-    from qlora.infer import inference_dtype
+    from qlora.device import compute_dtype
 
     report = {
         "model": str(model_dir),
@@ -310,7 +309,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
         "format": data.format,
         "settings": {
             "quant": quant, "device": str(settings_device),
-            "compute_dtype": str(inference_dtype(settings_device)).removeprefix("torch."),
+            "compute_dtype": str(compute_dtype(settings_device)).removeprefix("torch."),
             "max_len": max_len, "max_samples": max_samples, "batch_size": micro_batch,
             "packing": "padding-free", "loss_on": "responses",
             "generation": None if opts is None else {

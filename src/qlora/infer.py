@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
 from qlora.models.decoder import DecoderLM, KVCache
 
@@ -109,29 +110,13 @@ def generate(
 
 
 # --- loading a model to generate with (shared by `qlora generate`, `chat` and `eval`) ---------
-def inference_device(name: str = "auto") -> torch.device:
-    """'auto' → the CUDA GPU when torch sees one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QloraError(f"--device {name}: torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(name)
-
-
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it (fp16 otherwise); fp32 on the CPU, which lacks fast 16-bit matmuls."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_for_inference(model_dir, adapter_dir=None, quant: str = "nf4", device: str = "auto",
                        double_quant: bool = True):
     """(model, tokenizer) ready to generate: base quantized as `quant` says, adapter attached,
     eval mode, everything on one device."""
     from pathlib import Path
 
-    from qlora.adapters import LoraLinear, load_adapter
+    from qlora.adapters import load_adapter
     from qlora.models import load_model, load_tokenizer
     from qlora.quant import QuantConfig
 
@@ -141,17 +126,11 @@ def load_for_inference(model_dir, adapter_dir=None, quant: str = "nf4", device: 
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise QloraError(f"adapter directory {adapter_dir} not found (--adapter takes a directory "
                          "with adapter_config.json and adapter_model.safetensors)")
-    dev = inference_device(device)
-    qc = QuantConfig(method=quant, double_quant=double_quant, compute_dtype=inference_dtype(dev))
+    dev = pick_device(device)
+    qc = QuantConfig(method=quant, double_quant=double_quant, compute_dtype=compute_dtype(dev))
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, qc, device=dev)
     if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-        for m in model.modules():  # adapter weights are made on the CPU; bring them over
-            if isinstance(m, LoraLinear):
-                m.lora_A.to(dev)
-                m.lora_B.to(dev)
-                if m.use_dora:
-                    m.lora_magnitude_vector.data = m.lora_magnitude_vector.data.to(dev)
+        load_adapter(model, adapter_dir)  # attached on the model's device
         model.requires_grad_(False)
     return model.eval(), tokenizer

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from qlora.errors import QloraError
+from qlora.models.load import TOKENIZER_FILES, weight_files
 from qlora.files import staged_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -40,12 +41,6 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16"
 BASES = ("original", "dequantized-nf4")
 BASE_ALIASES = {"nf4": "dequantized-nf4", "16bit": "original"}
 
-# Files copied from the base directory as they are (those that exist).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 ADAPTER_PREFIX = "base_model.model."
 
 
@@ -62,27 +57,6 @@ class LoraModule:
 
 
 # --- reading the base ---------------------------------------------------------------------------
-def base_weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a base model directory (single file or index + shards)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise QloraError(f"{index}: not a safetensors index ({err})") from None
-        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
-    elif (model_dir / "model.safetensors").exists():
-        files = [model_dir / "model.safetensors"]
-    else:
-        bins = sorted(model_dir.glob("pytorch_model*.bin"))
-        hint = " (found pytorch_model*.bin: re-save the model with safetensors)" if bins else ""
-        raise QloraError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
-    for f in files:
-        if not f.exists():
-            raise QloraError(f"{f}: shard named in the index is missing")
-    return files
-
-
 def base_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape, from the safetensors headers only (no tensor data read)."""
     from safetensors import safe_open
@@ -254,14 +228,17 @@ def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
 
 
 # --- writing ------------------------------------------------------------------------------------
-def parse_size(size: str | int) -> int:
+def parse_shard_size(size: str | int) -> int:
+    """Bytes of a shard size as transformers writes it: KB/MB/GB are powers of ten (its
+    `max_shard_size="5GB"`), KiB/MiB/GiB powers of two."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
     if not m:
-        raise QloraError(f"max shard size {size!r}: write it like 5GB or 500MB")
-    unit = (m.group(2) or "B").upper().replace("I", "")
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit]
+        raise QloraError(f"max shard size {size!r}: write it like 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(m.group(1)) * mult)
 
 
@@ -343,7 +320,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
                          f"the 16-bit original (use --base nf4 to reproduce the 4-bit weights)")
-    files = base_weight_files(model_dir)
+    files = weight_files(model_dir)
     shapes = base_shapes(files)
     adapter_cfg, modules, replacements = read_adapter(adapter_dir)
     if not ignore_base_name:
@@ -355,7 +332,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
                          "merging it would change both; this is not supported")
 
     with staged_dir(out) as tmp:
-        _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base, parse_size(max_shard_size))
+        _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base, parse_shard_size(max_shard_size))
         config = dict(config)
         config["torch_dtype"] = dtype  # transformers 4.x reads this key
         config["dtype"] = dtype  # transformers 5 writes and reads this one

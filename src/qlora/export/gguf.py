@@ -302,7 +302,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
 def _export(model_dir: Path, out: Path, qtype: str) -> Path:
     from safetensors import safe_open
 
-    from qlora.merge import base_weight_files, read_config
+    from qlora.merge import read_config
+    from qlora.models.load import weight_files
 
     g = _gguf()
     config = read_config(model_dir)
@@ -311,7 +312,7 @@ def _export(model_dir: Path, out: Path, qtype: str) -> Path:
     n_layer = config["num_hidden_layers"]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
-    files = base_weight_files(model_dir)
+    files = weight_files(model_dir)
     tmap = g.get_tensor_name_map(arch, n_layer)
 
     with staged_file(out) as tmp:

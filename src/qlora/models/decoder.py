@@ -8,6 +8,8 @@ so checkpoints load by name and adapters saved from here are PEFT adapters.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,9 +151,18 @@ def varlen_plan(position_ids: torch.Tensor) -> Varlen:
     return Varlen(ends.to(torch.int32), max_len)
 
 
-def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
+@functools.cache
+def _varlen_causal_kwargs() -> dict:
+    """torch 2.9-2.11 ask for is_causal=True; later releases for a (-1, 0) window."""
     import inspect
 
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
+def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     B, H, T, D = q.shape
@@ -160,9 +171,8 @@ def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
     flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    out = varlen_attn(*flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len, **causal)
+    out = varlen_attn(*flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
+                      **_varlen_causal_kwargs())
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 

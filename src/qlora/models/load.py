@@ -23,6 +23,10 @@ from qlora.quant import QuantConfig, prequantized_linear, quantize_linear
 
 BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
 IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+# What travels with a model or an adapter besides weights (copied as they are, where present)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from qlora.errors import QloraError
+from qlora.files import staged_dir
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -113,13 +113,10 @@ def save_checkpoint(output_dir: str | Path, model: torch.nn.Module,
     parent = checkpoint_dir(output_dir)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"{PREFIX}{state.global_step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary dir
-    try:
-        if save_adapter_fn is None:
-            from qlora.adapters import save_adapter as save_adapter_fn
+    if save_adapter_fn is None:
+        from qlora.adapters import save_adapter as save_adapter_fn
+    # the same step saved again (an interrupt right after a save) replaces the first one
+    with staged_dir(final, replace=True) as tmp:
         save_adapter_fn(model, tmp / "adapter", base_model)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -127,13 +124,7 @@ def save_checkpoint(output_dir: str | Path, model: torch.nn.Module,
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (interrupt right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(parent)
     return final
 
 

@@ -26,7 +26,9 @@ from typing import Any, Callable
 import torch
 
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
+from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
+from qlora.models.load import TOKENIZER_FILES
 from qlora.train import checkpoint as ckpt
 from qlora.train import distributed as dist_
 from qlora.train.distributed import SINGLE, DistEnv
@@ -36,9 +38,6 @@ from qlora.train.optim import build_optimizer, build_scheduler, resolve_optim, w
 
 IGNORE = -100
 BEST_ADAPTER = "best_adapter"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
 @dataclass
@@ -57,20 +56,11 @@ class TrainResult:
 
 # --- resolving what the machine can do -------------------------------------------------------
 def resolve_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise QloraError("option `device`: 'cuda' asked for but torch sees no CUDA GPU; "
-                         "use --device cpu or auto")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return pick_device(cfg.device)
 
 
 def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPUs lack fast 16-bit matmuls, and fp32 keeps tests exact
+    return compute_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
 
 # --- the output directory --------------------------------------------------------------------
