@@ -333,6 +333,8 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         return path
 
     bar = Progress(total, state.global_step, device, enabled=progress and main)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    order, order_epoch = None, None
     elapsed_before, t_start = state.elapsed_s, time.perf_counter()
     tokens_this_run, window_tokens_logged, window_losses = 0, 0, []
     last_eval_step = -1
@@ -341,7 +343,8 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     try:
         with StopFlag() as stop:
             while state.global_step < total:
-                order = batch_order(len(rows), state.epoch, cfg.seed)
+                if order_epoch != state.epoch:  # one shuffle per epoch, not per step
+                    order, order_epoch = batch_order(len(rows), state.epoch, cfg.seed), state.epoch
                 start = state.batch_index
                 window_ids = list(range(start, min(start + window, per_epoch)))
                 rng_at_start = ckpt.rng_state()
@@ -396,7 +399,6 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 in_update = True  # from here until the step is counted, no consistent state
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                params = [p for g in optimizer.param_groups for p in g["params"]]
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                              if cfg.max_grad_norm > 0 else
                              torch.nn.utils.clip_grad_norm_(params, float("inf")))
