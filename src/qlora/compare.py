@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from qlora.errors import QloraError
+from qlora.files import staged_file
 
 # name -> (label, RunConfig fields). Every method: all seven projections, alpha 32.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -189,9 +190,8 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _versions() -> dict:

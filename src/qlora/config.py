@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from qlora.errors import QloraError
+from qlora.files import staged_file
 
 
 @dataclass
@@ -395,6 +396,5 @@ def save_config(cfg: RunConfig, path: str | Path, extra: dict[str, Any] | None =
     if extra:
         # facts the run decided (device, optimizer fallback, dtype), for the reader only
         text += "".join(f"# {k}: {v}\n" for k, v in extra.items())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(text)

@@ -15,6 +15,8 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
 
+from qlora.files import staged_file
+
 
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (and TensorBoard scalars when asked)."""
@@ -88,10 +90,9 @@ def plot_losses(out_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(out_dir) / PLOT_FILE
-    tmp = path.with_name(".loss.tmp.png")
-    fig.savefig(tmp)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -120,9 +121,8 @@ def memory_now_bytes(device: torch.device) -> int:
 
 def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(out_dir) / SUMMARY_FILE
-    tmp = path.with_name(".summary.tmp.json")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return path
 
 
