@@ -41,6 +41,23 @@ def llama_dir(tiny_models):
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="session")
+def run_inputs(tmp_path_factory):
+    """(model dir, data.jsonl): a tiny llama and 16 prompt/completion rows for training runs."""
+    import json
+
+    from qlora.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("train")
+    model = build_tiny_model(root / "model", "llama")
+    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
+            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow", "wind",
+                      "leaf", "rock", "sand", "star", "lake", "hill")]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, data
+
+
 def fp32_bnb_reference(model):
     """transformers' 4-bit model, computing in the fp32 it was asked for.
 

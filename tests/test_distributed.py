@@ -105,17 +105,9 @@ FSDP_WORKER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from qlora.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("dist")
-    model = build_tiny_model(root / "model", "llama")
-    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
-            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow", "wind",
-                      "leaf", "rock", "sand", "star", "lake", "hill")]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    worker = root / "worker.py"
+def inputs(run_inputs, tmp_path_factory):
+    model, data = run_inputs
+    worker = tmp_path_factory.mktemp("dist") / "worker.py"
     worker.write_text(WORKER)
     return model, data, worker
 

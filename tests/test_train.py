@@ -15,20 +15,6 @@ from qlora.train import loop
 from qlora.train.optim import build_optimizer, lr_factor, param_groups, resolve_optim
 
 
-@pytest.fixture(scope="session")
-def run_inputs(tmp_path_factory):
-    from qlora.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("train")
-    model = build_tiny_model(root / "model", "llama")
-    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
-            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow", "wind",
-                      "leaf", "rock", "sand", "star", "lake", "hill")]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model, data
-
-
 def make_cfg(run_inputs, out, **kw):
     model, data = run_inputs
     base = dict(model=str(model), data=str(data), output_dir=str(out), max_seq_length=64,
