@@ -100,3 +100,70 @@ def test_saved_config_resumes_a_run_that_was_started_with_overwrite(tmp_path):
     resumed = load_config(tmp_path / CONFIG_FILE_NAME, {"resume": "latest"})
     assert resumed.resume == "latest" and resumed.overwrite is False
     assert resumed.model == "m" and resumed.learning_rate == cfg.learning_rate
+
+
+SEEDS_NOTEBOOK_KEYS = """
+max_seq_length: 1024
+dataset_text_field: text
+packing: true
+dataset_num_proc: 4
+per_device_train_batch_size: 2
+per_device_eval_batch_size: 2
+gradient_accumulation_steps: 8
+optim: paged_adamw_8bit
+learning_rate: 2.0e-4
+weight_decay: 0.001
+max_grad_norm: 0.3
+adam_beta1: 0.9
+adam_beta2: 0.999
+adam_epsilon: 1.0e-8
+num_train_epochs: 1
+lr_scheduler_type: cosine
+warmup_ratio: 0.03
+bf16: true
+fp16: false
+gradient_checkpointing: true
+gradient_checkpointing_kwargs: {use_reentrant: false}
+save_strategy: steps
+save_steps: 200
+save_total_limit: 3
+load_best_model_at_end: true
+eval_strategy: steps
+eval_steps: 200
+logging_steps: 10
+logging_first_step: true
+report_to: none
+seed: 42
+r: 16
+lora_alpha: 32
+lora_dropout: 0.05
+bias: none
+task_type: CAUSAL_LM
+target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+use_dora: false
+use_rslora: false
+load_in_4bit: true
+bnb_4bit_quant_type: nf4
+bnb_4bit_use_double_quant: true
+bnb_4bit_compute_dtype: bfloat16
+"""
+
+
+def test_the_seeds_config_keys_load_as_they_are(tmp_path):
+    path = tmp_path / "seeds.yaml"
+    path.write_text(SEEDS_NOTEBOOK_KEYS)
+    cfg = load_config(path, {"model": "m", "data": "d.jsonl"})
+    assert (cfg.micro_batch_size, cfg.eval_batch_size, cfg.gradient_accumulation_steps) == (2, 2, 8)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.quant, cfg.double_quant) == (16, 32, "nf4", True)
+    assert cfg.dtype == "bfloat16" and cfg.load_best_at_end and cfg.data_format == "text"
+    assert cfg.max_grad_norm == 0.3 and cfg.warmup_ratio == 0.03 and not cfg.tensorboard
+
+
+@pytest.mark.parametrize("line, needle", [("bias: all", "`bias`"),
+                                          ("task_type: SEQ_CLS", "`task_type`"),
+                                          ("save_strategy: epoch", "`save_strategy`")])
+def test_stack_keys_with_values_we_do_not_do_are_refused(tmp_path, line, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(QloraError, match=needle):
+        load_config(path, {"model": "m", "data": "d.jsonl"})

@@ -117,6 +117,26 @@ ALIASES: dict[str, str] = {
     "eval_data": "val_data",
 }
 
+# Keys of transformers' TrainingArguments / TRL's SFTConfig / PEFT's LoraConfig /
+# BitsAndBytesConfig that name something qlora always does, or map onto one of its options:
+# a config written for that stack (the seeds') loads as it is. Key → {accepted value → updates}.
+HF_FIXED_KEYS: dict[str, dict[Any, dict[str, Any]]] = {
+    "task_type": {"CAUSAL_LM": {}},
+    "bias": {"none": {}},
+    "save_strategy": {"steps": {}},
+    "eval_strategy": {"steps": {}},
+    "evaluation_strategy": {"steps": {}},
+    "logging_strategy": {"steps": {}},
+    "logging_first_step": {True: {}, False: {}},
+    "report_to": {"none": {}, "tensorboard": {"tensorboard": True}},
+    "dataset_text_field": {"text": {"data_format": "text"}},
+    "load_in_4bit": {True: {}},
+    "load_in_8bit": {True: {"quant": "int8"}, False: {}},
+    "remove_unused_columns": {True: {}, False: {}},
+    "use_reentrant": {False: {}},  # from gradient_checkpointing_kwargs (sections are flattened)
+}
+HF_IGNORED_KEYS = ("dataset_num_proc",)  # worker processes for tokenization: ours is cached
+
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float": "float32",
                  "half": "float16", "torch.bfloat16": "bfloat16", "torch.float16": "float16",
                  "torch.float32": "float32"}
@@ -279,11 +299,28 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], where: str = "") -> 
                     raise QloraError(f"options `bf16` and `fp16`{where} are both true; pick one")
                 updates["dtype"] = DTYPE_ALIASES[key]
             continue
+        if key in HF_FIXED_KEYS:
+            updates.update(_hf_fixed(key, raw_value, where))
+            continue
+        if key in HF_IGNORED_KEYS:
+            continue
         key = ALIASES.get(key, key)
         if key not in known:
             raise _unknown_key(_normalise_key(raw_key), where)
         updates[key] = _check_value(key, _coerce(key, raw_value, where), where)
     return dataclasses.replace(cfg, **updates)
+
+
+def _hf_fixed(key: str, value: Any, where: str) -> dict[str, Any]:
+    choices = HF_FIXED_KEYS[key]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise QloraError(f"option `{key}`{where}: {_describe(value)} is not supported here; "
+                         f"qlora accepts {allowed} (the key is read for configs written for "
+                         f"transformers/TRL/PEFT)")
+    return choices[value]
 
 
 def _coerce_flag(key: str, value: Any, where: str) -> bool:
