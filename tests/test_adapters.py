@@ -189,3 +189,26 @@ def test_adapter_for_another_model_is_refused(tiny_models, tmp_path):
     # same module names, other MLP width: the shapes give it away
     with pytest.raises(QloraError, match="another base model"):
         load_adapter(other, tmp_path / "a")
+
+
+def test_dora_inference_scale_is_reused_until_the_adapter_changes(llama_dir):
+    ours = load_model(llama_dir, QuantConfig(method="nf4", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.05, use_dora=True))
+    randomize_adapters(ours, 6)
+    ids, labels = batch()
+    ours.eval()
+    with torch.no_grad():
+        first = ours(ids)
+    layer = ours.model.layers[0].self_attn.q_proj
+    cached = layer._scale_cache[1]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), first)
+        assert layer._scale_cache[1] is cached  # nothing recomputed
+        layer.lora_B.weight.add_(0.1)  # an in-place change, as an optimizer step makes
+        changed = ours(ids)
+    assert layer._scale_cache[1] is not cached
+    ours.train()
+    for m in ours.modules():  # the training-path formula, without dropout, must agree
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout = torch.nn.Identity()
+    torch.testing.assert_close(ours(ids), changed, rtol=1e-5, atol=1e-5)

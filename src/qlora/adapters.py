@@ -82,19 +82,38 @@ class LoraLinear(nn.Module):
         # DoRA: W' = m · (W + sBA) / ‖W + sBA‖ (row norms, treated as a constant as the paper
         # advises), written as an addition to the base output so the base matmul is reused
         # whenever dropout leaves x unchanged.
-        from qlora.quant import dequantize_weight
-
-        weight = dequantize_weight(self.base_layer).to(x.dtype)
-        with torch.no_grad():
-            norm = torch.linalg.norm(weight + self.scaling * (B @ A), dim=1)
-        scale = (self.lora_magnitude_vector.to(x.dtype) / norm).view(1, -1)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        reuse_base = isinstance(self.lora_dropout, nn.Identity) or not self.training
+        if reuse_base and not torch.is_grad_enabled():
+            scale = self._inference_scale(A, B, x.dtype)
+        else:
+            weight = self._dense_base(x.dtype)
+            with torch.no_grad():
+                norm = torch.linalg.norm(weight + self.scaling * (B @ A), dim=1)
+            scale = (self.lora_magnitude_vector.to(x.dtype) / norm).view(1, -1)
+        if reuse_base:
             bias = self.base_layer.bias
             base = result if bias is None else result - bias
         else:
             x = self.lora_dropout(x)
             base = F.linear(x, weight)
         return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * self.scaling
+
+    def _dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        from qlora.quant import dequantize_weight
+
+        return dequantize_weight(self.base_layer).to(dtype)
+
+    def _inference_scale(self, A, B, dtype) -> torch.Tensor:
+        """m / ‖W + sBA‖ without gradients, kept until an adapter tensor changes: generation
+        would otherwise dequantize every base weight for every token."""
+        params = (self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector)
+        key = (dtype, *(p._version for p in params), *(p.data_ptr() for p in params))
+        cached = getattr(self, "_scale_cache", None)
+        if cached is None or cached[0] != key:
+            norm = torch.linalg.norm(self._dense_base(dtype) + self.scaling * (B @ A), dim=1)
+            cached = (key, (self.lora_magnitude_vector.to(dtype) / norm).view(1, -1))
+            self._scale_cache = cached
+        return cached[1]
 
     def delta_weight(self) -> torch.Tensor:
         """The merged weight minus the base weight, in fp32."""
