@@ -240,3 +240,39 @@ def test_config_weights_disagreement_is_named(llama_dir, tmp_path):
 def test_unknown_quant_method_is_refused():
     with pytest.raises(QloraError, match="nf4, fp4, int8, none"):
         QuantConfig(method="nf3")
+
+
+def test_loading_holds_one_16bit_weight_at_a_time(tmp_path, monkeypatch):
+    """Streaming: a block linear's 16-bit weight is gone (quantized, freed) before the next is read."""
+    import gc
+    import logging
+    import weakref
+
+    import qlora.models.load as load
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "sharded", "llama", max_shard_size="40KB")
+    alive: list[weakref.ref] = []
+    most = 0
+    read = load._read
+
+    def spy(handle, file, key):
+        nonlocal most
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most = max(most, len(alive))
+        tensor = read(handle, file, key)
+        if load.BLOCK_LINEAR.match(key.removesuffix(".weight")):
+            alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(load, "_read", spy)
+    # pytest keeps log records with their tracebacks (and so the frames and tensors in them);
+    # bitsandbytes logs one on its first CPU matmul set-up
+    logging.disable(logging.CRITICAL)
+    try:
+        model = load.load_model(path, QuantConfig(method="nf4", compute_dtype=FP32))
+    finally:
+        logging.disable(logging.NOTSET)
+    assert most == 0, f"{most} earlier 16-bit weights were still alive when the next was read"
+    assert sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit") == 14
