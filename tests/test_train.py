@@ -202,3 +202,24 @@ def test_early_stopping_and_best_adapter(run_inputs, tmp_path, monkeypatch):
     assert not all(torch.equal(final[k], at_last[k]) for k in final)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_eval_loss"] == 2.0 and summary["stopped"] == "early_stopping"
+
+
+def test_evaluation_builds_no_autograd_graph(run_inputs):
+    """Eval batches of a model with trainable adapters must not keep activations for backward."""
+    from qlora.data import prepare
+    from qlora.models import load_tokenizer
+
+    model_dir, data = run_inputs
+    cfg = make_cfg(run_inputs, "unused")
+    model = loop.build_model(cfg, torch.device("cpu"), torch.float32)
+    examples, _ = prepare(str(data), load_tokenizer(model_dir), fmt="auto", train_on="responses",
+                          max_len=64, overlong="truncate", chat_template=None, cache_dir=None,
+                          cache=False)
+    grad_modes = []
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    model.train()
+    ev = loop.evaluate(model, examples, max_len=64, batch_size=4, pad_id=0,
+                       device=torch.device("cpu"))
+    assert grad_modes and not any(grad_modes)
+    assert model.training  # put back as it was
+    assert ev["tokens"] > 0 and ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))

@@ -136,33 +136,51 @@ def load_eval_data(path: str, tokenizer, max_len: int, max_samples: int | None =
 
 # --- evaluating one model ---------------------------------------------------------------------
 @torch.no_grad()
-def perplexity(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pad_id: int = 0
-               ) -> dict[str, float]:
-    """Summed cross-entropy over the label tokens of `encoded`, packed padding-free into rows of
-    at most max_len tokens; {"loss_sum", "n_tokens", "loss" (mean nats/token), "perplexity"}."""
-    from qlora.data import make_batch, pack_examples
+@torch.no_grad()
+def loss_sums(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pad_id: int = 0,
+              packing: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """(summed cross-entropy, number of label tokens) of `encoded`, in rows of at most max_len
+    tokens (packed padding-free unless `packing` is off). `shard=(rank, ranks)`: this process
+    takes every ranks-th micro-batch (evaluation under torchrun; the caller sums over ranks)."""
+    from qlora.data import build_rows, make_batch
 
+    rank, ranks = shard
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rows = pack_examples(encoded, max_len)
+    rows = build_rows(encoded, max_len, packing=packing)
     total, n_tokens = 0.0, 0
     try:
-        for start in range(0, len(rows), micro_batch):
+        for k, start in enumerate(range(0, len(rows), micro_batch)):
+            if k % ranks != rank:
+                continue
             batch = make_batch([[encoded[i] for i in row] for row in rows[start:start + micro_batch]],
                                pad_id)
             labels = batch["labels"]
             # the model predicts labels[t+1] from position t: these are the tokens it scores
-            n_tokens += int((labels[:, 1:] != IGNORE).sum())
+            n = int((labels[:, 1:] != IGNORE).sum())
+            if n == 0:
+                continue
             total += float(model(batch["input_ids"].to(device), batch["position_ids"].to(device),
                                  labels.to(device)))
+            n_tokens += n
     finally:
         model.train(was_training)
+    return total, n_tokens
+
+
+def perplexity_of(mean_loss: float) -> float:
+    return math.exp(mean_loss) if mean_loss < 700 else float("inf")
+
+
+def perplexity(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pad_id: int = 0
+               ) -> dict[str, float]:
+    """{"loss_sum", "n_tokens", "loss" (mean nats/token), "perplexity"} over the label tokens."""
+    total, n_tokens = loss_sums(model, encoded, max_len, micro_batch, pad_id)
     if n_tokens == 0:
         raise QloraError("no tokens to score: every example's labels are masked")
     mean = total / n_tokens
-    return {"loss_sum": total, "n_tokens": n_tokens, "loss": mean,
-            "perplexity": math.exp(mean) if mean < 700 else float("inf")}
+    return {"loss_sum": total, "n_tokens": n_tokens, "loss": mean, "perplexity": perplexity_of(mean)}
 
 
 def predict(model, tokenizer, prompts: list[tuple[list[int], str]], opts: GenerationOptions,

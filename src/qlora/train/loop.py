@@ -158,31 +158,17 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
 def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_id: int,
              device: torch.device, packing: bool = True, env: DistEnv = SINGLE
              ) -> dict[str, float]:
-    """Mean token loss and perplexity of `examples` (sum of losses / number of label tokens).
+    """Mean token loss and perplexity of `examples` (sum of losses / number of label tokens),
+    without gradients. Under torchrun each rank takes every W-th batch; the sums are all-reduced."""
+    from qlora.eval import loss_sums, perplexity_of
 
-    Under torchrun each rank takes every W-th eval batch; the sums are all-reduced."""
-    from qlora.data import build_rows, make_batch
-
-    was_training = model.training
-    model.eval()
-    rows = build_rows(examples, max_len, packing=packing)
-    total, tokens = 0.0, 0
-    for k in range(0, len(rows), batch_size):
-        if (k // batch_size) % env.world_size != env.rank:
-            continue
-        batch = make_batch([[examples[i] for i in r] for r in rows[k:k + batch_size]], pad_id)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        if n == 0:
-            continue
-        total += float(model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                             batch["labels"].to(device)))
-        tokens += n
-    model.train(was_training)
+    total, tokens = loss_sums(model, examples, max_len, batch_size, pad_id, packing=packing,
+                              shard=(env.rank, env.world_size))
     if env.enabled:
         total, tokens = dist_.all_reduce_sum(env, [total, tokens], device)
         tokens = int(tokens)
     loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": perplexity_of(loss), "tokens": tokens}
 
 
 # --- signals -----------------------------------------------------------------------------------
