@@ -122,6 +122,13 @@ def check_packed(dirs):
             decoder.varlen_available = original
     record("packed-varlen-vs-mask", rel(masked, packed), 2e-2)
     record("packed-vs-alone", rel(alone[0], packed[0, 100:137]), 2e-2)
+    # the training loop passes positions and labels on the CPU; the result must not change
+    labels = row.clone()
+    labels[0, [0, 100, 137]] = -100
+    with torch.no_grad():
+        on_gpu = model(row, position_ids=pos, labels=labels)
+        from_cpu = model(row, position_ids=pos.cpu(), labels=labels.cpu())
+    record("packed-loss-cpu-layout-vs-gpu", abs(on_gpu.item() - from_cpu.item()) / on_gpu.item(), 1e-6)
 
 
 def check_grads(dirs):

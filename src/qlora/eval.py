@@ -161,8 +161,7 @@ def loss_sums(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pa
             n = int((labels[:, 1:] != IGNORE).sum())
             if n == 0:
                 continue
-            total += float(model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                                 labels.to(device)))
+            total += float(model(batch["input_ids"].to(device), batch["position_ids"], labels))
             n_tokens += n
     finally:
         model.train(was_training)

@@ -143,12 +143,12 @@ def varlen_available(device: torch.device) -> bool:
     return True
 
 
-def varlen_plan(position_ids: torch.Tensor) -> Varlen:
+def varlen_plan(position_ids: torch.Tensor, device: torch.device) -> Varlen:
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
     ends = torch.cat([starts, starts.new_tensor([flat.numel()])])
     max_len = int((ends[1:] - ends[:-1]).max())
-    return Varlen(ends.to(torch.int32), max_len)
+    return Varlen(ends.to(torch.int32).to(device, non_blocking=True), max_len)
 
 
 @functools.cache
@@ -243,13 +243,17 @@ class DecoderLM(nn.Module):
         return self.loss_sum(hidden, labels)
 
     def hidden_states(self, input_ids, position_ids=None, cache=None) -> torch.Tensor:
+        """position_ids may stay on the CPU (the training loop's batches do): the document
+        layout is then read there, without waiting for the GPU, and moved over once."""
         B, T = input_ids.shape
+        device = input_ids.device
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        mask = attention_mask(position_ids, past, self.spec.sliding_window, device)
+        position_ids = position_ids.to(device, non_blocking=True)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        mask = attention_mask(position_ids, past, self.spec.sliding_window)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if use_checkpoint:
@@ -264,13 +268,15 @@ class DecoderLM(nn.Module):
         """Sum of cross-entropies of the label tokens, computed only where a label exists.
 
         Logits are made chunk by chunk and recomputed in backward, so the full [tokens, vocab]
-        fp32 matrix never exists; positions without a label cost nothing.
+        fp32 matrix never exists; positions without a label cost nothing. Labels on the CPU
+        (the loop's) are selected there, so the GPU is not waited for.
         """
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
-        keep = targets.reshape(-1) != IGNORE_INDEX
-        h = hidden.reshape(-1, hidden.shape[-1])[keep]
-        t = targets.reshape(-1)[keep]
+        keep = torch.nonzero(targets.reshape(-1) != IGNORE_INDEX).flatten()
+        t = targets.reshape(-1)[keep].to(hidden.device, non_blocking=True)
+        keep = keep.to(hidden.device, non_blocking=True)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, t.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
@@ -286,12 +292,15 @@ class DecoderLM(nn.Module):
         return F.cross_entropy(logits, t, reduction="sum")
 
 
-def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None):
-    """"causal" for one document per row, else a bool mask [B, 1, T, past+T] or a Varlen plan.
+def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None,
+                   device: torch.device | None = None):
+    """"causal" for one document per row, else a bool mask [B, 1, T, past+T] or a Varlen plan,
+    on `device` (default: that of position_ids, where the layout is read).
 
     Packed rows hold several documents; a document starts where position_ids restarts at 0,
     and each token may only attend to earlier tokens of its own document.
     """
+    device = position_ids.device if device is None else torch.device(device)
     B, T = position_ids.shape
     packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
     windowed = sliding_window is not None and past + T > sliding_window
@@ -299,9 +308,9 @@ def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | 
         return "causal"
     if T == 1 and not windowed:
         return None
-    if packed and not windowed and past == 0 and varlen_available(position_ids.device):
-        return varlen_plan(position_ids)
-    device = position_ids.device
+    if packed and not windowed and past == 0 and varlen_available(device):
+        return varlen_plan(position_ids, device)
+    position_ids = position_ids.to(device)
     q_pos = torch.arange(past, past + T, device=device)
     k_pos = torch.arange(past + T, device=device)
     mask = (k_pos[None, :] <= q_pos[:, None]).expand(B, T, past + T)

@@ -365,8 +365,9 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                         interrupted = True
                         break
                     with dist_.sync_context(ddp, last=j == len(batches) - 1):
-                        loss_sum = forward(b["input_ids"].to(device), b["position_ids"].to(device),
-                                           b["labels"].to(device))
+                        # positions and labels stay on the CPU: the model reads the document
+                        # layout and label positions there, without waiting for the GPU
+                        loss_sum = forward(b["input_ids"].to(device), b["position_ids"], b["labels"])
                         step_loss += loss_sum.detach()  # read once per step: no sync here
                         loss = loss_sum / max(n_labels, 1)
                         if env.enabled:  # DDP averages over ranks: W / N makes it a sum / N
