@@ -276,3 +276,20 @@ def test_loading_holds_one_16bit_weight_at_a_time(tmp_path, monkeypatch):
         logging.disable(logging.NOTSET)
     assert most == 0, f"{most} earlier 16-bit weights were still alive when the next was read"
     assert sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit") == 14
+
+
+def test_remote_code_is_never_executed(llama_dir, tmp_path):
+    """A checkpoint that ships custom code (auto_map) loads through our own classes only."""
+    repo = tmp_path / "remote-code"
+    shutil.copytree(llama_dir, repo)
+    marker = tmp_path / "executed"
+    (repo / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                  "from transformers import PreTrainedTokenizerFast as Tok\n")
+    for name, key in (("config.json", "AutoModelForCausalLM"), ("tokenizer_config.json", "AutoTokenizer")):
+        data = json.loads((repo / name).read_text())
+        data["auto_map"] = {key: "evil.Tok" if key == "AutoTokenizer" else "evil.Model"}
+        (repo / name).write_text(json.dumps(data))
+    model = load_model(repo, QuantConfig(method="nf4", compute_dtype=FP32))
+    tok = load_tokenizer(repo)
+    assert tok("ab")["input_ids"] and model(token_batch()).shape[-1] == 128
+    assert not marker.exists()
