@@ -115,6 +115,15 @@ def num_batches(n_rows: int, micro_batch_size: int) -> int:
     return math.ceil(n_rows / micro_batch_size)
 
 
+def micro_batch(examples: list[dict], rows: list[list[int]], order: list[int], k: int,
+                micro_batch_size: int, pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Micro-batch k of an epoch whose row order is `order`, and its number of input tokens."""
+    chosen = order[k * micro_batch_size:(k + 1) * micro_batch_size]
+    row_examples = [[examples[i] for i in rows[r]] for r in chosen]
+    n_tokens = sum(len(e["input_ids"]) for row in row_examples for e in row)
+    return make_batch(row_examples, pad_id), n_tokens
+
+
 def iterate_batches(examples: list[dict], rows: list[list[int]], micro_batch_size: int,
                     epoch: int, seed: int, pad_id: int, start: int = 0
                     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -126,5 +135,4 @@ def iterate_batches(examples: list[dict], rows: list[list[int]], micro_batch_siz
         raise QloraError(f"micro_batch_size must be at least 1, not {micro_batch_size}.")
     order = batch_order(len(rows), epoch, seed)
     for k in range(start, num_batches(len(rows), micro_batch_size)):
-        chosen = order[k * micro_batch_size:(k + 1) * micro_batch_size]
-        yield k, make_batch([[examples[i] for i in rows[r]] for r in chosen], pad_id)
+        yield k, micro_batch(examples, rows, order, k, micro_batch_size, pad_id)[0]

@@ -228,7 +228,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     `stop_after_steps` behaves like a Ctrl-C after that many steps (tests use it to cut a run).
     `env`: this process's place in a torchrun job (train/distributed.py); rank 0 alone writes.
     """
-    from qlora.data import make_batch, batch_order, build_rows, num_batches
+    from qlora.data import batch_order, build_rows, micro_batch, num_batches
 
     out = Path(cfg.output_dir)
     main = env.is_main
@@ -341,10 +341,10 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 # all-reduce: it runs the window's first micro-batch with weight 0
                 weight = 1.0 if mine else 0.0
                 for k in (mine or window_ids[:1]):
-                    chosen = order[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
-                    row_examples = [[train_examples[i] for i in rows[r]] for r in chosen]
-                    n_input += sum(len(e["input_ids"]) for row in row_examples for e in row)
-                    batches.append(make_batch(row_examples, pad_id))
+                    batch, n = micro_batch(train_examples, rows, order, k, cfg.micro_batch_size,
+                                           pad_id)
+                    batches.append(batch)
+                    n_input += n
                 # the normaliser: label tokens of the whole window (the model shifts labels by 1)
                 n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
                 step_loss = torch.zeros((), dtype=torch.float32, device=device)
