@@ -8,7 +8,10 @@ Checks, each against the real other tool on CUDA:
   3. packed rows through flash varlen attention vs the same rows through SDPA with a mask,
      and vs each document alone;
   4. loss and LoRA gradients vs transformers + peft (bf16 compute);
-  5. torch.compile'd decoder layers vs eager.
+  5. torch.compile'd decoder layers vs eager;
+  6. the seeded-dropout Triton kernel vs its torch reference (bit for bit);
+  7. the CUDA-graph step (train/graphs.py) vs the eager step: loss and every adapter gradient,
+     unpacked and packed batches, seeded dropout, checkpointing on.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -66,12 +69,16 @@ def ids(seed=0, b=2, t=256):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--checks", default="", help="comma-separated substrings of check names")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
-    checks = [check_16bit, check_nf4, check_packed, check_grads, check_compile]
+    checks = [check_dropout_kernel, check_graphed_step, check_16bit, check_nf4, check_packed,
+              check_grads, check_compile]
+    wanted = [w for w in args.checks.split(",") if w]
+    checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
         try:
             check(dirs)
@@ -182,6 +189,64 @@ def check_compile(dirs):
     record("compile-loss", abs(compiled.item() - eager.item()) / eager.item(), 1e-2)
     worst = max(rel(a, p.grad) for a, p in zip(grads, [p for p in model.parameters() if p.requires_grad]))
     record("compile-grads", worst, 5e-2)
+
+
+def check_dropout_kernel(dirs):
+    from qlora.kernels.dropout import _dropout_triton, seeded_dropout_reference
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1000, 4099, device=DEV, dtype=dtype)
+        seed = torch.tensor(2**41 + 12345, dtype=torch.int64, device=DEV)
+        a, b = _dropout_triton(x, seed, 11, 0.1), seeded_dropout_reference(x, seed, 11, 0.1)
+        record(f"dropout-kernel-vs-reference-{dtype}", float((a.float() - b.float()).abs().max()),
+               0.0, kept=float((a != 0).float().mean()))
+
+
+def check_graphed_step(dirs):
+    """Three micro-batches (two shapes, one of them packed) through GraphedSteps vs eagerly."""
+    from qlora.adapters import seed_dropout, set_dropout_seed
+    from qlora.train.graphs import GraphedSteps, pad_batch
+    from qlora.train.optim import build_optimizer, zero_grads
+
+    model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    torch.manual_seed(0)
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    seed = torch.zeros((), dtype=torch.int64, device=DEV)
+    stride = seed_dropout(model, seed)
+    model.gradient_checkpointing = True
+    model.train()
+    opt = build_optimizer(model, "adamw_torch", 1e-4, 0.0, (0.9, 0.999), 1e-8)
+    grads = [p.grad for g in opt.param_groups for p in g["params"]]
+    packed_pos = torch.cat([torch.arange(100), torch.arange(77), torch.arange(123)]).view(1, -1)
+    batches = [(ids(1, 2, 200).cpu(), torch.arange(200).expand(2, 200)),
+               (ids(2, 1, 300).cpu(), packed_pos),
+               (ids(3, 2, 200).cpu(), torch.arange(200).expand(2, 200))]
+    runner = GraphedSteps(model, grads)
+    for k, (x, pos) in enumerate(batches):
+        labels = x.clone()
+        labels[:, :5] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        set_dropout_seed(seed, 1, k, stride)
+        zero_grads(opt)
+        # the eager reference on the same padded layout: the dropout masks follow the layout
+        length = -(-x.shape[1] // runner.pad_to) * runner.pad_to
+        px, ppos, plabels = pad_batch(x, pos, labels, length)
+        eager = model(px.to(DEV), ppos, plabels)
+        (eager / n).backward()
+        # the eager graph must be gone before a capture: its gradient-accumulation nodes would
+        # keep the default stream and break the capture
+        eager = eager.detach()
+        want = [g.clone() for g in grads]
+        zero_grads(opt)
+        set_dropout_seed(seed, 1, k, stride)
+        got = runner(x, pos, labels, 1.0 / n).clone()
+        record(f"graphed-step-loss-{k}", abs(got.item() - eager.item()) / eager.item(), 2e-3,
+               graphs=len(runner.graphs))
+        record(f"graphed-step-grads-{k}", max(rel(a, b) for a, b in zip(want, grads)), 3e-2)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ training steps and records torch.cuda.max_memory_allocated / max_memory_reserved
 
     python benchmarks/measure_memory.py --out benchmarks/results/memory.json          # on the GPU
     python benchmarks/measure_memory.py --dry-run                                      # tiny, CPU
+    python benchmarks/measure_memory.py --configs oos.json --jobs 2 --out oos.json     # listed configs
 
-The training step: `build_ours` is the single place where this project's own model + step plugs
-in. Until that API exists it returns None and the transformers + peft + bitsandbytes fallback
-runs (autocast bf16, SDPA, peft LoRA on Linear4bit, paged 8-bit AdamW, non-reentrant
-checkpointing, transformers' full fp32-logits loss); its prediction uses kernels="eager",
-loss="full" accordingly.
+--configs reads a JSON list of runs ({"shape", "seq_len", "micro_batch", "checkpointing", "r",
+"targets", "quant", "double_quant", "dora", "lora_dropout"}; missing keys take the defaults below).
+--jobs 2 runs two configurations at once (separate processes, so each one's peak is its own; a
+config starts only when the planner says both fit): for memory only, the tokens/s of such a run
+is not a clean figure. The output file is rewritten after every configuration, so a run cut short
+keeps what it measured; --deadline-s records the configurations it had no time for as skipped.
+
+The training step: `build_ours`, this project's own model (qlora.models.load.random_model) and
+step (forward, backward, clip, paged 8-bit AdamW); the prediction is for the loss chunk the
+decoder reports. `build_fallback` (transformers + peft + bitsandbytes, full fp32-logits loss) is
+kept for comparison and runs only if build_ours returns None.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -57,8 +65,9 @@ def build_ours(shape_config: dict, run: dict, device: str):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(spec, QuantConfig(method=run["quant"], double_quant=run["double_quant"],
                                            compute_dtype=dtype), device=device)
+    targets = run.get("targets", "all-linear")
     attach_adapters(model, AdapterConfig(r=run["r"], alpha=2 * run["r"], dropout=run["lora_dropout"],
-                                         use_dora=run.get("dora", False),
+                                         use_dora=run.get("dora", False), target_modules=targets,
                                          use_rslora=shape_config.get("_rslora", False)))
     model.gradient_checkpointing = run["checkpointing"]
     model.train()
@@ -74,7 +83,9 @@ def build_ours(shape_config: dict, run: dict, device: str):
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
-    return model, step, dict(kernels="eager", loss="chunked", loss_chunk_tokens=model.loss_chunk_tokens)
+    # the chunk the decoder really uses (None: its vocabulary rule, which the planner applies too)
+    return model, step, dict(kernels="eager", loss="chunked",
+                             loss_chunk_tokens=getattr(model, "loss_chunk_tokens", None))
 
 
 # --- fallback: transformers + peft + bitsandbytes -----------------------------------------------
@@ -160,22 +171,27 @@ def measure_one(spec: dict) -> dict:
         times.append(time.perf_counter() - t)
     if cuda:
         torch.cuda.synchronize()
-    timed = sorted(times[1:] or times)  # the first step allocates the optimizer states
+    # the first step allocates the optimizer states (and the allocator's pools): time the rest
+    timed = sorted(times[spec.get("warmup", 1):] or times)
     record = dict(system=system, seconds=time.perf_counter() - t0, losses=losses, planner_overrides=overrides,
                   step_times=times, tokens_per_s=run["seq_len"] * run["micro_batch"] / timed[len(timed) // 2],
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if cuda:
         record.update(static_allocated=static, peak_allocated=torch.cuda.max_memory_allocated(),
                       peak_reserved=torch.cuda.max_memory_reserved(),
+                      reserved_over_allocated=torch.cuda.max_memory_reserved() / torch.cuda.max_memory_allocated(),
                       device_name=torch.cuda.get_device_name(0),
                       device_total=torch.cuda.get_device_properties(0).total_memory)
     return record
 
 
-def prediction(shape: str, run: dict, overrides: dict) -> dict:
+def _arch_cfg(shape: str, run: dict, overrides: dict) -> tuple[memory.Arch, memory.PlanConfig]:
     config = TINY if shape == "tiny" else memory.SHAPES[shape]
-    arch = memory.arch_from_config(config, name=shape)
-    cfg = replace(memory.PlanConfig(**run), **overrides)
+    return memory.arch_from_config(config, name=shape), replace(memory.PlanConfig(**run), **overrides)
+
+
+def prediction(shape: str, run: dict, overrides: dict) -> dict:
+    arch, cfg = _arch_cfg(shape, run, overrides)
     b = memory.plan(arch, cfg)
     parts = {label: n for label, n in b.parts()}
     # what exists before the first step: frozen weights + adapter masters (no grads, states, copies)
@@ -185,24 +201,115 @@ def prediction(shape: str, run: dict, overrides: dict) -> dict:
                 parts=parts, config=asdict(cfg))
 
 
+RUN_DEFAULTS = dict(quant="nf4", double_quant=True, r=16, targets="all-linear", dora=False, lora_dropout=0.05,
+                    seq_len=2048, micro_batch=1, checkpointing=True, optimizer="paged_adamw_8bit")
+DRY_RUN_SEQ = 32  # --dry-run: every configuration in the tiny shape, rows of at most this many tokens
+
+
+def read_configs(path: str) -> list[dict]:
+    """The runs listed in a --configs file, each completed with RUN_DEFAULTS."""
+    from qlora.errors import QloraError
+
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise QloraError(f"--configs {path}: cannot read a JSON list of runs ({err})") from None
+    if not isinstance(items, list):
+        raise QloraError(f"--configs {path}: expected a JSON list of runs, got {type(items).__name__}")
+    out = []
+    for k, item in enumerate(items):
+        unknown = set(item) - set(RUN_DEFAULTS) - {"shape", "label"}
+        if "shape" not in item or unknown:
+            raise QloraError(f"--configs {path}: run {k} needs a 'shape' and only keys of "
+                             f"{', '.join(RUN_DEFAULTS)}, label (unknown: {', '.join(sorted(unknown)) or '-'})")
+        run = {**RUN_DEFAULTS, **{key: v for key, v in item.items() if key in RUN_DEFAULTS}}
+        if isinstance(run["targets"], list):
+            run["targets"] = ",".join(run["targets"])
+        memory.PlanConfig(**run).validate()  # a bad value fails here, not on the GPU
+        if item["shape"] not in memory.SHAPES and item["shape"] != "tiny":
+            raise QloraError(f"--configs {path}: run {k}: shape {item['shape']!r} not in qlora.memory.SHAPES")
+        out.append(dict(shape=item["shape"], run=run, label=item.get("label")))
+    return out
+
+
 def configurations(args) -> list[dict]:
-    if args.dry_run:
-        grid = [("tiny", 32, gc, r) for gc in (True, False) for r in (4,)]
+    if args.configs:
+        listed = read_configs(args.configs)
+    elif args.dry_run:
+        listed = [dict(shape="tiny", run=dict(RUN_DEFAULTS, r=4, checkpointing=c == "on")) for c in args.checkpointing]
     else:
-        grid = list(itertools.product(args.shapes, args.seqs, [c == "on" for c in args.checkpointing], args.ranks))
+        listed = [dict(shape=shape, run=dict(RUN_DEFAULTS, seq_len=seq, checkpointing=gc, r=r))
+                  for shape, seq, gc, r in itertools.product(args.shapes, args.seqs,
+                                                             [c == "on" for c in args.checkpointing], args.ranks)]
     specs = []
-    for shape, seq, gc, r in grid:
+    for item in listed:
         for method in args.methods or [None]:
-            run = dict(quant="nf4", double_quant=True, r=r, lora_dropout=args.lora_dropout, seq_len=seq,
-                       micro_batch=args.micro_batch, checkpointing=gc, optimizer="paged_adamw_8bit")
+            run = dict(item["run"])
+            if not args.configs:
+                run.update(micro_batch=args.micro_batch, lora_dropout=args.lora_dropout)
             if method:  # qlora.compare's methods: their base, rank and DoRA replace the defaults
                 from qlora.compare import plan_config
 
                 pc = plan_config(method)
                 run.update(quant=pc.quant, double_quant=pc.double_quant, r=pc.r, dora=pc.dora)
-            specs.append(dict(shape=shape, run=run, steps=args.steps, method=method,
-                              device="cpu" if args.dry_run else "cuda"))
+            shape = item["shape"]
+            if args.dry_run:  # the code path only: tiny shape, short rows, on the CPU
+                shape, run["seq_len"] = "tiny", min(run["seq_len"], DRY_RUN_SEQ)
+            specs.append(dict(shape=shape, run=run, steps=args.steps, warmup=args.warmup, method=method,
+                              label=item.get("label"), device="cpu" if args.dry_run else "cuda"))
     return specs
+
+
+def _label(spec: dict) -> str:
+    run = spec["run"]
+    text = f"{spec['shape']} seq={run['seq_len']} gc={run['checkpointing']} r={run['r']}"
+    extra = [f"{k}={run[k]}" for k in ("micro_batch", "quant", "targets", "dora", "lora_dropout")
+             if run.get(k, RUN_DEFAULTS[k]) != RUN_DEFAULTS[k]]
+    name = spec.get("method") or spec.get("label")
+    return " ".join([text, *extra]) + (f" [{name}]" if name else "")
+
+
+def run_spec(spec: dict, timeout_s: float | None) -> dict:
+    """One configuration in a fresh process: the record (measured, or why not)."""
+    # our own step: chunked loss, the decoder's chunk rule; replaced below by what the run reports
+    ours = dict(kernels="eager", loss="chunked")
+    pred = prediction(spec["shape"], spec["run"], ours)
+    rec = dict(shape=spec["shape"], run=spec["run"], predicted=pred, method=spec.get("method"),
+               label=spec.get("label"))
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout_s, env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF":
+                                                      os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")})
+    except subprocess.TimeoutExpired:
+        rec["error"] = f"timed out after {timeout_s:.0f} s"
+        return rec
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        rec["error"] = " | ".join(tail) or f"exit code {proc.returncode}"
+        return rec
+    measured = json.loads(lines[-1][len("RESULT "):])
+    if measured["planner_overrides"] != ours:  # predict for the step that actually ran
+        rec["predicted"] = pred = prediction(spec["shape"], spec["run"], measured["planner_overrides"])
+    rec["measured"] = measured
+    if "peak_allocated" in measured:
+        rec["error_pct"] = 100 * (pred["allocated"] - measured["peak_allocated"]) / measured["peak_allocated"]
+    return rec
+
+
+def _report(label: str, rec: dict) -> str:
+    if "skipped" in rec:
+        return f"{label}: skipped ({rec['skipped']})"
+    if "error" in rec:
+        return f"{label}: failed: {rec['error']}"
+    m, pred = rec["measured"], rec["predicted"]
+    if "peak_allocated" in m:
+        return (f"{label}: measured {m['peak_allocated'] / memory.GiB:.2f} GiB allocated "
+                f"({m['peak_reserved'] / memory.GiB:.2f} reserved), predicted "
+                f"{pred['allocated'] / memory.GiB:.2f} ({rec['error_pct']:+.1f}%), "
+                f"{m['tokens_per_s']:,.0f} tokens/s")
+    return (f"{label}: ran {len(m['losses'])} steps on the CPU (losses {[round(x, 3) for x in m['losses']]}); "
+            f"predicted {pred['allocated'] / memory.GiB:.4f} GiB")
 
 
 def main(argv=None) -> int:
@@ -213,11 +320,17 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", nargs="+", type=int, default=[16, 64])
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--configs", help="JSON list of runs to measure instead of the grid above")
     p.add_argument("--steps", type=int, default=4, help="steps per config (the peak settles after step 2)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the tokens/s median")
     p.add_argument("--out", default="benchmarks/results/memory.json")
     p.add_argument("--methods", nargs="+", default=None,
                    help="qlora.compare method names (lora-16bit, qlora-nf4, rslora-r64, ...): one run each")
-    p.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU: checks the code path only")
+    p.add_argument("--jobs", type=int, default=1, help="configurations at once (memory only: spoils tokens/s)")
+    p.add_argument("--timeout-s", type=float, default=None, help="give up on one configuration after this")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no configuration after this many seconds; the rest are recorded as skipped")
+    p.add_argument("--dry-run", action="store_true", help="tiny configs on the CPU: checks the code path only")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec (JSON) in this process
     args = p.parse_args(argv)
 
@@ -227,48 +340,68 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run on the GPU machine, or use --dry-run", file=sys.stderr)
         return 2
+    if args.jobs < 1 or args.steps < 1 or args.warmup < 0:
+        print("--jobs and --steps must be at least 1, --warmup at least 0", file=sys.stderr)
+        return 2
+    try:
+        specs = configurations(args)
+    except Exception as err:  # QloraError from a bad --configs file, or a bad method name
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     gpu_total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    records = []
-    for spec in configurations(args):
-        label = f"{spec['shape']} seq={spec['run']['seq_len']} gc={spec['run']['checkpointing']} r={spec['run']['r']}"
-        fallback = dict(kernels="eager", loss="full")
-        pred = prediction(spec["shape"], spec["run"], fallback)
-        rec = dict(shape=spec["shape"], run=spec["run"], predicted=pred, method=spec.get("method"))
-        if gpu_total and pred["total"] > 0.97 * gpu_total:
-            rec["skipped"] = f"predicted {pred['total'] / memory.GiB:.1f} GiB > this GPU"
-            print(f"{label}: skipped ({rec['skipped']})", flush=True)
-            records.append(rec)
-            continue
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            rec["error"] = " | ".join(tail)
-            print(f"{label}: failed: {rec['error']}", flush=True)
-            records.append(rec)
-            continue
-        measured = json.loads(lines[-1][len("RESULT "):])
-        if measured["planner_overrides"] != fallback:  # our own step ran: predict for it instead
-            rec["predicted"] = pred = prediction(spec["shape"], spec["run"], measured["planner_overrides"])
-        rec["measured"] = measured
-        if "peak_allocated" in measured:
-            rec["error_pct"] = 100 * (pred["allocated"] - measured["peak_allocated"]) / measured["peak_allocated"]
-            print(f"{label}: measured {measured['peak_allocated'] / memory.GiB:.2f} GiB allocated "
-                  f"({measured['peak_reserved'] / memory.GiB:.2f} reserved), predicted "
-                  f"{pred['allocated'] / memory.GiB:.2f} ({rec['error_pct']:+.1f}%)", flush=True)
-        else:
-            print(f"{label}: ran {spec['steps']} steps on the CPU (losses {measured['losses']}); "
-                  f"predicted {pred['allocated'] / memory.GiB:.4f} GiB", flush=True)
-        records.append(rec)
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__, dry_run=args.dry_run,
-                versions=_versions(), device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+                versions=_versions(), jobs=args.jobs, steps=args.steps, warmup=args.warmup,
+                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=2))
-    tmp.replace(out)  # never leave a half-written file
-    print(f"wrote {out}")
+    records: list[dict | None] = [None] * len(specs)
+    lock = threading.Condition()
+    in_use = [0]  # predicted GPU bytes of the configurations running now (jobs > 1)
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, records=[r for r in records if r is not None]), indent=2))
+        tmp.replace(out)  # never leave a half-written file
+
+    def work(k: int) -> None:
+        spec = specs[k]
+        label = _label(spec)
+        need = memory.needed_bytes(memory.plan(*_arch_cfg(spec["shape"], spec["run"], {})))
+        rec = None
+        if gpu_total and need > 0.97 * gpu_total:
+            rec = dict(shape=spec["shape"], run=spec["run"], method=spec.get("method"), label=spec.get("label"),
+                       skipped=f"planner says it needs {need / memory.GiB:.1f} GiB > this GPU")
+        with lock:  # wait until the GPU has room for it beside the ones running (jobs > 1)
+            while rec is None and in_use[0] and gpu_total and in_use[0] + need > 0.9 * gpu_total:
+                lock.wait()
+            if rec is None and args.deadline_s is not None and time.perf_counter() - t0 > args.deadline_s:
+                rec = dict(shape=spec["shape"], run=spec["run"], method=spec.get("method"),
+                           label=spec.get("label"), skipped=f"no time left (--deadline-s {args.deadline_s:g})")
+            if rec is None:
+                in_use[0] += need
+        if rec is None:
+            try:
+                rec = run_spec(spec, args.timeout_s)
+            finally:
+                with lock:
+                    in_use[0] -= need
+                    lock.notify_all()
+        with lock:
+            records[k] = rec
+            print(_report(label, rec), flush=True)
+            save()
+
+    if args.jobs == 1:
+        for k in range(len(specs)):
+            work(k)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(work, range(len(specs))))
+    save()
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
     return 0 if all("error" not in r for r in records) else 1
 
 

@@ -41,6 +41,20 @@ def build(args):
 
         use_fast_path(model, compile_layers=args.compile)
     model.train()
+    if args.ours:  # the step as `qlora train` runs it (benchmarks/train_step.py QloraStep)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from train_step import QloraStep
+
+        ns = argparse.Namespace(device="cuda", lr=2e-4, seed=0, max_grad_norm=0.3)
+        ours = QloraStep(model, ns, graphs=args.graphs)
+        ours.reset(args.checkpointing)
+
+        def our_step(ids):
+            loss = ours.forward_backward(ids.cpu() if args.graphs else ids)
+            ours.optimizer_step()
+            return loss
+
+        return model, our_step
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
 
@@ -63,6 +77,8 @@ def main() -> int:
     parser.add_argument("--fast", action="store_true", help="qlora.kernels.use_fast_path")
     parser.add_argument("--compile", action="store_true", help="fast path + compiled layers")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--ours", action="store_true", help="flattened adapters + seeded dropout")
+    parser.add_argument("--graphs", action="store_true", help="--ours with the CUDA-graph step")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile

@@ -13,7 +13,10 @@ Systems
   hf+liger  the same with liger-kernel's patches applied before the model is built (RoPE, RMSNorm,
             SwiGLU, fused linear cross-entropy).
   unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
-  qlora     this project (run_qlora below); with and without gradient checkpointing.
+  qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
+            LoRA dropout, forward+backward replayed as a CUDA graph; with and without checkpointing.
+  qlora-eager     the same without the CUDA graph
+  qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
   qlora-fast      the same through our 4-bit dequantize+matmul (qlora.kernels.use_fast_path)
   qlora-compiled  qlora-fast with every decoder layer compiled by torch.compile
 
@@ -51,7 +54,8 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-fast", "qlora-compiled"]
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast",
+           "qlora-compiled"]
 
 # Real shapes, random weights.
 SHAPES = {
@@ -225,6 +229,58 @@ def _set_qlora_checkpointing(model, on: bool) -> str:
                        "(set_gradient_checkpointing(on) or .gradient_checkpointing)")
 
 
+class QloraStep:
+    """This project's own step, as `qlora train` runs it: adapters flattened into one optimizer
+    parameter (paged 8-bit AdamW), LoRA dropout seeded per micro-batch, and (variant "qlora") the
+    forward+backward replayed as a CUDA graph (qlora.train.graphs); "qlora-eager" without graphs."""
+
+    def __init__(self, model, args, graphs: bool):
+        import torch
+        from qlora.adapters import seed_dropout
+
+        self.model, self.args, self.use_graphs = model, args, graphs and args.device == "cuda"
+        self.seed = torch.zeros((), dtype=torch.int64, device=args.device)
+        self.stride = seed_dropout(model, self.seed)
+        self.opt = self.graphs = None
+
+    def reset(self, ckpt: bool):
+        """A fresh optimizer (and graphs) for a configuration."""
+        from qlora.train.graphs import GraphedSteps
+        from qlora.train.optim import build_optimizer
+
+        _set_qlora_checkpointing(self.model, ckpt)
+        self.opt = self.graphs = None
+        name = "paged_adamw_8bit" if self.args.device == "cuda" else "adamw_torch"
+        self.opt = build_optimizer(self.model, name, self.args.lr, 0.001, (0.9, 0.999), 1e-8)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        if self.use_graphs:
+            self.graphs = GraphedSteps(self.model, [p.grad for p in self.params])
+        self.index = 0
+        return self.opt
+
+    def forward_backward(self, ids):
+        import torch
+        from qlora.adapters import set_dropout_seed
+
+        set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
+        self.index += 1
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        if self.graphs is not None:
+            pos = torch.arange(ids.shape[1]).expand_as(ids)
+            return self.graphs(ids, pos, ids, 1.0 / n) / n
+        loss = self.model(ids.to(self.args.device), labels=ids) / n
+        loss.backward()
+        return loss
+
+    def optimizer_step(self):
+        import torch
+        from qlora.train.optim import zero_grads
+
+        torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        self.opt.step()
+        zero_grads(self.opt)
+
+
 def run_qlora(model_dir: str, args, variant: str = "qlora"):
     """Load this project's model with NF4 + double quant, attach LoRA, return the training closure."""
     import torch
@@ -237,7 +293,11 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
-    if variant != "qlora":
+    if variant in ("qlora", "qlora-eager"):
+        model.train()
+        step = QloraStep(model, args, graphs=variant == "qlora")
+        return model, [p for p in model.parameters() if p.requires_grad], step, False
+    if variant in ("qlora-fast", "qlora-compiled"):
         from qlora.kernels import use_fast_path
 
         use_fast_path(model, compile_layers=variant == "qlora-compiled")
@@ -324,7 +384,7 @@ def worker(args) -> int:
         n_steps = args.long_steps if seq >= args.long_from else args.steps
         rec = dict(base, seq=seq, ckpt=ckpt, steps=n_steps, warmup=args.warmup, load_s=round(load_s, 1),
                    alloc_after_load_gib=round(after_load, 3), trainable_params=n_trainable)
-        opt = None
+        opt = ours = None
         try:
             # Every config starts from the same adapter weights and a fresh optimizer.
             with torch.no_grad():
@@ -332,25 +392,32 @@ def worker(args) -> int:
                     p.copy_(s)
                     p.grad = None
             torch.manual_seed(args.seed)
-            opt = _optimizer(params, args)
+            ours = loss_fn if isinstance(loss_fn, QloraStep) else None
+            opt = ours.reset(ckpt) if ours is not None else _optimizer(params, args)
             data = batches(args.seed, seq, args.mb, n_steps, min(args.data_vocab, shape["vocab_size"]))
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             times, losses, opt_times = [], [], []
             for step in range(n_steps):
-                ids = data[step].to(args.device, non_blocking=False)
+                ids = data[step].to(args.device, non_blocking=False) if ours is None else data[step]
                 sync()
                 t = time.perf_counter()
-                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
-                    loss = loss_fn(ids, ckpt)
-                loss.backward()
+                if ours is not None:
+                    loss = ours.forward_backward(ids)
+                else:
+                    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+                        loss = loss_fn(ids, ckpt)
+                    loss.backward()
                 # one extra sync splits the step into forward+backward and clip+optimizer
                 sync()
                 t_mid = time.perf_counter()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                if ours is not None:
+                    ours.optimizer_step()
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                 sync()
                 t_end = time.perf_counter()
                 times.append(t_end - t)
@@ -377,6 +444,8 @@ def worker(args) -> int:
                 rec["traceback"] = traceback.format_exc()[-3000:]
         finally:
             del opt
+            if ours is not None:
+                ours.opt = ours.graphs = None
             for p in params:
                 p.grad = None
             if cuda:

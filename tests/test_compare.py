@@ -1,5 +1,6 @@
 """`qlora compare` on a tiny model: two methods, a few steps; outputs and sane numbers."""
 
+import dataclasses
 import json
 import math
 
@@ -68,3 +69,30 @@ def test_compare_numbers_are_sane(result):
 def test_compare_refuses_unknown_methods(capsys):
     assert main(["compare", "--methods", "lora", "--steps", "1"]) == 2
     assert "not known" in capsys.readouterr().err
+
+
+def test_gpu_columns_filled_from_measure_memory_output(result, tmp_path):
+    """A measure_memory.py --methods file (figures invented here) fills the GPU columns, predicts
+    again for the loss chunk that ran, and a method that failed on the GPU says so."""
+    import copy
+
+    from qlora import memory
+    from qlora.compare import fill_gpu_columns, plan_config, read_gpu_results, table
+
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"records": [
+        {"method": "qlora-nf4", "measured": {"peak_allocated": 7 * 2**30, "peak_reserved": 8 * 2**30,
+                                             "tokens_per_s": 4321.0, "device_name": "H100", "trainable_params": 1,
+                                             "planner_overrides": {"kernels": "eager", "loss": "chunked",
+                                                                   "loss_chunk_tokens": 1024}}},
+        {"method": "qlora-dora", "error": "CUDA out of memory | x"}]}))
+    res = fill_gpu_columns(copy.deepcopy(result[1]), read_gpu_results(path))
+    nf4, dora = (r["llama_3_8b"] for r in res["methods"])
+    assert nf4["measured_peak_allocated_gib"] == 7.0 and nf4["measured_peak_reserved_gib"] == 8.0
+    assert nf4["tokens_per_s"] == 4321.0
+    chunk_1024 = memory.plan(memory.resolve_arch(shape="llama-3-8b"),
+                             dataclasses.replace(plan_config("qlora-nf4"), loss_chunk_tokens=1024))
+    assert nf4["predicted_peak_allocated_gib"] == round(chunk_1024.allocated / 2**30, 2)
+    assert dora["measured_peak_allocated_gib"].startswith("failed on the GPU: CUDA out of memory")
+    md = table(res)
+    assert "4,321" in md and "7.00" in md and "failed on the GPU" in md and PENDING not in md

@@ -59,6 +59,10 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.scaling = cfg.scaling
         self.use_dora = cfg.use_dora
+        self.dropout_p = cfg.dropout
+        # set by seed_dropout(): masks drawn from (seed tensor + salt), not from the global RNG
+        self.dropout_seed: torch.Tensor | None = None
+        self.dropout_salt = 0
         # PEFT's default init: A like nn.Linear (kaiming uniform, a=√5), B zero, so ΔW starts at 0.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -75,8 +79,15 @@ class LoraLinear(nn.Module):
         A = self.lora_A.weight.to(x.dtype)
         B = self.lora_B.weight.to(x.dtype)
         if not self.use_dora:
-            return result + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
+            return result + F.linear(F.linear(self._dropout(x), A), B) * self.scaling
         return result + self._dora_delta(x, result, A, B)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_seed is None or not self.training:
+            return self.lora_dropout(x)
+        from qlora.kernels.dropout import seeded_dropout
+
+        return seeded_dropout(x, self.dropout_seed, self.dropout_salt, self.dropout_p)
 
     def _dora_delta(self, x, result, A, B) -> torch.Tensor:
         # DoRA: W' = m · (W + sBA) / ‖W + sBA‖ (row norms, treated as a constant as the paper
@@ -94,7 +105,7 @@ class LoraLinear(nn.Module):
             bias = self.base_layer.bias
             base = result if bias is None else result - bias
         else:
-            x = self.lora_dropout(x)
+            x = self._dropout(x)
             base = F.linear(x, weight)
         return (scale - 1) * base + scale * F.linear(F.linear(x, A), B) * self.scaling
 
@@ -130,6 +141,27 @@ class LoraLinear(nn.Module):
 
 def _linear_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.out_features, layer.in_features
+
+
+def seed_dropout(model: nn.Module, seed: torch.Tensor) -> int:
+    """Draw every LoRA dropout mask from `seed` (a one-element int64 tensor on the model's device)
+    instead of the global RNG; returns the number of adapter layers, the stride by which to
+    advance the seed between micro-batches so that no two (micro-batch, layer) share a mask.
+
+    Then no layer uses the global RNG, so checkpointed layers need no saved RNG state and the
+    step can be captured as a CUDA graph (train/graphs.py); `set_dropout_seed` sets the seed.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for salt, layer in enumerate(layers):
+        layer.dropout_seed, layer.dropout_salt = seed, salt
+    model.layers_use_rng = False
+    return len(layers)
+
+
+def set_dropout_seed(seed: torch.Tensor, run_seed: int, micro_batch_index: int, stride: int) -> None:
+    """The seed of a micro-batch, a function of the run's seed and the micro-batch's place in the
+    data order: a resumed run draws the same masks as an uninterrupted one."""
+    seed.fill_(((run_seed % 2**20) << 40) + micro_batch_index * stride)
 
 
 def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]:

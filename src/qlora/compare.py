@@ -10,9 +10,11 @@ DoRA, QLoRA + DoRA, 8-bit base):
   trained on this machine's CPU with the loop `qlora train` runs, every method from the same
   random base, data, seed and schedule.
 
-GPU columns (measured peak memory and tokens/s on the device for the Llama-3-8B shape) come from
-`benchmarks/measure_memory.py --methods ...` (see docs/COMPARE.md); given that file with
---gpu-results they are filled in, otherwise they say what command fills them.
+GPU columns (measured peak allocated / reserved memory and tokens/s on the device for the
+Llama-3-8B shape) come from `benchmarks/measure_memory.py --methods ...` (benchmarks/device_issue6.sh;
+see docs/COMPARE.md); given that file with --gpu-results, or folded into an existing compare.json
+by benchmarks/fold_issue6.py (`fill_gpu_columns`), they are filled in and the plot's memory axis is
+the measured one; otherwise they say what command fills them.
 Outputs: compare.json, compare.md and compare.png (memory vs quality, ranking) in --out.
 """
 
@@ -65,30 +67,69 @@ def plan_config(method: str):
                              dora=f.get("use_dora", False), **GPU_SETTINGS)
 
 
-def predicted_gpu(method: str) -> dict:
+def predicted_gpu(method: str, overrides: dict | None = None) -> dict:
+    """The planner for `method` on the GPU shape; `overrides`: PlanConfig fields of the step that
+    was measured (measure_memory.py's planner_overrides, e.g. the loss chunk it used)."""
     from qlora import memory
 
     arch = memory.resolve_arch(shape=GPU_SHAPE)
-    b = memory.plan(arch, plan_config(method))
+    b = memory.plan(arch, dataclasses.replace(plan_config(method), **(overrides or {})))
     return {"trainable_params": b.adapter_params, "peak_allocated_gib": round(b.allocated / memory.GiB, 2),
             "needed_gib": round(memory.needed_bytes(b) / memory.GiB, 2)}
 
 
-def _read_gpu_results(path: str | None) -> dict[str, dict]:
-    """method -> {peak_allocated_gib, tokens_per_s, device} from measure_memory.py --methods."""
+def read_gpu_results(path: str | Path | None) -> dict[str, dict]:
+    """method -> what measure_memory.py --methods measured for it (and why not, if it failed).
+
+    Keys: peak_allocated_gib, peak_reserved_gib, tokens_per_s, trainable_params, device,
+    planner_overrides; or error (failed / skipped on the GPU)."""
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise QloraError(f"--gpu-results: {p} does not exist (write it with: {gpu_command(list(METHODS))})")
-    data = json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise QloraError(f"--gpu-results: {p} is not valid JSON (line {err.lineno}: {err.msg})") from None
     out = {}
     for rec in data.get("records", []):
         meas, method = rec.get("measured", {}), rec.get("method")
-        if method and "peak_allocated" in meas:
+        if method not in METHODS:
+            continue
+        if "peak_allocated" in meas:
             out[method] = {"peak_allocated_gib": round(meas["peak_allocated"] / 2**30, 2),
-                           "tokens_per_s": meas.get("tokens_per_s"), "device": meas.get("device_name")}
+                           "peak_reserved_gib": round(meas["peak_reserved"] / 2**30, 2),
+                           "tokens_per_s": meas.get("tokens_per_s"), "device": meas.get("device_name"),
+                           "trainable_params": meas.get("trainable_params"),
+                           "planner_overrides": {k: v for k, v in meas.get("planner_overrides", {}).items()
+                                                 if k in ("kernels", "loss", "loss_chunk_tokens")}}
+        elif rec.get("error") or rec.get("skipped"):
+            out[method] = {"error": str(rec.get("error") or rec.get("skipped"))[:200]}
     return out
+
+
+def fill_gpu_columns(result: dict, gpu: dict[str, dict], source: str | None = None) -> dict:
+    """Put measured GPU figures (read_gpu_results) into a compare result, in place, and predict
+    again with the planner as it is now, for the step that was measured. Methods without a
+    measurement keep PENDING, or say why the GPU run failed."""
+    for row in result["methods"]:
+        m = gpu.get(row["method"], {})
+        pred = predicted_gpu(row["method"], m.get("planner_overrides"))
+        g = row["llama_3_8b"]
+        g.update(trainable_params=pred["trainable_params"], predicted_peak_allocated_gib=pred["peak_allocated_gib"],
+                 predicted_needed_gib=pred["needed_gib"])
+        if "peak_allocated_gib" in m:
+            g.update(measured_peak_allocated_gib=m["peak_allocated_gib"], measured_peak_reserved_gib=m["peak_reserved_gib"],
+                     tokens_per_s=round(m["tokens_per_s"], 1) if m.get("tokens_per_s") else PENDING,
+                     device=m.get("device"), measured_trainable_params=m.get("trainable_params"),
+                     planner_overrides=m.get("planner_overrides"))
+        else:
+            why = f"failed on the GPU: {m['error']}" if "error" in m else PENDING
+            g.update(measured_peak_allocated_gib=why, tokens_per_s=why if "error" in m else PENDING)
+    if source:
+        result["gpu_results"] = source
+    return result
 
 
 def train_method(method: str, base_cfg, tokenizer, train_examples, val_examples, prompts, work: Path,
@@ -133,7 +174,7 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
         raise QloraError(f"--methods: {', '.join(unknown)} not known; choose from {', '.join(METHODS)}")
     if steps < 1:
         raise QloraError(f"--steps must be at least 1, not {steps}")
-    gpu = _read_gpu_results(gpu_results)
+    gpu = read_gpu_results(gpu_results)
     out = Path(out_dir)
     work = out.parent / f".{out.name}-work"  # the runs themselves are scratch: removed at the end
     if work.exists():
@@ -156,16 +197,9 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     t0 = time.perf_counter()
     for method in methods:
         cpu = train_method(method, base, tokenizer, train_examples, val_examples, prompts, work, log)
-        pred = predicted_gpu(method)
-        measured = gpu.get(method, {})
         rows.append({"method": method, "label": METHODS[method][0], "settings": METHODS[method][1],
-                     "demo": cpu,
-                     "llama_3_8b": {"trainable_params": pred["trainable_params"],
-                                    "predicted_peak_allocated_gib": pred["peak_allocated_gib"],
-                                    "predicted_needed_gib": pred["needed_gib"],
-                                    "measured_peak_allocated_gib": measured.get("peak_allocated_gib", PENDING),
-                                    "tokens_per_s": measured.get("tokens_per_s", PENDING),
-                                    "device": measured.get("device")}})
+                     "demo": cpu, "llama_3_8b": {"measured_peak_allocated_gib": PENDING,
+                                                 "tokens_per_s": PENDING, "device": None}})
     result = {
         "task": "qlora.demo: capitalise a word; held-out words never seen in training",
         "demo_model": {"family": "llama", **sizes, "random_base": True},
@@ -180,6 +214,7 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
         "wall_time_s": round(time.perf_counter() - t0, 1),
         "methods": rows,
     }
+    fill_gpu_columns(result, gpu, str(gpu_results) if gpu_results else None)
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "compare.json", json.dumps(result, indent=2) + "\n")
     _write(out / "compare.md", markdown(result))
@@ -200,23 +235,27 @@ def _versions() -> dict:
     return {p: version(p) for p in ("torch", "bitsandbytes")}
 
 
-def markdown(result: dict) -> str:
+def table(result: dict) -> str:
+    """The results table (markdown), best held-out loss first."""
     lines = ["| method | trainable params (demo model) | trainable params (Llama-3-8B) "
              "| predicted peak allocated, Llama-3-8B (GiB) | measured peak allocated, Llama-3-8B (GiB) "
-             "| tokens/s, Llama-3-8B | held-out eval loss (demo) | exact match (demo) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| measured peak reserved (GiB) | tokens/s, Llama-3-8B | held-out eval loss (demo) | exact match (demo) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["methods"], key=lambda r: r["demo"]["eval_loss"]):
         g, d = r["llama_3_8b"], r["demo"]
-        meas = g["measured_peak_allocated_gib"]
-        tps = g["tokens_per_s"]
+        meas, tps = g["measured_peak_allocated_gib"], g["tokens_per_s"]
+        res = g.get("measured_peak_reserved_gib", meas if isinstance(meas, str) else "-")
         lines.append(f"| {r['label']} | {d['trainable_params']:,} | {g['trainable_params']:,} "
-                     f"| {g['predicted_peak_allocated_gib']:.2f} (predicted) "
+                     f"| {g['predicted_peak_allocated_gib']:.2f} "
                      f"| {meas if isinstance(meas, str) else f'{meas:.2f}'} "
+                     f"| {res if isinstance(res, str) else f'{res:.2f}'} "
                      f"| {tps if isinstance(tps, str) else f'{tps:,.0f}'} "
                      f"| {d['eval_loss']:.4f} | {100 * d['exact_match']:.1f}% |")
-    lines.append("")
-    lines.append(f"GPU columns: `{result['gpu_command']}`")
     return "\n".join(lines) + "\n"
+
+
+def markdown(result: dict) -> str:
+    return table(result) + f"\nGPU columns: `{result['gpu_command']}`\n"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -228,16 +267,32 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["methods"]
     names = [r["label"] for r in rows]
-    mem = [r["llama_3_8b"]["predicted_peak_allocated_gib"] for r in rows]
+    # measured peak memory where every method has one, else the planner's prediction for all
+    # (never a mix: the two would not be comparable on one axis)
+    measured = all(isinstance(r["llama_3_8b"]["measured_peak_allocated_gib"], (int, float)) for r in rows)
+    key = "measured_peak_allocated_gib" if measured else "predicted_peak_allocated_gib"
+    mem = [r["llama_3_8b"][key] for r in rows]
     loss = [r["demo"]["eval_loss"] for r in rows]
+    device = next((r["llama_3_8b"].get("device") for r in rows if r["llama_3_8b"].get("device")), None)
+    how = f"measured on {device}" if measured else "predicted by qlora plan"
     colors = plt.cm.tab10(range(len(rows)))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6))
     ax1.scatter(mem, loss, s=160, c=colors, edgecolors="#2c3e50", linewidths=1.2, zorder=5)
-    for x, y, name in zip(mem, loss, names):
-        ax1.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
-    ax1.set_xlabel("peak GPU memory, Llama-3-8B shape, seq 2048 (GiB, predicted by qlora plan)")
+    # methods at (nearly) the same memory and loss share one label, names listed from best loss,
+    # instead of overprinting each other
+    span = (max(mem) - min(mem) or 1.0, max(loss) - min(loss) or 1.0)
+    groups: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: loss[i]):
+        near = [g for g in groups if abs(mem[g[0]] - mem[i]) < 0.05 * span[0]
+                and abs(loss[g[0]] - loss[i]) < 0.05 * span[1]]
+        near[0].append(i) if near else groups.append([i])
+    for g in groups:
+        ax1.annotate("\n".join(names[i] for i in g), (mem[g[0]], loss[g[0]]), xytext=(9, 0),
+                     textcoords="offset points", fontsize=8, va="center")
+    ax1.margins(x=0.25, y=0.08)
+    ax1.set_xlabel(f"peak allocated GPU memory, Llama-3-8B shape, seq 2048 (GiB, {how})")
     ax1.set_ylabel(f"held-out loss on the demo task after {result['cpu_training']['steps']} steps (lower is better)")
-    ax1.set_title("PEFT methods: memory vs quality (measured loss, predicted memory)")
+    ax1.set_title(f"PEFT methods: memory vs quality (measured loss, {'measured' if measured else 'predicted'} memory)")
     ax1.grid(True, alpha=0.3)
     order = sorted(range(len(rows)), key=lambda i: loss[i])
     ax2.barh(range(len(order)), [loss[i] for i in order], color=[colors[i] for i in order],
@@ -250,8 +305,10 @@ def plot(result: dict, path: Path) -> None:
     ax2.grid(True, alpha=0.3, axis="x")
     for k, i in enumerate(order):
         em = 100 * rows[i]["demo"]["exact_match"]
-        ax2.text(loss[i], k, f" {loss[i]:.3f} ({em:.0f}% exact)", va="center", fontsize=8)
-    ax2.set_xlim(0, max(loss) * 1.35)
+        tps = rows[i]["llama_3_8b"].get("tokens_per_s")
+        gpu = f", {mem[i]:.1f} GiB" + (f", {tps:,.0f} tok/s" if isinstance(tps, (int, float)) else "")
+        ax2.text(loss[i], k, f" {loss[i]:.3f} ({em:.0f}% exact{gpu})", va="center", fontsize=8)
+    ax2.set_xlim(0, max(loss) * 1.6)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")

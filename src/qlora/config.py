@@ -66,12 +66,13 @@ class RunConfig:
     adam_epsilon: float = 1e-8
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
     seed: int = 42
     # --- memory (qlora.memory plans the run before anything loads; docs/MEMORY.md) -----------------
     gpu_memory: str | None = None  # GPU size to plan for, e.g. 24GB; None = the detected CUDA GPU
     auto_fit: bool = False  # pick the largest micro-batch that fits, checkpointing off if it can be
     # --- several GPUs (under torchrun; docs/DISTRIBUTED.md) ---------------------------------------
-    sharding: str = "ddp"  # ddp: each rank holds the whole 4-bit base; fsdp: not yet trainable
+    sharding: str = "ddp"  # ddp: every rank holds the whole base; fsdp: base, adapters, optimizer sharded
     # --- evaluation, checkpoints, logging --------------------------------------------------------
     eval_steps: int = 200  # evaluate every N optimizer steps (and at the end); 0 = at the end only
     save_steps: int = 200  # checkpoint every N optimizer steps; 0 = no intermediate checkpoints

@@ -15,9 +15,9 @@ separate part. The CUDA context is not allocated memory either; `reserved_estima
 `needed_bytes` add the allocator's slack and the context as advice for "does it fit".
 
 The activation terms are derived for a LLaMA block (llama, mistral, qwen2, qwen3) computed in bf16
-with SDPA flash/efficient attention; each term says which tensor autograd keeps and why. They are
-not yet calibrated on a GPU: docs/MEMORY.md lists what is derived and what is estimated, and
-benchmarks/measure_memory.py measures it.
+with SDPA flash/efficient attention; each term says which tensor autograd keeps and why.
+Calibrated against H100 measurements of this project's step (benchmarks/measure_memory.py,
+docs/BENCHMARKS.md); docs/MEMORY.md lists what is derived and what is still an estimate.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ MiB = 1024**2
 # memory_allocated counts the rounded blocks. Matters only for the many tiny quant-state tensors.
 ALLOC_GRANULE = 512
 # Advice only, not part of allocated memory: the allocator's cached-but-free slack
-# (reserved / allocated, typically 1.05-1.2 in training) and the CUDA context + kernels
-# (about 0.5-1 GiB on an H100 with torch 2.x). Calibrate with benchmarks/measure_memory.py.
+# (reserved / allocated) and the CUDA context + kernels (about 0.5-1 GiB on an H100 with torch 2.x).
+# RESERVED_FACTOR is still an estimate: the 19 calibration points measured 1.03-1.29. It is to be
+# set from measurement: benchmarks/fold_issue6.py prints the measured max_memory_reserved /
+# max_memory_allocated of every stored run (calibration, out-of-sample, compare) and the factor
+# they call for; docs/BENCHMARKS.md, "Out-of-sample planner check", keeps the table.
 RESERVED_FACTOR = 1.10
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 # cuBLAS takes a workspace through the caching allocator per handle: 32 MiB on Hopper with
@@ -169,7 +172,7 @@ class PlanConfig:
     optimizer: str = "paged_adamw_8bit"
     kernels: str = "eager"  # eager = autograd over PyTorch ops (HF/our reference); fused = issue 5's kernels
     loss: str = "chunked"  # chunked cross entropy, or full fp32 logits (transformers' ForCausalLMLoss)
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int | None = None  # None: the decoder's rule for the vocabulary (loss_chunk_tokens())
     gpus: int = 1
     sharding: str = "ddp"
     alloc_rounding: bool = True
@@ -192,8 +195,9 @@ class PlanConfig:
             raise bad("--adapter-dtype", self.adapter_dtype, DTYPE_BYTES)
         if self.nonquant_dtype not in DTYPE_BYTES:
             raise bad("nonquant_dtype", self.nonquant_dtype, DTYPE_BYTES)
+        chunk = () if self.loss_chunk_tokens is None else (("loss_chunk_tokens", self.loss_chunk_tokens),)
         for option, value in (("--r", self.r), ("--seq-len", self.seq_len), ("--micro-batch", self.micro_batch),
-                              ("--gpus", self.gpus), ("loss_chunk_tokens", self.loss_chunk_tokens)):
+                              ("--gpus", self.gpus), *chunk):
             if not isinstance(value, int) or value < 1:
                 raise QloraError(f"{option} must be a positive whole number, not {value!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
@@ -328,7 +332,12 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     # SDPA (flash/efficient) keeps q and k after RoPE, v, its output and a fp32 logsumexp per
     # head. The decoder repeats k and v to all heads for GQA (repeat_interleave) before SDPA, so the
     # kept k and v have nh heads. RoPE is a linear map: its backward needs cos/sin only.
-    t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
+    from qlora.models.decoder import _sdpa_takes_gqa
+
+    if _sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
+        t["q, k, v (after RoPE)"] = 2 * (q + 2 * kv)
+    else:
+        t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
     # The output, [B, T, H, D] in memory, is also o_proj's input (transpose + reshape is a view).
     t["attention output (= o_proj input)"] = 2 * q
     t["attention logsumexp (fp32)"] = 4 * arch.heads
@@ -384,6 +393,17 @@ def backward_working_bytes_per_token(arch: Arch, cfg: PlanConfig) -> float:
     return 2 * 2 * arch.hidden + 3 * 2 * arch.intermediate
 
 
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the decoder's chunked loss for this vocabulary: the decoder's own rule
+    (qlora.models.decoder.loss_chunk_tokens: the power of two at or below 2**26 / vocab, clamped
+    to [128, 4096]; Llama-3's 128256 -> 512, Qwen2.5's 151936 -> 256), imported rather than
+    repeated so the planner and the model cannot drift apart. Imported here, not at the top: the
+    decoder imports torch, which `qlora plan` otherwise does not need to load."""
+    from qlora.models.decoder import loss_chunk_tokens as decoder_rule
+
+    return decoder_rule(vocab_size)
+
+
 def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
     """The logits/loss transient (the peak of the loss's backward) and how it is computed."""
     tokens = cfg.seq_len * cfg.micro_batch
@@ -393,7 +413,7 @@ def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
         # 10 B/entry in forward; in backward the nll gradient, the kept log_softmax output and the
         # log_softmax input gradient are alive together = 12 B/entry (bf16 logits already freed).
         return 12 * tokens * v, f"full fp32 logits: 12 B x {tokens} tokens x {v} vocab"
-    chunk = min(tokens, cfg.loss_chunk_tokens)
+    chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
     # Each chunk is checkpointed: in backward it is recomputed (lm_head -> .float() ->
     # log_softmax, whose fp32 output is kept) and then log_softmax's backward holds its kept output,
     # the gradient coming from nll_loss and the gradient it makes: 3 fp32 [chunk, V] = 12 B/entry.
@@ -588,12 +608,14 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
             layer_full = base_layer + sum(_alloc(x * abytes, rnd) for x in numels[: len(numels) // L])
             base, embeddings, norms = -(-base // n), -(-embeddings // n), -(-norms // n)
             adapters, grads = -(-adapters // n), -(-grads // n)
+            # sharded parameters are stepped by torch AdamW (train/distributed.sharded_optim)
+            opt, opt_paged, opt_step = optimizer_state_bytes(numels, replace(cfg, optimizer="adamw_torch"))
             opt, opt_paged, opt_step = -(-opt // n), -(-opt_paged // n), -(-opt_step // n)
             gathered = 2 * layer_full + _alloc(v * h * nbytes, rnd)  # + the gathered embedding/head
             workspace += gathered
             dequant += gathered
-            notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer sharded; "
-                         "two gathered layers and the gathered embedding/head in workspace")
+            notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer (torch AdamW) "
+                         "sharded; two gathered layers and the gathered embedding/head in workspace")
     if cfg.offload_activations:
         notes.append("offload: saved activations live in host memory; two layers' worth stay on the GPU")
     if cfg.optimizer.startswith("paged_") and opt_paged:

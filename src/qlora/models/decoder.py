@@ -117,13 +117,28 @@ def sdpa(q, k, v, mask):
     """
     if isinstance(mask, Varlen):
         return varlen_attention(q, k, v, mask)
+    gqa = {}
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
+        if _sdpa_takes_gqa():
+            gqa = {"enable_gqa": True}  # no copies of k and v
+        else:
+            repeat = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
     if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+@functools.cache
+def _sdpa_takes_gqa() -> bool:
+    """torch >= 2.5 shares kv heads inside scaled_dot_product_attention."""
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: ask the docstring
+        return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 class Varlen:
@@ -162,17 +177,30 @@ def _varlen_causal_kwargs() -> dict:
     return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
 
 
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     B, H, T, D = q.shape
+    kwargs = dict(_varlen_causal_kwargs())
     if k.shape[1] != H:
-        repeat = H // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]
+        if _varlen_takes_gqa():
+            kwargs["enable_gqa"] = True
+        else:
+            repeat = H // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]
     out = varlen_attn(*flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
-                      **_varlen_causal_kwargs())
+                      **kwargs)
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
@@ -221,9 +249,10 @@ class DecoderLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        # 1024 tokens × a 152k vocabulary is 0.6 GB of fp32 logits at a time (the memory
-        # planner assumes the same chunk)
-        self.loss_chunk_tokens = 1024
+        # False once no layer draws from the global RNG (LoRA dropout off or seeded, see
+        # kernels/dropout.py): checkpointing then needs no RNG state, so a CUDA graph can hold it
+        self.layers_use_rng = True
+        self.loss_chunk_tokens = loss_chunk_tokens(spec.vocab_size)
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -235,29 +264,38 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        varlen: Varlen | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32)."""
-        hidden = self.hidden_states(input_ids, position_ids, cache)
+        """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32).
+
+        `varlen`: the document layout of packed rows, given instead of read from position_ids
+        (which must then be on the GPU): a CUDA graph holds it in fixed buffers."""
+        hidden = self.hidden_states(input_ids, position_ids, cache, varlen)
         if labels is None:
             return self.lm_head(hidden)
         return self.loss_sum(hidden, labels)
 
-    def hidden_states(self, input_ids, position_ids=None, cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids=None, cache=None, varlen=None) -> torch.Tensor:
         """position_ids may stay on the CPU (the training loop's batches do): the document
         layout is then read there, without waiting for the GPU, and moved over once."""
         B, T = input_ids.shape
         device = input_ids.device
         past = cache.length if cache is not None else 0
-        if position_ids is None:
+        if position_ids is None:  # one document per row; the layout is known without the GPU
+            layout = torch.arange(past, past + T).expand(B, T)
             position_ids = torch.arange(past, past + T, device=device).expand(B, T)
-        mask = attention_mask(position_ids, past, self.spec.sliding_window, device)
-        position_ids = position_ids.to(device, non_blocking=True)
+        else:
+            layout = position_ids
+            position_ids = position_ids.to(device, non_blocking=True)
+        mask = varlen if varlen is not None else attention_mask(
+            layout, past, self.spec.sliding_window, device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False,
+                               preserve_rng_state=self.layers_use_rng)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -273,6 +311,8 @@ class DecoderLM(nn.Module):
         """
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
+        if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return self._loss_sum_all_positions(hidden, targets.reshape(-1))
         keep = torch.nonzero(targets.reshape(-1) != IGNORE_INDEX).flatten()
         t = targets.reshape(-1)[keep].to(hidden.device, non_blocking=True)
         keep = keep.to(hidden.device, non_blocking=True)
@@ -287,9 +327,28 @@ class DecoderLM(nn.Module):
                 total = total + self._chunk_loss(h[start:end], t[start:end])
         return total
 
+    def _loss_sum_all_positions(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes fixed by the input alone (inside a CUDA graph capture, where
+        the label positions cannot be read): every position is computed, unlabelled ones add 0."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), self.loss_chunk_tokens):
+            end = start + self.loss_chunk_tokens
+            total = total + checkpoint(self._chunk_loss, h[start:end], targets[start:end],
+                                       use_reentrant=False, preserve_rng_state=False)
+        return total
+
     def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h).float()
-        return F.cross_entropy(logits, t, reduction="sum")
+        return F.cross_entropy(logits, t, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the loss: about 2^26 logits (256 MiB in fp32) at a time, whatever the
+    vocabulary (llama-3's 128k: 512 tokens, qwen's 152k: 256). The memory planner uses the same."""
+    target = 2**26 // max(vocab_size, 1)
+    chunk = 1 << max(target.bit_length() - 1, 0)
+    return min(max(chunk, 128), 4096)
 
 
 def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None,

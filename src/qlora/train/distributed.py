@@ -16,13 +16,17 @@ window. The arithmetic that makes the step equal to the single-process one (docs
 
 N is all-reduced once per step before any forward pass (together with the input-token count and
 the stop flag, one small all-reduce).
+
+`--sharding fsdp` (FSDP2 fully_shard) keeps the same split and arithmetic, shards the 4-bit base,
+adapters and optimizer states over the ranks, runs the ranks in lockstep, and gathers whole
+tensors only to write or read checkpoints (the second half of this file; docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -136,24 +140,40 @@ def sync_context(ddp_model, last: bool):
     return ddp_model.no_sync()
 
 
-def check_sharding(sharding: str, env: DistEnv) -> None:
-    """`--sharding fsdp` is not trainable yet: say so, and what works (docs/DISTRIBUTED.md)."""
-    if sharding == "fsdp":
-        raise QloraError(
-            "option `sharding`: 'fsdp' (the 4-bit base sharded over ranks with FSDP2 fully_shard) "
-            "is not wired into the training loop yet: the model shards and steps (shard_fsdp), "
-            "but checkpoints, the adapter file, the 8-bit optimizer and evaluation do not yet "
-            "handle sharded (DTensor) parameters (see docs/DISTRIBUTED.md). "
-            "Use --sharding ddp (every rank holds the whole 4-bit base) under torchrun, and "
-            "`qlora plan --gpus N --sharding fsdp` to see what sharding would need")
+def check_sharding(sharding: str, env: DistEnv, use_dora: bool = False) -> bool:
+    """Whether this run shards the model (FSDP2). `--sharding fsdp` in one process has nothing to
+    shard and runs the single-process path."""
+    if sharding != "fsdp" or not env.enabled:
+        return False
+    if use_dora:
+        raise QloraError("option `use_dora` with `--sharding fsdp`: DoRA reads the whole dequantized "
+                         "base weight, which sharding splits over the ranks; use --sharding ddp "
+                         "for DoRA, or LoRA (--use_dora false) with fsdp")
+    return True
 
 
-# --- sharded (FSDP2) building blocks: tested on CPU, not yet used by the loop ---------------------
+# --- sharded (FSDP2): the 4-bit base, adapters, gradients and optimizer states split over ranks ---
+SHARDED_OPTIM = "adamw_torch"
+
+
+def sharded_optim(name: str) -> tuple[str, str | None]:
+    """The optimizer of a sharded run and a note when it is not the one asked for.
+
+    bitsandbytes' 8-bit and paged optimizers run their CUDA kernels on plain tensors, not on the
+    DTensor shards FSDP2 makes; torch's AdamW steps DTensors, and its fp32 states are sharded like
+    the parameters (8 bytes per adapter parameter, divided by the rank count)."""
+    if name == SHARDED_OPTIM:
+        return name, None
+    return SHARDED_OPTIM, (f"optimizer {name} (bitsandbytes) cannot step FSDP-sharded parameters; "
+                           f"--sharding fsdp uses {SHARDED_OPTIM}, its states sharded over the ranks")
+
+
 def float_storage_4bit(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Re-store every bitsandbytes Linear4bit's packed bytes as `dtype` (bitsandbytes'
-    `quant_storage`, the Answer.AI FSDP+QLoRA trick), so that FSDP2, which all-gathers one dtype
-    per group, can shard them beside the adapters and norms. The bytes are the same (a view);
-    the quant state (absmax, code; small) stays on the module, replicated on every rank, and
+    `quant_storage`, the Answer.AI FSDP+QLoRA trick), so that FSDP2 shards them along dim 0 beside
+    the adapters and norms, and mixed precision leaves them alone (param_dtype == their dtype: no
+    cast, the bytes travel unchanged). The bytes are the same (a view); the quant state (absmax,
+    code; 1/64 of the bytes with double quant) stays on the module, replicated on every rank, and
     bitsandbytes finds it there again (module.quant_state) when FSDP hands back a plain tensor.
     Returns how many layers were changed."""
     import bitsandbytes as bnb
@@ -176,16 +196,200 @@ def float_storage_4bit(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
-def shard_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def shard_fsdp(model: torch.nn.Module, dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.nn.Module:
     """FSDP2: each decoder block one all-gather unit, the rest (embeddings, norm, head) the root's.
 
     Base bytes, norms, embeddings and adapters are sharded along dim 0 over the ranks; gradients
-    come back reduce-scattered (averaged, like DDP) and an optimizer built afterwards holds only
-    its shard of the states."""
-    from torch.distributed.fsdp import fully_shard
+    come back reduce-scattered (averaged, like DDP) in fp32, and an optimizer built afterwards
+    holds only its shard of the states. The model may sit on the CPU: fully_shard moves one
+    block at a time to `device` and keeps only this rank's shard there, so no GPU ever holds the
+    whole base. Forward runs in `dtype` (the adapters' fp32 values cast as the unsharded model's
+    forward casts them)."""
+    import bitsandbytes as bnb
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    device = device or torch.device("cpu")
     float_storage_4bit(model, dtype)
+    for m in model.modules():  # the replicated quant state goes where its layer goes
+        if isinstance(m, bnb.nn.Linear4bit) and m.quant_state is not None:
+            m.quant_state.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def micro_batches(window: list[int], env: DistEnv, lockstep: bool) -> list[tuple[int, int]]:
+    """(micro-batch index, weight) this rank runs for a global window.
+
+    Its share (rank_share) with weight 1. A rank left short (the last window of an epoch) pads
+    with the window's first micro-batch at weight 0: under DDP to one micro-batch, so that it joins
+    the gradient all-reduce; under FSDP (`lockstep`) to as many as the fullest rank, because every
+    FSDP forward and backward is a collective that all ranks must enter the same number of times."""
+    if not env.enabled:
+        return [(k, 1) for k in window]
+    mine = [(k, 1) for k in rank_share(window, env)]
+    need = -(-len(window) // env.world_size) if lockstep else 1
+    return mine + [(window[0], 0)] * max(0, need - len(mine))
+
+
+def _swappable(model: torch.nn.Module):
+    """(module, name, parameter) of every trainable DTensor parameter, the same order on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.requires_grad and isinstance(p, DTensor):
+                yield module, name, p
+
+
+@contextmanager
+def full_trainables(model: torch.nn.Module, load: bool = False):
+    """Inside the block every trainable parameter is a whole (unsharded) tensor on every rank, so
+    the code that saves or loads adapters and checkpoints works as in one process. A collective:
+    all ranks enter. `load`: what the block wrote into them is sharded back, from rank 0's copy.
+    Nothing happens for a model that is not sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    swapped = []
+    for module, name, p in list(_swappable(model)):
+        module._parameters[name] = torch.nn.Parameter(p.full_tensor().detach().clone())
+        swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            full = module._parameters[name]
+            module._parameters[name] = p
+            if load:
+                with torch.no_grad():
+                    p.copy_(distribute_tensor(full.detach().to(p.device, p.dtype), p.device_mesh,
+                                              p.placements))
+
+
+class _FullOptimizer:
+    """What save_checkpoint asks of an optimizer: a state_dict(), here with whole tensors."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def full_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module):
+    """The optimizer, or for a sharded model one whose state_dict() is the one a single process
+    writes: whole tensors, each parameter group's states concatenated into one flat tensor as
+    for its flattened group (optim.flatten_group), so a checkpoint resumes on any rank count.
+    A collective (all-gathers in the same order on every rank)."""
+    if not is_sharded(model):
+        return optimizer
+    sd = optimizer.state_dict()
+    state, groups = {}, []
+    for gi, group in enumerate(sd["param_groups"]):
+        per = [sd["state"].get(i, {}) for i in group["params"]]
+        if per and all(per):
+            state[gi] = {k: (torch.cat([plain(st[k]).detach().cpu().reshape(-1) for st in per])
+                             if torch.is_tensor(v) and v.dim() > 0 else v)
+                         for k, v in per[0].items()}
+        groups.append(dict(group, params=[gi]))
+    return _FullOptimizer({"state": state, "param_groups": groups})
+
+
+class _ShardingLoader:
+    """What load_checkpoint asks of an optimizer: load_state_dict(), here of a single process's
+    state (flat per group), split per parameter and sharded like each parameter."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def load_state_dict(self, sd: dict) -> None:
+        state, groups, idx = {}, [], 0
+        for group, saved in zip(self.optimizer.param_groups, sd["param_groups"], strict=True):
+            params = group["params"]
+            flat = len(saved["params"]) == 1 and len(params) > 1
+            ids = list(range(idx, idx + len(params)))
+            offset = 0
+            for j, p in enumerate(params):
+                src = saved["params"][0 if flat else j]
+                st = sd["state"].get(src)
+                if st:
+                    n = p.numel()
+                    state[ids[j]] = {k: (v.reshape(-1)[offset:offset + n].view(p.shape).clone()
+                                         if flat else v) if torch.is_tensor(v) and v.dim() > 0
+                                     else (v.clone() if torch.is_tensor(v) else v)
+                                     for k, v in st.items()}
+                    offset += n
+            groups.append(dict(saved, params=ids))
+            idx += len(params)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        shard_optimizer_state(self.optimizer)
+
+
+def optimizer_for_load(optimizer: torch.optim.Optimizer, model: torch.nn.Module):
+    """The optimizer, or for a sharded model a loader that shards a whole-tensor state."""
+    return _ShardingLoader(optimizer) if is_sharded(model) else optimizer
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After optimizer.load_state_dict of whole tensors: shard each state like its parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
+def plain(x):
+    """A DTensor (clip_grad_norm_'s norm of sharded gradients) as a whole tensor; else x."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+@torch.no_grad()
+def lockstep_loss_sums(model, encoded: list[dict], max_len: int, micro_batch: int, pad_id: int,
+                       packing: bool, env: DistEnv) -> tuple[float, int]:
+    """qlora.eval.loss_sums for a sharded model: rank r takes batches r, r+W, ...; every rank runs
+    the same number of forwards (each one is a collective), a rank left short repeating batch 0
+    at weight 0. This rank's sums; the caller all-reduces them."""
+    from qlora.data import build_rows, make_batch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = build_rows(encoded, max_len, packing=packing)
+    starts = list(range(0, len(rows), micro_batch))
+    rounds = -(-len(starts) // env.world_size)
+    total, n_tokens = 0.0, 0
+    try:
+        for i in range(rounds):
+            k = i * env.world_size + env.rank
+            start, weight = (starts[k], 1) if k < len(starts) else (starts[0], 0)
+            batch = make_batch([[encoded[j] for j in row] for row in rows[start:start + micro_batch]],
+                               pad_id)
+            loss = float(model(batch["input_ids"].to(device), batch["position_ids"],
+                               batch["labels"]))
+            total += loss * weight
+            n_tokens += int((batch["labels"][:, 1:] != -100).sum()) * weight
+    finally:
+        model.train(was_training)
+    return total, n_tokens

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from qlora.adapters import seed_dropout, set_dropout_seed
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
@@ -34,7 +35,8 @@ from qlora.train import distributed as dist_
 from qlora.train.distributed import SINGLE, DistEnv
 from qlora.train.metrics import (MetricsLog, Progress, gib, peak_memory_bytes, plot_losses,
                                  write_summary)
-from qlora.train.optim import build_optimizer, build_scheduler, resolve_optim, warmup_steps
+from qlora.train.optim import (build_optimizer, build_scheduler, resolve_optim, warmup_steps,
+                               zero_grads)
 
 IGNORE = -100
 BEST_ADAPTER = "best_adapter"
@@ -162,8 +164,12 @@ def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_
     without gradients. Under torchrun each rank takes every W-th batch; the sums are all-reduced."""
     from qlora.eval import loss_sums, perplexity_of
 
-    total, tokens = loss_sums(model, examples, max_len, batch_size, pad_id, packing=packing,
-                              shard=(env.rank, env.world_size))
+    if dist_.is_sharded(model):  # every FSDP forward is a collective: ranks run in lockstep
+        total, tokens = dist_.lockstep_loss_sums(model, examples, max_len, batch_size, pad_id,
+                                                 packing, env)
+    else:
+        total, tokens = loss_sums(model, examples, max_len, batch_size, pad_id, packing=packing,
+                                  shard=(env.rank, env.world_size))
     if env.enabled:
         total, tokens = dist_.all_reduce_sum(env, [total, tokens], device)
         tokens = int(tokens)
@@ -245,11 +251,15 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     warmup = warmup_steps(total, cfg.warmup_steps, cfg.warmup_ratio)
 
     optim_name, note = resolve_optim(cfg.optim, device)
+    sharded = dist_.is_sharded(model)  # FSDP2 (--sharding fsdp under torchrun): distributed.py
+    if sharded:
+        optim_name, note = dist_.sharded_optim(optim_name)
     if note:
         log(note)
     model.train()
     optimizer = build_optimizer(model, optim_name, cfg.learning_rate, cfg.weight_decay,
-                                (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+                                (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                                flat=not sharded)  # sharded parameters cannot share one storage
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler_type, warmup, total)
     compute_dtype = next((m.weight.dtype for m in model.modules()
                           if isinstance(m, torch.nn.Embedding)), torch.float32)
@@ -260,15 +270,22 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     torch.manual_seed(cfg.seed)  # the dropout stream starts from the seed
     if cfg.resume:
         path = ckpt.resolve_resume(out, cfg.resume)
-        state, rng = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        with dist_.full_trainables(model, load=True):  # sharded: whole tensors while loading
+            state, rng = ckpt.load_checkpoint(path, model, dist_.optimizer_for_load(
+                optimizer, model), scheduler)
         ckpt.set_rng_state(rng)
         if scaler is not None and state.grad_scaler:
             scaler.load_state_dict(state.grad_scaler)
         log(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
             f"micro-batch {state.batch_index})")
     # DDP over the adapters only; wrapped after a resume so every rank starts from the checkpoint
-    ddp = dist_.wrap_ddp(model, env, device) if env.enabled else None
+    ddp = dist_.wrap_ddp(model, env, device) if env.enabled and not sharded else None
     forward = ddp if ddp is not None else model
+    # dropout masks drawn from (seed, micro-batch index, layer): the same on resume, and no
+    # global RNG inside the layers, which a CUDA graph needs
+    dropout_seed = torch.zeros((), dtype=torch.int64, device=device)
+    dropout_stride = seed_dropout(model, dropout_seed)
+    graphed = _graphed_steps(model, optimizer, cfg, env, device, scaler, log)
     if main:
         ckpt.clean_partial(out)
     metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
@@ -295,8 +312,9 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
             state.evals_without_improvement = 0
             from qlora.adapters import save_adapter
 
-            if main:
-                save_adapter(model, out / BEST_ADAPTER, base_model)
+            with dist_.full_trainables(model):  # sharded: gathered on all ranks, rank 0 writes
+                if main:
+                    save_adapter(model, out / BEST_ADAPTER, base_model)
         else:
             state.evals_without_improvement += 1
         if main:
@@ -310,10 +328,13 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         state.grad_scaler = scaler.state_dict() if scaler is not None else None
         if state.best_step is not None and state.best_step == state.global_step:
             state.best_checkpoint = f"{ckpt.PREFIX}{state.global_step:08d}"
-        if not main:  # rank 0 writes; the others wait until the checkpoint is whole
-            dist_.barrier(env)
-            return ckpt.checkpoint_dir(out) / f"{ckpt.PREFIX}{state.global_step:08d}"
-        path = ckpt.save_checkpoint(out, model, optimizer, scheduler, state, rng, base_model)
+        with dist_.full_trainables(model):  # sharded: whole tensors on every rank (collective)
+            full_optimizer = dist_.full_optimizer(optimizer, model)
+            if not main:  # rank 0 writes; the others wait until the checkpoint is whole
+                dist_.barrier(env)
+                return ckpt.checkpoint_dir(out) / f"{ckpt.PREFIX}{state.global_step:08d}"
+            path = ckpt.save_checkpoint(out, model, full_optimizer, scheduler, state, rng,
+                                        base_model)
         ckpt.rotate_checkpoints(out, cfg.save_total_limit, state.best_checkpoint)
         dist_.barrier(env)
         return path
@@ -336,25 +357,25 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 rng_at_start = ckpt.rng_state()
                 boundary_rng = rng_at_start
                 batches, n_input = [], 0
-                mine = dist_.rank_share(window_ids, env) if env.enabled else window_ids
-                # a rank left without a micro-batch (short last window) still joins the gradient
-                # all-reduce: it runs the window's first micro-batch with weight 0
-                weight = 1.0 if mine else 0.0
-                for k in (mine or window_ids[:1]):
+                # this rank's share; a rank left short (last window of an epoch) pads with
+                # weight-0 micro-batches, so that it joins every collective (distributed.py)
+                for k, weight in dist_.micro_batches(window_ids, env, lockstep=sharded):
                     batch, n = micro_batch(train_examples, rows, order, k, cfg.micro_batch_size,
                                            pad_id)
+                    batch["index"] = state.epoch * per_epoch + k
+                    batch["weight"] = weight
                     batches.append(batch)
-                    n_input += n
+                    n_input += n * weight
                 # the normaliser: label tokens of the whole window (the model shifts labels by 1)
-                n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+                n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) * b["weight"]
+                               for b in batches)
                 step_loss = torch.zeros((), dtype=torch.float32, device=device)
                 interrupted = False
                 if env.enabled:
                     # one all-reduce: the window's label and input tokens, and whether any rank
                     # was signalled (ranks stop together, at a step boundary, or they would hang)
                     n_labels, n_input, stops = dist_.all_reduce_sum(
-                        env, [n_labels * weight, n_input * weight,
-                              float(stop.signum is not None)], device)
+                        env, [n_labels, n_input, float(stop.signum is not None)], device)
                     n_labels, n_input = int(n_labels), int(n_input)
                     if stops:
                         stop.signum = stop.signum or signal.SIGTERM
@@ -364,22 +385,27 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     if stop.signum is not None and not env.enabled:
                         interrupted = True
                         break
+                    set_dropout_seed(dropout_seed, cfg.seed, b["index"], dropout_stride)
+                    if graphed is not None:
+                        step_loss += graphed(b["input_ids"], b["position_ids"], b["labels"],
+                                             1.0 / max(n_labels, 1))
+                        continue
                     with dist_.sync_context(ddp, last=j == len(batches) - 1):
                         # positions and labels stay on the CPU: the model reads the document
                         # layout and label positions there, without waiting for the GPU
                         loss_sum = forward(b["input_ids"].to(device), b["position_ids"], b["labels"])
-                        step_loss += loss_sum.detach()  # read once per step: no sync here
+                        step_loss += loss_sum.detach() * b["weight"]  # read once per step
                         loss = loss_sum / max(n_labels, 1)
-                        if env.enabled:  # DDP averages over ranks: W / N makes it a sum / N
-                            loss = loss * (env.world_size * weight)
+                        if env.enabled:  # DDP/FSDP average over ranks: W / N makes it a sum / N
+                            loss = loss * (env.world_size * b["weight"])
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss = float(step_loss)
                 if env.enabled and not interrupted:
-                    step_loss = dist_.all_reduce_sum(env, [step_loss * weight], device)[0]
+                    step_loss = dist_.all_reduce_sum(env, [step_loss], device)[0]
                 if interrupted:
                     # the unfinished step is dropped: weights and optimizer are still those of
                     # the step boundary, and so are the RNG states saved with them
-                    optimizer.zero_grad(set_to_none=True)
+                    zero_grads(optimizer)
                     result.checkpoint = save(rng_at_start)
                     result.stopped, result.signal = "interrupted", stop.signum
                     break
@@ -396,7 +422,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 else:
                     optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                zero_grads(optimizer)
 
                 state.global_step += 1
                 state.batch_index = window_ids[-1] + 1
@@ -417,7 +443,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     metrics.write({"split": "train", "step": step,
                                    "epoch": round(state.epoch + state.batch_index / per_epoch, 4),
                                    "loss": sum(window_losses) / len(window_losses),
-                                   "lr": lr, "grad_norm": float(grad_norm),
+                                   "lr": lr, "grad_norm": float(dist_.plain(grad_norm)),
                                    "tokens_per_s": window_tokens_logged / max(now - t_log, 1e-9),
                                    "memory_bytes": peak_memory_bytes(device)})
                     window_losses, window_tokens_logged, t_log = [], 0, now
@@ -449,7 +475,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         # the planner's advice, as a QloraError (exit code 2).
         from qlora.memory import out_of_memory_error
 
-        optimizer.zero_grad(set_to_none=True)
+        zero_grads(optimizer)
         kept = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -474,12 +500,14 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
             run_eval()
         if cfg.load_best_at_end and state.best_step is not None and \
                 state.best_step != state.global_step:
-            if main:
-                _adapter_weights_from(model, out / BEST_ADAPTER)
+            with dist_.full_trainables(model, load=True):  # sharded: rank 0's copy is sharded
+                if main:
+                    _adapter_weights_from(model, out / BEST_ADAPTER)
             log(f"loaded the best adapter (step {state.best_step}, eval loss "
                 f"{state.best_metric:.4f})")
-        if main:
-            _save_adapter_into(model, out, base_model)
+        with dist_.full_trainables(model):
+            if main:
+                _save_adapter_into(model, out, base_model)
     result.best_eval_loss, result.best_step = state.best_metric, state.best_step
     last_eval = next((r for r in reversed(state.log_history) if r["split"] == "eval"), None)
     wall = state.elapsed_s if result.stopped == "interrupted" else elapsed_before + train_time
@@ -507,6 +535,31 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     return result
 
 
+def _graphed_steps(model, optimizer, cfg: RunConfig, env: DistEnv, device: torch.device, scaler,
+                   log: Callable[[str], None]):
+    """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged."""
+    if not cfg.cuda_graphs:
+        return None
+    from qlora.train.graphs import GraphedSteps, unsupported_reason
+
+    reason = unsupported_reason(model, device, cfg.max_seq_length)
+    if reason is None and env.enabled:
+        reason = "several processes (DDP's gradient hooks run outside a graph)"
+    if reason is None and scaler is not None:
+        reason = "fp16 loss scaling"
+    if reason is not None:
+        if device.type == "cuda":
+            log(f"CUDA graphs off: {reason}")
+        return None
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+    if any(g is None for g in grads):
+        log("CUDA graphs off: the optimizer's parameters are not flattened")
+        return None
+    log("CUDA graphs on: each micro-batch shape is captured once (the first steps of a new "
+        "shape take longer)")
+    return GraphedSteps(model, grads, log=log)
+
+
 def _quiet(text: str) -> None:
     """The log of ranks other than 0."""
 
@@ -520,7 +573,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
     import torch.distributed
 
     env = dist_.env_from_environ()
-    dist_.check_sharding(cfg.sharding, env)
+    dist_.check_sharding(cfg.sharding, env, cfg.use_dora)
     check_output_dir(cfg)
     device = resolve_device(cfg)
     joined = env.enabled and not torch.distributed.is_initialized()
@@ -546,6 +599,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
 
     cfg, memory_facts = check_run(cfg, device, dtype, env.world_size, log)
     optim_name, _ = resolve_optim(cfg.optim, device)
+    if dist_.check_sharding(cfg.sharding, env, cfg.use_dora):
+        optim_name, _ = dist_.sharded_optim(optim_name)
     resolved = {"device": str(device), "compute dtype": str(dtype).removeprefix("torch."),
                 "optimizer used": optim_name, **memory_facts}
     if env.enabled:
@@ -556,8 +611,13 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
     train_examples, val_examples = load_data(cfg, tokenizer, log)
     if env.is_main:
         dist_.barrier(env)
-    model = build_model(cfg, device, dtype)
+    sharded = dist_.check_sharding(cfg.sharding, env, cfg.use_dora)
+    # sharded: loaded (and quantized) in host memory; fully_shard then moves one block at a time
+    # to the GPU and keeps this rank's shard of it, so no GPU holds the whole base
+    model = build_model(cfg, torch.device("cpu") if sharded else device, dtype)
     log(trainable_summary(model))
+    if sharded:
+        dist_.shard_fsdp(model, dtype, device)
     # everything loaded (and every rank has checked the output dir): only now is it touched
     dist_.barrier(env)
     if env.is_main:

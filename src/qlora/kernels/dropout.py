@@ -1,0 +1,146 @@
+"""Dropout whose mask is a pure function of (seed, salt, element index): no RNG state.
+
+Why: a checkpointed layer is run twice (forward, then again in backward) and must draw the same
+dropout mask both times. torch.utils.checkpoint does that by saving and restoring the CUDA RNG
+state, which cannot be read while a CUDA graph is being captured. Here the mask is counter-based
+(Philox 4x32-10, Salmon et al. 2011, the generator Triton's `tl.rand` implements): element i of a
+call with seed s keeps its value when philox(key=s + salt, counter=i) ≥ p. Running the layer again
+with the same seed tensor gives the same mask, backward recomputes it instead of saving it, and a
+CUDA graph that reads the seed from a GPU tensor draws new masks when that tensor is advanced.
+
+`seeded_dropout` runs a Triton kernel on CUDA and `seeded_dropout_reference` (plain torch, the
+same bits) elsewhere; tests compare the two through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key (Philox 4x32)
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers (Philox 4x32)
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a·b for a constant a < 2³² and int64 b < 2³², without overflow."""
+    p1 = a * (b >> 16)  # < 2⁴⁸
+    p0 = a * (b & 0xFFFF)  # < 2⁴⁸
+    hi = (p1 + (p0 >> 16)) >> 16
+    lo = (((p1 & 0xFFFF) << 16) + p0) & _M32
+    return hi & _M32, lo
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """Uniform floats in [0, 1) from Philox 4x32 with key `seed` (uint64) and counter (offset, 0, 0, 0)."""
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    # uint32 → [0, 1): read as int32, fold the negative half onto the positive, scale by 2⁻³¹
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * 4.6566127342e-10
+
+
+def seeded_dropout_reference(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    keep = philox_uniform(int(seed) + salt, torch.arange(x.numel(), device=x.device)) >= p
+    scaled = x.float() * (1.0 / (1.0 - p))  # in fp32, then rounded once: as the kernel does
+    return torch.where(keep.view(x.shape), scaled, 0.0).to(x.dtype)
+
+
+_kernel = None
+
+
+def _triton_kernel():
+    global _kernel
+    if _kernel is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, p, scale, n, BLOCK: tl.constexpr):
+            offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            inside = offsets < n
+            x = tl.load(x_ptr + offsets, mask=inside)
+            keep = tl.rand(tl.load(seed_ptr) + salt, offsets) >= p
+            y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+            tl.store(out_ptr + offsets, y.to(x.dtype), mask=inside)
+
+        _kernel = dropout_kernel
+    return _kernel
+
+
+def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    x = x.contiguous()
+    if x.numel() >= 2**31:
+        raise ValueError("seeded dropout counts elements in int32: split the tensor")
+    out = torch.empty_like(x)
+    block = 1024
+    grid = (triton_cdiv(x.numel(), block),)
+    _triton_kernel()[grid](x, out, seed, salt, p, 1.0 / (1.0 - p), x.numel(), BLOCK=block)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401  (CUDA builds of torch bring it on Linux)
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The kernel on CUDA (or on the CPU under Triton's interpreter); else the torch reference,
+    which reads the seed on the host (correct, slower, and not capturable in a CUDA graph)."""
+    import os
+
+    if not _triton_importable():
+        return False
+    if x.device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
+
+
+def _dropout(x, seed, salt, p):
+    if use_triton(x):
+        return _dropout_triton(x, seed, salt, p)
+    return seeded_dropout_reference(x, seed, salt, p)
+
+
+class SeededDropout(torch.autograd.Function):
+    """Backward applies the same mask, recomputed from the seed: nothing but the seed is saved."""
+
+    @staticmethod
+    def forward(ctx, x, seed, salt, p):
+        ctx.save_for_backward(seed)
+        ctx.salt, ctx.p = salt, p
+        return _dropout(x, seed, salt, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return _dropout(grad, seed, ctx.salt, ctx.p), None, None, None
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """Dropout of `x` with probability `p`, mask drawn from (seed tensor value + salt, index).
+
+    `seed` is a one-element int64 tensor on x's device; advance it (in place) between steps.
+    """
+    if p <= 0.0:
+        return x
+    return SeededDropout.apply(x, seed, salt, p)

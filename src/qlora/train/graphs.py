@@ -1,0 +1,168 @@
+"""A micro-batch's forward and backward as one CUDA graph: one launch instead of thousands.
+
+A QLoRA step of a small model is bound by the host: thousands of small kernels per step, each
+launched from Python, with the GPU idle between them. For a fixed batch shape the whole forward
+and backward is recorded once and then replayed: the batch is copied into the graph's input
+buffers, gradients accumulate into the flattened gradient buffers (train/optim.flatten_group),
+the loss sum comes out in a fixed output tensor. The optimizer step stays outside (its learning
+rate changes every step).
+
+Every batch goes through flash attention's variable-length kernel with the documents' offsets in
+a fixed buffer (unused slots repeat the last offset: empty documents), so packed and unpacked rows
+take the same graph. Rows are padded to a multiple of `pad_to` tokens (a padding document without
+labels) and the document count to a power of two, so a run makes few graphs; they share one
+memory pool.
+
+Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention, no
+sliding window shorter than the rows, LoRA dropout seeded (adapters.seed_dropout: checkpointed
+layers then need no RNG state, which cannot be read during a capture), flattened gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora.models.decoder import IGNORE_INDEX, Varlen, varlen_available
+
+
+def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
+    """Why the step cannot be captured, or None when it can."""
+    if device.type != "cuda":
+        return "not on a CUDA device"
+    if not varlen_available(device):
+        return "this torch has no varlen attention (torch >= 2.9 needed)"
+    window = model.spec.sliding_window
+    if window is not None and window < max_len:
+        return f"the sliding attention window ({window}) is shorter than the rows"
+    if model.layers_use_rng:
+        return "the LoRA dropout is not seeded"
+    return None
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def document_offsets(position_ids: torch.Tensor, length: int) -> list[int]:
+    """Start of every document (where positions restart at 0) in the batch flattened at rows of
+    `length` >= its own, the padding after each row counted as one more document; then the end."""
+    B, T = position_ids.shape
+    offsets = []
+    for b in range(B):
+        offsets += [b * length + t for t in torch.nonzero(position_ids[b] == 0).flatten().tolist()]
+        if length > T:
+            offsets.append(b * length + T)
+    return offsets + [B * length]
+
+
+def pad_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows padded to `length`: the padding is one more document per row, without labels.
+    (The seeded dropout masks follow the padded layout: rows after the first draw other masks
+    than they would unpadded, as valid a draw as any.)"""
+    B, T = input_ids.shape
+    ids = torch.zeros((B, length), dtype=torch.long)
+    pos = torch.arange(length).repeat(B, 1) - T  # padding positions 0, 1, ... after T
+    lab = torch.full((B, length), IGNORE_INDEX, dtype=torch.long)
+    ids[:, :T], pos[:, :T], lab[:, :T] = input_ids, position_ids, labels
+    return ids, pos, lab
+
+
+class _Graph:
+    def __init__(self, batch: int, length: int, docs: int, device: torch.device):
+        self.input_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
+        self.position_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
+        self.labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
+        self.cu_seqlens = torch.zeros(docs + 1, dtype=torch.int32, device=device)
+        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.varlen = Varlen(self.cu_seqlens, length)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss_sum: torch.Tensor | None = None
+
+
+class GraphedSteps:
+    """`step(input_ids, position_ids, labels, scale)` = forward, backward of `scale · loss_sum`,
+    through a CUDA graph per padded shape; returns the loss sum (a GPU scalar, valid until the
+    next call). Inputs come on the CPU, as the loop's batches do."""
+
+    def __init__(self, model, grads: list[torch.Tensor], pad_to: int = 256, warmup: int = 2,
+                 capture_error_mode: str = "global", log=print):
+        self.model, self.grads = model, grads
+        self.capture_error_mode, self.log = capture_error_mode, log
+        self.failed: str | None = None  # why capturing failed; the steps then run eagerly
+        self.pad_to, self.warmup = pad_to, warmup
+        self.device = next(p.device for p in model.parameters())
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        if self.failed is not None:
+            return self._eager(input_ids, position_ids, labels, scale)
+        B, T = input_ids.shape
+        length = _round_up(T, self.pad_to)
+        offsets = document_offsets(position_ids, length)
+        docs = _pow2_at_least(len(offsets) - 1)
+        key = (B, length, max(docs, 4))
+        g = self.graphs.get(key)
+        if g is None:
+            g = _Graph(B, length, key[2], self.device)
+            self._fill(g, input_ids, position_ids, labels, offsets, scale)
+            try:
+                self._capture(g)
+            except Exception as err:  # noqa: BLE001 -- something the capture cannot hold
+                self.failed = f"{type(err).__name__}: {err}"
+                self.log(f"CUDA graphs off from here on: capturing the step failed "
+                         f"({self.failed[:300]})")
+                return self._eager(input_ids, position_ids, labels, scale)
+            self.graphs[key] = g
+        else:
+            self._fill(g, input_ids, position_ids, labels, offsets, scale)
+        g.graph.replay()
+        return g.loss_sum
+
+    def _fill(self, g: _Graph, input_ids, position_ids, labels, offsets: list[int], scale: float):
+        ids, pos, lab = pad_batch(input_ids, position_ids, labels, g.input_ids.shape[1])
+        cu = torch.full((g.cu_seqlens.numel(),), offsets[-1], dtype=torch.int32)
+        cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+        # pinned host copies: asynchronous, and the host buffers outlive the copies
+        for dst, src in ((g.input_ids, ids), (g.position_ids, pos), (g.labels, lab),
+                         (g.cu_seqlens, cu)):
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        g.scale.fill_(scale)
+
+    def _eager(self, input_ids, position_ids, labels, scale: float) -> torch.Tensor:
+        loss_sum = self.model(input_ids.to(self.device), position_ids, labels)
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def _body(self, g: _Graph) -> torch.Tensor:
+        loss_sum = self.model(g.input_ids, g.position_ids, g.labels, varlen=g.varlen)
+        (loss_sum * g.scale).backward()
+        return loss_sum.detach()
+
+    def _capture(self, g: _Graph) -> None:
+        # warm-up runs (library handles, Triton compilation, workspaces) must not count:
+        # the gradients they add are taken back out
+        saved = [grad.clone() for grad in self.grads]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._body(g)
+            torch.cuda.current_stream().wait_stream(side)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=self.pool,
+                                  capture_error_mode=self.capture_error_mode):
+                g.loss_sum = self._body(g)
+        finally:
+            with torch.no_grad():
+                for grad, old in zip(self.grads, saved):
+                    grad.copy_(old)
+            del saved
+            torch.cuda.empty_cache()  # the warm-up's eager blocks; the graph keeps its own pool
