@@ -88,6 +88,8 @@ def points(results: Path = RESULTS) -> list[Point]:
             rec = json.loads(text)
             if rec.get("system") != "qlora" or rec.get("peak_alloc_gib") is None:
                 continue
+            if rec.get("step") == "cuda-graphs":  # a captured step: not the step the planner models
+                continue
             key = (rec["shape"], rec["seq"], rec["ckpt"], rec["peak_alloc_gib"])
             if key in seen:  # train_step.py's emit() writes each record twice
                 continue

@@ -1,7 +1,7 @@
 """Where one QLoRA training step of ours spends its time, on the GPU machine.
 
     python3 benchmarks/profile_step.py --shape qwen2.5-1.5b --seq 2048 [--no-checkpointing]
-        [--fast] [--compile] [--out DIR]
+        [--fast] [--ours [--graphs]] [--out DIR]
 
 Builds the shape with random weights (qlora.models.load.random_model, NF4 + double quant, bf16),
 LoRA r=16 on all linear layers, paged 8-bit AdamW, then profiles a few steps with torch.profiler
@@ -36,10 +36,10 @@ def build(args):
     model = random_model(spec, QuantConfig(compute_dtype=torch.bfloat16), device="cuda")
     attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.05))
     model.gradient_checkpointing = args.checkpointing
-    if args.fast or args.compile:
+    if args.fast:
         from qlora.kernels import use_fast_path
 
-        use_fast_path(model, compile_layers=args.compile)
+        use_fast_path(model)
     model.train()
     if args.ours:  # the step as `qlora train` runs it (benchmarks/train_step.py QloraStep)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,7 +75,6 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fast", action="store_true", help="qlora.kernels.use_fast_path")
-    parser.add_argument("--compile", action="store_true", help="fast path + compiled layers")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ours", action="store_true", help="flattened adapters + seeded dropout")
     parser.add_argument("--graphs", action="store_true", help="--ours with the CUDA-graph step")
@@ -102,7 +101,7 @@ def main() -> int:
     n_kernels = sum(e.count for e in kernels) / args.steps
     gpu_busy = sum(e.self_device_time_total for e in kernels) / args.steps / 1e6
     print(f"{args.shape} seq {args.seq} checkpointing={args.checkpointing} fast={args.fast} "
-          f"compile={args.compile}")
+          f"ours={args.ours} graphs={args.graphs}")
     print(f"wall {wall * 1e3:.1f} ms/step · GPU busy {gpu_busy * 1e3:.1f} ms/step · "
           f"{n_kernels:.0f} kernels/step · host-bound share {(1 - gpu_busy / wall) * 100:.0f}%")
     print(events.table(sort_by="self_cuda_time_total", row_limit=15))

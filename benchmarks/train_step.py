@@ -18,7 +18,6 @@ Systems
   qlora-eager     the same without the CUDA graph
   qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
   qlora-fast      the same through our 4-bit dequantize+matmul (qlora.kernels.use_fast_path)
-  qlora-compiled  qlora-fast with every decoder layer compiled by torch.compile
 
 Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
   python benchmarks/train_step.py --shapes qwen2.5-1.5b --seqs 2048,8192 --out results/
@@ -54,8 +53,7 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast",
-           "qlora-compiled"]
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast"]
 
 # Real shapes, random weights.
 SHAPES = {
@@ -297,10 +295,10 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
         model.train()
         step = QloraStep(model, args, graphs=variant == "qlora")
         return model, [p for p in model.parameters() if p.requires_grad], step, False
-    if variant in ("qlora-fast", "qlora-compiled"):
+    if variant == "qlora-fast":
         from qlora.kernels import use_fast_path
 
-        use_fast_path(model, compile_layers=variant == "qlora-compiled")
+        use_fast_path(model)
     model.train()
 
     def loss_fn(ids, ckpt):
@@ -394,6 +392,8 @@ def worker(args) -> int:
             torch.manual_seed(args.seed)
             ours = loss_fn if isinstance(loss_fn, QloraStep) else None
             opt = ours.reset(ckpt) if ours is not None else _optimizer(params, args)
+            if ours is not None:
+                rec["step"] = "cuda-graphs" if ours.graphs is not None else "eager-flat"
             data = batches(args.seed, seq, args.mb, n_steps, min(args.data_vocab, shape["vocab_size"]))
             if cuda:
                 torch.cuda.empty_cache()

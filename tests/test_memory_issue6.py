@@ -88,8 +88,8 @@ def test_device_script_configurations_are_new_and_fit_an_80gb_gpu(tmp_path):
         key = (item["shape"], run["seq_len"], run["checkpointing"], run["r"])
         assert not (default_rest and key in seen), f"{item['label']} is a calibration point"
         needs.append(memory.needed_bytes(plan(resolve_arch(shape=item["shape"]), PlanConfig(**run))))
-    # each fits with room; with --jobs 2 measure_memory starts a second one only when both fit
-    assert max(needs) < 0.6 * h100
+    # each fits alone; with --jobs 2 measure_memory starts a second one only when both fit
+    assert max(needs) < 0.9 * h100
     from qlora.compare import METHODS, plan_config
 
     arch = resolve_arch(shape="llama-3-8b")
@@ -206,8 +206,13 @@ def test_fold_writes_the_gpu_columns_plots_and_out_of_sample_table(tmp_path, rep
     bench = (repo_copy / "docs/BENCHMARKS.md").read_text()
     assert bench.count("## Out-of-sample planner check") == 1
     assert bench.index("## Memory planner calibration") < bench.index(fold.OOS_START)
-    assert bench.replace(bench[bench.index(fold.OOS_START):bench.index(fold.OOS_END) + len(fold.OOS_END)],
-                         "").split() == bench_before.split()
+    def without_section(text: str) -> list[str]:
+        if fold.OOS_START not in text:
+            return text.split()
+        start, end = text.index(fold.OOS_START), text.index(fold.OOS_END) + len(fold.OOS_END)
+        return (text[:start] + text[end:]).split()
+
+    assert without_section(bench) == without_section(bench_before)
     section = bench[bench.index(fold.OOS_START):]
     assert "not measured: CUDA out of memory / boom" in section and "-2.9%" in section
     # again: replaced, not added

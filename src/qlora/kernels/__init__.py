@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def use_fast_path(model: nn.Module, compile_layers: bool = False) -> int:
-    """Route every 4-bit LoRA base through our dequantize+matmul, optionally compile the layers.
+def use_fast_path(model: nn.Module) -> int:
+    """Route every 4-bit LoRA base through our dequantize+matmul (kernels/dequant.py).
 
     Returns the number of layers switched. Call it after the model is on its device.
     """
@@ -20,7 +20,4 @@ def use_fast_path(model: nn.Module, compile_layers: bool = False) -> int:
         if isinstance(module, LoraLinear) and isinstance(module.base_layer, bnb.nn.Linear4bit):
             module.fast_base = Base4bit(module.base_layer)
             switched += 1
-    if compile_layers:
-        for layer in model.model.layers:
-            layer.compile()
     return switched

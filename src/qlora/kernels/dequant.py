@@ -4,9 +4,8 @@ bitsandbytes stores a [out, in] weight as bytes holding two 4-bit codes each (hi
 first), one absmax per block of `blocksize` consecutive weights, and with double quantization
 those absmax values themselves as uint8 codes of a 256-entry table, one fp32 scale per 256
 of them, plus an offset. `dequantize_4bit` reproduces `bitsandbytes.functional.dequantize_4bit`
-exactly. Written with torch ops (no custom kernel), it lets torch.compile fuse the
-dequantization into the decoder layer around it, where each bitsandbytes call would be several
-separate kernel launches: the launch count, not the arithmetic, bounds a QLoRA step of a small model.
+exactly. Written with torch ops (no custom kernel), it is the readable reference a fused
+dequantize kernel is to be checked against.
 
 `Matmul4bit` is the autograd function of x @ Wᵀ for a frozen 4-bit W: it keeps only the 4-bit
 bytes for backward and dequantizes again there, so no 16-bit copy of any weight outlives its use.

@@ -146,9 +146,10 @@ class GraphedSteps:
         return loss_sum.detach()
 
     def _capture(self, g: _Graph) -> None:
-        # warm-up runs (library handles, Triton compilation, workspaces) must not count:
-        # the gradients they add are taken back out
-        saved = [grad.clone() for grad in self.grads]
+        # warm-up runs (library handles, Triton compilation, workspaces) must not count: they
+        # back-propagate the loss times 0, which adds nothing to the gradients
+        scale = g.scale.clone()
+        g.scale.zero_()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -161,8 +162,5 @@ class GraphedSteps:
                                   capture_error_mode=self.capture_error_mode):
                 g.loss_sum = self._body(g)
         finally:
-            with torch.no_grad():
-                for grad, old in zip(self.grads, saved):
-                    grad.copy_(old)
-            del saved
+            g.scale.copy_(scale)
             torch.cuda.empty_cache()  # the warm-up's eager blocks; the graph keeps its own pool
