@@ -51,8 +51,6 @@ def build_ours(shape_config: dict, run: dict, device: str):
     None while that API is not available. step_fn(input_ids) runs forward + backward + optimizer
     step. planner_overrides: PlanConfig fields that describe our step (e.g. kernels="fused",
     loss="chunked", loss_chunk_tokens=...)."""
-    import bitsandbytes as bnb
-
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.models.load import random_model
     from qlora.models.spec import spec_from_config
@@ -71,20 +69,29 @@ def build_ours(shape_config: dict, run: dict, device: str):
                                          use_rslora=shape_config.get("_rslora", False)))
     model.gradient_checkpointing = run["checkpointing"]
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (bnb.optim.PagedAdamW8bit(params, lr=1e-4) if device == "cuda"
-                 else torch.optim.AdamW(params, lr=1e-4))
+    # the training loop's pieces: seeded LoRA dropout, flattened adapter parameters (eager step)
+    from qlora.adapters import seed_dropout, set_dropout_seed
+    from qlora.train.optim import build_optimizer, zero_grads
+
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+    stride = seed_dropout(model, seed)
+    optimizer = build_optimizer(model, "paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+                                1e-4, 0.0, (0.9, 0.999), 1e-8)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    steps = [0]
 
     def step(input_ids: torch.Tensor) -> float:
+        set_dropout_seed(seed, 0, steps[0], stride)
+        steps[0] += 1
         loss = model(input_ids, labels=input_ids) / (input_ids.numel() - input_ids.shape[0])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        zero_grads(optimizer)
         return float(loss)
 
     # the chunk the decoder really uses (None: its vocabulary rule, which the planner applies too)
-    return model, step, dict(kernels="eager", loss="chunked",
+    return model, step, dict(kernels="eager", loss="chunked", seeded_dropout=True,
                              loss_chunk_tokens=getattr(model, "loss_chunk_tokens", None))
 
 

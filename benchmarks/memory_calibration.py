@@ -49,12 +49,16 @@ class Point:
     reserved: int | None = None  # bytes, torch.cuda.max_memory_reserved, where recorded
     label: str = ""
 
+    seeded_dropout: bool = False  # the stored runs before 2026-11-25 19:40 used torch's dropout
+
     def config(self) -> memory.PlanConfig:
         if self.run is not None:
-            return memory.PlanConfig(**{**self.run, "loss_chunk_tokens": self.loss_chunk_tokens})
+            return memory.PlanConfig(**{**self.run, "loss_chunk_tokens": self.loss_chunk_tokens,
+                                        "seeded_dropout": self.seeded_dropout})
         return memory.PlanConfig(r=self.r, seq_len=self.seq, checkpointing=self.checkpointing,
                                  lora_dropout=0.05, micro_batch=1, optimizer="paged_adamw_8bit",
-                                 loss_chunk_tokens=self.loss_chunk_tokens)
+                                 loss_chunk_tokens=self.loss_chunk_tokens,
+                                 seeded_dropout=self.seeded_dropout)
 
     def predicted(self) -> int:
         b = memory.plan(memory.resolve_arch(shape=self.shape), self.config())
@@ -81,7 +85,8 @@ def points(results: Path = RESULTS) -> list[Point]:
                 run = rec["run"]
                 out.append(Point(path.name, rec["shape"], run["seq_len"], run["checkpointing"], run["r"],
                                  meas["peak_allocated"], meas["planner_overrides"]["loss_chunk_tokens"],
-                                 reserved=meas.get("peak_reserved")))
+                                 reserved=meas.get("peak_reserved"),
+                                 seeded_dropout=bool(meas["planner_overrides"].get("seeded_dropout"))))
     seen = set()
     for path in sorted(results.glob("*.jsonl")):
         for text in path.read_text().splitlines():
@@ -123,9 +128,11 @@ def read_measure_records(path: Path, label_from_method: bool = True) -> tuple[li
         if "peak_allocated" in meas:
             chunk = meas.get("planner_overrides", {}).get("loss_chunk_tokens")
             chunk = chunk or memory.loss_chunk_tokens(memory.resolve_arch(shape=rec["shape"]).vocab)
+            seeded = bool(meas.get("planner_overrides", {}).get("seeded_dropout", False))
+            run.pop("seeded_dropout", None)
             pts.append(Point(path.name, rec["shape"], run["seq_len"], run["checkpointing"], run["r"],
                              meas["peak_allocated"], chunk, run=run, reserved=meas.get("peak_reserved"),
-                             label=label))
+                             label=label, seeded_dropout=seeded))
         elif rec.get("shape") != "tiny":  # a CPU dry run measures no memory: neither point nor failure
             why = rec.get("error") or rec.get("skipped") or "no GPU measurement"
             failed.append(Failed(path.name, rec["shape"], run, label, str(why)))

@@ -184,13 +184,16 @@ def test_parse_size():
 
 
 # --- what autograd keeps, counted on the CPU --------------------------------------------------
-@pytest.mark.parametrize("family,targets,dropout", [("qwen2", "all-linear", 0.0), ("qwen2", "all-linear", 0.1),
-                                                    ("llama", "q_proj,v_proj", 0.0), ("llama", "all-linear", 0.1)])
-def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout):
+@pytest.mark.parametrize("family,targets,dropout,seeded", [
+    ("qwen2", "all-linear", 0.0, False), ("qwen2", "all-linear", 0.1, False),
+    ("llama", "q_proj,v_proj", 0.0, False), ("llama", "all-linear", 0.1, False),
+    ("qwen2", "all-linear", 0.1, True), ("llama", "q_proj,v_proj", 0.1, True)])
+def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout, seeded):
+    """seeded: the training loop's dropout (kernels/dropout.py), which keeps no mask."""
     """One decoder layer of our model (4-bit base, LoRA, bf16): the unique storages autograd saves,
     counted with saved_tensors_hooks, equal the planner's per-token terms x tokens + per-layer
     terms. The CPU's dropout keeps a bf16 noise tensor where CUDA keeps a bool mask."""
-    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout
     from qlora.models.load import random_model
     from qlora.models.spec import spec_from_config
     from qlora.quant import QuantConfig
@@ -203,7 +206,10 @@ def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout):
                                                                 compute_dtype=torch.bfloat16))
     attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=dropout, target_modules=targets))
     model.train()
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seed = torch.zeros((), dtype=torch.int64)
+    if seeded:
+        seed_dropout(model, seed)
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), seed]}
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
     cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
     owned |= {t.untyped_storage().data_ptr() for t in (x, cos, sin)}  # the layer's inputs
@@ -217,7 +223,8 @@ def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](x, cos, sin, "causal")
     arch = arch_from_config(config)
-    cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False)
+    cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False,
+                     seeded_dropout=seeded)
     per_token = sum(memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2).values())
     per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
     assert sum(saved.values()) == per_token * tokens + per_layer

@@ -163,6 +163,9 @@ class PlanConfig:
     targets: str | tuple[str, ...] = "all-linear"
     dora: bool = False
     lora_dropout: float = 0.05  # AdapterConfig's default; > 0 keeps a dropped copy of each target's input
+    # masks drawn from a seed and recomputed in backward (qlora train, kernels/dropout.py): none is
+    # kept; False: torch's dropout, which keeps one (the step of the stored calibration runs)
+    seeded_dropout: bool = True
     adapter_dtype: str = "fp32"  # master weights (PEFT keeps fp32); compute is bf16
     nonquant_dtype: str = "bf16"  # embeddings, head, norms; "fp32" = prepare_model_for_kbit_training
     seq_len: int = 2048
@@ -354,7 +357,8 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     if dropout:
         # Dropout per target: the dropped bf16 copy of the input (kept by lora_A) and the mask
         # (kept by dropout's backward).
-        t["LoRA dropout copies + masks"] = sum((2 + dropout_mask_bytes) * inputs[name] for name in targets)
+        mask = 0 if cfg.seeded_dropout else dropout_mask_bytes
+        t["LoRA dropout copies + masks"] = sum((2 + mask) * inputs[name] for name in targets)
     if cfg.dora:
         # DoRA (qlora.adapters): (scale - 1) * base and scale * lora keep the base output and the
         # LoRA output for the magnitude's gradient: 2 x out per target.
