@@ -10,7 +10,10 @@ Checks, each against the real other tool on CUDA:
   4. loss and LoRA gradients vs transformers + peft (bf16 compute);
   5. the seeded-dropout Triton kernel vs its torch reference (bit for bit);
   6. the CUDA-graph step (train/graphs.py) vs the eager step: loss and every adapter gradient,
-     unpacked and packed batches, seeded dropout, checkpointing on.
+     unpacked and packed batches, seeded dropout, checkpointing on;
+  7. the fused RMSNorm / SwiGLU / RoPE kernels (kernels/fused.py) vs decoder.py's torch code at
+     Llama-3-8B shapes (outputs and gradients, fp32 and bf16, with timings), and a tiny model's
+     loss and adapter gradients with fused_kernels on vs off.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -74,8 +77,8 @@ def main() -> int:
     sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
-    checks = [check_dropout_kernel, check_graphed_step, check_16bit, check_nf4, check_packed,
-              check_grads]
+    checks = [check_dropout_kernel, check_graphed_step, check_fused_kernels, check_16bit, check_nf4,
+              check_packed, check_grads]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -221,6 +224,94 @@ def check_graphed_step(dirs):
         record(f"graphed-step-loss-{k}", abs(got.item() - eager.item()) / eager.item(), 2e-3,
                graphs=len(runner.graphs))
         record(f"graphed-step-grads-{k}", max(rel(a, b) for a, b in zip(want, grads)), 3e-2)
+
+
+def _fwd_bwd_ms(fn, inputs, grad, reps: int = 20) -> float:
+    """Median milliseconds of one forward + backward (events on the GPU's stream)."""
+    wanted = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    times = []
+    for _ in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.autograd.grad(fn(*inputs), wanted, grad)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times[3:])[reps // 2]
+
+
+def _compare_fused(name, fused_fn, ref_fn, inputs, grad, bound):
+    """Max relative error (max |fused - ref| / max |ref|) of the output and each gradient."""
+    wanted = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    got, want = fused_fn(*inputs), ref_fn(*inputs)
+    g_got = torch.autograd.grad(got, wanted, grad)
+    g_want = torch.autograd.grad(want, wanted, grad)
+    errors = [rel(want, got)] + [rel(b, a) for a, b in zip(g_got, g_want)]
+    record(name, max(errors), bound, out=errors[0], grads=errors[1:],
+           fused_ms=_fwd_bwd_ms(fused_fn, inputs, grad), torch_ms=_fwd_bwd_ms(ref_fn, inputs, grad))
+
+
+def check_fused_kernels(dirs):
+    """Llama-3-8B shapes at seq 2048: RMSNorm over 2048 x 4096, SwiGLU over 2048 x 14336, RoPE
+    on q [1, 32, 2048, 128] and k [1, 8, 2048, 128] as Attention lays them out."""
+    import torch.nn.functional as F
+
+    from qlora.kernels import fused
+    from qlora.models.spec import spec_from_config
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def randn(*shape, dtype, scale=1.0):
+        return (torch.randn(shape, generator=g, device=DEV) * scale).to(dtype)
+
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2**-6)):  # bf16: two roundings
+        tag = str(dtype).replace("torch.", "")
+        x = randn(1, 2048, 4096, dtype=dtype, scale=3.0).requires_grad_()
+        norm = decoder.RMSNorm(4096, 1e-5).to(DEV, dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(4096, generator=g, device=DEV) + 0.5)
+        grad = randn(1, 2048, 4096, dtype=dtype)
+        for trainable in (False, True):  # QLoRA's norms are frozen: dx alone, then dx and dweight
+            norm.weight.requires_grad_(trainable)
+            _compare_fused(f"fused-rmsnorm-{tag}-{'dw' if trainable else 'frozen'}",
+                           lambda a, w: fused.rms_norm(a, w, 1e-5), lambda a, w: norm(a),
+                           [x, norm.weight], grad, bound)
+        gate = randn(1, 2048, 14336, dtype=dtype, scale=3.0).requires_grad_()
+        up = randn(1, 2048, 14336, dtype=dtype).requires_grad_()
+        _compare_fused(f"fused-swiglu-{tag}", fused.swiglu, lambda a, b: F.silu(a) * b, [gate, up],
+                       randn(1, 2048, 14336, dtype=dtype), bound)
+        spec = spec_from_config(dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=1, num_attention_heads=32,
+                                     num_key_value_heads=8, vocab_size=8, rope_theta=500000.0))
+        cos, sin = decoder.Rotary(spec).to(DEV)(torch.arange(2048, device=DEV)[None], dtype)
+        for heads, what in ((32, "q"), (8, "k")):
+            t = randn(1, 2048, heads, 128, dtype=dtype).requires_grad_()
+            _compare_fused(f"fused-rope-{what}-{tag}",
+                           lambda a: fused.rope(a.transpose(1, 2), cos, sin),
+                           lambda a: decoder.apply_rope(a.transpose(1, 2), cos, sin), [t],
+                           randn(1, heads, 2048, 128, dtype=dtype), bound)
+    # the whole model: NF4 + bf16 tiny llama, checkpointing on, fused_kernels on vs off
+    model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    torch.manual_seed(0)
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.gradient_checkpointing = True
+    model.train()
+    x = ids(4, 2, 256)
+    runs = []
+    for on in (False, True):
+        model.fused_kernels = on
+        model.zero_grad()
+        loss = model(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
+        loss.backward()
+        runs.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    model.fused_kernels = False
+    (loss_off, grads_off), (loss_on, grads_on) = runs
+    record("fused-model-loss", abs(loss_on - loss_off) / loss_off, 2e-3)
+    record("fused-model-grads", max(rel(a, b) for a, b in zip(grads_off, grads_on)), 5e-2)
 
 
 if __name__ == "__main__":

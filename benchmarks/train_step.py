@@ -16,6 +16,8 @@ Systems
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
             LoRA dropout, forward+backward replayed as a CUDA graph; with and without checkpointing.
   qlora-eager     the same without the CUDA graph
+  qlora-fused     "qlora" with model.fused_kernels = True: RMSNorm, SwiGLU and RoPE as the Triton
+                  kernels of qlora.kernels.fused (RunConfig.fused_kernels; off by default until timed)
   qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
   qlora-fast      the same through our 4-bit dequantize+matmul (qlora.kernels.use_fast_path)
 
@@ -53,7 +55,8 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast"]
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast",
+           "qlora-fused"]
 
 # Real shapes, random weights.
 SHAPES = {
@@ -291,9 +294,10 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
-    if variant in ("qlora", "qlora-eager"):
+    if variant in ("qlora", "qlora-eager", "qlora-fused"):
         model.train()
-        step = QloraStep(model, args, graphs=variant == "qlora")
+        model.fused_kernels = variant == "qlora-fused"  # before the graphs capture the step
+        step = QloraStep(model, args, graphs=variant != "qlora-eager")
         return model, [p for p in model.parameters() if p.requires_grad], step, False
     if variant == "qlora-fast":
         from qlora.kernels import use_fast_path

@@ -16,7 +16,7 @@ from qlora.kernels.dropout import philox_uniform, seeded_dropout, seeded_dropout
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
-from qlora.train.graphs import document_offsets
+from qlora.train.graphs import document_offsets, pad_batch
 from qlora.train.optim import build_optimizer, zero_grads
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -158,8 +158,13 @@ def test_flattened_gradients_are_views_that_backward_fills():
         p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_graph_batch_layout_offsets():
+def test_graph_batch_layout_pads_rows_with_a_document_of_their_own():
     # two rows: row 0 holds documents of 3 and 2 tokens, row 1 one of 5; padded to 8 per row
-    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
-    assert document_offsets(pos, 8) == [0, 3, 5, 8, 13, 16]
-    assert document_offsets(pos, 5) == [0, 3, 5, 10]
+    ids, pos, labels = torch.arange(10).view(2, 5), torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]), \
+        torch.arange(10).view(2, 5)
+    pids, ppos, plabels = pad_batch(ids, pos, labels, 8)
+    assert document_offsets(ppos) == [0, 3, 5, 8, 13, 16]
+    assert torch.equal(ppos[:, 5:], torch.tensor([[0, 1, 2], [0, 1, 2]]))
+    assert torch.equal(plabels[:, :5], labels) and bool((plabels[:, 5:] == -100).all())
+    assert torch.equal(pids[:, :5], ids)
+    assert document_offsets(pos) == [0, 3, 5, 10]

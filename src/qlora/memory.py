@@ -821,6 +821,7 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
                       dora=cfg.use_dora, lora_dropout=cfg.lora_dropout, nonquant_dtype=nonquant,
                       seq_len=cfg.max_seq_length, micro_batch=cfg.micro_batch_size,
                       checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optim,
+                      kernels="fused" if getattr(cfg, "fused_kernels", False) else "eager",
                       gpus=world_size, sharding=cfg.sharding)
 
 

@@ -15,18 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora.kernels import fused
+from qlora.kernels.dropout import use_triton
 from qlora.models.spec import ArchSpec, rope_inverse_frequencies
 
 IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
+    fused = False  # set by DecoderLM.fused_kernels: kernels/fused.py's Triton kernel instead
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and use_triton(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         # normalise in fp32, scale in the input dtype: what the checkpoints were trained with
         dtype = x.dtype
         x = x.float()
@@ -81,6 +87,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    fused = False  # set by DecoderLM.fused_kernels: RoPE by kernels/fused.py's Triton kernel
+
     def __init__(self, spec: ArchSpec, layer_index: int):
         super().__init__()
         h, hd = spec.hidden_size, spec.head_dim
@@ -101,8 +109,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        rope = fused.rope if self.fused and use_triton(q) else apply_rope
+        q = rope(q.transpose(1, 2), cos, sin)
+        k = rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         y = sdpa(q, k, v, mask)
@@ -205,6 +214,8 @@ def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
 
 
 class MLP(nn.Module):
+    fused = False  # set by DecoderLM.fused_kernels: SwiGLU by kernels/fused.py's Triton kernel
+
     def __init__(self, spec: ArchSpec):
         super().__init__()
         h, i, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
@@ -213,7 +224,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused and use_triton(gate):
+            return self.down_proj(fused.swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -253,6 +267,22 @@ class DecoderLM(nn.Module):
         # kernels/dropout.py): checkpointing then needs no RNG state, so a CUDA graph can hold it
         self.layers_use_rng = True
         self.loss_chunk_tokens = loss_chunk_tokens(spec.vocab_size)
+        self.fused_kernels = False
+
+    @property
+    def fused_kernels(self) -> bool:
+        """RMSNorm, SwiGLU and RoPE through kernels/fused.py's Triton kernels where Triton runs
+        (CUDA, or the CPU under TRITON_INTERPRET=1); off (the default until measured on a GPU),
+        and elsewhere, the plain torch code of this file."""
+        return self._fused_kernels
+
+    @fused_kernels.setter
+    def fused_kernels(self, on: bool) -> None:
+        # each norm, attention and MLP reads its own flag, so they need no link back to the model
+        self._fused_kernels = bool(on)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = self._fused_kernels
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:

@@ -47,16 +47,10 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def document_offsets(position_ids: torch.Tensor, length: int) -> list[int]:
-    """Start of every document (where positions restart at 0) in the batch flattened at rows of
-    `length` >= its own, the padding after each row counted as one more document; then the end."""
-    B, T = position_ids.shape
-    offsets = []
-    for b in range(B):
-        offsets += [b * length + t for t in torch.nonzero(position_ids[b] == 0).flatten().tolist()]
-        if length > T:
-            offsets.append(b * length + T)
-    return offsets + [B * length]
+def document_offsets(position_ids: torch.Tensor) -> list[int]:
+    """Where each document starts in the flattened batch (its positions restart at 0), then the end."""
+    flat = position_ids.reshape(-1)
+    return torch.nonzero(flat == 0).flatten().tolist() + [flat.numel()]
 
 
 def pad_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
@@ -105,13 +99,13 @@ class GraphedSteps:
             return self._eager(input_ids, position_ids, labels, scale)
         B, T = input_ids.shape
         length = _round_up(T, self.pad_to)
-        offsets = document_offsets(position_ids, length)
-        docs = _pow2_at_least(len(offsets) - 1)
-        key = (B, length, max(docs, 4))
+        batch = pad_batch(input_ids, position_ids, labels, length)
+        offsets = document_offsets(batch[1])  # the padding starts a document of its own
+        key = (B, length, max(_pow2_at_least(len(offsets) - 1), 4))
         g = self.graphs.get(key)
         if g is None:
             g = _Graph(B, length, key[2], self.device)
-            self._fill(g, input_ids, position_ids, labels, offsets, scale)
+            self._fill(g, *batch, offsets, scale)
             try:
                 self._capture(g)
             except Exception as err:  # noqa: BLE001 -- something the capture cannot hold
@@ -121,12 +115,11 @@ class GraphedSteps:
                 return self._eager(input_ids, position_ids, labels, scale)
             self.graphs[key] = g
         else:
-            self._fill(g, input_ids, position_ids, labels, offsets, scale)
+            self._fill(g, *batch, offsets, scale)
         g.graph.replay()
         return g.loss_sum
 
-    def _fill(self, g: _Graph, input_ids, position_ids, labels, offsets: list[int], scale: float):
-        ids, pos, lab = pad_batch(input_ids, position_ids, labels, g.input_ids.shape[1])
+    def _fill(self, g: _Graph, ids, pos, lab, offsets: list[int], scale: float):
         cu = torch.full((g.cu_seqlens.numel(),), offsets[-1], dtype=torch.int32)
         cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
         # pinned host copies: asynchronous, and the host buffers outlive the copies

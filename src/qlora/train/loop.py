@@ -267,7 +267,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
               and device.type == "cuda" else None)  # fp16 gradients underflow without scaling
 
     state = ckpt.TrainerState()
-    torch.manual_seed(cfg.seed)  # the dropout stream starts from the seed
+    torch.manual_seed(cfg.seed)  # any other randomness; LoRA dropout is seeded per micro-batch below
     if cfg.resume:
         path = ckpt.resolve_resume(out, cfg.resume)
         with dist_.full_trainables(model, load=True):  # sharded: whole tensors while loading
@@ -285,6 +285,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     # global RNG inside the layers, which a CUDA graph needs
     dropout_seed = torch.zeros((), dtype=torch.int64, device=device)
     dropout_stride = seed_dropout(model, dropout_seed)
+    model.fused_kernels = cfg.fused_kernels  # before any graph is captured: the kernels go in it
     graphed = _graphed_steps(model, optimizer, cfg, env, device, scaler, log)
     if main:
         ckpt.clean_partial(out)

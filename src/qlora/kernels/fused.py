@@ -1,0 +1,291 @@
+"""Fused RMSNorm, SwiGLU and RoPE: one Triton kernel each way, beside models/decoder.py's plain
+torch code, which stays the reference (tests/test_fused_kernels.py compares the two).
+
+Why: in eager torch each of these is a chain of elementwise kernels that each read and write the
+whole activation (RMSNorm: cast, square, mean, rsqrt, multiply, cast, multiply; as many again in
+backward). On an H100 the Llama-3-8B step spent ~85 of 314 ms of GPU time in such kernels
+(docs/BENCHMARKS.md). Fused, each op reads its inputs once and writes its output once.
+
+Rounding: each kernel computes in fp32 and rounds to the tensor dtype where the reference rounds
+(after normalising, after silu, after each RoPE product), so in bf16 the two differ only through
+fp32 summation order and the GPU's exp/rsqrt.
+
+Saved for backward (what qlora.memory's kernels="fused" terms count): RMSNorm keeps its input and
+one fp32 rstd per row; SwiGLU keeps gate and up (silu is recomputed); RoPE keeps cos and sin only.
+
+Triton is imported on first use, not here: the tests set TRITON_INTERPRET=1 before that import to
+run these kernels on the CPU. The decoder uses them only where Triton runs (dropout.use_triton).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ELEMENTWISE_BLOCK = 1024
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rmsnorm_forward(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+        """One row per program: y = w * (x * rstd) rounded to x's dtype, rstd kept for backward."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=inside, other=0.0)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+        # decoder.RMSNorm rounds to x's dtype before the weight: `.to(dtype).to(fp32)` here and
+        # below stores an intermediate where the reference does
+        normed = (xf * rstd).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * n_cols + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def rmsnorm_backward(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, programs,
+                         COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows pid, pid + programs, ...: dx per row; with COMPUTE_DW, this program's partial sum
+        of the weight gradient (one row of dw_ptr, summed over programs by the caller)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        row = pid.to(tl.int64)
+        while row < n_rows:  # not `for range(pid, ...)`: the interpreter cannot index by a tensor
+            offsets = row * n_cols + cols
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+            g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+            rstd = tl.load(rstd_ptr + row)
+            normed = x.to(tl.float32) * rstd
+            # gradient of the rounded normed value: g * w in g's dtype, then in x's (autograd casts)
+            gn = (g.to(tl.float32) * w).to(g.dtype).to(x.dtype).to(tl.float32)
+            # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (gn - normed * mean(gn * normed))
+            dot = tl.sum(gn * normed, axis=0) / n_cols
+            dx = rstd * (gn - normed * dot)
+            tl.store(dx_ptr + offsets, dx.to(x.dtype), mask=inside)
+            if COMPUTE_DW:
+                rounded = normed.to(x.dtype).to(tl.float32)
+                dw += (g.to(tl.float32) * rounded).to(g.dtype).to(tl.float32)
+            row += programs
+        if COMPUTE_DW:
+            tl.store(dw_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=inside)
+
+    @triton.jit
+    def swiglu_forward(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+        u = tl.load(u_ptr + offsets, mask=inside, other=0.0)
+        gf = g.to(tl.float32)
+        # F.silu's result, stored in the input dtype before the product
+        silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        tl.store(y_ptr + offsets, (silu * u.to(tl.float32)).to(g.dtype), mask=inside)
+
+    @triton.jit
+    def swiglu_backward(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+        u = tl.load(u_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        gf = g.to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-gf))
+        # recomputed exactly as the forward did
+        silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        tl.store(du_ptr + offsets, (dy * silu).to(g.dtype), mask=inside)
+        dsilu = (dy * u).to(g.dtype).to(tl.float32)
+        # silu'(g) = sig * (1 + g * (1 - sig))
+        tl.store(dg_ptr + offsets, (dsilu * sig * (1.0 + gf * (1.0 - sig))).to(g.dtype), mask=inside)
+
+    @triton.jit
+    def rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, T, H, sxb, sxh, sxt, syb, syh, syt, scb, sct,
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BACKWARD: tl.constexpr):
+        """One token (b, t) per program, all its heads: x [B, H, T, D] by strides (D contiguous).
+
+        Forward  y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2   (x * cos + rotate_half(x) * sin)
+        Backward y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1   (its transpose: the inverse rotation)
+        Each product is rounded to x's dtype before the sum, as the reference's are.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        b, t = pid // T, pid % T
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        d_in = d < HALF
+        inside = (heads < H) & d_in
+        cs = b * scb + t * sct + d
+        c1 = tl.load(cos_ptr + cs, mask=d_in, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + cs + HALF, mask=d_in, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + cs, mask=d_in, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + cs + HALF, mask=d_in, other=0.0).to(tl.float32)
+        xs = x_ptr + b * sxb + t * sxt + heads * sxh + d
+        x1 = tl.load(xs, mask=inside, other=0.0)
+        x2 = tl.load(xs + HALF, mask=inside, other=0.0).to(tl.float32)
+        dtype = x1.dtype
+        x1 = x1.to(tl.float32)
+        if BACKWARD:
+            y1 = (x1 * c1).to(dtype).to(tl.float32) + (x2 * s2).to(dtype).to(tl.float32)
+            y2 = (x2 * c2).to(dtype).to(tl.float32) - (x1 * s1).to(dtype).to(tl.float32)
+        else:
+            y1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
+            y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+        ys = y_ptr + b * syb + t * syt + heads * syh + d
+        tl.store(ys, y1.to(dtype), mask=inside)
+        tl.store(ys + HALF, y2.to(dtype), mask=inside)
+
+    return dict(rmsnorm_forward=rmsnorm_forward, rmsnorm_backward=rmsnorm_backward,
+                swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward, rope=rope_kernel)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _row_warps(block: int) -> int:
+    """Warps for one row of `block` values: a 4096-wide row spread over 16 warps, not 4."""
+    return min(16, max(4, block // 256))
+
+
+# ------------------------------------------------------------------------------------ RMSNorm
+
+def _dw_programs(x: torch.Tensor, rows: int) -> int:
+    """Programs that share the rows when the weight gradient is wanted: each writes one fp32 row
+    of partial sums, so a few per SM rather than one per row."""
+    if x.device.type == "cuda":
+        return min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(rows, 4)
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """Saves x and one fp32 rstd per row; the weight gradient only when the weight wants one
+    (QLoRA's norms are frozen: then backward is dx alone, one pass over the rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        n = x.shape[-1]
+        rows = x.reshape(-1, n).contiguous()
+        w = weight.contiguous()
+        y = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, w.dtype))
+        rstd = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
+        _kernels()["rmsnorm_forward"][(rows.shape[0],)](rows, w, y, rstd, n, eps, BLOCK=_pow2(n),
+                                                        num_warps=_row_warps(_pow2(n)))
+        ctx.save_for_backward(rows, w, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, w, rstd = ctx.saved_tensors
+        n_rows, n = rows.shape
+        g = grad.reshape(n_rows, n).contiguous()
+        dx = torch.empty_like(rows)
+        want_dw = ctx.needs_input_grad[1]
+        programs = _dw_programs(rows, n_rows) if want_dw else n_rows
+        partial = (torch.empty((programs, n), device=rows.device, dtype=torch.float32)
+                   if want_dw else rstd)  # a placeholder pointer when no weight gradient is made
+        _kernels()["rmsnorm_backward"][(programs,)](g, rows, w, rstd, dx, partial, n_rows, n, programs,
+                                                    COMPUTE_DW=want_dw, BLOCK=_pow2(n),
+                                                    num_warps=_row_warps(_pow2(n)))
+        dw = partial.sum(0).to(w.dtype) if want_dw else None
+        return dx.view(ctx.shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """decoder.RMSNorm's forward as one kernel: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
+    if x.numel() == 0:
+        return weight * x
+    return FusedRMSNorm.apply(x, weight, eps)
+
+
+# ------------------------------------------------------------------------------------- SwiGLU
+
+class FusedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up; saves gate and up, and backward recomputes silu from gate."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        grid = (_cdiv(gate.numel(), ELEMENTWISE_BLOCK),)
+        _kernels()["swiglu_forward"][grid](gate, up, y, gate.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        ctx.save_for_backward(gate, up)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad = grad.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        grid = (_cdiv(gate.numel(), ELEMENTWISE_BLOCK),)
+        _kernels()["swiglu_backward"][grid](grad, gate, up, dgate, dup, gate.numel(),
+                                            BLOCK=ELEMENTWISE_BLOCK)
+        return dgate, dup
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up as one kernel (and one in backward)."""
+    if gate.dtype != up.dtype:  # one dtype in the kernel: promote as torch's product would
+        dtype = torch.promote_types(gate.dtype, up.dtype)
+        gate, up = gate.to(dtype), up.to(dtype)
+    if gate.numel() == 0:
+        return gate * up
+    return FusedSwiGLU.apply(gate, up)
+
+
+# --------------------------------------------------------------------------------------- RoPE
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
+    """y = the rotation of x (or its inverse) in x's memory layout; x [B, H, T, D] may be the
+    transposed view of [B, T, H, D] that Attention makes: read by strides, never copied."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    B, H, T, D = x.shape
+    y = torch.empty_like(x)  # the same strides as x (a dense tensor keeps its layout)
+    cos_b = cos.stride(0) if cos.shape[0] > 1 else 0  # one table for every row broadcasts
+    _kernels()["rope"][(B * T,)](x, y, cos, sin, T, H, x.stride(0), x.stride(1), x.stride(2),
+                                 y.stride(0), y.stride(1), y.stride(2), cos_b, cos.stride(1),
+                                 HALF=D // 2, BLOCK_H=_pow2(H), BLOCK_D=_pow2(D // 2),
+                                 BACKWARD=backward)
+    return y
+
+
+class FusedRoPE(torch.autograd.Function):
+    """RoPE is a rotation per pair (x1_i, x2_i): backward applies the inverse rotation to the
+    gradient; nothing per token is saved beyond cos/sin, which every layer shares."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(grad, cos, sin, backward=True), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """decoder.apply_rope as one kernel: x [B, heads, T, hd]; cos/sin [B, T, hd] (no gradient)."""
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("fused RoPE gives cos/sin no gradient; use decoder.apply_rope")
+    if x.shape[-1] % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {x.shape[-1]}")
+    dtype = torch.promote_types(x.dtype, cos.dtype)  # as x * cos would
+    x = x.to(dtype)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if x.numel() == 0:
+        return x * cos.unsqueeze(1)
+    return FusedRoPE.apply(x, cos, sin)

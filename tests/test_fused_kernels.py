@@ -1,0 +1,293 @@
+"""The fused RMSNorm, SwiGLU and RoPE kernels (qlora.kernels.fused) against decoder.py's torch
+code, run by Triton's interpreter on the CPU: forward outputs and backward gradients on random
+inputs, fp32 and bf16, and a tiny model's loss and adapter gradients with fused_kernels on and off.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so each check runs in a subprocess that
+prints one JSON line. fp32 must agree to float rounding; bf16 within a few roundings (the
+interpreter rounds to bf16 by truncation, torch to nearest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+FP32_BOUND = 1e-5  # max |fused - reference| / max |reference|
+BF16_BOUND = 2**-5  # a few bf16 roundings (2^-8 relative each), truncated vs to nearest
+
+
+def interpreted(code: str) -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Shared by the kernel checks: run fused and reference on the same inputs and upstream gradient,
+# record max |a - b| / max |b| for the output and each input gradient.
+PRELUDE = r"""
+import json, torch
+import torch.nn.functional as F
+from qlora.kernels import fused
+from qlora.models import decoder
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max())
+
+def compare(fn, ref, inputs, grad):
+    got, want = fn(*inputs), ref(*inputs)
+    wanted = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    g_got = torch.autograd.grad(got, wanted, grad)
+    g_want = torch.autograd.grad(want, wanted, grad)
+    return dict(out=rel(got, want), grads=[rel(a, b) for a, b in zip(g_got, g_want)],
+                dtype=str(got.dtype), ref_dtype=str(want.dtype), strides=[got.stride(), want.stride()])
+
+results = []
+"""
+
+RMSNORM_CHECK = PRELUDE + r"""
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in [(3, 5, 48), (4, 100), (2, 64)]:  # 48 and 100: rows not a power of two
+        torch.manual_seed(len(results))
+        n = shape[-1]
+        x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+        norm = decoder.RMSNorm(n, 1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(n) + 0.5)
+        # an upstream gradient along the output too, so the rstd term of dx matters
+        grad = (torch.randn(shape) + norm(x).detach().float()).to(dtype)
+        for trainable in (True, False):
+            norm.weight.requires_grad_(trainable)
+            r = compare(lambda a, w: fused.rms_norm(a, w, 1e-5), lambda a, w: norm(a),
+                        [x, norm.weight], grad)
+            results.append(dict(r, dtype_in=str(dtype), shape=shape, trainable=trainable))
+# frozen weight: no weight gradient is made (and asking autograd for one is an error)
+x = torch.randn(4, 100, requires_grad=True)
+w = torch.ones(100)
+fused.rms_norm(x, w, 1e-5).sum().backward()
+extra = dict(frozen_weight_grad_is_none=w.grad is None)
+# weight in fp32, input in bf16: the output is promoted to fp32, as torch's product is
+wf = torch.rand(100) + 0.5
+xb = torch.randn(4, 100).to(torch.bfloat16)
+ref = decoder.RMSNorm(100, 1e-5)
+with torch.no_grad():
+    ref.weight.copy_(wf)
+    extra["mixed"] = dict(dtype=str(fused.rms_norm(xb, wf, 1e-5).dtype), ref_dtype=str(ref(xb).dtype),
+                          rel=rel(fused.rms_norm(xb, wf, 1e-5), ref(xb)))
+print(json.dumps(dict(results=results, **extra)))
+"""
+
+SWIGLU_CHECK = PRELUDE + r"""
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in [(3, 37, 100), (2, 1024), (5,)]:  # 11100: blocks of 1024 and a partial tail
+        torch.manual_seed(len(results))
+        gate = (torch.randn(shape) * 4).to(dtype).requires_grad_()
+        up = torch.randn(shape).to(dtype).requires_grad_()
+        grad = torch.randn(shape).to(dtype)
+        r = compare(fused.swiglu, lambda g, u: F.silu(g) * u, [gate, up], grad)
+        results.append(dict(r, dtype_in=str(dtype), shape=shape))
+print(json.dumps(dict(results=results)))
+"""
+
+ROPE_CHECK = PRELUDE + r"""
+from qlora.models.spec import spec_from_config
+for dtype in (torch.float32, torch.bfloat16):
+    # (B, T, heads, head_dim, cos batch): 3 heads and a half of 6 are not powers of two
+    for B, T, H, D, cos_b in [(2, 5, 3, 12, 2), (1, 9, 4, 16, 1), (3, 4, 2, 8, 1)]:
+        torch.manual_seed(len(results))
+        spec = spec_from_config(dict(model_type="llama", hidden_size=H * D, intermediate_size=8,
+                                     num_hidden_layers=1, num_attention_heads=H, vocab_size=8,
+                                     rope_theta=10000.0))
+        pos = torch.randint(0, 500, (cos_b, T))
+        cos, sin = decoder.Rotary(spec)(pos, dtype)
+        # as Attention has it: the [B, heads, T, hd] transposed view of a [B, T, heads, hd] tensor
+        x = torch.randn(B, T, H, D).to(dtype).requires_grad_()
+        grad = torch.randn(B, H, T, D).to(dtype)
+        r = compare(lambda a: fused.rope(a.transpose(1, 2), cos, sin),
+                    lambda a: decoder.apply_rope(a.transpose(1, 2), cos, sin), [x], grad)
+        results.append(dict(r, dtype_in=str(dtype), shape=(B, T, H, D)))
+print(json.dumps(dict(results=results)))
+"""
+
+
+def check_results(results: list[dict]) -> None:
+    assert results
+    for r in results:
+        bound = FP32_BOUND if r["dtype_in"] == "torch.float32" else BF16_BOUND
+        assert r["out"] <= bound, r
+        assert r["grads"] and max(r["grads"]) <= bound, r
+        assert r["dtype"] == r["ref_dtype"], r
+
+
+def test_fused_rmsnorm_equals_decoder_rmsnorm_forward_and_backward():
+    result = interpreted(RMSNORM_CHECK)
+    check_results(result["results"])
+    assert {len(r["grads"]) for r in result["results"] if r["trainable"]} == {2}  # dx and dweight
+    assert result["frozen_weight_grad_is_none"]
+    mixed = result["mixed"]
+    assert mixed["dtype"] == mixed["ref_dtype"] == "torch.float32" and mixed["rel"] <= BF16_BOUND
+
+
+def test_fused_swiglu_equals_silu_times_up_forward_and_backward():
+    check_results(interpreted(SWIGLU_CHECK)["results"])
+
+
+def test_fused_rope_equals_apply_rope_forward_and_backward():
+    results = interpreted(ROPE_CHECK)["results"]
+    check_results(results)
+    for r in results:  # the output keeps the input's layout, as the reference's does
+        assert r["strides"][0] == r["strides"][1], r
+
+
+MODEL_CHECK = r"""
+import json, torch
+from qlora.adapters import AdapterConfig, attach_adapters
+from qlora.kernels import fused
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config
+from qlora.quant import QuantConfig
+
+calls = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+for name in calls:  # count the fused ops the decoder routes through, so "on" is known to be on
+    def counted(*args, _name=name, _fn=getattr(fused, name)):
+        calls[_name] += 1
+        return _fn(*args)
+    setattr(fused, name, counted)
+
+def tiny(family, dtype):
+    torch.manual_seed(0)
+    cfg = dict(model_type=family, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=97, rms_norm_eps=1e-5,
+               rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+    model = random_model(spec_from_config(cfg), QuantConfig(method="none", compute_dtype=dtype), seed=1)
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # norms away from 1 and B away from 0: every path carries gradient
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape) + 0.5)
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.train()
+
+out = {}
+for family, dtype in (("llama", torch.float32), ("qwen3", torch.float32), ("llama", torch.bfloat16)):
+    model = tiny(family, dtype)
+    ids = torch.randint(0, 97, (2, 24))
+    runs = []
+    for on in (False, True):
+        model.fused_kernels = on
+        model.gradient_checkpointing = on  # the fused ops recomputed under checkpointing too
+        model.zero_grad()
+        before = dict(calls)
+        loss = model(ids, labels=ids)
+        loss.backward()
+        grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+        runs.append(dict(loss=float(loss), grads=grads,
+                         calls={k: calls[k] - before[k] for k in calls}))
+    off, on = runs
+    out[f"{family}-{dtype}"] = dict(
+        loss_off=off["loss"], loss_on=on["loss"], calls_off=off["calls"], calls_on=on["calls"],
+        n_grads=len(on["grads"]),
+        grad_rel=max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(on["grads"], off["grads"])))
+print(json.dumps(out))
+"""
+
+
+def test_tiny_model_trains_the_same_with_fused_kernels_on_and_off():
+    out = interpreted(MODEL_CHECK)
+    for name, r in out.items():
+        assert sum(r["calls_off"].values()) == 0, r
+        # per layer 2 norms (+2 q/k norms on qwen3), 1 SwiGLU, 2 RoPE, each twice (the forward,
+        # then checkpointing's recompute in backward); + the final norm once
+        norms = 4 if name.startswith("qwen3") else 2
+        assert r["calls_on"] == {"rms_norm": 2 * 2 * norms + 1, "swiglu": 2 * 2, "rope": 2 * 2 * 2}, r
+        assert r["n_grads"] == 2 * 7 * 2, r
+        fp32 = "float32" in name
+        assert abs(r["loss_on"] - r["loss_off"]) <= (1e-5 if fp32 else 2e-2) * abs(r["loss_off"]), r
+        assert r["grad_rel"] <= (1e-4 if fp32 else 0.1), r
+
+
+def test_fused_kernels_is_off_by_default_and_falls_back_to_torch_where_triton_does_not_run(
+        monkeypatch):
+    """On the CPU without the interpreter the switch changes nothing: the reference code runs."""
+    from qlora.config import RunConfig
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantConfig
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert RunConfig().fused_kernels is False
+    spec = spec_from_config(dict(model_type="qwen3", hidden_size=32, intermediate_size=40,
+                                 num_hidden_layers=1, num_attention_heads=2, vocab_size=50))
+    model = random_model(spec, QuantConfig(method="none", compute_dtype=torch.float32), seed=2)
+    assert model.fused_kernels is False
+    ids = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        off = model(ids)
+        model.fused_kernels = True
+        assert all(m.fused for m in model.modules() if hasattr(type(m), "fused"))
+        assert torch.equal(model(ids), off)
+
+
+PLANNER_CHECK = r"""
+import json, torch
+from qlora import memory
+from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout
+from qlora.memory import PlanConfig, arch_from_config
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config
+from qlora.quant import QuantConfig
+
+out = []
+for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
+    config = dict(model_type=family, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                  tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=10000.0)
+    r, tokens = 8, 64
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=dropout))
+    model.train()
+    model.fused_kernels = True
+    seed = torch.zeros((), dtype=torch.int64)
+    seed_dropout(model, seed)
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), seed]}
+    x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
+    cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+    # unlike the eager norm (which keeps an fp32 copy), the fused one keeps the layer's input x
+    # itself: counted here, as the planner counts it (it is the norm's kept input)
+    owned |= {t.untyped_storage().data_ptr() for t in (cos, sin)}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in owned:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, cos, sin, "causal")
+    cfg = PlanConfig(r=r, lora_dropout=dropout, seq_len=tokens, alloc_rounding=False,
+                     seeded_dropout=True, kernels="fused")
+    arch = arch_from_config(config)
+    planned = (sum(memory.layer_activation_terms(arch, cfg).values()) * tokens
+               + sum(memory.layer_weight_terms(arch, cfg).values()))
+    out.append(dict(family=family, dropout=dropout, saved=sum(saved.values()), planned=planned))
+print(json.dumps(out))
+"""
+
+
+def test_fused_layer_keeps_what_the_memory_planner_counts_for_fused_kernels():
+    """One NF4 + LoRA bf16 layer with fused_kernels on: the storages autograd saves (as
+    tests/test_memory.py counts them for the eager layer) equal PlanConfig(kernels="fused").
+    Seeded dropout keeps no mask, so the CPU's dropout noise tensor does not enter the count."""
+    for r in interpreted(PLANNER_CHECK):
+        assert r["saved"] == r["planned"], r
