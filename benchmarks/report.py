@@ -45,9 +45,11 @@ def table(recs: list[dict]) -> str:
             continue
         b = base.get((r["shape"], r["seq"]))
         rel = f"{r['tokens_per_s'] / b:.2f}" if b else "—"
-        rows.append(head + f"| {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_alloc_gib']:.2f} "
+        # the summary lines a run prints (RESULT ...) carry tokens/s but not the step time
+        step = r.get("step_s_median") or r.get("mb", 1) * r["seq"] / r["tokens_per_s"]
+        rows.append(head + f"| {step:.3f} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_alloc_gib']:.2f} "
                     f"| {r['peak_reserved_gib']:.2f} | {100 * r['mfu']:.1f}% | {r['loss_first']:.4f} "
-                    f"| {r['loss_last']:.4f} ({r['steps']}) |")
+                    f"| {r['loss_last']:.4f} ({r.get('steps', '?')}) |")
     return "\n".join(rows)
 
 
