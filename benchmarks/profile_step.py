@@ -1,7 +1,7 @@
 """Where one QLoRA training step of ours spends its time, on the GPU machine.
 
     python3 benchmarks/profile_step.py --shape qwen2.5-1.5b --seq 2048 [--no-checkpointing]
-        [--fast] [--ours [--graphs]] [--out DIR]
+        [--fast] [--ours [--graphs]] [--fused] [--out DIR]
 
 Builds the shape with random weights (qlora.models.load.random_model, NF4 + double quant, bf16),
 LoRA r=16 on all linear layers, paged 8-bit AdamW, then profiles a few steps with torch.profiler
@@ -36,6 +36,7 @@ def build(args):
     model = random_model(spec, QuantConfig(compute_dtype=torch.bfloat16), device="cuda")
     attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.05))
     model.gradient_checkpointing = args.checkpointing
+    model.fused_kernels = args.fused
     if args.fast:
         from qlora.kernels import use_fast_path
 
@@ -78,6 +79,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ours", action="store_true", help="flattened adapters + seeded dropout")
     parser.add_argument("--graphs", action="store_true", help="--ours with the CUDA-graph step")
+    parser.add_argument("--fused", action="store_true", help="fused Triton RMSNorm/SwiGLU/RoPE")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
