@@ -85,13 +85,9 @@ def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) ->
         raise ValueError("seeded dropout counts elements in int32: split the tensor")
     out = torch.empty_like(x)
     block = 1024
-    grid = (triton_cdiv(x.numel(), block),)
+    grid = (-(-x.numel() // block),)
     _triton_kernel()[grid](x, out, seed, salt, p, 1.0 / (1.0 - p), x.numel(), BLOCK=block)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.cache
