@@ -63,6 +63,18 @@ def hf(path, dtype, quant=None):
                                                 **kwargs).eval()
 
 
+def nf4_lora_model(path, dropout: float):
+    """NF4 base (bf16 compute) with LoRA r=8 whose B is not zero, so every adapter has a gradient."""
+    model = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    torch.manual_seed(0)
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=dropout))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def ids(seed=0, b=2, t=256):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(6, 128, (b, t), generator=g).to(DEV)
@@ -185,13 +197,7 @@ def check_graphed_step(dirs):
     from qlora.train.graphs import GraphedSteps, pad_batch
     from qlora.train.optim import build_optimizer, zero_grads
 
-    model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
-    torch.manual_seed(0)
-    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.1))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = nf4_lora_model(dirs["llama"], dropout=0.1)
     seed = torch.zeros((), dtype=torch.int64, device=DEV)
     stride = seed_dropout(model, seed)
     model.gradient_checkpointing = True
@@ -291,13 +297,7 @@ def check_fused_kernels(dirs):
                            lambda a: decoder.apply_rope(a.transpose(1, 2), cos, sin), [t],
                            randn(1, heads, 2048, 128, dtype=dtype), bound)
     # the whole model: NF4 + bf16 tiny llama, checkpointing on, fused_kernels on vs off
-    model = load_model(dirs["llama"], QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
-    torch.manual_seed(0)
-    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = nf4_lora_model(dirs["llama"], dropout=0.0)
     model.gradient_checkpointing = True
     model.train()
     x = ids(4, 2, 256)
