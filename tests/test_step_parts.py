@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout, set_dropout_seed
-from qlora.kernels.dropout import philox_uniform, seeded_dropout, seeded_dropout_reference
+from qlora.kernels.dropout import philox_uniform, seeded_dropout
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
@@ -86,7 +86,6 @@ def test_seeded_dropout_masks_scales_and_reuses_the_mask_in_backward():
     g = torch.randn_like(x)
     y.backward(g)
     torch.testing.assert_close(x.grad, torch.where(kept, g / 0.8, 0.0))
-    assert torch.equal(seeded_dropout_reference(x.detach(), seed, 3, 0.2), y.detach())
 
 
 def test_checkpointing_without_rng_state_gives_the_same_gradients_under_seeded_dropout():
