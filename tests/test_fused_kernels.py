@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,7 +239,9 @@ def test_fused_kernels_is_off_by_default_and_falls_back_to_torch_where_triton_do
 
 
 PLANNER_CHECK = r"""
-import json, torch
+import json, sys, torch
+sys.path.insert(0, TESTS_DIR)
+from saved_bytes import layer_saved_bytes
 from qlora import memory
 from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout
 from qlora.memory import PlanConfig, arch_from_config
@@ -260,27 +263,18 @@ for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
     model.fused_kernels = True
     seed = torch.zeros((), dtype=torch.int64)
     seed_dropout(model, seed)
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), seed]}
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
     cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
     # unlike the eager norm (which keeps an fp32 copy), the fused one keeps the layer's input x
-    # itself: counted here, as the planner counts it (it is the norm's kept input)
-    owned |= {t.untyped_storage().data_ptr() for t in (cos, sin)}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in owned:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, cos, sin, "causal")
+    # itself: counted here (not left out), as the planner counts it (it is the norm's kept input)
+    saved = layer_saved_bytes(model.model.layers[0], x, cos, sin,
+                              [*model.parameters(), *model.buffers(), seed, cos, sin])
     cfg = PlanConfig(r=r, lora_dropout=dropout, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused")
     arch = arch_from_config(config)
     planned = (sum(memory.layer_activation_terms(arch, cfg).values()) * tokens
                + sum(memory.layer_weight_terms(arch, cfg).values()))
-    out.append(dict(family=family, dropout=dropout, saved=sum(saved.values()), planned=planned))
+    out.append(dict(family=family, dropout=dropout, saved=saved, planned=planned))
 print(json.dumps(out))
 """
 
@@ -289,5 +283,5 @@ def test_fused_layer_keeps_what_the_memory_planner_counts_for_fused_kernels():
     """One NF4 + LoRA bf16 layer with fused_kernels on: the storages autograd saves (as
     tests/test_memory.py counts them for the eager layer) equal PlanConfig(kernels="fused").
     Seeded dropout keeps no mask, so the CPU's dropout noise tensor does not enter the count."""
-    for r in interpreted(PLANNER_CHECK):
+    for r in interpreted(PLANNER_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent)))):
         assert r["saved"] == r["planned"], r

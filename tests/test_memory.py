@@ -10,6 +10,7 @@ from qlora import memory
 from qlora.cli import main
 from qlora.memory import GiB, PlanConfig, arch_from_config, plan
 from qlora.tiny import tiny_config
+from saved_bytes import layer_saved_bytes
 
 # Odd sizes: n is not a multiple of the block, blocks are more than 256 (several nested absmax).
 ODD = dict(hidden_size=72, intermediate_size=1000, num_attention_heads=4, num_key_value_heads=2)
@@ -209,25 +210,16 @@ def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout, s
     seed = torch.zeros((), dtype=torch.int64)
     if seeded:
         seed_dropout(model, seed)
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), seed]}
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
     cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
-    owned |= {t.untyped_storage().data_ptr() for t in (x, cos, sin)}  # the layer's inputs
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in owned:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, cos, sin, "causal")
+    saved = layer_saved_bytes(model.model.layers[0], x, cos, sin,
+                              [*model.parameters(), *model.buffers(), seed, x, cos, sin])
     arch = arch_from_config(config)
     cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=seeded)
     per_token = sum(memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2).values())
     per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
-    assert sum(saved.values()) == per_token * tokens + per_layer
+    assert saved == per_token * tokens + per_layer
 
 
 def test_predictions_within_10_percent_of_every_gpu_measurement():
