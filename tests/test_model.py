@@ -293,3 +293,58 @@ def test_remote_code_is_never_executed(llama_dir, tmp_path):
     tok = load_tokenizer(repo)
     assert tok("ab")["input_ids"] and model(token_batch()).shape[-1] == 128
     assert not marker.exists()
+
+
+def test_int8_layer_is_quantized_wherever_the_weight_comes_from():
+    """bitsandbytes' Int8Params quantizes only when moved off the CPU; a weight already on the
+    target device once stayed 16-bit (twice the memory on the GPU). Ours: the codes and scales
+    bitsandbytes computes itself, for a weight that starts on the target device."""
+    import bitsandbytes as bnb
+
+    from qlora.quant import quantize_linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64, dtype=torch.bfloat16)
+    layer = quantize_linear(weight, None, QuantConfig(method="int8", compute_dtype=torch.bfloat16), "cpu")
+    assert layer.weight.dtype == torch.int8
+    reference = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False,
+                                  has_fp16_weights=False).to("cpu")  # the CPU→device path
+    assert torch.equal(layer.weight.data, reference.data)
+    assert torch.equal(layer.weight.SCB, reference.SCB)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    dense = (reference.data.float() * reference.SCB.float().unsqueeze(1) / 127).to(torch.bfloat16)
+    assert torch.allclose(layer(x).float(), (x @ dense.t()).float(), rtol=0.05, atol=0.05)
+
+
+def test_int8_layer_backward_equals_bitsandbytes_and_keeps_nothing_for_checkpointing():
+    """Our frozen 8-bit layer: bitsandbytes' forward and input gradient exactly, and nothing but the
+    module left for backward (bitsandbytes' own autograd keeps the fp16 input on its context,
+    which gradient checkpointing cannot drop)."""
+    import bitsandbytes as bnb
+
+    from qlora.quant import quantize_linear
+
+    torch.manual_seed(1)
+    weight = torch.randn(40, 64, dtype=torch.bfloat16)
+    ours = quantize_linear(weight, None, QuantConfig(method="int8", compute_dtype=torch.bfloat16), "cpu")
+    theirs = bnb.nn.Linear8bitLt(64, 40, bias=False, has_fp16_weights=False, threshold=6.0)
+    theirs.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False,
+                                      has_fp16_weights=False).to("cpu")
+    assert isinstance(ours, bnb.nn.Linear8bitLt)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    x[0, 0, 3] = 9.0  # an outlier column: LLM.int8's 16-bit side path
+    grad_out = torch.randn(2, 5, 40, dtype=torch.bfloat16)
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        # a custom Function's grad_fn is its context: the tensors it holds live until backward
+        held = [t for v in vars(y.grad_fn).values()
+                for t in (v if isinstance(v, (tuple, list)) else [v]) if isinstance(t, torch.Tensor)]
+        y.backward(grad_out)
+        results.append((y.detach(), xi.grad, held))
+    (y_ours, g_ours, held_ours), (y_bnb, g_bnb, _) = results
+    assert torch.equal(y_ours, y_bnb)
+    assert torch.equal(g_ours, g_bnb)
+    assert held_ours == []  # (on CUDA bitsandbytes' MatMul8bitLt holds its input here; the CPU
+    # takes its dequantizing MatMul8bitFp path instead, so the leak itself shows only on the GPU)

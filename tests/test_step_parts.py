@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout, set_dropout_seed
-from qlora.kernels.dropout import philox_uniform, seeded_dropout
+from qlora.kernels.dropout import (QUARTER, dropout_uniforms, philox_uniform, philox_uniform4,
+                                   seeded_dropout, seeded_dropout_reference)
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
@@ -45,17 +46,47 @@ def test_philox_reference_is_deterministic_and_uniform():
     assert float((u == philox_uniform(1235, torch.arange(200_000))).float().mean()) < 1e-3
 
 
+def test_dropout_uniforms_give_each_philox_output_to_its_own_quarter_block():
+    """Element 1024·b + 256·lane + q reads output `lane` of Philox at counter 256·b + q; output 0 is
+    what tl.rand returns, so the first quarter of each block is the old one-draw-per-element mask."""
+    u = dropout_uniforms(77, 3 * 1024 + 300)  # two whole blocks and a partial third
+    outputs = philox_uniform4(77, torch.arange(4 * QUARTER))
+    for block in range(4):
+        for lane in range(4):
+            start = block * 4 * QUARTER + lane * QUARTER
+            want = outputs[lane][block * QUARTER:(block + 1) * QUARTER][:max(0, len(u) - start)]
+            assert torch.equal(u[start:start + QUARTER], want), (block, lane)
+    assert torch.equal(outputs[0], philox_uniform(77, torch.arange(4 * QUARTER)))
+    assert torch.equal(dropout_uniforms(77, 100), u[:100])  # a prefix does not depend on n
+
+
+def test_reference_dropout_drops_p_and_salts_draw_different_masks():
+    x = torch.ones(977 * 1024)  # about 1e6
+    seed = torch.tensor(2**40 + 3, dtype=torch.int64)
+    kept = seeded_dropout_reference(x, seed, 1, 0.1) != 0
+    assert abs(1.0 - float(kept.float().mean()) - 0.1) < 0.005
+    for lane in range(4):  # each Philox output drops p of its own elements
+        by_lane = kept.view(-1, 4, QUARTER)[:, lane].float().mean()
+        assert abs(1.0 - float(by_lane) - 0.1) < 0.01, lane
+    other = seeded_dropout_reference(x, seed, 2, 0.1) != 0
+    # independent masks differ on 2·0.1·0.9 = 18% of the elements
+    assert abs(float((kept != other).float().mean()) - 0.18) < 0.01
+
+
 KERNEL_CHECK = r"""
 import json, os, torch
 from qlora.kernels.dropout import _dropout_triton, seeded_dropout_reference
 out = {}
-for dtype in (torch.float32, torch.bfloat16):
-    x = torch.randn(37, 129, dtype=dtype)
-    seed = torch.tensor(2**41 + 977, dtype=torch.int64)
-    a, b = _dropout_triton(x, seed, 5, 0.25), seeded_dropout_reference(x, seed, 5, 0.25)
-    out[str(dtype)] = dict(same_mask=bool(torch.equal(a == 0, b == 0)),
-                           max_diff=float((a.float() - b.float()).abs().max()),
-                           max_abs=float(b.float().abs().max()))
+# 37·129 = 4773: whole blocks and a partial one; 5·41 = 205: less than one quarter of a block;
+# 700: a partial block that ends in its third quarter; 3·1024: whole blocks only
+for shape in ((37, 129), (5, 41), (700,), (3, 1024)):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(*shape, dtype=dtype)
+        seed = torch.tensor(2**41 + 977, dtype=torch.int64)
+        a, b = _dropout_triton(x, seed, 5, 0.25), seeded_dropout_reference(x, seed, 5, 0.25)
+        out[f"{shape}-{dtype}"] = dict(dtype=str(dtype), same_mask=bool(torch.equal(a == 0, b == 0)),
+                                       max_diff=float((a.float() - b.float()).abs().max()),
+                                       max_abs=float(b.float().abs().max()))
 print(json.dumps(out))
 """
 
@@ -69,9 +100,11 @@ def test_triton_dropout_kernel_equals_the_torch_reference():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["torch.float32"]["same_mask"] and result["torch.float32"]["max_diff"] == 0.0
-    bf16 = result["torch.bfloat16"]
-    assert bf16["same_mask"] and bf16["max_diff"] <= bf16["max_abs"] * 2**-7
+    assert len(result) == 8
+    for case, r in result.items():
+        assert r["same_mask"], case
+        limit = 0.0 if r["dtype"] == "torch.float32" else r["max_abs"] * 2**-7
+        assert r["max_diff"] <= limit, case
 
 
 def test_seeded_dropout_masks_scales_and_reuses_the_mask_in_backward():

@@ -325,7 +325,8 @@ def add_plan(sub) -> None:
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--optimizer", default="paged_adamw_8bit",
                    help="paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw_torch")
-    p.add_argument("--kernels", default="eager", help="eager (autograd over PyTorch ops) | fused")
+    p.add_argument("--kernels", default="fused",
+                   help="fused (Triton RMSNorm/SwiGLU/RoPE, as qlora train runs on a GPU) | eager (PyTorch ops)")
     p.add_argument("--loss", default="chunked", help="chunked cross entropy | full (fp32 logits)")
     p.add_argument("--gpu-memory", help="GPU size, e.g. 24GB (GB = GiB here); default: the detected GPU")
     p.add_argument("--gpus", type=int, default=1)

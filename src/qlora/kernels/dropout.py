@@ -3,10 +3,12 @@
 Why: a checkpointed layer is run twice (forward, then again in backward) and must draw the same
 dropout mask both times. torch.utils.checkpoint does that by saving and restoring the CUDA RNG
 state, which cannot be read while a CUDA graph is being captured. Here the mask is counter-based
-(Philox 4x32-10, Salmon et al. 2011, the generator Triton's `tl.rand` implements): element i of a
-call with seed s keeps its value when philox(key=s + salt, counter=i) ≥ p. Running the layer again
-with the same seed tensor gives the same mask, backward recomputes it instead of saving it, and a
-CUDA graph that reads the seed from a GPU tensor draws new masks when that tensor is advanced.
+(Philox 4x32-10, Salmon et al. 2011, the generator Triton's `tl.rand4x` implements), one Philox
+evaluation serving four elements: in a call with seed s, element i = 1024·b + 256·lane + q (q < 256)
+keeps its value when output `lane` of philox(key=s + salt, counter=256·b + q) is ≥ p, read as a
+float in [0, 1) as Triton does. Running the layer again with the same seed tensor gives the same
+mask, backward recomputes it instead of saving it, and a CUDA graph that reads the seed from a GPU
+tensor draws new masks when that tensor is advanced.
 
 `seeded_dropout` runs a Triton kernel on CUDA; `seeded_dropout_reference` computes the same bits in
 plain torch (tests compare the two through Triton's interpreter). Where Triton does not run (the
@@ -34,8 +36,23 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _M32, lo
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
-    """Uniform floats in [0, 1) from Philox 4x32 with key `seed` (uint64) and counter (offset, 0, 0, 0)."""
+# Elements per kernel program. Part of the mask's definition (see dropout_uniforms), not a tuning
+# knob: changing it changes which Philox output each element draws.
+BLOCK = 1024
+QUARTER = BLOCK // 4  # Philox counters per block: each one's four outputs serve four elements
+
+
+def _uint32_to_uniform(u: torch.Tensor) -> torch.Tensor:
+    """uint32 (held in int64) → [0, 1) as Triton's uint_to_uniform_float: read as int32, fold the
+    negative half onto the positive, scale by just under 2⁻³¹ (so the top value stays below 1)."""
+    signed = torch.where(u >= 2**31, u - 2**32, u)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * 4.6566127342e-10
+
+
+def philox_uniform4(seed: int, offsets: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """The four uniform floats in [0, 1) of Philox 4x32 with key `seed` (uint64) and counter
+    (offset, 0, 0, 0), as Triton's `tl.rand4x(seed, offsets)` for int32 offsets."""
     c0 = offsets.to(torch.int64) & _M32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
@@ -47,14 +64,26 @@ def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    # uint32 → [0, 1): read as int32, fold the negative half onto the positive, scale by 2⁻³¹
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
-    folded = torch.where(signed < 0, -signed - 1, signed)
-    return folded.to(torch.float32) * 4.6566127342e-10
+    return tuple(_uint32_to_uniform(c) for c in (c0, c1, c2, c3))
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """Output 0 of `philox_uniform4`: what Triton's `tl.rand(seed, offsets)` returns."""
+    return philox_uniform4(seed, offsets, rounds)[0]
+
+
+def dropout_uniforms(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The uniform the kernel compares with p for each of n elements: element BLOCK·b + QUARTER·lane
+    + q takes output `lane` of Philox at counter QUARTER·b + q."""
+    blocks = -(-n // BLOCK)
+    outputs = philox_uniform4(seed, torch.arange(blocks * QUARTER, device=device))
+    # (blocks, 4 lanes, QUARTER) read row-major is exactly the element order above
+    by_element = torch.stack([u.view(blocks, QUARTER) for u in outputs], dim=1)
+    return by_element.reshape(-1)[:n]
 
 
 def seeded_dropout_reference(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    keep = philox_uniform(int(seed) + salt, torch.arange(x.numel(), device=x.device)) >= p
+    keep = dropout_uniforms(int(seed) + salt, x.numel(), x.device) >= p
     scaled = x.float() * (1.0 / (1.0 - p))  # in fp32, then rounded once: as the kernel does
     return torch.where(keep.view(x.shape), scaled, 0.0).to(x.dtype)
 
@@ -69,13 +98,28 @@ def _triton_kernel():
         import triton.language as tl
 
         @triton.jit
-        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, p, scale, n, BLOCK: tl.constexpr):
-            offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            inside = offsets < n
-            x = tl.load(x_ptr + offsets, mask=inside)
-            keep = tl.rand(tl.load(seed_ptr) + salt, offsets) >= p
-            y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
-            tl.store(out_ptr + offsets, y.to(x.dtype), mask=inside)
+        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, p, scale, n, QUARTER: tl.constexpr):
+            # one Philox evaluation per QUARTER-th element (Philox is ~10 rounds of mul-hi, and the
+            # kernel is integer bound): its four outputs serve four contiguous chunks, each
+            # loaded and stored coalesced. Written out four times: a @jit helper defined inside
+            # _triton_kernel is not found by Triton's interpreter (NameError).
+            pid = tl.program_id(0)
+            quarter = tl.arange(0, QUARTER)
+            r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr) + salt, pid * QUARTER + quarter)
+            o0 = pid * (4 * QUARTER) + quarter
+            o1, o2, o3 = o0 + QUARTER, o0 + 2 * QUARTER, o0 + 3 * QUARTER
+            x0 = tl.load(x_ptr + o0, mask=o0 < n)
+            x1 = tl.load(x_ptr + o1, mask=o1 < n)
+            x2 = tl.load(x_ptr + o2, mask=o2 < n)
+            x3 = tl.load(x_ptr + o3, mask=o3 < n)
+            y0 = tl.where(r0 >= p, x0.to(tl.float32) * scale, 0.0)
+            y1 = tl.where(r1 >= p, x1.to(tl.float32) * scale, 0.0)
+            y2 = tl.where(r2 >= p, x2.to(tl.float32) * scale, 0.0)
+            y3 = tl.where(r3 >= p, x3.to(tl.float32) * scale, 0.0)
+            tl.store(out_ptr + o0, y0.to(x0.dtype), mask=o0 < n)
+            tl.store(out_ptr + o1, y1.to(x1.dtype), mask=o1 < n)
+            tl.store(out_ptr + o2, y2.to(x2.dtype), mask=o2 < n)
+            tl.store(out_ptr + o3, y3.to(x3.dtype), mask=o3 < n)
 
         _kernel = dropout_kernel
     return _kernel
@@ -86,9 +130,8 @@ def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) ->
     if x.numel() >= 2**31:
         raise ValueError("seeded dropout counts elements in int32: split the tensor")
     out = torch.empty_like(x)
-    block = 1024
-    grid = (-(-x.numel() // block),)
-    _triton_kernel()[grid](x, out, seed, salt, p, 1.0 / (1.0 - p), x.numel(), BLOCK=block)
+    grid = (-(-x.numel() // BLOCK),)
+    _triton_kernel()[grid](x, out, seed, salt, p, 1.0 / (1.0 - p), x.numel(), QUARTER=QUARTER)
     return out
 
 

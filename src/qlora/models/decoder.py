@@ -272,8 +272,8 @@ class DecoderLM(nn.Module):
     @property
     def fused_kernels(self) -> bool:
         """RMSNorm, SwiGLU and RoPE through kernels/fused.py's Triton kernels where Triton runs
-        (CUDA, or the CPU under TRITON_INTERPRET=1); off (the default until measured on a GPU),
-        and elsewhere, the plain torch code of this file."""
+        (CUDA, or the CPU under TRITON_INTERPRET=1); off, and elsewhere, the plain torch code of
+        this file. Off for a bare model; `qlora train` turns it on (RunConfig.fused_kernels)."""
         return self._fused_kernels
 
     @fused_kernels.setter

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 5 on the GPU: correctness of the step's pieces, then the side-by-side timing, in one call each.
+#
+#   bash benchmarks/device_speed.sh qwen  OUTDIR   # gpu_check + Qwen2.5-1.5B 2048 (ours, ours fused, Unsloth,
+#                                                  # the seeds' stack, + Liger) + the 8-bit column of compare
+#                                                  # + a kernel profile of the Llama-3-8B step
+#   bash benchmarks/device_speed.sh llama OUTDIR   # gpu_check of the step + Llama-3-8B 2048 side by side
+#                                                  # (a call of its own: writing the 8B checkpoint and
+#                                                  # loading 4 systems takes minutes) + 8-bit column + profile
+#
+# Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
+# a step that fails or runs out of time is recorded in the log and the next one runs.
+set -u
+PART=${1:?usage: device_speed.sh qwen|llama OUTDIR}
+OUT=${2:?usage: device_speed.sh qwen|llama OUTDIR}
+PY=${PYTHON:-python}
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$OUT"
+step() {  # step SECONDS NAME CMD...: run CMD with a limit, log it, keep going
+  local limit=$1 name=$2; shift 2
+  echo "=== $name ($(date -u +%T), limit ${limit}s)"
+  local t0=$SECONDS
+  timeout -k 5 "$limit" "$@"; local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0))s"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null
+case $PART in
+qwen)
+  step 110 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dropout --out "$OUT/gpu-check.jsonl"
+  step 300 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
+    --systems qlora,qlora-unfused,unsloth,hf,hf+liger --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 280
+  step 60 compare-8bit $PY "$HERE/measure_memory.py" --shapes llama-3-8b --seqs 2048 --checkpointing on \
+    --ranks 16 --steps 6 --warmup 2 --methods lora-8bit --out "$OUT/compare-8bit.json"
+  step 75 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
+    --out /tmp/profile
+  ;;
+llama)
+  step 60 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,dropout --out "$OUT/gpu-check.jsonl"
+  step 420 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,unsloth,hf,hf+liger --no-qlora-ckpt-off --steps 10 --warmup 3 \
+    --out "$OUT/llama" --deadline 400
+  step 45 compare-8bit $PY "$HERE/measure_memory.py" --shapes llama-3-8b --seqs 2048 --checkpointing on \
+    --ranks 16 --steps 6 --warmup 2 --methods lora-8bit --out "$OUT/compare-8bit.json"
+  step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
+    --out /tmp/profile
+  ;;
+esac
