@@ -7,6 +7,10 @@
 #   bash benchmarks/device_speed.sh llama OUTDIR   # gpu_check of the step + Llama-3-8B 2048 side by side
 #                                                  # (a call of its own: writing the 8B checkpoint and
 #                                                  # loading 4 systems takes minutes) + 8-bit column + profile
+#   bash benchmarks/device_speed.sh fast OUTDIR    # gpu_check (dequant kernel, graph step, dropout), attention
+#                                                  # bench, 8-bit column, Llama-3-8B 2048: qlora, qlora-fast,
+#                                                  # Unsloth, the seeds' stack
+#   bash benchmarks/device_speed.sh qwen-final OUTDIR  # Qwen2.5-1.5B 2048 (SYSTEMS=...), then a Llama profile
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs.
@@ -45,5 +49,20 @@ llama)
     --ranks 16 --steps 6 --warmup 2 --methods lora-8bit --out "$OUT/compare-8bit.json"
   step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
     --out /tmp/profile
+  ;;
+fast)  # the 4-bit base through our Triton dequantize + the LoRA product added in the GEMM (qlora-fast)
+  step 60 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,dequant,dropout --out "$OUT/gpu-check.jsonl"
+  step 40 attention $PY "$HERE/attention_bench.py"
+  step 40 compare-8bit $PY "$HERE/measure_memory.py" --shapes llama-3-8b --seqs 2048 --checkpointing on \
+    --ranks 16 --steps 6 --warmup 2 --methods lora-8bit --out "$OUT/compare-8bit.json"
+  step 300 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,qlora-fast,unsloth,hf --no-qlora-ckpt-off --steps 10 --warmup 3 \
+    --out "$OUT/llama" --deadline 290
+  ;;
+qwen-final)
+  step 200 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
+    --systems ${SYSTEMS:-qlora,qlora-fast,unsloth,hf} --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 190
+  step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
+    ${PROFILE_ARGS:-} --out /tmp/profile
   ;;
 esac

@@ -13,7 +13,10 @@ Checks, each against the real other tool on CUDA:
      unpacked and packed batches, seeded dropout, checkpointing on;
   7. the fused RMSNorm / SwiGLU / RoPE kernels (kernels/fused.py) vs decoder.py's torch code at
      Llama-3-8B shapes (outputs and gradients, fp32 and bf16, with timings), and a tiny model's
-     loss and adapter gradients with fused_kernels on vs off.
+     loss and adapter gradients with fused_kernels on vs off;
+  8. the dequantize kernel (kernels/dequant.py) vs bitsandbytes' (bit for bit, with timings) at a
+     Llama-3-8B MLP shape and others, and a tiny model's loss and adapter gradients through the
+     fast path (qlora.kernels.use_fast_path) vs the default path.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -89,8 +92,8 @@ def main() -> int:
     sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
-    checks = [check_dropout_kernel, check_graphed_step, check_fused_kernels, check_16bit, check_nf4,
-              check_packed, check_grads]
+    checks = [check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
+              check_16bit, check_nf4, check_packed, check_grads]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -183,12 +186,14 @@ def check_grads(dirs):
 def check_dropout_kernel(dirs):
     from qlora.kernels.dropout import _dropout_triton, seeded_dropout_reference
 
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(1000, 4099, device=DEV, dtype=dtype)
-        seed = torch.tensor(2**41 + 12345, dtype=torch.int64, device=DEV)
-        a, b = _dropout_triton(x, seed, 11, 0.1), seeded_dropout_reference(x, seed, 11, 0.1)
-        record(f"dropout-kernel-vs-reference-{dtype}", float((a.float() - b.float()).abs().max()),
-               0.0, kept=float((a != 0).float().mean()))
+    # 1000·4099 ends in a partial 1024-element block; 205 is less than one quarter block (256)
+    for suffix, shape in (("", (1000, 4099)), ("-205", (5, 41))):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(*shape, device=DEV, dtype=dtype)
+            seed = torch.tensor(2**41 + 12345, dtype=torch.int64, device=DEV)
+            a, b = _dropout_triton(x, seed, 11, 0.1), seeded_dropout_reference(x, seed, 11, 0.1)
+            record(f"dropout-kernel-vs-reference-{dtype}{suffix}",
+                   float((a.float() - b.float()).abs().max()), 0.0, kept=float((a != 0).float().mean()))
 
 
 def check_graphed_step(dirs):
@@ -312,6 +317,92 @@ def check_fused_kernels(dirs):
     (loss_off, grads_off), (loss_on, grads_on) = runs
     record("fused-model-loss", abs(loss_on - loss_off) / loss_off, 2e-3)
     record("fused-model-grads", max(rel(a, b) for a, b in zip(grads_off, grads_on)), 5e-2)
+
+
+
+def _call_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of one call (events on the GPU's stream), after 3 untimed calls."""
+    times = []
+    for _ in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times[3:])[reps // 2]
+
+
+def _quantized(shape, quant_type: str, nested: bool, dtype, seed: int = 0):
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+    return bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64, compress_statistics=nested,
+                             quant_type=quant_type).to(DEV)
+
+
+def check_dequant_kernel(dirs):
+    """dequantize_4bit_triton vs bitsandbytes.functional.dequantize_4bit on CUDA: max |difference|
+    (bound 0) and median ms of each over 20 calls (recorded, not bounded), at Llama-3-8B's MLP
+    shape (NF4, double quant, bf16); then every variant at a smaller shape; then a tiny model's
+    loss and adapter gradients through the fast path vs the default path."""
+    import bitsandbytes as bnb
+
+    from qlora.kernels.dequant import dequantize_4bit_triton, packed_from_bnb
+
+    def compare(name, param, timed=False):
+        packed, state = packed_from_bnb(param), param.quant_state
+        ours = dequantize_4bit_triton(packed, state.dtype)
+        theirs = bnb.functional.dequantize_4bit(param.data, state)
+        extra = dict(same_dtype=ours.dtype == theirs.dtype)
+        if timed:  # bytes read (packed weights, absmax codes) and written
+            moved = sum(t.numel() * t.element_size() for t in (param.data, state.absmax, ours))
+            kernel_ms = _call_ms(lambda: dequantize_4bit_triton(packed, state.dtype))
+            bnb_ms = _call_ms(lambda: bnb.functional.dequantize_4bit(param.data, state))
+            extra.update(kernel_ms=kernel_ms, bnb_ms=bnb_ms, kernel_tb_s=moved / kernel_ms / 1e9,
+                         bnb_tb_s=moved / bnb_ms / 1e9)
+        record(name, float((ours.float() - theirs.float()).abs().max()), 0.0, **extra)
+
+    compare("dequant-kernel-vs-bnb-14336x4096-nf4-nested-bf16",
+            _quantized((14336, 4096), "nf4", True, torch.bfloat16), timed=True)
+    for quant_type in ("nf4", "fp4"):
+        for nested in (True, False):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                tag = f"{quant_type}-{'nested' if nested else 'plain'}-{str(dtype)[6:]}"
+                # 1000 x 4100: the last block of 64 is partial
+                compare(f"dequant-kernel-vs-bnb-1000x4100-{tag}",
+                        _quantized((1000, 4100), quant_type, nested, dtype, seed=1))
+    _check_fast_path_model(dirs)
+
+
+def _check_fast_path_model(dirs):
+    """NF4 + bf16 tiny llama, checkpointing on: use_fast_path on vs off, LoRA dropout off and
+    seeded."""
+    from qlora.adapters import seed_dropout, set_dropout_seed
+    from qlora.kernels import use_fast_path
+
+    x = ids(6, 2, 256)
+    for dropout in (0.0, 0.1):
+        model = nf4_lora_model(dirs["llama"], dropout=dropout)
+        seed = torch.zeros((), dtype=torch.int64, device=DEV)
+        stride = seed_dropout(model, seed)
+        model.gradient_checkpointing = True
+        model.train()
+        runs = []
+        for fast in (False, True):
+            if fast:
+                use_fast_path(model)
+            model.zero_grad()
+            set_dropout_seed(seed, 1, 0, stride)
+            loss = model(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
+            loss.backward()
+            runs.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        (loss_default, grads_default), (loss_fast, grads_fast) = runs
+        record(f"dequant-fast-path-model-loss-dropout{dropout}",
+               abs(loss_fast - loss_default) / loss_default, 2e-3)
+        record(f"dequant-fast-path-model-grads-dropout{dropout}",
+               max(rel(a, b) for a, b in zip(grads_default, grads_fast)), 5e-2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ["hf", "hf+liger", "unsloth", "qlora"]
+ORDER = ["hf", "hf+liger", "unsloth", "qlora", "qlora-fast", "qlora-fused", "qlora-unfused", "qlora-eager",
+         "qlora-old"]
 
 
 def load(paths: list[str]) -> list[dict]:

@@ -14,12 +14,14 @@ Systems
             SwiGLU, fused linear cross-entropy).
   unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
-            LoRA dropout, forward+backward replayed as a CUDA graph; with and without checkpointing.
+            LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
+            forward+backward replayed as a CUDA graph; with and without checkpointing.
   qlora-eager     the same without the CUDA graph
-  qlora-fused     "qlora" with model.fused_kernels = True: RMSNorm, SwiGLU and RoPE as the Triton
-                  kernels of qlora.kernels.fused (RunConfig.fused_kernels; off by default until timed)
+  qlora-unfused   "qlora" with model.fused_kernels = False (RunConfig.fused_kernels: false): the
+                  plain torch RMSNorm, SwiGLU and RoPE
   qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
-  qlora-fast      the same through our 4-bit dequantize+matmul (qlora.kernels.use_fast_path)
+  qlora-fast      "qlora" with the 4-bit bases through qlora.kernels.use_fast_path: our Triton
+                  dequantize, the LoRA product computed first and accumulated by the base GEMM
 
 Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
   python benchmarks/train_step.py --shapes qwen2.5-1.5b --seqs 2048,8192 --out results/
@@ -56,7 +58,7 @@ from pathlib import Path
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast",
-           "qlora-fused"]
+           "qlora-unfused"]
 
 # Real shapes, random weights.
 SHAPES = {
@@ -260,16 +262,23 @@ class QloraStep:
         return self.opt
 
     def forward_backward(self, ids):
+        """The loop's micro-batch: staged on the host (train.graphs.GraphedSteps.stage; eagerly,
+        input_ids page-locked), then copied without waiting for the GPU and run. The loop stages
+        a step's micro-batches during the step before; the harness syncs around this call, so
+        here the staging is timed as part of the step."""
         import torch
         from qlora.adapters import set_dropout_seed
+        from qlora.train.loop import pinned
 
+        device = torch.device(self.args.device)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        staged = (self.graphs.stage(ids, torch.arange(ids.shape[1]).expand_as(ids), ids)
+                  if self.graphs is not None else pinned(ids, device))
         set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
         self.index += 1
-        n = ids.shape[0] * (ids.shape[1] - 1)
         if self.graphs is not None:
-            pos = torch.arange(ids.shape[1]).expand_as(ids)
-            return self.graphs(ids, pos, ids, 1.0 / n) / n
-        loss = self.model(ids.to(self.args.device), labels=ids) / n
+            return self.graphs.run(staged, 1.0 / n) / n
+        loss = self.model(staged.to(device, non_blocking=device.type == "cuda"), labels=ids) / n
         loss.backward()
         return loss
 
@@ -294,15 +303,15 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
-    if variant in ("qlora", "qlora-eager", "qlora-fused"):
+    if variant in ("qlora", "qlora-eager", "qlora-unfused", "qlora-fast"):
         model.train()
-        model.fused_kernels = variant == "qlora-fused"  # before the graphs capture the step
+        model.fused_kernels = variant != "qlora-unfused"  # before the graphs capture the step
+        if variant == "qlora-fast":  # "qlora" with the 4-bit bases through kernels/dequant.py
+            from qlora.kernels import use_fast_path
+
+            use_fast_path(model)
         step = QloraStep(model, args, graphs=variant != "qlora-eager")
         return model, [p for p in model.parameters() if p.requires_grad], step, False
-    if variant == "qlora-fast":
-        from qlora.kernels import use_fast_path
-
-        use_fast_path(model)
     model.train()
 
     def loss_fn(ids, ckpt):
@@ -403,6 +412,7 @@ def worker(args) -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             times, losses, opt_times = [], [], []
+            warmup_peak = warmup_reserved = 0
             for step in range(n_steps):
                 ids = data[step].to(args.device, non_blocking=False) if ours is None else data[step]
                 sync()
@@ -426,6 +436,12 @@ def worker(args) -> int:
                 t_end = time.perf_counter()
                 times.append(t_end - t)
                 opt_times.append(t_end - t_mid)
+                if cuda and step == args.warmup - 1:
+                    # what the warm-up steps (loading, a graph's capture) left as the peak; then
+                    # the peak of the steady steps alone
+                    warmup_peak = torch.cuda.max_memory_allocated()
+                    warmup_reserved = torch.cuda.max_memory_reserved()
+                    torch.cuda.reset_peak_memory_stats()
                 losses.append(float(loss.detach().float()))
                 if not math.isfinite(losses[-1]):
                     raise FloatingPointError(f"loss is {losses[-1]} at step {step + 1}")
@@ -436,8 +452,11 @@ def worker(args) -> int:
                 step_s_median=round(med, 5), step_s_min=round(min(timed), 5), step_s_max=round(max(timed), 5),
                 opt_s_median=round(statistics.median(opt_times[args.warmup:]), 5),
                 tokens_per_s=round(args.mb * seq / med, 1),
-                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+                peak_alloc_gib=round(max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30, 3)
+                if cuda else None,
+                peak_alloc_steady_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+                peak_reserved_gib=round(max(warmup_reserved, torch.cuda.max_memory_reserved()) / 2**30, 3)
+                if cuda else None,
                 flops_per_step=fl["total"], mfu=round(fl["total"] / med / H100_BF16_PEAK, 4),
                 loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
                 losses=[round(x, 4) for x in losses], step_times=[round(x, 4) for x in times])

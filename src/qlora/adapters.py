@@ -75,6 +75,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast_base = getattr(self, "fast_base", None)  # set by qlora.kernels.use_fast_path
+        if fast_base is not None and not self.use_dora:
+            return self._fast_forward(x, fast_base)
         result = self.base_layer(x) if fast_base is None else fast_base(x, self.base_layer.bias)
         A = self.lora_A.weight.to(x.dtype)
         B = self.lora_B.weight.to(x.dtype)
@@ -88,6 +90,14 @@ class LoraLinear(nn.Module):
                               B.t(), alpha=self.scaling)
             return out.view(result.shape)
         return result + self._dora_delta(x, result, A, B)
+
+    def _fast_forward(self, x: torch.Tensor, fast_base: nn.Module) -> torch.Tensor:
+        # the LoRA product first, then the base GEMM accumulates into it (kernels/dequant.py's
+        # Matmul4bit): the full-size output is written once by the small GEMM and read once by
+        # the big one. The scale goes into the small B cast, not onto the full-size product.
+        h = F.linear(self._dropout(x), self.lora_A.weight.to(x.dtype))
+        lora_out = F.linear(h, (self.lora_B.weight * self.scaling).to(x.dtype))
+        return fast_base(x, self.base_layer.bias, addend=lora_out)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout_seed is None or not self.training:

@@ -1,21 +1,28 @@
-"""bitsandbytes' 4-bit layout, dequantized with plain torch ops, and a 4-bit matmul over it.
+"""bitsandbytes' 4-bit layout, dequantized with plain torch ops and by a Triton kernel, and a
+4-bit matmul over it.
 
 bitsandbytes stores a [out, in] weight as bytes holding two 4-bit codes each (high nibble
 first), one absmax per block of `blocksize` consecutive weights, and with double quantization
 those absmax values themselves as uint8 codes of a 256-entry table, one fp32 scale per 256
 of them, plus an offset. `dequantize_4bit` reproduces `bitsandbytes.functional.dequantize_4bit`
-exactly. Written with torch ops (no custom kernel), it is the readable reference a fused
-dequantize kernel is to be checked against.
+exactly. Written with torch ops (no custom kernel), it is the readable reference that
+`dequantize_4bit_triton` equals bit for bit (tests/test_dequant_kernel.py, through Triton's
+interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel where Triton runs.
 
-`Matmul4bit` is the autograd function of x @ Wᵀ for a frozen 4-bit W: it keeps only the 4-bit
-bytes for backward and dequantizes again there, so no 16-bit copy of any weight outlives its use.
+`Matmul4bit` is the autograd function of x @ Wᵀ (+ an addend) for a frozen 4-bit W: it keeps only
+the 4-bit bytes for backward and dequantizes again there, so no 16-bit copy of any weight outlives
+its use.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from qlora.errors import QloraError
+from qlora.kernels.dropout import use_triton
 
 
 @dataclass(frozen=True)
@@ -70,33 +77,136 @@ def dequantize_4bit(p: Packed4bit, dtype: torch.dtype | None = None) -> torch.Te
     return body[: out_features * in_features].view(out_features, in_features).to(dtype or p.dtype)
 
 
+# Packed bytes per kernel program: 8192 weights, four tile rows per thread at 8 warps, so each
+# thread has four independent loads in flight. Not yet tuned on a GPU (gpu_check.py times it).
+TILE_BYTES = 4096
+
+
+@functools.cache
+def _dequantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                          offset, out_ptr, n_bytes, n_out, BLOCK_BYTES: tl.constexpr,
+                          NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                          ROWS: tl.constexpr, COLS: tl.constexpr):
+        """A tile of ROWS x COLS packed bytes. A row is the COLS bytes whose 2·COLS values fill one
+        16-byte store: one thread loads the row as one word and stores it as one vector, with no
+        exchange of values between threads (Triton then needs no shared memory to change layouts).
+        COLS divides a block's bytes: a row lies in one quantization block and takes one scale."""
+        row = tl.program_id(0).to(tl.int64) * (ROWS * COLS) + tl.arange(0, ROWS) * COLS
+        row_inside = row < n_bytes
+        block = row // BLOCK_BYTES
+        if NESTED:  # the absmax is a uint8 code of the nested table, times its group's scale
+            absmax_code = tl.load(absmax_ptr + block, mask=row_inside, other=0)
+            group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=row_inside,
+                                  other=0.0)
+            # mul and add rounded apart (the launch turns off FMA fusion), as torch and bnb do
+            scale = tl.load(nested_code_ptr + absmax_code) * group_scale + offset
+        else:
+            scale = tl.load(absmax_ptr + block, mask=row_inside, other=0.0)
+        byte = row[:, None] + tl.arange(0, COLS)[None, :]
+        packed = tl.load(data_ptr + byte, mask=byte < n_bytes, other=0)
+        # the 16 code values are read once (tl.gather keeps them in shared memory); it wants the
+        # index and the table of one rank, hence the flat view of the tile
+        code = tl.load(code_ptr + tl.arange(0, 16))
+        flat = tl.reshape(packed, [ROWS * COLS]).to(tl.int32)
+        high = tl.reshape(tl.gather(code, flat >> 4, 0), [ROWS, COLS])
+        low = tl.reshape(tl.gather(code, flat & 15, 0), [ROWS, COLS])
+        values = tl.interleave(high * scale[:, None], low * scale[:, None])  # high nibble first
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            # round to nearest even on the bits: the same as the GPU's conversion, and Triton's
+            # interpreter (the tests' reference run) would truncate instead
+            bits = values.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            result = values.to(out_ptr.dtype.element_ty)
+        index = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
+        tl.store(out_ptr + index, result, mask=index < n_out)
+
+    return dequantize_kernel
+
+
+def dequantize_4bit_triton(p: Packed4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dequantize_4bit` as one Triton kernel, bit for bit: fp32 code × fp32 block scale, rounded
+    once to `dtype` (fp32, bf16 or fp16)."""
+    dtype = dtype or p.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise QloraError(f"4-bit weights dequantize to float32, bfloat16 or float16, not {dtype}")
+    cols = 8 // dtype.itemsize  # packed bytes whose 2·cols values fill 16 bytes of output
+    if p.blocksize % (2 * cols):
+        raise QloraError(f"the dequantize kernel needs a blocksize that is a multiple of "
+                         f"{2 * cols} for {dtype}, got {p.blocksize}; use dequantize_4bit (the "
+                         "torch reference) for this weight")
+    out = torch.empty(p.shape, dtype=dtype, device=p.data.device)
+    n_bytes = p.data.numel()
+    if out.numel() == 0:
+        return out
+    nested = p.nested_absmax is not None
+    grid = (-(-n_bytes // TILE_BYTES),)
+    _dequantize_kernel()[grid](
+        p.data, p.absmax, p.code,
+        p.nested_absmax if nested else p.code,  # unread placeholders without double quantization
+        p.nested_code if nested else p.code,
+        p.offset, out, n_bytes, out.numel(),
+        BLOCK_BYTES=p.blocksize // 2, NESTED=nested, NESTED_BLOCKSIZE=p.nested_blocksize,
+        ROWS=TILE_BYTES // cols, COLS=cols, num_warps=8, enable_fp_fusion=False)
+    return out
+
+
+def dequantize(p: Packed4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight: by the Triton kernel where Triton runs (CUDA, or the CPU under
+    TRITON_INTERPRET=1), by the torch reference elsewhere. Both give the same bits."""
+    if use_triton(p.data):
+        return dequantize_4bit_triton(p, dtype)
+    return dequantize_4bit(p, dtype)
+
+
 class Matmul4bit(torch.autograd.Function):
-    """x @ Wᵀ (+ bias) for a frozen 4-bit W; backward recomputes W instead of saving it."""
+    """x @ Wᵀ + addend for a frozen 4-bit W; backward recomputes W instead of saving it.
+
+    The addend (optional, the output's shape and x's dtype, contiguous) is consumed: the GEMM
+    accumulates into its memory and returns it (an in-place op to autograd), because an
+    out-of-place addmm would first copy it into a new output, one more full pass over it.
+    """
 
     @staticmethod
-    def forward(ctx, x, data, absmax, code, nested_absmax, nested_code, meta):
+    def forward(ctx, x, addend, data, absmax, code, nested_absmax, nested_code, meta):
         p = Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
         ctx.save_for_backward(data, absmax, code, nested_absmax, nested_code)
         ctx.meta = meta
-        return x @ dequantize_4bit(p, x.dtype).t()
+        weight_t = dequantize(p, x.dtype).t()
+        rows = x.reshape(-1, x.shape[-1])
+        if addend is None:
+            return (rows @ weight_t).view(*x.shape[:-1], weight_t.shape[1])
+        ctx.mark_dirty(addend)
+        addend.view(-1, weight_t.shape[1]).addmm_(rows, weight_t)
+        return addend
 
     @staticmethod
     def backward(ctx, grad_out):
         data, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
         meta = ctx.meta
         p = Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
-        grad_x = grad_out @ dequantize_4bit(p, grad_out.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None, None
+        grad_x = grad_out @ dequantize(p, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_addend = grad_out if ctx.needs_input_grad[1] else None
+        return grad_x, grad_addend, None, None, None, None, None, None
 
 
-def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: torch.Tensor | None = None,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ Wᵀ (+ addend, which is consumed: see Matmul4bit) (+ bias)."""
     meta = (p.blocksize, p.shape, p.dtype, p.nested_blocksize, p.offset)
-    out = Matmul4bit.apply(x, p.data, p.absmax, p.code, p.nested_absmax, p.nested_code, meta)
+    out = Matmul4bit.apply(x, addend, p.data, p.absmax, p.code, p.nested_absmax, p.nested_code,
+                           meta)
     return out if bias is None else out + bias.to(out.dtype)
 
 
 class Base4bit(torch.nn.Module):
-    """The frozen 4-bit base of a LoRA layer, run through `matmul_4bit`.
+    """The frozen 4-bit base of a LoRA layer, run through `Matmul4bit`.
 
     It holds the same tensors as the bitsandbytes Linear4bit it stands beside (as
     non-persistent buffers: nothing is copied and state_dict is unchanged), so that
@@ -113,7 +223,9 @@ class Base4bit(torch.nn.Module):
         self.register_buffer("nested_code", p.nested_code, persistent=False)
         self.meta = (p.blocksize, p.shape, p.dtype, p.nested_blocksize, p.offset)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = Matmul4bit.apply(x, self.data, self.absmax, self.code, self.nested_absmax,
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ Wᵀ + addend + bias; the addend (x's dtype, contiguous) is consumed."""
+        out = Matmul4bit.apply(x, addend, self.data, self.absmax, self.code, self.nested_absmax,
                                self.nested_code, self.meta)
         return out if bias is None else out + bias.to(out.dtype)

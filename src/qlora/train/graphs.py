@@ -20,6 +20,8 @@ layers then need no RNG state, which cannot be read during a capture), flattened
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qlora.models.decoder import IGNORE_INDEX, Varlen, varlen_available
@@ -66,6 +68,36 @@ def pad_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch
     return ids, pos, lab
 
 
+@dataclass
+class StagedBatch:
+    """A micro-batch made ready for its graph on the host alone: padded, its document offsets laid
+    out as the graph's `cu_seqlens` buffer, in page-locked memory when `pinned` (the copies into the
+    graph's buffers are then asynchronous). No GPU work, so the loop stages the next step's
+    micro-batches while the GPU still runs this step's."""
+    key: tuple[int, int, int]  # (rows, padded length, document slots): which graph runs it
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    unpadded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # for the eager fallback
+
+
+def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                pad_to: int, pinned: bool) -> StagedBatch:
+    """The batch as its graph reads it: rows padded to a multiple of `pad_to`, the document count
+    to a power of two (at least 4) with the unused offsets repeating the last one."""
+    B, T = input_ids.shape
+    length = _round_up(T, pad_to)
+    ids, pos, lab = pad_batch(input_ids, position_ids, labels, length)
+    offsets = document_offsets(pos)  # the padding starts a document of its own
+    docs = max(_pow2_at_least(len(offsets) - 1), 4)
+    cu = torch.full((docs + 1,), offsets[-1], dtype=torch.int32)
+    cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+    if pinned:
+        ids, pos, lab, cu = (t.pin_memory() for t in (ids, pos, lab, cu))
+    return StagedBatch((B, length, docs), ids, pos, lab, cu, (input_ids, position_ids, labels))
+
+
 class _Graph:
     def __init__(self, batch: int, length: int, docs: int, device: torch.device):
         self.input_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
@@ -81,7 +113,9 @@ class _Graph:
 class GraphedSteps:
     """`step(input_ids, position_ids, labels, scale)` = forward, backward of `scale · loss_sum`,
     through a CUDA graph per padded shape; returns the loss sum (a GPU scalar, valid until the
-    next call). Inputs come on the CPU, as the loop's batches do."""
+    next call). Inputs come on the CPU, as the loop's batches do. The call is `stage` (host work:
+    padding, offsets, page-locked copies) then `run` (copies into the graph's buffers, replay); the
+    loop calls them apart, staging a step's micro-batches while the GPU runs the previous step."""
 
     def __init__(self, model, grads: list[torch.Tensor], pad_to: int = 256, warmup: int = 2,
                  capture_error_mode: str = "global", log=print):
@@ -95,37 +129,41 @@ class GraphedSteps:
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                  scale: float) -> torch.Tensor:
+        return self.run(self.stage(input_ids, position_ids, labels), scale)
+
+    def stage(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              labels: torch.Tensor) -> StagedBatch:
+        """The host half of a call (stage_batch): it may run well before `run`."""
+        return stage_batch(input_ids, position_ids, labels, self.pad_to,
+                           pinned=self.device.type == "cuda")
+
+    def run(self, batch: StagedBatch, scale: float) -> torch.Tensor:
+        """The GPU half: copy `batch` into its graph's buffers (captured on first sight), replay."""
         if self.failed is not None:
-            return self._eager(input_ids, position_ids, labels, scale)
-        B, T = input_ids.shape
-        length = _round_up(T, self.pad_to)
-        batch = pad_batch(input_ids, position_ids, labels, length)
-        offsets = document_offsets(batch[1])  # the padding starts a document of its own
-        key = (B, length, max(_pow2_at_least(len(offsets) - 1), 4))
-        g = self.graphs.get(key)
+            return self._eager(*batch.unpadded, scale)
+        g = self.graphs.get(batch.key)
         if g is None:
-            g = _Graph(B, length, key[2], self.device)
-            self._fill(g, *batch, offsets, scale)
+            g = _Graph(*batch.key, self.device)
+            self._fill(g, batch, scale)
             try:
                 self._capture(g)
             except Exception as err:  # noqa: BLE001 -- something the capture cannot hold
                 self.failed = f"{type(err).__name__}: {err}"
                 self.log(f"CUDA graphs off from here on: capturing the step failed "
                          f"({self.failed[:300]})")
-                return self._eager(input_ids, position_ids, labels, scale)
-            self.graphs[key] = g
+                return self._eager(*batch.unpadded, scale)
+            self.graphs[batch.key] = g
         else:
-            self._fill(g, *batch, offsets, scale)
+            self._fill(g, batch, scale)
         g.graph.replay()
         return g.loss_sum
 
-    def _fill(self, g: _Graph, ids, pos, lab, offsets: list[int], scale: float):
-        cu = torch.full((g.cu_seqlens.numel(),), offsets[-1], dtype=torch.int32)
-        cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
-        # pinned host copies: asynchronous, and the host buffers outlive the copies
-        for dst, src in ((g.input_ids, ids), (g.position_ids, pos), (g.labels, lab),
-                         (g.cu_seqlens, cu)):
-            dst.copy_(src.pin_memory(), non_blocking=True)
+    def _fill(self, g: _Graph, batch: StagedBatch, scale: float):
+        # from page-locked memory the copies are asynchronous; the host allocator keeps each
+        # source block until its copy has run, so the staged batch may be dropped right away
+        for dst, src in ((g.input_ids, batch.input_ids), (g.position_ids, batch.position_ids),
+                         (g.labels, batch.labels), (g.cu_seqlens, batch.cu_seqlens)):
+            dst.copy_(src, non_blocking=True)
         g.scale.fill_(scale)
 
     def _eager(self, input_ids, position_ids, labels, scale: float) -> torch.Tensor:

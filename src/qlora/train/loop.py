@@ -3,7 +3,8 @@
     for each optimizer step:
         count the label tokens of the whole accumulation window      (before any forward pass)
         for each micro-batch: loss = model(...) / tokens; backward     (model returns a SUM)
-        clip, optimizer step, schedule step
+        build the next step's micro-batches                  (host work while the GPU computes)
+        clip, optimizer step, schedule step; read the step's loss      (the step's one GPU wait)
         log · evaluate (+ early stopping, best adapter) · checkpoint
 
 Exact resume: the data order depends only on (seed, epoch) (qlora.data.packing), a checkpoint is
@@ -201,6 +202,75 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+# --- the micro-batches of a step ----------------------------------------------------------------
+@dataclass
+class Window:
+    """One optimizer step's micro-batches (this rank's share), built on the host. Building them
+    uses no RNG and no GPU, so the loop builds the next step's window while the GPU runs this one."""
+    epoch: int
+    ids: list[int]  # the window's micro-batch indices in the epoch, over all ranks
+    batches: list[dict]
+    n_input: int  # this rank's input tokens, weighted
+    n_labels: int  # this rank's label tokens, weighted: the normaliser before any all-reduce
+
+
+def window_after(window: Window, per_epoch: int) -> tuple[int, int]:
+    """(epoch, micro-batch index) at which the step after `window` starts."""
+    following = window.ids[-1] + 1
+    return (window.epoch + 1, 0) if following >= per_epoch else (window.epoch, following)
+
+
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` in page-locked memory when it is bound for a CUDA device: `.to(device,
+    non_blocking=True)` is then asynchronous, where a copy from ordinary memory waits for all the
+    GPU's queued work first."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+class WindowBuilder:
+    """The windows of a run: `window` micro-batches (over all ranks) at a time, in each epoch's
+    order; `prepare(batch)` readies each micro-batch for the device (pinning, CUDA-graph staging)."""
+
+    def __init__(self, examples: list[dict], rows: list[list[int]], micro_batch_size: int,
+                 pad_id: int, seed: int, window: int, env: DistEnv = SINGLE, lockstep: bool = False,
+                 prepare: Callable[[dict], None] | None = None):
+        from qlora.data import num_batches
+
+        self.examples, self.rows, self.micro_batch_size = examples, rows, micro_batch_size
+        self.pad_id, self.seed, self.window = pad_id, seed, window
+        self.env, self.lockstep, self.prepare = env, lockstep, prepare
+        self.per_epoch = num_batches(len(rows), micro_batch_size)
+        self._order: tuple[int, list[int]] | None = None  # one shuffle per epoch, not per step
+
+    def order(self, epoch: int) -> list[int]:
+        from qlora.data import batch_order
+
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, batch_order(len(self.rows), epoch, self.seed))
+        return self._order[1]
+
+    def build(self, epoch: int, start: int) -> Window:
+        from qlora.data import micro_batch
+
+        order = self.order(epoch)
+        ids = list(range(start, min(start + self.window, self.per_epoch)))
+        batches, n_input = [], 0
+        # this rank's share; a rank left short (last window of an epoch) pads with weight-0
+        # micro-batches, so that it joins every collective (distributed.py)
+        for k, weight in dist_.micro_batches(ids, self.env, lockstep=self.lockstep):
+            batch, n = micro_batch(self.examples, self.rows, order, k, self.micro_batch_size,
+                                   self.pad_id)
+            batch["index"] = epoch * self.per_epoch + k
+            batch["weight"] = weight
+            if self.prepare is not None:
+                self.prepare(batch)
+            batches.append(batch)
+            n_input += n * weight
+        # the normaliser: label tokens of the whole window (the model shifts labels by 1)
+        n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) * b["weight"] for b in batches)
+        return Window(epoch, ids, batches, n_input, n_labels)
+
+
 # --- the loop ----------------------------------------------------------------------------------
 def _adapter_weights_from(model, adapter_dir: Path) -> None:
     """Copy a saved adapter's tensors into the (already attached) adapters of `model`."""
@@ -234,7 +304,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     `stop_after_steps` behaves like a Ctrl-C after that many steps (tests use it to cut a run).
     `env`: this process's place in a torchrun job (train/distributed.py); rank 0 alone writes.
     """
-    from qlora.data import batch_order, build_rows, micro_batch, num_batches
+    from qlora.data import build_rows, num_batches
 
     out = Path(cfg.output_dir)
     main = env.is_main
@@ -342,7 +412,17 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
 
     bar = Progress(total, state.global_step, device, enabled=progress and main)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    order, order_epoch = None, None
+
+    def prepare(batch: dict) -> None:  # host work, done for a step while the GPU runs the one before
+        if graphed is not None:
+            batch["staged"] = graphed.stage(batch["input_ids"], batch["position_ids"],
+                                            batch["labels"])
+        else:
+            batch["input_ids"] = pinned(batch["input_ids"], device)
+
+    windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
+                            env, lockstep=sharded, prepare=prepare)
+    ahead: Window | None = None  # the next step's micro-batches, built during this step
     elapsed_before, t_start = state.elapsed_s, time.perf_counter()
     tokens_this_run, window_tokens_logged, window_losses = 0, 0, []
     last_eval_step = -1
@@ -351,25 +431,13 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     try:
         with StopFlag() as stop:
             while state.global_step < total:
-                if order_epoch != state.epoch:  # one shuffle per epoch, not per step
-                    order, order_epoch = batch_order(len(rows), state.epoch, cfg.seed), state.epoch
-                start = state.batch_index
-                window_ids = list(range(start, min(start + window, per_epoch)))
                 rng_at_start = ckpt.rng_state()
                 boundary_rng = rng_at_start
-                batches, n_input = [], 0
-                # this rank's share; a rank left short (last window of an epoch) pads with
-                # weight-0 micro-batches, so that it joins every collective (distributed.py)
-                for k, weight in dist_.micro_batches(window_ids, env, lockstep=sharded):
-                    batch, n = micro_batch(train_examples, rows, order, k, cfg.micro_batch_size,
-                                           pad_id)
-                    batch["index"] = state.epoch * per_epoch + k
-                    batch["weight"] = weight
-                    batches.append(batch)
-                    n_input += n * weight
-                # the normaliser: label tokens of the whole window (the model shifts labels by 1)
-                n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) * b["weight"]
-                               for b in batches)
+                here = (state.epoch, state.batch_index)
+                win = ahead if ahead is not None and (ahead.epoch, ahead.ids[0]) == here \
+                    else windows.build(*here)
+                ahead = None
+                batches, n_input, n_labels = win.batches, win.n_input, win.n_labels
                 step_loss = torch.zeros((), dtype=torch.float32, device=device)
                 interrupted = False
                 if env.enabled:
@@ -388,21 +456,19 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                         break
                     set_dropout_seed(dropout_seed, cfg.seed, b["index"], dropout_stride)
                     if graphed is not None:
-                        step_loss += graphed(b["input_ids"], b["position_ids"], b["labels"],
-                                             1.0 / max(n_labels, 1))
+                        step_loss += graphed.run(b["staged"], 1.0 / max(n_labels, 1))
                         continue
                     with dist_.sync_context(ddp, last=j == len(batches) - 1):
                         # positions and labels stay on the CPU: the model reads the document
-                        # layout and label positions there, without waiting for the GPU
-                        loss_sum = forward(b["input_ids"].to(device), b["position_ids"], b["labels"])
+                        # layout and label positions there, without waiting for the GPU; input_ids
+                        # are pinned on CUDA (prepare), so their copy does not wait either
+                        ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
+                        loss_sum = forward(ids, b["position_ids"], b["labels"])
                         step_loss += loss_sum.detach() * b["weight"]  # read once per step
                         loss = loss_sum / max(n_labels, 1)
                         if env.enabled:  # DDP/FSDP average over ranks: W / N makes it a sum / N
                             loss = loss * (env.world_size * b["weight"])
                         (scaler.scale(loss) if scaler is not None else loss).backward()
-                step_loss = float(step_loss)
-                if env.enabled and not interrupted:
-                    step_loss = dist_.all_reduce_sum(env, [step_loss], device)[0]
                 if interrupted:
                     # the unfinished step is dropped: weights and optimizer are still those of
                     # the step boundary, and so are the RNG states saved with them
@@ -410,6 +476,10 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     result.checkpoint = save(rng_at_start)
                     result.stopped, result.signal = "interrupted", stop.signum
                     break
+                if state.global_step + 1 < total:
+                    # the next step's micro-batches (padding, document offsets, page-locked copies)
+                    # while the GPU runs this step's, before the optimizer step waits for the GPU
+                    ahead = windows.build(*window_after(win, per_epoch))
                 in_update = True  # from here until the step is counted, no consistent state
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -424,11 +494,15 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     optimizer.step()
                 scheduler.step()
                 zero_grads(optimizer)
+                # read after the optimizer step is queued, not before: a read waits for the GPU,
+                # and before it, clipping and the update would queue only once the GPU was idle.
+                # bitsandbytes' step() has waited for the GPU already, so this read costs nothing
+                step_loss = float(step_loss)
+                if env.enabled:
+                    step_loss = dist_.all_reduce_sum(env, [step_loss], device)[0]
 
                 state.global_step += 1
-                state.batch_index = window_ids[-1] + 1
-                if state.batch_index >= per_epoch:
-                    state.epoch, state.batch_index = state.epoch + 1, 0
+                state.epoch, state.batch_index = window_after(win, per_epoch)
                 in_update, boundary_rng = False, None  # None: the RNG state now is the boundary's
                 state.tokens_seen += n_labels
                 tokens_this_run += n_input
