@@ -11,6 +11,8 @@
 #                                                  # bench, 8-bit column, Llama-3-8B 2048: qlora, qlora-fast,
 #                                                  # Unsloth, the seeds' stack
 #   bash benchmarks/device_speed.sh qwen-final OUTDIR  # Qwen2.5-1.5B 2048 (SYSTEMS=...), then a Llama profile
+#   bash benchmarks/device_speed.sh final OUTDIR   # graph check; Llama-3-8B and Qwen2.5-1.5B 2048: qlora,
+#                                                  # Unsloth, the seeds' stack; Llama-3-8B 16384: qlora
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs.
@@ -64,5 +66,14 @@ qwen-final)
     --systems ${SYSTEMS:-qlora,qlora-fast,unsloth,hf} --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 190
   step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
     ${PROFILE_ARGS:-} --out /tmp/profile
+  ;;
+final)  # the step as qlora train now runs it, side by side, both shapes, and the long context
+  step 50 gpu_check $PY "$HERE/gpu_check.py" --checks graphed --out "$OUT/gpu-check.jsonl"
+  step 200 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,unsloth,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 190
+  step 130 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
+    --systems qlora,unsloth,hf --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 120
+  step 90 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
+    --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" --deadline 85
   ;;
 esac

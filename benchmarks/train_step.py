@@ -15,13 +15,15 @@ Systems
   unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
             LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
-            forward+backward replayed as a CUDA graph; with and without checkpointing.
+            the 4-bit bases through qlora.kernels.use_fast_path (our Triton dequantize, the LoRA
+            product accumulated by the base GEMM), forward+backward replayed as a CUDA graph
+            (causal SDPA for one-document rows); with and without checkpointing.
   qlora-eager     the same without the CUDA graph
-  qlora-unfused   "qlora" with model.fused_kernels = False (RunConfig.fused_kernels: false): the
-                  plain torch RMSNorm, SwiGLU and RoPE
+  qlora-bnb       "qlora" with the 4-bit bases through bitsandbytes' own matmul (the step before
+                  use_fast_path; results of 2026-11-25 named it "qlora", and "qlora-fast" the other)
+  qlora-unfused   RunConfig.fused_kernels = false: torch RMSNorm, SwiGLU and RoPE, bitsandbytes'
+                  matmul (results of 2026-11-25 s3 run 1 named "qlora-fused" the fused one)
   qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
-  qlora-fast      "qlora" with the 4-bit bases through qlora.kernels.use_fast_path: our Triton
-                  dequantize, the LoRA product computed first and accumulated by the base GEMM
 
 Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
   python benchmarks/train_step.py --shapes qwen2.5-1.5b --seqs 2048,8192 --out results/
@@ -57,7 +59,7 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-fast",
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-bnb",
            "qlora-unfused"]
 
 # Real shapes, random weights.
@@ -303,10 +305,11 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
-    if variant in ("qlora", "qlora-eager", "qlora-unfused", "qlora-fast"):
+    if variant in ("qlora", "qlora-eager", "qlora-unfused", "qlora-bnb"):
         model.train()
-        model.fused_kernels = variant != "qlora-unfused"  # before the graphs capture the step
-        if variant == "qlora-fast":  # "qlora" with the 4-bit bases through kernels/dequant.py
+        # as the loop sets them (RunConfig.fused_kernels), before the graphs capture the step
+        model.fused_kernels = variant != "qlora-unfused"
+        if variant in ("qlora", "qlora-eager") and args.device == "cuda":
             from qlora.kernels import use_fast_path
 
             use_fast_path(model)

@@ -67,7 +67,7 @@ class RunConfig:
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
-    fused_kernels: bool = True  # RMSNorm, SwiGLU, RoPE as Triton kernels where Triton runs (kernels/fused.py)
+    fused_kernels: bool = True  # Triton RMSNorm/SwiGLU/RoPE (kernels/fused.py) and, on CUDA, 4-bit dequantize (kernels/dequant.py)
     seed: int = 42
     # --- memory (qlora.memory plans the run before anything loads; docs/MEMORY.md) -----------------
     gpu_memory: str | None = None  # GPU size to plan for, e.g. 24GB; None = the detected CUDA GPU

@@ -356,6 +356,12 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     dropout_seed = torch.zeros((), dtype=torch.int64, device=device)
     dropout_stride = seed_dropout(model, dropout_seed)
     model.fused_kernels = cfg.fused_kernels  # before any graph is captured: the kernels go in it
+    if cfg.fused_kernels and device.type == "cuda" and not sharded:
+        # and the 4-bit bases through kernels/dequant.py: our Triton dequantize, the LoRA product
+        # added by the base GEMM (FSDP shards the base bytes this path would read whole)
+        from qlora.kernels import use_fast_path
+
+        use_fast_path(model)
     graphed = _graphed_steps(model, optimizer, cfg, env, device, scaler, log)
     if main:
         ckpt.clean_partial(out)
