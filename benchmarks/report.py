@@ -13,10 +13,21 @@ ORDER = ["hf", "hf+liger", "unsloth", "qlora", "qlora-fast", "qlora-bnb", "qlora
          "qlora-old"]
 
 
-def load(paths: list[str]) -> list[dict]:
+def load(paths: list[str], renames: list[str] = ()) -> list[dict]:
+    """Records of the result files. A rename "PART:old=new,old=new" gives the systems of the files
+    whose path contains PART today's names (the script's variants were renamed between runs)."""
     recs = []
     for p in paths:
-        recs += [json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()]
+        names = {}
+        for spec in renames:
+            part, _, pairs = spec.partition(":")
+            if part in p:
+                names.update(pair.split("=", 1) for pair in pairs.split(","))
+        for line in Path(p).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                r = json.loads(line)
+                r["system"] = names.get(r["system"], r["system"])
+                recs.append(r)
     return recs
 
 
@@ -103,8 +114,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+")
     ap.add_argument("--plot")
+    ap.add_argument("--rename", action="append", default=[], metavar="PART:old=new,...",
+                    help="systems of the files whose path contains PART, by today's names")
     args = ap.parse_args()
-    recs = load(args.results)
+    recs = load(args.results, args.rename)
     print(table(recs))
     if args.plot:
         plot(recs, args.plot)

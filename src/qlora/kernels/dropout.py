@@ -128,7 +128,12 @@ def _triton_kernel():
 def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
     x = x.contiguous()
     if x.numel() >= 2**31:
-        raise ValueError("seeded dropout counts elements in int32: split the tensor")
+        from qlora.errors import QloraError
+
+        raise QloraError(
+            f"LoRA dropout on {x.numel():,} values at once ({tuple(x.shape)}): the seeded dropout "
+            "kernel counts elements in int32 (< 2^31). Use fewer tokens per micro-batch "
+            "(micro_batch_size × max_seq_length), or lora_dropout: 0")
     out = torch.empty_like(x)
     grid = (-(-x.numel() // BLOCK),)
     _triton_kernel()[grid](x, out, seed, salt, p, 1.0 / (1.0 - p), x.numel(), QUARTER=QUARTER)
