@@ -18,16 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout, set_dropout_seed
+from qlora.adapters import seed_dropout, set_dropout_seed
 from qlora.kernels import use_fast_path
 from qlora.kernels.dequant import dequantize_4bit, matmul_4bit, packed_from_bnb
-from qlora.models.load import random_model
-from qlora.models.spec import spec_from_config
-from qlora.quant import QuantConfig
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,
-            rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
+from test_step_parts import tiny_model  # noqa: E402  (tests/ is on the path, as saved_bytes)
 
 
 def interpreted(code: str) -> dict:
@@ -141,22 +136,10 @@ def test_matmul_4bit_adds_the_addend_and_passes_its_gradient_through():
                                rtol=1e-5, atol=1e-5)
 
 
-def tiny_lora_model(dropout: float):
-    torch.manual_seed(0)  # the adapters' initialisation
-    model = random_model(spec_from_config(dict(TINY)),
-                         QuantConfig(method="nf4", compute_dtype=torch.float32), seed=1)
-    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=dropout))
-    with torch.no_grad():  # B away from zero, so every adapter path carries gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
-
-
 def default_and_fast_runs(dropout: float) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """(loss, adapter gradients) of one step on the default path, then with use_fast_path; LoRA
     dropout (when on) seeded, with the same seed in both runs."""
-    model = tiny_lora_model(dropout)
+    model = tiny_model(dropout, quant="nf4")  # from test_step_parts: the same tiny llama
     seed = torch.zeros((), dtype=torch.int64)
     stride = seed_dropout(model, seed)
     model.train()
