@@ -16,7 +16,9 @@ Checks, each against the real other tool on CUDA:
      loss and adapter gradients with fused_kernels on vs off;
   8. the dequantize kernel (kernels/dequant.py) vs bitsandbytes' (bit for bit, with timings) at a
      Llama-3-8B MLP shape and others, and a tiny model's loss and adapter gradients through the
-     fast path (qlora.kernels.use_fast_path) vs the default path.
+     fast path (qlora.kernels.use_fast_path) vs the default path;
+  9. the grouped fast path (use_fast_path(model, group=True): q/k/v and gate/up as one base GEMM)
+     vs the per-projection one: a tiny NF4 llama's and qwen2's loss and adapter gradients.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -93,7 +95,7 @@ def main() -> int:
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
-              check_16bit, check_nf4, check_packed, check_grads]
+              check_grouped_fast_path, check_16bit, check_nf4, check_packed, check_grads]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -379,30 +381,58 @@ def check_dequant_kernel(dirs):
 def _check_fast_path_model(dirs):
     """NF4 + bf16 tiny llama, checkpointing on: use_fast_path on vs off, LoRA dropout off and
     seeded."""
-    from qlora.adapters import seed_dropout, set_dropout_seed
     from qlora.kernels import use_fast_path
 
-    x = ids(6, 2, 256)
     for dropout in (0.0, 0.1):
         model = nf4_lora_model(dirs["llama"], dropout=dropout)
-        seed = torch.zeros((), dtype=torch.int64, device=DEV)
-        stride = seed_dropout(model, seed)
-        model.gradient_checkpointing = True
-        model.train()
-        runs = []
-        for fast in (False, True):
-            if fast:
-                use_fast_path(model)
-            model.zero_grad()
-            set_dropout_seed(seed, 1, 0, stride)
-            loss = model(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
-            loss.backward()
-            runs.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-        (loss_default, grads_default), (loss_fast, grads_fast) = runs
-        record(f"dequant-fast-path-model-loss-dropout{dropout}",
-               abs(loss_fast - loss_default) / loss_default, 2e-3)
-        record(f"dequant-fast-path-model-grads-dropout{dropout}",
-               max(rel(a, b) for a, b in zip(grads_default, grads_fast)), 5e-2)
+        runs = _seeded_step_runs(model, (lambda: None, lambda: use_fast_path(model)))
+        _record_runs("dequant-fast-path-model", dropout, runs)
+
+
+def _seeded_step_runs(model, setups):
+    """(mean loss, adapter gradients) of one step after each of `setups`, checkpointing on, LoRA
+    dropout seeded with the same seed every time."""
+    from qlora.adapters import seed_dropout, set_dropout_seed
+
+    x = ids(6, 2, 256)
+    seed = torch.zeros((), dtype=torch.int64, device=DEV)
+    stride = seed_dropout(model, seed)
+    model.gradient_checkpointing = True
+    model.train()
+    runs = []
+    for setup in setups:
+        setup()
+        model.zero_grad()
+        set_dropout_seed(seed, 1, 0, stride)
+        loss = model(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
+        loss.backward()
+        runs.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    return runs
+
+
+def _record_runs(name: str, dropout: float, runs) -> None:
+    """The reference run first; the fast path's bounds (loss 2e-3, gradients 5e-2 relative)."""
+    (loss_ref, grads_ref), (loss_new, grads_new) = runs
+    record(f"{name}-loss-dropout{dropout}", abs(loss_new - loss_ref) / loss_ref, 2e-3)
+    record(f"{name}-grads-dropout{dropout}",
+           max(rel(a, b) for a, b in zip(grads_ref, grads_new)), 5e-2)
+
+
+def check_grouped_fast_path(dirs):
+    """NF4 + bf16 tiny llama and qwen2 (q/k/v biases), checkpointing on: use_fast_path with
+    group=True vs group=False, LoRA dropout off and seeded."""
+    from qlora.kernels import grouped_modules, use_fast_path
+
+    for fam in ("llama", "qwen2"):
+        for dropout in (0.0, 0.1):
+            model = nf4_lora_model(dirs[fam], dropout=dropout)
+            runs = _seeded_step_runs(model, (lambda: use_fast_path(model),
+                                             lambda: use_fast_path(model, group=True)))
+            groups = grouped_modules(model)
+            if groups != 2 * model.spec.num_layers:
+                raise RuntimeError(f"{groups} modules grouped, expected attention and MLP of "
+                                   f"each of {model.spec.num_layers} layers")
+            _record_runs(f"grouped-fast-path-{fam}", dropout, runs)
 
 
 if __name__ == "__main__":

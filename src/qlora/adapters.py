@@ -156,6 +156,43 @@ class LoraLinear(nn.Module):
         return merged * scale.unsqueeze(1) - weight
 
 
+def groupable(layers) -> bool:
+    """Whether `layers` can share one base GEMM (grouped_forward): each a non-DoRA LoraLinear on
+    the 4-bit fast path (kernels.use_fast_path), all reading inputs of one width."""
+    fast = [isinstance(layer, LoraLinear) and not layer.use_dora
+            and getattr(layer, "fast_base", None) is not None for layer in layers]
+    return all(fast) and len({layer.lora_A.in_features for layer in layers}) == 1
+
+
+def grouped_forward(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+    """[layer(x) for layer in layers] with one base GEMM over the layers' stacked 4-bit weights
+    (kernels/dequant.py's GroupedMatmul4bit), for layers that pass `groupable`.
+
+    Each layer keeps its own dropout mask, A, B, scaling and bias. The LoRA products come first,
+    as one small GEMM: cat(h_i) [.., Σ r] times the block-diagonal of s_i·B_i, which the base GEMM
+    then accumulates into. Returns views of one [.., Σ out] tensor, split along its last dim; the
+    split's backward joins their gradients into the one tensor the base backward multiplies.
+    """
+    from qlora.kernels.dequant import grouped_matmul_4bit
+
+    dtype = x.dtype
+    if any(layer.training and layer.dropout_p > 0 for layer in layers):
+        h = torch.cat([F.linear(layer._dropout(x), layer.lora_A.weight.to(dtype))
+                       for layer in layers], dim=-1)
+    else:  # the same input for every A: one GEMM
+        h = F.linear(x, torch.cat([layer.lora_A.weight for layer in layers]).to(dtype))
+    scaled_b = torch.block_diag(*[(layer.lora_B.weight * layer.scaling).to(dtype)
+                                  for layer in layers])
+    out = grouped_matmul_4bit(x, [layer.fast_base for layer in layers], F.linear(h, scaled_b))
+    biases = [layer.base_layer.bias for layer in layers]
+    if any(b is not None for b in biases):
+        out = out + torch.cat([
+            b.to(dtype) if b is not None
+            else torch.zeros(layer.lora_B.out_features, dtype=dtype, device=out.device)
+            for b, layer in zip(biases, layers)])
+    return out.split([layer.lora_B.out_features for layer in layers], dim=-1)
+
+
 def _linear_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.out_features, layer.in_features
 

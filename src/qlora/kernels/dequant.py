@@ -11,7 +11,9 @@ interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel whe
 
 `Matmul4bit` is the autograd function of x @ Wᵀ (+ an addend) for a frozen 4-bit W: it keeps only
 the 4-bit bytes for backward and dequantizes again there, so no 16-bit copy of any weight outlives
-its use.
+its use. `GroupedMatmul4bit` does the same for several 4-bit weights that read one input (q, k, v;
+gate, up): each is dequantized into its rows of one [Σ out, in] buffer, and one GEMM serves them
+all, forward and backward.
 """
 
 from __future__ import annotations
@@ -63,8 +65,13 @@ def block_scales(p: Packed4bit) -> torch.Tensor:
     return p.nested_code[p.absmax.long()] * p.nested_absmax[group] + p.offset
 
 
-def dequantize_4bit(p: Packed4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight [out, in] of a 4-bit tensor, in `dtype` (default: the stored dtype)."""
+def dequantize_4bit(p: Packed4bit, dtype: torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight [out, in] of a 4-bit tensor, in `dtype` (default: the stored dtype, or
+    out's); written into `out` (contiguous, [out, in]) when given, and returned."""
+    if out is not None:
+        dtype = _checked_out(p, dtype, out)
+        return out.copy_(dequantize_4bit(p, dtype))
     codes = torch.stack((p.data >> 4, p.data & 15), dim=-1).flatten().long()
     values = p.code[codes]
     n = values.numel()
@@ -130,10 +137,23 @@ def _dequantize_kernel():
     return dequantize_kernel
 
 
-def dequantize_4bit_triton(p: Packed4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _checked_out(p: Packed4bit, dtype: torch.dtype | None, out: torch.Tensor) -> torch.dtype:
+    """The dtype to dequantize to when writing into `out`, which must fit the weight exactly."""
+    dtype = dtype or out.dtype
+    if tuple(out.shape) != tuple(p.shape) or out.dtype != dtype or not out.is_contiguous() \
+            or out.device != p.data.device:
+        raise QloraError(
+            f"dequantize out= must be a contiguous {dtype} tensor of shape {tuple(p.shape)} on "
+            f"{p.data.device}, got {out.dtype} {tuple(out.shape)} on {out.device} "
+            f"(contiguous: {out.is_contiguous()}); pass a row slice of a contiguous buffer")
+    return dtype
+
+
+def dequantize_4bit_triton(p: Packed4bit, dtype: torch.dtype | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """`dequantize_4bit` as one Triton kernel, bit for bit: fp32 code × fp32 block scale, rounded
-    once to `dtype` (fp32, bf16 or fp16)."""
-    dtype = dtype or p.dtype
+    once to `dtype` (fp32, bf16 or fp16). Written into `out` when given (see dequantize_4bit)."""
+    dtype = _checked_out(p, dtype, out) if out is not None else dtype or p.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise QloraError(f"4-bit weights dequantize to float32, bfloat16 or float16, not {dtype}")
     cols = 8 // dtype.itemsize  # packed bytes whose 2·cols values fill 16 bytes of output
@@ -141,7 +161,8 @@ def dequantize_4bit_triton(p: Packed4bit, dtype: torch.dtype | None = None) -> t
         raise QloraError(f"the dequantize kernel needs a blocksize that is a multiple of "
                          f"{2 * cols} for {dtype}, got {p.blocksize}; use dequantize_4bit (the "
                          "torch reference) for this weight")
-    out = torch.empty(p.shape, dtype=dtype, device=p.data.device)
+    if out is None:
+        out = torch.empty(p.shape, dtype=dtype, device=p.data.device)
     n_bytes = p.data.numel()
     if out.numel() == 0:
         return out
@@ -157,12 +178,14 @@ def dequantize_4bit_triton(p: Packed4bit, dtype: torch.dtype | None = None) -> t
     return out
 
 
-def dequantize(p: Packed4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(p: Packed4bit, dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight: by the Triton kernel where Triton runs (CUDA, or the CPU under
-    TRITON_INTERPRET=1), by the torch reference elsewhere. Both give the same bits."""
+    TRITON_INTERPRET=1), by the torch reference elsewhere. Both give the same bits. Written into
+    `out` (a contiguous [out, in] tensor, e.g. a row slice of a larger buffer) when given."""
     if use_triton(p.data):
-        return dequantize_4bit_triton(p, dtype)
-    return dequantize_4bit(p, dtype)
+        return dequantize_4bit_triton(p, dtype, out)
+    return dequantize_4bit(p, dtype, out)
 
 
 class Matmul4bit(torch.autograd.Function):
@@ -229,3 +252,60 @@ class Base4bit(torch.nn.Module):
         out = Matmul4bit.apply(x, addend, self.data, self.absmax, self.code, self.nested_absmax,
                                self.nested_code, self.meta)
         return out if bias is None else out + bias.to(out.dtype)
+
+
+def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
+    """The Packed4bit of each member from the flat tensor list an autograd Function is given."""
+    return [Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
+            for meta, (data, absmax, code, nested_absmax, nested_code)
+            in zip(metas, zip(*[iter(tensors)] * 5))]
+
+
+def dequantize_group(packs: list[Packed4bit], dtype: torch.dtype) -> torch.Tensor:
+    """The members' dense weights stacked by rows, [Σ out, in], each written into its own rows
+    (no concatenating copy). All members have the same in_features."""
+    rows = sum(p.shape[0] for p in packs)
+    weight = torch.empty(rows, packs[0].shape[1], dtype=dtype, device=packs[0].data.device)
+    start = 0
+    for p in packs:
+        dequantize(p, dtype, out=weight[start:start + p.shape[0]])
+        start += p.shape[0]
+    return weight
+
+
+class GroupedMatmul4bit(torch.autograd.Function):
+    """x @ W_catᵀ + addend, W_cat the frozen 4-bit weights of several layers stacked by rows: one
+    GEMM where the layers would take one each, and in backward one GEMM for x's gradient, where
+    autograd would add one per layer. As Matmul4bit, the addend ([..., Σ out], x's dtype,
+    contiguous) is consumed, and only the 4-bit bytes are kept for backward.
+
+    Transient memory: the [Σ out, in] dense weight, where a single layer needs its own [out, in].
+    """
+
+    @staticmethod
+    def forward(ctx, x, addend, metas, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.metas = metas
+        weight_t = dequantize_group(_unpack_group(metas, tensors), x.dtype).t()
+        ctx.mark_dirty(addend)
+        addend.view(-1, weight_t.shape[1]).addmm_(x.reshape(-1, x.shape[-1]), weight_t)
+        return addend
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_group(_unpack_group(ctx.metas, tensors), grad_out.dtype)
+        grad_addend = grad_out if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_addend, None) + (None,) * len(tensors)
+
+
+def grouped_matmul_4bit(x: torch.Tensor, bases: list[Base4bit], addend: torch.Tensor
+                        ) -> torch.Tensor:
+    """x @ [W_1; W_2; ...]ᵀ + addend for the 4-bit weights of `bases` (the same in_features);
+    the addend [..., Σ out] is consumed (see GroupedMatmul4bit)."""
+    tensors = []
+    for base in bases:
+        tensors += [base.data, base.absmax, base.code, base.nested_absmax, base.nested_code]
+    return GroupedMatmul4bit.apply(x, addend, tuple(base.meta for base in bases), *tensors)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora.adapters import grouped_forward
 from qlora.kernels import fused
 from qlora.kernels.dropout import use_triton
 from qlora.models.spec import ArchSpec, rope_inverse_frequencies
@@ -88,6 +89,9 @@ class KVCache:
 
 class Attention(nn.Module):
     fused = False  # set by DecoderLM.fused_kernels: RoPE by kernels/fused.py's Triton kernel
+    # kernels.use_fast_path(model, group=True) sets fast_group where these can share one base GEMM
+    group_members = ("q_proj", "k_proj", "v_proj")
+    fast_group = False
 
     def __init__(self, spec: ArchSpec, layer_index: int):
         super().__init__()
@@ -104,9 +108,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fast_group:
+            # column views of one [B, T, q+k+v] output; RoPE reads q and k by strides. v alone is
+            # copied: attention saves it, and as a view it would keep q's and k's columns too
+            q, k, v = grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj))
+            v = v.contiguous()
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         rope = fused.rope if self.fused and use_triton(q) else apply_rope
@@ -215,6 +226,8 @@ def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
 
 class MLP(nn.Module):
     fused = False  # set by DecoderLM.fused_kernels: SwiGLU by kernels/fused.py's Triton kernel
+    group_members = ("gate_proj", "up_proj")  # see Attention
+    fast_group = False
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
@@ -224,10 +237,18 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fast_group:  # column views of one [.., 2·intermediate] output
+            gate, up = grouped_forward(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if self.fused and use_triton(gate):
-            return self.down_proj(fused.swiglu(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+            hidden = fused.swiglu(gate, up)
+        else:
+            hidden = F.silu(gate) * up
+        # grouped, gate and up are views of one [.., 2·intermediate] tensor that the fused kernel
+        # copies (it wants contiguous inputs): let it go before down_proj dequantizes its weight
+        del gate, up
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):
