@@ -73,7 +73,7 @@ qwen-final)
 final)  # the step as qlora train now runs it, side by side, both shapes, and the long context
   # (limits from the third session's run 4, whose deadlines were too tight for the seeds' stack:
   # the 8B checkpoint ~26 s, each system ~40 s, Unsloth ~100 s with its compile, Qwen's Unsloth ~60 s)
-  step 40 gpu_check $PY "$HERE/gpu_check.py" --checks graphed --out "$OUT/gpu-check.jsonl"
+  step 50 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant --out "$OUT/gpu-check.jsonl"
   step 270 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
     --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 260
   step 190 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \

@@ -98,6 +98,45 @@ for dtype in (torch.float32, torch.bfloat16):
 print(json.dumps(dict(results=results)))
 """
 
+SWIGLU_PACKED_CHECK = PRELUDE + r"""
+from qlora.errors import QloraError
+extra = dict(same_as_swiglu=[], grad_layout=[], saved=[])
+for dtype in (torch.float32, torch.bfloat16):
+    # I = 100: rows straddle the 1024-element blocks; I = 1024: one row a block; I = 3: tiny rows
+    for shape in [(3, 37, 200), (2, 2048), (5, 6)]:
+        torch.manual_seed(len(results))
+        gu = (torch.randn(shape) * 4).to(dtype).requires_grad_()
+        I = shape[-1] // 2
+        grad = torch.randn(shape[:-1] + (I,)).to(dtype)
+        # the reference is decoder.MLP's torch code on the halves
+        assert torch.equal(fused.swiglu_packed_reference(gu), F.silu(gu[..., :I]) * gu[..., I:])
+        r = compare(fused.swiglu_packed, fused.swiglu_packed_reference, [gu], grad)
+        results.append(dict(r, dtype_in=str(dtype), shape=shape))
+        # the same kernel numerics as swiglu on the two (copied) halves: bit for bit
+        got = fused.swiglu_packed(gu)
+        (dgu,) = torch.autograd.grad(got, gu, grad)
+        gate, up = (h.detach().clone().requires_grad_() for h in gu.chunk(2, dim=-1))
+        split = fused.swiglu(gate, up)
+        dgate, dup = torch.autograd.grad(split, (gate, up), grad)
+        extra["same_as_swiglu"].append(bool(torch.equal(got, split)
+                                            and torch.equal(dgu, torch.cat([dgate, dup], -1))))
+        extra["grad_layout"].append(dgu.is_contiguous() and dgu.shape == gu.shape)
+        # autograd keeps gu itself for backward, and nothing else
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            fused.swiglu_packed(gu)
+        extra["saved"].append([(t.data_ptr() == gu.data_ptr(), tuple(t.shape) == shape)
+                               for t in kept])
+try:
+    fused.swiglu_packed(torch.randn(4, 7))
+    extra["odd"] = "no error"
+except QloraError as e:
+    extra["odd"] = str(e)
+empty = torch.zeros(0, 8)
+extra["empty_shape"] = list(fused.swiglu_packed(empty).shape)
+print(json.dumps(dict(results=results, **extra)))
+"""
+
 ROPE_CHECK = PRELUDE + r"""
 from qlora.models.spec import spec_from_config
 for dtype in (torch.float32, torch.bfloat16):
@@ -139,6 +178,19 @@ def test_fused_rmsnorm_equals_decoder_rmsnorm_forward_and_backward():
 
 def test_fused_swiglu_equals_silu_times_up_forward_and_backward():
     check_results(interpreted(SWIGLU_CHECK)["results"])
+
+
+def test_fused_packed_swiglu_equals_the_reference_and_swiglu_on_the_halves():
+    """swiglu_packed on one [.., 2·I] tensor: the torch reference's output and gradient (as
+    swiglu's tolerances), swiglu's own bits, the gradient as one contiguous [.., 2·I] tensor, and
+    only the packed input kept for backward."""
+    out = interpreted(SWIGLU_PACKED_CHECK)
+    check_results(out["results"])
+    assert len(out["same_as_swiglu"]) == 6 and all(out["same_as_swiglu"]), out
+    assert all(out["grad_layout"]), out
+    assert out["saved"] == [[[True, True]]] * 6, out["saved"]
+    assert "swiglu_packed" in out["odd"] and "(4, 7)" in out["odd"], out["odd"]
+    assert out["empty_shape"] == [0, 4]
 
 
 def test_fused_rope_equals_apply_rope_forward_and_backward():

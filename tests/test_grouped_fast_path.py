@@ -40,10 +40,13 @@ def tiny_family_model(family: str, dropout: float):
         test_step_parts.TINY = saved
 
 
-def ungrouped_and_grouped_runs(family: str, dropout: float, checkpointing: bool = True):
+def ungrouped_and_grouped_runs(family: str, dropout: float, checkpointing: bool = True,
+                               fused_kernels: bool = False):
     """(loss, adapter gradients) of one step with use_fast_path(group=False), then group=True;
-    LoRA dropout (when on) seeded, with the same seed in both runs."""
+    LoRA dropout (when on) seeded, with the same seed in both runs. fused_kernels: the model's
+    switch (the fused ops run only under Triton: the interpreter on the CPU)."""
     model = tiny_family_model(family, dropout)
+    model.fused_kernels = fused_kernels
     seed = torch.zeros((), dtype=torch.int64)
     stride = seed_dropout(model, seed)
     model.gradient_checkpointing = checkpointing
@@ -185,6 +188,67 @@ def test_grouped_path_through_the_kernels_gives_the_per_projection_results():
     without checkpointing, to keep the interpreter's work small). Each run dequantizes all 14
     weights in forward and 11 in backward (layer 0's q, k, v read the frozen embeddings)."""
     assert interpreted(MODEL_CHECK)["kernel_launches"] == 2 * (14 + 11)
+
+
+FUSED_CHECK = r"""
+import json, torch
+from qlora.kernels import fused, use_fast_path
+from saved_bytes import layer_saved_bytes
+from test_dequant_kernel import assert_same_runs
+from test_grouped_fast_path import tiny_family_model, ungrouped_and_grouped_runs
+
+calls = {"swiglu": 0, "swiglu_packed": 0}
+packed_inputs = []
+for name in calls:  # count what the MLP routes through; keep swiglu_packed's input
+    def counted(*args, _name=name, _fn=getattr(fused, name)):
+        calls[_name] += 1
+        if _name == "swiglu_packed":
+            packed_inputs.append(args[0])
+        return _fn(*args)
+    setattr(fused, name, counted)
+
+assert_same_runs(ungrouped_and_grouped_runs("qwen2", 0.1, checkpointing=False, fused_kernels=True))
+out = dict(calls=dict(calls))
+
+# What autograd keeps in one MLP, per token (the difference of two lengths: weight-sized tensors
+# such as the quant state and the LoRA B products cancel), grouped and not
+model = tiny_family_model("llama", 0.0).train()
+model.fused_kernels = True
+mlp = model.model.layers[0].mlp
+owned = [*model.parameters(), *model.buffers()]
+
+def mlp_saved_bytes(tokens):
+    x = torch.randn(1, tokens, 64, requires_grad=True)
+    return layer_saved_bytes(lambda x, *_: mlp(x), x, None, None, owned + [x])
+
+per_token = {}
+for group in (False, True):
+    use_fast_path(model, group=group)
+    per_token[str(group)] = (mlp_saved_bytes(24) - mlp_saved_bytes(8)) / 16
+kept = []
+with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+    mlp(torch.randn(1, 8, 64, requires_grad=True))
+packed = packed_inputs[-1]
+out.update(per_token=per_token, packed_shape=list(packed.shape),
+           packed_kept=sum(t.data_ptr() == packed.data_ptr() and t.shape == packed.shape
+                           for t in kept))
+print(json.dumps(out))
+"""
+
+
+def test_grouped_fused_mlp_reads_the_packed_gate_up_output_in_place():
+    """With fused kernels on, the grouped MLP hands the one [.., 2·I] gate/up output to
+    fused.swiglu_packed (no copies of its halves, one gradient tensor back): the step's loss and
+    adapter gradients are the ungrouped fused path's; autograd keeps that output itself, and per
+    token the MLP keeps what the ungrouped one does (gate + up, down_proj's input, 3 LoRA A
+    outputs: what qlora.memory counts), so no copy of gate or up is kept beside it."""
+    out = interpreted(FUSED_CHECK)
+    # 2 layers, no checkpointing: swiglu in the ungrouped run, swiglu_packed in the grouped one
+    assert out["calls"] == {"swiglu": 2, "swiglu_packed": 2}, out
+    assert out["packed_shape"] == [1, 8, 2 * TINY["intermediate_size"]], out
+    assert out["packed_kept"] == 1, out
+    i, r = TINY["intermediate_size"], 4
+    assert out["per_token"] == {"False": 4 * (3 * i + 3 * r), "True": 4 * (3 * i + 3 * r)}, out
 
 
 def targeted_model(targets: list[str], use_dora: bool = False):

@@ -164,7 +164,8 @@ def groupable(layers) -> bool:
     return all(fast) and len({layer.lora_A.in_features for layer in layers}) == 1
 
 
-def grouped_forward(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+def grouped_forward(x: torch.Tensor, layers, packed: bool = False
+                    ) -> tuple[torch.Tensor, ...] | torch.Tensor:
     """[layer(x) for layer in layers] with one base GEMM over the layers' stacked 4-bit weights
     (kernels/dequant.py's GroupedMatmul4bit), for layers that pass `groupable`.
 
@@ -172,6 +173,8 @@ def grouped_forward(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
     as one small GEMM: cat(h_i) [.., Σ r] times the block-diagonal of s_i·B_i, which the base GEMM
     then accumulates into. Returns views of one [.., Σ out] tensor, split along its last dim; the
     split's backward joins their gradients into the one tensor the base backward multiplies.
+    packed=True returns that one tensor instead (the layers' outputs side by side, in order), for
+    a consumer that reads the columns in place and returns its gradient whole (fused.swiglu_packed).
     """
     from qlora.kernels.dequant import grouped_matmul_4bit
 
@@ -190,6 +193,8 @@ def grouped_forward(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
             b.to(dtype) if b is not None
             else torch.zeros(layer.lora_B.out_features, dtype=dtype, device=out.device)
             for b, layer in zip(biases, layers)])
+    if packed:
+        return out
     return out.split([layer.lora_B.out_features for layer in layers], dim=-1)
 
 

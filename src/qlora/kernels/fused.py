@@ -11,7 +11,8 @@ Rounding: each kernel computes in fp32 and rounds to the tensor dtype where the 
 fp32 summation order and the GPU's exp/rsqrt.
 
 Saved for backward (what qlora.memory's kernels="fused" terms count): RMSNorm keeps its input and
-one fp32 rstd per row; SwiGLU keeps gate and up (silu is recomputed); RoPE keeps cos and sin only.
+one fp32 rstd per row; SwiGLU keeps gate and up (silu is recomputed), swiglu_packed the one
+[.., 2·I] tensor that holds both; RoPE keeps cos and sin only.
 
 Triton is imported on first use, not here: the tests set TRITON_INTERPRET=1 before that import to
 run these kernels on the CPU. The decoder uses them only where Triton runs (dropout.use_triton).
@@ -22,6 +23,9 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
+
+from qlora.errors import QloraError
 
 ELEMENTWISE_BLOCK = 1024
 
@@ -78,31 +82,43 @@ def _kernels():
             tl.store(dw_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=inside)
 
     @triton.jit
-    def swiglu_forward(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    def swiglu_forward(g_ptr, u_ptr, y_ptr, n, cols, in_row_stride, PACKED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """y = silu(g) * u over n elements, y dense [rows, cols]. g and u dense too, or PACKED: the
+        two column halves of one [rows, 2·cols] tensor, rows in_row_stride apart (g_ptr points at
+        its column 0, u_ptr at its column cols)."""
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
-        u = tl.load(u_ptr + offsets, mask=inside, other=0.0)
+        src = offsets
+        if PACKED:  # gate's column c of row r: r * in_row_stride + c
+            src = offsets // cols * in_row_stride + offsets % cols
+        g = tl.load(g_ptr + src, mask=inside, other=0.0)
+        u = tl.load(u_ptr + src, mask=inside, other=0.0)
         gf = g.to(tl.float32)
         # F.silu's result, stored in the input dtype before the product
         silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
         tl.store(y_ptr + offsets, (silu * u.to(tl.float32)).to(g.dtype), mask=inside)
 
     @triton.jit
-    def swiglu_backward(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+    def swiglu_backward(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, cols, in_row_stride,
+                        PACKED: tl.constexpr, BLOCK: tl.constexpr):
+        """dg and du in the inputs' layout: packed, both halves of one [.., 2·cols] gradient."""
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
+        src = offsets
+        if PACKED:  # gate's column c of row r: r * in_row_stride + c
+            src = offsets // cols * in_row_stride + offsets % cols
         dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
-        u = tl.load(u_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + src, mask=inside, other=0.0)
+        u = tl.load(u_ptr + src, mask=inside, other=0.0).to(tl.float32)
         gf = g.to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-gf))
         # recomputed exactly as the forward did
         silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-        tl.store(du_ptr + offsets, (dy * silu).to(g.dtype), mask=inside)
+        tl.store(du_ptr + src, (dy * silu).to(g.dtype), mask=inside)
         dsilu = (dy * u).to(g.dtype).to(tl.float32)
         # silu'(g) = sig * (1 + g * (1 - sig))
-        tl.store(dg_ptr + offsets, (dsilu * sig * (1.0 + gf * (1.0 - sig))).to(g.dtype), mask=inside)
+        tl.store(dg_ptr + src, (dsilu * sig * (1.0 + gf * (1.0 - sig))).to(g.dtype), mask=inside)
 
     @triton.jit
     def rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, T, H, sxb, sxh, sxt, syb, syh, syt, scb, sct,
@@ -210,6 +226,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- SwiGLU
 
+def _swiglu_launch(kernel: str, *tensors: torch.Tensor, n: int, cols: int, in_row_stride: int,
+                   packed: bool) -> None:
+    _kernels()[kernel][(_cdiv(n, ELEMENTWISE_BLOCK),)](*tensors, n, cols, in_row_stride,
+                                                        PACKED=packed, BLOCK=ELEMENTWISE_BLOCK)
+
+
 class FusedSwiGLU(torch.autograd.Function):
     """silu(gate) * up; saves gate and up, and backward recomputes silu from gate."""
 
@@ -217,8 +239,8 @@ class FusedSwiGLU(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
         gate, up = gate.contiguous(), up.contiguous()
         y = torch.empty_like(gate)
-        grid = (_cdiv(gate.numel(), ELEMENTWISE_BLOCK),)
-        _kernels()["swiglu_forward"][grid](gate, up, y, gate.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        n = gate.numel()  # dense inputs: cols and in_row_stride go unused
+        _swiglu_launch("swiglu_forward", gate, up, y, n=n, cols=n, in_row_stride=n, packed=False)
         ctx.save_for_backward(gate, up)
         return y
 
@@ -227,9 +249,9 @@ class FusedSwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad = grad.contiguous()
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        grid = (_cdiv(gate.numel(), ELEMENTWISE_BLOCK),)
-        _kernels()["swiglu_backward"][grid](grad, gate, up, dgate, dup, gate.numel(),
-                                            BLOCK=ELEMENTWISE_BLOCK)
+        n = gate.numel()
+        _swiglu_launch("swiglu_backward", grad, gate, up, dgate, dup, n=n, cols=n, in_row_stride=n,
+                       packed=False)
         return dgate, dup
 
 
@@ -241,6 +263,49 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.numel() == 0:
         return gate * up
     return FusedSwiGLU.apply(gate, up)
+
+
+class FusedSwiGLUPacked(torch.autograd.Function):
+    """silu(gu[..., :I]) * gu[..., I:] read in place from one [.., 2·I] tensor (the grouped
+    gate/up GEMM's output); saves gu alone, and backward writes both halves of its gradient into
+    one [.., 2·I] tensor, the one the grouped GEMM's backward multiplies (no copies, no join)."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor):
+        gu = gu.contiguous()
+        cols = gu.shape[-1] // 2
+        y = gu.new_empty(gu.shape[:-1] + (cols,))
+        # the second pointer is gu's I-th column: up's element (row, c) is gate's plus I
+        _swiglu_launch("swiglu_forward", gu, gu[..., cols:], y, n=y.numel(), cols=cols,
+                       in_row_stride=2 * cols, packed=True)
+        ctx.save_for_backward(gu)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gu,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        cols = gu.shape[-1] // 2
+        dgu = torch.empty_like(gu)
+        _swiglu_launch("swiglu_backward", grad, gu, gu[..., cols:], dgu, dgu[..., cols:],
+                       n=grad.numel(), cols=cols, in_row_stride=2 * cols, packed=True)
+        return dgu
+
+
+def swiglu_packed_reference(gu: torch.Tensor) -> torch.Tensor:
+    """decoder.MLP's torch SwiGLU on the two halves of gu [.., 2·I]: gate first, then up."""
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_packed(gu: torch.Tensor) -> torch.Tensor:
+    """swiglu_packed_reference as one kernel (and one in backward) for a [.., 2·I] input."""
+    if gu.shape[-1] % 2:
+        raise QloraError(f"swiglu_packed needs an even last dim (gate then up, I columns each), "
+                         f"got shape {tuple(gu.shape)}; pass gate and up to fused.swiglu instead")
+    if gu.numel() == 0:
+        return swiglu_packed_reference(gu)
+    return FusedSwiGLUPacked.apply(gu)
 
 
 # --------------------------------------------------------------------------------------- RoPE
