@@ -8,9 +8,8 @@
 #                                                  # (a call of its own: writing the 8B checkpoint and
 #                                                  # loading 4 systems takes minutes) + 8-bit column + profile
 #   bash benchmarks/device_speed.sh fast OUTDIR    # gpu_check (dequant kernel, graph step, dropout), attention
-#                                                  # bench, 8-bit column, Llama-3-8B 2048: qlora, qlora-fast,
+#                                                  # bench, 8-bit column, Llama-3-8B 2048: qlora-bnb, qlora,
 #                                                  # Unsloth, the seeds' stack
-#   bash benchmarks/device_speed.sh qwen-final OUTDIR  # Qwen2.5-1.5B 2048 (SYSTEMS=...), then a Llama profile
 #   bash benchmarks/device_speed.sh final OUTDIR   # graph check; Llama-3-8B and Qwen2.5-1.5B 2048: qlora,
 #                                                  # the seeds' stack, Unsloth (about 8 minutes)
 #   bash benchmarks/device_speed.sh long OUTDIR    # Llama-3-8B 16384: qlora (as run 4 of the third session)
@@ -55,25 +54,20 @@ llama)
   step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
     --out /tmp/profile
   ;;
-fast)  # the 4-bit base through our Triton dequantize + the LoRA product added in the GEMM (qlora-fast)
+fast)  # the 4-bit base through our Triton dequantize + the LoRA product added in the GEMM (run 3 of
+      # the third session ran "qlora,qlora-fast", which are today's qlora-bnb and qlora)
   step 60 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,dequant,dropout --out "$OUT/gpu-check.jsonl"
   step 40 attention $PY "$HERE/attention_bench.py"
   step 40 compare-8bit $PY "$HERE/measure_memory.py" --shapes llama-3-8b --seqs 2048 --checkpointing on \
     --ranks 16 --steps 6 --warmup 2 --methods lora-8bit --out "$OUT/compare-8bit.json"
   step 300 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
-    --systems qlora,qlora-fast,unsloth,hf --no-qlora-ckpt-off --steps 10 --warmup 3 \
+    --systems qlora-bnb,qlora,unsloth,hf --no-qlora-ckpt-off --steps 10 --warmup 3 \
     --out "$OUT/llama" --deadline 290
   ;;
-qwen-final)
-  step 200 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
-    --systems ${SYSTEMS:-qlora,qlora-fast,unsloth,hf} --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 190
-  step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --fused --steps 2 \
-    ${PROFILE_ARGS:-} --out /tmp/profile
-  ;;
-final)  # the step as qlora train now runs it, side by side, both shapes, and the long context
+final)  # the step as qlora train now runs it, side by side with the seeds' stack and Unsloth, both shapes
   # (limits from the third session's run 4, whose deadlines were too tight for the seeds' stack:
   # the 8B checkpoint ~26 s, each system ~40 s, Unsloth ~100 s with its compile, Qwen's Unsloth ~60 s)
-  step 50 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant --out "$OUT/gpu-check.jsonl"
+  step 60 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant --out "$OUT/gpu-check.jsonl"
   step 270 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
     --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 260
   step 190 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
