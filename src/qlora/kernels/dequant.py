@@ -231,9 +231,9 @@ def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: torch.Tensor | None = None
 class Base4bit(torch.nn.Module):
     """The frozen 4-bit base of a LoRA layer, run through `Matmul4bit`.
 
-    It holds the same tensors as the bitsandbytes Linear4bit it stands beside (as
-    non-persistent buffers: nothing is copied and state_dict is unchanged), so that
-    torch.compile sees them as module state shared by one compiled graph for every layer.
+    It holds the same tensors as the bitsandbytes Linear4bit it stands beside, as non-persistent
+    buffers: nothing is copied, state_dict and adapter files are unchanged, and `.to()` moves them
+    with the model.
     """
 
     def __init__(self, layer):
