@@ -167,7 +167,7 @@ def groupable(layers) -> bool:
 def grouped_forward(x: torch.Tensor, layers, packed: bool = False
                     ) -> tuple[torch.Tensor, ...] | torch.Tensor:
     """[layer(x) for layer in layers] with one base GEMM over the layers' stacked 4-bit weights
-    (kernels/dequant.py's GroupedMatmul4bit), for layers that pass `groupable`.
+    (kernels/dequant.py's Matmul4bit over the stacked weights), for layers that pass `groupable`.
 
     Each layer keeps its own dropout mask, A, B, scaling and bias. The LoRA products come first,
     as one small GEMM: cat(h_i) [.., Σ r] times the block-diagonal of s_i·B_i, which the base GEMM

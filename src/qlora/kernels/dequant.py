@@ -9,11 +9,10 @@ exactly. Written with torch ops (no custom kernel), it is the readable reference
 `dequantize_4bit_triton` equals bit for bit (tests/test_dequant_kernel.py, through Triton's
 interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel where Triton runs.
 
-`Matmul4bit` is the autograd function of x @ Wᵀ (+ an addend) for a frozen 4-bit W: it keeps only
-the 4-bit bytes for backward and dequantizes again there, so no 16-bit copy of any weight outlives
-its use. `GroupedMatmul4bit` does the same for several 4-bit weights that read one input (q, k, v;
-gate, up): each is dequantized into its rows of one [Σ out, in] buffer, and one GEMM serves them
-all, forward and backward.
+`Matmul4bit` is the autograd function of x @ Wᵀ (+ an addend) for a frozen 4-bit W, or for several
+4-bit weights that read one input (q, k, v; gate, up), each dequantized into its rows of one
+[Σ out, in] buffer so that one GEMM serves them all: it keeps only the 4-bit bytes for backward and
+dequantizes again there, so no 16-bit copy of any weight outlives its use.
 """
 
 from __future__ import annotations
@@ -189,19 +188,23 @@ def dequantize(p: Packed4bit, dtype: torch.dtype | None = None,
 
 
 class Matmul4bit(torch.autograd.Function):
-    """x @ Wᵀ + addend for a frozen 4-bit W; backward recomputes W instead of saving it.
+    """x @ W_catᵀ + addend for frozen 4-bit weights W_1, W_2, ... of one in_features, stacked by
+    rows (one weight, or q/k/v, gate/up read from one input): one GEMM forward and one for x's
+    gradient, where autograd would add one per layer. Backward dequantizes again instead of
+    keeping any 16-bit weight; only the 4-bit bytes are saved. Transient memory: the [Σ out, in]
+    dense weight.
 
     The addend (optional, the output's shape and x's dtype, contiguous) is consumed: the GEMM
     accumulates into its memory and returns it (an in-place op to autograd), because an
     out-of-place addmm would first copy it into a new output, one more full pass over it.
+    Arguments after `metas`: (data, absmax, code, nested_absmax, nested_code) of each weight.
     """
 
     @staticmethod
-    def forward(ctx, x, addend, data, absmax, code, nested_absmax, nested_code, meta):
-        p = Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
-        ctx.save_for_backward(data, absmax, code, nested_absmax, nested_code)
-        ctx.meta = meta
-        weight_t = dequantize(p, x.dtype).t()
+    def forward(ctx, x, addend, metas, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.metas = metas
+        weight_t = dequantize_group(_unpack_group(metas, tensors), x.dtype).t()
         rows = x.reshape(-1, x.shape[-1])
         if addend is None:
             return (rows @ weight_t).view(*x.shape[:-1], weight_t.shape[1])
@@ -211,20 +214,45 @@ class Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        data, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
-        meta = ctx.meta
-        p = Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
-        grad_x = grad_out @ dequantize(p, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        tensors = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_group(_unpack_group(ctx.metas, tensors), grad_out.dtype)
         grad_addend = grad_out if ctx.needs_input_grad[1] else None
-        return grad_x, grad_addend, None, None, None, None, None, None
+        return (grad_x, grad_addend, None) + (None,) * len(tensors)
+
+
+def _meta(p: Packed4bit) -> tuple:
+    return (p.blocksize, p.shape, p.dtype, p.nested_blocksize, p.offset)
+
+
+def _tensors(p: Packed4bit) -> list:
+    return [p.data, p.absmax, p.code, p.nested_absmax, p.nested_code]
+
+
+def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
+    """The Packed4bit of each weight from the flat tensor list Matmul4bit is given."""
+    return [Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
+            for meta, (data, absmax, code, nested_absmax, nested_code)
+            in zip(metas, zip(*[iter(tensors)] * 5))]
+
+
+def dequantize_group(packs: list[Packed4bit], dtype: torch.dtype) -> torch.Tensor:
+    """The weights' dense values stacked by rows, [Σ out, in], each written into its own rows
+    (no concatenating copy). All have the same in_features."""
+    rows = sum(p.shape[0] for p in packs)
+    weight = torch.empty(rows, packs[0].shape[1], dtype=dtype, device=packs[0].data.device)
+    start = 0
+    for p in packs:
+        dequantize(p, dtype, out=weight[start:start + p.shape[0]])
+        start += p.shape[0]
+    return weight
 
 
 def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: torch.Tensor | None = None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:
     """x @ Wᵀ (+ addend, which is consumed: see Matmul4bit) (+ bias)."""
-    meta = (p.blocksize, p.shape, p.dtype, p.nested_blocksize, p.offset)
-    out = Matmul4bit.apply(x, addend, p.data, p.absmax, p.code, p.nested_absmax, p.nested_code,
-                           meta)
+    out = Matmul4bit.apply(x, addend, (_meta(p),), *_tensors(p))
     return out if bias is None else out + bias.to(out.dtype)
 
 
@@ -244,68 +272,21 @@ class Base4bit(torch.nn.Module):
         self.register_buffer("code", p.code, persistent=False)
         self.register_buffer("nested_absmax", p.nested_absmax, persistent=False)
         self.register_buffer("nested_code", p.nested_code, persistent=False)
-        self.meta = (p.blocksize, p.shape, p.dtype, p.nested_blocksize, p.offset)
+        self.meta = _meta(p)
+
+    def tensors(self) -> list:
+        return [self.data, self.absmax, self.code, self.nested_absmax, self.nested_code]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:
         """x @ Wᵀ + addend + bias; the addend (x's dtype, contiguous) is consumed."""
-        out = Matmul4bit.apply(x, addend, self.data, self.absmax, self.code, self.nested_absmax,
-                               self.nested_code, self.meta)
+        out = Matmul4bit.apply(x, addend, (self.meta,), *self.tensors())
         return out if bias is None else out + bias.to(out.dtype)
-
-
-def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
-    """The Packed4bit of each member from the flat tensor list an autograd Function is given."""
-    return [Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
-            for meta, (data, absmax, code, nested_absmax, nested_code)
-            in zip(metas, zip(*[iter(tensors)] * 5))]
-
-
-def dequantize_group(packs: list[Packed4bit], dtype: torch.dtype) -> torch.Tensor:
-    """The members' dense weights stacked by rows, [Σ out, in], each written into its own rows
-    (no concatenating copy). All members have the same in_features."""
-    rows = sum(p.shape[0] for p in packs)
-    weight = torch.empty(rows, packs[0].shape[1], dtype=dtype, device=packs[0].data.device)
-    start = 0
-    for p in packs:
-        dequantize(p, dtype, out=weight[start:start + p.shape[0]])
-        start += p.shape[0]
-    return weight
-
-
-class GroupedMatmul4bit(torch.autograd.Function):
-    """x @ W_catᵀ + addend, W_cat the frozen 4-bit weights of several layers stacked by rows: one
-    GEMM where the layers would take one each, and in backward one GEMM for x's gradient, where
-    autograd would add one per layer. As Matmul4bit, the addend ([..., Σ out], x's dtype,
-    contiguous) is consumed, and only the 4-bit bytes are kept for backward.
-
-    Transient memory: the [Σ out, in] dense weight, where a single layer needs its own [out, in].
-    """
-
-    @staticmethod
-    def forward(ctx, x, addend, metas, *tensors):
-        ctx.save_for_backward(*tensors)
-        ctx.metas = metas
-        weight_t = dequantize_group(_unpack_group(metas, tensors), x.dtype).t()
-        ctx.mark_dirty(addend)
-        addend.view(-1, weight_t.shape[1]).addmm_(x.reshape(-1, x.shape[-1]), weight_t)
-        return addend
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        tensors = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_group(_unpack_group(ctx.metas, tensors), grad_out.dtype)
-        grad_addend = grad_out if ctx.needs_input_grad[1] else None
-        return (grad_x, grad_addend, None) + (None,) * len(tensors)
 
 
 def grouped_matmul_4bit(x: torch.Tensor, bases: list[Base4bit], addend: torch.Tensor
                         ) -> torch.Tensor:
     """x @ [W_1; W_2; ...]ᵀ + addend for the 4-bit weights of `bases` (the same in_features);
-    the addend [..., Σ out] is consumed (see GroupedMatmul4bit)."""
-    tensors = []
-    for base in bases:
-        tensors += [base.data, base.absmax, base.code, base.nested_absmax, base.nested_code]
-    return GroupedMatmul4bit.apply(x, addend, tuple(base.meta for base in bases), *tensors)
+    the addend [..., Σ out] is consumed (see Matmul4bit)."""
+    tensors = [t for base in bases for t in base.tensors()]
+    return Matmul4bit.apply(x, addend, tuple(base.meta for base in bases), *tensors)
