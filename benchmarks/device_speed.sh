@@ -14,7 +14,8 @@
 #                                                  # the seeds' stack, Unsloth (about 8 minutes)
 #   bash benchmarks/device_speed.sh long OUTDIR    # Llama-3-8B 16384: qlora (as run 4 of the third session)
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
-#                                                  # on both shapes; a profile of Qwen's graph step
+#                                                  # (and the seeds' stack at Llama); a profile of Llama's
+#                                                  # graph step by kind of kernel
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs.
@@ -77,13 +78,14 @@ long)  # Llama-3-8B at seq 16384 with the step qlora train runs
   step 90 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
     --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" --deadline 85
   ;;
-levers)  # what was built but not timed: the grouped projections; and where Qwen's graph step goes
-  step 60 gpu_check $PY "$HERE/gpu_check.py" --checks grouped,fused --out "$OUT/gpu-check.jsonl"
-  step 200 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
-    --systems qlora,qlora-grouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 190
-  step 120 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
-    --systems qlora,qlora-grouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 110
-  step 60 profile-qwen $PY "$HERE/profile_step.py" --shape qwen2.5-1.5b --seq 2048 --ours --graphs --fused --fast \
-    --steps 3 --out /tmp/profile
+levers)  # the grouped projections timed against qlora beside the seeds' stack; where Llama's graph
+         # step goes (GPU time by kind of kernel)
+  step 80 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant,grouped --out "$OUT/gpu-check.jsonl"
+  step 260 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,qlora-grouped,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 250
+  step 75 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused --fast \
+    --steps 2 --out /tmp/profile
+  step 110 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
+    --systems qlora,qlora-grouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 100
   ;;
 esac

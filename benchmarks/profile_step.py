@@ -70,6 +70,30 @@ def build(args):
     return model, step
 
 
+KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("dequant", ("dequant",)),
+    ("dropout", ("dropout",)),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("norm/swiglu/rope", ("rms", "swiglu", "rope", "rotary")),
+    ("loss", ("cross_entropy", "log_softmax", "logsumexp", "nll")),
+    ("optimizer", ("adam", "optimizer", "kOptimizer", "clip", "norm")),
+    ("copy", ("memcpy", "memset", "copy", "cat")),
+    ("elementwise", ("elementwise", "reduce", "add", "mul")),
+)
+
+
+def by_kind(kernels, steps: int) -> dict:
+    """GPU milliseconds and kernel launches per step for each kind of kernel (KINDS; "other")."""
+    totals: dict = {}
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, keys in KINDS if any(s.lower() in name for s in keys)), "other")
+        ms, n = totals.get(kind, (0.0, 0))
+        totals[kind] = (ms + e.self_device_time_total / 1e3 / steps, n + e.count / steps)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1][0]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="qwen2.5-1.5b")
@@ -106,7 +130,9 @@ def main() -> int:
           f"ours={args.ours} graphs={args.graphs}")
     print(f"wall {wall * 1e3:.1f} ms/step · GPU busy {gpu_busy * 1e3:.1f} ms/step · "
           f"{n_kernels:.0f} kernels/step · host-bound share {(1 - gpu_busy / wall) * 100:.0f}%")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=15))
+    print("GPU time per step by kind (ms):  " + "  ".join(
+        f"{kind} {ms:.1f} ({n:.0f})" for kind, (ms, n) in by_kind(kernels, args.steps).items()))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(Path(args.out) / "trace.json"))

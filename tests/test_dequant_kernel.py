@@ -192,3 +192,45 @@ def test_fast_path_through_the_kernel_gives_the_default_loss_and_adapter_gradien
     interpreter. 14 layers dequantize in forward and 11 again in backward: layer 0's q, k and v
     read the (frozen) embeddings, whose gradient is not wanted."""
     assert interpreted(MODEL_CHECK)["kernel_launches"] == 14 + 11
+
+
+def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
+    """With gradient checkpointing, backward reruns each layer's forward up to the last tensor
+    it saved. The base GEMM of down_proj saves nothing (its 4-bit bytes are held on ctx), so the
+    rerun stops before it: per layer, forward dequantizes 7 weights, the rerun 6 (not down_proj),
+    backward 7 — and loss and adapter gradients equal the step without checkpointing."""
+    from qlora.kernels import dequant
+
+    model = tiny_model(0.1, quant="nf4")
+    seed = torch.zeros((), dtype=torch.int64)
+    stride = seed_dropout(model, seed)
+    model.train()
+    assert use_fast_path(model) == 14
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    in_features = {m.base_layer.weight.quant_state.shape[1]: name for name, m in model.named_modules()
+                   if hasattr(m, "base_layer") and name.endswith("down_proj")}
+    runs, counts = [], []
+    build = dequant.dequantize_group
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        set_dropout_seed(seed, run_seed=3, micro_batch_index=1, stride=stride)
+        calls = []
+        dequant.dequantize_group = lambda packs, dtype: calls.append(packs[0].shape) or build(packs, dtype)
+        try:
+            loss = model(ids, labels=ids)
+            forward_calls = len(calls)
+            loss.backward()
+        finally:
+            dequant.dequantize_group = build
+        backward = calls[forward_calls:]
+        down = sum(1 for shape in backward if shape[1] in in_features)
+        counts.append((forward_calls, len(backward), down))
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    layers = 2
+    # forward: 7 per layer; backward without checkpointing: 7 per layer minus layer 0's q, k, v
+    # (their input, the frozen embedding, wants no gradient)
+    assert counts[0] == (7 * layers, 7 * layers - 3, layers)
+    # with checkpointing the rerun adds 6 per layer: down_proj is dequantized once, in backward
+    assert counts[1] == (7 * layers, 7 * layers - 3 + 6 * layers, layers)
+    assert_same_runs(runs)

@@ -202,7 +202,11 @@ class Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, addend, metas, *tensors):
-        ctx.save_for_backward(*tensors)
+        # The frozen bytes are held on ctx, not saved with save_for_backward: nothing of this
+        # function then passes through saved-tensor hooks, so a non-reentrant checkpoint's
+        # recompute stops before it when it ends a layer (down_proj): that GEMM's output is not
+        # needed for backward, and skipping it saves a dequantize and a GEMM per layer.
+        ctx.tensors = tensors
         ctx.metas = metas
         weight_t = dequantize_group(_unpack_group(metas, tensors), x.dtype).t()
         rows = x.reshape(-1, x.shape[-1])
@@ -214,7 +218,7 @@ class Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        tensors = ctx.saved_tensors
+        tensors = ctx.tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ dequantize_group(_unpack_group(ctx.metas, tensors), grad_out.dtype)
