@@ -13,6 +13,8 @@
 #   bash benchmarks/device_speed.sh final OUTDIR   # graph check; Llama-3-8B and Qwen2.5-1.5B 2048: qlora,
 #                                                  # the seeds' stack, Unsloth (about 8 minutes)
 #   bash benchmarks/device_speed.sh long OUTDIR    # Llama-3-8B 16384: qlora (as run 4 of the third session)
+#   bash benchmarks/device_speed.sh fused-lora OUTDIR  # checks of the step's kernels (dropout, dequantize
+#                                                  # sweep), qlora vs qlora-grouped, profile (grouped)
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -87,5 +89,16 @@ levers)  # the grouped projections timed against qlora beside the seeds' stack; 
     --steps 2 --out /tmp/profile
   step 110 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
     --systems qlora,qlora-grouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 100
+  ;;
+fused-lora)  # LoRA products as one autograd function (kernels/lora.py), 8-mask Philox dropout, the
+             # dequantize launch swept; qlora vs qlora-grouped; where the graph step goes now
+  step 90 gpu_check $PY "$HERE/gpu_check.py" --checks dropout,dequant,graphed,grouped,fused \
+    --out "$OUT/gpu-check.jsonl"
+  step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,qlora-grouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
+  step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
+    --fast --group --steps 2 --out /tmp/profile
+  step 100 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
+    --systems qlora,qlora-grouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 90
   ;;
 esac

@@ -186,9 +186,11 @@ def check_grads(dirs):
 
 
 def check_dropout_kernel(dirs):
-    from qlora.kernels.dropout import _dropout_triton, seeded_dropout_reference
+    """The dropout kernel and its accumulating form vs the torch reference, bit for bit; and the
+    kernel's ms at Llama-3-8B's hidden size (2048 tokens)."""
+    from qlora.kernels.dropout import _dropout_triton, seeded_dropout_add_, seeded_dropout_reference
 
-    # 1000·4099 ends in a partial 1024-element block; 205 is less than one quarter block (256)
+    # 1000·4099 ends in a partial 2048-element block; 205 is less than one slot (256)
     for suffix, shape in (("", (1000, 4099)), ("-205", (5, 41))):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(*shape, device=DEV, dtype=dtype)
@@ -196,6 +198,14 @@ def check_dropout_kernel(dirs):
             a, b = _dropout_triton(x, seed, 11, 0.1), seeded_dropout_reference(x, seed, 11, 0.1)
             record(f"dropout-kernel-vs-reference-{dtype}{suffix}",
                    float((a.float() - b.float()).abs().max()), 0.0, kept=float((a != 0).float().mean()))
+            out = torch.randn(*shape, device=DEV, dtype=dtype)
+            want = (out.float() + seeded_dropout_reference(x.float(), seed, 11, 0.1).float()).to(dtype)
+            seeded_dropout_add_(out, x, seed, 11, 0.1)
+            record(f"dropout-add-kernel-vs-reference-{dtype}{suffix}",
+                   float((out.float() - want.float()).abs().max()), 0.0)
+    x = torch.randn(2048, 4096, device=DEV, dtype=torch.bfloat16)
+    record("dropout-kernel-2048x4096-bf16-ms", _call_ms(lambda: _dropout_triton(x, seed, 3, 0.05)),
+           float("inf"))
 
 
 def check_graphed_step(dirs):
@@ -366,8 +376,9 @@ def check_dequant_kernel(dirs):
                          bnb_tb_s=moved / bnb_ms / 1e9)
         record(name, float((ours.float() - theirs.float()).abs().max()), 0.0, **extra)
 
-    compare("dequant-kernel-vs-bnb-14336x4096-nf4-nested-bf16",
-            _quantized((14336, 4096), "nf4", True, torch.bfloat16), timed=True)
+    mlp = _quantized((14336, 4096), "nf4", True, torch.bfloat16)
+    compare("dequant-kernel-vs-bnb-14336x4096-nf4-nested-bf16", mlp, timed=True)
+    _sweep_dequant_launch(mlp)
     for quant_type in ("nf4", "fp4"):
         for nested in (True, False):
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -376,6 +387,28 @@ def check_dequant_kernel(dirs):
                 compare(f"dequant-kernel-vs-bnb-1000x4100-{tag}",
                         _quantized((1000, 4100), quant_type, nested, dtype, seed=1))
     _check_fast_path_model(dirs)
+
+
+def _sweep_dequant_launch(param):
+    """The kernel's ms and TB/s at other (packed bytes per program, warps) than the module's
+    TILE_BYTES and WARPS, each checked equal to the default's output, which is bnb's."""
+    from qlora.kernels import dequant
+
+    packed = dequant.packed_from_bnb(param)
+    want = dequant.dequantize_4bit_triton(packed, torch.bfloat16)
+    moved = param.data.numel() + param.quant_state.absmax.numel() + 2 * want.numel()
+    default = (dequant.TILE_BYTES, dequant.WARPS)
+    try:
+        for tile_bytes in (2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16):
+                dequant.TILE_BYTES, dequant.WARPS = tile_bytes, warps
+                got = dequant.dequantize_4bit_triton(packed, torch.bfloat16)
+                ms = _call_ms(lambda: dequant.dequantize_4bit_triton(packed, torch.bfloat16))
+                record(f"dequant-launch-{tile_bytes}-bytes-{warps}-warps",
+                       float((got.float() - want.float()).abs().max()), 0.0, kernel_ms=ms,
+                       kernel_tb_s=moved / ms / 1e9)
+    finally:
+        dequant.TILE_BYTES, dequant.WARPS = default
 
 
 def _check_fast_path_model(dirs):

@@ -1,7 +1,7 @@
 """Where one QLoRA training step of ours spends its time, on the GPU machine.
 
     python3 benchmarks/profile_step.py --shape qwen2.5-1.5b --seq 2048 [--no-checkpointing]
-        [--fast] [--ours [--graphs]] [--fused] [--out DIR]
+        [--fast [--group]] [--ours [--graphs]] [--fused] [--out DIR]
 
 Builds the shape with random weights (qlora.models.load.random_model, NF4 + double quant, bf16),
 LoRA r=16 on all linear layers, paged 8-bit AdamW, then profiles a few steps with torch.profiler
@@ -40,7 +40,7 @@ def build(args):
     if args.fast:
         from qlora.kernels import use_fast_path
 
-        use_fast_path(model)
+        use_fast_path(model, group=args.group)
     model.train()
     if args.ours:  # the step as `qlora train` runs it (benchmarks/train_step.py QloraStep)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fast", action="store_true", help="qlora.kernels.use_fast_path")
+    parser.add_argument("--group", action="store_true", help="--fast with grouped projections")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ours", action="store_true", help="flattened adapters + seeded dropout")
     parser.add_argument("--graphs", action="store_true", help="--ours with the CUDA-graph step")
@@ -127,7 +128,7 @@ def main() -> int:
     n_kernels = sum(e.count for e in kernels) / args.steps
     gpu_busy = sum(e.self_device_time_total for e in kernels) / args.steps / 1e6
     print(f"{args.shape} seq {args.seq} checkpointing={args.checkpointing} fast={args.fast} "
-          f"ours={args.ours} graphs={args.graphs}")
+          f"ours={args.ours} graphs={args.graphs} group={args.group}")
     print(f"wall {wall * 1e3:.1f} ms/step · GPU busy {gpu_busy * 1e3:.1f} ms/step · "
           f"{n_kernels:.0f} kernels/step · host-bound share {(1 - gpu_busy / wall) * 100:.0f}%")
     print("GPU time per step by kind (ms):  " + "  ".join(

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout, set_dropout_seed
-from qlora.kernels.dropout import (QUARTER, dropout_uniforms, philox_uniform, philox_uniform4,
-                                   seeded_dropout, seeded_dropout_reference)
+from qlora.errors import QloraError
+from qlora.kernels.dropout import (BLOCK, PHILOX_ROUNDS, SLOT, dropout_bits, dropout_keep,
+                                   dropout_threshold, philox4x32, seeded_dropout,
+                                   seeded_dropout_add_, seeded_dropout_reference,
+                                   seeded_dropout_values)
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
@@ -37,74 +40,154 @@ def tiny_model(dropout: float, quant: str = "none"):
     return model
 
 
-def test_philox_reference_is_deterministic_and_uniform():
-    u = philox_uniform(1234, torch.arange(200_000))
-    assert torch.equal(u, philox_uniform(1234, torch.arange(200_000)))
-    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
-    assert abs(float(u.mean()) - 0.5) < 0.005
-    # a different key is a different stream
-    assert float((u == philox_uniform(1235, torch.arange(200_000))).float().mean()) < 1e-3
+def test_philox4x32_reference_gives_random123s_known_answers():
+    """Random123's kat_vectors, counter 0 and key 0, for 7 rounds (what the mask uses) and 10."""
+    zero = torch.zeros(1, dtype=torch.int64)
+    for rounds, want in ((7, (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
+                         (10, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8))):
+        assert tuple(int(lane) for lane in philox4x32(0, zero, rounds)) == want, rounds
 
 
-def test_dropout_uniforms_give_each_philox_output_to_its_own_quarter_block():
-    """Element 1024·b + 256·lane + q reads output `lane` of Philox at counter 256·b + q; output 0 is
-    what tl.rand returns, so the first quarter of each block is the old one-draw-per-element mask."""
-    u = dropout_uniforms(77, 3 * 1024 + 300)  # two whole blocks and a partial third
-    outputs = philox_uniform4(77, torch.arange(4 * QUARTER))
+def test_dropout_bits_give_each_16_bit_half_of_a_philox_output_to_its_own_slot():
+    """Element 2048·b + 256·slot + q reads output lane slot // 2 of Philox at counter 256·b + q:
+    its low 16 bits for an even slot, its high 16 bits for an odd one."""
+    n = 3 * BLOCK + 300  # three whole blocks and a partial fourth (its slot 1 half full)
+    bits = dropout_bits(77, n)
+    lanes = philox4x32(77, torch.arange(4 * SLOT), PHILOX_ROUNDS)
     for block in range(4):
-        for lane in range(4):
-            start = block * 4 * QUARTER + lane * QUARTER
-            want = outputs[lane][block * QUARTER:(block + 1) * QUARTER][:max(0, len(u) - start)]
-            assert torch.equal(u[start:start + QUARTER], want), (block, lane)
-    assert torch.equal(outputs[0], philox_uniform(77, torch.arange(4 * QUARTER)))
-    assert torch.equal(dropout_uniforms(77, 100), u[:100])  # a prefix does not depend on n
+        for slot in range(8):
+            start = block * BLOCK + slot * SLOT
+            counters = slice(block * SLOT, (block + 1) * SLOT)
+            lane = lanes[slot // 2][counters]
+            want = lane & 0xFFFF if slot % 2 == 0 else lane >> 16
+            assert torch.equal(bits[start:start + SLOT], want[:max(0, n - start)]), (block, slot)
+    assert torch.equal(dropout_bits(77, 100), bits[:100])  # a prefix does not depend on n
+    assert torch.equal(dropout_keep(77, n, 0.3), bits >= round(0.3 * 65536))
 
 
-def test_reference_dropout_drops_p_and_salts_draw_different_masks():
-    x = torch.ones(977 * 1024)  # about 1e6
-    seed = torch.tensor(2**40 + 3, dtype=torch.int64)
-    kept = seeded_dropout_reference(x, seed, 1, 0.1) != 0
-    assert abs(1.0 - float(kept.float().mean()) - 0.1) < 0.005
-    for lane in range(4):  # each Philox output drops p of its own elements
-        by_lane = kept.view(-1, 4, QUARTER)[:, lane].float().mean()
-        assert abs(1.0 - float(by_lane) - 0.1) < 0.01, lane
-    other = seeded_dropout_reference(x, seed, 2, 0.1) != 0
+def test_reference_dropout_keeps_one_minus_threshold_over_65536_and_salts_draw_other_masks():
+    n = 512 * BLOCK  # about 1e6
+    seed = 2**40 + 3
+    for p in (0.05, 0.1, 0.5):
+        threshold = dropout_threshold(p)
+        assert threshold == round(p * 65536)
+        kept = dropout_keep(seed, n, p)
+        assert abs(float(kept.float().mean()) - (1 - threshold / 65536)) < 0.002, p
+        for slot in range(8):  # each 16-bit half keeps its share of its own elements
+            by_slot = kept.view(-1, 8, SLOT)[:, slot].float().mean()
+            assert abs(float(by_slot) - (1 - threshold / 65536)) < 0.005, (p, slot)
+    bits = dropout_bits(seed, n)
+    threshold = dropout_threshold(0.1)
+    kept = dropout_keep(seed, n, 0.1)
+    assert bool(kept[bits == threshold].all()) and not bool(kept[bits == threshold - 1].any())
+    other = dropout_keep(seed + 1, n, 0.1)  # another salt is another key
     # independent masks differ on 2·0.1·0.9 = 18% of the elements
-    assert abs(float((kept != other).float().mean()) - 0.18) < 0.01
+    assert abs(float((kept != other).float().mean()) - 0.18) < 0.005
+    x = torch.randn(n // 4)
+    seed_tensor = torch.tensor(seed - 1, dtype=torch.int64)
+    dropped = seeded_dropout_reference(x, seed_tensor, 1, 0.1)
+    keep = dropout_keep(seed, x.numel(), 0.1)
+    assert torch.equal(dropped, torch.where(keep, x * (1 / 0.9), 0.0))
+
+
+def test_a_dropout_probability_the_16_bit_masks_cannot_draw_is_refused():
+    x, seed = torch.randn(64), torch.tensor(5, dtype=torch.int64)
+    with pytest.raises(QloraError, match="lora_dropout.*use 0 .*1/65536"):
+        seeded_dropout(x, seed, 1, 1e-6)  # round(1e-6 · 65536) = 0: it would drop nothing
+    for call in (lambda: seeded_dropout_add_(torch.zeros(64), x, seed, 1, 1e-6),
+                 lambda: seeded_dropout_reference(x, seed, 1, 1e-6),
+                 lambda: seeded_dropout(x, seed, 1, -0.1), lambda: seeded_dropout(x, seed, 1, 1.0)):
+        with pytest.raises(QloraError, match="lora_dropout"):
+            call()
+    assert dropout_threshold(1 / 65536) == 1
+    assert seeded_dropout(x, seed, 1, 0.0) is x  # 0 is no dropout
+    with pytest.raises(QloraError, match="one shape and dtype"):
+        seeded_dropout_add_(torch.zeros(64, dtype=torch.float16), x, seed, 1, 0.1)
+    with pytest.raises(QloraError, match="contiguous"):
+        seeded_dropout_add_(torch.zeros(8, 8).t(), x.view(8, 8), seed, 1, 0.1)
+
+
+def test_dropout_add_on_the_cpu_adds_the_masks_seeded_dropout_draws():
+    """Without Triton both draw from torch's generator: the same mask for the same (seed, salt)."""
+    x, out = torch.randn(33, 70), torch.randn(33, 70)
+    seed = torch.tensor(41, dtype=torch.int64)
+    want = out + seeded_dropout_values(x, seed, 3, 0.2)
+    assert seeded_dropout_add_(out, x, seed, 3, 0.2) is out
+    assert torch.equal(out, want)
 
 
 KERNEL_CHECK = r"""
-import json, os, torch
-from qlora.kernels.dropout import _dropout_triton, seeded_dropout_reference
+import json, sys, torch, triton, triton.language as tl
+from qlora.kernels.dropout import (PHILOX_ROUNDS, _dropout_triton, philox4x32, seeded_dropout_add_,
+                                   seeded_dropout_reference)
+
+
+@triton.jit
+def randint4x_kernel(seed_ptr, offsets_ptr, out_ptr, n, ROUNDS: tl.constexpr, SIZE: tl.constexpr):
+    i = tl.arange(0, SIZE)
+    lanes = tl.randint4x(tl.load(seed_ptr), tl.load(offsets_ptr + i, mask=i < n), n_rounds=ROUNDS)
+    for lane in tl.static_range(4):
+        tl.store(out_ptr + lane * n + i, lanes[lane].to(tl.int64), mask=i < n)
+
+
+def bf16_truncated(v):
+    # Triton's interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest even)
+    return (v.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def bytes_of(t):  # bit for bit: -0.0 is not 0.0
+    return t.reshape(-1).view(torch.int8)
+
+
+def same(got, want_fp32, dtype):
+    want = bf16_truncated(want_fp32) if dtype == torch.bfloat16 else want_fp32.to(dtype)
+    return got.dtype == dtype and torch.equal(bytes_of(got), bytes_of(want))
+
+
 out = {}
-# 37·129 = 4773: whole blocks and a partial one; 5·41 = 205: less than one quarter of a block;
-# 700: a partial block that ends in its third quarter; 3·1024: whole blocks only
-for shape in ((37, 129), (5, 41), (700,), (3, 1024)):
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(*shape, dtype=dtype)
-        seed = torch.tensor(2**41 + 977, dtype=torch.int64)
-        a, b = _dropout_triton(x, seed, 5, 0.25), seeded_dropout_reference(x, seed, 5, 0.25)
-        out[f"{shape}-{dtype}"] = dict(dtype=str(dtype), same_mask=bool(torch.equal(a == 0, b == 0)),
-                                       max_diff=float((a.float() - b.float()).abs().max()),
-                                       max_abs=float(b.float().abs().max()))
+offsets = torch.tensor([0, 1, 255, 256, 2**23 - 1, 2**23, 123456789, 2**31 - 1], dtype=torch.int64)
+for seed in (0, 77, 2**41 + 977, 2**63 - 1, -5):
+    got = torch.empty(4, len(offsets), dtype=torch.int64)
+    randint4x_kernel[(1,)](torch.tensor(seed), offsets.to(torch.int32), got, len(offsets),
+                           ROUNDS=PHILOX_ROUNDS, SIZE=8)
+    want = torch.stack(philox4x32(seed, offsets, PHILOX_ROUNDS))
+    out[f"randint4x-{seed}"] = bool(torch.equal(got, want))
+
+# 3·2048 + 300: whole blocks and a partial one; 37·129 = 4773; 5·41 = 205: less than one slot;
+# 3500: a partial block that ends in slot 5; 2·2048: whole blocks only
+seed = torch.tensor(2**41 + 977, dtype=torch.int64)
+for shape in ((3 * 2048 + 300,), (37, 129), (5, 41), (3500,), (2, 2048)):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(len(out))
+        x = torch.randn(*shape, generator=g).to(dtype)
+        acc = torch.randn(*shape, generator=g).to(dtype)
+        dropped = seeded_dropout_reference(x.float(), seed, 5, 0.25)  # fp32, before the rounding
+        out[f"dropout-{shape}-{dtype}"] = same(_dropout_triton(x, seed, 5, 0.25), dropped, dtype)
+        got = acc.clone()
+        seeded_dropout_add_(got, x, seed, 5, 0.25)
+        out[f"add-{shape}-{dtype}"] = same(got, acc.float() + dropped, dtype)
+        if dtype != torch.bfloat16:  # the reference itself, rounded by torch
+            out[f"vs-reference-{shape}-{dtype}"] = bool(torch.equal(
+                _dropout_triton(x, seed, 5, 0.25), seeded_dropout_reference(x, seed, 5, 0.25)))
 print(json.dumps(out))
 """
 
 
-def test_triton_dropout_kernel_equals_the_torch_reference():
-    """The Triton kernel run by Triton's interpreter on the CPU: the same mask bit for bit, the
-    same values (fp32 exactly; bf16 within one rounding, the interpreter rounds by truncation)."""
+def test_triton_dropout_kernel_equals_the_torch_reference(tmp_path):
+    """The Triton kernel run by Triton's interpreter on the CPU: tl.randint4x with PHILOX_ROUNDS
+    is philox4x32; the kernel and its accumulating form give the reference's bits (in bf16 the
+    interpreter truncates where the GPU rounds to nearest: the reference is truncated alike, and
+    benchmarks/gpu_check.py compares the GPU with the rounded reference)."""
     pytest.importorskip("triton")
+    script = tmp_path / "dropout_kernel_check.py"  # a file: Triton reads its kernels' source
+    script.write_text(KERNEL_CHECK)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(result) == 8
-    for case, r in result.items():
-        assert r["same_mask"], case
-        limit = 0.0 if r["dtype"] == "torch.float32" else r["max_abs"] * 2**-7
-        assert r["max_diff"] <= limit, case
+    assert len(result) == 5 + 5 * 3 * 2 + 5 * 2
+    assert [case for case, ok in result.items() if not ok] == []
 
 
 def test_seeded_dropout_masks_scales_and_reuses_the_mask_in_backward():

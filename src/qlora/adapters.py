@@ -92,12 +92,13 @@ class LoraLinear(nn.Module):
         return result + self._dora_delta(x, result, A, B)
 
     def _fast_forward(self, x: torch.Tensor, fast_base: nn.Module) -> torch.Tensor:
-        # the LoRA product first, then the base GEMM accumulates into it (kernels/dequant.py's
-        # Matmul4bit): the full-size output is written once by the small GEMM and read once by
-        # the big one. The scale goes into the small B cast, not onto the full-size product.
-        h = F.linear(self._dropout(x), self.lora_A.weight.to(x.dtype))
-        lora_out = F.linear(h, (self.lora_B.weight * self.scaling).to(x.dtype))
-        return fast_base(x, self.base_layer.bias, addend=lora_out)
+        if self.training and self.dropout_p > 0 and self.dropout_seed is None:
+            # dropout from the global RNG (not seed_dropout's masks): autograd's composition,
+            # the LoRA product first and the base GEMM accumulating into it
+            h = F.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype))
+            lora_out = F.linear(h, (self.lora_B.weight * self.scaling).to(x.dtype))
+            return fast_base(x, self.base_layer.bias, addend=lora_out)
+        return grouped_forward(x, [self], packed=True)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout_seed is None or not self.training:
@@ -161,37 +162,44 @@ def groupable(layers) -> bool:
     the 4-bit fast path (kernels.use_fast_path), all reading inputs of one width."""
     fast = [isinstance(layer, LoraLinear) and not layer.use_dora
             and getattr(layer, "fast_base", None) is not None for layer in layers]
-    return all(fast) and len({layer.lora_A.in_features for layer in layers}) == 1
+    return (all(fast) and len({layer.lora_A.in_features for layer in layers}) == 1
+            and len({(layer.dropout_p, id(layer.dropout_seed)) for layer in layers}) == 1
+            and len({layer.lora_A.out_features for layer in layers}) == 1)
 
 
 def grouped_forward(x: torch.Tensor, layers, packed: bool = False
                     ) -> tuple[torch.Tensor, ...] | torch.Tensor:
-    """[layer(x) for layer in layers] with one base GEMM over the layers' stacked 4-bit weights
-    (kernels/dequant.py's Matmul4bit over the stacked weights), for layers that pass `groupable`.
+    """[layer(x) for layer in layers] with one base GEMM over the layers' stacked 4-bit weights,
+    for layers that pass `groupable` and draw their dropout masks from seed_dropout's seed (or
+    have none): kernels/lora.py's LoraProducts, then its Matmul4bit. A single layer is the group
+    of one.
 
-    Each layer keeps its own dropout mask, A, B, scaling and bias. The LoRA products come first,
-    as one small GEMM: cat(h_i) [.., Σ r] times the block-diagonal of s_i·B_i, which the base GEMM
-    then accumulates into. Returns views of one [.., Σ out] tensor, split along its last dim; the
-    split's backward joins their gradients into the one tensor the base backward multiplies.
-    packed=True returns that one tensor instead (the layers' outputs side by side, in order), for
-    a consumer that reads the columns in place and returns its gradient whole (fused.swiglu_packed).
+    Each layer keeps its own dropout mask, A, B, scaling and bias. Returns views of one
+    [.., Σ out] tensor, split along its last dim; the split's backward joins their gradients into
+    the one tensor the backward multiplies. packed=True returns that one tensor instead (the
+    layers' outputs side by side, in order), for a consumer that reads the columns in place and
+    returns its gradient whole (fused.swiglu_packed).
     """
-    from qlora.kernels.dequant import grouped_matmul_4bit
+    from qlora.kernels.lora import LoraGroup, lora_4bit
 
-    dtype = x.dtype
-    if any(layer.training and layer.dropout_p > 0 for layer in layers):
-        h = torch.cat([F.linear(layer._dropout(x), layer.lora_A.weight.to(dtype))
-                       for layer in layers], dim=-1)
-    else:  # the same input for every A: one GEMM
-        h = F.linear(x, torch.cat([layer.lora_A.weight for layer in layers]).to(dtype))
-    scaled_b = torch.block_diag(*[(layer.lora_B.weight * layer.scaling).to(dtype)
-                                  for layer in layers])
-    out = grouped_matmul_4bit(x, [layer.fast_base for layer in layers], F.linear(h, scaled_b))
+    dropout = layers[0].training and layers[0].dropout_p > 0
+    if dropout and layers[0].dropout_seed is None:  # global-RNG dropout: layer by layer
+        outs = [layer._fast_forward(x, layer.fast_base) for layer in layers]
+        return torch.cat(outs, dim=-1) if packed else tuple(outs)
+    group = LoraGroup(
+        scales=tuple(layer.scaling for layer in layers),
+        salts=tuple(layer.dropout_salt for layer in layers),
+        out_features=tuple(layer.lora_B.out_features for layer in layers),
+        p=layers[0].dropout_p if dropout else 0.0,
+        metas=tuple(layer.fast_base.meta for layer in layers),
+        tensors=tuple(t for layer in layers for t in layer.fast_base.tensors()))
+    adapters = [layer.lora_A.weight for layer in layers] + [layer.lora_B.weight for layer in layers]
+    out = lora_4bit(x, layers[0].dropout_seed if dropout else None, group, adapters)
     biases = [layer.base_layer.bias for layer in layers]
     if any(b is not None for b in biases):
         out = out + torch.cat([
-            b.to(dtype) if b is not None
-            else torch.zeros(layer.lora_B.out_features, dtype=dtype, device=out.device)
+            b.to(out.dtype) if b is not None
+            else torch.zeros(layer.lora_B.out_features, dtype=out.dtype, device=out.device)
             for b, layer in zip(biases, layers)])
     if packed:
         return out

@@ -83,9 +83,10 @@ def dequantize_4bit(p: Packed4bit, dtype: torch.dtype | None = None,
     return body[: out_features * in_features].view(out_features, in_features).to(dtype or p.dtype)
 
 
-# Packed bytes per kernel program: 8192 weights, four tile rows per thread at 8 warps, so each
-# thread has four independent loads in flight. Not yet tuned on a GPU (gpu_check.py times it).
+# Packed bytes per kernel program and its warps (8192 weights, four tile rows per thread: four
+# independent loads in flight). gpu_check.py's dequant check times other choices beside these.
 TILE_BYTES = 4096
+WARPS = 8
 
 
 @functools.cache
@@ -97,7 +98,7 @@ def _dequantize_kernel():
     def dequantize_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                           offset, out_ptr, n_bytes, n_out, BLOCK_BYTES: tl.constexpr,
                           NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                          ROWS: tl.constexpr, COLS: tl.constexpr):
+                          ROWS: tl.constexpr, COLS: tl.constexpr, NATIVE_ROUNDING: tl.constexpr):
         """A tile of ROWS x COLS packed bytes. A row is the COLS bytes whose 2·COLS values fill one
         16-byte store: one thread loads the row as one word and stores it as one vector, with no
         exchange of values between threads (Triton then needs no shared memory to change layouts).
@@ -122,9 +123,9 @@ def _dequantize_kernel():
         high = tl.reshape(tl.gather(code, flat >> 4, 0), [ROWS, COLS])
         low = tl.reshape(tl.gather(code, flat & 15, 0), [ROWS, COLS])
         values = tl.interleave(high * scale[:, None], low * scale[:, None])  # high nibble first
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            # round to nearest even on the bits: the same as the GPU's conversion, and Triton's
-            # interpreter (the tests' reference run) would truncate instead
+        if out_ptr.dtype.element_ty == tl.bfloat16 and not NATIVE_ROUNDING:
+            # round to nearest even on the bits: the same as the GPU's conversion, which Triton's
+            # interpreter (the tests' reference run) would do by truncating instead
             bits = values.to(tl.uint32, bitcast=True)
             bits += 0x7FFF + ((bits >> 16) & 1)
             result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -173,7 +174,8 @@ def dequantize_4bit_triton(p: Packed4bit, dtype: torch.dtype | None = None,
         p.nested_code if nested else p.code,
         p.offset, out, n_bytes, out.numel(),
         BLOCK_BYTES=p.blocksize // 2, NESTED=nested, NESTED_BLOCKSIZE=p.nested_blocksize,
-        ROWS=TILE_BYTES // cols, COLS=cols, num_warps=8, enable_fp_fusion=False)
+        ROWS=TILE_BYTES // cols, COLS=cols, NATIVE_ROUNDING=out.device.type == "cuda",
+        num_warps=WARPS, enable_fp_fusion=False)
     return out
 
 
@@ -208,7 +210,7 @@ class Matmul4bit(torch.autograd.Function):
         # needed for backward, and skipping it saves a dequantize and a GEMM per layer.
         ctx.tensors = tensors
         ctx.metas = metas
-        weight_t = dequantize_group(_unpack_group(metas, tensors), x.dtype).t()
+        weight_t = dense_weights(metas, tensors, x.dtype).t()
         rows = x.reshape(-1, x.shape[-1])
         if addend is None:
             return (rows @ weight_t).view(*x.shape[:-1], weight_t.shape[1])
@@ -221,7 +223,7 @@ class Matmul4bit(torch.autograd.Function):
         tensors = ctx.tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_group(_unpack_group(ctx.metas, tensors), grad_out.dtype)
+            grad_x = grad_out @ dense_weights(ctx.metas, tensors, grad_out.dtype)
         grad_addend = grad_out if ctx.needs_input_grad[1] else None
         return (grad_x, grad_addend, None) + (None,) * len(tensors)
 
@@ -239,6 +241,11 @@ def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
     return [Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
             for meta, (data, absmax, code, nested_absmax, nested_code)
             in zip(metas, zip(*[iter(tensors)] * 5))]
+
+
+def dense_weights(metas: tuple, tensors: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """[Σ out, in]: the weights Matmul4bit is given (metas, flat tensors), dequantized."""
+    return dequantize_group(_unpack_group(metas, tensors), dtype)
 
 
 def dequantize_group(packs: list[Packed4bit], dtype: torch.dtype) -> torch.Tensor:

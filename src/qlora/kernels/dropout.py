@@ -2,18 +2,26 @@
 
 Why: a checkpointed layer is run twice (forward, then again in backward) and must draw the same
 dropout mask both times. torch.utils.checkpoint does that by saving and restoring the CUDA RNG
-state, which cannot be read while a CUDA graph is being captured. Here the mask is counter-based
-(Philox 4x32-10, Salmon et al. 2011, the generator Triton's `tl.rand4x` implements), one Philox
-evaluation serving four elements: in a call with seed s, element i = 1024·b + 256·lane + q (q < 256)
-keeps its value when output `lane` of philox(key=s + salt, counter=256·b + q) is ≥ p, read as a
-float in [0, 1) as Triton does. Running the layer again with the same seed tensor gives the same
+state, which cannot be read while a CUDA graph is being captured. Here the mask is counter-based:
+Philox 4x32 (Salmon et al. 2011, the generator behind Triton's `tl.randint4x`) with PHILOX_ROUNDS
+rounds, keyed by k = seed + salt. Running the layer again with the same seed tensor gives the same
 mask, backward recomputes it instead of saving it, and a CUDA graph that reads the seed from a GPU
 tensor draws new masks when that tensor is advanced.
 
-`seeded_dropout` runs a Triton kernel on CUDA; `seeded_dropout_reference` computes the same bits in
-plain torch (tests compare the two through Triton's interpreter). Where Triton does not run (the
-CPU), the mask comes from torch's generator seeded with seed + salt instead: deterministic in the
-same way, other bits, and much faster than the reference.
+The mask, exactly: a kernel program handles BLOCK = 2048 elements, and one Philox evaluation serves
+8 of them (the kernel is bound by Philox's integer work, not by memory), each reading 16 of its 128
+bits. Element e = 2048·b + 256·slot + q (slot 0..7, q < 256) reads output lane slot // 2 of
+philox(key=k, counter=(256·b + q, 0, 0, 0)): its LOW 16 bits for an even slot, its HIGH 16 bits for
+an odd one. The element is kept iff that 16-bit value ≥ threshold = round(p·65536), computed on the
+host, so the drop probability is threshold/65536, not p exactly (p = 0.05 drops 0.0500031; a
+p ≤ 1/131072 would round to a threshold of 0, no dropout at all, and is refused). Kept values are
+x·(1/(1−p)), computed in fp32 and rounded once to x's dtype.
+
+`seeded_dropout` (autograd) and `seeded_dropout_values` / `seeded_dropout_add_` (plain, for use
+inside another function's backward) run one Triton kernel on CUDA; `seeded_dropout_reference` and
+`dropout_keep` compute the same bits in plain torch (tests compare the two through Triton's
+interpreter). Where Triton does not run (the CPU), the mask comes from torch's generator seeded with
+seed + salt instead: deterministic in the same way, other bits, and much faster than the reference.
 """
 
 from __future__ import annotations
@@ -22,9 +30,22 @@ import functools
 
 import torch
 
+from qlora.errors import QloraError
+
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key (Philox 4x32)
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers (Philox 4x32)
+
+# Salmon et al. 2011 report Philox4x32-7 passing BigCrush; Random123's default of 10 is a safety
+# margin that dropout masks do not need, and each round is a sizeable part of the kernel's time.
+PHILOX_ROUNDS = 7
+
+# Elements per kernel program and per slot. Part of the mask's definition (module docstring), not
+# tuning knobs: changing either changes which Philox output each element reads.
+BLOCK = 2048
+SLOTS = 8  # two 16-bit halves of each of Philox's four 32-bit outputs
+SLOT = BLOCK // SLOTS  # Philox counters per block
+_HALF = 65536  # 16-bit values: the threshold's denominator
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,23 +57,10 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _M32, lo
 
 
-# Elements per kernel program. Part of the mask's definition (see dropout_uniforms), not a tuning
-# knob: changing it changes which Philox output each element draws.
-BLOCK = 1024
-QUARTER = BLOCK // 4  # Philox counters per block: each one's four outputs serve four elements
-
-
-def _uint32_to_uniform(u: torch.Tensor) -> torch.Tensor:
-    """uint32 (held in int64) → [0, 1) as Triton's uint_to_uniform_float: read as int32, fold the
-    negative half onto the positive, scale by just under 2⁻³¹ (so the top value stays below 1)."""
-    signed = torch.where(u >= 2**31, u - 2**32, u)
-    folded = torch.where(signed < 0, -signed - 1, signed)
-    return folded.to(torch.float32) * 4.6566127342e-10
-
-
-def philox_uniform4(seed: int, offsets: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
-    """The four uniform floats in [0, 1) of Philox 4x32 with key `seed` (uint64) and counter
-    (offset, 0, 0, 0), as Triton's `tl.rand4x(seed, offsets)` for int32 offsets."""
+def philox4x32(seed: int, offsets: torch.Tensor, rounds: int) -> tuple[torch.Tensor, ...]:
+    """The four uint32 outputs (held in int64) of Philox 4x32-`rounds` with key `seed` (uint64) and
+    counter (offset, 0, 0, 0), as Triton's `tl.randint4x(seed, offsets, n_rounds=rounds)` for
+    int32 offsets."""
     c0 = offsets.to(torch.int64) & _M32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
@@ -64,26 +72,42 @@ def philox_uniform4(seed: int, offsets: torch.Tensor, rounds: int = 10) -> tuple
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return tuple(_uint32_to_uniform(c) for c in (c0, c1, c2, c3))
+    return c0, c1, c2, c3
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
-    """Output 0 of `philox_uniform4`: what Triton's `tl.rand(seed, offsets)` returns."""
-    return philox_uniform4(seed, offsets, rounds)[0]
+def dropout_threshold(p: float) -> int:
+    """The 16-bit threshold of drop probability p (see the module docstring), checked."""
+    if not 0.0 < p < 1.0:
+        raise QloraError(f"lora_dropout must be in (0, 1) where dropout is applied, got {p!r}")
+    threshold = round(p * _HALF)
+    if threshold < 1:
+        raise QloraError(
+            f"lora_dropout {p!r} is too small for the seeded dropout's 16-bit masks (it would "
+            f"drop nothing): use 0 (no dropout) or a value ≥ 1/65536 ≈ {1 / _HALF:.3g}")
+    if threshold >= _HALF:
+        raise QloraError(
+            f"lora_dropout {p!r} is too close to 1 for the seeded dropout's 16-bit masks (it "
+            f"would drop everything): use a value ≤ 1 − 1/65536")
+    return threshold
 
 
-def dropout_uniforms(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The uniform the kernel compares with p for each of n elements: element BLOCK·b + QUARTER·lane
-    + q takes output `lane` of Philox at counter QUARTER·b + q."""
+def dropout_bits(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-bit value (int64) the kernel compares with the threshold for each of n elements."""
     blocks = -(-n // BLOCK)
-    outputs = philox_uniform4(seed, torch.arange(blocks * QUARTER, device=device))
-    # (blocks, 4 lanes, QUARTER) read row-major is exactly the element order above
-    by_element = torch.stack([u.view(blocks, QUARTER) for u in outputs], dim=1)
+    lanes = philox4x32(seed, torch.arange(blocks * SLOT, device=device), PHILOX_ROUNDS)
+    halves = [half for lane in lanes for half in (lane & 0xFFFF, lane >> 16)]  # slot order
+    # (blocks, SLOTS, SLOT) read row-major is exactly the element order 2048·b + 256·slot + q
+    by_element = torch.stack([h.view(blocks, SLOT) for h in halves], dim=1)
     return by_element.reshape(-1)[:n]
 
 
+def dropout_keep(seed: int, n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which of n elements the kernel keeps (bool), for key seed (= seed tensor's value + salt)."""
+    return dropout_bits(seed, n, device) >= dropout_threshold(p)
+
+
 def seeded_dropout_reference(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    keep = dropout_uniforms(int(seed) + salt, x.numel(), x.device) >= p
+    keep = dropout_keep(int(seed) + salt, x.numel(), p, x.device)
     scaled = x.float() * (1.0 / (1.0 - p))  # in fp32, then rounded once: as the kernel does
     return torch.where(keep.view(x.shape), scaled, 0.0).to(x.dtype)
 
@@ -98,45 +122,43 @@ def _triton_kernel():
         import triton.language as tl
 
         @triton.jit
-        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, p, scale, n, QUARTER: tl.constexpr):
-            # one Philox evaluation per QUARTER-th element (Philox is ~10 rounds of mul-hi, and the
-            # kernel is integer bound): its four outputs serve four contiguous chunks, each
-            # loaded and stored coalesced. Written out four times: a @jit helper defined inside
-            # _triton_kernel is not found by Triton's interpreter (NameError).
+        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, threshold, scale, n, SLOT: tl.constexpr,
+                           ROUNDS: tl.constexpr, ACCUMULATE: tl.constexpr):
+            # one Philox evaluation per SLOT-th element: its four 32-bit outputs, two 16-bit
+            # halves each, serve eight contiguous slots, each loaded and stored coalesced
             pid = tl.program_id(0)
-            quarter = tl.arange(0, QUARTER)
-            r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr) + salt, pid * QUARTER + quarter)
-            o0 = pid * (4 * QUARTER) + quarter
-            o1, o2, o3 = o0 + QUARTER, o0 + 2 * QUARTER, o0 + 3 * QUARTER
-            x0 = tl.load(x_ptr + o0, mask=o0 < n)
-            x1 = tl.load(x_ptr + o1, mask=o1 < n)
-            x2 = tl.load(x_ptr + o2, mask=o2 < n)
-            x3 = tl.load(x_ptr + o3, mask=o3 < n)
-            y0 = tl.where(r0 >= p, x0.to(tl.float32) * scale, 0.0)
-            y1 = tl.where(r1 >= p, x1.to(tl.float32) * scale, 0.0)
-            y2 = tl.where(r2 >= p, x2.to(tl.float32) * scale, 0.0)
-            y3 = tl.where(r3 >= p, x3.to(tl.float32) * scale, 0.0)
-            tl.store(out_ptr + o0, y0.to(x0.dtype), mask=o0 < n)
-            tl.store(out_ptr + o1, y1.to(x1.dtype), mask=o1 < n)
-            tl.store(out_ptr + o2, y2.to(x2.dtype), mask=o2 < n)
-            tl.store(out_ptr + o3, y3.to(x3.dtype), mask=o3 < n)
+            q = tl.arange(0, SLOT)
+            lanes = tl.randint4x(tl.load(seed_ptr) + salt, pid * SLOT + q, n_rounds=ROUNDS)
+            for slot in tl.static_range(8):  # unrolled when compiled; plain Python when interpreted
+                bits = (lanes[slot // 2] >> (16 * (slot % 2))) & 0xFFFF  # even slot: low half
+                offsets = pid * (8 * SLOT) + slot * SLOT + q
+                inside = offsets < n
+                x = tl.load(x_ptr + offsets, mask=inside)
+                y = tl.where(bits >= threshold, x.to(tl.float32) * scale, 0.0)
+                if ACCUMULATE:  # out += y, rounded once
+                    y += tl.load(out_ptr + offsets, mask=inside).to(tl.float32)
+                tl.store(out_ptr + offsets, y.to(x.dtype), mask=inside)
 
         _kernel = dropout_kernel
     return _kernel
 
 
-def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    x = x.contiguous()
+def _launch(out: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
+            accumulate: bool) -> None:
     if x.numel() >= 2**31:
-        from qlora.errors import QloraError
-
         raise QloraError(
             f"LoRA dropout on {x.numel():,} values at once ({tuple(x.shape)}): the seeded dropout "
             "kernel counts elements in int32 (< 2^31). Use fewer tokens per micro-batch "
             "(micro_batch_size × max_seq_length), or lora_dropout: 0")
-    out = torch.empty_like(x)
     grid = (-(-x.numel() // BLOCK),)
-    _triton_kernel()[grid](x, out, seed, salt, p, 1.0 / (1.0 - p), x.numel(), QUARTER=QUARTER)
+    _triton_kernel()[grid](x, out, seed, salt, dropout_threshold(p), 1.0 / (1.0 - p), x.numel(),
+                           SLOT=SLOT, ROUNDS=PHILOX_ROUNDS, ACCUMULATE=accumulate)
+
+
+def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _launch(out, x, seed, salt, p, accumulate=False)
     return out
 
 
@@ -164,15 +186,34 @@ def use_triton(x: torch.Tensor) -> bool:
 def _dropout_generator(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
     """Without Triton: the mask from torch's own generator seeded with seed + salt. Deterministic in
     (seed, salt) like the kernel, other bits; 40x faster on a CPU than the Philox reference."""
+    dropout_threshold(p)  # the same p is refused here as on the GPU
     gen = torch.Generator(device=x.device).manual_seed((int(seed) + salt) % 2**63)
     keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
     return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
-def _dropout(x, seed, salt, p):
+def seeded_dropout_values(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """seeded_dropout's values without autograd (for use inside another function's backward)."""
     if use_triton(x):
         return _dropout_triton(x, seed, salt, p)
     return _dropout_generator(x, seed, salt, p)
+
+
+def seeded_dropout_add_(out: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int,
+                        p: float) -> torch.Tensor:
+    """out += dropout(x) in place, with the mask seeded_dropout draws for (seed, salt) and an x of
+    this shape; the sum is formed in fp32 and rounded once. Not differentiable: meant for a
+    backward that sums several layers' masked gradients. Returns out."""
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise QloraError(f"seeded_dropout_add_ needs out and x of one shape and dtype, got "
+                         f"{tuple(out.shape)} {out.dtype} and {tuple(x.shape)} {x.dtype}")
+    if not (out.is_contiguous() and x.is_contiguous()):
+        raise QloraError("seeded_dropout_add_ needs contiguous out and x (call .contiguous())")
+    if use_triton(x):
+        _launch(out, x, seed, salt, p, accumulate=True)
+    else:
+        out.add_(_dropout_generator(x, seed, salt, p))
+    return out
 
 
 class SeededDropout(torch.autograd.Function):
@@ -182,19 +223,21 @@ class SeededDropout(torch.autograd.Function):
     def forward(ctx, x, seed, salt, p):
         ctx.save_for_backward(seed)
         ctx.salt, ctx.p = salt, p
-        return _dropout(x, seed, salt, p)
+        return seeded_dropout_values(x, seed, salt, p)
 
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        return _dropout(grad, seed, ctx.salt, ctx.p), None, None, None
+        return seeded_dropout_values(grad, seed, ctx.salt, ctx.p), None, None, None
 
 
 def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    """Dropout of `x` with probability `p`, mask drawn from (seed tensor value + salt, index).
+    """Dropout of `x` with probability `p` (0: none), mask drawn from (seed tensor value + salt,
+    index).
 
     `seed` is a one-element int64 tensor on x's device; advance it (in place) between steps.
     """
-    if p <= 0.0:
+    if p == 0.0:
         return x
+    dropout_threshold(p)  # refuse a bad p here, before autograd records anything
     return SeededDropout.apply(x, seed, salt, p)
