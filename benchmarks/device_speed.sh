@@ -14,7 +14,7 @@
 #                                                  # the seeds' stack, Unsloth (about 8 minutes)
 #   bash benchmarks/device_speed.sh long OUTDIR    # Llama-3-8B 16384: qlora (as run 4 of the third session)
 #   bash benchmarks/device_speed.sh fused-lora OUTDIR  # checks of the step's kernels (dropout, dequantize
-#                                                  # sweep), qlora vs qlora-grouped, profile (grouped)
+#                                                  # sweep), grouped (now qlora) vs qlora-ungrouped, profile
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -70,7 +70,7 @@ fast)  # the 4-bit base through our Triton dequantize + the LoRA product added i
 final)  # the step as qlora train now runs it, side by side with the seeds' stack and Unsloth, both shapes
   # (limits from the third session's run 4, whose deadlines were too tight for the seeds' stack:
   # the 8B checkpoint ~26 s, each system ~40 s, Unsloth ~100 s with its compile, Qwen's Unsloth ~60 s)
-  step 60 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant --out "$OUT/gpu-check.jsonl"
+  step 75 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant,dropout,grouped --out "$OUT/gpu-check.jsonl"
   step 270 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
     --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 260
   step 190 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
@@ -84,21 +84,21 @@ levers)  # the grouped projections timed against qlora beside the seeds' stack; 
          # step goes (GPU time by kind of kernel)
   step 80 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant,grouped --out "$OUT/gpu-check.jsonl"
   step 260 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
-    --systems qlora,qlora-grouped,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 250
+    --systems qlora,qlora-ungrouped,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 250
   step 75 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused --fast \
     --steps 2 --out /tmp/profile
   step 110 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
-    --systems qlora,qlora-grouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 100
+    --systems qlora,qlora-ungrouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 100
   ;;
 fused-lora)  # LoRA products as one autograd function (kernels/lora.py), 8-mask Philox dropout, the
              # dequantize launch swept; qlora vs qlora-grouped; where the graph step goes now
   step 90 gpu_check $PY "$HERE/gpu_check.py" --checks dropout,dequant,graphed,grouped,fused \
     --out "$OUT/gpu-check.jsonl"
   step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
-    --systems qlora,qlora-grouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
+    --systems qlora,qlora-ungrouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
   step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
     --fast --group --steps 2 --out /tmp/profile
   step 100 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
-    --systems qlora,qlora-grouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 90
+    --systems qlora,qlora-ungrouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 90
   ;;
 esac

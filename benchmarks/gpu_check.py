@@ -459,7 +459,7 @@ def check_grouped_fast_path(dirs):
     for fam in ("llama", "qwen2"):
         for dropout in (0.0, 0.1):
             model = nf4_lora_model(dirs[fam], dropout=dropout)
-            runs = _seeded_step_runs(model, (lambda: use_fast_path(model),
+            runs = _seeded_step_runs(model, (lambda: use_fast_path(model, group=False),
                                              lambda: use_fast_path(model, group=True)))
             groups = grouped_modules(model)
             if groups != 2 * model.spec.num_layers:

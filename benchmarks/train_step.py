@@ -19,7 +19,8 @@ Systems
             product accumulated by the base GEMM), forward+backward replayed as a CUDA graph
             (causal SDPA for one-document rows); with and without checkpointing.
   qlora-eager     the same without the CUDA graph
-  qlora-grouped   "qlora" with use_fast_path(model, group=True): q/k/v and gate/up each as one base GEMM
+  qlora-ungrouped "qlora" with use_fast_path(model, group=False): one base GEMM per projection (what
+                  "qlora" was until s4; s4's runs named the grouped one "qlora-grouped")
   qlora-bnb       "qlora" with the 4-bit bases through bitsandbytes' own matmul (the step before
                   use_fast_path; results of 2026-11-25 named it "qlora", and "qlora-fast" the other)
   qlora-unfused   RunConfig.fused_kernels = false: torch RMSNorm, SwiGLU and RoPE, bitsandbytes'
@@ -306,14 +307,14 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
-    if variant in ("qlora", "qlora-eager", "qlora-unfused", "qlora-bnb", "qlora-grouped"):
+    if variant in ("qlora", "qlora-eager", "qlora-unfused", "qlora-bnb", "qlora-ungrouped"):
         model.train()
         # as the loop sets them (RunConfig.fused_kernels), before the graphs capture the step
         model.fused_kernels = variant != "qlora-unfused"
-        if variant in ("qlora", "qlora-eager", "qlora-grouped") and args.device == "cuda":
+        if variant in ("qlora", "qlora-eager", "qlora-ungrouped") and args.device == "cuda":
             from qlora.kernels import use_fast_path
 
-            use_fast_path(model, group=variant == "qlora-grouped")
+            use_fast_path(model, group=variant != "qlora-ungrouped")
         step = QloraStep(model, args, graphs=variant != "qlora-eager")
         return model, [p for p in model.parameters() if p.requires_grad], step, False
     model.train()

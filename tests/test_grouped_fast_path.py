@@ -284,9 +284,9 @@ def test_grouping_leaves_the_module_tree_state_dict_and_saved_adapter_unchanged(
     names_before = [n for n, _ in model.named_parameters()]
     state_before = list(model.state_dict())
     save_adapter(model, tmp_path / "before", "tiny")
-    use_fast_path(model)
+    use_fast_path(model, group=False)
     modules_ungrouped = [n for n, _ in model.named_modules()]
-    use_fast_path(model, group=True)
+    use_fast_path(model)  # grouped by default
     assert grouped_modules(model) == 4
     assert [n for n, _ in model.named_modules()] == modules_ungrouped
     assert [n for n, _ in model.named_parameters()] == names_before
@@ -294,6 +294,6 @@ def test_grouping_leaves_the_module_tree_state_dict_and_saved_adapter_unchanged(
     save_adapter(model, tmp_path / "after", "tiny")
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "after" / name).read_bytes() == (tmp_path / "before" / name).read_bytes()
-    # and use_fast_path without group turns grouping off again
-    use_fast_path(model)
+    # and group=False turns grouping off again
+    use_fast_path(model, group=False)
     assert grouped_modules(model) == 0

@@ -60,7 +60,9 @@ class LoraProducts(torch.autograd.Function):
             h = rows @ a_stack.t()
         ctx.group, ctx.n, ctx.x_shape = group, n, x.shape
         ctx.dtypes = [a.dtype for a in adapters]
-        ctx.save_for_backward(rows, h, a_stack, b_block, seed, *dropped)
+        # x itself only without dropout: with it, A's gradient reads the dropped copies instead,
+        # and keeping x too would hold one more activation per layer when nothing is recomputed
+        ctx.save_for_backward(None if dropped else rows, h, a_stack, b_block, seed, *dropped)
         return h @ b_block.t()  # [tokens, Σ out]: a view made here could not be added into
 
     @staticmethod
