@@ -15,6 +15,7 @@
 #   bash benchmarks/device_speed.sh long OUTDIR    # Llama-3-8B 16384: qlora (as run 4 of the third session)
 #   bash benchmarks/device_speed.sh fused-lora OUTDIR  # checks of the step's kernels (dropout, dequantize
 #                                                  # sweep), grouped (now qlora) vs qlora-ungrouped, profile
+#   bash benchmarks/device_speed.sh confirm OUTDIR # seq 16384, a profile, grouped vs ungrouped (Llama)
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -100,5 +101,13 @@ fused-lora)  # LoRA products as one autograd function (kernels/lora.py), 8-mask 
     --fast --group --steps 2 --out /tmp/profile
   step 100 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
     --systems qlora,qlora-ungrouped --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 90
+  ;;
+confirm)  # after final: seq 16384 with today's step, where the H100 step goes now, grouping on vs off
+  step 90 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
+    --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" --deadline 85
+  step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
+    --fast --group --steps 2 --out /tmp/profile
+  step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,qlora-ungrouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
   ;;
 esac
