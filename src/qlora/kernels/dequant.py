@@ -12,7 +12,8 @@ interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel whe
 `Matmul4bit` is the autograd function of x @ Wᵀ (+ an addend) for a frozen 4-bit W, or for several
 4-bit weights that read one input (q, k, v; gate, up), each dequantized into its rows of one
 [Σ out, in] buffer so that one GEMM serves them all: it keeps only the 4-bit bytes for backward and
-dequantizes again there, so no 16-bit copy of any weight outlives its use.
+dequantizes again there, so no 16-bit copy of any weight outlives its use. kernels/lora.py puts the
+LoRA adapters in front of it.
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ class Matmul4bit(torch.autograd.Function):
     """x @ W_catᵀ + addend for frozen 4-bit weights W_1, W_2, ... of one in_features, stacked by
     rows (one weight, or q/k/v, gate/up read from one input): one GEMM forward and one for x's
     gradient, where autograd would add one per layer. Backward dequantizes again instead of
-    keeping any 16-bit weight; only the 4-bit bytes are saved. Transient memory: the [Σ out, in]
-    dense weight.
+    keeping any 16-bit weight; only the 4-bit bytes are kept (on ctx, see forward). Transient
+    memory: the [Σ out, in] dense weight.
 
     The addend (optional, the output's shape and x's dtype, contiguous) is consumed: the GEMM
     accumulates into its memory and returns it (an in-place op to autograd), because an
