@@ -16,6 +16,7 @@
 #   bash benchmarks/device_speed.sh fused-lora OUTDIR  # checks of the step's kernels (dropout, dequantize
 #                                                  # sweep), grouped (now qlora) vs qlora-ungrouped, profile
 #   bash benchmarks/device_speed.sh confirm OUTDIR # seq 16384, a profile, grouped vs ungrouped (Llama)
+#   bash benchmarks/device_speed.sh casts OUTDIR   # Llama 2048 qlora beside hf + profile (fewer casts)
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -109,5 +110,13 @@ confirm)  # after final: seq 16384 with today's step, where the H100 step goes n
     --fast --group --steps 2 --out /tmp/profile
   step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
     --systems qlora,qlora-ungrouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
+  ;;
+casts)  # LoraProducts with the scale on A's cast and B cast into its block diagonal (fewer small
+        # kernels); Llama 2048 beside the seeds' stack, and the profile
+  step 50 gpu_check $PY "$HERE/gpu_check.py" --checks dequant,grouped --out "$OUT/gpu-check.jsonl"
+  step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
+  step 45 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
+    --fast --group --steps 2 --out /tmp/profile
   ;;
 esac

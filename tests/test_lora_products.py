@@ -17,14 +17,14 @@ from qlora.kernels.lora import LoraGroup, lora_4bit
 from test_dequant_kernel import quantized_weight  # noqa: E402
 
 
-def group_of(widths, in_features=64, r=4, p=0.0, seed=0):
+def group_of(widths, in_features=64, r=4, p=0.0, seed=0, same_scale=False):
     g = torch.Generator().manual_seed(seed)
     params = [quantized_weight(rows, in_features, s) for s, rows in enumerate(widths)]
     bases = [Base4bit(types.SimpleNamespace(weight=w)) for w in params]
     weights = [dequantize_4bit(packed_from_bnb(w)) for w in params]
     As = [torch.randn(r, in_features, generator=g, requires_grad=True) for _ in widths]
     Bs = [torch.randn(rows, r, generator=g, requires_grad=True) for rows in widths]
-    group = LoraGroup(scales=tuple(0.5 + i for i in range(len(widths))),
+    group = LoraGroup(scales=tuple(2.0 if same_scale else 0.5 + i for i in range(len(widths))),
                       salts=tuple(10 * i + 1 for i in range(len(widths))),
                       out_features=tuple(widths), p=p,
                       metas=tuple(b.meta for b in bases),
@@ -40,10 +40,11 @@ def plain(x, seed, group, weights, As, Bs):
     return torch.cat(outs, dim=-1)
 
 
+@pytest.mark.parametrize("same_scale", [False, True])  # one config's scale: the one-kernel cast
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("widths", [(48,), (48, 16, 16)])
-def test_lora_group_equals_the_plain_composition_and_its_gradients(widths, p):
-    group, weights, As, Bs = group_of(widths, p=p)
+def test_lora_group_equals_the_plain_composition_and_its_gradients(widths, p, same_scale):
+    group, weights, As, Bs = group_of(widths, p=p, same_scale=same_scale)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
     seed = torch.tensor(1234, dtype=torch.int64)

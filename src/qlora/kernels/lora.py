@@ -6,8 +6,8 @@ adapters A_i [r, in], B_i [out_i, r], scales s_i and seeded dropout masks D_i (k
 
     y = [s_1·B_1·A_1·D_1(x) | s_2·B_2·A_2·D_2(x) | ...] + x·[W_1; W_2; ...]ᵀ
 
-`LoraProducts` computes the first term (H = [A_i·D_i(x)] side by side, times the block diagonal of
-s_i·B_i), and in backward the adapters' gradients and ALL of x's gradient: the masked sum of
+`LoraProducts` computes the first term (H = [s_i·A_i·D_i(x)] side by side, times the block diagonal
+of the B_i), and in backward the adapters' gradients and ALL of x's gradient: the masked sum of
 (∂y·s_i·B_i)·A_i, into which the base's ∂y·W GEMM accumulates. Autograd would compute each
 projection's part of x's gradient apart and add them up, one full-size pass per addition.
 
@@ -42,15 +42,18 @@ class LoraGroup:
 
 
 class LoraProducts(torch.autograd.Function):
-    """[s_i·B_i·A_i·D_i(x)] side by side; backward also computes x's gradient through the bases."""
+    """[s_i·B_i·A_i·D_i(x)] side by side; backward also computes x's gradient through the bases.
+
+    The scale rides on the cast of A (A'_i = s_i·A_i in x's dtype, one kernel for the group), so
+    that B needs only its cast into the block diagonal: per call, a handful of small kernels
+    instead of a multiply and a cast for every adapter matrix."""
 
     @staticmethod
     def forward(ctx, x, seed, group: LoraGroup, *adapters):
         n = len(group.scales)
         rows = x.reshape(-1, x.shape[-1])
-        a_stack = torch.cat(adapters[:n]).to(x.dtype) if n > 1 else adapters[0].to(x.dtype)
-        scaled_b = [(b * s).to(x.dtype) for b, s in zip(adapters[n:], group.scales)]
-        b_block = torch.block_diag(*scaled_b) if n > 1 else scaled_b[0]
+        a_stack = _scaled_stack(adapters[:n], group.scales, x.dtype)  # [n·r, in]: the A'_i
+        b_block = _block_diagonal(adapters[n:], x.dtype)  # [Σ out, n·r]
         if group.p > 0:
             dropped = [seeded_dropout_values(rows, seed, salt, group.p) for salt in group.salts]
             r = a_stack.shape[0] // n
@@ -71,20 +74,45 @@ class LoraProducts(torch.autograd.Function):
         group, n = ctx.group, ctx.n
         r = a_stack.shape[0] // n
         grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_h = grad @ b_block  # [tokens, n·r]
+        grad_h = grad @ b_block  # [tokens, n·r], the gradient of h = [D_i(x)·A'_iᵀ]
         grad_b_block = grad.t() @ h  # [Σ out, n·r]: its diagonal blocks are the B gradients
         grads_a, grads_b, start = [], [], 0
         for i, (scale, width) in enumerate(zip(group.scales, group.out_features)):
             cols = slice(i * r, (i + 1) * r)
-            grads_a.append(grad_h[:, cols].t() @ (dropped[i] if dropped else rows))
-            grads_b.append(grad_b_block[start:start + width, cols] * scale)
+            product = grad_h[:, cols].t() @ (dropped[i] if dropped else rows)  # ∂A'_i
+            grads_a.append(torch.mul(product, scale, out=torch.empty(
+                product.shape, dtype=ctx.dtypes[i], device=product.device)))
+            grads_b.append(grad_b_block[start:start + width, cols].to(ctx.dtypes[n + i]))
             start += width
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad, grad_h, a_stack, seed, group, r)
             grad_x = grad_x.view(ctx.x_shape)
-        adapters = [g.to(dtype) for g, dtype in zip(grads_a + grads_b, ctx.dtypes)]
-        return (grad_x, None, None, *adapters)
+        return (grad_x, None, None, *grads_a, *grads_b)
+
+
+def _scaled_stack(matrices, scales: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """[s_1·A_1; s_2·A_2; ...] in `dtype`: multiplied and cast by one kernel when the scales are
+    equal (one adapter config: always, in practice)."""
+    if len(set(scales)) > 1:
+        return torch.cat([(a * s).to(dtype) for a, s in zip(matrices, scales)])
+    stacked = torch.cat(matrices) if len(matrices) > 1 else matrices[0]
+    return torch.mul(stacked, scales[0], out=torch.empty(stacked.shape, dtype=dtype,
+                                                         device=stacked.device))
+
+
+def _block_diagonal(matrices, dtype: torch.dtype) -> torch.Tensor:
+    """The matrices along the diagonal of one zero [Σ rows, Σ cols] matrix in `dtype`, each cast
+    as it is copied in."""
+    if len(matrices) == 1:
+        return matrices[0].to(dtype)
+    rows, cols = sum(m.shape[0] for m in matrices), sum(m.shape[1] for m in matrices)
+    block = torch.zeros(rows, cols, dtype=dtype, device=matrices[0].device)
+    row = col = 0
+    for m in matrices:
+        block[row:row + m.shape[0], col:col + m.shape[1]].copy_(m)
+        row, col = row + m.shape[0], col + m.shape[1]
+    return block
 
 
 def _input_grad(grad, grad_h, a_stack, seed, group: LoraGroup, r: int) -> torch.Tensor:
