@@ -101,6 +101,12 @@ def test_a_dropout_probability_the_16_bit_masks_cannot_draw_is_refused():
             call()
     assert dropout_threshold(1 / 65536) == 1
     assert seeded_dropout(x, seed, 1, 0.0) is x  # 0 is no dropout
+    # and where the value enters: the adapter config
+    from qlora.adapters import AdapterConfig
+
+    with pytest.raises(QloraError, match="lora_dropout.*use 0"):
+        AdapterConfig(dropout=1e-6)
+    assert AdapterConfig(dropout=0.0).dropout == 0.0 and AdapterConfig(dropout=0.05).dropout == 0.05
     with pytest.raises(QloraError, match="one shape and dtype"):
         seeded_dropout_add_(torch.zeros(64, dtype=torch.float16), x, seed, 1, 0.1)
     with pytest.raises(QloraError, match="contiguous"):

@@ -39,6 +39,10 @@ class AdapterConfig:
             raise QloraError(f"lora r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise QloraError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout > 0:  # the seeded masks resolve p to 1/65536: refuse what they cannot draw
+            from qlora.kernels.dropout import dropout_threshold
+
+            dropout_threshold(self.dropout)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
