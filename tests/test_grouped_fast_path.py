@@ -19,8 +19,7 @@ from qlora.adapters import (AdapterConfig, attach_adapters, save_adapter, seed_d
                             set_dropout_seed)
 from qlora.errors import QloraError
 from qlora.kernels import dequant, grouped_modules, use_fast_path
-from qlora.kernels.dequant import (Base4bit, dequantize_4bit, grouped_matmul_4bit,
-                                   packed_from_bnb)
+from qlora.kernels.dequant import Base4bit, Matmul4bit, dequantize_4bit, packed_from_bnb
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
@@ -121,7 +120,8 @@ def test_grouped_matmul_equals_separate_products_with_their_gradients():
 
     want = torch.cat([x @ w.t() for w in weights], dim=-1) + F.linear(h, B)
     want_grads = torch.autograd.grad(want, (x, h, B), dy)
-    got = grouped_matmul_4bit(x, bases, F.linear(h, B))
+    metas, tensors = tuple(b.meta for b in bases), [t for b in bases for t in b.tensors()]
+    got = Matmul4bit.apply(x, F.linear(h, B), metas, *tensors)
     got_grads = torch.autograd.grad(got, (x, h, B), dy)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):

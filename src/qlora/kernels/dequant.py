@@ -295,11 +295,3 @@ class Base4bit(torch.nn.Module):
         """x @ Wᵀ + addend + bias; the addend (x's dtype, contiguous) is consumed."""
         out = Matmul4bit.apply(x, addend, (self.meta,), *self.tensors())
         return out if bias is None else out + bias.to(out.dtype)
-
-
-def grouped_matmul_4bit(x: torch.Tensor, bases: list[Base4bit], addend: torch.Tensor
-                        ) -> torch.Tensor:
-    """x @ [W_1; W_2; ...]ᵀ + addend for the 4-bit weights of `bases` (the same in_features);
-    the addend [..., Σ out] is consumed (see Matmul4bit)."""
-    tensors = [t for base in bases for t in base.tensors()]
-    return Matmul4bit.apply(x, addend, tuple(base.meta for base in bases), *tensors)

@@ -135,9 +135,8 @@ def _input_grad(grad, grad_h, a_stack, seed, group: LoraGroup, r: int) -> torch.
 def lora_4bit(x: torch.Tensor, seed: torch.Tensor | None, group: LoraGroup,
               adapters: list[torch.Tensor]) -> torch.Tensor:
     """y [.., Σ out] of the group for input x: LoraProducts, then the base GEMM accumulating into
-    its output. `adapters` are A_1..A_n then B_1..B_n (the trainable fp32 parameters)."""
-    if seed is None:  # no dropout: the seed is never read
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+    its output. `adapters` are A_1..A_n then B_1..B_n (the trainable fp32 parameters); `seed`
+    (seed_dropout's tensor) is read only when group.p > 0."""
     lora = LoraProducts.apply(x, seed, group, *adapters)
     # x's gradient through the bases is LoraProducts' to compute (see the module docstring)
     out = Matmul4bit.apply(x.detach().reshape(-1, x.shape[-1]), lora, group.metas, *group.tensors)
