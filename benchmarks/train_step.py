@@ -638,19 +638,6 @@ def main(argv=None) -> int:
         for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
             emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt, error=msg))
 
-    try:
-        _run_shapes(args, systems, model_root, workdir, results, log, child_env, left, error_records)
-    finally:  # an 8B checkpoint is 16 GB: runs on one machine would fill its disk
-        if not args.model_root:
-            shutil.rmtree(model_root, ignore_errors=True)
-        shutil.rmtree(workdir, ignore_errors=True)
-    print_table(results)
-    print(f"total {time.time() - start:.0f}s", flush=True)
-    return 0
-
-
-def _run_shapes(args, systems, model_root, workdir, results, log, child_env, left, error_records):
-    """Each shape's random checkpoint (built once), then each system on it in its own process."""
     for shape in args.shapes.split(","):
         model_dir = model_root / shape
         if not (model_dir / "config.json").exists():
@@ -674,6 +661,13 @@ def _run_shapes(args, systems, model_root, workdir, results, log, child_env, lef
                     why = "timed out" if rc is None else f"worker exited with rc={rc}"
                     emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt,
                                        error=f"{why}\n{_last_error(tail)}"))
+        if not args.model_root:  # an 8B checkpoint is 16 GB: a machine's runs would fill its disk
+            shutil.rmtree(model_dir, ignore_errors=True)
+    for made in ([] if args.model_root else [model_root]) + [workdir]:  # and any half-built one
+        shutil.rmtree(made, ignore_errors=True)
+    print_table(results)
+    print(f"total {time.time() - start:.0f}s", flush=True)
+    return 0
 
 
 def _done(results: Path) -> set:

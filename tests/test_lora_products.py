@@ -65,13 +65,22 @@ def test_lora_group_equals_the_plain_composition_and_its_gradients(widths, p, sa
         assert all(not torch.equal(masks[0], m) for m in masks[1:])
 
 
-def test_an_input_without_gradient_still_gives_the_adapters_theirs():
-    """Layer 0's q, k, v read the frozen embeddings: no input gradient, and no base GEMM for it."""
+def test_an_input_without_gradient_still_gives_the_adapters_theirs(monkeypatch):
+    """Layer 0's q, k, v read the frozen embeddings: no input gradient, and no base GEMM for it
+    (backward dequantizes nothing)."""
+    from qlora.kernels import dequant
+
     group, weights, As, Bs = group_of((48, 16), p=0.25)
     x = torch.randn(2, 6, 64)
     seed = torch.tensor(5, dtype=torch.int64)
     dy = torch.randn(2, 6, 64)
     want = torch.autograd.grad(plain(x, seed, group, weights, As, Bs), As + Bs, dy)
-    got = torch.autograd.grad(lora_4bit(x, seed, group, As + Bs), As + Bs, dy)
+    out = lora_4bit(x, seed, group, As + Bs)
+    calls = []
+    build = dequant.dequantize_group
+    monkeypatch.setattr(dequant, "dequantize_group",
+                        lambda packs, dtype: calls.append(1) or build(packs, dtype))
+    got = torch.autograd.grad(out, As + Bs, dy)
+    assert calls == []
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
