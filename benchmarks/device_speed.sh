@@ -10,13 +10,16 @@
 #   bash benchmarks/device_speed.sh fast OUTDIR    # gpu_check (dequant kernel, graph step, dropout), attention
 #                                                  # bench, 8-bit column, Llama-3-8B 2048: qlora-bnb, qlora,
 #                                                  # Unsloth, the seeds' stack
-#   bash benchmarks/device_speed.sh final OUTDIR   # graph check; Llama-3-8B and Qwen2.5-1.5B 2048: qlora,
-#                                                  # the seeds' stack, Unsloth (about 8 minutes)
+#   bash benchmarks/device_speed.sh final OUTDIR   # Llama-3-8B and Qwen2.5-1.5B 2048: qlora, the seeds'
+#                                                  # stack, Unsloth (about 8 minutes)
+#   bash benchmarks/device_speed.sh checks OUTDIR  # gpu_check of every part of the step, Llama-3-8B 16384
 #   bash benchmarks/device_speed.sh long OUTDIR    # Llama-3-8B 16384: qlora (as run 4 of the third session)
 #   bash benchmarks/device_speed.sh fused-lora OUTDIR  # checks of the step's kernels (dropout, dequantize
 #                                                  # sweep), grouped (now qlora) vs qlora-ungrouped, profile
 #   bash benchmarks/device_speed.sh confirm OUTDIR # seq 16384, a profile, grouped vs ungrouped (Llama)
 #   bash benchmarks/device_speed.sh casts OUTDIR   # Llama 2048 qlora beside hf + profile (fewer casts)
+#   bash benchmarks/device_speed.sh s5 OUTDIR      # checks of the LoRA-dropout kernels, the fused loss, the
+#                                                  # graph step; Llama 2048 qlora beside hf; profile; Qwen 2048
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -72,11 +75,17 @@ fast)  # the 4-bit base through our Triton dequantize + the LoRA product added i
 final)  # the step as qlora train now runs it, side by side with the seeds' stack and Unsloth, both shapes
   # (limits from the third session's run 4, whose deadlines were too tight for the seeds' stack:
   # the 8B checkpoint ~26 s, each system ~40 s, Unsloth ~100 s with its compile, Qwen's Unsloth ~60 s)
-  step 75 gpu_check $PY "$HERE/gpu_check.py" --checks graphed,fused,dequant,dropout,grouped --out "$OUT/gpu-check.jsonl"
+  # (the checks run in a call of their own: `checks`, below)
   step 270 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
     --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 260
   step 190 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
     --systems qlora,hf,unsloth --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 180
+  ;;
+checks)  # every check of the step's parts, then Llama-3-8B at 16384 (the call beside `final`)
+  step 200 gpu_check $PY "$HERE/gpu_check.py" --checks dropout,cross,graphed,fused,dequant_kernel,grouped \
+    --out "$OUT/gpu-check.jsonl"
+  step 100 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
+    --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" --deadline 95
   ;;
 long)  # Llama-3-8B at seq 16384 with the step qlora train runs
   step 90 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
@@ -110,6 +119,17 @@ confirm)  # after final: seq 16384 with today's step, where the H100 step goes n
     --fast --group --steps 2 --out /tmp/profile
   step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
     --systems qlora,qlora-ungrouped --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
+  ;;
+s5)  # fifth session: dropout masks drawn inside the LoRA products, the loss's gradient made in its
+    # forward, the checkpoint rerun's dense weights kept for the layer's backward
+  step 150 gpu_check $PY "$HERE/gpu_check.py" --checks lora_dropout,graphed,grouped,dequant_kernel \
+    --out "$OUT/gpu-check.jsonl"
+  step 170 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 160
+  step 60 profile-llama $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
+    --fast --group --steps 2 --out /tmp/profile
+  step 90 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
+    --systems qlora --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 80
   ;;
 casts)  # LoraProducts with the scale on A's cast and B cast into its block diagonal (fewer small
         # kernels); Llama 2048 beside the seeds' stack, and the profile

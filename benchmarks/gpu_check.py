@@ -18,7 +18,11 @@ Checks, each against the real other tool on CUDA:
      Llama-3-8B MLP shape and others, and a tiny model's loss and adapter gradients through the
      fast path (qlora.kernels.use_fast_path) vs the default path;
   9. the grouped fast path (use_fast_path(model, group=True): q/k/v and gate/up as one base GEMM)
-     vs the per-projection one: a tiny NF4 llama's and qwen2's loss and adapter gradients.
+     vs the per-projection one: a tiny NF4 llama's and qwen2's loss and adapter gradients;
+ 10. the LoRA-with-dropout kernels (kernels/lora_dropout.py) vs their torch composition in bf16 at
+     Llama-3-8B and Qwen2.5-1.5B shapes, with both timed (and a sweep of the tile constants);
+ 11. the fused cross-entropy (kernels/cross_entropy.py) vs F.cross_entropy on fp32 logits: loss
+     and hidden-state gradient at Llama-3-8B's vocabulary, both timed.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -28,6 +32,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -94,7 +99,7 @@ def main() -> int:
     sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
-    checks = [check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
+    checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_16bit, check_nf4, check_packed, check_grads]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
@@ -468,5 +473,95 @@ def check_grouped_fast_path(dirs):
             _record_runs(f"grouped-fast-path-{fam}", dropout, runs)
 
 
+def check_lora_dropout_kernels(dirs):
+    """bf16 at 2048 tokens: q/k/v (3 adapters over 4096), gate/up (2), o (1), down (1 over 14336),
+    Qwen's q/k/v over 1536 (rows not a multiple of the mask's 2048-value blocks). Each kernel vs
+    the torch composition (relative error; bf16 roundings differ) and both timed; then the tile
+    constants swept at the Llama q/k/v and down shapes."""
+    from qlora.kernels import lora_dropout as L
+
+    seed = torch.tensor(2**40 + 7, dtype=torch.int64, device=DEV)
+    shapes = [("llama-qkv", 4096, 3), ("llama-gate-up", 4096, 2), ("llama-o", 4096, 1),
+              ("llama-down", 14336, 1), ("qwen-qkv", 1536, 3)]
+
+    def inputs(width, n, r=16):
+        g = torch.Generator(device=DEV).manual_seed(width + n)
+        x = torch.randn(2048, width, device=DEV, generator=g).bfloat16()
+        adapters = [torch.randn(r, width, device=DEV, generator=g) * 0.02 for _ in range(n)]
+        grad_h = torch.randn(2048, n * r, device=DEV, generator=g).bfloat16()
+        salts, scales = tuple(11 * i + 3 for i in range(n)), (2.0,) * n
+        return x, adapters, grad_h, salts, scales
+
+    for name, width, n in shapes:
+        x, a, gh, salts, scales = inputs(width, n)
+        args = (seed, salts, scales, 0.05)
+        pairs = {"down": (lambda: L.down_triton(x, a, *args), lambda: L.down_reference(x, a, *args)),
+                 "down_grad": (lambda: torch.stack(L.backward_triton(x, gh, a, *args, True)[0]),
+                               lambda: torch.stack(L.down_grad_reference(x, gh, *args))),
+                 "up_grad": (lambda: L.backward_triton(x, gh, a, *args, True)[1],
+                             lambda: L.up_grad_reference(gh, a, *args))}
+        for kernel, (fused_fn, ref_fn) in pairs.items():
+            start = time.perf_counter()
+            got = fused_fn()  # the first call compiles
+            torch.cuda.synchronize()
+            print(json.dumps({"first-call-s": round(time.perf_counter() - start, 2), "kernel": kernel,
+                              "shape": name}), flush=True)
+            want = ref_fn()
+            record(f"lora-dropout-{kernel}-{name}", rel(want, got), 2e-2,
+                   fused_ms=_call_ms(fused_fn), composed_ms=_call_ms(ref_fn))
+    sweep = []
+    names = ("QW", "DOWN_ROWS", "PROGRAMS", "UP_ROWS", "GRAD_ROWS", "MAX_CHUNKS", "WARPS")
+    defaults = {k: getattr(L, k) for k in names}
+    variants = [{}, {"QW": 16}, {"DOWN_ROWS": 32}, {"PROGRAMS": 512}, {"UP_ROWS": 64},
+                {"GRAD_ROWS": 16}, {"MAX_CHUNKS": 16}, {"WARPS": 8}]
+    try:
+        for change in variants:
+            for k, v in {**defaults, **change}.items():
+                setattr(L, k, v)
+            times = {}
+            for name, width, n in (shapes[0], shapes[3]):
+                x, a, gh, salts, scales = inputs(width, n)
+                args = (seed, salts, scales, 0.05)
+                try:
+                    times[name] = [round(_call_ms(f), 4) for f in (
+                        lambda: L.down_triton(x, a, *args),
+                        lambda: L.backward_triton(x, gh, a, *args, True))]
+                except Exception as err:  # noqa: BLE001 -- a variant that does not compile
+                    times[name] = f"{type(err).__name__}: {str(err)[:120]}"
+            sweep.append(dict(change=change, ms=times))
+            print(json.dumps(sweep[-1]), flush=True)
+    finally:
+        for k, v in defaults.items():
+            setattr(L, k, v)
+    record("lora-dropout-tile-sweep", 0.0, 0.0, sweep=sweep)
+
+
+def check_cross_entropy(dirs):
+    """kernels/cross_entropy.linear_cross_entropy_sum vs lm_head + F.cross_entropy on fp32 logits
+    (autograd): loss and the hidden states' gradient at Llama-3-8B's head, 2048 tokens, some
+    unlabelled; both timed (forward + backward)."""
+    from qlora.kernels.cross_entropy import linear_cross_entropy_sum
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    w = (torch.randn(128256, 4096, device=DEV, generator=g) * 0.02).bfloat16()
+    h = torch.randn(2048, 4096, device=DEV, generator=g).bfloat16().requires_grad_()
+    t = torch.randint(0, 128256, (2048,), device=DEV, generator=g)
+    t[::7] = -100
+
+    def fused():
+        loss = linear_cross_entropy_sum(h, w, t, 512)
+        return loss, torch.autograd.grad(loss, h)[0]
+
+    def reference():
+        loss = torch.nn.functional.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+        return loss, torch.autograd.grad(loss, h)[0]
+
+    (l1, g1), (l2, g2) = fused(), reference()
+    record("cross-entropy-loss", float(abs(l1 - l2) / abs(l2)), 1e-4)
+    record("cross-entropy-grad", rel(g2, g1), 2e-2, fused_ms=_call_ms(fused, reps=5),
+           reference_ms=_call_ms(reference, reps=5))
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -50,7 +50,7 @@ def build_ours(shape_config: dict, run: dict, device: str):
     """Return (model, step_fn, planner_overrides) using qlora's own decoder and training step, or
     None while that API is not available. step_fn(input_ids) runs forward + backward + optimizer
     step. planner_overrides: PlanConfig fields that describe our step (e.g. kernels="fused",
-    loss="chunked", loss_chunk_tokens=...)."""
+    loss="chunked-fused", loss_chunk_tokens=...)."""
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.models.load import random_model
     from qlora.models.spec import spec_from_config
@@ -91,7 +91,7 @@ def build_ours(shape_config: dict, run: dict, device: str):
         return float(loss)
 
     # the chunk the decoder really uses (None: its vocabulary rule, which the planner applies too)
-    return model, step, dict(kernels="eager", loss="chunked", seeded_dropout=True,
+    return model, step, dict(kernels="eager", loss="chunked-fused", seeded_dropout=True,
                              loss_chunk_tokens=getattr(model, "loss_chunk_tokens", None))
 
 
@@ -279,7 +279,7 @@ def _label(spec: dict) -> str:
 def run_spec(spec: dict, timeout_s: float | None) -> dict:
     """One configuration in a fresh process: the record (measured, or why not)."""
     # our own step: chunked loss, the decoder's chunk rule; replaced below by what the run reports
-    ours = dict(kernels="eager", loss="chunked")
+    ours = dict(kernels="eager", loss="chunked-fused")
     pred = prediction(spec["shape"], spec["run"], ours)
     rec = dict(shape=spec["shape"], run=spec["run"], predicted=pred, method=spec.get("method"),
                label=spec.get("label"))

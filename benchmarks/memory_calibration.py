@@ -50,15 +50,18 @@ class Point:
     label: str = ""
 
     seeded_dropout: bool = False  # the stored runs before 2026-11-25 19:40 used torch's dropout
+    # the planner's loss of the step measured: "chunked" (checkpointed chunks) for every run before
+    # kernels/cross_entropy.py; read from a record's planner_overrides where it has them
+    loss: str = "chunked"
 
     def config(self) -> memory.PlanConfig:
         if self.run is not None:
             return memory.PlanConfig(**{**self.run, "loss_chunk_tokens": self.loss_chunk_tokens,
-                                        "seeded_dropout": self.seeded_dropout})
+                                        "seeded_dropout": self.seeded_dropout, "loss": self.loss})
         return memory.PlanConfig(r=self.r, seq_len=self.seq, checkpointing=self.checkpointing,
                                  lora_dropout=0.05, micro_batch=1, optimizer="paged_adamw_8bit",
                                  loss_chunk_tokens=self.loss_chunk_tokens,
-                                 seeded_dropout=self.seeded_dropout)
+                                 seeded_dropout=self.seeded_dropout, loss=self.loss)
 
     def predicted(self) -> int:
         b = memory.plan(memory.resolve_arch(shape=self.shape), self.config())
@@ -86,7 +89,8 @@ def points(results: Path = RESULTS) -> list[Point]:
                 out.append(Point(path.name, rec["shape"], run["seq_len"], run["checkpointing"], run["r"],
                                  meas["peak_allocated"], meas["planner_overrides"]["loss_chunk_tokens"],
                                  reserved=meas.get("peak_reserved"),
-                                 seeded_dropout=bool(meas["planner_overrides"].get("seeded_dropout"))))
+                                 seeded_dropout=bool(meas["planner_overrides"].get("seeded_dropout")),
+                                 loss=meas["planner_overrides"].get("loss", "chunked")))
     seen = set()
     for path in sorted(results.glob("*.jsonl")):
         for text in path.read_text().splitlines():
@@ -130,9 +134,11 @@ def read_measure_records(path: Path, label_from_method: bool = True) -> tuple[li
             chunk = chunk or memory.loss_chunk_tokens(memory.resolve_arch(shape=rec["shape"]).vocab)
             seeded = bool(meas.get("planner_overrides", {}).get("seeded_dropout", False))
             run.pop("seeded_dropout", None)
+            run.pop("loss", None)
             pts.append(Point(path.name, rec["shape"], run["seq_len"], run["checkpointing"], run["r"],
                              meas["peak_allocated"], chunk, run=run, reserved=meas.get("peak_reserved"),
-                             label=label, seeded_dropout=seeded))
+                             label=label, seeded_dropout=seeded,
+                             loss=meas.get("planner_overrides", {}).get("loss", "chunked")))
         elif rec.get("shape") != "tiny":  # a CPU dry run measures no memory: neither point nor failure
             why = rec.get("error") or rec.get("skipped") or "no GPU measurement"
             failed.append(Failed(path.name, rec["shape"], run, label, str(why)))

@@ -90,8 +90,9 @@ def test_gpu_columns_filled_from_measure_memory_output(result, tmp_path):
     nf4, dora = (r["llama_3_8b"] for r in res["methods"])
     assert nf4["measured_peak_allocated_gib"] == 7.0 and nf4["measured_peak_reserved_gib"] == 8.0
     assert nf4["tokens_per_s"] == 4321.0
-    chunk_1024 = memory.plan(memory.resolve_arch(shape="llama-3-8b"),
-                             dataclasses.replace(plan_config("qlora-nf4"), loss_chunk_tokens=1024))
+    chunk_1024 = memory.plan(memory.resolve_arch(shape="llama-3-8b"),  # the loss that ran
+                             dataclasses.replace(plan_config("qlora-nf4"), loss="chunked",
+                                                 loss_chunk_tokens=1024))
     assert nf4["predicted_peak_allocated_gib"] == round(chunk_1024.allocated / 2**30, 2)
     assert dora["measured_peak_allocated_gib"].startswith("failed on the GPU: CUDA out of memory")
     md = table(res)

@@ -198,8 +198,9 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     """With gradient checkpointing, backward reruns each layer's forward up to the last tensor
     it saved. The base GEMM of down_proj saves nothing (its 4-bit bytes are held on ctx), so the
     rerun stops before it: per layer, forward dequantizes 7 weights, the rerun 6 (not down_proj),
-    backward 7 — and loss and adapter gradients equal the step without checkpointing. (One
-    projection per GEMM here; grouped, the counts are per group.)"""
+    and backward only down_proj, since it takes the 6 dense weights the rerun kept
+    (dequant.rerun_keeps_weights) — and loss and adapter gradients equal the step without
+    checkpointing. (One projection per GEMM here; grouped, the counts are per group.)"""
     from qlora.kernels import dequant
 
     model = tiny_model(0.1, quant="nf4")
@@ -232,6 +233,7 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     # forward: 7 per layer; backward without checkpointing: 7 per layer minus layer 0's q, k, v
     # (their input, the frozen embedding, wants no gradient)
     assert counts[0] == (7 * layers, 7 * layers - 3, layers)
-    # with checkpointing the rerun adds 6 per layer: down_proj is dequantized once, in backward
-    assert counts[1] == (7 * layers, 7 * layers - 3 + 6 * layers, layers)
+    # with checkpointing the rerun dequantizes 6 per layer and backward only down_proj
+    assert counts[1] == (7 * layers, 6 * layers + layers, layers)
     assert_same_runs(runs)
+    assert dequant._kept == {}  # every weight the reruns kept was taken by its backward

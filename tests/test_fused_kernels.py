@@ -297,6 +297,7 @@ sys.path.insert(0, TESTS_DIR)
 from saved_bytes import layer_saved_bytes
 from qlora import memory
 from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout
+from qlora.kernels import use_fast_path
 from qlora.memory import PlanConfig, arch_from_config
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
@@ -314,6 +315,7 @@ for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
     attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=dropout))
     model.train()
     model.fused_kernels = True
+    use_fast_path(model)  # what qlora train runs on CUDA with fused kernels
     seed = torch.zeros((), dtype=torch.int64)
     seed_dropout(model, seed)
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
@@ -333,8 +335,10 @@ print(json.dumps(out))
 
 
 def test_fused_layer_keeps_what_the_memory_planner_counts_for_fused_kernels():
-    """One NF4 + LoRA bf16 layer with fused_kernels on: the storages autograd saves (as
-    tests/test_memory.py counts them for the eager layer) equal PlanConfig(kernels="fused").
+    """One NF4 + LoRA bf16 layer with fused_kernels on and the fast path (use_fast_path: grouped
+    projections, LoRA dropout drawn inside the products), as qlora train runs it on CUDA: the
+    storages autograd saves (as tests/test_memory.py counts them for the eager layer) equal
+    PlanConfig(kernels="fused").
     Seeded dropout keeps no mask, so the CPU's dropout noise tensor does not enter the count."""
     for r in interpreted(PLANNER_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent)))):
         assert r["saved"] == r["planned"], r

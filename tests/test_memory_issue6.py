@@ -50,8 +50,10 @@ def test_loss_chunk_follows_the_vocabulary():
 
 
 def test_decoder_computes_the_loss_in_the_chunks_the_planner_prices():
-    """The rows lm_head sees in the loss (forward and the recompute in backward) are at most the
-    planner's chunk, and the chunk is reached: what the 12 B x chunk x V term assumes."""
+    """A trainable lm_head (a bare model's): the rows it sees in the loss (forward and the
+    recompute in backward) are at most the planner's chunk, and the chunk is reached: what the
+    `chunked` 12 B x chunk x V term assumes. The frozen head's path:
+    tests/test_cross_entropy.py."""
     from qlora.models.decoder import DecoderLM
     from qlora.models.spec import spec_from_config
 

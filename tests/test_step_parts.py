@@ -239,7 +239,7 @@ def test_checkpointing_without_rng_state_gives_the_same_gradients_under_seeded_d
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])
 def test_flattened_parameters_train_like_separate_ones(optim):
-    ids = torch.randint(0, 300, (2, 32))
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
     finals = []
     for flat in (False, True):
         model = tiny_model(dropout=0.0)
@@ -254,8 +254,9 @@ def test_flattened_parameters_train_like_separate_ones(optim):
             zero_grads(opt)
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in finals[0]:
-        if optim == "adamw_torch":  # the same elementwise arithmetic: equal
-            torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-6, atol=1e-7)
+        if optim == "adamw_torch":  # the same elementwise arithmetic; the clipping norm is
+            # summed in another order over one flat buffer: equal up to float rounding
+            torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-5, atol=1e-6)
     if optim == "adamw_8bit":
         # 8-bit states: blocks now span matrices, and small matrices (< 4096 values) no longer
         # get 32-bit states: the same updates up to quantization

@@ -327,7 +327,9 @@ def add_plan(sub) -> None:
                    help="paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw_torch")
     p.add_argument("--kernels", default="fused",
                    help="fused (Triton RMSNorm/SwiGLU/RoPE, as qlora train runs on a GPU) | eager (PyTorch ops)")
-    p.add_argument("--loss", default="chunked", help="chunked cross entropy | full (fp32 logits)")
+    p.add_argument("--loss", default="chunked-fused",
+                   help="chunked-fused (frozen lm_head: qlora train's) | chunked (chunks recomputed "
+                        "in backward: a trainable lm_head) | full (fp32 logits, transformers')")
     p.add_argument("--gpu-memory", help="GPU size, e.g. 24GB (GB = GiB here); default: the detected GPU")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--sharding", default="ddp", help="ddp | fsdp (with --gpus > 1)")

@@ -52,7 +52,11 @@ QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 SHARDING = ("ddp", "fsdp")
 KERNELS = ("eager", "fused")
-LOSSES = ("chunked", "full")
+# chunked-fused: the decoder's chunks with a frozen lm_head (every LoRA run), the hidden states'
+# gradient made in forward (kernels/cross_entropy.py); chunked: its chunks checkpointed and
+# recomputed in backward (a trainable lm_head, and every run measured before the sixth session);
+# full: transformers'.
+LOSSES = ("chunked-fused", "chunked", "full")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -174,7 +178,7 @@ class PlanConfig:
     offload_activations: bool = False
     optimizer: str = "paged_adamw_8bit"
     kernels: str = "eager"  # eager = autograd over PyTorch ops (HF/our reference); fused = issue 5's kernels
-    loss: str = "chunked"  # chunked cross entropy, or full fp32 logits (transformers' ForCausalLMLoss)
+    loss: str = "chunked-fused"  # chunked cross entropy (see LOSSES), or full fp32 logits (transformers')
     loss_chunk_tokens: int | None = None  # None: the decoder's rule for the vocabulary (loss_chunk_tokens())
     gpus: int = 1
     sharding: str = "ddp"
@@ -317,7 +321,9 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     targets = target_names(cfg.targets)
     inputs = {name: n_in for name, n_in, _ in arch.linears()}
     outputs = {name: n_out for name, _, n_out in arch.linears()}
-    dropout = cfg.lora_dropout > 0
+    # dropout's copies are what LoRA A reads, and kept for its gradient -- except on the fast path,
+    # which draws the masks inside the products and keeps the undropped input, as without dropout
+    dropout = cfg.lora_dropout > 0 and not fast_path(cfg)
     t: dict[str, float] = {}
     # RMSNorm, twice. Eager (x.float(); x * rsqrt(mean(x^2) + eps); w * x.to(bf16)) keeps the fp32
     # copy of its input and the fp32 rstd per token; a fused kernel keeps the bf16 input + rstd.
@@ -366,6 +372,23 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     return t
 
 
+def fast_path(cfg: PlanConfig) -> bool:
+    """Whether the step runs kernels/lora.py's LoRA products over 4-bit bases (qlora train on CUDA
+    with fused kernels: kernels.use_fast_path, grouped projections, seeded dropout drawn inside
+    the products by kernels/lora_dropout.py)."""
+    return cfg.kernels == "fused" and cfg.quant in ("nf4", "fp4") and (
+        cfg.seeded_dropout or cfg.lora_dropout == 0)
+
+
+def _fast_path_groups(targets) -> list[tuple[str, ...]]:
+    """The projections that run as one LoRA group on the fast path: q/k/v and gate/up where all
+    their members are targets (adapters.groupable), every other target alone."""
+    groups = [g for g in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+              if all(n in targets for n in g)]
+    grouped = {n for g in groups for n in g}
+    return groups + [(n,) for n in targets if n not in grouped]
+
+
 def layer_weight_terms(arch: Arch, cfg: PlanConfig) -> dict[str, int]:
     """Bytes per layer (not per token) that autograd keeps while the layer's graph exists.
 
@@ -378,7 +401,16 @@ def layer_weight_terms(arch: Arch, cfg: PlanConfig) -> dict[str, int]:
     rnd = cfg.alloc_rounding
     targets = target_names(cfg.targets)
     t: dict[str, int] = {}
-    if cfg.adapter_dtype == "fp32":
+    if cfg.adapter_dtype == "fp32" and fast_path(cfg):
+        # kernels/lora.py keeps per group the scaled bf16 stack of its A's (none with dropout:
+        # the kernels read the fp32 masters) and its B's cast into one block-diagonal
+        # [Σ out, n·r] matrix, zeros included
+        shape = {name: (n_in, n_out) for name, n_in, n_out in arch.linears()}
+        t["bf16 adapter copies (A stack, B block diagonal)"] = sum(
+            (0 if cfg.lora_dropout > 0 else _alloc(2 * cfg.r * len(g) * shape[g[0]][0], rnd))
+            + _alloc(2 * cfg.r * len(g) * sum(shape[n][1] for n in g), rnd)
+            for g in _fast_path_groups([n for n in shape if n in targets]))
+    elif cfg.adapter_dtype == "fp32":
         t["bf16 adapter copies"] = sum(_alloc(2 * cfg.r * n_in, rnd) + _alloc(2 * cfg.r * n_out, rnd)
                                        for name, n_in, n_out in arch.linears() if name in targets)
     if cfg.dora and cfg.lora_dropout > 0:
@@ -409,7 +441,9 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 
 
 def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
-    """The logits/loss transient (the peak of the loss's backward) and how it is computed."""
+    """The logits/loss transient at the loss's peak and how it is computed. The peak of the
+    `chunked-fused` loss is in forward, that of the others in their backward; either way every saved
+    activation is alive and no adapter gradient exists yet (Breakdown's first phase)."""
     tokens = cfg.seq_len * cfg.micro_batch
     v, h = arch.vocab, arch.hidden
     if cfg.loss == "full":
@@ -418,12 +452,24 @@ def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
         # log_softmax input gradient are alive together = 12 B/entry (bf16 logits already freed).
         return 12 * tokens * v, f"full fp32 logits: 12 B x {tokens} tokens x {v} vocab"
     chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
-    # Each chunk is checkpointed: in backward it is recomputed (lm_head -> .float() ->
-    # log_softmax, whose fp32 output is kept) and then log_softmax's backward holds its kept output,
-    # the gradient coming from nll_loss and the gradient it makes: 3 fp32 [chunk, V] = 12 B/entry.
-    # The gradient of the final hidden state for all tokens is accumulated over the chunks: the
-    # running sum and one chunk's zero-padded slice gradient, 2 x bf16.
-    return 12 * chunk * v + 4 * tokens * h, f"chunked: 12 B x {chunk}-token chunk x {v} vocab (in backward)"
+    if cfg.loss == "chunked":
+        # Each chunk is checkpointed: in backward it is recomputed (lm_head -> .float() ->
+        # log_softmax, whose fp32 output is kept) and then log_softmax's backward holds its kept
+        # output, the gradient coming from nll_loss and the gradient it makes: 3 fp32 [chunk, V] =
+        # 12 B/entry. The gradient of the final hidden state for all tokens is accumulated over the
+        # chunks: the running sum and one chunk's zero-padded slice gradient, 2 x bf16.
+        return (12 * chunk * v + 4 * tokens * h,
+                f"chunked, recomputed in backward: 12 B x {chunk}-token chunk x {v} vocab (in backward)")
+    # kernels/cross_entropy.py (lm_head frozen): each chunk's gradient of the hidden states is made
+    # in forward, so backward holds no logits, only grad_h and its scaled copy (2 x bf16 [tokens,
+    # H]), and the peak is the forward's, while a chunk is computed: its bf16 logits (overwritten in
+    # place by their gradient; the Triton kernel and the GEMMs need nothing but cuBLAS's workspace)
+    # and one fp32 loss per row, beside the bf16 [tokens, H] tensors that outlive a chunk: grad_h
+    # for every label token (kept for backward) and the final norm's output, alive in forward
+    # only. The loss's input (the label rows gathered from that output) is the 2 B/token of
+    # plan()'s `final`; the running sum is a scalar.
+    return (2 * chunk * v + 4 * chunk + 2 * 2 * tokens * h,
+            f"chunked, gradient made in forward: 2 B x {chunk}-token chunk x {v} vocab (in forward)")
 
 
 # --- the breakdown ------------------------------------------------------------------------------
@@ -432,9 +478,10 @@ class Breakdown:
     """Bytes per GPU. `allocated` is what torch.cuda.max_memory_allocated should read.
 
     static: what lives across steps. Then three moments of a step, each of which may be the peak:
-    the loss's backward (all activations still saved, no adapter gradient yet: they are set to
-    None after every step and made during backward), the last layer's backward, and the
-    optimizer step (every gradient, activations freed).
+    the loss's peak (its forward for `chunked-fused`, its backward otherwise: all activations still
+    saved, no adapter gradient yet: they are set to None after every step and made during
+    backward), the last layer's backward, and the optimizer step (every gradient, activations
+    freed).
     """
 
     arch: Arch
@@ -469,7 +516,7 @@ class Breakdown:
         copies = ("adapter compute copies kept by autograd" + (" (one layer)" if self.cfg.checkpointing else ""),
                   self.adapter_copies)
         return {
-            "backward of the loss (logits)": [
+            "loss (logits)": [
                 acts, (copies if not self.cfg.checkpointing else (copies[0], 0)),
                 ("adapter gradients (none yet)", 0), ("logits/loss", self.loss), fixed],
             "backward of the last layer": [
@@ -560,13 +607,18 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
     per_layer_weights = sum(layer_weight_terms(arch, cfg).values())
     layer_input = 2 * h  # the bf16 hidden state entering a layer
     # After the layers: the final norm (fp32 input copy + rstd, eager), the loss's input (the
-    # normed hidden state of the label positions, kept by each chunk's checkpoint) with its int64
+    # normed hidden state of the label positions: alive through the loss's forward, and kept by
+    # each chunk's checkpoint until the loss's backward in `chunked`) with its int64
     # gather indices and targets; RoPE cos/sin in bf16, computed once and shared by all layers.
     final = (4 if cfg.kernels == "eager" else 2) * h + 4 + 2 * h + 8 + 8
     rope = 2 * 2 * arch.head_dim
     kept_layers = 2 if cfg.offload_activations else L  # offload: current + prefetched one on GPU
     if cfg.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
+        # On the fast path each layer also keeps its LoRA products H [tokens, r] per target for
+        # the rerun (kernels/lora.py), which then draws no dropout mask again.
+        if fast_path(cfg):
+            layer_input += 2 * cfg.r * len(target_names(cfg.targets))
         activations = tokens * (kept_layers * layer_input + final + rope)
         copies = per_layer_weights
         backward = tokens * (per_layer + backward_working_bytes_per_token(arch, cfg))
@@ -597,6 +649,12 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         big = max(t, key=lambda x: x[1] * x[2])
         dequant += 3 * 2 * big[1] * big[2]
         notes.append("DoRA: its workspace term is an estimate")
+    if cfg.kernels == "fused" and cfg.checkpointing and cfg.quant in ("nf4", "fp4"):
+        # the dense weights a layer's rerun makes, kept for that layer's backward
+        # (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
+        # stops before. All alive at down_proj's backward, with its own dense weight.
+        dequant += sum(2 * n_in * n_out for name, n_in, n_out in arch.linears()
+                       if name != "down_proj")
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
 
     # Several GPUs: DDP replicates everything (and keeps a bucket copy of the gradients); FSDP

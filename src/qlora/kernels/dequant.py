@@ -14,10 +14,17 @@ interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel whe
 [Σ out, in] buffer so that one GEMM serves them all: it keeps only the 4-bit bytes for backward and
 dequantizes again there, so no 16-bit copy of any weight outlives its use. kernels/lora.py puts the
 LoRA adapters in front of it.
+
+One exception, `rerun_keeps_weights`: a checkpointed layer is run again in backward just before
+its backward runs, and that rerun dequantizes the same weights the backward then dequantizes once
+more. Inside the context the dense weights the rerun makes are kept, and the backward that needs
+each one takes it (`take_kept_weight`) instead of dequantizing again: one dequantize less per
+weight, for the dense weights of one layer held from its rerun to its backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -212,7 +219,10 @@ class Matmul4bit(torch.autograd.Function):
         # needed for backward, and skipping it saves a dequantize and a GEMM per layer.
         ctx.tensors = tensors
         ctx.metas = metas
-        weight_t = dense_weights(metas, tensors, x.dtype).t()
+        weight = dense_weights(metas, tensors, x.dtype)
+        if _keeping:  # a checkpoint's rerun: the backward that follows takes it
+            _kept[_weight_key(tensors, x.dtype)] = weight
+        weight_t = weight.t()
         rows = x.reshape(-1, x.shape[-1])
         if addend is None:
             return (rows @ weight_t).view(*x.shape[:-1], weight_t.shape[1])
@@ -224,8 +234,11 @@ class Matmul4bit(torch.autograd.Function):
     def backward(ctx, grad_out):
         tensors = ctx.tensors
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dense_weights(ctx.metas, tensors, grad_out.dtype)
+        if ctx.needs_input_grad[0]:  # (kernels/lora.py passes x detached: its backward takes W)
+            weight = take_kept_weight(tensors, grad_out.dtype)
+            if weight is None:
+                weight = dense_weights(ctx.metas, tensors, grad_out.dtype)
+            grad_x = grad_out @ weight
         grad_addend = grad_out if ctx.needs_input_grad[1] else None
         return (grad_x, grad_addend, None) + (None,) * len(tensors)
 
@@ -243,6 +256,38 @@ def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
     return [Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
             for meta, (data, absmax, code, nested_absmax, nested_code)
             in zip(metas, zip(*[iter(tensors)] * 5))]
+
+
+# The dense weights a checkpoint's rerun made, by weight, until a backward takes them. Plain module
+# state: reruns and backward run on one thread, one layer at a time, and a CUDA graph captures
+# what they do like any other Python.
+_keeping = False
+_kept: dict = {}
+
+
+def _weight_key(tensors: tuple, dtype: torch.dtype) -> tuple:
+    return tensors[0].data_ptr(), len(tensors), dtype
+
+
+@contextlib.contextmanager
+def rerun_keeps_weights():
+    """Around a checkpointed layer's rerun: each dense weight a Matmul4bit makes is kept until the
+    backward that dequantizes the same weights takes it (take_kept_weight). What an earlier rerun
+    kept and no backward took (nothing, in practice: every LoRA group's backward takes its
+    weight, whether or not it needs it) is dropped here."""
+    global _keeping
+    _kept.clear()
+    _keeping = True
+    try:
+        yield
+    finally:
+        _keeping = False
+
+
+def take_kept_weight(tensors: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense weight the layer's rerun kept for these weights, if it did, handed over (so its
+    memory goes with this use). LoraProducts' backward calls it whether or not it needs it."""
+    return _kept.pop(_weight_key(tensors, dtype), None)
 
 
 def dense_weights(metas: tuple, tensors: tuple, dtype: torch.dtype) -> torch.Tensor:

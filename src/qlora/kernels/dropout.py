@@ -8,15 +8,21 @@ rounds, keyed by k = seed + salt. Running the layer again with the same seed ten
 mask, backward recomputes it instead of saving it, and a CUDA graph that reads the seed from a GPU
 tensor draws new masks when that tensor is advanced.
 
-The mask, exactly: a kernel program handles BLOCK = 2048 elements, and one Philox evaluation serves
-8 of them, each reading 16 of its 128 bits (at one evaluation per element the kernel was bound by
-Philox's integer work; at 8 its time per training step is close to what its memory traffic takes:
-about 3 TB/s in the fourth session's H200 profile). Element e = 2048·b + 256·slot + q (slot 0..7, q < 256) reads output lane slot // 2 of
-philox(key=k, counter=(256·b + q, 0, 0, 0)): its LOW 16 bits for an even slot, its HIGH 16 bits for
-an odd one. The element is kept iff that 16-bit value ≥ threshold = round(p·65536), computed on the
-host, so the drop probability is threshold/65536, not p exactly (p = 0.05 drops 0.0500031; a
-p ≤ 1/131072 would round to a threshold of 0, no dropout at all, and is refused). Kept values are
-x·(1/(1−p)), computed in fp32 and rounded once to x's dtype.
+The mask, exactly: a tensor is read as rows of its last dimension, [M, K]. Each row is cut into
+blocks of BLOCK = 2048 elements (J = ⌈K/2048⌉ blocks; the last one may be partial), block
+b = m·J + j of the matrix, and one Philox evaluation serves 8 elements of a block, each reading 16
+of its 128 bits (at one evaluation per element the kernel was bound by Philox's integer work; at 8
+its time per training step is close to what its memory traffic takes: about 3 TB/s in the fourth
+session's H200 profile). Element (m, k), k = 2048·j + 256·slot + q (slot 0..7, q < 256), reads
+output lane slot // 2 of philox(key=k, counter=(256·b + q, 0, 0, 0)): its LOW 16 bits for an even
+slot, its HIGH 16 bits for an odd one. Blocks never straddle two rows, so a kernel that reads a
+[rows, 2048] tile of a matrix (kernels/lora_dropout.py's fused LoRA products) makes each of its
+masks from 256 Philox evaluations per row, whatever K is; when K is a multiple of 2048 this is
+the same mask as over the flattened tensor. The element is kept iff that 16-bit value ≥
+threshold = round(p·65536), computed on the host, so the drop probability is threshold/65536, not
+p exactly (p = 0.05 drops 0.0500031; a p ≤ 1/131072 would round to a threshold of 0, no dropout
+at all, and is refused). Kept values are x·(1/(1−p)), computed in fp32 and rounded once to x's
+dtype.
 
 `seeded_dropout` (autograd) and `seeded_dropout_values` / `seeded_dropout_add_` (plain, for use
 inside another function's backward) run one Triton kernel on CUDA; `seeded_dropout_reference` and
@@ -92,23 +98,44 @@ def dropout_threshold(p: float) -> int:
     return threshold
 
 
-def dropout_bits(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-bit value (int64) the kernel compares with the threshold for each of n elements."""
-    blocks = -(-n // BLOCK)
+def _rows_and_width(shape: int | tuple[int, ...]) -> tuple[int, int]:
+    """[M, K] of the mask's definition: a plain count n is one row of n."""
+    if isinstance(shape, int):
+        return 1, shape
+    shape = tuple(shape)
+    if not shape:
+        return 1, 1
+    width = shape[-1]
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return rows, width
+
+
+def dropout_bits(seed: int, shape: int | tuple[int, ...],
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-bit value (int64) the kernel compares with the threshold for each element of a tensor
+    of `shape` (a plain count n: one row of n), flattened."""
+    rows, width = _rows_and_width(shape)
+    per_row = -(-width // BLOCK)
+    blocks = rows * per_row
     lanes = philox4x32(seed, torch.arange(blocks * SLOT, device=device), PHILOX_ROUNDS)
     halves = [half for lane in lanes for half in (lane & 0xFFFF, lane >> 16)]  # slot order
-    # (blocks, SLOTS, SLOT) read row-major is exactly the element order 2048·b + 256·slot + q
+    # (blocks, SLOTS, SLOT) read row-major is the order 2048·b + 256·slot + q; each row is then
+    # its J blocks side by side, cut to its width
     by_element = torch.stack([h.view(blocks, SLOT) for h in halves], dim=1)
-    return by_element.reshape(-1)[:n]
+    return by_element.reshape(rows, per_row * BLOCK)[:, :width].reshape(-1)
 
 
-def dropout_keep(seed: int, n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Which of n elements the kernel keeps (bool), for key seed (= seed tensor's value + salt)."""
-    return dropout_bits(seed, n, device) >= dropout_threshold(p)
+def dropout_keep(seed: int, shape: int | tuple[int, ...], p: float,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which elements of a tensor of `shape` the kernel keeps (bool, flattened), for key seed
+    (= seed tensor's value + salt)."""
+    return dropout_bits(seed, shape, device) >= dropout_threshold(p)
 
 
 def seeded_dropout_reference(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    keep = dropout_keep(int(seed) + salt, x.numel(), p, x.device)
+    keep = dropout_keep(int(seed) + salt, tuple(x.shape), p, x.device)
     scaled = x.float() * (1.0 / (1.0 - p))  # in fp32, then rounded once: as the kernel does
     return torch.where(keep.view(x.shape), scaled, 0.0).to(x.dtype)
 
@@ -123,17 +150,20 @@ def _triton_kernel():
         import triton.language as tl
 
         @triton.jit
-        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, threshold, scale, n, SLOT: tl.constexpr,
-                           ROUNDS: tl.constexpr, ACCUMULATE: tl.constexpr):
-            # one Philox evaluation per SLOT-th element: its four 32-bit outputs, two 16-bit
-            # halves each, serve eight contiguous slots, each loaded and stored coalesced
+        def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, threshold, scale, width, per_row,
+                           SLOT: tl.constexpr, ROUNDS: tl.constexpr, ACCUMULATE: tl.constexpr):
+            # program b: block j = b % per_row of row m = b // per_row. One Philox evaluation per
+            # SLOT-th element: its four 32-bit outputs, two 16-bit halves each, serve eight
+            # contiguous slots, each loaded and stored coalesced
             pid = tl.program_id(0)
             q = tl.arange(0, SLOT)
             lanes = tl.randint4x(tl.load(seed_ptr) + salt, pid * SLOT + q, n_rounds=ROUNDS)
+            row = (pid // per_row).to(tl.int64)
             for slot in tl.static_range(8):  # unrolled when compiled; plain Python when interpreted
                 bits = (lanes[slot // 2] >> (16 * (slot % 2))) & 0xFFFF  # even slot: low half
-                offsets = pid * (8 * SLOT) + slot * SLOT + q
-                inside = offsets < n
+                cols = (pid % per_row) * (8 * SLOT) + slot * SLOT + q
+                inside = cols < width
+                offsets = row * width + cols
                 x = tl.load(x_ptr + offsets, mask=inside)
                 y = tl.where(bits >= threshold, x.to(tl.float32) * scale, 0.0)
                 if ACCUMULATE:  # out += y, rounded once
@@ -144,16 +174,23 @@ def _triton_kernel():
     return _kernel
 
 
+def check_counters(rows: int, width: int) -> None:
+    """The kernels count Philox counters (256 per block) in int32."""
+    if rows * -(-width // BLOCK) * SLOT >= 2**31 or rows * width >= 2**31:
+        raise QloraError(
+            f"LoRA dropout on {rows:,} rows of {width:,} values at once: the seeded dropout "
+            "kernels count in int32 (< 2^31). Use fewer tokens per micro-batch "
+            "(micro_batch_size × max_seq_length), or lora_dropout: 0")
+
+
 def _launch(out: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
             accumulate: bool) -> None:
-    if x.numel() >= 2**31:
-        raise QloraError(
-            f"LoRA dropout on {x.numel():,} values at once ({tuple(x.shape)}): the seeded dropout "
-            "kernel counts elements in int32 (< 2^31). Use fewer tokens per micro-batch "
-            "(micro_batch_size × max_seq_length), or lora_dropout: 0")
-    grid = (-(-x.numel() // BLOCK),)
-    _triton_kernel()[grid](x, out, seed, salt, dropout_threshold(p), 1.0 / (1.0 - p), x.numel(),
-                           SLOT=SLOT, ROUNDS=PHILOX_ROUNDS, ACCUMULATE=accumulate)
+    rows, width = _rows_and_width(tuple(x.shape))
+    check_counters(rows, width)
+    per_row = -(-width // BLOCK)
+    _triton_kernel()[(rows * per_row,)](x, out, seed, salt, dropout_threshold(p), 1.0 / (1.0 - p),
+                                        width, per_row, SLOT=SLOT, ROUNDS=PHILOX_ROUNDS,
+                                        ACCUMULATE=accumulate)
 
 
 def _dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:

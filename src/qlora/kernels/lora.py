@@ -14,17 +14,21 @@ projection's part of x's gradient apart and add them up, one full-size pass per 
 The base GEMM comes after it (kernels/dequant.py's Matmul4bit, given x without its gradient) and
 saves nothing. A layer's forward is recomputed in backward when gradient checkpointing is on, up
 to its last saved tensor: where a LoRA layer ends the checkpointed block (down_proj), that is
-LoraProducts' and the rerun skips the base GEMM and its dequantize.
+LoraProducts' and the rerun skips the base GEMM and its dequantize. And the rerun does not
+recompute H: the layer's first run kept it (products_for_rerun; models/decoder.py's
+CheckpointedLayer sets the modes): each dropout mask is drawn in the forward and in backward's two
+kernels, not in the rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from qlora.kernels.dequant import Matmul4bit, dense_weights
-from qlora.kernels.dropout import seeded_dropout_add_, seeded_dropout_values
+from qlora.kernels.dequant import Matmul4bit, dense_weights, take_kept_weight
+from qlora.kernels import lora_dropout
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,52 +45,92 @@ class LoraGroup:
     tensors: tuple
 
 
+# H of each group from a checkpointed layer's first run, by the group's first 4-bit tensor, until
+# that layer's rerun takes it: "keep" in a first run, "reuse" in a rerun (products_for_rerun).
+_h_mode: str | None = None
+_h_kept: dict = {}
+
+
+@contextlib.contextmanager
+def products_for_rerun(mode: str):
+    """"keep": around a checkpointed layer's first run, each LoraProducts keeps its H [tokens, n·r]
+    (small: r columns per layer); "reuse": around its rerun in backward, each takes its H back
+    instead of recomputing it, so that the rerun draws no dropout mask and reads no A."""
+    global _h_mode
+    _h_mode = mode
+    try:
+        yield
+    finally:
+        _h_mode = None
+
+
+def drop_kept_products() -> None:
+    """Forget H's no rerun took (a forward whose backward never ran): call before a forward."""
+    _h_kept.clear()
+
+
 class LoraProducts(torch.autograd.Function):
     """[s_i·B_i·A_i·D_i(x)] side by side; backward also computes x's gradient through the bases.
 
-    The scale rides on the cast of A (A'_i = s_i·A_i in x's dtype, one kernel for the group), so
-    that B needs only its cast into the block diagonal: per call, a handful of small kernels
-    instead of a multiply and a cast for every adapter matrix."""
+    With dropout, the products that read D_i(x) or make D_i(∂H_i·A_i) are kernels/lora_dropout.py's
+    (Triton kernels on CUDA, the masks drawn in registers), so only x is kept, whatever the group's
+    size. Without it, the scale rides on the cast of A (A'_i = s_i·A_i in x's dtype, one
+    kernel for the group) and the products are cuBLAS GEMMs. B needs only its cast into the block
+    diagonal."""
 
     @staticmethod
     def forward(ctx, x, seed, group: LoraGroup, *adapters):
         n = len(group.scales)
         rows = x.reshape(-1, x.shape[-1])
-        a_stack = _scaled_stack(adapters[:n], group.scales, x.dtype)  # [n·r, in]: the A'_i
         b_block = _block_diagonal(adapters[n:], x.dtype)  # [Σ out, n·r]
+        key = (group.tensors[0].data_ptr(), rows.shape[0])
+        h = _h_kept.pop(key, None) if _h_mode == "reuse" else None
+        a_stack = None
         if group.p > 0:
-            dropped = [seeded_dropout_values(rows, seed, salt, group.p) for salt in group.salts]
-            r = a_stack.shape[0] // n
-            h = torch.cat([d @ a_stack[i * r:(i + 1) * r].t() for i, d in enumerate(dropped)], 1)
+            if h is None:
+                h = lora_dropout.down_products(rows, adapters[:n], seed, group.salts,
+                                               group.scales, group.p)
         else:  # one input for every A: one GEMM
-            dropped = []
-            h = rows @ a_stack.t()
+            a_stack = _scaled_stack(adapters[:n], group.scales, x.dtype)  # [n·r, in]: the A'_i
+            if h is None:
+                h = rows @ a_stack.t()
+        if _h_mode == "keep":
+            _h_kept[key] = h
         ctx.group, ctx.n, ctx.x_shape = group, n, x.shape
         ctx.dtypes = [a.dtype for a in adapters]
-        # x itself only without dropout: with it, A's gradient reads the dropped copies instead,
-        # and keeping x too would hold one more activation per layer when nothing is recomputed
-        ctx.save_for_backward(None if dropped else rows, h, a_stack, b_block, seed, *dropped)
+        ctx.save_for_backward(rows, h, a_stack, b_block, seed, *adapters[:n])
         return h @ b_block.t()  # [tokens, Σ out]: a view made here could not be added into
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, h, a_stack, b_block, seed, *dropped = ctx.saved_tensors
+        rows, h, a_stack, b_block, seed, *a = ctx.saved_tensors
         group, n = ctx.group, ctx.n
-        r = a_stack.shape[0] // n
+        r = h.shape[1] // n
         grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_h = grad @ b_block  # [tokens, n·r], the gradient of h = [D_i(x)·A'_iᵀ]
+        grad_h = grad @ b_block  # [tokens, n·r], the gradient of h = [s_i·D_i(x)·A_iᵀ]
         grad_b_block = grad.t() @ h  # [Σ out, n·r]: its diagonal blocks are the B gradients
-        grads_a, grads_b, start = [], [], 0
-        for i, (scale, width) in enumerate(zip(group.scales, group.out_features)):
-            cols = slice(i * r, (i + 1) * r)
-            product = grad_h[:, cols].t() @ (dropped[i] if dropped else rows)  # ∂A'_i
-            grads_a.append(torch.mul(product, scale, out=torch.empty(
-                product.shape, dtype=ctx.dtypes[i], device=product.device)))
-            grads_b.append(grad_b_block[start:start + width, cols].to(ctx.dtypes[n + i]))
-            start += width
         grad_x = None
+        if group.p > 0:
+            products, grad_x = lora_dropout.backward_products(
+                rows, grad_h, a, seed, group.salts, group.scales, group.p,
+                want_dx=ctx.needs_input_grad[0])
+        else:
+            products = [(grad_h[:, i * r:(i + 1) * r].t() @ rows).float() * s
+                        for i, s in enumerate(group.scales)]
+        grads_a = [product.to(dtype) for product, dtype in zip(products, ctx.dtypes)]
+        grads_b, start = [], 0
+        for i, width in enumerate(group.out_features):
+            block = grad_b_block[start:start + width, i * r:(i + 1) * r]
+            grads_b.append(block.to(ctx.dtypes[n + i]))
+            start += width
+        weight = take_kept_weight(group.tensors, grad.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(grad, grad_h, a_stack, seed, group, r)
+            if group.p == 0:
+                grad_x = grad_h @ a_stack
+            # the base's part accumulates into the adapters' sum: x's gradient formed once
+            if weight is None:
+                weight = dense_weights(group.metas, group.tensors, grad.dtype)
+            grad_x.addmm_(grad, weight)
             grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, None, None, *grads_a, *grads_b)
 
@@ -113,23 +157,6 @@ def _block_diagonal(matrices, dtype: torch.dtype) -> torch.Tensor:
         block[row:row + m.shape[0], col:col + m.shape[1]].copy_(m)
         row, col = row + m.shape[0], col + m.shape[1]
     return block
-
-
-def _input_grad(grad, grad_h, a_stack, seed, group: LoraGroup, r: int) -> torch.Tensor:
-    """Σ_i D_i(∂H_i·A_i) + ∂y·[W_i], the masks applied and summed in one pass per layer, the base
-    GEMM accumulating into that sum."""
-    if group.p > 0:
-        grad_x = None
-        for i, salt in enumerate(group.salts):
-            part = grad_h[:, i * r:(i + 1) * r] @ a_stack[i * r:(i + 1) * r]
-            if grad_x is None:
-                grad_x = seeded_dropout_values(part, seed, salt, group.p)
-            else:
-                seeded_dropout_add_(grad_x, part, seed, salt, group.p)
-    else:
-        grad_x = grad_h @ a_stack
-    weight = dense_weights(group.metas, group.tensors, grad.dtype)
-    return grad_x.addmm_(grad, weight)
 
 
 def lora_4bit(x: torch.Tensor, seed: torch.Tensor | None, group: LoraGroup,

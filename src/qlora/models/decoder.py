@@ -17,6 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora.adapters import grouped_forward
 from qlora.kernels import fused
+from qlora.kernels.dequant import rerun_keeps_weights
+from qlora.kernels.lora import drop_kept_products, products_for_rerun
+from qlora.kernels.cross_entropy import linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
 from qlora.models.spec import ArchSpec, rope_inverse_frequencies
 
@@ -269,6 +272,26 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class CheckpointedLayer:
+    """A layer as a checkpoint runs it. Its first run keeps the LoRA products H of each of its
+    LoRA groups (kernels/lora.products_for_rerun, [tokens, r] per projection). Its second run,
+    the rerun just before the layer's backward, reuses them instead of drawing the dropout masks
+    again, and keeps the dense 4-bit weights it makes for that backward
+    (kernels/dequant.rerun_keeps_weights: one dequantize less per weight, those weights held
+    from the rerun to their backward)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer, self.runs = layer, 0
+
+    def __call__(self, *args):
+        self.runs += 1
+        if self.runs == 1:
+            with products_for_rerun("keep"):
+                return self.layer(*args)
+        with rerun_keeps_weights(), products_for_rerun("reuse"):
+            return self.layer(*args)
+
+
 class Backbone(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
@@ -348,9 +371,11 @@ class DecoderLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if use_checkpoint:
+            drop_kept_products()  # a previous forward's, if its backward never ran
         for layer in self.model.layers:
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False,
+                x = checkpoint(CheckpointedLayer(layer), x, cos, sin, mask, use_reentrant=False,
                                preserve_rng_state=self.layers_use_rng)
             else:
                 x = layer(x, cos, sin, mask, cache)
@@ -361,9 +386,11 @@ class DecoderLM(nn.Module):
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of cross-entropies of the label tokens, computed only where a label exists.
 
-        Logits are made chunk by chunk and recomputed in backward, so the full [tokens, vocab]
-        fp32 matrix never exists; positions without a label cost nothing. Labels on the CPU
-        (the loop's) are selected there, so the GPU is not waited for.
+        Logits are made chunk by chunk, so the full [tokens, vocab] matrix never exists; positions
+        without a label cost nothing. With lm_head frozen (LoRA) each chunk's gradient of the
+        hidden states is made in forward (kernels/cross_entropy.py) and backward recomputes
+        nothing; a trainable lm_head keeps the checkpointed chunks, recomputed in backward.
+        Labels on the CPU (the loop's) are selected there, so the GPU is not waited for.
         """
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
@@ -373,6 +400,8 @@ class DecoderLM(nn.Module):
         t = targets.reshape(-1)[keep].to(hidden.device, non_blocking=True)
         keep = keep.to(hidden.device, non_blocking=True)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+        if not self.lm_head.weight.requires_grad:
+            return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, t.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
@@ -387,6 +416,8 @@ class DecoderLM(nn.Module):
         """The same sum with shapes fixed by the input alone (inside a CUDA graph capture, where
         the label positions cannot be read): every position is computed, unlabelled ones add 0."""
         h = hidden.reshape(-1, hidden.shape[-1])
+        if not self.lm_head.weight.requires_grad:
+            return linear_cross_entropy_sum(h, self.lm_head.weight, targets, self.loss_chunk_tokens)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens

@@ -1,0 +1,173 @@
+"""Cross-entropy over a frozen output head whose backward recomputes nothing.
+
+Why: DecoderLM's loss used to checkpoint each chunk of rows, so the lm_head GEMM and the fp32
+softmax ran twice per step (~5 of 205 ms of a Llama-3-8B step on an H100). With lm_head frozen
+(every LoRA run), the loss's only gradient is that of the hidden states, and it is cheap to make
+while the chunk's logits exist: per chunk of rows,
+
+    logits  = h @ W.T                              in h's dtype (the bf16 GEMM, as before)
+    loss    = logsumexp(logits) - logits[target]   per row, in fp32
+    dlogits = softmax(logits) - onehot(target)     in fp32, rounded to h's dtype over the logits
+    grad_h  = dlogits @ W                          [rows, H], kept for backward
+
+Backward is then grad_h * grad_output. Rows whose target is IGNORE_INDEX add 0 to the loss and get
+a zero gradient. dlogits is rounded where autograd rounded it before (the cast back from the fp32
+loss to the bf16 logits, ahead of the lm_head backward GEMM); it is made for a loss scale of 1 and
+grad_h is scaled afterwards, so a scale that is not a power of two rounds once more than autograd's.
+
+The per-row step (logsumexp, loss, gradient in place) is one Triton kernel where Triton runs
+(dropout.use_triton: CUDA, or the CPU under TRITON_INTERPRET=1) and plain torch elsewhere;
+`cross_entropy_rows_reference` is that torch code, which tests/test_cross_entropy.py compares the
+kernel with. Memory at the loss's peak (forward now): one chunk's logits in h's dtype, one fp32
+loss per row, and grad_h for every row (qlora.memory.loss_peak_bytes counts them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from qlora.errors import QloraError
+from qlora.kernels.dropout import use_triton
+
+IGNORE_INDEX = -100
+VOCAB_BLOCK = 4096  # logits per loop iteration of one row's program
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cross_entropy_rows(logits_ptr, targets_ptr, loss_ptr, ignore_index, N_COLS: tl.constexpr,
+                           WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program: loss = logsumexp - logit[target] (0 for an ignored row); with
+        WRITE_GRAD, softmax - onehot(target) (zeros for an ignored row) over the row's logits.
+        The vocabulary is a constant (one compile per model): the interpreter cannot loop up to a
+        runtime bound, and a constant trip count lets the compiler pipeline the loads."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * N_COLS
+        target = tl.load(targets_ptr + row)
+        labelled = target != ignore_index
+        cols = tl.arange(0, BLOCK)
+        # pass 1: running max and sum of exp(x - max), rescaled whenever the max grows
+        running_max = float("-inf")
+        running_sum = 0.0
+        for start in range(0, N_COLS, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < N_COLS, other=float("-inf"))
+            x = x.to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        target_logit = tl.load(base + target, mask=labelled, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(labelled, lse - target_logit, 0.0))
+        if WRITE_GRAD:
+            # pass 2: over the same buffer; each block is read before it is overwritten
+            keep = tl.where(labelled, 1.0, 0.0)
+            for start in range(0, N_COLS, BLOCK):
+                offsets = start + cols
+                inside = offsets < N_COLS
+                x = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) - tl.where(offsets == target, 1.0, 0.0)
+                tl.store(base + offsets, (grad * keep).to(logits_ptr.dtype.element_ty), mask=inside)
+
+    return dict(cross_entropy_rows=cross_entropy_rows)
+
+
+def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor,
+                                 write_grad: bool) -> torch.Tensor:
+    """The per-row step in torch: fp32 losses [rows]; with write_grad, softmax - onehot(target)
+    over `logits` in place, rounded to its dtype (zeros on rows whose target is IGNORE_INDEX)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    ignored = targets == IGNORE_INDEX
+    safe = targets.masked_fill(ignored, 0).unsqueeze(1)
+    loss = (lse - x.gather(1, safe).squeeze(1)).masked_fill(ignored, 0.0)
+    if write_grad:
+        grad = torch.exp(x.sub_(lse.unsqueeze(1)))  # x is a copy unless logits are fp32: done with it
+        grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+        logits.copy_(grad.masked_fill_(ignored.unsqueeze(1), 0.0))
+    return loss
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool,
+                       block: int = VOCAB_BLOCK) -> torch.Tensor:
+    """The Triton kernel where Triton runs, else the reference; logits [rows, V] contiguous,
+    targets [rows] int64. `block`: logits per loop iteration (a power of two)."""
+    if not use_triton(logits) or logits.numel() == 0:
+        return cross_entropy_rows_reference(logits, targets, write_grad)
+    rows, vocab = logits.shape
+    losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    block = min(block, 1 << max(vocab - 1, 0).bit_length())
+    _kernels()["cross_entropy_rows"][(rows,)](logits, targets, losses, IGNORE_INDEX, N_COLS=vocab,
+                                              WRITE_GRAD=write_grad, BLOCK=block,
+                                              num_warps=min(16, max(4, block // 256)))
+    return losses
+
+
+def _loss_and_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed loss (fp32 scalar) and, with want_grad, d(loss)/dh [N, H] in h's dtype."""
+    total = h.new_zeros((), dtype=torch.float32)
+    grad_h = torch.empty_like(h) if want_grad else None
+    for start in range(0, h.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        logits = F.linear(h[start:end], weight)  # what lm_head computes
+        total = total + cross_entropy_rows(logits, targets[start:end], want_grad).sum()
+        if want_grad:  # logits now hold dlogits
+            torch.mm(logits, weight, out=grad_h[start:end])
+        del logits  # the next chunk's logits reuse its memory
+    return total, grad_h
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """Saves grad_h alone (not h, not logits); save_for_backward, not a ctx attribute, so autograd
+    frees it as soon as this backward has run, not when the graph goes."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
+        total, grad_h = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=True)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_output, None, None, None
+
+
+def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> None:
+    if weight.requires_grad:
+        raise QloraError("linear_cross_entropy_sum makes no gradient for the output head, but "
+                         "lm_head.weight requires one; freeze it (lm_head.weight.requires_grad_(False)) "
+                         "or use DecoderLM's checkpointed chunk loss, which trains it")
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise QloraError(f"linear_cross_entropy_sum needs h [N, H] and weight [V, H], got "
+                         f"{tuple(h.shape)} and {tuple(weight.shape)}")
+    if targets.shape != h.shape[:1]:
+        raise QloraError(f"linear_cross_entropy_sum needs one target per row of h ({h.shape[0]}), "
+                         f"got targets of shape {tuple(targets.shape)}")
+    if h.dtype != weight.dtype:
+        raise QloraError(f"linear_cross_entropy_sum needs h and weight in one dtype, got {h.dtype} "
+                         f"and {weight.dtype}; cast the hidden states to lm_head's dtype")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise QloraError(f"chunk_tokens must be a positive whole number, not {chunk_tokens!r}")
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_tokens: int) -> torch.Tensor:
+    """Sum over rows of h [N, H] whose target (int64 [N]) is not IGNORE_INDEX of the cross-entropy
+    of logits h @ weight.T, as an fp32 scalar; weight [V, H] must be frozen. Logits exist
+    chunk_tokens rows at a time. h's gradient is made here, only where one is wanted (grad
+    enabled and h requiring grad); evaluation computes the loss alone."""
+    _check(h, weight, targets, chunk_tokens)
+    h = h.contiguous()
+    targets = targets.contiguous()
+    if torch.is_grad_enabled() and h.requires_grad:
+        return LinearCrossEntropySum.apply(h, weight, targets, chunk_tokens)
+    total, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False)
+    return total
