@@ -7,6 +7,8 @@ adapter), times the module's kernel (kernels/lora_dropout.down_triton), a plain 
 per-slot kernel in three modes: 0 the products by tl.dot, 1 by CUDA-core multiply and sum, 2 no
 product at all (x's tile loaded, masked and summed: what drawing the masks costs), over a few tile
 shapes. Prints one JSON line per variant: [median ms, max relative error against the reference].
+`per_slot` is the module's forward kernel (lora_dropout_triton.lora_dropout_down) with a MODE
+switch and without its edge masks: a study copy, kept beside the figures docs/BENCHMARKS.md quotes.
 """
 
 import json
@@ -19,6 +21,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gpu_check import _call_ms  # noqa: E402  (this folder is on the path: a script's own)
 from qlora.kernels import lora_dropout as L  # noqa: E402
 from qlora.kernels.lora_dropout_triton import pick, slot_bits  # noqa: E402
 
@@ -70,20 +73,6 @@ def per_slot(x_ptr, a0, a1, a2, out_ptr, seed_ptr, salt0, salt1, salt2, threshol
                  pick(i, acc0, acc1, acc2), mask=row_ok[:, None])
 
 
-def median_ms(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
-
-
 def main() -> None:
     dev, p = "cuda", 0.05
     seed = torch.tensor(12345, dtype=torch.int64, device=dev)
@@ -92,9 +81,9 @@ def main() -> None:
         adapters = [torch.randn(16, width, device=dev) * 0.02 for _ in range(n)]
         salts, scales = tuple(11 * i + 3 for i in range(n)), (2.0,) * n
         want = L.down_reference(x, adapters, seed, salts, scales, p).float()
-        print(json.dumps({f"{name}-module": median_ms(
+        print(json.dumps({f"{name}-module": _call_ms(
             lambda: L.down_triton(x, adapters, seed, salts, scales, p))}), flush=True)
-        print(json.dumps({f"{name}-copy-of-x": median_ms(lambda: x.clone())}), flush=True)
+        print(json.dumps({f"{name}-copy-of-x": _call_ms(lambda: x.clone())}), flush=True)
         padded, salt_args = adapters + [adapters[0]] * (3 - n), list(salts) + [0] * (3 - n)
         for mode in (0, 1, 2):
             for rows, qw, warps, programs in ((64, 32, 8, 512), (32, 32, 4, 512), (64, 64, 8, 512),
@@ -119,7 +108,7 @@ def main() -> None:
                     got = go() * (2.0 / (1 - p))
                     err = float((got - want).abs().max() / want.abs().max())
                 key = f"{name}-mode{mode}-rows{rows}-qw{qw}-warps{warps}-programs{programs}"
-                print(json.dumps({key: [round(median_ms(go), 4), err]}), flush=True)
+                print(json.dumps({key: [round(_call_ms(go), 4), err]}), flush=True)
 
 
 if __name__ == "__main__":
