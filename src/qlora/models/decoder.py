@@ -19,11 +19,12 @@ from qlora.adapters import grouped_forward
 from qlora.kernels import fused
 from qlora.kernels.dequant import rerun_keeps_weights
 from qlora.kernels.lora import drop_kept_products, products_for_rerun
-from qlora.kernels.cross_entropy import linear_cross_entropy_sum
+from qlora.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
 from qlora.models.spec import ArchSpec, rope_inverse_frequencies
 
-IGNORE_INDEX = -100
+# IGNORE_INDEX (-100, the label of a position without loss) is kernels/cross_entropy.py's,
+# re-exported here for the data and training code
 
 
 class RMSNorm(nn.Module):
