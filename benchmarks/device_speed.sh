@@ -20,6 +20,9 @@
 #   bash benchmarks/device_speed.sh casts OUTDIR   # Llama 2048 qlora beside hf + profile (fewer casts)
 #   bash benchmarks/device_speed.sh s5 OUTDIR      # checks of the LoRA-dropout kernels, the fused loss, the
 #                                                  # graph step; Llama 2048 qlora beside hf; profile; Qwen 2048
+#   bash benchmarks/device_speed.sh s6 OUTDIR      # checks of kept attention (eager and graphed); Llama 2048
+#                                                  # qlora (attention kept), qlora-nokeep, the seeds' stack;
+#                                                  # profiles of both; the host-memory gather probe
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -76,16 +79,21 @@ final)  # the step as qlora train now runs it, side by side with the seeds' stac
   # (limits from the third session's run 4, whose deadlines were too tight for the seeds' stack:
   # the 8B checkpoint ~26 s, each system ~40 s, Unsloth ~100 s with its compile, Qwen's Unsloth ~60 s)
   # (the checks run in a call of their own: `checks`, below)
-  step 270 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
-    --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 260
+  # (qlora-nokeep: attention rerun, as qlora train runs where keeping it does not fit)
+  step 300 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,qlora-nokeep,hf,unsloth --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" \
+    --deadline 290
   step 190 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
     --systems qlora,hf,unsloth --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 180
   ;;
 checks)  # every check of the step's parts, then Llama-3-8B at 16384 (the call beside `final`)
-  step 200 gpu_check $PY "$HERE/gpu_check.py" --checks dropout,cross,graphed,fused,dequant_kernel,grouped \
+  step 230 gpu_check $PY "$HERE/gpu_check.py" \
+    --checks dropout,cross,graphed,fused,dequant_kernel,grouped,kept_attention,host_embedding \
     --out "$OUT/gpu-check.jsonl"
-  step 100 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
-    --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" --deadline 95
+  # qlora-nokeep is what qlora train runs on a 24 GB GPU (keeping attention does not fit there)
+  step 150 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 \
+    --systems qlora-nokeep,qlora --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" \
+    --deadline 145
   ;;
 long)  # Llama-3-8B at seq 16384 with the step qlora train runs
   step 90 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 --systems qlora \
@@ -130,6 +138,14 @@ s5)  # fifth session: dropout masks drawn inside the LoRA products, the loss's g
     --fast --group --steps 2 --out /tmp/profile
   step 90 qwen-2048 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 2048 \
     --systems qlora --steps 12 --warmup 4 --out "$OUT/qwen" --deadline 80
+  ;;
+s6)  # sixth session: attention kept from each layer's forward to its backward (keep_attention)
+  step 170 gpu_check $PY "$HERE/gpu_check.py" --checks kept_attention,graphed,fused --out "$OUT/gpu-check.jsonl"
+  step 200 llama-2048 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 2048 \
+    --systems qlora,qlora-nokeep,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/llama" --deadline 190
+  step 60 profile-llama-keep $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
+    --fast --group --keep-attention --steps 2 --out /tmp/profile-keep
+  step 40 host-gather $PY "$HERE/host_gather_probe.py"
   ;;
 casts)  # LoraProducts with the scale on A's cast and B cast into its block diagonal (fewer small
         # kernels); Llama 2048 beside the seeds' stack, and the profile

@@ -100,7 +100,7 @@ def main() -> int:
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
-              check_grouped_fast_path, check_16bit, check_nf4, check_packed, check_grads]
+              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_16bit, check_nf4, check_packed, check_grads]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -214,12 +214,26 @@ def check_dropout_kernel(dirs):
 
 
 def check_graphed_step(dirs):
-    """Three micro-batches (two shapes, one of them packed) through GraphedSteps vs eagerly."""
+    """Three micro-batches (two shapes, one of them packed) through GraphedSteps vs eagerly,
+    attention rerun and kept (keep_attention: the kept graph's release and backward captured)."""
+    for keep in (False, True):
+        _check_graphed_step(dirs, keep)
+
+
+def _check_graphed_step(dirs, keep: bool):
     from qlora.adapters import seed_dropout, set_dropout_seed
+    from qlora.kernels import use_fast_path
     from qlora.train.graphs import GraphedSteps, pad_batch
     from qlora.train.optim import build_optimizer, zero_grads
 
     model = nf4_lora_model(dirs["llama"], dropout=0.1)
+    model.keep_attention = keep
+    if keep:  # as qlora train runs it: fused kernels, grouped projections, embedding on host
+        model.fused_kernels = True
+        use_fast_path(model, group=True)
+        if not model.move_embedding_to_host():
+            raise RuntimeError("the tiny llama's input embedding did not move to host memory")
+    tag = "-keep" if keep else ""
     seed = torch.zeros((), dtype=torch.int64, device=DEV)
     stride = seed_dropout(model, seed)
     model.gradient_checkpointing = True
@@ -249,9 +263,9 @@ def check_graphed_step(dirs):
         zero_grads(opt)
         set_dropout_seed(seed, 1, k, stride)
         got = runner(x, pos, labels, 1.0 / n).clone()
-        record(f"graphed-step-loss-{k}", abs(got.item() - eager.item()) / eager.item(), 2e-3,
+        record(f"graphed-step{tag}-loss-{k}", abs(got.item() - eager.item()) / eager.item(), 2e-3,
                graphs=len(runner.graphs))
-        record(f"graphed-step-grads-{k}", max(rel(a, b) for a, b in zip(want, grads)), 3e-2)
+        record(f"graphed-step{tag}-grads-{k}", max(rel(a, b) for a, b in zip(want, grads)), 3e-2)
 
 
 def _fwd_bwd_ms(fn, inputs, grad, reps: int = 20) -> float:
@@ -304,6 +318,12 @@ def check_fused_kernels(dirs):
             _compare_fused(f"fused-rmsnorm-{tag}-{'dw' if trainable else 'frozen'}",
                            lambda a, w: fused.rms_norm(a, w, 1e-5), lambda a, w: norm(a),
                            [x, norm.weight], grad, bound)
+        residual = randn(1, 2048, 4096, dtype=dtype).requires_grad_()
+        norm.weight.requires_grad_(False)
+        _compare_fused(f"fused-add-rmsnorm-{tag}",  # (sum, normed sum) stacked: both outputs
+                       lambda a, r, w: torch.stack(fused.add_rms_norm(a, r, w, 1e-5)),
+                       lambda a, r, w: torch.stack(fused.add_rms_norm_reference(a, r, w, 1e-5)),
+                       [x, residual, norm.weight], randn(2, 1, 2048, 4096, dtype=dtype), bound)
         gate = randn(1, 2048, 14336, dtype=dtype, scale=3.0).requires_grad_()
         up = randn(1, 2048, 14336, dtype=dtype).requires_grad_()
         _compare_fused(f"fused-swiglu-{tag}", fused.swiglu, lambda a, b: F.silu(a) * b, [gate, up],
@@ -471,6 +491,38 @@ def check_grouped_fast_path(dirs):
                 raise RuntimeError(f"{groups} modules grouped, expected attention and MLP of "
                                    f"each of {model.spec.num_layers} layers")
             _record_runs(f"grouped-fast-path-{fam}", dropout, runs)
+
+
+def check_kept_attention(dirs):
+    """keep_attention (models/decoder.AttentionKeptForRerun) against the rerun, on the path qlora
+    train runs (fused kernels, grouped projections), for each family: the same step."""
+    from qlora.kernels import use_fast_path
+
+    for fam in ("llama", "qwen2", "qwen3", "mistral"):
+        for dropout in (0.0, 0.1):
+            model = nf4_lora_model(dirs[fam], dropout=dropout)
+            model.fused_kernels = True
+            use_fast_path(model, group=True)
+            runs = _seeded_step_runs(model, (lambda: setattr(model, "keep_attention", False),
+                                             lambda: setattr(model, "keep_attention", True)))
+            _record_runs(f"kept-attention-{fam}", dropout, runs)
+
+
+def check_host_embedding(dirs):
+    """The input embedding gathered from pinned host memory (kernels/embedding.py): the same step
+    as with the table on the GPU, and the same rows as torch.embedding at Llama-3-8B's size."""
+    from qlora.kernels.embedding import gather_rows
+
+    model = nf4_lora_model(dirs["llama"], dropout=0.0)
+    runs = _seeded_step_runs(model, (lambda: None, model.move_embedding_to_host))
+    if model.model.embed_tokens.weight.device.type != "cpu":
+        raise RuntimeError("move_embedding_to_host left the table on the GPU")
+    _record_runs("host-embedding", 0.0, runs)
+    table = torch.randn(128256, 4096, dtype=torch.bfloat16).pin_memory()
+    token_ids = torch.randint(0, 128256, (2048,), device=DEV)
+    got = gather_rows(table, token_ids)
+    record("host-embedding-llama-rows", 0.0 if torch.equal(got.cpu(), table[token_ids.cpu()]) else 1.0,
+           0.0)
 
 
 def check_lora_dropout_kernels(dirs):

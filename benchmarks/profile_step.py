@@ -36,6 +36,7 @@ def build(args):
     model = random_model(spec, QuantConfig(compute_dtype=torch.bfloat16), device="cuda")
     attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.05))
     model.gradient_checkpointing = args.checkpointing
+    model.keep_attention = args.keep_attention
     model.fused_kernels = args.fused
     if args.fast:
         from qlora.kernels import use_fast_path
@@ -105,6 +106,9 @@ def main() -> int:
     parser.add_argument("--ours", action="store_true", help="flattened adapters + seeded dropout")
     parser.add_argument("--graphs", action="store_true", help="--ours with the CUDA-graph step")
     parser.add_argument("--fused", action="store_true", help="fused Triton RMSNorm/SwiGLU/RoPE")
+    parser.add_argument("--keep-attention", action="store_true",
+                        help="each layer's attention kept for its backward (qlora train's default "
+                             "where it fits)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile

@@ -17,7 +17,11 @@ Systems
             LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
             the 4-bit bases through qlora.kernels.use_fast_path (our Triton dequantize, the LoRA
             product accumulated by the base GEMM), forward+backward replayed as a CUDA graph
-            (causal SDPA for one-document rows); with and without checkpointing.
+            (causal SDPA for one-document rows); with and without checkpointing. With
+            checkpointing, each layer's attention kept for its backward (keep_attention, on where
+            the plan fits, as here on an 80 GB GPU).
+  qlora-nokeep    "qlora" with keep_attention off: attention rerun with the layer (what qlora train
+                  picks where keeping it does not fit, e.g. Llama-3-8B at 16384 on a 24 GB GPU)
   qlora-eager     the same without the CUDA graph
   qlora-ungrouped "qlora" with use_fast_path(model, group=False): one base GEMM per projection (what
                   "qlora" was until s4; s4's runs named the grouped one "qlora-grouped")
@@ -62,8 +66,8 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-eager", "qlora-old", "qlora-bnb",
-           "qlora-unfused"]
+SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-eager", "qlora-old",
+           "qlora-bnb", "qlora-unfused"]
 
 # Real shapes, random weights.
 SHAPES = {
@@ -308,14 +312,17 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          target_modules=list(SEVEN)))
-    if variant in ("qlora", "qlora-eager", "qlora-unfused", "qlora-bnb", "qlora-ungrouped"):
+    if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-unfused", "qlora-bnb",
+                   "qlora-ungrouped"):
         model.train()
+        model.keep_attention = variant != "qlora-nokeep"
         # as the loop sets them (RunConfig.fused_kernels), before the graphs capture the step
         model.fused_kernels = variant != "qlora-unfused"
-        if variant in ("qlora", "qlora-eager", "qlora-ungrouped") and args.device == "cuda":
+        if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped") and args.device == "cuda":
             from qlora.kernels import use_fast_path
 
             use_fast_path(model, group=variant != "qlora-ungrouped")
+            model.move_embedding_to_host()  # as qlora train does on a GPU (embedding_on_host)
         step = QloraStep(model, args, graphs=variant != "qlora-eager")
         return model, [p for p in model.parameters() if p.requires_grad], step, False
     model.train()

@@ -1,4 +1,4 @@
-"""The fused RMSNorm, SwiGLU and RoPE kernels (qlora.kernels.fused) against decoder.py's torch
+"""The fused RMSNorm (alone and after the residual add), SwiGLU and RoPE kernels (qlora.kernels.fused) against decoder.py's torch
 code, run by Triton's interpreter on the CPU: forward outputs and backward gradients on random
 inputs, fp32 and bf16, and a tiny model's loss and adapter gradients with fused_kernels on and off.
 
@@ -176,6 +176,97 @@ def test_fused_rmsnorm_equals_decoder_rmsnorm_forward_and_backward():
     assert mixed["dtype"] == mixed["ref_dtype"] == "torch.float32" and mixed["rel"] <= BF16_BOUND
 
 
+ADD_RMSNORM_CHECK = PRELUDE + r"""
+from qlora.errors import QloraError
+EPS = 1e-5
+extra = dict(reference_is_decoder=[], saved=[], shared_grad=[], unused_grads=[])
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in [(3, 5, 48), (4, 100), (2, 64)]:  # 48 and 100: rows not a power of two
+        torch.manual_seed(len(results))
+        n = shape[-1]
+        x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+        res = (torch.randn(shape) * 2).to(dtype).requires_grad_()
+        weight = (torch.rand(n) + 0.5).to(dtype)
+        # the reference is decoder.RMSNorm on torch's sum, bit for bit
+        norm = decoder.RMSNorm(n, EPS).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            total, normed = fused.add_rms_norm_reference(x, res, weight, EPS)
+            extra["reference_is_decoder"].append(
+                bool(torch.equal(total, x + res) and torch.equal(normed, norm(x + res))))
+        # upstream gradients along the outputs too, so the rstd term of dx matters
+        g_total = torch.randn(shape).to(dtype)
+        g_normed = (torch.randn(shape) + normed.float()).to(dtype)
+        for trainable in (True, False):
+            weight.requires_grad_(trainable)
+            inputs = [x, res, weight] if trainable else [x, res]
+            got = fused.add_rms_norm(x, res, weight, EPS)
+            want = fused.add_rms_norm_reference(x, res, weight, EPS)
+            # both outputs used; normed alone (total's gradient None); total alone (normed's None)
+            for used, pick in (("both", (0, 1)), ("normed", (1,)), ("total", (0,))):
+                grads = [(g_total, g_normed)[i] for i in pick]
+                g_got = torch.autograd.grad([got[i] for i in pick], inputs, grads,
+                                            retain_graph=True, allow_unused=True)
+                g_want = torch.autograd.grad([want[i] for i in pick], inputs, grads,
+                                             retain_graph=True, allow_unused=True)
+                if used == "total":  # the weight gets no gradient from total, in both
+                    extra["unused_grads"].append([[g is None for g in g_got[2:]],
+                                                  [g is None for g in g_want[2:]]])
+                    g_got, g_want = g_got[:2], g_want[:2]
+                extra["shared_grad"].append(bool(torch.equal(g_got[0], g_got[1])))
+                results.append(dict(out=max(rel(got[0], want[0]), rel(got[1], want[1])),
+                                    grads=[rel(a, b) for a, b in zip(g_got, g_want)],
+                                    dtype=str(got[1].dtype), ref_dtype=str(want[1].dtype),
+                                    total_dtype=[str(got[0].dtype), str(want[0].dtype)],
+                                    dtype_in=str(dtype), shape=shape, trainable=trainable,
+                                    used=used))
+        # autograd keeps total (the output's storage), the weight and one fp32 rstd per row
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            total, _ = fused.add_rms_norm(x, res, weight, EPS)
+        rows = total.numel() // n
+        extra["saved"].append(sorted([
+            "total" if t.data_ptr() == total.data_ptr() and t.shape == total.shape
+            else "weight" if t.data_ptr() == weight.data_ptr()
+            else "rstd" if t.dtype == torch.float32 and tuple(t.shape) == (rows,)
+            else f"other {tuple(t.shape)}" for t in kept]))
+# weight in fp32, input in bf16: normed is promoted to fp32, as torch's product is; total is not
+wf = torch.rand(100) + 0.5
+xb, rb = torch.randn(4, 100).to(torch.bfloat16), torch.randn(4, 100).to(torch.bfloat16)
+got, want = fused.add_rms_norm(xb, rb, wf, EPS), fused.add_rms_norm_reference(xb, rb, wf, EPS)
+extra["mixed"] = dict(dtypes=[str(t.dtype) for t in got], ref_dtypes=[str(t.dtype) for t in want],
+                      rel=max(rel(got[0], want[0]), rel(got[1], want[1])))
+try:
+    fused.add_rms_norm(torch.randn(4, 100), torch.randn(4, 100).to(torch.bfloat16), wf, EPS)
+    extra["mismatch"] = "no error"
+except QloraError as e:
+    extra["mismatch"] = str(e)
+print(json.dumps(dict(results=results, **extra)))
+"""
+
+
+def test_fused_add_rmsnorm_equals_the_residual_add_then_decoder_rmsnorm():
+    """add_rms_norm's (total, normed) and the gradients of x, residual and the weight against the
+    torch reference (itself decoder.RMSNorm on x + residual), with both outputs used or either
+    alone; total, the weight and rstd the only tensors kept for backward."""
+    out = interpreted(ADD_RMSNORM_CHECK)
+    results = out["results"]
+    check_results(results)
+    assert len(results) == 2 * 3 * 2 * 3
+    for r in results:
+        assert r["total_dtype"] == [r["dtype_in"]] * 2, r
+        assert len(r["grads"]) == (3 if r["trainable"] and r["used"] != "total" else 2), r
+    assert out["reference_is_decoder"] == [True] * 6, out["reference_is_decoder"]
+    assert all(out["shared_grad"]), out["shared_grad"]
+    # total alone: the trainable weight's gradient is None, as the reference's (frozen: none asked)
+    assert out["unused_grads"] == [[[True], [True]], [[], []]] * 6, out["unused_grads"]
+    assert out["saved"] == [["rstd", "total", "weight"]] * 6, out["saved"]
+    mixed = out["mixed"]
+    assert mixed["dtypes"] == mixed["ref_dtypes"] == ["torch.bfloat16", "torch.float32"], mixed
+    assert mixed["rel"] <= BF16_BOUND, mixed
+    assert "add_rms_norm" in out["mismatch"] and "torch.bfloat16" in out["mismatch"], out["mismatch"]
+
+
 def test_fused_swiglu_equals_silu_times_up_forward_and_backward():
     check_results(interpreted(SWIGLU_CHECK)["results"])
 
@@ -208,7 +299,7 @@ from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
 
-calls = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+calls = {"rms_norm": 0, "add_rms_norm": 0, "swiglu": 0, "rope": 0}
 for name in calls:  # count the fused ops the decoder routes through, so "on" is known to be on
     def counted(*args, _name=name, _fn=getattr(fused, name)):
         calls[_name] += 1
@@ -258,10 +349,12 @@ def test_tiny_model_trains_the_same_with_fused_kernels_on_and_off():
     out = interpreted(MODEL_CHECK)
     for name, r in out.items():
         assert sum(r["calls_off"].values()) == 0, r
-        # per layer 2 norms (+2 q/k norms on qwen3), 1 SwiGLU, 2 RoPE, each twice (the forward,
-        # then checkpointing's recompute in backward); + the final norm once
-        norms = 4 if name.startswith("qwen3") else 2
-        assert r["calls_on"] == {"rms_norm": 2 * 2 * norms + 1, "swiglu": 2 * 2, "rope": 2 * 2 * 2}, r
+        # per layer 1 norm (+2 q/k norms on qwen3), the residual add with the second norm,
+        # 1 SwiGLU, 2 RoPE, each twice (the forward, then checkpointing's recompute in backward);
+        # + the final norm once
+        norms = 3 if name.startswith("qwen3") else 1
+        assert r["calls_on"] == {"rms_norm": 2 * 2 * norms + 1, "add_rms_norm": 2 * 2,
+                                 "swiglu": 2 * 2, "rope": 2 * 2 * 2}, r
         assert r["n_grads"] == 2 * 7 * 2, r
         fp32 = "float32" in name
         assert abs(r["loss_on"] - r["loss_off"]) <= (1e-5 if fp32 else 2e-2) * abs(r["loss_off"]), r

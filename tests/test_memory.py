@@ -100,10 +100,14 @@ def test_named_shapes_have_their_real_sizes():
 def test_cli_prints_table_and_answers_fits(capsys):
     assert main(["plan", "--shape", "llama-3-8b", "--gpu-memory", "80GB"]) == 0
     out = capsys.readouterr().out
-    for part in ("4-bit base (nf4, double quant)", "16-bit embeddings + lm_head", "adapter gradients",
-                 "optimizer states", "activations", "workspace", "peak allocated", "fits on"):
+    for part in ("4-bit base (nf4, double quant)", "16-bit lm_head (bf16; the input embedding in host memory)",
+                 "adapter gradients", "optimizer states", "activations", "workspace", "peak allocated",
+                 "fits on"):
         assert part in out
     assert "does NOT fit" not in out
+    # qlora train's defaults on a GPU: the embedding in host memory; on the GPU, both tables
+    assert main(["plan", "--shape", "llama-3-8b", "--no-embedding-on-host"]) == 0
+    assert "16-bit embeddings + lm_head (untied, bf16)" in capsys.readouterr().out
 
 
 def test_cli_reads_a_model_dir_and_says_what_to_change(tmp_path, capsys):
@@ -331,3 +335,27 @@ def test_out_of_memory_mid_run_keeps_a_checkpoint_and_advises(run_inputs, tmp_pa
     assert [p.name for p in kept] == ["step-00000002"], kept
     assert f"checkpoint kept: {kept[0]}" in err
     assert "change one of" in err and "--max_seq_length" in err, err
+
+
+def test_keep_attention_is_on_where_the_plan_fits_and_off_where_it_does_not(run_inputs):
+    """RunConfig.keep_attention None (the default): check_run turns it on where the run's plan with
+    it fits the GPU, off where only the plan without it does (and on the CPU, with no GPU size);
+    asked for explicitly where it does not fit, the run is refused with the fix."""
+    from qlora.config import RunConfig
+    from qlora.errors import QloraError
+
+    model, data = run_inputs
+    cfg = RunConfig(model=str(model), data=str(data), quant="none", max_seq_length=16384)
+    arch = memory.resolve_arch(model_dir=str(model))
+    pc = memory.plan_config_for_run(cfg)
+    need = [memory.needed_bytes(plan(arch, replace(pc, keep_attention=k))) for k in (False, True)]
+    assert need[1] - need[0] > 4 * 2**20
+    between = f"{(need[0] + need[1]) // 2 // 2**20}MiB"
+    logged = []
+    for size, want in ((f"{need[1] // 2**20 + 1}MiB", True), (between, False)):
+        resolved, _ = memory.check_run(replace(cfg, gpu_memory=size), "cpu", log=logged.append)
+        assert resolved.keep_attention is want, size
+    assert any("keep_attention: on" in line for line in logged)
+    assert memory.check_run(cfg, "cpu")[0].keep_attention is False  # no GPU: nothing to plan for
+    with pytest.raises(QloraError, match="only without keep_attention.*keep_attention: false"):
+        memory.check_run(replace(cfg, gpu_memory=between, keep_attention=True), "cpu")

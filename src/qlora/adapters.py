@@ -171,7 +171,7 @@ def groupable(layers) -> bool:
             and len({layer.lora_A.out_features for layer in layers}) == 1)
 
 
-def grouped_forward(x: torch.Tensor, layers, packed: bool = False
+def grouped_forward(x: torch.Tensor, layers, packed: bool = False, base: bool = True
                     ) -> tuple[torch.Tensor, ...] | torch.Tensor:
     """[layer(x) for layer in layers] with one base GEMM over the layers' stacked 4-bit weights,
     for layers that pass `groupable` and draw their dropout masks from seed_dropout's seed (or
@@ -182,7 +182,9 @@ def grouped_forward(x: torch.Tensor, layers, packed: bool = False
     [.., Σ out] tensor, split along its last dim; the split's backward joins their gradients into
     the one tensor the backward multiplies. packed=True returns that one tensor instead (the
     layers' outputs side by side, in order), for a consumer that reads the columns in place and
-    returns its gradient whole (fused.swiglu_packed).
+    returns its gradient whole (fused.swiglu_packed). base=False leaves out the base GEMM and
+    the biases: the LoRA products alone, for a checkpoint's rerun whose consumer does not read the
+    values (models/decoder.AttentionKeptForRerun) but whose backward needs what they save.
     """
     from qlora.kernels.lora import LoraGroup, lora_4bit
 
@@ -198,9 +200,9 @@ def grouped_forward(x: torch.Tensor, layers, packed: bool = False
         metas=tuple(layer.fast_base.meta for layer in layers),
         tensors=tuple(t for layer in layers for t in layer.fast_base.tensors()))
     adapters = [layer.lora_A.weight for layer in layers] + [layer.lora_B.weight for layer in layers]
-    out = lora_4bit(x, layers[0].dropout_seed if dropout else None, group, adapters)
+    out = lora_4bit(x, layers[0].dropout_seed if dropout else None, group, adapters, base)
     biases = [layer.base_layer.bias for layer in layers]
-    if any(b is not None for b in biases):
+    if base and any(b is not None for b in biases):
         out = out + torch.cat([
             b.to(out.dtype) if b is not None
             else torch.zeros(layer.lora_B.out_features, dtype=out.dtype, device=out.device)

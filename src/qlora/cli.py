@@ -323,6 +323,12 @@ def add_plan(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--keep-attention", action="store_true",
+                   help="with checkpointing, each layer's attention kept for its backward instead "
+                        "of recomputed (qlora train's keep_attention; on by default where it fits)")
+    p.add_argument("--embedding-on-host", action=argparse.BooleanOptionalAction, default=True,
+                   help="the frozen untied input embedding in pinned host memory (qlora train's "
+                        "default on a GPU)")
     p.add_argument("--optimizer", default="paged_adamw_8bit",
                    help="paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw_torch")
     p.add_argument("--kernels", default="fused",
@@ -346,7 +352,8 @@ def run_plan(args) -> None:
         lora_dropout=args.lora_dropout, adapter_dtype=args.adapter_dtype, seq_len=args.seq_len,
         micro_batch=args.micro_batch, checkpointing=args.checkpointing,
         offload_activations=args.offload_activations, optimizer=args.optimizer, kernels=args.kernels,
-        loss=args.loss, gpus=args.gpus, sharding=args.sharding)
+        keep_attention=args.keep_attention and args.checkpointing,
+        embedding_on_host=args.embedding_on_host, loss=args.loss, gpus=args.gpus, sharding=args.sharding)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
     targets = memory.target_names(cfg.targets)

@@ -66,6 +66,14 @@ class RunConfig:
     adam_epsilon: float = 1e-8
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    # with checkpointing, each layer's attention kept from forward to backward instead of rerun:
+    # faster, for memory (Llama-3-8B: 1.25 GiB at 2048 tokens). None = on where the memory plan
+    # says the run still fits the GPU (qlora.memory.check_run)
+    keep_attention: bool | None = None
+    # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
+    # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
+    # vocab x hidden x 2 bytes
+    embedding_on_host: bool = True
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
     fused_kernels: bool = True  # Triton RMSNorm/SwiGLU/RoPE (kernels/fused.py) and, on CUDA, 4-bit dequantize (kernels/dequant.py)
     seed: int = 42

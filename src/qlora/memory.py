@@ -176,6 +176,11 @@ class PlanConfig:
     micro_batch: int = 1
     checkpointing: bool = True
     offload_activations: bool = False
+    # with checkpointing: each layer's attention kept from forward to backward, not rerun
+    # (models/decoder.AttentionKeptForRerun; qlora train's keep_attention)
+    keep_attention: bool = False
+    # the frozen input embedding (untied) in pinned host memory (qlora train's embedding_on_host)
+    embedding_on_host: bool = False
     optimizer: str = "paged_adamw_8bit"
     kernels: str = "eager"  # eager = autograd over PyTorch ops (HF/our reference); fused = issue 5's kernels
     loss: str = "chunked-fused"  # chunked cross entropy (see LOSSES), or full fp32 logits (transformers')
@@ -372,6 +377,14 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     return t
 
 
+def kept_attention_bytes_per_token(arch: Arch) -> int:
+    """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
+    v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
+    log-sum-exp of each head."""
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    return 2 * (q + 2 * kv + q) + 4 * arch.heads
+
+
 def fast_path(cfg: PlanConfig) -> bool:
     """Whether the step runs kernels/lora.py's LoRA products over 4-bit bases (qlora train on CUDA
     with fused kernels: kernels.use_fast_path, grouped projections, seeded dropout drawn inside
@@ -556,6 +569,8 @@ class Breakdown:
         base = {"none": "16-bit base (bf16)", "int8": "8-bit base (LLM.int8)"}.get(
             c.quant, f"4-bit base ({c.quant}{', double quant' if c.double_quant else ''})")
         emb = f"16-bit embeddings + lm_head ({'tied' if self.arch.tied else 'untied'}, {c.nonquant_dtype})"
+        if c.embedding_on_host and not self.arch.tied and c.gpus == 1:
+            emb = f"16-bit lm_head ({c.nonquant_dtype}; the input embedding in host memory)"
         rows = [
             (base, self.base),
             (emb, self.embeddings),
@@ -589,7 +604,11 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         if arch.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
             base_layer += _alloc(2 * n_out, rnd)  # bias stays in bf16
     base = L * base_layer
-    embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tied else 2)
+    host_embedding = cfg.embedding_on_host and not arch.tied and cfg.gpus == 1
+    embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tied or host_embedding else 2)
+    if host_embedding:
+        notes.append(f"input embedding in pinned host memory: {_gib(v * h * nbytes):.2f} GiB "
+                     "of host RAM, not on the GPU")
     norm_tensors = [h] * (2 * L + 1) + ([arch.head_dim] * 2 * L if arch.qk_norm else [])
     norms = sum(_alloc(n * nbytes, rnd) for n in norm_tensors)
 
@@ -619,6 +638,8 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         # the rerun (kernels/lora.py), which then draws no dropout mask again.
         if fast_path(cfg):
             layer_input += 2 * cfg.r * len(target_names(cfg.targets))
+        if cfg.keep_attention:
+            layer_input += kept_attention_bytes_per_token(arch)
         activations = tokens * (kept_layers * layer_input + final + rope)
         copies = per_layer_weights
         backward = tokens * (per_layer + backward_working_bytes_per_token(arch, cfg))
@@ -653,8 +674,10 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         # the dense weights a layer's rerun makes, kept for that layer's backward
         # (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
         # stops before. All alive at down_proj's backward, with its own dense weight.
+        # With kept attention the rerun makes no q, k, v: their backward dequantizes them.
+        skipped = ("down_proj",) + (("q_proj", "k_proj", "v_proj") if cfg.keep_attention else ())
         dequant += sum(2 * n_in * n_out for name, n_in, n_out in arch.linears()
-                       if name != "down_proj")
+                       if name not in skipped)
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
 
     # Several GPUs: DDP replicates everything (and keeps a bucket copy of the gradients); FSDP
@@ -879,6 +902,9 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
                       dora=cfg.use_dora, lora_dropout=cfg.lora_dropout, nonquant_dtype=nonquant,
                       seq_len=cfg.max_seq_length, micro_batch=cfg.micro_batch_size,
                       checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optim,
+                      keep_attention=bool(getattr(cfg, "keep_attention", False))
+                      and cfg.gradient_checkpointing,
+                      embedding_on_host=bool(getattr(cfg, "embedding_on_host", False)),
                       kernels="fused" if getattr(cfg, "fused_kernels", False) else "eager",
                       gpus=world_size, sharding=cfg.sharding)
 
@@ -915,11 +941,24 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
     import dataclasses
 
     gpu_bytes, gpu_name = run_gpu_bytes(cfg, device)
-    if gpu_bytes is None:
-        return cfg, {}
+    if gpu_bytes is None:  # keep_attention's default is on only where a plan says it fits
+        return dataclasses.replace(cfg, keep_attention=bool(cfg.keep_attention)), {}
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
+    if cfg.keep_attention is None:
+        keep = (cfg.gradient_checkpointing and not cfg.auto_fit
+                and fits(plan(arch, replace(pc, keep_attention=True)), gpu_bytes))
+        cfg = dataclasses.replace(cfg, keep_attention=keep)
+        pc = replace(pc, keep_attention=keep)
+        if keep:
+            log("keep_attention: on (each layer's attention kept for its backward, not rerun; "
+                "the plan fits with it; keep_attention: false turns it off)")
     b = plan(arch, pc)
+    if pc.keep_attention and not fits(b, gpu_bytes) and fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
+        raise QloraError(
+            f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only without keep_attention "
+            f"(it keeps ~{_gib(b.arch.layers * kept_attention_bytes_per_token(arch) * pc.seq_len * pc.micro_batch):.2f} GiB "
+            "of attention for backward): set keep_attention: false (or leave it out: on where it fits)")
     need = needed_bytes(b)
     facts = {"memory plan": f"needs ~{_gib(need):.1f} GiB of {_gib(gpu_bytes):.1f} GiB ({gpu_name}), "
                             f"peak allocated ~{_gib(b.allocated):.2f} GiB"}

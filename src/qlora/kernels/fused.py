@@ -1,5 +1,6 @@
-"""Fused RMSNorm, SwiGLU and RoPE: one Triton kernel each way, beside models/decoder.py's plain
-torch code, which stays the reference (tests/test_fused_kernels.py compares the two).
+"""Fused RMSNorm (alone or after the residual add), SwiGLU and RoPE: one Triton kernel each way,
+beside models/decoder.py's plain torch code, which stays the reference
+(tests/test_fused_kernels.py compares the two).
 
 Why: in eager torch each of these is a chain of elementwise kernels that each read and write the
 whole activation (RMSNorm: cast, square, mean, rsqrt, multiply, cast, multiply; as many again in
@@ -10,8 +11,13 @@ Rounding: each kernel computes in fp32 and rounds to the tensor dtype where the 
 (after normalising, after silu, after each RoPE product), so in bf16 the two differ only through
 fp32 summation order and the GPU's exp/rsqrt.
 
+add_rms_norm fuses the residual stream's `total = x + residual` into the norm that follows it:
+one pass reads x and residual and writes both total and norm(total); backward makes total's whole
+gradient (the one passed to total plus the norm's) in one pass, the gradient of x and residual.
+
 Saved for backward (what qlora.memory's kernels="fused" terms count): RMSNorm keeps its input and
-one fp32 rstd per row; SwiGLU keeps gate and up (silu is recomputed), swiglu_packed the one
+one fp32 rstd per row; add_rms_norm keeps total (its output, the norm's input) and one fp32 rstd
+per row, not x or residual; SwiGLU keeps gate and up (silu is recomputed), swiglu_packed the one
 [.., 2·I] tensor that holds both; RoPE keeps cos and sin only.
 
 Triton is imported on first use, not here: the tests set TRITON_INTERPRET=1 before that import to
@@ -36,26 +42,37 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def rmsnorm_forward(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
-        """One row per program: y = w * (x * rstd) rounded to x's dtype, rstd kept for backward."""
+    def rmsnorm_forward(x_ptr, res_ptr, w_ptr, total_ptr, y_ptr, rstd_ptr, n_cols, eps,
+                        ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program: y = w * (x * rstd) rounded to x's dtype, rstd kept for backward.
+        With ADD_RESIDUAL the norm's input is x + res (rounded to x's dtype, as torch's sum is),
+        also stored to total_ptr; without, res_ptr and total_ptr go unused."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
-        x = tl.load(x_ptr + row * n_cols + cols, mask=inside, other=0.0)
+        offsets = row * n_cols + cols
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        if ADD_RESIDUAL:
+            res = tl.load(res_ptr + offsets, mask=inside, other=0.0)
+            x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+            tl.store(total_ptr + offsets, x, mask=inside)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         # decoder.RMSNorm rounds to x's dtype before the weight: `.to(dtype).to(fp32)` here and
         # below stores an intermediate where the reference does
         normed = (xf * rstd).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * n_cols + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(y_ptr + offsets, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def rmsnorm_backward(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, programs,
-                         COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr):
-        """Rows pid, pid + programs, ...: dx per row; with COMPUTE_DW, this program's partial sum
-        of the weight gradient (one row of dw_ptr, summed over programs by the caller)."""
+    def rmsnorm_backward(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, extra_ptr, n_rows, n_cols,
+                         programs, ADD_GRAD: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """Rows pid, pid + programs, ...: dx per row; with ADD_GRAD, dx plus the gradient at
+        extra_ptr (x's, given to add_rms_norm's total), else extra_ptr goes unused; with
+        COMPUTE_DW, this program's partial sum of the weight gradient (one row of dw_ptr, summed
+        over programs by the caller)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
@@ -73,6 +90,10 @@ def _kernels():
             # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (gn - normed * mean(gn * normed))
             dot = tl.sum(gn * normed, axis=0) / n_cols
             dx = rstd * (gn - normed * dot)
+            if ADD_GRAD:
+                # autograd sums total's two gradients in x's dtype, the norm's already rounded
+                extra = tl.load(extra_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                dx = dx.to(x.dtype).to(tl.float32) + extra
             tl.store(dx_ptr + offsets, dx.to(x.dtype), mask=inside)
             if COMPUTE_DW:
                 rounded = normed.to(x.dtype).to(tl.float32)
@@ -194,7 +215,9 @@ class FusedRMSNorm(torch.autograd.Function):
         w = weight.contiguous()
         y = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, w.dtype))
         rstd = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
-        _kernels()["rmsnorm_forward"][(rows.shape[0],)](rows, w, y, rstd, n, eps, BLOCK=_pow2(n),
+        # rows and y stand in for the residual and total pointers, which go unused
+        _kernels()["rmsnorm_forward"][(rows.shape[0],)](rows, rows, w, y, y, rstd, n, eps,
+                                                        ADD_RESIDUAL=False, BLOCK=_pow2(n),
                                                         num_warps=_row_warps(_pow2(n)))
         ctx.save_for_backward(rows, w, rstd)
         ctx.shape = x.shape
@@ -203,18 +226,26 @@ class FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, w, rstd = ctx.saved_tensors
-        n_rows, n = rows.shape
-        g = grad.reshape(n_rows, n).contiguous()
-        dx = torch.empty_like(rows)
-        want_dw = ctx.needs_input_grad[1]
-        programs = _dw_programs(rows, n_rows) if want_dw else n_rows
-        partial = (torch.empty((programs, n), device=rows.device, dtype=torch.float32)
-                   if want_dw else rstd)  # a placeholder pointer when no weight gradient is made
-        _kernels()["rmsnorm_backward"][(programs,)](g, rows, w, rstd, dx, partial, n_rows, n, programs,
-                                                    COMPUTE_DW=want_dw, BLOCK=_pow2(n),
-                                                    num_warps=_row_warps(_pow2(n)))
-        dw = partial.sum(0).to(w.dtype) if want_dw else None
+        dx, dw = _rmsnorm_backward(grad, rows, w, rstd, want_dw=ctx.needs_input_grad[1])
         return dx.view(ctx.shape), dw, None
+
+
+def _rmsnorm_backward(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                      want_dw: bool, extra: torch.Tensor | None = None):
+    """(dx, dw or None) of the norm of rows [n_rows, n], given the output's gradient grad; dx
+    plus `extra` (a gradient shaped as rows, in their dtype) when one is given."""
+    n_rows, n = rows.shape
+    g = grad.reshape(n_rows, n).contiguous()
+    add_grad = extra is not None
+    extra = extra.reshape(n_rows, n).contiguous() if add_grad else g  # else a placeholder pointer
+    dx = torch.empty_like(rows)
+    programs = _dw_programs(rows, n_rows) if want_dw else n_rows
+    partial = (torch.empty((programs, n), device=rows.device, dtype=torch.float32)
+               if want_dw else rstd)  # a placeholder pointer when no weight gradient is made
+    _kernels()["rmsnorm_backward"][(programs,)](g, rows, w, rstd, dx, partial, extra, n_rows, n,
+                                                programs, ADD_GRAD=add_grad, COMPUTE_DW=want_dw,
+                                                BLOCK=_pow2(n), num_warps=_row_warps(_pow2(n)))
+    return dx, (partial.sum(0).to(w.dtype) if want_dw else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -222,6 +253,61 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.numel() == 0:
         return weight * x
     return FusedRMSNorm.apply(x, weight, eps)
+
+
+class FusedAddRMSNorm(torch.autograd.Function):
+    """(total, normed) = (x + residual, rms_norm(total)). Saves total, the weight and one fp32 rstd
+    per row; x and residual share one gradient, total's whole one, made in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        n = x.shape[-1]
+        x_rows = x.reshape(-1, n).contiguous()
+        res_rows = residual.reshape(-1, n).contiguous()
+        w = weight.contiguous()
+        total = torch.empty_like(x_rows)
+        y = torch.empty(x_rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, w.dtype))
+        rstd = torch.empty(x_rows.shape[0], device=x.device, dtype=torch.float32)
+        _kernels()["rmsnorm_forward"][(x_rows.shape[0],)](x_rows, res_rows, w, total, y, rstd, n,
+                                                          eps, ADD_RESIDUAL=True, BLOCK=_pow2(n),
+                                                          num_warps=_row_warps(_pow2(n)))
+        total, y = total.view(x.shape), y.view(x.shape)
+        ctx.save_for_backward(total, w, rstd)
+        # None, not zeros, for an output that gets no gradient: that read is skipped
+        ctx.set_materialize_grads(False)
+        return total, y
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor | None, grad_normed: torch.Tensor | None):
+        total, w, rstd = ctx.saved_tensors
+        if grad_normed is None:  # only total was used: the norm adds nothing
+            return grad_total, grad_total, None, None
+        rows = total.reshape(-1, total.shape[-1])
+        dx, dw = _rmsnorm_backward(grad_normed, rows, w, rstd, want_dw=ctx.needs_input_grad[2],
+                                   extra=grad_total)
+        dx = dx.view(total.shape)
+        return dx, dx, dw, None
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch code add_rms_norm fuses: the residual add, then decoder.RMSNorm's math on it."""
+    total = x + residual
+    normed = total.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    return total, weight * normed.to(total.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, normed) = (x + residual, rms_norm(total, weight, eps)), in one kernel each way."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise QloraError(f"add_rms_norm needs x and residual of one shape and dtype, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} "
+                         f"{residual.dtype}; cast or reshape one to match the other")
+    if x.numel() == 0:
+        return add_rms_norm_reference(x, residual, weight, eps)
+    return FusedAddRMSNorm.apply(x, residual, weight, eps)
 
 
 # ------------------------------------------------------------------------------------- SwiGLU

@@ -160,11 +160,13 @@ def _block_diagonal(matrices, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lora_4bit(x: torch.Tensor, seed: torch.Tensor | None, group: LoraGroup,
-              adapters: list[torch.Tensor]) -> torch.Tensor:
+              adapters: list[torch.Tensor], base: bool = True) -> torch.Tensor:
     """y [.., Σ out] of the group for input x: LoraProducts, then the base GEMM accumulating into
     its output. `adapters` are A_1..A_n then B_1..B_n (the trainable fp32 parameters); `seed`
-    (seed_dropout's tensor) is read only when group.p > 0."""
+    (seed_dropout's tensor) is read only when group.p > 0. base=False: LoraProducts alone."""
     lora = LoraProducts.apply(x, seed, group, *adapters)
+    if not base:
+        return lora.view(*x.shape[:-1], lora.shape[-1])
     # x's gradient through the bases is LoraProducts' to compute (see the module docstring)
     out = Matmul4bit.apply(x.detach().reshape(-1, x.shape[-1]), lora, group.metas, *group.tensors)
     return out.view(*x.shape[:-1], out.shape[-1])

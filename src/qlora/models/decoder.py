@@ -21,6 +21,7 @@ from qlora.kernels.dequant import rerun_keeps_weights
 from qlora.kernels.lora import drop_kept_products, products_for_rerun
 from qlora.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
+from qlora.kernels.embedding import gather_rows, move_to_host
 from qlora.models.spec import ArchSpec, rope_inverse_frequencies
 
 # IGNORE_INDEX (-100, the label of a position without loss) is kernels/cross_entropy.py's,
@@ -43,6 +44,15 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this norm of it): one kernel each way where fused."""
+        if (self.fused and use_triton(x) and residual.dtype == x.dtype
+                and residual.shape == x.shape):
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        total = x + residual
+        return total, self(total)
 
 
 class Rotary(nn.Module):
@@ -110,18 +120,37 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None,
+                kept: KeptAttention | None = None):
+        """`kept`: a checkpointed layer's (CheckpointedLayer): its first run keeps what attention's
+        backward needs, and its rerun reuses that instead of computing q, k, v and attention."""
         B, T, _ = x.shape
+        rerun = kept is not None and kept.first_run_done
         if self.fast_group:
-            # column views of one [B, T, q+k+v] output; RoPE reads q and k by strides. v alone is
-            # copied: attention saves it, and as a view it would keep q's and k's columns too
-            q, k, v = grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj))
-            v = v.contiguous()
+            # column views of one [B, T, q+k+v] output; RoPE reads q and k by strides. A rerun
+            # makes only the LoRA products: their backward needs the saved inputs they keep,
+            # and nothing reads the values, as the kept attention stands in for them
+            q, k, v = grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj), base=not rerun)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if kept is None:
+            y = self.attend(q, k, v, cos, sin, mask, cache)
+        else:
+            y = AttentionKeptForRerun.apply(q, k, v, kept,
+                                            functools.partial(self.attend, cos=cos, sin=sin, mask=mask))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        """q [B, T, heads, hd], k/v [B, T, kv_heads, hd] as the projections made them: norms,
+        RoPE, cache, attention. Returns [B, heads, T, hd]."""
+        if self.fast_group:
+            # v alone is copied: attention saves it, and as a column view of the grouped output
+            # it would keep q's and k's columns too
+            v = v.contiguous()
+        v = v.transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         rope = fused.rope if self.fused and use_triton(q) else apply_rope
@@ -129,8 +158,66 @@ class Attention(nn.Module):
         k = rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        y = sdpa(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return sdpa(q, k, v, mask)
+
+
+class KeptAttention:
+    """What a checkpointed layer's first run keeps of its attention for the layer's backward:
+    the autograd graph from q, k, v (as the projections made them) to attention's output, with
+    the tensors attention's backward reads (RoPE'd q and k, v, the output, its log-sum-exp)."""
+
+    def __init__(self):
+        self.inputs: tuple[torch.Tensor, ...] = ()
+        self.output: torch.Tensor | None = None
+        self.first_run_done = False
+
+    def clear(self) -> None:
+        self.inputs, self.output = (), None
+
+
+class AttentionKeptForRerun(torch.autograd.Function):
+    """attend(q, k, v), whose graph is kept from the layer's first run to its backward.
+
+    Why: a checkpoint's rerun recomputes a layer's forward just before its backward. For the
+    attention half that was the q, k, v GEMMs (with a dequantize of their weights), RoPE and
+    attention's forward: about 14 ms of a 187 ms Llama-3-8B step. Kept instead, the rerun makes
+    only what the other parts' backward reads (the normed input, the LoRA products), and this
+    function's backward runs the kept graph. It costs what attention's backward keeps (for
+    Llama-3-8B at 2048 tokens, 40 MiB a layer), from the forward to the layer's backward.
+
+    The first run builds the graph under saved-tensor hooks of its own (innermost, so the
+    checkpoint's, which would drop the tensors, do not see them) on detached copies of q, k, v's
+    views; whatever memory of theirs the graph does not save is released at once. The rerun
+    returns the kept output and computes nothing; the backward that runs is the first run's
+    (non-reentrant checkpointing runs the first run's graph, with the rerun's saved tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept: KeptAttention, attend):
+        if kept.first_run_done:  # the rerun: only its saved tensors matter, and this saves none
+            return kept.output.detach()
+        inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        saved = set()
+
+        def pack(t):
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = attend(*inputs)
+        for storage in {t.untyped_storage().data_ptr(): t.untyped_storage() for t in inputs}.values():
+            if storage.data_ptr() not in saved:  # read by nothing after this forward
+                storage.resize_(0)
+        kept.inputs, kept.output, kept.first_run_done = inputs, output, True
+        ctx.kept = kept
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        kept = ctx.kept
+        grads = torch.autograd.grad(kept.output, kept.inputs, grad)
+        kept.clear()
+        return (*grads, None, None)
 
 
 def sdpa(q, k, v, mask):
@@ -268,9 +355,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, kept)
+        x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
+        return x + self.mlp(normed)
 
 
 class CheckpointedLayer:
@@ -279,18 +367,20 @@ class CheckpointedLayer:
     the rerun just before the layer's backward, reuses them instead of drawing the dropout masks
     again, and keeps the dense 4-bit weights it makes for that backward
     (kernels/dequant.rerun_keeps_weights: one dequantize less per weight, those weights held
-    from the rerun to their backward)."""
+    from the rerun to their backward). With `keep_attention`, the first run also keeps its
+    attention (KeptAttention) and the rerun skips it."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, keep_attention: bool = False):
         self.layer, self.runs = layer, 0
+        self.kept = KeptAttention() if keep_attention else None
 
     def __call__(self, *args):
         self.runs += 1
         if self.runs == 1:
             with products_for_rerun("keep"):
-                return self.layer(*args)
+                return self.layer(*args, kept=self.kept)
         with rerun_keeps_weights(), products_for_rerun("reuse"):
-            return self.layer(*args)
+            return self.layer(*args, kept=self.kept)
 
 
 class Backbone(nn.Module):
@@ -318,6 +408,9 @@ class DecoderLM(nn.Module):
         self.layers_use_rng = True
         self.loss_chunk_tokens = loss_chunk_tokens(spec.vocab_size)
         self.fused_kernels = False
+        # with checkpointing: each layer's attention kept from its forward to its backward
+        # (AttentionKeptForRerun): faster, for memory that memory.py's planner counts
+        self.keep_attention = False
 
     @property
     def fused_kernels(self) -> bool:
@@ -333,6 +426,15 @@ class DecoderLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = self._fused_kernels
+
+    def move_embedding_to_host(self) -> int:
+        """The input embedding's table into pinned host memory, where the GPU gathers each step's
+        rows (kernels/embedding.py), if it is on a GPU, frozen and not the head's weight too.
+        Returns the GPU bytes freed (0: left where it was)."""
+        table = self.model.embed_tokens.weight
+        if self.spec.tie_word_embeddings or table.requires_grad or table.device.type != "cuda":
+            return 0
+        return move_to_host(self.model.embed_tokens)
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -369,14 +471,15 @@ class DecoderLM(nn.Module):
             position_ids = position_ids.to(device, non_blocking=True)
         mask = varlen if varlen is not None else attention_mask(
             layout, past, self.spec.sliding_window, device)
-        x = self.model.embed_tokens(input_ids)
+        x = gather_rows(self.model.embed_tokens.weight, input_ids)  # the table may be in host memory
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if use_checkpoint:
             drop_kept_products()  # a previous forward's, if its backward never ran
         for layer in self.model.layers:
             if use_checkpoint:
-                x = checkpoint(CheckpointedLayer(layer), x, cos, sin, mask, use_reentrant=False,
+                x = checkpoint(CheckpointedLayer(layer, self.keep_attention), x, cos, sin, mask,
+                               use_reentrant=False,
                                preserve_rng_state=self.layers_use_rng)
             else:
                 x = layer(x, cos, sin, mask, cache)

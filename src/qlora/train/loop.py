@@ -127,6 +127,7 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
                                          target_modules=targets, use_rslora=cfg.use_rslora,
                                          use_dora=cfg.use_dora))
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.keep_attention = bool(cfg.keep_attention)
     return model
 
 
@@ -362,6 +363,11 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         from qlora.kernels import use_fast_path
 
         use_fast_path(model)
+    if cfg.embedding_on_host and device.type == "cuda" and not env.enabled:  # one GPU (see config)
+        freed = model.move_embedding_to_host()
+        if freed:
+            log(f"input embedding in pinned host memory ({freed / 2**30:.2f} GiB of GPU memory "
+                "freed; embedding_on_host: false keeps it on the GPU)")
     graphed = _graphed_steps(model, optimizer, cfg, env, device, scaler, log)
     if main:
         ckpt.clean_partial(out)

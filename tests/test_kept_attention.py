@@ -1,0 +1,110 @@
+"""keep_attention: a checkpointed layer's first run keeps its attention's autograd graph and the
+rerun skips q, k, v's base GEMM, RoPE and attention (models/decoder.AttentionKeptForRerun).
+
+Against the same step without it: the same loss and adapter gradients (the same ops run, only
+once instead of twice), fewer attention forwards and 4-bit matmuls, and the kept graph holds no
+copy of q, k, v's projection output that its backward does not read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import test_step_parts
+from qlora.adapters import seed_dropout, set_dropout_seed
+from qlora.kernels import dequant, use_fast_path
+from qlora.models import decoder
+
+from test_dequant_kernel import assert_same_runs  # noqa: E402
+from test_step_parts import tiny_model  # noqa: E402
+
+
+def family_model(family: str, dropout: float):
+    saved = test_step_parts.TINY
+    test_step_parts.TINY = dict(saved, model_type=family)
+    try:
+        return tiny_model(dropout, quant="nf4")
+    finally:
+        test_step_parts.TINY = saved
+
+
+def counted_step(model, ids, seed, stride, monkeypatch):
+    """(loss, adapter gradients, attention forwards, 4-bit matmul forwards) of one step."""
+    counts = {"attention": 0, "matmul": 0}
+    sdpa, matmul = decoder.sdpa, dequant.Matmul4bit.forward
+
+    def counted_sdpa(*args):
+        counts["attention"] += 1
+        return sdpa(*args)
+
+    def counted_matmul(ctx, *args):
+        counts["matmul"] += 1
+        return matmul(ctx, *args)
+
+    monkeypatch.setattr(decoder, "sdpa", counted_sdpa)
+    monkeypatch.setattr(dequant.Matmul4bit, "forward", staticmethod(counted_matmul))
+    model.zero_grad()
+    set_dropout_seed(seed, run_seed=3, micro_batch_index=1, stride=stride)
+    loss = model(ids, labels=ids)
+    loss.backward()
+    monkeypatch.undo()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return loss.detach(), grads, counts["attention"], counts["matmul"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("group", [True, False])
+def test_kept_attention_gives_the_same_step_without_rerunning_attention(family, dropout, group,
+                                                                       monkeypatch):
+    model = family_model(family, dropout)
+    seed = torch.zeros((), dtype=torch.int64)
+    stride = seed_dropout(model, seed)
+    use_fast_path(model, group=group)
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    model.keep_attention = False
+    loss, grads, attention, matmuls = counted_step(model, ids, seed, stride, monkeypatch)
+    model.keep_attention = True
+    kept_loss, kept_grads, kept_attention, kept_matmuls = counted_step(model, ids, seed, stride,
+                                                                       monkeypatch)
+    assert_same_runs([(loss, grads), (kept_loss, kept_grads)])
+    layers = len(model.model.layers)
+    assert (attention, kept_attention) == (2 * layers, layers)  # the rerun ran no attention
+    # grouped: one matmul per group (q,k,v; o; gate,up; down); down's is never rerun (it ends
+    # the checkpointed block), and with kept attention neither is q,k,v's
+    per_layer = 4 if group else 7
+    rerun = per_layer - 1
+    assert matmuls == layers * (per_layer + rerun)
+    assert kept_matmuls == layers * (per_layer + rerun - (1 if group else 0))
+
+
+def test_the_kept_graph_releases_the_projection_output_it_does_not_read():
+    """Grouped q, k, v are column views of one projection output. The kept graph saves RoPE'd
+    q and k and a copy of v, not that output, so its memory goes when the first run ends."""
+    model = family_model("llama", 0.0)
+    use_fast_path(model, group=True)
+    model.gradient_checkpointing = True
+    model.keep_attention = True
+    model.train()
+    kept = []
+    init = decoder.KeptAttention.__init__
+
+    def recorded(self):
+        init(self)
+        kept.append(self)
+
+    decoder.KeptAttention.__init__ = recorded
+    try:
+        ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(ids, labels=ids)
+    finally:
+        decoder.KeptAttention.__init__ = init
+    assert len(kept) == len(model.model.layers)
+    for k in kept:
+        assert k.first_run_done and k.output is not None
+        assert all(t.untyped_storage().nbytes() == 0 for t in k.inputs)
+    loss.backward()
+    assert all(k.output is None and k.inputs == () for k in kept)  # the backward let them go
