@@ -88,7 +88,7 @@ final)  # the step as qlora train now runs it, side by side with the seeds' stac
   ;;
 checks)  # every check of the step's parts, then Llama-3-8B at 16384 (the call beside `final`)
   step 230 gpu_check $PY "$HERE/gpu_check.py" \
-    --checks dropout,cross,graphed,fused,dequant_kernel,grouped,kept_attention,host_embedding \
+    --checks dropout,cross,graphed,fused,dequant_kernel,grouped,kept_attention,host_embedding,train_defaults \
     --out "$OUT/gpu-check.jsonl"
   # qlora-nokeep is what qlora train runs on a 24 GB GPU (keeping attention does not fit there)
   step 150 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 \

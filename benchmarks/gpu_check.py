@@ -100,7 +100,7 @@ def main() -> int:
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
-              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_16bit, check_nf4, check_packed, check_grads]
+              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -523,6 +523,31 @@ def check_host_embedding(dirs):
     got = gather_rows(table, token_ids)
     record("host-embedding-llama-rows", 0.0 if torch.equal(got.cpu(), table[token_ids.cpu()]) else 1.0,
            0.0)
+
+
+def check_train_defaults(dirs):
+    """`qlora train` end to end on the GPU with its defaults (4-bit, fused kernels, CUDA graphs,
+    keep_attention where it fits, the input embedding in host memory) on the tiny llama: it
+    trains, says what it turned on, and writes the adapter."""
+    import contextlib
+    import io
+
+    from qlora.cli import main as cli
+
+    root = Path(tempfile.mkdtemp())
+    rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in
+            ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta") * 4]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, log = root / "run", io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = cli(["train", "--model", str(dirs["llama"]), "--data", str(root / "data.jsonl"),
+                  "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "1",
+                  "--save_steps", "0", "--gradient_accumulation_steps", "2"])
+    text = log.getvalue()
+    said = [("keep_attention: on" in text), ("input embedding in pinned host memory" in text),
+            (out / "adapter_model.safetensors").exists()]
+    record("train-defaults", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc, said=said,
+           log=text[-1500:])
 
 
 def check_lora_dropout_kernels(dirs):
