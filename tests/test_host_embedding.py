@@ -75,3 +75,18 @@ def test_the_planner_counts_one_table_on_the_gpu_when_the_embedding_is_on_the_ho
     # qlora train's default is on, and the run's plan says so
     cfg = RunConfig(model="m", data="d")
     assert cfg.embedding_on_host and memory.plan_config_for_run(cfg).embedding_on_host
+
+
+def test_the_compute_device_is_not_read_from_the_input_embedding():
+    """Graphs, evaluation and generation ask compute_device where to put their inputs: with the
+    table in host memory the first parameter is on the CPU while the model runs on the GPU."""
+    from qlora.models.decoder import compute_device
+    from test_step_parts import tiny_model
+
+    model = tiny_model(0.0)
+    model.model.embed_tokens.weight = nn.Parameter(torch.empty(300, 64, device="meta"),
+                                                   requires_grad=False)
+    assert next(model.parameters()).device.type == "meta"
+    assert compute_device(model) == torch.device("cpu")
+    with pytest.raises(QloraError, match="no parameters"):
+        compute_device(nn.Module())

@@ -143,11 +143,12 @@ def loss_sums(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pa
     tokens (packed padding-free unless `packing` is off). `shard=(rank, ranks)`: this process
     takes every ranks-th micro-batch (evaluation under torchrun; the caller sums over ranks)."""
     from qlora.data import build_rows, make_batch
+    from qlora.models.decoder import compute_device
 
     rank, ranks = shard
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = compute_device(model)
     rows = build_rows(encoded, max_len, packing=packing)
     total, n_tokens = 0.0, 0
     try:
@@ -270,6 +271,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
     from qlora.data import resolve_chat_template
     from qlora.infer import load_for_inference
     from qlora.models import load_tokenizer, read_spec
+    from qlora.models.decoder import compute_device
 
     if compare_base and adapter_dir is None:
         raise QloraError("--compare-base needs --adapter (it compares the base with the adapter)")
@@ -311,7 +313,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
             + ") ...")
         model, _ = load_for_inference(model_dir, adapter_dir if name == "adapter" else None,
                                       quant=quant, device=device)
-        settings_device = next(model.parameters()).device
+        settings_device = compute_device(model)
         results[name], predictions[name] = evaluate_model(model, tokenizer, data, max_len, opts,
                                                           micro_batch)
         del model

@@ -13,7 +13,7 @@ import torch
 
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
-from qlora.models.decoder import DecoderLM, KVCache
+from qlora.models.decoder import DecoderLM, KVCache, compute_device
 
 
 @dataclass
@@ -67,7 +67,7 @@ def stream(
         raise QloraError("the prompt is empty: give at least one token")
     spec = model.spec
     limit = len(input_ids) + opts.max_new_tokens
-    device = next(model.parameters()).device
+    device = compute_device(model)
     dtype = model.model.embed_tokens.weight.dtype
     cache = KVCache(spec, 1, limit, device, dtype)
     generator = None

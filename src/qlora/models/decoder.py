@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora.adapters import grouped_forward
+from qlora.errors import QloraError
 from qlora.kernels import fused
 from qlora.kernels.dequant import rerun_keeps_weights
 from qlora.kernels.lora import drop_kept_products, products_for_rerun
@@ -532,6 +533,17 @@ class DecoderLM(nn.Module):
     def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits, t, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """The device a model computes on. Not its first parameter's: that is the input embedding,
+    which may sit in host memory (DecoderLM.move_embedding_to_host); the last is the head's."""
+    last = None
+    for last in model.parameters():
+        pass
+    if last is None:
+        raise QloraError("the model has no parameters: nothing tells which device it runs on")
+    return last.device
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:

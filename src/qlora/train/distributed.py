@@ -372,10 +372,11 @@ def lockstep_loss_sums(model, encoded: list[dict], max_len: int, micro_batch: in
     the same number of forwards (each one is a collective), a rank left short repeating batch 0
     at weight 0. This rank's sums; the caller all-reduces them."""
     from qlora.data import build_rows, make_batch
+    from qlora.models.decoder import compute_device
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = compute_device(model)
     rows = build_rows(encoded, max_len, packing=packing)
     starts = list(range(0, len(rows), micro_batch))
     rounds = -(-len(starts) // env.world_size)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora.models.decoder import IGNORE_INDEX, Varlen, varlen_available
+from qlora.models.decoder import IGNORE_INDEX, Varlen, compute_device, varlen_available
 
 
 def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
@@ -129,7 +129,7 @@ class GraphedSteps:
         self.capture_error_mode, self.log = capture_error_mode, log
         self.failed: str | None = None  # why capturing failed; the steps then run eagerly
         self.pad_to, self.warmup = pad_to, warmup
-        self.device = next(p.device for p in model.parameters())
+        self.device = compute_device(model)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
