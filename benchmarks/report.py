@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ["hf", "hf+liger", "unsloth", "qlora", "qlora-fast", "qlora-bnb", "qlora-fused", "qlora-unfused", "qlora-eager",
+ORDER = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-fast", "qlora-bnb", "qlora-fused", "qlora-unfused", "qlora-eager",
          "qlora-old"]
 
 

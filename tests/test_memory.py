@@ -357,5 +357,8 @@ def test_keep_attention_is_on_where_the_plan_fits_and_off_where_it_does_not(run_
         assert resolved.keep_attention is want, size
     assert any("keep_attention: on" in line for line in logged)
     assert memory.check_run(cfg, "cpu")[0].keep_attention is False  # no GPU: nothing to plan for
+    # under torchrun it stays opt-in (not run with DDP or FSDP yet)
+    fits_size = replace(cfg, gpu_memory=f"{need[1] // 2**20 + 1}MiB")
+    assert memory.check_run(fits_size, "cpu", world_size=2, log=logged.append)[0].keep_attention is False
     with pytest.raises(QloraError, match="only without keep_attention.*keep_attention: false"):
         memory.check_run(replace(cfg, gpu_memory=between, keep_attention=True), "cpu")

@@ -68,7 +68,7 @@ class RunConfig:
     gradient_checkpointing: bool = True
     # with checkpointing, each layer's attention kept from forward to backward instead of rerun:
     # faster, for memory (Llama-3-8B: 1.25 GiB at 2048 tokens). None = on where the memory plan
-    # says the run still fits the GPU (qlora.memory.check_run)
+    # says the run still fits the GPU, in one process (qlora.memory.check_run)
     keep_attention: bool | None = None
     # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
     # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees

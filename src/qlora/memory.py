@@ -946,7 +946,8 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
     if cfg.keep_attention is None:
-        keep = (cfg.gradient_checkpointing and not cfg.auto_fit
+        # one process only: under torchrun (DDP, FSDP) it has not been run, so it stays opt-in
+        keep = (cfg.gradient_checkpointing and not cfg.auto_fit and world_size == 1
                 and fits(plan(arch, replace(pc, keep_attention=True)), gpu_bytes))
         cfg = dataclasses.replace(cfg, keep_attention=keep)
         pc = replace(pc, keep_attention=keep)
