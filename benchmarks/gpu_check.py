@@ -528,7 +528,7 @@ def check_host_embedding(dirs):
 def check_train_defaults(dirs):
     """`qlora train` end to end on the GPU with its defaults (4-bit, fused kernels, CUDA graphs,
     keep_attention where it fits, the input embedding in host memory) on the tiny llama: it
-    trains, says what it turned on, and writes the adapter."""
+    trains, evaluates on held-out examples, says what it turned on, and writes the adapter."""
     import contextlib
     import io
 
@@ -542,10 +542,12 @@ def check_train_defaults(dirs):
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         rc = cli(["train", "--model", str(dirs["llama"]), "--data", str(root / "data.jsonl"),
                   "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "1",
-                  "--save_steps", "0", "--gradient_accumulation_steps", "2"])
+                  "--save_steps", "0", "--gradient_accumulation_steps", "2",
+                  "--val_set_size", "4", "--eval_steps", "3"])
     text = log.getvalue()
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     said = [("keep_attention: on" in text), ("input embedding in pinned host memory" in text),
-            (out / "adapter_model.safetensors").exists()]
+            (out / "adapter_model.safetensors").exists(), "eval_loss" in json.dumps(summary)]
     record("train-defaults", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc, said=said,
            log=text[-1500:])
 

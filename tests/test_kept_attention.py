@@ -108,3 +108,16 @@ def test_the_kept_graph_releases_the_projection_output_it_does_not_read():
         assert all(t.untyped_storage().nbytes() == 0 for t in k.inputs)
     loss.backward()
     assert all(k.output is None and k.inputs == () for k in kept)  # the backward let them go
+
+
+def test_a_second_backward_through_kept_attention_is_refused_with_the_fix():
+    model = family_model("llama", 0.0)
+    use_fast_path(model, group=True)
+    model.gradient_checkpointing = True
+    model.keep_attention = True
+    model.train()
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    loss = model(ids, labels=ids)
+    loss.backward(retain_graph=True)
+    with pytest.raises(Exception, match="keep_attention: false"):
+        loss.backward()

@@ -362,3 +362,17 @@ def test_keep_attention_is_on_where_the_plan_fits_and_off_where_it_does_not(run_
     assert memory.check_run(fits_size, "cpu", world_size=2, log=logged.append)[0].keep_attention is False
     with pytest.raises(QloraError, match="only without keep_attention.*keep_attention: false"):
         memory.check_run(replace(cfg, gpu_memory=between, keep_attention=True), "cpu")
+
+
+def test_out_of_memory_with_kept_attention_advises_turning_it_off_first(run_inputs):
+    from qlora.config import RunConfig
+
+    model, data = run_inputs
+    cfg = RunConfig(model=str(model), data=str(data), quant="none", max_seq_length=8192,
+                    gpu_memory="24GB", keep_attention=True)
+    text = str(memory.out_of_memory_error(cfg, "cpu", RuntimeError("CUDA out of memory")))
+    advice = text.split("change one of:")[1]
+    assert advice.strip().startswith("keep_attention: false (~"), text
+    off = str(memory.out_of_memory_error(replace(cfg, keep_attention=False), "cpu",
+                                         RuntimeError("CUDA out of memory")))
+    assert "keep_attention" not in off

@@ -1017,6 +1017,11 @@ def out_of_memory_error(cfg, device, err: BaseException, checkpoint=None, dtype=
         lines.append(f"the planner predicted ~{_gib(need):.1f} GiB"
                      + (f" on {_gib(gpu_bytes):.1f} GiB ({gpu_name})" if gpu_bytes else "")
                      + f"; to need at most {_gib(budget):.1f} GiB, change one of:")
+        if pc.keep_attention:  # the first thing to give back: speed, not the run's settings
+            freed = need - needed_bytes(plan(arch, replace(pc, keep_attention=False)))
+            lines.append(f"  keep_attention: false (~{_gib(freed):.1f} GiB less: attention is "
+                         "recomputed in backward instead of kept)")
+            pc = replace(pc, keep_attention=False)
         lines += _advice_lines(arch, pc, budget)
     except QloraError as planner_err:  # a model the planner cannot read: still say what happened
         lines.append(f"(no memory plan: {planner_err})")

@@ -181,14 +181,15 @@ class AttentionKeptForRerun(torch.autograd.Function):
 
     Why: a checkpoint's rerun recomputes a layer's forward just before its backward. For the
     attention half that was the q, k, v GEMMs (with a dequantize of their weights), RoPE and
-    attention's forward: about 14 ms of a 187 ms Llama-3-8B step. Kept instead, the rerun makes
+    attention's forward: 7-8 ms of a 188 ms Llama-3-8B step on an H100 (docs/BENCHMARKS.md, sixth
+    session). Kept instead, the rerun makes
     only what the other parts' backward reads (the normed input, the LoRA products), and this
     function's backward runs the kept graph. It costs what attention's backward keeps (for
     Llama-3-8B at 2048 tokens, 40 MiB a layer), from the forward to the layer's backward.
 
     The first run builds the graph under saved-tensor hooks of its own (innermost, so the
-    checkpoint's, which would drop the tensors, do not see them) on detached copies of q, k, v's
-    views; whatever memory of theirs the graph does not save is released at once. The rerun
+    checkpoint's, which would drop the tensors, do not see them) on detached aliases of q, k and
+    v; whatever memory of theirs the graph does not save is released at once. The rerun
     returns the kept output and computes nothing; the backward that runs is the first run's
     (non-reentrant checkpointing runs the first run's graph, with the rerun's saved tensors).
     """
@@ -196,6 +197,10 @@ class AttentionKeptForRerun(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kept: KeptAttention, attend):
         if kept.first_run_done:  # the rerun: only its saved tensors matter, and this saves none
+            if kept.output is None:
+                raise QloraError("a second backward through a layer with keep_attention (its "
+                                 "attention was kept for one backward): set keep_attention: false "
+                                 "to backward twice (retain_graph)")
             return kept.output.detach()
         inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
         saved = set()
