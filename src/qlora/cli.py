@@ -344,6 +344,8 @@ def add_plan(sub) -> None:
 
 
 def run_plan(args) -> None:
+    from dataclasses import replace
+
     from qlora import memory
 
     arch = memory.resolve_arch(args.model, args.config_json, args.shape)
@@ -371,6 +373,10 @@ def run_plan(args) -> None:
     need = memory.needed_bytes(b)
     if memory.fits(b, gpu_bytes):
         print(f"fits on {gpu_name}: needs ~{need / memory.GiB:.1f} of {gpu_bytes / memory.GiB:.1f} GiB")
+        kept = memory.plan(arch, replace(cfg, keep_attention=True))
+        if cfg.checkpointing and not cfg.keep_attention and cfg.gpus == 1 and memory.fits(kept, gpu_bytes):
+            print(f"qlora train keeps attention for backward here (keep_attention, faster): peak "
+                  f"allocated ~{kept.allocated / memory.GiB:.2f} GiB; --keep-attention shows that plan")
     else:
         print(f"does NOT fit on {gpu_name}: needs ~{need / memory.GiB:.1f} of {gpu_bytes / memory.GiB:.1f} GiB")
         for advice in memory.advise(arch, cfg, gpu_bytes):
