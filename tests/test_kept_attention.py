@@ -11,22 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import test_step_parts
 from qlora.adapters import seed_dropout, set_dropout_seed
 from qlora.kernels import dequant, use_fast_path
 from qlora.models import decoder
 
 from test_dequant_kernel import assert_same_runs  # noqa: E402
-from test_step_parts import tiny_model  # noqa: E402
-
-
-def family_model(family: str, dropout: float):
-    saved = test_step_parts.TINY
-    test_step_parts.TINY = dict(saved, model_type=family)
-    try:
-        return tiny_model(dropout, quant="nf4")
-    finally:
-        test_step_parts.TINY = saved
+from test_grouped_fast_path import tiny_family_model  # noqa: E402
 
 
 def counted_step(model, ids, seed, stride, monkeypatch):
@@ -58,7 +48,7 @@ def counted_step(model, ids, seed, stride, monkeypatch):
 @pytest.mark.parametrize("group", [True, False])
 def test_kept_attention_gives_the_same_step_without_rerunning_attention(family, dropout, group,
                                                                        monkeypatch):
-    model = family_model(family, dropout)
+    model = tiny_family_model(family, dropout)
     seed = torch.zeros((), dtype=torch.int64)
     stride = seed_dropout(model, seed)
     use_fast_path(model, group=group)
@@ -84,7 +74,7 @@ def test_kept_attention_gives_the_same_step_without_rerunning_attention(family, 
 def test_the_kept_graph_releases_the_projection_output_it_does_not_read():
     """Grouped q, k, v are column views of one projection output. The kept graph saves RoPE'd
     q and k and a copy of v, not that output, so its memory goes when the first run ends."""
-    model = family_model("llama", 0.0)
+    model = tiny_family_model("llama", 0.0)
     use_fast_path(model, group=True)
     model.gradient_checkpointing = True
     model.keep_attention = True
@@ -111,7 +101,7 @@ def test_the_kept_graph_releases_the_projection_output_it_does_not_read():
 
 
 def test_a_second_backward_through_kept_attention_is_refused_with_the_fix():
-    model = family_model("llama", 0.0)
+    model = tiny_family_model("llama", 0.0)
     use_fast_path(model, group=True)
     model.gradient_checkpointing = True
     model.keep_attention = True
