@@ -23,6 +23,9 @@
 #   bash benchmarks/device_speed.sh s6 OUTDIR      # checks of kept attention (eager and graphed); Llama 2048
 #                                                  # qlora (attention kept), qlora-nokeep, the seeds' stack;
 #                                                  # profiles of both; the host-memory gather probe
+#   bash benchmarks/device_speed.sh long8k OUTDIR  # seq 8192: Llama-3-8B (qlora, qlora-nokeep, the seeds'
+#                                                  # stack, Unsloth) and Qwen2.5-1.5B (+ the seeds' stack
+#                                                  # with Liger)
 #   bash benchmarks/device_speed.sh levers OUTDIR  # grouped projections checked and timed against qlora
 #                                                  # (and the seeds' stack at Llama); a profile of Llama's
 #                                                  # graph step by kind of kernel
@@ -146,6 +149,13 @@ s6)  # sixth session: attention kept from each layer's forward to its backward (
   step 60 profile-llama-keep $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
     --fast --group --keep-attention --steps 2 --out /tmp/profile-keep
   step 40 host-gather $PY "$HERE/host_gather_probe.py"
+  ;;
+long8k)  # the issue's second configuration, seq 8192 micro-batch 1, on the sixth session's step
+  step 300 llama-8192 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 8192 \
+    --systems qlora,qlora-nokeep,hf,unsloth --no-qlora-ckpt-off --long-steps 6 --warmup 2 \
+    --out "$OUT/llama" --deadline 290
+  step 230 qwen-8192 $PY "$HERE/train_step.py" --shapes qwen2.5-1.5b --seqs 8192 \
+    --systems qlora,hf,hf+liger,unsloth --long-steps 8 --warmup 2 --out "$OUT/qwen" --deadline 220
   ;;
 casts)  # LoraProducts with the scale on A's cast and B cast into its block diagonal (fewer small
         # kernels); Llama 2048 beside the seeds' stack, and the profile
