@@ -90,3 +90,15 @@ def test_the_compute_device_is_not_read_from_the_input_embedding():
     assert compute_device(model) == torch.device("cpu")
     with pytest.raises(QloraError, match="no parameters"):
         compute_device(nn.Module())
+
+
+def test_a_table_that_cannot_be_page_locked_is_refused_with_the_fix(monkeypatch):
+    def refused(self, *args, **kwargs):
+        raise RuntimeError("cudaHostAlloc failed: out of memory\nmore detail")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refused)
+    embedding = nn.Embedding(10, 4).requires_grad_(False)
+    with pytest.raises(QloraError, match="could not page-lock .*cudaHostAlloc failed: out of memory\\); "
+                                         "set embedding_on_host: false"):
+        move_to_host(embedding)
+    assert embedding.weight.shape == (10, 4)  # left as it was

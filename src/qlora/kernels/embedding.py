@@ -71,6 +71,12 @@ def move_to_host(embedding: nn.Embedding) -> int:
     if weight.requires_grad:
         raise QloraError("the input embedding is trainable, so its table must stay on the GPU: "
                          "set embedding_on_host: false")
-    freed = weight.numel() * weight.element_size() if weight.device.type == "cuda" else 0
-    embedding.weight = nn.Parameter(weight.detach().to("cpu").pin_memory(), requires_grad=False)
-    return freed
+    nbytes = weight.numel() * weight.element_size()
+    try:
+        pinned = weight.detach().to("cpu").pin_memory()
+    except RuntimeError as err:  # e.g. a container's limit on page-locked memory
+        raise QloraError(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the "
+                         f"input embedding ({str(err).splitlines()[0]}); set embedding_on_host: "
+                         "false to keep it on the GPU") from err
+    embedding.weight = nn.Parameter(pinned, requires_grad=False)
+    return nbytes if weight.device.type == "cuda" else 0
