@@ -379,12 +379,29 @@ def batches(seed: int, seq: int, mb: int, n: int, data_vocab: int):
     return [torch.randint(4, data_vocab, (mb, seq), generator=g) for _ in range(n)]
 
 
+def gpu_busy_ms(forward_backward, optimizer_step, ids, steps: int = 2) -> float:
+    """GPU time per step: the sum of the CUDA kernels' durations over `steps` steps (torch's
+    profiler), without the gaps in which the GPU waits for the host. A host-bound step's wall
+    time is longer; this is what a faster host could bring it down to."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            forward_backward(ids)
+            optimizer_step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 2)
+
+
 def emit(path: Path, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
         f.flush()
     short = {k: rec[k] for k in ("system", "shape", "seq", "ckpt", "tokens_per_s", "peak_alloc_gib",
-                                 "peak_reserved_gib", "mfu", "loss_first", "loss_last", "error") if k in rec}
+                                 "peak_reserved_gib", "mfu", "loss_first", "loss_last", "gpu_busy_ms",
+                                 "error") if k in rec}
     print("RESULT", json.dumps(short), flush=True)
 
 
@@ -426,25 +443,32 @@ def worker(args) -> int:
                 torch.cuda.reset_peak_memory_stats()
             times, losses, opt_times = [], [], []
             warmup_peak = warmup_reserved = 0
-            for step in range(n_steps):
-                ids = data[step].to(args.device, non_blocking=False) if ours is None else data[step]
-                sync()
-                t = time.perf_counter()
+
+            def forward_backward(ids):
                 if ours is not None:
-                    loss = ours.forward_backward(ids)
-                else:
-                    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
-                        loss = loss_fn(ids, ckpt)
-                    loss.backward()
-                # one extra sync splits the step into forward+backward and clip+optimizer
-                sync()
-                t_mid = time.perf_counter()
+                    return ours.forward_backward(ids)
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(ids, ckpt)
+                loss.backward()
+                return loss
+
+            def optimizer_step():
                 if ours is not None:
                     ours.optimizer_step()
                 else:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+
+            for step in range(n_steps):
+                ids = data[step].to(args.device, non_blocking=False) if ours is None else data[step]
+                sync()
+                t = time.perf_counter()
+                loss = forward_backward(ids)
+                # one extra sync splits the step into forward+backward and clip+optimizer
+                sync()
+                t_mid = time.perf_counter()
+                optimizer_step()
                 sync()
                 t_end = time.perf_counter()
                 times.append(t_end - t)
@@ -473,6 +497,9 @@ def worker(args) -> int:
                 flops_per_step=fl["total"], mfu=round(fl["total"] / med / H100_BF16_PEAK, 4),
                 loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
                 losses=[round(x, 4) for x in losses], step_times=[round(x, 4) for x in times])
+            if cuda and args.gpu_busy:  # after the figures above: the profiler slows the host
+                rec["gpu_busy_ms"] = gpu_busy_ms(forward_backward, optimizer_step, data[-1] if ours is not None
+                                                 else data[-1].to(args.device))
         except Exception as e:  # noqa: BLE001 — a failed config is a result, not a crash
             oom = isinstance(e, torch.OutOfMemoryError)
             rec["error"] = ("OOM: " if oom else "") + f"{type(e).__name__}: {e}"[:1500]
@@ -581,6 +608,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-vocab", type=int, default=1024, help="token ids are drawn from [4, data_vocab)")
     ap.add_argument("--hf-attn", default="sdpa", help="attn_implementation for hf / hf+liger")
+    ap.add_argument("--gpu-busy", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the timed steps, profile two more for the GPU time per step "
+                         "(gpu_busy_ms: kernel time, without the GPU's waits for the host)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/run")
     ap.add_argument("--model-root", default=None, help="where the random checkpoints go (default: a tmp dir)")
@@ -605,6 +635,7 @@ def _child_argv(args, **kw) -> list[str]:
     for k in keep:
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
+    argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
     for k, v in kw.items():
         if v is True:
             argv.append(f"--{k.replace('_', '-')}")
@@ -694,7 +725,7 @@ def print_table(results: Path) -> None:
         return
     recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     print(f"\n{'system':10} {'shape':13} {'seq':>5} {'ckpt':>4} {'step s':>8} {'tok/s':>8} {'alloc':>6} "
-          f"{'resv':>6} {'MFU':>6} {'loss0':>7} {'lossN':>7}")
+          f"{'resv':>6} {'MFU':>6} {'loss0':>7} {'lossN':>7} {'GPU ms':>7}")
     for r in recs:
         head = f"{r['system']:10} {r['shape']:13} {r['seq']:>5} {'on' if r['ckpt'] else 'off':>4}"
         if "error" in r:
@@ -702,7 +733,7 @@ def print_table(results: Path) -> None:
         else:
             print(head, f"{r['step_s_median']:8.3f} {r['tokens_per_s']:8.0f} {r['peak_alloc_gib'] or 0:6.2f} "
                         f"{r['peak_reserved_gib'] or 0:6.2f} {r['mfu']:6.3f} {r['loss_first']:7.3f} "
-                        f"{r['loss_last']:7.3f}")
+                        f"{r['loss_last']:7.3f} {r.get('gpu_busy_ms', float('nan')):7.1f}")
 
 
 if __name__ == "__main__":
