@@ -435,10 +435,11 @@ class DecoderLM(nn.Module):
 
     def move_embedding_to_host(self) -> int:
         """The input embedding's table into pinned host memory, where the GPU gathers each step's
-        rows (kernels/embedding.py), if it is on a GPU, frozen and not the head's weight too.
-        Returns the GPU bytes freed (0: left where it was)."""
+        rows (kernels/embedding.py), if it is on a GPU where Triton runs, frozen and not the
+        head's weight too. Returns the GPU bytes freed (0: left where it was)."""
         table = self.model.embed_tokens.weight
-        if self.spec.tie_word_embeddings or table.requires_grad or table.device.type != "cuda":
+        if (self.spec.tie_word_embeddings or table.requires_grad or table.device.type != "cuda"
+                or not use_triton(table)):
             return 0
         return move_to_host(self.model.embed_tokens)
 
