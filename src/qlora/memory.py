@@ -385,6 +385,12 @@ def kept_attention_bytes_per_token(arch: Arch) -> int:
     return 2 * (q + 2 * kv + q) + 4 * arch.heads
 
 
+def embedding_in_host_memory(arch: Arch, cfg: PlanConfig) -> bool:
+    """Whether the input embedding sits in pinned host memory: asked for, not the head's weight
+    too (tied), and one GPU (qlora train moves it only outside torchrun)."""
+    return cfg.embedding_on_host and not arch.tied and cfg.gpus == 1
+
+
 def fast_path(cfg: PlanConfig) -> bool:
     """Whether the step runs kernels/lora.py's LoRA products over 4-bit bases (qlora train on CUDA
     with fused kernels: kernels.use_fast_path, grouped projections, seeded dropout drawn inside
@@ -569,7 +575,7 @@ class Breakdown:
         base = {"none": "16-bit base (bf16)", "int8": "8-bit base (LLM.int8)"}.get(
             c.quant, f"4-bit base ({c.quant}{', double quant' if c.double_quant else ''})")
         emb = f"16-bit embeddings + lm_head ({'tied' if self.arch.tied else 'untied'}, {c.nonquant_dtype})"
-        if c.embedding_on_host and not self.arch.tied and c.gpus == 1:
+        if embedding_in_host_memory(self.arch, c):
             emb = f"16-bit lm_head ({c.nonquant_dtype}; the input embedding in host memory)"
         rows = [
             (base, self.base),
@@ -604,7 +610,7 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         if arch.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
             base_layer += _alloc(2 * n_out, rnd)  # bias stays in bf16
     base = L * base_layer
-    host_embedding = cfg.embedding_on_host and not arch.tied and cfg.gpus == 1
+    host_embedding = embedding_in_host_memory(arch, cfg)
     embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tied or host_embedding else 2)
     if host_embedding:
         notes.append(f"input embedding in pinned host memory: {_gib(v * h * nbytes):.2f} GiB "
