@@ -23,6 +23,10 @@
 #   bash benchmarks/device_speed.sh s6 OUTDIR      # checks of kept attention (eager and graphed); Llama 2048
 #                                                  # qlora (attention kept), qlora-nokeep, the seeds' stack;
 #                                                  # profiles of both; the host-memory gather probe
+#   bash benchmarks/device_speed.sh s7 OUTDIR      # checks of attention kept in every / the last layer;
+#                                                  # Llama-3-8B 16384 with the count the planner keeps on a
+#                                                  # 24 GB GPU, beside none kept; profile with copies and
+#                                                  # elementwise kernels by name
 #   bash benchmarks/device_speed.sh long8k OUTDIR  # seq 8192: Llama-3-8B (qlora, qlora-nokeep, the seeds'
 #                                                  # stack, Unsloth) and Qwen2.5-1.5B (+ the seeds' stack
 #                                                  # with Liger)
@@ -95,7 +99,8 @@ checks)  # every check of the step's parts, then Llama-3-8B at 16384 (the call b
   step 230 gpu_check $PY "$HERE/gpu_check.py" \
     --checks dropout,cross,graphed,fused,dequant_kernel,grouped,kept_attention,host_embedding,train_defaults \
     --out "$OUT/gpu-check.jsonl"
-  # qlora-nokeep is what qlora train runs on a 24 GB GPU (keeping attention does not fit there)
+  # qlora-nokeep is what qlora train ran on a 24 GB GPU until the seventh session (now: the last
+  # 15 layers keep it, part s7)
   step 150 llama-16384 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 \
     --systems qlora-nokeep,qlora --no-qlora-ckpt-off --long-steps 4 --warmup 1 --out "$OUT/llama-16k" \
     --deadline 145
@@ -151,6 +156,18 @@ s6)  # sixth session: attention kept from each layer's forward to its backward (
   step 60 profile-llama-keep $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs --fused \
     --fast --group --keep-attention --steps 2 --out /tmp/profile-keep
   step 40 host-gather $PY "$HERE/host_gather_probe.py"
+  ;;
+s7)  # seventh session: attention kept in the last N layers where only N fit (keep_attention N)
+  step 150 gpu_check $PY "$HERE/gpu_check.py" --checks kept_attention,train_defaults --out "$OUT/gpu-check.jsonl"
+  # the count qlora train keeps on a 24 GB GPU at 16384 tokens, as the planner answers it
+  N=$(PYTHONPATH="$HERE/../src:${PYTHONPATH:-}" $PY -m qlora.cli plan --shape llama-3-8b --seq-len 16384 \
+      --gpu-memory 24GB | sed -n 's/.*in the last \([0-9]*\) of 32 layers.*/\1/p')
+  echo "=== plan: attention kept in the last ${N:-(none)} layers at 16384 on a 24 GB GPU"
+  step 200 llama-16384-planned $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 16384 \
+    --systems qlora,qlora-nokeep --keep-attention "${N:-0}" --no-qlora-ckpt-off --long-steps 5 --warmup 1 \
+    --out "$OUT/llama-16k" --model-root /tmp/models --deadline 195
+  step 70 profile-llama-detail $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs \
+    --fused --fast --group --keep-attention --steps 2 --detail copy,elementwise,other --out /tmp/profile
   ;;
 long8k)  # the issue's second configuration, seq 8192 micro-batch 1, on the sixth session's step
   step 300 llama-8192 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 8192 \

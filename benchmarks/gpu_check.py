@@ -495,7 +495,8 @@ def check_grouped_fast_path(dirs):
 
 def check_kept_attention(dirs):
     """keep_attention (models/decoder.AttentionKeptForRerun) against the rerun, on the path qlora
-    train runs (fused kernels, grouped projections), for each family: the same step."""
+    train runs (fused kernels, grouped projections), for each family: the same step, with
+    attention kept in every layer and in the last one only."""
     from qlora.kernels import use_fast_path
 
     for fam in ("llama", "qwen2", "qwen3", "mistral"):
@@ -503,9 +504,11 @@ def check_kept_attention(dirs):
             model = nf4_lora_model(dirs[fam], dropout=dropout)
             model.fused_kernels = True
             use_fast_path(model, group=True)
-            runs = _seeded_step_runs(model, (lambda: setattr(model, "keep_attention", False),
-                                             lambda: setattr(model, "keep_attention", True)))
-            _record_runs(f"kept-attention-{fam}", dropout, runs)
+            # true: every layer; 1: the last layer only (keep_attention N, where only N fit)
+            runs = _seeded_step_runs(model, [lambda k=k: setattr(model, "keep_attention", k)
+                                             for k in (False, True, 1)])
+            _record_runs(f"kept-attention-{fam}", dropout, runs[:2])
+            _record_runs(f"kept-attention-last-layer-{fam}", dropout, [runs[0], runs[2]])
 
 
 def check_host_embedding(dirs):

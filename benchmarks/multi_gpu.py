@@ -104,8 +104,10 @@ def part_a(args, out: Path, deadline: float) -> None:
         recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [r["loss"] for r in recs if r["split"] == "train"]
         summary = json.loads((run_dir / "summary.json").read_text())
+        said = (out / "logs" / f"a_{name}.log").read_text(errors="replace")
         emit(out, {"part": "a", "run": name, "ok": True, "ranks": nproc, "losses": curves[name],
-                   "compute_dtype": summary.get("compute_dtype"), "device": summary.get("device")})
+                   "compute_dtype": summary.get("compute_dtype"), "device": summary.get("device"),
+                   "keep_attention_on": "keep_attention: on" in said})
     ref = curves.get("1rank_accum2")
     for name in ("2rank_ddp_accum1", "2rank_fsdp_accum1"):
         if ref and name in curves and len(curves[name]) == len(ref):

@@ -84,12 +84,20 @@ KINDS = (  # (kind, substrings of a kernel's name), first match wins
 )
 
 
+def kind_of(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    return next((k for k, keys in KINDS if any(s.lower() in name for s in keys)), "other")
+
+
+def kernels_of_kind(kernels, kind: str) -> list:
+    return [e for e in kernels if kind_of(e.key) == kind]
+
+
 def by_kind(kernels, steps: int) -> dict:
     """GPU milliseconds and kernel launches per step for each kind of kernel (KINDS; "other")."""
     totals: dict = {}
     for e in kernels:
-        name = e.key.lower()
-        kind = next((k for k, keys in KINDS if any(s.lower() in name for s in keys)), "other")
+        kind = kind_of(e.key)
         ms, n = totals.get(kind, (0.0, 0))
         totals[kind] = (ms + e.self_device_time_total / 1e3 / steps, n + e.count / steps)
     return dict(sorted(totals.items(), key=lambda kv: -kv[1][0]))
@@ -109,6 +117,8 @@ def main() -> int:
     parser.add_argument("--keep-attention", action="store_true",
                         help="each layer's attention kept for its backward (qlora train's default "
                              "where it fits)")
+    parser.add_argument("--detail", type=lambda t: [k for k in t.split(",") if k], default=[],
+                        help="kinds whose kernels are each listed by full name, e.g. copy,elementwise")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -137,6 +147,11 @@ def main() -> int:
           f"{n_kernels:.0f} kernels/step · host-bound share {(1 - gpu_busy / wall) * 100:.0f}%")
     print("GPU time per step by kind (ms):  " + "  ".join(
         f"{kind} {ms:.1f} ({n:.0f})" for kind, (ms, n) in by_kind(kernels, args.steps).items()))
+    for kind in args.detail:  # every kernel of these kinds, full name, busiest first
+        print(f"--- {kind}: ms per step, launches per step, kernel")
+        for e in sorted(kernels_of_kind(kernels, kind), key=lambda e: -e.self_device_time_total):
+            print(f"{e.self_device_time_total / 1e3 / args.steps:8.3f} {e.count / args.steps:6.0f}  "
+                  f"{e.key[:200]}")
     print(events.table(sort_by="self_cuda_time_total", row_limit=25))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
     Path(args.out).mkdir(parents=True, exist_ok=True)

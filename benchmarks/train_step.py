@@ -19,9 +19,10 @@ Systems
             product accumulated by the base GEMM), forward+backward replayed as a CUDA graph
             (causal SDPA for one-document rows); with and without checkpointing. With
             checkpointing, each layer's attention kept for its backward (keep_attention, on where
-            the plan fits, as here on an 80 GB GPU).
+            the plan fits, as here on an 80 GB GPU; --keep-attention N: the last N layers only,
+            what qlora train keeps where only N fit).
   qlora-nokeep    "qlora" with keep_attention off: attention rerun with the layer (what qlora train
-                  picks where keeping it does not fit, e.g. Llama-3-8B at 16384 on a 24 GB GPU)
+                  picks where keeping it fits in no layer)
   qlora-eager     the same without the CUDA graph
   qlora-ungrouped "qlora" with use_fast_path(model, group=False): one base GEMM per projection (what
                   "qlora" was until s4; s4's runs named the grouped one "qlora-grouped")
@@ -315,7 +316,7 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-unfused", "qlora-bnb",
                    "qlora-ungrouped"):
         model.train()
-        model.keep_attention = variant != "qlora-nokeep"
+        model.keep_attention = args.keep_attention if variant != "qlora-nokeep" else False
         # as the loop sets them (RunConfig.fused_kernels), before the graphs capture the step
         model.fused_kernels = variant != "qlora-unfused"
         if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped") and args.device == "cuda":
@@ -437,6 +438,7 @@ def worker(args) -> int:
             opt = ours.reset(ckpt) if ours is not None else _optimizer(params, args)
             if ours is not None:
                 rec["step"] = "cuda-graphs" if ours.graphs is not None else "eager-flat"
+                rec["keep_attention"] = model.keep_attention if ckpt else False
             data = batches(args.seed, seq, args.mb, n_steps, min(args.data_vocab, shape["vocab_size"]))
             if cuda:
                 torch.cuda.empty_cache()
@@ -611,6 +613,9 @@ def parse_args(argv=None):
     ap.add_argument("--gpu-busy", action=argparse.BooleanOptionalAction, default=True,
                     help="after the timed steps, profile two more for the GPU time per step "
                          "(gpu_busy_ms: kernel time, without the GPU's waits for the host)")
+    ap.add_argument("--keep-attention", type=_keep_attention, default=True,
+                    help="layers whose attention qlora keeps for backward: all (default) or the "
+                         "last N (what qlora train picks where only N fit)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/run")
     ap.add_argument("--model-root", default=None, help="where the random checkpoints go (default: a tmp dir)")
@@ -628,6 +633,10 @@ def parse_args(argv=None):
     return args
 
 
+def _keep_attention(text: str) -> bool | int:
+    return True if text == "all" else int(text)
+
+
 def _child_argv(args, **kw) -> list[str]:
     keep = ["mb", "steps", "long_steps", "long_from", "warmup", "lora_r", "lora_alpha", "lora_dropout", "lr",
             "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
@@ -636,6 +645,7 @@ def _child_argv(args, **kw) -> list[str]:
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
+    argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
     for k, v in kw.items():
         if v is True:
             argv.append(f"--{k.replace('_', '-')}")

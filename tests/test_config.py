@@ -51,12 +51,33 @@ def test_resolved_config_round_trips(tmp_path):
     ({"packing": "maybe"}, ["packing", "'maybe'", "true or false"]),
     ({"bf16": "true", "fp16": "true"}, ["bf16", "fp16"]),
     ({"resume": "latest", "overwrite": "true"}, ["resume", "overwrite"]),
+    ({"keep_attention": "some"}, ["keep_attention", "'some'", "true, false or a number of layers"]),
+    ({"keep_attention": "-2"}, ["keep_attention", "'-2'", "0 or more"]),
+    ({"keep_attention": 2.5}, ["keep_attention", "2.5", "number of layers"]),
 ])
 def test_bad_values_are_refused_with_key_value_and_allowed(overrides, needles):
     with pytest.raises(QloraError) as err:
         load_config(None, dict(BASE, **overrides))
     for needle in needles:
         assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("value, want", [
+    ("true", True), ("on", True), (True, True), ("false", False), (False, False), ("0", 0),
+    ("1", 1), (1, 1), ("12", 12), (12.0, 12), ("none", None),
+])
+def test_keep_attention_is_a_flag_or_a_number_of_layers(value, want):
+    """`1` is one layer, not true: the number is read as a count wherever it is written."""
+    got = load_config(None, dict(BASE, keep_attention=value)).keep_attention
+    assert got == want and type(got) is type(want)
+
+
+def test_keep_attention_past_the_model_s_layers_is_refused_with_the_count():
+    from qlora.config import attention_layers_kept
+
+    assert [attention_layers_kept(k, 32) for k in (True, False, None, 0, 5, 32)] == [32, 0, 0, 0, 5, 32]
+    with pytest.raises(QloraError, match="keep_attention.*40 layers.*has 32.*at most 32"):
+        attention_layers_kept(40, 32)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

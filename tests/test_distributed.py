@@ -174,11 +174,14 @@ def reference(inputs, tmp_path_factory):
 
 def test_two_ranks_equal_one_rank_with_double_accumulation(inputs, reference, tmp_path):
     """`qlora train` unchanged under torchrun: same per-step losses, evals and adapter; the output
-    dir holds the same files, each metric once (rank 1 wrote none of them)."""
+    dir holds the same files, each metric once (rank 1 wrote none of them). The ranks run with
+    gradient checkpointing and attention kept for backward (keep_attention), the reference
+    without either: the same steps."""
     ref_out, ref = reference
     out = tmp_path / "two"
-    args = [a for k, v in overrides(inputs, out, gradient_accumulation_steps=1,
-                                    save_steps=3).items() for a in (f"--{k}", str(v))]
+    args = [a for k, v in overrides(inputs, out, gradient_accumulation_steps=1, save_steps=3,
+                                    gradient_checkpointing=True, keep_attention=True).items()
+            for a in (f"--{k}", str(v))]
     proc = torchrun(["-m", "qlora.cli", "train", *args], tmp_path)
     assert proc.stdout.count("done: 6 steps") == 1  # rank 0 speaks for the run
     got, want = train_losses(out), train_losses(ref_out)

@@ -31,16 +31,17 @@ def reference(inputs, tmp_path_factory):  # noqa: F811
 
 
 def test_fsdp_two_ranks_equal_one_rank_with_double_accumulation(inputs, reference, tmp_path):  # noqa: F811
-    """The real CLI under torchrun, sharded, with gradient checkpointing and the default (8-bit)
-    optimizer, which is replaced by torch AdamW with a note: same losses, evals, adapter (which
-    peft loads), the same files as one process."""
+    """The real CLI under torchrun, sharded, with gradient checkpointing, attention kept for
+    backward (keep_attention) and the default (8-bit) optimizer, which is replaced by torch AdamW
+    with a note: same losses, evals, adapter (which peft loads), the same files as one process."""
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     ref_out, ref = reference
     out = tmp_path / "fsdp"
     args = [a for k, v in overrides(inputs, out, gradient_accumulation_steps=1, save_steps=3,
-                                    sharding="fsdp", gradient_checkpointing=True).items()
+                                    sharding="fsdp", gradient_checkpointing=True,
+                                    keep_attention=True).items()
             for a in (f"--{k}", str(v))]
     proc = torchrun(["-m", "qlora.cli", "train", *args], tmp_path)
     assert proc.stdout.count("done: 6 steps") == 1

@@ -71,6 +71,36 @@ def test_kept_attention_gives_the_same_step_without_rerunning_attention(family, 
     assert kept_matmuls == layers * (per_layer + rerun - (1 if group else 0))
 
 
+def test_attention_kept_in_the_last_n_layers_only(monkeypatch):
+    """keep_attention N: the last N layers keep it (their backward runs first), the others rerun
+    it; the step is the same."""
+    model = tiny_family_model("llama", 0.1)
+    seed = torch.zeros((), dtype=torch.int64)
+    stride = seed_dropout(model, seed)
+    use_fast_path(model, group=True)
+    model.gradient_checkpointing = True
+    model.train()
+    layers = len(model.model.layers)
+    assert layers >= 2
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    model.keep_attention = False
+    runs = [counted_step(model, ids, seed, stride, monkeypatch)]
+    kept_in = []
+    monkeypatch.setattr(decoder, "CheckpointedLayer", lambda layer, keep: (
+        kept_in.append(keep), decoder_checkpointed(layer, keep))[1])
+    model.keep_attention = 1
+    runs.append(counted_step(model, ids, seed, stride, monkeypatch))
+    assert_same_runs([run[:2] for run in runs])
+    assert kept_in == [False] * (layers - 1) + [True]
+    assert runs[1][2] == 2 * layers - 1  # one layer's rerun made no attention
+    model.keep_attention = layers + 1
+    with pytest.raises(Exception, match="keep_attention"):
+        model(ids, labels=ids)
+
+
+decoder_checkpointed = decoder.CheckpointedLayer
+
+
 def test_the_kept_graph_releases_the_projection_output_it_does_not_read():
     """Grouped q, k, v are column views of one projection output. The kept graph saves RoPE'd
     q and k and a copy of v, not that output, so its memory goes when the first run ends."""

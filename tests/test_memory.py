@@ -105,7 +105,17 @@ def test_cli_prints_table_and_answers_fits(capsys):
                  "fits on"):
         assert part in out
     assert "does NOT fit" not in out
-    assert "qlora train keeps attention for backward here" in out  # 80 GB: room to keep it
+    assert "qlora train keeps attention for backward in every layer here" in out  # 80 GB: room
+    assert "--keep-attention shows that plan" in out
+    # 24 GB at 16384 tokens: in some of the layers, with the plan that shows it
+    assert main(["plan", "--shape", "llama-3-8b", "--gpu-memory", "24GB", "--seq-len", "16384"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "keeps attention" in x][0]
+    n = int(line.split("in the last ")[1].split(" of 32 layers")[0])
+    assert 0 < n < 32 and line.endswith(f"--keep-attention {n} shows that plan")
+    assert main(["plan", "--shape", "llama-3-8b", "--gpu-memory", "24GB", "--seq-len", "16384",
+                 "--keep-attention", str(n)]) == 0
+    out = capsys.readouterr().out
+    assert f"attention kept for backward in {n} of 32 layers" in out and "fits on" in out
     # qlora train's defaults on a GPU: the embedding in host memory; on the GPU, both tables
     assert main(["plan", "--shape", "llama-3-8b", "--no-embedding-on-host"]) == 0
     assert "16-bit embeddings + lm_head (untied, bf16)" in capsys.readouterr().out
@@ -338,31 +348,49 @@ def test_out_of_memory_mid_run_keeps_a_checkpoint_and_advises(run_inputs, tmp_pa
     assert "change one of" in err and "--max_seq_length" in err, err
 
 
-def test_keep_attention_is_on_where_the_plan_fits_and_off_where_it_does_not(run_inputs):
-    """RunConfig.keep_attention None (the default): check_run turns it on where the run's plan with
-    it fits the GPU, off where only the plan without it does (and on the CPU, with no GPU size);
-    asked for explicitly where it does not fit, the run is refused with the fix."""
+def test_keep_attention_keeps_it_in_as_many_layers_as_the_plan_fits(run_inputs):
+    """RunConfig.keep_attention None (the default): check_run keeps attention in every layer where
+    that plan fits the GPU (each GPU's plan under torchrun), else in the last N for the largest N
+    that fits, else in none (and on the CPU, with no GPU size, and under auto_fit). Asked for in
+    more layers than fit, the run is refused with the count that fits."""
     from qlora.config import RunConfig
     from qlora.errors import QloraError
 
     model, data = run_inputs
     cfg = RunConfig(model=str(model), data=str(data), quant="none", max_seq_length=16384)
     arch = memory.resolve_arch(model_dir=str(model))
+    layers = arch.layers
+    assert layers >= 2
     pc = memory.plan_config_for_run(cfg)
-    need = [memory.needed_bytes(plan(arch, replace(pc, keep_attention=k))) for k in (False, True)]
-    assert need[1] - need[0] > 4 * 2**20
-    between = f"{(need[0] + need[1]) // 2 // 2**20}MiB"
+    need = [memory.needed_bytes(plan(arch, replace(pc, keep_attention=n))) for n in range(layers + 1)]
+    step = need[1] - need[0]
+    assert step > 4 * 2**20 and all(b - a == step for a, b in zip(need[1:-1], need[2:-1]))
+    # the plan grows by one layer's kept attention per layer (the last step also drops the
+    # q/k/v weights the rerun no longer makes)
+    assert plan(arch, replace(pc, keep_attention=True)).allocated == plan(
+        arch, replace(pc, keep_attention=layers)).allocated
     logged = []
-    for size, want in ((f"{need[1] // 2**20 + 1}MiB", True), (between, False)):
-        resolved, _ = memory.check_run(replace(cfg, gpu_memory=size), "cpu", log=logged.append)
-        assert resolved.keep_attention is want, size
+    for size, want in ((need[layers], True), (need[1] + step // 2, 1), (need[0] + step // 2, False)):
+        resolved, _ = memory.check_run(replace(cfg, gpu_memory=f"{size / 2**20}MiB"), "cpu", log=logged.append)
+        assert resolved.keep_attention == want and type(resolved.keep_attention) is type(want), size
     assert any("keep_attention: on" in line for line in logged)
+    assert any(f"keep_attention: 1 (the last 1 of {layers} layers'" in line for line in logged)
     assert memory.check_run(cfg, "cpu")[0].keep_attention is False  # no GPU: nothing to plan for
-    # under torchrun it stays opt-in (not run with DDP or FSDP yet)
-    fits_size = replace(cfg, gpu_memory=f"{need[1] // 2**20 + 1}MiB")
-    assert memory.check_run(fits_size, "cpu", world_size=2, log=logged.append)[0].keep_attention is False
-    with pytest.raises(QloraError, match="only without keep_attention.*keep_attention: false"):
-        memory.check_run(replace(cfg, gpu_memory=between, keep_attention=True), "cpu")
+    # under torchrun the plan is each GPU's (tests/test_distributed*.py run it with 2 ranks)
+    fits_all = replace(cfg, gpu_memory=f"{need[layers] / 2**20}MiB")
+    ddp = memory.plan_config_for_run(fits_all, world_size=2)
+    assert memory.needed_bytes(plan(arch, replace(ddp, keep_attention=True))) > need[layers]
+    fits_ddp = replace(cfg, gpu_memory=f"{memory.needed_bytes(plan(arch, replace(ddp, keep_attention=True))) / 2**20}MiB")
+    assert memory.check_run(fits_ddp, "cpu", world_size=2, log=logged.append)[0].keep_attention is True
+    assert memory.check_run(replace(fits_ddp, auto_fit=True), "cpu", log=logged.append)[0].keep_attention is False
+    one_fits = replace(cfg, gpu_memory=f"{(need[1] + step // 2) / 2**20}MiB")
+    for keep in (True, 2):
+        with pytest.raises(QloraError, match="at most 1 layers.*set keep_attention: 1"):
+            memory.check_run(replace(one_fits, keep_attention=keep), "cpu")
+    with pytest.raises(QloraError, match="at most 0 layers.*set keep_attention: false"):
+        memory.check_run(replace(cfg, gpu_memory=f"{(need[0] + step // 2) / 2**20}MiB", keep_attention=1), "cpu")
+    with pytest.raises(QloraError, match=f"has {layers}"):
+        memory.check_run(replace(fits_all, keep_attention=layers + 1), "cpu")
 
 
 def test_out_of_memory_with_kept_attention_advises_turning_it_off_first(run_inputs):

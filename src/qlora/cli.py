@@ -55,7 +55,7 @@ class _TrainParser(argparse.ArgumentParser):
 def add_train(sub) -> None:
     import dataclasses
 
-    from qlora.config import ALIASES, CHOICES, RunConfig
+    from qlora.config import ALIASES, CHOICES, NONE_MEANS, RunConfig
 
     p = sub.add_parser(
         "train", help="fine-tune adapters on a data file", allow_abbrev=False,
@@ -74,7 +74,8 @@ def add_train(sub) -> None:
         p.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
                        dest=f"opt_{f.name}", metavar=kind.upper().replace(" | NONE", ""),
                        nargs="?" if bare else None, const="true" if bare else None,
-                       help=f"{text}default {default}")
+                       help=f"{text}default {default}"
+                       + (f" ({NONE_MEANS[f.name]})" if f.name in NONE_MEANS else ""))
     p.set_defaults(func=run_train)
 
 
@@ -323,9 +324,10 @@ def add_plan(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--offload-activations", action="store_true")
-    p.add_argument("--keep-attention", action="store_true",
-                   help="with checkpointing, each layer's attention kept for its backward instead "
-                        "of recomputed (qlora train's keep_attention; on by default where it fits)")
+    p.add_argument("--keep-attention", nargs="?", const=True, default=False, type=_layer_count,
+                   metavar="N", help="with checkpointing, attention kept for backward instead of "
+                        "recomputed, in every layer or in the last N (qlora train's keep_attention; "
+                        "by default in as many layers as fit)")
     p.add_argument("--embedding-on-host", action=argparse.BooleanOptionalAction, default=True,
                    help="the frozen untied input embedding in pinned host memory (qlora train's "
                         "default on a GPU)")
@@ -343,6 +345,12 @@ def add_plan(sub) -> None:
     p.set_defaults(func=run_plan)
 
 
+def _layer_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of layers (0 or more)")
+    return int(text)
+
+
 def run_plan(args) -> None:
     from dataclasses import replace
 
@@ -354,7 +362,7 @@ def run_plan(args) -> None:
         lora_dropout=args.lora_dropout, adapter_dtype=args.adapter_dtype, seq_len=args.seq_len,
         micro_batch=args.micro_batch, checkpointing=args.checkpointing,
         offload_activations=args.offload_activations, optimizer=args.optimizer, kernels=args.kernels,
-        keep_attention=args.keep_attention and args.checkpointing,
+        keep_attention=args.keep_attention if args.checkpointing else False,
         embedding_on_host=args.embedding_on_host, loss=args.loss, gpus=args.gpus, sharding=args.sharding)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
@@ -366,17 +374,21 @@ def run_plan(args) -> None:
           f"{'on' if cfg.checkpointing else 'off'} · {cfg.optimizer} · {cfg.gpus} GPU(s)"
           + (f" {cfg.sharding}" if cfg.gpus > 1 else ""))
     print(memory.format_table(b))
-    print("calibrated on an H100 against 19 measured peaks, all within 2% (docs/BENCHMARKS.md)")
+    print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "
+          "configurations measured since within 10% (docs/MEMORY.md)")
     if gpu_bytes is None:
         print("no --gpu-memory given and no GPU detected: not checking whether it fits")
         return
     need = memory.needed_bytes(b)
     if memory.fits(b, gpu_bytes):
         print(f"fits on {gpu_name}: needs ~{need / memory.GiB:.1f} of {gpu_bytes / memory.GiB:.1f} GiB")
-        kept = memory.plan(arch, replace(cfg, keep_attention=True))
-        if cfg.checkpointing and not cfg.keep_attention and cfg.gpus == 1 and memory.fits(kept, gpu_bytes):
-            print(f"qlora train keeps attention for backward here (keep_attention, faster): peak "
-                  f"allocated ~{kept.allocated / memory.GiB:.2f} GiB; --keep-attention shows that plan")
+        n = memory.attention_layers_that_fit(arch, cfg, gpu_bytes) if cfg.gpus == 1 else 0
+        if n and not cfg.keep_attention:
+            kept = memory.plan(arch, replace(cfg, keep_attention=n))
+            which = "every layer" if n == arch.layers else f"the last {n} of {arch.layers} layers"
+            print(f"qlora train keeps attention for backward in {which} here (keep_attention, "
+                  f"faster): peak allocated ~{kept.allocated / memory.GiB:.2f} GiB; "
+                  f"--keep-attention{'' if n == arch.layers else f' {n}'} shows that plan")
     else:
         print(f"does NOT fit on {gpu_name}: needs ~{need / memory.GiB:.1f} of {gpu_bytes / memory.GiB:.1f} GiB")
         for advice in memory.advise(arch, cfg, gpu_bytes):

@@ -67,9 +67,10 @@ class RunConfig:
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     # with checkpointing, each layer's attention kept from forward to backward instead of rerun:
-    # faster, for memory (Llama-3-8B: 1.25 GiB at 2048 tokens). None = on where the memory plan
-    # says the run still fits the GPU, in one process (qlora.memory.check_run)
-    keep_attention: bool | None = None
+    # faster, for memory (Llama-3-8B: 40 MiB a layer at 2048 tokens). true: every layer; a number
+    # N: the last N layers; None = as many layers as the memory plan fits on the GPU, in one
+    # process (qlora.memory.check_run)
+    keep_attention: bool | int | None = None
     # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
     # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
     # vocab x hidden x 2 bytes
@@ -107,6 +108,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler_type": ("cosine", "linear", "constant"),
     "optim": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"),
     "sharding": ("ddp", "fsdp"),
+}
+
+# What an option's empty default (None) means, for `qlora train --help`.
+NONE_MEANS: dict[str, str] = {
+    "keep_attention": "as many layers as the memory plan fits on the GPU",
+    "gpu_memory": "the detected CUDA GPU",
+    "chat_template": "the tokenizer's own",
+    "val_data": "no separate validation file; see val_set_size",
 }
 
 # Other spellings users bring from transformers / TRL / peft / Axolotl.
@@ -217,6 +226,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise bad(f"allowed to be empty (give a value of type {getattr(tp, '__name__', tp)})")
+    if key == "keep_attention":
+        return _coerce_layers_or_flag(value, bad)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -266,6 +277,39 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise bad("a non-empty list")
         return items
     raise AssertionError(f"no coercion for {key}: {tp}")  # a field type this file forgot
+
+
+def attention_layers_kept(keep: bool | int | None, layers: int) -> int:
+    """How many of a model's `layers` keep their attention for backward under keep_attention:
+    true all, false or None none, a number N the last N (refused past `layers`)."""
+    if keep is True:
+        return layers
+    if not keep:
+        return 0
+    if keep > layers:
+        raise QloraError(f"option `keep_attention`: {keep} layers, but the model has {layers}; "
+                         f"give at most {layers}, or true for every layer")
+    return int(keep)
+
+
+def _coerce_layers_or_flag(value: Any, bad) -> bool | int:
+    """true / false, or a whole number of layers (>= 0): `1` is one layer, not true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on"):
+        return True
+    if text in ("false", "no", "off"):
+        return False
+    if isinstance(value, float) and value.is_integer():  # YAML's `12.0`
+        text = str(int(value))
+    try:
+        layers = int(text)
+    except ValueError:
+        raise bad("true, false or a number of layers") from None
+    if layers < 0:
+        raise bad("true, false or a number of layers (0 or more)")
+    return layers
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:

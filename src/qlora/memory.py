@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora.adapters import BLOCK_LINEARS as PROJECTIONS  # the seven linears, in layer order
+from qlora.config import attention_layers_kept
 from qlora.errors import QloraError
 
 GiB = 1024**3
@@ -176,9 +177,10 @@ class PlanConfig:
     micro_batch: int = 1
     checkpointing: bool = True
     offload_activations: bool = False
-    # with checkpointing: each layer's attention kept from forward to backward, not rerun
-    # (models/decoder.AttentionKeptForRerun; qlora train's keep_attention)
-    keep_attention: bool = False
+    # with checkpointing: attention kept from forward to backward, not rerun
+    # (models/decoder.AttentionKeptForRerun; qlora train's keep_attention): true in every layer,
+    # a number N in the last N
+    keep_attention: bool | int = False
     # the frozen input embedding (untied) in pinned host memory (qlora train's embedding_on_host)
     embedding_on_host: bool = False
     optimizer: str = "paged_adamw_8bit"
@@ -214,6 +216,9 @@ class PlanConfig:
                 raise QloraError(f"{option} must be a positive whole number, not {value!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise QloraError(f"blocksize {self.blocksize} is not one bitsandbytes supports (64 is the default)")
+        keep = self.keep_attention
+        if not isinstance(keep, bool) and (not isinstance(keep, int) or keep < 0):
+            raise QloraError(f"--keep-attention takes a number of layers (0 or more), not {keep!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QloraError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
         target_names(self.targets)
@@ -383,6 +388,26 @@ def kept_attention_bytes_per_token(arch: Arch) -> int:
     log-sum-exp of each head."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     return 2 * (q + 2 * kv + q) + 4 * arch.heads
+
+
+def kept_attention_layers(arch: Arch, cfg: PlanConfig) -> int:
+    """Layers whose attention is kept for backward: keep_attention's count, with checkpointing."""
+    return attention_layers_kept(cfg.keep_attention, arch.layers) if cfg.checkpointing else 0
+
+
+def attention_layers_that_fit(arch: Arch, cfg: PlanConfig, gpu_bytes: int) -> int:
+    """The most layers that can keep their attention with the plan still fitting `gpu_bytes` (0
+    without checkpointing or where even none fits). The plan grows with the count: bisected."""
+    if not cfg.checkpointing:
+        return 0
+    low, high = 0, arch.layers  # fits(low) is assumed; the answer lies in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(plan(arch, replace(cfg, keep_attention=mid)), gpu_bytes):
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def embedding_in_host_memory(arch: Arch, cfg: PlanConfig) -> bool:
@@ -644,9 +669,12 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         # the rerun (kernels/lora.py), which then draws no dropout mask again.
         if fast_path(cfg):
             layer_input += 2 * cfg.r * len(target_names(cfg.targets))
-        if cfg.keep_attention:
-            layer_input += kept_attention_bytes_per_token(arch)
-        activations = tokens * (kept_layers * layer_input + final + rope)
+        # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
+        kept_attention = kept_attention_layers(arch, cfg) * kept_attention_bytes_per_token(arch)
+        if kept_attention:
+            notes.append(f"attention kept for backward in {kept_attention_layers(arch, cfg)} of {L} "
+                         f"layers: {_gib(tokens * kept_attention):.2f} GiB (keep_attention)")
+        activations = tokens * (kept_layers * layer_input + kept_attention + final + rope)
         copies = per_layer_weights
         backward = tokens * (per_layer + backward_working_bytes_per_token(arch, cfg))
     else:
@@ -680,8 +708,10 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         # the dense weights a layer's rerun makes, kept for that layer's backward
         # (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
         # stops before. All alive at down_proj's backward, with its own dense weight.
-        # With kept attention the rerun makes no q, k, v: their backward dequantizes them.
-        skipped = ("down_proj",) + (("q_proj", "k_proj", "v_proj") if cfg.keep_attention else ())
+        # With kept attention the rerun makes no q, k, v: their backward dequantizes them. (In
+        # some layers only: counted as in none, the layers that rerun it being alive at once.)
+        every_layer_kept = kept_attention_layers(arch, cfg) == L
+        skipped = ("down_proj",) + (("q_proj", "k_proj", "v_proj") if every_layer_kept else ())
         dequant += sum(2 * n_in * n_out for name, n_in, n_out in arch.linears()
                        if name not in skipped)
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
@@ -908,8 +938,8 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
                       dora=cfg.use_dora, lora_dropout=cfg.lora_dropout, nonquant_dtype=nonquant,
                       seq_len=cfg.max_seq_length, micro_batch=cfg.micro_batch_size,
                       checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optim,
-                      keep_attention=bool(getattr(cfg, "keep_attention", False))
-                      and cfg.gradient_checkpointing,
+                      keep_attention=(getattr(cfg, "keep_attention", False) or False)
+                      if cfg.gradient_checkpointing else False,
                       embedding_on_host=bool(getattr(cfg, "embedding_on_host", False)),
                       kernels="fused" if getattr(cfg, "fused_kernels", False) else "eager",
                       gpus=world_size, sharding=cfg.sharding)
@@ -948,24 +978,31 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
 
     gpu_bytes, gpu_name = run_gpu_bytes(cfg, device)
     if gpu_bytes is None:  # keep_attention's default is on only where a plan says it fits
-        return dataclasses.replace(cfg, keep_attention=bool(cfg.keep_attention)), {}
+        return dataclasses.replace(cfg, keep_attention=cfg.keep_attention or False), {}
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
     if cfg.keep_attention is None:
-        # one process only: under torchrun (DDP, FSDP) it has not been run, so it stays opt-in
-        keep = (cfg.gradient_checkpointing and not cfg.auto_fit and world_size == 1
-                and fits(plan(arch, replace(pc, keep_attention=True)), gpu_bytes))
+        # the plan is per GPU, under torchrun (DDP, FSDP) too; auto_fit spends memory on the
+        # micro-batch instead
+        n = attention_layers_that_fit(arch, pc, gpu_bytes) if not cfg.auto_fit else 0
+        keep = True if n == arch.layers else n or False
         cfg = dataclasses.replace(cfg, keep_attention=keep)
         pc = replace(pc, keep_attention=keep)
-        if keep:
-            log("keep_attention: on (each layer's attention kept for its backward, not rerun; "
-                "the plan fits with it; keep_attention: false turns it off)")
+        if n:
+            which = "each layer's" if keep is True else f"the last {n} of {arch.layers} layers'"
+            log(f"keep_attention: {'on' if keep is True else n} ({which} attention kept for "
+                "backward, not rerun: as many layers as the memory plan fits; keep_attention: "
+                "false turns it off)")
     b = plan(arch, pc)
-    if pc.keep_attention and not fits(b, gpu_bytes) and fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
-        raise QloraError(
-            f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only without keep_attention "
-            f"(it keeps ~{_gib(b.arch.layers * kept_attention_bytes_per_token(arch) * pc.seq_len * pc.micro_batch):.2f} GiB "
-            "of attention for backward): set keep_attention: false (or leave it out: on where it fits)")
+    if kept_attention_layers(arch, pc) and not fits(b, gpu_bytes):
+        n = attention_layers_that_fit(arch, pc, gpu_bytes)
+        if n or fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
+            kept = kept_attention_layers(arch, pc)
+            raise QloraError(
+                f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only with attention kept "
+                f"in at most {n} layers (keep_attention keeps "
+                f"~{_gib(kept * kept_attention_bytes_per_token(arch) * pc.seq_len * pc.micro_batch):.2f} GiB "
+                f"in {kept}): set keep_attention: {n or 'false'} (or leave it out: as many as fit)")
     need = needed_bytes(b)
     facts = {"memory plan": f"needs ~{_gib(need):.1f} GiB of {_gib(gpu_bytes):.1f} GiB ({gpu_name}), "
                             f"peak allocated ~{_gib(b.allocated):.2f} GiB"}

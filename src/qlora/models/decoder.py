@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora.adapters import grouped_forward
+from qlora.config import attention_layers_kept
 from qlora.errors import QloraError
 from qlora.kernels import fused
 from qlora.kernels.dequant import rerun_keeps_weights
@@ -414,9 +415,10 @@ class DecoderLM(nn.Module):
         self.layers_use_rng = True
         self.loss_chunk_tokens = loss_chunk_tokens(spec.vocab_size)
         self.fused_kernels = False
-        # with checkpointing: each layer's attention kept from its forward to its backward
-        # (AttentionKeptForRerun): faster, for memory that memory.py's planner counts
-        self.keep_attention = False
+        # with checkpointing: attention kept from a layer's forward to its backward
+        # (AttentionKeptForRerun), True in every layer or N in the last N: faster, for memory
+        # that memory.py's planner counts
+        self.keep_attention: bool | int = False
 
     @property
     def fused_kernels(self) -> bool:
@@ -483,9 +485,13 @@ class DecoderLM(nn.Module):
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if use_checkpoint:
             drop_kept_products()  # a previous forward's, if its backward never ran
-        for layer in self.model.layers:
+        layers = len(self.model.layers)
+        first_kept = layers - attention_layers_kept(self.keep_attention, layers)
+        for i, layer in enumerate(self.model.layers):
             if use_checkpoint:
-                x = checkpoint(CheckpointedLayer(layer, self.keep_attention), x, cos, sin, mask,
+                # the last layers keep it: their backward comes first and frees it before the
+                # other layers' reruns make their q/k/v weights
+                x = checkpoint(CheckpointedLayer(layer, i >= first_kept), x, cos, sin, mask,
                                use_reentrant=False,
                                preserve_rng_state=self.layers_use_rng)
             else:
