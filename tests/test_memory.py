@@ -376,6 +376,9 @@ def test_keep_attention_keeps_it_in_as_many_layers_as_the_plan_fits(run_inputs):
     assert any("keep_attention: on" in line for line in logged)
     assert any(f"keep_attention: 1 (the last 1 of {layers} layers'" in line for line in logged)
     assert memory.check_run(cfg, "cpu")[0].keep_attention is False  # no GPU: nothing to plan for
+    assert memory.check_run(replace(cfg, keep_attention=layers), "cpu")[0].keep_attention == layers
+    with pytest.raises(QloraError, match=f"keep_attention.*{layers + 1} layers.*has {layers}"):
+        memory.check_run(replace(cfg, keep_attention=layers + 1), "cpu")  # before any loading
     # under torchrun the plan is each GPU's (tests/test_distributed*.py run it with 2 ranks)
     fits_all = replace(cfg, gpu_memory=f"{need[layers] / 2**20}MiB")
     ddp = memory.plan_config_for_run(fits_all, world_size=2)

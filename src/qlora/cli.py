@@ -382,7 +382,7 @@ def run_plan(args) -> None:
     need = memory.needed_bytes(b)
     if memory.fits(b, gpu_bytes):
         print(f"fits on {gpu_name}: needs ~{need / memory.GiB:.1f} of {gpu_bytes / memory.GiB:.1f} GiB")
-        n = memory.attention_layers_that_fit(arch, cfg, gpu_bytes) if cfg.gpus == 1 else 0
+        n = memory.attention_layers_that_fit(arch, cfg, gpu_bytes)
         if n and not cfg.keep_attention:
             kept = memory.plan(arch, replace(cfg, keep_attention=n))
             which = "every layer" if n == arch.layers else f"the last {n} of {arch.layers} layers"

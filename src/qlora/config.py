@@ -68,8 +68,8 @@ class RunConfig:
     gradient_checkpointing: bool = True
     # with checkpointing, each layer's attention kept from forward to backward instead of rerun:
     # faster, for memory (Llama-3-8B: 40 MiB a layer at 2048 tokens). true: every layer; a number
-    # N: the last N layers; None = as many layers as the memory plan fits on the GPU, in one
-    # process (qlora.memory.check_run)
+    # N: the last N layers; None = as many layers as the memory plan fits on the GPU (each GPU's
+    # under torchrun; qlora.memory.check_run)
     keep_attention: bool | int | None = None
     # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
     # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees

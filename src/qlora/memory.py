@@ -972,13 +972,17 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
 
     Returns (cfg, facts): cfg possibly changed by --auto_fit (micro-batch, gradient accumulation,
     checkpointing), facts for the resolved config. Raises QloraError, naming what to change, when
-    the run will not fit. Does nothing on the CPU unless --gpu_memory is given.
+    the run will not fit. On the CPU without --gpu_memory it only checks a keep_attention count
+    against the model's layers.
     """
     import dataclasses
 
     gpu_bytes, gpu_name = run_gpu_bytes(cfg, device)
+    keep = cfg.keep_attention
     if gpu_bytes is None:  # keep_attention's default is on only where a plan says it fits
-        return dataclasses.replace(cfg, keep_attention=cfg.keep_attention or False), {}
+        if keep is not True and keep:  # a count: checked against the model's layers before loading
+            attention_layers_kept(keep, resolve_arch(model_dir=cfg.model).layers)
+        return dataclasses.replace(cfg, keep_attention=keep or False), {}
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
     if cfg.keep_attention is None:

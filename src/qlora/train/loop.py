@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from qlora.adapters import seed_dropout, set_dropout_seed
-from qlora.config import CONFIG_FILE_NAME, RunConfig, attention_layers_kept, save_config, to_dict
+from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
@@ -127,8 +127,6 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
                                          target_modules=targets, use_rslora=cfg.use_rslora,
                                          use_dora=cfg.use_dora))
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    # refused here, where the layer count is known, if past it
-    attention_layers_kept(cfg.keep_attention, len(model.model.layers))
     model.keep_attention = cfg.keep_attention or False
     return model
 
