@@ -40,10 +40,12 @@ def series_name(r: dict) -> str:
 
 
 def table(recs: list[dict]) -> str:
-    rows = ["| shape | seq | ckpt | system | step s (median) | tokens/s | × hf | peak alloc GiB | peak reserved GiB "
-            "| MFU | loss step 1 | loss last (step) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["shape"], r["seq"]): r["tokens_per_s"] for r in recs if r["system"] == "hf" and "error" not in r}
+    """One row per result. "× hf" compares tokens/s, which count the seeds' stack's waits on its
+    host's CPU; "× hf, GPU time" compares kernel time per step (gpu_busy_ms), which does not."""
+    rows = ["| shape | seq | ckpt | system | step s (median) | tokens/s | × hf | GPU ms per step "
+            "| × hf, GPU time | peak alloc GiB | peak reserved GiB | MFU | loss step 1 | loss last (step) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    hf = {(r["shape"], r["seq"]): r for r in recs if r["system"] == "hf" and "error" not in r}
     key = lambda r: (r["shape"], r["seq"], ORDER.index(r["system"]), not r["ckpt"])  # noqa: E731
     for r in sorted(recs, key=key):
         head = f"| {r['shape']} | {r['seq']} | {'on' if r['ckpt'] else 'off'} | {r['system']} "
@@ -53,13 +55,16 @@ def table(recs: list[dict]) -> str:
                 err = "out of GPU memory: " + err.split("out of memory. ")[-1].split(". ")[0]
             elif not err.startswith("skipped"):
                 err = "failed: " + err[:120]
-            rows.append(head + f"| — | — | — | — | — | — | — | {err} |")
+            rows.append(head + f"| — | — | — | — | — | — | — | — | — | {err} |")
             continue
-        b = base.get((r["shape"], r["seq"]))
-        rel = f"{r['tokens_per_s'] / b:.2f}" if b else "—"
+        b = hf.get((r["shape"], r["seq"]), {})
+        rel = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "—"
+        gpu = r.get("gpu_busy_ms")
+        gpu_rel = f"{b['gpu_busy_ms'] / gpu:.2f}" if gpu and b.get("gpu_busy_ms") else "—"
         # the summary lines a run prints (RESULT ...) carry tokens/s but not the step time
         step = r.get("step_s_median") or r.get("mb", 1) * r["seq"] / r["tokens_per_s"]
-        rows.append(head + f"| {step:.3f} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_alloc_gib']:.2f} "
+        rows.append(head + f"| {step:.3f} | {r['tokens_per_s']:,.0f} | {rel} "
+                    f"| {f'{gpu:.1f}' if gpu else '—'} | {gpu_rel} | {r['peak_alloc_gib']:.2f} "
                     f"| {r['peak_reserved_gib']:.2f} | {100 * r['mfu']:.1f}% | {r['loss_first']:.4f} "
                     f"| {r['loss_last']:.4f} ({r.get('steps', '?')}) |")
     return "\n".join(rows)

@@ -69,3 +69,26 @@ def test_harness_runs_two_systems_on_the_same_data(tmp_path):
     # (hf runs unquantized on the CPU, ours NF4, hence the tolerance)
     assert recs["hf"]["loss_first"] == pytest.approx(recs["qlora"]["loss_first"], abs=0.05)
     assert json.loads((out / "env.json").read_text())["packages"]["torch"]
+
+
+def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
+    """benchmarks/report.py: × hf from tokens/s (host waits included), and from GPU time per step
+    (gpu_busy_ms, host waits left out); a failed system keeps its row, with every column."""
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    common = dict(shape="llama-3-8b", seq=2048, ckpt=True, peak_alloc_gib=1.0, peak_reserved_gib=1.0,
+                  mfu=0.5, loss_first=12.5, loss_last=12.4, steps=10)
+    recs = [dict(common, system="hf", tokens_per_s=1000.0, step_s_median=2.048, gpu_busy_ms=400.0),
+            dict(common, system="qlora", tokens_per_s=3000.0, step_s_median=0.683, gpu_busy_ms=160.0),
+            dict(common, system="qlora-nokeep", tokens_per_s=2000.0, step_s_median=1.024),
+            dict(system="unsloth", shape="llama-3-8b", seq=2048, ckpt=True, error="timed out")]
+    rows = {line.split("|")[4].strip(): line.split("|")[1:-1]
+            for line in report.table(recs).splitlines()[2:]}
+    header = report.table(recs).splitlines()[0].split("|")[1:-1]
+    assert all(len(cells) == len(header) for cells in rows.values())
+    col = {name.strip(): i for i, name in enumerate(header)}
+    assert rows["qlora"][col["× hf"]].strip() == "3.00"
+    assert rows["qlora"][col["× hf, GPU time"]].strip() == "2.50"
+    assert rows["qlora-nokeep"][col["× hf, GPU time"]].strip() == "—"  # no GPU time recorded
+    assert "failed: timed out" in rows["unsloth"][-1]
