@@ -400,10 +400,16 @@ def attention_layers_that_fit(arch: Arch, cfg: PlanConfig, gpu_bytes: int) -> in
     without checkpointing or where even none fits). The plan grows with the count: bisected."""
     if not cfg.checkpointing:
         return 0
-    low, high = 0, arch.layers  # fits(low) is assumed; the answer lies in [low, high]
+    return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.layers)
+
+
+def _largest_that_fits(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: str, low: int,
+                       high: int) -> int:
+    """The largest value of `field_name` in [low, high] whose plan fits, for a plan that grows
+    with it and fits at `low`: bisected."""
     while low < high:
         mid = (low + high + 1) // 2
-        if fits(plan(arch, replace(cfg, keep_attention=mid)), gpu_bytes):
+        if fits(plan(arch, replace(cfg, **{field_name: mid})), gpu_bytes):
             low = mid
         else:
             high = mid - 1
@@ -875,14 +881,8 @@ def auto_fit(arch: Arch, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: int =
         base = replace(cfg, checkpointing=checkpointing, micro_batch=1)
         if not fits(plan(arch, base), gpu_bytes):
             continue
-        lo, hi = 1, max_micro_batch  # memory grows with micro-batch: binary search the boundary
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(plan(arch, replace(base, micro_batch=mid)), gpu_bytes):
-                lo = mid
-            else:
-                hi = mid - 1
-        return replace(base, micro_batch=lo)
+        return replace(base, micro_batch=_largest_that_fits(arch, base, gpu_bytes, "micro_batch", 1,
+                                                            max_micro_batch))
     return None
 
 
