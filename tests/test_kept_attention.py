@@ -85,9 +85,13 @@ def test_attention_kept_in_the_last_n_layers_only(monkeypatch):
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
     model.keep_attention = False
     runs = [counted_step(model, ids, seed, stride, monkeypatch)]
-    kept_in = []
-    monkeypatch.setattr(decoder, "CheckpointedLayer", lambda layer, keep: (
-        kept_in.append(keep), decoder_checkpointed(layer, keep))[1])
+    kept_in, checkpointed = [], decoder.CheckpointedLayer
+
+    def recording(layer, keep):
+        kept_in.append(keep)
+        return checkpointed(layer, keep)
+
+    monkeypatch.setattr(decoder, "CheckpointedLayer", recording)  # counted_step undoes it
     model.keep_attention = 1
     runs.append(counted_step(model, ids, seed, stride, monkeypatch))
     assert_same_runs([run[:2] for run in runs])
@@ -96,9 +100,6 @@ def test_attention_kept_in_the_last_n_layers_only(monkeypatch):
     model.keep_attention = layers + 1
     with pytest.raises(Exception, match="keep_attention"):
         model(ids, labels=ids)
-
-
-decoder_checkpointed = decoder.CheckpointedLayer
 
 
 def test_the_kept_graph_releases_the_projection_output_it_does_not_read():
