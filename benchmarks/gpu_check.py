@@ -16,8 +16,8 @@ Checks, each against the real other tool on CUDA:
      loss and adapter gradients with fused_kernels on vs off;
   8. the dequantize kernel (kernels/dequant.py) vs bitsandbytes' (bit for bit, with timings) at a
      Llama-3-8B MLP shape and others, and a tiny model's loss and adapter gradients through the
-     fast path (qlora.kernels.use_fast_path) vs the default path;
-  9. the grouped fast path (use_fast_path(model, group=True): q/k/v and gate/up as one base GEMM)
+     fast path (SpeedPlan(fast_base=True)) vs the default path;
+  9. the grouped fast path (SpeedPlan(grouped=True): q/k/v and gate/up as one base GEMM)
      vs the per-projection one: a tiny NF4 llama's and qwen2's loss and adapter gradients;
  10. the LoRA-with-dropout kernels (kernels/lora_dropout.py) vs their torch composition in bf16 at
      Llama-3-8B and Qwen2.5-1.5B shapes, with both timed (and a sweep of the tile constants);
@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +45,10 @@ from qlora.adapters import AdapterConfig, attach_adapters  # noqa: E402
 from qlora.models import load_model  # noqa: E402
 from qlora.models import decoder  # noqa: E402
 from qlora.quant import QuantConfig  # noqa: E402
+from qlora.speed import SpeedPlan, apply_speed  # noqa: E402
 from qlora.tiny import build_tiny_model  # noqa: E402
+
+SEEDED = SpeedPlan(seeded_dropout=True)  # the reference path, LoRA dropout seeded
 
 DEV = "cuda"
 RESULTS: list[dict] = []
@@ -91,9 +95,10 @@ def ids(seed=0, b=2, t=256):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--checks", default="", help="comma-separated substrings of check names")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="write the checks' JSON lines to this file too")
+    parser.add_argument("--checks", default="", help="comma-separated substrings of the check functions' names "
+                        "(e.g. dropout,graphed,kept_attention); default: every check")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -145,12 +150,14 @@ def check_packed(dirs):
     with torch.no_grad():
         packed = model(row, position_ids=pos)
         alone = model(docs[1][None])
-        original = decoder.varlen_available
-        decoder.varlen_available = lambda device: False
+        from qlora.models import attention  # where attention_mask asks for varlen
+
+        original = attention.varlen_available
+        attention.varlen_available = lambda device: False
         try:
             masked = model(row, position_ids=pos)
         finally:
-            decoder.varlen_available = original
+            attention.varlen_available = original
     record("packed-varlen-vs-mask", rel(masked, packed), 2e-2)
     record("packed-vs-alone", rel(alone[0], packed[0, 100:137]), 2e-2)
     # the training loop passes positions and labels on the CPU; the result must not change
@@ -221,21 +228,19 @@ def check_graphed_step(dirs):
 
 
 def _check_graphed_step(dirs, keep: bool):
-    from qlora.adapters import seed_dropout, set_dropout_seed
-    from qlora.kernels import use_fast_path
+    from qlora.adapters import set_dropout_seed
     from qlora.train.graphs import GraphedSteps, pad_batch
     from qlora.train.optim import build_optimizer, zero_grads
 
     model = nf4_lora_model(dirs["llama"], dropout=0.1)
-    model.keep_attention = keep
-    if keep:  # as qlora train runs it: fused kernels, grouped projections, embedding on host
-        model.fused_kernels = True
-        use_fast_path(model, group=True)
-        if not model.move_embedding_to_host():
-            raise RuntimeError("the tiny llama's input embedding did not move to host memory")
+    # kept: as qlora train runs it (fused kernels, grouped projections, embedding on host)
+    applied = apply_speed(model, SpeedPlan(fused_kernels=keep, fast_base=keep, grouped=keep,
+                                           keep_attention=keep, seeded_dropout=True,
+                                           embedding_on_host=keep))
+    if keep and not applied.embedding_bytes_freed:
+        raise RuntimeError("the tiny llama's input embedding did not move to host memory")
     tag = "-keep" if keep else ""
-    seed = torch.zeros((), dtype=torch.int64, device=DEV)
-    stride = seed_dropout(model, seed)
+    seed, stride = applied.dropout_seed, applied.dropout_stride
     model.gradient_checkpointing = True
     model.train()
     opt = build_optimizer(model, "adamw_torch", 1e-4, 0.0, (0.9, 0.999), 1e-8)
@@ -345,12 +350,11 @@ def check_fused_kernels(dirs):
     x = ids(4, 2, 256)
     runs = []
     for on in (False, True):
-        model.fused_kernels = on
+        apply_speed(model, SpeedPlan(fused_kernels=on))
         model.zero_grad()
         loss = model(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
         loss.backward()
         runs.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    model.fused_kernels = False
     (loss_off, grads_off), (loss_on, grads_on) = runs
     record("fused-model-loss", abs(loss_on - loss_off) / loss_off, 2e-3)
     record("fused-model-grads", max(rel(a, b) for a, b in zip(grads_off, grads_on)), 5e-2)
@@ -437,31 +441,27 @@ def _sweep_dequant_launch(param):
 
 
 def _check_fast_path_model(dirs):
-    """NF4 + bf16 tiny llama, checkpointing on: use_fast_path on vs off, LoRA dropout off and
-    seeded."""
-    from qlora.kernels import use_fast_path
-
+    """NF4 + bf16 tiny llama, checkpointing on: SpeedPlan fast_base (and grouped) on vs off,
+    LoRA dropout off and seeded."""
     for dropout in (0.0, 0.1):
         model = nf4_lora_model(dirs["llama"], dropout=dropout)
-        runs = _seeded_step_runs(model, (lambda: None, lambda: use_fast_path(model)))
+        runs = _seeded_step_runs(model, (SEEDED, replace(SEEDED, fast_base=True, grouped=True)))
         _record_runs("dequant-fast-path-model", dropout, runs)
 
 
-def _seeded_step_runs(model, setups):
-    """(mean loss, adapter gradients) of one step after each of `setups`, checkpointing on, LoRA
-    dropout seeded with the same seed every time."""
-    from qlora.adapters import seed_dropout, set_dropout_seed
+def _seeded_step_runs(model, plans):
+    """(mean loss, adapter gradients) of one step with each of `plans` applied (speed.SpeedPlan,
+    each with seeded_dropout), checkpointing on, LoRA dropout drawn from the same seed every time."""
+    from qlora.adapters import set_dropout_seed
 
     x = ids(6, 2, 256)
-    seed = torch.zeros((), dtype=torch.int64, device=DEV)
-    stride = seed_dropout(model, seed)
     model.gradient_checkpointing = True
     model.train()
     runs = []
-    for setup in setups:
-        setup()
+    for plan in plans:
+        applied = apply_speed(model, plan)
         model.zero_grad()
-        set_dropout_seed(seed, 1, 0, stride)
+        set_dropout_seed(applied.dropout_seed, 1, 0, applied.dropout_stride)
         loss = model(x, labels=x) / (x.shape[0] * (x.shape[1] - 1))
         loss.backward()
         runs.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -477,15 +477,15 @@ def _record_runs(name: str, dropout: float, runs) -> None:
 
 
 def check_grouped_fast_path(dirs):
-    """NF4 + bf16 tiny llama and qwen2 (q/k/v biases), checkpointing on: use_fast_path with
-    group=True vs group=False, LoRA dropout off and seeded."""
-    from qlora.kernels import grouped_modules, use_fast_path
+    """NF4 + bf16 tiny llama and qwen2 (q/k/v biases), checkpointing on: SpeedPlan fast_base
+    with grouped=True vs grouped=False, LoRA dropout off and seeded."""
+    from qlora.speed import grouped_modules
 
     for fam in ("llama", "qwen2"):
         for dropout in (0.0, 0.1):
             model = nf4_lora_model(dirs[fam], dropout=dropout)
-            runs = _seeded_step_runs(model, (lambda: use_fast_path(model, group=False),
-                                             lambda: use_fast_path(model, group=True)))
+            fast = replace(SEEDED, fast_base=True)
+            runs = _seeded_step_runs(model, (fast, replace(fast, grouped=True)))
             groups = grouped_modules(model)
             if groups != 2 * model.spec.num_layers:
                 raise RuntimeError(f"{groups} modules grouped, expected attention and MLP of "
@@ -494,18 +494,15 @@ def check_grouped_fast_path(dirs):
 
 
 def check_kept_attention(dirs):
-    """keep_attention (models/decoder.AttentionKeptForRerun) against the rerun, on the path qlora
-    train runs (fused kernels, grouped projections), for each family: the same step, with
+    """keep_attention (speed/kept_attention.AttentionKeptForRerun) against the rerun, on the path
+    qlora train runs (fused kernels, grouped projections), for each family: the same step, with
     attention kept in every layer and in the last one only."""
-    from qlora.kernels import use_fast_path
-
+    fast = replace(SEEDED, fused_kernels=True, fast_base=True, grouped=True)
     for fam in ("llama", "qwen2", "qwen3", "mistral"):
         for dropout in (0.0, 0.1):
             model = nf4_lora_model(dirs[fam], dropout=dropout)
-            model.fused_kernels = True
-            use_fast_path(model, group=True)
             # true: every layer; 1: the last layer only (keep_attention N, where only N fit)
-            runs = _seeded_step_runs(model, [lambda k=k: setattr(model, "keep_attention", k)
+            runs = _seeded_step_runs(model, [replace(fast, keep_attention=k)
                                              for k in (False, True, 1)])
             _record_runs(f"kept-attention-{fam}", dropout, runs[:2])
             _record_runs(f"kept-attention-last-layer-{fam}", dropout, [runs[0], runs[2]])
@@ -517,9 +514,9 @@ def check_host_embedding(dirs):
     from qlora.kernels.embedding import gather_rows
 
     model = nf4_lora_model(dirs["llama"], dropout=0.0)
-    runs = _seeded_step_runs(model, (lambda: None, model.move_embedding_to_host))
+    runs = _seeded_step_runs(model, (SEEDED, replace(SEEDED, embedding_on_host=True)))
     if model.model.embed_tokens.weight.device.type != "cpu":
-        raise RuntimeError("move_embedding_to_host left the table on the GPU")
+        raise RuntimeError("embedding_on_host left the table on the GPU")
     _record_runs("host-embedding", 0.0, runs)
     table = torch.randn(128256, 4096, dtype=torch.bfloat16).pin_memory()
     token_ids = torch.randint(0, 128256, (2048,), device=DEV)

@@ -58,10 +58,10 @@ def peak_rss_mib(script: str, model_dir: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--shard", default="50MB")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the random llama checkpoint")
+    parser.add_argument("--layers", type=int, default=12, help="its number of decoder layers")
+    parser.add_argument("--shard", default="50MB", help="its safetensors shard size (save_pretrained's max_shard_size)")
     args = parser.parse_args()
     from qlora.tiny import build_tiny_model
 

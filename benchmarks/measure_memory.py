@@ -69,12 +69,14 @@ def build_ours(shape_config: dict, run: dict, device: str):
                                          use_rslora=shape_config.get("_rslora", False)))
     model.gradient_checkpointing = run["checkpointing"]
     model.train()
-    # the training loop's pieces: seeded LoRA dropout, flattened adapter parameters (eager step)
-    from qlora.adapters import seed_dropout, set_dropout_seed
+    # the training loop's pieces: seeded LoRA dropout (speed.apply_speed, no other fast path:
+    # the eager step the planner is told of), flattened adapter parameters
+    from qlora.adapters import set_dropout_seed
+    from qlora.speed import SpeedPlan, apply_speed
     from qlora.train.optim import build_optimizer, zero_grads
 
-    seed = torch.zeros((), dtype=torch.int64, device=device)
-    stride = seed_dropout(model, seed)
+    applied = apply_speed(model, SpeedPlan(seeded_dropout=True))
+    seed, stride = applied.dropout_seed, applied.dropout_stride
     optimizer = build_optimizer(model, "paged_adamw_8bit" if device == "cuda" else "adamw_torch",
                                 1e-4, 0.0, (0.9, 0.999), 1e-8)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -320,7 +322,7 @@ def _report(label: str, rec: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-1.5b", "llama-3-8b"])
     p.add_argument("--seqs", nargs="+", type=int, default=[512, 2048, 8192])
     p.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])

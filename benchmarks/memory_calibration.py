@@ -1,6 +1,7 @@
 """The planner beside every peak-memory measurement stored in benchmarks/results.
 
-    python benchmarks/memory_calibration.py            # markdown table for docs/BENCHMARKS.md
+    python benchmarks/memory_calibration.py                   # markdown table for docs/BENCHMARKS.md
+    python benchmarks/memory_calibration.py --out-of-sample   # the out-of-sample points instead
 
 Two sources, both this project's own training step on the H100 (forward, backward, clip, paged
 8-bit AdamW step; bf16, LoRA r on all seven projections, dropout 0.05, micro-batch 1):
@@ -11,9 +12,9 @@ Two sources, both this project's own training step on the H100 (forward, backwar
   keeps an fp32 clone of the adapters (`init_state`) on the GPU for the whole run, so the
   prediction adds 4 B per adapter parameter for them.
 
-Out of sample (issue 6: configurations measured after the model was last changed, none of them
-among the points above): `*-oos-planner.json` and `*-compare-llama-3-8b.json`, written by
-benchmarks/device_issue6.sh and stored by benchmarks/fold_issue6.py. `out_of_sample_points()` reads
+Out of sample (configurations measured after the model was last changed, none of them among the
+points above: `python benchmarks/memory_calibration.py --out-of-sample`): `*-oos-planner.json` and `*-compare-llama-3-8b.json`, written by
+benchmarks/device_planner_check.sh and stored by benchmarks/fold_planner_check.py. `out_of_sample_points()` reads
 them; they are not in `points()`, so the calibration table stays the set the model was fitted to.
 
 tests/test_memory.py asserts every point (both sets) stays within 10%.
@@ -131,7 +132,7 @@ def read_measure_records(path: Path, label_from_method: bool = True) -> tuple[li
         meas = rec.get("measured", {})
         if "peak_allocated" in meas:
             chunk = meas.get("planner_overrides", {}).get("loss_chunk_tokens")
-            chunk = chunk or memory.loss_chunk_tokens(memory.resolve_arch(shape=rec["shape"]).vocab)
+            chunk = chunk or memory.loss_chunk_tokens(memory.resolve_arch(shape=rec["shape"]).vocab_size)
             seeded = bool(meas.get("planner_overrides", {}).get("seeded_dropout", False))
             run.pop("seeded_dropout", None)
             run.pop("loss", None)
@@ -170,5 +171,23 @@ def table(pts: list[Point]) -> str:
     return "\n".join(rows)
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(RESULTS), help="folder of stored measurements (default: %(default)s)")
+    ap.add_argument("--out-of-sample", action="store_true",
+                    help="the out-of-sample points (*-oos-planner.json, *-compare-llama-3-8b.json) instead")
+    args = ap.parse_args(argv)
+    if args.out_of_sample:
+        pts, failed = out_of_sample_points(Path(args.results))
+        print(table(pts))
+        for f in failed:
+            print(f"not measured: {f.source} {f.label or f.shape}: {f.why}")
+    else:
+        print(table(points(Path(args.results))))
+    return 0
+
+
 if __name__ == "__main__":
-    print(table(points()))
+    sys.exit(main())

@@ -28,7 +28,10 @@ def seeds_qlora(params_b: float, hidden: int, layers: int, r: int = 16, modules:
     return parts
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     # Settings that match the seeds' assumptions: r=16 on q,k,v,o, bf16 adapters, 32-bit paged AdamW
     # states ("LoRA x 8 bytes"), seq 2048, micro-batch 1, checkpointing on, no dropout.
     cfg = PlanConfig(r=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter_dtype="bf16",
@@ -53,7 +56,7 @@ def main() -> None:
     print("| setting | notebook says | planner: linears | planner: + 16-bit rest | bits/param of linears |")
     print("|---|---|---|---|---|")
     arch = resolve_arch(shape="llama-2-7b")
-    linear_params = arch.layers * sum(i * o for _, i, o in arch.linears())
+    linear_params = arch.num_layers * sum(i * o for _, i, o in arch.linears())
     for label, seeds, q in [("NF4 + double quant", "~3.5 GB, ~4.13 bits", PlanConfig(quant="nf4", double_quant=True)),
                             ("NF4, no double quant", "~3.9 GB, ~4.5 bits", PlanConfig(quant="nf4", double_quant=False)),
                             ("INT8 (LLM.int8)", "~7 GB, ~8.5 bits", PlanConfig(quant="int8"))]:

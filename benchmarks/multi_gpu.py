@@ -1,4 +1,4 @@
-"""Several GPUs (issue 7), in one run: loss-curve equality, 1 -> 2 GPU scaling, sharded training of a
+"""Several GPUs, in one run: loss-curve equality, 1 -> 2 GPU scaling, sharded training of a
 model larger than one (memory-capped) GPU. Every part runs in child processes under a timeout; a
 failure is written down as that part's result and the next part runs.
 
@@ -261,18 +261,18 @@ def run_workers(args, out: Path, part: str, mode: str, nproc: int, timeout: floa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for results.jsonl and logs/")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes")
-    p.add_argument("--parts", default="a,b,c")
+    p.add_argument("--parts", default="a,b,c", help="which parts to run (see above), comma-separated")
     p.add_argument("--budget", type=float, default=420, help="seconds for all parts")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--part", default="b")
-    p.add_argument("--mode", default="ddp")
-    p.add_argument("--shape", default="llama-3-8b")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--cap_gib", type=float, default=0.0)
+    p.add_argument("--part", default="b", help=argparse.SUPPRESS)  # worker: its part
+    p.add_argument("--mode", default="ddp", help=argparse.SUPPRESS)  # worker: ddp or fsdp
+    p.add_argument("--shape", default="llama-3-8b", help=argparse.SUPPRESS)  # worker: set by the driver
+    p.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)  # worker: set by the driver
+    p.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)  # worker: set by the driver
+    p.add_argument("--lora_r", type=int, default=16, help=argparse.SUPPRESS)  # worker: set by the driver
+    p.add_argument("--cap_gib", type=float, default=0.0, help=argparse.SUPPRESS)  # worker: part (c)'s cap
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)

@@ -36,19 +36,20 @@ def build(args):
     model = random_model(spec, QuantConfig(compute_dtype=torch.bfloat16), device="cuda")
     attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.05))
     model.gradient_checkpointing = args.checkpointing
-    model.keep_attention = args.keep_attention
-    model.fused_kernels = args.fused
-    if args.fast:
-        from qlora.kernels import use_fast_path
+    from qlora.speed import SpeedPlan, apply_speed
 
-        use_fast_path(model, group=args.group)
+    # the flags' fast paths, put on as qlora train does (one apply_speed); --ours seeds the dropout
+    applied = apply_speed(model, SpeedPlan(fused_kernels=args.fused, fast_base=args.fast,
+                                           grouped=args.fast and args.group,
+                                           keep_attention=args.keep_attention,
+                                           seeded_dropout=args.ours))
     model.train()
     if args.ours:  # the step as `qlora train` runs it (benchmarks/train_step.py QloraStep)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from train_step import QloraStep
 
         ns = argparse.Namespace(device="cuda", lr=2e-4, seed=0, max_grad_norm=0.3)
-        ours = QloraStep(model, ns, graphs=args.graphs)
+        ours = QloraStep(model, ns, applied, graphs=args.graphs)
         ours.reset(args.checkpointing)
 
         def our_step(ids):
@@ -104,13 +105,14 @@ def by_kind(kernels, steps: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="qwen2.5-1.5b")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--fast", action="store_true", help="qlora.kernels.use_fast_path")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="qwen2.5-1.5b", help="a qlora.memory.SHAPES name (default: %(default)s)")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per row, micro-batch 1")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="gradient checkpointing (default: on)")
+    parser.add_argument("--fast", action="store_true", help="the 4-bit bases through our dequantize (SpeedPlan.fast_base)")
     parser.add_argument("--group", action="store_true", help="--fast with grouped projections")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after warm-up)")
     parser.add_argument("--ours", action="store_true", help="flattened adapters + seeded dropout")
     parser.add_argument("--graphs", action="store_true", help="--ours with the CUDA-graph step")
     parser.add_argument("--fused", action="store_true", help="fused Triton RMSNorm/SwiGLU/RoPE")
@@ -119,7 +121,7 @@ def main() -> int:
                              "where it fits)")
     parser.add_argument("--detail", type=lambda t: [k for k in t.split(",") if k], default=[],
                         help="kinds whose kernels are each listed by full name, e.g. copy,elementwise")
-    parser.add_argument("--out", default=".")
+    parser.add_argument("--out", default=".", help="folder for trace.json")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 

@@ -116,9 +116,9 @@ def plot(recs: list[dict], out: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results", nargs="+")
-    ap.add_argument("--plot")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="results.jsonl files written by train_step.py")
+    ap.add_argument("--plot", help="also draw tokens/s and peak reserved memory per system into this PNG")
     ap.add_argument("--rename", action="append", default=[], metavar="PART:old=new,...",
                     help="systems of the files whose path contains PART, by today's names")
     args = ap.parse_args()

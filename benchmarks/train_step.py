@@ -15,7 +15,7 @@ Systems
   unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
             LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
-            the 4-bit bases through qlora.kernels.use_fast_path (our Triton dequantize, the LoRA
+            the 4-bit bases through qlora.speed.use_fast_path (our Triton dequantize, the LoRA
             product accumulated by the base GEMM), forward+backward replayed as a CUDA graph
             (causal SDPA for one-document rows); with and without checkpointing. With
             checkpointing, each layer's attention kept for its backward (keep_attention, on where
@@ -24,12 +24,13 @@ Systems
   qlora-nokeep    "qlora" with keep_attention off: attention rerun with the layer (what qlora train
                   picks where keeping it fits in no layer)
   qlora-eager     the same without the CUDA graph
-  qlora-ungrouped "qlora" with use_fast_path(model, group=False): one base GEMM per projection (what
-                  "qlora" was until s4; s4's runs named the grouped one "qlora-grouped")
+  qlora-ungrouped "qlora" with SpeedPlan(grouped=False): one base GEMM per projection (what
+                  "qlora" was until 2026-11-25 23:10; the results of 2026-11-25 22:19 and 23:01
+                  named the grouped one "qlora-grouped")
   qlora-bnb       "qlora" with the 4-bit bases through bitsandbytes' own matmul (the step before
-                  use_fast_path; results of 2026-11-25 named it "qlora", and "qlora-fast" the other)
-  qlora-unfused   RunConfig.fused_kernels = false: torch RMSNorm, SwiGLU and RoPE, bitsandbytes'
-                  matmul (results of 2026-11-25 s3 run 1 named "qlora-fused" the fused one)
+                  SpeedPlan.fast_base; results of 2026-11-25 named it "qlora", and "qlora-fast" the other)
+  qlora-unfused   RunConfig fused_kernels: false: torch RMSNorm, SwiGLU and RoPE, bitsandbytes'
+                  matmul (the results of 2026-11-25 20:17 named "qlora-fused" the fused one)
   qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
 
 Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
@@ -247,13 +248,10 @@ class QloraStep:
     parameter (paged 8-bit AdamW), LoRA dropout seeded per micro-batch, and (variant "qlora") the
     forward+backward replayed as a CUDA graph (qlora.train.graphs); "qlora-eager" without graphs."""
 
-    def __init__(self, model, args, graphs: bool):
-        import torch
-        from qlora.adapters import seed_dropout
-
+    def __init__(self, model, args, applied, graphs: bool):
+        """`applied`: what qlora.speed.apply_speed returned for the model (the seeded dropout)."""
         self.model, self.args, self.use_graphs = model, args, graphs and args.device == "cuda"
-        self.seed = torch.zeros((), dtype=torch.int64, device=args.device)
-        self.stride = seed_dropout(model, self.seed)
+        self.seed, self.stride = applied.dropout_seed, applied.dropout_stride
         self.opt = self.graphs = None
 
     def reset(self, ckpt: bool):
@@ -316,15 +314,19 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-unfused", "qlora-bnb",
                    "qlora-ungrouped"):
         model.train()
-        model.keep_attention = args.keep_attention if variant != "qlora-nokeep" else False
-        # as the loop sets them (RunConfig.fused_kernels), before the graphs capture the step
-        model.fused_kernels = variant != "qlora-unfused"
-        if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped") and args.device == "cuda":
-            from qlora.kernels import use_fast_path
+        from qlora.speed import SpeedPlan, apply_speed
 
-            use_fast_path(model, group=variant != "qlora-ungrouped")
-            model.move_embedding_to_host()  # as qlora train does on a GPU (embedding_on_host)
-        step = QloraStep(model, args, graphs=variant != "qlora-eager")
+        # the fast paths as qlora train puts them on a model (speed.SpeedPlan.for_run), each
+        # variant leaving one out; applied before the graphs capture the step
+        fast = (variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped")
+                and args.device == "cuda")
+        plan = SpeedPlan(fused_kernels=variant != "qlora-unfused", fast_base=fast,
+                         grouped=fast and variant != "qlora-ungrouped",
+                         keep_attention=args.keep_attention if variant != "qlora-nokeep" else False,
+                         seeded_dropout=True, embedding_on_host=fast,
+                         cuda_graphs=variant != "qlora-eager")
+        applied = apply_speed(model, plan)
+        step = QloraStep(model, args, applied, graphs=plan.cuda_graphs)
         return model, [p for p in model.parameters() if p.requires_grad], step, False
     model.train()
 

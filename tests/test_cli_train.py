@@ -101,13 +101,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(inputs, tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, TQDM_DISABLE="1"))
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    # no deadline: wait for two logged steps however slow the machine (a run that ends first
+    # fails below, on its exit status)
+    while proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=3600)  # stops a hung run only, never a slow one
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "--resume latest" in err
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())

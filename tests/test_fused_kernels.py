@@ -26,7 +26,7 @@ def interpreted(code: str) -> dict:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=3600)  # stops a hung run only, never a slow one
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -298,6 +298,7 @@ from qlora.kernels import fused
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
 
 calls = {"rms_norm": 0, "add_rms_norm": 0, "swiglu": 0, "rope": 0}
 for name in calls:  # count the fused ops the decoder routes through, so "on" is known to be on
@@ -327,7 +328,7 @@ for family, dtype in (("llama", torch.float32), ("qwen3", torch.float32), ("llam
     ids = torch.randint(0, 97, (2, 24))
     runs = []
     for on in (False, True):
-        model.fused_kernels = on
+        apply_speed(model, SpeedPlan(fused_kernels=on))
         model.gradient_checkpointing = on  # the fused ops recomputed under checkpointing too
         model.zero_grad()
         before = dict(calls)
@@ -369,18 +370,22 @@ def test_fused_kernels_is_on_by_default_and_falls_back_to_torch_where_triton_doe
     from qlora.models.load import random_model
     from qlora.models.spec import spec_from_config
     from qlora.quant import QuantConfig
+    from qlora.speed import SpeedPlan, apply_speed
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert RunConfig().fused_kernels is True
+    assert SpeedPlan.for_run(RunConfig(), torch.device("cpu")).fused_kernels is True
+    assert SpeedPlan().fused_kernels is False
     spec = spec_from_config(dict(model_type="qwen3", hidden_size=32, intermediate_size=40,
                                  num_hidden_layers=1, num_attention_heads=2, vocab_size=50))
     model = random_model(spec, QuantConfig(method="none", compute_dtype=torch.float32), seed=2)
-    assert model.fused_kernels is False
+    assert not any(getattr(m, "fused", False) for m in model.modules())
     ids = torch.randint(0, 50, (1, 10))
     with torch.no_grad():
         off = model(ids)
-        model.fused_kernels = True
-        assert all(m.fused for m in model.modules() if hasattr(type(m), "fused"))
+        apply_speed(model, SpeedPlan(fused_kernels=True))
+        fused = [m for m in model.modules() if hasattr(type(m), "fused")]
+        assert fused and all(m.fused for m in fused)
         assert torch.equal(model(ids), off)
 
 
@@ -389,12 +394,12 @@ import json, sys, torch
 sys.path.insert(0, TESTS_DIR)
 from saved_bytes import layer_saved_bytes
 from qlora import memory
-from qlora.adapters import AdapterConfig, attach_adapters, seed_dropout
-from qlora.kernels import use_fast_path
+from qlora.adapters import AdapterConfig, attach_adapters
 from qlora.memory import PlanConfig, arch_from_config
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
 
 out = []
 for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
@@ -407,10 +412,9 @@ for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
                                                                 compute_dtype=torch.bfloat16))
     attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=dropout))
     model.train()
-    model.fused_kernels = True
-    use_fast_path(model)  # what qlora train runs on CUDA with fused kernels
-    seed = torch.zeros((), dtype=torch.int64)
-    seed_dropout(model, seed)
+    # what qlora train runs on CUDA with fused kernels
+    seed = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
+                                        seeded_dropout=True)).dropout_seed
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
     cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
     # unlike the eager norm (which keeps an fp32 copy), the fused one keeps the layer's input x
@@ -428,7 +432,7 @@ print(json.dumps(out))
 
 
 def test_fused_layer_keeps_what_the_memory_planner_counts_for_fused_kernels():
-    """One NF4 + LoRA bf16 layer with fused_kernels on and the fast path (use_fast_path: grouped
+    """One NF4 + LoRA bf16 layer with fused_kernels on and the fast path (fast_base, grouped:
     projections, LoRA dropout drawn inside the products), as qlora train runs it on CUDA: the
     storages autograd saves (as tests/test_memory.py counts them for the eager layer) equal
     PlanConfig(kernels="fused").

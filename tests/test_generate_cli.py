@@ -164,7 +164,11 @@ def test_bad_inputs(setup, tmp_path, capsys):
 
     assert cli.main(["generate", "--model", model, "--quant", "none",
                      "--adapter", str(setup["other_adapter"]), "hi"]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err  # refused on its name first, as merge and export refuse it
+    assert "adapter_config.json base_model_name_or_path" in err and "--ignore-base-name" in err
+    assert cli.main(["generate", "--model", model, "--quant", "none", "--ignore-base-name",
+                     "--adapter", str(setup["other_adapter"]), "hi"]) == 2
+    err = capsys.readouterr().err  # told to go on: then its shapes do not fit
     assert "adapter_model.safetensors" in err and "another base model" in err
 
     no_adapter = tmp_path / "no-adapter"

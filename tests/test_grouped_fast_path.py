@@ -1,4 +1,4 @@
-"""The grouped fast path (use_fast_path(model, group=True)): q, k, v and gate, up through one base
+"""The grouped fast path (SpeedPlan(fast_base=True, grouped=True)): q, k, v and gate, up through one base
 GEMM over their stacked 4-bit weights, against the per-projection fast path; dequantize's out=;
 the fallback where a group cannot be formed; and that the module tree, state_dict and saved
 adapters are those of the ungrouped model.
@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import test_step_parts
-from qlora.adapters import (AdapterConfig, attach_adapters, save_adapter, seed_dropout,
-                            set_dropout_seed)
+from qlora.adapters import AdapterConfig, attach_adapters, save_adapter, set_dropout_seed
 from qlora.errors import QloraError
-from qlora.kernels import dequant, grouped_modules, use_fast_path
+from qlora.kernels import dequant
 from qlora.kernels.dequant import Base4bit, Matmul4bit, dequantize_4bit, packed_from_bnb
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed, grouped_modules, use_fast_path
 
 from test_dequant_kernel import assert_same_runs, interpreted, quantized_weight  # noqa: E402
 from test_step_parts import TINY, tiny_model  # noqa: E402
@@ -41,22 +41,22 @@ def tiny_family_model(family: str, dropout: float):
 
 def ungrouped_and_grouped_runs(family: str, dropout: float, checkpointing: bool = True,
                                fused_kernels: bool = False):
-    """(loss, adapter gradients) of one step with use_fast_path(group=False), then group=True;
-    LoRA dropout (when on) seeded, with the same seed in both runs. fused_kernels: the model's
-    switch (the fused ops run only under Triton: the interpreter on the CPU)."""
+    """(loss, adapter gradients) of one step on the fast path with grouped=False, then
+    grouped=True; LoRA dropout (when on) seeded, with the same seed in both runs. fused_kernels:
+    the plan's switch (the fused ops run only under Triton: the interpreter on the CPU)."""
     model = tiny_family_model(family, dropout)
-    model.fused_kernels = fused_kernels
-    seed = torch.zeros((), dtype=torch.int64)
-    stride = seed_dropout(model, seed)
     model.gradient_checkpointing = checkpointing
     model.train()
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
     runs = []
     for group in (False, True):
-        assert use_fast_path(model, group=group) == 14
+        applied = apply_speed(model, SpeedPlan(fused_kernels=fused_kernels, fast_base=True,
+                                               grouped=group, seeded_dropout=True))
+        assert applied.fast_layers == 14
         assert grouped_modules(model) == (4 if group else 0)  # 2 layers x (attention, MLP)
         model.zero_grad()
-        set_dropout_seed(seed, run_seed=3, micro_batch_index=1, stride=stride)
+        set_dropout_seed(applied.dropout_seed, run_seed=3, micro_batch_index=1,
+                         stride=applied.dropout_stride)
         loss = model(ids, labels=ids)
         loss.backward()
         runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -86,7 +86,7 @@ def test_qwen2_biases_reach_the_grouped_output():
     """The grouped path adds each member's bias to its own columns: shifting k's bias shifts only
     k's output, as the per-projection path does."""
     model = tiny_family_model("qwen2", 0.0)
-    use_fast_path(model, group=True)
+    apply_speed(model, SpeedPlan(fast_base=True, grouped=True))
     attn = model.model.layers[0].self_attn
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -194,7 +194,8 @@ def test_grouped_path_through_the_kernels_gives_the_per_projection_results():
 
 FUSED_CHECK = r"""
 import json, torch
-from qlora.kernels import fused, use_fast_path
+from qlora.kernels import fused
+from qlora.speed import SpeedPlan, apply_speed
 from saved_bytes import layer_saved_bytes
 from test_dequant_kernel import assert_same_runs
 from test_grouped_fast_path import tiny_family_model, ungrouped_and_grouped_runs
@@ -215,7 +216,7 @@ out = dict(calls=dict(calls))
 # What autograd keeps in one MLP, per token (the difference of two lengths: weight-sized tensors
 # such as the quant state and the LoRA B products cancel), grouped and not
 model = tiny_family_model("llama", 0.0).train()
-model.fused_kernels = True
+apply_speed(model, SpeedPlan(fused_kernels=True))
 mlp = model.model.layers[0].mlp
 owned = [*model.parameters(), *model.buffers()]
 
@@ -225,7 +226,7 @@ def mlp_saved_bytes(tokens):
 
 per_token = {}
 for group in (False, True):
-    use_fast_path(model, group=group)
+    apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=group))
     per_token[str(group)] = (mlp_saved_bytes(24) - mlp_saved_bytes(8)) / 16
 kept = []
 with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
@@ -273,7 +274,7 @@ def test_modules_whose_members_cannot_group_keep_the_per_projection_path(targets
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
     losses = []
     for group in (False, True):
-        assert use_fast_path(model, group=group) == switched
+        assert apply_speed(model, SpeedPlan(fast_base=True, grouped=group)).fast_layers == switched
         assert grouped_modules(model) == 0
         losses.append(model(ids, labels=ids).detach())
     assert torch.equal(losses[0], losses[1])
@@ -284,7 +285,7 @@ def test_grouping_leaves_the_module_tree_state_dict_and_saved_adapter_unchanged(
     names_before = [n for n, _ in model.named_parameters()]
     state_before = list(model.state_dict())
     save_adapter(model, tmp_path / "before", "tiny")
-    use_fast_path(model, group=False)
+    apply_speed(model, SpeedPlan(fast_base=True, grouped=False))
     modules_ungrouped = [n for n, _ in model.named_modules()]
     use_fast_path(model)  # grouped by default
     assert grouped_modules(model) == 4

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from qlora.adapters import AdapterConfig, attach_adapters
-from qlora.kernels import use_fast_path
 from qlora.kernels.dequant import dequantize_4bit, matmul_4bit, packed_from_bnb
 from qlora.models import load_model
 from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
 
 
 @pytest.mark.parametrize("shape", [(6, 128), (96, 200), (1000, 33)])
@@ -58,8 +58,8 @@ def test_fast_path_model_equals_reference_path(llama_dir):
     model.train()
     runs = []
     for fast in (False, True):
-        if fast:
-            assert use_fast_path(model) == 14
+        assert apply_speed(model, SpeedPlan(fast_base=fast, grouped=fast)).fast_layers == (
+            14 if fast else 0)
         model.zero_grad()
         loss = model(ids, labels=ids)
         loss.backward()

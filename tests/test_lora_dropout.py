@@ -126,8 +126,9 @@ def test_a_checkpointed_layer_reruns_without_drawing_its_masks_again(monkeypatch
     """The first run of each checkpointed layer keeps its groups' H; the rerun takes it back: the
     masked products are computed once per group in forward and never in the rerun, and the step's
     loss and adapter gradients equal those without checkpointing."""
-    from qlora.adapters import seed_dropout, set_dropout_seed
-    from qlora.kernels import lora, lora_dropout, use_fast_path
+    from qlora.adapters import set_dropout_seed
+    from qlora.kernels import lora, lora_dropout
+    from qlora.speed import SpeedPlan, apply_speed
 
     from test_dequant_kernel import assert_same_runs  # noqa: E402
     from test_step_parts import tiny_model  # noqa: E402
@@ -136,10 +137,9 @@ def test_a_checkpointed_layer_reruns_without_drawing_its_masks_again(monkeypatch
     down = lora_dropout.down_products
     monkeypatch.setattr(lora_dropout, "down_products", lambda *a: calls.append(1) or down(*a))
     model = tiny_model(0.1, quant="nf4")
-    seed = torch.zeros((), dtype=torch.int64)
-    stride = seed_dropout(model, seed)
+    applied = apply_speed(model, SpeedPlan(seeded_dropout=True, fast_base=True, grouped=True))
+    seed, stride = applied.dropout_seed, applied.dropout_stride
     model.train()
-    use_fast_path(model)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
     runs, counts = [], []
     for checkpointing in (False, True):

@@ -359,7 +359,7 @@ def test_keep_attention_keeps_it_in_as_many_layers_as_the_plan_fits(run_inputs):
     model, data = run_inputs
     cfg = RunConfig(model=str(model), data=str(data), quant="none", max_seq_length=16384)
     arch = memory.resolve_arch(model_dir=str(model))
-    layers = arch.layers
+    layers = arch.num_layers
     assert layers >= 2
     pc = memory.plan_config_for_run(cfg)
     need = [memory.needed_bytes(plan(arch, replace(pc, keep_attention=n))) for n in range(layers + 1)]

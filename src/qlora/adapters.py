@@ -18,7 +18,7 @@ from torch import nn
 from qlora.errors import QloraError
 from qlora.files import staged_dir
 
-BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from qlora.models.spec import BLOCK_LINEARS  # the seven linears of a block: the model layer's
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,7 +78,7 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast_base = getattr(self, "fast_base", None)  # set by qlora.kernels.use_fast_path
+        fast_base = getattr(self, "fast_base", None)  # set by qlora.speed.use_fast_path
         if fast_base is not None and not self.use_dora:
             return self._fast_forward(x, fast_base)
         result = self.base_layer(x) if fast_base is None else fast_base(x, self.base_layer.bias)
@@ -163,7 +163,7 @@ class LoraLinear(nn.Module):
 
 def groupable(layers) -> bool:
     """Whether `layers` can share one base GEMM (grouped_forward): each a non-DoRA LoraLinear on
-    the 4-bit fast path (kernels.use_fast_path), all reading inputs of one width."""
+    the 4-bit fast path (speed.use_fast_path), all reading inputs of one width."""
     fast = [isinstance(layer, LoraLinear) and not layer.use_dora
             and getattr(layer, "fast_base", None) is not None for layer in layers]
     return (all(fast) and len({layer.lora_A.in_features for layer in layers}) == 1
@@ -182,9 +182,9 @@ def grouped_forward(x: torch.Tensor, layers, packed: bool = False, base: bool = 
     [.., Σ out] tensor, split along its last dim; the split's backward joins their gradients into
     the one tensor the backward multiplies. packed=True returns that one tensor instead (the
     layers' outputs side by side, in order), for a consumer that reads the columns in place and
-    returns its gradient whole (fused.swiglu_packed). base=False leaves out the base GEMM and
+    returns its gradient whole (kernels/fused.swiglu_packed). base=False leaves out the base GEMM and
     the biases: the LoRA products alone, for a checkpoint's rerun whose consumer does not read the
-    values (models/decoder.AttentionKeptForRerun) but whose backward needs what they save.
+    values (speed/kept_attention.AttentionKeptForRerun) but whose backward needs what they save.
     """
     from qlora.kernels.lora import LoraGroup, lora_4bit
 
@@ -227,7 +227,6 @@ def seed_dropout(model: nn.Module, seed: torch.Tensor) -> int:
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     for salt, layer in enumerate(layers):
         layer.dropout_seed, layer.dropout_salt = seed, salt
-    model.layers_use_rng = False
     return len(layers)
 
 

@@ -203,6 +203,17 @@ def fit_max_new_tokens(n_prompt: int, opts: GenerationOptions, context: int, wha
             f"{context} (max_new_tokens was {opts.max_new_tokens})")
 
 
+def empty_answer_note(new_ids: list[int], text: str, opts: GenerationOptions) -> str | None:
+    """Why an answer printed empty, when its first token was a stop token; else None."""
+    if text.strip() or not new_ids or new_ids[0] not in set(opts.eos_token_ids):
+        return None
+    note = "the answer is empty: the model produced its end-of-turn token first"
+    if opts.temperature == 0:
+        note += (" (greedy decoding gives the same for this prompt; an adapter trained on this "
+                 "format, another prompt or --temperature 0.7 may answer)")
+    return note
+
+
 # --- `qlora generate` --------------------------------------------------------------------------
 def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts of a file: JSONL (.jsonl, or every line a JSON object) with a "prompt" field,
@@ -212,7 +223,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise QloraError(f"prompts file {path} not found")
-    lines = [(i, line) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+    from qlora.data.formats import read_utf8
+
+    lines = [(i, line) for i, line in enumerate(read_utf8(p, "prompts file ").splitlines(), 1)
              if line.strip()]
     if not lines:
         raise QloraError(f"prompts file {path} has no prompts (it is empty)")
@@ -260,9 +273,13 @@ def generate_all(model, tokenizer, prompts: list[str], template: str | None, sys
             out.write(piece)
             out.flush()
 
-        new_ids, _ = stream_reply(model, tokenizer, ids, fitted, write)
+        new_ids, text = stream_reply(model, tokenizer, ids, fitted, write)
         out.write("\n")
         out.flush()
+        why = empty_answer_note(new_ids, text, fitted)
+        if why:
+            err.write(f"note: {'prompt ' + str(k) + ': ' if len(prompts) > 1 else ''}{why}\n")
+            err.flush()
         results.append(new_ids)
     return results
 
@@ -283,6 +300,7 @@ class ChatSession:
     system: str | None = None
     context: int = 4096
     history: list[dict] = field(default_factory=list)  # user/assistant turns, no system
+    last_ids: list[int] = field(default_factory=list)  # the token ids of the last answer
 
     def messages(self, history: list[dict] | None = None, new: list[dict] | None = None) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -323,7 +341,7 @@ class ChatSession:
     def answer(self, user_text: str, ids: list[int], opts: GenerationOptions,
                write: Callable[[str], None] | None = None) -> str:
         """Generate the reply to a prepared turn (streamed through `write`); keep both turns."""
-        _, text = stream_reply(self.model, self.tokenizer, ids, opts, write)
+        self.last_ids, text = stream_reply(self.model, self.tokenizer, ids, opts, write)
         self.history += [{"role": "user", "content": user_text},
                          {"role": "assistant", "content": text.strip()}]
         return text
@@ -398,7 +416,11 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, out: TextIO | No
             note(n)
         write("assistant> ")
         try:
-            session.answer(text, ids, opts, write)
+            reply = session.answer(text, ids, opts, write)
         except KeyboardInterrupt:
             write("\n[interrupted: this exchange was not kept]")
+            reply = None
         write("\n")
+        why = None if reply is None else empty_answer_note(session.last_ids, reply, opts)
+        if why:
+            note(f"[{why}]")

@@ -1,6 +1,9 @@
-"""The `qlora` command: train · eval · generate · chat · merge · export · plan · bench · demo.
+"""The `qlora` command: train · eval · generate · chat · merge · export · plan · compare · demo.
 
 Each sub-command parses its options here and calls one function of the module that does the job.
+`qlora --help` and `qlora --version` import nothing heavy: the options of a sub-command that need
+qlora.config, qlora.quant or qlora.compare (which import torch) are added only when that
+sub-command is parsed or asked for help, and each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -8,12 +11,63 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlora import __version__
 from qlora.errors import QloraError
+
+
+class _Command(argparse.ArgumentParser):
+    """A sub-command's parser. `fill`, when set, adds its options on first need (parsing, help).
+    A negative number after an option that takes a value is that option's value: argparse alone
+    reads `--learning_rate -1e-3` (or -inf) as an option with no value ("expected one argument")."""
+
+    fill = None
+
+    def filled(self) -> _Command:
+        fill, self.fill = self.fill, None
+        if fill is not None:
+            fill(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super(_Command, self.filled()).parse_known_args(self._numbers_joined(args),
+                                                               namespace)
+
+    def format_usage(self):
+        return super(_Command, self.filled()).format_usage()
+
+    def format_help(self):
+        return super(_Command, self.filled()).format_help()
+
+    def _numbers_joined(self, args: list[str]) -> list[str]:
+        """`--key -1e-3` as `--key=-1e-3` (before a bare `--` only; not after a flag)."""
+        out: list[str] = []
+        for arg in args:
+            prev = out[-1] if out else ""
+            action = self._option_string_actions.get(prev)
+            if ("--" not in out and prev.startswith("--") and len(prev) > 2 and "=" not in prev
+                    and arg.startswith("-") and _is_number(arg)
+                    and (action is None or action.nargs != 0)):
+                out[-1] = f"{prev}={arg}"
+            else:
+                out.append(arg)
+        return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"qlora {__version__}",
+                        help="print the package version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Command,
+                                help="`qlora COMMAND --help` lists a command's options")
     add_demo(sub)
     add_train(sub)
     add_generate(sub)
@@ -42,7 +96,7 @@ def run_demo(args) -> None:
 
 
 # --- train --------------------------------------------------------------------------------------
-class _TrainParser(argparse.ArgumentParser):
+class _TrainParser(_Command):
     """Leaves unknown `--key value` pairs to the run config, which refuses them naming the
     closest option (argparse would only say "unrecognized arguments")."""
 
@@ -53,18 +107,24 @@ class _TrainParser(argparse.ArgumentParser):
 
 
 def add_train(sub) -> None:
-    import dataclasses
-
-    from qlora.config import ALIASES, CHOICES, NONE_MEANS, RunConfig
-
     p = sub.add_parser(
         "train", help="fine-tune adapters on a data file", allow_abbrev=False,
         description="Fine-tune LoRA / rsLoRA / DoRA adapters over a 4-bit base. Options come from "
-        "the defaults (the QLoRA recipe), then --config FILE (YAML), then --key value here.",
-        epilog="Aliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
-        + "; --bf16 / --fp16 set --dtype. Example: qlora train --model models/Qwen2.5-1.5B-Instruct "
-        "--data alpaca.jsonl --config examples/notebook-qwen2.5-1.5b-alpaca.yaml --max_steps 100")
+        "the defaults (the QLoRA recipe), then --config FILE (YAML), then --key value here.")
     p.__class__ = _TrainParser
+    p.fill = _train_options
+    p.set_defaults(func=run_train)
+
+
+def _train_options(p) -> None:
+    import dataclasses
+
+    from qlora.config import ALIASES, CHOICES, HELP, NONE_MEANS, RunConfig
+
+    p.epilog = ("Aliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
+                + "; --bf16 / --fp16 set --dtype. Example: qlora train --model "
+                "models/Qwen2.5-1.5B-Instruct --data alpaca.jsonl --config "
+                "examples/notebook-qwen2.5-1.5b-alpaca.yaml --max_steps 100")
     p.add_argument("--config", metavar="FILE", help="a YAML file holding a whole run")
     for f in dataclasses.fields(RunConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -74,9 +134,8 @@ def add_train(sub) -> None:
         p.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
                        dest=f"opt_{f.name}", metavar=kind.upper().replace(" | NONE", ""),
                        nargs="?" if bare else None, const="true" if bare else None,
-                       help=f"{text}default {default}"
+                       help=f"{HELP[f.name]}; {text}default {default}"
                        + (f" ({NONE_MEANS[f.name]})" if f.name in NONE_MEANS else ""))
-    p.set_defaults(func=run_train)
 
 
 def run_train(args) -> None:
@@ -111,6 +170,11 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with base (+ adapter)",
                        description="Answer prompts with the model (and adapter), streaming the text. "
                                    "The model's chat template is applied when it has one.")
+    p.fill = _generate_options
+    p.set_defaults(func=run_generate)
+
+
+def _generate_options(p) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to answer")
     p.add_argument("--prompts-file", help="prompts, one per line, or JSONL with a \"prompt\" field")
     _add_model_args(p)
@@ -120,15 +184,18 @@ def add_generate(sub) -> None:
                                            "'chatml', a .jinja file or a template string")
     p.add_argument("--system", help="system prompt (with a chat template)")
     _add_sampling_args(p)
-    p.set_defaults(func=run_generate)
 
 
 def _add_model_args(p) -> None:
+    from qlora.quant import METHODS as QUANT_METHODS
+
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
     p.add_argument("--adapter", help="adapter directory (PEFT format)")
-    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"],
+    p.add_argument("--quant", default="nf4", choices=QUANT_METHODS,
                    help="how to hold the base weights (default nf4, as QLoRA trains)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cuda | cpu")
+    p.add_argument("--ignore-base-name", action="store_true",
+                   help="use the adapter even if its base_model_name_or_path names another model")
 
 
 def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
@@ -146,7 +213,7 @@ def _load_for_generation(args):
     from qlora.chat import chat_template_for, stop_token_ids
     from qlora.infer import GenerationOptions, load_for_inference
 
-    _warn_adapter_base(args.model, args.adapter)
+    _check_adapter_base(args)
     model, tokenizer = load_for_inference(args.model, args.adapter, quant=args.quant,
                                           device=args.device)
     template = chat_template_for(tokenizer, not getattr(args, "no_chat_template", False),
@@ -158,23 +225,11 @@ def _load_for_generation(args):
     return model, tokenizer, template, opts
 
 
-def _warn_adapter_base(model_dir, adapter_dir) -> None:
-    """An adapter naming another base model: warn (shapes are checked when it loads)."""
-    import json
-    from pathlib import Path
+def _check_adapter_base(args) -> None:
+    """An adapter naming another base model is refused, as merge and export refuse it."""
+    from qlora.merge import check_adapter_base
 
-    if adapter_dir is None:
-        return
-    from qlora.merge import check_base_name
-
-    try:
-        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        check_base_name(cfg, Path(model_dir), config)
-    except (OSError, ValueError):
-        return  # missing or broken files are reported by the loaders, with their names
-    except QloraError as err:
-        print(f"warning: {err}", file=sys.stderr)
+    check_adapter_base(args.model, args.adapter, getattr(args, "ignore_base_name", False))
 
 
 def run_generate(args) -> None:
@@ -201,12 +256,16 @@ def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="interactive multi-turn chat with base (+ adapter)",
                        description="Chat in the terminal: one message per line; /reset clears the "
                                    "conversation, /exit or Ctrl-D leaves.")
+    p.fill = _chat_options
+    p.set_defaults(func=run_chat)
+
+
+def _chat_options(p) -> None:
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--chat-template", help="template to use instead of the tokenizer's: "
                                            "'chatml', a .jinja file or a template string")
     _add_sampling_args(p)
-    p.set_defaults(func=run_chat)
 
 
 def run_chat(args) -> None:
@@ -226,6 +285,11 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and generation metrics on a data file",
                        description="Perplexity on the tokens training puts loss on; for instruction "
                                    "data also exact match, ROUGE-L and BLEU of greedy answers.")
+    p.fill = _eval_options
+    p.set_defaults(func=run_eval)
+
+
+def _eval_options(p) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="data file (jsonl/json/csv/parquet)")
     p.add_argument("--max-samples", type=int, help="evaluate the first N examples only")
@@ -240,13 +304,12 @@ def add_eval(sub) -> None:
                    help="longest generated answer (default 128)")
     p.add_argument("--no-generate", action="store_true", help="perplexity only")
     p.add_argument("--chat-template", help="template for chat data instead of the tokenizer's")
-    p.set_defaults(func=run_eval)
 
 
 def run_eval(args) -> None:
     from qlora.eval import run_eval as evaluate
 
-    _warn_adapter_base(args.model, args.adapter)
+    _check_adapter_base(args)
     evaluate(args.model, args.data, args.adapter, compare_base=args.compare_base, quant=args.quant,
              device=args.device, max_samples=args.max_samples, max_len=args.max_len,
              micro_batch=args.batch_size, generate=not args.no_generate,
@@ -309,21 +372,32 @@ def add_plan(sub) -> None:
     p = sub.add_parser("plan", help="predict peak GPU memory of a run, and whether it fits",
                        description="Predict the peak GPU memory of a training step, part by part, "
                                    "from config.json sizes alone (no GPU, no weights).")
+    p.fill = _plan_options
+    p.set_defaults(func=run_plan)
+
+
+def _plan_options(p) -> None:
+    from qlora.quant import METHODS as QUANT_METHODS
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory (reads its config.json)")
     src.add_argument("--config-json", help="a config.json file")
     src.add_argument("--shape", help="a named shape, e.g. llama-3-8b, qwen2.5-1.5b, llama-2-70b")
-    p.add_argument("--quant", default="nf4", help="nf4 | fp4 | int8 | none (default nf4)")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quant", default="nf4", help=" | ".join(QUANT_METHODS) + " (default nf4)")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the 4-bit quantization constants too")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--targets", default="all-linear", help="all-linear or e.g. q_proj,v_proj")
     p.add_argument("--dora", action="store_true", help="DoRA adapters")
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="adapter dropout: its masks take memory when > 0 (default 0.05)")
     p.add_argument("--adapter-dtype", default="fp32", help="adapter master weights: fp32 | bf16")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
+    p.add_argument("--micro-batch", type=int, default=1, help="rows per forward pass (default 1)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing: each layer recomputed in backward")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="checkpointed layer inputs kept in host memory, two layers' on the GPU")
     p.add_argument("--keep-attention", nargs="?", const=True, default=False, type=_layer_count,
                    metavar="N", help="with checkpointing, attention kept for backward instead of "
                         "recomputed, in every layer or in the last N (qlora train's keep_attention; "
@@ -339,10 +413,9 @@ def add_plan(sub) -> None:
                    help="chunked-fused (frozen lm_head: qlora train's) | chunked (chunks recomputed "
                         "in backward: a trainable lm_head) | full (fp32 logits, transformers')")
     p.add_argument("--gpu-memory", help="GPU size, e.g. 24GB (GB = GiB here); default: the detected GPU")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks under torchrun; default 1)")
     p.add_argument("--sharding", default="ddp", help="ddp | fsdp (with --gpus > 1)")
     p.add_argument("--auto-fit", action="store_true", help="also print the largest micro-batch that fits")
-    p.set_defaults(func=run_plan)
 
 
 def _layer_count(text: str) -> int:
@@ -385,10 +458,10 @@ def run_plan(args) -> None:
         n = memory.attention_layers_that_fit(arch, cfg, gpu_bytes)
         if n and not cfg.keep_attention:
             kept = memory.plan(arch, replace(cfg, keep_attention=n))
-            which = "every layer" if n == arch.layers else f"the last {n} of {arch.layers} layers"
+            which = "every layer" if n == arch.num_layers else f"the last {n} of {arch.num_layers} layers"
             print(f"qlora train keeps attention for backward in {which} here (keep_attention, "
                   f"faster): peak allocated ~{kept.allocated / memory.GiB:.2f} GiB; "
-                  f"--keep-attention{'' if n == arch.layers else f' {n}'} shows that plan")
+                  f"--keep-attention{'' if n == arch.num_layers else f' {n}'} shows that plan")
     else:
         print(f"does NOT fit on {gpu_name}: needs ~{need / memory.GiB:.1f} of {gpu_bytes / memory.GiB:.1f} GiB")
         for advice in memory.advise(arch, cfg, gpu_bytes):
@@ -407,17 +480,21 @@ def run_plan(args) -> None:
 
 # --- compare ------------------------------------------------------------------------------------
 def add_compare(sub) -> None:
-    from qlora.compare import DEFAULT_STEPS, METHODS
-
     p = sub.add_parser("compare", help="PEFT methods compared: params, predicted memory, demo-task quality",
                        description="Train each PEFT method on the demo task (CPU), predict its GPU memory for "
                                    "the Llama-3-8B shape, write compare.json, compare.md and compare.png.")
+    p.fill = _compare_options
+    p.set_defaults(func=run_compare)
+
+
+def _compare_options(p) -> None:
+    from qlora.compare import DEFAULT_STEPS, METHODS
+
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help=f"default all: {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method (default {DEFAULT_STEPS})")
     p.add_argument("--gpu-results", help="measure_memory.py --methods output: fills the GPU columns")
-    p.set_defaults(func=run_compare)
 
 
 def run_compare(args) -> None:

@@ -11,9 +11,9 @@ DoRA, QLoRA + DoRA, 8-bit base):
   random base, data, seed and schedule.
 
 GPU columns (measured peak allocated / reserved memory and tokens/s on the device for the
-Llama-3-8B shape) come from `benchmarks/measure_memory.py --methods ...` (benchmarks/device_issue6.sh;
+Llama-3-8B shape) come from `benchmarks/measure_memory.py --methods ...` (benchmarks/device_planner_check.sh;
 see docs/COMPARE.md); given that file with --gpu-results, or folded into an existing compare.json
-by benchmarks/fold_issue6.py (`fill_gpu_columns`), they are filled in and the plot's memory axis is
+by benchmarks/fold_planner_check.py (`fill_gpu_columns`), they are filled in and the plot's memory axis is
 the measured one; otherwise they say what command fills them.
 Outputs: compare.json, compare.md and compare.png (memory vs quality, ranking) in --out.
 """

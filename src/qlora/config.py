@@ -22,6 +22,7 @@ import yaml
 
 from qlora.errors import QloraError
 from qlora.files import staged_file
+from qlora.quant import METHODS as QUANT_METHODS
 
 
 @dataclass
@@ -102,7 +103,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"),
     "train_on": ("responses", "all"),
     "long_examples": ("truncate", "drop"),
-    "quant": ("nf4", "fp4", "int8", "none"),
+    "quant": QUANT_METHODS,
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "device": ("auto", "cpu", "cuda"),
     "lr_scheduler_type": ("cosine", "linear", "constant"),
@@ -116,6 +117,67 @@ NONE_MEANS: dict[str, str] = {
     "gpu_memory": "the detected CUDA GPU",
     "chat_template": "the tokenizer's own",
     "val_data": "no separate validation file; see val_set_size",
+    "resume": "a fresh run",
+}
+
+# One line of `qlora train --help` for each option (its choices and default are added there).
+HELP: dict[str, str] = {
+    "model": "base model: a local directory in Hugging Face layout",
+    "data": "training data: a jsonl / json / csv / parquet file or a datasets.save_to_disk directory",
+    "val_data": "a second data file for validation (instead of val_set_size)",
+    "val_set_size": "examples held out of data for eval: a fraction (< 1) or a count (>= 1)",
+    "data_format": "the data's layout; auto detects it from the columns",
+    "chat_template": "chat template for chat data: a fallback name (chatml) or a .jinja file",
+    "train_on": "loss on the responses only, or on every token (all)",
+    "max_seq_length": "longest row in tokens",
+    "packing": "padding-free packing of several examples into a row",
+    "long_examples": "what happens to an example longer than max_seq_length",
+    "quant": "how the base weights are held (nf4, fp4: 4-bit; int8; none: 16-bit)",
+    "double_quant": "quantize the 4-bit quantization constants too (QLoRA's double quantization)",
+    "dtype": "compute dtype; auto = bf16 on a GPU that has it, fp16 on others, fp32 on the CPU",
+    "device": "auto = cuda when available, else cpu",
+    "lora_r": "adapter rank",
+    "lora_alpha": "adapter scale numerator: the update is scaled by alpha / r (rsLoRA: / sqrt(r))",
+    "lora_dropout": "dropout on the adapters' input",
+    "target_modules": "projections given adapters: all-linear or names, e.g. q_proj,v_proj",
+    "use_rslora": "rank-stabilized LoRA scaling (alpha / sqrt(r))",
+    "use_dora": "DoRA adapters (weight-decomposed: a magnitude vector besides LoRA)",
+    "learning_rate": "peak learning rate",
+    "lr_scheduler_type": "learning-rate schedule after warmup",
+    "warmup_ratio": "warmup as a fraction of the optimizer steps",
+    "warmup_steps": "warmup optimizer steps; > 0 overrides warmup_ratio (as in transformers)",
+    "num_train_epochs": "passes over the training data",
+    "max_steps": "optimizer steps; > 0 overrides num_train_epochs (as in transformers)",
+    "micro_batch_size": "rows per forward pass",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (on each rank)",
+    "eval_batch_size": "rows per eval forward pass; 0 = micro_batch_size",
+    "max_grad_norm": "gradient-norm clipping; 0 = no clipping",
+    "weight_decay": "AdamW weight decay",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_epsilon": "AdamW epsilon",
+    "optim": "optimizer",
+    "gradient_checkpointing": "recompute each layer in backward instead of keeping its activations",
+    "keep_attention": "with checkpointing, attention kept for backward instead of rerun: true "
+                      "every layer, N the last N layers",
+    "embedding_on_host": "on one CUDA GPU, an untied frozen input embedding in pinned host memory",
+    "cuda_graphs": "replay each micro-batch shape's forward and backward as a CUDA graph",
+    "fused_kernels": "Triton RMSNorm / SwiGLU / RoPE kernels and, on CUDA, 4-bit dequantize",
+    "seed": "random seed of the run",
+    "gpu_memory": "GPU size to plan the run for, e.g. 24GB",
+    "auto_fit": "pick the largest micro-batch that fits, checkpointing off if it can be",
+    "sharding": "under torchrun: ddp (each rank holds the whole base) or fsdp (sharded)",
+    "eval_steps": "evaluate every N optimizer steps (and at the end); 0 = at the end only",
+    "save_steps": "checkpoint every N optimizer steps; 0 = no intermediate checkpoints",
+    "save_total_limit": "newest checkpoints kept (the best one is kept besides)",
+    "load_best_at_end": "the adapter left in output_dir is the best by eval loss",
+    "early_stopping_patience": "stop after N evals without improvement; 0 = never",
+    "logging_steps": "log the training loss every N optimizer steps",
+    "tensorboard": "also write TensorBoard event files",
+    "output_dir": "where the adapter, checkpoints, metrics and config are written",
+    "resume": "continue a run: latest (the newest checkpoint in output_dir) or a checkpoint "
+              "directory",
+    "overwrite": "allow a non-empty output_dir (its old contents are removed)",
 }
 
 # Other spellings users bring from transformers / TRL / peft / Axolotl.
@@ -277,19 +339,6 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise bad("a non-empty list")
         return items
     raise AssertionError(f"no coercion for {key}: {tp}")  # a field type this file forgot
-
-
-def attention_layers_kept(keep: bool | int | None, layers: int) -> int:
-    """How many of a model's `layers` keep their attention for backward under keep_attention:
-    true all, false or None none, a number N the last N (refused past `layers`)."""
-    if keep is True:
-        return layers
-    if not keep:
-        return 0
-    if keep > layers:
-        raise QloraError(f"option `keep_attention`: {keep} layers, but the model has {layers}; "
-                         f"give at most {layers}, or true for every layer")
-    return int(keep)
 
 
 def _coerce_layers_or_flag(value: Any, bad) -> bool | int:

@@ -22,8 +22,8 @@ import torch
 from qlora.errors import QloraError
 from qlora.files import staged_file
 from qlora.infer import GenerationOptions
+from qlora.models.decoder import IGNORE_INDEX as IGNORE
 
-IGNORE = -100
 GENERATIVE_FORMATS = ("alpaca", "prompt_completion", "sharegpt", "messages")
 
 

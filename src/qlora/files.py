@@ -54,3 +54,23 @@ def staged_file(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse (QloraError) an output `path` that cannot be created or written, before any slow
+    work: its nearest existing ancestor must be a directory this process may write into."""
+    from qlora.errors import QloraError
+
+    path = Path(path)
+    target = path if path.is_dir() else path.parent
+    probe = target
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise QloraError(f"{what} {path} cannot be created: {probe} is a file, not a directory; "
+                         f"choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QloraError(f"{what} {path} cannot be written: no write permission in {probe}; "
+                         f"choose a path in a writable folder (or fix its permissions)")

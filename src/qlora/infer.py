@@ -121,7 +121,7 @@ def load_for_inference(model_dir, adapter_dir=None, quant: str = "nf4", device: 
     from qlora.quant import QuantConfig
 
     if not Path(model_dir).is_dir():
-        raise QloraError(f"model directory {model_dir} not found (--model takes a directory in "
+        raise QloraError(f"model directory {model_dir} does not exist (--model takes a directory in "
                          "Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise QloraError(f"adapter directory {adapter_dir} not found (--adapter takes a directory "

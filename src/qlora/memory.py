@@ -27,9 +27,11 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qlora.adapters import BLOCK_LINEARS as PROJECTIONS  # the seven linears, in layer order
-from qlora.config import attention_layers_kept
 from qlora.errors import QloraError
+from qlora.models.spec import BLOCK_LINEARS as PROJECTIONS  # the seven linears, in layer order
+from qlora.models.spec import NAMED_SHAPES as SHAPES  # (benchmarks read memory.SHAPES)
+from qlora.models.spec import ArchSpec, attention_layers_kept, spec_from_config, spec_from_shape
+from qlora.quant import FOUR_BIT_METHODS, METHODS as QUANT_METHODS
 
 GiB = 1024**3
 MiB = 1024**2
@@ -41,7 +43,7 @@ ALLOC_GRANULE = 512
 # (reserved / allocated) and the CUDA context + kernels (about 0.5-1 GiB on an H100 with torch 2.x).
 # RESERVED_FACTOR: measured max_memory_reserved / max_memory_allocated over 24 H100 runs
 # (calibration, out-of-sample and compare sets, 2026-11-25): 1.02-1.29, median 1.09. 1.30 covers
-# every one (docs/BENCHMARKS.md, "Out-of-sample planner check"; benchmarks/fold_issue6.py prints
+# every one (docs/BENCHMARKS.md, "Out-of-sample planner check"; benchmarks/fold_planner_check.py prints
 # it again from the stored runs): the advice errs towards "does not fit".
 RESERVED_FACTOR = 1.30
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
@@ -49,103 +51,40 @@ CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 # CUDA 12; the forward thread and the autograd thread each hold a handle.
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * MiB
 
-QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 SHARDING = ("ddp", "fsdp")
 KERNELS = ("eager", "fused")
 # chunked-fused: the decoder's chunks with a frozen lm_head (every LoRA run), the hidden states'
 # gradient made in forward (kernels/cross_entropy.py); chunked: its chunks checkpointed and
-# recomputed in backward (a trainable lm_head, and every run measured before the sixth session);
+# recomputed in backward (a trainable lm_head, and every run measured before 2026-11-26);
 # full: transformers'.
 LOSSES = ("chunked-fused", "chunked", "full")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 # --- architecture -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Arch:
-    """The sizes that memory depends on, read from a config.json."""
-
-    name: str
-    model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool = False  # qwen2 has biases on q/k/v
-    qk_norm: bool = False  # qwen3 normalises q and k per head
-
-    def linears(self) -> list[tuple[str, int, int]]:
-        """(name, in_features, out_features) of the seven projections of one decoder layer."""
-        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
-                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
-
-    def num_params(self) -> int:
-        per_layer = sum(i * o for _, i, o in self.linears())
-        if self.qkv_bias:
-            per_layer += (self.heads + 2 * self.kv_heads) * self.head_dim
-        norms = (2 * self.layers + 1) * self.hidden + (2 * self.layers * self.head_dim if self.qk_norm else 0)
-        embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * per_layer + norms + embed
+# The planner's architecture record is the model layer's ArchSpec (models/spec.py); a named shape
+# (`qlora plan --shape`) is one of models/spec.NAMED_SHAPES.
 
 
-# Real sizes of the shapes the seeds and benchmarks name (from each model's config.json).
-SHAPES: dict[str, dict] = {
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                         tie_word_embeddings=True),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                       tie_word_embeddings=False),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       tie_word_embeddings=False),
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       tie_word_embeddings=False),
-    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-                        tie_word_embeddings=False),
-    "llama-2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
-                        tie_word_embeddings=False),
-    # Mistral-7B-v0.1 (v0.3 has a 32768 vocabulary; the difference is 6 MiB of embeddings)
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                       tie_word_embeddings=False),
-}
-
-
-def arch_from_config(config: dict, name: str = "model", source: str = "config.json") -> Arch:
-    """An Arch from a config.json dict, read by the model layer's own parser (models/spec.py),
-    which refuses unknown families and names what is missing."""
-    from qlora.models.spec import spec_from_config
-
+def arch_from_config(config: dict, name: str = "model", source: str = "config.json") -> ArchSpec:
+    """The ArchSpec of a config.json dict, read by the model layer's own parser (models/spec.py),
+    which refuses unknown families; what is missing is named."""
     try:
-        spec = spec_from_config(config, source=source)
+        return spec_from_config(config, source=source, name=name)
     except KeyError as err:
         raise QloraError(f"{source}: missing {err.args[0]!r}, needed to plan memory") from None
-    return Arch(name=name, model_type=spec.model_type, hidden=spec.hidden_size,
-                intermediate=spec.intermediate_size, layers=spec.num_layers, heads=spec.num_heads,
-                kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
-                tied=spec.tie_word_embeddings, qkv_bias=spec.qkv_bias, qk_norm=spec.qk_norm)
 
 
-def resolve_arch(model_dir: str | None = None, config_json: str | None = None, shape: str | None = None) -> Arch:
+def resolve_arch(model_dir: str | None = None, config_json: str | None = None, shape: str | None = None) -> ArchSpec:
     """Exactly one of: a model directory, a config.json path, a named shape."""
     given = [x for x in (model_dir, config_json, shape) if x]
     if len(given) != 1:
         raise QloraError("give exactly one of --model DIR, --config-json FILE, --shape NAME")
     if shape:
-        key = shape.lower()
-        if key not in SHAPES:
+        if shape.lower() not in SHAPES:
             raise QloraError(f"--shape {shape!r} is not known; known shapes: {', '.join(SHAPES)}")
-        return arch_from_config(SHAPES[key], name=key, source=f"shape {key}")
+        return spec_from_shape(shape)
     path = Path(config_json) if config_json else Path(model_dir) / "config.json"
     if not path.is_file():
         what = "--config-json" if config_json else "--model"
@@ -184,7 +123,7 @@ class PlanConfig:
     # the frozen input embedding (untied) in pinned host memory (qlora train's embedding_on_host)
     embedding_on_host: bool = False
     optimizer: str = "paged_adamw_8bit"
-    kernels: str = "eager"  # eager = autograd over PyTorch ops (HF/our reference); fused = issue 5's kernels
+    kernels: str = "eager"  # eager = autograd over PyTorch ops (HF/our reference); fused = kernels/fused.py's Triton kernels
     loss: str = "chunked-fused"  # chunked cross entropy (see LOSSES), or full fp32 logits (transformers')
     loss_chunk_tokens: int | None = None  # None: the decoder's rule for the vocabulary (loss_chunk_tokens())
     gpus: int = 1
@@ -270,17 +209,17 @@ def quantized_linear_tensors(n_out: int, n_in: int, quant: str, double_quant: bo
     return sizes
 
 
-def adapter_tensors(arch: Arch, cfg: PlanConfig) -> list[int]:
+def adapter_tensors(arch: ArchSpec, cfg: PlanConfig) -> list[int]:
     """Element counts of every trainable tensor: lora_A [r, in], lora_B [out, r], DoRA magnitude [out]."""
     targets = target_names(cfg.targets)
     sizes = []
     for name, n_in, n_out in arch.linears():
         if name in targets:
             sizes += [cfg.r * n_in, n_out * cfg.r] + ([n_out] if cfg.dora else [])
-    return sizes * arch.layers
+    return sizes * arch.num_layers
 
 
-def adapter_param_count(arch: Arch, cfg: PlanConfig) -> int:
+def adapter_param_count(arch: ArchSpec, cfg: PlanConfig) -> int:
     return sum(adapter_tensors(arch, cfg))
 
 
@@ -311,7 +250,7 @@ def optimizer_state_bytes(numels: list[int], cfg: PlanConfig) -> tuple[int, int,
     return in_alloc, in_managed, 0  # bitsandbytes updates in place: no step temporaries
 
 
-def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int = 1) -> dict[str, float]:
+def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: int = 1) -> dict[str, float]:
     """Bytes per token that autograd keeps for one decoder layer, term by term (bf16 = 2 bytes).
 
     A LLaMA block as qlora.models.decoder computes it: x -> RMSNorm -> q,k,v -> RoPE -> SDPA -> o
@@ -325,8 +264,8 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     dropout_mask_bytes: 1 on CUDA (native_dropout keeps a bool mask); the CPU's dropout keeps a
     noise tensor in the input dtype (2).
     """
-    h, i = arch.hidden, arch.intermediate
-    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     eager = cfg.kernels == "eager"
     targets = target_names(cfg.targets)
     inputs = {name: n_in for name, n_in, _ in arch.linears()}
@@ -347,19 +286,19 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     if mlp_readers and not dropout:
         t["MLP input (normed)"] = 2 * h
     if arch.qk_norm:  # qwen3: per-head RMSNorm of q and k, same rule as above
-        t["q/k norm inputs"] = (4 if eager else 2) * (q + kv) + 4 * (arch.heads + arch.kv_heads)
+        t["q/k norm inputs"] = (4 if eager else 2) * (q + kv) + 4 * (arch.num_heads + arch.num_kv_heads)
     # SDPA (flash/efficient) keeps q and k after RoPE, v, its output and a fp32 logsumexp per
     # head. The decoder repeats k and v to all heads for GQA (repeat_interleave) before SDPA, so the
     # kept k and v have nh heads. RoPE is a linear map: its backward needs cos/sin only.
-    from qlora.models.decoder import _sdpa_takes_gqa
+    from qlora.models.decoder import sdpa_takes_gqa
 
-    if _sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
+    if sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
         t["q, k, v (after RoPE)"] = 2 * (q + 2 * kv)
     else:
         t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
     # The output, [B, T, H, D] in memory, is also o_proj's input (transpose + reshape is a view).
     t["attention output (= o_proj input)"] = 2 * q
-    t["attention logsumexp (fp32)"] = 4 * arch.heads
+    t["attention logsumexp (fp32)"] = 4 * arch.num_heads
     # MLP: gate and up outputs (silu's input, the product's other factor); silu(gate) kept by
     # eager autograd for the product's backward (a fused SwiGLU recomputes it); the product is
     # down_proj's input, kept for its LoRA A unless dropout's copy is kept instead.
@@ -382,28 +321,28 @@ def layer_activation_terms(arch: Arch, cfg: PlanConfig, dropout_mask_bytes: int 
     return t
 
 
-def kept_attention_bytes_per_token(arch: Arch) -> int:
+def kept_attention_bytes_per_token(arch: ArchSpec) -> int:
     """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
     v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
     log-sum-exp of each head."""
-    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    return 2 * (q + 2 * kv + q) + 4 * arch.heads
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return 2 * (q + 2 * kv + q) + 4 * arch.num_heads
 
 
-def kept_attention_layers(arch: Arch, cfg: PlanConfig) -> int:
+def kept_attention_layers(arch: ArchSpec, cfg: PlanConfig) -> int:
     """Layers whose attention is kept for backward: keep_attention's count, with checkpointing."""
-    return attention_layers_kept(cfg.keep_attention, arch.layers) if cfg.checkpointing else 0
+    return attention_layers_kept(cfg.keep_attention, arch.num_layers) if cfg.checkpointing else 0
 
 
-def attention_layers_that_fit(arch: Arch, cfg: PlanConfig, gpu_bytes: int) -> int:
+def attention_layers_that_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int) -> int:
     """The most layers that can keep their attention with the plan still fitting `gpu_bytes` (0
     without checkpointing or where even none fits). The plan grows with the count: bisected."""
     if not cfg.checkpointing:
         return 0
-    return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.layers)
+    return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.num_layers)
 
 
-def _largest_that_fits(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: str, low: int,
+def _largest_that_fits(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_name: str, low: int,
                        high: int) -> int:
     """The largest value of `field_name` in [low, high] whose plan fits, for a plan that grows
     with it and fits at `low`: bisected."""
@@ -416,17 +355,17 @@ def _largest_that_fits(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: 
     return low
 
 
-def embedding_in_host_memory(arch: Arch, cfg: PlanConfig) -> bool:
+def embedding_in_host_memory(arch: ArchSpec, cfg: PlanConfig) -> bool:
     """Whether the input embedding sits in pinned host memory: asked for, not the head's weight
     too (tied), and one GPU (qlora train moves it only outside torchrun)."""
-    return cfg.embedding_on_host and not arch.tied and cfg.gpus == 1
+    return cfg.embedding_on_host and not arch.tie_word_embeddings and cfg.gpus == 1
 
 
 def fast_path(cfg: PlanConfig) -> bool:
     """Whether the step runs kernels/lora.py's LoRA products over 4-bit bases (qlora train on CUDA
     with fused kernels: kernels.use_fast_path, grouped projections, seeded dropout drawn inside
     the products by kernels/lora_dropout.py)."""
-    return cfg.kernels == "fused" and cfg.quant in ("nf4", "fp4") and (
+    return cfg.kernels == "fused" and cfg.quant in FOUR_BIT_METHODS and (
         cfg.seeded_dropout or cfg.lora_dropout == 0)
 
 
@@ -439,7 +378,7 @@ def _fast_path_groups(targets) -> list[tuple[str, ...]]:
     return groups + [(n,) for n in targets if n not in grouped]
 
 
-def layer_weight_terms(arch: Arch, cfg: PlanConfig) -> dict[str, int]:
+def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
     """Bytes per layer (not per token) that autograd keeps while the layer's graph exists.
 
     F.linear(x, A) keeps A for x's gradient; with fp32 masters that A is the bf16 copy made by
@@ -469,14 +408,14 @@ def layer_weight_terms(arch: Arch, cfg: PlanConfig) -> dict[str, int]:
     return t
 
 
-def backward_working_bytes_per_token(arch: Arch, cfg: PlanConfig) -> float:
+def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     """Gradients alive while one layer runs backward (estimate, an upper bound).
 
     The gradient of the residual stream coming in and going out (2 x bf16 h) and, at the MLP's
     peak, the gradients of silu(gate), of up and of gate (3 x bf16 I) while the layer's saved
     tensors are still counted in full.
     """
-    return 2 * 2 * arch.hidden + 3 * 2 * arch.intermediate
+    return 2 * 2 * arch.hidden_size + 3 * 2 * arch.intermediate_size
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -490,12 +429,12 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return decoder_rule(vocab_size)
 
 
-def loss_peak_bytes(arch: Arch, cfg: PlanConfig) -> tuple[int, str]:
+def loss_peak_bytes(arch: ArchSpec, cfg: PlanConfig) -> tuple[int, str]:
     """The logits/loss transient at the loss's peak and how it is computed. The peak of the
     `chunked-fused` loss is in forward, that of the others in their backward; either way every saved
     activation is alive and no adapter gradient exists yet (Breakdown's first phase)."""
     tokens = cfg.seq_len * cfg.micro_batch
-    v, h = arch.vocab, arch.hidden
+    v, h = arch.vocab_size, arch.hidden_size
     if cfg.loss == "full":
         # transformers' ForCausalLMLoss: bf16 logits, .float() copy, log_softmax output (kept) =
         # 10 B/entry in forward; in backward the nll gradient, the kept log_softmax output and the
@@ -534,7 +473,7 @@ class Breakdown:
     freed).
     """
 
-    arch: Arch
+    arch: ArchSpec
     cfg: PlanConfig
     base: int  # quantized (or 16-bit) decoder linears, with their biases
     embeddings: int  # embed_tokens + lm_head (once when tied)
@@ -605,7 +544,7 @@ class Breakdown:
         c = self.cfg
         base = {"none": "16-bit base (bf16)", "int8": "8-bit base (LLM.int8)"}.get(
             c.quant, f"4-bit base ({c.quant}{', double quant' if c.double_quant else ''})")
-        emb = f"16-bit embeddings + lm_head ({'tied' if self.arch.tied else 'untied'}, {c.nonquant_dtype})"
+        emb = f"16-bit embeddings + lm_head ({'tied' if self.arch.tie_word_embeddings else 'untied'}, {c.nonquant_dtype})"
         if embedding_in_host_memory(self.arch, c):
             emb = f"16-bit lm_head ({c.nonquant_dtype}; the input embedding in host memory)"
         rows = [
@@ -624,11 +563,11 @@ def _gib(n: float) -> float:
     return n / GiB
 
 
-def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
+def plan(arch: ArchSpec, cfg: PlanConfig = PlanConfig()) -> Breakdown:
     """Predict the per-GPU memory of one training step of `arch` under `cfg`."""
     cfg.validate()
     rnd = cfg.alloc_rounding
-    L, h, v = arch.layers, arch.hidden, arch.vocab
+    L, h, v = arch.num_layers, arch.hidden_size, arch.vocab_size
     tokens = cfg.seq_len * cfg.micro_batch
     nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
     notes: list[str] = []
@@ -642,7 +581,7 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
             base_layer += _alloc(2 * n_out, rnd)  # bias stays in bf16
     base = L * base_layer
     host_embedding = embedding_in_host_memory(arch, cfg)
-    embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tied or host_embedding else 2)
+    embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tie_word_embeddings or host_embedding else 2)
     if host_embedding:
         notes.append(f"input embedding in pinned host memory: {_gib(v * h * nbytes):.2f} GiB "
                      "of host RAM, not on the GPU")
@@ -698,7 +637,7 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
     largest = max(arch.linears(), key=lambda x: x[1] * x[2])
     n_largest = largest[1] * largest[2]
     dequant = 0
-    if cfg.quant in ("nf4", "fp4"):
+    if cfg.quant in FOUR_BIT_METHODS:
         dequant = 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
     elif cfg.quant == "int8":
         # backward turns int8 rows back to bf16; forward quantizes the input to int8 and gets int32
@@ -710,7 +649,7 @@ def plan(arch: Arch, cfg: PlanConfig = PlanConfig()) -> Breakdown:
         big = max(t, key=lambda x: x[1] * x[2])
         dequant += 3 * 2 * big[1] * big[2]
         notes.append("DoRA: its workspace term is an estimate")
-    if cfg.kernels == "fused" and cfg.checkpointing and cfg.quant in ("nf4", "fp4"):
+    if cfg.kernels == "fused" and cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS:
         # the dense weights a layer's rerun makes, kept for that layer's backward
         # (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
         # stops before. All alive at down_proj's backward, with its own dense weight.
@@ -796,7 +735,7 @@ def _describe(cfg: PlanConfig, new: PlanConfig, names: dict = PLAN_OPTIONS) -> s
     return " + ".join(parts)
 
 
-def _largest_fitting(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: str, start: int,
+def _largest_fitting(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_name: str, start: int,
                      floor: int) -> PlanConfig | None:
     """Halve `field_name` from `start` down to `floor`; the first (largest) value that fits."""
     value = start
@@ -808,7 +747,7 @@ def _largest_fitting(arch: Arch, cfg: PlanConfig, gpu_bytes: int, field_name: st
     return None
 
 
-def advise(arch: Arch, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_OPTIONS) -> list[Advice]:
+def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_OPTIONS) -> list[Advice]:
     """Changes that make the run fit, each checked by re-running the planner; [] if it fits.
 
     Tried one at a time, in this order: smaller micro-batch, checkpointing on, shorter sequence,
@@ -860,7 +799,7 @@ def advise(arch: Arch, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_OPTIO
     return [Advice({}, text, b)]
 
 
-def _min_fsdp_gpus(arch: Arch, cfg: PlanConfig, gpu_bytes: int, most: int = 8) -> int | None:
+def _min_fsdp_gpus(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, most: int = 8) -> int | None:
     for n in range(2, most + 1):
         if fits(plan(arch, replace(cfg, gpus=n, sharding="fsdp")), gpu_bytes):
             return n
@@ -871,7 +810,7 @@ def _changes(old: PlanConfig, new: PlanConfig) -> dict:
     return {f: getattr(new, f) for f in old.__dataclass_fields__ if getattr(old, f) != getattr(new, f)}
 
 
-def auto_fit(arch: Arch, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: int = 64) -> PlanConfig | None:
+def auto_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: int = 64) -> PlanConfig | None:
     """The largest micro-batch that fits, with checkpointing off if it fits that way at all.
 
     Checkpointing costs a recomputed forward (about a third more compute), so no checkpointing at
@@ -957,7 +896,7 @@ def run_gpu_bytes(cfg, device) -> tuple[int | None, str]:
     return None, ""
 
 
-def _advice_lines(arch: Arch, pc: PlanConfig, gpu_bytes: int) -> list[str]:
+def _advice_lines(arch: ArchSpec, pc: PlanConfig, gpu_bytes: int) -> list[str]:
     lines = []
     for a in advise(arch, pc, gpu_bytes, names=TRAIN_OPTIONS):
         if a.changes:
@@ -981,7 +920,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
     keep = cfg.keep_attention
     if gpu_bytes is None:  # keep_attention's default is on only where a plan says it fits
         if keep is not True and keep:  # a count: checked against the model's layers before loading
-            attention_layers_kept(keep, resolve_arch(model_dir=cfg.model).layers)
+            attention_layers_kept(keep, resolve_arch(model_dir=cfg.model).num_layers)
         return dataclasses.replace(cfg, keep_attention=keep or False), {}
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
@@ -989,11 +928,11 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         # the plan is per GPU, under torchrun (DDP, FSDP) too; auto_fit spends memory on the
         # micro-batch instead
         n = attention_layers_that_fit(arch, pc, gpu_bytes) if not cfg.auto_fit else 0
-        keep = True if n == arch.layers else n or False
+        keep = True if n == arch.num_layers else n or False
         cfg = dataclasses.replace(cfg, keep_attention=keep)
         pc = replace(pc, keep_attention=keep)
         if n:
-            which = "each layer's" if keep is True else f"the last {n} of {arch.layers} layers'"
+            which = "each layer's" if keep is True else f"the last {n} of {arch.num_layers} layers'"
             log(f"keep_attention: {'on' if keep is True else n} ({which} attention kept for "
                 "backward, not rerun: as many layers as the memory plan fits; keep_attention: "
                 "false turns it off)")

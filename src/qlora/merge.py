@@ -34,7 +34,7 @@ import torch
 
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES, weight_files
-from qlora.files import staged_dir
+from qlora.files import check_writable, staged_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16": "float16", "f32": "float32"}
@@ -167,6 +167,22 @@ def check_base_name(adapter_cfg: dict, model_dir: Path, config: dict) -> None:
             f"the adapter was trained on {recorded!r} (adapter_config.json base_model_name_or_path) "
             f"but the base given is {str(model_dir)!r}; pass the matching base, or "
             f"--ignore-base-name if this is the same model under another name")
+
+
+def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
+                       ignore_base_name: bool = False) -> None:
+    """The one base-name check of generate, chat, eval, merge and export: refuse (QloraError) an
+    adapter whose adapter_config.json names another base than model_dir, unless told to ignore
+    it (--ignore-base-name). Missing or unreadable files pass here: the loaders name them."""
+    if adapter_dir is None or ignore_base_name:
+        return
+    try:
+        adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(adapter_cfg, dict) and isinstance(config, dict):
+        check_base_name(adapter_cfg, Path(model_dir), config)
 
 
 def check_adapter_fits(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor],
@@ -311,10 +327,12 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out_dir)
     dtype, base = normalise_dtype(dtype), normalise_base(base)
     refuse_existing(out)
+    check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     if not adapter_dir.is_dir():
         raise QloraError(f"--adapter {adapter_dir}: no such directory")
+    check_adapter_base(model_dir, adapter_dir, ignore_base_name)
     config = read_config(model_dir)
     if config.get("quantization_config"):
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "

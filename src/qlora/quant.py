@@ -16,6 +16,7 @@ from torch import nn
 from qlora.errors import QloraError
 
 METHODS = ("nf4", "fp4", "int8", "none")
+FOUR_BIT_METHODS = ("nf4", "fp4")  # bitsandbytes Linear4bit; int8 is LLM.int8, none 16-bit
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                   "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -38,7 +39,7 @@ class QuantConfig:
 
     @property
     def is_4bit(self) -> bool:
-        return self.method in ("nf4", "fp4")
+        return self.method in FOUR_BIT_METHODS
 
 
 def parse_dtype(name: str) -> torch.dtype:

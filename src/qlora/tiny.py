@@ -13,11 +13,12 @@ from pathlib import Path
 
 # ChatML, as Qwen uses it; its `generation` markers tell transformers what the assistant says
 from qlora.data.templates import CHATML_TEMPLATE
+from qlora.models.families import FAMILIES as FAMILY_MODULES
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
 CHARACTERS = list(string.printable[:95]) + ["\n", "\t"]  # digits, letters, punctuation, space
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = tuple(FAMILY_MODULES)
 
 
 def tokenizer_vocab() -> dict[str, int]:
@@ -70,8 +71,7 @@ def tiny_config(family: str, vocab_size: int = 128, **overrides):
         eos_token_id=vocab["</s>"],
         pad_token_id=vocab["<pad>"],
     )
-    if family == "qwen3":
-        sizes["head_dim"] = 16
+    sizes.update(FAMILY_MODULES[family].TINY_SIZES)
     sizes.update(overrides)
     return AutoConfig.for_model(family, **sizes)
 

@@ -157,8 +157,22 @@ def _scan_jsonl(path: str, text: str) -> tuple[list[int], list[Problem], list[st
     return good_lines, problems, good_text
 
 
+def read_utf8(path: str | Path, what: str = "") -> str:
+    """The text of a file, or a QloraError naming the line and byte offset of the first byte
+    that is not UTF-8 (datasets and pandas would say only "UnicodeDecodeError")."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise QloraError(f"{what}{path} line {line} column {col} (byte offset {e.start}): not UTF-8 "
+                         f"text (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8 FILE > FILE.utf8") from None
+
+
 def _read_json(path: str) -> _Rows:
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise QloraError(f"{path} is empty: no examples to train on.")
     try:
@@ -198,8 +212,9 @@ def _read_json(path: str) -> _Rows:
 def _read_csv(path: str) -> _Rows:
     import datasets
 
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
+    import io
+
+    header = next(csv.reader(io.StringIO(read_utf8(path), newline="")), None)
     if not header:
         raise QloraError(f"{path} is empty: no examples to train on.")
     # Every column as a string: '3' stays '3' (pandas would make it the integer 3).

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import torch
 
 from qlora.errors import QloraError
+from qlora.models.decoder import IGNORE_INDEX as IGNORE
 
-IGNORE = -100
 
 
 def _length(e) -> int:

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from qlora.data.formats import Example, Problem, fingerprint, load_examples, summarize_problems
 from qlora.errors import QloraError
+from qlora.models.decoder import IGNORE_INDEX as IGNORE  # the label of a position without loss
 
-IGNORE = -100
 CACHE_VERSION = 1  # bump when the encoding changes, so old caches are not reused
 
 # The seeds' alpaca prompts (qlora-notebook.txt), character for character.

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from qlora.errors import QloraError
-from qlora.files import staged_file
+from qlora.files import check_writable, staged_file
 
 QTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 
@@ -41,8 +41,9 @@ def _gguf():
 
 def arch_of(model_type: str):
     g = _gguf()
-    archs = {"llama": g.MODEL_ARCH.LLAMA, "mistral": g.MODEL_ARCH.LLAMA,
-             "qwen2": g.MODEL_ARCH.QWEN2, "qwen3": g.MODEL_ARCH.QWEN3}
+    from qlora.models.families import FAMILIES
+
+    archs = {name: getattr(g.MODEL_ARCH, family.GGUF_ARCH) for name, family in FAMILIES.items()}
     if model_type not in archs:
         raise QloraError(f"config.json model_type {model_type!r}: GGUF export supports "
                          f"{', '.join(archs)}")
@@ -274,19 +275,29 @@ def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
 # --- the export ---------------------------------------------------------------------------------
 def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 adapter_dir: str | Path | None = None, merge_base: str = "original",
-                ignore_base_name: bool = False) -> Path:
-    """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file."""
+                ignore_base_name: bool = False, log=None) -> Path:
+    """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
+
+    `log` (default: stderr) hears the tensors stored in another type than qtype asks for."""
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = qtype.lower()
     if qtype not in QTYPES:
         raise QloraError(f"--type {qtype!r}: choose one of {', '.join(QTYPES)}")
     if out.exists():
         raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
+    check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
+    if log is None:
+        import sys
+
+        def log(text: str) -> None:
+            print(text, file=sys.stderr)
     if adapter_dir is None:
-        return _export(model_dir, out, qtype)
-    from qlora.merge import merge_adapter, read_config
+        return _export(model_dir, out, qtype, log)
+    from qlora.merge import check_adapter_base, merge_adapter, read_config
+
+    check_adapter_base(model_dir, adapter_dir, ignore_base_name)
 
     src = read_config(model_dir)
     # keep the base's own precision for the intermediate merge (no extra rounding before quantizing)
@@ -296,10 +307,10 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".merge", dir=out.parent) as tmp:
         merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype,
                                base=merge_base, ignore_base_name=ignore_base_name)
-        return _export(merged, out, qtype)
+        return _export(merged, out, qtype, log)
 
 
-def _export(model_dir: Path, out: Path, qtype: str) -> Path:
+def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
     from safetensors import safe_open
 
     from qlora.merge import read_config
@@ -326,6 +337,10 @@ def _export(model_dir: Path, out: Path, qtype: str) -> Path:
         w.add_file_type(file_types[qtype])
         w.add_quantization_version(g.GGML_QUANT_VERSION)
 
+        T = g.GGMLQuantizationType
+        wanted = {"f16": {T.F16}, "bf16": {T.BF16}, "q8_0": {T.Q8_0}, "q4_0": {T.Q4_0},
+                  "q4_k_m": {T.Q4_K, T.Q6_K}}[qtype]
+        fallbacks: dict[tuple[str, str, int], int] = {}  # (role, type, row length) -> tensors
         has_output = False
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
@@ -347,7 +362,15 @@ def _export(model_dir: Path, out: Path, qtype: str) -> Path:
                     elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
                         x = permute_rope(x, n_kv)
                     ggml_type = tensor_type(name, x.shape, qtype, n_layer, has_output)
+                    if len(x.shape) >= 2 and ggml_type not in wanted:
+                        role = re.sub(r"^blk\.\d+\.", "", name)
+                        key = (role, ggml_type.name, x.shape[-1])
+                        fallbacks[key] = fallbacks.get(key, 0) + 1
                     w.add_tensor(name, encode(x, ggml_type), raw_dtype=ggml_type)
+        for (role, type_name, width), count in fallbacks.items():
+            block = _gguf().GGML_QUANT_SIZES[next(iter(wanted))][0]
+            log(f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
+                f"{type_name}: row length {width} is not a multiple of {block}")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from qlora.errors import QloraError
 from qlora.kernels.dropout import use_triton
+from qlora.models.decoder import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 VOCAB_BLOCK = 4096  # logits per loop iteration of one row's program
 
 

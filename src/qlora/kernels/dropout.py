@@ -12,8 +12,8 @@ The mask, exactly: a tensor is read as rows of its last dimension, [M, K]. Each 
 blocks of BLOCK = 2048 elements (J = ⌈K/2048⌉ blocks; the last one may be partial), block
 b = m·J + j of the matrix, and one Philox evaluation serves 8 elements of a block, each reading 16
 of its 128 bits (at one evaluation per element the kernel was bound by Philox's integer work; at 8
-its time per training step is close to what its memory traffic takes: about 3 TB/s in the fourth
-session's H200 profile). Element (m, c), c = 2048·j + 256·slot + q (slot 0..7, q < 256), reads
+its time per training step is close to what its memory traffic takes: about 3 TB/s in an H200
+profile of 2026-11-25). Element (m, c), c = 2048·j + 256·slot + q (slot 0..7, q < 256), reads
 output lane slot // 2 of philox(key=k, counter=(256·b + q, 0, 0, 0)): its LOW 16 bits for an even
 slot, its HIGH 16 bits for an odd one. Blocks never straddle two rows, so a kernel that reads a
 [rows, 2048] tile of a matrix (kernels/lora_dropout.py's fused LoRA products) makes each of its

@@ -4,7 +4,7 @@ Why: with LoRA the input embedding is frozen and read only by a gather, a few th
 rows per step. An untied table is a large part of a 4-bit model's GPU memory (Llama-3-8B:
 128,256 x 4096 in bf16, 0.98 GiB of a 7 GiB step). Pinned host memory is addressable from the
 GPU (CUDA's unified addressing), so a kernel reads the rows it needs over PCIe: on an H100, 2048
-rows of 4096 in 0.33 ms, inside a CUDA graph as well (docs/BENCHMARKS.md, sixth session).
+rows of 4096 in 0.33 ms, inside a CUDA graph as well (docs/BENCHMARKS.md, 2026-11-26).
 
 `gather_rows` runs the Triton kernel where the table is in host memory and the ids on the GPU,
 and is `torch.embedding` everywhere else (the reference: tests compare the two through Triton's

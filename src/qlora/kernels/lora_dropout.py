@@ -11,9 +11,9 @@ masks D_i (kernels/dropout.py's seeded masks, salt_i, probability p; kept values
 
 Why: composed from the dropout kernel and cuBLAS, every D_i(x) is written out and read back (in
 the forward, again in the checkpoint's rerun, and in backward for ∂A_i), and ∂x's parts are masked
-and summed in one more pass each: about 12 ms of a 205 ms Llama-3-8B step on an H100 in the fourth
-session's profile, all memory traffic. Here x is read once per kernel and the masks never leave
-registers. Drawing the masks (Philox) is what bounds these kernels (fifth session's H100 runs:
+and summed in one more pass each: about 12 ms of a 205 ms Llama-3-8B step on an H100 in a profile of
+2026-11-25, all memory traffic. Here x is read once per kernel and the masks never leave
+registers. Drawing the masks (Philox) is what bounds these kernels (H100 runs of 2026-11-26:
 x's tile masked and summed alone takes about 80% of the forward kernel's time), so kernels/lora.py
 also keeps H from the forward for the checkpoint's rerun, which then draws no mask.
 
@@ -38,7 +38,7 @@ from qlora.kernels.dropout import (BLOCK, PHILOX_ROUNDS, SLOT, check_counters, d
 
 MAX_ADAPTERS = 3  # q, k, v: the largest group decoder.py forms
 MAX_RANK = 64  # the rank padded to a power of two ≥ 16 (tl.dot's least size) must fit registers
-# Tile constants, from the fifth session's sweeps on an H100 (benchmarks/gpu_check.py
+# Tile constants, from sweeps on an H100 on 2026-11-26 (benchmarks/gpu_check.py
 # check_lora_dropout_kernels) at Llama-3-8B's shapes:
 QW = 32  # Philox counters per tile row (a tile: rows × QW counters × 8 slots)
 DOWN_ROWS = 64  # H: rows per program; H reads A once per row block (16 rows: 6x x's traffic)

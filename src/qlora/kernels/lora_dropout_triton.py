@@ -6,7 +6,7 @@ TRITON_INTERPRET=1, and kernels that call other @triton.jit functions need them 
 A tile is BM rows × the QW counters q0..q0+QW−1 of one mask block: one Philox evaluation per
 (row, counter) gives the 8 masks of the 8 slots. The forward kernel takes each slot as its own
 [BM, QW] piece of x (columns 2048·j + 256·slot + q0 + 0..QW−1, contiguous) and its own small
-tl.dot; measured on an H100 in the fifth session, arranging the 8 slots side by side in one
+tl.dot; measured on an H100 on 2026-11-26, arranging the 8 slots side by side in one
 [BM, 8·QW] tile cost it more than the Philox rounds (a permutation through shared memory; in
 Philox's order, 2-byte gathers, worse). The backward kernels use that side-by-side tile
 (keep_bits) all the same: they carry partial sums per slot through a loop, which the per-slot

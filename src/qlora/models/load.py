@@ -173,6 +173,10 @@ def _check_nothing_missing(model: nn.Module, model_dir) -> None:
 def load_tokenizer(model_dir: str | Path):
     """The model's tokenizer (tokenizer.json + tokenizer_config.json with its chat template)."""
     root = Path(model_dir)
+    if not root.is_dir():
+        raise QloraError(f"model directory {root} does not exist: pass --model an existing "
+                         "directory in Hugging Face layout (config.json, *.safetensors, "
+                         "tokenizer.json)")
     if not (root / "tokenizer.json").exists() and not (root / "tokenizer.model").exists():
         raise QloraError(f"no tokenizer.json in {root}: copy the tokenizer files of the base "
                          "model (tokenizer.json, tokenizer_config.json) into it")

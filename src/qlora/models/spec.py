@@ -1,7 +1,8 @@
 """config.json → ArchSpec: everything the decoder needs to know about an architecture.
 
 One decoder class serves every supported family; the differences between families are the few
-fields below (biases, q/k norms, rope scaling, tied head, sliding window).
+fields below (biases, q/k norms, rope scaling, tied head, sliding window), which each family's
+module (models/families/) sets from its config.json.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from pathlib import Path
 
 from qlora.errors import QloraError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from qlora.models.families import FAMILIES
+
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+# The seven linear layers of a decoder block, by their HF leaf names, in layer order.
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,23 @@ class ArchSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    name: str = field(default="model", compare=False)  # what the memory planner calls it
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the seven linears of a block, in layer order."""
+        return [(name, n_in, n_out) for name, (n_out, n_in) in self.linear_shapes().items()]
+
+    def num_params(self) -> int:
+        """Parameters of the model: linears and their biases, norms, embedding (and untied head)."""
+        shapes = self.linear_shapes()
+        per_layer = sum(n_in * n_out for n_out, n_in in shapes.values())
+        biased = ((("q_proj", "k_proj", "v_proj") if self.qkv_bias else ()) + (("o_proj",) if self.o_bias else ())
+                  + (("gate_proj", "up_proj", "down_proj") if self.mlp_bias else ()))
+        per_layer += sum(shapes[name][0] for name in biased)
+        norms = (2 * self.num_layers + 1) * self.hidden_size + (2 * self.num_layers * self.head_dim
+                                                                 if self.qk_norm else 0)
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + norms + embed
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each linear layer of a decoder block, by its HF leaf name."""
@@ -57,10 +79,50 @@ class ArchSpec:
         }
 
 
+# Real sizes of the shapes the seeds, benchmarks and `qlora plan --shape` name (from each model's
+# config.json): an ArchSpec without the model's files (spec_from_shape).
+NAMED_SHAPES: dict[str, dict] = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       tie_word_embeddings=False),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       tie_word_embeddings=False),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       tie_word_embeddings=False),
+    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                        tie_word_embeddings=False),
+    "llama-2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                        tie_word_embeddings=False),
+    # Mistral-7B-v0.1 (v0.3 has a 32768 vocabulary; the difference is 6 MiB of embeddings)
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                       tie_word_embeddings=False),
+}
+
+
+def spec_from_shape(shape: str) -> ArchSpec:
+    """The ArchSpec of a named shape (NAMED_SHAPES), e.g. "llama-3-8b"; the name is kept."""
+    key = shape.lower()
+    if key not in NAMED_SHAPES:
+        raise QloraError(f"shape {shape!r} is not known; known shapes: {', '.join(NAMED_SHAPES)}")
+    return spec_from_config(NAMED_SHAPES[key], source=f"shape {key}", name=key)
+
+
 def read_spec(model_dir: str | Path) -> ArchSpec:
     """Read `model_dir/config.json` (or a config.json path) into an ArchSpec."""
     path = Path(model_dir)
     config_path = path if path.is_file() else path / "config.json"
+    if not path.exists():
+        raise QloraError(f"model directory {path} does not exist: pass --model an existing "
+                         "directory in Hugging Face layout (config.json, *.safetensors, "
+                         "tokenizer.json)")
     if not config_path.exists():
         raise QloraError(
             f"{config_path} not found: a model directory in Hugging Face layout needs config.json "
@@ -73,7 +135,7 @@ def read_spec(model_dir: str | Path) -> ArchSpec:
     return spec_from_config(cfg, source=str(config_path))
 
 
-def spec_from_config(cfg: dict, source: str = "config.json") -> ArchSpec:
+def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model") -> ArchSpec:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         raise QloraError(
@@ -85,12 +147,9 @@ def spec_from_config(cfg: dict, source: str = "config.json") -> ArchSpec:
     num_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
     rope_theta, rope_scaling = _rope(cfg, source)
-    attention_bias = bool(cfg.get("attention_bias", False))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    sliding = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-        sliding = None
+    family = FAMILIES[model_type].spec_fields(cfg)  # biases, q/k norms, sliding window
     return ArchSpec(
         model_type=model_type,
         vocab_size=cfg["vocab_size"],
@@ -105,15 +164,16 @@ def spec_from_config(cfg: dict, source: str = "config.json") -> ArchSpec:
         rope_scaling=rope_scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=False if model_type == "qwen2" else attention_bias,
+        qkv_bias=family["qkv_bias"],
+        o_bias=family["o_bias"],
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_window=sliding,
+        qk_norm=family["qk_norm"],
+        sliding_window=family["sliding_window"],
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"),
         raw=cfg,
+        name=name,
     )
 
 
@@ -160,3 +220,16 @@ def rope_inverse_frequencies(spec: ArchSpec) -> tuple["torch.Tensor", float]:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled), 1.0
+
+
+def attention_layers_kept(keep: bool | int | None, layers: int) -> int:
+    """How many of a model's `layers` keep their attention for backward under keep_attention:
+    true all, false or None none, a number N the last N (refused past `layers`)."""
+    if keep is True:
+        return layers
+    if not keep:
+        return 0
+    if keep > layers:
+        raise QloraError(f"option `keep_attention`: {keep} layers, but the model has {layers}; "
+                         f"give at most {layers}, or true for every layer")
+    return int(keep)

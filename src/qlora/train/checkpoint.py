@@ -159,18 +159,69 @@ def rotate_checkpoints(output_dir: str | Path, keep: int, best: str | None) -> l
     return deleted
 
 
-def resolve_resume(output_dir: str | Path, resume: str) -> Path:
-    """`latest` -> the newest complete checkpoint of output_dir; otherwise a checkpoint path."""
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
+
+
+def damage(path: str | Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (naming the file), or None when it looks whole.
+
+    Cheap checks only: trainer_state.json parses, the safetensors header covers the file, the
+    torch.save archives have their central directory (a truncated zip has none)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    try:
+        raw = json.loads((path / STATE_FILE).read_text())
+        TrainerState(**raw)
+    except (ValueError, TypeError) as err:  # JSONDecodeError, UnicodeDecodeError, wrong keys
+        return f"{path / STATE_FILE} is broken ({type(err).__name__}: {err})"
+    try:
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as sf:
+            list(sf.keys())
+    except Exception as err:  # noqa: BLE001 -- SafetensorError of a truncated/corrupt file
+        return f"{path / 'trainable.safetensors'} is truncated or corrupt ({err})"
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        try:
+            with zipfile.ZipFile(path / name) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{path / name} is truncated or corrupt ({err})"
+    return None
+
+
+def resolve_resume(output_dir: str | Path, resume: str, log=None) -> Path:
+    """`latest` -> the newest undamaged checkpoint of output_dir (damaged newer ones are named
+    through `log`); otherwise that checkpoint path, refused (QloraError) when it is damaged."""
     if resume == "latest":
         ckpts = list_checkpoints(output_dir)
         if not ckpts:
             raise QloraError(f"--resume latest: no checkpoint in {checkpoint_dir(output_dir)}; "
                              f"start the run without --resume")
-        return ckpts[-1]
+        skipped = []
+        for path in reversed(ckpts):
+            why = damage(path)
+            if why is None:
+                if skipped and log is not None:
+                    log(f"resume latest: skipping damaged checkpoint{'s' if len(skipped) > 1 else ''}"
+                        f" {', '.join(p.name for p, _ in skipped)} ({skipped[0][1]}); resuming "
+                        f"from {path.name}, the newest good one")
+                return path
+            skipped.append((path, why))
+        raise QloraError(f"--resume latest: every checkpoint in {checkpoint_dir(output_dir)} is "
+                         f"damaged (newest: {skipped[0][1]}); start the run again without --resume")
     path = Path(resume)
     if not (path / STATE_FILE).exists():
         raise QloraError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE}); "
                          f"pass `latest` or a path like {checkpoint_dir(output_dir)}/step-00000100")
+    why = damage(path)
+    if why is not None:
+        raise QloraError(f"--resume {resume}: the checkpoint is damaged: {why}; remove {path} "
+                         f"(rm -r) and resume with --resume latest or an earlier checkpoint")
     return path
 
 
@@ -180,6 +231,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     from safetensors.torch import load_file
 
     path = Path(path)
+    why = damage(path)
+    if why is not None:
+        raise QloraError(f"cannot resume from {path}: the checkpoint is damaged: {why}; remove "
+                         f"{path} (rm -r) and resume with --resume latest or an earlier checkpoint")
     saved = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):

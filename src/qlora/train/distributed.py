@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from qlora.errors import QloraError
+from qlora.models.decoder import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,7 @@ def lockstep_loss_sums(model, encoded: list[dict], max_len: int, micro_batch: in
             loss = float(model(batch["input_ids"].to(device), batch["position_ids"],
                                batch["labels"]))
             total += loss * weight
-            n_tokens += int((batch["labels"][:, 1:] != -100).sum()) * weight
+            n_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) * weight
     finally:
         model.train(was_training)
     return total, n_tokens

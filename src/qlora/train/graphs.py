@@ -38,7 +38,7 @@ def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
     window = model.spec.sliding_window
     if window is not None and window < max_len:
         return f"the sliding attention window ({window}) is shorter than the rows"
-    if model.layers_use_rng:
+    if getattr(model, "layers_use_rng", True):  # speed.apply_speed's seeded dropout clears it
         return "the LoRA dropout is not seeded"
     return None
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +24,26 @@ from typing import Any, Callable
 
 import torch
 
-from qlora.adapters import seed_dropout, set_dropout_seed
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
+from qlora.files import check_writable
 from qlora.models.load import TOKENIZER_FILES
+from qlora.speed import SpeedPlan, apply_speed
 from qlora.train import checkpoint as ckpt
 from qlora.train import distributed as dist_
+from qlora.train import early_stop
 from qlora.train.distributed import SINGLE, DistEnv
 from qlora.train.metrics import (MetricsLog, Progress, gib, peak_memory_bytes, plot_losses,
                                  write_summary)
 from qlora.train.optim import (build_optimizer, build_scheduler, resolve_optim, warmup_steps,
                                zero_grads)
+from qlora.train.out_of_memory import Boundary, keep_checkpoint
+from qlora.train.signals import StopFlag
+from qlora.train.step import Stepper, pinned, share_window  # noqa: F401 -- pinned: benchmarks
 
-IGNORE = -100
-BEST_ADAPTER = "best_adapter"
+from qlora.models.decoder import IGNORE_INDEX as IGNORE
+BEST_ADAPTER = early_stop.BEST_ADAPTER
 
 
 @dataclass
@@ -75,9 +78,11 @@ def check_output_dir(cfg: RunConfig) -> Path:
     if cfg.resume:
         if cfg.resume == "latest" and not ckpt.list_checkpoints(out):
             raise QloraError(f"--resume latest: no checkpoint in {ckpt.checkpoint_dir(out)}")
+        check_writable(out, "output_dir")
         return out
     if out.exists() and not out.is_dir():
         raise QloraError(f"output_dir {out} exists and is not a directory")
+    check_writable(out, "output_dir")  # before the model and data load, not after
     if out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite:
             raise QloraError(f"output_dir {out} is not empty; pass --resume latest to continue "
@@ -127,7 +132,6 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
                                          target_modules=targets, use_rslora=cfg.use_rslora,
                                          use_dora=cfg.use_dora))
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.keep_attention = cfg.keep_attention or False
     return model
 
 
@@ -179,30 +183,6 @@ def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_
     return {"loss": loss, "perplexity": perplexity_of(loss), "tokens": tokens}
 
 
-# --- signals -----------------------------------------------------------------------------------
-class StopFlag:
-    """SIGINT / SIGTERM set a flag the loop checks between micro-batches; a second one kills."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 # --- the micro-batches of a step ----------------------------------------------------------------
 @dataclass
 class Window:
@@ -219,13 +199,6 @@ def window_after(window: Window, per_epoch: int) -> tuple[int, int]:
     """(epoch, micro-batch index) at which the step after `window` starts."""
     following = window.ids[-1] + 1
     return (window.epoch + 1, 0) if following >= per_epoch else (window.epoch, following)
-
-
-def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` in page-locked memory when it is bound for a CUDA device: `.to(device,
-    non_blocking=True)` is then asynchronous, where a copy from ordinary memory waits for all the
-    GPU's queued work first."""
-    return t.pin_memory() if device.type == "cuda" else t
 
 
 class WindowBuilder:
@@ -273,29 +246,6 @@ class WindowBuilder:
 
 
 # --- the loop ----------------------------------------------------------------------------------
-def _adapter_weights_from(model, adapter_dir: Path) -> None:
-    """Copy a saved adapter's tensors into the (already attached) adapters of `model`."""
-    from safetensors.torch import load_file
-
-    from qlora.adapters import ADAPTER_WEIGHTS, adapter_state_dict
-
-    saved = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    with torch.no_grad():
-        for key, param in adapter_state_dict(model).items():
-            param.copy_(saved[key].to(param.device, param.dtype))
-
-
-def _save_adapter_into(model, out: Path, base_model: str) -> None:
-    """The adapter files straight into `out` (save_adapter replaces a whole directory)."""
-    from qlora.adapters import save_adapter
-
-    tmp = out / ".adapter.tmp"
-    save_adapter(model, tmp, base_model)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-
-
 def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], cfg: RunConfig,
         *, device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
         base_model: str | None = None, stop_after_steps: int | None = None,
@@ -307,22 +257,168 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     """
     from qlora.data import build_rows, num_batches
 
-    out = Path(cfg.output_dir)
-    main = env.is_main
+    # --- set-up: the schedule, the optimizer, a resume, the fast paths
+    out, main = Path(cfg.output_dir), env.is_main
     if not main:
         log = _quiet
     base_model = base_model or cfg.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = build_rows(train_examples, cfg.max_seq_length, packing=cfg.packing, seed=cfg.seed)
     per_epoch = num_batches(len(rows), cfg.micro_batch_size)
-    accum = cfg.gradient_accumulation_steps
-    window = accum * env.world_size  # micro-batches per optimizer step, over all ranks
-    steps_per_epoch = math.ceil(per_epoch / window)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    window = cfg.gradient_accumulation_steps * env.world_size  # micro-batches per step, all ranks
+    total = cfg.max_steps if cfg.max_steps > 0 else \
+        math.ceil(cfg.num_train_epochs * math.ceil(per_epoch / window))
     warmup = warmup_steps(total, cfg.warmup_steps, cfg.warmup_ratio)
-
-    optim_name, note = resolve_optim(cfg.optim, device)
     sharded = dist_.is_sharded(model)  # FSDP2 (--sharding fsdp under torchrun): distributed.py
+    optim_name, optimizer, scheduler = _optimizer(model, cfg, device, sharded, total, warmup, log)
+    dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Embedding)),
+                 torch.float32)
+    scaler = (torch.amp.GradScaler("cuda") if dtype == torch.float16
+              and device.type == "cuda" else None)  # fp16 gradients underflow without scaling
+    state = _start_state(out, cfg, model, optimizer, scheduler, scaler, log)
+    # DDP over the adapters only; wrapped after a resume so every rank starts from the checkpoint
+    ddp = dist_.wrap_ddp(model, env, device) if env.enabled and not sharded else None
+    dropout_seed, dropout_stride, graphed = _apply_speed(model, optimizer, scaler, cfg, env,
+                                                         device, sharded, log)
+    if main:
+        ckpt.clean_partial(out)
+    metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
+                         keep_until_step=state.global_step if cfg.resume else None, enabled=main)
+    log(f"{len(train_examples)} train examples in {len(rows)} rows, {per_epoch} micro-batches of "
+        f"{cfg.micro_batch_size} per epoch, {cfg.gradient_accumulation_steps} per step"
+        + (f" on each of {env.world_size} ranks" if env.enabled else "")
+        + f": {total} optimizer steps "
+        f"({warmup} warm-up), {len(val_examples)} validation examples")
+    result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
+    bar = Progress(total, state.global_step, device, enabled=progress and main)
+    stepper = Stepper(model, ddp, optimizer, scheduler, scaler, graphed, cfg, env, device,
+                      dropout_seed, dropout_stride)
+    windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
+                            env, lockstep=sharded, prepare=stepper.prepare)
+    ahead: Window | None = None  # the next step's micro-batches, built during this step
+    clock = _Clock(state.elapsed_s)
+    saver = _Checkpoints(out, cfg, env, model, optimizer, scheduler, scaler, base_model, clock)
+    evals = _Evals(model, val_examples, cfg, env, device, pad_id, out, base_model, metrics, bar,
+                   result)
+    train_log, tokens_this_run, last_eval_step = _TrainLog(), 0, -1
+    boundary = Boundary()  # for a checkpoint after an out-of-memory error
+
+    # --- the steps: each window of micro-batches, then log, evaluate, checkpoint
+    try:
+        with StopFlag() as stop:
+            while state.global_step < total:
+                rng_at_start = boundary.step_starts()
+                here = (state.epoch, state.batch_index)
+                win = ahead if ahead is not None and (ahead.epoch, ahead.ids[0]) == here \
+                    else windows.build(*here)
+                ahead = None
+                n_labels, n_input, stopping = win.n_labels, win.n_input, False
+                if env.enabled:
+                    n_labels, n_input, stopping = share_window(env, device, n_labels, n_input,
+                                                               stop)
+                step_loss = None if stopping else stepper.backward(
+                    win.batches, n_labels, lambda: stop.mid_step(env.enabled))
+                if step_loss is None:
+                    # the unfinished step is dropped: weights and optimizer are still those of
+                    # the step boundary, and so are the RNG states saved with them
+                    zero_grads(optimizer)
+                    result.checkpoint = saver.save(state, rng_at_start)
+                    result.stopped, result.signal = "interrupted", stop.signum
+                    break
+                if state.global_step + 1 < total:
+                    # the next step's micro-batches (padding, document offsets, page-locked copies)
+                    # while the GPU runs this step's, before the optimizer step waits for the GPU
+                    ahead = windows.build(*window_after(win, per_epoch))
+                boundary.update_starts()  # from here until the step is counted, no consistent state
+                grad_norm, lr = stepper.update()
+                step_loss = stepper.read_loss(step_loss)
+
+                state.global_step += 1
+                state.epoch, state.batch_index = window_after(win, per_epoch)
+                boundary.step_counted()
+                state.tokens_seen += n_labels
+                tokens_this_run += n_input
+                loss_value = step_loss / max(n_labels, 1)
+                result.step_losses[state.global_step] = loss_value
+                train_log.add(loss_value, n_input)
+                bar.update(loss_value, lr, n_input)
+
+                step = state.global_step
+                if step % cfg.logging_steps == 0 or step == total:
+                    metrics.write(train_log.record(step, _epochs(state, per_epoch), lr, grad_norm,
+                                                   device))
+                stop_early = False
+                if val_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0)
+                                     or step == total):
+                    evals.run(state)
+                    last_eval_step = step
+                    stop_early = early_stop.patience_spent(state, cfg.early_stopping_patience)
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    saver.save(state, ckpt.rng_state())
+                if stop_early:
+                    bar.write(early_stop.stop_message(state, cfg.early_stopping_patience))
+                    result.stopped = "early_stopping"
+                    break
+                if stop.at_boundary(step, total, stop_after_steps, env.enabled):
+                    result.checkpoint = saver.save(state, ckpt.rng_state())
+                    result.stopped, result.signal = "interrupted", stop.signum
+                    break
+    except torch.OutOfMemoryError as err:
+        # a checkpoint at the last step boundary, then the planner's advice, as a QloraError
+        # (exit code 2)
+        from qlora.memory import out_of_memory_error
+
+        kept = keep_checkpoint(boundary, state, lambda rng: saver.save(state, rng), optimizer,
+                               device, out, log)
+        raise out_of_memory_error(cfg, device, err, kept, dtype, env.world_size) from None
+    finally:
+        bar.close()
+        metrics.close()
+
+    # --- the end: a last evaluation, the adapter, the summary
+    result.global_step = state.global_step
+    train_time = clock.run_s()
+    if result.stopped == "interrupted":
+        log(f"interrupted at step {state.global_step}: checkpoint {result.checkpoint}; "
+            f"continue with --resume latest")
+    else:
+        if val_examples and last_eval_step != state.global_step:
+            evals.run(state)
+        if cfg.load_best_at_end and state.best_step is not None and \
+                state.best_step != state.global_step:
+            early_stop.load_best(model, out, main)
+            log(f"loaded the best adapter (step {state.best_step}, eval loss "
+                f"{state.best_metric:.4f})")
+        early_stop.save_final(model, out, base_model, main)
+    result.best_eval_loss, result.best_step = state.best_metric, state.best_step
+    wall = state.elapsed_s if result.stopped == "interrupted" else clock.before + train_time
+    result.summary = _summary(cfg, env, state, result, total, _epochs(state, per_epoch), wall,
+                              tokens_this_run / max(train_time, 1e-9), device, optim_name, dtype)
+    if main:
+        write_summary(out, result.summary)
+        plot_losses(out)
+    dist_.barrier(env)
+    return result
+
+
+def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device: torch.device,
+                 sharded: bool, log: Callable[[str], None]):
+    """Every fast path the settings ask for: (dropout seed tensor, its stride, the CUDA-graph
+    runner or None)."""
+    # every fast path the settings ask for, from one place (speed/), before any graph is
+    # captured: the kernels go in it. Dropout masks are drawn from (seed, micro-batch index,
+    # layer): the same on resume, and no global RNG inside the layers, which a graph needs
+    plan = SpeedPlan.for_run(cfg, device, distributed=env.enabled, sharded=sharded)
+    applied = apply_speed(model, plan, log)
+    dropout_seed, dropout_stride = applied.dropout_seed, applied.dropout_stride
+    graphed = _graphed_steps(model, optimizer, plan, env, device, scaler, log, cfg.max_seq_length)
+    return dropout_seed, dropout_stride, graphed
+
+
+def _optimizer(model, cfg: RunConfig, device: torch.device, sharded: bool, total: int,
+               warmup: int, log: Callable[[str], None]):
+    """(the optimizer's name, the optimizer, its lr schedule), with the model in training mode."""
+    optim_name, note = resolve_optim(cfg.optim, device)
     if sharded:
         optim_name, note = dist_.sharded_optim(optim_name)
     if note:
@@ -331,282 +427,141 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     optimizer = build_optimizer(model, optim_name, cfg.learning_rate, cfg.weight_decay,
                                 (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
                                 flat=not sharded)  # sharded parameters cannot share one storage
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler_type, warmup, total)
-    compute_dtype = next((m.weight.dtype for m in model.modules()
-                          if isinstance(m, torch.nn.Embedding)), torch.float32)
-    scaler = (torch.amp.GradScaler("cuda") if compute_dtype == torch.float16
-              and device.type == "cuda" else None)  # fp16 gradients underflow without scaling
+    return optim_name, optimizer, build_scheduler(optimizer, cfg.lr_scheduler_type, warmup, total)
 
+
+def _start_state(out: Path, cfg: RunConfig, model, optimizer, scheduler, scaler,
+                 log: Callable[[str], None]) -> ckpt.TrainerState:
+    """A fresh TrainerState, or with --resume the checkpoint's: weights, optimizer, schedule,
+    loss scale and the RNG states of its step boundary restored."""
     state = ckpt.TrainerState()
-    torch.manual_seed(cfg.seed)  # any other randomness; LoRA dropout is seeded per micro-batch below
+    torch.manual_seed(cfg.seed)  # any other randomness; LoRA dropout is seeded per micro-batch
     if cfg.resume:
         path = ckpt.resolve_resume(out, cfg.resume)
         with dist_.full_trainables(model, load=True):  # sharded: whole tensors while loading
             state, rng = ckpt.load_checkpoint(path, model, dist_.optimizer_for_load(
                 optimizer, model), scheduler)
-        ckpt.set_rng_state(rng)
+        ckpt.set_rng_state(rng)  # after the manual_seed: the checkpoint's state wins
         if scaler is not None and state.grad_scaler:
             scaler.load_state_dict(state.grad_scaler)
         log(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
             f"micro-batch {state.batch_index})")
-    # DDP over the adapters only; wrapped after a resume so every rank starts from the checkpoint
-    ddp = dist_.wrap_ddp(model, env, device) if env.enabled and not sharded else None
-    forward = ddp if ddp is not None else model
-    # dropout masks drawn from (seed, micro-batch index, layer): the same on resume, and no
-    # global RNG inside the layers, which a CUDA graph needs
-    dropout_seed = torch.zeros((), dtype=torch.int64, device=device)
-    dropout_stride = seed_dropout(model, dropout_seed)
-    model.fused_kernels = cfg.fused_kernels  # before any graph is captured: the kernels go in it
-    if cfg.fused_kernels and device.type == "cuda" and not sharded:
-        # and the 4-bit bases through kernels/dequant.py: our Triton dequantize, the LoRA product
-        # added by the base GEMM (FSDP shards the base bytes this path would read whole)
-        from qlora.kernels import use_fast_path
+    return state
 
-        use_fast_path(model)
-    if cfg.embedding_on_host and device.type == "cuda" and not env.enabled:  # one GPU (see config)
-        try:
-            freed = model.move_embedding_to_host()
-        except QloraError as err:  # a speed-neutral memory saving: the run goes on without it
-            log(f"input embedding left on the GPU: {err}")
-            freed = 0
-        if freed:
-            log(f"input embedding in pinned host memory ({freed / 2**30:.2f} GiB of GPU memory "
-                "freed; embedding_on_host: false keeps it on the GPU)")
-    graphed = _graphed_steps(model, optimizer, cfg, env, device, scaler, log)
-    if main:
-        ckpt.clean_partial(out)
-    metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
-                         keep_until_step=state.global_step if cfg.resume else None, enabled=main)
-    log(f"{len(train_examples)} train examples in {len(rows)} rows, {per_epoch} micro-batches of "
-        f"{cfg.micro_batch_size} per epoch, {accum} per step"
-        + (f" on each of {env.world_size} ranks" if env.enabled else "")
-        + f": {total} optimizer steps "
-        f"({warmup} warm-up), {len(val_examples)} validation examples")
-    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
-    result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
 
-    def run_eval() -> dict[str, float]:
-        ev = evaluate(model, val_examples, max_len=cfg.max_seq_length, batch_size=eval_bs,
-                      pad_id=pad_id, device=device, packing=cfg.packing, env=env)
-        record = {"split": "eval", "step": state.global_step, "loss": ev["loss"],
-                  "perplexity": ev["perplexity"]}
-        metrics.write(record)
-        state.log_history.append(record)
-        result.evals.append(record)
-        improved = state.best_metric is None or ev["loss"] < state.best_metric
-        if improved:
-            state.best_metric, state.best_step = ev["loss"], state.global_step
-            state.evals_without_improvement = 0
-            from qlora.adapters import save_adapter
+def _epochs(state: ckpt.TrainerState, per_epoch: int) -> float:
+    """Epochs done, fractional: where the next step starts."""
+    return round(state.epoch + state.batch_index / per_epoch, 4)
 
-            with dist_.full_trainables(model):  # sharded: gathered on all ranks, rank 0 writes
-                if main:
-                    save_adapter(model, out / BEST_ADAPTER, base_model)
-        else:
-            state.evals_without_improvement += 1
-        if main:
-                bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} ppl {ev['perplexity']:.3f}"
-                      + (" (best)" if improved else f" (best {state.best_metric:.4f} at step "
-                         f"{state.best_step})"))
-        return ev
 
-    def save(rng) -> Path:
-        state.elapsed_s = elapsed_before + (time.perf_counter() - t_start)
-        state.grad_scaler = scaler.state_dict() if scaler is not None else None
+class _Clock:
+    """The run's training time: `before` is what the runs before a resume took."""
+
+    def __init__(self, before: float):
+        self.before, self.t0 = before, time.perf_counter()
+
+    def run_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def total_s(self) -> float:
+        return self.before + self.run_s()
+
+
+class _Checkpoints:
+    """A checkpoint at a step boundary: every rank gathers (a collective), rank 0 writes, then
+    the old ones are rotated out (the best one stays)."""
+
+    def __init__(self, out: Path, cfg: RunConfig, env: DistEnv, model, optimizer, scheduler,
+                 scaler, base_model: str, clock: _Clock):
+        self.out, self.cfg, self.env, self.model = out, cfg, env, model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.base_model, self.clock = base_model, clock
+
+    def save(self, state: ckpt.TrainerState, rng: dict) -> Path:
+        """`rng`: the generator states of the boundary the data position refers to."""
+        out, env = self.out, self.env
+        state.elapsed_s = self.clock.total_s()
+        state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
         if state.best_step is not None and state.best_step == state.global_step:
             state.best_checkpoint = f"{ckpt.PREFIX}{state.global_step:08d}"
-        with dist_.full_trainables(model):  # sharded: whole tensors on every rank (collective)
-            full_optimizer = dist_.full_optimizer(optimizer, model)
-            if not main:  # rank 0 writes; the others wait until the checkpoint is whole
+        with dist_.full_trainables(self.model):  # sharded: whole tensors on every rank
+            full_optimizer = dist_.full_optimizer(self.optimizer, self.model)
+            if not env.is_main:  # rank 0 writes; the others wait until the checkpoint is whole
                 dist_.barrier(env)
                 return ckpt.checkpoint_dir(out) / f"{ckpt.PREFIX}{state.global_step:08d}"
-            path = ckpt.save_checkpoint(out, model, full_optimizer, scheduler, state, rng,
-                                        base_model)
-        ckpt.rotate_checkpoints(out, cfg.save_total_limit, state.best_checkpoint)
+            path = ckpt.save_checkpoint(out, self.model, full_optimizer, self.scheduler, state,
+                                        rng, self.base_model)
+        ckpt.rotate_checkpoints(out, self.cfg.save_total_limit, state.best_checkpoint)
         dist_.barrier(env)
         return path
 
-    bar = Progress(total, state.global_step, device, enabled=progress and main)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def prepare(batch: dict) -> None:  # host work, done for a step while the GPU runs the one before
-        if graphed is not None:
-            batch["staged"] = graphed.stage(batch["input_ids"], batch["position_ids"],
-                                            batch["labels"])
-        else:
-            batch["input_ids"] = pinned(batch["input_ids"], device)
+class _Evals:
+    """An evaluation on the validation set: its record (metrics.jsonl, the state's history, the
+    result), the best-adapter and early-stopping count (train/early_stop.py), its line."""
 
-    windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
-                            env, lockstep=sharded, prepare=prepare)
-    ahead: Window | None = None  # the next step's micro-batches, built during this step
-    elapsed_before, t_start = state.elapsed_s, time.perf_counter()
-    tokens_this_run, window_tokens_logged, window_losses = 0, 0, []
-    last_eval_step = -1
-    t_log = time.perf_counter()
-    boundary_rng, in_update = None, False  # for a checkpoint after an out-of-memory error
-    try:
-        with StopFlag() as stop:
-            while state.global_step < total:
-                rng_at_start = ckpt.rng_state()
-                boundary_rng = rng_at_start
-                here = (state.epoch, state.batch_index)
-                win = ahead if ahead is not None and (ahead.epoch, ahead.ids[0]) == here \
-                    else windows.build(*here)
-                ahead = None
-                batches, n_input, n_labels = win.batches, win.n_input, win.n_labels
-                step_loss = torch.zeros((), dtype=torch.float32, device=device)
-                interrupted = False
-                if env.enabled:
-                    # one all-reduce: the window's label and input tokens, and whether any rank
-                    # was signalled (ranks stop together, at a step boundary, or they would hang)
-                    n_labels, n_input, stops = dist_.all_reduce_sum(
-                        env, [n_labels, n_input, float(stop.signum is not None)], device)
-                    n_labels, n_input = int(n_labels), int(n_input)
-                    if stops:
-                        stop.signum = stop.signum or signal.SIGTERM
-                        interrupted = True
-                        batches = []
-                for j, b in enumerate(batches):
-                    if stop.signum is not None and not env.enabled:
-                        interrupted = True
-                        break
-                    set_dropout_seed(dropout_seed, cfg.seed, b["index"], dropout_stride)
-                    if graphed is not None:
-                        step_loss += graphed.run(b["staged"], 1.0 / max(n_labels, 1))
-                        continue
-                    with dist_.sync_context(ddp, last=j == len(batches) - 1):
-                        # positions and labels stay on the CPU: the model reads the document
-                        # layout and label positions there, without waiting for the GPU; input_ids
-                        # are pinned on CUDA (prepare), so their copy does not wait either
-                        ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
-                        loss_sum = forward(ids, b["position_ids"], b["labels"])
-                        step_loss += loss_sum.detach() * b["weight"]  # read once per step
-                        loss = loss_sum / max(n_labels, 1)
-                        if env.enabled:  # DDP/FSDP average over ranks: W / N makes it a sum / N
-                            loss = loss * (env.world_size * b["weight"])
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                if interrupted:
-                    # the unfinished step is dropped: weights and optimizer are still those of
-                    # the step boundary, and so are the RNG states saved with them
-                    zero_grads(optimizer)
-                    result.checkpoint = save(rng_at_start)
-                    result.stopped, result.signal = "interrupted", stop.signum
-                    break
-                if state.global_step + 1 < total:
-                    # the next step's micro-batches (padding, document offsets, page-locked copies)
-                    # while the GPU runs this step's, before the optimizer step waits for the GPU
-                    ahead = windows.build(*window_after(win, per_epoch))
-                in_update = True  # from here until the step is counted, no consistent state
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                             if cfg.max_grad_norm > 0 else
-                             torch.nn.utils.clip_grad_norm_(params, float("inf")))
-                lr = optimizer.param_groups[0]["lr"]
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                zero_grads(optimizer)
-                # read after the optimizer step is queued, not before: a read waits for the GPU,
-                # and before it, clipping and the update would queue only once the GPU was idle.
-                # bitsandbytes' step() has waited for the GPU already, so this read costs nothing
-                step_loss = float(step_loss)
-                if env.enabled:
-                    step_loss = dist_.all_reduce_sum(env, [step_loss], device)[0]
+    def __init__(self, model, examples: list[dict], cfg: RunConfig, env: DistEnv,
+                 device: torch.device, pad_id: int, out: Path, base_model: str,
+                 metrics: MetricsLog, bar: Progress, result: TrainResult):
+        self.model, self.examples, self.cfg, self.env, self.device = model, examples, cfg, env, device
+        self.pad_id, self.out, self.base_model = pad_id, out, base_model
+        self.metrics, self.bar, self.result = metrics, bar, result
 
-                state.global_step += 1
-                state.epoch, state.batch_index = window_after(win, per_epoch)
-                in_update, boundary_rng = False, None  # None: the RNG state now is the boundary's
-                state.tokens_seen += n_labels
-                tokens_this_run += n_input
-                window_tokens_logged += n_input
-                loss_value = step_loss / max(n_labels, 1)
-                result.step_losses[state.global_step] = loss_value
-                window_losses.append(loss_value)
-                bar.update(loss_value, lr, n_input)
+    def run(self, state: ckpt.TrainerState) -> dict[str, float]:
+        cfg, main = self.cfg, self.env.is_main
+        # `evaluate` looked up in this module when called: tests replace it
+        ev = evaluate(self.model, self.examples, max_len=cfg.max_seq_length,
+                      batch_size=cfg.eval_batch_size or cfg.micro_batch_size, pad_id=self.pad_id,
+                      device=self.device, packing=cfg.packing, env=self.env)
+        record = {"split": "eval", "step": state.global_step, "loss": ev["loss"],
+                  "perplexity": ev["perplexity"]}
+        self.metrics.write(record)
+        state.log_history.append(record)
+        self.result.evals.append(record)
+        improved = early_stop.note_eval(state, ev["loss"])
+        if improved:
+            early_stop.save_best(self.model, self.out, self.base_model, main)
+        if main:
+            self.bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} ppl "
+                           f"{ev['perplexity']:.3f}"
+                           + (" (best)" if improved else f" (best {state.best_metric:.4f} at step "
+                              f"{state.best_step})"))
+        return ev
 
-                step = state.global_step
-                if step % cfg.logging_steps == 0 or step == total:
-                    now = time.perf_counter()
-                    metrics.write({"split": "train", "step": step,
-                                   "epoch": round(state.epoch + state.batch_index / per_epoch, 4),
-                                   "loss": sum(window_losses) / len(window_losses),
-                                   "lr": lr, "grad_norm": float(dist_.plain(grad_norm)),
-                                   "tokens_per_s": window_tokens_logged / max(now - t_log, 1e-9),
-                                   "memory_bytes": peak_memory_bytes(device)})
-                    window_losses, window_tokens_logged, t_log = [], 0, now
-                stop_early = False
-                if val_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0)
-                                     or step == total):
-                    run_eval()
-                    last_eval_step = step
-                    patience = cfg.early_stopping_patience
-                    stop_early = patience > 0 and state.evals_without_improvement >= patience
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    save(ckpt.rng_state())
-                if stop_early:
-                    bar.write(f"early stopping: no eval improvement in {cfg.early_stopping_patience}"
-                              f" evaluations (best {state.best_metric:.4f} at step "
-                              f"{state.best_step})")
-                    result.stopped = "early_stopping"
-                    break
-                cut = stop_after_steps is not None and step >= stop_after_steps and step < total
-                if cut:
-                    stop.signum = signal.SIGINT  # as if Ctrl-C came now
-                # under torchrun a signal is acted on at the next step's all-reduce, by all ranks
-                if stop.signum is not None and (cut or not env.enabled):
-                    result.checkpoint = save(ckpt.rng_state())
-                    result.stopped, result.signal = "interrupted", stop.signum
-                    break
-    except torch.OutOfMemoryError as err:
-        # Keep a checkpoint at the last step boundary (unless the optimizer was mid-update), then
-        # the planner's advice, as a QloraError (exit code 2).
-        from qlora.memory import out_of_memory_error
 
-        zero_grads(optimizer)
-        kept = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if not in_update and state.global_step > 0:
-            try:
-                kept = save(boundary_rng if boundary_rng is not None else ckpt.rng_state())
-            except Exception as save_err:  # noqa: BLE001 -- e.g. out of memory again
-                log(f"could not save a checkpoint after running out of memory: {save_err}")
-        kept = kept or next(iter(reversed(ckpt.list_checkpoints(out))), None)
-        raise out_of_memory_error(cfg, device, err, kept, compute_dtype, env.world_size) from None
-    finally:
-        bar.close()
-        metrics.close()
+class _TrainLog:
+    """The train records of metrics.jsonl: each averages the steps since the one before."""
 
-    result.global_step = state.global_step
-    train_time = time.perf_counter() - t_start
-    if result.stopped == "interrupted":
-        log(f"interrupted at step {state.global_step}: checkpoint {result.checkpoint}; "
-            f"continue with --resume latest")
-    else:
-        if val_examples and last_eval_step != state.global_step:
-            run_eval()
-        if cfg.load_best_at_end and state.best_step is not None and \
-                state.best_step != state.global_step:
-            with dist_.full_trainables(model, load=True):  # sharded: rank 0's copy is sharded
-                if main:
-                    _adapter_weights_from(model, out / BEST_ADAPTER)
-            log(f"loaded the best adapter (step {state.best_step}, eval loss "
-                f"{state.best_metric:.4f})")
-        with dist_.full_trainables(model):
-            if main:
-                _save_adapter_into(model, out, base_model)
-    result.best_eval_loss, result.best_step = state.best_metric, state.best_step
+    def __init__(self):
+        self.losses: list[float] = []
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: float, n_input: int) -> None:
+        self.losses.append(loss)
+        self.tokens += n_input
+
+    def record(self, step: int, epochs: float, lr: float, grad_norm, device: torch.device
+               ) -> dict[str, Any]:
+        now = time.perf_counter()
+        rec = {"split": "train", "step": step, "epoch": epochs,
+               "loss": sum(self.losses) / len(self.losses),
+               "lr": lr, "grad_norm": float(dist_.plain(grad_norm)),
+               "tokens_per_s": self.tokens / max(now - self.t0, 1e-9),
+               "memory_bytes": peak_memory_bytes(device)}
+        self.losses, self.tokens, self.t0 = [], 0, now
+        return rec
+
+
+def _summary(cfg: RunConfig, env: DistEnv, state: ckpt.TrainerState, result: TrainResult,
+             total: int, epochs: float, wall: float, tokens_per_s: float, device: torch.device,
+             optim_name: str, dtype: torch.dtype) -> dict[str, Any]:
+    """summary.json: how the run ended and what it reached."""
     last_eval = next((r for r in reversed(state.log_history) if r["split"] == "eval"), None)
-    wall = state.elapsed_s if result.stopped == "interrupted" else elapsed_before + train_time
-    result.summary = {
+    summary = {
         "stopped": result.stopped, "global_step": state.global_step, "total_steps": total,
-        "epochs": round(state.epoch + state.batch_index / per_epoch, 4),
+        "epochs": epochs,
         "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(tokens_this_run / max(train_time, 1e-9), 1),
+        "tokens_per_s": round(tokens_per_s, 1),
         "label_tokens_seen": state.tokens_seen,
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory": gib(peak_memory_bytes(device)),
@@ -615,25 +570,21 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         "best_eval_loss": state.best_metric, "best_step": state.best_step,
         "adapter": "best" if (cfg.load_best_at_end and state.best_step is not None) else "last",
         "device": str(device), "optimizer": optim_name,
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "compute_dtype": str(dtype).removeprefix("torch."),
     }
     if env.enabled:
-        result.summary["world_size"] = env.world_size  # tokens_per_s is over all ranks
-    if main:
-        write_summary(out, result.summary)
-        plot_losses(out)
-    dist_.barrier(env)
-    return result
+        summary["world_size"] = env.world_size  # tokens_per_s is over all ranks
+    return summary
 
 
-def _graphed_steps(model, optimizer, cfg: RunConfig, env: DistEnv, device: torch.device, scaler,
-                   log: Callable[[str], None]):
+def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, device: torch.device, scaler,
+                   log: Callable[[str], None], max_seq_length: int):
     """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged."""
-    if not cfg.cuda_graphs:
+    if not plan.cuda_graphs:
         return None
     from qlora.train.graphs import GraphedSteps, unsupported_reason
 
-    reason = unsupported_reason(model, device, cfg.max_seq_length)
+    reason = unsupported_reason(model, device, max_seq_length)
     if reason is None and env.enabled:
         reason = "several processes (DDP's gradient hooks run outside a graph)"
     if reason is None and scaler is not None:
@@ -665,7 +616,13 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
 
     env = dist_.env_from_environ()
     dist_.check_sharding(cfg.sharding, env, cfg.use_dora)
+    if not Path(cfg.model).is_dir():
+        raise QloraError(f"option `model`: model directory {cfg.model} does not exist; pass "
+                         "--model an existing directory in Hugging Face layout (config.json, "
+                         "*.safetensors, tokenizer.json)")
     check_output_dir(cfg)
+    if cfg.resume:  # a damaged checkpoint is named (and `latest` skips it) before anything loads
+        ckpt.resolve_resume(cfg.output_dir, cfg.resume, log=log if env.is_main else _quiet)
     device = resolve_device(cfg)
     joined = env.enabled and not torch.distributed.is_initialized()
     if env.enabled:

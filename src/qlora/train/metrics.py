@@ -31,9 +31,10 @@ class MetricsLog:
             return
         if keep_until_step is not None and self.path.exists():
             # resuming: records written after the checkpoint we resume from will be written again
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln, rec in _records(self.path.read_text())
+                    if rec.get("step", 0) <= keep_until_step]
+            with staged_file(self.path) as tmp:  # a kill now leaves the old file, not half
+                tmp.write_text("".join(ln + "\n" for ln in kept))
         self.tb = None
         if tensorboard:
             try:
@@ -64,7 +65,23 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(out_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [rec for _, rec in _records(path.read_text())]
+
+
+def _records(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of metrics.jsonl; a torn last line (the process was killed while writing
+    it) is dropped, not fatal."""
+    out = []
+    for ln in text.splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append((ln, rec))
+    return out
 
 
 def plot_losses(out_dir: str | Path) -> Path | None:

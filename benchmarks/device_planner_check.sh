@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Issue 6 on the GPU, in one call (about 4 minutes on an H100 80GB):
+# The out-of-sample planner check and qlora compare's GPU columns, in one GPU call (about 4 minutes
+# on an H100 80GB; published in docs/BENCHMARKS.md "Out-of-sample planner check" and docs/COMPARE.md):
 #   (a) qlora compare's GPU columns: the 8 methods at the Llama-3-8B shape, seq 2048, micro-batch 1,
 #       checkpointing on: peak allocated / reserved memory and the median tokens/s after 2 warm-up steps;
 #   (b) the out-of-sample planner check: 12 configurations not among the 19 calibration points
 #       (other shapes, sequence lengths, micro-batches, ranks, targets, DoRA, 8-bit base, no dropout),
 #       two at a time (memory only), predicted vs measured peak allocated and reserved/allocated.
 #
-#   bash benchmarks/device_issue6.sh OUTDIR            # on the GPU machine
-#   bash benchmarks/device_issue6.sh OUTDIR --smoke    # the same code path, tiny shape on the CPU
+#   bash benchmarks/device_planner_check.sh OUTDIR            # on the GPU machine
+#   bash benchmarks/device_planner_check.sh OUTDIR --smoke    # the same code path, tiny shape on the CPU
 #
 # Writes OUTDIR/compare-llama-3-8b.json, OUTDIR/oos-planner.json (+ their .log), OUTDIR/oos-configs.json
 # and OUTDIR/env.txt. A configuration that fails or runs out of time is recorded in its JSON, not fatal.
-# Then, on the workstation: python benchmarks/fold_issue6.py OUTDIR
+# Then, on the workstation: python benchmarks/fold_planner_check.py OUTDIR
 set -u
-OUT=${1:?usage: device_issue6.sh OUTDIR [--smoke]}
+OUT=${1:?usage: device_planner_check.sh OUTDIR [--smoke]}
 SMOKE=${2:-}
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)

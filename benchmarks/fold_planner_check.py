@@ -1,7 +1,8 @@
-"""Fold the issue-6 GPU results (benchmarks/device_issue6.sh OUTDIR) into the repository.
+"""Fold the out-of-sample planner check and `qlora compare`'s GPU columns (the OUTDIR of
+benchmarks/device_planner_check.sh) into the repository.
 
-    python benchmarks/fold_issue6.py OUTDIR                    # store, then write the docs
-    python benchmarks/fold_issue6.py OUTDIR --print            # only print what it would write
+    python benchmarks/fold_planner_check.py OUTDIR                    # store, then write the docs
+    python benchmarks/fold_planner_check.py OUTDIR --print            # only print what it would write
 
 1. Stores OUTDIR's JSON and logs in benchmarks/results/ as <date>-<gpu>-compare-llama-3-8b.json and
    <date>-<gpu>-oos-planner.json (names memory_calibration.out_of_sample_points() reads, and
@@ -38,9 +39,9 @@ from qlora.errors import QloraError  # noqa: E402
 from qlora.files import staged_file  # noqa: E402
 
 COMPARE_FILE, OOS_FILE = "compare-llama-3-8b.json", "oos-planner.json"
-OOS_START = "<!-- out-of-sample planner check: written by benchmarks/fold_issue6.py -->"
+OOS_START = "<!-- out-of-sample planner check: written by benchmarks/fold_planner_check.py -->"
 OOS_END = "<!-- end of out-of-sample planner check -->"
-TABLE_START = "<!-- compare results table: written by qlora compare / benchmarks/fold_issue6.py -->"
+TABLE_START = "<!-- compare results table: written by qlora compare / benchmarks/fold_planner_check.py -->"
 TABLE_END = "<!-- end of compare results table -->"
 WITHIN = 10.0  # percent: the issue's bar
 
@@ -52,7 +53,7 @@ def _write(path: Path, text: str) -> None:
 
 def _load(path: Path) -> dict:
     if not path.is_file():
-        raise QloraError(f"{path} does not exist: run benchmarks/device_issue6.sh OUTDIR on the GPU first")
+        raise QloraError(f"{path} does not exist: run benchmarks/device_planner_check.sh OUTDIR on the GPU first")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -135,7 +136,7 @@ def oos_section(points: list[calib.Point], failed: list[calib.Failed], metas: di
         "",
         f"- **Device**: {meta.get('device', '?')}, {meta.get('date', '?')[:10]}. **Versions**: torch "
         f"{meta.get('torch', '?')}, bitsandbytes {versions.get('bitsandbytes', '?')}.",
-        "- **Command**: `bash benchmarks/device_issue6.sh OUTDIR`, then `python benchmarks/fold_issue6.py "
+        "- **Command**: `bash benchmarks/device_planner_check.sh OUTDIR`, then `python benchmarks/fold_planner_check.py "
         "OUTDIR`. What runs: `benchmarks/measure_memory.py` (this project's step on a random-weight model "
         "in the real shape: forward, backward, clip, paged 8-bit AdamW; one process per configuration; "
         f"{meta.get('steps', '?')} steps). The out-of-sample set ran two processes at a time (each "
@@ -172,8 +173,8 @@ def oos_section(points: list[calib.Point], failed: list[calib.Failed], metas: di
 
 # --- main ----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("outdir", help="the OUTDIR of benchmarks/device_issue6.sh")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("outdir", help="the OUTDIR of benchmarks/device_planner_check.sh")
     ap.add_argument("--root", default=str(ROOT), help="repository root to write into (default: this one)")
     ap.add_argument("--print", action="store_true", help="print the tables, write nothing")
     args = ap.parse_args(argv)
@@ -201,7 +202,7 @@ def fold(outdir: Path, root: Path, dry: bool = False) -> int:
                 shutil.copyfile(log, results / Path(name).with_suffix(".log"))
         env = outdir / "env.txt"
         if env.is_file():
-            shutil.copyfile(env, results / names[OOS_FILE].replace("oos-planner.json", "issue6-env.txt"))
+            shutil.copyfile(env, results / names[OOS_FILE].replace("oos-planner.json", "planner-check-env.txt"))
         src_dir = results
     else:
         src_dir = outdir

@@ -1,6 +1,6 @@
-"""Issue 6's out-of-sample check: the planner's loss chunk is the decoder's, the device script's
+"""The planner's out-of-sample check: the planner's loss chunk is the decoder's, the device script's
 configurations are new and fit, measure_memory.py runs listed configurations, and
-fold_issue6.py turns measure_memory.py output into the docs (on fabricated GPU figures, in a copy
+fold_planner_check.py turns measure_memory.py output into the docs (on fabricated GPU figures, in a copy
 of the docs: the real ones come from the device)."""
 
 import importlib.util
@@ -34,7 +34,7 @@ def _module(name: str):
 
 
 def _device_configs() -> list[dict]:
-    text = (BENCH / "device_issue6.sh").read_text()
+    text = (BENCH / "device_planner_check.sh").read_text()
     return json.loads(re.search(r"<<'JSON'\n(.*?)\nJSON\n", text, re.S)[1])
 
 
@@ -96,7 +96,7 @@ def test_device_script_configurations_are_new_and_fit_an_80gb_gpu(tmp_path):
 
     arch = resolve_arch(shape="llama-3-8b")
     assert max(memory.needed_bytes(plan(arch, plan_config(m))) for m in METHODS) < 0.5 * h100
-    text = (BENCH / "device_issue6.sh").read_text()
+    text = (BENCH / "device_planner_check.sh").read_text()
     assert all(m in text for m in METHODS)  # compare's GPU columns: every method
 
 
@@ -118,7 +118,7 @@ def test_measure_memory_runs_listed_configurations_two_at_a_time(tmp_path):
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, str(BENCH / "measure_memory.py"), "--dry-run", "--configs", str(configs),
                            "--jobs", "2", "--steps", "2", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=3600)  # stops a hung run only, never a slow one
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = json.loads(out.read_text())["records"]
     assert [r["label"] for r in recs] == ["a", "b"]
@@ -141,7 +141,7 @@ def _fake_outdir(outdir: Path, error: float = 0.03) -> None:
 
     def record(shape, run, label=None, method=None, fail=None):
         overrides = dict(kernels="eager", loss="chunked", seeded_dropout=True, loss_chunk_tokens=memory.loss_chunk_tokens(
-            resolve_arch(shape=shape).vocab))
+            resolve_arch(shape=shape).vocab_size))
         pred = mm.prediction(shape, run, overrides)
         rec = dict(shape=shape, run=run, predicted=pred, method=method, label=label)
         if fail:
@@ -176,7 +176,7 @@ def repo_copy(tmp_path):
 
 
 def test_fold_writes_the_gpu_columns_plots_and_out_of_sample_table(tmp_path, repo_copy):
-    fold = _module("fold_issue6")
+    fold = _module("fold_planner_check")
     calib = _module("memory_calibration")
     from qlora.compare import METHODS, PENDING
 
@@ -223,7 +223,7 @@ def test_fold_writes_the_gpu_columns_plots_and_out_of_sample_table(tmp_path, rep
 
 
 def test_fold_refuses_a_run_without_gpu_measurements(tmp_path, repo_copy, capsys):
-    fold = _module("fold_issue6")
+    fold = _module("fold_planner_check")
     outdir = tmp_path / "smoke"
     outdir.mkdir()
     for name in ("oos-planner.json", "compare-llama-3-8b.json"):
@@ -236,12 +236,12 @@ def test_fold_refuses_a_run_without_gpu_measurements(tmp_path, repo_copy, capsys
 
 
 def test_out_of_sample_predictions_within_10_percent():
-    """The stored out-of-sample measurements (benchmarks/results, written by fold_issue6.py after
+    """The stored out-of-sample measurements (benchmarks/results, written by fold_planner_check.py after
     the device run) against the planner as it is now: the issue's bar, as for the calibration."""
     calib = _module("memory_calibration")
     pts, _ = calib.out_of_sample_points()
     if not pts:
-        pytest.skip("no out-of-sample GPU results stored yet (benchmarks/device_issue6.sh, then fold_issue6.py)")
+        pytest.skip("no out-of-sample GPU results stored yet (benchmarks/device_planner_check.sh, then fold_planner_check.py)")
     assert len({p.shape for p in pts}) >= 2
     for p in pts:
         assert abs(p.error_pct()) <= 10, (p.label, p.shape, p.run, p.predicted() / GiB, p.measured / GiB)

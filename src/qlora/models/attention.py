@@ -1,0 +1,233 @@
+"""Attention of the reference decoder: rotary embeddings, the KV cache, the attention module
+and the attention kernels it calls (SDPA; flash attention over packed documents on the GPU).
+
+Plain torch. The fast path's attention (speed/fast_decoder.py) is a subclass of `Attention`
+that groups q/k/v into one GEMM, runs RoPE in a Triton kernel and can keep its graph for the
+checkpoint's rerun; the math here is what it must equal.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora.models.norm import RMSNorm
+from qlora.models.spec import ArchSpec, rope_inverse_frequencies
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary position embeddings at given position ids."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(spec)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [B, T, hd]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to `max_len` per layer."""
+
+    def __init__(self, spec: ArchSpec, batch: int, max_len: int, device, dtype):
+        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.length = 0  # tokens stored, the same for every layer once a forward pass completes
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with Hugging Face's names, RoPE, optional q/k RMSNorm, GQA."""
+
+    def __init__(self, spec: ArchSpec, layer_index: int):
+        super().__init__()
+
+        h, hd = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.layer_index = layer_index
+        self.q_proj = nn.Linear(h, spec.num_heads * hd, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * hd, h, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        y = self.attend(q, k, v, cos, sin, mask, cache)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        """q [B, T, heads, hd], k/v [B, T, kv_heads, hd] as the projections made them: norms,
+        RoPE, cache, attention. Returns [B, heads, T, hd]."""
+        v = v.transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rope(q.transpose(1, 2), cos, sin)
+        k = self.rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        return sdpa(q, k, v, mask)
+
+    def rope(self, x, cos, sin) -> torch.Tensor:
+        return apply_rope(x, cos, sin)
+
+
+def sdpa(q, k, v, mask):
+    """Attention over q [B,H,T,D], k/v [B,Hkv,S,D].
+
+    `mask` is "causal", None (attend to all), a bool tensor [B,1,T,S], or a Varlen plan for
+    packed rows on the GPU (flash attention over each document, no padding, no mask).
+    """
+    if isinstance(mask, Varlen):
+        return varlen_attention(q, k, v, mask)
+    gqa = {}
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
+        if sdpa_takes_gqa():
+            gqa = {"enable_gqa": True}  # no copies of k and v
+        else:
+            repeat = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+@functools.cache
+def sdpa_takes_gqa() -> bool:
+    """torch >= 2.5 shares kv heads inside scaled_dot_product_attention."""
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: ask the docstring
+        return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class Varlen:
+    """Document offsets of packed rows, flattened over the batch: flash attention's cu_seqlens."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int):
+        self.cu_seqlens, self.max_len = cu_seqlens, max_len
+
+
+def varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention import varlen  # noqa: F401  (torch >= 2.9)
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_plan(position_ids: torch.Tensor, device: torch.device) -> Varlen:
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    ends = torch.cat([starts, starts.new_tensor([flat.numel()])])
+    max_len = int((ends[1:] - ends[:-1]).max())
+    return Varlen(ends.to(torch.int32).to(device, non_blocking=True), max_len)
+
+
+@functools.cache
+def _varlen_causal_kwargs() -> dict:
+    """torch 2.9-2.11 ask for is_causal=True; later releases for a (-1, 0) window."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, H, T, D = q.shape
+    kwargs = dict(_varlen_causal_kwargs())
+    if k.shape[1] != H:
+        if _varlen_takes_gqa():
+            kwargs["enable_gqa"] = True
+        else:
+            repeat = H // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]
+    out = varlen_attn(*flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
+                      **kwargs)
+    return out.reshape(B, T, H, D).transpose(1, 2)
+
+
+
+def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None,
+                   device: torch.device | None = None):
+    """"causal" for one document per row, else a bool mask [B, 1, T, past+T] or a Varlen plan,
+    on `device` (default: that of position_ids, where the layout is read).
+
+    Packed rows hold several documents; a document starts where position_ids restarts at 0,
+    and each token may only attend to earlier tokens of its own document.
+    """
+    device = position_ids.device if device is None else torch.device(device)
+    B, T = position_ids.shape
+    packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
+    windowed = sliding_window is not None and past + T > sliding_window
+    if past == 0 and not packed and not windowed:
+        return "causal"
+    if T == 1 and not windowed:
+        return None
+    if packed and not windowed and past == 0 and varlen_available(device):
+        return varlen_plan(position_ids, device)
+    position_ids = position_ids.to(device)
+    q_pos = torch.arange(past, past + T, device=device)
+    k_pos = torch.arange(past + T, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None]).expand(B, T, past + T)
+    if packed:
+        if past:
+            raise ValueError("a KV cache cannot be combined with packed rows")
+        doc = (position_ids == 0).cumsum(-1)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    if windowed:
+        mask = mask & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    return mask[:, None]

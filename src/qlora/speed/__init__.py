@@ -1,0 +1,153 @@
+"""The speed layer: a SpeedPlan made from the run's settings, and apply_speed, the one call that
+puts the training step's fast paths on a built reference model (models/), in the one order that
+is correct. `qlora train`, the tests and every benchmark go through it; nothing else sets the
+fast path's switches on a model.
+
+The order: (1) the model's blocks become their forks (speed/fast_decoder.py) with their kernel
+switches set; (2) the LoRA dropout masks are seeded, before (3) grouping, which groups only
+layers that share one seed; (4) the 4-bit bases go through our dequantize and the projections
+are grouped; (5) the input embedding moves to host memory, after the model is on its device.
+CUDA graphs come last, once the optimizer exists (train/loop.py), and capture whatever this set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlora.errors import QloraError
+from qlora.speed.plan import SpeedPlan
+
+__all__ = ["Applied", "SpeedPlan", "apply_speed", "grouped_modules", "use_fast_path"]
+
+
+@dataclass
+class Applied:
+    """What apply_speed did that the training loop needs."""
+    dropout_seed: torch.Tensor | None  # the seeded masks' seed (set per micro-batch), or None
+    dropout_stride: int  # how far the seed advances between micro-batches (adapter layers)
+    fast_layers: int  # LoRA layers whose 4-bit base runs through kernels/dequant.py
+    embedding_bytes_freed: int  # GPU bytes the host embedding freed
+
+
+def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = print) -> Applied:
+    """Put `plan`'s fast paths on `model` (a models.DecoderLM, adapters attached, on its device).
+    Applying another plan later resets every switch to that plan (the host embedding excepted:
+    it stays where it is)."""
+    from qlora.adapters import LoraLinear, seed_dropout
+    from qlora.models.decoder import DecoderLM, compute_device
+    from qlora.speed.fast_decoder import FORKS, FastAttention, FastDecoderLM, FastMLP, FastRMSNorm
+
+    if not isinstance(model, DecoderLM):
+        raise QloraError(f"apply_speed takes the reference decoder (models.DecoderLM), not "
+                         f"{type(model).__name__}")
+    for module in model.modules():
+        fork = _forked_class(type(module), FORKS)
+        if fork is not None:
+            module.__class__ = fork  # the same parameters and buffers; the fork's forward
+        if isinstance(module, (FastRMSNorm, FastAttention, FastMLP)):
+            module.fused = plan.fused_kernels
+    assert isinstance(model, FastDecoderLM)
+    model.keep_attention = plan.keep_attention
+    seed, stride = None, 0
+    if plan.seeded_dropout:
+        seed = torch.zeros((), dtype=torch.int64, device=compute_device(model))
+        stride = seed_dropout(model, seed)
+    else:
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.dropout_seed, module.dropout_salt = None, 0
+    # no layer draws from the global RNG once every dropout is seeded or off
+    model.layers_use_rng = not plan.seeded_dropout and any(
+        m.dropout_p > 0 for m in model.modules() if isinstance(m, LoraLinear))
+    fast = use_fast_path(model, group=plan.grouped) if plan.fast_base else use_fast_path(
+        model, group=False, on=False)
+    freed = move_embedding_to_host(model, log) if plan.embedding_on_host else 0
+    return Applied(dropout_seed=seed, dropout_stride=stride, fast_layers=fast,
+                   embedding_bytes_freed=freed)
+
+
+_WRAPPED_FORKS: dict[type, type] = {}
+
+
+def _forked_class(cls: type, forks: dict[type, type]) -> type | None:
+    """The class a block of class `cls` becomes: its fork. FSDP2's fully_shard (train/
+    distributed.py) has already swapped a sharded block's class for a subclass of (FSDPModule,
+    the block's class): that one becomes the same subclass of the fork. None: not a block."""
+    if cls in forks:
+        return forks[cls]
+    if cls in forks.values():
+        return cls
+    for base in cls.__bases__:
+        if base in forks.values():
+            return cls
+        if base in forks:
+            if cls not in _WRAPPED_FORKS:
+                bases = tuple(forks[b] if b is base else b for b in cls.__bases__)
+                _WRAPPED_FORKS[cls] = type(cls.__name__.replace(base.__name__, forks[base].__name__),
+                                           bases, {})
+            return _WRAPPED_FORKS[cls]
+    return None
+
+
+def use_fast_path(model: nn.Module, group: bool = True, on: bool = True) -> int:
+    """Route every 4-bit LoRA base through our dequantize+matmul (kernels/dequant.py) and the LoRA
+    products through kernels/lora.py (on=False: back to bitsandbytes).
+
+    group=True also lets each block that names `group_members` (FastAttention: q, k, v; FastMLP:
+    gate, up) run those projections as one group (adapters.grouped_forward: one base GEMM over
+    their stacked weights, x's gradient formed once), where every member can
+    (adapters.groupable); the others run one by one. Costs a transient dense weight of the whole
+    group instead of one member (Llama-3-8B gate+up: 224 MiB in bf16, 112 MiB more; the measured
+    peak did not move). Measured on an H200 (docs/BENCHMARKS.md): Qwen2.5-1.5B 2048 +4.5%,
+    Llama-3-8B 2048 +0.1%.
+
+    Returns the number of layers switched. Call it after the model is on its device.
+    """
+    import bitsandbytes as bnb
+
+    from qlora.adapters import LoraLinear, groupable
+    from qlora.kernels.dequant import Base4bit
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            four_bit = isinstance(module.base_layer, bnb.nn.Linear4bit)
+            module.fast_base = Base4bit(module.base_layer) if on and four_bit else None
+            switched += module.fast_base is not None
+    for module in model.modules():
+        names = getattr(module, "group_members", None)
+        if names:
+            # a switch, not references: the members stay where the module tree has them
+            module.grouped = on and group and groupable([getattr(module, n) for n in names])
+    return switched
+
+
+def grouped_modules(model: nn.Module) -> int:
+    """How many blocks run their projections grouped."""
+    return sum(bool(getattr(m, "grouped", False)) for m in model.modules())
+
+
+def move_embedding_to_host(model: nn.Module, log: Callable[[str], None] = print) -> int:
+    """The input embedding's table into pinned host memory, where the GPU gathers each step's
+    rows (kernels/embedding.py), if it is on a GPU where Triton runs, frozen and not the head's
+    weight too. Returns the GPU bytes freed (0: left where it was, said in the log when the host
+    refused it: a speed-neutral memory saving, so the run goes on without it)."""
+    from qlora.kernels.dropout import use_triton
+    from qlora.kernels.embedding import move_to_host
+
+    table = model.model.embed_tokens.weight
+    if (model.spec.tie_word_embeddings or table.requires_grad or table.device.type != "cuda"
+            or not use_triton(table)):
+        return 0
+    try:
+        freed = move_to_host(model.model.embed_tokens)
+    except QloraError as err:
+        log(f"input embedding left on the GPU: {err}")
+        return 0
+    log(f"input embedding in pinned host memory ({freed / 2**30:.2f} GiB of GPU memory "
+        "freed; embedding_on_host: false keeps it on the GPU)")
+    return freed

@@ -1,0 +1,179 @@
+"""The training step's fork of the reference decoder (models/), one subclass per block.
+
+Each class here is its reference class plus the fast path, and nothing else: where its switch is
+off, or Triton cannot run on the tensor's device, it is the reference. apply_speed (speed/
+__init__.py) swaps a built model's blocks to these classes and sets their switches from a
+SpeedPlan; nothing else sets them.
+
+- FastRMSNorm: RMSNorm, and the residual add with it, in one Triton kernel (kernels/fused.py).
+- FastAttention: q, k, v as one grouped GEMM over the 4-bit weights (adapters.grouped_forward),
+  RoPE in a Triton kernel, and the attention kept for the checkpoint's rerun (kept_attention.py).
+- FastMLP: gate and up as one grouped GEMM, SwiGLU in a Triton kernel reading it in place.
+- FastDecoderLM: the input embedding gathered from host memory (kernels/embedding.py), layers
+  checkpointed through CheckpointedLayer, and the loss through kernels/cross_entropy.py (its
+  gradient made in forward; every position computed inside a CUDA graph's capture).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlora.adapters import grouped_forward
+from qlora.kernels import fused
+from qlora.kernels.cross_entropy import linear_cross_entropy_sum
+from qlora.kernels.dropout import use_triton
+from qlora.kernels.embedding import gather_rows
+from qlora.kernels.lora import drop_kept_products
+from qlora.models.attention import Attention
+from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
+from qlora.models.norm import RMSNorm
+from qlora.models.spec import attention_layers_kept
+from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
+
+
+class FastRMSNorm(RMSNorm):
+    fused = False  # Triton kernel where it runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and use_triton(x):
+            return fused.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+    def add_and_norm(self, x, residual):
+        if (self.fused and use_triton(x) and residual.dtype == x.dtype
+                and residual.shape == x.shape):
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        return super().add_and_norm(x, residual)
+
+
+class FastAttention(Attention):
+    fused = False  # RoPE by a Triton kernel
+    grouped = False  # q, k, v share one base GEMM (set where adapters.groupable says they can)
+    group_members = ("q_proj", "k_proj", "v_proj")
+
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        """`kept`: a checkpointed layer's (CheckpointedLayer): its first run keeps what attention's
+        backward needs, and its rerun reuses that instead of computing q, k, v and attention."""
+        B, T, _ = x.shape
+        rerun = kept is not None and kept.first_run_done
+        if self.grouped:
+            # column views of one [B, T, q+k+v] output; RoPE reads q and k by strides. A rerun
+            # makes only the LoRA products: their backward needs the saved inputs they keep,
+            # and nothing reads the values, as the kept attention stands in for them
+            q, k, v = grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj), base=not rerun)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if kept is None:
+            y = self.attend(q, k, v, cos, sin, mask, cache)
+        else:
+            y = AttentionKeptForRerun.apply(q, k, v, kept,
+                                            functools.partial(self.attend, cos=cos, sin=sin, mask=mask))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, cos, sin, mask, cache=None):
+        if self.grouped:
+            # v alone is copied: attention saves it, and as a column view of the grouped output
+            # it would keep q's and k's columns too
+            v = v.contiguous()
+        return super().attend(q, k, v, cos, sin, mask, cache)
+
+    def rope(self, x, cos, sin):
+        if self.fused and use_triton(x):
+            return fused.rope(x, cos, sin)
+        return super().rope(x, cos, sin)
+
+
+class FastMLP(MLP):
+    fused = False  # SwiGLU by a Triton kernel
+    grouped = False  # gate and up share one base GEMM
+    group_members = ("gate_proj", "up_proj")
+
+    def forward(self, x):
+        if self.grouped and self.fused and use_triton(x):
+            # the kernel reads gate and up in place from the one [.., 2·intermediate] output and
+            # returns its gradient whole: no copies of the halves, no join in backward
+            hidden = fused.swiglu_packed(grouped_forward(x, (self.gate_proj, self.up_proj),
+                                                         packed=True))
+            return self.down_proj(hidden)
+        if self.grouped:  # column views of one [.., 2·intermediate] output
+            gate, up = grouped_forward(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused and use_triton(gate):
+            hidden = fused.swiglu(gate, up)
+        else:
+            hidden = F.silu(gate) * up
+        # what autograd does not keep of gate and up can go before down_proj dequantizes its weight
+        del gate, up
+        return self.down_proj(hidden)
+
+
+class FastDecoderLayer(DecoderLayer):
+    """The reference layer, passing a checkpointed run's KeptAttention to its attention."""
+
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, kept)
+        x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
+        return x + self.mlp(normed)
+
+
+class FastDecoderLM(DecoderLM):
+    # False once no layer draws from the global RNG (LoRA dropout off or seeded, see
+    # kernels/dropout.py): checkpointing then needs no RNG state, so a CUDA graph can hold it
+    layers_use_rng = True
+    # with checkpointing: attention kept from a layer's forward to its backward
+    # (AttentionKeptForRerun), True in every layer or N in the last N
+    keep_attention: bool | int = False
+
+    def embed(self, input_ids):
+        return gather_rows(self.model.embed_tokens.weight, input_ids)  # the table may be on host
+
+    def run_layers(self, x, cos, sin, mask, cache):
+        if not self.checkpointing():
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, cache)
+            return x
+        drop_kept_products()  # a previous forward's, if its backward never ran
+        layers = len(self.model.layers)
+        first_kept = layers - attention_layers_kept(self.keep_attention, layers)
+        for i, layer in enumerate(self.model.layers):
+            # the last layers keep it: their backward comes first and frees it before the
+            # other layers' reruns make their q/k/v weights
+            x = checkpoint(CheckpointedLayer(layer, i >= first_kept), x, cos, sin, mask,
+                           use_reentrant=False, preserve_rng_state=self.layers_use_rng)
+        return x
+
+    def loss_sum(self, hidden, labels):
+        """The reference's sum; with lm_head frozen (LoRA) each chunk's gradient of the hidden
+        states is made in forward (kernels/cross_entropy.py) and backward recomputes nothing."""
+        if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return self._loss_sum_all_positions(hidden, shifted_targets(labels).reshape(-1))
+        if self.lm_head.weight.requires_grad:
+            return super().loss_sum(hidden, labels)
+        h, t = self.labelled(hidden, labels)
+        return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens)
+
+    def _loss_sum_all_positions(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes fixed by the input alone (inside a CUDA graph capture, where
+        the label positions cannot be read): every position is computed, unlabelled ones add 0."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if not self.lm_head.weight.requires_grad:
+            return linear_cross_entropy_sum(h, self.lm_head.weight, targets, self.loss_chunk_tokens)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), self.loss_chunk_tokens):
+            end = start + self.loss_chunk_tokens
+            total = total + checkpoint(self.chunk_loss, h[start:end], targets[start:end],
+                                       use_reentrant=False, preserve_rng_state=False)
+        return total
+
+
+# each reference block and its fork: apply_speed swaps exactly these types
+FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
+         DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM}

@@ -1,0 +1,51 @@
+"""SpeedPlan: which of the training step's fast paths a run uses, decided once at set-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The fast paths apply_speed puts on a model. All off is the reference decoder's math.
+
+    fused_kernels: RMSNorm (with the residual add), SwiGLU and RoPE through Triton kernels where
+        Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1).
+    fast_base: each 4-bit LoRA base through our dequantize + matmul (kernels/dequant.py), its
+        LoRA product added by the base GEMM (kernels/lora.py).
+    grouped: with fast_base, q/k/v and gate/up each as one base GEMM over stacked weights.
+    keep_attention: with checkpointing, attention kept for backward instead of rerun: True in
+        every layer, N in the last N, False in none.
+    seeded_dropout: LoRA dropout masks drawn from (seed, micro-batch, layer) instead of the
+        global RNG: resumable, and capturable in a CUDA graph.
+    embedding_on_host: a frozen, untied input embedding in pinned host memory, gathered by the GPU.
+    cuda_graphs: each micro-batch replayed as a CUDA graph (train/graphs.py) where it can be.
+    """
+
+    fused_kernels: bool = False
+    fast_base: bool = False
+    grouped: bool = False
+    keep_attention: bool | int = False
+    seeded_dropout: bool = False
+    embedding_on_host: bool = False
+    cuda_graphs: bool = False
+
+    @classmethod
+    def for_run(cls, cfg, device: torch.device, *, distributed: bool = False,
+                sharded: bool = False) -> "SpeedPlan":
+        """What `qlora train` uses for a RunConfig on `device`: every path its settings ask for
+        where it runs. FSDP shards the base bytes the 4-bit fast path reads whole; the host
+        embedding and the CUDA graphs are measured in one process only (docs/DISTRIBUTED.md)."""
+        cuda = device.type == "cuda"
+        fast_base = bool(cfg.fused_kernels and cuda and not sharded)
+        return cls(
+            fused_kernels=bool(cfg.fused_kernels),
+            fast_base=fast_base,
+            grouped=fast_base,
+            keep_attention=(cfg.keep_attention or False) if cfg.gradient_checkpointing else False,
+            seeded_dropout=True,
+            embedding_on_host=bool(cfg.embedding_on_host and cuda and not distributed),
+            cuda_graphs=bool(cfg.cuda_graphs),
+        )

@@ -1,0 +1,129 @@
+"""One optimizer step's compute, as the training loop (train/loop.py) runs it:
+
+    backward(window)   each micro-batch's forward and backward, through the CUDA graph when one
+                       was captured (train/graphs.py), else eagerly (under DDP's no_sync but for
+                       the last micro-batch, and through the fp16 loss scaler when there is one)
+    update()           unscale, clip, optimizer step, schedule step, zeroed gradients
+    read_loss(loss)    the step's summed loss as a float: the step's one wait for the GPU
+
+and, under torchrun, `share_window`: the one all-reduce at the start of a step.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import torch
+
+from qlora.adapters import set_dropout_seed
+from qlora.config import RunConfig
+from qlora.train import distributed as dist_
+from qlora.train.distributed import DistEnv
+from qlora.train.optim import zero_grads
+
+
+def share_window(env: DistEnv, device: torch.device, n_labels: int, n_input: int, stop
+                 ) -> tuple[int, int, bool]:
+    """(label tokens, input tokens, stop?) of the window over all ranks, in one all-reduce.
+
+    The label tokens of all ranks are the loss's normaliser. The stop flag travels with them
+    because ranks must stop together, at a step boundary, or the others would hang in the next
+    collective; a rank that was not signalled itself stops as if it had had a SIGTERM."""
+    n_labels, n_input, stops = dist_.all_reduce_sum(
+        env, [n_labels, n_input, float(stop.signum is not None)], device)
+    if stops:
+        stop.signum = stop.signum or signal.SIGTERM
+    return int(n_labels), int(n_input), bool(stops)
+
+
+class Stepper:
+    """The forward/backward of a window's micro-batches and the optimizer step after them.
+
+    `graphed`: the CUDA-graph runner (train/graphs.py) or None for eager stepping. `ddp`: the
+    DistributedDataParallel wrapper of the model, or None (one process, or FSDP, whose model is
+    its own wrapper)."""
+
+    def __init__(self, model, ddp, optimizer, scheduler, scaler, graphed, cfg: RunConfig,
+                 env: DistEnv, device: torch.device, dropout_seed, dropout_stride: int):
+        self.forward = ddp if ddp is not None else model
+        self.ddp, self.optimizer, self.scheduler, self.scaler = ddp, optimizer, scheduler, scaler
+        self.graphed, self.env, self.device = graphed, env, device
+        self.seed, self.max_grad_norm = cfg.seed, cfg.max_grad_norm
+        self.dropout_seed, self.dropout_stride = dropout_seed, dropout_stride
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def prepare(self, batch: dict) -> None:
+        """Host work on a micro-batch, done for a step while the GPU runs the one before."""
+        if self.graphed is not None:
+            batch["staged"] = self.graphed.stage(batch["input_ids"], batch["position_ids"],
+                                                 batch["labels"])
+        else:
+            batch["input_ids"] = pinned(batch["input_ids"], self.device)
+
+    def backward(self, batches: list[dict], n_labels: int, stop_now: Callable[[], bool]
+                 ) -> torch.Tensor | None:
+        """Gradients of the window's loss (sum over its label tokens / `n_labels`); returns the
+        summed loss on the device (not read here, which would wait for the GPU), or None when
+        `stop_now()` said to stop before a micro-batch."""
+        step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        for j, b in enumerate(batches):
+            if stop_now():
+                return None
+            # the micro-batch's dropout masks: a function of its place in the data order alone
+            set_dropout_seed(self.dropout_seed, self.seed, b["index"], self.dropout_stride)
+            if self.graphed is not None:
+                step_loss += self.graphed.run(b["staged"], 1.0 / max(n_labels, 1))
+            else:
+                self._eager(b, n_labels, step_loss, last=j == len(batches) - 1)
+        return step_loss
+
+    def _eager(self, b: dict, n_labels: int, step_loss: torch.Tensor, last: bool) -> None:
+        device, env = self.device, self.env
+        with dist_.sync_context(self.ddp, last=last):
+            # positions and labels stay on the CPU: the model reads the document layout and
+            # label positions there, without waiting for the GPU; input_ids are pinned on CUDA
+            # (prepare), so their copy does not wait either
+            ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
+            loss_sum = self.forward(ids, b["position_ids"], b["labels"])
+            step_loss += loss_sum.detach() * b["weight"]  # read once per step
+            loss = loss_sum / max(n_labels, 1)
+            if env.enabled:  # DDP/FSDP average over ranks: W / N makes it a sum / N
+                loss = loss * (env.world_size * b["weight"])
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self) -> tuple[torch.Tensor, float]:
+        """Clip, step the optimizer and the schedule: (gradient norm before clipping, the lr the
+        step used). The norm stays a tensor; reading it would wait for the GPU."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        # no clipping still computes the norm, for the log
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        self.scheduler.step()
+        zero_grads(optimizer)
+        return grad_norm, lr
+
+    def read_loss(self, step_loss: torch.Tensor) -> float:
+        """The window's summed loss over all ranks. Read after the optimizer step is queued, not
+        before: a read waits for the GPU, and before it, clipping and the update would queue only
+        once the GPU was idle. bitsandbytes' step() has waited for the GPU already, so this read
+        costs nothing."""
+        loss = float(step_loss)
+        if self.env.enabled:
+            loss = dist_.all_reduce_sum(self.env, [loss], self.device)[0]
+        return loss
+
+
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` in page-locked memory when it is bound for a CUDA device: `.to(device,
+    non_blocking=True)` is then asynchronous, where a copy from ordinary memory waits for all the
+    GPU's queued work first."""
+    return t.pin_memory() if device.type == "cuda" else t
