@@ -3,6 +3,7 @@ checkpoints, exact resume, early stopping and the choice of the best adapter."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,6 +129,57 @@ def test_rotation_keeps_newest_and_best(tmp_path):
     ckpt.rotate_checkpoints(tmp_path, keep=2, best="step-00000002")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
         "step-00000002", "step-00000004", "step-00000005"]
+
+
+def test_a_removal_cut_short_leaves_no_listed_half_checkpoint(tmp_path, monkeypatch):
+    """A kill while rotation deletes a checkpoint (simulated: the deletion stops after its first
+    file) must not leave a directory that is listed as a checkpoint but lacks its files."""
+    import shutil
+
+    from qlora import files
+
+    for step in (1, 2, 3):
+        d = ckpt.checkpoint_dir(tmp_path) / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        for name in ckpt.CHECKPOINT_FILES:
+            (d / name).write_text("{}")
+
+    def killed_midway(path, ignore_errors=False):
+        first = next(p for p in sorted(Path(path).rglob("*")) if p.is_file())
+        first.unlink()
+        raise SystemExit("killed")
+
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(files.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        ckpt.rotate_checkpoints(tmp_path, keep=2, best=None)
+    monkeypatch.setattr(files.shutil, "rmtree", real_rmtree)
+    listed = ckpt.list_checkpoints(tmp_path)
+    assert [p.name for p in listed] == ["step-00000002", "step-00000003"]
+    assert all((p / name).is_file() for p in listed for name in ckpt.CHECKPOINT_FILES)
+    ckpt.clean_partial(tmp_path)  # what the next run does first: the hidden remains go
+    assert sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()) == [
+        "step-00000002", "step-00000003"]
+
+
+def test_progress_shows_the_recent_rate_and_the_summary_peak(monkeypatch):
+    """The bar's tokens/s covers the last RECENT_STEPS steps: a slow first step (graph capture)
+    no longer counts once that many steps followed it. Times are given, not read from a clock."""
+    from qlora.train import metrics
+    from qlora.train.metrics import Progress, gib
+
+    # the figure summary.json records comes from metrics.peak_memory_bytes: the bar shows it too
+    monkeypatch.setattr(metrics, "peak_memory_bytes", lambda device: 3 * 2**30 + 123)
+    bar = Progress(total=30, initial=0, device=torch.device("cpu"), enabled=False)
+    t0 = bar.points[0][0]
+    bar.update(1.0, 1e-4, 1000, now=t0 + 60.0)  # a first step of 60 s
+    assert bar.recent_rate() == pytest.approx(1000 / 60.0)
+    for i in range(1, Progress.RECENT_STEPS + 1):  # then 1000 tokens every 0.1 s
+        bar.update(1.0, 1e-4, 1000, now=t0 + 60.0 + 0.1 * i)
+    # exactly RECENT_STEPS steps of 1000 tokens in RECENT_STEPS * 0.1 s: 10,000 tokens/s
+    assert bar.recent_rate() == pytest.approx(10_000.0)
+    assert bar.tokens / (bar.points[-1][0] - t0) < 1_000  # what a mean since the start says
+    assert f"peak={gib(3 * 2**30 + 123)}" in bar.bar.postfix
 
 
 # --- exact resume ------------------------------------------------------------------------------

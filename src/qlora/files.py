@@ -32,11 +32,21 @@ def staged_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final} appeared while it was being written")
-            shutil.rmtree(final)
+            remove_dir(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete directory `path` so that it is never seen half-deleted: it is first renamed to a
+    hidden sibling (one atomic step), then removed. A crash during the removal leaves only the
+    hidden name, which readers skip and `staged_dir`'s users clean up."""
+    path = Path(path)
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".deleted", dir=path.parent))
+    os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager

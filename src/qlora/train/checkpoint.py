@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from qlora.errors import QloraError
-from qlora.files import staged_dir
+from qlora.files import remove_dir, staged_dir
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -154,7 +154,7 @@ def rotate_checkpoints(output_dir: str | Path, keep: int, best: str | None) -> l
     deleted = []
     for p in ckpts:
         if p.name not in newest and p.name != best:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_dir(p)  # a kill during the removal must not leave a listed, half-deleted one
             deleted.append(p)
     return deleted
 

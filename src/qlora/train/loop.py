@@ -10,6 +10,12 @@
 Exact resume: the data order depends only on (seed, epoch) (qlora.data.packing), a checkpoint is
 taken at a step boundary together with the RNG states of that moment, so the steps after a resume
 see the same batches, the same dropout masks and the same optimizer state as an unbroken run.
+
+`fit` is the recipe; its parts live where they are named: train/step.py (a step's micro-batches,
+graphed or eager, DDP's sync, the fp16 scaler, the optimizer step), train/signals.py (Ctrl-C and
+SIGTERM), train/early_stop.py (early stopping and the best adapter), train/out_of_memory.py (the
+checkpoint kept after an out-of-memory error), and below: the windows of micro-batches, the
+checkpoints at step boundaries, the evaluations, the train records, the summary.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
-from qlora.files import check_writable
+from qlora.files import check_writable, remove_dir
 from qlora.models.load import TOKENIZER_FILES
 from qlora.speed import SpeedPlan, apply_speed
 from qlora.train import checkpoint as ckpt
@@ -99,7 +105,7 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
     out = check_output_dir(cfg)
     if not cfg.resume and out.is_dir() and cfg.overwrite:
         for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            remove_dir(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -273,8 +279,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     optim_name, optimizer, scheduler = _optimizer(model, cfg, device, sharded, total, warmup, log)
     dtype = next((m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Embedding)),
                  torch.float32)
-    scaler = (torch.amp.GradScaler("cuda") if dtype == torch.float16
-              and device.type == "cuda" else None)  # fp16 gradients underflow without scaling
+    scaler = _fp16_scaler(dtype, device)
     state = _start_state(out, cfg, model, optimizer, scheduler, scaler, log)
     # DDP over the adapters only; wrapped after a resume so every rank starts from the checkpoint
     ddp = dist_.wrap_ddp(model, env, device) if env.enabled and not sharded else None
@@ -318,12 +323,11 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                                                                stop)
                 step_loss = None if stopping else stepper.backward(
                     win.batches, n_labels, lambda: stop.mid_step(env.enabled))
-                if step_loss is None:
-                    # the unfinished step is dropped: weights and optimizer are still those of
-                    # the step boundary, and so are the RNG states saved with them
+                if step_loss is None:  # a signal: the unfinished step is dropped; weights and
+                    # optimizer are still those of the step boundary, and so are the RNG states
+                    # saved with them
                     zero_grads(optimizer)
-                    result.checkpoint = saver.save(state, rng_at_start)
-                    result.stopped, result.signal = "interrupted", stop.signum
+                    _interrupted(result, saver.save(state, rng_at_start), stop.signum)
                     break
                 if state.global_step + 1 < total:
                     # the next step's micro-batches (padding, document offsets, page-locked copies)
@@ -360,8 +364,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                     result.stopped = "early_stopping"
                     break
                 if stop.at_boundary(step, total, stop_after_steps, env.enabled):
-                    result.checkpoint = saver.save(state, ckpt.rng_state())
-                    result.stopped, result.signal = "interrupted", stop.signum
+                    _interrupted(result, saver.save(state, ckpt.rng_state()), stop.signum)
                     break
     except torch.OutOfMemoryError as err:
         # a checkpoint at the last step boundary, then the planner's advice, as a QloraError
@@ -430,6 +433,13 @@ def _optimizer(model, cfg: RunConfig, device: torch.device, sharded: bool, total
     return optim_name, optimizer, build_scheduler(optimizer, cfg.lr_scheduler_type, warmup, total)
 
 
+def _fp16_scaler(dtype: torch.dtype, device: torch.device):
+    """The loss scaler of an fp16 run on CUDA (fp16 gradients underflow without scaling), else
+    None."""
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" \
+        else None
+
+
 def _start_state(out: Path, cfg: RunConfig, model, optimizer, scheduler, scaler,
                  log: Callable[[str], None]) -> ckpt.TrainerState:
     """A fresh TrainerState, or with --resume the checkpoint's: weights, optimizer, schedule,
@@ -447,6 +457,12 @@ def _start_state(out: Path, cfg: RunConfig, model, optimizer, scheduler, scaler,
         log(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
             f"micro-batch {state.batch_index})")
     return state
+
+
+def _interrupted(result: TrainResult, checkpoint: Path, signum: int | None) -> None:
+    """The run stopped on a signal (or stop_after_steps), with a checkpoint to resume from."""
+    result.checkpoint = checkpoint
+    result.stopped, result.signal = "interrupted", signum
 
 
 def _epochs(state: ckpt.TrainerState, per_epoch: int) -> float:
@@ -503,7 +519,8 @@ class _Evals:
     def __init__(self, model, examples: list[dict], cfg: RunConfig, env: DistEnv,
                  device: torch.device, pad_id: int, out: Path, base_model: str,
                  metrics: MetricsLog, bar: Progress, result: TrainResult):
-        self.model, self.examples, self.cfg, self.env, self.device = model, examples, cfg, env, device
+        self.model, self.examples, self.cfg = model, examples, cfg
+        self.env, self.device = env, device
         self.pad_id, self.out, self.base_model = pad_id, out, base_model
         self.metrics, self.bar, self.result = metrics, bar, result
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -126,16 +125,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return 0
 
 
-def memory_now_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
 def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(out_dir) / SUMMARY_FILE
     with staged_file(path) as tmp:
@@ -148,24 +137,38 @@ def gib(n: int) -> str:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and memory (ETA from tqdm)."""
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and memory (ETA from tqdm).
+
+    tokens/s is the rate over the last RECENT_STEPS steps, not the mean since the start: the first
+    steps carry graph capture and compilation, which a mean would drag along to the end of the
+    run. The memory shown is the peak that summary.json records (peak_memory_bytes)."""
+
+    RECENT_STEPS = 10
 
     def __init__(self, total: int, initial: int, device: torch.device, enabled: bool = True):
+        from collections import deque
+
         from tqdm.auto import tqdm
 
         self.device = device
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
                         dynamic_ncols=True, disable=not enabled, file=sys.stderr)
-        self.t0 = time.perf_counter()
         self.tokens = 0
+        # (time, tokens so far) at the start and after each of the last RECENT_STEPS steps
+        self.points = deque([(time.perf_counter(), 0)], maxlen=self.RECENT_STEPS + 1)
 
-    def update(self, loss: float, lr: float, tokens: int) -> None:
+    def update(self, loss: float, lr: float, tokens: int, now: float | None = None) -> None:
         self.tokens += tokens
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        self.points.append((time.perf_counter() if now is None else now, self.tokens))
         self.bar.set_postfix_str(
-            f"loss={loss:.4f} lr={lr:.2e} tok/s={self.tokens / elapsed:,.0f} "
-            f"mem={gib(memory_now_bytes(self.device))}", refresh=False)
+            f"loss={loss:.4f} lr={lr:.2e} tok/s={self.recent_rate():,.0f} "
+            f"peak={gib(peak_memory_bytes(self.device))}", refresh=False)
         self.bar.update(1)
+
+    def recent_rate(self) -> float:
+        """Tokens per second over the steps the window holds."""
+        (t_first, n_first), (t_last, n_last) = self.points[0], self.points[-1]
+        return (n_last - n_first) / max(t_last - t_first, 1e-9)
 
     def write(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
