@@ -22,7 +22,10 @@ Checks, each against the real other tool on CUDA:
  10. the LoRA-with-dropout kernels (kernels/lora_dropout.py) vs their torch composition in bf16 at
      Llama-3-8B and Qwen2.5-1.5B shapes, with both timed (and a sweep of the tile constants);
  11. the fused cross-entropy (kernels/cross_entropy.py) vs F.cross_entropy on fp32 logits: loss
-     and hidden-state gradient at Llama-3-8B's vocabulary, both timed.
+     and hidden-state gradient at Llama-3-8B's vocabulary, both timed;
+ 12. attention windows per layer (a qwen2 windowing its second layer only): logits vs
+     transformers, packed rows (each layer's varlen or dense mask) vs each document alone, greedy
+     generation past the window vs transformers', and the CUDA-graph step vs the eager one.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -105,7 +108,8 @@ def main() -> int:
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
-              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads]
+              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
+              check_windows]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -197,6 +201,42 @@ def check_grads(dirs):
     record("lora-grads-vs-peft", worst, 5e-2)
 
 
+def check_windows(dirs):
+    """A qwen2 whose second layer alone has a window of 64 (use_sliding_window, max_window_layers
+    1), on rows longer than it."""
+    from qlora.infer import GenerationOptions, generate
+    from qlora.models.attention import layer_masks, varlen_takes_window
+
+    path = build_tiny_model(Path(tempfile.mkdtemp()) / "qwen2-windows", "qwen2", hidden_size=256,
+                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=2, use_sliding_window=True, sliding_window=64,
+                            max_window_layers=1)
+    x = ids(7)
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        ours = load_model(path, QuantConfig(method="none", compute_dtype=dtype), device=DEV)
+        with torch.no_grad():
+            record(f"windows-logits-{dtype}", rel(hf(path, dtype)(x).logits, ours(x)), bound)
+    lengths = [100, 37, 119]
+    docs = [ids(20 + i, 1, n)[0] for i, n in enumerate(lengths)]
+    pos = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]
+    masks = layer_masks(ours.spec.layer_windows, pos, 0)
+    record("windows-packed-full-layer-uses-varlen", float(not isinstance(masks[0], decoder.Varlen)), 0.0,
+           windowed_layer=type(masks[1]).__name__, varlen_takes_window=varlen_takes_window())
+    with torch.no_grad():
+        packed = ours(torch.cat(docs)[None], position_ids=pos)
+        for start, doc in zip((0, 100, 137), docs):
+            record(f"windows-packed-vs-alone-{len(doc)}",
+                   rel(ours(doc[None])[0], packed[0, start:start + len(doc)]), 2e-2)
+    fp32 = load_model(path, QuantConfig(method="none", compute_dtype=torch.float32), device=DEV)
+    prompt = ids(8, 1, 80)[0].tolist()
+    got = generate(fp32, prompt, GenerationOptions(max_new_tokens=48))
+    out = hf(path, torch.float32).generate(torch.tensor([prompt], device=DEV), max_new_tokens=48,
+                                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    record("windows-greedy-vs-transformers", float(got != out[0, len(prompt):].tolist()), 0.0)
+    for keep in (False, True):
+        _check_graphed_step(path, keep, tag="-windows", packed=varlen_takes_window())
+
+
 def check_dropout_kernel(dirs):
     """The dropout kernel and its accumulating form vs the torch reference, bit for bit; and the
     kernel's ms at Llama-3-8B's hidden size (2048 tokens)."""
@@ -224,22 +264,23 @@ def check_graphed_step(dirs):
     """Three micro-batches (two shapes, one of them packed) through GraphedSteps vs eagerly,
     attention rerun and kept (keep_attention: the kept graph's release and backward captured)."""
     for keep in (False, True):
-        _check_graphed_step(dirs, keep)
+        _check_graphed_step(dirs["llama"], keep)
 
 
-def _check_graphed_step(dirs, keep: bool):
+def _check_graphed_step(path, keep: bool, tag: str = "", packed: bool = True):
+    """The model at `path` through GraphedSteps vs eagerly; `packed`: a packed micro-batch too."""
     from qlora.adapters import set_dropout_seed
     from qlora.train.graphs import GraphedSteps, pad_batch
     from qlora.train.optim import build_optimizer, zero_grads
 
-    model = nf4_lora_model(dirs["llama"], dropout=0.1)
+    model = nf4_lora_model(path, dropout=0.1)
     # kept: as qlora train runs it (fused kernels, grouped projections, embedding on host)
     applied = apply_speed(model, SpeedPlan(fused_kernels=keep, fast_base=keep, grouped=keep,
                                            keep_attention=keep, seeded_dropout=True,
                                            embedding_on_host=keep))
     if keep and not applied.embedding_bytes_freed:
-        raise RuntimeError("the tiny llama's input embedding did not move to host memory")
-    tag = "-keep" if keep else ""
+        raise RuntimeError("the tiny model's input embedding did not move to host memory")
+    tag += "-keep" if keep else ""
     seed, stride = applied.dropout_seed, applied.dropout_stride
     model.gradient_checkpointing = True
     model.train()
@@ -249,6 +290,8 @@ def _check_graphed_step(dirs, keep: bool):
     batches = [(ids(1, 2, 200).cpu(), torch.arange(200).expand(2, 200)),
                (ids(2, 1, 300).cpu(), packed_pos),
                (ids(3, 2, 200).cpu(), torch.arange(200).expand(2, 200))]
+    if not packed:
+        batches = batches[::2]
     runner = GraphedSteps(model, grads)
     for k, (x, pos) in enumerate(batches):
         labels = x.clone()

@@ -138,10 +138,15 @@ def sdpa_takes_gqa() -> bool:
 
 
 class Varlen:
-    """Document offsets of packed rows, flattened over the batch: flash attention's cu_seqlens."""
+    """Document offsets of packed rows, flattened over the batch: flash attention's cu_seqlens;
+    `window`: a layer's sliding window (None: each token sees its whole document so far)."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_len: int):
-        self.cu_seqlens, self.max_len = cu_seqlens, max_len
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, window: int | None = None):
+        self.cu_seqlens, self.max_len, self.window = cu_seqlens, max_len, window
+
+    def with_window(self, window: int | None) -> "Varlen":
+        """The same documents for a layer of another window (the offsets are shared)."""
+        return Varlen(self.cu_seqlens, self.max_len, window)
 
 
 def varlen_available(device: torch.device) -> bool:
@@ -154,23 +159,33 @@ def varlen_available(device: torch.device) -> bool:
     return True
 
 
-def varlen_plan(position_ids: torch.Tensor, device: torch.device) -> Varlen:
+def varlen_plan(position_ids: torch.Tensor, device: torch.device,
+                window: int | None = None) -> Varlen:
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
     ends = torch.cat([starts, starts.new_tensor([flat.numel()])])
     max_len = int((ends[1:] - ends[:-1]).max())
-    return Varlen(ends.to(torch.int32).to(device, non_blocking=True), max_len)
+    return Varlen(ends.to(torch.int32).to(device, non_blocking=True), max_len, window)
 
 
 @functools.cache
-def _varlen_causal_kwargs() -> dict:
-    """torch 2.9-2.11 ask for is_causal=True; later releases for a (-1, 0) window."""
+def varlen_takes_window() -> bool:
+    """torch 2.9-2.11's varlen attention is causal or not (is_causal); later releases take a
+    (left, right) window instead, a sliding one included."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def _varlen_causal_kwargs(window: int | None) -> dict:
+    if not varlen_takes_window():
+        if window is not None:
+            raise ValueError("this torch's varlen attention has no sliding window")
+        return {"is_causal": True}
+    # flash's window (left, right) spans keys i-left..i+right; ours the last `window` tokens
+    return {"window_size": (-1 if window is None else window - 1, 0)}
 
 
 @functools.cache
@@ -186,7 +201,7 @@ def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     B, H, T, D = q.shape
-    kwargs = dict(_varlen_causal_kwargs())
+    kwargs = _varlen_causal_kwargs(plan.window)
     if k.shape[1] != H:
         if _varlen_takes_gqa():
             kwargs["enable_gqa"] = True
@@ -200,11 +215,34 @@ def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
+def window_in_effect(window: int | None, length: int) -> int | None:
+    """`window`, or None where it hides nothing: no token has more than `length` tokens to see."""
+    return window if window is not None and length > window else None
+
+
+def layer_masks(layer_windows, position_ids: torch.Tensor, past: int,
+                device: torch.device | None = None, varlen: Varlen | None = None) -> list:
+    """Each layer's mask (attention_mask's), built once per distinct window in effect and shared
+    by the layers of that window; packed rows' document offsets are read once for all windows.
+    `varlen`: the offsets given instead (a CUDA graph's buffers). Where the varlen kernel cannot
+    take a window, that window's layers get attention_mask's dense mask."""
+    length = past + position_ids.shape[1] if varlen is None else varlen.max_len
+    windows = [window_in_effect(w, length) for w in layer_windows]
+    masks: dict = {}
+    for window in dict.fromkeys(windows):
+        offsets = next((m for m in masks.values() if isinstance(m, Varlen)), varlen)
+        if offsets is not None and (window is None or varlen_takes_window()):
+            masks[window] = offsets.with_window(window)
+        else:
+            masks[window] = attention_mask(position_ids, past, window, device)
+    return [masks[w] for w in windows]
+
 
 def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None,
                    device: torch.device | None = None):
     """"causal" for one document per row, else a bool mask [B, 1, T, past+T] or a Varlen plan,
-    on `device` (default: that of position_ids, where the layout is read).
+    on `device` (default: that of position_ids, where the layout is read). `sliding_window`:
+    one layer's window (spec.layer_windows), None for full attention.
 
     Packed rows hold several documents; a document starts where position_ids restarts at 0,
     and each token may only attend to earlier tokens of its own document.
@@ -212,22 +250,23 @@ def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | 
     device = position_ids.device if device is None else torch.device(device)
     B, T = position_ids.shape
     packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
-    windowed = sliding_window is not None and past + T > sliding_window
-    if past == 0 and not packed and not windowed:
+    window = window_in_effect(sliding_window, past + T)
+    if past == 0 and not packed and window is None:
         return "causal"
-    if T == 1 and not windowed:
+    if T == 1 and window is None:
         return None
-    if packed and not windowed and past == 0 and varlen_available(device):
-        return varlen_plan(position_ids, device)
-    position_ids = position_ids.to(device)
+    if packed and past == 0 and varlen_available(device) and (
+            window is None or varlen_takes_window()):
+        return varlen_plan(position_ids, device, window)
     q_pos = torch.arange(past, past + T, device=device)
     k_pos = torch.arange(past + T, device=device)
     mask = (k_pos[None, :] <= q_pos[:, None]).expand(B, T, past + T)
     if packed:
         if past:
             raise ValueError("a KV cache cannot be combined with packed rows")
-        doc = (position_ids == 0).cumsum(-1)
+        # read here only: a CUDA graph's causal rows (a CPU layout) copy nothing in its capture
+        doc = (position_ids.to(device) == 0).cumsum(-1)
         mask = mask & (doc[:, :, None] == doc[:, None, :])
-    if windowed:
-        mask = mask & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    if window is not None:
+        mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
     return mask[:, None]

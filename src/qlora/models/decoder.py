@@ -2,9 +2,10 @@
 with Hugging Face's module names.
 
 llama, mistral, qwen2 and qwen3 differ only in what ArchSpec records: q/k/v biases (qwen2),
-RMSNorm on q and k per head (qwen3), rope scaling (llama 3.x), a tied output head and a sliding
-attention window (mistral). Names follow transformers (`model.layers.N.self_attn.q_proj`, ...),
-so checkpoints load by name and adapters saved from here are PEFT adapters.
+RMSNorm on q and k per head (qwen3), rope scaling (llama 3.x), a tied output head and each
+layer's attention window (mistral's in every layer, qwen's where layer_types says). Names follow
+transformers (`model.layers.N.self_attn.q_proj`, ...), so checkpoints load by name and adapters
+saved from here are PEFT adapters.
 
 This file is the math. The training step's speed (Triton kernels, the 4-bit fast path, grouped
 projections, attention kept for the checkpoint's rerun, CUDA graphs) is a fork of these classes
@@ -21,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora.errors import QloraError
 from qlora.models.attention import (KVCache, Attention, Rotary, Varlen, apply_rope,  # noqa: F401
-                                    attention_mask, rotate_half, sdpa, sdpa_takes_gqa,
-                                    varlen_attention, varlen_available, varlen_plan)
+                                    attention_mask, layer_masks, rotate_half, sdpa,
+                                    sdpa_takes_gqa, varlen_attention, varlen_available,
+                                    varlen_plan)
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import ArchSpec
 
@@ -117,11 +119,10 @@ class DecoderLM(nn.Module):
         else:
             layout = position_ids
             position_ids = position_ids.to(device, non_blocking=True)
-        mask = varlen if varlen is not None else attention_mask(
-            layout, past, self.spec.sliding_window, device)
+        masks = layer_masks(self.spec.layer_windows, layout, past, device, varlen)
         x = self.embed(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        x = self.run_layers(x, cos, sin, mask, cache)
+        x = self.run_layers(x, cos, sin, masks, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
@@ -133,9 +134,10 @@ class DecoderLM(nn.Module):
         """Whether this forward reruns each layer in backward."""
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-    def run_layers(self, x, cos, sin, mask, cache):
+    def run_layers(self, x, cos, sin, masks, cache):
+        """`masks`: each layer's, in layer order (layer_masks)."""
         use_checkpoint = self.checkpointing()
-        for layer in self.model.layers:
+        for layer, mask in zip(self.model.layers, masks, strict=True):
             if use_checkpoint:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:

@@ -1,8 +1,8 @@
 """config.json → ArchSpec: everything the decoder needs to know about an architecture.
 
 One decoder class serves every supported family; the differences between families are the few
-fields below (biases, q/k norms, rope scaling, tied head, sliding window), which each family's
-module (models/families/) sets from its config.json.
+fields below (biases, q/k norms, rope scaling, tied head, each layer's attention window), which
+each family's module (models/families/) sets from its config.json.
 """
 
 from __future__ import annotations
@@ -41,13 +41,19 @@ class ArchSpec:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # qwen3: RMSNorm over head_dim on q and k before rope
-    sliding_window: int | None
+    # each layer's attention window (a token attends to the last `window` tokens, itself
+    # included), None where the layer attends to every earlier token: the one home of this fact
+    layer_windows: tuple[int | None, ...]
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
     name: str = field(default="model", compare=False)  # what the memory planner calls it
+
+    def narrowest_window(self) -> int | None:
+        """The smallest window of any layer; None when every layer attends to all earlier tokens."""
+        return min((w for w in self.layer_windows if w is not None), default=None)
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of the seven linears of a block, in layer order."""
@@ -149,7 +155,7 @@ def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model"
     rope_theta, rope_scaling = _rope(cfg, source)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    family = FAMILIES[model_type].spec_fields(cfg)  # biases, q/k norms, sliding window
+    family = FAMILIES[model_type].spec_fields(cfg)  # biases, q/k norms, windows' inputs
     return ArchSpec(
         model_type=model_type,
         vocab_size=cfg["vocab_size"],
@@ -168,13 +174,39 @@ def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model"
         o_bias=family["o_bias"],
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         qk_norm=family["qk_norm"],
-        sliding_window=family["sliding_window"],
+        layer_windows=layer_windows(family["sliding_window"], family["layer_types"],
+                                    cfg["num_hidden_layers"], source),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"),
         raw=cfg,
         name=name,
     )
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(window: int | None, layer_types: list[str] | None, num_layers: int,
+                  source: str) -> tuple[int | None, ...]:
+    """Each layer's attention window, as transformers applies it: a "sliding_attention" layer sees
+    the last `window` tokens, a "full_attention" layer all of them; `layer_types` None gives every
+    layer `window` (Llama's None, Mistral's without layer_types). `window`: the family's window
+    in effect (None where config.json turns it off)."""
+    if layer_types is None:
+        return (window,) * num_layers
+    if len(layer_types) != num_layers:
+        raise QloraError(f"{source}: layer_types lists {len(layer_types)} layers, but "
+                         f"num_hidden_layers is {num_layers}; give one entry per layer")
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise QloraError(f"{source}: layer_types {', '.join(map(repr, unknown))} not supported; "
+                         f"supported: {', '.join(LAYER_TYPES)}")
+    if window is None and "sliding_attention" in layer_types:
+        # transformers refuses this too, when it builds the sliding layers' mask
+        raise QloraError(f"{source}: layer_types names sliding_attention layers, but no sliding "
+                         "window is in effect (sliding_window null, or use_sliding_window false)")
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
 
 
 def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:

@@ -135,15 +135,15 @@ class FastDecoderLM(DecoderLM):
     def embed(self, input_ids):
         return gather_rows(self.model.embed_tokens.weight, input_ids)  # the table may be on host
 
-    def run_layers(self, x, cos, sin, mask, cache):
+    def run_layers(self, x, cos, sin, masks, cache):
         if not self.checkpointing():
-            for layer in self.model.layers:
+            for layer, mask in zip(self.model.layers, masks, strict=True):
                 x = layer(x, cos, sin, mask, cache)
             return x
         drop_kept_products()  # a previous forward's, if its backward never ran
         layers = len(self.model.layers)
         first_kept = layers - attention_layers_kept(self.keep_attention, layers)
-        for i, layer in enumerate(self.model.layers):
+        for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
             # the last layers keep it: their backward comes first and frees it before the
             # other layers' reruns make their q/k/v weights
             x = checkpoint(CheckpointedLayer(layer, i >= first_kept), x, cos, sin, mask,

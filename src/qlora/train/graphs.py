@@ -15,9 +15,14 @@ after a causal document changes nothing before it. Rows are padded to a multiple
 (a padding document without labels) and the document count to a power of two, so a run makes few
 graphs; they share one memory pool.
 
-Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention, no
-sliding window shorter than the rows, LoRA dropout seeded (adapters.seed_dropout: checkpointed
-layers then need no RNG state, which cannot be read during a capture), flattened gradients.
+Layers with a sliding window take the same offsets with their window where torch's varlen takes
+one (torch >= 2.12); in rows of one document, a dense bool mask made on the GPU from the row
+length alone, which the capture holds.
+
+Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention (taking a
+window where a layer's is shorter than the rows), LoRA dropout seeded (adapters.seed_dropout:
+checkpointed layers then need no RNG state, which cannot be read during a capture), flattened
+gradients.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora.models.attention import varlen_takes_window
 from qlora.models.decoder import IGNORE_INDEX, Varlen, compute_device, varlen_available
 
 
@@ -35,9 +41,11 @@ def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
         return "not on a CUDA device"
     if not varlen_available(device):
         return "this torch has no varlen attention (torch >= 2.9 needed)"
-    window = model.spec.sliding_window
-    if window is not None and window < max_len:
-        return f"the sliding attention window ({window}) is shorter than the rows"
+    window = model.spec.narrowest_window()
+    if window is not None and window < max_len and not varlen_takes_window():
+        # packed rows would need a dense mask, read from the positions: no capture holds that
+        return (f"the sliding attention window ({window}) is shorter than the rows, and this "
+                "torch's varlen attention takes no window (torch >= 2.12 needed)")
     if getattr(model, "layers_use_rng", True):  # speed.apply_speed's seeded dropout clears it
         return "the LoRA dropout is not seeded"
     return None

@@ -7,4 +7,5 @@ TINY_SIZES: dict = {}
 
 def spec_fields(cfg: dict) -> dict:
     bias = bool(cfg.get("attention_bias", False))
-    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False, sliding_window=None)
+    # transformers' Llama has no window, whatever sliding_window or layer_types config.json holds
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False, sliding_window=None, layer_types=None)
