@@ -22,6 +22,9 @@ VARIANTS = {
     "llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE}),
     "mistral-window": ("mistral", {"sliding_window": 16}),
     "qwen2": ("qwen2", {}),
+    # the window in the second layer only (layer_types from max_window_layers)
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 16,
+                               "max_window_layers": 1}),
     "qwen3": ("qwen3", {}),
 }
 

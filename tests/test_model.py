@@ -55,7 +55,7 @@ def test_logits_match_transformers_16bit(tiny_models, variant):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen2-window", "qwen3"])
 def test_4bit_bytes_and_logits_match_bitsandbytes(tiny_models, variant, quant_type, double_quant):
     path = tiny_models[variant]
     ref = hf_4bit(path, quant_type, double_quant)
@@ -155,7 +155,7 @@ def test_packed_rows_equal_examples_run_one_by_one(llama_dir):
     torch.testing.assert_close(packed_logits[0, 7:19], alone[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral-window"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral-window", "qwen2-window"])
 def test_greedy_generation_matches_transformers(tiny_models, variant):
     path = tiny_models[variant]
     tok = load_tokenizer(path)
