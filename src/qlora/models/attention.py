@@ -170,8 +170,8 @@ def varlen_plan(position_ids: torch.Tensor, device: torch.device,
 
 @functools.cache
 def varlen_takes_window() -> bool:
-    """torch 2.9-2.11's varlen attention is causal or not (is_causal); later releases take a
-    (left, right) window instead, a sliding one included."""
+    """The first releases of torch's varlen attention are causal or not (is_causal); later ones
+    (2.11+cu130 on the GPU machine) take a (left, right) window instead, a sliding one included."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn

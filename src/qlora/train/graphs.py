@@ -16,7 +16,7 @@ after a causal document changes nothing before it. Rows are padded to a multiple
 graphs; they share one memory pool.
 
 Layers with a sliding window take the same offsets with their window where torch's varlen takes
-one (torch >= 2.12); in rows of one document, a dense bool mask made on the GPU from the row
+one (`window_size`); in rows of one document, a dense bool mask made on the GPU from the row
 length alone, which the capture holds.
 
 Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention (taking a
@@ -45,7 +45,7 @@ def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
     if window is not None and window < max_len and not varlen_takes_window():
         # packed rows would need a dense mask, read from the positions: no capture holds that
         return (f"the sliding attention window ({window}) is shorter than the rows, and this "
-                "torch's varlen attention takes no window (torch >= 2.12 needed)")
+                "torch's varlen attention takes no window_size")
     if getattr(model, "layers_use_rng", True):  # speed.apply_speed's seeded dropout clears it
         return "the LoRA dropout is not seeded"
     return None
