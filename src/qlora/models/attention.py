@@ -99,20 +99,25 @@ class Attention(nn.Module):
         k = self.rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        return sdpa(q, k, v, mask)
+        return self.sdpa(q, k, v, mask)
 
     def rope(self, x, cos, sin) -> torch.Tensor:
         return apply_rope(x, cos, sin)
 
+    def sdpa(self, q, k, v, mask) -> torch.Tensor:
+        # the module-level sdpa; a family whose scores differ (Gemma's) overrides this method
+        return sdpa(q, k, v, mask)
 
-def sdpa(q, k, v, mask):
+
+def sdpa(q, k, v, mask, scale: float | None = None):
     """Attention over q [B,H,T,D], k/v [B,Hkv,S,D].
 
     `mask` is "causal", None (attend to all), a bool tensor [B,1,T,S], or a Varlen plan for
     packed rows on the GPU (flash attention over each document, no padding, no mask).
+    `scale` multiplies the scores: None is D ** -0.5 (Gemma's is its own).
     """
     if isinstance(mask, Varlen):
-        return varlen_attention(q, k, v, mask)
+        return varlen_attention(q, k, v, mask, scale)
     gqa = {}
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
         if sdpa_takes_gqa():
@@ -122,8 +127,8 @@ def sdpa(q, k, v, mask):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
     if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
 
 @functools.cache
@@ -182,11 +187,13 @@ def _varlen_takes_gqa() -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
-def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
+def varlen_attention(q, k, v, plan: Varlen, scale: float | None = None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     B, H, T, D = q.shape
     kwargs = dict(_varlen_causal_kwargs())
+    if scale is not None:
+        kwargs["scale"] = scale
     if k.shape[1] != H:
         if _varlen_takes_gqa():
             kwargs["enable_gqa"] = True

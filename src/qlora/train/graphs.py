@@ -15,9 +15,10 @@ after a causal document changes nothing before it. Rows are padded to a multiple
 (a padding document without labels) and the document count to a power of two, so a run makes few
 graphs; they share one memory pool.
 
-Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention, no
-sliding window shorter than the rows, LoRA dropout seeded (adapters.seed_dropout: checkpointed
-layers then need no RNG state, which cannot be read during a capture), flattened gradients.
+Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention, a
+family whose attention it computes (not Gemma's: models/families/gemma.py), no sliding window
+shorter than the rows, LoRA dropout seeded (adapters.seed_dropout: checkpointed layers then need
+no RNG state, which cannot be read during a capture), flattened gradients.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
         return "not on a CUDA device"
     if not varlen_available(device):
         return "this torch has no varlen attention (torch >= 2.9 needed)"
+    refused = getattr(model, "cuda_graphs_refused", None)  # a family's own reason (Gemma's)
+    if refused:
+        return refused
     window = model.spec.sliding_window
     if window is not None and window < max_len:
         return f"the sliding attention window ({window}) is shorter than the rows"
