@@ -15,6 +15,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                "rope_theta": 500000.0}
 
+# Gemma 3's full layers with linear rope scaling (as Gemma 3 4B and larger), no final soft-cap
+GEMMA3_SCALED_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+
 # name → (family, config overrides): every family, plus the variants that take other code paths
 VARIANTS = {
     "llama": ("llama", {}),
@@ -26,6 +30,10 @@ VARIANTS = {
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 16,
                                "max_window_layers": 1}),
     "qwen3": ("qwen3", {}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3_text", {}),
+    "gemma3-scaled-rope": ("gemma3_text", {"rope_parameters": GEMMA3_SCALED_ROPE,
+                                           "final_logit_softcapping": None}),
 }
 
 
@@ -59,6 +67,17 @@ def run_inputs(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model, data
+
+
+def reference_attention(path) -> dict:
+    """from_pretrained's keywords for the transformers model to compare with: transformers' sdpa
+    attention (its default) leaves out Gemma 2's soft-capping of the scores; its eager attention,
+    the one Gemma 2 was trained with, applies it."""
+    import json
+    from pathlib import Path
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    return {"attn_implementation": "eager"} if model_type == "gemma2" else {}
 
 
 def fp32_bnb_reference(model):

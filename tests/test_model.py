@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import VARIANTS, fp32_bnb_reference
+from conftest import VARIANTS, fp32_bnb_reference, reference_attention
 from qlora.errors import QloraError
 from qlora.infer import GenerationOptions, generate
 from qlora.models import load_model, load_tokenizer, read_spec
@@ -20,6 +20,7 @@ FP32 = torch.float32
 def hf_model(path, **kwargs):
     from transformers import AutoModelForCausalLM
 
+    kwargs = {**reference_attention(path), **kwargs}
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs).eval()
 
 
@@ -155,7 +156,8 @@ def test_packed_rows_equal_examples_run_one_by_one(llama_dir):
     torch.testing.assert_close(packed_logits[0, 7:19], alone[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral-window", "qwen2-window",
+                                     "gemma2", "gemma3"])
 def test_greedy_generation_matches_transformers(tiny_models, variant):
     path = tiny_models[variant]
     tok = load_tokenizer(path)
@@ -206,7 +208,7 @@ def test_unknown_model_type_lists_supported(llama_dir, tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(QloraError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(QloraError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3, gemma2, gemma3_text"):
         read_spec(bad)
 
 

@@ -94,8 +94,10 @@ def build_tiny_model(
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    # Random init of transformers gives std 0.02 everywhere; norms at 1. Perturb the norms so
-    # that a model that forgets to apply one is caught by the logit comparisons.
+    # Random init of transformers gives std 0.02 everywhere; norms at 1 (Gemma's at 0, as they
+    # scale by 1 + w). Perturb every norm (Gemma's four per layer and q/k norms end in
+    # "norm.weight" too) so that a model that forgets one, or its offset, is caught by the
+    # logit comparisons.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -10,6 +10,11 @@ What llama.cpp needs and where it comes from:
 - hyper-parameters, rope (theta; linear / yarn / llama3 scaling: llama3's per-frequency factors go
   into a `rope_freqs.weight` tensor), RMS eps, the tokenizer (tokens, types, merges, special ids,
   chat template).
+- gemma2 → "gemma2", gemma3_text → "gemma3": norm weights stored as 1 + w (llama.cpp multiplies
+  by the stored weight; transformers by 1 + w, what convert_hf_to_gguf.py adds too), the sliding
+  window and the soft-caps as keys. llama.cpp does not read the layer pattern, the query scale
+  nor Gemma 3's local RoPE base from the file: it derives them from the architecture and the
+  layer count, so a config.json that departs from those is refused (`gemma_settings`).
 
 Types: f16 / bf16 / q8_0 / q4_0 through gguf.quants; q4_k_m with our own Q4_K / Q6_K (kquants.py).
 1-D tensors (norms, biases, rope_freqs) stay F32. A 2-D tensor whose row length is not a multiple of
@@ -119,6 +124,8 @@ def encode(x: np.ndarray, ggml_type) -> np.ndarray:
 def rope_settings(config: dict) -> tuple[float, dict | None]:
     """(rope theta, rope scaling dict or None) from either transformers 4 or 5 config keys."""
     params = config.get("rope_parameters") or {}
+    # one set per layer kind (Gemma 3): the full layers' (llama.cpp sets the sliding layers' own)
+    params = params.get("full_attention", params)
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
@@ -181,6 +188,62 @@ def add_hparams(w, config: dict, arch_name: str) -> np.ndarray | None:
     return None
 
 
+# --- Gemma ---------------------------------------------------------------------------------------
+# What llama.cpp's loader (llama-model.cpp) sets for Gemma instead of reading it from the file:
+# one full attention layer in every N, and the query scale 1/sqrt(head_dim), or
+# 1/sqrt(hidden / heads) for the 27B models, which it knows by their layer count.
+LLAMA_CPP_GEMMA = {"gemma2": dict(full_every=2, layers_27b=46),
+                   "gemma3": dict(full_every=6, layers_27b=62)}
+LLAMA_CPP_GEMMA3_LOCAL_ROPE = 10000.0
+
+
+def gemma_settings(config: dict, arch_name: str):
+    """Gemma's settings (models/families/gemma_config.py), refused where llama.cpp would run the
+    model otherwise than transformers does."""
+    from qlora.models.families import FAMILIES
+
+    settings = FAMILIES[config["model_type"]].settings(config)
+    rules = LLAMA_CPP_GEMMA[arch_name]
+    n_layer, hidden, heads = (config["num_hidden_layers"], config["hidden_size"],
+                              config["num_attention_heads"])
+    head_dim = config.get("head_dim") or hidden // heads
+    scalar = hidden / heads if n_layer == rules["layers_27b"] else head_dim
+    problems = []
+    full = [w is None for w in settings.layer_windows]
+    if full != [(i + 1) % rules["full_every"] == 0 for i in range(n_layer)]:
+        problems.append(f"its layer pattern (full attention in layers "
+                        f"{[i for i, f in enumerate(full) if f]}) is not one full layer in every "
+                        f"{rules['full_every']}")
+    if not math.isclose(settings.query_scale, scalar ** -0.5, rel_tol=1e-9):
+        problems.append(f"query_pre_attn_scalar is {settings.query_scale ** -2:g}, llama.cpp "
+                        f"uses {scalar:g} for a {n_layer}-layer {arch_name}")
+    if arch_name == "gemma2" and None in (settings.attn_softcap, settings.final_softcap):
+        problems.append("llama.cpp soft-caps Gemma 2's scores and logits always; config.json "
+                        "turns a cap off")
+    if arch_name == "gemma2" and not config.get("tie_word_embeddings", True):
+        problems.append("llama.cpp's Gemma 2 reads its output head from the input embedding; "
+                        "this one is untied")
+    if arch_name == "gemma3" and settings.final_softcap is not None:
+        problems.append("llama.cpp's Gemma 3 does not soft-cap its logits; config.json sets "
+                        "final_logit_softcapping")
+    if arch_name == "gemma3" and settings.local_rope_theta != LLAMA_CPP_GEMMA3_LOCAL_ROPE:
+        problems.append(f"the sliding layers' RoPE base is {settings.local_rope_theta:g}, "
+                        f"llama.cpp uses {LLAMA_CPP_GEMMA3_LOCAL_ROPE:g}")
+    if problems:
+        raise QloraError(f"GGUF export of this {config['model_type']} model refused: llama.cpp "
+                         f"would run it otherwise than transformers: {'; '.join(problems)}")
+    return settings
+
+
+def add_gemma_hparams(w, settings, arch_name: str) -> None:
+    windows = [win for win in settings.layer_windows if win is not None]
+    if windows:
+        w.add_sliding_window(windows[0])
+    if arch_name == "gemma2":
+        w.add_attn_logit_softcapping(settings.attn_softcap)
+        w.add_final_logit_softcapping(settings.final_softcap)
+
+
 # --- tokenizer ----------------------------------------------------------------------------------
 def add_tokenizer(w, model_dir: Path, config: dict) -> None:
     """tokenizer.json → tokenizer.ggml.* keys. BPE with byte_fallback (Llama 2, Mistral) is
@@ -214,6 +277,8 @@ def add_tokenizer(w, model_dir: Path, config: dict) -> None:
         tokens.append(tok)
         types.append(typ)
     w.add_tokenizer_model("llama" if spm else "gpt2")
+    if spm and config.get("model_type") in ("gemma2", "gemma3_text"):
+        w.add_add_space_prefix(False)  # Gemma's SentencePiece adds no space before the text
     w.add_tokenizer_pre(pre_tokenizer_name(tj, config, spm))
     w.add_token_list(tokens)
     w.add_token_types(types)
@@ -300,6 +365,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
 
     src = read_config(model_dir)
+    arch_name = _gguf().MODEL_ARCH_NAMES[arch_of(src.get("model_type", "?"))]
+    if arch_name in LLAMA_CPP_GEMMA:
+        gemma_settings(src, arch_name)  # refused before the merge, not after it
     # keep the base's own precision for the intermediate merge (no extra rounding before quantizing)
     dtype = src.get("dtype") or src.get("torch_dtype") or "bfloat16"
     dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
@@ -326,10 +394,14 @@ def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
     files = weight_files(model_dir)
     tmap = g.get_tensor_name_map(arch, n_layer)
 
+    gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
+
     with staged_file(out) as tmp:
         w = g.GGUFWriter(str(tmp), arch_name, use_temp_file=True)
         w.add_name(model_dir.resolve().name)
         rope_factors = add_hparams(w, config, arch_name)
+        if gemma is not None:
+            add_gemma_hparams(w, gemma, arch_name)
         add_tokenizer(w, model_dir, config)
         file_types = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16,
                       "q8_0": g.LlamaFileType.MOSTLY_Q8_0, "q4_0": g.LlamaFileType.MOSTLY_Q4_0,
@@ -357,6 +429,8 @@ def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
                     if name is None:
                         raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
                     x = sf.get_tensor(hf_name).float().numpy()
+                    if gemma is not None and hf_name.endswith("norm.weight"):
+                        x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
                     if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
                         x = permute_rope(x, n_head)
                     elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:

@@ -99,20 +99,25 @@ class Attention(nn.Module):
         k = self.rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        return sdpa(q, k, v, mask)
+        return self.sdpa(q, k, v, mask)
 
     def rope(self, x, cos, sin) -> torch.Tensor:
         return apply_rope(x, cos, sin)
 
+    def sdpa(self, q, k, v, mask) -> torch.Tensor:
+        # the module-level sdpa; a family whose scores differ (Gemma's) overrides this method
+        return sdpa(q, k, v, mask)
 
-def sdpa(q, k, v, mask):
+
+def sdpa(q, k, v, mask, scale: float | None = None):
     """Attention over q [B,H,T,D], k/v [B,Hkv,S,D].
 
     `mask` is "causal", None (attend to all), a bool tensor [B,1,T,S], or a Varlen plan for
     packed rows on the GPU (flash attention over each document, no padding, no mask).
+    `scale` multiplies the scores: None is D ** -0.5 (Gemma's is its own).
     """
     if isinstance(mask, Varlen):
-        return varlen_attention(q, k, v, mask)
+        return varlen_attention(q, k, v, mask, scale)
     gqa = {}
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
         if sdpa_takes_gqa():
@@ -122,8 +127,8 @@ def sdpa(q, k, v, mask):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
     if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
 
 @functools.cache
@@ -197,11 +202,13 @@ def _varlen_takes_gqa() -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
-def varlen_attention(q, k, v, plan: Varlen) -> torch.Tensor:
+def varlen_attention(q, k, v, plan: Varlen, scale: float | None = None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     B, H, T, D = q.shape
     kwargs = _varlen_causal_kwargs(plan.window)
+    if scale is not None:
+        kwargs["scale"] = scale
     if k.shape[1] != H:
         if _varlen_takes_gqa():
             kwargs["enable_gqa"] = True
@@ -221,11 +228,13 @@ def window_in_effect(window: int | None, length: int) -> int | None:
 
 
 def layer_masks(layer_windows, position_ids: torch.Tensor, past: int,
-                device: torch.device | None = None, varlen: Varlen | None = None) -> list:
+                device: torch.device | None = None, varlen: Varlen | None = None,
+                dense: bool = False) -> list:
     """Each layer's mask (attention_mask's), built once per distinct window in effect and shared
     by the layers of that window; packed rows' document offsets are read once for all windows.
     `varlen`: the offsets given instead (a CUDA graph's buffers). Where the varlen kernel cannot
-    take a window, that window's layers get attention_mask's dense mask."""
+    take a window, that window's layers get attention_mask's dense mask. `dense`: bool masks
+    only, never a Varlen plan (attention computed in torch over a mask: Gemma 2's capped scores)."""
     length = past + position_ids.shape[1] if varlen is None else varlen.max_len
     windows = [window_in_effect(w, length) for w in layer_windows]
     masks: dict = {}
@@ -234,12 +243,12 @@ def layer_masks(layer_windows, position_ids: torch.Tensor, past: int,
         if offsets is not None and (window is None or varlen_takes_window()):
             masks[window] = offsets.with_window(window)
         else:
-            masks[window] = attention_mask(position_ids, past, window, device)
+            masks[window] = attention_mask(position_ids, past, window, device, dense)
     return [masks[w] for w in windows]
 
 
 def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None,
-                   device: torch.device | None = None):
+                   device: torch.device | None = None, dense: bool = False):
     """"causal" for one document per row, else a bool mask [B, 1, T, past+T] or a Varlen plan,
     on `device` (default: that of position_ids, where the layout is read). `sliding_window`:
     one layer's window (spec.layer_windows), None for full attention.
@@ -255,7 +264,7 @@ def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | 
         return "causal"
     if T == 1 and window is None:
         return None
-    if packed and past == 0 and varlen_available(device) and (
+    if packed and past == 0 and not dense and varlen_available(device) and (
             window is None or varlen_takes_window()):
         return varlen_plan(position_ids, device, window)
     q_pos = torch.arange(past, past + T, device=device)

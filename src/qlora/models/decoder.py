@@ -75,10 +75,12 @@ class Backbone(nn.Module):
 class DecoderLM(nn.Module):
     """Causal LM: `model` (embeddings, blocks, final norm) and `lm_head`."""
 
+    backbone_class = Backbone  # a family with blocks of its own names its backbone (Gemma's)
+
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
-        self.model = Backbone(spec)
+        self.model = self.backbone_class(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from qlora.errors import QloraError
-from qlora.models.decoder import DecoderLM, Rotary
+from qlora.models.decoder import DecoderLM
+from qlora.models.families import gemma2, gemma3
+from qlora.models.families.gemma import GemmaLM
 from qlora.models.spec import ArchSpec, read_spec
 from qlora.quant import QuantConfig, prequantized_linear, quantize_linear
 
@@ -71,6 +73,24 @@ def _read(handle, path: Path, key: str) -> torch.Tensor:
                          "truncated: download it again") from err
 
 
+# the families whose blocks are their own, by model_type. Their block modules build on
+# models/decoder.py, which reads specs through models/families/: named here, above both, rather
+# than in the family modules (an import cycle).
+OWN_DECODERS = {gemma2.MODEL_TYPE: GemmaLM, gemma3.MODEL_TYPE: GemmaLM}
+
+
+def new_decoder(spec: ArchSpec) -> DecoderLM:
+    """The decoder of spec's family: the reference's, or that of a family with blocks of its own
+    (OWN_DECODERS)."""
+    return OWN_DECODERS.get(spec.model_type, DecoderLM)(spec)
+
+
+def rebuild_rotary(model: DecoderLM, spec: ArchSpec, device) -> None:
+    """The RoPE tables, built on the meta device with the model, made again on `device` (by the
+    class the model has: Gemma's holds one table per layer kind)."""
+    model.model.rotary_emb = type(model.model.rotary_emb)(spec).to(device)
+
+
 def prequantized_4bit(spec: ArchSpec) -> bool:
     qc = spec.raw.get("quantization_config") or {}
     return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
@@ -87,7 +107,7 @@ def load_model(
     spec = read_spec(model_dir)
     files = weight_files(model_dir)
     with torch.device("meta"):
-        model = DecoderLM(spec)
+        model = new_decoder(spec)
     model.name_or_path = str(model_dir)
     dtype = quant.compute_dtype
     pending_4bit: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -118,7 +138,7 @@ def load_model(
     if pending_4bit:
         raise QloraError(f"{model_dir}: 4-bit tensors incomplete for {sorted(pending_4bit)[:3]}; "
                          "the checkpoint is missing its quant_state keys")
-    model.model.rotary_emb = Rotary(spec).to(device)
+    rebuild_rotary(model, spec, device)
     model.tie_weights()
     _check_nothing_missing(model, model_dir)
     model.quant = quant
@@ -211,7 +231,7 @@ def random_model(spec: ArchSpec, quant: QuantConfig, device: str | torch.device 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        model = DecoderLM(spec)
+        model = new_decoder(spec)
     for name, module in list(model.named_modules()):
         if BLOCK_LINEAR.match(name):
             weight = torch.randn(module.weight.shape, generator=gen, device=device,
@@ -226,7 +246,7 @@ def random_model(spec: ArchSpec, quant: QuantConfig, device: str | torch.device 
             value = torch.randn(param.shape, generator=gen, device=device,
                                 dtype=quant.compute_dtype) * std
         _set_tensor(model, key, value, Path("<random>"))
-    model.model.rotary_emb = Rotary(spec).to(device)
+    rebuild_rotary(model, spec, device)
     model.tie_weights()
     model.name_or_path = f"random-{spec.model_type}"
     model.quant = quant

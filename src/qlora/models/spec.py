@@ -2,7 +2,8 @@
 
 One decoder class serves every supported family; the differences between families are the few
 fields below (biases, q/k norms, rope scaling, tied head, each layer's attention window), which
-each family's module (models/families/) sets from its config.json.
+each family's module (models/families/) sets from its config.json. Gemma 2 and 3 differ beyond them:
+their blocks are their own (models/families/gemma.py), built from the rest of their config.json.
 """
 
 from __future__ import annotations
@@ -148,14 +149,16 @@ def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model"
             f"{source}: model_type {model_type!r} is not supported; supported families are "
             f"{', '.join(SUPPORTED_FAMILIES)}"
         )
-    if cfg.get("hidden_act", "silu") != "silu":
+    family = FAMILIES[model_type].spec_fields(cfg)  # biases, q/k norms, sliding window
+    # a family with an MLP of its own (Gemma's GeGLU) names its activation; the others are SwiGLU
+    hidden_act = family.get("hidden_act", cfg.get("hidden_act", "silu"))
+    if hidden_act != "silu" and "hidden_act" not in family:
         raise QloraError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     num_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
     rope_theta, rope_scaling = _rope(cfg, source)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    family = FAMILIES[model_type].spec_fields(cfg)  # biases, q/k norms, windows' inputs
     return ArchSpec(
         model_type=model_type,
         vocab_size=cfg["vocab_size"],
@@ -169,13 +172,16 @@ def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model"
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # a family whose transformers config ties by default (Gemma) says so when the key is absent
+        tie_word_embeddings=bool(family.get("tie_word_embeddings",
+                                            cfg.get("tie_word_embeddings", False))),
         qkv_bias=family["qkv_bias"],
         o_bias=family["o_bias"],
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         qk_norm=family["qk_norm"],
         layer_windows=layer_windows(family["sliding_window"], family["layer_types"],
                                     cfg["num_hidden_layers"], source),
+        hidden_act=hidden_act,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"),
@@ -212,6 +218,8 @@ def layer_windows(window: int | None, layer_types: list[str] | None, num_layers:
 def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
     """transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`."""
     params = dict(cfg.get("rope_parameters") or {})
+    if "full_attention" in params:  # one set per layer kind (Gemma 3): the full layers' here,
+        params = dict(params["full_attention"])  # the sliding layers' in families/gemma_config.py
     if not params:
         params = dict(cfg.get("rope_scaling") or {})
         params["rope_theta"] = cfg.get("rope_theta", 10000.0)

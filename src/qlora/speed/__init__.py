@@ -76,11 +76,15 @@ _WRAPPED_FORKS: dict[type, type] = {}
 def _forked_class(cls: type, forks: dict[type, type]) -> type | None:
     """The class a block of class `cls` becomes: its fork. FSDP2's fully_shard (train/
     distributed.py) has already swapped a sharded block's class for a subclass of (FSDPModule,
-    the block's class): that one becomes the same subclass of the fork. None: not a block."""
+    the block's class): that one becomes the same subclass of the fork. None: not a block, or a
+    subclass FORKS does not name (a family's block, say, with math of its own: forking it by its
+    base would drop that math)."""
     if cls in forks:
         return forks[cls]
     if cls in forks.values():
         return cls
+    if not _made_by_fully_shard(cls):
+        return None
     for base in cls.__bases__:
         if base in forks.values():
             return cls
@@ -91,6 +95,11 @@ def _forked_class(cls: type, forks: dict[type, type]) -> type | None:
                                            bases, {})
             return _WRAPPED_FORKS[cls]
     return None
+
+
+def _made_by_fully_shard(cls: type) -> bool:
+    """Whether `cls` is FSDP2's (FSDPModule, block class) subclass, which adds no math."""
+    return any(base.__name__ == "FSDPModule" for base in cls.__bases__)
 
 
 def use_fast_path(model: nn.Module, group: bool = True, on: bool = True) -> int:

@@ -12,6 +12,13 @@ SpeedPlan; nothing else sets them.
 - FastDecoderLM: the input embedding gathered from host memory (kernels/embedding.py), layers
   checkpointed through CheckpointedLayer, and the loss through kernels/cross_entropy.py (its
   gradient made in forward; every position computed inside a CUDA graph's capture).
+- Gemma's forks (FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer, FastGemmaLM): the
+  same fast paths where Gemma's math is the reference's (grouped projections, RoPE, kept
+  attention, checkpointing, host embedding), Gemma's own math where it is not (scores, GeGLU,
+  norms, soft-capped loss); models/families/gemma.py says what each gets.
+
+A block is forked only by its own class's entry in FORKS: a family's subclass of a reference
+block has math of its own, and a fork of the reference's would replace it (speed._forked_class).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from qlora.kernels.embedding import gather_rows
 from qlora.kernels.lora import drop_kept_products
 from qlora.models.attention import Attention
 from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
+from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
+                                         geglu)
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
@@ -174,6 +183,47 @@ class FastDecoderLM(DecoderLM):
         return total
 
 
+class FastGemmaAttention(FastAttention, GemmaAttention):
+    """FastAttention's path (grouped q/k/v, Triton RoPE, kept attention) around Gemma's scores:
+    FastAttention's attend and rope lead to GemmaAttention's sdpa."""
+
+
+class FastGemmaMLP(GemmaMLP):
+    """gate and up as one grouped GEMM; GeGLU in torch (the fused kernel computes SwiGLU)."""
+    grouped = False
+    group_members = ("gate_proj", "up_proj")
+
+    def forward(self, x):
+        if not self.grouped:
+            return super().forward(x)
+        gate, up = grouped_forward(x, (self.gate_proj, self.up_proj))
+        hidden = geglu(gate, up)
+        del gate, up  # as the reference MLP: gone before down_proj dequantizes its weight
+        return self.down_proj(hidden)
+
+
+class FastGemmaDecoderLayer(GemmaDecoderLayer):
+    """Gemma's layer, passing a checkpointed run's KeptAttention to its attention."""
+
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        w = self.self_attn.window
+        attended = self.self_attn(self.input_layernorm(x), cos[w], sin[w], mask, cache, kept)
+        return self.feed_forward(x + self.post_attention_layernorm(attended))
+
+
+class FastGemmaLM(GemmaLM, FastDecoderLM):
+    """Gemma's LM over FastDecoderLM: its run_layers (CheckpointedLayer) and its embedding
+    gather (GemmaLM.embed scales what FastDecoderLM.embed gathers). The fused cross-entropy has no
+    soft-cap: a model with final_logit_softcapping keeps the reference's chunked loss."""
+
+    def loss_sum(self, hidden, labels):
+        if self.final_softcap is not None:
+            return DecoderLM.loss_sum(self, hidden, labels)  # through GemmaLM.chunk_loss
+        return FastDecoderLM.loss_sum(self, hidden, labels)
+
+
 # each reference block and its fork: apply_speed swaps exactly these types
 FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
-         DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM}
+         DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM,
+         GemmaAttention: FastGemmaAttention, GemmaMLP: FastGemmaMLP,
+         GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM}

@@ -20,9 +20,9 @@ one (`window_size`); in rows of one document, a dense bool mask made on the GPU 
 length alone, which the capture holds.
 
 Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention (taking a
-window where a layer's is shorter than the rows), LoRA dropout seeded (adapters.seed_dropout:
-checkpointed layers then need no RNG state, which cannot be read during a capture), flattened
-gradients.
+window where a layer's is shorter than the rows), a family whose attention it computes (not
+Gemma's: models/families/gemma.py), LoRA dropout seeded (adapters.seed_dropout: checkpointed
+layers then need no RNG state, which cannot be read during a capture), flattened gradients.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
         return "not on a CUDA device"
     if not varlen_available(device):
         return "this torch has no varlen attention (torch >= 2.9 needed)"
+    refused = getattr(model, "cuda_graphs_refused", None)  # a family's own reason (Gemma's)
+    if refused:
+        return refused
     window = model.spec.narrowest_window()
     if window is not None and window < max_len and not varlen_takes_window():
         # packed rows would need a dense mask, read from the positions: no capture holds that

@@ -10,10 +10,16 @@ Each module defines
 Adding a family: a module here, its line in FAMILIES, and its tests (tests/test_model.py builds a
 tiny model of every family in FAMILIES and compares its logits with transformers'). A family whose
 blocks differ from the reference decoder's also gets its block classes in its module.
+
+Gemma 2 and Gemma 3 are the exception to that last rule: their blocks live in gemma.py, which
+this package does not import (it builds on models/decoder.py, which reads specs through this
+package: an import cycle otherwise); models/load.py's OWN_DECODERS names their LM class for
+new_decoder. gemma_config.py reads what their config.json means, for their family
+modules and their blocks alike.
 """
 
 from __future__ import annotations
 
-from qlora.models.families import llama, mistral, qwen2, qwen3
+from qlora.models.families import gemma2, gemma3, llama, mistral, qwen2, qwen3
 
-FAMILIES = {module.MODEL_TYPE: module for module in (llama, mistral, qwen2, qwen3)}
+FAMILIES = {module.MODEL_TYPE: module for module in (llama, mistral, qwen2, qwen3, gemma2, gemma3)}
