@@ -82,9 +82,9 @@ def hf_nf4(path):
     """transformers + bitsandbytes' own 4-bit load, computing in fp32."""
     from transformers import BitsAndBytesConfig
 
-    return fp32_bnb_reference(hf_model(path, device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=FP32)))
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=FP32)
+    return fp32_bnb_reference(hf_model(path, device_map="cpu", quantization_config=config))
 
 
 def rel_err(expected: torch.Tensor, got: torch.Tensor) -> float:
@@ -127,7 +127,7 @@ def peft_twin(path, ours, cfg: AdapterConfig):
     return peft_model
 
 
-# --- the model -------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", list(SIZES))
 def test_logits_and_names_are_transformers(models, model_type):
     path = models[model_type]
@@ -139,6 +139,44 @@ def test_logits_and_names_are_transformers(models, model_type):
     ids = tokens()
     with torch.no_grad():
         assert rel_err(ref(ids).logits, ours(ids)) <= 1e-5
+
+
+def test_loading_streams_one_16bit_linear_weight_at_a_time(models, tmp_path, monkeypatch):
+    """A linear's 16-bit weight is quantized and gone before the next tensor is read, shard
+    after shard, as on the native path."""
+    import gc
+    import logging
+    import weakref
+
+    import qlora.models.generic as generic
+
+    sharded = tmp_path / "sharded"
+    hf_model(models["gemma"]).save_pretrained(str(sharded), max_shard_size="40KB")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    spec = load_model(models["gemma"], NONE).spec
+    linear_weights = {f"{layer.name}.weight" for layer in spec.linears}
+    alive: list[weakref.ref] = []
+    most = 0
+    read = generic.read_tensor
+
+    def spy(handle, file, key):
+        nonlocal most
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most = max(most, len(alive))
+        tensor = read(handle, file, key)
+        if key in linear_weights:
+            alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(generic, "read_tensor", spy)
+    logging.disable(logging.CRITICAL)  # pytest's log records would keep frames (and tensors)
+    try:
+        model = load_model(sharded, NF4)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert most == 0, f"{most} earlier 16-bit weights were still alive when the next was read"
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == len(linear_weights)
 
 
 def test_conv1d_becomes_an_out_by_in_linear(models):
@@ -174,7 +212,7 @@ def test_nf4_matches_transformers_and_bitsandbytes(models, model_type):
         assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
 
 
-# --- adapters against peft ---------------------------------------------------------------------------
+# --- adapters against peft ------------------------------------------------------------------------
 METHODS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 
 
@@ -281,7 +319,7 @@ def test_target_modules_match_as_peft_matches(models):
                         AdapterConfig(r=2, alpha=4, target_modules=["q_proj"]))
 
 
-# --- packing, generation -----------------------------------------------------------------------------
+# --- packing, generation --------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
 def test_packed_rows_equal_documents_one_by_one(models, model_type):
     model = load_model(models[model_type], NONE)
@@ -338,7 +376,7 @@ def test_greedy_generation_matches_transformers(models, model_type):
     assert got == out[0, len(prompt):].tolist()
 
 
-# --- the commands ----------------------------------------------------------------------------------
+# --- the commands ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     rows = [{"prompt": f"{w} = ", "completion": w.upper()}
@@ -364,7 +402,8 @@ def test_qlora_train_on_gpt2_end_to_end(models, data, tmp_path, capsys):
     assert "generic path" in captured.out and "no CUDA graphs" in captured.out
     for name in ("adapter_config.json", "adapter_model.safetensors", "summary.json"):
         assert (out / name).is_file(), name
-    assert (out / "checkpoints" / "step-00000002" / "adapter" / "adapter_model.safetensors").is_file()
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["final_eval_loss"] is not None
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
@@ -398,6 +437,11 @@ def test_resume_on_the_generic_path_is_exact(models, data, tmp_path):
     resumed = train(config(tmp_path / "b", resume="latest"), log=quiet, progress=False)
     assert resumed.global_step == 3
     assert resumed.step_losses == {k: straight.step_losses[k] for k in (2, 3)}
+    # ... and they trained: gradients reached the adapters through transformers' checkpointing
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)
 
 
 def test_merge_folds_into_conv1d_weights_transposed(models, tmp_path):

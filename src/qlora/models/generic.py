@@ -92,8 +92,9 @@ def transformers_config(cfg: dict, source: str = "config.json"):
         if cfg.get("auto_map"):
             raise QloraError(
                 f"{source}: model_type {model_type!r} exists only as code shipped with the "
-                f"checkpoint (auto_map: {', '.join(sorted(cfg['auto_map']))}), and qlora never runs "
-                f"remote code; it trains the causal LMs transformers {version} implements itself")
+                f"checkpoint (auto_map: {', '.join(sorted(cfg['auto_map']))}), and qlora never "
+                f"runs remote code; it trains the causal LMs transformers {version} implements "
+                "itself")
         raise QloraError(
             f"{source}: model_type {model_type!r} is not known to transformers {version}, so it "
             "cannot be built; a newer transformers may implement it")
@@ -256,24 +257,36 @@ def checkpoint_layout(cfg: dict, keys, source: str = "config.json") -> Checkpoin
                             quantized=frozenset(l.name for l in layers if l.quantized))
 
 
-# --- loading ---------------------------------------------------------------------------------------
+# --- loading --------------------------------------------------------------------------------------
 def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu") -> "GenericLM":
     """Build the transformers model of `model_dir` and stream its weights in, each linear
     quantized as `quant` (a quant.QuantConfig) says as soon as it is read."""
-
     device = torch.device(device)
     cfg, source = read_config(model_dir)
     config = transformers_config(cfg, source)
     files = weight_files(model_dir)
     hf = build_empty(config, quant.compute_dtype)
     model = GenericLM(hf, spec_of(hf, cfg, name=Path(model_dir).name))
-    model.name_or_path = str(model_dir)
-    keys = {}
-    for path in files:
-        keys.update(dict.fromkeys(open_shard(path).keys(), path))
-    names = checkpoint_names(hf, keys, str(Path(model_dir)))
+    model.name_or_path, model.quant = str(model_dir), quant
+    _stream_weights(model, files, quant, device, str(Path(model_dir)))
+    hf.tie_weights()
+    _move_buffers(hf, device)
+    check_nothing_missing(model, model_dir)
+    model.eval()
+    model.packs_documents = documents_kept_apart(model)
+    return model
+
+
+def _stream_weights(model: "GenericLM", files: list[Path], quant, device: torch.device,
+                    source: str) -> None:
+    """Every tensor of the checkpoint into its place, shard after shard: a linear's weight is
+    quantized as soon as it is read, so its 16-bit copy is gone before the next is read; the
+    rest goes in the compute dtype (fp32 where transformers keeps it so). Every name is checked
+    before any tensor is read."""
+    names = checkpoint_names(model.hf, [k for path in files for k in open_shard(path).keys()],
+                             source)
     to_quantize = {layer.name: layer for layer in model.spec.linears if layer.quantized}
-    fp32 = _fp32_modules(hf, quant.compute_dtype)
+    fp32 = _fp32_modules(model.hf, quant.compute_dtype)
     for path in files:
         handle = open_shard(path)
         for key in handle.keys():
@@ -284,19 +297,12 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
             layer = to_quantize.get(module_name)
             if layer is not None and leaf == "weight":
                 _set_quantized(model, layer, read_tensor(handle, path, key), quant, device)
-            else:
-                tensor = read_tensor(handle, path, key)
-                dtype = torch.float32 if _matches(name, fp32) else quant.compute_dtype
-                _set_tensor(model, name, tensor.to(device, dtype if tensor.is_floating_point()
-                                                   else tensor.dtype), path)
+                continue
+            tensor = read_tensor(handle, path, key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch.float32 if _matches(name, fp32) else quant.compute_dtype)
+            _set_tensor(model, name, tensor.to(device), path)
         del handle
-    hf.tie_weights()
-    _move_buffers(hf, device)
-    check_nothing_missing(model, model_dir)
-    model.quant = quant
-    model.eval()
-    model.packs_documents = documents_kept_apart(model)
-    return model
 
 
 def _set_quantized(model, layer: LinearLayer, tensor: torch.Tensor, quant, device) -> None:
@@ -379,7 +385,7 @@ def documents_kept_apart(model: "GenericLM") -> bool:
     return bool((grad[:, :4] == 0).all())
 
 
-# --- the model -------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 class GenericCache:
     """transformers' own KV cache (or, for a model without one, the tokens so far)."""
 
@@ -430,7 +436,8 @@ class GenericLM(nn.Module):
         if not self.hf.supports_gradient_checkpointing:
             raise QloraError(f"{self.spec.architecture} does not support gradient checkpointing "
                              "in transformers; set gradient_checkpointing: false")
-        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.hf.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: GenericCache | None = None,
