@@ -138,7 +138,8 @@ def _cpu_model_quantized_on(spec, quant, device):
     import torch
 
     from qlora.models.decoder import DecoderLM
-    from qlora.models.load import BLOCK_LINEAR, _replace_keeping_bias, _set_tensor
+    from qlora.models.load import BLOCK_LINEAR, _set_tensor
+    from qlora.models.weights import replace_keeping_bias
     from qlora.models.decoder import Rotary
     from qlora.quant import quantize_linear
 
@@ -149,7 +150,7 @@ def _cpu_model_quantized_on(spec, quant, device):
         if BLOCK_LINEAR.match(name):
             w = torch.randn(module.weight.shape, generator=gen, device=device,
                             dtype=quant.compute_dtype) * 0.02
-            _replace_keeping_bias(model, name, quantize_linear(w, None, quant, device).to("cpu"))
+            replace_keeping_bias(model, name, quantize_linear(w, None, quant, device).to("cpu"))
             del w
     for key, param in list(model.named_parameters()):
         if param.device.type == "meta":

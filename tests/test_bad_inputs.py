@@ -96,6 +96,12 @@ def set_model_type(d: Path, model_type: str) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def remote_code_only(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="my_lm", auto_map={"AutoModelForCausalLM": "modeling_my_lm.MyLM"})
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 def other_base_adapter(tmp: Path, run: Path) -> Path:
     adapter = tmp / "adapter"
     adapter.mkdir()
@@ -188,10 +194,14 @@ CASES = [
          lambda t, m, d, r: (train_args(model_copy(t, m, lambda x: truncate(
              x / "model.safetensors")), d, t / "out"), t / "out"),
          ("model.safetensors", "truncated", "download it again")),
-    Case("unsupported family",
+    Case("a model that exists only as remote code",
+         lambda t, m, d, r: (train_args(model_copy(t, m, remote_code_only), d, t / "out"),
+                             t / "out"),
+         ("config.json", "'my_lm'", "auto_map", "never runs remote code")),
+    Case("config.json of another architecture than its weights",
          lambda t, m, d, r: (train_args(model_copy(t, m, lambda x: set_model_type(x, "gpt2")),
                                         d, t / "out"), t / "out"),
-         ("config.json", "'gpt2'", "not supported")),
+         ("model.embed_tokens.weight", "gpt2", "config.json")),
     Case("export of an unsupported family",
          lambda t, m, d, r: (["export", "--gguf", "--model", str(model_copy(
              t, m, lambda x: set_model_type(x, "gpt2"))), "--out", str(t / "m.gguf")],

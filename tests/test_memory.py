@@ -146,10 +146,14 @@ def test_cli_refuses_bad_options(argv, message, capsys):
     assert message in captured.err and captured.out == ""
 
 
-def test_cli_refuses_an_unsupported_family(tmp_path, capsys):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 768}')
+def test_cli_plans_another_architecture_coarsely_and_refuses_remote_code(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 768, "n_layer": 2}')
+    assert main(["plan", "--config-json", str(tmp_path / "config.json")]) == 0
+    assert "a coarser estimate: gpt2 runs on the generic path" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "my_lm", "auto_map": {"AutoModelForCausalLM": "my_lm.Model"}}')
     assert main(["plan", "--config-json", str(tmp_path / "config.json")]) == 2
-    assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
+    assert "model_type 'my_lm' exists only as code" in capsys.readouterr().err
 
 
 def test_advise_returns_changes_that_fit():

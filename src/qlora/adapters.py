@@ -18,6 +18,7 @@ from torch import nn
 from qlora.errors import QloraError
 from qlora.files import staged_dir
 
+from qlora.models.generic import GenericLM
 from qlora.models.spec import BLOCK_LINEARS  # the seven linears of a block: the model layer's
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -237,7 +238,10 @@ def set_dropout_seed(seed: torch.Tensor, run_seed: int, micro_batch_index: int, 
 
 
 def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Full module paths to wrap. `all-linear` is every linear of the decoder blocks (not lm_head)."""
+    """Full module paths to wrap. `all-linear` is every linear of the decoder blocks (not lm_head);
+    on the generic path, PEFT's meaning: every linear layer but the output head."""
+    if isinstance(model, GenericLM):
+        return _generic_target_names(model, target_modules)
     wanted = set(BLOCK_LINEARS) if target_modules == "all-linear" else set(target_modules)
     present = {name.rsplit(".", 1)[-1] for name, _ in _block_linears(model)}
     missing = sorted(wanted - present)
@@ -255,6 +259,26 @@ def _block_linears(model: nn.Module):
             module, LoraLinear
         ):
             yield name, module
+
+
+def _generic_target_names(model: GenericLM, target_modules: str | list[str]) -> list[str]:
+    """A name in target_modules matches a layer whose path is it or ends in "." + it, as PEFT
+    matches (`c_attn`, `mlp.c_proj`, `model.layers.0.self_attn.q_proj`)."""
+    linears = [layer.name for layer in model.spec.linears
+               if not isinstance(model.get_submodule(layer.name), LoraLinear)]
+    if target_modules == "all-linear":
+        return linears
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    missing = [t for t in target_modules if not any(matches(n, t) for n in linears)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise QloraError(f"target_modules {missing} match no linear layer of this "
+                         f"{model.spec.model_type} model; its linear layers are {leaves} "
+                         "(or use all-linear)")
+    return [n for n in linears if any(matches(n, t) for t in target_modules)]
 
 
 def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
@@ -284,7 +308,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def peft_config_dict(cfg: AdapterConfig, targets: list[str], base_model: str) -> dict:
+def peft_config_dict(cfg: AdapterConfig, targets: list[str], base_model: str,
+                     fan_in_fan_out: bool = False) -> dict:
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -296,7 +321,7 @@ def peft_config_dict(cfg: AdapterConfig, targets: list[str], base_model: str) ->
         "bias": "none",
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -318,11 +343,21 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     if not state:
         raise QloraError("the model has no adapters to save (attach_adapters was not called)")
-    config = peft_config_dict(model.adapter_config, model.adapter_targets, base_model_name_or_path)
+    config = peft_config_dict(model.adapter_config, model.adapter_targets, base_model_name_or_path,
+                              fan_in_fan_out=_wraps_conv1d(model))
     with staged_dir(out, replace=True) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _wraps_conv1d(model: nn.Module) -> bool:
+    """Whether an adapter sits on a layer stored as a Conv1D ([in, out]) in the checkpoint: PEFT
+    then writes fan_in_fan_out true, which tells a merge to fold it in transposed."""
+    if not isinstance(model, GenericLM):
+        return False
+    return any(layer.transposed and isinstance(model.get_submodule(layer.name), LoraLinear)
+               for layer in model.spec.linears)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:

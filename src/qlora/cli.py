@@ -439,16 +439,22 @@ def run_plan(args) -> None:
         embedding_on_host=args.embedding_on_host, loss=args.loss, gpus=args.gpus, sharding=args.sharding)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
-    targets = memory.target_names(cfg.targets)
+    generic = isinstance(arch, memory.GenericSpec)
+    targets = memory.generic_targets(arch, cfg.targets) if generic else memory.target_names(cfg.targets)
     print(f"{arch.name}: {arch.num_params() / 1e9:.2f}B params · {cfg.quant}"
           f"{' + double quant' if cfg.double_quant and cfg.quant in ('nf4', 'fp4') else ''} · "
-          f"{'DoRA' if cfg.dora else 'LoRA'} r={cfg.r} on {len(targets)} projections · "
+          f"{'DoRA' if cfg.dora else 'LoRA'} r={cfg.r} on {len(targets)} {'linear layers' if generic else 'projections'} · "
           f"seq {cfg.seq_len} x micro-batch {cfg.micro_batch} · checkpointing "
           f"{'on' if cfg.checkpointing else 'off'} · {cfg.optimizer} · {cfg.gpus} GPU(s)"
           + (f" {cfg.sharding}" if cfg.gpus > 1 else ""))
     print(memory.format_table(b))
-    print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "
-          "configurations measured since within 10% (docs/MEMORY.md)")
+    if generic:
+        print(f"a coarser estimate: {arch.model_type} runs on the generic path (transformers' own "
+              "modules); weights counted exactly, activations estimated from the model's width, "
+              "never measured")
+    else:
+        print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "
+              "configurations measured since within 10% (docs/MEMORY.md)")
     if gpu_bytes is None:
         print("no --gpu-memory given and no GPU detected: not checking whether it fits")
         return

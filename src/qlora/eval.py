@@ -149,7 +149,8 @@ def loss_sums(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pa
     was_training = model.training
     model.eval()
     device = compute_device(model)
-    rows = build_rows(encoded, max_len, packing=packing)
+    # a model that would let packed documents see each other (generic path) gets padded rows
+    rows = build_rows(encoded, max_len, packing=packing and model.packs_documents)
     total, n_tokens = 0.0, 0
     try:
         for k, start in enumerate(range(0, len(rows), micro_batch)):
@@ -270,7 +271,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
     from qlora.chat import stop_token_ids
     from qlora.data import resolve_chat_template
     from qlora.infer import load_for_inference
-    from qlora.models import load_tokenizer, read_spec
+    from qlora.models import load_tokenizer, read_model_spec
     from qlora.models.decoder import compute_device
 
     if compare_base and adapter_dir is None:
@@ -285,7 +286,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
     if micro_batch < 1:
         raise QloraError(f"--batch-size must be at least 1, got {micro_batch}")
     t0 = time.perf_counter()
-    spec = read_spec(model_dir)
+    spec = read_model_spec(model_dir)
     context = spec.max_position_embeddings
     if max_len is None:
         max_len = min(context, 2048)
@@ -307,13 +308,13 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
             if generate and data.prompts else None)
 
     runs = (["base", "adapter"] if compare_base else ["adapter" if adapter_dir else "base"])
-    results, predictions, settings_device = {}, {}, None
+    results, predictions, settings_device, model_packs = {}, {}, None, True
     for name in runs:
         log(f"evaluating {name} ({model_dir}" + (f" + {adapter_dir}" if name == "adapter" else "")
             + ") ...")
         model, _ = load_for_inference(model_dir, adapter_dir if name == "adapter" else None,
                                       quant=quant, device=device)
-        settings_device = compute_device(model)
+        settings_device, model_packs = compute_device(model), model.packs_documents
         results[name], predictions[name] = evaluate_model(model, tokenizer, data, max_len, opts,
                                                           micro_batch)
         del model
@@ -330,7 +331,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
             "quant": quant, "device": str(settings_device),
             "compute_dtype": str(compute_dtype(settings_device)).removeprefix("torch."),
             "max_len": max_len, "max_samples": max_samples, "batch_size": micro_batch,
-            "packing": "padding-free", "loss_on": "responses",
+            "packing": "padding-free" if model_packs else "padded rows", "loss_on": "responses",
             "generation": None if opts is None else {
                 "decoding": "greedy", "max_new_tokens": max_new_tokens,
                 "stop_token_ids": list(stops)},

@@ -1,4 +1,5 @@
 """Text generation with a KV cache: greedy or sampled, for a base model with or without adapter.
+(On the generic path the cache is transformers' own, made by its model on the first step.)
 
 The logits processors follow the order and definitions of transformers' `generate`
 (repetition penalty, temperature, top-k, top-p), so greedy decoding gives its tokens.
@@ -13,7 +14,8 @@ import torch
 
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
-from qlora.models.decoder import DecoderLM, KVCache, compute_device
+from qlora.models.decoder import DecoderLM, compute_device
+from qlora.models.generic import GenericLM
 
 
 @dataclass
@@ -60,16 +62,14 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, opts: GenerationOpt
 
 @torch.no_grad()
 def stream(
-    model: DecoderLM, input_ids: list[int], opts: GenerationOptions
+    model: DecoderLM | GenericLM, input_ids: list[int], opts: GenerationOptions
 ) -> Iterator[int]:
     """Yield new token ids one at a time until EOS or max_new_tokens."""
     if not input_ids:
         raise QloraError("the prompt is empty: give at least one token")
-    spec = model.spec
     limit = len(input_ids) + opts.max_new_tokens
     device = compute_device(model)
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = KVCache(spec, 1, limit, device, dtype)
+    cache = model.new_cache(1, limit)  # a KVCache, or transformers' own on the generic path
     generator = None
     if opts.temperature > 0:
         generator = torch.Generator(device=device)
@@ -92,7 +92,7 @@ def stream(
 
 
 def generate(
-    model: DecoderLM, input_ids: list[int], opts: GenerationOptions,
+    model: DecoderLM | GenericLM, input_ids: list[int], opts: GenerationOptions,
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """The new tokens (EOS included when reached) for one prompt."""

@@ -30,7 +30,10 @@ from pathlib import Path
 from qlora.errors import QloraError
 from qlora.models.spec import BLOCK_LINEARS as PROJECTIONS  # the seven linears, in layer order
 from qlora.models.spec import NAMED_SHAPES as SHAPES  # (benchmarks read memory.SHAPES)
-from qlora.models.spec import ArchSpec, attention_layers_kept, spec_from_config, spec_from_shape
+from qlora.models.generic import GenericSpec, LinearLayer
+from qlora.models.generic import spec_from_config as generic_spec_from_config
+from qlora.models.spec import (ArchSpec, attention_layers_kept, is_native, spec_from_config,
+                               spec_from_shape)
 from qlora.quant import FOUR_BIT_METHODS, METHODS as QUANT_METHODS
 
 GiB = 1024**3
@@ -76,8 +79,10 @@ def arch_from_config(config: dict, name: str = "model", source: str = "config.js
         raise QloraError(f"{source}: missing {err.args[0]!r}, needed to plan memory") from None
 
 
-def resolve_arch(model_dir: str | None = None, config_json: str | None = None, shape: str | None = None) -> ArchSpec:
-    """Exactly one of: a model directory, a config.json path, a named shape."""
+def resolve_arch(model_dir: str | None = None, config_json: str | None = None,
+                 shape: str | None = None) -> ArchSpec | GenericSpec:
+    """Exactly one of: a model directory, a config.json path, a named shape. A model that is not
+    of a native family gives a GenericSpec, which plan() estimates coarsely."""
     given = [x for x in (model_dir, config_json, shape) if x]
     if len(given) != 1:
         raise QloraError("give exactly one of --model DIR, --config-json FILE, --shape NAME")
@@ -94,6 +99,9 @@ def resolve_arch(model_dir: str | None = None, config_json: str | None = None, s
     except json.JSONDecodeError as err:
         raise QloraError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     name = Path(model_dir).name if model_dir else path.parent.name or path.stem
+    if isinstance(config, dict) and not is_native(config):
+        # the generic path: the model transformers builds, empty, read for its layers and sizes
+        return generic_spec_from_config(config, source=str(path), name=name)
     return arch_from_config(config, name=name, source=str(path))
 
 
@@ -130,7 +138,9 @@ class PlanConfig:
     sharding: str = "ddp"
     alloc_rounding: bool = True
 
-    def validate(self) -> None:
+    def validate(self, targets: bool = True) -> None:
+        """`targets`: check the target names against the native decoder's projections (a
+        generic model's are checked against its own layers, generic_targets)."""
         def bad(option: str, value, choices) -> QloraError:
             return QloraError(f"{option} {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
@@ -160,7 +170,8 @@ class PlanConfig:
             raise QloraError(f"--keep-attention takes a number of layers (0 or more), not {keep!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QloraError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
-        target_names(self.targets)
+        if targets:
+            target_names(self.targets)
 
 
 def target_names(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -329,15 +340,18 @@ def kept_attention_bytes_per_token(arch: ArchSpec) -> int:
     return 2 * (q + 2 * kv + q) + 4 * arch.num_heads
 
 
-def kept_attention_layers(arch: ArchSpec, cfg: PlanConfig) -> int:
-    """Layers whose attention is kept for backward: keep_attention's count, with checkpointing."""
-    return attention_layers_kept(cfg.keep_attention, arch.num_layers) if cfg.checkpointing else 0
+def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
+    """Layers whose attention is kept for backward: keep_attention's count, with checkpointing
+    (none on the generic path, which has no speed layer)."""
+    if isinstance(arch, GenericSpec) or not cfg.checkpointing:
+        return 0
+    return attention_layers_kept(cfg.keep_attention, arch.num_layers)
 
 
-def attention_layers_that_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int) -> int:
+def attention_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes: int) -> int:
     """The most layers that can keep their attention with the plan still fitting `gpu_bytes` (0
     without checkpointing or where even none fits). The plan grows with the count: bisected."""
-    if not cfg.checkpointing:
+    if isinstance(arch, GenericSpec) or not cfg.checkpointing:
         return 0
     return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.num_layers)
 
@@ -550,7 +564,8 @@ class Breakdown:
         rows = [
             (base, self.base),
             (emb, self.embeddings),
-            ("norms", self.norms),
+            ("norms" if isinstance(self.arch, ArchSpec) else "other 16-bit parameters (norms...)",
+             self.norms),
             (f"adapters ({self.adapter_params:,} params, {c.adapter_dtype})", self.adapters),
             (f"optimizer states ({c.optimizer}, in allocator)", self.optimizer),
         ]
@@ -563,8 +578,11 @@ def _gib(n: float) -> float:
     return n / GiB
 
 
-def plan(arch: ArchSpec, cfg: PlanConfig = PlanConfig()) -> Breakdown:
-    """Predict the per-GPU memory of one training step of `arch` under `cfg`."""
+def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakdown:
+    """Predict the per-GPU memory of one training step of `arch` under `cfg` (coarsely for a
+    model on the generic path: coarse_plan)."""
+    if isinstance(arch, GenericSpec):
+        return coarse_plan(arch, cfg)
     cfg.validate()
     rnd = cfg.alloc_rounding
     L, h, v = arch.num_layers, arch.hidden_size, arch.vocab_size
@@ -691,6 +709,99 @@ def plan(arch: ArchSpec, cfg: PlanConfig = PlanConfig()) -> Breakdown:
     return Breakdown(arch=arch, cfg=cfg, base=base, embeddings=embeddings, norms=norms, adapters=adapters,
                      optimizer=opt, optimizer_paged=opt_paged, activations=activations, adapter_copies=copies,
                      loss=loss, backward=backward, adapter_grads=grads, layer_grads=layer_grads,
+                     optimizer_step=opt_step, workspace=workspace, dequant=dequant,
+                     adapter_params=sum(numels), notes=notes)
+
+
+# --- the generic path: a coarser estimate --------------------------------------------------------
+def generic_targets(spec: GenericSpec, targets: str | tuple[str, ...] | list[str]
+                    ) -> list[LinearLayer]:
+    """The layers adapters go on: all-linear (PEFT's: every linear but the head) or the layers
+    whose path is, or ends in "." + , a given name (as adapters.py and PEFT match)."""
+    if targets == "all-linear":
+        return list(spec.linears)
+    names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) \
+        else list(targets)
+    chosen = [layer for layer in spec.linears
+              if any(layer.name == t or layer.name.endswith("." + t) for t in names)]
+    unknown = [t for t in names if not any(l.name == t or l.name.endswith("." + t)
+                                           for l in spec.linears)]
+    if unknown or not chosen:
+        leaves = sorted({layer.name.rsplit(".", 1)[-1] for layer in spec.linears})
+        raise QloraError(f"--targets: {', '.join(unknown) or '(empty)'} match no linear layer of "
+                         f"this {spec.model_type} model; use all-linear or some of {', '.join(leaves)}")
+    return chosen
+
+
+# Values a transformer block keeps per token for backward, in 16 bits, for a block of width h and
+# MLP width i: the normed inputs of attention and MLP, q, k, v, the attention output, the MLP's
+# two intermediate tensors, its activation and its product. The native decoder's terms, derived
+# one by one (layer_activation_terms), come to about 9h + 4i at Llama's shapes; a generic block
+# may keep more (biases, extra norms, its own dropout masks), hence the margin.
+GENERIC_BLOCK_VALUES_PER_TOKEN = (12, 5)  # 12 h + 5 i
+
+
+def coarse_plan(spec: GenericSpec, cfg: PlanConfig) -> Breakdown:
+    """The memory of a training step of a model on the generic path (transformers' own modules).
+
+    Coarser than plan(): the weights are counted exactly, layer by layer, from the model
+    transformers builds (the quantized linears, everything else in 16 bits), and so are the
+    adapters and the optimizer; the activations are not derived from the block's code but
+    estimated from its width (GENERIC_BLOCK_VALUES_PER_TOKEN), and the loss reads whole logits.
+    None of the speed layer applies (no fused kernels, no kept attention, no host embedding), and
+    FSDP sharding is not offered."""
+    cfg.validate(targets=False)
+    cfg = replace(cfg, kernels="eager", keep_attention=False, embedding_on_host=False,
+                  loss="full", gpus=1, sharding="ddp")
+    rnd = cfg.alloc_rounding
+    nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
+    L, h, i = spec.num_layers, spec.hidden_size, spec.intermediate_size
+    tokens = cfg.seq_len * cfg.micro_batch
+
+    base = 0
+    for layer in spec.linears:
+        n_out, n_in = layer.out_features, layer.in_features
+        sizes = (quantized_linear_tensors(n_out, n_in, cfg.quant, cfg.double_quant, cfg.blocksize)
+                 if layer.quantized else [nbytes * n_out * n_in])
+        base += sum(_alloc(size, rnd) for size in sizes) + (_alloc(nbytes * n_out, rnd) if layer.bias else 0)
+    embeddings = _alloc(spec.embedding_params * nbytes, rnd)
+    others = _alloc(spec.other_params * nbytes, rnd)
+
+    targets = generic_targets(spec, cfg.targets)
+    numels = [n for t in targets for n in
+              [cfg.r * t.in_features, t.out_features * cfg.r] + ([t.out_features] if cfg.dora else [])]
+    abytes = DTYPE_BYTES[cfg.adapter_dtype]
+    adapters = sum(_alloc(n * abytes, rnd) for n in numels)
+    grads = adapters
+    opt, opt_paged, opt_step = optimizer_state_bytes(numels, cfg)
+
+    values_h, values_i = GENERIC_BLOCK_VALUES_PER_TOKEN
+    lora = sum(2 * cfg.r + (2 * t.in_features if cfg.lora_dropout > 0 else 0) for t in targets) / L
+    per_layer = 2 * (values_h * h + values_i * i) + lora
+    copies = sum(_alloc(2 * cfg.r * (t.in_features + t.out_features), rnd) for t in targets)
+    working = 2 * 2 * h + 3 * 2 * i  # gradients in flight through one block
+    if cfg.checkpointing:
+        activations = tokens * (L * 2 * h + 2 * h)
+        backward = tokens * (per_layer + working)
+        copies = -(-copies // L)
+    else:
+        activations = tokens * (L * per_layer + 2 * h)
+        backward = tokens * working
+    loss, loss_note = loss_peak_bytes(spec, cfg)
+    largest = max((l for l in spec.linears if l.quantized),
+                  key=lambda l: l.in_features * l.out_features, default=None)
+    dequant = 0
+    if largest is not None and cfg.quant != "none":
+        dequant = 2 * largest.in_features * largest.out_features
+    workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
+    notes = [f"coarser estimate: {spec.model_type} ({spec.architecture}) runs on the generic path; "
+             "its weights, adapters and optimizer are counted exactly, its activations estimated "
+             "from the block's width, not derived: leave a margin",
+             f"logits/loss: {loss_note} (the generic path's loss reads whole logits)"]
+    return Breakdown(arch=spec, cfg=cfg, base=base, embeddings=embeddings, norms=others,
+                     adapters=adapters, optimizer=opt, optimizer_paged=opt_paged,
+                     activations=int(activations), adapter_copies=copies, loss=loss,
+                     backward=int(backward), adapter_grads=grads, layer_grads=-(-grads // L),
                      optimizer_step=opt_step, workspace=workspace, dequant=dequant,
                      adapter_params=sum(numels), notes=notes)
 
@@ -924,6 +1035,8 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         return dataclasses.replace(cfg, keep_attention=keep or False), {}
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
+    if isinstance(arch, GenericSpec) and "all-linear" not in cfg.target_modules:
+        pc = replace(pc, targets=tuple(cfg.target_modules))  # its own layer names (c_attn...)
     if cfg.keep_attention is None:
         # the plan is per GPU, under torchrun (DDP, FSDP) too; auto_fit spends memory on the
         # micro-batch instead
@@ -947,8 +1060,9 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
                 f"~{_gib(kept * kept_attention_bytes_per_token(arch) * pc.seq_len * pc.micro_batch):.2f} GiB "
                 f"in {kept}): set keep_attention: {n or 'false'} (or leave it out: as many as fit)")
     need = needed_bytes(b)
+    coarse = " (a coarser estimate: the generic path)" if isinstance(arch, GenericSpec) else ""
     facts = {"memory plan": f"needs ~{_gib(need):.1f} GiB of {_gib(gpu_bytes):.1f} GiB ({gpu_name}), "
-                            f"peak allocated ~{_gib(b.allocated):.2f} GiB"}
+                            f"peak allocated ~{_gib(b.allocated):.2f} GiB{coarse}"}
     if cfg.auto_fit:
         global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps
         best = auto_fit(arch, pc, gpu_bytes, max_micro_batch=max(global_batch, 1))
@@ -974,7 +1088,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         return cfg, facts
     if not fits(b, gpu_bytes):
         raise QloraError(
-            f"this run will not fit in {_gib(gpu_bytes):.1f} GiB ({gpu_name}): the memory planner predicts "
+            f"this run will not fit in {_gib(gpu_bytes):.1f} GiB ({gpu_name}): the memory planner predicts{coarse} "
             f"~{_gib(need):.1f} GiB (peak allocated {_gib(b.allocated):.2f} GiB at the {b.peak_phase}, "
             f"+ paged optimizer states, allocator slack and CUDA context; `qlora plan --model {cfg.model}` "
             f"shows the parts). Change one of:\n" + "\n".join(_advice_lines(arch, pc, gpu_bytes))

@@ -106,8 +106,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[s
         raise QloraError(f"{cfg_path}: not valid JSON ({err})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters can be merged")
-    if cfg.get("fan_in_fan_out"):
-        raise QloraError(f"{cfg_path}: fan_in_fan_out=true (Conv1D models) is not supported")
+    # fan_in_fan_out (PEFT's mark of a Conv1D layer) is not read: which layers are stored
+    # transposed is the base's fact (checkpoint_layout), and PEFT does not always write the mark
+    # (not over a 4-bit base, whose layers are no Conv1D any more)
     if cfg.get("trainable_token_indices"):
         raise QloraError(f"{cfg_path}: trainable_token_indices is not supported by merge")
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -186,8 +187,10 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
 
 
 def check_adapter_fits(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor],
-                       shapes: dict[str, tuple[int, ...]], adapter_dir: Path) -> None:
-    """Every adapter module exists in the base with shapes that fit; name key and shapes if not."""
+                       shapes: dict[str, tuple[int, ...]], adapter_dir: Path,
+                       transposed: frozenset[str] = frozenset()) -> None:
+    """Every adapter module exists in the base with shapes that fit; name key and shapes if not.
+    `transposed`: modules whose weight the base stores [in, out] (Conv1D)."""
     where = adapter_dir / "adapter_model.safetensors"
     for m in modules.values():
         key = m.name + ".weight"
@@ -197,7 +200,7 @@ def check_adapter_fits(modules: dict[str, LoraModule], replacements: dict[str, t
         w = shapes[key]
         if len(w) != 2:
             raise QloraError(f"{where}: {key} has shape {list(w)}; only linear weights can be merged")
-        out_f, in_f = w
+        out_f, in_f = w[::-1] if m.name in transposed else w
         a, b = tuple(m.A.shape), tuple(m.B.shape)
         if a[1] != in_f or b[0] != out_f or a[0] != b[1]:
             raise QloraError(
@@ -230,6 +233,34 @@ def nf4_round_trip(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tr
 def is_quantized_linear(name: str, shape: tuple[int, ...]) -> bool:
     """The weights our loader (and transformers+bitsandbytes) store in 4 bits: decoder-block linears."""
     return ".layers." in name and name.endswith(".weight") and len(shape) == 2
+
+
+@dataclass
+class BaseLayout:
+    """Where the base's files differ from the plain rule: a native family's tensor names are its
+    modules' and its decoder-block linears are [out, in] (is_quantized_linear); a model on the
+    generic path says its own (models.generic.checkpoint_layout)."""
+    names: dict[str, str | None] | None = None  # file tensor name → model name (None: dropped)
+    transposed: frozenset[str] = frozenset()  # modules stored [in, out] (Conv1D)
+    quantized: frozenset[str] | None = None  # modules the generic path holds in 4 bits
+
+    def name(self, key: str) -> str | None:
+        return key if self.names is None else self.names[key]
+
+    def is_quantized(self, name: str, shape: tuple[int, ...]) -> bool:
+        if self.quantized is None:
+            return is_quantized_linear(name, shape)
+        return name.endswith(".weight") and name.removesuffix(".weight") in self.quantized
+
+
+def base_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str) -> BaseLayout:
+    from qlora.models.generic import checkpoint_layout
+    from qlora.models.spec import is_native
+
+    if is_native(config):
+        return BaseLayout()
+    layout = checkpoint_layout(config, shapes, source)
+    return BaseLayout(layout.names, layout.transposed, layout.quantized)
 
 
 def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
@@ -339,18 +370,21 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
                          f"the 16-bit original (use --base nf4 to reproduce the 4-bit weights)")
     files = weight_files(model_dir)
-    shapes = base_shapes(files)
+    file_shapes = base_shapes(files)
+    layout = base_layout(config, file_shapes, str(model_dir / "config.json"))
+    shapes = {layout.name(k): v for k, v in file_shapes.items() if layout.name(k) is not None}
     adapter_cfg, modules, replacements = read_adapter(adapter_dir)
     if not ignore_base_name:
         check_base_name(adapter_cfg, model_dir, config)
-    check_adapter_fits(modules, replacements, shapes, adapter_dir)
+    check_adapter_fits(modules, replacements, shapes, adapter_dir, layout.transposed)
     tied = config.get("tie_word_embeddings", False)
     if tied and any(n in ("lm_head", "model.embed_tokens") for n in list(modules) + list(replacements)):
         raise QloraError("the adapter changes lm_head or embed_tokens of a model with tied embeddings; "
                          "merging it would change both; this is not supported")
 
     with staged_dir(out) as tmp:
-        _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base, parse_shard_size(max_shard_size))
+        _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base,
+                      parse_shard_size(max_shard_size), layout)
         config = dict(config)
         config["torch_dtype"] = dtype  # transformers 4.x reads this key
         config["dtype"] = dtype  # transformers 5 writes and reads this one
@@ -363,22 +397,31 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
 
 
 def _write_merged(files, modules, replacements, tmp: Path, dtype: torch.dtype, base: str,
-                  max_bytes: int) -> None:
+                  max_bytes: int, layout: BaseLayout = BaseLayout()) -> None:
     from safetensors import safe_open
 
     writer = ShardWriter(tmp, max_bytes)
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                t = replacements[name] if name in replacements else sf.get_tensor(name)
+            for key in sf.keys():
+                name = layout.name(key)
+                if name is None:  # a tensor transformers does not read either (an old buffer)
+                    continue
+                t = replacements[name] if name in replacements else sf.get_tensor(key)
                 if not t.is_floating_point():
                     writer.add(name, t)
                     continue
-                if base == "dequantized-nf4" and is_quantized_linear(name, tuple(t.shape)):
-                    t = nf4_round_trip(t)
                 module = name.removesuffix(".weight")
+                # a Conv1D weight is [in, out]: quantized, and folded, as the [out, in] it computes
+                flip = name.endswith(".weight") and module in layout.transposed
+                if flip:
+                    t = t.t()
+                if base == "dequantized-nf4" and layout.is_quantized(name, tuple(t.shape)):
+                    t = nf4_round_trip(t)
                 if name.endswith(".weight") and module in modules:
                     t = fold(t, modules[module])
+                if flip:
+                    t = t.t()
                 elif name.endswith(".bias") and name.removesuffix(".bias") in modules:
                     m = modules[name.removesuffix(".bias")]
                     if m.bias is not None:

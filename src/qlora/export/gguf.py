@@ -353,6 +353,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
+    refuse_generic(model_dir)
     if log is None:
         import sys
 
@@ -376,6 +377,24 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype,
                                base=merge_base, ignore_base_name=ignore_base_name)
         return _export(merged, out, qtype, log)
+
+
+def refuse_generic(model_dir: Path) -> None:
+    """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
+    model on the generic path has none, and is refused by its architecture's name."""
+    from qlora.merge import read_config
+    from qlora.models.families import FAMILIES
+    from qlora.models.spec import is_native
+
+    config = read_config(model_dir)
+    if is_native(config):
+        return
+    architecture = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    raise QloraError(
+        f"{model_dir / 'config.json'}: model_type {config.get('model_type')!r} ({architecture}) "
+        f"runs on qlora's generic path, and GGUF export writes the native families only "
+        f"({', '.join(FAMILIES)}); merge the adapter into a 16-bit checkpoint (`qlora merge`) and "
+        "convert that with llama.cpp's convert_hf_to_gguf.py, which knows many more architectures")
 
 
 def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:

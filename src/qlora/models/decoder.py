@@ -76,6 +76,8 @@ class DecoderLM(nn.Module):
     """Causal LM: `model` (embeddings, blocks, final norm) and `lm_head`."""
 
     backbone_class = Backbone  # a family with blocks of its own names its backbone (Gemma's)
+    # packed rows keep their documents apart (attention_mask / varlen from the position ids)
+    packs_documents = True
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
@@ -108,6 +110,11 @@ class DecoderLM(nn.Module):
         if labels is None:
             return self.lm_head(hidden)
         return self.loss_sum(hidden, labels)
+
+    def new_cache(self, batch: int, limit: int) -> KVCache:
+        """A KV cache for `batch` rows of up to `limit` tokens, for generation."""
+        return KVCache(self.spec, batch, limit, compute_device(self),
+                       self.model.embed_tokens.weight.dtype)
 
     def hidden_states(self, input_ids, position_ids=None, cache=None, varlen=None) -> torch.Tensor:
         """position_ids may stay on the CPU (the training loop's batches do): the document

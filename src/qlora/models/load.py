@@ -1,4 +1,5 @@
-"""A model directory in Hugging Face layout → DecoderLM on the target device, streamed.
+"""A model directory in Hugging Face layout → DecoderLM on the target device, streamed (another
+architecture goes to the generic path, generic.py, which streams the same way).
 
 Tensors are read one at a time from memory-mapped safetensors, shard after shard; each linear
 weight of the decoder blocks is quantized on the target device as soon as it is read, so the
@@ -20,7 +21,10 @@ from qlora.errors import QloraError
 from qlora.models.decoder import DecoderLM
 from qlora.models.families import gemma2, gemma3
 from qlora.models.families.gemma import GemmaLM
-from qlora.models.spec import ArchSpec, read_spec
+from qlora.models.generic import GenericLM, GenericSpec, load_generic, read_generic_spec
+from qlora.models.spec import ArchSpec, is_native, read_config, read_spec
+from qlora.models.weights import check_nothing_missing, replace_keeping_bias, weight_files
+from qlora.models.weights import open_shard as _open, read_tensor as _read  # tests spy on _read
 from qlora.quant import QuantConfig, prequantized_linear, quantize_linear
 
 BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
@@ -29,48 +33,6 @@ IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
-
-
-def weight_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of a model directory, in shard order."""
-    root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise QloraError(f"{index} is not a valid safetensors index ({err})") from err
-        files = [root / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise QloraError(f"{index} names shards that are not in {root}: {', '.join(missing)}; "
-                             "download the missing files")
-        return files
-    single = root / "model.safetensors"
-    if single.exists():
-        return [single]
-    if any(root.glob("*.bin")) or any(root.glob("*.pth")):
-        raise QloraError(f"{root} holds only pickle weights (*.bin/*.pth); convert them to "
-                         "safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise QloraError(f"no model.safetensors or model.safetensors.index.json in {root}")
-
-
-def _open(path: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise QloraError(f"{path} cannot be read as safetensors ({err}); the file is probably "
-                         "truncated or corrupt: download it again") from err
-
-
-def _read(handle, path: Path, key: str) -> torch.Tensor:
-    try:
-        return handle.get_tensor(key)
-    except Exception as err:
-        raise QloraError(f"{path}: tensor {key} cannot be read ({err}); the file is probably "
-                         "truncated: download it again") from err
 
 
 # the families whose blocks are their own, by model_type. Their block modules build on
@@ -100,9 +62,12 @@ def load_model(
     model_dir: str | Path,
     quant: QuantConfig | None = None,
     device: str | torch.device = "cpu",
-) -> DecoderLM:
-    """Build a DecoderLM from `model_dir`, quantizing its block linears as `quant` says."""
+) -> DecoderLM | GenericLM:
+    """Build the model of `model_dir`, quantizing its linears as `quant` says: a DecoderLM for a
+    native family, else transformers' own model on the generic path (generic.py)."""
     quant = quant or QuantConfig()
+    if not is_native(read_config(model_dir)[0]):
+        return load_generic(model_dir, quant, device)
     device = torch.device(device)
     spec = read_spec(model_dir)
     files = weight_files(model_dir)
@@ -133,14 +98,14 @@ def load_model(
             if _is_complete_4bit(group):
                 shape = spec.linear_shapes()[module_name.rsplit(".", 1)[-1]]
                 layer = prequantized_linear(group, None, shape, quant, device)
-                _replace_keeping_bias(model, module_name, layer)
+                replace_keeping_bias(model, module_name, layer)
                 del pending_4bit[module_name]
     if pending_4bit:
         raise QloraError(f"{model_dir}: 4-bit tensors incomplete for {sorted(pending_4bit)[:3]}; "
                          "the checkpoint is missing its quant_state keys")
     rebuild_rotary(model, spec, device)
     model.tie_weights()
-    _check_nothing_missing(model, model_dir)
+    check_nothing_missing(model, model_dir)
     model.quant = quant
     return model.eval()
 
@@ -155,16 +120,7 @@ def _set_linear(model: nn.Module, name: str, weight: torch.Tensor, quant: QuantC
         raise QloraError(f"tensor {name}.weight has shape {tuple(weight.shape)} but config.json "
                          f"implies {expected}; config.json and weights disagree")
     layer = quantize_linear(weight, None, quant, device)
-    _replace_keeping_bias(model, name, layer)
-
-
-def _replace_keeping_bias(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, leaf = name.rsplit(".", 1)
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, leaf)
-    # a bias read before its weight already sits on the old module; an unread one is still meta
-    layer.bias = old.bias if old.bias is not None else None
-    setattr(parent, leaf, layer)
+    replace_keeping_bias(model, name, layer)
 
 
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, path: Path) -> None:
@@ -183,11 +139,12 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, path: Path) ->
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
 
 
-def _check_nothing_missing(model: nn.Module, model_dir) -> None:
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise QloraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the config "
-                         f"implies (e.g. {', '.join(missing[:3])}); a shard may be missing")
+def read_model_spec(model_dir: str | Path) -> ArchSpec | GenericSpec:
+    """The facts of a model directory without its weights: an ArchSpec for a native family, a
+    GenericSpec (the model built empty by transformers) for anything else."""
+    if is_native(read_config(model_dir)[0]):
+        return read_spec(model_dir)
+    return read_generic_spec(model_dir)
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -122,8 +122,8 @@ def spec_from_shape(shape: str) -> ArchSpec:
     return spec_from_config(NAMED_SHAPES[key], source=f"shape {key}", name=key)
 
 
-def read_spec(model_dir: str | Path) -> ArchSpec:
-    """Read `model_dir/config.json` (or a config.json path) into an ArchSpec."""
+def read_config(model_dir: str | Path) -> tuple[dict, str]:
+    """`model_dir/config.json` (or a config.json path) as a dict, and where it was read."""
     path = Path(model_dir)
     config_path = path if path.is_file() else path / "config.json"
     if not path.exists():
@@ -139,15 +139,30 @@ def read_spec(model_dir: str | Path) -> ArchSpec:
         cfg = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise QloraError(f"{config_path} is not valid JSON ({err}); re-download or fix the file") from err
-    return spec_from_config(cfg, source=str(config_path))
+    if not isinstance(cfg, dict):
+        raise QloraError(f"{config_path} is not a JSON object; re-download or fix the file")
+    return cfg, str(config_path)
+
+
+def is_native(cfg: dict) -> bool:
+    """Whether config.json names a family the reference decoder implements (families/); any other
+    causal LM that transformers builds runs on the generic path (models/generic.py)."""
+    return cfg.get("model_type") in SUPPORTED_FAMILIES
+
+
+def read_spec(model_dir: str | Path) -> ArchSpec:
+    """Read `model_dir/config.json` (or a config.json path) into an ArchSpec."""
+    cfg, source = read_config(model_dir)
+    return spec_from_config(cfg, source=source)
 
 
 def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model") -> ArchSpec:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         raise QloraError(
-            f"{source}: model_type {model_type!r} is not supported; supported families are "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
+            f"{source}: model_type {model_type!r} is not one of the reference decoder's families "
+            f"({', '.join(SUPPORTED_FAMILIES)}); other causal LMs run on the generic path "
+            "(models/generic.py), which has no ArchSpec"
         )
     family = FAMILIES[model_type].spec_fields(cfg)  # biases, q/k norms, sliding window
     # a family with an MLP of its own (Gemma's GeGLU) names its activation; the others are SwiGLU

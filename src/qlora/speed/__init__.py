@@ -41,9 +41,9 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     from qlora.models.decoder import DecoderLM, compute_device
     from qlora.speed.fast_decoder import FORKS, FastAttention, FastDecoderLM, FastMLP, FastRMSNorm
 
-    if not isinstance(model, DecoderLM):
+    if plan.generic or not isinstance(model, DecoderLM):
         raise QloraError(f"apply_speed takes the reference decoder (models.DecoderLM), not "
-                         f"{type(model).__name__}")
+                         f"{type(model).__name__}: a model on the generic path takes no fast path")
     for module in model.modules():
         fork = _forked_class(type(module), FORKS)
         if fork is not None:

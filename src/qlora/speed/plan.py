@@ -22,6 +22,10 @@ class SpeedPlan:
         global RNG: resumable, and capturable in a CUDA graph.
     embedding_on_host: a frozen, untied input embedding in pinned host memory, gathered by the GPU.
     cuda_graphs: each micro-batch replayed as a CUDA graph (train/graphs.py) where it can be.
+    generic: the model is transformers' own (models/generic.py): every path above forks or
+        switches the reference decoder's classes, so none applies, and apply_speed is not called.
+        Its LoRA dropout draws from the global RNG, which checkpoints save and restore and
+        torch's checkpointing replays, so resume stays exact.
     """
 
     fused_kernels: bool = False
@@ -31,13 +35,17 @@ class SpeedPlan:
     seeded_dropout: bool = False
     embedding_on_host: bool = False
     cuda_graphs: bool = False
+    generic: bool = False
 
     @classmethod
     def for_run(cls, cfg, device: torch.device, *, distributed: bool = False,
-                sharded: bool = False) -> "SpeedPlan":
+                sharded: bool = False, generic: bool = False) -> "SpeedPlan":
         """What `qlora train` uses for a RunConfig on `device`: every path its settings ask for
         where it runs. FSDP shards the base bytes the 4-bit fast path reads whole; the host
-        embedding and the CUDA graphs are measured in one process only (docs/DISTRIBUTED.md)."""
+        embedding and the CUDA graphs are measured in one process only (docs/DISTRIBUTED.md).
+        A model on the generic path gets none of them."""
+        if generic:
+            return cls(generic=True)
         cuda = device.type == "cuda"
         fast_base = bool(cfg.fused_kernels and cuda and not sharded)
         return cls(

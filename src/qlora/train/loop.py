@@ -34,6 +34,7 @@ from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.device import compute_dtype, pick_device
 from qlora.errors import QloraError
 from qlora.files import check_writable, remove_dir
+from qlora.models.generic import GenericLM
 from qlora.models.load import TOKENIZER_FILES
 from qlora.speed import SpeedPlan, apply_speed
 from qlora.train import checkpoint as ckpt
@@ -139,6 +140,18 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
                                          use_dora=cfg.use_dora))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
+
+
+def generic_path_lines(model: GenericLM, cfg: RunConfig) -> list[str]:
+    """What the log says about a model on the generic path: that it is, and what it costs."""
+    spec = model.spec
+    lines = [f"{spec.model_type} ({spec.architecture}) runs on the generic path: transformers' "
+             f"own modules, its {len(spec.linears)} linear layers quantized "
+             f"({cfg.quant}), our adapters on them; the speed layer does not apply"]
+    if cfg.keep_attention:
+        lines.append("generic path: keep_attention acts on the native families' decoder only; "
+                     "ignored")
+    return lines + [f"generic path: {note}" for note in model.notes]
 
 
 def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
@@ -269,7 +282,12 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         log = _quiet
     base_model = base_model or cfg.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = build_rows(train_examples, cfg.max_seq_length, packing=cfg.packing, seed=cfg.seed)
+    packing = cfg.packing and model.packs_documents
+    if cfg.packing and not packing:
+        log("packing off: this model would let packed documents see each other (no position ids "
+            "in its forward, or layers that carry state along a row), so each row holds one "
+            "example, padded")
+    rows = build_rows(train_examples, cfg.max_seq_length, packing=packing, seed=cfg.seed)
     per_epoch = num_batches(len(rows), cfg.micro_batch_size)
     window = cfg.gradient_accumulation_steps * env.world_size  # micro-batches per step, all ranks
     total = cfg.max_steps if cfg.max_steps > 0 else \
@@ -411,7 +429,14 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
     # every fast path the settings ask for, from one place (speed/), before any graph is
     # captured: the kernels go in it. Dropout masks are drawn from (seed, micro-batch index,
     # layer): the same on resume, and no global RNG inside the layers, which a graph needs
-    plan = SpeedPlan.for_run(cfg, device, distributed=env.enabled, sharded=sharded)
+    plan = SpeedPlan.for_run(cfg, device, distributed=env.enabled, sharded=sharded,
+                             generic=isinstance(model, GenericLM))
+    if plan.generic:
+        log("speed layer off: the model runs on the generic path (transformers' own modules), "
+            "so no fused kernels, no 4-bit fast path, no CUDA graphs and no host embedding; "
+            "the loss reads the whole logits: expect about the speed and memory of "
+            "transformers + peft")
+        return None, 0, None
     applied = apply_speed(model, plan, log)
     dropout_seed, dropout_stride = applied.dropout_seed, applied.dropout_stride
     graphed = _graphed_steps(model, optimizer, plan, env, device, scaler, log, cfg.max_seq_length)
@@ -657,6 +682,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
            progress: bool, stop_after_steps: int | None) -> TrainResult:
     from qlora.adapters import trainable_summary
     from qlora.models import load_tokenizer
+    from qlora.models.spec import is_native, read_config
 
     dtype = resolve_dtype(cfg, device)
     # the memory planner, before anything loads: refuses a run that will not fit, or --auto_fit
@@ -677,9 +703,16 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
     if env.is_main:
         dist_.barrier(env)
     sharded = dist_.check_sharding(cfg.sharding, env, cfg.use_dora)
+    if sharded and not is_native(read_config(cfg.model)[0]):
+        raise QloraError("`--sharding fsdp` shards the blocks of the native families (llama, "
+                         "mistral, qwen2, qwen3); a model on the generic path trains with "
+                         "--sharding ddp (each GPU holds the whole 4-bit base)")
     # sharded: loaded (and quantized) in host memory; fully_shard then moves one block at a time
     # to the GPU and keeps this rank's shard of it, so no GPU holds the whole base
     model = build_model(cfg, torch.device("cpu") if sharded else device, dtype)
+    if isinstance(model, GenericLM):
+        for line in generic_path_lines(model, cfg):
+            log(line)
     log(trainable_summary(model))
     if sharded:
         dist_.shard_fsdp(model, dtype, device)

@@ -71,7 +71,9 @@ class Stepper:
             if stop_now():
                 return None
             # the micro-batch's dropout masks: a function of its place in the data order alone
-            set_dropout_seed(self.dropout_seed, self.seed, b["index"], self.dropout_stride)
+            # (no seed on the generic path: its dropout draws from the global RNG)
+            if self.dropout_seed is not None:
+                set_dropout_seed(self.dropout_seed, self.seed, b["index"], self.dropout_stride)
             if self.graphed is not None:
                 step_loss += self.graphed.run(b["staged"], 1.0 / max(n_labels, 1))
             else:

@@ -1,0 +1,70 @@
+"""Reading a model's safetensors and putting its tensors into a model built on the meta device:
+what the native loader (load.py) and the generic path (generic.py) share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.errors import QloraError
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, in shard order."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise QloraError(f"{index} is not a valid safetensors index ({err})") from err
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise QloraError(f"{index} names shards that are not in {root}: {', '.join(missing)}; "
+                             "download the missing files")
+        return files
+    single = root / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(root.glob("*.bin")) or any(root.glob("*.pth")):
+        raise QloraError(f"{root} holds only pickle weights (*.bin/*.pth); convert them to "
+                         "safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise QloraError(f"no model.safetensors or model.safetensors.index.json in {root}")
+
+
+def open_shard(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise QloraError(f"{path} cannot be read as safetensors ({err}); the file is probably "
+                         "truncated or corrupt: download it again") from err
+
+
+def read_tensor(handle, path: Path, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as err:
+        raise QloraError(f"{path}: tensor {key} cannot be read ({err}); the file is probably "
+                         "truncated: download it again") from err
+
+
+def replace_keeping_bias(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, leaf = name.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, leaf)
+    # a bias read before its weight already sits on the old module; an unread one is still meta
+    layer.bias = old.bias if old.bias is not None else None
+    setattr(parent, leaf, layer)
+
+
+def check_nothing_missing(model: nn.Module, model_dir) -> None:
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise QloraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the config "
+                         f"implies (e.g. {', '.join(missing[:3])}); a shard may be missing")

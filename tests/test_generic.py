@@ -1,0 +1,527 @@
+"""The generic path (models/generic.py) against transformers, peft and bitsandbytes themselves.
+
+Tiny random models of architectures the reference decoder does not implement: gpt2 (Conv1D
+layers, weights stored [in, out], tied head, learned positions, dropout inside the model), gemma
+(scaled embeddings, RMSNorm of 1 + w, GELU), olmo (LayerNorm without parameters) and granite
+(scaled embeddings, residuals and logits). Each is saved by transformers and loaded by our
+loader; every comparison is with the other library computing the same thing.
+
+Tolerances: in fp32 both sides compute the same operations in other groupings (a Conv1D's
+x @ W against our F.linear on the transposed copy, PEFT's separate LoRA add against our addmm,
+transformers' mean loss against our sum), so their results differ by fp32 rounding only: about
+1e-7 relative per operation, a few 1e-7 after the layers of a tiny model. 1e-5 leaves room for
+that and fails on any real error (a scale, a transposition, a norm or an adapter missed moves the
+numbers by 1e-3 and more). The 4-bit comparisons use 1e-4: both sides dequantize the same bytes,
+but bitsandbytes' CPU matmul groups its products its own way.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import fp32_bnb_reference
+from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, load_adapter, save_adapter
+from qlora.errors import QloraError
+from qlora.models import GenericLM, load_model
+from qlora.quant import QuantConfig
+
+FP32 = torch.float32
+NONE = QuantConfig(method="none", compute_dtype=FP32)
+NF4 = QuantConfig(method="nf4", double_quant=True, compute_dtype=FP32)
+
+SIZES = {
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256),
+    "olmo": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "granite": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0),
+}
+
+
+def build_generic(out, model_type: str, seed: int = 0):
+    """A random transformers `model_type` model with the tiny tokenizer, saved to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.tiny import build_tokenizer, tokenizer_vocab
+
+    vocab = tokenizer_vocab()
+    config = AutoConfig.for_model(model_type, vocab_size=128, bos_token_id=vocab["<s>"],
+                                  eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                                  **SIZES[model_type])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=FP32)
+    with torch.no_grad():  # norms at 1 and biases at 0 would hide a norm or bias left out
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(out))
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generic")
+    return {t: build_generic(root / t, t, seed=i) for i, t in enumerate(SIZES)}
+
+
+def hf_model(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs)
+
+
+def hf_nf4(path):
+    """transformers + bitsandbytes' own 4-bit load, computing in fp32."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=FP32)
+    return fp32_bnb_reference(hf_model(path, device_map="cpu", quantization_config=config))
+
+
+def rel_err(expected: torch.Tensor, got: torch.Tensor) -> float:
+    return float((expected - got).abs().max() / expected.abs().max())
+
+
+def tokens(seed: int = 0, batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(6, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_b(model, seed: int = 1) -> None:
+    """LoRA B starts at zero; a random B makes the adapter change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+
+
+def peft_twin(path, ours, cfg: AdapterConfig):
+    """transformers + peft with our adapters' weights copied in."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf_model(path), LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules="all-linear",
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM"))
+    state = peft_model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, LoraLinear):
+                for part in ("lora_A", "lora_B"):
+                    state[f"base_model.model.{name}.{part}.default.weight"].copy_(
+                        getattr(m, part).weight)
+                if m.use_dora:
+                    state[f"base_model.model.{name}.lora_magnitude_vector.default.weight"].copy_(
+                        m.lora_magnitude_vector)
+                copied += 1
+    assert copied == len([k for k in state if k.endswith("lora_A.default.weight")])
+    return peft_model
+
+
+# --- the model ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", list(SIZES))
+def test_logits_and_names_are_transformers(models, model_type):
+    path = models[model_type]
+    ours = load_model(path, NONE)
+    ref = hf_model(path).eval()
+    assert isinstance(ours, GenericLM) and ours.spec.model_type == model_type
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert ours.spec.num_params() == sum(p.numel() for p in ref.parameters())
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-5
+
+
+def test_loading_streams_one_16bit_linear_weight_at_a_time(models, tmp_path, monkeypatch):
+    """A linear's 16-bit weight is quantized and gone before the next tensor is read, shard
+    after shard, as on the native path."""
+    import gc
+    import logging
+    import weakref
+
+    import qlora.models.generic as generic
+
+    sharded = tmp_path / "sharded"
+    hf_model(models["gemma"]).save_pretrained(str(sharded), max_shard_size="40KB")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    spec = load_model(models["gemma"], NONE).spec
+    linear_weights = {f"{layer.name}.weight" for layer in spec.linears}
+    alive: list[weakref.ref] = []
+    most = 0
+    read = generic.read_tensor
+
+    def spy(handle, file, key):
+        nonlocal most
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most = max(most, len(alive))
+        tensor = read(handle, file, key)
+        if key in linear_weights:
+            alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(generic, "read_tensor", spy)
+    logging.disable(logging.CRITICAL)  # pytest's log records would keep frames (and tensors)
+    try:
+        model = load_model(sharded, NF4)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert most == 0, f"{most} earlier 16-bit weights were still alive when the next was read"
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == len(linear_weights)
+
+
+def test_conv1d_becomes_an_out_by_in_linear(models):
+    """GPT-2's Conv1D stores [in, out]; ours holds the [out, in] linear it computes."""
+    ours = load_model(models["gpt2"], NONE)
+    ref = hf_model(models["gpt2"])
+    c_attn = ours.get_submodule("transformer.h.0.attn.c_attn")
+    conv = ref.get_submodule("transformer.h.0.attn.c_attn")
+    assert type(conv).__name__ == "Conv1D" and conv.weight.shape == (64, 192)
+    assert type(c_attn) is torch.nn.Linear and c_attn.weight.shape == (192, 64)
+    assert torch.equal(c_attn.weight, conv.weight.t())
+    layers = {layer.name: layer for layer in ours.spec.linears}
+    assert layers["transformer.h.0.attn.c_attn"].transposed
+    assert "lm_head" not in layers  # the head is never quantized nor an adapter target
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
+def test_nf4_matches_transformers_and_bitsandbytes(models, model_type):
+    """The same bytes as transformers + bitsandbytes' own 4-bit load, and the same logits."""
+    path = models[model_type]
+    ref = hf_nf4(path).eval()
+    ours = load_model(path, NF4)
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    quantized = [k for k in ref_state if ref_state[k].dtype == torch.uint8]
+    assert len(quantized) >= 8, "transformers quantized nothing"
+    assert {k for k in our_state if our_state[k].dtype == torch.uint8} == set(quantized)
+    for key in ref_state:
+        assert torch.equal(ref_state[key], our_state[key]), f"{key} differs from bitsandbytes'"
+    for key in ("lm_head.weight", next(k for k in our_state if "embed" in k or "wte" in k)):
+        assert our_state[key].dtype == FP32
+    ids = tokens(1)
+    with torch.no_grad():
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
+
+
+# --- adapters against peft ------------------------------------------------------------------------
+METHODS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+
+
+@pytest.mark.parametrize("model_type,method", [("gpt2", "lora"), ("gpt2", "dora"),
+                                               ("gemma", "lora"), ("gemma", "rslora"),
+                                               ("olmo", "lora"), ("granite", "dora")])
+def test_training_loss_and_gradients_match_peft(models, model_type, method):
+    """One training batch in train mode (GPT-2's own dropout included, the same RNG state on both
+    sides): the summed loss over the label tokens and every adapter gradient equal PEFT's."""
+    path = models[model_type]
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0, **METHODS[method])
+    ours = load_model(path, NONE)
+    torch.manual_seed(0)
+    attach_adapters(ours, cfg)
+    randomize_b(ours)
+    theirs = peft_twin(path, ours, cfg)
+    ours.train()
+    theirs.train()
+    ids = tokens(2)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    n_labels = int((labels[:, 1:] != -100).sum())
+    torch.manual_seed(7)
+    loss_sum = ours(ids, labels=labels)
+    torch.manual_seed(7)
+    reference = theirs(input_ids=ids, labels=labels).loss
+    (loss_sum / n_labels).backward()
+    reference.backward()
+    mean, expected = float(loss_sum.detach()) / n_labels, float(reference.detach())
+    assert abs(mean - expected) <= 1e-5 * expected
+    compared = 0
+    for name, m in ours.named_modules():
+        if not isinstance(m, LoraLinear):
+            continue
+        parts = [("lora_A", "lora_A.default.weight"), ("lora_B", "lora_B.default.weight")]
+        for part, key in parts:
+            expected = theirs.get_parameter(f"base_model.model.{name}.{key}").grad
+            assert rel_err(expected, getattr(m, part).weight.grad) <= 1e-5, f"{name}.{part}"
+            compared += 1
+        if m.use_dora:
+            expected = theirs.get_parameter(
+                f"base_model.model.{name}.lora_magnitude_vector.default.weight").grad
+            assert rel_err(expected, m.lora_magnitude_vector.grad) <= 1e-5, name
+    assert compared == 2 * len(ours.spec.linears)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
+def test_all_linear_is_peft_s(models, model_type):
+    from peft import LoraConfig, get_peft_model
+
+    ours = load_model(models[model_type], NONE)
+    wrapped = attach_adapters(ours, AdapterConfig(r=2, alpha=4, dropout=0.0))
+    theirs = get_peft_model(hf_model(models[model_type]), LoraConfig(
+        r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_wrapped = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                    if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert sorted(wrapped) == sorted(peft_wrapped)
+
+
+@pytest.mark.parametrize("model_type,quant", [("gpt2", "none"), ("gpt2", "nf4"),
+                                              ("gemma", "none")])
+def test_saved_adapter_loads_in_peft_and_peft_s_loads_here(models, tmp_path, model_type, quant):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    path = models[model_type]
+    qc, base = (NF4, hf_nf4) if quant == "nf4" else (NONE, hf_model)
+    ours = load_model(path, qc)
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    randomize_b(ours)
+    save_adapter(ours, tmp_path / "ours", str(path))
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    # PEFT writes fan_in_fan_out for a Conv1D target: a merge folds the delta in transposed
+    assert saved["fan_in_fan_out"] is (model_type == "gpt2")
+    ids = tokens(3)
+    ours.eval()
+    peft_model = PeftModel.from_pretrained(base(path), tmp_path / "ours").eval()
+    with torch.no_grad():
+        mine = ours(ids)
+        assert rel_err(peft_model(ids).logits, mine) <= (1e-4 if quant == "nf4" else 1e-5)
+        assert rel_err(hf_model(path)(ids).logits, mine) > 1e-3  # the adapter changes them
+
+    peft_model = get_peft_model(base(path), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "peft")
+    again = load_model(path, qc)
+    load_adapter(again, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel_err(peft_model.eval()(ids).logits, again.eval()(ids)) <= (
+            1e-4 if quant == "nf4" else 1e-5)
+
+
+def test_target_modules_match_as_peft_matches(models):
+    ours = load_model(models["gpt2"], NONE)
+    wrapped = attach_adapters(ours, AdapterConfig(r=2, alpha=4, target_modules=["c_attn",
+                                                                                  "mlp.c_proj"]))
+    assert wrapped == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj",
+                       "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"]
+    with pytest.raises(QloraError, match=r"\['q_proj'\].*'c_attn', 'c_fc', 'c_proj'"):
+        attach_adapters(load_model(models["gpt2"], NONE),
+                        AdapterConfig(r=2, alpha=4, target_modules=["q_proj"]))
+
+
+# --- packing, generation --------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
+def test_packed_rows_equal_documents_one_by_one(models, model_type):
+    model = load_model(models[model_type], NONE)
+    assert model.packs_documents  # measured at load: the documents do not see each other
+    docs = [tokens(4, 1, 7)[0], tokens(5, 1, 12)[0], tokens(6, 1, 5)[0]]
+    separate = []
+    for doc in docs:
+        labels = doc.clone()
+        labels[0] = -100
+        with torch.no_grad():
+            separate.append(model(doc[None], labels=labels[None]))
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = ids.clone()
+    labels[0, [0, 7, 19]] = -100
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions, labels=labels)
+    torch.testing.assert_close(packed, sum(separate), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_lets_documents_meet_trains_on_padded_rows(tmp_path):
+    """Mamba's forward takes no position ids, and its state runs along the whole row: packing
+    would let a document see the one before. The probe says so; evaluation pads instead."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.eval import loss_sums
+    from qlora.tiny import build_tokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mamba", hidden_size=32, state_size=8, num_hidden_layers=2,
+                                  vocab_size=128, expand=2, conv_kernel=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "mamba"))
+    build_tokenizer(tmp_path / "mamba")
+    model = load_model(tmp_path / "mamba", NONE)
+    assert not model.packs_documents
+    docs = [{"input_ids": t.tolist(), "labels": [-100] + t.tolist()[1:]}
+            for t in (tokens(7, 1, 9)[0], tokens(8, 1, 6)[0])]
+    total, n = loss_sums(model, docs, max_len=32, micro_batch=2)
+    alone = [float(model(torch.tensor([d["input_ids"]]), labels=torch.tensor([d["labels"]])))
+             for d in docs]
+    assert n == 8 + 5 and total == pytest.approx(sum(alone), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
+def test_greedy_generation_matches_transformers(models, model_type):
+    from qlora.infer import GenerationOptions, generate
+
+    path = models[model_type]
+    prompt = [5, 40, 41, 42, 43, 44]
+    ours = load_model(path, NONE)
+    got = generate(ours, prompt, GenerationOptions(max_new_tokens=12))
+    out = hf_model(path).eval().generate(torch.tensor([prompt]), max_new_tokens=12,
+                                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got == out[0, len(prompt):].tolist()
+
+
+# --- the commands ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
+            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow", "wind")]
+    path = tmp_path_factory.mktemp("data") / "words.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_qlora_train_on_gpt2_end_to_end(models, data, tmp_path, capsys):
+    from peft import PeftModel
+
+    from qlora.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(models["gpt2"]), "--data", str(data), "--output_dir",
+               str(out), "--max_steps", "3", "--micro_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--device", "cpu",
+               "--max_seq_length", "128", "--val_set_size", "2", "--save_steps", "2",
+               "--logging_steps", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "generic path" in captured.out and "no CUDA graphs" in captured.out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "summary.json"):
+        assert (out / name).is_file(), name
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["final_eval_loss"] is not None
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ids = tokens(9, 1, 16)
+    ours = load_model(models["gpt2"], NF4)
+    load_adapter(ours, out)
+    peft_model = PeftModel.from_pretrained(hf_model(models["gpt2"]), str(out)).eval()
+    with torch.no_grad():
+        # transformers' 16-bit base under the adapter trained over NF4: close, not equal
+        assert rel_err(peft_model(ids).logits, ours.eval()(ids)) < 0.1
+
+
+def test_resume_on_the_generic_path_is_exact(models, data, tmp_path):
+    """Dropout on the generic path draws from the global RNG (LoRA's and GPT-2's own), which a
+    checkpoint saves and torch's checkpointing replays: a run cut after one step and resumed
+    makes the same steps as one run straight through."""
+    from qlora.config import load_config
+    from qlora.train import train
+
+    def config(out, **extra):
+        return load_config(None, dict(
+            model=str(models["gpt2"]), data=str(data), output_dir=str(out), max_steps=3,
+            micro_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-2,
+            device="cpu", max_seq_length=128, quant="none", optim="adamw_torch",
+            gradient_checkpointing=True, lora_dropout=0.1, logging_steps=1, **extra))
+
+    quiet = lambda *_: None  # noqa: E731
+    straight = train(config(tmp_path / "a"), log=quiet, progress=False)
+    cut = train(config(tmp_path / "b"), log=quiet, progress=False, stop_after_steps=1)
+    assert cut.stopped == "interrupted" and cut.global_step == 1
+    resumed = train(config(tmp_path / "b", resume="latest"), log=quiet, progress=False)
+    assert resumed.global_step == 3
+    assert resumed.step_losses == {k: straight.step_losses[k] for k in (2, 3)}
+    # ... and they trained: gradients reached the adapters through transformers' checkpointing
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
+def test_merge_folds_into_conv1d_weights_transposed(models, tmp_path):
+    """The merged checkpoint (16-bit, transformers' layout: c_attn still [in, out]) gives the
+    logits of transformers + peft with the adapter; with --base nf4, each Conv1D weight is the
+    transpose of the dequantized NF4 layer our model trains on, plus the adapter."""
+    from peft import PeftModel
+
+    from qlora.merge import merge_adapter
+    from qlora.quant import dequantize_weight
+
+    path = models["gpt2"]
+    ours = load_model(path, NF4)
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    randomize_b(ours)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    ids = tokens(10)
+    peft_model = PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, hf_model(merged).eval()(ids).logits) <= 1e-5
+
+    on_nf4 = hf_model(merge_adapter(path, tmp_path / "adapter", tmp_path / "merged-nf4",
+                                    dtype="float32", base="nf4"))
+    layer = ours.get_submodule("transformer.h.1.mlp.c_fc")
+    expected = dequantize_weight(layer.base_layer).float() + layer.delta_weight()
+    got = on_nf4.get_submodule("transformer.h.1.mlp.c_fc").weight.detach()
+    assert got.shape == (64, 256)
+    torch.testing.assert_close(got.t(), expected, rtol=0, atol=1e-6)
+
+
+def test_gguf_export_refuses_naming_the_architecture(models, tmp_path, capsys):
+    from qlora.cli import main
+
+    rc = main(["export", "--gguf", "--model", str(models["gpt2"]), "--out",
+               str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "'gpt2'" in err and "GPT2LMHeadModel" in err and "generic path" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_plan_is_a_coarser_estimate_that_counts_the_weights_exactly(models, capsys):
+    """`qlora plan` on a generic model says it is coarser; its weights are the bytes our loaded
+    4-bit model holds (bitsandbytes' packed codes and quant states, the rest in 16 bits)."""
+    import bitsandbytes as bnb
+
+    from qlora import memory
+    from qlora.cli import main
+
+    assert main(["plan", "--model", str(models["gpt2"]), "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "coarser" in out and "generic path" in out and "fits on" in out
+    spec = memory.resolve_arch(model_dir=str(models["gpt2"]))
+    b = memory.plan(spec, memory.PlanConfig(alloc_rounding=False, nonquant_dtype="fp32"))
+    model = load_model(models["gpt2"], NF4)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            state = m.weight.quant_state
+            held += sum(t.numel() * t.element_size() for t in (
+                state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code))
+    assert b.base + b.embeddings + b.norms == held
+
+
+def test_remote_code_only_models_are_refused_and_never_run(models, tmp_path):
+    import shutil
+
+    repo = tmp_path / "custom"
+    shutil.copytree(models["gemma"], repo)
+    marker = tmp_path / "executed"
+    (repo / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((repo / "config.json").read_text())
+    config.update(model_type="my_custom_lm", auto_map={
+        "AutoConfig": "modeling_custom.Config", "AutoModelForCausalLM": "modeling_custom.Model"})
+    (repo / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QloraError, match="my_custom_lm.*remote code"):
+        load_model(repo, NONE)
+    assert not marker.exists()
+    del config["auto_map"]
+    (repo / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QloraError, match="my_custom_lm.*not known to transformers"):
+        load_model(repo, NONE)
