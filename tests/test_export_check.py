@@ -133,7 +133,7 @@ def trained(tmp_path_factory):
     attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     rng = random.Random(0)
-    for _ in range(30):
+    for _ in range(16):
         batch = make_batch([[examples[rng.randrange(len(examples))]] for _ in range(8)], tokenizer.pad_token_id)
         loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
         opt.zero_grad()
@@ -251,6 +251,16 @@ def test_imatrix_is_the_mean_square_of_each_linears_input(trained):
     np.testing.assert_allclose(imatrix["model.layers.0.self_attn.q_proj.weight"], want, rtol=1e-5)
     assert imatrix["model.layers.0.mlp.down_proj.weight"].shape == (512,)
     assert imatrix["lm_head.weight"].shape == (256,)
+
+
+def test_imatrix_of_a_tied_output_goes_to_the_embedding(tmp_path):
+    from qlora.export.imatrix import collect
+    from qlora.export.reference import load_reference
+
+    model, _, _ = load_reference(build_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True),
+                                 None, device="cpu")
+    imatrix, _ = collect(model, [[1, 2, 3]])
+    assert "lm_head.weight" not in imatrix and imatrix["model.embed_tokens.weight"].shape == (64,)
 
 
 def test_imatrix_steers_the_exported_k_quants(trained, tmp_path):

@@ -275,7 +275,7 @@ def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
     return model
 
 
-def gguf_stop_ids(reader, tokenizer) -> tuple[int, ...]:
+def gguf_stop_ids(reader) -> tuple[int, ...]:
     """End-of-generation tokens as the GGUF declares them: EOS, EOT, EOM, and the well-known
     end-of-turn tokens of its vocabulary (llama.cpp recognises those by their text)."""
     from qlora.chat import KNOWN_END_OF_TURN
@@ -304,7 +304,7 @@ def run_gguf_in_qlora(gguf_file: Path, model_dir: Path, tokenizer, samples, mess
             chat = {"error": "the GGUF file holds no chat template (tokenizer.chat_template)"}
         else:
             template = reader.fields["tokenizer.chat_template"].contents()
-            chat = greedy_chat(model, tokenizer, template, messages, gguf_stop_ids(reader, tokenizer))
+            chat = greedy_chat(model, tokenizer, template, messages, gguf_stop_ids(reader))
     return paths, chat, "qlora on the GGUF's dequantized weights"
 
 

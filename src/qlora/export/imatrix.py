@@ -91,7 +91,11 @@ def collect(model: torch.nn.Module, sequences: list[list[int]],
         model.train(was_training)
     if tokens == 0:
         raise QloraError("--imatrix-data: no tokens to measure activations on")
-    return {f"{name}.weight": (s / tokens).float().cpu().numpy() for name, s in sums.items()}, tokens
+    out = {f"{name}.weight": (s / tokens).float().cpu().numpy() for name, s in sums.items()}
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        # tied: the output matrix multiply is the embedding's, stored under its name
+        out["model.embed_tokens.weight"] = out.pop("lm_head.weight")
+    return out, tokens
 
 
 def with_floor(imatrix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
