@@ -98,6 +98,17 @@ def test_chat_round_trip_parts():
     assert failures == [] and "stop is not tested" in parity.chat_line(summary, _name)
 
 
+def test_the_training_run_is_found_from_any_adapter_it_wrote(tmp_path):
+    from qlora.export.check import find_run_config
+
+    (tmp_path / "run" / "checkpoints" / "step-9" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "best_adapter").mkdir()
+    (tmp_path / "run" / "run_config.yaml").write_text("model: m\n")
+    for adapter in ("run", "run/best_adapter", "run/checkpoints/step-9/adapter"):
+        assert find_run_config(tmp_path / adapter) == (tmp_path / "run" / "run_config.yaml").resolve()
+    assert find_run_config(tmp_path) is None and find_run_config(None) is None
+
+
 # --- a trained tiny model -----------------------------------------------------------------------
 def _words(n):
     rng, out = random.Random(0), set()

@@ -347,7 +347,8 @@ def _add_check_args(p, default_on: str) -> None:
     p.add_argument("--check-samples", type=int, default=8, metavar="N",
                    help="examples to compare on (default 8)")
     p.add_argument("--device", default="auto",
-                   help="where base + adapter run for the check: auto | cpu | cuda (default auto)")
+                   help="where base + adapter run (check, importance matrix): auto | cpu | cuda "
+                        "(default auto)")
 
 
 def run_merge(args) -> None:

@@ -62,12 +62,12 @@ class Sample:
 
 # --- held-out samples ---------------------------------------------------------------------------
 def find_run_config(adapter_dir: str | Path | None) -> Path | None:
-    """run_config.yaml of the training run that wrote the adapter (in it, or up to two levels up:
-    best_adapter/, checkpoints/step-N/)."""
+    """run_config.yaml of the training run that wrote the adapter: in it (the output directory), or
+    above it (best_adapter/, checkpoints/step-N/adapter/)."""
     if adapter_dir is None:
         return None
     here = Path(adapter_dir).resolve()
-    for folder in (here, here.parent, here.parent.parent):
+    for folder in [here, *here.parents][:4]:
         if (folder / "run_config.yaml").is_file():
             return folder / "run_config.yaml"
     return None
@@ -88,6 +88,8 @@ def _chat_messages(example) -> list[dict] | None:
 
 
 def samples_from_file(path: str | Path, tokenizer, n: int, chat_template: str | None = None) -> list[Sample]:
+    from jinja2 import TemplateError
+
     from qlora.data import encode_example, load_examples
     from qlora.export.imatrix import spread
 
@@ -96,7 +98,7 @@ def samples_from_file(path: str | Path, tokenizer, n: int, chat_template: str | 
     for i in spread(len(examples), n):
         try:
             enc = encode_example(examples[i], tokenizer, "responses", chat_template)
-        except Exception:  # noqa: BLE001 - an example training would skip; so do we
+        except (QloraError, TemplateError):  # an example training would skip too
             continue
         sample = Sample(enc["input_ids"][:MAX_TOKENS], enc["labels"][:MAX_TOKENS], _chat_messages(examples[i]))
         if len(sample.positions()):
@@ -210,12 +212,12 @@ def find_llama_python(explicit: str | None = None) -> str | None:
 
 
 def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] | None, work: Path,
-                  llama_python: str) -> tuple[list[Path], dict | None, str]:
-    """(logit files, chat turn, 'llama.cpp VERSION') from llamacpp_worker.py in `llama_python`."""
+                  llama_python: str, chat_prompt_tokens: int = 0) -> tuple[list[Path], dict | None, str]:
+    """(logit files, chat turn, 'llama.cpp VERSION') from llamacpp_worker.py in `llama_python`.
+    chat_prompt_tokens: the conversation's length as we tokenize it (to size llama.cpp's context)."""
     worker = Path(__file__).with_name("llamacpp_worker.py")
-    n_ctx = max(len(s.ids) for s in samples) + 64
-    if messages is not None:
-        n_ctx = max(n_ctx, 1024)  # a rendered conversation plus its answer
+    longest = max([len(s.ids) for s in samples] + [chat_prompt_tokens + CHAT_TOKENS])
+    n_ctx = longest + max(64, longest // 8)  # room for a rendering a little longer than ours
     job = {"gguf": str(gguf_file), "n_ctx": n_ctx, "n_threads": os.cpu_count() or 1, "out_dir": str(work),
            "sequences": [s.ids for s in samples], "positions": [s.positions().tolist() for s in samples],
            "chat": None if messages is None else {"messages": messages, "max_new_tokens": CHAT_TOKENS}}
@@ -365,7 +367,8 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
                                                   messages, work)
         if engine == "llama.cpp":
             paths, chat, engine_name = run_llama_cpp(gguf_file, picked, messages if ref_chat else None,
-                                                     work, python)
+                                                     work, python,
+                                                     len(ref_chat["prompt_ids"]) if ref_chat else 0)
         else:
             paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
                                                          messages if ref_chat else None, work, device)
