@@ -50,6 +50,7 @@ class Kind:
     low: int  # smallest code
     high: int  # largest code
     symmetric: bool  # value = s·q (signed q) rather than s·q − m (q ≥ 0)
+    scale_levels: int  # stored sub-block scales: 0…levels (asymmetric), −levels…levels−1 (symmetric)
     grid: tuple[float, ...]  # candidate offsets, in code steps, of the range-filling scale
 
 
@@ -60,11 +61,11 @@ def _steps(lo: float, hi: float) -> tuple[float, ...]:
 KINDS = {
     # Q2_K has four codes: a step of the grid moves the scale by up to a third, so search finer
     # around larger scales (fewer values clipped) than smaller ones.
-    "Q2_K": Kind("Q2_K", 84, 16, 0, 3, False, _steps(-0.5, 1.0)),
-    "Q3_K": Kind("Q3_K", 110, 16, -4, 3, True, _steps(-0.9, 0.9)),
-    "Q4_K": Kind("Q4_K", 144, 32, 0, 15, False, _steps(-1.0, 1.0)),
-    "Q5_K": Kind("Q5_K", 176, 32, 0, 31, False, _steps(-1.0, 1.0)),
-    "Q6_K": Kind("Q6_K", 210, 16, -32, 31, True, _steps(-0.9, 0.9)),
+    "Q2_K": Kind("Q2_K", 84, 16, 0, 3, False, 15, _steps(-0.5, 1.0)),  # 4-bit scales and mins
+    "Q3_K": Kind("Q3_K", 110, 16, -4, 3, True, 32, _steps(-0.9, 0.9)),  # 6 bits, offset 32
+    "Q4_K": Kind("Q4_K", 144, 32, 0, 15, False, 63, _steps(-1.0, 1.0)),  # 6-bit scales and mins
+    "Q5_K": Kind("Q5_K", 176, 32, 0, 31, False, 63, _steps(-1.0, 1.0)),
+    "Q6_K": Kind("Q6_K", 210, 16, -32, 31, True, 128, _steps(-0.9, 0.9)),  # int8
 }
 
 
@@ -145,7 +146,7 @@ def codes(x: np.ndarray, kind_name: str, weights: np.ndarray | None = None) -> d
 
 def _asymmetric_codes(x: np.ndarray, w: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
     s, m = _fit_asymmetric(x, w, kind)
-    levels = 15 if kind.name == "Q2_K" else 63  # 4-bit or 6-bit sub-block scales and mins
+    levels = kind.scale_levels
     d = _f16(s.max(-1) / levels)
     dmin = _f16(m.max(-1) / levels)
     sc = np.clip(np.rint(s * _safe_div(1.0, d)[:, None]), 0, levels).astype(np.uint8)
@@ -160,7 +161,7 @@ def _symmetric_codes(x: np.ndarray, w: np.ndarray, kind: Kind) -> dict[str, np.n
     s = _fit_symmetric(x, w, kind)
     # the sub-block scale of largest magnitude is stored as the most negative value (−128 for
     # int8, −32 for Q3_K's 6-bit offset-32 field), the others in proportion
-    smin = -128 if kind.name == "Q6_K" else -32
+    smin = -kind.scale_levels
     idx = np.abs(s).argmax(-1)
     smax = np.take_along_axis(s, idx[:, None], -1)[:, 0]
     d = _f16(_safe_div(smax, np.float32(smin)))
