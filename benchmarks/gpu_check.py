@@ -109,7 +109,7 @@ def main() -> int:
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
-              check_windows]
+              check_windows, check_gemma]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -235,6 +235,33 @@ def check_windows(dirs):
     record("windows-greedy-vs-transformers", float(got != out[0, len(prompt):].tolist()), 0.0)
     for keep in (False, True):
         _check_graphed_step(path, keep, tag="-windows", packed=varlen_takes_window())
+
+
+def check_gemma(dirs):
+    """Gemma 2 and Gemma 3 (models/families/gemma.py) on the GPU: bf16 logits against
+    transformers' (Gemma 2 through its eager attention, which applies the score soft-cap), and
+    the step qlora train runs (Gemma's forks: grouped 4-bit projections, Triton RoPE, kept
+    attention) against the reference step, NF4 + LoRA, dropout off and seeded."""
+    from qlora.models.families import FAMILIES
+
+    fast = replace(SEEDED, fused_kernels=True, fast_base=True, grouped=True)
+    for fam in ("gemma2", "gemma3_text"):
+        sizes = dict(FAMILIES[fam].TINY_SIZES, hidden_size=256, intermediate_size=512,
+                     num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                     sliding_window=64)
+        path = build_tiny_model(Path(tempfile.mkdtemp()) / fam, fam, **sizes)
+        x = ids(9)
+        ours = load_model(path, QuantConfig(method="none", compute_dtype=torch.bfloat16),
+                          device=DEV)
+        theirs = hf(path, torch.bfloat16)
+        theirs.config._attn_implementation = "eager"
+        with torch.no_grad():
+            record(f"gemma-logits-bf16-{fam}", rel(theirs(x).logits, ours(x)), 3e-2)
+        for dropout in (0.0, 0.1):
+            model = nf4_lora_model(path, dropout=dropout)
+            runs = _seeded_step_runs(model, [SEEDED, fast, replace(fast, keep_attention=True)])
+            _record_runs(f"gemma-fast-step-{fam}", dropout, runs[:2])
+            _record_runs(f"gemma-kept-attention-{fam}", dropout, [runs[0], runs[2]])
 
 
 def check_dropout_kernel(dirs):

@@ -373,6 +373,10 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     if raw.get("bias", "none") != "none":
         raise QloraError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
     targets = raw.get("target_modules") or "all-linear"
+    if isinstance(targets, list):
+        # PEFT may save full module paths (model.layers.0.mlp.up_proj): the leaf names say which
+        # linears; an adapter on only some layers then lacks tensors, which load_adapter names
+        targets = sorted({t.rsplit(".", 1)[-1] for t in targets})
     if isinstance(targets, str) and targets != "all-linear":
         # PEFT stores a regex when target_modules was given as one; match leaf names in it
         import re

@@ -86,7 +86,7 @@ def stop_token_ids(tokenizer, model_dir: str | Path | None = None, template: str
         if config.exists():
             add(json.loads(config.read_text()).get("eos_token_id"))
     if template is not None:
-        add(_end_of_turn_id(tokenizer, template))
+        add(end_of_turn_id(tokenizer, template))
         for name in KNOWN_END_OF_TURN:
             if name in template:
                 tid = tokenizer.convert_tokens_to_ids(name)
@@ -95,7 +95,7 @@ def stop_token_ids(tokenizer, model_dir: str | Path | None = None, template: str
     return tuple(ids)
 
 
-def _end_of_turn_id(tokenizer, template: str) -> int | None:
+def end_of_turn_id(tokenizer, template: str) -> int | None:
     marker = "qlora-end-of-turn-probe"
     try:
         text = tokenizer.apply_chat_template(

@@ -319,7 +319,10 @@ def run_eval(args) -> None:
 
 # --- merge --------------------------------------------------------------------------------------
 def add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="fold an adapter into a 16-bit Hugging Face checkpoint")
+    p = sub.add_parser("merge", help="fold an adapter into a 16-bit Hugging Face checkpoint",
+                       description="Fold an adapter into its base and write a Hugging Face checkpoint; "
+                                   "then (unless --no-check) load it back and compare it with base + "
+                                   "adapter on held-out tokens (OUT.check.json beside it).")
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     p.add_argument("--out", required=True, help="new output directory (must not exist)")
@@ -331,40 +334,101 @@ def add_merge(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--ignore-base-name", action="store_true",
                    help="merge even if the adapter's base_model_name_or_path names another model")
+    _add_check_args(p, default_on="on")
     p.set_defaults(func=run_merge)
 
 
+def _add_check_args(p, default_on: str) -> None:
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"compare the output with base + adapter on held-out tokens (default: {default_on})")
+    p.add_argument("--check-data", metavar="FILE",
+                   help="data to compare on (default: the training run's validation data, read from "
+                        "run_config.yaml beside the adapter, else a built-in text)")
+    p.add_argument("--check-samples", type=int, default=8, metavar="N",
+                   help="examples to compare on (default 8)")
+    p.add_argument("--device", default="auto",
+                   help="where base + adapter run (check, importance matrix): auto | cpu | cuda "
+                        "(default auto)")
+
+
 def run_merge(args) -> None:
+    from pathlib import Path
+
+    from qlora.export.check import ReferenceUnavailable, check_merge, report_path
     from qlora.merge import describe, merge_adapter
 
+    report = report_path(Path(args.out))
+    if args.check is not False and report.exists():
+        raise QloraError(f"{report} exists; give a new --out (or --no-check)")
     print(f"adapter: {describe(args.adapter)}")
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, base=args.base,
                         max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name)
     print(f"merged checkpoint written to {out}")
+    if args.check is not False:
+        try:
+            check_merge(out, args.model, args.adapter, args.dtype, args.base, args.check_data,
+                        args.check_samples, args.device)
+        except ReferenceUnavailable as err:
+            if args.check:
+                raise
+            print(f"note: check skipped: {err}", file=sys.stderr)
 
 
 # --- export -------------------------------------------------------------------------------------
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a GGUF file for llama.cpp")
+    p = sub.add_parser("export", help="write a GGUF file for llama.cpp (and an Ollama Modelfile)",
+                       description="Write a GGUF file; optionally steer the k-quants with an importance "
+                                   "matrix from your data, write an Ollama Modelfile beside it, and check "
+                                   "the file in llama.cpp against base + adapter (docs/MERGE_AND_EXPORT.md).")
+    p.fill = _export_options
+    p.set_defaults(func=run_export)
+
+
+def _export_options(p) -> None:
+    from qlora.export.mixtures import FILE_TYPES
+
     p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one format)")
     p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
     p.add_argument("--adapter", help="adapter directory (PEFT format), merged in first")
     p.add_argument("--out", required=True, help="new .gguf file (must not exist)")
-    p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
-                   help="tensor type (default f16)")
+    p.add_argument("--type", default="f16", choices=list(FILE_TYPES),
+                   help="file type: 16-bit, q8_0, q4_0, or a k-quant mixture as llama.cpp's "
+                        "(default f16)")
     p.add_argument("--base", default="original", choices=["original", "nf4"],
                    help="with --adapter: merge base, as for `qlora merge`")
     p.add_argument("--ignore-base-name", action="store_true",
                    help="with --adapter: merge even if the adapter names another base model")
-    p.set_defaults(func=run_export)
+    p.add_argument("--imatrix-data", metavar="FILE",
+                   help="your data (e.g. the training file): its activations weigh the k-quants' "
+                        "rounding errors, as llama.cpp's importance matrix")
+    p.add_argument("--imatrix-samples", type=int, default=128, metavar="N",
+                   help="examples of --imatrix-data to run (default 128)")
+    p.add_argument("--ollama", action="store_true",
+                   help="also write OUT.Modelfile for Ollama (chat template, stop tokens, sampling)")
+    _add_check_args(p, default_on="on where llama-cpp-python is importable")
+    p.add_argument("--check-engine", default="llama.cpp", choices=["llama.cpp", "qlora"],
+                   help="run the file in llama.cpp (default), or its dequantized weights in qlora's "
+                        "own engine (no llama.cpp needed)")
+    p.add_argument("--llama-python", metavar="PATH",
+                   help="a python that can import llama_cpp, when this one cannot "
+                        "(default: $QLORA_LLAMA_PYTHON)")
 
 
 def run_export(args) -> None:
-    from qlora.export.gguf import describe, export_gguf
+    from qlora.export.gguf import describe
+    from qlora.export.pipeline import export_model
 
-    out = export_gguf(args.model, args.out, qtype=args.type, adapter_dir=args.adapter,
-                      merge_base=args.base, ignore_base_name=args.ignore_base_name)
-    print(f"GGUF written to {out}: {describe(out)}")
+    outputs = export_model(args.model, args.out, qtype=args.type, adapter_dir=args.adapter,
+                           merge_base=args.base, ignore_base_name=args.ignore_base_name,
+                           imatrix_data=args.imatrix_data, imatrix_samples=args.imatrix_samples,
+                           check=args.check, check_data=args.check_data,
+                           check_samples=args.check_samples, check_engine=args.check_engine,
+                           llama_python=args.llama_python, ollama=args.ollama, device=args.device,
+                           log=lambda line: print(line, flush=True))
+    print(f"GGUF written to {outputs['gguf']}: {describe(outputs['gguf'])}")
+    if outputs["modelfile"] is not None:
+        print(f"Ollama Modelfile written to {outputs['modelfile']} "
+              f"(ollama create NAME -f {outputs['modelfile']})")
 
 
 # --- plan ---------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ What llama.cpp needs and where it comes from:
   nor Gemma 3's local RoPE base from the file: it derives them from the architecture and the
   layer count, so a config.json that departs from those is refused (`gemma_settings`).
 
-Types: f16 / bf16 / q8_0 / q4_0 through gguf.quants; q4_k_m with our own Q4_K / Q6_K (kquants.py).
-1-D tensors (norms, biases, rope_freqs) stay F32. A 2-D tensor whose row length is not a multiple of
-its type's block falls back: a k-quant to Q8_0 when the row is a multiple of 32, anything else to F16.
+Types (QTYPES): f16, bf16, q8_0, q4_0 and the k-quant mixtures q2_k, q3_k_m, q4_k_s, q4_k_m,
+q5_k_s, q5_k_m, q6_k. Which tensor gets which GGML type, and the fallbacks for rows that do not fill
+whole blocks, are llama.cpp's rules (mixtures.py); BF16, Q8_0, Q4_0, Q5_0, Q5_1 are quantized by
+gguf.quants, the k-quants by our own numpy code (kquants.py), optionally steered by an importance
+matrix (imatrix.py). 1-D tensors (norms, biases, rope_freqs) stay F32.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from qlora.errors import QloraError
+from qlora.export import mixtures
+from qlora.export.mixtures import FILE_TYPES, K_QUANT_FILES
 from qlora.files import check_writable, staged_file
 
-QTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+QTYPES = tuple(FILE_TYPES)
 
 
 def _gguf():
@@ -68,56 +72,20 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-# --- tensor types -------------------------------------------------------------------------------
-def use_more_bits(i_layer: int, n_layer: int) -> bool:
-    """llama.cpp's rule for which attn_v / ffn_down layers get Q6_K in Q4_K_M: the first and
-    last eighth of the layers, and every third one in between."""
-    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
-
-
-def tensor_type(name: str, shape: tuple[int, ...], qtype: str, n_layer: int, has_output: bool):
-    """The GGML type a tensor is stored in, for the file type `qtype`."""
-    T = _gguf().GGMLQuantizationType
-    if len(shape) < 2:
-        return T.F32
-    if qtype == "f16":
-        want = T.F16
-    elif qtype == "bf16":
-        want = T.BF16
-    elif qtype == "q8_0":
-        want = T.Q8_0
-    elif qtype == "q4_0":
-        want = T.Q4_0
-    else:  # q4_k_m
-        want = T.Q4_K
-        m = re.match(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight$", name)
-        if name == "output.weight" or (not has_output and name == "token_embd.weight"):
-            want = T.Q6_K
-        elif m and use_more_bits(int(m.group(1)), n_layer):
-            want = T.Q6_K
-    block = _gguf().GGML_QUANT_SIZES[want][0]
-    if shape[-1] % block:
-        if want in (T.Q4_K, T.Q6_K) and shape[-1] % 32 == 0:
-            return T.Q8_0
-        return T.F16
-    return want
-
-
-def encode(x: np.ndarray, ggml_type) -> np.ndarray:
-    """fp32 array → the array GGUFWriter.add_tensor takes for that type."""
+# --- tensor types ---------------------------------------------------------------------------------
+def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """fp32 array → the array GGUFWriter.add_tensor takes for that type. `importance` (one value
+    per input column) steers the k-quants' scale search; the other types have none."""
     g = _gguf()
-    T = g.GGMLQuantizationType
     from qlora.export import kquants
 
-    if ggml_type == T.F32:
+    if type_name == "F32":
         return x.astype(np.float32)
-    if ggml_type == T.F16:
+    if type_name == "F16":
         return x.astype(np.float16)
-    if ggml_type == T.Q4_K:
-        return kquants.quantize_q4_k(x)
-    if ggml_type == T.Q6_K:
-        return kquants.quantize_q6_k(x)
-    return g.quants.quantize(x, ggml_type)  # BF16, Q8_0, Q4_0
+    if type_name in kquants.KINDS:
+        return kquants.quantize(x, type_name, importance)
+    return g.quants.quantize(x, g.GGMLQuantizationType[type_name])  # BF16, Q8_0, Q4_0, Q5_0, Q5_1
 
 
 # --- hyper-parameters ---------------------------------------------------------------------------
@@ -291,11 +259,27 @@ def add_tokenizer(w, model_dir: Path, config: dict) -> None:
         special.merges = [" ".join(recode(part) for part in (m if isinstance(m, list) else m.split(" ", 1)))
                           for m in model.get("merges") or []]
     special.add_to_gguf(w, quiet=True)
+    eot = template_end_of_turn(model_dir)
+    ids = special.special_token_ids
+    if eot is not None and eot != ids.get("eos") and "eot" not in ids:
+        w.add_eot_token_id(eot)
     if not spm and not special.merges:
         # llama.cpp refuses a gpt2 vocab without the merges key, and gguf cannot write an empty
         # array: write one merge that never fires (BPE starts from single characters and no merge
         # produces this multi-character left side).
         w.add_token_merges(["[no-merges] [no-merges]"])
+
+
+def template_end_of_turn(model_dir: Path) -> int | None:
+    """The token the chat template ends an assistant turn with, when it has one (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>). Written as tokenizer.ggml.eot_token_id where it is not EOS,
+    so that every llama.cpp version stops there (recent ones also guess it from its text)."""
+    from qlora.chat import end_of_turn_id
+    from qlora.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    template = getattr(tokenizer, "chat_template", None)
+    return end_of_turn_id(tokenizer, template) if isinstance(template, str) else None
 
 
 def is_byte_level(tj: dict) -> bool:
@@ -340,14 +324,18 @@ def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
 # --- the export ---------------------------------------------------------------------------------
 def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 adapter_dir: str | Path | None = None, merge_base: str = "original",
-                ignore_base_name: bool = False, log=None) -> Path:
+                ignore_base_name: bool = False, log=None,
+                imatrix: dict[str, np.ndarray] | None = None) -> Path:
     """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
 
-    `log` (default: stderr) hears the tensors stored in another type than qtype asks for."""
+    `log` (default: stderr) hears the tensors stored in another type than their role asks for.
+    `imatrix`: Hugging Face weight name → mean squared activation of each input column
+    (export/imatrix.py); the k-quant tensors weigh their rounding errors by it."""
     model_dir, out = Path(model_dir), Path(out_file)
-    qtype = qtype.lower()
-    if qtype not in QTYPES:
-        raise QloraError(f"--type {qtype!r}: choose one of {', '.join(QTYPES)}")
+    qtype = check_qtype(qtype)
+    if imatrix is not None and qtype not in K_QUANT_FILES:
+        raise QloraError(f"an importance matrix steers the k-quants only; --type {qtype} does not "
+                         f"use one: drop --imatrix-data or choose one of {', '.join(K_QUANT_FILES)}")
     if out.exists():
         raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
     check_writable(out, "--out")
@@ -360,7 +348,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         def log(text: str) -> None:
             print(text, file=sys.stderr)
     if adapter_dir is None:
-        return _export(model_dir, out, qtype, log)
+        return _export(model_dir, out, qtype, log, imatrix or {})
     from qlora.merge import check_adapter_base, merge_adapter, read_config
 
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
@@ -376,7 +364,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".merge", dir=out.parent) as tmp:
         merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype,
                                base=merge_base, ignore_base_name=ignore_base_name)
-        return _export(merged, out, qtype, log)
+        return _export(merged, out, qtype, log, imatrix or {})
 
 
 def refuse_generic(model_dir: Path) -> None:
@@ -397,7 +385,15 @@ def refuse_generic(model_dir: Path) -> None:
         "convert that with llama.cpp's convert_hf_to_gguf.py, which knows many more architectures")
 
 
-def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
+def check_qtype(qtype: str) -> str:
+    """The file type, lower-cased; refused (naming the choices) when unknown."""
+    qtype = qtype.lower()
+    if qtype not in QTYPES:
+        raise QloraError(f"--type {qtype!r}: choose one of {', '.join(QTYPES)}")
+    return qtype
+
+
+def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.ndarray]) -> Path:
     from safetensors import safe_open
 
     from qlora.merge import read_config
@@ -412,6 +408,11 @@ def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
     n_kv = config.get("num_key_value_heads") or n_head
     files = weight_files(model_dir)
     tmap = g.get_tensor_name_map(arch, n_layer)
+    has_output = False
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            has_output |= "lm_head.weight" in sf.keys()
+    model = mixtures.Model(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, has_output=has_output)
 
     gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
 
@@ -422,20 +423,10 @@ def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
         if gemma is not None:
             add_gemma_hparams(w, gemma, arch_name)
         add_tokenizer(w, model_dir, config)
-        file_types = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16,
-                      "q8_0": g.LlamaFileType.MOSTLY_Q8_0, "q4_0": g.LlamaFileType.MOSTLY_Q4_0,
-                      "q4_k_m": g.LlamaFileType.MOSTLY_Q4_K_M}
-        w.add_file_type(file_types[qtype])
+        w.add_file_type(g.LlamaFileType[FILE_TYPES[qtype][1]])
         w.add_quantization_version(g.GGML_QUANT_VERSION)
 
-        T = g.GGMLQuantizationType
-        wanted = {"f16": {T.F16}, "bf16": {T.BF16}, "q8_0": {T.Q8_0}, "q4_0": {T.Q4_0},
-                  "q4_k_m": {T.Q4_K, T.Q6_K}}[qtype]
-        fallbacks: dict[tuple[str, str, int], int] = {}  # (role, type, row length) -> tensors
-        has_output = False
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                has_output |= "lm_head.weight" in sf.keys()
+        fallbacks: dict[tuple[str, str, str, int], int] = {}  # (role, wanted, stored, row) -> count
         if rope_factors is not None:
             name = g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight"
             w.add_tensor(name, rope_factors)
@@ -451,19 +442,19 @@ def _export(model_dir: Path, out: Path, qtype: str, log=print) -> Path:
                     if gemma is not None and hf_name.endswith("norm.weight"):
                         x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
                     if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
-                        x = permute_rope(x, n_head)
+                        x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
                     elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
                         x = permute_rope(x, n_kv)
-                    ggml_type = tensor_type(name, x.shape, qtype, n_layer, has_output)
-                    if len(x.shape) >= 2 and ggml_type not in wanted:
-                        role = re.sub(r"^blk\.\d+\.", "", name)
-                        key = (role, ggml_type.name, x.shape[-1])
+                    choice = mixtures.tensor_type(name, x.shape, qtype, model)
+                    if choice.stored != choice.wanted:
+                        key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
                         fallbacks[key] = fallbacks.get(key, 0) + 1
-                    w.add_tensor(name, encode(x, ggml_type), raw_dtype=ggml_type)
-        for (role, type_name, width), count in fallbacks.items():
-            block = _gguf().GGML_QUANT_SIZES[next(iter(wanted))][0]
+                    data = encode(x, choice.stored, imatrix.get(hf_name))
+                    w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[choice.stored])
+        for (role, wanted, stored, width), count in fallbacks.items():
             log(f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
-                f"{type_name}: row length {width} is not a multiple of {block}")
+                f"{stored} instead of {wanted}: row length {width} is not a multiple of "
+                f"{mixtures.BLOCK[wanted]}")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -1,0 +1,416 @@
+"""`qlora export --check` and `qlora merge`'s check: run the output and the trained model on the
+same held-out tokens and compare (the comparison itself is export/parity.py).
+
+Reference: base + adapter in our engine (export/reference.py says which base). Other side:
+- a GGUF file in llama.cpp, through llama-cpp-python in a subprocess (llamacpp_worker.py; any
+  python that imports llama_cpp: this one, --llama-python or $QLORA_LLAMA_PYTHON);
+- or, with engine "qlora", the GGUF's tensors dequantized by the gguf package and run by our own
+  decoder: no llama.cpp needed; this isolates the file's contents (names, permutation, types,
+  tokenizer metadata, template) from llama.cpp's arithmetic;
+- a merged checkpoint loaded back by our engine.
+The models run one after the other (never two in memory); logits go through a temp directory.
+
+Held-out data, first found: --check-data FILE; the validation data of the training run that wrote
+the adapter (run_config.yaml beside it: val_data, or the val_set_size split of data, as training
+drew it); its training data (then not held out, and said so); a short built-in text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qlora.errors import QloraError
+from qlora.export import parity
+
+DEFAULT_SAMPLES = 8
+MAX_TOKENS = 256  # per held-out example
+CHAT_TOKENS = 48  # the chat reply's budget
+BUILTIN_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
+                "with a single step. Water boils at one hundred degrees Celsius at sea level.")
+BUILTIN_CHAT = [{"role": "user", "content": "Hello! Who are you?"}]
+LLAMA_HINT = ("pip install llama-cpp-python (or pass --llama-python PATH of a python that has it, "
+              "or --check-engine qlora for the check without llama.cpp)")
+
+
+class ReferenceUnavailable(QloraError):
+    """Our engine cannot run base + adapter (an adapter feature it lacks): nothing to compare with."""
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    labels: list[int]
+    messages: list[dict] | None = None
+
+    def positions(self) -> np.ndarray:
+        """Positions whose next token has a label: where the logits are compared."""
+        return np.array([p for p in range(len(self.ids) - 1) if self.labels[p + 1] != -100], dtype=np.int64)
+
+    def targets(self) -> np.ndarray:
+        return np.array(self.ids, dtype=np.int64)[self.positions() + 1]
+
+
+# --- held-out samples ---------------------------------------------------------------------------
+def find_run_config(adapter_dir: str | Path | None) -> Path | None:
+    """run_config.yaml of the training run that wrote the adapter: in it (the output directory), or
+    above it (best_adapter/, checkpoints/step-N/adapter/)."""
+    if adapter_dir is None:
+        return None
+    here = Path(adapter_dir).resolve()
+    for folder in [here, *here.parents][:4]:
+        if (folder / "run_config.yaml").is_file():
+            return folder / "run_config.yaml"
+    return None
+
+
+def _chat_messages(example) -> list[dict] | None:
+    """The conversation to answer for one example: a chat's turns before its last answer, the
+    instruction or prompt as a user turn, none for plain text."""
+    if example.messages:
+        last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
+        return example.messages[:last] if last else None
+    if example.instruction:
+        text = example.instruction + (f"\n\n{example.input}" if example.input else "")
+        return [{"role": "user", "content": text}]
+    if example.prompt:
+        return [{"role": "user", "content": example.prompt.strip()}]
+    return None
+
+
+def samples_from_file(path: str | Path, tokenizer, n: int, chat_template: str | None = None) -> list[Sample]:
+    from jinja2 import TemplateError
+
+    from qlora.data import encode_example, load_examples
+    from qlora.export.imatrix import spread
+
+    examples, _ = load_examples(str(path))
+    out = []
+    for i in spread(len(examples), n):
+        try:
+            enc = encode_example(examples[i], tokenizer, "responses", chat_template)
+        except (QloraError, TemplateError):  # an example training would skip too
+            continue
+        sample = Sample(enc["input_ids"][:MAX_TOKENS], enc["labels"][:MAX_TOKENS], _chat_messages(examples[i]))
+        if len(sample.positions()):
+            out.append(sample)
+    if not out:
+        raise QloraError(f"--check-data {path}: no example with response tokens to compare on")
+    return out
+
+
+def samples_of_run(run_config: Path, tokenizer, n: int) -> tuple[list[Sample], str]:
+    """The run's held-out examples (its val_data, or its val_set_size split as training drew it);
+    its training data when it held none out."""
+    from qlora.config import load_config
+    from qlora.export.imatrix import spread
+    from qlora.train.loop import load_data
+
+    cfg = load_config(str(run_config), {})
+    if cfg.val_data:
+        return (samples_from_file(cfg.val_data, tokenizer, n, cfg.chat_template),
+                f"{cfg.val_data} (the run's held-out val_data)")
+    if cfg.val_set_size:
+        _, val = load_data(cfg, tokenizer, log=lambda _line: None)
+        picked = [val[i] for i in spread(len(val), n)]
+        return ([Sample(e["input_ids"][:MAX_TOKENS], e["labels"][:MAX_TOKENS]) for e in picked],
+                f"the run's held-out validation split of {cfg.data}")
+    return (samples_from_file(cfg.data, tokenizer, n, cfg.chat_template),
+            f"{cfg.data} (the run held none out: these were trained on)")
+
+
+def builtin_samples(tokenizer) -> list[Sample]:
+    ids = list(tokenizer(BUILTIN_TEXT, add_special_tokens=True)["input_ids"])[:MAX_TOKENS]
+    return [Sample(ids, [-100] + ids[1:])]
+
+
+def check_samples(tokenizer, data: str | Path | None, adapter_dir, n: int,
+                  log: Callable[[str], None]) -> tuple[list[Sample], str]:
+    """(samples, where they come from), by the order in the module's docstring."""
+    if n < 1:
+        raise QloraError(f"--check-samples {n}: give at least 1")
+    if data is not None:
+        if not Path(data).exists():
+            raise QloraError(f"--check-data {data}: no such file")
+        return samples_from_file(data, tokenizer, n), str(data)
+    run_config = find_run_config(adapter_dir)
+    if run_config is not None:
+        try:
+            return samples_of_run(run_config, tokenizer, n)
+        except (QloraError, OSError) as err:
+            log(f"note: the check cannot read the training run's data ({err}); using a built-in text")
+    return builtin_samples(tokenizer), "a built-in text (pass --check-data FILE to use your own)"
+
+
+def chat_messages(samples: list[Sample]) -> list[dict]:
+    return next((s.messages for s in samples if s.messages), BUILTIN_CHAT)
+
+
+# --- running models -----------------------------------------------------------------------------
+def logits_at_positions(model, samples: list[Sample], work: Path, prefix: str) -> list[Path]:
+    """Each sample's logits at its compared positions, saved as float32 .npy files."""
+    import torch
+
+    from qlora.models.decoder import compute_device
+
+    device, paths = compute_device(model), []
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            logits = model(torch.tensor([s.ids], device=device))[0].float().cpu().numpy()
+            paths.append(work / f"{prefix}-{i}.npy")
+            np.save(paths[-1], logits[s.positions()])
+    return paths
+
+
+def greedy_chat(model, tokenizer, template: str, messages: list[dict], stops: tuple[int, ...]) -> dict:
+    """One greedy answer in our engine: {text, prompt_ids, reply_ids, stopped_on}."""
+    from qlora.infer import GenerationOptions, generate
+
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    reply = generate(model, ids, GenerationOptions(max_new_tokens=CHAT_TOKENS, eos_token_ids=stops))
+    stopped = reply[-1] if reply and reply[-1] in stops else None
+    return {"text": text, "prompt_ids": ids, "reply_ids": reply, "stopped_on": stopped}
+
+
+def run_reference(model_dir, adapter_dir, merge_base, device, samples, messages, work: Path
+                  ) -> tuple[list[Path], dict | None, str]:
+    """(logit files, chat turn or None, description) of base + adapter; the chat turn when
+    `messages` are given and the tokenizer has a chat template."""
+    from qlora.chat import chat_template_for, stop_token_ids
+    from qlora.export.reference import load_reference
+
+    try:
+        model, tokenizer, what = load_reference(model_dir, adapter_dir, merge_base, device)
+    except QloraError as err:
+        raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
+    paths = logits_at_positions(model, samples, work, "reference")
+    template = chat_template_for(tokenizer)
+    chat = None
+    if template is not None and messages is not None:
+        chat = greedy_chat(model, tokenizer, template, messages, stop_token_ids(tokenizer, model_dir, template))
+    return paths, chat, what
+
+
+def find_llama_python(explicit: str | None = None) -> str | None:
+    """A python that imports llama_cpp: the one given, $QLORA_LLAMA_PYTHON, or this one."""
+    if explicit:
+        return explicit
+    if os.environ.get("QLORA_LLAMA_PYTHON"):
+        return os.environ["QLORA_LLAMA_PYTHON"]
+    return sys.executable if importlib.util.find_spec("llama_cpp") is not None else None
+
+
+def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] | None, work: Path,
+                  llama_python: str, chat_prompt_tokens: int = 0) -> tuple[list[Path], dict | None, str]:
+    """(logit files, chat turn, 'llama.cpp VERSION') from llamacpp_worker.py in `llama_python`.
+    chat_prompt_tokens: the conversation's length as we tokenize it (to size llama.cpp's context)."""
+    worker = Path(__file__).with_name("llamacpp_worker.py")
+    longest = max([len(s.ids) for s in samples] + [chat_prompt_tokens + CHAT_TOKENS])
+    n_ctx = longest + max(64, longest // 8)  # room for a rendering a little longer than ours
+    job = {"gguf": str(gguf_file), "n_ctx": n_ctx, "n_threads": os.cpu_count() or 1, "out_dir": str(work),
+           "sequences": [s.ids for s in samples], "positions": [s.positions().tolist() for s in samples],
+           "chat": None if messages is None else {"messages": messages, "max_new_tokens": CHAT_TOKENS}}
+    (work / "job.json").write_text(json.dumps(job))
+    try:
+        done = subprocess.run([llama_python, str(worker), str(work / "job.json")], capture_output=True,
+                              text=True)
+    except OSError as err:
+        raise QloraError(f"--llama-python {llama_python}: cannot run it ({err}); {LLAMA_HINT}") from err
+    result_file = work / "result.json"
+    if done.returncode != 0 or not result_file.exists():
+        tail = (done.stderr or done.stdout).strip()[-1500:]
+        if "No module named 'llama_cpp'" in tail:
+            raise QloraError(f"{llama_python} cannot import llama_cpp; {LLAMA_HINT}")
+        raise QloraError(f"llama.cpp could not run {gguf_file} (exit code {done.returncode}): {tail}")
+    result = json.loads(result_file.read_text())
+    return ([work / f"logits-{i}.npy" for i in range(len(samples))], result.get("chat"),
+            f"llama.cpp (llama-cpp-python {result['version']})")
+
+
+def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
+    """The GGUF's tensors dequantized (gguf.quants), un-permuted and renamed to Hugging Face's
+    names, loaded into our decoder with the source's config.json."""
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora.device import pick_device
+    from qlora.export.gguf import arch_of, unpermute_rope
+    from qlora.merge import base_shapes, read_config
+    from qlora.models.load import load_model, weight_files
+    from qlora.quant import QuantConfig
+
+    config = read_config(model_dir)
+    arch = arch_of(config["model_type"])
+    tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    shapes = base_shapes(weight_files(model_dir))
+    to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in shapes}
+    permuted = gguf.MODEL_ARCH_NAMES[arch] == "llama"
+    heads = {".q_proj.": config["num_attention_heads"],
+             ".k_proj.": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    state = {}
+    for t in gguf.GGUFReader(str(gguf_file)).tensors:
+        if t.name not in to_hf:
+            continue  # rope_freqs: recomputed from config.json
+        name = to_hf[t.name]
+        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shapes[name])
+        for part, n_heads in heads.items():
+            if permuted and part in name:
+                x = unpermute_rope(x, n_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(x))
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory(prefix="qlora-gguf-weights.") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file(state, str(Path(tmp) / "model.safetensors"))
+        model = load_model(tmp, QuantConfig(method="none", compute_dtype=torch.float32), device=dev)
+    return model
+
+
+def gguf_stop_ids(reader) -> tuple[int, ...]:
+    """End-of-generation tokens as the GGUF declares them: EOS, EOT, EOM, and the well-known
+    end-of-turn tokens of its vocabulary (llama.cpp recognises those by their text)."""
+    from qlora.chat import KNOWN_END_OF_TURN
+
+    ids = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if key in reader.fields:
+            ids.append(int(reader.fields[key].contents()))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    ids += [i for i, t in enumerate(tokens) if t in KNOWN_END_OF_TURN]
+    return tuple(dict.fromkeys(ids))
+
+
+def run_gguf_in_qlora(gguf_file: Path, model_dir: Path, tokenizer, samples, messages, work: Path,
+                      device: str) -> tuple[list[Path], dict | None, str]:
+    """(logit files, chat turn, description) of the GGUF's own weights, template and stop tokens
+    in our engine."""
+    import gguf
+
+    model = gguf_as_decoder(gguf_file, model_dir, device)
+    paths = logits_at_positions(model, samples, work, "gguf")
+    chat = None
+    if messages is not None:
+        reader = gguf.GGUFReader(str(gguf_file))
+        if "tokenizer.chat_template" not in reader.fields:
+            chat = {"error": "the GGUF file holds no chat template (tokenizer.chat_template)"}
+        else:
+            template = reader.fields["tokenizer.chat_template"].contents()
+            chat = greedy_chat(model, tokenizer, template, messages, gguf_stop_ids(reader))
+    return paths, chat, "qlora on the GGUF's dequantized weights"
+
+
+# --- reports ------------------------------------------------------------------------------------
+def report_path(out: Path) -> Path:
+    """The JSON beside an output: m.gguf → m.check.json, merged/ → merged.check.json."""
+    return out.with_suffix(".check.json") if out.suffix == ".gguf" else out.parent / f"{out.name}.check.json"
+
+
+def write_report(path: Path, report: dict) -> None:
+    from qlora.files import staged_file
+
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _compare(ref_paths, other_paths, samples) -> dict:
+    pairs = ((np.load(a), np.load(b), s.targets()) for a, b, s in zip(ref_paths, other_paths, samples))
+    return parity.compare_logits(pairs)
+
+
+def _finish(report: dict, out: Path, tokenizer, log) -> dict:
+    def token_name(tid):
+        return tokenizer.convert_ids_to_tokens(int(tid))
+
+    path = report_path(out)
+    report["report"] = str(path)
+    write_report(path, report)
+    log(parity.format_table(report, token_name) + f"\n  report: {path}")
+    if report["failures"]:
+        raise QloraError(f"the check of {out} failed: {'; '.join(report['failures'])}. The output is "
+                         f"kept for inspection; the numbers are in {path}")
+    return report
+
+
+# --- the two checks -----------------------------------------------------------------------------
+def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter_dir=None,
+               merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
+               engine: str = "llama.cpp", llama_python: str | None = None, device: str = "auto",
+               log: Callable[[str], None] = print) -> dict:
+    """Compare the GGUF file (in llama.cpp, or engine "qlora") with base + adapter on held-out
+    tokens; print the table, write the JSON beside the file; QloraError naming the part that
+    differs when a limit is passed."""
+    from qlora.models import load_tokenizer
+
+    gguf_file, model_dir = Path(gguf_file), Path(model_dir)
+    if engine not in ("llama.cpp", "qlora"):
+        raise QloraError(f"--check-engine {engine!r}: choose llama.cpp or qlora")
+    python = find_llama_python(llama_python) if engine == "llama.cpp" else None
+    if engine == "llama.cpp" and python is None:
+        raise QloraError(f"--check: llama-cpp-python is not importable; {LLAMA_HINT}")
+    tokenizer = load_tokenizer(model_dir)
+    picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
+    messages = chat_messages(picked) if getattr(tokenizer, "chat_template", None) else None
+    with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
+        work = Path(tmp)
+        ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device, picked,
+                                                  messages, work)
+        if engine == "llama.cpp":
+            paths, chat, engine_name = run_llama_cpp(gguf_file, picked, messages if ref_chat else None,
+                                                     work, python,
+                                                     len(ref_chat["prompt_ids"]) if ref_chat else 0)
+        else:
+            paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
+                                                         messages if ref_chat else None, work, device)
+        stats = _compare(ref_paths, paths, picked)
+    limits = parity.EXPORT_LIMITS[qtype]
+    failures = parity.judge_logits(stats, limits)
+    report = {"subject": f"{gguf_file.name} ({qtype})", "file": str(gguf_file), "type": qtype,
+              "engine": engine_name, "engine_short": "llama.cpp" if engine == "llama.cpp" else "GGUF",
+              "reference": what, "data": source, "examples": len(picked), "logits": stats,
+              "limits": parity.limits_dict(limits)}
+    if ref_chat is not None and chat is not None:
+        report["chat"], chat_failures = parity.compare_chat(ref_chat, chat, tokenizer.convert_ids_to_tokens)
+        report["chat_turns"] = {"reference": ref_chat, "gguf": chat, "messages": messages}
+        failures += chat_failures
+    elif ref_chat is None:
+        report["chat"] = None
+    report["failures"], report["passed"] = failures, not failures
+    return _finish(report, gguf_file, tokenizer, log)
+
+
+def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path, dtype: str,
+                merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
+                device: str = "auto", log: Callable[[str], None] = print) -> dict:
+    """Compare the merged checkpoint, loaded back by our engine, with base + adapter."""
+    from qlora.infer import load_for_inference
+    from qlora.merge import normalise_dtype
+    from qlora.models import load_tokenizer
+
+    out_dir, dtype = Path(out_dir), normalise_dtype(dtype)
+    tokenizer = load_tokenizer(model_dir)
+    picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
+    with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
+        work = Path(tmp)
+        ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None, work)
+        merged, _ = load_for_inference(out_dir, None, quant="none", device=device)
+        paths = logits_at_positions(merged, picked, work, "merged")
+        del merged
+        stats = _compare(ref_paths, paths, picked)
+    limits = parity.MERGE_LIMITS[dtype]
+    failures = parity.judge_logits(stats, limits)
+    report = {"subject": f"{out_dir.name} ({dtype})", "file": str(out_dir), "type": dtype,
+              "engine": "qlora (the merged checkpoint loaded back)", "engine_short": "merged",
+              "reference": what, "data": source, "examples": len(picked), "logits": stats,
+              "limits": parity.limits_dict(limits), "failures": failures, "passed": not failures}
+    return _finish(report, out_dir, tokenizer, log)

@@ -1,0 +1,89 @@
+"""`qlora export`: importance matrix → GGUF → Modelfile → check, each step only when asked.
+
+Everything that can be refused is refused before the first slow step (outputs that exist, a type
+the importance matrix cannot steer, a chat template Ollama's syntax cannot express, a check that
+was asked for but cannot run). Each output is written whole or not at all; a failed check keeps
+the GGUF (and its report) for inspection and says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from qlora.errors import QloraError
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def decide_check(check: bool | None, engine: str, llama_python: str | None,
+                 note: Callable[[str], None]) -> bool:
+    """Whether the check runs: asked for (and able to), or by default where it can."""
+    from qlora.export.check import LLAMA_HINT, find_llama_python
+
+    if check is False:
+        return False
+    if engine == "qlora" or find_llama_python(llama_python) is not None:
+        return True
+    if check:
+        raise QloraError(f"--check: llama-cpp-python is not importable; {LLAMA_HINT}")
+    note(f"note: check skipped: llama-cpp-python is not importable; to check the file in llama.cpp, "
+         f"{LLAMA_HINT}")
+    return False
+
+
+def refuse_existing_outputs(paths: list[Path]) -> None:
+    for p in paths:
+        if p.exists():
+            raise QloraError(f"{p} exists; give a new --out path (nothing is overwritten)")
+
+
+def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", adapter_dir=None,
+                 merge_base: str = "original", ignore_base_name: bool = False, imatrix_data=None,
+                 imatrix_samples: int | None = None, check: bool | None = None, check_data=None,
+                 check_samples: int | None = None, check_engine: str = "llama.cpp",
+                 llama_python: str | None = None, ollama: bool = False, device: str = "auto",
+                 log: Callable[[str], None] = print, note: Callable[[str], None] = _stderr) -> dict:
+    """Write the GGUF (and what was asked for beside it); {gguf, modelfile, report} paths."""
+    from qlora.export import check as check_mod
+    from qlora.export import imatrix as imatrix_mod
+    from qlora.export import ollama as ollama_mod
+    from qlora.export.gguf import check_qtype, export_gguf, refuse_generic
+    from qlora.export.mixtures import K_QUANT_FILES
+
+    out, qtype = Path(out), check_qtype(qtype)
+    if imatrix_data is not None and qtype not in K_QUANT_FILES:
+        raise QloraError(f"--imatrix-data steers the k-quants only; --type {qtype} does not use it: "
+                         f"drop it or choose one of {', '.join(K_QUANT_FILES)}")
+    if check_engine not in ("llama.cpp", "qlora"):
+        raise QloraError(f"--check-engine {check_engine!r}: choose llama.cpp or qlora")
+    run_check = decide_check(check, check_engine, llama_python, note)
+    outputs = {"gguf": out, "modelfile": ollama_mod.modelfile_path(out) if ollama else None,
+               "report": check_mod.report_path(out) if run_check else None}
+    refuse_existing_outputs([p for p in outputs.values() if p is not None])
+    if not Path(model_dir).is_dir():
+        raise QloraError(f"--model {model_dir}: no such directory")
+    refuse_generic(Path(model_dir))  # before the importance matrix's forwards, not after
+    translation = ollama_mod.translate(model_dir) if ollama else None
+
+    imatrix = None
+    if imatrix_data is not None:
+        imatrix = imatrix_mod.compute_imatrix(model_dir, imatrix_data, adapter_dir, merge_base,
+                                              imatrix_samples or imatrix_mod.DEFAULT_SAMPLES, device, log=note)
+    export_gguf(model_dir, out, qtype, adapter_dir=adapter_dir, merge_base=merge_base,
+                ignore_base_name=ignore_base_name, log=note, imatrix=imatrix)
+    if translation is not None:
+        ollama_mod.write_modelfile(translation, out)
+    if run_check:
+        try:
+            check_mod.check_gguf(out, model_dir, qtype, adapter_dir, merge_base, check_data,
+                                 check_samples or check_mod.DEFAULT_SAMPLES, check_engine, llama_python,
+                                 device, log=log)
+        except check_mod.ReferenceUnavailable as err:
+            if check:
+                raise
+            note(f"note: check skipped: {err}")
+    return outputs

@@ -1,0 +1,212 @@
+"""Our k-quants (export/kquants.py) read by the gguf package's own dequantizer, and llama.cpp's
+per-role type mixtures (export/mixtures.py).
+
+What is checked, block by block, for Q2_K, Q3_K, Q4_K, Q5_K and Q6_K:
+- the bytes mean what our fields say: gguf.quants.dequantize(our bytes) equals the values computed
+  from the fields (d, sc, m, q) directly, exactly up to f32 rounding;
+- the round trip error is what the format's arithmetic allows: every value is coded to the nearest
+  of the levels its sub-block's stored scale (and min) define, so a value inside the sub-block's
+  range is off by at most half a step (step = d·sc, the distance between two levels), and a value
+  outside it (clipped by the scale search) lands on the nearest end of the range;
+- the scale search is no worse, in RMS error over random normal weights, than the naive reference
+  (written here independently): each sub-block's range mapped onto the codes, round to nearest;
+- an importance matrix concentrated on a few columns lowers the error on those columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from qlora.export import kquants  # noqa: E402
+from qlora.export.mixtures import Model, tensor_type, use_more_bits  # noqa: E402
+
+KINDS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# sub-block length, code range, asymmetric (value = s·q − m) or symmetric (value = s·q)
+FORMAT = {"Q2_K": (16, 0, 3, False), "Q3_K": (16, -4, 3, True), "Q4_K": (32, 0, 15, False),
+          "Q5_K": (32, 0, 31, False), "Q6_K": (16, -32, 31, True)}
+
+
+def _blocks(seed=1):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
+    x[1] = 0.0  # an all-zero block
+    x[2] = 0.5  # a constant block
+    x[3] = -np.abs(x[3])  # all negative
+    x[4, 7] = 3.0  # one outlier
+    x[5] *= 1e3  # large scale
+    x[6, :128] = 0.0  # half zero
+    return x
+
+
+def _steps_and_ranges(c, kind):
+    """Per sub-block: the step between levels and the [lowest, highest] level, from the fields."""
+    _, low, high, symmetric = FORMAT[kind]
+    step = c["d"][:, None] * c["sc"].astype(np.float32)
+    if symmetric:
+        ends = np.stack([step * low, step * high], -1)
+        return np.abs(step), ends.min(-1), ends.max(-1)
+    offset = c["dmin"][:, None] * c["m"].astype(np.float32)
+    return step, -offset, step * high - offset
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bytes_decode_to_the_fields_and_errors_stay_within_half_a_step(kind):
+    x = _blocks()
+    c = kquants.codes(x, kind)
+    packed = kquants.PACK[kind](c)
+    qt = gguf.GGMLQuantizationType[kind]
+    assert packed.shape == (64, gguf.GGML_QUANT_SIZES[qt][1])
+    theirs = gguf.quants.dequantize(packed, qt)  # gguf's dequantizer reads our bytes
+    ours = kquants.dequantize_codes(c, kind)
+    sub = FORMAT[kind][0]
+    step, lowest, highest = _steps_and_ranges(c, kind)
+    for b in range(64):
+        np.testing.assert_allclose(theirs[b], ours[b], rtol=1e-6, atol=1e-30, err_msg=f"block {b}")
+        xb, got = x[b].reshape(-1, sub), theirs[b].reshape(-1, sub)
+        lo, hi, half = lowest[b][:, None], highest[b][:, None], step[b][:, None] / 2
+        inside = (xb >= lo) & (xb <= hi)
+        slack = 1e-5 * np.abs(xb) + 1e-30  # f32 arithmetic of the dequantizer
+        bound = np.broadcast_to(half, xb.shape) + slack
+        assert np.all(np.abs(got - xb)[inside] <= bound[inside]), \
+            f"block {b}: a value inside its sub-block's range is off by more than half a step"
+        nearest_end = np.where(xb < lo, lo, hi)
+        np.testing.assert_allclose(got[~inside], np.broadcast_to(nearest_end, xb.shape)[~inside],
+                                   rtol=1e-5, atol=1e-30, err_msg=f"block {b}: clipped values")
+    assert np.all(theirs[1] == 0)  # zero stays exactly zero
+    np.testing.assert_allclose(theirs[2], 0.5, rtol=0.1)
+    assert abs(theirs[4, 7] - 3.0) < 0.1 * 3.0
+
+
+def _naive(x, kind):
+    """The reference: per sub-block, its range mapped onto the codes (asymmetric: [min(x, 0),
+    max(x)] onto [0, high]; symmetric: the value of largest magnitude onto the lowest code), the
+    sub-block scales quantized to the format's bits against the largest, round to nearest."""
+    sub, low, high, symmetric = FORMAT[kind]
+    xs = x.reshape(-1, 256 // sub, sub).astype(np.float64)
+
+    def f16(v):
+        return v.astype(np.float16).astype(np.float64)
+
+    def div(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
+
+    if symmetric:
+        vmax = np.take_along_axis(xs, np.abs(xs).argmax(-1)[..., None], -1)[..., 0]
+        s = vmax / low
+        smin = -128 if kind == "Q6_K" else -32
+        smax = np.take_along_axis(s, np.abs(s).argmax(-1)[:, None], -1)
+        d = f16(smax / smin)
+        sc = np.clip(np.rint(div(s, d)), smin, -smin - 1)
+        step = d * sc
+        q = np.clip(np.rint(div(xs, step[..., None])), low, high)
+        return (step[..., None] * q).reshape(x.shape)
+    levels = 15 if kind == "Q2_K" else 63
+    lo = np.minimum(xs.min(-1), 0)
+    s, m = (xs.max(-1) - lo) / high, -lo
+    d, dmin = f16(s.max(-1, keepdims=True) / levels), f16(m.max(-1, keepdims=True) / levels)
+    step = d * np.clip(np.rint(div(s, d)), 0, levels)
+    offset = dmin * np.clip(np.rint(div(m, dmin)), 0, levels)
+    q = np.clip(np.rint(div(xs + offset[..., None], step[..., None])), 0, high)
+    return (step[..., None] * q - offset[..., None]).reshape(x.shape)
+
+
+def _ours(x, kind, importance=None):
+    packed = kquants.quantize(x, kind, importance)
+    return gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[kind]).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scale_search_beats_the_naive_reference(kind):
+    x = np.random.default_rng(2).standard_normal((128, 512)).astype(np.float32)
+    ours, naive = _ours(x, kind), _naive(x, kind)
+    rms_ours, rms_naive = np.sqrt(((ours - x) ** 2).mean()), np.sqrt(((naive - x) ** 2).mean())
+    assert rms_ours <= rms_naive, (rms_ours, rms_naive)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_importance_lowers_the_error_where_it_is_concentrated(kind):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((128, 256)).astype(np.float32)
+    hot = rng.choice(256, size=8, replace=False)
+    importance = np.ones(256, dtype=np.float32)
+    importance[hot] = 1000.0  # as if these inputs carried most of the activation energy
+    plain, steered = _ours(x, kind), _ours(x, kind, importance)
+    err_plain = ((plain - x)[:, hot] ** 2).mean()
+    err_steered = ((steered - x)[:, hot] ** 2).mean()
+    assert err_steered < 0.8 * err_plain, (err_steered, err_plain)
+    # and it is the weighted error that the search minimises
+    weighted = [float((importance * (y - x) ** 2).sum()) for y in (plain, steered)]
+    assert weighted[1] < weighted[0]
+
+
+def test_tensor_quantize_is_the_blocks_row_by_row_on_threads(monkeypatch):
+    x = np.random.default_rng(4).standard_normal((12, 512)).astype(np.float32)
+    whole = kquants.PACK["Q5_K"](kquants.codes(x.reshape(-1, 256), "Q5_K")).reshape(12, -1)
+    monkeypatch.setattr(kquants, "CHUNK_VALUES", 1024)  # six chunks of two rows
+    np.testing.assert_array_equal(kquants.quantize(x, "Q5_K", threads=2), whole)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        kquants.quantize(x[:, :300], "Q4_K")
+
+
+# --- mixtures -----------------------------------------------------------------------------------
+LLAMA_8B = Model(n_layer=32, n_head=32, n_kv_head=8, has_output=True)  # n_gqa 4
+MORE_BITS_32 = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]  # worked out by hand
+
+
+def _types(file_type, model=LLAMA_8B, width=4096):
+    def t(name):
+        return tensor_type(name, (4096, width), file_type, model).stored
+
+    roles = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    per_layer = {r: [t(f"blk.{i}.{r}.weight") for i in range(model.n_layer)] for r in roles}
+    return t("output.weight"), t("token_embd.weight"), per_layer
+
+
+def test_use_more_bits_is_the_first_and_last_eighth_and_every_third():
+    assert [i for i in range(32) if use_more_bits(i, 32)] == MORE_BITS_32
+
+
+@pytest.mark.parametrize("file_type", ["q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"])
+def test_k_mixtures_follow_llama_cpp(file_type):
+    output, embd, layers = _types(file_type)
+    default = {"q2_k": "Q2_K", "q3_k_m": "Q3_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K",
+               "q5_k_s": "Q5_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[file_type]
+    assert output == "Q6_K" and embd == default
+    for role in ("attn_q", "attn_k", "ffn_gate", "ffn_up"):
+        assert layers[role] == [default] * 32, role
+    more = ["Q6_K" if i in MORE_BITS_32 else default for i in range(32)]
+    want_v = {"q2_k": ["Q4_K"] * 32,  # n_gqa 4
+              "q3_k_m": ["Q5_K"] * 2 + ["Q4_K"] * 30, "q4_k_s": ["Q5_K"] * 4 + ["Q4_K"] * 28,
+              "q4_k_m": more, "q5_k_m": more}.get(file_type, [default] * 32)
+    want_down = {"q2_k": ["Q3_K"] * 32, "q3_k_m": ["Q5_K"] * 2 + ["Q4_K"] * 30,
+                 "q4_k_s": ["Q5_K"] * 4 + ["Q4_K"] * 28, "q4_k_m": more,
+                 "q5_k_m": more}.get(file_type, [default] * 32)
+    want_o = {"q2_k": "Q3_K", "q3_k_m": "Q4_K"}.get(file_type, default)
+    assert layers["attn_v"] == want_v and layers["ffn_down"] == want_down
+    assert layers["attn_output"] == [want_o] * 32
+
+
+def test_mixture_special_cases():
+    no_gqa = Model(n_layer=32, n_head=32, n_kv_head=32, has_output=True)
+    assert _types("q2_k", no_gqa)[2]["attn_v"] == ["Q3_K"] * 32
+    tied = Model(n_layer=32, n_head=32, n_kv_head=8, has_output=False)
+    assert _types("q4_k_m", tied)[1] == "Q6_K"  # the embedding is the output too
+    big = Model(n_layer=80, n_head=64, n_kv_head=8, has_output=True)  # 70B: attn_v to Q5_K
+    v = _types("q4_k_s", big)[2]["attn_v"]
+    assert v == ["Q5_K"] * 80
+    assert _types("q4_0")[0] == "Q6_K" and _types("q8_0")[0] == "Q8_0"
+    assert _types("f16")[2]["attn_v"] == ["F16"] * 32
+    assert tensor_type("blk.0.attn_norm.weight", (4096,), "q4_k_m", LLAMA_8B).stored == "F32"
+
+
+@pytest.mark.parametrize("file_type,width,want", [
+    ("q2_k", 128, "Q4_0"), ("q3_k_m", 128, "Q4_0"), ("q4_k_s", 128, "Q5_0"),
+    ("q5_k_s", 128, "Q5_1"), ("q6_k", 128, "Q8_0"), ("q4_k_m", 100, "F16"), ("q4_0", 100, "F16")])
+def test_rows_that_do_not_fill_a_block_fall_back_as_llama_cpp(file_type, width, want):
+    choice = tensor_type("blk.5.ffn_up.weight", (64, width), file_type, LLAMA_8B)
+    assert choice.stored == want and choice.wanted != want
+    out = tensor_type("output.weight", (64, width), file_type, LLAMA_8B)
+    assert out.stored == ("Q8_0" if width % 32 == 0 else "F16")
