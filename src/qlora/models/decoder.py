@@ -128,7 +128,7 @@ class DecoderLM(nn.Module):
         else:
             layout = position_ids
             position_ids = position_ids.to(device, non_blocking=True)
-        masks = layer_masks(self.spec.layer_windows, layout, past, device, varlen)
+        masks = self.layer_masks(layout, past, device, varlen)
         x = self.embed(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         x = self.run_layers(x, cos, sin, masks, cache)
@@ -138,6 +138,11 @@ class DecoderLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
+
+    def layer_masks(self, layout, past: int, device, varlen=None) -> list:
+        """Each layer's attention mask (attention.layer_masks); a family whose attention runs
+        over masks only (Gemma 2's capped scores) asks for dense ones."""
+        return layer_masks(self.spec.layer_windows, layout, past, device, varlen)
 
     def checkpointing(self) -> bool:
         """Whether this forward reruns each layer in backward."""

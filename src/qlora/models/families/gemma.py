@@ -217,24 +217,10 @@ class GemmaLM(DecoderLM):
         scale = torch.tensor(self.spec.hidden_size ** 0.5).to(rows.dtype).item()
         return rows * scale
 
-    def hidden_states(self, input_ids, position_ids=None, cache=None, varlen=None):
-        """DecoderLM.hidden_states with a mask and RoPE tables per attention window."""
+    def layer_masks(self, layout, past: int, device, varlen=None) -> list:
+        """Capped scores run in torch over a mask: dense masks, never a varlen plan (which the
+        CUDA graph step would hand over, refused here)."""
         if varlen is not None:
             raise QloraError(self.cuda_graphs_refused)
-        B, T = input_ids.shape
-        device = input_ids.device
-        past = cache.length if cache is not None else 0
-        if position_ids is None:  # one document per row; the layout is known without the GPU
-            layout = torch.arange(past, past + T).expand(B, T)
-            position_ids = torch.arange(past, past + T, device=device).expand(B, T)
-        else:
-            layout = position_ids
-            position_ids = position_ids.to(device, non_blocking=True)
-        masks = layer_masks(self.spec.layer_windows, layout, past, device,
-                            dense=self.attn_softcap is not None)
-        x = self.embed(input_ids)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        x = self.run_layers(x, cos, sin, masks, cache)
-        if cache is not None:
-            cache.length += T
-        return self.model.norm(x)
+        return layer_masks(self.spec.layer_windows, layout, past, device,
+                           dense=self.attn_softcap is not None)
