@@ -375,3 +375,19 @@ def test_dpo_demo_through_the_cli_raises_heldout_reward_accuracy(tmp_path, capsy
     assert evals[-1]["rewards/accuracies"] >= 0.9
     assert evals[-1]["rewards/margins"] > 0
     assert (out / "adapter_model.safetensors").is_file()
+
+
+# --- the memory planner -----------------------------------------------------------------------------
+def test_planner_counts_two_sequences_and_the_reference_forward():
+    from dataclasses import replace
+
+    from qlora.memory import PlanConfig, plan, reference_forward_bytes, spec_from_shape, step_tokens
+
+    arch = spec_from_shape("llama-3-8b")
+    sft = PlanConfig(seq_len=1024, loss="full")
+    orpo_cfg, dpo_cfg = replace(sft, method="orpo"), replace(sft, method="dpo")
+    assert step_tokens(orpo_cfg) == 2 * step_tokens(sft)
+    a, b, c = plan(arch, sft), plan(arch, orpo_cfg), plan(arch, dpo_cfg)
+    assert a.activations < b.activations == c.activations  # two sequences per example
+    assert c.workspace - b.workspace > 0  # DPO's reference forward, ORPO has none
+    assert reference_forward_bytes(arch, orpo_cfg, 1.0) == 0
