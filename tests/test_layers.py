@@ -15,6 +15,7 @@ a layer above:
     adapters   adapters
     speed      speed and speed.*                                    -- fast paths applied from outside
     data       data and data.*
+    methods    methods and methods.*                                -- what a preference batch's loss is
     memory     memory (the planner: arithmetic on an ArchSpec and PlanConfig)
     config     config (RunConfig; spells the options)
     evaluate   infer, chat, eval
@@ -50,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapters", ("qlora.adapters",)),
     ("speed", ("qlora.speed",)),
     ("data", ("qlora.data",)),
+    ("methods", ("qlora.methods",)),
     ("memory", ("qlora.memory",)),
     ("config", ("qlora.config",)),
     ("evaluate", ("qlora.infer", "qlora.chat", "qlora.eval")),

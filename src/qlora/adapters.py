@@ -6,6 +6,7 @@ A wrapped layer keeps PEFT's attribute names (`base_layer`, `lora_A`, `lora_B`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast_base = getattr(self, "fast_base", None)  # set by qlora.speed.use_fast_path
+        if getattr(self, "disabled", False):  # adapters_disabled(): the base layer alone
+            return self.base_layer(x) if fast_base is None else fast_base(x, self.base_layer.bias)
         if fast_base is not None and not self.use_dora:
             return self._fast_forward(x, fast_base)
         result = self.base_layer(x) if fast_base is None else fast_base(x, self.base_layer.bias)
@@ -235,6 +238,25 @@ def set_dropout_seed(seed: torch.Tensor, run_seed: int, micro_batch_index: int, 
     """The seed of a micro-batch, a function of the run's seed and the micro-batch's place in the
     data order: a resumed run draws the same masks as an uninterrupted one."""
     seed.fill_(((run_seed % 2**20) << 40) + micro_batch_index * stride)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model, adapters off, inside the block: the reference model of DPO and KTO without
+    a second copy of the weights (TRL's `disable_adapter` for PEFT models).
+
+    Each LoraLinear answers with its base layer alone. Its scaling is also set to 0 for the
+    grouped fast path (grouped_forward reads the layers' weights and scales, not forward()), so
+    there too the LoRA term adds exactly zero; DoRA layers never take that path."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    kept = [layer.scaling for layer in layers]
+    for layer in layers:
+        layer.disabled, layer.scaling = True, 0.0
+    try:
+        yield model
+    finally:
+        for layer, scaling in zip(layers, kept):
+            layer.disabled, layer.scaling = False, scaling
 
 
 def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]:

@@ -480,6 +480,9 @@ def _plan_options(p) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks under torchrun; default 1)")
     p.add_argument("--sharding", default="ddp", help="ddp | fsdp (with --gpus > 1)")
     p.add_argument("--auto-fit", action="store_true", help="also print the largest micro-batch that fits")
+    p.add_argument("--method", default="sft", choices=("sft", "dpo", "orpo", "simpo", "kto"),
+                   help="sft, or a preference method: two sequences per example, and a reference "
+                        "forward for dpo / kto; their log-probs read the whole logits (--loss full)")
 
 
 def _layer_count(text: str) -> int:
@@ -500,7 +503,9 @@ def run_plan(args) -> None:
         micro_batch=args.micro_batch, checkpointing=args.checkpointing,
         offload_activations=args.offload_activations, optimizer=args.optimizer, kernels=args.kernels,
         keep_attention=args.keep_attention if args.checkpointing else False,
-        embedding_on_host=args.embedding_on_host, loss=args.loss, gpus=args.gpus, sharding=args.sharding)
+        embedding_on_host=args.embedding_on_host,
+        loss="full" if args.method != "sft" else args.loss, gpus=args.gpus, sharding=args.sharding,
+        method=args.method)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
     generic = isinstance(arch, memory.GenericSpec)

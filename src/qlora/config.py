@@ -38,6 +38,15 @@ class RunConfig:
     max_seq_length: int = 2048
     packing: bool = True  # padding-free packing of several examples per row
     long_examples: str = "truncate"  # what to do with an example longer than max_seq_length
+    # --- method: sft, or a preference method on prompt/chosen/rejected data (qlora.methods) ---
+    method: str = "sft"
+    beta: float = 0.1  # DPO/KTO: strength of the reference; ORPO: weight of the odds-ratio term
+    loss_type: str = "sigmoid"  # DPO's loss: sigmoid, ipo or hinge
+    label_smoothing: float = 0.0  # DPO sigmoid and SimPO: the chance a pair's labels are flipped
+    simpo_gamma: float = 0.5  # SimPO: the target reward margin
+    cpo_alpha: float = 0.0  # SimPO: weight of an NLL term on the chosen completions
+    desirable_weight: float = 1.0  # KTO: weight of the desirable examples' losses
+    undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' losses
     # --- quantization (the model layer's QuantConfig) --------------------------------------------
     quant: str = "nf4"
     double_quant: bool = True
@@ -102,6 +111,8 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"),
     "train_on": ("responses", "all"),
+    "method": ("sft", "dpo", "orpo", "simpo", "kto"),  # qlora.methods.METHODS
+    "loss_type": ("sigmoid", "ipo", "hinge"),
     "long_examples": ("truncate", "drop"),
     "quant": QUANT_METHODS,
     "dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -132,6 +143,16 @@ HELP: dict[str, str] = {
     "max_seq_length": "longest row in tokens",
     "packing": "padding-free packing of several examples into a row",
     "long_examples": "what happens to an example longer than max_seq_length",
+    "method": "sft, or preference training: dpo, orpo, simpo (prompt/chosen/rejected data) or "
+              "kto (prompt/completion/label data)",
+    "beta": "DPO / KTO: how close to the reference (base) model; ORPO: odds-ratio weight; SimPO: "
+            "reward scale",
+    "loss_type": "DPO's loss: sigmoid, ipo or hinge",
+    "label_smoothing": "DPO sigmoid / SimPO: assumed chance that a pair's preference is flipped",
+    "simpo_gamma": "SimPO: target reward margin",
+    "cpo_alpha": "SimPO: weight of an NLL term on the chosen completions (0: pure SimPO)",
+    "desirable_weight": "KTO: weight of the desirable examples' losses",
+    "undesirable_weight": "KTO: weight of the undesirable examples' losses",
     "quant": "how the base weights are held (nf4, fp4: 4-bit; int8; none: 16-bit)",
     "double_quant": "quantize the 4-bit quantization constants too (QLoRA's double quantization)",
     "dtype": "compute dtype; auto = bf16 on a GPU that has it, fp16 on others, fp32 on the CPU",
@@ -503,10 +524,24 @@ def check(cfg: RunConfig) -> RunConfig:
         from qlora.memory import parse_size
 
         parse_size(cfg.gpu_memory, "option `gpu_memory`")
+    _check_method(cfg)
     if cfg.resume and cfg.overwrite:
         raise QloraError("options `resume` and `overwrite` exclude each other: resuming continues "
                          "the run in output_dir, overwrite deletes it")
     return cfg
+
+
+def _check_method(cfg: RunConfig) -> None:
+    if cfg.method == "sft":
+        return
+    if cfg.beta <= 0:
+        raise QloraError(f"option `beta`: {cfg.beta:g}; it must be above 0")
+    if cfg.loss_type != "sigmoid" and cfg.method != "dpo":
+        raise QloraError(f"option `loss_type`: {cfg.loss_type} is a DPO loss; --method "
+                         f"{cfg.method} has its own")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise QloraError(f"option `label_smoothing`: {cfg.label_smoothing:g}; it must be in "
+                         "[0, 0.5)")
 
 
 def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

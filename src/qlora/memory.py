@@ -137,6 +137,9 @@ class PlanConfig:
     gpus: int = 1
     sharding: str = "ddp"
     alloc_rounding: bool = True
+    # sft, or a preference method (qlora.methods): two sequences per example (chosen and
+    # rejected; KTO: the example and its KL row), and for dpo / kto a reference forward
+    method: str = "sft"
 
     def validate(self, targets: bool = True) -> None:
         """`targets`: check the target names against the native decoder's projections (a
@@ -443,11 +446,30 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return decoder_rule(vocab_size)
 
 
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
+REFERENCE_METHODS = ("dpo", "kto")  # the base model with adapters off, under no_grad
+
+
+def step_tokens(cfg: PlanConfig) -> int:
+    """Tokens of one micro-batch's forward: a preference example is two sequences."""
+    return cfg.seq_len * cfg.micro_batch * (2 if cfg.method in PREFERENCE_METHODS else 1)
+
+
+def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig, per_layer: float) -> int:
+    """DPO / KTO: the reference forward runs under no_grad while the policy's activations are
+    alive; it holds one layer's activations at a time (estimated as a layer's saved ones) and its
+    logits (bf16) with the fp32 copy of the label rows (at most every token)."""
+    if cfg.method not in REFERENCE_METHODS:
+        return 0
+    tokens = step_tokens(cfg)
+    return int(tokens * per_layer) + 6 * tokens * arch.vocab_size
+
+
 def loss_peak_bytes(arch: ArchSpec, cfg: PlanConfig) -> tuple[int, str]:
     """The logits/loss transient at the loss's peak and how it is computed. The peak of the
     `chunked-fused` loss is in forward, that of the others in their backward; either way every saved
     activation is alive and no adapter gradient exists yet (Breakdown's first phase)."""
-    tokens = cfg.seq_len * cfg.micro_batch
+    tokens = step_tokens(cfg)
     v, h = arch.vocab_size, arch.hidden_size
     if cfg.loss == "full":
         # transformers' ForCausalLMLoss: bf16 logits, .float() copy, log_softmax output (kept) =
@@ -586,7 +608,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     cfg.validate()
     rnd = cfg.alloc_rounding
     L, h, v = arch.num_layers, arch.hidden_size, arch.vocab_size
-    tokens = cfg.seq_len * cfg.micro_batch
+    tokens = step_tokens(cfg)
     nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
     notes: list[str] = []
 
@@ -678,6 +700,14 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         dequant += sum(2 * n_in * n_out for name, n_in, n_out in arch.linears()
                        if name not in skipped)
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
+    if cfg.method in PREFERENCE_METHODS:
+        notes.append(f"{cfg.method}: two sequences per example ({tokens} tokens a micro-batch); "
+                     "log-probs from the whole logits")
+    reference = reference_forward_bytes(arch, cfg, per_layer)
+    if reference:
+        workspace += reference
+        notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
+                     f"{_gib(reference):.2f} GiB, an estimate")
 
     # Several GPUs: DDP replicates everything (and keeps a bucket copy of the gradients); FSDP
     # shards the weights, adapters, grads and optimizer, and gathers one layer at a time (twice:
@@ -756,7 +786,7 @@ def coarse_plan(spec: GenericSpec, cfg: PlanConfig) -> Breakdown:
     rnd = cfg.alloc_rounding
     nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
     L, h, i = spec.num_layers, spec.hidden_size, spec.intermediate_size
-    tokens = cfg.seq_len * cfg.micro_batch
+    tokens = step_tokens(cfg)
 
     base = 0
     for layer in spec.linears:
@@ -992,7 +1022,14 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
                       if cfg.gradient_checkpointing else False,
                       embedding_on_host=bool(getattr(cfg, "embedding_on_host", False)),
                       kernels="fused" if getattr(cfg, "fused_kernels", False) else "eager",
-                      gpus=world_size, sharding=cfg.sharding)
+                      gpus=world_size, sharding=cfg.sharding, **_method_fields(cfg))
+
+
+def _method_fields(cfg) -> dict:
+    """A preference run: its method, and the loss as the whole logits (methods/preference.py
+    reads the log-probs of the label rows from the model's logits, not the chunked loss)."""
+    method = getattr(cfg, "method", "sft")
+    return {"method": method, "loss": "full"} if method in PREFERENCE_METHODS else {}
 
 
 def run_gpu_bytes(cfg, device) -> tuple[int | None, str]:

@@ -116,10 +116,16 @@ def num_batches(n_rows: int, micro_batch_size: int) -> int:
 
 
 def micro_batch(examples: list[dict], rows: list[list[int]], order: list[int], k: int,
-                micro_batch_size: int, pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Micro-batch k of an epoch whose row order is `order`, and its number of input tokens."""
+                micro_batch_size: int, pad_id: int, collate=None
+                ) -> tuple[dict[str, torch.Tensor], int]:
+    """Micro-batch k of an epoch whose row order is `order`, and its number of input tokens.
+    `collate(row_examples, pad_id)`: another batch layout (preference pairs), which says its
+    own number of tokens ("n_tokens")."""
     chosen = order[k * micro_batch_size:(k + 1) * micro_batch_size]
     row_examples = [[examples[i] for i in rows[r]] for r in chosen]
+    if collate is not None:
+        batch = collate(row_examples, pad_id)
+        return batch, batch["n_tokens"]
     n_tokens = sum(len(e["input_ids"]) for row in row_examples for e in row)
     return make_batch(row_examples, pad_id), n_tokens
 

@@ -158,8 +158,13 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
               ) -> tuple[list[dict], list[dict]]:
     """Tokenized (train, validation) examples, as the config says."""
     from qlora.data import prepare, split_validation
+    from qlora.methods import method_module
+
+    method = method_module(cfg.method)
 
     def one(path: str) -> list[dict]:
+        if method is not None:
+            return _preference_data(path, tokenizer, cfg, method.LAYOUT, log)
         examples, report = prepare(path, tokenizer, fmt=cfg.data_format, train_on=cfg.train_on,
                                    max_len=cfg.max_seq_length, overlong=cfg.long_examples,
                                    chat_template=cfg.chat_template)
@@ -178,6 +183,27 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
                              f"{len(train)} leaves none to train on")
         train, val = split_validation(train, frac, seed=cfg.seed)
     return train, val
+
+
+def _preference_data(path: str, tokenizer, cfg: RunConfig, layout: str,
+                     log: Callable[[str], None]) -> list[dict]:
+    from qlora.data.preference import load_preference
+
+    examples, report = load_preference(path, tokenizer, layout=layout, max_len=cfg.max_seq_length,
+                                       overlong=cfg.long_examples, chat_template=cfg.chat_template)
+    for line in report.lines():
+        log(line)
+    return examples
+
+
+def preference_options(cfg: RunConfig):
+    """The preference methods' knobs (qlora.methods.preference) from the run's options."""
+    from qlora.methods.preference import PreferenceOptions
+
+    return PreferenceOptions(beta=cfg.beta, loss_type=cfg.loss_type,
+                             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                             cpo_alpha=cfg.cpo_alpha, desirable_weight=cfg.desirable_weight,
+                             undesirable_weight=cfg.undesirable_weight)
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -200,6 +226,27 @@ def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_
         tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": perplexity_of(loss), "tokens": tokens}
+
+
+def evaluate_preference(model, examples: list[dict], cfg: RunConfig, *, batch_size: int,
+                        pad_id: int, device: torch.device, env: DistEnv = SINGLE
+                        ) -> dict[str, float]:
+    """The method's mean loss and TRL's metrics (rewards/*, logps/*) on held-out preference
+    examples, without gradients; under torchrun the sums are all-reduced."""
+    from qlora.methods import method_module
+    from qlora.methods.preference import evaluate as preference_eval
+    from qlora.methods.preference import metric_means
+
+    total, count, sums = preference_eval(method_module(cfg.method), model, examples,
+                                         preference_options(cfg), batch_size, pad_id,
+                                         shard=(env.rank, env.world_size))
+    if env.enabled:
+        names = sorted(sums)
+        flat = [total, count] + [float(x) for n in names for x in sums[n]]
+        flat = dist_.all_reduce_sum(env, flat, device)
+        total, count = flat[0], int(flat[1])
+        sums = {n: torch.tensor(flat[2 + 2 * i:4 + 2 * i]) for i, n in enumerate(names)}
+    return {"loss": total / max(count, 1), "examples": count, **metric_means(sums)}
 
 
 # --- the micro-batches of a step ----------------------------------------------------------------
@@ -226,12 +273,13 @@ class WindowBuilder:
 
     def __init__(self, examples: list[dict], rows: list[list[int]], micro_batch_size: int,
                  pad_id: int, seed: int, window: int, env: DistEnv = SINGLE, lockstep: bool = False,
-                 prepare: Callable[[dict], None] | None = None):
+                 prepare: Callable[[dict], None] | None = None, collate=None):
+        """`collate`: the batch layout of a preference method (data/preference.py), else SFT's."""
         from qlora.data import num_batches
 
         self.examples, self.rows, self.micro_batch_size = examples, rows, micro_batch_size
         self.pad_id, self.seed, self.window = pad_id, seed, window
-        self.env, self.lockstep, self.prepare = env, lockstep, prepare
+        self.env, self.lockstep, self.prepare, self.collate = env, lockstep, prepare, collate
         self.per_epoch = num_batches(len(rows), micro_batch_size)
         self._order: tuple[int, list[int]] | None = None  # one shuffle per epoch, not per step
 
@@ -252,16 +300,23 @@ class WindowBuilder:
         # micro-batches, so that it joins every collective (distributed.py)
         for k, weight in dist_.micro_batches(ids, self.env, lockstep=self.lockstep):
             batch, n = micro_batch(self.examples, self.rows, order, k, self.micro_batch_size,
-                                   self.pad_id)
+                                   self.pad_id, self.collate)
             batch["index"] = epoch * self.per_epoch + k
             batch["weight"] = weight
             if self.prepare is not None:
                 self.prepare(batch)
             batches.append(batch)
             n_input += n * weight
-        # the normaliser: label tokens of the whole window (the model shifts labels by 1)
-        n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) * b["weight"] for b in batches)
+        n_labels = sum(loss_normaliser(b) * b["weight"] for b in batches)
         return Window(epoch, ids, batches, n_input, n_labels)
+
+
+def loss_normaliser(batch: dict) -> int:
+    """What a window's summed loss is divided by: its label tokens (SFT; the model shifts labels
+    by 1), or its examples (a preference method's loss is a mean over examples, as TRL's)."""
+    if "n_examples" in batch:
+        return batch["n_examples"]
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -275,15 +330,18 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     `env`: this process's place in a torchrun job (train/distributed.py); rank 0 alone writes.
     """
     from qlora.data import build_rows, num_batches
+    from qlora.methods import method_module
 
-    # --- set-up: the schedule, the optimizer, a resume, the fast paths
+    # --- set-up: the method, the schedule, the optimizer, a resume, the fast paths
     out, main = Path(cfg.output_dir), env.is_main
     if not main:
         log = _quiet
     base_model = base_model or cfg.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    packing = cfg.packing and model.packs_documents
-    if cfg.packing and not packing:
+    method = method_module(cfg.method)  # None: SFT, the model's own loss
+    # a preference example is a row of its own (its pair of sequences, padded), never packed
+    packing = cfg.packing and model.packs_documents and method is None
+    if cfg.packing and not packing and method is None:
         log("packing off: this model would let packed documents see each other (no position ids "
             "in its forward, or layers that carry state along a row), so each row holds one "
             "example, padded")
@@ -315,9 +373,11 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
     bar = Progress(total, state.global_step, device, enabled=progress and main)
     stepper = Stepper(model, ddp, optimizer, scheduler, scaler, graphed, cfg, env, device,
-                      dropout_seed, dropout_stride)
+                      dropout_seed, dropout_stride,
+                      method=(method, preference_options(cfg)) if method else None)
     windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
-                            env, lockstep=sharded, prepare=stepper.prepare)
+                            env, lockstep=sharded, prepare=stepper.prepare,
+                            collate=_preference_collate() if method else None)
     ahead: Window | None = None  # the next step's micro-batches, built during this step
     clock = _Clock(state.elapsed_s)
     saver = _Checkpoints(out, cfg, env, model, optimizer, scheduler, scaler, base_model, clock)
@@ -354,6 +414,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 boundary.update_starts()  # from here until the step is counted, no consistent state
                 grad_norm, lr = stepper.update()
                 step_loss = stepper.read_loss(step_loss)
+                step_metrics = stepper.read_metrics()
 
                 state.global_step += 1
                 state.epoch, state.batch_index = window_after(win, per_epoch)
@@ -362,8 +423,8 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                 tokens_this_run += n_input
                 loss_value = step_loss / max(n_labels, 1)
                 result.step_losses[state.global_step] = loss_value
-                train_log.add(loss_value, n_input)
-                bar.update(loss_value, lr, n_input)
+                train_log.add(loss_value, n_input, step_metrics)
+                bar.update(loss_value, lr, n_input, _bar_metrics(step_metrics))
 
                 step = state.global_step
                 if step % cfg.logging_steps == 0 or step == total:
@@ -422,6 +483,21 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     return result
 
 
+def _preference_collate():
+    from qlora.data.preference import preference_batch
+
+    return preference_batch
+
+
+def _bar_metrics(sums: dict) -> dict[str, float]:
+    """What the progress bar shows of a preference step: reward accuracy and margin."""
+    from qlora.methods.preference import metric_means
+
+    means = metric_means(sums) if sums else {}
+    short = {"rewards/accuracies": "acc", "rewards/margins": "margin"}
+    return {label: means[name] for name, label in short.items() if name in means}
+
+
 def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device: torch.device,
                  sharded: bool, log: Callable[[str], None]):
     """Every fast path the settings ask for: (dropout seed tensor, its stride, the CUDA-graph
@@ -439,6 +515,10 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
         return None, 0, None
     applied = apply_speed(model, plan, log)
     dropout_seed, dropout_stride = applied.dropout_seed, applied.dropout_stride
+    if cfg.method != "sft":  # a preference micro-batch is several forwards, some without grad
+        if plan.cuda_graphs and device.type == "cuda":
+            log(f"CUDA graphs off: --method {cfg.method} runs forwards of its own")
+        return dropout_seed, dropout_stride, None
     graphed = _graphed_steps(model, optimizer, plan, env, device, scaler, log, cfg.max_seq_length)
     return dropout_seed, dropout_stride, graphed
 
@@ -551,12 +631,19 @@ class _Evals:
 
     def run(self, state: ckpt.TrainerState) -> dict[str, float]:
         cfg, main = self.cfg, self.env.is_main
-        # `evaluate` looked up in this module when called: tests replace it
-        ev = evaluate(self.model, self.examples, max_len=cfg.max_seq_length,
-                      batch_size=cfg.eval_batch_size or cfg.micro_batch_size, pad_id=self.pad_id,
-                      device=self.device, packing=cfg.packing, env=self.env)
-        record = {"split": "eval", "step": state.global_step, "loss": ev["loss"],
-                  "perplexity": ev["perplexity"]}
+        batch_size = cfg.eval_batch_size or cfg.micro_batch_size
+        if cfg.method != "sft":
+            ev = evaluate_preference(self.model, self.examples, cfg, batch_size=batch_size,
+                                     pad_id=self.pad_id, device=self.device, env=self.env)
+            record = {"split": "eval", "step": state.global_step,
+                      **{k: v for k, v in ev.items() if k != "examples"}}
+        else:
+            # `evaluate` looked up in this module when called: tests replace it
+            ev = evaluate(self.model, self.examples, max_len=cfg.max_seq_length,
+                          batch_size=batch_size, pad_id=self.pad_id, device=self.device,
+                          packing=cfg.packing, env=self.env)
+            record = {"split": "eval", "step": state.global_step, "loss": ev["loss"],
+                      "perplexity": ev["perplexity"]}
         self.metrics.write(record)
         state.log_history.append(record)
         self.result.evals.append(record)
@@ -564,11 +651,20 @@ class _Evals:
         if improved:
             early_stop.save_best(self.model, self.out, self.base_model, main)
         if main:
-            self.bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} ppl "
-                           f"{ev['perplexity']:.3f}"
+            shown = _eval_shown(ev)
+            self.bar.write(f"step {state.global_step}: eval loss {ev['loss']:.4f} {shown}"
                            + (" (best)" if improved else f" (best {state.best_metric:.4f} at step "
                               f"{state.best_step})"))
         return ev
+
+
+def _eval_shown(ev: dict) -> str:
+    """The eval line's second number: perplexity (SFT), reward accuracy (pairs) or margin (KTO)."""
+    if "perplexity" in ev:
+        return f"ppl {ev['perplexity']:.3f}"
+    if "rewards/accuracies" in ev:
+        return f"reward accuracy {ev['rewards/accuracies']:.3f}"
+    return f"reward margin {ev.get('rewards/margins', float('nan')):.4f}"
 
 
 class _TrainLog:
@@ -577,10 +673,14 @@ class _TrainLog:
     def __init__(self):
         self.losses: list[float] = []
         self.tokens, self.t0 = 0, time.perf_counter()
+        self.metrics: dict = {}  # a preference method's metric sums since the last record
 
-    def add(self, loss: float, n_input: int) -> None:
+    def add(self, loss: float, n_input: int, metrics: dict | None = None) -> None:
+        from qlora.methods.preference import add_metrics
+
         self.losses.append(loss)
         self.tokens += n_input
+        add_metrics(self.metrics, metrics or {})
 
     def record(self, step: int, epochs: float, lr: float, grad_norm, device: torch.device
                ) -> dict[str, Any]:
@@ -590,7 +690,11 @@ class _TrainLog:
                "lr": lr, "grad_norm": float(dist_.plain(grad_norm)),
                "tokens_per_s": self.tokens / max(now - self.t0, 1e-9),
                "memory_bytes": peak_memory_bytes(device)}
-        self.losses, self.tokens, self.t0 = [], 0, now
+        if self.metrics:
+            from qlora.methods.preference import metric_means
+
+            rec.update(metric_means(self.metrics))
+        self.losses, self.tokens, self.t0, self.metrics = [], 0, now, {}
         return rec
 
 
@@ -608,7 +712,7 @@ def _summary(cfg: RunConfig, env: DistEnv, state: ckpt.TrainerState, result: Tra
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory": gib(peak_memory_bytes(device)),
         "final_eval_loss": last_eval["loss"] if last_eval else None,
-        "final_eval_perplexity": last_eval["perplexity"] if last_eval else None,
+        "final_eval_perplexity": last_eval.get("perplexity") if last_eval else None,
         "best_eval_loss": state.best_metric, "best_step": state.best_step,
         "adapter": "best" if (cfg.load_best_at_end and state.best_step is not None) else "last",
         "device": str(device), "optimizer": optim_name,

@@ -157,11 +157,14 @@ class Progress:
         # (time, tokens so far) at the start and after each of the last RECENT_STEPS steps
         self.points = deque([(time.perf_counter(), 0)], maxlen=self.RECENT_STEPS + 1)
 
-    def update(self, loss: float, lr: float, tokens: int, now: float | None = None) -> None:
+    def update(self, loss: float, lr: float, tokens: int, extra: dict[str, float] | None = None,
+               now: float | None = None) -> None:
+        """`extra`: more values to show after the loss (a preference run's reward accuracy)."""
         self.tokens += tokens
         self.points.append((time.perf_counter() if now is None else now, self.tokens))
+        shown = "".join(f" {name}={value:.3f}" for name, value in (extra or {}).items())
         self.bar.set_postfix_str(
-            f"loss={loss:.4f} lr={lr:.2e} tok/s={self.recent_rate():,.0f} "
+            f"loss={loss:.4f}{shown} lr={lr:.2e} tok/s={self.recent_rate():,.0f} "
             f"peak={gib(peak_memory_bytes(self.device))}", refresh=False)
         self.bar.update(1)
 

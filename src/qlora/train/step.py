@@ -45,7 +45,11 @@ class Stepper:
     its own wrapper)."""
 
     def __init__(self, model, ddp, optimizer, scheduler, scaler, graphed, cfg: RunConfig,
-                 env: DistEnv, device: torch.device, dropout_seed, dropout_stride: int):
+                 env: DistEnv, device: torch.device, dropout_seed, dropout_stride: int,
+                 method=None):
+        """`method`: (a preference method's module, its PreferenceOptions), or None for SFT."""
+        self.model, self.method = model, method
+        self.metrics: dict = {}  # the step's preference metric sums (methods/preference.py)
         self.forward = ddp if ddp is not None else model
         self.ddp, self.optimizer, self.scheduler, self.scaler = ddp, optimizer, scheduler, scaler
         self.graphed, self.env, self.device = graphed, env, device
@@ -86,13 +90,35 @@ class Stepper:
             # positions and labels stay on the CPU: the model reads the document layout and
             # label positions there, without waiting for the GPU; input_ids are pinned on CUDA
             # (prepare), so their copy does not wait either
-            ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
-            loss_sum = self.forward(ids, b["position_ids"], b["labels"])
+            if self.method is not None:
+                loss_sum = self._preference(b)
+            else:
+                ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
+                loss_sum = self.forward(ids, b["position_ids"], b["labels"])
             step_loss += loss_sum.detach() * b["weight"]  # read once per step
             loss = loss_sum / max(n_labels, 1)
             if env.enabled:  # DDP/FSDP average over ranks: W / N makes it a sum / N
                 loss = loss * (env.world_size * b["weight"])
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _preference(self, b: dict) -> torch.Tensor:
+        """A preference micro-batch's summed loss; its metrics are added to the step's."""
+        from qlora.methods.preference import add_metrics, batch_loss
+
+        method, opts = self.method
+        loss_sum, metrics = batch_loss(method, self.model, b, opts, forward=self.forward)
+        add_metrics(self.metrics, {k: v * b["weight"] for k, v in metrics.items()})
+        return loss_sum
+
+    def read_metrics(self) -> dict[str, torch.Tensor]:
+        """The step's preference metric sums over all ranks (empty for SFT), then reset."""
+        metrics, self.metrics = self.metrics, {}
+        if self.env.enabled and metrics:
+            names = sorted(metrics)
+            flat = dist_.all_reduce_sum(self.env, [float(x) for n in names for x in metrics[n]],
+                                        self.device)
+            metrics = {n: torch.tensor(flat[2 * i:2 * i + 2]) for i, n in enumerate(names)}
+        return metrics
 
     def update(self) -> tuple[torch.Tensor, float]:
         """Clip, step the optimizer and the schedule: (gradient norm before clipping, the lr the

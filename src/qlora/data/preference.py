@@ -1,0 +1,238 @@
+"""Preference data: rows → token ids of a prompt and its completions, and the batches built of them.
+
+Two layouts, detected from the columns as the SFT formats are (formats.py):
+
+    pairs      prompt / chosen / rejected          DPO, ORPO, SimPO
+    unpaired   prompt / completion / label (bool)  KTO: label true = desirable
+
+Each field is a string, or a list of messages ({role, content}) rendered with the model's chat
+template: the prompt with the generation prompt appended, each completion as what the template
+adds after it. Loss is only ever on the completion tokens.
+
+A batch of pairs holds the chosen rows first, then the rejected ones (TRL's concatenated batch),
+so one forward serves both. A KTO batch holds each example's row, then its KL row: the example's
+prompt with the completion of the example before it in the batch (TRL's mismatched pairs, for the
+KL estimate). Rows are one sequence each, padded; preference data is not packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qlora.data.formats import MESSAGE_ROLES, Problem, _read_rows, summarize_problems
+from qlora.data.packing import make_batch
+from qlora.data.templates import _render, resolve_chat_template
+from qlora.errors import QloraError
+from qlora.models.decoder import IGNORE_INDEX as IGNORE
+
+LAYOUTS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
+LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+@dataclass
+class PreferenceReport:
+    path: str
+    layout: str = ""
+    n_rows: int = 0
+    n_examples: int = 0
+    n_tokens: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{self.path}: {self.n_examples} {self.layout} preference examples from "
+                f"{self.n_rows} rows, {self.n_tokens} tokens"] + summarize_problems(self.problems)
+
+
+def detect_layout(columns: list[str], path: str, wanted: str) -> str:
+    """`wanted` ("pairs" or "unpaired") when the columns have it, else an error naming what is
+    missing."""
+    missing = [c for c in LAYOUTS[wanted] if c not in columns]
+    if not missing:
+        return wanted
+    other = "unpaired" if wanted == "pairs" else "pairs"
+    hint = ""
+    if all(c in columns for c in LAYOUTS[other]):
+        hint = (f" The file holds {other} data ({', '.join(LAYOUTS[other])}): "
+                + ("use --method kto." if other == "unpaired" else "use --method dpo, orpo or simpo."))
+    raise QloraError(f"{path}: {wanted} preference data needs the columns "
+                     f"{', '.join(LAYOUTS[wanted])}; missing {', '.join(repr(m) for m in missing)} "
+                     f"(columns: {', '.join(sorted(columns))}).{hint}")
+
+
+def _text_or_messages(row: dict, name: str):
+    """row[name]: a non-empty string, or a list of {role, content} messages."""
+    value = row.get(name)
+    if value is None:
+        raise ValueError(f"missing '{name}'")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"empty '{name}'")
+        return value
+    if isinstance(value, list) and value:
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"'{name}' message {i} is not a {{role, content}} message")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"'{name}' is neither text nor a list of messages")
+
+
+def _label(row: dict) -> bool:
+    value = row.get("label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise ValueError("missing 'label'" if value is None else f"'label' is {value!r}, not a bool")
+
+
+class Encoder:
+    """A prompt and a completion → (prompt ids, completion ids), both ending where the other
+    starts: TRL tokenizes them apart too, so the seam is the same for every completion."""
+
+    def __init__(self, tokenizer, chat_template: str | None):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def encode(self, prompt, completion) -> tuple[list[int], list[int]]:
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return self._plain(prompt, completion)
+        return self._chat(prompt, completion)
+
+    def _plain(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        p = list(tok(prompt, add_special_tokens=True)["input_ids"])
+        c = list(tok(completion, add_special_tokens=False)["input_ids"])
+        if tok.eos_token_id is not None:  # the model learns to stop after the answer
+            c.append(tok.eos_token_id)
+        return p, c
+
+    def _chat(self, prompt, completion) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        template = resolve_chat_template(tok, self.chat_template)
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion = completion if isinstance(completion, list) \
+            else [{"role": "assistant", "content": completion}]
+        head = _render(tok, prompt, template, add_generation_prompt=True)
+        whole = _render(tok, prompt + completion, template)
+        if not whole.startswith(head):
+            raise ValueError("the chat template does not render the prompt as the start of the "
+                             "conversation; set `chat_template: chatml`")
+        # the end-of-turn marker is the completion's; the whitespace after it is not
+        tail = whole[len(head):].rstrip()
+        return (list(tok(head, add_special_tokens=False)["input_ids"]),
+                list(tok(tail, add_special_tokens=False)["input_ids"]))
+
+
+def _fit(prompt: list[int], completions: list[list[int]], max_len: int
+         ) -> tuple[list[int], list[list[int]]]:
+    """The prompt cut from the left (its end is nearest the answer), then the completions at their
+    end, until every prompt + completion is at most max_len tokens."""
+    longest = max(len(c) for c in completions)
+    keep = max(max_len - longest, max_len // 2)
+    prompt = prompt[-keep:] if len(prompt) > keep else prompt
+    return prompt, [c[:max_len - len(prompt)] for c in completions]
+
+
+def load_preference(path: str, tokenizer, *, layout: str, max_len: int,
+                    overlong: str = "truncate", chat_template: str | None = None
+                    ) -> tuple[list[dict], PreferenceReport]:
+    """Encoded preference examples of `path`: {"prompt", "chosen", "rejected"} (pairs) or
+    {"prompt", "completion", "label"} (unpaired) token ids. A bad row is a Problem naming its line
+    and field, and is skipped; no usable row at all is an error that lists them."""
+    data, name = _read_rows(path, None)
+    report = PreferenceReport(path=path, layout=layout, problems=list(data.problems))
+    columns = sorted({k for row in data.rows for k in row})
+    if data.rows:
+        detect_layout(columns, name, layout)
+    encoder = Encoder(tokenizer, chat_template)
+    examples = []
+    for row, line in zip(data.rows, data.lines):
+        try:
+            example = _encode_row(row, layout, encoder)
+        except ValueError as e:
+            report.problems.append(Problem(name, line, str(e), data.unit))
+            continue
+        example = _limit(example, layout, max_len, overlong)
+        if example is None:
+            report.problems.append(Problem(name, line, f"longer than max_len={max_len} tokens, "
+                                                       "dropped", data.unit))
+            continue
+        examples.append(example)
+    report.n_rows = len(data.rows) + len(data.problems)
+    report.n_examples = len(examples)
+    report.n_tokens = sum(len(s) for e in examples for k, s in e.items() if k != "label")
+    if not examples:
+        why = "; ".join(summarize_problems(report.problems)) or "the file has no rows"
+        raise QloraError(f"{path}: no usable preference examples out of {report.n_rows} rows. "
+                         f"{why}")
+    return examples, report
+
+
+def _encode_row(row: dict, layout: str, encoder: Encoder) -> dict:
+    prompt = _text_or_messages(row, "prompt")
+    if layout == "pairs":
+        chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
+        p, c = encoder.encode(prompt, chosen)
+        _, r = encoder.encode(prompt, rejected)
+        return {"prompt": p, "chosen": c, "rejected": r}
+    completion, label = _text_or_messages(row, "completion"), _label(row)
+    p, c = encoder.encode(prompt, completion)
+    return {"prompt": p, "completion": c, "label": label}
+
+
+def _limit(example: dict, layout: str, max_len: int, overlong: str) -> dict | None:
+    names = ["chosen", "rejected"] if layout == "pairs" else ["completion"]
+    if max(len(example["prompt"]) + len(example[n]) for n in names) <= max_len:
+        return example
+    if overlong == "drop":
+        return None
+    prompt, completions = _fit(example["prompt"], [example[n] for n in names], max_len)
+    return {**example, "prompt": prompt, **dict(zip(names, completions))}
+
+
+# --- batches --------------------------------------------------------------------------------------
+def _row(prompt: list[int], completion: list[int]) -> list[dict]:
+    """One padded row: the prompt without loss, the completion with."""
+    return [{"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}]
+
+
+def pair_batch(examples: list[dict], pad_id: int) -> dict:
+    """input_ids, labels, position_ids [2B, T]: the B chosen rows, then the B rejected rows."""
+    rows = [_row(e["prompt"], e["chosen"]) for e in examples] + \
+           [_row(e["prompt"], e["rejected"]) for e in examples]
+    batch = make_batch(rows, pad_id)
+    batch["n_examples"] = len(examples)
+    batch["n_tokens"] = sum(example_tokens(e) for e in examples)
+    return batch
+
+
+def unpaired_batch(examples: list[dict], pad_id: int) -> dict:
+    """input_ids, labels, position_ids [2B, T]: the B examples, then their B KL rows (prompt i
+    with the completion of example i - 1, cyclically, as TRL pairs them), and `label` [B]."""
+    completions = [e["completion"] for e in examples]
+    shifted = completions[-1:] + completions[:-1]
+    rows = [_row(e["prompt"], c) for e, c in zip(examples, completions)] + \
+           [_row(e["prompt"], c) for e, c in zip(examples, shifted)]
+    batch = make_batch(rows, pad_id)
+    batch["n_examples"] = len(examples)
+    batch["n_tokens"] = sum(example_tokens(e) for e in examples)
+    batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+    return batch
+
+
+def preference_batch(examples: list[dict], pad_id: int) -> dict:
+    """The batch of either layout (micro_batch's collate for preference rows: one example each)."""
+    flat = [e for row in examples for e in row] if examples and isinstance(examples[0], list) \
+        else examples
+    return (unpaired_batch if "label" in flat[0] else pair_batch)(flat, pad_id)
+
+
+def example_tokens(example: dict) -> int:
+    """The tokens an example puts through the model (both of its rows)."""
+    if "label" in example:
+        return 2 * (len(example["prompt"]) + len(example["completion"]))
+    return 2 * len(example["prompt"]) + len(example["chosen"]) + len(example["rejected"])
