@@ -79,3 +79,170 @@ def test_logits_match_transformers(phi3_models, variant, length):
         got = fp32_model(path)(ids)
     assert got.shape == expected.shape
     assert rel_err(expected, got) <= 1e-5
+
+
+def test_spec_names_phi3_s_fused_linears(phi3_models):
+    from qlora.models import read_spec
+
+    spec = read_spec(phi3_models["phi3"])
+    assert spec.block_linears() == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert spec.linear_shapes()["qkv_proj"] == ((4 + 2 * 2) * HEAD_DIM, 64)
+    assert spec.linear_shapes()["gate_up_proj"] == (2 * 128, 64)
+    hf = hf_model(phi3_models["phi3"])
+    assert spec.num_params() == sum(p.numel() for p in hf.parameters())
+    assert read_spec(phi3_models["phi3-window"]).layer_windows == (12, 12)
+
+
+def test_unsupported_rope_type_is_refused(phi3_models, tmp_path):
+    import json
+    import shutil
+
+    from qlora.errors import QloraError
+    from qlora.models import read_spec
+
+    shutil.copytree(phi3_models["phi3"], tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QloraError, match="longrope"):
+        read_spec(tmp_path / "m")
+
+
+@pytest.mark.parametrize("variant", ["phi3", "phi3-longrope"])
+def test_nf4_bytes_and_logits_match_bitsandbytes(phi3_models, variant):
+    from transformers import BitsAndBytesConfig
+
+    from conftest import fp32_bnb_reference
+
+    path = phi3_models[variant]
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=FP32)
+    ref = fp32_bnb_reference(hf_model(path, quantization_config=bnb_config, device_map="cpu"))
+    ours = load_model(path, QuantConfig(method="nf4", double_quant=True, compute_dtype=FP32))
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    quantized = [k for k in ref_state if k.endswith("_proj.weight") or ".weight." in k]
+    assert any("qkv_proj.weight." in k for k in quantized)
+    assert any("gate_up_proj.weight." in k for k in quantized)
+    for key in quantized:
+        assert torch.equal(ref_state[key], our_state[key]), f"{key} differs from bitsandbytes'"
+    qkv = ours.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.dtype == torch.uint8 and qkv.quant_state.quant_type == "nf4"
+    ids = token_batch(1)
+    with torch.no_grad():
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
+
+
+def randomize_adapters(model, seed: int) -> None:
+    """B starts at zero, which would make every comparison pass trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_our_all_linear_adapter_loads_in_peft_with_equal_logits(phi3_models, tmp_path):
+    from peft import PeftModel
+
+    from qlora.adapters import AdapterConfig, attach_adapters, save_adapter
+
+    path = phi3_models["phi3-partial"]
+    ours = fp32_model(path)
+    wrapped = attach_adapters(ours, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    assert sorted({n.rsplit(".", 1)[-1] for n in wrapped}) == [
+        "down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert len(wrapped) == 2 * 4
+    randomize_adapters(ours, 1)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    peft_model = PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
+    ids = token_batch(2, length=24)
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, ours(ids)) <= 1e-5
+
+
+def test_peft_adapter_loads_here_with_equal_loss(phi3_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.adapters import load_adapter
+
+    path = phi3_models["phi3-longrope"]
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules="all-linear")
+    peft_model = get_peft_model(hf_model(path), peft_cfg)
+    randomize_adapters(peft_model, 2)
+    peft_model.save_pretrained(tmp_path / "peft-adapter")
+    ours = fp32_model(path)
+    load_adapter(ours, tmp_path / "peft-adapter")
+    ids = token_batch(3, length=40)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        ref = peft_model.eval()(input_ids=ids, labels=labels).loss
+        got = ours(ids, labels=labels) / (labels[:, 1:] != -100).sum()
+    assert abs(float(ref) - float(got)) <= 1e-5 * abs(float(ref))
+
+
+# The long variant's generation passes LongRoPE's original 32 positions: the step that crosses
+# it runs the whole sequence again, every key rotated with the long factors (transformers' rule,
+# Phi3ForCausalLM.prepare_inputs_for_generation). transformers 5.17's generate drops its cache
+# there but then feeds only the last token (its cache_position slicing), so its own tokens past
+# that step are not the rule's; the reference there is its forward over the whole sequence.
+@pytest.mark.parametrize("variant", ["phi3", "phi3-longrope", "phi3-window"])
+def test_greedy_generation_matches_transformers(phi3_models, variant):
+    from qlora.infer import GenerationOptions, generate
+    from qlora.models import load_tokenizer
+
+    path = phi3_models[variant]
+    prompt = load_tokenizer(path)("Once upon a time")["input_ids"]
+    got = generate(fp32_model(path), prompt, GenerationOptions(max_new_tokens=30))
+    ref = hf_model(path)
+    if variant == "phi3-longrope":
+        assert len(prompt) < ORIGINAL < len(prompt) + 30
+        want, seq = [], list(prompt)
+        with torch.no_grad():
+            for _ in range(30):
+                want.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(want[-1])
+    else:
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+        want = out[0, len(prompt):].tolist()
+    assert got == want
+
+
+def test_apply_speed_gives_the_reference_loss_and_adapter_gradients(phi3_models):
+    """The plan a CUDA run of `qlora train` takes (4-bit fast base, grouping, kept attention,
+    checkpointing), here on the CPU without Triton: the forks change no number."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.speed import SpeedPlan, apply_speed
+    from qlora.speed.fast_decoder import FastPhi3DecoderLayer, FastPhi3LM, FastRMSNorm
+
+    def step(speed: bool):
+        torch.manual_seed(0)
+        model = load_model(phi3_models["phi3-longrope"],
+                           QuantConfig(method="nf4", compute_dtype=FP32))
+        attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+        randomize_adapters(model, 4)
+        model.gradient_checkpointing = True
+        model.train()
+        if speed:
+            applied = apply_speed(model, SpeedPlan(fast_base=True, grouped=True,
+                                                   keep_attention=True, seeded_dropout=True))
+            assert applied.fast_layers == 2 * 4
+            assert type(model) is FastPhi3LM
+            assert type(model.model.layers[0]) is FastPhi3DecoderLayer
+            assert type(model.model.norm) is FastRMSNorm
+            # phi3's attention and MLP stay the reference's
+            assert type(model.model.layers[0].self_attn).__name__ == "Phi3Attention"
+            assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"
+        ids = token_batch(5, length=40)
+        loss = model(ids, labels=ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = step(False)
+    loss, grads = step(True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_err(ref_grads[name], grad) <= 1e-4, name

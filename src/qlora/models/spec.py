@@ -22,6 +22,10 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 # The seven linear layers of the reference decoder's block, by their HF leaf names, in layer
 # order; a family whose block has other linears (phi3's fused ones) gives its own linear_shapes
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every block linear name of any family: what a target name may be before a model is known
+KNOWN_BLOCK_LINEARS = tuple(dict.fromkeys(
+    BLOCK_LINEARS + tuple(name for family in FAMILIES.values()
+                          for name in getattr(family, "LINEARS", ()))))
 
 
 @dataclass(frozen=True)

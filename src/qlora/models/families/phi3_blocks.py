@@ -9,7 +9,9 @@ reference decoder's (models/decoder.py), as transformers' modeling_phi3.py compu
 - Phi3Rotary: cos/sin of `rotary_dim` only; LongRoPE divides each frequency by its short or long
   factor, the long ones in a forward whose largest position + 1 exceeds
   original_max_position_embeddings (transformers' rule, over the whole batch, for training rows
-  and for each generation step alike), and scales cos/sin by the attention factor.
+  and for each generation step alike), and scales cos/sin by the attention factor. Generation
+  also drops its cache as transformers' does, once, where the sequence first exceeds the original
+  context (Phi3LM.cache_outdated, read by infer.stream).
 - The norms are the reference RMSNorm (Phi3RMSNorm is Llama's math) and the layer is the
   reference's (residual dropout is 0 in every released config and off in eval).
 
@@ -144,3 +146,10 @@ class Phi3LM(DecoderLM):
     """The reference causal LM over Phi-3's backbone."""
 
     backbone_class = Phi3Backbone
+
+    def cache_outdated(self, cached: int, length: int) -> bool:
+        """Whether generation must drop its KV cache and run the whole `length` tokens again:
+        transformers' Phi-3 does so once, when the sequence first exceeds the original context
+        while the cache holds no more than it (LongRoPE's long factors then rotate every key)."""
+        original = int(self.spec.raw.get("original_max_position_embeddings", 4096))
+        return length >= original + 1 and 0 < cached <= original
