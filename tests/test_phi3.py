@@ -246,3 +246,68 @@ def test_apply_speed_gives_the_reference_loss_and_adapter_gradients(phi3_models)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert rel_err(ref_grads[name], grad) <= 1e-4, name
+
+
+def test_qlora_train_then_merge_on_a_tiny_phi3(phi3_models, tmp_path, capsys):
+    """`qlora train` end to end (NF4, checkpointing), then `qlora merge`: the merged model's
+    logits are the base's with the trained adapter."""
+    import json
+
+    from qlora.adapters import load_adapter
+    from qlora.cli import main
+
+    path = phi3_models["phi3-longrope"]
+    rows = [{"instruction": "Repeat the word.", "input": w, "output": w}
+            for w in ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(path), "--data", str(data), "--output_dir", str(out),
+               "--max_steps", "3", "--micro_batch_size", "2", "--gradient_accumulation_steps",
+               "1", "--lora_r", "8", "--learning_rate", "1e-2", "--val_set_size", "0",
+               "--device", "cpu", "--max_seq_length", "256"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(merged),
+                 "--dtype", "fp32"]) == 0, capsys.readouterr().err
+    adapted = fp32_model(path)
+    load_adapter(adapted, out)
+    adapted.eval()  # the attached LoRA layers come in training mode (their dropout)
+    ids = token_batch(6, length=40)
+    with torch.no_grad():
+        want, base, got = adapted(ids), fp32_model(path)(ids), fp32_model(merged)(ids)
+    assert (want - base).abs().max() > 1e-3  # the adapter learned something
+    assert rel_err(want, got) <= 1e-5
+
+
+def test_gguf_export_writes_phi3_s_fused_tensors(phi3_models, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from safetensors.torch import load_file
+
+    from qlora.export.gguf import export_gguf
+
+    path = phi3_models["phi3-partial"]
+    r = gguf.GGUFReader(str(export_gguf(path, tmp_path / "m.gguf", "f16")))
+    assert r.fields["general.architecture"].contents() == "phi3"
+    assert r.fields["phi3.rope.dimension_count"].contents() == HEAD_DIM // 2
+    tensors = {t.name: t for t in r.tensors}
+    source = load_file(str(path / "model.safetensors"))
+    # llama.cpp's phi3: attn_qkv holds q, k, v stacked; ffn_up holds gate then up (its SwiGLU
+    # takes the first half as the gate), as transformers' fused weights are
+    for ours, theirs in (("blk.1.attn_qkv.weight", "model.layers.1.self_attn.qkv_proj.weight"),
+                         ("blk.1.ffn_up.weight", "model.layers.1.mlp.gate_up_proj.weight"),
+                         ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight")):
+        got = torch.from_numpy(tensors[ours].data.copy()).reshape(source[theirs].shape)
+        assert torch.equal(got, source[theirs].half()), ours
+
+
+def test_gguf_export_refuses_longrope(phi3_models, tmp_path):
+    from qlora.errors import QloraError
+    from qlora.export.gguf import export_gguf
+
+    with pytest.raises(QloraError, match="longrope"):
+        export_gguf(phi3_models["phi3-longrope"], tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
