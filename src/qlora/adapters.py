@@ -20,7 +20,7 @@ from qlora.errors import QloraError
 from qlora.files import staged_dir
 
 from qlora.models.generic import GenericLM
-from qlora.models.spec import BLOCK_LINEARS  # the seven linears of a block: the model layer's
+from qlora.models.spec import KNOWN_BLOCK_LINEARS  # every family's block linears
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -264,7 +264,8 @@ def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]
     on the generic path, PEFT's meaning: every linear layer but the output head."""
     if isinstance(model, GenericLM):
         return _generic_target_names(model, target_modules)
-    wanted = set(BLOCK_LINEARS) if target_modules == "all-linear" else set(target_modules)
+    linears = model.spec.block_linears()  # the family's (phi3's fused ones)
+    wanted = set(linears) if target_modules == "all-linear" else set(target_modules)
     present = {name.rsplit(".", 1)[-1] for name, _ in _block_linears(model)}
     missing = sorted(wanted - present)
     if missing:
@@ -277,7 +278,7 @@ def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]
 
 def _block_linears(model: nn.Module):
     for name, module in model.named_modules():
-        if ".layers." in name and name.rsplit(".", 1)[-1] in BLOCK_LINEARS and not isinstance(
+        if ".layers." in name and name.rsplit(".", 1)[-1] in KNOWN_BLOCK_LINEARS and not isinstance(
             module, LoraLinear
         ):
             yield name, module
@@ -403,7 +404,7 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
         # PEFT stores a regex when target_modules was given as one; match leaf names in it
         import re
 
-        targets = [m for m in BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
+        targets = [m for m in KNOWN_BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
                    or re.search(targets, f"model.layers.0.mlp.{m}")]
     return AdapterConfig(
         r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),

@@ -509,7 +509,8 @@ def run_plan(args) -> None:
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
     generic = isinstance(arch, memory.GenericSpec)
-    targets = memory.generic_targets(arch, cfg.targets) if generic else memory.target_names(cfg.targets)
+    targets = (memory.generic_targets(arch, cfg.targets) if generic
+               else memory.target_names(cfg.targets, arch))
     print(f"{arch.name}: {arch.num_params() / 1e9:.2f}B params · {cfg.quant}"
           f"{' + double quant' if cfg.double_quant and cfg.quant in ('nf4', 'fp4') else ''} · "
           f"{'DoRA' if cfg.dora else 'LoRA'} r={cfg.r} on {len(targets)} {'linear layers' if generic else 'projections'} · "

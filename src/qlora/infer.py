@@ -77,7 +77,10 @@ def stream(
     seen = torch.tensor(input_ids, device=device)
     tokens = seen[None]
     eos = set(opts.eos_token_ids)
+    outdated = getattr(model, "cache_outdated", None)  # a family whose RoPE may change (phi3)
     for _ in range(opts.max_new_tokens):
+        if outdated is not None and outdated(cache.length, len(seen)):
+            cache, tokens = model.new_cache(1, limit), seen[None]  # the whole sequence again
         logits = model(tokens, cache=cache)[0, -1].float()
         logits = process_logits(logits, seen, opts)
         if opts.temperature == 0:

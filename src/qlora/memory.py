@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora.errors import QloraError
-from qlora.models.spec import BLOCK_LINEARS as PROJECTIONS  # the seven linears, in layer order
+from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
 from qlora.models.spec import NAMED_SHAPES as SHAPES  # (benchmarks read memory.SHAPES)
 from qlora.models.generic import GenericSpec, LinearLayer
 from qlora.models.generic import spec_from_config as generic_spec_from_config
@@ -177,18 +177,21 @@ class PlanConfig:
             target_names(self.targets)
 
 
-def target_names(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """'all-linear' (PEFT's meaning: every projection, never lm_head) or a list of projection names."""
+def target_names(targets: str | tuple[str, ...] | list[str],
+                 arch: ArchSpec | None = None) -> tuple[str, ...]:
+    """'all-linear' (PEFT's meaning: every projection, never lm_head) or a list of projection names;
+    with `arch`, those of its block (a family's own linears: phi3's qkv_proj, gate_up_proj)."""
+    present = PROJECTIONS if arch is None else arch.block_linears()
     if isinstance(targets, str):
         if targets == "all-linear":
-            return PROJECTIONS
+            return present
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     names = tuple(targets)
     unknown = [t for t in names if t not in PROJECTIONS]
     if unknown or not names:
         raise QloraError(f"--targets: {', '.join(unknown) or '(empty)'} not known; use all-linear or a "
                          f"comma-separated list of {', '.join(PROJECTIONS)}")
-    return tuple(t for t in PROJECTIONS if t in names)  # de-duplicated, in layer order
+    return tuple(t for t in present if t in names)  # de-duplicated, in layer order
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -225,7 +228,7 @@ def quantized_linear_tensors(n_out: int, n_in: int, quant: str, double_quant: bo
 
 def adapter_tensors(arch: ArchSpec, cfg: PlanConfig) -> list[int]:
     """Element counts of every trainable tensor: lora_A [r, in], lora_B [out, r], DoRA magnitude [out]."""
-    targets = target_names(cfg.targets)
+    targets = target_names(cfg.targets, arch)
     sizes = []
     for name, n_in, n_out in arch.linears():
         if name in targets:
@@ -281,7 +284,7 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     eager = cfg.kernels == "eager"
-    targets = target_names(cfg.targets)
+    targets = target_names(cfg.targets, arch)
     inputs = {name: n_in for name, n_in, _ in arch.linears()}
     outputs = {name: n_out for name, _, n_out in arch.linears()}
     # dropout's copies are what LoRA A reads, and kept for its gradient -- except on the fast path,
@@ -293,8 +296,8 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     t["norm inputs (2 norms)"] = 2 * ((4 if eager else 2) * h + 4)
     # The normed hidden state read by q,k,v and, in the MLP, by gate,up: one tensor each, shared,
     # kept for LoRA A's weight gradient -- unless every reader targets dropout's copy instead.
-    attn_readers = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets]
-    mlp_readers = [n for n in ("gate_proj", "up_proj") if n in targets]
+    attn_readers = [n for n in ("q_proj", "k_proj", "v_proj", "qkv_proj") if n in targets]
+    mlp_readers = [n for n in ("gate_proj", "up_proj", "gate_up_proj") if n in targets]
     if attn_readers and not dropout:
         t["attention input (normed)"] = 2 * h
     if mlp_readers and not dropout:
@@ -405,7 +408,7 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
     which F.linear then keeps (2 B/weight per target).
     """
     rnd = cfg.alloc_rounding
-    targets = target_names(cfg.targets)
+    targets = target_names(cfg.targets, arch)
     t: dict[str, int] = {}
     if cfg.adapter_dtype == "fp32" and fast_path(cfg):
         # kernels/lora.py keeps per group the scaled bf16 stack of its A's (none with dropout:
@@ -653,7 +656,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         # On the fast path each layer also keeps its LoRA products H [tokens, r] per target for
         # the rerun (kernels/lora.py), which then draws no dropout mask again.
         if fast_path(cfg):
-            layer_input += 2 * cfg.r * len(target_names(cfg.targets))
+            layer_input += 2 * cfg.r * len(target_names(cfg.targets, arch))
         # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
         kept_attention = kept_attention_layers(arch, cfg) * kept_attention_bytes_per_token(arch)
         if kept_attention:
@@ -685,7 +688,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if cfg.dora:
         # DoRA (qlora.adapters) takes the row norms of W + s·BA each forward: the dequantized
         # weight, B @ A and their sum in bf16, for the largest target (estimate).
-        t = [x for x in arch.linears() if x[0] in target_names(cfg.targets)]
+        t = [x for x in arch.linears() if x[0] in target_names(cfg.targets, arch)]
         big = max(t, key=lambda x: x[1] * x[2])
         dequant += 3 * 2 * big[1] * big[2]
         notes.append("DoRA: its workspace term is an estimate")

@@ -133,7 +133,12 @@ def add_hparams(w, config: dict, arch_name: str) -> np.ndarray | None:
     w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    # a partial rotary (phi3's partial_rotary_factor) rotates only the first part of each head
+    partial = (config.get("rope_parameters") or {}).get(
+        "partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    w.add_rope_dimension_count(int(head_dim * partial))
+    if arch_name == "phi3" and config.get("sliding_window"):
+        w.add_sliding_window(config["sliding_window"])
     w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     theta, scaling = rope_settings(config)
     w.add_rope_freq_base(theta)

@@ -19,15 +19,18 @@ from torch import nn
 
 from qlora.errors import QloraError
 from qlora.models.decoder import DecoderLM
-from qlora.models.families import gemma2, gemma3
+from qlora.models.families import gemma2, gemma3, phi3
 from qlora.models.families.gemma import GemmaLM
+from qlora.models.families.phi3_blocks import Phi3LM
 from qlora.models.generic import GenericLM, GenericSpec, load_generic, read_generic_spec
 from qlora.models.spec import ArchSpec, is_native, read_config, read_spec
 from qlora.models.weights import check_nothing_missing, replace_keeping_bias, weight_files
 from qlora.models.weights import open_shard as _open, read_tensor as _read  # tests spy on _read
 from qlora.quant import QuantConfig, prequantized_linear, quantize_linear
 
-BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
+# every family's block linears (phi3's fused qkv_proj and gate_up_proj among them)
+BLOCK_LINEAR = re.compile(
+    r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down|qkv|gate_up)_proj$")
 IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 # What travels with a model or an adapter besides weights (copied as they are, where present)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,7 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # the families whose blocks are their own, by model_type. Their block modules build on
 # models/decoder.py, which reads specs through models/families/: named here, above both, rather
 # than in the family modules (an import cycle).
-OWN_DECODERS = {gemma2.MODEL_TYPE: GemmaLM, gemma3.MODEL_TYPE: GemmaLM}
+OWN_DECODERS = {gemma2.MODEL_TYPE: GemmaLM, gemma3.MODEL_TYPE: GemmaLM, phi3.MODEL_TYPE: Phi3LM}
 
 
 def new_decoder(spec: ArchSpec) -> DecoderLM:

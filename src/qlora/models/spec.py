@@ -19,8 +19,13 @@ from qlora.models.families import FAMILIES
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
-# The seven linear layers of a decoder block, by their HF leaf names, in layer order.
+# The seven linear layers of the reference decoder's block, by their HF leaf names, in layer
+# order; a family whose block has other linears (phi3's fused ones) gives its own linear_shapes
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every block linear name of any family: what a target name may be before a model is known
+KNOWN_BLOCK_LINEARS = tuple(dict.fromkeys(
+    BLOCK_LINEARS + tuple(name for family in FAMILIES.values()
+                          for name in getattr(family, "LINEARS", ()))))
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,12 @@ class ArchSpec:
         """The smallest window of any layer; None when every layer attends to all earlier tokens."""
         return min((w for w in self.layer_windows if w is not None), default=None)
 
+    def block_linears(self) -> tuple[str, ...]:
+        """The leaf names of a block's linears, in layer order (BLOCK_LINEARS, or the family's)."""
+        return tuple(self.linear_shapes())
+
     def linears(self) -> list[tuple[str, int, int]]:
-        """(name, in_features, out_features) of the seven linears of a block, in layer order."""
+        """(name, in_features, out_features) of the linears of a block, in layer order."""
         return [(name, n_in, n_out) for name, (n_out, n_in) in self.linear_shapes().items()]
 
     def num_params(self) -> int:
@@ -66,7 +75,7 @@ class ArchSpec:
         per_layer = sum(n_in * n_out for n_out, n_in in shapes.values())
         biased = ((("q_proj", "k_proj", "v_proj") if self.qkv_bias else ()) + (("o_proj",) if self.o_bias else ())
                   + (("gate_proj", "up_proj", "down_proj") if self.mlp_bias else ()))
-        per_layer += sum(shapes[name][0] for name in biased)
+        per_layer += sum(shapes[name][0] for name in biased if name in shapes)
         norms = (2 * self.num_layers + 1) * self.hidden_size + (2 * self.num_layers * self.head_dim
                                                                  if self.qk_norm else 0)
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
@@ -74,6 +83,9 @@ class ArchSpec:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each linear layer of a decoder block, by its HF leaf name."""
+        family = FAMILIES[self.model_type]
+        if hasattr(family, "linear_shapes"):  # a block with linears of its own (phi3's fused)
+            return family.linear_shapes(self)
         h, hd = self.hidden_size, self.head_dim
         return {
             "q_proj": (self.num_heads * hd, h),
@@ -171,7 +183,9 @@ def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model"
         raise QloraError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     num_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-    rope_theta, rope_scaling = _rope(cfg, source)
+    # a family with RoPE of its own (phi3's LongRoPE) reads it itself
+    rope_theta, rope_scaling = ((family["rope_theta"], family["rope_scaling"])
+                                if "rope_theta" in family else _rope(cfg, source))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     return ArchSpec(

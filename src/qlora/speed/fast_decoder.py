@@ -16,6 +16,8 @@ SpeedPlan; nothing else sets them.
   same fast paths where Gemma's math is the reference's (grouped projections, RoPE, kept
   attention, checkpointing, host embedding), Gemma's own math where it is not (scores, GeGLU,
   norms, soft-capped loss); models/families/gemma.py says what each gets.
+- Phi-3's forks (FastPhi3DecoderLayer, FastPhi3LM): only the layer- and LM-level paths; its
+  attention and MLP stay the reference (models/families/phi3_blocks.py says why).
 
 A block is forked only by its own class's entry in FORKS: a family's subclass of a reference
 block has math of its own, and a fork of the reference's would replace it (speed._forked_class).
@@ -39,6 +41,7 @@ from qlora.models.attention import Attention
 from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
                                          geglu)
+from qlora.models.families.phi3_blocks import Phi3DecoderLayer, Phi3LM
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
@@ -222,8 +225,24 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
         return FastDecoderLM.loss_sum(self, hidden, labels)
 
 
-# each reference block and its fork: apply_speed swaps exactly these types
+class FastPhi3DecoderLayer(Phi3DecoderLayer):
+    """Phi-3's layer as a checkpointed run calls it. Its attention (Phi3Attention, reference:
+    partial rotary, no Triton RoPE) keeps nothing for the rerun, so `kept` stays unused and the
+    rerun recomputes attention."""
+
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        return super().forward(x, cos, sin, mask, cache)
+
+
+class FastPhi3LM(Phi3LM, FastDecoderLM):
+    """Phi-3's LM over FastDecoderLM: checkpointing through CheckpointedLayer, the embedding
+    gathered from host memory, the fused cross-entropy (its logits are the reference's)."""
+
+
+# each reference block and its fork: apply_speed swaps exactly these types (Phi3Attention and
+# Phi3MLP are not named: they stay the reference, models/families/phi3_blocks.py says why)
 FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
          DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM,
          GemmaAttention: FastGemmaAttention, GemmaMLP: FastGemmaMLP,
-         GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM}
+         GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM,
+         Phi3DecoderLayer: FastPhi3DecoderLayer, Phi3LM: FastPhi3LM}

@@ -15,11 +15,14 @@ Gemma 2 and Gemma 3 are the exception to that last rule: their blocks live in ge
 this package does not import (it builds on models/decoder.py, which reads specs through this
 package: an import cycle otherwise); models/load.py's OWN_DECODERS names their LM class for
 new_decoder. gemma_config.py reads what their config.json means, for their family
-modules and their blocks alike.
+modules and their blocks alike. Phi-3's blocks (fused qkv_proj and gate_up_proj, partial
+rotary, LongRoPE) are in phi3_blocks.py for the same reason; phi3.py also names its block's
+linears (LINEARS, linear_shapes), which ArchSpec.linear_shapes asks of a family that has them.
 """
 
 from __future__ import annotations
 
-from qlora.models.families import gemma2, gemma3, llama, mistral, qwen2, qwen3
+from qlora.models.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 
-FAMILIES = {module.MODEL_TYPE: module for module in (llama, mistral, qwen2, qwen3, gemma2, gemma3)}
+FAMILIES = {module.MODEL_TYPE: module for module in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
+                                                        phi3)}
