@@ -1,6 +1,6 @@
 """Does llama.cpp read our GGUF files and compute what transformers computes?
 
-Builds tiny random models (llama, mistral, qwen2, qwen3), exports each with `qlora.export.export_gguf`,
+Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3), exports each with `qlora.export.export_gguf`,
 loads the files in llama.cpp through llama-cpp-python, and compares on the same token ids:
   (a) logits at every position (llama.cpp `logits_all=True`) vs transformers fp32, and vs transformers
       fp32 running the GGUF's own dequantized weights (which separates llama.cpp's arithmetic from the
@@ -36,7 +36,19 @@ import numpy as np
 
 SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=2)
-EXTRA = {"qwen3": {"head_dim": 64}}
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+# each family's test model as llama.cpp runs that architecture: Gemma's query scale equal to
+# head_dim and its layer pattern (Gemma 2 every 2nd layer full, Gemma 3 every 6th), Gemma 3
+# without a final cap (the export refuses any other, gguf.gemma_settings); windows shorter than
+# the text, so that the sliding layers' masks matter
+EXTRA = {"qwen3": {"head_dim": 64},
+         "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
+                    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                    "layer_types": [_SLIDING, _FULL]},
+         "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
+                         "num_hidden_layers": 6, "sliding_window_pattern": 6,
+                         "final_logit_softcapping": None, "layer_types": [_SLIDING] * 5 + [_FULL]},
+         "phi3": {}}
 TEXT = "Hello, world! The quick brown fox\njumps over 13 lazy dogs.\t(ok?) ~{x}_y"
 SPECIAL_TEXT = "<|im_start|>user\nhi there<|im_end|>\n"
 PROMPT_LEN = 12
@@ -191,7 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default=sys.executable,
                     help="a python that can import llama_cpp (default: this one)")
-    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3")
+    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3")
     ap.add_argument("--types", default="f16,q8_0", help="file types for every family")
     ap.add_argument("--q4km-family", default="llama", help="one family also exported as q4_k_m")
     ap.add_argument("--steps", type=int, default=20)

@@ -18,3 +18,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert figures["steps"] == 3
     assert figures["reloaded_matches"] is True
     assert figures["before"]["exact_match"] == 0.0
+
+
+def test_an_interrupted_demo_says_so_and_stops(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C or SIGTERM during training (simulated: fit stops after one step, as a signal
+    would) ends the demo with one clear line, not with a failure to reload an adapter that an
+    interrupted run never wrote."""
+    from qlora.train import loop
+
+    real_fit = loop.fit
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: real_fit(*a, stop_after_steps=1, **k))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted at step 1 of 3" in err and "Traceback" not in err

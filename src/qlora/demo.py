@@ -183,6 +183,11 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     result = fit(model, tokenizer, train_examples, val_examples, cfg, device=device,
                  log=log, progress=progress)
     train_s = time.perf_counter() - t_train
+    if result.stopped == "interrupted":  # Ctrl-C or SIGTERM: no adapter to score and reload
+        from qlora.errors import QloraError
+
+        raise QloraError(f"the demo was interrupted at step {result.global_step} of {max_steps}; "
+                         f"run `qlora demo` again to see it end to end")
     after = held_out_scores(model, tokenizer, val_examples, prompts, device)
 
     log(f"5/5 loading the saved adapter ({out}) onto a fresh 4-bit base ...")
