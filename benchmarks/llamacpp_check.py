@@ -150,7 +150,11 @@ def gguf_weights_state_dict(gguf_file: Path, model_dir: Path, hf_shapes: dict) -
             x = unpermute_rope(x, config["num_attention_heads"])
         elif gguf.MODEL_ARCH_NAMES[arch] == "llama" and ".k_proj." in name:
             x = unpermute_rope(x, config["num_key_value_heads"])
+        if gguf.MODEL_ARCH_NAMES[arch] in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+            x = x - 1.0  # the file stores Gemma's norms as 1 + w (export/gguf.py)
         state[name] = torch.from_numpy(np.ascontiguousarray(x))
+    if "lm_head.weight" in hf_shapes and "lm_head.weight" not in state:  # a tied head
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
 
 
@@ -228,8 +232,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llamacpp_check.") as tmp:
         root = Path(tmp)
         for family in args.families.split(","):
-            model_dir = build_tiny_model(root / family, family, initializer_range=args.init_std,
-                                         **SIZES, **EXTRA.get(family, {}))
+            # not named after the family: llama.cpp reads general.name (the folder's name), and
+            # for a name holding "phi3" it looks up Phi-3's <|end|> token, which the tiny
+            # vocabulary lacks
+            model_dir = build_tiny_model(root / f"tiny-model-{len(report['runs'])}", family,
+                                         initializer_range=args.init_std,
+                                         **{**SIZES, **EXTRA.get(family, {})})
             tok = AutoTokenizer.from_pretrained(str(model_dir))
             # the reference ids come from tokenizer.json itself (what the exporter reads); for a
             # qwen2 model_type transformers 5 picks Qwen2Tokenizer, which re-tokenizes differently
