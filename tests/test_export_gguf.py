@@ -205,6 +205,9 @@ def test_adapter_export_equals_merged_export(models, tmp_path):
     assert ta.keys() == tb.keys()
     assert all(np.array_equal(ta[k], tb[k]) for k in ta)
     assert not np.array_equal(ta["blk.0.attn_q.weight"], plain["blk.0.attn_q.weight"])
+    # named after the base and the adapter, not after the temporary folder of the merge
+    name = gguf.GGUFReader(str(a)).fields["general.name"]
+    assert bytes(name.parts[name.data[0]]).decode() == f"{model.name} + ad"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.gguf", "ad", "b.gguf", "c.gguf", "merged"]
 
 

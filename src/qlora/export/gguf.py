@@ -353,7 +353,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         def log(text: str) -> None:
             print(text, file=sys.stderr)
     if adapter_dir is None:
-        return _export(model_dir, out, qtype, log, imatrix or {})
+        return _export(model_dir, out, qtype, log, imatrix or {}, model_dir.resolve().name)
     from qlora.merge import check_adapter_base, merge_adapter, read_config
 
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
@@ -369,7 +369,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".merge", dir=out.parent) as tmp:
         merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype,
                                base=merge_base, ignore_base_name=ignore_base_name)
-        return _export(merged, out, qtype, log, imatrix or {})
+        # named after what was merged, not after the temporary folder it was merged into
+        name = f"{model_dir.resolve().name} + {Path(adapter_dir).resolve().name}"
+        return _export(merged, out, qtype, log, imatrix or {}, name)
 
 
 def refuse_generic(model_dir: Path) -> None:
@@ -398,7 +400,8 @@ def check_qtype(qtype: str) -> str:
     return qtype
 
 
-def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.ndarray]) -> Path:
+def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.ndarray],
+            name: str) -> Path:
     from safetensors import safe_open
 
     from qlora.merge import read_config
@@ -423,7 +426,7 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
 
     with staged_file(out) as tmp:
         w = g.GGUFWriter(str(tmp), arch_name, use_temp_file=True)
-        w.add_name(model_dir.resolve().name)
+        w.add_name(name)
         rope_factors = add_hparams(w, config, arch_name)
         if gemma is not None:
             add_gemma_hparams(w, gemma, arch_name)
