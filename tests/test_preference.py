@@ -377,6 +377,46 @@ def test_dpo_demo_through_the_cli_raises_heldout_reward_accuracy(tmp_path, capsy
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_preference_run_resumes_exactly(tmp_path, method):
+    """Stop at step 3 (as Ctrl-C would), resume: every later step's loss, and the final adapter,
+    equal the unbroken run's, with LoRA dropout on (its RNG state restored), accumulation 2 and
+    the reference forwards (adapters off) in every step."""
+    from safetensors.torch import load_file
+
+    from qlora.config import load_config
+    from qlora.tiny import build_tiny_model
+    from qlora.train import loop
+
+    model = build_tiny_model(tmp_path / "model", "llama")
+    words = WORDS[:12]
+    if method == "dpo":
+        rows = [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]} for w in words]
+    else:
+        rows = [{"prompt": f"{w} = ", "completion": w.upper() if i % 2 else w[::-1],
+                 "label": bool(i % 2)} for i, w in enumerate(words)]
+    data = _pair_data(tmp_path, rows)
+
+    def cfg(out, **extra):
+        return load_config(None, dict(
+            model=str(model), data=str(data), output_dir=str(out), method=method,
+            max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1,
+            learning_rate=5e-3, warmup_steps=1, logging_steps=1, eval_steps=0, save_steps=3,
+            device="cpu", gradient_checkpointing=False, double_quant=False, max_seq_length=32,
+            **extra))
+
+    full = loop.train(cfg(tmp_path / "full"), progress=False)
+    cut = loop.train(cfg(tmp_path / "cut"), progress=False, stop_after_steps=3)
+    assert cut.stopped == "interrupted" and cut.global_step == 3
+    resumed = loop.train(cfg(tmp_path / "cut", resume="latest"), progress=False)
+    assert resumed.global_step == 6 and min(resumed.step_losses) == 4
+    for step in range(4, 7):
+        assert resumed.step_losses[step] == full.step_losses[step], step
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- the memory planner -----------------------------------------------------------------------------
 def test_planner_counts_two_sequences_and_the_reference_forward():
     from dataclasses import replace
