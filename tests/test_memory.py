@@ -71,6 +71,10 @@ def test_double_quant_saves_what_bitsandbytes_saves():
     ("qwen2", "all-linear", True),
     ("qwen3", ["q_proj", "v_proj"], False),
     ("mistral", ["o_proj", "down_proj", "gate_proj"], True),
+    ("gemma2", "all-linear", False),  # four norms a block, a head_dim of its own
+    ("gemma3_text", "all-linear", True),  # and q/k norms
+    ("phi3", "all-linear", False),  # qkv_proj, gate_up_proj
+    ("phi3", ["qkv_proj", "down_proj"], True),
 ])
 def test_adapter_params_equal_peft(family, targets, dora):
     from peft import LoraConfig, get_peft_model
@@ -93,8 +97,16 @@ def test_named_shapes_have_their_real_sizes():
     # published parameter counts of the models these shapes copy
     for name, billions in [("qwen2.5-1.5b", 1.54), ("llama-3-8b", 8.03), ("llama-2-7b", 6.74),
                            ("llama-2-13b", 13.02), ("llama-2-70b", 68.98), ("qwen2.5-7b", 7.62),
-                           ("mistral-7b", 7.24)]:
+                           ("mistral-7b", 7.24), ("mistral-nemo-12b", 12.25), ("gemma-2-2b", 2.61),
+                           ("gemma-2-9b", 9.24), ("gemma-3-1b", 1.00), ("phi-3-mini-4k", 3.82),
+                           ("phi-4", 14.66), ("stablelm-2-1.6b", 1.64)]:
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01), name
+    # what each family reads its own way, from the real config.json values
+    nemo, gemma2, phi4 = (memory.resolve_arch(shape=s) for s in ("mistral-nemo-12b", "gemma-2-9b", "phi-4"))
+    assert nemo.head_dim == 128 != nemo.hidden_size // nemo.num_heads
+    assert gemma2.layer_windows[:4] == (4096, None, 4096, None) and gemma2.tie_word_embeddings
+    assert phi4.block_linears() == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert memory.resolve_arch(shape="gemma-3-1b").layer_windows[:6] == (512,) * 5 + (None,)
 
 
 def test_cli_prints_table_and_answers_fits(capsys):

@@ -89,6 +89,9 @@ def resolve_arch(model_dir: str | None = None, config_json: str | None = None,
     if shape:
         if shape.lower() not in SHAPES:
             raise QloraError(f"--shape {shape!r} is not known; known shapes: {', '.join(SHAPES)}")
+        if not is_native(SHAPES[shape.lower()]):  # a generic-path shape (stablelm-2-1.6b)
+            return generic_spec_from_config(SHAPES[shape.lower()], source=f"shape {shape.lower()}",
+                                            name=shape.lower())
         return spec_from_shape(shape)
     path = Path(config_json) if config_json else Path(model_dir) / "config.json"
     if not path.is_file():
@@ -628,8 +631,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if host_embedding:
         notes.append(f"input embedding in pinned host memory: {_gib(v * h * nbytes):.2f} GiB "
                      "of host RAM, not on the GPU")
-    norm_tensors = [h] * (2 * L + 1) + ([arch.head_dim] * 2 * L if arch.qk_norm else [])
-    norms = sum(_alloc(n * nbytes, rnd) for n in norm_tensors)
+    norms = sum(_alloc(n * nbytes, rnd) for n in arch.norm_sizes())
 
     # Trainable: adapters (static), their gradients (made in backward, set to None after the
     # step), optimizer states (static from the first step on).
