@@ -15,12 +15,19 @@
 #   profile-2048  where the Llama-3-8B graph step's GPU time goes at seq 2048 (profile_step.py, kernels
 #                 by kind; copies, elementwise and other kernels by name).
 #   checks        gpu_check.py: every part of the step against its reference on the GPU.
+#   families      the families' shapes at seq 2048, micro-batch 1, all linears r16, checkpointing:
+#                 Gemma-2-9B (qlora with attention kept, qlora-nokeep, hf, Unsloth) and Phi-4 14B
+#                 (qlora, hf, Unsloth); StableLM-2-1.6B, a family with no native module, on the
+#                 generic path (qlora vs hf). About 9 minutes: the random checkpoints take ~30 s
+#                 (Gemma) and ~50 s (Phi-4, 29 GB) to write, each system ~40-80 s to load,
+#                 Unsloth more with its compile; a system the deadline leaves out is recorded as
+#                 skipped (rerun that shape alone with --systems).
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to
 # OUTDIR/<part>/results.jsonl (train_step.py), OUTDIR/gpu-check.jsonl, and the profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|profile-2048|checks OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|profile-2048|checks|families OUTDIR"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -67,6 +74,16 @@ profile-2048)
   ;;
 checks)
   step 420 gpu_check $PY "$HERE/gpu_check.py" --out "$OUT/gpu-check.jsonl"  # every check
+  ;;
+families)  # qlora first: a system the deadline cuts is the last one of its shape
+  step 215 gemma2-9b-2048 $PY "$HERE/train_step.py" --shapes gemma-2-9b --seqs 2048 \
+    --systems qlora,hf,qlora-nokeep,unsloth --no-qlora-ckpt-off --steps 8 --warmup 3 \
+    --out "$OUT/gemma2" --deadline 210
+  step 255 phi4-2048 $PY "$HERE/train_step.py" --shapes phi-4 --seqs 2048 \
+    --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 8 --warmup 3 --out "$OUT/phi4" \
+    --deadline 250
+  step 60 generic-stablelm-2048 $PY "$HERE/train_step.py" --shapes stablelm-2-1.6b --seqs 2048 \
+    --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/generic" --deadline 55
   ;;
 *)
   echo "$USAGE" >&2

@@ -1,6 +1,7 @@
 """Does llama.cpp read our GGUF files and compute what transformers computes?
 
-Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3), exports each with `qlora.export.export_gguf`,
+Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, and
+phi3 with LongRoPE), exports each with `qlora.export.export_gguf`,
 loads the files in llama.cpp through llama-cpp-python, and compares on the same token ids:
   (a) logits at every position (llama.cpp `logits_all=True`) vs transformers fp32, and vs transformers
       fp32 running the GGUF's own dequantized weights (which separates llama.cpp's arithmetic from the
@@ -48,7 +49,16 @@ EXTRA = {"qwen3": {"head_dim": 64},
          "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
                          "num_hidden_layers": 6, "sliding_window_pattern": 6,
                          "final_logit_softcapping": None, "layer_types": [_SLIDING] * 5 + [_FULL]},
-         "phi3": {}}
+         "phi3": {},
+         # LongRoPE on every rotated frequency, an original context (8) shorter than the 12-token
+         # prompt: transformers takes the long factors for every forward here, as llama.cpp does
+         # for a context (256) past the original one; the factors unlike each other and unlike 1
+         "phi3-longrope": {"original_max_position_embeddings": 8,
+                           "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                               "short_factor": [1.0 + 0.25 * i for i in range(32)],
+                                               "long_factor": [2.0 + 1.5 * i for i in range(32)]}}}
+# a variant of a family: the model_type it builds
+FAMILY_OF = {"phi3-longrope": "phi3"}
 TEXT = "Hello, world! The quick brown fox\njumps over 13 lazy dogs.\t(ok?) ~{x}_y"
 SPECIAL_TEXT = "<|im_start|>user\nhi there<|im_end|>\n"
 PROMPT_LEN = 12
@@ -207,7 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default=sys.executable,
                     help="a python that can import llama_cpp (default: this one)")
-    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3")
+    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,phi3-longrope")
     ap.add_argument("--types", default="f16,q8_0", help="file types for every family")
     ap.add_argument("--q4km-family", default="llama", help="one family also exported as q4_k_m")
     ap.add_argument("--steps", type=int, default=20)
@@ -235,7 +245,8 @@ def main() -> None:
             # not named after the family: llama.cpp reads general.name (the folder's name), and
             # for a name holding "phi3" it looks up Phi-3's <|end|> token, which the tiny
             # vocabulary lacks
-            model_dir = build_tiny_model(root / f"tiny-model-{len(report['runs'])}", family,
+            model_dir = build_tiny_model(root / f"tiny-model-{len(report['runs'])}",
+                                         FAMILY_OF.get(family, family),
                                          initializer_range=args.init_std,
                                          **{**SIZES, **EXTRA.get(family, {})})
             tok = AutoTokenizer.from_pretrained(str(model_dir))

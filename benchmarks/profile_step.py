@@ -50,7 +50,7 @@ def build(args):
 
         ns = argparse.Namespace(device="cuda", lr=2e-4, seed=0, max_grad_norm=0.3)
         ours = QloraStep(model, ns, applied, graphs=args.graphs)
-        ours.reset(args.checkpointing)
+        ours.reset(args.checkpointing, args.seq)
 
         def our_step(ids):
             loss = ours.forward_backward(ids.cpu() if args.graphs else ids)

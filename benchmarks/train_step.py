@@ -8,11 +8,15 @@ Systems
   hf        transformers + peft + bitsandbytes exactly as the seeds set it up: BitsAndBytesConfig(nf4,
             double quant, bf16 compute), prepare_model_for_kbit_training(use_gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": False}), LoraConfig(r=16, alpha=32,
-            dropout=0.05, all seven projections), get_peft_model, bitsandbytes PagedAdamW8bit, lr 2e-4,
+            dropout=0.05, every linear of the block: the seven projections, Phi-3's four fused ones),
+            get_peft_model, bitsandbytes PagedAdamW8bit, lr 2e-4,
             bf16 autocast and grad-norm clipping at 0.3 as the seeds' Trainer (bf16=True, max_grad_norm=0.3).
+            attn_implementation sdpa, but eager for Gemma 2 (--hf-attn auto: transformers' sdpa
+            drops Gemma 2's attention soft-cap).
   hf+liger  the same with liger-kernel's patches applied before the model is built (RoPE, RMSNorm,
             SwiGLU, fused linear cross-entropy).
-  unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth".
+  unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth"
+            (a family Unsloth has no module for, such as phi3, goes to its FastModel inside).
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
             LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
             the 4-bit bases through qlora.speed.use_fast_path (our Triton dequantize, the LoRA
@@ -21,6 +25,8 @@ Systems
             checkpointing, each layer's attention kept for its backward (keep_attention, on where
             the plan fits, as here on an 80 GB GPU; --keep-attention N: the last N layers only,
             what qlora train keeps where only N fit).
+            A model of a family with no native module (stablelm-2-1.6b) runs on the generic path
+            as qlora train runs it: transformers' modules, no speed layer, no CUDA graph.
   qlora-nokeep    "qlora" with keep_attention off: attention rerun with the layer (what qlora train
                   picks where keeping it fits in no layer)
   qlora-eager     the same without the CUDA graph
@@ -68,8 +74,34 @@ from pathlib import Path
 
 H100_BF16_PEAK = 989e12
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3's block holds q/k/v and gate/up as one linear each: every linear of it, as PEFT names them
+PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-eager", "qlora-old",
            "qlora-bnb", "qlora-unfused"]
+
+def _named_shape(name: str) -> dict:
+    """A shape of qlora.models.spec.NAMED_SHAPES (this checkout's, uninstalled)."""
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    from qlora.models.spec import NAMED_SHAPES
+
+    return dict(NAMED_SHAPES[name])
+
+
+def lora_targets(shape: dict) -> list[str]:
+    """Every linear of a block (LoRA on all linears, the same names for every system)."""
+    return PHI3_LINEARS if shape["model_type"] == "phi3" else SEVEN
+
+
+def hf_attention(shape: dict, asked: str) -> str:
+    """The seeds' stack's attn_implementation: `asked`, but "auto" is transformers' eager for
+    Gemma 2, whose scores are soft-capped (transformers' sdpa drops the cap: another model, not
+    the one trained), and sdpa for the rest."""
+    if asked != "auto":
+        return asked
+    return "eager" if shape["model_type"] == "gemma2" else "sdpa"
+
 
 # Real shapes, random weights.
 SHAPES = {
@@ -83,11 +115,30 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
         rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
     ),
+    # the families' shapes (real config.json values) are the planner's: qlora.models.spec.NAMED_SHAPES
+    **{name: _named_shape(name) for name in ("gemma-2-9b", "phi-4", "mistral-nemo-12b", "gemma-3-1b",
+                                             "stablelm-2-1.6b")},
     # for a CPU smoke test of this script only
     "tiny-llama": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
         rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+    ),
+    # the same, of the families with blocks of their own and of the generic path
+    "tiny-gemma2": dict(
+        model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=16, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096,
+    ),
+    "tiny-phi3": dict(
+        model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+        max_position_embeddings=4096, original_max_position_embeddings=4096,
+    ),
+    "tiny-stablelm": dict(
+        model_type="stablelm", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False,
+        max_position_embeddings=4096, partial_rotary_factor=0.25, use_qkv_bias=True,
     ),
 }
 
@@ -98,11 +149,14 @@ def step_flops(shape: dict, seq: int, mb: int, ckpt: bool, r: int = 16) -> dict:
     """FLOPs of one QLoRA training step, by term (see the module docstring)."""
     h, i, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    hd = h // nh
+    hd = shape.get("head_dim") or h // nh  # Gemma's and Mistral Nemo's differ from h / nh
     q, kv = nh * hd, nkv * hd
-    # (in, out) of the seven projections
+    # (in, out) of the seven projections (Phi-3's fused qkv_proj and gate_up_proj: the same
+    # weights in two matrices, but LoRA's A is one per fused linear)
     projs = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
     n_lin = n_layers * sum(a * b for a, b in projs)
+    if shape["model_type"] == "phi3":
+        projs = [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
     n_head = shape["vocab_size"] * h
     n_lora = n_layers * sum(r * (a + b) for a, b in projs)
     t = mb * seq
@@ -173,7 +227,7 @@ def _lora_config(args):
     from peft import LoraConfig
 
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                      target_modules=SEVEN, task_type="CAUSAL_LM")
+                      target_modules=lora_targets(SHAPES[args.shape]), task_type="CAUSAL_LM")
 
 
 def setup_hf(model_dir: str, args, liger: bool = False):
@@ -183,14 +237,14 @@ def setup_hf(model_dir: str, args, liger: bool = False):
 
     if liger:
         # Liger patches the transformers classes, so it must run before the model is built.
-        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+        import liger_kernel.transformers as liger
 
         model_type = AutoConfig.from_pretrained(model_dir).model_type
-        {"llama": apply_liger_kernel_to_llama, "qwen2": apply_liger_kernel_to_qwen2}[model_type]()
+        getattr(liger, f"apply_liger_kernel_to_{model_type}")()  # llama, qwen2, gemma2, phi3, ...
     quant = _bnb_config() if args.device == "cuda" else None
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=quant, device_map={"": 0} if args.device == "cuda" else None,
-        dtype=torch.bfloat16, attn_implementation=args.hf_attn)
+        dtype=torch.bfloat16, attn_implementation=hf_attention(SHAPES[args.shape], args.hf_attn))
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -217,7 +271,8 @@ def setup_unsloth(model_dir: str, args):
         local_files_only=True, fix_tokenizer=False)
     model = FastLanguageModel.get_peft_model(
         model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-        target_modules=SEVEN, use_gradient_checkpointing="unsloth", random_state=args.seed)
+        target_modules=lora_targets(SHAPES[args.shape]), use_gradient_checkpointing="unsloth",
+        random_state=args.seed)
     FastLanguageModel.for_training(model)
 
     def loss_fn(ids, ckpt):
@@ -249,14 +304,18 @@ class QloraStep:
     forward+backward replayed as a CUDA graph (qlora.train.graphs); "qlora-eager" without graphs."""
 
     def __init__(self, model, args, applied, graphs: bool):
-        """`applied`: what qlora.speed.apply_speed returned for the model (the seeded dropout)."""
+        """`applied`: what qlora.speed.apply_speed returned for the model (the seeded dropout);
+        None on the generic path, whose LoRA dropout draws from the global RNG."""
         self.model, self.args, self.use_graphs = model, args, graphs and args.device == "cuda"
-        self.seed, self.stride = applied.dropout_seed, applied.dropout_stride
+        self.seed, self.stride = (None, 0) if applied is None else (applied.dropout_seed,
+                                                                     applied.dropout_stride)
         self.opt = self.graphs = None
 
-    def reset(self, ckpt: bool):
-        """A fresh optimizer (and graphs) for a configuration."""
-        from qlora.train.graphs import GraphedSteps
+    def reset(self, ckpt: bool, seq: int):
+        """A fresh optimizer (and graphs, where the model's step can be captured: not Gemma's,
+        as qlora train decides it) for a configuration."""
+        import torch
+        from qlora.train.graphs import GraphedSteps, unsupported_reason
         from qlora.train.optim import build_optimizer
 
         _set_qlora_checkpointing(self.model, ckpt)
@@ -264,7 +323,9 @@ class QloraStep:
         name = "paged_adamw_8bit" if self.args.device == "cuda" else "adamw_torch"
         self.opt = build_optimizer(self.model, name, self.args.lr, 0.001, (0.9, 0.999), 1e-8)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        if self.use_graphs:
+        self.no_graphs_reason = (unsupported_reason(self.model, torch.device(self.args.device), seq)
+                                 if self.use_graphs else None)
+        if self.use_graphs and self.no_graphs_reason is None:
             self.graphs = GraphedSteps(self.model, [p.grad for p in self.params])
         self.index = 0
         return self.opt
@@ -282,7 +343,8 @@ class QloraStep:
         n = ids.shape[0] * (ids.shape[1] - 1)
         staged = (self.graphs.stage(ids, torch.arange(ids.shape[1]).expand_as(ids), ids)
                   if self.graphs is not None else pinned(ids, device))
-        set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
+        if self.seed is not None:
+            set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
         self.index += 1
         if self.graphs is not None:
             return self.graphs.run(staged, 1.0 / n) / n
@@ -306,11 +368,20 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     from qlora.models import load_model
     from qlora.quant import QuantConfig
 
+    from qlora.models import GenericLM
+
     quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
     model = load_model(model_dir, quant, device=args.device)
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                         target_modules=list(SEVEN)))
+                                         target_modules=lora_targets(SHAPES[args.shape])))
+    if isinstance(model, GenericLM):
+        # the generic path (a family with no native module): transformers' own modules, no speed
+        # layer, as qlora train runs it (SpeedPlan.for_run(generic=True): apply_speed not called,
+        # LoRA dropout from the global RNG, no CUDA graph); the loop's flat optimizer
+        model.train()
+        return model, [p for p in model.parameters() if p.requires_grad], QloraStep(
+            model, args, None, graphs=False), False
     if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-unfused", "qlora-bnb",
                    "qlora-ungrouped"):
         model.train()
@@ -437,10 +508,15 @@ def worker(args) -> int:
                     p.grad = None
             torch.manual_seed(args.seed)
             ours = loss_fn if isinstance(loss_fn, QloraStep) else None
-            opt = ours.reset(ckpt) if ours is not None else _optimizer(params, args)
+            opt = ours.reset(ckpt, seq) if ours is not None else _optimizer(params, args)
             if ours is not None:
                 rec["step"] = "cuda-graphs" if ours.graphs is not None else "eager-flat"
-                rec["keep_attention"] = model.keep_attention if ckpt else False
+                if ours.no_graphs_reason:
+                    rec["no_graphs_reason"] = ours.no_graphs_reason
+                rec["keep_attention"] = getattr(model, "keep_attention", False) if ckpt else False
+                rec["path"] = "generic" if type(model).__name__ == "GenericLM" else "native"
+            if args.system.startswith("hf"):
+                rec["attn_implementation"] = hf_attention(shape, args.hf_attn)
             data = batches(args.seed, seq, args.mb, n_steps, min(args.data_vocab, shape["vocab_size"]))
             if cuda:
                 torch.cuda.empty_cache()
@@ -611,7 +687,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-vocab", type=int, default=1024, help="token ids are drawn from [4, data_vocab)")
-    ap.add_argument("--hf-attn", default="sdpa", help="attn_implementation for hf / hf+liger")
+    ap.add_argument("--hf-attn", default="auto",
+                    help="attn_implementation for hf / hf+liger; auto: eager for Gemma 2 (its "
+                         "soft-capped scores, which transformers' sdpa drops), else sdpa")
     ap.add_argument("--gpu-busy", action=argparse.BooleanOptionalAction, default=True,
                     help="after the timed steps, profile two more for the GPU time per step "
                          "(gpu_busy_ms: kernel time, without the GPU's waits for the host)")

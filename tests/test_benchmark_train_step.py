@@ -25,20 +25,26 @@ def _bench():
     return mod
 
 
-@pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen2", True)])
-def test_flop_parameter_counts_match_transformers_and_peft(model_type, tied):
+@pytest.mark.parametrize("model_type,tied,extra", [
+    ("llama", False, {}), ("qwen2", True, {}),
+    ("gemma2", True, {"head_dim": 24}),  # a head_dim unlike hidden / heads (16)
+    ("phi3", False, {"pad_token_id": 0}),  # fused qkv_proj, gate_up_proj: one LoRA A each
+])
+def test_flop_parameter_counts_match_transformers_and_peft(model_type, tied, extra):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     bench = _bench()
     shape = dict(model_type=model_type, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                 num_attention_heads=6, num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied)
+                 num_attention_heads=6, num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied,
+                 **extra)
     cfg = AutoConfig.for_model(**shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
+    targets = bench.lora_targets(shape)
     n_lin = sum(m.weight.numel() for name, m in model.named_modules()
-                if name.rsplit(".", 1)[-1] in bench.SEVEN)
-    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=bench.SEVEN))
+                if name.rsplit(".", 1)[-1] in targets)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
     n_lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
     fl = bench.step_flops(shape, seq=64, mb=2, ckpt=True, r=8)
@@ -51,6 +57,30 @@ def test_flop_parameter_counts_match_transformers_and_peft(model_type, tied):
     assert fl["dense"] - off["dense"] == 2 * n_lin * t
     assert fl["lora"] - off["lora"] == 2 * n_lora * t
     assert fl["attn"] / off["attn"] == pytest.approx(4 / 3)
+
+
+def test_family_shapes_build_the_configs_each_system_reads():
+    """The families' benchmark shapes are the planner's named shapes (real config.json values),
+    and the configs the harness writes from them read back in transformers as those models: the
+    values qlora, transformers + peft and Unsloth then all load from config.json."""
+    from transformers import AutoConfig
+
+    from qlora.models.spec import NAMED_SHAPES
+
+    bench = _bench()
+    for name in ("gemma-2-9b", "phi-4", "mistral-nemo-12b", "gemma-3-1b", "stablelm-2-1.6b"):
+        shape = dict(bench.SHAPES[name])
+        assert shape == NAMED_SHAPES[name]
+        cfg = AutoConfig.for_model(**shape)
+        assert (cfg.hidden_size, cfg.num_hidden_layers) == (shape["hidden_size"], shape["num_hidden_layers"])
+    gemma = AutoConfig.for_model(**bench.SHAPES["gemma-2-9b"])
+    assert (gemma.head_dim, gemma.attn_logit_softcapping, gemma.final_logit_softcapping) == (256, 50.0, 30.0)
+    assert gemma.layer_types[:2] == ["sliding_attention", "full_attention"] and gemma.sliding_window == 4096
+    assert bench.hf_attention(bench.SHAPES["gemma-2-9b"], "auto") == "eager"
+    assert bench.hf_attention(bench.SHAPES["phi-4"], "auto") == "sdpa"
+    assert bench.lora_targets(bench.SHAPES["phi-4"]) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    gemma3 = AutoConfig.for_model(**bench.SHAPES["gemma-3-1b"])
+    assert gemma3.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
 
 
 def test_harness_runs_two_systems_on_the_same_data(tmp_path):

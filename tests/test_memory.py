@@ -71,6 +71,10 @@ def test_double_quant_saves_what_bitsandbytes_saves():
     ("qwen2", "all-linear", True),
     ("qwen3", ["q_proj", "v_proj"], False),
     ("mistral", ["o_proj", "down_proj", "gate_proj"], True),
+    ("gemma2", "all-linear", False),  # four norms a block, a head_dim of its own
+    ("gemma3_text", "all-linear", True),  # and q/k norms
+    ("phi3", "all-linear", False),  # qkv_proj, gate_up_proj
+    ("phi3", ["qkv_proj", "down_proj"], True),
 ])
 def test_adapter_params_equal_peft(family, targets, dora):
     from peft import LoraConfig, get_peft_model
@@ -93,8 +97,16 @@ def test_named_shapes_have_their_real_sizes():
     # published parameter counts of the models these shapes copy
     for name, billions in [("qwen2.5-1.5b", 1.54), ("llama-3-8b", 8.03), ("llama-2-7b", 6.74),
                            ("llama-2-13b", 13.02), ("llama-2-70b", 68.98), ("qwen2.5-7b", 7.62),
-                           ("mistral-7b", 7.24)]:
+                           ("mistral-7b", 7.24), ("mistral-nemo-12b", 12.25), ("gemma-2-2b", 2.61),
+                           ("gemma-2-9b", 9.24), ("gemma-3-1b", 1.00), ("phi-3-mini-4k", 3.82),
+                           ("phi-4", 14.66), ("stablelm-2-1.6b", 1.64)]:
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01), name
+    # what each family reads its own way, from the real config.json values
+    nemo, gemma2, phi4 = (memory.resolve_arch(shape=s) for s in ("mistral-nemo-12b", "gemma-2-9b", "phi-4"))
+    assert nemo.head_dim == 128 != nemo.hidden_size // nemo.num_heads
+    assert gemma2.layer_windows[:4] == (4096, None, 4096, None) and gemma2.tie_word_embeddings
+    assert phi4.block_linears() == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert memory.resolve_arch(shape="gemma-3-1b").layer_windows[:6] == (512,) * 5 + (None,)
 
 
 def test_cli_prints_table_and_answers_fits(capsys):
@@ -239,6 +251,99 @@ def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout, s
     per_token = sum(memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2).values())
     per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
     assert saved == per_token * tokens + per_layer
+
+
+# Gemma's tiny shapes as tests/test_gemma.py builds them: head_dim (48) unlike hidden / heads (32),
+# and for Gemma 2 the score soft-cap that sends attention through torch
+GEMMA_TINY = dict(head_dim=48, query_pre_attn_scalar=24, sliding_window=16)
+
+
+@pytest.mark.parametrize("family,extra,targets,dropout", [
+    ("phi3", dict(pad_token_id=0), "all-linear", 0.0),
+    ("phi3", dict(pad_token_id=0), "qkv_proj,down_proj", 0.1),
+    ("gemma2", dict(GEMMA_TINY, attn_logit_softcapping=5.0, final_logit_softcapping=5.0), "all-linear", 0.0),
+    ("gemma2", dict(GEMMA_TINY, attn_logit_softcapping=5.0), "q_proj,v_proj,gate_proj", 0.1),
+    ("gemma3_text", dict(GEMMA_TINY, sliding_window_pattern=2), "all-linear", 0.1),
+])
+def test_family_layer_saved_bytes_equal_what_autograd_keeps(family, extra, targets, dropout):
+    """As above, for the families with blocks of their own (a layer of full attention: its
+    mask "causal"). What the planner counts beyond Llama's layer, each term checked here:
+    - Phi-3: q and k rotated into new tensors, v a view of qkv_proj's output, whose whole
+      storage ((heads + 2 kv heads) x head_dim, bf16) SDPA's saved v keeps: 2·(q + kv) +
+      2·(q + 2kv) B/token where Llama keeps 2·(q + 2kv); silu(gate) kept on every path.
+    - Gemma: four norms a block, each keeping its fp32 input (4h B/token), an fp32 rstd (4) and
+      its fp32 scale (1 + w) (4h B a layer); Gemma 3 also its q/k norms; gelu(gate) kept.
+    - Gemma 2's capped attention, in torch: q, and k and v repeated to all heads (3 x 2q
+      B/token), each query's scores as tanh's bf16 output, the fp32 softmax and the bf16
+      probabilities (8 B a score, heads x T scores a token) and the inverted bool mask (1 B a
+      score): at this test's 4 heads and 64 tokens, 6q + 33·64 B/token, no log-sum-exp."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantConfig
+
+    config = dict(model_type=family, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, **extra)
+    r, tokens = 8, 64
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=dropout, target_modules=targets))
+    model.train()
+    x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
+    cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+    tables = [*cos.values(), *sin.values()] if isinstance(cos, dict) else [cos, sin]  # Gemma's, by window
+    layer = model.model.layers[1]  # full attention in each of these configs
+    saved = layer_saved_bytes(layer, x, cos, sin, [*model.parameters(), *model.buffers(), x, *tables])
+    arch = arch_from_config(config)
+    cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False,
+                     seeded_dropout=False)
+    terms = memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2)
+    per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
+    assert saved == sum(terms.values()) * tokens + per_layer
+    if family == "gemma2":  # the capped attention's term, by the arithmetic above
+        q = 4 * 48
+        assert terms["q, k/v repeated, scores (capped, in torch)"] == 6 * q + (8 * 4 + 1) * tokens
+
+
+def test_planner_counts_each_family_at_its_real_shape():
+    """The family terms at the issue's target shapes, seq 2048, worked out by hand.
+    Gemma-2-9B (16 heads, head_dim 256, q = 4096, kv = 2048): its capped attention keeps
+    6q + (8·16 + 1)·2048 = 24,576 + 264,192 B/token where flash would keep 2(q + 2kv) + 4·16 =
+    16,448 (o_proj's LoRA keeps the output, 2q, in both): the difference, 272,320 B/token, is
+    0.52 GiB a layer at 2048 tokens, alive in the recomputed layer's backward with
+    checkpointing. Kept for the rerun it is the 288,768 B/token of the capped attention in
+    every kept layer. Phi-4: its rerun's dense weights are qkv_proj, o_proj and
+    gate_up_proj (not Llama's names), and it keeps no attention."""
+    from qlora.models.spec import spec_from_config
+
+    gemma = memory.resolve_arch(shape="gemma-2-9b")
+    uncapped = spec_from_config(dict(memory.SHAPES["gemma-2-9b"], attn_logit_softcapping=None))
+    cfg = PlanConfig(seq_len=2048, kernels="fused")
+    capped_terms = memory.layer_activation_terms(gemma, cfg)
+    flash_terms = memory.layer_activation_terms(uncapped, cfg)
+    assert sum(capped_terms.values()) - sum(flash_terms.values()) == 272_320
+    assert memory.kept_attention_bytes_per_token(gemma, 2048) == 24_576 + 264_192
+    assert memory.kept_attention_bytes_per_token(uncapped, 2048) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
+    # kept in every layer, the plan grows by that, 42 layers x 2048 tokens
+    kept = plan(gemma, replace(cfg, keep_attention=True)).activations - plan(gemma, cfg).activations
+    assert kept == 42 * 2048 * (24_576 + 264_192)
+    # the final soft-cap sends the loss through the chunked reference loss: 14 B an entry of a
+    # 256-token chunk (2**26 / 256,000 vocab, down to a power of two) + 4 B x tokens x hidden
+    assert plan(gemma, cfg).loss == 14 * 256 * 256_000 + 4 * 2048 * 3584
+
+    phi4 = memory.resolve_arch(shape="phi-4")
+    qkv, o, gate_up = 5120 * (40 + 2 * 10) * 128, 5120 * 5120, 5120 * 2 * 17920
+    b = plan(phi4, PlanConfig(seq_len=2048, kernels="fused", keep_attention=True))
+    # inside a matmul: the largest weight (gate_up_proj) dequantized, bf16, + its fp32 absmax;
+    # the rerun's dense weights of every linear but down_proj, kept for the layer's backward
+    assert b.dequant == 2 * gate_up + 4 * -(-gate_up // 64) + 2 * (qkv + o + gate_up)
+    assert memory.kept_attention_layers(phi4, b.cfg) == 0
+    assert any("phi3's attention is recomputed" in n for n in b.notes)
+    assert b.activations == plan(phi4, PlanConfig(seq_len=2048, kernels="fused")).activations
+    # fused kernels: its norms fused, its MLP's silu(gate) still kept (Phi3MLP stays torch)
+    assert "activation(gate)" in memory.layer_activation_terms(phi4, b.cfg)
+    assert "activation(gate)" not in memory.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
 
 
 def test_predictions_within_10_percent_of_every_gpu_measurement():

@@ -304,10 +304,53 @@ def test_gguf_export_writes_phi3_s_fused_tensors(phi3_models, tmp_path):
         assert torch.equal(got, source[theirs].half()), ours
 
 
-def test_gguf_export_refuses_longrope(phi3_models, tmp_path):
-    from qlora.errors import QloraError
+@pytest.mark.parametrize("variant", ["phi3-longrope", "phi3-su"])
+def test_gguf_export_writes_longrope_as_llama_cpp_reads_it(phi3_models, tmp_path, variant):
+    """llama.cpp's phi3 (convert_hf_to_gguf.py's layout): the short and long factors as F32
+    tensors rope_factors_short / rope_factors_long, one divisor per rotated frequency; the
+    attention factor and the original context (past which llama.cpp takes the long factors) as
+    keys. The factors read back are the ones our model (and transformers) rotates with: the GGUF's
+    1 / (factor · theta^(2i / rotary_dim)) equal Phi3Rotary's frequencies."""
+    import math
+
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    from qlora.export.gguf import export_gguf
+    from qlora.models.families.phi3_blocks import Phi3Rotary
+    from qlora.models.spec import read_spec
+
+    path = phi3_models[variant]
+    r = gguf.GGUFReader(str(export_gguf(path, tmp_path / "m.gguf", "q8_0")))
+    field = lambda key: r.fields[key].contents()  # noqa: E731
+    rotary = HEAD_DIM // 2 if variant == "phi3-longrope" else HEAD_DIM
+    assert field("phi3.rope.dimension_count") == rotary
+    assert field("phi3.rope.freq_base") == 10000.0
+    assert field("phi3.context_length") == 512  # the tiny sizes' max_position_embeddings
+    assert field("phi3.rope.scaling.original_context_length") == ORIGINAL
+    # 512 / 32 = 16 times the original context: sqrt(1 + ln 16 / ln 32), as transformers scales
+    # cos and sin (read from its rotary embedding); stored as f32, hence rel 1e-6
+    hf_scale = hf_model(path).model.rotary_emb.attention_scaling
+    assert hf_scale == pytest.approx(math.sqrt(1 + math.log(16) / math.log(32)), rel=1e-12)
+    assert field("phi3.rope.scaling.attn_factor") == pytest.approx(hf_scale, rel=1e-6)
+    tensors = {t.name: t for t in r.tensors}
+    ours = Phi3Rotary(read_spec(path))
+    base = 10000.0 ** (np.arange(0, rotary, 2) / rotary)
+    for kind, frequencies in (("short", ours.inv_freq), ("long", ours.long_inv_freq)):
+        t = tensors[f"rope_factors_{kind}.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and t.data.shape == (rotary // 2,)
+        assert t.data.tolist() == longrope(rotary)[f"{kind}_factor"]  # exact: small binary fractions
+        # float32 frequencies against float64 arithmetic: rel 1e-6
+        np.testing.assert_allclose(1.0 / (t.data * base), frequencies.double().numpy(), rtol=1e-6)
+
+
+def test_gguf_export_of_plain_rope_phi3_writes_no_factors(phi3_models, tmp_path):
+    """Phi-3 without LongRoPE: the original context still written (llama.cpp's converter does so
+    for every phi3), no factor tensors and no attention factor."""
+    gguf = pytest.importorskip("gguf")
     from qlora.export.gguf import export_gguf
 
-    with pytest.raises(QloraError, match="longrope"):
-        export_gguf(phi3_models["phi3-longrope"], tmp_path / "m.gguf", "f16")
-    assert not (tmp_path / "m.gguf").exists()
+    r = gguf.GGUFReader(str(export_gguf(phi3_models["phi3"], tmp_path / "m.gguf", "f16")))
+    assert not [t.name for t in r.tensors if t.name.startswith("rope_factors")]
+    assert "phi3.rope.scaling.attn_factor" not in r.fields
+    assert r.fields["phi3.rope.scaling.original_context_length"].contents() == 4096  # Phi3Config's default

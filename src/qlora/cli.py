@@ -522,9 +522,12 @@ def run_plan(args) -> None:
         print(f"a coarser estimate: {arch.model_type} runs on the generic path (transformers' own "
               "modules); weights counted exactly, activations estimated from the model's width, "
               "never measured")
-    else:
+    elif arch.model_type in memory.CALIBRATED_FAMILIES:
         print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "
               "configurations measured since within 10% (docs/MEMORY.md)")
+    else:
+        print(f"{arch.model_type}: its layer's terms are derived from what autograd keeps (checked "
+              "on the CPU); no GPU peak of this family has been measured yet (docs/MEMORY.md)")
     if gpu_bytes is None:
         print("no --gpu-memory given and no GPU detected: not checking whether it fits")
         return

@@ -32,8 +32,9 @@ from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family
 from qlora.models.spec import NAMED_SHAPES as SHAPES  # (benchmarks read memory.SHAPES)
 from qlora.models.generic import GenericSpec, LinearLayer
 from qlora.models.generic import spec_from_config as generic_spec_from_config
-from qlora.models.spec import (ArchSpec, attention_layers_kept, is_native, spec_from_config,
-                               spec_from_shape)
+from qlora.models.families import FAMILIES
+from qlora.models.spec import (GEMMA_TYPES, ArchSpec, attention_layers_kept, is_native,
+                               spec_from_config, spec_from_shape)
 from qlora.quant import FOUR_BIT_METHODS, METHODS as QUANT_METHODS
 
 GiB = 1024**3
@@ -89,6 +90,9 @@ def resolve_arch(model_dir: str | None = None, config_json: str | None = None,
     if shape:
         if shape.lower() not in SHAPES:
             raise QloraError(f"--shape {shape!r} is not known; known shapes: {', '.join(SHAPES)}")
+        if not is_native(SHAPES[shape.lower()]):  # a generic-path shape (stablelm-2-1.6b)
+            return generic_spec_from_config(SHAPES[shape.lower()], source=f"shape {shape.lower()}",
+                                            name=shape.lower())
         return spec_from_shape(shape)
     path = Path(config_json) if config_json else Path(model_dir) / "config.json"
     if not path.is_file():
@@ -267,6 +271,48 @@ def optimizer_state_bytes(numels: list[int], cfg: PlanConfig) -> tuple[int, int,
     return in_alloc, in_managed, 0  # bitsandbytes updates in place: no step temporaries
 
 
+# the families whose peaks were measured on the GPU (docs/MEMORY.md): Llama's block
+CALIBRATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+# --- what each family's step computes in torch whatever the kernels (speed/fast_decoder.py) ------
+def torch_norms(arch: ArchSpec, cfg: PlanConfig) -> bool:
+    """Whether the norms run as torch ops (keeping an fp32 copy of their input): eager kernels, or
+    Gemma's (1 + w) RMSNorm, which has no fused kernel (GemmaRMSNorm stays torch)."""
+    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES
+
+
+def torch_activation(arch: ArchSpec, cfg: PlanConfig) -> bool:
+    """Whether the MLP's activation runs in torch (its output kept for the product's backward):
+    eager kernels, or Gemma's GeGLU and Phi-3's MLP, which the fused SwiGLU does not serve."""
+    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES + ("phi3",)
+
+
+def attention_softcap(arch: ArchSpec) -> float | None:
+    """Gemma 2's score soft-cap: its attention then runs in torch over dense [heads, T, T]
+    scores (models/families/gemma.capped_attention), where flash attention cannot apply."""
+    if arch.model_type not in GEMMA_TYPES:
+        return None
+    return FAMILIES[arch.model_type].settings(arch.raw).attn_softcap
+
+
+def final_softcap(arch: ArchSpec) -> float | None:
+    """Gemma's output logit soft-cap: the loss then goes through the reference chunked loss
+    (FastGemmaLM: the fused cross-entropy does not cap)."""
+    if arch.model_type not in GEMMA_TYPES:
+        return None
+    return FAMILIES[arch.model_type].settings(arch.raw).final_softcap
+
+
+def capped_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
+    """What Gemma 2's capped attention keeps per token of a row of `seq_len` tokens: q, and k
+    and v repeated to every head (the matmuls keep their operands), each query's row of scores
+    three times (tanh's bf16 output, the fp32 softmax, its bf16 probabilities that the second
+    matmul keeps: 2 + 4 + 2 bytes a score) and masked_fill's bool mask (1 byte a score)."""
+    q = arch.num_heads * arch.head_dim
+    return 2 * 3 * q + (8 * arch.num_heads + 1) * seq_len
+
+
 def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: int = 1) -> dict[str, float]:
     """Bytes per token that autograd keeps for one decoder layer, term by term (bf16 = 2 bytes).
 
@@ -283,7 +329,7 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     """
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    eager = cfg.kernels == "eager"
+    eager_norms = torch_norms(arch, cfg)
     targets = target_names(cfg.targets, arch)
     inputs = {name: n_in for name, n_in, _ in arch.linears()}
     outputs = {name: n_out for name, _, n_out in arch.linears()}
@@ -291,9 +337,11 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     # which draws the masks inside the products and keeps the undropped input, as without dropout
     dropout = cfg.lora_dropout > 0 and not fast_path(cfg)
     t: dict[str, float] = {}
-    # RMSNorm, twice. Eager (x.float(); x * rsqrt(mean(x^2) + eps); w * x.to(bf16)) keeps the fp32
-    # copy of its input and the fp32 rstd per token; a fused kernel keeps the bf16 input + rstd.
-    t["norm inputs (2 norms)"] = 2 * ((4 if eager else 2) * h + 4)
+    # RMSNorm, twice (Gemma: four, before and after attention and MLP). Eager (x.float(); x *
+    # rsqrt(mean(x^2) + eps); w * x.to(bf16)) keeps the fp32 copy of its input and the fp32 rstd
+    # per token; a fused kernel keeps the bf16 input + rstd.
+    norms = 4 if arch.model_type in GEMMA_TYPES else 2
+    t[f"norm inputs ({norms} norms)"] = norms * ((4 if eager_norms else 2) * h + 4)
     # The normed hidden state read by q,k,v and, in the MLP, by gate,up: one tensor each, shared,
     # kept for LoRA A's weight gradient -- unless every reader targets dropout's copy instead.
     attn_readers = [n for n in ("q_proj", "k_proj", "v_proj", "qkv_proj") if n in targets]
@@ -302,26 +350,41 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
         t["attention input (normed)"] = 2 * h
     if mlp_readers and not dropout:
         t["MLP input (normed)"] = 2 * h
-    if arch.qk_norm:  # qwen3: per-head RMSNorm of q and k, same rule as above
-        t["q/k norm inputs"] = (4 if eager else 2) * (q + kv) + 4 * (arch.num_heads + arch.num_kv_heads)
+    if arch.qk_norm:  # qwen3, gemma3: per-head RMSNorm of q and k, same rule as above
+        t["q/k norm inputs"] = (4 if eager_norms else 2) * (q + kv) + 4 * (arch.num_heads + arch.num_kv_heads)
     # SDPA (flash/efficient) keeps q and k after RoPE, v, its output and a fp32 logsumexp per
     # head. The decoder repeats k and v to all heads for GQA (repeat_interleave) before SDPA, so the
     # kept k and v have nh heads. RoPE is a linear map: its backward needs cos/sin only.
     from qlora.models.decoder import sdpa_takes_gqa
 
-    if sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
+    if attention_softcap(arch) is not None:
+        # Gemma 2: no SDPA; capped_attention keeps what capped_attention_bytes_per_token says
+        t["q, k/v repeated, scores (capped, in torch)"] = capped_attention_bytes_per_token(
+            arch, cfg.seq_len)
+    elif arch.model_type == "phi3":
+        # Phi-3: q and k rotated into new tensors, v a view of the fused qkv_proj output, whose
+        # whole storage SDPA's saved v then keeps (Phi3Attention, reference on every path)
+        t["q, k (after RoPE)"] = 2 * (q + kv)
+        t["qkv_proj output (kept whole by v's view)"] = 2 * (q + 2 * kv)
+    elif sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
         t["q, k, v (after RoPE)"] = 2 * (q + 2 * kv)
     else:
         t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
-    # The output, [B, T, H, D] in memory, is also o_proj's input (transpose + reshape is a view).
-    t["attention output (= o_proj input)"] = 2 * q
-    t["attention logsumexp (fp32)"] = 4 * arch.num_heads
-    # MLP: gate and up outputs (silu's input, the product's other factor); silu(gate) kept by
-    # eager autograd for the product's backward (a fused SwiGLU recomputes it); the product is
-    # down_proj's input, kept for its LoRA A unless dropout's copy is kept instead.
+    # The output, [B, T, H, D] in memory, is also o_proj's input (transpose + reshape is a view):
+    # kept by SDPA; the capped attention's last matmul keeps its operands, not its output, which
+    # o_proj's LoRA A keeps then (unless it reads dropout's copy).
+    if attention_softcap(arch) is None:
+        t["attention output (= o_proj input)"] = 2 * q
+        t["attention logsumexp (fp32)"] = 4 * arch.num_heads
+    elif "o_proj" in targets and not dropout:
+        t["o_proj input"] = 2 * q
+    # MLP: gate and up outputs (silu's input, the product's other factor; Phi-3's one gate_up
+    # output); silu(gate) (Gemma: gelu(gate)) kept by torch's autograd for the product's backward
+    # (a fused SwiGLU recomputes it); the product is down_proj's input, kept for its LoRA A unless
+    # dropout's copy is kept instead.
     t["gate, up outputs"] = 2 * 2 * i
-    if eager:
-        t["silu(gate)"] = 2 * i
+    if torch_activation(arch, cfg):
+        t["activation(gate)"] = 2 * i
     if "down_proj" in targets and not dropout:
         t["down_proj input"] = 2 * i
     # LoRA: lora_B's weight gradient needs lora_A's output [tokens, r] per target.
@@ -338,26 +401,38 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     return t
 
 
-def kept_attention_bytes_per_token(arch: ArchSpec) -> int:
+def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
     """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
     v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
-    log-sum-exp of each head."""
+    log-sum-exp of each head; Gemma 2's capped attention keeps its autograd graph in torch: q, k
+    and v repeated to every head, the [heads, T, T] scores three times and the mask
+    (capped_attention_bytes_per_token: it grows with the row's `seq_len`), not its output."""
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    if attention_softcap(arch) is not None:
+        return capped_attention_bytes_per_token(arch, seq_len)
     return 2 * (q + 2 * kv + q) + 4 * arch.num_heads
+
+
+def keeps_attention(arch: ArchSpec | GenericSpec) -> bool:
+    """Whether the speed layer can keep this model's attention for backward: not on the generic
+    path (no speed layer), nor for Phi-3, whose attention stays the reference
+    (speed/fast_decoder.FastPhi3DecoderLayer: a checkpointed rerun recomputes it)."""
+    return not isinstance(arch, GenericSpec) and arch.model_type != "phi3"
 
 
 def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
     """Layers whose attention is kept for backward: keep_attention's count, with checkpointing
-    (none on the generic path, which has no speed layer)."""
-    if isinstance(arch, GenericSpec) or not cfg.checkpointing:
+    (none where the model cannot keep it: keeps_attention)."""
+    if not keeps_attention(arch) or not cfg.checkpointing:
         return 0
     return attention_layers_kept(cfg.keep_attention, arch.num_layers)
 
 
 def attention_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes: int) -> int:
     """The most layers that can keep their attention with the plan still fitting `gpu_bytes` (0
-    without checkpointing or where even none fits). The plan grows with the count: bisected."""
-    if isinstance(arch, GenericSpec) or not cfg.checkpointing:
+    without checkpointing, for a model that cannot keep it, or where even none fits). The plan
+    grows with the count: bisected."""
+    if not keeps_attention(arch) or not cfg.checkpointing:
         return 0
     return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.num_layers)
 
@@ -389,11 +464,15 @@ def fast_path(cfg: PlanConfig) -> bool:
         cfg.seeded_dropout or cfg.lora_dropout == 0)
 
 
+# the projections the fast path may run as one LoRA group (q/k/v and gate/up read one input each);
+# Phi-3's block has them fused already (qkv_proj, gate_up_proj): each its own group of one
+GROUPABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def _fast_path_groups(targets) -> list[tuple[str, ...]]:
-    """The projections that run as one LoRA group on the fast path: q/k/v and gate/up where all
-    their members are targets (adapters.groupable), every other target alone."""
-    groups = [g for g in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-              if all(n in targets for n in g)]
+    """The block's targets as the fast path runs them: q/k/v and gate/up as one LoRA group where
+    all their members are targets (adapters.groupable), every other target alone."""
+    groups = [g for g in GROUPABLE if all(n in targets for n in g)]
     grouped = {n for g in groups for n in g}
     return groups + [(n,) for n in targets if n not in grouped]
 
@@ -425,6 +504,11 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
     if cfg.dora and cfg.lora_dropout > 0:
         t["DoRA: dequantized weights kept by the dropped-input matmul"] = sum(
             _alloc(2 * n_in * n_out, rnd) for name, n_in, n_out in arch.linears() if name in targets)
+    if arch.model_type in GEMMA_TYPES:
+        # GemmaRMSNorm's scale, (1 + w) in fp32, made each forward and kept by the product for
+        # the input's gradient: the block's four norms and Gemma 3's q/k norms
+        sizes = arch.norm_sizes()[: len(arch.norm_sizes()) // arch.num_layers]
+        t["Gemma norm scales (1 + w, fp32)"] = sum(_alloc(4 * n, rnd) for n in sizes)
     return t
 
 
@@ -433,9 +517,15 @@ def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
 
     The gradient of the residual stream coming in and going out (2 x bf16 h) and, at the MLP's
     peak, the gradients of silu(gate), of up and of gate (3 x bf16 I) while the layer's saved
-    tensors are still counted in full.
+    tensors are still counted in full. Gemma 2's capped attention adds, at its backward, the
+    gradients of a row of scores in flight (estimate: the probabilities' bf16 gradient, softmax's
+    fp32 gradient and the capped scores' bf16 gradient, 2 + 4 + 4 bytes a score with the fp32
+    copy).
     """
-    return 2 * 2 * arch.hidden_size + 3 * 2 * arch.intermediate_size
+    working = 2 * 2 * arch.hidden_size + 3 * 2 * arch.intermediate_size
+    if attention_softcap(arch) is not None:
+        working += 10 * arch.num_heads * cfg.seq_len
+    return working
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -474,6 +564,15 @@ def loss_peak_bytes(arch: ArchSpec, cfg: PlanConfig) -> tuple[int, str]:
     activation is alive and no adapter gradient exists yet (Breakdown's first phase)."""
     tokens = step_tokens(cfg)
     v, h = arch.vocab_size, arch.hidden_size
+    capped = isinstance(arch, ArchSpec) and final_softcap(arch) is not None
+    if capped and cfg.loss != "full":
+        # Gemma's soft-capped logits: the reference chunked loss (GemmaLM.chunk_loss, each chunk
+        # checkpointed), as `chunked` below with tanh's bf16 output kept beside the fp32
+        # log_softmax output and gradients: 14 B/entry in the recomputed chunk's backward
+        chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
+        return (14 * chunk * v + 4 * tokens * h,
+                f"soft-capped logits, chunked and recomputed in backward: 14 B x {chunk}-token "
+                f"chunk x {v} vocab (in backward)")
     if cfg.loss == "full":
         # transformers' ForCausalLMLoss: bf16 logits, .float() copy, log_softmax output (kept) =
         # 10 B/entry in forward; in backward the nll gradient, the kept log_softmax output and the
@@ -628,8 +727,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if host_embedding:
         notes.append(f"input embedding in pinned host memory: {_gib(v * h * nbytes):.2f} GiB "
                      "of host RAM, not on the GPU")
-    norm_tensors = [h] * (2 * L + 1) + ([arch.head_dim] * 2 * L if arch.qk_norm else [])
-    norms = sum(_alloc(n * nbytes, rnd) for n in norm_tensors)
+    norms = sum(_alloc(n * nbytes, rnd) for n in arch.norm_sizes())
 
     # Trainable: adapters (static), their gradients (made in backward, set to None after the
     # step), optimizer states (static from the first step on).
@@ -648,8 +746,9 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     # normed hidden state of the label positions: alive through the loss's forward, and kept by
     # each chunk's checkpoint until the loss's backward in `chunked`) with its int64
     # gather indices and targets; RoPE cos/sin in bf16, computed once and shared by all layers.
-    final = (4 if cfg.kernels == "eager" else 2) * h + 4 + 2 * h + 8 + 8
-    rope = 2 * 2 * arch.head_dim
+    final = (4 if torch_norms(arch, cfg) else 2) * h + 4 + 2 * h + 8 + 8
+    # Gemma 3: a second table pair for its sliding layers' own RoPE base
+    rope = 2 * 2 * arch.head_dim * (2 if arch.model_type == "gemma3_text" else 1)
     kept_layers = 2 if cfg.offload_activations else L  # offload: current + prefetched one on GPU
     if cfg.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
@@ -658,7 +757,8 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         if fast_path(cfg):
             layer_input += 2 * cfg.r * len(target_names(cfg.targets, arch))
         # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
-        kept_attention = kept_attention_layers(arch, cfg) * kept_attention_bytes_per_token(arch)
+        kept_attention = kept_attention_layers(arch, cfg) * kept_attention_bytes_per_token(
+            arch, cfg.seq_len)
         if kept_attention:
             notes.append(f"attention kept for backward in {kept_attention_layers(arch, cfg)} of {L} "
                          f"layers: {_gib(tokens * kept_attention):.2f} GiB (keep_attention)")
@@ -673,6 +773,13 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     backward = int(backward)
     loss, loss_note = loss_peak_bytes(arch, cfg)
     notes.append(f"logits/loss: {loss_note}")
+    if attention_softcap(arch) is not None:
+        scores = tokens * (8 * arch.num_heads + 1) * cfg.seq_len
+        notes.append(f"soft-capped attention (Gemma 2) runs in torch, not flash: its scores are "
+                     f"{_gib(scores):.2f} GiB a layer, kept while that layer runs backward")
+    if cfg.keep_attention and cfg.checkpointing and not keeps_attention(arch):
+        notes.append(f"keep_attention: {arch.model_type}'s attention is recomputed in backward "
+                     "(the speed layer keeps none of it)")
 
     # Workspace: the cuBLAS workspaces and the batch (ids, labels, positions) always; inside a
     # quantized matmul (forward and backward alike) the frozen weight dequantized, with double
@@ -699,7 +806,9 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         # With kept attention the rerun makes no q, k, v: their backward dequantizes them. (In
         # some layers only: counted as in none, the layers that rerun it being alive at once.)
         every_layer_kept = kept_attention_layers(arch, cfg) == L
-        skipped = ("down_proj",) + (("q_proj", "k_proj", "v_proj") if every_layer_kept else ())
+        last = arch.block_linears()[-1]  # down_proj, every family's
+        attention_inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+        skipped = (last,) + (attention_inputs if every_layer_kept else ())
         dequant += sum(2 * n_in * n_out for name, n_in, n_out in arch.linears()
                        if name not in skipped)
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
@@ -1097,7 +1206,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
             raise QloraError(
                 f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only with attention kept "
                 f"in at most {n} layers (keep_attention keeps "
-                f"~{_gib(kept * kept_attention_bytes_per_token(arch) * pc.seq_len * pc.micro_batch):.2f} GiB "
+                f"~{_gib(kept * kept_attention_bytes_per_token(arch, pc.seq_len) * pc.seq_len * pc.micro_batch):.2f} GiB "
                 f"in {kept}): set keep_attention: {n or 'false'} (or leave it out: as many as fit)")
     need = needed_bytes(b)
     coarse = " (a coarser estimate: the generic path)" if isinstance(arch, GenericSpec) else ""

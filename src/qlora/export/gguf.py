@@ -10,6 +10,11 @@ What llama.cpp needs and where it comes from:
 - hyper-parameters, rope (theta; linear / yarn / llama3 scaling: llama3's per-frequency factors go
   into a `rope_freqs.weight` tensor), RMS eps, the tokenizer (tokens, types, merges, special ids,
   chat template).
+- phi3 → "phi3": q/k/v and gate/up stay fused (`attn_qkv`, `ffn_up`), the rotary dimension count
+  (partial rotary), the original context (`rope.scaling.original_context_length`, always: llama.cpp
+  uses the long LongRoPE factors where its context exceeds it), and with LongRoPE the attention
+  factor (`rope.scaling.attn_factor`) and the per-frequency divisors as two F32 tensors,
+  `rope_factors_long.weight` and `rope_factors_short.weight` (convert_hf_to_gguf.py's layout).
 - gemma2 → "gemma2", gemma3_text → "gemma3": norm weights stored as 1 + w (llama.cpp multiplies
   by the stored weight; transformers by 1 + w, what convert_hf_to_gguf.py adds too), the sliding
   window and the soft-caps as keys. llama.cpp does not read the layer pattern, the query scale
@@ -120,8 +125,30 @@ def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarra
     return np.array(out, dtype=np.float32)
 
 
-def add_hparams(w, config: dict, arch_name: str) -> np.ndarray | None:
-    """Write the model hyper-parameters; return llama3 rope factors to store, if any."""
+def phi3_rope(w, config: dict) -> dict[str, np.ndarray]:
+    """Phi-3's RoPE as llama.cpp's phi3 reads it, from what the model means by its config.json
+    (models/families/phi3.rope_settings, as transformers reads it): theta, the original context,
+    and with LongRoPE the attention factor written as a key and the short and long factors
+    returned as the tensors to store (one divisor per rotated frequency)."""
+    from qlora.models.families import phi3
+
+    rope = phi3.rope_settings(config)
+    g = _gguf()
+    w.add_rope_freq_base(rope.theta)
+    original = config.get("original_max_position_embeddings",
+                          config.get("max_position_embeddings", 4096))
+    w.add_rope_scaling_orig_ctx_len(rope.original_max_positions if rope.long_factor else original)
+    if rope.long_factor is None:
+        return {}
+    w.add_rope_scaling_attn_factors(rope.attention_factor)
+    names = g.TENSOR_NAMES
+    return {names[g.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight": np.array(rope.long_factor, np.float32),
+            names[g.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": np.array(rope.short_factor, np.float32)}
+
+
+def add_hparams(w, config: dict, arch_name: str) -> dict[str, np.ndarray]:
+    """Write the model hyper-parameters; return the rope tensors to store (llama3's
+    `rope_freqs`, LongRoPE's factors), by GGUF name."""
     g = _gguf()
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
@@ -140,11 +167,13 @@ def add_hparams(w, config: dict, arch_name: str) -> np.ndarray | None:
     if arch_name == "phi3" and config.get("sliding_window"):
         w.add_sliding_window(config["sliding_window"])
     w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    w.add_vocab_size(config["vocab_size"])
+    if arch_name == "phi3":
+        return phi3_rope(w, config)
     theta, scaling = rope_settings(config)
     w.add_rope_freq_base(theta)
-    w.add_vocab_size(config["vocab_size"])
     if not scaling:
-        return None
+        return {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
         w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
@@ -154,11 +183,12 @@ def add_hparams(w, config: dict, arch_name: str) -> np.ndarray | None:
         w.add_rope_scaling_factor(scaling["factor"])
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     elif kind == "llama3":
-        return llama3_rope_factors(scaling, theta, head_dim)
+        return {g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight":
+                llama3_rope_factors(scaling, theta, head_dim)}
     else:
         raise QloraError(f"config.json rope scaling type {kind!r} is not supported by GGUF export "
-                         f"(supported: linear, yarn, llama3)")
-    return None
+                         f"(supported: linear, yarn, llama3; phi3's longrope)")
+    return {}
 
 
 # --- Gemma ---------------------------------------------------------------------------------------
@@ -435,9 +465,8 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         w.add_quantization_version(g.GGML_QUANT_VERSION)
 
         fallbacks: dict[tuple[str, str, str, int], int] = {}  # (role, wanted, stored, row) -> count
-        if rope_factors is not None:
-            name = g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-            w.add_tensor(name, rope_factors)
+        for name, factors in rope_factors.items():  # F32, as llama.cpp reads them
+            w.add_tensor(name, factors)
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
                 for hf_name in sf.keys():

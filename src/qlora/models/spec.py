@@ -21,6 +21,8 @@ SUPPORTED_FAMILIES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 # The seven linear layers of the reference decoder's block, by their HF leaf names, in layer
 # order; a family whose block has other linears (phi3's fused ones) gives its own linear_shapes
+# the families with Gemma's blocks (models/families/gemma.py): four norms a block, GeGLU
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # every block linear name of any family: what a target name may be before a model is known
 KNOWN_BLOCK_LINEARS = tuple(dict.fromkeys(
@@ -76,10 +78,15 @@ class ArchSpec:
         biased = ((("q_proj", "k_proj", "v_proj") if self.qkv_bias else ()) + (("o_proj",) if self.o_bias else ())
                   + (("gate_proj", "up_proj", "down_proj") if self.mlp_bias else ()))
         per_layer += sum(shapes[name][0] for name in biased if name in shapes)
-        norms = (2 * self.num_layers + 1) * self.hidden_size + (2 * self.num_layers * self.head_dim
-                                                                 if self.qk_norm else 0)
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + norms + embed
+        return self.num_layers * per_layer + sum(self.norm_sizes()) + embed
+
+    def norm_sizes(self) -> list[int]:
+        """The length of every norm weight of the model: each block's (two; Gemma's four, around
+        attention and MLP), q/k norms per head (qwen3, gemma3), and the final norm."""
+        per_block = 4 if self.model_type in GEMMA_TYPES else 2
+        block = [self.hidden_size] * per_block + ([self.head_dim] * 2 if self.qk_norm else [])
+        return block * self.num_layers + [self.hidden_size]
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each linear layer of a decoder block, by its HF leaf name."""
@@ -123,6 +130,55 @@ NAMED_SHAPES: dict[str, dict] = {
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                        tie_word_embeddings=False),
+    # Mistral-Nemo-Base-2407: head_dim 128, not hidden / heads (160)
+    "mistral-nemo-12b": dict(model_type="mistral", hidden_size=5120, intermediate_size=14336,
+                             num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                             head_dim=128, vocab_size=131072, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                             max_position_embeddings=1024000, sliding_window=None,
+                             tie_word_embeddings=False),
+    # Gemma 2: sliding (4096) and full layers alternating, scores capped at 50, logits at 30, a
+    # head_dim unlike hidden / heads; the embedding tied (Gemma2Config's default, which
+    # config.json leaves out)
+    "gemma-2-2b": dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       query_pre_attn_scalar=256, vocab_size=256000, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                       hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=8192, tie_word_embeddings=True),
+    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       query_pre_attn_scalar=256, vocab_size=256000, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                       hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=8192, tie_word_embeddings=True),
+    # Gemma 3 1B (text only): five sliding layers (512) in six, local RoPE base 10000, no caps
+    "gemma-3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       query_pre_attn_scalar=256, vocab_size=262144, sliding_window=512,
+                       sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                       max_position_embeddings=32768, final_logit_softcapping=None,
+                       attn_logit_softcapping=None, tie_word_embeddings=True),
+    # Phi-3-mini-4k-instruct (phi3: fused qkv_proj and gate_up_proj) and Phi-4 (14B, the same
+    # family: model_type phi3, no sliding window, no LongRoPE)
+    "phi-3-mini-4k": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                          rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                          original_max_position_embeddings=4096, sliding_window=2047,
+                          tie_word_embeddings=False),
+    "phi-4": dict(model_type="phi3", hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                  num_attention_heads=40, num_key_value_heads=10, vocab_size=100352, rope_theta=250000.0,
+                  rms_norm_eps=1e-5, max_position_embeddings=16384, original_max_position_embeddings=16384,
+                  sliding_window=None, tie_word_embeddings=False),
+    # StableLM 2 1.6B: a family with no native module (LayerNorm with biases, q/k/v biases, RoPE
+    # on a quarter of each head): the generic path's shape (models/generic.py; `qlora plan`
+    # reads it through transformers' empty model)
+    "stablelm-2-1.6b": dict(model_type="stablelm", hidden_size=2048, intermediate_size=5632,
+                            num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                            vocab_size=100352, partial_rotary_factor=0.25, rope_theta=10000.0,
+                            layer_norm_eps=1e-5, use_qkv_bias=True, use_parallel_residual=False,
+                            qk_layernorm=False, hidden_act="silu", max_position_embeddings=4096,
+                            tie_word_embeddings=False),
 }
 
 
