@@ -434,3 +434,32 @@ def test_plan_divides_what_each_mode_shards():
     big = memory.resolve_arch(shape="llama-2-70b")
     (advice,) = memory.advise(big, memory.PlanConfig(), 24 * memory.GiB)
     assert "fsdp" in advice.text.lower()
+
+
+def test_failure_watch_ends_a_rank_with_the_first_failure_of_another(monkeypatch, capsys):
+    """FailureWatch against a real TCP store, in one process: a rank ends (exit code 1, the
+    failed rank's message) when another rank's failure appears in the store, keeps only the first
+    failure, and never ends itself over its own announcement."""
+    import threading
+
+    import torch.distributed as dist
+
+    from qlora.train.distributed import PEER_FAILED_EXIT, FailureWatch
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    ended, codes = threading.Event(), []
+
+    def fake_exit(code):
+        codes.append(code)
+        ended.set()
+
+    with FailureWatch(DistEnv(0, 2, 0), interval=0.01, exit=fake_exit) as rank0, \
+            FailureWatch(DistEnv(1, 2, 1), interval=0.01, exit=fake_exit) as rank1:
+        assert rank1.announce(RuntimeError("bad batch")) == "rank 1 failed: RuntimeError: bad batch"
+        assert ended.wait(timeout=60)  # a guard against a hang, not a measure of speed
+        # a later failure (usually a consequence) does not replace the first
+        assert rank0.announce(RuntimeError("connection closed")).startswith("rank 1 failed")
+    assert codes == [PEER_FAILED_EXIT]  # rank 0 ended; rank 1 did not end over its own
+    assert "error: rank 0 stops: rank 1 failed: RuntimeError: bad batch" in capsys.readouterr().err

@@ -151,6 +151,7 @@ class FailureWatch:
     def announce(self, err: BaseException) -> str | None:
         """Record this rank's failure unless another rank's came first; the first one's message
         (None without a store)."""
+        self._stop.set()  # this rank ends by its own error, not by finding it in the store
         if self.store is None:
             return None
         mine = f"rank {self.env.rank} failed: {type(err).__name__}: {err}".strip()
