@@ -130,6 +130,35 @@ FSDP_WORKER = textwrap.dedent("""
            "max_grad": max(float(want[n].abs().max()) for n in want), "n_grads": len(got),
            "state_local": sum(s.to_local().numel() for s in states),
            "state_full": sum(s.numel() for s in states)}
+
+    # each rank reads only its rows (double quantization: the quant state needs every part)
+    import bitsandbytes as bnb
+    from qlora.models import load as load_module
+    from qlora.train.distributed import DistEnv, row_part
+    dq = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.float32)
+    whole = load_model(sys.argv[1], dq, device="cpu")
+    read_whole, real_read = [], load_module._read
+    load_module._read = lambda h, p, k: (read_whole.append(k), real_read(h, p, k))[1]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = row_part(DistEnv(rank, world, rank), torch.device("cpu"))
+    mine = load_model(sys.argv[1], dq, device="cpu", part=part)
+    load_module._read = real_read
+    mine_params = dict(mine.named_parameters())
+    rows_equal = True
+    for n, p in whole.named_parameters():
+        a, b = part.rows(p.shape[0])
+        rows_equal &= torch.equal(mine_params[n].data[a:b], p.data[a:b])
+    states_equal, n_4bit = True, 0
+    for n, m in whole.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            q, w = mine.get_submodule(n).weight.quant_state, m.weight.quant_state
+            states_equal &= all(torch.equal(x, y) for x, y in (
+                (q.absmax, w.absmax), (q.code, w.code), (q.offset, w.offset),
+                (q.state2.absmax, w.state2.absmax), (q.state2.code, w.state2.code)))
+            states_equal &= (q.shape, q.dtype, q.blocksize) == (w.shape, w.dtype, w.blocksize)
+            n_4bit += 1
+    out.update(read_whole=read_whole, rows_equal=bool(rows_equal),
+               states_equal=bool(states_equal), n_4bit=n_4bit)
     if dist.get_rank() == 0:
         open(sys.argv[2], "w").write(json.dumps(out))
     dist.destroy_process_group()
@@ -388,7 +417,10 @@ def test_a_failing_rank_ends_every_rank_with_its_message(inputs, tmp_path):
 
 def test_fsdp_shards_the_4bit_base_and_steps_like_one_process(inputs, tmp_path):
     """The sharded building block: NF4 bytes re-stored as float32 and fully_shard-ed over 2 ranks;
-    each rank keeps half the bytes, and loss and adapter gradients equal the unsharded model's."""
+    each rank keeps half the bytes, and loss and adapter gradients equal the unsharded model's.
+    The sharded loader: each rank reads no tensor whole (only its rows, through safetensors
+    slices), and its rows (4-bit bytes, embeddings, norms) and every quant state (double
+    quantization) equal those of the model read whole."""
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(FSDP_WORKER)
     report = tmp_path / "fsdp.json"
@@ -399,6 +431,9 @@ def test_fsdp_shards_the_4bit_base_and_steps_like_one_process(inputs, tmp_path):
     assert r["n_grads"] > 0 and r["max_grad"] > 0
     assert r["max_grad_diff"] <= 1e-5 * r["max_grad"]
     assert r["state_local"] * 2 == r["state_full"]  # optimizer states: half on each rank
+    # a rank reading only the rows it keeps gets the whole-read model's rows and quant states
+    assert r["read_whole"] == [] and r["n_4bit"] > 0
+    assert r["rows_equal"] and r["states_equal"]
 
 
 # --- pieces that need no second process ------------------------------------------------------------

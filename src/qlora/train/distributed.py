@@ -315,6 +315,21 @@ def shard_fsdp(model: torch.nn.Module, dtype: torch.dtype,
     return model
 
 
+def row_part(env: DistEnv, device: torch.device):
+    """What this rank reads of the checkpoint in a sharded run (models.load.RowPart): the rows of
+    each tensor fully_shard will keep here. The parts' absmax are gathered through `device` (nccl
+    gathers GPU tensors only)."""
+    from qlora.models.load import RowPart
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        mine = t.to(device)
+        parts = [torch.empty_like(mine) for _ in range(env.world_size)]
+        dist.all_gather(parts, mine)
+        return torch.cat(parts).to(t.device)
+
+    return RowPart(env.rank, env.world_size, gather)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

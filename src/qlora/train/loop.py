@@ -125,14 +125,15 @@ def copy_tokenizer_files(model_dir: str | Path, out: Path) -> list[str]:
 
 
 # --- model and data --------------------------------------------------------------------------
-def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
-    """The quantized base with fresh adapters (their init draws from the seeded torch RNG)."""
+def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=None):
+    """The quantized base with fresh adapters (their init draws from the seeded torch RNG).
+    `part`: read only these rows of each tensor (models.load.RowPart; a sharded run's rank)."""
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.models import load_model
     from qlora.quant import QuantConfig
 
     quant = QuantConfig(method=cfg.quant, double_quant=cfg.double_quant, compute_dtype=dtype)
-    model = load_model(cfg.model, quant, device=device)
+    model = load_model(cfg.model, quant, device=device, part=part)
     torch.manual_seed(cfg.seed)
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
@@ -835,9 +836,11 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
         raise QloraError("`--sharding fsdp` shards the blocks of the native families (llama, "
                          "mistral, qwen2, qwen3); a model on the generic path trains with "
                          "--sharding ddp (each GPU holds the whole 4-bit base)")
-    # sharded: loaded (and quantized) in host memory; fully_shard then moves one block at a time
-    # to the GPU and keeps this rank's shard of it, so no GPU holds the whole base
-    model = build_model(cfg, torch.device("cpu") if sharded else device, dtype)
+    # sharded: each rank reads (and quantizes) only the rows it keeps, in host memory;
+    # fully_shard then moves one block at a time to the GPU and keeps this rank's shard of it, so
+    # no GPU holds the whole base
+    model = build_model(cfg, torch.device("cpu") if sharded else device, dtype,
+                        part=dist_.row_part(env, device) if sharded else None)
     if isinstance(model, GenericLM):
         for line in generic_path_lines(model, cfg):
             log(line)
