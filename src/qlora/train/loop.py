@@ -13,10 +13,10 @@ see the same batches, the same dropout masks and the same optimizer state as an 
 
 `fit` is the recipe; its parts live where they are named: train/step.py (a step's micro-batches,
 graphed or eager, the gradient all-reduce of data parallel runs, the fp16 scaler, the optimizer
-step), train/signals.py (Ctrl-C and
-SIGTERM), train/early_stop.py (early stopping and the best adapter), train/out_of_memory.py (the
-checkpoint kept after an out-of-memory error), and below: the windows of micro-batches, the
-checkpoints at step boundaries, the evaluations, the train records, the summary.
+step), train/signals.py (Ctrl-C and SIGTERM), train/early_stop.py (early stopping and the best
+adapter), train/out_of_memory.py (the checkpoint kept after an out-of-memory error), and below:
+the windows of micro-batches, the checkpoints at step boundaries, the evaluations, the train
+records, the summary.
 """
 
 from __future__ import annotations
