@@ -1,16 +1,23 @@
-"""Several GPUs, in one run: loss-curve equality, 1 -> 2 GPU scaling, sharded training of a
-model larger than one (memory-capped) GPU. Every part runs in child processes under a timeout; a
-failure is written down as that part's result and the next part runs.
+"""Several GPUs, in one run: 1 -> 2 (-> 4) GPU scaling with the loss curves beside it, loss-curve
+equality through the CLI, sharded training of a model larger than one (memory-capped) GPU. Every
+part runs in child processes under a timeout; a failure is written down as that part's result and
+the next part runs.
 
-  (a) loss curves: 1 process x accumulation 2 vs 2 ranks x accumulation 1 (DDP and FSDP), the real
-      `qlora train` CLI under torchrun, same data order, 10 optimizer steps, small random llama
-  (b) tokens/s at 1 and 2 GPUs (DDP), Llama-3-8B shape with random weights (random_model), seq 2048,
-      micro-batch 1, NF4 + double quant, LoRA r16 all-linear, checkpointing; per-GPU peak memory
+  (b) scaling: tokens/s at 1, 2 and (where the host has them) 4 GPUs, data parallel with the
+      graphed step (qlora.train.loop.fit, as `qlora train` runs it), Llama-3-8B shape with random
+      weights (random_model), seq 2048, micro-batch 1, NF4 + double quant, LoRA r16 all-linear,
+      checkpointing, paged 8-bit AdamW; the same global batch everywhere (accumulation G / N on N
+      GPUs, G the most GPUs measured), so the N-GPU loss and grad-norm curves (30 steps) must equal
+      the 1-GPU one: their largest relative difference is reported (target <= 1e-3); per-GPU peak
+      memory; whether the CUDA-graph step was on
+  (a) loss curves through the real `qlora train` CLI under torchrun: 1 process x accumulation 2 vs
+      2 ranks x accumulation 1 (data parallel and FSDP), 30 optimizer steps, small random llama
   (c) each GPU capped (torch.cuda.set_per_process_memory_fraction) below the 4-bit model's size
       (Llama-2-7B shape): 1 GPU runs out of memory loading it; 2 GPUs with --sharding fsdp train
 
 Results: one JSON line per measurement in OUT/results.jsonl; child logs in OUT/logs/.
-  python benchmarks/multi_gpu.py --out results/multi_gpu            # 2 GPUs, about 5-7 minutes
+  python benchmarks/multi_gpu.py --out $OUT/multi_gpu                # b and a, under 9 minutes
+  python benchmarks/multi_gpu.py --out $OUT/mg_c --parts c --budget 300
   python benchmarks/multi_gpu.py --out /tmp/mg --smoke              # CPU, gloo, tiny model
 """
 
@@ -84,13 +91,13 @@ def part_a(args, out: Path, deadline: float) -> None:
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["train", "--model", str(model), "--data", str(data), "--max_seq_length", "128",
-              "--micro_batch_size", "2", "--max_steps", "10", "--learning_rate", "2e-3",
+              "--micro_batch_size", "2", "--max_steps", "30", "--learning_rate", "2e-3",
               "--warmup_steps", "2", "--logging_steps", "1", "--eval_steps", "0",
               "--save_steps", "0", "--val_set_size", "0", "--lora_dropout", "0",
               "--optim", "adamw_torch", "--seed", "0", "--packing", "false",
               "--gradient_checkpointing", "true"] + (["--device", "cpu"] if args.smoke else [])
     runs = {"1rank_accum2": (1, ["--gradient_accumulation_steps", "2"]),
-            "2rank_ddp_accum1": (2, ["--gradient_accumulation_steps", "1", "--sharding", "ddp"]),
+            "2rank_dp_accum1": (2, ["--gradient_accumulation_steps", "1", "--sharding", "ddp"]),
             "2rank_fsdp_accum1": (2, ["--gradient_accumulation_steps", "1", "--sharding", "fsdp"])}
     curves = {}
     for name, (nproc, extra) in runs.items():
@@ -107,9 +114,10 @@ def part_a(args, out: Path, deadline: float) -> None:
         said = (out / "logs" / f"a_{name}.log").read_text(errors="replace")
         emit(out, {"part": "a", "run": name, "ok": True, "ranks": nproc, "losses": curves[name],
                    "compute_dtype": summary.get("compute_dtype"), "device": summary.get("device"),
-                   "keep_attention_on": "keep_attention: on" in said})
+                   "keep_attention_on": "keep_attention: on" in said,
+                   "cuda_graphs_on": "CUDA graphs on" in said})
     ref = curves.get("1rank_accum2")
-    for name in ("2rank_ddp_accum1", "2rank_fsdp_accum1"):
+    for name in ("2rank_dp_accum1", "2rank_fsdp_accum1"):
         if ref and name in curves and len(curves[name]) == len(ref):
             rel = max(abs(a - b) / abs(b) for a, b in zip(curves[name], ref))
             emit(out, {"part": "a", "compare": f"{name} vs 1rank_accum2", "steps": len(ref),
@@ -164,7 +172,7 @@ def _cpu_model_quantized_on(spec, quant, device):
 
 
 def worker(args) -> int:
-    """One rank of part b (--mode ddp) or c (--mode single | fsdp): build, train with the real
+    """One rank of part b (--mode dp) or c (--mode single | fsdp): build, train with the real
     loop (qlora.train.loop.fit), write this rank's facts."""
     import types
 
@@ -208,13 +216,16 @@ def worker(args) -> int:
         if cuda:
             rec["after_load_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
         g = torch.Generator().manual_seed(1)
+        # the same examples on every GPU count: the global batch is accum x ranks everywhere
+        global_batch = args.accum * env.world_size
         examples = [{"input_ids": ids, "labels": ids} for ids in
-                    torch.randint(0, spec.vocab_size, (args.steps * env.world_size + 4, args.seq),
+                    torch.randint(0, spec.vocab_size, (args.steps * global_batch + 4, args.seq),
                                   generator=g).tolist()]
         cfg = load_config(None, dict(
             model="<random>", data="<random>", output_dir=str(Path(args.out) / f"run-{args.part}-{args.mode}-{env.world_size}"),
-            overwrite=True, max_seq_length=args.seq, micro_batch_size=1, gradient_accumulation_steps=1,
-            max_steps=args.steps, learning_rate=1e-4, warmup_steps=0, logging_steps=1, eval_steps=0,
+            overwrite=True, max_seq_length=args.seq, micro_batch_size=1,
+            gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=2e-4,
+            warmup_steps=0, logging_steps=1, eval_steps=0,
             save_steps=0, val_set_size=0, packing=False, optim="adamw_torch" if args.mode == "fsdp"
             else "paged_adamw_8bit" if cuda else "adamw_8bit", sharding="fsdp" if args.mode == "fsdp" else "ddp",
             device=device.type, lora_r=args.lora_r, gradient_checkpointing=True))
@@ -223,14 +234,20 @@ def worker(args) -> int:
         dist_.barrier(env)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        said: list[str] = []
         res = loop.fit(model, types.SimpleNamespace(pad_token_id=0), examples, [], cfg,
-                       device=device, progress=False, env=env, log=lambda s: None)
+                       device=device, progress=False, env=env, log=said.append)
         losses = [res.step_losses[k] for k in sorted(res.step_losses)]
-        rec.update(ok=True, losses=losses, finite=all(math.isfinite(x) for x in losses))
+        rec.update(ok=True, accum=args.accum, losses=losses,
+                   finite=all(math.isfinite(x) for x in losses))
         if env.is_main:
             recs = [json.loads(ln) for ln in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-            tps = [r["tokens_per_s"] for r in recs if r["split"] == "train"][2:]  # after warm-up
+            train = [r for r in recs if r["split"] == "train"]
+            rec["grad_norms"] = [r["grad_norm"] for r in train]
+            tps = [r["tokens_per_s"] for r in train][min(5, len(train) // 2):]  # after captures
             rec["tokens_per_s"] = sorted(tps)[len(tps) // 2] if tps else None  # all ranks
+            rec["cuda_graphs_on"] = any("CUDA graphs on" in line for line in said) and not any(
+                "CUDA graphs off" in line for line in said)
         if cuda:
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             rec["reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
@@ -245,30 +262,67 @@ def worker(args) -> int:
     return 0
 
 
-def run_workers(args, out: Path, part: str, mode: str, nproc: int, timeout: float, **kw) -> None:
+def run_workers(args, out: Path, part: str, mode: str, nproc: int, timeout: float, **kw) -> dict:
+    """Rank 0's record (or {} when it failed); every rank's record is emitted."""
     cmd = [str(HERE), "--worker", "--out", str(out), "--part", part, "--mode", mode,
            *[a for k, v in kw.items() for a in (f"--{k}", str(v))]] + (["--smoke"] if args.smoke else [])
     rc, tail = launch(args, nproc, cmd, out / "logs" / f"{part}_{mode}_{nproc}.log", timeout)
-    got = 0
+    got = []
     for r in range(nproc):
         f = out / f"rank-{part}-{mode}-{nproc}-{r}.json"
         if f.exists():
-            emit(out, json.loads(f.read_text()))
-            got += 1
-    if got < nproc:
+            got.append(json.loads(f.read_text()))
+            emit(out, got[-1])
+    if len(got) < nproc:
         emit(out, {"part": part, "mode": mode, "ranks": nproc, "ok": False, "rc": rc,
                    "error": "timed out" if rc is None else last_error(tail)})
+    return got[0] if got and got[0].get("rank") == 0 and got[0].get("ok") else {}
+
+
+def max_rel_diff(got: list[float], want: list[float]) -> float | None:
+    if not got or len(got) != len(want):
+        return None
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, want))
+
+
+def part_b(args, out: Path, deadline: float) -> None:
+    """Scaling at the same global batch: tokens/s and the curves of each GPU count against one."""
+    import torch
+
+    have = 2 if args.smoke else torch.cuda.device_count()
+    counts = [n for n in (1, 2, 4) if n <= have]
+    most = counts[-1]
+    shape, seq, steps = ("tiny", 64, 8) if args.smoke else ("llama-3-8b", 2048, 30)
+    emit(out, {"part": "b", "gpu_counts": counts, "global_batch": most, "steps": steps})
+    runs = {}
+    for n in counts:
+        runs[n] = run_workers(args, out, "b", "dp", n, min(170, deadline - time.time()),
+                              shape=shape, seq=seq, steps=steps, lora_r=16, accum=most // n)
+    one = runs.get(1)
+    for n in counts[1:]:
+        if not (one and runs[n]):
+            continue
+        rec = {"part": "b", "compare": f"{n} GPUs (accum {most // n}) vs 1 GPU (accum {most})",
+               "max_rel_diff_loss": max_rel_diff(runs[n]["losses"], one["losses"]),
+               "max_rel_diff_grad_norm": max_rel_diff(runs[n].get("grad_norms"),
+                                                      one.get("grad_norms", [])),
+               "target": 1e-3, "tokens_per_s": runs[n].get("tokens_per_s"),
+               "tokens_per_s_1gpu": one.get("tokens_per_s")}
+        if rec["tokens_per_s"] and rec["tokens_per_s_1gpu"]:
+            rec["speedup"] = round(rec["tokens_per_s"] / rec["tokens_per_s_1gpu"], 3)
+        emit(out, rec)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for results.jsonl and logs/")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes")
-    p.add_argument("--parts", default="a,b,c", help="which parts to run (see above), comma-separated")
-    p.add_argument("--budget", type=float, default=420, help="seconds for all parts")
+    p.add_argument("--parts", default="b,a", help="which parts to run (see above), comma-separated")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all parts")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--part", default="b", help=argparse.SUPPRESS)  # worker: its part
-    p.add_argument("--mode", default="ddp", help=argparse.SUPPRESS)  # worker: ddp or fsdp
+    p.add_argument("--mode", default="dp", help=argparse.SUPPRESS)  # worker: dp, single or fsdp
+    p.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)  # worker: per rank
     p.add_argument("--shape", default="llama-3-8b", help=argparse.SUPPRESS)  # worker: set by the driver
     p.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)  # worker: set by the driver
     p.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)  # worker: set by the driver
@@ -285,16 +339,16 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     emit(out, {"part": "env", "smoke": args.smoke, "python": sys.version.split()[0],
                **{k: os.environ.get(k) for k in NO_MULTICAST}})
+    if "b" in parts:
+        try:
+            part_b(args, out, deadline)
+        except Exception as err:  # noqa: BLE001
+            emit(out, {"part": "b", "ok": False, "error": f"{type(err).__name__}: {err}"[:400]})
     if "a" in parts:
         try:
-            part_a(args, out, min(deadline, time.time() + 150))
+            part_a(args, out, min(deadline, time.time() + 200))
         except Exception as err:  # noqa: BLE001
             emit(out, {"part": "a", "ok": False, "error": f"{type(err).__name__}: {err}"[:400]})
-    if "b" in parts:
-        shape, seq, steps = ("tiny", 64, 6) if args.smoke else ("llama-3-8b", 2048, 10)
-        for n in (1, 2):
-            run_workers(args, out, "b", "ddp", n, min(100, deadline - time.time()),
-                        shape=shape, seq=seq, steps=steps, lora_r=16)
     if "c" in parts:
         # a cap below the 4-bit model (weights + quant state + bf16 embeddings/head), over the
         # planner's per-GPU figure for 2-GPU FSDP (qlora plan --shape llama-2-7b --gpus 2 --sharding fsdp)

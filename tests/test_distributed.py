@@ -3,9 +3,11 @@ accumulation multiplied by the rank count, rank 0 alone writing, resume across r
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -58,6 +60,32 @@ WORKER = textwrap.dedent("""
         watch(safetensors.torch, "save_file")
     from qlora.config import load_config
     from qlora.train import loop
+    if spec.get("graph_stand_in"):
+        # the loop's CUDA-graph branch on a CPU (stage, then run at the micro-batch's scale):
+        # GraphedSteps' own eager fallback stands in for the replay, which computes the same
+        # forward and backward of scale * loss_sum on the GPU
+        from qlora.train.graphs import GraphedSteps
+
+        def stand_in(model, optimizer, plan, env, sharded, device, scaler, log, max_len):
+            steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
+            steps.model, steps.device, steps.pad_to, steps.log = model, device, 16, log
+            steps.failed = "capture not possible on the CPU (test)"
+            return steps
+        loop._graphed_steps = stand_in
+    fail = spec.get("fail")
+    if fail and rank == fail["rank"]:  # this rank runs out of memory at its n-th optimizer step
+        import torch
+        from qlora.train.step import Stepper
+
+        real_update, calls = Stepper.update, []
+
+        def update(self):
+            calls.append(1)
+            if len(calls) == fail["step"]:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB "
+                                             "(simulated on rank %d)" % rank)
+            return real_update(self)
+        Stepper.update = update
     res = loop.train(load_config(None, spec["overrides"]), progress=False,
                      stop_after_steps=spec["stop_after"])
     with open(os.path.join(spec["report"], f"rank{rank}.json"), "w") as fh:
@@ -102,6 +130,35 @@ FSDP_WORKER = textwrap.dedent("""
            "max_grad": max(float(want[n].abs().max()) for n in want), "n_grads": len(got),
            "state_local": sum(s.to_local().numel() for s in states),
            "state_full": sum(s.numel() for s in states)}
+
+    # each rank reads only its rows (double quantization: the quant state needs every part)
+    import bitsandbytes as bnb
+    from qlora.models import load as load_module
+    from qlora.train.distributed import DistEnv, row_part
+    dq = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.float32)
+    whole = load_model(sys.argv[1], dq, device="cpu")
+    read_whole, real_read = [], load_module._read
+    load_module._read = lambda h, p, k: (read_whole.append(k), real_read(h, p, k))[1]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = row_part(DistEnv(rank, world, rank), torch.device("cpu"))
+    mine = load_model(sys.argv[1], dq, device="cpu", part=part)
+    load_module._read = real_read
+    mine_params = dict(mine.named_parameters())
+    rows_equal = True
+    for n, p in whole.named_parameters():
+        a, b = part.rows(p.shape[0])
+        rows_equal &= torch.equal(mine_params[n].data[a:b], p.data[a:b])
+    states_equal, n_4bit = True, 0
+    for n, m in whole.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            q, w = mine.get_submodule(n).weight.quant_state, m.weight.quant_state
+            states_equal &= all(torch.equal(x, y) for x, y in (
+                (q.absmax, w.absmax), (q.code, w.code), (q.offset, w.offset),
+                (q.state2.absmax, w.state2.absmax), (q.state2.code, w.state2.code)))
+            states_equal &= (q.shape, q.dtype, q.blocksize) == (w.shape, w.dtype, w.blocksize)
+            n_4bit += 1
+    out.update(read_whole=read_whole, rows_equal=bool(rows_equal),
+               states_equal=bool(states_equal), n_4bit=n_4bit)
     if dist.get_rank() == 0:
         open(sys.argv[2], "w").write(json.dumps(out))
     dist.destroy_process_group()
@@ -155,11 +212,41 @@ def torchrun(args, tmp_path, timeout=3600):
     return proc
 
 
-def run_worker(inputs, tmp_path, name, stop_after=None, **kw):
+def two_nodes(args, tmp_path, timeout=600):
+    """`args` under 2 "nodes" x 1 process: two torchrun launchers on this machine meeting at node
+    0's static rendezvous (--master-addr/--master-port), as two hosts would. [(exit code,
+    output)] of node 0 and node 1. `timeout`: a guard against a hang only (the process group's
+    own timeout is 30 minutes), never a measure of speed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                               "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr",
+                               "127.0.0.1", "--master-port", str(port), *args],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def worker_spec(inputs, tmp_path, name, stop_after=None, **kw):
     report = tmp_path / f"report-{name}"
     report.mkdir()
-    spec = {"overrides": overrides(inputs, tmp_path / name, **kw), "stop_after": stop_after,
-            "report": str(report)}
+    return report, {"overrides": overrides(inputs, tmp_path / name, **kw),
+                    "stop_after": stop_after, "report": str(report)}
+
+
+def run_worker(inputs, tmp_path, name, stop_after=None, **kw):
+    report, spec = worker_spec(inputs, tmp_path, name, stop_after, **kw)
     torchrun([str(inputs[2]), json.dumps(spec)], tmp_path)
     return [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -183,12 +270,26 @@ def tree(out):
     return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
+@contextmanager
+def one_thread():
+    """torch on one thread, as the ranks run (OMP_NUM_THREADS=1): a CPU matmul's order of sums
+    depends on its thread count, and the 8-bit optimizer can turn a last-bit difference of a
+    gradient into one quantization step of its state (seen: 1.9e-5 in one adapter element)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory):
     """One process, accumulation 2: what two ranks with accumulation 1 must reproduce."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    res = loop.train(load_config(None, overrides(inputs, out, gradient_accumulation_steps=2,
-                                                 save_steps=3)), progress=False)
+    with one_thread():
+        res = loop.train(load_config(None, overrides(inputs, out, gradient_accumulation_steps=2,
+                                                     save_steps=3)), progress=False)
     return out, res
 
 
@@ -253,9 +354,73 @@ def test_resume_two_ranks_from_one_and_one_from_two(inputs, reference, tmp_path)
     assert [s for s, _ in train_losses(tmp_path / "cut1")] == [1, 2, 3, 4, 5, 6]
 
 
+# 2 ranks x accumulation 2 against 1 process x accumulation 4: one process adds a step's four
+# micro-batch gradients in turn, the ranks two each and the all-reduce the two partial sums. Each
+# adapter-gradient element and each loss is a sum over 4 micro-batches x 3 rows x 64 positions =
+# 768 terms; reordering moves it by up to 768 * 1.19e-7 = 9.1e-5 relative (see REORDER_REL), and
+# torch AdamW carries that into each update: a weight moves by at most 6 steps x lr 5e-3 of
+# updates, so absolute error up to 6 * 5e-3 * 9.1e-5. (The 8-bit optimizer is left out here: a
+# reordering-sized change of a gradient can move its 8-bit state by a whole quantization step;
+# the accumulation-1 test above runs it, where the sums are the same sums.)
+ACCUM_REL = 768 * 1.19e-7
+ACCUM_ABS = 6 * 5e-3 * ACCUM_REL
+CLIP = 0.05  # below every step's gradient norm in this run: each step is clipped
+
+
+def test_two_nodes_accumulate_and_clip_like_one_process(inputs, tmp_path):
+    """Data parallel as the GPU runs it: 2 "nodes" x 1 process (two torchrun launchers, static
+    rendezvous), each rank 2 micro-batches of 3 per step through the loop's CUDA-graph branch
+    (on a CPU its eager stand-in), no communication until the one gradient all-reduce, then
+    clipping and AdamW: the steps, evals and adapter of 1 process with accumulation 4. 5
+    micro-batches an epoch: the second window of each epoch leaves rank 1 a weight-0 one."""
+    kw = dict(micro_batch_size=3, optim="adamw_torch", max_grad_norm=CLIP)
+    with one_thread():
+        want = loop.train(load_config(None, overrides(inputs, tmp_path / "one",
+                                                      gradient_accumulation_steps=4, **kw)),
+                          progress=False)
+    report, spec = worker_spec(inputs, tmp_path, "two", gradient_accumulation_steps=2, **kw)
+    spec["graph_stand_in"] = True
+    runs = two_nodes([str(inputs[2]), json.dumps(spec)], tmp_path)
+    assert [rc for rc, _ in runs] == [0, 0], runs[0][1][-3000:] + runs[1][1][-3000:]
+    got = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["losses"] == got[1]["losses"]  # all-reduced: every rank agrees
+    out, ref_out = tmp_path / "two", tmp_path / "one"
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4, 5, 6]
+    # bounds: ACCUM_REL / ACCUM_ABS above
+    assert [x for _, x in train_losses(out)] == pytest.approx(
+        [x for _, x in train_losses(ref_out)], rel=ACCUM_REL)
+    assert grad_norms(out) == pytest.approx(grad_norms(ref_out), rel=ACCUM_REL)
+    assert min(grad_norms(ref_out)) > CLIP  # clipping acted at every step
+    assert [x for _, x in eval_losses(out)] == pytest.approx(
+        [x for _, x in eval_losses(ref_out)], rel=ACCUM_REL)
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(ref_out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=ACCUM_REL, atol=ACCUM_ABS)
+    assert want.step_losses.keys() == {1, 2, 3, 4, 5, 6}
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(inputs, tmp_path):
+    """Rank 1 (node 1 of 2) runs out of memory (simulated) at its second optimizer step, while
+    rank 0 waits in the gradient all-reduce: both launchers end with a nonzero code, and rank 1's
+    message reaches rank 0's output too; two_nodes' guard (10 min) is far under the process
+    group's 30-minute timeout, which a waiting rank would otherwise sit out."""
+    report, spec = worker_spec(inputs, tmp_path, "fail", gradient_accumulation_steps=1)
+    spec["fail"] = {"rank": 1, "step": 2}
+    (rc0, out0), (rc1, out1) = two_nodes([str(inputs[2]), json.dumps(spec)], tmp_path)
+    assert rc0 != 0 and rc1 != 0
+    assert "out of GPU memory during training" in out1 and "simulated on rank 1" in out1
+    assert "rank 0 stops: rank 1 failed" in out0 and "simulated on rank 1" in out0
+    assert not list(report.iterdir())  # neither rank finished
+
+
 def test_fsdp_shards_the_4bit_base_and_steps_like_one_process(inputs, tmp_path):
     """The sharded building block: NF4 bytes re-stored as float32 and fully_shard-ed over 2 ranks;
-    each rank keeps half the bytes, and loss and adapter gradients equal the unsharded model's."""
+    each rank keeps half the bytes, and loss and adapter gradients equal the unsharded model's.
+    The sharded loader: each rank reads no tensor whole (only its rows, through safetensors
+    slices), and its rows (4-bit bytes, embeddings, norms) and every quant state (double
+    quantization) equal those of the model read whole."""
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(FSDP_WORKER)
     report = tmp_path / "fsdp.json"
@@ -266,6 +431,9 @@ def test_fsdp_shards_the_4bit_base_and_steps_like_one_process(inputs, tmp_path):
     assert r["n_grads"] > 0 and r["max_grad"] > 0
     assert r["max_grad_diff"] <= 1e-5 * r["max_grad"]
     assert r["state_local"] * 2 == r["state_full"]  # optimizer states: half on each rank
+    # a rank reading only the rows it keeps gets the whole-read model's rows and quant states
+    assert r["read_whole"] == [] and r["n_4bit"] > 0
+    assert r["rows_equal"] and r["states_equal"]
 
 
 # --- pieces that need no second process ------------------------------------------------------------
@@ -286,10 +454,10 @@ def test_plan_divides_what_each_mode_shards():
     fsdp = memory.plan(arch, replace(memory.PlanConfig(), gpus=2, sharding="fsdp"))
     # a sharded run steps with torch AdamW (bitsandbytes' optimizers do not take DTensor shards)
     one_adamw = memory.plan(arch, replace(memory.PlanConfig(), optimizer="adamw_torch"))
-    # DDP: every rank holds everything; gradients get DDP's bucket copy besides
-    assert (ddp.base, ddp.adapters, ddp.optimizer, ddp.activations) == (
-        one.base, one.adapters, one.optimizer, one.activations)
-    assert ddp.adapter_grads == 2 * one.adapter_grads
+    # data parallel: every rank holds everything, as one GPU; the gradients are summed in place
+    # (no bucket copy)
+    assert (ddp.base, ddp.adapters, ddp.optimizer, ddp.activations, ddp.adapter_grads) == (
+        one.base, one.adapters, one.optimizer, one.activations, one.adapter_grads)
     # FSDP: base, embeddings, adapters, grads and optimizer states halve; activations do not
     for part in ("base", "embeddings", "adapters", "adapter_grads"):
         assert getattr(fsdp, part) == -(-getattr(one, part) // 2), part
@@ -301,3 +469,32 @@ def test_plan_divides_what_each_mode_shards():
     big = memory.resolve_arch(shape="llama-2-70b")
     (advice,) = memory.advise(big, memory.PlanConfig(), 24 * memory.GiB)
     assert "fsdp" in advice.text.lower()
+
+
+def test_failure_watch_ends_a_rank_with_the_first_failure_of_another(monkeypatch, capsys):
+    """FailureWatch against a real TCP store, in one process: a rank ends (exit code 1, the
+    failed rank's message) when another rank's failure appears in the store, keeps only the first
+    failure, and never ends itself over its own announcement."""
+    import threading
+
+    import torch.distributed as dist
+
+    from qlora.train.distributed import PEER_FAILED_EXIT, FailureWatch
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    ended, codes = threading.Event(), []
+
+    def fake_exit(code):
+        codes.append(code)
+        ended.set()
+
+    with FailureWatch(DistEnv(0, 2, 0), interval=0.01, exit=fake_exit) as rank0, \
+            FailureWatch(DistEnv(1, 2, 1), interval=0.01, exit=fake_exit) as rank1:
+        assert rank1.announce(RuntimeError("bad batch")) == "rank 1 failed: RuntimeError: bad batch"
+        assert ended.wait(timeout=60)  # a guard against a hang, not a measure of speed
+        # a later failure (usually a consequence) does not replace the first
+        assert rank0.announce(RuntimeError("connection closed")).startswith("rank 1 failed")
+    assert codes == [PEER_FAILED_EXIT]  # rank 0 ended; rank 1 did not end over its own
+    assert "error: rank 0 stops: rank 1 failed: RuntimeError: bad batch" in capsys.readouterr().err

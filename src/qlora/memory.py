@@ -452,8 +452,10 @@ def _largest_that_fits(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_na
 
 def embedding_in_host_memory(arch: ArchSpec, cfg: PlanConfig) -> bool:
     """Whether the input embedding sits in pinned host memory: asked for, not the head's weight
-    too (tied), and one GPU (qlora train moves it only outside torchrun)."""
-    return cfg.embedding_on_host and not arch.tie_word_embeddings and cfg.gpus == 1
+    too (tied), and not sharded (each data parallel rank moves its whole copy, as one GPU does;
+    FSDP shards the embedding instead)."""
+    return cfg.embedding_on_host and not arch.tie_word_embeddings and (
+        cfg.gpus == 1 or cfg.sharding == "ddp")
 
 
 def fast_path(cfg: PlanConfig) -> bool:
@@ -821,15 +823,15 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
                      f"{_gib(reference):.2f} GiB, an estimate")
 
-    # Several GPUs: DDP replicates everything (and keeps a bucket copy of the gradients); FSDP
-    # shards the weights, adapters, grads and optimizer, and gathers one layer at a time (twice:
-    # current + prefetched).
+    # Several GPUs: data parallel replicates everything and sums the flat gradient buffers in
+    # place (no bucket copy: train/distributed.all_reduce_grads); FSDP shards the weights,
+    # adapters, grads and optimizer, and gathers one layer at a time (twice: current +
+    # prefetched).
     if cfg.gpus > 1:
         n = cfg.gpus
         if cfg.sharding == "ddp":
-            grads *= 2
-            layer_grads *= 2
-            notes.append(f"DDP over {n} GPUs: each holds a full copy; micro-batch is per GPU")
+            notes.append(f"data parallel over {n} GPUs: each holds a full copy; micro-batch is "
+                         "per GPU")
         else:
             layer_full = base_layer + sum(_alloc(x * abytes, rnd) for x in numels[: len(numels) // L])
             base, embeddings, norms = -(-base // n), -(-embeddings // n), -(-norms // n)

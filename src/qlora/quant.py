@@ -88,6 +88,62 @@ def quantize_linear(
     return layer
 
 
+def rows_align(out_features: int, in_features: int, parts: int, quant: QuantConfig) -> bool:
+    """Whether a 4-bit weight [out, in] splits into `parts` equal runs of whole rows that are
+    also equal runs of whole quantization blocks and of whole compute-dtype values of its packed
+    bytes (how FSDP2 cuts them, train/distributed.float_storage_4bit): then each part can be
+    read and quantized alone (quantize_linear_rows)."""
+    if not quant.is_4bit or out_features % parts:
+        return False
+    per_part = out_features // parts * in_features  # weight values in a part
+    return per_part % quant.blocksize == 0 and per_part % (2 * quant.compute_dtype.itemsize) == 0
+
+
+def quantize_linear_rows(rows: torch.Tensor, first_row: int, out_features: int,
+                         quant: QuantConfig, device: torch.device | str,
+                         gather) -> nn.Module:
+    """A 4-bit linear [out_features, in] of which only `rows` (from row `first_row`) were read.
+
+    Its packed bytes are bitsandbytes' bytes of the whole weight where those rows sit (NF4/FP4
+    codes and absmax are per block of `blocksize` values, and the part is whole blocks:
+    rows_align), zero elsewhere; its quant state is the whole weight's, made from every part's
+    absmax (`gather`: joins the parts' tensors along dim 0 in part order, a collective) as
+    bitsandbytes makes it (double quantization subtracts the mean of ALL the absmax values, then
+    quantizes them in blocks of 256). A sharded run keeps only its part of the bytes anyway."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    dtype = quant.compute_dtype
+    in_features = rows.shape[1]
+    part = rows.to(device, dtype).contiguous()
+    packed, state = F.quantize_4bit(part, blocksize=quant.blocksize, compress_statistics=False,
+                                    quant_type=quant.method)
+    absmax = gather(state.absmax)
+    if quant.double_quant:
+        offset = absmax.mean()
+        qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+        state = F.QuantState(absmax=qabsmax, shape=torch.Size((out_features, in_features)),
+                             dtype=dtype, blocksize=quant.blocksize, code=state.code,
+                             quant_type=quant.method, offset=offset, state2=state2)
+    else:
+        state = F.QuantState(absmax=absmax, shape=torch.Size((out_features, in_features)),
+                             dtype=dtype, blocksize=quant.blocksize, code=state.code,
+                             quant_type=quant.method)
+    whole = torch.zeros((out_features * in_features // 2, 1), dtype=torch.uint8,
+                        device=packed.device)
+    start = first_row * in_features // 2
+    whole[start:start + packed.shape[0]] = packed
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype,
+                              compress_statistics=quant.double_quant, quant_type=quant.method,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(whole, requires_grad=False, quant_state=state,
+                                     blocksize=quant.blocksize,
+                                     compress_statistics=quant.double_quant,
+                                     quant_type=quant.method, bnb_quantized=True)
+    _keep_cpu_layout(layer)
+    return layer
+
+
 @functools.cache
 def linear8bit_frozen_class() -> type:
     """The class is made on first use: bitsandbytes is imported when an 8-bit layer is made."""

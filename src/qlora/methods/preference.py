@@ -92,12 +92,11 @@ def row_logps(model, batch: dict, rows: slice | None = None) -> RowLogps:
     return sequence_logps(logits, batch["labels"][take])
 
 
-def policy_and_reference(method, model, batch: dict, forward=None):
-    """(policy, reference or None) log-probs of a batch for `method`. `forward`: what runs the
-    policy (the DDP wrapper under torchrun), `model` the bare model the adapters sit in."""
-    forward = forward or model
+def policy_and_reference(method, model, batch: dict):
+    """(policy, reference or None) log-probs of a batch for `method`; the reference is `model`
+    with its adapters off."""
     if method.LAYOUT == "pairs":
-        policy = PairLogps(row_logps(forward, batch))
+        policy = PairLogps(row_logps(model, batch))
         reference = None
         if method.USES_REFERENCE:
             with torch.no_grad(), adapters_disabled(model):
@@ -105,9 +104,9 @@ def policy_and_reference(method, model, batch: dict, forward=None):
         return policy, reference
     # KTO: the examples' rows with grad; their KL rows only feed the detached estimate z
     n = batch["n_examples"]
-    rows = row_logps(forward, batch, slice(0, n))
+    rows = row_logps(model, batch, slice(0, n))
     with torch.no_grad():
-        kl = row_logps(forward, batch, slice(n, None)).logps
+        kl = row_logps(model, batch, slice(n, None)).logps
         with adapters_disabled(model):
             ref_rows = row_logps(model, batch)
     ref_main, ref_kl = ref_rows.logps[:n], ref_rows.logps[n:]
@@ -116,10 +115,10 @@ def policy_and_reference(method, model, batch: dict, forward=None):
     return policy, reference
 
 
-def batch_loss(method, model, batch: dict, opts: PreferenceOptions, forward=None
+def batch_loss(method, model, batch: dict, opts: PreferenceOptions
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of the batch's per-example losses, {metric: tensor([sum, count])})."""
-    policy, reference = policy_and_reference(method, model, batch, forward)
+    policy, reference = policy_and_reference(method, model, batch)
     losses, metrics = method.losses(policy, reference, opts)
     return losses.sum(), metric_sums(metrics)
 

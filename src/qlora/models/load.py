@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,7 +28,8 @@ from qlora.models.generic import GenericLM, GenericSpec, load_generic, read_gene
 from qlora.models.spec import ArchSpec, is_native, read_config, read_spec
 from qlora.models.weights import check_nothing_missing, replace_keeping_bias, weight_files
 from qlora.models.weights import open_shard as _open, read_tensor as _read  # tests spy on _read
-from qlora.quant import QuantConfig, prequantized_linear, quantize_linear
+from qlora.quant import (QuantConfig, prequantized_linear, quantize_linear, quantize_linear_rows,
+                         rows_align)
 
 # every family's block linears (phi3's fused qkv_proj and gate_up_proj among them)
 BLOCK_LINEAR = re.compile(
@@ -56,6 +59,24 @@ def rebuild_rotary(model: DecoderLM, spec: ArchSpec, device) -> None:
     model.model.rotary_emb = type(model.model.rotary_emb)(spec).to(device)
 
 
+@dataclass(frozen=True)
+class RowPart:
+    """Read only part `index` of `count` of every tensor's rows (dim 0), in torch.chunk's split,
+    and leave the other rows zero: what one rank of a sharded run keeps (FSDP2 cuts dim 0 so), so
+    that each rank reads from disk, and quantizes, only its own part. `gather` joins a tensor's
+    parts from all indices along dim 0, in index order (a collective: a 4-bit layer's quant
+    state needs its whole absmax). 4-bit weights whose rows do not split evenly
+    (quant.rows_align), and checkpoints already in 4 bits, are read whole."""
+    index: int
+    count: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def rows(self, n: int) -> tuple[int, int]:
+        size = -(-n // self.count)
+        start = min(self.index * size, n)
+        return start, min(start + size, n)
+
+
 def prequantized_4bit(spec: ArchSpec) -> bool:
     qc = spec.raw.get("quantization_config") or {}
     return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
@@ -65,9 +86,11 @@ def load_model(
     model_dir: str | Path,
     quant: QuantConfig | None = None,
     device: str | torch.device = "cpu",
+    part: RowPart | None = None,
 ) -> DecoderLM | GenericLM:
     """Build the model of `model_dir`, quantizing its linears as `quant` says: a DecoderLM for a
-    native family, else transformers' own model on the generic path (generic.py)."""
+    native family, else transformers' own model on the generic path (generic.py). `part`: read
+    only those rows of each tensor (a native family's sharded run)."""
     quant = quant or QuantConfig()
     if not is_native(read_config(model_dir)[0]):
         return load_generic(model_dir, quant, device)
@@ -91,10 +114,14 @@ def load_model(
                 if prequant:
                     suffix = key[len(module_name) + len(".weight"):]
                     pending_4bit[module_name][suffix] = _read(handle, path, key)
+                elif part is not None:
+                    _set_linear_part(model, module_name, handle, path, key, quant, device, part)
                 else:
                     _set_linear(model, module_name, _read(handle, path, key), quant, device)
                 continue
-            _set_tensor(model, key, _read(handle, path, key).to(device, dtype), path)
+            tensor = _read(handle, path, key) if part is None else _read_part(handle, path, key,
+                                                                               part)
+            _set_tensor(model, key, tensor.to(device, dtype), path)
         del handle
         for module_name in list(pending_4bit):
             group = pending_4bit[module_name]
@@ -123,6 +150,40 @@ def _set_linear(model: nn.Module, name: str, weight: torch.Tensor, quant: QuantC
         raise QloraError(f"tensor {name}.weight has shape {tuple(weight.shape)} but config.json "
                          f"implies {expected}; config.json and weights disagree")
     layer = quantize_linear(weight, None, quant, device)
+    replace_keeping_bias(model, name, layer)
+
+
+def _read_rows(handle, path: Path, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor; safetensors reads only their bytes."""
+    try:
+        return handle.get_slice(key)[start:stop]
+    except Exception as err:
+        raise QloraError(f"{path}: tensor {key} cannot be read ({err}); the file is probably "
+                         "truncated: download it again") from err
+
+
+def _read_part(handle, path: Path, key: str, part: RowPart) -> torch.Tensor:
+    """The tensor with only `part`'s rows read, the others zero."""
+    shape = handle.get_slice(key).get_shape()
+    if not shape:
+        return _read(handle, path, key)
+    start, stop = part.rows(shape[0])
+    rows = _read_rows(handle, path, key, start, stop)
+    whole = torch.zeros(shape, dtype=rows.dtype)
+    whole[start:stop] = rows
+    return whole
+
+
+def _set_linear_part(model: nn.Module, name: str, handle, path: Path, key: str,
+                     quant: QuantConfig, device, part: RowPart) -> None:
+    out_features, in_features = tuple(model.get_submodule(name).weight.shape)
+    if tuple(handle.get_slice(key).get_shape()) != (out_features, in_features) or \
+            not rows_align(out_features, in_features, part.count, quant):
+        _set_linear(model, name, _read(handle, path, key), quant, device)  # checks the shape
+        return
+    start, stop = part.rows(out_features)
+    layer = quantize_linear_rows(_read_rows(handle, path, key, start, stop), start, out_features,
+                                 quant, device, part.gather)
     replace_keeping_bias(model, name, layer)
 
 

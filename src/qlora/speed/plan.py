@@ -38,11 +38,12 @@ class SpeedPlan:
     generic: bool = False
 
     @classmethod
-    def for_run(cls, cfg, device: torch.device, *, distributed: bool = False,
-                sharded: bool = False, generic: bool = False) -> "SpeedPlan":
+    def for_run(cls, cfg, device: torch.device, *, sharded: bool = False,
+                generic: bool = False) -> "SpeedPlan":
         """What `qlora train` uses for a RunConfig on `device`: every path its settings ask for
-        where it runs. FSDP shards the base bytes the 4-bit fast path reads whole; the host
-        embedding and the CUDA graphs are measured in one process only (docs/DISTRIBUTED.md).
+        where it runs. FSDP shards the base bytes the 4-bit fast path reads whole and the
+        embedding the host path would hold whole; data parallel ranks (not
+        sharded) each hold the whole model and get every path one process gets.
         A model on the generic path gets none of them."""
         if generic:
             return cls(generic=True)
@@ -54,6 +55,6 @@ class SpeedPlan:
             grouped=fast_base,
             keep_attention=(cfg.keep_attention or False) if cfg.gradient_checkpointing else False,
             seeded_dropout=True,
-            embedding_on_host=bool(cfg.embedding_on_host and cuda and not distributed),
+            embedding_on_host=bool(cfg.embedding_on_host and cuda and not sharded),
             cuda_graphs=bool(cfg.cuda_graphs),
         )

@@ -1,8 +1,11 @@
 """Several processes, one run: `qlora train` under `torchrun --nproc-per-node N`.
 
-Data parallel through PyTorch's own DistributedDataParallel. Every rank holds the whole model;
-only the adapter parameters are DDP's business: the frozen 4-bit base and the buffers are put on
-DDP's ignore list, so they are neither broadcast at start nor put into gradient buckets.
+Data parallel over the adapters (`--sharding ddp`, the default). Every rank holds the whole model
+and runs its micro-batches without any communication (on CUDA as replayed graphs, train/graphs.py);
+then the trainable gradients, which live in one flat buffer per parameter group
+(optim.flatten_group), are summed over the ranks in place, ONCE per optimizer step
+(`all_reduce_grads`), and every rank clips and steps the same optimizer on the same gradients, as
+one process would. No DistributedDataParallel: its per-backward hooks cannot run inside a graph.
 
 One optimizer step consumes a *global window* of `accum * world_size` micro-batches, taken from
 the single-process order (qlora.data.batch_order) exactly as one process with accumulation
@@ -11,22 +14,26 @@ window. The arithmetic that makes the step equal to the single-process one (docs
 
     wanted gradient   g = sum over all micro-batches m of  d(loss_sum_m) / N       N = label tokens
                                                                                    of the window
-    each rank backs up   loss_sum_m * W / N   for its micro-batches
-    DDP averages:        (1/W) * sum_r sum_{m in r} d(loss_sum_m) * W / N  =  g
+    each rank backs up   loss_sum_m / N   for its micro-batches (the one-process scale)
+    the all-reduce sums: sum_r sum_{m in r} d(loss_sum_m) / N  =  g
 
 N is all-reduced once per step before any forward pass (together with the input-token count and
 the stop flag, one small all-reduce).
 
-`--sharding fsdp` (FSDP2 fully_shard) keeps the same split and arithmetic, shards the 4-bit base,
-adapters and optimizer states over the ranks, runs the ranks in lockstep, and gathers whole
-tensors only to write or read checkpoints (the second half of this file; docs/DISTRIBUTED.md).
+`--sharding fsdp` (FSDP2 fully_shard) keeps the same split, shards the 4-bit base, adapters and
+optimizer states over the ranks, runs the ranks in lockstep (FSDP averages its reduce-scattered
+gradients, so each rank backs up W * loss_sum_m / N), and gathers whole tensors only to write or
+read checkpoints (the second half of this file; docs/DISTRIBUTED.md).
+
+A rank that fails tells the others through the job's store (`FailureWatch`), so that they all end
+at once with its message instead of waiting in a collective until the process group times out.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -89,9 +96,91 @@ def init(env: DistEnv, device_type: str) -> torch.device | None:
     return device
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
+def shutdown(env: DistEnv, failed: bool = False) -> None:
+    """Leave the process group. After a failure, abort it instead: a peer may still wait in a
+    collective, and NCCL's orderly destroy could wait for it."""
+    if not (env.enabled and dist.is_initialized()):
+        return
+    if failed and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
+
+
+PEER_FAILED_EXIT = 1  # the exit code of a rank ended because another one failed
+
+
+class FailureWatch:
+    """Ends every rank of a torchrun job at once when one of them fails, with that rank's message.
+
+    Without it, a rank that raises (an out-of-memory error, a bad batch) leaves the others blocked
+    in their next collective until the process group times out (30 minutes), and on other hosts
+    nothing tells torchrun that anything went wrong. The job's rendezvous store (MASTER_ADDR:
+    MASTER_PORT, held by torchrun) is reachable from every rank: the failing rank writes its
+    message there (`announce`), and a thread on every rank looks for it every `interval` seconds
+    and, on finding it (or on losing the store, which means the host holding it ended), prints it
+    and ends its process. A separate store connection, so the thread never shares one with the
+    process group's own traffic. Used as a context manager around the whole run; leaving it
+    normally stops the thread (the caller then passes a barrier before any rank exits, so that
+    no rank's thread sees the store go away with the end of a good run)."""
+
+    def __init__(self, env: DistEnv, interval: float = 0.5, exit=os._exit):
+        import threading
+
+        self.env, self.interval, self._exit = env, interval, exit
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted job starts clean
+        self.key = f"qlora/failed/{attempt}"
+        self.store = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="qlora-failure-watch",
+                                        daemon=True)
+
+    def __enter__(self):
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if self.env.enabled and addr and port:
+            self.store = dist.TCPStore(addr, int(port), is_master=False,
+                                       timeout=datetime.timedelta(seconds=60))
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def announce(self, err: BaseException) -> str | None:
+        """Record this rank's failure unless another rank's came first; the first one's message
+        (None without a store)."""
+        self._stop.set()  # this rank ends by its own error, not by finding it in the store
+        if self.store is None:
+            return None
+        mine = f"rank {self.env.rank} failed: {type(err).__name__}: {err}".strip()
+        try:  # only the first failure is kept: the others are usually its consequences
+            return self.store.compare_set(self.key, "", mine).decode(errors="replace")
+        except Exception:  # noqa: BLE001 -- the store is gone: nobody is left to tell
+            return mine
+
+    def end_for(self, message: str) -> None:
+        """End this process because of another rank's failure."""
+        import sys
+
+        print(f"error: rank {self.env.rank} stops: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self._exit(PEER_FAILED_EXIT)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                found = self.store.check([self.key])
+                message = self.store.get(self.key).decode(errors="replace") if found else None
+            except Exception as err:  # noqa: BLE001 -- the store's host ended
+                if self._stop.is_set():
+                    return
+                message = (f"lost the job's rendezvous store ({type(err).__name__}: "
+                           f"{str(err)[:200]}): the host that held it ended")
+            if message is not None and not self._stop.is_set():
+                self.end_for(message)
+                return
 
 
 def barrier(env: DistEnv) -> None:
@@ -113,32 +202,34 @@ def rank_share(window: list[int], env: DistEnv) -> list[int]:
     return window[env.rank::env.world_size]
 
 
-def frozen_names(model: torch.nn.Module) -> list[str]:
-    """Fully-qualified names of everything DDP must leave alone: frozen parameters and buffers."""
-    names = [n for n, p in model.named_parameters() if not p.requires_grad]
-    names += [n for n, _ in model.named_buffers()]
-    return names
+def replicated(env: DistEnv, sharded: bool) -> bool:
+    """Whether this run is data parallel with every rank holding the whole model (not FSDP)."""
+    return env.enabled and not sharded
 
 
-def wrap_ddp(model: torch.nn.Module, env: DistEnv, device: torch.device):
-    """DistributedDataParallel over the adapter parameters only.
-
-    The base is loaded from the same files on every rank, so it is identical already; ignoring it
-    keeps DDP from broadcasting gigabytes at construction and from bucketing frozen tensors (and
-    bitsandbytes' Params4bit, whose quant_state a broadcast would not carry)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen_names(model))
-    # the buffers (RoPE tables) are on the ignore list too, so DDP has none to broadcast
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=False)
+def broadcast_trainables(params: list[torch.Tensor], env: DistEnv) -> None:
+    """Rank 0's trainable values on every rank. They are equal already (every rank seeds the same
+    adapter init, or loaded the same checkpoint); this makes it so whatever the init drew on each
+    device, as DDP's broadcast at construction did. Adapters only: megabytes, once per run."""
+    if not env.enabled:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
 
-def sync_context(ddp_model, last: bool):
-    """no_sync() for every micro-batch of the window but the last one of this rank."""
-    if ddp_model is None or last:
-        return nullcontext()
-    return ddp_model.no_sync()
+def all_reduce_grads(grads: list[torch.Tensor], env: DistEnv) -> None:
+    """Sum the trainable gradients over the ranks, in place: once per optimizer step, after all of
+    this rank's micro-batches. `grads` are the flat buffers of optim.flatten_group (one or two
+    tensors), so this is one collective per buffer, issued together and waited for together.
+
+    A sum, not a mean: every rank scaled its micro-batches' losses by 1 / N, N the label tokens of
+    the whole global window (loop.share_window), as one process scales its own."""
+    if not env.enabled:
+        return
+    works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+    for w in works:
+        w.wait()
 
 
 def check_sharding(sharding: str, env: DistEnv, use_dora: bool = False) -> bool:
@@ -202,7 +293,7 @@ def shard_fsdp(model: torch.nn.Module, dtype: torch.dtype,
     """FSDP2: each decoder block one all-gather unit, the rest (embeddings, norm, head) the root's.
 
     Base bytes, norms, embeddings and adapters are sharded along dim 0 over the ranks; gradients
-    come back reduce-scattered (averaged, like DDP) in fp32, and an optimizer built afterwards
+    come back reduce-scattered (averaged over the ranks) in fp32, and an optimizer built afterwards
     holds only its shard of the states. The model may sit on the CPU: fully_shard moves one
     block at a time to `device` and keeps only this rank's shard there, so no GPU ever holds the
     whole base. Forward runs in `dtype` (the adapters' fp32 values cast as the unsharded model's
@@ -224,6 +315,21 @@ def shard_fsdp(model: torch.nn.Module, dtype: torch.dtype,
     return model
 
 
+def row_part(env: DistEnv, device: torch.device):
+    """What this rank reads of the checkpoint in a sharded run (models.load.RowPart): the rows of
+    each tensor fully_shard will keep here. The parts' absmax are gathered through `device` (nccl
+    gathers GPU tensors only)."""
+    from qlora.models.load import RowPart
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        mine = t.to(device)
+        parts = [torch.empty_like(mine) for _ in range(env.world_size)]
+        dist.all_gather(parts, mine)
+        return torch.cat(parts).to(t.device)
+
+    return RowPart(env.rank, env.world_size, gather)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -234,9 +340,10 @@ def micro_batches(window: list[int], env: DistEnv, lockstep: bool) -> list[tuple
     """(micro-batch index, weight) this rank runs for a global window.
 
     Its share (rank_share) with weight 1. A rank left short (the last window of an epoch) pads
-    with the window's first micro-batch at weight 0: under DDP to one micro-batch, so that it joins
-    the gradient all-reduce; under FSDP (`lockstep`) to as many as the fullest rank, because every
-    FSDP forward and backward is a collective that all ranks must enter the same number of times."""
+    with the window's first micro-batch at weight 0: data parallel to one micro-batch, so that
+    every rank has a step loss and (preference methods) metric sums to all-reduce; under FSDP
+    (`lockstep`) to as many as the fullest rank, because every FSDP forward and backward is a
+    collective that all ranks must enter the same number of times."""
     if not env.enabled:
         return [(k, 1) for k in window]
     mine = [(k, 1) for k in rank_share(window, env)]

@@ -12,10 +12,11 @@ taken at a step boundary together with the RNG states of that moment, so the ste
 see the same batches, the same dropout masks and the same optimizer state as an unbroken run.
 
 `fit` is the recipe; its parts live where they are named: train/step.py (a step's micro-batches,
-graphed or eager, DDP's sync, the fp16 scaler, the optimizer step), train/signals.py (Ctrl-C and
-SIGTERM), train/early_stop.py (early stopping and the best adapter), train/out_of_memory.py (the
-checkpoint kept after an out-of-memory error), and below: the windows of micro-batches, the
-checkpoints at step boundaries, the evaluations, the train records, the summary.
+graphed or eager, the gradient all-reduce of data parallel runs, the fp16 scaler, the optimizer
+step), train/signals.py (Ctrl-C and SIGTERM), train/early_stop.py (early stopping and the best
+adapter), train/out_of_memory.py (the checkpoint kept after an out-of-memory error), and below:
+the windows of micro-batches, the checkpoints at step boundaries, the evaluations, the train
+records, the summary.
 """
 
 from __future__ import annotations
@@ -124,14 +125,15 @@ def copy_tokenizer_files(model_dir: str | Path, out: Path) -> list[str]:
 
 
 # --- model and data --------------------------------------------------------------------------
-def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
-    """The quantized base with fresh adapters (their init draws from the seeded torch RNG)."""
+def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=None):
+    """The quantized base with fresh adapters (their init draws from the seeded torch RNG).
+    `part`: read only these rows of each tensor (models.load.RowPart; a sharded run's rank)."""
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.models import load_model
     from qlora.quant import QuantConfig
 
     quant = QuantConfig(method=cfg.quant, double_quant=cfg.double_quant, compute_dtype=dtype)
-    model = load_model(cfg.model, quant, device=device)
+    model = load_model(cfg.model, quant, device=device, part=part)
     torch.manual_seed(cfg.seed)
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
@@ -357,8 +359,8 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                  torch.float32)
     scaler = _fp16_scaler(dtype, device)
     state = _start_state(out, cfg, model, optimizer, scheduler, scaler, log)
-    # DDP over the adapters only; wrapped after a resume so every rank starts from the checkpoint
-    ddp = dist_.wrap_ddp(model, env, device) if env.enabled and not sharded else None
+    if dist_.replicated(env, sharded):  # rank 0's adapters (after a resume: the checkpoint's)
+        dist_.broadcast_trainables([p for g in optimizer.param_groups for p in g["params"]], env)
     dropout_seed, dropout_stride, graphed = _apply_speed(model, optimizer, scaler, cfg, env,
                                                          device, sharded, log)
     if main:
@@ -372,9 +374,10 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         f"({warmup} warm-up), {len(val_examples)} validation examples")
     result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
     bar = Progress(total, state.global_step, device, enabled=progress and main)
-    stepper = Stepper(model, ddp, optimizer, scheduler, scaler, graphed, cfg, env, device,
+    stepper = Stepper(model, optimizer, scheduler, scaler, graphed, cfg, env, device,
                       dropout_seed, dropout_stride,
-                      method=(method, preference_options(cfg)) if method else None)
+                      method=(method, preference_options(cfg)) if method else None,
+                      sharded=sharded)
     windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
                             env, lockstep=sharded, prepare=stepper.prepare,
                             collate=_preference_collate() if method else None)
@@ -450,8 +453,10 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         # (exit code 2)
         from qlora.memory import out_of_memory_error
 
-        kept = keep_checkpoint(boundary, state, lambda rng: saver.save(state, rng), optimizer,
-                               device, out, log)
+        # under torchrun the other ranks are elsewhere (in a collective this rank will not
+        # join): no checkpoint, whose save is a collective; the newest one on disk is named
+        save = None if env.enabled else (lambda rng: saver.save(state, rng))
+        kept = keep_checkpoint(boundary, state, save, optimizer, device, out, log)
         raise out_of_memory_error(cfg, device, err, kept, dtype, env.world_size) from None
     finally:
         bar.close()
@@ -505,7 +510,7 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
     # every fast path the settings ask for, from one place (speed/), before any graph is
     # captured: the kernels go in it. Dropout masks are drawn from (seed, micro-batch index,
     # layer): the same on resume, and no global RNG inside the layers, which a graph needs
-    plan = SpeedPlan.for_run(cfg, device, distributed=env.enabled, sharded=sharded,
+    plan = SpeedPlan.for_run(cfg, device, sharded=sharded,
                              generic=isinstance(model, GenericLM))
     if plan.generic:
         log("speed layer off: the model runs on the generic path (transformers' own modules), "
@@ -519,7 +524,8 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
         if plan.cuda_graphs and device.type == "cuda":
             log(f"CUDA graphs off: --method {cfg.method} runs forwards of its own")
         return dropout_seed, dropout_stride, None
-    graphed = _graphed_steps(model, optimizer, plan, env, device, scaler, log, cfg.max_seq_length)
+    graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log,
+                             cfg.max_seq_length)
     return dropout_seed, dropout_stride, graphed
 
 
@@ -723,16 +729,18 @@ def _summary(cfg: RunConfig, env: DistEnv, state: ckpt.TrainerState, result: Tra
     return summary
 
 
-def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, device: torch.device, scaler,
-                   log: Callable[[str], None], max_seq_length: int):
-    """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged."""
+def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: bool,
+                   device: torch.device, scaler, log: Callable[[str], None], max_seq_length: int):
+    """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged.
+    Data parallel runs replay graphs as one process does: their one collective, the gradient
+    all-reduce, comes after the micro-batches (Stepper.update)."""
     if not plan.cuda_graphs:
         return None
     from qlora.train.graphs import GraphedSteps, unsupported_reason
 
     reason = unsupported_reason(model, device, max_seq_length)
-    if reason is None and env.enabled:
-        reason = "several processes (DDP's gradient hooks run outside a graph)"
+    if reason is None and sharded:
+        reason = "--sharding fsdp (its gathers and reduce-scatters run inside forward and backward)"
     if reason is None and scaler is not None:
         reason = "fp16 loss scaling"
     if reason is not None:
@@ -745,7 +753,10 @@ def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, device: torc
         return None
     log("CUDA graphs on: each micro-batch shape is captured once (the first steps of a new "
         "shape take longer)")
-    return GraphedSteps(model, grads, log=log)
+    # thread_local: under torchrun, NCCL's watchdog thread queries events while a graph is
+    # captured; "global" would let that call fail the capture
+    return GraphedSteps(model, grads, log=log,
+                        capture_error_mode="thread_local" if env.enabled else "global")
 
 
 def _quiet(text: str) -> None:
@@ -775,11 +786,22 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
         device = dist_.init(env, device.type)
         if not env.is_main:
             log = _quiet
+    failed = False
     try:
-        return _train(cfg, env, device, log, progress, stop_after_steps)
+        with dist_.FailureWatch(env) as watch:
+            try:
+                result = _train(cfg, env, device, log, progress, stop_after_steps)
+            except BaseException as err:
+                failed = True
+                first = watch.announce(err)  # the others end at once, with this message
+                if first is not None and not first.startswith(f"rank {env.rank} "):
+                    watch.end_for(first)  # this error is a consequence of another rank's
+                raise
+        dist_.barrier(env)  # every rank's watch has stopped before any rank leaves
+        return result
     finally:
         if joined:
-            dist_.shutdown(env)
+            dist_.shutdown(env, failed=failed)
 
 
 def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[str], None],
@@ -801,19 +823,24 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
     if env.enabled:
         resolved["ranks"] = env.world_size
     tokenizer = load_tokenizer(cfg.model)
-    if not env.is_main:  # rank 0 tokenizes and fills the data cache; the others then read it
+    # the first rank of each host tokenizes and fills that host's data cache; the others then
+    # read it (every rank passes the one barrier, before or after loading)
+    host_first = env.local_rank == 0
+    if not host_first:
         dist_.barrier(env)
     train_examples, val_examples = load_data(cfg, tokenizer, log)
-    if env.is_main:
+    if host_first:
         dist_.barrier(env)
     sharded = dist_.check_sharding(cfg.sharding, env, cfg.use_dora)
     if sharded and not is_native(read_config(cfg.model)[0]):
         raise QloraError("`--sharding fsdp` shards the blocks of the native families (llama, "
                          "mistral, qwen2, qwen3); a model on the generic path trains with "
                          "--sharding ddp (each GPU holds the whole 4-bit base)")
-    # sharded: loaded (and quantized) in host memory; fully_shard then moves one block at a time
-    # to the GPU and keeps this rank's shard of it, so no GPU holds the whole base
-    model = build_model(cfg, torch.device("cpu") if sharded else device, dtype)
+    # sharded: each rank reads (and quantizes) only the rows it keeps, in host memory;
+    # fully_shard then moves one block at a time to the GPU and keeps this rank's shard of it, so
+    # no GPU holds the whole base
+    model = build_model(cfg, torch.device("cpu") if sharded else device, dtype,
+                        part=dist_.row_part(env, device) if sharded else None)
     if isinstance(model, GenericLM):
         for line in generic_path_lines(model, cfg):
             log(line)

@@ -39,16 +39,17 @@ class Boundary:
         self.in_update, self.rng = False, None
 
 
-def keep_checkpoint(boundary: Boundary, state: TrainerState, save: Callable[[dict], Path],
-                    optimizer, device: torch.device, out: Path, log: Callable[[str], None]
-                    ) -> Path | None:
+def keep_checkpoint(boundary: Boundary, state: TrainerState,
+                    save: Callable[[dict], Path] | None, optimizer, device: torch.device,
+                    out: Path, log: Callable[[str], None]) -> Path | None:
     """After an out-of-memory error: a checkpoint of the last step boundary, when the state is
-    consistent and there was a step, else the newest one already on disk (or None)."""
+    consistent, there was a step and `save` is given (None: several ranks, where a save is a
+    collective), else the newest one already on disk (or None)."""
     zero_grads(optimizer)
     kept = None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # room for the gathers and copies of the save
-    if not boundary.in_update and state.global_step > 0:
+    if save is not None and not boundary.in_update and state.global_step > 0:
         try:
             kept = save(boundary.rng if boundary.rng is not None else ckpt.rng_state())
         except Exception as save_err:  # noqa: BLE001 -- e.g. out of memory again

@@ -1,9 +1,11 @@
 """One optimizer step's compute, as the training loop (train/loop.py) runs it:
 
     backward(window)   each micro-batch's forward and backward, through the CUDA graph when one
-                       was captured (train/graphs.py), else eagerly (under DDP's no_sync but for
-                       the last micro-batch, and through the fp16 loss scaler when there is one)
-    update()           unscale, clip, optimizer step, schedule step, zeroed gradients
+                       was captured (train/graphs.py), else eagerly (through the fp16 loss scaler
+                       when there is one); no communication between ranks in here
+    update()           data parallel: the gradients summed over the ranks (one all-reduce of the
+                       flat buffers); then unscale, clip, optimizer step, schedule step, zeroed
+                       gradients
     read_loss(loss)    the step's summed loss as a float: the step's one wait for the GPU
 
 and, under torchrun, `share_window`: the one all-reduce at the start of a step.
@@ -40,19 +42,21 @@ def share_window(env: DistEnv, device: torch.device, n_labels: int, n_input: int
 class Stepper:
     """The forward/backward of a window's micro-batches and the optimizer step after them.
 
-    `graphed`: the CUDA-graph runner (train/graphs.py) or None for eager stepping. `ddp`: the
-    DistributedDataParallel wrapper of the model, or None (one process, or FSDP, whose model is
-    its own wrapper)."""
+    `graphed`: the CUDA-graph runner (train/graphs.py) or None for eager stepping. `sharded`: the
+    model is FSDP2's (train/distributed.py), which reduce-scatters and averages gradients inside
+    each backward; otherwise, under torchrun, `update` sums the flat gradient buffers itself."""
 
-    def __init__(self, model, ddp, optimizer, scheduler, scaler, graphed, cfg: RunConfig,
+    def __init__(self, model, optimizer, scheduler, scaler, graphed, cfg: RunConfig,
                  env: DistEnv, device: torch.device, dropout_seed, dropout_stride: int,
-                 method=None):
+                 method=None, sharded: bool = False):
         """`method`: (a preference method's module, its PreferenceOptions), or None for SFT."""
         self.model, self.method = model, method
         self.metrics: dict = {}  # the step's preference metric sums (methods/preference.py)
-        self.forward = ddp if ddp is not None else model
-        self.ddp, self.optimizer, self.scheduler, self.scaler = ddp, optimizer, scheduler, scaler
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.graphed, self.env, self.device = graphed, env, device
+        self.replicated = dist_.replicated(env, sharded)
+        # FSDP averages over the ranks what the ranks back up: W / N makes its mean a sum / N
+        self.rank_factor = env.world_size if sharded else 1
         self.seed, self.max_grad_norm = cfg.seed, cfg.max_grad_norm
         self.dropout_seed, self.dropout_stride = dropout_seed, dropout_stride
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -71,42 +75,42 @@ class Stepper:
         summed loss on the device (not read here, which would wait for the GPU), or None when
         `stop_now()` said to stop before a micro-batch."""
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        for j, b in enumerate(batches):
+        for b in batches:
             if stop_now():
                 return None
             # the micro-batch's dropout masks: a function of its place in the data order alone
             # (no seed on the generic path: its dropout draws from the global RNG)
             if self.dropout_seed is not None:
                 set_dropout_seed(self.dropout_seed, self.seed, b["index"], self.dropout_stride)
+            # the one-process scale 1 / N (N: label tokens of the global window); a weight-0
+            # micro-batch (a short rank's padding) adds nothing
+            scale = b["weight"] / max(n_labels, 1)
             if self.graphed is not None:
-                step_loss += self.graphed.run(b["staged"], 1.0 / max(n_labels, 1))
+                step_loss += self.graphed.run(b["staged"], scale) * b["weight"]
             else:
-                self._eager(b, n_labels, step_loss, last=j == len(batches) - 1)
+                self._eager(b, scale, step_loss)
         return step_loss
 
-    def _eager(self, b: dict, n_labels: int, step_loss: torch.Tensor, last: bool) -> None:
-        device, env = self.device, self.env
-        with dist_.sync_context(self.ddp, last=last):
-            # positions and labels stay on the CPU: the model reads the document layout and
-            # label positions there, without waiting for the GPU; input_ids are pinned on CUDA
-            # (prepare), so their copy does not wait either
-            if self.method is not None:
-                loss_sum = self._preference(b)
-            else:
-                ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
-                loss_sum = self.forward(ids, b["position_ids"], b["labels"])
-            step_loss += loss_sum.detach() * b["weight"]  # read once per step
-            loss = loss_sum / max(n_labels, 1)
-            if env.enabled:  # DDP/FSDP average over ranks: W / N makes it a sum / N
-                loss = loss * (env.world_size * b["weight"])
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def _eager(self, b: dict, scale: float, step_loss: torch.Tensor) -> None:
+        device = self.device
+        # positions and labels stay on the CPU: the model reads the document layout and label
+        # positions there, without waiting for the GPU; input_ids are pinned on CUDA (prepare),
+        # so their copy does not wait either
+        if self.method is not None:
+            loss_sum = self._preference(b)
+        else:
+            ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
+            loss_sum = self.model(ids, b["position_ids"], b["labels"])
+        step_loss += loss_sum.detach() * b["weight"]  # read once per step
+        loss = loss_sum * (scale * self.rank_factor)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _preference(self, b: dict) -> torch.Tensor:
         """A preference micro-batch's summed loss; its metrics are added to the step's."""
         from qlora.methods.preference import add_metrics, batch_loss
 
         method, opts = self.method
-        loss_sum, metrics = batch_loss(method, self.model, b, opts, forward=self.forward)
+        loss_sum, metrics = batch_loss(method, self.model, b, opts)
         add_metrics(self.metrics, {k: v * b["weight"] for k, v in metrics.items()})
         return loss_sum
 
@@ -121,9 +125,12 @@ class Stepper:
         return metrics
 
     def update(self) -> tuple[torch.Tensor, float]:
-        """Clip, step the optimizer and the schedule: (gradient norm before clipping, the lr the
-        step used). The norm stays a tensor; reading it would wait for the GPU."""
+        """Sum the gradients over the ranks (data parallel), clip, step the optimizer and the
+        schedule: (gradient norm before clipping, the lr the step used). The norm stays a tensor;
+        reading it would wait for the GPU."""
         optimizer, scaler = self.optimizer, self.scaler
+        if self.replicated:  # the step's one gradient exchange; every rank then steps alike
+            dist_.all_reduce_grads([p.grad for p in self.params], self.env)
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         # no clipping still computes the norm, for the log
