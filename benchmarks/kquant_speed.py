@@ -233,7 +233,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="workers (default: every core)")
-    ap.add_argument("--executors", default="processes", help="processes, threads or both, comma separated")
+    ap.add_argument("--executors", default="processes,threads",
+                    help="processes (what the export uses), threads, or both (default), comma separated")
     ap.add_argument("--one-thread-rows", type=int, default=256, help="rows of 4096 for phase 1's fast runs")
     ap.add_argument("--plain-rows", type=int, default=256, help="rows of 4096 for the plain search (1M values)")
     ap.add_argument("--whole-model", action="store_true", help="phase 3 measured, not only estimated")

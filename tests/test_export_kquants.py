@@ -216,16 +216,19 @@ def test_tensor_quantize_is_the_blocks_row_by_row_in_chunks(monkeypatch):
         kquants.quantize(x[:, :300], "Q4_K")
 
 
-def test_worker_processes_quantize_the_same_bytes(monkeypatch):
+def test_worker_processes_quantize_the_same_bytes(monkeypatch, tmp_path):
     x, importance = _edge_tensor(6)
     inline = kquants.quantize(x, "Q4_K", importance)
     monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 4)  # 32 blocks: eight chunks, enough to share out
+    monkeypatch.setattr(kquants, "TASK_CHUNKS", 3)  # three tasks, the last one short
+    monkeypatch.setattr(kquants, "_mapped_folder", lambda nbytes: str(tmp_path))
     with kquants.Workers(2) as workers:
         assert workers.executor(7) is None  # too small to share out: this process
         pool = workers.executor(x.size // 256)
         assert pool is not None
         np.testing.assert_array_equal(kquants.quantize(x, "Q4_K", importance, pool), inline)
     assert kquants.Workers(1).executor(10**6) is None
+    assert list(tmp_path.iterdir()) == []  # the mapped files are removed once the tensor is back
 
 
 # --- mixtures -----------------------------------------------------------------------------------

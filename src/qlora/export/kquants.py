@@ -42,6 +42,8 @@ QK_K = 256
 # super-blocks per task: 131k values, whose ~10 temporaries of 0.5 MB stay near the core (L2/L3);
 # larger chunks spill to memory, smaller ones spend more of their time in numpy's per-call work
 CHUNK_BLOCKS = 512
+# chunks per worker-process task: few enough messages through the pool's one pipe
+TASK_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -217,14 +219,10 @@ def _candidate_steps(kind: Kind, lead: float) -> np.ndarray:
     return (lead + np.array(kind.grid, dtype=np.float64))[:, None]
 
 
-def _fit_asymmetric(x3: np.ndarray, w3: np.ndarray | None, kind: Kind) -> tuple[np.ndarray, np.ndarray]:
-    """_fit_asymmetric_plain's result, bit for bit, for x3 (n, S, L); w3 None means all ones."""
-    with np.errstate(all="ignore"), _short_buffers(x3.size // kind.sub):
-        return _fit_asymmetric_columns(_by_position(x3, kind.sub), x3.reshape(-1, kind.sub),
-                                       None if w3 is None else _by_position(w3, kind.sub), kind)
-
-
-def _fit_asymmetric_columns(x, rows, w, kind):
+def _fit_asymmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None,
+                    kind: Kind) -> tuple[np.ndarray, np.ndarray]:
+    """_fit_asymmetric_plain's (scales, mins), bit for bit, for x by position (L, n) (the same
+    values as `rows` (n, L)); w likewise, None for all ones."""
     n = x.shape[1]
     total = _RowSums(n)
     zeros = total.zeros
@@ -285,14 +283,9 @@ def _fit_asymmetric_columns(x, rows, w, kind):
     return tuple(_pick(errs, ~(dets > 0), scales, mins))
 
 
-def _fit_symmetric(x3: np.ndarray, w3: np.ndarray | None, kind: Kind) -> np.ndarray:
-    """_fit_symmetric_plain's result, bit for bit, for x3 (n, S, L); w3 None means all ones."""
-    with np.errstate(all="ignore"), _short_buffers(x3.size // kind.sub):
-        return _fit_symmetric_columns(_by_position(x3, kind.sub), x3.reshape(-1, kind.sub),
-                                      None if w3 is None else _by_position(w3, kind.sub), kind)
-
-
-def _fit_symmetric_columns(x, rows, w, kind):
+def _fit_symmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None, kind: Kind) -> np.ndarray:
+    """_fit_symmetric_plain's scales, bit for bit, for x by position (L, n) (the same values as
+    `rows` (n, L)); w likewise, None for all ones."""
     n = x.shape[1]
     total = _RowSums(n)
     # the value of largest magnitude: the largest or the smallest value; where both reach it
@@ -339,17 +332,38 @@ def codes(x: np.ndarray, kind_name: str, weights: np.ndarray | None = None,
     kind = KINDS[kind_name]
     x = x.astype(np.float32).reshape(-1, QK_K // kind.sub, kind.sub)
     w = None if weights is None else weights.astype(np.float32).reshape(x.shape)
-    if plain and w is None:
-        w = np.ones_like(x)
-    if kind.symmetric:
-        s = (_fit_symmetric_plain if plain else _fit_symmetric)(x, w, kind)
-        return _symmetric_codes(x, s.reshape(x.shape[:2]), kind)
-    s, m = (_fit_asymmetric_plain if plain else _fit_asymmetric)(x, w, kind)
-    return _asymmetric_codes(x, s.reshape(x.shape[:2]), m.reshape(x.shape[:2]), kind)
+    per_block = x.shape[:2]
+    if plain:
+        w = np.ones_like(x) if w is None else w
+        if kind.symmetric:
+            return _symmetric_codes(x, _fit_symmetric_plain(x, w, kind), kind)
+        return _asymmetric_codes(x, *_fit_asymmetric_plain(x, w, kind), kind)
+    with np.errstate(all="ignore"), _short_buffers(x.size // kind.sub):
+        rows = x.reshape(-1, kind.sub)
+        cols = _by_position(rows, kind.sub)
+        wcols = None if w is None else _by_position(w, kind.sub)
+        if kind.symmetric:
+            return _symmetric_codes(cols, _fit_symmetric(cols, rows, wcols, kind).reshape(per_block), kind)
+        s, m = _fit_asymmetric(cols, rows, wcols, kind)
+        return _asymmetric_codes(cols, s.reshape(per_block), m.reshape(per_block), kind)
+
+
+def _along(v: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A per-sub-block (n, S) array set against x's values: x (n, S, L), or by position (L, n·S)."""
+    return v[..., None] if x.ndim == 3 else v.reshape(-1)
+
+
+def _as_blocks(q: np.ndarray, kind: Kind) -> np.ndarray:
+    """Codes laid out as x was, back to (n, S, L)."""
+    if q.ndim == 3:
+        return q
+    rows = q[np.argsort((np.arange(kind.sub).reshape(-1, 8)[:, _TREE_ORDER]).ravel())].T
+    return rows.reshape(-1, QK_K // kind.sub, kind.sub)
 
 
 def _asymmetric_codes(x: np.ndarray, s: np.ndarray, m: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
-    """The fields for x (n, S, L) given each sub-block's scale s and min m (n, S)."""
+    """The fields for x (n, S, L) or by position (L, n·S), given each sub-block's scale s and
+    min m (n, S)."""
     levels = kind.scale_levels
     d = _f16(s.max(-1) / levels)
     dmin = _f16(m.max(-1) / levels)
@@ -357,12 +371,13 @@ def _asymmetric_codes(x: np.ndarray, s: np.ndarray, m: np.ndarray, kind: Kind) -
     mq = np.clip(np.rint(m * _safe_div(1.0, dmin)[:, None]), 0, levels).astype(np.uint8)
     step = d[:, None] * sc
     offset = dmin[:, None] * mq
-    q = np.clip(np.rint((x + offset[..., None]) * _safe_div(1.0, step)[..., None]), 0, kind.high)
-    return {"d": d, "dmin": dmin, "sc": sc, "m": mq, "q": q.astype(np.uint8)}
+    q = np.clip(np.rint((x + _along(offset, x)) * _along(_safe_div(1.0, step), x)), 0, kind.high)
+    return {"d": d, "dmin": dmin, "sc": sc, "m": mq, "q": _as_blocks(q.astype(np.uint8), kind)}
 
 
 def _symmetric_codes(x: np.ndarray, s: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
-    """The fields for x (n, S, L) given each sub-block's signed scale s (n, S)."""
+    """The fields for x (n, S, L) or by position (L, n·S), given each sub-block's signed scale
+    s (n, S)."""
     # the sub-block scale of largest magnitude is stored as the most negative value (−128 for
     # int8, −32 for Q3_K's 6-bit offset-32 field), the others in proportion
     smin = -kind.scale_levels
@@ -371,8 +386,8 @@ def _symmetric_codes(x: np.ndarray, s: np.ndarray, kind: Kind) -> dict[str, np.n
     d = _f16(_safe_div(smax, np.float32(smin)))
     sc = np.clip(np.rint(s * _safe_div(1.0, d)[:, None]), smin, -smin - 1).astype(np.int16)
     step = d[:, None] * sc
-    q = np.clip(np.rint(x * _safe_div(1.0, step)[..., None]), kind.low, kind.high)
-    return {"d": d, "sc": sc.astype(np.int8), "q": q.astype(np.int8)}
+    q = np.clip(np.rint(x * _along(_safe_div(1.0, step), x)), kind.low, kind.high)
+    return {"d": d, "sc": sc.astype(np.int8), "q": _as_blocks(q.astype(np.int8), kind)}
 
 
 def dequantize_codes(c: dict[str, np.ndarray], kind_name: str) -> np.ndarray:
@@ -487,24 +502,86 @@ def quantize_blocks(blocks: np.ndarray, kind_name: str, importance: np.ndarray |
     return PACK[kind_name](codes(blocks, kind_name, weights))
 
 
-class Pending:
-    """A tensor's blocks being quantized on an executor; result() waits and assembles them."""
+def _quantize_mapped(src: str, dst: str, shape: tuple[int, int], kind_name: str,
+                     importance: np.ndarray | None, start: int, stop: int, chunk: int) -> None:
+    """In a worker process: blocks [start, stop) of the float32 file `src` (shape (n, 256)) into
+    the uint8 file `dst`, chunk by chunk. Both files are mapped (MAP_SHARED): nothing of the
+    tensor travels through the pool's pipe."""
+    x = np.memmap(src, dtype=np.float32, mode="r", shape=shape)
+    out = np.memmap(dst, dtype=np.uint8, mode="r+", shape=(shape[0], KINDS[kind_name].block_bytes))
+    for a in range(start, stop, chunk):
+        b = min(a + chunk, stop)
+        out[a:b] = quantize_blocks(np.asarray(x[a:b]), kind_name, importance, a)
 
-    def __init__(self, out: np.ndarray, shape: tuple[int, ...], parts: list):
-        self.out, self.shape, self.parts = out, shape, parts
+
+def _mapped_folder(nbytes: int) -> str | None:
+    """/dev/shm where it has room (memory, never disk), else the temporary folder (page cache)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > 2 * nbytes:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None
+
+
+class Pending:
+    """A tensor's blocks being quantized; result() waits and assembles them."""
+
+    def __init__(self, out: np.ndarray, shape: tuple[int, ...], parts: list, files: tuple[str, ...] = ()):
+        self.out, self.shape, self.parts, self.files = out, shape, parts, files
 
     def result(self) -> np.ndarray:
-        for start, part in self.parts:
-            done = part if isinstance(part, np.ndarray) else part.result()
-            self.out[start:start + len(done)] = done
-        self.parts = []
+        try:
+            for start, part in self.parts:
+                done = part if isinstance(part, np.ndarray) else part.result()
+                if done is not None:
+                    self.out[start:start + len(done)] = done
+            if self.files:  # the workers wrote into the mapped output file
+                mapped = np.memmap(self.files[1], dtype=np.uint8, mode="r", shape=self.out.shape)
+                self.out[:] = mapped
+                del mapped
+        finally:
+            self.parts = []
+            for f in self.files:
+                os.unlink(f)
+            self.files = ()
         return self.out.reshape(self.shape)
+
+
+def _submit_mapped(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None,
+                   pool: ProcessPoolExecutor, out: np.ndarray, shape: tuple[int, ...]) -> Pending:
+    import tempfile
+
+    folder = _mapped_folder(blocks.nbytes + out.nbytes)
+    files = []
+    try:
+        for suffix, size in ((".f32", blocks.nbytes), (".q", out.nbytes)):
+            fd, path = tempfile.mkstemp(prefix="qlora-kquant-", suffix=suffix, dir=folder)
+            os.close(fd)
+            files.append(path)
+        src = np.memmap(files[0], dtype=np.float32, mode="w+", shape=blocks.shape)
+        src[:] = blocks
+        src.flush()
+        del src
+        np.memmap(files[1], dtype=np.uint8, mode="w+", shape=out.shape).flush()
+        per_task = TASK_CHUNKS * CHUNK_BLOCKS
+        parts = [(0, pool.submit(_quantize_mapped, files[0], files[1], blocks.shape, kind_name,
+                                 importance, a, min(a + per_task, len(blocks)), CHUNK_BLOCKS))
+                 for a in range(0, len(blocks), per_task)]
+    except BaseException:
+        for f in files:
+            os.unlink(f)
+        raise
+    return Pending(out, shape, parts, tuple(files))
 
 
 def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
            executor: Executor | None = None) -> Pending:
     """Start quantizing x (…, k·256) into `kind_name` blocks row by row, in chunks of CHUNK_BLOCKS
-    super-blocks on `executor` (processes or threads), or now in this thread when it is None.
+    super-blocks on `executor`, or now in this thread when it is None. Worker processes
+    (a ProcessPoolExecutor, as Workers gives) read the tensor from a mapped file and take
+    TASK_CHUNKS chunks per task; threads take slices of x.
 
     `importance` (x.shape[-1],) ≥ 0: how much an error in each input column costs (an importance
     matrix's mean squared activations); None weighs every value alike."""
@@ -518,13 +595,15 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
         importance = np.ascontiguousarray(importance, dtype=np.float32)
     blocks = x.reshape(-1, QK_K)
     out = np.empty((len(blocks), kind.block_bytes), dtype=np.uint8)
+    shape = (*x.shape[:-1], cols // QK_K * kind.block_bytes)
+    if isinstance(executor, ProcessPoolExecutor):
+        return _submit_mapped(blocks, kind_name, importance, executor, out, shape)
     parts = []
     for start in range(0, len(blocks), CHUNK_BLOCKS):
-        chunk = blocks[start:start + CHUNK_BLOCKS]
-        args = (chunk, kind_name, importance, start)
+        args = (blocks[start:start + CHUNK_BLOCKS], kind_name, importance, start)
         parts.append((start, quantize_blocks(*args) if executor is None
                       else executor.submit(quantize_blocks, *args)))
-    return Pending(out, (*x.shape[:-1], cols // QK_K * kind.block_bytes), parts)
+    return Pending(out, shape, parts)
 
 
 def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
