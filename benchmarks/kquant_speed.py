@@ -237,11 +237,14 @@ def main(argv=None) -> int:
                     help="processes (what the export uses), threads, or both (default), comma separated")
     ap.add_argument("--one-thread-rows", type=int, default=256, help="rows of 4096 for phase 1's fast runs")
     ap.add_argument("--plain-rows", type=int, default=256, help="rows of 4096 for the plain search (1M values)")
+    ap.add_argument("--chunk-blocks", type=int, default=kquants.CHUNK_BLOCKS,
+                    help=f"super-blocks per chunk (default {kquants.CHUNK_BLOCKS}): the cache / per-call trade")
     ap.add_argument("--whole-model", action="store_true", help="phase 3 measured, not only estimated")
     ap.add_argument("--export", metavar="DIR", help="phase 4: write a random checkpoint there and export it")
     ap.add_argument("--deadline", type=float, default=450.0, help="seconds for everything")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
+    kquants.CHUNK_BLOCKS = args.chunk_blocks  # the workers get it with each task
     start = time.perf_counter()
     result = {"environment": environment(args.threads), "skipped": []}
 

@@ -214,9 +214,13 @@ def _short_buffers(n: int):
         np.setbufsize(old)
 
 
-def _candidate_steps(kind: Kind, lead: float) -> np.ndarray:
-    """(steps, 1) float64: the plain search's `lead + offset` for each offset of the grid."""
-    return (lead + np.array(kind.grid, dtype=np.float64))[:, None]
+def _candidate_scales(kind: Kind, lead: float, sign: float, divisor: np.ndarray) -> np.ndarray:
+    """(steps, n) float32: the plain search's _safe_div(sign·(lead + offset), divisor) for every
+    offset of the grid, in the dtype numpy gives that scalar-by-array division (float64 under
+    numpy 2's promotion rules, float32 under numpy 1's), so that the roundings are the same."""
+    steps = [sign * (lead + offset) for offset in kind.grid]
+    dtype = np.result_type(steps[0], divisor)
+    return _divide(np.array(steps, dtype=dtype)[:, None], divisor.astype(dtype))
 
 
 def _fit_asymmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None,
@@ -261,7 +265,7 @@ def _fit_asymmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None,
     errs[0] = error(scales[0], lo)  # (s·q + lo) − x is the plain (s·q − m) − x with m = −lo
     sw = np.float32(kind.sub) if w is None else total(w)
     sx = total(x) if w is None else total(w * x)
-    iscales = _divide(_candidate_steps(kind, kind.high), span.astype(np.float64))
+    iscales = _candidate_scales(kind, kind.high, 1.0, span)
     dets = np.empty((steps - 1, n), dtype=np.float32)
     for c in range(1, steps):
         codes_for(iscales[c - 1])
@@ -301,7 +305,7 @@ def _fit_symmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None, kind: 
     steps = len(kind.grid) + 1
     errs, scales = np.empty((steps, n), dtype=np.float32), np.zeros((steps, n), dtype=np.float32)
     errs[0] = total(x * x if w is None else w * x * x)
-    iscales = _divide(-_candidate_steps(kind, -kind.low), vmax.astype(np.float64))
+    iscales = _candidate_scales(kind, -kind.low, -1.0, vmax)
     for c in range(1, steps):
         np.multiply(x, iscales[c - 1], out=q)
         np.rint(q, out=q)
