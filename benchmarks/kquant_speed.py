@@ -187,17 +187,21 @@ def write_checkpoint(shape: str, folder: Path) -> float:
     def rand(*dims):
         return (torch.randn(*dims, generator=gen) * 0.02).to(torch.bfloat16)
 
-    shards, weight_map = [], {}
-    shards.append({"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
-                   "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
-    for i in range(layers):
-        part = {f"model.layers.{i}.{hf[role]}.weight": rand(*dims)
-                for role, dims in zip(LAYER_ROLES, [d for _, d in tensor_list(shape)[1:8]])}
-        part[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-        part[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-        shards.append(part)
-    for n, part in enumerate(shards):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+    layer_dims = [d for _, d in tensor_list(shape)[1:8]]
+
+    def shard(n: int) -> dict:  # shard 0: embedding, output, final norm; shard i+1: layer i
+        if n == 0:
+            return {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+                    "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        i = n - 1
+        part = {f"model.layers.{i}.{hf[role]}.weight": rand(*dims) for role, dims in zip(LAYER_ROLES, layer_dims)}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            part[f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        return part
+
+    weight_map = {}
+    for n in range(layers + 1):  # written one at a time: host memory holds one shard
+        part, name = shard(n), f"model-{n:05d}-of-{layers + 1:05d}.safetensors"
         save_file(part, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))

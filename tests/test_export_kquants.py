@@ -10,7 +10,10 @@ What is checked, block by block, for Q2_K, Q3_K, Q4_K, Q5_K and Q6_K:
   outside it (clipped by the scale search) lands on the nearest end of the range;
 - the scale search is no worse, in RMS error over random normal weights, than the naive reference
   (written here independently): each sub-block's range mapped onto the codes, round to nearest;
-- an importance matrix concentrated on a few columns lowers the error on those columns.
+- an importance matrix concentrated on a few columns lowers the error on those columns;
+- the fast search (what quantize runs) gives the bytes of the plain search (codes(plain=True), the
+  search as written) and of the implementation before it (pinned hashes), bit for bit, on edge
+  tensors with and without importance; in chunks, on threads and on worker processes alike.
 """
 
 from __future__ import annotations
