@@ -621,7 +621,7 @@ class Workers:
     """Where the export quantizes: `count` worker processes (None: one per core), started at the
     first tensor with chunks enough to share out; smaller tensors, and count 1, run in the
     calling thread. Processes, not threads: the search makes ~1000 numpy calls per chunk, each
-    holding the GIL for its setup, which keeps threads from scaling to many cores
+    holding the GIL for its setup, which is expected to keep threads from scaling to many cores
     (benchmarks/kquant_speed.py measures both). Spawned, not forked: an exporting process has
     torch's threads running."""
 
