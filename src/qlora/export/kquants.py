@@ -242,10 +242,12 @@ def _fit_asymmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None,
     q, t = np.empty_like(x), np.empty_like(x)
     wq = q if w is None else np.empty_like(x)
 
-    def codes_for(iscale: np.ndarray) -> None:  # q = clip(rint(xl·iscale), 0, high); xl·iscale ≥ 0
-        np.multiply(xl, iscale, out=q)
+    def codes_for(iscale: np.ndarray, offset: float) -> None:  # q = clip(rint(xl·iscale), 0, high)
+        np.multiply(xl, iscale, out=q)  # ≥ 0
         np.rint(q, out=q)
-        np.minimum(q, high, out=q)
+        # xl ≤ span, so xl·iscale ≤ (high + offset)(1 + 6e-7): below high + ½ the clip changes nothing
+        if offset > 0.5 - 1e-3:
+            np.minimum(q, high, out=q)
         if w is not None:
             np.multiply(w, q, out=wq)
 
@@ -261,14 +263,14 @@ def _fit_asymmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None,
     steps = len(kind.grid) + 1
     errs, scales, mins = (np.empty((steps, n), dtype=np.float32) for _ in range(3))
     scales[0], mins[0] = span / kind.high, -lo
-    codes_for(_divide(1.0, scales[0]))
+    codes_for(_divide(1.0, scales[0]), 0.0)
     errs[0] = error(scales[0], lo)  # (s·q + lo) − x is the plain (s·q − m) − x with m = −lo
     sw = np.float32(kind.sub) if w is None else total(w)
     sx = total(x) if w is None else total(w * x)
     iscales = _candidate_scales(kind, kind.high, 1.0, span)
     dets = np.empty((steps - 1, n), dtype=np.float32)
-    for c in range(1, steps):
-        codes_for(iscales[c - 1])
+    for c, offset in enumerate(kind.grid, 1):
+        codes_for(iscales[c - 1], offset)
         sq = total(wq)
         # Σq² of integer codes is exact in any order (< 2^24): one einsum pass, not two
         sqq = np.einsum("ij,ij->j", q, q) if w is None else total(np.multiply(wq, q, out=t))
@@ -306,10 +308,16 @@ def _fit_symmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None, kind: 
     errs, scales = np.empty((steps, n), dtype=np.float32), np.zeros((steps, n), dtype=np.float32)
     errs[0] = total(x * x if w is None else w * x * x)
     iscales = _candidate_scales(kind, -kind.low, -1.0, vmax)
-    for c in range(1, steps):
+    high = np.full_like(x, kind.high)
+    for c, offset in enumerate(kind.grid, 1):
         np.multiply(x, iscales[c - 1], out=q)
         np.rint(q, out=q)
-        np.clip(q, kind.low, kind.high, out=q)
+        # |x| ≤ |vmax|, so |x·iscale| ≤ (n + offset)(1 + 6e-7) with n = −low = high + 1: each
+        # clip changes nothing until that bound passes its side's code by ½
+        if offset > 0.5 - 1e-3:
+            np.clip(q, kind.low, kind.high, out=q)
+        elif offset > -0.5 - 1e-3:
+            np.minimum(q, high, out=q)
         if w is not None:
             np.multiply(w, q, out=wq)
         sqx = total(np.multiply(wq, x, out=t))
