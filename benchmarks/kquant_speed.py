@@ -70,11 +70,11 @@ def per_million(seconds: float, values: int) -> float:
     return round(seconds / values * 1e6, 4)
 
 
-def one_thread(pool: np.ndarray, cols: int, fast_rows: int, plain_rows: int) -> dict:
+def one_thread(pool: np.ndarray, cols: int, fast_rows: int, plain_rows: int, types) -> dict:
     x = pool[:fast_rows * cols].reshape(fast_rows, cols)
     importance = np.random.default_rng(1).random(cols).astype(np.float32)
     out = {}
-    for k in K_TYPES:
+    for k in types:
         t = time.process_time()
         kquants.quantize(x, k)
         fast = time.process_time() - t
@@ -115,24 +115,44 @@ def layer_arrays(pool: np.ndarray, shape: str) -> list[np.ndarray]:
     return [pool[:r * c].reshape(r, c) for name, (r, c) in tensor_list(shape)[1:8]]
 
 
-def workers_phase(pool, shape, threads, executors) -> dict:
+def _worker_cpu_seconds(pool) -> float:
+    """utime + stime of the pool's worker processes so far (Linux /proc)."""
+    total = 0
+    for pid in list(getattr(pool, "_processes", {}) or {}):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def workers_phase(pool, shape, threads, executors, types) -> dict:
+    """Wall and CPU seconds per million values of each type over one layer's matrices. The CPU
+    figure (main process + workers) says how much work the parallel run costs whatever else runs
+    on the machine; wall = CPU / cores only on an otherwise idle machine."""
     layer = layer_arrays(pool, shape)
     values = sum(a.size for a in layer)
     out = {"values_per_layer": values}
     for kind in executors:
-        rates = {}
+        wall, cpu = {}, {}
         if kind == "processes":
             with kquants.Workers(threads) as w:
                 ex = w.executor(10**9)
                 quantize_all([(layer[0][:64], "Q4_K")], ex)  # start the workers first
-                for k in K_TYPES:
-                    rates[k] = per_million(quantize_all([(a, k) for a in layer], ex), values)
+                for k in types:
+                    c0, w0 = time.process_time(), _worker_cpu_seconds(ex)
+                    wall[k] = per_million(quantize_all([(a, k) for a in layer], ex), values)
+                    cpu[k] = per_million(time.process_time() - c0 + _worker_cpu_seconds(ex) - w0, values)
         else:
             with ThreadPoolExecutor(threads) as ex:
-                for k in K_TYPES:
-                    rates[k] = per_million(quantize_all([(a, k) for a in layer], ex), values)
-        out[kind] = rates
-        print(f"{threads} {kind}: s per M values (wall) {rates}", flush=True)
+                for k in types:
+                    c0 = time.process_time()
+                    wall[k] = per_million(quantize_all([(a, k) for a in layer], ex), values)
+                    cpu[k] = per_million(time.process_time() - c0, values)
+        out[kind] = wall
+        out[f"{kind}_cpu"] = cpu
+        print(f"{threads} {kind}: s per M values, wall {wall}, CPU {cpu}", flush=True)
     return out
 
 
@@ -237,6 +257,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="workers (default: every core)")
+    ap.add_argument("--types", default=",".join(K_TYPES), help="K types of phases 1 and 2 (default all)")
     ap.add_argument("--executors", default="processes,threads",
                     help="processes (what the export uses), threads, or both (default), comma separated")
     ap.add_argument("--one-thread-rows", type=int, default=256, help="rows of 4096 for phase 1's fast runs")
@@ -261,13 +282,16 @@ def main(argv=None) -> int:
     largest = max(r * c for _, (r, c) in tensor_list(args.shape))
     pool = random_values(largest if (args.whole_model or args.shape == "tiny") else
                          max(r * c for _, (r, c) in tensor_list(args.shape)[1:8]))
+    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
     result["one_thread"] = one_thread(pool, hidden, min(args.one_thread_rows, len(pool) // hidden),
-                                      min(args.plain_rows, len(pool) // hidden))
+                                      min(args.plain_rows, len(pool) // hidden), types)
     save()
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
-    result["workers"] = workers_phase(pool, args.shape, args.threads, executors)
+    result["workers"] = workers_phase(pool, args.shape, args.threads, executors, types)
     rates = result["workers"][executors[0]]
     result["q4_k_m_estimate"] = estimate(args.shape, rates)
+    if not {"Q4_K", "Q6_K"} <= set(rates):
+        result["q4_k_m_estimate"]["note"] = "Q4_K and Q6_K rates needed; the sum leaves out the others"
     print(f"q4_k_m of the whole {args.shape}, estimated from {executors[0]}: "
           f"{result['q4_k_m_estimate']['seconds']} s", flush=True)
     save()
