@@ -24,8 +24,11 @@ square is δ²·E[x²] when activations are uncorrelated — the quantity to min
 sub-block scales are rounded to their stored bits and every value is re-coded, round to nearest,
 against the scales as stored (the best codes for those scales: values are independent).
 
-Everything is vectorised over blocks; a large tensor is cut into row chunks that run on threads
-(numpy releases the GIL in its array loops), which also bounds the temporary memory.
+The search is written twice: plainly, one sub-block per row (the definition, kept as the
+reference: codes(..., plain=True)), and transposed for speed, with every float32 operation the same
+and in the same order, so that the bytes are the same (see "sub-block scales, fast"). A tensor is cut
+into chunks of CHUNK_BLOCKS super-blocks (the temporaries stay near the core); the export runs them
+on worker processes (Workers), reading and writing the tensor through mapped files.
 """
 
 from __future__ import annotations
@@ -191,6 +194,7 @@ def _pick(errs: np.ndarray, bad: np.ndarray, *tables: np.ndarray) -> list[np.nda
     """Row by column of `tables` (steps, n): the plain search replaces its best only by a strictly
     smaller error, so it ends on the first row reaching the least error, never on a `bad` candidate
     (rows 1…) nor on a NaN error, and never leaves a NaN starting error (row 0)."""
+    assert len(errs) < 64  # the row numbers below fit beside the +64
     errs[1:][bad | np.isnan(errs[1:])] = np.inf
     least = np.minimum.reduce(errs, axis=0)
     reached = errs == least
