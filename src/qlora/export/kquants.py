@@ -554,9 +554,7 @@ class Pending:
                 if done is not None:
                     self.out[start:start + len(done)] = done
             if self.files:  # the workers wrote into the mapped output file
-                mapped = np.memmap(self.files[1], dtype=np.uint8, mode="r", shape=self.out.shape)
-                self.out[:] = mapped
-                del mapped
+                self.out[:] = np.fromfile(self.files[1], dtype=np.uint8).reshape(self.out.shape)
         finally:
             self.parts = []
             for f in self.files:
@@ -576,11 +574,10 @@ def _submit_mapped(blocks: np.ndarray, kind_name: str, importance: np.ndarray | 
             fd, path = tempfile.mkstemp(prefix="qlora-kquant-", suffix=suffix, dir=folder)
             os.close(fd)
             files.append(path)
-        src = np.memmap(files[0], dtype=np.float32, mode="w+", shape=blocks.shape)
-        src[:] = blocks
-        src.flush()
-        del src
-        np.memmap(files[1], dtype=np.uint8, mode="w+", shape=out.shape).flush()
+        # written, not mapped, here: one copy into the page cache, no page faults; the workers'
+        # shared mappings see the same pages (no msync needed between processes)
+        np.ascontiguousarray(blocks, dtype=np.float32).tofile(files[0])
+        os.truncate(files[1], out.nbytes)
         per_task = TASK_CHUNKS * CHUNK_BLOCKS
         parts = [(0, pool.submit(_quantize_mapped, files[0], files[1], blocks.shape, kind_name,
                                  importance, a, min(a + per_task, len(blocks)), CHUNK_BLOCKS))
