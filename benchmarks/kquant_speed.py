@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="workers (default: every core)")
     ap.add_argument("--types", default=",".join(K_TYPES), help="K types of phases 1 and 2 (default all)")
     ap.add_argument("--executors", default="processes,threads",
-                    help="processes (what the export uses), threads, or both (default), comma separated")
+                    help="processes (what the export uses), threads, both (default), or none (skip phase 2)")
     ap.add_argument("--one-thread-rows", type=int, default=256, help="rows of 4096 for phase 1's fast runs")
     ap.add_argument("--plain-rows", type=int, default=256, help="rows of 4096 for the plain search (1M values)")
     ap.add_argument("--chunk-blocks", type=int, default=kquants.CHUNK_BLOCKS,
@@ -286,13 +286,18 @@ def main(argv=None) -> int:
     result["one_thread"] = one_thread(pool, hidden, min(args.one_thread_rows, len(pool) // hidden),
                                       min(args.plain_rows, len(pool) // hidden), types)
     save()
-    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
-    result["workers"] = workers_phase(pool, args.shape, args.threads, executors, types)
-    rates = result["workers"][executors[0]]
-    result["q4_k_m_estimate"] = estimate(args.shape, rates)
+    executors = [e.strip() for e in args.executors.split(",") if e.strip() and e.strip() != "none"]
+    if executors:
+        result["workers"] = workers_phase(pool, args.shape, args.threads, executors, types)
+        rates = result["workers"][executors[0]]
+        result["q4_k_m_estimate"] = estimate(args.shape, rates)
+    else:  # phase 2 skipped: one thread's rate over the workers, as if they scaled perfectly
+        rates = {k: v["fast_s_per_mvalue"] / args.threads for k, v in result["one_thread"].items()}
+        result["q4_k_m_estimate"] = estimate(args.shape, rates)
+        result["q4_k_m_estimate"]["note"] = f"one thread's rates / {args.threads}: perfect scaling assumed"
     if not {"Q4_K", "Q6_K"} <= set(rates):
         result["q4_k_m_estimate"]["note"] = "Q4_K and Q6_K rates needed; the sum leaves out the others"
-    print(f"q4_k_m of the whole {args.shape}, estimated from {executors[0]}: "
+    print(f"q4_k_m of the whole {args.shape}, estimated from {(executors or ['one thread'])[0]}: "
           f"{result['q4_k_m_estimate']['seconds']} s", flush=True)
     save()
     left = args.deadline - (time.perf_counter() - start)
