@@ -98,16 +98,10 @@ def one_thread(pool: np.ndarray, cols: int, fast_rows: int, plain_rows: int, typ
 
 
 def quantize_all(items, executor) -> float:
-    """Wall seconds to quantize [(array, type)] on `executor`, one tensor ahead (as the export)."""
+    """Wall seconds to quantize [(array, type)] on `executor`, queued ahead as the export does."""
     t = time.perf_counter()
-    waiting = None
-    for x, k in items:
-        job = kquants.submit(x, k, None, executor)
-        if waiting is not None:
-            waiting.result()
-        waiting = job
-    if waiting is not None:
-        waiting.result()
+    for _ in kquants.in_order((None, kquants.submit(x, k, None, executor), x.size) for x, k in items):
+        pass
     return time.perf_counter() - t
 
 

@@ -219,6 +219,26 @@ def test_tensor_quantize_is_the_blocks_row_by_row_in_chunks(monkeypatch):
         kquants.quantize(x[:, :300], "Q4_K")
 
 
+def test_in_order_keeps_tensors_queued_up_to_the_budget(monkeypatch):
+    monkeypatch.setattr(kquants, "IN_FLIGHT_VALUES", 2500)
+    x = np.random.default_rng(7).standard_normal((4, 256)).astype(np.float32)  # 1024 values
+    log = []
+
+    def items():
+        for i in range(5):
+            log.append(f"read {i}")
+            yield i, kquants.submit(x, "Q4_K"), x.size
+        log.append("read F32")
+        yield "norm", x[0], 0  # done already: written as soon as the tensors before it are
+
+    for key, data in kquants.in_order(items()):
+        log.append(f"write {key}")
+        assert data.shape == ((4, 144) if key != "norm" else (256,))
+    # three tensors (3072 values) are over 2500: the oldest is waited for once the third is read
+    assert log == ["read 0", "read 1", "read 2", "write 0", "read 3", "write 1", "read 4", "write 2",
+                   "read F32", "write 3", "write 4", "write norm"]
+
+
 def test_worker_processes_quantize_the_same_bytes(monkeypatch, tmp_path):
     x, importance = _edge_tensor(6)
     inline = kquants.quantize(x, "Q4_K", importance)

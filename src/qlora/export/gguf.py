@@ -444,14 +444,11 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
             name = g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight"
             w.add_tensor(name, rope_factors)
         with kquants.Workers(threads) as workers:
-            waiting = None  # the tensor being quantized while the next one is read
-            for name, data, stored in _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype,
-                                               model, fallbacks, imatrix, workers):
-                if waiting is not None:
-                    _add(w, *waiting)
-                waiting = (name, data, stored)
-            if waiting is not None:
-                _add(w, *waiting)
+            # the workers quantize while the next tensors are read; written in file order
+            encoded = _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks,
+                               imatrix, workers)
+            for (name, stored), data in kquants.in_order(encoded):
+                w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[stored])
         for (role, wanted, stored, width), count in fallbacks.items():
             log(f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
                 f"{stored} instead of {wanted}: row length {width} is not a multiple of "
@@ -465,14 +462,8 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
     return out
 
 
-def _add(w, name: str, data, stored: str) -> None:
-    if not isinstance(data, np.ndarray):
-        data = data.result()  # a k-quant tensor, quantized by now or waited for here
-    w.add_tensor(name, data, raw_dtype=_gguf().GGMLQuantizationType[stored])
-
-
 def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, workers):
-    """(GGUF name, encoded data or kquants.Pending, stored type) per tensor, in file order."""
+    """((GGUF name, stored type), encoded data or kquants.Pending, values) per tensor, in file order."""
     from safetensors import safe_open
 
     for f in files:
@@ -494,7 +485,8 @@ def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallback
                 if choice.stored != choice.wanted:
                     key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
                     fallbacks[key] = fallbacks.get(key, 0) + 1
-                yield name, encode(x, choice.stored, imatrix.get(hf_name), workers), choice.stored
+                data = encode(x, choice.stored, imatrix.get(hf_name), workers)
+                yield (name, choice.stored), data, x.size
 
 
 def describe(gguf_file: str | Path) -> str:

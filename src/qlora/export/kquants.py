@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +49,9 @@ QK_K = 256
 CHUNK_BLOCKS = 512
 # chunks per worker-process task: few enough messages through the pool's one pipe
 TASK_CHUNKS = 8
+# values queued on the workers before the export waits for the oldest tensor (256 MB of float32):
+# enough that the small tensors of a layer (attn_k, attn_v: 4 tasks) never leave workers idle
+IN_FLIGHT_VALUES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -556,11 +561,16 @@ class Pending:
             if self.files:  # the workers wrote into the mapped output file
                 self.out[:] = np.fromfile(self.files[1], dtype=np.uint8).reshape(self.out.shape)
         finally:
-            self.parts = []
-            for f in self.files:
-                os.unlink(f)
-            self.files = ()
+            self.discard()
         return self.out.reshape(self.shape)
+
+    def discard(self) -> None:
+        """Drop the mapped files (a worker still writing keeps its mapping until it is done)."""
+        self.parts = []
+        for f in self.files:
+            if os.path.exists(f):
+                os.unlink(f)
+        self.files = ()
 
 
 def _submit_mapped(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None,
@@ -617,6 +627,29 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
         parts.append((start, quantize_blocks(*args) if executor is None
                       else executor.submit(quantize_blocks, *args)))
     return Pending(out, shape, parts)
+
+
+def in_order(items: Iterable[tuple[object, np.ndarray | Pending, int]]) -> Iterator[tuple[object, np.ndarray]]:
+    """(key, array or Pending, values) → (key, array), in the order given, while later tensors are
+    read and submitted: the oldest is waited for only once more than IN_FLIGHT_VALUES values are
+    queued behind it (or the items run out)."""
+    waiting: deque = deque()
+    queued = 0
+    try:
+        for key, data, values in items:
+            waiting.append((key, data, values))
+            queued += values
+            while len(waiting) > 1 and (queued > IN_FLIGHT_VALUES or not isinstance(waiting[0][1], Pending)):
+                old_key, old, old_values = waiting.popleft()
+                queued -= old_values
+                yield old_key, old if isinstance(old, np.ndarray) else old.result()
+        while waiting:
+            key, data, _ = waiting.popleft()
+            yield key, data if isinstance(data, np.ndarray) else data.result()
+    finally:  # stopped early (an error): no mapped file left behind
+        for _, data, _ in waiting:
+            if isinstance(data, Pending):
+                data.discard()
 
 
 def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
