@@ -74,7 +74,7 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 # --- tensor types ---------------------------------------------------------------------------------
 def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
-           workers=None):
+           workers: kquants.Workers | None = None) -> np.ndarray | kquants.Pending:
     """fp32 array → the array GGUFWriter.add_tensor takes for that type, or for the k-quants a
     kquants.Pending whose result() is that array (quantized meanwhile on `workers`, a
     kquants.Workers; None: now, in this thread). `importance` (one value per input column)
