@@ -242,7 +242,17 @@ def environment(threads: int) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    import tempfile
+
+    try:
+        st = os.statvfs("/dev/shm")
+        shm_gib = round(st.f_bavail * st.f_frsize / 2**30, 1)
+    except OSError:
+        shm_gib = None
+    # where the worker processes' mapped files go for the largest tensor (embedding, 2 GiB)
+    mapped = kquants._mapped_folder(2 * 2**30) or tempfile.gettempdir()
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "dev_shm_free_gib": shm_gib, "mapped_files_for_2gib": mapped,
             "cpu_count": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "numpy": np.__version__, "chunk_blocks": kquants.CHUNK_BLOCKS, "argv": sys.argv[1:]}
 
