@@ -260,7 +260,7 @@ def environment(threads: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="workers (default: every core)")
+    ap.add_argument("--threads", type=int, default=kquants.usable_cores(), help="workers (default: every core)")
     ap.add_argument("--types", default=",".join(K_TYPES), help="K types of phases 1 and 2 (default all)")
     ap.add_argument("--executors", default="processes,threads",
                     help="processes (what the export uses), threads, both (default), or none (skip phase 2)")

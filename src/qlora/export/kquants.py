@@ -659,6 +659,14 @@ def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None
     return submit(x, kind_name, importance, executor).result()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers narrow), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Workers:
     """Where the export quantizes: `count` worker processes (None: one per core), started at the
     first tensor with chunks enough to share out; smaller tensors, and count 1, run in the
@@ -668,7 +676,7 @@ class Workers:
     torch's threads running."""
 
     def __init__(self, count: int | None = None):
-        self.count = count or os.cpu_count() or 1
+        self.count = count or usable_cores()
         self.pool: ProcessPoolExecutor | None = None
 
     def executor(self, n_blocks: int) -> Executor | None:
