@@ -145,9 +145,9 @@ def _fit_symmetric_plain(x: np.ndarray, w: np.ndarray, kind: Kind) -> np.ndarray
 
 
 # --- sub-block scales, fast: the same arithmetic, one row per value position ---------------------
-# Profiled on 256 × 4096 slices of random weights, the plain search spends its time in numpy's per-row work:
-# reductions over rows of 16 or 32 values, broadcasts along them, np.where on random masks, on
-# temporaries of ~1M values that do not stay in cache. The fast search lays a chunk out transposed,
+# Profiled on 256 × 4096 slices of random weights, the plain search spends its time in numpy's
+# per-row work: reductions over rows of 16 or 32 values, broadcasts along them, np.where on random
+# masks, on temporaries of ~1M values that do not stay in cache. The fast search lays a chunk out transposed,
 # (L, sub-blocks): every per-value step is one long contiguous loop, every per-sub-block step works
 # on contiguous vectors, each candidate's results go into a row of a table and the winner is picked
 # once at the end. Every value is computed by the same float32 operations in the same order as the
