@@ -170,6 +170,8 @@ BEFORE = {"Q2_K": ("cf5d9bd72d823440", "4e3cf37e4b8bfccc"), "Q3_K": ("57a78cec24
           "Q6_K": ("2ff6811497f9a302", "ed3216e09c7031cc")}
 
 
+@pytest.mark.skipif(np.lib.NumpyVersion(np.__version__) < "2.0.0",
+                    reason="hashed under numpy 2, whose type promotion the search's divisions follow")
 @pytest.mark.parametrize("kind", KINDS)
 def test_bytes_are_those_of_the_implementation_before(kind):
     import hashlib
