@@ -241,3 +241,19 @@ def test_cli_export(models, tmp_path, capsys):
     assert main(args) == 0
     assert "GGUF written" in capsys.readouterr().out
     assert main(args) == 2
+
+
+def test_worker_processes_write_the_same_file(models, tmp_path, monkeypatch):
+    """The export on worker processes (chunks through mapped files, one tensor in flight) writes
+    the bytes the export in this process writes."""
+    from qlora.export import kquants
+
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 64)  # tiny tensors (256-512 blocks): shared out all the same
+    inline = export_gguf(models["llama"], tmp_path / "a.gguf", "q4_k_m", threads=1)
+    workers = export_gguf(models["llama"], tmp_path / "b.gguf", "q4_k_m", threads=2)
+    ta = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(inline)).tensors}
+    tb = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(workers)).tensors}
+    assert list(ta) == list(tb)
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(QloraError, match="--threads 0"):
+        export_gguf(models["llama"], tmp_path / "c.gguf", "q4_k_m", threads=0)

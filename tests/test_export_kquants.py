@@ -10,7 +10,10 @@ What is checked, block by block, for Q2_K, Q3_K, Q4_K, Q5_K and Q6_K:
   outside it (clipped by the scale search) lands on the nearest end of the range;
 - the scale search is no worse, in RMS error over random normal weights, than the naive reference
   (written here independently): each sub-block's range mapped onto the codes, round to nearest;
-- an importance matrix concentrated on a few columns lowers the error on those columns.
+- an importance matrix concentrated on a few columns lowers the error on those columns;
+- the fast search (what quantize runs) gives the bytes of the plain search (codes(plain=True), the
+  search as written) and of the implementation before it (pinned hashes), bit for bit, on edge
+  tensors with and without importance; in chunks, on threads and on worker processes alike.
 """
 
 from __future__ import annotations
@@ -142,13 +145,115 @@ def test_importance_lowers_the_error_where_it_is_concentrated(kind):
     assert weighted[1] < weighted[0]
 
 
-def test_tensor_quantize_is_the_blocks_row_by_row_on_threads(monkeypatch):
-    x = np.random.default_rng(4).standard_normal((12, 512)).astype(np.float32)
-    whole = kquants.PACK["Q5_K"](kquants.codes(x.reshape(-1, 256), "Q5_K")).reshape(12, -1)
-    monkeypatch.setattr(kquants, "CHUNK_VALUES", 1024)  # six chunks of two rows
-    np.testing.assert_array_equal(kquants.quantize(x, "Q5_K", threads=2), whole)
+def _edge_tensor(seed, cols=1024):
+    """Random weights with the cases where float details decide: zero blocks of either sign,
+    constants, ±v ties for the largest magnitude, an outlier, large and tiny scales, sparse rows,
+    one-signed rows; and importance with zero columns and a few heavy ones."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((8, cols)) * 0.02).astype(np.float32)
+    x[0, :256], x[0, 256:512] = 0.0, -0.0
+    x[1, :256], x[1, 256:272] = 0.5, -0.25
+    x[2, 7] = 3.0
+    x[3] = np.round(x[3] * 100) / 100  # many equal magnitudes
+    x[4, :512] *= 1e3
+    x[5, ::2] = 0.0
+    x[6], x[7] = -np.abs(x[6]), np.abs(x[7])
+    importance = (rng.random(cols) ** 4).astype(np.float32)
+    importance[:40], importance[100:108] = 0.0, 1e4
+    return x, importance
+
+
+# sha256 (first 16 hex digits) of quantize(_edge_tensor(0)) as the implementation before the fast
+# search wrote it (one numpy search per 1M-value chunk; commit 56c0b01), without / with importance
+BEFORE = {"Q2_K": ("cf5d9bd72d823440", "4e3cf37e4b8bfccc"), "Q3_K": ("57a78cec24337f21", "95a74d46f9b7fe3e"),
+          "Q4_K": ("97c012b5516d5a7e", "f5c0a8efe5a7f683"), "Q5_K": ("b0ce4899578f35bd", "039f83d124a4d6cd"),
+          "Q6_K": ("2ff6811497f9a302", "ed3216e09c7031cc")}
+
+
+@pytest.mark.skipif(np.lib.NumpyVersion(np.__version__) < "2.0.0",
+                    reason="hashed under numpy 2, whose type promotion the search's divisions follow")
+@pytest.mark.parametrize("kind", KINDS)
+def test_bytes_are_those_of_the_implementation_before(kind):
+    import hashlib
+
+    x, importance = _edge_tensor(0)
+    got = [hashlib.sha256(kquants.quantize(x, kind, w).tobytes()).hexdigest()[:16] for w in (None, importance)]
+    assert tuple(got) == BEFORE[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_search_equals_the_plain_search_bit_for_bit(kind, seed):
+    x, importance = _edge_tensor(seed)
+    x[seed] *= 1e-30  # tiny values: subnormal products
+    blocks = x.reshape(-1, 256)
+    weights = np.broadcast_to(importance, x.shape).reshape(-1, 256)
+    for w in (None, weights):
+        plain = kquants.PACK[kind](kquants.codes(blocks, kind, w, plain=True))
+        fast = kquants.PACK[kind](kquants.codes(blocks, kind, w))
+        np.testing.assert_array_equal(fast, plain)
+
+
+@pytest.mark.parametrize("sub", [16, 32])
+def test_row_sums_add_in_numpys_order(sub):
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((4000, sub)) * np.exp(rng.standard_normal((4000, sub)) * 6)).astype(np.float32)
+    a[:10] = -0.0
+    got = kquants._RowSums(4000)(kquants._by_position(a, sub))
+    np.testing.assert_array_equal(got, a.sum(-1))  # bitwise: numpy's pairwise order
+    assert not np.signbit(got[:10]).any()
+    assert not np.array_equal(got, a.astype(np.float64).sum(-1).astype(np.float32))  # order matters
+
+
+def test_tensor_quantize_is_the_blocks_row_by_row_in_chunks(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, importance = _edge_tensor(4, cols=512)
+    for w in (None, importance):
+        weights = None if w is None else np.broadcast_to(w, x.shape).reshape(-1, 256)
+        whole = kquants.PACK["Q5_K"](kquants.codes(x.reshape(-1, 256), "Q5_K", weights)).reshape(8, -1)
+        monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 3)  # chunks across row ends: importance follows
+        np.testing.assert_array_equal(kquants.quantize(x, "Q5_K", w), whole)
+        with ThreadPoolExecutor(2) as pool:
+            np.testing.assert_array_equal(kquants.quantize(x, "Q5_K", w, pool), whole)
+        monkeypatch.undo()
     with pytest.raises(ValueError, match="multiple of 256"):
         kquants.quantize(x[:, :300], "Q4_K")
+
+
+def test_in_order_keeps_tensors_queued_up_to_the_budget(monkeypatch):
+    monkeypatch.setattr(kquants, "IN_FLIGHT_VALUES", 2500)
+    x = np.random.default_rng(7).standard_normal((4, 256)).astype(np.float32)  # 1024 values
+    log = []
+
+    def items():
+        for i in range(5):
+            log.append(f"read {i}")
+            yield i, kquants.submit(x, "Q4_K"), x.size
+        log.append("read F32")
+        yield "norm", x[0], 0  # done already: written as soon as the tensors before it are
+
+    for key, data in kquants.in_order(items()):
+        log.append(f"write {key}")
+        assert data.shape == ((4, 144) if key != "norm" else (256,))
+    # three tensors (3072 values) are over 2500: the oldest is waited for once the third is read
+    assert log == ["read 0", "read 1", "read 2", "write 0", "read 3", "write 1", "read 4", "write 2",
+                   "read F32", "write 3", "write 4", "write norm"]
+
+
+def test_worker_processes_quantize_the_same_bytes(monkeypatch, tmp_path):
+    x, importance = _edge_tensor(6)
+    inline = kquants.quantize(x, "Q4_K", importance)
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 4)  # 32 blocks: eight chunks, enough to share out
+    monkeypatch.setattr(kquants, "TASK_CHUNKS", 3)  # three tasks, the last one short
+    monkeypatch.setattr(kquants, "_mapped_folder", lambda nbytes: str(tmp_path))
+    with kquants.Workers(2) as workers:
+        assert workers.executor(7) is None  # too small to share out: this process
+        pool = workers.executor(x.size // 256)
+        assert pool is not None
+        np.testing.assert_array_equal(kquants.quantize(x, "Q4_K", importance, pool), inline)
+    assert kquants.Workers(1).executor(10**6) is None
+    assert list(tmp_path.iterdir()) == []  # the mapped files are removed once the tensor is back
 
 
 # --- mixtures -----------------------------------------------------------------------------------

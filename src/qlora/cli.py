@@ -405,6 +405,9 @@ def _export_options(p) -> None:
                    help="examples of --imatrix-data to run (default 128)")
     p.add_argument("--ollama", action="store_true",
                    help="also write OUT.Modelfile for Ollama (chat template, stop tokens, sampling)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU processes quantizing the k-quants (default: one per core; 1: none, "
+                        "in the exporting process)")
     _add_check_args(p, default_on="on where llama-cpp-python is importable")
     p.add_argument("--check-engine", default="llama.cpp", choices=["llama.cpp", "qlora"],
                    help="run the file in llama.cpp (default), or its dequantized weights in qlora's "
@@ -424,7 +427,7 @@ def run_export(args) -> None:
                            check=args.check, check_data=args.check_data,
                            check_samples=args.check_samples, check_engine=args.check_engine,
                            llama_python=args.llama_python, ollama=args.ollama, device=args.device,
-                           log=lambda line: print(line, flush=True))
+                           threads=args.threads, log=lambda line: print(line, flush=True))
     print(f"GGUF written to {outputs['gguf']}: {describe(outputs['gguf'])}")
     if outputs["modelfile"] is not None:
         print(f"Ollama Modelfile written to {outputs['modelfile']} "

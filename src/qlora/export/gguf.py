@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from qlora.errors import QloraError
-from qlora.export import mixtures
+from qlora.export import kquants, mixtures
 from qlora.export.mixtures import FILE_TYPES, K_QUANT_FILES
 from qlora.files import check_writable, staged_file
 
@@ -78,18 +78,20 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # --- tensor types ---------------------------------------------------------------------------------
-def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """fp32 array → the array GGUFWriter.add_tensor takes for that type. `importance` (one value
-    per input column) steers the k-quants' scale search; the other types have none."""
+def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
+           workers: kquants.Workers | None = None) -> np.ndarray | kquants.Pending:
+    """fp32 array → the array GGUFWriter.add_tensor takes for that type, or for the k-quants a
+    kquants.Pending whose result() is that array (quantized meanwhile on `workers`, a
+    kquants.Workers; None: now, in this thread). `importance` (one value per input column)
+    steers the k-quants' scale search; the other types have none."""
     g = _gguf()
-    from qlora.export import kquants
-
     if type_name == "F32":
         return x.astype(np.float32)
     if type_name == "F16":
         return x.astype(np.float16)
     if type_name in kquants.KINDS:
-        return kquants.quantize(x, type_name, importance)
+        executor = None if workers is None else workers.executor(x.size // kquants.QK_K)
+        return kquants.submit(x, type_name, importance, executor)
     return g.quants.quantize(x, g.GGMLQuantizationType[type_name])  # BF16, Q8_0, Q4_0, Q5_0, Q5_1
 
 
@@ -360,14 +362,17 @@ def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
 def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 adapter_dir: str | Path | None = None, merge_base: str = "original",
                 ignore_base_name: bool = False, log=None,
-                imatrix: dict[str, np.ndarray] | None = None) -> Path:
+                imatrix: dict[str, np.ndarray] | None = None, threads: int | None = None) -> Path:
     """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
 
     `log` (default: stderr) hears the tensors stored in another type than their role asks for.
     `imatrix`: Hugging Face weight name → mean squared activation of each input column
-    (export/imatrix.py); the k-quant tensors weigh their rounding errors by it."""
+    (export/imatrix.py); the k-quant tensors weigh their rounding errors by it.
+    `threads`: processes quantizing the k-quants (None: one per core; 1: in this process)."""
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = check_qtype(qtype)
+    if threads is not None and threads < 1:
+        raise QloraError(f"--threads {threads}: give at least 1 (1 quantizes in this process)")
     if imatrix is not None and qtype not in K_QUANT_FILES:
         raise QloraError(f"an importance matrix steers the k-quants only; --type {qtype} does not "
                          f"use one: drop --imatrix-data or choose one of {', '.join(K_QUANT_FILES)}")
@@ -383,7 +388,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         def log(text: str) -> None:
             print(text, file=sys.stderr)
     if adapter_dir is None:
-        return _export(model_dir, out, qtype, log, imatrix or {}, model_dir.resolve().name)
+        return _export(model_dir, out, qtype, log, imatrix or {}, model_dir.resolve().name, threads)
     from qlora.merge import check_adapter_base, merge_adapter, read_config
 
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
@@ -401,7 +406,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                                base=merge_base, ignore_base_name=ignore_base_name)
         # named after what was merged, not after the temporary folder it was merged into
         name = f"{model_dir.resolve().name} + {Path(adapter_dir).resolve().name}"
-        return _export(merged, out, qtype, log, imatrix or {}, name)
+        return _export(merged, out, qtype, log, imatrix or {}, name, threads)
 
 
 def refuse_generic(model_dir: Path) -> None:
@@ -431,7 +436,7 @@ def check_qtype(qtype: str) -> str:
 
 
 def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.ndarray],
-            name: str) -> Path:
+            name: str, threads: int | None) -> Path:
     from safetensors import safe_open
 
     from qlora.merge import read_config
@@ -467,27 +472,12 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         fallbacks: dict[tuple[str, str, str, int], int] = {}  # (role, wanted, stored, row) -> count
         for name, factors in rope_factors.items():  # F32, as llama.cpp reads them
             w.add_tensor(name, factors)
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                for hf_name in sf.keys():
-                    if hf_name.endswith("rotary_emb.inv_freq"):
-                        continue  # recomputed by llama.cpp
-                    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                    if name is None:
-                        raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
-                    x = sf.get_tensor(hf_name).float().numpy()
-                    if gemma is not None and hf_name.endswith("norm.weight"):
-                        x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
-                    if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
-                        x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
-                    elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
-                        x = permute_rope(x, n_kv)
-                    choice = mixtures.tensor_type(name, x.shape, qtype, model)
-                    if choice.stored != choice.wanted:
-                        key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
-                        fallbacks[key] = fallbacks.get(key, 0) + 1
-                    data = encode(x, choice.stored, imatrix.get(hf_name))
-                    w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[choice.stored])
+        with kquants.Workers(threads) as workers:
+            # the workers quantize while the next tensors are read; written in file order
+            encoded = _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks,
+                               imatrix, workers)
+            for (name, stored), data in kquants.in_order(encoded):
+                w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[stored])
         for (role, wanted, stored, width), count in fallbacks.items():
             log(f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
                 f"{stored} instead of {wanted}: row length {width} is not a multiple of "
@@ -499,6 +489,33 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         if out.exists():
             raise QloraError(f"{out} appeared while exporting; not overwriting it")
     return out
+
+
+def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, workers):
+    """((GGUF name, stored type), encoded data or kquants.Pending, values) per tensor, in file order."""
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for hf_name in sf.keys():
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed by llama.cpp
+                name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
+                x = sf.get_tensor(hf_name).float().numpy()
+                if gemma is not None and hf_name.endswith("norm.weight"):
+                    x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
+                if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
+                    x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
+                elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
+                    x = permute_rope(x, n_kv)
+                choice = mixtures.tensor_type(name, x.shape, qtype, model)
+                if choice.stored != choice.wanted:
+                    key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
+                    fallbacks[key] = fallbacks.get(key, 0) + 1
+                data = encode(x, choice.stored, imatrix.get(hf_name), workers)
+                yield (name, choice.stored), data, x.size
 
 
 def describe(gguf_file: str | Path) -> str:

@@ -24,20 +24,34 @@ square is δ²·E[x²] when activations are uncorrelated — the quantity to min
 sub-block scales are rounded to their stored bits and every value is re-coded, round to nearest,
 against the scales as stored (the best codes for those scales: values are independent).
 
-Everything is vectorised over blocks; a large tensor is cut into row chunks that run on threads
-(numpy releases the GIL in its array loops), which also bounds the temporary memory.
+The search is written twice: plainly, one sub-block per row (the definition, kept as the
+reference: codes(..., plain=True)), and transposed for speed, with every float32 operation the same
+and in the same order, so that the bytes are the same (see "sub-block scales, fast"). A tensor is cut
+into chunks of CHUNK_BLOCKS super-blocks (the temporaries stay near the core); the export runs them
+on worker processes (Workers), reading and writing the tensor through mapped files.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 QK_K = 256
-CHUNK_VALUES = 1 << 20  # values per thread task: ~4 MB of f32, a few times that in temporaries
+# super-blocks per task: 131k values, whose ~10 temporaries of 0.5 MB stay near the core (L2/L3);
+# larger chunks spill to memory, smaller ones spend more of their time in numpy's per-call work
+CHUNK_BLOCKS = 512
+# chunks per worker-process task: few enough messages through the pool's one pipe
+TASK_CHUNKS = 8
+# values queued on the workers before the export waits for the oldest tensor (256 MB of float32):
+# enough that the small tensors of a layer (attn_k, attn_v: 4 tasks) never leave workers idle
+IN_FLIGHT_VALUES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,8 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(ok, a / np.where(ok, b, 1.0), 0.0).astype(np.float32)
 
 
-# --- sub-block scales ---------------------------------------------------------------------------
-def _fit_asymmetric(x: np.ndarray, w: np.ndarray, kind: Kind) -> tuple[np.ndarray, np.ndarray]:
+# --- sub-block scales, plain: the search as written, one sub-block per row ------------------------
+def _fit_asymmetric_plain(x: np.ndarray, w: np.ndarray, kind: Kind) -> tuple[np.ndarray, np.ndarray]:
     """Per sub-block (…, L) scale s ≥ 0 and min m ≥ 0 with x ≈ s·q − m, q ∈ [0, high], minimising
     Σ w·(s·q − m − x)². The min is kept ≥ 0 (the stored min is unsigned), so 0 stays
     representable exactly: a sub-block of positive values is coded from 0 up."""
@@ -109,7 +123,7 @@ def _fit_asymmetric(x: np.ndarray, w: np.ndarray, kind: Kind) -> tuple[np.ndarra
     return best_s.astype(np.float32), best_m.astype(np.float32)
 
 
-def _fit_symmetric(x: np.ndarray, w: np.ndarray, kind: Kind) -> np.ndarray:
+def _fit_symmetric_plain(x: np.ndarray, w: np.ndarray, kind: Kind) -> np.ndarray:
     """Per sub-block (…, L) signed scale s with x ≈ s·q, q ∈ [low, high] = [−n, n−1], minimising
     Σ w·(s·q − x)². The value of largest magnitude is mapped near −n, the side with one more
     code, so the sign of s follows it."""
@@ -130,22 +144,247 @@ def _fit_symmetric(x: np.ndarray, w: np.ndarray, kind: Kind) -> np.ndarray:
     return best_s.astype(np.float32)
 
 
+# --- sub-block scales, fast: the same arithmetic, one row per value position ---------------------
+# Profiled on 256 × 4096 slices of random weights, the plain search spends its time in numpy's
+# per-row work: reductions over rows of 16 or 32 values, broadcasts along them, np.where on random
+# masks, on temporaries of ~1M values that do not stay in cache. The fast search lays a chunk out transposed,
+# (L, sub-blocks): every per-value step is one long contiguous loop, every per-sub-block step works
+# on contiguous vectors, each candidate's results go into a row of a table and the winner is picked
+# once at the end. Every value is computed by the same float32 operations in the same order as the
+# plain search (sums included: see _RowSums), so the bytes are equal; tests/test_export_kquants.py
+# compares both on random tensors with and without importance weights.
+
+# numpy sums a contiguous run of n ≤ 128 float32 values (a.sum(-1) over a sub-block) pairwise:
+# eight partial sums r_j = a_j + a_{j+8} + a_{j+16} + …, then ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)),
+# added to the identity 0. Storing the value positions of each run of eight in this order makes
+# every level of that tree "first half + second half" of the rows.
+_TREE_ORDER = (0, 4, 2, 6, 1, 5, 3, 7)
+
+
+def _by_position(a: np.ndarray, sub: int) -> np.ndarray:
+    """(…, sub) → (sub, n) contiguous: row e holds every sub-block's value e (rows in tree order)."""
+    order = (np.arange(sub).reshape(-1, 8)[:, _TREE_ORDER]).ravel()
+    return np.ascontiguousarray(a.reshape(-1, sub).T[order])
+
+
+class _RowSums:
+    """Σ over the rows of a (sub, n) array, bit for bit what a.sum(-1) gives on the (n, sub) original."""
+
+    def __init__(self, n: int):
+        self.partial = np.empty((8, n), dtype=np.float32)
+        self.zeros = np.zeros(n, dtype=np.float32)  # arrays, not scalars: numpy's scalar path is slower
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        r = self.partial
+        np.add(a[0:8], a[8:16], out=r)
+        for i in range(16, a.shape[0], 8):
+            r += a[i:i + 8]
+        half = r[0:4] + r[4:8]
+        quarter = half[0:2] + half[2:4]
+        total = quarter[0] + quarter[1]
+        return np.add(total, self.zeros, out=total)  # the identity: −0 becomes +0 as in numpy
+
+
+def _divide(a, b: np.ndarray) -> np.ndarray:
+    """_safe_div's values (same dtypes, so the same roundings) without its two np.where: a / b,
+    then 0 where b == 0, which is rare in real weights. Runs under np.errstate(all="ignore")."""
+    out = np.divide(a, b)
+    zero = b == 0
+    if zero.any():
+        out[..., zero] = 0
+    return out.astype(np.float32, copy=False)
+
+
+def _pick(errs: np.ndarray, bad: np.ndarray, *tables: np.ndarray) -> list[np.ndarray]:
+    """Row by column of `tables` (steps, n): the plain search replaces its best only by a strictly
+    smaller error, so it ends on the first row reaching the least error, never on a `bad` candidate
+    (rows 1…) nor on a NaN error, and never leaves a NaN starting error (row 0)."""
+    assert len(errs) < 64  # the row numbers below fit beside the +64
+    errs[1:][bad | np.isnan(errs[1:])] = np.inf
+    least = np.minimum.reduce(errs, axis=0)
+    reached = errs == least
+    reached[0] |= np.isnan(errs[0])
+    # the first reaching row as a minimum, in uint8 (fast): rows that do not reach count 64 more
+    key = np.logical_not(reached).view(np.uint8) * np.uint8(64)
+    key += np.arange(len(errs), dtype=np.uint8)[:, None]
+    n = errs.shape[1]
+    flat = np.minimum.reduce(key, axis=0).astype(np.intp) * n + np.arange(n)
+    return [np.take(t, flat) for t in tables]
+
+
+@contextmanager
+def _short_buffers(n: int):
+    """numpy's ufunc buffer no longer than a row: a (sub, n) × (n,) broadcast then runs as fast as
+    a plain loop (with the default 8192 > n, numpy copies it through its buffer first)."""
+    old = np.setbufsize(max(16, min(n, 8192) // 16 * 16))  # numpy takes multiples of 16
+    try:
+        yield
+    finally:
+        np.setbufsize(old)
+
+
+def _candidate_scales(kind: Kind, lead: float, sign: float, divisor: np.ndarray) -> np.ndarray:
+    """(steps, n) float32: the plain search's _safe_div(sign·(lead + offset), divisor) for every
+    offset of the grid, in the dtype numpy gives that scalar-by-array division (float64 under
+    numpy 2's promotion rules, float32 under numpy 1's), so that the roundings are the same."""
+    steps = [sign * (lead + offset) for offset in kind.grid]
+    dtype = np.result_type(steps[0], divisor)
+    return _divide(np.array(steps, dtype=dtype)[:, None], divisor.astype(dtype))
+
+
+def _fit_asymmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None,
+                    kind: Kind) -> tuple[np.ndarray, np.ndarray]:
+    """_fit_asymmetric_plain's (scales, mins), bit for bit, for x by position (L, n) (the same
+    values as `rows` (n, L)); w likewise, None for all ones."""
+    n = x.shape[1]
+    total = _RowSums(n)
+    zeros = total.zeros
+    # minimum(min, 0) is +0 for either zero; a zero maximum keeps the sign numpy's own order gives
+    lo = np.minimum(np.minimum.reduce(x, axis=0), zeros)
+    top = np.maximum.reduce(x, axis=0)
+    zero_top = top == 0
+    if zero_top.any():
+        top[zero_top] = rows[zero_top].max(-1)
+    span = top - lo
+    high = np.full_like(x, kind.high)
+    xl = x - lo
+    q, t = np.empty_like(x), np.empty_like(x)
+    wq = q if w is None else np.empty_like(x)
+
+    def codes_for(iscale: np.ndarray, offset: float) -> None:  # q = clip(rint(xl·iscale), 0, high)
+        np.multiply(xl, iscale, out=q)  # ≥ 0
+        np.rint(q, out=q)
+        # xl ≤ span, so xl·iscale ≤ (high + offset)(1 + 6e-7): below high + ½ the clip changes nothing
+        if offset > 0.5 - 1e-3:
+            np.minimum(q, high, out=q)
+        if w is not None:
+            np.multiply(w, q, out=wq)
+
+    def error(s: np.ndarray, b: np.ndarray) -> np.ndarray:  # Σ w·((s·q + b) − x)²
+        np.multiply(s, q, out=t)
+        np.add(t, b, out=t)
+        np.subtract(t, x, out=t)
+        np.multiply(t, t, out=t)
+        if w is not None:
+            np.multiply(t, w, out=t)
+        return total(t)
+
+    steps = len(kind.grid) + 1
+    errs, scales, mins = (np.empty((steps, n), dtype=np.float32) for _ in range(3))
+    scales[0], mins[0] = span / kind.high, -lo
+    codes_for(_divide(1.0, scales[0]), 0.0)
+    errs[0] = error(scales[0], lo)  # (s·q + lo) − x is the plain (s·q − m) − x with m = −lo
+    sw = np.float32(kind.sub) if w is None else total(w)
+    sx = total(x) if w is None else total(w * x)
+    iscales = _candidate_scales(kind, kind.high, 1.0, span)
+    dets = np.empty((steps - 1, n), dtype=np.float32)
+    for c, offset in enumerate(kind.grid, 1):
+        codes_for(iscales[c - 1], offset)
+        sq = total(wq)
+        # Σq² of integer codes is exact in any order (< 2^24): one einsum pass, not two
+        sqq = np.einsum("ij,ij->j", q, q) if w is None else total(np.multiply(wq, q, out=t))
+        sqx = total(np.multiply(wq, x, out=t))
+        det = np.subtract(sw * sqq, sq * sq, out=dets[c - 1])
+        # where det ≤ 0 the plain search never keeps the candidate (_pick), so plain division is
+        # enough; where det > 0, sqq > 0 too (w ≥ 0)
+        s = (sw * sqx - sq * sx) / det
+        b = np.minimum((sqq * sx - sq * sqx) / det, zeros)  # x ≈ s·q + b with b ≤ 0
+        alone = b == 0  # min clamped to 0: refit the scale alone
+        if alone.any():
+            s[alone] = sqx[alone] / sqq[alone]
+        s = np.maximum(s, zeros, out=scales[c])
+        np.negative(b, out=mins[c])
+        errs[c] = error(s, b)
+    return tuple(_pick(errs, ~(dets > 0), scales, mins))
+
+
+def _fit_symmetric(x: np.ndarray, rows: np.ndarray, w: np.ndarray | None, kind: Kind) -> np.ndarray:
+    """_fit_symmetric_plain's scales, bit for bit, for x by position (L, n) (the same values as
+    `rows` (n, L)); w likewise, None for all ones."""
+    n = x.shape[1]
+    total = _RowSums(n)
+    # the value of largest magnitude: the largest or the smallest value; where both reach it
+    # (±v, or all zero) the plain search takes the first in its order, so ask it there
+    top, bottom = np.maximum.reduce(x, axis=0), np.minimum.reduce(x, axis=0)
+    vmax = np.where(top > -bottom, top, bottom)
+    tie = top == -bottom
+    if tie.any():
+        part = rows[tie]
+        vmax[tie] = np.take_along_axis(part, np.abs(part).argmax(-1)[:, None], -1)[:, 0]
+    q, t = np.empty_like(x), np.empty_like(x)
+    wq = q if w is None else np.empty_like(x)
+    steps = len(kind.grid) + 1
+    errs, scales = np.empty((steps, n), dtype=np.float32), np.zeros((steps, n), dtype=np.float32)
+    errs[0] = total(x * x if w is None else w * x * x)
+    iscales = _candidate_scales(kind, -kind.low, -1.0, vmax)
+    high = np.full_like(x, kind.high)
+    for c, offset in enumerate(kind.grid, 1):
+        np.multiply(x, iscales[c - 1], out=q)
+        np.rint(q, out=q)
+        # |x| ≤ |vmax|, so |x·iscale| ≤ (n + offset)(1 + 6e-7) with n = −low = high + 1: each
+        # clip changes nothing until that bound passes its side's code by ½
+        if offset > 0.5 - 1e-3:
+            np.clip(q, kind.low, kind.high, out=q)
+        elif offset > -0.5 - 1e-3:
+            np.minimum(q, high, out=q)
+        if w is not None:
+            np.multiply(w, q, out=wq)
+        sqx = total(np.multiply(wq, x, out=t))
+        sqq = np.einsum("ij,ij->j", q, q) if w is None else total(np.multiply(wq, q, out=t))
+        s = _divide(sqx, sqq)
+        scales[c] = s
+        np.multiply(s, q, out=t)
+        np.subtract(t, x, out=t)
+        np.multiply(t, t, out=t)
+        if w is not None:
+            np.multiply(t, w, out=t)
+        errs[c] = total(t)
+    return _pick(errs, np.zeros((steps - 1, n), dtype=bool), scales)[0]
+
+
 # --- codes: the fields of the blocks ------------------------------------------------------------
-def codes(x: np.ndarray, kind_name: str, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def codes(x: np.ndarray, kind_name: str, weights: np.ndarray | None = None,
+          plain: bool = False) -> dict[str, np.ndarray]:
     """The fields of `kind_name` blocks for x (n_blocks, 256), all as numbers (not yet bytes):
     asymmetric types d, dmin (n,) f32 holding f16 values, sc, m (n, S) ints, q (n, S, L) ints;
     symmetric types d (n,), sc (n, S) signed ints, q (n, S, L) signed ints.
-    `weights` (n_blocks, 256) ≥ 0 weigh each value's squared error in the scale search."""
+    `weights` (n_blocks, 256) ≥ 0 weigh each value's squared error in the scale search.
+    `plain` runs the search as written (the reference, several times slower); the same fields."""
     kind = KINDS[kind_name]
     x = x.astype(np.float32).reshape(-1, QK_K // kind.sub, kind.sub)
-    w = np.ones_like(x) if weights is None else weights.astype(np.float32).reshape(x.shape)
-    if kind.symmetric:
-        return _symmetric_codes(x, w, kind)
-    return _asymmetric_codes(x, w, kind)
+    w = None if weights is None else weights.astype(np.float32).reshape(x.shape)
+    per_block = x.shape[:2]
+    if plain:
+        w = np.ones_like(x) if w is None else w
+        if kind.symmetric:
+            return _symmetric_codes(x, _fit_symmetric_plain(x, w, kind), kind)
+        return _asymmetric_codes(x, *_fit_asymmetric_plain(x, w, kind), kind)
+    with np.errstate(all="ignore"), _short_buffers(x.size // kind.sub):
+        rows = x.reshape(-1, kind.sub)
+        cols = _by_position(rows, kind.sub)
+        wcols = None if w is None else _by_position(w, kind.sub)
+        if kind.symmetric:
+            return _symmetric_codes(cols, _fit_symmetric(cols, rows, wcols, kind).reshape(per_block), kind)
+        s, m = _fit_asymmetric(cols, rows, wcols, kind)
+        return _asymmetric_codes(cols, s.reshape(per_block), m.reshape(per_block), kind)
 
 
-def _asymmetric_codes(x: np.ndarray, w: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
-    s, m = _fit_asymmetric(x, w, kind)
+def _along(v: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A per-sub-block (n, S) array set against x's values: x (n, S, L), or by position (L, n·S)."""
+    return v[..., None] if x.ndim == 3 else v.reshape(-1)
+
+
+def _as_blocks(q: np.ndarray, kind: Kind) -> np.ndarray:
+    """Codes laid out as x was, back to (n, S, L)."""
+    if q.ndim == 3:
+        return q
+    rows = q[np.argsort((np.arange(kind.sub).reshape(-1, 8)[:, _TREE_ORDER]).ravel())].T
+    return rows.reshape(-1, QK_K // kind.sub, kind.sub)
+
+
+def _asymmetric_codes(x: np.ndarray, s: np.ndarray, m: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
+    """The fields for x (n, S, L) or by position (L, n·S), given each sub-block's scale s and
+    min m (n, S)."""
     levels = kind.scale_levels
     d = _f16(s.max(-1) / levels)
     dmin = _f16(m.max(-1) / levels)
@@ -153,12 +392,13 @@ def _asymmetric_codes(x: np.ndarray, w: np.ndarray, kind: Kind) -> dict[str, np.
     mq = np.clip(np.rint(m * _safe_div(1.0, dmin)[:, None]), 0, levels).astype(np.uint8)
     step = d[:, None] * sc
     offset = dmin[:, None] * mq
-    q = np.clip(np.rint((x + offset[..., None]) * _safe_div(1.0, step)[..., None]), 0, kind.high)
-    return {"d": d, "dmin": dmin, "sc": sc, "m": mq, "q": q.astype(np.uint8)}
+    q = np.clip(np.rint((x + _along(offset, x)) * _along(_safe_div(1.0, step), x)), 0, kind.high)
+    return {"d": d, "dmin": dmin, "sc": sc, "m": mq, "q": _as_blocks(q.astype(np.uint8), kind)}
 
 
-def _symmetric_codes(x: np.ndarray, w: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
-    s = _fit_symmetric(x, w, kind)
+def _symmetric_codes(x: np.ndarray, s: np.ndarray, kind: Kind) -> dict[str, np.ndarray]:
+    """The fields for x (n, S, L) or by position (L, n·S), given each sub-block's signed scale
+    s (n, S)."""
     # the sub-block scale of largest magnitude is stored as the most negative value (−128 for
     # int8, −32 for Q3_K's 6-bit offset-32 field), the others in proportion
     smin = -kind.scale_levels
@@ -167,8 +407,8 @@ def _symmetric_codes(x: np.ndarray, w: np.ndarray, kind: Kind) -> dict[str, np.n
     d = _f16(_safe_div(smax, np.float32(smin)))
     sc = np.clip(np.rint(s * _safe_div(1.0, d)[:, None]), smin, -smin - 1).astype(np.int16)
     step = d[:, None] * sc
-    q = np.clip(np.rint(x * _safe_div(1.0, step)[..., None]), kind.low, kind.high)
-    return {"d": d, "sc": sc.astype(np.int8), "q": q.astype(np.int8)}
+    q = np.clip(np.rint(x * _along(_safe_div(1.0, step), x)), kind.low, kind.high)
+    return {"d": d, "sc": sc.astype(np.int8), "q": _as_blocks(q.astype(np.int8), kind)}
 
 
 def dequantize_codes(c: dict[str, np.ndarray], kind_name: str) -> np.ndarray:
@@ -271,9 +511,100 @@ PACK = {"Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5
 
 
 # --- whole tensors ------------------------------------------------------------------------------
-def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
-             threads: int | None = None) -> np.ndarray:
-    """x (…, k·256) float → uint8 (…, k·block_bytes), `kind_name` blocks row by row.
+def quantize_blocks(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
+                    first: int = 0) -> np.ndarray:
+    """blocks (n, 256) → uint8 (n, block_bytes): one task of a tensor. `first` is the index of
+    blocks[0] among the tensor's blocks, which places `importance` (one value per input column)
+    on them."""
+    weights = None
+    if importance is not None:
+        per_row = importance.reshape(-1, QK_K)
+        weights = per_row[(first + np.arange(len(blocks))) % len(per_row)]
+    return PACK[kind_name](codes(blocks, kind_name, weights))
+
+
+def _quantize_mapped(src: str, dst: str, shape: tuple[int, int], kind_name: str,
+                     importance: np.ndarray | None, start: int, stop: int, chunk: int) -> None:
+    """In a worker process: blocks [start, stop) of the float32 file `src` (shape (n, 256)) into
+    the uint8 file `dst`, chunk by chunk. Both files are mapped (MAP_SHARED): nothing of the
+    tensor travels through the pool's pipe."""
+    x = np.memmap(src, dtype=np.float32, mode="r", shape=shape)
+    out = np.memmap(dst, dtype=np.uint8, mode="r+", shape=(shape[0], KINDS[kind_name].block_bytes))
+    for a in range(start, stop, chunk):
+        b = min(a + chunk, stop)
+        out[a:b] = quantize_blocks(np.asarray(x[a:b]), kind_name, importance, a)
+
+
+def _mapped_folder(nbytes: int) -> str | None:
+    """/dev/shm where it has room (memory, never disk), else the temporary folder (page cache)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > 2 * nbytes:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None
+
+
+class Pending:
+    """A tensor's blocks being quantized; result() waits and assembles them."""
+
+    def __init__(self, out: np.ndarray, shape: tuple[int, ...], parts: list, files: tuple[str, ...] = ()):
+        self.out, self.shape, self.parts, self.files = out, shape, parts, files
+
+    def result(self) -> np.ndarray:
+        try:
+            for start, part in self.parts:
+                done = part if isinstance(part, np.ndarray) else part.result()
+                if done is not None:
+                    self.out[start:start + len(done)] = done
+            if self.files:  # the workers wrote into the mapped output file
+                self.out[:] = np.fromfile(self.files[1], dtype=np.uint8).reshape(self.out.shape)
+        finally:
+            self.discard()
+        return self.out.reshape(self.shape)
+
+    def discard(self) -> None:
+        """Drop the mapped files (a worker still writing keeps its mapping until it is done)."""
+        self.parts = []
+        for f in self.files:
+            if os.path.exists(f):
+                os.unlink(f)
+        self.files = ()
+
+
+def _submit_mapped(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None,
+                   pool: ProcessPoolExecutor, out: np.ndarray, shape: tuple[int, ...]) -> Pending:
+    import tempfile
+
+    folder = _mapped_folder(blocks.nbytes + out.nbytes)
+    files = []
+    try:
+        for suffix, size in ((".f32", blocks.nbytes), (".q", out.nbytes)):
+            fd, path = tempfile.mkstemp(prefix="qlora-kquant-", suffix=suffix, dir=folder)
+            os.close(fd)
+            files.append(path)
+        # written, not mapped, here: one copy into the page cache, no page faults; the workers'
+        # shared mappings see the same pages (no msync needed between processes)
+        np.ascontiguousarray(blocks, dtype=np.float32).tofile(files[0])
+        os.truncate(files[1], out.nbytes)
+        per_task = TASK_CHUNKS * CHUNK_BLOCKS
+        parts = [(0, pool.submit(_quantize_mapped, files[0], files[1], blocks.shape, kind_name,
+                                 importance, a, min(a + per_task, len(blocks)), CHUNK_BLOCKS))
+                 for a in range(0, len(blocks), per_task)]
+    except BaseException:
+        for f in files:
+            os.unlink(f)
+        raise
+    return Pending(out, shape, parts, tuple(files))
+
+
+def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
+           executor: Executor | None = None) -> Pending:
+    """Start quantizing x (…, k·256) into `kind_name` blocks row by row, in chunks of CHUNK_BLOCKS
+    super-blocks on `executor`, or now in this thread when it is None. Worker processes
+    (a ProcessPoolExecutor, as Workers gives) read the tensor from a mapped file and take
+    TASK_CHUNKS chunks per task; threads take slices of x.
 
     `importance` (x.shape[-1],) ≥ 0: how much an error in each input column costs (an importance
     matrix's mean squared activations); None weighs every value alike."""
@@ -283,21 +614,82 @@ def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None
         raise ValueError(f"{kind_name} needs rows that are a multiple of {QK_K}, got {cols}")
     if importance is not None and importance.shape != (cols,):
         raise ValueError(f"importance has shape {importance.shape}, rows have {cols} columns")
-    rows = x.reshape(-1, cols)
-    per_chunk = max(1, CHUNK_VALUES // cols)
-    starts = range(0, rows.shape[0], per_chunk)
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+    blocks = x.reshape(-1, QK_K)
+    out = np.empty((len(blocks), kind.block_bytes), dtype=np.uint8)
+    shape = (*x.shape[:-1], cols // QK_K * kind.block_bytes)
+    if isinstance(executor, ProcessPoolExecutor):
+        return _submit_mapped(blocks, kind_name, importance, executor, out, shape)
+    parts = []
+    for start in range(0, len(blocks), CHUNK_BLOCKS):
+        args = (blocks[start:start + CHUNK_BLOCKS], kind_name, importance, start)
+        parts.append((start, quantize_blocks(*args) if executor is None
+                      else executor.submit(quantize_blocks, *args)))
+    return Pending(out, shape, parts)
 
-    def one(start: int) -> np.ndarray:
-        part = rows[start:start + per_chunk].astype(np.float32)
-        weights = None if importance is None else np.broadcast_to(importance, part.shape)
-        return PACK[kind_name](codes(part.reshape(-1, QK_K), kind_name,
-                                     None if weights is None else weights.reshape(-1, QK_K)))
 
-    workers = threads or min(8, os.cpu_count() or 1)
-    if workers == 1 or len(starts) == 1:
-        parts = [one(s) for s in starts]
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(one, starts))
-    blocks = np.concatenate(parts, axis=0)
-    return blocks.reshape(*x.shape[:-1], cols // QK_K * kind.block_bytes)
+def in_order(items: Iterable[tuple[object, np.ndarray | Pending, int]]) -> Iterator[tuple[object, np.ndarray]]:
+    """(key, array or Pending, values) → (key, array), in the order given, while later tensors are
+    read and submitted: the oldest is waited for only once more than IN_FLIGHT_VALUES values are
+    queued behind it (or the items run out)."""
+    waiting: deque = deque()
+    queued = 0
+    try:
+        for key, data, values in items:
+            waiting.append((key, data, values))
+            queued += values
+            while len(waiting) > 1 and (queued > IN_FLIGHT_VALUES or not isinstance(waiting[0][1], Pending)):
+                old_key, old, old_values = waiting.popleft()
+                queued -= old_values
+                yield old_key, old if isinstance(old, np.ndarray) else old.result()
+        while waiting:
+            key, data, _ = waiting.popleft()
+            yield key, data if isinstance(data, np.ndarray) else data.result()
+    finally:  # stopped early (an error): no mapped file left behind
+        for _, data, _ in waiting:
+            if isinstance(data, Pending):
+                data.discard()
+
+
+def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
+             executor: Executor | None = None) -> np.ndarray:
+    """x (…, k·256) float → uint8 (…, k·block_bytes), `kind_name` blocks row by row (submit's
+    arguments), waiting for the result."""
+    return submit(x, kind_name, importance, executor).result()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers narrow), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class Workers:
+    """Where the export quantizes: `count` worker processes (None: one per core), started at the
+    first tensor with chunks enough to share out; smaller tensors, and count 1, run in the
+    calling thread. Processes, not threads: the search makes ~1000 numpy calls per chunk, each
+    holding the GIL for its setup, which is expected to keep threads from scaling to many cores
+    (benchmarks/kquant_speed.py measures both). Spawned, not forked: an exporting process has
+    torch's threads running."""
+
+    def __init__(self, count: int | None = None):
+        self.count = count or usable_cores()
+        self.pool: ProcessPoolExecutor | None = None
+
+    def executor(self, n_blocks: int) -> Executor | None:
+        if self.count == 1 or n_blocks < 2 * CHUNK_BLOCKS:
+            return None
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"))
+        return self.pool
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None

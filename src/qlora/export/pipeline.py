@@ -46,7 +46,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
                  imatrix_samples: int | None = None, check: bool | None = None, check_data=None,
                  check_samples: int | None = None, check_engine: str = "llama.cpp",
                  llama_python: str | None = None, ollama: bool = False, device: str = "auto",
-                 log: Callable[[str], None] = print, note: Callable[[str], None] = _stderr) -> dict:
+                 threads: int | None = None, log: Callable[[str], None] = print,
+                 note: Callable[[str], None] = _stderr) -> dict:
     """Write the GGUF (and what was asked for beside it); {gguf, modelfile, report} paths."""
     from qlora.export import check as check_mod
     from qlora.export import imatrix as imatrix_mod
@@ -74,7 +75,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
         imatrix = imatrix_mod.compute_imatrix(model_dir, imatrix_data, adapter_dir, merge_base,
                                               imatrix_samples or imatrix_mod.DEFAULT_SAMPLES, device, log=note)
     export_gguf(model_dir, out, qtype, adapter_dir=adapter_dir, merge_base=merge_base,
-                ignore_base_name=ignore_base_name, log=note, imatrix=imatrix)
+                ignore_base_name=ignore_base_name, log=note, imatrix=imatrix, threads=threads)
     if translation is not None:
         ollama_mod.write_modelfile(translation, out)
     if run_check:

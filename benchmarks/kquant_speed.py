@@ -1,0 +1,330 @@
+"""How fast our k-quants (src/qlora/export/kquants.py) quantize Llama-3-8B-shaped random weights.
+
+Phases, each written into one JSON file (--out):
+1. one thread: seconds per million values of each K type (Q2_K…Q6_K) in this process, with and
+   without importance weights, beside the plain search (the previous implementation's arithmetic,
+   `codes(plain=True)` on 1M-value chunks as it ran) on the same values; CPU time of this process
+   (time.process_time), so that other load on a shared machine does not count;
+2. N workers: each K type over one decoder layer's seven matrices (218M values for the 8B shape),
+   on N worker processes (what `qlora export` uses) and, with --executors processes,threads, on N
+   threads, in s per million values of wall time;
+3. the q4_k_m file of the whole model: its tensor list with llama.cpp's mixture (our mixtures.py),
+   estimated from phase 2's rates, and with --whole-model measured (every tensor quantized on the
+   workers, one ahead, as the export does; reading and writing files not included);
+4. with --export DIR: a random bf16 8B checkpoint written to DIR and `export_gguf(..., "q4_k_m")`
+   timed end to end (reading safetensors, quantizing, writing the GGUF), with peak host memory.
+
+    python benchmarks/kquant_speed.py --threads 16 --whole-model --out $OUT/kquant-speed.json
+    python benchmarks/kquant_speed.py --threads 2 --out kquant-speed.json          # small machines
+
+--deadline (seconds, default 450) skips what would not finish in time, and says so in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from qlora.export import kquants  # noqa: E402
+from qlora.export.mixtures import Model, tensor_type  # noqa: E402
+
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
+    "tiny": (256, 512, 2, 4, 2, 1024),  # a CPU smoke test of this script
+}
+LAYER_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def tensor_list(shape: str) -> list[tuple[str, tuple[int, int]]]:
+    """(GGUF name, (rows, cols)) of every matrix of the model, in file order."""
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    head_dim = hidden // heads
+    per_layer = {"attn_q": (hidden, hidden), "attn_k": (kv * head_dim, hidden),
+                 "attn_v": (kv * head_dim, hidden), "attn_output": (hidden, hidden),
+                 "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+    out = [("token_embd.weight", (vocab, hidden))]
+    for i in range(layers):
+        out += [(f"blk.{i}.{role}.weight", per_layer[role]) for role in LAYER_ROLES]
+    return out + [("output.weight", (vocab, hidden))]
+
+
+def random_values(n: int, seed: int = 0) -> np.ndarray:
+    """n float32 values ~ N(0, 0.02²), as initialised weights."""
+    return (np.random.default_rng(seed).standard_normal(n, dtype=np.float32) * np.float32(0.02))
+
+
+def per_million(seconds: float, values: int) -> float:
+    return round(seconds / values * 1e6, 4)
+
+
+def one_thread(pool: np.ndarray, cols: int, fast_rows: int, plain_rows: int, types) -> dict:
+    x = pool[:fast_rows * cols].reshape(fast_rows, cols)
+    importance = np.random.default_rng(1).random(cols).astype(np.float32)
+    out = {}
+    for k in types:
+        t = time.process_time()
+        kquants.quantize(x, k)
+        fast = time.process_time() - t
+        t = time.process_time()
+        kquants.quantize(x, k, importance)
+        weighted = time.process_time() - t
+        blocks = x[:plain_rows].reshape(-1, kquants.QK_K)
+        t = time.process_time()
+        plain = kquants.PACK[k](kquants.codes(blocks, k, plain=True))
+        plain_s = time.process_time() - t
+        same = bool(np.array_equal(plain, kquants.quantize(x[:plain_rows], k).reshape(plain.shape)))
+        out[k] = {"fast_s_per_mvalue": per_million(fast, x.size),
+                  "fast_with_importance_s_per_mvalue": per_million(weighted, x.size),
+                  "plain_s_per_mvalue": per_million(plain_s, blocks.size),
+                  "speedup": round(plain_s / blocks.size / (fast / x.size), 2),
+                  "bytes_equal_plain": same}
+        print(f"one thread {k}: fast {out[k]['fast_s_per_mvalue']} s/M values "
+              f"(importance {out[k]['fast_with_importance_s_per_mvalue']}), plain "
+              f"{out[k]['plain_s_per_mvalue']}, x{out[k]['speedup']}, equal {same}", flush=True)
+    return out
+
+
+def quantize_all(items, executor) -> float:
+    """Wall seconds to quantize [(array, type)] on `executor`, queued ahead as the export does."""
+    t = time.perf_counter()
+    for _ in kquants.in_order((None, kquants.submit(x, k, None, executor), x.size) for x, k in items):
+        pass
+    return time.perf_counter() - t
+
+
+def layer_arrays(pool: np.ndarray, shape: str) -> list[np.ndarray]:
+    return [pool[:r * c].reshape(r, c) for name, (r, c) in tensor_list(shape)[1:8]]
+
+
+def _worker_cpu_seconds(pool) -> float:
+    """utime + stime of the pool's worker processes so far (Linux /proc)."""
+    total = 0
+    for pid in list(getattr(pool, "_processes", {}) or {}):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def workers_phase(pool, shape, threads, executors, types) -> dict:
+    """Wall and CPU seconds per million values of each type over one layer's matrices. The CPU
+    figure (main process + workers) says how much work the parallel run costs whatever else runs
+    on the machine; wall = CPU / cores only on an otherwise idle machine."""
+    layer = layer_arrays(pool, shape)
+    values = sum(a.size for a in layer)
+    out = {"values_per_layer": values}
+    for kind in executors:
+        wall, cpu = {}, {}
+        if kind == "processes":
+            with kquants.Workers(threads) as w:
+                ex = w.executor(10**9)
+                quantize_all([(layer[0][:64], "Q4_K")], ex)  # start the workers first
+                for k in types:
+                    c0, w0 = time.process_time(), _worker_cpu_seconds(ex)
+                    wall[k] = per_million(quantize_all([(a, k) for a in layer], ex), values)
+                    cpu[k] = per_million(time.process_time() - c0 + _worker_cpu_seconds(ex) - w0, values)
+        else:
+            with ThreadPoolExecutor(threads) as ex:
+                for k in types:
+                    c0 = time.process_time()
+                    wall[k] = per_million(quantize_all([(a, k) for a in layer], ex), values)
+                    cpu[k] = per_million(time.process_time() - c0, values)
+        out[kind] = wall
+        out[f"{kind}_cpu"] = cpu
+        print(f"{threads} {kind}: s per M values, wall {wall}, CPU {cpu}", flush=True)
+    return out
+
+
+def q4_k_m_types(shape: str) -> list[tuple[str, tuple[int, int], str]]:
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    model = Model(n_layer=layers, n_head=heads, n_kv_head=kv, has_output=True)
+    return [(name, dims, tensor_type(name, dims, "q4_k_m", model).stored) for name, dims in tensor_list(shape)]
+
+
+def whole_model(pool, shape, threads) -> dict:
+    items = q4_k_m_types(shape)
+    with kquants.Workers(threads) as w:
+        ex = w.executor(10**9)
+        quantize_all([(pool[:64 * 256].reshape(64, 256), "Q4_K")], ex)
+        seconds = quantize_all([(pool[:r * c].reshape(r, c), k) for _, (r, c), k in items], ex)
+    return {"seconds": round(seconds, 1), "values": sum(r * c for _, (r, c), _ in items),
+            "peak_rss_gib_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_rss_gib_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+
+
+def estimate(shape, rates: dict) -> dict:
+    """The q4_k_m model's quantization time from per-type rates (s per M values)."""
+    by_type: dict[str, int] = {}
+    for _, (r, c), k in q4_k_m_types(shape):
+        by_type[k] = by_type.get(k, 0) + r * c
+    seconds = sum(n * rates[k] / 1e6 for k, n in by_type.items() if k in rates)
+    return {"values_by_type": by_type, "seconds": round(seconds, 1)}
+
+
+def write_checkpoint(shape: str, folder: Path) -> float:
+    """A random bf16 llama checkpoint of `shape` with a tiny BPE tokenizer; seconds taken."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora.tiny import build_tokenizer
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    t = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    build_tokenizer(folder)
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*dims):
+        return (torch.randn(*dims, generator=gen) * 0.02).to(torch.bfloat16)
+
+    layer_dims = [d for _, d in tensor_list(shape)[1:8]]
+
+    def shard(n: int) -> dict:  # shard 0: embedding, output, final norm; shard i+1: layer i
+        if n == 0:
+            return {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+                    "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        i = n - 1
+        part = {f"model.layers.{i}.{hf[role]}.weight": rand(*dims) for role, dims in zip(LAYER_ROLES, layer_dims)}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            part[f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        return part
+
+    weight_map = {}
+    for n in range(layers + 1):  # written one at a time: host memory holds one shard
+        part, name = shard(n), f"model-{n:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return time.perf_counter() - t
+
+
+def export_phase(shape: str, folder: Path, threads: int) -> dict:
+    from qlora.export.gguf import export_gguf
+
+    build = write_checkpoint(shape, folder / "model")
+    out = folder / "model-q4_k_m.gguf"
+    t = time.perf_counter()
+    export_gguf(folder / "model", out, "q4_k_m", threads=threads, log=lambda s: None)
+    seconds = time.perf_counter() - t
+    return {"checkpoint_write_s": round(build, 1), "export_s": round(seconds, 1),
+            "gguf_gib": round(out.stat().st_size / 2**30, 2),
+            "peak_rss_gib_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_rss_gib_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+
+
+def environment(threads: int) -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import tempfile
+
+    try:
+        st = os.statvfs("/dev/shm")
+        shm_gib = round(st.f_bavail * st.f_frsize / 2**30, 1)
+    except OSError:
+        shm_gib = None
+    # where the worker processes' mapped files go for the largest tensor (embedding, 2 GiB)
+    mapped = kquants._mapped_folder(2 * 2**30) or tempfile.gettempdir()
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "dev_shm_free_gib": shm_gib, "mapped_files_for_2gib": mapped,
+            "cpu_count": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "numpy": np.__version__, "chunk_blocks": kquants.CHUNK_BLOCKS, "argv": sys.argv[1:]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
+    ap.add_argument("--threads", type=int, default=kquants.usable_cores(), help="workers (default: every core)")
+    ap.add_argument("--types", default=",".join(K_TYPES), help="K types of phases 1 and 2 (default all)")
+    ap.add_argument("--executors", default="processes,threads",
+                    help="processes (what the export uses), threads, both (default), or none (skip phase 2)")
+    ap.add_argument("--one-thread-rows", type=int, default=256, help="rows of 4096 for phase 1's fast runs")
+    ap.add_argument("--plain-rows", type=int, default=256, help="rows of 4096 for the plain search (1M values)")
+    ap.add_argument("--chunk-blocks", type=int, default=kquants.CHUNK_BLOCKS,
+                    help=f"super-blocks per chunk (default {kquants.CHUNK_BLOCKS}): the cache / per-call trade")
+    ap.add_argument("--whole-model", action="store_true", help="phase 3 measured, not only estimated")
+    ap.add_argument("--export", metavar="DIR", help="phase 4: write a random checkpoint there and export it")
+    ap.add_argument("--deadline", type=float, default=450.0, help="seconds for everything")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    args = ap.parse_args(argv)
+    kquants.CHUNK_BLOCKS = args.chunk_blocks  # the workers get it with each task
+    start = time.perf_counter()
+    result = {"environment": environment(args.threads), "skipped": []}
+
+    def save():
+        result["total_s"] = round(time.perf_counter() - start, 1)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    hidden = SHAPES[args.shape][0]
+    largest = max(r * c for _, (r, c) in tensor_list(args.shape))
+    pool = random_values(largest if (args.whole_model or args.shape == "tiny") else
+                         max(r * c for _, (r, c) in tensor_list(args.shape)[1:8]))
+    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+    result["one_thread"] = one_thread(pool, hidden, min(args.one_thread_rows, len(pool) // hidden),
+                                      min(args.plain_rows, len(pool) // hidden), types)
+    save()
+    executors = [e.strip() for e in args.executors.split(",") if e.strip() and e.strip() != "none"]
+    if executors:
+        result["workers"] = workers_phase(pool, args.shape, args.threads, executors, types)
+        rates = result["workers"][executors[0]]
+        result["q4_k_m_estimate"] = estimate(args.shape, rates)
+    else:  # phase 2 skipped: one thread's rate over the workers, as if they scaled perfectly
+        rates = {k: v["fast_s_per_mvalue"] / args.threads for k, v in result["one_thread"].items()}
+        result["q4_k_m_estimate"] = estimate(args.shape, rates)
+        result["q4_k_m_estimate"]["note"] = f"one thread's rates / {args.threads}: perfect scaling assumed"
+    if not {"Q4_K", "Q6_K"} <= set(rates):
+        result["q4_k_m_estimate"]["note"] = "Q4_K and Q6_K rates needed; the sum leaves out the others"
+    print(f"q4_k_m of the whole {args.shape}, estimated from {(executors or ['one thread'])[0]}: "
+          f"{result['q4_k_m_estimate']['seconds']} s", flush=True)
+    save()
+    left = args.deadline - (time.perf_counter() - start)
+    if args.whole_model:
+        if result["q4_k_m_estimate"]["seconds"] * 1.5 < left:
+            result["whole_model"] = whole_model(pool, args.shape, args.threads)
+            print(f"q4_k_m of the whole {args.shape}, measured: {result['whole_model']}", flush=True)
+        else:
+            result["skipped"].append(f"whole model: estimated {result['q4_k_m_estimate']['seconds']} s, {left:.0f} s left")
+        save()
+    del pool
+    left = args.deadline - (time.perf_counter() - start)
+    if args.export:
+        if result["q4_k_m_estimate"]["seconds"] * 1.5 + 120 < left:
+            result["export"] = export_phase(args.shape, Path(args.export), args.threads)
+            print(f"export: {result['export']}", flush=True)
+        else:
+            result["skipped"].append(f"export: {left:.0f} s left")
+        save()
+    save()
+    print(f"written to {args.out} ({result['total_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
