@@ -233,12 +233,16 @@ def _randomize(model, seed):
 def test_sequence_logps_equal_trl_get_batch_logps():
     from trl.experimental.cpo import CPOTrainer
 
+    from qlora.methods.preference import label_sequences
+    from qlora.models.generic import token_losses
+
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(4, 10, 32, generator=g)
     labels = torch.randint(0, 32, (4, 10), generator=g)
     labels[:, :4] = -100
     labels[1, 8:] = -100
-    ours = sequence_logps(logits, labels)
+    batch = {"labels": labels, "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
+    ours = sequence_logps(-token_losses(logits, labels), label_sequences(batch), 4)
     close(ours.logps, CPOTrainer.get_batch_logps(logits, labels.clone()))
     close(ours.logps / ours.tokens, CPOTrainer.get_batch_logps(logits, labels.clone(),
                                                                average_log_prob=True))
@@ -252,6 +256,7 @@ def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dor
     (adapters off) equals the base model without adapters, exactly: the same modules run."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from trl.experimental.cpo import CPOTrainer
 
     from qlora.adapters import AdapterConfig, adapters_disabled, attach_adapters, save_adapter
     from qlora.models import load_model, load_tokenizer
@@ -274,7 +279,8 @@ def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dor
         hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=FP32).eval()
         peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         logits = peft_model(input_ids=batch["input_ids"]).logits
-        theirs = PairLogps(sequence_logps(logits, batch["labels"]))
+        theirs = PairLogps(RowLogps(CPOTrainer.get_batch_logps(logits, batch["labels"].clone()),
+                                    torch.zeros(2 * len(examples))))
     close(policy.chosen, theirs.chosen, rel=1e-4)
     close(policy.rejected, theirs.rejected, rel=1e-4)
     assert torch.equal(reference.chosen, base.chosen)
@@ -283,6 +289,85 @@ def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dor
     # the batch: chosen rows first, loss only on the completions
     n_completion = sum(len(e["chosen"]) + len(e["rejected"]) for e in examples)
     assert int((batch["labels"] != -100).sum()) == n_completion
+
+
+# --- packed batches ---------------------------------------------------------------------------------
+def _lora_model(model_dir, seed=7, speed=False):
+    """Our tiny fp32 model with randomised LoRA (dropout 0: the layouts draw no masks); `speed`:
+    the speed layer's forks, whose per-token loss is kernels/cross_entropy.py's (its torch
+    reference on the CPU), in chunks of 5 tokens so that several chunks run."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    model = load_model(model_dir, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    _randomize(model, seed)
+    if speed:
+        from qlora.speed import SpeedPlan, apply_speed
+
+        apply_speed(model, SpeedPlan())
+    model.loss_chunk_tokens = 5
+    return model.train()
+
+
+def _varied_examples(layout: str) -> list[dict]:
+    """Prompts and completions of different lengths (so padded rows do pad)."""
+    g = torch.Generator().manual_seed(11)
+
+    def ids(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    if layout == "pairs":
+        return [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
+                for p, c, r in ((3, 4, 6), (5, 2, 3), (2, 7, 1), (4, 3, 5))]
+    return [{"prompt": ids(p), "completion": ids(c), "label": lab}
+            for p, c, lab in ((3, 4, True), (5, 2, False), (2, 7, True), (4, 3, False))]
+
+
+def _loss_metrics_grads(method, model, batch, opts):
+    from qlora.methods.preference import batch_loss
+
+    model.zero_grad()
+    loss, metrics = batch_loss(method, model, batch, opts)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), metric_means(metrics), grads
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo", "kto"])
+@pytest.mark.parametrize("speed", [False, True])
+def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, name, speed):
+    """A micro-batch packed into one row (no padding; sequences kept apart by their position ids)
+    gives the padded batch's loss, metrics and adapter gradients: rel 1e-5 in fp32, the same
+    tokens through attention and GEMMs of other shapes, whose sums run in other orders."""
+    from qlora.data.preference import preference_batch
+    from qlora.methods import PREFERENCE_METHODS
+
+    method = PREFERENCE_METHODS[name]
+    model = _lora_model(llama_dir, speed=speed)
+    examples = _varied_examples(method.LAYOUT)
+    padded, packed = (preference_batch(examples, 0, packed=p) for p in (False, True))
+    assert padded["input_ids"].shape[0] == 2 * len(examples) and packed["input_ids"].shape[0] == 1
+    # every token once, no padding; padded rows pad to the longest
+    assert packed["input_ids"].numel() == packed["n_tokens"] < padded["input_ids"].numel()
+    opts = PreferenceOptions(beta=0.3)
+    loss_a, metrics_a, grads_a = _loss_metrics_grads(method, model, padded, opts)
+    loss_b, metrics_b, grads_b = _loss_metrics_grads(method, model, packed, opts)
+    close(loss_b, loss_a)
+    assert metrics_a.keys() == metrics_b.keys()
+    # the metrics are log-probs and differences of them (rewards, KTO's kl): their rounding
+    # scales with the log-probs (rel 1e-5 of those), not with a small difference itself
+    logp_scale = max(abs(metrics_a["logps/chosen"]), abs(metrics_a["logps/rejected"]))
+    for k in metrics_a:
+        assert abs(metrics_b[k] - metrics_a[k]) <= 1e-5 * logp_scale, (k, metrics_a[k],
+                                                                          metrics_b[k])
+    assert len(grads_a) == len(grads_b) == 2 * 7 * 2  # lora_A and lora_B of 7 linears, 2 layers
+    for k in grads_a:
+        scale = float(grads_a[k].abs().max())
+        assert scale > 0, k
+        # relative to the largest entry: a near-zero entry's own digits are the sums' rounding
+        assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
 
 
 # --- data ------------------------------------------------------------------------------------------
