@@ -370,6 +370,71 @@ def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, n
         assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
 
 
+def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
+    """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
+    loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its
+    padding_free off) on transformers + peft with the same adapter, the reference being the
+    adapter switched off on both sides: the loss, TRL's logged metrics and every adapter gradient
+    agree to rel 1e-4 (two implementations of the same fp32 model, whose sums run in different
+    orders, as test_logps_equal_peft_and_reference_equals_base compares them)."""
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from qlora.adapters import save_adapter
+    from qlora.data.preference import pair_batch
+    from qlora.methods.preference import batch_loss
+    from qlora.models import load_tokenizer
+
+    beta = 0.3
+    ours = _lora_model(llama_dir, speed=True)
+    save_adapter(ours, tmp_path / "adapter", str(llama_dir))
+    examples = _varied_examples("pairs")
+    B = len(examples)
+    ours.zero_grad()
+    loss_sum, sums = batch_loss(dpo, ours, pair_batch(examples, 0, packed=True),
+                                PreferenceOptions(beta=beta))
+    (loss_sum / B).backward()  # TRL's loss is the batch mean
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+
+    # a fresh adapter made by the trainer (its reference is then the adapter switched off; one
+    # handed over already wrapped gets a frozen copy as its reference), then given our weights
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=FP32)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=beta,
+                     report_to=[], use_cpu=True, bf16=False, max_length=None)
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}]  # the trainer wants a dataset
+    trainer = DPOTrainer(model=hf, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=load_tokenizer(llama_dir),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                target_modules="all-linear"))
+    peft_model = trainer.model
+    loaded = set_peft_model_state_dict(
+        peft_model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert not loaded.unexpected_keys
+    inputs = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
+         for e in examples])
+    peft_model.train()
+    theirs = trainer.compute_loss(peft_model, inputs)
+    theirs.backward()
+    their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    close(loss_sum / B, theirs, rel=1e-4)
+    ours_metrics = metric_means(sums)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected"):
+        close(ours_metrics[name], their_metrics[name], rel=1e-4)
+    their_grads = {n.replace("base_model.model.", "", 1).replace(".default", ""): p.grad
+                   for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 28
+    for name, g in our_grads.items():
+        scale = float(their_grads[name].abs().max())
+        assert scale > 0 and float((g - their_grads[name]).abs().max()) <= 1e-4 * scale, name
+
+
 # --- data ------------------------------------------------------------------------------------------
 def test_messages_rendered_with_the_chat_template(llama_dir, tmp_path):
     from qlora.models import load_tokenizer
