@@ -504,7 +504,7 @@ def run_plan(args) -> None:
         offload_activations=args.offload_activations, optimizer=args.optimizer, kernels=args.kernels,
         keep_attention=args.keep_attention if args.checkpointing else False,
         embedding_on_host=args.embedding_on_host,
-        loss="full" if args.method != "sft" else args.loss, gpus=args.gpus, sharding=args.sharding,
+        loss=args.loss, gpus=args.gpus, sharding=args.sharding,
         method=args.method)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table

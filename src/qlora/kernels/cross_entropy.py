@@ -157,12 +157,17 @@ class LinearCrossEntropyRows(torch.autograd.Function):
         losses, grad_h = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=True,
                                         per_row=True)
         ctx.save_for_backward(grad_h)
+        ctx.chunk_tokens = chunk_tokens
         return losses
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h.float() * grad_output[:, None]).to(grad_h.dtype), None, None, None
+        out = torch.empty_like(grad_h)
+        for start in range(0, grad_h.shape[0], ctx.chunk_tokens):  # the fp32 product a chunk at a time
+            end = start + ctx.chunk_tokens
+            out[start:end] = grad_h[start:end].float() * grad_output[start:end, None]
+        return out, None, None, None
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
