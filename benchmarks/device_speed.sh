@@ -15,12 +15,18 @@
 #   profile-2048  where the Llama-3-8B graph step's GPU time goes at seq 2048 (profile_step.py, kernels
 #                 by kind; copies, elementwise and other kernels by name).
 #   checks        gpu_check.py: every part of the step against its reference on the GPU.
+#   dpo           a DPO step (preference_step.py): prompt 512 + completions of 512, 4 pairs, reference
+#                 = adapters off; qlora (pairs packed into one row), TRL's DPOTrainer on the seeds'
+#                 stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B; then Qwen with
+#                 ragged completions (128-512 tokens), qlora packed beside padded. pairs/s, tokens/s,
+#                 peak memory.
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to
-# OUTDIR/<part>/results.jsonl (train_step.py), OUTDIR/gpu-check.jsonl, and the profile to stdout.
+# OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
+# profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|profile-2048|checks OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|profile-2048|checks|dpo OUTDIR"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -67,6 +73,15 @@ profile-2048)
   ;;
 checks)
   step 420 gpu_check $PY "$HERE/gpu_check.py" --out "$OUT/gpu-check.jsonl"  # every check
+  ;;
+dpo)  # about 8.5 min in all: each part's --deadline skips (and records) what would not fit
+  step 300 llama-dpo $PY "$HERE/preference_step.py" --shapes llama-3-8b --systems qlora,trl,unsloth \
+    --steps 6 --warmup 2 --out "$OUT/llama-dpo" --deadline 290
+  step 150 qwen-dpo $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --systems qlora,trl,unsloth \
+    --steps 8 --warmup 2 --out "$OUT/qwen-dpo" --model-root /tmp/dpo-models --deadline 140
+  step 70 qwen-dpo-ragged $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --ragged \
+    --systems qlora,qlora-padded --steps 8 --warmup 2 --out "$OUT/qwen-dpo-ragged" \
+    --model-root /tmp/dpo-models --deadline 65
   ;;
 *)
   echo "$USAGE" >&2

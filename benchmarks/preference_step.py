@@ -91,19 +91,21 @@ class TrlStep:
     def __init__(self, trainer, args):
         import torch
 
-        from trl.trainer.dpo_trainer import DataCollatorForPreference
-
         self.trainer, self.model = trainer, trainer.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.collate = DataCollatorForPreference(pad_token_id=trainer.processing_class.pad_token_id)
+        # the trainer's own collator, fed our ids under the names its tokenized dataset uses
+        # (prompt_ids in TRL 1.16, prompt_input_ids in older releases)
+        sample = trainer.train_dataset[0]
+        self.names = {part: next(k for k in sample if k.startswith(part) and k.endswith("ids"))
+                      for part in ("prompt", "chosen", "rejected")}
         self.opt = ts._optimizer(self.params, args)
         self.max_grad_norm, self.torch, self.device = args.max_grad_norm, torch, args.device
         # what Trainer.train() sets before its steps: one micro-batch a step
         trainer.current_gradient_accumulation_steps = 1
 
     def forward_backward(self, pairs: list[dict]):
-        inputs = self.collate([{"prompt_ids": p["prompt"], "chosen_ids": p["chosen"],
-                                "rejected_ids": p["rejected"]} for p in pairs])
+        inputs = self.trainer.data_collator([{self.names[k]: p[k] for k in self.names}
+                                             for p in pairs])
         # Trainer.train() runs the model under accelerate's bf16 autocast (bf16=True); the same here
         with self.torch.autocast(self.device, dtype=self.torch.bfloat16,
                                  enabled=self.device == "cuda"):
