@@ -567,6 +567,59 @@ def test_a_preference_run_resumes_exactly(tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --- precomputed reference log-probs -----------------------------------------------------------------
+def test_precomputed_reference_run_equals_the_run_with_reference_forwards(tmp_path, monkeypatch):
+    """precompute_ref_log_probs: one pass before training writes each pair's reference log-probs,
+    no step runs the reference forward (the adapters are switched off once, for that pass), and
+    every step's loss equals the run that takes the reference in each step (rel 1e-5 in fp32: the
+    same base model over the same pairs, batched otherwise)."""
+    from qlora.config import load_config
+    from qlora.methods import preference
+    from qlora.tiny import build_tiny_model
+    from qlora.train import loop
+
+    model = build_tiny_model(tmp_path / "model", "llama")
+    rows = [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]} for w in WORDS[:10]]
+    data = _pair_data(tmp_path, rows)
+    switched_off = []
+    real = preference.adapters_disabled
+
+    def counted(m):
+        switched_off.append(1)
+        return real(m)
+
+    monkeypatch.setattr(preference, "adapters_disabled", counted)
+
+    def run(out, precompute):
+        switched_off.clear()
+        cfg = load_config(None, dict(
+            model=str(model), data=str(data), output_dir=str(out), method="dpo",
+            precompute_ref_log_probs=precompute, max_steps=4, micro_batch_size=2,
+            gradient_accumulation_steps=1, lora_dropout=0.0, learning_rate=5e-3, warmup_steps=0,
+            logging_steps=1, eval_steps=0, save_steps=0, device="cpu", val_set_size=2,
+            gradient_checkpointing=False, quant="none", max_seq_length=32))
+        result = loop.train(cfg, progress=False)
+        return result, len(switched_off)
+
+    with_forwards, calls = run(tmp_path / "a", False)
+    assert calls == 4 + 1  # a reference forward in each step and in the evaluation
+    precomputed, calls = run(tmp_path / "b", True)
+    assert calls == 1  # the one pass before training
+    for step, loss in with_forwards.step_losses.items():
+        close(precomputed.step_losses[step], loss)
+    close(precomputed.evals[-1]["rewards/margins"], with_forwards.evals[-1]["rewards/margins"],
+          rel=1e-4)  # a difference of log-probs: rel 1e-5 of those, a few times more of it
+
+
+def test_precompute_is_refused_where_there_is_no_fixed_reference():
+    from qlora.config import load_config
+
+    for method in ("kto", "orpo", "sft"):
+        with pytest.raises(QloraError, match="precompute_ref_log_probs"):
+            load_config(None, dict(model="m", data="d", output_dir="o", method=method,
+                                   precompute_ref_log_probs=True))
+
+
 # --- the memory planner -----------------------------------------------------------------------------
 def test_planner_counts_two_sequences_and_the_reference_forward():
     from dataclasses import replace
@@ -581,3 +634,4 @@ def test_planner_counts_two_sequences_and_the_reference_forward():
     assert a.activations < b.activations == c.activations  # two sequences per example
     assert c.workspace - b.workspace > 0  # DPO's reference forward, ORPO has none
     assert reference_forward_bytes(arch, orpo_cfg, 1.0) == 0
+    assert reference_forward_bytes(arch, replace(dpo_cfg, reference_precomputed=True), 1.0) == 0

@@ -138,8 +138,10 @@ class PlanConfig:
     sharding: str = "ddp"
     alloc_rounding: bool = True
     # sft, or a preference method (qlora.methods): two sequences per example (chosen and
-    # rejected; KTO: the example and its KL row), and for dpo / kto a reference forward
+    # rejected; KTO: the example and its KL row), and for dpo / kto a reference forward, unless
+    # DPO's reference log-probs are precomputed before training
     method: str = "sft"
+    reference_precomputed: bool = False
 
     def validate(self, targets: bool = True) -> None:
         """`targets`: check the target names against the native decoder's projections (a
@@ -464,7 +466,7 @@ def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig, per_layer: float) -
     label rows' final hidden states (bf16, at most every token) and one chunk of the per-token
     loss (its bf16 logits, their fp32 copy and log-softmax: 10 B an entry, as the model computes
     the loss per token, methods/preference.py)."""
-    if cfg.method not in REFERENCE_METHODS:
+    if cfg.method not in REFERENCE_METHODS or cfg.reference_precomputed:
         return 0
     tokens = step_tokens(cfg)
     chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(arch.vocab_size))
@@ -1035,7 +1037,10 @@ def _method_fields(cfg) -> dict:
     """A preference run's method (its log-probs come per token from the model's own loss, the
     chunked one an SFT run uses: methods/preference.py)."""
     method = getattr(cfg, "method", "sft")
-    return {"method": method} if method in PREFERENCE_METHODS else {}
+    if method not in PREFERENCE_METHODS:
+        return {}
+    return {"method": method,
+            "reference_precomputed": bool(getattr(cfg, "precompute_ref_log_probs", False))}
 
 
 def run_gpu_bytes(cfg, device) -> tuple[int | None, str]:

@@ -234,6 +234,10 @@ def pair_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
                             pad_id, packed)
     batch["n_examples"] = len(examples)
     batch["n_tokens"] = sum(example_tokens(e) for e in examples)
+    if all("ref_chosen" in e for e in examples):  # precomputed (precompute_ref_log_probs)
+        batch["ref_logps"] = torch.tensor([e["ref_chosen"] for e in examples]
+                                          + [e["ref_rejected"] for e in examples],
+                                          dtype=torch.float32)
     return batch
 
 

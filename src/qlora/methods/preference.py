@@ -108,9 +108,13 @@ def policy_and_reference(method, model, batch: dict, forward=None):
     policy (the DDP wrapper under torchrun), `model` the bare model the adapters sit in."""
     forward = forward or model
     if method.LAYOUT == "pairs":
-        policy = PairLogps(row_logps(forward, batch))
+        rows = row_logps(forward, batch)
+        policy = PairLogps(rows)
         reference = None
-        if method.USES_REFERENCE:
+        if method.USES_REFERENCE and "ref_logps" in batch:  # precomputed: no forward here
+            ref = batch["ref_logps"].to(rows.logps.device, non_blocking=True)
+            reference = PairLogps(RowLogps(ref, rows.tokens))
+        elif method.USES_REFERENCE:
             with torch.no_grad(), adapters_disabled(model):
                 reference = PairLogps(row_logps(model, batch))
         return policy, reference
@@ -126,6 +130,27 @@ def policy_and_reference(method, model, batch: dict, forward=None):
     policy = UnpairedLogps(rows, kl, batch["label"])
     reference = UnpairedLogps(RowLogps(ref_main, ref_rows.tokens[:n]), ref_kl, batch["label"])
     return policy, reference
+
+
+@torch.no_grad()
+def precompute_reference(model, examples: list[dict], batch_size: int, pad_id: int,
+                         packed: bool = False) -> None:
+    """Each pair's reference log-probs (the base: adapters off), in batches of `batch_size`
+    pairs, written into the examples as "ref_chosen" / "ref_rejected" (floats), which pair_batch
+    hands on, so that no training step runs the reference forward (precompute_ref_log_probs)."""
+    from qlora.data.preference import pair_batch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_disabled(model):
+            for start in range(0, len(examples), batch_size):
+                part = examples[start:start + batch_size]
+                ref = PairLogps(row_logps(model, pair_batch(part, pad_id, packed)))
+                for e, c, r in zip(part, ref.chosen.tolist(), ref.rejected.tolist()):
+                    e["ref_chosen"], e["ref_rejected"] = c, r
+    finally:
+        model.train(was_training)
 
 
 def packs_with_varlen(model, device: torch.device) -> bool:

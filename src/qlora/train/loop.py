@@ -367,6 +367,9 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     ddp = dist_.wrap_ddp(model, env, device) if env.enabled and not sharded else None
     dropout_seed, dropout_stride, graphed = _apply_speed(model, optimizer, scaler, cfg, env,
                                                          device, sharded, log)
+    if cfg.precompute_ref_log_probs:  # through the fast path, once it is on
+        _precompute_reference(model, train_examples + val_examples, cfg, pad_id,
+                              preference_packed, device, log)
     if main:
         ckpt.clean_partial(out)
     metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
@@ -487,6 +490,19 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         plot_losses(out)
     dist_.barrier(env)
     return result
+
+
+def _precompute_reference(model, examples: list[dict], cfg: RunConfig, pad_id: int, packed: bool,
+                          device: torch.device, log: Callable[[str], None]) -> None:
+    """precompute_ref_log_probs: every pair's reference log-probs in one pass, before the
+    adapters are trained (the reference is the base, adapters off, so any time gives the same)."""
+    from qlora.methods.preference import precompute_reference
+
+    start = time.perf_counter()
+    precompute_reference(model, examples, cfg.eval_batch_size or cfg.micro_batch_size, pad_id,
+                         packed)
+    log(f"reference log-probs of {len(examples)} pairs precomputed in "
+        f"{time.perf_counter() - start:.1f}s: no step runs the reference forward")
 
 
 def _preference_collate(packed: bool):
