@@ -531,6 +531,32 @@ def test_dpo_demo_through_the_cli_raises_heldout_reward_accuracy(tmp_path, capsy
     assert evals[-1]["rewards/accuracies"] >= 0.9
     assert evals[-1]["rewards/margins"] > 0
     assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "loss.png").is_file()
+
+
+def test_loss_plot_of_a_preference_run_has_its_reward_panel():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from qlora.train.metrics import loss_figure
+
+    records = [{"split": "train", "step": s, "loss": 0.7 - s / 100, "rewards/accuracies": s / 10,
+                "rewards/margins": s / 5} for s in range(1, 5)]
+    records.append({"split": "eval", "step": 4, "loss": 0.6, "rewards/accuracies": 0.75,
+                    "rewards/margins": 0.5})
+    fig = loss_figure(records)
+    loss_ax, reward_ax, margin_ax = fig.axes
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["train loss", "eval loss"]
+    assert [line.get_label() for line in reward_ax.get_lines()] == [
+        "train reward accuracy", "eval reward accuracy"]
+    assert [list(line.get_ydata()) for line in margin_ax.get_lines()] == [
+        [0.2, 0.4, 0.6, 0.8], [0.5]]
+    sft = loss_figure([{"split": "train", "step": 1, "loss": 2.0}])
+    assert len(sft.axes) == 1  # SFT: the loss alone
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(sft)
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
