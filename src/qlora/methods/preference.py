@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from qlora.adapters import adapters_disabled
-from qlora.data.preference import half
-from qlora.models.decoder import IGNORE_INDEX as IGNORE
+from qlora.data.preference import half, pair_batch, preference_batch
 from qlora.models.attention import Varlen
+from qlora.models.decoder import IGNORE_INDEX as IGNORE
 from qlora.models.decoder import compute_device
 
 
@@ -81,10 +81,12 @@ class UnpairedLogps:
 
 def sequence_logps(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -> RowLogps:
     """Each of the `n` sequences' summed log-probs (fp32) and label tokens, from the label tokens'
-    log-probs and the sequence each is of."""
-    sequences = sequences.to(token_logps.device, non_blocking=True)
-    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device)
-    tokens = torch.bincount(sequences, minlength=n)
+    log-probs and the sequence each is of (counted where the ids are, the loop's on the CPU:
+    no wait for the GPU)."""
+    device = token_logps.device
+    tokens = torch.bincount(sequences, minlength=n).to(device, non_blocking=True)
+    sequences = sequences.to(device, non_blocking=True)
+    logps = torch.zeros(n, dtype=torch.float32, device=device)
     return RowLogps(logps.index_add(0, sequences, token_logps.float()), tokens)
 
 
@@ -138,8 +140,6 @@ def precompute_reference(model, examples: list[dict], batch_size: int, pad_id: i
     """Each pair's reference log-probs (the base: adapters off), in batches of `batch_size`
     pairs, written into the examples as "ref_chosen" / "ref_rejected" (floats), which pair_batch
     hands on, so that no training step runs the reference forward (precompute_ref_log_probs)."""
-    from qlora.data.preference import pair_batch
-
     was_training = model.training
     model.eval()
     try:
@@ -212,8 +212,6 @@ def evaluate(method, model, examples: list[dict], opts: PreferenceOptions, batch
     """(summed loss, examples, metric sums) of `examples`, in batches of `batch_size` examples,
     padded or packed; `shard=(rank, ranks)`: this process takes every ranks-th batch (the caller
     sums over ranks)."""
-    from qlora.data.preference import preference_batch
-
     rank, ranks = shard
     was_training = model.training
     model.eval()
