@@ -22,12 +22,18 @@
 #                 (Gemma) and ~50 s (Phi-4, 29 GB) to write, each system ~40-80 s to load,
 #                 Unsloth more with its compile; a system the deadline leaves out is recorded as
 #                 skipped (rerun that shape alone with --systems).
+#   dpo           a DPO step (preference_step.py): prompt 512 + completions of 512, 4 pairs, reference
+#                 = adapters off; qlora (pairs packed into one row), TRL's DPOTrainer on the seeds'
+#                 stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B; then Qwen with
+#                 ragged completions (128-512 tokens), qlora packed beside padded. pairs/s, tokens/s,
+#                 peak memory.
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to
-# OUTDIR/<part>/results.jsonl (train_step.py), OUTDIR/gpu-check.jsonl, and the profile to stdout.
+# OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
+# profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|profile-2048|checks|families OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|profile-2048|checks|families|dpo OUTDIR"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -82,8 +88,18 @@ families)  # qlora first: a system the deadline cuts is the last one of its shap
   step 255 phi4-2048 $PY "$HERE/train_step.py" --shapes phi-4 --seqs 2048 \
     --systems qlora,hf,unsloth --no-qlora-ckpt-off --steps 8 --warmup 3 --out "$OUT/phi4" \
     --deadline 250
-  step 60 generic-stablelm-2048 $PY "$HERE/train_step.py" --shapes stablelm-2-1.6b --seqs 2048 \
-    --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/generic" --deadline 55
+  # the generic path loads through transformers (~20 s for 1.6B) and runs eager: 60 s was too short
+  step 120 generic-stablelm-2048 $PY "$HERE/train_step.py" --shapes stablelm-2-1.6b --seqs 2048 \
+    --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/generic" --deadline 115
+  ;;
+dpo)  # about 8.5 min in all: each part's --deadline skips (and records) what would not fit
+  step 300 llama-dpo $PY "$HERE/preference_step.py" --shapes llama-3-8b --systems qlora,trl,unsloth \
+    --steps 6 --warmup 2 --out "$OUT/llama-dpo" --deadline 290
+  step 150 qwen-dpo $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --systems qlora,trl,unsloth \
+    --steps 8 --warmup 2 --out "$OUT/qwen-dpo" --model-root /tmp/dpo-models --deadline 140
+  step 70 qwen-dpo-ragged $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --ragged \
+    --systems qlora,qlora-padded --steps 8 --warmup 2 --out "$OUT/qwen-dpo-ragged" \
+    --model-root /tmp/dpo-models --deadline 65
   ;;
 *)
   echo "$USAGE" >&2

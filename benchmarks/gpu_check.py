@@ -25,7 +25,10 @@ Checks, each against the real other tool on CUDA:
      and hidden-state gradient at Llama-3-8B's vocabulary, both timed;
  12. attention windows per layer (a qwen2 windowing its second layer only): logits vs
      transformers, packed rows (each layer's varlen or dense mask) vs each document alone, greedy
-     generation past the window vs transformers', and the CUDA-graph step vs the eager one.
+     generation past the window vs transformers', and the CUDA-graph step vs the eager one;
+ 13. preference batches (DPO, KTO) packed into one row through flash varlen attention vs the same
+     pairs in padded rows, on the fast path qlora train uses (loss and every adapter gradient),
+     and `qlora train --method dpo` end to end (packed, with eval metrics).
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -109,7 +112,7 @@ def main() -> int:
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
-              check_windows, check_gemma]
+              check_windows, check_gemma, check_preference]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -714,3 +717,68 @@ def check_cross_entropy(dirs):
 if __name__ == "__main__":
     sys.exit(main())
 
+
+
+def check_preference(dirs):
+    """DPO and KTO micro-batches of pairs of different lengths: packed (one row, varlen) vs padded,
+    through the speed layer as qlora train puts it on for a preference method (no CUDA graphs),
+    checkpointing on, LoRA dropout 0 (the two layouts would draw other masks); then a DPO run."""
+    import contextlib
+    import io
+
+    from qlora.cli import main as cli
+    from qlora.data.preference import preference_batch
+    from qlora.methods import PREFERENCE_METHODS
+    from qlora.methods.preference import PreferenceOptions, batch_loss, packs_with_varlen
+
+    model = nf4_lora_model(dirs["llama"], dropout=0.0)
+    model.gradient_checkpointing = True
+    model.train()
+    apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
+                                 keep_attention=True, seeded_dropout=True,
+                                 embedding_on_host=True, cuda_graphs=False))
+    record("preference-packs-with-varlen",
+           0.0 if packs_with_varlen(model, torch.device(DEV)) else 1.0, 0.0)
+    g = torch.Generator().manual_seed(21)
+
+    def seq(n):
+        return torch.randint(6, 128, (n,), generator=g).tolist()
+
+    lengths = ((40, 60, 25), (90, 12, 70), (20, 100, 100), (64, 33, 5))
+    pairs = [{"prompt": seq(p), "chosen": seq(c), "rejected": seq(r)} for p, c, r in lengths]
+    unpaired = [{"prompt": seq(p), "completion": seq(c), "label": i % 2 == 0}
+                for i, (p, c, _) in enumerate(lengths)]
+    opts = PreferenceOptions(beta=0.3)
+    for name, examples in (("dpo", pairs), ("kto", unpaired)):
+        runs = []
+        for packed in (False, True):
+            model.zero_grad(set_to_none=True)
+            loss, _ = batch_loss(PREFERENCE_METHODS[name], model,
+                                 preference_batch(examples, 0, packed), opts)
+            loss.backward()
+            runs.append((loss.detach().float(), {n: p.grad.float().clone()
+                                                 for n, p in model.named_parameters()
+                                                 if p.grad is not None}))
+        (loss_a, grads_a), (loss_b, grads_b) = runs
+        record(f"preference-{name}-packed-vs-padded-loss", rel(loss_a, loss_b), 1e-2)
+        record(f"preference-{name}-packed-vs-padded-grads",
+               max(rel(grads_a[k], grads_b[k]) for k in grads_a), 5e-2, n_grads=len(grads_a))
+
+    root = Path(tempfile.mkdtemp())
+    words = "cat dog sun moon tree fish bird rain snow wind leaf rock sand star lake hill".split()
+    rows = [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]} for w in words]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, log = root / "run", io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = cli(["train", "--method", "dpo", "--model", str(dirs["llama"]),
+                  "--data", str(root / "pairs.jsonl"), "--output_dir", str(out),
+                  "--max_steps", "4", "--micro_batch_size", "4", "--logging_steps", "1",
+                  "--save_steps", "0", "--val_set_size", "4", "--eval_steps", "2"])
+    text = log.getvalue()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    said = ["preference batches packed" in text,
+            any(r.get("split") == "eval" and "rewards/accuracies" in r for r in records),
+            (out / "adapter_model.safetensors").exists()]
+    record("preference-train-dpo", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc, said=said,
+           log=text[-1500:])

@@ -230,7 +230,9 @@ def _lora_config(args):
                       target_modules=lora_targets(SHAPES[args.shape]), task_type="CAUSAL_LM")
 
 
-def setup_hf(model_dir: str, args, liger: bool = False):
+def setup_hf(model_dir: str, args, liger: bool = False, peft: bool = True):
+    """`peft=False`: the model before get_peft_model (preference_step.py hands it to TRL's
+    trainer with the LoRA config, as the trainer then puts the adapter on itself)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -248,6 +250,8 @@ def setup_hf(model_dir: str, args, liger: bool = False):
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not peft:
+        return model, [], None, True
     torch.manual_seed(args.seed)
     model = get_peft_model(model, _lora_config(args))
     model.train()

@@ -123,3 +123,34 @@ def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
     assert rows["qlora"][col["× hf, GPU time"]].strip() == "2.50"
     assert rows["qlora-nokeep"][col["× hf, GPU time"]].strip() == "—"  # no GPU time recorded
     assert "failed: timed out" in rows["unsloth"][-1]
+
+
+def test_preference_step_runs_dpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
+    """benchmarks/preference_step.py's workers, in this process (the subprocess harness is
+    train_step.py's, tested above), on a tiny shape on the CPU: TRL's DPOTrainer and ours step
+    the same pairs, and the first step's loss is log 2 for both (LoRA B starts at 0, so the policy
+    is the reference, the adapter-off base, on both sides)."""
+    import math
+
+    spec = importlib.util.spec_from_file_location("preference_step",
+                                                  ROOT / "benchmarks" / "preference_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_dir = tmp_path / "tiny-llama"
+    bench.ts.make_model_dir("tiny-llama", model_dir, "cpu")
+    results = tmp_path / "results.jsonl"
+    for system in ("trl", "qlora"):
+        args = bench.parse_args(["--device", "cpu", "--prompt", "6", "--completion", "5",
+                                 "--pairs", "2", "--steps", "2", "--warmup", "1", "--worker",
+                                 "--system", system, "--shape", "tiny-llama",
+                                 "--model-dir", str(model_dir), "--results", str(results)])
+        assert bench.worker(args) == 0
+    recs = {r["system"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(recs) == {"trl", "qlora"}
+    for r in recs.values():
+        assert "error" not in r, r.get("traceback", r.get("error"))
+        assert len(r["losses"]) == 2 and r["examples_per_s"] > 0
+        # DPO sigmoid at a zero margin is -log sigmoid(0); fp32 on the CPU, B = 0 exactly
+        assert r["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+        assert r["tokens_per_step"] == 2 * (2 * 6 + 5 + 5)  # both sequences of both pairs
+    assert recs["qlora"]["layout"] == "padded"  # the CPU has no flash varlen attention

@@ -131,6 +131,27 @@ def test_loss_and_gradient_equal_autograd_bf16(chunk):
     assert rel(x.grad, want_grad) < 1e-2  # bf16 GEMMs of the same rounded dlogits
 
 
+@pytest.mark.parametrize("chunk", [8, 37])
+def test_per_row_losses_and_weighted_gradient_equal_autograd_fp32(chunk):
+    """linear_cross_entropy_rows: each row's loss, and the gradient of a weighted sum of them (a
+    preference loss weighs each sequence's tokens by its own factor), as autograd gives them."""
+    h, weight, targets = inputs(37, 16, 53, torch.float32, seed=4)
+    row_weights = torch.linspace(-2.0, 3.0, 37)
+    x = h.detach().requires_grad_()
+    want = F.cross_entropy((x @ weight.T).float(), targets, reduction="none",
+                           ignore_index=IGNORE_INDEX)
+    (want * row_weights).sum().backward()
+    y = h.clone().requires_grad_()
+    got = ce.linear_cross_entropy_rows(y, weight, targets, chunk)
+    (got * row_weights).sum().backward()
+    assert got.shape == (37,) and got.dtype == torch.float32
+    assert rel(got, want) < 1e-6  # fp32 either way, one row's logsumexp in another order
+    assert rel(y.grad, x.grad) < 1e-5
+    assert torch.all(got[targets == IGNORE_INDEX] == 0)
+    with torch.no_grad():
+        assert rel(ce.linear_cross_entropy_rows(h, weight, targets, chunk), want) < 1e-6
+
+
 def test_no_labels_give_zero_loss_and_gradient():
     h, weight, _ = inputs(6, 8, 11, torch.float32)
     x = h.clone().requires_grad_()

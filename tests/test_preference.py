@@ -222,23 +222,27 @@ def _pair_data(tmp_path, rows=None):
     return path
 
 
-def _randomize(model, seed):
+def _randomize(model, seed, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_sequence_logps_equal_trl_get_batch_logps():
     from trl.experimental.cpo import CPOTrainer
+
+    from qlora.methods.preference import label_sequences
+    from qlora.models.generic import token_losses
 
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(4, 10, 32, generator=g)
     labels = torch.randint(0, 32, (4, 10), generator=g)
     labels[:, :4] = -100
     labels[1, 8:] = -100
-    ours = sequence_logps(logits, labels)
+    batch = {"labels": labels, "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
+    ours = sequence_logps(-token_losses(logits, labels), label_sequences(batch), 4)
     close(ours.logps, CPOTrainer.get_batch_logps(logits, labels.clone()))
     close(ours.logps / ours.tokens, CPOTrainer.get_batch_logps(logits, labels.clone(),
                                                                average_log_prob=True))
@@ -252,6 +256,7 @@ def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dor
     (adapters off) equals the base model without adapters, exactly: the same modules run."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from trl.experimental.cpo import CPOTrainer
 
     from qlora.adapters import AdapterConfig, adapters_disabled, attach_adapters, save_adapter
     from qlora.models import load_model, load_tokenizer
@@ -274,7 +279,8 @@ def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dor
         hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=FP32).eval()
         peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         logits = peft_model(input_ids=batch["input_ids"]).logits
-        theirs = PairLogps(sequence_logps(logits, batch["labels"]))
+        theirs = PairLogps(RowLogps(CPOTrainer.get_batch_logps(logits, batch["labels"].clone()),
+                                    torch.zeros(2 * len(examples))))
     close(policy.chosen, theirs.chosen, rel=1e-4)
     close(policy.rejected, theirs.rejected, rel=1e-4)
     assert torch.equal(reference.chosen, base.chosen)
@@ -283,6 +289,158 @@ def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dor
     # the batch: chosen rows first, loss only on the completions
     n_completion = sum(len(e["chosen"]) + len(e["rejected"]) for e in examples)
     assert int((batch["labels"] != -100).sum()) == n_completion
+
+
+# --- packed batches ---------------------------------------------------------------------------------
+def _lora_model(model_dir, seed=7, speed=False, scale=0.05):
+    """Our tiny fp32 model with randomised LoRA (dropout 0: the layouts draw no masks); `speed`:
+    the speed layer's forks, whose per-token loss is kernels/cross_entropy.py's (its torch
+    reference on the CPU), in chunks of 5 tokens so that several chunks run."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    model = load_model(model_dir, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    _randomize(model, seed, scale)
+    if speed:
+        from qlora.speed import SpeedPlan, apply_speed
+
+        apply_speed(model, SpeedPlan())
+    model.loss_chunk_tokens = 5
+    return model.train()
+
+
+def _varied_examples(layout: str) -> list[dict]:
+    """Prompts and completions of different lengths (so padded rows do pad)."""
+    g = torch.Generator().manual_seed(11)
+
+    def ids(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    if layout == "pairs":
+        return [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
+                for p, c, r in ((3, 4, 6), (5, 2, 3), (2, 7, 1), (4, 3, 5))]
+    return [{"prompt": ids(p), "completion": ids(c), "label": lab}
+            for p, c, lab in ((3, 4, True), (5, 2, False), (2, 7, True), (4, 3, False))]
+
+
+def _loss_metrics_grads(method, model, batch, opts):
+    from qlora.methods.preference import batch_loss
+
+    model.zero_grad()
+    loss, metrics = batch_loss(method, model, batch, opts)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), metric_means(metrics), grads
+
+
+# every method through the reference model; the fast path's per-token loss for a method of each
+# layout (pairs, and KTO's halves)
+@pytest.mark.parametrize("name,speed", [("dpo", False), ("orpo", False), ("simpo", False),
+                                        ("kto", False), ("dpo", True), ("kto", True)])
+def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, name, speed):
+    """A micro-batch packed into one row (no padding; sequences kept apart by their position ids)
+    gives the padded batch's loss, metrics and adapter gradients: rel 1e-5 in fp32, the same
+    tokens through attention and GEMMs of other shapes, whose sums run in other orders."""
+    from qlora.data.preference import preference_batch
+    from qlora.methods import PREFERENCE_METHODS
+
+    method = PREFERENCE_METHODS[name]
+    model = _lora_model(llama_dir, speed=speed)
+    examples = _varied_examples(method.LAYOUT)
+    padded, packed = (preference_batch(examples, 0, packed=p) for p in (False, True))
+    assert padded["input_ids"].shape[0] == 2 * len(examples) and packed["input_ids"].shape[0] == 1
+    # every token once, no padding; padded rows pad to the longest
+    assert packed["input_ids"].numel() == packed["n_tokens"] < padded["input_ids"].numel()
+    opts = PreferenceOptions(beta=0.3)
+    loss_a, metrics_a, grads_a = _loss_metrics_grads(method, model, padded, opts)
+    loss_b, metrics_b, grads_b = _loss_metrics_grads(method, model, packed, opts)
+    close(loss_b, loss_a)
+    assert metrics_a.keys() == metrics_b.keys()
+    # the metrics are log-probs and differences of them (rewards, KTO's kl): their rounding
+    # scales with the log-probs (rel 1e-5 of those), not with a small difference itself
+    logp_scale = max(abs(metrics_a["logps/chosen"]), abs(metrics_a["logps/rejected"]))
+    for k in metrics_a:
+        assert abs(metrics_b[k] - metrics_a[k]) <= 1e-5 * logp_scale, (k, metrics_a[k],
+                                                                          metrics_b[k])
+    assert len(grads_a) == len(grads_b) == 2 * 7 * 2  # lora_A and lora_B of 7 linears, 2 layers
+    for k in grads_a:
+        scale = float(grads_a[k].abs().max())
+        assert scale > 0, k
+        # relative to the largest entry: a near-zero entry's own digits are the sums' rounding
+        assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
+
+
+def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
+    """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
+    loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its
+    padding_free off) on transformers + peft with the same adapter, the reference being the
+    adapter switched off on both sides: the loss, TRL's logged metrics and every adapter gradient
+    agree to rel 1e-4 (two implementations of the same fp32 model, whose sums run in different
+    orders, as test_logps_equal_peft_and_reference_equals_base compares them)."""
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from qlora.adapters import save_adapter
+    from qlora.data.preference import pair_batch
+    from qlora.methods.preference import batch_loss
+    from qlora.models import load_tokenizer
+
+    beta = 0.3
+    # adapters far enough from 0 that every pair's reward margin is well away from 0, where the
+    # two implementations' roundings could flip an accuracy
+    ours = _lora_model(llama_dir, speed=True, scale=0.3)
+    save_adapter(ours, tmp_path / "adapter", str(llama_dir))
+    examples = _varied_examples("pairs")
+    B = len(examples)
+    ours.zero_grad()
+    loss_sum, sums = batch_loss(dpo, ours, pair_batch(examples, 0, packed=True),
+                                PreferenceOptions(beta=beta))
+    (loss_sum / B).backward()  # TRL's loss is the batch mean
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+
+    # a fresh adapter made by the trainer (its reference is then the adapter switched off; one
+    # handed over already wrapped gets a frozen copy as its reference), then given our weights
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=FP32)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=beta,
+                     report_to=[], use_cpu=True, bf16=False, max_length=None)
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}]  # the trainer wants a dataset
+    trainer = DPOTrainer(model=hf, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=load_tokenizer(llama_dir),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                target_modules="all-linear"))
+    peft_model = trainer.model
+    loaded = set_peft_model_state_dict(
+        peft_model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert not loaded.unexpected_keys
+    inputs = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
+         for e in examples])
+    peft_model.train()
+    theirs = trainer.compute_loss(peft_model, inputs)
+    theirs.backward()
+    their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    close(loss_sum / B, theirs, rel=1e-4)
+    ours_metrics = metric_means(sums)
+    close(ours_metrics["logps/chosen"], their_metrics["logps/chosen"], rel=1e-4)
+    close(ours_metrics["logps/rejected"], their_metrics["logps/rejected"], rel=1e-4)
+    # the rewards are beta x differences of log-probs: their rounding scales with the log-probs
+    scale = beta * max(abs(their_metrics["logps/chosen"]), abs(their_metrics["logps/rejected"]))
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert abs(ours_metrics[name] - their_metrics[name]) <= 1e-4 * scale, (
+            name, ours_metrics[name], their_metrics[name])
+    their_grads = {n.replace("base_model.model.", "", 1).replace(".default", ""): p.grad
+                   for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 28
+    for name, g in our_grads.items():
+        scale = float(their_grads[name].abs().max())
+        assert scale > 0 and float((g - their_grads[name]).abs().max()) <= 1e-4 * scale, name
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -375,6 +533,32 @@ def test_dpo_demo_through_the_cli_raises_heldout_reward_accuracy(tmp_path, capsy
     assert evals[-1]["rewards/accuracies"] >= 0.9
     assert evals[-1]["rewards/margins"] > 0
     assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "loss.png").is_file()
+
+
+def test_loss_plot_of_a_preference_run_has_its_reward_panel():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from qlora.train.metrics import loss_figure
+
+    records = [{"split": "train", "step": s, "loss": 0.7 - s / 100, "rewards/accuracies": s / 10,
+                "rewards/margins": s / 5} for s in range(1, 5)]
+    records.append({"split": "eval", "step": 4, "loss": 0.6, "rewards/accuracies": 0.75,
+                    "rewards/margins": 0.5})
+    fig = loss_figure(records)
+    loss_ax, reward_ax, margin_ax = fig.axes
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["train loss", "eval loss"]
+    assert [line.get_label() for line in reward_ax.get_lines()] == [
+        "train reward accuracy", "eval reward accuracy"]
+    assert [list(line.get_ydata()) for line in margin_ax.get_lines()] == [
+        [0.2, 0.4, 0.6, 0.8], [0.5]]
+    sft = loss_figure([{"split": "train", "step": 1, "loss": 2.0}])
+    assert len(sft.axes) == 1  # SFT: the loss alone
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(sft)
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
@@ -417,6 +601,59 @@ def test_a_preference_run_resumes_exactly(tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --- precomputed reference log-probs -----------------------------------------------------------------
+def test_precomputed_reference_run_equals_the_run_with_reference_forwards(tmp_path, monkeypatch):
+    """precompute_ref_log_probs: one pass before training writes each pair's reference log-probs,
+    no step runs the reference forward (the adapters are switched off once, for that pass), and
+    every step's loss equals the run that takes the reference in each step (rel 1e-5 in fp32: the
+    same base model over the same pairs, batched otherwise)."""
+    from qlora.config import load_config
+    from qlora.methods import preference
+    from qlora.tiny import build_tiny_model
+    from qlora.train import loop
+
+    model = build_tiny_model(tmp_path / "model", "llama")
+    rows = [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]} for w in WORDS[:10]]
+    data = _pair_data(tmp_path, rows)
+    switched_off = []
+    real = preference.adapters_disabled
+
+    def counted(m):
+        switched_off.append(1)
+        return real(m)
+
+    monkeypatch.setattr(preference, "adapters_disabled", counted)
+
+    def run(out, precompute):
+        switched_off.clear()
+        cfg = load_config(None, dict(
+            model=str(model), data=str(data), output_dir=str(out), method="dpo",
+            precompute_ref_log_probs=precompute, max_steps=4, micro_batch_size=2,
+            gradient_accumulation_steps=1, lora_dropout=0.0, learning_rate=5e-3, warmup_steps=0,
+            logging_steps=1, eval_steps=0, save_steps=0, device="cpu", val_set_size=2,
+            gradient_checkpointing=False, quant="none", max_seq_length=32))
+        result = loop.train(cfg, progress=False)
+        return result, len(switched_off)
+
+    with_forwards, calls = run(tmp_path / "a", False)
+    assert calls == 4 + 1  # a reference forward in each step and in the evaluation
+    precomputed, calls = run(tmp_path / "b", True)
+    assert calls == 1  # the one pass before training
+    for step, loss in with_forwards.step_losses.items():
+        close(precomputed.step_losses[step], loss)
+    close(precomputed.evals[-1]["rewards/margins"], with_forwards.evals[-1]["rewards/margins"],
+          rel=1e-4)  # a difference of log-probs: rel 1e-5 of those, a few times more of it
+
+
+def test_precompute_is_refused_where_there_is_no_fixed_reference():
+    from qlora.config import load_config
+
+    for method in ("kto", "orpo", "sft"):
+        with pytest.raises(QloraError, match="precompute_ref_log_probs"):
+            load_config(None, dict(model="m", data="d", output_dir="o", method=method,
+                                   precompute_ref_log_probs=True))
+
+
 # --- the memory planner -----------------------------------------------------------------------------
 def test_planner_counts_two_sequences_and_the_reference_forward():
     from dataclasses import replace
@@ -431,3 +668,4 @@ def test_planner_counts_two_sequences_and_the_reference_forward():
     assert a.activations < b.activations == c.activations  # two sequences per example
     assert c.workspace - b.workspace > 0  # DPO's reference forward, ORPO has none
     assert reference_forward_bytes(arch, orpo_cfg, 1.0) == 0
+    assert reference_forward_bytes(arch, replace(dpo_cfg, reference_precomputed=True), 1.0) == 0

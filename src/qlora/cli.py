@@ -485,7 +485,10 @@ def _plan_options(p) -> None:
     p.add_argument("--auto-fit", action="store_true", help="also print the largest micro-batch that fits")
     p.add_argument("--method", default="sft", choices=("sft", "dpo", "orpo", "simpo", "kto"),
                    help="sft, or a preference method: two sequences per example, and a reference "
-                        "forward for dpo / kto; their log-probs read the whole logits (--loss full)")
+                        "forward for dpo / kto; their log-probs come per token from the chunked loss")
+    p.add_argument("--precompute-ref-log-probs", action="store_true",
+                   help="dpo: the reference log-probs precomputed before training (no reference "
+                        "forward in the steps)")
 
 
 def _layer_count(text: str) -> int:
@@ -507,8 +510,8 @@ def run_plan(args) -> None:
         offload_activations=args.offload_activations, optimizer=args.optimizer, kernels=args.kernels,
         keep_attention=args.keep_attention if args.checkpointing else False,
         embedding_on_host=args.embedding_on_host,
-        loss="full" if args.method != "sft" else args.loss, gpus=args.gpus, sharding=args.sharding,
-        method=args.method)
+        loss=args.loss, gpus=args.gpus, sharding=args.sharding,
+        method=args.method, reference_precomputed=args.precompute_ref_log_probs)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
     generic = isinstance(arch, memory.GenericSpec)

@@ -47,6 +47,8 @@ class RunConfig:
     cpo_alpha: float = 0.0  # SimPO: weight of an NLL term on the chosen completions
     desirable_weight: float = 1.0  # KTO: weight of the desirable examples' losses
     undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' losses
+    # DPO: the reference log-probs in one pass before training, none in the steps (TRL's name)
+    precompute_ref_log_probs: bool = False
     # --- quantization (the model layer's QuantConfig) --------------------------------------------
     quant: str = "nf4"
     double_quant: bool = True
@@ -153,6 +155,8 @@ HELP: dict[str, str] = {
     "cpo_alpha": "SimPO: weight of an NLL term on the chosen completions (0: pure SimPO)",
     "desirable_weight": "KTO: weight of the desirable examples' losses",
     "undesirable_weight": "KTO: weight of the undesirable examples' losses",
+    "precompute_ref_log_probs": "DPO: the reference (base) log-probs of every pair in one pass "
+                                "before training, so that no step runs the reference forward",
     "quant": "how the base weights are held (nf4, fp4: 4-bit; int8; none: 16-bit)",
     "double_quant": "quantize the 4-bit quantization constants too (QLoRA's double quantization)",
     "dtype": "compute dtype; auto = bf16 on a GPU that has it, fp16 on others, fp32 on the CPU",
@@ -533,6 +537,9 @@ def check(cfg: RunConfig) -> RunConfig:
 
 def _check_method(cfg: RunConfig) -> None:
     if cfg.method == "sft":
+        if cfg.precompute_ref_log_probs:
+            raise QloraError("option `precompute_ref_log_probs` is for --method dpo; SFT has no "
+                             "reference model")
         return
     if cfg.beta <= 0:
         raise QloraError(f"option `beta`: {cfg.beta:g}; it must be above 0")
@@ -542,6 +549,11 @@ def _check_method(cfg: RunConfig) -> None:
     if not 0 <= cfg.label_smoothing < 0.5:
         raise QloraError(f"option `label_smoothing`: {cfg.label_smoothing:g}; it must be in "
                          "[0, 0.5)")
+    if cfg.precompute_ref_log_probs and cfg.method != "dpo":
+        why = ("KTO's reference is also taken on KL sequences that each micro-batch pairs anew"
+               if cfg.method == "kto" else f"--method {cfg.method} has no reference model")
+        raise QloraError(f"option `precompute_ref_log_probs` is for --method dpo: {why}; "
+                         "leave it off")
 
 
 def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -142,8 +142,10 @@ class PlanConfig:
     sharding: str = "ddp"
     alloc_rounding: bool = True
     # sft, or a preference method (qlora.methods): two sequences per example (chosen and
-    # rejected; KTO: the example and its KL row), and for dpo / kto a reference forward
+    # rejected; KTO: the example and its KL row), and for dpo / kto a reference forward, unless
+    # DPO's reference log-probs are precomputed before training
     method: str = "sft"
+    reference_precomputed: bool = False
 
     def validate(self, targets: bool = True) -> None:
         """`targets`: check the target names against the native decoder's projections (a
@@ -552,12 +554,15 @@ def step_tokens(cfg: PlanConfig) -> int:
 
 def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig, per_layer: float) -> int:
     """DPO / KTO: the reference forward runs under no_grad while the policy's activations are
-    alive; it holds one layer's activations at a time (estimated as a layer's saved ones) and its
-    logits (bf16) with the fp32 copy of the label rows (at most every token)."""
-    if cfg.method not in REFERENCE_METHODS:
+    alive; it holds one layer's activations at a time (estimated as a layer's saved ones), the
+    label rows' final hidden states (bf16, at most every token) and one chunk of the per-token
+    loss (its bf16 logits, their fp32 copy and log-softmax: 10 B an entry, as the model computes
+    the loss per token, methods/preference.py)."""
+    if cfg.method not in REFERENCE_METHODS or cfg.reference_precomputed:
         return 0
     tokens = step_tokens(cfg)
-    return int(tokens * per_layer) + 6 * tokens * arch.vocab_size
+    chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(arch.vocab_size))
+    return int(tokens * per_layer) + 2 * tokens * arch.hidden_size + 10 * chunk * arch.vocab_size
 
 
 def loss_peak_bytes(arch: ArchSpec, cfg: PlanConfig) -> tuple[int, str]:
@@ -816,7 +821,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
     if cfg.method in PREFERENCE_METHODS:
         notes.append(f"{cfg.method}: two sequences per example ({tokens} tokens a micro-batch); "
-                     "log-probs from the whole logits")
+                     "log-probs per token from the model's chunked loss")
     reference = reference_forward_bytes(arch, cfg, per_layer)
     if reference:
         workspace += reference
@@ -1140,10 +1145,13 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
 
 
 def _method_fields(cfg) -> dict:
-    """A preference run: its method, and the loss as the whole logits (methods/preference.py
-    reads the log-probs of the label rows from the model's logits, not the chunked loss)."""
+    """A preference run's method (its log-probs come per token from the model's own loss, the
+    chunked one an SFT run uses: methods/preference.py)."""
     method = getattr(cfg, "method", "sft")
-    return {"method": method, "loss": "full"} if method in PREFERENCE_METHODS else {}
+    if method not in PREFERENCE_METHODS:
+        return {}
+    return {"method": method,
+            "reference_precomputed": bool(getattr(cfg, "precompute_ref_log_probs", False))}
 
 
 def run_gpu_bytes(cfg, device) -> tuple[int | None, str]:

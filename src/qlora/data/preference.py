@@ -9,10 +9,19 @@ Each field is a string, or a list of messages ({role, content}) rendered with th
 template: the prompt with the generation prompt appended, each completion as what the template
 adds after it. Loss is only ever on the completion tokens.
 
-A batch of pairs holds the chosen rows first, then the rejected ones (TRL's concatenated batch),
-so one forward serves both. A KTO batch holds each example's row, then its KL row: the example's
-prompt with the completion of the example before it in the batch (TRL's mismatched pairs, for the
-KL estimate). Rows are one sequence each, padded; preference data is not packed.
+A batch of pairs holds the chosen sequences first, then the rejected ones (TRL's concatenated
+batch), so one forward serves both. A KTO batch holds each example's sequence, then its KL
+sequence: the example's prompt with the completion of the example before it in the batch (TRL's
+mismatched pairs, for the KL estimate). Two layouts of the same sequences:
+
+    padded  one sequence per row, [S, T] (T the longest), padding at the end of each row
+    packed  all of them end to end in one row, [1, N], N their total length: no padding at all.
+            position_ids restart at 0 at each sequence, so the model keeps them apart (flash
+            varlen attention on CUDA, as SFT's packed rows), and the first token of each has no
+            label, so no log-prob crosses a seam
+
+`sequence_ids` ([rows, T], -1 on padding) says which sequence each token is of; a method sums
+its log-probs per sequence with it (methods/preference.py), whatever the layout.
 """
 
 from __future__ import annotations
@@ -195,40 +204,81 @@ def _limit(example: dict, layout: str, max_len: int, overlong: str) -> dict | No
 
 
 # --- batches --------------------------------------------------------------------------------------
-def _row(prompt: list[int], completion: list[int]) -> list[dict]:
-    """One padded row: the prompt without loss, the completion with."""
-    return [{"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}]
+def _sequence(prompt: list[int], completion: list[int]) -> dict:
+    """One sequence: the prompt without loss, the completion with."""
+    return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
 
 
-def pair_batch(examples: list[dict], pad_id: int) -> dict:
-    """input_ids, labels, position_ids [2B, T]: the B chosen rows, then the B rejected rows."""
-    rows = [_row(e["prompt"], e["chosen"]) for e in examples] + \
-           [_row(e["prompt"], e["rejected"]) for e in examples]
+def sequences_batch(sequences: list[dict], pad_id: int, packed: bool) -> dict:
+    """input_ids, labels, position_ids and sequence_ids of `sequences`, padded ([S, T]) or packed
+    ([1, N]); `n_sequences` = S."""
+    rows = [sequences] if packed else [[s] for s in sequences]
     batch = make_batch(rows, pad_id)
-    batch["n_examples"] = len(examples)
-    batch["n_tokens"] = sum(example_tokens(e) for e in examples)
+    ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    start = 0
+    for k, s in enumerate(sequences):
+        n = len(s["input_ids"])
+        if packed:
+            ids[0, start:start + n] = k
+            start += n
+        else:
+            ids[k, :n] = k
+    batch["sequence_ids"], batch["n_sequences"] = ids, len(sequences)
     return batch
 
 
-def unpaired_batch(examples: list[dict], pad_id: int) -> dict:
-    """input_ids, labels, position_ids [2B, T]: the B examples, then their B KL rows (prompt i
-    with the completion of example i - 1, cyclically, as TRL pairs them), and `label` [B]."""
+def pair_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+    """The B chosen sequences, then the B rejected ones (sequence k < B: example k's chosen)."""
+    batch = sequences_batch([_sequence(e["prompt"], e["chosen"]) for e in examples]
+                            + [_sequence(e["prompt"], e["rejected"]) for e in examples],
+                            pad_id, packed)
+    batch["n_examples"] = len(examples)
+    batch["n_tokens"] = sum(example_tokens(e) for e in examples)
+    if all("ref_chosen" in e for e in examples):  # precomputed (precompute_ref_log_probs)
+        batch["ref_logps"] = torch.tensor([e["ref_chosen"] for e in examples]
+                                          + [e["ref_rejected"] for e in examples],
+                                          dtype=torch.float32)
+    return batch
+
+
+def unpaired_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+    """The B examples' sequences, then their B KL sequences (prompt i with the completion of
+    example i - 1, cyclically, as TRL pairs them), and `label` [B]."""
     completions = [e["completion"] for e in examples]
     shifted = completions[-1:] + completions[:-1]
-    rows = [_row(e["prompt"], c) for e, c in zip(examples, completions)] + \
-           [_row(e["prompt"], c) for e, c in zip(examples, shifted)]
-    batch = make_batch(rows, pad_id)
+    batch = sequences_batch([_sequence(e["prompt"], c) for e, c in zip(examples, completions)]
+                            + [_sequence(e["prompt"], c) for e, c in zip(examples, shifted)],
+                            pad_id, packed)
     batch["n_examples"] = len(examples)
     batch["n_tokens"] = sum(example_tokens(e) for e in examples)
     batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
     return batch
 
 
-def preference_batch(examples: list[dict], pad_id: int) -> dict:
-    """The batch of either layout (micro_batch's collate for preference rows: one example each)."""
+def half(batch: dict, second: bool) -> dict:
+    """The sub-batch of the first or the second half of a batch's sequences (KTO: its examples,
+    or their KL sequences), renumbered from 0: rows of a padded batch, the tokens up to or from
+    the seam of a packed one (each half is then a packed row of its own)."""
+    n = batch["n_sequences"] // 2
+    ids = batch["sequence_ids"]
+    if ids.shape[0] > 1:  # padded: a row per sequence
+        take = (slice(n, None) if second else slice(0, n), slice(None))
+    else:
+        seam = int((ids[0] < n).sum())  # the first half's tokens come first
+        take = (slice(None), slice(seam, None) if second else slice(0, seam))
+    part = {k: batch[k][take] for k in ("input_ids", "labels", "position_ids")}
+    part["sequence_ids"] = ids[take] - (n if second else 0)
+    part["sequence_ids"][ids[take] < 0] = -1
+    part["n_sequences"] = n
+    return part
+
+
+def preference_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+    """The batch of either data layout (micro_batch's collate for preference rows: one example
+    each), padded or packed."""
     flat = [e for row in examples for e in row] if examples and isinstance(examples[0], list) \
         else examples
-    return (unpaired_batch if "label" in flat[0] else pair_batch)(flat, pad_id)
+    return (unpaired_batch if "label" in flat[0] else pair_batch)(flat, pad_id, packed)
 
 
 def example_tokens(example: dict) -> int:

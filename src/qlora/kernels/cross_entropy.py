@@ -110,18 +110,25 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: 
 
 
 def _loss_and_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The summed loss (fp32 scalar) and, with want_grad, d(loss)/dh [N, H] in h's dtype."""
+                   want_grad: bool, per_row: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed loss (fp32 scalar), or with per_row each row's loss (fp32 [N]); with want_grad,
+    each row's d(its loss)/dh [N, H] in h's dtype (the same rows whichever the loss)."""
     total = h.new_zeros((), dtype=torch.float32)
+    losses = h.new_empty(h.shape[0], dtype=torch.float32) if per_row else None
     grad_h = torch.empty_like(h) if want_grad else None
     for start in range(0, h.shape[0], chunk_tokens):
         end = start + chunk_tokens
         logits = F.linear(h[start:end], weight)  # what lm_head computes
-        total = total + cross_entropy_rows(logits, targets[start:end], want_grad).sum()
+        rows = cross_entropy_rows(logits, targets[start:end], want_grad)
+        if per_row:
+            losses[start:end] = rows
+        else:
+            total = total + rows.sum()
         if want_grad:  # logits now hold dlogits
             torch.mm(logits, weight, out=grad_h[start:end])
         del logits  # the next chunk's logits reuse its memory
-    return total, grad_h
+    return (losses if per_row else total), grad_h
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -140,19 +147,43 @@ class LinearCrossEntropySum(torch.autograd.Function):
         return grad_h * grad_output, None, None, None
 
 
-def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> None:
+class LinearCrossEntropyRows(torch.autograd.Function):
+    """Each row's loss; its gradient is that row's grad_h times the row's incoming gradient (a
+    preference loss weighs each sequence's tokens by its own factor), taken in fp32 and rounded
+    once to h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
+        losses, grad_h = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=True,
+                                        per_row=True)
+        ctx.save_for_backward(grad_h)
+        ctx.chunk_tokens = chunk_tokens
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        out = torch.empty_like(grad_h)
+        for start in range(0, grad_h.shape[0], ctx.chunk_tokens):  # the fp32 product a chunk at a time
+            end = start + ctx.chunk_tokens
+            out[start:end] = grad_h[start:end].float() * grad_output[start:end, None]
+        return out, None, None, None
+
+
+def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+           name: str = "linear_cross_entropy_sum") -> None:
     if weight.requires_grad:
-        raise QloraError("linear_cross_entropy_sum makes no gradient for the output head, but "
+        raise QloraError(f"{name} makes no gradient for the output head, but "
                          "lm_head.weight requires one; freeze it (lm_head.weight.requires_grad_(False)) "
                          "or use DecoderLM's checkpointed chunk loss, which trains it")
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise QloraError(f"linear_cross_entropy_sum needs h [N, H] and weight [V, H], got "
+        raise QloraError(f"{name} needs h [N, H] and weight [V, H], got "
                          f"{tuple(h.shape)} and {tuple(weight.shape)}")
     if targets.shape != h.shape[:1]:
-        raise QloraError(f"linear_cross_entropy_sum needs one target per row of h ({h.shape[0]}), "
+        raise QloraError(f"{name} needs one target per row of h ({h.shape[0]}), "
                          f"got targets of shape {tuple(targets.shape)}")
     if h.dtype != weight.dtype:
-        raise QloraError(f"linear_cross_entropy_sum needs h and weight in one dtype, got {h.dtype} "
+        raise QloraError(f"{name} needs h and weight in one dtype, got {h.dtype} "
                          f"and {weight.dtype}; cast the hidden states to lm_head's dtype")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise QloraError(f"chunk_tokens must be a positive whole number, not {chunk_tokens!r}")
@@ -171,3 +202,16 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
         return LinearCrossEntropySum.apply(h, weight, targets, chunk_tokens)
     total, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False)
     return total
+
+
+def linear_cross_entropy_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_tokens: int) -> torch.Tensor:
+    """linear_cross_entropy_sum's losses, one per row of h (fp32 [N], 0 where the target is
+    IGNORE_INDEX), with h's gradient made in forward in the same way."""
+    _check(h, weight, targets, chunk_tokens, "linear_cross_entropy_rows")
+    h = h.contiguous()
+    targets = targets.contiguous()
+    if torch.is_grad_enabled() and h.requires_grad:
+        return LinearCrossEntropyRows.apply(h, weight, targets, chunk_tokens)
+    losses, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False, per_row=True)
+    return losses

@@ -1,9 +1,15 @@
 """A preference batch through the model: log-probs, the reference, the loss and its metrics.
 
-    policy     one forward over all rows of the batch (chosen and rejected together), with grad
-    reference  the same rows with the adapters off (adapters.adapters_disabled), under no_grad:
-               the base model is the reference, as in TRL with a PEFT model; no second copy
+    policy     one forward over all sequences of the batch (chosen and rejected together), with
+               grad; each label token's log-prob from the model (its fused cross-entropy on the
+               fast path: only completion positions get logits), summed per sequence
+    reference  the same batch with the adapters off (adapters.adapters_disabled), under no_grad,
+               in one forward: the base model is the reference, as in TRL with a PEFT model; no
+               second copy
     losses     the method's (methods/<name>.py), one per example
+
+The batch is padded or packed (data/preference.py); the log-probs are summed by sequence id, so
+the two layouts give the same numbers.
 
 `batch_loss` returns the SUM of the per-example losses, as the model's SFT loss is a sum: the loop
 divides by the examples of the whole accumulated step, so accumulation averages over examples.
@@ -18,7 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from qlora.adapters import adapters_disabled
+from qlora.data.preference import half, pair_batch, preference_batch
+from qlora.models.attention import Varlen
 from qlora.models.decoder import IGNORE_INDEX as IGNORE
+from qlora.models.decoder import compute_device
 
 
 @dataclass
@@ -70,49 +79,101 @@ class UnpairedLogps:
         self.kl, self.label = kl, label.to(rows.logps.device)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> RowLogps:
-    """Summed log-probs of each row's label tokens, in fp32 (the model predicts labels[t+1] at
-    position t). Only the label positions are read, so the fp32 log-softmax covers the
-    completion tokens and not the [rows, T, vocab] logits whole."""
-    labels = labels[:, 1:].to(logits.device)
-    mask = labels != IGNORE
-    picked = logits[:, :-1][mask].float()  # [N, V]
-    targets = labels[mask]
-    token_logps = picked.gather(-1, targets[:, None]).squeeze(-1) - picked.logsumexp(-1)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device)
-    return RowLogps(logps.index_add(0, rows, token_logps), mask.sum(-1))
+def sequence_logps(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -> RowLogps:
+    """Each of the `n` sequences' summed log-probs (fp32) and label tokens, from the label tokens'
+    log-probs and the sequence each is of (counted where the ids are, the loop's on the CPU:
+    no wait for the GPU)."""
+    device = token_logps.device
+    tokens = torch.bincount(sequences, minlength=n).to(device, non_blocking=True)
+    sequences = sequences.to(device, non_blocking=True)
+    logps = torch.zeros(n, dtype=torch.float32, device=device)
+    return RowLogps(logps.index_add(0, sequences, token_logps.float()), tokens)
 
 
-def row_logps(model, batch: dict, rows: slice | None = None) -> RowLogps:
-    """RowLogps of the batch's rows (all, or a slice of them) through `model`."""
-    take = slice(None) if rows is None else rows
-    device = next(p.device for p in model.parameters())
-    logits = model(batch["input_ids"][take].to(device), batch["position_ids"][take], None)
-    return sequence_logps(logits, batch["labels"][take])
+def label_sequences(batch: dict) -> torch.Tensor:
+    """The sequence of each label token, in the order the model returns their losses (row-major
+    over the positions that predict a label; the model predicts labels[t+1] at position t)."""
+    labelled = batch["labels"][:, 1:] != IGNORE
+    return batch["sequence_ids"][:, 1:][labelled]
+
+
+def row_logps(model, batch: dict) -> RowLogps:
+    """RowLogps of the batch's sequences through `model` (one forward)."""
+    device = compute_device(model)  # not the first parameter's: the embedding may be on the host
+    losses = model(batch["input_ids"].to(device), batch["position_ids"], batch["labels"],
+                   per_token=True)
+    return sequence_logps(-losses, label_sequences(batch), batch["n_sequences"])
 
 
 def policy_and_reference(method, model, batch: dict):
     """(policy, reference or None) log-probs of a batch for `method`; the reference is `model`
     with its adapters off."""
     if method.LAYOUT == "pairs":
-        policy = PairLogps(row_logps(model, batch))
+        rows = row_logps(model, batch)
+        policy = PairLogps(rows)
         reference = None
-        if method.USES_REFERENCE:
+        if method.USES_REFERENCE and "ref_logps" in batch:  # precomputed: no forward here
+            ref = batch["ref_logps"].to(rows.logps.device, non_blocking=True)
+            reference = PairLogps(RowLogps(ref, rows.tokens))
+        elif method.USES_REFERENCE:
             with torch.no_grad(), adapters_disabled(model):
                 reference = PairLogps(row_logps(model, batch))
         return policy, reference
-    # KTO: the examples' rows with grad; their KL rows only feed the detached estimate z
+    # KTO: the examples' sequences with grad; their KL sequences only feed the detached estimate
+    # z; the reference of both in one forward
     n = batch["n_examples"]
-    rows = row_logps(model, batch, slice(0, n))
+    rows = row_logps(model, half(batch, second=False))
     with torch.no_grad():
-        kl = row_logps(model, batch, slice(n, None)).logps
+        kl = row_logps(model, half(batch, second=True)).logps
         with adapters_disabled(model):
             ref_rows = row_logps(model, batch)
     ref_main, ref_kl = ref_rows.logps[:n], ref_rows.logps[n:]
     policy = UnpairedLogps(rows, kl, batch["label"])
     reference = UnpairedLogps(RowLogps(ref_main, ref_rows.tokens[:n]), ref_kl, batch["label"])
     return policy, reference
+
+
+@torch.no_grad()
+def precompute_reference(model, examples: list[dict], batch_size: int, pad_id: int,
+                         packed: bool = False) -> None:
+    """Each pair's reference log-probs (the base: adapters off), in batches of `batch_size`
+    pairs, written into the examples as "ref_chosen" / "ref_rejected" (floats), which pair_batch
+    hands on, so that no training step runs the reference forward (precompute_ref_log_probs)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_disabled(model):
+            for start in range(0, len(examples), batch_size):
+                part = examples[start:start + batch_size]
+                ref = PairLogps(row_logps(model, pair_batch(part, pad_id, packed)))
+                for e, c, r in zip(part, ref.chosen.tolist(), ref.rejected.tolist()):
+                    e["ref_chosen"], e["ref_rejected"] = c, r
+    finally:
+        model.train(was_training)
+
+
+def packs_with_varlen(model, device: torch.device) -> bool:
+    """Whether `model` on `device` runs a packed row's attention through flash varlen attention
+    (no mask). Only then is a micro-batch packed into one row the faster layout: elsewhere its
+    attention is a dense mask over the whole row, quadratic in the micro-batch's tokens, which
+    costs more than the padding it saves (the CPU; Gemma 2's capped scores; the generic path)."""
+    if not getattr(model, "packs_documents", False) or not hasattr(model, "layer_masks"):
+        return False
+    two_documents = torch.tensor([[0, 1, 0, 1]])
+    return all(isinstance(m, Varlen) for m in model.layer_masks(two_documents, 0, device))
+
+
+def layout_line(packed: bool, packing_option: bool) -> str:
+    """What the log says of the preference batches' layout."""
+    if packed:
+        return ("preference batches packed: each micro-batch's sequences (chosen and rejected, "
+                "or KTO's completions and KL sequences) end to end in one row, no padding, "
+                "through flash varlen attention; the log-probs are summed per sequence, as "
+                "padded rows give them (packing: false pads them)")
+    why = "packing: false" if not packing_option else (
+        "this model on this device has no flash varlen attention for packed rows, and a dense "
+        "mask over one packed row would cost more than the padding")
+    return f"preference batches padded, one sequence per row ({why})"
 
 
 def batch_loss(method, model, batch: dict, opts: PreferenceOptions
@@ -145,11 +206,11 @@ def metric_means(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(method, model, examples: list[dict], opts: PreferenceOptions, batch_size: int,
-             pad_id: int, shard: tuple[int, int] = (0, 1)) -> tuple[float, int, dict]:
-    """(summed loss, examples, metric sums) of `examples`, in batches of `batch_size` examples;
-    `shard=(rank, ranks)`: this process takes every ranks-th batch (the caller sums over ranks)."""
-    from qlora.data.preference import preference_batch
-
+             pad_id: int, shard: tuple[int, int] = (0, 1), packed: bool = False
+             ) -> tuple[float, int, dict]:
+    """(summed loss, examples, metric sums) of `examples`, in batches of `batch_size` examples,
+    padded or packed; `shard=(rank, ranks)`: this process takes every ranks-th batch (the caller
+    sums over ranks)."""
     rank, ranks = shard
     was_training = model.training
     model.eval()
@@ -158,7 +219,7 @@ def evaluate(method, model, examples: list[dict], opts: PreferenceOptions, batch
         for k, start in enumerate(range(0, len(examples), batch_size)):
             if k % ranks != rank:
                 continue
-            batch = preference_batch(examples[start:start + batch_size], pad_id)
+            batch = preference_batch(examples[start:start + batch_size], pad_id, packed)
             loss, metrics = batch_loss(method, model, batch, opts)
             total += float(loss)
             count += batch["n_examples"]

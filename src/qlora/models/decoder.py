@@ -101,14 +101,19 @@ class DecoderLM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         varlen: Varlen | None = None,
+        per_token: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32).
+        """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32),
+        or with `per_token` each label token's cross-entropy (fp32 [N], the label positions in
+        row-major order: what a preference method sums per sequence).
 
         `varlen`: the document layout of packed rows, given instead of read from position_ids
         (which must then be on the GPU): a CUDA graph holds it in fixed buffers."""
         hidden = self.hidden_states(input_ids, position_ids, cache, varlen)
         if labels is None:
             return self.lm_head(hidden)
+        if per_token:
+            return self.token_losses(hidden, labels)
         return self.loss_sum(hidden, labels)
 
     def new_cache(self, batch: int, limit: int) -> KVCache:
@@ -176,6 +181,20 @@ class DecoderLM(nn.Module):
                 total = total + self.chunk_loss(h[start:end], t[start:end])
         return total
 
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of each label token (fp32 [N]), chunk by chunk as loss_sum: only the
+        label positions' logits are made, never the [tokens, vocab] matrix whole."""
+        h, t = self.labelled(hidden, labels)
+        chunks = []
+        for start in range(0, t.numel(), self.loss_chunk_tokens):
+            end = start + self.loss_chunk_tokens
+            if torch.is_grad_enabled() and h.requires_grad:
+                chunks.append(checkpoint(self.chunk_loss, h[start:end], t[start:end], "none",
+                                         use_reentrant=False))
+            else:
+                chunks.append(self.chunk_loss(h[start:end], t[start:end], "none"))
+        return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+
     def labelled(self, hidden: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The hidden states of the positions that predict a label, and those labels."""
@@ -185,9 +204,9 @@ class DecoderLM(nn.Module):
         keep = keep.to(hidden.device, non_blocking=True)
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), t
 
-    def chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def chunk_loss(self, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         logits = self.lm_head(h).float()
-        return F.cross_entropy(logits, t, reduction="sum", ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, t, reduction=reduction, ignore_index=IGNORE_INDEX)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -441,9 +441,9 @@ class GenericLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: GenericCache | None = None,
-                varlen=None) -> torch.Tensor:
+                varlen=None, per_token: bool = False) -> torch.Tensor:
         """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32)
-        over the shifted labels, as DecoderLM returns it."""
+        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them."""
         if varlen is not None:
             raise QloraError("the generic path has no varlen attention (the CUDA-graph step's)")
         if cache is not None:
@@ -452,7 +452,7 @@ class GenericLM(nn.Module):
                          **self.no_cache).logits
         if labels is None:
             return logits
-        return summed_loss(logits, labels)
+        return token_losses(logits, labels) if per_token else summed_loss(logits, labels)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -486,3 +486,10 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = shifted_targets(labels).to(logits.device, non_blocking=True)
     keep = targets != IGNORE_INDEX
     return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each of those cross-entropies (fp32 [N]), the positions in row-major order."""
+    targets = shifted_targets(labels).to(logits.device, non_blocking=True)
+    keep = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")

@@ -10,8 +10,9 @@ SpeedPlan; nothing else sets them.
   RoPE in a Triton kernel, and the attention kept for the checkpoint's rerun (kept_attention.py).
 - FastMLP: gate and up as one grouped GEMM, SwiGLU in a Triton kernel reading it in place.
 - FastDecoderLM: the input embedding gathered from host memory (kernels/embedding.py), layers
-  checkpointed through CheckpointedLayer, and the loss through kernels/cross_entropy.py (its
-  gradient made in forward; every position computed inside a CUDA graph's capture).
+  checkpointed through CheckpointedLayer, and the loss (summed, or per token for a preference
+  method) through kernels/cross_entropy.py (its gradient made in forward; every position
+  computed inside a CUDA graph's capture).
 - Gemma's forks (FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer, FastGemmaLM): the
   same fast paths where Gemma's math is the reference's (grouped projections, RoPE, kept
   attention, checkpointing, host embedding), Gemma's own math where it is not (scores, GeGLU,
@@ -33,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora.adapters import grouped_forward
 from qlora.kernels import fused
-from qlora.kernels.cross_entropy import linear_cross_entropy_sum
+from qlora.kernels.cross_entropy import linear_cross_entropy_rows, linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
 from qlora.kernels.embedding import gather_rows
 from qlora.kernels.lora import drop_kept_products
@@ -172,6 +173,14 @@ class FastDecoderLM(DecoderLM):
         h, t = self.labelled(hidden, labels)
         return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens)
 
+    def token_losses(self, hidden, labels):
+        """The reference's per-token losses, through the same fused cross-entropy when lm_head is
+        frozen (each token's gradient made in forward, weighed in backward)."""
+        if self.lm_head.weight.requires_grad:
+            return super().token_losses(hidden, labels)
+        h, t = self.labelled(hidden, labels)
+        return linear_cross_entropy_rows(h, self.lm_head.weight, t, self.loss_chunk_tokens)
+
     def _loss_sum_all_positions(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes fixed by the input alone (inside a CUDA graph capture, where
         the label positions cannot be read): every position is computed, unlabelled ones add 0."""
@@ -223,6 +232,11 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
         if self.final_softcap is not None:
             return DecoderLM.loss_sum(self, hidden, labels)  # through GemmaLM.chunk_loss
         return FastDecoderLM.loss_sum(self, hidden, labels)
+
+    def token_losses(self, hidden, labels):
+        if self.final_softcap is not None:
+            return DecoderLM.token_losses(self, hidden, labels)
+        return FastDecoderLM.token_losses(self, hidden, labels)
 
 
 class FastPhi3DecoderLayer(Phi3DecoderLayer):

@@ -231,17 +231,18 @@ def evaluate(model, examples: list[dict], *, max_len: int, batch_size: int, pad_
 
 
 def evaluate_preference(model, examples: list[dict], cfg: RunConfig, *, batch_size: int,
-                        pad_id: int, device: torch.device, env: DistEnv = SINGLE
-                        ) -> dict[str, float]:
+                        pad_id: int, device: torch.device, env: DistEnv = SINGLE,
+                        packed: bool = False) -> dict[str, float]:
     """The method's mean loss and TRL's metrics (rewards/*, logps/*) on held-out preference
-    examples, without gradients; under torchrun the sums are all-reduced."""
+    examples (batches `packed` or padded), without gradients; under torchrun the sums are
+    all-reduced."""
     from qlora.methods import method_module
     from qlora.methods.preference import evaluate as preference_eval
     from qlora.methods.preference import metric_means
 
     total, count, sums = preference_eval(method_module(cfg.method), model, examples,
                                          preference_options(cfg), batch_size, pad_id,
-                                         shard=(env.rank, env.world_size))
+                                         shard=(env.rank, env.world_size), packed=packed)
     if env.enabled:
         names = sorted(sums)
         flat = [total, count] + [float(x) for n in names for x in sums[n]]
@@ -333,6 +334,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     """
     from qlora.data import build_rows, num_batches
     from qlora.methods import method_module
+    from qlora.methods.preference import layout_line, packs_with_varlen
 
     # --- set-up: the method, the schedule, the optimizer, a resume, the fast paths
     out, main = Path(cfg.output_dir), env.is_main
@@ -341,8 +343,12 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     base_model = base_model or cfg.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     method = method_module(cfg.method)  # None: SFT, the model's own loss
-    # a preference example is a row of its own (its pair of sequences, padded), never packed
+    # SFT packs examples into rows; a preference micro-batch is its examples' sequences, packed
+    # into one row of their own (preference_packed) or padded
     packing = cfg.packing and model.packs_documents and method is None
+    preference_packed = method is not None and cfg.packing and packs_with_varlen(model, device)
+    if method is not None:
+        log(layout_line(preference_packed, cfg.packing))
     if cfg.packing and not packing and method is None:
         log("packing off: this model would let packed documents see each other (no position ids "
             "in its forward, or layers that carry state along a row), so each row holds one "
@@ -363,6 +369,9 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         dist_.broadcast_trainables([p for g in optimizer.param_groups for p in g["params"]], env)
     dropout_seed, dropout_stride, graphed = _apply_speed(model, optimizer, scaler, cfg, env,
                                                          device, sharded, log)
+    if cfg.precompute_ref_log_probs:  # through the fast path, once it is on
+        _precompute_reference(model, train_examples + val_examples, cfg, pad_id,
+                              preference_packed, device, log)
     if main:
         ckpt.clean_partial(out)
     metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
@@ -380,12 +389,12 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
                       sharded=sharded)
     windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
                             env, lockstep=sharded, prepare=stepper.prepare,
-                            collate=_preference_collate() if method else None)
+                            collate=_preference_collate(preference_packed) if method else None)
     ahead: Window | None = None  # the next step's micro-batches, built during this step
     clock = _Clock(state.elapsed_s)
     saver = _Checkpoints(out, cfg, env, model, optimizer, scheduler, scaler, base_model, clock)
     evals = _Evals(model, val_examples, cfg, env, device, pad_id, out, base_model, metrics, bar,
-                   result)
+                   result, preference_packed)
     train_log, tokens_this_run, last_eval_step = _TrainLog(), 0, -1
     boundary = Boundary()  # for a checkpoint after an out-of-memory error
 
@@ -488,10 +497,25 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     return result
 
 
-def _preference_collate():
+def _precompute_reference(model, examples: list[dict], cfg: RunConfig, pad_id: int, packed: bool,
+                          device: torch.device, log: Callable[[str], None]) -> None:
+    """precompute_ref_log_probs: every pair's reference log-probs in one pass, before the
+    adapters are trained (the reference is the base, adapters off, so any time gives the same)."""
+    from qlora.methods.preference import precompute_reference
+
+    start = time.perf_counter()
+    precompute_reference(model, examples, cfg.eval_batch_size or cfg.micro_batch_size, pad_id,
+                         packed)
+    log(f"reference log-probs of {len(examples)} pairs precomputed in "
+        f"{time.perf_counter() - start:.1f}s: no step runs the reference forward")
+
+
+def _preference_collate(packed: bool):
+    from functools import partial
+
     from qlora.data.preference import preference_batch
 
-    return preference_batch
+    return partial(preference_batch, packed=packed)
 
 
 def _bar_metrics(sums: dict) -> dict[str, float]:
@@ -629,8 +653,10 @@ class _Evals:
 
     def __init__(self, model, examples: list[dict], cfg: RunConfig, env: DistEnv,
                  device: torch.device, pad_id: int, out: Path, base_model: str,
-                 metrics: MetricsLog, bar: Progress, result: TrainResult):
+                 metrics: MetricsLog, bar: Progress, result: TrainResult,
+                 preference_packed: bool = False):
         self.model, self.examples, self.cfg = model, examples, cfg
+        self.preference_packed = preference_packed
         self.env, self.device = env, device
         self.pad_id, self.out, self.base_model = pad_id, out, base_model
         self.metrics, self.bar, self.result = metrics, bar, result
@@ -640,7 +666,8 @@ class _Evals:
         batch_size = cfg.eval_batch_size or cfg.micro_batch_size
         if cfg.method != "sft":
             ev = evaluate_preference(self.model, self.examples, cfg, batch_size=batch_size,
-                                     pad_id=self.pad_id, device=self.device, env=self.env)
+                                     pad_id=self.pad_id, device=self.device, env=self.env,
+                                     packed=self.preference_packed)
             record = {"split": "eval", "step": state.global_step,
                       **{k: v for k, v in ev.items() if k != "examples"}}
         else:

@@ -84,32 +84,69 @@ def _records(text: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def plot_losses(out_dir: str | Path) -> Path | None:
-    """Train loss (per logged step) and eval loss against the optimizer step, as a PNG."""
+    """Train loss (per logged step) and eval loss against the optimizer step, as a PNG; a
+    preference run adds a panel of its reward accuracy and margin, train and eval."""
     records = read_metrics(out_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
-    if not train and not evals:
+    if not _curve(records, "train", "loss") and not _curve(records, "eval", "loss"):
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = loss_figure(records)
     path = Path(out_dir) / PLOT_FILE
     with staged_file(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def _curve(records: list[dict], split: str, name: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[name]) for r in records if r.get("split") == split and name in r]
+
+
+def loss_figure(records: list[dict]):
+    """The figure plot_losses saves (matplotlib's Agg backend already chosen)."""
+    import matplotlib.pyplot as plt
+
+    preference = any("rewards/margins" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4),
+                             dpi=100, squeeze=False)
+    ax = axes[0][0]
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = _curve(records, split, "loss")
+        if points:
+            ax.plot(*zip(*points), style, label=f"{split} loss", lw=1.2 if split == "train" else 1.5)
+    ax.set_xlabel("optimizer step")
+    # a preference loss is a mean over examples (pairs), SFT's over tokens
+    ax.set_ylabel("loss (per example)" if preference else "loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if preference:
+        _reward_panel(axes[0][1], records)
+    fig.tight_layout()
+    return fig
+
+
+def _reward_panel(ax, records: list[dict]) -> None:
+    """Reward accuracy (left axis) and margin (right axis) of the train and eval records."""
+    margin_ax = ax.twinx()
+    for split, style in (("train", "-"), ("eval", "o-")):
+        accuracy = _curve(records, split, "rewards/accuracies")
+        margin = _curve(records, split, "rewards/margins")
+        if accuracy:
+            ax.plot(*zip(*accuracy), style, color="tab:blue", label=f"{split} reward accuracy")
+        if margin:
+            margin_ax.plot(*zip(*margin), style, color="tab:orange",
+                           label=f"{split} reward margin")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    margin_ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    lines = ax.get_lines() + margin_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
 
 
 def peak_memory_bytes(device: torch.device) -> int:

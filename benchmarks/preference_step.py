@@ -1,0 +1,416 @@
+"""Time one DPO training step (policy forward + backward, reference forward, optimizer step) for
+several systems side by side: train_step.py's harness for preference pairs.
+
+Every system runs in its own subprocess on the same random-weight checkpoint (real shapes, made by
+train_step.py), with the same pairs, seed and LoRA configuration (NF4 + double quant, r 16, alpha 32,
+dropout 0.05 on all seven projections, paged 8-bit AdamW, lr 2e-4, clipping at 0.3, gradient
+checkpointing), DPO sigmoid with beta 0.1 and the reference being the base with the adapters off.
+
+Systems
+  trl           TRL's DPOTrainer on transformers + peft + bitsandbytes as the seeds set the model up
+                (train_step.py's `hf`: BitsAndBytesConfig, prepare_model_for_kbit_training with
+                non-reentrant checkpointing), the LoRA config handed to the trainer (so that its
+                reference is the adapter switched off), bf16, its dropout left on
+                (disable_dropout=False); its padded [chosen; rejected] batch from its own collator;
+                one step = Trainer.training_step (forward, reference forward, backward), clipping,
+                bitsandbytes' PagedAdamW8bit.
+  unsloth       Unsloth's FastLanguageModel + get_peft_model, PatchDPOTrainer(), TRL's DPOTrainer
+                on that model (a model handed over already wrapped: TRL's reference is a frozen copy
+                of the fresh adapter, which equals the base at the start), the same step.
+  qlora         this project as `qlora train --method dpo` runs a micro-batch: the speed layer as
+                train_step.py's `qlora` puts it (no CUDA graphs: a preference step has forwards of
+                its own), methods/preference.batch_loss over the pairs packed into one row where
+                the attention runs flash varlen (CUDA), the reference in one no-grad forward with
+                the adapters off, the flattened adapters' paged 8-bit AdamW.
+  qlora-padded  the same over padded rows (one sequence per row).
+
+Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two completions of
+`--completion` tokens each (`--ragged`: each completion's length drawn from [completion/4,
+completion], where padding costs and packing saves it). tokens/s counts the real tokens of a step
+(both sequences of every pair, no padding); examples/s the pairs.
+
+Usage (GPU machine, the carried .site as in train_step.py):
+  python benchmarks/preference_step.py --shapes llama-3-8b --systems qlora,trl,unsloth --out $OUT
+  python benchmarks/preference_step.py --device cpu --shapes tiny-llama --prompt 16 --completion 16 \
+      --pairs 2 --systems trl,qlora --out /tmp/pref   # the harness on a CPU (the test does this)
+Each finished (system, shape) appends one JSON line to OUT/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import train_step as ts  # noqa: E402  (the shapes, the checkpoints, the seeds' model, the harness)
+
+SYSTEMS = ["trl", "unsloth", "qlora", "qlora-padded"]
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_pairs(args, n_steps: int, vocab: int) -> list[list[dict]]:
+    """`n_steps` micro-batches of `args.pairs` pairs, the same for every system (ids from
+    [4, data_vocab), as train_step.batches draws them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + args.prompt + args.completion)
+
+    def ids(n):
+        return torch.randint(4, min(args.data_vocab, vocab), (n,), generator=g).tolist()
+
+    def length():
+        if not args.ragged:
+            return args.completion
+        return int(torch.randint(max(args.completion // 4, 1), args.completion + 1, (1,),
+                                 generator=g))
+
+    return [[{"prompt": ids(args.prompt), "chosen": ids(length()), "rejected": ids(length())}
+             for _ in range(args.pairs)] for _ in range(n_steps)]
+
+
+def real_tokens(pairs: list[dict]) -> int:
+    return sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+
+
+# ----------------------------------------------------------------------------- systems
+# Each setup returns an object with forward_backward(pairs) -> loss, optimizer_step() and params.
+
+class TrlStep:
+    """TRL's DPOTrainer's own training_step on its collator's batch."""
+
+    def __init__(self, trainer, args):
+        import torch
+
+        self.trainer, self.model = trainer, trainer.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # the trainer's own collator, fed our ids under the names its tokenized dataset uses
+        # (prompt_ids in TRL 1.16, prompt_input_ids in older releases)
+        sample = trainer.train_dataset[0]
+        self.names = {part: next(k for k in sample if k.startswith(part) and k.endswith("ids"))
+                      for part in ("prompt", "chosen", "rejected")}
+        self.opt = ts._optimizer(self.params, args)
+        self.max_grad_norm, self.torch, self.device = args.max_grad_norm, torch, args.device
+        # what Trainer.train() sets before its steps: one micro-batch a step
+        trainer.current_gradient_accumulation_steps = 1
+
+    def forward_backward(self, pairs: list[dict]):
+        inputs = self.trainer.data_collator([{self.names[k]: p[k] for k in self.names}
+                                             for p in pairs])
+        # Trainer.train() runs the model under accelerate's bf16 autocast (bf16=True); the same here
+        with self.torch.autocast(self.device, dtype=self.torch.bfloat16,
+                                 enabled=self.device == "cuda"):
+            return self.trainer.training_step(self.model, inputs)
+
+    def optimizer_step(self):
+        self.torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _dpo_trainer(model, tokenizer, args, peft_config=None):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cuda = args.device == "cuda"
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="dpo-"), per_device_train_batch_size=args.pairs,
+        beta=args.beta, learning_rate=args.lr, max_grad_norm=args.max_grad_norm, bf16=cuda,
+        use_cpu=not cuda, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, disable_dropout=False,
+        max_length=None, report_to=[], seed=args.seed)
+    rows = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # a dataset it wants
+    return DPOTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer,
+                      peft_config=peft_config)
+
+
+def setup_trl(model_dir: str, args):
+    from transformers import AutoTokenizer
+
+    # the seeds' model (train_step.setup_hf) before get_peft_model: the trainer wraps it
+    model, _, _, _ = ts.setup_hf(model_dir, args, peft=False)
+    trainer = _dpo_trainer(model, AutoTokenizer.from_pretrained(model_dir), args,
+                           peft_config=ts._lora_config(args))
+    return TrlStep(trainer, args)
+
+
+def setup_unsloth(model_dir: str, args):
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import unsloth  # noqa: F401  (before transformers and trl, to patch them)
+    from unsloth import PatchDPOTrainer
+
+    PatchDPOTrainer()
+    model, _, _, _ = ts.setup_unsloth(model_dir, args)
+    from transformers import AutoTokenizer
+
+    return TrlStep(_dpo_trainer(model, AutoTokenizer.from_pretrained(model_dir), args), args)
+
+
+class QloraStep:
+    """A DPO micro-batch as qlora train's Stepper runs it (train/step.py): seeded dropout, the
+    method's batch_loss, the loss a mean over the pairs; then clip, step, zeroed gradients."""
+
+    def __init__(self, model, applied, args, packed: bool):
+        import torch
+
+        from qlora.methods.preference import PreferenceOptions
+        from qlora.train.optim import build_optimizer
+
+        self.model, self.args, self.packed, self.torch = model, args, packed, torch
+        self.seed, self.stride, self.index = applied.dropout_seed, applied.dropout_stride, 0
+        name = "paged_adamw_8bit" if args.device == "cuda" else "adamw_torch"
+        self.opt = build_optimizer(model, name, args.lr, 0.001, (0.9, 0.999), 1e-8)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.opts = PreferenceOptions(beta=args.beta)
+
+    def forward_backward(self, pairs: list[dict]):
+        from qlora.adapters import set_dropout_seed
+        from qlora.data.preference import pair_batch
+        from qlora.methods import dpo
+        from qlora.methods.preference import batch_loss
+
+        batch = pair_batch(pairs, 0, packed=self.packed)
+        if self.seed is not None:
+            set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
+        self.index += 1
+        loss_sum, _ = batch_loss(dpo, self.model, batch, self.opts)
+        loss = loss_sum / len(pairs)
+        loss.backward()
+        return loss.detach()
+
+    def optimizer_step(self):
+        from qlora.train.optim import zero_grads
+
+        self.torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        self.opt.step()
+        zero_grads(self.opt)
+
+
+def setup_qlora(model_dir: str, args, padded: bool):
+    import torch
+
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.methods.preference import packs_with_varlen
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+    from qlora.speed import SpeedPlan, apply_speed
+
+    quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    model = load_model(model_dir, quant, device=args.device)
+    torch.manual_seed(args.seed)
+    attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha,
+                                         dropout=args.lora_dropout, target_modules=list(ts.SEVEN)))
+    model.gradient_checkpointing = True
+    model.train()
+    fast = args.device == "cuda"
+    # train_step.py's `qlora` plan, CUDA graphs off as qlora train has them for a preference method
+    plan = SpeedPlan(fused_kernels=True, fast_base=fast, grouped=fast,
+                     keep_attention=args.keep_attention, seeded_dropout=True,
+                     embedding_on_host=fast, cuda_graphs=False)
+    applied = apply_speed(model, plan)
+    packed = not padded and packs_with_varlen(model, torch.device(args.device))
+    return QloraStep(model, applied, args, packed)
+
+
+def setup_system(system: str, model_dir: str, args):
+    if system == "trl":
+        return setup_trl(model_dir, args)
+    if system == "unsloth":
+        return setup_unsloth(model_dir, args)
+    if system in ("qlora", "qlora-padded"):
+        return setup_qlora(model_dir, args, padded=system == "qlora-padded")
+    raise ValueError(system)
+
+
+# ----------------------------------------------------------------------------- worker
+
+def worker(args) -> int:
+    import torch
+
+    cuda = args.device == "cuda"
+    shape = ts.SHAPES[args.shape]
+    rec = dict(system=args.system, shape=args.shape, pairs=args.pairs, prompt=args.prompt,
+               completion=args.completion, ragged=args.ragged, steps=args.steps,
+               warmup=args.warmup, method="dpo", beta=args.beta)
+    try:
+        t0 = time.time()
+        step = setup_system(args.system, args.model_dir, args)
+        rec["load_s"] = round(time.time() - t0, 1)
+        rec["trainable_params"] = sum(p.numel() for p in step.params)
+        if isinstance(step, QloraStep):
+            rec["layout"] = "packed" if step.packed else "padded"
+        data = make_pairs(args, args.steps, shape["vocab_size"])
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        for k, pairs in enumerate(data):
+            sync()
+            t = time.perf_counter()
+            loss = step.forward_backward(pairs)
+            step.optimizer_step()
+            sync()
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss))
+        timed = times[args.warmup:] or times
+        med = statistics.median(timed)
+        tokens = statistics.mean(real_tokens(p) for p in data[args.warmup:] or data)
+        rec.update(tokens_per_step=tokens, step_s_median=round(med, 5), step_s_min=round(min(timed), 5),
+                   examples_per_s=round(args.pairs / med, 3), tokens_per_s=round(tokens / med, 1),
+                   peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                   if cuda else None,
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3)
+                   if cuda else None,
+                   loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5),
+                   losses=[round(x, 5) for x in losses], step_times=[round(x, 4) for x in times])
+    except Exception as e:  # noqa: BLE001 — a failed system is a result, not a crash
+        oom = isinstance(e, torch.OutOfMemoryError)
+        rec["error"] = ("OOM: " if oom else "") + f"{type(e).__name__}: {e}"[:1500]
+        if not oom:
+            rec["traceback"] = traceback.format_exc()[-3000:]
+    ts.emit(Path(args.results), rec)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama-3-8b,qwen2.5-1.5b")
+    ap.add_argument("--systems", default="qlora,trl,unsloth")
+    ap.add_argument("--pairs", type=int, default=4, help="pairs per step (one micro-batch)")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--completion", type=int, default=512, help="tokens of each completion")
+    ap.add_argument("--ragged", action="store_true",
+                    help="completion lengths drawn from [completion/4, completion]")
+    ap.add_argument("--steps", type=int, default=8, help="steps per system, warm-up included")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=int, default=32)
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--max-grad-norm", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-vocab", type=int, default=1024, help="token ids are drawn from [4, data_vocab)")
+    ap.add_argument("--hf-attn", default="sdpa", help="attn_implementation for trl")
+    ap.add_argument("--keep-attention", type=ts._keep_attention, default=True,
+                    help="layers whose attention qlora keeps for backward: all or the last N")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="benchmarks/results/dpo")
+    ap.add_argument("--model-root", default=None, help="where the random checkpoints go (default: a tmp dir)")
+    ap.add_argument("--worker-timeout", type=float, default=600)
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds for the whole run; later work skipped")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--system", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--results", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.seqs = [args.prompt + args.completion]  # what train_step's Unsloth loader sizes itself by
+    return args
+
+
+def _child_argv(args, **kw) -> list[str]:
+    keep = ["pairs", "prompt", "completion", "steps", "warmup", "beta", "lora_r", "lora_alpha",
+            "lora_dropout", "lr", "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
+    argv = [sys.executable, os.path.abspath(__file__)]
+    for k in keep:
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
+    if args.ragged:
+        argv.append("--ragged")
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return argv
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, log = out / "results.jsonl", out / "log.txt"
+    env = ts.environment(args.device)
+    env["argv"] = sys.argv
+    (out / "env.json").write_text(json.dumps(env, indent=1))
+    print("ENV", json.dumps(env), flush=True)
+    model_root = Path(args.model_root or tempfile.mkdtemp(prefix="bench-models-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-work-"))  # Unsloth writes its compile cache into cwd
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+
+    def left() -> float:
+        return args.deadline - (time.time() - start)
+
+    def error(system, shape, msg):
+        ts.emit(results, dict(system=system, shape=shape, pairs=args.pairs, prompt=args.prompt,
+                              completion=args.completion, ragged=args.ragged, error=msg))
+
+    for shape in args.shapes.split(","):
+        model_dir = model_root / shape
+        if not (model_dir / "config.json").exists():
+            make = [sys.executable, str(HERE / "train_step.py"), "--make-model", "--shape", shape,
+                    "--model-dir", str(model_dir), "--device", args.device]
+            rc, tail = ts._run_child(make, log, max(left(), 1), env=child_env)
+            if rc != 0:
+                for system in args.systems.split(","):
+                    error(system, shape, f"could not build the random checkpoint: rc={rc}\n{tail[-1500:]}")
+                continue
+        for system in args.systems.split(","):
+            if left() < 20:
+                error(system, shape, "skipped: the run's --deadline was reached")
+                continue
+            before = _count(results)
+            rc, tail = ts._run_child(
+                _child_argv(args, worker=True, system=system, shape=shape, model_dir=model_dir,
+                            results=results),
+                log, min(args.worker_timeout, left()), env=child_env, cwd=str(workdir))
+            if _count(results) == before:  # the worker died before writing its record
+                why = "timed out" if rc is None else f"worker exited with rc={rc}"
+                error(system, shape, f"{why}\n{ts._last_error(tail)}")
+        if not args.model_root:  # an 8B checkpoint is 16 GB
+            shutil.rmtree(model_dir, ignore_errors=True)
+    for made in ([] if args.model_root else [model_root]) + [workdir]:
+        shutil.rmtree(made, ignore_errors=True)
+    print_table(results)
+    print(f"total {time.time() - start:.0f}s", flush=True)
+    return 0
+
+
+def _count(results: Path) -> int:
+    return len(results.read_text().splitlines()) if results.exists() else 0
+
+
+def print_table(results: Path) -> None:
+    if not results.exists():
+        return
+    recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    print(f"\n{'system':13} {'shape':13} {'layout':7} {'step s':>8} {'pairs/s':>8} {'tok/s':>8} "
+          f"{'alloc':>6} {'resv':>6} {'loss0':>7} {'lossN':>7}")
+    for r in recs:
+        head = f"{r['system']:13} {r['shape']:13} {r.get('layout', ''):7}"
+        if "error" in r:
+            print(head, "ERROR", r["error"].splitlines()[0][:100])
+        else:
+            print(head, f"{r['step_s_median']:8.3f} {r['examples_per_s']:8.2f} {r['tokens_per_s']:8.0f} "
+                        f"{r['peak_alloc_gib'] or 0:6.2f} {r['peak_reserved_gib'] or 0:6.2f} "
+                        f"{r['loss_first']:7.4f} {r['loss_last']:7.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
