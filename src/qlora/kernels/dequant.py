@@ -284,6 +284,18 @@ def rerun_keeps_weights():
         _keeping = False
 
 
+@contextlib.contextmanager
+def weights_not_kept():
+    """Inside rerun_keeps_weights: dense weights made here are not kept (a sequence tile of the
+    MLP, whose tiles would take each other's); keeping resumes after."""
+    global _keeping
+    before, _keeping = _keeping, False
+    try:
+        yield
+    finally:
+        _keeping = before
+
+
 def take_kept_weight(tensors: tuple, dtype: torch.dtype) -> torch.Tensor | None:
     """The dense weight the layer's rerun kept for these weights, if it did, handed over (so its
     memory goes with this use). LoraProducts' backward calls it whether or not it needs it."""

@@ -52,16 +52,17 @@ _h_kept: dict = {}
 
 
 @contextlib.contextmanager
-def products_for_rerun(mode: str):
+def products_for_rerun(mode: str | None):
     """"keep": around a checkpointed layer's first run, each LoraProducts keeps its H [tokens, n·r]
     (small: r columns per layer); "reuse": around its rerun in backward, each takes its H back
-    instead of recomputing it, so that the rerun draws no dropout mask and reads no A."""
+    instead of recomputing it, so that the rerun draws no dropout mask and reads no A. None:
+    neither, inside one of them (a sequence tile of the MLP). The mode outside comes back after."""
     global _h_mode
-    _h_mode = mode
+    before, _h_mode = _h_mode, mode
     try:
         yield
     finally:
-        _h_mode = None
+        _h_mode = before
 
 
 def drop_kept_products() -> None:

@@ -15,6 +15,8 @@ knows about it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,7 @@ from qlora.models.attention import (KVCache, Attention, Rotary, Varlen, apply_ro
                                     varlen_plan)
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import ArchSpec
+from qlora.models.tiling import run_mlp
 
 IGNORE_INDEX = -100  # the label of a position without loss (transformers' and PEFT's value too)
 
@@ -60,7 +63,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
-        return x + self.mlp(normed)
+        return x + run_mlp(self.mlp, normed)  # in sequence tiles where set (models/tiling.py)
 
 
 class Backbone(nn.Module):
@@ -78,6 +81,10 @@ class DecoderLM(nn.Module):
     backbone_class = Backbone  # a family with blocks of its own names its backbone (Gemma's)
     # packed rows keep their documents apart (attention_mask / varlen from the position ids)
     packs_documents = True
+    # where a checkpointed layer's input waits for the layer's backward: None, here; set from
+    # outside to an object whose saving(x, index, last) is a context around the checkpoint call
+    # (speed/offload.py: pinned host memory)
+    layer_input_offload = None
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
@@ -156,12 +163,20 @@ class DecoderLM(nn.Module):
     def run_layers(self, x, cos, sin, masks, cache):
         """`masks`: each layer's, in layer order (layer_masks)."""
         use_checkpoint = self.checkpointing()
-        for layer, mask in zip(self.model.layers, masks, strict=True):
+        for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                with self.keeping_layer_input(x, i):
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return x
+
+    def keeping_layer_input(self, x: torch.Tensor, index: int):
+        """Around layer `index`'s checkpoint call: where its saved input `x` waits for its
+        backward (layer_input_offload's place, else the checkpoint keeps it where it is)."""
+        if self.layer_input_offload is None:
+            return contextlib.nullcontext()
+        return self.layer_input_offload.saving(x, index, last=index == len(self.model.layers) - 1)
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of cross-entropies of the label tokens, computed only where a label exists.

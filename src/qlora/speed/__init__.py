@@ -65,6 +65,7 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
         m.dropout_p > 0 for m in model.modules() if isinstance(m, LoraLinear))
     fast = use_fast_path(model, group=plan.grouped) if plan.fast_base else use_fast_path(
         model, group=False, on=False)
+    set_long_context(model, plan)
     freed = move_embedding_to_host(model, log) if plan.embedding_on_host else 0
     return Applied(dropout_seed=seed, dropout_stride=stride, fast_layers=fast,
                    embedding_bytes_freed=freed)
@@ -133,6 +134,25 @@ def use_fast_path(model: nn.Module, group: bool = True, on: bool = True) -> int:
             # a switch, not references: the members stay where the module tree has them
             module.grouped = on and group and groupable([getattr(module, n) for n in names])
     return switched
+
+
+def set_long_context(model: nn.Module, plan: SpeedPlan) -> None:
+    """The plan's offload of the checkpointed layer inputs (speed/offload.py) and sequence tiles
+    of the MLP (models/tiling.py), on or off: the model's layer_input_offload, each layer's
+    mlp.sequence_tiling."""
+    from qlora.models.tiling import SequenceTiling
+    from qlora.speed.kept_attention import tile_outside_rerun
+    from qlora.speed.offload import LayerInputOffload
+
+    model.layer_input_offload = LayerInputOffload() if plan.offload_activations else None
+    tiling = None
+    if plan.mlp_tile_tokens:
+        # with seeded dropout (or none) a tile's recompute draws its masks again from the seed:
+        # no RNG state to keep (which a CUDA graph could not read anyway)
+        tiling = SequenceTiling(plan.mlp_tile_tokens, tile_outside_rerun,
+                                preserve_rng=model.layers_use_rng)
+    for layer in model.model.layers:
+        layer.mlp.sequence_tiling = tiling
 
 
 def grouped_modules(model: nn.Module) -> int:

@@ -45,6 +45,7 @@ from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, Gemm
 from qlora.models.families.phi3_blocks import Phi3DecoderLayer, Phi3LM
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
+from qlora.models.tiling import run_mlp
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
 
 
@@ -131,10 +132,13 @@ class FastMLP(MLP):
 class FastDecoderLayer(DecoderLayer):
     """The reference layer, passing a checkpointed run's KeptAttention to its attention."""
 
-    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None,
+                rerun: bool = False):
+        """`rerun`: a checkpoint's rerun, which needs of a tiled MLP only its saved input (the
+        residual add takes its output and saves nothing): run_mlp computes nothing then."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, kept)
         x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
-        return x + self.mlp(normed)
+        return x + run_mlp(self.mlp, normed, skip=rerun)
 
 
 class FastDecoderLM(DecoderLM):
@@ -159,8 +163,9 @@ class FastDecoderLM(DecoderLM):
         for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
             # the last layers keep it: their backward comes first and frees it before the
             # other layers' reruns make their q/k/v weights
-            x = checkpoint(CheckpointedLayer(layer, i >= first_kept), x, cos, sin, mask,
-                           use_reentrant=False, preserve_rng_state=self.layers_use_rng)
+            with self.keeping_layer_input(x, i):
+                x = checkpoint(CheckpointedLayer(layer, i >= first_kept), x, cos, sin, mask,
+                               use_reentrant=False, preserve_rng_state=self.layers_use_rng)
         return x
 
     def loss_sum(self, hidden, labels):
@@ -217,7 +222,9 @@ class FastGemmaMLP(GemmaMLP):
 class FastGemmaDecoderLayer(GemmaDecoderLayer):
     """Gemma's layer, passing a checkpointed run's KeptAttention to its attention."""
 
-    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None,
+                rerun: bool = False):
+        """`rerun` is not used: Gemma's post-norm saves the MLP's output, so a rerun computes it."""
         w = self.self_attn.window
         attended = self.self_attn(self.input_layernorm(x), cos[w], sin[w], mask, cache, kept)
         return self.feed_forward(x + self.post_attention_layernorm(attended))
@@ -244,8 +251,11 @@ class FastPhi3DecoderLayer(Phi3DecoderLayer):
     partial rotary, no Triton RoPE) keeps nothing for the rerun, so `kept` stays unused and the
     rerun recomputes attention."""
 
-    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
-        return super().forward(x, cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None,
+                rerun: bool = False):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
+        return x + run_mlp(self.mlp, normed, skip=rerun)  # as FastDecoderLayer's
 
 
 class FastPhi3LM(Phi3LM, FastDecoderLM):

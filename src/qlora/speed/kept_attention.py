@@ -12,11 +12,14 @@ cheaper in three ways, all owned by `CheckpointedLayer`:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
+from qlora.adapters import LoraLinear
 from qlora.errors import QloraError
-from qlora.kernels.dequant import rerun_keeps_weights
+from qlora.kernels.dequant import rerun_keeps_weights, weights_not_kept
 from qlora.kernels.lora import products_for_rerun
 
 
@@ -98,4 +101,31 @@ class CheckpointedLayer:
             with products_for_rerun("keep"):
                 return self.layer(*args, kept=self.kept)
         with rerun_keeps_weights(), products_for_rerun("reuse"):
-            return self.layer(*args, kept=self.kept)
+            return self.layer(*args, kept=self.kept, rerun=True)
+
+
+@contextlib.contextmanager
+def tile_outside_rerun(mlp: nn.Module, index: int):
+    """Around one sequence tile of an MLP (models/tiling.py), in forward and in its recompute:
+    - outside the checkpoint's keep/reuse state: a tile keeps no LoRA products for a rerun and
+      no dense weight for a backward (the tiles would take each other's: they share the keys);
+    - each tile draws its own dropout masks: the seeded masks are a function of the element
+      index within the tensor, which would repeat from tile to tile, so each tile's LoRA layers
+      take their salts shifted by TILE_SALT_STEP per tile (in forward and recompute alike)."""
+    layers = [m for m in mlp.modules() if isinstance(m, LoraLinear) and m.dropout_seed is not None]
+    salts = [layer.dropout_salt for layer in layers]
+    for layer in layers:
+        layer.dropout_salt += index * TILE_SALT_STEP
+    try:
+        with weights_not_kept(), products_for_rerun(None):
+            yield
+    finally:
+        for layer, salt in zip(layers, salts):
+            layer.dropout_salt = salt
+
+
+# A seed is ((run seed % 2^20) << 40) + micro-batch index x adapter layers + salt
+# (adapters.set_dropout_seed): shifting a tile's salts by 2^34 keeps them apart from every other
+# (micro-batch, layer) of the run for up to 2^34 / adapter layers micro-batches (76 million at
+# 224 adapter layers) and from other run seeds for up to 64 tiles (2^40 / 2^34).
+TILE_SALT_STEP = 1 << 34

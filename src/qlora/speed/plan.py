@@ -22,6 +22,10 @@ class SpeedPlan:
         global RNG: resumable, and capturable in a CUDA graph.
     embedding_on_host: a frozen, untied input embedding in pinned host memory, gathered by the GPU.
     cuda_graphs: each micro-batch replayed as a CUDA graph (train/graphs.py) where it can be.
+    offload_activations: with checkpointing, each layer's saved input in pinned host memory
+        from its forward to its backward (speed/offload.py); kept attention stays on the GPU.
+    mlp_tile_tokens: the MLP computed in sequence tiles of this many tokens where a forward has
+        more (models/tiling.py); None: whole.
     generic: the model is transformers' own (models/generic.py): every path above forks or
         switches the reference decoder's classes, so none applies, and apply_speed is not called.
         Its LoRA dropout draws from the global RNG, which checkpoints save and restore and
@@ -35,6 +39,8 @@ class SpeedPlan:
     seeded_dropout: bool = False
     embedding_on_host: bool = False
     cuda_graphs: bool = False
+    offload_activations: bool = False
+    mlp_tile_tokens: int | None = None
     generic: bool = False
 
     @classmethod
@@ -57,4 +63,7 @@ class SpeedPlan:
             seeded_dropout=True,
             embedding_on_host=bool(cfg.embedding_on_host and cuda and not sharded),
             cuda_graphs=bool(cfg.cuda_graphs),
+            # "auto" is resolved by the memory planner before this (memory.check_run): off here
+            offload_activations=cfg.offload_activations is True and bool(cfg.gradient_checkpointing),
+            mlp_tile_tokens=cfg.mlp_tile_tokens if cfg.tile_mlp is True else None,
         )

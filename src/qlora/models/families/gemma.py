@@ -54,6 +54,7 @@ from qlora.models.decoder import IGNORE_INDEX, MLP, DecoderLM
 from qlora.models.families import FAMILIES
 from qlora.models.families.gemma_config import GemmaSettings
 from qlora.models.spec import ArchSpec
+from qlora.models.tiling import run_mlp
 
 
 def gemma_settings(spec: ArchSpec) -> GemmaSettings:
@@ -153,7 +154,8 @@ class GemmaDecoderLayer(nn.Module):
         return self.feed_forward(x + self.post_attention_layernorm(attended))
 
     def feed_forward(self, x):
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        # the post-norm saves the MLP's output: a rerun must compute it (no skip)
+        return x + self.post_feedforward_layernorm(run_mlp(self.mlp, self.pre_feedforward_layernorm(x)))
 
 
 class GemmaRotary(nn.Module):
