@@ -465,6 +465,9 @@ def _plan_options(p) -> None:
                    help="gradient checkpointing: each layer recomputed in backward")
     p.add_argument("--offload-activations", action="store_true",
                    help="checkpointed layer inputs kept in host memory, two layers' on the GPU")
+    p.add_argument("--tile-mlp", nargs="?", const=True, default=False, type=_tile_tokens,
+                   metavar="N", help="the MLP in sequence tiles (of the model's default size, or "
+                        "of N tokens): one tile's intermediates, not the sequence's")
     p.add_argument("--keep-attention", nargs="?", const=True, default=False, type=_layer_count,
                    metavar="N", help="with checkpointing, attention kept for backward instead of "
                         "recomputed, in every layer or in the last N (qlora train's keep_attention; "
@@ -491,6 +494,12 @@ def _plan_options(p) -> None:
                         "forward in the steps)")
 
 
+def _tile_tokens(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens per tile (1 or more)")
+    return int(text)
+
+
 def _layer_count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of layers (0 or more)")
@@ -507,7 +516,8 @@ def run_plan(args) -> None:
         quant=args.quant, double_quant=args.double_quant, r=args.r, targets=args.targets, dora=args.dora,
         lora_dropout=args.lora_dropout, adapter_dtype=args.adapter_dtype, seq_len=args.seq_len,
         micro_batch=args.micro_batch, checkpointing=args.checkpointing,
-        offload_activations=args.offload_activations, optimizer=args.optimizer, kernels=args.kernels,
+        offload_activations=args.offload_activations, tile_mlp=args.tile_mlp,
+        optimizer=args.optimizer, kernels=args.kernels,
         keep_attention=args.keep_attention if args.checkpointing else False,
         embedding_on_host=args.embedding_on_host,
         loss=args.loss, gpus=args.gpus, sharding=args.sharding,

@@ -83,6 +83,14 @@ class RunConfig:
     # N: the last N layers; None = as many layers as the memory plan fits on the GPU (each GPU's
     # under torchrun; qlora.memory.check_run)
     keep_attention: bool | int | None = None
+    # with checkpointing, each layer's saved input in pinned host memory from its forward to its
+    # backward, fetched back one layer ahead (speed/offload.py): long sequences. None (or auto) =
+    # only where the memory plan needs it to fit (qlora.memory.check_run)
+    offload_activations: bool | None = None
+    # the MLP computed in sequence tiles, never a whole [tokens, intermediate] tensor
+    # (models/tiling.py): true = tiles of the model's default size, a number = tokens per tile;
+    # None (or auto) = only where the memory plan needs it to fit
+    tile_mlp: bool | int | None = None
     # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
     # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
     # vocab x hidden x 2 bytes
@@ -127,6 +135,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # What an option's empty default (None) means, for `qlora train --help`.
 NONE_MEANS: dict[str, str] = {
     "keep_attention": "as many layers as the memory plan fits on the GPU",
+    "offload_activations": "auto: only where the memory plan needs it to fit",
+    "tile_mlp": "auto: only where the memory plan needs it to fit",
     "gpu_memory": "the detected CUDA GPU",
     "chat_template": "the tokenizer's own",
     "val_data": "no separate validation file; see val_set_size",
@@ -185,6 +195,9 @@ HELP: dict[str, str] = {
     "gradient_checkpointing": "recompute each layer in backward instead of keeping its activations",
     "keep_attention": "with checkpointing, attention kept for backward instead of rerun: true "
                       "every layer, N the last N layers",
+    "offload_activations": "with checkpointing, each layer's saved input in pinned host memory "
+                           "until its backward (long sequences)",
+    "tile_mlp": "the MLP in sequence tiles: true, false or tokens per tile (long sequences)",
     "embedding_on_host": "on one CUDA GPU, an untied frozen input embedding in pinned host memory",
     "cuda_graphs": "replay each micro-batch shape's forward and backward as a CUDA graph",
     "fused_kernels": "Triton RMSNorm / SwiGLU / RoPE kernels and, on CUDA, 4-bit dequantize",
@@ -313,8 +326,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise bad(f"allowed to be empty (give a value of type {getattr(tp, '__name__', tp)})")
+    if key in ("offload_activations", "tile_mlp") and str(value).strip().lower() == "auto":
+        return None
     if key == "keep_attention":
         return _coerce_layers_or_flag(value, bad)
+    if key == "tile_mlp":
+        return _coerce_tokens_or_flag(value, bad)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -384,6 +401,15 @@ def _coerce_layers_or_flag(value: Any, bad) -> bool | int:
     if layers < 0:
         raise bad("true, false or a number of layers (0 or more)")
     return layers
+
+
+def _coerce_tokens_or_flag(value: Any, bad) -> bool | int:
+    """true / false, or a whole number of tokens (>= 1): `1` is one token, not true."""
+    tokens = _coerce_layers_or_flag(value, lambda expected: bad("true, false, auto or a number of "
+                                                                "tokens per tile"))
+    if tokens is not True and tokens is not False and tokens < 1:
+        raise bad("true, false, auto or a number of tokens per tile (1 or more)")
+    return tokens
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:
@@ -532,6 +558,10 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.resume and cfg.overwrite:
         raise QloraError("options `resume` and `overwrite` exclude each other: resuming continues "
                          "the run in output_dir, overwrite deletes it")
+    if cfg.offload_activations and not cfg.gradient_checkpointing:
+        raise QloraError("option `offload_activations`: true offloads the inputs that gradient "
+                         "checkpointing keeps; set gradient_checkpointing: true, or "
+                         "offload_activations: false")
     return cfg
 
 

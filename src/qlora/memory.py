@@ -127,7 +127,12 @@ class PlanConfig:
     seq_len: int = 2048
     micro_batch: int = 1
     checkpointing: bool = True
+    # with checkpointing, each layer's saved input in pinned host memory until its backward
+    # (speed/offload.py): two of them on the GPU at a time
     offload_activations: bool = False
+    # the MLP in sequence tiles (models/tiling.py): True in tiles of the default size
+    # (models.tiling.default_tile_tokens), N in tiles of N tokens, False whole
+    tile_mlp: bool | int = False
     # with checkpointing: attention kept from forward to backward, not rerun
     # (models/decoder.AttentionKeptForRerun; qlora train's keep_attention): true in every layer,
     # a number N in the last N
@@ -174,6 +179,9 @@ class PlanConfig:
                 raise QloraError(f"{option} must be a positive whole number, not {value!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise QloraError(f"blocksize {self.blocksize} is not one bitsandbytes supports (64 is the default)")
+        tile = self.tile_mlp
+        if not isinstance(tile, bool) and (not isinstance(tile, int) or tile < 1):
+            raise QloraError(f"--tile-mlp takes a number of tokens per tile (1 or more), not {tile!r}")
         keep = self.keep_attention
         if not isinstance(keep, bool) and (not isinstance(keep, int) or keep < 0):
             raise QloraError(f"--keep-attention takes a number of layers (0 or more), not {keep!r}")
@@ -383,24 +391,61 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     # MLP: gate and up outputs (silu's input, the product's other factor; Phi-3's one gate_up
     # output); silu(gate) (Gemma: gelu(gate)) kept by torch's autograd for the product's backward
     # (a fused SwiGLU recomputes it); the product is down_proj's input, kept for its LoRA A unless
-    # dropout's copy is kept instead.
-    t["gate, up outputs"] = 2 * 2 * i
+    # dropout's copy is kept instead. (Terms named "MLP: ..." are kept inside the MLP: sequence
+    # tiles, mlp_tile_tokens, bound them.)
+    t["MLP: gate, up outputs"] = 2 * 2 * i
     if torch_activation(arch, cfg):
-        t["activation(gate)"] = 2 * i
+        t["MLP: activation(gate)"] = 2 * i
     if "down_proj" in targets and not dropout:
-        t["down_proj input"] = 2 * i
+        t["MLP: down_proj input"] = 2 * i
     # LoRA: lora_B's weight gradient needs lora_A's output [tokens, r] per target.
-    t["LoRA A outputs"] = sum(2 * cfg.r for _ in targets)
-    if dropout:
-        # Dropout per target: the dropped bf16 copy of the input (kept by lora_A) and the mask
-        # (kept by dropout's backward).
-        mask = 0 if cfg.seeded_dropout else dropout_mask_bytes
-        t["LoRA dropout copies + masks"] = sum((2 + mask) * inputs[name] for name in targets)
-    if cfg.dora:
-        # DoRA (qlora.adapters): (scale - 1) * base and scale * lora keep the base output and the
-        # LoRA output for the magnitude's gradient: 2 x out per target.
-        t["DoRA base + LoRA outputs"] = sum(2 * 2 * outputs[name] for name in targets)
+    attn = [name for name in targets if name not in MLP_LINEARS]
+    mlp = [name for name in targets if name in MLP_LINEARS]
+    for prefix, names in (("", attn), ("MLP: ", mlp)):
+        if not names:
+            continue
+        t[prefix + "LoRA A outputs"] = sum(2 * cfg.r for _ in names)
+        if dropout:
+            # Dropout per target: the dropped bf16 copy of the input (kept by lora_A) and the
+            # mask (kept by dropout's backward).
+            mask = 0 if cfg.seeded_dropout else dropout_mask_bytes
+            t[prefix + "LoRA dropout copies + masks"] = sum((2 + mask) * inputs[n] for n in names)
+        if cfg.dora:
+            # DoRA (qlora.adapters): (scale - 1) * base and scale * lora keep the base output and
+            # the LoRA output for the magnitude's gradient: 2 x out per target.
+            t[prefix + "DoRA base + LoRA outputs"] = sum(2 * 2 * outputs[n] for n in names)
     return t
+
+
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+def mlp_tile_tokens(arch: ArchSpec, cfg: PlanConfig) -> int | None:
+    """Tokens per MLP tile (models/tiling.py), or None: whole (off, or no more tokens than a
+    tile, where the tiled MLP runs whole)."""
+    if not cfg.tile_mlp:
+        return None
+    from qlora.models.tiling import default_tile_tokens
+
+    tile = default_tile_tokens(arch.intermediate_size) if cfg.tile_mlp is True else cfg.tile_mlp
+    return tile if step_tokens(cfg) > tile else None
+
+
+def split_mlp_terms(terms: dict[str, float]) -> tuple[float, float]:
+    """(per-token bytes outside the MLP's inside, per-token bytes inside it) of
+    layer_activation_terms."""
+    inside = sum(n for name, n in terms.items() if name.startswith("MLP: "))
+    return sum(terms.values()) - inside, inside
+
+
+def offload_applies(cfg: PlanConfig) -> bool:
+    """Whether the checkpointed layer inputs go to host memory: asked for, with checkpointing."""
+    return cfg.offload_activations and cfg.checkpointing
+
+
+def host_offload_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """Pinned host memory the offloaded layer inputs take: every layer's but the last."""
+    return (arch.num_layers - 1) * step_tokens(cfg) * 2 * arch.hidden_size if offload_applies(cfg) else 0
 
 
 def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
@@ -428,6 +473,34 @@ def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
     if not keeps_attention(arch) or not cfg.checkpointing:
         return 0
     return attention_layers_kept(cfg.keep_attention, arch.num_layers)
+
+
+def long_context_choice(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes: int,
+                        offload_auto: bool = True, tile_auto: bool = True) -> PlanConfig:
+    """`cfg` with offload and MLP tiles decided where they are left to the plan (`*_auto`): the
+    first of none, offload, tiles, both that fits `gpu_bytes` (the fastest first: offload's
+    copies run beside the compute, tiles cut a GEMM into several), with attention recomputed in
+    every layer (kept attention gets what is left, after). Where nothing fits, both where left to
+    the plan (the error and its advice then start from there). Neither applies to the generic
+    path (no speed layer), nor offload without checkpointing; a tile longer than the step's
+    tokens changes nothing, so it is not chosen."""
+    if isinstance(arch, GenericSpec):
+        return replace(cfg, offload_activations=cfg.offload_activations and not offload_auto,
+                       tile_mlp=cfg.tile_mlp if not tile_auto else False)
+    offloads = [False, True] if offload_auto and cfg.checkpointing else [cfg.offload_activations]
+    tiles = [False, True] if tile_auto else [cfg.tile_mlp]
+    base = replace(cfg, keep_attention=False)
+    candidates = [(o, t) for t in tiles for o in offloads]  # none, offload, tiles, both
+    for offload, tile in candidates:
+        trial = replace(base, offload_activations=offload, tile_mlp=tile)
+        if tile is True and mlp_tile_tokens(arch, trial) is None and len(tiles) > 1:
+            continue
+        if fits(plan(arch, trial), gpu_bytes):
+            return replace(cfg, offload_activations=offload, tile_mlp=tile)
+    tile = tiles[-1]
+    if tile_auto and mlp_tile_tokens(arch, replace(base, tile_mlp=tile)) is None:
+        tile = False
+    return replace(cfg, offload_activations=offloads[-1], tile_mlp=tile)
 
 
 def attention_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes: int) -> int:
@@ -530,6 +603,13 @@ def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     if attention_softcap(arch) is not None:
         working += 10 * arch.num_heads * cfg.seq_len
     return working
+
+
+def tiled_mlp_backward_bytes_per_token(arch: ArchSpec) -> int:
+    """What the tiled MLP (models/tiling.py) holds for every token of the sequence while it
+    runs backward: its input's gradient, written tile by tile into one [tokens, hidden] tensor,
+    beside the incoming gradient (counted in backward_working_bytes_per_token)."""
+    return 2 * arch.hidden_size
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -745,8 +825,20 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     layer_grads = -(-grads // L)
     opt, opt_paged, opt_step = optimizer_state_bytes(numels, cfg)
 
-    # Activations.
-    per_layer = sum(layer_activation_terms(arch, cfg).values())
+    # Activations. With the MLP in tiles (mlp_tile_tokens), what the MLP keeps inside it and the
+    # gradients it makes are one tile's, not the sequence's; the tiled MLP keeps only its input
+    # (a term outside the MLP's inside) and makes its input's gradient whole.
+    terms = layer_activation_terms(arch, cfg)
+    per_layer = sum(terms.values())
+    tile = mlp_tile_tokens(arch, cfg)
+    if tile:
+        outside, inside = split_mlp_terms(terms)
+        mlp_working = 3 * 2 * arch.intermediate_size  # backward_working_bytes_per_token's MLP part
+        per_layer = outside
+        # one tile's inside and gradients, spread over the tokens, plus the input's gradient
+        tile_extra = tile * (inside + mlp_working) / tokens + tiled_mlp_backward_bytes_per_token(arch)
+        notes.append(f"MLP in sequence tiles of {tile} tokens: its intermediates are one tile's "
+                     f"({_gib(tile * (inside + mlp_working)):.2f} GiB in backward)")
     per_layer_weights = sum(layer_weight_terms(arch, cfg).values())
     layer_input = 2 * h  # the bf16 hidden state entering a layer
     # After the layers: the final norm (fp32 input copy + rstd, eager), the loss's input (the
@@ -756,26 +848,33 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     final = (4 if torch_norms(arch, cfg) else 2) * h + 4 + 2 * h + 8 + 8
     # Gemma 3: a second table pair for its sliding layers' own RoPE base
     rope = 2 * 2 * arch.head_dim * (2 if arch.model_type == "gemma3_text" else 1)
-    kept_layers = 2 if cfg.offload_activations else L  # offload: current + prefetched one on GPU
+    working = backward_working_bytes_per_token(arch, cfg)
+    if tile:
+        working += tile_extra - 3 * 2 * arch.intermediate_size
+    offloaded = offload_applies(cfg)
     if cfg.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
-        # On the fast path each layer also keeps its LoRA products H [tokens, r] per target for
-        # the rerun (kernels/lora.py), which then draws no dropout mask again.
-        if fast_path(cfg):
-            layer_input += 2 * cfg.r * len(target_names(cfg.targets, arch))
+        # Offloaded (speed/offload.py), two inputs are on the GPU at any time: in forward the one
+        # still being copied out and the next; at the loss the last layer's (kept) and, at its
+        # backward, the one fetched ahead. On the fast path each layer also keeps its LoRA
+        # products H [tokens, r] per target for the rerun (kernels/lora.py), which then draws no
+        # dropout mask again: on the GPU, offloaded or not.
+        products = 2 * cfg.r * len(target_names(cfg.targets, arch)) if fast_path(cfg) else 0
+        inputs_on_gpu = min(2, L) if offloaded else L
         # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
         kept_attention = kept_attention_layers(arch, cfg) * kept_attention_bytes_per_token(
             arch, cfg.seq_len)
         if kept_attention:
             notes.append(f"attention kept for backward in {kept_attention_layers(arch, cfg)} of {L} "
                          f"layers: {_gib(tokens * kept_attention):.2f} GiB (keep_attention)")
-        activations = tokens * (kept_layers * layer_input + kept_attention + final + rope)
+        activations = tokens * (inputs_on_gpu * layer_input + L * products + kept_attention
+                                + final + rope)
         copies = per_layer_weights
-        backward = tokens * (per_layer + backward_working_bytes_per_token(arch, cfg))
+        backward = tokens * (per_layer + working)
     else:
-        activations = tokens * (kept_layers * per_layer + final + rope)
+        activations = tokens * (L * per_layer + final + rope)
         copies = L * per_layer_weights
-        backward = tokens * backward_working_bytes_per_token(arch, cfg)
+        backward = tokens * working
     activations = int(activations)
     backward = int(backward)
     loss, loss_note = loss_peak_bytes(arch, cfg)
@@ -849,8 +948,13 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
             dequant += gathered
             notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer (torch AdamW) "
                          "sharded; two gathered layers and the gathered embedding/head in workspace")
-    if cfg.offload_activations:
-        notes.append("offload: saved activations live in host memory; two layers' worth stay on the GPU")
+    if offloaded:
+        notes.append(f"offload: the checkpointed layer inputs wait in pinned host memory "
+                     f"({_gib(host_offload_bytes(arch, cfg)):.2f} GiB of host RAM); two are on "
+                     "the GPU at a time")
+    elif cfg.offload_activations:
+        notes.append("offload: only the inputs checkpointing keeps are offloaded; without "
+                     "checkpointing it does nothing")
     if cfg.optimizer.startswith("paged_") and opt_paged:
         notes.append("paged optimizer states are in CUDA managed memory: counted in total, "
                      "not in torch.cuda.max_memory_allocated")
@@ -974,9 +1078,10 @@ class Advice:
 
 # How each knob is spelled on the command line: `qlora plan` and `qlora train`.
 PLAN_OPTIONS = dict(micro_batch="--micro-batch", checkpointing="--checkpointing", seq_len="--seq-len",
-                    r="--r", offload_activations="--offload-activations")
+                    r="--r", offload_activations="--offload-activations", tile_mlp="--tile-mlp")
 TRAIN_OPTIONS = dict(micro_batch="--micro_batch_size", checkpointing="--gradient_checkpointing true",
-                     seq_len="--max_seq_length", r="--lora_r", offload_activations=None)
+                     seq_len="--max_seq_length", r="--lora_r",
+                     offload_activations="--offload_activations true", tile_mlp="--tile_mlp true")
 
 
 def _describe(cfg: PlanConfig, new: PlanConfig, names: dict = PLAN_OPTIONS) -> str:
@@ -992,6 +1097,8 @@ def _describe(cfg: PlanConfig, new: PlanConfig, names: dict = PLAN_OPTIONS) -> s
         parts.append(f"{names['r']} {new.r}")
     if new.offload_activations != cfg.offload_activations:
         parts.append(names["offload_activations"])
+    if new.tile_mlp != cfg.tile_mlp:
+        parts.append(names["tile_mlp"])
     return " + ".join(parts)
 
 
@@ -1011,10 +1118,11 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     """Changes that make the run fit, each checked by re-running the planner; [] if it fits.
 
     Tried one at a time, in this order: smaller micro-batch, checkpointing on, shorter sequence,
-    smaller rank, offload of activations. If no single change fits, they are combined in the same
-    order, each at its most conservative setting, until the plan fits. If even that does not fit,
-    one Advice with empty changes says so. `names` spells the options (a knob named None, such as
-    offload for `qlora train`, which has none, is not offered).
+    smaller rank, offload of activations, the MLP in tiles. If no single change fits, they are
+    combined (micro-batch 1 and checkpointing, then offload and tiles, then the sequence and the
+    rank), each at its most conservative setting, until the plan fits. If even that does not fit,
+    one Advice with empty changes says so. `names` spells the options (a knob named None is not
+    offered).
     """
     offload = names.get("offload_activations") is not None
     if fits(plan(arch, cfg), gpu_bytes):
@@ -1028,8 +1136,10 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
         singles.append(_largest_fitting(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, 128))
     if cfg.r > 4:
         singles.append(_largest_fitting(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
-    if offload and not cfg.offload_activations:
+    if offload and not cfg.offload_activations and cfg.checkpointing:
         singles.append(replace(cfg, offload_activations=True))
+    if not cfg.tile_mlp:
+        singles.append(replace(cfg, tile_mlp=True))
     out = []
     for new in singles:
         if new is not None:
@@ -1038,9 +1148,14 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
                 out.append(Advice(_changes(cfg, new), _describe(cfg, new, names), b))
     if out:
         return out
-    # Combine, in the same order: micro-batch 1 and checkpointing on; then the longest sequence,
-    # the largest rank, offload; a knob that cannot make it fit alone is left at its floor.
+    # Combine: micro-batch 1 and checkpointing on; then offload and MLP tiles (which change
+    # nothing of what the run computes); then the longest sequence, the largest rank; a knob
+    # that cannot make it fit alone is left at its floor.
     combined = replace(cfg, micro_batch=1, checkpointing=True)
+    if fits(plan(arch, combined), gpu_bytes):
+        return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
+    combined = replace(combined, offload_activations=offload or cfg.offload_activations,
+                       tile_mlp=cfg.tile_mlp or True)
     if fits(plan(arch, combined), gpu_bytes):
         return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     for knob, floor in (("seq_len", 128), ("r", 4)):
@@ -1048,9 +1163,6 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
         if trial is not None:
             return [Advice(_changes(cfg, trial), _describe(cfg, trial, names), plan(arch, trial))]
         combined = replace(combined, **{knob: min(getattr(combined, knob), floor)})
-    combined = replace(combined, offload_activations=offload)
-    if offload and fits(plan(arch, combined), gpu_bytes):
-        return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     b = plan(arch, combined)
     more = _min_fsdp_gpus(arch, replace(cfg, micro_batch=1, checkpointing=True), gpu_bytes)
     text = (f"does not fit even with {_describe(cfg, combined, names)}: the static part alone is "
@@ -1140,6 +1252,9 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
                       keep_attention=(getattr(cfg, "keep_attention", False) or False)
                       if cfg.gradient_checkpointing else False,
                       embedding_on_host=bool(getattr(cfg, "embedding_on_host", False)),
+                      offload_activations=bool(getattr(cfg, "offload_activations", False)
+                                               and cfg.gradient_checkpointing),
+                      tile_mlp=getattr(cfg, "tile_mlp", False) or False,
                       kernels="fused" if getattr(cfg, "fused_kernels", False) else "eager",
                       gpus=world_size, sharding=cfg.sharding, **_method_fields(cfg))
 
@@ -1191,11 +1306,26 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
     if gpu_bytes is None:  # keep_attention's default is on only where a plan says it fits
         if keep is not True and keep:  # a count: checked against the model's layers before loading
             attention_layers_kept(keep, resolve_arch(model_dir=cfg.model).num_layers)
-        return dataclasses.replace(cfg, keep_attention=keep or False), {}
+        return dataclasses.replace(cfg, keep_attention=keep or False,  # as are offload and tiles
+                                   offload_activations=cfg.offload_activations or False,
+                                   tile_mlp=cfg.tile_mlp or False), {}
     arch = resolve_arch(model_dir=cfg.model)
     pc = plan_config_for_run(cfg, dtype, world_size)
     if isinstance(arch, GenericSpec) and "all-linear" not in cfg.target_modules:
         pc = replace(pc, targets=tuple(cfg.target_modules))  # its own layer names (c_attn...)
+    if cfg.offload_activations is None or cfg.tile_mlp is None:
+        offload_auto, tile_auto = cfg.offload_activations is None, cfg.tile_mlp is None
+        pc = long_context_choice(arch, pc, gpu_bytes, offload_auto, tile_auto)
+        cfg = dataclasses.replace(cfg, offload_activations=pc.offload_activations,
+                                  tile_mlp=pc.tile_mlp)
+        chosen = [text for on, text in (
+            (offload_auto and pc.offload_activations, "offload_activations: on (the checkpointed layer inputs in "
+             f"pinned host memory, {_gib(host_offload_bytes(arch, pc)):.1f} GiB of it)"),
+            (tile_auto and pc.tile_mlp, "tile_mlp: on (the MLP in sequence tiles of "
+             f"{mlp_tile_tokens(arch, pc)} tokens)")) if on]
+        if chosen:
+            log("; ".join(chosen) + f": the memory plan fits {_gib(gpu_bytes):.1f} GiB ({gpu_name}) "
+                "only with " + ("them" if len(chosen) > 1 else "it") + " (set to false to turn off)")
     if cfg.keep_attention is None:
         # the plan is per GPU, under torchrun (DDP, FSDP) too; auto_fit spends memory on the
         # micro-batch instead

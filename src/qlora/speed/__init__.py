@@ -140,16 +140,18 @@ def set_long_context(model: nn.Module, plan: SpeedPlan) -> None:
     """The plan's offload of the checkpointed layer inputs (speed/offload.py) and sequence tiles
     of the MLP (models/tiling.py), on or off: the model's layer_input_offload, each layer's
     mlp.sequence_tiling."""
-    from qlora.models.tiling import SequenceTiling
+    from qlora.models.tiling import SequenceTiling, default_tile_tokens
     from qlora.speed.kept_attention import tile_outside_rerun
     from qlora.speed.offload import LayerInputOffload
 
     model.layer_input_offload = LayerInputOffload() if plan.offload_activations else None
     tiling = None
-    if plan.mlp_tile_tokens:
+    if plan.tile_mlp:
+        tokens = (default_tile_tokens(model.spec.intermediate_size) if plan.tile_mlp is True
+                  else int(plan.tile_mlp))
         # with seeded dropout (or none) a tile's recompute draws its masks again from the seed:
         # no RNG state to keep (which a CUDA graph could not read anyway)
-        tiling = SequenceTiling(plan.mlp_tile_tokens, tile_outside_rerun,
+        tiling = SequenceTiling(tokens, tile_outside_rerun,
                                 preserve_rng=model.layers_use_rng)
     for layer in model.model.layers:
         layer.mlp.sequence_tiling = tiling

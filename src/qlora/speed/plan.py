@@ -24,8 +24,9 @@ class SpeedPlan:
     cuda_graphs: each micro-batch replayed as a CUDA graph (train/graphs.py) where it can be.
     offload_activations: with checkpointing, each layer's saved input in pinned host memory
         from its forward to its backward (speed/offload.py); kept attention stays on the GPU.
-    mlp_tile_tokens: the MLP computed in sequence tiles of this many tokens where a forward has
-        more (models/tiling.py); None: whole.
+    tile_mlp: the MLP computed in sequence tiles where a forward has more tokens than a tile
+        (models/tiling.py): True in tiles of models.tiling.default_tile_tokens, N in tiles of N
+        tokens, False whole.
     generic: the model is transformers' own (models/generic.py): every path above forks or
         switches the reference decoder's classes, so none applies, and apply_speed is not called.
         Its LoRA dropout draws from the global RNG, which checkpoints save and restore and
@@ -40,7 +41,7 @@ class SpeedPlan:
     embedding_on_host: bool = False
     cuda_graphs: bool = False
     offload_activations: bool = False
-    mlp_tile_tokens: int | None = None
+    tile_mlp: bool | int = False
     generic: bool = False
 
     @classmethod
@@ -63,7 +64,7 @@ class SpeedPlan:
             seeded_dropout=True,
             embedding_on_host=bool(cfg.embedding_on_host and cuda and not sharded),
             cuda_graphs=bool(cfg.cuda_graphs),
-            # "auto" is resolved by the memory planner before this (memory.check_run): off here
-            offload_activations=cfg.offload_activations is True and bool(cfg.gradient_checkpointing),
-            mlp_tile_tokens=cfg.mlp_tile_tokens if cfg.tile_mlp is True else None,
+            # auto (None) is resolved by the memory planner before this (memory.check_run)
+            offload_activations=bool(cfg.offload_activations and cfg.gradient_checkpointing),
+            tile_mlp=cfg.tile_mlp or False,
         )
