@@ -125,7 +125,9 @@ def tile_outside_rerun(mlp: nn.Module, index: int):
 
 
 # A seed is ((run seed % 2^20) << 40) + micro-batch index x adapter layers + salt
-# (adapters.set_dropout_seed): shifting a tile's salts by 2^34 keeps them apart from every other
-# (micro-batch, layer) of the run for up to 2^34 / adapter layers micro-batches (76 million at
-# 224 adapter layers) and from other run seeds for up to 64 tiles (2^40 / 2^34).
-TILE_SALT_STEP = 1 << 34
+# (adapters.set_dropout_seed). A tile's salts move by k x TILE_SALT_STEP: the 2^34 keeps tile k's
+# seeds apart from every other (micro-batch, layer, tile) of the run while a run has fewer than
+# 2^34 / adapter layers micro-batches (76 million at 224 adapter layers); the odd low part moves
+# the low 32 bits too, which are all that torch's CPU generator takes (kernels/dropout.py's path
+# where Triton does not run), so the tiles' masks differ there as well.
+TILE_SALT_STEP = (1 << 34) + 0x9E3779B1

@@ -544,6 +544,8 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
         return None, 0, None
     applied = apply_speed(model, plan, log)
     dropout_seed, dropout_stride = applied.dropout_seed, applied.dropout_stride
+    for line in long_context_lines(plan, cfg, model):
+        log(line)
     if cfg.method != "sft":  # a preference micro-batch is several forwards, some without grad
         if plan.cuda_graphs and device.type == "cuda":
             log(f"CUDA graphs off: --method {cfg.method} runs forwards of its own")
@@ -551,6 +553,22 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
     graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log,
                              cfg.max_seq_length)
     return dropout_seed, dropout_stride, graphed
+
+
+def long_context_lines(plan: SpeedPlan, cfg: RunConfig, model) -> list[str]:
+    """What the log says of offload and MLP tiles where they are on: both run inside the CUDA
+    graph of a step (their copies and tiles are captured with it; a capture that fails falls
+    back to eager steps, said in the log)."""
+    lines = []
+    if plan.offload_activations:
+        lines.append("offload_activations: each checkpointed layer's input waits in pinned host "
+                     "memory until its backward (copied on a side stream, fetched one layer ahead); "
+                     "kept attention stays on the GPU")
+    if plan.tile_mlp:
+        tokens = model.model.layers[0].mlp.sequence_tiling.tokens
+        lines.append(f"tile_mlp: the MLP runs in sequence tiles of {tokens} tokens where a "
+                     f"micro-batch has more (max_seq_length {cfg.max_seq_length})")
+    return lines
 
 
 def _optimizer(model, cfg: RunConfig, device: torch.device, sharded: bool, total: int,

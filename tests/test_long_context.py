@@ -1,0 +1,325 @@
+"""Long sequences: the checkpointed layer inputs offloaded to host memory (speed/offload.py), the
+MLP in sequence tiles (models/tiling.py), the memory plan of both and qlora train's choice.
+
+The step with either, or both, is the plain step: the same loss and adapter gradients, fp32 on the
+CPU, through the reference blocks (fast_base off) and the fast path's forks (4-bit fast base,
+grouped projections, kept attention), for Llama, Qwen3, Gemma 2 and Phi-3 blocks, LoRA and DoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qlora import memory
+from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, set_dropout_seed
+from qlora.memory import GiB, PlanConfig, plan
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config, spec_from_shape
+from qlora.models.tiling import default_tile_tokens, run_mlp
+from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
+from qlora.speed.kept_attention import tile_outside_rerun
+from qlora.speed.offload import LayerInputOffload
+from qlora.tiny import tiny_config
+
+TOKENS = (2, 24)  # rows x length: 48 tokens, three tiles of 16 (TILE)
+TILE = 16
+
+
+def tiny(family: str = "llama", dropout: float = 0.0, dora: bool = False, layers: int = 3,
+         quant: str = "nf4"):
+    """A tiny random model of `family` (three layers: two offloaded, one kept), LoRA on every
+    linear with B away from zero so every adapter carries gradient, checkpointing on."""
+    config = tiny_config(family, num_hidden_layers=layers).to_dict()
+    torch.manual_seed(0)
+    model = random_model(spec_from_config(config), QuantConfig(method=quant,
+                                                               compute_dtype=torch.float32), seed=1)
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=dropout, use_dora=dora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.gradient_checkpointing = True
+    model.train()
+    return model
+
+
+def step(model, plan: SpeedPlan):
+    """(loss, adapter gradients) of one step under `plan`, dropout seeded as qlora train seeds it."""
+    applied = apply_speed(model, plan)
+    model.zero_grad()
+    set_dropout_seed(applied.dropout_seed, run_seed=3, micro_batch_index=1,
+                     stride=applied.dropout_stride)
+    ids = torch.randint(0, 100, TOKENS, generator=torch.Generator().manual_seed(2))
+    loss = model(ids, labels=ids)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same_step(got, want, exact: bool) -> None:
+    """Offload moves bytes and nothing else: exact. Tiles run the same ops over fewer rows: fp32
+    matmuls over 16 rows instead of 48 may sum in another order, ~1e-7 relative (measured up to
+    1.5e-7 absolute on gradients of ~1e-1); rtol 1e-5 / atol 1e-6 leaves room for that and still
+    catches a wrong tile (a missing or doubled tile moves the loss by 1e-2 or more)."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    assert len(grads) == len(want_grads)
+    if exact:
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        return
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+LONG = {"offload": dict(offload_activations=True), "tiles": dict(tile_mlp=TILE),
+        "both": dict(offload_activations=True, tile_mlp=TILE)}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference-blocks", "fast-path"])
+@pytest.mark.parametrize("what", list(LONG))
+def test_offload_and_tiles_give_the_plain_step(fast, what):
+    model = tiny()
+    base = dict(fast_base=fast, grouped=fast, seeded_dropout=True, keep_attention=fast)
+    want = step(model, SpeedPlan(**base))
+    assert_same_step(step(model, SpeedPlan(**base, **LONG[what])), want, exact=what == "offload")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "phi3"])
+def test_other_families_blocks_give_the_plain_step(family):
+    """Gemma 2 (GeGLU, its MLP's output read by a norm: a rerun computes the tiles) and Phi-3
+    (one fused gate_up_proj, the reference MLP under the fast path) on the fast path."""
+    model = tiny(family, layers=2)
+    base = dict(fast_base=True, grouped=True, seeded_dropout=True, keep_attention=True)
+    assert_same_step(step(model, SpeedPlan(**base, **LONG["both"])), step(model, SpeedPlan(**base)),
+                     exact=False)
+
+
+def test_dora_and_dropout_give_the_plain_step():
+    """DoRA keeps autograd's composition (its magnitude's gradient too). Offload with LoRA
+    dropout is exact: the seeded masks are drawn again in the rerun, from where they were."""
+    model = tiny(dora=True)
+    base = dict(fast_base=True, grouped=True, seeded_dropout=True)
+    assert_same_step(step(model, SpeedPlan(**base, **LONG["both"])), step(model, SpeedPlan(**base)),
+                     exact=False)
+    model = tiny(dropout=0.1)
+    assert_same_step(step(model, SpeedPlan(**base, **LONG["offload"])),
+                     step(model, SpeedPlan(**base)), exact=True)
+
+
+def test_tiles_with_dropout_recompute_what_their_forward_drew():
+    """With dropout each tile draws its own masks (its salts shifted by TILE_SALT_STEP; the seeded
+    masks follow the element index, which restarts in every tile): the tiled MLP's gradients are
+    those of the same tiles recorded by autograd in one forward, and the tiles' masks differ."""
+    model = tiny(dropout=0.5, layers=1)
+    apply_speed(model, SpeedPlan(fast_base=True, grouped=True, seeded_dropout=True, tile_mlp=TILE))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 3 * TILE, model.spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(1, 3 * TILE, model.spec.hidden_size)
+    adapters = [p for p in mlp.parameters() if p.requires_grad]
+
+    def grads(run):
+        xi = x.clone().requires_grad_()
+        out = run(xi)
+        (out * weights).sum().backward()
+        got = [xi.grad.clone()] + [p.grad.clone() for p in adapters]
+        for p in adapters:
+            p.grad = None
+        return out.detach(), got
+
+    def recorded(xi):
+        outs = []
+        for k in range(3):
+            with tile_outside_rerun(mlp, k):
+                outs.append(mlp(xi[:, k * TILE:(k + 1) * TILE]))
+        return torch.cat(outs, dim=1)
+
+    out, tiled = grads(lambda xi: run_mlp(mlp, xi))
+    want_out, want = grads(recorded)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)  # as assert_same_step
+    for a, b in zip(tiled, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the same inputs in every tile: outputs differ only through the masks
+    same = x[:, :TILE].repeat(1, 3, 1)
+    with torch.no_grad():
+        per_tile = recorded(same)
+    assert not torch.allclose(per_tile[:, :TILE], per_tile[:, TILE:2 * TILE])
+
+
+def test_offload_keeps_the_inputs_in_host_memory_and_fetches_each_one_layer_ahead(monkeypatch):
+    """Every layer's input but the last's goes to the host buffers; in backward each offloaded
+    input is already on its way back when its layer's rerun asks for it (fetched while the layer
+    after it ran backward), and it is the bytes that went out."""
+    model = tiny(layers=4)
+    asked = []  # (on its way already, the right bytes) for each offloaded input asked for
+    unpack = LayerInputOffload._unpack
+    outgoing = {}
+    offload = LayerInputOffload._offload
+
+    def recording_offload(self, t, index):
+        saved = offload(self, t, index)
+        outgoing[id(saved)] = t.clone()
+        return saved
+
+    def recording_unpack(self, saved):
+        fetched = getattr(saved, "host", None) is not None and saved.gpu is not None
+        x = unpack(self, saved)
+        if id(saved) in outgoing:
+            asked.append((fetched, torch.equal(x, outgoing[id(saved)])))
+        return x
+
+    monkeypatch.setattr(LayerInputOffload, "_offload", recording_offload)
+    monkeypatch.setattr(LayerInputOffload, "_unpack", recording_unpack)
+    step(model, SpeedPlan(seeded_dropout=True, offload_activations=True))
+    tokens = TOKENS[0] * TOKENS[1]
+    # three of four layers' inputs, fp32: 3 x 48 tokens x hidden x 4 bytes
+    assert model.layer_input_offload.host_bytes() == 3 * tokens * model.spec.hidden_size * 4
+    assert asked == [(True, True)] * 3
+
+
+def test_tiles_and_offload_are_off_where_the_plan_leaves_them_off():
+    """A plan without them puts nothing on the model (the step of short sequences is unchanged),
+    and a forward with no more tokens than a tile runs the MLP whole."""
+    model = tiny()
+    apply_speed(model, SpeedPlan(seeded_dropout=True))
+    assert model.layer_input_offload is None
+    assert all(layer.mlp.sequence_tiling is None for layer in model.model.layers)
+    apply_speed(model, SpeedPlan(seeded_dropout=True, tile_mlp=True))
+    tile = model.model.layers[0].mlp.sequence_tiling.tokens
+    assert tile == default_tile_tokens(model.spec.intermediate_size) >= 1024 > TOKENS[0] * TOKENS[1]
+    calls = []
+    mlp = model.model.layers[0].mlp
+    mlp.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    step(model, SpeedPlan(seeded_dropout=True, tile_mlp=True))
+    assert calls and set(calls) == {TOKENS[1]}  # whole rows, never tiles
+
+
+# --- the memory plan ------------------------------------------------------------------------------
+LLAMA = spec_from_shape("llama-3-8b")
+LONG_RUN = PlanConfig(seq_len=65536, kernels="fused", embedding_on_host=True)
+
+
+def test_default_tile_size():
+    """The largest power of two whose [tile, intermediate] bf16 tensor fits 128 MiB, >= 1024:
+    Llama-3-8B's 14336: 2^27 / 28672 = 4681 -> 4096; Qwen2.5-0.5B's 4864: 13797 -> 8192; a
+    huge 65536-wide MLP: 1024 (the floor)."""
+    assert [default_tile_tokens(i) for i in (14336, 4864, 65536)] == [4096, 8192, 1024]
+
+
+def test_plan_offload_keeps_two_layer_inputs_on_the_gpu():
+    """Offload takes every layer input but two off the GPU: (32 - 2) x 65536 tokens x 4096 x 2
+    bytes = 15 GiB less, at the loss and at the last layer's backward alike; the LoRA products
+    the fast path keeps for the rerun and the kept attention stay. The host holds 31 of them:
+    31 x 512 MiB = 15.5 GiB."""
+    for cfg in (LONG_RUN, replace(LONG_RUN, keep_attention=2), replace(LONG_RUN, kernels="eager")):
+        plain, offloaded = plan(LLAMA, cfg), plan(LLAMA, replace(cfg, offload_activations=True))
+        assert plain.activations - offloaded.activations == 30 * 65536 * 4096 * 2 == 15 * GiB
+        assert plain.allocated - offloaded.allocated == 15 * GiB
+    assert memory.host_offload_bytes(LLAMA, replace(LONG_RUN, offload_activations=True)) == 31 * 512 * 2**20
+    # without checkpointing there is nothing offloaded (the step keeps every tensor on the GPU)
+    no_ckpt = replace(LONG_RUN, seq_len=2048, checkpointing=False)
+    assert plan(LLAMA, replace(no_ckpt, offload_activations=True)).allocated == plan(LLAMA, no_ckpt).allocated
+
+
+def test_plan_tiles_bound_the_mlp_by_one_tile():
+    """The MLP's inside (fused kernels, dropout seeded: gate and up outputs 4I, down's input 2I,
+    the MLP adapters' A outputs 3 x 2r: 86,112 B a token) and its backward's gradients (3 x 2I =
+    86,016 B) count for one tile of 4096 tokens instead of 65536; the tiled MLP adds its input's
+    gradient, 2h = 8192 B a token."""
+    inside, grads = 2 * 2 * 14336 + 2 * 14336 + 3 * 2 * 16, 3 * 2 * 14336
+    assert memory.split_mlp_terms(memory.layer_activation_terms(LLAMA, LONG_RUN))[1] == inside
+    plain, tiled = plan(LLAMA, LONG_RUN), plan(LLAMA, replace(LONG_RUN, tile_mlp=True))
+    assert plain.backward - tiled.backward == pytest.approx(
+        (65536 - 4096) * (inside + grads) - 65536 * 2 * 4096, abs=2)  # int() of each side
+    assert tiled.activations == plain.activations  # forward keeps what it kept
+    # at 2048 tokens the tiled MLP runs whole: the same plan
+    short = replace(LONG_RUN, seq_len=2048)
+    assert plan(LLAMA, replace(short, tile_mlp=True)).allocated == plan(LLAMA, short).allocated
+
+
+def test_llama_3_8b_at_64k_fits_24_gb_with_both():
+    """The target: Llama-3-8B at 65,536 tokens in 24 GiB needs offload and tiles (each alone
+    leaves ~30 and ~37 GiB needed), and both fit with room to spare (~17.6 GiB)."""
+    gpu = 24 * GiB
+    assert not memory.fits(plan(LLAMA, replace(LONG_RUN, offload_activations=True)), gpu)
+    assert not memory.fits(plan(LLAMA, replace(LONG_RUN, tile_mlp=True)), gpu)
+    assert memory.fits(plan(LLAMA, replace(LONG_RUN, offload_activations=True, tile_mlp=True)), gpu)
+
+
+@pytest.mark.parametrize("seq, offload, tiles", [(2048, False, False), (16384, False, False),
+                                                 (32768, True, False), (65536, True, True)])
+def test_long_context_choice_turns_on_only_what_the_fit_needs(seq, offload, tiles):
+    """None fits up to 16k on 24 GiB (the plan of the issue's measured 16k run); 32k needs the
+    offload (21 GiB allocated without it, x 1.3 slack > 24); 64k needs both (above)."""
+    chosen = memory.long_context_choice(LLAMA, replace(LONG_RUN, seq_len=seq), 24 * GiB)
+    assert (chosen.offload_activations, chosen.tile_mlp) == (offload, tiles)
+
+
+def test_long_context_choice_keeps_what_the_user_set():
+    gpu = 24 * GiB
+    chosen = memory.long_context_choice(LLAMA, LONG_RUN, gpu, offload_auto=False)
+    assert (chosen.offload_activations, chosen.tile_mlp) == (False, True)  # does not fit: refused later
+    chosen = memory.long_context_choice(LLAMA, replace(LONG_RUN, tile_mlp=2048), gpu, tile_auto=False)
+    assert (chosen.offload_activations, chosen.tile_mlp) == (True, 2048)
+
+
+LLAMA_3_8B_CONFIG = dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=False)
+
+
+def test_qlora_train_check_picks_offload_only_when_the_run_needs_it(tmp_path):
+    """check_run resolves auto (None) before loading: off where the run fits without, on (said in
+    the log) where it does not; what the user set is kept; on the CPU (no GPU size) off."""
+    import json
+
+    from qlora.config import RunConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B_CONFIG))
+    cfg = RunConfig(model=str(tmp_path), data="unused.jsonl", gpu_memory="24GB",
+                    fused_kernels=True, max_seq_length=2048)
+    logged = []
+    short, _ = memory.check_run(cfg, "cpu", log=logged.append)
+    assert (short.offload_activations, short.tile_mlp) == (False, False)
+    assert not any("offload_activations" in line for line in logged)
+    long, _ = memory.check_run(replace(cfg, max_seq_length=65536), "cpu", log=logged.append)
+    assert (long.offload_activations, long.tile_mlp) == (True, True)
+    assert any("offload_activations: on" in line and "tile_mlp: on" in line for line in logged)
+    mid, _ = memory.check_run(replace(cfg, max_seq_length=32768), "cpu", log=logged.append)
+    assert (mid.offload_activations, mid.tile_mlp) == (True, False)
+    assert mid.keep_attention  # what is left after offload goes to kept attention
+    kept, _ = memory.check_run(replace(cfg, max_seq_length=32768, offload_activations=False,
+                                       tile_mlp=True), "cpu", log=logged.append)
+    assert (kept.offload_activations, kept.tile_mlp) == (False, True)
+    cpu, _ = memory.check_run(replace(cfg, gpu_memory=None, max_seq_length=65536), "cpu")
+    assert (cpu.offload_activations, cpu.tile_mlp) == (False, False)
+
+
+def test_run_config_reads_auto_true_false_and_a_tile_size():
+    from qlora.config import load_config
+    from qlora.errors import QloraError
+
+    base = {"model": "m", "data": "d.jsonl"}
+    cfg = load_config(None, dict(base, offload_activations="auto", tile_mlp="4096"))
+    assert (cfg.offload_activations, cfg.tile_mlp) == (None, 4096)
+    cfg = load_config(None, dict(base, offload_activations="true", tile_mlp="false"))
+    assert (cfg.offload_activations, cfg.tile_mlp) == (True, False)
+    with pytest.raises(QloraError, match="tile_mlp"):
+        load_config(None, dict(base, tile_mlp="0"))
+    with pytest.raises(QloraError, match="offload_activations.*gradient_checkpointing"):
+        load_config(None, dict(base, offload_activations="true", gradient_checkpointing="false"))
+
+
+def test_lora_layers_get_their_salts_back_after_a_tile():
+    model = tiny(dropout=0.1, layers=1)
+    apply_speed(model, SpeedPlan(seeded_dropout=True))
+    mlp = model.model.layers[0].mlp
+    salts = [m.dropout_salt for m in mlp.modules() if isinstance(m, LoraLinear)]
+    with tile_outside_rerun(mlp, 2):
+        assert [m.dropout_salt for m in mlp.modules() if isinstance(m, LoraLinear)] != salts
+    assert [m.dropout_salt for m in mlp.modules() if isinstance(m, LoraLinear)] == salts
