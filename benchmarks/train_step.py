@@ -307,13 +307,46 @@ class QloraStep:
     parameter (paged 8-bit AdamW), LoRA dropout seeded per micro-batch, and (variant "qlora") the
     forward+backward replayed as a CUDA graph (qlora.train.graphs); "qlora-eager" without graphs."""
 
-    def __init__(self, model, args, applied, graphs: bool):
+    def __init__(self, model, args, applied, graphs: bool, plan=None, auto_keep: bool = False):
         """`applied`: what qlora.speed.apply_speed returned for the model (the seeded dropout);
-        None on the generic path, whose LoRA dropout draws from the global RNG."""
+        None on the generic path, whose LoRA dropout draws from the global RNG. `plan`: the
+        SpeedPlan it applied, which each configuration's auto choices start from."""
         self.model, self.args, self.use_graphs = model, args, graphs and args.device == "cuda"
         self.seed, self.stride = (None, 0) if applied is None else (applied.dropout_seed,
                                                                      applied.dropout_stride)
+        self.plan, self.auto_keep = plan, auto_keep
         self.opt = self.graphs = None
+    def replan(self, seq: int, ckpt: bool) -> dict:
+        """Where offload, MLP tiles or kept attention are `auto`: what qlora train picks for this
+        sequence length (memory.long_context_choice, then memory.attention_layers_that_fit),
+        applied to the model. Returns what was chosen, for the record."""
+        from dataclasses import replace
+
+        from qlora import memory
+        from qlora.speed import apply_speed
+
+        auto_offload, auto_tiles = self.args.offload_activations == "auto", self.args.tile_mlp == "auto"
+        if self.plan is None or not (auto_offload or auto_tiles or self.auto_keep):
+            return {}
+        arch = memory.arch_from_config(SHAPES[self.args.shape], name=self.args.shape)
+        gpu_bytes = _plan_gpu_bytes(self.args)
+        pc = memory.PlanConfig(r=self.args.lora_r, lora_dropout=self.args.lora_dropout, seq_len=seq,
+                               micro_batch=self.args.mb, checkpointing=ckpt, kernels="fused",
+                               embedding_on_host=self.plan.embedding_on_host,
+                               offload_activations=self.plan.offload_activations,
+                               tile_mlp=self.plan.tile_mlp)
+        pc = memory.long_context_choice(arch, pc, gpu_bytes, auto_offload, auto_tiles)
+        keep = self.plan.keep_attention
+        if self.auto_keep:
+            n = memory.attention_layers_that_fit(arch, pc, gpu_bytes)
+            keep = True if n == arch.num_layers else n or False
+        plan = replace(self.plan, offload_activations=pc.offload_activations,
+                       tile_mlp=pc.tile_mlp, keep_attention=keep)
+        applied = apply_speed(self.model, plan)
+        self.seed, self.stride = applied.dropout_seed, applied.dropout_stride
+        return {"planned_for_gib": round(gpu_bytes / 2**30, 2),
+                "planned_peak_alloc_gib": round(memory.plan(arch, replace(
+                    pc, keep_attention=keep)).allocated / 2**30, 3)}
 
     def reset(self, ckpt: bool, seq: int):
         """A fresh optimizer (and graphs, where the model's step can be captured: not Gemma's,
@@ -395,13 +428,17 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
         # variant leaving one out; applied before the graphs capture the step
         fast = (variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped")
                 and args.device == "cuda")
+        keep = args.keep_attention if variant != "qlora-nokeep" else False
         plan = SpeedPlan(fused_kernels=variant != "qlora-unfused", fast_base=fast,
                          grouped=fast and variant != "qlora-ungrouped",
-                         keep_attention=args.keep_attention if variant != "qlora-nokeep" else False,
+                         keep_attention=False if keep == "auto" else keep,
                          seeded_dropout=True, embedding_on_host=fast,
-                         cuda_graphs=variant != "qlora-eager")
+                         cuda_graphs=variant != "qlora-eager",
+                         offload_activations=args.offload_activations == "true",
+                         tile_mlp=_tile_mlp(args.tile_mlp) or False)
         applied = apply_speed(model, plan)
-        step = QloraStep(model, args, applied, graphs=plan.cuda_graphs)
+        step = QloraStep(model, args, applied, graphs=plan.cuda_graphs, plan=plan,
+                         auto_keep=keep == "auto")
         return model, [p for p in model.parameters() if p.requires_grad], step, False
     model.train()
 
@@ -428,6 +465,25 @@ def setup_system(system: str, model_dir: str, args):
 
 
 # ----------------------------------------------------------------------------- worker
+
+def _tile_mlp(text: str) -> bool | int | None:
+    """--tile-mlp: true / false / a number of tokens; None for auto."""
+    return {"true": True, "false": False, "auto": None}.get(text.lower(), None) \
+        if not text.isdigit() else int(text)
+
+
+def _plan_gpu_bytes(args) -> int:
+    """The GPU size qlora's auto choices plan for: --plan-gpu-memory, else the cap, else the
+    device's memory."""
+    import torch
+    from qlora.memory import parse_size
+
+    if args.plan_gpu_memory:
+        return parse_size(args.plan_gpu_memory, "--plan-gpu-memory")
+    if args.memory_cap_gib is not None:
+        return int(args.memory_cap_gib * 2**30)
+    return torch.cuda.get_device_properties(0).total_memory
+
 
 def configs_for(system: str, seqs: list[int], ckpt_off: bool) -> list[tuple[int, bool]]:
     out = []
@@ -487,6 +543,10 @@ def worker(args) -> int:
     import torch
 
     cuda = args.device == "cuda"
+    if cuda and args.memory_cap_gib is not None:
+        # before anything is allocated: every system runs under the same cap
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     shape = SHAPES[args.shape]
     base = dict(system=args.system, shape=args.shape, mb=args.mb)
     t0 = time.time()
@@ -502,7 +562,8 @@ def worker(args) -> int:
     for seq, ckpt in configs_for(args.system, args.seqs, args.qlora_ckpt_off):
         n_steps = args.long_steps if seq >= args.long_from else args.steps
         rec = dict(base, seq=seq, ckpt=ckpt, steps=n_steps, warmup=args.warmup, load_s=round(load_s, 1),
-                   alloc_after_load_gib=round(after_load, 3), trainable_params=n_trainable)
+                   alloc_after_load_gib=round(after_load, 3), trainable_params=n_trainable,
+                   memory_cap_gib=args.memory_cap_gib)
         opt = ours = None
         try:
             # Every config starts from the same adapter weights and a fresh optimizer.
@@ -512,6 +573,8 @@ def worker(args) -> int:
                     p.grad = None
             torch.manual_seed(args.seed)
             ours = loss_fn if isinstance(loss_fn, QloraStep) else None
+            if ours is not None:
+                rec.update(ours.replan(seq, ckpt))
             opt = ours.reset(ckpt, seq) if ours is not None else _optimizer(params, args)
             if ours is not None:
                 rec["step"] = "cuda-graphs" if ours.graphs is not None else "eager-flat"
@@ -519,6 +582,10 @@ def worker(args) -> int:
                     rec["no_graphs_reason"] = ours.no_graphs_reason
                 rec["keep_attention"] = getattr(model, "keep_attention", False) if ckpt else False
                 rec["path"] = "generic" if type(model).__name__ == "GenericLM" else "native"
+                if rec["path"] == "native":
+                    tiling = getattr(model.model.layers[0].mlp, "sequence_tiling", None)
+                    rec["offload_activations"] = model.layer_input_offload is not None and ckpt
+                    rec["tile_mlp"] = tiling.tokens if tiling is not None else False
             if args.system.startswith("hf"):
                 rec["attn_implementation"] = hf_attention(shape, args.hf_attn)
             data = batches(args.seed, seq, args.mb, n_steps, min(args.data_vocab, shape["vocab_size"]))
@@ -698,8 +765,20 @@ def parse_args(argv=None):
                     help="after the timed steps, profile two more for the GPU time per step "
                          "(gpu_busy_ms: kernel time, without the GPU's waits for the host)")
     ap.add_argument("--keep-attention", type=_keep_attention, default=True,
-                    help="layers whose attention qlora keeps for backward: all (default) or the "
-                         "last N (what qlora train picks where only N fit)")
+                    help="layers whose attention qlora keeps for backward: all (default), the "
+                         "last N (what qlora train picks where only N fit), or auto (as qlora "
+                         "train picks it for each sequence length, see --plan-gpu-memory)")
+    ap.add_argument("--offload-activations", default="false", choices=("auto", "true", "false"),
+                    help="qlora: the checkpointed layer inputs in pinned host memory; auto: as "
+                         "qlora train picks it for each sequence length")
+    ap.add_argument("--tile-mlp", default="false",
+                    help="qlora: the MLP in sequence tiles: true, false, N tokens per tile, or auto")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="every system's worker caps PyTorch's allocator at this many GiB "
+                         "(torch.cuda.set_per_process_memory_fraction): a smaller GPU's memory")
+    ap.add_argument("--plan-gpu-memory", default=None,
+                    help="the GPU size qlora's auto choices plan for, e.g. 24GB (default: the "
+                         "memory cap, else the device's memory)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/run")
     ap.add_argument("--model-root", default=None, help="where the random checkpoints go (default: a tmp dir)")
@@ -717,8 +796,8 @@ def parse_args(argv=None):
     return args
 
 
-def _keep_attention(text: str) -> bool | int:
-    return True if text == "all" else int(text)
+def _keep_attention(text: str) -> bool | int | str:
+    return True if text == "all" else text if text == "auto" else int(text)
 
 
 def _child_argv(args, **kw) -> list[str]:
@@ -730,6 +809,11 @@ def _child_argv(args, **kw) -> list[str]:
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
     argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
+    argv += ["--offload-activations", args.offload_activations, "--tile-mlp", args.tile_mlp]
+    if args.memory_cap_gib is not None:
+        argv += ["--memory-cap-gib", str(args.memory_cap_gib)]
+    if args.plan_gpu_memory:
+        argv += ["--plan-gpu-memory", args.plan_gpu_memory]
     for k, v in kw.items():
         if v is True:
             argv.append(f"--{k.replace('_', '-')}")

@@ -102,6 +102,24 @@ def test_harness_runs_two_systems_on_the_same_data(tmp_path):
     assert json.loads((out / "env.json").read_text())["packages"]["torch"]
 
 
+def test_harness_runs_qlora_with_offload_and_plans_auto_choices(tmp_path):
+    """The long-context configuration's options, on the CPU in one run (each run is three
+    processes): offload on, recorded with the step; MLP tiles and kept attention `auto`, planned
+    for a GPU size: the tiny model fits 1 GB with every layer's attention kept and no tiles."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--shapes", "tiny-llama", "--seqs", "32",
+           "--systems", "qlora", "--steps", "2", "--warmup", "1", "--no-qlora-ckpt-off",
+           "--no-gpu-busy", "--model-root", str(tmp_path / "models"), "--offload-activations", "true",
+           "--tile-mlp", "auto", "--keep-attention", "auto", "--plan-gpu-memory", "1GB",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
+    rec = json.loads((out / "results.jsonl").read_text())
+    assert "error" not in rec, rec.get("error")
+    assert (rec["offload_activations"], rec["tile_mlp"], rec["keep_attention"]) == (True, False, True)
+    assert rec["planned_for_gib"] == 1.0 and rec["planned_peak_alloc_gib"] > 0
+    assert len(rec["losses"]) == 2
+
+
 def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
     """benchmarks/report.py: × hf from tokens/s (host waits included), and from GPU time per step
     (gpu_busy_ms, host waits left out); a failed system keeps its row, with every column."""
