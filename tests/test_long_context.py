@@ -198,6 +198,23 @@ def test_tiles_and_offload_are_off_where_the_plan_leaves_them_off():
     assert calls and set(calls) == {TOKENS[1]}  # whole rows, never tiles
 
 
+def test_evaluation_runs_the_mlp_in_tiles_too():
+    """Without grad (evaluation at the training length) the tiles run one after the other, nothing
+    recorded: the same logits (the tolerance of assert_same_step's tiles)."""
+    model = tiny(layers=2)
+    ids = torch.randint(0, 100, TOKENS, generator=torch.Generator().manual_seed(2))
+    apply_speed(model, SpeedPlan(seeded_dropout=True))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids)
+        apply_speed(model, SpeedPlan(seeded_dropout=True, tile_mlp=TILE))
+        seen = []
+        model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+        got = model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert seen == [TILE] * 3
+
+
 # --- the memory plan ------------------------------------------------------------------------------
 LLAMA = spec_from_shape("llama-3-8b")
 LONG_RUN = PlanConfig(seq_len=65536, kernels="fused", embedding_on_host=True)
@@ -323,3 +340,25 @@ def test_lora_layers_get_their_salts_back_after_a_tile():
     with tile_outside_rerun(mlp, 2):
         assert [m.dropout_salt for m in mlp.modules() if isinstance(m, LoraLinear)] != salts
     assert [m.dropout_salt for m in mlp.modules() if isinstance(m, LoraLinear)] == salts
+
+
+def test_qlora_train_runs_with_offload_and_tiles_and_says_so(tmp_path, capsys):
+    """`qlora train` end to end on the CPU with both asked for: the loop applies them (the log
+    says so, with the tile size) and the run writes its adapter."""
+    import json
+
+    from qlora.cli import main
+    from qlora.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", "llama", hidden_size=64, intermediate_size=128)
+    rows = [{"instruction": "Repeat.", "input": w, "output": w} for w in ("alpha", "beta", "gamma")]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["train", "--model", str(model), "--data", str(tmp_path / "data.jsonl"),
+               "--output_dir", str(tmp_path / "run"), "--device", "cpu", "--quant", "none",
+               "--max_steps", "1", "--save_steps", "0", "--logging_steps", "1",
+               "--offload_activations", "true", "--tile_mlp", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "offload_activations: each checkpointed layer's input waits in pinned host memory" in out
+    assert "tile_mlp: the MLP runs in sequence tiles of 8 tokens" in out
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()

@@ -13,7 +13,8 @@ rerun's recompute of the MLP, which the tiled MLP does not keep from, so a step 
 about as often as without tiles (a checkpointed layer's rerun computes it once more where its
 output is read by what backward needs; SequenceTiling says when it can skip it).
 
-This is the reference's math: `run_mlp(mlp, x)` equals `mlp(x)` (bit for bit in fp32 where the
+Without grad (evaluation at the training length) the tiles run one after the other, recorded
+by nothing. This is the reference's math: `run_mlp(mlp, x)` equals `mlp(x)` (bit for bit in fp32 where the
 MLP's rows do not depend on the batch's shape). It is switched on from outside by setting
 `mlp.sequence_tiling` (speed.apply_speed does, from SpeedPlan.mlp_tile_tokens).
 """
@@ -60,10 +61,9 @@ class SequenceTiling:
 
 
 def tiles_apply(mlp: nn.Module, x: torch.Tensor) -> bool:
-    """Whether run_mlp tiles: tiling set, more tokens than a tile, and a graph to record."""
+    """Whether run_mlp tiles: tiling set and more tokens than a tile."""
     tiling = getattr(mlp, "sequence_tiling", None)
-    return (tiling is not None and torch.is_grad_enabled()
-            and x.numel() // x.shape[-1] > tiling.tokens)
+    return tiling is not None and x.numel() // x.shape[-1] > tiling.tokens
 
 
 def run_mlp(mlp: nn.Module, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
@@ -74,6 +74,8 @@ def run_mlp(mlp: nn.Module, x: torch.Tensor, skip: bool = False) -> torch.Tensor
     computed; the output is left uninitialised, never read."""
     if not tiles_apply(mlp, x):
         return mlp(x)
+    if not torch.is_grad_enabled():  # evaluation at the training length: tiles, nothing recorded
+        return _forward_tiles(mlp, x)[0]
     # the anchor makes the output require grad when only the adapters inside do (the first
     # layer's input does not): the tiles' backward must run for their gradients
     anchor = torch.empty(0, device=x.device, requires_grad=True)
@@ -102,19 +104,13 @@ def _rng_restored(states: tuple | None, x: torch.Tensor):
         yield
 
 
-class _TiledMLP(torch.autograd.Function):
-    """The MLP over its input's rows, one tile of `sequence_tiling.tokens` rows at a time: forward
-    keeps only the input; backward reruns each tile and back-propagates through it at once."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, mlp, skip):
-        tiling = mlp.sequence_tiling
-        rows = x.reshape(-1, x.shape[-1])
-        ctx.mlp, ctx.x_shape = mlp, x.shape
-        ctx.save_for_backward(x)
-        if skip:
-            return x.new_empty(x.shape)
-        out, rng = None, []
+def _forward_tiles(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The MLP over x's rows a tile at a time, nothing recorded: (output, each tile's RNG state
+    where the tiling keeps them)."""
+    tiling = mlp.sequence_tiling
+    rows = x.reshape(-1, x.shape[-1])
+    out, rng = None, []
+    with torch.no_grad():
         for index, (start, end) in enumerate(_tile_bounds(rows.shape[0], tiling.tokens)):
             rng.append(_rng_states(x) if tiling.preserve_rng else None)
             with tiling.context(mlp, index):
@@ -123,8 +119,21 @@ class _TiledMLP(torch.autograd.Function):
                 out = y.new_empty((rows.shape[0], y.shape[-1]))
             out[start:end] = y
             del y
-        ctx.rng = rng
-        return out.view(*x.shape[:-1], out.shape[-1])
+    return out.view(*x.shape[:-1], out.shape[-1]), rng
+
+
+class _TiledMLP(torch.autograd.Function):
+    """The MLP over its input's rows, one tile of `sequence_tiling.tokens` rows at a time: forward
+    keeps only the input; backward reruns each tile and back-propagates through it at once."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, mlp, skip):
+        ctx.mlp, ctx.x_shape = mlp, x.shape
+        ctx.save_for_backward(x)
+        if skip:
+            return x.new_empty(x.shape)
+        out, ctx.rng = _forward_tiles(mlp, x)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
