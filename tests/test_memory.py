@@ -342,8 +342,8 @@ def test_planner_counts_each_family_at_its_real_shape():
     assert any("phi3's attention is recomputed" in n for n in b.notes)
     assert b.activations == plan(phi4, PlanConfig(seq_len=2048, kernels="fused")).activations
     # fused kernels: its norms fused, its MLP's silu(gate) still kept (Phi3MLP stays torch)
-    assert "activation(gate)" in memory.layer_activation_terms(phi4, b.cfg)
-    assert "activation(gate)" not in memory.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
+    assert "MLP: activation(gate)" in memory.layer_activation_terms(phi4, b.cfg)
+    assert "MLP: activation(gate)" not in memory.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
 
 
 def test_predictions_within_10_percent_of_every_gpu_measurement():
