@@ -198,6 +198,23 @@ def test_tiles_and_offload_are_off_where_the_plan_leaves_them_off():
     assert calls and set(calls) == {TOKENS[1]}  # whole rows, never tiles
 
 
+def test_the_tiled_mlp_keeps_only_its_input_and_recomputes_one_tile_at_a_time():
+    """What a tiled MLP's forward saves for backward is its input (nothing [tokens, intermediate]
+    wide), and its backward makes tensors of one tile's rows, never the sequence's."""
+    model = tiny(layers=1, quant="none")
+    apply_speed(model, SpeedPlan(seeded_dropout=True, tile_mlp=TILE))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 3 * TILE, model.spec.hidden_size, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = run_mlp(mlp, x)
+    assert saved == [x.shape]
+    rows_made = []
+    mlp.register_forward_hook(lambda m, a, o: rows_made.append(a[0].shape[1]))
+    out.sum().backward()
+    assert rows_made == [TILE] * 3 and x.grad.shape == x.shape
+
+
 def test_evaluation_runs_the_mlp_in_tiles_too():
     """Without grad (evaluation at the training length) the tiles run one after the other, nothing
     recorded: the same logits (the tolerance of assert_same_step's tiles)."""
