@@ -69,6 +69,8 @@ class LayerInputOffload:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             yield
+        if last:  # the forward's inputs are its checkpoints' now; none is held here past it
+            self.latest = None
 
     def _keep(self, t: torch.Tensor) -> _SavedInput:
         self._finish_copy_out()
