@@ -19,6 +19,10 @@ import triton.language as tl
 
 @triton.jit
 def pick(i: tl.constexpr, first, second, third):
+    """The i-th of three values, which must be of one type: the compiler (not the interpreter)
+    types every return, even those `i` rules out, and refuses two types. So the kernels pick
+    seed + salt, int64 whatever each salt was launched as (int32, int64 from 2^31, or the
+    constant 1), never the bare salts (tests/test_triton_builds.py)."""
     if i == 0:
         return first
     elif i == 1:
@@ -62,8 +66,8 @@ def lora_dropout_down(x_ptr, a0, a1, a2, out_ptr, seed_ptr, salt0, salt1, salt2,
         j, q0 = tile // (256 // QW), (tile % (256 // QW)) * QW
         counters = (rows * per_row + j)[:, None] * 256 + q0 + t[None, :]
         for i in tl.static_range(N):
-            l0, l1, l2, l3 = tl.randint4x(pick(i, seed + salt0, seed + salt1, seed + salt2), counters,
-                                          n_rounds=ROUNDS)
+            l0, l1, l2, l3 = tl.randint4x(pick(i, seed + salt0, seed + salt1, seed + salt2),
+                                          counters, n_rounds=ROUNDS)
             a_ptr = pick(i, a0, a1, a2)
             for slot in tl.static_range(8):
                 cols = j * 2048 + slot * 256 + q0 + t
@@ -128,10 +132,8 @@ def lora_dropout_up_grad(gh_ptr, a0, a1, a2, dx_ptr, seed_ptr, salt0, salt1, sal
         a = tl.load(pick(i, a0, a1, a2) + rank[:, None] * width + cols[None, :],
                     mask=(rank < r)[:, None] & col_ok[None, :], other=0.0)
         part = tl.dot(gh, a.to(gh.dtype))
-        # each adapter's key added before picking it: the salts may be of mixed widths (an MLP
-        # tile's salt passes 2^31, its neighbours' do not) and `pick` needs one type
-        bits = keep_bits(pick(i, seed + salt0, seed + salt1, seed + salt2), rows * per_row + j, q0,
-                         QW, ROUNDS)
+        key = pick(i, seed + salt0, seed + salt1, seed + salt2)
+        bits = keep_bits(key, rows * per_row + j, q0, QW, ROUNDS)
         total += tl.where(bits >= threshold, part * pick(i, scale0, scale1, scale2), 0.0)
     tl.store(dx_ptr + rows[:, None] * width + cols[None, :],
              total.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
