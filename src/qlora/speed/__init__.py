@@ -39,7 +39,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     it stays where it is)."""
     from qlora.adapters import LoraLinear, seed_dropout
     from qlora.models.decoder import DecoderLM, compute_device
-    from qlora.speed.fast_decoder import FORKS, FastAttention, FastDecoderLM, FastMLP, FastRMSNorm
+    from qlora.speed.fast_decoder import (FORKS, FastAttention, FastDecoderLM, FastGemmaLM, FastMLP,
+                                          FastRMSNorm)
 
     if plan.generic or not isinstance(model, DecoderLM):
         raise QloraError(f"apply_speed takes the reference decoder (models.DecoderLM), not "
@@ -52,6 +53,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
             module.fused = plan.fused_kernels
     assert isinstance(model, FastDecoderLM)
     model.keep_attention = plan.keep_attention
+    if isinstance(model, FastGemmaLM):
+        model.flex_attention = plan.fused_kernels
     seed, stride = None, 0
     if plan.seeded_dropout:
         seed = torch.zeros((), dtype=torch.int64, device=compute_device(model))

@@ -33,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora.adapters import grouped_forward
 from qlora.kernels import fused
+from qlora.kernels.capped_attention import (FlexMask, flex_available, flex_capped_attention,
+                                            flex_layer_masks)
 from qlora.kernels.cross_entropy import linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
 from qlora.kernels.embedding import gather_rows
@@ -188,7 +190,19 @@ class FastDecoderLM(DecoderLM):
 
 class FastGemmaAttention(FastAttention, GemmaAttention):
     """FastAttention's path (grouped q/k/v, Triton RoPE, kept attention) around Gemma's scores:
-    FastAttention's attend and rope lead to GemmaAttention's sdpa."""
+    FastAttention's attend and rope lead to this sdpa. Gemma 2's capped scores go through
+    flex_attention where the layer's mask is a FlexMask (FastGemmaLM.layer_masks), the reference's
+    dense scores elsewhere; those are never kept for the rerun (a [heads, T, T] graph a layer)."""
+
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        if self.softcap is not None and not isinstance(mask, FlexMask):
+            kept = None  # both runs compute attention, as without keep_attention
+        return super().forward(x, cos, sin, mask, cache, kept)
+
+    def sdpa(self, q, k, v, mask):
+        if isinstance(mask, FlexMask):
+            return flex_capped_attention(q, k, v, mask, self.scale, self.softcap)
+        return super().sdpa(q, k, v, mask)
 
 
 class FastGemmaMLP(GemmaMLP):
@@ -218,6 +232,15 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
     """Gemma's LM over FastDecoderLM: its run_layers (CheckpointedLayer) and its embedding
     gather (GemmaLM.embed scales what FastDecoderLM.embed gathers). The fused cross-entropy has no
     soft-cap: a model with final_logit_softcapping keeps the reference's chunked loss."""
+    # Gemma 2's capped attention through flex_attention (kernels/capped_attention.py) where it
+    # runs: set by apply_speed from fused_kernels
+    flex_attention = False
+
+    def layer_masks(self, layout, past: int, device, varlen=None) -> list:
+        if (self.flex_attention and self.attn_softcap is not None and past == 0
+                and varlen is None and flex_available(torch.device(device))):
+            return flex_layer_masks(self.spec.layer_windows, layout, device)
+        return super().layer_masks(layout, past, device, varlen)
 
     def loss_sum(self, hidden, labels):
         if self.final_softcap is not None:
