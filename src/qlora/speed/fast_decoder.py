@@ -16,8 +16,9 @@ SpeedPlan; nothing else sets them.
   same fast paths where Gemma's math is the reference's (grouped projections, RoPE, kept
   attention, checkpointing, host embedding), Gemma's own math where it is not (scores, GeGLU,
   norms, soft-capped loss); models/families/gemma.py says what each gets.
-- Phi-3's forks (FastPhi3DecoderLayer, FastPhi3LM): only the layer- and LM-level paths; its
-  attention and MLP stay the reference (models/families/phi3_blocks.py says why).
+- Phi-3's forks (FastPhi3Attention, FastPhi3DecoderLayer, FastPhi3LM): its one qkv_proj through
+  the fast base, RoPE by the Triton kernel where the rotary is full, attention kept for the
+  rerun; its MLP stays the reference (models/families/phi3_blocks.py says why).
 
 A block is forked only by its own class's entry in FORKS: a family's subclass of a reference
 block has math of its own, and a fork of the reference's would replace it (speed._forked_class).
@@ -43,7 +44,7 @@ from qlora.models.attention import Attention
 from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
                                          geglu)
-from qlora.models.families.phi3_blocks import Phi3DecoderLayer, Phi3LM
+from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, Phi3LM
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
@@ -248,13 +249,46 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
         return FastDecoderLM.loss_sum(self, hidden, labels)
 
 
-class FastPhi3DecoderLayer(Phi3DecoderLayer):
-    """Phi-3's layer as a checkpointed run calls it. Its attention (Phi3Attention, reference:
-    partial rotary, no Triton RoPE) keeps nothing for the rerun, so `kept` stays unused and the
-    rerun recomputes attention."""
+class FastPhi3Attention(FastAttention, Phi3Attention):
+    """Phi-3's attention on FastAttention's path: its one qkv_proj through the 4-bit fast base
+    (a group of one, so a checkpoint's rerun can skip its base GEMM when attention is kept),
+    RoPE by the Triton kernel where it rotates whole heads (full rotary: Phi-3, Phi-3.5, Phi-4;
+    LongRoPE only changes the cos/sin tables it reads), Phi3Attention's partial rotary in torch
+    else, and the attention kept for the rerun."""
+    group_members = ("qkv_proj",)
 
     def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
-        return super().forward(x, cos, sin, mask, cache)
+        B, T, _ = x.shape
+        rerun = kept is not None and kept.first_run_done
+        if self.grouped:
+            (qkv,) = grouped_forward(x, (self.qkv_proj,), base=not rerun)
+        else:
+            qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if kept is None:
+            y = self.attend(q, k, v, cos, sin, mask, cache)
+        else:
+            y = AttentionKeptForRerun.apply(q, k, v, kept,
+                                            functools.partial(self.attend, cos=cos, sin=sin, mask=mask))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, cos, sin, mask, cache=None):
+        # v is a column view of qkv_proj's output: attention would keep all of it through v
+        return Attention.attend(self, q, k, v.contiguous(), cos, sin, mask, cache)
+
+    def rope(self, x, cos, sin):
+        if self.fused and use_triton(x) and self.rotary_dim == self.head_dim:
+            return fused.rope(x, cos, sin)
+        return Phi3Attention.rope(self, x, cos, sin)
+
+
+class FastPhi3DecoderLayer(FastDecoderLayer, Phi3DecoderLayer):
+    """Phi-3's layer (the reference layer's forward around its own blocks), passing a
+    checkpointed run's KeptAttention to its attention as FastDecoderLayer does."""
 
 
 class FastPhi3LM(Phi3LM, FastDecoderLM):
@@ -262,10 +296,11 @@ class FastPhi3LM(Phi3LM, FastDecoderLM):
     gathered from host memory, the fused cross-entropy (its logits are the reference's)."""
 
 
-# each reference block and its fork: apply_speed swaps exactly these types (Phi3Attention and
-# Phi3MLP are not named: they stay the reference, models/families/phi3_blocks.py says why)
+# each reference block and its fork: apply_speed swaps exactly these types (Phi3MLP is not
+# named: it stays the reference, models/families/phi3_blocks.py says why)
 FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
          DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM,
          GemmaAttention: FastGemmaAttention, GemmaMLP: FastGemmaMLP,
          GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM,
-         Phi3DecoderLayer: FastPhi3DecoderLayer, Phi3LM: FastPhi3LM}
+         Phi3Attention: FastPhi3Attention, Phi3DecoderLayer: FastPhi3DecoderLayer,
+         Phi3LM: FastPhi3LM}
