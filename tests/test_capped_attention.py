@@ -77,3 +77,29 @@ def test_fast_gemma2_runs_its_attention_through_flex_with_the_reference_logits(m
         got = model(ids, position_ids=positions)
     # the fp32 bound above; the 4-bit base is the same dequantized weight on both paths
     assert rel_err(want, got) <= 1e-5
+
+
+def test_graph_offsets_give_the_masks_position_ids_give():
+    """A CUDA graph hands over its rows' documents as flash varlen offsets (padded with empty
+    documents, train/graphs.stage_batch): the flex masks read from them are those read from
+    the position ids, so the attention is too."""
+    from qlora.models.attention import Varlen
+    from qlora.train.graphs import stage_batch
+
+    positions = PACKED.repeat(2, 1)
+    ids = torch.zeros_like(positions)
+    staged = stage_batch(ids, positions, ids, pad_to=8, pinned=False)
+    assert staged.cu_seqlens.numel() > 7  # padded to a power of two: empty documents at the end
+    docs = flex.document_numbers(staged.cu_seqlens, 2, 40)
+    want = (positions == 0).cumsum(-1)
+    # the same partition of the flattened rows (numbered on from row to row)
+    assert torch.equal(docs[:, 1:] != docs[:, :-1], want[:, 1:] != want[:, :-1])
+    assert docs[1, 0] != docs[0, -1]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g) * 2 for _ in range(3))
+    for window in (None, 6):
+        (by_offsets,) = flex.flex_layer_masks((window,), positions, torch.device("cpu"),
+                                              Varlen(staged.cu_seqlens, 40))
+        (by_positions,) = flex.flex_layer_masks((window,), positions, torch.device("cpu"))
+        same = [flex.flex_capped_attention(q, k, v, m, 0.2, 5.0) for m in (by_offsets, by_positions)]
+        torch.testing.assert_close(*same, rtol=0, atol=0)  # the same mask, the same arithmetic

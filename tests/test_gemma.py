@@ -299,8 +299,9 @@ def step(model, ids, plan: SpeedPlan | None = None):
 @pytest.mark.parametrize("final_cap", [5.0, None])
 def test_fast_path_gives_the_reference_step(family, final_cap, monkeypatch):
     """Gemma's forks (grouped q/k/v and gate/up, attention kept for the rerun, checkpointed
-    layers) give the reference GemmaLM's loss and adapter gradients; the fused cross-entropy
-    runs only where there is no final soft-cap to apply."""
+    layers, the fused cross-entropy with the final soft-cap inside) give the reference GemmaLM's
+    loss and adapter gradients. On the CPU Gemma 2's capped scores run dense in torch, so its
+    attention is not kept (dense capped scores never are): the rerun recomputes it."""
     from qlora.models.families import gemma as gemma_blocks
 
     model = random_gemma(family, 0.0, final_logit_softcapping=final_cap)
@@ -320,7 +321,8 @@ def test_fast_path_gives_the_reference_step(family, final_cap, monkeypatch):
     fast = step(model, ids, SpeedPlan(fast_base=True, grouped=True, keep_attention=True,
                                       seeded_dropout=True))
     assert type(model).__name__ == "FastGemmaLM" and grouped_modules(model) == 4
-    assert calls == {"loss": 0 if final_cap else 1, "attention": 2}  # the rerun kept attention
+    kept = family != "gemma2"  # gemma2 here: capped scores in torch (no flex on the CPU)
+    assert calls == {"loss": 1, "attention": 2 if kept else 4}
     assert_same_step(reference, fast)
 
 
@@ -358,14 +360,30 @@ def test_a_subclass_that_forks_do_not_name_stays_as_it_is():
     assert issubclass(_forked_class(fsdp_like, fast_decoder.FORKS), fast_decoder.FastRMSNorm)
 
 
-def test_cuda_graphs_refuse_gemma():
+def test_cuda_graphs_take_gemma3_and_gemma2_through_flex(monkeypatch):
+    """Gemma 3's attention is flash varlen attention's (with its scale): the graph step takes it,
+    each layer given the graph's offsets with its window. Gemma 2's capped scores need
+    flex_attention: the graph step takes the fork with fused_kernels, and refuses the rest."""
+    from qlora.models import attention
     from qlora.train.graphs import unsupported_reason
 
-    model = random_gemma("gemma3_text", 0.0)
-    apply_speed(model, SpeedPlan(seeded_dropout=True))
-    assert "Gemma" in unsupported_reason(model, torch.device("cuda"), 64)
-    with pytest.raises(QloraError, match="varlen"):
-        model(torch.zeros(1, 4, dtype=torch.long), varlen=object())
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention, "varlen_takes_window", lambda: True)
+    gemma3 = random_gemma("gemma3_text", 0.0)
+    apply_speed(gemma3, SpeedPlan(seeded_dropout=True))
+    assert unsupported_reason(gemma3, cuda, 64) is None or "varlen" in unsupported_reason(
+        gemma3, cuda, 64)  # this machine's torch may lack varlen attention (CPU builds)
+    offsets = attention.Varlen(torch.tensor([0, 10, 24], dtype=torch.int32), 24)
+    masks = gemma3.layer_masks(torch.zeros(1, 24, dtype=torch.long), 0, "cpu", offsets)
+    assert [m.window for m in masks] == [8, None]  # GEMMA_TINY: sliding, then full
+
+    gemma2 = random_gemma("gemma2", 0.0)
+    apply_speed(gemma2, SpeedPlan(seeded_dropout=True))
+    assert "soft-capped" in gemma2.cuda_graphs_refused
+    with pytest.raises(QloraError, match="flex_attention"):
+        gemma2(torch.zeros(1, 4, dtype=torch.long), varlen=offsets)
+    apply_speed(gemma2, SpeedPlan(fused_kernels=True, seeded_dropout=True))
+    assert gemma2.cuda_graphs_refused is None
 
 
 # --- config.json -------------------------------------------------------------------------------

@@ -82,13 +82,19 @@ def _causal_mask(length: int, window: int | None, device: torch.device) -> FlexM
     return FlexMask(_block_mask(document_mask_mod(window, None), None, length, device))
 
 
-def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.device) -> list:
+def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.device,
+                     varlen=None) -> list:
     """Each layer's FlexMask for rows laid out by `position_ids` [B, T] (no KV cache): one per
-    distinct window in effect, shared by its layers (as attention.layer_masks shares its masks)."""
+    distinct window in effect, shared by its layers (as attention.layer_masks shares its masks).
+    `varlen`: the documents given as offsets on the device instead (a CUDA graph's Varlen
+    buffers, attention.Varlen): read there, with no wait for the GPU."""
     B, T = position_ids.shape
     windows = [window_in_effect(w, T) for w in layer_windows]
-    packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
-    docs = (position_ids.to(device) == 0).cumsum(-1) if packed else None
+    if varlen is not None:
+        docs = document_numbers(varlen.cu_seqlens, B, T)
+    else:
+        packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
+        docs = (position_ids.to(device) == 0).cumsum(-1) if packed else None
     masks = {}
     for window in dict.fromkeys(windows):
         if docs is None:
@@ -97,6 +103,13 @@ def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.de
             masks[window] = FlexMask(_block_mask(document_mask_mod(window, docs), B, T,
                                                  torch.device(device)))
     return [masks[w] for w in windows]
+
+
+def document_numbers(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[batch, length]: each token's document, from the flattened rows' document offsets
+    (flash varlen's cu_seqlens; empty documents, offsets repeated, take no token)."""
+    tokens = torch.arange(batch * length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, tokens, right=True).view(batch, length)
 
 
 @functools.cache

@@ -146,6 +146,9 @@ class FastDecoderLM(DecoderLM):
     # with checkpointing: attention kept from a layer's forward to its backward
     # (AttentionKeptForRerun), True in every layer or N in the last N
     keep_attention: bool | int = False
+    # the output logits' soft-cap (Gemma's final_logit_softcapping, set by GemmaLM): the fused
+    # cross-entropy applies it
+    final_softcap: float | None = None
 
     def embed(self, input_ids):
         return gather_rows(self.model.embed_tokens.weight, input_ids)  # the table may be on host
@@ -173,14 +176,16 @@ class FastDecoderLM(DecoderLM):
         if self.lm_head.weight.requires_grad:
             return super().loss_sum(hidden, labels)
         h, t = self.labelled(hidden, labels)
-        return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens)
+        return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens,
+                                        self.final_softcap)
 
     def _loss_sum_all_positions(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes fixed by the input alone (inside a CUDA graph capture, where
         the label positions cannot be read): every position is computed, unlabelled ones add 0."""
         h = hidden.reshape(-1, hidden.shape[-1])
         if not self.lm_head.weight.requires_grad:
-            return linear_cross_entropy_sum(h, self.lm_head.weight, targets, self.loss_chunk_tokens)
+            return linear_cross_entropy_sum(h, self.lm_head.weight, targets, self.loss_chunk_tokens,
+                                            self.final_softcap)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
@@ -230,23 +235,23 @@ class FastGemmaDecoderLayer(GemmaDecoderLayer):
 
 
 class FastGemmaLM(GemmaLM, FastDecoderLM):
-    """Gemma's LM over FastDecoderLM: its run_layers (CheckpointedLayer) and its embedding
-    gather (GemmaLM.embed scales what FastDecoderLM.embed gathers). The fused cross-entropy has no
-    soft-cap: a model with final_logit_softcapping keeps the reference's chunked loss."""
+    """Gemma's LM over FastDecoderLM: its run_layers (CheckpointedLayer), its embedding gather
+    (GemmaLM.embed scales what FastDecoderLM.embed gathers) and its loss (the fused
+    cross-entropy with the final soft-cap inside, or GemmaLM.chunk_loss for a trainable head),
+    inside a CUDA graph's capture too; Gemma 2's capped attention through flex_attention."""
     # Gemma 2's capped attention through flex_attention (kernels/capped_attention.py) where it
     # runs: set by apply_speed from fused_kernels
     flex_attention = False
 
     def layer_masks(self, layout, past: int, device, varlen=None) -> list:
         if (self.flex_attention and self.attn_softcap is not None and past == 0
-                and varlen is None and flex_available(torch.device(device))):
-            return flex_layer_masks(self.spec.layer_windows, layout, device)
+                and flex_available(torch.device(device))):
+            return flex_layer_masks(self.spec.layer_windows, layout, device, varlen)
         return super().layer_masks(layout, past, device, varlen)
 
-    def loss_sum(self, hidden, labels):
-        if self.final_softcap is not None:
-            return DecoderLM.loss_sum(self, hidden, labels)  # through GemmaLM.chunk_loss
-        return FastDecoderLM.loss_sum(self, hidden, labels)
+    @property
+    def cuda_graphs_refused(self) -> str | None:
+        return None if self.flex_attention else GemmaLM.cuda_graphs_refused.fget(self)
 
 
 class FastPhi3Attention(FastAttention, Phi3Attention):
