@@ -356,8 +356,9 @@ def test_planner_counts_each_family_at_its_real_shape():
     assert kept == 40 * 2048 * (2 * (5120 + 2 * 1280 + 5120) + 4 * 40)
     # the fork copies v out of qkv_proj's output: attention keeps q, k, v, not the whole output
     assert "q, k, v (after RoPE)" in memory.layer_activation_terms(phi4, b.cfg)
-    # fused kernels: its norms fused, its MLP's silu(gate) still kept (Phi3MLP stays torch)
-    assert "activation(gate)" in memory.layer_activation_terms(phi4, b.cfg)
+    # fused kernels: its norms fused, and its SwiGLU (FastPhi3MLP) keeps no silu(gate)
+    assert "activation(gate)" not in memory.layer_activation_terms(phi4, b.cfg)
+    assert "activation(gate)" in memory.layer_activation_terms(phi4, replace(b.cfg, kernels="eager"))
     assert "activation(gate)" not in memory.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
 
 

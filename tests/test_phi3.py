@@ -244,7 +244,7 @@ def test_apply_speed_gives_the_reference_loss_and_adapter_gradients(phi3_models,
             assert type(model.model.norm) is FastRMSNorm
             assert type(model.model.layers[0].self_attn) is FastPhi3Attention
             assert model.model.layers[0].self_attn.grouped  # qkv_proj: a group of one
-            assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"  # the reference's
+            assert type(model.model.layers[0].mlp).__name__ == "FastPhi3MLP"
         ids = token_batch(5, length=40)
         loss = model(ids, labels=ids)
         loss.backward()
@@ -376,17 +376,17 @@ from qlora.adapters import AdapterConfig, attach_adapters
 from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed
 
-calls = {"rope": 0}
-rope = fused.rope
-def counted(*args):
-    calls["rope"] += 1
-    return rope(*args)
-fused.rope = counted
+calls = {"rope": 0, "swiglu_packed": 0}
+for name in calls:
+    def counted(*args, _name=name, _fn=getattr(fused, name)):
+        calls[_name] += 1
+        return _fn(*args)
+    setattr(fused, name, counted)
 
 out = {}
 for name, extra in (("full", {}), ("partial", {"partial_rotary_factor": 0.5})):
     torch.manual_seed(0)
-    cfg = dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
                max_position_embeddings=128, **extra)
     model = random_model(spec_from_config(cfg), QuantConfig(method="none",
@@ -398,19 +398,20 @@ for name, extra in (("full", {}), ("partial", {"partial_rotary_factor": 0.5})):
                 p.normal_(0, 0.05)
     model.train()
     model.gradient_checkpointing = True
-    ids = torch.randint(0, 97, (2, 24))
+    ids = torch.randint(0, 97, (1, 16))  # small: the interpreter runs every program in Python
     runs = []
     for on in (False, True):
         apply_speed(model, SpeedPlan(fused_kernels=on, keep_attention=True, seeded_dropout=True))
         model.zero_grad()
-        before = calls["rope"]
+        before = dict(calls)
         loss = model(ids, labels=ids)
         loss.backward()
-        runs.append(dict(loss=float(loss), rope=calls["rope"] - before,
+        runs.append(dict(loss=float(loss), rope=calls["rope"] - before["rope"],
+                         swiglu=calls["swiglu_packed"] - before["swiglu_packed"],
                          grads=[p.grad.clone() for p in model.parameters() if p.requires_grad]))
     off, on = runs
     out[name] = dict(loss_off=off["loss"], loss_on=on["loss"], rope_off=off["rope"],
-                     rope_on=on["rope"],
+                     rope_on=on["rope"], swiglu_off=off["swiglu"], swiglu_on=on["swiglu"],
                      grad_rel=max(float((a - b).abs().max() / b.abs().max())
                                   for a, b in zip(on["grads"], off["grads"])))
 print(json.dumps(out))
@@ -419,16 +420,19 @@ print(json.dumps(out))
 
 def test_fused_rope_runs_where_the_rotary_is_full():
     """Under Triton's interpreter: Phi-3's RoPE goes through the Triton kernel where it rotates
-    whole heads (Phi-3, Phi-4) and stays torch for a partial rotary; either way the step (loss and
-    adapter gradients, attention kept for the rerun) is the one with the kernels off. fp32: the
-    kernel rounds each product to x's dtype as the reference does, so only the fused RMSNorm's
-    summation order differs, ~1e-7; 1e-5 of the largest entry leaves room for it."""
+    whole heads (Phi-3, Phi-4) and stays torch for a partial rotary, its SwiGLU through the packed
+    kernel over gate_up_proj's output in both; either way the step (loss and adapter gradients,
+    attention kept for the rerun) is the one with the kernels off. fp32: the kernels round each
+    product to x's dtype as the reference does, so only the fused RMSNorm's summation order
+    differs, ~1e-7; 1e-5 of the largest entry leaves room for it."""
     from test_dequant_kernel import interpreted
 
     out = interpreted(FUSED_ROPE_CHECK)
-    # 2 layers x (q, k), forward only: the kept attention's rerun rotates nothing
-    assert out["full"]["rope_on"] == 2 * 2 and out["full"]["rope_off"] == 0, out
+    # q and k, forward only: the kept attention's rerun rotates nothing
+    assert out["full"]["rope_on"] == 2 and out["full"]["rope_off"] == 0, out
     assert out["partial"]["rope_on"] == 0, out
+    # the MLP run twice (the checkpoint's rerun), in both rotaries
+    assert all(r["swiglu_on"] == 2 and r["swiglu_off"] == 0 for r in out.values()), out
     for r in out.values():
         assert abs(r["loss_on"] - r["loss_off"]) <= 1e-5 * abs(r["loss_off"]), r
         assert r["grad_rel"] <= 1e-5, r

@@ -277,15 +277,16 @@ CALIBRATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # --- what each family's step computes in torch whatever the kernels (speed/fast_decoder.py) ------
 def torch_norms(arch: ArchSpec, cfg: PlanConfig) -> bool:
-    """Whether the norms run as torch ops (keeping an fp32 copy of their input): eager kernels, or
-    Gemma's (1 + w) RMSNorm, which has no fused kernel (GemmaRMSNorm stays torch)."""
-    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES
+    """Whether the norms run as torch ops (keeping an fp32 copy of their input): eager kernels
+    (fused: the Triton RMSNorm, Gemma's (1 + w) form too, speed/fast_decoder.FastGemmaRMSNorm)."""
+    return cfg.kernels == "eager"
 
 
 def torch_activation(arch: ArchSpec, cfg: PlanConfig) -> bool:
     """Whether the MLP's activation runs in torch (its output kept for the product's backward):
-    eager kernels, or Gemma's GeGLU and Phi-3's MLP, which the fused SwiGLU does not serve."""
-    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES + ("phi3",)
+    eager kernels, or Gemma's GeGLU, which the fused SwiGLU does not serve (Phi-3's gate_up_proj
+    output is what the packed SwiGLU kernel reads: speed/fast_decoder.FastPhi3MLP)."""
+    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES
 
 
 def attention_softcap(arch: ArchSpec) -> float | None:
@@ -509,9 +510,10 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
     if cfg.dora and cfg.lora_dropout > 0:
         t["DoRA: dequantized weights kept by the dropped-input matmul"] = sum(
             _alloc(2 * n_in * n_out, rnd) for name, n_in, n_out in arch.linears() if name in targets)
-    if arch.model_type in GEMMA_TYPES:
+    if arch.model_type in GEMMA_TYPES and torch_norms(arch, cfg):
         # GemmaRMSNorm's scale, (1 + w) in fp32, made each forward and kept by the product for
-        # the input's gradient: the block's four norms and Gemma 3's q/k norms
+        # the input's gradient: the block's four norms and Gemma 3's q/k norms (the fused
+        # kernel adds the 1 in registers)
         sizes = arch.norm_sizes()[: len(arch.norm_sizes()) // arch.num_layers]
         t["Gemma norm scales (1 + w, fp32)"] = sum(_alloc(4 * n, rnd) for n in sizes)
     return t

@@ -12,13 +12,14 @@ SpeedPlan; nothing else sets them.
 - FastDecoderLM: the input embedding gathered from host memory (kernels/embedding.py), layers
   checkpointed through CheckpointedLayer, and the loss through kernels/cross_entropy.py (its
   gradient made in forward; every position computed inside a CUDA graph's capture).
-- Gemma's forks (FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer, FastGemmaLM): the
-  same fast paths where Gemma's math is the reference's (grouped projections, RoPE, kept
-  attention, checkpointing, host embedding), Gemma's own math where it is not (scores, GeGLU,
-  norms, soft-capped loss); models/families/gemma.py says what each gets.
-- Phi-3's forks (FastPhi3Attention, FastPhi3DecoderLayer, FastPhi3LM): its one qkv_proj through
-  the fast base, RoPE by the Triton kernel where the rotary is full, attention kept for the
-  rerun; its MLP stays the reference (models/families/phi3_blocks.py says why).
+- Gemma's forks (FastGemmaRMSNorm, FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer,
+  FastGemmaLM): the same fast paths where Gemma's math is the reference's (grouped projections,
+  RoPE, kept attention, checkpointing, host embedding), Gemma's own math where it is not (its
+  (1 + w) norm kernel, flex_attention for the capped scores, GeGLU, the capped loss);
+  models/families/gemma.py says what each gets.
+- Phi-3's forks (FastPhi3Attention, FastPhi3MLP, FastPhi3DecoderLayer, FastPhi3LM): its one
+  qkv_proj through the fast base, RoPE by the Triton kernel where the rotary is full, attention
+  kept for the rerun; SwiGLU by the Triton kernel reading gate_up_proj's output in place.
 
 A block is forked only by its own class's entry in FORKS: a family's subclass of a reference
 block has math of its own, and a fork of the reference's would replace it (speed._forked_class).
@@ -43,8 +44,8 @@ from qlora.kernels.lora import drop_kept_products
 from qlora.models.attention import Attention
 from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
-                                         geglu)
-from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, Phi3LM
+                                         GemmaRMSNorm, geglu)
+from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, Phi3LM, Phi3MLP
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
@@ -211,6 +212,17 @@ class FastGemmaAttention(FastAttention, GemmaAttention):
         return super().sdpa(q, k, v, mask)
 
 
+class FastGemmaRMSNorm(GemmaRMSNorm):
+    """Gemma's (1 + w) RMSNorm in one Triton kernel (kernels/fused.gemma_rms_norm: fp32 inside,
+    rounded once, as the reference), its q/k norms (Gemma 3) included."""
+    fused = False  # Triton kernel where it runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and use_triton(x):
+            return fused.gemma_rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
 class FastGemmaMLP(GemmaMLP):
     """gate and up as one grouped GEMM; GeGLU in torch (the fused kernel computes SwiGLU)."""
     grouped = False
@@ -291,6 +303,18 @@ class FastPhi3Attention(FastAttention, Phi3Attention):
         return Phi3Attention.rope(self, x, cos, sin)
 
 
+class FastPhi3MLP(Phi3MLP):
+    """Phi-3's MLP with SwiGLU by the Triton kernel, reading gate_up_proj's one [.., 2·I] output
+    in place (gate, then up: the layout FastMLP's packed group makes) and returning its gradient
+    whole; silu(gate) is not kept for backward (the kernel recomputes it)."""
+    fused = False  # SwiGLU by a Triton kernel
+
+    def forward(self, x):
+        if self.fused and use_triton(x):
+            return self.down_proj(fused.swiglu_packed(self.gate_up_proj(x)))
+        return super().forward(x)
+
+
 class FastPhi3DecoderLayer(FastDecoderLayer, Phi3DecoderLayer):
     """Phi-3's layer (the reference layer's forward around its own blocks), passing a
     checkpointed run's KeptAttention to its attention as FastDecoderLayer does."""
@@ -301,11 +325,12 @@ class FastPhi3LM(Phi3LM, FastDecoderLM):
     gathered from host memory, the fused cross-entropy (its logits are the reference's)."""
 
 
-# each reference block and its fork: apply_speed swaps exactly these types (Phi3MLP is not
-# named: it stays the reference, models/families/phi3_blocks.py says why)
+# each reference block and its fork: apply_speed swaps exactly these types
 FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
          DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM,
          GemmaAttention: FastGemmaAttention, GemmaMLP: FastGemmaMLP,
+         GemmaRMSNorm: FastGemmaRMSNorm,
          GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM,
-         Phi3Attention: FastPhi3Attention, Phi3DecoderLayer: FastPhi3DecoderLayer,
+         Phi3Attention: FastPhi3Attention, Phi3MLP: FastPhi3MLP,
+         Phi3DecoderLayer: FastPhi3DecoderLayer,
          Phi3LM: FastPhi3LM}
