@@ -33,6 +33,12 @@ Checks, each against the real other tool on CUDA:
      (speed/offload.py, models/tiling.py) vs the plain step, eagerly and inside the CUDA-graph
      step, and at Llama-3-8B's width (4 layers, 16384 tokens): the same loss and gradients, a
      lower peak, and the planner's predicted peaks beside the measured ones.
+ 15. Gemma 2's capped attention through flex_attention (kernels/capped_attention.py) vs the dense
+     reference at Gemma-2-9B's heads (output and q/k/v gradients, bf16, packed rows and a window),
+     both timed with their peak memory; the soft-capped fused cross-entropy at Gemma's vocabulary;
+     the CUDA-graph step of Gemma 2 (flex) and Gemma 3 (varlen) vs their eager steps;
+ 16. Phi-3's fork (FastPhi3Attention: Triton RoPE where the rotary is full, kept attention) vs
+     the reference step, full and partial rotary, and its CUDA-graph step.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -116,7 +122,9 @@ def main() -> int:
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
-              check_windows, check_gemma, check_preference, check_long_context]
+              check_windows, check_gemma, check_preference, check_long_context,
+              check_flex_capped_attention, check_capped_cross_entropy, check_gemma_graphed_step,
+              check_phi3_fast_path]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -862,6 +870,126 @@ def _check_long_context_width(seq: int = 16384, layers: int = 4):
     record(f"long-context-llama-width-{seq}-peak-lower", peaks[1] / peaks[0], 0.95,
            peak_gib=gib, predicted_gib=[round(b / 2**30, 3) for b in predicted],
            note="planner predictions count the optimizer step too; only the step's peak is measured")
+def check_flex_capped_attention(dirs):
+    """flex_capped_attention vs models/families/gemma.capped_attention at Gemma-2-9B's heads
+    (16 query heads over 8, head_dim 256, scale 256 ** -0.5, cap 50), 2048 tokens in 3 packed
+    documents, full attention and a 512-token window. Truth is the dense reference in fp32 on the
+    same bf16 inputs; the bound is twice the dense reference's own bf16 error against it (flex
+    caps the fp32 scores, which rounds less than the reference, so it should come in under it),
+    plus 1e-3 of room. Both timed (forward + backward) with their peak memory."""
+    from qlora.kernels.capped_attention import flex_capped_attention, flex_layer_masks
+    from qlora.models.attention import attention_mask
+    from qlora.models.families.gemma import capped_attention
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    B, H, Hkv, T, D = 1, 16, 8, 2048, 256
+    q, k, v = (torch.randn(B, h, T, D, device=DEV, generator=g).bfloat16() for h in (H, Hkv, Hkv))
+    positions = torch.cat([torch.arange(700), torch.arange(900), torch.arange(448)])[None]
+    grad = torch.randn(B, H, T, D, device=DEV, generator=g).bfloat16()
+    scale, cap = 256 ** -0.5, 50.0
+    for window in (None, 512):
+        dense = attention_mask(positions, 0, window, DEV, dense=True)
+        (flex_mask,) = flex_layer_masks((window,), positions, torch.device(DEV))
+
+        def run(fn, dtype, mask):
+            inputs = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+            out = fn(*inputs, mask, scale, cap)
+            out.backward(grad.to(dtype))
+            return [out.detach().float()] + [t.grad.float() for t in inputs]
+
+        truth = run(capped_attention, torch.float32, dense)
+        dense_bf16 = run(capped_attention, torch.bfloat16, dense)
+        flex_bf16 = run(flex_capped_attention, torch.bfloat16, flex_mask)
+        for i, part in enumerate(("out", "dq", "dk", "dv")):
+            ref_err = rel(truth[i], dense_bf16[i])
+            record(f"flex-capped-attention-{part}-window{window}", rel(truth[i], flex_bf16[i]),
+                   2 * ref_err + 1e-3, dense_bf16_err=ref_err)
+        timings = {}
+        for name, fn, mask in (("flex", flex_capped_attention, flex_mask),
+                               ("dense", capped_attention, dense)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run(fn, torch.bfloat16, mask)
+            peak = torch.cuda.max_memory_allocated() - base
+            timings[name] = (_call_ms(lambda: run(fn, torch.bfloat16, mask), reps=5), peak / 2**20)
+        record(f"flex-capped-attention-ms-window{window}", timings["flex"][0], float("inf"),
+               dense_ms=timings["dense"][0], flex_peak_mib=timings["flex"][1],
+               dense_peak_mib=timings["dense"][1])
+
+
+def check_capped_cross_entropy(dirs):
+    """The fused cross-entropy with Gemma's final soft-cap (30) inside its kernel vs
+    F.cross_entropy on fp32 capped logits (autograd), at Gemma 2's vocabulary (256,000), 2048
+    tokens: the uncapped check's bounds (check_cross_entropy), both timed."""
+    from qlora.kernels.cross_entropy import linear_cross_entropy_sum
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    w = (torch.randn(256000, 3584, device=DEV, generator=g) * 0.05).bfloat16()
+    h = torch.randn(2048, 3584, device=DEV, generator=g).bfloat16().requires_grad_()
+    t = torch.randint(0, 256000, (2048,), device=DEV, generator=g)
+    t[::7] = -100
+
+    def fused():
+        loss = linear_cross_entropy_sum(h, w, t, 256, softcap=30.0)
+        return loss, torch.autograd.grad(loss, h)[0]
+
+    def reference():
+        logits = (h @ w.t()).float()
+        loss = torch.nn.functional.cross_entropy(torch.tanh(logits / 30.0) * 30.0, t,
+                                                 reduction="sum")
+        return loss, torch.autograd.grad(loss, h)[0]
+
+    (l1, g1), (l2, g2) = fused(), reference()
+    record("capped-cross-entropy-loss", float(abs(l1 - l2) / abs(l2)), 1e-4)
+    record("capped-cross-entropy-grad", rel(g2, g1), 2e-2, fused_ms=_call_ms(fused, reps=5),
+           reference_ms=_call_ms(reference, reps=5))
+
+
+def _tiny_family(fam: str, **extra) -> Path:
+    from qlora.models.families import FAMILIES
+
+    sizes = dict(getattr(FAMILIES[fam], "TINY_SIZES", {}), hidden_size=256, intermediate_size=512,
+                 num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, **extra)
+    return build_tiny_model(Path(tempfile.mkdtemp()) / fam, fam, **sizes)
+
+
+def check_gemma_graphed_step(dirs):
+    """Gemma 2 (flex_attention's masks made inside the capture from the graph's offsets, the
+    final soft-cap in the fused cross-entropy) and Gemma 3 (varlen attention with its windows)
+    through GraphedSteps vs eagerly, as check_graphed_step (same bounds): packed and unpacked
+    rows, with the path qlora train runs and with the reference path (Gemma 2: refused, so the
+    eager step, which must equal itself)."""
+    from qlora.train.graphs import unsupported_reason
+
+    for fam in ("gemma2", "gemma3_text"):
+        path = _tiny_family(fam, sliding_window=64)
+        model = nf4_lora_model(path, dropout=0.0)
+        apply_speed(model, replace(SEEDED, fused_kernels=True, fast_base=True, grouped=True))
+        reason = unsupported_reason(model, torch.device(DEV), 512)
+        record(f"gemma-graphs-allowed-{fam}", 0.0 if reason is None else 1.0, 0.0, reason=reason)
+        _check_graphed_step(path, True, tag=f"-{fam}")
+
+
+def check_phi3_fast_path(dirs):
+    """Phi-3's fork (FastPhi3Attention: qkv_proj a group of one, Triton RoPE where the rotary is
+    full, attention kept for the rerun) vs the reference step, NF4 + LoRA, dropout off and seeded,
+    for a full rotary (Phi-3, Phi-4) and a partial one (Phi-4-mini's 0.75); logits vs
+    transformers in bf16; and its CUDA-graph step vs the eager one (check_graphed_step)."""
+    fast = replace(SEEDED, fused_kernels=True, fast_base=True, grouped=True)
+    for tag, extra in (("full", {}), ("partial", {"partial_rotary_factor": 0.75})):
+        path = _tiny_family("phi3", **extra)
+        x = ids(9)
+        ours = load_model(path, QuantConfig(method="none", compute_dtype=torch.bfloat16),
+                          device=DEV)
+        with torch.no_grad():
+            record(f"phi3-logits-bf16-{tag}", rel(hf(path, torch.bfloat16)(x).logits, ours(x)), 3e-2)
+        for dropout in (0.0, 0.1):
+            model = nf4_lora_model(path, dropout=dropout)
+            runs = _seeded_step_runs(model, [SEEDED, fast, replace(fast, keep_attention=True)])
+            _record_runs(f"phi3-fast-step-{tag}", dropout, runs[:2])
+            _record_runs(f"phi3-kept-attention-{tag}", dropout, [runs[0], runs[2]])
+        _check_graphed_step(path, True, tag=f"-phi3-{tag}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,23 @@ loss.backward()
 h2 = h.detach().requires_grad_()
 ref = F.cross_entropy((h2 @ w.T).float(), t, reduction="sum")
 ref.backward()
-print(json.dumps(dict(rows=out, fn_loss=rel(loss, ref), fn_grad=rel(h.grad, h2.grad))))
+fn_loss, fn_grad = rel(loss, ref), rel(h.grad, h2.grad)
+# Gemma's final soft-cap inside the kernel: against autograd through cap * tanh(logits / cap)
+capped = {}
+for dtype in (torch.float32, torch.bfloat16):
+    torch.manual_seed(2)
+    h = torch.randn(23, 16).to(dtype).requires_grad_()
+    w = (torch.randn(301, 16) * 2).to(dtype)  # logits of tens: the cap (10) bends them
+    loss = ce.linear_cross_entropy_sum(h, w, t, 10, softcap=10.0)
+    loss.backward()
+    h2 = h.detach().float().requires_grad_()
+    logits = torch.tanh((h2 @ w.float().T) / 10.0) * 10.0
+    ref = F.cross_entropy(logits, t, reduction="sum")
+    ref.backward()
+    uncapped = F.cross_entropy(h2.detach() @ w.float().T, t, reduction="sum")
+    capped[str(dtype)] = dict(loss=rel(loss, ref), grad=rel(h.grad, h2.grad),
+                              cap_matters=rel(uncapped, ref))
+print(json.dumps(dict(rows=out, fn_loss=fn_loss, fn_grad=fn_grad, capped=capped)))
 """
 
 
@@ -103,6 +119,12 @@ def test_kernel_equals_the_torch_reference_under_the_interpreter():
         assert row["ignored_row_zero"] and row["ignored_loss"] == 0.0, row
         assert row["untouched"], row  # no gradient asked: the logits are only read
     assert r["fn_loss"] < 1e-5 and r["fn_grad"] < 1e-5, r
+    # soft-capped: fp32 within 1e-5 (the kernel's tanh from exp, ~1e-7 apart from torch's); bf16
+    # logits and gradients rounded to bf16 where autograd's fp32 reference is not: 2^-7
+    fp32, bf16 = r["capped"]["torch.float32"], r["capped"]["torch.bfloat16"]
+    assert fp32["loss"] < 1e-5 and fp32["grad"] < 1e-5, r["capped"]
+    assert bf16["loss"] < 2**-7 and bf16["grad"] < 2**-7, r["capped"]
+    assert fp32["cap_matters"] > 1e-2, r["capped"]
 
 
 # --- linear_cross_entropy_sum (the torch reference on the CPU) --------------------------------------
@@ -173,8 +195,8 @@ def test_backward_keeps_the_gradient_of_h_alone():
 def test_no_gradient_is_made_where_none_is_wanted(monkeypatch):
     asked = []
     rows = ce.cross_entropy_rows
-    monkeypatch.setattr(ce, "cross_entropy_rows", lambda lg, t, write_grad: asked.append(write_grad)
-                        or rows(lg, t, write_grad))
+    monkeypatch.setattr(ce, "cross_entropy_rows", lambda lg, t, write_grad, **kw: asked.append(write_grad)
+                        or rows(lg, t, write_grad, **kw))
     h, weight, targets = inputs(12, 8, 30, torch.float32)
     want, _ = reference(h, weight, targets)
     x = h.clone().requires_grad_()

@@ -176,6 +176,34 @@ def test_fused_rmsnorm_equals_decoder_rmsnorm_forward_and_backward():
     assert mixed["dtype"] == mixed["ref_dtype"] == "torch.float32" and mixed["rel"] <= BF16_BOUND
 
 
+GEMMA_RMSNORM_CHECK = PRELUDE + r"""
+from qlora.models.families.gemma import GemmaRMSNorm
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in [(3, 5, 48), (4, 100), (2, 3, 4, 32)]:  # the last: Gemma 3's per-head q/k norm
+        torch.manual_seed(len(results))
+        n = shape[-1]
+        x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+        norm = GemmaRMSNorm(n, 1e-6)  # its weight stays fp32, as the loaded model's may not
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(n) * 0.5)  # the offset from 1, of either sign
+        grad = (torch.randn(shape) + norm(x).detach().float()).to(dtype)
+        for trainable in (True, False):
+            norm.weight.requires_grad_(trainable)
+            r = compare(lambda a, w: fused.gemma_rms_norm(a, w, 1e-6), lambda a, w: norm(a),
+                        [x, norm.weight], grad)
+            results.append(dict(r, dtype_in=str(dtype), shape=shape, trainable=trainable))
+print(json.dumps(dict(results=results)))
+"""
+
+
+def test_fused_gemma_rmsnorm_equals_gemma_rmsnorm_forward_and_backward():
+    """Gemma's (1 + w) norm, fp32 inside and rounded once at the end, in x's dtype: the same
+    bounds as Llama's norm (the kernel's rounding points are the reference's)."""
+    result = interpreted(GEMMA_RMSNORM_CHECK)
+    check_results(result["results"])
+    assert {len(r["grads"]) for r in result["results"] if r["trainable"]} == {2}
+
+
 ADD_RMSNORM_CHECK = PRELUDE + r"""
 from qlora.errors import QloraError
 EPS = 1e-5
@@ -402,7 +430,10 @@ from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed
 
 out = []
-for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
+# phi3: its fork's fused SwiGLU and v copied out of qkv_proj; gemma3_text: its (1 + w) norm
+# kernel (Gemma 2's capped scores take flex_attention on CUDA only, not here)
+for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0), ("phi3", 0.0),
+                        ("gemma3_text", 0.0)):
     config = dict(model_type=family, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
                   tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -417,10 +448,11 @@ for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0)):
                                         seeded_dropout=True)).dropout_seed
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
     cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+    tables = [*cos.values(), *sin.values()] if isinstance(cos, dict) else [cos, sin]  # Gemma's
     # unlike the eager norm (which keeps an fp32 copy), the fused one keeps the layer's input x
     # itself: counted here (not left out), as the planner counts it (it is the norm's kept input)
     saved = layer_saved_bytes(model.model.layers[0], x, cos, sin,
-                              [*model.parameters(), *model.buffers(), seed, cos, sin])
+                              [*model.parameters(), *model.buffers(), seed, *tables])
     cfg = PlanConfig(r=r, lora_dropout=dropout, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused")
     arch = arch_from_config(config)

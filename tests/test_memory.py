@@ -308,41 +308,57 @@ def test_family_layer_saved_bytes_equal_what_autograd_keeps(family, extra, targe
 
 def test_planner_counts_each_family_at_its_real_shape():
     """The family terms at the issue's target shapes, seq 2048, worked out by hand.
-    Gemma-2-9B (16 heads, head_dim 256, q = 4096, kv = 2048): its capped attention keeps
-    6q + (8·16 + 1)·2048 = 24,576 + 264,192 B/token where flash would keep 2(q + 2kv) + 4·16 =
-    16,448 (o_proj's LoRA keeps the output, 2q, in both): the difference, 272,320 B/token, is
-    0.52 GiB a layer at 2048 tokens, alive in the recomputed layer's backward with
-    checkpointing. Kept for the rerun it is the 288,768 B/token of the capped attention in
-    every kept layer. Phi-4: its rerun's dense weights are qkv_proj, o_proj and
-    gate_up_proj (not Llama's names), and it keeps no attention."""
+    Gemma-2-9B (16 heads, head_dim 256, q = 4096, kv = 2048): without fused kernels its capped
+    attention runs in torch and keeps 6q + (8·16 + 1)·2048 = 24,576 + 264,192 B/token where flash
+    would keep 2(q + 2kv) + 4·16 = 16,448 (o_proj's LoRA keeps the output, 2q, in both): the
+    difference, 272,320 B/token, is 0.52 GiB a layer at 2048 tokens, alive in the recomputed
+    layer's backward with checkpointing, and never kept for the rerun. With fused kernels it
+    runs in flex_attention, which keeps what flash keeps: the capped model's terms are the
+    uncapped one's, and kept for the rerun it is flash's 2(2q + 2kv) + 4·16 = 24,640 B/token.
+    Phi-4: its rerun's dense weights are qkv_proj, o_proj and gate_up_proj (not Llama's
+    names); its fork keeps attention for the rerun as Llama's does."""
     from qlora.models.spec import spec_from_config
 
     gemma = memory.resolve_arch(shape="gemma-2-9b")
     uncapped = spec_from_config(dict(memory.SHAPES["gemma-2-9b"], attn_logit_softcapping=None))
-    cfg = PlanConfig(seq_len=2048, kernels="fused")
-    capped_terms = memory.layer_activation_terms(gemma, cfg)
-    flash_terms = memory.layer_activation_terms(uncapped, cfg)
+    # without dropout o_proj's LoRA keeps the attention output in both (with it, its copy)
+    eager = PlanConfig(seq_len=2048, kernels="eager", lora_dropout=0.0)
+    capped_terms = memory.layer_activation_terms(gemma, eager)
+    flash_terms = memory.layer_activation_terms(uncapped, eager)
     assert sum(capped_terms.values()) - sum(flash_terms.values()) == 272_320
-    assert memory.kept_attention_bytes_per_token(gemma, 2048) == 24_576 + 264_192
-    assert memory.kept_attention_bytes_per_token(uncapped, 2048) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
+    keep = replace(eager, keep_attention=True)
+    assert memory.kept_attention_layers(gemma, keep) == 0  # dense capped scores: never kept
+    assert any("gemma2's attention is recomputed" in n for n in plan(gemma, keep).notes)
+    cfg = PlanConfig(seq_len=2048, kernels="fused")
+    assert memory.layer_activation_terms(gemma, cfg) == memory.layer_activation_terms(uncapped, cfg)
+    assert memory.kept_attention_bytes_per_token(gemma, 2048) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
     # kept in every layer, the plan grows by that, 42 layers x 2048 tokens
     kept = plan(gemma, replace(cfg, keep_attention=True)).activations - plan(gemma, cfg).activations
-    assert kept == 42 * 2048 * (24_576 + 264_192)
-    # the final soft-cap sends the loss through the chunked reference loss: 14 B an entry of a
-    # 256-token chunk (2**26 / 256,000 vocab, down to a power of two) + 4 B x tokens x hidden
-    assert plan(gemma, cfg).loss == 14 * 256 * 256_000 + 4 * 2048 * 3584
+    assert kept == 42 * 2048 * 24_640
+    # the final soft-cap: inside the fused cross-entropy, whose peak is a 256-token chunk's
+    # bf16 logits (2**26 / 256,000 vocab, down to a power of two), its fp32 losses and two bf16
+    # [tokens, hidden]; the chunked reference loss keeps tanh's output too: 14 B an entry
+    assert plan(gemma, cfg).loss == 2 * 256 * 256_000 + 4 * 256 + 2 * 2 * 2048 * 3584
+    chunked = plan(gemma, replace(cfg, loss="chunked")).loss
+    assert chunked == 14 * 256 * 256_000 + 4 * 2048 * 3584
 
     phi4 = memory.resolve_arch(shape="phi-4")
     qkv, o, gate_up = 5120 * (40 + 2 * 10) * 128, 5120 * 5120, 5120 * 2 * 17920
     b = plan(phi4, PlanConfig(seq_len=2048, kernels="fused", keep_attention=True))
     # inside a matmul: the largest weight (gate_up_proj) dequantized, bf16, + its fp32 absmax;
-    # the rerun's dense weights of every linear but down_proj, kept for the layer's backward
-    assert b.dequant == 2 * gate_up + 4 * -(-gate_up // 64) + 2 * (qkv + o + gate_up)
-    assert memory.kept_attention_layers(phi4, b.cfg) == 0
-    assert any("phi3's attention is recomputed" in n for n in b.notes)
-    assert b.activations == plan(phi4, PlanConfig(seq_len=2048, kernels="fused")).activations
-    # fused kernels: its norms fused, its MLP's silu(gate) still kept (Phi3MLP stays torch)
-    assert "MLP: activation(gate)" in memory.layer_activation_terms(phi4, b.cfg)
+    # the rerun's dense weights of every linear but down_proj, kept for the layer's backward;
+    # qkv_proj's not made at all, its attention kept in every layer
+    assert b.dequant == 2 * gate_up + 4 * -(-gate_up // 64) + 2 * (o + gate_up)
+    no_keep = plan(phi4, PlanConfig(seq_len=2048, kernels="fused"))
+    assert no_keep.dequant == 2 * gate_up + 4 * -(-gate_up // 64) + 2 * (qkv + o + gate_up)
+    assert memory.kept_attention_layers(phi4, b.cfg) == 40
+    kept = b.activations - plan(phi4, PlanConfig(seq_len=2048, kernels="fused")).activations
+    assert kept == 40 * 2048 * (2 * (5120 + 2 * 1280 + 5120) + 4 * 40)
+    # the fork copies v out of qkv_proj's output: attention keeps q, k, v, not the whole output
+    assert "q, k, v (after RoPE)" in memory.layer_activation_terms(phi4, b.cfg)
+    # fused kernels: its norms fused, and its SwiGLU (FastPhi3MLP) keeps no silu(gate)
+    assert "MLP: activation(gate)" not in memory.layer_activation_terms(phi4, b.cfg)
+    assert "MLP: activation(gate)" in memory.layer_activation_terms(phi4, replace(b.cfg, kernels="eager"))
     assert "MLP: activation(gate)" not in memory.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
 
 

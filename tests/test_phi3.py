@@ -210,16 +210,26 @@ def test_greedy_generation_matches_transformers(phi3_models, variant):
     assert got == want
 
 
-def test_apply_speed_gives_the_reference_loss_and_adapter_gradients(phi3_models):
+@pytest.mark.parametrize("variant", ["phi3-longrope", "phi3-su"])
+def test_apply_speed_gives_the_reference_loss_and_adapter_gradients(phi3_models, variant,
+                                                                    monkeypatch):
     """The plan a CUDA run of `qlora train` takes (4-bit fast base, grouping, kept attention,
-    checkpointing), here on the CPU without Triton: the forks change no number."""
+    checkpointing), here on the CPU without Triton, for a partial and a full rotary: the forks
+    change no number, and the checkpoint's rerun computes no attention (it was kept)."""
     from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models.attention import Attention
     from qlora.speed import SpeedPlan, apply_speed
-    from qlora.speed.fast_decoder import FastPhi3DecoderLayer, FastPhi3LM, FastRMSNorm
+    from qlora.speed.fast_decoder import (FastPhi3Attention, FastPhi3DecoderLayer, FastPhi3LM,
+                                          FastRMSNorm)
+
+    attended = []
+    sdpa = Attention.sdpa
+    monkeypatch.setattr(Attention, "sdpa", lambda self, *a: attended.append(1) or sdpa(self, *a))
 
     def step(speed: bool):
         torch.manual_seed(0)
-        model = load_model(phi3_models["phi3-longrope"],
+        attended.clear()
+        model = load_model(phi3_models[variant],
                            QuantConfig(method="nf4", compute_dtype=FP32))
         attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
         randomize_adapters(model, 4)
@@ -232,12 +242,14 @@ def test_apply_speed_gives_the_reference_loss_and_adapter_gradients(phi3_models)
             assert type(model) is FastPhi3LM
             assert type(model.model.layers[0]) is FastPhi3DecoderLayer
             assert type(model.model.norm) is FastRMSNorm
-            # phi3's attention and MLP stay the reference's
-            assert type(model.model.layers[0].self_attn).__name__ == "Phi3Attention"
-            assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"
+            assert type(model.model.layers[0].self_attn) is FastPhi3Attention
+            assert model.model.layers[0].self_attn.grouped  # qkv_proj: a group of one
+            assert type(model.model.layers[0].mlp).__name__ == "FastPhi3MLP"
         ids = token_batch(5, length=40)
         loss = model(ids, labels=ids)
         loss.backward()
+        # 2 layers, each run twice by the checkpoint; kept, the rerun attends no more
+        assert len(attended) == (2 if speed else 4)
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref_grads = step(False)
@@ -354,3 +366,73 @@ def test_gguf_export_of_plain_rope_phi3_writes_no_factors(phi3_models, tmp_path)
     assert not [t.name for t in r.tensors if t.name.startswith("rope_factors")]
     assert "phi3.rope.scaling.attn_factor" not in r.fields
     assert r.fields["phi3.rope.scaling.original_context_length"].contents() == 4096  # Phi3Config's default
+
+FUSED_ROPE_CHECK = r"""
+import json, torch
+from qlora.kernels import fused
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config
+from qlora.adapters import AdapterConfig, attach_adapters
+from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
+
+calls = {"rope": 0, "swiglu_packed": 0}
+for name in calls:
+    def counted(*args, _name=name, _fn=getattr(fused, name)):
+        calls[_name] += 1
+        return _fn(*args)
+    setattr(fused, name, counted)
+
+out = {}
+for name, extra in (("full", {}), ("partial", {"partial_rotary_factor": 0.5})):
+    torch.manual_seed(0)
+    cfg = dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+               max_position_embeddings=128, **extra)
+    model = random_model(spec_from_config(cfg), QuantConfig(method="none",
+                                                            compute_dtype=torch.float32), seed=1)
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.train()
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 97, (1, 16))  # small: the interpreter runs every program in Python
+    runs = []
+    for on in (False, True):
+        apply_speed(model, SpeedPlan(fused_kernels=on, keep_attention=True, seeded_dropout=True))
+        model.zero_grad()
+        before = dict(calls)
+        loss = model(ids, labels=ids)
+        loss.backward()
+        runs.append(dict(loss=float(loss), rope=calls["rope"] - before["rope"],
+                         swiglu=calls["swiglu_packed"] - before["swiglu_packed"],
+                         grads=[p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    off, on = runs
+    out[name] = dict(loss_off=off["loss"], loss_on=on["loss"], rope_off=off["rope"],
+                     rope_on=on["rope"], swiglu_off=off["swiglu"], swiglu_on=on["swiglu"],
+                     grad_rel=max(float((a - b).abs().max() / b.abs().max())
+                                  for a, b in zip(on["grads"], off["grads"])))
+print(json.dumps(out))
+"""
+
+
+def test_fused_rope_runs_where_the_rotary_is_full():
+    """Under Triton's interpreter: Phi-3's RoPE goes through the Triton kernel where it rotates
+    whole heads (Phi-3, Phi-4) and stays torch for a partial rotary, its SwiGLU through the packed
+    kernel over gate_up_proj's output in both; either way the step (loss and adapter gradients,
+    attention kept for the rerun) is the one with the kernels off. fp32: the kernels round each
+    product to x's dtype as the reference does, so only the fused RMSNorm's summation order
+    differs, ~1e-7; 1e-5 of the largest entry leaves room for it."""
+    from test_dequant_kernel import interpreted
+
+    out = interpreted(FUSED_ROPE_CHECK)
+    # q and k, forward only: the kept attention's rerun rotates nothing
+    assert out["full"]["rope_on"] == 2 and out["full"]["rope_off"] == 0, out
+    assert out["partial"]["rope_on"] == 0, out
+    # the MLP run twice (the checkpoint's rerun), in both rotaries
+    assert all(r["swiglu_on"] == 2 and r["swiglu_off"] == 0 for r in out.values()), out
+    for r in out.values():
+        assert abs(r["loss_on"] - r["loss_off"]) <= 1e-5 * abs(r["loss_off"]), r
+        assert r["grad_rel"] <= 1e-5, r

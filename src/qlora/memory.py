@@ -287,23 +287,30 @@ CALIBRATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # --- what each family's step computes in torch whatever the kernels (speed/fast_decoder.py) ------
 def torch_norms(arch: ArchSpec, cfg: PlanConfig) -> bool:
-    """Whether the norms run as torch ops (keeping an fp32 copy of their input): eager kernels, or
-    Gemma's (1 + w) RMSNorm, which has no fused kernel (GemmaRMSNorm stays torch)."""
-    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES
+    """Whether the norms run as torch ops (keeping an fp32 copy of their input): eager kernels
+    (fused: the Triton RMSNorm, Gemma's (1 + w) form too, speed/fast_decoder.FastGemmaRMSNorm)."""
+    return cfg.kernels == "eager"
 
 
 def torch_activation(arch: ArchSpec, cfg: PlanConfig) -> bool:
     """Whether the MLP's activation runs in torch (its output kept for the product's backward):
-    eager kernels, or Gemma's GeGLU and Phi-3's MLP, which the fused SwiGLU does not serve."""
-    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES + ("phi3",)
+    eager kernels, or Gemma's GeGLU, which the fused SwiGLU does not serve (Phi-3's gate_up_proj
+    output is what the packed SwiGLU kernel reads: speed/fast_decoder.FastPhi3MLP)."""
+    return cfg.kernels == "eager" or arch.model_type in GEMMA_TYPES
 
 
 def attention_softcap(arch: ArchSpec) -> float | None:
-    """Gemma 2's score soft-cap: its attention then runs in torch over dense [heads, T, T]
-    scores (models/families/gemma.capped_attention), where flash attention cannot apply."""
+    """Gemma 2's score soft-cap: flash attention cannot apply it (capped_scores_in_torch)."""
     if arch.model_type not in GEMMA_TYPES:
         return None
     return FAMILIES[arch.model_type].settings(arch.raw).attn_softcap
+
+
+def capped_scores_in_torch(arch: ArchSpec, cfg: PlanConfig) -> bool:
+    """Whether Gemma 2's capped attention runs in torch over dense [heads, T, T] scores
+    (models/families/gemma.capped_attention): eager kernels. With fused kernels it goes through
+    flex_attention (kernels/capped_attention.py), which keeps what flash attention keeps."""
+    return attention_softcap(arch) is not None and cfg.kernels == "eager"
 
 
 def final_softcap(arch: ArchSpec) -> float | None:
@@ -367,13 +374,15 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     # kept k and v have nh heads. RoPE is a linear map: its backward needs cos/sin only.
     from qlora.models.decoder import sdpa_takes_gqa
 
-    if attention_softcap(arch) is not None:
+    capped = capped_scores_in_torch(arch, cfg)
+    if capped:
         # Gemma 2: no SDPA; capped_attention keeps what capped_attention_bytes_per_token says
+        # (fused kernels: flex_attention, which keeps what SDPA keeps, below)
         t["q, k/v repeated, scores (capped, in torch)"] = capped_attention_bytes_per_token(
             arch, cfg.seq_len)
-    elif arch.model_type == "phi3":
+    elif arch.model_type == "phi3" and cfg.kernels == "eager":
         # Phi-3: q and k rotated into new tensors, v a view of the fused qkv_proj output, whose
-        # whole storage SDPA's saved v then keeps (Phi3Attention, reference on every path)
+        # whole storage SDPA's saved v then keeps (Phi3Attention; its fork copies v out)
         t["q, k (after RoPE)"] = 2 * (q + kv)
         t["qkv_proj output (kept whole by v's view)"] = 2 * (q + 2 * kv)
     elif sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
@@ -383,7 +392,7 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     # The output, [B, T, H, D] in memory, is also o_proj's input (transpose + reshape is a view):
     # kept by SDPA; the capped attention's last matmul keeps its operands, not its output, which
     # o_proj's LoRA A keeps then (unless it reads dropout's copy).
-    if attention_softcap(arch) is None:
+    if not capped:
         t["attention output (= o_proj input)"] = 2 * q
         t["attention logsumexp (fp32)"] = 4 * arch.num_heads
     elif "o_proj" in targets and not dropout:
@@ -451,26 +460,23 @@ def host_offload_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
 def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
     """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
     v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
-    log-sum-exp of each head; Gemma 2's capped attention keeps its autograd graph in torch: q, k
-    and v repeated to every head, the [heads, T, T] scores three times and the mask
-    (capped_attention_bytes_per_token: it grows with the row's `seq_len`), not its output."""
+    log-sum-exp of each head: flash's, and flex_attention's for Gemma 2's capped scores (dense
+    capped scores are never kept: keeps_attention). `seq_len` does not change it (O(T) a row)."""
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    if attention_softcap(arch) is not None:
-        return capped_attention_bytes_per_token(arch, seq_len)
     return 2 * (q + 2 * kv + q) + 4 * arch.num_heads
 
 
-def keeps_attention(arch: ArchSpec | GenericSpec) -> bool:
+def keeps_attention(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> bool:
     """Whether the speed layer can keep this model's attention for backward: not on the generic
-    path (no speed layer), nor for Phi-3, whose attention stays the reference
-    (speed/fast_decoder.FastPhi3DecoderLayer: a checkpointed rerun recomputes it)."""
-    return not isinstance(arch, GenericSpec) and arch.model_type != "phi3"
+    path (no speed layer), nor Gemma 2's capped scores where they run dense in torch (eager
+    kernels: [heads, T, T] a layer, speed/fast_decoder.FastGemmaAttention keeps none of it)."""
+    return not isinstance(arch, GenericSpec) and not capped_scores_in_torch(arch, cfg)
 
 
 def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
     """Layers whose attention is kept for backward: keep_attention's count, with checkpointing
     (none where the model cannot keep it: keeps_attention)."""
-    if not keeps_attention(arch) or not cfg.checkpointing:
+    if not keeps_attention(arch, cfg) or not cfg.checkpointing:
         return 0
     return attention_layers_kept(cfg.keep_attention, arch.num_layers)
 
@@ -507,7 +513,7 @@ def attention_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu
     """The most layers that can keep their attention with the plan still fitting `gpu_bytes` (0
     without checkpointing, for a model that cannot keep it, or where even none fits). The plan
     grows with the count: bisected."""
-    if not keeps_attention(arch) or not cfg.checkpointing:
+    if not keeps_attention(arch, cfg) or not cfg.checkpointing:
         return 0
     return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.num_layers)
 
@@ -581,9 +587,10 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
     if cfg.dora and cfg.lora_dropout > 0:
         t["DoRA: dequantized weights kept by the dropped-input matmul"] = sum(
             _alloc(2 * n_in * n_out, rnd) for name, n_in, n_out in arch.linears() if name in targets)
-    if arch.model_type in GEMMA_TYPES:
+    if arch.model_type in GEMMA_TYPES and torch_norms(arch, cfg):
         # GemmaRMSNorm's scale, (1 + w) in fp32, made each forward and kept by the product for
-        # the input's gradient: the block's four norms and Gemma 3's q/k norms
+        # the input's gradient: the block's four norms and Gemma 3's q/k norms (the fused
+        # kernel adds the 1 in registers)
         sizes = arch.norm_sizes()[: len(arch.norm_sizes()) // arch.num_layers]
         t["Gemma norm scales (1 + w, fp32)"] = sum(_alloc(4 * n, rnd) for n in sizes)
     return t
@@ -600,7 +607,7 @@ def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     copy).
     """
     working = 2 * 2 * arch.hidden_size + 3 * 2 * arch.intermediate_size
-    if attention_softcap(arch) is not None:
+    if capped_scores_in_torch(arch, cfg):
         working += 10 * arch.num_heads * cfg.seq_len
     return working
 
@@ -652,10 +659,11 @@ def loss_peak_bytes(arch: ArchSpec, cfg: PlanConfig) -> tuple[int, str]:
     tokens = step_tokens(cfg)
     v, h = arch.vocab_size, arch.hidden_size
     capped = isinstance(arch, ArchSpec) and final_softcap(arch) is not None
-    if capped and cfg.loss != "full":
+    if capped and cfg.loss == "chunked":
         # Gemma's soft-capped logits: the reference chunked loss (GemmaLM.chunk_loss, each chunk
         # checkpointed), as `chunked` below with tanh's bf16 output kept beside the fp32
         # log_softmax output and gradients: 14 B/entry in the recomputed chunk's backward
+        # (chunked-fused: the fused cross-entropy caps inside its kernel, as below)
         chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
         return (14 * chunk * v + 4 * tokens * h,
                 f"soft-capped logits, chunked and recomputed in backward: 14 B x {chunk}-token "
@@ -879,11 +887,15 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     backward = int(backward)
     loss, loss_note = loss_peak_bytes(arch, cfg)
     notes.append(f"logits/loss: {loss_note}")
-    if attention_softcap(arch) is not None:
+    if capped_scores_in_torch(arch, cfg):
         scores = tokens * (8 * arch.num_heads + 1) * cfg.seq_len
         notes.append(f"soft-capped attention (Gemma 2) runs in torch, not flash: its scores are "
-                     f"{_gib(scores):.2f} GiB a layer, kept while that layer runs backward")
-    if cfg.keep_attention and cfg.checkpointing and not keeps_attention(arch):
+                     f"{_gib(scores):.2f} GiB a layer, kept while that layer runs backward "
+                     "(fused_kernels: flex_attention, without them)")
+    elif attention_softcap(arch) is not None:
+        notes.append("soft-capped attention (Gemma 2) through flex_attention: no [heads, T, T] "
+                     "scores kept")
+    if cfg.keep_attention and cfg.checkpointing and not keeps_attention(arch, cfg):
         notes.append(f"keep_attention: {arch.model_type}'s attention is recomputed in backward "
                      "(the speed layer keeps none of it)")
 

@@ -42,10 +42,14 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def cross_entropy_rows(logits_ptr, targets_ptr, loss_ptr, ignore_index, N_COLS: tl.constexpr,
-                           WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    def cross_entropy_rows(logits_ptr, targets_ptr, loss_ptr, ignore_index, cap,
+                           N_COLS: tl.constexpr, WRITE_GRAD: tl.constexpr, CAPPED: tl.constexpr,
+                           BLOCK: tl.constexpr):
         """One row per program: loss = logsumexp - logit[target] (0 for an ignored row); with
         WRITE_GRAD, softmax - onehot(target) (zeros for an ignored row) over the row's logits.
+        CAPPED: each logit x is first soft-capped, cap · tanh(x / cap), and the gradient written
+        is the uncapped logits' (times 1 - tanh², the cap's derivative). tanh(y) is written
+        1 - 2 / (exp(2y) + 1): exp's inf and 0 at the extremes give ±1 exactly.
         The vocabulary is a constant (one compile per model): the interpreter cannot loop up to a
         runtime bound, and a constant trip count lets the compiler pipeline the loads."""
         row = tl.program_id(0).to(tl.int64)
@@ -57,13 +61,18 @@ def _kernels():
         running_max = float("-inf")
         running_sum = 0.0
         for start in range(0, N_COLS, BLOCK):
-            x = tl.load(base + start + cols, mask=start + cols < N_COLS, other=float("-inf"))
-            x = x.to(tl.float32)
+            inside = start + cols < N_COLS
+            x = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
+            if CAPPED:
+                x = cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))  # cap·tanh(x/cap)
+            x = tl.where(inside, x, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(x, axis=0))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
             running_max = new_max
         lse = running_max + tl.log(running_sum)
         target_logit = tl.load(base + target, mask=labelled, other=0.0).to(tl.float32)
+        if CAPPED:
+            target_logit = cap * (1.0 - 2.0 / (tl.exp(2.0 * target_logit / cap) + 1.0))
         tl.store(loss_ptr + row, tl.where(labelled, lse - target_logit, 0.0))
         if WRITE_GRAD:
             # pass 2: over the same buffer; each block is read before it is overwritten
@@ -72,17 +81,28 @@ def _kernels():
                 offsets = start + cols
                 inside = offsets < N_COLS
                 x = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
+                if CAPPED:
+                    x = cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))  # cap·tanh(x/cap)
                 grad = tl.exp(x - lse) - tl.where(offsets == target, 1.0, 0.0)
+                if CAPPED:
+                    tanh = x / cap
+                    grad = grad * (1.0 - tanh * tanh)
                 tl.store(base + offsets, (grad * keep).to(logits_ptr.dtype.element_ty), mask=inside)
 
     return dict(cross_entropy_rows=cross_entropy_rows)
 
 
 def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor,
-                                 write_grad: bool) -> torch.Tensor:
+                                 write_grad: bool, softcap: float | None = None) -> torch.Tensor:
     """The per-row step in torch: fp32 losses [rows]; with write_grad, softmax - onehot(target)
-    over `logits` in place, rounded to its dtype (zeros on rows whose target is IGNORE_INDEX)."""
+    over `logits` in place, rounded to its dtype (zeros on rows whose target is IGNORE_INDEX).
+    `softcap`: the loss of the capped logits cap · tanh(x / cap) (Gemma's final soft-cap, in
+    fp32), and the gradient of the uncapped ones (times 1 - tanh²)."""
     x = logits.float()
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(x / softcap)
+        x = tanh * softcap
     lse = torch.logsumexp(x, dim=-1)
     ignored = targets == IGNORE_INDEX
     safe = targets.masked_fill(ignored, 0).unsqueeze(1)
@@ -90,37 +110,42 @@ def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor,
     if write_grad:
         grad = torch.exp(x.sub_(lse.unsqueeze(1)))  # x is a copy unless logits are fp32: done with it
         grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+        if tanh is not None:
+            grad.mul_(1.0 - tanh * tanh)
         logits.copy_(grad.masked_fill_(ignored.unsqueeze(1), 0.0))
     return loss
 
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool,
-                       block: int = VOCAB_BLOCK) -> torch.Tensor:
+                       block: int = VOCAB_BLOCK, softcap: float | None = None) -> torch.Tensor:
     """The Triton kernel where Triton runs, else the reference; logits [rows, V] contiguous,
     targets [rows] int64. `block`: logits per loop iteration (a power of two)."""
     if not use_triton(logits) or logits.numel() == 0:
-        return cross_entropy_rows_reference(logits, targets, write_grad)
+        return cross_entropy_rows_reference(logits, targets, write_grad, softcap)
     rows, vocab = logits.shape
     losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
     block = min(block, 1 << max(vocab - 1, 0).bit_length())
-    _kernels()["cross_entropy_rows"][(rows,)](logits, targets, losses, IGNORE_INDEX, N_COLS=vocab,
-                                              WRITE_GRAD=write_grad, BLOCK=block,
+    _kernels()["cross_entropy_rows"][(rows,)](logits, targets, losses, IGNORE_INDEX,
+                                              float(softcap or 1.0), N_COLS=vocab,
+                                              WRITE_GRAD=write_grad, CAPPED=softcap is not None,
+                                              BLOCK=block,
                                               num_warps=min(16, max(4, block // 256)))
     return losses
 
 
 def _loss_and_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                   want_grad: bool, per_row: bool = False
+                   want_grad: bool, per_row: bool = False, softcap: float | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The summed loss (fp32 scalar), or with per_row each row's loss (fp32 [N]); with want_grad,
-    each row's d(its loss)/dh [N, H] in h's dtype (the same rows whichever the loss)."""
+    each row's d(its loss)/dh [N, H] in h's dtype (the same rows whichever the loss); `softcap`:
+    the logits' soft-cap applied inside (Gemma's final_logit_softcapping)."""
     total = h.new_zeros((), dtype=torch.float32)
     losses = h.new_empty(h.shape[0], dtype=torch.float32) if per_row else None
     grad_h = torch.empty_like(h) if want_grad else None
     for start in range(0, h.shape[0], chunk_tokens):
         end = start + chunk_tokens
         logits = F.linear(h[start:end], weight)  # what lm_head computes
-        rows = cross_entropy_rows(logits, targets[start:end], want_grad)
+        rows = cross_entropy_rows(logits, targets[start:end], want_grad, softcap=softcap)
         if per_row:
             losses[start:end] = rows
         else:
@@ -136,15 +161,17 @@ class LinearCrossEntropySum(torch.autograd.Function):
     frees it as soon as this backward has run, not when the graph goes."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
-        total, grad_h = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=True)
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                softcap: float | None = None):
+        total, grad_h = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=True,
+                                       softcap=softcap)
         ctx.save_for_backward(grad_h)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_output, None, None, None
+        return grad_h * grad_output, None, None, None, None
 
 
 class LinearCrossEntropyRows(torch.autograd.Function):
@@ -190,17 +217,18 @@ def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_t
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk_tokens: int) -> torch.Tensor:
+                             chunk_tokens: int, softcap: float | None = None) -> torch.Tensor:
     """Sum over rows of h [N, H] whose target (int64 [N]) is not IGNORE_INDEX of the cross-entropy
-    of logits h @ weight.T, as an fp32 scalar; weight [V, H] must be frozen. Logits exist
+    of logits h @ weight.T (soft-capped first where `softcap` is given: Gemma's
+    final_logit_softcapping), as an fp32 scalar; weight [V, H] must be frozen. Logits exist
     chunk_tokens rows at a time. h's gradient is made here, only where one is wanted (grad
     enabled and h requiring grad); evaluation computes the loss alone."""
     _check(h, weight, targets, chunk_tokens)
     h = h.contiguous()
     targets = targets.contiguous()
     if torch.is_grad_enabled() and h.requires_grad:
-        return LinearCrossEntropySum.apply(h, weight, targets, chunk_tokens)
-    total, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False)
+        return LinearCrossEntropySum.apply(h, weight, targets, chunk_tokens, softcap)
+    total, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False, softcap=softcap)
     return total
 
 

@@ -11,6 +11,9 @@ Rounding: each kernel computes in fp32 and rounds to the tensor dtype where the 
 (after normalising, after silu, after each RoPE product), so in bf16 the two differ only through
 fp32 summation order and the GPU's exp/rsqrt.
 
+gemma_rms_norm is Gemma's form of the norm (models/families/gemma.GemmaRMSNorm): scaled by
+1 + w, in fp32 throughout, rounded once at the end, its output in x's dtype.
+
 add_rms_norm fuses the residual stream's `total = x + residual` into the norm that follows it:
 one pass reads x and residual and writes both total and norm(total); backward makes total's whole
 gradient (the one passed to total plus the norm's) in one pass, the gradient of x and residual.
@@ -43,10 +46,12 @@ def _kernels():
 
     @triton.jit
     def rmsnorm_forward(x_ptr, res_ptr, w_ptr, total_ptr, y_ptr, rstd_ptr, n_cols, eps,
-                        ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                        GEMMA: tl.constexpr = False):
         """One row per program: y = w * (x * rstd) rounded to x's dtype, rstd kept for backward.
         With ADD_RESIDUAL the norm's input is x + res (rounded to x's dtype, as torch's sum is),
-        also stored to total_ptr; without, res_ptr and total_ptr go unused."""
+        also stored to total_ptr; without, res_ptr and total_ptr go unused. GEMMA: Gemma's
+        norm, y = (1 + w) * (x * rstd) all in fp32, rounded once at the end (GemmaRMSNorm)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
@@ -60,15 +65,19 @@ def _kernels():
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         # decoder.RMSNorm rounds to x's dtype before the weight: `.to(dtype).to(fp32)` here and
         # below stores an intermediate where the reference does
-        normed = (xf * rstd).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        if GEMMA:
+            normed = xf * rstd
+            w = 1.0 + w
+        else:
+            normed = (xf * rstd).to(x.dtype).to(tl.float32)
         tl.store(y_ptr + offsets, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
     def rmsnorm_backward(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, extra_ptr, n_rows, n_cols,
                          programs, ADD_GRAD: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, GEMMA: tl.constexpr = False):
         """Rows pid, pid + programs, ...: dx per row; with ADD_GRAD, dx plus the gradient at
         extra_ptr (x's, given to add_rms_norm's total), else extra_ptr goes unused; with
         COMPUTE_DW, this program's partial sum of the weight gradient (one row of dw_ptr, summed
@@ -77,6 +86,8 @@ def _kernels():
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = 1.0 + w
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         row = pid.to(tl.int64)
         while row < n_rows:  # not `for range(pid, ...)`: the interpreter cannot index by a tensor
@@ -85,8 +96,11 @@ def _kernels():
             g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
             rstd = tl.load(rstd_ptr + row)
             normed = x.to(tl.float32) * rstd
-            # gradient of the rounded normed value: g * w in g's dtype, then in x's (autograd casts)
-            gn = (g.to(tl.float32) * w).to(g.dtype).to(x.dtype).to(tl.float32)
+            if GEMMA:  # all fp32 in the forward: nothing rounded between the output and x
+                gn = g.to(tl.float32) * w
+            else:
+                # gradient of the rounded normed value: g * w in g's dtype, then in x's (autograd casts)
+                gn = (g.to(tl.float32) * w).to(g.dtype).to(x.dtype).to(tl.float32)
             # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (gn - normed * mean(gn * normed))
             dot = tl.sum(gn * normed, axis=0) / n_cols
             dx = rstd * (gn - normed * dot)
@@ -95,7 +109,9 @@ def _kernels():
                 extra = tl.load(extra_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                 dx = dx.to(x.dtype).to(tl.float32) + extra
             tl.store(dx_ptr + offsets, dx.to(x.dtype), mask=inside)
-            if COMPUTE_DW:
+            if COMPUTE_DW and GEMMA:
+                dw += g.to(tl.float32) * normed
+            elif COMPUTE_DW:
                 rounded = normed.to(x.dtype).to(tl.float32)
                 dw += (g.to(tl.float32) * rounded).to(g.dtype).to(tl.float32)
             row += programs
@@ -206,32 +222,36 @@ def _dw_programs(x: torch.Tensor, rows: int) -> int:
 
 class FusedRMSNorm(torch.autograd.Function):
     """Saves x and one fp32 rstd per row; the weight gradient only when the weight wants one
-    (QLoRA's norms are frozen: then backward is dx alone, one pass over the rows)."""
+    (QLoRA's norms are frozen: then backward is dx alone, one pass over the rows). `gemma`:
+    Gemma's (1 + w) norm, rounded once, its output in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False):
         n = x.shape[-1]
         rows = x.reshape(-1, n).contiguous()
         w = weight.contiguous()
-        y = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, w.dtype))
+        dtype = x.dtype if gemma else torch.promote_types(x.dtype, w.dtype)
+        y = torch.empty(rows.shape, device=x.device, dtype=dtype)
         rstd = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
         # rows and y stand in for the residual and total pointers, which go unused
         _kernels()["rmsnorm_forward"][(rows.shape[0],)](rows, rows, w, y, y, rstd, n, eps,
                                                         ADD_RESIDUAL=False, BLOCK=_pow2(n),
+                                                        GEMMA=gemma,
                                                         num_warps=_row_warps(_pow2(n)))
         ctx.save_for_backward(rows, w, rstd)
-        ctx.shape = x.shape
+        ctx.shape, ctx.gemma = x.shape, gemma
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, w, rstd = ctx.saved_tensors
-        dx, dw = _rmsnorm_backward(grad, rows, w, rstd, want_dw=ctx.needs_input_grad[1])
-        return dx.view(ctx.shape), dw, None
+        dx, dw = _rmsnorm_backward(grad, rows, w, rstd, want_dw=ctx.needs_input_grad[1],
+                                   gemma=ctx.gemma)
+        return dx.view(ctx.shape), dw, None, None
 
 
 def _rmsnorm_backward(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      want_dw: bool, extra: torch.Tensor | None = None):
+                      want_dw: bool, extra: torch.Tensor | None = None, gemma: bool = False):
     """(dx, dw or None) of the norm of rows [n_rows, n], given the output's gradient grad; dx
     plus `extra` (a gradient shaped as rows, in their dtype) when one is given."""
     n_rows, n = rows.shape
@@ -244,7 +264,8 @@ def _rmsnorm_backward(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, r
                if want_dw else rstd)  # a placeholder pointer when no weight gradient is made
     _kernels()["rmsnorm_backward"][(programs,)](g, rows, w, rstd, dx, partial, extra, n_rows, n,
                                                 programs, ADD_GRAD=add_grad, COMPUTE_DW=want_dw,
-                                                BLOCK=_pow2(n), num_warps=_row_warps(_pow2(n)))
+                                                BLOCK=_pow2(n), GEMMA=gemma,
+                                                num_warps=_row_warps(_pow2(n)))
     return dx, (partial.sum(0).to(w.dtype) if want_dw else None)
 
 
@@ -253,6 +274,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.numel() == 0:
         return weight * x
     return FusedRMSNorm.apply(x, weight, eps)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """models/families/gemma.GemmaRMSNorm's forward as one kernel: (x * rsqrt(mean(x^2) + eps))
+    * (1 + weight), in fp32, rounded to x's dtype once."""
+    if x.numel() == 0:
+        return x * (1.0 + weight)
+    return FusedRMSNorm.apply(x, weight, eps, True)
 
 
 class FusedAddRMSNorm(torch.autograd.Function):

@@ -39,7 +39,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     it stays where it is)."""
     from qlora.adapters import LoraLinear, seed_dropout
     from qlora.models.decoder import DecoderLM, compute_device
-    from qlora.speed.fast_decoder import FORKS, FastAttention, FastDecoderLM, FastMLP, FastRMSNorm
+    from qlora.speed.fast_decoder import (FORKS, FastAttention, FastDecoderLM, FastGemmaLM,
+                                          FastGemmaRMSNorm, FastMLP, FastPhi3MLP, FastRMSNorm)
 
     if plan.generic or not isinstance(model, DecoderLM):
         raise QloraError(f"apply_speed takes the reference decoder (models.DecoderLM), not "
@@ -48,10 +49,12 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
         fork = _forked_class(type(module), FORKS)
         if fork is not None:
             module.__class__ = fork  # the same parameters and buffers; the fork's forward
-        if isinstance(module, (FastRMSNorm, FastAttention, FastMLP)):
+        if isinstance(module, (FastRMSNorm, FastGemmaRMSNorm, FastAttention, FastMLP, FastPhi3MLP)):
             module.fused = plan.fused_kernels
     assert isinstance(model, FastDecoderLM)
     model.keep_attention = plan.keep_attention
+    if isinstance(model, FastGemmaLM):
+        model.flex_attention = plan.fused_kernels
     seed, stride = None, 0
     if plan.seeded_dropout:
         seed = torch.zeros((), dtype=torch.int64, device=compute_device(model))

@@ -13,12 +13,14 @@ SpeedPlan; nothing else sets them.
   checkpointed through CheckpointedLayer, and the loss (summed, or per token for a preference
   method) through kernels/cross_entropy.py (its gradient made in forward; every position
   computed inside a CUDA graph's capture).
-- Gemma's forks (FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer, FastGemmaLM): the
-  same fast paths where Gemma's math is the reference's (grouped projections, RoPE, kept
-  attention, checkpointing, host embedding), Gemma's own math where it is not (scores, GeGLU,
-  norms, soft-capped loss); models/families/gemma.py says what each gets.
-- Phi-3's forks (FastPhi3DecoderLayer, FastPhi3LM): only the layer- and LM-level paths; its
-  attention and MLP stay the reference (models/families/phi3_blocks.py says why).
+- Gemma's forks (FastGemmaRMSNorm, FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer,
+  FastGemmaLM): the same fast paths where Gemma's math is the reference's (grouped projections,
+  RoPE, kept attention, checkpointing, host embedding), Gemma's own math where it is not (its
+  (1 + w) norm kernel, flex_attention for the capped scores, GeGLU, the capped loss);
+  models/families/gemma.py says what each gets.
+- Phi-3's forks (FastPhi3Attention, FastPhi3MLP, FastPhi3DecoderLayer, FastPhi3LM): its one
+  qkv_proj through the fast base, RoPE by the Triton kernel where the rotary is full, attention
+  kept for the rerun; SwiGLU by the Triton kernel reading gate_up_proj's output in place.
 
 A block is forked only by its own class's entry in FORKS: a family's subclass of a reference
 block has math of its own, and a fork of the reference's would replace it (speed._forked_class).
@@ -34,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora.adapters import grouped_forward
 from qlora.kernels import fused
+from qlora.kernels.capped_attention import (FlexMask, flex_available, flex_capped_attention,
+                                            flex_layer_masks)
 from qlora.kernels.cross_entropy import linear_cross_entropy_rows, linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
 from qlora.kernels.embedding import gather_rows
@@ -41,8 +45,8 @@ from qlora.kernels.lora import drop_kept_products
 from qlora.models.attention import Attention
 from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
-                                         geglu)
-from qlora.models.families.phi3_blocks import Phi3DecoderLayer, Phi3LM
+                                         GemmaRMSNorm, geglu)
+from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, Phi3LM, Phi3MLP
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.models.tiling import run_mlp
@@ -148,6 +152,9 @@ class FastDecoderLM(DecoderLM):
     # with checkpointing: attention kept from a layer's forward to its backward
     # (AttentionKeptForRerun), True in every layer or N in the last N
     keep_attention: bool | int = False
+    # the output logits' soft-cap (Gemma's final_logit_softcapping, set by GemmaLM): the fused
+    # cross-entropy applies it
+    final_softcap: float | None = None
 
     def embed(self, input_ids):
         return gather_rows(self.model.embed_tokens.weight, input_ids)  # the table may be on host
@@ -176,7 +183,8 @@ class FastDecoderLM(DecoderLM):
         if self.lm_head.weight.requires_grad:
             return super().loss_sum(hidden, labels)
         h, t = self.labelled(hidden, labels)
-        return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens)
+        return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens,
+                                        self.final_softcap)
 
     def token_losses(self, hidden, labels):
         """The reference's per-token losses, through the same fused cross-entropy when lm_head is
@@ -191,7 +199,8 @@ class FastDecoderLM(DecoderLM):
         the label positions cannot be read): every position is computed, unlabelled ones add 0."""
         h = hidden.reshape(-1, hidden.shape[-1])
         if not self.lm_head.weight.requires_grad:
-            return linear_cross_entropy_sum(h, self.lm_head.weight, targets, self.loss_chunk_tokens)
+            return linear_cross_entropy_sum(h, self.lm_head.weight, targets, self.loss_chunk_tokens,
+                                            self.final_softcap)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
@@ -202,7 +211,30 @@ class FastDecoderLM(DecoderLM):
 
 class FastGemmaAttention(FastAttention, GemmaAttention):
     """FastAttention's path (grouped q/k/v, Triton RoPE, kept attention) around Gemma's scores:
-    FastAttention's attend and rope lead to GemmaAttention's sdpa."""
+    FastAttention's attend and rope lead to this sdpa. Gemma 2's capped scores go through
+    flex_attention where the layer's mask is a FlexMask (FastGemmaLM.layer_masks), the reference's
+    dense scores elsewhere; those are never kept for the rerun (a [heads, T, T] graph a layer)."""
+
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        if self.softcap is not None and not isinstance(mask, FlexMask):
+            kept = None  # both runs compute attention, as without keep_attention
+        return super().forward(x, cos, sin, mask, cache, kept)
+
+    def sdpa(self, q, k, v, mask):
+        if isinstance(mask, FlexMask):
+            return flex_capped_attention(q, k, v, mask, self.scale, self.softcap)
+        return super().sdpa(q, k, v, mask)
+
+
+class FastGemmaRMSNorm(GemmaRMSNorm):
+    """Gemma's (1 + w) RMSNorm in one Triton kernel (kernels/fused.gemma_rms_norm: fp32 inside,
+    rounded once, as the reference), its q/k norms (Gemma 3) included."""
+    fused = False  # Triton kernel where it runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and use_triton(x):
+            return fused.gemma_rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 class FastGemmaMLP(GemmaMLP):
@@ -231,14 +263,23 @@ class FastGemmaDecoderLayer(GemmaDecoderLayer):
 
 
 class FastGemmaLM(GemmaLM, FastDecoderLM):
-    """Gemma's LM over FastDecoderLM: its run_layers (CheckpointedLayer) and its embedding
-    gather (GemmaLM.embed scales what FastDecoderLM.embed gathers). The fused cross-entropy has no
-    soft-cap: a model with final_logit_softcapping keeps the reference's chunked loss."""
+    """Gemma's LM over FastDecoderLM: its run_layers (CheckpointedLayer), its embedding gather
+    (GemmaLM.embed scales what FastDecoderLM.embed gathers) and its loss (the fused
+    cross-entropy with the final soft-cap inside, or GemmaLM.chunk_loss for a trainable head),
+    inside a CUDA graph's capture too; Gemma 2's capped attention through flex_attention."""
+    # Gemma 2's capped attention through flex_attention (kernels/capped_attention.py) where it
+    # runs: set by apply_speed from fused_kernels
+    flex_attention = False
 
-    def loss_sum(self, hidden, labels):
-        if self.final_softcap is not None:
-            return DecoderLM.loss_sum(self, hidden, labels)  # through GemmaLM.chunk_loss
-        return FastDecoderLM.loss_sum(self, hidden, labels)
+    def layer_masks(self, layout, past: int, device, varlen=None) -> list:
+        if (self.flex_attention and self.attn_softcap is not None and past == 0
+                and flex_available(torch.device(device))):
+            return flex_layer_masks(self.spec.layer_windows, layout, device, varlen)
+        return super().layer_masks(layout, past, device, varlen)
+
+    @property
+    def cuda_graphs_refused(self) -> str | None:
+        return None if self.flex_attention else GemmaLM.cuda_graphs_refused.fget(self)
 
     def token_losses(self, hidden, labels):
         if self.final_softcap is not None:
@@ -246,16 +287,58 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
         return FastDecoderLM.token_losses(self, hidden, labels)
 
 
-class FastPhi3DecoderLayer(Phi3DecoderLayer):
-    """Phi-3's layer as a checkpointed run calls it. Its attention (Phi3Attention, reference:
-    partial rotary, no Triton RoPE) keeps nothing for the rerun, so `kept` stays unused and the
-    rerun recomputes attention."""
+class FastPhi3Attention(FastAttention, Phi3Attention):
+    """Phi-3's attention on FastAttention's path: its one qkv_proj through the 4-bit fast base
+    (a group of one, so a checkpoint's rerun can skip its base GEMM when attention is kept),
+    RoPE by the Triton kernel where it rotates whole heads (full rotary: Phi-3, Phi-3.5, Phi-4;
+    LongRoPE only changes the cos/sin tables it reads), Phi3Attention's partial rotary in torch
+    else, and the attention kept for the rerun."""
+    group_members = ("qkv_proj",)
 
-    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None,
-                rerun: bool = False):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
-        return x + run_mlp(self.mlp, normed, skip=rerun)  # as FastDecoderLayer's
+    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
+        B, T, _ = x.shape
+        rerun = kept is not None and kept.first_run_done
+        if self.grouped:
+            (qkv,) = grouped_forward(x, (self.qkv_proj,), base=not rerun)
+        else:
+            qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if kept is None:
+            y = self.attend(q, k, v, cos, sin, mask, cache)
+        else:
+            y = AttentionKeptForRerun.apply(q, k, v, kept,
+                                            functools.partial(self.attend, cos=cos, sin=sin, mask=mask))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, cos, sin, mask, cache=None):
+        # v is a column view of qkv_proj's output: attention would keep all of it through v
+        return Attention.attend(self, q, k, v.contiguous(), cos, sin, mask, cache)
+
+    def rope(self, x, cos, sin):
+        if self.fused and use_triton(x) and self.rotary_dim == self.head_dim:
+            return fused.rope(x, cos, sin)
+        return Phi3Attention.rope(self, x, cos, sin)
+
+
+class FastPhi3MLP(Phi3MLP):
+    """Phi-3's MLP with SwiGLU by the Triton kernel, reading gate_up_proj's one [.., 2·I] output
+    in place (gate, then up: the layout FastMLP's packed group makes) and returning its gradient
+    whole; silu(gate) is not kept for backward (the kernel recomputes it)."""
+    fused = False  # SwiGLU by a Triton kernel
+
+    def forward(self, x):
+        if self.fused and use_triton(x):
+            return self.down_proj(fused.swiglu_packed(self.gate_up_proj(x)))
+        return super().forward(x)
+
+
+class FastPhi3DecoderLayer(FastDecoderLayer, Phi3DecoderLayer):
+    """Phi-3's layer (the reference layer's forward around its own blocks), passing a
+    checkpointed run's KeptAttention to its attention as FastDecoderLayer does."""
 
 
 class FastPhi3LM(Phi3LM, FastDecoderLM):
@@ -263,10 +346,12 @@ class FastPhi3LM(Phi3LM, FastDecoderLM):
     gathered from host memory, the fused cross-entropy (its logits are the reference's)."""
 
 
-# each reference block and its fork: apply_speed swaps exactly these types (Phi3Attention and
-# Phi3MLP are not named: they stay the reference, models/families/phi3_blocks.py says why)
+# each reference block and its fork: apply_speed swaps exactly these types
 FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
          DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM,
          GemmaAttention: FastGemmaAttention, GemmaMLP: FastGemmaMLP,
+         GemmaRMSNorm: FastGemmaRMSNorm,
          GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM,
-         Phi3DecoderLayer: FastPhi3DecoderLayer, Phi3LM: FastPhi3LM}
+         Phi3Attention: FastPhi3Attention, Phi3MLP: FastPhi3MLP,
+         Phi3DecoderLayer: FastPhi3DecoderLayer,
+         Phi3LM: FastPhi3LM}

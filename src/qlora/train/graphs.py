@@ -19,9 +19,14 @@ Layers with a sliding window take the same offsets with their window where torch
 one (`window_size`); in rows of one document, a dense bool mask made on the GPU from the row
 length alone, which the capture holds.
 
+Gemma 3 takes the same offsets (its own scale, a window per layer); Gemma 2's soft-capped scores
+go through flex_attention on the fast path (kernels/capped_attention.py), whose block masks are
+made inside the capture from the same offsets, and its final soft-cap inside the fused
+cross-entropy, over every position as for any family.
+
 Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention (taking a
-window where a layer's is shorter than the rows), a family whose attention it computes (not
-Gemma's: models/families/gemma.py), LoRA dropout seeded (adapters.seed_dropout: checkpointed
+window where a layer's is shorter than the rows), a family whose attention it computes (Gemma 2
+only on the fast path with fused kernels: GemmaLM.cuda_graphs_refused), LoRA dropout seeded (adapters.seed_dropout: checkpointed
 layers then need no RNG state, which cannot be read during a capture), flattened gradients.
 """
 
@@ -41,7 +46,7 @@ def unsupported_reason(model, device: torch.device, max_len: int) -> str | None:
         return "not on a CUDA device"
     if not varlen_available(device):
         return "this torch has no varlen attention (torch >= 2.9 needed)"
-    refused = getattr(model, "cuda_graphs_refused", None)  # a family's own reason (Gemma's)
+    refused = getattr(model, "cuda_graphs_refused", None)  # a family's own reason (Gemma 2's)
     if refused:
         return refused
     window = model.spec.narrowest_window()

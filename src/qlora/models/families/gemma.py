@@ -30,14 +30,18 @@ OWN_DECODERS builds a GemmaLM for their model types.
 The speed layer (speed/fast_decoder.py) gives Gemma its own forks, built on the reference's:
 - FastGemmaAttention: q/k/v as one grouped 4-bit GEMM, RoPE by the Triton kernel (the same
   rotation) and attention kept for the checkpoint's rerun (keep_attention), around Gemma's scores;
+  Gemma 2's capped scores through flex_attention on CUDA with fused_kernels
+  (kernels/capped_attention.py: no [heads, T, T] scores, O(T) kept), never kept dense;
 - FastGemmaMLP: gate/up as one grouped GEMM; GeGLU stays torch (the fused kernel is SwiGLU);
 - FastGemmaLM: layers checkpointed as FastDecoderLM checkpoints them, the embedding gathered
-  from host memory where the plan moves it there; the fused cross-entropy only for a model
-  without final_logit_softcapping (the kernel does not cap), the reference's chunked loss else;
+  from host memory where the plan moves it there, the flex masks; the fused cross-entropy with
+  the final soft-cap applied inside it (kernels/cross_entropy.py);
 - the 4-bit fast base path of every LoRA layer (kernels/dequant.py), as for any family.
-GemmaRMSNorm stays torch: the fused RMSNorm rounds before the scale and scales by w, not 1 + w.
-No CUDA graphs: the graph step's flash varlen attention does not soft-cap nor window per layer
-(GemmaLM.cuda_graphs_refused, read by train/graphs.py).
+- FastGemmaRMSNorm: the (1 + w) norm (and Gemma 3's q/k norms) in the RMSNorm kernel's Gemma form
+  (kernels/fused.gemma_rms_norm: fp32 throughout, rounded once, as here).
+CUDA graphs (train/graphs.py): Gemma 3 through flash varlen attention with its scale and each
+layer's window; Gemma 2 only on the fast path, whose flex_attention takes the graph's document
+offsets (GemmaLM.cuda_graphs_refused says so for the reference).
 """
 
 from __future__ import annotations
@@ -195,8 +199,6 @@ class GemmaLM(DecoderLM):
     soft-capped logits (in `forward`'s logits and in the loss alike)."""
 
     backbone_class = GemmaBackbone
-    cuda_graphs_refused = ("Gemma's attention (soft-capped scores, a window per layer) does not "
-                           "run in the graph step's flash varlen attention")
 
     def __init__(self, spec: ArchSpec):
         super().__init__(spec)
@@ -220,10 +222,20 @@ class GemmaLM(DecoderLM):
         scale = torch.tensor(self.spec.hidden_size ** 0.5).to(rows.dtype).item()
         return rows * scale
 
+    @property
+    def cuda_graphs_refused(self) -> str | None:
+        """Why the CUDA graph step (train/graphs.py) cannot run this model, or None: Gemma 2's
+        capped scores run in torch over dense masks, and the graph step hands over varlen plans;
+        Gemma 3's scores are flash varlen attention's (with its scale)."""
+        if self.attn_softcap is None:
+            return None
+        return ("Gemma 2's soft-capped attention runs over dense masks in torch, not in the graph "
+                "step's flash varlen attention (fused_kernels: flex_attention, which it takes)")
+
     def layer_masks(self, layout, past: int, device, varlen=None) -> list:
         """Capped scores run in torch over a mask: dense masks, never a varlen plan (which the
         CUDA graph step would hand over, refused here)."""
-        if varlen is not None:
+        if varlen is not None and self.cuda_graphs_refused:
             raise QloraError(self.cuda_graphs_refused)
-        return layer_masks(self.spec.layer_windows, layout, past, device,
+        return layer_masks(self.spec.layer_windows, layout, past, device, varlen,
                            dense=self.attn_softcap is not None)

@@ -23,12 +23,12 @@ build on models/decoder.py, which reads specs (an import cycle). models/load.py'
 builds a Phi3LM for model_type phi3.
 
 The speed layer (speed/fast_decoder.py): the norms are the reference RMSNorm, so FastRMSNorm
-(the Triton RMSNorm) applies as it is; Phi3LM and Phi3DecoderLayer get forks that only add
+(the Triton RMSNorm) applies as it is; Phi3LM and Phi3DecoderLayer get forks that add
 FastDecoderLM's and FastDecoderLayer's paths (checkpointing through CheckpointedLayer, host
-embedding, fused cross-entropy). Phi3Attention and Phi3MLP stay the reference: no Triton RoPE (it
-rotates whole heads, not a partial rotary_dim), no kept attention, no grouping (q/k/v and
-gate/up already are one linear each, so one 4-bit GEMM); the 4-bit fast base of each LoRA layer
-(kernels/dequant.py) applies as for any family.
+embedding, fused cross-entropy); FastPhi3Attention runs qkv_proj as a group of one on the 4-bit
+fast base, RoPE in the Triton kernel where the rotary is full (the kernel rotates whole heads; a
+partial rotary_dim stays torch) and keeps attention for the rerun; FastPhi3MLP runs SwiGLU in
+the packed Triton kernel over gate_up_proj's output (gate, then up, as the kernel reads it).
 """
 
 from __future__ import annotations
