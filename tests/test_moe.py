@@ -1,0 +1,224 @@
+"""Mixtral and Qwen3-MoE (models/families/moe_blocks.py) against transformers, bitsandbytes and
+PEFT on tiny random models: logits, router logits, the load-balancing loss, 4-bit experts,
+adapters on the experts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import fp32_bnb_reference
+from qlora.adapters import AdapterConfig, attach_adapters, load_adapter, save_adapter
+from qlora.errors import QloraError
+from qlora.models import load_model
+from qlora.quant import QuantConfig
+
+FP32 = torch.float32
+# name → (family, config overrides): Mixtral; Qwen3-MoE with a dense layer (mlp_only_layers) and
+# renormalised weights; Qwen3-MoE with decoder_sparse_step 2 and weights not renormalised
+MOE_VARIANTS = {
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3_moe", {"mlp_only_layers": [1], "output_router_logits": True}),
+    "qwen3-moe-step": ("qwen3_moe", {"num_hidden_layers": 3, "decoder_sparse_step": 2,
+                                     "norm_topk_prob": False}),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict:
+    from qlora.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {name: build_tiny_model(root / name, family, seed=i, **overrides)
+            for i, (name, (family, overrides)) in enumerate(MOE_VARIANTS.items())}
+
+
+def hf_model(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def token_batch(seed: int = 0, batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(6, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_logits_and_router_logits_match_transformers(moe_models, variant):
+    path, ids = moe_models[variant], token_batch()
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    with torch.no_grad():
+        expected = hf_model(path)(ids, output_router_logits=True)
+        got = ours(ids)
+    # fp32, the same operations in the same order: equal to rounding (1e-5 relative)
+    assert rel_err(expected.logits, got) <= 1e-5
+    ours_router = ours.router_logits()
+    assert len(ours_router) == len(expected.router_logits) >= 1
+    for theirs, mine in zip(expected.router_logits, ours_router):
+        assert rel_err(theirs, mine) <= 1e-5
+
+
+def test_dense_layers_follow_mlp_only_layers_and_sparse_step(moe_models):
+    from qlora.models.families.moe_blocks import SparseMoeBlock
+
+    layers = load_model(moe_models["qwen3-moe"], QuantConfig(method="none")).model.layers
+    assert [isinstance(layer.mlp, SparseMoeBlock) for layer in layers] == [True, False]
+    layers = load_model(moe_models["qwen3-moe-step"], QuantConfig(method="none")).model.layers
+    assert [isinstance(layer.mlp, SparseMoeBlock) for layer in layers] == [False, True, False]
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_aux_loss_and_training_loss_match_transformers(moe_models, variant):
+    path, ids = moe_models[variant], token_batch(1)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    ours.aux_loss = True  # what config.json's output_router_logits turns on
+    ref = hf_model(path)
+    with torch.no_grad():
+        expected = ref(ids, labels=labels, output_router_logits=True)
+        summed = ours(ids, labels=labels)
+    n_labels = int((labels[:, 1:] != -100).sum())
+    # fp32 sums over a few dozen tokens in another order: 1e-5 relative
+    assert abs(float(ours.router_aux_loss()) - float(expected.aux_loss)) <= 1e-5 * float(expected.aux_loss)
+    assert abs(float(summed) / n_labels - float(expected.loss)) <= 1e-5 * float(expected.loss)
+
+
+def test_aux_loss_follows_output_router_logits(moe_models):
+    on = load_model(moe_models["qwen3-moe"], QuantConfig(method="none", compute_dtype=FP32))
+    off = load_model(moe_models["mixtral"], QuantConfig(method="none", compute_dtype=FP32))
+    assert on.aux_loss and not off.aux_loss  # config.json's output_router_logits
+
+
+def bnb_reference_with_our_experts(path, ours, quant_type: str, double_quant: bool):
+    """transformers + bitsandbytes in 4 bits: attention quantized by bitsandbytes, experts left
+    16-bit by transformers 5 (3D parameters, not Linear layers); those are set to our 4-bit
+    experts' dense weights, so the two models hold the same weights everywhere."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=FP32)
+    ref = fp32_bnb_reference(hf_model(path, quantization_config=config, device_map="cpu"))
+    with torch.no_grad():
+        for i, layer in enumerate(ours.model.layers):
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None:
+                continue
+            theirs = ref.model.layers[i].mlp.experts
+            assert theirs.gate_up_proj.dtype == FP32, "transformers quantized the experts"
+            theirs.gate_up_proj.copy_(experts.gate_up_proj.dense_weights(FP32))
+            theirs.down_proj.copy_(experts.down_proj.dense_weights(FP32))
+    return ref
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_4bit_bytes_and_logits_match_bitsandbytes(moe_models, variant, quant_type, double_quant):
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    path = moe_models[variant]
+    quant = QuantConfig(method=quant_type, double_quant=double_quant, compute_dtype=FP32)
+    ours = load_model(path, quant)
+    ref = bnb_reference_with_our_experts(path, ours, quant_type, double_quant)
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    quantized = [k for k in ref_state if ".weight." in k or k.endswith("proj.weight")]
+    for key in quantized:
+        if ref_state[key].dtype == torch.uint8 or ".weight." in key:
+            assert torch.equal(ref_state[key], our_state[key]), key
+    # each expert's weight: the bytes and scales a Linear4bit of it holds
+    stack = ours.model.layers[0].mlp.experts.down_proj.quantized
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.startswith("model.layers.0.")
+                   and (k.endswith("experts.2.w2.weight") or k.endswith("experts.2.down_proj.weight")))
+        weight = f.get_tensor(key)
+    param = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64,
+                              compress_statistics=double_quant, quant_type=quant_type).to("cpu")
+    assert torch.equal(param.data.view(-1), stack.data[2])
+    assert torch.equal(param.quant_state.absmax, stack.absmax[2])
+    assert torch.equal(bnb.functional.dequantize_4bit(param.data, param.quant_state),
+                       stack.dequantize_member(2))
+    ids = token_batch(2)
+    with torch.no_grad():
+        # the same 4-bit weights computed in fp32 by both: 1e-4 relative, as test_model's
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
+
+
+def randomized_adapters(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_adapter_on_experts_loads_in_peft_with_equal_logits(moe_models, variant, tmp_path):
+    from peft import PeftModel
+
+    path, ids = moe_models[variant], token_batch(3)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.05))
+    randomized_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert config["lora_dropout"] == 0.0  # PEFT's LoRA on parameters refuses any other
+    peft_model = PeftModel.from_pretrained(hf_model(path), str(tmp_path / "adapter")).eval()
+    ours.eval()
+    with torch.no_grad():
+        # fp32, LoRA added as B(Ax) by us and folded into the weight by PEFT: 1e-5 relative
+        assert rel_err(peft_model(ids).logits, ours(ids)) <= 1e-5
+    again = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+
+
+def test_peft_adapter_loads_into_ours(moe_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    path, ids = moe_models["mixtral"], token_batch(4)
+    peft_model = get_peft_model(hf_model(path), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]))
+    randomized_adapters(peft_model, seed=5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel_err(peft_model.eval()(ids).logits, ours(ids)) <= 1e-5  # as above
+
+
+def test_only_down_proj_experts_and_router_frozen(moe_models, tmp_path):
+    from peft import PeftModel
+
+    path, ids = moe_models["mixtral"], token_batch(5)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=2, alpha=4, target_modules="v_proj,experts.down_proj"))
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any(".gate." in n for n in trainable)  # the router stays frozen
+    randomized_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    peft_model = PeftModel.from_pretrained(hf_model(path), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, ours.eval()(ids)) <= 1e-5  # as above
+
+
+def test_dense_mlp_of_a_moe_model_refused_as_target(moe_models):
+    model = load_model(moe_models["qwen3-moe"], QuantConfig(method="none"))
+    with pytest.raises(QloraError, match="dense MLP"):
+        attach_adapters(model, AdapterConfig(target_modules="q_proj,down_proj"))
+
+
+def test_int8_refused_for_experts(moe_models):
+    with pytest.raises(QloraError, match="int8"):
+        load_model(moe_models["mixtral"], QuantConfig(method="int8"))
