@@ -222,3 +222,85 @@ def test_dense_mlp_of_a_moe_model_refused_as_target(moe_models):
 def test_int8_refused_for_experts(moe_models):
     with pytest.raises(QloraError, match="int8"):
         load_model(moe_models["mixtral"], QuantConfig(method="int8"))
+
+
+def adapted(path, quant: str, dtype: torch.dtype):
+    model = load_model(path, QuantConfig(method=quant, compute_dtype=dtype))
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    randomized_adapters(model)
+    return model.train()
+
+
+def loss_and_grads(model, ids):
+    loss = model(ids, labels=ids)
+    loss.backward()
+    # the first layers' adapter gradients carry the experts' input gradients back through layers
+    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# fp32: 16-bit experts, and 4-bit in fp32 (the padded batched matmul); bf16: torch._grouped_mm
+@pytest.mark.parametrize("quant,dtype", [("none", FP32), ("nf4", FP32),
+                                         ("nf4", torch.bfloat16)])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_grouped_experts_equal_the_loop_over_experts(moe_models, variant, quant, dtype):
+    from qlora.speed import SpeedPlan, apply_speed
+    from qlora.speed.moe import FastExperts
+
+    path, ids = moe_models[variant], token_batch(6)
+    reference, grouped = adapted(path, quant, dtype), adapted(path, quant, dtype)
+    apply_speed(grouped, SpeedPlan(grouped_experts=True), log=lambda _: None)
+    assert all(m.grouped for m in grouped.modules() if isinstance(m, FastExperts))
+    want_loss, want = loss_and_grads(reference, ids)
+    got_loss, got = loss_and_grads(grouped, ids)
+    assert set(want) == set(got) and any("experts" in n for n in got)
+    # fp32: the same products summed in another order, 1e-5 in the loss, 1e-4 in gradients
+    # carried back through both layers' experts and attention; bf16: each expert's GEMM rounds
+    # alike, the k outputs are added in fp32 instead of bf16: 1e-2
+    tol, grad_tol = (1e-5, 1e-4) if dtype == FP32 else (1e-2, 1e-2)
+    assert abs(got_loss - want_loss) <= tol * abs(want_loss)
+    for name in want:
+        assert rel_err(want[name].float(), got[name].float()) <= grad_tol, name
+
+
+def test_stack_dequantize_batched_equals_bitsandbytes_member_by_member():
+    from qlora.kernels.experts import dequantize_stack
+    from qlora.quant import QuantizedStack
+
+    g = torch.Generator().manual_seed(0)
+    for method, nested in (("nf4", True), ("fp4", False)):
+        # 6 members of 64 × 100 (100 blocks: a partial nested group of 256 in each)
+        stack = QuantizedStack(6, (64, 100), QuantConfig(method=method, double_quant=nested,
+                                                         compute_dtype=FP32), "cpu")
+        for i in range(6):
+            stack.set_member(i, torch.randn(64, 100, generator=g) * (i + 1))
+        batched = dequantize_stack(stack, FP32)
+        for i in range(6):
+            assert torch.equal(batched[i], stack.dequantize_member(i)), (method, i)
+
+
+STACK_KERNEL_CHECK = r"""
+import json, torch
+from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+from qlora.quant import QuantConfig, QuantizedStack
+g = torch.Generator().manual_seed(0)
+results = {}
+# 3 members of 32 x 512 (256 blocks of 64: a whole nested group each), nf4 nested, in bf16
+# and fp32; 3 members of 16 x 64, fp4 without nesting
+for method, nested, shape, dtypes in (("nf4", True, (32, 512), (torch.float32, torch.bfloat16)),
+                                      ("fp4", False, (16, 64), (torch.float32,))):
+    stack = QuantizedStack(3, shape, QuantConfig(method=method, double_quant=nested,
+                                                 compute_dtype=torch.float32), "cpu")
+    for i in range(3):
+        stack.set_member(i, torch.randn(*shape, generator=g) * (i + 1))
+    for dtype in dtypes:
+        got, want = dequantize_stack_triton(stack, dtype), dequantize_stack(stack, dtype)
+        results[f"{method}-{nested}-{shape}-{dtype}"] = torch.equal(got, want)
+print(json.dumps(results))
+"""
+
+
+def test_stack_dequantize_kernel_equals_the_torch_batch():
+    from test_dequant_kernel import interpreted
+
+    results = interpreted(STACK_KERNEL_CHECK)
+    assert results and all(results.values()), results

@@ -40,6 +40,7 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     from qlora.adapters import LoraLinear, seed_dropout
     from qlora.models.decoder import DecoderLM, compute_device
     from qlora.speed.fast_decoder import FORKS, FastAttention, FastDecoderLM, FastMLP, FastRMSNorm
+    from qlora.speed.moe import FastExperts
 
     if plan.generic or not isinstance(model, DecoderLM):
         raise QloraError(f"apply_speed takes the reference decoder (models.DecoderLM), not "
@@ -50,6 +51,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
             module.__class__ = fork  # the same parameters and buffers; the fork's forward
         if isinstance(module, (FastRMSNorm, FastAttention, FastMLP)):
             module.fused = plan.fused_kernels
+        if isinstance(module, FastExperts):
+            module.grouped = plan.grouped_experts
     assert isinstance(model, FastDecoderLM)
     model.keep_attention = plan.keep_attention
     seed, stride = None, 0
@@ -63,6 +66,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     # no layer draws from the global RNG once every dropout is seeded or off
     model.layers_use_rng = not plan.seeded_dropout and any(
         m.dropout_p > 0 for m in model.modules() if isinstance(m, LoraLinear))
+    if model.spec.moe is not None and model.spec.moe.jitter_noise > 0:
+        model.layers_use_rng = True  # Mixtral's router jitter draws from the global RNG
     fast = use_fast_path(model, group=plan.grouped) if plan.fast_base else use_fast_path(
         model, group=False, on=False)
     freed = move_embedding_to_host(model, log) if plan.embedding_on_host else 0

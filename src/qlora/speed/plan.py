@@ -21,6 +21,8 @@ class SpeedPlan:
     seeded_dropout: LoRA dropout masks drawn from (seed, micro-batch, layer) instead of the
         global RNG: resumable, and capturable in a CUDA graph.
     embedding_on_host: a frozen, untied input embedding in pinned host memory, gathered by the GPU.
+    grouped_experts: a mixture of experts' expert GEMMs grouped over tokens sorted by expert
+        (speed/moe.py) instead of the reference's loop over experts.
     cuda_graphs: each micro-batch replayed as a CUDA graph (train/graphs.py) where it can be.
     generic: the model is transformers' own (models/generic.py): every path above forks or
         switches the reference decoder's classes, so none applies, and apply_speed is not called.
@@ -34,6 +36,7 @@ class SpeedPlan:
     keep_attention: bool | int = False
     seeded_dropout: bool = False
     embedding_on_host: bool = False
+    grouped_experts: bool = False
     cuda_graphs: bool = False
     generic: bool = False
 
@@ -55,5 +58,6 @@ class SpeedPlan:
             keep_attention=(cfg.keep_attention or False) if cfg.gradient_checkpointing else False,
             seeded_dropout=True,
             embedding_on_host=bool(cfg.embedding_on_host and cuda and not distributed),
+            grouped_experts=True,
             cuda_graphs=bool(cfg.cuda_graphs),
         )
