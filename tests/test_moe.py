@@ -151,12 +151,12 @@ def test_4bit_bytes_and_logits_match_bitsandbytes(moe_models, variant, quant_typ
         assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
 
 
-def randomized_adapters(model, seed: int = 1) -> None:
+def randomized_adapters(model, seed: int = 1, std: float = 0.3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
@@ -304,3 +304,53 @@ def test_stack_dequantize_kernel_equals_the_torch_batch():
 
     results = interpreted(STACK_KERNEL_CHECK)
     assert results and all(results.values()), results
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_merge_folds_the_experts(moe_models, variant, tmp_path):
+    from qlora.merge import merge_adapter
+
+    path, ids = moe_models[variant], token_batch(7)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    # deltas of the base weights' size: folded into W (x(W + BA)) they round as x·W does, where
+    # larger ones (0.3) swing the fp32 logits by 1e-4 through two layers of sharp routing
+    randomized_adapters(ours, std=0.05)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    from safetensors import safe_open
+
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(safe_open(str(path / "model.safetensors"), "pt").keys())  # Hub layout
+    folded = load_model(merged, QuantConfig(method="none", compute_dtype=FP32))
+    with torch.no_grad():
+        # fp32: B(Ax) added against x(W + BA); 1e-5 relative
+        assert rel_err(ours.eval()(ids), folded(ids)) <= 1e-5
+        assert rel_err(hf_model(merged)(ids).logits, folded(ids)) <= 1e-5  # transformers reads it
+
+
+def test_train_command_lowers_the_loss(moe_models, tmp_path, capsys):
+    """`qlora train` with its defaults (NF4 experts, LoRA on attention and experts, dropout,
+    checkpointing, the grouped experts) on Qwen3-MoE with the aux loss on; PEFT loads the result."""
+    from peft import PeftModel
+
+    from qlora.cli import main
+
+    path = moe_models["qwen3-moe"]
+    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
+            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain")]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(path), "--data", str(data), "--output_dir", str(out),
+               "--max_steps", "4", "--micro_batch_size", "4", "--gradient_accumulation_steps",
+               "1", "--learning_rate", "2e-2", "--warmup_steps", "0", "--device", "cpu",
+               "--max_seq_length", "64", "--double_quant", "false", "--logging_steps", "1"])
+    assert rc == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] and config["lora_dropout"] == 0.0
+    PeftModel.from_pretrained(hf_model(path), str(out))  # loads without error

@@ -583,5 +583,10 @@ def trainable_summary(model: nn.Module) -> str:
         if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
             n *= 2
         total += n
+    from qlora.quant import QuantizedStack
+
+    # 4-bit experts are buffers of their stacks, not parameters: counted by their weights
+    total += sum(m.count * m.shape[0] * m.shape[1] for m in model.modules()
+                 if isinstance(m, QuantizedStack))
     return (f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / total:.4f}")
