@@ -354,3 +354,83 @@ def test_train_command_lowers_the_loss(moe_models, tmp_path, capsys):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_parameters"] and config["lora_dropout"] == 0.0
     PeftModel.from_pretrained(hf_model(path), str(out))  # loads without error
+
+
+# --- the memory planner (memory.py) -------------------------------------------------------------
+PLANNER_CONFIGS = {
+    "mixtral": dict(model_type="mixtral", hidden_size=128, intermediate_size=64,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=128, intermediate_size=352,
+                      moe_intermediate_size=64, num_experts=8, num_experts_per_tok=3,
+                      norm_topk_prob=False, head_dim=32),
+}
+
+
+def planner_config(family: str) -> dict:
+    return dict(PLANNER_CONFIGS[family], num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+@pytest.mark.parametrize("family", list(PLANNER_CONFIGS))
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,experts.down_proj"])
+def test_planner_counts_expert_weights_and_adapters(family, targets):
+    from qlora import memory
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantizedStack
+
+    config = planner_config(family)
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    held = sum(b.nbytes for m in model.modules() if isinstance(m, QuantizedStack)
+               for b in m.buffers()) + model.model.layers[0].mlp.gate.weight.nbytes
+    arch, cfg = memory.arch_from_config(config), memory.PlanConfig(r=8, targets=targets,
+                                                                   alloc_rounding=False)
+    assert memory.expert_stack_bytes(arch, cfg) == held
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, target_modules=targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory.adapter_param_count(arch, cfg) == trainable
+
+
+@pytest.mark.parametrize("family", list(PLANNER_CONFIGS))
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,experts.down_proj"])
+def test_planner_routed_activations_equal_what_autograd_keeps(family, targets):
+    """A sparse layer on the grouped path (4-bit experts, LoRA, bf16): what autograd keeps equals
+    the planner's terms, with a balanced router and with every token sent to the same experts."""
+    from saved_bytes import layer_saved_bytes
+
+    from qlora import memory
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.speed import SpeedPlan, apply_speed
+
+    config, r, tokens = planner_config(family), 8, 64
+    arch = memory.arch_from_config(config)
+    cfg = memory.PlanConfig(r=r, lora_dropout=0.0, targets=targets, seq_len=tokens,
+                            alloc_rounding=False, kernels="eager")
+    expected = (sum(memory.layer_activation_terms(arch, cfg).values()) * tokens
+                + sum(memory.layer_weight_terms(arch, cfg).values()))
+    for unbalanced in (False, True):
+        model = random_model(spec_from_config(config), QuantConfig(
+            method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
+        attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0, target_modules=targets))
+        apply_speed(model, SpeedPlan(grouped_experts=True), log=lambda _: None)
+        layer = model.model.layers[0]
+        if unbalanced:  # every token to the same top_k experts
+            with torch.no_grad():
+                layer.mlp.gate.weight.zero_()
+                layer.mlp.gate.weight[:arch.moe.top_k] = torch.linspace(3, 5, arch.moe.top_k)[:, None]
+        x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().abs()
+        x.requires_grad_(True)
+        cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+        owned = [*model.parameters(), *model.buffers(), x, cos, sin]
+        assert layer_saved_bytes(layer.train(), x, cos, sin, owned) == expected, unbalanced
+
+
+def test_named_moe_shapes_have_their_real_sizes():
+    from qlora import memory
+
+    # published totals: Mixtral-8x7B 46.7B, Qwen3-30B-A3B 30.5B
+    for name, billions in [("mixtral-8x7b", 46.70), ("qwen3-30b-a3b", 30.53)]:
+        assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)

@@ -144,6 +144,20 @@ NAMED_SHAPES: dict[str, dict] = {
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                        tie_word_embeddings=False),
+    # Mixtral-8x7B-v0.1: 8 experts of 14336, 2 per token, in every layer
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
+                         rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         router_aux_loss_coef=0.02, tie_word_embeddings=False),
+    # Qwen3-30B-A3B: 128 experts of 768, 8 per token (renormalised), in every layer; head_dim 128
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], rope_theta=1e6, max_position_embeddings=40960,
+                          rms_norm_eps=1e-6, router_aux_loss_coef=0.001,
+                          tie_word_embeddings=False),
 }
 
 

@@ -46,8 +46,10 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     y = projection(experts.down_proj, F.silu(gate) * up, offsets)
     # as the reference: the weighted output in the weights' dtype, rounded to x's
     y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
-    in_token_order = torch.empty_like(y).index_copy_(0, order, y)
-    return in_token_order.view(n, k, -1).float().sum(dim=1).to(x.dtype)
+    # back in token order by a gather (its backward keeps only the indices)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                       device=order.device))
+    return y.index_select(0, inverse).view(n, k, -1).float().sum(dim=1).to(x.dtype)
 
 
 def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
