@@ -26,6 +26,12 @@ Checks, each against the real other tool on CUDA:
  12. attention windows per layer (a qwen2 windowing its second layer only): logits vs
      transformers, packed rows (each layer's varlen or dense mask) vs each document alone, greedy
      generation past the window vs transformers', and the CUDA-graph step vs the eager one.
+ 13. mixtures of experts (check_moe): tiny Mixtral and Qwen3-MoE logits and router logits vs
+     transformers (fp32); the grouped expert computation (speed/moe.py, torch._grouped_mm) vs the
+     loop over experts (NF4 experts, LoRA, bf16): loss and every adapter gradient; the stack
+     dequantize kernel (kernels/experts.py) vs the torch batch, bit for bit, at Qwen3-30B-A3B's
+     and Mixtral-8x7B's expert shapes, timed beside bitsandbytes member by member; one sparse
+     block's forward + backward at Qwen3-30B-A3B's shape (2048 tokens), grouped vs the loop, timed.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -109,7 +115,7 @@ def main() -> int:
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
-              check_windows, check_gemma]
+              check_windows, check_gemma, check_moe]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -709,6 +715,88 @@ def check_cross_entropy(dirs):
     record("cross-entropy-loss", float(abs(l1 - l2) / abs(l2)), 1e-4)
     record("cross-entropy-grad", rel(g2, g1), 2e-2, fused_ms=_call_ms(fused, reps=5),
            reference_ms=_call_ms(reference, reps=5))
+
+
+
+def check_moe(dirs):
+    from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+    from qlora.quant import QuantizedStack
+
+    root = Path(tempfile.mkdtemp())
+    sizes = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    moe = {"mixtral": build_tiny_model(root / "mixtral", "mixtral", intermediate_size=128,
+                                       num_local_experts=8, **sizes),
+           "qwen3_moe": build_tiny_model(root / "qwen3_moe", "qwen3_moe", moe_intermediate_size=128,
+                                         num_experts=8, num_experts_per_tok=3, **sizes)}
+    for family, path in moe.items():
+        ours = load_model(path, QuantConfig(method="none", compute_dtype=torch.float32), device=DEV)
+        with torch.no_grad():
+            want = hf(path, torch.float32)(ids(), output_router_logits=True)
+            got = ours(ids())
+        record(f"moe-{family}-fp32-logits", rel(want.logits, got), 1e-5)
+        record(f"moe-{family}-fp32-router-logits",
+               max(rel(a, b) for a, b in zip(want.router_logits, ours.router_logits())), 1e-5)
+        runs = []
+        for grouped in (False, True):
+            model = nf4_lora_model(path, dropout=0.0)
+            apply_speed(model, SpeedPlan(grouped_experts=grouped), log=lambda _: None)
+            model.train()
+            loss = model(ids(1), labels=ids(1))
+            loss.backward()
+            runs.append((float(loss), {n: p.grad.float() for n, p in model.named_parameters()
+                                       if p.grad is not None}))
+        (l0, g0), (l1, g1) = runs
+        # bf16: each expert's GEMM rounds alike; the k outputs are added in fp32 by the grouped
+        # path, in bf16 by the loop
+        record(f"moe-{family}-grouped-loss", abs(l1 - l0) / abs(l0), 1e-2)
+        record(f"moe-{family}-grouped-grads", max(rel(g0[n], g1[n]) for n in g0), 2e-2,
+               adapters=len(g0))
+    for name, count, shape in (("qwen3-30b-a3b-gate-up", 256, (768, 2048)),
+                               ("mixtral-8x7b-down", 8, (4096, 14336))):
+        stack = QuantizedStack(count, shape, QuantConfig(), DEV)
+        g = torch.Generator(device=DEV).manual_seed(0)
+        for i in range(count):
+            stack.set_member(i, torch.randn(shape, generator=g, device=DEV) * 0.02)
+        got = dequantize_stack_triton(stack, torch.bfloat16)
+        want = dequantize_stack(stack, torch.bfloat16)
+        record(f"moe-stack-dequant-{name}", 0.0 if torch.equal(got, want) else 1.0, 0.0,
+               kernel_ms=_call_ms(lambda: dequantize_stack_triton(stack, torch.bfloat16), reps=5),
+               bnb_member_by_member_ms=_call_ms(
+                   lambda: [stack.dequantize_member(i) for i in range(count)], reps=3))
+        del got, want, stack
+    _time_sparse_block()
+
+
+def _time_sparse_block():
+    """One Qwen3-30B-A3B sparse block (128 experts, 8 per token, NF4, LoRA r16 on the experts)
+    over 2048 tokens: forward + backward, grouped vs the loop over experts."""
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config, NAMED_SHAPES
+
+    config = dict(NAMED_SHAPES["qwen3-30b-a3b"], num_hidden_layers=1)
+    model = random_model(spec_from_config(config), QuantConfig(), device=DEV)
+    attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))
+    block = model.model.layers[0].mlp
+    x = (torch.randn(1, 2048, 2048, device=DEV) * 0.5).to(torch.bfloat16).requires_grad_(True)
+    dy = torch.randn_like(x)
+    outs, times = [], []
+    for grouped in (False, True):
+        apply_speed(model, SpeedPlan(grouped_experts=grouped), log=lambda _: None)
+        model.train()
+
+        def step():
+            x.grad = None
+            y = block(x)
+            y.backward(dy)
+            return y
+
+        outs.append((step().detach().float(), x.grad.float().clone()))
+        times.append(_call_ms(step, reps=3))
+    (y0, dx0), (y1, dx1) = outs
+    # bf16 throughout; the grouped path adds each token's 8 expert outputs in fp32
+    record("moe-qwen3-30b-block-grouped-output", rel(y0, y1), 2e-2, loop_ms=times[0],
+           grouped_ms=times[1])
+    record("moe-qwen3-30b-block-grouped-input-grad", rel(dx0, dx1), 2e-2)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def loss_and_grads(model, ids):
     loss = model(ids, labels=ids)
     loss.backward()
     # the first layers' adapter gradients carry the experts' input gradients back through layers
-    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 # fp32: 16-bit experts, and 4-bit in fp32 (the padded batched matmul); bf16: torch._grouped_mm
@@ -434,3 +434,25 @@ def test_named_moe_shapes_have_their_real_sizes():
     # published totals: Mixtral-8x7B 46.7B, Qwen3-30B-A3B 30.5B
     for name, billions in [("mixtral-8x7b", 46.70), ("qwen3-30b-a3b", 30.53)]:
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_gguf_export_refuses_a_mixture_of_experts_clearly(moe_models, tmp_path):
+    from qlora.export.gguf import export_gguf
+
+    with pytest.raises(QloraError, match="mixture of experts.*qlora merge"):
+        export_gguf(moe_models["mixtral"], tmp_path / "model.gguf", "f16")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
+    from qlora.config import load_config
+    from qlora.train.loop import build_model
+
+    def built(path, value):
+        cfg = load_config(None, dict(model=str(path), data="unused.jsonl", output_dir=str(tmp_path),
+                                     quant="none", router_aux_loss=value))
+        return build_model(cfg, torch.device("cpu"), FP32)
+
+    assert built(moe_models["qwen3-moe"], None).aux_loss  # output_router_logits: true
+    assert not built(moe_models["qwen3-moe"], "false").aux_loss
+    assert built(moe_models["mixtral"], "true").aux_loss  # output_router_logits: false

@@ -1124,7 +1124,8 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
     sees it. Target names the planner does not know (not one of the seven projections) are left
     out; the model layer refuses them later if they do not exist."""
     targets = "all-linear" if "all-linear" in cfg.target_modules else tuple(
-        t for t in cfg.target_modules if t in PROJECTIONS) or "all-linear"
+        t.removeprefix("mlp.") for t in cfg.target_modules
+        if t in PROJECTIONS or t.removeprefix("mlp.") in EXPERT_TARGETS) or "all-linear"
     name = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
     nonquant = {"float32": "fp32", "float16": "fp16"}.get(name, "bf16")
     return PlanConfig(quant=cfg.quant, double_quant=cfg.double_quant, r=cfg.lora_r, targets=targets,

@@ -374,14 +374,26 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         return _export(merged, out, qtype, log, imatrix or {}, name)
 
 
+# native families whose experts the exporter does not write (llama.cpp: Mixtral as llama with
+# ffn_{gate,up,down}_exps, Qwen3-MoE as qwen3moe)
+MIXTURE_OF_EXPERTS = ("mixtral", "qwen3_moe")
+
+
 def refuse_generic(model_dir: Path) -> None:
     """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
-    model on the generic path has none, and is refused by its architecture's name."""
+    model on the generic path has none, and is refused by its architecture's name; a mixture of
+    experts is refused too (its stacked expert tensors are not written yet)."""
     from qlora.merge import read_config
     from qlora.models.families import FAMILIES
     from qlora.models.spec import is_native
 
     config = read_config(model_dir)
+    if config.get("model_type") in MIXTURE_OF_EXPERTS:
+        raise QloraError(
+            f"{model_dir / 'config.json'}: model_type {config['model_type']!r} is a mixture of "
+            "experts, whose GGUF (llama.cpp's stacked ffn_*_exps tensors) qlora does not write "
+            "yet; merge the adapter into a 16-bit checkpoint (`qlora merge`, experts folded in) "
+            "and convert that with llama.cpp's convert_hf_to_gguf.py")
     if is_native(config):
         return
     architecture = ", ".join(config.get("architectures") or []) or "no architectures listed"
