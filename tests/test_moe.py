@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -436,12 +437,53 @@ def test_named_moe_shapes_have_their_real_sizes():
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 
 
-def test_gguf_export_refuses_a_mixture_of_experts_clearly(moe_models, tmp_path):
+@pytest.mark.parametrize("variant,arch", [("mixtral", "llama"), ("qwen3-moe", "qwen3moe")])
+def test_gguf_export_stacks_the_experts(moe_models, variant, arch, tmp_path):
+    """llama.cpp's layout, as its convert_hf_to_gguf.py writes it: each layer's experts stacked
+    [E, out, in] as ffn_{gate,up,down}_exps, the router ffn_gate_inp in F32, the expert counts."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
     from qlora.export.gguf import export_gguf
 
-    with pytest.raises(QloraError, match="mixture of experts.*qlora merge"):
-        export_gguf(moe_models["mixtral"], tmp_path / "model.gguf", "f16")
-    assert not (tmp_path / "model.gguf").exists()
+    from qlora.tiny import build_tiny_model
+
+    # the tests' Qwen3-MoE has a dense layer, which llama.cpp's qwen3moe has not: one without
+    path = (moe_models[variant] if variant == "mixtral"
+            else build_tiny_model(tmp_path / "qwen3-moe", "qwen3_moe", seed=7))
+    out = export_gguf(path, tmp_path / "model.gguf", "f16", log=lambda _: None)
+    reader = GGUFReader(str(out))
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == arch
+    assert int(fields[f"{arch}.expert_count"].parts[-1][0]) == 4
+    assert int(fields[f"{arch}.expert_used_count"].parts[-1][0]) == 2
+    tensors = {t.name: t for t in reader.tensors}
+    block = "block_sparse_moe" if variant == "mixtral" else "mlp"
+    names = {"ffn_gate_exps": ("w1", "gate_proj"), "ffn_up_exps": ("w3", "up_proj"),
+             "ffn_down_exps": ("w2", "down_proj")}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for role, linear in names.items():
+            linear = linear[0] if variant == "mixtral" else linear[1]
+            want = np.stack([f.get_tensor(f"model.layers.0.{block}.experts.{e}.{linear}.weight").numpy()
+                             for e in range(4)]).astype(np.float16)
+            got = np.asarray(tensors[f"blk.0.{role}.weight"].data).reshape(want.shape)
+            assert np.array_equal(got, want), role
+        router = tensors["blk.0.ffn_gate_inp.weight"]
+        assert router.tensor_type.name == "F32"
+        assert np.array_equal(np.asarray(router.data).reshape(4, 64),
+                              f.get_tensor(f"model.layers.0.{block}.gate.weight").numpy())
+
+
+def test_gguf_export_refuses_what_it_does_not_write(moe_models, tmp_path):
+    from qlora.export.gguf import export_gguf
+
+    with pytest.raises(QloraError, match="q4_k_m.*f16, bf16, q8_0"):
+        export_gguf(moe_models["mixtral"], tmp_path / "a.gguf", "q4_k_m")
+    with pytest.raises(QloraError, match="norm_topk_prob"):  # llama.cpp always renormalises
+        export_gguf(moe_models["qwen3-moe-step"], tmp_path / "b.gguf", "f16")
+    with pytest.raises(QloraError, match="dense"):  # llama.cpp's qwen3moe: every layer sparse
+        export_gguf(moe_models["qwen3-moe"], tmp_path / "c.gguf", "f16")
+    assert not list(tmp_path.iterdir())
 
 
 def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
