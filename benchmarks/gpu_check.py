@@ -86,9 +86,9 @@ def hf(path, dtype, quant=None):
                                                 **kwargs).eval()
 
 
-def nf4_lora_model(path, dropout: float):
+def nf4_lora_model(path, dropout: float, dtype=torch.bfloat16):
     """NF4 base (bf16 compute) with LoRA r=8 whose B is not zero, so every adapter has a gradient."""
-    model = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    model = load_model(path, QuantConfig(method="nf4", compute_dtype=dtype), device=DEV)
     torch.manual_seed(0)
     attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=dropout))
     with torch.no_grad():
@@ -737,20 +737,27 @@ def check_moe(dirs):
         record(f"moe-{family}-fp32-router-logits",
                max(rel(a, b) for a, b in zip(want.router_logits, ours.router_logits())), 1e-5)
         runs = []
-        for grouped in (False, True):
-            model = nf4_lora_model(path, dropout=0.0)
+        for dtype, grouped in ((torch.float32, False), (torch.bfloat16, False),
+                               (torch.bfloat16, True)):
+            model = nf4_lora_model(path, dropout=0.0, dtype=dtype)
             apply_speed(model, SpeedPlan(grouped_experts=grouped), log=lambda _: None)
             model.train()
             loss = model(ids(1), labels=ids(1))
             loss.backward()
-            runs.append((float(loss), {n: p.grad.float() for n, p in model.named_parameters()
-                                       if p.grad is not None}))
-        (l0, g0), (l1, g1) = runs
-        # bf16: each expert's GEMM rounds alike; the k outputs are added in fp32 by the grouped
-        # path, in bf16 by the loop
+            runs.append((float(loss.detach()), {n: p.grad.float() for n, p in
+                                                model.named_parameters() if p.grad is not None}))
+        (l32, g32), (l0, g0), (l1, g1) = runs
+        # bf16 against bf16: each expert's GEMM rounds alike; the k outputs are added in fp32 by
+        # the grouped path, in bf16 by the loop, and a token whose k-th and (k+1)-th router
+        # probabilities are that close may take another expert, so the adapter gradients are
+        # judged by their distance to the fp32 loop's: the grouped path's may exceed the bf16
+        # loop's by a quarter at most (on the CPU, Qwen3-MoE top-3: 0.48 against 0.46)
         record(f"moe-{family}-grouped-loss", abs(l1 - l0) / abs(l0), 1e-2)
-        record(f"moe-{family}-grouped-grads", max(rel(g0[n], g1[n]) for n in g0), 2e-2,
-               adapters=len(g0))
+        grouped_error = max(rel(g32[n], g1[n]) for n in g32)
+        loop_error = max(rel(g32[n], g0[n]) for n in g32)
+        record(f"moe-{family}-grouped-grads-vs-fp32", grouped_error / loop_error, 1.25,
+               grouped_to_fp32=grouped_error, loop_to_fp32=loop_error,
+               grouped_to_loop=max(rel(g0[n], g1[n]) for n in g0), adapters=len(g0))
     for name, count, shape in (("qwen3-30b-a3b-gate-up", 256, (768, 2048)),
                                ("mixtral-8x7b-down", 8, (4096, 14336))):
         stack = QuantizedStack(count, shape, QuantConfig(), DEV)

@@ -414,7 +414,14 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     from qlora.quant import QuantConfig
 
     quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
-    model = load_model(model_dir, quant, device=args.device)
+    if args.random_weights:  # drawn and quantized on the device, no files
+        from qlora.models.load import random_model
+        from qlora.models.spec import spec_from_config
+
+        model = random_model(spec_from_config(dict(SHAPES[args.shape]), name=args.shape), quant,
+                             device=args.device, seed=args.seed)
+    else:
+        model = load_model(model_dir, quant, device=args.device)
     torch.manual_seed(args.seed)
     moe = is_moe(SHAPES[args.shape])  # attention and the experts; dropout 0 as for the others
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha,
@@ -524,6 +531,10 @@ def worker(args) -> int:
     cuda = args.device == "cuda"
     shape = SHAPES[args.shape]
     base = dict(system=args.system, shape=args.shape, mb=args.mb)
+    if cuda and args.memory_cap_gib:  # as a GPU of that size: the rest of this one is refused
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+        base["memory_cap_gib"] = args.memory_cap_gib
     t0 = time.time()
     model, params, loss_fn, autocast = setup_system(args.system, args.model_dir, args)
     load_s = time.time() - t0
@@ -735,6 +746,12 @@ def parse_args(argv=None):
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds for the whole run; later work skipped")
     # internal
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="qlora systems only: random weights drawn and quantized on the GPU "
+                         "(qlora.models.random_model), no checkpoint written (a 30B one is 61 GB)")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="cap each worker's CUDA memory (torch.cuda.set_per_process_memory_fraction): "
+                         "a run that needs more fails with OOM, as on a GPU of that size")
     ap.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -757,6 +774,10 @@ def _child_argv(args, **kw) -> list[str]:
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
+    if args.random_weights:
+        argv.append("--random-weights")
+    if args.memory_cap_gib:
+        argv += ["--memory-cap-gib", str(args.memory_cap_gib)]
     argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
     for k, v in kw.items():
         if v is True:
@@ -798,9 +819,12 @@ def main(argv=None) -> int:
         for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
             emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt, error=msg))
 
+    if args.random_weights and any(not s.startswith("qlora") for s in systems):
+        print("--random-weights: qlora systems only (the others read a checkpoint)", file=sys.stderr)
+        return 2
     for shape in args.shapes.split(","):
         model_dir = model_root / shape
-        if not (model_dir / "config.json").exists():
+        if not args.random_weights and not (model_dir / "config.json").exists():
             rc, tail = _run_child(_child_argv(args, make_model=True, shape=shape, model_dir=model_dir),
                                   log, max(left(), 1), env=child_env)
             if rc != 0:

@@ -119,8 +119,8 @@ def bnb_reference_with_our_experts(path, ours, quant_type: str, double_quant: bo
     return ref
 
 
-@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant,quant_type,double_quant", [("mixtral", "nf4", True),
+                                                             ("qwen3-moe", "fp4", False)])
 def test_4bit_bytes_and_logits_match_bitsandbytes(moe_models, variant, quant_type, double_quant):
     import bitsandbytes as bnb
     from safetensors import safe_open
@@ -240,9 +240,9 @@ def loss_and_grads(model, ids):
 
 
 # fp32: 16-bit experts, and 4-bit in fp32 (the padded batched matmul); bf16: torch._grouped_mm
-@pytest.mark.parametrize("quant,dtype", [("none", FP32), ("nf4", FP32),
-                                         ("nf4", torch.bfloat16)])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant,quant,dtype", [
+    ("mixtral", "none", FP32), ("mixtral", "nf4", torch.bfloat16),
+    ("qwen3-moe", "nf4", FP32), ("qwen3-moe", "nf4", torch.bfloat16)])
 def test_grouped_experts_equal_the_loop_over_experts(moe_models, variant, quant, dtype):
     from qlora.speed import SpeedPlan, apply_speed
     from qlora.speed.moe import FastExperts
