@@ -522,9 +522,10 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     if unknown:
         raise QloraError(f"{path}: target_parameters {unknown} are not expert projections; "
                          f"supported: {', '.join('mlp.' + t for t in EXPERT_TARGETS)}")
-    if experts:
-        targets = sorted(set(targets or []) | set(experts))
-    targets = targets or "all-linear"
+    if experts and not targets:  # the experts alone
+        targets = []
+    elif not targets:
+        targets = "all-linear"
     if isinstance(targets, list):
         # PEFT may save full module paths (model.layers.0.mlp.up_proj): the leaf names say which
         # linears; an adapter on only some layers then lacks tensors, which load_adapter names
@@ -535,6 +536,8 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
 
         targets = [m for m in KNOWN_BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
                    or re.search(targets, f"model.layers.0.mlp.{m}")]
+    if experts and targets != "all-linear":  # PEFT's target_parameters: the experts' projections
+        targets = sorted(set(targets) | set(experts))
     return AdapterConfig(
         r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
         target_modules=targets, use_rslora=raw.get("use_rslora", False),
