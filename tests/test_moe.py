@@ -523,3 +523,21 @@ def test_packed_rows_equal_documents_alone(moe_models):
         alone = model(docs[1][None])
     # fp32, the same rows through masked instead of causal attention: 1e-5
     torch.testing.assert_close(packed[0, 7:19], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_aux_loss_gradient_survives_checkpointing(moe_models):
+    """The router logits leave each checkpointed layer beside its output: the load-balancing
+    loss's gradient must reach the adapters the same with checkpointing as without."""
+    from qlora.speed import SpeedPlan, apply_speed
+
+    ids, grads = token_batch(11), []
+    for checkpointing in (False, True):
+        model = adapted(moe_models["qwen3-moe"], "none", FP32)
+        apply_speed(model, SpeedPlan(grouped_experts=True, seeded_dropout=True), log=lambda _: None)
+        model.gradient_checkpointing = checkpointing
+        model(ids, labels=ids)
+        model.router_aux_loss().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for name in grads[0]:  # the same forward run again: equal to the bit
+        assert torch.equal(grads[0][name], grads[1][name]), name
