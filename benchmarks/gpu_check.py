@@ -39,6 +39,12 @@ Checks, each against the real other tool on CUDA:
      the CUDA-graph step of Gemma 2 (flex) and Gemma 3 (varlen) vs their eager steps;
  16. Phi-3's fork (FastPhi3Attention: Triton RoPE where the rotary is full, kept attention) vs
      the reference step, full and partial rotary, and its CUDA-graph step.
+ 17. mixtures of experts (check_moe): tiny Mixtral and Qwen3-MoE logits and router logits vs
+     transformers (fp32); the grouped expert computation (speed/moe.py, torch._grouped_mm) vs the
+     loop over experts (NF4 experts, LoRA, bf16): loss and every adapter gradient; the stack
+     dequantize kernel (kernels/experts.py) vs the torch batch, bit for bit, at Qwen3-30B-A3B's
+     and Mixtral-8x7B's expert shapes, timed beside bitsandbytes member by member; one sparse
+     block's forward + backward at Qwen3-30B-A3B's shape (2048 tokens), grouped vs the loop, timed.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
@@ -93,9 +99,9 @@ def hf(path, dtype, quant=None):
                                                 **kwargs).eval()
 
 
-def nf4_lora_model(path, dropout: float):
+def nf4_lora_model(path, dropout: float, dtype=torch.bfloat16):
     """NF4 base (bf16 compute) with LoRA r=8 whose B is not zero, so every adapter has a gradient."""
-    model = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16), device=DEV)
+    model = load_model(path, QuantConfig(method="nf4", compute_dtype=dtype), device=DEV)
     torch.manual_seed(0)
     attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=dropout))
     with torch.no_grad():
@@ -124,7 +130,7 @@ def main() -> int:
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
               check_windows, check_gemma, check_preference, check_long_context,
               check_flex_capped_attention, check_capped_cross_entropy, check_gemma_graphed_step,
-              check_phi3_fast_path]
+              check_phi3_fast_path, check_moe]
     wanted = [w for w in args.checks.split(",") if w]
     checks = [c for c in checks if not wanted or any(w in c.__name__ for w in wanted)]
     for check in checks:
@@ -990,6 +996,92 @@ def check_phi3_fast_path(dirs):
             _record_runs(f"phi3-fast-step-{tag}", dropout, runs[:2])
             _record_runs(f"phi3-kept-attention-{tag}", dropout, [runs[0], runs[2]])
         _check_graphed_step(path, True, tag=f"-phi3-{tag}")
+def check_moe(dirs):
+    from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+    from qlora.quant import QuantizedStack
+
+    root = Path(tempfile.mkdtemp())
+    sizes = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    moe = {"mixtral": build_tiny_model(root / "mixtral", "mixtral", intermediate_size=128,
+                                       num_local_experts=8, **sizes),
+           "qwen3_moe": build_tiny_model(root / "qwen3_moe", "qwen3_moe", moe_intermediate_size=128,
+                                         num_experts=8, num_experts_per_tok=3, **sizes)}
+    for family, path in moe.items():
+        ours = load_model(path, QuantConfig(method="none", compute_dtype=torch.float32), device=DEV)
+        with torch.no_grad():
+            want = hf(path, torch.float32)(ids(), output_router_logits=True)
+            got = ours(ids())
+        record(f"moe-{family}-fp32-logits", rel(want.logits, got), 1e-5)
+        record(f"moe-{family}-fp32-router-logits",
+               max(rel(a, b) for a, b in zip(want.router_logits, ours.router_logits())), 1e-5)
+        runs = []
+        for dtype, grouped in ((torch.float32, False), (torch.bfloat16, False),
+                               (torch.bfloat16, True)):
+            model = nf4_lora_model(path, dropout=0.0, dtype=dtype)
+            apply_speed(model, SpeedPlan(grouped_experts=grouped), log=lambda _: None)
+            model.train()
+            loss = model(ids(1), labels=ids(1))
+            loss.backward()
+            runs.append((float(loss.detach()), {n: p.grad.float() for n, p in
+                                                model.named_parameters() if p.grad is not None}))
+        (l32, g32), (l0, g0), (l1, g1) = runs
+        # bf16 against bf16: each expert's GEMM rounds alike; the k outputs are added in fp32 by
+        # the grouped path, in bf16 by the loop, and a token whose k-th and (k+1)-th router
+        # probabilities are that close may take another expert, so the adapter gradients are
+        # judged by their distance to the fp32 loop's: the grouped path's may exceed the bf16
+        # loop's by a quarter at most (on the CPU, Qwen3-MoE top-3: 0.48 against 0.46)
+        record(f"moe-{family}-grouped-loss", abs(l1 - l0) / abs(l0), 1e-2)
+        grouped_error = max(rel(g32[n], g1[n]) for n in g32)
+        loop_error = max(rel(g32[n], g0[n]) for n in g32)
+        record(f"moe-{family}-grouped-grads-vs-fp32", grouped_error / loop_error, 1.25,
+               grouped_to_fp32=grouped_error, loop_to_fp32=loop_error,
+               grouped_to_loop=max(rel(g0[n], g1[n]) for n in g0), adapters=len(g0))
+    for name, count, shape in (("qwen3-30b-a3b-gate-up", 256, (768, 2048)),
+                               ("mixtral-8x7b-down", 8, (4096, 14336))):
+        stack = QuantizedStack(count, shape, QuantConfig(), DEV)
+        g = torch.Generator(device=DEV).manual_seed(0)
+        for i in range(count):
+            stack.set_member(i, torch.randn(shape, generator=g, device=DEV) * 0.02)
+        got = dequantize_stack_triton(stack, torch.bfloat16)
+        want = dequantize_stack(stack, torch.bfloat16)
+        record(f"moe-stack-dequant-{name}", 0.0 if torch.equal(got, want) else 1.0, 0.0,
+               kernel_ms=_call_ms(lambda: dequantize_stack_triton(stack, torch.bfloat16), reps=5),
+               bnb_member_by_member_ms=_call_ms(
+                   lambda: [stack.dequantize_member(i) for i in range(count)], reps=3))
+        del got, want, stack
+    _time_sparse_block()
+
+
+def _time_sparse_block():
+    """One Qwen3-30B-A3B sparse block (128 experts, 8 per token, NF4, LoRA r16 on the experts)
+    over 2048 tokens: forward + backward, grouped vs the loop over experts."""
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config, NAMED_SHAPES
+
+    config = dict(NAMED_SHAPES["qwen3-30b-a3b"], num_hidden_layers=1)
+    model = random_model(spec_from_config(config), QuantConfig(), device=DEV)
+    attach_adapters(model, AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))
+    block = model.model.layers[0].mlp
+    x = (torch.randn(1, 2048, 2048, device=DEV) * 0.5).to(torch.bfloat16).requires_grad_(True)
+    dy = torch.randn_like(x)
+    outs, times = [], []
+    for grouped in (False, True):
+        apply_speed(model, SpeedPlan(grouped_experts=grouped), log=lambda _: None)
+        model.train()
+
+        def step():
+            x.grad = None
+            y = block(x)
+            y.backward(dy)
+            return y
+
+        outs.append((step().detach().float(), x.grad.float().clone()))
+        times.append(_call_ms(step, reps=3))
+    (y0, dx0), (y1, dx1) = outs
+    # bf16 throughout; the grouped path adds each token's 8 expert outputs in fp32
+    record("moe-qwen3-30b-block-grouped-output", rel(y0, y1), 2e-2, loop_ms=times[0],
+           grouped_ms=times[1])
+    record("moe-qwen3-30b-block-grouped-input-grad", rel(dx0, dx1), 2e-2)
 
 
 if __name__ == "__main__":

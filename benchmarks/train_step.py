@@ -39,6 +39,17 @@ Systems
                   matmul (the results of 2026-11-25 20:17 named "qlora-fused" the fused one)
   qlora-old       the model stepped the plain way (per-matrix optimizer, torch's dropout RNG)
 
+Mixture-of-experts shapes (mixtral-8x7b, qwen3-30b-a3b; tiny-mixtral, tiny-qwen3-moe on a CPU):
+  LoRA r16 on attention and on the experts (qlora: all-linear; hf: peft's target_parameters
+  mlp.experts.gate_up_proj / down_proj, the transformers 5 layout; unsloth: its own MoE targets),
+  LoRA dropout 0 for every system (PEFT's LoRA on expert parameters refuses any other), the
+  router frozen. The checkpoint is written shard by shard in the Hub's per-expert layout without
+  building the model (Mixtral-8x7B: 93 GB on disk, Qwen3-30B-A3B: 61 GB). transformers +
+  bitsandbytes keeps the experts in bf16 (it quantizes Linear layers only), so the seeds' stack
+  needs 87 GiB of experts for Mixtral and 54 GiB for Qwen3-30B-A3B before the first step; qlora
+  holds each expert's weights in NF4 and runs them as grouped GEMMs (speed/moe.py), without
+  CUDA graphs.
+
 Usage (on the GPU machine; see docs/BENCHMARKS.md for the exact commands used):
   python benchmarks/train_step.py --shapes qwen2.5-1.5b --seqs 2048,8192 --out results/
 Each finished (system, shape, config) appends one JSON line to OUT/results.jsonl as it completes, so a
@@ -117,8 +128,21 @@ SHAPES = {
     ),
     # the families' shapes (real config.json values) are the planner's: qlora.models.spec.NAMED_SHAPES
     **{name: _named_shape(name) for name in ("gemma-2-9b", "phi-4", "mistral-nemo-12b", "gemma-3-1b",
-                                             "stablelm-2-1.6b")},
+                                             "stablelm-2-1.6b", "mixtral-8x7b",
+                                             "qwen3-30b-a3b")},
     # for a CPU smoke test of this script only
+    "tiny-mixtral": dict(
+        model_type="mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+        rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=4096, num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "tiny-qwen3-moe": dict(
+        model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=512, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+    ),
     "tiny-llama": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
@@ -151,6 +175,9 @@ def step_flops(shape: dict, seq: int, mb: int, ckpt: bool, r: int = 16) -> dict:
     nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
     hd = shape.get("head_dim") or h // nh  # Gemma's and Mistral Nemo's differ from h / nh
     q, kv = nh * hd, nkv * hd
+    if is_moe(shape):  # the experts a token runs through: top_k of them, each a SwiGLU MLP
+        k, ie = shape["num_experts_per_tok"], shape.get("moe_intermediate_size", i)
+        i = k * ie
     # (in, out) of the seven projections (Phi-3's fused qkv_proj and gate_up_proj: the same
     # weights in two matrices, but LoRA's A is one per fused linear)
     projs = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
@@ -170,11 +197,74 @@ def step_flops(shape: dict, seq: int, mb: int, ckpt: bool, r: int = 16) -> dict:
 
 # ----------------------------------------------------------------------------- model files
 
+def is_moe(shape: dict) -> bool:
+    return shape["model_type"] in ("mixtral", "qwen3_moe")
+
+
+def make_moe_model_dir(shape_name: str, out_dir: Path, device: str) -> dict:
+    """A mixture of experts' random bf16 checkpoint in the Hub's per-expert layout, written layer
+    by layer (one shard each, normal(0, 0.02) drawn on the device): the model is never built, so
+    a 47B one is written by a GPU of 80 GB and a host of 128 GB."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from qlora.models.families.moe_config import hub_expert_key
+
+    spec = dict(SHAPES[shape_name])
+    model_type = spec.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                               initializer_range=0.02, dtype="bfloat16", use_cache=False, **spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    t0, total, weight_map = time.time(), 0, {}
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) * std).cpu()
+
+    h, hd = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    experts = cfg.num_local_experts
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    shards = [{"model.embed_tokens.weight": rand(cfg.vocab_size, h),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+               "lm_head.weight": rand(cfg.vocab_size, h)}]
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        t = {f"{p}.self_attn.q_proj.weight": rand(cfg.num_attention_heads * hd, h),
+             f"{p}.self_attn.k_proj.weight": rand(cfg.num_key_value_heads * hd, h),
+             f"{p}.self_attn.v_proj.weight": rand(cfg.num_key_value_heads * hd, h),
+             f"{p}.self_attn.o_proj.weight": rand(h, cfg.num_attention_heads * hd),
+             f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+             f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        if model_type == "qwen3_moe":
+            t[f"{p}.self_attn.q_norm.weight"] = torch.ones(hd, dtype=torch.bfloat16)
+            t[f"{p}.self_attn.k_norm.weight"] = torch.ones(hd, dtype=torch.bfloat16)
+        block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+        t[f"{p}.{block}.gate.weight"] = rand(experts, h)
+        for e in range(experts):
+            t[hub_expert_key(model_type, p, "gate_up_proj", e, 0)] = rand(inter, h)
+            t[hub_expert_key(model_type, p, "gate_up_proj", e, 1)] = rand(inter, h)
+            t[hub_expert_key(model_type, p, "down_proj", e, 0)] = rand(h, inter)
+        shards.append(t)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, tensors in zip(names, shards):
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        total += sum(x.nbytes for x in tensors.values())
+        weight_map.update({k: name for k in tensors})
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg.save_pretrained(str(out_dir))
+    _write_tokenizer(out_dir)
+    return dict(shape=shape_name, n_params=total // 2, build_s=round(time.time() - t0, 1))
+
+
 def make_model_dir(shape_name: str, out_dir: Path, device: str) -> dict:
     """Random bf16 weights in the real shape, written once; every system loads these files."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if is_moe(SHAPES[shape_name]):
+        return make_moe_model_dir(shape_name, out_dir, device)
     spec = dict(SHAPES[shape_name])
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -223,9 +313,13 @@ def _bnb_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _lora_config(args):
+def _lora_config(args, moe: bool = False):
     from peft import LoraConfig
 
+    if moe:  # attention's Linear layers, and the experts' 3D parameters (no dropout there)
+        return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
+                          target_modules=SEVEN[:4], task_type="CAUSAL_LM",
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       target_modules=lora_targets(SHAPES[args.shape]), task_type="CAUSAL_LM")
 
@@ -253,7 +347,7 @@ def setup_hf(model_dir: str, args, liger: bool = False, peft: bool = True):
     if not peft:
         return model, [], None, True
     torch.manual_seed(args.seed)
-    model = get_peft_model(model, _lora_config(args))
+    model = get_peft_model(model, _lora_config(args, is_moe(SHAPES[args.shape])))
     model.train()
 
     def loss_fn(ids, ckpt):
@@ -273,8 +367,9 @@ def setup_unsloth(model_dir: str, args):
     model, _tok = FastLanguageModel.from_pretrained(
         model_name=model_dir, max_seq_length=max(args.seqs), dtype=torch.bfloat16, load_in_4bit=True,
         local_files_only=True, fix_tokenizer=False)
+    dropout = 0.0 if is_moe(SHAPES[args.shape]) else args.lora_dropout
     model = FastLanguageModel.get_peft_model(
-        model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+        model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=dropout, bias="none",
         target_modules=lora_targets(SHAPES[args.shape]), use_gradient_checkpointing="unsloth",
         random_state=args.seed)
     FastLanguageModel.for_training(model)
@@ -408,10 +503,20 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
     from qlora.models import GenericLM
 
     quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
-    model = load_model(model_dir, quant, device=args.device)
+    if args.random_weights:  # drawn and quantized on the device, no files
+        from qlora.models.load import random_model
+        from qlora.models.spec import spec_from_config
+
+        model = random_model(spec_from_config(dict(SHAPES[args.shape]), name=args.shape), quant,
+                             device=args.device, seed=args.seed)
+    else:
+        model = load_model(model_dir, quant, device=args.device)
     torch.manual_seed(args.seed)
-    attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                         target_modules=lora_targets(SHAPES[args.shape])))
+    moe = is_moe(SHAPES[args.shape])  # attention and the experts; dropout 0 as for the others
+    attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha,
+                                         dropout=0.0 if moe else args.lora_dropout,
+                                         target_modules="all-linear" if moe
+                                         else lora_targets(SHAPES[args.shape])))
     if isinstance(model, GenericLM):
         # the generic path (a family with no native module): transformers' own modules, no speed
         # layer, as qlora train runs it (SpeedPlan.for_run(generic=True): apply_speed not called,
@@ -432,8 +537,9 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
         plan = SpeedPlan(fused_kernels=variant != "qlora-unfused", fast_base=fast,
                          grouped=fast and variant != "qlora-ungrouped",
                          keep_attention=False if keep == "auto" else keep,
-                         seeded_dropout=True, embedding_on_host=fast,
-                         cuda_graphs=variant != "qlora-eager",
+                         seeded_dropout=True, embedding_on_host=fast, grouped_experts=moe,
+                         # routing is not captured in a graph (MoeLM.cuda_graphs_refused)
+                         cuda_graphs=variant != "qlora-eager" and not moe,
                          offload_activations=args.offload_activations == "true",
                          tile_mlp=_tile_mlp(args.tile_mlp) or False)
         applied = apply_speed(model, plan)
@@ -549,6 +655,10 @@ def worker(args) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     shape = SHAPES[args.shape]
     base = dict(system=args.system, shape=args.shape, mb=args.mb)
+    if cuda and args.memory_cap_gib:  # as a GPU of that size: the rest of this one is refused
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+        base["memory_cap_gib"] = args.memory_cap_gib
     t0 = time.time()
     model, params, loss_fn, autocast = setup_system(args.system, args.model_dir, args)
     load_s = time.time() - t0
@@ -786,6 +896,12 @@ def parse_args(argv=None):
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds for the whole run; later work skipped")
     # internal
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="qlora systems only: random weights drawn and quantized on the GPU "
+                         "(qlora.models.random_model), no checkpoint written (a 30B one is 61 GB)")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="cap each worker's CUDA memory (torch.cuda.set_per_process_memory_fraction): "
+                         "a run that needs more fails with OOM, as on a GPU of that size")
     ap.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -808,6 +924,10 @@ def _child_argv(args, **kw) -> list[str]:
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
+    if args.random_weights:
+        argv.append("--random-weights")
+    if args.memory_cap_gib:
+        argv += ["--memory-cap-gib", str(args.memory_cap_gib)]
     argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
     argv += ["--offload-activations", args.offload_activations, "--tile-mlp", args.tile_mlp]
     if args.memory_cap_gib is not None:
@@ -854,9 +974,12 @@ def main(argv=None) -> int:
         for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
             emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt, error=msg))
 
+    if args.random_weights and any(not s.startswith("qlora") for s in systems):
+        print("--random-weights: qlora systems only (the others read a checkpoint)", file=sys.stderr)
+        return 2
     for shape in args.shapes.split(","):
         model_dir = model_root / shape
-        if not (model_dir / "config.json").exists():
+        if not args.random_weights and not (model_dir / "config.json").exists():
             rc, tail = _run_child(_child_argv(args, make_model=True, shape=shape, model_dir=model_dir),
                                   log, max(left(), 1), env=child_env)
             if rc != 0:

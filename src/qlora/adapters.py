@@ -19,8 +19,12 @@ from torch import nn
 from qlora.errors import QloraError
 from qlora.files import staged_dir
 
+from qlora.models.families.moe_blocks import ExpertLinear
+from qlora.models.families.moe_config import EXPERT_PROJECTIONS
 from qlora.models.generic import GenericLM
 from qlora.models.spec import KNOWN_BLOCK_LINEARS  # every family's block linears
+# a target name of an expert projection (PEFT's target_parameters end so: mlp.experts.down_proj)
+EXPERT_TARGETS = tuple(f"experts.{name}" for name in EXPERT_PROJECTIONS)
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,6 +169,59 @@ class LoraLinear(nn.Module):
         return merged * scale.unsqueeze(1) - weight
 
 
+class LoraExperts(nn.Module):
+    """LoRA on one projection of every expert (an ExpertLinear): expert e's output is
+    base_e(x) + scale · B_e A_e x, with A and B held as PEFT holds them for a 3D parameter
+    (`target_parameters`): lora_A [r·E, in], expert e's A its rows e·r … e·r + r − 1; lora_B
+    [out, r·E], expert e's B the columns e, e + E, e + 2E, … (PEFT's reshape(out, r, E)).
+    No dropout and no DoRA: PEFT's LoRA on a parameter has neither."""
+
+    def __init__(self, base_layer: ExpertLinear, cfg: AdapterConfig):
+        super().__init__()
+        if cfg.use_dora:
+            raise QloraError("DoRA cannot adapt expert projections (PEFT's LoRA on expert "
+                             "parameters has no DoRA); leave experts.gate_up_proj and "
+                             "experts.down_proj out of target_modules, or use LoRA")
+        self.base_layer = base_layer
+        self.num_experts, self.r = base_layer.num_experts, cfg.r
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.Linear(self.in_features, cfg.r * self.num_experts, bias=False)
+        self.lora_B = nn.Linear(cfg.r * self.num_experts, self.out_features, bias=False)
+        self.scaling = cfg.scaling
+        self.disabled = False  # adapters_disabled()
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init, as LoraLinear
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def members(self) -> int:
+        return self.base_layer.members
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r]) in `dtype`: every expert's factors, views of PEFT's."""
+        e, r = self.num_experts, self.r
+        a = self.lora_A.weight.to(dtype).view(e, r, self.in_features)
+        b = self.lora_B.weight.to(dtype).view(self.out_features, r, e).permute(2, 0, 1)
+        return a, b
+
+    def expert_weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.base_layer.expert_weight(expert, dtype)
+
+    def dense_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base_layer.dense_weights(dtype)
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        base = self.base_layer(x, expert)
+        if self.disabled:
+            return base
+        a, b = self.factors(x.dtype)
+        return base + F.linear(F.linear(x, a[expert]), b[expert]) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """Every expert's merged weight minus its base weight [E, out, in], in fp32."""
+        a, b = self.factors(torch.float32)
+        return torch.bmm(b, a) * self.scaling
+
+
 def groupable(layers) -> bool:
     """Whether `layers` can share one base GEMM (grouped_forward): each a non-DoRA LoraLinear on
     the 4-bit fast path (speed.use_fast_path), all reading inputs of one width."""
@@ -248,7 +305,7 @@ def adapters_disabled(model: nn.Module):
     Each LoraLinear answers with its base layer alone. Its scaling is also set to 0 for the
     grouped fast path (grouped_forward reads the layers' weights and scales, not forward()), so
     there too the LoRA term adds exactly zero; DoRA layers never take that path."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, LoraExperts))]
     kept = [layer.scaling for layer in layers]
     for layer in layers:
         layer.disabled, layer.scaling = True, 0.0
@@ -264,22 +321,55 @@ def target_names(model: nn.Module, target_modules: str | list[str]) -> list[str]
     on the generic path, PEFT's meaning: every linear layer but the output head."""
     if isinstance(model, GenericLM):
         return _generic_target_names(model, target_modules)
+    experts = _expert_linears(model)
     linears = model.spec.block_linears()  # the family's (phi3's fused ones)
-    wanted = set(linears) if target_modules == "all-linear" else set(target_modules)
-    present = {name.rsplit(".", 1)[-1] for name, _ in _block_linears(model)}
+    expert_names = EXPERT_TARGETS if experts else ()
+    if model.spec.moe is not None:
+        # PEFT (0.21, on transformers 5) reads gate_proj/up_proj/down_proj in a mixture of
+        # experts' adapter as the experts' (transformers 4's per-expert names), never as a
+        # dense layer's: an adapter on Qwen3-MoE's dense MLP layers would not load there
+        dense = [t for t in (target_modules if target_modules != "all-linear" else ())
+                 if t in ("gate_proj", "up_proj", "down_proj")]
+        if dense:
+            raise QloraError(
+                f"target_modules {dense}: a mixture of experts' dense MLP layers take no "
+                "adapters (PEFT reads these names as the experts' and would not load them); "
+                "target the experts as experts.gate_up_proj, experts.down_proj")
+        linears = tuple(n for n in linears if n not in ("gate_proj", "up_proj", "down_proj"))
+    if target_modules == "all-linear":  # a mixture of experts: its experts' projections too
+        wanted = set(linears) | set(expert_names)
+    else:
+        wanted = {_expert_target(t) for t in target_modules}
+    present = {name.rsplit(".", 1)[-1] for name, _ in _block_linears(model)} | set(expert_names)
     missing = sorted(wanted - present)
     if missing:
         raise QloraError(
             f"target_modules {missing} do not exist in this model; its linear layers are "
             f"{sorted(present)} (or use all-linear)"
         )
-    return [name for name, _ in _block_linears(model) if name.rsplit(".", 1)[-1] in wanted]
+    names = [name for name, _ in _block_linears(model) if name.rsplit(".", 1)[-1] in wanted]
+    return names + [name for name in experts if _expert_target(name) in wanted]
+
+
+def _expert_target(name: str) -> str:
+    """`experts.down_proj` for any name ending so (PEFT's `mlp.experts.down_proj`, a module
+    path); any other name unchanged."""
+    for target in EXPERT_TARGETS:
+        if name == target or name.endswith("." + target):
+            return target
+    return name
+
+
+def _expert_linears(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, ExpertLinear)]
 
 
 def _block_linears(model: nn.Module):
     for name, module in model.named_modules():
+        # an expert projection shares its leaf name with a dense MLP's (down_proj)
         if ".layers." in name and name.rsplit(".", 1)[-1] in KNOWN_BLOCK_LINEARS and not isinstance(
-            module, LoraLinear
+            module, (LoraLinear, LoraExperts, ExpertLinear)
         ):
             yield name, module
 
@@ -313,16 +403,28 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     for name in names:
         parent_name, leaf = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoraLinear(getattr(parent, leaf), cfg).to(device))
+        layer = getattr(parent, leaf)
+        wrapper = LoraExperts if isinstance(layer, ExpertLinear) else LoraLinear
+        setattr(parent, leaf, wrapper(layer, cfg).to(device))
     model.adapter_config = cfg
-    model.adapter_targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    model.adapter_targets = sorted({_target_name(n) for n in names})
     return names
+
+
+def _target_name(path: str) -> str:
+    """A wrapped layer's name in target_modules: its leaf, `experts.<projection>` for experts."""
+    expert = _expert_target(path)
+    return expert if expert in EXPERT_TARGETS else path.rsplit(".", 1)[-1]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors under PEFT's key names."""
     state = {}
     for name, module in model.named_modules():
+        if isinstance(module, LoraExperts):
+            prefix = PEFT_PREFIX + peft_expert_path(model, name)
+            state[f"{prefix}.lora_A.weight"] = module.lora_A.weight
+            state[f"{prefix}.lora_B.weight"] = module.lora_B.weight
         if isinstance(module, LoraLinear):
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
@@ -331,16 +433,33 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def peft_expert_path(model: nn.Module, path: str) -> str:
+    """PEFT's module path of the adapter on the expert projection at `path`
+    (`...mlp.experts.gate_up_proj`). PEFT wraps each targeted parameter of `experts` in a
+    wrapper of its own, nested in parameter order (gate_up_proj inside, down_proj outside), so
+    the outer one's tensors sit at `experts.lora_A` and each one inside it one `base_layer.`
+    deeper."""
+    experts, projection = path.rsplit(".", 1)
+    later = EXPERT_PROJECTIONS[EXPERT_PROJECTIONS.index(projection) + 1:]
+    depth = sum(isinstance(getattr(model.get_submodule(experts), p), LoraExperts) for p in later)
+    return experts + ".base_layer" * depth
+
+
 def peft_config_dict(cfg: AdapterConfig, targets: list[str], base_model: str,
                      fan_in_fan_out: bool = False) -> dict:
+    # expert projections are PEFT's target_parameters (3D parameters in transformers), whose
+    # LoRA has no dropout: PEFT refuses to load one that says otherwise. Dropout acts only in
+    # training, so the adapter's outputs are the same.
+    modules = [t for t in targets if t not in EXPERT_TARGETS]
+    parameters = [f"mlp.{t}" for t in targets if t in EXPERT_TARGETS]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": targets,
+        "lora_dropout": 0.0 if parameters else cfg.dropout,
+        "target_modules": modules,
         "bias": "none",
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
@@ -354,6 +473,8 @@ def peft_config_dict(cfg: AdapterConfig, targets: list[str], base_model: str,
         "alpha_pattern": {},
         "revision": None,
     }
+    if parameters:
+        config["target_parameters"] = parameters
     config.update(cfg.extra)
     return config
 
@@ -395,17 +516,28 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
             raise QloraError(f"{path}: per-layer {key} is not supported yet; retrain with one r/alpha")
     if raw.get("bias", "none") != "none":
         raise QloraError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
-    targets = raw.get("target_modules") or "all-linear"
+    targets = raw.get("target_modules")
+    experts = [_expert_target(t) for t in raw.get("target_parameters") or ()]
+    unknown = [t for t in experts if t not in EXPERT_TARGETS]
+    if unknown:
+        raise QloraError(f"{path}: target_parameters {unknown} are not expert projections; "
+                         f"supported: {', '.join('mlp.' + t for t in EXPERT_TARGETS)}")
+    if experts and not targets:  # the experts alone
+        targets = []
+    elif not targets:
+        targets = "all-linear"
     if isinstance(targets, list):
         # PEFT may save full module paths (model.layers.0.mlp.up_proj): the leaf names say which
         # linears; an adapter on only some layers then lacks tensors, which load_adapter names
-        targets = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        targets = sorted({t if t in EXPERT_TARGETS else t.rsplit(".", 1)[-1] for t in targets})
     if isinstance(targets, str) and targets != "all-linear":
         # PEFT stores a regex when target_modules was given as one; match leaf names in it
         import re
 
         targets = [m for m in KNOWN_BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
                    or re.search(targets, f"model.layers.0.mlp.{m}")]
+    if experts and targets != "all-linear":  # PEFT's target_parameters: the experts' projections
+        targets = sorted(set(targets) | set(experts))
     return AdapterConfig(
         r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
         target_modules=targets, use_rslora=raw.get("use_rslora", False),
@@ -454,5 +586,10 @@ def trainable_summary(model: nn.Module) -> str:
         if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
             n *= 2
         total += n
+    from qlora.quant import QuantizedStack
+
+    # 4-bit experts are buffers of their stacks, not parameters: counted by their weights
+    total += sum(m.count * m.shape[0] * m.shape[1] for m in model.modules()
+                 if isinstance(m, QuantizedStack))
     return (f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / total:.4f}")

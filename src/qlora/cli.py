@@ -538,6 +538,9 @@ def run_plan(args) -> None:
         print(f"a coarser estimate: {arch.model_type} runs on the generic path (transformers' own "
               "modules); weights counted exactly, activations estimated from the model's width, "
               "never measured")
+    elif arch.moe is not None:
+        print("a mixture of experts: its expert and routed terms are counted against the CPU's "
+              "tensors (tests/test_moe.py), not yet measured on a GPU")
     elif arch.model_type in memory.CALIBRATED_FAMILIES:
         print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "
               "configurations measured since within 10% (docs/MEMORY.md)")

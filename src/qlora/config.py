@@ -97,6 +97,9 @@ class RunConfig:
     embedding_on_host: bool = True
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
     fused_kernels: bool = True  # Triton RMSNorm/SwiGLU/RoPE (kernels/fused.py) and, on CUDA, 4-bit dequantize (kernels/dequant.py)
+    # a mixture of experts (Mixtral, Qwen3-MoE): add router_aux_loss_coef x the load-balancing
+    # loss to the training loss; None = as config.json's output_router_logits says (transformers')
+    router_aux_loss: bool | None = None
     seed: int = 42
     # --- memory (qlora.memory plans the run before anything loads; docs/MEMORY.md) -----------------
     gpu_memory: str | None = None  # GPU size to plan for, e.g. 24GB; None = the detected CUDA GPU
@@ -137,6 +140,7 @@ NONE_MEANS: dict[str, str] = {
     "keep_attention": "as many layers as the memory plan fits on the GPU",
     "offload_activations": "auto: only where the memory plan needs it to fit",
     "tile_mlp": "auto: only where the memory plan needs it to fit",
+    "router_aux_loss": "as the model's config.json says (output_router_logits)",
     "gpu_memory": "the detected CUDA GPU",
     "chat_template": "the tokenizer's own",
     "val_data": "no separate validation file; see val_set_size",
@@ -201,6 +205,8 @@ HELP: dict[str, str] = {
     "embedding_on_host": "on one CUDA GPU, an untied frozen input embedding in pinned host memory",
     "cuda_graphs": "replay each micro-batch shape's forward and backward as a CUDA graph",
     "fused_kernels": "Triton RMSNorm / SwiGLU / RoPE kernels and, on CUDA, 4-bit dequantize",
+    "router_aux_loss": "a mixture of experts: add the router's load-balancing loss (its "
+                       "router_aux_loss_coef from config.json) to the training loss",
     "seed": "random seed of the run",
     "gpu_memory": "GPU size to plan the run for, e.g. 24GB",
     "auto_fit": "pick the largest micro-batch that fits, checkpointing off if it can be",

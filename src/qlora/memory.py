@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora.errors import QloraError
+from qlora.models.families.moe_config import EXPERT_PROJECTIONS
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
 from qlora.models.spec import NAMED_SHAPES as SHAPES  # (benchmarks read memory.SHAPES)
 from qlora.models.generic import GenericSpec, LinearLayer
@@ -64,6 +65,9 @@ KERNELS = ("eager", "fused")
 # full: transformers'.
 LOSSES = ("chunked-fused", "chunked", "full")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# a mixture of experts' expert projections as target names (adapters.EXPERT_TARGETS)
+EXPERT_TARGETS = tuple(f"experts.{p}" for p in EXPERT_PROJECTIONS)
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 # --- architecture -------------------------------------------------------------------------------
@@ -196,16 +200,94 @@ def target_names(targets: str | tuple[str, ...] | list[str],
     """'all-linear' (PEFT's meaning: every projection, never lm_head) or a list of projection names;
     with `arch`, those of its block (a family's own linears: phi3's qkv_proj, gate_up_proj)."""
     present = PROJECTIONS if arch is None else arch.block_linears()
+    if arch is not None and arch.moe is not None:  # a mixture of experts' dense MLPs take none
+        present = tuple(n for n in present if n not in MLP_LINEARS)
     if isinstance(targets, str):
         if targets == "all-linear":
             return present
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     names = tuple(targets)
-    unknown = [t for t in names if t not in PROJECTIONS]
+    unknown = [t for t in names if t not in PROJECTIONS and t not in EXPERT_TARGETS]
     if unknown or not names:
         raise QloraError(f"--targets: {', '.join(unknown) or '(empty)'} not known; use all-linear or a "
                          f"comma-separated list of {', '.join(PROJECTIONS)}")
     return tuple(t for t in present if t in names)  # de-duplicated, in layer order
+
+
+def expert_targets(targets: str | tuple[str, ...] | list[str], arch: ArchSpec) -> tuple[str, ...]:
+    """The expert projections (gate_up_proj, down_proj) the adapters cover: every one under
+    all-linear, else those named `experts.<projection>`; none without experts."""
+    if arch.moe is None:
+        return ()
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return EXPERT_PROJECTIONS
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return tuple(p for p in EXPERT_PROJECTIONS if f"experts.{p}" in targets)
+
+
+def expert_stack_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """One sparse layer's experts and router: each expert's gate, up and down weight quantized on
+    its own (quant.QuantizedStack: each part of every member in one tensor, code books shared),
+    the router [E, H] in 16 bits."""
+    rnd, total = cfg.alloc_rounding, 0
+    for name, (experts, n_out, n_in) in arch.expert_shapes().items():
+        parts = 2 if name == "gate_up_proj" else 1  # gate and up: two members an expert
+        members = experts * parts
+        sizes = quantized_linear_tensors(n_out // parts, n_in, cfg.quant, cfg.double_quant,
+                                         cfg.blocksize)
+        shared = {16 * 4, 256 * 4} if cfg.quant in FOUR_BIT_METHODS else set()
+        total += sum(_alloc(s if s in shared else s * members, rnd) for s in sizes)
+    return total + _alloc(2 * arch.moe.num_experts * arch.hidden_size, rnd)
+
+
+def expert_adapter_tensors(arch: ArchSpec, cfg: PlanConfig) -> list[int]:
+    """Element counts of one sparse layer's expert adapters: PEFT's lora_A [r·E, in] and
+    lora_B [out, r·E] per targeted projection."""
+    shapes = arch.expert_shapes()
+    sizes = []
+    for name in expert_targets(cfg.targets, arch):
+        experts, n_out, n_in = shapes[name]
+        sizes += [cfg.r * experts * n_in, n_out * cfg.r * experts]
+    return sizes
+
+
+def routed_activation_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, float]:
+    """Bytes per token a sparse layer keeps for backward in the grouped computation
+    (speed/moe.py), in place of the dense MLP's terms. Each token is k rows whatever the routing:
+    all tokens to the same experts (the worst case of an unbalanced router) keeps exactly what a
+    balanced one keeps, since the grouped GEMMs take rows sorted by expert, not padded per
+    expert (tests/test_moe.py counts both)."""
+    moe, h = arch.moe, arch.hidden_size
+    k, i, e = moe.top_k, moe.expert_intermediate_size, moe.num_experts
+    targets = expert_targets(cfg.targets, arch)
+    t: dict[str, float] = {}
+    # the router: softmax keeps its fp32 output, top_k its indices, renormalising its values
+    # and their sum (the logits' linear keeps nothing: the router is frozen)
+    t["router softmax, top-k"] = 4 * e + 8 * k + (4 * k + 4 if moe.renormalize else 0)
+    # the sort: the rows' token index, the sorted weights' index, the way back
+    t["sort indices (int64)"] = 3 * 8 * k
+    if "gate_up_proj" in targets:  # the sorted rows, read by gate_up's LoRA A
+        t["routed rows (k per token)"] = 2 * k * h
+    t["experts' gate, up outputs"] = 2 * k * 2 * i
+    t["silu(gate)"] = 2 * k * i
+    if "down_proj" in targets:
+        t["experts' down_proj input"] = 2 * k * i
+    t["experts' LoRA A outputs"] = sum(2 * k * cfg.r for _ in targets)
+    # each row's output, kept to multiply by its router weight (which depends on the hidden
+    # state), and that weight (fp32 in Mixtral, the hidden dtype in Qwen3-MoE)
+    t["expert outputs, router weights"] = 2 * k * h + (2 if moe.weights_in_hidden_dtype else 4) * k
+    return t
+
+
+def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """Bytes a sparse layer's graph keeps whatever its tokens: the grouped GEMMs' bf16 copies of
+    the expert adapters (PEFT's factors made contiguous per expert) and the group offsets."""
+    shapes, rnd = arch.expert_shapes(), cfg.alloc_rounding
+    targets = expert_targets(cfg.targets, arch)
+    copies = sum(_alloc(2 * e * cfg.r * n_in, rnd) + _alloc(2 * e * n_out * cfg.r, rnd)
+                 for name, (e, n_out, n_in) in shapes.items() if name in targets)
+    return copies + (_alloc(4 * arch.moe.num_experts, rnd) if targets else 0)
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -247,7 +329,8 @@ def adapter_tensors(arch: ArchSpec, cfg: PlanConfig) -> list[int]:
     for name, n_in, n_out in arch.linears():
         if name in targets:
             sizes += [cfg.r * n_in, n_out * cfg.r] + ([n_out] if cfg.dora else [])
-    return sizes * arch.num_layers
+    experts = expert_adapter_tensors(arch, cfg) * (arch.moe.num_sparse_layers if arch.moe else 0)
+    return sizes * arch.num_layers + experts
 
 
 def adapter_param_count(arch: ArchSpec, cfg: PlanConfig) -> int:
@@ -423,6 +506,13 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
             # DoRA (qlora.adapters): (scale - 1) * base and scale * lora keep the base output and
             # the LoRA output for the magnitude's gradient: 2 x out per target.
             t[prefix + "DoRA base + LoRA outputs"] = sum(2 * 2 * outputs[n] for n in names)
+    if arch.moe is not None and arch.moe.num_sparse_layers:
+        # a sparse layer's (every layer counted as one: an overestimate for dense layers of a
+        # mixture of experts, which Mixtral and Qwen3-30B-A3B do not have): the routed terms
+        # replace the dense MLP's, its adapters' included
+        for name in [n for n in t if n.startswith("MLP")]:
+            t.pop(name)
+        t.update(routed_activation_terms(arch, cfg))
     return t
 
 
@@ -584,6 +674,8 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
     elif cfg.adapter_dtype == "fp32":
         t["bf16 adapter copies"] = sum(_alloc(2 * cfg.r * n_in, rnd) + _alloc(2 * cfg.r * n_out, rnd)
                                        for name, n_in, n_out in arch.linears() if name in targets)
+    if arch.moe is not None and arch.moe.num_sparse_layers:
+        t["experts: bf16 adapter copies, group offsets"] = routed_weight_bytes(arch, cfg)
     if cfg.dora and cfg.lora_dropout > 0:
         t["DoRA: dequantized weights kept by the dropped-input matmul"] = sum(
             _alloc(2 * n_in * n_out, rnd) for name, n_in, n_out in arch.linears() if name in targets)
@@ -606,7 +698,10 @@ def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     fp32 gradient and the capped scores' bf16 gradient, 2 + 4 + 4 bytes a score with the fp32
     copy).
     """
-    working = 2 * 2 * arch.hidden_size + 3 * 2 * arch.intermediate_size
+    width = arch.intermediate_size
+    if arch.moe is not None and arch.moe.num_sparse_layers:  # k rows of an expert's width
+        width = max(arch.moe.top_k * arch.moe.expert_intermediate_size, arch.intermediate_size)
+    working = 2 * 2 * arch.hidden_size + 3 * 2 * width
     if capped_scores_in_torch(arch, cfg):
         working += 10 * arch.num_heads * cfg.seq_len
     return working
@@ -810,13 +905,24 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     notes: list[str] = []
 
     # Static: frozen weights.
-    base_layer = 0
+    base_layer = mlp_layer = 0
+    moe = arch.moe is not None
     for name, n_in, n_out in arch.linears():
-        base_layer += sum(_alloc(s, rnd) for s in
-                          quantized_linear_tensors(n_out, n_in, cfg.quant, cfg.double_quant, cfg.blocksize))
+        weight = sum(_alloc(s, rnd) for s in
+                     quantized_linear_tensors(n_out, n_in, cfg.quant, cfg.double_quant, cfg.blocksize))
+        if moe and name in MLP_LINEARS:  # a mixture of experts' dense layers only
+            mlp_layer += weight
+            continue
+        base_layer += weight
         if arch.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
             base_layer += _alloc(2 * n_out, rnd)  # bias stays in bf16
     base = L * base_layer
+    if moe:
+        sparse = arch.moe.num_sparse_layers
+        base += (L - sparse) * mlp_layer + sparse * expert_stack_bytes(arch, cfg)
+        notes.append(f"{arch.moe.num_experts} experts in {sparse} of {L} layers, "
+                     f"{arch.moe.top_k} per token: {_gib(sparse * expert_stack_bytes(arch, cfg)):.2f}"
+                     " GiB of expert weights")
     host_embedding = embedding_in_host_memory(arch, cfg)
     embeddings = _alloc(v * h * nbytes, rnd) * (1 if arch.tie_word_embeddings or host_embedding else 2)
     if host_embedding:
@@ -904,6 +1010,11 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     # quant first its fp32 absmax.
     largest = max(arch.linears(), key=lambda x: x[1] * x[2])
     n_largest = largest[1] * largest[2]
+    if arch.moe is not None and arch.moe.num_sparse_layers:
+        # the grouped GEMM dequantizes a projection's every expert at once (one batched call)
+        experts = max(e * o * i for e, o, i in arch.expert_shapes().values())
+        if experts > n_largest:
+            largest, n_largest = ("experts", 0, 0), experts
     dequant = 0
     if cfg.quant in FOUR_BIT_METHODS:
         dequant = 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
@@ -1254,7 +1365,8 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
     sees it. Target names the planner does not know (not one of the seven projections) are left
     out; the model layer refuses them later if they do not exist."""
     targets = "all-linear" if "all-linear" in cfg.target_modules else tuple(
-        t for t in cfg.target_modules if t in PROJECTIONS) or "all-linear"
+        t.removeprefix("mlp.") for t in cfg.target_modules
+        if t in PROJECTIONS or t.removeprefix("mlp.") in EXPERT_TARGETS) or "all-linear"
     name = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
     nonquant = {"float32": "fp32", "float16": "fp16"}.get(name, "bf16")
     return PlanConfig(quant=cfg.quant, double_quant=cfg.double_quant, r=cfg.lora_r, targets=targets,

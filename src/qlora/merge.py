@@ -230,9 +230,53 @@ def nf4_round_trip(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tr
     return bnbf.dequantize_4bit(q, state).to(w.dtype).reshape(w.shape)
 
 
+ROUTER = re.compile(r"\.(block_sparse_moe|mlp)\.gate\.weight$")  # a mixture of experts' router
+
+
 def is_quantized_linear(name: str, shape: tuple[int, ...]) -> bool:
-    """The weights our loader (and transformers+bitsandbytes) store in 4 bits: decoder-block linears."""
-    return ".layers." in name and name.endswith(".weight") and len(shape) == 2
+    """The weights our loader (and transformers+bitsandbytes) store in 4 bits: decoder-block
+    linears, each expert's among them (ours, one by one), but not a router (kept 16-bit)."""
+    return (".layers." in name and name.endswith(".weight") and len(shape) == 2
+            and not ROUTER.search(name))
+
+
+def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config: dict,
+                       shapes: dict[str, tuple[int, ...]], where: Path) -> dict[str, LoraModule]:
+    """A mixture of experts' adapter (PEFT's target_parameters: one lora_A [r·E, in] and lora_B
+    [out, r·E] per projection, at `...mlp.experts` nested by `base_layer.`, see
+    adapters.peft_expert_path) as one LoraModule per expert linear of the Hub checkpoint
+    (Mixtral's experts.N.w1/w3/w2, Qwen3-MoE's experts.N.gate_proj/up_proj/down_proj): expert e's
+    A is rows e·r…, its B the columns e, e + E, …, and gate_up's B splits into gate's and up's rows."""
+    from qlora.models.families.moe_config import EXPERT_PROJECTIONS, hub_expert_key, num_experts
+
+    targeted = [p for p in EXPERT_PROJECTIONS
+                if any(t.endswith("experts." + p) for t in adapter_cfg.get("target_parameters") or ())]
+    experts = num_experts(config, 0)
+    out: dict[str, LoraModule] = {}
+    for name, m in modules.items():
+        stem = re.match(r"^(model\.layers\.\d+)\.mlp\.experts((?:\.base_layer)*)$", name)
+        if not stem:
+            out[name] = m
+            continue
+        depth = stem.group(2).count(".base_layer")
+        if depth >= len(targeted):
+            raise QloraError(f"{where}: {name} is nested deeper than its target_parameters allow")
+        projection = targeted[len(targeted) - 1 - depth]
+        r = m.A.shape[0] // experts
+        a = m.A.view(experts, r, m.A.shape[1])
+        b = m.B.view(m.B.shape[0], r, experts)
+        parts = 2 if projection == "gate_up_proj" else 1
+        rows = m.B.shape[0] // parts
+        for e in range(experts):
+            for part in range(parts):
+                key = hub_expert_key(config["model_type"], stem.group(1), projection, e, part)
+                module = key.removesuffix(".weight")
+                if key not in shapes:
+                    raise QloraError(f"{where}: the base has no {key}; merge folds expert adapters "
+                                     "into a checkpoint with one tensor per expert, as on the Hub")
+                out[module] = LoraModule(module, m.scale, A=a[e].contiguous(),
+                                         B=b[part * rows:(part + 1) * rows, :, e].contiguous())
+    return out
 
 
 @dataclass
@@ -376,6 +420,9 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     adapter_cfg, modules, replacements = read_adapter(adapter_dir)
     if not ignore_base_name:
         check_base_name(adapter_cfg, model_dir, config)
+    if adapter_cfg.get("target_parameters"):
+        modules = per_expert_modules(adapter_cfg, modules, config, shapes,
+                                     adapter_dir / "adapter_model.safetensors")
     check_adapter_fits(modules, replacements, shapes, adapter_dir, layout.transposed)
     tied = config.get("tie_word_embeddings", False)
     if tied and any(n in ("lm_head", "model.embed_tokens") for n in list(modules) + list(replacements)):

@@ -251,3 +251,77 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         scb = weight.SCB if weight.SCB is not None else layer.state.SCB
         return (weight.data.float() * scb.float().unsqueeze(1) / 127.0).to(torch.float16)
     return weight
+
+
+class QuantizedStack(nn.Module):
+    """`count` frozen 4-bit weights of one shape [out, in] side by side: a mixture of experts'
+    per-expert weights of one projection. Each member is quantized on its own by bitsandbytes,
+    exactly as a Linear4bit of that weight holds it (the same bytes, absmax and, with double
+    quantization, its own nested scales and offset), and stored in one tensor per part so that
+    all members dequantize in one batched call (kernels/experts.py) instead of one call each.
+
+    Buffers: `data` uint8 [count, n/2]; `absmax` [count, blocks] (fp32, or uint8 codes with
+    double quantization); `nested_absmax` fp32 [count, nested blocks] and `offset` fp32 [count]
+    with double quantization; `code` fp32 [16] (NF4 or FP4 values), `nested_code` fp32 [256].
+    """
+
+    def __init__(self, count: int, shape: tuple[int, int], quant: QuantConfig, device):
+        super().__init__()
+        if not quant.is_4bit:
+            raise QloraError(f"quant {quant.method!r} cannot hold expert weights; mixture-of-"
+                             "experts models take nf4, fp4 or none")
+        out_features, in_features = shape
+        n = out_features * in_features
+        blocks = -(-n // quant.blocksize)
+        self.shape, self.count = (out_features, in_features), count
+        self.blocksize, self.quant_type = quant.blocksize, quant.method
+        self.dtype, self.nested = quant.compute_dtype, quant.double_quant
+        self.nested_blocksize = 256
+        kw = dict(device=device)
+        self.register_buffer("data", torch.zeros(count, -(-n // 2), dtype=torch.uint8, **kw))
+        self.register_buffer("absmax", torch.zeros(
+            count, blocks, dtype=torch.uint8 if self.nested else torch.float32, **kw))
+        nested_blocks = -(-blocks // self.nested_blocksize) if self.nested else 0
+        self.register_buffer("nested_absmax", torch.zeros(count, nested_blocks, **kw))
+        self.register_buffer("offset", torch.zeros(count if self.nested else 0, **kw))
+        self.register_buffer("code", torch.zeros(16, **kw))
+        self.register_buffer("nested_code", torch.zeros(256 if self.nested else 0, **kw))
+
+    def set_member(self, index: int, weight: torch.Tensor) -> None:
+        """Quantize `weight` [out, in] into member `index`, on the stack's device, as
+        bitsandbytes' Params4bit quantizes it (cast to the compute dtype first, as transformers
+        casts a checkpoint before quantizing)."""
+        import bitsandbytes as bnb
+
+        if tuple(weight.shape) != self.shape:
+            raise QloraError(f"an expert weight of shape {tuple(weight.shape)} where config.json "
+                             f"implies {self.shape}; config.json and weights disagree")
+        packed, state = bnb.functional.quantize_4bit(
+            weight.to(self.data.device, self.dtype).contiguous(), blocksize=self.blocksize,
+            compress_statistics=self.nested, quant_type=self.quant_type)
+        self.data[index] = packed.view(-1)
+        self.absmax[index] = state.absmax
+        self.code.copy_(state.code)
+        if self.nested:
+            self.nested_absmax[index] = state.state2.absmax
+            self.offset[index] = state.offset
+            self.nested_code.copy_(state.state2.code)
+
+    def member_state(self, index: int):
+        """bitsandbytes' QuantState of member `index` (views of the stack's tensors)."""
+        from bitsandbytes.functional import QuantState
+
+        nested = None
+        if self.nested:
+            nested = QuantState(absmax=self.nested_absmax[index], code=self.nested_code,
+                                blocksize=self.nested_blocksize, dtype=torch.float32)
+        return QuantState(absmax=self.absmax[index], shape=torch.Size(self.shape),
+                          code=self.code, blocksize=self.blocksize, quant_type=self.quant_type,
+                          dtype=self.dtype, offset=self.offset[index] if self.nested else None,
+                          state2=nested)
+
+    def dequantize_member(self, index: int) -> torch.Tensor:
+        """Member `index`'s dense weight [out, in] in the compute dtype, by bitsandbytes."""
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(self.data[index], self.member_state(index))

@@ -104,6 +104,8 @@ def build_tiny_model(
                 p.add_(torch.randn_like(p) * 0.1)
             if name.endswith(".bias"):
                 p.normal_(0, 0.02)
+            if name.endswith("mlp.gate.weight"):  # a router: clear choices, no near-ties
+                p.normal_(0, 1.0)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(out), **kwargs)
     build_tokenizer(out, chat_template=chat_template)

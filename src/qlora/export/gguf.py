@@ -382,6 +382,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(model_dir)
+    from qlora.merge import read_config as _read_config
+
+    check_moe_export(_read_config(model_dir), qtype, model_dir / "config.json")
     if log is None:
         import sys
 
@@ -409,9 +412,47 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         return _export(merged, out, qtype, log, imatrix or {}, name, threads)
 
 
+# mixtures of experts: llama.cpp runs Mixtral as llama, Qwen3-MoE as qwen3moe, each layer's experts
+# as three stacked tensors ffn_{gate,up,down}_exps [E, out, in] and the router as ffn_gate_inp
+MIXTURE_OF_EXPERTS = ("mixtral", "qwen3_moe")
+# the file types written for them: those whose every weight takes the file's one type (llama.cpp's
+# k-quant and q4_0 mixtures give experts and attention of an 8-expert model types of their own,
+# which mixtures.py does not reproduce)
+MOE_QTYPES = ("f16", "bf16", "q8_0")
+EXPERT_ROLES = {("gate_up_proj", 0): "ffn_gate_exps", ("gate_up_proj", 1): "ffn_up_exps",
+                ("down_proj", 0): "ffn_down_exps"}
+
+
+def check_moe_export(config: dict, qtype: str, source) -> None:
+    """Refuse what the exporter does not write for a mixture of experts, before any work."""
+    if config.get("model_type") not in MIXTURE_OF_EXPERTS:
+        return
+    if qtype not in MOE_QTYPES:
+        raise QloraError(f"--type {qtype}: a mixture of experts ({config['model_type']}) is written "
+                         f"as {', '.join(MOE_QTYPES)} only (llama.cpp's mixtures for experts are not "
+                         "reproduced); export f16 and quantize it with llama.cpp's llama-quantize")
+    if config["model_type"] == "qwen3_moe" and not config.get("norm_topk_prob", False):
+        raise QloraError(f"{source}: norm_topk_prob is false, but llama.cpp's qwen3moe always "
+                         "renormalises the top-k router weights; its GGUF would compute another model")
+    if config["model_type"] == "qwen3_moe" and (config.get("mlp_only_layers")
+                                                 or config.get("decoder_sparse_step", 1) != 1):
+        raise QloraError(f"{source}: mlp_only_layers / decoder_sparse_step give this model dense "
+                         "layers, which llama.cpp's qwen3moe does not have (every layer sparse)")
+
+
+def add_moe_hparams(w, config: dict, arch_name: str) -> None:
+    from qlora.models.families.moe_config import num_experts
+
+    w.add_expert_count(num_experts(config, 0))
+    w.add_expert_used_count(config["num_experts_per_tok"])
+    if arch_name == "qwen3moe":
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+
+
 def refuse_generic(model_dir: Path) -> None:
     """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
-    model on the generic path has none, and is refused by its architecture's name."""
+    model on the generic path has none, and is refused by its architecture's name; a mixture of
+    experts is refused too (its stacked expert tensors are not written yet)."""
     from qlora.merge import read_config
     from qlora.models.families import FAMILIES
     from qlora.models.spec import is_native
@@ -425,6 +466,51 @@ def refuse_generic(model_dir: Path) -> None:
         f"runs on qlora's generic path, and GGUF export writes the native families only "
         f"({', '.join(FAMILIES)}); merge the adapter into a 16-bit checkpoint (`qlora merge`) and "
         "convert that with llama.cpp's convert_hf_to_gguf.py, which knows many more architectures")
+
+
+ROUTER_NAME = re.compile(r"\.ffn_gate_inp\.weight$")
+
+
+class ExpertStacks:
+    """A mixture of experts' per-expert tensors (the Hub's layout) gathered into llama.cpp's
+    stacked ones as they are read: a layer's projection is written once its last expert comes,
+    so one projection of one layer is in memory at a time (shards may split a layer)."""
+
+    def __init__(self, config: dict):
+        from qlora.models.families.moe_config import num_experts
+
+        self.count = num_experts(config, 0)
+        self.pending: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+        self.written = 0
+
+    def takes(self, hf_name: str) -> bool:
+        from qlora.models.families.moe_config import HUB_EXPERT, STACKED_EXPERTS, module_key
+
+        if STACKED_EXPERTS.match(hf_name):
+            raise QloraError(f"tensor {hf_name}: experts stored stacked; GGUF export reads the "
+                             "Hub's one tensor per expert (save the model with transformers' "
+                             "save_pretrained, which writes that layout)")
+        return HUB_EXPERT.match(module_key(hf_name)) is not None
+
+    def add(self, hf_name: str, x: np.ndarray) -> tuple[str, np.ndarray] | None:
+        from qlora.models.families.moe_config import EXPERT_LINEARS, HUB_EXPERT, module_key
+
+        m = HUB_EXPERT.match(module_key(hf_name))
+        layer = int(m.group(1).rsplit(".", 1)[1])
+        role = EXPERT_ROLES[EXPERT_LINEARS[m.group(3)]]
+        group = self.pending.setdefault((layer, role), {})
+        group[int(m.group(2))] = x
+        if len(group) < self.count:
+            return None
+        del self.pending[(layer, role)]
+        self.written += 1
+        return f"blk.{layer}.{role}.weight", np.stack([group[e] for e in range(self.count)])
+
+    def check_complete(self, source) -> None:
+        if self.pending:
+            (layer, role), group = next(iter(self.pending.items()))
+            raise QloraError(f"{source}: layer {layer}'s {role} has {len(group)} of {self.count} "
+                             "experts; a shard may be missing")
 
 
 def check_qtype(qtype: str) -> str:
@@ -465,6 +551,11 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         rope_factors = add_hparams(w, config, arch_name)
         if gemma is not None:
             add_gemma_hparams(w, gemma, arch_name)
+        moe = config.get("model_type") in MIXTURE_OF_EXPERTS
+        if moe:
+            check_moe_export(config, qtype, model_dir / "config.json")
+            add_moe_hparams(w, config, arch_name)
+        experts = ExpertStacks(config) if moe else None
         add_tokenizer(w, model_dir, config)
         w.add_file_type(g.LlamaFileType[FILE_TYPES[qtype][1]])
         w.add_quantization_version(g.GGML_QUANT_VERSION)
@@ -475,9 +566,11 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         with kquants.Workers(threads) as workers:
             # the workers quantize while the next tensors are read; written in file order
             encoded = _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks,
-                               imatrix, workers)
+                               imatrix, workers, experts)
             for (name, stored), data in kquants.in_order(encoded):
                 w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[stored])
+        if experts is not None:
+            experts.check_complete(model_dir)
         for (role, wanted, stored, width), count in fallbacks.items():
             log(f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
                 f"{stored} instead of {wanted}: row length {width} is not a multiple of "
@@ -491,8 +584,11 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
     return out
 
 
-def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, workers):
-    """((GGUF name, stored type), encoded data or kquants.Pending, values) per tensor, in file order."""
+def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, workers,
+             experts=None):
+    """((GGUF name, stored type), encoded data or kquants.Pending, values) per tensor, in file order;
+    a mixture of experts' per-expert tensors (`experts`: ExpertStacks) as one stack a projection,
+    once its layer's last expert is read."""
     from safetensors import safe_open
 
     for f in files:
@@ -500,6 +596,13 @@ def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallback
             for hf_name in sf.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # recomputed by llama.cpp
+                if experts is not None and experts.takes(hf_name):
+                    stacked = experts.add(hf_name, sf.get_tensor(hf_name).float().numpy())
+                    if stacked is not None:  # a layer's projection, every expert read
+                        name, x = stacked
+                        choice = mixtures.tensor_type(name, x.shape, qtype, model)
+                        yield (name, choice.stored), encode(x, choice.stored, None, workers), x.size
+                    continue
                 name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if name is None:
                     raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
@@ -511,6 +614,9 @@ def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallback
                 elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
                     x = permute_rope(x, n_kv)
                 choice = mixtures.tensor_type(name, x.shape, qtype, model)
+                if experts is not None and ROUTER_NAME.search(name):
+                    # the router stays F32, as llama.cpp's converter and quantizer keep it
+                    choice = mixtures.Choice("F32", "F32")
                 if choice.stored != choice.wanted:
                     key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
                     fallbacks[key] = fallbacks.get(key, 0) + 1

@@ -52,7 +52,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     from qlora.export import check as check_mod
     from qlora.export import imatrix as imatrix_mod
     from qlora.export import ollama as ollama_mod
-    from qlora.export.gguf import check_qtype, export_gguf, refuse_generic
+    from qlora.export.gguf import check_moe_export, check_qtype, export_gguf, refuse_generic
+    from qlora.merge import read_config
     from qlora.export.mixtures import K_QUANT_FILES
 
     out, qtype = Path(out), check_qtype(qtype)
@@ -68,6 +69,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     if not Path(model_dir).is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(Path(model_dir))  # before the importance matrix's forwards, not after
+    check_moe_export(read_config(Path(model_dir)), qtype, Path(model_dir) / "config.json")
     translation = ollama_mod.translate(model_dir) if ollama else None
 
     imatrix = None

@@ -21,15 +21,18 @@ from torch import nn
 
 from qlora.errors import QloraError
 from qlora.models.decoder import DecoderLM
-from qlora.models.families import gemma2, gemma3, phi3
+from qlora.models.families import gemma2, gemma3, mixtral, phi3, qwen3_moe
 from qlora.models.families.gemma import GemmaLM
+from qlora.models.families.moe_blocks import ExpertLinear, MoeLM
+from qlora.models.families.moe_config import (EXPERT_LINEARS, HUB_EXPERT, STACKED_EXPERTS,
+                                              module_key)
 from qlora.models.families.phi3_blocks import Phi3LM
 from qlora.models.generic import GenericLM, GenericSpec, load_generic, read_generic_spec
 from qlora.models.spec import ArchSpec, is_native, read_config, read_spec
 from qlora.models.weights import check_nothing_missing, replace_keeping_bias, weight_files
 from qlora.models.weights import open_shard as _open, read_tensor as _read  # tests spy on _read
-from qlora.quant import (QuantConfig, prequantized_linear, quantize_linear, quantize_linear_rows,
-                         rows_align)
+from qlora.quant import (QuantConfig, QuantizedStack, prequantized_linear, quantize_linear,
+                         quantize_linear_rows, rows_align)
 
 # every family's block linears (phi3's fused qkv_proj and gate_up_proj among them)
 BLOCK_LINEAR = re.compile(
@@ -44,7 +47,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # the families whose blocks are their own, by model_type. Their block modules build on
 # models/decoder.py, which reads specs through models/families/: named here, above both, rather
 # than in the family modules (an import cycle).
-OWN_DECODERS = {gemma2.MODEL_TYPE: GemmaLM, gemma3.MODEL_TYPE: GemmaLM, phi3.MODEL_TYPE: Phi3LM}
+OWN_DECODERS = {gemma2.MODEL_TYPE: GemmaLM, gemma3.MODEL_TYPE: GemmaLM, phi3.MODEL_TYPE: Phi3LM,
+                mixtral.MODEL_TYPE: MoeLM, qwen3_moe.MODEL_TYPE: MoeLM}
 
 
 def new_decoder(spec: ArchSpec) -> DecoderLM:
@@ -103,12 +107,23 @@ def load_model(
     dtype = quant.compute_dtype
     pending_4bit: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     prequant = prequantized_4bit(spec)
+    if spec.moe is not None:
+        check_moe_quant(spec, quant, prequant, model_dir)
+    experts_read: dict[str, set] = defaultdict(set)
 
     for path in files:
         handle = _open(path)
         for key in handle.keys():
             if IGNORED_KEYS.search(key) or (spec.tie_word_embeddings and key == "lm_head.weight"):
                 continue
+            if spec.moe is not None:
+                key_here = module_key(key)
+                if _read_experts(model, key_here, lambda: _read(handle, path, key), quant, device,
+                                 experts_read):
+                    continue
+                if key_here != key:  # Mixtral's block_sparse_moe.gate → mlp.gate
+                    _set_tensor(model, key_here, _read(handle, path, key).to(device, dtype), path)
+                    continue
             module_name, _, leaf = key.partition(".weight") if ".weight" in key else key.rpartition(".")
             if BLOCK_LINEAR.match(module_name) and key.startswith(module_name + ".weight"):
                 if prequant:
@@ -136,8 +151,93 @@ def load_model(
     rebuild_rotary(model, spec, device)
     model.tie_weights()
     check_nothing_missing(model, model_dir)
+    _check_experts_complete(model, experts_read, model_dir)
     model.quant = quant
     return model.eval()
+
+
+def check_moe_quant(spec: ArchSpec, quant: QuantConfig, prequant: bool, source) -> None:
+    if quant.method == "int8":
+        raise QloraError(f"{source}: quant int8 cannot hold a mixture of experts' expert "
+                         "weights; use nf4 or fp4 (4-bit experts) or none (16-bit)")
+    if prequant:
+        raise QloraError(f"{source}: a checkpoint saved in 4 bits is not read for "
+                         f"{spec.model_type} (its experts' layout differs between transformers "
+                         "versions); load the 16-bit checkpoint, qlora quantizes it as it reads")
+
+
+def _read_experts(model: nn.Module, key: str, read, quant: QuantConfig, device,
+                  experts_read: dict[str, set]) -> bool:
+    """Put an expert tensor (Hub per-expert linear, or a stack of them) in its ExpertLinear,
+    quantizing it as it is read; False when `key` is not an expert tensor."""
+    hub, stacked = HUB_EXPERT.match(key), STACKED_EXPERTS.match(key)
+    if not hub and not stacked:
+        return False
+    if hub:
+        layer, expert, name = hub.group(1), int(hub.group(2)), hub.group(3)
+        projection, part = EXPERT_LINEARS[name]
+        path = f"{layer}.mlp.experts.{projection}"
+        _set_expert_part(model, path, expert, part, read(), quant, device)
+        experts_read[path].add((expert, part))
+        return True
+    path = f"{stacked.group(1)}.mlp.experts.{stacked.group(2)}"
+    tensor = read()
+    module = _expert_linear(model, path)
+    expected = (module.num_experts, module.out_features, module.in_features)
+    if tuple(tensor.shape) != expected:
+        raise QloraError(f"tensor {key} has shape {tuple(tensor.shape)} but config.json implies "
+                         f"{expected}; config.json and weights disagree")
+    rows = module.out_features // module.members
+    for expert in range(module.num_experts):
+        for part in range(module.members):
+            _set_expert_part(model, path, expert, part, tensor[expert, part * rows:(part + 1) * rows],
+                             quant, device)
+            experts_read[path].add((expert, part))
+    return True
+
+
+def _expert_linear(model: nn.Module, path: str) -> ExpertLinear:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if not isinstance(module, ExpertLinear):
+        raise QloraError(f"{path}: experts in a layer that config.json makes dense "
+                         "(mlp_only_layers, decoder_sparse_step); config.json and weights disagree")
+    return module
+
+
+def _set_expert_part(model: nn.Module, path: str, expert: int, part: int, weight: torch.Tensor,
+                     quant: QuantConfig, device) -> None:
+    """Rows `part` of expert `expert`'s weight in the ExpertLinear at `path`: a member of its 4-bit
+    stack, or rows of its 16-bit weight."""
+    module = _expert_linear(model, path)
+    rows = module.out_features // module.members
+    if expert >= module.num_experts or tuple(weight.shape) != (rows, module.in_features):
+        raise QloraError(f"{path}: expert {expert}'s weight has shape {tuple(weight.shape)} but "
+                         f"config.json implies {module.num_experts} experts of "
+                         f"{(rows, module.in_features)}; config.json and weights disagree")
+    if quant.is_4bit:
+        if module.quantized is None:
+            module.set_quantized(QuantizedStack(module.num_experts * module.members,
+                                                (rows, module.in_features), quant, device))
+        module.quantized.set_member(expert * module.members + part, weight)
+        return
+    if module.weight.device.type == "meta":
+        module.weight = nn.Parameter(torch.empty(module.weight.shape, device=device,
+                                                 dtype=quant.compute_dtype), requires_grad=False)
+    with torch.no_grad():
+        module.weight[expert, part * rows:(part + 1) * rows] = weight.to(device, quant.compute_dtype)
+
+
+def _check_experts_complete(model: nn.Module, experts_read: dict[str, set], source) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertLinear):
+            missing = module.num_experts * module.members - len(experts_read.get(name, ()))
+            if missing:
+                raise QloraError(f"{source}: the checkpoint lacks {missing} expert weights of "
+                                 f"{name} (config.json implies {module.num_experts} experts); "
+                                 "a shard may be missing")
 
 
 def _is_complete_4bit(group: dict[str, torch.Tensor]) -> bool:
@@ -258,6 +358,13 @@ def random_model(spec: ArchSpec, quant: QuantConfig, device: str | torch.device 
             weight = torch.randn(module.weight.shape, generator=gen, device=device,
                                  dtype=quant.compute_dtype) * std
             _set_linear(model, name, weight, quant, device)
+        if isinstance(module, ExpertLinear):  # drawn expert by expert: the stack never in 16 bits
+            rows = module.out_features // module.members
+            for expert in range(module.num_experts):
+                for part in range(module.members):
+                    weight = torch.randn((rows, module.in_features), generator=gen, device=device,
+                                         dtype=quant.compute_dtype) * std
+                    _set_expert_part(model, name, expert, part, weight, quant, device)
     for key, param in list(model.named_parameters()):
         if param.device.type != "meta":
             continue

@@ -16,6 +16,7 @@ from pathlib import Path
 from qlora.errors import QloraError
 
 from qlora.models.families import FAMILIES
+from qlora.models.families.moe_config import MoeSpec, expert_shapes
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
@@ -56,6 +57,7 @@ class ArchSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    moe: MoeSpec | None = None  # a mixture-of-experts family's routing and experts (Mixtral, Qwen3-MoE)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
     name: str = field(default="model", compare=False)  # what the memory planner calls it
 
@@ -71,15 +73,30 @@ class ArchSpec:
         """(name, in_features, out_features) of the linears of a block, in layer order."""
         return [(name, n_in, n_out) for name, (n_out, n_in) in self.linear_shapes().items()]
 
+    def expert_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(experts, out, in) of each expert projection of a sparse layer; empty without experts."""
+        return {} if self.moe is None else expert_shapes(self.moe, self.hidden_size)
+
+    def dense_mlp_layers(self) -> int:
+        """Layers whose MLP is dense (all of them, but for a mixture-of-experts family's sparse ones)."""
+        return self.num_layers - (self.moe.num_sparse_layers if self.moe else 0)
+
     def num_params(self) -> int:
-        """Parameters of the model: linears and their biases, norms, embedding (and untied head)."""
+        """Parameters of the model: linears and their biases, norms, embedding (and untied head),
+        experts and routers."""
         shapes = self.linear_shapes()
-        per_layer = sum(n_in * n_out for n_out, n_in in shapes.values())
+        mlp = ("gate_proj", "up_proj", "down_proj")
+        dense = sum(shapes[n][0] * shapes[n][1] for n in mlp if n in shapes)
+        per_layer = sum(n_in * n_out for n_out, n_in in shapes.values()) - dense
         biased = ((("q_proj", "k_proj", "v_proj") if self.qkv_bias else ()) + (("o_proj",) if self.o_bias else ())
                   + (("gate_proj", "up_proj", "down_proj") if self.mlp_bias else ()))
         per_layer += sum(shapes[name][0] for name in biased if name in shapes)
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + sum(self.norm_sizes()) + embed
+        experts = (self.moe.num_sparse_layers * (
+            sum(e * o * i for e, o, i in self.expert_shapes().values())
+            + self.moe.num_experts * self.hidden_size) if self.moe else 0)
+        return (self.num_layers * per_layer + self.dense_mlp_layers() * dense + experts
+                + sum(self.norm_sizes()) + embed)
 
     def norm_sizes(self) -> list[int]:
         """The length of every norm weight of the model: each block's (two; Gemma's four, around
@@ -94,15 +111,19 @@ class ArchSpec:
         if hasattr(family, "linear_shapes"):  # a block with linears of its own (phi3's fused)
             return family.linear_shapes(self)
         h, hd = self.hidden_size, self.head_dim
-        return {
+        shapes = {
             "q_proj": (self.num_heads * hd, h),
             "k_proj": (self.num_kv_heads * hd, h),
             "v_proj": (self.num_kv_heads * hd, h),
             "o_proj": (h, self.num_heads * hd),
-            "gate_proj": (self.intermediate_size, h),
-            "up_proj": (self.intermediate_size, h),
-            "down_proj": (h, self.intermediate_size),
         }
+        if self.dense_mlp_layers():  # a mixture of experts' sparse layers have none
+            shapes.update({
+                "gate_proj": (self.intermediate_size, h),
+                "up_proj": (self.intermediate_size, h),
+                "down_proj": (h, self.intermediate_size),
+            })
+        return shapes
 
 
 # Real sizes of the shapes the seeds, benchmarks and `qlora plan --shape` name (from each model's
@@ -179,6 +200,20 @@ NAMED_SHAPES: dict[str, dict] = {
                             layer_norm_eps=1e-5, use_qkv_bias=True, use_parallel_residual=False,
                             qk_layernorm=False, hidden_act="silu", max_position_embeddings=4096,
                             tie_word_embeddings=False),
+    # Mixtral-8x7B-v0.1: 8 experts of 14336, 2 per token, in every layer
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
+                         rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         router_aux_loss_coef=0.02, tie_word_embeddings=False),
+    # Qwen3-30B-A3B: 128 experts of 768, 8 per token (renormalised), in every layer; head_dim 128
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], rope_theta=1e6, max_position_embeddings=40960,
+                          rms_norm_eps=1e-6, router_aux_loss_coef=0.001,
+                          tie_word_embeddings=False),
 }
 
 
@@ -270,6 +305,7 @@ def spec_from_config(cfg: dict, source: str = "config.json", name: str = "model"
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"),
+        moe=family.get("moe"),
         raw=cfg,
         name=name,
     )

@@ -41,6 +41,7 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     from qlora.models.decoder import DecoderLM, compute_device
     from qlora.speed.fast_decoder import (FORKS, FastAttention, FastDecoderLM, FastGemmaLM,
                                           FastGemmaRMSNorm, FastMLP, FastPhi3MLP, FastRMSNorm)
+    from qlora.speed.moe import FastExperts
 
     if plan.generic or not isinstance(model, DecoderLM):
         raise QloraError(f"apply_speed takes the reference decoder (models.DecoderLM), not "
@@ -51,6 +52,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
             module.__class__ = fork  # the same parameters and buffers; the fork's forward
         if isinstance(module, (FastRMSNorm, FastGemmaRMSNorm, FastAttention, FastMLP, FastPhi3MLP)):
             module.fused = plan.fused_kernels
+        if isinstance(module, FastExperts):
+            module.grouped = plan.grouped_experts
     assert isinstance(model, FastDecoderLM)
     model.keep_attention = plan.keep_attention
     if isinstance(model, FastGemmaLM):
@@ -66,6 +69,8 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
     # no layer draws from the global RNG once every dropout is seeded or off
     model.layers_use_rng = not plan.seeded_dropout and any(
         m.dropout_p > 0 for m in model.modules() if isinstance(m, LoraLinear))
+    if model.spec.moe is not None and model.spec.moe.jitter_noise > 0:
+        model.layers_use_rng = True  # Mixtral's router jitter draws from the global RNG
     fast = use_fast_path(model, group=plan.grouped) if plan.fast_base else use_fast_path(
         model, group=False, on=False)
     set_long_context(model, plan)
@@ -157,7 +162,10 @@ def set_long_context(model: nn.Module, plan: SpeedPlan) -> None:
         tiling = SequenceTiling(tokens, tile_outside_rerun,
                                 preserve_rng=model.layers_use_rng)
     for layer in model.model.layers:
-        layer.mlp.sequence_tiling = tiling
+        # a sparse block keeps its router logits for the aux loss: tiles would keep the last
+        # tile's only, so mixtures of experts run their sparse blocks whole
+        routes = hasattr(layer.mlp, "router_logits")
+        layer.mlp.sequence_tiling = None if routes else tiling
 
 
 def grouped_modules(model: nn.Module) -> int:

@@ -21,6 +21,8 @@ SpeedPlan; nothing else sets them.
 - Phi-3's forks (FastPhi3Attention, FastPhi3MLP, FastPhi3DecoderLayer, FastPhi3LM): its one
   qkv_proj through the fast base, RoPE by the Triton kernel where the rotary is full, attention
   kept for the rerun; SwiGLU by the Triton kernel reading gate_up_proj's output in place.
+- Mixtral's and Qwen3-MoE's (FastMoeDecoderLayer, FastMoeLM, and FastExperts in speed/moe.py):
+  the layer- and LM-level paths, and the experts as grouped GEMMs over tokens sorted by expert.
 
 A block is forked only by its own class's entry in FORKS: a family's subclass of a reference
 block has math of its own, and a fork of the reference's would replace it (speed._forked_class).
@@ -46,11 +48,13 @@ from qlora.models.attention import Attention
 from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
                                          GemmaRMSNorm, geglu)
+from qlora.models.families.moe_blocks import Experts, MoeDecoderLayer, MoeLM
 from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, Phi3LM, Phi3MLP
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.models.tiling import run_mlp
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
+from qlora.speed.moe import FastExperts
 
 
 class FastRMSNorm(RMSNorm):
@@ -346,6 +350,18 @@ class FastPhi3LM(Phi3LM, FastDecoderLM):
     gathered from host memory, the fused cross-entropy (its logits are the reference's)."""
 
 
+class FastMoeDecoderLayer(MoeDecoderLayer):
+    """A mixture of experts' layer, passing a checkpointed run's KeptAttention to its attention
+    (FastDecoderLayer's forward: the blocks differ only in their MLP)."""
+
+    forward = FastDecoderLayer.forward
+
+
+class FastMoeLM(MoeLM, FastDecoderLM):
+    """MoeLM (its aux loss) over FastDecoderLM's paths: checkpointing through CheckpointedLayer,
+    the host embedding, the fused cross-entropy."""
+
+
 # each reference block and its fork: apply_speed swaps exactly these types
 FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
          DecoderLayer: FastDecoderLayer, DecoderLM: FastDecoderLM,
@@ -354,4 +370,5 @@ FORKS = {RMSNorm: FastRMSNorm, Attention: FastAttention, MLP: FastMLP,
          GemmaDecoderLayer: FastGemmaDecoderLayer, GemmaLM: FastGemmaLM,
          Phi3Attention: FastPhi3Attention, Phi3MLP: FastPhi3MLP,
          Phi3DecoderLayer: FastPhi3DecoderLayer,
-         Phi3LM: FastPhi3LM}
+         Phi3LM: FastPhi3LM,
+         Experts: FastExperts, MoeDecoderLayer: FastMoeDecoderLayer, MoeLM: FastMoeLM}

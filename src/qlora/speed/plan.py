@@ -21,6 +21,8 @@ class SpeedPlan:
     seeded_dropout: LoRA dropout masks drawn from (seed, micro-batch, layer) instead of the
         global RNG: resumable, and capturable in a CUDA graph.
     embedding_on_host: a frozen, untied input embedding in pinned host memory, gathered by the GPU.
+    grouped_experts: a mixture of experts' expert GEMMs grouped over tokens sorted by expert
+        (speed/moe.py) instead of the reference's loop over experts.
     cuda_graphs: each micro-batch replayed as a CUDA graph (train/graphs.py) where it can be.
     offload_activations: with checkpointing, each layer's saved input in pinned host memory
         from its forward to its backward (speed/offload.py); kept attention stays on the GPU.
@@ -39,6 +41,7 @@ class SpeedPlan:
     keep_attention: bool | int = False
     seeded_dropout: bool = False
     embedding_on_host: bool = False
+    grouped_experts: bool = False
     cuda_graphs: bool = False
     offload_activations: bool = False
     tile_mlp: bool | int = False
@@ -63,6 +66,7 @@ class SpeedPlan:
             keep_attention=(cfg.keep_attention or False) if cfg.gradient_checkpointing else False,
             seeded_dropout=True,
             embedding_on_host=bool(cfg.embedding_on_host and cuda and not sharded),
+            grouped_experts=True,
             cuda_graphs=bool(cfg.cuda_graphs),
             # auto (None) is resolved by the memory planner before this (memory.check_run)
             offload_activations=bool(cfg.offload_activations and cfg.gradient_checkpointing),

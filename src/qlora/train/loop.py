@@ -141,6 +141,8 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=N
                                          target_modules=targets, use_rslora=cfg.use_rslora,
                                          use_dora=cfg.use_dora))
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.router_aux_loss is not None and getattr(model.spec, "moe", None) is not None:
+        model.aux_loss = cfg.router_aux_loss  # else config.json's output_router_logits
     return model
 
 
@@ -882,6 +884,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
         raise QloraError("`--sharding fsdp` shards the blocks of the native families (llama, "
                          "mistral, qwen2, qwen3); a model on the generic path trains with "
                          "--sharding ddp (each GPU holds the whole 4-bit base)")
+    if sharded and read_config(cfg.model)[0].get("model_type") in ("mixtral", "qwen3_moe"):
+        raise QloraError("`--sharding fsdp` does not shard a mixture of experts' 4-bit expert "
+                         "stacks yet (they are buffers, which FSDP replicates); train it with "
+                         "--sharding ddp, or on one GPU")
     # sharded: each rank reads (and quantizes) only the rows it keeps, in host memory;
     # fully_shard then moves one block at a time to the GPU and keeps this rank's shard of it, so
     # no GPU holds the whole base

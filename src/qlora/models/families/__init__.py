@@ -18,11 +18,15 @@ new_decoder. gemma_config.py reads what their config.json means, for their famil
 modules and their blocks alike. Phi-3's blocks (fused qkv_proj and gate_up_proj, partial
 rotary, LongRoPE) are in phi3_blocks.py for the same reason; phi3.py also names its block's
 linears (LINEARS, linear_shapes), which ArchSpec.linear_shapes asks of a family that has them.
+Mixtral's and Qwen3-MoE's sparse blocks are in moe_blocks.py for the same reason; what their
+config.json means (MoeSpec: experts, top_k, renormalisation, dense layers, the aux loss) is read
+in moe_config.py, which their family modules share.
 """
 
 from __future__ import annotations
 
-from qlora.models.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+from qlora.models.families import (gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3,
+                                   qwen3_moe)
 
 FAMILIES = {module.MODEL_TYPE: module for module in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
-                                                        phi3)}
+                                                        phi3, mixtral, qwen3_moe)}

@@ -1,0 +1,192 @@
+"""Grouped expert compute for mixture-of-experts blocks: the pieces speed/moe.py puts together.
+
+- `dequantize_stack(stack, dtype)`: every member of a quant.QuantizedStack (every expert's
+  weight of one projection) dequantized in one batched computation, [members, out, in], in torch
+  ops: bit for bit what bitsandbytes' dequantize_4bit gives member by member (each with its own
+  absmax, nested scales and offset). `dequantize_stack_triton` is the same as one Triton kernel
+  launch (kernels/dequant.py's kernel with a member index: each member's blocks, nested blocks
+  and offset found from its byte offset); `dequantize_experts` picks it where Triton runs.
+- `grouped_mm(a, b, offsets)`: rows offsets[e-1]:offsets[e] of `a` (tokens sorted by expert)
+  times b[e], for all experts in one launch: `torch._grouped_mm` where it runs (bf16 with rows
+  of 16-byte multiples: CUDA sm90+, and torch 2.13's CPU), else one batched matmul over the
+  experts' rows padded to the largest group (`padded_grouped_mm`; any dtype, more memory).
+- `GroupedBase`: x @ W_eᵀ over 4-bit (or 16-bit) expert weights, grouped; keeps nothing but the
+  weights it was given for backward and dequantizes them again there (as kernels/dequant.py's
+  Matmul4bit): no dense copy of all experts outlives its GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from qlora.errors import QloraError
+from qlora.kernels.dropout import use_triton
+
+
+def stack_block_scales(stack) -> torch.Tensor:
+    """fp32 absmax of every block of every member, [members, blocks], undoing double
+    quantization with each member's own nested scales and offset (as bitsandbytes does)."""
+    if not stack.nested:
+        return stack.absmax.float()
+    blocks = stack.absmax.shape[1]
+    group = torch.arange(blocks, device=stack.absmax.device) // stack.nested_blocksize
+    return (stack.nested_code[stack.absmax.long()] * stack.nested_absmax[:, group]
+            + stack.offset[:, None])
+
+
+def dequantize_stack(stack, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[members, out, in]: every member dequantized at once (torch ops, the reference)."""
+    count = stack.count
+    out_features, in_features = stack.shape
+    n, bs = out_features * in_features, stack.blocksize
+    codes = torch.stack((stack.data >> 4, stack.data & 15), dim=-1).reshape(count, -1)[:, :n]
+    values = stack.code[codes.long()]
+    scales = stack_block_scales(stack)
+    full = n - n % bs
+    body = (values[:, :full].view(count, -1, bs) * scales[:, :full // bs, None]).reshape(count, full)
+    if full < n:  # a partial last block in each member
+        body = torch.cat([body, values[:, full:] * scales[:, -1:]], dim=1)
+    return body.view(count, out_features, in_features).to(dtype or stack.dtype)
+
+
+TILE_BYTES, WARPS = 2048, 8  # as kernels/dequant.py's kernel
+
+
+@functools.cache
+def _stack_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_stack_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                nested_code_ptr, offset_ptr, out_ptr, n_bytes,
+                                MEMBER_BYTES: tl.constexpr, BLOCKS: tl.constexpr,
+                                NESTED_BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                                ROWS: tl.constexpr, COLS: tl.constexpr,
+                                NATIVE_ROUNDING: tl.constexpr):
+        """kernels/dequant.py's dequantize kernel over a stack of members laid end to end: a row
+        of COLS bytes lies in one block of one member (a member holds whole blocks), whose scale
+        is that member's block `local`, nested group `local // NESTED_BLOCKSIZE` and offset."""
+        row = tl.program_id(0).to(tl.int64) * (ROWS * COLS) + tl.arange(0, ROWS) * COLS
+        row_inside = row < n_bytes
+        member = row // MEMBER_BYTES
+        local = (row - member * MEMBER_BYTES) // BLOCK_BYTES
+        if NESTED:
+            absmax_code = tl.load(absmax_ptr + member * BLOCKS + local, mask=row_inside, other=0)
+            group_scale = tl.load(nested_absmax_ptr + member * NESTED_BLOCKS
+                                  + local // NESTED_BLOCKSIZE, mask=row_inside, other=0.0)
+            offset = tl.load(offset_ptr + member, mask=row_inside, other=0.0)
+            scale = tl.load(nested_code_ptr + absmax_code) * group_scale + offset
+        else:
+            scale = tl.load(absmax_ptr + member * BLOCKS + local, mask=row_inside, other=0.0)
+        byte = row[:, None] + tl.arange(0, COLS)[None, :]
+        packed = tl.load(data_ptr + byte, mask=byte < n_bytes, other=0)
+        code = tl.load(code_ptr + tl.arange(0, 16))
+        flat = tl.reshape(packed, [ROWS * COLS]).to(tl.int32)
+        high = tl.reshape(tl.gather(code, flat >> 4, 0), [ROWS, COLS])
+        low = tl.reshape(tl.gather(code, flat & 15, 0), [ROWS, COLS])
+        values = tl.interleave(high * scale[:, None], low * scale[:, None])  # high nibble first
+        if out_ptr.dtype.element_ty == tl.bfloat16 and not NATIVE_ROUNDING:
+            bits = values.to(tl.uint32, bitcast=True)  # round to nearest even, as the GPU does
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            result = values.to(out_ptr.dtype.element_ty)
+        index = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
+        tl.store(out_ptr + index, result, mask=index < 2 * n_bytes)
+
+    return dequantize_stack_kernel
+
+
+def dequantize_stack_triton(stack, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dequantize_stack` as one Triton kernel launch, bit for bit."""
+    dtype = dtype or stack.dtype
+    out_features, in_features = stack.shape
+    n = out_features * in_features
+    cols = 8 // dtype.itemsize
+    if n % stack.blocksize or stack.blocksize % (2 * cols):
+        raise QloraError(f"the stack dequantize kernel needs members of whole blocks and a "
+                         f"blocksize that is a multiple of {2 * cols}; use dequantize_stack")
+    out = torch.empty(stack.count, out_features, in_features, dtype=dtype,
+                      device=stack.data.device)
+    n_bytes = stack.data.numel()
+    if n_bytes == 0:
+        return out
+    nested = stack.nested
+    _stack_kernel()[(-(-n_bytes // TILE_BYTES),)](
+        stack.data, stack.absmax, stack.code,
+        stack.nested_absmax if nested else stack.code,  # unread placeholders without nesting
+        stack.nested_code if nested else stack.code,
+        stack.offset if nested else stack.code, out, n_bytes,
+        MEMBER_BYTES=n // 2, BLOCKS=stack.absmax.shape[1],
+        NESTED_BLOCKS=stack.nested_absmax.shape[1] if nested else 1,
+        BLOCK_BYTES=stack.blocksize // 2, NESTED=nested,
+        NESTED_BLOCKSIZE=stack.nested_blocksize, ROWS=TILE_BYTES // cols, COLS=cols,
+        NATIVE_ROUNDING=out.device.type == "cuda", num_warps=WARPS, enable_fp_fusion=False)
+    return out
+
+
+def dequantize_experts(stack, dtype: torch.dtype) -> torch.Tensor:
+    """The stack's dense members: one Triton launch where Triton runs, else the torch batch."""
+    n = stack.shape[0] * stack.shape[1]
+    if use_triton(stack.data) and n % stack.blocksize == 0:
+        return dequantize_stack_triton(stack, dtype)
+    return dequantize_stack(stack, dtype)
+
+
+def grouped_mm_runs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these: bf16 operands whose rows are 16-byte multiples
+    (a [M, K], b [E, K, N]), on CUDA with sm90+ or on the CPU."""
+    if not hasattr(torch, "_grouped_mm") or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        return False
+    if (a.shape[-1] * 2) % 16 or (b.shape[-1] * 2) % 16:
+        return False
+    if a.device.type == "cuda":
+        return torch.cuda.get_device_capability(a.device)[0] >= 9
+    return a.device.type == "cpu"
+
+
+def padded_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as one batched matmul: each expert's rows into a [E, largest group, K] block,
+    zero-padded, times b, and back. Any dtype and device; memory E × the largest group's rows."""
+    experts = b.shape[0]
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    starts = offsets - counts
+    expert = torch.repeat_interleave(torch.arange(experts, device=a.device), counts,
+                                     output_size=a.shape[0])
+    slot = torch.arange(a.shape[0], device=a.device) - starts[expert]
+    largest = int(counts.max()) if a.shape[0] else 0
+    padded = a.new_zeros(experts, largest, a.shape[1])
+    padded = padded.index_put((expert, slot), a)
+    return torch.bmm(padded, b)[expert, slot]
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[M, N]: a [M, K] (rows sorted by expert; expert e's rows end at offsets[e], int32)
+    times b [E, K, N], expert by expert, in one launch."""
+    if grouped_mm_runs(a, b):
+        return torch._grouped_mm(a, b, offs=offsets)
+    return padded_grouped_mm(a, b, offsets)
+
+
+class GroupedBase(torch.autograd.Function):
+    """y = x_e @ W_eᵀ for the rows of each expert e (x sorted by expert), W frozen: `weights()`
+    makes [E, out, in] (dequantizing a 4-bit stack in one batched call); backward calls it again
+    for x's gradient, dy_e @ W_e. Only the callable is kept for backward, as Matmul4bit keeps
+    only the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM of a layer."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, weights: Callable[[torch.dtype], torch.Tensor]):
+        ctx.weights, ctx.offsets = weights, offsets
+        return grouped_mm(x, weights(x.dtype).transpose(1, 2), offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad_out.contiguous(), ctx.weights(grad_out.dtype), ctx.offsets)
+        return grad_x, None, None

@@ -1,0 +1,213 @@
+"""Mixture-of-experts blocks (Mixtral, Qwen3-MoE): the reference, in plain torch, as
+transformers' modeling_mixtral.py and modeling_qwen3_moe.py compute them.
+
+- Router (`mlp.gate`, weight [experts, hidden]): logits in the hidden dtype, softmax in fp32, the
+  top_k largest, renormalised to sum to 1 where the family says (MoeSpec.renormalize); Qwen3-MoE
+  casts them to the hidden dtype, Mixtral keeps them fp32 until the weighted output is rounded.
+- ExpertLinear: one projection of every expert, [experts, out, in] (transformers'
+  `experts.gate_up_proj` [E, 2I, H], gate rows first, and `experts.down_proj` [E, H, I]); 16-bit
+  as a Parameter, or 4-bit as a quant.QuantizedStack whose members are each expert's gate, up
+  (two members an expert) or down weight, each quantized on its own as bitsandbytes quantizes a
+  Linear4bit of it.
+- Experts: for each expert that any token chose, its tokens through down(silu(gate) · up),
+  times their router weight, added into the output: a loop over experts, the readable reference
+  that the grouped computation (speed/moe.py: tokens sorted by expert, one launch per
+  projection over all experts) must equal.
+- SparseMoeBlock (`mlp`): router then experts; it keeps its last router logits for the
+  load-balancing loss (`load_balancing_loss`, transformers' formula).
+- MoeDecoderLayer: the reference layer with the sparse block, or in the layers MoeSpec calls dense
+  (Qwen3-MoE's mlp_only_layers, decoder_sparse_step) the reference MLP.
+- MoeLM: with labels, the summed cross-entropy plus, where config.json's output_router_logits
+  asks for it (`aux_loss`), router_aux_loss_coef · aux · (the micro-batch's label tokens): the
+  loop divides the sum by the window's label tokens, so one micro-batch's loss is transformers'
+  mean cross-entropy + coef · aux, and several micro-batches weigh their aux by their tokens.
+
+Why here and not in mixtral.py / qwen3_moe.py: those are imported wherever a spec is read, and
+these blocks build on models/decoder.py (an import cycle); models/load.py's OWN_DECODERS builds
+a MoeLM for both model types.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora.models.decoder import (IGNORE_INDEX, MLP, Backbone, DecoderLayer, DecoderLM,
+                                  shifted_targets)
+from qlora.models.attention import Attention, Rotary
+from qlora.models.norm import RMSNorm
+from qlora.models.spec import ArchSpec
+
+
+class Router(nn.Module):
+    """(logits [N, E] in x's dtype, top_k weights [N, k], top_k expert indices [N, k])."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.moe = spec.moe
+        self.weight = nn.Parameter(torch.empty(spec.moe.num_experts, spec.hidden_size))
+
+    def forward(self, x: torch.Tensor):
+        logits = F.linear(x, self.weight.to(x.dtype))
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, index = torch.topk(probs, self.moe.top_k, dim=-1)
+        if self.moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.moe.weights_in_hidden_dtype:
+            weights = weights.to(logits.dtype)
+        return logits, weights, index
+
+
+class ExpertLinear(nn.Module):
+    """One projection of every expert, no bias: `weight` [experts, out, in] (16-bit), or
+    `quantized`, a quant.QuantizedStack of `members` 4-bit weights an expert (gate_up_proj: gate
+    then up), which the loader puts in its place."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, members: int = 1):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.members = members  # weights an expert is stored as, 4-bit (its rows split evenly)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.quantized = None
+
+    def set_quantized(self, stack) -> None:
+        """Hold `stack` (quant.QuantizedStack) instead of the 16-bit weight."""
+        del self.weight
+        self.weight = None
+        self.quantized = stack
+
+    def expert_weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `expert`'s dense weight [out, in]."""
+        if self.quantized is None:
+            return self.weight[expert].to(dtype)
+        first = expert * self.members
+        return torch.cat([self.quantized.dequantize_member(first + m)
+                          for m in range(self.members)]).to(dtype)
+
+    def dense_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every expert's dense weight [experts, out, in] (the reference: one at a time)."""
+        if self.quantized is None:
+            return self.weight.to(dtype)
+        return torch.stack([self.expert_weight(e, dtype) for e in range(self.num_experts)])
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert `expert`'s projection of its tokens x [n, in]."""
+        return F.linear(x, self.expert_weight(expert, x.dtype))
+
+
+class Experts(nn.Module):
+    """SwiGLU experts: down(silu(gate(x)) · up(x)) for each token's chosen experts, weighted."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        e, h, i = spec.moe.num_experts, spec.hidden_size, spec.moe.expert_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = ExpertLinear(e, h, 2 * i, members=2)
+        self.down_proj = ExpertLinear(e, i, h)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], index and weights [N, k] → [N, H]. Expert by expert, in expert order, each
+        expert's weighted output rounded to x's dtype and added (transformers' order)."""
+        out = torch.zeros_like(x)
+        for expert in torch.unique(index).tolist():
+            token, slot = torch.where(index == expert)
+            y = self.expert(x[token], expert) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, expert).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, expert)
+
+
+class SparseMoeBlock(nn.Module):
+    """`mlp` of a sparse layer: `gate` (the router) and `experts`."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.moe = spec.moe
+        self.gate = Router(spec)
+        self.experts = Experts(spec)
+        self.router_logits: torch.Tensor | None = None  # the last forward's [N, E]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.training and self.moe.jitter_noise > 0:  # Mixtral's router jitter: both read it
+            noise = self.moe.jitter_noise
+            x = x * torch.empty_like(x).uniform_(1.0 - noise, 1.0 + noise)
+        flat = x.reshape(-1, shape[-1])
+        logits, weights, index = self.gate(flat)
+        self.router_logits = logits
+        return self.experts(flat, index, weights).view(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int
+                        ) -> torch.Tensor:
+    """transformers' load_balancing_loss_func without an attention mask (every row counts):
+    E · Σ_e (top_k assignments to e / rows) · (router probability of e summed / rows), the
+    rows of every sparse layer together."""
+    device = router_logits[0].device
+    assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    probability = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = 0
+    for logits in router_logits:
+        probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        assigned = assigned + torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+        probability = probability + probs.float().sum(dim=0)
+        rows += probs.shape[0]
+    return num_experts * torch.sum((assigned / rows) * (probability / rows))
+
+
+class MoeDecoderLayer(DecoderLayer):
+    """The reference layer with a sparse block (or, where MoeSpec says dense, the MLP)."""
+
+    def __init__(self, spec: ArchSpec, layer_index: int):
+        nn.Module.__init__(self)  # not DecoderLayer's: its MLP may not be this one
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_index)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        sparse = spec.moe.sparse_layers[layer_index]
+        self.mlp = SparseMoeBlock(spec) if sparse else MLP(spec)
+
+
+class MoeBackbone(Backbone):
+    def __init__(self, spec: ArchSpec):
+        nn.Module.__init__(self)  # not Backbone's: its layers are not these
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(MoeDecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary_emb = Rotary(spec)
+
+
+class MoeLM(DecoderLM):
+    """The reference causal LM over sparse blocks; with labels, the load-balancing loss added
+    where `aux_loss` is on (config.json's output_router_logits; train's `router_aux_loss`)."""
+
+    backbone_class = MoeBackbone
+    # train/graphs.py: the reference's routing reads which experts were chosen on the host
+    cuda_graphs_refused = "mixture-of-experts routing is not captured in CUDA graphs yet"
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__(spec)
+        self.aux_loss = spec.moe.aux_loss
+
+    def forward(self, input_ids, position_ids=None, labels=None, cache=None, varlen=None):
+        total = super().forward(input_ids, position_ids, labels, cache, varlen)
+        if labels is None or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
+            return total
+        n_labels = int((shifted_targets(labels) != IGNORE_INDEX).sum())
+        return total + self.spec.moe.aux_loss_coef * n_labels * self.router_aux_loss()
+
+    def sparse_blocks(self) -> list[SparseMoeBlock]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def router_logits(self) -> list[torch.Tensor]:
+        """The last forward's router logits of each sparse layer, [rows, experts], in order."""
+        return [block.router_logits for block in self.sparse_blocks()]
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """transformers' load-balancing loss of the last forward (without its coefficient)."""
+        return load_balancing_loss(self.router_logits(), self.spec.moe.num_experts,
+                                   self.spec.moe.top_k)

@@ -1,0 +1,71 @@
+"""The grouped expert computation of a sparse block: FastExperts, the fork of the reference
+Experts (models/families/moe_blocks.py), which loops over experts.
+
+Each token's k choices become k rows, sorted by expert (a stable argsort), so each expert's rows
+are one contiguous run ending at offsets[e]. Then one grouped GEMM per projection covers every
+expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded batched matmul): the
+base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward), the
+LoRA products (PEFT's [E, r, in] and [E, out, r] factors) as two more grouped GEMMs; SwiGLU
+between them; each row scaled by its router weight, rounded to the hidden dtype as the
+reference rounds each expert's output, and the k rows of each token added in fp32 (no atomics:
+the rows are put back in token order and summed over k). Backward is autograd's through the
+same grouped GEMMs; no Python loop over experts anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from qlora.adapters import LoraExperts
+from qlora.kernels.experts import GroupedBase, dequantize_experts, grouped_mm
+from qlora.models.families.moe_blocks import ExpertLinear, Experts
+
+
+class FastExperts(Experts):
+    grouped = False  # set by apply_speed (SpeedPlan.grouped_experts)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if not self.grouped:
+            return super().forward(x, index, weights)
+        return grouped_experts(self, x, index, weights)
+
+
+def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """Experts.forward's result, expert GEMMs grouped: x [N, H], index and weights [N, k]."""
+    n, k = index.shape
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.cumsum(torch.bincount(flat, minlength=experts.num_experts), 0,
+                           dtype=torch.int32)
+    rows = x.index_select(0, order // k)
+    gate, up = projection(experts.gate_up_proj, rows, offsets).chunk(2, dim=-1)
+    y = projection(experts.down_proj, F.silu(gate) * up, offsets)
+    # as the reference: the weighted output in the weights' dtype, rounded to x's
+    y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
+    # back in token order by a gather (its backward keeps only the indices)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                       device=order.device))
+    return y.index_select(0, inverse).view(n, k, -1).float().sum(dim=1).to(x.dtype)
+
+
+def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """An expert projection (ExpertLinear, or LoraExperts over one) of rows sorted by expert."""
+    base = layer.base_layer if isinstance(layer, LoraExperts) else layer
+    y = GroupedBase.apply(rows, offsets, functools.partial(expert_weights, base))
+    if isinstance(layer, LoraExperts) and not layer.disabled:
+        a, b = layer.factors(rows.dtype)  # [E, r, in], [E, out, r]
+        h = grouped_mm(rows, a.transpose(1, 2).contiguous(), offsets)
+        y = y + grouped_mm(h, b.transpose(1, 2).contiguous(), offsets) * layer.scaling
+    return y
+
+
+def expert_weights(layer: ExpertLinear, dtype: torch.dtype) -> torch.Tensor:
+    """[E, out, in]: the 16-bit weight, or the 4-bit stack dequantized in one call."""
+    if layer.quantized is None:
+        return layer.weight.to(dtype)
+    dense = dequantize_experts(layer.quantized, dtype)
+    return dense.view(layer.num_experts, layer.out_features, layer.in_features)

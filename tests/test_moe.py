@@ -1,0 +1,543 @@
+"""Mixtral and Qwen3-MoE (models/families/moe_blocks.py) against transformers, bitsandbytes and
+PEFT on tiny random models: logits, router logits, the load-balancing loss, 4-bit experts,
+adapters on the experts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fp32_bnb_reference
+from qlora.adapters import AdapterConfig, attach_adapters, load_adapter, save_adapter
+from qlora.errors import QloraError
+from qlora.models import load_model
+from qlora.quant import QuantConfig
+
+FP32 = torch.float32
+# name → (family, config overrides): Mixtral; Qwen3-MoE with a dense layer (mlp_only_layers) and
+# renormalised weights; Qwen3-MoE with decoder_sparse_step 2 and weights not renormalised
+MOE_VARIANTS = {
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3_moe", {"mlp_only_layers": [1], "output_router_logits": True}),
+    "qwen3-moe-step": ("qwen3_moe", {"num_hidden_layers": 3, "decoder_sparse_step": 2,
+                                     "norm_topk_prob": False}),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict:
+    from qlora.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {name: build_tiny_model(root / name, family, seed=i, **overrides)
+            for i, (name, (family, overrides)) in enumerate(MOE_VARIANTS.items())}
+
+
+def hf_model(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32, **kwargs).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def token_batch(seed: int = 0, batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(6, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_logits_and_router_logits_match_transformers(moe_models, variant):
+    path, ids = moe_models[variant], token_batch()
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    with torch.no_grad():
+        expected = hf_model(path)(ids, output_router_logits=True)
+        got = ours(ids)
+    # fp32, the same operations in the same order: equal to rounding (1e-5 relative)
+    assert rel_err(expected.logits, got) <= 1e-5
+    ours_router = ours.router_logits()
+    assert len(ours_router) == len(expected.router_logits) >= 1
+    for theirs, mine in zip(expected.router_logits, ours_router):
+        assert rel_err(theirs, mine) <= 1e-5
+
+
+def test_dense_layers_follow_mlp_only_layers_and_sparse_step(moe_models):
+    from qlora.models.families.moe_blocks import SparseMoeBlock
+
+    layers = load_model(moe_models["qwen3-moe"], QuantConfig(method="none")).model.layers
+    assert [isinstance(layer.mlp, SparseMoeBlock) for layer in layers] == [True, False]
+    layers = load_model(moe_models["qwen3-moe-step"], QuantConfig(method="none")).model.layers
+    assert [isinstance(layer.mlp, SparseMoeBlock) for layer in layers] == [False, True, False]
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_aux_loss_and_training_loss_match_transformers(moe_models, variant):
+    path, ids = moe_models[variant], token_batch(1)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    ours.aux_loss = True  # what config.json's output_router_logits turns on
+    ref = hf_model(path)
+    with torch.no_grad():
+        expected = ref(ids, labels=labels, output_router_logits=True)
+        summed = ours(ids, labels=labels)
+    n_labels = int((labels[:, 1:] != -100).sum())
+    # fp32 sums over a few dozen tokens in another order: 1e-5 relative
+    assert abs(float(ours.router_aux_loss()) - float(expected.aux_loss)) <= 1e-5 * float(expected.aux_loss)
+    assert abs(float(summed) / n_labels - float(expected.loss)) <= 1e-5 * float(expected.loss)
+
+
+def test_aux_loss_follows_output_router_logits(moe_models):
+    on = load_model(moe_models["qwen3-moe"], QuantConfig(method="none", compute_dtype=FP32))
+    off = load_model(moe_models["mixtral"], QuantConfig(method="none", compute_dtype=FP32))
+    assert on.aux_loss and not off.aux_loss  # config.json's output_router_logits
+
+
+def bnb_reference_with_our_experts(path, ours, quant_type: str, double_quant: bool):
+    """transformers + bitsandbytes in 4 bits: attention quantized by bitsandbytes, experts left
+    16-bit by transformers 5 (3D parameters, not Linear layers); those are set to our 4-bit
+    experts' dense weights, so the two models hold the same weights everywhere."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=FP32)
+    ref = fp32_bnb_reference(hf_model(path, quantization_config=config, device_map="cpu"))
+    with torch.no_grad():
+        for i, layer in enumerate(ours.model.layers):
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None:
+                continue
+            theirs = ref.model.layers[i].mlp.experts
+            assert theirs.gate_up_proj.dtype == FP32, "transformers quantized the experts"
+            theirs.gate_up_proj.copy_(experts.gate_up_proj.dense_weights(FP32))
+            theirs.down_proj.copy_(experts.down_proj.dense_weights(FP32))
+    return ref
+
+
+@pytest.mark.parametrize("variant,quant_type,double_quant", [("mixtral", "nf4", True),
+                                                             ("qwen3-moe", "fp4", False)])
+def test_4bit_bytes_and_logits_match_bitsandbytes(moe_models, variant, quant_type, double_quant):
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    path = moe_models[variant]
+    quant = QuantConfig(method=quant_type, double_quant=double_quant, compute_dtype=FP32)
+    ours = load_model(path, quant)
+    ref = bnb_reference_with_our_experts(path, ours, quant_type, double_quant)
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    quantized = [k for k in ref_state if ".weight." in k or k.endswith("proj.weight")]
+    for key in quantized:
+        if ref_state[key].dtype == torch.uint8 or ".weight." in key:
+            assert torch.equal(ref_state[key], our_state[key]), key
+    # each expert's weight: the bytes and scales a Linear4bit of it holds
+    stack = ours.model.layers[0].mlp.experts.down_proj.quantized
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.startswith("model.layers.0.")
+                   and (k.endswith("experts.2.w2.weight") or k.endswith("experts.2.down_proj.weight")))
+        weight = f.get_tensor(key)
+    param = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64,
+                              compress_statistics=double_quant, quant_type=quant_type).to("cpu")
+    assert torch.equal(param.data.view(-1), stack.data[2])
+    assert torch.equal(param.quant_state.absmax, stack.absmax[2])
+    assert torch.equal(bnb.functional.dequantize_4bit(param.data, param.quant_state),
+                       stack.dequantize_member(2))
+    ids = token_batch(2)
+    with torch.no_grad():
+        # the same 4-bit weights computed in fp32 by both: 1e-4 relative, as test_model's
+        assert rel_err(ref(ids).logits, ours(ids)) <= 1e-4
+
+
+def randomized_adapters(model, seed: int = 1, std: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_adapter_on_experts_loads_in_peft_with_equal_logits(moe_models, variant, tmp_path):
+    from peft import PeftModel
+
+    path, ids = moe_models[variant], token_batch(3)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.05))
+    randomized_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert config["lora_dropout"] == 0.0  # PEFT's LoRA on parameters refuses any other
+    peft_model = PeftModel.from_pretrained(hf_model(path), str(tmp_path / "adapter")).eval()
+    ours.eval()
+    with torch.no_grad():
+        # fp32, LoRA added as B(Ax) by us and folded into the weight by PEFT: 1e-5 relative
+        assert rel_err(peft_model(ids).logits, ours(ids)) <= 1e-5
+    again = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+
+
+def test_peft_adapter_loads_into_ours(moe_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    path, ids = moe_models["mixtral"], token_batch(4)
+    peft_model = get_peft_model(hf_model(path), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]))
+    randomized_adapters(peft_model, seed=5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel_err(peft_model.eval()(ids).logits, ours(ids)) <= 1e-5  # as above
+
+
+def test_only_down_proj_experts_and_router_frozen(moe_models, tmp_path):
+    from peft import PeftModel
+
+    path, ids = moe_models["mixtral"], token_batch(5)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=2, alpha=4, target_modules="v_proj,experts.down_proj"))
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any(".gate." in n for n in trainable)  # the router stays frozen
+    randomized_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    peft_model = PeftModel.from_pretrained(hf_model(path), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, ours.eval()(ids)) <= 1e-5  # as above
+
+
+def test_dense_mlp_of_a_moe_model_refused_as_target(moe_models):
+    model = load_model(moe_models["qwen3-moe"], QuantConfig(method="none"))
+    with pytest.raises(QloraError, match="dense MLP"):
+        attach_adapters(model, AdapterConfig(target_modules="q_proj,down_proj"))
+
+
+def test_int8_refused_for_experts(moe_models):
+    with pytest.raises(QloraError, match="int8"):
+        load_model(moe_models["mixtral"], QuantConfig(method="int8"))
+
+
+def adapted(path, quant: str, dtype: torch.dtype):
+    model = load_model(path, QuantConfig(method=quant, compute_dtype=dtype))
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    randomized_adapters(model)
+    return model.train()
+
+
+def loss_and_grads(model, ids):
+    loss = model(ids, labels=ids)
+    loss.backward()
+    # the first layers' adapter gradients carry the experts' input gradients back through layers
+    return float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# fp32: 16-bit experts, and 4-bit in fp32 (the padded batched matmul); bf16: torch._grouped_mm
+@pytest.mark.parametrize("variant,quant,dtype", [
+    ("mixtral", "none", FP32), ("mixtral", "nf4", torch.bfloat16),
+    ("qwen3-moe", "nf4", FP32), ("qwen3-moe", "nf4", torch.bfloat16)])
+def test_grouped_experts_equal_the_loop_over_experts(moe_models, variant, quant, dtype):
+    from qlora.speed import SpeedPlan, apply_speed
+    from qlora.speed.moe import FastExperts
+
+    path, ids = moe_models[variant], token_batch(6)
+    reference, grouped = adapted(path, quant, dtype), adapted(path, quant, dtype)
+    apply_speed(grouped, SpeedPlan(grouped_experts=True), log=lambda _: None)
+    assert all(m.grouped for m in grouped.modules() if isinstance(m, FastExperts))
+    want_loss, want = loss_and_grads(reference, ids)
+    got_loss, got = loss_and_grads(grouped, ids)
+    assert set(want) == set(got) and any("experts" in n for n in got)
+    # fp32: the same products summed in another order, 1e-5 in the loss, 1e-4 in gradients
+    # carried back through both layers' experts and attention; bf16: each expert's GEMM rounds
+    # alike, the k outputs are added in fp32 instead of bf16: 1e-2
+    tol, grad_tol = (1e-5, 1e-4) if dtype == FP32 else (1e-2, 1e-2)
+    assert abs(got_loss - want_loss) <= tol * abs(want_loss)
+    for name in want:
+        assert rel_err(want[name].float(), got[name].float()) <= grad_tol, name
+
+
+def test_stack_dequantize_batched_equals_bitsandbytes_member_by_member():
+    from qlora.kernels.experts import dequantize_stack
+    from qlora.quant import QuantizedStack
+
+    g = torch.Generator().manual_seed(0)
+    for method, nested in (("nf4", True), ("fp4", False)):
+        # 6 members of 64 × 100 (100 blocks: a partial nested group of 256 in each)
+        stack = QuantizedStack(6, (64, 100), QuantConfig(method=method, double_quant=nested,
+                                                         compute_dtype=FP32), "cpu")
+        for i in range(6):
+            stack.set_member(i, torch.randn(64, 100, generator=g) * (i + 1))
+        batched = dequantize_stack(stack, FP32)
+        for i in range(6):
+            assert torch.equal(batched[i], stack.dequantize_member(i)), (method, i)
+
+
+STACK_KERNEL_CHECK = r"""
+import json, torch
+from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+from qlora.quant import QuantConfig, QuantizedStack
+g = torch.Generator().manual_seed(0)
+results = {}
+# 3 members of 32 x 512 (256 blocks of 64: a whole nested group each), nf4 nested, in bf16
+# and fp32; 3 members of 16 x 64, fp4 without nesting
+for method, nested, shape, dtypes in (("nf4", True, (32, 512), (torch.float32, torch.bfloat16)),
+                                      ("fp4", False, (16, 64), (torch.float32,))):
+    stack = QuantizedStack(3, shape, QuantConfig(method=method, double_quant=nested,
+                                                 compute_dtype=torch.float32), "cpu")
+    for i in range(3):
+        stack.set_member(i, torch.randn(*shape, generator=g) * (i + 1))
+    for dtype in dtypes:
+        got, want = dequantize_stack_triton(stack, dtype), dequantize_stack(stack, dtype)
+        results[f"{method}-{nested}-{shape}-{dtype}"] = torch.equal(got, want)
+print(json.dumps(results))
+"""
+
+
+def test_stack_dequantize_kernel_equals_the_torch_batch():
+    from test_dequant_kernel import interpreted
+
+    results = interpreted(STACK_KERNEL_CHECK)
+    assert results and all(results.values()), results
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_merge_folds_the_experts(moe_models, variant, tmp_path):
+    from qlora.merge import merge_adapter
+
+    path, ids = moe_models[variant], token_batch(7)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    # deltas of the base weights' size: folded into W (x(W + BA)) they round as x·W does, where
+    # larger ones (0.3) swing the fp32 logits by 1e-4 through two layers of sharp routing
+    randomized_adapters(ours, std=0.05)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    from safetensors import safe_open
+
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(safe_open(str(path / "model.safetensors"), "pt").keys())  # Hub layout
+    folded = load_model(merged, QuantConfig(method="none", compute_dtype=FP32))
+    with torch.no_grad():
+        # fp32: B(Ax) added against x(W + BA); 1e-5 relative
+        assert rel_err(ours.eval()(ids), folded(ids)) <= 1e-5
+        assert rel_err(hf_model(merged)(ids).logits, folded(ids)) <= 1e-5  # transformers reads it
+
+
+def test_train_command_lowers_the_loss(moe_models, tmp_path, capsys):
+    """`qlora train` with its defaults (NF4 experts, LoRA on attention and experts, dropout,
+    checkpointing, the grouped experts) on Qwen3-MoE with the aux loss on; PEFT loads the result."""
+    from peft import PeftModel
+
+    from qlora.cli import main
+
+    path = moe_models["qwen3-moe"]
+    rows = [{"prompt": f"{w} = ", "completion": w.upper()}
+            for w in ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain")]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(path), "--data", str(data), "--output_dir", str(out),
+               "--max_steps", "4", "--micro_batch_size", "4", "--gradient_accumulation_steps",
+               "1", "--learning_rate", "2e-2", "--warmup_steps", "0", "--device", "cpu",
+               "--max_seq_length", "64", "--double_quant", "false", "--logging_steps", "1"])
+    assert rc == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] and config["lora_dropout"] == 0.0
+    PeftModel.from_pretrained(hf_model(path), str(out))  # loads without error
+
+
+# --- the memory planner (memory.py) -------------------------------------------------------------
+PLANNER_CONFIGS = {
+    "mixtral": dict(model_type="mixtral", hidden_size=128, intermediate_size=64,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=128, intermediate_size=352,
+                      moe_intermediate_size=64, num_experts=8, num_experts_per_tok=3,
+                      norm_topk_prob=False, head_dim=32),
+}
+
+
+def planner_config(family: str) -> dict:
+    return dict(PLANNER_CONFIGS[family], num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+@pytest.mark.parametrize("family", list(PLANNER_CONFIGS))
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,experts.down_proj"])
+def test_planner_counts_expert_weights_and_adapters(family, targets):
+    from qlora import memory
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantizedStack
+
+    config = planner_config(family)
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    held = sum(b.nbytes for m in model.modules() if isinstance(m, QuantizedStack)
+               for b in m.buffers()) + model.model.layers[0].mlp.gate.weight.nbytes
+    arch, cfg = memory.arch_from_config(config), memory.PlanConfig(r=8, targets=targets,
+                                                                   alloc_rounding=False)
+    assert memory.expert_stack_bytes(arch, cfg) == held
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, target_modules=targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory.adapter_param_count(arch, cfg) == trainable
+
+
+@pytest.mark.parametrize("family", list(PLANNER_CONFIGS))
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,experts.down_proj"])
+def test_planner_routed_activations_equal_what_autograd_keeps(family, targets):
+    """A sparse layer on the grouped path (4-bit experts, LoRA, bf16): what autograd keeps equals
+    the planner's terms, with a balanced router and with every token sent to the same experts."""
+    from saved_bytes import layer_saved_bytes
+
+    from qlora import memory
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.speed import SpeedPlan, apply_speed
+
+    config, r, tokens = planner_config(family), 8, 64
+    arch = memory.arch_from_config(config)
+    cfg = memory.PlanConfig(r=r, lora_dropout=0.0, targets=targets, seq_len=tokens,
+                            alloc_rounding=False, kernels="eager")
+    expected = (sum(memory.layer_activation_terms(arch, cfg).values()) * tokens
+                + sum(memory.layer_weight_terms(arch, cfg).values()))
+    for unbalanced in (False, True):
+        model = random_model(spec_from_config(config), QuantConfig(
+            method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
+        attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0, target_modules=targets))
+        apply_speed(model, SpeedPlan(grouped_experts=True), log=lambda _: None)
+        layer = model.model.layers[0]
+        if unbalanced:  # every token to the same top_k experts
+            with torch.no_grad():
+                layer.mlp.gate.weight.zero_()
+                layer.mlp.gate.weight[:arch.moe.top_k] = torch.linspace(3, 5, arch.moe.top_k)[:, None]
+        x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().abs()
+        x.requires_grad_(True)
+        cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+        owned = [*model.parameters(), *model.buffers(), x, cos, sin]
+        assert layer_saved_bytes(layer.train(), x, cos, sin, owned) == expected, unbalanced
+
+
+def test_named_moe_shapes_have_their_real_sizes():
+    from qlora import memory
+
+    # published totals: Mixtral-8x7B 46.7B, Qwen3-30B-A3B 30.5B
+    for name, billions in [("mixtral-8x7b", 46.70), ("qwen3-30b-a3b", 30.53)]:
+        assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize("variant,arch", [("mixtral", "llama"), ("qwen3-moe", "qwen3moe")])
+def test_gguf_export_stacks_the_experts(moe_models, variant, arch, tmp_path):
+    """llama.cpp's layout, as its convert_hf_to_gguf.py writes it: each layer's experts stacked
+    [E, out, in] as ffn_{gate,up,down}_exps, the router ffn_gate_inp in F32, the expert counts."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from qlora.export.gguf import export_gguf
+
+    from qlora.tiny import build_tiny_model
+
+    # the tests' Qwen3-MoE has a dense layer, which llama.cpp's qwen3moe has not: one without
+    path = (moe_models[variant] if variant == "mixtral"
+            else build_tiny_model(tmp_path / "qwen3-moe", "qwen3_moe", seed=7))
+    out = export_gguf(path, tmp_path / "model.gguf", "f16", log=lambda _: None)
+    reader = GGUFReader(str(out))
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == arch
+    assert int(fields[f"{arch}.expert_count"].parts[-1][0]) == 4
+    assert int(fields[f"{arch}.expert_used_count"].parts[-1][0]) == 2
+    tensors = {t.name: t for t in reader.tensors}
+    block = "block_sparse_moe" if variant == "mixtral" else "mlp"
+    names = {"ffn_gate_exps": ("w1", "gate_proj"), "ffn_up_exps": ("w3", "up_proj"),
+             "ffn_down_exps": ("w2", "down_proj")}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for role, linear in names.items():
+            linear = linear[0] if variant == "mixtral" else linear[1]
+            want = np.stack([f.get_tensor(f"model.layers.0.{block}.experts.{e}.{linear}.weight").numpy()
+                             for e in range(4)]).astype(np.float16)
+            got = np.asarray(tensors[f"blk.0.{role}.weight"].data).reshape(want.shape)
+            assert np.array_equal(got, want), role
+        router = tensors["blk.0.ffn_gate_inp.weight"]
+        assert router.tensor_type.name == "F32"
+        assert np.array_equal(np.asarray(router.data).reshape(4, 64),
+                              f.get_tensor(f"model.layers.0.{block}.gate.weight").numpy())
+
+
+def test_gguf_export_refuses_what_it_does_not_write(moe_models, tmp_path):
+    from qlora.export.gguf import export_gguf
+
+    with pytest.raises(QloraError, match="q4_k_m.*f16, bf16, q8_0"):
+        export_gguf(moe_models["mixtral"], tmp_path / "a.gguf", "q4_k_m")
+    with pytest.raises(QloraError, match="norm_topk_prob"):  # llama.cpp always renormalises
+        export_gguf(moe_models["qwen3-moe-step"], tmp_path / "b.gguf", "f16")
+    with pytest.raises(QloraError, match="dense"):  # llama.cpp's qwen3moe: every layer sparse
+        export_gguf(moe_models["qwen3-moe"], tmp_path / "c.gguf", "f16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
+    from qlora.config import load_config
+    from qlora.train.loop import build_model
+
+    def built(path, value):
+        cfg = load_config(None, dict(model=str(path), data="unused.jsonl", output_dir=str(tmp_path),
+                                     quant="none", router_aux_loss=value))
+        return build_model(cfg, torch.device("cpu"), FP32)
+
+    assert built(moe_models["qwen3-moe"], None).aux_loss  # output_router_logits: true
+    assert not built(moe_models["qwen3-moe"], "false").aux_loss
+    assert built(moe_models["mixtral"], "true").aux_loss  # output_router_logits: false
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_greedy_generation_matches_transformers(moe_models, variant):
+    from qlora.infer import GenerationOptions, generate
+
+    path, prompt = moe_models[variant], [5, 40, 41, 42, 43, 44]
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    got = generate(ours, prompt, GenerationOptions(max_new_tokens=16))
+    out = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert got == out[0, len(prompt):].tolist()
+
+
+def test_packed_rows_equal_documents_alone(moe_models):
+    """Routing is per token: a packed row's documents route and attend as they do alone."""
+    model = load_model(moe_models["qwen3-moe"], QuantConfig(method="none", compute_dtype=FP32))
+    docs = [token_batch(8, 1, 7)[0], token_batch(9, 1, 12)[0], token_batch(10, 1, 5)[0]]
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions)
+        alone = model(docs[1][None])
+    # fp32, the same rows through masked instead of causal attention: 1e-5
+    torch.testing.assert_close(packed[0, 7:19], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_aux_loss_gradient_survives_checkpointing(moe_models):
+    """The router logits leave each checkpointed layer beside its output: the load-balancing
+    loss's gradient must reach the adapters the same with checkpointing as without."""
+    from qlora.speed import SpeedPlan, apply_speed
+
+    ids, grads = token_batch(11), []
+    for checkpointing in (False, True):
+        model = adapted(moe_models["qwen3-moe"], "none", FP32)
+        apply_speed(model, SpeedPlan(grouped_experts=True, seeded_dropout=True), log=lambda _: None)
+        model.gradient_checkpointing = checkpointing
+        model(ids, labels=ids)
+        model.router_aux_loss().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for name in grads[0]:  # the same forward run again: equal to the bit
+        assert torch.equal(grads[0][name], grads[1][name]), name
