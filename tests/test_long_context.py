@@ -8,6 +8,7 @@ grouped projections, kept attention), for Llama, Qwen3, Gemma 2 and Phi-3 blocks
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -179,6 +180,38 @@ def test_offload_keeps_the_inputs_in_host_memory_and_fetches_each_one_layer_ahea
     # three of four layers' inputs, fp32: 3 x 48 tokens x hidden x 4 bytes
     assert model.layer_input_offload.host_bytes() == 3 * tokens * model.spec.hidden_size * 4
     assert asked == [(True, True)] * 3
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference-blocks", "fast-path"])
+def test_offload_releases_each_layer_input_once_it_is_copied_out(fast):
+    """The point of offload: a layer's input (the device tensor; on the CPU the one the copy
+    read, not the host copy) is freed once it is copied out. As each layer starts no earlier
+    layer's input is alive; after the forward only the last layer's is (kept: its backward comes
+    first); after backward none. Checked by reference counts alone (no gc): the allocator sees
+    a tensor go when its last reference does."""
+    model = tiny(layers=4)
+    applied = apply_speed(model, SpeedPlan(fast_base=fast, grouped=fast, seeded_dropout=True,
+                                           offload_activations=True, tile_mlp=TILE))
+    set_dropout_seed(applied.dropout_seed, run_seed=3, micro_batch_index=1,
+                     stride=applied.dropout_stride)
+    inputs = []  # a weak reference to each layer's input, in forward order
+    alive_as_each_layer_starts = []
+    forward = [True]  # the hooks also see the reruns in backward: those are not recorded
+
+    def record(layer, args):
+        if forward[0]:
+            alive_as_each_layer_starts.append([i for i, r in enumerate(inputs) if r() is not None])
+            inputs.append(weakref.ref(args[0]))
+
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(record)
+    ids = torch.randint(0, 100, TOKENS, generator=torch.Generator().manual_seed(2))
+    loss = model(ids, labels=ids)
+    forward[0] = False
+    assert alive_as_each_layer_starts == [[]] * 4
+    assert [i for i, r in enumerate(inputs) if r() is not None] == [3]
+    loss.backward()
+    assert all(r() is None for r in inputs)
 
 
 def test_tiles_and_offload_are_off_where_the_plan_leaves_them_off():

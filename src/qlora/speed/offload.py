@@ -29,6 +29,7 @@ warm-up ran at the same shape allocates nothing. On the CPU the same code runs w
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -59,9 +60,13 @@ class LayerInputOffload:
         the GPU when `last`)."""
         if index == 0:
             self.latest = None  # a new forward
+        # Every tensor saved under these hooks (x, cos, sin, the mask) holds `pack` until its
+        # backward: a pack that held x would keep the device copy alive as long as the host one,
+        # and free nothing. It knows x by a weak reference only.
+        layer_input = weakref.ref(x)
 
         def pack(t):
-            if t is not x:
+            if t is not layer_input():
                 return t  # cos, sin, the mask: shared by every layer, small
             saved = self._keep(t) if last else self._offload(t, index)
             self.latest = saved
