@@ -318,10 +318,11 @@ def test_llama_3_8b_at_64k_fits_24_gb_with_both():
 
 
 @pytest.mark.parametrize("seq, offload, tiles", [(2048, False, False), (16384, False, False),
-                                                 (32768, True, False), (65536, True, True)])
+                                                 (32768, False, True), (65536, True, True)])
 def test_long_context_choice_turns_on_only_what_the_fit_needs(seq, offload, tiles):
-    """None fits up to 16k on 24 GiB (the plan of the issue's measured 16k run); 32k needs the
-    offload (21 GiB allocated without it, x 1.3 slack > 24); 64k needs both (above)."""
+    """None fits up to 16k on 24 GiB (the plan of the issue's measured 16k run); 32k needs one
+    (21 GiB allocated with neither, x 1.3 slack > 24) and gets tiles, which come before offload
+    (long_context_choice says why); 64k needs both (above)."""
     chosen = memory.long_context_choice(LLAMA, replace(LONG_RUN, seq_len=seq), 24 * GiB)
     assert (chosen.offload_activations, chosen.tile_mlp) == (offload, tiles)
 
@@ -340,7 +341,7 @@ LLAMA_3_8B_CONFIG = dict(model_type="llama", hidden_size=4096, intermediate_size
                          max_position_embeddings=131072, tie_word_embeddings=False)
 
 
-def test_qlora_train_check_picks_offload_only_when_the_run_needs_it(tmp_path):
+def test_qlora_train_check_picks_tiles_and_offload_only_when_the_run_needs_them(tmp_path):
     """check_run resolves auto (None) before loading: off where the run fits without, on (said in
     the log) where it does not; what the user set is kept; on the CPU (no GPU size) off."""
     import json
@@ -358,11 +359,11 @@ def test_qlora_train_check_picks_offload_only_when_the_run_needs_it(tmp_path):
     assert (long.offload_activations, long.tile_mlp) == (True, True)
     assert any("offload_activations: on" in line and "tile_mlp: on" in line for line in logged)
     mid, _ = memory.check_run(replace(cfg, max_seq_length=32768), "cpu", log=logged.append)
-    assert (mid.offload_activations, mid.tile_mlp) == (True, False)
-    assert mid.keep_attention  # what is left after offload goes to kept attention
-    kept, _ = memory.check_run(replace(cfg, max_seq_length=32768, offload_activations=False,
-                                       tile_mlp=True), "cpu", log=logged.append)
-    assert (kept.offload_activations, kept.tile_mlp) == (False, True)
+    assert (mid.offload_activations, mid.tile_mlp) == (False, True)
+    assert mid.keep_attention  # what is left after the tiles goes to kept attention
+    kept, _ = memory.check_run(replace(cfg, max_seq_length=32768, offload_activations=True,
+                                       tile_mlp=False), "cpu", log=logged.append)
+    assert (kept.offload_activations, kept.tile_mlp) == (True, False)
     cpu, _ = memory.check_run(replace(cfg, gpu_memory=None, max_seq_length=65536), "cpu")
     assert (cpu.offload_activations, cpu.tile_mlp) == (False, False)
 
