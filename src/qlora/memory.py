@@ -574,9 +574,12 @@ def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
 def long_context_choice(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes: int,
                         offload_auto: bool = True, tile_auto: bool = True) -> PlanConfig:
     """`cfg` with offload and MLP tiles decided where they are left to the plan (`*_auto`): the
-    first of none, offload, tiles, both that fits `gpu_bytes` (the fastest first: offload's
-    copies run beside the compute, tiles cut a GEMM into several), with attention recomputed in
-    every layer (kept attention gets what is left, after). Where nothing fits, both where left to
+    first of none, tiles, offload, both that fits `gpu_bytes`, with attention recomputed in every
+    layer (kept attention gets what is left, after). Tiles before offload: their saving is
+    measured on an H100 (Llama-3-8B at 32k tokens in 15.8 GiB, under this plan's 17.7), they
+    take no pinned host memory (offload: 7.75 GiB at 32k) and no PCIe traffic, and offload was
+    no faster where both ran (32k: 6,329 tokens/s with it and tiles, 6,327 with tiles alone;
+    16k: 2% slower). Where nothing fits, both where left to
     the plan (the error and its advice then start from there). Neither applies to the generic
     path (no speed layer), nor offload without checkpointing; a tile longer than the step's
     tokens changes nothing, so it is not chosen."""
@@ -586,7 +589,7 @@ def long_context_choice(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes
     offloads = [False, True] if offload_auto and cfg.checkpointing else [cfg.offload_activations]
     tiles = [False, True] if tile_auto else [cfg.tile_mlp]
     base = replace(cfg, keep_attention=False)
-    candidates = [(o, t) for t in tiles for o in offloads]  # none, offload, tiles, both
+    candidates = [(o, t) for o in offloads for t in tiles]  # none, tiles, offload, both
     for offload, tile in candidates:
         trial = replace(base, offload_activations=offload, tile_mlp=tile)
         if tile is True and mlp_tile_tokens(arch, trial) is None and len(tiles) > 1:

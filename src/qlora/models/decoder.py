@@ -141,9 +141,9 @@ class DecoderLM(nn.Module):
             layout = position_ids
             position_ids = position_ids.to(device, non_blocking=True)
         masks = self.layer_masks(layout, past, device, varlen)
-        x = self.embed(input_ids)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        x = self.run_layers(x, cos, sin, masks, cache)
+        # the embedding's dtype: what embed returns, in every family
+        cos, sin = self.model.rotary_emb(position_ids, self.model.embed_tokens.weight.dtype)
+        x = self.run_layers(input_ids, cos, sin, masks, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
@@ -160,8 +160,11 @@ class DecoderLM(nn.Module):
         """Whether this forward reruns each layer in backward."""
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-    def run_layers(self, x, cos, sin, masks, cache):
-        """`masks`: each layer's, in layer order (layer_masks)."""
+    def run_layers(self, input_ids, cos, sin, masks, cache):
+        """The layers over the embedded ids. `masks`: each layer's, in layer order (layer_masks).
+        The embedding is made here so that this loop holds the only reference to each layer's
+        input: an offloaded one (the first layer's too) is freed once it is copied out."""
+        x = self.embed(input_ids)
         use_checkpoint = self.checkpointing()
         for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
             if use_checkpoint:

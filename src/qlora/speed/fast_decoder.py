@@ -163,7 +163,8 @@ class FastDecoderLM(DecoderLM):
     def embed(self, input_ids):
         return gather_rows(self.model.embed_tokens.weight, input_ids)  # the table may be on host
 
-    def run_layers(self, x, cos, sin, masks, cache):
+    def run_layers(self, input_ids, cos, sin, masks, cache):
+        x = self.embed(input_ids)  # held by this loop alone (DecoderLM.run_layers says why)
         if not self.checkpointing():
             for layer, mask in zip(self.model.layers, masks, strict=True):
                 x = layer(x, cos, sin, mask, cache)

@@ -23,12 +23,14 @@ work before the copy is done; the same holds for the buffers a copy writes. Ever
 stream does is waited for by the compute stream, which is what a CUDA-graph capture needs (the
 side stream forks from and joins the capturing stream). Host buffers are pinned once per layer
 and reused (grown, never freed, so a captured graph's addresses stay valid); a capture whose
-warm-up ran at the same shape allocates nothing. On the CPU the same code runs with plain copies.
+warm-up ran at the same shape allocates nothing. On the CPU the same code runs with plain copies,
+and releases each input as the GPU does (at the next layer's copy out), so CPU tests check it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -59,9 +61,13 @@ class LayerInputOffload:
         the GPU when `last`)."""
         if index == 0:
             self.latest = None  # a new forward
+        # Every tensor saved under these hooks (x, cos, sin, the mask) holds `pack` until its
+        # backward: a pack that held x would keep the device copy alive as long as the host one,
+        # and free nothing. It knows x by a weak reference only.
+        layer_input = weakref.ref(x)
 
         def pack(t):
-            if t is not x:
+            if t is not layer_input():
                 return t  # cos, sin, the mask: shared by every layer, small
             saved = self._keep(t) if last else self._offload(t, index)
             self.latest = saved
@@ -80,22 +86,25 @@ class LayerInputOffload:
         # the previous layer's copy has had that layer's forward to run in; its GPU tensor goes now
         self._finish_copy_out()
         host = self._host_buffer(index, t)
-        if t.device.type != "cuda":
+        event = None  # on the CPU the copy is done when copy_ returns
+        if t.device.type == "cuda":
+            stream = self._side_stream(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is made
+            with torch.cuda.stream(stream):
+                host.copy_(t, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+        else:
             host.copy_(t)
-            return _SavedInput(host, None, None, self.latest)
-        stream = self._side_stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))  # t is made
-        with torch.cuda.stream(stream):
-            host.copy_(t, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
+        # released by _finish_copy_out on either device: the CPU runs the GPU's release logic
         self.copying = _SavedInput(host, t, event, self.latest)
         return self.copying
 
     def _finish_copy_out(self) -> None:
         saved, self.copying = self.copying, None
         if saved is not None:
-            torch.cuda.current_stream(saved.gpu.device).wait_event(saved.event)
+            if saved.event is not None:
+                torch.cuda.current_stream(saved.gpu.device).wait_event(saved.event)
             saved.gpu, saved.event = None, None  # its memory may go to work after the copy
 
     def _unpack(self, saved):
