@@ -81,14 +81,7 @@ class FastAttention(Attention):
         """`kept`: a checkpointed layer's (CheckpointedLayer): its first run keeps what attention's
         backward needs, and its rerun reuses that instead of computing q, k, v and attention."""
         B, T, _ = x.shape
-        rerun = kept is not None and kept.first_run_done
-        if self.grouped:
-            # column views of one [B, T, q+k+v] output; RoPE reads q and k by strides. A rerun
-            # makes only the LoRA products: their backward needs the saved inputs they keep,
-            # and nothing reads the values, as the kept attention stands in for them
-            q, k, v = grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj), base=not rerun)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x, rerun=kept is not None and kept.first_run_done)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -98,6 +91,15 @@ class FastAttention(Attention):
             y = AttentionKeptForRerun.apply(q, k, v, kept,
                                             functools.partial(self.attend, cos=cos, sin=sin, mask=mask))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project(self, x, rerun: bool):
+        """q, k, v [B, T, width] of x. Grouped: column views of one [B, T, q+k+v] output (RoPE
+        reads q and k by strides); a rerun then makes only the LoRA products: their backward
+        needs the saved inputs they keep, and nothing reads the values, as the kept attention
+        stands in for them."""
+        if self.grouped:
+            return grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj), base=not rerun)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def attend(self, q, k, v, cos, sin, mask, cache=None):
         if self.grouped:
@@ -300,24 +302,14 @@ class FastPhi3Attention(FastAttention, Phi3Attention):
     else, and the attention kept for the rerun."""
     group_members = ("qkv_proj",)
 
-    def forward(self, x, cos, sin, mask, cache=None, kept: KeptAttention | None = None):
-        B, T, _ = x.shape
-        rerun = kept is not None and kept.first_run_done
+    def project(self, x, rerun: bool):
+        """q, k, v: column views of qkv_proj's one output (a group of one where grouped)."""
         if self.grouped:
             (qkv,) = grouped_forward(x, (self.qkv_proj,), base=not rerun)
         else:
             qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if kept is None:
-            y = self.attend(q, k, v, cos, sin, mask, cache)
-        else:
-            y = AttentionKeptForRerun.apply(q, k, v, kept,
-                                            functools.partial(self.attend, cos=cos, sin=sin, mask=mask))
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return qkv.split((q_size, kv_size, kv_size), dim=-1)
 
     def attend(self, q, k, v, cos, sin, mask, cache=None):
         # v is a column view of qkv_proj's output: attention would keep all of it through v
