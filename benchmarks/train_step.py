@@ -655,9 +655,7 @@ def worker(args) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     shape = SHAPES[args.shape]
     base = dict(system=args.system, shape=args.shape, mb=args.mb)
-    if cuda and args.memory_cap_gib:  # as a GPU of that size: the rest of this one is refused
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+    if args.memory_cap_gib:
         base["memory_cap_gib"] = args.memory_cap_gib
     t0 = time.time()
     model, params, loss_fn, autocast = setup_system(args.system, args.model_dir, args)
@@ -899,9 +897,6 @@ def parse_args(argv=None):
     ap.add_argument("--random-weights", action="store_true",
                     help="qlora systems only: random weights drawn and quantized on the GPU "
                          "(qlora.models.random_model), no checkpoint written (a 30B one is 61 GB)")
-    ap.add_argument("--memory-cap-gib", type=float, default=None,
-                    help="cap each worker's CUDA memory (torch.cuda.set_per_process_memory_fraction): "
-                         "a run that needs more fails with OOM, as on a GPU of that size")
     ap.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -926,8 +921,6 @@ def _child_argv(args, **kw) -> list[str]:
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
     if args.random_weights:
         argv.append("--random-weights")
-    if args.memory_cap_gib:
-        argv += ["--memory-cap-gib", str(args.memory_cap_gib)]
     argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
     argv += ["--offload-activations", args.offload_activations, "--tile-mlp", args.tile_mlp]
     if args.memory_cap_gib is not None:

@@ -59,7 +59,8 @@ def record(self, *args, grid, warmup, **kwargs):
 
 interpreter.InterpretedFunction.run = record
 
-from qlora.kernels import cross_entropy, dequant, dropout, embedding, fused
+from qlora.kernels import cross_entropy, dequant, dropout, embedding, experts, fused
+from qlora.quant import QuantConfig, QuantizedStack
 from qlora.kernels import lora_dropout as L
 
 g = torch.Generator().manual_seed(0)
@@ -104,6 +105,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                                 nested_code=torch.randn(256, generator=g), offset=0.3)
     for p in (plain, nested):
         dequant.dequantize_4bit_triton(p, dtype)
+    # experts.py: a stack of experts' 4-bit weights, plain and nested scales
+    for nested_scales in (False, True):
+        stack = QuantizedStack(2, (16, 64), QuantConfig(method="nf4", double_quant=nested_scales,
+                                                        compute_dtype=torch.float32), "cpu")
+        for i in range(2):
+            stack.set_member(i, torch.randn(16, 64, generator=g))
+        experts.dequantize_stack_triton(stack, dtype)
     # cross_entropy.py: loss alone and with the gradient written in place
     for write_grad in (False, True):
         cross_entropy.cross_entropy_rows(rand(4, 50, dtype=dtype), torch.tensor([1, 0, -100, 49]),
