@@ -263,6 +263,28 @@ def test_grouped_experts_equal_the_loop_over_experts(moe_models, variant, quant,
         assert rel_err(want[name].float(), got[name].float()) <= grad_tol, name
 
 
+def test_mlp_tiles_leave_the_sparse_blocks_whole(moe_models):
+    """Long-sequence MLP tiles (speed.set_long_context) pass a sparse block by: it keeps its
+    router logits for the aux loss, and tiles would leave only the last tile's."""
+    from qlora.speed import SpeedPlan, apply_speed
+
+    path, ids = moe_models["qwen3-moe"], token_batch(6)  # its config.json has the aux loss on
+    reference, tiled = adapted(path, "none", FP32), adapted(path, "none", FP32)
+    assert reference.aux_loss
+    apply_speed(tiled, SpeedPlan(tile_mlp=4), log=lambda _: None)  # 48 tokens: 12 tiles of 4
+    sparse = [hasattr(layer.mlp, "router_logits") for layer in tiled.model.layers]
+    assert any(sparse) and not all(sparse)  # the fixture has a dense layer too: it is tiled
+    assert all((layer.mlp.sequence_tiling is None) == routes
+               for layer, routes in zip(tiled.model.layers, sparse))
+    want_loss, want = loss_and_grads(reference, ids)
+    got_loss, got = loss_and_grads(tiled, ids)
+    # the same operations in the same order (the forks add no arithmetic here): fp32 rounding
+    # alike, 1e-6 only as room for a library's kernel choice
+    assert abs(got_loss - want_loss) <= 1e-6 * abs(want_loss)
+    for name in want:
+        assert rel_err(want[name].float(), got[name].float()) <= 1e-6, name
+
+
 def test_stack_dequantize_batched_equals_bitsandbytes_member_by_member():
     from qlora.kernels.experts import dequantize_stack
     from qlora.quant import QuantizedStack
