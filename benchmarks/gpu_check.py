@@ -329,7 +329,8 @@ def _check_graphed_step(path, keep: bool, tag: str = "", packed: bool = True, lo
                                            keep_attention=keep, seeded_dropout=True,
                                            embedding_on_host=keep, offload_activations=long,
                                            tile_mlp=128 if long else False))
-    if keep and not applied.embedding_bytes_freed:
+    # a tied embedding (Gemma's) is the head's weight too, so it stays on the GPU
+    if keep and not model.spec.tie_word_embeddings and not applied.embedding_bytes_freed:
         raise RuntimeError("the tiny model's input embedding did not move to host memory")
     tag += "-keep" if keep else ""
     seed, stride = applied.dropout_seed, applied.dropout_stride

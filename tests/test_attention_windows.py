@@ -264,3 +264,6 @@ def test_cuda_graphs_take_a_window_where_varlen_does(models, monkeypatch):
     assert graphs.unsupported_reason(model, cuda, WINDOW) is None
     unwindowed = types.SimpleNamespace(spec=read_spec(models["llama3-rope"]), layers_use_rng=False)
     assert graphs.unsupported_reason(unwindowed, cuda, 2048) is None
+    # long rows run eagerly, whatever the model
+    assert graphs.unsupported_reason(unwindowed, cuda, graphs.GRAPH_ROWS_UP_TO) is None
+    assert "rows of 32768 tokens" in graphs.unsupported_reason(unwindowed, cuda, 32768)

@@ -103,3 +103,15 @@ def test_graph_offsets_give_the_masks_position_ids_give():
         (by_positions,) = flex.flex_layer_masks((window,), positions, torch.device("cpu"))
         same = [flex.flex_capped_attention(q, k, v, m, 0.2, 5.0) for m in (by_offsets, by_positions)]
         torch.testing.assert_close(*same, rtol=0, atol=0)  # the same mask, the same arithmetic
+
+
+def test_every_mask_is_one_code_closing_over_tensors_only():
+    """Compiled flex guards on a mask_mod's Python closure values and recompiles for each, and
+    past torch's recompile limit it fails inside flex's autograd (seen on the GPU): every mask,
+    windowed or not, packed or not, must be the same code over tensor cells only."""
+    masks = flex.flex_layer_masks((6, None), torch.arange(40).repeat(2, 1), torch.device("cpu"))
+    masks += flex.flex_layer_masks((6, None), PACKED.repeat(2, 1), torch.device("cpu"))
+    mods = [m.block_mask.mask_mod for m in masks]
+    assert len({mod.__code__ for mod in mods}) == 1
+    for mod in mods:
+        assert all(isinstance(cell.cell_contents, torch.Tensor) for cell in mod.__closure__)

@@ -54,32 +54,36 @@ def softcap_score_mod(cap: float):
     return capped
 
 
-def document_mask_mod(window: int | None, docs: torch.Tensor | None):
-    """flex's mask_mod: key at or before the query, within `window` tokens of it (None: any
-    distance), in the query's document (`docs` [B, T]: a document number per token; None: one
-    document per row)."""
+def document_mask_mod(window: torch.Tensor, docs: torch.Tensor):
+    """flex's mask_mod: key at or before the query, fewer than `window` tokens before it (a 0-d
+    integer tensor; the row's length for no window), in the query's document (`docs` [B, T]: a
+    document number per token, all 0 for one document per row).
+
+    One code object closing over tensors only, for every layer and batch: compiled flex guards on
+    a closure's Python values (a window as an int, a docs-or-none branch) and recompiles for each
+    combination. Tensors are guarded by their shapes only, so a model compiles flex once per row
+    shape, whatever its layers' windows and its batches' documents."""
     def allowed(b, h, q_idx, kv_idx):
-        ok = kv_idx <= q_idx
-        if window is not None:
-            ok = ok & (q_idx - kv_idx < window)
-        if docs is not None:
-            ok = ok & (docs[b, q_idx] == docs[b, kv_idx])
-        return ok
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (docs[b, q_idx] == docs[b, kv_idx])
     return allowed
 
 
-def _block_mask(mask_mod, batch: int | None, length: int, device: torch.device):
+def _block_mask(window: int | None, docs: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    batch, length = docs.shape
+    # a fill, not a copy from the host: this runs inside a CUDA graph's capture too
+    limit = torch.full((), length if window is None else window, device=docs.device)
     # compiled on CUDA: the eager form evaluates the mask at every (query, key) pair in torch
-    return create_block_mask(mask_mod, batch, None, length, length, device=device,
-                             _compile=device.type == "cuda")
+    return create_block_mask(document_mask_mod(limit, docs), batch, None, length, length,
+                             device=docs.device, _compile=docs.device.type == "cuda")
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_mask(length: int, window: int | None, device: torch.device) -> FlexMask:
+def _causal_mask(batch: int, length: int, window: int | None, device: torch.device) -> FlexMask:
     """Rows of one document each: the mask depends on the shape alone, so it is made once."""
-    return FlexMask(_block_mask(document_mask_mod(window, None), None, length, device))
+    docs = torch.zeros(batch, length, dtype=torch.int64, device=device)
+    return FlexMask(_block_mask(window, docs))
 
 
 def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.device,
@@ -98,10 +102,9 @@ def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.de
     masks = {}
     for window in dict.fromkeys(windows):
         if docs is None:
-            masks[window] = _causal_mask(T, window, torch.device(device))
+            masks[window] = _causal_mask(B, T, window, torch.device(device))
         else:  # the documents change with every batch
-            masks[window] = FlexMask(_block_mask(document_mask_mod(window, docs), B, T,
-                                                 torch.device(device)))
+            masks[window] = FlexMask(_block_mask(window, docs.to(torch.int64)))
     return [masks[w] for w in windows]
 
 
@@ -116,9 +119,16 @@ def document_numbers(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # flex_attention alone is compiled (its fused kernels exist only through torch.compile); a
-    # second row length makes it recompile with dynamic shapes, not once per length
-    return torch.compile(flex_attention)
+    # flex_attention alone is compiled (its fused kernels exist only through torch.compile), once
+    # per row shape: with dynamic shapes (torch's default from a second shape on) its graph breaks
+    # and the rest fails inside flex's autograd ("all unwrapped values must be FakeTensor", seen
+    # on an H100, torch 2.11, two models in one process). A run's row shapes are few (the CUDA
+    # graph step's length buckets), but more than dynamo's default 8 compiles per function would
+    # send flex to its eager form, the dense scores: the limit is raised for the process.
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_capped_attention(q, k, v, mask: FlexMask, scale: float, cap: float) -> torch.Tensor:
