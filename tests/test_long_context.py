@@ -413,3 +413,34 @@ def test_qlora_train_runs_with_offload_and_tiles_and_says_so(tmp_path, capsys):
     assert "offload_activations: each checkpointed layer's input waits in pinned host memory" in out
     assert "tile_mlp: the MLP runs in sequence tiles of 8 tokens" in out
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_train_check_refuses_an_offload_the_host_cannot_pin(tmp_path, monkeypatch):
+    """Offload's pinned buffers are (layers - 1) x tokens x hidden x 2 bytes: 31 x 65,536 x 4,096
+    x 2 = 15.5 GiB for Llama-3-8B at 64k, 7.75 GiB at 32k. With 8 GiB available (0.9 x 8 = 7.2
+    usable) both are refused before loading, naming the option and what to change; with 64 GiB
+    available both pass."""
+    import json
+
+    from qlora.config import RunConfig
+    from qlora.errors import QloraError
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B_CONFIG))
+    cfg = RunConfig(model=str(tmp_path), data="unused.jsonl", gpu_memory="24GB",
+                    fused_kernels=True, max_seq_length=65536)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 8 * 2**30)
+    with pytest.raises(QloraError, match=r"offload_activations needs ~15\.5 GiB.*memory plan "
+                                         r"turned it on.*max_seq_length"):
+        memory.check_run(cfg, "cpu", log=lambda line: None)
+    asked = replace(cfg, max_seq_length=32768, offload_activations=True, tile_mlp=False)
+    with pytest.raises(QloraError, match=r"needs ~7\.8 GiB of pinned host memory: the inputs"):
+        memory.check_run(asked, "cpu", log=lambda line: None)
+    # 49,152 tokens: 384 MiB a layer, pinned as 512 MiB (15.5 GiB in all, not 11.6)
+    rounded = replace(asked, max_seq_length=49152)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 14 * 2**30)
+    with pytest.raises(QloraError, match=r"needs ~15\.5 GiB"):
+        memory.check_run(rounded, "cpu", log=lambda line: None)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 2**30)
+    chosen, _ = memory.check_run(cfg, "cpu", log=lambda line: None)
+    assert chosen.offload_activations
+    memory.check_run(asked, "cpu", log=lambda line: None)

@@ -547,6 +547,43 @@ def host_offload_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     return (arch.num_layers - 1) * step_tokens(cfg) * 2 * arch.hidden_size if offload_applies(cfg) else 0
 
 
+def host_available_bytes() -> int | None:
+    """The host memory free for a new allocation (MemAvailable of /proc/meminfo), or None where
+    the system does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_offload(arch: ArchSpec, cfg: PlanConfig, chosen_by_plan: bool) -> None:
+    """Refuse, before loading, an offload whose pinned buffers the host cannot hold: pinned memory
+    is never swapped, so the run would fail when its buffers grow in the first step, or push the
+    rest of the machine out of memory. A tenth of what is available is left for the rest of the
+    run's host memory (its data, the loader, Python)."""
+    if isinstance(arch, GenericSpec):  # offload is ignored on the generic path
+        return
+    need, available = host_offload_bytes(arch, cfg), host_available_bytes()
+    if not need or available is None:
+        return
+    layers = arch.num_layers - 1  # torch's pinned-memory allocator rounds each buffer up to 2^k
+    need = layers * (1 << (need // layers - 1).bit_length())
+    if need <= 0.9 * available:
+        return
+    why = (" (the memory plan turned it on: the run does not fit the GPU without it)"
+           if chosen_by_plan else "")
+    raise QloraError(
+        f"offload_activations needs ~{_gib(need):.1f} GiB of pinned host memory{why}: the inputs of "
+        f"{layers} layers x {step_tokens(cfg)} tokens x {arch.hidden_size} x 2 bytes (each rounded up "
+        "to a power of two by the pinned allocator), and "
+        f"this machine has {_gib(available):.1f} GiB available (MemAvailable in /proc/meminfo). "
+        "Shorten max_seq_length, lower per_device_train_batch_size, or free host memory")
+
+
 def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
     """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
     v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
@@ -1440,8 +1477,8 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
     pc = plan_config_for_run(cfg, dtype, world_size)
     if isinstance(arch, GenericSpec) and "all-linear" not in cfg.target_modules:
         pc = replace(pc, targets=tuple(cfg.target_modules))  # its own layer names (c_attn...)
-    if cfg.offload_activations is None or cfg.tile_mlp is None:
-        offload_auto, tile_auto = cfg.offload_activations is None, cfg.tile_mlp is None
+    offload_auto, tile_auto = cfg.offload_activations is None, cfg.tile_mlp is None
+    if offload_auto or tile_auto:
         pc = long_context_choice(arch, pc, gpu_bytes, offload_auto, tile_auto)
         cfg = dataclasses.replace(cfg, offload_activations=pc.offload_activations,
                                   tile_mlp=pc.tile_mlp)
@@ -1453,6 +1490,8 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         if chosen:
             log("; ".join(chosen) + f": the memory plan fits {_gib(gpu_bytes):.1f} GiB ({gpu_name}) "
                 "only with " + ("them" if len(chosen) > 1 else "it") + " (set to false to turn off)")
+    check_host_offload(arch, replace(pc, offload_activations=bool(cfg.offload_activations)),
+                       chosen_by_plan=bool(cfg.offload_activations) and offload_auto)
     if cfg.keep_attention is None:
         # the plan is per GPU, under torchrun (DDP, FSDP) too; auto_fit spends memory on the
         # micro-batch instead
