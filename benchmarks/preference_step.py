@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -340,55 +339,37 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, log = out / "results.jsonl", out / "log.txt"
-    env = ts.environment(args.device)
-    env["argv"] = sys.argv
-    (out / "env.json").write_text(json.dumps(env, indent=1))
-    print("ENV", json.dumps(env), flush=True)
-    model_root = Path(args.model_root or tempfile.mkdtemp(prefix="bench-models-"))
-    workdir = Path(tempfile.mkdtemp(prefix="bench-work-"))  # Unsloth writes its compile cache into cwd
-    child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + child_env.get("PYTHONPATH", "")
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-
-    def left() -> float:
-        return args.deadline - (time.time() - start)
+    run = ts.Run.start(args)
+    results = run.results
 
     def error(system, shape, msg):
         ts.emit(results, dict(system=system, shape=shape, pairs=args.pairs, prompt=args.prompt,
                               completion=args.completion, ragged=args.ragged, error=msg))
 
     for shape in args.shapes.split(","):
-        model_dir = model_root / shape
+        model_dir = run.model_root / shape
         if not (model_dir / "config.json").exists():
-            make = [sys.executable, str(HERE / "train_step.py"), "--make-model", "--shape", shape,
-                    "--model-dir", str(model_dir), "--device", args.device]
-            rc, tail = ts._run_child(make, log, max(left(), 1), env=child_env)
+            rc, tail = run.make_model(shape, model_dir)
             if rc != 0:
                 for system in args.systems.split(","):
                     error(system, shape, f"could not build the random checkpoint: rc={rc}\n{tail[-1500:]}")
                 continue
         for system in args.systems.split(","):
-            if left() < 20:
+            if run.left() < 20:
                 error(system, shape, "skipped: the run's --deadline was reached")
                 continue
             before = _count(results)
-            rc, tail = ts._run_child(
+            rc, tail = run.child(
                 _child_argv(args, worker=True, system=system, shape=shape, model_dir=model_dir,
                             results=results),
-                log, min(args.worker_timeout, left()), env=child_env, cwd=str(workdir))
+                args.worker_timeout)
             if _count(results) == before:  # the worker died before writing its record
                 why = "timed out" if rc is None else f"worker exited with rc={rc}"
                 error(system, shape, f"{why}\n{ts._last_error(tail)}")
-        if not args.model_root:  # an 8B checkpoint is 16 GB
-            shutil.rmtree(model_dir, ignore_errors=True)
-    for made in ([] if args.model_root else [model_root]) + [workdir]:
-        shutil.rmtree(made, ignore_errors=True)
+        run.drop_model(model_dir)
+    run.finish()
     print_table(results)
-    print(f"total {time.time() - start:.0f}s", flush=True)
+    print(f"total {time.time() - run.started:.0f}s", flush=True)
     return 0
 
 

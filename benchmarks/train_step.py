@@ -944,37 +944,21 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
 
-    start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, log = out / "results.jsonl", out / "log.txt"
-    env = environment(args.device)
-    env["argv"] = sys.argv
-    (out / "env.json").write_text(json.dumps(env, indent=1))
-    print("ENV", json.dumps(env), flush=True)
     systems = args.systems.split(",")
-    model_root = Path(args.model_root or tempfile.mkdtemp(prefix="bench-models-"))
-    workdir = Path(tempfile.mkdtemp(prefix="bench-work-"))  # Unsloth writes its compile cache into cwd
-    child_env = dict(os.environ)
-    src = str(Path(__file__).resolve().parent.parent / "src")  # this project's package, uninstalled
-    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-
-    def left() -> float:
-        return args.deadline - (time.time() - start)
+    if args.random_weights and any(not s.startswith("qlora") for s in systems):
+        print("--random-weights: qlora systems only (the others read a checkpoint)", file=sys.stderr)
+        return 2
+    run = Run.start(args)
+    results, left = run.results, run.left
 
     def error_records(system, shape, msg):
         for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
             emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt, error=msg))
 
-    if args.random_weights and any(not s.startswith("qlora") for s in systems):
-        print("--random-weights: qlora systems only (the others read a checkpoint)", file=sys.stderr)
-        return 2
     for shape in args.shapes.split(","):
-        model_dir = model_root / shape
+        model_dir = run.model_root / shape
         if not args.random_weights and not (model_dir / "config.json").exists():
-            rc, tail = _run_child(_child_argv(args, make_model=True, shape=shape, model_dir=model_dir),
-                                  log, max(left(), 1), env=child_env)
+            rc, tail = run.make_model(shape, model_dir)
             if rc != 0:
                 for system in systems:
                     error_records(system, shape, f"could not build the random checkpoint: rc={rc}\n{tail[-1500:]}")
@@ -984,22 +968,68 @@ def main(argv=None) -> int:
                 error_records(system, shape, "skipped: the run's --deadline was reached")
                 continue
             before = _done(results)
-            rc, tail = _run_child(
+            rc, tail = run.child(
                 _child_argv(args, worker=True, system=system, shape=shape, model_dir=model_dir, results=results),
-                log, min(args.worker_timeout, left()), env=child_env, cwd=str(workdir))
+                args.worker_timeout)
             done = _done(results) - before
             for seq, ckpt in configs_for(system, args.seqs, args.qlora_ckpt_off):
                 if (system, shape, seq, ckpt) not in done:
                     why = "timed out" if rc is None else f"worker exited with rc={rc}"
                     emit(results, dict(system=system, shape=shape, mb=args.mb, seq=seq, ckpt=ckpt,
                                        error=f"{why}\n{_last_error(tail)}"))
-        if not args.model_root:  # an 8B checkpoint is 16 GB: a machine's runs would fill its disk
-            shutil.rmtree(model_dir, ignore_errors=True)
-    for made in ([] if args.model_root else [model_root]) + [workdir]:  # and any half-built one
-        shutil.rmtree(made, ignore_errors=True)
+        run.drop_model(model_dir)
+    run.finish()
     print_table(results)
-    print(f"total {time.time() - start:.0f}s", flush=True)
+    print(f"total {time.time() - run.started:.0f}s", flush=True)
     return 0
+
+
+class Run:
+    """One benchmark run's harness, shared with preference_step.py: its output folder (results,
+    log, env.json), where the random checkpoints and the workers' working folder go, the workers'
+    environment (this project's src on PYTHONPATH), and the time left before --deadline."""
+
+    def __init__(self, args, started: float):
+        self.args, self.started = args, started
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.results, self.log = out / "results.jsonl", out / "log.txt"
+        env = environment(args.device)
+        env["argv"] = sys.argv
+        (out / "env.json").write_text(json.dumps(env, indent=1))
+        print("ENV", json.dumps(env), flush=True)
+        self.model_root = Path(args.model_root or tempfile.mkdtemp(prefix="bench-models-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-work-"))  # Unsloth writes its compile cache into cwd
+        self.child_env = dict(os.environ)
+        src = str(Path(__file__).resolve().parent.parent / "src")  # this project's package, uninstalled
+        self.child_env["PYTHONPATH"] = src + os.pathsep + self.child_env.get("PYTHONPATH", "")
+        self.child_env.setdefault("PYTHONUNBUFFERED", "1")
+
+    @classmethod
+    def start(cls, args) -> "Run":
+        return cls(args, time.time())
+
+    def left(self) -> float:
+        return self.args.deadline - (time.time() - self.started)
+
+    def make_model(self, shape: str, model_dir: Path) -> tuple[int | None, str]:
+        """The shape's random checkpoint written to `model_dir` (train_step.py --make-model)."""
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--make-model", "--shape", shape,
+               "--model-dir", str(model_dir), "--device", self.args.device]
+        return _run_child(cmd, self.log, max(self.left(), 1), env=self.child_env)
+
+    def child(self, cmd: list[str], timeout: float) -> tuple[int | None, str]:
+        """A worker, in the working folder, for at most `timeout` and the time left."""
+        return _run_child(cmd, self.log, min(timeout, self.left()), env=self.child_env,
+                          cwd=str(self.workdir))
+
+    def drop_model(self, model_dir: Path) -> None:
+        if not self.args.model_root:  # an 8B checkpoint is 16 GB: a machine's runs would fill its disk
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+    def finish(self) -> None:
+        for made in ([] if self.args.model_root else [self.model_root]) + [self.workdir]:  # and any half-built one
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def _done(results: Path) -> set:
