@@ -30,13 +30,17 @@
 #                 stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B; then Qwen with
 #                 ragged completions (128-512 tokens), qlora packed beside padded. pairs/s, tokens/s,
 #                 peak memory.
+#   orpo          the same step for ORPO (preference_step.py --method orpo, lambda 0.1, no reference
+#                 forward): qlora (packed), TRL's ORPOTrainer on the seeds' stack, Unsloth's
+#                 PatchDPOTrainer + ORPOTrainer at Llama-3-8B and Qwen2.5-1.5B. About 7.5 minutes.
+#                 TRL's NLL covers the prompt too, ours the completion only (preference_step.py).
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|profile-2048|checks|families|dpo OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|profile-2048|checks|families|dpo|orpo OUTDIR"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -123,6 +127,12 @@ dpo)  # about 8.5 min in all: each part's --deadline skips (and records) what wo
   step 70 qwen-dpo-ragged $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --ragged \
     --systems qlora,qlora-padded --steps 8 --warmup 2 --out "$OUT/qwen-dpo-ragged" \
     --model-root /tmp/dpo-models --deadline 65
+  ;;
+orpo)  # about 7.5 min in all: the DPO part's steps less its reference forward; loading dominates
+  step 300 llama-orpo $PY "$HERE/preference_step.py" --method orpo --shapes llama-3-8b \
+    --systems qlora,trl,unsloth --steps 6 --warmup 2 --out "$OUT/llama-orpo" --deadline 290
+  step 150 qwen-orpo $PY "$HERE/preference_step.py" --method orpo --shapes qwen2.5-1.5b \
+    --systems qlora,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" --deadline 140
   ;;
 *)
   echo "$USAGE" >&2

@@ -1,10 +1,18 @@
-"""Time one DPO training step (policy forward + backward, reference forward, optimizer step) for
-several systems side by side: train_step.py's harness for preference pairs.
+"""Time one DPO or ORPO training step (`--method`; DPO: policy forward + backward, reference
+forward, optimizer step; ORPO: no reference forward) for several systems side by side:
+train_step.py's harness for preference pairs.
 
 Every system runs in its own subprocess on the same random-weight checkpoint (real shapes, made by
 train_step.py), with the same pairs, seed and LoRA configuration (NF4 + double quant, r 16, alpha 32,
 dropout 0.05 on all seven projections, paged 8-bit AdamW, lr 2e-4, clipping at 0.3, gradient
-checkpointing), DPO sigmoid with beta 0.1 and the reference being the base with the adapters off.
+checkpointing); DPO sigmoid with beta 0.1 and the reference being the base with the adapters off,
+or ORPO with lambda = `--beta` (TRL's name for it).
+
+ORPO's NLL term: TRL's ORPOTrainer (as the authors' code, xfactlab/orpo, by default) takes it over
+the whole chosen sequence, prompt included; qlora over the chosen completion only (its
+methods/orpo.py: the authors' --disable_prompt_loss). The odds-ratio term is the same on both
+sides. So the two losses differ by that NLL difference (the test computes it), and TRL's step
+computes the prompt's logits too, which qlora's fast path leaves out.
 
 Systems
   trl           TRL's DPOTrainer on transformers + peft + bitsandbytes as the seeds set the model up
@@ -13,15 +21,20 @@ Systems
                 reference is the adapter switched off), bf16, its dropout left on
                 (disable_dropout=False); its padded [chosen; rejected] batch from its own collator;
                 one step = Trainer.training_step (forward, reference forward, backward), clipping,
-                bitsandbytes' PagedAdamW8bit.
+                bitsandbytes' PagedAdamW8bit. ORPO: TRL's ORPOTrainer, built and stepped alike
+                (no reference), its own collator fed rows shaped as its tokenize_row makes them.
   unsloth       Unsloth's FastLanguageModel + get_peft_model, PatchDPOTrainer(), TRL's DPOTrainer
                 on that model (a model handed over already wrapped: TRL's reference is a frozen copy
-                of the fresh adapter, which equals the base at the start), the same step.
-  qlora         this project as `qlora train --method dpo` runs a micro-batch: the speed layer as
+                of the fresh adapter, which equals the base at the start), the same step; ORPO:
+                PatchDPOTrainer() then TRL's ORPOTrainer on that model, as Unsloth's ORPO
+                notebook does.
+  qlora         this project as `qlora train --method dpo|orpo` runs a micro-batch: the speed layer as
                 train_step.py's `qlora` puts it (no CUDA graphs: a preference step has forwards of
                 its own), methods/preference.batch_loss over the pairs packed into one row where
-                the attention runs flash varlen (CUDA), the reference in one no-grad forward with
-                the adapters off, the flattened adapters' paged 8-bit AdamW.
+                the attention runs flash varlen (CUDA), the reference (DPO) in one no-grad forward
+                with the adapters off, the flattened adapters' paged 8-bit AdamW. On the CPU (the
+                test) the base is the unquantized fp32 model, as TRL's is there (no bitsandbytes
+                config on the CPU; prepare_model_for_kbit_training upcasts it to fp32).
   qlora-padded  the same over padded rows (one sequence per row).
 
 Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two completions of
@@ -31,6 +44,8 @@ completion], where padding costs and packing saves it). tokens/s counts the real
 
 Usage (GPU machine, the carried .site as in train_step.py):
   python benchmarks/preference_step.py --shapes llama-3-8b --systems qlora,trl,unsloth --out $OUT
+  python benchmarks/preference_step.py --method orpo --shapes llama-3-8b --systems qlora,trl,unsloth \
+      --out $OUT
   python benchmarks/preference_step.py --device cpu --shapes tiny-llama --prompt 16 --completion 16 \
       --pairs 2 --systems trl,qlora --out /tmp/pref   # the harness on a CPU (the test does this)
 Each finished (system, shape) appends one JSON line to OUT/results.jsonl.
@@ -85,26 +100,21 @@ def real_tokens(pairs: list[dict]) -> int:
 # Each setup returns an object with forward_backward(pairs) -> loss, optimizer_step() and params.
 
 class TrlStep:
-    """TRL's DPOTrainer's own training_step on its collator's batch."""
+    """TRL's trainer's (DPOTrainer's or ORPOTrainer's) own training_step on its collator's batch of
+    `features(pair)`, the rows of our ids its tokenized dataset would hold."""
 
-    def __init__(self, trainer, args):
+    def __init__(self, trainer, args, features):
         import torch
 
-        self.trainer, self.model = trainer, trainer.model
+        self.trainer, self.model, self.features = trainer, trainer.model, features
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # the trainer's own collator, fed our ids under the names its tokenized dataset uses
-        # (prompt_ids in TRL 1.16, prompt_input_ids in older releases)
-        sample = trainer.train_dataset[0]
-        self.names = {part: next(k for k in sample if k.startswith(part) and k.endswith("ids"))
-                      for part in ("prompt", "chosen", "rejected")}
         self.opt = ts._optimizer(self.params, args)
         self.max_grad_norm, self.torch, self.device = args.max_grad_norm, torch, args.device
         # what Trainer.train() sets before its steps: one micro-batch a step
         trainer.current_gradient_accumulation_steps = 1
 
     def forward_backward(self, pairs: list[dict]):
-        inputs = self.trainer.data_collator([{self.names[k]: p[k] for k in self.names}
-                                             for p in pairs])
+        inputs = self.trainer.data_collator([self.features(p) for p in pairs])
         # Trainer.train() runs the model under accelerate's bf16 autocast (bf16=True); the same here
         with self.torch.autocast(self.device, dtype=self.torch.bfloat16,
                                  enabled=self.device == "cuda"):
@@ -116,20 +126,69 @@ class TrlStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _dpo_trainer(model, tokenizer, args, peft_config=None):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+def dpo_features(trainer):
+    """DPOTrainer's row: the three parts' ids, under the names its tokenized dataset uses
+    (prompt_ids in TRL 1.16, prompt_input_ids in older releases)."""
+    sample = trainer.train_dataset[0]
+    names = {part: next(k for k in sample if k.startswith(part) and k.endswith("ids"))
+             for part in ("prompt", "chosen", "rejected")}
+    return lambda pair: {names[k]: pair[k] for k in names}
 
+
+def orpo_features(trainer):
+    """ORPOTrainer's row (its tokenize_row's keys): each completion's whole sequence (prompt +
+    completion), its attention mask and its labels with the prompt at -100; the prompt's ids and
+    mask. No BOS or EOS is added: the ids are the same tokens every system gets. (Its keys are
+    fixed: `trainer` is taken only as dpo_features takes it.)"""
+    def row(pair):
+        prompt = pair["prompt"]
+        out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for part in ("chosen", "rejected"):
+            ids = prompt + pair[part]
+            out[f"{part}_input_ids"] = ids
+            out[f"{part}_attention_mask"] = [1] * len(ids)
+            out[f"{part}_labels"] = [-100] * len(prompt) + pair[part]
+        return out
+
+    return row
+
+
+def _trl_classes(method: str):
+    """(config class, trainer class, features) of TRL for `method`. ORPO sits in trl.experimental
+    in TRL 1.16 (and at the top of older releases): whichever this TRL has."""
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOConfig, DPOTrainer, dpo_features
+    try:
+        from trl import ORPOConfig, ORPOTrainer
+    except ImportError:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer, orpo_features
+
+
+def _trl_step(model, tokenizer, args, peft_config=None) -> TrlStep:
+    """TRL's trainer of `args.method` on `model` (with `peft_config`, the trainer puts the adapter
+    on), bf16 on CUDA, non-reentrant checkpointing, dropout left on; beta is DPO's beta or ORPO's
+    lambda (TRL calls both beta)."""
+    from datasets import Dataset
+
+    config_class, trainer_class, features = _trl_classes(args.method)
     cuda = args.device == "cuda"
-    config = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="dpo-"), per_device_train_batch_size=args.pairs,
-        beta=args.beta, learning_rate=args.lr, max_grad_norm=args.max_grad_norm, bf16=cuda,
-        use_cpu=not cuda, gradient_checkpointing=True,
+    config = config_class(
+        output_dir=tempfile.mkdtemp(prefix=f"{args.method}-"),
+        per_device_train_batch_size=args.pairs, beta=args.beta, learning_rate=args.lr,
+        max_grad_norm=args.max_grad_norm, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, disable_dropout=False,
-        max_length=None, report_to=[], seed=args.seed)
+        # DPO: no truncation; ORPO wants a number (it only truncates the stand-in row below: our
+        # rows skip its tokenize_row)
+        max_length=None if args.method == "dpo" else args.prompt + args.completion,
+        report_to=[], seed=args.seed)
     rows = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # a dataset it wants
-    return DPOTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer,
-                      peft_config=peft_config)
+    trainer = trainer_class(model=model, args=config, train_dataset=rows,
+                            processing_class=tokenizer, peft_config=peft_config)
+    return TrlStep(trainer, args, features(trainer))
 
 
 def setup_trl(model_dir: str, args):
@@ -137,9 +196,8 @@ def setup_trl(model_dir: str, args):
 
     # the seeds' model (train_step.setup_hf) before get_peft_model: the trainer wraps it
     model, _, _, _ = ts.setup_hf(model_dir, args, peft=False)
-    trainer = _dpo_trainer(model, AutoTokenizer.from_pretrained(model_dir), args,
-                           peft_config=ts._lora_config(args))
-    return TrlStep(trainer, args)
+    return _trl_step(model, AutoTokenizer.from_pretrained(model_dir), args,
+                     peft_config=ts._lora_config(args))
 
 
 def setup_unsloth(model_dir: str, args):
@@ -148,20 +206,23 @@ def setup_unsloth(model_dir: str, args):
     import unsloth  # noqa: F401  (before transformers and trl, to patch them)
     from unsloth import PatchDPOTrainer
 
+    # Unsloth's DPO and ORPO notebooks both call it before building TRL's trainer
     PatchDPOTrainer()
     model, _, _, _ = ts.setup_unsloth(model_dir, args)
     from transformers import AutoTokenizer
 
-    return TrlStep(_dpo_trainer(model, AutoTokenizer.from_pretrained(model_dir), args), args)
+    return _trl_step(model, AutoTokenizer.from_pretrained(model_dir), args)
 
 
 class QloraStep:
-    """A DPO micro-batch as qlora train's Stepper runs it (train/step.py): seeded dropout, the
-    method's batch_loss, the loss a mean over the pairs; then clip, step, zeroed gradients."""
+    """A DPO or ORPO micro-batch as qlora train's Stepper runs it (train/step.py): seeded dropout,
+    the method's batch_loss (ORPO: no reference forward, its USES_REFERENCE is False), the loss a
+    mean over the pairs; then clip, step, zeroed gradients."""
 
     def __init__(self, model, applied, args, packed: bool):
         import torch
 
+        from qlora.methods import PREFERENCE_METHODS
         from qlora.methods.preference import PreferenceOptions
         from qlora.train.optim import build_optimizer
 
@@ -171,18 +232,18 @@ class QloraStep:
         self.opt = build_optimizer(model, name, args.lr, 0.001, (0.9, 0.999), 1e-8)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.opts = PreferenceOptions(beta=args.beta)
+        self.method = PREFERENCE_METHODS[args.method]
 
     def forward_backward(self, pairs: list[dict]):
         from qlora.adapters import set_dropout_seed
         from qlora.data.preference import pair_batch
-        from qlora.methods import dpo
         from qlora.methods.preference import batch_loss
 
         batch = pair_batch(pairs, 0, packed=self.packed)
         if self.seed is not None:
             set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
         self.index += 1
-        loss_sum, _ = batch_loss(dpo, self.model, batch, self.opts)
+        loss_sum, _ = batch_loss(self.method, self.model, batch, self.opts)
         loss = loss_sum / len(pairs)
         loss.backward()
         return loss.detach()
@@ -204,14 +265,17 @@ def setup_qlora(model_dir: str, args, padded: bool):
     from qlora.quant import QuantConfig
     from qlora.speed import SpeedPlan, apply_speed
 
-    quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    fast = args.device == "cuda"
+    # the CPU (the test) takes the base TRL's trainer has there: unquantized fp32 (setup_hf gives
+    # no bitsandbytes config on the CPU, and prepare_model_for_kbit_training upcasts to fp32)
+    quant = (QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16) if fast
+             else QuantConfig(method="none", compute_dtype=torch.float32))
     model = load_model(model_dir, quant, device=args.device)
     torch.manual_seed(args.seed)
     attach_adapters(model, AdapterConfig(r=args.lora_r, alpha=args.lora_alpha,
                                          dropout=args.lora_dropout, target_modules=list(ts.SEVEN)))
     model.gradient_checkpointing = True
     model.train()
-    fast = args.device == "cuda"
     # train_step.py's `qlora` plan, CUDA graphs off as qlora train has them for a preference method
     plan = SpeedPlan(fused_kernels=True, fast_base=fast, grouped=fast,
                      keep_attention=args.keep_attention, seeded_dropout=True,
@@ -240,7 +304,7 @@ def worker(args) -> int:
     shape = ts.SHAPES[args.shape]
     rec = dict(system=args.system, shape=args.shape, pairs=args.pairs, prompt=args.prompt,
                completion=args.completion, ragged=args.ragged, steps=args.steps,
-               warmup=args.warmup, method="dpo", beta=args.beta)
+               warmup=args.warmup, method=args.method, beta=args.beta)
     try:
         t0 = time.time()
         step = setup_system(args.system, args.model_dir, args)
@@ -295,7 +359,9 @@ def parse_args(argv=None):
                     help="completion lengths drawn from [completion/4, completion]")
     ap.add_argument("--steps", type=int, default=8, help="steps per system, warm-up included")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--method", default="dpo", choices=("dpo", "orpo"),
+                    help="the preference loss: DPO (a reference forward) or ORPO (none)")
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO's beta; ORPO's lambda")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
@@ -322,7 +388,7 @@ def parse_args(argv=None):
 
 
 def _child_argv(args, **kw) -> list[str]:
-    keep = ["pairs", "prompt", "completion", "steps", "warmup", "beta", "lora_r", "lora_alpha",
+    keep = ["pairs", "prompt", "completion", "steps", "warmup", "method", "beta", "lora_r", "lora_alpha",
             "lora_dropout", "lr", "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
     argv = [sys.executable, os.path.abspath(__file__)]
     for k in keep:
@@ -344,7 +410,8 @@ def main(argv=None) -> int:
 
     def error(system, shape, msg):
         ts.emit(results, dict(system=system, shape=shape, pairs=args.pairs, prompt=args.prompt,
-                              completion=args.completion, ragged=args.ragged, error=msg))
+                              completion=args.completion, ragged=args.ragged, method=args.method,
+                              error=msg))
 
     for shape in args.shapes.split(","):
         model_dir = run.model_root / shape

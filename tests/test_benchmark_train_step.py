@@ -143,32 +143,87 @@ def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
     assert "failed: timed out" in rows["unsloth"][-1]
 
 
-def test_preference_step_runs_dpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
-    """benchmarks/preference_step.py's workers, in this process (the subprocess harness is
-    train_step.py's, tested above), on a tiny shape on the CPU: TRL's DPOTrainer and ours step
-    the same pairs, and the first step's loss is log 2 for both (LoRA B starts at 0, so the policy
-    is the reference, the adapter-off base, on both sides)."""
-    import math
-
+def _preference_bench():
     spec = importlib.util.spec_from_file_location("preference_step",
                                                   ROOT / "benchmarks" / "preference_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _preference_records(bench, tmp_path, method: str) -> tuple[dict, list]:
+    """TRL's and our worker's records for `method` on the tiny shape on the CPU (in this process:
+    the subprocess harness is train_step.py's, tested above), and the pairs of the first step."""
     model_dir = tmp_path / "tiny-llama"
     bench.ts.make_model_dir("tiny-llama", model_dir, "cpu")
     results = tmp_path / "results.jsonl"
+    argv = ["--device", "cpu", "--prompt", "6", "--completion", "5", "--pairs", "2", "--steps", "2",
+            "--warmup", "1", "--method", method, "--worker", "--shape", "tiny-llama",
+            "--model-dir", str(model_dir), "--results", str(results)]
     for system in ("trl", "qlora"):
-        args = bench.parse_args(["--device", "cpu", "--prompt", "6", "--completion", "5",
-                                 "--pairs", "2", "--steps", "2", "--warmup", "1", "--worker",
-                                 "--system", system, "--shape", "tiny-llama",
-                                 "--model-dir", str(model_dir), "--results", str(results)])
-        assert bench.worker(args) == 0
+        assert bench.worker(bench.parse_args(argv + ["--system", system])) == 0
     recs = {r["system"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(recs) == {"trl", "qlora"}
     for r in recs.values():
         assert "error" not in r, r.get("traceback", r.get("error"))
         assert len(r["losses"]) == 2 and r["examples_per_s"] > 0
-        # DPO sigmoid at a zero margin is -log sigmoid(0); fp32 on the CPU, B = 0 exactly
-        assert r["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+        assert r["method"] == method
         assert r["tokens_per_step"] == 2 * (2 * 6 + 5 + 5)  # both sequences of both pairs
     assert recs["qlora"]["layout"] == "padded"  # the CPU has no flash varlen attention
+    args = bench.parse_args(argv + ["--system", "qlora"])
+    return recs, bench.make_pairs(args, 1, bench.ts.SHAPES["tiny-llama"]["vocab_size"])[0]
+
+
+def test_preference_step_runs_dpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
+    """TRL's DPOTrainer and ours step the same pairs, and the first step's loss is log 2 for both
+    (LoRA B starts at 0, so the policy is the reference, the adapter-off base, on both sides)."""
+    import math
+
+    recs, _ = _preference_records(_preference_bench(), tmp_path, "dpo")
+    for r in recs.values():
+        # DPO sigmoid at a zero margin is -log sigmoid(0); fp32 on the CPU, B = 0 exactly
+        assert r["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_preference_step_runs_orpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
+    """TRL's ORPOTrainer and ours step the same pairs; at the first step LoRA B is 0, so both are
+    the base model, and each first loss is ORPO's of the base's own log-probs (transformers'
+    logits of the checkpoint, fp64 from here on), beta 0.1:
+
+        loss = NLL - beta * mean_pairs log sigmoid(log odds(chosen) - log odds(rejected))
+
+    with each completion's log-prob the mean over its tokens (both sides), and the NLL the token
+    mean over the batch's chosen sequences: over prompt and completion in TRL (its
+    concatenated_forward; the authors' code, xfactlab/orpo, by default), over the completion only
+    in ours (methods/orpo.py; the authors' --disable_prompt_loss). The two differ by that much
+    and by nothing else: the odds-ratio terms agree."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    bench = _preference_bench()
+    recs, pairs = _preference_records(bench, tmp_path, "orpo")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tiny-llama"), dtype=torch.float32)
+    prompt = len(pairs[0]["prompt"])
+
+    def token_logps(pair, part):  # each label token's log-prob, prompt[1:] then the completion
+        ids = torch.tensor([pair["prompt"] + pair[part]])
+        with torch.no_grad():
+            logits = hf(ids).logits[0, :-1].double()
+        return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+
+    chosen = [token_logps(p, "chosen") for p in pairs]
+    mean = {part: torch.stack([token_logps(p, part)[prompt - 1:].mean() for p in pairs])
+            for part in ("chosen", "rejected")}
+
+    def log_odds(logp):  # log p - log(1 - p)
+        return logp - torch.log(-torch.expm1(logp))
+
+    ratio = F.logsigmoid(log_odds(mean["chosen"]) - log_odds(mean["rejected"])).mean()
+    nll_with_prompt = -torch.cat(chosen).mean()
+    nll_completion = -torch.cat([t[prompt - 1:] for t in chosen]).mean()
+    # the records round losses to 5 decimals (5e-6); fp32 log-softmax over 512 logits of a loss
+    # near log 512 = 6.2 carries a few ulps (5e-7 each) per token, averaged: 2e-5 bounds both,
+    # while the two NLLs differ by about 5e-2 on this model (asserted, so the check can tell)
+    assert abs(float(nll_with_prompt - nll_completion)) > 1e-3
+    assert recs["trl"]["loss_first"] == pytest.approx(float(nll_with_prompt - 0.1 * ratio), abs=2e-5)
+    assert recs["qlora"]["loss_first"] == pytest.approx(float(nll_completion - 0.1 * ratio), abs=2e-5)

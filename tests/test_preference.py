@@ -137,7 +137,8 @@ def test_orpo_loss_and_metrics_equal_trl():
     stub = SimpleNamespace(beta=0.25, accelerator=_Accelerator())
     ratio, chosen_rewards, rejected_rewards, mean_ratio, mean_log_odds = \
         ORPOTrainer.odds_ratio_loss(stub, policy.chosen_mean, policy.rejected_mean)
-    # TRL's NLL: cross-entropy over the chosen completion tokens of the batch
+    # our NLL: cross-entropy over the chosen completion tokens of the batch (TRL's also covers
+    # the prompt: tests/test_benchmark_train_step.py's ORPO test measures that part)
     chosen_mask = mask.chunk(2)[0][:, 1:].bool()
     nll = -per_token.chunk(2)[0][chosen_mask].mean()
     close(losses.mean(), nll - ratio.mean())
