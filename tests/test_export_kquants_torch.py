@@ -1,8 +1,8 @@
 """The k-quants' search in torch (export/kquants_torch.py), run here on the CPU, against the numpy
 search (export/kquants.py, itself pinned to the plain search and to gguf's dequantizer by
 tests/test_export_kquants.py): the same packed bytes for every K type, with and without
-importance weights, on random blocks and the edge cases where float details decide. The GPU runs
-the same torch ops (benchmarks/kquant_speed.py --device cuda compares its bytes there)."""
+importance weights, on random blocks and the edge cases where float details decide; on the GPU
+too where there is one (the same torch ops: what the export runs there)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from qlora.export import kquants, kquants_torch  # noqa: E402
 
 KINDS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _edge_blocks(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,13 +45,14 @@ def _edge_blocks(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_torch_search_gives_the_numpy_bytes(kind, seed):
+def test_torch_search_gives_the_numpy_bytes(kind, seed, device):
     x, w = _edge_blocks(seed)
     for weights in (None, w):
-        ours = kquants_torch.codes(torch.from_numpy(x), kind,
-                                   None if weights is None else torch.from_numpy(weights))
+        ours = kquants_torch.codes(torch.from_numpy(x).to(device), kind,
+                                   None if weights is None else torch.from_numpy(weights).to(device))
         theirs = kquants.codes(x, kind, weights)
         assert set(ours) == set(theirs)
         for field in theirs:
@@ -59,14 +61,15 @@ def test_torch_search_gives_the_numpy_bytes(kind, seed):
                                       err_msg=f"importance: {weights is not None}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_zeros_of_both_signs_decode_alike(kind):
+def test_zeros_of_both_signs_decode_alike(kind, device):
     """A block all of zeros, +0 and −0 mixed: numpy's max picks one of the zeros by its SIMD code,
     so the f16 scale d may be stored as −0 by one search and +0 by the other (the module's
     docstring); everything else is the same bytes, and both decode to zeros."""
     rng = np.random.default_rng(3)
     x = np.where(rng.random((8, 256)) < 0.5, np.float32(0.0), np.float32(-0.0))
-    ours = kquants_torch.codes(torch.from_numpy(x), kind)
+    ours = kquants_torch.codes(torch.from_numpy(x).to(device), kind)
     theirs = kquants.codes(x, kind)
     for field in theirs:
         if field == "d":
@@ -78,16 +81,17 @@ def test_zeros_of_both_signs_decode_alike(kind):
         assert not gguf.quants.dequantize(kquants.PACK[kind](fields), qt).any()
 
 
-def test_on_device_quantizes_tensors_as_numpy_does(monkeypatch):
-    """OnDevice (what the export uses on a GPU), here on the CPU: tasks and packing pieces that
-    cross row ends (importance follows the columns) give kquants.quantize's bytes."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device_quantizes_tensors_as_numpy_does(monkeypatch, device):
+    """OnDevice (what the export uses on a GPU): tasks and packing pieces that cross row ends
+    (importance follows the columns) give kquants.quantize's bytes."""
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((6, 768)) * 0.02).astype(np.float32)  # 18 blocks, 3 a row
     importance = (rng.random(768) ** 2).astype(np.float32)
     monkeypatch.setattr(kquants_torch, "DEVICE_CHUNK_VALUES", 5 * 256)  # tasks of 5 blocks
     monkeypatch.setattr(kquants_torch, "PACK_BLOCKS", 2)
-    with kquants_torch.OnDevice("cpu", packers=2) as on_device:
-        assert str(on_device) == "torch on cpu (CPU)"
+    with kquants_torch.OnDevice(device, packers=2) as on_device:
+        assert str(on_device).startswith(f"torch on {device}")
         for kind in ("Q4_K", "Q6_K"):
             for imp in (None, importance):
                 np.testing.assert_array_equal(on_device.submit(x, kind, imp).result(),
