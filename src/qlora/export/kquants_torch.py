@@ -5,7 +5,7 @@ export runs it on the GPU where one is present. The bytes are packed from the co
 Same arithmetic, same bytes. Every value is computed by the float32 (and, for the candidate
 scales, float64) operations of kquants' plain search in the same order, so the codes are the
 numpy path's, bit for bit (tests/test_export_kquants_torch.py compares the packed blocks on the
-CPU). What that takes:
+CPU, and on the GPU where there is one). What that takes:
 - one eager op per numpy op: no fused multiply-add (no addcmul, no compile), divisions by a tensor,
   never by a Python number (CUDA divides by a host scalar as a multiply by its reciprocal);
 - sums over a sub-block in numpy's pairwise order (as kquants._RowSums: eight running sums of every
