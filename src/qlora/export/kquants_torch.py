@@ -21,6 +21,8 @@ f16 scale (d = ±0) of a block that is all zeros, which decodes to the same zero
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -128,8 +130,10 @@ def _fit_asymmetric(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None,
     sw = torch.full_like(lo, kind.sub) if w is None else _sums(w)  # Σ of ones: exact
     sx = _sums(x if w is None else w * x)
     iscales = _candidates(kind, kind.high, 1.0, span)
-    for c in range(len(kind.grid)):
-        q = torch.clamp(torch.round(xl * iscales[c]), 0, kind.high)
+    for c, offset in enumerate(kind.grid):
+        q = torch.round(xl * iscales[c])  # ≥ 0: xl ≥ 0, iscale ≥ 0
+        if offset > 0.5 - 1e-3:  # below, the clip changes nothing (kquants._fit_asymmetric says why)
+            q = torch.clamp(q, max=kind.high)
         wq = q if w is None else w * q
         sq, sqq, sqx = _sums(wq), _sums(wq * q), _sums(wq * x)
         det = sw * sqq - sq * sq
@@ -151,8 +155,13 @@ def _fit_symmetric(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None,
     best_s = torch.zeros_like(vmax)
     best_err = _sums(x * x if w is None else (w * x) * x)
     iscales = _candidates(kind, -kind.low, -1.0, vmax)
-    for c in range(len(kind.grid)):
-        q = torch.clamp(torch.round(x * iscales[c]), kind.low, kind.high)
+    for c, offset in enumerate(kind.grid):
+        q = torch.round(x * iscales[c])
+        # each side's clip changes nothing until the offset passes it by ½ (kquants._fit_symmetric)
+        if offset > 0.5 - 1e-3:
+            q = torch.clamp(q, kind.low, kind.high)
+        elif offset > -0.5 - 1e-3:
+            q = torch.clamp(q, max=kind.high)
         wq = q if w is None else w * q
         s = _div0(_sums(wq * x), _sums(wq * q))
         err = _weighted_sum(w, _squared(s * q - x))
@@ -220,16 +229,20 @@ class _Packed:
 
 
 class OnDevice:
-    """Where the export quantizes with torch: one thread feeds the device DEVICE_CHUNK_VALUES at a
-    time (while the export reads the next tensors) and the codes are packed on CPU threads (numpy,
-    ~2.7 ms per M values per core for Q4_K: on one core, a GPU would wait for it). Offers
-    what kquants.Workers does: submit(x, kind_name, importance) → kquants.Pending, with-block."""
+    """Where the export quantizes with torch: feeder threads give the device DEVICE_CHUNK_VALUES
+    at a time (while the export reads the next tensors) and the codes are packed on CPU threads
+    (numpy, ~2.7 ms per M values per core for Q4_K: on one core, a GPU would wait for it). On a
+    GPU two feeders, each on a CUDA stream of its own, so that one task's copies overlap the
+    other's search. Offers what kquants.Workers does: submit(x, kind_name, importance) →
+    kquants.Pending, with-block."""
 
     def __init__(self, device: str | torch.device, packers: int | None = None):
         self.device = torch.device(device)
-        self.feeder = ThreadPoolExecutor(1, thread_name_prefix="kquant-device")
+        feeders = 2 if self.device.type == "cuda" else 1
+        self.feeder = ThreadPoolExecutor(feeders, thread_name_prefix="kquant-device")
         self.packers = ThreadPoolExecutor(packers or min(kquants.usable_cores(), 16),
                                           thread_name_prefix="kquant-pack")
+        self.streams = threading.local()  # a feeder's CUDA stream
 
     def __str__(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
@@ -246,14 +259,22 @@ class OnDevice:
                 first: int) -> list[Future]:
         """The codes of blocks first … on the device; their packing started on the CPU threads
         (the feeder goes on to the next task meanwhile)."""
-        x = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32)).to(self.device)
-        w = None
-        if importance is not None:
-            w = torch.from_numpy(kquants.block_weights(importance, first, len(blocks))).to(self.device)
-        fields = codes(x, kind_name, w)
+        with self._own_stream():  # every tensor of the task lives and dies on it
+            x = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32)).to(self.device)
+            w = None
+            if importance is not None:
+                w = torch.from_numpy(kquants.block_weights(importance, first, len(blocks))).to(self.device)
+            fields = codes(x, kind_name, w)  # ends copying the codes to the host: the stream is done
         pack = kquants.PACK[kind_name]
         return [self.packers.submit(pack, {k: v[a:a + PACK_BLOCKS] for k, v in fields.items()})
                 for a in range(0, len(blocks), PACK_BLOCKS)]
+
+    def _own_stream(self):
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self.streams, "stream"):
+            self.streams.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self.streams.stream)
 
     def __enter__(self) -> OnDevice:
         return self
