@@ -100,8 +100,8 @@ def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
 
 def quantizer(device: str = "auto", threads: int | None = None):
     """Where the k-quants are searched: torch on the CUDA GPU that `device` names (auto: the one
-    torch sees) — the same bytes, several times faster than the CPU — else numpy on `threads`
-    worker processes (None: one per core). Either is a with-block offering submit(x, type,
+    torch sees; the same bytes as numpy), else numpy on `threads` worker processes (None: one per
+    core). Either is a with-block offering submit(x, type,
     importance) → kquants.Pending."""
     from qlora.device import pick_device
 
@@ -384,7 +384,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 device: str = "auto") -> Path:
     """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
 
-    `log` (default: stderr) hears the tensors stored in another type than their role asks for.
+    `log` (default: stderr) hears where the k-quants are searched and the tensors stored in
+    another type than their role asks for.
     `imatrix`: Hugging Face weight name → mean squared activation of each input column
     (export/imatrix.py); the k-quant tensors weigh their rounding errors by it.
     `device`: where the k-quants are searched (quantizer(): auto takes the GPU where torch sees
