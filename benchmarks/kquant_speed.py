@@ -12,9 +12,18 @@ Phases, each written into one JSON file (--out):
    estimated from phase 2's rates, and with --whole-model measured (every tensor quantized on the
    workers, one ahead, as the export does; reading and writing files not included);
 4. with --export DIR: a random bf16 8B checkpoint written to DIR and `export_gguf(..., "q4_k_m")`
-   timed end to end (reading safetensors, quantizing, writing the GGUF), with peak host memory.
+   timed end to end (reading safetensors, quantizing, writing the GGUF), with peak host memory,
+   the k-quants searched where the export's --device puts them (this script's --device, default
+   cpu: the numpy workers; cuda: torch on the GPU).
+With --device cuda (or cpu, torch on the CPU: a smoke test), a device phase after phase 2: the
+torch search (kquants_torch.OnDevice, what the export uses on a GPU) over the same layer, per type,
+in wall s per million values from host float32 to packed bytes (the export's view) and for the
+search alone on values already on the device; its bytes compared with the numpy search's on a
+slice; the q4_k_m model estimated from those rates; with --whole-model, measured too.
 
     python benchmarks/kquant_speed.py --threads 16 --whole-model --out $OUT/kquant-speed.json
+    python benchmarks/kquant_speed.py --threads 16 --device cuda --executors none --whole-model \
+        --export /tmp/kq --out $OUT/kquant-speed-cuda.json                       # the GPU path
     python benchmarks/kquant_speed.py --threads 2 --out kquant-speed.json          # small machines
 
 --deadline (seconds, default 450) skips what would not finish in time, and says so in the JSON.
@@ -98,9 +107,15 @@ def one_thread(pool: np.ndarray, cols: int, fast_rows: int, plain_rows: int, typ
 
 
 def quantize_all(items, executor) -> float:
-    """Wall seconds to quantize [(array, type)] on `executor`, queued ahead as the export does."""
+    """Wall seconds to quantize [(array, type)] on `executor` (or a kquants_torch.OnDevice),
+    queued ahead as the export does."""
+    def submit(x, k):
+        if hasattr(executor, "device"):
+            return executor.submit(x, k)
+        return kquants.submit(x, k, None, executor)
+
     t = time.perf_counter()
-    for _ in kquants.in_order((None, kquants.submit(x, k, None, executor), x.size) for x, k in items):
+    for _ in kquants.in_order((None, submit(x, k), x.size) for x, k in items):
         pass
     return time.perf_counter() - t
 
@@ -148,6 +163,54 @@ def workers_phase(pool, shape, threads, executors, types) -> dict:
         out[f"{kind}_cpu"] = cpu
         print(f"{threads} {kind}: s per M values, wall {wall}, CPU {cpu}", flush=True)
     return out
+
+
+def device_phase(pool, shape, device, types) -> dict:
+    """The torch search on `device`: wall s per M values of each type over one layer's matrices,
+    host float32 in, packed bytes out (what the export sees), and of the search alone on one
+    device-resident task; bytes compared with the numpy search on a 64-row slice (with and without
+    importance)."""
+    import torch
+
+    from qlora.export import kquants_torch
+
+    layer = layer_arrays(pool, shape)
+    values = sum(a.size for a in layer)
+    cols = layer[0].shape[1]
+    importance = np.random.default_rng(1).random(cols).astype(np.float32)
+    task = pool[:min(kquants_torch.DEVICE_CHUNK_VALUES, len(pool)) // cols * cols].reshape(-1, 256)
+    out = {"device": str(device), "values_per_layer": values, "chunk_values": kquants_torch.DEVICE_CHUNK_VALUES}
+    with kquants_torch.OnDevice(device) as q:
+        out["quantizer"] = str(q)
+        quantize_all([(layer[0][:64], "Q4_K")], q)  # start up: kernels loaded, threads started
+        for k in types:
+            small = layer[0][:64]
+            same = all(np.array_equal(q.submit(small, k, imp).result(), kquants.quantize(small, k, imp))
+                       for imp in (None, importance))
+            wall = per_million(quantize_all([(a, k) for a in layer], q), values)
+            x = torch.from_numpy(task).to(q.device)
+            if q.device.type == "cuda":
+                torch.cuda.synchronize(q.device)
+            t = time.perf_counter()
+            kquants_torch.codes(x, k)  # ends with the codes copied to the host: synchronised
+            search = per_million(time.perf_counter() - t, task.size)
+            out[k] = {"wall_s_per_mvalue": wall, "search_s_per_mvalue": search, "bytes_equal_numpy": same}
+            print(f"{q} {k}: {wall} s/M values wall, search alone {search}, bytes equal numpy {same}",
+                  flush=True)
+        if q.device.type == "cuda":
+            out["peak_device_gib"] = round(torch.cuda.max_memory_allocated(q.device) / 2**30, 2)
+    return out
+
+
+def whole_model_on_device(pool, shape, device) -> dict:
+    from qlora.export import kquants_torch
+
+    items = q4_k_m_types(shape)
+    with kquants_torch.OnDevice(device) as q:
+        quantize_all([(pool[:64 * 256].reshape(64, 256), "Q4_K")], q)
+        seconds = quantize_all([(pool[:r * c].reshape(r, c), k) for _, (r, c), k in items], q)
+    return {"seconds": round(seconds, 1), "values": sum(r * c for _, (r, c), _ in items),
+            "peak_rss_gib_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
 def q4_k_m_types(shape: str) -> list[tuple[str, tuple[int, int], str]]:
@@ -222,15 +285,19 @@ def write_checkpoint(shape: str, folder: Path) -> float:
     return time.perf_counter() - t
 
 
-def export_phase(shape: str, folder: Path, threads: int) -> dict:
+def export_phase(shape: str, folder: Path, threads: int, device: str) -> dict:
     from qlora.export.gguf import export_gguf
 
     build = write_checkpoint(shape, folder / "model")
     out = folder / "model-q4_k_m.gguf"
+    if out.exists():
+        out.unlink()  # a previous run's file (the export never overwrites)
+    lines: list[str] = []
     t = time.perf_counter()
-    export_gguf(folder / "model", out, "q4_k_m", threads=threads, log=lambda s: None)
+    export_gguf(folder / "model", out, "q4_k_m", threads=threads, log=lines.append, device=device)
     seconds = time.perf_counter() - t
-    return {"checkpoint_write_s": round(build, 1), "export_s": round(seconds, 1),
+    return {"checkpoint_write_s": round(build, 1), "export_s": round(seconds, 1), "device": device,
+            "log": lines,
             "gguf_gib": round(out.stat().st_size / 2**30, 2),
             "peak_rss_gib_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "peak_rss_gib_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
@@ -270,6 +337,9 @@ def main(argv=None) -> int:
                     help=f"super-blocks per chunk (default {kquants.CHUNK_BLOCKS}): the cache / per-call trade")
     ap.add_argument("--whole-model", action="store_true", help="phase 3 measured, not only estimated")
     ap.add_argument("--export", metavar="DIR", help="phase 4: write a random checkpoint there and export it")
+    ap.add_argument("--device", help="cuda, cuda:N (or cpu: torch on the CPU): time the torch search "
+                    "there, and export with --device as given (default: no torch phase, export on the "
+                    "CPU's numpy workers)")
     ap.add_argument("--deadline", type=float, default=450.0, help="seconds for everything")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
@@ -304,8 +374,24 @@ def main(argv=None) -> int:
     print(f"q4_k_m of the whole {args.shape}, estimated from {(executors or ['one thread'])[0]}: "
           f"{result['q4_k_m_estimate']['seconds']} s", flush=True)
     save()
+    if args.device:
+        result["device_phase"] = device_phase(pool, args.shape, args.device, types)
+        device_rates = {k: result["device_phase"][k]["wall_s_per_mvalue"] for k in types}
+        result["q4_k_m_estimate_device"] = estimate(args.shape, device_rates)
+        print(f"q4_k_m of the whole {args.shape} on {args.device}, estimated: "
+              f"{result['q4_k_m_estimate_device']['seconds']} s", flush=True)
+        save()
     left = args.deadline - (time.perf_counter() - start)
-    if args.whole_model:
+    if args.whole_model and args.device:
+        if result["q4_k_m_estimate_device"]["seconds"] * 1.5 + 30 < left:
+            result["whole_model_device"] = whole_model_on_device(pool, args.shape, args.device)
+            print(f"q4_k_m of the whole {args.shape} on {args.device}, measured: "
+                  f"{result['whole_model_device']}", flush=True)
+        else:
+            result["skipped"].append(f"whole model on {args.device}: {left:.0f} s left")
+        save()
+        left = args.deadline - (time.perf_counter() - start)
+    elif args.whole_model:
         if result["q4_k_m_estimate"]["seconds"] * 1.5 < left:
             result["whole_model"] = whole_model(pool, args.shape, args.threads)
             print(f"q4_k_m of the whole {args.shape}, measured: {result['whole_model']}", flush=True)
@@ -315,8 +401,9 @@ def main(argv=None) -> int:
     del pool
     left = args.deadline - (time.perf_counter() - start)
     if args.export:
-        if result["q4_k_m_estimate"]["seconds"] * 1.5 + 120 < left:
-            result["export"] = export_phase(args.shape, Path(args.export), args.threads)
+        estimated = result["q4_k_m_estimate_device" if args.device else "q4_k_m_estimate"]["seconds"]
+        if estimated * 1.5 + 120 < left:
+            result["export"] = export_phase(args.shape, Path(args.export), args.threads, args.device or "cpu")
             print(f"export: {result['export']}", flush=True)
         else:
             result["skipped"].append(f"export: {left:.0f} s left")

@@ -24,8 +24,9 @@ What llama.cpp needs and where it comes from:
 Types (QTYPES): f16, bf16, q8_0, q4_0 and the k-quant mixtures q2_k, q3_k_m, q4_k_s, q4_k_m,
 q5_k_s, q5_k_m, q6_k. Which tensor gets which GGML type, and the fallbacks for rows that do not fill
 whole blocks, are llama.cpp's rules (mixtures.py); BF16, Q8_0, Q4_0, Q5_0, Q5_1 are quantized by
-gguf.quants, the k-quants by our own numpy code (kquants.py), optionally steered by an importance
-matrix (imatrix.py). 1-D tensors (norms, biases, rope_freqs) stay F32.
+gguf.quants, the k-quants by our own search (kquants.py in numpy on CPU worker processes, or the
+same arithmetic in torch on the GPU, kquants_torch.py), optionally steered by an importance matrix
+(imatrix.py). 1-D tensors (norms, biases, rope_freqs) stay F32.
 """
 
 from __future__ import annotations
@@ -79,20 +80,37 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 # --- tensor types ---------------------------------------------------------------------------------
 def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
-           workers: kquants.Workers | None = None) -> np.ndarray | kquants.Pending:
+           quantizer=None) -> np.ndarray | kquants.Pending:
     """fp32 array → the array GGUFWriter.add_tensor takes for that type, or for the k-quants a
-    kquants.Pending whose result() is that array (quantized meanwhile on `workers`, a
-    kquants.Workers; None: now, in this thread). `importance` (one value per input column)
-    steers the k-quants' scale search; the other types have none."""
+    kquants.Pending whose result() is that array (quantized meanwhile by `quantizer`, a
+    kquants.Workers or kquants_torch.OnDevice: see quantizer(); None: now, in this thread).
+    `importance` (one value per input column) steers the k-quants' scale search; the other types
+    have none."""
     g = _gguf()
     if type_name == "F32":
         return x.astype(np.float32)
     if type_name == "F16":
         return x.astype(np.float16)
     if type_name in kquants.KINDS:
-        executor = None if workers is None else workers.executor(x.size // kquants.QK_K)
-        return kquants.submit(x, type_name, importance, executor)
+        if quantizer is None:
+            return kquants.submit(x, type_name, importance)
+        return quantizer.submit(x, type_name, importance)
     return g.quants.quantize(x, g.GGMLQuantizationType[type_name])  # BF16, Q8_0, Q4_0, Q5_0, Q5_1
+
+
+def quantizer(device: str = "auto", threads: int | None = None):
+    """Where the k-quants are searched: torch on the CUDA GPU that `device` names (auto: the one
+    torch sees; the same bytes as numpy), else numpy on `threads` worker processes (None: one per
+    core). Either is a with-block offering submit(x, type,
+    importance) → kquants.Pending."""
+    from qlora.device import pick_device
+
+    where = pick_device(device)
+    if where.type == "cuda":
+        from qlora.export.kquants_torch import OnDevice
+
+        return OnDevice(where)
+    return kquants.Workers(threads)
 
 
 # --- hyper-parameters ---------------------------------------------------------------------------
@@ -362,13 +380,16 @@ def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
 def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 adapter_dir: str | Path | None = None, merge_base: str = "original",
                 ignore_base_name: bool = False, log=None,
-                imatrix: dict[str, np.ndarray] | None = None, threads: int | None = None) -> Path:
+                imatrix: dict[str, np.ndarray] | None = None, threads: int | None = None,
+                device: str = "auto") -> Path:
     """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
 
-    `log` (default: stderr) hears the tensors stored in another type than their role asks for.
+    `log` (default: stderr) hears where the k-quants are searched and the tensors stored in
+    another type than their role asks for.
     `imatrix`: Hugging Face weight name → mean squared activation of each input column
     (export/imatrix.py); the k-quant tensors weigh their rounding errors by it.
-    `threads`: processes quantizing the k-quants (None: one per core; 1: in this process)."""
+    `device`: where the k-quants are searched (quantizer(): auto takes the GPU where torch sees
+    one); `threads`: on the CPU, processes quantizing them (None: one per core; 1: in this process)."""
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = check_qtype(qtype)
     if threads is not None and threads < 1:
@@ -391,7 +412,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         def log(text: str) -> None:
             print(text, file=sys.stderr)
     if adapter_dir is None:
-        return _export(model_dir, out, qtype, log, imatrix or {}, model_dir.resolve().name, threads)
+        return _export(model_dir, out, qtype, log, imatrix or {}, model_dir.resolve().name, threads, device)
     from qlora.merge import check_adapter_base, merge_adapter, read_config
 
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
@@ -409,7 +430,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                                base=merge_base, ignore_base_name=ignore_base_name)
         # named after what was merged, not after the temporary folder it was merged into
         name = f"{model_dir.resolve().name} + {Path(adapter_dir).resolve().name}"
-        return _export(merged, out, qtype, log, imatrix or {}, name, threads)
+        return _export(merged, out, qtype, log, imatrix or {}, name, threads, device)
 
 
 # mixtures of experts: llama.cpp runs Mixtral as llama, Qwen3-MoE as qwen3moe, each layer's experts
@@ -522,7 +543,7 @@ def check_qtype(qtype: str) -> str:
 
 
 def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.ndarray],
-            name: str, threads: int | None) -> Path:
+            name: str, threads: int | None, device: str = "auto") -> Path:
     from safetensors import safe_open
 
     from qlora.merge import read_config
@@ -563,10 +584,12 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         fallbacks: dict[tuple[str, str, str, int], int] = {}  # (role, wanted, stored, row) -> count
         for name, factors in rope_factors.items():  # F32, as llama.cpp reads them
             w.add_tensor(name, factors)
-        with kquants.Workers(threads) as workers:
-            # the workers quantize while the next tensors are read; written in file order
+        with quantizer(device, threads) as quantize_on:
+            if qtype in K_QUANT_FILES:
+                log(f"k-quants: {quantize_on}")
+            # quantized while the next tensors are read; written in file order
             encoded = _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks,
-                               imatrix, workers, experts)
+                               imatrix, quantize_on, experts)
             for (name, stored), data in kquants.in_order(encoded):
                 w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[stored])
         if experts is not None:
@@ -584,7 +607,7 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
     return out
 
 
-def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, workers,
+def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, quantize_on,
              experts=None):
     """((GGUF name, stored type), encoded data or kquants.Pending, values) per tensor, in file order;
     a mixture of experts' per-expert tensors (`experts`: ExpertStacks) as one stack a projection,
@@ -601,7 +624,7 @@ def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallback
                     if stacked is not None:  # a layer's projection, every expert read
                         name, x = stacked
                         choice = mixtures.tensor_type(name, x.shape, qtype, model)
-                        yield (name, choice.stored), encode(x, choice.stored, None, workers), x.size
+                        yield (name, choice.stored), encode(x, choice.stored, None, quantize_on), x.size
                     continue
                 name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if name is None:
@@ -620,7 +643,7 @@ def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallback
                 if choice.stored != choice.wanted:
                     key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
                     fallbacks[key] = fallbacks.get(key, 0) + 1
-                data = encode(x, choice.stored, imatrix.get(hf_name), workers)
+                data = encode(x, choice.stored, imatrix.get(hf_name), quantize_on)
                 yield (name, choice.stored), data, x.size
 
 

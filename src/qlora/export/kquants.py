@@ -161,10 +161,14 @@ def _fit_symmetric_plain(x: np.ndarray, w: np.ndarray, kind: Kind) -> np.ndarray
 _TREE_ORDER = (0, 4, 2, 6, 1, 5, 3, 7)
 
 
+def position_order(sub: int) -> np.ndarray:
+    """The value positions of a sub-block in the order the by-position layout stores its rows."""
+    return (np.arange(sub).reshape(-1, 8)[:, _TREE_ORDER]).ravel()
+
+
 def _by_position(a: np.ndarray, sub: int) -> np.ndarray:
     """(…, sub) → (sub, n) contiguous: row e holds every sub-block's value e (rows in tree order)."""
-    order = (np.arange(sub).reshape(-1, 8)[:, _TREE_ORDER]).ravel()
-    return np.ascontiguousarray(a.reshape(-1, sub).T[order])
+    return np.ascontiguousarray(a.reshape(-1, sub).T[position_order(sub)])
 
 
 class _RowSums:
@@ -378,7 +382,7 @@ def _as_blocks(q: np.ndarray, kind: Kind) -> np.ndarray:
     """Codes laid out as x was, back to (n, S, L)."""
     if q.ndim == 3:
         return q
-    rows = q[np.argsort((np.arange(kind.sub).reshape(-1, 8)[:, _TREE_ORDER]).ravel())].T
+    rows = q[np.argsort(position_order(kind.sub))].T
     return rows.reshape(-1, QK_K // kind.sub, kind.sub)
 
 
@@ -516,10 +520,7 @@ def quantize_blocks(blocks: np.ndarray, kind_name: str, importance: np.ndarray |
     """blocks (n, 256) → uint8 (n, block_bytes): one task of a tensor. `first` is the index of
     blocks[0] among the tensor's blocks, which places `importance` (one value per input column)
     on them."""
-    weights = None
-    if importance is not None:
-        per_row = importance.reshape(-1, QK_K)
-        weights = per_row[(first + np.arange(len(blocks))) % len(per_row)]
+    weights = None if importance is None else block_weights(importance, first, len(blocks))
     return PACK[kind_name](codes(blocks, kind_name, weights))
 
 
@@ -599,15 +600,9 @@ def _submit_mapped(blocks: np.ndarray, kind_name: str, importance: np.ndarray | 
     return Pending(out, shape, parts, tuple(files))
 
 
-def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
-           executor: Executor | None = None) -> Pending:
-    """Start quantizing x (…, k·256) into `kind_name` blocks row by row, in chunks of CHUNK_BLOCKS
-    super-blocks on `executor`, or now in this thread when it is None. Worker processes
-    (a ProcessPoolExecutor, as Workers gives) read the tensor from a mapped file and take
-    TASK_CHUNKS chunks per task; threads take slices of x.
-
-    `importance` (x.shape[-1],) ≥ 0: how much an error in each input column costs (an importance
-    matrix's mean squared activations); None weighs every value alike."""
+def layout(x: np.ndarray, kind_name: str, importance: np.ndarray | None):
+    """x (…, k·256) checked and cut into super-blocks: (blocks (n, 256), importance as float32,
+    the output (n, block_bytes) to fill, the shape it is returned in)."""
     kind = KINDS[kind_name]
     cols = x.shape[-1]
     if cols % QK_K:
@@ -618,7 +613,26 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
         importance = np.ascontiguousarray(importance, dtype=np.float32)
     blocks = x.reshape(-1, QK_K)
     out = np.empty((len(blocks), kind.block_bytes), dtype=np.uint8)
-    shape = (*x.shape[:-1], cols // QK_K * kind.block_bytes)
+    return blocks, importance, out, (*x.shape[:-1], cols // QK_K * kind.block_bytes)
+
+
+def block_weights(importance: np.ndarray, first: int, n: int) -> np.ndarray:
+    """(n, 256): the importance of each value of blocks first … first + n − 1 of a tensor whose
+    rows `importance` (one value per column) spans."""
+    per_row = importance.reshape(-1, QK_K)
+    return per_row[(first + np.arange(n)) % len(per_row)]
+
+
+def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
+           executor: Executor | None = None) -> Pending:
+    """Start quantizing x (…, k·256) into `kind_name` blocks row by row, in chunks of CHUNK_BLOCKS
+    super-blocks on `executor`, or now in this thread when it is None. Worker processes
+    (a ProcessPoolExecutor, as Workers gives) read the tensor from a mapped file and take
+    TASK_CHUNKS chunks per task; threads take slices of x.
+
+    `importance` (x.shape[-1],) ≥ 0: how much an error in each input column costs (an importance
+    matrix's mean squared activations); None weighs every value alike."""
+    blocks, importance, out, shape = layout(x, kind_name, importance)
     if isinstance(executor, ProcessPoolExecutor):
         return _submit_mapped(blocks, kind_name, importance, executor, out, shape)
     parts = []
@@ -678,6 +692,14 @@ class Workers:
     def __init__(self, count: int | None = None):
         self.count = count or usable_cores()
         self.pool: ProcessPoolExecutor | None = None
+
+    def __str__(self) -> str:
+        where = "in this process" if self.count == 1 else f"on {self.count} worker processes"
+        return f"numpy {where}"
+
+    def submit(self, x: np.ndarray, kind_name: str, importance: np.ndarray | None = None) -> Pending:
+        """submit(x, …) on these workers (or in this thread: see executor)."""
+        return submit(x, kind_name, importance, self.executor(x.size // QK_K))
 
     def executor(self, n_blocks: int) -> Executor | None:
         if self.count == 1 or n_blocks < 2 * CHUNK_BLOCKS:

@@ -77,7 +77,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
         imatrix = imatrix_mod.compute_imatrix(model_dir, imatrix_data, adapter_dir, merge_base,
                                               imatrix_samples or imatrix_mod.DEFAULT_SAMPLES, device, log=note)
     export_gguf(model_dir, out, qtype, adapter_dir=adapter_dir, merge_base=merge_base,
-                ignore_base_name=ignore_base_name, log=note, imatrix=imatrix, threads=threads)
+                ignore_base_name=ignore_base_name, log=note, imatrix=imatrix, threads=threads,
+                device=device)
     if translation is not None:
         ollama_mod.write_modelfile(translation, out)
     if run_check:
