@@ -295,13 +295,23 @@ def test_plan_offload_keeps_two_layer_inputs_on_the_gpu():
 def test_plan_tiles_bound_the_mlp_by_one_tile():
     """The MLP's inside (fused kernels, dropout seeded: gate and up outputs 4I, down's input 2I,
     the MLP adapters' A outputs 3 x 2r: 86,112 B a token) and its backward's gradients (3 x 2I =
-    86,016 B) count for one tile of 4096 tokens instead of 65536; the tiled MLP adds its input's
-    gradient, 2h = 8192 B a token."""
+    86,016 B) count for one tile of 4096 tokens instead of 65536. Llama-3-8B at 65536 tokens, by
+    hand (B a token): the rerun of the last layer makes its post-attention norm's sum (2h + 4) and
+    both rstds (the first norm's input is the saved layer input), the normed inputs of attention
+    and MLP (2 x 2h), q, k, v (12,288), attention's output (8192) and log-sum-exp (128): 45,192;
+    untiled also the MLP's inside but its LoRA A outputs (the kept products): 131,208, with the
+    gradients in flight (2 x 2h + 86,016) 233,608. Tiled, the MLP's moment is 45,192 + 2 x 2h +
+    4096/65536 of the tile's 172,128 = 72,334, below attention's: the rerun's 45,192 less the MLP
+    half (a norm, 8196, and the MLP's input, 8192), plus the residual stream's and the output's
+    gradients (2 x 8192) and flash's backward (dq, dk, dv 12,288, fp32 dq_accum 16,384 and
+    softmax_d 128, dk/dv at all 32 heads 16,384) = 90,372."""
     inside, grads = 2 * 2 * 14336 + 2 * 14336 + 3 * 2 * 16, 3 * 2 * 14336
     assert memory.split_mlp_terms(memory.layer_activation_terms(LLAMA, LONG_RUN))[1] == inside
+    assert memory.attention_backward_bytes_per_token(LLAMA, LONG_RUN) == 12288 + 16384 + 128 + 16384
     plain, tiled = plan(LLAMA, LONG_RUN), plan(LLAMA, replace(LONG_RUN, tile_mlp=True))
-    assert plain.backward - tiled.backward == pytest.approx(
-        (65536 - 4096) * (inside + grads) - 65536 * 2 * 4096, abs=2)  # int() of each side
+    assert plain.backward == 65536 * 233608
+    assert tiled.backward == 65536 * 90372
+    assert 65536 * (45192 + 2 * 8192) + 4096 * (inside + grads) < tiled.backward
     assert tiled.activations == plain.activations  # forward keeps what it kept
     # at 2048 tokens the tiled MLP runs whole: the same plan
     short = replace(LONG_RUN, seq_len=2048)
