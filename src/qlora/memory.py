@@ -576,7 +576,7 @@ def long_context_choice(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes
     """`cfg` with offload and MLP tiles decided where they are left to the plan (`*_auto`): the
     first of none, tiles, offload, both that fits `gpu_bytes`, with attention recomputed in every
     layer (kept attention gets what is left, after). Tiles before offload: their saving is
-    measured on an H100 (Llama-3-8B at 32k tokens in 15.8 GiB, under this plan's 17.7), they
+    measured on an H100 (Llama-3-8B at 32k tokens in 15.8 GiB; this plan: 15.7), they
     take no pinned host memory (offload: 7.75 GiB at 32k) and no PCIe traffic, and offload was
     no faster where both ran (32k: 6,329 tokens/s with it and tiles, 6,327 with tiles alone;
     16k: 2% slower). Where nothing fits, both where left to
