@@ -471,3 +471,77 @@ def test_fused_layer_keeps_what_the_memory_planner_counts_for_fused_kernels():
     Seeded dropout keeps no mask, so the CPU's dropout noise tensor does not enter the count."""
     for r in interpreted(PLANNER_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent)))):
         assert r["saved"] == r["planned"], r
+
+
+RERUN_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, TESTS_DIR)
+from dataclasses import replace
+from saved_bytes import layer_saved_bytes
+from qlora import memory
+from qlora.adapters import AdapterConfig, attach_adapters
+from qlora.kernels import dequant, lora
+from qlora.memory import PlanConfig, arch_from_config
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config
+from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
+from qlora.speed.kept_attention import CheckpointedLayer
+
+config = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+              tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+              rope_theta=10000.0)
+r, tokens, tile = 8, 64, 16
+out = []
+for keep in (True, False):
+    torch.manual_seed(0)
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0))
+    model.train()
+    seed = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
+                                        seeded_dropout=True, tile_mlp=tile)).dropout_seed
+    x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().requires_grad_(True)
+    cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+    layer = CheckpointedLayer(model.model.layers[0], keep_attention=keep)
+    with lora.products_for_rerun(None):
+        lora.drop_kept_products()
+    layer(x, cos, sin, "causal")  # the first run: keeps the LoRA products (and the attention)
+    # alive before the rerun, whatever it does: the layer input, the kept products and attention
+    shared = [x, *lora._h_kept.values()]
+    if keep:
+        shared += [*layer.kept.inputs, layer.kept.output]
+    # the rerun, as the checkpoint runs it in backward: what it saves that is not alive already
+    saved = layer_saved_bytes(layer, x, cos, sin,
+                              [*model.parameters(), *model.buffers(), seed, cos, sin, *shared])
+    kept_dense = sum(t.untyped_storage().nbytes() for t in dequant._kept.values())
+    cfg = PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
+                     seeded_dropout=True, kernels="fused", tile_mlp=tile, keep_attention=keep)
+    arch = arch_from_config(config)
+    terms = memory.layer_activation_terms(arch, cfg)
+    rerun = sum(memory.rerun_terms(arch, cfg, terms, keep, tiled=True).values())
+    attention = replace(cfg, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    planned = ((rerun - memory.split_mlp_terms(terms)[1]) * tokens
+               + sum(memory.layer_weight_terms(arch, attention).values()))
+    out.append(dict(keep=keep, saved=saved, planned=planned, kept_dense=kept_dense,
+                    planned_dense=memory.rerun_dense_weights(arch, cfg, keep, True)[0]))
+print(json.dumps(out))
+"""
+
+
+def test_a_checkpointed_layers_rerun_makes_what_the_planner_counts_new():
+    """The backward of a checkpointed layer on the fast path (fused kernels, 4-bit fast base,
+    grouped projections, MLP in tiles), with and without its attention kept: what its rerun
+    saves, leaving out what is alive before it (the layer input, which the fused norm's saved
+    input is; the LoRA products kept from the first run; the kept attention), equals the
+    planner's rerun terms to the byte (memory.rerun_terms: no layer input, no products, and no
+    q, k, v, output or log-sum-exp where attention is kept); and the dense weights the rerun
+    keeps for its backward are o_proj's, with q, k, v's where attention is rerun, never the
+    tiled MLP's (memory.rerun_dense_weights). The tiled MLP's adapter copies are made per tile,
+    so only attention's are in the rerun's count."""
+    results = interpreted(RERUN_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
+    assert [r["keep"] for r in results] == [True, False]
+    for r in results:
+        assert r["saved"] == r["planned"], r
+        assert r["kept_dense"] == r["planned_dense"] > 0, r

@@ -488,14 +488,16 @@ def test_keep_attention_keeps_it_in_as_many_layers_as_the_plan_fits(run_inputs):
     assert layers >= 2
     pc = memory.plan_config_for_run(cfg)
     need = [memory.needed_bytes(plan(arch, replace(pc, keep_attention=n))) for n in range(layers + 1)]
-    step = need[1] - need[0]
+    step = need[2] - need[1]
     assert step > 4 * 2**20 and all(b - a == step for a, b in zip(need[1:-1], need[2:-1]))
-    # the plan grows by one layer's kept attention per layer (the last step also drops the
-    # q/k/v weights the rerun no longer makes)
+    # the plan grows by one layer's kept attention per layer from the second on (the last step
+    # also drops the q/k/v weights the rerun no longer makes); the last layer's costs nothing at
+    # this plan's peak, its own backward, where the rerun would have made the same tensors
+    assert need[1] == need[0]
     assert plan(arch, replace(pc, keep_attention=True)).allocated == plan(
         arch, replace(pc, keep_attention=layers)).allocated
     logged = []
-    for size, want in ((need[layers], True), (need[1] + step // 2, 1), (need[0] + step // 2, False)):
+    for size, want in ((need[layers], True), (need[1] + step // 2, 1)):
         resolved, _ = memory.check_run(replace(cfg, gpu_memory=f"{size / 2**20}MiB"), "cpu", log=logged.append)
         assert resolved.keep_attention == want and type(resolved.keep_attention) is type(want), size
     assert any("keep_attention: on" in line for line in logged)
@@ -517,8 +519,6 @@ def test_keep_attention_keeps_it_in_as_many_layers_as_the_plan_fits(run_inputs):
     for keep in (True, 2):
         with pytest.raises(QloraError, match="at most 1 layers.*set keep_attention: 1"):
             memory.check_run(replace(one_fits, keep_attention=keep), "cpu")
-    with pytest.raises(QloraError, match="at most 0 layers.*set keep_attention: false"):
-        memory.check_run(replace(cfg, gpu_memory=f"{(need[0] + step // 2) / 2**20}MiB", keep_attention=1), "cpu")
     with pytest.raises(QloraError, match=f"has {layers}"):
         memory.check_run(replace(fits_all, keep_attention=layers + 1), "cpu")
 

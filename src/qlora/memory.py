@@ -613,7 +613,7 @@ def long_context_choice(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes
     """`cfg` with offload and MLP tiles decided where they are left to the plan (`*_auto`): the
     first of none, tiles, offload, both that fits `gpu_bytes`, with attention recomputed in every
     layer (kept attention gets what is left, after). Tiles before offload: their saving is
-    measured on an H100 (Llama-3-8B at 32k tokens in 15.8 GiB, under this plan's 17.7), they
+    measured on an H100 (Llama-3-8B at 32k tokens in 15.8 GiB; this plan: 15.7), they
     take no pinned host memory (offload: 7.75 GiB at 32k) and no PCIe traffic, and offload was
     no faster where both ran (32k: 6,329 tokens/s with it and tiles, 6,327 with tiles alone;
     16k: 2% slower). Where nothing fits, both where left to
@@ -747,11 +747,53 @@ def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     return working
 
 
-def tiled_mlp_backward_bytes_per_token(arch: ArchSpec) -> int:
-    """What the tiled MLP (models/tiling.py) holds for every token of the sequence while it
-    runs backward: its input's gradient, written tile by tile into one [tokens, hidden] tensor,
-    beside the incoming gradient (counted in backward_working_bytes_per_token)."""
-    return 2 * arch.hidden_size
+def attention_backward_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """What attention's backward makes while it runs, per token (torch's flash attention, FA2's
+    mha_bwd, which SDPA and varlen attention call): the bf16 gradients of q, k and v, an fp32
+    accumulator for q's (dq_accum, [tokens, heads, head_dim]) and softmax_d (fp32 per head), and
+    with grouped kv heads k's and v's gradients at every query head (dk_expanded, dv_expanded)
+    before they are summed to the kv heads (plan() adds what is alive beside them: the gradients
+    of attention's output, 2·q, and of the residual stream, 2h). Gemma 2's capped scores in
+    torch: none here (their gradients are in backward_working_bytes_per_token)."""
+    if capped_scores_in_torch(arch, cfg):
+        return 0
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    expanded = 2 * 2 * q if arch.num_kv_heads != arch.num_heads else 0
+    return 2 * (q + 2 * kv) + 4 * q + 4 * arch.num_heads + expanded
+
+
+def mlp_side_bytes_per_token(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float],
+                             tiled: bool) -> float:
+    """Of a layer's saved terms, those its MLP half keeps (the post-attention half of the norms,
+    the MLP's normed input, untiled the MLP's inside, and a sparse layer's routed terms, which
+    tiles leave whole): freed by the time attention runs backward."""
+    norms = sum(n for name, n in terms.items() if name.startswith("norm inputs"))
+    inside = 0 if tiled else split_mlp_terms(terms)[1]
+    routed = (sum(routed_activation_terms(arch, cfg).values())
+              if arch.moe is not None and arch.moe.num_sparse_layers else 0)
+    return norms / 2 + terms.get("MLP input (normed)", 0) + inside + routed
+
+
+def rerun_terms(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float],
+                attention_kept: bool, tiled: bool) -> dict[str, float]:
+    """A checkpointed layer's saved terms as its rerun makes them new, without what is alive
+    already: with a norm kernel that saves its bf16 input (fused), the first norm's input is the
+    checkpoint's saved layer input; on the fast path the LoRA products are the first run's H
+    (kept for the rerun, counted with the layer inputs; a tiled MLP's tiles make their own); with
+    its attention kept, the rerun makes no q, k, v, output or log-sum-exp (the kept ones are
+    keep_attention's term)."""
+    t = dict(terms)
+    if not torch_norms(arch, cfg):
+        name = next(n for n in t if n.startswith("norm inputs"))
+        t[name] -= 2 * arch.hidden_size
+    if fast_path(cfg):
+        for name in ("LoRA A outputs",) + (() if tiled else ("MLP: LoRA A outputs",)):
+            t.pop(name, None)
+    if attention_kept:
+        for name in ("q, k, v (after RoPE)", "attention output (= o_proj input)",
+                     "attention logsumexp (fp32)"):
+            t.pop(name, None)
+    return t
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -860,6 +902,10 @@ class Breakdown:
     dequant: int  # the part of workspace alive only inside a quantized matmul
     adapter_params: int = 0
     notes: list[str] = field(default_factory=list)
+    # what of `activations` is still alive at the layer backward that peaks (None: all of it):
+    # the final norm's and the loss's tensors are gone by then, and at an earlier layer's
+    # backward the later layers' inputs and kept attention too
+    backward_activations: int | None = None
 
     @property
     def static(self) -> int:
@@ -870,6 +916,9 @@ class Breakdown:
         fixed = ("workspace (cuBLAS, batch)", self.workspace - self.dequant)
         acts = ("activations saved for backward" + (" (checkpointed)" if self.cfg.checkpointing else ""),
                 self.activations)
+        left = self.activations if self.backward_activations is None else self.backward_activations
+        acts_left = ("activations still saved" + (" (checkpointed)" if self.cfg.checkpointing else ""),
+                     left)
         copies = ("adapter compute copies kept by autograd" + (" (one layer)" if self.cfg.checkpointing else ""),
                   self.adapter_copies)
         return {
@@ -877,7 +926,7 @@ class Breakdown:
                 acts, (copies if not self.cfg.checkpointing else (copies[0], 0)),
                 ("adapter gradients (none yet)", 0), ("logits/loss", self.loss), fixed],
             "backward of the last layer": [
-                acts, copies, ("adapter gradients (last layer)", self.layer_grads),
+                acts_left, copies, ("adapter gradients (last layer)", self.layer_grads),
                 ("recomputed layer + gradients in flight" if self.cfg.checkpointing else "gradients in flight",
                  self.backward),
                 fixed, ("dequantized weight", self.dequant)],
@@ -930,6 +979,40 @@ class Breakdown:
 
 def _gib(n: float) -> float:
     return n / GiB
+
+
+def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
+                        tiled: bool) -> tuple[int, int]:
+    """(bytes of the dense weights a checkpointed layer's rerun makes and keeps for its backward,
+    the part of them alive while attention runs backward) on the fused path over 4-bit bases
+    (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun stops
+    before; none of the MLP's when it runs in tiles (the rerun skips the tiled MLP, and a tile's
+    weights are never kept: tile_outside_rerun); no q, k, v where the layer's attention is kept
+    (the rerun makes only their LoRA products). By attention's backward only q, k, v's are left
+    (o_proj's and the MLP's backward took theirs)."""
+    if not (cfg.kernels == "fused" and cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS):
+        return 0, 0
+    attention_inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    skipped = {arch.block_linears()[-1]}  # down_proj, every family's
+    if tiled:
+        skipped |= set(MLP_LINEARS)
+    if attention_kept:
+        skipped |= set(attention_inputs)
+    made = [(name, 2 * n_in * n_out) for name, n_in, n_out in arch.linears() if name not in skipped]
+    return sum(n for _, n in made), sum(n for name, n in made if name in attention_inputs)
+
+
+def tile_dequant_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """The dense weight a tile of the MLP makes in backward when the fast path runs gate and up
+    as one group (both targeted): their stacked [2·I, h] bf16 weight, dequantized at once, with
+    double quant its fp32 absmax first; 0 elsewhere (the largest single linear covers it)."""
+    if not (fast_path(cfg) and cfg.quant in FOUR_BIT_METHODS):
+        return 0
+    targets = target_names(cfg.targets, arch)
+    if not all(n in targets for n in ("gate_proj", "up_proj")):
+        return 0
+    n = 2 * arch.intermediate_size * arch.hidden_size
+    return 2 * n + (4 * -(-n // cfg.blocksize) if cfg.double_quant else 0)
 
 
 def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakdown:
@@ -989,8 +1072,10 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         outside, inside = split_mlp_terms(terms)
         mlp_working = 3 * 2 * arch.intermediate_size  # backward_working_bytes_per_token's MLP part
         per_layer = outside
-        # one tile's inside and gradients, spread over the tokens, plus the input's gradient
-        tile_extra = tile * (inside + mlp_working) / tokens + tiled_mlp_backward_bytes_per_token(arch)
+        # one tile's inside and gradients, spread over the tokens. The tiled MLP's input gradient,
+        # written tile by tile into one [tokens, hidden] tensor, is the gradient going out that
+        # backward_working_bytes_per_token counts beside the one coming in (2 x 2h): no more.
+        tile_extra = tile * (inside + mlp_working) / tokens
         notes.append(f"MLP in sequence tiles of {tile} tokens: its intermediates are one tile's "
                      f"({_gib(tile * (inside + mlp_working)):.2f} GiB in backward)")
     per_layer_weights = sum(layer_weight_terms(arch, cfg).values())
@@ -1006,6 +1091,14 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if tile:
         working += tile_extra - 3 * 2 * arch.intermediate_size
     offloaded = offload_applies(cfg)
+    kept_layers = kept_attention_layers(arch, cfg)
+    kept_each = kept_attention_bytes_per_token(arch, cfg.seq_len) if kept_layers else 0
+    # attention's backward, the layer's other moment (the MLP's is `working`): what attention
+    # keeps and the layer's first norm, the gradients of the residual stream and of attention's
+    # output, and what flash's backward makes
+    attention_extra = (2 * h + 2 * arch.num_heads * arch.head_dim
+                       + attention_backward_bytes_per_token(arch, cfg)
+                       - mlp_side_bytes_per_token(arch, cfg, terms, bool(tile)))
     if cfg.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
         # Offloaded (speed/offload.py), two inputs are on the GPU at any time: in forward the one
@@ -1016,21 +1109,19 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         products = 2 * cfg.r * len(target_names(cfg.targets, arch)) if fast_path(cfg) else 0
         inputs_on_gpu = min(2, L) if offloaded else L
         # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
-        kept_attention = kept_attention_layers(arch, cfg) * kept_attention_bytes_per_token(
-            arch, cfg.seq_len)
-        if kept_attention:
-            notes.append(f"attention kept for backward in {kept_attention_layers(arch, cfg)} of {L} "
-                         f"layers: {_gib(tokens * kept_attention):.2f} GiB (keep_attention)")
-        activations = tokens * (inputs_on_gpu * layer_input + L * products + kept_attention
+        if kept_layers:
+            notes.append(f"attention kept for backward in {kept_layers} of {L} "
+                         f"layers: {_gib(tokens * kept_layers * kept_each):.2f} GiB (keep_attention)")
+        activations = tokens * (inputs_on_gpu * layer_input + L * products + kept_layers * kept_each
                                 + final + rope)
         copies = per_layer_weights
-        backward = tokens * (per_layer + working)
     else:
         activations = tokens * (L * per_layer + final + rope)
         copies = L * per_layer_weights
-        backward = tokens * working
+        backward = tokens * max(working, attention_extra)
+        # the last layer's backward comes after the final norm's and the loss's: theirs are gone
+        backward_activations = tokens * (L * per_layer + rope)
     activations = int(activations)
-    backward = int(backward)
     loss, loss_note = loss_peak_bytes(arch, cfg)
     notes.append(f"logits/loss: {loss_note}")
     if capped_scores_in_torch(arch, cfg):
@@ -1068,18 +1159,33 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         big = max(t, key=lambda x: x[1] * x[2])
         dequant += 3 * 2 * big[1] * big[2]
         notes.append("DoRA: its workspace term is an estimate")
-    if cfg.kernels == "fused" and cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS:
-        # the dense weights a layer's rerun makes, kept for that layer's backward
-        # (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
-        # stops before. All alive at down_proj's backward, with its own dense weight.
-        # With kept attention the rerun makes no q, k, v: their backward dequantizes them. (In
-        # some layers only: counted as in none, the layers that rerun it being alive at once.)
-        every_layer_kept = kept_attention_layers(arch, cfg) == L
-        last = arch.block_linears()[-1]  # down_proj, every family's
-        attention_inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
-        skipped = (last,) + (attention_inputs if every_layer_kept else ())
-        dequant += sum(2 * n_in * n_out for name, n_in, n_out in arch.linears()
-                       if name not in skipped)
+    if cfg.checkpointing:
+        # The layer whose backward peaks, and at which of its two moments (the MLP's, with the
+        # dense weights the rerun kept and one more being dequantized; attention's). With
+        # attention kept in the last N < L layers, the last layer (every input alive, N kept) and
+        # the last that reruns its attention (N inputs fewer, none kept, its q, k, v recomputed
+        # and their dense weights kept) are both candidates.
+        candidates = [(L - 1, kept_layers > 0)]
+        if 0 < kept_layers < L:
+            candidates.append((L - 1 - kept_layers, False))
+        # a tile's backward dequantizes gate and up together (the fast path's group)
+        dequant_now = max(dequant, tile_dequant_bytes(arch, cfg)) if tile else dequant
+        best = None
+        for layer, kept_here in candidates:
+            alive = layer + 1  # layer inputs and products of this layer and the ones before it
+            kept_alive = kept_layers - (L - 1 - layer) if kept_here else 0
+            before = tokens * ((inputs_on_gpu if offloaded else alive) * layer_input
+                               + alive * products + kept_alive * kept_each + rope)
+            rerun = sum(rerun_terms(arch, cfg, terms, kept_here, bool(tile)).values())
+            if tile:
+                rerun -= split_mlp_terms(terms)[1]
+            kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(tile))
+            moments = [(tokens * (rerun + working), kept_dense + dequant_now),
+                       (tokens * (rerun + attention_extra), attention_dense)]
+            moment, dense = max(moments, key=sum)
+            if best is None or before + moment + dense > sum(best):
+                best = (before, moment, dense)
+        backward_activations, backward, dequant = best
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
     if cfg.method in PREFERENCE_METHODS:
         notes.append(f"{cfg.method}: two sequences per example ({tokens} tokens a micro-batch); "
@@ -1124,9 +1230,10 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
 
     return Breakdown(arch=arch, cfg=cfg, base=base, embeddings=embeddings, norms=norms, adapters=adapters,
                      optimizer=opt, optimizer_paged=opt_paged, activations=activations, adapter_copies=copies,
-                     loss=loss, backward=backward, adapter_grads=grads, layer_grads=layer_grads,
+                     loss=loss, backward=int(backward), adapter_grads=grads, layer_grads=layer_grads,
                      optimizer_step=opt_step, workspace=workspace, dequant=dequant,
-                     adapter_params=sum(numels), notes=notes)
+                     adapter_params=sum(numels), notes=notes,
+                     backward_activations=int(backward_activations))
 
 
 # --- the generic path: a coarser estimate --------------------------------------------------------
