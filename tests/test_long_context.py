@@ -471,3 +471,16 @@ def test_qlora_train_check_refuses_an_offload_the_host_cannot_pin(tmp_path, monk
     chosen, _ = memory.check_run(cfg, "cpu", log=lambda line: None)
     assert chosen.offload_activations
     memory.check_run(asked, "cpu", log=lambda line: None)
+
+
+def test_plan_advises_offload_and_tiles_together_where_neither_fits_alone():
+    """Llama-3-8B at 65,536 tokens on 24 GB: neither offload (the MLP's [T, 14336] intermediates
+    stay) nor tiles (32 layer inputs of 512 MiB stay) fits alone; the two together do, and they
+    are offered beside a shorter sequence (they change nothing the run computes)."""
+    cfg = memory.PlanConfig(seq_len=65536)
+    gpu = 24 * memory.GiB
+    for alone in (replace(cfg, offload_activations=True), replace(cfg, tile_mlp=True)):
+        assert not memory.fits(memory.plan(LLAMA, alone), gpu)
+    changes = [a.changes for a in memory.advise(LLAMA, cfg, gpu)]
+    assert {"offload_activations": True, "tile_mlp": True} in changes
+    assert any("seq_len" in c for c in changes)

@@ -1388,7 +1388,8 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     """Changes that make the run fit, each checked by re-running the planner; [] if it fits.
 
     Tried one at a time, in this order: smaller micro-batch, checkpointing on, shorter sequence,
-    smaller rank, offload of activations, the MLP in tiles. If no single change fits, they are
+    smaller rank, offload of activations, the MLP in tiles; then offload and tiles together where
+    neither fits alone. If no single change fits, they are
     combined (micro-batch 1 and checkpointing, then offload and tiles, then the sequence and the
     rank), each at its most conservative setting, until the plan fits. If even that does not fit,
     one Advice with empty changes says so. `names` spells the options (a knob named None is not
@@ -1416,6 +1417,14 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
             b = plan(arch, new)
             if fits(b, gpu_bytes):
                 out.append(Advice(_changes(cfg, new), _describe(cfg, new, names), b))
+    # offload and tiles together, where neither alone fits: they change nothing of what the run
+    # computes, which a shorter sequence or a smaller rank does (qlora train's auto picks them)
+    if (offload and cfg.checkpointing and not cfg.offload_activations and not cfg.tile_mlp
+            and not any(a.changes.keys() & {"offload_activations", "tile_mlp"} for a in out)):
+        both = replace(cfg, offload_activations=True, tile_mlp=True)
+        b = plan(arch, both)
+        if fits(b, gpu_bytes):
+            out.append(Advice(_changes(cfg, both), _describe(cfg, both, names), b))
     if out:
         return out
     # Combine: micro-batch 1 and checkpointing on; then offload and MLP tiles (which change
