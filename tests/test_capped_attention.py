@@ -115,3 +115,24 @@ def test_every_mask_is_one_code_closing_over_tensors_only():
     assert len({mod.__code__ for mod in mods}) == 1
     for mod in mods:
         assert all(isinstance(cell.cell_contents, torch.Tensor) for cell in mod.__closure__)
+
+
+@pytest.mark.parametrize("tokens", [1, 40, 128, 129, 300])
+def test_rows_of_any_length_run_at_a_power_of_two_and_equal_the_dense_scores(tokens):
+    """Compiled flex is specialized to one row length, so rows are padded to flex_length
+    (a power of two, at least 128) after their real tokens; the real rows' outputs are the dense
+    reference's (the fp32 bound of the first test), packed or not, windowed or not."""
+    assert flex.flex_length(tokens) == max(128, 1 << (tokens - 1).bit_length())
+    B, H, Hkv, D = 1, 2, 1, 8
+    g = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(B, h, tokens, D, generator=g) * 2 for h in (H, Hkv, Hkv))
+    half = tokens // 2
+    packed = torch.cat([torch.arange(half), torch.arange(tokens - half)])[None]
+    for positions in (torch.arange(tokens)[None], packed):
+        for window in (None, 5):
+            (mask,) = flex.flex_layer_masks((window,), positions, torch.device("cpu"))
+            assert mask.length == flex.flex_length(tokens)
+            got = flex.flex_capped_attention(q, k, v, mask, scale=0.3, cap=5.0)
+            dense = attention_mask(positions, 0, window, dense=True)
+            want = capped_attention(q, k, v, dense, scale=0.3, cap=5.0)
+            assert got.shape == want.shape and rel_err(want, got) <= 1e-5

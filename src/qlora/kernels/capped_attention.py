@@ -30,8 +30,18 @@ from qlora.models.attention import window_in_effect
 @dataclass(frozen=True)
 class FlexMask:
     """One layer's mask as flex_attention takes it (a layer_masks entry, shared by the layers of
-    one window): the BlockMask over its row's causal order, window and documents."""
+    one window): the BlockMask over its row's causal order, window and documents, made for rows
+    of `length` tokens (flex_length of the real rows': flex_capped_attention pads up to it)."""
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+    length: int
+
+
+def flex_length(tokens: int) -> int:
+    """The row length flex runs at: a power of two, at least 128 (its block size). Compiled flex
+    is specialized to one row length (see _compiled_flex), so rows of any length share a few
+    compilations. The padding is after every real token: causal, no real query sees it, and its
+    blocks are skipped by the block mask; only the padded queries' own blocks are extra work."""
+    return max(128, 1 << (tokens - 1).bit_length())
 
 
 def flex_available(device: torch.device) -> bool:
@@ -68,22 +78,22 @@ def document_mask_mod(window: torch.Tensor, docs: torch.Tensor):
     return allowed
 
 
-def _block_mask(window: int | None, docs: torch.Tensor):
+def _block_mask(window: int | None, docs: torch.Tensor) -> FlexMask:
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, length = docs.shape
     # a fill, not a copy from the host: this runs inside a CUDA graph's capture too
     limit = torch.full((), length if window is None else window, device=docs.device)
     # compiled on CUDA: the eager form evaluates the mask at every (query, key) pair in torch
-    return create_block_mask(document_mask_mod(limit, docs), batch, None, length, length,
-                             device=docs.device, _compile=docs.device.type == "cuda")
+    return FlexMask(create_block_mask(document_mask_mod(limit, docs), batch, None, length, length,
+                                      device=docs.device, _compile=docs.device.type == "cuda"),
+                    length)
 
 
 @functools.lru_cache(maxsize=32)
 def _causal_mask(batch: int, length: int, window: int | None, device: torch.device) -> FlexMask:
     """Rows of one document each: the mask depends on the shape alone, so it is made once."""
-    docs = torch.zeros(batch, length, dtype=torch.int64, device=device)
-    return FlexMask(_block_mask(window, docs))
+    return _block_mask(window, torch.zeros(batch, length, dtype=torch.int64, device=device))
 
 
 def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.device,
@@ -99,12 +109,16 @@ def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.de
     else:
         packed = T > 1 and bool((position_ids[:, 1:] == 0).any())
         docs = (position_ids.to(device) == 0).cumsum(-1) if packed else None
+    length = flex_length(T)
+    if docs is not None:  # the padding joins the last document: it comes after every real query
+        docs = docs.to(torch.int64)
+        docs = torch.cat([docs, docs[:, -1:].expand(B, length - T)], dim=1)
     masks = {}
     for window in dict.fromkeys(windows):
         if docs is None:
-            masks[window] = _causal_mask(B, T, window, torch.device(device))
+            masks[window] = _causal_mask(B, length, window, torch.device(device))
         else:  # the documents change with every batch
-            masks[window] = FlexMask(_block_mask(window, docs.to(torch.int64)))
+            masks[window] = _block_mask(window, docs)
     return [masks[w] for w in windows]
 
 
@@ -122,9 +136,10 @@ def _compiled_flex():
     # flex_attention alone is compiled (its fused kernels exist only through torch.compile), once
     # per row shape: with dynamic shapes (torch's default from a second shape on) its graph breaks
     # and the rest fails inside flex's autograd ("all unwrapped values must be FakeTensor", seen
-    # on an H100, torch 2.11, two models in one process). A run's row shapes are few (the CUDA
-    # graph step's length buckets), but more than dynamo's default 8 compiles per function would
-    # send flex to its eager form, the dense scores: the limit is raised for the process.
+    # on an H100, torch 2.11, two models in one process). Rows are padded to a few lengths
+    # (flex_length), but a model's training and evaluation shapes together could pass dynamo's
+    # default of 8 compiles per function, past which flex would run its eager form (the dense
+    # scores): the limit is raised for the process.
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 64))
@@ -137,5 +152,9 @@ def flex_capped_attention(q, k, v, mask: FlexMask, scale: float, cap: float) -> 
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return attend(q, k, v, score_mod=softcap_score_mod(float(cap)), block_mask=mask.block_mask,
-                  scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    T = q.shape[2]
+    if mask.length > T:  # zeros after the real tokens (flex_length), cut off again below
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, mask.length - T)) for t in (q, k, v))
+    out = attend(q, k, v, score_mod=softcap_score_mod(float(cap)), block_mask=mask.block_mask,
+                 scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out[:, :, :T]
