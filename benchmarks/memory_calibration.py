@@ -9,8 +9,9 @@ Two sources, both this project's own training step on the H100 (forward, backwar
 - measure_memory.py (random_model, loss_chunk_tokens 1024): the `*-memory-*.log` / `.json` files.
 - train_step.py's "qlora" system (load_model from a random checkpoint): the `*.jsonl` files. Those
   runs predate commit 49b38ac, when DecoderLM's loss_chunk_tokens was still 4096, and the script
-  keeps an fp32 clone of the adapters (`init_state`) on the GPU for the whole run, so the
-  prediction adds 4 B per adapter parameter for them.
+  kept an fp32 clone of the adapters (`init_state`) on the GPU for the whole run, so the
+  prediction adds 4 B per adapter parameter for them (not for records marked init_state "host":
+  the script keeps the clone in host memory since).
 
 Out of sample (configurations measured after the model was last changed, none of them among the
 points above: `python benchmarks/memory_calibration.py --out-of-sample`): `*-oos-planner.json` and `*-compare-llama-3-8b.json`, written by
@@ -105,7 +106,8 @@ def points(results: Path = RESULTS) -> list[Point]:
                 continue
             seen.add(key)
             out.append(Point(path.name, rec["shape"], rec["seq"], rec["ckpt"], 16,
-                             round(rec["peak_alloc_gib"] * memory.GiB), SPEED_RUN_CHUNK, extra_bytes_per_param=4))
+                             round(rec["peak_alloc_gib"] * memory.GiB), SPEED_RUN_CHUNK,
+                             extra_bytes_per_param=0 if rec.get("init_state") == "host" else 4))
     return out
 
 
