@@ -563,3 +563,28 @@ def test_aux_loss_gradient_survives_checkpointing(moe_models):
     assert grads[0] and set(grads[0]) == set(grads[1])
     for name in grads[0]:  # the same forward run again: equal to the bit
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_checkpoint_rerun_leaves_nothing_alive_after_backward(moe_models, grouped):
+    """The router logits are the model forward's: a checkpoint's rerun in backward that kept its
+    own would hold every tensor the rerun saved, layer after layer, until the next forward."""
+    from live_bytes import LiveBytes
+
+    from qlora.speed import SpeedPlan, apply_speed
+
+    model = adapted(moe_models["qwen3-moe"], "nf4", torch.bfloat16)
+    apply_speed(model, SpeedPlan(grouped_experts=grouped, seeded_dropout=True), log=lambda _: None)
+    model.gradient_checkpointing = True
+    ids = token_batch(12)
+    count = LiveBytes()
+    with count:
+        loss = model(ids, labels=ids)
+        forward_logits = model.router_logits()
+        loss.backward()
+        del loss
+    assert all(a is b for a, b in zip(model.router_logits(), forward_logits))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in forward_logits + grads}
+    assert count.current == sum(kept.values())  # the forward's logits and the adapters' grads
