@@ -588,3 +588,40 @@ def test_a_checkpoint_rerun_leaves_nothing_alive_after_backward(moe_models, grou
     kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in forward_logits + grads}
     assert count.current == sum(kept.values())  # the forward's logits and the adapters' grads
+
+
+def test_expert_runs_cover_every_expert_within_the_budget():
+    from qlora.kernels.experts import EXPERT_CHUNK_BYTES, expert_chunks
+
+    mib = 2**20
+    assert expert_chunks(8, 1 * mib) == ((0, 8),)  # 8 MiB dense: one run, no sync
+    # Qwen3-30B-A3B's gate_up (128 experts of 6 MiB dense) and down (3 MiB); Mixtral's gate_up
+    # (224 MiB an expert: one at a time)
+    assert expert_chunks(128, 6 * mib) == tuple((s, s + 32) for s in range(0, 128, 32))
+    assert expert_chunks(128, 3 * mib) == ((0, 64), (64, 128))
+    assert expert_chunks(8, 224 * mib) == tuple((e, e + 1) for e in range(8))
+    for experts, size in ((128, 6 * mib), (7, 100 * mib), (5, 300 * mib)):
+        runs = expert_chunks(experts, size)
+        assert [e for start, stop in runs for e in range(start, stop)] == list(range(experts))
+        assert all((stop - start) * size <= max(EXPERT_CHUNK_BYTES, size) for start, stop in runs)
+
+
+@pytest.mark.parametrize("quant,dtype", [("nf4", torch.bfloat16), ("none", FP32)])
+def test_experts_in_runs_equal_all_at_once(moe_models, monkeypatch, quant, dtype):
+    """A projection dequantized a run of experts at a time (the budget shrunk so that the tiny
+    model's split): the same per-expert GEMMs, so the same loss and gradients to the bit."""
+    import qlora.kernels.experts as kernels
+    from qlora.speed import SpeedPlan, apply_speed
+
+    path, ids = moe_models["mixtral"], token_batch(6)
+    results = []
+    for budget in (kernels.EXPERT_CHUNK_BYTES, 1):  # all at once; one expert a run
+        monkeypatch.setattr(kernels, "EXPERT_CHUNK_BYTES", budget)
+        torch.manual_seed(0)
+        model = adapted(path, quant, dtype)
+        apply_speed(model, SpeedPlan(grouped_experts=True), log=lambda _: None)
+        results.append(loss_and_grads(model, ids))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == want_loss and set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
