@@ -15,8 +15,9 @@
   Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
   dequantized together pass EXPERT_CHUNK_BYTES goes in a few runs of experts (`expert_chunks`),
   one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up is 0.75 GiB dense, four runs
-  of 32 experts 0.19 GiB; Mixtral-8x7B's 1.75 GiB, one expert at a time. The runs' row ranges are
-  read on the host once per forward (one sync; none with one run).
+  of 32 experts 0.19 GiB; Mixtral-8x7B's 1.75 GiB, one expert at a time. The runs' row ranges come
+  from the group offsets read on the host once a sparse block's forward (one sync; none where
+  every projection is one run).
 """
 
 from __future__ import annotations
@@ -203,12 +204,11 @@ def expert_chunks(experts: int, expert_bytes: int) -> tuple[tuple[int, int], ...
     return tuple((start, min(start + size, experts)) for start in range(0, experts, size))
 
 
-def chunk_rows(offsets: torch.Tensor, chunks) -> tuple[tuple[int, int], ...]:
-    """Each run's rows (start, stop) in the sorted rows: read on the host (a sync) only where
-    there are several runs."""
+def chunk_rows(ends: list[int] | None, chunks) -> tuple[tuple[int, int], ...] | None:
+    """Each run's rows (start, stop) in the sorted rows, from `ends` ([0] + the group offsets,
+    on the host); None for a single run, which needs none."""
     if len(chunks) == 1:
-        return ((0, -1),)  # every row (-1: to the end)
-    ends = [0] + offsets.tolist()
+        return None
     return tuple((ends[start], ends[stop]) for start, stop in chunks)
 
 
@@ -233,14 +233,13 @@ class GroupedBase(torch.autograd.Function):
     """y = x_e @ W_eᵀ for the rows of each expert e (x sorted by expert), W frozen:
     `weights(dtype, start, stop)` makes experts start … stop − 1's [stop − start, out, in]
     (dequantizing a 4-bit stack's members in one batched call), a run of experts at a time
-    (`chunks`, from expert_chunks); backward calls it again for x's gradient, dy_e @ W_e. Only the
-    callable is kept for backward, as Matmul4bit keeps only the 4-bit bytes: a checkpoint's rerun
-    then stops before the last GEMM of a layer."""
+    (`chunks`, from expert_chunks, over `rows`, from chunk_rows); backward calls it again for
+    x's gradient, dy_e @ W_e. Only the callable is kept for backward, as Matmul4bit keeps only
+    the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM of a layer."""
 
     @staticmethod
     def forward(ctx, x, offsets, weights: Callable[[torch.dtype, int, int], torch.Tensor],
-                chunks: tuple[tuple[int, int], ...]):
-        rows = chunk_rows(offsets, chunks)
+                chunks: tuple[tuple[int, int], ...], rows: tuple[tuple[int, int], ...] | None):
         ctx.weights, ctx.offsets, ctx.chunks, ctx.rows = weights, offsets, chunks, rows
         return chunked_grouped_mm(x, offsets, chunks, rows,
                                   lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
@@ -251,4 +250,4 @@ class GroupedBase(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = chunked_grouped_mm(grad_out.contiguous(), ctx.offsets, ctx.chunks, ctx.rows,
                                         lambda start, stop: ctx.weights(grad_out.dtype, start, stop))
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
