@@ -303,7 +303,7 @@ def test_stack_dequantize_batched_equals_bitsandbytes_member_by_member():
 
 STACK_KERNEL_CHECK = r"""
 import json, torch
-from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton, stack_members
 from qlora.quant import QuantConfig, QuantizedStack
 g = torch.Generator().manual_seed(0)
 results = {}
@@ -318,6 +318,9 @@ for method, nested, shape, dtypes in (("nf4", True, (32, 512), (torch.float32, t
     for dtype in dtypes:
         got, want = dequantize_stack_triton(stack, dtype), dequantize_stack(stack, dtype)
         results[f"{method}-{nested}-{shape}-{dtype}"] = torch.equal(got, want)
+        # a run of members (views into the stack's rows), as the grouped GEMM dequantizes them
+        run = dequantize_stack_triton(stack_members(stack, 1, 3), dtype)
+        results[f"{method}-{nested}-{shape}-{dtype}-members-1-3"] = torch.equal(run, want[1:3])
 print(json.dumps(results))
 """
 
