@@ -93,7 +93,7 @@ def build_ours(shape_config: dict, run: dict, device: str):
         return float(loss)
 
     # the chunk the decoder really uses (None: its vocabulary rule, which the planner applies too)
-    return model, step, dict(kernels="eager", loss="chunked-fused", seeded_dropout=True,
+    return model, step, dict(kernels="eager", loss="chunked-fused", seeded_dropout=True, flat_grads=True,
                              loss_chunk_tokens=getattr(model, "loss_chunk_tokens", None))
 
 

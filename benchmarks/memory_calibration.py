@@ -9,8 +9,9 @@ Two sources, both this project's own training step on the H100 (forward, backwar
 - measure_memory.py (random_model, loss_chunk_tokens 1024): the `*-memory-*.log` / `.json` files.
 - train_step.py's "qlora" system (load_model from a random checkpoint): the `*.jsonl` files. Those
   runs predate commit 49b38ac, when DecoderLM's loss_chunk_tokens was still 4096, and the script
-  keeps an fp32 clone of the adapters (`init_state`) on the GPU for the whole run, so the
-  prediction adds 4 B per adapter parameter for them.
+  kept an fp32 clone of the adapters (`init_state`) on the GPU for the whole run, so the
+  prediction adds 4 B per adapter parameter for them (not for records marked init_state "host":
+  the script keeps the clone in host memory since).
 
 Out of sample (configurations measured after the model was last changed, none of them among the
 points above: `python benchmarks/memory_calibration.py --out-of-sample`): `*-oos-planner.json` and `*-compare-llama-3-8b.json`, written by
@@ -51,6 +52,9 @@ class Point:
     label: str = ""
 
     seeded_dropout: bool = False  # the stored runs before 2026-11-25 19:40 used torch's dropout
+    # the stored runs before 2026-11-25 19:22 set per-parameter gradients to None after each step;
+    # a run marked flat_grads kept them in the optimizer's flat buffer (train/optim.flatten_group)
+    flat_grads: bool = False
     # the planner's loss of the step measured: "chunked" (checkpointed chunks) for every run before
     # kernels/cross_entropy.py; read from a record's planner_overrides where it has them
     loss: str = "chunked"
@@ -58,11 +62,13 @@ class Point:
     def config(self) -> memory.PlanConfig:
         if self.run is not None:
             return memory.PlanConfig(**{**self.run, "loss_chunk_tokens": self.loss_chunk_tokens,
-                                        "seeded_dropout": self.seeded_dropout, "loss": self.loss})
+                                        "seeded_dropout": self.seeded_dropout, "loss": self.loss,
+                                        "flat_grads": self.flat_grads})
         return memory.PlanConfig(r=self.r, seq_len=self.seq, checkpointing=self.checkpointing,
                                  lora_dropout=0.05, micro_batch=1, optimizer="paged_adamw_8bit",
                                  loss_chunk_tokens=self.loss_chunk_tokens,
-                                 seeded_dropout=self.seeded_dropout, loss=self.loss)
+                                 seeded_dropout=self.seeded_dropout, loss=self.loss,
+                                 flat_grads=self.flat_grads)
 
     def predicted(self) -> int:
         b = memory.plan(memory.resolve_arch(shape=self.shape), self.config())
@@ -91,7 +97,8 @@ def points(results: Path = RESULTS) -> list[Point]:
                                  meas["peak_allocated"], meas["planner_overrides"]["loss_chunk_tokens"],
                                  reserved=meas.get("peak_reserved"),
                                  seeded_dropout=bool(meas["planner_overrides"].get("seeded_dropout")),
-                                 loss=meas["planner_overrides"].get("loss", "chunked")))
+                                 loss=meas["planner_overrides"].get("loss", "chunked"),
+                                 flat_grads=bool(meas["planner_overrides"].get("flat_grads"))))
     seen = set()
     for path in sorted(results.glob("*.jsonl")):
         for text in path.read_text().splitlines():
@@ -105,7 +112,9 @@ def points(results: Path = RESULTS) -> list[Point]:
                 continue
             seen.add(key)
             out.append(Point(path.name, rec["shape"], rec["seq"], rec["ckpt"], 16,
-                             round(rec["peak_alloc_gib"] * memory.GiB), SPEED_RUN_CHUNK, extra_bytes_per_param=4))
+                             round(rec["peak_alloc_gib"] * memory.GiB), SPEED_RUN_CHUNK,
+                             extra_bytes_per_param=0 if rec.get("init_state") == "host" else 4,
+                             flat_grads=rec.get("init_state") == "host"))
     return out
 
 
@@ -134,11 +143,13 @@ def read_measure_records(path: Path, label_from_method: bool = True) -> tuple[li
             chunk = meas.get("planner_overrides", {}).get("loss_chunk_tokens")
             chunk = chunk or memory.loss_chunk_tokens(memory.resolve_arch(shape=rec["shape"]).vocab_size)
             seeded = bool(meas.get("planner_overrides", {}).get("seeded_dropout", False))
+            flat = bool(meas.get("planner_overrides", {}).get("flat_grads", False))
             run.pop("seeded_dropout", None)
+            run.pop("flat_grads", None)
             run.pop("loss", None)
             pts.append(Point(path.name, rec["shape"], run["seq_len"], run["checkpointing"], run["r"],
                              meas["peak_allocated"], chunk, run=run, reserved=meas.get("peak_reserved"),
-                             label=label, seeded_dropout=seeded,
+                             label=label, seeded_dropout=seeded, flat_grads=flat,
                              loss=meas.get("planner_overrides", {}).get("loss", "chunked")))
         elif rec.get("shape") != "tiny":  # a CPU dry run measures no memory: neither point nor failure
             why = rec.get("error") or rec.get("skipped") or "no GPU measurement"

@@ -140,7 +140,8 @@ def _fake_outdir(outdir: Path, error: float = 0.03) -> None:
                 versions={"bitsandbytes": "0.50.2"}, steps=6, warmup=2, jobs=1)
 
     def record(shape, run, label=None, method=None, fail=None):
-        overrides = dict(kernels="eager", loss="chunked", seeded_dropout=True, loss_chunk_tokens=memory.loss_chunk_tokens(
+        overrides = dict(kernels="eager", loss="chunked", seeded_dropout=True, flat_grads=True,
+                         loss_chunk_tokens=memory.loss_chunk_tokens(
             resolve_arch(shape=shape).vocab_size))
         pred = mm.prediction(shape, run, overrides)
         rec = dict(shape=shape, run=run, predicted=pred, method=method, label=label)

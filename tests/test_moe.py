@@ -303,7 +303,7 @@ def test_stack_dequantize_batched_equals_bitsandbytes_member_by_member():
 
 STACK_KERNEL_CHECK = r"""
 import json, torch
-from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton, stack_members
 from qlora.quant import QuantConfig, QuantizedStack
 g = torch.Generator().manual_seed(0)
 results = {}
@@ -318,6 +318,9 @@ for method, nested, shape, dtypes in (("nf4", True, (32, 512), (torch.float32, t
     for dtype in dtypes:
         got, want = dequantize_stack_triton(stack, dtype), dequantize_stack(stack, dtype)
         results[f"{method}-{nested}-{shape}-{dtype}"] = torch.equal(got, want)
+        # a run of members (views into the stack's rows), as the grouped GEMM dequantizes them
+        run = dequantize_stack_triton(stack_members(stack, 1, 3), dtype)
+        results[f"{method}-{nested}-{shape}-{dtype}-members-1-3"] = torch.equal(run, want[1:3])
 print(json.dumps(results))
 """
 
@@ -563,3 +566,124 @@ def test_aux_loss_gradient_survives_checkpointing(moe_models):
     assert grads[0] and set(grads[0]) == set(grads[1])
     for name in grads[0]:  # the same forward run again: equal to the bit
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_checkpoint_rerun_leaves_nothing_alive_after_backward(moe_models, grouped):
+    """The router logits are the model forward's: a checkpoint's rerun in backward that kept its
+    own would hold every tensor the rerun saved, layer after layer, until the next forward."""
+    from live_bytes import LiveBytes
+
+    from qlora.speed import SpeedPlan, apply_speed
+
+    model = adapted(moe_models["qwen3-moe"], "nf4", torch.bfloat16)
+    apply_speed(model, SpeedPlan(grouped_experts=grouped, seeded_dropout=True), log=lambda _: None)
+    model.gradient_checkpointing = True
+    ids = token_batch(12)
+    count = LiveBytes()
+    with count:
+        loss = model(ids, labels=ids)
+        forward_logits = model.router_logits()
+        loss.backward()
+        del loss
+    assert all(a is b for a, b in zip(model.router_logits(), forward_logits))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in forward_logits + grads}
+    assert count.current == sum(kept.values())  # the forward's logits and the adapters' grads
+
+
+def test_expert_runs_cover_every_expert_within_the_budget():
+    from qlora.kernels.experts import EXPERT_CHUNK_BYTES, expert_chunks
+
+    mib = 2**20
+    assert expert_chunks(8, 1 * mib) == ((0, 8),)  # 8 MiB dense: one run, no sync
+    # Qwen3-30B-A3B's gate_up (128 experts of 6 MiB dense) and down (3 MiB); Mixtral's gate_up
+    # (224 MiB an expert: one at a time)
+    assert expert_chunks(128, 6 * mib) == tuple((s, s + 32) for s in range(0, 128, 32))
+    assert expert_chunks(128, 3 * mib) == ((0, 64), (64, 128))
+    assert expert_chunks(8, 224 * mib) == tuple((e, e + 1) for e in range(8))
+    for experts, size in ((128, 6 * mib), (7, 100 * mib), (5, 300 * mib)):
+        runs = expert_chunks(experts, size)
+        assert [e for start, stop in runs for e in range(start, stop)] == list(range(experts))
+        assert all((stop - start) * size <= max(EXPERT_CHUNK_BYTES, size) for start, stop in runs)
+
+
+@pytest.mark.parametrize("quant,dtype", [("nf4", torch.bfloat16), ("none", FP32)])
+def test_experts_in_runs_equal_all_at_once(moe_models, monkeypatch, quant, dtype):
+    """A projection dequantized a run of experts at a time (the budget shrunk so that the tiny
+    model's split): the same per-expert GEMMs, so the same loss and gradients to the bit."""
+    import qlora.kernels.experts as kernels
+    from qlora.speed import SpeedPlan, apply_speed
+
+    path, ids = moe_models["mixtral"], token_batch(6)
+    results = []
+    for budget in (kernels.EXPERT_CHUNK_BYTES, 1):  # all at once; one expert a run
+        monkeypatch.setattr(kernels, "EXPERT_CHUNK_BYTES", budget)
+        torch.manual_seed(0)
+        model = adapted(path, quant, dtype)
+        apply_speed(model, SpeedPlan(grouped_experts=True), log=lambda _: None)
+        results.append(loss_and_grads(model, ids))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == want_loss and set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch):
+    """One checkpointed step of a small Qwen3-MoE-like model (4-bit experts, LoRA on attention
+    and every expert, the flat optimizer), its live storage counted op by op: the planner's
+    static bytes (weights, adapters, their flat gradient buffer, optimizer states) equal what
+    lives between steps, and its peak is at or above the step's, by no more than its documented
+    upper bounds (a layer's saved tensors, the gradients in flight and the dequantized experts
+    counted as alive together, which they are not quite)."""
+    from live_bytes import LiveBytes
+
+    import qlora.speed.moe as moe
+    from qlora import memory
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.speed import SpeedPlan, apply_speed
+    from qlora.train.optim import build_optimizer
+
+    # as the GPU's stack kernel: the dense run and nothing else (the torch batch makes int64
+    # codes and fp32 values beside it); the values do not matter to what is kept
+    monkeypatch.setattr(moe, "dequantize_experts", lambda stack, dtype: torch.zeros(
+        stack.count, *stack.shape, dtype=dtype))
+    config = dict(PLANNER_CONFIGS["qwen3_moe"], num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                  max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  norm_topk_prob=True)
+    tokens, r = 256, 8
+    model = random_model(spec_from_config(config), QuantConfig(
+        method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0))
+    apply_speed(model.train(), SpeedPlan(grouped_experts=True, seeded_dropout=True),
+                log=lambda _: None)
+    model.gradient_checkpointing = True
+    opt = build_optimizer(model, "adamw_torch", 1e-3, 0.0, (0.9, 0.999), 1e-8)
+    ids = torch.randint(0, 300, (1, tokens), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).backward()
+    opt.step()  # its states exist from the first step on
+    between_steps = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (
+        *model.parameters(), *model.buffers(), *(p.grad for g in opt.param_groups for p in g["params"]),
+        *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)))}
+    count = LiveBytes()
+    with count:
+        model(ids, labels=ids).backward()
+    measured = sum(between_steps.values()) + count.peak
+
+    plan = memory.plan(memory.arch_from_config(config), memory.PlanConfig(
+        r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False, kernels="eager",
+        optimizer="adamw_torch", embedding_on_host=False))
+    assert plan.flat_grads
+    # between steps: what the plan leaves out are small buffers (the rotary frequencies, each
+    # 4-bit linear's code books, the optimizer's step counter): 10 KB of 1.5 MB here, under 1%
+    static = plan.static + plan.adapter_grads
+    assert abs(static - sum(between_steps.values())) <= 0.01 * static
+    # the step: no CUDA workspaces or batch tensors on the CPU
+    predicted = plan.allocated - memory.CUBLAS_WORKSPACE_BYTES - 3 * 8 * tokens
+    assert plan.peak_phase == "backward of the last layer"
+    # at or above the count, by at most 20% of the whole here (the step's peak is 40% of it;
+    # at Qwen3-30B-A3B's size the static bytes are 95% of the peak)
+    assert measured <= predicted <= 1.2 * measured, (measured, predicted)

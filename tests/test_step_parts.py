@@ -281,6 +281,25 @@ def test_flattened_gradients_are_views_that_backward_fills():
         p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_flattening_holds_two_copies_of_the_adapters_at_most():
+    """The flat parameter and its gradient buffer are made while the adapters' own storages are
+    freed one by one: at most two adapter-sized copies live at once (a mixture of experts'
+    adapters are GiBs: a third copy is what fails under a 24 GB cap)."""
+    from live_bytes import LiveBytes
+
+    model = tiny_model(dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    adapter_bytes = sum(p.nbytes for p in params)
+    count = LiveBytes()
+    count.track(params)
+    with count:
+        opt = build_optimizer(model, "adamw_torch", 1e-3, 0.0, (0.9, 0.999), 1e-8)
+    (flat,) = opt.param_groups[0]["params"]
+    assert count.current == 2 * adapter_bytes == flat.nbytes + flat.grad.nbytes
+    # the largest adapter's copy is the most the old and new storages overlap by
+    assert count.peak <= 2 * adapter_bytes + max(p.nbytes for p in params)
+
+
 def test_graph_batch_layout_pads_rows_with_a_document_of_their_own():
     # two rows: row 0 holds documents of 3 and 2 tokens, row 1 one of 5; padded to 8 per row
     ids, pos, labels = torch.arange(10).view(2, 5), torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]), \

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora.errors import QloraError
+from qlora.kernels.experts import expert_chunks
 from qlora.models.families.moe_config import EXPERT_PROJECTIONS
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
 from qlora.models.spec import NAMED_SHAPES as SHAPES  # (benchmarks read memory.SHAPES)
@@ -126,6 +127,11 @@ class PlanConfig:
     # masks drawn from a seed and recomputed in backward (qlora train, kernels/dropout.py): none is
     # kept; False: torch's dropout, which keeps one (the step of the stored calibration runs)
     seeded_dropout: bool = True
+    # the adapters' gradients in one flat buffer per group (train/optim.flatten_group), made with
+    # the optimizer and zeroed in place, so alive in every phase of the step (one GPU or data
+    # parallel; FSDP's are per shard); False: made in backward and set to None after each step
+    # (the step of the stored calibration runs)
+    flat_grads: bool = True
     adapter_dtype: str = "fp32"  # master weights (PEFT keeps fp32); compute is bf16
     nonquant_dtype: str = "bf16"  # embeddings, head, norms; "fp32" = prepare_model_for_kbit_training
     seq_len: int = 2048
@@ -288,6 +294,16 @@ def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     copies = sum(_alloc(2 * e * cfg.r * n_in, rnd) + _alloc(2 * e * n_out * cfg.r, rnd)
                  for name, (e, n_out, n_in) in shapes.items() if name in targets)
     return copies + (_alloc(4 * arch.moe.num_experts, rnd) if targets else 0)
+
+
+def expert_run_elements(arch: ArchSpec) -> int:
+    """Weights of the largest run of experts the grouped GEMM dequantizes at once
+    (kernels/experts.expert_chunks: a projection's experts in runs of at most EXPERT_CHUNK_BYTES
+    in bf16, or one expert alone); 0 without sparse layers."""
+    if arch.moe is None or not arch.moe.num_sparse_layers:
+        return 0
+    return max((stop - start) * o * i for e, o, i in arch.expert_shapes().values()
+               for start, stop in expert_chunks(e, 2 * o * i))
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -906,6 +922,7 @@ class Breakdown:
     # the final norm's and the loss's tensors are gone by then, and at an earlier layer's
     # backward the later layers' inputs and kept attention too
     backward_activations: int | None = None
+    flat_grads: bool = False  # every adapter gradient alive in every phase (PlanConfig.flat_grads)
 
     @property
     def static(self) -> int:
@@ -921,12 +938,20 @@ class Breakdown:
                      left)
         copies = ("adapter compute copies kept by autograd" + (" (one layer)" if self.cfg.checkpointing else ""),
                   self.adapter_copies)
+        grads = {"loss": ("adapter gradients (none yet)", 0),
+                 "backward": ("adapter gradients (last layer)", self.layer_grads)}
+        if self.flat_grads:
+            # all of them in the buffer; in backward also one layer's as autograd makes them,
+            # before they are added into it
+            grads = {"loss": ("adapter gradients (flat buffer, all)", self.adapter_grads),
+                     "backward": ("adapter gradients (flat buffer, all; one layer's in flight)",
+                                  self.adapter_grads + self.layer_grads)}
         return {
             "loss (logits)": [
                 acts, (copies if not self.cfg.checkpointing else (copies[0], 0)),
-                ("adapter gradients (none yet)", 0), ("logits/loss", self.loss), fixed],
+                grads["loss"], ("logits/loss", self.loss), fixed],
             "backward of the last layer": [
-                acts_left, copies, ("adapter gradients (last layer)", self.layer_grads),
+                acts_left, copies, grads["backward"],
                 ("recomputed layer + gradients in flight" if self.cfg.checkpointing else "gradients in flight",
                  self.backward),
                 fixed, ("dequantized weight", self.dequant)],
@@ -1141,14 +1166,12 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     # quant first its fp32 absmax.
     largest = max(arch.linears(), key=lambda x: x[1] * x[2])
     n_largest = largest[1] * largest[2]
-    if arch.moe is not None and arch.moe.num_sparse_layers:
-        # the grouped GEMM dequantizes a projection's every expert at once (one batched call)
-        experts = max(e * o * i for e, o, i in arch.expert_shapes().values())
-        if experts > n_largest:
-            largest, n_largest = ("experts", 0, 0), experts
+    experts = expert_run_elements(arch)
     dequant = 0
     if cfg.quant in FOUR_BIT_METHODS:
         dequant = 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
+        # the stack kernel reads the nested scales itself: no fp32 absmax beside the run
+        dequant = max(dequant, 2 * experts)
     elif cfg.quant == "int8":
         # backward turns int8 rows back to bf16; forward quantizes the input to int8 and gets int32
         dequant = 2 * n_largest + tokens * (largest[1] + 4 * largest[2])
@@ -1233,7 +1256,8 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
                      loss=loss, backward=int(backward), adapter_grads=grads, layer_grads=layer_grads,
                      optimizer_step=opt_step, workspace=workspace, dequant=dequant,
                      adapter_params=sum(numels), notes=notes,
-                     backward_activations=int(backward_activations))
+                     backward_activations=int(backward_activations),
+                     flat_grads=cfg.flat_grads and (cfg.gpus == 1 or cfg.sharding == "ddp"))
 
 
 # --- the generic path: a coarser estimate --------------------------------------------------------

@@ -12,12 +12,18 @@
   experts' rows padded to the largest group (`padded_grouped_mm`; any dtype, more memory).
 - `GroupedBase`: x @ W_eᵀ over 4-bit (or 16-bit) expert weights, grouped; keeps nothing but the
   weights it was given for backward and dequantizes them again there (as kernels/dequant.py's
-  Matmul4bit): no dense copy of all experts outlives its GEMM.
+  Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
+  dequantized together pass EXPERT_CHUNK_BYTES goes in a few runs of experts (`expert_chunks`),
+  one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up is 0.75 GiB dense, four runs
+  of 32 experts 0.19 GiB; Mixtral-8x7B's 1.75 GiB, one expert at a time. The runs' row ranges come
+  from the group offsets read on the host once a sparse block's forward (one sync; none where
+  every projection is one run).
 """
 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -130,6 +136,19 @@ def dequantize_stack_triton(stack, dtype: torch.dtype | None = None) -> torch.Te
     return out
 
 
+STACK_PARTS = ("data", "absmax", "nested_absmax", "offset")  # one row a member
+
+
+def stack_members(stack, start: int, stop: int):
+    """Members start … stop − 1 of a quant.QuantizedStack as a stack of their own (views of its
+    tensors: each member's bytes and scales are rows of them), for `dequantize_experts`."""
+    fields = {name: getattr(stack, name) for name in (
+        "shape", "blocksize", "dtype", "nested", "nested_blocksize", "code", "nested_code")}
+    rows = {name: getattr(stack, name)[start:stop] if getattr(stack, name).numel() else
+            getattr(stack, name) for name in STACK_PARTS}
+    return SimpleNamespace(count=stop - start, **fields, **rows)
+
+
 def dequantize_experts(stack, dtype: torch.dtype) -> torch.Tensor:
     """The stack's dense members: one Triton launch where Triton runs, else the torch batch."""
     n = stack.shape[0] * stack.shape[1]
@@ -173,20 +192,62 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return padded_grouped_mm(a, b, offsets)
 
 
+EXPERT_CHUNK_BYTES = 256 * 2**20  # the most of a projection's experts dense at once
+
+
+def expert_chunks(experts: int, expert_bytes: int) -> tuple[tuple[int, int], ...]:
+    """(start, stop) runs of experts, as even as can be, each dense in EXPERT_CHUNK_BYTES or
+    one expert alone: the whole projection in one run where it fits."""
+    per_run = max(1, EXPERT_CHUNK_BYTES // max(1, expert_bytes))
+    runs = -(-experts // per_run)
+    size = -(-experts // runs)
+    return tuple((start, min(start + size, experts)) for start in range(0, experts, size))
+
+
+def chunk_rows(ends: list[int] | None, chunks) -> tuple[tuple[int, int], ...] | None:
+    """Each run's rows (start, stop) in the sorted rows, from `ends` ([0] + the group offsets,
+    on the host); None for a single run, which needs none."""
+    if len(chunks) == 1:
+        return None
+    return tuple((ends[start], ends[stop]) for start, stop in chunks)
+
+
+def chunked_grouped_mm(a: torch.Tensor, offsets: torch.Tensor, chunks, rows,
+                       weight: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """grouped_mm(a, b, offsets) where b's experts start … stop − 1 are `weight(start, stop)`,
+    made one run at a time and freed before the next."""
+    if len(chunks) == 1:
+        return grouped_mm(a, weight(*chunks[0]), offsets)
+    out = None
+    for (start, stop), (first, last) in zip(chunks, rows):
+        b = weight(start, stop)
+        if out is None:
+            out = a.new_empty(a.shape[0], b.shape[-1])
+        if last > first:
+            out[first:last] = grouped_mm(a[first:last], b, offsets[start:stop] - first)
+        del b
+    return out
+
+
 class GroupedBase(torch.autograd.Function):
-    """y = x_e @ W_eᵀ for the rows of each expert e (x sorted by expert), W frozen: `weights()`
-    makes [E, out, in] (dequantizing a 4-bit stack in one batched call); backward calls it again
-    for x's gradient, dy_e @ W_e. Only the callable is kept for backward, as Matmul4bit keeps
-    only the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM of a layer."""
+    """y = x_e @ W_eᵀ for the rows of each expert e (x sorted by expert), W frozen:
+    `weights(dtype, start, stop)` makes experts start … stop − 1's [stop − start, out, in]
+    (dequantizing a 4-bit stack's members in one batched call), a run of experts at a time
+    (`chunks`, from expert_chunks, over `rows`, from chunk_rows); backward calls it again for
+    x's gradient, dy_e @ W_e. Only the callable is kept for backward, as Matmul4bit keeps only
+    the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM of a layer."""
 
     @staticmethod
-    def forward(ctx, x, offsets, weights: Callable[[torch.dtype], torch.Tensor]):
-        ctx.weights, ctx.offsets = weights, offsets
-        return grouped_mm(x, weights(x.dtype).transpose(1, 2), offsets)
+    def forward(ctx, x, offsets, weights: Callable[[torch.dtype, int, int], torch.Tensor],
+                chunks: tuple[tuple[int, int], ...], rows: tuple[tuple[int, int], ...] | None):
+        ctx.weights, ctx.offsets, ctx.chunks, ctx.rows = weights, offsets, chunks, rows
+        return chunked_grouped_mm(x, offsets, chunks, rows,
+                                  lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad_out.contiguous(), ctx.weights(grad_out.dtype), ctx.offsets)
-        return grad_x, None, None
+            grad_x = chunked_grouped_mm(grad_out.contiguous(), ctx.offsets, ctx.chunks, ctx.rows,
+                                        lambda start, stop: ctx.weights(grad_out.dtype, start, stop))
+        return grad_x, None, None, None, None

@@ -4,7 +4,8 @@ Experts (models/families/moe_blocks.py), which loops over experts.
 Each token's k choices become k rows, sorted by expert (a stable argsort), so each expert's rows
 are one contiguous run ending at offsets[e]. Then one grouped GEMM per projection covers every
 expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded batched matmul): the
-base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward), the
+base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward; a
+large projection's in a few runs of experts, kernels/experts.expert_chunks), the
 LoRA products (PEFT's [E, r, in] and [E, out, r] factors) as two more grouped GEMMs; SwiGLU
 between them; each row scaled by its router weight, rounded to the hidden dtype as the
 reference rounds each expert's output, and the k rows of each token added in fp32 (no atomics:
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from qlora.adapters import LoraExperts
-from qlora.kernels.experts import GroupedBase, dequantize_experts, grouped_mm
+from qlora.kernels.experts import (GroupedBase, chunk_rows, dequantize_experts, expert_chunks,
+                                   grouped_mm, stack_members)
 from qlora.models.families.moe_blocks import ExpertLinear, Experts
 
 
@@ -42,8 +44,12 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     offsets = torch.cumsum(torch.bincount(flat, minlength=experts.num_experts), 0,
                            dtype=torch.int32)
     rows = x.index_select(0, order // k)
-    gate, up = projection(experts.gate_up_proj, rows, offsets).chunk(2, dim=-1)
-    y = projection(experts.down_proj, F.silu(gate) * up, offsets)
+    runs = {layer: expert_runs(layer, rows.dtype) for layer in (experts.gate_up_proj, experts.down_proj)}
+    # where a projection goes in runs of experts, each run's rows: the offsets on the host, once
+    ends = [0] + offsets.tolist() if any(len(r) > 1 for r in runs.values()) else None
+    gate, up = projection(experts.gate_up_proj, rows, offsets, runs[experts.gate_up_proj],
+                          ends).chunk(2, dim=-1)
+    y = projection(experts.down_proj, F.silu(gate) * up, offsets, runs[experts.down_proj], ends)
     # as the reference: the weighted output in the weights' dtype, rounded to x's
     y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
     # back in token order by a gather (its backward keeps only the indices)
@@ -52,10 +58,23 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     return y.index_select(0, inverse).view(n, k, -1).float().sum(dim=1).to(x.dtype)
 
 
-def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """An expert projection (ExpertLinear, or LoraExperts over one) of rows sorted by expert."""
-    base = layer.base_layer if isinstance(layer, LoraExperts) else layer
-    y = GroupedBase.apply(rows, offsets, functools.partial(expert_weights, base))
+def base_of(layer) -> ExpertLinear:
+    return layer.base_layer if isinstance(layer, LoraExperts) else layer
+
+
+def expert_runs(layer, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
+    """The runs of experts a projection's base is dequantized in (kernels/experts.expert_chunks)."""
+    base = base_of(layer)
+    return expert_chunks(base.num_experts, base.out_features * base.in_features * dtype.itemsize)
+
+
+def projection(layer, rows: torch.Tensor, offsets: torch.Tensor, runs, ends) -> torch.Tensor:
+    """An expert projection (ExpertLinear, or LoraExperts over one) of rows sorted by expert,
+    its base dequantized a run of experts at a time (`ends`: [0] + offsets on the host, where
+    there are several runs)."""
+    base = base_of(layer)
+    y = GroupedBase.apply(rows, offsets, functools.partial(expert_weights, base), runs,
+                          chunk_rows(ends, runs))
     if isinstance(layer, LoraExperts) and not layer.disabled:
         a, b = layer.factors(rows.dtype)  # [E, r, in], [E, out, r]
         h = grouped_mm(rows, a.transpose(1, 2).contiguous(), offsets)
@@ -63,9 +82,11 @@ def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     return y
 
 
-def expert_weights(layer: ExpertLinear, dtype: torch.dtype) -> torch.Tensor:
-    """[E, out, in]: the 16-bit weight, or the 4-bit stack dequantized in one call."""
+def expert_weights(layer: ExpertLinear, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+    """[stop − start, out, in] of experts start … stop − 1: the 16-bit weight, or their members
+    of the 4-bit stack dequantized in one call."""
     if layer.quantized is None:
-        return layer.weight.to(dtype)
-    dense = dequantize_experts(layer.quantized, dtype)
-    return dense.view(layer.num_experts, layer.out_features, layer.in_features)
+        return layer.weight[start:stop].to(dtype)
+    members = stack_members(layer.quantized, start * layer.members, stop * layer.members)
+    dense = dequantize_experts(members, dtype)
+    return dense.view(stop - start, layer.out_features, layer.in_features)

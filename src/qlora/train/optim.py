@@ -62,15 +62,21 @@ def flatten_group(params: list[torch.nn.Parameter]) -> torch.nn.Parameter:
         raise ValueError("flatten_group needs parameters of one dtype and device")
     total = sum(p.numel() for p in params)
     flat = torch.nn.Parameter(torch.empty(total, dtype=first.dtype, device=first.device))
-    flat.grad = torch.zeros_like(flat)
     offset = 0
     with torch.no_grad():
         for p in params:
             n = p.numel()
             flat[offset:offset + n].copy_(p.reshape(-1))
-            p.data = flat.data[offset:offset + n].view_as(p)
-            p.grad = flat.grad[offset:offset + n].view_as(p)
+            p.data = flat.data[offset:offset + n].view_as(p)  # frees p's own storage
+            p.grad = None
             offset += n
+    # the gradient buffer only once the parameters' own storages are gone: a mixture of experts'
+    # adapters are GiBs, and the buffer made first would hold three copies at once, not two
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
     return flat
 
 

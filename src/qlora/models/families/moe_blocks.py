@@ -13,8 +13,9 @@ transformers' modeling_mixtral.py and modeling_qwen3_moe.py compute them.
   times their router weight, added into the output: a loop over experts, the readable reference
   that the grouped computation (speed/moe.py: tokens sorted by expert, one launch per
   projection over all experts) must equal.
-- SparseMoeBlock (`mlp`): router then experts; it keeps its last router logits for the
-  load-balancing loss (`load_balancing_loss`, transformers' formula).
+- SparseMoeBlock (`mlp`): router then experts; it keeps the router logits of the model's last
+  forward (not of a checkpoint's rerun) for the load-balancing loss (`load_balancing_loss`,
+  transformers' formula).
 - MoeDecoderLayer: the reference layer with the sparse block, or in the layers MoeSpec calls dense
   (Qwen3-MoE's mlp_only_layers, decoder_sparse_step) the reference MLP.
 - MoeLM: with labels, the summed cross-entropy plus, where config.json's output_router_logits
@@ -129,7 +130,9 @@ class SparseMoeBlock(nn.Module):
         self.moe = spec.moe
         self.gate = Router(spec)
         self.experts = Experts(spec)
-        self.router_logits: torch.Tensor | None = None  # the last forward's [N, E]
+        self.router_logits: torch.Tensor | None = None  # the last model forward's [N, E]
+        self.recording = False  # set by MoeLM.forward while it runs
+
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -138,7 +141,11 @@ class SparseMoeBlock(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - noise, 1.0 + noise)
         flat = x.reshape(-1, shape[-1])
         logits, weights, index = self.gate(flat)
-        self.router_logits = logits
+        if self.recording:
+            # only the model's forward, never a checkpoint's rerun in backward: the rerun's logits
+            # hold the rerun's graph, and with it every tensor the rerun saved for the layer's
+            # backward, until the next forward (each layer's, all of them by the end of backward)
+            self.router_logits = logits
         return self.experts(flat, index, weights).view(shape)
 
 
@@ -194,7 +201,14 @@ class MoeLM(DecoderLM):
         self.aux_loss = spec.moe.aux_loss
 
     def forward(self, input_ids, position_ids=None, labels=None, cache=None, varlen=None):
-        total = super().forward(input_ids, position_ids, labels, cache, varlen)
+        blocks = self.sparse_blocks()
+        for block in blocks:
+            block.recording = True
+        try:
+            total = super().forward(input_ids, position_ids, labels, cache, varlen)
+        finally:
+            for block in blocks:
+                block.recording = False
         if labels is None or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
             return total
         n_labels = int((shifted_targets(labels) != IGNORE_INDEX).sum())
