@@ -133,7 +133,6 @@ class SparseMoeBlock(nn.Module):
         self.router_logits: torch.Tensor | None = None  # the last model forward's [N, E]
         self.recording = False  # set by MoeLM.forward while it runs
 
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.training and self.moe.jitter_noise > 0:  # Mixtral's router jitter: both read it
