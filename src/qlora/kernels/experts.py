@@ -22,13 +22,13 @@
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from qlora.errors import QloraError
+from qlora.kernels.dequant import TILE_BYTES, WARPS
 from qlora.kernels.dropout import use_triton
 
 
@@ -58,52 +58,8 @@ def dequantize_stack(stack, dtype: torch.dtype | None = None) -> torch.Tensor:
     return body.view(count, out_features, in_features).to(dtype or stack.dtype)
 
 
-TILE_BYTES, WARPS = 2048, 8  # as kernels/dequant.py's kernel
-
-
-@functools.cache
 def _stack_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def dequantize_stack_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                nested_code_ptr, offset_ptr, out_ptr, n_bytes,
-                                MEMBER_BYTES: tl.constexpr, BLOCKS: tl.constexpr,
-                                NESTED_BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                                ROWS: tl.constexpr, COLS: tl.constexpr,
-                                NATIVE_ROUNDING: tl.constexpr):
-        """kernels/dequant.py's dequantize kernel over a stack of members laid end to end: a row
-        of COLS bytes lies in one block of one member (a member holds whole blocks), whose scale
-        is that member's block `local`, nested group `local // NESTED_BLOCKSIZE` and offset."""
-        row = tl.program_id(0).to(tl.int64) * (ROWS * COLS) + tl.arange(0, ROWS) * COLS
-        row_inside = row < n_bytes
-        member = row // MEMBER_BYTES
-        local = (row - member * MEMBER_BYTES) // BLOCK_BYTES
-        if NESTED:
-            absmax_code = tl.load(absmax_ptr + member * BLOCKS + local, mask=row_inside, other=0)
-            group_scale = tl.load(nested_absmax_ptr + member * NESTED_BLOCKS
-                                  + local // NESTED_BLOCKSIZE, mask=row_inside, other=0.0)
-            offset = tl.load(offset_ptr + member, mask=row_inside, other=0.0)
-            scale = tl.load(nested_code_ptr + absmax_code) * group_scale + offset
-        else:
-            scale = tl.load(absmax_ptr + member * BLOCKS + local, mask=row_inside, other=0.0)
-        byte = row[:, None] + tl.arange(0, COLS)[None, :]
-        packed = tl.load(data_ptr + byte, mask=byte < n_bytes, other=0)
-        code = tl.load(code_ptr + tl.arange(0, 16))
-        flat = tl.reshape(packed, [ROWS * COLS]).to(tl.int32)
-        high = tl.reshape(tl.gather(code, flat >> 4, 0), [ROWS, COLS])
-        low = tl.reshape(tl.gather(code, flat & 15, 0), [ROWS, COLS])
-        values = tl.interleave(high * scale[:, None], low * scale[:, None])  # high nibble first
-        if out_ptr.dtype.element_ty == tl.bfloat16 and not NATIVE_ROUNDING:
-            bits = values.to(tl.uint32, bitcast=True)  # round to nearest even, as the GPU does
-            bits += 0x7FFF + ((bits >> 16) & 1)
-            result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            result = values.to(out_ptr.dtype.element_ty)
-        index = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
-        tl.store(out_ptr + index, result, mask=index < 2 * n_bytes)
+    from qlora.kernels.dequant_triton import dequantize_stack_kernel
 
     return dequantize_stack_kernel
 
