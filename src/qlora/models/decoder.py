@@ -53,12 +53,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ArchSpec, layer_index: int):
+    def __init__(self, spec: ArchSpec, layer_index: int, self_attn: nn.Module | None = None,
+                 mlp: nn.Module | None = None):
+        """`self_attn`, `mlp`: a family's own blocks (Phi-3's fused projections, a sparse MoE
+        block) in the shared norms and residuals; the plain ones where None."""
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer_index)
+        self.self_attn = Attention(spec, layer_index) if self_attn is None else self_attn
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec) if mlp is None else mlp
 
     def forward(self, x, cos, sin, mask, cache=None):
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -67,12 +70,15 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
+    layer_class = DecoderLayer  # a family's layer (Phi-3's, MoE's) and rotary (Phi-3's LongRoPE)
+    rotary_class = Rotary
+
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.rotary_emb = Rotary(spec)
+        self.rotary_emb = self.rotary_class(spec)
 
 
 class DecoderLM(nn.Module):

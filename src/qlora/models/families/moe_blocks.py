@@ -34,10 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.models.decoder import (IGNORE_INDEX, MLP, Backbone, DecoderLayer, DecoderLM,
-                                  shifted_targets)
-from qlora.models.attention import Attention, Rotary
-from qlora.models.norm import RMSNorm
+from qlora.models.decoder import IGNORE_INDEX, Backbone, DecoderLayer, DecoderLM, shifted_targets
 from qlora.models.spec import ArchSpec
 
 
@@ -170,21 +167,12 @@ class MoeDecoderLayer(DecoderLayer):
     """The reference layer with a sparse block (or, where MoeSpec says dense, the MLP)."""
 
     def __init__(self, spec: ArchSpec, layer_index: int):
-        nn.Module.__init__(self)  # not DecoderLayer's: its MLP may not be this one
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer_index)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         sparse = spec.moe.sparse_layers[layer_index]
-        self.mlp = SparseMoeBlock(spec) if sparse else MLP(spec)
+        super().__init__(spec, layer_index, mlp=SparseMoeBlock(spec) if sparse else None)
 
 
 class MoeBackbone(Backbone):
-    def __init__(self, spec: ArchSpec):
-        nn.Module.__init__(self)  # not Backbone's: its layers are not these
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(MoeDecoderLayer(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.rotary_emb = Rotary(spec)
+    layer_class = MoeDecoderLayer
 
 
 class MoeLM(DecoderLM):

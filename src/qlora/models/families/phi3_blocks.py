@@ -40,7 +40,6 @@ from torch import nn
 from qlora.models.attention import Attention, apply_rope
 from qlora.models.decoder import Backbone, DecoderLayer, DecoderLM
 from qlora.models.families import phi3
-from qlora.models.norm import RMSNorm
 from qlora.models.spec import ArchSpec
 
 
@@ -95,11 +94,7 @@ class Phi3DecoderLayer(DecoderLayer):
     """The reference layer (norms, residuals, forward) around Phi-3's attention and MLP."""
 
     def __init__(self, spec: ArchSpec, layer_index: int):
-        nn.Module.__init__(self)  # not DecoderLayer's: its attention and MLP are not these
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Phi3Attention(spec, layer_index)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = Phi3MLP(spec)
+        super().__init__(spec, layer_index, Phi3Attention(spec, layer_index), Phi3MLP(spec))
 
 
 class Phi3Rotary(nn.Module):
@@ -134,12 +129,8 @@ class Phi3Rotary(nn.Module):
 
 
 class Phi3Backbone(Backbone):
-    def __init__(self, spec: ArchSpec):
-        nn.Module.__init__(self)  # not Backbone's: its layers and rotary are not these
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.rotary_emb = Phi3Rotary(spec)
+    layer_class = Phi3DecoderLayer
+    rotary_class = Phi3Rotary
 
 
 class Phi3LM(DecoderLM):
