@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora.models.attention import window_in_effect
+from qlora.models.attention import cuda_attention_available, window_in_effect
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,7 @@ def flex_length(tokens: int) -> int:
 
 def flex_available(device: torch.device) -> bool:
     """Whether the compiled flex_attention can train here: CUDA, and a torch that has it."""
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
-    except ImportError:
-        return False
-    return True
+    return cuda_attention_available(device, "flex_attention")  # torch >= 2.5
 
 
 @functools.cache

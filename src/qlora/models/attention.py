@@ -9,6 +9,7 @@ checkpoint's rerun; the math here is what it must equal.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +155,19 @@ class Varlen:
         return Varlen(self.cu_seqlens, self.max_len, window)
 
 
-def varlen_available(device: torch.device) -> bool:
+def cuda_attention_available(device: torch.device, module: str) -> bool:
+    """Whether `device` is a CUDA GPU and this torch has torch.nn.attention.`module`."""
     if device.type != "cuda":
         return False
     try:
-        from torch.nn.attention import varlen  # noqa: F401  (torch >= 2.9)
+        importlib.import_module(f"torch.nn.attention.{module}")
     except ImportError:
         return False
     return True
+
+
+def varlen_available(device: torch.device) -> bool:
+    return cuda_attention_available(device, "varlen")  # torch >= 2.9
 
 
 def varlen_plan(position_ids: torch.Tensor, device: torch.device,
