@@ -717,29 +717,36 @@ def check_cross_entropy(dirs):
     """kernels/cross_entropy.linear_cross_entropy_sum vs lm_head + F.cross_entropy on fp32 logits
     (autograd): loss and the hidden states' gradient at Llama-3-8B's head, 2048 tokens, some
     unlabelled; both timed (forward + backward)."""
+    _check_fused_cross_entropy("cross-entropy", vocab=128256, hidden=4096, std=0.02, chunk=512)
+
+
+def _check_fused_cross_entropy(tag: str, vocab: int, hidden: int, std: float, chunk: int,
+                               softcap: float | None = None):
+    """The fused loss against F.cross_entropy on the fp32 logits (capped as
+    cap · tanh(logits / cap) where `softcap`), on random bf16 head weights and hidden states."""
     from qlora.kernels.cross_entropy import linear_cross_entropy_sum
 
     g = torch.Generator(device=DEV).manual_seed(0)
-    w = (torch.randn(128256, 4096, device=DEV, generator=g) * 0.02).bfloat16()
-    h = torch.randn(2048, 4096, device=DEV, generator=g).bfloat16().requires_grad_()
-    t = torch.randint(0, 128256, (2048,), device=DEV, generator=g)
+    w = (torch.randn(vocab, hidden, device=DEV, generator=g) * std).bfloat16()
+    h = torch.randn(2048, hidden, device=DEV, generator=g).bfloat16().requires_grad_()
+    t = torch.randint(0, vocab, (2048,), device=DEV, generator=g)
     t[::7] = -100
 
     def fused():
-        loss = linear_cross_entropy_sum(h, w, t, 512)
+        loss = linear_cross_entropy_sum(h, w, t, chunk, softcap=softcap)
         return loss, torch.autograd.grad(loss, h)[0]
 
     def reference():
-        loss = torch.nn.functional.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+        logits = (h @ w.t()).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        loss = torch.nn.functional.cross_entropy(logits, t, reduction="sum")
         return loss, torch.autograd.grad(loss, h)[0]
 
     (l1, g1), (l2, g2) = fused(), reference()
-    record("cross-entropy-loss", float(abs(l1 - l2) / abs(l2)), 1e-4)
-    record("cross-entropy-grad", rel(g2, g1), 2e-2, fused_ms=_call_ms(fused, reps=5),
+    record(f"{tag}-loss", float(abs(l1 - l2) / abs(l2)), 1e-4)
+    record(f"{tag}-grad", rel(g2, g1), 2e-2, fused_ms=_call_ms(fused, reps=5),
            reference_ms=_call_ms(reference, reps=5))
-
-
-
 
 
 def check_preference(dirs):
@@ -929,28 +936,8 @@ def check_capped_cross_entropy(dirs):
     """The fused cross-entropy with Gemma's final soft-cap (30) inside its kernel vs
     F.cross_entropy on fp32 capped logits (autograd), at Gemma 2's vocabulary (256,000), 2048
     tokens: the uncapped check's bounds (check_cross_entropy), both timed."""
-    from qlora.kernels.cross_entropy import linear_cross_entropy_sum
-
-    g = torch.Generator(device=DEV).manual_seed(0)
-    w = (torch.randn(256000, 3584, device=DEV, generator=g) * 0.05).bfloat16()
-    h = torch.randn(2048, 3584, device=DEV, generator=g).bfloat16().requires_grad_()
-    t = torch.randint(0, 256000, (2048,), device=DEV, generator=g)
-    t[::7] = -100
-
-    def fused():
-        loss = linear_cross_entropy_sum(h, w, t, 256, softcap=30.0)
-        return loss, torch.autograd.grad(loss, h)[0]
-
-    def reference():
-        logits = (h @ w.t()).float()
-        loss = torch.nn.functional.cross_entropy(torch.tanh(logits / 30.0) * 30.0, t,
-                                                 reduction="sum")
-        return loss, torch.autograd.grad(loss, h)[0]
-
-    (l1, g1), (l2, g2) = fused(), reference()
-    record("capped-cross-entropy-loss", float(abs(l1 - l2) / abs(l2)), 1e-4)
-    record("capped-cross-entropy-grad", rel(g2, g1), 2e-2, fused_ms=_call_ms(fused, reps=5),
-           reference_ms=_call_ms(reference, reps=5))
+    _check_fused_cross_entropy("capped-cross-entropy", vocab=256000, hidden=3584, std=0.05,
+                               chunk=256, softcap=30.0)
 
 
 def _tiny_family(fam: str, **extra) -> Path:
