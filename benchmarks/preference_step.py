@@ -54,7 +54,6 @@ Each finished (system, shape) appends one JSON line to OUT/results.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -390,15 +389,7 @@ def parse_args(argv=None):
 def _child_argv(args, **kw) -> list[str]:
     keep = ["pairs", "prompt", "completion", "steps", "warmup", "method", "beta", "lora_r", "lora_alpha",
             "lora_dropout", "lr", "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
-    argv = [sys.executable, os.path.abspath(__file__)]
-    for k in keep:
-        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
-    if args.ragged:
-        argv.append("--ragged")
-    for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    return argv
+    return ts.worker_argv(__file__, args, keep, **kw) + (["--ragged"] if args.ragged else [])
 
 
 def main(argv=None) -> int:
@@ -425,12 +416,12 @@ def main(argv=None) -> int:
             if run.left() < 20:
                 error(system, shape, "skipped: the run's --deadline was reached")
                 continue
-            before = _count(results)
+            before = len(ts.read_records(results))
             rc, tail = run.child(
                 _child_argv(args, worker=True, system=system, shape=shape, model_dir=model_dir,
                             results=results),
                 args.worker_timeout)
-            if _count(results) == before:  # the worker died before writing its record
+            if len(ts.read_records(results)) == before:  # the worker died before writing its record
                 why = "timed out" if rc is None else f"worker exited with rc={rc}"
                 error(system, shape, f"{why}\n{ts._last_error(tail)}")
         run.drop_model(model_dir)
@@ -440,14 +431,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _count(results: Path) -> int:
-    return len(results.read_text().splitlines()) if results.exists() else 0
-
-
 def print_table(results: Path) -> None:
-    if not results.exists():
+    recs = ts.read_records(results)
+    if not recs:
         return
-    recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     print(f"\n{'system':13} {'shape':13} {'layout':7} {'step s':>8} {'pairs/s':>8} {'tok/s':>8} "
           f"{'alloc':>6} {'resv':>6} {'loss0':>7} {'lossN':>7}")
     for r in recs:

@@ -913,27 +913,30 @@ def _keep_attention(text: str) -> bool | int | str:
     return True if text == "all" else text if text == "auto" else int(text)
 
 
+def worker_argv(script: str, args, names: list[str], **kw) -> list[str]:
+    """The command of a worker process: `script` with `args`' values of `names` and its
+    --keep-attention, then `kw` as options (True: a bare flag). preference_step.py's too."""
+    argv = [sys.executable, os.path.abspath(script)]
+    for k in names:
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return argv
+
+
 def _child_argv(args, **kw) -> list[str]:
     keep = ["mb", "steps", "long_steps", "long_from", "warmup", "lora_r", "lora_alpha", "lora_dropout", "lr",
-            "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
-    argv = [sys.executable, os.path.abspath(__file__), "--seqs", ",".join(map(str, args.seqs))]
-    for k in keep:
-        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+            "max_grad_norm", "seed", "data_vocab", "hf_attn", "device", "offload_activations", "tile_mlp"]
+    argv = worker_argv(__file__, args, keep, **kw) + ["--seqs", ",".join(map(str, args.seqs))]
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")
     if args.random_weights:
         argv.append("--random-weights")
-    argv += ["--keep-attention", "all" if args.keep_attention is True else str(args.keep_attention)]
-    argv += ["--offload-activations", args.offload_activations, "--tile-mlp", args.tile_mlp]
     if args.memory_cap_gib is not None:
         argv += ["--memory-cap-gib", str(args.memory_cap_gib)]
     if args.plan_gpu_memory:
         argv += ["--plan-gpu-memory", args.plan_gpu_memory]
-    for k, v in kw.items():
-        if v is True:
-            argv.append(f"--{k.replace('_', '-')}")
-        else:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv
 
 
@@ -1034,11 +1037,15 @@ class Run:
             shutil.rmtree(made, ignore_errors=True)
 
 
-def _done(results: Path) -> set:
+def read_records(results: Path) -> list[dict]:
+    """The records of results.jsonl so far (none before the first)."""
     if not results.exists():
-        return set()
-    recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-    return {(r["system"], r["shape"], r["seq"], r["ckpt"]) for r in recs}
+        return []
+    return [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+
+
+def _done(results: Path) -> set:
+    return {(r["system"], r["shape"], r["seq"], r["ckpt"]) for r in read_records(results)}
 
 
 def _last_error(tail: str) -> str:
@@ -1047,9 +1054,9 @@ def _last_error(tail: str) -> str:
 
 
 def print_table(results: Path) -> None:
-    if not results.exists():
+    recs = read_records(results)
+    if not recs:
         return
-    recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     print(f"\n{'system':10} {'shape':13} {'seq':>5} {'ckpt':>4} {'step s':>8} {'tok/s':>8} {'alloc':>6} "
           f"{'resv':>6} {'MFU':>6} {'loss0':>7} {'lossN':>7} {'GPU ms':>7}")
     for r in recs:
