@@ -420,6 +420,37 @@ def test_train_refuses_a_run_that_will_not_fit_before_loading(run_inputs, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_a_tight_fit_warns_and_goes_on_where_only_the_allocated_peak_fits(run_inputs, capsys):
+    """Between the allocated peak (+ paged states + context) and the usual need (allocator slack
+    on top), `qlora train` warns and goes on and `qlora plan` says "may fit"; below the allocated
+    peak both refuse. Sizes in whole MiB around the plan's own bytes."""
+    from qlora.config import RunConfig
+    from qlora.errors import QloraError
+
+    model, data = run_inputs
+    cfg = RunConfig(model=str(model), data=str(data), quant="none", max_seq_length=8192,
+                    keep_attention=False, offload_activations=False, tile_mlp=False)
+    arch = memory.resolve_arch(model_dir=str(model))
+    b = plan(arch, memory.plan_config_for_run(cfg))
+    least, usual = memory.least_needed_bytes(b), memory.needed_bytes(b)
+    assert least == b.allocated + b.optimizer_paged + memory.CUDA_CONTEXT_BYTES < usual
+    tight = (least + usual) // 2 // 2**20
+    assert memory.fits_tightly(b, tight * 2**20) and not memory.fits(b, tight * 2**20)
+    logged = []
+    resolved, _ = memory.check_run(replace(cfg, gpu_memory=f"{tight}MiB"), "cpu", log=logged.append)
+    assert resolved.max_seq_length == 8192
+    assert any(line.startswith("warning: may fit on --gpu_memory") and "tightly" in line
+               for line in logged), logged
+    short = least // 2**20 - 1
+    assert not memory.fits_tightly(b, short * 2**20)
+    with pytest.raises(QloraError, match="will not fit"):
+        memory.check_run(replace(cfg, gpu_memory=f"{short}MiB"), "cpu", log=logged.append)
+    for size, said in ((tight, "may fit on"), (short, "does NOT fit")):
+        assert main(["plan", "--model", str(model), "--seq-len", "8192", "--quant", "none",
+                     "--gpu-memory", f"{size}MiB"]) == 0
+        assert said in capsys.readouterr().out
+
+
 def test_train_auto_fit_picks_micro_batch_and_checkpointing(run_inputs, tmp_path, capsys):
     from qlora.config import CONFIG_FILE_NAME, load_config
 

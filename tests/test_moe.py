@@ -462,6 +462,18 @@ def test_named_moe_shapes_have_their_real_sizes():
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 
 
+def test_qwen3_moe_plan_within_10_percent_of_the_h100_peak():
+    """The plan of the one MoE step measured on a GPU (benchmarks/train_step.py, Qwen3-30B-A3B
+    shape, seq 2048, r16 on attention and every expert, dropout 0.05 seeded, attention not kept,
+    host embedding, paged 8-bit AdamW; H100 80GB under a 22.35 GiB cap, 2026-12-06): 20.906 GiB
+    peak allocated. Within 10%, the bound every stored calibration point is held to."""
+    from qlora import memory
+
+    cfg = memory.PlanConfig(seq_len=2048, keep_attention=0, embedding_on_host=True)
+    planned = memory.plan(memory.resolve_arch(shape="qwen3-30b-a3b"), cfg).allocated / memory.GiB
+    assert planned == pytest.approx(20.906, rel=0.10)
+
+
 @pytest.mark.parametrize("variant,arch", [("mixtral", "llama"), ("qwen3-moe", "qwen3moe")])
 def test_gguf_export_stacks_the_experts(moe_models, variant, arch, tmp_path):
     """llama.cpp's layout, as its convert_hf_to_gguf.py writes it: each layer's experts stacked
