@@ -15,6 +15,19 @@
 #   long-context  Llama-3-8B at 32768 and 65536 tokens (then 131072, ours only) under a 23 GiB allocator
 #                 cap in every worker (a 24 GB GPU), qlora as `qlora train` picks it on a 24 GB GPU
 #                 (offload, MLP tiles, kept attention: auto) beside Unsloth. At most 8.5 minutes.
+#   longest-24, longest-48, longest-80
+#                 the longest Llama-3-8B row each system trains on a 24 GB card (23 GiB allocator
+#                 cap), a 48 GB card (46 GiB cap) and an 80 GB one (no cap): qlora at the longest
+#                 length whose allocated peak the planner fits there (offload, 4096-token MLP tiles,
+#                 no attention kept; one step, no warm-up: a step is minutes), and Unsloth up a
+#                 ladder of lengths in one worker (each recorded, out of memory too). Each
+#                 part is one call of at most ~9.5 minutes; longest-80 runs qlora alone (393,216
+#                 tokens: ~93 GiB of pinned host memory, one step of ~7.5 minutes by the 262,144
+#                 step's 199 s) and longest-80-unsloth the peer.
+#   moe           qlora alone (the peers read a 61 GB / 93 GB checkpoint: see docs/BENCHMARKS.md
+#                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
+#                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
+#                 r16 on attention and every expert. About 6 minutes.
 #   profile-2048  where the Llama-3-8B graph step's GPU time goes at seq 2048 (profile_step.py, kernels
 #                 by kind; copies, elementwise and other kernels by name).
 #   checks        gpu_check.py: every part of the step against its reference on the GPU.
@@ -40,7 +53,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|profile-2048|checks|families|dpo|orpo OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|profile-2048|checks|families|dpo|orpo OUTDIR"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -100,6 +113,43 @@ long-context)
     --systems qlora-eager --memory-cap-gib 23 --plan-gpu-memory 24GB --offload-activations true \
     --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 2 --warmup 1 --no-gpu-busy \
     --worker-timeout 170 --model-root /tmp/models --out "$OUT/llama-128k" --deadline 175
+  ;;
+longest-24)  # planned peak allocated 22.27 GiB at 163,840 (qlora plan --seq-len 163840 --offload-activations --tile-mlp --keep-attention 0)
+  step 230 qlora-163840-23gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 163840 \
+    --systems qlora-eager --memory-cap-gib 23 --offload-activations true --tile-mlp true \
+    --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy --random-weights \
+    --worker-timeout 225 --deadline 228 --out "$OUT/qlora-24"
+  step 320 unsloth-ladder-23gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 49152,57344,65536 \
+    --systems unsloth --memory-cap-gib 23 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --worker-timeout 300 --model-root /tmp/models --out "$OUT/unsloth-24" --deadline 315
+  ;;
+longest-48)  # planned 39.73 GiB at 327,680 (46.72 at 393,216: over); one step ~5 minutes
+  step 400 qlora-327680-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 327680 \
+    --systems qlora-eager --memory-cap-gib 46 --offload-activations true --tile-mlp true \
+    --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy --random-weights \
+    --worker-timeout 395 --deadline 398 --out "$OUT/qlora-48"
+  step 170 unsloth-ladder-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 98304,131072 \
+    --systems unsloth --memory-cap-gib 46 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --worker-timeout 165 --model-root /tmp/models --out "$OUT/unsloth-48" --deadline 168
+  ;;
+longest-80)  # planned 46.72 GiB at 393,216, 93 GiB of pinned host memory (check_host_offload)
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step 580 qlora-393216 $PY "$HERE/train_step.py" \
+    --shapes llama-3-8b --seqs 393216 --systems qlora-eager --offload-activations true \
+    --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --random-weights --worker-timeout 575 --deadline 578 --out "$OUT/qlora-80"
+  ;;
+longest-80-unsloth)  # Unsloth publishes 342,733 tokens on 80 GB for Llama-3.1-8B
+  step 580 unsloth-ladder-80 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 262144,327680 \
+    --systems unsloth --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --worker-timeout 570 --model-root /tmp/models --out "$OUT/unsloth-80" --deadline 575
+  ;;
+moe)
+  step 200 qwen3-30b-a3b-24gb $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+    --systems qlora --memory-cap-gib 22.35 --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
+    --random-weights --no-gpu-busy --worker-timeout 190 --deadline 195 --out "$OUT/qwen3-moe"
+  step 300 mixtral-8x7b-40gb $PY "$HERE/train_step.py" --shapes mixtral-8x7b --seqs 2048 \
+    --systems qlora --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
+    --random-weights --no-gpu-busy --worker-timeout 290 --deadline 295 --out "$OUT/mixtral"
   ;;
 profile-2048)
   step 70 profile-llama-detail $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs \
