@@ -28,6 +28,12 @@
 #                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
 #                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
 #                 r16 on attention and every expert. About 6 minutes.
+#   moe-peers SYSTEMS
+#                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
+#                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
+#                 written by the first call and read by the next ones while the machine stays warm
+#                 (chain the calls: it is gone once the machine is given back). No cap: the seeds'
+#                 stack keeps the experts in bf16 (54 GiB). One call per system, ~9.5 minutes each.
 #   profile-2048  where the Llama-3-8B graph step's GPU time goes at seq 2048 (profile_step.py, kernels
 #                 by kind; copies, elementwise and other kernels by name).
 #   checks        gpu_check.py: every part of the step against its reference on the GPU.
@@ -53,7 +59,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|profile-2048|checks|families|dpo|orpo OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|moe-peers [SYSTEMS]|profile-2048|checks|families|dpo|orpo OUTDIR"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -150,6 +156,12 @@ moe)
   step 300 mixtral-8x7b-40gb $PY "$HERE/train_step.py" --shapes mixtral-8x7b --seqs 2048 \
     --systems qlora --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
     --random-weights --no-gpu-busy --worker-timeout 290 --deadline 295 --out "$OUT/mixtral"
+  ;;
+moe-peers)
+  step 585 qwen3-moe-peers $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+    --systems "${3:-qlora,hf}" --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
+    --no-gpu-busy --model-root /dev/shm/models --worker-timeout 400 --deadline 580 \
+    --out "$OUT/qwen3-moe-peers"
   ;;
 profile-2048)
   step 70 profile-llama-detail $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs \
