@@ -28,7 +28,7 @@
 #                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
 #                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
 #                 r16 on attention and every expert. About 6 minutes.
-#   moe-peers SYSTEMS
+#   moe-peers     (OUTDIR then SYSTEMS)
 #                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
 #                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
 #                 written by the first call and read by the next ones while the machine stays warm
@@ -59,7 +59,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|moe-peers [SYSTEMS]|profile-2048|checks|families|dpo|orpo OUTDIR"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|checks|families|dpo|orpo OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
