@@ -200,7 +200,8 @@ def run_type(args, model_dir: Path, adapter: Path, qtype: str, timeout: float) -
     from qlora.export.check import report_path
 
     gguf = Path(args.work) / args.shape / f"{args.shape}-{qtype}.gguf"
-    for old in (gguf, report_path(gguf)):  # a previous run's (the export never overwrites)
+    # a previous run's outputs (the export never overwrites), and the partial file of one cut short
+    for old in (gguf, report_path(gguf), *gguf.parent.glob(f".{gguf.name}.*.partial")):
         old.unlink(missing_ok=True)
     log = gguf.with_suffix(".log")
     result = {"type": qtype, "gguf": str(gguf), "log": str(log)}
