@@ -262,8 +262,8 @@ def _num(x, fmt: str) -> str:
 def table(result: dict) -> str:
     """The short table printed at the end: one row per type."""
     rows = [f"{'type':8}{'exit':>5}{'total s':>9}{'export s':>10}{'check s':>9}{'RSS GiB':>9}"
-            f"{'tree GiB':>10}{'file GiB':>10}{'agree':>8}{'sure':>8}{'mean KL':>10}{'ppl ref':>9}"
-            f"{'ppl':>9}  check"]
+            f"{'tree GiB':>10}{'file GiB':>10}{'agree':>8}{'sure':>8}{'mean KL':>10}{'ppl ref':>11}"
+            f"{'ppl':>11}  check"]
     for r in result["types"]:
         c = r.get("check") or {}
         tree = max(r["peak_tree_rss_gib_export"], r["peak_tree_rss_gib_check"] or 0)
@@ -272,7 +272,7 @@ def table(result: dict) -> str:
                     f"{_num(r['check_s'], '.1f'):>9}{r['peak_rss_gib']:>9.2f}{tree:>10.2f}"
                     f"{_num(r['gguf_gib'], '.2f'):>10}{_num(c.get('agreement'), '.1%'):>8}"
                     f"{_num(c.get('decisive_agreement'), '.1%'):>8}{_num(c.get('mean_kl'), '.3g'):>10}"
-                    f"{_num(c.get('ppl_reference'), '.4g'):>9}{_num(c.get('ppl_other'), '.4g'):>9}  {verdict}")
+                    f"{_num(c.get('ppl_reference'), '.4g'):>11}{_num(c.get('ppl_other'), '.4g'):>11}  {verdict}")
         if c:
             rows.append(f"{'':8}{chat_summary(c.get('chat'))}")
     rows += [f"skipped: {s}" for s in result["skipped"]]
