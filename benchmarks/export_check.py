@@ -101,12 +101,16 @@ def write_adapter(model_dir: Path, out: Path, r: int = 16, std: float = 0.02, se
 
 
 def chat_template_note(model_dir: Path) -> str | None:
-    """What the check's chat round trip will use: the checkpoint's template, or why it is skipped."""
+    """Which chat template the check's chat round trip will use; None: the checkpoint has none, and
+    the check skips the round trip."""
+    from qlora.data.templates import CHATML_TEMPLATE
     from qlora.models import load_tokenizer
 
-    if getattr(load_tokenizer(model_dir), "chat_template", None):
-        return "ChatML (qlora.tiny's tokenizer): the chat round trip runs"
-    return None
+    template = getattr(load_tokenizer(model_dir), "chat_template", None)
+    if not template:
+        return None
+    name = "ChatML (qlora.tiny's tokenizer)" if template == CHATML_TEMPLATE else "the checkpoint's own"
+    return f"{name}: the chat round trip runs"
 
 
 # --- one command, measured ----------------------------------------------------------------------
