@@ -53,13 +53,19 @@
 #                 forward): qlora (packed), TRL's ORPOTrainer on the seeds' stack, Unsloth's
 #                 PatchDPOTrainer + ORPOTrainer at Llama-3-8B and Qwen2.5-1.5B. About 7.5 minutes.
 #                 TRL's NLL covers the prompt too, ours the completion only (preference_step.py).
+#   export-8b     the user's `qlora export --gguf --model M --adapter A --out F --type T --check` on a
+#                 random Llama-3-8B checkpoint and a random r16 adapter (export_check.py), q8_0 then
+#                 q4_k_m: seconds (export, check), peak host RSS, file size, the check's parity table
+#                 in llama.cpp. The checkpoint takes ~75 s to write (kept in /tmp/export-check for a
+#                 second call on a warm machine). llama-cpp-python comes as .whl/llamacpp.tar.xz
+#                 (carried; extracted to /tmp/llamacpp, put on PYTHONPATH); gguf from .site.
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|checks|families|dpo|orpo OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|checks|families|dpo|orpo|export-8b OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -195,6 +201,18 @@ orpo)  # about 7.5 min in all: the DPO part's steps less its reference forward; 
     --systems qlora,trl,unsloth --steps 6 --warmup 2 --out "$OUT/llama-orpo" --deadline 290
   step 150 qwen-orpo $PY "$HERE/preference_step.py" --method orpo --shapes qwen2.5-1.5b \
     --systems qlora,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" --deadline 140
+  ;;
+export-8b)  # about 5-6 min: checkpoint ~75 s, then per type ~30 s of export on the GPU and the check
+            # (the 16-bit reference on the GPU, the file in llama.cpp on the CPU); --deadline skips a
+            # type that would not fit and records it
+  if [ -f "$HERE/../.whl/llamacpp.tar.xz" ]; then
+    mkdir -p /tmp/llamacpp && tar -C /tmp/llamacpp -xJf "$HERE/../.whl/llamacpp.tar.xz"
+    export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/llamacpp  # last: the image's own packages first
+  fi
+  $PY -c 'import gguf, llama_cpp; print("gguf and llama-cpp-python", llama_cpp.__version__, "importable")' \
+    || echo "=== gguf or llama_cpp not importable: the check will fail (its error is recorded; the export is still timed)"
+  step 560 export-check-8b $PY "$HERE/export_check.py" --shape llama-3-8b --types q8_0,q4_k_m \
+    --llama-python "$PY" --work /tmp/export-check --deadline 530 --out "$OUT/export-check.json"
   ;;
 *)
   echo "$USAGE" >&2

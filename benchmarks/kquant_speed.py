@@ -276,12 +276,15 @@ def write_checkpoint(shape: str, folder: Path) -> float:
             part[f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         return part
 
-    weight_map = {}
+    weight_map, total = {}, 0
     for n in range(layers + 1):  # written one at a time: host memory holds one shard
         part, name = shard(n), f"model-{n:05d}-of-{layers + 1:05d}.safetensors"
         save_file(part, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    # the metadata too, as transformers' from_pretrained reads the index (export_check.py loads it)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return time.perf_counter() - t
 
 

@@ -1,0 +1,351 @@
+"""The user's whole export command on a real-shape model: time, host memory, file size, and the check.
+
+    qlora export --gguf --model BASE --adapter ADAPTER --out OUT.gguf --type TYPE --check
+
+run as a subprocess (`python -m qlora.cli export ...`) once per type of --types, on:
+1. a random bf16 checkpoint of --shape (kquant_speed.write_checkpoint: N(0, 0.02²) weights and
+   qlora.tiny's character-level tokenizer with its ChatML chat template, so the check's chat round
+   trip runs; the 8B's 128,256 embedding rows beyond the tokenizer's ~100 become UNUSED tokens in
+   the GGUF), written under --work and reused when it is there already;
+2. a random LoRA adapter in PEFT's format, r 16 (alpha 16) on q, k, v, o, gate, up, down, lora_A
+   and lora_B ~ N(0, 0.02²) with a fixed seed: ΔW ≈ 8 % of the base weights' spread, so the adapter
+   changes the model and its logits stay sane. It is made by qlora.adapters itself (attach_adapters
+   on the model built on the meta device, the factors then drawn on the CPU, save_adapter).
+
+Per type (one JSON, --out, rewritten after each): wall seconds of the command, and of its parts
+(export_s: until the GGUF appears, as it is renamed into place whole; check_s: the rest); host
+memory, both ways:
+- peak_rss_gib: os.wait4's ru_maxrss of the command: the largest single process of its tree (the
+  export, its quantizer workers, llama.cpp's worker), as Linux keeps it;
+- peak_tree_rss_gib_export / _check: the summed RSS of the command's process tree, polled from
+  /proc every 0.2 s (shared pages count once per process; a spike shorter than a poll is missed);
+file size; and the check's JSON (OUT.check.json: agreement, mean KL, perplexities, chat round trip,
+passed / failures). A check that fails still writes its JSON (the command then exits 1); both are
+recorded. A random model is no test of quality: the table says whether the file computes what
+base + adapter compute, on the check's built-in text unless --check-data is given.
+
+    # GPU machine (llama-cpp-python importable from --llama-python; the default is
+    # $QLORA_LLAMA_PYTHON, else this python)
+    python benchmarks/export_check.py --shape llama-3-8b --types q8_0,q4_k_m --work /tmp/export-check \
+        --deadline 540 --out $OUT/export-check.json
+    # any CPU, no llama.cpp: the GGUF's dequantized weights run in qlora's engine
+    python benchmarks/export_check.py --shape tiny --check-engine qlora --device cpu --out ec.json
+
+--deadline (seconds for everything) skips the types that would not finish in time (a type is
+started only when more time is left than the longest type so far took) and says so in the JSON.
+With --check-engine qlora the GGUF is dequantized to float32 in host memory: 4 bytes per weight,
+too much for an 8B on most machines; use llama.cpp there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(SRC))
+
+from kquant_speed import SHAPES, write_checkpoint  # noqa: E402
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+POLL_S = 0.2
+GIB = 2**30
+# the check's fields carried into the table, from OUT.check.json's "logits"
+LOGIT_FIELDS = ("tokens", "agreement", "decisive_tokens", "decisive_agreement", "mean_kl", "max_kl",
+                "ppl_reference", "ppl_other", "ppl_ratio")
+
+
+# --- the inputs ---------------------------------------------------------------------------------
+def ensure_checkpoint(shape: str, folder: Path) -> float | None:
+    """The random checkpoint at `folder`; seconds taken to write it, None when it was there (the
+    index is written last, so its presence means a whole checkpoint)."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return None
+    if folder.exists():
+        shutil.rmtree(folder)  # a write cut short
+    return round(write_checkpoint(shape, folder), 1)
+
+
+def write_adapter(model_dir: Path, out: Path, r: int = 16, std: float = 0.02, seed: int = 0) -> float:
+    """A random PEFT adapter for `model_dir` (module docstring, 2.); seconds taken."""
+    import torch
+
+    from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, save_adapter
+    from qlora.models.load import new_decoder
+    from qlora.models.spec import read_spec
+
+    t = time.perf_counter()
+    with torch.device("meta"):  # the shapes only: no 16 GB of weights for a 42M-value adapter
+        model = new_decoder(read_spec(model_dir))
+    attach_adapters(model, AdapterConfig(r=r, alpha=r, dropout=0.0, target_modules=list(PROJECTIONS)))
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            for factor in (module.lora_A, module.lora_B):  # B non-zero: the adapter acts
+                factor.to_empty(device="cpu")
+                with torch.no_grad():
+                    factor.weight.normal_(0.0, std, generator=gen)
+    save_adapter(model, out, str(model_dir))
+    return round(time.perf_counter() - t, 1)
+
+
+def chat_template_note(model_dir: Path) -> str | None:
+    """Which chat template the check's chat round trip will use; None: the checkpoint has none, and
+    the check skips the round trip."""
+    from qlora.data.templates import CHATML_TEMPLATE
+    from qlora.models import load_tokenizer
+
+    template = getattr(load_tokenizer(model_dir), "chat_template", None)
+    if not template:
+        return None
+    name = "ChatML (qlora.tiny's tokenizer)" if template == CHATML_TEMPLATE else "the checkpoint's own"
+    return f"{name}: the chat round trip runs"
+
+
+# --- one command, measured ----------------------------------------------------------------------
+def tree_pids(root: int) -> list[int]:
+    """root and its descendants, from /proc/PID/task/TID/children."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass  # the task ended between the listing and the read
+    return out
+
+
+def tree_rss(root: int) -> int:
+    """Bytes resident in root's process tree (statm's second field, in pages)."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_measured(argv: list[str], env: dict, log_path: Path, gguf: Path, timeout: float) -> dict:
+    """Run argv to its end (or kill its process group after `timeout` s): wall seconds, the
+    seconds until `gguf` appeared, peak RSS (wait4's, and the polled tree sum before and after the
+    file appeared), exit code."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    start = time.perf_counter()
+    export_s, peaks, timed_out = None, [0, 0], False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        now = time.perf_counter() - start
+        if export_s is None and gguf.exists():
+            export_s = now
+        phase = 0 if export_s is None else 1
+        peaks[phase] = max(peaks[phase], tree_rss(proc.pid))
+        if now > timeout and not timed_out:
+            os.killpg(proc.pid, signal.SIGKILL)
+            timed_out = True
+        time.sleep(POLL_S)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return {"exit_code": proc.returncode, "timed_out": timed_out, "seconds": round(seconds, 1),
+            "export_s": None if export_s is None else round(export_s, 1),
+            "check_s": None if export_s is None else round(seconds - export_s, 1),
+            "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),  # ru_maxrss: KiB on Linux
+            "peak_tree_rss_gib_export": round(peaks[0] / GIB, 2),
+            "peak_tree_rss_gib_check": round(peaks[1] / GIB, 2) if export_s is not None else None}
+
+
+def export_argv(args, model_dir: Path, adapter: Path, gguf: Path, qtype: str) -> list[str]:
+    argv = [sys.executable, "-m", "qlora.cli", "export", "--gguf", "--model", str(model_dir),
+            "--adapter", str(adapter), "--out", str(gguf), "--type", qtype, "--check",
+            "--check-engine", args.check_engine, "--device", args.device,
+            "--check-samples", str(args.check_samples)]
+    if args.check_engine == "llama.cpp":
+        argv += ["--llama-python", args.llama_python]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.check_data is not None:
+        argv += ["--check-data", str(args.check_data)]
+    return argv
+
+
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def check_fields(report: dict) -> dict:
+    """The parity table of OUT.check.json, flattened for the results."""
+    out = {k: report["logits"][k] for k in LOGIT_FIELDS}
+    out.update(passed=report["passed"], failures=report["failures"], engine=report["engine"],
+               reference=report["reference"], data=report["data"], examples=report["examples"],
+               limits=report["limits"], chat=report.get("chat"))
+    return out
+
+
+def run_type(args, model_dir: Path, adapter: Path, qtype: str, timeout: float) -> dict:
+    """One `qlora export ... --check` of `qtype`, measured, with its check's table."""
+    from qlora.export.check import report_path
+
+    gguf = Path(args.work) / args.shape / f"{args.shape}-{qtype}.gguf"
+    # a previous run's outputs (the export never overwrites), and the partial file of one cut short
+    for old in (gguf, report_path(gguf), *gguf.parent.glob(f".{gguf.name}.*.partial")):
+        old.unlink(missing_ok=True)
+    log = gguf.with_suffix(".log")
+    result = {"type": qtype, "gguf": str(gguf), "log": str(log)}
+    result.update(run_measured(export_argv(args, model_dir, adapter, gguf, qtype), child_env(), log,
+                               gguf, timeout))
+    result["gguf_bytes"] = gguf.stat().st_size if gguf.exists() else None
+    result["gguf_gib"] = round(gguf.stat().st_size / GIB, 3) if gguf.exists() else None
+    if report_path(gguf).exists():
+        result["check"] = check_fields(json.loads(report_path(gguf).read_text()))
+    if result["exit_code"] != 0:
+        result["log_tail"] = log.read_text()[-2000:]
+    return result
+
+
+# --- the record ---------------------------------------------------------------------------------
+def version_in(python: str, module: str, distribution: str) -> str | None:
+    """`module`'s version as `python` imports it (its __version__, else its distribution's);
+    None when it cannot import it."""
+    code = (f"import importlib, importlib.metadata as m; mod = importlib.import_module({module!r}); "
+            f"print(getattr(mod, '__version__', None) or m.version({distribution!r}))")
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def gpu_name() -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def environment(args) -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gguf": version_in(sys.executable, "gguf", "gguf"), "gpu": gpu_name(),
+            "llama_python": args.llama_python if args.check_engine == "llama.cpp" else None,
+            "llama_cpp": (version_in(args.llama_python, "llama_cpp", "llama_cpp_python")
+                          if args.check_engine == "llama.cpp" else None),
+            "argv": sys.argv[1:]}
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table(result: dict) -> str:
+    """The short table printed at the end: one row per type."""
+    rows = [f"{'type':8}{'exit':>5}{'total s':>9}{'export s':>10}{'check s':>9}{'RSS GiB':>9}"
+            f"{'tree GiB':>10}{'file GiB':>10}{'agree':>8}{'sure':>8}{'mean KL':>10}{'ppl ref':>11}"
+            f"{'ppl':>11}  check"]
+    for r in result["types"]:
+        c = r.get("check") or {}
+        tree = max(r["peak_tree_rss_gib_export"], r["peak_tree_rss_gib_check"] or 0)
+        verdict = ("passed" if c.get("passed") else "FAILED: " + "; ".join(c["failures"])) if c else "no report"
+        rows.append(f"{r['type']:8}{r['exit_code']:>5}{r['seconds']:>9.1f}{_num(r['export_s'], '.1f'):>10}"
+                    f"{_num(r['check_s'], '.1f'):>9}{r['peak_rss_gib']:>9.2f}{tree:>10.2f}"
+                    f"{_num(r['gguf_gib'], '.2f'):>10}{_num(c.get('agreement'), '.1%'):>8}"
+                    f"{_num(c.get('decisive_agreement'), '.1%'):>8}{_num(c.get('mean_kl'), '.3g'):>10}"
+                    f"{_num(c.get('ppl_reference'), '.4g'):>11}{_num(c.get('ppl_other'), '.4g'):>11}  {verdict}")
+        if c:
+            rows.append(f"{'':8}{chat_summary(c.get('chat'))}")
+    rows += [f"skipped: {s}" for s in result["skipped"]]
+    return "\n".join(rows)
+
+
+def chat_summary(chat: dict | None) -> str:
+    from qlora.export import parity
+
+    return parity.chat_line(chat, lambda tid: f"token {tid}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
+    ap.add_argument("--types", default="q8_0,q4_k_m", help="file types, in order (default q8_0,q4_k_m)")
+    ap.add_argument("--work", default="/tmp/export-check",
+                    help="folder for WORK/SHAPE/{model,adapter,*.gguf,*.check.json,*.log}; the "
+                         "checkpoint and adapter found there are reused")
+    ap.add_argument("--check-engine", default="llama.cpp", choices=["llama.cpp", "qlora"],
+                    help="passed to the export: llama.cpp (default) or qlora (no llama.cpp needed)")
+    ap.add_argument("--llama-python", default=os.environ.get("QLORA_LLAMA_PYTHON") or sys.executable,
+                    help="a python that imports llama_cpp (default $QLORA_LLAMA_PYTHON, else this one)")
+    ap.add_argument("--device", default="auto", help="the export's --device (default auto: the GPU if any)")
+    ap.add_argument("--threads", type=int, help="the export's --threads (default: its own, one per core)")
+    ap.add_argument("--check-data", help="the export's --check-data (default: the check's built-in text)")
+    ap.add_argument("--check-samples", type=int, default=8, help="the export's --check-samples (default 8)")
+    ap.add_argument("--deadline", type=float, default=540.0, help="seconds for everything (default 540)")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    folder = Path(args.work) / args.shape
+    model_dir, adapter = folder / "model", folder / "adapter"
+    result = {"environment": environment(args), "shape": args.shape, "model": str(model_dir),
+              "adapter": str(adapter), "types": [], "skipped": []}
+
+    def save():
+        result["total_s"] = round(time.perf_counter() - start, 1)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    result["checkpoint_write_s"] = ensure_checkpoint(args.shape, model_dir)
+    result["checkpoint_reused"] = result["checkpoint_write_s"] is None
+    result["adapter_write_s"] = write_adapter(model_dir, adapter)
+    result["chat_template"] = chat_template_note(model_dir)
+    written = "reused" if result["checkpoint_reused"] else f"written in {result['checkpoint_write_s']} s"
+    print(f"checkpoint {model_dir} ({written}), adapter {adapter}; chat template: "
+          f"{result['chat_template'] or 'none: the check skips the chat round trip'}", flush=True)
+    save()
+    longest = 0.0
+    for qtype in [t.strip().lower() for t in args.types.split(",") if t.strip()]:
+        left = args.deadline - (time.perf_counter() - start)
+        if left <= max(longest, 1.0):
+            result["skipped"].append(f"{qtype}: {left:.0f} s left, the longest type so far took {longest:.0f} s")
+            continue
+        r = run_type(args, model_dir, adapter, qtype, timeout=left)
+        longest = max(longest, r["seconds"])
+        result["types"].append(r)
+        print(f"{qtype}: exit {r['exit_code']} after {r['seconds']} s (log {r['log']})", flush=True)
+        save()
+    save()
+    print(table(result))
+    print(f"written to {args.out} ({result['total_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
