@@ -371,7 +371,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     if dist_.replicated(env, sharded):  # rank 0's adapters (after a resume: the checkpoint's)
         dist_.broadcast_trainables([p for g in optimizer.param_groups for p in g["params"]], env)
     dropout_seed, dropout_stride, graphed = _apply_speed(model, optimizer, scaler, cfg, env,
-                                                         device, sharded, log)
+                                                         device, sharded, log, preference_packed)
     if cfg.precompute_ref_log_probs:  # through the fast path, once it is on
         _precompute_reference(model, train_examples + val_examples, cfg, pad_id,
                               preference_packed, device, log)
@@ -531,9 +531,13 @@ def _bar_metrics(sums: dict) -> dict[str, float]:
 
 
 def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device: torch.device,
-                 sharded: bool, log: Callable[[str], None]):
+                 sharded: bool, log: Callable[[str], None], preference_packed: bool = False):
     """Every fast path the settings ask for: (dropout seed tensor, its stride, the CUDA-graph
-    runner or None)."""
+    runner or None). A pairs method's micro-batch is captured too (its body: the method's batch
+    loss, train/graphs.py); KTO's runs eagerly. `preference_packed`: a preference micro-batch is
+    one packed row (its length, not max_seq_length, is what the graph conditions bound)."""
+    from qlora.methods import method_module
+
     # every fast path the settings ask for, from one place (speed/), before any graph is
     # captured: the kernels go in it. Dropout masks are drawn from (seed, micro-batch index,
     # layer): the same on resume, and no global RNG inside the layers, which a graph needs
@@ -549,12 +553,19 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
     dropout_seed, dropout_stride = applied.dropout_seed, applied.dropout_stride
     for line in long_context_lines(plan, cfg, model):
         log(line)
-    if cfg.method != "sft":  # a preference micro-batch is several forwards, some without grad
+    method = method_module(cfg.method)
+    if method is not None and method.LAYOUT != "pairs":
         if plan.cuda_graphs and device.type == "cuda":
-            log(f"CUDA graphs off: --method {cfg.method} runs forwards of its own")
+            log(f"CUDA graphs off: --method {cfg.method} runs eagerly (its KL sequences' "
+                "forward and the reference's take shapes of their own; DPO, ORPO and SimPO "
+                "are captured)")
         return dropout_seed, dropout_stride, None
-    graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log,
-                             cfg.max_seq_length)
+    max_len = cfg.max_seq_length
+    if method is not None and preference_packed:  # all of a micro-batch's sequences in one row
+        max_len *= 2 * cfg.micro_batch_size
+    preference = (method, preference_options(cfg)) if method is not None else None
+    graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log, max_len,
+                             preference=preference)
     return dropout_seed, dropout_stride, graphed
 
 
@@ -778,10 +789,12 @@ def _summary(cfg: RunConfig, env: DistEnv, state: ckpt.TrainerState, result: Tra
 
 
 def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: bool,
-                   device: torch.device, scaler, log: Callable[[str], None], max_seq_length: int):
+                   device: torch.device, scaler, log: Callable[[str], None], max_seq_length: int,
+                   preference=None):
     """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged.
     Data parallel runs replay graphs as one process does: their one collective, the gradient
-    all-reduce, comes after the micro-batches (Stepper.update)."""
+    all-reduce, comes after the micro-batches (Stepper.update). `preference`: (a pairs method,
+    its options), whose batch loss the graphs then hold; `max_seq_length`: the longest row."""
     if not plan.cuda_graphs:
         return None
     from qlora.train.graphs import GraphedSteps, unsupported_reason
@@ -803,7 +816,7 @@ def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: boo
         "shape take longer)")
     # thread_local: under torchrun, NCCL's watchdog thread queries events while a graph is
     # captured; "global" would let that call fail the capture
-    return GraphedSteps(model, grads, log=log,
+    return GraphedSteps(model, grads, log=log, preference=preference,
                         capture_error_mode="thread_local" if env.enabled else "global")
 
 
