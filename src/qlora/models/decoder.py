@@ -225,8 +225,10 @@ class DecoderLM(nn.Module):
         for start in range(0, t.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
             if torch.is_grad_enabled() and h.requires_grad:
+                # no RNG state kept: the chunk draws no random numbers, and a CUDA graph's
+                # capture (a preference step's) cannot read that state
                 chunks.append(checkpoint(self.chunk_loss, h[start:end], t[start:end], "none",
-                                         use_reentrant=False))
+                                         use_reentrant=False, preserve_rng_state=False))
             else:
                 chunks.append(self.chunk_loss(h[start:end], t[start:end], "none"))
         return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)

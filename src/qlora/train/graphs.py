@@ -222,7 +222,9 @@ class GraphedSteps:
 
     def run(self, batch: StagedBatch, scale: float) -> torch.Tensor:
         """The GPU half: copy `batch` into its graph's buffers (captured on first sight), replay."""
-        if self.failed is not None:
+        if self.failed is not None or batch.key[1] > GRAPH_ROWS_UP_TO:
+            # (a packed preference row holds a micro-batch's sequences: it may be longer than
+            # max_seq_length, which unsupported_reason bounded)
             return self._eager(batch, scale)
         g = self.graphs.get(batch.key)
         if g is None:

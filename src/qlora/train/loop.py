@@ -371,7 +371,7 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     if dist_.replicated(env, sharded):  # rank 0's adapters (after a resume: the checkpoint's)
         dist_.broadcast_trainables([p for g in optimizer.param_groups for p in g["params"]], env)
     dropout_seed, dropout_stride, graphed = _apply_speed(model, optimizer, scaler, cfg, env,
-                                                         device, sharded, log, preference_packed)
+                                                         device, sharded, log)
     if cfg.precompute_ref_log_probs:  # through the fast path, once it is on
         _precompute_reference(model, train_examples + val_examples, cfg, pad_id,
                               preference_packed, device, log)
@@ -531,11 +531,10 @@ def _bar_metrics(sums: dict) -> dict[str, float]:
 
 
 def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device: torch.device,
-                 sharded: bool, log: Callable[[str], None], preference_packed: bool = False):
+                 sharded: bool, log: Callable[[str], None]):
     """Every fast path the settings ask for: (dropout seed tensor, its stride, the CUDA-graph
     runner or None). A pairs method's micro-batch is captured too (its body: the method's batch
-    loss, train/graphs.py); KTO's runs eagerly. `preference_packed`: a preference micro-batch is
-    one packed row (its length, not max_seq_length, is what the graph conditions bound)."""
+    loss, train/graphs.py); KTO's runs eagerly."""
     from qlora.methods import method_module
 
     # every fast path the settings ask for, from one place (speed/), before any graph is
@@ -560,12 +559,9 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
                 "forward and the reference's take shapes of their own; DPO, ORPO and SimPO "
                 "are captured)")
         return dropout_seed, dropout_stride, None
-    max_len = cfg.max_seq_length
-    if method is not None and preference_packed:  # all of a micro-batch's sequences in one row
-        max_len *= 2 * cfg.micro_batch_size
     preference = (method, preference_options(cfg)) if method is not None else None
-    graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log, max_len,
-                             preference=preference)
+    graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log,
+                             cfg.max_seq_length, preference=preference)
     return dropout_seed, dropout_stride, graphed
 
 
@@ -794,7 +790,7 @@ def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: boo
     """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged.
     Data parallel runs replay graphs as one process does: their one collective, the gradient
     all-reduce, comes after the micro-batches (Stepper.update). `preference`: (a pairs method,
-    its options), whose batch loss the graphs then hold; `max_seq_length`: the longest row."""
+    its options), whose batch loss the graphs then hold."""
     if not plan.cuda_graphs:
         return None
     from qlora.train.graphs import GraphedSteps, unsupported_reason

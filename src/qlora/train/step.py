@@ -91,9 +91,9 @@ class Stepper:
             scale = b["weight"] / max(n_labels, 1)
             if self.graphed is not None:
                 step_loss += self.graphed.run(b["staged"], scale) * b["weight"]
-                # the graph's metric tensors are overwritten by its next replay: added up here
-                add_metrics(self.metrics, {k: v * b["weight"]
-                                           for k, v in self.graphed.metrics.items()})
+                if self.method is not None:  # overwritten by the next replay: added up here
+                    add_metrics(self.metrics, {k: v * b["weight"]
+                                               for k, v in self.graphed.metrics.items()})
             else:
                 self._eager(b, scale, step_loss)
         return step_loss
