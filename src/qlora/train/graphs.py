@@ -15,6 +15,12 @@ after a causal document changes nothing before it. Rows are padded to a multiple
 (a padding document without labels) and the document count to a power of two, so a run makes few
 graphs; they share one memory pool.
 
+A preference method of pairs (DPO, ORPO, SimPO) puts its batch loss in the graph instead of the
+model's loss sum (`GraphedSteps(preference=)`): its label positions, their sequences and the
+label tokens per sequence are staged on the host with the rows (`stage_preference`, through
+methods/preference.label_slots), so the capture reads no label from the GPU; DPO's reference
+forward (adapters off, no grad) is recorded in the same graph. KTO steps eagerly.
+
 Layers with a sliding window take the same offsets with their window where torch's varlen takes
 one (`window_size`); in rows of one document, a dense bool mask made on the GPU from the row
 length alone, which the capture holds.
