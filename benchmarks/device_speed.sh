@@ -45,13 +45,15 @@
 #                 Unsloth more with its compile; a system the deadline leaves out is recorded as
 #                 skipped (rerun that shape alone with --systems).
 #   dpo           a DPO step (preference_step.py): prompt 512 + completions of 512, 4 pairs, reference
-#                 = adapters off; qlora (pairs packed into one row), TRL's DPOTrainer on the seeds'
-#                 stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B; then Qwen with
+#                 = adapters off; qlora (pairs packed into one row, CUDA graphs), TRL's DPOTrainer on
+#                 the seeds' stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B (Qwen:
+#                 qlora-eager too, graphs off, for the graphs' gain); then Qwen with
 #                 ragged completions (128-512 tokens), qlora packed beside padded. pairs/s, tokens/s,
 #                 peak memory.
 #   orpo          the same step for ORPO (preference_step.py --method orpo, lambda 0.1, no reference
-#                 forward): qlora (packed), TRL's ORPOTrainer on the seeds' stack, Unsloth's
-#                 PatchDPOTrainer + ORPOTrainer at Llama-3-8B and Qwen2.5-1.5B. About 7.5 minutes.
+#                 forward): qlora (packed, CUDA graphs), TRL's ORPOTrainer on the seeds' stack,
+#                 Unsloth's PatchDPOTrainer + ORPOTrainer at Llama-3-8B and Qwen2.5-1.5B (Qwen:
+#                 qlora-eager too). About 8 minutes.
 #                 TRL's NLL covers the prompt too, ours the completion only (preference_step.py).
 #   export-8b     the user's `qlora export --gguf --model M --adapter A --out F --type T --check` on a
 #                 random Llama-3-8B checkpoint and a random r16 adapter (export_check.py), q8_0 then
@@ -187,20 +189,22 @@ families)  # qlora first: a system the deadline cuts is the last one of its shap
   step 120 generic-stablelm-2048 $PY "$HERE/train_step.py" --shapes stablelm-2-1.6b --seqs 2048 \
     --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/generic" --deadline 115
   ;;
-dpo)  # about 8.5 min in all: each part's --deadline skips (and records) what would not fit
+dpo)  # about 9 min in all: each part's --deadline skips (and records) what would not fit
   step 300 llama-dpo $PY "$HERE/preference_step.py" --shapes llama-3-8b --systems qlora,trl,unsloth \
     --steps 6 --warmup 2 --out "$OUT/llama-dpo" --deadline 290
-  step 150 qwen-dpo $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --systems qlora,trl,unsloth \
-    --steps 8 --warmup 2 --out "$OUT/qwen-dpo" --model-root /tmp/dpo-models --deadline 140
+  step 190 qwen-dpo $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b \
+    --systems qlora,qlora-eager,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-dpo" \
+    --model-root /tmp/dpo-models --deadline 180
   step 70 qwen-dpo-ragged $PY "$HERE/preference_step.py" --shapes qwen2.5-1.5b --ragged \
     --systems qlora,qlora-padded --steps 8 --warmup 2 --out "$OUT/qwen-dpo-ragged" \
     --model-root /tmp/dpo-models --deadline 65
   ;;
-orpo)  # about 7.5 min in all: the DPO part's steps less its reference forward; loading dominates
+orpo)  # about 8 min in all: the DPO part's steps less its reference forward; loading dominates
   step 300 llama-orpo $PY "$HERE/preference_step.py" --method orpo --shapes llama-3-8b \
     --systems qlora,trl,unsloth --steps 6 --warmup 2 --out "$OUT/llama-orpo" --deadline 290
-  step 150 qwen-orpo $PY "$HERE/preference_step.py" --method orpo --shapes qwen2.5-1.5b \
-    --systems qlora,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" --deadline 140
+  step 190 qwen-orpo $PY "$HERE/preference_step.py" --method orpo --shapes qwen2.5-1.5b \
+    --systems qlora,qlora-eager,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" \
+    --deadline 180
   ;;
 export-8b)  # about 5-6 min: checkpoint ~75 s, then per type ~30 s of export on the GPU and the check
             # (the 16-bit reference on the GPU, the file in llama.cpp on the CPU); --deadline skips a

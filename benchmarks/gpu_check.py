@@ -28,7 +28,9 @@ Checks, each against the real other tool on CUDA:
      generation past the window vs transformers', and the CUDA-graph step vs the eager one;
  13. preference batches (DPO, KTO) packed into one row through flash varlen attention vs the same
      pairs in padded rows, on the fast path qlora train uses (loss and every adapter gradient),
-     and `qlora train --method dpo` end to end (packed, with eval metrics).
+     and `qlora train --method dpo` end to end (packed, with eval metrics); DPO (reference
+     forward, and precomputed) and ORPO micro-batches through the CUDA graph of their batch loss
+     vs eagerly (check_preference_graphed: loss, metrics, gradients, packed and padded).
  14. long context: the layer inputs offloaded to host memory and the MLP in sequence tiles
      (speed/offload.py, models/tiling.py) vs the plain step, eagerly and inside the CUDA-graph
      step, and at Llama-3-8B's width (4 layers, 16384 tokens): the same loss and gradients, a
@@ -128,7 +130,7 @@ def main() -> int:
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
-              check_windows, check_gemma, check_preference, check_long_context,
+              check_windows, check_gemma, check_preference, check_preference_graphed, check_long_context,
               check_flex_capped_attention, check_capped_cross_entropy, check_gemma_graphed_step,
               check_phi3_fast_path, check_moe]
     wanted = [w for w in args.checks.split(",") if w]
@@ -751,8 +753,9 @@ def _check_fused_cross_entropy(tag: str, vocab: int, hidden: int, std: float, ch
 
 def check_preference(dirs):
     """DPO and KTO micro-batches of pairs of different lengths: packed (one row, varlen) vs padded,
-    through the speed layer as qlora train puts it on for a preference method (no CUDA graphs),
-    checkpointing on, LoRA dropout 0 (the two layouts would draw other masks); then a DPO run."""
+    through the speed layer eagerly (check_preference_graphed takes the CUDA graphs), checkpointing
+    on, LoRA dropout 0 (the two layouts would draw other masks); then a DPO run (graphed: its log
+    must say CUDA graphs on)."""
     import contextlib
     import io
 
@@ -809,9 +812,96 @@ def check_preference(dirs):
         if (out / "metrics.jsonl").exists() else []
     said = ["preference batches packed" in text,
             any(r.get("split") == "eval" and "rewards/accuracies" in r for r in records),
-            (out / "adapter_model.safetensors").exists()]
+            (out / "adapter_model.safetensors").exists(), "CUDA graphs on" in text]
     record("preference-train-dpo", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc, said=said,
            log=text[-1500:])
+
+
+def check_preference_graphed(dirs):
+    """DPO (reference forward with the adapters off inside the graph, and precomputed reference
+    log-probs) and ORPO micro-batches through GraphedSteps with the method's body vs eagerly
+    (methods/preference.batch_loss), packed (varlen offsets in the graph's buffer) and padded
+    (causal rows): loss, every metric sum, adapter gradients. As qlora train runs them: fused
+    kernels, grouped 4-bit fast path, kept attention, host embedding, checkpointing, LoRA dropout
+    0.1 seeded. Three micro-batches, two shapes: the third replays the first one's graph with
+    other pairs. The eager side runs the same padded rows (graphs.pad_batch): the seeded masks
+    follow the layout. Bounds as check_graphed_step's (bf16; flash attention's backward and the
+    per-sequence index_add may add in other orders); the metrics relative to the log-probs'
+    size (rewards are differences of log-probs)."""
+    from qlora.adapters import set_dropout_seed
+    from qlora.data.preference import pair_batch
+    from qlora.methods import PREFERENCE_METHODS
+    from qlora.methods.preference import PreferenceOptions, batch_loss, packs_with_varlen
+    from qlora.train.graphs import GraphedSteps, pad_batch, unsupported_reason
+    from qlora.train.optim import build_optimizer, zero_grads
+
+    model = nf4_lora_model(dirs["llama"], dropout=0.1)
+    applied = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
+                                           keep_attention=True, seeded_dropout=True,
+                                           embedding_on_host=True))
+    model.gradient_checkpointing = True
+    model.train()
+    reason = unsupported_reason(model, torch.device(DEV), 512)
+    record("preference-graphs-allowed", 0.0 if reason is None else 1.0, 0.0, reason=reason)
+    seed, stride = applied.dropout_seed, applied.dropout_stride
+    opt = build_optimizer(model, "adamw_torch", 1e-4, 0.0, (0.9, 0.999), 1e-8)
+    grads = [p.grad for group in opt.param_groups for p in group["params"]]
+    g = torch.Generator().manual_seed(5)
+
+    def seq(n):
+        return torch.randint(6, 128, (n,), generator=g).tolist()
+
+    shapes = [((40, 60, 25), (90, 12, 70)), ((20, 100, 100), (64, 33, 5), (30, 30, 31)),
+              ((41, 58, 27), (88, 14, 66))]  # the third: the first's padded shape again
+    micro = [[{"prompt": seq(p), "chosen": seq(c), "rejected": seq(r)} for p, c, r in lengths]
+             for lengths in shapes]
+    for k, pairs in enumerate(micro):  # some reference log-probs, for the precomputed variant
+        for e in pairs:
+            e["ref"] = (-300.0 - 7 * k, -280.0 + 3 * k)
+    opts = PreferenceOptions(beta=0.3)
+    packed_ok = packs_with_varlen(model, torch.device(DEV))
+    for name, precomputed in (("dpo", False), ("dpo", True), ("orpo", False)):
+        method = PREFERENCE_METHODS[name]
+        for packed in (True, False):
+            tag = f"{name}{'-precomputed' if precomputed else ''}-{'packed' if packed else 'padded'}"
+            if packed and not packed_ok:
+                record(f"preference-graphed-{tag}-varlen", 1.0, 0.0)
+                continue
+            runner = GraphedSteps(model, grads, preference=(method, opts))
+            for k, pairs in enumerate(micro):
+                examples = [dict(e, **({"ref_chosen": e["ref"][0], "ref_rejected": e["ref"][1]}
+                                       if precomputed else {})) for e in pairs]
+                batch = pair_batch(examples, 0, packed)
+                staged = runner.stage_pairs(batch)
+                # the eager reference over the staged rows' padded layout (padding: -1 sequences)
+                length = staged.key[1]
+                eager_batch = dict(batch)
+                eager_batch["input_ids"], eager_batch["position_ids"], eager_batch["labels"] = \
+                    pad_batch(batch["input_ids"], batch["position_ids"], batch["labels"], length)
+                seq_ids = torch.full(eager_batch["input_ids"].shape, -1, dtype=torch.long)
+                seq_ids[:, :batch["sequence_ids"].shape[1]] = batch["sequence_ids"]
+                eager_batch["sequence_ids"] = seq_ids
+                zero_grads(opt)
+                set_dropout_seed(seed, 1, k, stride)
+                loss, metrics = batch_loss(method, model, eager_batch, opts)
+                (loss / len(pairs)).backward()
+                loss = loss.detach()  # the eager graph must be gone before a capture
+                want = [x.clone() for x in grads]
+                zero_grads(opt)
+                set_dropout_seed(seed, 1, k, stride)
+                got = runner.run(staged, 1.0 / len(pairs)).clone()
+                got_metrics = {m: v.clone() for m, v in runner.metrics.items()}
+                record(f"preference-graphed-{tag}-loss-{k}", abs(got.item() - loss.item())
+                       / abs(loss.item()), 2e-3, graphs=len(runner.graphs))
+                scale = max(float(metrics[m][0].abs()) for m in ("logps/chosen", "logps/rejected"))
+                worst = max((float((got_metrics[m] - v).abs().max()) / scale, m)
+                            for m, v in metrics.items()) if got_metrics.keys() == metrics.keys() \
+                    else (float("inf"), "names differ")
+                record(f"preference-graphed-{tag}-metrics-{k}", worst[0], 2e-3, worst=worst[1])
+                record(f"preference-graphed-{tag}-grads-{k}",
+                       max(rel(a, b) for a, b in zip(want, grads)), 3e-2)
+            if runner.failed:  # the eager fallback passed the comparisons; a capture was wanted
+                record(f"preference-graphed-{tag}-captured", 1.0, 0.0, error=runner.failed)
 
 
 def check_long_context(dirs):

@@ -29,13 +29,19 @@ Systems
                 PatchDPOTrainer() then TRL's ORPOTrainer on that model, as Unsloth's ORPO
                 notebook does.
   qlora         this project as `qlora train --method dpo|orpo` runs a micro-batch: the speed layer as
-                train_step.py's `qlora` puts it (no CUDA graphs: a preference step has forwards of
-                its own), methods/preference.batch_loss over the pairs packed into one row where
-                the attention runs flash varlen (CUDA), the reference (DPO) in one no-grad forward
-                with the adapters off, the flattened adapters' paged 8-bit AdamW. On the CPU (the
-                test) the base is the unquantized fp32 model, as TRL's is there (no bitsandbytes
-                config on the CPU; prepare_model_for_kbit_training upcasts it to fp32).
-  qlora-padded  the same over padded rows (one sequence per row).
+                train_step.py's `qlora` puts it, CUDA graphs included where train/graphs.py allows
+                them (CUDA: one graph per micro-batch shape holding the method's batch loss,
+                methods/preference.staged_batch_loss, its label positions staged on the host;
+                the first step of a shape captures it, so --warmup 2 leaves the capture out of
+                the times, and --ragged may capture in timed steps), methods/preference.batch_loss
+                eagerly elsewhere, over the pairs packed into one row where the attention runs
+                flash varlen (CUDA), the reference (DPO) in one no-grad forward with the adapters
+                off, the flattened adapters' paged 8-bit AdamW. On the CPU (the test) the base is
+                the unquantized fp32 model, as TRL's is there (no bitsandbytes config on the CPU;
+                prepare_model_for_kbit_training upcasts it to fp32), and no graphs.
+  qlora-eager   the same with CUDA graphs off (qlora train before it captured preference steps):
+                beside `qlora`, what the graphs save.
+  qlora-padded  `qlora` over padded rows (one sequence per row).
 
 Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two completions of
 `--completion` tokens each (`--ragged`: each completion's length drawn from [completion/4,
@@ -46,6 +52,8 @@ Usage (GPU machine, the carried .site as in train_step.py):
   python benchmarks/preference_step.py --shapes llama-3-8b --systems qlora,trl,unsloth --out $OUT
   python benchmarks/preference_step.py --method orpo --shapes llama-3-8b --systems qlora,trl,unsloth \
       --out $OUT
+  python benchmarks/preference_step.py --method orpo --shapes qwen2.5-1.5b \
+      --systems qlora,qlora-eager,unsloth --out $OUT   # the graphs' gain, side by side
   python benchmarks/preference_step.py --device cpu --shapes tiny-llama --prompt 16 --completion 16 \
       --pairs 2 --systems trl,qlora --out /tmp/pref   # the harness on a CPU (the test does this)
 Each finished (system, shape) appends one JSON line to OUT/results.jsonl.
@@ -66,7 +74,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_step as ts  # noqa: E402  (the shapes, the checkpoints, the seeds' model, the harness)
 
-SYSTEMS = ["trl", "unsloth", "qlora", "qlora-padded"]
+SYSTEMS = ["trl", "unsloth", "qlora", "qlora-eager", "qlora-padded"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -215,14 +223,16 @@ def setup_unsloth(model_dir: str, args):
 
 class QloraStep:
     """A DPO or ORPO micro-batch as qlora train's Stepper runs it (train/step.py): seeded dropout,
-    the method's batch_loss (ORPO: no reference forward, its USES_REFERENCE is False), the loss a
-    mean over the pairs; then clip, step, zeroed gradients."""
+    the method's batch loss (ORPO: no reference forward, its USES_REFERENCE is False) through
+    its CUDA graph where `graphs` and train/graphs.py allow, else eagerly (batch_loss), the loss
+    a mean over the pairs; then clip, step, zeroed gradients."""
 
-    def __init__(self, model, applied, args, packed: bool):
+    def __init__(self, model, applied, args, packed: bool, graphs: bool):
         import torch
 
         from qlora.methods import PREFERENCE_METHODS
         from qlora.methods.preference import PreferenceOptions
+        from qlora.train.graphs import GraphedSteps, unsupported_reason
         from qlora.train.optim import build_optimizer
 
         self.model, self.args, self.packed, self.torch = model, args, packed, torch
@@ -232,16 +242,29 @@ class QloraStep:
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.opts = PreferenceOptions(beta=args.beta)
         self.method = PREFERENCE_METHODS[args.method]
+        # as qlora train decides it (loop._graphed_steps): rows up to the longest sequence
+        longest = args.prompt + args.completion
+        self.no_graphs_reason = (unsupported_reason(model, torch.device(args.device), longest)
+                                 if graphs else "off (qlora-eager)")
+        self.graphs = (GraphedSteps(model, [p.grad for p in self.params],
+                                    preference=(self.method, self.opts))
+                       if self.no_graphs_reason is None else None)
 
     def forward_backward(self, pairs: list[dict]):
+        """The loop's micro-batch: staged on the host (GraphedSteps.stage_pairs) and replayed, or
+        batch_loss eagerly. The loop stages a step's micro-batches during the step before; the
+        harness syncs around this call, so here the staging is timed as part of the step."""
         from qlora.adapters import set_dropout_seed
         from qlora.data.preference import pair_batch
         from qlora.methods.preference import batch_loss
 
         batch = pair_batch(pairs, 0, packed=self.packed)
+        staged = self.graphs.stage_pairs(batch) if self.graphs is not None else None
         if self.seed is not None:
             set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
         self.index += 1
+        if self.graphs is not None:
+            return self.graphs.run(staged, 1.0 / len(pairs)) / len(pairs)
         loss_sum, _ = batch_loss(self.method, self.model, batch, self.opts)
         loss = loss_sum / len(pairs)
         loss.backward()
@@ -255,7 +278,7 @@ class QloraStep:
         zero_grads(self.opt)
 
 
-def setup_qlora(model_dir: str, args, padded: bool):
+def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True):
     import torch
 
     from qlora.adapters import AdapterConfig, attach_adapters
@@ -275,13 +298,13 @@ def setup_qlora(model_dir: str, args, padded: bool):
                                          dropout=args.lora_dropout, target_modules=list(ts.SEVEN)))
     model.gradient_checkpointing = True
     model.train()
-    # train_step.py's `qlora` plan, CUDA graphs off as qlora train has them for a preference method
+    # train_step.py's `qlora` plan (cuda_graphs: the Stepper's runner, made in QloraStep)
     plan = SpeedPlan(fused_kernels=True, fast_base=fast, grouped=fast,
                      keep_attention=args.keep_attention, seeded_dropout=True,
-                     embedding_on_host=fast, cuda_graphs=False)
+                     embedding_on_host=fast, cuda_graphs=graphs)
     applied = apply_speed(model, plan)
     packed = not padded and packs_with_varlen(model, torch.device(args.device))
-    return QloraStep(model, applied, args, packed)
+    return QloraStep(model, applied, args, packed, graphs)
 
 
 def setup_system(system: str, model_dir: str, args):
@@ -289,8 +312,9 @@ def setup_system(system: str, model_dir: str, args):
         return setup_trl(model_dir, args)
     if system == "unsloth":
         return setup_unsloth(model_dir, args)
-    if system in ("qlora", "qlora-padded"):
-        return setup_qlora(model_dir, args, padded=system == "qlora-padded")
+    if system in ("qlora", "qlora-eager", "qlora-padded"):
+        return setup_qlora(model_dir, args, padded=system == "qlora-padded",
+                           graphs=system != "qlora-eager")
     raise ValueError(system)
 
 
@@ -311,6 +335,7 @@ def worker(args) -> int:
         rec["trainable_params"] = sum(p.numel() for p in step.params)
         if isinstance(step, QloraStep):
             rec["layout"] = "packed" if step.packed else "padded"
+            rec["cuda_graphs"] = "on" if step.graphs is not None else step.no_graphs_reason
         data = make_pairs(args, args.steps, shape["vocab_size"])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         if cuda:
@@ -336,6 +361,9 @@ def worker(args) -> int:
                    if cuda else None,
                    loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5),
                    losses=[round(x, 5) for x in losses], step_times=[round(x, 4) for x in times])
+        graphs = getattr(step, "graphs", None)
+        if graphs is not None:  # how many shapes were captured, and a capture that failed
+            rec.update(graphs_captured=len(graphs.graphs), graphs_failed=graphs.failed)
     except Exception as e:  # noqa: BLE001 — a failed system is a result, not a crash
         oom = isinstance(e, torch.OutOfMemoryError)
         rec["error"] = ("OOM: " if oom else "") + f"{type(e).__name__}: {e}"[:1500]

@@ -66,9 +66,11 @@ WORKER = textwrap.dedent("""
         # forward and backward of scale * loss_sum on the GPU
         from qlora.train.graphs import GraphedSteps
 
-        def stand_in(model, optimizer, plan, env, sharded, device, scaler, log, max_len):
+        def stand_in(model, optimizer, plan, env, sharded, device, scaler, log, max_len,
+                     preference=None):
             steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
             steps.model, steps.device, steps.pad_to, steps.log = model, device, 16, log
+            steps.preference = preference
             steps.failed = "capture not possible on the CPU (test)"
             return steps
         loop._graphed_steps = stand_in

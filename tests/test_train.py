@@ -284,9 +284,11 @@ def test_the_graph_path_of_the_loop_trains_as_the_plain_path(run_inputs, tmp_pat
     path's, with accumulation, packing and seeded dropout."""
     from qlora.train.graphs import GraphedSteps
 
-    def graphed(model, optimizer, plan, env, sharded, device, scaler, log, max_seq_length):
+    def graphed(model, optimizer, plan, env, sharded, device, scaler, log, max_seq_length,
+                preference=None):
         steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
         steps.model, steps.device, steps.pad_to, steps.log = model, device, 16, log
+        steps.preference = preference
         steps.failed = "capture not possible on the CPU (test)"
         return steps
 

@@ -19,6 +19,7 @@ divided once, when logged (`metric_means`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from qlora.adapters import adapters_disabled
 from qlora.data.preference import half, pair_batch, preference_batch
 from qlora.models.attention import Varlen
 from qlora.models.decoder import IGNORE_INDEX as IGNORE
-from qlora.models.decoder import compute_device
+from qlora.models.decoder import LabelPositions, compute_device, shifted_targets
 
 
 @dataclass
@@ -109,16 +110,7 @@ def policy_and_reference(method, model, batch: dict):
     """(policy, reference or None) log-probs of a batch for `method`; the reference is `model`
     with its adapters off."""
     if method.LAYOUT == "pairs":
-        rows = row_logps(model, batch)
-        policy = PairLogps(rows)
-        reference = None
-        if method.USES_REFERENCE and "ref_logps" in batch:  # precomputed: no forward here
-            ref = batch["ref_logps"].to(rows.logps.device, non_blocking=True)
-            reference = PairLogps(RowLogps(ref, rows.tokens))
-        elif method.USES_REFERENCE:
-            with torch.no_grad(), adapters_disabled(model):
-                reference = PairLogps(row_logps(model, batch))
-        return policy, reference
+        return pair_logps(method, model, lambda: row_logps(model, batch), batch.get("ref_logps"))
     # KTO: the examples' sequences with grad; their KL sequences only feed the detached estimate
     # z; the reference of both in one forward
     n = batch["n_examples"]
@@ -130,6 +122,22 @@ def policy_and_reference(method, model, batch: dict):
     ref_main, ref_kl = ref_rows.logps[:n], ref_rows.logps[n:]
     policy = UnpairedLogps(rows, kl, batch["label"])
     reference = UnpairedLogps(RowLogps(ref_main, ref_rows.tokens[:n]), ref_kl, batch["label"])
+    return policy, reference
+
+
+def pair_logps(method, model, rows: Callable[[], RowLogps], ref_logps: torch.Tensor | None
+               ) -> tuple[PairLogps, PairLogps | None]:
+    """(policy, reference or None) of a pairs batch: `rows()` is the batch's RowLogps through
+    `model` as it is now (once with grad; again with the adapters off, under no_grad, for the
+    reference), `ref_logps` the precomputed reference where there is one (no forward then)."""
+    policy_rows = rows()
+    policy, reference = PairLogps(policy_rows), None
+    if method.USES_REFERENCE and ref_logps is not None:
+        ref = ref_logps.to(policy_rows.logps.device, non_blocking=True)
+        reference = PairLogps(RowLogps(ref, policy_rows.tokens))
+    elif method.USES_REFERENCE:
+        with torch.no_grad(), adapters_disabled(model):
+            reference = PairLogps(rows())
     return policy, reference
 
 
@@ -184,9 +192,63 @@ def batch_loss(method, model, batch: dict, opts: PreferenceOptions
     return losses.sum(), metric_sums(metrics)
 
 
+# --- a pairs batch through a CUDA graph (train/graphs.py) --------------------------------------------
+def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tensor]:
+    """A pairs batch's label tokens laid out on the host for a graph whose rows are padded to
+    `length` tokens: what label_sequences and sequence_logps read from the batch, in tensors
+    whose shapes the graph fixes. The label count is rounded up to a multiple of `multiple`;
+    the extra slots predict from position 0 a target of IGNORE_INDEX (a loss of 0) into sequence
+    slot S, one past the batch's S sequences, which nothing reads.
+
+        positions  [L] the flat position (row · length + t) that predicts each label
+        targets    [L] the label (IGNORE_INDEX on the extra slots)
+        sequences  [L] the sequence of each label (S on the extra slots)
+        tokens     [S] label tokens per sequence
+        ref_logps  [S] the precomputed reference, where the batch has it
+    """
+    targets = shifted_targets(batch["labels"])
+    rows, ts = torch.nonzero(targets != IGNORE, as_tuple=True)  # row-major: the model's order
+    n, count = batch["n_sequences"], rows.numel()
+    sequences = batch["sequence_ids"][rows, ts + 1]  # the label's own sequence, at t + 1
+    slots = max(-(-count // multiple) * multiple, multiple)
+    out = {"positions": torch.zeros(slots, dtype=torch.long),
+           "targets": torch.full((slots,), IGNORE, dtype=torch.long),
+           "sequences": torch.full((slots,), n, dtype=torch.long),
+           "tokens": torch.bincount(sequences, minlength=n)}
+    out["positions"][:count] = rows * length + ts
+    out["targets"][:count] = targets[rows, ts]
+    out["sequences"][:count] = sequences
+    if "ref_logps" in batch:
+        out["ref_logps"] = batch["ref_logps"].float()
+    return out
+
+
+def slot_logps(token_losses: Callable[[LabelPositions], torch.Tensor],
+               slots: dict[str, torch.Tensor]) -> RowLogps:
+    """RowLogps of the staged sequences: `token_losses(labels)` is the model's per-token loss
+    over the staged rows (DecoderLM.forward with per_token), summed into fixed sequence slots."""
+    losses = token_losses(LabelPositions(slots["positions"], slots["targets"]))
+    n = slots["tokens"].numel()
+    logps = torch.zeros(n + 1, dtype=torch.float32, device=losses.device)  # slot n: padding
+    logps = logps.index_add(0, slots["sequences"], -losses.float())
+    return RowLogps(logps[:n], slots["tokens"])
+
+
+def staged_batch_loss(method, model, token_losses: Callable[[LabelPositions], torch.Tensor],
+                      slots: dict[str, torch.Tensor], opts: PreferenceOptions
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """batch_loss of a pairs batch staged by label_slots, its tensors on the device: no host
+    sync and no shape read from the data, so a CUDA graph records it (train/graphs.py)."""
+    policy, reference = pair_logps(method, model, lambda: slot_logps(token_losses, slots),
+                                   slots.get("ref_logps"))
+    losses, metrics = method.losses(policy, reference, opts)
+    return losses.sum(), metric_sums(metrics)
+
+
 def metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # the count by a fill on the device, not a copy from the host: a CUDA graph captures it
     return {name: torch.stack([v.detach().float().sum(),
-                               torch.tensor(float(v.numel()), device=v.device)])
+                               v.new_full((), float(v.numel()), dtype=torch.float32)])
             for name, v in metrics.items()}
 
 

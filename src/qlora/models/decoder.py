@@ -16,6 +16,7 @@ knows about it.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,16 @@ from qlora.models.spec import ArchSpec
 from qlora.models.tiling import run_mlp
 
 IGNORE_INDEX = -100  # the label of a position without loss (transformers' and PEFT's value too)
+
+
+@dataclass
+class LabelPositions:
+    """Labels given as the flat positions (row-major over the batch's [rows, T]) that predict them
+    and their targets, instead of a [rows, T] label tensor: laid out on the host ahead of a CUDA
+    graph (methods/preference.label_slots), where no label position can be read from the GPU.
+    A target of IGNORE_INDEX (a padding slot) adds a loss of 0."""
+    positions: torch.Tensor  # [N] int64
+    targets: torch.Tensor  # [N] int64
 
 
 class MLP(nn.Module):
@@ -118,7 +129,8 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32),
         or with `per_token` each label token's cross-entropy (fp32 [N], the label positions in
-        row-major order: what a preference method sums per sequence).
+        row-major order: what a preference method sums per sequence). `labels` may be a
+        LabelPositions (the label positions staged for a CUDA graph).
 
         `varlen`: the document layout of packed rows, given instead of read from position_ids
         (which must then be on the GPU): a CUDA graph holds it in fixed buffers."""
@@ -213,8 +225,10 @@ class DecoderLM(nn.Module):
         for start in range(0, t.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
             if torch.is_grad_enabled() and h.requires_grad:
+                # no RNG state kept: the chunk draws no random numbers, and a CUDA graph's
+                # capture (a preference step's) cannot read that state
                 chunks.append(checkpoint(self.chunk_loss, h[start:end], t[start:end], "none",
-                                         use_reentrant=False))
+                                         use_reentrant=False, preserve_rng_state=False))
             else:
                 chunks.append(self.chunk_loss(h[start:end], t[start:end], "none"))
         return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
@@ -222,11 +236,14 @@ class DecoderLM(nn.Module):
     def labelled(self, hidden: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The hidden states of the positions that predict a label, and those labels."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if isinstance(labels, LabelPositions):  # staged: no selection to make
+            return flat.index_select(0, labels.positions), labels.targets
         targets = shifted_targets(labels)
         keep = torch.nonzero(targets.reshape(-1) != IGNORE_INDEX).flatten()
         t = targets.reshape(-1)[keep].to(hidden.device, non_blocking=True)
         keep = keep.to(hidden.device, non_blocking=True)
-        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), t
+        return flat.index_select(0, keep), t
 
     def chunk_loss(self, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         logits = self.lm_head(h).float()

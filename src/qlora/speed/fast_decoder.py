@@ -185,7 +185,8 @@ class FastDecoderLM(DecoderLM):
     def loss_sum(self, hidden, labels):
         """The reference's sum; with lm_head frozen (LoRA) each chunk's gradient of the hidden
         states is made in forward (kernels/cross_entropy.py) and backward recomputes nothing."""
-        if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if (isinstance(labels, torch.Tensor) and labels.device.type == "cuda"
+                and torch.cuda.is_current_stream_capturing()):
             return self._loss_sum_all_positions(hidden, shifted_targets(labels).reshape(-1))
         if self.lm_head.weight.requires_grad:
             return super().loss_sum(hidden, labels)

@@ -15,6 +15,12 @@ after a causal document changes nothing before it. Rows are padded to a multiple
 (a padding document without labels) and the document count to a power of two, so a run makes few
 graphs; they share one memory pool.
 
+A preference method of pairs (DPO, ORPO, SimPO) puts its batch loss in the graph instead of the
+model's loss sum (`GraphedSteps(preference=)`): its label positions, their sequences and the
+label tokens per sequence are staged on the host with the rows (`stage_preference`, through
+methods/preference.label_slots), so the capture reads no label from the GPU; DPO's reference
+forward (adapters off, no grad) is recorded in the same graph. KTO steps eagerly.
+
 Layers with a sliding window take the same offsets with their window where torch's varlen takes
 one (`window_size`); in rows of one document, a dense bool mask made on the GPU from the row
 length alone, which the capture holds.
@@ -32,7 +38,7 @@ layers then need no RNG state, which cannot be read during a capture), flattened
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,13 +107,21 @@ class StagedBatch:
     """A micro-batch made ready for its graph on the host alone: padded, its document offsets laid
     out as the graph's `cu_seqlens` buffer, in page-locked memory when `pinned` (the copies into the
     graph's buffers are then asynchronous). No GPU work, so the loop stages the next step's
-    micro-batches while the GPU still runs this step's."""
-    key: tuple[int, int, int]  # (rows, padded length, document slots; 0: one document a row)
+    micro-batches while the GPU still runs this step's. A preference batch adds its label slots
+    (methods/preference.label_slots) and keeps the batch itself for the eager fallback."""
+    key: tuple  # (rows, padded length, document slots; 0: one document a row), then the slots'
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
     cu_seqlens: torch.Tensor
     unpadded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # for the eager fallback
+    slots: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: dict | None = None  # the preference batch as collated, for the eager fallback
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """What is copied into the graph's buffers of the same names."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "labels": self.labels, "cu_seqlens": self.cu_seqlens, **self.slots}
 
 
 def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
@@ -130,16 +144,48 @@ def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: tor
     return StagedBatch((B, length, docs), ids, pos, lab, cu, (input_ids, position_ids, labels))
 
 
+def stage_preference(batch: dict, pad_to: int, pinned: bool) -> StagedBatch:
+    """A pairs batch (data/preference.pair_batch) staged as stage_batch stages its rows, with its
+    label slots (methods/preference.label_slots, rounded up to a multiple of `pad_to`); the
+    slots' shapes (labels, sequences, a precomputed reference or not) join the key."""
+    from qlora.methods.preference import label_slots
+
+    staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
+                         pinned)
+    slots = label_slots(batch, staged.key[1], pad_to)
+    if pinned:
+        slots = {name: t.pin_memory() for name, t in slots.items()}
+    staged.slots, staged.source = slots, batch
+    staged.key += tuple((name, t.numel()) for name, t in sorted(slots.items()))
+    return staged
+
+
 class _Graph:
-    def __init__(self, batch: int, length: int, docs: int, device: torch.device):
-        self.input_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
-        self.position_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
-        self.labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
-        self.cu_seqlens = torch.zeros(docs + 1, dtype=torch.int32, device=device)
+    def __init__(self, batch: StagedBatch, device: torch.device):
+        # the graph's inputs: one device buffer per staged tensor, of its shape
+        self.buffers = {name: torch.empty_like(t, device=device)
+                        for name, t in batch.buffers().items()}
+        self.input_ids, self.position_ids = self.buffers["input_ids"], self.buffers["position_ids"]
+        self.labels = self.buffers["labels"]
+        self.slots = {name: self.buffers[name] for name in batch.slots}
+        length, docs = batch.key[1], batch.key[2]
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        self.varlen = Varlen(self.cu_seqlens, length) if docs else None  # None: causal rows
+        self.packed = docs > 0  # else one document a row: positions 0.. and the causal kernel
+        # the documents' offsets in a fixed buffer; off CUDA (no graph there: the tests run the
+        # body eagerly on the CPU) the layout is read from position_ids instead
+        self.varlen = Varlen(self.buffers["cu_seqlens"], length) \
+            if self.packed and device.type == "cuda" else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss_sum: torch.Tensor | None = None
+        self.metrics: dict[str, torch.Tensor] = {}  # a preference method's, as loss_sum
+
+    def forward(self, model, labels, per_token: bool = False) -> torch.Tensor:
+        """The model over this graph's rows: the loss sum, or with `per_token` each label's loss
+        (`labels` then a models.decoder.LabelPositions: methods/preference.slot_logps)."""
+        extra = {"per_token": True} if per_token else {}
+        if not self.packed:
+            return model(self.input_ids, None, labels, **extra)
+        return model(self.input_ids, self.position_ids, labels, varlen=self.varlen, **extra)
 
 
 class GraphedSteps:
@@ -147,17 +193,24 @@ class GraphedSteps:
     through a CUDA graph per padded shape; returns the loss sum (a GPU scalar, valid until the
     next call). Inputs come on the CPU, as the loop's batches do. The call is `stage` (host work:
     padding, offsets, page-locked copies) then `run` (copies into the graph's buffers, replay); the
-    loop calls them apart, staging a step's micro-batches while the GPU runs the previous step."""
+    loop calls them apart, staging a step's micro-batches while the GPU runs the previous step.
+
+    `preference`: (a pairs method's module, its PreferenceOptions): the graph's body is then that
+    method's batch loss (methods/preference.staged_batch_loss: the policy forward, DPO's
+    reference forward with the adapters off or its precomputed log-probs, the method's losses)
+    over a batch staged with its label slots (`stage_pairs`), and `metrics` holds the last run's
+    metric sums (fixed tensors, as the loss sum: read or copy them before the next run)."""
 
     def __init__(self, model, grads: list[torch.Tensor], pad_to: int = 256, warmup: int = 2,
-                 capture_error_mode: str = "global", log=print):
-        self.model, self.grads = model, grads
+                 capture_error_mode: str = "global", log=print, preference=None):
+        self.model, self.grads, self.preference = model, grads, preference
         self.capture_error_mode, self.log = capture_error_mode, log
         self.failed: str | None = None  # why capturing failed; the steps then run eagerly
         self.pad_to, self.warmup = pad_to, warmup
         self.device = compute_device(model)
-        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.metrics: dict[str, torch.Tensor] = {}
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                  scale: float) -> torch.Tensor:
@@ -169,13 +222,19 @@ class GraphedSteps:
         return stage_batch(input_ids, position_ids, labels, self.pad_to,
                            pinned=self.device.type == "cuda")
 
+    def stage_pairs(self, batch: dict) -> StagedBatch:
+        """`stage` for a preference method's pairs batch (stage_preference)."""
+        return stage_preference(batch, self.pad_to, pinned=self.device.type == "cuda")
+
     def run(self, batch: StagedBatch, scale: float) -> torch.Tensor:
         """The GPU half: copy `batch` into its graph's buffers (captured on first sight), replay."""
-        if self.failed is not None:
-            return self._eager(*batch.unpadded, scale)
+        if self.failed is not None or batch.key[1] > GRAPH_ROWS_UP_TO:
+            # (a packed preference row holds a micro-batch's sequences: it may be longer than
+            # max_seq_length, which unsupported_reason bounded)
+            return self._eager(batch, scale)
         g = self.graphs.get(batch.key)
         if g is None:
-            g = _Graph(*batch.key, self.device)
+            g = _Graph(batch, self.device)
             self._fill(g, batch, scale)
             try:
                 self._capture(g)
@@ -183,31 +242,45 @@ class GraphedSteps:
                 self.failed = f"{type(err).__name__}: {err}"
                 self.log(f"CUDA graphs off from here on: capturing the step failed "
                          f"({self.failed[:300]})")
-                return self._eager(*batch.unpadded, scale)
+                return self._eager(batch, scale)
             self.graphs[batch.key] = g
         else:
             self._fill(g, batch, scale)
         g.graph.replay()
+        self.metrics = g.metrics
         return g.loss_sum
 
     def _fill(self, g: _Graph, batch: StagedBatch, scale: float):
         # from page-locked memory the copies are asynchronous; the host allocator keeps each
         # source block until its copy has run, so the staged batch may be dropped right away
-        for dst, src in ((g.input_ids, batch.input_ids), (g.position_ids, batch.position_ids),
-                         (g.labels, batch.labels), (g.cu_seqlens, batch.cu_seqlens)):
-            dst.copy_(src, non_blocking=True)
+        for name, src in batch.buffers().items():
+            g.buffers[name].copy_(src, non_blocking=True)
         g.scale.fill_(scale)
 
-    def _eager(self, input_ids, position_ids, labels, scale: float) -> torch.Tensor:
-        loss_sum = self.model(input_ids.to(self.device), position_ids, labels)
+    def _eager(self, batch: StagedBatch, scale: float) -> torch.Tensor:
+        if self.preference is not None:
+            from qlora.methods.preference import batch_loss
+
+            method, opts = self.preference
+            loss_sum, self.metrics = batch_loss(method, self.model, batch.source, opts)
+        else:
+            input_ids, position_ids, labels = batch.unpadded
+            loss_sum = self.model(input_ids.to(self.device), position_ids, labels)
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
     def _body(self, g: _Graph) -> torch.Tensor:
-        if g.varlen is None:  # one document a row: positions 0.. and the causal kernel
-            loss_sum = self.model(g.input_ids, None, g.labels)
+        """What the capture records: forward, backward of loss_sum · scale; the loss sum (and a
+        preference method's metric sums, in g.metrics) out."""
+        if self.preference is not None:
+            from qlora.methods.preference import staged_batch_loss
+
+            method, opts = self.preference
+            loss_sum, g.metrics = staged_batch_loss(
+                method, self.model, lambda labels: g.forward(self.model, labels, per_token=True),
+                g.slots, opts)
         else:
-            loss_sum = self.model(g.input_ids, g.position_ids, g.labels, varlen=g.varlen)
+            loss_sum = g.forward(self.model, g.labels)
         (loss_sum * g.scale).backward()
         return loss_sum.detach()
 

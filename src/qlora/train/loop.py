@@ -533,7 +533,10 @@ def _bar_metrics(sums: dict) -> dict[str, float]:
 def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device: torch.device,
                  sharded: bool, log: Callable[[str], None]):
     """Every fast path the settings ask for: (dropout seed tensor, its stride, the CUDA-graph
-    runner or None)."""
+    runner or None). A pairs method's micro-batch is captured too (its body: the method's batch
+    loss, train/graphs.py); KTO's runs eagerly."""
+    from qlora.methods import method_module
+
     # every fast path the settings ask for, from one place (speed/), before any graph is
     # captured: the kernels go in it. Dropout masks are drawn from (seed, micro-batch index,
     # layer): the same on resume, and no global RNG inside the layers, which a graph needs
@@ -549,12 +552,16 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
     dropout_seed, dropout_stride = applied.dropout_seed, applied.dropout_stride
     for line in long_context_lines(plan, cfg, model):
         log(line)
-    if cfg.method != "sft":  # a preference micro-batch is several forwards, some without grad
+    method = method_module(cfg.method)
+    if method is not None and method.LAYOUT != "pairs":
         if plan.cuda_graphs and device.type == "cuda":
-            log(f"CUDA graphs off: --method {cfg.method} runs forwards of its own")
+            log(f"CUDA graphs off: --method {cfg.method} runs eagerly (its KL sequences' "
+                "forward and the reference's take shapes of their own; DPO, ORPO and SimPO "
+                "are captured)")
         return dropout_seed, dropout_stride, None
+    preference = (method, preference_options(cfg)) if method is not None else None
     graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log,
-                             cfg.max_seq_length)
+                             cfg.max_seq_length, preference=preference)
     return dropout_seed, dropout_stride, graphed
 
 
@@ -778,10 +785,12 @@ def _summary(cfg: RunConfig, env: DistEnv, state: ckpt.TrainerState, result: Tra
 
 
 def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: bool,
-                   device: torch.device, scaler, log: Callable[[str], None], max_seq_length: int):
+                   device: torch.device, scaler, log: Callable[[str], None], max_seq_length: int,
+                   preference=None):
     """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged.
     Data parallel runs replay graphs as one process does: their one collective, the gradient
-    all-reduce, comes after the micro-batches (Stepper.update)."""
+    all-reduce, comes after the micro-batches (Stepper.update). `preference`: (a pairs method,
+    its options), whose batch loss the graphs then hold."""
     if not plan.cuda_graphs:
         return None
     from qlora.train.graphs import GraphedSteps, unsupported_reason
@@ -803,7 +812,7 @@ def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: boo
         "shape take longer)")
     # thread_local: under torchrun, NCCL's watchdog thread queries events while a graph is
     # captured; "global" would let that call fail the capture
-    return GraphedSteps(model, grads, log=log,
+    return GraphedSteps(model, grads, log=log, preference=preference,
                         capture_error_mode="thread_local" if env.enabled else "global")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from qlora.adapters import set_dropout_seed
 from qlora.config import RunConfig
+from qlora.methods.preference import add_metrics
 from qlora.train import distributed as dist_
 from qlora.train.distributed import DistEnv
 from qlora.train.optim import zero_grads
@@ -42,7 +43,8 @@ def share_window(env: DistEnv, device: torch.device, n_labels: int, n_input: int
 class Stepper:
     """The forward/backward of a window's micro-batches and the optimizer step after them.
 
-    `graphed`: the CUDA-graph runner (train/graphs.py) or None for eager stepping. `sharded`: the
+    `graphed`: the CUDA-graph runner (train/graphs.py; a pairs method's body where `method` is
+    one) or None for eager stepping. `sharded`: the
     model is FSDP2's (train/distributed.py), which reduce-scatters and averages gradients inside
     each backward; otherwise, under torchrun, `update` sums the flat gradient buffers itself."""
 
@@ -63,7 +65,9 @@ class Stepper:
 
     def prepare(self, batch: dict) -> None:
         """Host work on a micro-batch, done for a step while the GPU runs the one before."""
-        if self.graphed is not None:
+        if self.graphed is not None and self.method is not None:
+            batch["staged"] = self.graphed.stage_pairs(batch)
+        elif self.graphed is not None:
             batch["staged"] = self.graphed.stage(batch["input_ids"], batch["position_ids"],
                                                  batch["labels"])
         else:
@@ -87,6 +91,9 @@ class Stepper:
             scale = b["weight"] / max(n_labels, 1)
             if self.graphed is not None:
                 step_loss += self.graphed.run(b["staged"], scale) * b["weight"]
+                if self.method is not None:  # overwritten by the next replay: added up here
+                    add_metrics(self.metrics, {k: v * b["weight"]
+                                               for k, v in self.graphed.metrics.items()})
             else:
                 self._eager(b, scale, step_loss)
         return step_loss
@@ -107,7 +114,7 @@ class Stepper:
 
     def _preference(self, b: dict) -> torch.Tensor:
         """A preference micro-batch's summed loss; its metrics are added to the step's."""
-        from qlora.methods.preference import add_metrics, batch_loss
+        from qlora.methods.preference import batch_loss
 
         method, opts = self.method
         loss_sum, metrics = batch_loss(method, self.model, b, opts)

@@ -1,0 +1,203 @@
+"""A pairs method's micro-batch as a CUDA graph holds it (train/graphs.py with a preference body):
+the batch staged on the host (rows padded, label positions in slots padded to a fixed count,
+sequence slots, token counts), then the body the capture records, called directly on the CPU.
+It must give batch_loss's loss, metric sums and adapter gradients on the unstaged batch; the GPU
+comparison of a real replay is benchmarks/gpu_check.py's check_preference_graphed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.data.preference import pair_batch
+from qlora.methods import PREFERENCE_METHODS
+from qlora.methods.preference import (PreferenceOptions, batch_loss, label_sequences,
+                                      label_slots, sequence_logps)
+from qlora.models.decoder import IGNORE_INDEX
+from qlora.train.graphs import GraphedSteps, _Graph, stage_preference
+
+PAD_TO = 16  # small, so that the rows and the label slots both get padding
+
+
+def _model(model_dir, speed: bool):
+    """The tiny llama in fp32 with randomised LoRA (dropout 0: both sides draw no masks);
+    `speed`: the speed layer's forks (the per-token loss through kernels/cross_entropy.py's torch
+    reference on the CPU), in chunks of 5 tokens so that several chunks run."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    model = load_model(model_dir, QuantConfig(method="none", compute_dtype=torch.float32))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    if speed:
+        from qlora.speed import SpeedPlan, apply_speed
+
+        apply_speed(model, SpeedPlan())
+    model.loss_chunk_tokens = 5
+    return model.train()
+
+
+def _examples(reference: bool) -> list[dict]:
+    """Pairs of different lengths (padded rows pad; 33 label tokens fill no multiple of 16)."""
+    g = torch.Generator().manual_seed(11)
+
+    def ids(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    examples = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
+                for p, c, r in ((3, 4, 6), (5, 2, 3), (2, 7, 1), (4, 3, 7))]
+    if reference:  # precomputed reference log-probs (any numbers: the loss only reads them)
+        for k, e in enumerate(examples):
+            e["ref_chosen"], e["ref_rejected"] = -20.0 - k, -25.0 + 2 * k
+    return examples
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _graph_body(model, method, opts, batch: dict):
+    """(loss sum, metric sums, gradients) of the graph's body on the CPU: the staged batch copied
+    into a _Graph's buffers, then GraphedSteps._body, which the capture records."""
+    steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
+    steps.model, steps.preference, steps.pad_to = model, (method, opts), PAD_TO
+    staged = stage_preference(batch, PAD_TO, pinned=False)
+    g = _Graph(staged, torch.device("cpu"))
+    steps._fill(g, staged, 1.0)
+    model.zero_grad()
+    loss = steps._body(g)
+    return staged, loss, g.metrics, _grads(model)
+
+
+@pytest.mark.parametrize("name,packed,reference,speed", [
+    ("dpo", True, False, False), ("dpo", False, False, True), ("dpo", True, True, True),
+    ("dpo", False, True, False), ("orpo", True, False, True), ("orpo", False, False, False),
+    ("simpo", True, False, False), ("simpo", False, False, True)])
+def test_graph_body_equals_batch_loss(llama_dir, name, packed, reference, speed):
+    """The graph's body from the staged batch = batch_loss on the batch: loss, every metric sum,
+    every adapter gradient. fp32, rel 1e-5 of each quantity's scale: the same tokens and GEMMs,
+    over rows longer by a padding document, and per-sequence sums that also add the padding
+    slots' zeros, so the sums run in other orders (~1e-6 relative in fp32)."""
+    method = PREFERENCE_METHODS[name]
+    model = _model(llama_dir, speed)
+    batch = pair_batch(_examples(reference), 0, packed=packed)
+    opts = PreferenceOptions(beta=0.3)
+    model.zero_grad()
+    want_loss, want_metrics = batch_loss(method, model, batch, opts)
+    want_loss.backward()
+    want_grads = _grads(model)
+    staged, loss, metrics, grads = _graph_body(model, method, opts, batch)
+    # the staging padded both: a padding document after the rows, and label slots that add 0
+    assert staged.input_ids.shape[1] > batch["input_ids"].shape[1]
+    assert staged.slots["positions"].numel() > int((batch["labels"] != IGNORE_INDEX).sum())
+    assert ("ref_logps", 8) in staged.key if reference else "ref_logps" not in staged.slots
+    want_loss = float(want_loss.detach())
+    assert abs(float(loss) - want_loss) <= 1e-5 * abs(want_loss)
+    assert metrics.keys() == want_metrics.keys()
+    # the metrics are log-probs and differences of them: their rounding scales with the log-probs
+    scale = max(float(want_metrics[k][0].abs()) for k in ("logps/chosen", "logps/rejected"))
+    for k, v in want_metrics.items():
+        assert float(metrics[k][1]) == float(v[1]), k  # the counts exactly
+        assert abs(float(metrics[k][0]) - float(v[0])) <= 1e-5 * scale, (k, metrics[k], v)
+    assert grads.keys() == want_grads.keys() and len(grads) == 2 * 7 * 2  # A, B; 7 linears, 2 layers
+    for k, want in want_grads.items():
+        top = float(want.abs().max())
+        assert top > 0, k
+        assert float((grads[k] - want).abs().max()) <= 1e-5 * top, k
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_label_slots_hold_what_the_eager_path_reads(packed):
+    """label_slots puts in what label_sequences / sequence_logps / the model's label selection
+    give the eager path: each label's sequence and target at the position that predicts it (in
+    the padded rows), the tokens per sequence; padding slots predict IGNORE_INDEX into slot S."""
+    batch = pair_batch(_examples(reference=False), 0, packed=packed)
+    rows, T = batch["input_ids"].shape
+    length = T + 5
+    slots = label_slots(batch, length, PAD_TO)
+    sequences = label_sequences(batch)
+    n, count, S = sequences.numel(), sequences.numel(), batch["n_sequences"]
+    assert slots["positions"].numel() % PAD_TO == 0 and slots["positions"].numel() > count
+    assert torch.equal(slots["sequences"][:n], sequences)
+    want_tokens = sequence_logps(torch.zeros(n), sequences, S).tokens
+    assert torch.equal(slots["tokens"], want_tokens)
+    # the position before each label, in the rows padded to `length`
+    r, t = slots["positions"][:n] // length, slots["positions"][:n] % length
+    assert torch.equal(slots["targets"][:n], batch["labels"][r, t + 1])
+    assert torch.equal(batch["sequence_ids"][r, t + 1], sequences)
+    assert (slots["targets"][n:] == IGNORE_INDEX).all() and (slots["sequences"][n:] == S).all()
+    assert "ref_logps" not in slots
+
+
+def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monkeypatch):
+    """`qlora train --method dpo` with the CUDA-graph glue of the loop on the CPU: each
+    micro-batch staged with its label slots a step ahead (Stepper.prepare), run at the window's
+    scale, its metric sums taken from the runner; the 'capture' stands in by running the body it
+    would record at each replay. Step losses, logged metrics and adapters equal the eager run's:
+    rel 1e-5 of the loss (fp32, sums in other orders), 1e-4 for the adapters after 3 Adam steps."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qlora.config import load_config
+    from qlora.tiny import build_tiny_model
+    from qlora.train import loop
+
+    model = build_tiny_model(tmp_path / "model", "llama")
+    words = "cat dog sunshine moon tree fishing bird raincoat snow windmill".split()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{w} = ", "chosen": w.upper(),
+                                        "rejected": w[::-1] * 2}) + "\n" for w in words))
+
+    def run(out):
+        cfg = load_config(None, dict(
+            model=str(model), data=str(data), output_dir=str(out), method="dpo", max_steps=3,
+            micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.0,
+            learning_rate=5e-3, warmup_steps=0, logging_steps=1, eval_steps=0, save_steps=0,
+            device="cpu", val_set_size=0, quant="none", max_seq_length=32))
+        return loop.train(cfg, progress=False)
+
+    eager = run(tmp_path / "eager")
+    bodies = []
+
+    def stand_in(model, optimizer, plan, env, sharded, device, scaler, log, max_len,
+                 preference=None):
+        steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
+        # rows padded to a multiple of 4 tokens: the micro-batches take several shapes
+        steps.model, steps.device, steps.pad_to, steps.log = model, device, 4, log
+        steps.preference, steps.failed, steps.graphs, steps.metrics = preference, None, {}, {}
+        return steps
+
+    def capture(self, g):  # a "replay" runs the body the capture would have recorded
+        def replay():
+            bodies.append(g)
+            g.loss_sum = self._body(g)
+        g.graph = type("Replayed", (), {"replay": staticmethod(replay)})()
+
+    monkeypatch.setattr(loop, "_graphed_steps", stand_in)
+    monkeypatch.setattr(GraphedSteps, "_capture", capture)
+    graphed = run(tmp_path / "graphed")
+    # every micro-batch through a body: 10 pairs, 2 a micro-batch, steps of 2, 2 and the epoch's
+    # last 1; in graphs of more than one shape
+    assert len(bodies) == 5 and len({id(g) for g in bodies}) > 1
+    for step, loss in eager.step_losses.items():
+        assert graphed.step_losses[step] == pytest.approx(loss, rel=1e-5), step
+
+    def records(out):
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+
+    for a, b in zip(records(tmp_path / "eager"), records(tmp_path / "graphed"), strict=True):
+        assert {k for k in a if "/" in k} == {k for k in b if "/" in k}  # rewards/*, logps/*
+        for k in a:
+            if "/" in k or k in ("loss", "grad_norm"):  # log-probs of ~-30: 1e-5 rel of those
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-4), k
+    want = load_file(str(tmp_path / "eager" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "graphed" / "adapter_model.safetensors"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
