@@ -326,6 +326,39 @@ def test_fast_path_gives_the_reference_step(family, final_cap, monkeypatch):
     assert_same_step(reference, fast)
 
 
+@pytest.mark.parametrize("final_cap", [5.0, None])
+def test_fast_path_gives_the_reference_per_token_losses(final_cap):
+    """What a preference method sums per sequence: each label token's loss through the fused
+    cross-entropy (Gemma 2's final soft-cap inside it) equals the reference's, and so does the
+    gradient of a weighted sum of them (each sequence weighed by its own factor)."""
+    model = random_gemma("gemma2", 0.0, final_logit_softcapping=final_cap)
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    weights = torch.linspace(-1.0, 2.0, 2 * 23)
+
+    def per_token(plan=None):
+        if plan is not None:
+            apply_speed(model, plan)
+        model.zero_grad()
+        losses = model(ids, labels=ids, per_token=True)
+        (losses * weights).sum().backward()
+        return losses.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    reference = per_token()
+    fast = per_token(SpeedPlan(fast_base=True, grouped=True, keep_attention=True,
+                               seeded_dropout=True))
+    assert type(model).__name__ == "FastGemmaLM"
+    # fp32 either way: a row's logsumexp in another order, ~1e-7 of each loss
+    assert torch.allclose(fast[0], reference[0], rtol=1e-5, atol=1e-6)
+    if final_cap is not None:  # the cap bends these logits: without it the losses differ
+        uncapped = model.lm_head(model.hidden_states(ids)).float()[:, :-1].reshape(-1, 300)
+        plain = torch.nn.functional.cross_entropy(uncapped, ids[:, 1:].reshape(-1),
+                                                  reduction="none")
+        assert (plain.detach() - reference[0]).abs().max() > 1e-3
+    assert_same_step((fast[0].sum(), fast[1]), (reference[0].sum(), reference[1]))
+
+
 def assert_same_step(reference, fast) -> None:
     """The same loss; each gradient within 1e-5 of its largest entry (fp32 rounding of the
     grouped GEMM, which Gemma 3's per-head q/k norms amplify past test_dequant_kernel's

@@ -180,9 +180,10 @@ class LinearCrossEntropyRows(torch.autograd.Function):
     once to h's dtype."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                softcap: float | None = None):
         losses, grad_h = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=True,
-                                        per_row=True)
+                                        per_row=True, softcap=softcap)
         ctx.save_for_backward(grad_h)
         ctx.chunk_tokens = chunk_tokens
         return losses
@@ -194,7 +195,7 @@ class LinearCrossEntropyRows(torch.autograd.Function):
         for start in range(0, grad_h.shape[0], ctx.chunk_tokens):  # the fp32 product a chunk at a time
             end = start + ctx.chunk_tokens
             out[start:end] = grad_h[start:end].float() * grad_output[start:end, None]
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
@@ -233,13 +234,15 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
 
 
 def linear_cross_entropy_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              chunk_tokens: int) -> torch.Tensor:
+                              chunk_tokens: int, softcap: float | None = None) -> torch.Tensor:
     """linear_cross_entropy_sum's losses, one per row of h (fp32 [N], 0 where the target is
-    IGNORE_INDEX), with h's gradient made in forward in the same way."""
+    IGNORE_INDEX; soft-capped logits where `softcap` is given), with h's gradient made in forward
+    in the same way."""
     _check(h, weight, targets, chunk_tokens, "linear_cross_entropy_rows")
     h = h.contiguous()
     targets = targets.contiguous()
     if torch.is_grad_enabled() and h.requires_grad:
-        return LinearCrossEntropyRows.apply(h, weight, targets, chunk_tokens)
-    losses, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False, per_row=True)
+        return LinearCrossEntropyRows.apply(h, weight, targets, chunk_tokens, softcap)
+    losses, _ = _loss_and_grad(h, weight, targets, chunk_tokens, want_grad=False, per_row=True,
+                               softcap=softcap)
     return losses

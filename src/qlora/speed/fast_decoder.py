@@ -200,7 +200,8 @@ class FastDecoderLM(DecoderLM):
         if self.lm_head.weight.requires_grad:
             return super().token_losses(hidden, labels)
         h, t = self.labelled(hidden, labels)
-        return linear_cross_entropy_rows(h, self.lm_head.weight, t, self.loss_chunk_tokens)
+        return linear_cross_entropy_rows(h, self.lm_head.weight, t, self.loss_chunk_tokens,
+                                         self.final_softcap)
 
     def _loss_sum_all_positions(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes fixed by the input alone (inside a CUDA graph capture, where
@@ -289,10 +290,6 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
     def cuda_graphs_refused(self) -> str | None:
         return None if self.flex_attention else GemmaLM.cuda_graphs_refused.fget(self)
 
-    def token_losses(self, hidden, labels):
-        if self.final_softcap is not None:
-            return DecoderLM.token_losses(self, hidden, labels)
-        return FastDecoderLM.token_losses(self, hidden, labels)
 
 
 class FastPhi3Attention(FastAttention, Phi3Attention):
