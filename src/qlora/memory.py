@@ -1383,10 +1383,14 @@ def fits_tightly(b: Breakdown, gpu_bytes: int) -> bool:
 def tight_fit_line(b: Breakdown, gpu_bytes: int, gpu_name: str) -> str:
     """What `qlora plan` and `qlora train` say of a tight fit."""
     spare = gpu_bytes - least_needed_bytes(b)
-    return (f"may fit on {gpu_name}, tightly: peak allocated ~{_gib(b.allocated):.2f} GiB + CUDA "
-            f"context leave ~{_gib(spare):.2f} GiB of {_gib(gpu_bytes):.1f} for the allocator's cached "
+    # every term least_needed_bytes takes, named, so that the numbers add up on the page
+    paged = (f" + paged optimizer states ~{_gib(b.optimizer_paged):.2f} GiB"
+             if b.optimizer_paged else "")
+    return (f"may fit on {gpu_name}, tightly: peak allocated ~{_gib(b.allocated):.2f} GiB{paged} + "
+            f"CUDA context ~{_gib(CUDA_CONTEXT_BYTES):.2f} GiB leave ~{_gib(spare):.2f} GiB of "
+            f"{_gib(gpu_bytes):.1f} for the allocator's cached "
             f"blocks, where ~{_gib(needed_bytes(b)):.1f} GiB is the usual need (reserved measured "
-            f"1.02-1.29x allocated without a cap); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+            f"1.01-1.29x allocated without a cap); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
             "cuts fragmentation. If it runs out of memory, change one of:")
 
 
@@ -1689,10 +1693,17 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps
         best = auto_fit(arch, pc, gpu_bytes, max_micro_batch=max(global_batch, 1))
         if best is None:
+            smallest = replace(pc, micro_batch=1, checkpointing=True)
+            # auto-fit picks only what fits with the usual slack; say so where the user's own
+            # choice of the smallest step would still run (a tight fit, warned about)
+            tight = ("; it may fit tightly (allocated peak and CUDA context within the GPU, not "
+                     "the allocator's usual slack): to try it, leave out --auto_fit and set "
+                     "--micro_batch_size 1 --gradient_checkpointing true"
+                     if fits_tightly(plan(arch, smallest), gpu_bytes) else "")
             raise QloraError(
                 f"--auto_fit: nothing fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}), even micro-batch 1 with "
-                f"gradient checkpointing (needs ~{_gib(needed_bytes(plan(arch, replace(pc, micro_batch=1, checkpointing=True)))):.1f} GiB). "
-                "Change:\n" + "\n".join(_advice_lines(arch, replace(pc, micro_batch=1, checkpointing=True), gpu_bytes)))
+                f"gradient checkpointing (needs ~{_gib(needed_bytes(plan(arch, smallest))):.1f} GiB){tight}. "
+                "Change:\n" + "\n".join(_advice_lines(arch, smallest, gpu_bytes)))
         # the largest micro-batch that fits and divides the global batch, so the global batch
         # (micro-batch x accumulation) stays what the config asked for
         mb = max(d for d in range(1, best.micro_batch + 1) if global_batch % d == 0)
