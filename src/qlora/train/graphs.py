@@ -110,7 +110,9 @@ class StagedBatch:
     graph's buffers are then asynchronous). No GPU work, so the loop stages the next step's
     micro-batches while the GPU still runs this step's. A preference batch adds its label slots
     (methods/preference.label_slots) and keeps the batch itself for the eager fallback."""
-    key: tuple  # (rows, padded length, document slots; 0: one document a row), then the slots'
+    # (rows, padded length, document slots; 0: one document a row), then a preference batch's
+    # (slot name, size) pairs: every shape the graph fixes
+    key: tuple
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
