@@ -21,9 +21,14 @@
 #                 length whose allocated peak the planner fits there (offload, 4096-token MLP tiles,
 #                 no attention kept; one step, no warm-up: a step is minutes), and Unsloth up a
 #                 ladder of lengths in one worker (each recorded, out of memory too). Each
-#                 part is one call of at most ~9.5 minutes; longest-80 runs qlora alone (393,216
-#                 tokens: ~93 GiB of pinned host memory, one step of ~7.5 minutes by the 262,144
-#                 step's 199 s) and longest-80-unsloth the peer.
+#                 part is one call of at most ~9.5 minutes. The host bounds offload as well: the
+#                 pinned allocator rounds each layer's buffer up to a power of two, so 262,144 <
+#                 tokens <= 524,288 pins 31 x 4 GiB = 124 GiB, more than a 128 GiB host gives
+#                 (train_step.py then records the refusal qlora train gives, in seconds).
+#                 longest-48 runs qlora at 262,144 (62 GiB pinned); longest-80 runs qlora alone
+#                 at 393,216 (93 GiB of inputs, 124 pinned: only on a host with ~138 GiB
+#                 available; one step of ~7.5 minutes by the 262,144 step's 199 s) and
+#                 longest-80-unsloth the peer.
 #   moe           qlora alone (the peers read a 61 GB / 93 GB checkpoint: see docs/BENCHMARKS.md
 #                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
 #                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
@@ -137,8 +142,9 @@ longest-24)  # planned peak allocated 22.27 GiB at 163,840 (qlora plan --seq-len
     --systems unsloth --memory-cap-gib 23 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --worker-timeout 300 --model-root /tmp/models --out "$OUT/unsloth-24" --deadline 315
   ;;
-longest-48)  # planned 39.73 GiB at 327,680 (46.72 at 393,216: over); one step ~5 minutes
-  step 400 qlora-327680-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 327680 \
+longest-48)  # planned 32.74 GiB at 262,144 (39.73 at 327,680 fits the cap, but its 124 GiB of
+             # pinned inputs do not fit a 128 GiB host); one step ~3.5 minutes
+  step 400 qlora-262144-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 262144 \
     --systems qlora-eager --memory-cap-gib 46 --offload-activations true --tile-mlp true \
     --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy --random-weights \
     --worker-timeout 395 --deadline 398 --out "$OUT/qlora-48"
@@ -146,7 +152,8 @@ longest-48)  # planned 39.73 GiB at 327,680 (46.72 at 393,216: over); one step ~
     --systems unsloth --memory-cap-gib 46 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --worker-timeout 165 --model-root /tmp/models --out "$OUT/unsloth-48" --deadline 168
   ;;
-longest-80)  # planned 46.72 GiB at 393,216, 93 GiB of pinned host memory (check_host_offload)
+longest-80)  # planned 46.72 GiB at 393,216; 124 GiB of pinned host memory (check_host_offload:
+             # refused on a 128 GiB host, so run it only where ~138 GiB is available)
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step 580 qlora-393216 $PY "$HERE/train_step.py" \
     --shapes llama-3-8b --seqs 393216 --systems qlora-eager --offload-activations true \
     --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
@@ -166,9 +173,10 @@ moe)
     --random-weights --no-gpu-busy --worker-timeout 290 --deadline 295 --out "$OUT/mixtral"
   ;;
 moe-peers)
-  step 585 qwen3-moe-peers $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+  # 570: the preamble (nvidia-smi, a torch import) and timeout's 5 s grace fit under a 600 s call
+  step 570 qwen3-moe-peers $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
     --systems "${3:-qlora,hf}" --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
-    --no-gpu-busy --model-root /dev/shm/models --worker-timeout 400 --deadline 580 \
+    --no-gpu-busy --model-root /dev/shm/models --worker-timeout 400 --deadline 565 \
     --out "$OUT/qwen3-moe-peers"
   ;;
 profile-2048)

@@ -695,6 +695,15 @@ def worker(args) -> int:
                 if rec["path"] == "native":
                     tiling = getattr(model.model.layers[0].mlp, "sequence_tiling", None)
                     rec["offload_activations"] = model.layer_input_offload is not None and ckpt
+                    if rec["offload_activations"]:
+                        # as qlora train refuses it before loading: an offload whose pinned
+                        # buffers (each rounded up to a power of two) the host cannot hold is
+                        # this config's error in seconds, not host memory run out mid-step
+                        from qlora import memory
+                        memory.check_host_offload(
+                            memory.arch_from_config(shape, name=args.shape),
+                            memory.PlanConfig(seq_len=seq, micro_batch=args.mb, checkpointing=True,
+                                              offload_activations=True), chosen_by_plan=False)
                     rec["tile_mlp"] = tiling.tokens if tiling is not None else False
             if args.system.startswith("hf"):
                 rec["attn_implementation"] = hf_attention(shape, args.hf_attn)

@@ -327,10 +327,20 @@ def test_fast_path_gives_the_reference_step(family, final_cap, monkeypatch):
 
 
 @pytest.mark.parametrize("final_cap", [5.0, None])
-def test_fast_path_gives_the_reference_per_token_losses(final_cap):
+def test_fast_path_gives_the_reference_per_token_losses(final_cap, monkeypatch):
     """What a preference method sums per sequence: each label token's loss through the fused
     cross-entropy (Gemma 2's final soft-cap inside it) equals the reference's, and so does the
     gradient of a weighted sum of them (each sequence weighed by its own factor)."""
+    from qlora.speed import fast_decoder
+
+    fused_caps = []  # the soft-cap each fused call was given: the fast side must take that path
+
+    def spy(h, weight, targets, chunk_tokens, softcap=None):
+        fused_caps.append(softcap)
+        return linear_cross_entropy_rows(h, weight, targets, chunk_tokens, softcap)
+
+    linear_cross_entropy_rows = fast_decoder.linear_cross_entropy_rows
+    monkeypatch.setattr(fast_decoder, "linear_cross_entropy_rows", spy)
     model = random_gemma("gemma2", 0.0, final_logit_softcapping=final_cap)
     model.gradient_checkpointing = True
     model.train()
@@ -349,6 +359,7 @@ def test_fast_path_gives_the_reference_per_token_losses(final_cap):
     fast = per_token(SpeedPlan(fast_base=True, grouped=True, keep_attention=True,
                                seeded_dropout=True))
     assert type(model).__name__ == "FastGemmaLM"
+    assert fused_caps == [final_cap]  # the reference side never calls it
     # fp32 either way: a row's logsumexp in another order, ~1e-7 of each loss
     assert torch.allclose(fast[0], reference[0], rtol=1e-5, atol=1e-6)
     if final_cap is not None:  # the cap bends these logits: without it the losses differ

@@ -16,6 +16,7 @@ import torch
 
 from qlora import memory
 from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, set_dropout_seed
+from qlora.errors import QloraError
 from qlora.memory import GiB, PlanConfig, plan
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config, spec_from_shape
@@ -290,6 +291,25 @@ def test_plan_offload_keeps_two_layer_inputs_on_the_gpu():
     # without checkpointing there is nothing offloaded (the step keeps every tensor on the GPU)
     no_ckpt = replace(LONG_RUN, seq_len=2048, checkpointing=False)
     assert plan(LLAMA, replace(no_ckpt, offload_activations=True)).allocated == plan(LLAMA, no_ckpt).allocated
+
+
+def test_the_pinned_host_memory_of_an_offload_is_rounded_as_torch_rounds_it(monkeypatch):
+    """torch's pinned-memory allocator rounds each buffer up to a power of two: Llama-3-8B's
+    31 offloaded inputs at 393,216 tokens are 3 GiB each (93 GiB) but pin 4 GiB each (124 GiB),
+    at 262,144 exactly 2 GiB (62). The plan's note, `qlora train`'s log and its refusal on a
+    128 GiB host (MemAvailable 125 GiB) all use the pinned figure."""
+    def offloaded(seq):
+        return replace(LONG_RUN, seq_len=seq, offload_activations=True)
+
+    assert memory.host_offload_bytes(LLAMA, offloaded(393216)) == 93 * GiB
+    assert memory.host_offload_pinned_bytes(LLAMA, offloaded(393216)) == 124 * GiB
+    assert memory.host_offload_pinned_bytes(LLAMA, offloaded(262144)) == 62 * GiB
+    assert "93.00 GiB of inputs in 124.00 GiB of host RAM" in " ".join(
+        plan(LLAMA, offloaded(393216)).notes)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 125 * GiB)
+    memory.check_host_offload(LLAMA, offloaded(262144), chosen_by_plan=False)  # 62 <= 112.5
+    with pytest.raises(QloraError, match="needs ~124.0 GiB of pinned host memory"):
+        memory.check_host_offload(LLAMA, offloaded(393216), chosen_by_plan=False)
 
 
 def test_plan_tiles_bound_the_mlp_by_one_tile():

@@ -439,8 +439,19 @@ def test_a_tight_fit_warns_and_goes_on_where_only_the_allocated_peak_fits(run_in
     logged = []
     resolved, _ = memory.check_run(replace(cfg, gpu_memory=f"{tight}MiB"), "cpu", log=logged.append)
     assert resolved.max_seq_length == 8192
-    assert any(line.startswith("warning: may fit on --gpu_memory") and "tightly" in line
-               for line in logged), logged
+    warning = next(line for line in logged if line.startswith("warning: may fit on --gpu_memory"))
+    assert "tightly" in warning
+    # every term of least_needed_bytes named with its size, so that the line adds up (this tiny
+    # model's states are too small to be paged: a breakdown with 1 GiB of them names them too)
+    assert f"leave ~{(tight * 2**20 - least) / 2**30:.2f} GiB" in warning, warning
+    assert "paged" not in warning and b.optimizer_paged == 0
+    paged = replace(b, optimizer_paged=2**30)
+    assert "+ paged optimizer states ~1.00 GiB + CUDA context ~0.75 GiB leave ~1.00 GiB of" in \
+        memory.tight_fit_line(paged, memory.least_needed_bytes(paged) + 2**30, "a GPU")
+    # auto-fit picks only what fits comfortably; it says how to try the tight fit instead
+    with pytest.raises(QloraError, match="may fit tightly.*leave out --auto_fit"):
+        memory.check_run(replace(cfg, gpu_memory=f"{tight}MiB", auto_fit=True), "cpu",
+                         log=logged.append)
     short = least // 2**20 - 1
     assert not memory.fits_tightly(b, short * 2**20)
     with pytest.raises(QloraError, match="will not fit"):

@@ -559,8 +559,18 @@ def offload_applies(cfg: PlanConfig) -> bool:
 
 
 def host_offload_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
-    """Pinned host memory the offloaded layer inputs take: every layer's but the last."""
+    """The offloaded layer inputs' bytes: every layer's but the last."""
     return (arch.num_layers - 1) * step_tokens(cfg) * 2 * arch.hidden_size if offload_applies(cfg) else 0
+
+
+def host_offload_pinned_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """The pinned host memory those inputs take: torch's pinned-memory allocator rounds each
+    layer's buffer up to a power of two (Llama-3-8B: 3 GiB a layer at 393,216 tokens takes 4)."""
+    need = host_offload_bytes(arch, cfg)
+    if not need:
+        return 0
+    layers = arch.num_layers - 1
+    return layers * (1 << (need // layers - 1).bit_length())
 
 
 def host_available_bytes() -> int | None:
@@ -583,11 +593,10 @@ def check_host_offload(arch: ArchSpec, cfg: PlanConfig, chosen_by_plan: bool) ->
     run's host memory (its data, the loader, Python)."""
     if isinstance(arch, GenericSpec):  # offload is ignored on the generic path
         return
-    need, available = host_offload_bytes(arch, cfg), host_available_bytes()
+    need, available = host_offload_pinned_bytes(arch, cfg), host_available_bytes()
     if not need or available is None:
         return
-    layers = arch.num_layers - 1  # torch's pinned-memory allocator rounds each buffer up to 2^k
-    need = layers * (1 << (need // layers - 1).bit_length())
+    layers = arch.num_layers - 1
     if need <= 0.9 * available:
         return
     why = (" (the memory plan turned it on: the run does not fit the GPU without it)"
@@ -1242,8 +1251,9 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
                          "sharded; two gathered layers and the gathered embedding/head in workspace")
     if offloaded:
         notes.append(f"offload: the checkpointed layer inputs wait in pinned host memory "
-                     f"({_gib(host_offload_bytes(arch, cfg)):.2f} GiB of host RAM); two are on "
-                     "the GPU at a time")
+                     f"({_gib(host_offload_bytes(arch, cfg)):.2f} GiB of inputs in "
+                     f"{_gib(host_offload_pinned_bytes(arch, cfg)):.2f} GiB of host RAM: each "
+                     "layer's buffer rounded up to a power of two); two are on the GPU at a time")
     elif cfg.offload_activations:
         notes.append("offload: only the inputs checkpointing keeps are offloaded; without "
                      "checkpointing it does nothing")
@@ -1383,10 +1393,14 @@ def fits_tightly(b: Breakdown, gpu_bytes: int) -> bool:
 def tight_fit_line(b: Breakdown, gpu_bytes: int, gpu_name: str) -> str:
     """What `qlora plan` and `qlora train` say of a tight fit."""
     spare = gpu_bytes - least_needed_bytes(b)
-    return (f"may fit on {gpu_name}, tightly: peak allocated ~{_gib(b.allocated):.2f} GiB + CUDA "
-            f"context leave ~{_gib(spare):.2f} GiB of {_gib(gpu_bytes):.1f} for the allocator's cached "
+    # every term least_needed_bytes takes, named, so that the numbers add up on the page
+    paged = (f" + paged optimizer states ~{_gib(b.optimizer_paged):.2f} GiB"
+             if b.optimizer_paged else "")
+    return (f"may fit on {gpu_name}, tightly: peak allocated ~{_gib(b.allocated):.2f} GiB{paged} + "
+            f"CUDA context ~{_gib(CUDA_CONTEXT_BYTES):.2f} GiB leave ~{_gib(spare):.2f} GiB of "
+            f"{_gib(gpu_bytes):.1f} for the allocator's cached "
             f"blocks, where ~{_gib(needed_bytes(b)):.1f} GiB is the usual need (reserved measured "
-            f"1.02-1.29x allocated without a cap); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+            f"1.01-1.29x allocated without a cap); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
             "cuts fragmentation. If it runs out of memory, change one of:")
 
 
@@ -1651,7 +1665,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
                                   tile_mlp=pc.tile_mlp)
         chosen = [text for on, text in (
             (offload_auto and pc.offload_activations, "offload_activations: on (the checkpointed layer inputs in "
-             f"pinned host memory, {_gib(host_offload_bytes(arch, pc)):.1f} GiB of it)"),
+             f"pinned host memory, {_gib(host_offload_pinned_bytes(arch, pc)):.1f} GiB of it)"),
             (tile_auto and pc.tile_mlp, "tile_mlp: on (the MLP in sequence tiles of "
              f"{mlp_tile_tokens(arch, pc)} tokens)")) if on]
         if chosen:
@@ -1689,10 +1703,17 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps
         best = auto_fit(arch, pc, gpu_bytes, max_micro_batch=max(global_batch, 1))
         if best is None:
+            smallest = replace(pc, micro_batch=1, checkpointing=True)
+            # auto-fit picks only what fits with the usual slack; say so where the user's own
+            # choice of the smallest step would still run (a tight fit, warned about)
+            tight = ("; it may fit tightly (allocated peak and CUDA context within the GPU, not "
+                     "the allocator's usual slack): to try it, leave out --auto_fit and set "
+                     "--micro_batch_size 1 --gradient_checkpointing true"
+                     if fits_tightly(plan(arch, smallest), gpu_bytes) else "")
             raise QloraError(
                 f"--auto_fit: nothing fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}), even micro-batch 1 with "
-                f"gradient checkpointing (needs ~{_gib(needed_bytes(plan(arch, replace(pc, micro_batch=1, checkpointing=True)))):.1f} GiB). "
-                "Change:\n" + "\n".join(_advice_lines(arch, replace(pc, micro_batch=1, checkpointing=True), gpu_bytes)))
+                f"gradient checkpointing (needs ~{_gib(needed_bytes(plan(arch, smallest))):.1f} GiB){tight}. "
+                "Change:\n" + "\n".join(_advice_lines(arch, smallest, gpu_bytes)))
         # the largest micro-batch that fits and divides the global batch, so the global batch
         # (micro-batch x accumulation) stays what the config asked for
         mb = max(d for d in range(1, best.micro_batch + 1) if global_batch % d == 0)

@@ -187,7 +187,13 @@ def layout_line(packed: bool, packing_option: bool) -> str:
 def batch_loss(method, model, batch: dict, opts: PreferenceOptions
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of the batch's per-example losses, {metric: tensor([sum, count])})."""
-    policy, reference = policy_and_reference(method, model, batch)
+    return summed_losses(method, *policy_and_reference(method, model, batch), opts)
+
+
+def summed_losses(method, policy, reference, opts: PreferenceOptions
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The method's losses of the log-probs, summed, and its metric sums: the one tail of
+    batch_loss (eager) and staged_batch_loss (a CUDA graph's body)."""
     losses, metrics = method.losses(policy, reference, opts)
     return losses.sum(), metric_sums(metrics)
 
@@ -241,8 +247,7 @@ def staged_batch_loss(method, model, token_losses: Callable[[LabelPositions], to
     sync and no shape read from the data, so a CUDA graph records it (train/graphs.py)."""
     policy, reference = pair_logps(method, model, lambda: slot_logps(token_losses, slots),
                                    slots.get("ref_logps"))
-    losses, metrics = method.losses(policy, reference, opts)
-    return losses.sum(), metric_sums(metrics)
+    return summed_losses(method, policy, reference, opts)
 
 
 def metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

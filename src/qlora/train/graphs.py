@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlora.methods.preference import batch_loss, label_slots, staged_batch_loss
 from qlora.models.attention import varlen_takes_window
 from qlora.models.decoder import IGNORE_INDEX, Varlen, compute_device, varlen_available
 
@@ -109,7 +110,9 @@ class StagedBatch:
     graph's buffers are then asynchronous). No GPU work, so the loop stages the next step's
     micro-batches while the GPU still runs this step's. A preference batch adds its label slots
     (methods/preference.label_slots) and keeps the batch itself for the eager fallback."""
-    key: tuple  # (rows, padded length, document slots; 0: one document a row), then the slots'
+    # (rows, padded length, document slots; 0: one document a row), then a preference batch's
+    # (slot name, size) pairs: every shape the graph fixes
+    key: tuple
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
@@ -148,8 +151,6 @@ def stage_preference(batch: dict, pad_to: int, pinned: bool) -> StagedBatch:
     """A pairs batch (data/preference.pair_batch) staged as stage_batch stages its rows, with its
     label slots (methods/preference.label_slots, rounded up to a multiple of `pad_to`); the
     slots' shapes (labels, sequences, a precomputed reference or not) join the key."""
-    from qlora.methods.preference import label_slots
-
     staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
                          pinned)
     slots = label_slots(batch, staged.key[1], pad_to)
@@ -259,8 +260,6 @@ class GraphedSteps:
 
     def _eager(self, batch: StagedBatch, scale: float) -> torch.Tensor:
         if self.preference is not None:
-            from qlora.methods.preference import batch_loss
-
             method, opts = self.preference
             loss_sum, self.metrics = batch_loss(method, self.model, batch.source, opts)
         else:
@@ -273,8 +272,6 @@ class GraphedSteps:
         """What the capture records: forward, backward of loss_sum · scale; the loss sum (and a
         preference method's metric sums, in g.metrics) out."""
         if self.preference is not None:
-            from qlora.methods.preference import staged_batch_loss
-
             method, opts = self.preference
             loss_sum, g.metrics = staged_batch_loss(
                 method, self.model, lambda labels: g.forward(self.model, labels, per_token=True),
