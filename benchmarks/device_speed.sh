@@ -134,6 +134,8 @@ long-context)
     --worker-timeout 170 --model-root /tmp/models --out "$OUT/llama-128k" --deadline 175
   ;;
 longest-24)  # planned peak allocated 22.27 GiB at 163,840 (qlora plan --seq-len 163840 --offload-activations --tile-mlp --keep-attention 0)
+  # a tight fit: expandable segments, as the plan's warning advises, for both systems alike
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   step 230 qlora-163840-23gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 163840 \
     --systems qlora-eager --memory-cap-gib 23 --offload-activations true --tile-mlp true \
     --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy --random-weights \
