@@ -211,6 +211,17 @@ def test_adapter_export_equals_merged_export(models, tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.gguf", "ad", "b.gguf", "c.gguf", "merged"]
 
 
+def test_a_window_llama_cpp_does_not_apply_is_said(models, tmp_path):
+    """llama.cpp runs Mistral as llama, without a sliding window: a window shorter than the
+    context is noted; the default one (4096, past these models' 512 positions) is not."""
+    windowed = build_tiny_model(tmp_path / "windowed", "mistral", sliding_window=16)
+    for model, notes in ((windowed, 1), (models["mistral"], 0)):
+        lines = []
+        export_gguf(model, tmp_path / f"{model.name}.gguf", "f16", log=lines.append)
+        said = [ln for ln in lines if "without its sliding window of 16 tokens" in ln]
+        assert len(said) == notes, lines
+
+
 def test_bad_inputs(models, tmp_path):
     model = models["llama"]
     (tmp_path / "exists.gguf").write_bytes(b"mine")
