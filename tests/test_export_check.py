@@ -5,7 +5,9 @@ that was actually trained: a random llama (hidden 256, so every row fills k-quan
 LoRA adapter trained for a few dozen steps to answer every ChatML turn with "OK, done." and
 <|im_end|>, so that its predictions at the answer's tokens are confident and its chat turns end.
 The targets (CI, tiny models): q8_0 next-token agreement 100 % with the trained model, q4_k_m
-≥ 95 %, shown here without llama.cpp (the GGUF's dequantized weights in our own engine) and, where
+≥ 95 %, the chat stopping on <|im_end|>, for llama and, each trained the same way, every other
+native family (the mixtures of experts in q8_0 only, the types the export writes for them), shown
+here without llama.cpp (the GGUF's dequantized weights in our own engine) and, where
 llama-cpp-python is importable (or $QLORA_LLAMA_PYTHON names a python that has it), in llama.cpp.
 """
 
