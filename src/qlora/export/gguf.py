@@ -267,20 +267,27 @@ def add_gemma_hparams(w, settings, arch_name: str) -> None:
         w.add_final_logit_softcapping(settings.final_softcap)
 
 
+# the architectures whose files carry the sliding window (llama.cpp applies it): phi3, Gemma
+WINDOW_ARCHS = ("phi3", "gemma2", "gemma3")
+
+
 def note_unwritten_window(config: dict, arch_name: str, log) -> None:
-    """llama.cpp runs Mistral and Mixtral as llama, which has no sliding window: where the window
-    is shorter than the context, tokens further apart than it attend to each other there and not
-    in transformers. Said, not refused: within the window (Mistral 7B v0.1's 4096 tokens) the two
-    compute the same, and llama.cpp's own converter writes these models so."""
+    """llama.cpp's llama (which runs Mistral and Mixtral) and qwen2/qwen3 have no sliding window:
+    where a window shorter than the context is in effect (Qwen's only with use_sliding_window),
+    tokens further apart than it attend to each other there and not in transformers. Said, not
+    refused: within the window (Mistral 7B v0.1's 4096 tokens) the two compute the same, and
+    llama.cpp's own converter writes these models so."""
     from qlora.models.families import FAMILIES
 
-    if arch_name != "llama":
+    if arch_name in WINDOW_ARCHS:
         return
-    window = FAMILIES[config["model_type"]].spec_fields(config).get("sliding_window")
-    if window and window < config.get("max_position_embeddings", 0):
-        log(f"note: llama.cpp runs {config['model_type']} as llama, without its sliding window of "
-            f"{window} tokens: past {window} tokens of context, its attention reaches further back "
-            "than transformers' and qlora's")
+    fields = FAMILIES[config["model_type"]].spec_fields(config)
+    window, types = fields.get("sliding_window"), fields.get("layer_types")
+    if window and window < config.get("max_position_embeddings", 0) and (
+            types is None or "sliding_attention" in types):
+        log(f"note: llama.cpp runs this {config['model_type']} model as {arch_name}, without its "
+            f"sliding window of {window} tokens: past {window} tokens of context, its attention "
+            "reaches further back than transformers' and qlora's")
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
