@@ -5,7 +5,9 @@ that was actually trained: a random llama (hidden 256, so every row fills k-quan
 LoRA adapter trained for a few dozen steps to answer every ChatML turn with "OK, done." and
 <|im_end|>, so that its predictions at the answer's tokens are confident and its chat turns end.
 The targets (CI, tiny models): q8_0 next-token agreement 100 % with the trained model, q4_k_m
-≥ 95 %, shown here without llama.cpp (the GGUF's dequantized weights in our own engine) and, where
+≥ 95 %, the chat stopping on <|im_end|>, for llama and, each trained the same way, every other
+native family (the mixtures of experts in q8_0 only, the types the export writes for them), shown
+here without llama.cpp (the GGUF's dequantized weights in our own engine) and, where
 llama-cpp-python is importable (or $QLORA_LLAMA_PYTHON names a python that has it), in llama.cpp.
 """
 
@@ -121,9 +123,9 @@ def _conversation(word):
     return {"messages": [{"role": "user", "content": word}, {"role": "assistant", "content": ANSWER}]}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(root, base dir, adapter dir, held-out data file): base + an adapter trained to answer."""
+def _train(root, family, steps, lr=1e-2, **sizes):
+    """(root, base dir, adapter dir, held-out data file): a tiny `family` model and an adapter
+    trained for `steps` steps to answer every turn with ANSWER and <|im_end|>."""
     from qlora.adapters import AdapterConfig, attach_adapters, save_adapter
     from qlora.config import RunConfig, save_config
     from qlora.data import prepare
@@ -131,9 +133,7 @@ def trained(tmp_path_factory):
     from qlora.models import load_model, load_tokenizer
     from qlora.quant import QuantConfig
 
-    root = tmp_path_factory.mktemp("trained")
-    base = build_tiny_model(root / "base", "llama", hidden_size=256, intermediate_size=512,
-                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
+    base = build_tiny_model(root / "base", family, **sizes)
     words = _words(200)
     for name, part in (("train.jsonl", words[:180]), ("val.jsonl", words[180:])):
         (root / name).write_text("".join(json.dumps(_conversation(w)) + "\n" for w in part))
@@ -142,9 +142,9 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = load_model(base, QuantConfig(method="none", compute_dtype=torch.float32))
     attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(0)
-    for _ in range(16):
+    for _ in range(steps):
         batch = make_batch([[examples[rng.randrange(len(examples))]] for _ in range(8)], tokenizer.pad_token_id)
         loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
         opt.zero_grad()
@@ -156,6 +156,13 @@ def trained(tmp_path_factory):
     save_config(RunConfig(model=str(base), data=str(root / "train.jsonl"), val_data=str(root / "val.jsonl"),
                           output_dir=str(run)), run / "run_config.yaml")
     return root, base, run, root / "val.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A random llama (hidden 256) + an adapter trained to answer: _train."""
+    return _train(tmp_path_factory.mktemp("trained"), "llama", 16, hidden_size=256, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
 
 
 @pytest.mark.parametrize("qtype,target", [("q8_0", 1.0), ("q4_k_m", 0.95)])
@@ -242,6 +249,75 @@ def test_gguf_reaches_the_targets_in_llama_cpp(trained, tmp_path, qtype, target)
     assert report["passed"] and report["logits"]["agreement"] >= target, report["logits"]
     assert report["engine"].startswith("llama.cpp")
     assert report["chat"]["stopped_on"] == 4 and report["chat"]["template_same"]
+
+
+# --- every other native family -----------------------------------------------------------------
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+_DENSE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+# each family's tiny model with the settings the export accepts (llama.cpp derives Gemma's layer
+# pattern and query scale from the architecture, and caps Gemma 2 always: gguf.gemma_settings);
+# Gemma's windows shorter than a conversation (~36 tokens), so the sliding layers' masks matter;
+# hidden 256, whose rows fill k-quant blocks; the mixtures of experts are written as q8_0 only
+# (gguf.MOE_QTYPES)
+FAMILY_MODELS = {
+    # Mistral's window (4096) past the context: llama.cpp runs it as llama, with no window at all
+    # (the export says so where the window is shorter: test_export_gguf.py)
+    "mistral": _DENSE,
+    "qwen2": _DENSE,
+    "qwen3": {**_DENSE, "head_dim": 64},
+    "phi3": _DENSE,
+    "gemma2": {**_DENSE, "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "layer_types": [_SLIDING, _FULL]},
+    "gemma3_text": {**_DENSE, "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
+                    "num_hidden_layers": 6, "final_logit_softcapping": None,
+                    "layer_types": [_SLIDING] * 5 + [_FULL]},
+    "mixtral": {**_DENSE, "intermediate_size": 64},
+    "qwen3_moe": {**_DENSE, "moe_intermediate_size": 64, "head_dim": 64},
+}
+FAMILY_CASES = [pytest.param(family, qtype, target, id=f"{family}-{qtype}")
+                for family in FAMILY_MODELS for qtype, target in (("q8_0", 1.0), ("q4_k_m", 0.95))
+                if qtype == "q8_0" or family not in ("mixtral", "qwen3_moe")]
+
+
+@pytest.fixture(scope="module")
+def family_trained(request, tmp_path_factory):
+    family = request.param
+    # the mixtures of experts overshoot at the dense families' rate: at 1e-2 the tiny mixtral's
+    # answers still do not end after 24 steps (perplexity 2.7); at 3e-3 its loss is 0.08 nats
+    # after 16 steps (qwen3_moe's 0.04)
+    lr = 3e-3 if family in ("mixtral", "qwen3_moe") else 1e-2
+    return _train(tmp_path_factory.mktemp(family), family, 16, lr=lr, initializer_range=0.05,
+                  **FAMILY_MODELS[family])
+
+
+def _assert_targets(report, target):
+    assert report["passed"] and report["logits"]["agreement"] >= target, report["logits"]
+    assert report["logits"]["tokens"] == 8 * (len(ANSWER) + 1)  # the answers and <|im_end|>
+    assert report["chat"]["template_same"] and report["chat"]["prompt_tokens_same"]
+    # the tiny tokenizer's ChatML ends every family's turn with <|im_end|> (id 4)
+    assert report["chat"]["stopped_on"] == report["chat"]["reference_stopped_on"] == 4, report["chat"]
+
+
+@pytest.mark.parametrize("family_trained,qtype,target", FAMILY_CASES, indirect=["family_trained"],
+                         scope="module")
+def test_every_family_reaches_the_targets_without_llama_cpp(family_trained, tmp_path, qtype, target):
+    _, base, adapter, data = family_trained
+    out = export_gguf(base, tmp_path / "m.gguf", qtype, adapter_dir=adapter)
+    _assert_targets(check_gguf(out, base, qtype, adapter_dir=adapter, data=data, engine="qlora",
+                               device="cpu", log=lambda _: None), target)
+
+
+@pytest.mark.skipif(find_llama_python() is None, reason="llama-cpp-python is not importable here")
+@pytest.mark.parametrize("family_trained,qtype,target", FAMILY_CASES, indirect=["family_trained"],
+                         scope="module")
+def test_every_family_reaches_the_targets_in_llama_cpp(family_trained, tmp_path, qtype, target):
+    _, base, adapter, data = family_trained
+    out = export_gguf(base, tmp_path / "m.gguf", qtype, adapter_dir=adapter)
+    report = check_gguf(out, base, qtype, adapter_dir=adapter, data=data, engine="llama.cpp",
+                        device="cpu", log=lambda _: None)
+    assert report["engine"].startswith("llama.cpp")
+    _assert_targets(report, target)
 
 
 # --- the importance matrix ----------------------------------------------------------------------

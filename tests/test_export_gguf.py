@@ -211,6 +211,21 @@ def test_adapter_export_equals_merged_export(models, tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.gguf", "ad", "b.gguf", "c.gguf", "merged"]
 
 
+def test_a_window_llama_cpp_does_not_apply_is_said(models, tmp_path):
+    """llama.cpp runs Mistral as llama, and Qwen2 as qwen2, without a sliding window: a window
+    shorter than the context is noted; Mistral's default one (4096, past these models' 512
+    positions) and Qwen's turned off (use_sliding_window false, the default) are not."""
+    windowed = {"mistral": build_tiny_model(tmp_path / "mistral", "mistral", sliding_window=16),
+                "qwen2": build_tiny_model(tmp_path / "qwen2", "qwen2", use_sliding_window=True,
+                                          sliding_window=16, max_window_layers=1)}
+    for family, model in windowed.items():
+        for source, notes in ((model, 1), (models[family], 0)):
+            lines = []
+            export_gguf(source, tmp_path / f"{family}-{notes}.gguf", "f16", log=lines.append)
+            said = [ln for ln in lines if "without its sliding window of 16 tokens" in ln]
+            assert len(said) == notes, (family, lines)
+
+
 def test_bad_inputs(models, tmp_path):
     model = models["llama"]
     (tmp_path / "exists.gguf").write_bytes(b"mine")

@@ -239,35 +239,49 @@ def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] |
 
 
 def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
-    """The GGUF's tensors dequantized (gguf.quants), un-permuted and renamed to Hugging Face's
-    names, loaded into our decoder with the source's config.json."""
+    """The GGUF's tensors dequantized (gguf.quants), turned back into Hugging Face's names and
+    layout (what export/gguf.py did, undone: q/k un-permuted, Gemma's norms less 1, a mixture of
+    experts' stacks split into the source's per-expert tensors), loaded into our decoder with the
+    source's config.json."""
     import gguf
     import torch
     from safetensors.torch import save_file
 
     from qlora.device import pick_device
-    from qlora.export.gguf import arch_of, unpermute_rope
+    from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
     from qlora.merge import base_shapes, read_config
     from qlora.models.load import load_model, weight_files
     from qlora.quant import QuantConfig
 
     config = read_config(model_dir)
     arch = arch_of(config["model_type"])
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     shapes = base_shapes(weight_files(model_dir))
     to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in shapes}
-    permuted = gguf.MODEL_ARCH_NAMES[arch] == "llama"
+    experts: dict[str, dict[int, str]] = {}  # stacked GGUF name -> expert -> source name
+    for n in shapes:
+        if (slot := expert_slot(n)) is not None:
+            experts.setdefault(slot[0], {})[slot[1]] = n
     heads = {".q_proj.": config["num_attention_heads"],
              ".k_proj.": config.get("num_key_value_heads") or config["num_attention_heads"]}
     state = {}
     for t in gguf.GGUFReader(str(gguf_file)).tensors:
+        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if t.name in experts:
+            names = experts[t.name]
+            x = x.reshape(len(names), *shapes[names[0]])
+            state.update({name: torch.from_numpy(np.ascontiguousarray(x[e])) for e, name in names.items()})
+            continue
         if t.name not in to_hf:
             continue  # rope_freqs: recomputed from config.json
         name = to_hf[t.name]
-        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shapes[name])
+        x = x.reshape(shapes[name])
         for part, n_heads in heads.items():
-            if permuted and part in name:
+            if arch_name == "llama" and part in name:
                 x = unpermute_rope(x, n_heads)
+        if arch_name in LLAMA_CPP_GEMMA and name.endswith("norm.weight"):
+            x = x - 1.0  # stored as 1 + w, what llama.cpp multiplies by
         state[name] = torch.from_numpy(np.ascontiguousarray(x))
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-weights.") as tmp:

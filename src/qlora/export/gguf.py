@@ -267,6 +267,29 @@ def add_gemma_hparams(w, settings, arch_name: str) -> None:
         w.add_final_logit_softcapping(settings.final_softcap)
 
 
+# the architectures whose files carry the sliding window (llama.cpp applies it): phi3, Gemma
+WINDOW_ARCHS = ("phi3", "gemma2", "gemma3")
+
+
+def note_unwritten_window(config: dict, arch_name: str, log) -> None:
+    """llama.cpp's llama (which runs Mistral and Mixtral) and qwen2/qwen3 have no sliding window:
+    where a window shorter than the context is in effect (Qwen's only with use_sliding_window),
+    tokens further apart than it attend to each other there and not in transformers. Said, not
+    refused: within the window (Mistral 7B v0.1's 4096 tokens) the two compute the same, and
+    llama.cpp's own converter writes these models so."""
+    from qlora.models.families import FAMILIES
+
+    if arch_name in WINDOW_ARCHS:
+        return
+    fields = FAMILIES[config["model_type"]].spec_fields(config)
+    window, types = fields.get("sliding_window"), fields.get("layer_types")
+    if window and window < config.get("max_position_embeddings", 0) and (
+            types is None or "sliding_attention" in types):
+        log(f"note: llama.cpp runs this {config['model_type']} model as {arch_name}, without its "
+            f"sliding window of {window} tokens: past {window} tokens of context, its attention "
+            "reaches further back than transformers' and qlora's")
+
+
 # --- tokenizer ----------------------------------------------------------------------------------
 def add_tokenizer(w, model_dir: Path, config: dict) -> None:
     """tokenizer.json → tokenizer.ggml.* keys. BPE with byte_fallback (Llama 2, Mistral) is
@@ -384,8 +407,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 device: str = "auto") -> Path:
     """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
 
-    `log` (default: stderr) hears where the k-quants are searched and the tensors stored in
-    another type than their role asks for.
+    `log` (default: stderr) hears where the k-quants are searched, the tensors stored in
+    another type than their role asks for, and a sliding window llama.cpp will not apply.
     `imatrix`: Hugging Face weight name → mean squared activation of each input column
     (export/imatrix.py); the k-quant tensors weigh their rounding errors by it.
     `device`: where the k-quants are searched (quantizer(): auto takes the GPU where torch sees
@@ -501,37 +524,45 @@ class ExpertStacks:
         from qlora.models.families.moe_config import num_experts
 
         self.count = num_experts(config, 0)
-        self.pending: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+        self.pending: dict[str, dict[int, np.ndarray]] = {}  # GGUF name -> expert -> weight
         self.written = 0
 
     def takes(self, hf_name: str) -> bool:
-        from qlora.models.families.moe_config import HUB_EXPERT, STACKED_EXPERTS, module_key
+        from qlora.models.families.moe_config import STACKED_EXPERTS
 
         if STACKED_EXPERTS.match(hf_name):
             raise QloraError(f"tensor {hf_name}: experts stored stacked; GGUF export reads the "
                              "Hub's one tensor per expert (save the model with transformers' "
                              "save_pretrained, which writes that layout)")
-        return HUB_EXPERT.match(module_key(hf_name)) is not None
+        return expert_slot(hf_name) is not None
 
     def add(self, hf_name: str, x: np.ndarray) -> tuple[str, np.ndarray] | None:
-        from qlora.models.families.moe_config import EXPERT_LINEARS, HUB_EXPERT, module_key
-
-        m = HUB_EXPERT.match(module_key(hf_name))
-        layer = int(m.group(1).rsplit(".", 1)[1])
-        role = EXPERT_ROLES[EXPERT_LINEARS[m.group(3)]]
-        group = self.pending.setdefault((layer, role), {})
-        group[int(m.group(2))] = x
+        name, expert = expert_slot(hf_name)
+        group = self.pending.setdefault(name, {})
+        group[expert] = x
         if len(group) < self.count:
             return None
-        del self.pending[(layer, role)]
+        del self.pending[name]
         self.written += 1
-        return f"blk.{layer}.{role}.weight", np.stack([group[e] for e in range(self.count)])
+        return name, np.stack([group[e] for e in range(self.count)])
 
     def check_complete(self, source) -> None:
         if self.pending:
-            (layer, role), group = next(iter(self.pending.items()))
-            raise QloraError(f"{source}: layer {layer}'s {role} has {len(group)} of {self.count} "
-                             "experts; a shard may be missing")
+            name, group = next(iter(self.pending.items()))
+            raise QloraError(f"{source}: {name} has {len(group)} of {self.count} experts; a shard "
+                             "may be missing")
+
+
+def expert_slot(hf_name: str) -> tuple[str, int] | None:
+    """(the stacked GGUF tensor, the expert's index in it) of a Hub per-expert linear; None for
+    any other tensor."""
+    from qlora.models.families.moe_config import EXPERT_LINEARS, HUB_EXPERT, module_key
+
+    m = HUB_EXPERT.match(module_key(hf_name))
+    if m is None:
+        return None
+    layer = int(m.group(1).rsplit(".", 1)[1])
+    return f"blk.{layer}.{EXPERT_ROLES[EXPERT_LINEARS[m.group(3)]]}.weight", int(m.group(2))
 
 
 def check_qtype(qtype: str) -> str:
@@ -565,6 +596,7 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
     model = mixtures.Model(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, has_output=has_output)
 
     gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
+    note_unwritten_window(config, arch_name, log)
 
     with staged_file(out) as tmp:
         w = g.GGUFWriter(str(tmp), arch_name, use_temp_file=True)
