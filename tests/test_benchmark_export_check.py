@@ -49,11 +49,12 @@ def test_the_record_holds_the_commands_measures(qlora_engine):
     env = result["environment"]
     assert env["cpu_count"] == os.cpu_count() and env["torch"] == torch.__version__
     assert env["gguf"] == importlib.metadata.version("gguf") and env["llama_cpp"] is None
-    assert result["checkpoint_write_s"] > 0 and not result["checkpoint_reused"]
+    # times are wall-clock, rounded to 0.1 s: only their presence and order are asserted
+    assert result["checkpoint_write_s"] >= 0 and not result["checkpoint_reused"]
     assert result["chat_template"].startswith("ChatML") and result["skipped"] == []
     [r] = result["types"]
     assert r["type"] == "q8_0" and r["exit_code"] == 0 and not r["timed_out"]
-    assert 0 < r["export_s"] < r["seconds"]
+    assert 0 <= r["export_s"] <= r["seconds"]
     assert r["check_s"] == pytest.approx(r["seconds"] - r["export_s"], abs=0.11)  # each rounded to 0.1
     # a python that has imported torch holds more than 0.1 GiB: these are the child's, not zero
     assert min(r["peak_rss_gib"], r["peak_tree_rss_gib_export"], r["peak_tree_rss_gib_check"]) > 0.1
