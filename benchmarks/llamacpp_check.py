@@ -141,28 +141,11 @@ def run_worker(llama_python: str, job: dict, work: Path) -> dict:
 
 # --- the reference side (project venv) ---------------------------------------------------------
 def gguf_weights_state_dict(gguf_file: Path, model_dir: Path, hf_shapes: dict) -> dict:
-    """The GGUF's tensors dequantized to fp32 under their HF names (q/k un-permuted for llama)."""
-    import gguf
-    import torch
+    """The GGUF's tensors dequantized to fp32 under their HF names (qlora.export.check's reader,
+    what `--check-engine qlora` runs), with a tied head filled in for transformers' state dict."""
+    from qlora.export.check import gguf_state_dict
 
-    from qlora.export.gguf import arch_of, unpermute_rope
-    from qlora.merge import read_config
-
-    config = read_config(model_dir)
-    arch = arch_of(config["model_type"])
-    tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in hf_shapes}
-    state = {}
-    for t in gguf.GGUFReader(str(gguf_file)).tensors:
-        name = to_hf[t.name]
-        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(hf_shapes[name])
-        if gguf.MODEL_ARCH_NAMES[arch] == "llama" and ".q_proj." in name:
-            x = unpermute_rope(x, config["num_attention_heads"])
-        elif gguf.MODEL_ARCH_NAMES[arch] == "llama" and ".k_proj." in name:
-            x = unpermute_rope(x, config["num_key_value_heads"])
-        if gguf.MODEL_ARCH_NAMES[arch] in ("gemma2", "gemma3") and name.endswith("norm.weight"):
-            x = x - 1.0  # the file stores Gemma's norms as 1 + w (export/gguf.py)
-        state[name] = torch.from_numpy(np.ascontiguousarray(x))
+    state = gguf_state_dict(gguf_file, model_dir)
     if "lm_head.weight" in hf_shapes and "lm_head.weight" not in state:  # a tied head
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state

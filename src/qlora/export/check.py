@@ -238,20 +238,17 @@ def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] |
             f"llama.cpp (llama-cpp-python {result['version']})")
 
 
-def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
-    """The GGUF's tensors dequantized (gguf.quants), turned back into Hugging Face's names and
-    layout (what export/gguf.py did, undone: q/k un-permuted, Gemma's norms less 1, a mixture of
-    experts' stacks split into the source's per-expert tensors), loaded into our decoder with the
-    source's config.json."""
+def gguf_state_dict(gguf_file: Path, model_dir: Path) -> dict:
+    """The GGUF's tensors dequantized (gguf.quants) to float32, turned back into Hugging Face's
+    names and layout (what export/gguf.py did, undone: q/k un-permuted, Gemma's norms less 1, a
+    mixture of experts' stacks split into the source's per-expert tensors), shaped as the source
+    checkpoint in model_dir stores them. A tied output head stays absent, as in that checkpoint."""
     import gguf
     import torch
-    from safetensors.torch import save_file
 
-    from qlora.device import pick_device
     from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
     from qlora.merge import base_shapes, read_config
-    from qlora.models.load import load_model, weight_files
-    from qlora.quant import QuantConfig
+    from qlora.models.load import weight_files
 
     config = read_config(model_dir)
     arch = arch_of(config["model_type"])
@@ -283,9 +280,23 @@ def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
         if arch_name in LLAMA_CPP_GEMMA and name.endswith("norm.weight"):
             x = x - 1.0  # stored as 1 + w, what llama.cpp multiplies by
         state[name] = torch.from_numpy(np.ascontiguousarray(x))
+    return state
+
+
+def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
+    """gguf_state_dict loaded into our decoder with the source's config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora.device import pick_device
+    from qlora.merge import read_config
+    from qlora.models.load import load_model
+    from qlora.quant import QuantConfig
+
+    state = gguf_state_dict(gguf_file, model_dir)
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-weights.") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        (Path(tmp) / "config.json").write_text(json.dumps(read_config(model_dir)))
         save_file(state, str(Path(tmp) / "model.safetensors"))
         model = load_model(tmp, QuantConfig(method="none", compute_dtype=torch.float32), device=dev)
     return model
