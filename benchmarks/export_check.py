@@ -56,7 +56,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
 
-from kquant_speed import SHAPES, write_checkpoint  # noqa: E402
+from kquant_speed import SHAPES, cpu_model, write_checkpoint  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 POLL_S = 0.2
@@ -245,12 +245,7 @@ def gpu_name() -> str | None:
 def environment(args) -> dict:
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "gguf": version_in(sys.executable, "gguf", "gguf"), "gpu": gpu_name(),
             "llama_python": args.llama_python if args.check_engine == "llama.cpp" else None,

@@ -306,12 +306,17 @@ def export_phase(shape: str, folder: Path, threads: int, device: str) -> dict:
             "peak_rss_gib_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
 
 
-def environment(threads: int) -> dict:
-    cpu = ""
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or "" where the system does not say."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return ""
+
+
+def environment(threads: int) -> dict:
+    cpu = cpu_model()
     import tempfile
 
     try:

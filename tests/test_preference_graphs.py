@@ -15,31 +15,9 @@ from qlora.methods.preference import (PreferenceOptions, batch_loss, label_seque
                                       label_slots, sequence_logps)
 from qlora.models.decoder import IGNORE_INDEX
 from qlora.train.graphs import GraphedSteps, _Graph, stage_preference
+from test_preference import _lora_model  # the tiny fp32 llama with randomised LoRA
 
 PAD_TO = 16  # small, so that the rows and the label slots both get padding
-
-
-def _model(model_dir, speed: bool):
-    """The tiny llama in fp32 with randomised LoRA (dropout 0: both sides draw no masks);
-    `speed`: the speed layer's forks (the per-token loss through kernels/cross_entropy.py's torch
-    reference on the CPU), in chunks of 5 tokens so that several chunks run."""
-    from qlora.adapters import AdapterConfig, attach_adapters
-    from qlora.models import load_model
-    from qlora.quant import QuantConfig
-
-    model = load_model(model_dir, QuantConfig(method="none", compute_dtype=torch.float32))
-    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    if speed:
-        from qlora.speed import SpeedPlan, apply_speed
-
-        apply_speed(model, SpeedPlan())
-    model.loss_chunk_tokens = 5
-    return model.train()
 
 
 def _examples(reference: bool) -> list[dict]:
@@ -84,7 +62,7 @@ def test_graph_body_equals_batch_loss(llama_dir, name, packed, reference, speed)
     over rows longer by a padding document, and per-sequence sums that also add the padding
     slots' zeros, so the sums run in other orders (~1e-6 relative in fp32)."""
     method = PREFERENCE_METHODS[name]
-    model = _model(llama_dir, speed)
+    model = _lora_model(llama_dir, speed=speed)
     batch = pair_batch(_examples(reference), 0, packed=packed)
     opts = PreferenceOptions(beta=0.3)
     model.zero_grad()

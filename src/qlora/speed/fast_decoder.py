@@ -291,7 +291,6 @@ class FastGemmaLM(GemmaLM, FastDecoderLM):
         return None if self.flex_attention else GemmaLM.cuda_graphs_refused.fget(self)
 
 
-
 class FastPhi3Attention(FastAttention, Phi3Attention):
     """Phi-3's attention on FastAttention's path: its one qkv_proj through the 4-bit fast base
     (a group of one, so a checkpoint's rerun can skip its base GEMM when attention is kept),

@@ -20,7 +20,7 @@ import torch
 
 from qlora.adapters import set_dropout_seed
 from qlora.config import RunConfig
-from qlora.methods.preference import add_metrics
+from qlora.methods.preference import add_metrics, batch_loss
 from qlora.train import distributed as dist_
 from qlora.train.distributed import DistEnv
 from qlora.train.optim import zero_grads
@@ -92,8 +92,7 @@ class Stepper:
             if self.graphed is not None:
                 step_loss += self.graphed.run(b["staged"], scale) * b["weight"]
                 if self.method is not None:  # overwritten by the next replay: added up here
-                    add_metrics(self.metrics, {k: v * b["weight"]
-                                               for k, v in self.graphed.metrics.items()})
+                    self._add_metrics(self.graphed.metrics, b["weight"])
             else:
                 self._eager(b, scale, step_loss)
         return step_loss
@@ -114,12 +113,14 @@ class Stepper:
 
     def _preference(self, b: dict) -> torch.Tensor:
         """A preference micro-batch's summed loss; its metrics are added to the step's."""
-        from qlora.methods.preference import batch_loss
-
         method, opts = self.method
         loss_sum, metrics = batch_loss(method, self.model, b, opts)
-        add_metrics(self.metrics, {k: v * b["weight"] for k, v in metrics.items()})
+        self._add_metrics(metrics, b["weight"])
         return loss_sum
+
+    def _add_metrics(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
+        """A micro-batch's metric sums, weighed as its loss is, into the step's."""
+        add_metrics(self.metrics, {k: v * weight for k, v in metrics.items()})
 
     def read_metrics(self) -> dict[str, torch.Tensor]:
         """The step's preference metric sums over all ranks (empty for SFT), then reset."""
