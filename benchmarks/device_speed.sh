@@ -15,20 +15,18 @@
 #   long-context  Llama-3-8B at 32768 and 65536 tokens (then 131072, ours only) under a 23 GiB allocator
 #                 cap in every worker (a 24 GB GPU), qlora as `qlora train` picks it on a 24 GB GPU
 #                 (offload, MLP tiles, kept attention: auto) beside Unsloth. At most 8.5 minutes.
-#   longest-24, longest-48, longest-80
+#   longest-24, longest-48, longest-80 (and longest-48-unsloth, longest-80-unsloth)
 #                 the longest Llama-3-8B row each system trains on a 24 GB card (23 GiB allocator
 #                 cap), a 48 GB card (46 GiB cap) and an 80 GB one (no cap): qlora at the longest
-#                 length whose allocated peak the planner fits there (offload, 4096-token MLP tiles,
-#                 no attention kept; one step, no warm-up: a step is minutes), and Unsloth up a
-#                 ladder of lengths in one worker (each recorded, out of memory too). Each
-#                 part is one call of at most ~9.5 minutes. The host bounds offload as well: the
-#                 pinned allocator rounds each layer's buffer up to a power of two, so 262,144 <
-#                 tokens <= 524,288 pins 31 x 4 GiB = 124 GiB, more than a 128 GiB host gives
-#                 (train_step.py then records the refusal qlora train gives, in seconds).
-#                 longest-48 runs qlora at 262,144 (62 GiB pinned); longest-80 runs qlora alone
-#                 at 393,216 (93 GiB of inputs, 124 pinned: only on a host with ~138 GiB
-#                 available; one step of ~7.5 minutes by the 262,144 step's 199 s) and
-#                 longest-80-unsloth the peer.
+#                 length whose allocated peak the planner fits there, tightly (offload, 4096-token
+#                 MLP tiles, no attention kept, expandable segments; one step, no warm-up: a step
+#                 is minutes), and Unsloth up a ladder of lengths in one worker (each recorded, out
+#                 of memory too). Each part is one call of at most ~9.5 minutes. The host bounds
+#                 offload as well: the inputs are pinned at their size (speed/offload.page_locked),
+#                 31 x tokens x 8 KiB: 77.5 GiB at 327,680 (longest-48), 93 GiB at 393,216
+#                 (longest-80), which a 128 GiB host holds (qlora train refuses, before loading,
+#                 what it cannot: train_step.py records that refusal in seconds). Step times by
+#                 the 262,144-token step's 199 s and attention's square: ~5 and ~7.5 minutes.
 #   moe           qlora alone (the peers read a 61 GB / 93 GB checkpoint: see docs/BENCHMARKS.md
 #                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
 #                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
@@ -41,6 +39,9 @@
 #                 stack keeps the experts in bf16 (54 GiB). One call per system, ~9.5 minutes each.
 #   profile-2048  where the Llama-3-8B graph step's GPU time goes at seq 2048 (profile_step.py, kernels
 #                 by kind; copies, elementwise and other kernels by name).
+#   profile-phi4  the same for Phi-4 (14B): where the 12 ms a step off the GPU go.
+#   profile-moe   the same for Qwen3-30B-A3B's eager MoE step (no graphs, no kept attention): where
+#                 its 0.89 s a step go (host syncs show among the host-side ops).
 #   checks        gpu_check.py: every part of the step against its reference on the GPU.
 #   families      the families' shapes at seq 2048, micro-batch 1, all linears r16, checkpointing:
 #                 Gemma-2-9B (qlora with attention kept, qlora-nokeep, hf, Unsloth) and Phi-4 14B
@@ -72,7 +73,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|checks|families|dpo|orpo|export-8b OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|dpo|orpo|export-8b OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -144,18 +145,18 @@ longest-24)  # planned peak allocated 22.27 GiB at 163,840 (qlora plan --seq-len
     --systems unsloth --memory-cap-gib 23 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --worker-timeout 300 --model-root /tmp/models --out "$OUT/unsloth-24" --deadline 315
   ;;
-longest-48)  # planned 32.74 GiB at 262,144 (39.73 at 327,680 fits the cap, but its 124 GiB of
-             # pinned inputs do not fit a 128 GiB host); one step ~3.5 minutes
-  step 400 qlora-262144-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 262144 \
-    --systems qlora-eager --memory-cap-gib 46 --offload-activations true --tile-mlp true \
-    --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy --random-weights \
-    --worker-timeout 395 --deadline 398 --out "$OUT/qlora-48"
-  step 170 unsloth-ladder-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 98304,131072 \
-    --systems unsloth --memory-cap-gib 46 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
-    --worker-timeout 165 --model-root /tmp/models --out "$OUT/unsloth-48" --deadline 168
+longest-48)  # planned 39.73 GiB at 327,680 (a tight fit under 46 GiB); 77.5 GiB pinned
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step 570 qlora-327680-46gib $PY "$HERE/train_step.py" \
+    --shapes llama-3-8b --seqs 327680 --systems qlora-eager --memory-cap-gib 46 --offload-activations true \
+    --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --random-weights --worker-timeout 560 --deadline 565 --out "$OUT/qlora-48"
   ;;
-longest-80)  # planned 46.72 GiB at 393,216; 124 GiB of pinned host memory (check_host_offload:
-             # refused on a 128 GiB host, so run it only where ~138 GiB is available)
+longest-48-unsloth)
+  step 400 unsloth-ladder-46gib $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 98304,131072,163840 \
+    --systems unsloth --memory-cap-gib 46 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --worker-timeout 390 --model-root /tmp/models --out "$OUT/unsloth-48" --deadline 395
+  ;;
+longest-80)  # planned 46.72 GiB at 393,216; 93 GiB pinned
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step 580 qlora-393216 $PY "$HERE/train_step.py" \
     --shapes llama-3-8b --seqs 393216 --systems qlora-eager --offload-activations true \
     --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
@@ -184,6 +185,14 @@ moe-peers)
 profile-2048)
   step 70 profile-llama-detail $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs \
     --fused --fast --group --keep-attention --steps 2 --detail copy,elementwise,other --out /tmp/profile
+  ;;
+profile-phi4)  # Phi-4's graph step: 309 ms a step, 297 of kernels (2026-12-06 14:21); Llama's has no such gap
+  step 200 profile-phi4-detail $PY "$HERE/profile_step.py" --shape phi-4 --seq 2048 --ours --graphs \
+    --fused --fast --group --keep-attention --steps 3 --detail copy,elementwise,other --out /tmp/profile
+  ;;
+profile-moe)  # Qwen3-30B-A3B's eager step: 0.89 s a step at 0.05 MFU (2026-12-06 11:17); no graphs, nothing kept
+  step 400 profile-qwen3-moe-detail $PY "$HERE/profile_step.py" --shape qwen3-30b-a3b --seq 2048 --ours \
+    --fused --fast --group --steps 2 --detail copy,elementwise,other --out /tmp/profile
   ;;
 checks)
   step 420 gpu_check $PY "$HERE/gpu_check.py" --out "$OUT/gpu-check.jsonl"  # every check

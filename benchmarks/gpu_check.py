@@ -931,7 +931,27 @@ def check_long_context(dirs):
     _record_runs("long-context-offload-tiles", 0.0, [runs[0], runs[4]])
     del model
     _check_graphed_step(dirs["llama"], keep=True, long=True)
+    _check_page_locked()
     _check_long_context_width()
+
+
+def _check_page_locked(numel: int = 3 * 2**20 + 5):
+    """speed/offload.page_locked: a host buffer of a size no power of two, registered with CUDA:
+    pinned as torch sees it, and a non-blocking round trip through the GPU on a side stream
+    (as offload copies) gives the values back."""
+    from qlora.speed.offload import page_locked
+
+    host = page_locked(numel, torch.bfloat16)
+    src = torch.randn(numel, device=DEV).bfloat16()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        host.copy_(src, non_blocking=True)
+        back = host.to(DEV, non_blocking=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    same = torch.equal(back, src)
+    record("long-context-page-locked-round-trip", 0.0 if host.is_pinned() and same else 1.0, 0.0,
+           pinned=host.is_pinned(), equal=same, numel=host.numel())
 
 
 def _check_long_context_width(seq: int = 16384, layers: int = 4):

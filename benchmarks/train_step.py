@@ -697,7 +697,7 @@ def worker(args) -> int:
                     rec["offload_activations"] = model.layer_input_offload is not None and ckpt
                     if rec["offload_activations"]:
                         # as qlora train refuses it before loading: an offload whose pinned
-                        # buffers (each rounded up to a power of two) the host cannot hold is
+                        # buffers the host cannot hold is
                         # this config's error in seconds, not host memory run out mid-step
                         from qlora import memory
                         memory.check_host_offload(

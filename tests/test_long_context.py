@@ -293,23 +293,23 @@ def test_plan_offload_keeps_two_layer_inputs_on_the_gpu():
     assert plan(LLAMA, replace(no_ckpt, offload_activations=True)).allocated == plan(LLAMA, no_ckpt).allocated
 
 
-def test_the_pinned_host_memory_of_an_offload_is_rounded_as_torch_rounds_it(monkeypatch):
-    """torch's pinned-memory allocator rounds each buffer up to a power of two: Llama-3-8B's
-    31 offloaded inputs at 393,216 tokens are 3 GiB each (93 GiB) but pin 4 GiB each (124 GiB),
-    at 262,144 exactly 2 GiB (62). The plan's note, `qlora train`'s log and its refusal on a
-    128 GiB host (MemAvailable 125 GiB) all use the pinned figure."""
+def test_the_pinned_host_memory_of_an_offload_is_its_inputs_exactly(monkeypatch):
+    """Offload pins each layer's buffer at its own size (speed/offload.page_locked registers plain
+    memory: torch's pinned allocator would round 3 GiB up to 4): Llama-3-8B's 31 offloaded inputs
+    at 393,216 tokens pin 31 x 3 GiB = 93 GiB, which a 128 GiB host (MemAvailable 125 GiB, 0.9 of
+    it usable: 112.5) holds; 524,288 tokens (31 x 4 = 124 GiB) it does not. The plan's note and
+    `qlora train`'s refusal use the same figure."""
     def offloaded(seq):
         return replace(LONG_RUN, seq_len=seq, offload_activations=True)
 
     assert memory.host_offload_bytes(LLAMA, offloaded(393216)) == 93 * GiB
-    assert memory.host_offload_pinned_bytes(LLAMA, offloaded(393216)) == 124 * GiB
-    assert memory.host_offload_pinned_bytes(LLAMA, offloaded(262144)) == 62 * GiB
-    assert "93.00 GiB of inputs in 124.00 GiB of host RAM" in " ".join(
-        plan(LLAMA, offloaded(393216)).notes)
+    assert memory.host_offload_bytes(LLAMA, offloaded(327680)) == 77.5 * GiB
+    assert "offload: the checkpointed layer inputs wait in pinned host memory (93.00 GiB of host RAM)" \
+        in " ".join(plan(LLAMA, offloaded(393216)).notes)
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 125 * GiB)
-    memory.check_host_offload(LLAMA, offloaded(262144), chosen_by_plan=False)  # 62 <= 112.5
+    memory.check_host_offload(LLAMA, offloaded(393216), chosen_by_plan=False)  # 93 <= 112.5
     with pytest.raises(QloraError, match="needs ~124.0 GiB of pinned host memory"):
-        memory.check_host_offload(LLAMA, offloaded(393216), chosen_by_plan=False)
+        memory.check_host_offload(LLAMA, offloaded(524288), chosen_by_plan=False)
 
 
 def test_plan_tiles_bound_the_mlp_by_one_tile():
@@ -389,12 +389,15 @@ LLAMA_3_8B_CONFIG = dict(model_type="llama", hidden_size=4096, intermediate_size
                          max_position_embeddings=131072, tie_word_embeddings=False)
 
 
-def test_qlora_train_check_picks_tiles_and_offload_only_when_the_run_needs_them(tmp_path):
+def test_qlora_train_check_picks_tiles_and_offload_only_when_the_run_needs_them(tmp_path, monkeypatch):
     """check_run resolves auto (None) before loading: off where the run fits without, on (said in
     the log) where it does not; what the user set is kept; on the CPU (no GPU size) off."""
     import json
 
     from qlora.config import RunConfig
+
+    # a host that holds the 15.5 GiB of pinned inputs at 65,536 tokens, whatever this machine has free
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 2**30)
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B_CONFIG))
     cfg = RunConfig(model=str(tmp_path), data="unused.jsonl", gpu_memory="24GB",
@@ -483,11 +486,14 @@ def test_qlora_train_check_refuses_an_offload_the_host_cannot_pin(tmp_path, monk
     asked = replace(cfg, max_seq_length=32768, offload_activations=True, tile_mlp=False)
     with pytest.raises(QloraError, match=r"needs ~7\.8 GiB of pinned host memory: the inputs"):
         memory.check_run(asked, "cpu", log=lambda line: None)
-    # 49,152 tokens: 384 MiB a layer, pinned as 512 MiB (15.5 GiB in all, not 11.6)
-    rounded = replace(asked, max_seq_length=49152)
+    # 49,152 tokens: 384 MiB a layer pinned as it is (11.6 GiB in all): 14 GiB available holds it
+    # (0.9 x 14 = 12.6), 12 does not (10.8)
+    longer = replace(asked, max_seq_length=49152)
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 14 * 2**30)
-    with pytest.raises(QloraError, match=r"needs ~15\.5 GiB"):
-        memory.check_run(rounded, "cpu", log=lambda line: None)
+    memory.check_run(longer, "cpu", log=lambda line: None)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 12 * 2**30)
+    with pytest.raises(QloraError, match=r"needs ~11\.6 GiB"):
+        memory.check_run(longer, "cpu", log=lambda line: None)
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 2**30)
     chosen, _ = memory.check_run(cfg, "cpu", log=lambda line: None)
     assert chosen.offload_activations

@@ -559,18 +559,10 @@ def offload_applies(cfg: PlanConfig) -> bool:
 
 
 def host_offload_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
-    """The offloaded layer inputs' bytes: every layer's but the last."""
+    """The offloaded layer inputs' bytes: every layer's but the last. Pinned at exactly this size
+    (speed/offload.page_locked registers plain memory; torch's pinned allocator would round each
+    layer's buffer up to a power of two: 4 GiB for Llama-3-8B's 3 GiB at 393,216 tokens)."""
     return (arch.num_layers - 1) * step_tokens(cfg) * 2 * arch.hidden_size if offload_applies(cfg) else 0
-
-
-def host_offload_pinned_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
-    """The pinned host memory those inputs take: torch's pinned-memory allocator rounds each
-    layer's buffer up to a power of two (Llama-3-8B: 3 GiB a layer at 393,216 tokens takes 4)."""
-    need = host_offload_bytes(arch, cfg)
-    if not need:
-        return 0
-    layers = arch.num_layers - 1
-    return layers * (1 << (need // layers - 1).bit_length())
 
 
 def host_available_bytes() -> int | None:
@@ -593,7 +585,7 @@ def check_host_offload(arch: ArchSpec, cfg: PlanConfig, chosen_by_plan: bool) ->
     run's host memory (its data, the loader, Python)."""
     if isinstance(arch, GenericSpec):  # offload is ignored on the generic path
         return
-    need, available = host_offload_pinned_bytes(arch, cfg), host_available_bytes()
+    need, available = host_offload_bytes(arch, cfg), host_available_bytes()
     if not need or available is None:
         return
     layers = arch.num_layers - 1
@@ -603,8 +595,7 @@ def check_host_offload(arch: ArchSpec, cfg: PlanConfig, chosen_by_plan: bool) ->
            if chosen_by_plan else "")
     raise QloraError(
         f"offload_activations needs ~{_gib(need):.1f} GiB of pinned host memory{why}: the inputs of "
-        f"{layers} layers x {step_tokens(cfg)} tokens x {arch.hidden_size} x 2 bytes (each rounded up "
-        "to a power of two by the pinned allocator), and "
+        f"{layers} layers x {step_tokens(cfg)} tokens x {arch.hidden_size} x 2 bytes, and "
         f"this machine has {_gib(available):.1f} GiB available (MemAvailable in /proc/meminfo). "
         "Shorten max_seq_length, lower per_device_train_batch_size, or free host memory")
 
@@ -1251,9 +1242,8 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
                          "sharded; two gathered layers and the gathered embedding/head in workspace")
     if offloaded:
         notes.append(f"offload: the checkpointed layer inputs wait in pinned host memory "
-                     f"({_gib(host_offload_bytes(arch, cfg)):.2f} GiB of inputs in "
-                     f"{_gib(host_offload_pinned_bytes(arch, cfg)):.2f} GiB of host RAM: each "
-                     "layer's buffer rounded up to a power of two); two are on the GPU at a time")
+                     f"({_gib(host_offload_bytes(arch, cfg)):.2f} GiB of host RAM); two are on "
+                     "the GPU at a time")
     elif cfg.offload_activations:
         notes.append("offload: only the inputs checkpointing keeps are offloaded; without "
                      "checkpointing it does nothing")
@@ -1665,7 +1655,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
                                   tile_mlp=pc.tile_mlp)
         chosen = [text for on, text in (
             (offload_auto and pc.offload_activations, "offload_activations: on (the checkpointed layer inputs in "
-             f"pinned host memory, {_gib(host_offload_pinned_bytes(arch, pc)):.1f} GiB of it)"),
+             f"pinned host memory, {_gib(host_offload_bytes(arch, pc)):.1f} GiB of it)"),
             (tile_auto and pc.tile_mlp, "tile_mlp: on (the MLP in sequence tiles of "
              f"{mlp_tile_tokens(arch, pc)} tokens)")) if on]
         if chosen:
