@@ -263,6 +263,17 @@ def test_grouped_experts_equal_the_loop_over_experts(moe_models, variant, quant,
         assert rel_err(want[name].float(), got[name].float()) <= grad_tol, name
 
 
+def test_expert_offsets_count_as_bincount_does():
+    """The grouped path's run ends, counted without bincount's host read: equal to the cumulative
+    bincount, experts with no rows (0 and the last two here) included."""
+    from qlora.speed.moe import expert_offsets
+
+    flat = torch.tensor([3, 1, 3, 2, 5, 1, 3, 2, 2, 5])
+    want = torch.cumsum(torch.bincount(flat, minlength=8), 0).to(torch.int32)
+    assert torch.equal(expert_offsets(flat, 8), want)
+    assert expert_offsets(flat, 8).tolist() == [0, 2, 5, 8, 8, 10, 10, 10]
+
+
 def test_mlp_tiles_leave_the_sparse_blocks_whole(moe_models):
     """Long-sequence MLP tiles (speed.set_long_context) pass a sparse block by: it keeps its
     router logits for the aux loss, and tiles would leave only the last tile's."""

@@ -41,8 +41,7 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     n, k = index.shape
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offsets = torch.cumsum(torch.bincount(flat, minlength=experts.num_experts), 0,
-                           dtype=torch.int32)
+    offsets = expert_offsets(flat, experts.num_experts)
     rows = x.index_select(0, order // k)
     runs = {layer: expert_runs(layer, rows.dtype) for layer in (experts.gate_up_proj, experts.down_proj)}
     # where a projection goes in runs of experts, each run's rows: the offsets on the host, once
@@ -56,6 +55,15 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                        device=order.device))
     return y.index_select(0, inverse).view(n, k, -1).float().sum(dim=1).to(x.dtype)
+
+
+def expert_offsets(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 [E]: where each expert's run of rows ends once rows are sorted by expert. Counted by a
+    scatter-add, not torch.bincount, whose CUDA kernel first reads the largest index on the host:
+    a sync per sparse block."""
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return torch.cumsum(counts, 0, dtype=torch.int32)
 
 
 def base_of(layer) -> ExpertLinear:
