@@ -553,6 +553,18 @@ def _mapped_folder(nbytes: int) -> str | None:
     return None
 
 
+def _read_into(path: str, out: np.ndarray) -> None:
+    """The file's bytes straight into `out` (one copy; a read returns at most ~2 GB)."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise RuntimeError(f"{path}: {done} bytes, {len(view)} expected")
+            done += n
+
+
 class Pending:
     """A tensor's blocks being quantized; result() waits and assembles them."""
 
@@ -566,7 +578,7 @@ class Pending:
                 if done is not None:
                     self.out[start:start + len(done)] = done
             if self.files:  # the workers wrote into the mapped output file
-                self.out[:] = np.fromfile(self.files[1], dtype=np.uint8).reshape(self.out.shape)
+                _read_into(self.files[1], self.out)
         finally:
             self.discard()
         return self.out.reshape(self.shape)
