@@ -566,7 +566,7 @@ def _read_into(path: str, out: np.ndarray) -> None:
 
 
 class Pending:
-    """A tensor's blocks being quantized; result() waits and assembles them."""
+    """A tensor being encoded (its blocks or rows in parts); result() waits and assembles them."""
 
     def __init__(self, out: np.ndarray, shape: tuple[int, ...], parts: list, files: tuple[str, ...] = ()):
         self.out, self.shape, self.parts, self.files = out, shape, parts, files
@@ -751,8 +751,9 @@ def usable_cores() -> int:
 class Workers:
     """Where the export encodes every type but F32 (the k-quants here, the others by gguf.quants:
     submit_gguf): `count` worker processes (None: one per core), started at the first tensor with
-    chunks enough to share out; smaller tensors, and count 1, run in the calling thread. Processes, not threads: the search makes ~1000 numpy calls per chunk, each
-    holding the GIL for its setup, which is expected to keep threads from scaling to many cores
+    chunks enough to share out; smaller tensors, and count 1, run in the calling thread.
+    Processes, not threads: the search makes ~1000 numpy calls per chunk, each holding the GIL for
+    its setup, which is expected to keep threads from scaling to many cores
     (benchmarks/kquant_speed.py measures both). Spawned, not forked: an exporting process has
     torch's threads running."""
 
