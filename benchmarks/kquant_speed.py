@@ -25,6 +25,8 @@ slice; the q4_k_m model estimated from those rates; with --whole-model, measured
     python benchmarks/kquant_speed.py --threads 16 --device cuda --executors none --whole-model \
         --export /tmp/kq --out $OUT/kquant-speed-cuda.json                       # the GPU path
     python benchmarks/kquant_speed.py --threads 2 --out kquant-speed.json          # small machines
+    python benchmarks/kquant_speed.py --threads 16 --types Q8_0,Q4_0,BF16,F16 --executors processes \
+        --one-thread-rows 1024 --out $OUT/gguf-types.json     # gguf.quants' types on the workers
 
 --deadline (seconds, default 450) skips what would not finish in time, and says so in the JSON.
 """
@@ -84,6 +86,12 @@ def one_thread(pool: np.ndarray, cols: int, fast_rows: int, plain_rows: int, typ
     importance = np.random.default_rng(1).random(cols).astype(np.float32)
     out = {}
     for k in types:
+        if k not in kquants.KINDS:  # gguf.quants' own (no plain search, no importance)
+            t = time.process_time()
+            kquants.submit_gguf(x, k).result()
+            out[k] = {"fast_s_per_mvalue": per_million(time.process_time() - t, x.size)}
+            print(f"one thread {k} (gguf.quants): {out[k]['fast_s_per_mvalue']} s/M values", flush=True)
+            continue
         t = time.process_time()
         kquants.quantize(x, k)
         fast = time.process_time() - t
@@ -112,6 +120,8 @@ def quantize_all(items, executor) -> float:
     def submit(x, k):
         if hasattr(executor, "device"):
             return executor.submit(x, k)
+        if k not in kquants.KINDS:
+            return kquants.submit_gguf(x, k, executor)
         return kquants.submit(x, k, None, executor)
 
     t = time.perf_counter()
@@ -185,14 +195,20 @@ def device_phase(pool, shape, device, types) -> dict:
         quantize_all([(layer[0][:64], "Q4_K")], q)  # start up: kernels loaded, threads started
         for k in types:
             small = layer[0][:64]
-            same = all(np.array_equal(q.submit(small, k, imp).result(), kquants.quantize(small, k, imp))
-                       for imp in (None, importance))
+            if k in kquants.KINDS:
+                same = all(np.array_equal(q.submit(small, k, imp).result(), kquants.quantize(small, k, imp))
+                           for imp in (None, importance))
+            else:
+                same = bool(np.array_equal(q.submit(small, k).result(), kquants.submit_gguf(small, k).result()))
             wall = per_million(quantize_all([(a, k) for a in layer], q), values)
             x = torch.from_numpy(task).to(q.device)
             if q.device.type == "cuda":
                 torch.cuda.synchronize(q.device)
             t = time.perf_counter()
-            kquants_torch.codes(x, k)  # ends with the codes copied to the host: synchronised
+            if k in kquants.KINDS:
+                kquants_torch.codes(x, k)  # ends with the codes copied to the host: synchronised
+            elif k in kquants_torch.ENCODERS:
+                kquants_torch.ENCODERS[k](x.reshape(-1, cols)).cpu()
             search = per_million(time.perf_counter() - t, task.size)
             out[k] = {"wall_s_per_mvalue": wall, "search_s_per_mvalue": search, "bytes_equal_numpy": same}
             print(f"{q} {k}: {wall} s/M values wall, search alone {search}, bytes equal numpy {same}",
@@ -228,6 +244,14 @@ def whole_model(pool, shape, threads) -> dict:
     return {"seconds": round(seconds, 1), "values": sum(r * c for _, (r, c), _ in items),
             "peak_rss_gib_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "peak_rss_gib_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+
+
+def gguf_type_estimates(shape, rates: dict, source: str) -> dict:
+    """Per type of gguf.quants among `rates`: seconds to encode every matrix of the model in it
+    (a file of that type, its embedding and output included) at that rate."""
+    values = sum(r * c for _, (r, c) in tensor_list(shape))
+    return {k: {"values": values, "seconds": round(values * rate / 1e6, 1), "rate_from": source}
+            for k, rate in rates.items() if k not in kquants.KINDS}
 
 
 def estimate(shape, rates: dict) -> dict:
@@ -336,7 +360,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
     ap.add_argument("--threads", type=int, default=kquants.usable_cores(), help="workers (default: every core)")
-    ap.add_argument("--types", default=",".join(K_TYPES), help="K types of phases 1 and 2 (default all)")
+    ap.add_argument("--types", default=",".join(K_TYPES),
+                    help="types of phases 1 and 2 (default every K type); also Q8_0, Q4_0, BF16, F16 "
+                         "(gguf.quants' own, on the same workers)")
     ap.add_argument("--executors", default="processes,threads",
                     help="processes (what the export uses), threads, both (default), or none (skip phase 2)")
     ap.add_argument("--one-thread-rows", type=int, default=256, help="rows of 4096 for phase 1's fast runs")
@@ -377,6 +403,12 @@ def main(argv=None) -> int:
         rates = {k: v["fast_s_per_mvalue"] / args.threads for k, v in result["one_thread"].items()}
         result["q4_k_m_estimate"] = estimate(args.shape, rates)
         result["q4_k_m_estimate"]["note"] = f"one thread's rates / {args.threads}: perfect scaling assumed"
+    if set(types) - set(kquants.KINDS):
+        one = {k: v["fast_s_per_mvalue"] / args.threads for k, v in result["one_thread"].items()}
+        result["gguf_types_estimate"] = {
+            "one_thread_over_threads": gguf_type_estimates(args.shape, one, f"one thread / {args.threads}"),
+            "measured": gguf_type_estimates(args.shape, rates, (executors or ["one thread"])[0])}
+        print(f"gguf types of the whole {args.shape}: {result['gguf_types_estimate']}", flush=True)
     if not {"Q4_K", "Q6_K"} <= set(rates):
         result["q4_k_m_estimate"]["note"] = "Q4_K and Q6_K rates needed; the sum leaves out the others"
     print(f"q4_k_m of the whole {args.shape}, estimated from {(executors or ['one thread'])[0]}: "

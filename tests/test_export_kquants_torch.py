@@ -2,7 +2,8 @@
 search (export/kquants.py, itself pinned to the plain search and to gguf's dequantizer by
 tests/test_export_kquants.py): the same packed bytes for every K type, with and without
 importance weights, on random blocks and the edge cases where float details decide; on the GPU
-too where there is one (the same torch ops: what the export runs there)."""
+too where there is one (the same torch ops: what the export runs there). Likewise gguf.quants' own
+Q8_0, Q4_0 and BF16 in torch against gguf.quants."""
 
 from __future__ import annotations
 
@@ -98,3 +99,72 @@ def test_on_device_quantizes_tensors_as_numpy_does(monkeypatch, device):
                                               kquants.quantize(x, kind, imp))
         with pytest.raises(ValueError, match="multiple of 256"):
             on_device.submit(x[:, :300], "Q4_K")
+
+
+def _gguf_type_rows(seed: int) -> np.ndarray:
+    """(24, 256) float32, blocks of 32 (Q8_0, Q4_0) where float details decide: zero blocks of
+    either sign and mixed, exact halves after scaling (ties: d = 1 for Q8_0 with a maximum of 127,
+    for Q4_0 with a largest value of −8), negative maxima, ±v ties for the largest magnitude,
+    magnitudes from 1e-35 (scales that vanish in f16) to 1e30 (scales beyond f16), and random
+    weights with a scale per block."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((24, 256)) * 0.02).astype(np.float32)
+    blocks = x.reshape(-1, 32)  # a view: 192 blocks
+    blocks[0], blocks[1] = 0.0, -0.0
+    blocks[2] = np.where(rng.random(32) < 0.5, np.float32(0.0), np.float32(-0.0))
+    blocks[3] = np.arange(-15.5, 16.5, 1.0)  # halves after scaling by one
+    blocks[3, 0] = 127.0
+    blocks[3, 1], blocks[3, 2] = 0.49999997, -0.49999997  # just below ½: floor(v + ½) rounds up
+    blocks[4] = -np.abs(blocks[4])
+    blocks[4, 5] = -126.5
+    blocks[5] = np.arange(32) / 4 - 7.75  # Q4_0: a largest value of −8 gives d = 1
+    blocks[5, 0] = -8.0
+    blocks[6, 3], blocks[6, 9] = 0.5, -0.5  # ±v tie, the positive first
+    blocks[7, 3], blocks[7, 9] = -0.5, 0.5
+    blocks[8] *= 1e30
+    blocks[9] *= 1e-35
+    blocks[10] = rng.integers(-8, 8, 32)
+    blocks[11] = 0.0
+    blocks[11, 17] = -3.0  # a lone negative maximum
+    scales = 10.0 ** rng.uniform(-30, 30, (len(blocks) - 16, 1))
+    blocks[16:] *= scales.astype(np.float32)
+    return x
+
+
+def _bf16_rows() -> np.ndarray:
+    """(4, 256) float32 whose bits decide bf16's rounding: exact ties (low half 0x8000) on odd and
+    even, values that round up into infinity, subnormals, ±0, ±inf, NaNs of either sign with
+    payloads in the kept and in the dropped bits."""
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, (4, 256), dtype=np.uint64).astype(np.uint32)
+    bits[0, :64] = (bits[0, :64] & 0xFFFF0000) | 0x8000  # ties
+    special = [0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x00000001, 0x80008000, 0x007FFFFF, 0x00000000,
+               0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0xFF810000,
+               0x7FBFFFFF, 0x7FFF8000, 0xFFFFFFFF]
+    bits[1, :len(special)] = special
+    return bits.view(np.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "BF16"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torch_gguf_types_give_gguf_bytes(type_name, seed, device):
+    """Q8_0, Q4_0 and BF16 in torch (what the export runs on a GPU): gguf.quants' bytes."""
+    x = _bf16_rows() if type_name == "BF16" and seed == 1 else _gguf_type_rows(seed)
+    with np.errstate(all="ignore"):  # gguf's NaN and infinity arithmetic on purpose
+        theirs = gguf.quants.quantize(x, gguf.GGMLQuantizationType[type_name])
+    ours = kquants_torch.ENCODERS[type_name](torch.from_numpy(x).to(device)).cpu().numpy()
+    assert ours.dtype == theirs.dtype == np.uint8
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # scales past f16, on purpose
+def test_on_device_encodes_every_gguf_type_as_gguf():
+    """OnDevice.submit of the gguf types (on the device or, F16 / Q5_0 / Q5_1, by gguf.quants on
+    its CPU threads) in tasks of a few rows: one gguf.quants.quantize call's bytes."""
+    x = _gguf_type_rows(2).reshape(48, 128)
+    with kquants_torch.OnDevice("cpu") as on:
+        for type_name in ("Q8_0", "Q4_0", "BF16", "F16", "Q5_0", "Q5_1"):
+            want = gguf.quants.quantize(x, gguf.GGMLQuantizationType[type_name])
+            got = on.submit(x, type_name).result()
+            np.testing.assert_array_equal(got, np.ascontiguousarray(want).view(np.uint8), err_msg=type_name)

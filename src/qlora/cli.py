@@ -347,8 +347,8 @@ def _add_check_args(p, default_on: str) -> None:
     p.add_argument("--check-samples", type=int, default=8, metavar="N",
                    help="examples to compare on (default 8)")
     p.add_argument("--device", default="auto",
-                   help="where base + adapter run (check, importance matrix; export: the k-quants' "
-                        "search too): auto | cpu | cuda (default auto: the GPU where there is one)")
+                   help="where base + adapter run (check, importance matrix; export: the "
+                        "quantizing too): auto | cpu | cuda (default auto: the GPU where there is one)")
 
 
 def run_merge(args) -> None:
@@ -406,7 +406,7 @@ def _export_options(p) -> None:
     p.add_argument("--ollama", action="store_true",
                    help="also write OUT.Modelfile for Ollama (chat template, stop tokens, sampling)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU processes quantizing the k-quants where they run on the CPU (default: "
+                   help="CPU processes quantizing the tensors where they run on the CPU (default: "
                         "one per core; 1: none, in the exporting process)")
     _add_check_args(p, default_on="on where llama-cpp-python is importable")
     p.add_argument("--check-engine", default="llama.cpp", choices=["llama.cpp", "qlora"],

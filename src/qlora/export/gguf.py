@@ -81,28 +81,26 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 # --- tensor types ---------------------------------------------------------------------------------
 def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
            quantizer=None) -> np.ndarray | kquants.Pending:
-    """fp32 array → the array GGUFWriter.add_tensor takes for that type, or for the k-quants a
-    kquants.Pending whose result() is that array (quantized meanwhile by `quantizer`, a
-    kquants.Workers or kquants_torch.OnDevice: see quantizer(); None: now, in this thread).
+    """fp32 array → the array GGUFWriter.add_tensor takes for that type (raw bytes, but for F32),
+    as a kquants.Pending whose result() is that array, encoded meanwhile by `quantizer` (a
+    kquants.Workers or kquants_torch.OnDevice: see quantizer(); None: now, in this thread): the
+    k-quants by our search, the other types by gguf.quants (or its bytes, in torch, on a GPU).
     `importance` (one value per input column) steers the k-quants' scale search; the other types
     have none."""
-    g = _gguf()
     if type_name == "F32":
         return x.astype(np.float32)
-    if type_name == "F16":
-        return x.astype(np.float16)
-    if type_name in kquants.KINDS:
-        if quantizer is None:
-            return kquants.submit(x, type_name, importance)
+    if quantizer is not None:
         return quantizer.submit(x, type_name, importance)
-    return g.quants.quantize(x, g.GGMLQuantizationType[type_name])  # BF16, Q8_0, Q4_0, Q5_0, Q5_1
+    if type_name in kquants.KINDS:
+        return kquants.submit(x, type_name, importance)
+    return kquants.submit_gguf(x, type_name)  # F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1
 
 
 def quantizer(device: str = "auto", threads: int | None = None):
-    """Where the k-quants are searched: torch on the CUDA GPU that `device` names (auto: the one
+    """Where the tensors are quantized: torch on the CUDA GPU that `device` names (auto: the one
     torch sees; the same bytes as numpy), else numpy on `threads` worker processes (None: one per
-    core). Either is a with-block offering submit(x, type,
-    importance) → kquants.Pending."""
+    core). Either is a with-block offering submit(x, type, importance) → kquants.Pending, for
+    every type but F32."""
     from qlora.device import pick_device
 
     where = pick_device(device)
@@ -617,8 +615,7 @@ def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.n
         for name, factors in rope_factors.items():  # F32, as llama.cpp reads them
             w.add_tensor(name, factors)
         with quantizer(device, threads) as quantize_on:
-            if qtype in K_QUANT_FILES:
-                log(f"k-quants: {quantize_on}")
+            log(f"quantizing: {quantize_on}")
             # quantized while the next tensors are read; written in file order
             encoded = _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks,
                                imatrix, quantize_on, experts)

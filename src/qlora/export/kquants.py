@@ -28,11 +28,15 @@ The search is written twice: plainly, one sub-block per row (the definition, kep
 reference: codes(..., plain=True)), and transposed for speed, with every float32 operation the same
 and in the same order, so that the bytes are the same (see "sub-block scales, fast"). A tensor is cut
 into chunks of CHUNK_BLOCKS super-blocks (the temporaries stay near the core); the export runs them
-on worker processes (Workers), reading and writing the tensor through mapped files.
+on worker processes (Workers), reading and writing the tensor through mapped files. The same
+workers encode the types the gguf package quantizes itself (F16, BF16, Q8_0, Q4_0, …: submit_gguf),
+a tensor's whole rows per task through the same mapped files: the machinery below
+(_submit_mapped, _encode_mapped, Pending, in_order) knows no type.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 from collections import deque
@@ -524,16 +528,18 @@ def quantize_blocks(blocks: np.ndarray, kind_name: str, importance: np.ndarray |
     return PACK[kind_name](codes(blocks, kind_name, weights))
 
 
-def _quantize_mapped(src: str, dst: str, shape: tuple[int, int], kind_name: str,
-                     importance: np.ndarray | None, start: int, stop: int, chunk: int) -> None:
-    """In a worker process: blocks [start, stop) of the float32 file `src` (shape (n, 256)) into
-    the uint8 file `dst`, chunk by chunk. Both files are mapped (MAP_SHARED): nothing of the
-    tensor travels through the pool's pipe."""
+def _encode_mapped(src: str, dst: str, shape: tuple[int, int], out_width: int, encode_rows,
+                   start: int, stop: int, chunk: int) -> None:
+    """In a worker process: rows [start, stop) of the float32 file `src` (shape (n, width)) into
+    the uint8 file `dst` ((n, out_width)), `chunk` rows at a time, by encode_rows(rows, first=index
+    of rows[0]) → uint8 (len(rows), out_width). Both files are mapped (MAP_SHARED): nothing of the
+    tensor travels through the pool's pipe. Any type: the rows are a k-quant's super-blocks or a
+    tensor's own rows (gguf_rows)."""
     x = np.memmap(src, dtype=np.float32, mode="r", shape=shape)
-    out = np.memmap(dst, dtype=np.uint8, mode="r+", shape=(shape[0], KINDS[kind_name].block_bytes))
+    out = np.memmap(dst, dtype=np.uint8, mode="r+", shape=(shape[0], out_width))
     for a in range(start, stop, chunk):
         b = min(a + chunk, stop)
-        out[a:b] = quantize_blocks(np.asarray(x[a:b]), kind_name, importance, a)
+        out[a:b] = encode_rows(np.asarray(x[a:b]), first=a)
 
 
 def _mapped_folder(nbytes: int) -> str | None:
@@ -547,8 +553,20 @@ def _mapped_folder(nbytes: int) -> str | None:
     return None
 
 
+def _read_into(path: str, out: np.ndarray) -> None:
+    """The file's bytes straight into `out` (one copy; a read returns at most ~2 GB)."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise RuntimeError(f"{path}: {done} bytes, {len(view)} expected")
+            done += n
+
+
 class Pending:
-    """A tensor's blocks being quantized; result() waits and assembles them."""
+    """A tensor being encoded (its blocks or rows in parts); result() waits and assembles them."""
 
     def __init__(self, out: np.ndarray, shape: tuple[int, ...], parts: list, files: tuple[str, ...] = ()):
         self.out, self.shape, self.parts, self.files = out, shape, parts, files
@@ -560,7 +578,7 @@ class Pending:
                 if done is not None:
                     self.out[start:start + len(done)] = done
             if self.files:  # the workers wrote into the mapped output file
-                self.out[:] = np.fromfile(self.files[1], dtype=np.uint8).reshape(self.out.shape)
+                _read_into(self.files[1], self.out)
         finally:
             self.discard()
         return self.out.reshape(self.shape)
@@ -574,25 +592,28 @@ class Pending:
         self.files = ()
 
 
-def _submit_mapped(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None,
+def _submit_mapped(rows: np.ndarray, encode_rows, chunk: int, task_chunks: int,
                    pool: ProcessPoolExecutor, out: np.ndarray, shape: tuple[int, ...]) -> Pending:
+    """Start encoding `rows` (n, width) into `out` (n, out_width) on the worker processes, through
+    mapped files (_encode_mapped), `task_chunks` chunks of `chunk` rows per task. `encode_rows`
+    must pickle (a module-level function or a functools.partial of one)."""
     import tempfile
 
-    folder = _mapped_folder(blocks.nbytes + out.nbytes)
+    folder = _mapped_folder(rows.nbytes + out.nbytes)
     files = []
     try:
-        for suffix, size in ((".f32", blocks.nbytes), (".q", out.nbytes)):
-            fd, path = tempfile.mkstemp(prefix="qlora-kquant-", suffix=suffix, dir=folder)
+        for suffix, size in ((".f32", rows.nbytes), (".q", out.nbytes)):
+            fd, path = tempfile.mkstemp(prefix="qlora-quant-", suffix=suffix, dir=folder)
             os.close(fd)
             files.append(path)
         # written, not mapped, here: one copy into the page cache, no page faults; the workers'
         # shared mappings see the same pages (no msync needed between processes)
-        np.ascontiguousarray(blocks, dtype=np.float32).tofile(files[0])
+        np.ascontiguousarray(rows, dtype=np.float32).tofile(files[0])
         os.truncate(files[1], out.nbytes)
-        per_task = TASK_CHUNKS * CHUNK_BLOCKS
-        parts = [(0, pool.submit(_quantize_mapped, files[0], files[1], blocks.shape, kind_name,
-                                 importance, a, min(a + per_task, len(blocks)), CHUNK_BLOCKS))
-                 for a in range(0, len(blocks), per_task)]
+        per_task = task_chunks * chunk
+        parts = [(0, pool.submit(_encode_mapped, files[0], files[1], rows.shape, out.shape[1],
+                                 encode_rows, a, min(a + per_task, len(rows)), chunk))
+                 for a in range(0, len(rows), per_task)]
     except BaseException:
         for f in files:
             os.unlink(f)
@@ -634,13 +655,59 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
     matrix's mean squared activations); None weighs every value alike."""
     blocks, importance, out, shape = layout(x, kind_name, importance)
     if isinstance(executor, ProcessPoolExecutor):
-        return _submit_mapped(blocks, kind_name, importance, executor, out, shape)
+        encode_rows = functools.partial(quantize_blocks, kind_name=kind_name, importance=importance)
+        return _submit_mapped(blocks, encode_rows, CHUNK_BLOCKS, TASK_CHUNKS, executor, out, shape)
     parts = []
     for start in range(0, len(blocks), CHUNK_BLOCKS):
         args = (blocks[start:start + CHUNK_BLOCKS], kind_name, importance, start)
         parts.append((start, quantize_blocks(*args) if executor is None
                       else executor.submit(quantize_blocks, *args)))
     return Pending(out, shape, parts)
+
+
+# --- the gguf package's own types, on the same workers ----------------------------------------
+# F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1: gguf.quants encodes them (one pass of numpy per group of 16
+# rows, 5-15 ms per M values on one core: 8B values take minutes there); the workers only share its
+# rows out. Values per task: 4M, some 30-60 ms of gguf's numpy, long against a task's messages.
+GGUF_TASK_VALUES = 1 << 22
+
+
+def gguf_rows(rows: np.ndarray, type_name: str, first: int = 0) -> np.ndarray:
+    """rows (n, cols) float32 → their bytes (n, row bytes) in `type_name`, by gguf.quants.quantize
+    (`first`, the index of rows[0], is _encode_mapped's; every row is encoded alone)."""
+    import gguf
+
+    encoded = gguf.quants.quantize(rows, gguf.GGMLQuantizationType[type_name])
+    return np.ascontiguousarray(encoded).view(np.uint8)  # F16 comes as float16
+
+
+def gguf_layout(x: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """x (…, cols) cut into its rows: (rows (n, cols), the output (n, row bytes) to fill, the shape
+    it is returned in), for a type gguf.quants encodes."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    cols = x.shape[-1]
+    if cols % block:
+        raise ValueError(f"{type_name} needs rows that are a multiple of {block}, got {cols}")
+    rows = x.reshape(-1, cols)
+    out = np.empty((len(rows), cols // block * size), dtype=np.uint8)
+    return rows, out, (*x.shape[:-1], out.shape[1])
+
+
+def submit_gguf(x: np.ndarray, type_name: str, executor: Executor | None = None) -> Pending:
+    """Start encoding x (…, cols) in a type of gguf.quants (gguf_rows), GGUF_TASK_VALUES values of
+    whole rows per task, on `executor` (worker processes read x from a mapped file), or now in
+    this thread when it is None. Bytes as one gguf.quants.quantize(x) call gives: each row alone."""
+    rows, out, shape = gguf_layout(x, type_name)
+    if executor is None:
+        return Pending(out, shape, [(0, gguf_rows(rows, type_name))])
+    per_task = max(1, GGUF_TASK_VALUES // rows.shape[1])
+    if isinstance(executor, ProcessPoolExecutor):
+        encode_rows = functools.partial(gguf_rows, type_name=type_name)
+        return _submit_mapped(rows, encode_rows, per_task, 1, executor, out, shape)
+    return Pending(out, shape, [(a, executor.submit(gguf_rows, rows[a:a + per_task], type_name))
+                                for a in range(0, len(rows), per_task)])
 
 
 def in_order(items: Iterable[tuple[object, np.ndarray | Pending, int]]) -> Iterator[tuple[object, np.ndarray]]:
@@ -682,10 +749,11 @@ def usable_cores() -> int:
 
 
 class Workers:
-    """Where the export quantizes: `count` worker processes (None: one per core), started at the
-    first tensor with chunks enough to share out; smaller tensors, and count 1, run in the
-    calling thread. Processes, not threads: the search makes ~1000 numpy calls per chunk, each
-    holding the GIL for its setup, which is expected to keep threads from scaling to many cores
+    """Where the export encodes every type but F32 (the k-quants here, the others by gguf.quants:
+    submit_gguf): `count` worker processes (None: one per core), started at the first tensor with
+    chunks enough to share out; smaller tensors, and count 1, run in the calling thread.
+    Processes, not threads: the search makes ~1000 numpy calls per chunk, each holding the GIL for
+    its setup, which is expected to keep threads from scaling to many cores
     (benchmarks/kquant_speed.py measures both). Spawned, not forked: an exporting process has
     torch's threads running."""
 
@@ -697,9 +765,13 @@ class Workers:
         where = "in this process" if self.count == 1 else f"on {self.count} worker processes"
         return f"numpy {where}"
 
-    def submit(self, x: np.ndarray, kind_name: str, importance: np.ndarray | None = None) -> Pending:
-        """submit(x, …) on these workers (or in this thread: see executor)."""
-        return submit(x, kind_name, importance, self.executor(x.size // QK_K))
+    def submit(self, x: np.ndarray, type_name: str, importance: np.ndarray | None = None) -> Pending:
+        """submit(x, …) of a k-quant, or submit_gguf(x, …) of a type gguf.quants encodes (which
+        takes no importance), on these workers (or in this thread: see executor)."""
+        executor = self.executor(x.size // QK_K)
+        if type_name in KINDS:
+            return submit(x, type_name, importance, executor)
+        return submit_gguf(x, type_name, executor)
 
     def executor(self, n_blocks: int) -> Executor | None:
         if self.count == 1 or n_blocks < 2 * CHUNK_BLOCKS:

@@ -1,6 +1,7 @@
 """The k-quants' scale search (kquants.py) in torch, on whatever device the tensor is on: the
 export runs it on the GPU where one is present. The bytes are packed from the codes by kquants.PACK
-(one packer per type, shared by both searches).
+(one packer per type, shared by both searches). Beside it, gguf.quants' Q8_0, Q4_0 and BF16 in
+torch (ENCODERS), bytes and all, for the same GPU.
 
 Same arithmetic, same bytes. Every value is computed by the float32 (and, for the candidate
 scales, float64) operations of kquants' plain search in the same order, so the codes are the
@@ -217,6 +218,61 @@ def codes(x: torch.Tensor, kind_name: str, weights: torch.Tensor | None = None) 
     return {name: v.cpu().numpy() for name, v in fields.items()}
 
 
+# --- the gguf package's types -------------------------------------------------------------------
+# gguf.quants' Q8_0, Q4_0 and BF16, op for op in float32 (and BF16 in integers), so that the bytes
+# are its bytes (tests/test_export_kquants_torch.py compares them, ties, zeros and extremes
+# included). Divisions by tensors (_div0, _const) for the reason above; the other scalars (2, 8.5)
+# are exact in float32, and a product or sum rounds alike on either side.
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """gguf.quants.np_roundf: |v| floored, plus one where its fraction is ½ or more (2·fraction,
+    exact, floored), with v's sign."""
+    a = v.abs()
+    whole = a.floor()
+    return torch.sign(v) * (whole + (2 * (a - whole)).floor())
+
+
+def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
+    return d.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x (n, k·32) float32 → (n, k·34) uint8: gguf.quants.Q8_0's blocks (f16 d = max|x|/127, then
+    32 int8 codes x/d rounded half away from zero)."""
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(-1)
+    d = amax / _const(127, amax)
+    q = _round_half_away(blocks * _div0(torch.ones_like(d), d)[:, None])
+    return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], 1).reshape(len(x), -1)
+
+
+def q4_0(x: torch.Tensor) -> torch.Tensor:
+    """x (n, k·32) float32 → (n, k·18) uint8: gguf.quants.Q4_0's blocks (f16 d = the value of
+    largest magnitude / −8, then 4-bit codes trunc(x/d + 8.5) up to 15, value i of the first
+    half in the low nibble of byte i, of the second half in its high nibble)."""
+    blocks = x.reshape(-1, 32)
+    top = _first_largest(blocks)
+    d = top / _const(-8, top)
+    q = torch.trunc(blocks * _div0(torch.ones_like(d), d)[:, None] + 8.5).to(torch.uint8)
+    q = torch.clamp(q, max=15)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat([_f16_bytes(d), packed], 1).reshape(len(x), -1)
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    """x (n, k) float32 → (n, 2k) uint8: gguf.quants.BF16 (ggml's fp32 → bf16): round to
+    nearest even on the bits, a NaN kept quiet with its sign and top bits (torch's own
+    .to(torch.bfloat16) rounds alike but writes every NaN as one canonical NaN)."""
+    n = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the bits, unsigned
+    nan = (n & 0x7FFFFFFF) > 0x7F800000
+    n = torch.where(nan, (n & 0xFFFF0000) | (64 << 16), n)
+    n = ((n + (0x7FFF + ((n >> 16) & 1))) >> 16) & 0xFFFF
+    n = torch.where(n >= 0x8000, n - 0x10000, n)  # as int16, two's complement
+    return n.to(torch.int16).view(torch.uint8)
+
+
+ENCODERS = {"Q8_0": q8_0, "Q4_0": q4_0, "BF16": bf16}
+
+
 # --- whole tensors ------------------------------------------------------------------------------
 class _Packed:
     """One device task's packed bytes, once its search and then its packing are done."""
@@ -233,8 +289,8 @@ class OnDevice:
     at a time (while the export reads the next tensors) and the codes are packed on CPU threads
     (numpy, ~2.7 ms per M values per core for Q4_K: on one core, a GPU would wait for it). On a
     GPU two feeders, each on a CUDA stream of its own, so that one task's copies overlap the
-    other's search. Offers what kquants.Workers does: submit(x, kind_name, importance) →
-    kquants.Pending, with-block."""
+    other's search. Offers what kquants.Workers does, for every type but F32: submit(x, type_name,
+    importance) → kquants.Pending, with-block."""
 
     def __init__(self, device: str | torch.device, packers: int | None = None):
         self.device = torch.device(device)
@@ -249,6 +305,8 @@ class OnDevice:
         return f"torch on {self.device} ({name})"
 
     def submit(self, x: np.ndarray, kind_name: str, importance: np.ndarray | None = None) -> kquants.Pending:
+        if kind_name not in KINDS:
+            return self._submit_gguf(x, kind_name)
         blocks, importance, out, shape = kquants.layout(x, kind_name, importance)
         per_task = max(1, DEVICE_CHUNK_VALUES // QK_K)
         parts = [(a, _Packed(self.feeder.submit(self._search, blocks[a:a + per_task], kind_name, importance, a)))
@@ -268,6 +326,24 @@ class OnDevice:
         pack = kquants.PACK[kind_name]
         return [self.packers.submit(pack, {k: v[a:a + PACK_BLOCKS] for k, v in fields.items()})
                 for a in range(0, len(blocks), PACK_BLOCKS)]
+
+    def _submit_gguf(self, x: np.ndarray, type_name: str) -> kquants.Pending:
+        """A type of gguf.quants: Q8_0, Q4_0, BF16 on the device (ENCODERS), whole rows,
+        DEVICE_CHUNK_VALUES per task; the rest (F16, a cast numpy does in one pass; Q5_0, Q5_1)
+        by gguf.quants itself on the CPU threads."""
+        rows, out, shape = kquants.gguf_layout(x, type_name)
+        if type_name in ENCODERS:
+            pool, run, values = self.feeder, self._encode, DEVICE_CHUNK_VALUES
+        else:
+            pool, run, values = self.packers, kquants.gguf_rows, kquants.GGUF_TASK_VALUES
+        per_task = max(1, values // rows.shape[1])
+        return kquants.Pending(out, shape, [(a, pool.submit(run, rows[a:a + per_task], type_name))
+                                            for a in range(0, len(rows), per_task)])
+
+    def _encode(self, rows: np.ndarray, type_name: str) -> np.ndarray:
+        with self._own_stream():
+            x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+            return ENCODERS[type_name](x).cpu().numpy()
 
     def _own_stream(self):
         if self.device.type != "cuda":
