@@ -675,7 +675,7 @@ def test_planner_counts_two_sequences_and_the_reference_forward():
 
 
 def _varlen_gqa(monkeypatch, takes_gqa: bool) -> None:
-    """The installed torch's varlen_attn with enable_gqa (2.12 on) or without (2.9 to 2.11)."""
+    """The installed torch's varlen_attn with enable_gqa (2.13 here) or without (2.9 to 2.11)."""
     from qlora.models import attention
 
     monkeypatch.setattr(attention, "_varlen_takes_gqa", lambda: takes_gqa)
@@ -688,8 +688,8 @@ LLAMA_DPO_PEAK = 16.40
 
 
 def test_planner_counts_k_and_v_repeated_by_packed_rows_without_varlen_gqa(monkeypatch):
-    """A preference step's rows are packed and run through torch's varlen_attn, which before
-    torch 2.12 takes no grouped kv heads: k and v are then copied to every query head and kept
+    """A preference step's rows are packed and run through torch's varlen_attn, which in torch
+    2.9 to 2.11 takes no grouped kv heads: k and v are then copied to every query head and kept
     so (keep_attention in every layer). At the measured configuration (Qwen2.5-1.5B, 4 pairs of
     512 + 512 tokens, attention kept) that is 28 layers x 8,192 tokens x 2·2·(12 - 2)·128 B."""
     from dataclasses import replace

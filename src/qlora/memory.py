@@ -1728,10 +1728,12 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         n = attention_layers_that_fit(arch, pc, gpu_bytes)
         if n or fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
             kept = kept_attention_layers(arch, pc)
+            kept_bytes = (kept * step_tokens(pc) * kept_attention_bytes_per_token(
+                arch, pc.seq_len, repeats_kv_heads(arch, pc)))
             raise QloraError(
                 f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only with attention kept "
                 f"in at most {n} layers (keep_attention keeps "
-                f"~{_gib(kept * kept_attention_bytes_per_token(arch, pc.seq_len, repeats_kv_heads(arch, pc)) * step_tokens(pc)):.2f} GiB "
+                f"~{_gib(kept_bytes):.2f} GiB "
                 f"in {kept}): set keep_attention: {n or 'false'} (or leave it out: as many as fit)")
     need = needed_bytes(b)
     coarse = " (a coarser estimate: the generic path)" if isinstance(arch, GenericSpec) else ""
