@@ -689,7 +689,7 @@ LLAMA_DPO_PEAK = 16.40
 
 def test_planner_counts_k_and_v_repeated_by_packed_rows_without_varlen_gqa(monkeypatch):
     """A preference step's rows are packed and run through torch's varlen_attn, which in torch
-    2.9 to 2.11 takes no grouped kv heads: k and v are then copied to every query head and kept
+    2.9 to 2.11 has no enable_gqa: k and v are then copied to every query head and kept
     so (keep_attention in every layer). At the measured configuration (Qwen2.5-1.5B, 4 pairs of
     512 + 512 tokens, attention kept) that is 28 layers x 8,192 tokens x 2·2·(12 - 2)·128 B."""
     from dataclasses import replace
@@ -739,7 +739,7 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
                     enable_gqa=False):
-        assert enable_gqa or k.shape[1] == q.shape[1], "varlen_attn refuses grouped kv heads"
+        assert enable_gqa or k.shape[1] == q.shape[1], "grouped kv heads without enable_gqa"
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):  # one document each
