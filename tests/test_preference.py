@@ -735,6 +735,7 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     from qlora.quant import QuantConfig
     from qlora.speed import SpeedPlan, apply_speed
 
+    torch_varlen = pytest.importorskip("torch.nn.attention.varlen")  # torch >= 2.9
     saved = []
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
@@ -749,7 +750,7 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
         saved.append(sum(t.numel() * t.element_size() for t in (q, k, v, out, lse)))
         return out
 
-    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", varlen_attn)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
     monkeypatch.setattr(attention, "varlen_available", lambda device: True)
     pairs = [{"prompt": [5, 6, 7], "chosen": [8, 9], "rejected": [10, 11, 12]},
              {"prompt": [13, 14], "chosen": [15, 16, 17], "rejected": [18]}]
