@@ -412,6 +412,26 @@ def capped_scores_in_torch(arch: ArchSpec, cfg: PlanConfig) -> bool:
     return attention_softcap(arch) is not None and cfg.kernels == "eager"
 
 
+def repeats_kv_heads(arch: ArchSpec, cfg: PlanConfig) -> bool:
+    """Whether attention saves k and v copied to every query head (grouped kv heads only):
+    SDPA without enable_gqa (torch < 2.5), or a preference step's rows, packed end to end and run
+    through torch's varlen_attn, where that has no enable_gqa (torch 2.9 to 2.11:
+    models/attention.varlen_repeats_kv_heads). Then k and v are kept at nh heads, not nkv: at
+    Qwen2.5-1.5B (12 heads, 2 kv heads, d 128) 2·2·(12 - 2)·128 = 5,120 B more a token and
+    layer, 1.09 GiB over its 28 layers' kept attention at 8,192 tokens (the step measured 0.96 GiB
+    over the SFT step of the same tokens, which is one document per row: SDPA, no copies).
+    Asked of the torch the planner runs under, as sdpa_takes_gqa is. Gemma 2's capped attention
+    runs no varlen (flex_attention or dense scores), and SFT rows are planned as one document
+    each (SDPA)."""
+    if arch.num_kv_heads == arch.num_heads:
+        return False
+    from qlora.models.attention import varlen_repeats_kv_heads
+    from qlora.models.decoder import sdpa_takes_gqa
+
+    packed_varlen = cfg.method in PREFERENCE_METHODS and attention_softcap(arch) is None
+    return not sdpa_takes_gqa() or (packed_varlen and varlen_repeats_kv_heads())
+
+
 def final_softcap(arch: ArchSpec) -> float | None:
     """Gemma's output logit soft-cap: the loss then goes through the reference chunked loss
     (FastGemmaLM: the fused cross-entropy does not cap)."""
@@ -469,10 +489,9 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     if arch.qk_norm:  # qwen3, gemma3: per-head RMSNorm of q and k, same rule as above
         t["q/k norm inputs"] = (4 if eager_norms else 2) * (q + kv) + 4 * (arch.num_heads + arch.num_kv_heads)
     # SDPA (flash/efficient) keeps q and k after RoPE, v, its output and a fp32 logsumexp per
-    # head. The decoder repeats k and v to all heads for GQA (repeat_interleave) before SDPA, so the
-    # kept k and v have nh heads. RoPE is a linear map: its backward needs cos/sin only.
-    from qlora.models.decoder import sdpa_takes_gqa
-
+    # head. Where the attention takes no grouped kv heads, the decoder repeats k and v to all
+    # heads (repeat_interleave) before it, so the kept k and v have nh heads (repeats_kv_heads).
+    # RoPE is a linear map: its backward needs cos/sin only.
     capped = capped_scores_in_torch(arch, cfg)
     if capped:
         # Gemma 2: no SDPA; capped_attention keeps what capped_attention_bytes_per_token says
@@ -484,7 +503,7 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
         # whole storage SDPA's saved v then keeps (Phi3Attention; its fork copies v out)
         t["q, k (after RoPE)"] = 2 * (q + kv)
         t["qkv_proj output (kept whole by v's view)"] = 2 * (q + 2 * kv)
-    elif sdpa_takes_gqa():  # torch >= 2.5: SDPA shares the kv heads itself, k and v stay small
+    elif not repeats_kv_heads(arch, cfg):  # SDPA (varlen) shares the kv heads: k and v stay small
         t["q, k, v (after RoPE)"] = 2 * (q + 2 * kv)
     else:
         t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
@@ -600,12 +619,14 @@ def check_host_offload(arch: ArchSpec, cfg: PlanConfig, chosen_by_plan: bool) ->
         "Shorten max_seq_length, lower per_device_train_batch_size, or free host memory")
 
 
-def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
+def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int, repeated_kv: bool = False) -> int:
     """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
     v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
     log-sum-exp of each head: flash's, and flex_attention's for Gemma 2's capped scores (dense
-    capped scores are never kept: keeps_attention). `seq_len` does not change it (O(T) a row)."""
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    capped scores are never kept: keeps_attention). `seq_len` does not change it (O(T) a row).
+    `repeated_kv`: k and v copied to every query head first (repeats_kv_heads)."""
+    q = arch.num_heads * arch.head_dim
+    kv = q if repeated_kv else arch.num_kv_heads * arch.head_dim
     return 2 * (q + 2 * kv + q) + 4 * arch.num_heads
 
 
@@ -806,8 +827,8 @@ def rerun_terms(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float],
         for name in ("LoRA A outputs",) + (() if tiled else ("MLP: LoRA A outputs",)):
             t.pop(name, None)
     if attention_kept:
-        for name in ("q, k, v (after RoPE)", "attention output (= o_proj input)",
-                     "attention logsumexp (fp32)"):
+        for name in ("q, k, v (after RoPE)", "q, k, v (after RoPE, k/v repeated to all heads)",
+                     "attention output (= o_proj input)", "attention logsumexp (fp32)"):
             t.pop(name, None)
     return t
 
@@ -832,17 +853,29 @@ def step_tokens(cfg: PlanConfig) -> int:
     return cfg.seq_len * cfg.micro_batch * (2 if cfg.method in PREFERENCE_METHODS else 1)
 
 
-def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig, per_layer: float) -> int:
-    """DPO / KTO: the reference forward runs under no_grad while the policy's activations are
-    alive; it holds one layer's activations at a time (estimated as a layer's saved ones), the
-    label rows' final hidden states (bf16, at most every token) and one chunk of the per-token
-    loss (its bf16 logits, their fp32 copy and log-softmax: 10 B an entry, as the model computes
-    the loss per token, methods/preference.py)."""
+def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """DPO / KTO: the reference forward (adapters off) runs under no_grad after the policy's loss,
+    while all of the policy's activations are saved; it keeps nothing, so it holds one layer's
+    working tensors at a time, at their largest in the MLP: the layer's input and attention's
+    output (2·2h), the gate/up output and SwiGLU's output (fused kernels: 2·2I + 2I; eager: gate
+    and up, silu(gate), the product: 4·2I), a tile's where the MLP runs in tiles; then the label
+    rows' final hidden states (bf16) and one chunk of the per-token loss: the fused
+    cross-entropy's bf16 logits and fp32 losses (2·chunk·V + 4·chunk), the reference chunked
+    loss's bf16 logits, fp32 copy and log-softmax (10·chunk·V). The planner counted a layer's
+    saved tensors before, and the old loss: at Qwen2.5-1.5B (8,192 tokens) 0.95 GiB, and in every
+    phase, where the step measured no more at DPO than at ORPO (5.45 GiB both, H100)."""
     if cfg.method not in REFERENCE_METHODS or cfg.reference_precomputed:
         return 0
-    tokens = step_tokens(cfg)
-    chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(arch.vocab_size))
-    return int(tokens * per_layer) + 2 * tokens * arch.hidden_size + 10 * chunk * arch.vocab_size
+    tokens, h, v = step_tokens(cfg), arch.hidden_size, arch.vocab_size
+    width = arch.intermediate_size
+    if arch.moe is not None and arch.moe.num_sparse_layers:  # k rows of an expert's width
+        width = max(arch.moe.top_k * arch.moe.expert_intermediate_size, width)
+    mlp_tokens = min(tokens, mlp_tile_tokens(arch, cfg) or tokens)
+    mlp = (6 if cfg.kernels == "fused" else 8) * width * mlp_tokens
+    chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
+    fused_loss = cfg.loss == "chunked-fused" and final_softcap(arch) is None
+    loss = 2 * chunk * v + 4 * chunk if fused_loss else 10 * chunk * v
+    return 2 * 2 * tokens * h + mlp + 2 * tokens * h + loss
 
 
 def loss_peak_bytes(arch: ArchSpec, cfg: PlanConfig) -> tuple[int, str]:
@@ -896,7 +929,8 @@ class Breakdown:
     the loss's peak (its forward for `chunked-fused`, its backward otherwise: all activations still
     saved, no adapter gradient yet: they are set to None after every step and made during
     backward), the last layer's backward, and the optimizer step (every gradient, activations
-    freed).
+    freed); DPO and KTO a fourth, the reference forward, after the policy's loss and before its
+    backward (all the policy's activations saved).
     """
 
     arch: ArchSpec
@@ -917,6 +951,7 @@ class Breakdown:
     workspace: int  # cuBLAS workspaces + batch tensors (always) + dequantized weight (in a matmul)
     dequant: int  # the part of workspace alive only inside a quantized matmul
     adapter_params: int = 0
+    reference: int = 0  # DPO / KTO: the reference forward's own moment (reference_forward_bytes)
     notes: list[str] = field(default_factory=list)
     # what of `activations` is still alive at the layer backward that peaks (None: all of it):
     # the final norm's and the loss's tensors are gone by then, and at an earlier layer's
@@ -946,7 +981,7 @@ class Breakdown:
             grads = {"loss": ("adapter gradients (flat buffer, all)", self.adapter_grads),
                      "backward": ("adapter gradients (flat buffer, all; one layer's in flight)",
                                   self.adapter_grads + self.layer_grads)}
-        return {
+        phases = {
             "loss (logits)": [
                 acts, (copies if not self.cfg.checkpointing else (copies[0], 0)),
                 grads["loss"], ("logits/loss", self.loss), fixed],
@@ -959,6 +994,13 @@ class Breakdown:
                 ("adapter gradients (all)", self.adapter_grads), ("optimizer step temporaries", self.optimizer_step),
                 fixed],
         }
+        if self.reference:
+            phases["reference forward"] = [
+                acts, (copies if not self.cfg.checkpointing else (copies[0], 0)), grads["loss"],
+                ("reference forward (no grad, adapters off) + the policy's kept loss gradient",
+                 self.reference),
+                fixed, ("dequantized weight", self.dequant)]
+        return phases
 
     @property
     def peak_phase(self) -> str:
@@ -1117,7 +1159,8 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         working += tile_extra - 3 * 2 * arch.intermediate_size
     offloaded = offload_applies(cfg)
     kept_layers = kept_attention_layers(arch, cfg)
-    kept_each = kept_attention_bytes_per_token(arch, cfg.seq_len) if kept_layers else 0
+    kept_each = (kept_attention_bytes_per_token(arch, cfg.seq_len, repeats_kv_heads(arch, cfg))
+                 if kept_layers else 0)
     # attention's backward, the layer's other moment (the MLP's is `working`): what attention
     # keeps and the layer's first norm, the gradients of the residual stream and of attention's
     # output, and what flash's backward makes
@@ -1213,11 +1256,16 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if cfg.method in PREFERENCE_METHODS:
         notes.append(f"{cfg.method}: two sequences per example ({tokens} tokens a micro-batch); "
                      "log-probs per token from the model's chunked loss")
-    reference = reference_forward_bytes(arch, cfg, per_layer)
+    # The reference forward runs after the policy's loss and is gone before its backward: a
+    # moment of its own (Breakdown.phases), not workspace alive in every phase. Beside it the
+    # policy's fused loss keeps its gradient of the label rows' hidden states (bf16 [tokens, h]).
+    reference = reference_forward_bytes(arch, cfg)
     if reference:
-        workspace += reference
+        if cfg.loss == "chunked-fused" and final_softcap(arch) is None:
+            reference += 2 * tokens * h
         notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
-                     f"{_gib(reference):.2f} GiB, an estimate")
+                     f"{_gib(reference):.2f} GiB, an estimate, after the policy's loss and "
+                     "before its backward")
 
     # Several GPUs: data parallel replicates everything and sums the flat gradient buffers in
     # place (no bucket copy: train/distributed.all_reduce_grads); FSDP shards the weights,
@@ -1255,7 +1303,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
                      optimizer=opt, optimizer_paged=opt_paged, activations=activations, adapter_copies=copies,
                      loss=loss, backward=int(backward), adapter_grads=grads, layer_grads=layer_grads,
                      optimizer_step=opt_step, workspace=workspace, dequant=dequant,
-                     adapter_params=sum(numels), notes=notes,
+                     reference=reference, adapter_params=sum(numels), notes=notes,
                      backward_activations=int(backward_activations),
                      flat_grads=cfg.flat_grads and (cfg.gpus == 1 or cfg.sharding == "ddp"))
 
@@ -1680,10 +1728,12 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         n = attention_layers_that_fit(arch, pc, gpu_bytes)
         if n or fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
             kept = kept_attention_layers(arch, pc)
+            kept_bytes = (kept * step_tokens(pc) * kept_attention_bytes_per_token(
+                arch, pc.seq_len, repeats_kv_heads(arch, pc)))
             raise QloraError(
                 f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only with attention kept "
                 f"in at most {n} layers (keep_attention keeps "
-                f"~{_gib(kept * kept_attention_bytes_per_token(arch, pc.seq_len) * pc.seq_len * pc.micro_batch):.2f} GiB "
+                f"~{_gib(kept_bytes):.2f} GiB "
                 f"in {kept}): set keep_attention: {n or 'false'} (or leave it out: as many as fit)")
     need = needed_bytes(b)
     coarse = " (a coarser estimate: the generic path)" if isinstance(arch, GenericSpec) else ""

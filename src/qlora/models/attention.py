@@ -208,6 +208,18 @@ def _varlen_takes_gqa() -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
+def varlen_repeats_kv_heads() -> bool:
+    """Whether varlen_attention copies k and v to every query head: where torch's varlen_attn has
+    no enable_gqa (2.9 to 2.11, the GPU machine's 2.11 among them) it does, so the copies are what
+    attention saves for backward, (heads / kv heads)x k's and v's bytes, and what keep_attention
+    keeps (the memory planner counts them). False without varlen attention (torch < 2.9: no packed
+    rows through it)."""
+    try:
+        return not _varlen_takes_gqa()
+    except ImportError:
+        return False
+
+
 def varlen_attention(q, k, v, plan: Varlen, scale: float | None = None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
