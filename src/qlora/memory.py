@@ -413,23 +413,14 @@ def capped_scores_in_torch(arch: ArchSpec, cfg: PlanConfig) -> bool:
 
 
 def repeats_kv_heads(arch: ArchSpec, cfg: PlanConfig) -> bool:
-    """Whether attention saves k and v copied to every query head (grouped kv heads only):
-    SDPA without enable_gqa (torch < 2.5), or a preference step's rows, packed end to end and run
-    through torch's varlen_attn, where that has no enable_gqa (torch 2.9 to 2.11:
-    models/attention.varlen_repeats_kv_heads). Then k and v are kept at nh heads, not nkv: at
-    Qwen2.5-1.5B (12 heads, 2 kv heads, d 128) 2·2·(12 - 2)·128 = 5,120 B more a token and
-    layer, 1.09 GiB over its 28 layers' kept attention at 8,192 tokens (the step measured 0.96 GiB
-    over the SFT step of the same tokens, which is one document per row: SDPA, no copies).
-    Asked of the torch the planner runs under, as sdpa_takes_gqa is. Gemma 2's capped attention
-    runs no varlen (flex_attention or dense scores), and SFT rows are planned as one document
-    each (SDPA)."""
+    """Whether attention saves k and v copied to every query head (grouped kv heads only): SDPA
+    without enable_gqa (torch < 2.5). Packed rows' varlen attention hands grouped heads to the
+    kernel (models/attention.varlen_attention), so it never does."""
     if arch.num_kv_heads == arch.num_heads:
         return False
-    from qlora.models.attention import varlen_repeats_kv_heads
     from qlora.models.decoder import sdpa_takes_gqa
 
-    packed_varlen = cfg.method in PREFERENCE_METHODS and attention_softcap(arch) is None
-    return not sdpa_takes_gqa() or (packed_varlen and varlen_repeats_kv_heads())
+    return not sdpa_takes_gqa()
 
 
 def final_softcap(arch: ArchSpec) -> float | None:
