@@ -419,7 +419,7 @@ def parse_args(argv=None):
                                          f"it makes: {', '.join(FTYPES)})")
     ap.add_argument("--rms-layers", default="all",
                     help="blocks whose tensors the RMS comparison reads, e.g. 0,15,31 (default all: "
-                         "~1 min per billion values on one core)")
+                         "~1.5 min per billion values on a busy 2-core CPU)")
     ap.add_argument("--delete-gguf", action="store_true",
                     help="delete each GGUF once checked and no later row reads it (disk: an 8B's f16 "
                          "file is 16 GB); the check's JSON and log stay")
