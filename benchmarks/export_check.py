@@ -45,7 +45,7 @@ f16 is added to --types (first) when the peer needs its file.
     # $QLORA_LLAMA_PYTHON, else this python): f16, ours and llama.cpp's q4_k_m, then q8_0
     python benchmarks/export_check.py --shape llama-3-8b --types f16,q4_k_m,q8_0 --peer-types q4_k_m \
         --rms-layers 0,31 --work /tmp/export-check --deadline 540 --out $OUT/export-check.json
-    # a CPU with llama.cpp (2 cores: ~NN min): Llama-3.2-1B's widths and depth
+    # a CPU with llama.cpp: Llama-3.2-1B's widths and depth (26 min on a busy 2-core CPU, 5 files)
     python benchmarks/export_check.py --shape llama-3.2-1b --types f16,q4_k_m,q8_0 \
         --llama-python /tmp/llamacpp-venv/bin/python --device cpu --work /tmp/ec --deadline 3000 --out ec.json
     # any CPU, no llama.cpp: the GGUF's dequantized weights run in qlora's engine

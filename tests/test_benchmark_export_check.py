@@ -136,3 +136,18 @@ def test_the_check_in_llama_cpp_beside_llama_cpps_quantizer(tmp_path):
     # both quantizers search the same K formats on the same values: their errors are alike (our
     # quantizer is within a few % of llama.cpp's per tensor, docs/MERGE_AND_EXPORT.md), and nonzero
     assert 0 < rms["all"]["rms_ours"] < 1.1 * rms["all"]["rms_llamacpp"]
+
+
+def test_delete_gguf_keeps_what_a_later_peer_reads(tmp_path):
+    bench = _bench()
+    rows = []
+    for name, peer in (("f16", None), ("q4_k_m", None), ("q4_k_m", "llama.cpp"), ("q8_0", None)):
+        path = tmp_path / f"{name}-{peer}.gguf"
+        path.write_bytes(b"GGUF")
+        rows.append({"type": name, "quantizer": peer, "gguf": str(path)})
+    # after our q4_k_m, llama.cpp's q4_k_m still reads the f16 file and ours
+    bench.delete_unneeded(rows[:2], [("q4_k_m", True), ("q8_0", False)])
+    assert all(Path(r["gguf"]).exists() for r in rows)
+    bench.delete_unneeded(rows[:3], [("q8_0", False)])
+    assert [Path(r["gguf"]).exists() for r in rows] == [False, False, False, True]
+    assert all(r["gguf_deleted"] for r in rows[:3])
