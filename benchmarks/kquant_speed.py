@@ -54,6 +54,8 @@ from qlora.export.mixtures import Model, tensor_type  # noqa: E402
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256),  # its own lm_head here (the real one ties it)
+    "deep-narrow": (1024, 4096, 32, 16, 4, 128256),  # the 8B's depth and vocabulary at a quarter width
     "tiny": (256, 512, 2, 4, 2, 1024),  # a CPU smoke test of this script
 }
 LAYER_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 # our type names and llama.cpp's file types (llama_ftype) for them
-FTYPES = {"q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
           "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
           "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
@@ -70,48 +70,68 @@ def heavy_tails(model_dir: Path, seed: int) -> None:
         save_file(tensors, str(file), metadata={"format": "pt"})
 
 
-def tensors_of(path: Path) -> dict[str, tuple[int, np.ndarray]]:
-    """name -> (ggml type, values as float32) of a GGUF file."""
-    from gguf import GGUFReader
+def dequantized(tensor) -> np.ndarray:
+    """A GGUFReader tensor's values as flat float32 (the reader maps the file: one tensor in memory)."""
     from gguf.quants import dequantize
 
-    out = {}
-    for t in GGUFReader(str(path)).tensors:
-        out[t.name] = (int(t.tensor_type), dequantize(t.data, t.tensor_type).astype(np.float32).ravel())
-    return out
+    return dequantize(tensor.data, tensor.tensor_type).astype(np.float32).ravel()
 
 
-def compare(source: dict, ours: dict, theirs: dict) -> dict:
-    """Per tensor both stored in one type: RMS errors against the source; the type's totals."""
+def compare(source: Path, ours: Path, theirs: Path, keep=lambda name: True) -> dict:
+    """Per tensor (of those `keep` names) that both quantized files stored in one type: RMS errors
+    against the source file's values; the totals per ggml type and over all of them ("all"). One
+    tensor at a time, so that an 8B's three files need not fit in memory."""
+    from gguf import GGUFReader
+
+    ours_t = {t.name: t for t in GGUFReader(str(ours)).tensors}
+    theirs_t = {t.name: t for t in GGUFReader(str(theirs)).tensors}
     rows, by_type = [], {}
-    for name, (typ, src) in source.items():
-        if name not in ours or name not in theirs or src.size < 256:
+    for tensor in GGUFReader(str(source)).tensors:
+        name = tensor.name
+        if name not in ours_t or name not in theirs_t or not keep(name) or tensor.n_elements < 256:
             continue
-        (t_ours, q_ours), (t_theirs, q_theirs) = ours[name], theirs[name]
+        t_ours, t_theirs = int(ours_t[name].tensor_type), int(theirs_t[name].tensor_type)
         if t_ours == t_theirs and t_ours in (0, 1):  # F32 / F16 on both sides: nothing to compare
             continue
         if t_ours != t_theirs:
             rows.append({"tensor": name, "ours_type": t_ours, "llamacpp_type": t_theirs})
             continue
-        e_ours = float(np.sqrt(np.mean((q_ours - src) ** 2)))
-        e_theirs = float(np.sqrt(np.mean((q_theirs - src) ** 2)))
+        src = dequantized(tensor)
+        sq_ours = float(np.sum((dequantized(ours_t[name]) - src) ** 2, dtype=np.float64))
+        sq_theirs = float(np.sum((dequantized(theirs_t[name]) - src) ** 2, dtype=np.float64))
+        e_ours, e_theirs = (sq_ours / src.size) ** 0.5, (sq_theirs / src.size) ** 0.5
         rows.append({"tensor": name, "type": t_ours, "rms_ours": e_ours, "rms_llamacpp": e_theirs,
                      "ratio": e_ours / e_theirs if e_theirs else float("nan")})
-        tot = by_type.setdefault(t_ours, [0.0, 0.0, 0])
-        tot[0] += float(np.sum((q_ours - src) ** 2))
-        tot[1] += float(np.sum((q_theirs - src) ** 2))
-        tot[2] += src.size
-    totals = {str(t): {"values": n, "rms_ours": (a / n) ** 0.5, "rms_llamacpp": (b / n) ** 0.5,
-                       "ratio": (a / b) ** 0.5 if b else float("nan")}
+        for key in (str(t_ours), "all"):
+            tot = by_type.setdefault(key, [0.0, 0.0, 0])
+            tot[0] += sq_ours
+            tot[1] += sq_theirs
+            tot[2] += src.size
+    totals = {t: {"values": n, "rms_ours": (a / n) ** 0.5, "rms_llamacpp": (b / n) ** 0.5,
+                  "ratio": (a / b) ** 0.5 if b else float("nan")}
               for t, (a, b, n) in by_type.items()}
     return {"tensors": rows, "by_ggml_type": totals}
+
+
+def quantize_with_llamacpp(llama_python: str, source: Path, outputs: dict[str, Path], threads: int) -> dict:
+    """llama.cpp's quantizer (the --worker role, run by `llama_python`) on the F16 file `source`,
+    once per type name -> output path; its version and return codes. SystemExit when it fails."""
+    job_file = Path(next(iter(outputs.values()))).with_suffix(".job.json")
+    job_file.write_text(json.dumps({"source": str(source), "threads": threads,
+                                    "outputs": {q: str(p) for q, p in outputs.items()}}))
+    proc = subprocess.run([llama_python, __file__, "--worker", str(job_file)], capture_output=True, text=True)
+    job_file.unlink()
+    result = next((json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if result is None:
+        raise SystemExit(f"llama.cpp's quantizer failed:\n{proc.stderr[-3000:]}")
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default=sys.executable,
                     help="a python that can import llama_cpp (default: this one)")
-    ap.add_argument("--types", default=",".join(FTYPES))
+    ap.add_argument("--types", default=",".join(q for q in FTYPES if q != "q8_0"))
     ap.add_argument("--dist", default="normal,t4", help="normal and/or t4")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
@@ -141,19 +161,11 @@ def main() -> None:
             f16 = export_gguf(model_dir, root / f"{dist}-f16.gguf", "f16")
             ours = {q: export_gguf(model_dir, root / f"{dist}-ours-{q}.gguf", q, threads=args.threads)
                     for q in types}
-            job = {"source": str(f16), "threads": args.threads,
-                   "outputs": {q: str(root / f"{dist}-llamacpp-{q}.gguf") for q in types}}
-            (root / "job.json").write_text(json.dumps(job))
-            proc = subprocess.run([args.llama_python, __file__, "--worker", str(root / "job.json")],
-                                  capture_output=True, text=True)
-            result = next((json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")),
-                          None)
-            if result is None:
-                raise SystemExit(f"llama.cpp's quantizer failed:\n{proc.stderr[-3000:]}")
-            source = tensors_of(f16)
+            theirs = {q: root / f"{dist}-llamacpp-{q}.gguf" for q in types}
+            result = quantize_with_llamacpp(args.llama_python, f16, theirs, args.threads)
             for q in types:
                 row = {"dist": dist, "type": q, "llamacpp": result["version"], "rc": result["rc"][q],
-                       **compare(source, tensors_of(ours[q]), tensors_of(Path(job["outputs"][q])))}
+                       **compare(f16, ours[q], theirs[q])}
                 report["runs"].append(row)
                 tot = ", ".join(f"ggml {t}: ours {v['rms_ours']:.3e} / llama.cpp {v['rms_llamacpp']:.3e}"
                                 f" = {v['ratio']:.4f}" for t, v in sorted(row["by_ggml_type"].items()))

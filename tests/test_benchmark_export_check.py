@@ -5,7 +5,8 @@ and the check in qlora's own engine: the record holds the command's measures and
 table, whose numbers are check.py's own (recomputed here on the same file); the random adapter the
 script writes is one PEFT loads, and it changes the model exactly as our engine's base + adapter
 does. Where llama-cpp-python is importable (this python, or $QLORA_LLAMA_PYTHON), the same
-through llama.cpp.
+through llama.cpp, with llama.cpp's own quantizer as the peer: its file checked as ours is, and the
+RMS errors against the f16 file those of kquant_vs_llamacpp.compare.
 """
 
 import importlib.metadata
@@ -33,8 +34,9 @@ def _bench():
 
 def _run(work: Path, *extra: str) -> dict:
     out = work / "result.json"
+    peer = [] if "--peer-quantizer" in extra else ["--peer-quantizer", "none"]
     assert _bench().main(["--shape", "tiny", "--device", "cpu", "--threads", "1", "--work", str(work),
-                          "--out", str(out), *extra]) == 0
+                          "--out", str(out), *peer, *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -112,13 +114,40 @@ def test_the_deadline_skips_and_says_so(qlora_engine):
 
 @pytest.mark.skipif(find_llama_python() is None, reason="llama-cpp-python is not importable here "
                     "(pip install llama-cpp-python, or set QLORA_LLAMA_PYTHON to a python that has it)")
-def test_the_check_in_llama_cpp(tmp_path):
-    result = _run(tmp_path, "--types", "q8_0", "--llama-python", find_llama_python())
+def test_the_check_in_llama_cpp_beside_llama_cpps_quantizer(tmp_path):
+    result = _run(tmp_path, "--types", "q4_k_m", "--llama-python", find_llama_python(),
+                  "--peer-quantizer", "llama.cpp")
     assert result["environment"]["llama_cpp"]  # its version, as that python imports it
-    [r] = result["types"]
-    saved = json.loads(Path(r["gguf"]).with_suffix(".check.json").read_text())
-    assert r["exit_code"] == (0 if saved["passed"] else 2)
-    assert r["check"]["engine"] == saved["engine"] and saved["engine"].startswith("llama.cpp")
-    assert r["check"]["agreement"] == saved["logits"]["agreement"]
-    # our file's chat template and tokenizer, as llama.cpp reads them, are the reference's
-    assert r["check"]["chat"]["template_same"] and r["check"]["chat"]["prompt_tokens_same"]
+    # the peer quantizes our f16 file: f16 comes first, then ours and the peer's of the same type
+    assert [(r["type"], r.get("quantizer")) for r in result["types"]] == [
+        ("f16", None), ("q4_k_m", None), ("q4_k_m", "llama.cpp")]
+    f16, ours, peer = result["types"]
+    for r in result["types"]:
+        saved = json.loads(Path(r["gguf"]).with_suffix(".check.json").read_text())
+        assert r["exit_code"] == (0 if saved["passed"] else 2)  # as `qlora export` exits
+        assert r["check"]["engine"] == saved["engine"] and saved["engine"].startswith("llama.cpp")
+        assert r["check"]["agreement"] == saved["logits"]["agreement"]
+        # our file's chat template and tokenizer, as llama.cpp reads them, are the reference's
+        assert r["check"]["chat"]["template_same"] and r["check"]["chat"]["prompt_tokens_same"]
+    assert peer["quantize_rc"] == 0 and peer["export_s"] == peer["quantize_s"]
+    assert peer["check"]["tokens"] == ours["check"]["tokens"]  # the same data, the same reference
+    rms = _bench().compare(Path(f16["gguf"]), Path(ours["gguf"]), Path(peer["gguf"]))["by_ggml_type"]
+    assert peer["rms_vs_f16"]["by_ggml_type"] == json.loads(json.dumps(rms))
+    # both quantizers search the same K formats on the same values: their errors are alike (our
+    # quantizer is within a few % of llama.cpp's per tensor, docs/MERGE_AND_EXPORT.md), and nonzero
+    assert 0 < rms["all"]["rms_ours"] < 1.1 * rms["all"]["rms_llamacpp"]
+
+
+def test_delete_gguf_keeps_what_a_later_peer_reads(tmp_path):
+    bench = _bench()
+    rows = []
+    for name, peer in (("f16", None), ("q4_k_m", None), ("q4_k_m", "llama.cpp"), ("q8_0", None)):
+        path = tmp_path / f"{name}-{peer}.gguf"
+        path.write_bytes(b"GGUF")
+        rows.append({"type": name, "quantizer": peer, "gguf": str(path)})
+    # after our q4_k_m, llama.cpp's q4_k_m still reads the f16 file and ours
+    bench.delete_unneeded(rows[:2], [("q4_k_m", True), ("q8_0", False)])
+    assert all(Path(r["gguf"]).exists() for r in rows)
+    bench.delete_unneeded(rows[:3], [("q8_0", False)])
+    assert [Path(r["gguf"]).exists() for r in rows] == [False, False, False, True]
+    assert all(r["gguf_deleted"] for r in rows[:3])
