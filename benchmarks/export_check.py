@@ -378,7 +378,7 @@ def table(result: dict) -> str:
         c = r.get("check") or {}
         tree = max(r["peak_tree_rss_gib_export"], r["peak_tree_rss_gib_check"] or 0)
         verdict = ("passed" if c.get("passed") else "FAILED: " + "; ".join(c["failures"])) if c else "no report"
-        rows.append(f"{row_label(r):32}{r['exit_code']:>5}{r['seconds']:>9.1f}{_num(r['export_s'], '.1f'):>10}"
+        rows.append(f"{row_label(r):32}{_num(r['exit_code'], 'd'):>5}{r['seconds']:>9.1f}{_num(r['export_s'], '.1f'):>10}"
                     f"{_num(r['check_s'], '.1f'):>9}{r['peak_rss_gib']:>9.2f}{tree:>10.2f}"
                     f"{_num(r['gguf_gib'], '.2f'):>10}{_num(c.get('agreement'), '.1%'):>8}"
                     f"{_num(c.get('decisive_agreement'), '.1%'):>8}{_num(c.get('mean_kl'), '.3g'):>10}"
