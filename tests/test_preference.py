@@ -674,6 +674,22 @@ def test_planner_counts_two_sequences_and_the_reference_forward():
     assert reference_forward_bytes(arch, replace(dpo_cfg, reference_precomputed=True)) == 0
 
 
+def test_the_reference_forward_of_gemma_counts_the_fused_loss_that_caps():
+    """The fused cross-entropy applies Gemma's final soft-cap in its kernel (FastDecoderLM's
+    token_losses), so Gemma 2's reference forward holds the fused loss's chunk (bf16 logits, fp32
+    losses: 2·chunk·V + 4·chunk), as Llama's does, not the reference chunked loss's 10·chunk·V."""
+    from dataclasses import replace
+
+    from qlora.memory import PlanConfig, loss_chunk_tokens, reference_forward_bytes, spec_from_shape
+
+    for shape in ("llama-3-8b", "gemma-2-9b"):
+        arch = spec_from_shape(shape)
+        fused = PlanConfig(seq_len=1024, method="dpo", loss="chunked-fused")
+        chunk, v = loss_chunk_tokens(arch.vocab_size), arch.vocab_size
+        saved = reference_forward_bytes(arch, replace(fused, loss="chunked")) - reference_forward_bytes(arch, fused)
+        assert saved == 10 * chunk * v - (2 * chunk * v + 4 * chunk), shape
+
+
 def _varlen_gqa(monkeypatch, takes_gqa: bool) -> None:
     """The installed torch's varlen_attn with enable_gqa (2.13 here) or without (2.9 to 2.11)."""
     from qlora.models import attention

@@ -424,8 +424,9 @@ def repeats_kv_heads(arch: ArchSpec, cfg: PlanConfig) -> bool:
 
 
 def final_softcap(arch: ArchSpec) -> float | None:
-    """Gemma's output logit soft-cap: the loss then goes through the reference chunked loss
-    (FastGemmaLM: the fused cross-entropy does not cap)."""
+    """Gemma's output logit soft-cap: the fused cross-entropy applies it inside its kernel
+    (FastDecoderLM.final_softcap); the reference chunked loss keeps tanh's output too
+    (loss_peak_bytes)."""
     if arch.model_type not in GEMMA_TYPES:
         return None
     return FAMILIES[arch.model_type].settings(arch.raw).final_softcap
@@ -864,7 +865,7 @@ def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     mlp_tokens = min(tokens, mlp_tile_tokens(arch, cfg) or tokens)
     mlp = (6 if cfg.kernels == "fused" else 8) * width * mlp_tokens
     chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
-    fused_loss = cfg.loss == "chunked-fused" and final_softcap(arch) is None
+    fused_loss = cfg.loss == "chunked-fused"  # Gemma's soft-cap too: inside the fused kernel
     loss = 2 * chunk * v + 4 * chunk if fused_loss else 10 * chunk * v
     return 2 * 2 * tokens * h + mlp + 2 * tokens * h + loss
 
@@ -1252,7 +1253,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     # policy's fused loss keeps its gradient of the label rows' hidden states (bf16 [tokens, h]).
     reference = reference_forward_bytes(arch, cfg)
     if reference:
-        if cfg.loss == "chunked-fused" and final_softcap(arch) is None:
+        if cfg.loss == "chunked-fused":
             reference += 2 * tokens * h
         notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
                      f"{_gib(reference):.2f} GiB, an estimate, after the policy's loss and "
