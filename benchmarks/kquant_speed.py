@@ -212,6 +212,8 @@ def device_phase(pool, shape, device, types) -> dict:
             elif k in kquants_torch.ENCODERS:
                 kquants_torch.ENCODERS[k](x.reshape(-1, cols)).cpu()
             search = per_million(time.perf_counter() - t, task.size)
+            if k not in kquants.KINDS and k not in kquants_torch.ENCODERS:
+                search = None  # F16, Q5_0, Q5_1: gguf.quants on OnDevice's CPU threads, nothing on the device
             out[k] = {"wall_s_per_mvalue": wall, "search_s_per_mvalue": search, "bytes_equal_numpy": same}
             print(f"{q} {k}: {wall} s/M values wall, search alone {search}, bytes equal numpy {same}",
                   flush=True)
