@@ -122,9 +122,7 @@ def quantize_all(items, executor) -> float:
     def submit(x, k):
         if hasattr(executor, "device"):
             return executor.submit(x, k)
-        if k not in kquants.KINDS:
-            return kquants.submit_gguf(x, k, executor)
-        return kquants.submit(x, k, None, executor)
+        return kquants.submit_type(x, k, None, executor)
 
     t = time.perf_counter()
     for _ in kquants.in_order((None, submit(x, k), x.size) for x, k in items):
