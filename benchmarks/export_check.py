@@ -447,8 +447,14 @@ def plan(args) -> tuple[list[str], list[str]]:
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     if args.peer_quantizer == "none":
         return types, []
-    wanted = args.peer_types.split(",") if args.peer_types else types
-    peers = [t.strip().lower() for t in wanted if t.strip().lower() in FTYPES]
+    if args.peer_types:
+        peers = [t.strip().lower() for t in args.peer_types.split(",") if t.strip()]
+        wrong = [t for t in peers if t not in FTYPES or t not in types]
+        if wrong:  # a peer row reads our file of its type: the type must be among ours
+            raise SystemExit(f"--peer-types {','.join(wrong)}: each must be one of --types "
+                             f"({','.join(types)}) that llama.cpp's quantizer makes ({', '.join(FTYPES)})")
+    else:
+        peers = [t for t in types if t in FTYPES]
     if peers and "f16" not in types:
         types = ["f16", *types]
     return types, peers
@@ -456,6 +462,7 @@ def plan(args) -> tuple[list[str], list[str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    types, peers = plan(args)  # a wrong --peer-types is refused before the checkpoint is written
     start = time.perf_counter()
     folder = Path(args.work) / args.shape
     model_dir, adapter = folder / "model", folder / "adapter"
@@ -475,7 +482,6 @@ def main(argv=None) -> int:
     print(f"checkpoint {model_dir} ({written}), adapter {adapter}; chat template: "
           f"{result['chat_template'] or 'none: the check skips the chat round trip'}", flush=True)
     save()
-    types, peers = plan(args)
     result["peer_quantizer"], result["peer_types"] = args.peer_quantizer, peers
     longest = 0.0
     items = [(t, p) for t in types for p in (False, True) if not p or t in peers]

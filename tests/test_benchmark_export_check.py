@@ -162,3 +162,17 @@ def test_the_table_shows_a_peer_quantizer_that_failed():
     [_, line] = _bench().table({"types": [row], "skipped": []}).splitlines()
     assert line.startswith("q4_k_m (llama.cpp's quantizer)") and line.split()[3] == "-"
     assert line.endswith("no report")
+
+
+def test_peer_types_must_be_among_the_types():
+    """--peer-types names files ours are compared with: a type not among --types (or one llama.cpp's
+    quantizer does not make here) is refused by name, not dropped; by default every type of
+    --types it makes, f16 first for its input."""
+    from argparse import Namespace
+
+    bench = _bench()
+    args = Namespace(types="q4_k_m,bf16,q8_0", peer_quantizer="llama.cpp", peer_types=None)
+    assert bench.plan(args) == (["f16", "q4_k_m", "bf16", "q8_0"], ["q4_k_m", "q8_0"])
+    for wrong in ("q6_k", "bf16"):
+        with pytest.raises(SystemExit, match=f"--peer-types {wrong}: each must be one of --types"):
+            bench.plan(Namespace(types="q4_k_m,bf16", peer_quantizer="llama.cpp", peer_types=wrong))
