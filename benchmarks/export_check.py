@@ -289,7 +289,8 @@ def run_peer(args, model_dir: Path, adapter: Path, f16: Path, qtype: str, timeou
     result = {"type": qtype, "quantizer": "llama.cpp", "gguf": str(gguf), "log": str(log)}
     t = time.perf_counter()
     try:
-        done = quantize_with_llamacpp(args.llama_python, f16, {qtype: gguf}, args.threads or os.cpu_count())
+        done = quantize_with_llamacpp(args.llama_python, f16, {qtype: gguf}, args.threads or os.cpu_count(),
+                                      timeout=timeout)
     except SystemExit as e:  # its stderr's tail, as a failed export's log tail
         return {**result, "exit_code": None, "seconds": round(time.perf_counter() - t, 1), "export_s": None,
                 "check_s": None, "peak_rss_gib": 0.0, "peak_tree_rss_gib_export": 0.0,
