@@ -289,7 +289,8 @@ def run_peer(args, model_dir: Path, adapter: Path, f16: Path, qtype: str, timeou
     result = {"type": qtype, "quantizer": "llama.cpp", "gguf": str(gguf), "log": str(log)}
     t = time.perf_counter()
     try:
-        done = quantize_with_llamacpp(args.llama_python, f16, {qtype: gguf}, args.threads or os.cpu_count())
+        done = quantize_with_llamacpp(args.llama_python, f16, {qtype: gguf}, args.threads or os.cpu_count(),
+                                      timeout=timeout)
     except SystemExit as e:  # its stderr's tail, as a failed export's log tail
         return {**result, "exit_code": None, "seconds": round(time.perf_counter() - t, 1), "export_s": None,
                 "check_s": None, "peak_rss_gib": 0.0, "peak_tree_rss_gib_export": 0.0,
@@ -378,7 +379,7 @@ def table(result: dict) -> str:
         c = r.get("check") or {}
         tree = max(r["peak_tree_rss_gib_export"], r["peak_tree_rss_gib_check"] or 0)
         verdict = ("passed" if c.get("passed") else "FAILED: " + "; ".join(c["failures"])) if c else "no report"
-        rows.append(f"{row_label(r):32}{r['exit_code']:>5}{r['seconds']:>9.1f}{_num(r['export_s'], '.1f'):>10}"
+        rows.append(f"{row_label(r):32}{_num(r['exit_code'], 'd'):>5}{r['seconds']:>9.1f}{_num(r['export_s'], '.1f'):>10}"
                     f"{_num(r['check_s'], '.1f'):>9}{r['peak_rss_gib']:>9.2f}{tree:>10.2f}"
                     f"{_num(r['gguf_gib'], '.2f'):>10}{_num(c.get('agreement'), '.1%'):>8}"
                     f"{_num(c.get('decisive_agreement'), '.1%'):>8}{_num(c.get('mean_kl'), '.3g'):>10}"
@@ -447,8 +448,14 @@ def plan(args) -> tuple[list[str], list[str]]:
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     if args.peer_quantizer == "none":
         return types, []
-    wanted = args.peer_types.split(",") if args.peer_types else types
-    peers = [t.strip().lower() for t in wanted if t.strip().lower() in FTYPES]
+    if args.peer_types:
+        peers = [t.strip().lower() for t in args.peer_types.split(",") if t.strip()]
+        wrong = [t for t in peers if t not in FTYPES or t not in types]
+        if wrong:  # a peer row reads our file of its type: the type must be among ours
+            raise SystemExit(f"--peer-types {','.join(wrong)}: each must be one of --types "
+                             f"({','.join(types)}) that llama.cpp's quantizer makes ({', '.join(FTYPES)})")
+    else:
+        peers = [t for t in types if t in FTYPES]
     if peers and "f16" not in types:
         types = ["f16", *types]
     return types, peers
@@ -456,6 +463,7 @@ def plan(args) -> tuple[list[str], list[str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    types, peers = plan(args)  # a wrong --peer-types is refused before the checkpoint is written
     start = time.perf_counter()
     folder = Path(args.work) / args.shape
     model_dir, adapter = folder / "model", folder / "adapter"
@@ -475,7 +483,6 @@ def main(argv=None) -> int:
     print(f"checkpoint {model_dir} ({written}), adapter {adapter}; chat template: "
           f"{result['chat_template'] or 'none: the check skips the chat round trip'}", flush=True)
     save()
-    types, peers = plan(args)
     result["peer_quantizer"], result["peer_types"] = args.peer_quantizer, peers
     longest = 0.0
     items = [(t, p) for t in types for p in (False, True) if not p or t in peers]

@@ -122,9 +122,7 @@ def quantize_all(items, executor) -> float:
     def submit(x, k):
         if hasattr(executor, "device"):
             return executor.submit(x, k)
-        if k not in kquants.KINDS:
-            return kquants.submit_gguf(x, k, executor)
-        return kquants.submit(x, k, None, executor)
+        return kquants.submit_type(x, k, None, executor)
 
     t = time.perf_counter()
     for _ in kquants.in_order((None, submit(x, k), x.size) for x, k in items):
@@ -212,6 +210,8 @@ def device_phase(pool, shape, device, types) -> dict:
             elif k in kquants_torch.ENCODERS:
                 kquants_torch.ENCODERS[k](x.reshape(-1, cols)).cpu()
             search = per_million(time.perf_counter() - t, task.size)
+            if k not in kquants.KINDS and k not in kquants_torch.ENCODERS:
+                search = None  # F16, Q5_0, Q5_1: gguf.quants on OnDevice's CPU threads, nothing on the device
             out[k] = {"wall_s_per_mvalue": wall, "search_s_per_mvalue": search, "bytes_equal_numpy": same}
             print(f"{q} {k}: {wall} s/M values wall, search alone {search}, bytes equal numpy {same}",
                   flush=True)

@@ -113,14 +113,21 @@ def compare(source: Path, ours: Path, theirs: Path, keep=lambda name: True) -> d
     return {"tensors": rows, "by_ggml_type": totals}
 
 
-def quantize_with_llamacpp(llama_python: str, source: Path, outputs: dict[str, Path], threads: int) -> dict:
+def quantize_with_llamacpp(llama_python: str, source: Path, outputs: dict[str, Path], threads: int,
+                           timeout: float | None = None) -> dict:
     """llama.cpp's quantizer (the --worker role, run by `llama_python`) on the F16 file `source`,
-    once per type name -> output path; its version and return codes. SystemExit when it fails."""
+    once per type name -> output path; its version and return codes. SystemExit when it fails or
+    runs past `timeout` seconds (then killed)."""
     job_file = Path(next(iter(outputs.values()))).with_suffix(".job.json")
     job_file.write_text(json.dumps({"source": str(source), "threads": threads,
                                     "outputs": {q: str(p) for q, p in outputs.items()}}))
-    proc = subprocess.run([llama_python, __file__, "--worker", str(job_file)], capture_output=True, text=True)
-    job_file.unlink()
+    try:
+        proc = subprocess.run([llama_python, __file__, "--worker", str(job_file)], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"llama.cpp's quantizer ran past {timeout:.0f} s and was stopped") from None
+    finally:
+        job_file.unlink()
     result = next((json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if result is None:
         raise SystemExit(f"llama.cpp's quantizer failed:\n{proc.stderr[-3000:]}")

@@ -151,3 +151,28 @@ def test_delete_gguf_keeps_what_a_later_peer_reads(tmp_path):
     bench.delete_unneeded(rows[:3], [("q8_0", False)])
     assert [Path(r["gguf"]).exists() for r in rows] == [False, False, False, True]
     assert all(r["gguf_deleted"] for r in rows[:3])
+
+
+def test_the_table_shows_a_peer_quantizer_that_failed():
+    """A peer whose llama.cpp quantizer failed has no exit code (run_peer's row): the table says
+    '-' for it, and shows the rest, rather than failing to format None at the end of the run."""
+    row = {"type": "q4_k_m", "quantizer": "llama.cpp", "exit_code": None, "seconds": 1.5,
+           "export_s": None, "check_s": None, "peak_rss_gib": 0.0, "peak_tree_rss_gib_export": 0.0,
+           "peak_tree_rss_gib_check": None, "gguf_gib": None}
+    [_, line] = _bench().table({"types": [row], "skipped": []}).splitlines()
+    assert line.startswith("q4_k_m (llama.cpp's quantizer)") and line.split()[3] == "-"
+    assert line.endswith("no report")
+
+
+def test_peer_types_must_be_among_the_types():
+    """--peer-types names files ours are compared with: a type not among --types (or one llama.cpp's
+    quantizer does not make here) is refused by name, not dropped; by default every type of
+    --types it makes, f16 first for its input."""
+    from argparse import Namespace
+
+    bench = _bench()
+    args = Namespace(types="q4_k_m,bf16,q8_0", peer_quantizer="llama.cpp", peer_types=None)
+    assert bench.plan(args) == (["f16", "q4_k_m", "bf16", "q8_0"], ["q4_k_m", "q8_0"])
+    for wrong in ("q6_k", "bf16"):
+        with pytest.raises(SystemExit, match=f"--peer-types {wrong}: each must be one of --types"):
+            bench.plan(Namespace(types="q4_k_m,bf16", peer_quantizer="llama.cpp", peer_types=wrong))

@@ -312,6 +312,53 @@ def test_the_pinned_host_memory_of_an_offload_is_its_inputs_exactly(monkeypatch)
         memory.check_host_offload(LLAMA, offloaded(524288), chosen_by_plan=False)
 
 
+class _FakeCudart:
+    """torch.cuda.cudart()'s calls page_locked makes, recorded (the CPU has no CUDA runtime);
+    `refuse`: the error code cudaHostRegister returns (2: cudaErrorMemoryAllocation)."""
+
+    def __init__(self, refuse: int = 0):
+        self.refuse, self.registered, self.unregistered = refuse, [], []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.registered.append((ptr, size, flags))
+        return self.refuse
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+    def cudaError(self, code):
+        return code
+
+    def cudaGetErrorString(self, code):
+        return f"error {code}"
+
+
+def test_page_locked_registers_exactly_its_bytes_and_unregisters_when_it_goes(monkeypatch):
+    """speed/offload.page_locked (CUDA only on a real run): one cudaHostRegister of exactly
+    numel x element size at the tensor's address (no power-of-two rounding), undone once the
+    tensor is gone; a refused registration is a QloraError naming offload_activations and the
+    fixes, not a silently pageable buffer."""
+    import gc
+
+    from qlora.speed.offload import page_locked
+
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    numel = 3 * 2**20 + 5  # no power of two
+    t = page_locked(numel, torch.bfloat16)
+    ptr = t.data_ptr()
+    assert t.numel() == numel and fake.registered == [(ptr, 2 * numel, 0)] and not fake.unregistered
+    del t
+    gc.collect()
+    assert fake.unregistered == [ptr]
+    assert page_locked(0, torch.bfloat16).numel() == 0 and len(fake.registered) == 1  # nothing to pin
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(refuse=2))
+    with pytest.raises(QloraError, match=r"offload_activations.*CUDA error 2: error 2.*ulimit -l.*"
+                                         r"offload_activations: false"):
+        page_locked(numel, torch.bfloat16)
+
+
 def test_plan_tiles_bound_the_mlp_by_one_tile():
     """The MLP's inside (fused kernels, dropout seeded: gate and up outputs 4I, down's input 2I,
     the MLP adapters' A outputs 3 x 2r: 86,112 B a token) and its backward's gradients (3 x 2I =

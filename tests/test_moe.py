@@ -265,7 +265,7 @@ def test_grouped_experts_equal_the_loop_over_experts(moe_models, variant, quant,
 
 def test_expert_offsets_count_as_bincount_does():
     """The grouped path's run ends, counted without bincount's host read: equal to the cumulative
-    bincount, experts with no rows (0 and the last two here) included."""
+    bincount, experts with no rows (0, 4 and the last two here) included."""
     from qlora.speed.moe import expert_offsets
 
     flat = torch.tensor([3, 1, 3, 2, 5, 1, 3, 2, 2, 5])

@@ -674,6 +674,22 @@ def test_planner_counts_two_sequences_and_the_reference_forward():
     assert reference_forward_bytes(arch, replace(dpo_cfg, reference_precomputed=True)) == 0
 
 
+def test_the_reference_forward_of_gemma_counts_the_fused_loss_that_caps():
+    """The fused cross-entropy applies Gemma's final soft-cap in its kernel (FastDecoderLM's
+    token_losses), so Gemma 2's reference forward holds the fused loss's chunk (bf16 logits, fp32
+    losses: 2·chunk·V + 4·chunk), as Llama's does, not the reference chunked loss's 10·chunk·V."""
+    from dataclasses import replace
+
+    from qlora.memory import PlanConfig, loss_chunk_tokens, reference_forward_bytes, spec_from_shape
+
+    for shape in ("llama-3-8b", "gemma-2-9b"):
+        arch = spec_from_shape(shape)
+        fused = PlanConfig(seq_len=1024, method="dpo", loss="chunked-fused")
+        chunk, v = loss_chunk_tokens(arch.vocab_size), arch.vocab_size
+        saved = reference_forward_bytes(arch, replace(fused, loss="chunked")) - reference_forward_bytes(arch, fused)
+        assert saved == 10 * chunk * v - (2 * chunk * v + 4 * chunk), shape
+
+
 def _varlen_gqa(monkeypatch, takes_gqa: bool) -> None:
     """The installed torch's varlen_attn with enable_gqa (2.13 here) or without (2.9 to 2.11)."""
     from qlora.models import attention
@@ -681,11 +697,11 @@ def _varlen_gqa(monkeypatch, takes_gqa: bool) -> None:
     monkeypatch.setattr(attention, "_varlen_takes_gqa", lambda: takes_gqa)
 
 
-def test_planner_plans_a_preference_step_as_the_sft_step_of_its_tokens(monkeypatch):
+def test_planner_plans_a_preference_step_as_the_sft_step_of_its_tokens():
     """Packed rows hand grouped kv heads to the varlen kernel (no copies of k and v whatever the
-    torch), so a preference step at Qwen2.5-1.5B (4 pairs of 512 + 512 tokens, attention kept)
-    plans as the SFT step of its 8,192 tokens, and DPO's reference forward, a moment of its own,
-    is not where it peaks."""
+    torch: the planner does not ask), so a preference step at Qwen2.5-1.5B (4 pairs of 512 + 512
+    tokens, attention kept) plans as the SFT step of its 8,192 tokens, and DPO's reference
+    forward, a moment of its own, is not where it peaks."""
     from dataclasses import replace
 
     from qlora.memory import PlanConfig, plan, spec_from_shape
@@ -694,11 +710,9 @@ def test_planner_plans_a_preference_step_as_the_sft_step_of_its_tokens(monkeypat
     orpo_cfg = PlanConfig(seq_len=1024, micro_batch=4, method="orpo", keep_attention=True,
                           kernels="fused", embedding_on_host=True)
     sft = replace(orpo_cfg, method="sft", seq_len=8192, micro_batch=1)
-    for takes_gqa in (True, False):
-        _varlen_gqa(monkeypatch, takes_gqa)
-        orpo_plan, dpo_plan = plan(qwen, orpo_cfg), plan(qwen, replace(orpo_cfg, method="dpo"))
-        assert orpo_plan.allocated == dpo_plan.allocated == plan(qwen, sft).allocated
-        assert dpo_plan.peak_phase == "backward of the last layer"
+    orpo_plan, dpo_plan = plan(qwen, orpo_cfg), plan(qwen, replace(orpo_cfg, method="dpo"))
+    assert orpo_plan.allocated == dpo_plan.allocated == plan(qwen, sft).allocated
+    assert dpo_plan.peak_phase == "backward of the last layer"
 
 
 def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, monkeypatch):
@@ -719,6 +733,7 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
                     enable_gqa=False):
         assert k.shape[1] < q.shape[1], "k and v copied to every head"
+        assert enable_gqa == takes_gqa, "torch 2.13 refuses grouped heads without enable_gqa"
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):  # one document each

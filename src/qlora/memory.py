@@ -412,7 +412,7 @@ def capped_scores_in_torch(arch: ArchSpec, cfg: PlanConfig) -> bool:
     return attention_softcap(arch) is not None and cfg.kernels == "eager"
 
 
-def repeats_kv_heads(arch: ArchSpec, cfg: PlanConfig) -> bool:
+def repeats_kv_heads(arch: ArchSpec) -> bool:
     """Whether attention saves k and v copied to every query head (grouped kv heads only): SDPA
     without enable_gqa (torch < 2.5). Packed rows' varlen attention hands grouped heads to the
     kernel (models/attention.varlen_attention), so it never does."""
@@ -424,8 +424,9 @@ def repeats_kv_heads(arch: ArchSpec, cfg: PlanConfig) -> bool:
 
 
 def final_softcap(arch: ArchSpec) -> float | None:
-    """Gemma's output logit soft-cap: the loss then goes through the reference chunked loss
-    (FastGemmaLM: the fused cross-entropy does not cap)."""
+    """Gemma's output logit soft-cap: the fused cross-entropy applies it inside its kernel
+    (FastDecoderLM.final_softcap); the reference chunked loss keeps tanh's output too
+    (loss_peak_bytes)."""
     if arch.model_type not in GEMMA_TYPES:
         return None
     return FAMILIES[arch.model_type].settings(arch.raw).final_softcap
@@ -494,7 +495,7 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
         # whole storage SDPA's saved v then keeps (Phi3Attention; its fork copies v out)
         t["q, k (after RoPE)"] = 2 * (q + kv)
         t["qkv_proj output (kept whole by v's view)"] = 2 * (q + 2 * kv)
-    elif not repeats_kv_heads(arch, cfg):  # SDPA (varlen) shares the kv heads: k and v stay small
+    elif not repeats_kv_heads(arch):  # SDPA (varlen) shares the kv heads: k and v stay small
         t["q, k, v (after RoPE)"] = 2 * (q + 2 * kv)
     else:
         t["q, k, v (after RoPE, k/v repeated to all heads)"] = 2 * 3 * q
@@ -864,7 +865,7 @@ def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     mlp_tokens = min(tokens, mlp_tile_tokens(arch, cfg) or tokens)
     mlp = (6 if cfg.kernels == "fused" else 8) * width * mlp_tokens
     chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
-    fused_loss = cfg.loss == "chunked-fused" and final_softcap(arch) is None
+    fused_loss = cfg.loss == "chunked-fused"  # Gemma's soft-cap too: inside the fused kernel
     loss = 2 * chunk * v + 4 * chunk if fused_loss else 10 * chunk * v
     return 2 * 2 * tokens * h + mlp + 2 * tokens * h + loss
 
@@ -1150,7 +1151,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         working += tile_extra - 3 * 2 * arch.intermediate_size
     offloaded = offload_applies(cfg)
     kept_layers = kept_attention_layers(arch, cfg)
-    kept_each = (kept_attention_bytes_per_token(arch, cfg.seq_len, repeats_kv_heads(arch, cfg))
+    kept_each = (kept_attention_bytes_per_token(arch, cfg.seq_len, repeats_kv_heads(arch))
                  if kept_layers else 0)
     # attention's backward, the layer's other moment (the MLP's is `working`): what attention
     # keeps and the layer's first norm, the gradients of the residual stream and of attention's
@@ -1252,7 +1253,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     # policy's fused loss keeps its gradient of the label rows' hidden states (bf16 [tokens, h]).
     reference = reference_forward_bytes(arch, cfg)
     if reference:
-        if cfg.loss == "chunked-fused" and final_softcap(arch) is None:
+        if cfg.loss == "chunked-fused":
             reference += 2 * tokens * h
         notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
                      f"{_gib(reference):.2f} GiB, an estimate, after the policy's loss and "
@@ -1720,7 +1721,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         if n or fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
             kept = kept_attention_layers(arch, pc)
             kept_bytes = (kept * step_tokens(pc) * kept_attention_bytes_per_token(
-                arch, pc.seq_len, repeats_kv_heads(arch, pc)))
+                arch, pc.seq_len, repeats_kv_heads(arch)))
             raise QloraError(
                 f"this run fits in {_gib(gpu_bytes):.1f} GiB ({gpu_name}) only with attention kept "
                 f"in at most {n} layers (keep_attention keeps "

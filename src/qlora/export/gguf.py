@@ -91,9 +91,7 @@ def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
         return x.astype(np.float32)
     if quantizer is not None:
         return quantizer.submit(x, type_name, importance)
-    if type_name in kquants.KINDS:
-        return kquants.submit(x, type_name, importance)
-    return kquants.submit_gguf(x, type_name)  # F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1
+    return kquants.submit_type(x, type_name, importance)
 
 
 def quantizer(device: str = "auto", threads: int | None = None):

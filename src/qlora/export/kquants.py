@@ -710,6 +710,15 @@ def submit_gguf(x: np.ndarray, type_name: str, executor: Executor | None = None)
                                 for a in range(0, len(rows), per_task)])
 
 
+def submit_type(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
+                executor: Executor | None = None) -> Pending:
+    """submit(x, …) of a k-quant, or submit_gguf(x, …) of a type gguf.quants encodes (which takes
+    no importance): every type but F32, on `executor` (None: now, in this thread)."""
+    if type_name in KINDS:
+        return submit(x, type_name, importance, executor)
+    return submit_gguf(x, type_name, executor)
+
+
 def in_order(items: Iterable[tuple[object, np.ndarray | Pending, int]]) -> Iterator[tuple[object, np.ndarray]]:
     """(key, array or Pending, values) → (key, array), in the order given, while later tensors are
     read and submitted: the oldest is waited for only once more than IN_FLIGHT_VALUES values are
@@ -766,12 +775,8 @@ class Workers:
         return f"numpy {where}"
 
     def submit(self, x: np.ndarray, type_name: str, importance: np.ndarray | None = None) -> Pending:
-        """submit(x, …) of a k-quant, or submit_gguf(x, …) of a type gguf.quants encodes (which
-        takes no importance), on these workers (or in this thread: see executor)."""
-        executor = self.executor(x.size // QK_K)
-        if type_name in KINDS:
-            return submit(x, type_name, importance, executor)
-        return submit_gguf(x, type_name, executor)
+        """submit_type(x, …) on these workers (or in this thread: see executor)."""
+        return submit_type(x, type_name, importance, self.executor(x.size // QK_K))
 
     def executor(self, n_blocks: int) -> Executor | None:
         if self.count == 1 or n_blocks < 2 * CHUNK_BLOCKS:

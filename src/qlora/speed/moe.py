@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from qlora.adapters import LoraExperts
 from qlora.kernels.experts import (GroupedBase, chunk_rows, dequantize_experts, expert_chunks,
                                    grouped_mm, stack_members)
-from qlora.models.families.moe_blocks import ExpertLinear, Experts
+from qlora.models.families.moe_blocks import ExpertLinear, Experts, expert_counts
 
 
 class FastExperts(Experts):
@@ -58,12 +58,9 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
 
 
 def expert_offsets(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int32 [E]: where each expert's run of rows ends once rows are sorted by expert. Counted by a
-    scatter-add, not torch.bincount, whose CUDA kernel first reads the largest index on the host:
-    a sync per sparse block."""
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return torch.cumsum(counts, 0, dtype=torch.int32)
+    """int32 [E]: where each expert's run of rows ends once rows are sorted by expert (counted
+    without a host sync: expert_counts)."""
+    return torch.cumsum(expert_counts(flat, num_experts), 0, dtype=torch.int32)
 
 
 def base_of(layer) -> ExpertLinear:

@@ -145,6 +145,14 @@ class SparseMoeBlock(nn.Module):
         return self.experts(flat, index, weights).view(shape)
 
 
+def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 [num_experts]: how many of `index`'s entries (expert ids, int64) name each expert.
+    A scatter-add, not torch.bincount, whose CUDA kernel first reads the largest index on the
+    host: a sync per sparse block."""
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=index.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.int32))
+
+
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int
                         ) -> torch.Tensor:
     """transformers' load_balancing_loss_func without an attention mask (every row counts):
@@ -157,7 +165,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     for logits in router_logits:
         probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
         chosen = torch.topk(probs, top_k, dim=-1).indices
-        assigned = assigned + torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+        assigned = assigned + expert_counts(chosen.reshape(-1), num_experts).float()
         probability = probability + probs.float().sum(dim=0)
         rows += probs.shape[0]
     return num_experts * torch.sum((assigned / rows) * (probability / rows))
