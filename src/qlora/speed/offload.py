@@ -57,8 +57,8 @@ def page_locked(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if code != 0:
         raise QloraError(f"offload_activations: page-locking {nbytes / 2**30:.2f} GiB of host memory "
                          f"for a layer's input failed (CUDA error {code}: "
-                         f"{cudart.cudaGetErrorString(cudart.cudaError(code))}); free host memory, raise the locked-"
-                         "memory limit (ulimit -l), or set offload_activations: false")
+                         f"{cudart.cudaGetErrorString(cudart.cudaError(code))}); free host memory, shorten "
+                         "max_seq_length, or set offload_activations: false")
     weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
     return t
 
