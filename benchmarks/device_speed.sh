@@ -173,8 +173,10 @@ longest-80)  # planned 46.72 GiB at 393,216; 93 GiB pinned
     --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --random-weights --worker-timeout 575 --deadline 578 --out "$OUT/qlora-80"
   ;;
-longest-80-unsloth)  # Unsloth publishes 342,733 tokens on 80 GB for Llama-3.1-8B
-  step 580 unsloth-ladder-80 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 262144,327680 \
+longest-80-unsloth)  # Unsloth publishes 342,733 tokens on 80 GB for Llama-3.1-8B; measured here it
+                     # trained 98,304 and not 131,072 under 46 GiB (2026-12-06), so the ladder
+                     # starts at 2x that: 196,608 (~4.5 min by its 98,304 step's 92 s), then 262,144
+  step 580 unsloth-ladder-80 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 196608,262144 \
     --systems unsloth --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --worker-timeout 570 --model-root /tmp/models --out "$OUT/unsloth-80" --deadline 575
   ;;
@@ -239,6 +241,10 @@ orpo)  # about 8 min in all: the DPO part's steps less its reference forward; lo
 export-8b|export-8b-q8|export-8b-cpu)  # per file: the export (on the GPU) and the check (the 16-bit reference
                         # on the GPU, the file in llama.cpp on the CPU); --deadline skips a file
                         # that would not fit and records it
+  # the other parts' random checkpoints (remade on demand) would hold 15-19 GB of the 64 GB disk
+  # the 8B checkpoint, its merged copy and the GGUF need
+  rm -rf /tmp/models /tmp/pm
+  df -h /tmp | tail -1
   if [ -f "$HERE/../.whl/llamacpp.tar.xz" ]; then
     mkdir -p /tmp/llamacpp && tar -C /tmp/llamacpp -xJf "$HERE/../.whl/llamacpp.tar.xz"
     export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/llamacpp  # last: the image's own packages first

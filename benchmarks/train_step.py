@@ -1005,7 +1005,7 @@ class Run:
 
     def __init__(self, args, started: float):
         self.args, self.started = args, started
-        out = Path(args.out)
+        out = Path(args.out).resolve()  # the workers run in their own working folder
         out.mkdir(parents=True, exist_ok=True)
         self.results, self.log = out / "results.jsonl", out / "log.txt"
         env = environment(args.device)
