@@ -184,7 +184,7 @@ def test_no_labels_give_zero_loss_and_gradient():
 
 def test_backward_keeps_the_gradient_of_h_alone():
     """What the loss leaves for backward: one [N, H] tensor in h's dtype (neither h nor any
-    logits), which qlora.memory.loss_peak_bytes counts."""
+    logits), which qlora.memory.loss.loss_peak_bytes counts."""
     h, weight, targets = inputs(20, 16, 40, torch.bfloat16)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

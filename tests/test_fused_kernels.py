@@ -456,8 +456,8 @@ for family, dropout in (("llama", 0.0), ("qwen2", 0.1), ("qwen3", 0.0), ("phi3",
     cfg = PlanConfig(r=r, lora_dropout=dropout, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused")
     arch = arch_from_config(config)
-    planned = (sum(memory.layer_activation_terms(arch, cfg).values()) * tokens
-               + sum(memory.layer_weight_terms(arch, cfg).values()))
+    planned = (sum(memory.activations.layer_activation_terms(arch, cfg).values()) * tokens
+               + sum(memory.weights.layer_weight_terms(arch, cfg).values()))
     out.append(dict(family=family, dropout=dropout, saved=saved, planned=planned))
 print(json.dumps(out))
 """
@@ -519,13 +519,13 @@ for keep in (True, False):
     cfg = PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused", tile_mlp=tile, keep_attention=keep)
     arch = arch_from_config(config)
-    terms = memory.layer_activation_terms(arch, cfg)
-    rerun = sum(memory.rerun_terms(arch, cfg, terms, keep, tiled=True).values())
+    terms = memory.activations.layer_activation_terms(arch, cfg)
+    rerun = sum(memory.activations.rerun_terms(arch, cfg, terms, keep, tiled=True).values())
     attention = replace(cfg, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    planned = ((rerun - memory.split_mlp_terms(terms)[1]) * tokens
-               + sum(memory.layer_weight_terms(arch, attention).values()))
+    planned = ((rerun - memory.activations.split_mlp_terms(terms)[1]) * tokens
+               + sum(memory.weights.layer_weight_terms(arch, attention).values()))
     out.append(dict(keep=keep, saved=saved, planned=planned, kept_dense=kept_dense,
-                    planned_dense=memory.rerun_dense_weights(arch, cfg, keep, True)[0]))
+                    planned_dense=memory.weights.rerun_dense_weights(arch, cfg, keep, True)[0]))
 print(json.dumps(out))
 """
 
@@ -535,10 +535,10 @@ def test_a_checkpointed_layers_rerun_makes_what_the_planner_counts_new():
     grouped projections, MLP in tiles), with and without its attention kept: what its rerun
     saves, leaving out what is alive before it (the layer input, which the fused norm's saved
     input is; the LoRA products kept from the first run; the kept attention), equals the
-    planner's rerun terms to the byte (memory.rerun_terms: no layer input, no products, and no
+    planner's rerun terms to the byte (memory.activations.rerun_terms: no layer input, no products, and no
     q, k, v, output or log-sum-exp where attention is kept); and the dense weights the rerun
     keeps for its backward are o_proj's, with q, k, v's where attention is rerun, never the
-    tiled MLP's (memory.rerun_dense_weights). The tiled MLP's adapter copies are made per tile,
+    tiled MLP's (memory.weights.rerun_dense_weights). The tiled MLP's adapter copies are made per tile,
     so only attention's are in the rerun's count."""
     results = interpreted(RERUN_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
     assert [r["keep"] for r in results] == [True, False]

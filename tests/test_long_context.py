@@ -287,7 +287,7 @@ def test_plan_offload_keeps_two_layer_inputs_on_the_gpu():
         plain, offloaded = plan(LLAMA, cfg), plan(LLAMA, replace(cfg, offload_activations=True))
         assert plain.activations - offloaded.activations == 30 * 65536 * 4096 * 2 == 15 * GiB
         assert plain.allocated - offloaded.allocated == 15 * GiB
-    assert memory.host_offload_bytes(LLAMA, replace(LONG_RUN, offload_activations=True)) == 31 * 512 * 2**20
+    assert memory.host.host_offload_bytes(LLAMA, replace(LONG_RUN, offload_activations=True)) == 31 * 512 * 2**20
     # without checkpointing there is nothing offloaded (the step keeps every tensor on the GPU)
     no_ckpt = replace(LONG_RUN, seq_len=2048, checkpointing=False)
     assert plan(LLAMA, replace(no_ckpt, offload_activations=True)).allocated == plan(LLAMA, no_ckpt).allocated
@@ -302,11 +302,11 @@ def test_the_pinned_host_memory_of_an_offload_is_its_inputs_exactly(monkeypatch)
     def offloaded(seq):
         return replace(LONG_RUN, seq_len=seq, offload_activations=True)
 
-    assert memory.host_offload_bytes(LLAMA, offloaded(393216)) == 93 * GiB
-    assert memory.host_offload_bytes(LLAMA, offloaded(327680)) == 77.5 * GiB
+    assert memory.host.host_offload_bytes(LLAMA, offloaded(393216)) == 93 * GiB
+    assert memory.host.host_offload_bytes(LLAMA, offloaded(327680)) == 77.5 * GiB
     assert "offload: the checkpointed layer inputs wait in pinned host memory (93.00 GiB of host RAM)" \
         in " ".join(plan(LLAMA, offloaded(393216)).notes)
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 125 * GiB)
+    monkeypatch.setattr(memory.host, "host_available_bytes", lambda: 125 * GiB)
     memory.check_host_offload(LLAMA, offloaded(393216), chosen_by_plan=False)  # 93 <= 112.5
     with pytest.raises(QloraError, match="needs ~124.0 GiB of pinned host memory"):
         memory.check_host_offload(LLAMA, offloaded(524288), chosen_by_plan=False)
@@ -373,8 +373,8 @@ def test_plan_tiles_bound_the_mlp_by_one_tile():
     gradients (2 x 8192) and flash's backward (dq, dk, dv 12,288, fp32 dq_accum 16,384 and
     softmax_d 128, dk/dv at all 32 heads 16,384) = 90,372."""
     inside, grads = 2 * 2 * 14336 + 2 * 14336 + 3 * 2 * 16, 3 * 2 * 14336
-    assert memory.split_mlp_terms(memory.layer_activation_terms(LLAMA, LONG_RUN))[1] == inside
-    assert memory.attention_backward_bytes_per_token(LLAMA, LONG_RUN) == 12288 + 16384 + 128 + 16384
+    assert memory.activations.split_mlp_terms(memory.activations.layer_activation_terms(LLAMA, LONG_RUN))[1] == inside
+    assert memory.attention.attention_backward_bytes_per_token(LLAMA, LONG_RUN) == 12288 + 16384 + 128 + 16384
     plain, tiled = plan(LLAMA, LONG_RUN), plan(LLAMA, replace(LONG_RUN, tile_mlp=True))
     assert plain.backward == 65536 * 233608
     assert tiled.backward == 65536 * 90372
@@ -445,7 +445,7 @@ def test_qlora_train_check_picks_tiles_and_offload_only_when_the_run_needs_them(
     from qlora.config import RunConfig
 
     # a host that holds the 15.5 GiB of pinned inputs at 65,536 tokens, whatever this machine has free
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 2**30)
+    monkeypatch.setattr(memory.host, "host_available_bytes", lambda: 64 * 2**30)
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B_CONFIG))
     cfg = RunConfig(model=str(tmp_path), data="unused.jsonl", gpu_memory="24GB",
@@ -527,7 +527,7 @@ def test_qlora_train_check_refuses_an_offload_the_host_cannot_pin(tmp_path, monk
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B_CONFIG))
     cfg = RunConfig(model=str(tmp_path), data="unused.jsonl", gpu_memory="24GB",
                     fused_kernels=True, max_seq_length=65536)
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 8 * 2**30)
+    monkeypatch.setattr(memory.host, "host_available_bytes", lambda: 8 * 2**30)
     with pytest.raises(QloraError, match=r"offload_activations needs ~15\.5 GiB.*memory plan "
                                          r"turned it on.*max_seq_length"):
         memory.check_run(cfg, "cpu", log=lambda line: None)
@@ -537,12 +537,12 @@ def test_qlora_train_check_refuses_an_offload_the_host_cannot_pin(tmp_path, monk
     # 49,152 tokens: 384 MiB a layer pinned as it is (11.6 GiB in all): 14 GiB available holds it
     # (0.9 x 14 = 12.6), 12 does not (10.8)
     longer = replace(asked, max_seq_length=49152)
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 14 * 2**30)
+    monkeypatch.setattr(memory.host, "host_available_bytes", lambda: 14 * 2**30)
     memory.check_run(longer, "cpu", log=lambda line: None)
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 12 * 2**30)
+    monkeypatch.setattr(memory.host, "host_available_bytes", lambda: 12 * 2**30)
     with pytest.raises(QloraError, match=r"needs ~11\.6 GiB"):
         memory.check_run(longer, "cpu", log=lambda line: None)
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 2**30)
+    monkeypatch.setattr(memory.host, "host_available_bytes", lambda: 64 * 2**30)
     chosen, _ = memory.check_run(cfg, "cpu", log=lambda line: None)
     assert chosen.offload_activations
     memory.check_run(asked, "cpu", log=lambda line: None)

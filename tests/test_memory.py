@@ -8,6 +8,7 @@ import torch
 
 from qlora import memory
 from qlora.cli import main
+from qlora.errors import QloraError
 from qlora.memory import GiB, PlanConfig, arch_from_config, plan
 from qlora.tiny import tiny_config
 from saved_bytes import layer_saved_bytes
@@ -87,7 +88,7 @@ def test_adapter_params_equal_peft(family, targets, dora):
     trainable, _ = peft_model.get_nb_trainable_parameters()
     arch = arch_from_config(config.to_dict())
     cfg = PlanConfig(r=8, targets=targets if isinstance(targets, str) else tuple(targets), dora=dora)
-    assert memory.adapter_param_count(arch, cfg) == trainable
+    assert memory.weights.adapter_param_count(arch, cfg) == trainable
     assert plan(arch, cfg).adapter_params == trainable
     # and the architecture's own size agrees with the model's
     assert arch.num_params() == base_params
@@ -211,7 +212,7 @@ def test_auto_fit_picks_the_largest_micro_batch():
 def test_parse_size():
     assert memory.parse_size("24GB") == memory.parse_size("24 GiB") == 24 * GiB
     assert memory.parse_size("16000MiB") == 16000 * 1024**2
-    with pytest.raises(memory.QloraError):
+    with pytest.raises(QloraError):
         memory.parse_size("-3GB")
 
 
@@ -248,8 +249,8 @@ def test_layer_saved_bytes_equal_what_autograd_keeps(family, targets, dropout, s
     arch = arch_from_config(config)
     cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=seeded)
-    per_token = sum(memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2).values())
-    per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
+    per_token = sum(memory.activations.layer_activation_terms(arch, cfg, dropout_mask_bytes=2).values())
+    per_layer = sum(memory.weights.layer_weight_terms(arch, cfg).values())
     assert saved == per_token * tokens + per_layer
 
 
@@ -298,8 +299,8 @@ def test_family_layer_saved_bytes_equal_what_autograd_keeps(family, extra, targe
     arch = arch_from_config(config)
     cfg = PlanConfig(r=r, lora_dropout=dropout, targets=targets, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=False)
-    terms = memory.layer_activation_terms(arch, cfg, dropout_mask_bytes=2)
-    per_layer = sum(memory.layer_weight_terms(arch, cfg).values())
+    terms = memory.activations.layer_activation_terms(arch, cfg, dropout_mask_bytes=2)
+    per_layer = sum(memory.weights.layer_weight_terms(arch, cfg).values())
     assert saved == sum(terms.values()) * tokens + per_layer
     if family == "gemma2":  # the capped attention's term, by the arithmetic above
         q = 4 * 48
@@ -323,15 +324,15 @@ def test_planner_counts_each_family_at_its_real_shape():
     uncapped = spec_from_config(dict(memory.SHAPES["gemma-2-9b"], attn_logit_softcapping=None))
     # without dropout o_proj's LoRA keeps the attention output in both (with it, its copy)
     eager = PlanConfig(seq_len=2048, kernels="eager", lora_dropout=0.0)
-    capped_terms = memory.layer_activation_terms(gemma, eager)
-    flash_terms = memory.layer_activation_terms(uncapped, eager)
+    capped_terms = memory.activations.layer_activation_terms(gemma, eager)
+    flash_terms = memory.activations.layer_activation_terms(uncapped, eager)
     assert sum(capped_terms.values()) - sum(flash_terms.values()) == 272_320
     keep = replace(eager, keep_attention=True)
-    assert memory.kept_attention_layers(gemma, keep) == 0  # dense capped scores: never kept
+    assert memory.attention.kept_attention_layers(gemma, keep) == 0  # dense capped scores: never kept
     assert any("gemma2's attention is recomputed" in n for n in plan(gemma, keep).notes)
     cfg = PlanConfig(seq_len=2048, kernels="fused")
-    assert memory.layer_activation_terms(gemma, cfg) == memory.layer_activation_terms(uncapped, cfg)
-    assert memory.kept_attention_bytes_per_token(gemma, 2048) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
+    assert memory.activations.layer_activation_terms(gemma, cfg) == memory.activations.layer_activation_terms(uncapped, cfg)
+    assert memory.attention.kept_attention_bytes_per_token(gemma, 2048) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
     # kept in every layer, the plan grows by that, 42 layers x 2048 tokens
     kept = plan(gemma, replace(cfg, keep_attention=True)).activations - plan(gemma, cfg).activations
     assert kept == 42 * 2048 * 24_640
@@ -351,15 +352,15 @@ def test_planner_counts_each_family_at_its_real_shape():
     assert b.dequant == 2 * gate_up + 4 * -(-gate_up // 64) + 2 * (o + gate_up)
     no_keep = plan(phi4, PlanConfig(seq_len=2048, kernels="fused"))
     assert no_keep.dequant == 2 * gate_up + 4 * -(-gate_up // 64) + 2 * (qkv + o + gate_up)
-    assert memory.kept_attention_layers(phi4, b.cfg) == 40
+    assert memory.attention.kept_attention_layers(phi4, b.cfg) == 40
     kept = b.activations - plan(phi4, PlanConfig(seq_len=2048, kernels="fused")).activations
     assert kept == 40 * 2048 * (2 * (5120 + 2 * 1280 + 5120) + 4 * 40)
     # the fork copies v out of qkv_proj's output: attention keeps q, k, v, not the whole output
-    assert "q, k, v (after RoPE)" in memory.layer_activation_terms(phi4, b.cfg)
+    assert "q, k, v (after RoPE)" in memory.activations.layer_activation_terms(phi4, b.cfg)
     # fused kernels: its norms fused, and its SwiGLU (FastPhi3MLP) keeps no silu(gate)
-    assert "MLP: activation(gate)" not in memory.layer_activation_terms(phi4, b.cfg)
-    assert "MLP: activation(gate)" in memory.layer_activation_terms(phi4, replace(b.cfg, kernels="eager"))
-    assert "MLP: activation(gate)" not in memory.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
+    assert "MLP: activation(gate)" not in memory.activations.layer_activation_terms(phi4, b.cfg)
+    assert "MLP: activation(gate)" in memory.activations.layer_activation_terms(phi4, replace(b.cfg, kernels="eager"))
+    assert "MLP: activation(gate)" not in memory.activations.layer_activation_terms(memory.resolve_arch(shape="llama-3-8b"), b.cfg)
 
 
 def test_predictions_within_10_percent_of_every_gpu_measurement():
@@ -433,7 +434,7 @@ def test_a_tight_fit_warns_and_goes_on_where_only_the_allocated_peak_fits(run_in
     arch = memory.resolve_arch(model_dir=str(model))
     b = plan(arch, memory.plan_config_for_run(cfg))
     least, usual = memory.least_needed_bytes(b), memory.needed_bytes(b)
-    assert least == b.allocated + b.optimizer_paged + memory.CUDA_CONTEXT_BYTES < usual
+    assert least == b.allocated + b.optimizer_paged + memory.sizes.CUDA_CONTEXT_BYTES < usual
     tight = (least + usual) // 2 // 2**20
     assert memory.fits_tightly(b, tight * 2**20) and not memory.fits(b, tight * 2**20)
     logged = []

@@ -424,10 +424,10 @@ def test_planner_counts_expert_weights_and_adapters(family, targets):
                for b in m.buffers()) + model.model.layers[0].mlp.gate.weight.nbytes
     arch, cfg = memory.arch_from_config(config), memory.PlanConfig(r=8, targets=targets,
                                                                    alloc_rounding=False)
-    assert memory.expert_stack_bytes(arch, cfg) == held
+    assert memory.weights.expert_stack_bytes(arch, cfg) == held
     attach_adapters(model, AdapterConfig(r=8, alpha=16, target_modules=targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert memory.adapter_param_count(arch, cfg) == trainable
+    assert memory.weights.adapter_param_count(arch, cfg) == trainable
 
 
 @pytest.mark.parametrize("family", list(PLANNER_CONFIGS))
@@ -446,8 +446,8 @@ def test_planner_routed_activations_equal_what_autograd_keeps(family, targets):
     arch = memory.arch_from_config(config)
     cfg = memory.PlanConfig(r=r, lora_dropout=0.0, targets=targets, seq_len=tokens,
                             alloc_rounding=False, kernels="eager")
-    expected = (sum(memory.layer_activation_terms(arch, cfg).values()) * tokens
-                + sum(memory.layer_weight_terms(arch, cfg).values()))
+    expected = (sum(memory.activations.layer_activation_terms(arch, cfg).values()) * tokens
+                + sum(memory.weights.layer_weight_terms(arch, cfg).values()))
     for unbalanced in (False, True):
         model = random_model(spec_from_config(config), QuantConfig(
             method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
@@ -705,7 +705,7 @@ def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch):
     static = plan.static + plan.adapter_grads
     assert abs(static - sum(between_steps.values())) <= 0.01 * static
     # the step: no CUDA workspaces or batch tensors on the CPU
-    predicted = plan.allocated - memory.CUBLAS_WORKSPACE_BYTES - 3 * 8 * tokens
+    predicted = plan.allocated - memory.sizes.CUBLAS_WORKSPACE_BYTES - 3 * 8 * tokens
     assert plan.peak_phase == "backward of the last layer"
     # at or above the count, by at most 20% of the whole here (the step's peak is 40% of it;
     # at Qwen3-30B-A3B's size the static bytes are 95% of the peak)

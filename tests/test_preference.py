@@ -659,7 +659,10 @@ def test_precompute_is_refused_where_there_is_no_fixed_reference():
 def test_planner_counts_two_sequences_and_the_reference_forward():
     from dataclasses import replace
 
-    from qlora.memory import PlanConfig, plan, reference_forward_bytes, spec_from_shape, step_tokens
+    from qlora.memory import PlanConfig, plan
+    from qlora.memory.preference import reference_forward_bytes
+    from qlora.memory.settings import step_tokens
+    from qlora.models.spec import spec_from_shape
 
     arch = spec_from_shape("llama-3-8b")
     sft = PlanConfig(seq_len=1024, loss="full")
@@ -680,7 +683,9 @@ def test_the_reference_forward_of_gemma_counts_the_fused_loss_that_caps():
     losses: 2·chunk·V + 4·chunk), as Llama's does, not the reference chunked loss's 10·chunk·V."""
     from dataclasses import replace
 
-    from qlora.memory import PlanConfig, loss_chunk_tokens, reference_forward_bytes, spec_from_shape
+    from qlora.memory import PlanConfig, loss_chunk_tokens
+    from qlora.memory.preference import reference_forward_bytes
+    from qlora.models.spec import spec_from_shape
 
     for shape in ("llama-3-8b", "gemma-2-9b"):
         arch = spec_from_shape(shape)
@@ -704,7 +709,8 @@ def test_planner_plans_a_preference_step_as_the_sft_step_of_its_tokens():
     forward, a moment of its own, is not where it peaks."""
     from dataclasses import replace
 
-    from qlora.memory import PlanConfig, plan, spec_from_shape
+    from qlora.memory import PlanConfig, plan
+    from qlora.models.spec import spec_from_shape
 
     qwen = spec_from_shape("qwen2.5-1.5b")
     orpo_cfg = PlanConfig(seq_len=1024, micro_batch=4, method="orpo", keep_attention=True,
@@ -721,7 +727,7 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     the output, an fp32 log-sum-exp per head), equals the planner's kept-attention term, k and v
     at the kv heads, whether varlen_attn takes enable_gqa or (torch 2.11) has no such argument."""
     from qlora.adapters import AdapterConfig, attach_adapters
-    from qlora.memory import kept_attention_bytes_per_token
+    from qlora.memory.attention import kept_attention_bytes_per_token
     from qlora.methods.preference import batch_loss
     from qlora.models import attention, load_model
     from qlora.quant import QuantConfig
