@@ -872,7 +872,7 @@ def check_preference_graphed(dirs):
                 examples = [dict(e, **({"ref_chosen": e["ref"][0], "ref_rejected": e["ref"][1]}
                                        if precomputed else {})) for e in pairs]
                 batch = pair_batch(examples, 0, packed)
-                staged = runner.stage_pairs(batch)
+                staged = runner.stage_preference(batch)
                 # the eager reference over the staged rows' padded layout (padding: -1 sequences)
                 length = staged.key[1]
                 eager_batch = dict(batch)

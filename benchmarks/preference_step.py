@@ -251,7 +251,7 @@ class QloraStep:
                        if self.no_graphs_reason is None else None)
 
     def forward_backward(self, pairs: list[dict]):
-        """The loop's micro-batch: staged on the host (GraphedSteps.stage_pairs) and replayed, or
+        """The loop's micro-batch: staged on the host (GraphedSteps.stage_preference) and replayed, or
         batch_loss eagerly. The loop stages a step's micro-batches during the step before; the
         harness syncs around this call, so here the staging is timed as part of the step."""
         from qlora.adapters import set_dropout_seed
@@ -259,7 +259,7 @@ class QloraStep:
         from qlora.methods.preference import batch_loss
 
         batch = pair_batch(pairs, 0, packed=self.packed)
-        staged = self.graphs.stage_pairs(batch) if self.graphs is not None else None
+        staged = self.graphs.stage_preference(batch) if self.graphs is not None else None
         if self.seed is not None:
             set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
         self.index += 1
