@@ -235,7 +235,8 @@ def setup_unsloth(model_dir: str, args):
 
 class QloraStep:
     """A DPO, ORPO or KTO micro-batch as qlora train's Stepper runs it (train/step.py): seeded
-    dropout, the method's batch loss (ORPO: no reference forward, its USES_REFERENCE is False) through
+    dropout, the method's batch loss (ORPO: no reference forward, its USES_REFERENCE is False)
+    through
     its CUDA graph where `graphs` and train/graphs.py allow, else eagerly (batch_loss), the loss
     a mean over the pairs; then clip, step, zeroed gradients."""
 
@@ -263,8 +264,8 @@ class QloraStep:
                        if self.no_graphs_reason is None else None)
 
     def forward_backward(self, pairs: list[dict]):
-        """The loop's micro-batch: staged on the host (GraphedSteps.stage_preference) and replayed, or
-        batch_loss eagerly. The loop stages a step's micro-batches during the step before; the
+        """The loop's micro-batch: staged on the host (GraphedSteps.stage_preference) and replayed,
+        or batch_loss eagerly. The loop stages a step's micro-batches during the step before; the
         harness syncs around this call, so here the staging is timed as part of the step."""
         from qlora.adapters import set_dropout_seed
         from qlora.data.preference import preference_batch

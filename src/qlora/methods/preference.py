@@ -205,7 +205,7 @@ def summed_losses(method, policy, reference, opts: PreferenceOptions
     return losses.sum(), metric_sums(metrics)
 
 
-# --- a preference batch through a CUDA graph (train/graphs.py) ---------------------------------------
+# --- a preference batch through a CUDA graph (train/graphs.py) ----------------------------------
 def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tensor]:
     """A batch's label tokens (a pairs batch's, or one half of a KTO batch's: data/preference.half)
     laid out on the host for a graph whose rows are padded to
