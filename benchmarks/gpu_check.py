@@ -28,9 +28,10 @@ Checks, each against the real other tool on CUDA:
      generation past the window vs transformers', and the CUDA-graph step vs the eager one;
  13. preference batches (DPO, KTO) packed into one row through flash varlen attention vs the same
      pairs in padded rows, on the fast path qlora train uses (loss and every adapter gradient),
-     and `qlora train --method dpo` end to end (packed, with eval metrics); DPO (reference
-     forward, and precomputed) and ORPO micro-batches through the CUDA graph of their batch loss
-     vs eagerly (check_preference_graphed: loss, metrics, gradients, packed and padded).
+     and `qlora train --method dpo` and `--method kto` end to end (packed, graphed, with eval
+     metrics); DPO (reference forward, and precomputed), ORPO and KTO micro-batches through the
+     CUDA graph of their batch loss vs eagerly (check_preference_graphed: loss, metrics,
+     gradients, packed and padded).
  14. long context: the layer inputs offloaded to host memory and the MLP in sequence tiles
      (speed/offload.py, models/tiling.py) vs the plain step, eagerly and inside the CUDA-graph
      step, and at Llama-3-8B's width (4 layers, 16384 tokens): the same loss and gradients, a
@@ -754,8 +755,8 @@ def _check_fused_cross_entropy(tag: str, vocab: int, hidden: int, std: float, ch
 def check_preference(dirs):
     """DPO and KTO micro-batches of pairs of different lengths: packed (one row, varlen) vs padded,
     through the speed layer eagerly (check_preference_graphed takes the CUDA graphs), checkpointing
-    on, LoRA dropout 0 (the two layouts would draw other masks); then a DPO run (graphed: its log
-    must say CUDA graphs on)."""
+    on, LoRA dropout 0 (the two layouts would draw other masks); then a DPO run and a KTO run
+    (graphed: each log must say CUDA graphs on, and never off)."""
     import contextlib
     import io
 
@@ -799,41 +800,72 @@ def check_preference(dirs):
 
     root = Path(tempfile.mkdtemp())
     words = "cat dog sun moon tree fish bird rain snow wind leaf rock sand star lake hill".split()
-    rows = [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]} for w in words]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out, log = root / "run", io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        rc = cli(["train", "--method", "dpo", "--model", str(dirs["llama"]),
-                  "--data", str(root / "pairs.jsonl"), "--output_dir", str(out),
-                  "--max_steps", "4", "--micro_batch_size", "4", "--logging_steps", "1",
-                  "--save_steps", "0", "--val_set_size", "4", "--eval_steps", "2"])
-    text = log.getvalue()
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").exists() else []
-    said = ["preference batches packed" in text,
-            any(r.get("split") == "eval" and "rewards/accuracies" in r for r in records),
-            (out / "adapter_model.safetensors").exists(), "CUDA graphs on" in text]
-    record("preference-train-dpo", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc, said=said,
-           log=text[-1500:])
+    rows = {"dpo": [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]}
+                    for w in words],
+            "kto": [{"prompt": f"{w} = ", "completion": w.upper() if k % 2 else w[::-1],
+                     "label": bool(k % 2)} for k, w in enumerate(words)]}
+    # each eval record: DPO's reward accuracy, KTO's KL estimate (it has no pairs to rank)
+    eval_metric = {"dpo": "rewards/accuracies", "kto": "kl"}
+    for name in ("dpo", "kto"):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
+        out, log = root / f"run-{name}", io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            rc = cli(["train", "--method", name, "--model", str(dirs["llama"]),
+                      "--data", str(root / f"{name}.jsonl"), "--output_dir", str(out),
+                      "--max_steps", "4", "--micro_batch_size", "4", "--logging_steps", "1",
+                      "--save_steps", "0", "--val_set_size", "4", "--eval_steps", "2"])
+        text = log.getvalue()
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
+            if (out / "metrics.jsonl").exists() else []
+        said = ["preference batches packed" in text,
+                any(r.get("split") == "eval" and eval_metric[name] in r for r in records),
+                (out / "adapter_model.safetensors").exists(), "CUDA graphs on" in text,
+                "CUDA graphs off" not in text]  # nor a failed capture's fallback
+        record(f"preference-train-{name}", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc,
+               said=said, log=text[-1500:])
 
 
 def check_preference_graphed(dirs):
     """DPO (reference forward with the adapters off inside the graph, and precomputed reference
-    log-probs) and ORPO micro-batches through GraphedSteps with the method's body vs eagerly
+    log-probs), ORPO and KTO (its examples' and KL sequences' rows, both reference forwards
+    inside the graph) micro-batches through GraphedSteps with the method's body vs eagerly
     (methods/preference.batch_loss), packed (varlen offsets in the graph's buffer) and padded
     (causal rows): loss, every metric sum, adapter gradients. As qlora train runs them: fused
     kernels, grouped 4-bit fast path, kept attention, host embedding, checkpointing, LoRA dropout
     0.1 seeded. Three micro-batches, two shapes: the third replays the first one's graph with
-    other pairs. The eager side runs the same padded rows (graphs.pad_batch): the seeded masks
-    follow the layout. Bounds as check_graphed_step's (bf16; flash attention's backward and the
-    per-sequence index_add may add in other orders); the metrics relative to the log-probs'
-    size (rewards are differences of log-probs)."""
+    other pairs. The eager side runs the same padded rows (graphs.pad_batch; KTO's two halves
+    each as staged): the seeded masks follow the layout. Bounds as check_graphed_step's (bf16;
+    flash attention's backward and the per-sequence index_add may add in other orders); the
+    metrics relative to the log-probs' size (rewards are differences of log-probs)."""
     from qlora.adapters import set_dropout_seed
-    from qlora.data.preference import pair_batch
+    from qlora.data.preference import half, pair_batch, unpaired_batch
     from qlora.methods import PREFERENCE_METHODS
-    from qlora.methods.preference import PreferenceOptions, batch_loss, packs_with_varlen
+    from qlora.methods.preference import (PreferenceOptions, batch_loss, packs_with_varlen,
+                                          row_logps, summed_losses, unpaired_logps)
     from qlora.train.graphs import GraphedSteps, pad_batch, unsupported_reason
     from qlora.train.optim import build_optimizer, zero_grads
+
+    def padded(batch, length):
+        """`batch` with its rows padded to `length` as the staging pads them (padding: sequence
+        -1, no labels)."""
+        out = dict(batch)
+        out["input_ids"], out["position_ids"], out["labels"] = \
+            pad_batch(batch["input_ids"], batch["position_ids"], batch["labels"], length)
+        seq_ids = torch.full(out["input_ids"].shape, -1, dtype=torch.long)
+        seq_ids[:, :batch["sequence_ids"].shape[1]] = batch["sequence_ids"]
+        out["sequence_ids"] = seq_ids
+        return out
+
+    def eager_loss(method, batch, staged, opts):
+        """batch_loss over the rows as staged: a KTO batch's halves each padded to its rows'
+        length (unpaired_logps over them: batch_loss's KTO path)."""
+        if staged.kl is None:
+            return batch_loss(method, model, padded(batch, staged.key[1]), opts)
+        rows = padded(half(batch, second=False), staged.key[1])
+        kl = padded(half(batch, second=True), staged.kl.key[1])
+        policy, reference = unpaired_logps(model, lambda: row_logps(model, rows),
+                                           lambda: row_logps(model, kl), batch["label"])
+        return summed_losses(method, policy, reference, opts)
 
     model = nf4_lora_model(dirs["llama"], dropout=0.1)
     applied = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
@@ -858,9 +890,12 @@ def check_preference_graphed(dirs):
     for k, pairs in enumerate(micro):  # some reference log-probs, for the precomputed variant
         for e in pairs:
             e["ref"] = (-300.0 - 7 * k, -280.0 + 3 * k)
-    opts = PreferenceOptions(beta=0.3)
+    # KTO: the prompts with their chosen (desirable) or rejected completions, both kinds in each
+    unpaired = [[{"prompt": e["prompt"], "completion": e["chosen" if i % 2 else "rejected"],
+                  "label": bool(i % 2)} for i, e in enumerate(pairs)] for pairs in micro]
+    opts = PreferenceOptions(beta=0.3, desirable_weight=1.3, undesirable_weight=0.7)
     packed_ok = packs_with_varlen(model, torch.device(DEV))
-    for name, precomputed in (("dpo", False), ("dpo", True), ("orpo", False)):
+    for name, precomputed in (("dpo", False), ("dpo", True), ("orpo", False), ("kto", False)):
         method = PREFERENCE_METHODS[name]
         for packed in (True, False):
             tag = f"{name}{'-precomputed' if precomputed else ''}-{'packed' if packed else 'padded'}"
@@ -869,21 +904,18 @@ def check_preference_graphed(dirs):
                 continue
             runner = GraphedSteps(model, grads, preference=(method, opts))
             for k, pairs in enumerate(micro):
-                examples = [dict(e, **({"ref_chosen": e["ref"][0], "ref_rejected": e["ref"][1]}
-                                       if precomputed else {})) for e in pairs]
-                batch = pair_batch(examples, 0, packed)
-                staged = runner.stage_pairs(batch)
+                if name == "kto":
+                    batch = unpaired_batch(unpaired[k], 0, packed)
+                else:
+                    batch = pair_batch([dict(e, **({"ref_chosen": e["ref"][0],
+                                                    "ref_rejected": e["ref"][1]}
+                                                   if precomputed else {})) for e in pairs],
+                                       0, packed)
+                staged = runner.stage_preference(batch)
                 # the eager reference over the staged rows' padded layout (padding: -1 sequences)
-                length = staged.key[1]
-                eager_batch = dict(batch)
-                eager_batch["input_ids"], eager_batch["position_ids"], eager_batch["labels"] = \
-                    pad_batch(batch["input_ids"], batch["position_ids"], batch["labels"], length)
-                seq_ids = torch.full(eager_batch["input_ids"].shape, -1, dtype=torch.long)
-                seq_ids[:, :batch["sequence_ids"].shape[1]] = batch["sequence_ids"]
-                eager_batch["sequence_ids"] = seq_ids
                 zero_grads(opt)
                 set_dropout_seed(seed, 1, k, stride)
-                loss, metrics = batch_loss(method, model, eager_batch, opts)
+                loss, metrics = eager_loss(method, batch, staged, opts)
                 (loss / len(pairs)).backward()
                 loss = loss.detach()  # the eager graph must be gone before a capture
                 want = [x.clone() for x in grads]
@@ -892,7 +924,8 @@ def check_preference_graphed(dirs):
                 got = runner.run(staged, 1.0 / len(pairs)).clone()
                 got_metrics = {m: v.clone() for m, v in runner.metrics.items()}
                 record(f"preference-graphed-{tag}-loss-{k}", abs(got.item() - loss.item())
-                       / abs(loss.item()), 2e-3, graphs=len(runner.graphs))
+                       / abs(loss.item()), 2e-3, graphs=len(runner.graphs),
+                       **({"kl": float(metrics["kl"][0])} if "kl" in metrics else {}))
                 scale = max(float(metrics[m][0].abs()) for m in ("logps/chosen", "logps/rejected"))
                 worst = max((float((got_metrics[m] - v).abs().max()) / scale, m)
                             for m, v in metrics.items()) if got_metrics.keys() == metrics.keys() \

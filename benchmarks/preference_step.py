@@ -1,6 +1,7 @@
-"""Time one DPO or ORPO training step (`--method`; DPO: policy forward + backward, reference
-forward, optimizer step; ORPO: no reference forward) for several systems side by side:
-train_step.py's harness for preference pairs.
+"""Time one DPO, ORPO or KTO training step (`--method`; DPO: policy forward + backward, reference
+forward, optimizer step; ORPO: no reference forward; KTO: its examples' forward + backward, their
+KL sequences' forward and both reference forwards, qlora's systems only) for several systems side
+by side: train_step.py's harness for preference pairs.
 
 Every system runs in its own subprocess on the same random-weight checkpoint (real shapes, made by
 train_step.py), with the same pairs, seed and LoRA configuration (NF4 + double quant, r 16, alpha 32,
@@ -46,7 +47,10 @@ Systems
 Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two completions of
 `--completion` tokens each (`--ragged`: each completion's length drawn from [completion/4,
 completion], where padding costs and packing saves it). tokens/s counts the real tokens of a step
-(both sequences of every pair, no padding); examples/s the pairs.
+(both sequences of every pair, no padding); examples/s the pairs. KTO: `--pairs` unpaired examples
+a step, each a prompt and one completion, desirable and undesirable by turns; its tokens are both
+sequences of each (the example and its KL sequence), as qlora's planner counts them. TRL's
+KTOTrainer (and Unsloth on it) is not wired in: `--method kto` times the qlora systems only.
 
 Usage (GPU machine, the carried .site as in train_step.py):
   python benchmarks/preference_step.py --shapes llama-3-8b --systems qlora,trl,unsloth --out $OUT
@@ -54,6 +58,8 @@ Usage (GPU machine, the carried .site as in train_step.py):
       --out $OUT
   python benchmarks/preference_step.py --method orpo --shapes qwen2.5-1.5b \
       --systems qlora,qlora-eager,unsloth --out $OUT   # the graphs' gain, side by side
+  python benchmarks/preference_step.py --method kto --shapes qwen2.5-1.5b \
+      --systems qlora,qlora-eager --out $OUT   # KTO: the graphs' gain
   python benchmarks/preference_step.py --device cpu --shapes tiny-llama --prompt 16 --completion 16 \
       --pairs 2 --systems trl,qlora --out /tmp/pref   # the harness on a CPU (the test does this)
 Each finished (system, shape) appends one JSON line to OUT/results.jsonl.
@@ -95,12 +101,18 @@ def make_pairs(args, n_steps: int, vocab: int) -> list[list[dict]]:
         return int(torch.randint(max(args.completion // 4, 1), args.completion + 1, (1,),
                                  generator=g))
 
+    if args.method == "kto":  # unpaired: desirable, undesirable, desirable, ...
+        return [[{"prompt": ids(args.prompt), "completion": ids(length()), "label": k % 2 == 0}
+                 for k in range(args.pairs)] for _ in range(n_steps)]
     return [[{"prompt": ids(args.prompt), "chosen": ids(length()), "rejected": ids(length())}
              for _ in range(args.pairs)] for _ in range(n_steps)]
 
 
 def real_tokens(pairs: list[dict]) -> int:
-    return sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+    """Both sequences of each example: a pair's chosen and rejected, a KTO example's own and its
+    KL sequence (its prompt with the previous example's completion: on average as long)."""
+    return sum(2 * (len(p["prompt"]) + len(p["completion"])) if "label" in p
+               else 2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
 
 
 # ----------------------------------------------------------------------------- systems
@@ -222,8 +234,9 @@ def setup_unsloth(model_dir: str, args):
 
 
 class QloraStep:
-    """A DPO or ORPO micro-batch as qlora train's Stepper runs it (train/step.py): seeded dropout,
-    the method's batch loss (ORPO: no reference forward, its USES_REFERENCE is False) through
+    """A DPO, ORPO or KTO micro-batch as qlora train's Stepper runs it (train/step.py): seeded
+    dropout, the method's batch loss (ORPO: no reference forward, its USES_REFERENCE is False)
+    through
     its CUDA graph where `graphs` and train/graphs.py allow, else eagerly (batch_loss), the loss
     a mean over the pairs; then clip, step, zeroed gradients."""
 
@@ -251,15 +264,15 @@ class QloraStep:
                        if self.no_graphs_reason is None else None)
 
     def forward_backward(self, pairs: list[dict]):
-        """The loop's micro-batch: staged on the host (GraphedSteps.stage_pairs) and replayed, or
-        batch_loss eagerly. The loop stages a step's micro-batches during the step before; the
+        """The loop's micro-batch: staged on the host (GraphedSteps.stage_preference) and replayed,
+        or batch_loss eagerly. The loop stages a step's micro-batches during the step before; the
         harness syncs around this call, so here the staging is timed as part of the step."""
         from qlora.adapters import set_dropout_seed
-        from qlora.data.preference import pair_batch
+        from qlora.data.preference import preference_batch
         from qlora.methods.preference import batch_loss
 
-        batch = pair_batch(pairs, 0, packed=self.packed)
-        staged = self.graphs.stage_pairs(batch) if self.graphs is not None else None
+        batch = preference_batch(pairs, 0, packed=self.packed)
+        staged = self.graphs.stage_preference(batch) if self.graphs is not None else None
         if self.seed is not None:
             set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
         self.index += 1
@@ -308,6 +321,9 @@ def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True):
 
 
 def setup_system(system: str, model_dir: str, args):
+    if args.method == "kto" and system in ("trl", "unsloth"):
+        raise ValueError(f"--method kto times the qlora systems only: TRL's KTOTrainer is not "
+                         f"wired into this harness (drop {system} from --systems)")
     if system == "trl":
         return setup_trl(model_dir, args)
     if system == "unsloth":
@@ -386,8 +402,9 @@ def parse_args(argv=None):
                     help="completion lengths drawn from [completion/4, completion]")
     ap.add_argument("--steps", type=int, default=8, help="steps per system, warm-up included")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
-    ap.add_argument("--method", default="dpo", choices=("dpo", "orpo"),
-                    help="the preference loss: DPO (a reference forward) or ORPO (none)")
+    ap.add_argument("--method", default="dpo", choices=("dpo", "orpo", "kto"),
+                    help="the preference loss: DPO (a reference forward), ORPO (none) or KTO "
+                         "(unpaired examples, their KL sequences; the qlora systems only)")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO's beta; ORPO's lambda")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=int, default=32)

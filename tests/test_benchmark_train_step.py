@@ -185,6 +185,27 @@ def test_preference_step_runs_dpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
         assert r["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_preference_step_runs_kto_for_qlora(tmp_path):
+    """--method kto steps qlora's systems on unpaired examples (TRL's KTOTrainer is not wired in:
+    its record says so); at the first step LoRA B is 0, so the policy is the reference and z = 0:
+    every example's loss is 1 - sigmoid(0) = 1/2 (weights 1), fp32 exactly up to roundings."""
+    bench = _preference_bench()
+    model_dir = tmp_path / "tiny-llama"
+    bench.ts.make_model_dir("tiny-llama", model_dir, "cpu")
+    results = tmp_path / "results.jsonl"
+    argv = ["--device", "cpu", "--prompt", "6", "--completion", "5", "--pairs", "2", "--steps", "2",
+            "--warmup", "1", "--method", "kto", "--worker", "--shape", "tiny-llama",
+            "--model-dir", str(model_dir), "--results", str(results)]
+    for system in ("trl", "qlora"):
+        assert bench.worker(bench.parse_args(argv + ["--system", system])) == 0
+    recs = {r["system"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert "KTOTrainer is not wired" in recs["trl"]["error"]
+    r = recs["qlora"]
+    assert "error" not in r, r.get("traceback", r.get("error"))
+    assert r["tokens_per_step"] == 2 * 2 * (6 + 5)  # each example's sequence and its KL one
+    assert r["loss_first"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_preference_step_runs_orpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
     """TRL's ORPOTrainer and ours step the same pairs; at the first step LoRA B is 0, so both are
     the base model, and each first loss is ORPO's of the base's own log-probs (transformers'

@@ -1,18 +1,19 @@
-"""A pairs method's micro-batch as a CUDA graph holds it (train/graphs.py with a preference body):
-the batch staged on the host (rows padded, label positions in slots padded to a fixed count,
-sequence slots, token counts), then the body the capture records, called directly on the CPU.
-It must give batch_loss's loss, metric sums and adapter gradients on the unstaged batch; the GPU
-comparison of a real replay is benchmarks/gpu_check.py's check_preference_graphed."""
+"""A preference method's micro-batch as a CUDA graph holds it (train/graphs.py with a preference
+body): the batch staged on the host (rows padded, label positions in slots padded to a fixed
+count, sequence slots, token counts; KTO's examples and KL sequences as two sets of rows, its
+labels in a slot), then the body the capture records, called directly on the CPU. It must give
+batch_loss's loss, metric sums and adapter gradients on the unstaged batch; the GPU comparison of
+a real replay is benchmarks/gpu_check.py's check_preference_graphed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qlora.data.preference import pair_batch
+from qlora.data.preference import half, pair_batch, unpaired_batch
 from qlora.methods import PREFERENCE_METHODS
 from qlora.methods.preference import (PreferenceOptions, batch_loss, label_sequences,
-                                      label_slots, sequence_logps)
+                                      label_slots, metric_means, sequence_logps)
 from qlora.models.decoder import IGNORE_INDEX
 from qlora.train.graphs import GraphedSteps, _Graph, stage_preference
 from test_preference import _lora_model  # the tiny fp32 llama with randomised LoRA
@@ -35,6 +36,33 @@ def _examples(reference: bool) -> list[dict]:
     return examples
 
 
+def _unpaired(labels: tuple[bool, ...] = (True, False, False, True)) -> list[dict]:
+    """KTO examples of different lengths, desirable or not by `labels`."""
+    g = torch.Generator().manual_seed(12)
+
+    def ids(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    return [{"prompt": ids(p), "completion": ids(c), "label": good}
+            for (p, c), good in zip(((3, 4), (5, 2), (2, 7), (4, 9)), labels)]
+
+
+def _batch(name: str, packed: bool, reference: bool = False,
+           labels: tuple[bool, ...] = (True, False, False, True)) -> dict:
+    if name == "kto":
+        return unpaired_batch(_unpaired(labels), 0, packed=packed)
+    return pair_batch(_examples(reference), 0, packed=packed)
+
+
+def _model(llama_dir, speed: bool = False):
+    """_lora_model with the adapters' initial draw from a fixed global seed (their random
+    offsets are _lora_model's own): KTO's KL estimate z is clamped at 0, and with these adapters
+    it is not (0.14), so the KL rows' log-probs reach the loss."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _lora_model(llama_dir, speed=speed)
+
+
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -55,24 +83,34 @@ def _graph_body(model, method, opts, batch: dict):
 @pytest.mark.parametrize("name,packed,reference,speed", [
     ("dpo", True, False, False), ("dpo", False, False, True), ("dpo", True, True, True),
     ("dpo", False, True, False), ("orpo", True, False, True), ("orpo", False, False, False),
-    ("simpo", True, False, False), ("simpo", False, False, True)])
+    ("simpo", True, False, False), ("simpo", False, False, True), ("kto", True, False, True),
+    ("kto", False, False, False)])
 def test_graph_body_equals_batch_loss(llama_dir, name, packed, reference, speed):
     """The graph's body from the staged batch = batch_loss on the batch: loss, every metric sum,
     every adapter gradient. fp32, rel 1e-5 of each quantity's scale: the same tokens and GEMMs,
     over rows longer by a padding document, and per-sequence sums that also add the padding
     slots' zeros, so the sums run in other orders (~1e-6 relative in fp32)."""
     method = PREFERENCE_METHODS[name]
-    model = _lora_model(llama_dir, speed=speed)
-    batch = pair_batch(_examples(reference), 0, packed=packed)
-    opts = PreferenceOptions(beta=0.3)
+    model = _model(llama_dir, speed=speed)
+    batch = _batch(name, packed, reference)
+    opts = PreferenceOptions(beta=0.3, desirable_weight=1.3, undesirable_weight=0.7)
     model.zero_grad()
     want_loss, want_metrics = batch_loss(method, model, batch, opts)
     want_loss.backward()
     want_grads = _grads(model)
     staged, loss, metrics, grads = _graph_body(model, method, opts, batch)
     # the staging padded both: a padding document after the rows, and label slots that add 0
-    assert staged.input_ids.shape[1] > batch["input_ids"].shape[1]
-    assert staged.slots["positions"].numel() > int((batch["labels"] != IGNORE_INDEX).sum())
+    rows = half(batch, second=False) if name == "kto" else batch
+    assert staged.input_ids.shape[1] > rows["input_ids"].shape[1]
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    if name == "kto":  # two sets of rows: the examples' (with the labels' slot), the KL ones'
+        assert staged.kl is not None and "kl" in staged.key
+        assert float(want_metrics["kl"][0]) > 0  # z unclamped: the KL rows count
+        assert torch.equal(staged.slots["label"], batch["label"])
+        assert staged.slots["positions"].numel() + staged.kl.slots["positions"].numel() \
+            > labelled
+    else:
+        assert staged.kl is None and staged.slots["positions"].numel() > labelled
     assert ("ref_logps", 8) in staged.key if reference else "ref_logps" not in staged.slots
     want_loss = float(want_loss.detach())
     assert abs(float(loss) - want_loss) <= 1e-5 * abs(want_loss)
@@ -87,6 +125,26 @@ def test_graph_body_equals_batch_loss(llama_dir, name, packed, reference, speed)
         top = float(want.abs().max())
         assert top > 0, k
         assert float((grads[k] - want).abs().max()) <= 1e-5 * top, k
+
+
+def test_kto_graph_body_of_desirable_examples_only(llama_dir):
+    """A KTO micro-batch without an undesirable example: the masked metric sums count 0 for the
+    rejected metrics, as the eager ones do, and their means are left out; loss and z as eagerly
+    (fp32, rel 1e-5: as test_graph_body_equals_batch_loss)."""
+    method = PREFERENCE_METHODS["kto"]
+    model = _model(llama_dir)
+    batch = _batch("kto", packed=False, labels=(True, True, True, True))
+    opts = PreferenceOptions(beta=0.3)
+    want_loss, want_metrics = batch_loss(method, model, batch, opts)
+    want_loss = float(want_loss.detach())
+    _, loss, metrics, _ = _graph_body(model, method, opts, batch)
+    assert abs(float(loss) - want_loss) <= 1e-5 * abs(want_loss)
+    for k in ("rewards/rejected", "logps/rejected"):
+        assert metrics[k].tolist() == want_metrics[k].tolist() == [0.0, 0.0], k
+    means = metric_means(metrics)
+    assert "rewards/rejected" not in means and "rewards/chosen" in means
+    assert means["kl"] > 0
+    assert means["kl"] == pytest.approx(metric_means(want_metrics)["kl"], rel=1e-5)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -112,8 +170,9 @@ def test_label_slots_hold_what_the_eager_path_reads(packed):
     assert "ref_logps" not in slots
 
 
-def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monkeypatch):
-    """`qlora train --method dpo` with the CUDA-graph glue of the loop on the CPU: each
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monkeypatch, method):
+    """`qlora train --method dpo|kto` with the CUDA-graph glue of the loop on the CPU: each
     micro-batch staged with its label slots a step ahead (Stepper.prepare), run at the window's
     scale, its metric sums taken from the runner; the 'capture' stands in by running the body it
     would record at each replay. Step losses, logged metrics and adapters equal the eager run's:
@@ -129,12 +188,15 @@ def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monk
     model = build_tiny_model(tmp_path / "model", "llama")
     words = "cat dog sunshine moon tree fishing bird raincoat snow windmill".split()
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{w} = ", "chosen": w.upper(),
-                                        "rejected": w[::-1] * 2}) + "\n" for w in words))
+    rows = [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1] * 2} for w in words]
+    if method == "kto":  # unpaired: each word's upper case desirable, its reverse not
+        rows = [{"prompt": r["prompt"], "completion": r["chosen" if k % 3 else "rejected"],
+                 "label": bool(k % 3)} for k, r in enumerate(rows)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run(out):
         cfg = load_config(None, dict(
-            model=str(model), data=str(data), output_dir=str(out), method="dpo", max_steps=3,
+            model=str(model), data=str(data), output_dir=str(out), method=method, max_steps=3,
             micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.0,
             learning_rate=5e-3, warmup_steps=0, logging_steps=1, eval_steps=0, save_steps=0,
             device="cpu", val_set_size=0, quant="none", max_seq_length=32))

@@ -19,7 +19,7 @@ The per-row step (logsumexp, loss, gradient in place) is one Triton kernel where
 (dropout.use_triton: CUDA, or the CPU under TRITON_INTERPRET=1) and plain torch elsewhere;
 `cross_entropy_rows_reference` is that torch code, which tests/test_cross_entropy.py compares the
 kernel with. Memory at the loss's peak (forward now): one chunk's logits in h's dtype, one fp32
-loss per row, and grad_h for every row (qlora.memory.loss_peak_bytes counts them).
+loss per row, and grad_h for every row (qlora.memory.loss.loss_peak_bytes counts them).
 """
 
 from __future__ import annotations

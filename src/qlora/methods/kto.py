@@ -7,6 +7,10 @@ z, the reference point, estimates KL(policy || reference) from mismatched pairs 
 the completion of another example of the batch): the mean log-ratio of those rows, detached and
 clamped at 0, as TRL's KTOTrainer computes it. A micro-batch of one has no other example to pair
 with; its KL row is its own completion.
+
+Nothing here reads the data on the host: the desirable and undesirable examples are told apart by
+masks (their metrics are masked sums, methods/preference.metric_sums), never by indexing, whose
+shape would come from the labels; so a CUDA graph records the loss (train/graphs.py).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ def losses(policy, reference, opts) -> tuple[torch.Tensor, dict[str, torch.Tenso
                        opts.undesirable_weight * (1 - F.sigmoid(opts.beta * (z - ratio))))
     reward = opts.beta * ratio.detach()
     logps = policy.completion.detach()
-    # chosen and rejected metrics average over their own examples; the margin is the difference
-    # of those two means (train/metrics.py), as TRL logs it
-    return loss, {"rewards/chosen": reward[good], "rewards/rejected": reward[~good],
-                  "logps/chosen": logps[good], "logps/rejected": logps[~good],
+    # chosen and rejected metrics average over their own examples (values, mask); the margin is
+    # the difference of those two means (metric_means), as TRL logs it
+    return loss, {"rewards/chosen": (reward, good), "rewards/rejected": (reward, ~good),
+                  "logps/chosen": (logps, good), "logps/rejected": (logps, ~good),
                   "kl": z.expand(1)}

@@ -2,10 +2,11 @@
 
     policy     one forward over all sequences of the batch (chosen and rejected together), with
                grad; each label token's log-prob from the model (its fused cross-entropy on the
-               fast path: only completion positions get logits), summed per sequence
+               fast path: only completion positions get logits), summed per sequence (KTO:
+               its examples with grad; their KL sequences apart, under no_grad)
     reference  the same batch with the adapters off (adapters.adapters_disabled), under no_grad,
-               in one forward: the base model is the reference, as in TRL with a PEFT model; no
-               second copy
+               in one forward (KTO: one per half, as its policy): the base model is the
+               reference, as in TRL with a PEFT model; no second copy
     losses     the method's (methods/<name>.py), one per example
 
 The batch is padded or packed (data/preference.py); the log-probs are summed by sequence id, so
@@ -111,18 +112,24 @@ def policy_and_reference(method, model, batch: dict):
     with its adapters off."""
     if method.LAYOUT == "pairs":
         return pair_logps(method, model, lambda: row_logps(model, batch), batch.get("ref_logps"))
-    # KTO: the examples' sequences with grad; their KL sequences only feed the detached estimate
-    # z; the reference of both in one forward
-    n = batch["n_examples"]
-    rows = row_logps(model, half(batch, second=False))
+    examples, kl = half(batch, second=False), half(batch, second=True)
+    return unpaired_logps(model, lambda: row_logps(model, examples),
+                          lambda: row_logps(model, kl), batch["label"])
+
+
+def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], RowLogps],
+                   label: torch.Tensor) -> tuple[UnpairedLogps, UnpairedLogps]:
+    """(policy, reference) of a KTO batch: `rows()` / `kl_rows()` are the RowLogps of its
+    examples' / their KL sequences through `model` as it is now. The examples with grad; the KL
+    sequences only feed the detached estimate z, so under no_grad (as TRL); the reference of each
+    half with the adapters off. Each half is a forward of its own, eagerly as in a CUDA graph,
+    whose rows have fixed shapes (train/graphs.py): the reference takes one per half too."""
+    policy_rows = rows()
     with torch.no_grad():
-        kl = row_logps(model, half(batch, second=True)).logps
+        kl = kl_rows().logps
         with adapters_disabled(model):
-            ref_rows = row_logps(model, batch)
-    ref_main, ref_kl = ref_rows.logps[:n], ref_rows.logps[n:]
-    policy = UnpairedLogps(rows, kl, batch["label"])
-    reference = UnpairedLogps(RowLogps(ref_main, ref_rows.tokens[:n]), ref_kl, batch["label"])
-    return policy, reference
+            ref_rows, ref_kl = rows(), kl_rows().logps
+    return UnpairedLogps(policy_rows, kl, label), UnpairedLogps(ref_rows, ref_kl, label)
 
 
 def pair_logps(method, model, rows: Callable[[], RowLogps], ref_logps: torch.Tensor | None
@@ -198,9 +205,10 @@ def summed_losses(method, policy, reference, opts: PreferenceOptions
     return losses.sum(), metric_sums(metrics)
 
 
-# --- a pairs batch through a CUDA graph (train/graphs.py) --------------------------------------------
+# --- a preference batch through a CUDA graph (train/graphs.py) ----------------------------------
 def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tensor]:
-    """A pairs batch's label tokens laid out on the host for a graph whose rows are padded to
+    """A batch's label tokens (a pairs batch's, or one half of a KTO batch's: data/preference.half)
+    laid out on the host for a graph whose rows are padded to
     `length` tokens: what label_sequences and sequence_logps read from the batch, in tensors
     whose shapes the graph fixes. The label count is rounded up to a multiple of `multiple`;
     the extra slots predict from position 0 a target of IGNORE_INDEX (a loss of 0) into sequence
@@ -240,21 +248,44 @@ def slot_logps(token_losses: Callable[[LabelPositions], torch.Tensor],
     return RowLogps(logps[:n], slots["tokens"])
 
 
-def staged_batch_loss(method, model, token_losses: Callable[[LabelPositions], torch.Tensor],
-                      slots: dict[str, torch.Tensor], opts: PreferenceOptions
+TokenLosses = Callable[[LabelPositions], torch.Tensor]
+
+
+def staged_batch_loss(method, model, token_losses: TokenLosses, slots: dict[str, torch.Tensor],
+                      opts: PreferenceOptions,
+                      kl: tuple[TokenLosses, dict[str, torch.Tensor]] | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """batch_loss of a pairs batch staged by label_slots, its tensors on the device: no host
-    sync and no shape read from the data, so a CUDA graph records it (train/graphs.py)."""
-    policy, reference = pair_logps(method, model, lambda: slot_logps(token_losses, slots),
-                                   slots.get("ref_logps"))
+    """batch_loss of a batch staged by label_slots, its tensors on the device: no host sync and
+    no shape read from the data, so a CUDA graph records it (train/graphs.py). KTO's examples
+    are `token_losses` / `slots` (with its `label` slot), their KL sequences, staged as rows of
+    their own, `kl`."""
+    def rows() -> RowLogps:
+        return slot_logps(token_losses, slots)
+
+    if method.LAYOUT == "pairs":
+        policy, reference = pair_logps(method, model, rows, slots.get("ref_logps"))
+    else:
+        kl_losses, kl_slots = kl
+        policy, reference = unpaired_logps(model, rows, lambda: slot_logps(kl_losses, kl_slots),
+                                           slots["label"])
     return summed_losses(method, policy, reference, opts)
 
 
-def metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # the count by a fill on the device, not a copy from the host: a CUDA graph captures it
-    return {name: torch.stack([v.detach().float().sum(),
-                               v.new_full((), float(v.numel()), dtype=torch.float32)])
-            for name, v in metrics.items()}
+def metric_sums(metrics: dict) -> dict[str, torch.Tensor]:
+    """{name: tensor([sum, count])} of a method's metrics: each a tensor whose entries all count,
+    or (values, mask) where only some do (KTO's desirable or undesirable examples): a masked sum
+    and the mask's count, on the device. Indexing by the mask would take its shape from the
+    labels: a host sync, which no CUDA graph records."""
+    out = {}
+    for name, v in metrics.items():
+        if isinstance(v, tuple):
+            values, mask = v
+            out[name] = torch.stack([torch.where(mask, values.detach().float(), 0).sum(),
+                                     mask.sum(dtype=torch.float32)])
+        else:  # the count by a fill on the device, not a copy from the host: a graph holds it
+            out[name] = torch.stack([v.detach().float().sum(),
+                                     v.new_full((), float(v.numel()), dtype=torch.float32)])
+    return out
 
 
 def add_metrics(total: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> None:

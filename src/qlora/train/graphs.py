@@ -15,11 +15,14 @@ after a causal document changes nothing before it. Rows are padded to a multiple
 (a padding document without labels) and the document count to a power of two, so a run makes few
 graphs; they share one memory pool.
 
-A preference method of pairs (DPO, ORPO, SimPO) puts its batch loss in the graph instead of the
+A preference method (DPO, ORPO, SimPO, KTO) puts its batch loss in the graph instead of the
 model's loss sum (`GraphedSteps(preference=)`): its label positions, their sequences and the
 label tokens per sequence are staged on the host with the rows (`stage_preference`, through
-methods/preference.label_slots), so the capture reads no label from the GPU; DPO's reference
-forward (adapters off, no grad) is recorded in the same graph. KTO steps eagerly.
+methods/preference.label_slots), so the capture reads no label from the GPU; DPO's and KTO's
+reference forwards (adapters off, no grad) are recorded in the same graph. A KTO batch is staged
+as two sets of rows, its examples' and their KL sequences' (`StagedBatch.kl`), each with its own
+buffers: the policy's forward with grad over the first, without over the second, as eagerly;
+its labels (desirable or not) in a slot of their own.
 
 Layers with a sliding window take the same offsets with their window where torch's varlen takes
 one (`window_size`); in rows of one document, a dense bool mask made on the GPU from the row
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlora.data.preference import half
 from qlora.methods.preference import batch_loss, label_slots, staged_batch_loss
 from qlora.models.attention import varlen_takes_window
 from qlora.models.decoder import IGNORE_INDEX, Varlen, compute_device, varlen_available
@@ -109,9 +113,10 @@ class StagedBatch:
     out as the graph's `cu_seqlens` buffer, in page-locked memory when `pinned` (the copies into the
     graph's buffers are then asynchronous). No GPU work, so the loop stages the next step's
     micro-batches while the GPU still runs this step's. A preference batch adds its label slots
-    (methods/preference.label_slots) and keeps the batch itself for the eager fallback."""
+    (methods/preference.label_slots) and keeps the batch itself for the eager fallback; a KTO
+    batch's KL sequences are rows of their own, staged alike (`kl`)."""
     # (rows, padded length, document slots; 0: one document a row), then a preference batch's
-    # (slot name, size) pairs: every shape the graph fixes
+    # (slot name, size) pairs, then the KL rows' key: every shape the graph fixes
     key: tuple
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -120,11 +125,23 @@ class StagedBatch:
     unpadded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # for the eager fallback
     slots: dict[str, torch.Tensor] = field(default_factory=dict)
     source: dict | None = None  # the preference batch as collated, for the eager fallback
+    kl: StagedBatch | None = None  # KTO: its KL sequences' rows
 
-    def buffers(self) -> dict[str, torch.Tensor]:
-        """What is copied into the graph's buffers of the same names."""
+    def row_buffers(self) -> dict[str, torch.Tensor]:
+        """These rows' tensors, by the names of their graph buffers."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
                 "labels": self.labels, "cu_seqlens": self.cu_seqlens, **self.slots}
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """What is copied into the graph's buffers of the same names (the KL rows' as kl.*)."""
+        out = self.row_buffers()
+        if self.kl is not None:
+            out.update({f"kl.{name}": t for name, t in self.kl.row_buffers().items()})
+        return out
+
+    @property
+    def longest_row(self) -> int:
+        return max(self.key[1], self.kl.key[1] if self.kl is not None else 0)
 
 
 def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
@@ -148,45 +165,80 @@ def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: tor
 
 
 def stage_preference(batch: dict, pad_to: int, pinned: bool) -> StagedBatch:
-    """A pairs batch (data/preference.pair_batch) staged as stage_batch stages its rows, with its
-    label slots (methods/preference.label_slots, rounded up to a multiple of `pad_to`); the
-    slots' shapes (labels, sequences, a precomputed reference or not) join the key."""
+    """A preference batch (data/preference.preference_batch) staged as stage_batch stages its
+    rows, with its label slots (methods/preference.label_slots, rounded up to a multiple of
+    `pad_to`); the slots' shapes (labels, sequences, a precomputed reference or not) join the
+    key. A KTO batch: its examples' half so, their KL sequences' half as `kl` (its key joins
+    too), and the examples' labels as the slot `label`."""
+    if "label" not in batch:
+        staged = _stage_sequences(batch, pad_to, pinned, {})
+    else:
+        label = batch["label"].pin_memory() if pinned else batch["label"]
+        staged = _stage_sequences(half(batch, second=False), pad_to, pinned, {"label": label})
+        staged.kl = _stage_sequences(half(batch, second=True), pad_to, pinned, {})
+        staged.key += ("kl", *staged.kl.key)
+    staged.source = batch
+    return staged
+
+
+def _stage_sequences(batch: dict, pad_to: int, pinned: bool, extra: dict[str, torch.Tensor]
+                     ) -> StagedBatch:
+    """Rows of sequences (a pairs batch, or a half of a KTO batch) with their label slots and
+    the `extra` ones."""
     staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
                          pinned)
     slots = label_slots(batch, staged.key[1], pad_to)
     if pinned:
         slots = {name: t.pin_memory() for name, t in slots.items()}
-    staged.slots, staged.source = slots, batch
-    staged.key += tuple((name, t.numel()) for name, t in sorted(slots.items()))
+    staged.slots = {**slots, **extra}
+    staged.key += tuple((name, t.numel()) for name, t in sorted(staged.slots.items()))
     return staged
 
 
-class _Graph:
+class _Rows:
+    """One set of staged rows on the device: the graph's input buffers of them and the model
+    over them."""
+
     def __init__(self, batch: StagedBatch, device: torch.device):
         # the graph's inputs: one device buffer per staged tensor, of its shape
         self.buffers = {name: torch.empty_like(t, device=device)
-                        for name, t in batch.buffers().items()}
+                        for name, t in batch.row_buffers().items()}
         self.input_ids, self.position_ids = self.buffers["input_ids"], self.buffers["position_ids"]
         self.labels = self.buffers["labels"]
         self.slots = {name: self.buffers[name] for name in batch.slots}
         length, docs = batch.key[1], batch.key[2]
-        self.scale = torch.zeros((), dtype=torch.float32, device=device)
         self.packed = docs > 0  # else one document a row: positions 0.. and the causal kernel
         # the documents' offsets in a fixed buffer; off CUDA (no graph there: the tests run the
         # body eagerly on the CPU) the layout is read from position_ids instead
         self.varlen = Varlen(self.buffers["cu_seqlens"], length) \
             if self.packed and device.type == "cuda" else None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss_sum: torch.Tensor | None = None
-        self.metrics: dict[str, torch.Tensor] = {}  # a preference method's, as loss_sum
 
     def forward(self, model, labels, per_token: bool = False) -> torch.Tensor:
-        """The model over this graph's rows: the loss sum, or with `per_token` each label's loss
+        """The model over these rows: the loss sum, or with `per_token` each label's loss
         (`labels` then a models.decoder.LabelPositions: methods/preference.slot_logps)."""
         extra = {"per_token": True} if per_token else {}
         if not self.packed:
             return model(self.input_ids, None, labels, **extra)
         return model(self.input_ids, self.position_ids, labels, varlen=self.varlen, **extra)
+
+    def token_losses(self, model):
+        """forward's per-token losses over these rows, as a function of the label positions."""
+        return lambda labels: self.forward(model, labels, per_token=True)
+
+
+class _Graph(_Rows):
+    """A batch shape's graph: its rows (and a KTO batch's KL rows, `kl`), the scale of its
+    backward, what the capture records, its outputs."""
+
+    def __init__(self, batch: StagedBatch, device: torch.device):
+        super().__init__(batch, device)
+        self.kl = _Rows(batch.kl, device) if batch.kl is not None else None
+        if self.kl is not None:
+            self.buffers.update({f"kl.{name}": t for name, t in self.kl.buffers.items()})
+        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss_sum: torch.Tensor | None = None
+        self.metrics: dict[str, torch.Tensor] = {}  # a preference method's, as loss_sum
 
 
 class GraphedSteps:
@@ -196,11 +248,12 @@ class GraphedSteps:
     padding, offsets, page-locked copies) then `run` (copies into the graph's buffers, replay); the
     loop calls them apart, staging a step's micro-batches while the GPU runs the previous step.
 
-    `preference`: (a pairs method's module, its PreferenceOptions): the graph's body is then that
-    method's batch loss (methods/preference.staged_batch_loss: the policy forward, DPO's
-    reference forward with the adapters off or its precomputed log-probs, the method's losses)
-    over a batch staged with its label slots (`stage_pairs`), and `metrics` holds the last run's
-    metric sums (fixed tensors, as the loss sum: read or copy them before the next run)."""
+    `preference`: (a preference method's module, its PreferenceOptions): the graph's body is then
+    that method's batch loss (methods/preference.staged_batch_loss: the policy forward, DPO's or
+    KTO's reference forward with the adapters off or DPO's precomputed log-probs, the method's
+    losses) over a batch staged with its label slots (`stage_preference`), and `metrics` holds
+    the last run's metric sums (fixed tensors, as the loss sum: read or copy them before the
+    next run)."""
 
     def __init__(self, model, grads: list[torch.Tensor], pad_to: int = 256, warmup: int = 2,
                  capture_error_mode: str = "global", log=print, preference=None):
@@ -223,13 +276,13 @@ class GraphedSteps:
         return stage_batch(input_ids, position_ids, labels, self.pad_to,
                            pinned=self.device.type == "cuda")
 
-    def stage_pairs(self, batch: dict) -> StagedBatch:
-        """`stage` for a preference method's pairs batch (stage_preference)."""
+    def stage_preference(self, batch: dict) -> StagedBatch:
+        """`stage` for a preference method's batch (stage_preference)."""
         return stage_preference(batch, self.pad_to, pinned=self.device.type == "cuda")
 
     def run(self, batch: StagedBatch, scale: float) -> torch.Tensor:
         """The GPU half: copy `batch` into its graph's buffers (captured on first sight), replay."""
-        if self.failed is not None or batch.key[1] > GRAPH_ROWS_UP_TO:
+        if self.failed is not None or batch.longest_row > GRAPH_ROWS_UP_TO:
             # (a packed preference row holds a micro-batch's sequences: it may be longer than
             # max_seq_length, which unsupported_reason bounded)
             return self._eager(batch, scale)
@@ -273,9 +326,9 @@ class GraphedSteps:
         preference method's metric sums, in g.metrics) out."""
         if self.preference is not None:
             method, opts = self.preference
-            loss_sum, g.metrics = staged_batch_loss(
-                method, self.model, lambda labels: g.forward(self.model, labels, per_token=True),
-                g.slots, opts)
+            kl = (g.kl.token_losses(self.model), g.kl.slots) if g.kl is not None else None
+            loss_sum, g.metrics = staged_batch_loss(method, self.model,
+                                                    g.token_losses(self.model), g.slots, opts, kl)
         else:
             loss_sum = g.forward(self.model, g.labels)
         (loss_sum * g.scale).backward()

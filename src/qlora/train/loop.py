@@ -533,8 +533,8 @@ def _bar_metrics(sums: dict) -> dict[str, float]:
 def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device: torch.device,
                  sharded: bool, log: Callable[[str], None]):
     """Every fast path the settings ask for: (dropout seed tensor, its stride, the CUDA-graph
-    runner or None). A pairs method's micro-batch is captured too (its body: the method's batch
-    loss, train/graphs.py); KTO's runs eagerly."""
+    runner or None). A preference method's micro-batch is captured too (its body: the method's
+    batch loss, train/graphs.py)."""
     from qlora.methods import method_module
 
     # every fast path the settings ask for, from one place (speed/), before any graph is
@@ -553,12 +553,6 @@ def _apply_speed(model, optimizer, scaler, cfg: RunConfig, env: DistEnv, device:
     for line in long_context_lines(plan, cfg, model):
         log(line)
     method = method_module(cfg.method)
-    if method is not None and method.LAYOUT != "pairs":
-        if plan.cuda_graphs and device.type == "cuda":
-            log(f"CUDA graphs off: --method {cfg.method} runs eagerly (its KL sequences' "
-                "forward and the reference's take shapes of their own; DPO, ORPO and SimPO "
-                "are captured)")
-        return dropout_seed, dropout_stride, None
     preference = (method, preference_options(cfg)) if method is not None else None
     graphed = _graphed_steps(model, optimizer, plan, env, sharded, device, scaler, log,
                              cfg.max_seq_length, preference=preference)
@@ -789,8 +783,8 @@ def _graphed_steps(model, optimizer, plan: SpeedPlan, env: DistEnv, sharded: boo
                    preference=None):
     """The CUDA-graph runner of the micro-batches (train/graphs.py), or None with the reason logged.
     Data parallel runs replay graphs as one process does: their one collective, the gradient
-    all-reduce, comes after the micro-batches (Stepper.update). `preference`: (a pairs method,
-    its options), whose batch loss the graphs then hold."""
+    all-reduce, comes after the micro-batches (Stepper.update). `preference`: (a preference
+    method, its options), whose batch loss the graphs then hold."""
     if not plan.cuda_graphs:
         return None
     from qlora.train.graphs import GraphedSteps, unsupported_reason

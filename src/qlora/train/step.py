@@ -43,8 +43,8 @@ def share_window(env: DistEnv, device: torch.device, n_labels: int, n_input: int
 class Stepper:
     """The forward/backward of a window's micro-batches and the optimizer step after them.
 
-    `graphed`: the CUDA-graph runner (train/graphs.py; a pairs method's body where `method` is
-    one) or None for eager stepping. `sharded`: the
+    `graphed`: the CUDA-graph runner (train/graphs.py; a preference method's body where
+    `method` is one) or None for eager stepping. `sharded`: the
     model is FSDP2's (train/distributed.py), which reduce-scatters and averages gradients inside
     each backward; otherwise, under torchrun, `update` sums the flat gradient buffers itself."""
 
@@ -66,7 +66,7 @@ class Stepper:
     def prepare(self, batch: dict) -> None:
         """Host work on a micro-batch, done for a step while the GPU runs the one before."""
         if self.graphed is not None and self.method is not None:
-            batch["staged"] = self.graphed.stage_pairs(batch)
+            batch["staged"] = self.graphed.stage_preference(batch)
         elif self.graphed is not None:
             batch["staged"] = self.graphed.stage(batch["input_ids"], batch["position_ids"],
                                                  batch["labels"])
