@@ -3,6 +3,8 @@
 Works on files only: the base is streamed tensor by tensor from its safetensors shards, each target
 weight gets its adapter folded in (in fp32), and the result is written shard by shard into a temp
 directory that is renamed to `out_dir` at the very end, so a failure leaves nothing behind.
+The fold of one tensor (Merge.tensor) is also GGUF export's: it folds each tensor as it reads it,
+and writes no merged checkpoint.
 
 The fold, exactly as PEFT 0.21 defines it (peft/tuners/lora/layer.py, variants.py, dora.py):
 
@@ -407,14 +409,70 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         raise QloraError(f"--model {model_dir}: no such directory")
     if not adapter_dir.is_dir():
         raise QloraError(f"--adapter {adapter_dir}: no such directory")
+    merge = prepare_merge(model_dir, adapter_dir, dtype, base, ignore_base_name)
+    with staged_dir(out) as tmp:
+        _write_merged(weight_files(model_dir), merge, tmp, parse_shard_size(max_shard_size))
+        config = dict(read_config(model_dir))
+        config["torch_dtype"] = dtype  # transformers 4.x reads this key
+        config["dtype"] = dtype  # transformers 5 writes and reads this one
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for fname in TOKENIZER_FILES:
+            if (model_dir / fname).exists():
+                shutil.copy2(model_dir / fname, tmp / fname)
+        refuse_existing(out)  # someone may have made it meanwhile
+    return out
+
+
+@dataclass
+class Merge:
+    """An adapter read, checked against its base and ready to fold, one base tensor at a time:
+    `qlora merge` writes each merged tensor into a checkpoint, GGUF export quantizes each as it
+    is read (no merged checkpoint on disk)."""
+
+    modules: dict[str, LoraModule]
+    replacements: dict[str, torch.Tensor]  # modules_to_save: whole trained copies
+    dtype: torch.dtype  # of every merged floating tensor
+    base: str  # "original" or "dequantized-nf4"
+    layout: BaseLayout
+
+    def tensor(self, name: str, read_base) -> torch.Tensor:
+        """Tensor `name` (model naming) of the merged model, in `dtype` (a non-floating one as
+        stored); `read_base()` gives the base's, read only where the adapter does not replace it."""
+        t = self.replacements[name] if name in self.replacements else read_base()
+        if not t.is_floating_point():
+            return t
+        module = name.removesuffix(".weight")
+        # a Conv1D weight is [in, out]: quantized, and folded, as the [out, in] it computes
+        flip = name.endswith(".weight") and module in self.layout.transposed
+        if flip:
+            t = t.t()
+        if self.base == "dequantized-nf4" and self.layout.is_quantized(name, tuple(t.shape)):
+            t = nf4_round_trip(t)
+        if name.endswith(".weight") and module in self.modules:
+            t = fold(t, self.modules[module])
+        if flip:
+            t = t.t()
+        elif name.endswith(".bias") and name.removesuffix(".bias") in self.modules:
+            m = self.modules[name.removesuffix(".bias")]
+            if m.bias is not None:
+                t = t.float() + m.scale * m.bias.float()
+        if not torch.isfinite(t).all():
+            raise QloraError(f"merging gives non-finite values in {name}; the adapter is broken")
+        return t.to(self.dtype)
+
+
+def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "original",
+                  ignore_base_name: bool = False) -> Merge:
+    """Read the adapter and check it against the base's config and safetensors headers (no
+    tensor data read): everything that can be refused is refused here, before any slow work."""
+    dtype, base = normalise_dtype(dtype), normalise_base(base)
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
     config = read_config(model_dir)
     if config.get("quantization_config"):
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
                          f"the 16-bit original (use --base nf4 to reproduce the 4-bit weights)")
-    files = weight_files(model_dir)
-    file_shapes = base_shapes(files)
+    file_shapes = base_shapes(weight_files(model_dir))
     layout = base_layout(config, file_shapes, str(model_dir / "config.json"))
     shapes = {layout.name(k): v for k, v in file_shapes.items() if layout.name(k) is not None}
     adapter_cfg, modules, replacements = read_adapter(adapter_dir)
@@ -428,54 +486,20 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     if tied and any(n in ("lm_head", "model.embed_tokens") for n in list(modules) + list(replacements)):
         raise QloraError("the adapter changes lm_head or embed_tokens of a model with tied embeddings; "
                          "merging it would change both; this is not supported")
-
-    with staged_dir(out) as tmp:
-        _write_merged(files, modules, replacements, tmp, DTYPES[dtype], base,
-                      parse_shard_size(max_shard_size), layout)
-        config = dict(config)
-        config["torch_dtype"] = dtype  # transformers 4.x reads this key
-        config["dtype"] = dtype  # transformers 5 writes and reads this one
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for fname in TOKENIZER_FILES:
-            if (model_dir / fname).exists():
-                shutil.copy2(model_dir / fname, tmp / fname)
-        refuse_existing(out)  # someone may have made it meanwhile
-    return out
+    return Merge(modules, replacements, DTYPES[dtype], base, layout)
 
 
-def _write_merged(files, modules, replacements, tmp: Path, dtype: torch.dtype, base: str,
-                  max_bytes: int, layout: BaseLayout = BaseLayout()) -> None:
+def _write_merged(files, merge: Merge, tmp: Path, max_bytes: int) -> None:
     from safetensors import safe_open
 
     writer = ShardWriter(tmp, max_bytes)
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
-                name = layout.name(key)
+                name = merge.layout.name(key)
                 if name is None:  # a tensor transformers does not read either (an old buffer)
                     continue
-                t = replacements[name] if name in replacements else sf.get_tensor(key)
-                if not t.is_floating_point():
-                    writer.add(name, t)
-                    continue
-                module = name.removesuffix(".weight")
-                # a Conv1D weight is [in, out]: quantized, and folded, as the [out, in] it computes
-                flip = name.endswith(".weight") and module in layout.transposed
-                if flip:
-                    t = t.t()
-                if base == "dequantized-nf4" and layout.is_quantized(name, tuple(t.shape)):
-                    t = nf4_round_trip(t)
-                if name.endswith(".weight") and module in modules:
-                    t = fold(t, modules[module])
-                if flip:
-                    t = t.t()
-                elif name.endswith(".bias") and name.removesuffix(".bias") in modules:
-                    m = modules[name.removesuffix(".bias")]
-                    if m.bias is not None:
-                        t = t.float() + m.scale * m.bias.float()
-                if not torch.isfinite(t).all():
-                    raise QloraError(f"merging gives non-finite values in {name}; the adapter is broken")
-                writer.add(name, t.to(dtype))
+                writer.add(name, merge.tensor(name, lambda: sf.get_tensor(key)))
     writer.finish()
 
 
