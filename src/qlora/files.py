@@ -1,4 +1,5 @@
-"""Outputs that appear whole or not at all: staged beside their final path, then renamed."""
+"""Outputs that appear whole or not at all: staged beside their final path, then renamed; and
+refused up front where their disk cannot hold them."""
 
 from __future__ import annotations
 
@@ -84,3 +85,17 @@ def check_writable(path: str | Path, what: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise QloraError(f"{what} {path} cannot be written: no write permission in {probe}; "
                          f"choose a path in a writable folder (or fix its permissions)")
+
+
+def check_free_space(folder: str | Path, needed: int, total: int, what: str) -> None:
+    """Refuse (QloraError) an output that would fill the disk: `needed` more bytes are to be
+    written into `folder` (of a file `total` bytes in all), and its disk has fewer free. Checked
+    before the slow work, not discovered at its end."""
+    from qlora.errors import QloraError
+
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise QloraError(f"{what}: {folder} has {free:,} bytes free ({free / 1e9:.2f} GB), and the "
+                         f"file written there needs {needed:,} more ({total:,} bytes in all, "
+                         f"{total / 1e9:.2f} GB); free that much space there, or give an {what} "
+                         "on a disk with room")

@@ -31,11 +31,15 @@ same arithmetic in torch on the GPU, kquants_torch.py), optionally steered by an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import re
-import tempfile
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +47,7 @@ import numpy as np
 from qlora.errors import QloraError
 from qlora.export import kquants, mixtures
 from qlora.export.mixtures import FILE_TYPES, K_QUANT_FILES
-from qlora.files import check_writable, staged_file
+from qlora.files import check_free_space, check_writable, staged_file
 
 QTYPES = tuple(FILE_TYPES)
 
@@ -401,7 +405,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                 ignore_base_name: bool = False, log=None,
                 imatrix: dict[str, np.ndarray] | None = None, threads: int | None = None,
                 device: str = "auto") -> Path:
-    """Write model_dir (+ adapter folded in first) as a GGUF file of type qtype; return out_file.
+    """Write model_dir (+ adapter folded in, tensor by tensor) as a GGUF file of type qtype;
+    return out_file. The disk needs room for that file only (refused before any slow work if not).
 
     `log` (default: stderr) hears where the k-quants are searched, the tensors stored in
     another type than their role asks for, and a sliding window llama.cpp will not apply.
@@ -409,47 +414,155 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     (export/imatrix.py); the k-quant tensors weigh their rounding errors by it.
     `device`: where the k-quants are searched (quantizer(): auto takes the GPU where torch sees
     one); `threads`: on the CPU, processes quantizing them (None: one per core; 1: in this process)."""
+    if imatrix is not None and check_qtype(qtype) not in K_QUANT_FILES:
+        raise QloraError(f"an importance matrix steers the k-quants only; --type {qtype} does not "
+                         f"use one: drop --imatrix-data or choose one of {', '.join(K_QUANT_FILES)}")
+    with open_gguf(model_dir, out_file, qtype, adapter_dir, merge_base, ignore_base_name, log,
+                   threads, device) as gguf_file:
+        gguf_file.write_tensors(imatrix)
+    return Path(out_file)
+
+
+def merged_dtype(config: dict) -> str:
+    """The precision each tensor is rounded to once its adapter is folded in: the base's own, as
+    `qlora merge` would store it (the file is then byte for byte the export of that checkpoint)."""
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
+
+
+@contextmanager
+def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
+              adapter_dir: str | Path | None = None, merge_base: str = "original",
+              ignore_base_name: bool = False, log=None, threads: int | None = None,
+              device: str = "auto") -> Iterator[GGUFTensors]:
+    """Everything of an export up to its tensors, each refusal before any slow work: the inputs
+    checked, every tensor's name, shape and type planned from the safetensors headers, the
+    metadata and the tensor table written into the staged file beside out_file, and the folder's
+    free space checked against the rest of it. The block writes the tensors
+    (GGUFTensors.write_tensors, maybe after other slow work: an importance matrix); the file
+    becomes out_file when the block completes, and is deleted if it fails."""
+    from qlora.merge import base_shapes, read_config
+    from qlora.models.load import weight_files
+
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = check_qtype(qtype)
     if threads is not None and threads < 1:
         raise QloraError(f"--threads {threads}: give at least 1 (1 quantizes in this process)")
-    if imatrix is not None and qtype not in K_QUANT_FILES:
-        raise QloraError(f"an importance matrix steers the k-quants only; --type {qtype} does not "
-                         f"use one: drop --imatrix-data or choose one of {', '.join(K_QUANT_FILES)}")
     if out.exists():
         raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
     check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(model_dir)
-    from qlora.merge import read_config as _read_config
-
-    check_moe_export(_read_config(model_dir), qtype, model_dir / "config.json")
+    config = read_config(model_dir)
+    check_moe_export(config, qtype, model_dir / "config.json")
     if log is None:
-        import sys
-
         def log(text: str) -> None:
             print(text, file=sys.stderr)
-    if adapter_dir is None:
-        return _export(model_dir, out, qtype, log, imatrix or {}, model_dir.resolve().name, threads, device)
-    from qlora.merge import check_adapter_base, merge_adapter, read_config
+    name, merge = model_dir.resolve().name, None
+    if adapter_dir is not None:
+        from qlora.merge import prepare_merge
 
-    check_adapter_base(model_dir, adapter_dir, ignore_base_name)
+        merge = prepare_merge(model_dir, Path(adapter_dir), merged_dtype(config), merge_base,
+                              ignore_base_name)
+        name = f"{name} + {Path(adapter_dir).resolve().name}"  # what was merged
+    g = _gguf()
+    arch = arch_of(config.get("model_type", "?"))
+    arch_name = g.MODEL_ARCH_NAMES[arch]
+    gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
+    note_unwritten_window(config, arch_name, log)
+    files = weight_files(model_dir)
+    plan = plan_tensors(base_shapes(files), config, arch, qtype, model_dir)
 
-    src = read_config(model_dir)
-    arch_name = _gguf().MODEL_ARCH_NAMES[arch_of(src.get("model_type", "?"))]
-    if arch_name in LLAMA_CPP_GEMMA:
-        gemma_settings(src, arch_name)  # refused before the merge, not after it
-    # keep the base's own precision for the intermediate merge (no extra rounding before quantizing)
-    dtype = src.get("dtype") or src.get("torch_dtype") or "bfloat16"
-    dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".merge", dir=out.parent) as tmp:
-        merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype,
-                               base=merge_base, ignore_base_name=ignore_base_name)
-        # named after what was merged, not after the temporary folder it was merged into
-        name = f"{model_dir.resolve().name} + {Path(adapter_dir).resolve().name}"
-        return _export(merged, out, qtype, log, imatrix or {}, name, threads, device)
+    w = g.GGUFWriter(None, arch_name)  # the file is opened once everything is known
+    w.add_name(name)
+    rope_factors = add_hparams(w, config, arch_name)
+    if gemma is not None:
+        add_gemma_hparams(w, gemma, arch_name)
+    if config.get("model_type") in MIXTURE_OF_EXPERTS:
+        add_moe_hparams(w, config, arch_name)
+    add_tokenizer(w, model_dir, config)
+    w.add_file_type(g.LlamaFileType[FILE_TYPES[qtype][1]])
+    w.add_quantization_version(g.GGML_QUANT_VERSION)
+    for factor_name, factors in rope_factors.items():  # F32, as llama.cpp reads them
+        w.add_tensor_info(factor_name, factors.shape, factors.dtype, factors.nbytes)
+    for planned in plan:
+        # the values' shape: gguf converts a byte shape only for a uint8 dtype
+        w.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), planned.nbytes,
+                          raw_dtype=planned.stored_type)
+
+    with staged_file(out) as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            check_room(w, out)
+            yield GGUFTensors(w, plan, rope_factors, files, merge, config, arch_name, gemma, qtype,
+                              log, threads, device)
+            if any(w.tensors):
+                raise RuntimeError(f"{out}: the export ended with tensors of its table unwritten")
+        finally:
+            w.close()
+        if out.exists():
+            raise QloraError(f"{out} appeared while exporting; not overwriting it")
+
+
+def check_room(w, out: Path) -> None:
+    """Refuse (QloraError) when the output's folder cannot hold the tensors still to write: the
+    exact bytes of the file, from its tensor table, less the metadata already written."""
+    written = w.fout[0].tell()
+    align = w.data_alignment
+    total = w.ggml_pad(written, align) + sum(w.ggml_pad(ti.nbytes, align) for ti in w.tensors[0].values())
+    check_free_space(out.parent, total - written, total, "--out")
+
+
+class GGUFTensors:
+    """The tensors of a GGUF file whose metadata and tensor table are written (open_gguf)."""
+
+    def __init__(self, writer, plan, rope_factors, files, merge, config, arch_name, gemma, qtype,
+                 log, threads, device):
+        self.writer, self.plan, self.rope_factors = writer, plan, rope_factors
+        self.files, self.merge, self.config, self.arch_name, self.gemma = files, merge, config, arch_name, gemma
+        self.qtype, self.log, self.threads, self.device = qtype, log, threads, device
+
+    def write_tensors(self, imatrix: dict[str, np.ndarray] | None = None) -> None:
+        """Each tensor read (its adapter folded in), encoded and written in the table's order,
+        while the next ones are read; only those in flight are held (kquants.in_order)."""
+        w, config = self.writer, self.config
+        for factors in self.rope_factors.values():
+            w.write_tensor_data(factors)
+        n_head = config["num_attention_heads"]
+        n_kv = config.get("num_key_value_heads") or n_head
+        with contextlib.ExitStack() as opened, quantizer(self.device, self.threads) as quantize_on:
+            self.log(f"quantizing: {quantize_on}")
+            read = reader(self.files, self.merge, opened)
+            encoded = _encoded(self.plan, read, self.arch_name, n_head, n_kv, self.gemma,
+                               imatrix or {}, quantize_on)
+            for planned, data in kquants.in_order(encoded):
+                check_agrees(planned, data)
+                w.write_tensor_data(data)
+        for line in fallback_notes(self.plan, self.qtype):
+            self.log(line)
+
+
+def reader(files, merge, opened: contextlib.ExitStack):
+    """hf_name → its values (fp32 numpy), read from whichever shard holds it, with the adapter
+    folded in (`merge`: a qlora.merge.Merge; None: the base's own). The shards stay open (mapped,
+    not read) in `opened`."""
+    from safetensors import safe_open
+
+    holder = {}
+    for f in files:
+        sf = opened.enter_context(safe_open(str(f), framework="pt"))
+        holder.update(dict.fromkeys(sf.keys(), sf))
+
+    def read(hf_name: str) -> np.ndarray:
+        sf = holder[hf_name]
+        if merge is None:
+            return sf.get_tensor(hf_name).float().numpy()
+        return merge.tensor(hf_name, lambda: sf.get_tensor(hf_name)).float().numpy()
+
+    return read
 
 
 # mixtures of experts: llama.cpp runs Mixtral as llama, Qwen3-MoE as qwen3moe, each layer's experts
@@ -512,16 +625,16 @@ ROUTER_NAME = re.compile(r"\.ffn_gate_inp\.weight$")
 
 
 class ExpertStacks:
-    """A mixture of experts' per-expert tensors (the Hub's layout) gathered into llama.cpp's
-    stacked ones as they are read: a layer's projection is written once its last expert comes,
-    so one projection of one layer is in memory at a time (shards may split a layer)."""
+    """A mixture of experts' per-expert tensors (the Hub's layout) planned as llama.cpp's stacked
+    ones: a layer's projection is planned once its last expert's header comes (shards may split
+    a layer), and read expert by expert when its turn to be written comes."""
 
     def __init__(self, config: dict):
         from qlora.models.families.moe_config import num_experts
 
         self.count = num_experts(config, 0)
-        self.pending: dict[str, dict[int, np.ndarray]] = {}  # GGUF name -> expert -> weight
-        self.written = 0
+        # GGUF name -> expert -> (Hugging Face name, shape)
+        self.pending: dict[str, dict[int, tuple[str, tuple[int, ...]]]] = {}
 
     def takes(self, hf_name: str) -> bool:
         from qlora.models.families.moe_config import STACKED_EXPERTS
@@ -532,15 +645,20 @@ class ExpertStacks:
                              "save_pretrained, which writes that layout)")
         return expert_slot(hf_name) is not None
 
-    def add(self, hf_name: str, x: np.ndarray) -> tuple[str, np.ndarray] | None:
+    def add(self, hf_name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], tuple[str, ...]] | None:
+        """(GGUF name, stacked shape, its experts' Hugging Face names) once the last expert of a
+        projection is added; None before."""
         name, expert = expert_slot(hf_name)
         group = self.pending.setdefault(name, {})
-        group[expert] = x
+        group[expert] = (hf_name, tuple(shape))
         if len(group) < self.count:
             return None
         del self.pending[name]
-        self.written += 1
-        return name, np.stack([group[e] for e in range(self.count)])
+        shapes = {s for _, s in group.values()}
+        if len(shapes) > 1:
+            raise QloraError(f"{hf_name}: the experts stacked into {name} differ in shape "
+                             f"({sorted(shapes)}); the checkpoint is damaged")
+        return name, (self.count, *shape), tuple(group[e][0] for e in range(self.count))
 
     def check_complete(self, source) -> None:
         if self.pending:
@@ -569,109 +687,108 @@ def check_qtype(qtype: str) -> str:
     return qtype
 
 
-def _export(model_dir: Path, out: Path, qtype: str, log, imatrix: dict[str, np.ndarray],
-            name: str, threads: int | None, device: str = "auto") -> Path:
-    from safetensors import safe_open
+# --- the plan: every tensor from the safetensors headers, before any data is read ---------------
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of the file: its GGUF name, its shape as numpy holds it (GGUF lists it
+    reversed), its type, and the Hugging Face tensors it is made of (one; a stack: one per
+    expert, in expert order)."""
 
-    from qlora.merge import read_config
-    from qlora.models.load import weight_files
+    name: str
+    shape: tuple[int, ...]
+    choice: mixtures.Choice
+    sources: tuple[str, ...]
+    stacked: bool = False
 
+    @property
+    def stored_type(self):
+        return _gguf().GGMLQuantizationType[self.choice.stored]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(_gguf().quant_shape_to_byte_shape(self.shape, self.stored_type))
+
+
+def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, arch, qtype: str,
+                 source: Path) -> list[Planned]:
+    """The file's tensors in the order they are written (the shards', each in its key order; a
+    stack where its last expert comes), from `shapes` (Hugging Face name → shape, in that order:
+    merge.base_shapes)."""
     g = _gguf()
-    config = read_config(model_dir)
-    arch = arch_of(config.get("model_type", "?"))
     arch_name = g.MODEL_ARCH_NAMES[arch]
-    n_layer = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_head
-    files = weight_files(model_dir)
+    n_layer, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    model = mixtures.Model(n_layer=n_layer, n_head=n_head,
+                           n_kv_head=config.get("num_key_value_heads") or n_head,
+                           has_output="lm_head.weight" in shapes)
     tmap = g.get_tensor_name_map(arch, n_layer)
-    has_output = False
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            has_output |= "lm_head.weight" in sf.keys()
-    model = mixtures.Model(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, has_output=has_output)
-
-    gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
-    note_unwritten_window(config, arch_name, log)
-
-    with staged_file(out) as tmp:
-        w = g.GGUFWriter(str(tmp), arch_name, use_temp_file=True)
-        w.add_name(name)
-        rope_factors = add_hparams(w, config, arch_name)
-        if gemma is not None:
-            add_gemma_hparams(w, gemma, arch_name)
-        moe = config.get("model_type") in MIXTURE_OF_EXPERTS
-        if moe:
-            check_moe_export(config, qtype, model_dir / "config.json")
-            add_moe_hparams(w, config, arch_name)
-        experts = ExpertStacks(config) if moe else None
-        add_tokenizer(w, model_dir, config)
-        w.add_file_type(g.LlamaFileType[FILE_TYPES[qtype][1]])
-        w.add_quantization_version(g.GGML_QUANT_VERSION)
-
-        fallbacks: dict[tuple[str, str, str, int], int] = {}  # (role, wanted, stored, row) -> count
-        for name, factors in rope_factors.items():  # F32, as llama.cpp reads them
-            w.add_tensor(name, factors)
-        with quantizer(device, threads) as quantize_on:
-            log(f"quantizing: {quantize_on}")
-            # quantized while the next tensors are read; written in file order
-            encoded = _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks,
-                               imatrix, quantize_on, experts)
-            for (name, stored), data in kquants.in_order(encoded):
-                w.add_tensor(name, data, raw_dtype=g.GGMLQuantizationType[stored])
-        if experts is not None:
-            experts.check_complete(model_dir)
-        for (role, wanted, stored, width), count in fallbacks.items():
-            log(f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
-                f"{stored} instead of {wanted}: row length {width} is not a multiple of "
-                f"{mixtures.BLOCK[wanted]}")
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        if out.exists():
-            raise QloraError(f"{out} appeared while exporting; not overwriting it")
-    return out
+    experts = ExpertStacks(config) if config.get("model_type") in MIXTURE_OF_EXPERTS else None
+    plan = []
+    for hf_name, shape in shapes.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by llama.cpp
+        if experts is not None and experts.takes(hf_name):
+            stacked = experts.add(hf_name, shape)
+            if stacked is not None:  # a layer's projection, every expert planned
+                name, shape, sources = stacked
+                plan.append(Planned(name, shape, mixtures.tensor_type(name, shape, qtype, model),
+                                    sources, stacked=True))
+            continue
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise QloraError(f"{source}: tensor {hf_name} has no GGUF name for {arch_name}")
+        choice = mixtures.tensor_type(name, shape, qtype, model)
+        if experts is not None and ROUTER_NAME.search(name):
+            # the router stays F32, as llama.cpp's converter and quantizer keep it
+            choice = mixtures.Choice("F32", "F32")
+        plan.append(Planned(name, tuple(shape), choice, (hf_name,)))
+    if experts is not None:
+        experts.check_complete(source)
+    return plan
 
 
-def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallbacks, imatrix, quantize_on,
-             experts=None):
-    """((GGUF name, stored type), encoded data or kquants.Pending, values) per tensor, in file order;
-    a mixture of experts' per-expert tensors (`experts`: ExpertStacks) as one stack a projection,
-    once its layer's last expert is read."""
-    from safetensors import safe_open
+def fallback_notes(plan: list[Planned], qtype: str) -> list[str]:
+    """One line per kind of tensor stored in another type than its role asks for."""
+    counts: dict[tuple[str, str, str, int], int] = {}  # (role, wanted, stored, row) -> count
+    for p in plan:
+        if p.choice.stored != p.choice.wanted:
+            key = (mixtures.role_of(p.name)[0] + ".weight", p.choice.wanted, p.choice.stored, p.shape[-1])
+            counts[key] = counts.get(key, 0) + 1
+    return [f"note: --type {qtype}: {count} {role} tensor{'s' if count > 1 else ''} stored as "
+            f"{stored} instead of {wanted}: row length {width} is not a multiple of "
+            f"{mixtures.BLOCK[wanted]}" for (role, wanted, stored, width), count in counts.items()]
 
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for hf_name in sf.keys():
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed by llama.cpp
-                if experts is not None and experts.takes(hf_name):
-                    stacked = experts.add(hf_name, sf.get_tensor(hf_name).float().numpy())
-                    if stacked is not None:  # a layer's projection, every expert read
-                        name, x = stacked
-                        choice = mixtures.tensor_type(name, x.shape, qtype, model)
-                        yield (name, choice.stored), encode(x, choice.stored, None, quantize_on), x.size
-                    continue
-                name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
-                x = sf.get_tensor(hf_name).float().numpy()
-                if gemma is not None and hf_name.endswith("norm.weight"):
-                    x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
-                if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
-                    x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
-                elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
-                    x = permute_rope(x, n_kv)
-                choice = mixtures.tensor_type(name, x.shape, qtype, model)
-                if experts is not None and ROUTER_NAME.search(name):
-                    # the router stays F32, as llama.cpp's converter and quantizer keep it
-                    choice = mixtures.Choice("F32", "F32")
-                if choice.stored != choice.wanted:
-                    key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
-                    fallbacks[key] = fallbacks.get(key, 0) + 1
-                data = encode(x, choice.stored, imatrix.get(hf_name), quantize_on)
-                yield (name, choice.stored), data, x.size
+
+def check_agrees(planned: Planned, data: np.ndarray) -> None:
+    """The encoded tensor is the one the table written before it announced (else a bug: raised,
+    and the staged file is deleted)."""
+    g = _gguf()
+    shape = (g.quant_shape_from_byte_shape(data.shape, planned.stored_type)
+             if data.dtype == np.uint8 else data.shape)
+    if tuple(shape) != planned.shape or data.nbytes != planned.nbytes:
+        raise RuntimeError(f"{planned.name}: encoded as {tuple(shape)}, {data.nbytes} bytes; its "
+                           f"planned entry says {planned.shape}, {planned.nbytes} bytes "
+                           f"({planned.choice.stored})")
+
+
+# --- the data pass --------------------------------------------------------------------------------
+def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix, quantize_on):
+    """(Planned, encoded data or kquants.Pending, values) per planned tensor, in plan order;
+    `read`: Hugging Face name → fp32 values (reader())."""
+    for planned in plan:
+        if planned.stacked:
+            x = np.stack([read(hf_name) for hf_name in planned.sources])
+            importance = None
+        else:
+            hf_name = planned.sources[0]
+            x = read(hf_name)
+            if gemma is not None and hf_name.endswith("norm.weight"):
+                x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
+            if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
+                x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
+            elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
+                x = permute_rope(x, n_kv)
+            importance = imatrix.get(hf_name)
+        yield planned, encode(x, planned.choice.stored, importance, quantize_on), x.size
 
 
 def describe(gguf_file: str | Path) -> str:

@@ -2,8 +2,8 @@
 
 Everything that can be refused is refused before the first slow step (outputs that exist, a type
 the importance matrix cannot steer, a chat template Ollama's syntax cannot express, a check that
-was asked for but cannot run). Each output is written whole or not at all; a failed check keeps
-the GGUF (and its report) for inspection and says so.
+was asked for but cannot run, a disk without room for the GGUF file). Each output is written whole
+or not at all; a failed check keeps the GGUF (and its report) for inspection and says so.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     from qlora.export import check as check_mod
     from qlora.export import imatrix as imatrix_mod
     from qlora.export import ollama as ollama_mod
-    from qlora.export.gguf import check_moe_export, check_qtype, export_gguf, refuse_generic
+    from qlora.export.gguf import check_moe_export, check_qtype, open_gguf, refuse_generic
     from qlora.merge import read_config
     from qlora.export.mixtures import K_QUANT_FILES
 
@@ -72,13 +72,15 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     check_moe_export(read_config(Path(model_dir)), qtype, Path(model_dir) / "config.json")
     translation = ollama_mod.translate(model_dir) if ollama else None
 
-    imatrix = None
-    if imatrix_data is not None:
-        imatrix = imatrix_mod.compute_imatrix(model_dir, imatrix_data, adapter_dir, merge_base,
-                                              imatrix_samples or imatrix_mod.DEFAULT_SAMPLES, device, log=note)
-    export_gguf(model_dir, out, qtype, adapter_dir=adapter_dir, merge_base=merge_base,
-                ignore_base_name=ignore_base_name, log=note, imatrix=imatrix, threads=threads,
-                device=device)
+    # the GGUF's plan, metadata and free-space check come before the importance matrix's forwards
+    with open_gguf(model_dir, out, qtype, adapter_dir, merge_base, ignore_base_name, log=note,
+                   threads=threads, device=device) as gguf_file:
+        imatrix = None
+        if imatrix_data is not None:
+            imatrix = imatrix_mod.compute_imatrix(model_dir, imatrix_data, adapter_dir, merge_base,
+                                                  imatrix_samples or imatrix_mod.DEFAULT_SAMPLES,
+                                                  device, log=note)
+        gguf_file.write_tensors(imatrix)
     if translation is not None:
         ollama_mod.write_modelfile(translation, out)
     if run_check:
