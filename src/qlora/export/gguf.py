@@ -27,6 +27,14 @@ whole blocks, are llama.cpp's rules (mixtures.py); BF16, Q8_0, Q4_0, Q5_0, Q5_1 
 gguf.quants, the k-quants by our own search (kquants.py in numpy on CPU worker processes, or the
 same arithmetic in torch on the GPU, kquants_torch.py), optionally steered by an importance matrix
 (imatrix.py). 1-D tensors (norms, biases, rope_freqs) stay F32.
+
+One pass, into the staged output file: every tensor's name, shape and type is planned from the
+safetensors headers (plan_tensors), the metadata and the tensor table are written first, then each
+tensor as it comes out of the quantizer, in the table's order (checked as it is written). An
+adapter is folded into each tensor as it is read (merge.Merge.tensor, rounded to the base's own
+precision as `qlora merge` stores it: the file is byte for byte the export of the merged
+checkpoint, with no checkpoint written). The disk needs room for the output file only; where it
+has less, the export is refused before any tensor is read.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,8 +505,8 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             check_room(w, out)
-            yield GGUFTensors(w, plan, rope_factors, files, merge, config, arch_name, gemma, qtype,
-                              log, threads, device)
+            yield GGUFTensors(w, plan, rope_factors, files, merge, config, arch_name, gemma,
+                              qtype, log, threads, device)
             if any(w.tensors):
                 raise RuntimeError(f"{out}: the export ended with tensors of its table unwritten")
         finally:
@@ -516,14 +524,22 @@ def check_room(w, out: Path) -> None:
     check_free_space(out.parent, total - written, total, "--out")
 
 
+@dataclass
 class GGUFTensors:
     """The tensors of a GGUF file whose metadata and tensor table are written (open_gguf)."""
 
-    def __init__(self, writer, plan, rope_factors, files, merge, config, arch_name, gemma, qtype,
-                 log, threads, device):
-        self.writer, self.plan, self.rope_factors = writer, plan, rope_factors
-        self.files, self.merge, self.config, self.arch_name, self.gemma = files, merge, config, arch_name, gemma
-        self.qtype, self.log, self.threads, self.device = qtype, log, threads, device
+    writer: object  # gguf.GGUFWriter, its table written
+    plan: list[Planned]
+    rope_factors: dict[str, np.ndarray]  # written first, as F32
+    files: list[Path]  # the base's safetensors shards
+    merge: object | None  # qlora.merge.Merge: the adapter folded into each tensor read
+    config: dict
+    arch_name: str
+    gemma: object | None  # Gemma's settings: norms stored as 1 + w
+    qtype: str
+    log: Callable[[str], None]
+    threads: int | None
+    device: str
 
     def write_tensors(self, imatrix: dict[str, np.ndarray] | None = None) -> None:
         """Each tensor read (its adapter folded in), encoded and written in the table's order,
@@ -539,7 +555,7 @@ class GGUFTensors:
             encoded = _encoded(self.plan, read, self.arch_name, n_head, n_kv, self.gemma,
                                imatrix or {}, quantize_on)
             for planned, data in kquants.in_order(encoded):
-                check_agrees(planned, data)
+                check_agrees(w, planned, data)
                 w.write_tensor_data(data)
         for line in fallback_notes(self.plan, self.qtype):
             self.log(line)
@@ -758,16 +774,17 @@ def fallback_notes(plan: list[Planned], qtype: str) -> list[str]:
             f"{mixtures.BLOCK[wanted]}" for (role, wanted, stored, width), count in counts.items()]
 
 
-def check_agrees(planned: Planned, data: np.ndarray) -> None:
-    """The encoded tensor is the one the table written before it announced (else a bug: raised,
-    and the staged file is deleted)."""
+def check_agrees(w, planned: Planned, data: np.ndarray) -> None:
+    """`planned` is the next entry of the table written, and `data` the tensor that entry
+    announced (else a bug: raised, and the staged file is deleted)."""
     g = _gguf()
     shape = (g.quant_shape_from_byte_shape(data.shape, planned.stored_type)
              if data.dtype == np.uint8 else data.shape)
-    if tuple(shape) != planned.shape or data.nbytes != planned.nbytes:
+    upcoming = next(iter(w.tensors[0]), None)
+    if upcoming != planned.name or tuple(shape) != planned.shape or data.nbytes != planned.nbytes:
         raise RuntimeError(f"{planned.name}: encoded as {tuple(shape)}, {data.nbytes} bytes; its "
                            f"planned entry says {planned.shape}, {planned.nbytes} bytes "
-                           f"({planned.choice.stored})")
+                           f"({planned.choice.stored}), and the table's next entry is {upcoming}")
 
 
 # --- the data pass --------------------------------------------------------------------------------
