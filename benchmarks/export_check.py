@@ -19,6 +19,8 @@ memory, both ways:
   export, its quantizer workers, llama.cpp's worker), as Linux keeps it;
 - peak_tree_rss_gib_export / _check: the summed RSS of the command's process tree, polled from
   /proc every 0.2 s (shared pages count once per process; a spike shorter than a poll is missed);
+peak_disk_gib_export: how far the used bytes of the output's disk rose while the export ran (same
+polls), to set beside the file's size (the export needs room for that file only);
 file size; and the check's JSON (OUT.check.json: agreement, mean KL, perplexities, chat round trip,
 passed / failures). A check that fails still writes its JSON (the command then exits 2); both are
 recorded. A random model is no test of quality: the table says whether the file computes what
@@ -168,6 +170,7 @@ def run_measured(argv: list[str], env: dict, log_path: Path, gguf: Path, timeout
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     start = time.perf_counter()
     export_s, peaks, timed_out = None, [0, 0], False
+    disk_before = disk_peak = shutil.disk_usage(gguf.parent).used
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -177,6 +180,8 @@ def run_measured(argv: list[str], env: dict, log_path: Path, gguf: Path, timeout
             export_s = now
         phase = 0 if export_s is None else 1
         peaks[phase] = max(peaks[phase], tree_rss(proc.pid))
+        if phase == 0:
+            disk_peak = max(disk_peak, shutil.disk_usage(gguf.parent).used)
         if now > timeout and not timed_out:
             os.killpg(proc.pid, signal.SIGKILL)
             timed_out = True
@@ -188,7 +193,10 @@ def run_measured(argv: list[str], env: dict, log_path: Path, gguf: Path, timeout
             "check_s": None if export_s is None else round(seconds - export_s, 1),
             "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),  # ru_maxrss: KiB on Linux
             "peak_tree_rss_gib_export": round(peaks[0] / GIB, 2),
-            "peak_tree_rss_gib_check": round(peaks[1] / GIB, 2) if export_s is not None else None}
+            "peak_tree_rss_gib_check": round(peaks[1] / GIB, 2) if export_s is not None else None,
+            # the most the output's disk filled while the export ran: the file's size, where the
+            # export needs nothing else (other writers on that disk meanwhile count too)
+            "peak_disk_gib_export": round((disk_peak - disk_before) / GIB, 3)}
 
 
 def export_argv(args, model_dir: Path, adapter: Path, gguf: Path, qtype: str) -> list[str]:
@@ -373,7 +381,7 @@ def table(result: dict) -> str:
     ours_rms = {r["type"]: r["rms_vs_f16"]["by_ggml_type"].get("all", {}).get("rms_ours")
                 for r in result["types"] if r.get("quantizer") and r.get("rms_vs_f16")}
     rows = [f"{'file':32}{'exit':>5}{'total s':>9}{'export s':>10}{'check s':>9}{'RSS GiB':>9}"
-            f"{'tree GiB':>10}{'file GiB':>10}{'agree':>8}{'sure':>8}{'mean KL':>10}{'ppl ref':>11}"
+            f"{'tree GiB':>10}{'file GiB':>10}{'disk GiB':>10}{'agree':>8}{'sure':>8}{'mean KL':>10}{'ppl ref':>11}"
             f"{'ppl':>11}{'ppl ratio':>10}{'RMS':>10}  check"]
     for r in result["types"]:
         c = r.get("check") or {}
@@ -381,7 +389,8 @@ def table(result: dict) -> str:
         verdict = ("passed" if c.get("passed") else "FAILED: " + "; ".join(c["failures"])) if c else "no report"
         rows.append(f"{row_label(r):32}{_num(r['exit_code'], 'd'):>5}{r['seconds']:>9.1f}{_num(r['export_s'], '.1f'):>10}"
                     f"{_num(r['check_s'], '.1f'):>9}{r['peak_rss_gib']:>9.2f}{tree:>10.2f}"
-                    f"{_num(r['gguf_gib'], '.2f'):>10}{_num(c.get('agreement'), '.1%'):>8}"
+                    f"{_num(r['gguf_gib'], '.2f'):>10}{_num(r.get('peak_disk_gib_export'), '.2f'):>10}"
+                    f"{_num(c.get('agreement'), '.1%'):>8}"
                     f"{_num(c.get('decisive_agreement'), '.1%'):>8}{_num(c.get('mean_kl'), '.3g'):>10}"
                     f"{_num(c.get('ppl_reference'), '.4g'):>11}{_num(c.get('ppl_other'), '.4g'):>11}"
                     f"{_num(c.get('ppl_ratio'), '.4f'):>10}{_num(rms_of(r, ours_rms), '.3e'):>10}  {verdict}")

@@ -61,6 +61,8 @@ def test_the_record_holds_the_commands_measures(qlora_engine):
     # a python that has imported torch holds more than 0.1 GiB: these are the child's, not zero
     assert min(r["peak_rss_gib"], r["peak_tree_rss_gib_export"], r["peak_tree_rss_gib_check"]) > 0.1
     assert r["gguf_bytes"] == Path(r["gguf"]).stat().st_size
+    # the disk's rise while the export ran: other writers on a shared machine make it any size
+    assert r["peak_disk_gib_export"] >= 0
     assert "GGUF written to" in Path(r["log"]).read_text()
 
 

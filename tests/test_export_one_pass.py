@@ -103,8 +103,8 @@ def test_a_disk_without_room_is_refused_before_any_tensor_is_read(bases, tmp_pat
     model, adapter = bases["llama"]
     out = tmp_path / "out" / "m.gguf"
     asked = _disk_with(monkeypatch, free=1000)
-    read = gguf_export.reader
-    monkeypatch.setattr(gguf_export, "reader", lambda *a: pytest.fail("a tensor was read"))
+    read = gguf_export.ShardReader.__call__
+    monkeypatch.setattr(gguf_export.ShardReader, "__call__", lambda *a: pytest.fail("a tensor was read"))
     with pytest.raises(QloraError, match=r"--out: .*out has 1,000 bytes free") as err:
         export_gguf(model, out, "q4_k_m", adapter_dir=adapter)
     assert "free that much space there, or give an --out on a disk with room" in str(err.value)
@@ -114,7 +114,7 @@ def test_a_disk_without_room_is_refused_before_any_tensor_is_read(bases, tmp_pat
     assert 0 < needed < size
 
     # the numbers are exact: room for `needed` more bytes is enough, one fewer is not
-    monkeypatch.setattr(gguf_export, "reader", read)
+    monkeypatch.setattr(gguf_export.ShardReader, "__call__", read)
     _disk_with(monkeypatch, free=needed - 1)
     with pytest.raises(QloraError, match="bytes free"):
         export_gguf(model, out, "q4_k_m", adapter_dir=adapter)
@@ -146,24 +146,30 @@ def test_an_encoded_tensor_unlike_its_plan_is_a_bug_and_leaves_nothing(bases, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tensors_are_written_as_they_are_encoded_not_gathered(bases, tmp_path, monkeypatch):
+def test_tensors_stream_and_shards_are_read_one_after_the_other(tmp_path, monkeypatch):
     """With nothing allowed to queue (kquants.IN_FLIGHT_VALUES 0), at most the tensor being
-    written and the one read after it are held: reads never run more than two ahead of writes."""
-    model, adapter = bases["llama"]
+    written and the one read after it are held: reads never run more than two ahead of writes;
+    and a shard is unmapped once its last tensor is read, before the next one is mapped."""
+    model = build_tiny_model(tmp_path / "sharded", "llama", max_shard_size="100KB", **SIZES)
+    shards = len(list(model.glob("*.safetensors")))
     monkeypatch.setattr(kquants, "IN_FLIGHT_VALUES", 0)
-    events, reader, write = [], gguf_export.reader, gguf.GGUFWriter.write_tensor_data
+    events, open_shards = [], []
+    read, write = gguf_export.ShardReader.__call__, gguf.GGUFWriter.write_tensor_data
 
-    def counting_reader(*args):
-        read = reader(*args)
-        return lambda name: (events.append("read"), read(name))[1]
+    def counting_read(self, hf_name):
+        events.append("read")
+        x = read(self, hf_name)
+        open_shards.append(len(self.opened))
+        return x
 
     def counting_write(self, data, *args):
         events.append("write")
         return write(self, data, *args)
 
-    monkeypatch.setattr(gguf_export, "reader", counting_reader)
+    monkeypatch.setattr(gguf_export.ShardReader, "__call__", counting_read)
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", counting_write)
-    out = export_gguf(model, tmp_path / "m.gguf", "q4_k_m", adapter_dir=adapter, threads=1, device="cpu")
+    out = export_gguf(model, tmp_path / "m.gguf", "q4_k_m", threads=1, device="cpu")
     ahead = [events[:i].count("read") - events[:i].count("write") for i in range(len(events) + 1)]
     assert max(ahead) <= 2 and events.count("read") == events.count("write") > 10
     assert len(gguf.GGUFReader(str(out)).tensors) == events.count("write")
+    assert shards > 3 and max(open_shards) <= 1 and open_shards[-1] == 0

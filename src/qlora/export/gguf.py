@@ -39,6 +39,7 @@ has less, the export is refused before any tensor is read.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -549,9 +550,9 @@ class GGUFTensors:
             w.write_tensor_data(factors)
         n_head = config["num_attention_heads"]
         n_kv = config.get("num_key_value_heads") or n_head
-        with contextlib.ExitStack() as opened, quantizer(self.device, self.threads) as quantize_on:
+        read = ShardReader(self.files, self.plan, self.merge)
+        with contextlib.closing(read), quantizer(self.device, self.threads) as quantize_on:
             self.log(f"quantizing: {quantize_on}")
-            read = reader(self.files, self.merge, opened)
             encoded = _encoded(self.plan, read, self.arch_name, n_head, n_kv, self.gemma,
                                imatrix or {}, quantize_on)
             for planned, data in kquants.in_order(encoded):
@@ -561,24 +562,40 @@ class GGUFTensors:
             self.log(line)
 
 
-def reader(files, merge, opened: contextlib.ExitStack):
-    """hf_name → its values (fp32 numpy), read from whichever shard holds it, with the adapter
-    folded in (`merge`: a qlora.merge.Merge; None: the base's own). The shards stay open (mapped,
-    not read) in `opened`."""
-    from safetensors import safe_open
+class ShardReader:
+    """Hugging Face name → its values (fp32 numpy), with the adapter folded in (`merge`: a
+    qlora.merge.Merge; None: the base's own). Each shard is mapped at its first tensor `plan`
+    reads and unmapped after its last: the pages read stay mapped for one shard at a time (two
+    where a stack of experts spans them), as when the shards were read one after the other."""
 
-    holder = {}
-    for f in files:
-        sf = opened.enter_context(safe_open(str(f), framework="pt"))
-        holder.update(dict.fromkeys(sf.keys(), sf))
+    def __init__(self, files: list[Path], plan: list[Planned], merge):
+        from safetensors import safe_open
 
-    def read(hf_name: str) -> np.ndarray:
-        sf = holder[hf_name]
-        if merge is None:
-            return sf.get_tensor(hf_name).float().numpy()
-        return merge.tensor(hf_name, lambda: sf.get_tensor(hf_name)).float().numpy()
+        self.merge, self.shard_of, self.opened = merge, {}, {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                self.shard_of.update(dict.fromkeys(sf.keys(), f))
+        self.reads_left = collections.Counter(self.shard_of[hf_name] for p in plan for hf_name in p.sources)
 
-    return read
+    def __call__(self, hf_name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        f = self.shard_of[hf_name]
+        if f not in self.opened:
+            self.opened[f] = safe_open(str(f), framework="pt").__enter__()
+        sf = self.opened[f]
+        if self.merge is None:
+            x = sf.get_tensor(hf_name)
+        else:
+            x = self.merge.tensor(hf_name, lambda: sf.get_tensor(hf_name))
+        self.reads_left[f] -= 1
+        if self.reads_left[f] == 0:
+            self.opened.pop(f).__exit__(None, None, None)
+        return x.float().numpy()
+
+    def close(self) -> None:
+        while self.opened:
+            self.opened.popitem()[1].__exit__(None, None, None)
 
 
 # mixtures of experts: llama.cpp runs Mixtral as llama, Qwen3-MoE as qwen3moe, each layer's experts
@@ -790,7 +807,7 @@ def check_agrees(w, planned: Planned, data: np.ndarray) -> None:
 # --- the data pass --------------------------------------------------------------------------------
 def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix, quantize_on):
     """(Planned, encoded data or kquants.Pending, values) per planned tensor, in plan order;
-    `read`: Hugging Face name → fp32 values (reader())."""
+    `read`: Hugging Face name → fp32 values (ShardReader)."""
     for planned in plan:
         if planned.stacked:
             x = np.stack([read(hf_name) for hf_name in planned.sources])
