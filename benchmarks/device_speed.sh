@@ -242,7 +242,7 @@ export-8b|export-8b-q8|export-8b-cpu)  # per file: the export (on the GPU) and t
                         # on the GPU, the file in llama.cpp on the CPU); --deadline skips a file
                         # that would not fit and records it
   # the other parts' random checkpoints (remade on demand) would hold 15-19 GB of the 64 GB disk
-  # the 8B checkpoint, its merged copy and the GGUF need
+  # the 8B checkpoint and the GGUF need (the export writes no merged copy: one pass, MERGE_AND_EXPORT.md)
   rm -rf /tmp/models /tmp/pm
   df -h /tmp | tail -1
   if [ -f "$HERE/../.whl/llamacpp.tar.xz" ]; then
