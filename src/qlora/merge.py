@@ -310,13 +310,15 @@ def base_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str) -
 
 
 def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
-    """W' for one module, computed in fp32."""
-    w = w.float()
-    delta = m.scale * (m.B.float() @ m.A.float())
-    merged = w + delta
+    """W' for one module, computed in fp32: in place on the product B @ A, so that one fp32
+    tensor of W's size is made (GGUF export folds while tensors are in flight), with the bits of
+    W + scale · B @ A computed out of place (each step one rounding either way)."""
+    merged = m.B.float() @ m.A.float()
+    merged.mul_(m.scale)
+    merged.add_(w)  # a 16-bit W is widened exactly, element by element
     if m.magnitude is not None:
         norm = torch.linalg.norm(merged, dim=1)
-        merged = (m.magnitude.float() / norm).unsqueeze(1) * merged
+        merged.mul_((m.magnitude.float() / norm).unsqueeze(1))
     return merged
 
 
