@@ -58,15 +58,19 @@ def bases(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family,qtype", [("llama", "f16"), ("llama", "q4_k_m"), ("mixtral", "q8_0")])
-def test_adapter_export_is_the_export_of_the_merged_checkpoint(bases, tmp_path, family, qtype):
+@pytest.mark.parametrize("family,qtype,base", [("llama", "f16", "original"), ("llama", "q4_k_m", "original"),
+                                               ("llama", "q8_0", "nf4"), ("mixtral", "q8_0", "original")])
+def test_adapter_export_is_the_export_of_the_merged_checkpoint(bases, tmp_path, family, qtype, base):
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
     model, adapter = bases[family]
     one_pass = export_gguf(model, tmp_path / "one-pass.gguf", qtype, adapter_dir=adapter,
-                           threads=1, device="cpu")
+                           merge_base=base, threads=1, device="cpu")
     # the two steps: merge in the base's own precision, then export; the merged folder is named
     # as the one-pass export names the model (general.name: "base + adapter")
     dtype = json.loads((model / "config.json").read_text())["dtype"]
-    merged = merge_adapter(model, adapter, tmp_path / f"{model.name} + {adapter.name}", dtype=dtype)
+    merged = merge_adapter(model, adapter, tmp_path / f"{model.name} + {adapter.name}", dtype=dtype,
+                           base=base)
     two_steps = export_gguf(merged, tmp_path / "two-steps.gguf", qtype, threads=1, device="cpu")
     assert one_pass.read_bytes() == two_steps.read_bytes()
     plain = export_gguf(model, tmp_path / "plain.gguf", qtype, threads=1, device="cpu")

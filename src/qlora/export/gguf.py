@@ -678,7 +678,8 @@ class ExpertStacks:
                              "save_pretrained, which writes that layout)")
         return expert_slot(hf_name) is not None
 
-    def add(self, hf_name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], tuple[str, ...]] | None:
+    def add(self, hf_name: str,
+            shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], tuple[str, ...]] | None:
         """(GGUF name, stacked shape, its experts' Hugging Face names) once the last expert of a
         projection is added; None before."""
         name, expert = expert_slot(hf_name)
