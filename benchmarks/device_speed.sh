@@ -61,6 +61,8 @@
 #                 Unsloth's PatchDPOTrainer + ORPOTrainer at Llama-3-8B and Qwen2.5-1.5B (Qwen:
 #                 qlora-eager too). About 8 minutes.
 #                 TRL's NLL covers the prompt too, ours the completion only (preference_step.py).
+#   kto           gpu_check.py --checks preference (KTO's graphed step against its eager one among
+#                 them), then a KTO step at Qwen2.5-1.5B, graphed and eager. About 6 minutes.
 #   export-8b     the user's `qlora export --gguf --model M --adapter A --out F --type T --check` on a
 #                 random Llama-3-8B checkpoint and a random r16 adapter (export_check.py): f16 (the
 #                 check's noise floor), q4_k_m, the same q4_k_m made by llama.cpp's own quantizer from
@@ -84,7 +86,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|dpo|orpo|export-8b|export-8b-q8|export-8b-cpu OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-cpu OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -237,6 +239,12 @@ orpo)  # about 8 min in all: the DPO part's steps less its reference forward; lo
   step 190 qwen-orpo $PY "$HERE/preference_step.py" --method orpo --shapes qwen2.5-1.5b \
     --systems qlora,qlora-eager,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" \
     --deadline 180
+  ;;
+kto)  # about 6 min: the graphed preference steps checked against eager (KTO among them), then KTO
+      # timed graphed and eager (qlora's systems only: TRL's KTOTrainer is not in the harness)
+  step 200 gpu-check-preference $PY "$HERE/gpu_check.py" --checks preference --out "$OUT/gpu-check.jsonl"
+  step 150 qwen-kto $PY "$HERE/preference_step.py" --method kto --shapes qwen2.5-1.5b \
+    --systems qlora,qlora-eager --steps 8 --warmup 2 --out "$OUT/qwen-kto" --deadline 140
   ;;
 export-8b|export-8b-q8|export-8b-cpu)  # per file: the export (on the GPU) and the check (the 16-bit reference
                         # on the GPU, the file in llama.cpp on the CPU); --deadline skips a file
