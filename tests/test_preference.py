@@ -675,6 +675,13 @@ def test_planner_counts_two_sequences_and_the_reference_forward():
     assert c.workspace == b.workspace  # not workspace alive in every phase
     assert reference_forward_bytes(arch, orpo_cfg) == 0
     assert reference_forward_bytes(arch, replace(dpo_cfg, reference_precomputed=True)) == 0
+    # KTO: the example with grad, its KL sequence under no_grad (the activations of SFT's tokens;
+    # test_preference_graphs.py's test_kto_saves_the_activations_of_its_examples_only measures
+    # it), and the reference forward over one half at a time, as DPO's over a pair's tokens
+    kto_cfg = replace(sft, method="kto")
+    assert step_tokens(kto_cfg) == step_tokens(sft)
+    assert plan(arch, kto_cfg).activations == a.activations
+    assert reference_forward_bytes(arch, kto_cfg) == reference_forward_bytes(arch, replace(dpo_cfg, seq_len=512))
 
 
 def test_the_reference_forward_of_gemma_counts_the_fused_loss_that_caps():

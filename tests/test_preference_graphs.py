@@ -241,3 +241,33 @@ def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monk
     got = load_file(str(tmp_path / "graphed" / "adapter_model.safetensors"))
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_kto_saves_the_activations_of_its_examples_only(llama_dir):
+    """What the planner counts for KTO (memory.settings.step_tokens: one sequence with grad per
+    example): the tensors autograd saves over a whole KTO batch_loss (examples with grad, their KL
+    sequences and both references under no_grad) are exactly those of the examples' forward
+    alone, to the byte, and fewer than if the KL sequences ran with grad."""
+    from qlora.data.preference import half
+    from qlora.methods.preference import row_logps
+
+    model = _model(llama_dir)
+    batch = _batch("kto", packed=True)
+
+    def saved_bytes(run) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(storages.values())
+
+    whole = saved_bytes(lambda: batch_loss(PREFERENCE_METHODS["kto"], model, batch, PreferenceOptions()))
+    examples = saved_bytes(lambda: row_logps(model, half(batch, second=False)))
+    both = saved_bytes(lambda: (row_logps(model, half(batch, second=False)),
+                                row_logps(model, half(batch, second=True))))
+    # the loss's own few scalars-per-example (log-ratios, z) are saved on top: a few hundred bytes
+    assert examples <= whole < examples + 1024 < both

@@ -1,5 +1,6 @@
 """Preference methods (DPO, ORPO, SimPO, KTO): two sequences per example (settings.step_tokens
-counts them), and for DPO and KTO the reference forward, a moment of the step of its own."""
+counts those with grad: a pair's two, KTO's example), and for DPO and KTO the reference forward, a
+moment of the step of its own (KTO's: each half's apart, its KL sequence's no-grad forward too)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ EXPERT_TARGETS = tuple(f"experts.{p}" for p in EXPERT_PROJECTIONS)
 # the MLP's linears, every family's (Phi-3's fused gate_up_proj too): a mixture of experts' dense
 # MLPs take no adapters, and the layer's terms split at them into attention's and the MLP's
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
-# sft, or one of these: two sequences per example (step_tokens)
+# sft, or one of these: two sequences per example (a pair's both with grad: step_tokens)
 PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 
 
@@ -71,7 +71,8 @@ class PlanConfig:
     sharding: str = "ddp"
     alloc_rounding: bool = True
     # sft, or a preference method (qlora.methods): two sequences per example (chosen and
-    # rejected; KTO: the example and its KL row), and for dpo / kto a reference forward, unless
+    # rejected; KTO: the example and its KL row, under no_grad), and for dpo / kto a reference
+    # forward (KTO: one per half), unless
     # DPO's reference log-probs are precomputed before training
     method: str = "sft"
     reference_precomputed: bool = False
@@ -147,8 +148,12 @@ def expert_targets(targets: str | tuple[str, ...] | list[str], arch: ArchSpec) -
 
 
 def step_tokens(cfg: PlanConfig) -> int:
-    """Tokens of one micro-batch's forward: a preference example is two sequences."""
-    return cfg.seq_len * cfg.micro_batch * (2 if cfg.method in PREFERENCE_METHODS else 1)
+    """Tokens of one micro-batch's forward with grad, whose activations the step saves: a pair
+    is two sequences (chosen and rejected); a KTO example is one, its KL sequence running under
+    no_grad, a forward of its own at the reference's moment, as each half's reference forward
+    (methods/preference.unpaired_logps): preference.reference_forward_bytes counts that one."""
+    paired = cfg.method in PREFERENCE_METHODS and cfg.method != "kto"
+    return cfg.seq_len * cfg.micro_batch * (2 if paired else 1)
 
 
 def fast_path(cfg: PlanConfig) -> bool:

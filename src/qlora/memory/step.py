@@ -200,7 +200,9 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         backward_activations, backward, dequant = best
     workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
     if cfg.method in PREFERENCE_METHODS:
-        notes.append(f"{cfg.method}: two sequences per example ({tokens} tokens a micro-batch); "
+        saved = ("the example's activations saved, its KL sequence's forward under no_grad"
+                 if cfg.method == "kto" else "two sequences per example")
+        notes.append(f"{cfg.method}: {saved} ({tokens} tokens with grad a micro-batch); "
                      "log-probs per token from the model's chunked loss")
     # The reference forward runs after the policy's loss and is gone before its backward: a
     # moment of its own (Breakdown.phases), not workspace alive in every phase. Beside it the
