@@ -397,8 +397,9 @@ def tensors_phase(pool_values: np.ndarray, shape: str, names: list[str], workers
 
 def serial_rates(pool_values: np.ndarray) -> dict:
     """The main process's own work per value or byte, on one 14336 × 4096 tensor, best of three
-    (warm): bf16 → float32 as the export reads it (torch), writing float32 to the workers' mapped
-    folder, reading bytes back from it (as Pending does), in ns per value / ns per byte."""
+    (warm): bf16 → float32 by torch (what the export did before it handed bf16 over as bits),
+    writing to the workers' mapped folder, reading bytes back from it (as Pending does), in ns per
+    value / ns per byte; and a worker's widening of bf16 bits (kquants.as_float32), per value."""
     import tempfile
 
     import torch
@@ -419,11 +420,15 @@ def serial_rates(pool_values: np.ndarray) -> dict:
 
     try:
         convert = best(lambda: bf16.float().numpy())
+        bits = kquants.bf16_bits(bf16).reshape(-1, kquants.QK_K)
+        chunk = kquants.CHUNK_BLOCKS  # a worker widens one chunk at a time
+        widen = best(lambda: [kquants.as_float32(bits[a:a + chunk]) for a in range(0, len(bits), chunk)])
         write = best(lambda: x.tofile(path))
         read = best(lambda: kquants._read_into(path, back))
     finally:
         os.unlink(path)
     return {"bf16_to_f32_ns_per_value": round(convert / x.size * 1e9, 3),
+            "worker_widen_ns_per_value": round(widen / x.size * 1e9, 3),
             "write_ns_per_byte": round(write / x.nbytes * 1e9, 4),
             "read_ns_per_byte": round(read / x.nbytes * 1e9, 4), "folder": folder,
             "torch_threads": torch.get_num_threads()}
@@ -431,10 +436,12 @@ def serial_rates(pool_values: np.ndarray) -> dict:
 
 def project(shape: str, measured: dict, serial: dict, cores: int) -> dict:
     """The q4_k_m file of the whole model on `cores` cores, from the 1-worker CPU rates (no
-    importance) of the largest tensor measured per type: the encoding spread perfectly over the
-    cores, plus the main process's serial work: bf16 → float32 and the float32 file for every
-    value, the bytes read back and written twice (GGUFWriter's temporary file, then the GGUF).
-    "sum" adds the two, "overlapped" takes the larger (the export reads ahead while workers run)."""
+    importance) of the largest tensor measured per type: the encoding (and the workers' widening
+    of bf16 bits) spread perfectly over the cores, plus the main process's serial work: the 2-byte
+    file of bf16 bits for every value, the bytes read back and written twice (GGUFWriter's
+    temporary file, then the GGUF). "sum" adds the two, "overlapped" takes the larger (the export
+    reads ahead while the workers run). "serial_s_float32_handoff": the serial work as it was
+    before the bits (bf16 → float32 in the main process, then a 4-byte file)."""
     rates: dict[str, tuple[int, float]] = {}
     for m in measured.values():
         if m["workers"] == 1 and not m["importance"] and m["values"] > rates.get(m["type"], (0, 0))[0]:
@@ -445,11 +452,14 @@ def project(shape: str, measured: dict, serial: dict, cores: int) -> dict:
         core_s += r * c * rates[k][1] / 1e6
         values += r * c
         out_bytes += r * c // kquants.QK_K * kquants.KINDS[k].block_bytes
+    core_s += values * serial.get("worker_widen_ns_per_value", 0.0) / 1e9
     encode_s = core_s / cores
-    serial_s = (values * (serial["bf16_to_f32_ns_per_value"] + 4 * serial["write_ns_per_byte"])
-                + out_bytes * (serial["read_ns_per_byte"] + 2 * serial["write_ns_per_byte"])) / 1e9
+    out_s = out_bytes * (serial["read_ns_per_byte"] + 2 * serial["write_ns_per_byte"]) / 1e9
+    serial_s = values * 2 * serial["write_ns_per_byte"] / 1e9 + out_s
+    before_s = values * (serial["bf16_to_f32_ns_per_value"] + 4 * serial["write_ns_per_byte"]) / 1e9 + out_s
     return {"cores": cores, "core_s_per_mvalue": {k: v for k, (_, v) in rates.items()},
             "core_seconds": round(core_s, 1), "encode_s": round(encode_s, 1), "serial_s": round(serial_s, 1),
+            "serial_s_float32_handoff": round(before_s, 1),
             "sum_s": round(encode_s + serial_s, 1), "overlapped_s": round(max(encode_s, serial_s), 1),
             "values": values, "out_gib": round(out_bytes / 2**30, 2),
             "note": "a projection from this machine's per-core rates, assuming perfect scaling over "

@@ -86,9 +86,10 @@ def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
     kquants.Workers or kquants_torch.OnDevice: see quantizer(); None: now, in this thread): the
     k-quants by our search, the other types by gguf.quants (or its bytes, in torch, on a GPU).
     `importance` (one value per input column) steers the k-quants' scale search; the other types
-    have none."""
+    have none. x may be a bf16 tensor's bit patterns (kquants.bf16_bits), widened where it is
+    encoded."""
     if type_name == "F32":
-        return x.astype(np.float32)
+        return kquants.as_float32(x)
     if quantizer is not None:
         return quantizer.submit(x, type_name, importance)
     return kquants.submit_type(x, type_name, importance)
@@ -656,22 +657,37 @@ def _encoded(files, tmap, arch_name, n_head, n_kv, gemma, qtype, model, fallback
                 name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if name is None:
                     raise QloraError(f"{f.name}: tensor {hf_name} has no GGUF name for {arch_name}")
-                x = sf.get_tensor(hf_name).float().numpy()
+                t = sf.get_tensor(hf_name)
+                choice = mixtures.tensor_type(name, tuple(t.shape), qtype, model)
+                if experts is not None and ROUTER_NAME.search(name):
+                    # the router stays F32, as llama.cpp's converter and quantizer keep it
+                    choice = mixtures.Choice("F32", "F32")
+                x = _host_values(t, choice.stored, quantize_on)
                 if gemma is not None and hf_name.endswith("norm.weight"):
-                    x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
+                    x = kquants.as_float32(x) + 1.0  # llama.cpp scales by the stored weight: 1 + w
                 if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
                     x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
                 elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
                     x = permute_rope(x, n_kv)
-                choice = mixtures.tensor_type(name, x.shape, qtype, model)
-                if experts is not None and ROUTER_NAME.search(name):
-                    # the router stays F32, as llama.cpp's converter and quantizer keep it
-                    choice = mixtures.Choice("F32", "F32")
                 if choice.stored != choice.wanted:
                     key = (mixtures.role_of(name)[0] + ".weight", choice.wanted, choice.stored, x.shape[-1])
                     fallbacks[key] = fallbacks.get(key, 0) + 1
                 data = encode(x, choice.stored, imatrix.get(hf_name), quantize_on)
                 yield (name, choice.stored), data, x.size
+
+
+def _host_values(t, stored: str, quantize_on) -> np.ndarray:
+    """A checkpoint tensor as the quantizer takes it: float32, or, for a bf16 tensor going to the
+    CPU workers in a quantized type, its bit patterns (kquants.bf16_bits): the exporting process
+    then writes 2 bytes a value into the workers' file instead of widening and writing 4, and the
+    workers widen it in parallel (exact: the same bytes). On 16 cores this process's serial work
+    per value, not the workers', bounds the export (docs/BENCHMARKS.md, "Export on the CPU")."""
+    import torch
+
+    if (t.dtype == torch.bfloat16 and stored != "F32" and t.dim() == 2
+            and isinstance(quantize_on, kquants.Workers)):
+        return kquants.bf16_bits(t)
+    return t.float().numpy()
 
 
 def describe(gguf_file: str | Path) -> str:
