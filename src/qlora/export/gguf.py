@@ -680,8 +680,9 @@ def _host_values(t, stored: str, quantize_on) -> np.ndarray:
     """A checkpoint tensor as the quantizer takes it: float32, or, for a bf16 tensor going to the
     CPU workers in a quantized type, its bit patterns (kquants.bf16_bits): the exporting process
     then writes 2 bytes a value into the workers' file instead of widening and writing 4, and the
-    workers widen it in parallel (exact: the same bytes). On 16 cores this process's serial work
-    per value, not the workers', bounds the export (docs/BENCHMARKS.md, "Export on the CPU")."""
+    workers widen it in parallel (exact: the same bytes). The widening and 4-byte write were
+    projected to take this one process about as long as 16 workers take to encode (docs/BENCHMARKS.md,
+    "Export on the CPU alone")."""
     import torch
 
     if (t.dtype == torch.bfloat16 and stored != "F32" and t.dim() == 2
