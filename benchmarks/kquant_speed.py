@@ -15,6 +15,14 @@ Phases, each written into one JSON file (--out):
    timed end to end (reading safetensors, quantizing, writing the GGUF), with peak host memory,
    the k-quants searched where the export's --device puts them (this script's --device, default
    cpu: the numpy workers; cuda: torch on the GPU).
+5. with --tensors: single tensors of the model's real shapes (an MLP projection, attn_q, the
+   embedding) through the export's worker path (submit_type on N spawned worker processes, the
+   tensor handed over in mapped files) for each N of --tensor-workers: wall and CPU seconds per
+   type (K types with and without importance weights), the main process's hand-off (writing the
+   float32 file, reading the bytes back) timed apart; then the q4_k_m file of the whole model
+   projected onto --project-cores cores: Σ over its tensors of values × the 1-worker CPU rate of
+   the type the mixture gives it, / cores, plus the main process's serial work (bf16 → float32,
+   hand-off, the GGUF's writes) at the rates measured here. A projection, not a measurement.
 With --device cuda (or cpu, torch on the CPU: a smoke test), a device phase after phase 2: the
 torch search (kquants_torch.OnDevice, what the export uses on a GPU) over the same layer, per type,
 in wall s per million values from host float32 to packed bytes (the export's view) and for the
@@ -27,6 +35,8 @@ slice; the q4_k_m model estimated from those rates; with --whole-model, measured
     python benchmarks/kquant_speed.py --threads 2 --out kquant-speed.json          # small machines
     python benchmarks/kquant_speed.py --threads 16 --types Q8_0,Q4_0,BF16,F16 --executors processes \
         --one-thread-rows 1024 --out $OUT/gguf-types.json     # gguf.quants' types on the workers
+    python benchmarks/kquant_speed.py --types Q4_K,Q6_K,Q8_0,Q4_0,F16 --executors none --tensors \
+        --tensor-workers 1,2 --out kquant-tensors.json        # per tensor, 1 and 2 workers, projected
 
 --deadline (seconds, default 450) skips what would not finish in time, and says so in the JSON.
 """
@@ -332,6 +342,130 @@ def export_phase(shape: str, folder: Path, threads: int, device: str) -> dict:
             "peak_rss_gib_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
 
 
+def tensor_shapes(shape: str, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(rows, cols) of the model's matrices named (GGUF role: ffn_up, attn_q, token_embd, …)."""
+    dims = {name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]: d
+            for name, d in tensor_list(shape)}
+    return {n: dims[n] for n in names}
+
+
+def _timed_on_workers(x: np.ndarray, k: str, importance, pool) -> dict:
+    """One tensor through the export's worker path (submit_type on `pool`, mapped files): wall
+    seconds of the hand-off in (the main process writing the float32 file), the encoding, the
+    hand-off out (reading the bytes back), and CPU seconds of the workers and of this process."""
+    c0, w0 = time.process_time(), _worker_cpu_seconds(pool)
+    t0 = time.perf_counter()
+    pending = kquants.submit_type(x, k, importance, pool)
+    t1 = time.perf_counter()
+    for _, part in pending.parts:
+        part.result()
+    t2 = time.perf_counter()
+    pending.result()
+    t3 = time.perf_counter()
+    return {"wall_s": round(t3 - t0, 3), "hand_in_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3),
+            "hand_out_s": round(t3 - t2, 3), "workers_cpu_s": round(_worker_cpu_seconds(pool) - w0, 2),
+            "main_cpu_s": round(time.process_time() - c0, 2)}
+
+
+def tensors_phase(pool_values: np.ndarray, shape: str, names: list[str], workers: list[int],
+                  types: list[str], big_types: list[str]) -> dict:
+    """Each named tensor in each type (K types also with importance weights) on N spawned
+    workers for N in `workers`; tensors of over 2^28 values (the embedding) only in `big_types`,
+    without importance. Rates in s per M values: wall, and the workers' CPU (per core)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    out: dict = {}
+    for n in workers:
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            kquants.submit_type(pool_values[:64 * 4096].reshape(64, 4096), "Q4_K", None, pool).result()
+            for name, (r, c) in tensor_shapes(shape, names).items():
+                x = pool_values[:r * c].reshape(r, c)
+                importance = np.random.default_rng(1).random(c).astype(np.float32)
+                big = r * c > 1 << 28
+                for k in (big_types if big else types):
+                    for imp in ((None,) if big or k not in kquants.KINDS else (None, importance)):
+                        key = f"{name} {k}{' importance' if imp is not None else ''} {n} workers"
+                        m = _timed_on_workers(x, k, imp, pool)
+                        m.update(values=x.size, workers=n, type=k, tensor=name, importance=imp is not None,
+                                 wall_s_per_mvalue=per_million(m["wall_s"], x.size),
+                                 workers_cpu_s_per_mvalue=per_million(m["workers_cpu_s"], x.size))
+                        out[key] = m
+                        print(f"{key}: {m}", flush=True)
+    return out
+
+
+def serial_rates(pool_values: np.ndarray) -> dict:
+    """The main process's own work per value or byte, on one 14336 × 4096 tensor, best of three
+    (warm): bf16 → float32 by torch (what the export did before it handed bf16 over as bits),
+    writing to the workers' mapped folder, reading bytes back from it (as Pending does), in ns per
+    value / ns per byte; and a worker's widening of bf16 bits (kquants.as_float32), per value."""
+    import tempfile
+
+    import torch
+
+    x = pool_values[:min(len(pool_values), 14336 * 4096) // 4096 * 4096].reshape(-1, 4096)
+    bf16 = torch.from_numpy(x).to(torch.bfloat16)
+    folder = kquants._mapped_folder(x.nbytes) or tempfile.gettempdir()
+    path = os.path.join(folder, "qlora-speed-probe.f32")
+    back = np.empty(x.nbytes, dtype=np.uint8)
+
+    def best(step) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    try:
+        convert = best(lambda: bf16.float().numpy())
+        bits = kquants.bf16_bits(bf16).reshape(-1, kquants.QK_K)
+        chunk = kquants.CHUNK_BLOCKS  # a worker widens one chunk at a time
+        widen = best(lambda: [kquants.as_float32(bits[a:a + chunk]) for a in range(0, len(bits), chunk)])
+        write = best(lambda: x.tofile(path))
+        read = best(lambda: kquants._read_into(path, back))
+    finally:
+        os.unlink(path)
+    return {"bf16_to_f32_ns_per_value": round(convert / x.size * 1e9, 3),
+            "worker_widen_ns_per_value": round(widen / x.size * 1e9, 3),
+            "write_ns_per_byte": round(write / x.nbytes * 1e9, 4),
+            "read_ns_per_byte": round(read / x.nbytes * 1e9, 4), "folder": folder,
+            "torch_threads": torch.get_num_threads()}
+
+
+def project(shape: str, measured: dict, serial: dict, cores: int) -> dict:
+    """The q4_k_m file of the whole model on `cores` cores, from the 1-worker CPU rates (no
+    importance) of the largest tensor measured per type: the encoding (and the workers' widening
+    of bf16 bits) spread perfectly over the cores, plus the main process's serial work: the 2-byte
+    file of bf16 bits for every value, the bytes read back and written twice (GGUFWriter's
+    temporary file, then the GGUF). "sum" adds the two, "overlapped" takes the larger (the export
+    reads ahead while the workers run). "serial_s_float32_handoff": the serial work as it was
+    before the bits (bf16 → float32 in the main process, then a 4-byte file)."""
+    rates: dict[str, tuple[int, float]] = {}
+    for m in measured.values():
+        if m["workers"] == 1 and not m["importance"] and m["values"] > rates.get(m["type"], (0, 0))[0]:
+            rates[m["type"]] = (m["values"], m["workers_cpu_s_per_mvalue"])
+    items = q4_k_m_types(shape)
+    core_s, values, out_bytes = 0.0, 0, 0
+    for _, (r, c), k in items:
+        core_s += r * c * rates[k][1] / 1e6
+        values += r * c
+        out_bytes += r * c // kquants.QK_K * kquants.KINDS[k].block_bytes
+    core_s += values * serial.get("worker_widen_ns_per_value", 0.0) / 1e9
+    encode_s = core_s / cores
+    out_s = out_bytes * (serial["read_ns_per_byte"] + 2 * serial["write_ns_per_byte"]) / 1e9
+    serial_s = values * 2 * serial["write_ns_per_byte"] / 1e9 + out_s
+    before_s = values * (serial["bf16_to_f32_ns_per_value"] + 4 * serial["write_ns_per_byte"]) / 1e9 + out_s
+    return {"cores": cores, "core_s_per_mvalue": {k: v for k, (_, v) in rates.items()},
+            "core_seconds": round(core_s, 1), "encode_s": round(encode_s, 1), "serial_s": round(serial_s, 1),
+            "serial_s_float32_handoff": round(before_s, 1),
+            "sum_s": round(encode_s + serial_s, 1), "overlapped_s": round(max(encode_s, serial_s), 1),
+            "values": values, "out_gib": round(out_bytes / 2**30, 2),
+            "note": "a projection from this machine's per-core rates, assuming perfect scaling over "
+                    "the cores; not a measurement"}
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), or "" where the system does not say."""
     try:
@@ -376,6 +510,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", help="cuda, cuda:N (or cpu: torch on the CPU): time the torch search "
                     "there, and export with --device as given (default: no torch phase, export on the "
                     "CPU's numpy workers)")
+    ap.add_argument("--tensors", action="store_true", help="phase 5: single tensors on the workers, "
+                    "and the q4_k_m model projected onto --project-cores")
+    ap.add_argument("--tensor-names", default="ffn_up,attn_q,token_embd",
+                    help="phase 5's tensors (GGUF roles; default ffn_up,attn_q,token_embd)")
+    ap.add_argument("--tensor-workers", default="1,2", help="phase 5's worker counts (default 1,2)")
+    ap.add_argument("--big-types", default="Q4_K,Q6_K",
+                    help="phase 5's types for tensors over 2^28 values (default Q4_K,Q6_K: the "
+                         "embedding's and output's in q4_k_m)")
+    ap.add_argument("--project-cores", type=int, default=16, help="phase 5's projection (default 16)")
     ap.add_argument("--deadline", type=float, default=450.0, help="seconds for everything")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
@@ -390,7 +533,7 @@ def main(argv=None) -> int:
 
     hidden = SHAPES[args.shape][0]
     largest = max(r * c for _, (r, c) in tensor_list(args.shape))
-    pool = random_values(largest if (args.whole_model or args.shape == "tiny") else
+    pool = random_values(largest if (args.whole_model or args.tensors or args.shape == "tiny") else
                          max(r * c for _, (r, c) in tensor_list(args.shape)[1:8]))
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
     result["one_thread"] = one_thread(pool, hidden, min(args.one_thread_rows, len(pool) // hidden),
@@ -439,6 +582,18 @@ def main(argv=None) -> int:
             print(f"q4_k_m of the whole {args.shape}, measured: {result['whole_model']}", flush=True)
         else:
             result["skipped"].append(f"whole model: estimated {result['q4_k_m_estimate']['seconds']} s, {left:.0f} s left")
+        save()
+    if args.tensors:
+        names = [n.strip() for n in args.tensor_names.split(",") if n.strip()]
+        big = [t.strip().upper() for t in args.big_types.split(",") if t.strip()]
+        counts = [int(n) for n in args.tensor_workers.split(",")]
+        result["serial"] = serial_rates(pool)
+        result["tensors"] = tensors_phase(pool, args.shape, names, counts, types, big)
+        save()
+        if {"Q4_K", "Q6_K"} <= {m["type"] for m in result["tensors"].values()}:
+            result["q4_k_m_projection"] = project(args.shape, result["tensors"], result["serial"],
+                                                  args.project_cores)
+            print(f"q4_k_m of the whole {args.shape} projected: {result['q4_k_m_projection']}", flush=True)
         save()
     del pool
     left = args.deadline - (time.perf_counter() - start)

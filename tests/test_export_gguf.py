@@ -273,6 +273,33 @@ def test_worker_processes_write_the_same_file(models, tmp_path, monkeypatch, qty
         export_gguf(models["llama"], tmp_path / "c.gguf", qtype, threads=0)
 
 
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q8_0"])
+def test_bf16_weights_reach_the_workers_as_bits_and_write_the_same_file(models, tmp_path, monkeypatch, qtype):
+    """A bf16 checkpoint's matrices go to the worker processes as their 16-bit patterns (half the
+    bytes for the exporting process to write), widened there: the file is the one their float32
+    values give (a k-quant and a type gguf.quants encodes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora.export import gguf as gguf_export
+    from qlora.export import kquants
+
+    model = tmp_path / "bf16"
+    shutil.copytree(models["llama"], model)
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(model / "model.safetensors"))
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 64)  # tiny tensors: shared out all the same
+    monkeypatch.setattr(kquants, "GGUF_TASK_VALUES", 32 * 256)
+    handed, to_bits = [], kquants.bf16_bits
+    monkeypatch.setattr(kquants, "bf16_bits", lambda t: handed.append(t.shape) or to_bits(t))
+    bits = export_gguf(model, tmp_path / "bits.gguf", qtype, threads=2, device="cpu")
+    assert len(handed) == sum(v.dim() == 2 for v in weights.values())  # every matrix; no norm (F32)
+    monkeypatch.setattr(gguf_export, "_host_values", lambda t, stored, quantize_on: t.float().numpy())
+    floats = export_gguf(model, tmp_path / "floats.gguf", qtype, threads=2, device="cpu")
+    assert bits.read_bytes() == floats.read_bytes()
+
+
 @pytest.mark.parametrize("qtype", ["q4_k_m", "q8_0", "q4_0", "bf16", "f16"])
 def test_the_torch_search_writes_the_same_file(models, tmp_path, monkeypatch, qtype):
     """The export quantizing in torch (what runs on a GPU; here torch on the CPU, in tasks smaller

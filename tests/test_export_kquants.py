@@ -256,6 +256,37 @@ def test_worker_processes_quantize_the_same_bytes(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the mapped files are removed once the tensor is back
 
 
+def test_bf16_bits_widen_to_the_float32_values_torch_gives():
+    """as_float32(bf16_bits(t)) is t.float() bit for bit: normal, subnormal, ±0, ±inf, NaN."""
+    import torch
+
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3.5, 65504.0])
+    t = torch.cat([special, torch.randn(4088)]).to(torch.bfloat16).reshape(16, 256)
+    bits = kquants.bf16_bits(t)
+    assert bits.dtype == np.uint16
+    np.testing.assert_array_equal(kquants.as_float32(bits).view(np.uint32), t.float().numpy().view(np.uint32))
+
+
+def test_worker_processes_take_bf16_bits_and_give_the_float32_bytes(monkeypatch, tmp_path):
+    """bf16 bit patterns handed to the workers (a file of 2 bytes a value) or encoded in this
+    process: the bytes of the float32 values, a k-quant with importance and a gguf.quants type."""
+    import torch
+
+    t = (torch.randn(64, 512, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    x, bits = t.float().numpy(), kquants.bf16_bits(t)
+    importance = np.random.default_rng(0).random(512).astype(np.float32)
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 16)  # 128 blocks: shared out in several tasks
+    monkeypatch.setattr(kquants, "GGUF_TASK_VALUES", 16 * 512)
+    monkeypatch.setattr(kquants, "_mapped_folder", lambda nbytes: str(tmp_path))
+    want = {k: kquants.submit_type(x, k, importance if k == "Q4_K" else None).result() for k in ("Q4_K", "Q8_0")}
+    with kquants.Workers(2) as workers:
+        for k, expected in want.items():
+            imp = importance if k == "Q4_K" else None
+            np.testing.assert_array_equal(workers.submit(bits, k, imp).result(), expected)
+            np.testing.assert_array_equal(kquants.submit_type(bits, k, imp).result(), expected)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- mixtures -----------------------------------------------------------------------------------
 LLAMA_8B = Model(n_layer=32, n_head=32, n_kv_head=8, has_output=True)  # n_gqa 4
 MORE_BITS_32 = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]  # worked out by hand

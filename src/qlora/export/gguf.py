@@ -99,9 +99,10 @@ def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
     kquants.Workers or kquants_torch.OnDevice: see quantizer(); None: now, in this thread): the
     k-quants by our search, the other types by gguf.quants (or its bytes, in torch, on a GPU).
     `importance` (one value per input column) steers the k-quants' scale search; the other types
-    have none."""
+    have none. x may be a bf16 tensor's bit patterns (kquants.bf16_bits), widened where it is
+    encoded."""
     if type_name == "F32":
-        return x.astype(np.float32)
+        return kquants.as_float32(x)
     if quantizer is not None:
         return quantizer.submit(x, type_name, importance)
     return kquants.submit_type(x, type_name, importance)
@@ -563,7 +564,7 @@ class GGUFTensors:
 
 
 class ShardReader:
-    """Hugging Face name → its values (fp32 numpy), with the adapter folded in (`merge`: a
+    """Hugging Face name → its values (a torch tensor in the checkpoint's dtype), with the adapter folded in (`merge`: a
     qlora.merge.Merge; None: the base's own). Each shard is mapped at its first tensor `plan`
     reads and unmapped after its last: the pages read stay mapped for one shard at a time (two
     where a stack of experts spans them), as when the shards were read one after the other."""
@@ -591,7 +592,7 @@ class ShardReader:
         self.reads_left[f] -= 1
         if self.reads_left[f] == 0:
             self.opened.pop(f).__exit__(None, None, None)
-        return x.float().numpy()
+        return x
 
     def close(self) -> None:
         while self.opened:
@@ -808,22 +809,37 @@ def check_agrees(w, planned: Planned, data: np.ndarray) -> None:
 # --- the data pass --------------------------------------------------------------------------------
 def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix, quantize_on):
     """(Planned, encoded data or kquants.Pending, values) per planned tensor, in plan order;
-    `read`: Hugging Face name → fp32 values (ShardReader)."""
+    `read`: Hugging Face name → its torch tensor (ShardReader)."""
     for planned in plan:
         if planned.stacked:
-            x = np.stack([read(hf_name) for hf_name in planned.sources])
+            x = np.stack([read(hf_name).float().numpy() for hf_name in planned.sources])
             importance = None
         else:
             hf_name = planned.sources[0]
-            x = read(hf_name)
+            x = _host_values(read(hf_name), planned.choice.stored, quantize_on)
             if gemma is not None and hf_name.endswith("norm.weight"):
-                x = x + 1.0  # llama.cpp scales by the stored weight: 1 + w
+                x = kquants.as_float32(x) + 1.0  # llama.cpp scales by the stored weight: 1 + w
             if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
                 x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
             elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
                 x = permute_rope(x, n_kv)
             importance = imatrix.get(hf_name)
         yield planned, encode(x, planned.choice.stored, importance, quantize_on), x.size
+
+
+def _host_values(t, stored: str, quantize_on) -> np.ndarray:
+    """A checkpoint tensor as the quantizer takes it: float32, or, for a bf16 tensor going to the
+    CPU workers in a quantized type, its bit patterns (kquants.bf16_bits): the exporting process
+    then writes 2 bytes a value into the workers' file instead of widening and writing 4, and the
+    workers widen it in parallel (exact: the same bytes). The widening and 4-byte write were
+    projected to take this one process about as long as 16 workers take to encode (docs/BENCHMARKS.md,
+    "Export on the CPU alone")."""
+    import torch
+
+    if (t.dtype == torch.bfloat16 and stored != "F32" and t.dim() == 2
+            and isinstance(quantize_on, kquants.Workers)):
+        return kquants.bf16_bits(t)
+    return t.float().numpy()
 
 
 def describe(gguf_file: str | Path) -> str:

@@ -519,6 +519,24 @@ PACK = {"Q2_K": pack_q2_k, "Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5
 
 
 # --- whole tensors ------------------------------------------------------------------------------
+# A bf16 checkpoint's weights may come as their bit patterns (uint16, bf16_bits) instead of float32:
+# half the bytes for the exporting process to write into the workers' mapped file, and the
+# widening done by the workers, in parallel. bf16 → float32 is exact (the 16 bits become the top
+# half of the float32), so the bytes are those of the float32 tensor.
+def bf16_bits(t) -> np.ndarray:
+    """A torch bfloat16 tensor's bit patterns as a uint16 array (no copy)."""
+    import torch
+
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """x as float32: bf16 bit patterns (uint16, bf16_bits) widened exactly, any float converted."""
+    if x.dtype == np.uint16:
+        return np.left_shift(x, 16, dtype=np.uint32).view(np.float32)  # one pass, no uint32 copy first
+    return np.asarray(x, dtype=np.float32)
+
+
 def quantize_blocks(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
                     first: int = 0) -> np.ndarray:
     """blocks (n, 256) → uint8 (n, block_bytes): one task of a tensor. `first` is the index of
@@ -534,12 +552,14 @@ def _encode_mapped(src: str, dst: str, shape: tuple[int, int], out_width: int, e
     the uint8 file `dst` ((n, out_width)), `chunk` rows at a time, by encode_rows(rows, first=index
     of rows[0]) → uint8 (len(rows), out_width). Both files are mapped (MAP_SHARED): nothing of the
     tensor travels through the pool's pipe. Any type: the rows are a k-quant's super-blocks or a
-    tensor's own rows (gguf_rows)."""
-    x = np.memmap(src, dtype=np.float32, mode="r", shape=shape)
+    tensor's own rows (gguf_rows). `src` holds float32, or bf16 bit patterns (uint16) where its
+    name ends in .bf16 (widened here, a chunk at a time)."""
+    dtype = np.uint16 if src.endswith(".bf16") else np.float32
+    x = np.memmap(src, dtype=dtype, mode="r", shape=shape)
     out = np.memmap(dst, dtype=np.uint8, mode="r+", shape=(shape[0], out_width))
     for a in range(start, stop, chunk):
         b = min(a + chunk, stop)
-        out[a:b] = encode_rows(np.asarray(x[a:b]), first=a)
+        out[a:b] = encode_rows(as_float32(np.asarray(x[a:b])), first=a)
 
 
 def _mapped_folder(nbytes: int) -> str | None:
@@ -595,20 +615,23 @@ class Pending:
 def _submit_mapped(rows: np.ndarray, encode_rows, chunk: int, task_chunks: int,
                    pool: ProcessPoolExecutor, out: np.ndarray, shape: tuple[int, ...]) -> Pending:
     """Start encoding `rows` (n, width) into `out` (n, out_width) on the worker processes, through
-    mapped files (_encode_mapped), `task_chunks` chunks of `chunk` rows per task. `encode_rows`
-    must pickle (a module-level function or a functools.partial of one)."""
+    mapped files (_encode_mapped), `task_chunks` chunks of `chunk` rows per task; rows of bf16 bit
+    patterns (uint16) are handed over as they are. `encode_rows` must pickle (a module-level
+    function or a functools.partial of one)."""
     import tempfile
 
+    if rows.dtype != np.uint16:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
     folder = _mapped_folder(rows.nbytes + out.nbytes)
     files = []
     try:
-        for suffix, size in ((".f32", rows.nbytes), (".q", out.nbytes)):
+        for suffix, size in ((".bf16" if rows.dtype == np.uint16 else ".f32", rows.nbytes), (".q", out.nbytes)):
             fd, path = tempfile.mkstemp(prefix="qlora-quant-", suffix=suffix, dir=folder)
             os.close(fd)
             files.append(path)
         # written, not mapped, here: one copy into the page cache, no page faults; the workers'
         # shared mappings see the same pages (no msync needed between processes)
-        np.ascontiguousarray(rows, dtype=np.float32).tofile(files[0])
+        np.ascontiguousarray(rows).tofile(files[0])
         os.truncate(files[1], out.nbytes)
         per_task = task_chunks * chunk
         parts = [(0, pool.submit(_encode_mapped, files[0], files[1], rows.shape, out.shape[1],
@@ -652,7 +675,10 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
     TASK_CHUNKS chunks per task; threads take slices of x.
 
     `importance` (x.shape[-1],) ≥ 0: how much an error in each input column costs (an importance
-    matrix's mean squared activations); None weighs every value alike."""
+    matrix's mean squared activations); None weighs every value alike. x may be bf16 bit patterns
+    (uint16: bf16_bits), widened by whoever encodes it."""
+    if not isinstance(executor, ProcessPoolExecutor):
+        x = as_float32(x)
     blocks, importance, out, shape = layout(x, kind_name, importance)
     if isinstance(executor, ProcessPoolExecutor):
         encode_rows = functools.partial(quantize_blocks, kind_name=kind_name, importance=importance)
@@ -699,6 +725,8 @@ def submit_gguf(x: np.ndarray, type_name: str, executor: Executor | None = None)
     """Start encoding x (…, cols) in a type of gguf.quants (gguf_rows), GGUF_TASK_VALUES values of
     whole rows per task, on `executor` (worker processes read x from a mapped file), or now in
     this thread when it is None. Bytes as one gguf.quants.quantize(x) call gives: each row alone."""
+    if not isinstance(executor, ProcessPoolExecutor):
+        x = as_float32(x)  # bf16 bit patterns (uint16) widened here; the workers widen their own
     rows, out, shape = gguf_layout(x, type_name)
     if executor is None:
         return Pending(out, shape, [(0, gguf_rows(rows, type_name))])

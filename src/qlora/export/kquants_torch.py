@@ -305,6 +305,7 @@ class OnDevice:
         return f"torch on {self.device} ({name})"
 
     def submit(self, x: np.ndarray, kind_name: str, importance: np.ndarray | None = None) -> kquants.Pending:
+        x = kquants.as_float32(x)  # bf16 bit patterns too, as the numpy workers take them
         if kind_name not in KINDS:
             return self._submit_gguf(x, kind_name)
         blocks, importance, out, shape = kquants.layout(x, kind_name, importance)
