@@ -49,7 +49,8 @@ Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two
 completion], where padding costs and packing saves it). tokens/s counts the real tokens of a step
 (both sequences of every pair, no padding); examples/s the pairs. KTO: `--pairs` unpaired examples
 a step, each a prompt and one completion, desirable and undesirable by turns; its tokens are both
-sequences of each (the example and its KL sequence), as qlora's planner counts them. TRL's
+sequences of each (the example and its KL sequence: both go through the model; the planner
+saves activations for the example's alone, the KL sequence's forward being under no_grad). TRL's
 KTOTrainer (and Unsloth on it) is not wired in: `--method kto` times the qlora systems only.
 
 Usage (GPU machine, the carried .site as in train_step.py):

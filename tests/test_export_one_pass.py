@@ -177,3 +177,28 @@ def test_tensors_stream_and_shards_are_read_one_after_the_other(tmp_path, monkey
     assert max(ahead) <= 2 and events.count("read") == events.count("write") > 10
     assert len(gguf.GGUFReader(str(out)).tensors) == events.count("write")
     assert shards > 3 and max(open_shards) <= 1 and open_shards[-1] == 0
+
+
+@pytest.mark.parametrize("full_at", ["metadata", "tensors"])
+def test_a_disk_that_fills_while_writing_is_a_clear_refusal_and_leaves_nothing(bases, tmp_path,
+                                                                               monkeypatch, full_at):
+    """A disk with less free than the metadata (written before its size, and so the check, is
+    known), or one that another writer fills meanwhile: the write's ENOSPC becomes a QloraError
+    naming --out, and the staged file is gone."""
+    import errno
+
+    model, _ = bases["llama"]
+    _disk_with(monkeypatch, free=10**12)  # the up-front check passes: the disk fills later
+    name = "write_kv_data_to_file" if full_at == "metadata" else "write_tensor_data"
+    write, calls = getattr(gguf.GGUFWriter, name), []
+
+    def full(self, *args):
+        calls.append(name)
+        if len(calls) == 3 or full_at == "metadata":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, *args)
+
+    monkeypatch.setattr(gguf.GGUFWriter, name, full)
+    with pytest.raises(QloraError, match=r"--out: the disk of .* filled up while the file was written"):
+        export_gguf(model, tmp_path / "m.gguf", "q8_0", threads=1, device="cpu")
+    assert list(tmp_path.iterdir()) == []

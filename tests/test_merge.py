@@ -233,3 +233,25 @@ def test_shard_sizes_follow_transformers_units():
     assert parse_shard_size("500MiB") == 500 * 2**20
     with pytest.raises(QloraError, match="5GB"):
         parse_shard_size("lots")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fold_in_place_has_the_bits_of_the_fold_out_of_place(dtype, dora, conv1d):
+    """merge.fold builds W' in place on B @ A (one fp32 tensor of W's size) and must give the
+    bits of W + scale · B @ A computed out of place, DoRA's row norms included: also where W
+    is a Conv1D's transposed view, whose out-of-place sum took that layout (and DoRA's norms
+    its order of summation). Exact: the same roundings, in the same order."""
+    from qlora.merge import LoraModule, fold
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(160, 96, generator=g).to(dtype).t() if conv1d \
+        else torch.randn(96, 160, generator=g).to(dtype)
+    m = LoraModule("layer", scale=8 / 4 ** 0.5, A=0.1 * torch.randn(8, 160, generator=g),
+                   B=0.1 * torch.randn(96, 8, generator=g),
+                   magnitude=torch.rand(96, generator=g) + 0.5 if dora else None)
+    want = w.float() + m.scale * (m.B @ m.A)
+    if dora:
+        want = (m.magnitude / torch.linalg.norm(want, dim=1)).unsqueeze(1) * want
+    assert torch.equal(fold(w, m), want)

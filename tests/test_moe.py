@@ -393,7 +393,7 @@ def test_train_command_lowers_the_loss(moe_models, tmp_path, capsys):
     PeftModel.from_pretrained(hf_model(path), str(out))  # loads without error
 
 
-# --- the memory planner (memory.py) -------------------------------------------------------------
+# --- the memory planner (memory/) ---------------------------------------------------------------
 PLANNER_CONFIGS = {
     "mixtral": dict(model_type="mixtral", hidden_size=128, intermediate_size=64,
                     num_local_experts=8, num_experts_per_tok=2),

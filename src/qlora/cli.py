@@ -389,7 +389,8 @@ def _export_options(p) -> None:
 
     p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one format)")
     p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
-    p.add_argument("--adapter", help="adapter directory (PEFT format), merged in first")
+    p.add_argument("--adapter", help="adapter directory (PEFT format), folded into each tensor "
+                   "as it is read (no merged copy on disk)")
     p.add_argument("--out", required=True, help="new .gguf file (must not exist)")
     p.add_argument("--type", default="f16", choices=list(FILE_TYPES),
                    help="file type: 16-bit, q8_0, q4_0, or a k-quant mixture as llama.cpp's "

@@ -3,6 +3,7 @@ refused up front where their disk cannot hold them."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -99,3 +100,20 @@ def check_free_space(folder: str | Path, needed: int, total: int, what: str) -> 
                          f"file written there needs {needed:,} more ({total:,} bytes in all, "
                          f"{total / 1e9:.2f} GB); free that much space there, or give an {what} "
                          "on a disk with room")
+
+
+@contextmanager
+def disk_full_refused(folder: str | Path, what: str) -> Iterator[None]:
+    """A write in the block that finds `folder`'s disk full (ENOSPC) raised as a QloraError naming
+    `what`: a disk with less free than the metadata written before check_free_space can run, or
+    one that other writers fill meanwhile."""
+    from qlora.errors import QloraError
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise QloraError(f"{what}: the disk of {folder} filled up while the file was written "
+                         f"({shutil.disk_usage(folder).free:,} bytes free); free space there, or "
+                         f"give an {what} on a disk with room") from err

@@ -313,7 +313,10 @@ def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
     """W' for one module, computed in fp32: in place on the product B @ A, so that one fp32
     tensor of W's size is made (GGUF export folds while tensors are in flight), with the bits of
     W + scale · B @ A computed out of place (each step one rounding either way)."""
-    merged = m.B.float() @ m.A.float()
+    # in W's layout (a Conv1D weight comes as a transposed view): DoRA's row norms then reduce in
+    # the order they did out of place, whose sum took W's layout
+    merged = torch.empty_like(w, dtype=torch.float32)
+    torch.matmul(m.B.float(), m.A.float(), out=merged)
     merged.mul_(m.scale)
     merged.add_(w)  # a 16-bit W is widened exactly, element by element
     if m.magnitude is not None:

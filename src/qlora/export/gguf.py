@@ -56,7 +56,7 @@ import numpy as np
 from qlora.errors import QloraError
 from qlora.export import kquants, mixtures
 from qlora.export.mixtures import FILE_TYPES, K_QUANT_FILES
-from qlora.files import check_free_space, check_writable, staged_file
+from qlora.files import check_free_space, check_writable, disk_full_refused, staged_file
 
 QTYPES = tuple(FILE_TYPES)
 
@@ -501,7 +501,8 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
         w.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), planned.nbytes,
                           raw_dtype=planned.stored_type)
 
-    with staged_file(out) as tmp:
+    # the metadata is written before its size is known: a disk with less free refuses there
+    with staged_file(out) as tmp, disk_full_refused(out.parent, "--out"):
         try:
             w.write_header_to_file(tmp)
             w.write_kv_data_to_file()

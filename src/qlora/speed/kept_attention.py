@@ -45,7 +45,7 @@ class AttentionKeptForRerun(torch.autograd.Function):
     (docs/BENCHMARKS.md, 2026-11-26). Kept instead, the rerun makes only what the other parts'
     backward reads (the normed input, the LoRA products), and this function's backward runs the
     kept graph. It costs what attention's backward keeps (for Llama-3-8B at 2048 tokens, 40 MiB
-    a layer), from the forward to the layer's backward; memory.py's planner counts it.
+    a layer), from the forward to the layer's backward; the planner counts it (memory.attention).
 
     The first run builds the graph under saved-tensor hooks of its own (innermost, so the
     checkpoint's, which would drop the tensors, do not see them) on detached aliases of q, k and
