@@ -11,12 +11,16 @@ Exact resume: the data order depends only on (seed, epoch) (qlora.data.packing),
 taken at a step boundary together with the RNG states of that moment, so the steps after a resume
 see the same batches, the same dropout masks and the same optimizer state as an unbroken run.
 
-`fit` is the recipe; its parts live where they are named: train/step.py (a step's micro-batches,
-graphed or eager, the gradient all-reduce of data parallel runs, the fp16 scaler, the optimizer
-step), train/signals.py (Ctrl-C and SIGTERM), train/early_stop.py (early stopping and the best
-adapter), train/out_of_memory.py (the checkpoint kept after an out-of-memory error), and below:
-the windows of micro-batches, the checkpoints at step boundaries, the evaluations, the train
-records, the summary.
+`fit` is the recipe and reads as its steps: `_set_up` (the method's batch layout, the schedule, the
+optimizer, a resume, the fast paths, the objects below, gathered in a `_Run`), then per step
+`_one_step` (backward, the next window, the update, the loss read and counted) and `_after_step`
+(log, evaluate, checkpoint, and why the run stops, if it does), then `_finish` (a last evaluation,
+the adapter, the summary). Its parts live where they are named: train/step.py (a step's
+micro-batches, graphed or eager, the gradient all-reduce of data parallel runs, the fp16 scaler,
+the optimizer step), train/signals.py (Ctrl-C and SIGTERM), train/early_stop.py (early stopping
+and the best adapter), train/out_of_memory.py (the checkpoint kept after an out-of-memory error),
+and below: the windows of micro-batches, the checkpoints at step boundaries, the evaluations, the
+train records, the summary.
 """
 
 from __future__ import annotations
@@ -335,27 +339,79 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     `stop_after_steps` behaves like a Ctrl-C after that many steps (tests use it to cut a run).
     `env`: this process's place in a torchrun job (train/distributed.py); rank 0 alone writes.
     """
+    # --- set-up: the method, the schedule, the optimizer, a resume, the fast paths
+    run = _set_up(model, tokenizer, train_examples, val_examples, cfg, device=device, log=log,
+                  progress=progress, base_model=base_model or cfg.model,
+                  stop_after_steps=stop_after_steps, env=env)
+
+    # --- the steps: each window of micro-batches, then log, evaluate, checkpoint
+    try:
+        with StopFlag() as stop:
+            while run.state.global_step < run.total:
+                stepped = _one_step(run, stop)
+                if stepped is None:  # a signal dropped the unfinished step; its start is saved
+                    break
+                grad_norm, lr = stepped
+                if _after_step(run, stop, grad_norm, lr) is not None:  # early stopping, or a
+                    break  # signal (or stop_after_steps) at the step boundary: saved
+    except torch.OutOfMemoryError as err:
+        raise _out_of_memory(run, err) from None
+    finally:
+        run.bar.close()
+        run.metrics.close()
+
+    # --- the end: a last evaluation, the adapter, the summary
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """What fit's set-up made, for the steps and the end: the run's settings, its objects, and
+    the counters the steps carry along."""
+    model: Any
+    cfg: RunConfig
+    env: DistEnv
+    device: torch.device
+    log: Callable[[str], None]  # _quiet on ranks other than 0
+    out: Path
+    base_model: str
+    val_examples: list[dict]
+    stop_after_steps: int | None
+    per_epoch: int  # micro-batches per epoch, over all ranks
+    total: int  # optimizer steps of the whole run
+    optim_name: str
+    optimizer: Any
+    dtype: torch.dtype  # the embedding's: the model's compute dtype
+    state: ckpt.TrainerState
+    result: TrainResult
+    metrics: MetricsLog
+    bar: Progress
+    stepper: Stepper
+    windows: WindowBuilder
+    clock: _Clock
+    saver: _Checkpoints
+    evals: _Evals
+    train_log: _TrainLog
+    boundary: Boundary  # for a checkpoint after an out-of-memory error
+    ahead: Window | None = None  # the next step's micro-batches, built during this step
+    tokens_this_run: int = 0  # input tokens since this process started (tokens_per_s)
+    last_eval_step: int = -1
+
+
+def _set_up(model, tokenizer, train_examples: list[dict], val_examples: list[dict],
+            cfg: RunConfig, *, device: torch.device, log: Callable[[str], None], progress: bool,
+            base_model: str, stop_after_steps: int | None, env: DistEnv) -> _Run:
+    """The method and its batch layout, the schedule, the optimizer, a resume, the fast paths,
+    then the objects the steps use. Everything fit's loop reads is made here, in this order."""
     from qlora.data import build_rows, num_batches
     from qlora.methods import method_module
-    from qlora.methods.preference import layout_line, packs_with_varlen
 
-    # --- set-up: the method, the schedule, the optimizer, a resume, the fast paths
     out, main = Path(cfg.output_dir), env.is_main
     if not main:
         log = _quiet
-    base_model = base_model or cfg.model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     method = method_module(cfg.method)  # None: SFT, the model's own loss
-    # SFT packs examples into rows; a preference micro-batch is its examples' sequences, packed
-    # into one row of their own (preference_packed) or padded
-    packing = cfg.packing and model.packs_documents and method is None
-    preference_packed = method is not None and cfg.packing and packs_with_varlen(model, device)
-    if method is not None:
-        log(layout_line(preference_packed, cfg.packing))
-    if cfg.packing and not packing and method is None:
-        log("packing off: this model would let packed documents see each other (no position ids "
-            "in its forward, or layers that carry state along a row), so each row holds one "
-            "example, padded")
+    packing, preference_packed = _batch_layout(model, cfg, device, method, log)
     rows = build_rows(train_examples, cfg.max_seq_length, packing=packing, seed=cfg.seed)
     per_epoch = num_batches(len(rows), cfg.micro_batch_size)
     window = cfg.gradient_accumulation_steps * env.world_size  # micro-batches per step, all ranks
@@ -379,11 +435,8 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
         ckpt.clean_partial(out)
     metrics = MetricsLog(out, tensorboard=cfg.tensorboard, log=log,
                          keep_until_step=state.global_step if cfg.resume else None, enabled=main)
-    log(f"{len(train_examples)} train examples in {len(rows)} rows, {per_epoch} micro-batches of "
-        f"{cfg.micro_batch_size} per epoch, {cfg.gradient_accumulation_steps} per step"
-        + (f" on each of {env.world_size} ranks" if env.enabled else "")
-        + f": {total} optimizer steps "
-        f"({warmup} warm-up), {len(val_examples)} validation examples")
+    log(_plan_line(cfg, env, len(train_examples), len(rows), per_epoch, total, warmup,
+                   len(val_examples)))
     result = TrainResult(output_dir=out, global_step=state.global_step, stopped="completed")
     bar = Progress(total, state.global_step, device, enabled=progress and main)
     stepper = Stepper(model, optimizer, scheduler, scaler, graphed, cfg, env, device,
@@ -393,111 +446,168 @@ def fit(model, tokenizer, train_examples: list[dict], val_examples: list[dict], 
     windows = WindowBuilder(train_examples, rows, cfg.micro_batch_size, pad_id, cfg.seed, window,
                             env, lockstep=sharded, prepare=stepper.prepare,
                             collate=_preference_collate(preference_packed) if method else None)
-    ahead: Window | None = None  # the next step's micro-batches, built during this step
     clock = _Clock(state.elapsed_s)
     saver = _Checkpoints(out, cfg, env, model, optimizer, scheduler, scaler, base_model, clock)
     evals = _Evals(model, val_examples, cfg, env, device, pad_id, out, base_model, metrics, bar,
                    result, preference_packed)
-    train_log, tokens_this_run, last_eval_step = _TrainLog(), 0, -1
-    boundary = Boundary()  # for a checkpoint after an out-of-memory error
+    return _Run(model=model, cfg=cfg, env=env, device=device, log=log, out=out,
+                base_model=base_model, val_examples=val_examples,
+                stop_after_steps=stop_after_steps, per_epoch=per_epoch, total=total,
+                optim_name=optim_name, optimizer=optimizer, dtype=dtype, state=state,
+                result=result, metrics=metrics, bar=bar, stepper=stepper, windows=windows,
+                clock=clock, saver=saver, evals=evals, train_log=_TrainLog(),
+                boundary=Boundary())
 
-    # --- the steps: each window of micro-batches, then log, evaluate, checkpoint
-    try:
-        with StopFlag() as stop:
-            while state.global_step < total:
-                rng_at_start = boundary.step_starts()
-                here = (state.epoch, state.batch_index)
-                win = ahead if ahead is not None and (ahead.epoch, ahead.ids[0]) == here \
-                    else windows.build(*here)
-                ahead = None
-                n_labels, n_input, stopping = win.n_labels, win.n_input, False
-                if env.enabled:
-                    n_labels, n_input, stopping = share_window(env, device, n_labels, n_input,
-                                                               stop)
-                step_loss = None if stopping else stepper.backward(
-                    win.batches, n_labels, lambda: stop.mid_step(env.enabled))
-                if step_loss is None:  # a signal: the unfinished step is dropped; weights and
-                    # optimizer are still those of the step boundary, and so are the RNG states
-                    # saved with them
-                    zero_grads(optimizer)
-                    _interrupted(result, saver.save(state, rng_at_start), stop.signum)
-                    break
-                if state.global_step + 1 < total:
-                    # the next step's micro-batches (padding, document offsets, page-locked copies)
-                    # while the GPU runs this step's, before the optimizer step waits for the GPU
-                    ahead = windows.build(*window_after(win, per_epoch))
-                boundary.update_starts()  # from here until the step is counted, no consistent state
-                grad_norm, lr = stepper.update()
-                step_loss = stepper.read_loss(step_loss)
-                step_metrics = stepper.read_metrics()
 
-                state.global_step += 1
-                state.epoch, state.batch_index = window_after(win, per_epoch)
-                boundary.step_counted()
-                state.tokens_seen += n_labels
-                tokens_this_run += n_input
-                loss_value = step_loss / max(n_labels, 1)
-                result.step_losses[state.global_step] = loss_value
-                train_log.add(loss_value, n_input, step_metrics)
-                bar.update(loss_value, lr, n_input, _bar_metrics(step_metrics))
+def _batch_layout(model, cfg: RunConfig, device: torch.device, method,
+                  log: Callable[[str], None]) -> tuple[bool, bool]:
+    """(SFT packs its rows?, a preference method packs its micro-batches?), said in the log."""
+    from qlora.methods.preference import layout_line, packs_with_varlen
 
-                step = state.global_step
-                if step % cfg.logging_steps == 0 or step == total:
-                    metrics.write(train_log.record(step, _epochs(state, per_epoch), lr, grad_norm,
-                                                   device))
-                stop_early = False
-                if val_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0)
-                                     or step == total):
-                    evals.run(state)
-                    last_eval_step = step
-                    stop_early = early_stop.patience_spent(state, cfg.early_stopping_patience)
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    saver.save(state, ckpt.rng_state())
-                if stop_early:
-                    bar.write(early_stop.stop_message(state, cfg.early_stopping_patience))
-                    result.stopped = "early_stopping"
-                    break
-                if stop.at_boundary(step, total, stop_after_steps, env.enabled):
-                    _interrupted(result, saver.save(state, ckpt.rng_state()), stop.signum)
-                    break
-    except torch.OutOfMemoryError as err:
-        # a checkpoint at the last step boundary, then the planner's advice, as a QloraError
-        # (exit code 2)
-        from qlora.memory import out_of_memory_error
+    # SFT packs examples into rows; a preference micro-batch is its examples' sequences, packed
+    # into one row of their own (preference_packed) or padded
+    packing = cfg.packing and model.packs_documents and method is None
+    preference_packed = method is not None and cfg.packing and packs_with_varlen(model, device)
+    if method is not None:
+        log(layout_line(preference_packed, cfg.packing))
+    if cfg.packing and not packing and method is None:
+        log("packing off: this model would let packed documents see each other (no position ids "
+            "in its forward, or layers that carry state along a row), so each row holds one "
+            "example, padded")
+    return packing, preference_packed
 
-        # under torchrun the other ranks are elsewhere (in a collective this rank will not
-        # join): no checkpoint, whose save is a collective; the newest one on disk is named
-        save = None if env.enabled else (lambda rng: saver.save(state, rng))
-        kept = keep_checkpoint(boundary, state, save, optimizer, device, out, log)
-        raise out_of_memory_error(cfg, device, err, kept, dtype, env.world_size) from None
-    finally:
-        bar.close()
-        metrics.close()
 
-    # --- the end: a last evaluation, the adapter, the summary
+def _plan_line(cfg: RunConfig, env: DistEnv, n_train: int, n_rows: int, per_epoch: int,
+               total: int, warmup: int, n_val: int) -> str:
+    """The log's line of what the run will do: examples, rows, micro-batches, steps."""
+    return (f"{n_train} train examples in {n_rows} rows, {per_epoch} micro-batches of "
+            f"{cfg.micro_batch_size} per epoch, {cfg.gradient_accumulation_steps} per step"
+            + (f" on each of {env.world_size} ranks" if env.enabled else "")
+            + f": {total} optimizer steps "
+            f"({warmup} warm-up), {n_val} validation examples")
+
+
+def _one_step(run: _Run, stop: StopFlag) -> tuple[Any, float] | None:
+    """One optimizer step: its window's backward, the next window built, the update, the step's
+    loss read and counted. (grad_norm, lr); None where a signal dropped the step (saved)."""
+    state, env = run.state, run.env
+    rng_at_start = run.boundary.step_starts()
+    here = (state.epoch, state.batch_index)
+    win = run.ahead if run.ahead is not None and (run.ahead.epoch, run.ahead.ids[0]) == here \
+        else run.windows.build(*here)
+    run.ahead = None
+    n_labels, n_input, stopping = win.n_labels, win.n_input, False
+    if env.enabled:
+        n_labels, n_input, stopping = share_window(env, run.device, n_labels, n_input, stop)
+    step_loss = None if stopping else run.stepper.backward(
+        win.batches, n_labels, lambda: stop.mid_step(env.enabled))
+    if step_loss is None:  # a signal: the unfinished step is dropped; weights and
+        # optimizer are still those of the step boundary, and so are the RNG states
+        # saved with them
+        zero_grads(run.optimizer)
+        _interrupted(run.result, run.saver.save(state, rng_at_start), stop.signum)
+        return None
+    if state.global_step + 1 < run.total:
+        # the next step's micro-batches (padding, document offsets, page-locked copies)
+        # while the GPU runs this step's, before the optimizer step waits for the GPU
+        run.ahead = run.windows.build(*window_after(win, run.per_epoch))
+    run.boundary.update_starts()  # from here until the step is counted, no consistent state
+    grad_norm, lr = run.stepper.update()
+    step_loss = run.stepper.read_loss(step_loss)
+    step_metrics = run.stepper.read_metrics()
+    _count_step(run, win, n_labels, n_input, step_loss, step_metrics, lr)
+    return grad_norm, lr
+
+
+def _count_step(run: _Run, win: Window, n_labels: int, n_input: int, step_loss: float,
+                step_metrics: dict, lr: float) -> None:
+    """The finished step in the state (the next step's position), the result, the train log
+    and the progress bar."""
+    state = run.state
+    state.global_step += 1
+    state.epoch, state.batch_index = window_after(win, run.per_epoch)
+    run.boundary.step_counted()
+    state.tokens_seen += n_labels
+    run.tokens_this_run += n_input
+    loss_value = step_loss / max(n_labels, 1)
+    run.result.step_losses[state.global_step] = loss_value
+    run.train_log.add(loss_value, n_input, step_metrics)
+    run.bar.update(loss_value, lr, n_input, _bar_metrics(step_metrics))
+
+
+def _after_step(run: _Run, stop: StopFlag, grad_norm, lr: float) -> str | None:
+    """After a counted step: log, evaluate, checkpoint, as the options say. Why the run stops
+    here ("early_stopping" or "interrupted", with a checkpoint), or None to go on."""
+    cfg, state, step = run.cfg, run.state, run.state.global_step
+    if step % cfg.logging_steps == 0 or step == run.total:
+        run.metrics.write(run.train_log.record(step, _epochs(state, run.per_epoch), lr, grad_norm,
+                                               run.device))
+    stop_early = False
+    if run.val_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0)
+                             or step == run.total):
+        run.evals.run(state)
+        run.last_eval_step = step
+        stop_early = early_stop.patience_spent(state, cfg.early_stopping_patience)
+    if cfg.save_steps and step % cfg.save_steps == 0:
+        run.saver.save(state, ckpt.rng_state())
+    if stop_early:
+        run.bar.write(early_stop.stop_message(state, cfg.early_stopping_patience))
+        run.result.stopped = "early_stopping"
+        return run.result.stopped
+    if stop.at_boundary(step, run.total, run.stop_after_steps, run.env.enabled):
+        _interrupted(run.result, run.saver.save(state, ckpt.rng_state()), stop.signum)
+        return run.result.stopped
+    return None
+
+
+def _out_of_memory(run: _Run, err: torch.OutOfMemoryError) -> QloraError:
+    """A checkpoint at the last step boundary, then the planner's advice, as a QloraError
+    (exit code 2)."""
+    from qlora.memory import out_of_memory_error
+
+    # under torchrun the other ranks are elsewhere (in a collective this rank will not
+    # join): no checkpoint, whose save is a collective; the newest one on disk is named
+    save = None if run.env.enabled else (lambda rng: run.saver.save(run.state, rng))
+    kept = keep_checkpoint(run.boundary, run.state, save, run.optimizer, run.device, run.out,
+                           run.log)
+    return out_of_memory_error(run.cfg, run.device, err, kept, run.dtype, run.env.world_size)
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The end: a last evaluation and the adapter to keep (unless interrupted), the summary."""
+    state, result = run.state, run.result
     result.global_step = state.global_step
-    train_time = clock.run_s()
+    train_time = run.clock.run_s()
     if result.stopped == "interrupted":
-        log(f"interrupted at step {state.global_step}: checkpoint {result.checkpoint}; "
-            f"continue with --resume latest")
+        run.log(f"interrupted at step {state.global_step}: checkpoint {result.checkpoint}; "
+                f"continue with --resume latest")
     else:
-        if val_examples and last_eval_step != state.global_step:
-            evals.run(state)
-        if cfg.load_best_at_end and state.best_step is not None and \
-                state.best_step != state.global_step:
-            early_stop.load_best(model, out, main)
-            log(f"loaded the best adapter (step {state.best_step}, eval loss "
-                f"{state.best_metric:.4f})")
-        early_stop.save_final(model, out, base_model, main)
+        _final_adapter(run)
     result.best_eval_loss, result.best_step = state.best_metric, state.best_step
-    wall = state.elapsed_s if result.stopped == "interrupted" else clock.before + train_time
-    result.summary = _summary(cfg, env, state, result, total, _epochs(state, per_epoch), wall,
-                              tokens_this_run / max(train_time, 1e-9), device, optim_name, dtype)
-    if main:
-        write_summary(out, result.summary)
-        plot_losses(out)
-    dist_.barrier(env)
+    wall = state.elapsed_s if result.stopped == "interrupted" else run.clock.before + train_time
+    result.summary = _summary(run.cfg, run.env, state, result, run.total,
+                              _epochs(state, run.per_epoch), wall,
+                              run.tokens_this_run / max(train_time, 1e-9), run.device,
+                              run.optim_name, run.dtype)
+    if run.env.is_main:
+        write_summary(run.out, result.summary)
+        plot_losses(run.out)
+    dist_.barrier(run.env)
     return result
+
+
+def _final_adapter(run: _Run) -> None:
+    """A last evaluation (unless the last step had one), the best adapter loaded back where
+    load_best_at_end asks, and the adapter saved."""
+    cfg, state, main = run.cfg, run.state, run.env.is_main
+    if run.val_examples and run.last_eval_step != state.global_step:
+        run.evals.run(state)
+    if cfg.load_best_at_end and state.best_step is not None and \
+            state.best_step != state.global_step:
+        early_stop.load_best(run.model, run.out, main)
+        run.log(f"loaded the best adapter (step {state.best_step}, eval loss "
+                f"{state.best_metric:.4f})")
+    early_stop.save_final(run.model, run.out, run.base_model, main)
 
 
 def _precompute_reference(model, examples: list[dict], cfg: RunConfig, pad_id: int, packed: bool,
