@@ -346,3 +346,25 @@ def test_rows_that_do_not_fill_a_block_fall_back_as_llama_cpp(file_type, width, 
     assert choice.stored == want and choice.wanted != want
     out = tensor_type("output.weight", (64, width), file_type, LLAMA_8B)
     assert out.stored == ("Q8_0" if width % 32 == 0 else "F16")
+
+
+def test_the_workers_count_stays_within_a_cgroup_cpu_quota(tmp_path):
+    """`docker --cpus 2.5` writes "250000 100000" to cpu.max and leaves the affinity whole: the
+    export starts 3 workers (the quota rounded up), not one per visible core; no quota ("max"),
+    no file, or a file it cannot read: the affinity's count."""
+    import os
+
+    from qlora.export.kquants import cgroup_cpu_quota, usable_cores
+
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max.write_text("250000 100000\n")
+    assert cgroup_cpu_quota(str(cpu_max)) == 3
+    assert usable_cores(str(cpu_max)) == min(affinity, 3)
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one worker
+    assert usable_cores(str(cpu_max)) == 1
+    cpu_max.write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(cpu_max)) is None and usable_cores(str(cpu_max)) == affinity
+    cpu_max.write_text("garbled\n")
+    assert usable_cores(str(cpu_max)) == affinity
+    assert usable_cores(str(tmp_path / "absent")) == affinity

@@ -777,12 +777,27 @@ def quantize(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None
     return submit(x, kind_name, importance, executor).result()
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which containers narrow), else all."""
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may run on: its affinity (which `docker --cpuset-cpus` narrows),
+    else all, and no more than its cgroup's CPU quota allows (`docker --cpus`, a Kubernetes CPU
+    limit), which leaves the affinity whole: one worker per visible core would then share the
+    quota's time slices and each wait its turn."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cpu_max)
+    return min(cores, quota) if quota else cores
+
+
+def cgroup_cpu_quota(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 quota gives (`cpu.max`: "QUOTA PERIOD" in microseconds, or "max ..."
+    for none), rounded up; None where there is no quota or no such file (cgroup v1, not Linux)."""
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 class Workers:
