@@ -565,10 +565,11 @@ class GGUFTensors:
 
 
 class ShardReader:
-    """Hugging Face name → its values (a torch tensor in the checkpoint's dtype), with the adapter folded in (`merge`: a
-    qlora.merge.Merge; None: the base's own). Each shard is mapped at its first tensor `plan`
-    reads and unmapped after its last: the pages read stay mapped for one shard at a time (two
-    where a stack of experts spans them), as when the shards were read one after the other."""
+    """Hugging Face name → its values (a torch tensor in the checkpoint's dtype), with the
+    adapter folded in (`merge`: a qlora.merge.Merge; None: the base's own). Each shard is mapped
+    at its first tensor `plan` reads and unmapped after its last: the pages read stay mapped for
+    one shard at a time (two where a stack of experts spans them), as when the shards were read
+    one after the other."""
 
     def __init__(self, files: list[Path], plan: list[Planned], merge):
         from safetensors import safe_open

@@ -80,23 +80,14 @@ class PlanConfig:
     def validate(self, targets: bool = True) -> None:
         """`targets`: check the target names against the native decoder's projections (a
         generic model's are checked against its own layers, generic_targets)."""
-        def bad(option: str, value, choices) -> QloraError:
-            return QloraError(f"{option} {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
-
-        if self.quant not in QUANT_METHODS:
-            raise bad("--quant", self.quant, QUANT_METHODS)
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("--optimizer", self.optimizer, OPTIMIZERS)
-        if self.sharding not in SHARDING:
-            raise bad("--sharding", self.sharding, SHARDING)
-        if self.kernels not in KERNELS:
-            raise bad("--kernels", self.kernels, KERNELS)
-        if self.loss not in LOSSES:
-            raise bad("--loss", self.loss, LOSSES)
-        if self.adapter_dtype not in DTYPE_BYTES:
-            raise bad("--adapter-dtype", self.adapter_dtype, DTYPE_BYTES)
-        if self.nonquant_dtype not in DTYPE_BYTES:
-            raise bad("nonquant_dtype", self.nonquant_dtype, DTYPE_BYTES)
+        for option, value, choices in (
+                ("--quant", self.quant, QUANT_METHODS), ("--optimizer", self.optimizer, OPTIMIZERS),
+                ("--sharding", self.sharding, SHARDING), ("--kernels", self.kernels, KERNELS),
+                ("--loss", self.loss, LOSSES), ("--adapter-dtype", self.adapter_dtype, DTYPE_BYTES),
+                ("nonquant_dtype", self.nonquant_dtype, DTYPE_BYTES)):
+            if value not in choices:
+                raise QloraError(f"{option} {value!r} is not valid; choose one of: "
+                                 f"{', '.join(map(str, choices))}")
         chunk = () if self.loss_chunk_tokens is None else (("loss_chunk_tokens", self.loss_chunk_tokens),)
         for option, value in (("--r", self.r), ("--seq-len", self.seq_len), ("--micro-batch", self.micro_batch),
                               ("--gpus", self.gpus), *chunk):
