@@ -56,6 +56,13 @@ def attention_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu
     return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.num_layers)
 
 
+# Two searches for a value of one PlanConfig field, on purpose: what the plan picks itself
+# (auto_fit's micro-batch, the layers that keep attention) is the largest whole number that fits
+# (_largest_that_fits, bisected); what advise offers is the value halved until it fits
+# (_first_halving_that_fits), as one would change it by hand: a micro-batch k times smaller keeps
+# the batch with x k gradient accumulation. One serving both would change their answers: from
+# micro-batch 16 (Llama-3-8B, 4096 tokens, 24 GiB) the largest that fits is 5, and advise says 4
+# (x4 accumulation keeps the batch of 16; 5 would make it 15).
 def _largest_that_fits(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_name: str, low: int,
                        high: int) -> int:
     """The largest value of `field_name` in [low, high] whose plan fits, for a plan that grows
@@ -116,13 +123,13 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
         return []
     singles: list[PlanConfig | None] = []
     if cfg.micro_batch > 1:
-        singles.append(_largest_fitting(arch, cfg, gpu_bytes, "micro_batch", cfg.micro_batch // 2, 1))
+        singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "micro_batch", cfg.micro_batch // 2, 1))
     if not cfg.checkpointing:
         singles.append(replace(cfg, checkpointing=True))
     if cfg.seq_len > 128:
-        singles.append(_largest_fitting(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, 128))
+        singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, 128))
     if cfg.r > 4:
-        singles.append(_largest_fitting(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
+        singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
     if offload and not cfg.offload_activations and cfg.checkpointing:
         singles.append(replace(cfg, offload_activations=True))
     if not cfg.tile_mlp:
@@ -154,7 +161,7 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     if fits(plan(arch, combined), gpu_bytes):
         return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     for knob, floor in (("seq_len", 128), ("r", 4)):
-        trial = _largest_fitting(arch, combined, gpu_bytes, knob, getattr(combined, knob), floor)
+        trial = _first_halving_that_fits(arch, combined, gpu_bytes, knob, getattr(combined, knob), floor)
         if trial is not None:
             return [Advice(_changes(cfg, trial), _describe(cfg, trial, names), plan(arch, trial))]
         combined = replace(combined, **{knob: min(getattr(combined, knob), floor)})
@@ -166,9 +173,10 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     return [Advice({}, text, b)]
 
 
-def _largest_fitting(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_name: str, start: int,
-                     floor: int) -> PlanConfig | None:
-    """Halve `field_name` from `start` down to `floor`; the first (largest) value that fits."""
+def _first_halving_that_fits(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_name: str,
+                             start: int, floor: int) -> PlanConfig | None:
+    """`cfg` with `field_name` at the first of start, start // 2, ... down to `floor` whose plan
+    fits (None if none does); not bisected: see _largest_that_fits."""
     value = start
     while value >= floor:
         new = replace(cfg, **{field_name: value})

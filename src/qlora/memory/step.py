@@ -1,10 +1,16 @@
 """plan(): the memory of one training step of a native model, part by part, from the tensors
 autograd keeps (the model of a step: qlora/memory/__init__.py); a model on the generic path goes
-to generic.coarse_plan."""
+to generic.coarse_plan.
+
+plan() reads as the step's parts in turn: the frozen weights, the adapters and their optimizer,
+what one layer keeps and makes per token (_PerToken), the activations saved through the forward,
+the loss, the dequantized weight, the backward's peak, the reference forward of a preference
+method, then what several GPUs change. The parts append their notes (Breakdown.notes) as they go,
+so the notes read in that order."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from qlora.memory.activations import (backward_working_bytes_per_token, layer_activation_terms,
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
@@ -34,13 +40,53 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if isinstance(arch, GenericSpec):
         return coarse_plan(arch, cfg)
     cfg.validate()
+    notes: list[str] = []
+    frozen = _frozen_weights(arch, cfg, notes)
+    trainable = _adapters_and_optimizer(arch, cfg)
+    per_token = _per_token(arch, cfg, notes)
+    activations, copies = _saved_activations(arch, cfg, per_token, notes)
+    loss = _loss_peak(arch, cfg, notes)
+    _note_attention(arch, cfg, per_token.tokens, notes)
+    dequant = _dequantized_weight(arch, cfg, per_token.tokens, notes)
+    if cfg.checkpointing:
+        backward_activations, backward, dequant = _checkpointed_backward_peak(arch, cfg, per_token,
+                                                                              dequant)
+    else:
+        backward_activations, backward = _backward_without_checkpointing(arch, per_token)
+    # the cuBLAS workspaces and the batch (ids, labels, positions) always, the dequantized
+    # weight inside a quantized matmul
+    workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * per_token.tokens + dequant
+    reference = _reference_forward(arch, cfg, per_token.tokens, notes)
+    one_gpu = Breakdown(
+        arch=arch, cfg=cfg, base=frozen.base, embeddings=frozen.embeddings, norms=frozen.norms,
+        adapters=trainable.adapters, optimizer=trainable.optimizer,
+        optimizer_paged=trainable.optimizer_paged, activations=activations, adapter_copies=copies,
+        loss=loss, backward=int(backward), adapter_grads=trainable.grads,
+        layer_grads=trainable.layer_grads, optimizer_step=trainable.optimizer_step,
+        workspace=workspace, dequant=dequant, reference=reference,
+        adapter_params=sum(trainable.numels), notes=notes,
+        backward_activations=int(backward_activations),
+        flat_grads=cfg.flat_grads and (cfg.gpus == 1 or cfg.sharding == "ddp"))
+    b = _across_gpus(arch, cfg, one_gpu, frozen.layer, trainable.numels) if cfg.gpus > 1 else one_gpu
+    b.notes.extend(_memory_outside_allocator_notes(arch, cfg, b.optimizer_paged))
+    return b
+
+
+# --- static: what lives across steps --------------------------------------------------------------
+@dataclass(frozen=True)
+class _Frozen:
+    base: int  # the decoder's linears (quantized), their biases, a mixture of experts' stacks
+    embeddings: int
+    norms: int
+    layer: int  # one layer's linears without a mixture of experts' MLP (what FSDP gathers)
+
+
+def _frozen_weights(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _Frozen:
+    """The frozen weights on the GPU: the linears as quantized, embeddings, head and norms in
+    `nonquant_dtype`."""
     rnd = cfg.alloc_rounding
     L, h, v = arch.num_layers, arch.hidden_size, arch.vocab_size
-    tokens = step_tokens(cfg)
     nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
-    notes: list[str] = []
-
-    # Static: frozen weights.
     base_layer = mlp_layer = 0
     moe = arch.moe is not None
     for name, n_in, n_out in arch.linears():
@@ -65,34 +111,62 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         notes.append(f"input embedding in pinned host memory: {gib(v * h * nbytes):.2f} GiB "
                      "of host RAM, not on the GPU")
     norms = sum(alloc(n * nbytes, rnd) for n in arch.norm_sizes())
+    return _Frozen(base=base, embeddings=embeddings, norms=norms, layer=base_layer)
 
-    # Trainable: adapters (static), their gradients (made in backward, set to None after the
-    # step), optimizer states (static from the first step on).
+
+@dataclass(frozen=True)
+class _Trainable:
+    numels: list[int]  # every adapter tensor's elements (adapter_tensors)
+    adapters: int
+    grads: int
+    layer_grads: int
+    optimizer: int
+    optimizer_paged: int
+    optimizer_step: int
+
+
+def _adapters_and_optimizer(arch: ArchSpec, cfg: PlanConfig) -> _Trainable:
+    """Adapters (static), their gradients (made in backward, set to None after the step),
+    optimizer states (static from the first step on)."""
+    rnd = cfg.alloc_rounding
     numels = adapter_tensors(arch, cfg)
     abytes = DTYPE_BYTES[cfg.adapter_dtype]
     adapters = sum(alloc(n * abytes, rnd) for n in numels)
     grads = sum(alloc(n * abytes, rnd) for n in numels)
-    layer_grads = -(-grads // L)
     opt, opt_paged, opt_step = optimizer_state_bytes(numels, cfg)
+    return _Trainable(numels=numels, adapters=adapters, grads=grads,
+                      layer_grads=-(-grads // arch.num_layers), optimizer=opt,
+                      optimizer_paged=opt_paged, optimizer_step=opt_step)
 
-    # Activations. With the MLP in tiles (mlp_tile_tokens), what the MLP keeps inside it and the
-    # gradients it makes are one tile's, not the sequence's; the tiled MLP keeps only its input
-    # (a term outside the MLP's inside) and makes its input's gradient whole.
+
+# --- activations: what one layer keeps and makes, per token ---------------------------------------
+@dataclass(frozen=True)
+class _PerToken:
+    """What the saved activations and the backward's peak share: bytes per token of the step's
+    `tokens` (floats where the MLP runs in tiles: one tile's spread over the tokens)."""
+    tokens: int  # of one micro-batch's forward with grad (step_tokens)
+    terms: dict[str, float]  # what a layer saves for backward (layer_activation_terms)
+    tile: int | None  # the MLP's tile (mlp_tile_tokens), None: whole
+    per_layer: float  # the sum of `terms`, less the tiled MLP's inside
+    per_layer_weights: int  # the adapter copies a layer's graph keeps (layer_weight_terms)
+    layer_input: int  # the bf16 hidden state entering a layer
+    final: int  # after the layers: the final norm and the loss's input
+    rope: int  # RoPE's cos and sin
+    working: float  # a layer's backward at its MLP's moment
+    attention_extra: int  # a layer's backward at attention's moment
+    offloaded: bool  # the checkpointed layer inputs in host memory (offload_applies)
+    inputs_on_gpu: int  # checkpointed layer inputs on the GPU at once
+    kept_layers: int  # layers that keep attention for backward (keep_attention)
+    kept_each: int  # what one of them keeps
+    products: int  # the fast path's LoRA products a checkpointed layer keeps for its rerun
+
+
+def _per_token(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _PerToken:
+    L, h = arch.num_layers, arch.hidden_size
+    tokens = step_tokens(cfg)
     terms = layer_activation_terms(arch, cfg)
-    per_layer = sum(terms.values())
     tile = mlp_tile_tokens(arch, cfg)
-    if tile:
-        outside, inside = split_mlp_terms(terms)
-        mlp_working = 3 * 2 * arch.intermediate_size  # backward_working_bytes_per_token's MLP part
-        per_layer = outside
-        # one tile's inside and gradients, spread over the tokens. The tiled MLP's input gradient,
-        # written tile by tile into one [tokens, hidden] tensor, is the gradient going out that
-        # backward_working_bytes_per_token counts beside the one coming in (2 x 2h): no more.
-        tile_extra = tile * (inside + mlp_working) / tokens
-        notes.append(f"MLP in sequence tiles of {tile} tokens: its intermediates are one tile's "
-                     f"({gib(tile * (inside + mlp_working)):.2f} GiB in backward)")
-    per_layer_weights = sum(layer_weight_terms(arch, cfg).values())
-    layer_input = 2 * h  # the bf16 hidden state entering a layer
+    per_layer, working = _layer_saved_and_mlp_backward(arch, cfg, terms, tile, tokens, notes)
     # After the layers: the final norm (fp32 input copy + rstd, eager), the loss's input (the
     # normed hidden state of the label positions: alive through the loss's forward, and kept by
     # each chunk's checkpoint until the loss's backward in `chunked`) with its int64
@@ -100,9 +174,6 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     final = (4 if torch_norms(arch, cfg) else 2) * h + 4 + 2 * h + 8 + 8
     # Gemma 3: a second table pair for its sliding layers' own RoPE base
     rope = 2 * 2 * arch.head_dim * (2 if arch.model_type == "gemma3_text" else 1)
-    working = backward_working_bytes_per_token(arch, cfg)
-    if tile:
-        working += tile_extra - 3 * 2 * arch.intermediate_size
     offloaded = offload_applies(cfg)
     kept_layers = kept_attention_layers(arch, cfg)
     kept_each = (kept_attention_bytes_per_token(arch, cfg.seq_len, repeats_kv_heads(arch))
@@ -113,31 +184,69 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     attention_extra = (2 * h + 2 * arch.num_heads * arch.head_dim
                        + attention_backward_bytes_per_token(arch, cfg)
                        - mlp_side_bytes_per_token(arch, cfg, terms, bool(tile)))
-    if cfg.checkpointing:
-        # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
-        # Offloaded (speed/offload.py), two inputs are on the GPU at any time: in forward the one
-        # still being copied out and the next; at the loss the last layer's (kept) and, at its
-        # backward, the one fetched ahead. On the fast path each layer also keeps its LoRA
-        # products H [tokens, r] per target for the rerun (kernels/lora.py), which then draws no
-        # dropout mask again: on the GPU, offloaded or not.
-        products = 2 * cfg.r * len(target_names(cfg.targets, arch)) if fast_path(cfg) else 0
-        inputs_on_gpu = min(2, L) if offloaded else L
-        # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
-        if kept_layers:
-            notes.append(f"attention kept for backward in {kept_layers} of {L} "
-                         f"layers: {gib(tokens * kept_layers * kept_each):.2f} GiB (keep_attention)")
-        activations = tokens * (inputs_on_gpu * layer_input + L * products + kept_layers * kept_each
-                                + final + rope)
-        copies = per_layer_weights
-    else:
-        activations = tokens * (L * per_layer + final + rope)
-        copies = L * per_layer_weights
-        backward = tokens * max(working, attention_extra)
-        # the last layer's backward comes after the final norm's and the loss's: theirs are gone
-        backward_activations = tokens * (L * per_layer + rope)
-    activations = int(activations)
+    # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer.
+    # Offloaded (speed/offload.py), two inputs are on the GPU at any time: in forward the one
+    # still being copied out and the next; at the loss the last layer's (kept) and, at its
+    # backward, the one fetched ahead. On the fast path each layer also keeps its LoRA products
+    # H [tokens, r] per target for the rerun (kernels/lora.py), which then draws no dropout mask
+    # again: on the GPU, offloaded or not.
+    products = 2 * cfg.r * len(target_names(cfg.targets, arch)) if fast_path(cfg) else 0
+    inputs_on_gpu = min(2, L) if offloaded else L
+    return _PerToken(tokens=tokens, terms=terms, tile=tile, per_layer=per_layer,
+                     per_layer_weights=sum(layer_weight_terms(arch, cfg).values()),
+                     layer_input=2 * h, final=final, rope=rope, working=working,
+                     attention_extra=attention_extra, offloaded=offloaded,
+                     inputs_on_gpu=inputs_on_gpu, kept_layers=kept_layers, kept_each=kept_each,
+                     products=products)
+
+
+def _layer_saved_and_mlp_backward(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float],
+                                  tile: int | None, tokens: int, notes: list[str]) -> tuple[float, float]:
+    """(what a layer saves for backward, its backward at the MLP's moment), per token.
+
+    With the MLP in tiles (mlp_tile_tokens), what the MLP keeps inside it and the gradients it
+    makes are one tile's, not the sequence's; the tiled MLP keeps only its input (a term outside
+    the MLP's inside) and makes its input's gradient whole."""
+    working = backward_working_bytes_per_token(arch, cfg)
+    if not tile:
+        return sum(terms.values()), working
+    outside, inside = split_mlp_terms(terms)
+    mlp_working = 3 * 2 * arch.intermediate_size  # backward_working_bytes_per_token's MLP part
+    # one tile's inside and gradients, spread over the tokens. The tiled MLP's input gradient,
+    # written tile by tile into one [tokens, hidden] tensor, is the gradient going out that
+    # backward_working_bytes_per_token counts beside the one coming in (2 x 2h): no more.
+    tile_extra = tile * (inside + mlp_working) / tokens
+    notes.append(f"MLP in sequence tiles of {tile} tokens: its intermediates are one tile's "
+                 f"({gib(tile * (inside + mlp_working)):.2f} GiB in backward)")
+    return outside, working + (tile_extra - mlp_working)
+
+
+def _saved_activations(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
+                       notes: list[str]) -> tuple[int, int]:
+    """What the forward leaves saved for backward at its end, and the adapter copies the graph
+    keeps (one layer's under checkpointing, which reruns one layer at a time)."""
+    L = arch.num_layers
+    if not cfg.checkpointing:
+        return int(t.tokens * (L * t.per_layer + t.final + t.rope)), L * t.per_layer_weights
+    # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
+    if t.kept_layers:
+        notes.append(f"attention kept for backward in {t.kept_layers} of {L} "
+                     f"layers: {gib(t.tokens * t.kept_layers * t.kept_each):.2f} GiB (keep_attention)")
+    activations = t.tokens * (t.inputs_on_gpu * t.layer_input + L * t.products
+                              + t.kept_layers * t.kept_each + t.final + t.rope)
+    return int(activations), t.per_layer_weights
+
+
+# --- the loss and the weights a matmul dequantizes ------------------------------------------------
+def _loss_peak(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> int:
     loss, loss_note = loss_peak_bytes(arch, cfg)
     notes.append(f"logits/loss: {loss_note}")
+    return loss
+
+
+def _note_attention(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: list[str]) -> None:
+    """Attention that the speed layer does not run as flash or cannot keep: Gemma 2's soft-capped
+    scores; keep_attention for a model whose attention is always recomputed."""
     if capped_scores_in_torch(arch, cfg):
         scores = tokens * (8 * arch.num_heads + 1) * cfg.seq_len
         notes.append(f"soft-capped attention (Gemma 2) runs in torch, not flash: its scores are "
@@ -150,9 +259,10 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         notes.append(f"keep_attention: {arch.model_type}'s attention is recomputed in backward "
                      "(the speed layer keeps none of it)")
 
-    # Workspace: the cuBLAS workspaces and the batch (ids, labels, positions) always; inside a
-    # quantized matmul (forward and backward alike) the frozen weight dequantized, with double
-    # quant first its fp32 absmax.
+
+def _dequantized_weight(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: list[str]) -> int:
+    """Inside a quantized matmul (forward and backward alike) the frozen weight dequantized, with
+    double quant first its fp32 absmax."""
     largest = max(arch.linears(), key=lambda x: x[1] * x[2])
     n_largest = largest[1] * largest[2]
     experts = expert_run_elements(arch)
@@ -171,86 +281,115 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         big = max(t, key=lambda x: x[1] * x[2])
         dequant += 3 * 2 * big[1] * big[2]
         notes.append("DoRA: its workspace term is an estimate")
-    if cfg.checkpointing:
-        # The layer whose backward peaks, and at which of its two moments (the MLP's, with the
-        # dense weights the rerun kept and one more being dequantized; attention's). With
-        # attention kept in the last N < L layers, the last layer (every input alive, N kept) and
-        # the last that reruns its attention (N inputs fewer, none kept, its q, k, v recomputed
-        # and their dense weights kept) are both candidates.
-        candidates = [(L - 1, kept_layers > 0)]
-        if 0 < kept_layers < L:
-            candidates.append((L - 1 - kept_layers, False))
-        # a tile's backward dequantizes gate and up together (the fast path's group)
-        dequant_now = max(dequant, tile_dequant_bytes(arch, cfg)) if tile else dequant
-        best = None
-        for layer, kept_here in candidates:
-            alive = layer + 1  # layer inputs and products of this layer and the ones before it
-            kept_alive = kept_layers - (L - 1 - layer) if kept_here else 0
-            before = tokens * ((inputs_on_gpu if offloaded else alive) * layer_input
-                               + alive * products + kept_alive * kept_each + rope)
-            rerun = sum(rerun_terms(arch, cfg, terms, kept_here, bool(tile)).values())
-            if tile:
-                rerun -= split_mlp_terms(terms)[1]
-            kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(tile))
-            moments = [(tokens * (rerun + working), kept_dense + dequant_now),
-                       (tokens * (rerun + attention_extra), attention_dense)]
-            moment, dense = max(moments, key=sum)
-            if best is None or before + moment + dense > sum(best):
-                best = (before, moment, dense)
-        backward_activations, backward, dequant = best
-    workspace = CUBLAS_WORKSPACE_BYTES + 3 * 8 * tokens + dequant
+    return dequant
+
+
+# --- the backward's peak --------------------------------------------------------------------------
+def _backward_without_checkpointing(arch: ArchSpec, t: _PerToken) -> tuple[float, float]:
+    """(activations still saved, the layer's backward) at the last layer's backward, every layer's
+    activations saved since the forward."""
+    backward = t.tokens * max(t.working, t.attention_extra)
+    # the last layer's backward comes after the final norm's and the loss's: theirs are gone
+    backward_activations = t.tokens * (arch.num_layers * t.per_layer + t.rope)
+    return backward_activations, backward
+
+
+def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
+                                dequant: int) -> tuple[float, float, int]:
+    """(activations still saved, the rerun layer's backward, the dense weights beside it) at the
+    layer backward that peaks; the dense weights are that phase's dequantized weight.
+
+    The layer whose backward peaks, and at which of its two moments (the MLP's, with the dense
+    weights the rerun kept and one more being dequantized; attention's). With attention kept in
+    the last N < L layers, the last layer (every input alive, N kept) and the last that reruns
+    its attention (N inputs fewer, none kept, its q, k, v recomputed and their dense weights
+    kept) are both candidates."""
+    L = arch.num_layers
+    candidates = [(L - 1, t.kept_layers > 0)]
+    if 0 < t.kept_layers < L:
+        candidates.append((L - 1 - t.kept_layers, False))
+    # a tile's backward dequantizes gate and up together (the fast path's group)
+    dequant_now = max(dequant, tile_dequant_bytes(arch, cfg)) if t.tile else dequant
+    best = None
+    for layer, kept_here in candidates:
+        alive = layer + 1  # layer inputs and products of this layer and the ones before it
+        kept_alive = t.kept_layers - (L - 1 - layer) if kept_here else 0
+        before = t.tokens * ((t.inputs_on_gpu if t.offloaded else alive) * t.layer_input
+                             + alive * t.products + kept_alive * t.kept_each + t.rope)
+        rerun = sum(rerun_terms(arch, cfg, t.terms, kept_here, bool(t.tile)).values())
+        if t.tile:
+            rerun -= split_mlp_terms(t.terms)[1]
+        kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(t.tile))
+        moments = [(t.tokens * (rerun + t.working), kept_dense + dequant_now),
+                   (t.tokens * (rerun + t.attention_extra), attention_dense)]
+        moment, dense = max(moments, key=sum)
+        if best is None or before + moment + dense > sum(best):
+            best = (before, moment, dense)
+    return best
+
+
+# --- preference methods' reference forward --------------------------------------------------------
+def _reference_forward(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: list[str]) -> int:
+    """The reference forward's own moment (0 for none). It runs after the policy's loss and is
+    gone before its backward: a moment of its own (Breakdown.phases), not workspace alive in
+    every phase. Beside it the policy's fused loss keeps its gradient of the label rows' hidden
+    states (bf16 [tokens, h])."""
     if cfg.method in PREFERENCE_METHODS:
         saved = ("the example's activations saved, its KL sequence's forward under no_grad"
                  if cfg.method == "kto" else "two sequences per example")
         notes.append(f"{cfg.method}: {saved} ({tokens} tokens with grad a micro-batch); "
                      "log-probs per token from the model's chunked loss")
-    # The reference forward runs after the policy's loss and is gone before its backward: a
-    # moment of its own (Breakdown.phases), not workspace alive in every phase. Beside it the
-    # policy's fused loss keeps its gradient of the label rows' hidden states (bf16 [tokens, h]).
     reference = reference_forward_bytes(arch, cfg)
     if reference:
         if cfg.loss == "chunked-fused":
-            reference += 2 * tokens * h
+            reference += 2 * tokens * arch.hidden_size
         notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
                      f"{gib(reference):.2f} GiB, an estimate, after the policy's loss and "
                      "before its backward")
+    return reference
 
-    # Several GPUs: data parallel replicates everything and sums the flat gradient buffers in
-    # place (no bucket copy: train/distributed.all_reduce_grads); FSDP shards the weights,
-    # adapters, grads and optimizer, and gathers one layer at a time (twice: current +
-    # prefetched).
-    if cfg.gpus > 1:
-        n = cfg.gpus
-        if cfg.sharding == "ddp":
-            notes.append(f"data parallel over {n} GPUs: each holds a full copy; micro-batch is "
-                         "per GPU")
-        else:
-            layer_full = base_layer + sum(alloc(x * abytes, rnd) for x in numels[: len(numels) // L])
-            base, embeddings, norms = -(-base // n), -(-embeddings // n), -(-norms // n)
-            adapters, grads = -(-adapters // n), -(-grads // n)
-            # sharded parameters are stepped by torch AdamW (train/distributed.sharded_optim)
-            opt, opt_paged, opt_step = optimizer_state_bytes(numels, replace(cfg, optimizer="adamw_torch"))
-            opt, opt_paged, opt_step = -(-opt // n), -(-opt_paged // n), -(-opt_step // n)
-            gathered = 2 * layer_full + alloc(v * h * nbytes, rnd)  # + the gathered embedding/head
-            workspace += gathered
-            dequant += gathered
-            notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer (torch AdamW) "
-                         "sharded; two gathered layers and the gathered embedding/head in workspace")
-    if offloaded:
+
+# --- several GPUs, and what is not in the allocator -----------------------------------------------
+def _across_gpus(arch: ArchSpec, cfg: PlanConfig, b: Breakdown, frozen_layer: int,
+                 numels: list[int]) -> Breakdown:
+    """Several GPUs: data parallel replicates everything and sums the flat gradient buffers in
+    place (no bucket copy: train/distributed.all_reduce_grads); FSDP shards the weights,
+    adapters, grads and optimizer, and gathers one layer at a time (twice: current +
+    prefetched)."""
+    n = cfg.gpus
+    if cfg.sharding == "ddp":
+        b.notes.append(f"data parallel over {n} GPUs: each holds a full copy; micro-batch is "
+                       "per GPU")
+        return b
+    rnd = cfg.alloc_rounding
+    abytes = DTYPE_BYTES[cfg.adapter_dtype]
+    one_layer_adapters = numels[: len(numels) // arch.num_layers]
+    layer_full = frozen_layer + sum(alloc(x * abytes, rnd) for x in one_layer_adapters)
+    # sharded parameters are stepped by torch AdamW (train/distributed.sharded_optim)
+    opt, opt_paged, opt_step = optimizer_state_bytes(numels, replace(cfg, optimizer="adamw_torch"))
+    embedding = alloc(arch.vocab_size * arch.hidden_size * DTYPE_BYTES[cfg.nonquant_dtype], rnd)
+    gathered = 2 * layer_full + embedding  # + the gathered embedding/head
+    b.notes.append(f"FSDP over {n} GPUs: weights, adapters, grads, optimizer (torch AdamW) "
+                   "sharded; two gathered layers and the gathered embedding/head in workspace")
+    return replace(b, base=-(-b.base // n), embeddings=-(-b.embeddings // n), norms=-(-b.norms // n),
+                   adapters=-(-b.adapters // n), adapter_grads=-(-b.adapter_grads // n),
+                   optimizer=-(-opt // n), optimizer_paged=-(-opt_paged // n),
+                   optimizer_step=-(-opt_step // n), workspace=b.workspace + gathered,
+                   dequant=b.dequant + gathered)
+
+
+def _memory_outside_allocator_notes(arch: ArchSpec, cfg: PlanConfig, optimizer_paged: int) -> list[str]:
+    """Host memory the run takes (offload), GPU memory torch's allocator does not count (paged
+    optimizer states)."""
+    notes = []
+    if offload_applies(cfg):
         notes.append(f"offload: the checkpointed layer inputs wait in pinned host memory "
                      f"({gib(host_offload_bytes(arch, cfg)):.2f} GiB of host RAM); two are on "
                      "the GPU at a time")
     elif cfg.offload_activations:
         notes.append("offload: only the inputs checkpointing keeps are offloaded; without "
                      "checkpointing it does nothing")
-    if cfg.optimizer.startswith("paged_") and opt_paged:
+    if cfg.optimizer.startswith("paged_") and optimizer_paged:
         notes.append("paged optimizer states are in CUDA managed memory: counted in total, "
                      "not in torch.cuda.max_memory_allocated")
-
-    return Breakdown(arch=arch, cfg=cfg, base=base, embeddings=embeddings, norms=norms, adapters=adapters,
-                     optimizer=opt, optimizer_paged=opt_paged, activations=activations, adapter_copies=copies,
-                     loss=loss, backward=int(backward), adapter_grads=grads, layer_grads=layer_grads,
-                     optimizer_step=opt_step, workspace=workspace, dequant=dequant,
-                     reference=reference, adapter_params=sum(numels), notes=notes,
-                     backward_activations=int(backward_activations),
-                     flat_grads=cfg.flat_grads and (cfg.gpus == 1 or cfg.sharding == "ddp"))
+    return notes
