@@ -17,7 +17,8 @@
 #                 (offload, MLP tiles, kept attention: auto) beside Unsloth. At most 8.5 minutes.
 #   longest-24, longest-48, longest-80 (and longest-48-unsloth, longest-80-unsloth)
 #                 the longest Llama-3-8B row each system trains on a 24 GB card (23 GiB allocator
-#                 cap), a 48 GB card (46 GiB cap) and an 80 GB one (no cap): qlora at the longest
+#                 cap), a 48 GB card (46 GiB cap) and an 80 GB one (79 GiB cap: the whole of an
+#                 H100 80GB, an H200's 80 GB share): qlora at the longest
 #                 length whose allocated peak the planner fits there, tightly (offload, 4096-token
 #                 MLP tiles, no attention kept, expandable segments; one step, no warm-up: a step
 #                 is minutes), and Unsloth up a ladder of lengths in one worker (each recorded, out
@@ -171,7 +172,7 @@ longest-48-unsloth)
   ;;
 longest-80)  # planned 46.72 GiB at 393,216; 93 GiB pinned
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step 580 qlora-393216 $PY "$HERE/train_step.py" \
-    --shapes llama-3-8b --seqs 393216 --systems qlora-eager --offload-activations true \
+    --shapes llama-3-8b --seqs 393216 --systems qlora-eager --memory-cap-gib 79 --offload-activations true \
     --tile-mlp true --keep-attention 0 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --random-weights --worker-timeout 575 --deadline 578 --out "$OUT/qlora-80"
   ;;
@@ -179,7 +180,7 @@ longest-80-unsloth)  # Unsloth publishes 342,733 tokens on 80 GB for Llama-3.1-8
                      # trained 98,304 and not 131,072 under 46 GiB (2026-12-06), so the ladder
                      # starts at 2x that: 196,608 (~4.5 min by its 98,304 step's 92 s), then 262,144
   step 580 unsloth-ladder-80 $PY "$HERE/train_step.py" --shapes llama-3-8b --seqs 196608,262144 \
-    --systems unsloth --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
+    --systems unsloth --memory-cap-gib 79 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --worker-timeout 570 --model-root /tmp/models --out "$OUT/unsloth-80" --deadline 575
   ;;
 moe)

@@ -216,6 +216,17 @@ def test_parse_size():
         memory.parse_size("-3GB")
 
 
+def test_targets_absent_from_the_family_are_refused():
+    # Phi-3's q, k and v are one qkv_proj: q_proj,v_proj would plan no adapter (and, with DoRA,
+    # crashed on an empty max()); the training run refuses the same targets
+    arch = memory.resolve_arch(shape="phi-3-mini-4k")
+    for dora in (False, True):
+        with pytest.raises(QloraError, match="--targets: q_proj,v_proj match no linear layer of "
+                                             "this phi3 model; use all-linear or some of qkv_proj"):
+            plan(arch, PlanConfig(targets="q_proj,v_proj", dora=dora))
+    assert plan(arch, PlanConfig(targets="qkv_proj", dora=True)).adapter_params > 0
+
+
 # --- what autograd keeps, counted on the CPU --------------------------------------------------
 @pytest.mark.parametrize("family,targets,dropout,seeded", [
     ("qwen2", "all-linear", 0.0, False), ("qwen2", "all-linear", 0.1, False),

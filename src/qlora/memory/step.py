@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from qlora.errors import QloraError
 from qlora.memory.activations import (backward_working_bytes_per_token, layer_activation_terms,
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
                                       split_mlp_terms)
@@ -24,7 +25,8 @@ from qlora.memory.host import embedding_in_host_memory, host_offload_bytes, offl
 from qlora.memory.loss import loss_peak_bytes
 from qlora.memory.preference import reference_forward_bytes
 from qlora.memory.settings import (DTYPE_BYTES, MLP_LINEARS, PREFERENCE_METHODS, PlanConfig,
-                                   fast_path, step_tokens, target_names, torch_norms)
+                                   expert_targets, fast_path, step_tokens, target_names,
+                                   torch_norms)
 from qlora.memory.sizes import CUBLAS_WORKSPACE_BYTES, alloc, gib
 from qlora.memory.weights import (adapter_tensors, expert_run_elements, expert_stack_bytes,
                                   layer_weight_terms, optimizer_state_bytes,
@@ -40,6 +42,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     if isinstance(arch, GenericSpec):
         return coarse_plan(arch, cfg)
     cfg.validate()
+    _check_targets_present(arch, cfg)
     notes: list[str] = []
     frozen = _frozen_weights(arch, cfg, notes)
     trainable = _adapters_and_optimizer(arch, cfg)
@@ -70,6 +73,15 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     b = _across_gpus(arch, cfg, one_gpu, frozen.layer, trainable.numels) if cfg.gpus > 1 else one_gpu
     b.notes.extend(_memory_outside_allocator_notes(arch, cfg, b.optimizer_paged))
     return b
+
+
+def _check_targets_present(arch: ArchSpec, cfg: PlanConfig) -> None:
+    """Known names that this family's block does not have (Phi-3's q_proj: its q, k and v are one
+    qkv_proj) would plan no adapter at all; the training run refuses them too (adapters.py)."""
+    if not target_names(cfg.targets, arch) and not expert_targets(cfg.targets, arch):
+        named = cfg.targets if isinstance(cfg.targets, str) else ",".join(cfg.targets)
+        raise QloraError(f"--targets: {named} match no linear layer of this {arch.model_type} "
+                         f"model; use all-linear or some of {', '.join(arch.block_linears())}")
 
 
 # --- static: what lives across steps --------------------------------------------------------------
