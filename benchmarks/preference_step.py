@@ -256,7 +256,7 @@ class QloraStep:
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.opts = PreferenceOptions(beta=args.beta)
         self.method = PREFERENCE_METHODS[args.method]
-        # as qlora train decides it (loop._graphed_steps): rows up to the longest sequence
+        # as qlora train decides it (train/fast_paths.graphed_steps): rows up to the longest sequence
         longest = args.prompt + args.completion
         self.no_graphs_reason = (unsupported_reason(model, torch.device(args.device), longest)
                                  if graphs else "off (qlora-eager)")

@@ -469,7 +469,7 @@ class QloraStep:
         here the staging is timed as part of the step."""
         import torch
         from qlora.adapters import set_dropout_seed
-        from qlora.train.loop import pinned
+        from qlora.train.step import pinned
 
         device = torch.device(self.args.device)
         n = ids.shape[0] * (ids.shape[1] - 1)

@@ -64,6 +64,7 @@ WORKER = textwrap.dedent("""
         # the loop's CUDA-graph branch on a CPU (stage, then run at the micro-batch's scale):
         # GraphedSteps' own eager fallback stands in for the replay, which computes the same
         # forward and backward of scale * loss_sum on the GPU
+        from qlora.train import fast_paths
         from qlora.train.graphs import GraphedSteps
 
         def stand_in(model, optimizer, plan, env, sharded, device, scaler, log, max_len,
@@ -73,7 +74,7 @@ WORKER = textwrap.dedent("""
             steps.preference = preference
             steps.failed = "capture not possible on the CPU (test)"
             return steps
-        loop._graphed_steps = stand_in
+        fast_paths.graphed_steps = stand_in
     fail = spec.get("fail")
     if fail and rank == fail["rank"]:  # this rank runs out of memory at its n-th optimizer step
         import torch

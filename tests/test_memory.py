@@ -416,11 +416,12 @@ def _train_argv(model, data, out, *extra):
 
 def test_train_refuses_a_run_that_will_not_fit_before_loading(run_inputs, tmp_path, monkeypatch, capsys):
     from qlora.train import loop
+    from qlora.train import model as train_model
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(loop, "build_model", no_loading)
+    monkeypatch.setattr(train_model, "build_model", no_loading)
     monkeypatch.setattr(loop, "load_data", no_loading)
     model, data = run_inputs
     rc = main(_train_argv(model, data, tmp_path / "run", "--gpu_memory", "1GB", "--max_seq_length", "4096",

@@ -536,7 +536,7 @@ def test_gguf_export_refuses_what_it_does_not_write(moe_models, tmp_path):
 
 def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
     from qlora.config import load_config
-    from qlora.train.loop import build_model
+    from qlora.train.model import build_model
 
     def built(path, value):
         cfg = load_config(None, dict(model=str(path), data="unused.jsonl", output_dir=str(tmp_path),

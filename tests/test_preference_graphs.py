@@ -183,7 +183,7 @@ def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monk
 
     from qlora.config import load_config
     from qlora.tiny import build_tiny_model
-    from qlora.train import loop
+    from qlora.train import fast_paths, loop
 
     model = build_tiny_model(tmp_path / "model", "llama")
     words = "cat dog sunshine moon tree fishing bird raincoat snow windmill".split()
@@ -219,7 +219,7 @@ def test_the_loop_through_the_graph_body_trains_as_the_eager_loop(tmp_path, monk
             g.loss_sum = self._body(g)
         g.graph = type("Replayed", (), {"replay": staticmethod(replay)})()
 
-    monkeypatch.setattr(loop, "_graphed_steps", stand_in)
+    monkeypatch.setattr(fast_paths, "graphed_steps", stand_in)
     monkeypatch.setattr(GraphedSteps, "_capture", capture)
     graphed = run(tmp_path / "graphed")
     # every micro-batch through a body: 10 pairs, 2 a micro-batch, steps of 2, 2 and the epoch's

@@ -1,5 +1,5 @@
 """The host work of a step done ahead of the GPU: a CUDA-graph batch staged apart from its replay
-(train/graphs.stage_batch), and the loop's windows built one step early (train/loop.WindowBuilder)
+(train/graphs.stage_batch), and the loop's windows built one step early (train/windows.WindowBuilder)
 must be exactly the micro-batches the plain order gives."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from qlora.data import build_rows, iterate_batches
 from qlora.train.distributed import DistEnv
 from qlora.train.graphs import document_offsets, pad_batch, stage_batch
-from qlora.train.loop import IGNORE, WindowBuilder, window_after
+from qlora.train.windows import IGNORE, WindowBuilder, window_after
 
 
 @pytest.mark.parametrize("pos,pad_to,key,cu", [

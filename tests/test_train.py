@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from qlora.config import load_config
 from qlora.errors import QloraError
 from qlora.train import checkpoint as ckpt
-from qlora.train import loop
+from qlora.train import evaluation, fast_paths, loop
+from qlora.train.model import build_model
 from qlora.train.optim import build_optimizer, lr_factor, param_groups, resolve_optim
 
 
@@ -231,14 +232,14 @@ def test_early_stopping_and_best_adapter(run_inputs, tmp_path, monkeypatch):
     """Scripted eval losses 3.0, 2.0, 2.5, 2.6: patience 2 stops after the 4th eval (step 8);
     the best is the eval at step 4, and that adapter is the one left in output_dir."""
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
-    real_evaluate = loop.evaluate
+    real_evaluate = evaluation.evaluate
 
     def fake_evaluate(*a, **k):
         real_evaluate(*a, **k)
         loss = next(scripted)
         return {"loss": loss, "perplexity": math.exp(loss), "tokens": 1}
 
-    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     out = tmp_path / "run"
     res = loop.train(make_cfg(run_inputs, out, max_steps=20, val_set_size=0.25, eval_steps=2,
                               save_steps=2, save_total_limit=1, early_stopping_patience=2),
@@ -263,15 +264,15 @@ def test_evaluation_builds_no_autograd_graph(run_inputs):
 
     model_dir, data = run_inputs
     cfg = make_cfg(run_inputs, "unused")
-    model = loop.build_model(cfg, torch.device("cpu"), torch.float32)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
     examples, _ = prepare(str(data), load_tokenizer(model_dir), fmt="auto", train_on="responses",
                           max_len=64, overlong="truncate", chat_template=None, cache_dir=None,
                           cache=False)
     grad_modes = []
     model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     model.train()
-    ev = loop.evaluate(model, examples, max_len=64, batch_size=4, pad_id=0,
-                       device=torch.device("cpu"))
+    ev = evaluation.evaluate(model, examples, max_len=64, batch_size=4, pad_id=0,
+                             device=torch.device("cpu"))
     assert grad_modes and not any(grad_modes)
     assert model.training  # put back as it was
     assert ev["tokens"] > 0 and ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
@@ -295,7 +296,7 @@ def test_the_graph_path_of_the_loop_trains_as_the_plain_path(run_inputs, tmp_pat
     kw = dict(max_steps=4, lora_dropout=0.1, micro_batch_size=2, gradient_accumulation_steps=2,
               optim="adamw_torch")
     plain = loop.train(make_cfg(run_inputs, tmp_path / "plain", **kw), progress=False)
-    monkeypatch.setattr(loop, "_graphed_steps", graphed)
+    monkeypatch.setattr(fast_paths, "graphed_steps", graphed)
     staged = loop.train(make_cfg(run_inputs, tmp_path / "staged", **kw), progress=False)
     for step in range(1, 5):
         assert staged.step_losses[step] == pytest.approx(plain.step_losses[step], rel=1e-5), step

@@ -136,7 +136,9 @@ def train_method(method: str, base_cfg, tokenizer, train_examples, val_examples,
                  log: Callable[[str], None]) -> dict:
     """Train one method from the shared random base; held-out loss and exact match."""
     from qlora.demo import held_out_scores
-    from qlora.train.loop import build_model, fit, prepare_output_dir
+    from qlora.train.loop import fit
+    from qlora.train.model import build_model
+    from qlora.train.output import prepare_output_dir
 
     fields = METHODS[method][1]
     cfg = dataclasses.replace(base_cfg, output_dir=str(work / method), **fields)
@@ -166,7 +168,7 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     from qlora.data import encode_prompt, load_examples
     from qlora.models import load_tokenizer
     from qlora.tiny import build_tiny_model
-    from qlora.train.loop import load_data
+    from qlora.train.data import load_data
 
     methods = methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]

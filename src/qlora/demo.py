@@ -82,7 +82,7 @@ def demo_config(model_dir: Path, train_file: Path, val_file: Path, out_dir: Path
 def held_out_scores(model, tokenizer, val_examples: list[dict], prompts: list[tuple[list[int], str]],
                     device: torch.device) -> dict[str, float]:
     """Loss, perplexity (teacher forcing) and exact match of greedy generations."""
-    from qlora.train.loop import evaluate
+    from qlora.train.evaluation import evaluate
 
     ev = evaluate(model, val_examples, max_len=256, batch_size=8,
                   pad_id=tokenizer.pad_token_id, device=device)
@@ -146,8 +146,10 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     from qlora.models import load_model, load_tokenizer
     from qlora.quant import QuantConfig
     from qlora.tiny import build_tiny_model
-    from qlora.train.loop import (build_model, fit, load_data,
-                                  prepare_output_dir)
+    from qlora.train.data import load_data
+    from qlora.train.loop import fit
+    from qlora.train.model import build_model
+    from qlora.train.output import prepare_output_dir
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -113,7 +113,7 @@ def samples_of_run(run_config: Path, tokenizer, n: int) -> tuple[list[Sample], s
     its training data when it held none out."""
     from qlora.config import load_config
     from qlora.export.imatrix import spread
-    from qlora.train.loop import load_data
+    from qlora.train.data import load_data
 
     cfg = load_config(str(run_config), {})
     if cfg.val_data:

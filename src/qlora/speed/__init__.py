@@ -7,7 +7,8 @@ The order: (1) the model's blocks become their forks (speed/fast_decoder.py) wit
 switches set; (2) the LoRA dropout masks are seeded, before (3) grouping, which groups only
 layers that share one seed; (4) the 4-bit bases go through our dequantize and the projections
 are grouped; (5) the input embedding moves to host memory, after the model is on its device.
-CUDA graphs come last, once the optimizer exists (train/loop.py), and capture whatever this set.
+CUDA graphs come last, once the optimizer exists (train/fast_paths.py), and capture whatever
+this set.
 """
 
 from __future__ import annotations

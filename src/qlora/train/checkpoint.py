@@ -12,6 +12,9 @@ A checkpoint is a directory `output_dir/checkpoints/step-00000123/` holding:
 It is written into a temporary directory next to its final place, every file fsynced, then
 renamed: a crash leaves either the old set of checkpoints or the new one, never half a checkpoint.
 Temporary directories start with a dot and are ignored (and cleaned) when looking for `latest`.
+
+For the training loop: `Checkpoints` saves one at a step boundary (every rank gathers, rank 0
+writes, old ones rotated out), and `start_state` is a run's first TrainerState, fresh or resumed.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from qlora.config import RunConfig
 from qlora.errors import QloraError
 from qlora.files import remove_dir, staged_dir
+from qlora.train import distributed as dist_
+from qlora.train.distributed import DistEnv
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -255,3 +261,51 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     rng = torch.load(path / "rng.pt", weights_only=True)
     raw = json.loads((path / STATE_FILE).read_text())
     return TrainerState(**raw), rng
+
+
+class Checkpoints:
+    """A checkpoint at a step boundary: every rank gathers (a collective), rank 0 writes, then
+    the old ones are rotated out (the best one stays)."""
+
+    def __init__(self, out: Path, cfg: RunConfig, env: DistEnv, model, optimizer, scheduler,
+                 scaler, base_model: str, elapsed_s: Callable[[], float]):
+        self.out, self.cfg, self.env, self.model = out, cfg, env, model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.base_model, self.elapsed_s = base_model, elapsed_s  # metrics.Clock.total_s
+
+    def save(self, state: TrainerState, rng: dict) -> Path:
+        """`rng`: the generator states of the boundary the data position refers to."""
+        out, env = self.out, self.env
+        state.elapsed_s = self.elapsed_s()
+        state.grad_scaler = self.scaler.state_dict() if self.scaler is not None else None
+        if state.best_step is not None and state.best_step == state.global_step:
+            state.best_checkpoint = f"{PREFIX}{state.global_step:08d}"
+        with dist_.full_trainables(self.model):  # sharded: whole tensors on every rank
+            full_optimizer = dist_.full_optimizer(self.optimizer, self.model)
+            if not env.is_main:  # rank 0 writes; the others wait until the checkpoint is whole
+                dist_.barrier(env)
+                return checkpoint_dir(out) / f"{PREFIX}{state.global_step:08d}"
+            path = save_checkpoint(out, self.model, full_optimizer, self.scheduler, state,
+                                        rng, self.base_model)
+        rotate_checkpoints(out, self.cfg.save_total_limit, state.best_checkpoint)
+        dist_.barrier(env)
+        return path
+
+
+def start_state(out: Path, cfg: RunConfig, model, optimizer, scheduler, scaler,
+                log: Callable[[str], None]) -> TrainerState:
+    """A fresh TrainerState, or with --resume the checkpoint's: weights, optimizer, schedule,
+    loss scale and the RNG states of its step boundary restored."""
+    state = TrainerState()
+    torch.manual_seed(cfg.seed)  # any other randomness; LoRA dropout is seeded per micro-batch
+    if cfg.resume:
+        path = resolve_resume(out, cfg.resume)
+        with dist_.full_trainables(model, load=True):  # sharded: whole tensors while loading
+            state, rng = load_checkpoint(path, model, dist_.optimizer_for_load(
+                optimizer, model), scheduler)
+        set_rng_state(rng)  # after the manual_seed: the checkpoint's state wins
+        if scaler is not None and state.grad_scaler:
+            scaler.load_state_dict(state.grad_scaler)
+        log(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
+            f"micro-batch {state.batch_index})")
+    return state

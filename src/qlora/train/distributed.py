@@ -224,7 +224,7 @@ def all_reduce_grads(grads: list[torch.Tensor], env: DistEnv) -> None:
     tensors), so this is one collective per buffer, issued together and waited for together.
 
     A sum, not a mean: every rank scaled its micro-batches' losses by 1 / N, N the label tokens of
-    the whole global window (loop.share_window), as one process scales its own."""
+    the whole global window (step.share_window), as one process scales its own."""
     if not env.enabled:
         return
     works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
@@ -242,6 +242,21 @@ def check_sharding(sharding: str, env: DistEnv, use_dora: bool = False) -> bool:
                          "base weight, which sharding splits over the ranks; use --sharding ddp "
                          "for DoRA, or LoRA (--use_dora false) with fsdp")
     return True
+
+
+def check_shardable(model_dir: str) -> None:
+    """Refuse, before the model loads, a model whose base `--sharding fsdp` cannot shard."""
+    from qlora.models.spec import is_native, read_config
+
+    config = read_config(model_dir)[0]
+    if not is_native(config):
+        raise QloraError("`--sharding fsdp` shards the blocks of the native families (llama, "
+                         "mistral, qwen2, qwen3); a model on the generic path trains with "
+                         "--sharding ddp (each GPU holds the whole 4-bit base)")
+    if config.get("model_type") in ("mixtral", "qwen3_moe"):
+        raise QloraError("`--sharding fsdp` does not shard a mixture of experts' 4-bit expert "
+                         "stacks yet (they are buffers, which FSDP replicates); train it with "
+                         "--sharding ddp, or on one GPU")
 
 
 # --- sharded (FSDP2): the 4-bit base, adapters, gradients and optimizer states split over ranks ---

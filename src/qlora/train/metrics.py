@@ -1,20 +1,27 @@
-"""What a run reports: metrics.jsonl, optional TensorBoard, the loss-curve PNG, summary.json, the bar."""
+"""What a run reports: metrics.jsonl (its train records averaged by TrainLog), optional TensorBoard,
+the loss-curve PNG, summary.json, the bar, and the TrainResult that train() returns."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from qlora.config import RunConfig
+from qlora.files import staged_file
+from qlora.train import distributed as dist_
+from qlora.train.checkpoint import TrainerState
+from qlora.train.distributed import DistEnv
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
 
-from qlora.files import staged_file
 
 
 class MetricsLog:
@@ -215,3 +222,87 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@dataclass
+class TrainResult:
+    """What `train` and `fit` return: how the run ended, its losses and evaluations, summary.json."""
+    output_dir: Path
+    global_step: int
+    stopped: str  # "completed", "early_stopping" or "interrupted"
+    step_losses: dict[int, float] = field(default_factory=dict)  # this process's steps
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    checkpoint: Path | None = None  # the checkpoint written on interrupt
+    summary: dict[str, Any] = field(default_factory=dict)
+    signal: int | None = None
+
+
+class Clock:
+    """The run's training time: `before` is what the runs before a resume took."""
+
+    def __init__(self, before: float):
+        self.before, self.t0 = before, time.perf_counter()
+
+    def run_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def total_s(self) -> float:
+        return self.before + self.run_s()
+
+
+class TrainLog:
+    """The train records of metrics.jsonl: each averages the steps since the one before."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.tokens, self.t0 = 0, time.perf_counter()
+        self.metrics: dict = {}  # a preference method's metric sums since the last record
+
+    def add(self, loss: float, n_input: int, metrics: dict | None = None) -> None:
+        from qlora.methods.preference import add_metrics
+
+        self.losses.append(loss)
+        self.tokens += n_input
+        add_metrics(self.metrics, metrics or {})
+
+    def record(self, step: int, epochs: float, lr: float, grad_norm, device: torch.device
+               ) -> dict[str, Any]:
+        now = time.perf_counter()
+        rec = {"split": "train", "step": step, "epoch": epochs,
+               "loss": sum(self.losses) / len(self.losses),
+               "lr": lr, "grad_norm": float(dist_.plain(grad_norm)),
+               "tokens_per_s": self.tokens / max(now - self.t0, 1e-9),
+               "memory_bytes": peak_memory_bytes(device)}
+        if self.metrics:
+            from qlora.methods.preference import metric_means
+
+            rec.update(metric_means(self.metrics))
+        self.losses, self.tokens, self.t0, self.metrics = [], 0, now, {}
+        return rec
+
+
+def run_summary(cfg: RunConfig, env: DistEnv, state: TrainerState, result: TrainResult,
+                total: int, epochs: float, wall: float, tokens_per_s: float, device: torch.device,
+                optim_name: str, dtype: torch.dtype) -> dict[str, Any]:
+    """summary.json: how the run ended and what it reached."""
+    last_eval = next((r for r in reversed(state.log_history) if r["split"] == "eval"), None)
+    summary = {
+        "stopped": result.stopped, "global_step": state.global_step, "total_steps": total,
+        "epochs": epochs,
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "label_tokens_seen": state.tokens_seen,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory": gib(peak_memory_bytes(device)),
+        "final_eval_loss": last_eval["loss"] if last_eval else None,
+        "final_eval_perplexity": last_eval.get("perplexity") if last_eval else None,
+        "best_eval_loss": state.best_metric, "best_step": state.best_step,
+        "adapter": "best" if (cfg.load_best_at_end and state.best_step is not None) else "last",
+        "device": str(device), "optimizer": optim_name,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+    }
+    if env.enabled:
+        summary["world_size"] = env.world_size  # tokens_per_s is over all ranks
+    return summary

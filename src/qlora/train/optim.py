@@ -1,4 +1,5 @@
-"""The optimizer (bitsandbytes' paged / 8-bit AdamW, or torch's AdamW) and the learning-rate schedule.
+"""The optimizer (bitsandbytes' paged / 8-bit AdamW, or torch's AdamW) and the learning-rate schedule;
+a run's optimizer and schedule built from its options (`run_optimizer`), and the fp16 loss scaler.
 
 The schedules are transformers' `get_{cosine,linear,constant}_schedule_with_warmup`, written out as
 one small function of the step so that a checkpoint only has to remember the step.
@@ -7,10 +8,13 @@ one small function of the step so that a checkpoint only has to remember the ste
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
+from qlora.config import RunConfig
 from qlora.errors import QloraError
+from qlora.train.distributed import sharded_optim
 
 PAGED = {"paged_adamw_8bit", "paged_adamw_32bit"}
 
@@ -132,3 +136,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
                     total: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, kind, warmup, total))
+
+
+def optim_for_run(name: str, device: torch.device, sharded: bool) -> tuple[str, str | None]:
+    """The optimizer a run uses, and a note for the log when it is not the one asked for: what
+    this machine can run (resolve_optim), and under --sharding fsdp what steps sharded parameters."""
+    optim_name, note = resolve_optim(name, device)
+    if sharded:
+        optim_name, note = sharded_optim(optim_name)
+    return optim_name, note
+
+
+def run_optimizer(model, cfg: RunConfig, device: torch.device, sharded: bool, total: int,
+                  warmup: int, log: Callable[[str], None]):
+    """(the optimizer's name, the optimizer, its lr schedule), with the model in training mode."""
+    optim_name, note = optim_for_run(cfg.optim, device, sharded)
+    if note:
+        log(note)
+    model.train()
+    optimizer = build_optimizer(model, optim_name, cfg.learning_rate, cfg.weight_decay,
+                                (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                                flat=not sharded)  # sharded parameters cannot share one storage
+    return optim_name, optimizer, build_scheduler(optimizer, cfg.lr_scheduler_type, warmup, total)
+
+
+def fp16_scaler(dtype: torch.dtype, device: torch.device):
+    """The loss scaler of an fp16 run on CUDA (fp16 gradients underflow without scaling), else
+    None."""
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" \
+        else None
