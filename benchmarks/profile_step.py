@@ -53,7 +53,8 @@ def build(args):
         ours.reset(args.checkpointing, args.seq)
 
         def our_step(ids):
-            loss = ours.forward_backward(ids.cpu() if args.graphs else ids)
+            # the step takes host ids either way: staged into the graph, or pinned and copied
+            loss = ours.forward_backward(ids.cpu())
             ours.optimizer_step()
             return loss
 
