@@ -367,6 +367,36 @@ def _finish(report: dict, out: Path, tokenizer, log) -> dict:
     return report
 
 
+# --- room for the reference ----------------------------------------------------------------------
+def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str) -> str | None:
+    """Why this host cannot hold the check's reference on the CPU, or None. There it runs in
+    float32 (device.compute_dtype): 4 bytes a value of a 16-bit base, a Llama-3-8B's 30 GiB (31.2
+    measured), where an NF4 base keeps ~0.56 a value in its linears. The kernel would kill the
+    process after the export's minutes; said before them instead."""
+    from math import prod
+
+    from qlora.device import pick_device
+    from qlora.export.reference import reference_quant
+    from qlora.memory.host import host_available_bytes
+    from qlora.merge import base_shapes
+    from qlora.models.load import weight_files
+
+    available = host_available_bytes()
+    if pick_device(device).type != "cpu" or available is None:
+        return None
+    values = {name: prod(shape) for name, shape in base_shapes(weight_files(Path(model_dir))).items()}
+    if reference_quant(merge_base) == "nf4":  # 4 bits and a scale per 64 in the linears
+        needed = sum(v * (0.5625 if name.endswith("proj.weight") else 4) for name, v in values.items())
+    else:
+        needed = 4 * sum(values.values())
+    needed = 1.05 * needed + 2**30  # activations, logits and the allocator's slack
+    if needed <= available:
+        return None
+    return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
+            f"{needed / 2**30:.1f} GiB of host memory and {available / 2**30:.1f} GiB are available; "
+            f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
+
+
 # --- the two checks -----------------------------------------------------------------------------
 def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter_dir=None,
                merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
