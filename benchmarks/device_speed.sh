@@ -50,7 +50,15 @@
 #                 generic path (qlora vs hf). About 9 minutes: the random checkpoints take ~30 s
 #                 (Gemma) and ~50 s (Phi-4, 29 GB) to write, each system ~40-80 s to load,
 #                 Unsloth more with its compile; a system the deadline leaves out is recorded as
-#                 skipped (rerun that shape alone with --systems).
+#                 skipped (rerun that shape alone with --systems). Unsloth's compiled Gemma 2 step
+#                 fails on torch 2.11: families-gemma-unsloth measures it with that compile off.
+#   families-gemma-unsloth
+#                 Gemma-2-9B at seq 2048 as families runs it: qlora, then unsloth-nocompile (Unsloth
+#                 with its per-layer compile off, UNSLOTH_BLOCK_COMPILE=0: what a torch 2.11 user
+#                 falls back to; slower than Unsloth compiled, reported beside it), then unsloth
+#                 compiled (its failure recorded beside; the deadline cuts it first). Its own call:
+#                 families has no room left. About 6 minutes (checkpoint ~30 s, qlora ~70 s, each
+#                 Unsloth ~45 s to load, then its compile or its eager steps).
 #   dpo           a DPO step (preference_step.py): prompt 512 + completions of 512, 4 pairs, reference
 #                 = adapters off; qlora (pairs packed into one row, CUDA graphs), TRL's DPOTrainer on
 #                 the seeds' stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B (Qwen:
@@ -89,7 +97,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -225,6 +233,11 @@ families)  # qlora first: a system the deadline cuts is the last one of its shap
   # the generic path loads through transformers (~20 s for 1.6B) and runs eager: 60 s was too short
   step 120 generic-stablelm-2048 $PY "$HERE/train_step.py" --shapes stablelm-2-1.6b --seqs 2048 \
     --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/generic" --deadline 115
+  ;;
+families-gemma-unsloth)  # qlora first, Unsloth compiled last: the deadline cuts it before the fallback
+  step 420 gemma2-9b-unsloth-2048 $PY "$HERE/train_step.py" --shapes gemma-2-9b --seqs 2048 \
+    --systems qlora,unsloth-nocompile,unsloth --no-qlora-ckpt-off --steps 8 --warmup 3 \
+    --out "$OUT/gemma2-unsloth" --deadline 410
   ;;
 dpo)  # about 9 min in all: each part's --deadline skips (and records) what would not fit
   step 300 llama-dpo $PY "$HERE/preference_step.py" --shapes llama-3-8b --systems qlora,trl,unsloth \

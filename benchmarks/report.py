@@ -9,8 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-fast", "qlora-bnb", "qlora-fused", "qlora-unfused", "qlora-eager",
-         "qlora-old"]
+ORDER = ["hf", "hf+liger", "unsloth", "unsloth-nocompile", "qlora", "qlora-nokeep", "qlora-fast",
+         "qlora-bnb", "qlora-fused", "qlora-unfused", "qlora-eager", "qlora-old"]
 
 
 def load(paths: list[str], renames: list[str] = ()) -> list[dict]:

@@ -17,6 +17,12 @@ Systems
             SwiGLU, fused linear cross-entropy).
   unsloth   Unsloth's FastLanguageModel, same LoRA config, use_gradient_checkpointing="unsloth"
             (a family Unsloth has no module for, such as phi3, goes to its FastModel inside).
+  unsloth-nocompile
+            "unsloth" with its per-layer compile off (UNSLOTH_BLOCK_COMPILE=0 in its worker,
+            before unsloth is imported): what a torch 2.11 user falls back to on Gemma 2, whose
+            compiled layer fails in inductor. Unsloth's Triton kernels still run, eagerly, as on
+            torch 2.10 and older; its compiled loss and attention stay. Slower than Unsloth
+            compiled, so reported beside it, never instead. Not in the default --systems.
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
             LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
             the 4-bit bases through qlora.speed.use_fast_path (our Triton dequantize, the LoRA
@@ -89,6 +95,8 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-eager", "qlora-old",
            "qlora-bnb", "qlora-unfused"]
+# named in --systems only: not part of the default run
+OPT_IN_SYSTEMS = ["unsloth-nocompile", "qlora-ungrouped"]
 
 def _named_shape(name: str) -> dict:
     """A shape of qlora.models.spec.NAMED_SHAPES (this checkout's, uninstalled)."""
@@ -357,9 +365,19 @@ def setup_hf(model_dir: str, args, liger: bool = False, peft: bool = True):
     return model, [p for p in model.parameters() if p.requires_grad], loss_fn, True
 
 
-def setup_unsloth(model_dir: str, args):
+# Unsloth's switch for the torch.compile region it wraps around each decoder layer in training
+# (unsloth/models/_block_compile.py, on by default for FastLanguageModel from torch 2.11). Its
+# Triton kernels run inside that region, and torch 2.11's inductor fails on Gemma 2's layer
+# (decompose_triton_kernel_wrapper_functional); with it off they run eagerly, as before 2.11.
+UNSLOTH_LAYER_COMPILE_OFF = {"UNSLOTH_BLOCK_COMPILE": "0"}
+
+
+def setup_unsloth(model_dir: str, args, compile_layers: bool = True):
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not compile_layers:
+        # read when Unsloth wraps the layers and on every call: set before it is imported
+        os.environ.update(UNSLOTH_LAYER_COMPILE_OFF)
     import unsloth  # noqa: F401  (must come before transformers to patch it)
     import torch
     from unsloth import FastLanguageModel
@@ -565,6 +583,8 @@ def setup_system(system: str, model_dir: str, args):
         return setup_hf(model_dir, args, liger=True)
     if system == "unsloth":
         return setup_unsloth(model_dir, args)
+    if system == "unsloth-nocompile":
+        return setup_unsloth(model_dir, args, compile_layers=False)
     if system.startswith("qlora"):
         return run_qlora(model_dir, args, variant=system)
     raise ValueError(system)
@@ -959,6 +979,11 @@ def main(argv=None) -> int:
         return worker(args)
 
     systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS + OPT_IN_SYSTEMS]
+    if unknown:  # before any checkpoint is written: a typo would cost the run's device minutes
+        print(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS + OPT_IN_SYSTEMS)}",
+              file=sys.stderr)
+        return 2
     if args.random_weights and any(not s.startswith("qlora") for s in systems):
         print("--random-weights: qlora systems only (the others read a checkpoint)", file=sys.stderr)
         return 2

@@ -120,6 +120,46 @@ def test_harness_runs_qlora_with_offload_and_plans_auto_choices(tmp_path):
     assert len(rec["losses"]) == 2
 
 
+def test_harness_refuses_an_unknown_system_before_building_anything(tmp_path, capsys):
+    """A misspelt --systems name stops the run before a checkpoint is written (on the GPU machine
+    that write and the other systems would cost minutes before the name failed in its worker)."""
+    argv = ["--device", "cpu", "--shapes", "tiny-llama", "--seqs", "32", "--model-root",
+            str(tmp_path / "models"), "--out", str(tmp_path / "out")]
+    assert _bench().main(argv + ["--systems", "qlora,unsloth-no-compile"]) == 2
+    assert "unknown unsloth-no-compile" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("system,at_import", [("unsloth", "1"), ("unsloth-nocompile", "0")])
+def test_unsloth_nocompile_turns_the_layer_compile_off_before_unsloth_is_imported(
+        tmp_path, monkeypatch, system, at_import):
+    """Unsloth reads UNSLOTH_BLOCK_COMPILE when it wraps each decoder layer in torch.compile
+    (unsloth/models/_block_compile.py): "unsloth-nocompile" sets it to 0 in its worker before
+    the import, "unsloth" leaves it as found. A stand-in unsloth package records the variable as
+    its import sees it (the real one needs a GPU) and stops the load."""
+    stub = tmp_path / "site" / "unsloth"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(
+        "import os\n"
+        "AT_IMPORT = os.environ.get('UNSLOTH_BLOCK_COMPILE')\n"
+        "class FastLanguageModel:\n"
+        "    @staticmethod\n"
+        "    def from_pretrained(**kwargs):\n"
+        "        raise LookupError('stand-in')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    for name in ("UNSLOTH_BLOCK_COMPILE", "UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")  # restored after the test, whatever the worker set
+    bench = _bench()
+    args = bench.parse_args(["--device", "cpu", "--shapes", "tiny-llama", "--seqs", "32"])
+    try:
+        with pytest.raises(LookupError, match="stand-in"):
+            bench.setup_system(system, str(tmp_path / "model"), args)
+        assert sys.modules["unsloth"].AT_IMPORT == at_import
+    finally:
+        sys.modules.pop("unsloth", None)
+
+
 def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
     """benchmarks/report.py: × hf from tokens/s (host waits included), and from GPU time per step
     (gpu_busy_ms, host waits left out); a failed system keeps its row, with every column."""
@@ -131,6 +171,7 @@ def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
     recs = [dict(common, system="hf", tokens_per_s=1000.0, step_s_median=2.048, gpu_busy_ms=400.0),
             dict(common, system="qlora", tokens_per_s=3000.0, step_s_median=0.683, gpu_busy_ms=160.0),
             dict(common, system="qlora-nokeep", tokens_per_s=2000.0, step_s_median=1.024),
+            dict(common, system="unsloth-nocompile", tokens_per_s=1500.0, step_s_median=1.365),
             dict(system="unsloth", shape="llama-3-8b", seq=2048, ckpt=True, error="timed out")]
     rows = {line.split("|")[4].strip(): line.split("|")[1:-1]
             for line in report.table(recs).splitlines()[2:]}
@@ -140,6 +181,7 @@ def test_report_compares_tokens_per_second_and_gpu_time_with_the_seeds_stack():
     assert rows["qlora"][col["× hf"]].strip() == "3.00"
     assert rows["qlora"][col["× hf, GPU time"]].strip() == "2.50"
     assert rows["qlora-nokeep"][col["× hf, GPU time"]].strip() == "—"  # no GPU time recorded
+    assert rows["unsloth-nocompile"][col["× hf"]].strip() == "1.50"  # a row of its own, beside unsloth
     assert "failed: timed out" in rows["unsloth"][-1]
 
 
