@@ -221,10 +221,22 @@ def test_targets_absent_from_the_family_are_refused():
     # crashed on an empty max()); the training run refuses the same targets
     arch = memory.resolve_arch(shape="phi-3-mini-4k")
     for dora in (False, True):
-        with pytest.raises(QloraError, match="--targets: q_proj,v_proj match no linear layer of "
-                                             "this phi3 model; use all-linear or some of qkv_proj"):
+        with pytest.raises(QloraError, match=r"--targets \(qlora train: target_modules\): q_proj,v_proj "
+                                             "match no linear layer of this phi3 model; use all-linear "
+                                             "or some of qkv_proj"):
             plan(arch, PlanConfig(targets="q_proj,v_proj", dora=dora))
     assert plan(arch, PlanConfig(targets="qkv_proj", dora=True)).adapter_params > 0
+    # a mixture of experts: its dense MLP names take none (the experts' names are offered), and
+    # DoRA on the experts is refused as adapters.LoraExperts refuses it (it crashed on max())
+    moe = memory.resolve_arch(shape="qwen3-30b-a3b")
+    with pytest.raises(QloraError, match="some of q_proj, k_proj, v_proj, o_proj, "
+                                         "experts.gate_up_proj, experts.down_proj"):
+        plan(moe, PlanConfig(targets="gate_proj"))
+    for targets in ("experts.down_proj", "all-linear"):
+        with pytest.raises(QloraError, match="DoRA cannot adapt expert projections"):
+            plan(moe, PlanConfig(targets=targets, dora=True))
+    assert plan(moe, PlanConfig(targets="q_proj,v_proj", dora=True)).adapter_params > 0
+    assert plan(moe, PlanConfig(targets="experts.down_proj")).adapter_params > 0
 
 
 # --- what autograd keeps, counted on the CPU --------------------------------------------------

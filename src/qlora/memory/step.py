@@ -24,9 +24,9 @@ from qlora.memory.generic import coarse_plan
 from qlora.memory.host import embedding_in_host_memory, host_offload_bytes, offload_applies
 from qlora.memory.loss import loss_peak_bytes
 from qlora.memory.preference import reference_forward_bytes
-from qlora.memory.settings import (DTYPE_BYTES, MLP_LINEARS, PREFERENCE_METHODS, PlanConfig,
-                                   expert_targets, fast_path, step_tokens, target_names,
-                                   torch_norms)
+from qlora.memory.settings import (DTYPE_BYTES, EXPERT_TARGETS, MLP_LINEARS, PREFERENCE_METHODS,
+                                   PlanConfig, expert_targets, fast_path, step_tokens,
+                                   target_names, torch_norms)
 from qlora.memory.sizes import CUBLAS_WORKSPACE_BYTES, alloc, gib
 from qlora.memory.weights import (adapter_tensors, expert_run_elements, expert_stack_bytes,
                                   layer_weight_terms, optimizer_state_bytes,
@@ -76,12 +76,21 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
 
 
 def _check_targets_present(arch: ArchSpec, cfg: PlanConfig) -> None:
-    """Known names that this family's block does not have (Phi-3's q_proj: its q, k and v are one
-    qkv_proj) would plan no adapter at all; the training run refuses them too (adapters.py)."""
-    if not target_names(cfg.targets, arch) and not expert_targets(cfg.targets, arch):
-        named = cfg.targets if isinstance(cfg.targets, str) else ",".join(cfg.targets)
-        raise QloraError(f"--targets: {named} match no linear layer of this {arch.model_type} "
-                         f"model; use all-linear or some of {', '.join(arch.block_linears())}")
+    """Refuse, as the training run would (adapters.py), targets that plan no adapter (known names
+    this family's block lacks: Phi-3's q_proj, its q, k and v being one qkv_proj) and DoRA on
+    expert projections (PEFT's LoRA on expert parameters has none)."""
+    option = "--targets (qlora train: target_modules)"
+    named = cfg.targets if isinstance(cfg.targets, str) else ",".join(cfg.targets)
+    experts = expert_targets(cfg.targets, arch)
+    if not target_names(cfg.targets, arch) and not experts:
+        present = arch.block_linears() if arch.moe is None else (
+            tuple(n for n in arch.block_linears() if n not in MLP_LINEARS) + EXPERT_TARGETS)
+        raise QloraError(f"{option}: {named} match no linear layer of this {arch.model_type} model; "
+                         f"use all-linear or some of {', '.join(present)}")
+    if cfg.dora and experts:
+        raise QloraError(f"{option}: DoRA cannot adapt expert projections (PEFT's LoRA on expert "
+                         f"parameters has no DoRA); leave experts.gate_up_proj and experts.down_proj "
+                         f"out (name the attention projections), or use LoRA")
 
 
 # --- static: what lives across steps --------------------------------------------------------------
