@@ -1,13 +1,14 @@
 """Time one DPO, ORPO or KTO training step (`--method`; DPO: policy forward + backward, reference
 forward, optimizer step; ORPO: no reference forward; KTO: its examples' forward + backward, their
-KL sequences' forward and both reference forwards, qlora's systems only) for several systems side
-by side: train_step.py's harness for preference pairs.
+KL sequences' forward and both reference forwards) for several systems side by side:
+train_step.py's harness for preference pairs.
 
 Every system runs in its own subprocess on the same random-weight checkpoint (real shapes, made by
 train_step.py), with the same pairs, seed and LoRA configuration (NF4 + double quant, r 16, alpha 32,
 dropout 0.05 on all seven projections, paged 8-bit AdamW, lr 2e-4, clipping at 0.3, gradient
 checkpointing); DPO sigmoid with beta 0.1 and the reference being the base with the adapters off,
-or ORPO with lambda = `--beta` (TRL's name for it).
+ORPO with lambda = `--beta` (TRL's name for it), or KTO with beta 0.1, desirable and undesirable
+weights 1 and the same reference.
 
 ORPO's NLL term: TRL's ORPOTrainer (as the authors' code, xfactlab/orpo, by default) takes it over
 the whole chosen sequence, prompt included; qlora over the chosen completion only (its
@@ -24,11 +25,16 @@ Systems
                 one step = Trainer.training_step (forward, reference forward, backward), clipping,
                 bitsandbytes' PagedAdamW8bit. ORPO: TRL's ORPOTrainer, built and stepped alike
                 (no reference), its own collator fed rows shaped as its tokenize_row makes them.
+                KTO: TRL's KTOTrainer alike (loss_type "kto", precompute_ref_log_probs False,
+                max_length None), its collator fed the rows its _prepare_dataset makes
+                (kto_rows); one step = its four forwards (the KL sequences' under no_grad, the
+                examples' with grad, both again with the adapter off), backward.
   unsloth       Unsloth's FastLanguageModel + get_peft_model, PatchDPOTrainer(), TRL's DPOTrainer
                 on that model (a model handed over already wrapped: TRL's reference is a frozen copy
                 of the fresh adapter, which equals the base at the start), the same step; ORPO:
                 PatchDPOTrainer() then TRL's ORPOTrainer on that model, as Unsloth's ORPO
-                notebook does.
+                notebook does; KTO: PatchKTOTrainer() then TRL's KTOTrainer on that model
+                (its reference: the frozen copy of the fresh adapter, as for DPO).
   qlora         this project as `qlora train --method dpo|orpo` runs a micro-batch: the speed layer as
                 train_step.py's `qlora` puts it, CUDA graphs included where train/graphs.py allows
                 them (CUDA: one graph per micro-batch shape holding the method's batch loss,
@@ -50,8 +56,20 @@ completion], where padding costs and packing saves it). tokens/s counts the real
 (both sequences of every pair, no padding); examples/s the pairs. KTO: `--pairs` unpaired examples
 a step, each a prompt and one completion, desirable and undesirable by turns; its tokens are both
 sequences of each (the example and its KL sequence: both go through the model; the planner
-saves activations for the example's alone, the KL sequence's forward being under no_grad). TRL's
-KTOTrainer (and Unsloth on it) is not wired in: `--method kto` times the qlora systems only.
+saves activations for the example's alone, the KL sequence's forward being under no_grad).
+
+KTO's KL estimate, TRL's and ours: the same mismatched sequences. TRL's _prepare_dataset gives
+example i of each per_device_train_batch_size rows the completion of example i - 1 (the first the
+last's), and its collator makes each KL sequence prompt i + that completion; qlora's
+data/preference.unpaired_batch rotates the micro-batch's completions the same way, so at one
+micro-batch a step the two estimate z over the same sequences, detached and clamped at 0 alike.
+They differ in how the sequences go through the model: TRL pads the examples and the KL sequences
+each to their longest and runs four forwards (policy KL no_grad, policy, reference KL, reference);
+qlora runs the same four over the halves of one batch, packed into one row each where flash varlen
+runs. Where they would part (not here): at a micro-batch of one TRL refuses to run (no other
+completion to borrow) where qlora's KL row is the example's own completion; and TRL rotates in
+fixed dataset-order blocks of per_device_train_batch_size (its sampler is sequential), qlora within
+each micro-batch as its loader makes it.
 
 Usage (GPU machine, the carried .site as in train_step.py):
   python benchmarks/preference_step.py --shapes llama-3-8b --systems qlora,trl,unsloth --out $OUT
@@ -60,7 +78,7 @@ Usage (GPU machine, the carried .site as in train_step.py):
   python benchmarks/preference_step.py --method orpo --shapes qwen2.5-1.5b \
       --systems qlora,qlora-eager,unsloth --out $OUT   # the graphs' gain, side by side
   python benchmarks/preference_step.py --method kto --shapes qwen2.5-1.5b \
-      --systems qlora,qlora-eager --out $OUT   # KTO: the graphs' gain
+      --systems qlora,qlora-eager,trl,unsloth --out $OUT   # KTO: the graphs' gain, TRL, Unsloth
   python benchmarks/preference_step.py --device cpu --shapes tiny-llama --prompt 16 --completion 16 \
       --pairs 2 --systems trl,qlora --out /tmp/pref   # the harness on a CPU (the test does this)
 Each finished (system, shape) appends one JSON line to OUT/results.jsonl.
@@ -120,13 +138,13 @@ def real_tokens(pairs: list[dict]) -> int:
 # Each setup returns an object with forward_backward(pairs) -> loss, optimizer_step() and params.
 
 class TrlStep:
-    """TRL's trainer's (DPOTrainer's or ORPOTrainer's) own training_step on its collator's batch of
-    `features(pair)`, the rows of our ids its tokenized dataset would hold."""
+    """TRL's trainer's (DPOTrainer's, ORPOTrainer's or KTOTrainer's) own training_step on its
+    collator's batch of `rows(pairs)`, the rows of our ids its tokenized dataset would hold."""
 
-    def __init__(self, trainer, args, features):
+    def __init__(self, trainer, args, rows):
         import torch
 
-        self.trainer, self.model, self.features = trainer, trainer.model, features
+        self.trainer, self.model, self.rows = trainer, trainer.model, rows
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = ts._optimizer(self.params, args)
         self.max_grad_norm, self.torch, self.device = args.max_grad_norm, torch, args.device
@@ -134,7 +152,7 @@ class TrlStep:
         trainer.current_gradient_accumulation_steps = 1
 
     def forward_backward(self, pairs: list[dict]):
-        inputs = self.trainer.data_collator([self.features(p) for p in pairs])
+        inputs = self.trainer.data_collator(self.rows(pairs))
         # Trainer.train() runs the model under accelerate's bf16 autocast (bf16=True); the same here
         with self.torch.autocast(self.device, dtype=self.torch.bfloat16,
                                  enabled=self.device == "cuda"):
@@ -146,20 +164,20 @@ class TrlStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def dpo_features(trainer):
-    """DPOTrainer's row: the three parts' ids, under the names its tokenized dataset uses
-    (prompt_ids in TRL 1.16, prompt_input_ids in older releases)."""
+def dpo_rows(trainer):
+    """DPOTrainer's rows: each pair's three parts' ids, under the names its tokenized dataset
+    uses (prompt_ids in TRL 1.16, prompt_input_ids in older releases)."""
     sample = trainer.train_dataset[0]
     names = {part: next(k for k in sample if k.startswith(part) and k.endswith("ids"))
              for part in ("prompt", "chosen", "rejected")}
-    return lambda pair: {names[k]: pair[k] for k in names}
+    return lambda pairs: [{names[k]: pair[k] for k in names} for pair in pairs]
 
 
-def orpo_features(trainer):
-    """ORPOTrainer's row (its tokenize_row's keys): each completion's whole sequence (prompt +
+def orpo_rows(trainer):
+    """ORPOTrainer's rows (its tokenize_row's keys): each completion's whole sequence (prompt +
     completion), its attention mask and its labels with the prompt at -100; the prompt's ids and
     mask. No BOS or EOS is added: the ids are the same tokens every system gets. (Its keys are
-    fixed: `trainer` is taken only as dpo_features takes it.)"""
+    fixed: `trainer` is taken only as dpo_rows takes it.)"""
     def row(pair):
         prompt = pair["prompt"]
         out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
@@ -170,45 +188,82 @@ def orpo_features(trainer):
             out[f"{part}_labels"] = [-100] * len(prompt) + pair[part]
         return out
 
-    return row
+    return lambda pairs: [row(pair) for pair in pairs]
+
+
+def kto_rows(trainer):
+    """KTOTrainer's rows, as its _prepare_dataset leaves them: prompt_ids, completion_ids, label,
+    and KL_completion_ids, the completions rotated by one within the batch (example i gets
+    example i - 1's, the first the last's), which its dataset map does over each
+    per_device_train_batch_size rows and the harness over each step's examples (the same
+    rows: one micro-batch a step, in order). No EOS is added (TRL's text path appends one to each
+    completion): the ids are the same tokens every system gets. (Its keys are fixed: `trainer`
+    is taken only as dpo_rows takes it.)"""
+    def rows(examples):
+        completions = [e["completion"] for e in examples]
+        kl = completions[-1:] + completions[:-1]
+        return [{"prompt_ids": e["prompt"], "completion_ids": c, "KL_completion_ids": k,
+                 "label": e["label"]} for e, c, k in zip(examples, completions, kl)]
+
+    return rows
 
 
 def _trl_classes(method: str):
-    """(config class, trainer class, features) of TRL for `method`. ORPO sits in trl.experimental
+    """(config class, trainer class, rows) of TRL for `method`. ORPO sits in trl.experimental
     in TRL 1.16 (and at the top of older releases): whichever this TRL has."""
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        return DPOConfig, DPOTrainer, dpo_features
+        return DPOConfig, DPOTrainer, dpo_rows
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOConfig, KTOTrainer, kto_rows
     try:
         from trl import ORPOConfig, ORPOTrainer
     except ImportError:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer, orpo_features
+    return ORPOConfig, ORPOTrainer, orpo_rows
+
+
+def _method_config(args) -> tuple[dict, list[dict]]:
+    """The config arguments of `args.method`'s trainer beyond the shared ones, and the stand-in
+    dataset its constructor wants (its rows are never stepped: TrlStep collates ours)."""
+    if args.method == "kto":
+        # KTO's loss with its in-batch KL estimate (loss_type "kto": not apo_zero_unpaired, which
+        # has none), both weights 1 (the data alternate labels), the reference computed in the
+        # step (adapters off), not precomputed; no truncation (max_length None: KTOConfig's
+        # default 1024 would cut a KL sequence of a longer shape)
+        return (dict(loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
+                     precompute_ref_log_probs=False, max_length=None),
+                # two rows, one of each label: its KL map pairs them, its balance check is quiet
+                [{"prompt": "a", "completion": "b", "label": True},
+                 {"prompt": "a", "completion": "c", "label": False}])
+    # DPO: no truncation; ORPO wants a number (it only truncates the stand-in row: our rows skip
+    # its tokenize_row)
+    max_length = None if args.method == "dpo" else args.prompt + args.completion
+    return dict(max_length=max_length), [{"prompt": "a", "chosen": "b", "rejected": "c"}]
 
 
 def _trl_step(model, tokenizer, args, peft_config=None) -> TrlStep:
     """TRL's trainer of `args.method` on `model` (with `peft_config`, the trainer puts the adapter
-    on), bf16 on CUDA, non-reentrant checkpointing, dropout left on; beta is DPO's beta or ORPO's
-    lambda (TRL calls both beta)."""
+    on), bf16 on CUDA, non-reentrant checkpointing, dropout left on; beta is DPO's or KTO's beta
+    or ORPO's lambda (TRL calls all three beta)."""
     from datasets import Dataset
 
-    config_class, trainer_class, features = _trl_classes(args.method)
+    config_class, trainer_class, rows = _trl_classes(args.method)
     cuda = args.device == "cuda"
+    method_kwargs, stand_in = _method_config(args)
     config = config_class(
         output_dir=tempfile.mkdtemp(prefix=f"{args.method}-"),
         per_device_train_batch_size=args.pairs, beta=args.beta, learning_rate=args.lr,
         max_grad_norm=args.max_grad_norm, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, disable_dropout=False,
-        # DPO: no truncation; ORPO wants a number (it only truncates the stand-in row below: our
-        # rows skip its tokenize_row)
-        max_length=None if args.method == "dpo" else args.prompt + args.completion,
-        report_to=[], seed=args.seed)
-    rows = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # a dataset it wants
-    trainer = trainer_class(model=model, args=config, train_dataset=rows,
+        report_to=[], seed=args.seed, **method_kwargs)
+    trainer = trainer_class(model=model, args=config, train_dataset=Dataset.from_list(stand_in),
                             processing_class=tokenizer, peft_config=peft_config)
-    return TrlStep(trainer, args, features(trainer))
+    return TrlStep(trainer, args, rows(trainer))
 
 
 def setup_trl(model_dir: str, args):
@@ -224,10 +279,12 @@ def setup_unsloth(model_dir: str, args):
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import unsloth  # noqa: F401  (before transformers and trl, to patch them)
-    from unsloth import PatchDPOTrainer
+    from unsloth import PatchDPOTrainer, PatchKTOTrainer
 
-    # Unsloth's DPO and ORPO notebooks both call it before building TRL's trainer
-    PatchDPOTrainer()
+    # Unsloth's DPO and ORPO notebooks call PatchDPOTrainer before building TRL's trainer; KTO
+    # takes its counterpart, PatchKTOTrainer (both no-ops in this Unsloth: importing unsloth is
+    # what rewrites TRL's trainers, KTOTrainer among them)
+    (PatchKTOTrainer if args.method == "kto" else PatchDPOTrainer)()
     model, _, _, _ = ts.setup_unsloth(model_dir, args)
     from transformers import AutoTokenizer
 
@@ -322,9 +379,6 @@ def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True):
 
 
 def setup_system(system: str, model_dir: str, args):
-    if args.method == "kto" and system in ("trl", "unsloth"):
-        raise ValueError(f"--method kto times the qlora systems only: TRL's KTOTrainer is not "
-                         f"wired into this harness (drop {system} from --systems)")
     if system == "trl":
         return setup_trl(model_dir, args)
     if system == "unsloth":
@@ -405,8 +459,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
     ap.add_argument("--method", default="dpo", choices=("dpo", "orpo", "kto"),
                     help="the preference loss: DPO (a reference forward), ORPO (none) or KTO "
-                         "(unpaired examples, their KL sequences; the qlora systems only)")
-    ap.add_argument("--beta", type=float, default=0.1, help="DPO's beta; ORPO's lambda")
+                         "(unpaired examples, their KL sequences)")
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO's and KTO's beta; ORPO's lambda")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--lora-dropout", type=float, default=0.05)

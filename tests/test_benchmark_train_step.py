@@ -227,25 +227,31 @@ def test_preference_step_runs_dpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
         assert r["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-def test_preference_step_runs_kto_for_qlora(tmp_path):
-    """--method kto steps qlora's systems on unpaired examples (TRL's KTOTrainer is not wired in:
-    its record says so); at the first step LoRA B is 0, so the policy is the reference and z = 0:
-    every example's loss is 1 - sigmoid(0) = 1/2 (weights 1), fp32 exactly up to roundings."""
+def test_preference_step_runs_kto_for_trl_and_qlora_on_the_same_examples(tmp_path):
+    """--method kto steps TRL's KTOTrainer and ours on the same unpaired examples; at the first
+    step LoRA B is 0, so the policy is the reference (the adapter-off base, both sides) and z = 0:
+    every example's loss is 1 - sigmoid(0) = 1/2 (weights 1). And the KL sequences TRL's collator
+    makes of the harness's rows (its _prepare_dataset's rotation) are the ones qlora's batch
+    holds: prompt i with example i - 1's completion."""
+    import math
+
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    from qlora.data.preference import half, preference_batch
+
     bench = _preference_bench()
-    model_dir = tmp_path / "tiny-llama"
-    bench.ts.make_model_dir("tiny-llama", model_dir, "cpu")
-    results = tmp_path / "results.jsonl"
-    argv = ["--device", "cpu", "--prompt", "6", "--completion", "5", "--pairs", "2", "--steps", "2",
-            "--warmup", "1", "--method", "kto", "--worker", "--shape", "tiny-llama",
-            "--model-dir", str(model_dir), "--results", str(results)]
-    for system in ("trl", "qlora"):
-        assert bench.worker(bench.parse_args(argv + ["--system", system])) == 0
-    recs = {r["system"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert "KTOTrainer is not wired" in recs["trl"]["error"]
-    r = recs["qlora"]
-    assert "error" not in r, r.get("traceback", r.get("error"))
-    assert r["tokens_per_step"] == 2 * 2 * (6 + 5)  # each example's sequence and its KL one
-    assert r["loss_first"] == pytest.approx(0.5, abs=1e-6)
+    recs, examples = _preference_records(bench, tmp_path, "kto")
+    for r in recs.values():
+        assert r["tokens_per_step"] == 2 * 2 * (6 + 5)  # each example's sequence and its KL one
+        # fp32 on the CPU and B = 0 exactly: z is 0 and each loss 1/2 up to roundings (the
+        # records keep 5 decimals); the second step's loss, after an update, finite
+        assert r["loss_first"] == pytest.approx(0.5, abs=1e-6)
+        assert math.isfinite(r["loss_last"])
+    trl_batch = DataCollatorForUnpairedPreference(pad_token_id=0)(bench.kto_rows(None)(examples))
+    ours = half(preference_batch(examples, 0), second=True)
+    assert torch.equal(trl_batch["KL_input_ids"], ours["input_ids"])
+    assert [e["prompt"] + examples[k - 1]["completion"] for k, e in enumerate(examples)] \
+        == trl_batch["KL_input_ids"].tolist()
 
 
 def test_preference_step_runs_orpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
