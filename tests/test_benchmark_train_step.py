@@ -254,6 +254,35 @@ def test_preference_step_runs_kto_for_trl_and_qlora_on_the_same_examples(tmp_pat
         == trl_batch["KL_input_ids"].tolist()
 
 
+def test_preference_step_kto_rows_rotate_completions_as_trls_dataset_does(tmp_path):
+    """The harness hands TRL's collator rows it builds itself (our ids skip TRL's tokenizing): their
+    KL completions are the ones TRL's own KTOTrainer._prepare_dataset gives the same examples (run
+    here on text rows through a word-level tokenizer; `self` stands in with the four attributes
+    it reads, so no model is built)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import KTOTrainer
+
+    bench = _preference_bench()
+    bench.ts._write_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = [("a b", " c"), ("d", " e f"), ("g h i", " j"), ("k", " l m n")]  # unequal lengths
+    rows = [{"prompt": p, "completion": c, "label": k % 2 == 0} for k, (p, c) in enumerate(texts)]
+    trainer = SimpleNamespace(_tokenizer=tok, calculate_KL=True, desirable_weight=1.0,
+                              undesirable_weight=1.0)
+    config = SimpleNamespace(dataset_num_proc=None, max_length=None,
+                             per_device_train_batch_size=len(rows))
+    trl_rows = list(KTOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tok, config,
+                                                "train"))
+    examples = [{"prompt": r["prompt_ids"], "completion": r["completion_ids"], "label": r["label"]}
+                for r in trl_rows]
+    ours = bench.kto_rows(None)(examples)
+    assert [r["KL_completion_ids"] for r in ours] == [r["KL_completion_ids"] for r in trl_rows]
+    assert len({tuple(r["KL_completion_ids"]) for r in ours}) == 4  # a rotation, not a copy
+
+
 def test_preference_step_runs_orpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
     """TRL's ORPOTrainer and ours step the same pairs; at the first step LoRA B is 0, so both are
     the base model, and each first loss is ORPO's of the base's own log-probs (transformers'
