@@ -240,34 +240,37 @@ def test_cli_export_with_imatrix_ollama_and_check(trained, tmp_path, capsys, mon
 
 def test_a_host_too_small_for_the_reference_is_said_before_the_export(trained, tmp_path, capsys,
                                                                       monkeypatch):
-    from qlora.cli import main
-    from qlora.memory import host
-
-    _, base, adapter, _ = trained
     from math import prod
 
+    from qlora.cli import main
+    from qlora.memory import host
     from qlora.merge import base_shapes
     from qlora.models.weights import weight_files
 
+    _, base, adapter, _ = trained
     values = sum(prod(shape) for shape in base_shapes(weight_files(base)).values())
-    # float32 on the CPU: 4 bytes a value, + 5% and 1 GiB of slack; a host with 1 GiB free is short
-    monkeypatch.setattr(host, "host_available_bytes", lambda: 2**30)
+    # the 16-bit base's reference in float32 needs 1.05 × 4 bytes a value: 4 bytes a value is short
+    monkeypatch.setattr(host, "host_available_bytes", lambda: 4 * values)
     args = ["export", "--gguf", "--model", str(base), "--adapter", str(adapter), "--type", "q8_0",
             "--device", "cpu", "--check-engine", "qlora"]
     assert main(args + ["--out", str(tmp_path / "a.gguf"), "--check"]) == 2
     err = capsys.readouterr().err
-    assert "--check: the check's reference" in err and "1.0 GiB are available" in err
+    assert "--check: the check's reference" in err
+    assert f"{4.2 * values / 2**30:.1f} GiB of host memory and {4 * values / 2**30:.1f} GiB" in err
     assert not list(tmp_path.iterdir())  # refused before any file
     assert main(args + ["--out", str(tmp_path / "b.gguf")]) == 0  # by default: skipped, said once
-    assert [ln for ln in capsys.readouterr().err.splitlines() if "check skipped" in ln]
+    assert len([ln for ln in capsys.readouterr().err.splitlines() if "check skipped" in ln]) == 1
     assert {p.name for p in tmp_path.iterdir()} == {"b.gguf"}
     merge = ["merge", "--model", str(base), "--adapter", str(adapter), "--device", "cpu"]
     assert main(merge + ["--out", str(tmp_path / "m1"), "--check"]) == 2  # merge's check alike
     assert "--check: the check's reference" in capsys.readouterr().err
     assert main(merge + ["--out", str(tmp_path / "m2")]) == 0
-    assert "check skipped" in capsys.readouterr().err
+    assert len([ln for ln in capsys.readouterr().err.splitlines() if "check skipped" in ln]) == 1
     assert {p.name for p in tmp_path.iterdir()} == {"b.gguf", "m2"}
-    monkeypatch.setattr(host, "host_available_bytes", lambda: 2**30 + 2 * 4 * values)
+    # an NF4 base's reference keeps its linears at ~0.52 bytes a value: the same host holds it
+    assert main(args + ["--out", str(tmp_path / "n.gguf"), "--base", "nf4", "--check"]) == 0
+    assert (tmp_path / "n.check.json").exists()
+    monkeypatch.setattr(host, "host_available_bytes", lambda: int(4.2 * values) + 1)
     assert main(args + ["--out", str(tmp_path / "c.gguf"), "--check"]) == 0  # room: it runs
     assert (tmp_path / "c.check.json").exists()
 

@@ -354,24 +354,19 @@ def _add_check_args(p, default_on: str) -> None:
 def run_merge(args) -> None:
     from pathlib import Path
 
-    from qlora.export.check import (ReferenceUnavailable, check_merge, reference_host_shortfall,
-                                    report_path)
+    from qlora.export.check import ReferenceUnavailable, check_fits_host, check_merge, report_path
     from qlora.merge import describe, merge_adapter
 
-    report, check = report_path(Path(args.out)), args.check
-    if check is not False and report.exists():
+    report = report_path(Path(args.out))
+    if args.check is not False and report.exists():
         raise QloraError(f"{report} exists; give a new --out (or --no-check)")
-    shortfall = reference_host_shortfall(args.model, args.base, args.device) if check is not False else None
-    if shortfall and check:
-        raise QloraError(f"--check: {shortfall}")
-    if shortfall:
-        print(f"note: check skipped: {shortfall}", file=sys.stderr)
-        check = False
+    check = args.check is not False and check_fits_host(
+        args.check, args.model, args.base, args.device, lambda line: print(line, file=sys.stderr))
     print(f"adapter: {describe(args.adapter)}")
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, base=args.base,
                         max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name)
     print(f"merged checkpoint written to {out}")
-    if check is not False:
+    if check:
         try:
             check_merge(out, args.model, args.adapter, args.dtype, args.base, args.check_data,
                         args.check_samples, args.device)

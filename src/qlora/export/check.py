@@ -370,31 +370,43 @@ def _finish(report: dict, out: Path, tokenizer, log) -> dict:
 # --- room for the reference ----------------------------------------------------------------------
 def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str) -> str | None:
     """Why this host cannot hold the check's reference on the CPU, or None. There it runs in
-    float32 (device.compute_dtype): 4 bytes a value of a 16-bit base, a Llama-3-8B's 30 GiB (31.2
-    measured), where an NF4 base keeps ~0.56 a value in its linears. The kernel would kill the
+    float32 (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the
+    linears of an NF4 one. A Llama-3-8B's 29.9 GiB of values measured 31.2 GiB of RSS (the
+    interpreter and torch included), hence the 5% beside the values. The kernel would kill the
     process after the export's minutes; said before them instead."""
     from math import prod
 
     from qlora.device import pick_device
     from qlora.export.reference import reference_quant
     from qlora.memory.host import host_available_bytes
-    from qlora.merge import base_shapes
+    from qlora.memory.weights import quantized_linear_tensors
+    from qlora.merge import base_shapes, is_quantized_linear
     from qlora.models.load import weight_files
 
     available = host_available_bytes()
     if pick_device(device).type != "cpu" or available is None:
         return None
-    values = {name: prod(shape) for name, shape in base_shapes(weight_files(Path(model_dir))).items()}
-    if reference_quant(merge_base) == "nf4":  # 4 bits and a scale per 64 in the linears
-        needed = sum(v * (0.5625 if name.endswith("proj.weight") else 4) for name, v in values.items())
-    else:
-        needed = 4 * sum(values.values())
-    needed = 1.05 * needed + 2**30  # activations, logits and the allocator's slack
+    nf4 = reference_quant(merge_base) == "nf4"
+    needed = 1.05 * sum(
+        sum(quantized_linear_tensors(*shape, "nf4")) if nf4 and is_quantized_linear(name, shape)
+        else 4 * prod(shape) for name, shape in base_shapes(weight_files(Path(model_dir))).items())
     if needed <= available:
         return None
     return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
             f"{needed / 2**30:.1f} GiB of host memory and {available / 2**30:.1f} GiB are available; "
             f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
+
+
+def check_fits_host(check: bool | None, model_dir: str | Path, merge_base: str, device: str,
+                    note: Callable[[str], None]) -> bool:
+    """Whether the check (asked for, or by default) still runs once the host's memory is known:
+    an asked-for check that cannot is a QloraError, a default one is skipped with a note."""
+    shortfall = reference_host_shortfall(model_dir, merge_base, device)
+    if shortfall and check:
+        raise QloraError(f"--check: {shortfall}")
+    if shortfall:
+        note(f"note: check skipped: {shortfall}")
+    return shortfall is None
 
 
 # --- the two checks -----------------------------------------------------------------------------

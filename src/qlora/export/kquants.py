@@ -781,7 +781,9 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The cores this process may run on: its affinity (which `docker --cpuset-cpus` narrows),
     else all, and no more than its cgroup's CPU quota allows (`docker --cpus`, a Kubernetes CPU
     limit), which leaves the affinity whole: one worker per visible core would then share the
-    quota's time slices and each wait its turn."""
+    quota's time slices and each wait its turn. The quota is read where a container shows its own
+    cgroup (cgroup v2 namespaces: /sys/fs/cgroup/cpu.max); a systemd CPUQuota on a bare host, or
+    a parent cgroup's quota, is not seen."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
