@@ -77,8 +77,7 @@ class UnpairedLogps:
     """A KTO batch: each example's completion, its KL row's (under no_grad), its label."""
 
     def __init__(self, rows: RowLogps, kl: torch.Tensor, label: torch.Tensor):
-        self.completion, self.tokens = rows.logps, rows.tokens
-        self.kl, self.label = kl, label.to(rows.logps.device)
+        self.completion, self.tokens, self.kl, self.label = rows.logps, rows.tokens, kl, label
 
 
 def sequence_logps(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -> RowLogps:
@@ -102,8 +101,9 @@ def label_sequences(batch: dict) -> torch.Tensor:
 def row_logps(model, batch: dict) -> RowLogps:
     """RowLogps of the batch's sequences through `model` (one forward)."""
     device = compute_device(model)  # not the first parameter's: the embedding may be on the host
-    losses = model(batch["input_ids"].to(device), batch["position_ids"], batch["labels"],
-                   per_token=True)
+    # non-blocking: a blocking copy would wait for every kernel queued (the previous backward)
+    losses = model(batch["input_ids"].to(device, non_blocking=True), batch["position_ids"],
+                   batch["labels"], per_token=True)
     return sequence_logps(-losses, label_sequences(batch), batch["n_sequences"])
 
 
@@ -125,6 +125,7 @@ def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], Ro
     half with the adapters off. Each half is a forward of its own, eagerly as in a CUDA graph,
     whose rows have fixed shapes (train/graphs.py): the reference takes one per half too."""
     policy_rows = rows()
+    label = label.to(policy_rows.logps.device, non_blocking=True)
     with torch.no_grad():
         kl = kl_rows().logps
         with adapters_disabled(model):
