@@ -4,6 +4,7 @@ adapters on the experts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -428,6 +429,23 @@ def test_planner_counts_expert_weights_and_adapters(family, targets):
     attach_adapters(model, AdapterConfig(r=8, alpha=16, target_modules=targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert memory.weights.adapter_param_count(arch, cfg) == trainable
+
+
+def test_planner_gives_no_mlp_tiles_to_sparse_blocks():
+    # apply_speed leaves sparse blocks whole (test_mlp_tiles_leave_the_sparse_blocks_whole): a
+    # plan that counted tiles there was lower than the run (Qwen3-30B-A3B at 32k: 32.10 against
+    # 32.94 GiB), and the long-context choice would pick tiles that save nothing
+    from qlora import memory
+    from qlora.memory import PlanConfig, plan
+
+    for shape in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        arch = memory.resolve_arch(shape=shape)
+        cfg = PlanConfig(seq_len=32768)
+        assert plan(arch, cfg).allocated == plan(arch, dataclasses.replace(cfg, tile_mlp=True)).allocated
+    # a budget the tiles' undercount fitted (44.2 GiB at 32k: 32.94 counted 32.10 with tiles)
+    chosen = memory.long_context_choice(memory.resolve_arch(shape="qwen3-30b-a3b"),
+                                        PlanConfig(seq_len=32768), int(44.2 * memory.GiB))
+    assert chosen.tile_mlp is False
 
 
 @pytest.mark.parametrize("family", list(PLANNER_CONFIGS))

@@ -143,9 +143,11 @@ def routed_activation_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, float]
 
 
 def mlp_tile_tokens(arch: ArchSpec, cfg: PlanConfig) -> int | None:
-    """Tokens per MLP tile (models/tiling.py), or None: whole (off, or no more tokens than a
-    tile, where the tiled MLP runs whole)."""
-    if not cfg.tile_mlp:
+    """Tokens per MLP tile (models/tiling.py), or None: whole (off, no more tokens than a tile,
+    where the tiled MLP runs whole, or a mixture of experts: speed.apply_speed leaves its sparse
+    blocks whole, their router logits kept for the aux loss, and the plan counts every layer as
+    sparse)."""
+    if not cfg.tile_mlp or (arch.moe is not None and arch.moe.num_sparse_layers):
         return None
     from qlora.models.tiling import default_tile_tokens
 
