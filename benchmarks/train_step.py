@@ -21,8 +21,8 @@ Systems
             "unsloth" with its per-layer compile off (UNSLOTH_BLOCK_COMPILE=0 in its worker,
             before unsloth is imported): what a torch 2.11 user falls back to on Gemma 2, whose
             compiled layer fails in inductor. Unsloth's Triton kernels still run, eagerly, as on
-            torch 2.10 and older; its compiled loss and attention stay. Slower than Unsloth
-            compiled, so reported beside it, never instead. Not in the default --systems.
+            torch 2.10 and older; its compiled loss and attention stay. Expected slower than
+            Unsloth compiled (not yet measured), so reported beside it, never instead. Not in the default --systems.
   qlora     this project as `qlora train` runs it (QloraStep below): flattened adapters, seeded
             LoRA dropout, RMSNorm, SwiGLU and RoPE as the Triton kernels of qlora.kernels.fused,
             the 4-bit bases through qlora.speed.use_fast_path (our Triton dequantize, the LoRA

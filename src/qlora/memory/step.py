@@ -83,8 +83,7 @@ def _check_targets_present(arch: ArchSpec, cfg: PlanConfig) -> None:
     named = cfg.targets if isinstance(cfg.targets, str) else ",".join(cfg.targets)
     experts = expert_targets(cfg.targets, arch)
     if not target_names(cfg.targets, arch) and not experts:
-        present = arch.block_linears() if arch.moe is None else (
-            tuple(n for n in arch.block_linears() if n not in MLP_LINEARS) + EXPERT_TARGETS)
+        present = target_names("all-linear", arch) + (EXPERT_TARGETS if arch.moe else ())
         raise QloraError(f"{option}: {named} match no linear layer of this {arch.model_type} model; "
                          f"use all-linear or some of {', '.join(present)}")
     if cfg.dora and experts:
