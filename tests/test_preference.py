@@ -655,6 +655,33 @@ def test_precompute_is_refused_where_there_is_no_fixed_reference():
                                    precompute_ref_log_probs=True))
 
 
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo", "sft"])
+def test_plan_refuses_a_precomputed_reference_as_train_does(method, tmp_path, capsys):
+    """`qlora plan --precompute-ref-log-probs` is refused where `qlora train` refuses
+    precompute_ref_log_probs, with the same message (methods.check_precomputed_reference)."""
+    from qlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+                 "--output_dir", str(out), "--method", method,
+                 "--precompute_ref_log_probs", "true"]) == 2
+    train_error = capsys.readouterr().err
+    assert main(["plan", "--shape", "qwen2.5-1.5b", "--method", method,
+                 "--precompute-ref-log-probs"]) == 2
+    plan_error = capsys.readouterr().err
+    assert "precompute_ref_log_probs` is for --method dpo" in train_error
+    assert plan_error == train_error and not out.exists()
+
+
+def test_plan_takes_dpo_with_a_precomputed_reference(capsys):
+    from qlora.cli import main
+
+    for precomputed in ([], ["--precompute-ref-log-probs"]):
+        assert main(["plan", "--shape", "qwen2.5-1.5b", "--method", "dpo", *precomputed]) == 0
+        planned = "reference forward" in capsys.readouterr().out
+        assert planned == (not precomputed)  # no reference forward in the steps
+
+
 # --- the memory planner -----------------------------------------------------------------------------
 def test_planner_counts_two_sequences_and_the_reference_forward():
     from dataclasses import replace

@@ -447,6 +447,7 @@ def add_plan(sub) -> None:
 
 
 def _plan_options(p) -> None:
+    from qlora.methods import METHODS
     from qlora.quant import METHODS as QUANT_METHODS
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -489,7 +490,7 @@ def _plan_options(p) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks under torchrun; default 1)")
     p.add_argument("--sharding", default="ddp", help="ddp | fsdp (with --gpus > 1)")
     p.add_argument("--auto-fit", action="store_true", help="also print the largest micro-batch that fits")
-    p.add_argument("--method", default="sft", choices=("sft", "dpo", "orpo", "simpo", "kto"),
+    p.add_argument("--method", default="sft", choices=METHODS,
                    help="sft, or a preference method: two sequences per example, and a reference "
                         "forward for dpo / kto; their log-probs come per token from the chunked loss")
     p.add_argument("--precompute-ref-log-probs", action="store_true",

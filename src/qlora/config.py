@@ -22,6 +22,7 @@ import yaml
 
 from qlora.errors import QloraError
 from qlora.files import staged_file
+from qlora.methods import METHODS, check_precomputed_reference, dpo
 from qlora.quant import METHODS as QUANT_METHODS
 
 
@@ -124,8 +125,8 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"),
     "train_on": ("responses", "all"),
-    "method": ("sft", "dpo", "orpo", "simpo", "kto"),  # qlora.methods.METHODS
-    "loss_type": ("sigmoid", "ipo", "hinge"),
+    "method": METHODS,
+    "loss_type": dpo.LOSS_TYPES,
     "long_examples": ("truncate", "drop"),
     "quant": QUANT_METHODS,
     "dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -572,10 +573,8 @@ def check(cfg: RunConfig) -> RunConfig:
 
 
 def _check_method(cfg: RunConfig) -> None:
+    check_precomputed_reference(cfg.method, cfg.precompute_ref_log_probs)
     if cfg.method == "sft":
-        if cfg.precompute_ref_log_probs:
-            raise QloraError("option `precompute_ref_log_probs` is for --method dpo; SFT has no "
-                             "reference model")
         return
     if cfg.beta <= 0:
         raise QloraError(f"option `beta`: {cfg.beta:g}; it must be above 0")
@@ -585,11 +584,6 @@ def _check_method(cfg: RunConfig) -> None:
     if not 0 <= cfg.label_smoothing < 0.5:
         raise QloraError(f"option `label_smoothing`: {cfg.label_smoothing:g}; it must be in "
                          "[0, 0.5)")
-    if cfg.precompute_ref_log_probs and cfg.method != "dpo":
-        why = ("KTO's reference is also taken on KL sequences that each micro-batch pairs anew"
-               if cfg.method == "kto" else f"--method {cfg.method} has no reference model")
-        raise QloraError(f"option `precompute_ref_log_probs` is for --method dpo: {why}; "
-                         "leave it off")
 
 
 def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -162,6 +162,14 @@ def split_mlp_terms(terms: dict[str, float]) -> tuple[float, float]:
     return sum(terms.values()) - inside, inside
 
 
+def mlp_width(arch: ArchSpec) -> int:
+    """The MLP's width a token at its widest: the dense MLP's, or a sparse layer's k rows of an
+    expert's width where that is more (max(k·I_e, I))."""
+    if arch.moe is None or not arch.moe.num_sparse_layers:
+        return arch.intermediate_size
+    return max(arch.moe.top_k * arch.moe.expert_intermediate_size, arch.intermediate_size)
+
+
 def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     """Gradients alive while one layer runs backward (estimate, an upper bound).
 
@@ -172,10 +180,7 @@ def backward_working_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> float:
     fp32 gradient and the capped scores' bf16 gradient, 2 + 4 + 4 bytes a score with the fp32
     copy).
     """
-    width = arch.intermediate_size
-    if arch.moe is not None and arch.moe.num_sparse_layers:  # k rows of an expert's width
-        width = max(arch.moe.top_k * arch.moe.expert_intermediate_size, arch.intermediate_size)
-    working = 2 * 2 * arch.hidden_size + 3 * 2 * width
+    working = 2 * 2 * arch.hidden_size + 3 * 2 * mlp_width(arch)
     if capped_scores_in_torch(arch, cfg):
         working += 10 * arch.num_heads * cfg.seq_len
     return working

@@ -4,12 +4,26 @@ moment of the step of its own (KTO's: each half's apart, its KL sequence's no-gr
 
 from __future__ import annotations
 
-from qlora.memory.activations import mlp_tile_tokens
+from qlora.memory.activations import mlp_tile_tokens, mlp_width
 from qlora.memory.loss import loss_chunk_tokens
 from qlora.memory.settings import PlanConfig, step_tokens
+from qlora.methods import method_module
 from qlora.models.spec import ArchSpec
 
-REFERENCE_METHODS = ("dpo", "kto")  # the base model with adapters off, under no_grad
+
+def reference_moment_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """The reference forward's moment of the step (Breakdown.reference; 0 for none): its own
+    tensors (reference_forward_bytes) and beside them, with the fused loss, the policy's gradient
+    of its label rows' hidden states, made in forward and kept for its backward."""
+    forward = reference_forward_bytes(arch, cfg)
+    if not forward or cfg.loss != "chunked-fused":
+        return forward
+    return forward + label_rows_bytes(arch, cfg)
+
+
+def label_rows_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """The step's final hidden states (bf16 [tokens, h]), or their gradient."""
+    return 2 * step_tokens(cfg) * arch.hidden_size
 
 
 def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
@@ -23,15 +37,13 @@ def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     loss's bf16 logits, fp32 copy and log-softmax (10·chunk·V). The planner counted a layer's
     saved tensors before, and the old loss: at Qwen2.5-1.5B (8,192 tokens) 0.95 GiB, and in every
     phase, where the step measured no more at DPO than at ORPO (5.45 GiB both, H100)."""
-    if cfg.method not in REFERENCE_METHODS or cfg.reference_precomputed:
+    method = method_module(cfg.method)
+    if method is None or not method.USES_REFERENCE or cfg.reference_precomputed:
         return 0
     tokens, h, v = step_tokens(cfg), arch.hidden_size, arch.vocab_size
-    width = arch.intermediate_size
-    if arch.moe is not None and arch.moe.num_sparse_layers:  # k rows of an expert's width
-        width = max(arch.moe.top_k * arch.moe.expert_intermediate_size, width)
     mlp_tokens = min(tokens, mlp_tile_tokens(arch, cfg) or tokens)
-    mlp = (6 if cfg.kernels == "fused" else 8) * width * mlp_tokens
+    mlp = (6 if cfg.kernels == "fused" else 8) * mlp_width(arch) * mlp_tokens
     chunk = min(tokens, cfg.loss_chunk_tokens or loss_chunk_tokens(v))
     fused_loss = cfg.loss == "chunked-fused"  # Gemma's soft-cap too: inside the fused kernel
     loss = 2 * chunk * v + 4 * chunk if fused_loss else 10 * chunk * v
-    return 2 * 2 * tokens * h + mlp + 2 * tokens * h + loss
+    return 2 * 2 * tokens * h + mlp + label_rows_bytes(arch, cfg) + loss

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import QloraError
+from qlora.methods import METHODS, check_precomputed_reference, method_module
 from qlora.models.families.moe_config import EXPERT_PROJECTIONS
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
 from qlora.models.spec import GEMMA_TYPES, ArchSpec
@@ -25,8 +26,6 @@ EXPERT_TARGETS = tuple(f"experts.{p}" for p in EXPERT_PROJECTIONS)
 # the MLP's linears, every family's (Phi-3's fused gate_up_proj too): a mixture of experts' dense
 # MLPs take no adapters, and the layer's terms split at them into attention's and the MLP's
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
-# sft, or one of these: two sequences per example (a pair's both with grad: step_tokens)
-PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class PlanConfig:
                 ("--quant", self.quant, QUANT_METHODS), ("--optimizer", self.optimizer, OPTIMIZERS),
                 ("--sharding", self.sharding, SHARDING), ("--kernels", self.kernels, KERNELS),
                 ("--loss", self.loss, LOSSES), ("--adapter-dtype", self.adapter_dtype, DTYPE_BYTES),
-                ("nonquant_dtype", self.nonquant_dtype, DTYPE_BYTES)):
+                ("nonquant_dtype", self.nonquant_dtype, DTYPE_BYTES), ("--method", self.method, METHODS)):
             if value not in choices:
                 raise QloraError(f"{option} {value!r} is not valid; choose one of: "
                                  f"{', '.join(map(str, choices))}")
@@ -103,6 +102,7 @@ class PlanConfig:
             raise QloraError(f"--keep-attention takes a number of layers (0 or more), not {keep!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QloraError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        check_precomputed_reference(self.method, self.reference_precomputed)  # as qlora train
         if targets:
             target_names(self.targets)
 
@@ -143,7 +143,8 @@ def step_tokens(cfg: PlanConfig) -> int:
     is two sequences (chosen and rejected); a KTO example is one, its KL sequence running under
     no_grad, a forward of its own at the reference's moment, as each half's reference forward
     (methods/preference.unpaired_logps): preference.reference_forward_bytes counts that one."""
-    paired = cfg.method in PREFERENCE_METHODS and cfg.method != "kto"
+    method = method_module(cfg.method)
+    paired = method is not None and method.LAYOUT == "pairs"
     return cfg.seq_len * cfg.micro_batch * (2 if paired else 1)
 
 

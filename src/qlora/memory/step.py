@@ -23,14 +23,15 @@ from qlora.memory.breakdown import Breakdown
 from qlora.memory.generic import coarse_plan
 from qlora.memory.host import embedding_in_host_memory, host_offload_bytes, offload_applies
 from qlora.memory.loss import loss_peak_bytes
-from qlora.memory.preference import reference_forward_bytes
-from qlora.memory.settings import (DTYPE_BYTES, EXPERT_TARGETS, MLP_LINEARS, PREFERENCE_METHODS,
-                                   PlanConfig, expert_targets, fast_path, step_tokens,
-                                   target_names, torch_norms)
+from qlora.memory.preference import reference_moment_bytes
+from qlora.memory.settings import (DTYPE_BYTES, EXPERT_TARGETS, MLP_LINEARS, PlanConfig,
+                                   expert_targets, fast_path, step_tokens, target_names,
+                                   torch_norms)
 from qlora.memory.sizes import CUBLAS_WORKSPACE_BYTES, alloc, gib
 from qlora.memory.weights import (adapter_tensors, expert_run_elements, expert_stack_bytes,
                                   layer_weight_terms, optimizer_state_bytes,
                                   quantized_linear_tensors, rerun_dense_weights, tile_dequant_bytes)
+from qlora.methods import method_module
 from qlora.models.generic import GenericSpec
 from qlora.models.spec import ArchSpec
 from qlora.quant import FOUR_BIT_METHODS
@@ -352,17 +353,15 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
 def _reference_forward(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: list[str]) -> int:
     """The reference forward's own moment (0 for none). It runs after the policy's loss and is
     gone before its backward: a moment of its own (Breakdown.phases), not workspace alive in
-    every phase. Beside it the policy's fused loss keeps its gradient of the label rows' hidden
-    states (bf16 [tokens, h])."""
-    if cfg.method in PREFERENCE_METHODS:
+    every phase."""
+    method = method_module(cfg.method)
+    if method is not None:
         saved = ("the example's activations saved, its KL sequence's forward under no_grad"
-                 if cfg.method == "kto" else "two sequences per example")
+                 if method.LAYOUT == "unpaired" else "two sequences per example")
         notes.append(f"{cfg.method}: {saved} ({tokens} tokens with grad a micro-batch); "
                      "log-probs per token from the model's chunked loss")
-    reference = reference_forward_bytes(arch, cfg)
+    reference = reference_moment_bytes(arch, cfg)
     if reference:
-        if cfg.loss == "chunked-fused":
-            reference += 2 * tokens * arch.hidden_size
         notes.append(f"{cfg.method}: reference forward (adapters off, no grad) "
                      f"{gib(reference):.2f} GiB, an estimate, after the policy's loss and "
                      "before its backward")

@@ -15,9 +15,10 @@ from qlora.memory.breakdown import fits, fits_tightly, needed_bytes, tight_fit_l
 from qlora.memory.fitting import (TRAIN_OPTIONS, advise, attention_layers_that_fit, auto_fit,
                                   long_context_choice)
 from qlora.memory.host import check_host_offload, host_offload_bytes
-from qlora.memory.settings import EXPERT_TARGETS, PREFERENCE_METHODS, PlanConfig, step_tokens
+from qlora.memory.settings import EXPERT_TARGETS, PlanConfig, step_tokens
 from qlora.memory.sizes import GiB, gib, parse_size
 from qlora.memory.step import plan
+from qlora.methods import method_module
 from qlora.models.generic import GenericSpec
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
 from qlora.models.spec import ArchSpec, attention_layers_kept
@@ -50,7 +51,7 @@ def _method_fields(cfg) -> dict:
     """A preference run's method (its log-probs come per token from the model's own loss, the
     chunked one an SFT run uses: methods/preference.py)."""
     method = getattr(cfg, "method", "sft")
-    if method not in PREFERENCE_METHODS:
+    if method_module(method) is None:  # SFT
         return {}
     return {"method": method,
             "reference_precomputed": bool(getattr(cfg, "precompute_ref_log_probs", False))}
