@@ -331,7 +331,8 @@ def _check_graphed_step(path, keep: bool, tag: str = "", packed: bool = True, lo
     applied = apply_speed(model, SpeedPlan(fused_kernels=keep, fast_base=keep, grouped=keep,
                                            keep_attention=keep, seeded_dropout=True,
                                            embedding_on_host=keep, offload_activations=long,
-                                           tile_mlp=128 if long else False))
+                                           tile_mlp=128 if long else False,
+                                           grouped_experts=True))  # (a mixture of experts')
     # a tied embedding (Gemma's) is the head's weight too, so it stays on the GPU
     if keep and not model.spec.tie_word_embeddings and not applied.embedding_bytes_freed:
         raise RuntimeError("the tiny model's input embedding did not move to host memory")
@@ -1136,7 +1137,8 @@ def check_moe(dirs):
     moe = {"mixtral": build_tiny_model(root / "mixtral", "mixtral", intermediate_size=128,
                                        num_local_experts=8, **sizes),
            "qwen3_moe": build_tiny_model(root / "qwen3_moe", "qwen3_moe", moe_intermediate_size=128,
-                                         num_experts=8, num_experts_per_tok=3, **sizes)}
+                                         num_experts=8, num_experts_per_tok=3,
+                                         output_router_logits=True, **sizes)}  # the aux loss on
     for family, path in moe.items():
         ours = load_model(path, QuantConfig(method="none", compute_dtype=torch.float32), device=DEV)
         with torch.no_grad():
@@ -1167,6 +1169,7 @@ def check_moe(dirs):
         record(f"moe-{family}-grouped-grads-vs-fp32", grouped_error / loop_error, 1.25,
                grouped_to_fp32=grouped_error, loop_to_fp32=loop_error,
                grouped_to_loop=max(rel(g0[n], g1[n]) for n in g0), adapters=len(g0))
+        _check_moe_graphed_step(path, family)
     for name, count, shape in (("qwen3-30b-a3b-gate-up", 256, (768, 2048)),
                                ("mixtral-8x7b-down", 8, (4096, 14336))):
         stack = QuantizedStack(count, shape, QuantConfig(), DEV)
@@ -1181,6 +1184,20 @@ def check_moe(dirs):
                    lambda: [stack.dequantize_member(i) for i in range(count)], reps=3))
         del got, want, stack
     _time_sparse_block()
+
+
+def _check_moe_graphed_step(path, family: str):
+    """The grouped MoE step through GraphedSteps vs eagerly, as check_graphed_step (same
+    bounds): the routing, the grouped GEMMs over device offsets and the aux loss captured."""
+    from qlora.train.graphs import unsupported_reason
+
+    model = nf4_lora_model(path, dropout=0.0)
+    apply_speed(model, replace(SEEDED, fused_kernels=True, fast_base=True, grouped=True,
+                               grouped_experts=True))
+    reason = unsupported_reason(model, torch.device(DEV), 512)
+    record(f"moe-graphs-allowed-{family}", 0.0 if reason is None else 1.0, 0.0, reason=reason)
+    del model
+    _check_graphed_step(path, True, tag=f"-moe-{family}")
 
 
 def _time_sparse_block():

@@ -556,8 +556,9 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
                          grouped=fast and variant != "qlora-ungrouped",
                          keep_attention=False if keep == "auto" else keep,
                          seeded_dropout=True, embedding_on_host=fast, grouped_experts=moe,
-                         # routing is not captured in a graph (MoeLM.cuda_graphs_refused)
-                         cuda_graphs=variant != "qlora-eager" and not moe,
+                         # a mixture of experts' too, where its experts read nothing on the
+                         # host (FastMoeLM.cuda_graphs_refused says which do)
+                         cuda_graphs=variant != "qlora-eager",
                          offload_activations=args.offload_activations == "true",
                          tile_mlp=_tile_mlp(args.tile_mlp) or False)
         applied = apply_speed(model, plan)
@@ -787,6 +788,9 @@ def worker(args) -> int:
                 flops_per_step=fl["total"], mfu=round(fl["total"] / med / H100_BF16_PEAK, 4),
                 loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
                 losses=[round(x, 4) for x in losses], step_times=[round(x, 4) for x in times])
+            if ours is not None and ours.graphs is not None and ours.graphs.failed:
+                # the capture failed and the steps above ran eagerly (GraphedSteps.run)
+                rec["step"], rec["graphs_failed"] = "eager-flat", ours.graphs.failed[:1500]
             if cuda and args.gpu_busy:  # after the figures above: the profiler slows the host
                 rec["gpu_busy_ms"] = gpu_busy_ms(forward_backward, optimizer_step, data[-1] if ours is not None
                                                  else data[-1].to(args.device))

@@ -491,13 +491,17 @@ def test_named_moe_shapes_have_their_real_sizes():
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 
 
-def test_qwen3_moe_plan_within_10_percent_of_the_h100_peak():
+def test_qwen3_moe_plan_within_10_percent_of_the_h100_peak(monkeypatch):
     """The plan of the one MoE step measured on a GPU (benchmarks/train_step.py, Qwen3-30B-A3B
     shape, seq 2048, r16 on attention and every expert, dropout 0.05 seeded, attention not kept,
     host embedding, paged 8-bit AdamW; H100 80GB under a 22.35 GiB cap, 2026-12-06): 20.906 GiB
-    peak allocated. Within 10%, the bound every stored calibration point is held to."""
+    peak allocated, with the experts then dequantized in runs of at most 256 MiB (the planner
+    planned under that budget here). Within 10%, the bound every stored calibration point is
+    held to."""
+    import qlora.kernels.experts as kernels
     from qlora import memory
 
+    monkeypatch.setattr(kernels, "EXPERT_CHUNK_BYTES", 256 * 2**20)
     cfg = memory.PlanConfig(seq_len=2048, keep_attention=0, embedding_on_host=True)
     planned = memory.plan(memory.resolve_arch(shape="qwen3-30b-a3b"), cfg).allocated / memory.GiB
     assert planned == pytest.approx(20.906, rel=0.10)
@@ -639,11 +643,13 @@ def test_expert_runs_cover_every_expert_within_the_budget():
 
     mib = 2**20
     assert expert_chunks(8, 1 * mib) == ((0, 8),)  # 8 MiB dense: one run, no sync
-    # Qwen3-30B-A3B's gate_up (128 experts of 6 MiB dense) and down (3 MiB); Mixtral's gate_up
-    # (224 MiB an expert: one at a time)
-    assert expert_chunks(128, 6 * mib) == tuple((s, s + 32) for s in range(0, 128, 32))
-    assert expert_chunks(128, 3 * mib) == ((0, 64), (64, 128))
-    assert expert_chunks(8, 224 * mib) == tuple((e, e + 1) for e in range(8))
+    # Qwen3-30B-A3B's gate_up (128 experts of 6 MiB dense) and down (3 MiB): one run each, so
+    # its step can be captured; Mixtral's gate_up (224 MiB an expert) three experts a run
+    assert expert_chunks(128, 6 * mib) == ((0, 128),)
+    assert expert_chunks(128, 3 * mib) == ((0, 128),)
+    assert expert_chunks(8, 224 * mib) == ((0, 3), (3, 6), (6, 8))
+    assert expert_chunks(128, 7 * mib) == ((0, 64), (64, 128))  # 896 MiB: two even runs
+    assert expert_chunks(4, 1024 * mib) == tuple((e, e + 1) for e in range(4))  # one at a time
     for experts, size in ((128, 6 * mib), (7, 100 * mib), (5, 300 * mib)):
         runs = expert_chunks(experts, size)
         assert [e for start, stop in runs for e in range(start, stop)] == list(range(experts))
@@ -669,6 +675,64 @@ def test_experts_in_runs_equal_all_at_once(moe_models, monkeypatch, quant, dtype
     assert got_loss == want_loss and set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
+    """The fast MoE model is captured only where its experts read nothing on the host: grouped,
+    each projection one run, torch._grouped_mm taking the operands (bf16, rows of 16-byte
+    multiples); each other case names its reason."""
+    import qlora.kernels.experts as kernels
+    from qlora.speed import SpeedPlan, apply_speed
+
+    def refused(dtype, r=8, plan=SpeedPlan(grouped_experts=True)):
+        model = load_model(moe_models["qwen3-moe"], QuantConfig(method="nf4", compute_dtype=dtype))
+        attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0))
+        apply_speed(model, plan, log=lambda _: None)
+        return model.cuda_graphs_refused
+
+    assert refused(torch.bfloat16) is None
+    assert "reference loop" in refused(torch.bfloat16, plan=SpeedPlan())
+    assert "_grouped_mm" in refused(FP32)  # the padded fallback
+    assert "_grouped_mm" in refused(torch.bfloat16, r=4)  # LoRA rows of 8 bytes
+    monkeypatch.setattr(kernels, "EXPERT_CHUNK_BYTES", 1)
+    assert "runs" in refused(torch.bfloat16)
+
+
+def test_grouped_moe_step_reads_nothing_on_the_host(moe_models, monkeypatch):
+    """A training forward (with the load-balancing loss) and backward of the grouped path in bf16
+    make no tensor-to-Python read from the MoE code (the routing, the grouped experts, the aux
+    loss): each would be a host sync on a GPU, and a CUDA graph's capture fails on one (the
+    capture itself is gpu_check's). The reads the dense layers make outside a capture (the
+    attention layout, which a graph takes from its buffers) are not the MoE code's."""
+    import traceback
+
+    from qlora.speed import SpeedPlan, apply_speed
+
+    model = adapted(moe_models["qwen3-moe"], "nf4", torch.bfloat16)
+    assert model.aux_loss
+    apply_speed(model, SpeedPlan(grouped_experts=True), log=lambda _: None)
+    moe_files = ("moe_blocks.py", "speed/moe.py", "kernels/experts.py")
+    reads = []
+
+    def recorded(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, **kwargs):
+            # the innermost of our frames: the code that asked for the read
+            caller = [f for f in traceback.extract_stack() if "/qlora/" in f.filename][-1]
+            if caller.filename.endswith(moe_files):
+                reads.append((name, caller.filename, caller.lineno))
+            return original(tensor, *args, **kwargs)
+        return read
+
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, recorded(name))
+    ids = token_batch(7)
+    model(ids, labels=ids).backward()
+    monkeypatch.undo()
+    assert reads == []
+    experts = model.model.layers[0].mlp.experts
+    assert experts.grouped and experts.gate_up_proj.lora_A.weight.grad is not None
 
 
 def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch):

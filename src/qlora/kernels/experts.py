@@ -14,10 +14,10 @@
   weights it was given for backward and dequantizes them again there (as kernels/dequant.py's
   Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
   dequantized together pass EXPERT_CHUNK_BYTES goes in a few runs of experts (`expert_chunks`),
-  one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up is 0.75 GiB dense, four runs
-  of 32 experts 0.19 GiB; Mixtral-8x7B's 1.75 GiB, one expert at a time. The runs' row ranges come
-  from the group offsets read on the host once a sparse block's forward (one sync; none where
-  every projection is one run).
+  one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in one run;
+  Mixtral-8x7B's 1.75 GiB in runs of 3 experts. The runs' row ranges come from the group offsets
+  read on the host once a sparse block's forward (one sync; none where every projection is one
+  run, as a CUDA graph needs: speed/moe.capture_blocker).
 """
 
 from __future__ import annotations
@@ -116,13 +116,22 @@ def dequantize_experts(stack, dtype: torch.dtype) -> torch.Tensor:
 def grouped_mm_runs(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these: bf16 operands whose rows are 16-byte multiples
     (a [M, K], b [E, K, N]), on CUDA with sm90+ or on the CPU."""
-    if not hasattr(torch, "_grouped_mm") or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         return False
-    if (a.shape[-1] * 2) % 16 or (b.shape[-1] * 2) % 16:
+    return grouped_mm_takes(a.device, a.dtype, a.shape[-1], b.shape[-1])
+
+
+def grouped_mm_takes(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether torch._grouped_mm runs on `device` in `dtype` for operands whose rows are these
+    widths: bf16, each row a multiple of 16 bytes, CUDA sm90+ or the CPU. Else grouped_mm pads,
+    which reads the largest group on the host."""
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
-    if a.device.type == "cuda":
-        return torch.cuda.get_device_capability(a.device)[0] >= 9
-    return a.device.type == "cpu"
+    if any(w * 2 % 16 for w in widths):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu"
 
 
 def padded_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -148,7 +157,12 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return padded_grouped_mm(a, b, offsets)
 
 
-EXPERT_CHUNK_BYTES = 256 * 2**20  # the most of a projection's experts dense at once
+# The most of a projection's experts dense at once. Past it a projection goes in runs, whose row
+# ranges are read on the host (a sync each sparse block, and no CUDA graph); at 768 MiB Qwen3-30B-
+# A3B's projections (gate_up 768, down 384 MiB in bf16) are one run each, sync-free: its step is
+# captured, for 0.56 GiB more at the peak than runs of 256 MiB. Mixtral-8x7B's (1.75 GiB) still
+# go in runs (3 experts, 0.66 GiB): its experts' GEMMs are large enough to hide the launches.
+EXPERT_CHUNK_BYTES = 768 * 2**20
 
 
 def expert_chunks(experts: int, expert_bytes: int) -> tuple[tuple[int, int], ...]:

@@ -45,7 +45,7 @@ from qlora.kernels.dropout import use_triton
 from qlora.kernels.embedding import gather_rows
 from qlora.kernels.lora import drop_kept_products
 from qlora.models.attention import Attention
-from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, shifted_targets
+from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, compute_device, shifted_targets
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
                                          GemmaRMSNorm, geglu)
 from qlora.models.families.moe_blocks import Experts, MoeDecoderLayer, MoeLM
@@ -54,7 +54,7 @@ from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.models.tiling import run_mlp
 from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
-from qlora.speed.moe import FastExperts
+from qlora.speed.moe import FastExperts, capture_blocker
 
 
 class FastRMSNorm(RMSNorm):
@@ -349,7 +349,17 @@ class FastMoeDecoderLayer(MoeDecoderLayer):
 
 class FastMoeLM(MoeLM, FastDecoderLM):
     """MoeLM (its aux loss) over FastDecoderLM's paths: checkpointing through CheckpointedLayer,
-    the host embedding, the fused cross-entropy."""
+    the host embedding, the fused cross-entropy; captured in a CUDA graph where the grouped
+    experts read nothing on the host (speed/moe.capture_blocker)."""
+
+    @property
+    def cuda_graphs_refused(self) -> str | None:
+        dtype, device = self.lm_head.weight.dtype, compute_device(self)  # the hidden states'
+        for block in self.sparse_blocks():
+            reason = capture_blocker(block.experts, dtype, device)
+            if reason is not None:
+                return reason
+        return None
 
 
 # each reference block and its fork: apply_speed swaps exactly these types

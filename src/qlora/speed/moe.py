@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from qlora.adapters import LoraExperts
 from qlora.kernels.experts import (GroupedBase, chunk_rows, dequantize_experts, expert_chunks,
-                                   grouped_mm, stack_members)
+                                   grouped_mm, grouped_mm_takes, stack_members)
 from qlora.models.families.moe_blocks import ExpertLinear, Experts, expert_counts
 
 
@@ -95,3 +95,27 @@ def expert_weights(layer: ExpertLinear, dtype: torch.dtype, start: int, stop: in
     members = stack_members(layer.quantized, start * layer.members, stop * layer.members)
     dense = dequantize_experts(members, dtype)
     return dense.view(stop - start, layer.out_features, layer.in_features)
+
+
+def capture_blocker(experts: Experts, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why a step through these experts reads the device on the host (so no CUDA graph can hold
+    it), or None: the reference loop, a projection dequantized in runs of experts (each run's
+    rows), or grouped GEMMs that torch._grouped_mm does not take (padded: the largest group)."""
+    if not getattr(experts, "grouped", False):
+        return "the reference loop over experts reads the routing on the host"
+    widths = []
+    for layer in (experts.gate_up_proj, experts.down_proj):
+        runs = expert_runs(layer, dtype)
+        if len(runs) > 1:
+            return (f"the experts' {base_of(layer).out_features}x{base_of(layer).in_features} "
+                    f"projections are dequantized in {len(runs)} runs (over kernels.experts."
+                    "EXPERT_CHUNK_BYTES), whose rows are read on the host")
+        base = base_of(layer)
+        widths += [base.in_features, base.out_features]
+        if isinstance(layer, LoraExperts):
+            widths.append(layer.r)
+    if not grouped_mm_takes(device, dtype, *widths):
+        return (f"torch._grouped_mm does not take {str(dtype).replace('torch.', '')} experts of "
+                f"these widths on this device (bf16 rows of 16-byte multiples, sm90+): the "
+                "padded fallback reads the largest group on the host")
+    return None

@@ -188,8 +188,9 @@ class MoeLM(DecoderLM):
     where `aux_loss` is on (config.json's output_router_logits; train's `router_aux_loss`)."""
 
     backbone_class = MoeBackbone
-    # train/graphs.py: the reference's routing reads which experts were chosen on the host
-    cuda_graphs_refused = "mixture-of-experts routing is not captured in CUDA graphs yet"
+    # train/graphs.py: the reference's loop over experts reads which were chosen on the host
+    # (speed/moe.py's grouped experts need no such read: FastMoeLM says when it captures)
+    cuda_graphs_refused = "the reference loop over experts reads the routing on the host"
 
     def __init__(self, spec: ArchSpec):
         super().__init__(spec)
@@ -206,7 +207,9 @@ class MoeLM(DecoderLM):
                 block.recording = False
         if labels is None or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
             return total
-        n_labels = int((shifted_targets(labels) != IGNORE_INDEX).sum())
+        # the label count stays on the device: reading it would be a host sync every step (and
+        # no CUDA graph could hold the step)
+        n_labels = (shifted_targets(labels) != IGNORE_INDEX).sum()
         return total + self.spec.moe.aux_loss_coef * n_labels * self.router_aux_loss()
 
     def sparse_blocks(self) -> list[SparseMoeBlock]:
