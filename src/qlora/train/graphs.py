@@ -33,9 +33,14 @@ go through flex_attention on the fast path (kernels/capped_attention.py), whose 
 made inside the capture from the same offsets, and its final soft-cap inside the fused
 cross-entropy, over every position as for any family.
 
+A mixture of experts is captured with its routing: the grouped experts take their groups' ends
+from a device tensor (speed/moe.py), and the load-balancing loss counts the padding rows' routing
+too, as transformers' does without an attention mask.
+
 Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention (taking a
 window where a layer's is shorter than the rows), a family whose attention it computes (Gemma 2
-only on the fast path with fused kernels: GemmaLM.cuda_graphs_refused), LoRA dropout seeded (adapters.seed_dropout: checkpointed
+only on the fast path with fused kernels: GemmaLM.cuda_graphs_refused), a mixture of experts
+whose experts read the host (FastMoeLM.cuda_graphs_refused), LoRA dropout seeded (adapters.seed_dropout: checkpointed
 layers then need no RNG state, which cannot be read during a capture), flattened gradients.
 """
 
