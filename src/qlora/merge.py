@@ -280,7 +280,7 @@ class BaseLayout:
     quantized: frozenset[str] | None = None  # modules the generic path holds in 4 bits
 
     def name(self, key: str) -> str | None:
-        """The model's name of the tensor its files call `key` (None: a tensor the model does not read)."""
+        """The model's name for the tensor its files call `key` (None: one the model leaves unread)."""
         return key if self.names is None else self.names[key]
 
     def is_quantized(self, name: str, shape: tuple[int, ...]) -> bool:
@@ -434,7 +434,6 @@ class Merge:
     is read (no merged checkpoint on disk)."""
 
     headers: CheckpointHeaders  # the base's, which the adapter was checked against
-
     modules: dict[str, LoraModule]
     replacements: dict[str, torch.Tensor]  # modules_to_save: whole trained copies
     dtype: torch.dtype  # of every merged floating tensor

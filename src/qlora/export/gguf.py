@@ -563,11 +563,10 @@ class GGUFTensors:
 class ShardReader:
     """A tensor's name in the base's files → its values (a torch tensor in the checkpoint's
     dtype), with the adapter folded in (`merge`: a qlora.merge.Merge, which takes the same file
-    name; None: the base's own). `headers` (models.weights.CheckpointHeaders) says which shard
-    holds it. Each shard is mapped
-    at its first tensor `plan` reads and unmapped after its last: the pages read stay mapped for
-    one shard at a time (two where a stack of experts spans them), as when the shards were read
-    one after the other."""
+    name; None: the base's own); `headers` (models.weights.CheckpointHeaders) say which shard
+    holds it. Each shard is mapped at its first tensor `plan` reads and unmapped after its last:
+    the pages read stay mapped for one shard at a time (two where a stack of experts spans
+    them), as when the shards were read one after the other."""
 
     def __init__(self, headers, plan: list[Planned], merge):
         self.merge, self.opened = merge, {}

@@ -79,7 +79,8 @@ def read_shard_header(path: Path) -> dict[str, TensorHeader]:
     """Each tensor of one safetensors file → its header, in the file's key order."""
     with open_shard(path) as handle:
         slices = {key: handle.get_slice(key) for key in handle.keys()}
-        return {key: TensorHeader(path, s.get_dtype(), tuple(s.get_shape())) for key, s in slices.items()}
+        return {key: TensorHeader(path, s.get_dtype(), tuple(s.get_shape()))
+                for key, s in slices.items()}
 
 
 def read_headers(model_dir: str | Path) -> CheckpointHeaders:
