@@ -244,11 +244,10 @@ def test_a_host_too_small_for_the_reference_is_said_before_the_export(trained, t
 
     from qlora.cli import main
     from qlora.memory import host
-    from qlora.merge import base_shapes
-    from qlora.models.weights import weight_files
+    from qlora.models.weights import read_headers
 
     _, base, adapter, _ = trained
-    values = sum(prod(shape) for shape in base_shapes(weight_files(base)).values())
+    values = sum(prod(shape) for shape in read_headers(base).shapes().values())
     # the 16-bit base's reference in float32 needs 1.05 × 4 bytes a value: 4 bytes a value is short
     monkeypatch.setattr(host, "host_available_bytes", lambda: 4 * values)
     args = ["export", "--gguf", "--model", str(base), "--adapter", str(adapter), "--type", "q8_0",

@@ -238,23 +238,24 @@ def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] |
             f"llama.cpp (llama-cpp-python {result['version']})")
 
 
-def gguf_state_dict(gguf_file: Path, model_dir: Path) -> dict:
+def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
     """The GGUF's tensors dequantized (gguf.quants) to float32, turned back into Hugging Face's
     names and layout (what export/gguf.py did, undone: q/k un-permuted, Gemma's norms less 1, a
     mixture of experts' stacks split into the source's per-expert tensors), shaped as the source
-    checkpoint in model_dir stores them. A tied output head stays absent, as in that checkpoint."""
+    checkpoint in model_dir stores them. A tied output head stays absent, as in that checkpoint.
+    `headers`: model_dir's (models.weights.read_headers), where the caller has read them."""
     import gguf
     import torch
 
     from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
-    from qlora.merge import base_shapes, read_config
-    from qlora.models.load import weight_files
+    from qlora.merge import read_config
+    from qlora.models.weights import read_headers
 
     config = read_config(model_dir)
     arch = arch_of(config["model_type"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    shapes = base_shapes(weight_files(model_dir))
+    shapes = (read_headers(model_dir) if headers is None else headers).shapes()
     to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in shapes}
     experts: dict[str, dict[int, str]] = {}  # stacked GGUF name -> expert -> source name
     for n in shapes:
@@ -283,7 +284,7 @@ def gguf_state_dict(gguf_file: Path, model_dir: Path) -> dict:
     return state
 
 
-def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
+def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto", headers=None):
     """gguf_state_dict loaded into our decoder with the source's config.json."""
     import torch
     from safetensors.torch import save_file
@@ -293,7 +294,7 @@ def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
     from qlora.models.load import load_model
     from qlora.quant import QuantConfig
 
-    state = gguf_state_dict(gguf_file, model_dir)
+    state = gguf_state_dict(gguf_file, model_dir, headers)
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-weights.") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(read_config(model_dir)))
@@ -317,12 +318,12 @@ def gguf_stop_ids(reader) -> tuple[int, ...]:
 
 
 def run_gguf_in_qlora(gguf_file: Path, model_dir: Path, tokenizer, samples, messages, work: Path,
-                      device: str) -> tuple[list[Path], dict | None, str]:
+                      device: str, headers=None) -> tuple[list[Path], dict | None, str]:
     """(logit files, chat turn, description) of the GGUF's own weights, template and stop tokens
     in our engine."""
     import gguf
 
-    model = gguf_as_decoder(gguf_file, model_dir, device)
+    model = gguf_as_decoder(gguf_file, model_dir, device, headers)
     paths = logits_at_positions(model, samples, work, "gguf")
     chat = None
     if messages is not None:
@@ -368,20 +369,20 @@ def _finish(report: dict, out: Path, tokenizer, log) -> dict:
 
 
 # --- room for the reference ----------------------------------------------------------------------
-def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str) -> str | None:
+def reference_host_shortfall(headers, merge_base: str, device: str) -> str | None:
     """Why this host cannot hold the check's reference on the CPU, or None. There it runs in
     float32 (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the
     linears of an NF4 one. A Llama-3-8B's 29.9 GiB of values measured 31.2 GiB of RSS (the
     interpreter and torch included), hence the 5% beside the values. The kernel would kill the
-    process after the export's minutes; said before them instead."""
+    process after the export's minutes; said before them instead. `headers`: the base's
+    (models.weights.CheckpointHeaders)."""
     from math import prod
 
     from qlora.device import pick_device
     from qlora.export.reference import reference_quant
     from qlora.memory.host import host_available_bytes
     from qlora.memory.weights import quantized_linear_tensors
-    from qlora.merge import base_shapes, is_quantized_linear
-    from qlora.models.load import weight_files
+    from qlora.merge import is_quantized_linear
 
     available = host_available_bytes()
     if pick_device(device).type != "cpu" or available is None:
@@ -389,7 +390,7 @@ def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str
     nf4 = reference_quant(merge_base) == "nf4"
     needed = 1.05 * sum(
         sum(quantized_linear_tensors(*shape, "nf4")) if nf4 and is_quantized_linear(name, shape)
-        else 4 * prod(shape) for name, shape in base_shapes(weight_files(Path(model_dir))).items())
+        else 4 * prod(shape) for name, shape in headers.shapes().items())
     if needed <= available:
         return None
     return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
@@ -397,11 +398,12 @@ def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str
             f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
 
 
-def check_fits_host(check: bool | None, model_dir: str | Path, merge_base: str, device: str,
+def check_fits_host(check: bool | None, headers, merge_base: str, device: str,
                     note: Callable[[str], None]) -> bool:
     """Whether the check (asked for, or by default) still runs once the host's memory is known:
-    an asked-for check that cannot is a QloraError, a default one is skipped with a note."""
-    shortfall = reference_host_shortfall(model_dir, merge_base, device)
+    an asked-for check that cannot is a QloraError, a default one is skipped with a note.
+    `headers`: the base's (models.weights.CheckpointHeaders)."""
+    shortfall = reference_host_shortfall(headers, merge_base, device)
     if shortfall and check:
         raise QloraError(f"--check: {shortfall}")
     if shortfall:
@@ -413,10 +415,11 @@ def check_fits_host(check: bool | None, model_dir: str | Path, merge_base: str, 
 def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter_dir=None,
                merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
                engine: str = "llama.cpp", llama_python: str | None = None, device: str = "auto",
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, headers=None) -> dict:
     """Compare the GGUF file (in llama.cpp, or engine "qlora") with base + adapter on held-out
     tokens; print the table, write the JSON beside the file; QloraError naming the part that
-    differs when a limit is passed."""
+    differs when a limit is passed. `headers`: model_dir's (models.weights.read_headers), where
+    the caller has read them."""
     from qlora.models import load_tokenizer
 
     gguf_file, model_dir = Path(gguf_file), Path(model_dir)
@@ -438,7 +441,8 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
                                                      len(ref_chat["prompt_ids"]) if ref_chat else 0)
         else:
             paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
-                                                         messages if ref_chat else None, work, device)
+                                                         messages if ref_chat else None, work, device,
+                                                         headers)
         stats = _compare(ref_paths, paths, picked)
     limits = parity.EXPORT_LIMITS[qtype]
     failures = parity.judge_logits(stats, limits)
