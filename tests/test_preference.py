@@ -602,6 +602,60 @@ def test_a_preference_run_resumes_exactly(tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --- the step's metrics on the host ------------------------------------------------------------------
+class _OnDevice(torch.Tensor):
+    """A stand-in for a tensor on the GPU (the CPU has no device-to-host copy to count): counts
+    what reads it to the host, each read a wait for the GPU; what a read returns is the host's."""
+    reads = 0
+    READS = {"__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu", "numpy"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) not in cls.READS:
+            return super().__torch_function__(func, types, args, kwargs)
+        _OnDevice.reads += 1
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
+
+
+def test_a_preference_step_copies_its_metrics_to_the_host_once():
+    """A step's metric sums (DPO's six, over two micro-batches) reach the progress bar and the
+    train log's record in ONE copy from the device, not a read per number (a dozen waits for the
+    GPU a step), and give them the means of the sums read one by one, to the bit."""
+    from qlora.config import RunConfig
+    from qlora.methods.preference import add_metrics, summed_losses
+    from qlora.train.distributed import SINGLE
+    from qlora.train.method import bar_metrics
+    from qlora.train.metrics import TrainLog
+    from qlora.train.step import Stepper
+
+    g = torch.Generator().manual_seed(3)
+
+    def pairs():
+        return PairLogps(RowLogps(-30 * torch.rand(8, generator=g), torch.full((8,), 5)))
+
+    opts, cpu = PreferenceOptions(), torch.device("cpu")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    stepper = Stepper(None, optimizer, None, None, None, RunConfig(), SINGLE, cpu, None, 0,
+                      method=(dpo, opts))
+    want = {}
+    for _ in range(2):
+        _, metrics = summed_losses(dpo, pairs(), pairs(), opts)
+        add_metrics(want, metrics)
+        stepper._add_metrics({k: v.as_subclass(_OnDevice) for k, v in metrics.items()}, 1.0)
+    _OnDevice.reads = 0
+    sums = stepper.read_metrics()
+    shown = bar_metrics(sums)
+    log = TrainLog()
+    log.add(0.5, 100, sums)
+    record = log.record(1, 0.5, 1e-3, torch.tensor(1.0), cpu)
+    assert _OnDevice.reads == 1
+    means = metric_means(want)
+    assert len(means) == 6 and {k: record[k] for k in means} == means
+    assert shown == {"acc": means["rewards/accuracies"], "margin": means["rewards/margins"]}
+
+
 # --- precomputed reference log-probs -----------------------------------------------------------------
 def test_precomputed_reference_run_equals_the_run_with_reference_forwards(tmp_path, monkeypatch):
     """precompute_ref_log_probs: one pass before training writes each pair's reference log-probs,
