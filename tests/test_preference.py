@@ -373,6 +373,56 @@ def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, n
         assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
 
 
+@pytest.mark.parametrize("packed,speed", [(False, False), (True, False), (True, True)])
+def test_kto_takes_what_runs_without_grad_in_one_forward_of_the_whole_batch(llama_dir, packed,
+                                                                            speed):
+    """Eager KTO under no_grad (an evaluation): the policy's log-probs of the examples and of
+    their KL sequences come from one forward of the whole batch, and so do the reference's (2
+    forwards, where TRL's KTOTrainer runs 4; a training micro-batch runs 4, one a half). The
+    loss, metrics and adapter gradients are those of a forward per half (unpaired_logps without
+    `both`, as the CUDA graph's rows run): the same rows through GEMMs and attention of another
+    shape, whose sums may run in other orders (fp32 roundings, ~1e-7 relative), so rel 1e-5 of
+    each quantity's scale, as test_packed_batch_gives_the_losses_and_gradients_of_padded_rows."""
+    from qlora.data.preference import half, preference_batch
+    from qlora.methods.preference import batch_loss, summed_losses, unpaired_logps
+
+    torch.manual_seed(0)  # the adapters' init; with LoRA seed 10, z is above its clamp at 0
+    model = _lora_model(llama_dir, seed=10, speed=speed)
+    batch = preference_batch(_varied_examples("unpaired"), 0, packed=packed)
+    examples, kl, opts = half(batch, second=False), half(batch, second=True), PreferenceOptions()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+
+    def per_half():
+        return summed_losses(kto, *unpaired_logps(model, lambda: row_logps(model, examples),
+                                                  lambda: row_logps(model, kl), batch["label"]),
+                             opts)
+
+    def loss_metrics_grads(run):
+        model.zero_grad()
+        loss, metrics = run()
+        if loss.requires_grad:
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), metric_means(metrics), grads
+
+    for grad, n_forwards in ((True, 4), (False, 2)):  # a training micro-batch, an evaluation's
+        with torch.set_grad_enabled(grad):
+            forwards.clear()
+            loss, metrics, grads = loss_metrics_grads(lambda: batch_loss(kto, model, batch, opts))
+            assert len(forwards) == n_forwards
+            want_loss, want_metrics, want_grads = loss_metrics_grads(per_half)
+        assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+        assert metrics.keys() == want_metrics.keys() and want_metrics["kl"] > 0.05
+        logp_scale = max(abs(want_metrics["logps/chosen"]), abs(want_metrics["logps/rejected"]))
+        for k in metrics:  # log-probs and differences of them: rel 1e-5 of the log-probs
+            assert abs(metrics[k] - want_metrics[k]) <= 1e-5 * logp_scale, k
+        assert len(grads) == len(want_grads) == (2 * 7 * 2 if grad else 0)
+        for k in grads:
+            top = float(want_grads[k].abs().max())
+            assert float((grads[k] - want_grads[k]).abs().max()) <= 1e-5 * top, k
+
+
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
     loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its
