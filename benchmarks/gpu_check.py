@@ -898,7 +898,7 @@ def check_preference_graphed(dirs):
 
     def eager_loss(method, batch, staged, opts):
         """batch_loss over the rows as staged: a KTO batch's halves each padded to its rows'
-        length (unpaired_logps over them, a forward per half, as the graph runs them)."""
+        length (unpaired_logps over them: batch_loss's KTO path)."""
         if staged.kl is None:
             return batch_loss(method, model, padded(batch, staged.key[1]), opts)
         rows = padded(half(batch, second=False), staged.key[1])

@@ -1,7 +1,6 @@
 """Preference methods (DPO, ORPO, SimPO, KTO): two sequences per example (settings.step_tokens
 counts those with grad: a pair's two, KTO's example), and for DPO and KTO the reference forward, a
-moment of the step of its own (KTO's over both halves, as DPO's over both sequences of a pair;
-its KL sequences' policy forward under no_grad comes before it, at one half's tokens)."""
+moment of the step of its own (KTO's: each half's apart, its KL sequence's no-grad forward too)."""
 
 from __future__ import annotations
 
@@ -26,10 +25,7 @@ def reference_forward_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     phase, where the step measured no more at DPO than at ORPO (5.45 GiB both, H100)."""
     if cfg.method not in REFERENCE_METHODS or cfg.reference_precomputed:
         return 0
-    # KTO: its examples and their KL sequences in one forward (methods/preference.unpaired_logps;
-    # a CUDA graph runs a half at a time, less: the plan keeps the eager step's)
-    halves = 2 if cfg.method == "kto" else 1
-    tokens, h, v = halves * step_tokens(cfg), arch.hidden_size, arch.vocab_size
+    tokens, h, v = step_tokens(cfg), arch.hidden_size, arch.vocab_size
     width = arch.intermediate_size
     if arch.moe is not None and arch.moe.num_sparse_layers:  # k rows of an expert's width
         width = max(arch.moe.top_k * arch.moe.expert_intermediate_size, width)

@@ -72,7 +72,7 @@ class PlanConfig:
     alloc_rounding: bool = True
     # sft, or a preference method (qlora.methods): two sequences per example (chosen and
     # rejected; KTO: the example and its KL row, under no_grad), and for dpo / kto a reference
-    # forward (over both), unless
+    # forward (KTO: one per half), unless
     # DPO's reference log-probs are precomputed before training
     method: str = "sft"
     reference_precomputed: bool = False
@@ -141,8 +141,8 @@ def expert_targets(targets: str | tuple[str, ...] | list[str], arch: ArchSpec) -
 def step_tokens(cfg: PlanConfig) -> int:
     """Tokens of one micro-batch's forward with grad, whose activations the step saves: a pair
     is two sequences (chosen and rejected); a KTO example is one, its KL sequence running under
-    no_grad, a forward of its own before the reference forward over both
-    (methods/preference.unpaired_logps), which preference.reference_forward_bytes counts."""
+    no_grad, a forward of its own at the reference's moment, as each half's reference forward
+    (methods/preference.unpaired_logps): preference.reference_forward_bytes counts that one."""
     paired = cfg.method in PREFERENCE_METHODS and cfg.method != "kto"
     return cfg.seq_len * cfg.micro_batch * (2 if paired else 1)
 

@@ -6,8 +6,8 @@
                its examples with grad; their KL sequences apart, under no_grad; in an
                evaluation, all under no_grad, both in one forward)
     reference  the same batch with the adapters off (adapters.adapters_disabled), under no_grad,
-               in one forward (KTO's CUDA graph: one per half, as its policy): the base model is
-               the reference, as in TRL with a PEFT model; no second copy
+               in one forward (KTO: one per half, as its policy): the base model is the
+               reference, as in TRL with a PEFT model; no second copy
     losses     the method's (methods/<name>.py), one per example
 
 The batch is padded or packed (data/preference.py); the log-probs are summed by sequence id, so
@@ -133,27 +133,26 @@ def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], Ro
     """(policy, reference) of a KTO batch: `rows()` / `kl_rows()` are the RowLogps of its
     examples' / their KL sequences through `model` as it is now. The examples with grad; the KL
     sequences only feed the detached estimate z, so under no_grad (as TRL); the reference of
-    both with the adapters off.
+    each half with the adapters off. Each half is a forward of its own, eagerly as in a CUDA
+    graph, whose rows have fixed shapes (train/graphs.py): the reference takes one per half too.
 
-    `both()`: (rows(), kl_rows()) from ONE forward over the whole batch (the eager path's), for
-    whatever runs without grad: the reference (a training step's 3 forwards), and under no_grad
-    (an evaluation) the policy too (2 forwards), where TRL runs four. Without it (a CUDA graph's
-    rows, whose halves have buffers of their own: train/graphs.py) each half is a forward of its
-    own."""
-    if both is None:
-        def both():
-            return rows(), kl_rows()
-    if torch.is_grad_enabled():
-        policy_rows = rows()
-        with torch.no_grad():
-            kl = kl_rows().logps
-    else:  # nothing needs the examples' grad: one forward gives their log-probs and the KL rows'
+    `both()`: (rows(), kl_rows()) from ONE forward over the whole batch (the eager path's): under
+    no_grad (an evaluation) nothing needs the examples' grad, so the policy takes one forward and
+    the reference one, where TRL runs four."""
+    if both is not None and not torch.is_grad_enabled():
         policy_rows, kl_half = both()
-        kl = kl_half.logps
+        label = label.to(policy_rows.logps.device, non_blocking=True)
+        with adapters_disabled(model):
+            ref_rows, ref_kl = both()
+        return (UnpairedLogps(policy_rows, kl_half.logps, label),
+                UnpairedLogps(ref_rows, ref_kl.logps, label))
+    policy_rows = rows()
     label = label.to(policy_rows.logps.device, non_blocking=True)
-    with torch.no_grad(), adapters_disabled(model):
-        ref_rows, ref_kl = both()
-    return UnpairedLogps(policy_rows, kl, label), UnpairedLogps(ref_rows, ref_kl.logps, label)
+    with torch.no_grad():
+        kl = kl_rows().logps
+        with adapters_disabled(model):
+            ref_rows, ref_kl = rows(), kl_rows().logps
+    return UnpairedLogps(policy_rows, kl, label), UnpairedLogps(ref_rows, ref_kl, label)
 
 
 def pair_logps(method, model, rows: Callable[[], RowLogps], ref_logps: torch.Tensor | None
