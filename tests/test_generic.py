@@ -524,6 +524,22 @@ def test_merge_folds_a_checkpoint_whose_file_names_are_not_the_models(models, tm
         torch.testing.assert_close(t, expected[name], rtol=0, atol=1e-6)
 
 
+def test_merge_refuses_a_trained_copy_of_a_tied_embedding(models, tmp_path):
+    """GPT-2's head is its embedding (transformer.wte): an adapter with a trained copy of it
+    would change the head too, refused as for a native family's embed_tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.errors import QloraError
+    from qlora.merge import merge_adapter
+
+    get_peft_model(hf_model(models["gpt2"]), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["wte"])
+    ).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(QloraError, match=r"changes transformer\.wte of a model with tied embeddings"):
+        merge_adapter(models["gpt2"], tmp_path / "adapter", tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_gguf_export_refuses_naming_the_architecture(models, tmp_path, capsys):
     from qlora.cli import main
 

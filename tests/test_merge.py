@@ -255,3 +255,19 @@ def test_fold_in_place_has_the_bits_of_the_fold_out_of_place(dtype, dora, conv1d
     if dora:
         want = (m.magnitude / torch.linalg.norm(want, dim=1)).unsqueeze(1) * want
     assert torch.equal(fold(w, m), want)
+
+
+def test_a_trained_copy_of_a_tied_embedding_is_refused(tmp_path):
+    """modules_to_save on the embedding of a tied model: the file would store one table for both
+    the embedding and the head, so the head would change too. PEFT records the copy by its
+    tensor name (model.embed_tokens.weight), not the module's; it must be refused all the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(tmp_path / "tiny-llama", "llama", tie_word_embeddings=True)
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                              modules_to_save=["embed_tokens"])
+                        ).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(QloraError, match=r"changes model\.embed_tokens of a model with tied embeddings"):
+        merge_adapter(model, tmp_path / "adapter", tmp_path / "out", dtype="fp32")
+    assert not (tmp_path / "out").exists() and _clean(tmp_path)

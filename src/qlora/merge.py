@@ -45,6 +45,7 @@ BASES = ("original", "dequantized-nf4")
 BASE_ALIASES = {"nf4": "dequantized-nf4", "16bit": "original"}
 
 ADAPTER_PREFIX = "base_model.model."
+NATIVE_TIED = frozenset({"lm_head", "model.embed_tokens"})  # a native family's head and embedding
 
 
 @dataclass
@@ -278,6 +279,7 @@ class BaseLayout:
     names: dict[str, str | None] | None = None  # file tensor name → model name (None: dropped)
     transposed: frozenset[str] = frozenset()  # modules stored [in, out] (Conv1D)
     quantized: frozenset[str] | None = None  # modules the generic path holds in 4 bits
+    tied: frozenset[str] = frozenset()  # the embedding and the head, where they share one weight
 
     def name(self, key: str) -> str | None:
         """The model's name for the tensor its files call `key` (None: one the model leaves unread)."""
@@ -291,12 +293,13 @@ class BaseLayout:
 
 def base_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str) -> BaseLayout:
     from qlora.models.generic import checkpoint_layout
-    from qlora.models.spec import is_native
+    from qlora.models.spec import is_native, spec_from_config
 
     if is_native(config):
-        return BaseLayout()
+        tied = spec_from_config(config, source).tie_word_embeddings  # Gemma ties by default
+        return BaseLayout(tied=NATIVE_TIED if tied else frozenset())
     layout = checkpoint_layout(config, shapes, source)
-    return BaseLayout(layout.names, layout.transposed, layout.quantized)
+    return BaseLayout(layout.names, layout.transposed, layout.quantized, layout.tied)
 
 
 def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
@@ -494,10 +497,12 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
         modules = per_expert_modules(adapter_cfg, modules, config, shapes,
                                      adapter_dir / "adapter_model.safetensors")
     check_adapter_fits(modules, replacements, shapes, adapter_dir, layout.transposed)
-    tied = config.get("tie_word_embeddings", False)
-    if tied and any(n in ("lm_head", "model.embed_tokens") for n in list(modules) + list(replacements)):
-        raise QloraError("the adapter changes lm_head or embed_tokens of a model with tied embeddings; "
-                         "merging it would change both; this is not supported")
+    # modules_to_save copies are named by tensor (model.embed_tokens.weight), LoRA by module
+    changed = set(modules) | {name.rpartition(".")[0] for name in replacements}
+    if changed & layout.tied:
+        raise QloraError(f"{adapter_dir}: the adapter changes {', '.join(sorted(changed & layout.tied))} "
+                         "of a model with tied embeddings (its head is its embedding table); merging "
+                         "it would change both; this is not supported")
     return Merge(headers, modules, replacements, DTYPES[dtype], base, layout)
 
 
