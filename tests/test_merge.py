@@ -271,3 +271,15 @@ def test_a_trained_copy_of_a_tied_embedding_is_refused(tmp_path):
     with pytest.raises(QloraError, match=r"changes model\.embed_tokens of a model with tied embeddings"):
         merge_adapter(model, tmp_path / "adapter", tmp_path / "out", dtype="fp32")
     assert not (tmp_path / "out").exists() and _clean(tmp_path)
+
+
+def test_headers_read_from_another_folder_are_refused(tiny, tmp_path):
+    """merge_adapter takes the headers a caller read once; read from another checkpoint of the
+    same shapes they would pass every check and write that checkpoint's tensors, silently."""
+    from qlora.models.weights import read_headers
+
+    _, model, adapters = tiny
+    other = build_tiny_model(tmp_path / "other" / "tiny-llama", "llama", seed=5)
+    with pytest.raises(ValueError, match=r"headers read from \S*other\S* given for"):
+        merge_adapter(model, adapters["lora"], tmp_path / "out", headers=read_headers(other))
+    assert not (tmp_path / "out").exists() and _clean(tmp_path)

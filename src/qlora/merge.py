@@ -36,7 +36,7 @@ import torch
 
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
-from qlora.models.weights import CheckpointHeaders, open_shard, read_headers
+from qlora.models.weights import CheckpointHeaders, headers_of, open_shard
 from qlora.files import check_writable, staged_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -485,8 +485,7 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
                          f"the 16-bit original (use --base nf4 to reproduce the 4-bit weights)")
-    if headers is None:
-        headers = read_headers(model_dir)
+    headers = headers_of(model_dir, headers)
     file_shapes = headers.shapes()
     layout = base_layout(config, file_shapes, str(model_dir / "config.json"))
     shapes = {layout.name(k): v for k, v in file_shapes.items() if layout.name(k) is not None}

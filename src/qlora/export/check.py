@@ -249,13 +249,13 @@ def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
 
     from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
     from qlora.merge import read_config
-    from qlora.models.weights import read_headers
+    from qlora.models.weights import headers_of
 
     config = read_config(model_dir)
     arch = arch_of(config["model_type"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    shapes = (read_headers(model_dir) if headers is None else headers).shapes()
+    shapes = headers_of(model_dir, headers).shapes()
     to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in shapes}
     experts: dict[str, dict[int, str]] = {}  # stacked GGUF name -> expert -> source name
     for n in shapes:

@@ -446,7 +446,7 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     becomes out_file when the block completes, and is deleted if it fails. `headers`: model_dir's
     safetensors headers (models.weights.read_headers), where the caller has read them."""
     from qlora.merge import read_config
-    from qlora.models.weights import read_headers
+    from qlora.models.weights import headers_of
 
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = check_qtype(qtype)
@@ -471,8 +471,7 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
                               ignore_base_name, headers)
         headers = merge.headers  # read there, after the adapter's own refusals, where not given
         name = f"{name} + {Path(adapter_dir).resolve().name}"  # what was merged
-    if headers is None:
-        headers = read_headers(model_dir)
+    headers = headers_of(model_dir, headers)
     g = _gguf()
     arch = arch_of(config.get("model_type", "?"))
     arch_name = g.MODEL_ARCH_NAMES[arch]

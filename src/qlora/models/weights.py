@@ -52,7 +52,6 @@ class TensorHeader:
     """One tensor as its safetensors header states it."""
 
     file: Path
-    dtype: str  # safetensors' name for it: "BF16", "F16", "F32", …
     shape: tuple[int, ...]
 
 
@@ -62,6 +61,7 @@ class CheckpointHeaders:
     in its key order, the order merge and export write them in); no tensor data read. A merge
     or an export reads them once (read_headers) and hands them to each of its steps."""
 
+    model_dir: Path  # the folder they were read from
     tensors: dict[str, TensorHeader]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -79,8 +79,7 @@ def read_shard_header(path: Path) -> dict[str, TensorHeader]:
     """Each tensor of one safetensors file → its header, in the file's key order."""
     with open_shard(path) as handle:
         slices = {key: handle.get_slice(key) for key in handle.keys()}
-        return {key: TensorHeader(path, s.get_dtype(), tuple(s.get_shape()))
-                for key, s in slices.items()}
+        return {key: TensorHeader(path, tuple(s.get_shape())) for key, s in slices.items()}
 
 
 def read_headers(model_dir: str | Path) -> CheckpointHeaders:
@@ -88,7 +87,17 @@ def read_headers(model_dir: str | Path) -> CheckpointHeaders:
     tensors: dict[str, TensorHeader] = {}
     for path in weight_files(model_dir):
         tensors.update(read_shard_header(path))
-    return CheckpointHeaders(tensors)
+    return CheckpointHeaders(Path(model_dir), tensors)
+
+
+def headers_of(model_dir: str | Path, headers: CheckpointHeaders | None) -> CheckpointHeaders:
+    """model_dir's headers: `headers` where the caller read them (those of another folder would
+    pass every check of the same shapes and have its tensors read: refused), else read now."""
+    if headers is None:
+        return read_headers(model_dir)
+    if headers.model_dir.resolve() != Path(model_dir).resolve():
+        raise ValueError(f"headers read from {headers.model_dir} given for {model_dir}")
+    return headers
 
 
 def read_tensor(handle, path: Path, key: str) -> torch.Tensor:
