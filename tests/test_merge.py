@@ -257,13 +257,19 @@ def test_fold_in_place_has_the_bits_of_the_fold_out_of_place(dtype, dora, conv1d
     assert torch.equal(fold(w, m), want)
 
 
-def test_a_trained_copy_of_a_tied_embedding_is_refused(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_trained_copy_of_a_tied_embedding_is_refused(tmp_path, family):
     """modules_to_save on the embedding of a tied model: the file would store one table for both
     the embedding and the head, so the head would change too. PEFT records the copy by its
-    tensor name (model.embed_tokens.weight), not the module's; it must be refused all the same."""
+    tensor name (model.embed_tokens.weight), not the module's; it must be refused all the same.
+    Gemma 2's config.json, as transformers saves it, leaves the key out: its class ties by default."""
     from transformers import AutoModelForCausalLM
 
-    model = build_tiny_model(tmp_path / "tiny-llama", "llama", tie_word_embeddings=True)
+    model = build_tiny_model(tmp_path / f"tiny-{family}", family, tie_word_embeddings=True)
+    config = json.loads((model / "config.json").read_text())
+    if family == "gemma2":
+        del config["tie_word_embeddings"]
+        (model / "config.json").write_text(json.dumps(config))
     base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                               modules_to_save=["embed_tokens"])

@@ -296,7 +296,10 @@ def base_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str) -
     from qlora.models.spec import is_native, spec_from_config
 
     if is_native(config):
-        tied = spec_from_config(config, source).tie_word_embeddings  # Gemma ties by default
+        try:  # the spec knows a family's default where config.json leaves the key out (Gemma ties)
+            tied = spec_from_config(config, source).tie_word_embeddings
+        except QloraError:  # a config the reference decoder refuses is still merged, file to file
+            tied = bool(config.get("tie_word_embeddings", False))
         return BaseLayout(tied=NATIVE_TIED if tied else frozenset())
     layout = checkpoint_layout(config, shapes, source)
     return BaseLayout(layout.names, layout.transposed, layout.quantized, layout.tied)
