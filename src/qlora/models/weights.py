@@ -78,8 +78,8 @@ class CheckpointHeaders:
 def read_shard_header(path: Path) -> dict[str, TensorHeader]:
     """Each tensor of one safetensors file → its header, in the file's key order."""
     with open_shard(path) as handle:
-        slices = {key: handle.get_slice(key) for key in handle.keys()}
-        return {key: TensorHeader(path, tuple(s.get_shape())) for key, s in slices.items()}
+        return {key: TensorHeader(path, tuple(handle.get_slice(key).get_shape()))
+                for key in handle.keys()}
 
 
 def read_headers(model_dir: str | Path) -> CheckpointHeaders:
