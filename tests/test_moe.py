@@ -698,6 +698,20 @@ def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
     assert "runs" in refused(torch.bfloat16)
 
 
+def test_cuda_graphs_refused_names_mixtrals_router_jitter(tmp_path):
+    """Mixtral's router jitter draws from the global RNG in training (speed.apply_speed then
+    leaves layers_use_rng on, and train/graphs.unsupported_reason refuses the capture): the
+    reason given is the jitter, not the LoRA dropout, which here is off."""
+    from qlora.speed import SpeedPlan, apply_speed
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "mixtral", "mixtral", router_jitter_noise=0.01)
+    model = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    apply_speed(model, SpeedPlan(grouped_experts=True, seeded_dropout=True), log=lambda _: None)
+    assert model.layers_use_rng and "jitter" in (model.cuda_graphs_refused or "")
+
+
 def test_grouped_moe_step_reads_nothing_on_the_host(moe_models, monkeypatch):
     """A training forward (with the load-balancing loss) and backward of the grouped path in bf16
     make no tensor-to-Python read from the MoE code (the routing, the grouped experts, the aux
