@@ -429,7 +429,9 @@ def test_an_evaluation_shard_without_a_batch_still_has_every_metric(llama_dir, n
     (train/distributed.metric_sums_on_host): every rank must bring the same names, or the ranks'
     collectives differ (one rank skips it, the others wait on it). A rank with no batch of its
     own (fewer eval batches than ranks) runs the first batch at weight 0, as a training step's
-    short rank does (distributed.micro_batches): every metric, all zero, and no examples."""
+    short rank does (distributed.micro_batches): every metric, all zero, and no examples. And
+    every rank runs as many forwards (3 batches over 2 ranks: 2 each), as a sharded model's
+    collectives need."""
     from qlora.methods import PREFERENCE_METHODS
     from qlora.methods.preference import evaluate
 
@@ -443,6 +445,14 @@ def test_an_evaluation_shard_without_a_batch_still_has_every_metric(llama_dir, n
     assert count == 4 and sums.keys() == short_sums.keys()
     assert short_total == 0 and short_count == 0
     assert all(not v.any() for v in short_sums.values())
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    counts = []
+    for rank in (0, 1):
+        forwards.clear()
+        counts.append(evaluate(method, model, examples[:3], opts, 1, 0, shard=(rank, 2))[1])
+        counts.append(len(forwards))
+    assert counts == [2, 4, 1, 4]  # examples, forwards (the policy's and the reference's)
 
 
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
