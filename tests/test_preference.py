@@ -423,6 +423,38 @@ def test_kto_takes_what_runs_without_grad_in_one_forward_of_the_whole_batch(llam
             assert float((grads[k] - want_grads[k]).abs().max()) <= 1e-5 * top, k
 
 
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_an_evaluation_shard_without_a_batch_still_has_every_metric(llama_dir, name):
+    """Under torchrun the evaluation's metric sums are stacked by name into one all-reduce
+    (train/distributed.metric_sums_on_host): every rank must bring the same names, or the ranks'
+    collectives differ (one rank skips it, the others wait on it). A rank with no batch of its
+    own (fewer eval batches than ranks) runs the first batch at weight 0, as a training step's
+    short rank does (distributed.micro_batches): every metric, all zero, and no examples. And
+    every rank runs as many forwards (3 batches over 2 ranks: 2 each), as a sharded model's
+    collectives need."""
+    from qlora.methods import PREFERENCE_METHODS
+    from qlora.methods.preference import evaluate
+
+    method = PREFERENCE_METHODS[name]
+    model = _lora_model(llama_dir)
+    examples = _varied_examples(method.LAYOUT)  # one batch of 4: rank 1 of 2 has none
+    opts = PreferenceOptions(beta=0.3)
+    _, count, sums = evaluate(method, model, examples, opts, 4, 0, shard=(0, 2))
+    short_total, short_count, short_sums = evaluate(method, model, examples, opts, 4, 0,
+                                                    shard=(1, 2))
+    assert count == 4 and sums.keys() == short_sums.keys()
+    assert short_total == 0 and short_count == 0
+    assert all(not v.any() for v in short_sums.values())
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    counts = []
+    for rank in (0, 1):
+        forwards.clear()
+        counts.append(evaluate(method, model, examples[:3], opts, 1, 0, shard=(rank, 2))[1])
+        counts.append(len(forwards))
+    assert counts == [2, 4, 1, 4]  # examples, forwards (the policy's and the reference's)
+
+
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
     loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its

@@ -331,20 +331,25 @@ def evaluate(method, model, examples: list[dict], opts: PreferenceOptions, batch
              ) -> tuple[float, int, dict]:
     """(summed loss, examples, metric sums) of `examples`, in batches of `batch_size` examples,
     padded or packed; `shard=(rank, ranks)`: this process takes every ranks-th batch (the caller
-    sums over ranks)."""
+    sums over ranks). Every rank runs as many batches, a rank left short the first one again at
+    weight 0, as distributed.lockstep_loss_sums: every rank then has every metric's sums, whose
+    names the caller's all-reduce stacks, and a sharded model (each forward a collective) the
+    same number of forwards on every rank."""
     rank, ranks = shard
+    starts = list(range(0, len(examples), batch_size))
+    if not starts:
+        return 0.0, 0, {}
     was_training = model.training
     model.eval()
     total, count, sums = 0.0, 0, {}
     try:
-        for k, start in enumerate(range(0, len(examples), batch_size)):
-            if k % ranks != rank:
-                continue
+        for k in range(rank, -(-len(starts) // ranks) * ranks, ranks):
+            start, weight = (starts[k], 1) if k < len(starts) else (0, 0)
             batch = preference_batch(examples[start:start + batch_size], pad_id, packed)
             loss, metrics = batch_loss(method, model, batch, opts)
-            total += float(loss)
-            count += batch["n_examples"]
-            add_metrics(sums, metrics)
+            total += float(loss) * weight
+            count += batch["n_examples"] * weight
+            add_metrics(sums, {name: v * weight for name, v in metrics.items()})
     finally:
         model.train(was_training)
     return total, count, sums
