@@ -613,6 +613,24 @@ def test_aux_loss_gradient_survives_checkpointing(moe_models):
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
+def test_a_forward_drops_the_last_forwards_router_logits_before_its_first_layer(moe_models):
+    """The kept router logits hold their forward's autograd graph and with it the adapters'
+    gradient accumulators, which a new forward would reuse, bound to the stream they were made
+    on: a CUDA graph's capture after an eager step failed on that (H100, 2026-12-06). The next
+    forward lets them go before its first layer runs."""
+    import weakref
+
+    model = adapted(moe_models["qwen3-moe"], "nf4", FP32)
+    ids = token_batch(13)
+    model(ids, labels=ids).backward()
+    last = [weakref.ref(t) for t in model.router_logits()]
+    alive_at_first_layer = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda *_: alive_at_first_layer.append(any(ref() is not None for ref in last)))
+    model(ids, labels=ids)
+    assert alive_at_first_layer == [False]
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_checkpoint_rerun_leaves_nothing_alive_after_backward(moe_models, grouped):
     """The router logits are the model forward's: a checkpoint's rerun in backward that kept its

@@ -201,6 +201,10 @@ class MoeLM(DecoderLM):
                 per_token: bool = False):
         blocks = self.sparse_blocks()
         for block in blocks:
+            # the last forward's logits go first: they hold its autograd graph, whose gradient
+            # accumulators a new forward would reuse, on the stream they were made on (a CUDA
+            # graph's capture fails when that is not the capturing stream)
+            block.router_logits = None
             block.recording = True
         try:
             total = super().forward(input_ids, position_ids, labels, cache, varlen,
