@@ -491,20 +491,22 @@ def test_named_moe_shapes_have_their_real_sizes():
         assert memory.resolve_arch(shape=name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 
 
-def test_qwen3_moe_plan_within_10_percent_of_the_h100_peak(monkeypatch):
-    """The plan of the one MoE step measured on a GPU (benchmarks/train_step.py, Qwen3-30B-A3B
-    shape, seq 2048, r16 on attention and every expert, dropout 0.05 seeded, attention not kept,
-    host embedding, paged 8-bit AdamW; H100 80GB under a 22.35 GiB cap, 2026-12-06): 20.906 GiB
-    peak allocated, with the experts then dequantized in runs of at most 256 MiB (the planner
-    planned under that budget here). Within 10%, the bound every stored calibration point is
-    held to."""
+# (the experts' run budget then, the peak allocated GiB measured): runs of at most 256 MiB
+# (11:17), each projection in one run (22:21; the budget now)
+@pytest.mark.parametrize("budget_mib,measured_gib", [(256, 20.906), (768, 21.308)])
+def test_qwen3_moe_plan_within_10_percent_of_the_h100_peak(monkeypatch, budget_mib, measured_gib):
+    """The plan of the MoE step measured on a GPU (benchmarks/train_step.py, Qwen3-30B-A3B shape,
+    seq 2048, r16 on attention and every expert, dropout 0.05 seeded, attention not kept, host
+    embedding, paged 8-bit AdamW; H100 80GB under a 22.35 GiB cap, 2026-12-06), planned under the
+    experts' run budget it was measured with. Within 10%, the bound every stored calibration
+    point is held to."""
     import qlora.kernels.experts as kernels
     from qlora import memory
 
-    monkeypatch.setattr(kernels, "EXPERT_CHUNK_BYTES", 256 * 2**20)
+    monkeypatch.setattr(kernels, "EXPERT_CHUNK_BYTES", budget_mib * 2**20)
     cfg = memory.PlanConfig(seq_len=2048, keep_attention=0, embedding_on_host=True)
     planned = memory.plan(memory.resolve_arch(shape="qwen3-30b-a3b"), cfg).allocated / memory.GiB
-    assert planned == pytest.approx(20.906, rel=0.10)
+    assert planned == pytest.approx(measured_gib, rel=0.10)
 
 
 @pytest.mark.parametrize("variant,arch", [("mixtral", "llama"), ("qwen3-moe", "qwen3moe")])

@@ -150,8 +150,8 @@ def least_needed_bytes(b: Breakdown) -> int:
     """What the GPU must have at the very least: the allocated peak, the paged states and the CUDA
     context, with no cached-but-free slack. The allocator gives its cache back and retries before
     it reports out of memory, so a run between this and `needed_bytes` can train: Qwen3-30B-A3B
-    (planned 20.91 GiB allocated) trained under a 22.35 GiB allocator cap at 20.91 allocated,
-    21.25 reserved (H100, 2026-12-06), where the usual slack asks for ~28 GiB."""
+    (planned 21.47 GiB allocated) trained under a 22.35 GiB allocator cap at 21.31 allocated,
+    21.92 reserved (H100, 2026-12-06), where the usual slack asks for ~29 GiB."""
     return b.allocated + b.optimizer_paged + CUDA_CONTEXT_BYTES
 
 
