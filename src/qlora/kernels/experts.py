@@ -13,9 +13,9 @@
 - `GroupedBase`: x @ W_eᵀ over 4-bit (or 16-bit) expert weights, grouped; keeps nothing but the
   weights it was given for backward and dequantizes them again there (as kernels/dequant.py's
   Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
-  dequantized together pass EXPERT_CHUNK_BYTES goes in a few runs of experts (`expert_chunks`),
+  dequantized together pass WHOLE_PROJECTION_BYTES goes in a few runs of experts (`expert_chunks`),
   one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in one run;
-  Mixtral-8x7B's 1.75 GiB in runs of 3 experts. The runs' row ranges come from the group offsets
+  Mixtral-8x7B's 1.75 GiB one expert at a time. The runs' row ranges come from the group offsets
   read on the host once a sparse block's forward (one sync; none where every projection is one
   run, as a CUDA graph needs: speed/moe.capture_blocker).
 """
@@ -157,17 +157,22 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return padded_grouped_mm(a, b, offsets)
 
 
-# The most of a projection's experts dense at once. Past it a projection goes in runs, whose row
-# ranges are read on the host (a sync each sparse block, and no CUDA graph); at 768 MiB Qwen3-30B-
-# A3B's projections (gate_up 768, down 384 MiB in bf16) are one run each, sync-free: its step is
-# captured, for 0.56 GiB more at the peak than runs of 256 MiB. Mixtral-8x7B's (1.75 GiB) still
-# go in runs (3 experts, 0.66 GiB): its experts' GEMMs are large enough to hide the launches.
-EXPERT_CHUNK_BYTES = 768 * 2**20
+# A projection whose experts are this big dense or smaller is dequantized whole, in one run: its
+# rows need no host read (a sync each sparse block; no CUDA graph holds one). Qwen3-30B-A3B's
+# (gate_up 768, down 384 MiB in bf16) are, for 0.56 GiB more at the peak than runs of 256 MiB,
+# and its eager step ran 1.82x as fast (H100, 2026-12-06). A larger one (Mixtral-8x7B's, 1.75 GiB)
+# goes in runs of at most EXPERT_CHUNK_BYTES: it reads the host anyway, so bigger runs would
+# cost memory for nothing.
+WHOLE_PROJECTION_BYTES = 768 * 2**20
+EXPERT_CHUNK_BYTES = 256 * 2**20  # the most of a projection's experts dense at once, in runs
 
 
 def expert_chunks(experts: int, expert_bytes: int) -> tuple[tuple[int, int], ...]:
-    """(start, stop) runs of experts, as even as can be, each dense in EXPERT_CHUNK_BYTES or
-    one expert alone: the whole projection in one run where it fits."""
+    """(start, stop) runs of experts: the whole projection in one run up to
+    WHOLE_PROJECTION_BYTES dense; else runs as even as can be, each dense in EXPERT_CHUNK_BYTES
+    or one expert alone."""
+    if experts * expert_bytes <= WHOLE_PROJECTION_BYTES:
+        return ((0, experts),)
     per_run = max(1, EXPERT_CHUNK_BYTES // max(1, expert_bytes))
     runs = -(-experts // per_run)
     size = -(-experts // runs)

@@ -171,7 +171,8 @@ def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
 # --- dense weights the step makes -----------------------------------------------------------------
 def expert_run_elements(arch: ArchSpec) -> int:
     """Weights of the largest run of experts the grouped GEMM dequantizes at once
-    (kernels/experts.expert_chunks: a projection's experts in runs of at most EXPERT_CHUNK_BYTES
+    (kernels/experts.expert_chunks: a projection whole up to WHOLE_PROJECTION_BYTES, else its
+    experts in runs of at most EXPERT_CHUNK_BYTES
     in bf16, or one expert alone); 0 without sparse layers."""
     if arch.moe is None or not arch.moe.num_sparse_layers:
         return 0

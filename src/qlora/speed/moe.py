@@ -109,7 +109,7 @@ def capture_blocker(experts: Experts, dtype: torch.dtype, device: torch.device) 
         if len(runs) > 1:
             return (f"the experts' {base_of(layer).out_features}x{base_of(layer).in_features} "
                     f"projections are dequantized in {len(runs)} runs (over kernels.experts."
-                    "EXPERT_CHUNK_BYTES), whose rows are read on the host")
+                    "WHOLE_PROJECTION_BYTES), whose rows are read on the host")
         base = base_of(layer)
         widths += [base.in_features, base.out_features]
         if isinstance(layer, LoraExperts):
