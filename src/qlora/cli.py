@@ -361,7 +361,8 @@ def run_merge(args) -> None:
     if args.check is not False and report.exists():
         raise QloraError(f"{report} exists; give a new --out (or --no-check)")
     check = args.check is not False and check_fits_host(
-        args.check, args.model, args.base, args.device, lambda line: print(line, file=sys.stderr))
+        args.check, args.model, args.base, args.device, lambda line: print(line, file=sys.stderr),
+        args.adapter, args.check_samples)
     print(f"adapter: {describe(args.adapter)}")
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, base=args.base,
                         max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name)

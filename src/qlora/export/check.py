@@ -160,14 +160,20 @@ def logits_at_positions(model, samples: list[Sample], work: Path, prefix: str) -
     """Each sample's logits at its compared positions, saved as float32 .npy files."""
     import torch
 
+    from qlora.export.reference import StreamedReference
     from qlora.models.decoder import compute_device
 
     device, paths = compute_device(model), []
+    sequences = [torch.tensor([s.ids], device=device) for s in samples]
     with torch.no_grad():
-        for i, s in enumerate(samples):
-            logits = model(torch.tensor([s.ids], device=device))[0].float().cpu().numpy()
+        # a streamed reference reads its layers once for all the samples
+        each = (model.each_logits(sequences) if isinstance(model, StreamedReference)
+                else (model(ids) for ids in sequences))
+        for i, (s, logits) in enumerate(zip(samples, each)):
+            logits = logits[0].float().cpu().numpy()
             paths.append(work / f"{prefix}-{i}.npy")
             np.save(paths[-1], logits[s.positions()])
+            del logits  # before the next sample's
     return paths
 
 
@@ -188,10 +194,10 @@ def run_reference(model_dir, adapter_dir, merge_base, device, samples, messages,
     """(logit files, chat turn or None, description) of base + adapter; the chat turn when
     `messages` are given and the tokenizer has a chat template."""
     from qlora.chat import chat_template_for, stop_token_ids
-    from qlora.export.reference import load_reference
+    from qlora.export.reference import load_check_reference
 
     try:
-        model, tokenizer, what = load_reference(model_dir, adapter_dir, merge_base, device)
+        model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device)
     except QloraError as err:
         raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
     paths = logits_at_positions(model, samples, work, "reference")
@@ -368,40 +374,98 @@ def _finish(report: dict, out: Path, tokenizer, log) -> dict:
 
 
 # --- room for the reference ----------------------------------------------------------------------
-def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str) -> str | None:
-    """Why this host cannot hold the check's reference on the CPU, or None. There it runs in
-    float32 (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the
-    linears of an NF4 one. A Llama-3-8B's 29.9 GiB of values measured 31.2 GiB of RSS (the
-    interpreter and torch included), hence the 5% beside the values. The kernel would kill the
-    process after the export's minutes; said before them instead."""
+OVERHEAD = 1.05  # a Llama-3-8B's 29.9 GiB of whole-model values measured 31.2 GiB of RSS
+
+
+def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
+                         adapter_dir: str | Path | None = None, samples: int = DEFAULT_SAMPLES) -> float:
+    """Host memory the check's reference needs on the CPU, where it runs in float32
+    (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the linears
+    of an NF4 one, + 5% (OVERHEAD: the interpreter and torch). The whole model: all its values.
+    Streamed (export/reference.StreamedReference): the values outside the layers (embedding,
+    final norm, head), the largest layer, the largest layer tensor once more in float32 (read
+    while its layer loads), the adapter (its saved tensors and one layer's share in float32:
+    twice its file at most) and the pass's activations (streamed_activation_bytes)."""
+    from collections import defaultdict
     from math import prod
 
-    from qlora.device import pick_device
-    from qlora.export.reference import reference_quant
-    from qlora.memory.host import host_available_bytes
+    from qlora.export.reference import LAYER_KEYS, reference_quant
     from qlora.memory.weights import quantized_linear_tensors
     from qlora.merge import base_shapes, is_quantized_linear
     from qlora.models.load import weight_files
+    from qlora.models.spec import read_spec
+
+    nf4 = reference_quant(merge_base) == "nf4"
+
+    def value_bytes(name: str, shape: tuple[int, ...]) -> int:
+        if nf4 and is_quantized_linear(name, shape):
+            return sum(quantized_linear_tensors(*shape, "nf4"))
+        return 4 * prod(shape)
+
+    shapes = base_shapes(weight_files(Path(model_dir)))
+    if not streamed:
+        return OVERHEAD * sum(value_bytes(name, shape) for name, shape in shapes.items())
+    layers: dict[str, int] = defaultdict(int)
+    outside = largest = 0
+    for name, shape in shapes.items():
+        if name.startswith(LAYER_KEYS):
+            layers[name.split(".")[2]] += value_bytes(name, shape)
+            largest = max(largest, 4 * prod(shape))
+        else:
+            outside += value_bytes(name, shape)
+    adapter = 0
+    if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        adapter = 2 * (Path(adapter_dir) / "adapter_model.safetensors").stat().st_size
+    activations = streamed_activation_bytes(read_spec(model_dir), samples)
+    return OVERHEAD * (outside + max(layers.values(), default=0) + largest + adapter + activations)
+
+
+def streamed_activation_bytes(spec, samples: int, tokens: int = MAX_TOKENS) -> int:
+    """Float32 activations of a streamed reference's pass over `samples` sequences of `tokens`
+    (upper bounds): every sequence's hidden states twice (a layer's inputs and outputs); inside a
+    layer, one sequence's MLP intermediates (gate, up, silu's output, their product; a mixture
+    of experts' routed rows: top_k per token), q/k/v, the output and the norms, and every head's
+    scores twice (the CPU's attention may form them, then their softmax); one sequence's logits
+    twice (the head's output and the compared rows); the chat turn's KV cache."""
+    width = spec.intermediate_size
+    if spec.moe is not None:
+        width = max(width, spec.moe.top_k * spec.moe.expert_intermediate_size)
+    layer = tokens * (4 * width + 8 * spec.hidden_size) + 2 * spec.num_heads * tokens * tokens
+    kv_cache = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (tokens + CHAT_TOKENS)
+    return 4 * (2 * samples * tokens * spec.hidden_size + layer + 2 * tokens * spec.vocab_size
+                + kv_cache)
+
+
+def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str,
+                             adapter_dir: str | Path | None = None,
+                             samples: int = DEFAULT_SAMPLES) -> str | None:
+    """Why this host cannot hold the check's reference on the CPU, or None: the streamed one
+    (reference_host_bytes) for a native family, the whole model for the generic path. The kernel
+    would kill the process after the export's minutes; said before them instead."""
+    from qlora.device import pick_device
+    from qlora.export.reference import streams
+    from qlora.memory.host import host_available_bytes
 
     available = host_available_bytes()
     if pick_device(device).type != "cpu" or available is None:
         return None
-    nf4 = reference_quant(merge_base) == "nf4"
-    needed = 1.05 * sum(
-        sum(quantized_linear_tensors(*shape, "nf4")) if nf4 and is_quantized_linear(name, shape)
-        else 4 * prod(shape) for name, shape in base_shapes(weight_files(Path(model_dir))).items())
+    streamed = streams(model_dir, device)
+    needed = reference_host_bytes(model_dir, merge_base, streamed, adapter_dir, samples)
     if needed <= available:
         return None
-    return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
+    how = "a layer at a time" if streamed else "whole"
+    return (f"the check's reference (base + adapter in float32 on the CPU, {how}) needs about "
             f"{needed / 2**30:.1f} GiB of host memory and {available / 2**30:.1f} GiB are available; "
             f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
 
 
 def check_fits_host(check: bool | None, model_dir: str | Path, merge_base: str, device: str,
-                    note: Callable[[str], None]) -> bool:
+                    note: Callable[[str], None], adapter_dir: str | Path | None = None,
+                    samples: int | None = None) -> bool:
     """Whether the check (asked for, or by default) still runs once the host's memory is known:
     an asked-for check that cannot is a QloraError, a default one is skipped with a note."""
-    shortfall = reference_host_shortfall(model_dir, merge_base, device)
+    shortfall = reference_host_shortfall(model_dir, merge_base, device, adapter_dir,
+                                         samples or DEFAULT_SAMPLES)
     if shortfall and check:
         raise QloraError(f"--check: {shortfall}")
     if shortfall:
@@ -459,8 +523,9 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
 def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path, dtype: str,
                 merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
                 device: str = "auto", log: Callable[[str], None] = print) -> dict:
-    """Compare the merged checkpoint, loaded back by our engine, with base + adapter."""
-    from qlora.infer import load_for_inference
+    """Compare the merged checkpoint, loaded back by our engine (a layer at a time on the CPU,
+    as the reference), with base + adapter."""
+    from qlora.export.reference import load_check_reference
     from qlora.merge import normalise_dtype
     from qlora.models import load_tokenizer
 
@@ -470,7 +535,7 @@ def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | P
     with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
         work = Path(tmp)
         ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None, work)
-        merged, _ = load_for_inference(out_dir, None, quant="none", device=device)
+        merged, _, _ = load_check_reference(out_dir, None, "original", device)  # quant none
         paths = logits_at_positions(merged, picked, work, "merged")
         del merged
         stats = _compare(ref_paths, paths, picked)

@@ -6,11 +6,20 @@ merged weights are W + ΔW, so the reference holds the base in its stored 16-bit
 it. Either way the comparison isolates what merge and export add (folding, rounding to the file's
 types, llama.cpp's arithmetic), not the gap between the 16-bit and the NF4 base, which
 docs/MERGE_AND_EXPORT.md measures on its own.
+
+On the CPU the check's reference runs in float32, a layer at a time (StreamedReference): the
+whole model in float32 would need twice the 16-bit checkpoint's size in host memory (31 GiB for a
+Llama-3-8B), one layer at a time needs its embedding, head and one layer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
+from torch import nn
+
+LAYER_KEYS = "model.layers."  # every native family's decoder layers, in the checkpoint's keys
 
 
 def reference_quant(merge_base: str) -> str:
@@ -19,13 +28,137 @@ def reference_quant(merge_base: str) -> str:
     return "nf4" if normalise_base(merge_base) == "dequantized-nf4" else "none"
 
 
+def _described(quant: str, adapter_dir) -> str:
+    base = "the NF4 base" if quant == "nf4" else "the 16-bit base"
+    return f"{base} + adapter" if adapter_dir is not None else base
+
+
 def load_reference(model_dir: str | Path, adapter_dir: str | Path | None, merge_base: str = "original",
                    device: str = "auto"):
-    """(model, tokenizer, description) of base (+ adapter) as the merge sees it, ready to run."""
+    """(model, tokenizer, description) of base (+ adapter) as the merge sees it, ready to run,
+    the whole model in memory."""
     from qlora.infer import load_for_inference
 
     quant = reference_quant(merge_base)
     model, tokenizer = load_for_inference(model_dir, adapter_dir, quant=quant, device=device)
-    base = "the NF4 base" if quant == "nf4" else "the 16-bit base"
-    what = f"{base} + adapter" if adapter_dir is not None else base
-    return model, tokenizer, f"{what} in qlora"
+    return model, tokenizer, f"{_described(quant, adapter_dir)} in qlora"
+
+
+def streams(model_dir: str | Path, device: str) -> bool:
+    """Whether the check's reference runs a layer at a time: on the CPU, for a native family (a
+    GPU holds the whole model as it is; the generic path's model is transformers' own)."""
+    from qlora.device import pick_device
+    from qlora.models.spec import is_native, read_config
+
+    return pick_device(device).type == "cpu" and is_native(read_config(model_dir)[0])
+
+
+def load_check_reference(model_dir: str | Path, adapter_dir: str | Path | None,
+                         merge_base: str = "original", device: str = "auto"):
+    """(model, tokenizer, description) for the check: a StreamedReference where `streams`, else
+    the whole model (load_reference)."""
+    if not streams(model_dir, device):
+        return load_reference(model_dir, adapter_dir, merge_base, device)
+    from qlora.device import compute_dtype
+    from qlora.models import load_tokenizer
+    from qlora.quant import QuantConfig
+
+    quant = reference_quant(merge_base)
+    cpu = torch.device("cpu")
+    # the quantization load_for_inference gives the whole model on the CPU
+    qc = QuantConfig(method=quant, double_quant=True, compute_dtype=compute_dtype(cpu))
+    model = StreamedReference(model_dir, adapter_dir, qc)
+    return model, load_tokenizer(model_dir), f"{_described(quant, adapter_dir)} in qlora"
+
+
+class StreamedReference(nn.Module):
+    """Base + adapter on the CPU with one decoder layer in memory at a time.
+
+    The embedding, final norm and head stay; each pass reads every layer from the checkpoint in
+    turn (its linears quantized as `quant` says and the adapter attached, as load_for_inference
+    does for the whole model), runs all the pass's sequences through it and frees it. The
+    modules, weights and order of operations of each sequence are the whole model's, so are its
+    logits. Each pass reads the whole checkpoint: one pass for all the check's examples, one per
+    generated token of its chat turn (`forward` with a KV cache, as qlora.infer.generate calls
+    it)."""
+
+    def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, quant):
+        from qlora.adapters import load_adapter, read_saved_adapter
+        from qlora.models.load import load_model, new_decoder
+
+        super().__init__()
+        self.model_dir, self.adapter_dir, self.quant = Path(model_dir), adapter_dir, quant
+        self.saved_adapter = None if adapter_dir is None else read_saved_adapter(adapter_dir)
+        self.shell = load_model(model_dir, quant, "cpu", only=lambda key: not key.startswith(LAYER_KEYS))
+        self.spec = self.shell.spec
+        _check_read(self.shell, lambda name: not name.startswith(LAYER_KEYS), self.model_dir)
+        if self.saved_adapter is not None:  # its fit checked before a pass, on an empty model
+            with torch.device("meta"):
+                load_adapter(new_decoder(self.spec), adapter_dir, self.saved_adapter)
+        self.empty_layers = list(self.shell.model.layers)  # on the meta device
+        if hasattr(self.shell, "cache_outdated"):  # Phi-3's LongRoPE: qlora.infer.stream asks
+            self.cache_outdated = self.shell.cache_outdated
+        self.eval()
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer `index`, read from the checkpoint, adapter attached; in the shell's
+        layers until `drop_layer`."""
+        import copy
+
+        from qlora.adapters import load_adapter
+        from qlora.models.load import read_weights
+
+        prefix = f"{LAYER_KEYS}{index}."
+        self.shell.model.layers[index] = copy.deepcopy(self.empty_layers[index])
+        read_weights(self.shell, self.model_dir, self.quant, torch.device("cpu"),
+                     only=lambda key: key.startswith(prefix))
+        if self.saved_adapter is not None:
+            load_adapter(self.shell, self.adapter_dir, self.saved_adapter, within=prefix)
+        _check_read(self.shell, lambda name: name.startswith(prefix), self.model_dir)
+        return self.shell.model.layers[index].eval()
+
+    def drop_layer(self, index: int) -> None:
+        self.shell.model.layers[index] = self.empty_layers[index]
+
+    @torch.no_grad()
+    def hidden_states(self, sequences: list[torch.Tensor], caches: list | None = None
+                      ) -> list[torch.Tensor]:
+        """The final norm's output for each [1, T] sequence (after its cache's tokens, where
+        `caches` gives one), every layer read once for all of them."""
+        shell, caches = self.shell, caches or [None] * len(sequences)
+        inputs = [shell.layer_inputs(ids, cache=cache) for ids, cache in zip(sequences, caches)]
+        xs = [shell.embed(ids) for ids in sequences]
+        for index in range(self.spec.num_layers):
+            layer = self.layer(index)
+            xs = [layer(x, cos, sin, masks[index], cache)
+                  for x, (cos, sin, masks), cache in zip(xs, inputs, caches)]
+            del layer  # freed here, before the next one is read
+            self.drop_layer(index)
+        for ids, cache in zip(sequences, caches):
+            if cache is not None:
+                cache.length += ids.shape[1]
+        return [shell.model.norm(x) for x in xs]
+
+    def each_logits(self, sequences: list[torch.Tensor]):
+        """Each sequence's logits in turn (one sequence's [1, T, V] alive at a time), from one pass."""
+        for hidden in self.hidden_states(sequences):
+            with torch.no_grad():
+                yield self.shell.logits(hidden)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.shell.logits(self.hidden_states([input_ids], [cache])[0])
+
+    def new_cache(self, batch: int, limit: int):
+        return self.shell.new_cache(batch, limit)
+
+
+def _check_read(model: nn.Module, wanted, model_dir: Path) -> None:
+    """Every parameter `wanted` (by name) was read from the checkpoint (load_model's `only`
+    leaves the check of a complete model out)."""
+    from qlora.errors import QloraError
+
+    missing = [n for n, p in model.named_parameters() if wanted(n) and p.is_meta]
+    if missing:
+        raise QloraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the config "
+                         f"implies (e.g. {', '.join(missing[:3])}); a shard may be missing")

@@ -1,0 +1,96 @@
+"""The check's reference a layer at a time (export/reference.StreamedReference): the whole model's
+logits and greedy tokens, and a peak of live tensor bytes within what check.py sizes for it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.adapters import AdapterConfig, attach_adapters, save_adapter
+from qlora.export.check import OVERHEAD, reference_host_bytes
+from qlora.export.reference import StreamedReference, load_check_reference, load_reference
+from qlora.infer import GenerationOptions, generate
+from qlora.models.load import load_model
+from qlora.quant import QuantConfig
+from qlora.tiny import build_tiny_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _base_and_adapter(root: Path, family: str, **sizes) -> tuple[Path, Path]:
+    """A tiny bf16 checkpoint (what the CPU reference widens to float32 layer by layer) and a LoRA
+    adapter on all its linears with non-zero B (a zero B would hide a layer loaded without it)."""
+    base = build_tiny_model(root / family, family, dtype="bfloat16", **sizes)
+    model = load_model(base, QuantConfig(method="none", compute_dtype=torch.float32))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return base, save_adapter(model, root / f"{family}-adapter", str(base))
+
+
+def _sequences(lengths, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (1, n), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_streamed_reference_gives_the_whole_models_logits_and_tokens(tmp_path, family):
+    """gemma2 besides llama: its own backbone, scaled embedding, per-window dense masks and
+    soft-capped logits all go through the streamed pass. Equality is exact (no tolerance): every
+    sequence runs the same modules with the same float32 weights (the same bf16 values widened)
+    on the same shapes in the same order, only the layers are read at another time, and the
+    CPU's kernels give the same bits for the same shapes and threads."""
+    base, adapter = _base_and_adapter(tmp_path, family, num_hidden_layers=3)
+    whole, _, what = load_reference(base, adapter, device="cpu")
+    streamed, _, streamed_what = load_check_reference(base, adapter, device="cpu")
+    assert isinstance(streamed, StreamedReference) and streamed_what == what
+    sequences = _sequences([5, 17, 40])  # 17, 40: past gemma2's tiny sliding window (8)
+    with torch.no_grad():
+        want = [whole(ids) for ids in sequences]
+    got = list(streamed.each_logits(sequences))
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w, g)
+    opts = GenerationOptions(max_new_tokens=6)
+    prompt = sequences[1][0].tolist()
+    assert generate(streamed, prompt, opts) == generate(whole, prompt, opts)  # the KV cache's path
+
+
+def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
+    base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
+    streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+    assert all(p.is_meta for n, p in streamed.shell.named_parameters() if ".layers." in n)
+    layer = streamed.layer(1)
+    assert not any(p.is_meta for p in layer.parameters())
+    assert type(layer.self_attn.q_proj).__name__ == "LoraLinear"
+    assert layer.self_attn.q_proj.lora_B.weight.abs().sum() > 0
+    streamed.drop_layer(1)
+    assert all(p.is_meta for p in streamed.shell.model.layers[1].parameters())
+
+
+def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):
+    """Live tensor bytes (tests/live_bytes.py, op by op) of a streamed pass over the check's
+    examples at its token limit: at most reference_host_bytes' streamed size without its 5% (that
+    is for the interpreter and torch), which is well under the whole model's float32 values."""
+    from live_bytes import LiveBytes
+
+    from qlora.export.check import MAX_TOKENS
+
+    base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=16, hidden_size=256,
+                                      intermediate_size=1024)
+    samples = 3
+    sized = reference_host_bytes(base, "original", True, adapter, samples) / OVERHEAD
+    whole_size = reference_host_bytes(base, "original", False) / OVERHEAD
+    sequences = _sequences([MAX_TOKENS] * samples)
+    count = LiveBytes()
+    with count:
+        streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+        for logits in streamed.each_logits(sequences):
+            rows = logits[0, :-1].clone()  # the compared rows, as check.logits_at_positions keeps
+            del logits, rows
+    assert 0 < count.peak <= sized < whole_size / 2
