@@ -94,3 +94,13 @@ def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):
             rows = logits[0, :-1].clone()  # the compared rows, as check.logits_at_positions keeps
             del logits, rows
     assert 0 < count.peak <= sized < whole_size / 2
+
+
+def test_the_streamed_pass_leaves_autograd_as_it_was(tmp_path):
+    """A pass left unfinished (check.py zips its logits with the samples) must not leave grad
+    mode off: the next training step would have no graph."""
+    base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
+    streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+    each = streamed.each_logits(_sequences([4, 5]))
+    next(each)
+    assert torch.is_grad_enabled()

@@ -142,12 +142,14 @@ class StreamedReference(nn.Module):
     def each_logits(self, sequences: list[torch.Tensor]):
         """Each sequence's logits in turn (one sequence's [1, T, V] alive at a time), from one pass."""
         for hidden in self.hidden_states(sequences):
-            with torch.no_grad():
-                yield self.shell.logits(hidden)
+            yield self.logits(hidden)  # (a `with no_grad` here would outlive each yield)
 
     @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.shell.logits(hidden)
+
     def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        return self.shell.logits(self.hidden_states([input_ids], [cache])[0])
+        return self.logits(self.hidden_states([input_ids], [cache])[0])
 
     def new_cache(self, batch: int, limit: int):
         return self.shell.new_cache(batch, limit)
