@@ -104,3 +104,33 @@ def test_the_streamed_pass_leaves_autograd_as_it_was(tmp_path):
     each = streamed.each_logits(_sequences([4, 5]))
     next(each)
     assert torch.is_grad_enabled()
+
+
+def test_the_streamed_chat_reply_is_the_whole_models_greedy_reply(tmp_path):
+    """The reference's chat reply read off one pass over the other model's reply (check.py's
+    forced_greedy_reply) is the token-by-token greedy reply of the whole model, whatever the
+    other replied: the same reply (one pass, nothing generated), one that parts from it, none,
+    one that runs past the reference's end of turn; and without an end of turn, the budget."""
+    from qlora.export.check import CHAT_TOKENS, ChatTurn, streamed_run
+
+    base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
+    whole, _, _ = load_reference(base, adapter, device="cpu")
+    streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+    prompt = _sequences([9], seed=3)[0][0].tolist()
+    free = generate(whole, prompt, GenerationOptions(max_new_tokens=CHAT_TOKENS))
+    stop = free[10]
+    want = generate(whole, prompt, GenerationOptions(max_new_tokens=CHAT_TOKENS, eos_token_ids=(stop,)))
+    assert want[-1] == stop and len(want) <= 11
+    turn = ChatTurn([], "", (stop,), "", prompt)
+    other_token = next(t for t in range(3, 128) if t not in want)
+    passes = []
+    read_layer = streamed.layer
+    streamed.layer = lambda i: (passes.append(i) if i == 0 else None, read_layer(i))[1]
+    for other, most_passes in ((want, 1), (want[:4] + [other_token] * 6, 1 + len(want) - 5), ([], len(want)),
+                               (want[:-1] + [other_token] * 9, 1)):
+        passes.clear()
+        got = streamed_run(streamed, [], turn, other, tmp_path, "r")[1]
+        assert got["reply_ids"] == want and got["stopped_on"] == stop
+        assert len(passes) <= most_passes
+    unstopped = ChatTurn([], "", (), "", prompt)
+    assert streamed_run(streamed, [], unstopped, free, tmp_path, "r")[1]["reply_ids"] == free

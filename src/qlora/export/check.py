@@ -163,48 +163,148 @@ def logits_at_positions(model, samples: list[Sample], work: Path, prefix: str) -
     from qlora.export.reference import StreamedReference
     from qlora.models.decoder import compute_device
 
-    device, paths = compute_device(model), []
-    sequences = [torch.tensor([s.ids], device=device) for s in samples]
+    if isinstance(model, StreamedReference):
+        return streamed_run(model, samples, None, [], work, prefix)[0]
+    device = compute_device(model)
     with torch.no_grad():
-        # a streamed reference reads its layers once for all the samples
-        each = (model.each_logits(sequences) if isinstance(model, StreamedReference)
-                else (model(ids) for ids in sequences))
-        for i, (s, logits) in enumerate(zip(samples, each)):
-            logits = logits[0].float().cpu().numpy()
-            paths.append(work / f"{prefix}-{i}.npy")
-            np.save(paths[-1], logits[s.positions()])
-            del logits  # before the next sample's
+        return save_logits(samples, (model(torch.tensor([s.ids], device=device)) for s in samples),
+                           work, prefix)
+
+
+def save_logits(samples: list[Sample], each_logits, work: Path, prefix: str) -> list[Path]:
+    """Save each sample's logits (from `each_logits`, [1, T, V] in sample order) at its compared
+    positions; one sample's logits alive at a time."""
+    paths = []
+    for i, (s, logits) in enumerate(zip(samples, each_logits)):
+        logits = logits[0].float().cpu().numpy()
+        paths.append(work / f"{prefix}-{i}.npy")
+        np.save(paths[-1], logits[s.positions()])
+        del logits  # before the next sample's
     return paths
+
+
+@dataclass
+class ChatTurn:
+    """The check's chat turn as the reference renders it."""
+    messages: list[dict]
+    template: str
+    stops: tuple[int, ...]  # the end-of-turn tokens (chat.stop_token_ids)
+    text: str
+    prompt_ids: list[int]
+
+    def result(self, reply: list[int]) -> dict:
+        """{text, prompt_ids, reply_ids, stopped_on}: what parity.compare_chat takes."""
+        stopped = reply[-1] if reply and reply[-1] in self.stops else None
+        return {"text": self.text, "prompt_ids": self.prompt_ids, "reply_ids": reply,
+                "stopped_on": stopped}
+
+
+def chat_prompt(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[int]]:
+    """The conversation rendered for the assistant's answer, and its token ids."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def reference_chat_turn(tokenizer, model_dir, samples: list[Sample]) -> ChatTurn | None:
+    """The chat turn the check runs, or None where the tokenizer has no chat template."""
+    from qlora.chat import chat_template_for, stop_token_ids
+
+    template = chat_template_for(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if template is None:
+        return None
+    messages = chat_messages(samples)
+    text, ids = chat_prompt(tokenizer, template, messages)
+    return ChatTurn(messages, template, stop_token_ids(tokenizer, model_dir, template), text, ids)
 
 
 def greedy_chat(model, tokenizer, template: str, messages: list[dict], stops: tuple[int, ...]) -> dict:
     """One greedy answer in our engine: {text, prompt_ids, reply_ids, stopped_on}."""
     from qlora.infer import GenerationOptions, generate
 
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text, ids = chat_prompt(tokenizer, template, messages)
     reply = generate(model, ids, GenerationOptions(max_new_tokens=CHAT_TOKENS, eos_token_ids=stops))
-    stopped = reply[-1] if reply and reply[-1] in stops else None
-    return {"text": text, "prompt_ids": ids, "reply_ids": reply, "stopped_on": stopped}
+    return ChatTurn(messages, template, stops, text, ids).result(reply)
 
 
-def run_reference(model_dir, adapter_dir, merge_base, device, samples, messages, work: Path
-                  ) -> tuple[list[Path], dict | None, str]:
-    """(logit files, chat turn or None, description) of base + adapter; the chat turn when
-    `messages` are given and the tokenizer has a chat template."""
-    from qlora.chat import chat_template_for, stop_token_ids
-    from qlora.export.reference import load_check_reference
+def streamed_run(model, samples: list[Sample], turn: ChatTurn | None, other_reply: list[int],
+                 work: Path, prefix: str) -> tuple[list[Path], dict | None]:
+    """(logit files, chat turn or None) of a StreamedReference, from one pass over the samples
+    and, for the chat turn, the prompt followed by the other model's reply (`other_reply`)."""
+    import torch
+
+    sequences = [torch.tensor([s.ids]) for s in samples]
+    caches: list = [None] * len(samples)
+    forced = []
+    if turn is not None:
+        forced = turn.prompt_ids + list(other_reply)[:CHAT_TOKENS]
+        sequences.append(torch.tensor([forced]))
+        caches.append(model.new_cache(1, len(turn.prompt_ids) + CHAT_TOKENS))
+    hidden = model.hidden_states(sequences, caches)
+    paths = save_logits(samples, (model.logits(h) for h in hidden), work, prefix)
+    if turn is None:
+        return paths, None
+    reply = forced_greedy_reply(model, model.logits(hidden[-1])[0, len(turn.prompt_ids) - 1:],
+                                caches[-1], turn, other_reply)
+    return paths, turn.result(reply)
+
+
+def forced_greedy_reply(model, logits, cache, turn: ChatTurn, other_reply: list[int]) -> list[int]:
+    """The reference's greedy reply, read off its logits over the other model's reply where the
+    two agree: `logits` [len(other_reply) + 1, V], those of the prompt's last position and of
+    each forced reply token; `cache` holds the forced tokens' keys and values. Up to the first
+    token where the reference picks otherwise it generated the other's tokens; from there on
+    (or where the other's reply ends) it generates on, a streamed pass a token, from the cache
+    cut back to what it would have seen. Greedy decoding's tokens, but for a near-tie that the
+    rounding of a whole-sequence pass, against a token-by-token one, may tip."""
+    import torch
+
+    reply: list[int] = []
+    for j, pick in enumerate(logits.argmax(-1).tolist()):
+        reply.append(pick)
+        if pick in turn.stops or len(reply) == CHAT_TOKENS:
+            return reply
+        if j >= len(other_reply) or pick != other_reply[j]:
+            break
+    cache.length = len(turn.prompt_ids) + len(reply) - 1  # the prompt and the agreed tokens
+    outdated = getattr(model, "cache_outdated", None)  # Phi-3's LongRoPE: the whole sequence again
+    while True:
+        tokens = torch.tensor([reply[-1:]])
+        if outdated is not None and outdated(cache.length, len(turn.prompt_ids) + len(reply)):
+            cache = model.new_cache(1, len(turn.prompt_ids) + CHAT_TOKENS)
+            tokens = torch.tensor([turn.prompt_ids + reply])
+        reply.append(int(torch.argmax(model(tokens, cache=cache)[0, -1])))
+        if reply[-1] in turn.stops or len(reply) == CHAT_TOKENS:
+            return reply
+
+
+def check_reference_runs(model_dir, adapter_dir) -> None:
+    """ReferenceUnavailable now, before the other model runs, where our engine cannot attach the
+    adapter (what it would find on loading the reference)."""
+    from qlora.export.reference import check_adapter_attaches
+
+    try:
+        check_adapter_attaches(model_dir, adapter_dir)
+    except QloraError as err:
+        raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
+
+
+def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: ChatTurn | None,
+                  work: Path, other_reply: list[int] | None = None) -> tuple[list[Path], dict | None, str]:
+    """(logit files, chat turn or None, description) of base + adapter; the chat turn where
+    `turn` is given. A streamed reference (on the CPU) reads its greedy reply off a pass over
+    `other_reply` (forced_greedy_reply); the whole model generates it."""
+    from qlora.export.reference import StreamedReference, load_check_reference
 
     try:
         model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device)
     except QloraError as err:
         raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
+    if isinstance(model, StreamedReference):
+        paths, chat = streamed_run(model, samples, turn, other_reply or [], work, "reference")
+        return paths, chat, what
     paths = logits_at_positions(model, samples, work, "reference")
-    template = chat_template_for(tokenizer)
-    chat = None
-    if template is not None and messages is not None:
-        chat = greedy_chat(model, tokenizer, template, messages, stop_token_ids(tokenizer, model_dir, template))
+    chat = None if turn is None else greedy_chat(model, tokenizer, turn.template, turn.messages, turn.stops)
     return paths, chat, what
 
 
@@ -491,18 +591,21 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
         raise QloraError(f"--check: llama-cpp-python is not importable; {LLAMA_HINT}")
     tokenizer = load_tokenizer(model_dir)
     picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
-    messages = chat_messages(picked) if getattr(tokenizer, "chat_template", None) else None
+    turn = reference_chat_turn(tokenizer, model_dir, picked)
+    messages = None if turn is None else turn.messages
+    check_reference_runs(model_dir, adapter_dir)
+    # the file first: a streamed reference reads its chat reply off the file's (run_reference)
     with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
         work = Path(tmp)
-        ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device, picked,
-                                                  messages, work)
         if engine == "llama.cpp":
-            paths, chat, engine_name = run_llama_cpp(gguf_file, picked, messages if ref_chat else None,
-                                                     work, python,
-                                                     len(ref_chat["prompt_ids"]) if ref_chat else 0)
+            paths, chat, engine_name = run_llama_cpp(gguf_file, picked, messages, work, python,
+                                                     len(turn.prompt_ids) if turn else 0)
         else:
             paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
-                                                         messages if ref_chat else None, work, device)
+                                                         messages, work, device)
+        other_reply = chat["reply_ids"] if chat and "reply_ids" in chat else []
+        ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device, picked,
+                                                  turn, work, other_reply)
         stats = _compare(ref_paths, paths, picked)
     limits = parity.EXPORT_LIMITS[qtype]
     failures = parity.judge_logits(stats, limits)

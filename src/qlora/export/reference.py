@@ -71,6 +71,21 @@ def load_check_reference(model_dir: str | Path, adapter_dir: str | Path | None,
     return model, load_tokenizer(model_dir), f"{_described(quant, adapter_dir)} in qlora"
 
 
+def check_adapter_attaches(model_dir: str | Path, adapter_dir: str | Path | None, saved=None) -> None:
+    """QloraError where the adapter does not attach to the model (its names, shapes, features),
+    found on the model built empty (the meta device): no weight read. A native family's only
+    (the generic path finds out on loading)."""
+    from qlora.adapters import load_adapter, read_saved_adapter
+    from qlora.models.load import new_decoder
+    from qlora.models.spec import is_native, read_config, read_spec
+
+    if adapter_dir is None or not is_native(read_config(model_dir)[0]):
+        return
+    saved = saved or read_saved_adapter(adapter_dir)
+    with torch.device("meta"):
+        load_adapter(new_decoder(read_spec(model_dir)), adapter_dir, saved)
+
+
 class StreamedReference(nn.Module):
     """Base + adapter on the CPU with one decoder layer in memory at a time.
 
@@ -83,8 +98,8 @@ class StreamedReference(nn.Module):
     it)."""
 
     def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, quant):
-        from qlora.adapters import load_adapter, read_saved_adapter
-        from qlora.models.load import load_model, new_decoder
+        from qlora.adapters import read_saved_adapter
+        from qlora.models.load import load_model
 
         super().__init__()
         self.model_dir, self.adapter_dir, self.quant = Path(model_dir), adapter_dir, quant
@@ -92,9 +107,7 @@ class StreamedReference(nn.Module):
         self.shell = load_model(model_dir, quant, "cpu", only=lambda key: not key.startswith(LAYER_KEYS))
         self.spec = self.shell.spec
         _check_read(self.shell, lambda name: not name.startswith(LAYER_KEYS), self.model_dir)
-        if self.saved_adapter is not None:  # its fit checked before a pass, on an empty model
-            with torch.device("meta"):
-                load_adapter(new_decoder(self.spec), adapter_dir, self.saved_adapter)
+        check_adapter_attaches(model_dir, adapter_dir, self.saved_adapter)  # before a pass
         self.empty_layers = list(self.shell.model.layers)  # on the meta device
         if hasattr(self.shell, "cache_outdated"):  # Phi-3's LongRoPE: qlora.infer.stream asks
             self.cache_outdated = self.shell.cache_outdated
