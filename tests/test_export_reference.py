@@ -134,3 +134,16 @@ def test_the_streamed_chat_reply_is_the_whole_models_greedy_reply(tmp_path):
         assert len(passes) <= most_passes
     unstopped = ChatTurn([], "", (), "", prompt)
     assert streamed_run(streamed, [], unstopped, free, tmp_path, "r")[1]["reply_ids"] == free
+
+
+def test_an_adapter_that_does_not_attach_is_said_before_the_file_runs(tmp_path, monkeypatch):
+    """The file runs first now (its reply is what the reference's is read off), so the adapter's
+    fit is checked before, on the model built empty: a wrong adapter costs no llama.cpp run."""
+    from qlora.export import check
+
+    base, _ = _base_and_adapter(tmp_path / "a", "llama", num_hidden_layers=2)
+    _, other = _base_and_adapter(tmp_path / "b", "llama", num_hidden_layers=2, intermediate_size=96)
+    monkeypatch.setattr(check, "run_gguf_in_qlora", lambda *a, **k: pytest.fail("the file ran"))
+    with pytest.raises(check.ReferenceUnavailable, match="cannot run base \\+ adapter.*shape"):
+        check.check_gguf(tmp_path / "m.gguf", base, "q8_0", adapter_dir=other, engine="qlora",
+                         device="cpu", log=lambda _: None)

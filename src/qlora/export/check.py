@@ -278,6 +278,10 @@ def forced_greedy_reply(model, logits, cache, turn: ChatTurn, other_reply: list[
             return reply
 
 
+def unavailable(err: QloraError) -> ReferenceUnavailable:
+    return ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})")
+
+
 def check_reference_runs(model_dir, adapter_dir) -> None:
     """ReferenceUnavailable now, before the other model runs, where our engine cannot attach the
     adapter (what it would find on loading the reference)."""
@@ -286,11 +290,12 @@ def check_reference_runs(model_dir, adapter_dir) -> None:
     try:
         check_adapter_attaches(model_dir, adapter_dir)
     except QloraError as err:
-        raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
+        raise unavailable(err) from err
 
 
 def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: ChatTurn | None,
-                  work: Path, other_reply: list[int] | None = None) -> tuple[list[Path], dict | None, str]:
+                  work: Path, other_reply: list[int] | None = None
+                  ) -> tuple[list[Path], dict | None, str]:
     """(logit files, chat turn or None, description) of base + adapter; the chat turn where
     `turn` is given. A streamed reference (on the CPU) reads its greedy reply off a pass over
     `other_reply` (forced_greedy_reply); the whole model generates it."""
@@ -299,12 +304,13 @@ def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: Cha
     try:
         model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device)
     except QloraError as err:
-        raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
+        raise unavailable(err) from err
     if isinstance(model, StreamedReference):
         paths, chat = streamed_run(model, samples, turn, other_reply or [], work, "reference")
         return paths, chat, what
     paths = logits_at_positions(model, samples, work, "reference")
-    chat = None if turn is None else greedy_chat(model, tokenizer, turn.template, turn.messages, turn.stops)
+    chat = (None if turn is None else
+            greedy_chat(model, tokenizer, turn.template, turn.messages, turn.stops))
     return paths, chat, what
 
 
@@ -478,7 +484,8 @@ OVERHEAD = 1.05  # a Llama-3-8B's 29.9 GiB of whole-model values measured 31.2 G
 
 
 def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
-                         adapter_dir: str | Path | None = None, samples: int = DEFAULT_SAMPLES) -> float:
+                         adapter_dir: str | Path | None = None,
+                         samples: int = DEFAULT_SAMPLES) -> float:
     """Host memory the check's reference needs on the CPU, where it runs in float32
     (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the linears
     of an NF4 one, + 5% (OVERHEAD: the interpreter and torch). The whole model: all its values.

@@ -71,7 +71,8 @@ def load_check_reference(model_dir: str | Path, adapter_dir: str | Path | None,
     return model, load_tokenizer(model_dir), f"{_described(quant, adapter_dir)} in qlora"
 
 
-def check_adapter_attaches(model_dir: str | Path, adapter_dir: str | Path | None, saved=None) -> None:
+def check_adapter_attaches(model_dir: str | Path, adapter_dir: str | Path | None,
+                           saved=None) -> None:
     """QloraError where the adapter does not attach to the model (its names, shapes, features),
     found on the model built empty (the meta device): no weight read. A native family's only
     (the generic path finds out on loading)."""
@@ -93,20 +94,22 @@ class StreamedReference(nn.Module):
     turn (its linears quantized as `quant` says and the adapter attached, as load_for_inference
     does for the whole model), runs all the pass's sequences through it and frees it. The
     modules, weights and order of operations of each sequence are the whole model's, so are its
-    logits. Each pass reads the whole checkpoint: one pass for all the check's examples, one per
-    generated token of its chat turn (`forward` with a KV cache, as qlora.infer.generate calls
-    it)."""
+    logits. Each pass reads the whole checkpoint: the check makes one for all its examples and
+    its chat turn's prompt and forced reply, then one per token it generates on
+    (check.forced_greedy_reply; `forward` with a KV cache, as qlora.infer.generate calls it)."""
 
     def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, quant):
         from qlora.adapters import read_saved_adapter
         from qlora.models.load import load_model
+        from qlora.models.weights import check_nothing_missing
 
         super().__init__()
         self.model_dir, self.adapter_dir, self.quant = Path(model_dir), adapter_dir, quant
         self.saved_adapter = None if adapter_dir is None else read_saved_adapter(adapter_dir)
-        self.shell = load_model(model_dir, quant, "cpu", only=lambda key: not key.startswith(LAYER_KEYS))
+        self.shell = load_model(model_dir, quant, "cpu",
+                                only=lambda key: not key.startswith(LAYER_KEYS))
         self.spec = self.shell.spec
-        _check_read(self.shell, lambda name: not name.startswith(LAYER_KEYS), self.model_dir)
+        check_nothing_missing(self.shell, self.model_dir, skip=LAYER_KEYS)
         check_adapter_attaches(model_dir, adapter_dir, self.saved_adapter)  # before a pass
         self.empty_layers = list(self.shell.model.layers)  # on the meta device
         if hasattr(self.shell, "cache_outdated"):  # Phi-3's LongRoPE: qlora.infer.stream asks
@@ -120,6 +123,7 @@ class StreamedReference(nn.Module):
 
         from qlora.adapters import load_adapter
         from qlora.models.load import read_weights
+        from qlora.models.weights import check_nothing_missing
 
         prefix = f"{LAYER_KEYS}{index}."
         self.shell.model.layers[index] = copy.deepcopy(self.empty_layers[index])
@@ -127,8 +131,9 @@ class StreamedReference(nn.Module):
                      only=lambda key: key.startswith(prefix))
         if self.saved_adapter is not None:
             load_adapter(self.shell, self.adapter_dir, self.saved_adapter, within=prefix)
-        _check_read(self.shell, lambda name: name.startswith(prefix), self.model_dir)
-        return self.shell.model.layers[index].eval()
+        layer = self.shell.model.layers[index]
+        check_nothing_missing(layer, self.model_dir)
+        return layer.eval()
 
     def drop_layer(self, index: int) -> None:
         self.shell.model.layers[index] = self.empty_layers[index]
@@ -145,15 +150,15 @@ class StreamedReference(nn.Module):
             layer = self.layer(index)
             xs = [layer(x, cos, sin, masks[index], cache)
                   for x, (cos, sin, masks), cache in zip(xs, inputs, caches)]
-            del layer  # freed here, before the next one is read
             self.drop_layer(index)
+            del layer  # freed before the next one is read
         for ids, cache in zip(sequences, caches):
             if cache is not None:
                 cache.length += ids.shape[1]
         return [shell.model.norm(x) for x in xs]
 
     def each_logits(self, sequences: list[torch.Tensor]):
-        """Each sequence's logits in turn (one sequence's [1, T, V] alive at a time), from one pass."""
+        """Each sequence's logits in turn, from one pass (one [1, T, V] alive at a time)."""
         for hidden in self.hidden_states(sequences):
             yield self.logits(hidden)  # (a `with no_grad` here would outlive each yield)
 
@@ -166,14 +171,3 @@ class StreamedReference(nn.Module):
 
     def new_cache(self, batch: int, limit: int):
         return self.shell.new_cache(batch, limit)
-
-
-def _check_read(model: nn.Module, wanted, model_dir: Path) -> None:
-    """Every parameter `wanted` (by name) was read from the checkpoint (load_model's `only`
-    leaves the check of a complete model out)."""
-    from qlora.errors import QloraError
-
-    missing = [n for n, p in model.named_parameters() if wanted(n) and p.is_meta]
-    if missing:
-        raise QloraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the config "
-                         f"implies (e.g. {', '.join(missing[:3])}); a shard may be missing")
