@@ -481,6 +481,9 @@ def _finish(report: dict, out: Path, tokenizer, log) -> dict:
 
 # --- room for the reference ----------------------------------------------------------------------
 OVERHEAD = 1.05  # a Llama-3-8B's 29.9 GiB of whole-model values measured 31.2 GiB of RSS
+# the interpreter, torch and its libraries: a tiny model's streamed reference measured 0.40 GiB of
+# RSS (benchmarks/reference_rss.py --shape tiny), more than 5% of a streamed 8B's few GiB
+PROCESS_BYTES = 2**29
 
 
 def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
@@ -492,7 +495,8 @@ def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
     Streamed (export/reference.StreamedReference): the values outside the layers (embedding,
     final norm, head), the largest layer, the largest layer tensor once more in float32 (read
     while its layer loads), the adapter (its saved tensors and one layer's share in float32:
-    twice its file at most) and the pass's activations (streamed_activation_bytes)."""
+    twice its file at most) and the pass's activations (streamed_activation_bytes), + 5%, +
+    PROCESS_BYTES."""
     from collections import defaultdict
     from math import prod
 
@@ -524,7 +528,8 @@ def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
     if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         adapter = 2 * (Path(adapter_dir) / "adapter_model.safetensors").stat().st_size
     activations = streamed_activation_bytes(read_spec(model_dir), samples)
-    return OVERHEAD * (outside + max(layers.values(), default=0) + largest + adapter + activations)
+    values = outside + max(layers.values(), default=0) + largest + adapter + activations
+    return OVERHEAD * values + PROCESS_BYTES
 
 
 def streamed_activation_bytes(spec, samples: int, tokens: int = MAX_TOKENS) -> int:
