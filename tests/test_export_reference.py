@@ -61,6 +61,18 @@ def test_streamed_reference_gives_the_whole_models_logits_and_tokens(tmp_path, f
     assert generate(streamed, prompt, opts) == generate(whole, prompt, opts)  # the KV cache's path
 
 
+def test_the_nf4_base_streams_to_the_same_logits(tmp_path):
+    """`--base nf4`: each layer quantized to NF4 as it is read, as the whole model's load does
+    (bitsandbytes' quantization is deterministic): the same logits, exactly."""
+    base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
+    whole, _, what = load_reference(base, adapter, "nf4", device="cpu")
+    streamed, _, streamed_what = load_check_reference(base, adapter, "nf4", device="cpu")
+    assert "NF4" in what and streamed_what == what
+    ids = _sequences([12])[0]
+    with torch.no_grad():
+        assert torch.equal(whole(ids), next(streamed.each_logits([ids])))
+
+
 def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
     streamed, _, _ = load_check_reference(base, adapter, device="cpu")
