@@ -71,8 +71,8 @@
 #                 qlora-eager too). About 8 minutes.
 #                 TRL's NLL covers the prompt too, ours the completion only (preference_step.py).
 #   kto           gpu_check.py --checks preference (KTO's graphed step against its eager one among
-#                 them), then a KTO step at Qwen2.5-1.5B, graphed, eager and TRL's KTOTrainer.
-#                 About 3 minutes, 6 at most.
+#                 them, qlora train's DPO and KTO end to end), then a KTO step at Qwen2.5-1.5B,
+#                 graphed, eager and TRL's KTOTrainer. About 5 minutes, 7.5 at most.
 #   export-8b     the user's `qlora export --gguf --model M --adapter A --out F --type T --check` on a
 #                 random Llama-3-8B checkpoint and a random r16 adapter (export_check.py): f16 (the
 #                 check's noise floor), q4_k_m, the same q4_k_m made by llama.cpp's own quantizer from
@@ -259,10 +259,10 @@ orpo)  # about 8 min in all: the DPO part's steps less its reference forward; lo
     --systems qlora,qlora-eager,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" \
     --deadline 180
   ;;
-kto)  # at most 6 min (about 3 expected): the graphed preference steps checked against eager (KTO
-      # among them, ~50 s), then KTO timed graphed, eager and in TRL's KTOTrainer (qlora first: a
-      # system the deadline cuts is the last one)
-  step 150 gpu-check-preference $PY "$HERE/gpu_check.py" --checks preference --out "$OUT/gpu-check.jsonl"
+kto)  # at most 7.5 min: the graphed preference steps checked against eager (KTO among them) and
+      # `qlora train --method dpo / kto` end to end (~2-4 min), then KTO timed graphed, eager and in
+      # TRL's KTOTrainer (qlora first: a system the deadline cuts is the last one)
+  step 240 gpu-check-preference $PY "$HERE/gpu_check.py" --checks preference --out "$OUT/gpu-check.jsonl"
   step 200 qwen-kto $PY "$HERE/preference_step.py" --method kto --shapes qwen2.5-1.5b \
     --systems qlora,qlora-eager,trl --steps 8 --warmup 2 --out "$OUT/qwen-kto" --deadline 190
   ;;

@@ -131,7 +131,8 @@ def main() -> int:
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
               check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
-              check_windows, check_gemma, check_preference, check_preference_graphed, check_long_context,
+              check_windows, check_gemma, check_preference, check_preference_graphed,
+              check_preference_train, check_long_context,
               check_flex_capped_attention, check_capped_cross_entropy, check_gemma_graphed_step,
               check_phi3_fast_path, check_moe]
     wanted = [w for w in args.checks.split(",") if w]
@@ -652,6 +653,45 @@ def check_train_defaults(dirs):
             (out / "adapter_model.safetensors").exists(), "eval_loss" in json.dumps(summary)]
     record("train-defaults", 0.0 if rc == 0 and all(said) else 1.0, 0.0, rc=rc, said=said,
            log=text[-1500:])
+
+
+def check_preference_train(dirs):
+    """`qlora train --method dpo / kto` end to end on the GPU (CUDA graphs; KTO eagerly too, its
+    reference of both halves in one forward): each step's metric sums come to the host in one
+    copy (Stepper.read_metrics), the evaluation's too; every train and eval record of
+    metrics.jsonl has the method's metrics, finite."""
+    import contextlib
+    import io
+    import math
+
+    from qlora.cli import main as cli
+
+    root = Path(tempfile.mkdtemp())
+    words = ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta") * 2
+    data = {"dpo": [{"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w[::-1]} for w in words],
+            "kto": [{"prompt": f"{w} = ", "completion": w.upper() if i % 2 else w[::-1],
+                     "label": bool(i % 2)} for i, w in enumerate(words)]}
+    for method, graphs in (("dpo", True), ("kto", True), ("kto", False)):
+        path = root / f"{method}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data[method]))
+        out, log = root / f"{method}-{graphs}", io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            rc = cli(["train", "--model", str(dirs["llama"]), "--data", str(path), "--method",
+                      method, "--output_dir", str(out), "--max_steps", "4", "--logging_steps",
+                      "1", "--save_steps", "0", "--gradient_accumulation_steps", "2",
+                      "--micro_batch_size", "2", "--val_set_size", "4", "--eval_steps", "2",
+                      "--cuda_graphs", str(graphs).lower()])
+        records = ([json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+                   if (out / "metrics.jsonl").exists() else [])
+        names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"]
+        names += ["kl"] if method == "kto" else ["rewards/accuracies"]
+        bad = [(r["split"], r["step"], n) for r in records for n in names
+               if not math.isfinite(r.get(n, math.nan))]
+        splits = sorted({r["split"] for r in records})
+        ok = rc == 0 and not bad and splits == ["eval", "train"]
+        record(f"preference-train-{method}-{'graphed' if graphs else 'eager'}",
+               0.0 if ok else 1.0, 0.0, rc=rc, bad=bad[:6], records=len(records),
+               last=records[-1] if records else None, log=log.getvalue()[-1000:])
 
 
 def check_lora_dropout_kernels(dirs):

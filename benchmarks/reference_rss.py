@@ -35,6 +35,7 @@ def child(model_dir: Path, adapter: Path, samples: int, decode_passes: int) -> d
 
     from qlora.export.check import MAX_TOKENS, Sample, logits_at_positions, reference_host_bytes
     from qlora.export.reference import load_check_reference
+    from qlora.models.weights import read_headers
 
     t = time.perf_counter()
     model, _, _ = load_check_reference(model_dir, adapter, device="cpu")
@@ -55,12 +56,13 @@ def child(model_dir: Path, adapter: Path, samples: int, decode_passes: int) -> d
         model(torch.tensor([[7]]), cache=cache)
         decode.append(round(time.perf_counter() - t, 2))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    headers = read_headers(model_dir)
     return {"threads": torch.get_num_threads(), "build_s": round(built_s, 2),
             "pass_s": round(pass_s, 2), "samples": samples, "tokens": MAX_TOKENS,
             "decode_pass_s": decode, "peak_rss_gib": round(rss / GIB, 3),
-            "sized_streamed_gib": round(reference_host_bytes(model_dir, "original", True, adapter,
+            "sized_streamed_gib": round(reference_host_bytes(headers, "original", True, adapter,
                                                              samples) / GIB, 3),
-            "sized_whole_gib": round(reference_host_bytes(model_dir, "original", False) / GIB, 3)}
+            "sized_whole_gib": round(reference_host_bytes(headers, "original", False) / GIB, 3)}
 
 
 def main(argv=None) -> int:

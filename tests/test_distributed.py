@@ -439,6 +439,38 @@ def test_fsdp_shards_the_4bit_base_and_steps_like_one_process(inputs, tmp_path):
     assert r["rows_equal"] and r["states_equal"]
 
 
+METRICS_WORKER = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    from qlora.train.distributed import env_from_environ, metric_sums_on_host
+
+    dist.init_process_group("gloo")
+    env = env_from_environ()
+    r = env.rank
+    # each rank's own fp32 sums, named in another order than sorted
+    sums = {"rewards/margins": torch.tensor([0.1 if r else 1 / 3, 3.0 + r]),
+            "kl": torch.tensor([2.0 ** -30 * (r + 1), 1.0])}
+    got = metric_sums_on_host(env, sums, torch.device("cpu"))
+    with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as fh:
+        json.dump({k: [v.dtype == torch.float32, v.device.type, v.tolist()]
+                   for k, v in got.items()}, fh)
+    dist.destroy_process_group()
+""")
+
+
+def test_metric_sums_are_summed_over_the_ranks_in_one_all_reduce(tmp_path):
+    """A preference step's metric sums (and an evaluation's) over two ranks: every rank gets the
+    fp64 sum of each entry, on the host, as fp32 (the dtype the one-rank sums have)."""
+    script = tmp_path / "worker.py"
+    script.write_text(METRICS_WORKER)
+    torchrun([str(script), str(tmp_path)], tmp_path, timeout=600)
+    # summed in fp64, as all_reduce_sum sums, then fp32 again
+    third, tenth = float(torch.tensor(1 / 3)), float(torch.tensor(0.1))  # the ranks' fp32 values
+    want = {"rewards/margins": [True, "cpu", [float(torch.tensor(third + tenth)), 7.0]],
+            "kl": [True, "cpu", [3 * 2.0 ** -30, 2.0]]}
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == want, r
+
+
 # --- pieces that need no second process ------------------------------------------------------------
 def test_environment_and_shares():
     assert env_from_environ({}) == DistEnv() and not DistEnv().enabled

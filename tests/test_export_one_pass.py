@@ -202,3 +202,39 @@ def test_a_disk_that_fills_while_writing_is_a_clear_refusal_and_leaves_nothing(b
     with pytest.raises(QloraError, match=r"--out: the disk of .* filled up while the file was written"):
         export_gguf(model, tmp_path / "m.gguf", "q8_0", threads=1, device="cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_and_a_merge_read_each_shard_header_once(tmp_path, monkeypatch):
+    """An export with an adapter and its check (in qlora's engine, on the CPU: the host-memory
+    guard runs too) reads each shard's safetensors header once: the guard, the adapter's checks,
+    the plan, the tensor reader and the check's GGUF-as-weights all take them from there. So does
+    `qlora merge` with its check. (Loading the reference model reads the tensors themselves,
+    through the loader's own handles.)"""
+    from collections import Counter
+
+    from qlora.cli import main
+    from qlora.export.pipeline import export_model
+    from qlora.models import weights
+
+    model = build_tiny_model(tmp_path / "sharded", "llama", max_shard_size="100KB", **SIZES)
+    adapter = _random_adapter(model, tmp_path / "adapter", "llama")
+    shards = sorted(model.glob("*.safetensors"))
+    reads = Counter()
+    read = weights.read_shard_header
+
+    def counting_read(path):
+        reads[path] += 1
+        return read(path)
+
+    monkeypatch.setattr(weights, "read_shard_header", counting_read)
+    export_model(model, tmp_path / "m.gguf", "q8_0", adapter_dir=adapter, check=True,
+                 check_engine="qlora", check_samples=2, device="cpu", threads=1,
+                 log=lambda _: None, note=lambda _: None)
+    assert (tmp_path / "m.check.json").exists()  # the check ran
+    assert len(shards) > 3 and reads == Counter(dict.fromkeys(shards, 1))
+
+    reads.clear()
+    assert main(["merge", "--model", str(model), "--adapter", str(adapter), "--out",
+                 str(tmp_path / "merged"), "--device", "cpu", "--check-samples", "2"]) == 0
+    assert (tmp_path / "merged.check.json").exists()
+    assert reads == Counter(dict.fromkeys(shards, 1))

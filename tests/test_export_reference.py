@@ -14,6 +14,7 @@ from qlora.export.check import OVERHEAD, PROCESS_BYTES, reference_host_bytes
 from qlora.export.reference import StreamedReference, load_check_reference, load_reference
 from qlora.infer import GenerationOptions, generate
 from qlora.models.load import load_model
+from qlora.models.weights import read_headers
 from qlora.quant import QuantConfig
 from qlora.tiny import build_tiny_model
 
@@ -97,8 +98,8 @@ def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=16, hidden_size=256,
                                       intermediate_size=1024)
     samples = 3
-    sized = (reference_host_bytes(base, "original", True, adapter, samples) - PROCESS_BYTES) / OVERHEAD
-    whole_size = reference_host_bytes(base, "original", False) / OVERHEAD
+    sized = (reference_host_bytes(read_headers(base), "original", True, adapter, samples) - PROCESS_BYTES) / OVERHEAD
+    whole_size = reference_host_bytes(read_headers(base), "original", False) / OVERHEAD
     sequences = _sequences([MAX_TOKENS] * samples)
     count = LiveBytes()
     with count:

@@ -473,6 +473,73 @@ def test_merge_folds_into_conv1d_weights_transposed(models, tmp_path):
     torch.testing.assert_close(got.t(), expected, rtol=0, atol=1e-6)
 
 
+def headless_copy(path, out):
+    """`path`'s checkpoint as GPT2Model.save_pretrained writes one: its tensors named without the
+    LM model's "transformer." prefix ("h.0.attn.c_attn.weight"), the rest of the folder as is."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(path, out)
+    state = load_file(str(out / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): t for k, t in state.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_merge_folds_a_checkpoint_whose_file_names_are_not_the_models(models, tmp_path):
+    """A GPT-2 checkpoint saved without the head's prefix: the adapter names the module
+    transformer.h.0.attn.c_attn, the file h.0.attn.c_attn.weight. Merge.tensor takes the file's
+    name (as GGUF export's reader and merge's writer both give it) and folds the model's module
+    there, transposed as the Conv1D stores it: PEFT's merge_and_unload, value for value."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from qlora.merge import merge_adapter, prepare_merge
+
+    base = headless_copy(models["gpt2"], tmp_path / "headless" / "gpt2")  # the name the adapter records
+    peft_model = get_peft_model(hf_model(models["gpt2"]), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", fan_in_fan_out=True))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: make the adapter change the weights
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    expected = peft_model.merge_and_unload().state_dict()
+
+    stored = load_file(str(base / "model.safetensors"))
+    merge = prepare_merge(base, tmp_path / "adapter", "float32")
+    # fp32 on both sides, the same W + scale · B @ A in another grouping: a few fp32 roundings
+    for key in ("h.0.attn.c_attn.weight", "h.1.mlp.c_proj.weight", "wte.weight"):
+        got = merge.tensor(key, lambda: stored[key])
+        torch.testing.assert_close(got, expected["transformer." + key], rtol=0, atol=1e-6)
+    assert not torch.equal(expected["transformer.h.0.attn.c_attn.weight"],
+                           stored["h.0.attn.c_attn.weight"])  # the adapter does change it
+
+    merged = load_file(str(merge_adapter(base, tmp_path / "adapter", tmp_path / "merged",
+                                         dtype="float32") / "model.safetensors"))
+    assert set(merged) == set(expected) - {"lm_head.weight"}  # tied: the head is not stored
+    for name, t in merged.items():
+        torch.testing.assert_close(t, expected[name], rtol=0, atol=1e-6)
+
+
+def test_merge_refuses_a_trained_copy_of_a_tied_embedding(models, tmp_path):
+    """GPT-2's head is its embedding (transformer.wte): an adapter with a trained copy of it
+    would change the head too, refused as for a native family's embed_tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.errors import QloraError
+    from qlora.merge import merge_adapter
+
+    get_peft_model(hf_model(models["gpt2"]), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["wte"])
+    ).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(QloraError, match=r"changes transformer\.wte of a model with tied embeddings"):
+        merge_adapter(models["gpt2"], tmp_path / "adapter", tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_gguf_export_refuses_naming_the_architecture(models, tmp_path, capsys):
     from qlora.cli import main
 

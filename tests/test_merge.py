@@ -255,3 +255,37 @@ def test_fold_in_place_has_the_bits_of_the_fold_out_of_place(dtype, dora, conv1d
     if dora:
         want = (m.magnitude / torch.linalg.norm(want, dim=1)).unsqueeze(1) * want
     assert torch.equal(fold(w, m), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_trained_copy_of_a_tied_embedding_is_refused(tmp_path, family):
+    """modules_to_save on the embedding of a tied model: the file would store one table for both
+    the embedding and the head, so the head would change too. PEFT records the copy by its
+    tensor name (model.embed_tokens.weight), not the module's; it must be refused all the same.
+    Gemma 2's config.json, as transformers saves it, leaves the key out: its class ties by default."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(tmp_path / f"tiny-{family}", family, tie_word_embeddings=True)
+    config = json.loads((model / "config.json").read_text())
+    if family == "gemma2":
+        del config["tie_word_embeddings"]
+        (model / "config.json").write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                              modules_to_save=["embed_tokens"])
+                        ).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(QloraError, match=r"changes model\.embed_tokens of a model with tied embeddings"):
+        merge_adapter(model, tmp_path / "adapter", tmp_path / "out", dtype="fp32")
+    assert not (tmp_path / "out").exists() and _clean(tmp_path)
+
+
+def test_headers_read_from_another_folder_are_refused(tiny, tmp_path):
+    """merge_adapter takes the headers a caller read once; read from another checkpoint of the
+    same shapes they would pass every check and write that checkpoint's tensors, silently."""
+    from qlora.models.weights import read_headers
+
+    _, model, adapters = tiny
+    other = build_tiny_model(tmp_path / "other" / "tiny-llama", "llama", seed=5)
+    with pytest.raises(ValueError, match=r"headers read from \S*other\S* given for"):
+        merge_adapter(model, adapters["lora"], tmp_path / "out", headers=read_headers(other))
+    assert not (tmp_path / "out").exists() and _clean(tmp_path)

@@ -698,6 +698,45 @@ def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
     assert "runs" in refused(torch.bfloat16)
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_per_token_losses_equal_transformers(moe_models, variant):
+    """A preference method asks the model for each label token's loss (per_token=True, as
+    methods/preference.row_logps): a mixture of experts gives transformers' cross-entropy of each
+    token, the load-balancing loss left out (qwen3-moe has it on), as it is no token's log-prob;
+    then a DPO batch's loss runs on it. fp32, the same operations: rel 1e-5 (rounding)."""
+    import torch.nn.functional as F
+
+    from qlora.data.preference import pair_batch
+    from qlora.methods import dpo
+    from qlora.methods.preference import PreferenceOptions, batch_loss
+
+    path, ids = moe_models[variant], token_batch()
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    with torch.no_grad():
+        got = ours(ids, labels=ids, per_token=True)
+        logits = hf_model(path)(ids).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="none")
+    assert got.shape == want.shape and rel_err(want, got) <= 1e-5
+    pairs = [{"prompt": [5, 6, 7], "chosen": [8, 9], "rejected": [10, 11, 12]}] * 2
+    loss, _ = batch_loss(dpo, ours, pair_batch(pairs, 0), PreferenceOptions())
+    assert torch.isfinite(loss)
+
+
+def test_cuda_graphs_refused_names_mixtrals_router_jitter(tmp_path):
+    """Mixtral's router jitter draws from the global RNG in training (speed.apply_speed then
+    leaves layers_use_rng on, and train/graphs.unsupported_reason refuses the capture): the
+    reason given is the jitter, not the LoRA dropout, which here is off."""
+    from qlora.speed import SpeedPlan, apply_speed
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "mixtral", "mixtral", router_jitter_noise=0.01)
+    model = load_model(path, QuantConfig(method="nf4", compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    apply_speed(model, SpeedPlan(grouped_experts=True, seeded_dropout=True), log=lambda _: None)
+    assert model.layers_use_rng and "jitter" in (model.cuda_graphs_refused or "")
+
+
 def test_grouped_moe_step_reads_nothing_on_the_host(moe_models, monkeypatch):
     """A training forward (with the load-balancing loss) and backward of the grouped path in bf16
     make no tensor-to-Python read from the MoE code (the routing, the grouped experts, the aux

@@ -373,6 +373,88 @@ def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, n
         assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
 
 
+@pytest.mark.parametrize("packed,speed", [(False, False), (True, False), (True, True)])
+def test_kto_takes_what_runs_without_grad_in_one_forward_of_the_whole_batch(llama_dir, packed,
+                                                                            speed):
+    """Eager KTO under no_grad (an evaluation): the policy's log-probs of the examples and of
+    their KL sequences come from one forward of the whole batch, and so do the reference's (2
+    forwards, where TRL's KTOTrainer runs 4; a training micro-batch runs 4, one a half). The
+    loss, metrics and adapter gradients are those of a forward per half (unpaired_logps without
+    `both`, as the CUDA graph's rows run): the same rows through GEMMs and attention of another
+    shape, whose sums may run in other orders (fp32 roundings, ~1e-7 relative), so rel 1e-5 of
+    each quantity's scale, as test_packed_batch_gives_the_losses_and_gradients_of_padded_rows."""
+    from qlora.data.preference import half, preference_batch
+    from qlora.methods.preference import batch_loss, summed_losses, unpaired_logps
+
+    torch.manual_seed(0)  # the adapters' init; with LoRA seed 10, z is above its clamp at 0
+    model = _lora_model(llama_dir, seed=10, speed=speed)
+    batch = preference_batch(_varied_examples("unpaired"), 0, packed=packed)
+    examples, kl, opts = half(batch, second=False), half(batch, second=True), PreferenceOptions()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+
+    def per_half():
+        return summed_losses(kto, *unpaired_logps(model, lambda: row_logps(model, examples),
+                                                  lambda: row_logps(model, kl), batch["label"]),
+                             opts)
+
+    def loss_metrics_grads(run):
+        model.zero_grad()
+        loss, metrics = run()
+        if loss.requires_grad:
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), metric_means(metrics), grads
+
+    for grad, n_forwards in ((True, 4), (False, 2)):  # a training micro-batch, an evaluation's
+        with torch.set_grad_enabled(grad):
+            forwards.clear()
+            loss, metrics, grads = loss_metrics_grads(lambda: batch_loss(kto, model, batch, opts))
+            assert len(forwards) == n_forwards
+            want_loss, want_metrics, want_grads = loss_metrics_grads(per_half)
+        assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+        assert metrics.keys() == want_metrics.keys() and want_metrics["kl"] > 0.05
+        logp_scale = max(abs(want_metrics["logps/chosen"]), abs(want_metrics["logps/rejected"]))
+        for k in metrics:  # log-probs and differences of them: rel 1e-5 of the log-probs
+            assert abs(metrics[k] - want_metrics[k]) <= 1e-5 * logp_scale, k
+        assert len(grads) == len(want_grads) == (2 * 7 * 2 if grad else 0)
+        for k in grads:
+            top = float(want_grads[k].abs().max())
+            assert float((grads[k] - want_grads[k]).abs().max()) <= 1e-5 * top, k
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_an_evaluation_shard_without_a_batch_still_has_every_metric(llama_dir, name):
+    """Under torchrun the evaluation's metric sums are stacked by name into one all-reduce
+    (train/distributed.metric_sums_on_host): every rank must bring the same names, or the ranks'
+    collectives differ (one rank skips it, the others wait on it). A rank with no batch of its
+    own (fewer eval batches than ranks) runs the first batch at weight 0, as a training step's
+    short rank does (distributed.micro_batches): every metric, all zero, and no examples. And
+    every rank runs as many forwards (3 batches over 2 ranks: 2 each), as a sharded model's
+    collectives need."""
+    from qlora.methods import PREFERENCE_METHODS
+    from qlora.methods.preference import evaluate
+
+    method = PREFERENCE_METHODS[name]
+    model = _lora_model(llama_dir)
+    examples = _varied_examples(method.LAYOUT)  # one batch of 4: rank 1 of 2 has none
+    opts = PreferenceOptions(beta=0.3)
+    _, count, sums = evaluate(method, model, examples, opts, 4, 0, shard=(0, 2))
+    short_total, short_count, short_sums = evaluate(method, model, examples, opts, 4, 0,
+                                                    shard=(1, 2))
+    assert count == 4 and sums.keys() == short_sums.keys()
+    assert short_total == 0 and short_count == 0
+    assert all(not v.any() for v in short_sums.values())
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    counts = []
+    for rank in (0, 1):
+        forwards.clear()
+        counts.append(evaluate(method, model, examples[:3], opts, 1, 0, shard=(rank, 2))[1])
+        counts.append(len(forwards))
+    assert counts == [2, 4, 1, 4]  # examples, forwards (the policy's and the reference's)
+
+
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
     loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its
@@ -600,6 +682,60 @@ def test_a_preference_run_resumes_exactly(tmp_path, method):
     a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the step's metrics on the host ------------------------------------------------------------------
+class _OnDevice(torch.Tensor):
+    """A stand-in for a tensor on the GPU (the CPU has no device-to-host copy to count): counts
+    what reads it to the host, each read a wait for the GPU; what a read returns is the host's."""
+    reads = 0
+    READS = {"__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu", "numpy"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) not in cls.READS:
+            return super().__torch_function__(func, types, args, kwargs)
+        _OnDevice.reads += 1
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
+
+
+def test_a_preference_step_copies_its_metrics_to_the_host_once():
+    """A step's metric sums (DPO's six, over two micro-batches) reach the progress bar and the
+    train log's record in ONE copy from the device, not a read per number (a dozen waits for the
+    GPU a step), and give them the means of the sums read one by one, to the bit."""
+    from qlora.config import RunConfig
+    from qlora.methods.preference import add_metrics, summed_losses
+    from qlora.train.distributed import SINGLE
+    from qlora.train.method import bar_metrics
+    from qlora.train.metrics import TrainLog
+    from qlora.train.step import Stepper
+
+    g = torch.Generator().manual_seed(3)
+
+    def pairs():
+        return PairLogps(RowLogps(-30 * torch.rand(8, generator=g), torch.full((8,), 5)))
+
+    opts, cpu = PreferenceOptions(), torch.device("cpu")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    stepper = Stepper(None, optimizer, None, None, None, RunConfig(), SINGLE, cpu, None, 0,
+                      method=(dpo, opts))
+    want = {}
+    for _ in range(2):
+        _, metrics = summed_losses(dpo, pairs(), pairs(), opts)
+        add_metrics(want, metrics)
+        stepper._add_metrics({k: v.as_subclass(_OnDevice) for k, v in metrics.items()}, 1.0)
+    _OnDevice.reads = 0
+    sums = stepper.read_metrics()
+    shown = bar_metrics(sums)
+    log = TrainLog()
+    log.add(0.5, 100, sums)
+    record = log.record(1, 0.5, 1e-3, torch.tensor(1.0), cpu)
+    assert _OnDevice.reads == 1
+    means = metric_means(want)
+    assert len(means) == 6 and {k: record[k] for k in means} == means
+    assert shown == {"acc": means["rewards/accuracies"], "margin": means["rewards/margins"]}
 
 
 # --- precomputed reference log-probs -----------------------------------------------------------------

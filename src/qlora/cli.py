@@ -356,16 +356,21 @@ def run_merge(args) -> None:
 
     from qlora.export.check import ReferenceUnavailable, check_fits_host, check_merge, report_path
     from qlora.merge import describe, merge_adapter
+    from qlora.models.weights import read_headers
 
     report = report_path(Path(args.out))
     if args.check is not False and report.exists():
         raise QloraError(f"{report} exists; give a new --out (or --no-check)")
+    if not Path(args.model).is_dir():
+        raise QloraError(f"--model {args.model}: no such directory")
+    headers = read_headers(args.model)  # once: the host check and the merge take them from here
     check = args.check is not False and check_fits_host(
-        args.check, args.model, args.base, args.device, lambda line: print(line, file=sys.stderr),
+        args.check, headers, args.base, args.device, lambda line: print(line, file=sys.stderr),
         args.adapter, args.check_samples)
     print(f"adapter: {describe(args.adapter)}")
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, base=args.base,
-                        max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name)
+                        max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name,
+                        headers=headers)
     print(f"merged checkpoint written to {out}")
     if check:
         try:

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from qlora.errors import QloraError
-from qlora.models.load import TOKENIZER_FILES, weight_files
+from qlora.models.load import TOKENIZER_FILES
+from qlora.models.weights import CheckpointHeaders, headers_of, open_shard
 from qlora.files import check_writable, staged_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,6 +45,7 @@ BASES = ("original", "dequantized-nf4")
 BASE_ALIASES = {"nf4": "dequantized-nf4", "16bit": "original"}
 
 ADAPTER_PREFIX = "base_model.model."
+NATIVE_TIED = frozenset({"lm_head", "model.embed_tokens"})  # a native family's head and embedding
 
 
 @dataclass
@@ -59,18 +61,6 @@ class LoraModule:
 
 
 # --- reading the base ---------------------------------------------------------------------------
-def base_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, from the safetensors headers only (no tensor data read)."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                shapes[k] = tuple(sf.get_slice(k).get_shape())
-    return shapes
-
-
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
@@ -289,8 +279,10 @@ class BaseLayout:
     names: dict[str, str | None] | None = None  # file tensor name → model name (None: dropped)
     transposed: frozenset[str] = frozenset()  # modules stored [in, out] (Conv1D)
     quantized: frozenset[str] | None = None  # modules the generic path holds in 4 bits
+    tied: frozenset[str] = frozenset()  # the embedding and the head, where they share one weight
 
     def name(self, key: str) -> str | None:
+        """The model's name for the tensor its files call `key` (None: one the model leaves unread)."""
         return key if self.names is None else self.names[key]
 
     def is_quantized(self, name: str, shape: tuple[int, ...]) -> bool:
@@ -301,12 +293,16 @@ class BaseLayout:
 
 def base_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str) -> BaseLayout:
     from qlora.models.generic import checkpoint_layout
-    from qlora.models.spec import is_native
+    from qlora.models.spec import is_native, spec_from_config
 
     if is_native(config):
-        return BaseLayout()
+        try:  # the spec knows a family's default where config.json leaves the key out (Gemma ties)
+            tied = spec_from_config(config, source).tie_word_embeddings
+        except QloraError:  # a config the reference decoder refuses is still merged, file to file
+            tied = bool(config.get("tie_word_embeddings", False))
+        return BaseLayout(tied=NATIVE_TIED if tied else frozenset())
     layout = checkpoint_layout(config, shapes, source)
-    return BaseLayout(layout.names, layout.transposed, layout.quantized)
+    return BaseLayout(layout.names, layout.transposed, layout.quantized, layout.tied)
 
 
 def fold(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
@@ -395,6 +391,14 @@ def normalise_dtype(dtype: str) -> str:
     return dtype
 
 
+def merged_dtype(config: dict) -> str:
+    """The precision each tensor is rounded to once its adapter is folded in when none is asked
+    for (GGUF export): the base's own, as `qlora merge --dtype` of it would store it (the GGUF is
+    then byte for byte the export of that checkpoint)."""
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return dtype if dtype in DTYPES else "bfloat16"
+
+
 def normalise_base(base: str) -> str:
     base = BASE_ALIASES.get(base, base)
     if base not in BASES:
@@ -404,8 +408,9 @@ def normalise_base(base: str) -> str:
 
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                   dtype: str = "bfloat16", base: str = "original", max_shard_size: str | int = "5GB",
-                  ignore_base_name: bool = False) -> Path:
-    """Write base + adapter folded together as a Hugging Face checkpoint in out_dir; return out_dir."""
+                  ignore_base_name: bool = False, headers: CheckpointHeaders | None = None) -> Path:
+    """Write base + adapter folded together as a Hugging Face checkpoint in out_dir; return out_dir.
+    `headers`: model_dir's (models.weights.read_headers), where the caller has read them."""
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out_dir)
     dtype, base = normalise_dtype(dtype), normalise_base(base)
     refuse_existing(out)
@@ -414,9 +419,9 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         raise QloraError(f"--model {model_dir}: no such directory")
     if not adapter_dir.is_dir():
         raise QloraError(f"--adapter {adapter_dir}: no such directory")
-    merge = prepare_merge(model_dir, adapter_dir, dtype, base, ignore_base_name)
+    merge = prepare_merge(model_dir, adapter_dir, dtype, base, ignore_base_name, headers)
     with staged_dir(out) as tmp:
-        _write_merged(weight_files(model_dir), merge, tmp, parse_shard_size(max_shard_size))
+        _write_merged(merge, tmp, parse_shard_size(max_shard_size))
         config = dict(read_config(model_dir))
         config["torch_dtype"] = dtype  # transformers 4.x reads this key
         config["dtype"] = dtype  # transformers 5 writes and reads this one
@@ -434,15 +439,20 @@ class Merge:
     `qlora merge` writes each merged tensor into a checkpoint, GGUF export quantizes each as it
     is read (no merged checkpoint on disk)."""
 
+    headers: CheckpointHeaders  # the base's, which the adapter was checked against
     modules: dict[str, LoraModule]
     replacements: dict[str, torch.Tensor]  # modules_to_save: whole trained copies
     dtype: torch.dtype  # of every merged floating tensor
     base: str  # "original" or "dequantized-nf4"
     layout: BaseLayout
 
-    def tensor(self, name: str, read_base) -> torch.Tensor:
-        """Tensor `name` (model naming) of the merged model, in `dtype` (a non-floating one as
-        stored); `read_base()` gives the base's, read only where the adapter does not replace it."""
+    def tensor(self, key: str, read_base) -> torch.Tensor:
+        """The merged model's tensor that the base's files call `key`, in `dtype` (a non-floating
+        one as stored); `read_base()` gives the base's, read only where the adapter does not
+        replace it. The adapter names modules as the model does: the layout maps `key` to that."""
+        name = self.layout.name(key)
+        if name is None:
+            raise ValueError(f"tensor {key} is one the model does not read; it has no merged value")
         t = self.replacements[name] if name in self.replacements else read_base()
         if not t.is_floating_point():
             return t
@@ -467,9 +477,10 @@ class Merge:
 
 
 def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "original",
-                  ignore_base_name: bool = False) -> Merge:
+                  ignore_base_name: bool = False, headers: CheckpointHeaders | None = None) -> Merge:
     """Read the adapter and check it against the base's config and safetensors headers (no
-    tensor data read): everything that can be refused is refused here, before any slow work."""
+    tensor data read): everything that can be refused is refused here, before any slow work.
+    `headers`: model_dir's, where the caller has read them (else read here)."""
     dtype, base = normalise_dtype(dtype), normalise_base(base)
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
     config = read_config(model_dir)
@@ -477,7 +488,8 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
                          f"the 16-bit original (use --base nf4 to reproduce the 4-bit weights)")
-    file_shapes = base_shapes(weight_files(model_dir))
+    headers = headers_of(model_dir, headers)
+    file_shapes = headers.shapes()
     layout = base_layout(config, file_shapes, str(model_dir / "config.json"))
     shapes = {layout.name(k): v for k, v in file_shapes.items() if layout.name(k) is not None}
     adapter_cfg, modules, replacements = read_adapter(adapter_dir)
@@ -487,24 +499,24 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
         modules = per_expert_modules(adapter_cfg, modules, config, shapes,
                                      adapter_dir / "adapter_model.safetensors")
     check_adapter_fits(modules, replacements, shapes, adapter_dir, layout.transposed)
-    tied = config.get("tie_word_embeddings", False)
-    if tied and any(n in ("lm_head", "model.embed_tokens") for n in list(modules) + list(replacements)):
-        raise QloraError("the adapter changes lm_head or embed_tokens of a model with tied embeddings; "
-                         "merging it would change both; this is not supported")
-    return Merge(modules, replacements, DTYPES[dtype], base, layout)
+    # modules_to_save copies are named by tensor (model.embed_tokens.weight), LoRA by module
+    changed = set(modules) | {name.rpartition(".")[0] for name in replacements}
+    if changed & layout.tied:
+        raise QloraError(f"{adapter_dir}: the adapter changes {', '.join(sorted(changed & layout.tied))} "
+                         "of a model with tied embeddings (its head is its embedding table); merging "
+                         "it would change both; this is not supported")
+    return Merge(headers, modules, replacements, DTYPES[dtype], base, layout)
 
 
-def _write_merged(files, merge: Merge, tmp: Path, max_bytes: int) -> None:
-    from safetensors import safe_open
-
+def _write_merged(merge: Merge, tmp: Path, max_bytes: int) -> None:
     writer = ShardWriter(tmp, max_bytes)
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
+    for path, keys in merge.headers.keys_by_file().items():
+        with open_shard(path) as sf:
+            for key in keys:
                 name = merge.layout.name(key)
                 if name is None:  # a tensor transformers does not read either (an old buffer)
                     continue
-                writer.add(name, merge.tensor(name, lambda: sf.get_tensor(key)))
+                writer.add(name, merge.tensor(key, lambda: sf.get_tensor(key)))
     writer.finish()
 
 

@@ -350,23 +350,24 @@ def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] |
             f"llama.cpp (llama-cpp-python {result['version']})")
 
 
-def gguf_state_dict(gguf_file: Path, model_dir: Path) -> dict:
+def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
     """The GGUF's tensors dequantized (gguf.quants) to float32, turned back into Hugging Face's
     names and layout (what export/gguf.py did, undone: q/k un-permuted, Gemma's norms less 1, a
     mixture of experts' stacks split into the source's per-expert tensors), shaped as the source
-    checkpoint in model_dir stores them. A tied output head stays absent, as in that checkpoint."""
+    checkpoint in model_dir stores them. A tied output head stays absent, as in that checkpoint.
+    `headers`: model_dir's (models.weights.read_headers), where the caller has read them."""
     import gguf
     import torch
 
     from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
-    from qlora.merge import base_shapes, read_config
-    from qlora.models.load import weight_files
+    from qlora.merge import read_config
+    from qlora.models.weights import headers_of
 
     config = read_config(model_dir)
     arch = arch_of(config["model_type"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    shapes = base_shapes(weight_files(model_dir))
+    shapes = headers_of(model_dir, headers).shapes()
     to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in shapes}
     experts: dict[str, dict[int, str]] = {}  # stacked GGUF name -> expert -> source name
     for n in shapes:
@@ -395,7 +396,7 @@ def gguf_state_dict(gguf_file: Path, model_dir: Path) -> dict:
     return state
 
 
-def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
+def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto", headers=None):
     """gguf_state_dict loaded into our decoder with the source's config.json."""
     import torch
     from safetensors.torch import save_file
@@ -405,7 +406,7 @@ def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto"):
     from qlora.models.load import load_model
     from qlora.quant import QuantConfig
 
-    state = gguf_state_dict(gguf_file, model_dir)
+    state = gguf_state_dict(gguf_file, model_dir, headers)
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-weights.") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(read_config(model_dir)))
@@ -429,12 +430,12 @@ def gguf_stop_ids(reader) -> tuple[int, ...]:
 
 
 def run_gguf_in_qlora(gguf_file: Path, model_dir: Path, tokenizer, samples, messages, work: Path,
-                      device: str) -> tuple[list[Path], dict | None, str]:
+                      device: str, headers=None) -> tuple[list[Path], dict | None, str]:
     """(logit files, chat turn, description) of the GGUF's own weights, template and stop tokens
     in our engine."""
     import gguf
 
-    model = gguf_as_decoder(gguf_file, model_dir, device)
+    model = gguf_as_decoder(gguf_file, model_dir, device, headers)
     paths = logits_at_positions(model, samples, work, "gguf")
     chat = None
     if messages is not None:
@@ -486,7 +487,7 @@ OVERHEAD = 1.05  # a Llama-3-8B's 29.9 GiB of whole-model values measured 31.2 G
 PROCESS_BYTES = 2**29
 
 
-def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
+def reference_host_bytes(headers, merge_base: str, streamed: bool,
                          adapter_dir: str | Path | None = None,
                          samples: int = DEFAULT_SAMPLES) -> float:
     """Host memory the check's reference needs on the CPU, where it runs in float32
@@ -496,14 +497,13 @@ def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
     final norm, head), the largest layer, the largest layer tensor once more in float32 (read
     while its layer loads), the adapter (its saved tensors and one layer's share in float32:
     twice its file at most) and the pass's activations (streamed_activation_bytes), + 5%, +
-    PROCESS_BYTES."""
+    PROCESS_BYTES. `headers`: the base's (models.weights.CheckpointHeaders)."""
     from collections import defaultdict
     from math import prod
 
     from qlora.export.reference import LAYER_KEYS, reference_quant
     from qlora.memory.weights import quantized_linear_tensors
-    from qlora.merge import base_shapes, is_quantized_linear
-    from qlora.models.load import weight_files
+    from qlora.merge import is_quantized_linear
     from qlora.models.spec import read_spec
 
     nf4 = reference_quant(merge_base) == "nf4"
@@ -513,7 +513,7 @@ def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
             return sum(quantized_linear_tensors(*shape, "nf4"))
         return 4 * prod(shape)
 
-    shapes = base_shapes(weight_files(Path(model_dir)))
+    shapes = headers.shapes()
     if not streamed:
         return OVERHEAD * sum(value_bytes(name, shape) for name, shape in shapes.items())
     layers: dict[str, int] = defaultdict(int)
@@ -527,7 +527,7 @@ def reference_host_bytes(model_dir: str | Path, merge_base: str, streamed: bool,
     adapter = 0
     if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         adapter = 2 * (Path(adapter_dir) / "adapter_model.safetensors").stat().st_size
-    activations = streamed_activation_bytes(read_spec(model_dir), samples)
+    activations = streamed_activation_bytes(read_spec(headers.model_dir), samples)
     values = outside + max(layers.values(), default=0) + largest + adapter + activations
     return OVERHEAD * values + PROCESS_BYTES
 
@@ -548,7 +548,7 @@ def streamed_activation_bytes(spec, samples: int, tokens: int = MAX_TOKENS) -> i
                 + kv_cache)
 
 
-def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str,
+def reference_host_shortfall(headers, merge_base: str, device: str,
                              adapter_dir: str | Path | None = None,
                              samples: int = DEFAULT_SAMPLES) -> str | None:
     """Why this host cannot hold the check's reference on the CPU, or None: the streamed one
@@ -561,8 +561,8 @@ def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str
     available = host_available_bytes()
     if pick_device(device).type != "cpu" or available is None:
         return None
-    streamed = streams(model_dir, device)
-    needed = reference_host_bytes(model_dir, merge_base, streamed, adapter_dir, samples)
+    streamed = streams(headers.model_dir, device)
+    needed = reference_host_bytes(headers, merge_base, streamed, adapter_dir, samples)
     if needed <= available:
         return None
     how = "a layer at a time" if streamed else "whole"
@@ -571,12 +571,13 @@ def reference_host_shortfall(model_dir: str | Path, merge_base: str, device: str
             f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
 
 
-def check_fits_host(check: bool | None, model_dir: str | Path, merge_base: str, device: str,
+def check_fits_host(check: bool | None, headers, merge_base: str, device: str,
                     note: Callable[[str], None], adapter_dir: str | Path | None = None,
                     samples: int | None = None) -> bool:
     """Whether the check (asked for, or by default) still runs once the host's memory is known:
-    an asked-for check that cannot is a QloraError, a default one is skipped with a note."""
-    shortfall = reference_host_shortfall(model_dir, merge_base, device, adapter_dir,
+    an asked-for check that cannot is a QloraError, a default one is skipped with a note.
+    `headers`: the base's (models.weights.CheckpointHeaders)."""
+    shortfall = reference_host_shortfall(headers, merge_base, device, adapter_dir,
                                          samples or DEFAULT_SAMPLES)
     if shortfall and check:
         raise QloraError(f"--check: {shortfall}")
@@ -589,10 +590,11 @@ def check_fits_host(check: bool | None, model_dir: str | Path, merge_base: str, 
 def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter_dir=None,
                merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
                engine: str = "llama.cpp", llama_python: str | None = None, device: str = "auto",
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, headers=None) -> dict:
     """Compare the GGUF file (in llama.cpp, or engine "qlora") with base + adapter on held-out
     tokens; print the table, write the JSON beside the file; QloraError naming the part that
-    differs when a limit is passed."""
+    differs when a limit is passed. `headers`: model_dir's (models.weights.read_headers), where
+    the caller has read them."""
     from qlora.models import load_tokenizer
 
     gguf_file, model_dir = Path(gguf_file), Path(model_dir)
@@ -614,7 +616,7 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
                                                      len(turn.prompt_ids) if turn else 0)
         else:
             paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
-                                                         messages, work, device)
+                                                         messages, work, device, headers)
         other_reply = chat["reply_ids"] if chat and "reply_ids" in chat else []
         ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device, picked,
                                                   turn, work, other_reply)

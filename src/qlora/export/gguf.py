@@ -433,26 +433,20 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     return Path(out_file)
 
 
-def merged_dtype(config: dict) -> str:
-    """The precision each tensor is rounded to once its adapter is folded in: the base's own, as
-    `qlora merge` would store it (the file is then byte for byte the export of that checkpoint)."""
-    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    return dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
-
-
 @contextmanager
 def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
               adapter_dir: str | Path | None = None, merge_base: str = "original",
               ignore_base_name: bool = False, log=None, threads: int | None = None,
-              device: str = "auto") -> Iterator[GGUFTensors]:
+              device: str = "auto", headers=None) -> Iterator[GGUFTensors]:
     """Everything of an export up to its tensors, each refusal before any slow work: the inputs
     checked, every tensor's name, shape and type planned from the safetensors headers, the
     metadata and the tensor table written into the staged file beside out_file, and the folder's
     free space checked against the rest of it. The block writes the tensors
     (GGUFTensors.write_tensors, maybe after other slow work: an importance matrix); the file
-    becomes out_file when the block completes, and is deleted if it fails."""
-    from qlora.merge import base_shapes, read_config
-    from qlora.models.load import weight_files
+    becomes out_file when the block completes, and is deleted if it fails. `headers`: model_dir's
+    safetensors headers (models.weights.read_headers), where the caller has read them."""
+    from qlora.merge import read_config
+    from qlora.models.weights import headers_of
 
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = check_qtype(qtype)
@@ -471,18 +465,19 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
             print(text, file=sys.stderr)
     name, merge = model_dir.resolve().name, None
     if adapter_dir is not None:
-        from qlora.merge import prepare_merge
+        from qlora.merge import merged_dtype, prepare_merge
 
         merge = prepare_merge(model_dir, Path(adapter_dir), merged_dtype(config), merge_base,
-                              ignore_base_name)
+                              ignore_base_name, headers)
+        headers = merge.headers  # read there, after the adapter's own refusals, where not given
         name = f"{name} + {Path(adapter_dir).resolve().name}"  # what was merged
+    headers = headers_of(model_dir, headers)
     g = _gguf()
     arch = arch_of(config.get("model_type", "?"))
     arch_name = g.MODEL_ARCH_NAMES[arch]
     gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
     note_unwritten_window(config, arch_name, log)
-    files = weight_files(model_dir)
-    plan = plan_tensors(base_shapes(files), config, arch, qtype, model_dir)
+    plan = plan_tensors(headers.shapes(), config, arch, qtype, model_dir)
 
     w = g.GGUFWriter(None, arch_name)  # the file is opened once everything is known
     w.add_name(name)
@@ -508,7 +503,7 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             check_room(w, out)
-            yield GGUFTensors(w, plan, rope_factors, files, merge, config, arch_name, gemma,
+            yield GGUFTensors(w, plan, rope_factors, headers, merge, config, arch_name, gemma,
                               qtype, log, threads, device)
             if any(w.tensors):
                 raise RuntimeError(f"{out}: the export ended with tensors of its table unwritten")
@@ -534,7 +529,7 @@ class GGUFTensors:
     writer: object  # gguf.GGUFWriter, its table written
     plan: list[Planned]
     rope_factors: dict[str, np.ndarray]  # written first, as F32
-    files: list[Path]  # the base's safetensors shards
+    headers: object  # models.weights.CheckpointHeaders: the base's tensors and their shards
     merge: object | None  # qlora.merge.Merge: the adapter folded into each tensor read
     config: dict
     arch_name: str
@@ -552,7 +547,7 @@ class GGUFTensors:
             w.write_tensor_data(factors)
         n_head = config["num_attention_heads"]
         n_kv = config.get("num_key_value_heads") or n_head
-        read = ShardReader(self.files, self.plan, self.merge)
+        read = ShardReader(self.headers, self.plan, self.merge)
         with contextlib.closing(read), quantizer(self.device, self.threads) as quantize_on:
             self.log(f"quantizing: {quantize_on}")
             encoded = _encoded(self.plan, read, self.arch_name, n_head, n_kv, self.gemma,
@@ -565,27 +560,24 @@ class GGUFTensors:
 
 
 class ShardReader:
-    """Hugging Face name → its values (a torch tensor in the checkpoint's dtype), with the
-    adapter folded in (`merge`: a qlora.merge.Merge; None: the base's own). Each shard is mapped
-    at its first tensor `plan` reads and unmapped after its last: the pages read stay mapped for
-    one shard at a time (two where a stack of experts spans them), as when the shards were read
-    one after the other."""
+    """A tensor's name in the base's files → its values (a torch tensor in the checkpoint's
+    dtype), with the adapter folded in (`merge`: a qlora.merge.Merge, which takes the same file
+    name; None: the base's own); `headers` (models.weights.CheckpointHeaders) say which shard
+    holds it. Each shard is mapped at its first tensor `plan` reads and unmapped after its last:
+    the pages read stay mapped for one shard at a time (two where a stack of experts spans
+    them), as when the shards were read one after the other."""
 
-    def __init__(self, files: list[Path], plan: list[Planned], merge):
-        from safetensors import safe_open
-
-        self.merge, self.shard_of, self.opened = merge, {}, {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                self.shard_of.update(dict.fromkeys(sf.keys(), f))
+    def __init__(self, headers, plan: list[Planned], merge):
+        self.merge, self.opened = merge, {}
+        self.shard_of = {key: h.file for key, h in headers.tensors.items()}
         self.reads_left = collections.Counter(self.shard_of[hf_name] for p in plan for hf_name in p.sources)
 
     def __call__(self, hf_name: str) -> np.ndarray:
-        from safetensors import safe_open
+        from qlora.models.weights import open_shard
 
         f = self.shard_of[hf_name]
         if f not in self.opened:
-            self.opened[f] = safe_open(str(f), framework="pt").__enter__()
+            self.opened[f] = open_shard(f).__enter__()
         sf = self.opened[f]
         if self.merge is None:
             x = sf.get_tensor(hf_name)
@@ -750,7 +742,7 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, arch, qtype: 
                  source: Path) -> list[Planned]:
     """The file's tensors in the order they are written (the shards', each in its key order; a
     stack where its last expert comes), from `shapes` (Hugging Face name → shape, in that order:
-    merge.base_shapes)."""
+    models.weights.CheckpointHeaders.shapes)."""
     g = _gguf()
     arch_name = g.MODEL_ARCH_NAMES[arch]
     n_layer, n_head = config["num_hidden_layers"], config["num_attention_heads"]

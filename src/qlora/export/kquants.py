@@ -644,20 +644,32 @@ def _submit_mapped(rows: np.ndarray, encode_rows, chunk: int, task_chunks: int,
     return Pending(out, shape, parts, tuple(files))
 
 
-def layout(x: np.ndarray, kind_name: str, importance: np.ndarray | None):
-    """x (…, k·256) checked and cut into super-blocks: (blocks (n, 256), importance as float32,
-    the output (n, block_bytes) to fill, the shape it is returned in)."""
-    kind = KINDS[kind_name]
+def block_size(type_name: str) -> tuple[int, int]:
+    """(values, bytes) of one block of `type_name`: a k-quant's super-block, or gguf's own."""
+    if type_name in KINDS:
+        return QK_K, KINDS[type_name].block_bytes
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+
+
+def encoding_layout(x: np.ndarray, type_name: str, importance: np.ndarray | None = None):
+    """x (…, cols) checked against `type_name`'s block and cut into the units encoded one at a
+    time: (units, importance as float32, the output (n units, bytes each) to fill, the shape it
+    is returned in). A k-quant's unit is its 256-value super-block (the search weighs each by
+    block_weights); a type gguf.quants encodes goes by whole rows, as gguf.quants takes them."""
+    block, block_bytes = block_size(type_name)
     cols = x.shape[-1]
-    if cols % QK_K:
-        raise ValueError(f"{kind_name} needs rows that are a multiple of {QK_K}, got {cols}")
+    if cols % block:
+        raise ValueError(f"{type_name} needs rows that are a multiple of {block}, got {cols}")
     if importance is not None and importance.shape != (cols,):
         raise ValueError(f"importance has shape {importance.shape}, rows have {cols} columns")
     if importance is not None:
         importance = np.ascontiguousarray(importance, dtype=np.float32)
-    blocks = x.reshape(-1, QK_K)
-    out = np.empty((len(blocks), kind.block_bytes), dtype=np.uint8)
-    return blocks, importance, out, (*x.shape[:-1], cols // QK_K * kind.block_bytes)
+    unit = block if type_name in KINDS else cols
+    units = x.reshape(-1, unit)
+    out = np.empty((len(units), unit // block * block_bytes), dtype=np.uint8)
+    return units, importance, out, (*x.shape[:-1], cols // block * block_bytes)
 
 
 def block_weights(importance: np.ndarray, first: int, n: int) -> np.ndarray:
@@ -679,7 +691,7 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
     (uint16: bf16_bits), widened by whoever encodes it."""
     if not isinstance(executor, ProcessPoolExecutor):
         x = as_float32(x)
-    blocks, importance, out, shape = layout(x, kind_name, importance)
+    blocks, importance, out, shape = encoding_layout(x, kind_name, importance)
     if isinstance(executor, ProcessPoolExecutor):
         encode_rows = functools.partial(quantize_blocks, kind_name=kind_name, importance=importance)
         return _submit_mapped(blocks, encode_rows, CHUNK_BLOCKS, TASK_CHUNKS, executor, out, shape)
@@ -707,27 +719,13 @@ def gguf_rows(rows: np.ndarray, type_name: str, first: int = 0) -> np.ndarray:
     return np.ascontiguousarray(encoded).view(np.uint8)  # F16 comes as float16
 
 
-def gguf_layout(x: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """x (…, cols) cut into its rows: (rows (n, cols), the output (n, row bytes) to fill, the shape
-    it is returned in), for a type gguf.quants encodes."""
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    cols = x.shape[-1]
-    if cols % block:
-        raise ValueError(f"{type_name} needs rows that are a multiple of {block}, got {cols}")
-    rows = x.reshape(-1, cols)
-    out = np.empty((len(rows), cols // block * size), dtype=np.uint8)
-    return rows, out, (*x.shape[:-1], out.shape[1])
-
-
 def submit_gguf(x: np.ndarray, type_name: str, executor: Executor | None = None) -> Pending:
     """Start encoding x (…, cols) in a type of gguf.quants (gguf_rows), GGUF_TASK_VALUES values of
     whole rows per task, on `executor` (worker processes read x from a mapped file), or now in
     this thread when it is None. Bytes as one gguf.quants.quantize(x) call gives: each row alone."""
     if not isinstance(executor, ProcessPoolExecutor):
         x = as_float32(x)  # bf16 bit patterns (uint16) widened here; the workers widen their own
-    rows, out, shape = gguf_layout(x, type_name)
+    rows, _, out, shape = encoding_layout(x, type_name)
     if executor is None:
         return Pending(out, shape, [(0, gguf_rows(rows, type_name))])
     per_task = max(1, GGUF_TASK_VALUES // rows.shape[1])

@@ -55,6 +55,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     from qlora.export.gguf import check_moe_export, check_qtype, open_gguf, refuse_generic
     from qlora.merge import read_config
     from qlora.export.mixtures import K_QUANT_FILES
+    from qlora.models.weights import read_headers
 
     out, qtype = Path(out), check_qtype(qtype)
     if imatrix_data is not None and qtype not in K_QUANT_FILES:
@@ -69,7 +70,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     if not Path(model_dir).is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(Path(model_dir))  # before the importance matrix's forwards, not after
-    if run_check and not check_mod.check_fits_host(check, model_dir, merge_base, device, note,
+    headers = read_headers(model_dir)  # once: each step below takes them from here
+    if run_check and not check_mod.check_fits_host(check, headers, merge_base, device, note,
                                                    adapter_dir, check_samples):
         run_check, outputs["report"] = False, None
     check_moe_export(read_config(Path(model_dir)), qtype, Path(model_dir) / "config.json")
@@ -77,7 +79,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
 
     # the GGUF's plan, metadata and free-space check come before the importance matrix's forwards
     with open_gguf(model_dir, out, qtype, adapter_dir, merge_base, ignore_base_name, log=note,
-                   threads=threads, device=device) as gguf_file:
+                   threads=threads, device=device, headers=headers) as gguf_file:
         imatrix = None
         if imatrix_data is not None:
             imatrix = imatrix_mod.compute_imatrix(model_dir, imatrix_data, adapter_dir, merge_base,
@@ -90,7 +92,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
         try:
             check_mod.check_gguf(out, model_dir, qtype, adapter_dir, merge_base, check_data,
                                  check_samples or check_mod.DEFAULT_SAMPLES, check_engine, llama_python,
-                                 device, log=log)
+                                 device, log=log, headers=headers)
         except check_mod.ReferenceUnavailable as err:
             if check:
                 raise

@@ -3,7 +3,8 @@
     policy     one forward over all sequences of the batch (chosen and rejected together), with
                grad; each label token's log-prob from the model (its fused cross-entropy on the
                fast path: only completion positions get logits), summed per sequence (KTO:
-               its examples with grad; their KL sequences apart, under no_grad)
+               its examples with grad; their KL sequences apart, under no_grad; in an
+               evaluation, all under no_grad, both in one forward)
     reference  the same batch with the adapters off (adapters.adapters_disabled), under no_grad,
                in one forward (KTO: one per half, as its policy): the base model is the
                reference, as in TRL with a PEFT model; no second copy
@@ -114,16 +115,37 @@ def policy_and_reference(method, model, batch: dict):
         return pair_logps(method, model, lambda: row_logps(model, batch), batch.get("ref_logps"))
     examples, kl = half(batch, second=False), half(batch, second=True)
     return unpaired_logps(model, lambda: row_logps(model, examples),
-                          lambda: row_logps(model, kl), batch["label"])
+                          lambda: row_logps(model, kl), batch["label"],
+                          both=lambda: row_halves(row_logps(model, batch)))
+
+
+def row_halves(rows: RowLogps) -> tuple[RowLogps, RowLogps]:
+    """A KTO batch's RowLogps cut into its examples' and their KL sequences' (the batch holds the
+    examples first, data/preference.unpaired_batch)."""
+    (logps, kl_logps), (tokens, kl_tokens) = rows.logps.chunk(2), rows.tokens.chunk(2)
+    return RowLogps(logps, tokens), RowLogps(kl_logps, kl_tokens)
 
 
 def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], RowLogps],
-                   label: torch.Tensor) -> tuple[UnpairedLogps, UnpairedLogps]:
+                   label: torch.Tensor,
+                   both: Callable[[], tuple[RowLogps, RowLogps]] | None = None
+                   ) -> tuple[UnpairedLogps, UnpairedLogps]:
     """(policy, reference) of a KTO batch: `rows()` / `kl_rows()` are the RowLogps of its
     examples' / their KL sequences through `model` as it is now. The examples with grad; the KL
-    sequences only feed the detached estimate z, so under no_grad (as TRL); the reference of each
-    half with the adapters off. Each half is a forward of its own, eagerly as in a CUDA graph,
-    whose rows have fixed shapes (train/graphs.py): the reference takes one per half too."""
+    sequences only feed the detached estimate z, so under no_grad (as TRL); the reference of
+    each half with the adapters off. Each half is a forward of its own, eagerly as in a CUDA
+    graph, whose rows have fixed shapes (train/graphs.py): the reference takes one per half too.
+
+    `both()`: (rows(), kl_rows()) from ONE forward over the whole batch (the eager path's): under
+    no_grad (an evaluation) nothing needs the examples' grad, so the policy takes one forward and
+    the reference one, where TRL runs four."""
+    if both is not None and not torch.is_grad_enabled():
+        policy_rows, kl_half = both()
+        label = label.to(policy_rows.logps.device, non_blocking=True)
+        with adapters_disabled(model):
+            ref_rows, ref_kl = both()
+        return (UnpairedLogps(policy_rows, kl_half.logps, label),
+                UnpairedLogps(ref_rows, ref_kl.logps, label))
     policy_rows = rows()
     label = label.to(policy_rows.logps.device, non_blocking=True)
     with torch.no_grad():
@@ -309,20 +331,25 @@ def evaluate(method, model, examples: list[dict], opts: PreferenceOptions, batch
              ) -> tuple[float, int, dict]:
     """(summed loss, examples, metric sums) of `examples`, in batches of `batch_size` examples,
     padded or packed; `shard=(rank, ranks)`: this process takes every ranks-th batch (the caller
-    sums over ranks)."""
+    sums over ranks). Every rank runs as many batches, a rank left short the first one again at
+    weight 0, as distributed.lockstep_loss_sums: every rank then has every metric's sums, whose
+    names the caller's all-reduce stacks, and a sharded model (each forward a collective) the
+    same number of forwards on every rank."""
     rank, ranks = shard
+    starts = list(range(0, len(examples), batch_size))
+    if not starts:
+        return 0.0, 0, {}
     was_training = model.training
     model.eval()
     total, count, sums = 0.0, 0, {}
     try:
-        for k, start in enumerate(range(0, len(examples), batch_size)):
-            if k % ranks != rank:
-                continue
+        for k in range(rank, -(-len(starts) // ranks) * ranks, ranks):
+            start, weight = (starts[k], 1) if k < len(starts) else (0, 0)
             batch = preference_batch(examples[start:start + batch_size], pad_id, packed)
             loss, metrics = batch_loss(method, model, batch, opts)
-            total += float(loss)
-            count += batch["n_examples"]
-            add_metrics(sums, metrics)
+            total += float(loss) * weight
+            count += batch["n_examples"] * weight
+            add_metrics(sums, {name: v * weight for name, v in metrics.items()})
     finally:
         model.train(was_training)
     return total, count, sums

@@ -246,6 +246,7 @@ class CheckpointLayout(NamedTuple):
     names: dict[str, str | None]  # tensor name in the files → in the model (None: unread)
     transposed: frozenset[str]  # module names
     quantized: frozenset[str]  # module names
+    tied: frozenset[str]  # the embedding's and the head's module names where they share a weight
 
 
 def checkpoint_layout(cfg: dict, keys, source: str = "config.json") -> CheckpointLayout:
@@ -254,7 +255,18 @@ def checkpoint_layout(cfg: dict, keys, source: str = "config.json") -> Checkpoin
     layers = linear_layers(hf)
     return CheckpointLayout(names=checkpoint_names(hf, keys, source),
                             transposed=frozenset(l.name for l in layers if l.transposed),
-                            quantized=frozenset(l.name for l in layers if l.quantized))
+                            quantized=frozenset(l.name for l in layers if l.quantized),
+                            tied=tied_modules(hf))
+
+
+def tied_modules(hf) -> frozenset[str]:
+    """The input embedding's and the output head's module names when the head is the embedding
+    (one weight, as transformers ties them), else none."""
+    head, embedding = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if head is None or head.weight is not embedding.weight:
+        return frozenset()
+    return frozenset(name for name, module in hf.named_modules(remove_duplicate=False)
+                     if module is head or module is embedding)
 
 
 # --- loading --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ what the native loader (load.py) and the generic path (generic.py) share."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,59 @@ def open_shard(path: Path):
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise QloraError(f"{path} cannot be read as safetensors ({err}); the file is probably "
                          "truncated or corrupt: download it again") from err
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as its safetensors header states it."""
+
+    file: Path
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointHeaders:
+    """Every tensor of a checkpoint, by the name its file gives it, in the shards' order (each
+    in its key order, the order merge and export write them in); no tensor data read. A merge
+    or an export reads them once (read_headers) and hands them to each of its steps."""
+
+    model_dir: Path  # the folder they were read from
+    tensors: dict[str, TensorHeader]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: h.shape for key, h in self.tensors.items()}
+
+    def keys_by_file(self) -> dict[Path, list[str]]:
+        """Each shard's tensor names, shard after shard."""
+        out: dict[Path, list[str]] = {}
+        for key, h in self.tensors.items():
+            out.setdefault(h.file, []).append(key)
+        return out
+
+
+def read_shard_header(path: Path) -> dict[str, TensorHeader]:
+    """Each tensor of one safetensors file → its header, in the file's key order."""
+    with open_shard(path) as handle:
+        return {key: TensorHeader(path, tuple(handle.get_slice(key).get_shape()))
+                for key in handle.keys()}
+
+
+def read_headers(model_dir: str | Path) -> CheckpointHeaders:
+    """The headers of model_dir's safetensors shards (weight_files), each read once."""
+    tensors: dict[str, TensorHeader] = {}
+    for path in weight_files(model_dir):
+        tensors.update(read_shard_header(path))
+    return CheckpointHeaders(Path(model_dir), tensors)
+
+
+def headers_of(model_dir: str | Path, headers: CheckpointHeaders | None) -> CheckpointHeaders:
+    """model_dir's headers: `headers` where the caller read them (those of another folder would
+    pass every check of the same shapes and have its tensors read: refused), else read now."""
+    if headers is None:
+        return read_headers(model_dir)
+    if headers.model_dir.resolve() != Path(model_dir).resolve():
+        raise ValueError(f"headers read from {headers.model_dir} given for {model_dir}")
+    return headers
 
 
 def read_tensor(handle, path: Path, key: str) -> torch.Tensor:

@@ -354,6 +354,9 @@ class FastMoeLM(MoeLM, FastDecoderLM):
 
     @property
     def cuda_graphs_refused(self) -> str | None:
+        if self.spec.moe.jitter_noise > 0:  # else graphs.py blames the LoRA dropout
+            return ("Mixtral's router jitter (router_jitter_noise) draws from the global RNG, "
+                    "whose state a checkpointed layer reads")
         dtype, device = self.lm_head.weight.dtype, compute_device(self)  # the hidden states'
         for block in self.sparse_blocks():
             reason = capture_blocker(block.experts, dtype, device)

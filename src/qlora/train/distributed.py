@@ -197,6 +197,22 @@ def all_reduce_sum(env: DistEnv, values: list[float], device: torch.device) -> l
     return t.tolist()
 
 
+def metric_sums_on_host(env: DistEnv, sums: dict[str, torch.Tensor], device: torch.device
+                        ) -> dict[str, torch.Tensor]:
+    """{name: tensor([sum, count])} (methods/preference.metric_sums) on the host, summed over the
+    ranks under torchrun: stacked, so that all of them are one copy from the device (one wait for
+    the GPU) and one all-reduce, not a read per number. fp32 as on the device (summed over the
+    ranks in fp64, as all_reduce_sum does), so that the means are the device's to the bit."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    stacked = torch.stack([sums[n] for n in names])
+    if env.enabled:
+        stacked = stacked.to(device, torch.float64)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return dict(zip(names, stacked.cpu().float().unbind()))
+
+
 def rank_share(window: list[int], env: DistEnv) -> list[int]:
     """This rank's micro-batches of a global window: every W-th, starting at its rank."""
     return window[env.rank::env.world_size]

@@ -51,12 +51,10 @@ def evaluate_preference(model, examples: list[dict], cfg: RunConfig, *, batch_si
     total, count, sums = preference_eval(method_module(cfg.method), model, examples,
                                          preference_options(cfg), batch_size, pad_id,
                                          shard=(env.rank, env.world_size), packed=packed)
+    sums = dist_.metric_sums_on_host(env, sums, device)
     if env.enabled:
-        names = sorted(sums)
-        flat = [total, count] + [float(x) for n in names for x in sums[n]]
-        flat = dist_.all_reduce_sum(env, flat, device)
-        total, count = flat[0], int(flat[1])
-        sums = {n: torch.tensor(flat[2 + 2 * i:4 + 2 * i]) for i, n in enumerate(names)}
+        total, count = dist_.all_reduce_sum(env, [total, count], device)
+        count = int(count)
     return {"loss": total / max(count, 1), "examples": count, **metric_means(sums)}
 
 

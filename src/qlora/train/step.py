@@ -7,6 +7,7 @@
                        flat buffers); then unscale, clip, optimizer step, schedule step, zeroed
                        gradients
     read_loss(loss)    the step's summed loss as a float: the step's one wait for the GPU
+    read_metrics()     a preference step's metric sums, copied to the host together
 
 and, under torchrun, `share_window`: the one all-reduce at the start of a step.
 """
@@ -123,14 +124,11 @@ class Stepper:
         add_metrics(self.metrics, {k: v * weight for k, v in metrics.items()})
 
     def read_metrics(self) -> dict[str, torch.Tensor]:
-        """The step's preference metric sums over all ranks (empty for SFT), then reset."""
+        """The step's preference metric sums over all ranks, on the host (empty for SFT), then
+        reset: one copy from the device, after read_loss has waited for the GPU; the bar and the
+        train log then read them without a wait each."""
         metrics, self.metrics = self.metrics, {}
-        if self.env.enabled and metrics:
-            names = sorted(metrics)
-            flat = dist_.all_reduce_sum(self.env, [float(x) for n in names for x in metrics[n]],
-                                        self.device)
-            metrics = {n: torch.tensor(flat[2 * i:2 * i + 2]) for i, n in enumerate(names)}
-        return metrics
+        return dist_.metric_sums_on_host(self.env, metrics, self.device)
 
     def update(self) -> tuple[torch.Tensor, float]:
         """Sum the gradients over the ranks (data parallel), clip, step the optimizer and the

@@ -22,6 +22,7 @@ transformers' modeling_mixtral.py and modeling_qwen3_moe.py compute them.
   asks for it (`aux_loss`), router_aux_loss_coef · aux · (the micro-batch's label tokens): the
   loop divides the sum by the window's label tokens, so one micro-batch's loss is transformers'
   mean cross-entropy + coef · aux, and several micro-batches weigh their aux by their tokens.
+  With `per_token` (a preference method's log-probs) each token's cross-entropy alone.
 
 Why here and not in mixtral.py / qwen3_moe.py: those are imported wherever a spec is read, and
 these blocks build on models/decoder.py (an import cycle); models/load.py's OWN_DECODERS builds
@@ -196,16 +197,19 @@ class MoeLM(DecoderLM):
         super().__init__(spec)
         self.aux_loss = spec.moe.aux_loss
 
-    def forward(self, input_ids, position_ids=None, labels=None, cache=None, varlen=None):
+    def forward(self, input_ids, position_ids=None, labels=None, cache=None, varlen=None,
+                per_token: bool = False):
         blocks = self.sparse_blocks()
         for block in blocks:
             block.recording = True
         try:
-            total = super().forward(input_ids, position_ids, labels, cache, varlen)
+            total = super().forward(input_ids, position_ids, labels, cache, varlen,
+                                    per_token=per_token)
         finally:
             for block in blocks:
                 block.recording = False
-        if labels is None or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
+        # a preference method's per-token losses are log-probs: no token's is the router's loss
+        if labels is None or per_token or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
             return total
         # the label count stays on the device: reading it would be a host sync every step (and
         # no CUDA graph could hold the step)
