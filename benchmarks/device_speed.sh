@@ -92,8 +92,9 @@
 #   export-8b-cpu q4_k_m and q8_0 with the GPU left out (--device cpu: the export's 16 worker
 #                 processes, the check's reference on the CPU too): the issue's "8B to q4_k_m
 #                 in under 90 s on a 16-core machine", end to end, without a GPU.
-#   export-8b-cpu-q8 q8_0 alone with the GPU left out: the check's streamed reference (a layer at
-#                 a time on the CPU) measured by itself, its peak RSS against the 6.2 GiB computed.
+#   export-8b-cpu-q8 q8_0 alone with the GPU left out: the check's reference on the CPU, the whole
+#                 model where the host holds its 31.4 GiB (else a layer at a time; the table
+#                 says which). The streamed one alone: benchmarks/reference_rss.py.
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to

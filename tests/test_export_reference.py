@@ -1,5 +1,6 @@
 """The check's reference a layer at a time (export/reference.StreamedReference): the whole model's
-logits and greedy tokens, and a peak of live tensor bytes within what check.py sizes for it."""
+logits and greedy tokens, a peak of live tensor bytes within what check.py sizes for it, and the
+check's choice between it and the whole model (check.reference_mode)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_streamed_reference_gives_the_whole_models_logits_and_tokens(tmp_path, f
     CPU's kernels give the same bits for the same shapes and threads."""
     base, adapter = _base_and_adapter(tmp_path, family, num_hidden_layers=3)
     whole, _, what = load_reference(base, adapter, device="cpu")
-    streamed, _, streamed_what = load_check_reference(base, adapter, device="cpu")
+    streamed, _, streamed_what = load_check_reference(base, adapter, device="cpu", streamed=True)
     assert isinstance(streamed, StreamedReference) and streamed_what == what
     sequences = _sequences([5, 17, 40])  # 17, 40: past gemma2's tiny sliding window (8)
     with torch.no_grad():
@@ -67,7 +68,7 @@ def test_the_nf4_base_streams_to_the_same_logits(tmp_path):
     (bitsandbytes' quantization is deterministic): the same logits, exactly."""
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
     whole, _, what = load_reference(base, adapter, "nf4", device="cpu")
-    streamed, _, streamed_what = load_check_reference(base, adapter, "nf4", device="cpu")
+    streamed, _, streamed_what = load_check_reference(base, adapter, "nf4", device="cpu", streamed=True)
     assert "NF4" in what and streamed_what == what
     ids = _sequences([12])[0]
     with torch.no_grad():
@@ -76,7 +77,7 @@ def test_the_nf4_base_streams_to_the_same_logits(tmp_path):
 
 def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
-    streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+    streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     assert all(p.is_meta for n, p in streamed.shell.named_parameters() if ".layers." in n)
     layer = streamed.layer(1)
     assert not any(p.is_meta for p in layer.parameters())
@@ -98,12 +99,13 @@ def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=16, hidden_size=256,
                                       intermediate_size=1024)
     samples = 3
-    sized = (reference_host_bytes(read_headers(base), "original", True, adapter, samples) - PROCESS_BYTES) / OVERHEAD
-    whole_size = reference_host_bytes(read_headers(base), "original", False) / OVERHEAD
+    headers = read_headers(base)
+    sized = (reference_host_bytes(headers, "original", True, adapter, samples) - PROCESS_BYTES) / OVERHEAD
+    whole_size = reference_host_bytes(headers, "original", False) / OVERHEAD
     sequences = _sequences([MAX_TOKENS] * samples)
     count = LiveBytes()
     with count:
-        streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+        streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
         for logits in streamed.each_logits(sequences):
             rows = logits[0, :-1].clone()  # the compared rows, as check.logits_at_positions keeps
             del logits, rows
@@ -114,7 +116,7 @@ def test_the_streamed_pass_leaves_autograd_as_it_was(tmp_path):
     """A pass left unfinished (check.py zips its logits with the samples) must not leave grad
     mode off: the next training step would have no graph."""
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
-    streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+    streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     each = streamed.each_logits(_sequences([4, 5]))
     next(each)
     assert torch.is_grad_enabled()
@@ -129,7 +131,7 @@ def test_the_streamed_chat_reply_is_the_whole_models_greedy_reply(tmp_path):
 
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
     whole, _, _ = load_reference(base, adapter, device="cpu")
-    streamed, _, _ = load_check_reference(base, adapter, device="cpu")
+    streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     prompt = _sequences([9], seed=3)[0][0].tolist()
     free = generate(whole, prompt, GenerationOptions(max_new_tokens=CHAT_TOKENS))
     stop = free[10]
@@ -150,14 +152,66 @@ def test_the_streamed_chat_reply_is_the_whole_models_greedy_reply(tmp_path):
     assert streamed_run(streamed, [], unstopped, free, tmp_path, "r")[1]["reply_ids"] == free
 
 
-def test_an_adapter_that_does_not_attach_is_said_before_the_file_runs(tmp_path, monkeypatch):
-    """The file runs first now (its reply is what the reference's is read off), so the adapter's
-    fit is checked before, on the model built empty: a wrong adapter costs no llama.cpp run."""
+@pytest.mark.parametrize("mode", ["whole", "streamed"])
+def test_an_adapter_that_does_not_attach_is_said_before_the_file_runs(tmp_path, monkeypatch, mode):
+    """Streamed, the file runs first (its reply is what the reference's is read off), so the
+    adapter's fit is checked before, on the model built empty; whole, the reference runs first.
+    Either way a wrong adapter costs no llama.cpp run."""
     from qlora.export import check
 
     base, _ = _base_and_adapter(tmp_path / "a", "llama", num_hidden_layers=2)
     _, other = _base_and_adapter(tmp_path / "b", "llama", num_hidden_layers=2, intermediate_size=96)
+    monkeypatch.setattr(check, "reference_mode", lambda *sizes: mode)
     monkeypatch.setattr(check, "run_gguf_in_qlora", lambda *a, **k: pytest.fail("the file ran"))
     with pytest.raises(check.ReferenceUnavailable, match="cannot run base \\+ adapter.*shape"):
         check.check_gguf(tmp_path / "m.gguf", base, "q8_0", adapter_dir=other, engine="qlora",
                          device="cpu", log=lambda _: None)
+
+
+def test_the_whole_model_is_the_reference_where_it_fits():
+    """reference_mode(whole bytes, streamed bytes, available bytes): the whole model wherever it
+    fits (one decode step a chat token, not a pass over the checkpoint), streamed where only that
+    fits, neither where nothing does; unknown memory runs the whole model, as before sizing."""
+    from qlora.export.check import reference_mode
+
+    assert reference_mode(30, 6, 40) == reference_mode(30, 6, 30) == "whole"
+    assert reference_mode(30, 6, 29) == reference_mode(30, 6, 6) == "streamed"
+    assert reference_mode(30, 6, 5) is None
+    assert reference_mode(30, None, 29) is None  # the generic path cannot stream
+    assert reference_mode(30, 40, 35) == "whole"  # a tiny model: its streamed size is the larger
+    assert reference_mode(30, 6, None) == "whole"
+
+
+def test_the_check_streams_only_where_the_whole_model_does_not_fit(tmp_path, monkeypatch):
+    """check_gguf with the host's available memory set between the two sizes streams (the file
+    first, the reference's reply read off the file's) and says so in its table; at the whole
+    model's size it runs the whole model, the reference first. 8 layers: the whole model's values
+    outweigh a layer's and the activations of 2 examples."""
+    from qlora.export import check
+    from qlora.export.gguf import export_gguf
+    from qlora.memory import host
+
+    base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=8, hidden_size=256,
+                                      intermediate_size=1024)
+    gguf = export_gguf(base, tmp_path / "m.gguf", "f16", adapter_dir=adapter)  # quickest to write
+    # the interpreter's 0.5 GiB (PROCESS_BYTES) outweighs a tiny model's whole size; left out here
+    monkeypatch.setattr(check, "PROCESS_BYTES", 0)
+    monkeypatch.setattr(check, "CHAT_TOKENS", 4)  # a random model's replies part: a pass a token
+    headers, samples = read_headers(base), 2
+    whole = check.reference_host_bytes(headers, "original", False)
+    streamed = check.reference_host_bytes(headers, "original", True, adapter, samples)
+    assert streamed < whole
+    calls = []
+    reference, file = check.run_reference, check.run_gguf_in_qlora
+    monkeypatch.setattr(check, "run_reference", lambda *a: calls.append(("reference", a[7])) or reference(*a))
+    monkeypatch.setattr(check, "run_gguf_in_qlora", lambda *a: calls.append("file") or file(*a))
+    for available, want, order in (
+            ((whole + streamed) // 2, "streamed a layer at a time", ["file", ("reference", True)]),
+            (int(whole) + 1, "whole model (", [("reference", False), "file"])):
+        monkeypatch.setattr(host, "host_available_bytes", lambda: int(available))
+        calls.clear()
+        lines = []
+        report = check.check_gguf(gguf, base, "f16", adapter_dir=adapter, samples=samples,
+                                  engine="qlora", device="cpu", log=lines.append)
+        assert report["passed"] and want in report["reference_run"] and want in lines[-1]
+        assert calls == order

@@ -375,7 +375,7 @@ def run_merge(args) -> None:
     if check:
         try:
             check_merge(out, args.model, args.adapter, args.dtype, args.base, args.check_data,
-                        args.check_samples, args.device)
+                        args.check_samples, args.device, headers=headers)
         except ReferenceUnavailable as err:
             if args.check:
                 raise

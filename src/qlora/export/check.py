@@ -294,18 +294,19 @@ def check_reference_runs(model_dir, adapter_dir) -> None:
 
 
 def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: ChatTurn | None,
-                  work: Path, other_reply: list[int] | None = None
+                  work: Path, streamed: bool, other_reply: list[int] | None = None
                   ) -> tuple[list[Path], dict | None, str]:
     """(logit files, chat turn or None, description) of base + adapter; the chat turn where
-    `turn` is given. A streamed reference (on the CPU) reads its greedy reply off a pass over
-    `other_reply` (forced_greedy_reply); the whole model generates it."""
-    from qlora.export.reference import StreamedReference, load_check_reference
+    `turn` is given. A streamed reference (`streamed`, on the CPU) reads its greedy reply off a
+    pass over `other_reply` (forced_greedy_reply); the whole model generates it."""
+    from qlora.export.reference import load_check_reference
 
     try:
-        model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device)
+        model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device,
+                                                      streamed)
     except QloraError as err:
         raise unavailable(err) from err
-    if isinstance(model, StreamedReference):
+    if streamed:
         paths, chat = streamed_run(model, samples, turn, other_reply or [], work, "reference")
         return paths, chat, what
     paths = logits_at_positions(model, samples, work, "reference")
@@ -548,37 +549,86 @@ def streamed_activation_bytes(spec, samples: int, tokens: int = MAX_TOKENS) -> i
                 + kv_cache)
 
 
-def reference_host_shortfall(headers, merge_base: str, device: str,
-                             adapter_dir: str | Path | None = None,
-                             samples: int = DEFAULT_SAMPLES) -> str | None:
-    """Why this host cannot hold the check's reference on the CPU, or None: the streamed one
-    (reference_host_bytes) for a native family, the whole model for the generic path. The kernel
-    would kill the process after the export's minutes; said before them instead."""
+def reference_mode(whole: float, streamed: float | None, available: float | None) -> str | None:
+    """How the check's reference runs on the CPU, from reference_host_bytes' sizes and the host's
+    available bytes (None: not known): "whole" where the whole model fits (or nothing is known),
+    "streamed" (a layer at a time) where only that does, None where neither does. The whole
+    model first: its greedy chat reply costs a decode step a token, a streamed one's up to a pass
+    over the checkpoint a token (~10 s at 8B on 2 cores, estimated). `streamed` None: the model
+    cannot stream (the generic path)."""
+    if available is None or whole <= available:
+        return "whole"
+    if streamed is not None and streamed <= available:
+        return "streamed"
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+@dataclass
+class ReferencePlan:
+    """The check's reference as reference_plan sized it; the sizes None where not sized (a GPU,
+    or a host that does not say its available memory)."""
+    mode: str | None  # reference_mode's
+    whole: float | None = None
+    streamed: float | None = None
+    available: int | None = None
+
+    @property
+    def streams(self) -> bool:
+        """A layer at a time: where reference_mode says so, or where neither fits (check_fits_host
+        refuses that before an export; a check called on its own tries the smaller)."""
+        if self.mode is None:
+            return self.streamed is not None and self.streamed < self.whole
+        return self.mode == "streamed"
+
+    def describe(self) -> str:
+        """How the reference runs, for the check's table."""
+        if not self.streams:
+            return "whole model" if self.whole is None else f"whole model ({_gib(self.whole)})"
+        return (f"streamed a layer at a time ({_gib(self.streamed)}; the whole model's "
+                f"{_gib(self.whole)} does not fit this host's {_gib(self.available)} available)")
+
+    def shortfall(self) -> str | None:
+        """Why this host cannot hold the reference, or None."""
+        if self.mode is not None:
+            return None
+        streamed = "" if self.streamed is None else f" ({_gib(self.streamed)} a layer at a time)"
+        return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
+                f"{_gib(self.whole)} of host memory{streamed} and {_gib(self.available)} are "
+                f"available; run the export on a GPU (--device cuda), or leave the check out "
+                f"(--no-check)")
+
+
+def reference_plan(headers, merge_base: str, device: str, adapter_dir: str | Path | None = None,
+                   samples: int = DEFAULT_SAMPLES) -> ReferencePlan:
+    """Both sizes of the check's reference on the CPU (the streamed one for a native family) and
+    reference_mode's pick against the host's available memory; on a GPU, the whole model
+    unsized. `headers`: the base's (models.weights.CheckpointHeaders)."""
     from qlora.device import pick_device
-    from qlora.export.reference import streams
+    from qlora.export.reference import can_stream
     from qlora.memory.host import host_available_bytes
 
     available = host_available_bytes()
     if pick_device(device).type != "cpu" or available is None:
-        return None
-    streamed = streams(headers.model_dir, device)
-    needed = reference_host_bytes(headers, merge_base, streamed, adapter_dir, samples)
-    if needed <= available:
-        return None
-    how = "a layer at a time" if streamed else "whole"
-    return (f"the check's reference (base + adapter in float32 on the CPU, {how}) needs about "
-            f"{needed / 2**30:.1f} GiB of host memory and {available / 2**30:.1f} GiB are available; "
-            f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
+        return ReferencePlan("whole")
+    whole = reference_host_bytes(headers, merge_base, False)
+    streamed = (reference_host_bytes(headers, merge_base, True, adapter_dir, samples)
+                if can_stream(headers.model_dir) else None)
+    return ReferencePlan(reference_mode(whole, streamed, available), whole, streamed, available)
 
 
 def check_fits_host(check: bool | None, headers, merge_base: str, device: str,
                     note: Callable[[str], None], adapter_dir: str | Path | None = None,
                     samples: int | None = None) -> bool:
     """Whether the check (asked for, or by default) still runs once the host's memory is known:
-    an asked-for check that cannot is a QloraError, a default one is skipped with a note.
+    an asked-for check that cannot is a QloraError, a default one is skipped with a note; said
+    before the export's minutes, not by the kernel killing the process after them.
     `headers`: the base's (models.weights.CheckpointHeaders)."""
-    shortfall = reference_host_shortfall(headers, merge_base, device, adapter_dir,
-                                         samples or DEFAULT_SAMPLES)
+    shortfall = reference_plan(headers, merge_base, device, adapter_dir,
+                               samples or DEFAULT_SAMPLES).shortfall()
     if shortfall and check:
         raise QloraError(f"--check: {shortfall}")
     if shortfall:
@@ -596,6 +646,7 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
     differs when a limit is passed. `headers`: model_dir's (models.weights.read_headers), where
     the caller has read them."""
     from qlora.models import load_tokenizer
+    from qlora.models.weights import headers_of
 
     gguf_file, model_dir = Path(gguf_file), Path(model_dir)
     if engine not in ("llama.cpp", "qlora"):
@@ -607,26 +658,34 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
     picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
     turn = reference_chat_turn(tokenizer, model_dir, picked)
     messages = None if turn is None else turn.messages
-    check_reference_runs(model_dir, adapter_dir)
-    # the file first: a streamed reference reads its chat reply off the file's (run_reference)
+    plan = reference_plan(headers_of(model_dir, headers), merge_base, device, adapter_dir, samples)
     with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
         work = Path(tmp)
-        if engine == "llama.cpp":
-            paths, chat, engine_name = run_llama_cpp(gguf_file, picked, messages, work, python,
-                                                     len(turn.prompt_ids) if turn else 0)
-        else:
-            paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
-                                                         messages, work, device, headers)
-        other_reply = chat["reply_ids"] if chat and "reply_ids" in chat else []
-        ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device, picked,
-                                                  turn, work, other_reply)
+
+        def run_file():
+            if engine == "llama.cpp":
+                return run_llama_cpp(gguf_file, picked, messages, work, python,
+                                     len(turn.prompt_ids) if turn else 0)
+            return run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked, messages, work, device,
+                                     headers)
+
+        if plan.streams:  # the file first: the streamed reference reads its chat reply off the file's
+            check_reference_runs(model_dir, adapter_dir)  # a misfit adapter said before the file runs
+            paths, chat, engine_name = run_file()
+            other_reply = chat["reply_ids"] if chat and "reply_ids" in chat else []
+            ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device,
+                                                      picked, turn, work, True, other_reply)
+        else:  # the reference first: one that cannot run is said before the file's minutes
+            ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device,
+                                                      picked, turn, work, False)
+            paths, chat, engine_name = run_file()
         stats = _compare(ref_paths, paths, picked)
     limits = parity.EXPORT_LIMITS[qtype]
     failures = parity.judge_logits(stats, limits)
     report = {"subject": f"{gguf_file.name} ({qtype})", "file": str(gguf_file), "type": qtype,
               "engine": engine_name, "engine_short": "llama.cpp" if engine == "llama.cpp" else "GGUF",
-              "reference": what, "data": source, "examples": len(picked), "logits": stats,
-              "limits": parity.limits_dict(limits)}
+              "reference": what, "reference_run": plan.describe(), "data": source,
+              "examples": len(picked), "logits": stats, "limits": parity.limits_dict(limits)}
     if ref_chat is not None and chat is not None:
         report["chat"], chat_failures = parity.compare_chat(ref_chat, chat, tokenizer.convert_ids_to_tokens)
         report["chat_turns"] = {"reference": ref_chat, "gguf": chat, "messages": messages}
@@ -639,20 +698,24 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
 
 def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path, dtype: str,
                 merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
-                device: str = "auto", log: Callable[[str], None] = print) -> dict:
-    """Compare the merged checkpoint, loaded back by our engine (a layer at a time on the CPU,
-    as the reference), with base + adapter."""
+                device: str = "auto", log: Callable[[str], None] = print, headers=None) -> dict:
+    """Compare the merged checkpoint, loaded back by our engine (whole or a layer at a time, as
+    the reference), with base + adapter. `headers`: model_dir's, where the caller has read them."""
     from qlora.export.reference import load_check_reference
     from qlora.merge import normalise_dtype
     from qlora.models import load_tokenizer
+    from qlora.models.weights import headers_of
 
     out_dir, dtype = Path(out_dir), normalise_dtype(dtype)
     tokenizer = load_tokenizer(model_dir)
     picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
+    plan = reference_plan(headers_of(model_dir, headers), merge_base, device, adapter_dir, samples)
     with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
         work = Path(tmp)
-        ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None, work)
-        merged, _, _ = load_check_reference(out_dir, None, "original", device)  # quant none
+        ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None,
+                                           work, plan.streams)
+        # quant none; the same size as the reference's (both float32 on the CPU)
+        merged, _, _ = load_check_reference(out_dir, None, "original", device, plan.streams)
         paths = logits_at_positions(merged, picked, work, "merged")
         del merged
         stats = _compare(ref_paths, paths, picked)
@@ -660,6 +723,7 @@ def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | P
     failures = parity.judge_logits(stats, limits)
     report = {"subject": f"{out_dir.name} ({dtype})", "file": str(out_dir), "type": dtype,
               "engine": "qlora (the merged checkpoint loaded back)", "engine_short": "merged",
-              "reference": what, "data": source, "examples": len(picked), "logits": stats,
-              "limits": parity.limits_dict(limits), "failures": failures, "passed": not failures}
+              "reference": what, "reference_run": plan.describe(), "data": source,
+              "examples": len(picked), "logits": stats, "limits": parity.limits_dict(limits),
+              "failures": failures, "passed": not failures}
     return _finish(report, out_dir, tokenizer, log)

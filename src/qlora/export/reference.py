@@ -7,9 +7,9 @@ it. Either way the comparison isolates what merge and export add (folding, round
 types, llama.cpp's arithmetic), not the gap between the 16-bit and the NF4 base, which
 docs/MERGE_AND_EXPORT.md measures on its own.
 
-On the CPU the check's reference runs in float32, a layer at a time (StreamedReference): the
-whole model in float32 would need twice the 16-bit checkpoint's size in host memory (31 GiB for a
-Llama-3-8B), one layer at a time needs its embedding, head and one layer.
+On the CPU the check's reference runs in float32: the whole model where it fits the host (twice
+the 16-bit checkpoint's size: 31 GiB for a Llama-3-8B), else a layer at a time (StreamedReference:
+its embedding, head and one layer; check.reference_mode decides).
 """
 
 from __future__ import annotations
@@ -44,20 +44,19 @@ def load_reference(model_dir: str | Path, adapter_dir: str | Path | None, merge_
     return model, tokenizer, f"{_described(quant, adapter_dir)} in qlora"
 
 
-def streams(model_dir: str | Path, device: str) -> bool:
-    """Whether the check's reference runs a layer at a time: on the CPU, for a native family (a
-    GPU holds the whole model as it is; the generic path's model is transformers' own)."""
-    from qlora.device import pick_device
+def can_stream(model_dir: str | Path) -> bool:
+    """Whether the check's reference can run a layer at a time: a native family's (the generic
+    path's model is transformers' own)."""
     from qlora.models.spec import is_native, read_config
 
-    return pick_device(device).type == "cpu" and is_native(read_config(model_dir)[0])
+    return is_native(read_config(model_dir)[0])
 
 
 def load_check_reference(model_dir: str | Path, adapter_dir: str | Path | None,
-                         merge_base: str = "original", device: str = "auto"):
-    """(model, tokenizer, description) for the check: a StreamedReference where `streams`, else
-    the whole model (load_reference)."""
-    if not streams(model_dir, device):
+                         merge_base: str = "original", device: str = "auto", streamed: bool = False):
+    """(model, tokenizer, description) for the check: a StreamedReference on the CPU where
+    `streamed` (check.reference_mode's pick), else the whole model (load_reference)."""
+    if not streamed:
         return load_reference(model_dir, adapter_dir, merge_base, device)
     from qlora.device import compute_dtype
     from qlora.models import load_tokenizer
