@@ -92,13 +92,16 @@
 #   export-8b-cpu q4_k_m and q8_0 with the GPU left out (--device cpu: the export's 16 worker
 #                 processes, the check's reference on the CPU too): the issue's "8B to q4_k_m
 #                 in under 90 s on a 16-core machine", end to end, without a GPU.
+#   export-8b-cpu-q8 q8_0 alone with the GPU left out: the check's reference on the CPU, the whole
+#                 model where the host holds its 31.4 GiB (else a layer at a time; the table
+#                 says which). The streamed one alone: benchmarks/reference_rss.py.
 #
 # Needs the carried .site (see docs/BENCHMARKS.md "Reproduce"). Every step has its own time limit;
 # a step that fails or runs out of time is recorded in the log and the next one runs. Results go to
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -264,7 +267,7 @@ kto)  # at most 7.5 min: the graphed preference steps checked against eager (KTO
   step 200 qwen-kto $PY "$HERE/preference_step.py" --method kto --shapes qwen2.5-1.5b \
     --systems qlora,qlora-eager,trl --steps 8 --warmup 2 --out "$OUT/qwen-kto" --deadline 190
   ;;
-export-8b|export-8b-q8|export-8b-ours|export-8b-cpu)  # per file: the export (on the GPU) and the check (the 16-bit reference
+export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8)  # per file: the export (on the GPU) and the check (the 16-bit reference
                         # on the GPU, the file in llama.cpp on the CPU); --deadline skips a file
                         # that would not fit and records it
   # the other parts' random checkpoints (remade on demand) would hold 15-19 GB of the 64 GB disk
@@ -285,6 +288,10 @@ export-8b|export-8b-q8|export-8b-ours|export-8b-cpu)  # per file: the export (on
     step 400 export-check-8b-ours $PY "$HERE/export_check.py" --shape llama-3-8b --types q4_k_m,q8_0 \
       --peer-quantizer none --delete-gguf --llama-python "$PY" --work /tmp/export-check \
       --deadline "${EXPORT_DEADLINE:-380}" --out "$OUT/export-check-ours.json"
+  elif [ "$PART" = export-8b-cpu-q8 ]; then
+    step 580 export-check-8b-cpu-q8 $PY "$HERE/export_check.py" --shape llama-3-8b --types q8_0 \
+      --device cpu --peer-quantizer none --delete-gguf --llama-python "$PY" --work /tmp/export-check \
+      --deadline 560 --out "$OUT/export-check-cpu-q8.json"
   elif [ "$PART" = export-8b-cpu ]; then
     step 565 export-check-8b-cpu $PY "$HERE/export_check.py" --shape llama-3-8b --types q4_k_m,q8_0 \
       --device cpu --peer-quantizer none --delete-gguf --llama-python "$PY" --work /tmp/export-check \

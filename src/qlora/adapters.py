@@ -394,21 +394,31 @@ def _generic_target_names(model: GenericLM, target_modules: str | list[str]) -> 
     return [n for n in linears if any(matches(n, t) for t in target_modules)]
 
 
-def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Freeze the model and wrap each target linear in a LoraLinear. Returns the wrapped paths."""
+def attach_adapters(model: nn.Module, cfg: AdapterConfig, within: str = "") -> list[str]:
+    """Freeze the model and wrap each target linear in a LoraLinear. Returns the wrapped paths.
+    `within`: only the targets whose path starts so (one layer of a streamed model)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    names = target_names(model, cfg.target_modules)
-    device = next(model.parameters()).device
+    names = [n for n in target_names(model, cfg.target_modules) if n.startswith(within)]
     for name in names:
         parent_name, leaf = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, leaf)
         wrapper = LoraExperts if isinstance(layer, ExpertLinear) else LoraLinear
-        setattr(parent, leaf, wrapper(layer, cfg).to(device))
+        device = _device_of(layer)
+        if device.type == "meta":  # a layer not read (load_model's `only`): nothing allocated
+            with torch.device("meta"):
+                setattr(parent, leaf, wrapper(layer, cfg))
+        else:
+            setattr(parent, leaf, wrapper(layer, cfg).to(device))
     model.adapter_config = cfg
     model.adapter_targets = sorted({_target_name(n) for n in names})
     return names
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    """Where a wrapped layer's weight is (its wrapper goes there too)."""
+    return next(iter([*layer.parameters(), *layer.buffers()])).device
 
 
 def _target_name(path: str) -> str:
@@ -545,17 +555,31 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     )
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
-    """Attach the adapter saved in `adapter_dir` (ours or PEFT's) to `model`."""
+def read_saved_adapter(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """(config, tensors under PEFT's names) of the adapter saved in `adapter_dir`."""
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights.exists():
         raise QloraError(f"{weights} not found: the adapter directory has no {ADAPTER_WEIGHTS}")
-    attach_adapters(model, cfg)
-    state = load_file(str(weights))
+    return cfg, load_file(str(weights))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path,
+                 saved: tuple[AdapterConfig, dict[str, torch.Tensor]] | None = None,
+                 within: str = "") -> AdapterConfig:
+    """Attach the adapter saved in `adapter_dir` (ours or PEFT's) to `model`. For a streamed
+    model (export/reference.py), layer after layer: `saved`, what read_saved_adapter returned
+    (read once); `within`, the layer's path (attach_adapters), its tensors alone checked and
+    copied; layers on the meta device are checked, nothing copied."""
+    cfg, state = saved or read_saved_adapter(adapter_dir)
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    attach_adapters(model, cfg, within)
     expected = adapter_state_dict(model)
+    if within:
+        state = {k: v for k, v in state.items() if k.startswith(PEFT_PREFIX + within)}
+        expected = {k: v for k, v in expected.items() if k.startswith(PEFT_PREFIX + within)}
     unknown = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if unknown or missing:
@@ -572,7 +596,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
                     f"{weights}: {key} has shape {tuple(tensor.shape)} but this model needs "
                     f"{tuple(target.shape)}; the adapter was trained on another base model"
                 )
-            target.copy_(tensor.to(target.dtype))
+            if not target.is_meta:
+                target.copy_(tensor.to(target.dtype))
     return cfg
 
 

@@ -365,7 +365,8 @@ def run_merge(args) -> None:
         raise QloraError(f"--model {args.model}: no such directory")
     headers = read_headers(args.model)  # once: the host check and the merge take them from here
     check = args.check is not False and check_fits_host(
-        args.check, headers, args.base, args.device, lambda line: print(line, file=sys.stderr))
+        args.check, headers, args.base, args.device, lambda line: print(line, file=sys.stderr),
+        args.adapter, args.check_samples)
     print(f"adapter: {describe(args.adapter)}")
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, base=args.base,
                         max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name,
@@ -374,7 +375,7 @@ def run_merge(args) -> None:
     if check:
         try:
             check_merge(out, args.model, args.adapter, args.dtype, args.base, args.check_data,
-                        args.check_samples, args.device)
+                        args.check_samples, args.device, headers=headers)
         except ReferenceUnavailable as err:
             if args.check:
                 raise

@@ -160,45 +160,158 @@ def logits_at_positions(model, samples: list[Sample], work: Path, prefix: str) -
     """Each sample's logits at its compared positions, saved as float32 .npy files."""
     import torch
 
+    from qlora.export.reference import StreamedReference
     from qlora.models.decoder import compute_device
 
-    device, paths = compute_device(model), []
+    if isinstance(model, StreamedReference):
+        return streamed_run(model, samples, None, [], work, prefix)[0]
+    device = compute_device(model)
     with torch.no_grad():
-        for i, s in enumerate(samples):
-            logits = model(torch.tensor([s.ids], device=device))[0].float().cpu().numpy()
-            paths.append(work / f"{prefix}-{i}.npy")
-            np.save(paths[-1], logits[s.positions()])
+        return save_logits(samples, (model(torch.tensor([s.ids], device=device)) for s in samples),
+                           work, prefix)
+
+
+def save_logits(samples: list[Sample], each_logits, work: Path, prefix: str) -> list[Path]:
+    """Save each sample's logits (from `each_logits`, [1, T, V] in sample order) at its compared
+    positions; one sample's logits alive at a time."""
+    paths = []
+    for i, (s, logits) in enumerate(zip(samples, each_logits)):
+        logits = logits[0].float().cpu().numpy()
+        paths.append(work / f"{prefix}-{i}.npy")
+        np.save(paths[-1], logits[s.positions()])
+        del logits  # before the next sample's
     return paths
+
+
+@dataclass
+class ChatTurn:
+    """The check's chat turn as the reference renders it."""
+    messages: list[dict]
+    template: str
+    stops: tuple[int, ...]  # the end-of-turn tokens (chat.stop_token_ids)
+    text: str
+    prompt_ids: list[int]
+
+    def result(self, reply: list[int]) -> dict:
+        """{text, prompt_ids, reply_ids, stopped_on}: what parity.compare_chat takes."""
+        stopped = reply[-1] if reply and reply[-1] in self.stops else None
+        return {"text": self.text, "prompt_ids": self.prompt_ids, "reply_ids": reply,
+                "stopped_on": stopped}
+
+
+def chat_prompt(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[int]]:
+    """The conversation rendered for the assistant's answer, and its token ids."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def reference_chat_turn(tokenizer, model_dir, samples: list[Sample]) -> ChatTurn | None:
+    """The chat turn the check runs, or None where the tokenizer has no chat template."""
+    from qlora.chat import chat_template_for, stop_token_ids
+
+    template = chat_template_for(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if template is None:
+        return None
+    messages = chat_messages(samples)
+    text, ids = chat_prompt(tokenizer, template, messages)
+    return ChatTurn(messages, template, stop_token_ids(tokenizer, model_dir, template), text, ids)
 
 
 def greedy_chat(model, tokenizer, template: str, messages: list[dict], stops: tuple[int, ...]) -> dict:
     """One greedy answer in our engine: {text, prompt_ids, reply_ids, stopped_on}."""
     from qlora.infer import GenerationOptions, generate
 
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text, ids = chat_prompt(tokenizer, template, messages)
     reply = generate(model, ids, GenerationOptions(max_new_tokens=CHAT_TOKENS, eos_token_ids=stops))
-    stopped = reply[-1] if reply and reply[-1] in stops else None
-    return {"text": text, "prompt_ids": ids, "reply_ids": reply, "stopped_on": stopped}
+    return ChatTurn(messages, template, stops, text, ids).result(reply)
 
 
-def run_reference(model_dir, adapter_dir, merge_base, device, samples, messages, work: Path
-                  ) -> tuple[list[Path], dict | None, str]:
-    """(logit files, chat turn or None, description) of base + adapter; the chat turn when
-    `messages` are given and the tokenizer has a chat template."""
-    from qlora.chat import chat_template_for, stop_token_ids
-    from qlora.export.reference import load_reference
+def streamed_run(model, samples: list[Sample], turn: ChatTurn | None, other_reply: list[int],
+                 work: Path, prefix: str) -> tuple[list[Path], dict | None]:
+    """(logit files, chat turn or None) of a StreamedReference, from one pass over the samples
+    and, for the chat turn, the prompt followed by the other model's reply (`other_reply`)."""
+    import torch
+
+    sequences = [torch.tensor([s.ids]) for s in samples]
+    caches: list = [None] * len(samples)
+    forced = []
+    if turn is not None:
+        forced = turn.prompt_ids + list(other_reply)[:CHAT_TOKENS]
+        sequences.append(torch.tensor([forced]))
+        caches.append(model.new_cache(1, len(turn.prompt_ids) + CHAT_TOKENS))
+    hidden = model.hidden_states(sequences, caches)
+    paths = save_logits(samples, (model.logits(h) for h in hidden), work, prefix)
+    if turn is None:
+        return paths, None
+    reply = forced_greedy_reply(model, model.logits(hidden[-1])[0, len(turn.prompt_ids) - 1:],
+                                caches[-1], turn, other_reply)
+    return paths, turn.result(reply)
+
+
+def forced_greedy_reply(model, logits, cache, turn: ChatTurn, other_reply: list[int]) -> list[int]:
+    """The reference's greedy reply, read off its logits over the other model's reply where the
+    two agree: `logits` [len(other_reply) + 1, V], those of the prompt's last position and of
+    each forced reply token; `cache` holds the forced tokens' keys and values. Up to the first
+    token where the reference picks otherwise it generated the other's tokens; from there on
+    (or where the other's reply ends) it generates on, a streamed pass a token, from the cache
+    cut back to what it would have seen. Greedy decoding's tokens, but for a near-tie that the
+    rounding of a whole-sequence pass, against a token-by-token one, may tip."""
+    import torch
+
+    reply: list[int] = []
+    for j, pick in enumerate(logits.argmax(-1).tolist()):
+        reply.append(pick)
+        if pick in turn.stops or len(reply) == CHAT_TOKENS:
+            return reply
+        if j >= len(other_reply) or pick != other_reply[j]:
+            break
+    cache.length = len(turn.prompt_ids) + len(reply) - 1  # the prompt and the agreed tokens
+    outdated = getattr(model, "cache_outdated", None)  # Phi-3's LongRoPE: the whole sequence again
+    while True:
+        tokens = torch.tensor([reply[-1:]])
+        if outdated is not None and outdated(cache.length, len(turn.prompt_ids) + len(reply)):
+            cache = model.new_cache(1, len(turn.prompt_ids) + CHAT_TOKENS)
+            tokens = torch.tensor([turn.prompt_ids + reply])
+        reply.append(int(torch.argmax(model(tokens, cache=cache)[0, -1])))
+        if reply[-1] in turn.stops or len(reply) == CHAT_TOKENS:
+            return reply
+
+
+def unavailable(err: QloraError) -> ReferenceUnavailable:
+    return ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})")
+
+
+def check_reference_runs(model_dir, adapter_dir) -> None:
+    """ReferenceUnavailable now, before the other model runs, where our engine cannot attach the
+    adapter (what it would find on loading the reference)."""
+    from qlora.export.reference import check_adapter_attaches
 
     try:
-        model, tokenizer, what = load_reference(model_dir, adapter_dir, merge_base, device)
+        check_adapter_attaches(model_dir, adapter_dir)
     except QloraError as err:
-        raise ReferenceUnavailable(f"qlora's engine cannot run base + adapter to compare with ({err})") from err
+        raise unavailable(err) from err
+
+
+def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: ChatTurn | None,
+                  work: Path, streamed: bool, other_reply: list[int] | None = None
+                  ) -> tuple[list[Path], dict | None, str]:
+    """(logit files, chat turn or None, description) of base + adapter; the chat turn where
+    `turn` is given. A streamed reference (`streamed`, on the CPU) reads its greedy reply off a
+    pass over `other_reply` (forced_greedy_reply); the whole model generates it."""
+    from qlora.export.reference import load_check_reference
+
+    try:
+        model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device,
+                                                      streamed)
+    except QloraError as err:
+        raise unavailable(err) from err
+    if streamed:
+        paths, chat = streamed_run(model, samples, turn, other_reply or [], work, "reference")
+        return paths, chat, what
     paths = logits_at_positions(model, samples, work, "reference")
-    template = chat_template_for(tokenizer)
-    chat = None
-    if template is not None and messages is not None:
-        chat = greedy_chat(model, tokenizer, template, messages, stop_token_ids(tokenizer, model_dir, template))
+    chat = (None if turn is None else
+            greedy_chat(model, tokenizer, turn.template, turn.messages, turn.stops))
     return paths, chat, what
 
 
@@ -369,41 +482,153 @@ def _finish(report: dict, out: Path, tokenizer, log) -> dict:
 
 
 # --- room for the reference ----------------------------------------------------------------------
-def reference_host_shortfall(headers, merge_base: str, device: str) -> str | None:
-    """Why this host cannot hold the check's reference on the CPU, or None. There it runs in
-    float32 (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the
-    linears of an NF4 one. A Llama-3-8B's 29.9 GiB of values measured 31.2 GiB of RSS (the
-    interpreter and torch included), hence the 5% beside the values. The kernel would kill the
-    process after the export's minutes; said before them instead. `headers`: the base's
-    (models.weights.CheckpointHeaders)."""
+OVERHEAD = 1.05  # a Llama-3-8B's 29.9 GiB of whole-model values measured 31.2 GiB of RSS
+# the interpreter, torch and its libraries: a tiny model's streamed reference measured 0.40 GiB of
+# RSS (benchmarks/reference_rss.py --shape tiny), more than 5% of a streamed 8B's few GiB
+PROCESS_BYTES = 2**29
+
+
+def reference_host_bytes(headers, merge_base: str, streamed: bool,
+                         adapter_dir: str | Path | None = None,
+                         samples: int = DEFAULT_SAMPLES) -> float:
+    """Host memory the check's reference needs on the CPU, where it runs in float32
+    (device.compute_dtype): 4 bytes a value of a 16-bit base, bitsandbytes' bytes for the linears
+    of an NF4 one, + 5% (OVERHEAD: the interpreter and torch). The whole model: all its values.
+    Streamed (export/reference.StreamedReference): the values outside the layers (embedding,
+    final norm, head), the largest layer, the largest layer tensor once more in float32 (read
+    while its layer loads), the adapter (its saved tensors and one layer's share in float32:
+    twice its file at most) and the pass's activations (streamed_activation_bytes), + 5%, +
+    PROCESS_BYTES. `headers`: the base's (models.weights.CheckpointHeaders)."""
+    from collections import defaultdict
     from math import prod
 
-    from qlora.device import pick_device
-    from qlora.export.reference import reference_quant
-    from qlora.memory.host import host_available_bytes
+    from qlora.export.reference import LAYER_KEYS, reference_quant
     from qlora.memory.weights import quantized_linear_tensors
     from qlora.merge import is_quantized_linear
+    from qlora.models.spec import read_spec
+
+    nf4 = reference_quant(merge_base) == "nf4"
+
+    def value_bytes(name: str, shape: tuple[int, ...]) -> int:
+        if nf4 and is_quantized_linear(name, shape):
+            return sum(quantized_linear_tensors(*shape, "nf4"))
+        return 4 * prod(shape)
+
+    shapes = headers.shapes()
+    if not streamed:
+        return OVERHEAD * sum(value_bytes(name, shape) for name, shape in shapes.items())
+    layers: dict[str, int] = defaultdict(int)
+    outside = largest = 0
+    for name, shape in shapes.items():
+        if name.startswith(LAYER_KEYS):
+            layers[name.split(".")[2]] += value_bytes(name, shape)
+            largest = max(largest, 4 * prod(shape))
+        else:
+            outside += value_bytes(name, shape)
+    adapter = 0
+    if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        adapter = 2 * (Path(adapter_dir) / "adapter_model.safetensors").stat().st_size
+    activations = streamed_activation_bytes(read_spec(headers.model_dir), samples)
+    values = outside + max(layers.values(), default=0) + largest + adapter + activations
+    return OVERHEAD * values + PROCESS_BYTES
+
+
+def streamed_activation_bytes(spec, samples: int, tokens: int = MAX_TOKENS) -> int:
+    """Float32 activations of a streamed reference's pass over `samples` sequences of `tokens`
+    (upper bounds): every sequence's hidden states twice (a layer's inputs and outputs); inside a
+    layer, one sequence's MLP intermediates (gate, up, silu's output, their product; a mixture
+    of experts' routed rows: top_k per token), q/k/v, the output and the norms, and every head's
+    scores twice (the CPU's attention may form them, then their softmax); one sequence's logits
+    twice (the head's output and the compared rows); the chat turn's KV cache."""
+    width = spec.intermediate_size
+    if spec.moe is not None:
+        width = max(width, spec.moe.top_k * spec.moe.expert_intermediate_size)
+    layer = tokens * (4 * width + 8 * spec.hidden_size) + 2 * spec.num_heads * tokens * tokens
+    kv_cache = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (tokens + CHAT_TOKENS)
+    return 4 * (2 * samples * tokens * spec.hidden_size + layer + 2 * tokens * spec.vocab_size
+                + kv_cache)
+
+
+def reference_mode(whole: float, streamed: float | None, available: float | None) -> str | None:
+    """How the check's reference runs on the CPU, from reference_host_bytes' sizes and the host's
+    available bytes (None: not known): "whole" where the whole model fits (or nothing is known),
+    "streamed" (a layer at a time) where only that does, None where neither does. The whole
+    model first: its greedy chat reply costs a decode step a token, a streamed one's up to a pass
+    over the checkpoint a token (~10 s at 8B on 2 cores, estimated). `streamed` None: the model
+    cannot stream (the generic path)."""
+    if available is None or whole <= available:
+        return "whole"
+    if streamed is not None and streamed <= available:
+        return "streamed"
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+@dataclass
+class ReferencePlan:
+    """The check's reference as reference_plan sized it; the sizes None where not sized (a GPU,
+    or a host that does not say its available memory)."""
+    mode: str | None  # reference_mode's
+    whole: float | None = None
+    streamed: float | None = None
+    available: int | None = None
+
+    @property
+    def streams(self) -> bool:
+        """A layer at a time: where reference_mode says so, or where neither fits (check_fits_host
+        refuses that before an export; a check called on its own tries the smaller)."""
+        if self.mode is None:
+            return self.streamed is not None and self.streamed < self.whole
+        return self.mode == "streamed"
+
+    def describe(self) -> str:
+        """How the reference runs, for the check's table."""
+        if not self.streams:
+            return "whole model" if self.whole is None else f"whole model ({_gib(self.whole)})"
+        return (f"streamed a layer at a time ({_gib(self.streamed)}; the whole model's "
+                f"{_gib(self.whole)} does not fit this host's {_gib(self.available)} available)")
+
+    def shortfall(self) -> str | None:
+        """Why this host cannot hold the reference, or None."""
+        if self.mode is not None:
+            return None
+        streamed = "" if self.streamed is None else f" ({_gib(self.streamed)} a layer at a time)"
+        return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
+                f"{_gib(self.whole)} of host memory{streamed} and {_gib(self.available)} are "
+                f"available; run the export on a GPU (--device cuda), or leave the check out "
+                f"(--no-check)")
+
+
+def reference_plan(headers, merge_base: str, device: str, adapter_dir: str | Path | None = None,
+                   samples: int = DEFAULT_SAMPLES) -> ReferencePlan:
+    """Both sizes of the check's reference on the CPU (the streamed one for a native family) and
+    reference_mode's pick against the host's available memory; on a GPU, the whole model
+    unsized. `headers`: the base's (models.weights.CheckpointHeaders)."""
+    from qlora.device import pick_device
+    from qlora.export.reference import can_stream
+    from qlora.memory.host import host_available_bytes
 
     available = host_available_bytes()
     if pick_device(device).type != "cpu" or available is None:
-        return None
-    nf4 = reference_quant(merge_base) == "nf4"
-    needed = 1.05 * sum(
-        sum(quantized_linear_tensors(*shape, "nf4")) if nf4 and is_quantized_linear(name, shape)
-        else 4 * prod(shape) for name, shape in headers.shapes().items())
-    if needed <= available:
-        return None
-    return (f"the check's reference (base + adapter in float32 on the CPU) needs about "
-            f"{needed / 2**30:.1f} GiB of host memory and {available / 2**30:.1f} GiB are available; "
-            f"run the export on a GPU (--device cuda), or leave the check out (--no-check)")
+        return ReferencePlan("whole")
+    whole = reference_host_bytes(headers, merge_base, False)
+    streamed = (reference_host_bytes(headers, merge_base, True, adapter_dir, samples)
+                if can_stream(headers.model_dir) else None)
+    return ReferencePlan(reference_mode(whole, streamed, available), whole, streamed, available)
 
 
 def check_fits_host(check: bool | None, headers, merge_base: str, device: str,
-                    note: Callable[[str], None]) -> bool:
+                    note: Callable[[str], None], adapter_dir: str | Path | None = None,
+                    samples: int | None = None) -> bool:
     """Whether the check (asked for, or by default) still runs once the host's memory is known:
-    an asked-for check that cannot is a QloraError, a default one is skipped with a note.
+    an asked-for check that cannot is a QloraError, a default one is skipped with a note; said
+    before the export's minutes, not by the kernel killing the process after them.
     `headers`: the base's (models.weights.CheckpointHeaders)."""
-    shortfall = reference_host_shortfall(headers, merge_base, device)
+    shortfall = reference_plan(headers, merge_base, device, adapter_dir,
+                               samples or DEFAULT_SAMPLES).shortfall()
     if shortfall and check:
         raise QloraError(f"--check: {shortfall}")
     if shortfall:
@@ -421,6 +646,7 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
     differs when a limit is passed. `headers`: model_dir's (models.weights.read_headers), where
     the caller has read them."""
     from qlora.models import load_tokenizer
+    from qlora.models.weights import headers_of
 
     gguf_file, model_dir = Path(gguf_file), Path(model_dir)
     if engine not in ("llama.cpp", "qlora"):
@@ -430,26 +656,36 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
         raise QloraError(f"--check: llama-cpp-python is not importable; {LLAMA_HINT}")
     tokenizer = load_tokenizer(model_dir)
     picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
-    messages = chat_messages(picked) if getattr(tokenizer, "chat_template", None) else None
+    turn = reference_chat_turn(tokenizer, model_dir, picked)
+    messages = None if turn is None else turn.messages
+    plan = reference_plan(headers_of(model_dir, headers), merge_base, device, adapter_dir, samples)
     with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
         work = Path(tmp)
-        ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device, picked,
-                                                  messages, work)
-        if engine == "llama.cpp":
-            paths, chat, engine_name = run_llama_cpp(gguf_file, picked, messages if ref_chat else None,
-                                                     work, python,
-                                                     len(ref_chat["prompt_ids"]) if ref_chat else 0)
-        else:
-            paths, chat, engine_name = run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked,
-                                                         messages if ref_chat else None, work, device,
-                                                         headers)
+
+        def run_file():
+            if engine == "llama.cpp":
+                return run_llama_cpp(gguf_file, picked, messages, work, python,
+                                     len(turn.prompt_ids) if turn else 0)
+            return run_gguf_in_qlora(gguf_file, model_dir, tokenizer, picked, messages, work, device,
+                                     headers)
+
+        if plan.streams:  # the file first: the streamed reference reads its chat reply off the file's
+            check_reference_runs(model_dir, adapter_dir)  # a misfit adapter said before the file runs
+            paths, chat, engine_name = run_file()
+            other_reply = chat["reply_ids"] if chat and "reply_ids" in chat else []
+            ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device,
+                                                      picked, turn, work, True, other_reply)
+        else:  # the reference first: one that cannot run is said before the file's minutes
+            ref_paths, ref_chat, what = run_reference(model_dir, adapter_dir, merge_base, device,
+                                                      picked, turn, work, False)
+            paths, chat, engine_name = run_file()
         stats = _compare(ref_paths, paths, picked)
     limits = parity.EXPORT_LIMITS[qtype]
     failures = parity.judge_logits(stats, limits)
     report = {"subject": f"{gguf_file.name} ({qtype})", "file": str(gguf_file), "type": qtype,
               "engine": engine_name, "engine_short": "llama.cpp" if engine == "llama.cpp" else "GGUF",
-              "reference": what, "data": source, "examples": len(picked), "logits": stats,
-              "limits": parity.limits_dict(limits)}
+              "reference": what, "reference_run": plan.describe(), "data": source,
+              "examples": len(picked), "logits": stats, "limits": parity.limits_dict(limits)}
     if ref_chat is not None and chat is not None:
         report["chat"], chat_failures = parity.compare_chat(ref_chat, chat, tokenizer.convert_ids_to_tokens)
         report["chat_turns"] = {"reference": ref_chat, "gguf": chat, "messages": messages}
@@ -462,19 +698,24 @@ def check_gguf(gguf_file: str | Path, model_dir: str | Path, qtype: str, adapter
 
 def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path, dtype: str,
                 merge_base: str = "original", data=None, samples: int = DEFAULT_SAMPLES,
-                device: str = "auto", log: Callable[[str], None] = print) -> dict:
-    """Compare the merged checkpoint, loaded back by our engine, with base + adapter."""
-    from qlora.infer import load_for_inference
+                device: str = "auto", log: Callable[[str], None] = print, headers=None) -> dict:
+    """Compare the merged checkpoint, loaded back by our engine (whole or a layer at a time, as
+    the reference), with base + adapter. `headers`: model_dir's, where the caller has read them."""
+    from qlora.export.reference import load_check_reference
     from qlora.merge import normalise_dtype
     from qlora.models import load_tokenizer
+    from qlora.models.weights import headers_of
 
     out_dir, dtype = Path(out_dir), normalise_dtype(dtype)
     tokenizer = load_tokenizer(model_dir)
     picked, source = check_samples(tokenizer, data, adapter_dir, samples, log)
+    plan = reference_plan(headers_of(model_dir, headers), merge_base, device, adapter_dir, samples)
     with tempfile.TemporaryDirectory(prefix="qlora-check.") as tmp:
         work = Path(tmp)
-        ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None, work)
-        merged, _ = load_for_inference(out_dir, None, quant="none", device=device)
+        ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None,
+                                           work, plan.streams)
+        # quant none; the same size as the reference's (both float32 on the CPU)
+        merged, _, _ = load_check_reference(out_dir, None, "original", device, plan.streams)
         paths = logits_at_positions(merged, picked, work, "merged")
         del merged
         stats = _compare(ref_paths, paths, picked)
@@ -482,6 +723,7 @@ def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | P
     failures = parity.judge_logits(stats, limits)
     report = {"subject": f"{out_dir.name} ({dtype})", "file": str(out_dir), "type": dtype,
               "engine": "qlora (the merged checkpoint loaded back)", "engine_short": "merged",
-              "reference": what, "data": source, "examples": len(picked), "logits": stats,
-              "limits": parity.limits_dict(limits), "failures": failures, "passed": not failures}
+              "reference": what, "reference_run": plan.describe(), "data": source,
+              "examples": len(picked), "logits": stats, "limits": parity.limits_dict(limits),
+              "failures": failures, "passed": not failures}
     return _finish(report, out_dir, tokenizer, log)

@@ -174,7 +174,8 @@ def format_table(report: dict, token_name=str) -> str:
     dec = ("" if s["decisive_agreement"] is None else
            f"{s['decisive_agreement']:.1%} of {s['decisive_tokens']} sure tokens")
     rows = [
-        f"check: {report['subject']} in {report['engine']} against {report['reference']}",
+        f"check: {report['subject']} in {report['engine']} against {report['reference']}"
+        + (f", {report['reference_run']}" if report.get("reference_run") else ""),
         f"  data: {report['data']} ({report['examples']} examples, {s['tokens']} tokens compared)",
         f"  {'':24}{'reference':>12}{col:>14}   limit",
         f"  {'next-token agreement':24}{'':>12}{s['agreement']:>14.1%}   ≥ {_percent(lim['min_agreement'])} "

@@ -71,7 +71,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(Path(model_dir))  # before the importance matrix's forwards, not after
     headers = read_headers(model_dir)  # once: each step below takes them from here
-    if run_check and not check_mod.check_fits_host(check, headers, merge_base, device, note):
+    if run_check and not check_mod.check_fits_host(check, headers, merge_base, device, note,
+                                                   adapter_dir, check_samples):
         run_check, outputs["report"] = False, None
     check_moe_export(read_config(Path(model_dir)), qtype, Path(model_dir) / "config.json")
     translation = ollama_mod.translate(model_dir) if ollama else None

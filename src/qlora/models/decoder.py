@@ -136,7 +136,7 @@ class DecoderLM(nn.Module):
         (which must then be on the GPU): a CUDA graph holds it in fixed buffers."""
         hidden = self.hidden_states(input_ids, position_ids, cache, varlen)
         if labels is None:
-            return self.lm_head(hidden)
+            return self.logits(hidden)
         if per_token:
             return self.token_losses(hidden, labels)
         return self.loss_sum(hidden, labels)
@@ -146,9 +146,22 @@ class DecoderLM(nn.Module):
         return KVCache(self.spec, batch, limit, compute_device(self),
                        self.model.embed_tokens.weight.dtype)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output logits of the final norm's hidden states (a family may cap them)."""
+        return self.lm_head(hidden)
+
     def hidden_states(self, input_ids, position_ids=None, cache=None, varlen=None) -> torch.Tensor:
-        """position_ids may stay on the CPU (the training loop's batches do): the document
-        layout is then read there, without waiting for the GPU, and moved over once."""
+        cos, sin, masks = self.layer_inputs(input_ids, position_ids, cache, varlen)
+        x = self.run_layers(input_ids, cos, sin, masks, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.model.norm(x)
+
+    def layer_inputs(self, input_ids, position_ids=None, cache=None, varlen=None):
+        """(cos, sin, masks): what every layer takes beside its input, for these ids after the
+        cache's tokens (masks: each layer's, in layer order). position_ids may stay on the CPU
+        (the training loop's batches do): the document layout is then read there, without
+        waiting for the GPU, and moved over once."""
         B, T = input_ids.shape
         device = input_ids.device
         past = cache.length if cache is not None else 0
@@ -161,10 +174,7 @@ class DecoderLM(nn.Module):
         masks = self.layer_masks(layout, past, device, varlen)
         # the embedding's dtype: what embed returns, in every family
         cos, sin = self.model.rotary_emb(position_ids, self.model.embed_tokens.weight.dtype)
-        x = self.run_layers(input_ids, cos, sin, masks, cache)
-        if cache is not None:
-            cache.length += T
-        return self.model.norm(x)
+        return cos, sin, masks
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -91,30 +91,52 @@ def load_model(
     quant: QuantConfig | None = None,
     device: str | torch.device = "cpu",
     part: RowPart | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> DecoderLM | GenericLM:
     """Build the model of `model_dir`, quantizing its linears as `quant` says: a DecoderLM for a
     native family, else transformers' own model on the generic path (generic.py). `part`: read
-    only those rows of each tensor (a native family's sharded run)."""
+    only those rows of each tensor (a native family's sharded run). `only`: read only the
+    tensors whose checkpoint key it accepts, the others left on the meta device (a native
+    family's model a part at a time: export/reference.py's streamed reference, which reads the
+    rest later with read_weights)."""
     quant = quant or QuantConfig()
     if not is_native(read_config(model_dir)[0]):
         return load_generic(model_dir, quant, device)
     device = torch.device(device)
     spec = read_spec(model_dir)
-    files = weight_files(model_dir)
     with torch.device("meta"):
         model = new_decoder(spec)
     model.name_or_path = str(model_dir)
+    if spec.moe is not None:
+        check_moe_quant(spec, quant, prequantized_4bit(spec), model_dir)
+    experts_read = read_weights(model, model_dir, quant, device, part, only)
+    rebuild_rotary(model, spec, device)
+    model.tie_weights()
+    if only is None:
+        check_nothing_missing(model, model_dir)
+        _check_experts_complete(model, experts_read, model_dir)
+    model.quant = quant
+    return model.eval()
+
+
+def read_weights(model: DecoderLM, model_dir: str | Path, quant: QuantConfig, device: torch.device,
+                 part: RowPart | None = None, only: Callable[[str], bool] | None = None
+                 ) -> dict[str, set]:
+    """Read the checkpoint's tensors (those `only` accepts, where given) into `model`, whose
+    modules for them are on the meta device: each linear of the blocks quantized as it is read.
+    Returns the experts read, by stack (for _check_experts_complete)."""
+    spec = model.spec
     dtype = quant.compute_dtype
     pending_4bit: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     prequant = prequantized_4bit(spec)
-    if spec.moe is not None:
-        check_moe_quant(spec, quant, prequant, model_dir)
     experts_read: dict[str, set] = defaultdict(set)
 
-    for path in files:
+    for path in weight_files(model_dir):
         handle = _open(path)
         for key in handle.keys():
             if IGNORED_KEYS.search(key) or (spec.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            if only is not None and not only(key):
                 continue
             if spec.moe is not None:
                 key_here = module_key(key)
@@ -148,12 +170,7 @@ def load_model(
     if pending_4bit:
         raise QloraError(f"{model_dir}: 4-bit tensors incomplete for {sorted(pending_4bit)[:3]}; "
                          "the checkpoint is missing its quant_state keys")
-    rebuild_rotary(model, spec, device)
-    model.tie_weights()
-    check_nothing_missing(model, model_dir)
-    _check_experts_complete(model, experts_read, model_dir)
-    model.quant = quant
-    return model.eval()
+    return experts_read
 
 
 def check_moe_quant(spec: ArchSpec, quant: QuantConfig, prequant: bool, source) -> None:

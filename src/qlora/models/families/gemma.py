@@ -206,14 +206,12 @@ class GemmaLM(DecoderLM):
         self.attn_softcap = settings.attn_softcap
         self.final_softcap = settings.final_softcap
 
-    def forward(self, input_ids, position_ids=None, labels=None, cache=None, varlen=None,
-                per_token=False):
-        out = super().forward(input_ids, position_ids, labels, cache, varlen, per_token)
-        return out if labels is not None else soft_cap(out, self.final_softcap)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return soft_cap(self.lm_head(hidden), self.final_softcap)
 
     def chunk_loss(self, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         # capped in the compute dtype, as the logits forward returns, then fp32 for the loss
-        logits = soft_cap(self.lm_head(h), self.final_softcap).float()
+        logits = self.logits(h).float()
         return F.cross_entropy(logits, t, reduction=reduction, ignore_index=IGNORE_INDEX)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
