@@ -32,6 +32,9 @@
 #                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
 #                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
 #                 r16 on attention and every expert. About 6 minutes.
+#   moe-graphs    gpu_check.py --checks moe (tiny Mixtral and Qwen3-MoE steps captured against eager),
+#                 then Qwen3-30B-A3B at seq 2048 under a 37.25 GiB cap (a 40 GB card, where the
+#                 graph's pool fits), graphed (qlora) and eager (qlora-eager). About 4 minutes.
 #   moe-peers     (OUTDIR then SYSTEMS)
 #                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
 #                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
@@ -101,7 +104,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -205,6 +208,13 @@ moe)  # Qwen3-30B-A3B fits 24 GB only tightly, where qlora train turns CUDA grap
   step 300 mixtral-8x7b-40gb $PY "$HERE/train_step.py" --shapes mixtral-8x7b --seqs 2048 \
     --systems qlora --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
     --random-weights --no-gpu-busy --worker-timeout 290 --deadline 295 --out "$OUT/mixtral"
+  ;;
+moe-graphs)
+  step 150 gpu-check-moe $PY "$HERE/gpu_check.py" --checks moe --out "$OUT/gpu-check-moe.jsonl"
+  step 250 qwen3-30b-a3b-40gb $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+    --systems qlora,qlora-eager --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off \
+    --steps 8 --warmup 3 --random-weights --no-gpu-busy --worker-timeout 120 --deadline 245 \
+    --out "$OUT/qwen3-moe-40gb"
   ;;
 moe-peers)
   # 570: the preamble (nvidia-smi, a torch import) and timeout's 5 s grace fit under a 600 s call
