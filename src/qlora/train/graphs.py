@@ -301,8 +301,6 @@ class GraphedSteps:
                 self.failed = f"{type(err).__name__}: {err}"
                 self.log(f"CUDA graphs off from here on: capturing the step failed "
                          f"({self.failed[:300]})")
-                del g
-                self._release_graphs()
                 return self._eager(batch, scale)
             self.graphs[batch.key] = g
         else:
@@ -310,14 +308,6 @@ class GraphedSteps:
         g.graph.replay()
         self.metrics = g.metrics
         return g.loss_sum
-
-    def _release_graphs(self) -> None:
-        """Give the graphs' memory back once none will run: a capture that failed (out of
-        memory near a cap, say) holds its pool's blocks, which the eager steps after it need."""
-        self.graphs.clear()
-        self.metrics = {}
-        self.pool = torch.cuda.graph_pool_handle()
-        torch.cuda.empty_cache()
 
     def _fill(self, g: _Graph, batch: StagedBatch, scale: float):
         # from page-locked memory the copies are asynchronous; the host allocator keeps each
