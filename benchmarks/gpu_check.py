@@ -361,7 +361,10 @@ def _check_graphed_step(path, keep: bool, tag: str = "", packed: bool = True, lo
         # the eager reference on the same padded layout: the dropout masks follow the layout
         length = -(-x.shape[1] // runner.pad_to) * runner.pad_to
         px, ppos, plabels = pad_batch(x, pos, labels, length)
-        eager = model(px.to(DEV), ppos, plabels)
+        # its real tokens the unpadded rows', as the graph's: a mixture of experts' aux loss
+        # leaves the padding's routing out
+        eager = model(px.to(DEV), ppos, plabels,
+                      real_lengths=torch.full((x.shape[0],), x.shape[1]))
         (eager / n).backward()
         # the eager graph must be gone before a capture: its gradient-accumulation nodes would
         # keep the default stream and break the capture

@@ -401,6 +401,8 @@ def test_make_batch_positions_labels_padding():
     ex = fake_examples([3, 4, 2])
     ex[1]["labels"][0] = 55  # make_batch must still mask every example's first token
     batch = make_batch([[ex[0], ex[1]], [ex[2]]], pad_id=0)
+    real_lengths = batch.pop("real_lengths")
+    assert real_lengths.dtype == torch.long and real_lengths.tolist() == [7, 2]  # before padding
     assert all(v.dtype == torch.long and v.shape == (2, 7) for v in batch.values())
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4]]
     assert batch["input_ids"][0].tolist() == ex[0]["input_ids"] + ex[1]["input_ids"]

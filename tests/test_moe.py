@@ -92,6 +92,75 @@ def test_aux_loss_and_training_loss_match_transformers(moe_models, variant):
     assert abs(float(summed) / n_labels - float(expected.loss)) <= 1e-5 * float(expected.loss)
 
 
+def make_padded_batch(rows: list[list[int]], seed: int = 20) -> dict:
+    """data/packing.make_batch of random documents of these lengths, each row's laid end to end
+    (a row of several: packed), rows padded to the longest: its real_lengths say where."""
+    from qlora.data import make_batch
+
+    docs = [[{"input_ids": token_batch(seed + 10 * r + d, 1, n)[0].tolist(),
+              "labels": token_batch(seed + 10 * r + d, 1, n)[0].tolist()}
+             for d, n in enumerate(row)] for r, row in enumerate(rows)]
+    return make_batch(docs, pad_id=0)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_aux_loss_of_a_padded_batch_matches_transformers_with_its_attention_mask(moe_models,
+                                                                              variant):
+    """make_batch's padding routes nothing into the load-balancing loss: over the batch's
+    real_lengths it is transformers' with the attention_mask of those lengths, and the loss sum
+    over the label tokens is transformers' loss (coef · label tokens · aux, as unpadded)."""
+    path, batch = moe_models[variant], make_padded_batch([[24], [15], [9]])
+    assert batch["real_lengths"].tolist() == [24, 15, 9]
+    attention_mask = (torch.arange(24) < batch["real_lengths"][:, None]).long()
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    ours.aux_loss = True
+    with torch.no_grad():
+        expected = hf_model(path)(batch["input_ids"], attention_mask=attention_mask,
+                                  labels=batch["labels"], output_router_logits=True)
+        summed = ours(batch["input_ids"], batch["position_ids"], batch["labels"],
+                      real_lengths=batch["real_lengths"])
+    want = float(expected.aux_loss)
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    # fp32 sums over a few dozen tokens in another order: 1e-5 relative
+    assert abs(float(ours.router_aux_loss(batch["real_lengths"])) - want) <= 1e-5 * want
+    assert abs(float(summed) / n_labels - float(expected.loss)) <= 1e-5 * float(expected.loss)
+    # the padding's 24 of 72 rows counted would move it well past that
+    assert abs(float(ours.router_aux_loss()) - want) > 1e-3 * want
+
+
+@pytest.mark.parametrize("rows", [[[7, 12, 5]], [[7, 12], [5, 9]], [[20], [20]]],
+                         ids=["packed", "packed-rows-padded", "one-document-rows"])
+def test_graph_padding_leaves_the_aux_loss_of_the_eager_step(moe_models, rows):
+    """A CUDA graph's rows (graphs.stage_batch: padded to a multiple of 32 here, after
+    make_batch's own padding) give the aux loss and loss sum of the batch run eagerly: the
+    graph's forward over its staged buffers, on the CPU (the arithmetic needs no CUDA)."""
+    from qlora.train.graphs import _Rows, stage_batch
+
+    model = load_model(moe_models["qwen3-moe"], QuantConfig(method="none", compute_dtype=FP32))
+    assert model.aux_loss
+    batch = make_padded_batch(rows)
+    with torch.no_grad():
+        eager = model(batch["input_ids"], batch["position_ids"], batch["labels"],
+                      real_lengths=batch["real_lengths"])
+        eager_aux = model.router_aux_loss(batch["real_lengths"])
+        staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], 32,
+                             pinned=False, real_lengths=batch["real_lengths"])
+        # padded to 32; varlen offsets for packed rows, none (causal) for one document a row
+        assert staged.key[1] == 32 and (staged.key[2] == 0) == (len(rows[0]) == 1)
+        graph = _Rows(staged, torch.device("cpu"))
+        for name, t in staged.row_buffers().items():  # GraphedSteps._fill's copies
+            graph.buffers[name].copy_(t)
+        graphed = graph.forward(model, graph.labels)
+        graphed_aux = model.router_aux_loss(graph.real_lengths)
+        every_row_aux = model.router_aux_loss()
+    # fp32: the real tokens' rows route alike (the padding is after them, a document of its own
+    # or after a causal one); only sums over more, masked, positions differ: 1e-5 relative
+    assert abs(float(graphed_aux) - float(eager_aux)) <= 1e-5 * float(eager_aux)
+    assert abs(float(graphed) - float(eager)) <= 1e-5 * float(eager)
+    # counted, the graph's padding rows (a quarter or more of them) would move it
+    assert abs(float(every_row_aux) - float(eager_aux)) > 1e-3 * float(eager_aux)
+
+
 def test_aux_loss_follows_output_router_logits(moe_models):
     on = load_model(moe_models["qwen3-moe"], QuantConfig(method="none", compute_dtype=FP32))
     off = load_model(moe_models["mixtral"], QuantConfig(method="none", compute_dtype=FP32))
@@ -766,8 +835,8 @@ def test_cuda_graphs_refused_names_mixtrals_router_jitter(tmp_path):
 def test_grouped_moe_step_reads_nothing_on_the_host(moe_models, monkeypatch):
     """A training forward (with the load-balancing loss) and backward of the grouped path in bf16
     make no tensor-to-Python read from the MoE code (the routing, the grouped experts, the aux
-    loss): each would be a host sync on a GPU, and a CUDA graph's capture fails on one (the
-    capture itself is gpu_check's). The reads the dense layers make outside a capture (the
+    loss over a padded batch's real tokens): each would be a host sync on a GPU, and a CUDA
+    graph's capture fails on one (the capture itself is gpu_check's). The reads the dense layers make outside a capture (the
     attention layout, which a graph takes from its buffers) are not the MoE code's."""
     import traceback
 
@@ -793,7 +862,8 @@ def test_grouped_moe_step_reads_nothing_on_the_host(moe_models, monkeypatch):
     for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, recorded(name))
     ids = token_batch(7)
-    model(ids, labels=ids).backward()
+    # the second row padded after 17 tokens: the aux loss's real-token weights made on the device
+    model(ids, labels=ids, real_lengths=torch.tensor([24, 17])).backward()
     monkeypatch.undo()
     assert reads == []
     experts = model.model.layers[0].mlp.experts

@@ -40,6 +40,17 @@ def test_staged_batch_is_the_padded_layout_and_its_offsets(pos, pad_to, key, cu)
     if key[2]:
         assert staged.cu_seqlens.tolist()[:len(document_offsets(want_pos))] == document_offsets(want_pos)
     assert all(a is b for a, b in zip(staged.unpadded, (ids, pos, labels)))
+    # no real_lengths given: every token of the unpadded rows is real, the staged padding not
+    assert staged.real_lengths.tolist() == [pos.shape[1]] * pos.shape[0]
+    assert staged.row_buffers()["real_lengths"] is staged.real_lengths
+
+
+def test_staged_batch_keeps_make_batchs_real_lengths():
+    """The graph's padding comes after make_batch's: each row's real tokens stay as counted."""
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])  # the second row: 2 real, 3 padding
+    real = torch.tensor([5, 2])
+    staged = stage_batch(pos, pos, pos, 8, pinned=False, real_lengths=real)
+    assert staged.key[1] == 8 and staged.real_lengths is real
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
@@ -47,7 +58,7 @@ def test_staged_batch_is_page_locked_when_asked():
     pos = torch.arange(5).view(1, 5)
     staged = stage_batch(pos, pos, pos, 8, pinned=True)
     assert all(t.is_pinned() for t in (staged.input_ids, staged.position_ids, staged.labels,
-                                       staged.cu_seqlens))
+                                       staged.cu_seqlens, staged.real_lengths))
 
 
 def _examples(n: int, seed: int = 3) -> list[dict]:

@@ -163,7 +163,8 @@ def loss_sums(model, encoded: list[dict], max_len: int, micro_batch: int = 4, pa
             n = int((labels[:, 1:] != IGNORE).sum())
             if n == 0:
                 continue
-            total += float(model(batch["input_ids"].to(device), batch["position_ids"], labels))
+            total += float(model(batch["input_ids"].to(device), batch["position_ids"], labels,
+                                 real_lengths=batch["real_lengths"]))
             n_tokens += n
     finally:
         model.train(was_training)

@@ -70,11 +70,14 @@ def build_rows(examples: list, max_len: int, packing: bool = True, seed: int = 0
 
 
 def make_batch(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
-    """LongTensors input_ids, labels, position_ids [B, T], T the longest row.
+    """LongTensors input_ids, labels, position_ids [B, T], T the longest row, and real_lengths
+    [B]: each row's tokens before its padding.
 
     Each row is a list of encoded examples, concatenated. position_ids restart at 0 at every
     example and again at the padding (so padding is a document of its own that nothing attends
-    to); padding has labels -100, as does the first token of every example."""
+    to); padding has labels -100, as does the first token of every example. Nothing in the rest
+    tells padding apart from a document (pad_id may be EOS, a prompt has no labels): the model
+    takes real_lengths for what must leave it out (a mixture of experts' load-balancing loss)."""
     flat_ids, flat_labels, flat_pos = [], [], []
     for row in rows:
         ids, labels, pos = [], [], []
@@ -100,7 +103,9 @@ def make_batch(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
         labels[b, :n] = torch.tensor(flat_labels[b], dtype=torch.long)
         position_ids[b, :n] = torch.tensor(flat_pos[b], dtype=torch.long)
         position_ids[b, n:] = torch.arange(T - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    real_lengths = torch.tensor([len(r) for r in flat_ids], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "real_lengths": real_lengths}
 
 
 def batch_order(n_rows: int, epoch: int, seed: int) -> list[int]:

@@ -126,6 +126,7 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         varlen: Varlen | None = None,
         per_token: bool = False,
+        real_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32),
         or with `per_token` each label token's cross-entropy (fp32 [N], the label positions in
@@ -133,7 +134,12 @@ class DecoderLM(nn.Module):
         LabelPositions (the label positions staged for a CUDA graph).
 
         `varlen`: the document layout of packed rows, given instead of read from position_ids
-        (which must then be on the GPU): a CUDA graph holds it in fixed buffers."""
+        (which must then be on the GPU): a CUDA graph holds it in fixed buffers.
+
+        `real_lengths` (int [B]): each row's real tokens, the rest padding. Nothing here needs it
+        (padding is a document of its own without labels: no real token sees it, it adds no
+        loss); a mixture of experts' load-balancing loss leaves the padding's routing out
+        (moe_blocks.MoeLM)."""
         hidden = self.hidden_states(input_ids, position_ids, cache, varlen)
         if labels is None:
             return self.logits(hidden)

@@ -453,9 +453,10 @@ class GenericLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: GenericCache | None = None,
-                varlen=None, per_token: bool = False) -> torch.Tensor:
+                varlen=None, per_token: bool = False, real_lengths=None) -> torch.Tensor:
         """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32)
-        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them."""
+        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them
+        (`real_lengths` unread: no router loss is added here)."""
         if varlen is not None:
             raise QloraError("the generic path has no varlen attention (the CUDA-graph step's)")
         if cache is not None:

@@ -527,7 +527,7 @@ def lockstep_loss_sums(model, encoded: list[dict], max_len: int, micro_batch: in
             batch = make_batch([[encoded[j] for j in row] for row in rows[start:start + micro_batch]],
                                pad_id)
             loss = float(model(batch["input_ids"].to(device), batch["position_ids"],
-                               batch["labels"]))
+                               batch["labels"], real_lengths=batch["real_lengths"]))
             total += loss * weight
             n_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) * weight
     finally:

@@ -34,8 +34,11 @@ made inside the capture from the same offsets, and its final soft-cap inside the
 cross-entropy, over every position as for any family.
 
 A mixture of experts is captured with its routing: the grouped experts take their groups' ends
-from a device tensor (speed/moe.py), and the load-balancing loss counts the padding rows' routing
-too, as transformers' does without an attention mask.
+from a device tensor (speed/moe.py), and the load-balancing loss counts the real tokens only:
+each row's real length (data/packing.make_batch's `real_lengths`, all of the row where none is
+given) is staged with the rows (`real_lengths`, a buffer of its own) and graph padding comes
+after it, so the padding's routing is left out (moe_blocks.real_token_weights, on the device)
+and a padded step's aux loss is the eager unpadded step's.
 
 Conditions (`unsupported_reason` says which one fails): CUDA, torch's varlen attention (taking a
 window where a layer's is shorter than the rows), a family whose attention it computes (Gemma 2
@@ -127,6 +130,8 @@ class StagedBatch:
     position_ids: torch.Tensor
     labels: torch.Tensor
     cu_seqlens: torch.Tensor
+    # [rows]: each row's real tokens (the padding after them: make_batch's, then the graph's)
+    real_lengths: torch.Tensor
     unpadded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # for the eager fallback
     slots: dict[str, torch.Tensor] = field(default_factory=dict)
     source: dict | None = None  # the preference batch as collated, for the eager fallback
@@ -135,7 +140,8 @@ class StagedBatch:
     def row_buffers(self) -> dict[str, torch.Tensor]:
         """These rows' tensors, by the names of their graph buffers."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "labels": self.labels, "cu_seqlens": self.cu_seqlens, **self.slots}
+                "labels": self.labels, "cu_seqlens": self.cu_seqlens,
+                "real_lengths": self.real_lengths, **self.slots}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """What is copied into the graph's buffers of the same names (the KL rows' as kl.*)."""
@@ -150,11 +156,16 @@ class StagedBatch:
 
 
 def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                pad_to: int, pinned: bool) -> StagedBatch:
+                pad_to: int, pinned: bool, real_lengths: torch.Tensor | None = None
+                ) -> StagedBatch:
     """The batch as its graph reads it: rows padded to a multiple of `pad_to`; packed rows with
     the document count rounded up to a power of two (at least 4), the unused offsets repeating the
-    last one; rows of one document each with no offsets at all (0 slots: causal attention)."""
+    last one; rows of one document each with no offsets at all (0 slots: causal attention).
+    `real_lengths`: each row's real tokens (make_batch's), None for all T of them; the padding
+    added here comes after them, so they stay as they are."""
     B, T = input_ids.shape
+    if real_lengths is None:
+        real_lengths = torch.full((B,), T, dtype=torch.long)
     length = _round_up(T, pad_to)
     ids, pos, lab = pad_batch(input_ids, position_ids, labels, length)
     if torch.equal(position_ids, torch.arange(T).expand(B, T)):
@@ -165,8 +176,10 @@ def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: tor
         cu = torch.full((docs + 1,), offsets[-1], dtype=torch.int32)
         cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
     if pinned:
-        ids, pos, lab, cu = (t.pin_memory() for t in (ids, pos, lab, cu))
-    return StagedBatch((B, length, docs), ids, pos, lab, cu, (input_ids, position_ids, labels))
+        ids, pos, lab, cu, real_lengths = (t.pin_memory()
+                                           for t in (ids, pos, lab, cu, real_lengths))
+    return StagedBatch((B, length, docs), ids, pos, lab, cu, real_lengths,
+                       (input_ids, position_ids, labels))
 
 
 def stage_preference(batch: dict, pad_to: int, pinned: bool) -> StagedBatch:
@@ -209,7 +222,7 @@ class _Rows:
         self.buffers = {name: torch.empty_like(t, device=device)
                         for name, t in batch.row_buffers().items()}
         self.input_ids, self.position_ids = self.buffers["input_ids"], self.buffers["position_ids"]
-        self.labels = self.buffers["labels"]
+        self.labels, self.real_lengths = self.buffers["labels"], self.buffers["real_lengths"]
         self.slots = {name: self.buffers[name] for name in batch.slots}
         length, docs = batch.key[1], batch.key[2]
         self.packed = docs > 0  # else one document a row: positions 0.. and the causal kernel
@@ -223,8 +236,9 @@ class _Rows:
         (`labels` then a models.decoder.LabelPositions: methods/preference.slot_logps)."""
         extra = {"per_token": True} if per_token else {}
         if not self.packed:
-            return model(self.input_ids, None, labels, **extra)
-        return model(self.input_ids, self.position_ids, labels, varlen=self.varlen, **extra)
+            return model(self.input_ids, None, labels, real_lengths=self.real_lengths, **extra)
+        return model(self.input_ids, self.position_ids, labels, varlen=self.varlen,
+                     real_lengths=self.real_lengths, **extra)
 
     def token_losses(self, model):
         """forward's per-token losses over these rows, as a function of the label positions."""
@@ -272,14 +286,14 @@ class GraphedSteps:
         self.metrics: dict[str, torch.Tensor] = {}
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-        return self.run(self.stage(input_ids, position_ids, labels), scale)
+                 scale: float, real_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(self.stage(input_ids, position_ids, labels, real_lengths), scale)
 
     def stage(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-              labels: torch.Tensor) -> StagedBatch:
+              labels: torch.Tensor, real_lengths: torch.Tensor | None = None) -> StagedBatch:
         """The host half of a call (stage_batch): it may run well before `run`."""
         return stage_batch(input_ids, position_ids, labels, self.pad_to,
-                           pinned=self.device.type == "cuda")
+                           pinned=self.device.type == "cuda", real_lengths=real_lengths)
 
     def stage_preference(self, batch: dict) -> StagedBatch:
         """`stage` for a preference method's batch (stage_preference)."""
@@ -322,7 +336,8 @@ class GraphedSteps:
             loss_sum, self.metrics = batch_loss(method, self.model, batch.source, opts)
         else:
             input_ids, position_ids, labels = batch.unpadded
-            loss_sum = self.model(input_ids.to(self.device), position_ids, labels)
+            loss_sum = self.model(input_ids.to(self.device), position_ids, labels,
+                                  real_lengths=batch.real_lengths)
         (loss_sum * scale).backward()
         return loss_sum.detach()
 

@@ -70,9 +70,10 @@ class Stepper:
             batch["staged"] = self.graphed.stage_preference(batch)
         elif self.graphed is not None:
             batch["staged"] = self.graphed.stage(batch["input_ids"], batch["position_ids"],
-                                                 batch["labels"])
+                                                 batch["labels"], batch["real_lengths"])
         else:
             batch["input_ids"] = pinned(batch["input_ids"], self.device)
+            batch["real_lengths"] = pinned(batch["real_lengths"], self.device)
 
     def backward(self, batches: list[dict], n_labels: int, stop_now: Callable[[], bool]
                  ) -> torch.Tensor | None:
@@ -107,7 +108,9 @@ class Stepper:
             loss_sum = self._preference(b)
         else:
             ids = b["input_ids"].to(device, non_blocking=device.type == "cuda")
-            loss_sum = self.model(ids, b["position_ids"], b["labels"])
+            # real_lengths: what a mixture of experts' router loss counts (make_batch's padding not)
+            loss_sum = self.model(ids, b["position_ids"], b["labels"],
+                                  real_lengths=b["real_lengths"])
         step_loss += loss_sum.detach() * b["weight"]  # read once per step
         loss = loss_sum * (scale * self.rank_factor)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -22,7 +22,11 @@ transformers' modeling_mixtral.py and modeling_qwen3_moe.py compute them.
   asks for it (`aux_loss`), router_aux_loss_coef · aux · (the micro-batch's label tokens): the
   loop divides the sum by the window's label tokens, so one micro-batch's loss is transformers'
   mean cross-entropy + coef · aux, and several micro-batches weigh their aux by their tokens.
-  With `per_token` (a preference method's log-probs) each token's cross-entropy alone.
+  The aux loss counts the real tokens only: `real_lengths` (each row's real tokens, the rest of
+  the row padding: data/packing.make_batch's, then a CUDA graph's after it) weighs the rows as
+  transformers' attention_mask does, so padding routes nothing into it and a graph's padded
+  step has the eager step's aux loss. With `per_token` (a preference method's log-probs) each
+  token's cross-entropy alone.
 
 Why here and not in mixtral.py / qwen3_moe.py: those are imported wherever a spec is read, and
 these blocks build on models/decoder.py (an import cycle); models/load.py's OWN_DECODERS builds
@@ -154,21 +158,38 @@ def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.int32))
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int
-                        ) -> torch.Tensor:
-    """transformers' load_balancing_loss_func without an attention mask (every row counts):
-    E · Σ_e (top_k assignments to e / rows) · (router probability of e summed / rows), the
-    rows of every sparse layer together."""
+def real_token_weights(real_lengths: torch.Tensor, rows: int, device: torch.device
+                       ) -> torch.Tensor:
+    """fp32 [rows]: 1 for the real tokens of the flattened batch, 0 for the padding, where row b
+    of the batch's len(real_lengths) rows holds real_lengths[b] real tokens, then its padding.
+    Made on `device` from the counts alone: no host read (a CUDA graph holds it)."""
+    length = rows // real_lengths.shape[0]
+    columns = torch.arange(length, device=device)
+    real = columns < real_lengths.to(device, non_blocking=True)[:, None]
+    return real.reshape(-1).float()
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                        real: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' load_balancing_loss_func: E · Σ_e (top_k assignments to e / rows) ·
+    (router probability of e summed / rows), the rows of every sparse layer together. `real`
+    (fp32 [rows], real_token_weights): each row's weight, 0 for padding, as transformers weighs
+    rows by its attention_mask; None: every row counts (transformers without a mask). Nothing is
+    read on the host."""
     device = router_logits[0].device
+    if real is None:
+        real = torch.ones(router_logits[0].shape[0], dtype=torch.float32, device=device)
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probability = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    rows = 0
     for logits in router_logits:
         probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
         chosen = torch.topk(probs, top_k, dim=-1).indices
-        assigned = assigned + expert_counts(chosen.reshape(-1), num_experts).float()
-        probability = probability + probs.float().sum(dim=0)
-        rows += probs.shape[0]
+        # each row's k choices counted with the row's weight (a scatter-add, as expert_counts;
+        # 0/1 weights: whole sums, exact in any order of the adds)
+        weights = real[:, None].expand(-1, top_k).reshape(-1)
+        assigned = assigned.scatter_add(0, chosen.reshape(-1), weights)
+        probability = probability + (probs.float() * real[:, None]).sum(dim=0)
+    rows = real.sum() * len(router_logits)
     return num_experts * torch.sum((assigned / rows) * (probability / rows))
 
 
@@ -198,7 +219,13 @@ class MoeLM(DecoderLM):
         self.aux_loss = spec.moe.aux_loss
 
     def forward(self, input_ids, position_ids=None, labels=None, cache=None, varlen=None,
-                per_token: bool = False):
+                per_token: bool = False, real_lengths: torch.Tensor | None = None):
+        """DecoderLM.forward, plus the load-balancing loss over the real tokens (`real_lengths`:
+        each row's; None: every token is real)."""
+        if real_lengths is not None:
+            # copied now, not after the layers, where a copy from pageable memory would first
+            # wait for the whole forward queued on the GPU
+            real_lengths = real_lengths.to(input_ids.device, non_blocking=True)
         blocks = self.sparse_blocks()
         for block in blocks:
             # the last forward's logits go first: they hold its autograd graph, whose gradient
@@ -218,7 +245,7 @@ class MoeLM(DecoderLM):
         # the label count stays on the device: reading it would be a host sync every step (and
         # no CUDA graph could hold the step)
         n_labels = (shifted_targets(labels) != IGNORE_INDEX).sum()
-        return total + self.spec.moe.aux_loss_coef * n_labels * self.router_aux_loss()
+        return total + self.spec.moe.aux_loss_coef * n_labels * self.router_aux_loss(real_lengths)
 
     def sparse_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
@@ -227,7 +254,11 @@ class MoeLM(DecoderLM):
         """The last forward's router logits of each sparse layer, [rows, experts], in order."""
         return [block.router_logits for block in self.sparse_blocks()]
 
-    def router_aux_loss(self) -> torch.Tensor:
-        """transformers' load-balancing loss of the last forward (without its coefficient)."""
-        return load_balancing_loss(self.router_logits(), self.spec.moe.num_experts,
-                                   self.spec.moe.top_k)
+    def router_aux_loss(self, real_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """transformers' load-balancing loss of the last forward (without its coefficient), over
+        the rows' first `real_lengths` tokens (int [rows of the batch]; None: all of them), as
+        transformers' with the attention_mask of those lengths."""
+        logits = self.router_logits()
+        real = None if real_lengths is None else \
+            real_token_weights(real_lengths, logits[0].shape[0], logits[0].device)
+        return load_balancing_loss(logits, self.spec.moe.num_experts, self.spec.moe.top_k, real)
