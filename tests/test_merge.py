@@ -225,6 +225,30 @@ def test_cli_merge(tiny, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_cli_merge_reads_the_adapter_once(tiny, tmp_path, capsys, monkeypatch):
+    """`qlora merge` reads adapter_config.json and adapter_model.safetensors once each: the
+    base-name check, the fold and the line describing the adapter take them from that read."""
+    import pathlib
+
+    import safetensors.torch
+
+    from qlora.cli import main
+
+    _, model, adapters = tiny
+    reads = []
+    read_text, load_file = pathlib.Path.read_text, safetensors.torch.load_file
+    monkeypatch.setattr(pathlib.Path, "read_text",
+                        lambda path, *a, **k: reads.append(path.name) or read_text(path, *a, **k))
+    monkeypatch.setattr(safetensors.torch, "load_file",
+                        lambda path, *a, **k: reads.append(pathlib.Path(path).name) or load_file(path, *a, **k))
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(model), "--adapter", str(adapters["dora"]), "--out", str(out),
+                 "--no-check"]) == 0
+    assert reads.count("adapter_config.json") == 1
+    assert reads.count("adapter_model.safetensors") == 1
+    assert "adapter: DoRA r=4 alpha=16" in capsys.readouterr().out
+
+
 def test_shard_sizes_follow_transformers_units():
     from qlora.merge import parse_shard_size
 

@@ -124,6 +124,48 @@ def test_sharded_checkpoint_streams(tmp_path):
         assert rel_err(hf_4bit(path, "nf4", True)(ids).logits, ours(ids)) <= 1e-4
 
 
+def test_a_tensor_in_two_shards_is_read_as_transformers_reads_it_or_refused(tmp_path):
+    """A tensor stored in two shards of a checkpoint: transformers reads every tensor of every
+    shard, a later copy over an earlier, whatever the index says. Where the index names that
+    last shard too, ours reads that copy (the logits are transformers'), in the loader and in the
+    headers merge and export go by; where the index names the other shard, or neither, the copy
+    read would depend on the tool: a QloraError names the tensor and both shards."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora.models.weights import read_headers
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "dup", "llama", max_shard_size="100KB")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    first, last = index["weight_map"][key], shards[-1]
+    assert first != last
+    tensors = load_file(str(path / last))
+    tensors[key] = load_file(str(path / first))[key] + 0.5  # another copy, far from the first
+    save_file(tensors, str(path / last), metadata={"format": "pt"})
+    quant = QuantConfig(method="none", compute_dtype=FP32)
+
+    refused = rf"tensor {key} is in 2 shards \({first}, {last}\) and the index names {first}; transformers reads the copy in {last}"
+    with pytest.raises(QloraError, match=refused):
+        load_model(path, quant)
+    with pytest.raises(QloraError, match=refused):
+        read_headers(path)
+    del index["weight_map"][key]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(QloraError, match=rf"{key} is in 2 shards .* the index does not name it"):
+        load_model(path, quant)
+
+    index["weight_map"][key] = last
+    index_file.write_text(json.dumps(index))
+    assert read_headers(path).tensors[key].file.name == last
+    ids = token_batch()
+    with torch.no_grad():
+        # the reference path's tolerance (test_logits_match_transformers_16bit)
+        assert rel_err(hf_model(path)(ids).logits, load_model(path, quant)(ids)) <= 1e-5
+
+
 def test_int8_base_runs_close_to_16bit(llama_dir):
     ids = token_batch()
     ours = load_model(llama_dir, QuantConfig(method="int8", compute_dtype=FP32))

@@ -455,6 +455,32 @@ def test_an_evaluation_shard_without_a_batch_still_has_every_metric(llama_dir, n
     assert counts == [2, 4, 1, 4]  # examples, forwards (the policy's and the reference's)
 
 
+def test_an_evaluation_reads_its_loss_to_the_host_once(llama_dir, monkeypatch):
+    """The evaluation's loss is summed on the device over its batches and read to the host once
+    at the end (not once a batch, each a wait for the GPU), as the metric sums stay there; the
+    sum is the host's float sum of the batches' losses, to the bit."""
+    from qlora.methods import preference
+
+    examples = _varied_examples("pairs")
+    model, opts = _lora_model(llama_dir), PreferenceOptions(beta=0.3)
+    losses, batch_loss = [], preference.batch_loss
+
+    def on_device(*args):
+        loss, metrics = batch_loss(*args)
+        losses.append(float(loss))
+        return loss.as_subclass(_OnDevice), metrics
+
+    monkeypatch.setattr(preference, "batch_loss", on_device)
+    _OnDevice.reads = 0
+    total, count, _ = preference.evaluate(dpo, model, examples, opts, 1, 0)
+    assert len(losses) == count == len(examples) > 1
+    assert _OnDevice.reads == 1
+    want = 0.0
+    for loss in losses:
+        want += loss
+    assert total == want
+
+
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
     loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its

@@ -355,7 +355,7 @@ def run_merge(args) -> None:
     from pathlib import Path
 
     from qlora.export.check import ReferenceUnavailable, check_fits_host, check_merge, report_path
-    from qlora.merge import describe, merge_adapter
+    from qlora.merge import merge_adapter
     from qlora.models.weights import read_headers
 
     report = report_path(Path(args.out))
@@ -367,10 +367,9 @@ def run_merge(args) -> None:
     check = args.check is not False and check_fits_host(
         args.check, headers, args.base, args.device, lambda line: print(line, file=sys.stderr),
         args.adapter, args.check_samples)
-    print(f"adapter: {describe(args.adapter)}")
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, base=args.base,
                         max_shard_size=args.max_shard_size, ignore_base_name=args.ignore_base_name,
-                        headers=headers)
+                        headers=headers, log=print)
     print(f"merged checkpoint written to {out}")
     if check:
         try:

@@ -31,6 +31,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -164,9 +165,10 @@ def check_base_name(adapter_cfg: dict, model_dir: Path, config: dict) -> None:
 
 def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
                        ignore_base_name: bool = False) -> None:
-    """The one base-name check of generate, chat, eval, merge and export: refuse (QloraError) an
-    adapter whose adapter_config.json names another base than model_dir, unless told to ignore
-    it (--ignore-base-name). Missing or unreadable files pass here: the loaders name them."""
+    """The base-name check of generate, chat and eval (merge and export make it in prepare_merge,
+    on the files read there): refuse (QloraError) an adapter whose adapter_config.json names
+    another base than model_dir, unless told to ignore it (--ignore-base-name). Missing or
+    unreadable files pass here: the loaders name them."""
     if adapter_dir is None or ignore_base_name:
         return
     try:
@@ -408,9 +410,11 @@ def normalise_base(base: str) -> str:
 
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                   dtype: str = "bfloat16", base: str = "original", max_shard_size: str | int = "5GB",
-                  ignore_base_name: bool = False, headers: CheckpointHeaders | None = None) -> Path:
+                  ignore_base_name: bool = False, headers: CheckpointHeaders | None = None,
+                  log: Callable[[str], None] | None = None) -> Path:
     """Write base + adapter folded together as a Hugging Face checkpoint in out_dir; return out_dir.
-    `headers`: model_dir's (models.weights.read_headers), where the caller has read them."""
+    `headers`: model_dir's (models.weights.read_headers), where the caller has read them; `log`
+    hears what the adapter is (describe), once it is read and checked."""
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out_dir)
     dtype, base = normalise_dtype(dtype), normalise_base(base)
     refuse_existing(out)
@@ -420,6 +424,8 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     if not adapter_dir.is_dir():
         raise QloraError(f"--adapter {adapter_dir}: no such directory")
     merge = prepare_merge(model_dir, adapter_dir, dtype, base, ignore_base_name, headers)
+    if log is not None:
+        log(f"adapter: {describe(merge)}")
     with staged_dir(out) as tmp:
         _write_merged(merge, tmp, parse_shard_size(max_shard_size))
         config = dict(read_config(model_dir))
@@ -445,6 +451,7 @@ class Merge:
     dtype: torch.dtype  # of every merged floating tensor
     base: str  # "original" or "dequantized-nf4"
     layout: BaseLayout
+    adapter_cfg: dict  # its adapter_config.json
 
     def tensor(self, key: str, read_base) -> torch.Tensor:
         """The merged model's tensor that the base's files call `key`, in `dtype` (a non-floating
@@ -482,8 +489,10 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
     tensor data read): everything that can be refused is refused here, before any slow work.
     `headers`: model_dir's, where the caller has read them (else read here)."""
     dtype, base = normalise_dtype(dtype), normalise_base(base)
-    check_adapter_base(model_dir, adapter_dir, ignore_base_name)
     config = read_config(model_dir)
+    adapter_cfg, modules, replacements = read_adapter(adapter_dir)  # the adapter's one read
+    if not ignore_base_name:  # before the shapes: another model's adapter is named as such
+        check_base_name(adapter_cfg, model_dir, config)
     if config.get("quantization_config"):
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "
@@ -492,9 +501,6 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
     file_shapes = headers.shapes()
     layout = base_layout(config, file_shapes, str(model_dir / "config.json"))
     shapes = {layout.name(k): v for k, v in file_shapes.items() if layout.name(k) is not None}
-    adapter_cfg, modules, replacements = read_adapter(adapter_dir)
-    if not ignore_base_name:
-        check_base_name(adapter_cfg, model_dir, config)
     if adapter_cfg.get("target_parameters"):
         modules = per_expert_modules(adapter_cfg, modules, config, shapes,
                                      adapter_dir / "adapter_model.safetensors")
@@ -505,7 +511,7 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
         raise QloraError(f"{adapter_dir}: the adapter changes {', '.join(sorted(changed & layout.tied))} "
                          "of a model with tied embeddings (its head is its embedding table); merging "
                          "it would change both; this is not supported")
-    return Merge(headers, modules, replacements, DTYPES[dtype], base, layout)
+    return Merge(headers, modules, replacements, DTYPES[dtype], base, layout, adapter_cfg)
 
 
 def _write_merged(merge: Merge, tmp: Path, max_bytes: int) -> None:
@@ -520,9 +526,10 @@ def _write_merged(merge: Merge, tmp: Path, max_bytes: int) -> None:
     writer.finish()
 
 
-def describe(adapter_dir: str | Path) -> str:
-    """One line about an adapter: kind, rank, scale (for the CLI)."""
-    cfg, modules, _ = read_adapter(Path(adapter_dir))
+def describe(merge: Merge) -> str:
+    """One line about a merge's adapter: kind, rank, scale, the base weights it changes (each
+    expert's own, for a mixture of experts' adapter) (for the CLI)."""
+    cfg, modules = merge.adapter_cfg, merge.modules
     kind = "DoRA" if cfg.get("use_dora") else ("rsLoRA" if cfg.get("use_rslora") else "LoRA")
     scales = sorted({round(m.scale, 6) for m in modules.values()})
     return f"{kind} r={cfg['r']} alpha={cfg['lora_alpha']} scale={scales} on {len(modules)} modules"

@@ -445,11 +445,48 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     (GGUFTensors.write_tensors, maybe after other slow work: an importance matrix); the file
     becomes out_file when the block completes, and is deleted if it fails. `headers`: model_dir's
     safetensors headers (models.weights.read_headers), where the caller has read them."""
-    from qlora.merge import read_config
     from qlora.models.weights import headers_of
 
     model_dir, out = Path(model_dir), Path(out_file)
     qtype = check_qtype(qtype)
+    config = check_export_inputs(model_dir, out, qtype, threads)
+    name, merge = model_dir.resolve().name, None
+    if adapter_dir is not None:
+        from qlora.merge import merged_dtype, prepare_merge
+
+        merge = prepare_merge(model_dir, Path(adapter_dir), merged_dtype(config), merge_base,
+                              ignore_base_name, headers)
+        headers = merge.headers  # read there, after the adapter's own refusals, where not given
+        name = f"{name} + {Path(adapter_dir).resolve().name}"  # what was merged
+    headers = headers_of(model_dir, headers)
+    tensors = planned_file(model_dir, config, headers, merge, qtype, name, log or _to_stderr,
+                           threads, device)
+    w = tensors.writer
+    # the metadata is written before its size is known: a disk with less free refuses there
+    with staged_file(out) as tmp, disk_full_refused(out.parent, "--out"):
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            check_room(w, out)
+            yield tensors
+            if any(w.tensors):
+                raise RuntimeError(f"{out}: the export ended with tensors of its table unwritten")
+        finally:
+            w.close()
+        if out.exists():
+            raise QloraError(f"{out} appeared while exporting; not overwriting it")
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | None) -> dict:
+    """The refusals of an export's arguments, before any file but config.json is read; that
+    config."""
+    from qlora.merge import read_config
+
     if threads is not None and threads < 1:
         raise QloraError(f"--threads {threads}: give at least 1 (1 quantizes in this process)")
     if out.exists():
@@ -460,26 +497,36 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     refuse_generic(model_dir)
     config = read_config(model_dir)
     check_moe_export(config, qtype, model_dir / "config.json")
-    if log is None:
-        def log(text: str) -> None:
-            print(text, file=sys.stderr)
-    name, merge = model_dir.resolve().name, None
-    if adapter_dir is not None:
-        from qlora.merge import merged_dtype, prepare_merge
+    return config
 
-        merge = prepare_merge(model_dir, Path(adapter_dir), merged_dtype(config), merge_base,
-                              ignore_base_name, headers)
-        headers = merge.headers  # read there, after the adapter's own refusals, where not given
-        name = f"{name} + {Path(adapter_dir).resolve().name}"  # what was merged
-    headers = headers_of(model_dir, headers)
+
+def planned_file(model_dir: Path, config: dict, headers, merge, qtype: str, name: str, log,
+                 threads: int | None, device: str) -> GGUFTensors:
+    """The file's tensors planned (plan_tensors) and its metadata and tensor table set in a
+    GGUFWriter, no file opened yet."""
     g = _gguf()
     arch = arch_of(config.get("model_type", "?"))
     arch_name = g.MODEL_ARCH_NAMES[arch]
     gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
     note_unwritten_window(config, arch_name, log)
     plan = plan_tensors(headers.shapes(), config, arch, qtype, model_dir)
-
     w = g.GGUFWriter(None, arch_name)  # the file is opened once everything is known
+    rope_factors = add_metadata(w, model_dir, config, arch_name, gemma, qtype, name)
+    for factor_name, factors in rope_factors.items():  # F32, as llama.cpp reads them
+        w.add_tensor_info(factor_name, factors.shape, factors.dtype, factors.nbytes)
+    for planned in plan:
+        # the values' shape: gguf converts a byte shape only for a uint8 dtype
+        w.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), planned.nbytes,
+                          raw_dtype=planned.stored_type)
+    return GGUFTensors(w, plan, rope_factors, headers, merge, config, arch_name, gemma, qtype,
+                       log, threads, device)
+
+
+def add_metadata(w, model_dir: Path, config: dict, arch_name: str, gemma, qtype: str,
+                 name: str) -> dict[str, np.ndarray]:
+    """The file's key-value metadata (name, hyperparameters, tokenizer, file type) into `w`;
+    returns the RoPE factor tensors the hyperparameters call for."""
+    g = _gguf()
     w.add_name(name)
     rope_factors = add_hparams(w, config, arch_name)
     if gemma is not None:
@@ -489,28 +536,7 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     add_tokenizer(w, model_dir, config)
     w.add_file_type(g.LlamaFileType[FILE_TYPES[qtype][1]])
     w.add_quantization_version(g.GGML_QUANT_VERSION)
-    for factor_name, factors in rope_factors.items():  # F32, as llama.cpp reads them
-        w.add_tensor_info(factor_name, factors.shape, factors.dtype, factors.nbytes)
-    for planned in plan:
-        # the values' shape: gguf converts a byte shape only for a uint8 dtype
-        w.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), planned.nbytes,
-                          raw_dtype=planned.stored_type)
-
-    # the metadata is written before its size is known: a disk with less free refuses there
-    with staged_file(out) as tmp, disk_full_refused(out.parent, "--out"):
-        try:
-            w.write_header_to_file(tmp)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            check_room(w, out)
-            yield GGUFTensors(w, plan, rope_factors, headers, merge, config, arch_name, gemma,
-                              qtype, log, threads, device)
-            if any(w.tensors):
-                raise RuntimeError(f"{out}: the export ended with tensors of its table unwritten")
-        finally:
-            w.close()
-        if out.exists():
-            raise QloraError(f"{out} appeared while exporting; not overwriting it")
+    return rope_factors
 
 
 def check_room(w, out: Path) -> None:

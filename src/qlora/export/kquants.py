@@ -653,23 +653,29 @@ def block_size(type_name: str) -> tuple[int, int]:
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
 
 
-def encoding_layout(x: np.ndarray, type_name: str, importance: np.ndarray | None = None):
+def encoding_layout(x: np.ndarray, type_name: str):
     """x (…, cols) checked against `type_name`'s block and cut into the units encoded one at a
-    time: (units, importance as float32, the output (n units, bytes each) to fill, the shape it
-    is returned in). A k-quant's unit is its 256-value super-block (the search weighs each by
-    block_weights); a type gguf.quants encodes goes by whole rows, as gguf.quants takes them."""
+    time: (units, the output (n units, bytes each) to fill, the shape it is returned in). A
+    k-quant's unit is its 256-value super-block (the search weighs each by block_weights); a type
+    gguf.quants encodes goes by whole rows, as gguf.quants takes them."""
     block, block_bytes = block_size(type_name)
     cols = x.shape[-1]
     if cols % block:
         raise ValueError(f"{type_name} needs rows that are a multiple of {block}, got {cols}")
-    if importance is not None and importance.shape != (cols,):
-        raise ValueError(f"importance has shape {importance.shape}, rows have {cols} columns")
-    if importance is not None:
-        importance = np.ascontiguousarray(importance, dtype=np.float32)
     unit = block if type_name in KINDS else cols
     units = x.reshape(-1, unit)
     out = np.empty((len(units), unit // block * block_bytes), dtype=np.uint8)
-    return units, importance, out, (*x.shape[:-1], cols // block * block_bytes)
+    return units, out, (*x.shape[:-1], cols // block * block_bytes)
+
+
+def search_importance(importance: np.ndarray | None, cols: int) -> np.ndarray | None:
+    """A k-quant search's importance (one value per column of rows `cols` long; None: every
+    value alike) checked against the rows, as float32. The other types take none."""
+    if importance is None:
+        return None
+    if importance.shape != (cols,):
+        raise ValueError(f"importance has shape {importance.shape}, rows have {cols} columns")
+    return np.ascontiguousarray(importance, dtype=np.float32)
 
 
 def block_weights(importance: np.ndarray, first: int, n: int) -> np.ndarray:
@@ -691,7 +697,8 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
     (uint16: bf16_bits), widened by whoever encodes it."""
     if not isinstance(executor, ProcessPoolExecutor):
         x = as_float32(x)
-    blocks, importance, out, shape = encoding_layout(x, kind_name, importance)
+    blocks, out, shape = encoding_layout(x, kind_name)
+    importance = search_importance(importance, x.shape[-1])
     if isinstance(executor, ProcessPoolExecutor):
         encode_rows = functools.partial(quantize_blocks, kind_name=kind_name, importance=importance)
         return _submit_mapped(blocks, encode_rows, CHUNK_BLOCKS, TASK_CHUNKS, executor, out, shape)
@@ -725,7 +732,7 @@ def submit_gguf(x: np.ndarray, type_name: str, executor: Executor | None = None)
     this thread when it is None. Bytes as one gguf.quants.quantize(x) call gives: each row alone."""
     if not isinstance(executor, ProcessPoolExecutor):
         x = as_float32(x)  # bf16 bit patterns (uint16) widened here; the workers widen their own
-    rows, _, out, shape = encoding_layout(x, type_name)
+    rows, out, shape = encoding_layout(x, type_name)
     if executor is None:
         return Pending(out, shape, [(0, gguf_rows(rows, type_name))])
     per_task = max(1, GGUF_TASK_VALUES // rows.shape[1])

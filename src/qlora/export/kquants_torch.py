@@ -308,7 +308,8 @@ class OnDevice:
         x = kquants.as_float32(x)  # bf16 bit patterns too, as the numpy workers take them
         if kind_name not in KINDS:
             return self._submit_gguf(x, kind_name)
-        blocks, importance, out, shape = kquants.encoding_layout(x, kind_name, importance)
+        blocks, out, shape = kquants.encoding_layout(x, kind_name)
+        importance = kquants.search_importance(importance, x.shape[-1])
         per_task = max(1, DEVICE_CHUNK_VALUES // QK_K)
         parts = [(a, _Packed(self.feeder.submit(self._search, blocks[a:a + per_task], kind_name, importance, a)))
                  for a in range(0, len(blocks), per_task)]
@@ -332,7 +333,7 @@ class OnDevice:
         """A type of gguf.quants: Q8_0, Q4_0, BF16 on the device (ENCODERS), whole rows,
         DEVICE_CHUNK_VALUES per task; the rest (F16, a cast numpy does in one pass; Q5_0, Q5_1)
         by gguf.quants itself on the CPU threads."""
-        rows, _, out, shape = kquants.encoding_layout(x, type_name)
+        rows, out, shape = kquants.encoding_layout(x, type_name)
         if type_name in ENCODERS:
             pool, run, values = self.feeder, self._encode, DEVICE_CHUNK_VALUES
         else:

@@ -100,10 +100,11 @@ class StreamedReference(nn.Module):
     def __init__(self, model_dir: str | Path, adapter_dir: str | Path | None, quant):
         from qlora.adapters import read_saved_adapter
         from qlora.models.load import load_model
-        from qlora.models.weights import check_nothing_missing
+        from qlora.models.weights import check_nothing_missing, shard_keys
 
         super().__init__()
         self.model_dir, self.adapter_dir, self.quant = Path(model_dir), adapter_dir, quant
+        self.keys = shard_keys(model_dir)  # each layer's read finds its tensors' shards here
         self.saved_adapter = None if adapter_dir is None else read_saved_adapter(adapter_dir)
         self.shell = load_model(model_dir, quant, "cpu",
                                 only=lambda key: not key.startswith(LAYER_KEYS))
@@ -127,7 +128,7 @@ class StreamedReference(nn.Module):
         prefix = f"{LAYER_KEYS}{index}."
         self.shell.model.layers[index] = copy.deepcopy(self.empty_layers[index])
         read_weights(self.shell, self.model_dir, self.quant, torch.device("cpu"),
-                     only=lambda key: key.startswith(prefix))
+                     only=lambda key: key.startswith(prefix), keys=self.keys)
         if self.saved_adapter is not None:
             load_adapter(self.shell, self.adapter_dir, self.saved_adapter, within=prefix)
         layer = self.shell.model.layers[index]

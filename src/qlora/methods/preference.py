@@ -347,9 +347,11 @@ def evaluate(method, model, examples: list[dict], opts: PreferenceOptions, batch
             start, weight = (starts[k], 1) if k < len(starts) else (0, 0)
             batch = preference_batch(examples[start:start + batch_size], pad_id, packed)
             loss, metrics = batch_loss(method, model, batch, opts)
-            total += float(loss) * weight
+            # summed on the device, read once below (a read per batch is a wait for the GPU per
+            # batch); in float64, as the host's float sum was: the same bits
+            total = total + loss.double() * weight
             count += batch["n_examples"] * weight
             add_metrics(sums, {name: v * weight for name, v in metrics.items()})
     finally:
         model.train(was_training)
-    return total, count, sums
+    return float(total), count, sums

@@ -38,7 +38,7 @@ from qlora.errors import QloraError
 from qlora.models.decoder import IGNORE_INDEX, compute_device, shifted_targets
 from qlora.models.spec import read_config
 from qlora.models.weights import (check_nothing_missing, open_shard, read_tensor,
-                                  replace_keeping_bias, weight_files)
+                                  replace_keeping_bias, shard_keys)
 
 # A config without max_position_embeddings (a recurrent model) sets no context limit
 NO_CONTEXT_LIMIT = 2**31 - 1
@@ -276,11 +276,11 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     device = torch.device(device)
     cfg, source = read_config(model_dir)
     config = transformers_config(cfg, source)
-    files = weight_files(model_dir)
+    keys = shard_keys(model_dir)
     hf = build_empty(config, quant.compute_dtype)
     model = GenericLM(hf, spec_of(hf, cfg, name=Path(model_dir).name))
     model.name_or_path, model.quant = str(model_dir), quant
-    _stream_weights(model, files, quant, device, str(Path(model_dir)))
+    _stream_weights(model, keys, quant, device, str(Path(model_dir)))
     hf.tie_weights()
     _move_buffers(hf, device)
     check_nothing_missing(model, model_dir)
@@ -289,19 +289,18 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     return model
 
 
-def _stream_weights(model: "GenericLM", files: list[Path], quant, device: torch.device,
+def _stream_weights(model: "GenericLM", keys: dict[Path, list[str]], quant, device: torch.device,
                     source: str) -> None:
     """Every tensor of the checkpoint into its place, shard after shard: a linear's weight is
     quantized as soon as it is read, so its 16-bit copy is gone before the next is read; the
     rest goes in the compute dtype (fp32 where transformers keeps it so). Every name is checked
     before any tensor is read."""
-    names = checkpoint_names(model.hf, [k for path in files for k in open_shard(path).keys()],
-                             source)
+    names = checkpoint_names(model.hf, [k for shard in keys.values() for k in shard], source)
     to_quantize = {layer.name: layer for layer in model.spec.linears if layer.quantized}
     fp32 = _fp32_modules(model.hf, quant.compute_dtype)
-    for path in files:
+    for path, shard in keys.items():
         handle = open_shard(path)
-        for key in handle.keys():
+        for key in shard:
             name = names[key]
             if name is None:
                 continue

@@ -29,7 +29,7 @@ from qlora.models.families.moe_config import (EXPERT_LINEARS, HUB_EXPERT, STACKE
 from qlora.models.families.phi3_blocks import Phi3LM
 from qlora.models.generic import GenericLM, GenericSpec, load_generic, read_generic_spec
 from qlora.models.spec import ArchSpec, is_native, read_config, read_spec
-from qlora.models.weights import check_nothing_missing, replace_keeping_bias, weight_files
+from qlora.models.weights import check_nothing_missing, replace_keeping_bias, shard_keys
 from qlora.models.weights import open_shard as _open, read_tensor as _read  # tests spy on _read
 from qlora.quant import (QuantConfig, QuantizedStack, prequantized_linear, quantize_linear,
                          quantize_linear_rows, rows_align)
@@ -120,20 +120,21 @@ def load_model(
 
 
 def read_weights(model: DecoderLM, model_dir: str | Path, quant: QuantConfig, device: torch.device,
-                 part: RowPart | None = None, only: Callable[[str], bool] | None = None
-                 ) -> dict[str, set]:
+                 part: RowPart | None = None, only: Callable[[str], bool] | None = None,
+                 keys: dict[Path, list[str]] | None = None) -> dict[str, set]:
     """Read the checkpoint's tensors (those `only` accepts, where given) into `model`, whose
     modules for them are on the meta device: each linear of the blocks quantized as it is read.
-    Returns the experts read, by stack (for _check_experts_complete)."""
+    Returns the experts read, by stack (for _check_experts_complete). `keys`: model_dir's
+    weights.shard_keys (each tensor in its one shard), where the caller has read them."""
     spec = model.spec
     dtype = quant.compute_dtype
     pending_4bit: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     prequant = prequantized_4bit(spec)
     experts_read: dict[str, set] = defaultdict(set)
 
-    for path in weight_files(model_dir):
+    for path, names in (keys or shard_keys(model_dir)).items():
         handle = _open(path)
-        for key in handle.keys():
+        for key in names:
             if IGNORED_KEYS.search(key) or (spec.tie_word_embeddings and key == "lm_head.weight"):
                 continue
             if only is not None and not only(key):

@@ -13,15 +13,27 @@ from torch import nn
 from qlora.errors import QloraError
 
 
-def weight_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of a model directory, in shard order."""
+INDEX = "model.safetensors.index.json"
+
+
+def index_weight_map(model_dir: str | Path) -> dict[str, str] | None:
+    """The sharded checkpoint's index: tensor name → its shard's file name (None: no index)."""
+    index = Path(model_dir) / INDEX
+    if not index.exists():
+        return None
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise QloraError(f"{index} is not a valid safetensors index ({err})") from err
+
+
+def weight_files(model_dir: str | Path, weight_map: dict[str, str] | None = None) -> list[Path]:
+    """The safetensors files of a model directory, in shard order. `weight_map`: its index's
+    (index_weight_map), where the caller has read it."""
     root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise QloraError(f"{index} is not a valid safetensors index ({err})") from err
+    index = root / INDEX
+    weight_map = weight_map if weight_map is not None else index_weight_map(root)
+    if weight_map is not None:
         files = [root / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -83,11 +95,49 @@ def read_shard_header(path: Path) -> dict[str, TensorHeader]:
 
 
 def read_headers(model_dir: str | Path) -> CheckpointHeaders:
-    """The headers of model_dir's safetensors shards (weight_files), each read once."""
-    tensors: dict[str, TensorHeader] = {}
-    for path in weight_files(model_dir):
-        tensors.update(read_shard_header(path))
-    return CheckpointHeaders(Path(model_dir), tensors)
+    """The headers of model_dir's safetensors shards (weight_files), each read once: every
+    tensor once, from the one shard it is read from (one_copy_each)."""
+    weight_map = index_weight_map(model_dir)
+    headers = {path: read_shard_header(path) for path in weight_files(model_dir, weight_map)}
+    kept = one_copy_each({path: list(h) for path, h in headers.items()}, weight_map, Path(model_dir))
+    return CheckpointHeaders(Path(model_dir), {key: headers[path][key]
+                                               for path, keys in kept.items() for key in keys})
+
+
+def shard_keys(model_dir: str | Path) -> dict[Path, list[str]]:
+    """Each shard's tensor names (its keys alone, no shapes: what a loader iterates), every
+    tensor in the one shard it is read from (one_copy_each), shard after shard."""
+    weight_map = index_weight_map(model_dir)
+    keys = {}
+    for path in weight_files(model_dir, weight_map):
+        with open_shard(path) as handle:
+            keys[path] = list(handle.keys())
+    return one_copy_each(keys, weight_map, Path(model_dir))
+
+
+def one_copy_each(keys: dict[Path, list[str]], weight_map: dict[str, str] | None,
+                  model_dir: Path) -> dict[Path, list[str]]:
+    """`keys` (each shard's tensor names, in shard order) with a tensor found in several shards
+    kept in the last of them only, as transformers reads it (every tensor of every shard, a later
+    copy over an earlier; it does not look the tensor up in the index). That is allowed where
+    the index names that shard too, so that the two agree; where it names another, or none, the
+    copy loaded would depend on the tool that loads the checkpoint: refused. Shards left with
+    no tensor are left out."""
+    holders: dict[str, list[Path]] = {}
+    for path, names in keys.items():
+        for key in names:
+            holders.setdefault(key, []).append(path)
+    for key, files in holders.items():
+        named = (weight_map or {}).get(key)
+        if len(files) > 1 and named != files[-1].name:
+            said = f"the index names {named}" if named else "the index does not name it"
+            raise QloraError(
+                f"{model_dir}: tensor {key} is in {len(files)} shards "
+                f"({', '.join(f.name for f in files)}) and {said}; transformers reads the copy in "
+                f"{files[-1].name}. Remove the other copies, or make {INDEX}'s weight_map name "
+                f"the shard whose copy is meant")
+    kept = {path: [key for key in names if holders[key][-1] == path] for path, names in keys.items()}
+    return {path: names for path, names in kept.items() if names}
 
 
 def headers_of(model_dir: str | Path, headers: CheckpointHeaders | None) -> CheckpointHeaders:
