@@ -147,7 +147,7 @@ def test_a_tensor_in_two_shards_is_read_as_transformers_reads_it_or_refused(tmp_
     save_file(tensors, str(path / last), metadata={"format": "pt"})
     quant = QuantConfig(method="none", compute_dtype=FP32)
 
-    refused = rf"tensor {key} is in 2 shards \({first}, {last}\) and the index names {first}; transformers reads the copy in {last}"
+    refused = rf"tensor {key} is in 2 shards \({first}, {last}\) with different values and the index names {first}; transformers reads the copy in {last}"
     with pytest.raises(QloraError, match=refused):
         load_model(path, quant)
     with pytest.raises(QloraError, match=refused):
@@ -164,6 +164,60 @@ def test_a_tensor_in_two_shards_is_read_as_transformers_reads_it_or_refused(tmp_
     with torch.no_grad():
         # the reference path's tolerance (test_logits_match_transformers_16bit)
         assert rel_err(hf_model(path)(ids).logits, load_model(path, quant)(ids)) <= 1e-5
+
+
+def test_a_tensor_stored_twice_alike_loads_whatever_the_index_names(tmp_path):
+    """The same bytes in two shards (the index naming the first, or not naming it): every tool
+    reads the same values, whichever copy it takes, so nothing is ambiguous: the checkpoint
+    loads (the logits are transformers', which reads it) and merge's headers take one copy."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora.models.weights import read_headers
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "dup", "llama", max_shard_size="100KB")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    first, last = index["weight_map"][key], sorted(set(index["weight_map"].values()))[-1]
+    assert first != last
+    tensors = load_file(str(path / last))
+    tensors[key] = load_file(str(path / first))[key]  # the same tensor, stored a second time
+    save_file(tensors, str(path / last), metadata={"format": "pt"})
+    quant = QuantConfig(method="none", compute_dtype=FP32)
+    ids = token_batch()
+    for named in (first, None):
+        if named is None:
+            del index["weight_map"][key]
+            index_file.write_text(json.dumps(index))
+        headers = read_headers(path)
+        assert key in headers.tensors and sum(k == key for k in headers.tensors) == 1
+        with torch.no_grad():
+            # the reference path's tolerance (test_logits_match_transformers_16bit)
+            assert rel_err(hf_model(path)(ids).logits, load_model(path, quant)(ids)) <= 1e-5
+
+
+def test_copies_alike_compares_every_chunk_dtype_and_shape(tmp_path, monkeypatch):
+    """weights.copies_alike: alike only with one dtype, one shape and every byte the same, the
+    last chunk's too (chunks of 7 bytes here, so a 40-byte tensor takes several)."""
+    from safetensors.torch import save_file
+
+    from qlora.models import weights
+
+    monkeypatch.setattr(weights, "COMPARE_CHUNK_BYTES", 7)
+    x = torch.arange(10, dtype=torch.float32)
+    last_differs = x.clone()
+    last_differs[-1] = 11.0
+    copies = {"same": x, "moved": x, "other": torch.zeros(3), "last": last_differs,
+              "int": x.view(torch.int32), "shape": x.view(2, 5)}
+    files = {}
+    for name, t in copies.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        # another tensor before it, longer in "moved": the copy at another offset of its file
+        save_file({"w": t, "a": torch.ones(5 if name == "moved" else 1)}, str(files[name]))
+    assert weights.copies_alike("w", [files["same"], files["moved"], files["same"]])
+    for name in ("other", "last", "int", "shape"):
+        assert not weights.copies_alike("w", [files["same"], files[name]]), name
 
 
 def test_int8_base_runs_close_to_16bit(llama_dir):

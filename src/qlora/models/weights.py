@@ -3,6 +3,7 @@ what the native loader (load.py) and the generic path (generic.py) share."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,24 +121,57 @@ def one_copy_each(keys: dict[Path, list[str]], weight_map: dict[str, str] | None
     """`keys` (each shard's tensor names, in shard order) with a tensor found in several shards
     kept in the last of them only, as transformers reads it (every tensor of every shard, a later
     copy over an earlier; it does not look the tensor up in the index). That is allowed where
-    the index names that shard too, so that the two agree; where it names another, or none, the
-    copy loaded would depend on the tool that loads the checkpoint: refused. Shards left with
-    no tensor are left out."""
+    the index names that shard too, so that the two agree, or where the copies are the same
+    bytes (any tool then reads the same values); where the index names another, or none, and
+    the copies differ, the values loaded would depend on the tool that loads the checkpoint:
+    refused. Shards left with no tensor are left out."""
     holders: dict[str, list[Path]] = {}
     for path, names in keys.items():
         for key in names:
             holders.setdefault(key, []).append(path)
     for key, files in holders.items():
         named = (weight_map or {}).get(key)
-        if len(files) > 1 and named != files[-1].name:
+        if len(files) > 1 and named != files[-1].name and not copies_alike(key, files):
             said = f"the index names {named}" if named else "the index does not name it"
             raise QloraError(
                 f"{model_dir}: tensor {key} is in {len(files)} shards "
-                f"({', '.join(f.name for f in files)}) and {said}; transformers reads the copy in "
-                f"{files[-1].name}. Remove the other copies, or make {INDEX}'s weight_map name "
-                f"the shard whose copy is meant")
+                f"({', '.join(f.name for f in files)}) with different values and {said}; "
+                f"transformers reads the copy in {files[-1].name}. Remove the other copies, or "
+                f"make {INDEX}'s weight_map name the shard whose copy is meant")
     kept = {path: [key for key in names if holders[key][-1] == path] for path, names in keys.items()}
     return {path: names for path, names in kept.items() if names}
+
+
+COMPARE_CHUNK_BYTES = 64 * 2**20  # a copy may be GiBs (an embedding): compared a chunk at a time
+
+
+def copies_alike(key: str, files: list[Path]) -> bool:
+    """Whether `key`'s copies in these safetensors files have one dtype, shape and the same
+    bytes (read from the files a chunk at a time, no tensor made)."""
+    spans = [stored_span(path, key) for path in files]
+    if len({(dtype, shape, end - start) for dtype, shape, start, end in spans}) > 1:
+        return False
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(path, "rb")) for path in files]
+        for handle, (_, _, start, _) in zip(handles, spans):
+            handle.seek(start)
+        left = spans[0][3] - spans[0][2]
+        while left > 0:
+            chunks = [handle.read(min(left, COMPARE_CHUNK_BYTES)) for handle in handles]
+            if any(chunk != chunks[0] for chunk in chunks[1:]):
+                return False
+            left -= len(chunks[0])
+    return True
+
+
+def stored_span(path: Path, key: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, first byte, end byte) of `key`'s data in a safetensors file: its header is
+    8 bytes of length (little-endian), that much JSON, then the data its offsets count from."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(length))[key]
+    start, end = entry["data_offsets"]
+    return entry["dtype"], tuple(entry["shape"]), 8 + length + start, 8 + length + end
 
 
 def headers_of(model_dir: str | Path, headers: CheckpointHeaders | None) -> CheckpointHeaders:
