@@ -514,13 +514,42 @@ def _wraps_conv1d(model: nn.Module) -> bool:
                for layer in model.spec.linears)
 
 
-def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.exists():
-        raise QloraError(f"{path} not found: an adapter directory in PEFT format needs {ADAPTER_CONFIG}")
-    raw = json.loads(path.read_text())
+def read_adapter_json(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a LoRA adapter directory, as saved: the one reader of it (loading
+    and merge alike), naming what is missing or broken."""
+    root = Path(adapter_dir)
+    if not root.is_dir():
+        raise QloraError(f"adapter directory {root} does not exist (--adapter takes a directory "
+                         f"in PEFT format: {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    path = root / ADAPTER_CONFIG
+    if not path.is_file():
+        raise QloraError(f"{root} is not an adapter directory: it has no {ADAPTER_CONFIG} (--adapter "
+                         f"takes a training run's output_dir or another PEFT adapter directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise QloraError(f"{path}: not valid JSON ({err}); save the adapter again") from None
+    if not isinstance(raw, dict):
+        raise QloraError(f"{path}: not a JSON object; save the adapter again")
     if raw.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    return raw
+
+
+def adapter_weights_file(adapter_dir: str | Path) -> Path:
+    """The adapter directory's adapter_model.safetensors, which must exist."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        bin_hint = (" (found adapter_model.bin: re-save it with safetensors)"
+                    if (Path(adapter_dir) / "adapter_model.bin").exists() else "")
+        raise QloraError(f"{weights} not found: the adapter directory has no {ADAPTER_WEIGHTS}"
+                         f"{bin_hint}")
+    return weights
+
+
+def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    raw = read_adapter_json(adapter_dir)
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise QloraError(f"{path}: per-layer {key} is not supported yet; retrain with one r/alpha")
@@ -560,10 +589,7 @@ def read_saved_adapter(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[str
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise QloraError(f"{weights} not found: the adapter directory has no {ADAPTER_WEIGHTS}")
-    return cfg, load_file(str(weights))
+    return cfg, load_file(str(adapter_weights_file(adapter_dir)))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path,

@@ -561,6 +561,10 @@ def check(cfg: RunConfig) -> RunConfig:
         from qlora.memory import parse_size
 
         parse_size(cfg.gpu_memory, "option `gpu_memory`")
+    if cfg.chat_template is not None:  # unused by non-chat data, where a typo would pass unseen
+        from qlora.data.templates import template_from_option
+
+        template_from_option(cfg.chat_template)
     _check_method(cfg)
     if cfg.resume and cfg.overwrite:
         raise QloraError("options `resume` and `overwrite` exclude each other: resuming continues "

@@ -84,20 +84,11 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[s
     """(adapter_config, module name → LoraModule, full replacement tensors from modules_to_save)."""
     from safetensors.torch import load_file
 
+    from qlora.adapters import adapter_weights_file, read_adapter_json
+
     cfg_path = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not cfg_path.exists():
-        raise QloraError(f"{adapter_dir}: no adapter_config.json; give a PEFT adapter directory")
-    if not weights.exists():
-        bin_hint = " (found adapter_model.bin: re-save it with safetensors)" if (
-            adapter_dir / "adapter_model.bin").exists() else ""
-        raise QloraError(f"{adapter_dir}: no adapter_model.safetensors{bin_hint}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as err:
-        raise QloraError(f"{cfg_path}: not valid JSON ({err})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise QloraError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters can be merged")
+    cfg = read_adapter_json(adapter_dir)
+    weights = adapter_weights_file(adapter_dir)
     # fan_in_fan_out (PEFT's mark of a Conv1D layer) is not read: which layers are stored
     # transposed is the base's fact (checkpoint_layout), and PEFT does not always write the mark
     # (not over a 4-bit base, whose layers are no Conv1D any more)
