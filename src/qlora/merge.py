@@ -36,6 +36,7 @@ import torch
 
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
+from qlora.models.spec import read_config
 from qlora.models.weights import CheckpointHeaders, headers_of, open_shard
 from qlora.files import check_writable, staged_dir
 
@@ -61,16 +62,6 @@ class LoraModule:
 
 
 # --- reading the base ---------------------------------------------------------------------------
-def read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise QloraError(f"{model_dir}: no config.json; give a model directory in Hugging Face layout")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise QloraError(f"{path}: not valid JSON ({err})") from None
-
-
 # --- reading the adapter ------------------------------------------------------------------------
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches the end of the module name."""
@@ -413,7 +404,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     merge = prepare_merge(model_dir, adapter_dir, dtype, base, ignore_base_name, headers)
     with staged_dir(out) as tmp:
         _write_merged(merge, tmp, parse_shard_size(max_shard_size))
-        config = dict(read_config(model_dir))
+        config = dict(read_config(model_dir)[0])
         config["torch_dtype"] = dtype  # transformers 4.x reads this key
         config["dtype"] = dtype  # transformers 5 writes and reads this one
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -474,7 +465,7 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
     `headers`: model_dir's, where the caller has read them (else read here)."""
     dtype, base = normalise_dtype(dtype), normalise_base(base)
     check_adapter_base(model_dir, adapter_dir, ignore_base_name)
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     if config.get("quantization_config"):
         raise QloraError(f"{model_dir / 'config.json'}: the base is a pre-quantized checkpoint "
                          f"({config['quantization_config'].get('quant_method', '?')}); merge needs "

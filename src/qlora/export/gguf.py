@@ -445,7 +445,7 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     (GGUFTensors.write_tensors, maybe after other slow work: an importance matrix); the file
     becomes out_file when the block completes, and is deleted if it fails. `headers`: model_dir's
     safetensors headers (models.weights.read_headers), where the caller has read them."""
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
     from qlora.models.weights import headers_of
 
     model_dir, out = Path(model_dir), Path(out_file)
@@ -458,7 +458,7 @@ def open_gguf(model_dir: str | Path, out_file: str | Path, qtype: str = "f16",
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(model_dir)
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     check_moe_export(config, qtype, model_dir / "config.json")
     if log is None:
         def log(text: str) -> None:
@@ -634,11 +634,11 @@ def refuse_generic(model_dir: Path) -> None:
     """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
     model on the generic path has none, and is refused by its architecture's name; a mixture of
     experts is refused too (its stacked expert tensors are not written yet)."""
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
     from qlora.models.families import FAMILIES
     from qlora.models.spec import is_native
 
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     if is_native(config):
         return
     architecture = ", ".join(config.get("architectures") or []) or "no architectures listed"
