@@ -92,8 +92,8 @@ class RunConfig:
     # (models/tiling.py): true = tiles of the model's default size, a number = tokens per tile;
     # None (or auto) = only where the memory plan needs it to fit
     tile_mlp: bool | int | None = None
-    # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
-    # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
+    # on CUDA (each data-parallel rank too; not under FSDP), a frozen input embedding not tied to
+    # the head kept in pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
     # vocab x hidden x 2 bytes
     embedding_on_host: bool = True
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
@@ -203,7 +203,8 @@ HELP: dict[str, str] = {
     "offload_activations": "with checkpointing, each layer's saved input in pinned host memory "
                            "until its backward (long sequences)",
     "tile_mlp": "the MLP in sequence tiles: true, false or tokens per tile (long sequences)",
-    "embedding_on_host": "on one CUDA GPU, an untied frozen input embedding in pinned host memory",
+    "embedding_on_host": "on CUDA (not under FSDP), an untied frozen input embedding in pinned "
+                         "host memory",
     "cuda_graphs": "replay each micro-batch shape's forward and backward as a CUDA graph",
     "fused_kernels": "Triton RMSNorm / SwiGLU / RoPE kernels and, on CUDA, 4-bit dequantize",
     "router_aux_loss": "a mixture of experts: add the router's load-balancing loss (its "
