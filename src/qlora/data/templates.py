@@ -276,8 +276,10 @@ class PrepareReport:
 
     def lines(self) -> list[str]:
         """What to print before training."""
-        out = [f"{self.path}: {self.n_examples} examples ({self.format}) from {self.n_rows} rows, "
-               f"{self.n_tokens} tokens, {self.n_label_tokens} with loss"
+        left_out = self.n_rows - self.n_examples
+        out = [f"{self.path}: {self.n_examples} examples ({self.format}) from {self.n_rows} rows"
+               + (f" ({left_out} left out, listed below)" if left_out else "")
+               + f", {self.n_tokens} tokens, {self.n_label_tokens} with loss"
                + (" [cached]" if self.cache_hit else "")]
         return out + summarize_problems(self.problems)
 
