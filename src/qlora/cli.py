@@ -188,7 +188,7 @@ def _generate_options(p) -> None:
 
 
 def _add_model_args(p) -> None:
-    from qlora.quant import METHODS as QUANT_METHODS
+    from qlora.quant import QUANT_METHODS
 
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
     p.add_argument("--adapter", help="adapter directory (PEFT format)")
@@ -457,7 +457,7 @@ def add_plan(sub) -> None:
 
 def _plan_options(p) -> None:
     from qlora.methods import METHODS
-    from qlora.quant import METHODS as QUANT_METHODS
+    from qlora.quant import QUANT_METHODS
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory (reads its config.json)")

@@ -23,7 +23,7 @@ import yaml
 from qlora.errors import QloraError
 from qlora.files import staged_file
 from qlora.methods import METHODS, check_precomputed_reference, dpo
-from qlora.quant import METHODS as QUANT_METHODS
+from qlora.quant import QUANT_METHODS
 
 
 @dataclass
