@@ -547,6 +547,51 @@ def adapter_weights_file(adapter_dir: str | Path) -> Path:
     return weights
 
 
+def _name_stem(name: str) -> str:
+    """'org/Llama-3-8B-bnb-4bit' / '/models/llama-3-8b/' → 'llama-3-8b' (for comparing base names)."""
+    stem = name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+    for tail in ("-bnb-4bit", "-4bit", "-bnb", "-unsloth", "-hf"):
+        stem = stem.removesuffix(tail)
+    return stem
+
+
+def check_base_name(adapter_cfg: dict, model_dir: Path, config: dict) -> None:
+    """Refuse an adapter whose base_model_name_or_path names another model than model_dir.
+
+    'Names another model' means: the adapter records a base name, and its last path component
+    matches neither the model directory's name nor the `_name_or_path` in its config.json
+    (case-insensitive, quantization suffixes like -bnb-4bit ignored). Shapes are checked too,
+    but two models of one architecture and size (base vs instruct) have the same shapes.
+    """
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    if not recorded:
+        return
+    ours = {_name_stem(str(model_dir.resolve())), _name_stem(str(model_dir))}
+    if config.get("_name_or_path"):
+        ours.add(_name_stem(config["_name_or_path"]))
+    if _name_stem(recorded) not in ours:
+        raise QloraError(
+            f"the adapter was trained on {recorded!r} (adapter_config.json base_model_name_or_path) "
+            f"but the base given is {str(model_dir)!r}; pass the matching base, or "
+            f"--ignore-base-name if this is the same model under another name")
+
+
+def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
+                       ignore_base_name: bool = False) -> None:
+    """The one base-name check of generate, chat, eval, merge and export: refuse (QloraError) an
+    adapter whose adapter_config.json names another base than model_dir, unless told to ignore
+    it (--ignore-base-name). Missing or unreadable files pass here: the loaders name them."""
+    if adapter_dir is None or ignore_base_name:
+        return
+    try:
+        adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(adapter_cfg, dict) and isinstance(config, dict):
+        check_base_name(adapter_cfg, Path(model_dir), config)
+
+
 def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     raw = read_adapter_json(adapter_dir)

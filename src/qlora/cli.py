@@ -228,7 +228,7 @@ def _load_for_generation(args):
 
 def _check_adapter_base(args) -> None:
     """An adapter naming another base model is refused, as merge and export refuse it."""
-    from qlora.merge import check_adapter_base
+    from qlora.adapters import check_adapter_base
 
     check_adapter_base(args.model, args.adapter, getattr(args, "ignore_base_name", False))
 
