@@ -465,13 +465,13 @@ def _plan_options(p) -> None:
     src.add_argument("--shape", help="a named shape, e.g. llama-3-8b, qwen2.5-1.5b, llama-2-70b")
     p.add_argument("--quant", default="nf4", help=" | ".join(QUANT_METHODS) + " (default nf4)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="quantize the 4-bit quantization constants too")
+                   help="quantize the 4-bit quantization constants too (default on)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all-linear", help="all-linear or e.g. q_proj,v_proj")
+    p.add_argument("--targets", default="all-linear", help="all-linear (default) or e.g. q_proj,v_proj")
     p.add_argument("--dora", action="store_true", help="DoRA adapters")
     p.add_argument("--lora-dropout", type=float, default=0.05,
                    help="adapter dropout: its masks take memory when > 0 (default 0.05)")
-    p.add_argument("--adapter-dtype", default="fp32", help="adapter master weights: fp32 | bf16")
+    p.add_argument("--adapter-dtype", default="fp32", help="adapter master weights: fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per forward pass (default 1)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -489,15 +489,16 @@ def _plan_options(p) -> None:
                    help="the frozen untied input embedding in pinned host memory (qlora train's "
                         "default on a GPU)")
     p.add_argument("--optimizer", default="paged_adamw_8bit",
-                   help="paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw_torch")
+                   help="paged_adamw_8bit (default) | paged_adamw_32bit | adamw_8bit | adamw_torch")
     p.add_argument("--kernels", default="fused",
-                   help="fused (Triton RMSNorm/SwiGLU/RoPE, as qlora train runs on a GPU) | eager (PyTorch ops)")
+                   help="fused (default: Triton RMSNorm/SwiGLU/RoPE, as qlora train runs on a GPU) | eager "
+                        "(PyTorch ops)")
     p.add_argument("--loss", default="chunked-fused",
-                   help="chunked-fused (frozen lm_head: qlora train's) | chunked (chunks recomputed "
+                   help="chunked-fused (default; frozen lm_head: qlora train's) | chunked (chunks recomputed "
                         "in backward: a trainable lm_head) | full (fp32 logits, transformers')")
     p.add_argument("--gpu-memory", help="GPU size, e.g. 24GB (GB = GiB here); default: the detected GPU")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks under torchrun; default 1)")
-    p.add_argument("--sharding", default="ddp", help="ddp | fsdp (with --gpus > 1)")
+    p.add_argument("--sharding", default="ddp", help="ddp (default) | fsdp (with --gpus > 1)")
     p.add_argument("--auto-fit", action="store_true", help="also print the largest micro-batch that fits")
     p.add_argument("--method", default="sft", choices=METHODS,
                    help="sft, or a preference method: two sequences per example, and a reference "
