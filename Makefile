@@ -1,12 +1,15 @@
 # Two commands for a new user: `make demo` and `make test`. Both build .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
+# where torch comes from: empty = pip's default (on Linux, PyPI's CUDA build, a few GB);
+# https://download.pytorch.org/whl/cpu = the CPU build, enough for the demo and the tests
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 $(BIN)/qlora: pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements-ci.txt torch
+	$(BIN)/pip install -q -c requirements-ci.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch
 	$(BIN)/pip install -q -c requirements-ci.txt -e '.[dev]'
 	touch $(BIN)/qlora
 

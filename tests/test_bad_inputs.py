@@ -113,6 +113,15 @@ def other_base_adapter(tmp: Path, run: Path) -> Path:
     return adapter
 
 
+def broken_adapter(tmp: Path, run: Path) -> Path:
+    """A copy of the run's adapter whose adapter_config.json was cut short."""
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    shutil.copy(run / "adapter_model.safetensors", adapter)
+    write(adapter / "adapter_config.json", '{"r": 8,')
+    return adapter
+
+
 def run_copy(tmp: Path, run: Path, damage: Callable[[Path], None] | None = None) -> Path:
     dst = tmp / "run"
     shutil.copytree(run, dst)
@@ -300,6 +309,32 @@ CASES = [
                               str(other_base_adapter(t, r)), "--out", str(t / "m.gguf")],
                              t / "m.gguf"),
          (OTHER_BASE, "base_model_name_or_path", "--ignore-base-name")),
+    # --- adapter directories: every command names the folder and what is wrong with it --------
+    Case("generate with an adapter_config.json that is not JSON",
+         lambda t, m, d, r: (["generate", "--model", str(m), "--adapter",
+                              str(broken_adapter(t, r)), "--device", "cpu", "hi"], None),
+         ("adapter_config.json", "not valid JSON", "save the adapter again")),
+    Case("merge with an adapter_config.json that is not JSON",
+         lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(broken_adapter(t, r)),
+                              "--out", str(t / "merged")], t / "merged"),
+         ("adapter_config.json", "not valid JSON", "save the adapter again")),
+    Case("merge --adapter folder that does not exist",
+         lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(t / "gone"), "--out",
+                              str(t / "merged")], t / "merged"),
+         ("adapter directory", "gone", "does not exist", "--adapter")),
+    Case("merge --adapter a model folder, not an adapter",
+         lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(m), "--out",
+                              str(t / "merged")], t / "merged"),
+         ("is not an adapter directory", "adapter_config.json", "output_dir")),
+    # --- tokenizer and chat template ------------------------------------------------------------
+    Case("a tokenizer.json that is not JSON",
+         lambda t, m, d, r: (train_args(model_copy(t, m, lambda x: truncate(x / "tokenizer.json")),
+                                        d, t / "out"), t / "out"),
+         ("tokenizer.json", "not valid JSON", "tokenizer files")),
+    Case("--chat_template file not found, with data that needs none",
+         lambda t, m, d, r: (train_args(m, d, t / "out", "--chat_template", "mine.jinja"),
+                             t / "out"),
+         ("chat_template", "mine.jinja", "not found")),
     # --- prompts files ---------------------------------------------------------------------------
     Case("prompts file with a bad JSON line",
          lambda t, m, d, r: (["generate", "--model", str(m), "--device", "cpu", "--prompts-file",

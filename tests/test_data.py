@@ -221,6 +221,7 @@ def test_unparsable_line_reported_with_file_and_line(tmp_path, tok):
     examples, report = prepare(path, tok, cache=False)
     assert len(examples) == 2 and report.n_rows == 4
     lines = "\n".join(report.lines())
+    assert "from 4 rows (2 left out, listed below)" in lines  # the run goes on without them
     assert "d.jsonl line 2: not valid JSON" in lines
     assert "d.jsonl line 4: not a JSON object" in lines
     only_bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "", "nope"])

@@ -9,8 +9,11 @@ from qlora.cli import main
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "before training" in text and "after training" in text and "reloaded adapter" in text
+    # what to try next names the kept base model and the adapter; no progress bar of the model's save
+    assert f"--adapter {out} --no-chat-template" in text and "Writing model shards" not in captured.err
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png",
                  "summary.json", "demo.json", "run_config.yaml"):
         assert (out / name).is_file(), name

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from qlora import cli
-from qlora.eval import bleu, exact_match, generation_metrics, perplexity, rouge_l
+from qlora.eval import (bleu, bleu_blind_note, exact_match, generation_metrics, perplexity,
+                        rouge_l)
 from qlora.tiny import build_tiny_model
 
 ALPACA = [
@@ -74,6 +75,15 @@ def test_rouge_l_by_hand():
     # 5: empty prediction: F1 = 0
     expected = (5 / 6 + 1 / 4 + 1 + 2 / 3 + 0) / 5
     assert rouge_l(preds, refs) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bleu_of_answers_under_four_tokens_is_explained():
+    """sacrebleu gives 0 to perfect answers of under 4 tokens (no 4-gram to match): eval says so."""
+    short = ["COLD", "WARM", "a b c"]
+    assert bleu(short, short) == 0.0
+    assert "shorter than 4 tokens" in bleu_blind_note(short)
+    assert bleu_blind_note(short + ["a b c d"]) is None  # one 4-gram to match: BLEU measures
+    assert bleu_blind_note(["a b c."]) is None  # the full stop is a 4th token to sacrebleu
 
 
 def test_bleu_reference_points():

@@ -10,7 +10,7 @@ a layer above:
 
     base       qlora (the package's __init__), errors, files, device
     quant      quant
-    models     models, models.spec, models.decoder, models.load   -- the one reference model
+    models     models and models.*                                -- the one reference model
     kernels    kernels and kernels.*                                -- fused kernels over the model
     adapters   adapters
     speed      speed and speed.*                                    -- fast paths applied from outside

@@ -514,13 +514,87 @@ def _wraps_conv1d(model: nn.Module) -> bool:
                for layer in model.spec.linears)
 
 
-def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.exists():
-        raise QloraError(f"{path} not found: an adapter directory in PEFT format needs {ADAPTER_CONFIG}")
-    raw = json.loads(path.read_text())
+def read_adapter_json(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a LoRA adapter directory, as saved: the one reader of it (loading
+    and merge alike), naming what is missing or broken."""
+    root = Path(adapter_dir)
+    if not root.is_dir():
+        raise QloraError(f"adapter directory {root} does not exist (--adapter takes a directory "
+                         f"in PEFT format: {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    path = root / ADAPTER_CONFIG
+    if not path.is_file():
+        raise QloraError(f"{root} is not an adapter directory: it has no {ADAPTER_CONFIG} (--adapter "
+                         f"takes a training run's output_dir or another PEFT adapter directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise QloraError(f"{path}: not valid JSON ({err}); save the adapter again") from None
+    if not isinstance(raw, dict):
+        raise QloraError(f"{path}: not a JSON object; save the adapter again")
     if raw.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    return raw
+
+
+def adapter_weights_file(adapter_dir: str | Path) -> Path:
+    """The adapter directory's adapter_model.safetensors, which must exist."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        bin_hint = (" (found adapter_model.bin: re-save it with safetensors)"
+                    if (Path(adapter_dir) / "adapter_model.bin").exists() else "")
+        raise QloraError(f"{weights} not found: the adapter directory has no {ADAPTER_WEIGHTS}"
+                         f"{bin_hint}")
+    return weights
+
+
+def _name_stem(name: str) -> str:
+    """'org/Llama-3-8B-bnb-4bit' / '/models/llama-3-8b/' → 'llama-3-8b' (for comparing base names)."""
+    stem = name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+    for tail in ("-bnb-4bit", "-4bit", "-bnb", "-unsloth", "-hf"):
+        stem = stem.removesuffix(tail)
+    return stem
+
+
+def check_base_name(adapter_cfg: dict, model_dir: Path, config: dict) -> None:
+    """Refuse an adapter whose base_model_name_or_path names another model than model_dir.
+
+    'Names another model' means: the adapter records a base name, and its last path component
+    matches neither the model directory's name nor the `_name_or_path` in its config.json
+    (case-insensitive, quantization suffixes like -bnb-4bit ignored). Shapes are checked too,
+    but two models of one architecture and size (base vs instruct) have the same shapes.
+    """
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    if not recorded:
+        return
+    ours = {_name_stem(str(model_dir.resolve())), _name_stem(str(model_dir))}
+    if config.get("_name_or_path"):
+        ours.add(_name_stem(config["_name_or_path"]))
+    if _name_stem(recorded) not in ours:
+        raise QloraError(
+            f"the adapter was trained on {recorded!r} (adapter_config.json base_model_name_or_path) "
+            f"but the base given is {str(model_dir)!r}; pass the matching base, or "
+            f"--ignore-base-name if this is the same model under another name")
+
+
+def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
+                       ignore_base_name: bool = False) -> None:
+    """The one base-name check of generate, chat, eval, merge and export: refuse (QloraError) an
+    adapter whose adapter_config.json names another base than model_dir, unless told to ignore
+    it (--ignore-base-name). Missing or unreadable files pass here: the loaders name them."""
+    if adapter_dir is None or ignore_base_name:
+        return
+    try:
+        adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(adapter_cfg, dict) and isinstance(config, dict):
+        check_base_name(adapter_cfg, Path(model_dir), config)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    raw = read_adapter_json(adapter_dir)
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise QloraError(f"{path}: per-layer {key} is not supported yet; retrain with one r/alpha")
@@ -560,10 +634,7 @@ def read_saved_adapter(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[str
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise QloraError(f"{weights} not found: the adapter directory has no {ADAPTER_WEIGHTS}")
-    return cfg, load_file(str(weights))
+    return cfg, load_file(str(adapter_weights_file(adapter_dir)))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path,

@@ -85,7 +85,7 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny model on a bundled task, end to end, on the CPU")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300: held-out "
-                   "accuracy 0%% -> 98%%, under a minute on 2 CPU cores)")
+                   "accuracy 0%% -> 100%%, about a minute on 2 CPU cores)")
     p.set_defaults(func=run_demo)
 
 
@@ -134,7 +134,8 @@ def _train_options(p) -> None:
         p.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
                        dest=f"opt_{f.name}", metavar=kind.upper().replace(" | NONE", ""),
                        nargs="?" if bare else None, const="true" if bare else None,
-                       help=f"{HELP[f.name]}; {text}default {default}"
+                       help=f"{HELP[f.name]}; {text}"
+                       + (f"default {default}" if default != "" else "required (here or in --config)")
                        + (f" ({NONE_MEANS[f.name]})" if f.name in NONE_MEANS else ""))
 
 
@@ -187,7 +188,7 @@ def _generate_options(p) -> None:
 
 
 def _add_model_args(p) -> None:
-    from qlora.quant import METHODS as QUANT_METHODS
+    from qlora.quant import QUANT_METHODS
 
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
     p.add_argument("--adapter", help="adapter directory (PEFT format)")
@@ -227,7 +228,7 @@ def _load_for_generation(args):
 
 def _check_adapter_base(args) -> None:
     """An adapter naming another base model is refused, as merge and export refuse it."""
-    from qlora.merge import check_adapter_base
+    from qlora.adapters import check_adapter_base
 
     check_adapter_base(args.model, args.adapter, getattr(args, "ignore_base_name", False))
 
@@ -334,11 +335,11 @@ def add_merge(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--ignore-base-name", action="store_true",
                    help="merge even if the adapter's base_model_name_or_path names another model")
-    _add_check_args(p, default_on="on")
+    _add_check_args(p, default_on="on", device_runs="base + adapter run for the check")
     p.set_defaults(func=run_merge)
 
 
-def _add_check_args(p, default_on: str) -> None:
+def _add_check_args(p, default_on: str, device_runs: str) -> None:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help=f"compare the output with base + adapter on held-out tokens (default: {default_on})")
     p.add_argument("--check-data", metavar="FILE",
@@ -347,8 +348,8 @@ def _add_check_args(p, default_on: str) -> None:
     p.add_argument("--check-samples", type=int, default=8, metavar="N",
                    help="examples to compare on (default 8)")
     p.add_argument("--device", default="auto",
-                   help="where base + adapter run (check, importance matrix; export: the "
-                        "quantizing too): auto | cpu | cuda (default auto: the GPU where there is one)")
+                   help=f"where {device_runs}: auto | cpu | cuda (default auto: the GPU where "
+                        "there is one)")
 
 
 def run_merge(args) -> None:
@@ -416,7 +417,9 @@ def _export_options(p) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU processes quantizing the tensors where they run on the CPU (default: "
                         "one per core; 1: none, in the exporting process)")
-    _add_check_args(p, default_on="on where llama-cpp-python is importable")
+    _add_check_args(p, default_on="on where llama-cpp-python is importable",
+                    device_runs="base + adapter run (check, importance matrix) and the tensors "
+                                "are quantized")
     p.add_argument("--check-engine", default="llama.cpp", choices=["llama.cpp", "qlora"],
                    help="run the file in llama.cpp (default), or its dequantized weights in qlora's "
                         "own engine (no llama.cpp needed)")
@@ -453,7 +456,7 @@ def add_plan(sub) -> None:
 
 def _plan_options(p) -> None:
     from qlora.methods import METHODS
-    from qlora.quant import METHODS as QUANT_METHODS
+    from qlora.quant import QUANT_METHODS
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory (reads its config.json)")
@@ -461,13 +464,13 @@ def _plan_options(p) -> None:
     src.add_argument("--shape", help="a named shape, e.g. llama-3-8b, qwen2.5-1.5b, llama-2-70b")
     p.add_argument("--quant", default="nf4", help=" | ".join(QUANT_METHODS) + " (default nf4)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="quantize the 4-bit quantization constants too")
+                   help="quantize the 4-bit quantization constants too (default on)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all-linear", help="all-linear or e.g. q_proj,v_proj")
+    p.add_argument("--targets", default="all-linear", help="all-linear (default) or e.g. q_proj,v_proj")
     p.add_argument("--dora", action="store_true", help="DoRA adapters")
     p.add_argument("--lora-dropout", type=float, default=0.05,
                    help="adapter dropout: its masks take memory when > 0 (default 0.05)")
-    p.add_argument("--adapter-dtype", default="fp32", help="adapter master weights: fp32 | bf16")
+    p.add_argument("--adapter-dtype", default="fp32", help="adapter master weights: fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per forward pass (default 1)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -485,15 +488,16 @@ def _plan_options(p) -> None:
                    help="the frozen untied input embedding in pinned host memory (qlora train's "
                         "default on a GPU)")
     p.add_argument("--optimizer", default="paged_adamw_8bit",
-                   help="paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw_torch")
+                   help="paged_adamw_8bit (default) | paged_adamw_32bit | adamw_8bit | adamw_torch")
     p.add_argument("--kernels", default="fused",
-                   help="fused (Triton RMSNorm/SwiGLU/RoPE, as qlora train runs on a GPU) | eager (PyTorch ops)")
+                   help="fused (default: Triton RMSNorm/SwiGLU/RoPE, as qlora train runs on a GPU) | eager "
+                        "(PyTorch ops)")
     p.add_argument("--loss", default="chunked-fused",
-                   help="chunked-fused (frozen lm_head: qlora train's) | chunked (chunks recomputed "
+                   help="chunked-fused (default; frozen lm_head: qlora train's) | chunked (chunks recomputed "
                         "in backward: a trainable lm_head) | full (fp32 logits, transformers')")
     p.add_argument("--gpu-memory", help="GPU size, e.g. 24GB (GB = GiB here); default: the detected GPU")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks under torchrun; default 1)")
-    p.add_argument("--sharding", default="ddp", help="ddp | fsdp (with --gpus > 1)")
+    p.add_argument("--sharding", default="ddp", help="ddp (default) | fsdp (with --gpus > 1)")
     p.add_argument("--auto-fit", action="store_true", help="also print the largest micro-batch that fits")
     p.add_argument("--method", default="sft", choices=METHODS,
                    help="sft, or a preference method: two sequences per example, and a reference "

@@ -23,7 +23,7 @@ import yaml
 from qlora.errors import QloraError
 from qlora.files import staged_file
 from qlora.methods import METHODS, check_precomputed_reference, dpo
-from qlora.quant import METHODS as QUANT_METHODS
+from qlora.quant import QUANT_METHODS
 
 
 @dataclass
@@ -92,8 +92,8 @@ class RunConfig:
     # (models/tiling.py): true = tiles of the model's default size, a number = tokens per tile;
     # None (or auto) = only where the memory plan needs it to fit
     tile_mlp: bool | int | None = None
-    # on one CUDA GPU (not under torchrun), a frozen input embedding not tied to the head kept in
-    # pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
+    # on CUDA (each data-parallel rank too; not under FSDP), a frozen input embedding not tied to
+    # the head kept in pinned host memory, its rows gathered by the GPU each step (kernels/embedding.py): frees
     # vocab x hidden x 2 bytes
     embedding_on_host: bool = True
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
@@ -203,7 +203,8 @@ HELP: dict[str, str] = {
     "offload_activations": "with checkpointing, each layer's saved input in pinned host memory "
                            "until its backward (long sequences)",
     "tile_mlp": "the MLP in sequence tiles: true, false or tokens per tile (long sequences)",
-    "embedding_on_host": "on one CUDA GPU, an untied frozen input embedding in pinned host memory",
+    "embedding_on_host": "on CUDA (not under FSDP), an untied frozen input embedding in pinned "
+                         "host memory",
     "cuda_graphs": "replay each micro-batch shape's forward and backward as a CUDA graph",
     "fused_kernels": "Triton RMSNorm / SwiGLU / RoPE kernels and, on CUDA, 4-bit dequantize",
     "router_aux_loss": "a mixture of experts: add the router's load-balancing loss (its "
@@ -561,6 +562,10 @@ def check(cfg: RunConfig) -> RunConfig:
         from qlora.memory import parse_size
 
         parse_size(cfg.gpu_memory, "option `gpu_memory`")
+    if cfg.chat_template is not None:  # unused by non-chat data, where a typo would pass unseen
+        from qlora.data.templates import template_from_option
+
+        template_from_option(cfg.chat_template)
     _check_method(cfg)
     if cfg.resume and cfg.overwrite:
         raise QloraError("options `resume` and `overwrite` exclude each other: resuming continues "

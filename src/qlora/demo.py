@@ -222,5 +222,8 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     }
     (out / "demo.json").write_text(json.dumps(figures, indent=2) + "\n")
     log(f"\ndone in {wall:.0f} s (training {train_s:.0f} s). The run directory {out}/ holds the "
-        f"adapter (PEFT format), metrics.jsonl, loss.png and summary.json.")
+        f"adapter (PEFT format), metrics.jsonl, loss.png and summary.json; the base model and the "
+        f"data are in {work}/. Try the adapter yourself (the task's prompts are plain text, no "
+        f"chat template):\n  qlora generate --model {model_dir} --adapter {out} "
+        f"--no-chat-template 'frog -> '")
     return figures

@@ -60,6 +60,18 @@ def bleu(predictions: list[str], references: list[str]) -> float:
                                        [[r.strip() for r in references]]).score)
 
 
+def bleu_blind_note(references: list[str]) -> str | None:
+    """A line saying why BLEU is 0 where no reference has 4 tokens (sacrebleu's default 13a
+    tokens): no 4-gram can match, so BLEU is 0 however good the answers, as exact match shows."""
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    tokenize = Tokenizer13a()
+    if references and all(len(tokenize(r.strip()).split()) < 4 for r in references):
+        return ("note: every reference answer is shorter than 4 tokens, so no 4-gram can match and "
+                "BLEU is 0 whatever the answers; exact match and ROUGE-L measure them")
+    return None
+
+
 def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {"exact_match": exact_match(predictions, references),
             "rougeL": rouge_l(predictions, references),
@@ -347,6 +359,9 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }
     log(format_table(results))
+    note = bleu_blind_note([ref for _, ref in data.prompts]) if opts is not None else None
+    if note:
+        log(note)
     if report_path is not None:
         write_report(report_path, report)
         log(f"report written to {report_path}")

@@ -119,16 +119,15 @@ def load_for_inference(model_dir, adapter_dir=None, quant: str = "nf4", device: 
     eval mode, everything on one device."""
     from pathlib import Path
 
-    from qlora.adapters import load_adapter
+    from qlora.adapters import load_adapter, read_adapter_json
     from qlora.models import load_model, load_tokenizer
     from qlora.quant import QuantConfig
 
     if not Path(model_dir).is_dir():
         raise QloraError(f"model directory {model_dir} does not exist (--model takes a directory in "
                          "Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
-    if adapter_dir is not None and not Path(adapter_dir).is_dir():
-        raise QloraError(f"adapter directory {adapter_dir} not found (--adapter takes a directory "
-                         "with adapter_config.json and adapter_model.safetensors)")
+    if adapter_dir is not None:
+        read_adapter_json(adapter_dir)  # a bad adapter directory named before the model loads
     dev = pick_device(device)
     qc = QuantConfig(method=quant, double_quant=double_quant, compute_dtype=compute_dtype(dev))
     tokenizer = load_tokenizer(model_dir)

@@ -35,8 +35,10 @@ from typing import Callable
 
 import torch
 
+from qlora.adapters import check_base_name
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
+from qlora.models.spec import read_config
 from qlora.models.weights import CheckpointHeaders, headers_of, open_shard
 from qlora.files import check_writable, staged_dir
 
@@ -62,16 +64,6 @@ class LoraModule:
 
 
 # --- reading the base ---------------------------------------------------------------------------
-def read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise QloraError(f"{model_dir}: no config.json; give a model directory in Hugging Face layout")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise QloraError(f"{path}: not valid JSON ({err})") from None
-
-
 # --- reading the adapter ------------------------------------------------------------------------
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches the end of the module name."""
@@ -85,20 +77,11 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[s
     """(adapter_config, module name → LoraModule, full replacement tensors from modules_to_save)."""
     from safetensors.torch import load_file
 
+    from qlora.adapters import adapter_weights_file, read_adapter_json
+
     cfg_path = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not cfg_path.exists():
-        raise QloraError(f"{adapter_dir}: no adapter_config.json; give a PEFT adapter directory")
-    if not weights.exists():
-        bin_hint = " (found adapter_model.bin: re-save it with safetensors)" if (
-            adapter_dir / "adapter_model.bin").exists() else ""
-        raise QloraError(f"{adapter_dir}: no adapter_model.safetensors{bin_hint}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as err:
-        raise QloraError(f"{cfg_path}: not valid JSON ({err})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise QloraError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters can be merged")
+    cfg = read_adapter_json(adapter_dir)
+    weights = adapter_weights_file(adapter_dir)
     # fan_in_fan_out (PEFT's mark of a Conv1D layer) is not read: which layers are stored
     # transposed is the base's fact (checkpoint_layout), and PEFT does not always write the mark
     # (not over a 4-bit base, whose layers are no Conv1D any more)
@@ -132,52 +115,6 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[s
         if m.A is None or m.B is None:
             raise QloraError(f"{weights}: module {m.name} lacks lora_A or lora_B")
     return cfg, modules, replacements
-
-
-def _name_stem(name: str) -> str:
-    """'org/Llama-3-8B-bnb-4bit' / '/models/llama-3-8b/' → 'llama-3-8b' (for comparing base names)."""
-    stem = name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
-    for tail in ("-bnb-4bit", "-4bit", "-bnb", "-unsloth", "-hf"):
-        stem = stem.removesuffix(tail)
-    return stem
-
-
-def check_base_name(adapter_cfg: dict, model_dir: Path, config: dict) -> None:
-    """Refuse an adapter whose base_model_name_or_path names another model than model_dir.
-
-    'Names another model' means: the adapter records a base name, and its last path component
-    matches neither the model directory's name nor the `_name_or_path` in its config.json
-    (case-insensitive, quantization suffixes like -bnb-4bit ignored). Shapes are checked too,
-    but two models of one architecture and size (base vs instruct) have the same shapes.
-    """
-    recorded = adapter_cfg.get("base_model_name_or_path")
-    if not recorded:
-        return
-    ours = {_name_stem(str(model_dir.resolve())), _name_stem(str(model_dir))}
-    if config.get("_name_or_path"):
-        ours.add(_name_stem(config["_name_or_path"]))
-    if _name_stem(recorded) not in ours:
-        raise QloraError(
-            f"the adapter was trained on {recorded!r} (adapter_config.json base_model_name_or_path) "
-            f"but the base given is {str(model_dir)!r}; pass the matching base, or "
-            f"--ignore-base-name if this is the same model under another name")
-
-
-def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
-                       ignore_base_name: bool = False) -> None:
-    """The base-name check of generate, chat and eval (merge and export make it in prepare_merge,
-    on the files read there): refuse (QloraError) an adapter whose adapter_config.json names
-    another base than model_dir, unless told to ignore it (--ignore-base-name). Missing or
-    unreadable files pass here: the loaders name them."""
-    if adapter_dir is None or ignore_base_name:
-        return
-    try:
-        adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(adapter_cfg, dict) and isinstance(config, dict):
-        check_base_name(adapter_cfg, Path(model_dir), config)
 
 
 def check_adapter_fits(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor],
@@ -421,14 +358,12 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
-    if not adapter_dir.is_dir():
-        raise QloraError(f"--adapter {adapter_dir}: no such directory")
     merge = prepare_merge(model_dir, adapter_dir, dtype, base, ignore_base_name, headers)
     if log is not None:
         log(f"adapter: {describe(merge)}")
     with staged_dir(out) as tmp:
         _write_merged(merge, tmp, parse_shard_size(max_shard_size))
-        config = dict(read_config(model_dir))
+        config = dict(read_config(model_dir)[0])
         config["torch_dtype"] = dtype  # transformers 4.x reads this key
         config["dtype"] = dtype  # transformers 5 writes and reads this one
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -489,7 +424,7 @@ def prepare_merge(model_dir: Path, adapter_dir: Path, dtype: str, base: str = "o
     tensor data read): everything that can be refused is refused here, before any slow work.
     `headers`: model_dir's, where the caller has read them (else read here)."""
     dtype, base = normalise_dtype(dtype), normalise_base(base)
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     adapter_cfg, modules, replacements = read_adapter(adapter_dir)  # the adapter's one read
     if not ignore_base_name:  # before the shapes: another model's adapter is named as such
         check_base_name(adapter_cfg, model_dir, config)

@@ -15,7 +15,7 @@ from torch import nn
 
 from qlora.errors import QloraError
 
-METHODS = ("nf4", "fp4", "int8", "none")
+QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 FOUR_BIT_METHODS = ("nf4", "fp4")  # bitsandbytes Linear4bit; int8 is LLM.int8, none 16-bit
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                   "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -30,8 +30,8 @@ class QuantConfig:
     int8_threshold: float = 6.0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise QloraError(f"quant {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method not in QUANT_METHODS:
+            raise QloraError(f"quant {self.method!r} is not one of {', '.join(QUANT_METHODS)}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise QloraError(f"quant blocksize {self.blocksize} must be a power of two in 32..4096")
         if isinstance(self.compute_dtype, str):

@@ -107,7 +107,15 @@ def build_tiny_model(
             if name.endswith("mlp.gate.weight"):  # a router: clear choices, no near-ties
                 p.normal_(0, 1.0)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(str(out), **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar, for one tiny file
+    try:
+        model.save_pretrained(str(out), **kwargs)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     build_tokenizer(out, chat_template=chat_template)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}

@@ -50,8 +50,10 @@ class PreferenceReport:
     problems: list[Problem] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        left_out = self.n_rows - self.n_examples
         return [f"{self.path}: {self.n_examples} {self.layout} preference examples from "
-                f"{self.n_rows} rows, {self.n_tokens} tokens"] + summarize_problems(self.problems)
+                f"{self.n_rows} rows" + (f" ({left_out} left out, listed below)" if left_out else "")
+                + f", {self.n_tokens} tokens"] + summarize_problems(self.problems)
 
 
 def detect_layout(columns: list[str], path: str, wanted: str) -> str:

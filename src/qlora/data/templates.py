@@ -80,21 +80,28 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
     return ALPACA_PROMPT_WITHOUT_INPUT.format(instruction=instruction, output="")
 
 
+def template_from_option(chat_template: str) -> str:
+    """The Jinja template the chat_template option names: a name, a .jinja file or the template
+    itself. `qlora train` checks it when it reads its options, whether the data is chat or not."""
+    if chat_template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[chat_template]
+    if chat_template.endswith(".jinja"):
+        p = Path(os.path.expanduser(chat_template))
+        if not p.is_file():
+            raise QloraError(f"chat_template file {chat_template} not found; give an existing "
+                             f".jinja file, a name ({', '.join(NAMED_TEMPLATES)}) or a Jinja template.")
+        return p.read_text(encoding="utf-8")
+    if "{%" in chat_template or "{{" in chat_template:
+        return chat_template
+    raise QloraError(f"chat_template {chat_template!r} is not a known name "
+                     f"({', '.join(NAMED_TEMPLATES)}), a .jinja file or a Jinja template.")
+
+
 def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str:
-    """The Jinja template to use: the option (a name, a .jinja file or the template itself),
-    else the tokenizer's own."""
+    """The Jinja template to use: the option's (`template_from_option`), else the tokenizer's
+    own."""
     if chat_template is not None:
-        if chat_template in NAMED_TEMPLATES:
-            return NAMED_TEMPLATES[chat_template]
-        if chat_template.endswith(".jinja"):
-            p = Path(os.path.expanduser(chat_template))
-            if not p.is_file():
-                raise QloraError(f"chat_template file {chat_template} not found.")
-            return p.read_text(encoding="utf-8")
-        if "{%" in chat_template or "{{" in chat_template:
-            return chat_template
-        raise QloraError(f"chat_template {chat_template!r} is not a known name "
-                         f"({', '.join(NAMED_TEMPLATES)}), a .jinja file or a Jinja template.")
+        return template_from_option(chat_template)
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default") or next(iter(own.values()), None)
@@ -269,8 +276,10 @@ class PrepareReport:
 
     def lines(self) -> list[str]:
         """What to print before training."""
-        out = [f"{self.path}: {self.n_examples} examples ({self.format}) from {self.n_rows} rows, "
-               f"{self.n_tokens} tokens, {self.n_label_tokens} with loss"
+        left_out = self.n_rows - self.n_examples
+        out = [f"{self.path}: {self.n_examples} examples ({self.format}) from {self.n_rows} rows"
+               + (f" ({left_out} left out, listed below)" if left_out else "")
+               + f", {self.n_tokens} tokens, {self.n_label_tokens} with loss"
                + (" [cached]" if self.cache_hit else "")]
         return out + summarize_problems(self.problems)
 

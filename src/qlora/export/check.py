@@ -361,10 +361,10 @@ def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
     import torch
 
     from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
     from qlora.models.weights import headers_of
 
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     arch = arch_of(config["model_type"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
@@ -403,14 +403,14 @@ def gguf_as_decoder(gguf_file: Path, model_dir: Path, device: str = "auto", head
     from safetensors.torch import save_file
 
     from qlora.device import pick_device
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
     from qlora.models.load import load_model
     from qlora.quant import QuantConfig
 
     state = gguf_state_dict(gguf_file, model_dir, headers)
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-weights.") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(read_config(model_dir)))
+        (Path(tmp) / "config.json").write_text(json.dumps(read_config(model_dir)[0]))
         save_file(state, str(Path(tmp) / "model.safetensors"))
         model = load_model(tmp, QuantConfig(method="none", compute_dtype=torch.float32), device=dev)
     return model

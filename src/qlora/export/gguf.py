@@ -485,7 +485,7 @@ def _to_stderr(text: str) -> None:
 def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | None) -> dict:
     """The refusals of an export's arguments, before any file but config.json is read; that
     config."""
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
 
     if threads is not None and threads < 1:
         raise QloraError(f"--threads {threads}: give at least 1 (1 quantizes in this process)")
@@ -495,7 +495,7 @@ def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | N
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(model_dir)
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     check_moe_export(config, qtype, model_dir / "config.json")
     return config
 
@@ -660,11 +660,11 @@ def refuse_generic(model_dir: Path) -> None:
     """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
     model on the generic path has none, and is refused by its architecture's name; a mixture of
     experts is refused too (its stacked expert tensors are not written yet)."""
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
     from qlora.models.families import FAMILIES
     from qlora.models.spec import is_native
 
-    config = read_config(model_dir)
+    config = read_config(model_dir)[0]
     if is_native(config):
         return
     architecture = ", ".join(config.get("architectures") or []) or "no architectures listed"

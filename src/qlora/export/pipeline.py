@@ -53,7 +53,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     from qlora.export import imatrix as imatrix_mod
     from qlora.export import ollama as ollama_mod
     from qlora.export.gguf import check_moe_export, check_qtype, open_gguf, refuse_generic
-    from qlora.merge import read_config
+    from qlora.models.spec import read_config
     from qlora.export.mixtures import K_QUANT_FILES
     from qlora.models.weights import read_headers
 
@@ -74,7 +74,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     if run_check and not check_mod.check_fits_host(check, headers, merge_base, device, note,
                                                    adapter_dir, check_samples):
         run_check, outputs["report"] = False, None
-    check_moe_export(read_config(Path(model_dir)), qtype, Path(model_dir) / "config.json")
+    check_moe_export(read_config(model_dir)[0], qtype, Path(model_dir) / "config.json")
     translation = ollama_mod.translate(model_dir) if ollama else None
 
     # the GGUF's plan, metadata and free-space check come before the importance matrix's forwards

@@ -10,7 +10,7 @@ from qlora.methods import METHODS, check_precomputed_reference, method_module
 from qlora.models.families.moe_config import EXPERT_PROJECTIONS
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
 from qlora.models.spec import GEMMA_TYPES, ArchSpec
-from qlora.quant import FOUR_BIT_METHODS, METHODS as QUANT_METHODS
+from qlora.quant import FOUR_BIT_METHODS, QUANT_METHODS
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 SHARDING = ("ddp", "fsdp")

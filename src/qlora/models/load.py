@@ -349,10 +349,26 @@ def load_tokenizer(model_dir: str | Path):
         raise QloraError(f"{root} has only a SentencePiece tokenizer.model; save a fast tokenizer "
                          "(tokenizer.json) with transformers first: "
                          "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(root))
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(root))
+    except Exception as err:  # a broken file surfaces as whichever error its reader hits first
+        raise QloraError(f"the tokenizer in {root} cannot be read: {_broken_tokenizer_file(root, err)}; "
+                         "copy the base model's tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json) into it again") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _broken_tokenizer_file(root: Path, err: Exception) -> str:
+    """Which tokenizer file is not valid JSON, or what the tokenizer's reader said."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = root / name
+        try:
+            json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        except ValueError as bad:
+            return f"{path} is not valid JSON ({bad})"
+    return f"{type(err).__name__}: {err}"
 
 
 def load_generation_config(model_dir: str | Path) -> dict:

@@ -7,14 +7,13 @@ Each module defines
 - GGUF_ARCH: the architecture llama.cpp runs it as (a gguf.MODEL_ARCH member's name);
 - TINY_SIZES: what a tiny random test model of it needs beyond the shared tiny sizes.
 
-Adding a family: a module here, its line in FAMILIES, and its tests (tests/test_model.py builds a
-tiny model of every family in FAMILIES and compares its logits with transformers'). A family whose
-blocks differ from the reference decoder's also gets its block classes in its module.
+Adding a family: a module here, its line in FAMILIES, and its tests (its line in VARIANTS of
+tests/conftest.py, whose tiny models tests/test_model.py compares with transformers'). A family
+whose blocks differ from the reference decoder's puts its block classes in a module of its own.
 
-Gemma 2 and Gemma 3 are the exception to that last rule: their blocks live in gemma.py, which
-this package does not import (it builds on models/decoder.py, which reads specs through this
-package: an import cycle otherwise); models/load.py's OWN_DECODERS names their LM class for
-new_decoder. gemma_config.py reads what their config.json means, for their family
+Gemma 2 and Gemma 3's blocks live in gemma.py, which this package does not import (it builds on
+models/decoder.py, which reads specs through this package: an import cycle otherwise);
+models/load.py's OWN_DECODERS names their LM class for new_decoder. gemma_config.py reads what their config.json means, for their family
 modules and their blocks alike. Phi-3's blocks (fused qkv_proj and gate_up_proj, partial
 rotary, LongRoPE) are in phi3_blocks.py for the same reason; phi3.py also names its block's
 linears (LINEARS, linear_shapes), which ArchSpec.linear_shapes asks of a family that has them.
