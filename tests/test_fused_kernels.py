@@ -486,7 +486,7 @@ from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed
-from qlora.speed.kept_attention import CheckpointedLayer
+from qlora.speed.checkpointing import CheckpointedLayer
 
 config = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=1,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=300,

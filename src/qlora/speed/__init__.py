@@ -150,7 +150,7 @@ def set_long_context(model: nn.Module, plan: SpeedPlan) -> None:
     of the MLP (models/tiling.py), on or off: the model's layer_input_offload, each layer's
     mlp.sequence_tiling."""
     from qlora.models.tiling import SequenceTiling, default_tile_tokens
-    from qlora.speed.kept_attention import tile_outside_rerun
+    from qlora.speed.checkpointing import tile_outside_rerun
     from qlora.speed.offload import LayerInputOffload
 
     model.layer_input_offload = LayerInputOffload() if plan.offload_activations else None
