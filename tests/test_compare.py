@@ -7,7 +7,7 @@ import math
 import pytest
 
 from qlora.cli import main
-from qlora.compare import METHODS, PENDING, run
+from qlora.compare import PEFT_METHODS, PENDING, run
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -25,7 +25,7 @@ def _peft_trainable(method: str, sizes: dict) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = METHODS[method][1]
+    fields = PEFT_METHODS[method][1]
     with torch.device("meta"):  # shapes only: the 8B layer is never materialised
         model = LlamaForCausalLM(LlamaConfig(vocab_size=100, **sizes))
         peft = get_peft_model(model, LoraConfig(

@@ -1,5 +1,5 @@
 """The Triton dequantize kernel (kernels/dequant.py) against the torch reference and bitsandbytes,
-run by Triton's interpreter on the CPU; the 4-bit matmul's addend; and a tiny model's loss and
+run by Triton's interpreter on the CPU; the 4-bit matmul's addend (kernels/matmul_4bit.py); and a tiny model's loss and
 adapter gradients through the fast path (LoRA product added inside the base GEMM) vs the default.
 
 TRITON_INTERPRET=1 must be set before triton is imported, so the kernel checks run in a subprocess
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from qlora.adapters import set_dropout_seed
-from qlora.kernels.dequant import dequantize_4bit, matmul_4bit, packed_from_bnb
+from qlora.kernels.dequant import dequantize_4bit, packed_from_bnb
+from qlora.kernels.matmul_4bit import matmul_4bit
 from qlora.speed import SpeedPlan, apply_speed
 
 from test_step_parts import tiny_model  # noqa: E402  (tests/ is on the path, as saved_bytes)
@@ -198,9 +199,9 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     it saved. The base GEMM of down_proj saves nothing (its 4-bit bytes are held on ctx), so the
     rerun stops before it: per layer, forward dequantizes 7 weights, the rerun 6 (not down_proj),
     and backward only down_proj, since it takes the 6 dense weights the rerun kept
-    (dequant.rerun_keeps_weights) — and loss and adapter gradients equal the step without
+    (matmul_4bit.rerun_keeps_weights) — and loss and adapter gradients equal the step without
     checkpointing. (One projection per GEMM here; grouped, the counts are per group.)"""
-    from qlora.kernels import dequant
+    import qlora.kernels.matmul_4bit as matmul_module  # (matmul_4bit here is its function)
 
     model = tiny_model(0.1, quant="nf4")
     applied = apply_speed(model, SpeedPlan(seeded_dropout=True, fast_base=True, grouped=False))
@@ -211,19 +212,19 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     in_features = {m.base_layer.weight.quant_state.shape[1]: name for name, m in model.named_modules()
                    if hasattr(m, "base_layer") and name.endswith("down_proj")}
     runs, counts = [], []
-    build = dequant.dequantize_group
+    build = matmul_module.dequantize_group
     for checkpointing in (False, True):
         model.gradient_checkpointing = checkpointing
         model.zero_grad()
         set_dropout_seed(seed, run_seed=3, micro_batch_index=1, stride=stride)
         calls = []
-        dequant.dequantize_group = lambda packs, dtype: calls.append(packs[0].shape) or build(packs, dtype)
+        matmul_module.dequantize_group = lambda packs, dtype: calls.append(packs[0].shape) or build(packs, dtype)
         try:
             loss = model(ids, labels=ids)
             forward_calls = len(calls)
             loss.backward()
         finally:
-            dequant.dequantize_group = build
+            matmul_module.dequantize_group = build
         backward = calls[forward_calls:]
         down = sum(1 for shape in backward if shape[1] in in_features)
         counts.append((forward_calls, len(backward), down))
@@ -235,4 +236,4 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     # with checkpointing the rerun dequantizes 6 per layer and backward only down_proj
     assert counts[1] == (7 * layers, 6 * layers + layers, layers)
     assert_same_runs(runs)
-    assert dequant._kept == {}  # every weight the reruns kept was taken by its backward
+    assert matmul_module._kept == {}  # every weight the reruns kept was taken by its backward

@@ -480,13 +480,13 @@ from dataclasses import replace
 from saved_bytes import layer_saved_bytes
 from qlora import memory
 from qlora.adapters import AdapterConfig, attach_adapters
-from qlora.kernels import dequant, lora
+from qlora.kernels import lora, matmul_4bit
 from qlora.memory import PlanConfig, arch_from_config
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed
-from qlora.speed.kept_attention import CheckpointedLayer
+from qlora.speed.checkpointing import CheckpointedLayer
 
 config = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=1,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
@@ -515,7 +515,7 @@ for keep in (True, False):
     # the rerun, as the checkpoint runs it in backward: what it saves that is not alive already
     saved = layer_saved_bytes(layer, x, cos, sin,
                               [*model.parameters(), *model.buffers(), seed, cos, sin, *shared])
-    kept_dense = sum(t.untyped_storage().nbytes() for t in dequant._kept.values())
+    kept_dense = sum(t.untyped_storage().nbytes() for t in matmul_4bit._kept.values())
     cfg = PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused", tile_mlp=tile, keep_attention=keep)
     arch = arch_from_config(config)

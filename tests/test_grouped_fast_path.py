@@ -17,8 +17,9 @@ import torch.nn.functional as F
 import test_step_parts
 from qlora.adapters import AdapterConfig, attach_adapters, save_adapter, set_dropout_seed
 from qlora.errors import QloraError
-from qlora.kernels import dequant
-from qlora.kernels.dequant import Base4bit, Matmul4bit, dequantize_4bit, packed_from_bnb
+from qlora.kernels import matmul_4bit
+from qlora.kernels.dequant import dequantize_4bit, packed_from_bnb
+from qlora.kernels.matmul_4bit import Base4bit, Matmul4bit
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
 from qlora.quant import QuantConfig
@@ -68,14 +69,14 @@ def ungrouped_and_grouped_runs(family: str, dropout: float, checkpointing: bool 
 def test_grouped_path_gives_the_per_projection_loss_and_adapter_gradients(family, dropout,
                                                                           monkeypatch):
     groups = []
-    build = dequant.dequantize_group
+    build = matmul_4bit.dequantize_group
     # every 4-bit matmul dequantizes through dequantize_group; a group is more than one weight
-    monkeypatch.setattr(dequant, "dequantize_group",
+    monkeypatch.setattr(matmul_4bit, "dequantize_group",
                         lambda packs, dtype: (len(packs) > 1 and groups.append(1)) or build(packs, dtype))
     runs = ungrouped_and_grouped_runs(family, dropout)
     assert_same_runs(runs)
     # the grouped GEMM did run: 4 groups in forward, 4 recomputed (checkpointing), and none in
-    # backward, which takes the dense weights the rerun kept (kernels/dequant.rerun_keeps_weights)
+    # backward, which takes the dense weights the rerun kept (kernels/matmul_4bit.rerun_keeps_weights)
     assert len(groups) == 4 + 4 + 0
     if dropout:  # the masks act: the gradients differ from the dropout-free step's
         plain = ungrouped_and_grouped_runs(family, 0.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora.adapters import set_dropout_seed
-from qlora.kernels import dequant
+from qlora.kernels import matmul_4bit
 from qlora.models import attention as attention_module
 from qlora.speed import SpeedPlan, apply_speed, fast_decoder
 from qlora.speed.kept_attention import KeptAttention
@@ -24,7 +24,7 @@ from test_grouped_fast_path import tiny_family_model  # noqa: E402
 def counted_step(model, ids, seed, stride, monkeypatch):
     """(loss, adapter gradients, attention forwards, 4-bit matmul forwards) of one step."""
     counts = {"attention": 0, "matmul": 0}
-    sdpa, matmul = attention_module.sdpa, dequant.Matmul4bit.forward
+    sdpa, matmul = attention_module.sdpa, matmul_4bit.Matmul4bit.forward
 
     def counted_sdpa(*args):
         counts["attention"] += 1
@@ -35,7 +35,7 @@ def counted_step(model, ids, seed, stride, monkeypatch):
         return matmul(ctx, *args)
 
     monkeypatch.setattr(attention_module, "sdpa", counted_sdpa)
-    monkeypatch.setattr(dequant.Matmul4bit, "forward", staticmethod(counted_matmul))
+    monkeypatch.setattr(matmul_4bit.Matmul4bit, "forward", staticmethod(counted_matmul))
     model.zero_grad()
     set_dropout_seed(seed, run_seed=3, micro_batch_index=1, stride=stride)
     loss = model(ids, labels=ids)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qlora.adapters import AdapterConfig, attach_adapters
-from qlora.kernels.dequant import dequantize_4bit, matmul_4bit, packed_from_bnb
+from qlora.kernels.dequant import dequantize_4bit, packed_from_bnb
+from qlora.kernels.matmul_4bit import matmul_4bit
 from qlora.models import load_model
 from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed

@@ -23,7 +23,7 @@ from qlora.models.spec import spec_from_config, spec_from_shape
 from qlora.models.tiling import default_tile_tokens, run_mlp
 from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed
-from qlora.speed.kept_attention import tile_outside_rerun
+from qlora.speed.checkpointing import tile_outside_rerun
 from qlora.speed.offload import LayerInputOffload
 from qlora.tiny import tiny_config
 

@@ -10,7 +10,8 @@ import types
 import pytest
 import torch
 
-from qlora.kernels.dequant import Base4bit, dequantize_4bit, packed_from_bnb
+from qlora.kernels.dequant import dequantize_4bit, packed_from_bnb
+from qlora.kernels.matmul_4bit import Base4bit
 from qlora.kernels.dropout import seeded_dropout, seeded_dropout_values
 from qlora.kernels.lora import LoraGroup, lora_4bit
 
@@ -68,7 +69,7 @@ def test_lora_group_equals_the_plain_composition_and_its_gradients(widths, p, sa
 def test_an_input_without_gradient_still_gives_the_adapters_theirs(monkeypatch):
     """Layer 0's q, k, v read the frozen embeddings: no input gradient, and no base GEMM for it
     (backward dequantizes nothing)."""
-    from qlora.kernels import dequant
+    from qlora.kernels import matmul_4bit
 
     group, weights, As, Bs = group_of((48, 16), p=0.25)
     x = torch.randn(2, 6, 64)
@@ -77,8 +78,8 @@ def test_an_input_without_gradient_still_gives_the_adapters_theirs(monkeypatch):
     want = torch.autograd.grad(plain(x, seed, group, weights, As, Bs), As + Bs, dy)
     out = lora_4bit(x, seed, group, As + Bs)
     calls = []
-    build = dequant.dequantize_group
-    monkeypatch.setattr(dequant, "dequantize_group",
+    build = matmul_4bit.dequantize_group
+    monkeypatch.setattr(matmul_4bit, "dequantize_group",
                         lambda packs, dtype: calls.append(1) or build(packs, dtype))
     got = torch.autograd.grad(out, As + Bs, dy)
     assert calls == []

@@ -92,12 +92,12 @@ def test_device_script_configurations_are_new_and_fit_an_80gb_gpu(tmp_path):
         needs.append(memory.needed_bytes(plan(resolve_arch(shape=item["shape"]), PlanConfig(**run))))
     # each fits alone; with --jobs 2 measure_memory starts a second one only when both fit
     assert max(needs) < 0.9 * h100
-    from qlora.compare import METHODS, plan_config
+    from qlora.compare import PEFT_METHODS, plan_config
 
     arch = resolve_arch(shape="llama-3-8b")
-    assert max(memory.needed_bytes(plan(arch, plan_config(m))) for m in METHODS) < 0.5 * h100
+    assert max(memory.needed_bytes(plan(arch, plan_config(m))) for m in PEFT_METHODS) < 0.5 * h100
     text = (BENCH / "device_planner_check.sh").read_text()
-    assert all(m in text for m in METHODS)  # compare's GPU columns: every method
+    assert all(m in text for m in PEFT_METHODS)  # compare's GPU columns: every method
 
 
 def test_measure_memory_refuses_a_bad_config_file(tmp_path):
@@ -134,7 +134,7 @@ def test_measure_memory_runs_listed_configurations_two_at_a_time(tmp_path):
 def _fake_outdir(outdir: Path, error: float = 0.03) -> None:
     """measure_memory.py-shaped files with invented GPU figures: measured = predicted x (1 + error)."""
     mm = _module("measure_memory")
-    from qlora.compare import METHODS, plan_config
+    from qlora.compare import PEFT_METHODS, plan_config
 
     meta = dict(date="2026-11-26 10:00:00", torch="2.11.0+cu130", device="NVIDIA H100 80GB HBM3", dry_run=False,
                 versions={"bitsandbytes": "0.50.2"}, steps=6, warmup=2, jobs=1)
@@ -157,7 +157,7 @@ def _fake_outdir(outdir: Path, error: float = 0.03) -> None:
                   label=c["label"]) for c in _device_configs()]
     oos[-1] = record(oos[-1]["shape"], oos[-1]["run"], label=oos[-1]["label"], fail="CUDA out of memory | boom")
     cmp = []
-    for m in METHODS:
+    for m in PEFT_METHODS:
         pc = plan_config(m)
         run = dict(mm.RUN_DEFAULTS, quant=pc.quant, double_quant=pc.double_quant, r=pc.r, dora=pc.dora)
         cmp.append(record("llama-3-8b", run, method=m))
@@ -179,7 +179,7 @@ def repo_copy(tmp_path):
 def test_fold_writes_the_gpu_columns_plots_and_out_of_sample_table(tmp_path, repo_copy):
     fold = _module("fold_planner_check")
     calib = _module("memory_calibration")
-    from qlora.compare import METHODS, PENDING
+    from qlora.compare import PEFT_METHODS, PENDING
 
     outdir = tmp_path / "out"
     _fake_outdir(outdir)
@@ -190,7 +190,7 @@ def test_fold_writes_the_gpu_columns_plots_and_out_of_sample_table(tmp_path, rep
     assert (results / "2026-11-26-h100-oos-planner.json").is_file()
     assert (results / "2026-11-26-h100-compare-llama-3-8b.json").is_file()
     pts, failed = calib.out_of_sample_points(results)
-    assert len(pts) == len(_device_configs()) - 1 + len(METHODS) and len(failed) == 1
+    assert len(pts) == len(_device_configs()) - 1 + len(PEFT_METHODS) and len(failed) == 1
     for p in pts:  # measured = predicted x 1.03
         assert p.error_pct() == pytest.approx(100 * (1 / 1.03 - 1), abs=0.01)
     # compare: every method's GPU columns filled from the file, the CPU columns kept
@@ -203,7 +203,7 @@ def test_fold_writes_the_gpu_columns_plots_and_out_of_sample_table(tmp_path, rep
         assert g["tokens_per_s"] > 1000 and g["device"] == "NVIDIA H100 80GB HBM3"
     doc = (repo_copy / "docs/COMPARE.md").read_text()
     table = doc[doc.index(fold.TABLE_START):doc.index(fold.TABLE_END)]
-    assert PENDING not in table and table.count("\n| ") == 1 + len(METHODS)  # header + one row each
+    assert PENDING not in table and table.count("\n| ") == 1 + len(PEFT_METHODS)  # header + one row each
     assert (repo_copy / "docs/compare/compare.png").read_bytes()[:4] == b"\x89PNG"
     # BENCHMARKS.md: the section after the calibration one, the rest of the file untouched
     bench = (repo_copy / "docs/BENCHMARKS.md").read_text()

@@ -605,11 +605,11 @@ def add_compare(sub) -> None:
 
 
 def _compare_options(p) -> None:
-    from qlora.compare import DEFAULT_STEPS, METHODS
+    from qlora.compare import DEFAULT_STEPS, PEFT_METHODS
 
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                   help=f"default all: {', '.join(METHODS)}")
+                   help=f"default all: {', '.join(PEFT_METHODS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method (default {DEFAULT_STEPS})")
     p.add_argument("--gpu-results", help="measure_memory.py --methods output: fills the GPU columns")
 

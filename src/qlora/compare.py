@@ -33,8 +33,10 @@ import torch
 from qlora.errors import QloraError
 from qlora.files import staged_file
 
-# name -> (label, RunConfig fields). Every method: all seven projections, alpha 32.
-METHODS: dict[str, tuple[str, dict]] = {
+# The PEFT methods compared (adapter and base settings; the training methods, SFT and the
+# preference losses, are methods.METHODS): name -> (label, RunConfig fields). Every method:
+# all seven projections, alpha 32.
+PEFT_METHODS: dict[str, tuple[str, dict]] = {
     "lora-16bit": ("LoRA r=16, 16-bit base", dict(quant="none", lora_r=16)),
     "qlora-nf4": ("QLoRA NF4 r=16", dict(quant="nf4", double_quant=True, lora_r=16)),
     "qlora-fp4": ("QLoRA FP4 r=16", dict(quant="fp4", double_quant=True, lora_r=16)),
@@ -62,7 +64,7 @@ def plan_config(method: str):
     """The planner's settings for `method` on the GPU shape."""
     from qlora import memory
 
-    f = METHODS[method][1]
+    f = PEFT_METHODS[method][1]
     return memory.PlanConfig(quant=f["quant"], double_quant=f.get("double_quant", True), r=f["lora_r"],
                              dora=f.get("use_dora", False), **GPU_SETTINGS)
 
@@ -87,7 +89,8 @@ def read_gpu_results(path: str | Path | None) -> dict[str, dict]:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise QloraError(f"--gpu-results: {p} does not exist (write it with: {gpu_command(list(METHODS))})")
+        raise QloraError(f"--gpu-results: {p} does not exist "
+                         f"(write it with: {gpu_command(list(PEFT_METHODS))})")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as err:
@@ -95,7 +98,7 @@ def read_gpu_results(path: str | Path | None) -> dict[str, dict]:
     out = {}
     for rec in data.get("records", []):
         meas, method = rec.get("measured", {}), rec.get("method")
-        if method not in METHODS:
+        if method not in PEFT_METHODS:
             continue
         if "peak_allocated" in meas:
             out[method] = {"peak_allocated_gib": round(meas["peak_allocated"] / 2**30, 2),
@@ -140,7 +143,7 @@ def train_method(method: str, base_cfg, tokenizer, train_examples, val_examples,
     from qlora.train.model import build_model
     from qlora.train.output import prepare_output_dir
 
-    fields = METHODS[method][1]
+    fields = PEFT_METHODS[method][1]
     cfg = dataclasses.replace(base_cfg, output_dir=str(work / method), **fields)
     device = torch.device("cpu")
     # bitsandbytes says, every int8 matmul on the CPU, that it casts fp32 inputs to fp16
@@ -170,10 +173,10 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     from qlora.tiny import build_tiny_model
     from qlora.train.data import load_data
 
-    methods = methods or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    methods = methods or list(PEFT_METHODS)
+    unknown = [m for m in methods if m not in PEFT_METHODS]
     if unknown:
-        raise QloraError(f"--methods: {', '.join(unknown)} not known; choose from {', '.join(METHODS)}")
+        raise QloraError(f"--methods: {', '.join(unknown)} not known; choose from {', '.join(PEFT_METHODS)}")
     if steps < 1:
         raise QloraError(f"--steps must be at least 1, not {steps}")
     gpu = read_gpu_results(gpu_results)
@@ -199,7 +202,7 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     t0 = time.perf_counter()
     for method in methods:
         cpu = train_method(method, base, tokenizer, train_examples, val_examples, prompts, work, log)
-        rows.append({"method": method, "label": METHODS[method][0], "settings": METHODS[method][1],
+        rows.append({"method": method, "label": PEFT_METHODS[method][0], "settings": PEFT_METHODS[method][1],
                      "demo": cpu, "llama_3_8b": {"measured_peak_allocated_gib": PENDING,
                                                  "tokens_per_s": PENDING, "device": None}})
     result = {

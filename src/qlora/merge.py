@@ -20,6 +20,10 @@ norm for gradients only; at inference/merge it is the plain value above.
 every linear weight of the decoder blocks by its NF4 round trip (bitsandbytes quantize_4bit /
 dequantize_4bit, blocksize 64, double quant) — the weights the adapter actually saw in QLoRA
 training. docs/MERGE_AND_EXPORT.md measures both against the adapter model's logits.
+
+The check after a merge (the merged checkpoint against base + adapter on held-out tokens) is
+export/check.py's `check_merge`, beside the GGUF file's check: the two differ only in the model
+they run against the reference, and export/ builds on this module, not this module on export/.
 """
 
 from __future__ import annotations

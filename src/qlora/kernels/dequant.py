@@ -1,5 +1,4 @@
-"""bitsandbytes' 4-bit layout, dequantized with plain torch ops and by a Triton kernel, and a
-4-bit matmul over it.
+"""bitsandbytes' 4-bit layout, dequantized with plain torch ops and by a Triton kernel.
 
 bitsandbytes stores a [out, in] weight as bytes holding two 4-bit codes each (high nibble
 first), one absmax per block of `blocksize` consecutive weights, and with double quantization
@@ -7,24 +6,13 @@ those absmax values themselves as uint8 codes of a 256-entry table, one fp32 sca
 of them, plus an offset. `dequantize_4bit` reproduces `bitsandbytes.functional.dequantize_4bit`
 exactly. Written with torch ops (no custom kernel), it is the readable reference that
 `dequantize_4bit_triton` equals bit for bit (tests/test_dequant_kernel.py, through Triton's
-interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel where Triton runs.
-
-`Matmul4bit` is the autograd function of x @ Wᵀ (+ an addend) for a frozen 4-bit W, or for several
-4-bit weights that read one input (q, k, v; gate, up), each dequantized into its rows of one
-[Σ out, in] buffer so that one GEMM serves them all: it keeps only the 4-bit bytes for backward and
-dequantizes again there, so no 16-bit copy of any weight outlives its use. kernels/lora.py puts the
-LoRA adapters in front of it.
-
-One exception, `rerun_keeps_weights`: a checkpointed layer is run again in backward just before
-its backward runs, and that rerun dequantizes the same weights the backward then dequantizes once
-more. Inside the context the dense weights the rerun makes are kept, and the backward that needs
-each one takes it (`take_kept_weight`) instead of dequantizing again: one dequantize less per
-weight, for the dense weights of one layer held from its rerun to its backward.
+interpreter; benchmarks/gpu_check.py on CUDA). `dequantize` picks the kernel where Triton runs;
+`dequantize_group` writes several weights into the rows of one buffer. The 4-bit matmul that
+dequantizes through them is kernels/matmul_4bit.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -155,115 +143,6 @@ def dequantize(p: Packed4bit, dtype: torch.dtype | None = None,
     return dequantize_4bit(p, dtype, out)
 
 
-class Matmul4bit(torch.autograd.Function):
-    """x @ W_catᵀ + addend for frozen 4-bit weights W_1, W_2, ... of one in_features, stacked by
-    rows (one weight, or q/k/v, gate/up read from one input): one GEMM forward and one for x's
-    gradient, where autograd would add one per layer. Backward dequantizes again instead of
-    keeping any 16-bit weight; only the 4-bit bytes are kept (on ctx, see forward). Transient
-    memory: the [Σ out, in] dense weight.
-
-    The addend (optional, the output's shape and x's dtype, contiguous) is consumed: the GEMM
-    accumulates into its memory and returns it (an in-place op to autograd), because an
-    out-of-place addmm would first copy it into a new output, one more full pass over it.
-    Arguments after `metas`: (data, absmax, code, nested_absmax, nested_code) of each weight.
-    """
-
-    @staticmethod
-    def forward(ctx, x, addend, metas, *tensors):
-        # The frozen bytes are held on ctx, not saved with save_for_backward: nothing of this
-        # function then passes through saved-tensor hooks, so a non-reentrant checkpoint's
-        # recompute stops before it when it ends a layer (down_proj): that GEMM's output is not
-        # needed for backward, and skipping it saves a dequantize and a GEMM per layer.
-        ctx.tensors = tensors
-        ctx.metas = metas
-        weight = dense_weights(metas, tensors, x.dtype)
-        if _keeping:  # a checkpoint's rerun: the backward that follows takes it
-            _kept[_weight_key(tensors, x.dtype)] = weight
-        weight_t = weight.t()
-        rows = x.reshape(-1, x.shape[-1])
-        if addend is None:
-            return (rows @ weight_t).view(*x.shape[:-1], weight_t.shape[1])
-        ctx.mark_dirty(addend)
-        addend.view(-1, weight_t.shape[1]).addmm_(rows, weight_t)
-        return addend
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        tensors = ctx.tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # (kernels/lora.py passes x detached: its backward takes W)
-            weight = take_kept_weight(tensors, grad_out.dtype)
-            if weight is None:
-                weight = dense_weights(ctx.metas, tensors, grad_out.dtype)
-            grad_x = grad_out @ weight
-        grad_addend = grad_out if ctx.needs_input_grad[1] else None
-        return (grad_x, grad_addend, None) + (None,) * len(tensors)
-
-
-def _meta(p: Packed4bit) -> tuple:
-    return (p.blocksize, p.shape, p.dtype, p.nested_blocksize, p.offset)
-
-
-def _tensors(p: Packed4bit) -> list:
-    return [p.data, p.absmax, p.code, p.nested_absmax, p.nested_code]
-
-
-def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
-    """The Packed4bit of each weight from the flat tensor list Matmul4bit is given."""
-    return [Packed4bit(data, absmax, code, *meta[:3], nested_absmax, nested_code, *meta[3:])
-            for meta, (data, absmax, code, nested_absmax, nested_code)
-            in zip(metas, zip(*[iter(tensors)] * 5))]
-
-
-# The dense weights a checkpoint's rerun made, by weight, until a backward takes them. Plain module
-# state: reruns and backward run on one thread, one layer at a time, and a CUDA graph captures
-# what they do like any other Python.
-_keeping = False
-_kept: dict = {}
-
-
-def _weight_key(tensors: tuple, dtype: torch.dtype) -> tuple:
-    return tensors[0].data_ptr(), len(tensors), dtype
-
-
-@contextlib.contextmanager
-def rerun_keeps_weights():
-    """Around a checkpointed layer's rerun: each dense weight a Matmul4bit makes is kept until the
-    backward that dequantizes the same weights takes it (take_kept_weight). What an earlier rerun
-    kept and no backward took (nothing, in practice: every LoRA group's backward takes its
-    weight, whether or not it needs it) is dropped here."""
-    global _keeping
-    _kept.clear()
-    _keeping = True
-    try:
-        yield
-    finally:
-        _keeping = False
-
-
-@contextlib.contextmanager
-def weights_not_kept():
-    """Inside rerun_keeps_weights: dense weights made here are not kept (a sequence tile of the
-    MLP, whose tiles would take each other's); keeping resumes after."""
-    global _keeping
-    before, _keeping = _keeping, False
-    try:
-        yield
-    finally:
-        _keeping = before
-
-
-def take_kept_weight(tensors: tuple, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dense weight the layer's rerun kept for these weights, if it did, handed over (so its
-    memory goes with this use). LoraProducts' backward calls it whether or not it needs it."""
-    return _kept.pop(_weight_key(tensors, dtype), None)
-
-
-def dense_weights(metas: tuple, tensors: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """[Σ out, in]: the weights Matmul4bit is given (metas, flat tensors), dequantized."""
-    return dequantize_group(_unpack_group(metas, tensors), dtype)
-
-
 def dequantize_group(packs: list[Packed4bit], dtype: torch.dtype) -> torch.Tensor:
     """The weights' dense values stacked by rows, [Σ out, in], each written into its own rows
     (no concatenating copy). All have the same in_features."""
@@ -274,38 +153,3 @@ def dequantize_group(packs: list[Packed4bit], dtype: torch.dtype) -> torch.Tenso
         dequantize(p, dtype, out=weight[start:start + p.shape[0]])
         start += p.shape[0]
     return weight
-
-
-def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: torch.Tensor | None = None,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ Wᵀ (+ addend, which is consumed: see Matmul4bit) (+ bias)."""
-    out = Matmul4bit.apply(x, addend, (_meta(p),), *_tensors(p))
-    return out if bias is None else out + bias.to(out.dtype)
-
-
-class Base4bit(torch.nn.Module):
-    """The frozen 4-bit base of a LoRA layer, run through `Matmul4bit`.
-
-    It holds the same tensors as the bitsandbytes Linear4bit it stands beside, as non-persistent
-    buffers: nothing is copied, state_dict and adapter files are unchanged, and `.to()` moves them
-    with the model.
-    """
-
-    def __init__(self, layer):
-        super().__init__()
-        p = packed_from_bnb(layer.weight)
-        self.register_buffer("data", p.data, persistent=False)
-        self.register_buffer("absmax", p.absmax, persistent=False)
-        self.register_buffer("code", p.code, persistent=False)
-        self.register_buffer("nested_absmax", p.nested_absmax, persistent=False)
-        self.register_buffer("nested_code", p.nested_code, persistent=False)
-        self.meta = _meta(p)
-
-    def tensors(self) -> list:
-        return [self.data, self.absmax, self.code, self.nested_absmax, self.nested_code]
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ Wᵀ + addend + bias; the addend (x's dtype, contiguous) is consumed."""
-        out = Matmul4bit.apply(x, addend, (self.meta,), *self.tensors())
-        return out if bias is None else out + bias.to(out.dtype)

@@ -11,7 +11,7 @@
   of 16-byte multiples: CUDA sm90+, and torch 2.13's CPU), else one batched matmul over the
   experts' rows padded to the largest group (`padded_grouped_mm`; any dtype, more memory).
 - `GroupedBase`: x @ W_eᵀ over 4-bit (or 16-bit) expert weights, grouped; keeps nothing but the
-  weights it was given for backward and dequantizes them again there (as kernels/dequant.py's
+  weights it was given for backward and dequantizes them again there (as kernels/matmul_4bit.py's
   Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
   dequantized together pass WHOLE_PROJECTION_BYTES goes in a few runs of experts (`expert_chunks`),
   one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in one run;

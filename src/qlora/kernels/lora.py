@@ -11,7 +11,7 @@ of the B_i), and in backward the adapters' gradients and ALL of x's gradient: th
 (∂y·s_i·B_i)·A_i, into which the base's ∂y·W GEMM accumulates. Autograd would compute each
 projection's part of x's gradient apart and add them up, one full-size pass per addition.
 
-The base GEMM comes after it (kernels/dequant.py's Matmul4bit, given x without its gradient) and
+The base GEMM comes after it (kernels/matmul_4bit.py's Matmul4bit, given x without its gradient) and
 saves nothing. A layer's forward is recomputed in backward when gradient checkpointing is on, up
 to its last saved tensor: where a LoRA layer ends the checkpointed block (down_proj), that is
 LoraProducts' and the rerun skips the base GEMM and its dequantize. And the rerun does not
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora.kernels.dequant import Matmul4bit, dense_weights, take_kept_weight
+from qlora.kernels.matmul_4bit import Matmul4bit, dense_weights, take_kept_weight
 from qlora.kernels import lora_dropout
 
 

@@ -57,7 +57,7 @@ class PlanConfig:
     # (models.tiling.default_tile_tokens), N in tiles of N tokens, False whole
     tile_mlp: bool | int = False
     # with checkpointing: attention kept from forward to backward, not rerun
-    # (models/decoder.AttentionKeptForRerun; qlora train's keep_attention): true in every layer,
+    # (speed/kept_attention.AttentionKeptForRerun; qlora train's keep_attention): true in every layer,
     # a number N in the last N
     keep_attention: bool | int = False
     # the frozen input embedding (untied) in pinned host memory (qlora train's embedding_on_host)

@@ -184,7 +184,7 @@ def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
                         tiled: bool) -> tuple[int, int]:
     """(bytes of the dense weights a checkpointed layer's rerun makes and keeps for its backward,
     the part of them alive while attention runs backward) on the fused path over 4-bit bases
-    (kernels/dequant.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun stops
+    (kernels/matmul_4bit.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun stops
     before; none of the MLP's when it runs in tiles (the rerun skips the tiled MLP, and a tile's
     weights are never kept: tile_outside_rerun); no q, k, v where the layer's attention is kept
     (the rerun makes only their LoRA products). By attention's backward only q, k, v's are left

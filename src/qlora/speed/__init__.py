@@ -30,7 +30,7 @@ class Applied:
     """What apply_speed did that the training loop needs."""
     dropout_seed: torch.Tensor | None  # the seeded masks' seed (set per micro-batch), or None
     dropout_stride: int  # how far the seed advances between micro-batches (adapter layers)
-    fast_layers: int  # LoRA layers whose 4-bit base runs through kernels/dequant.py
+    fast_layers: int  # LoRA layers whose 4-bit base runs through kernels/matmul_4bit.py
     embedding_bytes_freed: int  # GPU bytes the host embedding freed
 
 
@@ -113,7 +113,7 @@ def _made_by_fully_shard(cls: type) -> bool:
 
 
 def use_fast_path(model: nn.Module, group: bool = True, on: bool = True) -> int:
-    """Route every 4-bit LoRA base through our dequantize+matmul (kernels/dequant.py) and the LoRA
+    """Route every 4-bit LoRA base through our dequantize+matmul (kernels/matmul_4bit.py) and the LoRA
     products through kernels/lora.py (on=False: back to bitsandbytes).
 
     group=True also lets each block that names `group_members` (FastAttention: q, k, v; FastMLP:
@@ -129,7 +129,7 @@ def use_fast_path(model: nn.Module, group: bool = True, on: bool = True) -> int:
     import bitsandbytes as bnb
 
     from qlora.adapters import LoraLinear, groupable
-    from qlora.kernels.dequant import Base4bit
+    from qlora.kernels.matmul_4bit import Base4bit
 
     switched = 0
     for module in model.modules():
@@ -150,7 +150,7 @@ def set_long_context(model: nn.Module, plan: SpeedPlan) -> None:
     of the MLP (models/tiling.py), on or off: the model's layer_input_offload, each layer's
     mlp.sequence_tiling."""
     from qlora.models.tiling import SequenceTiling, default_tile_tokens
-    from qlora.speed.kept_attention import tile_outside_rerun
+    from qlora.speed.checkpointing import tile_outside_rerun
     from qlora.speed.offload import LayerInputOffload
 
     model.layer_input_offload = LayerInputOffload() if plan.offload_activations else None

@@ -10,7 +10,7 @@ SpeedPlan; nothing else sets them.
   RoPE in a Triton kernel, and the attention kept for the checkpoint's rerun (kept_attention.py).
 - FastMLP: gate and up as one grouped GEMM, SwiGLU in a Triton kernel reading it in place.
 - FastDecoderLM: the input embedding gathered from host memory (kernels/embedding.py), layers
-  checkpointed through CheckpointedLayer, and the loss (summed, or per token for a preference
+  checkpointed through CheckpointedLayer (checkpointing.py), and the loss (summed, or per token for a preference
   method) through kernels/cross_entropy.py (its gradient made in forward; every position
   computed inside a CUDA graph's capture).
 - Gemma's forks (FastGemmaRMSNorm, FastGemmaAttention, FastGemmaMLP, FastGemmaDecoderLayer,
@@ -53,7 +53,8 @@ from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, P
 from qlora.models.norm import RMSNorm
 from qlora.models.spec import attention_layers_kept
 from qlora.models.tiling import run_mlp
-from qlora.speed.kept_attention import AttentionKeptForRerun, CheckpointedLayer, KeptAttention
+from qlora.speed.checkpointing import CheckpointedLayer
+from qlora.speed.kept_attention import AttentionKeptForRerun, KeptAttention
 from qlora.speed.moe import FastExperts, capture_blocker
 
 

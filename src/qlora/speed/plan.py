@@ -13,7 +13,7 @@ class SpeedPlan:
 
     fused_kernels: RMSNorm (with the residual add), SwiGLU and RoPE through Triton kernels where
         Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1).
-    fast_base: each 4-bit LoRA base through our dequantize + matmul (kernels/dequant.py), its
+    fast_base: each 4-bit LoRA base through our dequantize + matmul (kernels/matmul_4bit.py), its
         LoRA product added by the base GEMM (kernels/lora.py).
     grouped: with fast_base, q/k/v and gate/up each as one base GEMM over stacked weights.
     keep_attention: with checkpointing, attention kept for backward instead of rerun: True in

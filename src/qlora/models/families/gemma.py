@@ -36,7 +36,7 @@ The speed layer (speed/fast_decoder.py) gives Gemma its own forks, built on the 
 - FastGemmaLM: layers checkpointed as FastDecoderLM checkpoints them, the embedding gathered
   from host memory where the plan moves it there, the flex masks; the fused cross-entropy with
   the final soft-cap applied inside it (kernels/cross_entropy.py);
-- the 4-bit fast base path of every LoRA layer (kernels/dequant.py), as for any family.
+- the 4-bit fast base path of every LoRA layer (kernels/matmul_4bit.py), as for any family.
 - FastGemmaRMSNorm: the (1 + w) norm (and Gemma 3's q/k norms) in the RMSNorm kernel's Gemma form
   (kernels/fused.gemma_rms_norm: fp32 throughout, rounded once, as here).
 CUDA graphs (train/graphs.py): Gemma 3 through flash varlen attention with its scale and each
