@@ -65,15 +65,16 @@ def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | P
         return PromptRendering(chat_template_for(tokenizer, True, chat_template),
                                why=f"chat template {_short(chat_template)} (--chat-template)")
     if record is not None:
-        fmt, where = record["data_format"], f"as the adapter was trained, {record_path}"
+        fmt = record["data_format"]
+        trained = f"as the adapter was trained on {fmt} data ({record_path})"
         if record.get("chat_template"):
             option = record.get("chat_template_option")
             template = chat_template_for(tokenizer, True, option)
             name = "the model's own" if option is None else _short(option)
-            return PromptRendering(template, why=f"chat template, {name} ({fmt} data, {where})")
+            return PromptRendering(template, why=f"chat template, {name}, {trained}")
         if fmt == "alpaca":
-            return PromptRendering(alpaca=True, why=f"the alpaca prompt ({fmt} data, {where})")
-        return PromptRendering(why=f"plain text, no chat template ({fmt} data, {where})")
+            return PromptRendering(alpaca=True, why=f"the alpaca prompt, {trained}")
+        return PromptRendering(why=f"plain text, no chat template, {trained}")
     template = chat_template_for(tokenizer)
     if template is None:
         return PromptRendering(why="plain text (the model has no chat template; pass "
