@@ -70,6 +70,10 @@ def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | P
         if record.get("chat_template"):
             option = record.get("chat_template_option")
             template = chat_template_for(tokenizer, True, option)
+            if template is None:  # another --model than the run's, one without a template
+                raise QloraError(f"{record_path}: the adapter was trained on {fmt} data with the "
+                                 f"model's chat template, and this tokenizer has none; pass "
+                                 f"--chat-template (the one training used) or --no-chat-template")
             name = "the model's own" if option is None else _short(option)
             return PromptRendering(template, why=f"chat template, {name}, {trained}")
         if fmt == "alpaca":
