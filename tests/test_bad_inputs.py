@@ -260,6 +260,10 @@ CASES = [
          lambda t, m, d, r: (["export", "--gguf", "--model", str(m), "--out",
                               str(write(t / "m.gguf", "old"))], t / "m.gguf"),
          ("m.gguf", "exists")),
+    Case("eval --report exists",
+         lambda t, m, d, r: (["eval", "--model", str(m), "--data", str(d), "--device", "cpu",
+                              "--report", str(write(t / "report.json", "{}"))], t / "report.json"),
+         ("--report", "report.json", "exists", "new --report path")),
     # --- resuming ------------------------------------------------------------------------------
     Case("--resume latest with no checkpoint",
          lambda t, m, d, r: (train_args(m, d, write(t / "out" / "run_config.yaml", "x: 1\n").parent,

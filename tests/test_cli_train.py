@@ -14,8 +14,8 @@ from qlora.cli import main
 from qlora.config import CONFIG_FILE_NAME, load_config
 
 OUTPUT_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", CONFIG_FILE_NAME, "metrics.jsonl", "loss.png",
-                "summary.json"]
+                "tokenizer_config.json", CONFIG_FILE_NAME, "prompt_format.json", "metrics.jsonl",
+                "loss.png", "summary.json"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,12 @@ def test_train_command_writes_a_complete_run_that_peft_loads(inputs, tmp_path, c
     for name in OUTPUT_FILES:
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "step-00000004" / "adapter" / "adapter_config.json").is_file()
+    # how training rendered its prompts, found from the run's adapters (generate's default)
+    from qlora.train.output import read_prompt_format
+
+    record, where = read_prompt_format(out / "checkpoints" / "step-00000004" / "adapter")
+    assert where == (out / "prompt_format.json").resolve()
+    assert record == {"data_format": "alpaca", "chat_template": False, "chat_template_option": None}
     saved = load_config(out / CONFIG_FILE_NAME)
     assert (saved.lora_r, saved.max_steps, saved.quant, saved.learning_rate) == (8, 4, "none", 1e-2)
     summary = json.loads((out / "summary.json").read_text())

@@ -13,10 +13,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     text = captured.out
     assert "before training" in text and "after training" in text and "reloaded adapter" in text
     # what to try next names the kept base model and the adapter; no progress bar of the model's save
-    assert f"--adapter {out} --no-chat-template" in text and "Writing model shards" not in captured.err
+    assert f"--adapter {out} 'frog -> '" in text and "Writing model shards" not in captured.err
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png",
-                 "summary.json", "demo.json", "run_config.yaml"):
+                 "summary.json", "demo.json", "run_config.yaml", "prompt_format.json"):
         assert (out / name).is_file(), name
+    record = json.loads((out / "prompt_format.json").read_text())
+    assert record == {"data_format": "prompt_completion", "chat_template": False,
+                      "chat_template_option": None}
     figures = json.loads((out / "demo.json").read_text())
     assert figures["steps"] == 3
     assert figures["reloaded_matches"] is True

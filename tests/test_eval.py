@@ -213,6 +213,14 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
                      "--report", str(report)]) == 2
     assert str(report) in capsys.readouterr().err
+    # an existing report is refused up front (as merge and export refuse existing outputs), untouched
+    report = tmp_path / "r.json"
+    report.write_text("mine\n")
+    assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
+                     "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert f"--report {report} exists" in err and "new --report path" in err
+    assert report.read_text() == "mine\n"
     for bad in ("0", "100000"):
         assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
                          "--max-len", bad]) == 2
@@ -220,3 +228,15 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(setup["model"]), "--data", setup["alpaca"],
                      "--device", "gpu"]) == 2
     assert "'gpu'" in capsys.readouterr().err
+
+
+def test_write_report_never_replaces_a_file_and_leaves_no_partial_one(tmp_path):
+    from qlora.errors import QloraError
+    from qlora.eval import write_report
+
+    path = tmp_path / "r.json"
+    assert json.loads(write_report(path, {"a": 1}).read_text()) == {"a": 1}
+    with pytest.raises(QloraError, match="--report"):
+        write_report(path, {"a": 2})  # the file now exists: refused, not replaced
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no staged file left behind

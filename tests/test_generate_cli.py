@@ -196,3 +196,137 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert cli.main(["generate", "--model", model, "--quant", "none", "--max-new-tokens", "100",
                      "x" * 450]) == 0
     assert "new tokens fit" in capsys.readouterr().err
+
+
+# --- prompts rendered as the adapter was trained (the run's prompt_format.json) ------------------
+# A template of its own (no {% generation %} markers), so that a record naming it is seen to be used
+# rather than the tokenizer's ChatML.
+BRACKETS = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def run_adapter(setup, tmp_path_factory):
+    """An adapter of the tiny model in a run directory as `qlora train` leaves it (run_config.yaml
+    beside it), and a copy of it alone, as from elsewhere (no record)."""
+    import shutil
+
+    from qlora.adapters import AdapterConfig, attach_adapters, save_adapter
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    root = tmp_path_factory.mktemp("run")
+    m = load_model(setup["model_dir"], QuantConfig(method="none", compute_dtype=torch.float32))
+    attach_adapters(m, AdapterConfig(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapter change the answers
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    run = save_adapter(m, root / "run", str(setup["model_dir"]))
+    (run / "run_config.yaml").write_text("# a training run's configuration\n")
+    alone = shutil.copytree(run, root / "adapter-alone", ignore=shutil.ignore_patterns("run_*"))
+    return {"run": run, "alone": alone, "model": m.eval()}
+
+
+def _training_prompt_ids(example, tok, chat_template=None):
+    """The tokens training put before the response: the encoded example up to its first labelled
+    token (data/templates.py's encode_example, what `qlora train` feeds the model)."""
+    from qlora.data.templates import IGNORE, encode_example
+
+    enc = encode_example(example, tok, "responses", chat_template)
+    first = next(i for i, label in enumerate(enc["labels"]) if label != IGNORE)
+    return enc["input_ids"][:first]
+
+
+def _fed_ids(monkeypatch):
+    """The prompt ids generate/chat hand to the model, recorded."""
+    import qlora.chat
+
+    fed, real = [], qlora.chat.stream
+    monkeypatch.setattr(qlora.chat, "stream", lambda model, ids, opts: (fed.append(list(ids)),
+                                                                        real(model, ids, opts))[1])
+    return fed
+
+
+def _generate(setup, adapter, prompt, *flags):
+    return cli.main(["generate", "--model", str(setup["model_dir"]), "--adapter", str(adapter),
+                     "--quant", "none", "--device", "cpu", "--max-new-tokens", "6", *flags, prompt])
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "prompt_completion", "messages"])
+def test_generate_renders_the_prompt_as_training_did(setup, run_adapter, monkeypatch, capsys, fmt):
+    from qlora.data import Example
+    from qlora.train.output import write_prompt_format
+
+    tok, run, prompt = setup["tok"], run_adapter["run"], "Name a colour"
+    option = BRACKETS if fmt == "messages" else None
+    example = {"alpaca": Example("alpaca", "t:1", instruction=prompt, output="blue"),
+               "prompt_completion": Example("prompt_completion", "t:1", prompt=prompt, completion="blue"),
+               "messages": Example("messages", "t:1", messages=[
+                   {"role": "user", "content": prompt}, {"role": "assistant", "content": "blue"}]),
+               }[fmt]
+    expected = _training_prompt_ids(example, tok, option)
+    if fmt == "alpaca":  # the seeds' alpaca prompt, up to the response
+        assert tok.decode(expected, skip_special_tokens=True).endswith(
+            f"### Instruction:\n{prompt}\n\n### Response:\n")
+    write_prompt_format(run, fmt, option)
+    fed = _fed_ids(monkeypatch)
+    assert _generate(setup, run, prompt) == 0
+    out, err = capsys.readouterr()
+    assert fed == [expected]
+    rendering = {"alpaca": "the alpaca prompt", "prompt_completion": "plain text, no chat template",
+                 "messages": "chat template, given as a template string"}[fmt]
+    line = next(ln for ln in err.splitlines() if ln.startswith("prompt rendering: "))
+    assert rendering in line and "prompt_format.json" in line
+    # the text printed is what the adapter answers to those tokens (qlora.infer.generate)
+    new = generate(run_adapter["model"], expected, GenerationOptions(
+        max_new_tokens=6, eos_token_ids=(EOS, IM_END)))
+    assert out == tok.decode([t for t in new if t not in (EOS, IM_END)], skip_special_tokens=True) + "\n"
+
+
+def test_flags_win_over_the_record_and_no_record_keeps_the_chat_template(
+        setup, run_adapter, monkeypatch, capsys):
+    from qlora.train.output import write_prompt_format
+
+    tok, run, prompt = setup["tok"], run_adapter["run"], "Name a colour"
+    write_prompt_format(run, "alpaca", None)
+    fed = _fed_ids(monkeypatch)
+    assert _generate(setup, run, prompt, "--no-chat-template") == 0
+    assert "prompt rendering: plain text (--no-chat-template)" in capsys.readouterr().err
+    assert _generate(setup, run, prompt, "--chat-template", BRACKETS) == 0
+    assert "(--chat-template)" in capsys.readouterr().err
+    # an adapter without its run's record (from elsewhere): the model's chat template, as before
+    assert _generate(setup, run_adapter["alone"], prompt) == 0
+    assert "the model's chat template (the default" in capsys.readouterr().err
+    bracketed = tok.apply_chat_template([{"role": "user", "content": prompt}], chat_template=BRACKETS,
+                                        tokenize=False, add_generation_prompt=True)
+    assert fed == [tok(prompt)["input_ids"], tok(bracketed, add_special_tokens=False)["input_ids"],
+                   _chatml_ids(tok, prompt)]
+
+
+def test_chat_with_an_alpaca_adapter_renders_each_message_as_training_did(
+        setup, run_adapter, monkeypatch, capsys):
+    import io
+
+    from qlora.data import Example
+    from qlora.train.output import write_prompt_format
+
+    write_prompt_format(run_adapter["run"], "alpaca", None)
+    fed = _fed_ids(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hi\nCount to three\n/exit\n"))
+    assert cli.main(["chat", "--model", str(setup["model_dir"]), "--adapter", str(run_adapter["run"]),
+                     "--quant", "none", "--device", "cpu", "--max-new-tokens", "4"]) == 0
+    assert "prompt rendering: the alpaca prompt" in capsys.readouterr().err
+    assert fed == [_training_prompt_ids(Example("alpaca", "t:1", instruction=m, output="x"), setup["tok"])
+                   for m in ("Say hi", "Count to three")]
+
+
+def test_a_damaged_record_is_refused_naming_it(setup, run_adapter, capsys):
+    record = run_adapter["run"] / "prompt_format.json"
+    record.write_text("{not json")
+    try:
+        assert _generate(setup, run_adapter["run"], "hi") == 2
+    finally:
+        record.unlink()
+    err = capsys.readouterr().err
+    assert str(record) in err and "--no-chat-template" in err

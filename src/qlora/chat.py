@@ -1,10 +1,16 @@
 """Prompts from conversations, stop tokens, streamed text, and the interactive chat session.
 
 `qlora generate` and `qlora chat` share all of it: a conversation (a list of {role, content})
-becomes token ids through the model's chat template (or plain text when it has none or the user
-switched it off); generation stops at EOS or at the template's end-of-turn token; the new tokens
-are decoded incrementally so that a character made of several tokens (UTF-8 bytes split over
-byte-level BPE tokens) is printed once it is whole.
+becomes token ids the way `prompt_rendering` chooses: through a chat template, as training's alpaca
+prompt, or as plain text; generation stops at EOS or at the template's end-of-turn token; the new
+tokens are decoded incrementally so that a character made of several tokens (UTF-8 bytes split
+over byte-level BPE tokens) is printed once it is whole.
+
+Which rendering, first that applies: an explicit --no-chat-template / --chat-template; the record
+of the run that trained the adapter (train/output.py's prompt_format.json: its data format, and
+for chat data its chat_template option), so that an adapter trained on alpaca or prompt/completion
+data is prompted as it was trained (data/templates.py's `encode_prompt`, the renderer `qlora eval`
+uses too); else the model's chat template when it has one, plain text when not.
 """
 
 from __future__ import annotations
@@ -38,15 +44,72 @@ def chat_template_for(tokenizer, use_template: bool = True, chat_template: str |
     return resolve_chat_template(tokenizer, chat_template)
 
 
+@dataclass(frozen=True)
+class PromptRendering:
+    """How a conversation becomes tokens: `template` (a chat template), `alpaca` (training's alpaca
+    prompt around the last user message), or neither (plain text); `why`, one line for the log."""
+
+    template: str | None = None
+    alpaca: bool = False
+    why: str = ""
+
+
+def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | Path | None = None,
+                     use_template: bool = True, chat_template: str | None = None) -> PromptRendering:
+    """The rendering by the order in the module's docstring. `record` is the training run's
+    prompt_format.json (None: no adapter, or one without a record); `use_template` False is
+    --no-chat-template, `chat_template` the --chat-template option."""
+    if not use_template:
+        return PromptRendering(why="plain text (--no-chat-template)")
+    if chat_template is not None:
+        return PromptRendering(chat_template_for(tokenizer, True, chat_template),
+                               why=f"chat template {_short(chat_template)} (--chat-template)")
+    if record is not None:
+        fmt = record["data_format"]
+        trained = f"as the adapter was trained on {fmt} data ({record_path})"
+        if record.get("chat_template"):
+            option = record.get("chat_template_option")
+            template = chat_template_for(tokenizer, True, option)
+            if template is None:  # another --model than the run's, one without a template
+                raise QloraError(f"{record_path}: the adapter was trained on {fmt} data with the "
+                                 f"model's chat template, and this tokenizer has none; pass "
+                                 f"--chat-template (the one training used) or --no-chat-template")
+            name = "the model's own" if option is None else _short(option)
+            return PromptRendering(template, why=f"chat template, {name}, {trained}")
+        if fmt == "alpaca":
+            return PromptRendering(alpaca=True, why=f"the alpaca prompt, {trained}")
+        return PromptRendering(why=f"plain text, no chat template, {trained}")
+    template = chat_template_for(tokenizer)
+    if template is None:
+        return PromptRendering(why="plain text (the model has no chat template; pass "
+                                   "--chat-template chatml to use ChatML)")
+    return PromptRendering(template, why="the model's chat template (the default: no record of "
+                                         "how an adapter was trained; --no-chat-template for plain text)")
+
+
+def _short(option: str) -> str:
+    return repr(option) if len(option) <= 40 else "given as a template string"
+
+
 def conversation(prompt: str, system: str | None = None) -> list[dict]:
     messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": "user", "content": prompt}]
 
 
-def build_prompt(tokenizer, messages: list[dict], template: str | None) -> list[int]:
+def build_prompt(tokenizer, messages: list[dict], template: str | None, alpaca: bool = False
+                 ) -> list[int]:
     """Token ids for the model to continue: the conversation rendered with the template and an
-    assistant generation prompt; without a template, the turns' texts joined by blank lines
-    (plain continuation, the tokenizer's BOS added as in training on text)."""
+    assistant generation prompt; with `alpaca`, the last user message as training rendered an
+    alpaca instruction (up to '### Response:\n'; earlier turns and the system prompt have no place
+    in it); without either, the turns' texts joined by blank lines (plain continuation, the
+    tokenizer's BOS added as in training on text)."""
+    if alpaca:
+        from qlora.data import Example, encode_prompt
+
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        ids, _ = encode_prompt(Example(format="alpaca", source="prompt", instruction=user[-1],
+                                       output=""), tokenizer)
+        return ids
     if template is not None:
         from jinja2 import TemplateError
 
@@ -248,15 +311,15 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 def generate_all(model, tokenizer, prompts: list[str], template: str | None, system: str | None,
                  opts: GenerationOptions, context: int, out: TextIO | None = None,
-                 err: TextIO | None = None) -> list[list[int]]:
+                 err: TextIO | None = None, alpaca: bool = False) -> list[list[int]]:
     """Answer each prompt in turn, streaming the text to `out` (a header line before each when
     there are several); the new token ids of each. A prompt longer than the context is refused
-    before anything is generated."""
+    before anything is generated. `template` / `alpaca`: the PromptRendering's."""
     out = out or sys.stdout
     err = err or sys.stderr
     encoded = []
     for k, prompt in enumerate(prompts, 1):
-        ids = build_prompt(tokenizer, conversation(prompt, system), template)
+        ids = build_prompt(tokenizer, conversation(prompt, system), template, alpaca)
         what = f"prompt {k}" if len(prompts) > 1 else "the prompt"
         fitted, note = fit_max_new_tokens(len(ids), opts, context, what)
         if note:
@@ -301,6 +364,7 @@ class ChatSession:
     context: int = 4096
     history: list[dict] = field(default_factory=list)  # user/assistant turns, no system
     last_ids: list[int] = field(default_factory=list)  # the token ids of the last answer
+    alpaca: bool = False  # each message as an alpaca instruction on its own (PromptRendering)
 
     def messages(self, history: list[dict] | None = None, new: list[dict] | None = None) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -318,7 +382,7 @@ class ChatSession:
         history = list(self.history)
         dropped = 0
         while True:
-            ids = build_prompt(self.tokenizer, self.messages(history, new), self.template)
+            ids = build_prompt(self.tokenizer, self.messages(history, new), self.template, self.alpaca)
             if len(ids) + self.opts.max_new_tokens <= self.context or not history:
                 break
             history = history[2:]

@@ -170,7 +170,9 @@ def run_train(args) -> None:
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with base (+ adapter)",
                        description="Answer prompts with the model (and adapter), streaming the text. "
-                                   "The model's chat template is applied when it has one.")
+                                   "Prompts are rendered as the adapter was trained (its run's "
+                                   "prompt_format.json: chat template, alpaca prompt or plain text); "
+                                   "otherwise with the model's chat template when it has one.")
     p.fill = _generate_options
     p.set_defaults(func=run_generate)
 
@@ -180,9 +182,10 @@ def _generate_options(p) -> None:
     p.add_argument("--prompts-file", help="prompts, one per line, or JSONL with a \"prompt\" field")
     _add_model_args(p)
     p.add_argument("--no-chat-template", action="store_true",
-                   help="feed the prompt as plain text, without the model's chat template")
-    p.add_argument("--chat-template", help="template to use instead of the tokenizer's: "
-                                           "'chatml', a .jinja file or a template string")
+                   help="feed the prompt as plain text, whatever the adapter was trained with")
+    p.add_argument("--chat-template", help="template to use instead of the tokenizer's (or the "
+                                           "one the adapter was trained with): 'chatml', a .jinja "
+                                           "file or a template string")
     p.add_argument("--system", help="system prompt (with a chat template)")
     _add_sampling_args(p)
 
@@ -210,20 +213,24 @@ def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
 
 
 def _load_for_generation(args):
-    """(model, tokenizer, template, options) from the shared generate/chat arguments."""
-    from qlora.chat import chat_template_for, stop_token_ids
+    """(model, tokenizer, PromptRendering, options) from the shared generate/chat arguments; the
+    rendering chosen is said in one line."""
+    from qlora.chat import prompt_rendering, stop_token_ids
     from qlora.infer import GenerationOptions, load_for_inference
+    from qlora.train.output import read_prompt_format
 
     _check_adapter_base(args)
+    record, record_path = read_prompt_format(args.adapter) or (None, None)
     model, tokenizer = load_for_inference(args.model, args.adapter, quant=args.quant,
                                           device=args.device)
-    template = chat_template_for(tokenizer, not getattr(args, "no_chat_template", False),
-                                 args.chat_template)
+    rendering = prompt_rendering(tokenizer, record, record_path,
+                                 not getattr(args, "no_chat_template", False), args.chat_template)
+    print(f"prompt rendering: {rendering.why}", file=sys.stderr)
     opts = GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        eos_token_ids=stop_token_ids(tokenizer, args.model, template))
-    return model, tokenizer, template, opts
+        eos_token_ids=stop_token_ids(tokenizer, args.model, rendering.template))
+    return model, tokenizer, rendering, opts
 
 
 def _check_adapter_base(args) -> None:
@@ -241,15 +248,15 @@ def run_generate(args) -> None:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(args.prompts)
     if not prompts:
         raise QloraError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
-    if args.system and args.no_chat_template:
+    model, tokenizer, rendering, opts = _load_for_generation(args)
+    if args.system and rendering.alpaca:
+        print("note: --system is left out: the alpaca prompt the adapter was trained with has no "
+              "place for it (pass --chat-template to use one)", file=sys.stderr)
+    elif args.system and rendering.template is None:
         print("note: --system without a chat template is put before the prompt as plain text",
               file=sys.stderr)
-    model, tokenizer, template, opts = _load_for_generation(args)
-    if template is None and not args.no_chat_template:
-        print("note: the model has no chat template; prompts are fed as plain text",
-              file=sys.stderr)
-    generate_all(model, tokenizer, prompts, template, args.system, opts,
-                 model.spec.max_position_embeddings)
+    generate_all(model, tokenizer, prompts, rendering.template, args.system, opts,
+                 model.spec.max_position_embeddings, alpaca=rendering.alpaca)
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -264,20 +271,21 @@ def add_chat(sub) -> None:
 def _chat_options(p) -> None:
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--chat-template", help="template to use instead of the tokenizer's: "
-                                           "'chatml', a .jinja file or a template string")
+    p.add_argument("--chat-template", help="template to use instead of the tokenizer's (or the "
+                                           "one the adapter was trained with): 'chatml', a .jinja "
+                                           "file or a template string")
     _add_sampling_args(p)
 
 
 def run_chat(args) -> None:
     from qlora.chat import ChatSession, run_chat as chat_loop
 
-    model, tokenizer, template, opts = _load_for_generation(args)
-    if template is None:
-        print("note: the model has no chat template; the conversation is fed as plain text "
-              "(pass --chat-template chatml to use ChatML)", file=sys.stderr)
-    session = ChatSession(model, tokenizer, template, opts, system=args.system,
-                          context=model.spec.max_position_embeddings)
+    model, tokenizer, rendering, opts = _load_for_generation(args)
+    if rendering.alpaca:
+        print("note: each message is answered on its own, as an alpaca instruction: the adapter "
+              "was trained on single instructions, not conversations", file=sys.stderr)
+    session = ChatSession(model, tokenizer, rendering.template, opts, system=args.system,
+                          context=model.spec.max_position_embeddings, alpaca=rendering.alpaca)
     chat_loop(session)
 
 
@@ -294,7 +302,8 @@ def _eval_options(p) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="data file (jsonl/json/csv/parquet)")
     p.add_argument("--max-samples", type=int, help="evaluate the first N examples only")
-    p.add_argument("--report", help="write all numbers and settings to this JSON file")
+    p.add_argument("--report", help="write all numbers and settings to this new JSON file "
+                                    "(an existing file is refused, not overwritten)")
     p.add_argument("--compare-base", action="store_true",
                    help="with --adapter: also evaluate the base alone, side by side")
     p.add_argument("--max-len", type=int,

@@ -194,7 +194,7 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     base = demo.demo_config(model_dir, train_file, val_file, work / "run", steps)
     base = dataclasses.replace(base, eval_steps=steps, save_steps=0, logging_steps=max(1, steps))
     tokenizer = load_tokenizer(model_dir)
-    train_examples, val_examples = load_data(base, tokenizer, log=lambda s: None)
+    train_examples, val_examples, _ = load_data(base, tokenizer, log=lambda s: None)
     raw, _ = load_examples(str(val_file))
     prompts = [encode_prompt(e, tokenizer) for e in raw]
     log(f"training {len(methods)} methods for {steps} steps each on the demo task (CPU) ...")

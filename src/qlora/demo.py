@@ -149,7 +149,7 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     from qlora.train.data import load_data
     from qlora.train.loop import fit
     from qlora.train.model import build_model
-    from qlora.train.output import prepare_output_dir
+    from qlora.train.output import prepare_output_dir, write_prompt_format
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -171,7 +171,8 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
 
     save_config(cfg, out / CONFIG_FILE_NAME)
     tokenizer = load_tokenizer(model_dir)
-    train_examples, val_examples = load_data(cfg, tokenizer, log=lambda s: None)
+    train_examples, val_examples, data_format = load_data(cfg, tokenizer, log=lambda s: None)
+    write_prompt_format(out, data_format, cfg.chat_template)  # generate then renders as trained
     raw, _ = load_examples(str(val_file))
     prompts = [encode_prompt(e, tokenizer) for e in raw]
 
@@ -223,7 +224,7 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     (out / "demo.json").write_text(json.dumps(figures, indent=2) + "\n")
     log(f"\ndone in {wall:.0f} s (training {train_s:.0f} s). The run directory {out}/ holds the "
         f"adapter (PEFT format), metrics.jsonl, loss.png and summary.json; the base model and the "
-        f"data are in {work}/. Try the adapter yourself (the task's prompts are plain text, no "
-        f"chat template):\n  qlora generate --model {model_dir} --adapter {out} "
-        f"--no-chat-template 'frog -> '")
+        f"data are in {work}/. Try the adapter yourself (generate renders the prompt as training "
+        f"did, plain text here, from {out}/prompt_format.json):\n"
+        f"  qlora generate --model {model_dir} --adapter {out} 'frog -> '")
     return figures

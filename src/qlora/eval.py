@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qlora.errors import QloraError
-from qlora.files import staged_file
+from qlora.files import refuse_existing, staged_file
 from qlora.infer import GenerationOptions
 from qlora.models.decoder import IGNORE_INDEX as IGNORE
 
@@ -264,13 +264,22 @@ def format_table(results: dict[str, dict]) -> str:
                                for i, (c, w) in enumerate(zip(r, widths))) for r in lines)
 
 
-def write_report(path: str | Path, report: dict) -> Path:
-    """Write the JSON report through a temp file, so a crash never leaves half of one."""
+def check_report_path(path: str | Path) -> None:
+    """Refuse a --report that exists or whose folder does not, before the slow part."""
     out = Path(path)
+    refuse_existing(out, "--report")
     if not out.parent.exists():
         raise QloraError(f"--report {path}: directory {out.parent} does not exist")
+
+
+def write_report(path: str | Path, report: dict) -> Path:
+    """Write the JSON report through a temp file, so a crash never leaves half of one; a file that
+    appeared at `path` meanwhile is refused, not overwritten."""
+    out = Path(path)
+    check_report_path(out)
     with staged_file(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+        refuse_existing(out, "--report")  # made while the report was written: it is left alone
     return out
 
 
@@ -293,9 +302,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
         raise QloraError(f"model directory {model_dir} not found (--model takes a directory in "
                          "Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
     if report_path is not None:
-        rp = Path(report_path)
-        if not rp.parent.exists():  # fail before the slow part
-            raise QloraError(f"--report {report_path}: directory {rp.parent} does not exist")
+        check_report_path(report_path)  # fail before the slow part
     if micro_batch < 1:
         raise QloraError(f"--batch-size must be at least 1, got {micro_batch}")
     t0 = time.perf_counter()

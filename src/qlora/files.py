@@ -68,6 +68,14 @@ def staged_file(final: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def refuse_existing(path: str | Path, option: str) -> None:
+    """Refuse (QloraError) an output that exists: outputs are new files, never overwritten."""
+    from qlora.errors import QloraError
+
+    if Path(path).exists():
+        raise QloraError(f"{option} {path} exists; give a new {option} path (nothing is overwritten)")
+
+
 def check_writable(path: str | Path, what: str) -> None:
     """Refuse (QloraError) an output `path` that cannot be created or written, before any slow
     work: its nearest existing ancestor must be a directory this process may write into."""

@@ -62,15 +62,12 @@ class Sample:
 
 # --- held-out samples ---------------------------------------------------------------------------
 def find_run_config(adapter_dir: str | Path | None) -> Path | None:
-    """run_config.yaml of the training run that wrote the adapter: in it (the output directory), or
-    above it (best_adapter/, checkpoints/step-N/adapter/)."""
-    if adapter_dir is None:
-        return None
-    here = Path(adapter_dir).resolve()
-    for folder in [here, *here.parents][:4]:
-        if (folder / "run_config.yaml").is_file():
-            return folder / "run_config.yaml"
-    return None
+    """run_config.yaml of the training run that wrote the adapter (train/output.find_run_dir)."""
+    from qlora.config import CONFIG_FILE_NAME
+    from qlora.train.output import find_run_dir
+
+    run_dir = find_run_dir(adapter_dir)
+    return None if run_dir is None else run_dir / CONFIG_FILE_NAME
 
 
 def _chat_messages(example) -> list[dict] | None:
@@ -120,7 +117,7 @@ def samples_of_run(run_config: Path, tokenizer, n: int) -> tuple[list[Sample], s
         return (samples_from_file(cfg.val_data, tokenizer, n, cfg.chat_template),
                 f"{cfg.val_data} (the run's held-out val_data)")
     if cfg.val_set_size:
-        _, val = load_data(cfg, tokenizer, log=lambda _line: None)
+        _, val, _ = load_data(cfg, tokenizer, log=lambda _line: None)
         picked = [val[i] for i in spread(len(val), n)]
         return ([Sample(e["input_ids"][:MAX_TOKENS], e["labels"][:MAX_TOKENS]) for e in picked],
                 f"the run's held-out validation split of {cfg.data}")

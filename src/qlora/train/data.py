@@ -10,12 +10,14 @@ from qlora.errors import QloraError
 
 
 def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
-              ) -> tuple[list[dict], list[dict]]:
-    """Tokenized (train, validation) examples, as the config says."""
+              ) -> tuple[list[dict], list[dict], str | None]:
+    """Tokenized (train, validation) examples, as the config says, and the training data's format
+    (as detected; None for preference data), which the run records with its adapter."""
     from qlora.data import prepare, split_validation
     from qlora.methods import method_module
 
     method = method_module(cfg.method)
+    formats: list[str] = []
 
     def one(path: str) -> list[dict]:
         if method is not None:
@@ -25,6 +27,7 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
                                    chat_template=cfg.chat_template)
         for line in report.lines():
             log(line)
+        formats.append(report.format)
         return examples
 
     train = one(cfg.data)
@@ -37,7 +40,7 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
             raise QloraError(f"option `val_set_size`: {cfg.val_set_size:g} examples held out of "
                              f"{len(train)} leaves none to train on")
         train, val = split_validation(train, frac, seed=cfg.seed)
-    return train, val
+    return train, val, formats[0] if formats else None
 
 
 def _preference_data(path: str, tokenizer, cfg: RunConfig, layout: str,

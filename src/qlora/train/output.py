@@ -1,6 +1,11 @@
 """The run's output directory: checked before anything loads; once the model and data have
-loaded, emptied (--overwrite) and created, run_config.yaml and the tokenizer files written in, and
-a resume's changed options said in the log."""
+loaded, emptied (--overwrite) and created, run_config.yaml, prompt_format.json and the tokenizer
+files written in, and a resume's changed options said in the log.
+
+prompt_format.json records how training rendered its prompts (the data format detected, and
+whether a chat template applied and which), so that `qlora generate` / `chat` with this run's
+adapter render prompts the same way by default. An adapter in the run (the output directory,
+best_adapter/, checkpoints/step-N/adapter/) finds both files with `find_run_dir`."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Callable
 
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.errors import QloraError
-from qlora.files import check_writable, remove_dir
+from qlora.files import check_writable, remove_dir, staged_file
 from qlora.models.load import TOKENIZER_FILES
 from qlora.train import checkpoint as ckpt
 
@@ -50,17 +55,77 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def write_run_files(cfg: RunConfig, resolved: dict, log: Callable[[str], None]) -> Path:
+def write_run_files(cfg: RunConfig, resolved: dict, log: Callable[[str], None],
+                    data_format: str | None = None) -> Path:
     """The output directory made ready (prepare_output_dir), with run_config.yaml (`resolved`: what
-    the machine decided, saved beside the options) and the tokenizer files. A resume says what
-    changed and keeps the old run_config.yaml until training ends (`train` writes it then)."""
+    the machine decided, saved beside the options), prompt_format.json (`data_format`: the format
+    training detected; None for preference data, whose prompts are not recorded) and the tokenizer
+    files. A resume says what changed and keeps the old run_config.yaml until training ends
+    (`train` writes it then)."""
     out = prepare_output_dir(cfg)
     if cfg.resume:
         report_config_changes(out, cfg, log)
     else:
         save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
+    if data_format is not None:
+        write_prompt_format(out, data_format, cfg.chat_template)
     copy_tokenizer_files(cfg.model, out)
     return out
+
+
+PROMPT_FORMAT_FILE = "prompt_format.json"
+
+
+def write_prompt_format(out: Path, data_format: str, chat_template: str | None) -> Path:
+    """prompt_format.json: the data format and, for chat data, the chat_template option it was
+    rendered with (None: the tokenizer's own)."""
+    import json
+
+    from qlora.data.templates import CHAT_FORMATS
+
+    chat = data_format in CHAT_FORMATS
+    record = {"data_format": data_format, "chat_template": chat,
+              "chat_template_option": chat_template if chat else None}
+    with staged_file(out / PROMPT_FORMAT_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return out / PROMPT_FORMAT_FILE
+
+
+def find_run_dir(adapter_dir: str | Path | None) -> Path | None:
+    """The output directory of the training run that wrote the adapter (it holds
+    run_config.yaml): the adapter directory itself, or above it (best_adapter/,
+    checkpoints/step-N/adapter/)."""
+    if adapter_dir is None:
+        return None
+    here = Path(adapter_dir).resolve()
+    for folder in [here, *here.parents][:4]:
+        if (folder / CONFIG_FILE_NAME).is_file():
+            return folder
+    return None
+
+
+def read_prompt_format(adapter_dir: str | Path | None) -> tuple[dict, Path] | None:
+    """(the record, its path) of the run that wrote the adapter, or None: no adapter, an adapter
+    from elsewhere, or a run from before the record existed. A damaged record is refused."""
+    import json
+
+    run_dir = find_run_dir(adapter_dir)
+    path = None if run_dir is None else run_dir / PROMPT_FORMAT_FILE
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        fmt = record["data_format"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise QloraError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to render "
+                         f"prompts with the model's chat template, or pass --chat-template / "
+                         f"--no-chat-template") from None
+    from qlora.data.formats import FORMATS
+
+    if fmt not in FORMATS:
+        raise QloraError(f"{path}: unknown data_format {fmt!r} (known: {', '.join(FORMATS)}); "
+                         f"pass --chat-template or --no-chat-template instead")
+    return record, path
 
 
 def copy_tokenizer_files(model_dir: str | Path, out: Path) -> list[str]:
