@@ -377,6 +377,14 @@ def test_plain_record_is_the_prompt_itself(tmp_path):
         assert f"# Prompts rendered with plain text, no chat template, as the adapter was trained on {fmt}" \
             in text
         assert t.stops == ("</s>",)
+    bare = tmp_path / "bare"  # a model without a chat template: refused without a record only
+    bare.mkdir()
+    build_tokenizer(bare, chat_template=None)
+    assert ollama.translate(bare, tmp_path / "text").format is ollama.PLAIN
+    alpaca = ollama.translate(bare, _run_with_record(tmp_path / "alpaca", "alpaca"))
+    assert alpaca.format.name == "alpaca prompt"
+    with pytest.raises(QloraError, match="has no chat template"):
+        ollama.translate(bare)
 
 
 def test_no_record_or_chat_record_keeps_the_chat_template(tmp_path):

@@ -218,9 +218,9 @@ def translate(model_dir: str | Path, adapter_dir: str | Path | None = None) -> T
                                         record_path, trained)
     stops = _stops(tokenizer, model_dir, None, ())
     bos = _training_bos(tokenizer)
-    fmt_obj, why = ((alpaca_format(), f"the alpaca prompt, {trained}") if fmt == "alpaca" else
-                    (PLAIN, f"plain text, no chat template, {trained}"))
-    return Translation(fmt_obj, None, bos, tokenizer.eos_token or "", stops,
+    rendering, why = ((alpaca_format(), f"the alpaca prompt, {trained}") if fmt == "alpaca" else
+                      (PLAIN, f"plain text, no chat template, {trained}"))
+    return Translation(rendering, None, bos, tokenizer.eos_token or "", stops,
                        generation_parameters(model_dir), why)
 
 
