@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import ChainMap
 
 import pytest
 
@@ -79,6 +80,9 @@ def _parse(pieces: list[list]) -> list:
         elif re.match(r"\$\w+ :=", action):
             var, expr = action.split(" := ", 1)
             stack[-1].append(("set", var, expr))
+        elif re.match(r"\$\w+ =", action):
+            var, expr = action.split(" = ", 1)
+            stack[-1].append(("assign", var, expr))
         else:
             stack[-1].append(("out", action))
     assert not frames, "unclosed action"
@@ -137,8 +141,11 @@ def _run(nodes: list, dot, variables: dict, root: dict, out: list) -> None:
             out.append(node[1])
         elif kind == "out":
             out.append(str(_eval(node[1], dot, variables, root)))
-        elif kind == "set":
+        elif kind == "set":  # := declares in the innermost scope
             variables[node[1]] = _eval(node[2], dot, variables, root)
+        elif kind == "assign":  # = changes the variable where it was declared (Go 1.11)
+            scope = next(m for m in variables.maps if node[1] in m)
+            scope[node[1]] = _eval(node[2], dot, variables, root)
         elif kind == "if":
             for expr, body in node[1]:
                 if _truthy(_eval(expr, dot, variables, root)):
@@ -148,16 +155,19 @@ def _run(nodes: list, dot, variables: dict, root: dict, out: list) -> None:
                 _run(node[2], dot, variables, root, out)
         elif kind == "range":
             for i, item in enumerate(_eval(node[3], dot, variables, root)):
-                inner = dict(variables)
+                inner = variables.new_child()
                 if node[1]:
                     inner[node[1]], inner[node[2]] = i, item
                 _run(node[4], item, inner, root, out)
 
 
-def render_go(template: str, messages: list[dict]) -> str:
-    data = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+def render_go(template: str, messages: list[dict], prompt: str = "") -> str:
+    """Ollama's data: .Messages for chat (and generate, for templates over .Messages); .Prompt for
+    templates written for it."""
+    data = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages],
+            "Prompt": prompt}
     out: list[str] = []
-    _run(_parse(_pieces(template)), data, {}, data, out)
+    _run(_parse(_pieces(template)), data, ChainMap(), data, out)
     return "".join(out)
 
 
@@ -175,6 +185,8 @@ def test_the_renderer_follows_go_trim_and_control_rules():
     assert render_go(t, [{"role": "x", "content": ""}, {"role": "y", "content": ""},
                          {"role": "w", "content": ""}]) == "a [0:x]X [1:y]Y [2:w]Nz!"
     assert render_go("{{ len (slice $.Messages 1) }}", [{"role": "a", "content": ""}] * 3) == "2"
+    t = '{{ $v := "a" }}{{ range .Messages }}{{ $w := 1 }}{{ $v = .Role }}{{ end }}{{ $v }}'
+    assert render_go(t, [{"role": "x", "content": ""}, {"role": "y", "content": ""}]) == "y"
 
 
 # --- templates to translate ---------------------------------------------------------------------
@@ -293,3 +305,106 @@ def test_modelfile_has_template_stops_and_generation_defaults(tmp_path):
     gen["do_sample"] = False  # greedy in Hugging Face: greedy in Ollama
     (model / "generation_config.json").write_text(json.dumps(gen))
     assert ("temperature", 0) in ollama.translate(model).parameters
+
+
+# --- the adapter's record of training decides the rendering -------------------------------------
+BEFORE = (  # the tiny model's Modelfile as written before adapters' records were read
+    '# Ollama Modelfile written by qlora export (chat template: ChatML).\n# ollama create NAME -f '
+    'm.Modelfile\nFROM ./m.gguf\nTEMPLATE """{{- range $i, $_ := .Messages }}\n{{- $last := eq (len '
+    '(slice $.Messages $i)) 1 -}}\n<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ if and $last '
+    '(ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}\n{{- end }}"""\nPARAMETER stop "</s>"\n'
+    'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n')
+
+
+def _run_with_record(root, data_format, chat_template=None):
+    """A training run's output directory (the adapter's) with its prompt_format.json."""
+    from qlora.config import CONFIG_FILE_NAME
+    from qlora.train.output import write_prompt_format
+
+    root.mkdir()
+    (root / CONFIG_FILE_NAME).write_text("model: m\n")
+    write_prompt_format(root, data_format, chat_template)
+    return root
+
+
+def _add_bos_post_processor(model_dir):
+    """The tiny tokenizer made to put BOS first (as Llama's does), so training's alpaca prompt has one."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(str(model_dir))
+
+
+@pytest.mark.parametrize("training_bos", [False, True])
+def test_alpaca_record_renders_trainings_alpaca_prompt(tmp_path, training_bos):
+    from qlora.data import Example, encode_prompt
+    from qlora.data.templates import alpaca_prompt
+    from qlora.models import load_tokenizer
+
+    model = build_tiny_model(tmp_path / "m", "qwen2")
+    if training_bos:
+        _add_bos_post_processor(model)
+    tok = load_tokenizer(model)
+    t = ollama.translate(model, _run_with_record(tmp_path / "run", "alpaca"))
+    assert t.format.name == "alpaca prompt" and t.default_system is None
+    assert t.stops == ("</s>",) and "alpaca" in t.why
+    instruction = "Name a colour.\nOne word."
+    want_ids, _ = encode_prompt(Example(format="alpaca", source="t", instruction=instruction, output=""), tok)
+    chats = [("", [{"role": "user", "content": instruction}]),  # /api/chat and /api/generate
+             ("", [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Hello."}, {"role": "user", "content": instruction}]),
+             (instruction, [])]  # .Prompt alone
+    for runtime_adds_bos in (False, True) if training_bos else (False,):
+        template = ollama.go_template(t, runtime_adds_bos)
+        for prompt, messages in chats:
+            text = render_go(template, messages, prompt)
+            bos = t.bos if runtime_adds_bos else ""
+            assert (bos + text).removeprefix(t.bos) == alpaca_prompt(instruction)
+            assert list(tok(bos + text, add_special_tokens=False)["input_ids"]) == want_ids
+    assert t.bos == ("<s>" if training_bos else "")
+
+
+def test_plain_record_is_the_prompt_itself(tmp_path):
+    model = build_tiny_model(tmp_path / "m", "qwen2")
+    for fmt in ("prompt_completion", "text"):
+        t = ollama.translate(model, _run_with_record(tmp_path / fmt, fmt))
+        assert ollama.go_template(t, runtime_adds_bos=False) == "{{ .Prompt }}"
+        text = ollama.modelfile_text(t, tmp_path / "m.gguf", False)
+        assert 'TEMPLATE """{{ .Prompt }}"""' in text.splitlines()
+        assert f"# Prompts rendered with plain text, no chat template, as the adapter was trained on {fmt}" \
+            in text
+        assert t.stops == ("</s>",)
+    bare = tmp_path / "bare"  # a model without a chat template: refused without a record only
+    bare.mkdir()
+    build_tokenizer(bare, chat_template=None)
+    assert ollama.translate(bare, tmp_path / "text").format is ollama.PLAIN
+    alpaca = ollama.translate(bare, _run_with_record(tmp_path / "alpaca", "alpaca"))
+    assert alpaca.format.name == "alpaca prompt"
+    with pytest.raises(QloraError, match="has no chat template"):
+        ollama.translate(bare)
+
+
+def test_no_record_or_chat_record_keeps_the_chat_template(tmp_path):
+    model = build_tiny_model(tmp_path / "m", "qwen2")
+    elsewhere = tmp_path / "adapter"
+    elsewhere.mkdir()  # an adapter from outside a qlora run: no record
+    for adapter in (None, elsewhere):
+        assert ollama.modelfile_text(ollama.translate(model, adapter), tmp_path / "m.gguf", False) == BEFORE
+    chat = ollama.translate(model, _run_with_record(tmp_path / "run", "messages"))
+    assert chat.format.name == "ChatML" and "the model's own" in chat.why
+    text = ollama.modelfile_text(chat, tmp_path / "m.gguf", False)
+    assert text.splitlines()[2:] == BEFORE.splitlines()[1:] and "messages data" in text.splitlines()[1]
+
+
+def test_chat_record_translates_the_recorded_template_option(tmp_path, tokenizer_dirs):
+    model = tmp_path / "m"
+    model.mkdir()
+    build_tokenizer(model, chat_template=LLAMA3)
+    t = ollama.translate(model, _run_with_record(tmp_path / "run", "sharegpt", "chatml"))
+    assert t.format.name == "ChatML" and "'chatml'" in t.why
+    with pytest.raises(QloraError, match=r"chat_template option .*recorded in .*prompt_format.json.*"
+                                         r"ChatML, Llama 3"):
+        ollama.translate(model, _run_with_record(tmp_path / "run2", "sharegpt", GEMMA))

@@ -422,7 +422,9 @@ def _export_options(p) -> None:
     p.add_argument("--imatrix-samples", type=int, default=128, metavar="N",
                    help="examples of --imatrix-data to run (default 128)")
     p.add_argument("--ollama", action="store_true",
-                   help="also write OUT.Modelfile for Ollama (chat template, stop tokens, sampling)")
+                   help="also write OUT.Modelfile for Ollama (prompt template, stop tokens, sampling); "
+                        "with --adapter, prompts as the adapter was trained (its run's "
+                        "prompt_format.json: chat template, alpaca prompt or plain text)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU processes quantizing the tensors where they run on the CPU (default: "
                         "one per core; 1: none, in the exporting process)")

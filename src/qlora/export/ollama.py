@@ -18,6 +18,14 @@ What the Go templates rely on, and how the Modelfile closes the gaps:
 - stop: the end-of-turn tokens (those qlora.chat stops on) and the format's turn markers;
 - PARAMETER temperature / top_p / top_k / repeat_penalty from generation_config.json where set
   (do_sample false means greedy: temperature 0).
+
+An exported adapter is prompted as it was trained, as `qlora generate` does (chat.py's
+`prompt_rendering`): the record of its training run (train/output.py's prompt_format.json) decides.
+Chat data: its chat template (the run's chat_template option when one was given), translated as
+above. Alpaca data: a Go template writing training's alpaca prompt (data/templates.py's
+`alpaca_prompt`, the text `encode_prompt` tokenizes) around `.Prompt`, or around the last user
+message of `.Messages`; stop: EOS. Prompt/completion or text data: `{{ .Prompt }}`. No adapter, or
+no record: the model's chat template, as above. The Modelfile's header says which and why.
 """
 
 from __future__ import annotations
@@ -126,6 +134,7 @@ class Translation:
     eos: str
     stops: tuple[str, ...]
     parameters: tuple[tuple[str, object], ...]
+    why: str | None = None  # from the adapter's record: which rendering and why (None: no record)
 
 
 def render_jinja(tokenizer, template: str, messages: list[dict]) -> str | None:
@@ -190,29 +199,99 @@ def generation_parameters(model_dir: Path) -> tuple[tuple[str, object], ...]:
     return tuple(out)
 
 
-def translate(model_dir: str | Path) -> Translation:
-    """The model's chat template in Ollama's terms; QloraError naming the template when it is none
-    of the formats we translate (or the model has none)."""
-    from qlora.chat import stop_token_ids
+def translate(model_dir: str | Path, adapter_dir: str | Path | None = None) -> Translation:
+    """How Ollama should render prompts for the model (with the adapter): by the adapter's record
+    of training, else the model's chat template (see the module docstring). QloraError naming the
+    template when it is none of the formats we translate (or there is none)."""
     from qlora.models import load_tokenizer
+    from qlora.train.output import read_prompt_format
 
     model_dir = Path(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    template = getattr(tokenizer, "chat_template", None)
+    record, record_path = read_prompt_format(adapter_dir) or (None, None)
+    if record is None:
+        return _translate_chat(model_dir, tokenizer, getattr(tokenizer, "chat_template", None))
+    fmt = record["data_format"]
+    trained = f"as the adapter was trained on {fmt} data ({record_path})"
+    if record.get("chat_template"):
+        return _translate_recorded_chat(model_dir, tokenizer, record.get("chat_template_option"),
+                                        record_path, trained)
+    stops = _stops(tokenizer, model_dir, None, ())
+    bos = _training_bos(tokenizer)
+    rendering, why = ((alpaca_format(), f"the alpaca prompt, {trained}") if fmt == "alpaca" else
+                      (PLAIN, f"plain text, no chat template, {trained}"))
+    return Translation(rendering, None, bos, tokenizer.eos_token or "", stops,
+                       generation_parameters(model_dir), why)
+
+
+def _translate_chat(model_dir: Path, tokenizer, template, why: str | None = None,
+                    source: str | None = None) -> Translation:
     if not isinstance(template, str):
         raise QloraError(f"--ollama: {model_dir} has no chat template to translate; add one to "
                          f"tokenizer_config.json, or export without --ollama")
     for fmt in FORMATS:
         ok, default = matches(fmt, tokenizer, template)
         if ok:
-            stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model_dir, template)]
-            stops = tuple(dict.fromkeys([s for s in stops if s] + list(fmt.markers)))
+            stops = _stops(tokenizer, model_dir, template, fmt.markers)
             return Translation(fmt, default, tokenizer.bos_token or "", tokenizer.eos_token or "", stops,
-                               generation_parameters(model_dir))
+                               generation_parameters(model_dir), why)
     names = ", ".join(f.name for f in FORMATS)
-    raise QloraError(f"--ollama: the chat template of {_template_name(model_dir, template)} renders "
-                     f"conversations unlike every format we translate to Ollama's template syntax "
-                     f"({names}); export without --ollama and write the Modelfile's TEMPLATE by hand")
+    raise QloraError(f"--ollama: the chat template of {source or _template_name(model_dir, template)} "
+                     f"renders conversations unlike every format we translate to Ollama's template "
+                     f"syntax ({names}); export without --ollama and write the Modelfile's TEMPLATE "
+                     f"by hand")
+
+
+def _translate_recorded_chat(model_dir: Path, tokenizer, option: str | None, record_path: Path,
+                             trained: str) -> Translation:
+    """The chat template the adapter was trained with: the tokenizer's own, or the run's
+    chat_template option (a name, a file or a template string)."""
+    from qlora.chat import _short, chat_template_for
+
+    template = chat_template_for(tokenizer, True, option)
+    if template is None:  # another --model than the run's, one without a template
+        raise QloraError(f"--ollama: {record_path}: the adapter was trained on chat data with the "
+                         f"model's chat template, and {model_dir} has none; export without --ollama")
+    if option is None or template == getattr(tokenizer, "chat_template", None):
+        return _translate_chat(model_dir, tokenizer, template, f"chat template, the model's own, {trained}")
+    return _translate_chat(model_dir, tokenizer, template, f"chat template, {_short(option)}, {trained}",
+                           source=f"chat_template option {_short(option)} recorded in {record_path}")
+
+
+def _stops(tokenizer, model_dir: Path, template: str | None, markers: tuple[str, ...]) -> tuple[str, ...]:
+    """The end-of-turn tokens qlora.chat stops on (EOS alone without a template), then the markers."""
+    from qlora.chat import stop_token_ids
+
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model_dir, template)]
+    return tuple(dict.fromkeys([s for s in stops if s] + list(markers)))
+
+
+def _training_bos(tokenizer) -> str:
+    """The BOS token training put before an alpaca or plain prompt: the tokenizer's own
+    (add_special_tokens=True, as encode_prompt tokenizes), or "" when it adds none."""
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    bos_id = tokenizer.bos_token_id
+    return tokenizer.bos_token if bos_id is not None and ids and ids[0] == bos_id else ""
+
+
+PLAIN = Format("plain text", "{bos}{{ .Prompt }}", (), None, None)
+
+
+def alpaca_format() -> Format:
+    """Training's alpaca prompt (without input: Ollama has one prompt field) as a Go template,
+    built from data/templates.py's `alpaca_prompt` so the wording cannot drift: `.Prompt`, or the
+    last user message of `.Messages` (earlier turns and system prompts have no place in it, as in
+    `qlora generate`), as the instruction."""
+    from qlora.data.templates import alpaca_prompt
+
+    slot = "\x00instruction\x00"
+    head, tail = alpaca_prompt(slot).split(slot)
+    if "{{" in head + tail or "}}" in head + tail:
+        raise QloraError("--ollama: the alpaca prompt holds {{ or }}, which Go templates read as actions")
+    go = ("{bos}{{- $prompt := .Prompt }}"
+          '{{- range .Messages }}{{- if eq .Role "user" }}{{- $prompt = .Content }}{{- end }}{{- end }}'
+          f"{head}{{{{ $prompt }}}}{tail}")
+    return Format("alpaca prompt", go, (), None, None)
 
 
 def go_template(t: Translation, runtime_adds_bos: bool) -> str:
@@ -233,10 +312,13 @@ def modelfile_text(t: Translation, gguf_file: Path, runtime_adds_bos: bool) -> s
     template = go_template(t, runtime_adds_bos)
     if '"""' in template or (t.default_system and '"""' in t.default_system):
         raise QloraError('--ollama: the template holds """, which a Modelfile cannot quote')
-    lines = [f"# Ollama Modelfile written by qlora export (chat template: {t.format.name}).",
-             f"# ollama create NAME -f {modelfile_path(gguf_file).name}",
-             f"FROM ./{gguf_file.name}",
-             f'TEMPLATE """{template}"""']
+    kind = "chat template" if t.format in FORMATS else "prompt"
+    lines = [f"# Ollama Modelfile written by qlora export ({kind}: {t.format.name})."]
+    if t.why is not None:
+        lines.append(f"# Prompts rendered with {t.why}.")
+    lines += [f"# ollama create NAME -f {modelfile_path(gguf_file).name}",
+              f"FROM ./{gguf_file.name}",
+              f'TEMPLATE """{template}"""']
     if t.default_system is not None:
         lines.append(f'SYSTEM """{t.default_system}"""')
     lines += [f"PARAMETER stop {_quote(s)}" for s in t.stops]

@@ -75,7 +75,9 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
                                                    adapter_dir, check_samples):
         run_check, outputs["report"] = False, None
     check_moe_export(read_config(model_dir)[0], qtype, Path(model_dir) / "config.json")
-    translation = ollama_mod.translate(model_dir) if ollama else None
+    translation = ollama_mod.translate(model_dir, adapter_dir) if ollama else None
+    if translation is not None and translation.why is not None:
+        note(f"ollama: prompts rendered with {translation.why}")
 
     # the GGUF's plan, metadata and free-space check come before the importance matrix's forwards
     with open_gguf(model_dir, out, qtype, adapter_dir, merge_base, ignore_base_name, log=note,
