@@ -62,8 +62,9 @@ def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | P
     if not use_template:
         return PromptRendering(why="plain text (--no-chat-template)")
     if chat_template is not None:
+        label = template_option_label(chat_template)
         return PromptRendering(chat_template_for(tokenizer, True, chat_template),
-                               why=f"chat template {_short(chat_template)} (--chat-template)")
+                               why=f"chat template {label} (--chat-template)")
     if record is not None:
         fmt = record["data_format"]
         trained = f"as the adapter was trained on {fmt} data ({record_path})"
@@ -74,7 +75,7 @@ def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | P
                 raise QloraError(f"{record_path}: the adapter was trained on {fmt} data with the "
                                  f"model's chat template, and this tokenizer has none; pass "
                                  f"--chat-template (the one training used) or --no-chat-template")
-            name = "the model's own" if option is None else _short(option)
+            name = "the model's own" if option is None else template_option_label(option)
             return PromptRendering(template, why=f"chat template, {name}, {trained}")
         if fmt == "alpaca":
             return PromptRendering(alpaca=True, why=f"the alpaca prompt, {trained}")
@@ -87,7 +88,8 @@ def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | P
                                          "how an adapter was trained; --no-chat-template for plain text)")
 
 
-def _short(option: str) -> str:
+def template_option_label(option: str) -> str:
+    """A --chat-template option as a log line names it: short ones quoted, a template string not."""
     return repr(option) if len(option) <= 40 else "given as a template string"
 
 

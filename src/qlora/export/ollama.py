@@ -246,7 +246,7 @@ def _translate_recorded_chat(model_dir: Path, tokenizer, option: str | None, rec
                              trained: str) -> Translation:
     """The chat template the adapter was trained with: the tokenizer's own, or the run's
     chat_template option (a name, a file or a template string)."""
-    from qlora.chat import _short, chat_template_for
+    from qlora.chat import chat_template_for, template_option_label
 
     template = chat_template_for(tokenizer, True, option)
     if template is None:  # another --model than the run's, one without a template
@@ -254,8 +254,9 @@ def _translate_recorded_chat(model_dir: Path, tokenizer, option: str | None, rec
                          f"model's chat template, and {model_dir} has none; export without --ollama")
     if option is None or template == getattr(tokenizer, "chat_template", None):
         return _translate_chat(model_dir, tokenizer, template, f"chat template, the model's own, {trained}")
-    return _translate_chat(model_dir, tokenizer, template, f"chat template, {_short(option)}, {trained}",
-                           source=f"chat_template option {_short(option)} recorded in {record_path}")
+    label = template_option_label(option)
+    return _translate_chat(model_dir, tokenizer, template, f"chat template, {label}, {trained}",
+                           source=f"chat_template option {label} recorded in {record_path}")
 
 
 def _stops(tokenizer, model_dir: Path, template: str | None, markers: tuple[str, ...]) -> tuple[str, ...]:
