@@ -17,5 +17,7 @@ $(BIN)/qlora: pyproject.toml requirements-ci.txt
 demo: $(BIN)/qlora
 	$(BIN)/qlora demo
 
+# one torch thread a worker: two workers on two cores, each with torch's default of a thread a
+# core, ran a small backward step 5x slower side by side than with one thread each
 test: $(BIN)/qlora
-	$(BIN)/python -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
