@@ -255,7 +255,7 @@ CASES = [
     Case("merge --out exists",
          lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(r), "--out",
                               str(write(t / "merged" / "x", "x").parent)], t / "merged"),
-         ("merged", "exists", "new output path")),
+         ("merged", "exists", "new --out path")),
     Case("export --out exists",
          lambda t, m, d, r: (["export", "--gguf", "--model", str(m), "--out",
                               str(write(t / "m.gguf", "old"))], t / "m.gguf"),

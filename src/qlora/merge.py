@@ -44,7 +44,7 @@ from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
 from qlora.models.spec import read_config
 from qlora.models.weights import CheckpointHeaders, headers_of, open_shard
-from qlora.files import check_writable, staged_dir
+from qlora.files import check_writable, refuse_existing, staged_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16": "float16", "f32": "float32"}
@@ -322,11 +322,6 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def refuse_existing(out: Path) -> None:
-    if out.exists():
-        raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
-
-
 def normalise_dtype(dtype: str) -> str:
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
@@ -358,7 +353,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     hears what the adapter is (describe), once it is read and checked."""
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out_dir)
     dtype, base = normalise_dtype(dtype), normalise_base(base)
-    refuse_existing(out)
+    refuse_existing(out, "--out")
     check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
@@ -374,7 +369,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         for fname in TOKENIZER_FILES:
             if (model_dir / fname).exists():
                 shutil.copy2(model_dir / fname, tmp / fname)
-        refuse_existing(out)  # someone may have made it meanwhile
+        refuse_existing(out, "--out")  # someone may have made it meanwhile
     return out
 
 

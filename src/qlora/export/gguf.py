@@ -56,7 +56,8 @@ import numpy as np
 from qlora.errors import QloraError
 from qlora.export import kquants, mixtures
 from qlora.export.mixtures import FILE_TYPES, K_QUANT_FILES
-from qlora.files import check_free_space, check_writable, disk_full_refused, staged_file
+from qlora.files import (check_free_space, check_writable, disk_full_refused, refuse_existing,
+                         staged_file)
 
 QTYPES = tuple(FILE_TYPES)
 
@@ -489,8 +490,7 @@ def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | N
 
     if threads is not None and threads < 1:
         raise QloraError(f"--threads {threads}: give at least 1 (1 quantizes in this process)")
-    if out.exists():
-        raise QloraError(f"{out} exists; give a new output path (nothing is overwritten)")
+    refuse_existing(out, "--out")
     check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlora.errors import QloraError
+from qlora.files import refuse_existing
 
 
 def _stderr(text: str) -> None:
@@ -33,12 +34,6 @@ def decide_check(check: bool | None, engine: str, llama_python: str | None,
     note(f"note: check skipped: llama-cpp-python is not importable; to check the file in llama.cpp, "
          f"{LLAMA_HINT}")
     return False
-
-
-def refuse_existing_outputs(paths: list[Path]) -> None:
-    for p in paths:
-        if p.exists():
-            raise QloraError(f"{p} exists; give a new --out path (nothing is overwritten)")
 
 
 def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", adapter_dir=None,
@@ -66,7 +61,9 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     run_check = decide_check(check, check_engine, llama_python, note)
     outputs = {"gguf": out, "modelfile": ollama_mod.modelfile_path(out) if ollama else None,
                "report": check_mod.report_path(out) if run_check else None}
-    refuse_existing_outputs([p for p in outputs.values() if p is not None])
+    for path in outputs.values():  # the GGUF and the files named after it
+        if path is not None:
+            refuse_existing(path, "--out")
     if not Path(model_dir).is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(Path(model_dir))  # before the importance matrix's forwards, not after
