@@ -584,7 +584,7 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
     if adapter_dir is None or ignore_base_name:
         return
     try:
-        adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        adapter_cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return

@@ -31,14 +31,11 @@ KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|
 
 
 # --- prompts ----------------------------------------------------------------------------------
-def chat_template_for(tokenizer, use_template: bool = True, chat_template: str | None = None
-                      ) -> str | None:
-    """The Jinja template to render conversations with, or None for plain text: switched off,
-    or the tokenizer has none and none was given."""
+def chat_template_for(tokenizer, chat_template: str | None = None) -> str | None:
+    """The Jinja template to render conversations with, or None for plain text: the tokenizer
+    has none and none was given (--no-chat-template is `prompt_rendering`'s)."""
     from qlora.data import resolve_chat_template
 
-    if not use_template:
-        return None
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         return None
     return resolve_chat_template(tokenizer, chat_template)
@@ -63,14 +60,14 @@ def prompt_rendering(tokenizer, record: dict | None = None, record_path: str | P
         return PromptRendering(why="plain text (--no-chat-template)")
     if chat_template is not None:
         label = template_option_label(chat_template)
-        return PromptRendering(chat_template_for(tokenizer, True, chat_template),
+        return PromptRendering(chat_template_for(tokenizer, chat_template),
                                why=f"chat template {label} (--chat-template)")
     if record is not None:
         fmt = record["data_format"]
         trained = f"as the adapter was trained on {fmt} data ({record_path})"
         if record.get("chat_template"):
             option = record.get("chat_template_option")
-            template = chat_template_for(tokenizer, True, option)
+            template = chat_template_for(tokenizer, option)
             if template is None:  # another --model than the run's, one without a template
                 raise QloraError(f"{record_path}: the adapter was trained on {fmt} data with the "
                                  f"model's chat template, and this tokenizer has none; pass "

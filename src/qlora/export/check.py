@@ -207,7 +207,7 @@ def reference_chat_turn(tokenizer, model_dir, samples: list[Sample]) -> ChatTurn
     """The chat turn the check runs, or None where the tokenizer has no chat template."""
     from qlora.chat import chat_template_for, stop_token_ids
 
-    template = chat_template_for(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    template = chat_template_for(tokenizer)  # None where the tokenizer has none
     if template is None:
         return None
     messages = chat_messages(samples)

@@ -248,7 +248,7 @@ def _translate_recorded_chat(model_dir: Path, tokenizer, option: str | None, rec
     chat_template option (a name, a file or a template string)."""
     from qlora.chat import chat_template_for, template_option_label
 
-    template = chat_template_for(tokenizer, True, option)
+    template = chat_template_for(tokenizer, option)
     if template is None:  # another --model than the run's, one without a template
         raise QloraError(f"--ollama: {record_path}: the adapter was trained on chat data with the "
                          f"model's chat template, and {model_dir} has none; export without --ollama")
