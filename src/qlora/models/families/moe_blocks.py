@@ -181,12 +181,12 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
         real = torch.ones(router_logits[0].shape[0], dtype=torch.float32, device=device)
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probability = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    # each row's k choices counted with the row's weight (a scatter-add, as expert_counts;
+    # 0/1 weights: whole sums, exact in any order of the adds); made once for every layer
+    weights = real[:, None].expand(-1, top_k).reshape(-1)
     for logits in router_logits:
         probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
         chosen = torch.topk(probs, top_k, dim=-1).indices
-        # each row's k choices counted with the row's weight (a scatter-add, as expert_counts;
-        # 0/1 weights: whole sums, exact in any order of the adds)
-        weights = real[:, None].expand(-1, top_k).reshape(-1)
         assigned = assigned.scatter_add(0, chosen.reshape(-1), weights)
         probability = probability + (probs.float() * real[:, None]).sum(dim=0)
     rows = real.sum() * len(router_logits)
