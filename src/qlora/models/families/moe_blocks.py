@@ -222,7 +222,10 @@ class MoeLM(DecoderLM):
                 per_token: bool = False, real_lengths: torch.Tensor | None = None):
         """DecoderLM.forward, plus the load-balancing loss over the real tokens (`real_lengths`:
         each row's; None: every token is real)."""
-        if real_lengths is not None:
+        # a preference method's per-token losses are log-probs: no token's is the router's loss
+        adds_aux = (labels is not None and not per_token and self.aux_loss
+                    and self.spec.moe.aux_loss_coef != 0)
+        if adds_aux and real_lengths is not None:
             # copied now, not after the layers, where a copy from pageable memory would first
             # wait for the whole forward queued on the GPU
             real_lengths = real_lengths.to(input_ids.device, non_blocking=True)
@@ -239,8 +242,7 @@ class MoeLM(DecoderLM):
         finally:
             for block in blocks:
                 block.recording = False
-        # a preference method's per-token losses are log-probs: no token's is the router's loss
-        if labels is None or per_token or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
+        if not adds_aux:
             return total
         # the label count stays on the device: reading it would be a host sync every step (and
         # no CUDA graph could hold the step)
