@@ -181,12 +181,12 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
         real = torch.ones(router_logits[0].shape[0], dtype=torch.float32, device=device)
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probability = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    # each row's k choices counted with the row's weight (a scatter-add, as expert_counts;
+    # 0/1 weights: whole sums, exact in any order of the adds); made once for every layer
+    weights = real[:, None].expand(-1, top_k).reshape(-1)
     for logits in router_logits:
         probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
         chosen = torch.topk(probs, top_k, dim=-1).indices
-        # each row's k choices counted with the row's weight (a scatter-add, as expert_counts;
-        # 0/1 weights: whole sums, exact in any order of the adds)
-        weights = real[:, None].expand(-1, top_k).reshape(-1)
         assigned = assigned.scatter_add(0, chosen.reshape(-1), weights)
         probability = probability + (probs.float() * real[:, None]).sum(dim=0)
     rows = real.sum() * len(router_logits)
@@ -222,7 +222,10 @@ class MoeLM(DecoderLM):
                 per_token: bool = False, real_lengths: torch.Tensor | None = None):
         """DecoderLM.forward, plus the load-balancing loss over the real tokens (`real_lengths`:
         each row's; None: every token is real)."""
-        if real_lengths is not None:
+        # a preference method's per-token losses are log-probs: no token's is the router's loss
+        adds_aux = (labels is not None and not per_token and self.aux_loss
+                    and self.spec.moe.aux_loss_coef != 0)
+        if adds_aux and real_lengths is not None:
             # copied now, not after the layers, where a copy from pageable memory would first
             # wait for the whole forward queued on the GPU
             real_lengths = real_lengths.to(input_ids.device, non_blocking=True)
@@ -239,8 +242,7 @@ class MoeLM(DecoderLM):
         finally:
             for block in blocks:
                 block.recording = False
-        # a preference method's per-token losses are log-probs: no token's is the router's loss
-        if labels is None or per_token or not self.aux_loss or self.spec.moe.aux_loss_coef == 0:
+        if not adds_aux:
             return total
         # the label count stays on the device: reading it would be a host sync every step (and
         # no CUDA graph could hold the step)
