@@ -75,8 +75,15 @@ def test_the_nf4_base_streams_to_the_same_logits(tmp_path):
         assert torch.equal(whole(ids), next(streamed.each_logits([ids])))
 
 
-def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
+def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path, monkeypatch):
+    from qlora.models import load as load_module
+    from qlora.models import weights
+
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
+    listed = []
+    counting = lambda model_dir, _list=weights.shard_keys: listed.append(1) or _list(model_dir)
+    monkeypatch.setattr(weights, "shard_keys", counting)
+    monkeypatch.setattr(load_module, "shard_keys", counting)
     streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     assert all(p.is_meta for n, p in streamed.shell.named_parameters() if ".layers." in n)
     layer = streamed.layer(1)
@@ -85,6 +92,7 @@ def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
     assert layer.self_attn.q_proj.lora_B.weight.abs().sum() > 0
     streamed.drop_layer(1)
     assert all(p.is_meta for p in streamed.shell.model.layers[1].parameters())
+    assert len(listed) == 1  # the shards' keys listed once, for the shell and every layer
 
 
 def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):

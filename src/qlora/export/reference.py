@@ -107,7 +107,7 @@ class StreamedReference(nn.Module):
         self.keys = shard_keys(model_dir)  # each layer's read finds its tensors' shards here
         self.saved_adapter = None if adapter_dir is None else read_saved_adapter(adapter_dir)
         self.shell = load_model(model_dir, quant, "cpu",
-                                only=lambda key: not key.startswith(LAYER_KEYS))
+                                only=lambda key: not key.startswith(LAYER_KEYS), keys=self.keys)
         self.spec = self.shell.spec
         check_nothing_missing(self.shell, self.model_dir, skip=LAYER_KEYS)
         check_adapter_attaches(model_dir, adapter_dir, self.saved_adapter)  # before a pass
