@@ -299,8 +299,7 @@ def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: Cha
     from qlora.export.reference import load_check_reference
 
     try:
-        model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device,
-                                                      streamed)
+        model, what = load_check_reference(model_dir, adapter_dir, merge_base, device, streamed)
     except QloraError as err:
         raise unavailable(err) from err
     if streamed:
@@ -711,7 +710,7 @@ def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | P
         ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None,
                                            work, plan.streams)
         # quant none; the same size as the reference's (both float32 on the CPU)
-        merged, _, _ = load_check_reference(out_dir, None, "original", device, plan.streams)
+        merged, _ = load_check_reference(out_dir, None, "original", device, plan.streams)
         paths = logits_at_positions(merged, picked, work, "merged")
         del merged
         stats = _compare(ref_paths, paths, picked)
