@@ -38,7 +38,7 @@ def child(model_dir: Path, adapter: Path, samples: int, decode_passes: int) -> d
     from qlora.models.weights import read_headers
 
     t = time.perf_counter()
-    model, _, _ = load_check_reference(model_dir, adapter, device="cpu", streamed=True)
+    model, _ = load_check_reference(model_dir, adapter, device="cpu", streamed=True)
     built_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(0)
     vocab = model.spec.vocab_size

@@ -50,7 +50,7 @@ def test_streamed_reference_gives_the_whole_models_logits_and_tokens(tmp_path, f
     CPU's kernels give the same bits for the same shapes and threads."""
     base, adapter = _base_and_adapter(tmp_path, family, num_hidden_layers=3)
     whole, _, what = load_reference(base, adapter, device="cpu")
-    streamed, _, streamed_what = load_check_reference(base, adapter, device="cpu", streamed=True)
+    streamed, streamed_what = load_check_reference(base, adapter, device="cpu", streamed=True)
     assert isinstance(streamed, StreamedReference) and streamed_what == what
     sequences = _sequences([5, 17, 40])  # 17, 40: past gemma2's tiny sliding window (8)
     with torch.no_grad():
@@ -68,16 +68,23 @@ def test_the_nf4_base_streams_to_the_same_logits(tmp_path):
     (bitsandbytes' quantization is deterministic): the same logits, exactly."""
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
     whole, _, what = load_reference(base, adapter, "nf4", device="cpu")
-    streamed, _, streamed_what = load_check_reference(base, adapter, "nf4", device="cpu", streamed=True)
+    streamed, streamed_what = load_check_reference(base, adapter, "nf4", device="cpu", streamed=True)
     assert "NF4" in what and streamed_what == what
     ids = _sequences([12])[0]
     with torch.no_grad():
         assert torch.equal(whole(ids), next(streamed.each_logits([ids])))
 
 
-def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
+def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path, monkeypatch):
+    from qlora.models import load as load_module
+    from qlora.models import weights
+
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
-    streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
+    listed = []
+    counting = lambda model_dir, _list=weights.shard_keys: listed.append(1) or _list(model_dir)
+    monkeypatch.setattr(weights, "shard_keys", counting)
+    monkeypatch.setattr(load_module, "shard_keys", counting)
+    streamed, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     assert all(p.is_meta for n, p in streamed.shell.named_parameters() if ".layers." in n)
     layer = streamed.layer(1)
     assert not any(p.is_meta for p in layer.parameters())
@@ -85,6 +92,7 @@ def test_a_streamed_layer_is_read_with_its_adapter_and_freed(tmp_path):
     assert layer.self_attn.q_proj.lora_B.weight.abs().sum() > 0
     streamed.drop_layer(1)
     assert all(p.is_meta for p in streamed.shell.model.layers[1].parameters())
+    assert len(listed) == 1  # the shards' keys listed once, for the shell and every layer
 
 
 def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):
@@ -105,7 +113,7 @@ def test_the_streamed_reference_peak_stays_within_its_size(tmp_path):
     sequences = _sequences([MAX_TOKENS] * samples)
     count = LiveBytes()
     with count:
-        streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
+        streamed, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
         for logits in streamed.each_logits(sequences):
             rows = logits[0, :-1].clone()  # the compared rows, as check.logits_at_positions keeps
             del logits, rows
@@ -116,7 +124,7 @@ def test_the_streamed_pass_leaves_autograd_as_it_was(tmp_path):
     """A pass left unfinished (check.py zips its logits with the samples) must not leave grad
     mode off: the next training step would have no graph."""
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
-    streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
+    streamed, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     each = streamed.each_logits(_sequences([4, 5]))
     next(each)
     assert torch.is_grad_enabled()
@@ -131,7 +139,7 @@ def test_the_streamed_chat_reply_is_the_whole_models_greedy_reply(tmp_path):
 
     base, adapter = _base_and_adapter(tmp_path, "llama", num_hidden_layers=2)
     whole, _, _ = load_reference(base, adapter, device="cpu")
-    streamed, _, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
+    streamed, _ = load_check_reference(base, adapter, device="cpu", streamed=True)
     prompt = _sequences([9], seed=3)[0][0].tolist()
     free = generate(whole, prompt, GenerationOptions(max_new_tokens=CHAT_TOKENS))
     stop = free[10]

@@ -196,11 +196,12 @@ class ChatTurn:
                 "stopped_on": stopped}
 
 
-def chat_prompt(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[int]]:
-    """The conversation rendered for the assistant's answer, and its token ids."""
+def chat_turn(tokenizer, template: str, messages: list[dict], stops: tuple[int, ...]) -> ChatTurn:
+    """The conversation rendered for the assistant's answer, with its token ids."""
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=True)
-    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ChatTurn(messages, template, stops, text, ids)
 
 
 def reference_chat_turn(tokenizer, model_dir, samples: list[Sample]) -> ChatTurn | None:
@@ -211,17 +212,16 @@ def reference_chat_turn(tokenizer, model_dir, samples: list[Sample]) -> ChatTurn
     if template is None:
         return None
     messages = chat_messages(samples)
-    text, ids = chat_prompt(tokenizer, template, messages)
-    return ChatTurn(messages, template, stop_token_ids(tokenizer, model_dir, template), text, ids)
+    return chat_turn(tokenizer, template, messages, stop_token_ids(tokenizer, model_dir, template))
 
 
-def greedy_chat(model, tokenizer, template: str, messages: list[dict], stops: tuple[int, ...]) -> dict:
-    """One greedy answer in our engine: {text, prompt_ids, reply_ids, stopped_on}."""
+def greedy_chat(model, turn: ChatTurn) -> dict:
+    """One greedy answer in our engine to the turn's prompt: {text, prompt_ids, reply_ids, stopped_on}."""
     from qlora.infer import GenerationOptions, generate
 
-    text, ids = chat_prompt(tokenizer, template, messages)
-    reply = generate(model, ids, GenerationOptions(max_new_tokens=CHAT_TOKENS, eos_token_ids=stops))
-    return ChatTurn(messages, template, stops, text, ids).result(reply)
+    reply = generate(model, turn.prompt_ids,
+                     GenerationOptions(max_new_tokens=CHAT_TOKENS, eos_token_ids=turn.stops))
+    return turn.result(reply)
 
 
 def streamed_run(model, samples: list[Sample], turn: ChatTurn | None, other_reply: list[int],
@@ -299,16 +299,14 @@ def run_reference(model_dir, adapter_dir, merge_base, device, samples, turn: Cha
     from qlora.export.reference import load_check_reference
 
     try:
-        model, tokenizer, what = load_check_reference(model_dir, adapter_dir, merge_base, device,
-                                                      streamed)
+        model, what = load_check_reference(model_dir, adapter_dir, merge_base, device, streamed)
     except QloraError as err:
         raise unavailable(err) from err
     if streamed:
         paths, chat = streamed_run(model, samples, turn, other_reply or [], work, "reference")
         return paths, chat, what
     paths = logits_at_positions(model, samples, work, "reference")
-    chat = (None if turn is None else
-            greedy_chat(model, tokenizer, turn.template, turn.messages, turn.stops))
+    chat = None if turn is None else greedy_chat(model, turn)
     return paths, chat, what
 
 
@@ -442,7 +440,7 @@ def run_gguf_in_qlora(gguf_file: Path, model_dir: Path, tokenizer, samples, mess
             chat = {"error": "the GGUF file holds no chat template (tokenizer.chat_template)"}
         else:
             template = reader.fields["tokenizer.chat_template"].contents()
-            chat = greedy_chat(model, tokenizer, template, messages, gguf_stop_ids(reader))
+            chat = greedy_chat(model, chat_turn(tokenizer, template, messages, gguf_stop_ids(reader)))
     return paths, chat, "qlora on the GGUF's dequantized weights"
 
 
@@ -712,7 +710,7 @@ def check_merge(out_dir: str | Path, model_dir: str | Path, adapter_dir: str | P
         ref_paths, _, what = run_reference(model_dir, adapter_dir, merge_base, device, picked, None,
                                            work, plan.streams)
         # quant none; the same size as the reference's (both float32 on the CPU)
-        merged, _, _ = load_check_reference(out_dir, None, "original", device, plan.streams)
+        merged, _ = load_check_reference(out_dir, None, "original", device, plan.streams)
         paths = logits_at_positions(merged, picked, work, "merged")
         del merged
         stats = _compare(ref_paths, paths, picked)

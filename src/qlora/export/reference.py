@@ -54,12 +54,13 @@ def can_stream(model_dir: str | Path) -> bool:
 
 def load_check_reference(model_dir: str | Path, adapter_dir: str | Path | None,
                          merge_base: str = "original", device: str = "auto", streamed: bool = False):
-    """(model, tokenizer, description) for the check: a StreamedReference on the CPU where
-    `streamed` (check.reference_mode's pick), else the whole model (load_reference)."""
+    """(model, description) for the check: a StreamedReference on the CPU where `streamed`
+    (check.reference_mode's pick), else the whole model (load_reference). No tokenizer: the
+    check has its own."""
     if not streamed:
-        return load_reference(model_dir, adapter_dir, merge_base, device)
+        model, _, what = load_reference(model_dir, adapter_dir, merge_base, device)
+        return model, what
     from qlora.device import compute_dtype
-    from qlora.models import load_tokenizer
     from qlora.quant import QuantConfig
 
     quant = reference_quant(merge_base)
@@ -67,7 +68,7 @@ def load_check_reference(model_dir: str | Path, adapter_dir: str | Path | None,
     # the quantization load_for_inference gives the whole model on the CPU
     qc = QuantConfig(method=quant, double_quant=True, compute_dtype=compute_dtype(cpu))
     model = StreamedReference(model_dir, adapter_dir, qc)
-    return model, load_tokenizer(model_dir), f"{_described(quant, adapter_dir)} in qlora"
+    return model, f"{_described(quant, adapter_dir)} in qlora"
 
 
 def check_adapter_attaches(model_dir: str | Path, adapter_dir: str | Path | None,
@@ -107,7 +108,7 @@ class StreamedReference(nn.Module):
         self.keys = shard_keys(model_dir)  # each layer's read finds its tensors' shards here
         self.saved_adapter = None if adapter_dir is None else read_saved_adapter(adapter_dir)
         self.shell = load_model(model_dir, quant, "cpu",
-                                only=lambda key: not key.startswith(LAYER_KEYS))
+                                only=lambda key: not key.startswith(LAYER_KEYS), keys=self.keys)
         self.spec = self.shell.spec
         check_nothing_missing(self.shell, self.model_dir, skip=LAYER_KEYS)
         check_adapter_attaches(model_dir, adapter_dir, self.saved_adapter)  # before a pass

@@ -92,13 +92,14 @@ def load_model(
     device: str | torch.device = "cpu",
     part: RowPart | None = None,
     only: Callable[[str], bool] | None = None,
+    keys: dict[Path, list[str]] | None = None,
 ) -> DecoderLM | GenericLM:
     """Build the model of `model_dir`, quantizing its linears as `quant` says: a DecoderLM for a
     native family, else transformers' own model on the generic path (generic.py). `part`: read
     only those rows of each tensor (a native family's sharded run). `only`: read only the
     tensors whose checkpoint key it accepts, the others left on the meta device (a native
     family's model a part at a time: export/reference.py's streamed reference, which reads the
-    rest later with read_weights)."""
+    rest later with read_weights). `keys`: read_weights'."""
     quant = quant or QuantConfig()
     if not is_native(read_config(model_dir)[0]):
         return load_generic(model_dir, quant, device)
@@ -109,7 +110,7 @@ def load_model(
     model.name_or_path = str(model_dir)
     if spec.moe is not None:
         check_moe_quant(spec, quant, prequantized_4bit(spec), model_dir)
-    experts_read = read_weights(model, model_dir, quant, device, part, only)
+    experts_read = read_weights(model, model_dir, quant, device, part, only, keys)
     rebuild_rotary(model, spec, device)
     model.tie_weights()
     if only is None:

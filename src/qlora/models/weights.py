@@ -28,12 +28,11 @@ def index_weight_map(model_dir: str | Path) -> dict[str, str] | None:
         raise QloraError(f"{index} is not a valid safetensors index ({err})") from err
 
 
-def weight_files(model_dir: str | Path, weight_map: dict[str, str] | None = None) -> list[Path]:
+def weight_files(model_dir: str | Path, weight_map: dict[str, str] | None) -> list[Path]:
     """The safetensors files of a model directory, in shard order. `weight_map`: its index's
-    (index_weight_map), where the caller has read it."""
+    (index_weight_map; None where it has none)."""
     root = Path(model_dir)
     index = root / INDEX
-    weight_map = weight_map if weight_map is not None else index_weight_map(root)
     if weight_map is not None:
         files = [root / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
