@@ -191,7 +191,8 @@ def test_a_tensor_stored_twice_alike_loads_whatever_the_index_names(tmp_path):
             del index["weight_map"][key]
             index_file.write_text(json.dumps(index))
         headers = read_headers(path)
-        assert key in headers.tensors and sum(k == key for k in headers.tensors) == 1
+        # read from the last shard holding it, as transformers reads it (a later copy over an earlier)
+        assert headers.tensors[key].file.name == last
         with torch.no_grad():
             # the reference path's tolerance (test_logits_match_transformers_16bit)
             assert rel_err(hf_model(path)(ids).logits, load_model(path, quant)(ids)) <= 1e-5
