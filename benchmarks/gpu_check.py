@@ -6,7 +6,8 @@ Checks, each against the real other tool on CUDA:
   1. 16-bit logits vs transformers (fp32 and bf16), each family;
   2. NF4 + double quant logits vs transformers + bitsandbytes (bf16 compute);
   3. packed rows through flash varlen attention vs the same rows through SDPA with a mask,
-     and vs each document alone;
+     and vs each document alone; flash over a shared prompt's gathered keys (fewer queries than
+     keys) vs the torch reference of the same math (check_gathered_keys);
   4. loss and LoRA gradients vs transformers + peft (bf16 compute);
   5. the seeded-dropout Triton kernel vs its torch reference (bit for bit);
   6. the CUDA-graph step (train/graphs.py) vs the eager step: loss and every adapter gradient,
@@ -27,7 +28,7 @@ Checks, each against the real other tool on CUDA:
      transformers, packed rows (each layer's varlen or dense mask) vs each document alone, greedy
      generation past the window vs transformers', and the CUDA-graph step vs the eager one;
  13. preference batches (DPO, KTO) packed into one row through flash varlen attention vs the same
-     pairs in padded rows, on the fast path qlora train uses (loss and every adapter gradient),
+     pairs in padded rows (DPO packed with each prompt once and with every sequence whole), on the fast path qlora train uses (loss and every adapter gradient),
      and `qlora train --method dpo` and `--method kto` end to end (packed, graphed, with eval
      metrics); DPO (reference forward, and precomputed), ORPO and KTO micro-batches through the
      CUDA graph of their batch loss vs eagerly (check_preference_graphed: loss, metrics,
@@ -130,7 +131,7 @@ def main() -> int:
                  num_key_value_heads=2, num_hidden_layers=2)
     dirs = {fam: build_tiny_model(root / fam, fam, **sizes) for fam in ("llama", "qwen2", "qwen3", "mistral")}
     checks = [check_lora_dropout_kernels, check_cross_entropy, check_dropout_kernel, check_graphed_step, check_fused_kernels, check_dequant_kernel,
-              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_grads,
+              check_grouped_fast_path, check_kept_attention, check_host_embedding, check_train_defaults, check_16bit, check_nf4, check_packed, check_gathered_keys, check_grads,
               check_windows, check_gemma, check_preference, check_preference_graphed,
               check_preference_train, check_long_context,
               check_flex_capped_attention, check_capped_cross_entropy, check_gemma_graphed_step,
@@ -196,6 +197,43 @@ def check_packed(dirs):
         on_gpu = model(row, position_ids=pos, labels=labels)
         from_cpu = model(row, position_ids=pos.cpu(), labels=labels.cpu())
     record("packed-loss-cpu-layout-vs-gpu", abs(on_gpu.item() - from_cpu.item()) / on_gpu.item(), 1e-6)
+
+
+def check_gathered_keys(dirs):
+    """Flash varlen attention over a shared prompt's gathered keys (models/attention.GatheredKeys:
+    a rejected completion's queries over its prompt's keys then its own, fewer queries than keys,
+    the causal mask aligned to the bottom right) vs models/attention.varlen_reference, the same
+    math in torch over fp32 copies of the inputs: output and q/k/v gradients, at Llama-3-8B's heads
+    (32 query heads, 8 kv heads, 128 wide), bf16, 4 pairs of 512 + 512 + 512 and 4 ragged ones,
+    full attention and a 256-token window. Bound 2e-2 relative to the largest entry, as
+    packed-varlen-vs-mask (bf16 inputs and flash's bf16 output against an fp32 reference)."""
+    from qlora.data.preference import shared_prompt_batch
+    from qlora.models.attention import varlen_attention, varlen_reference
+
+    g = torch.Generator().manual_seed(31)
+    layouts = {"even": [(512, 512, 512)] * 4,
+               "ragged": [(300, 17, 600), (5, 700, 90), (128, 128, 1), (640, 1, 333)]}
+    for tag, lengths in layouts.items():
+        pairs = [{"prompt": [1] * p, "chosen": [1] * c, "rejected": [1] * r}
+                 for p, c, r in lengths]
+        plan = shared_prompt_batch(pairs)["attention"].to(DEV)
+        tokens = sum(p + c + r for p, c, r in lengths)
+        for window in (None, 256):
+            q, k, v = (torch.randn(1, heads, tokens, 128, generator=g).to(DEV, torch.bfloat16)
+                       .requires_grad_() for heads in (32, 8, 8))
+            out = varlen_attention(q, k, v, plan.with_window(window))
+            grad = torch.randn(out.shape, generator=g).to(DEV, torch.bfloat16)
+            out.backward(grad)
+            flat = [t.detach().float()[0].transpose(0, 1).contiguous().requires_grad_()
+                    for t in (q, k, v)]
+            gathered = [t.index_select(0, plan.keys.index) for t in flat[1:]]
+            want = varlen_reference(flat[0], *gathered, plan.cu_seqlens, plan.keys.cu_seqlens,
+                                    window)
+            want.backward(grad.float()[0].transpose(0, 1))
+            name = f"gathered-keys-{tag}-{'window' if window else 'full'}"
+            record(f"{name}-out", rel(want, out[0].transpose(0, 1)), 2e-2)
+            for label, ours, ref in zip("qkv", (q, k, v), flat):
+                record(f"{name}-grad-{label}", rel(ref.grad, ours.grad[0].transpose(0, 1)), 2e-2)
 
 
 def check_grads(dirs):
@@ -829,20 +867,24 @@ def check_preference(dirs):
     unpaired = [{"prompt": seq(p), "completion": seq(c), "label": i % 2 == 0}
                 for i, (p, c, _) in enumerate(lengths)]
     opts = PreferenceOptions(beta=0.3)
+    # DPO packed both ways: each prompt once (the default) and every sequence whole
+    layouts = {"dpo": ((True, True), (True, False)), "kto": ((True, True),)}
     for name, examples in (("dpo", pairs), ("kto", unpaired)):
         runs = []
-        for packed in (False, True):
+        for packed, share_prompt in ((False, True),) + layouts[name]:
             model.zero_grad(set_to_none=True)
             loss, _ = batch_loss(PREFERENCE_METHODS[name], model,
-                                 preference_batch(examples, 0, packed), opts)
+                                 preference_batch(examples, 0, packed, share_prompt), opts)
             loss.backward()
             runs.append((loss.detach().float(), {n: p.grad.float().clone()
                                                  for n, p in model.named_parameters()
                                                  if p.grad is not None}))
-        (loss_a, grads_a), (loss_b, grads_b) = runs
-        record(f"preference-{name}-packed-vs-padded-loss", rel(loss_a, loss_b), 1e-2)
-        record(f"preference-{name}-packed-vs-padded-grads",
-               max(rel(grads_a[k], grads_b[k]) for k in grads_a), 5e-2, n_grads=len(grads_a))
+        (loss_a, grads_a), *packed_runs = runs
+        for (loss_b, grads_b), (_, share_prompt) in zip(packed_runs, layouts[name]):
+            tag = f"preference-{name}-packed{'' if share_prompt else '-whole'}-vs-padded"
+            record(f"{tag}-loss", rel(loss_a, loss_b), 1e-2)
+            record(f"{tag}-grads", max(rel(grads_a[k], grads_b[k]) for k in grads_a), 5e-2,
+                   n_grads=len(grads_a))
 
     root = Path(tempfile.mkdtemp())
     words = "cat dog sun moon tree fish bird rain snow wind leaf rock sand star lake hill".split()
@@ -893,7 +935,10 @@ def check_preference_graphed(dirs):
 
     def padded(batch, length):
         """`batch` with its rows padded to `length` as the staging pads them (padding: sequence
-        -1, no labels)."""
+        -1, no labels). A shared prompt's batch as it is: its one row's dropout masks are the
+        staged row's (the padding comes after it), and its attention plan covers its own tokens."""
+        if "attention" in batch:
+            return batch
         out = dict(batch)
         out["input_ids"], out["position_ids"], out["labels"] = \
             pad_batch(batch["input_ids"], batch["position_ids"], batch["labels"], length)

@@ -49,6 +49,9 @@ Systems
   qlora-eager   the same with CUDA graphs off (qlora train before it captured preference steps):
                 beside `qlora`, what the graphs save.
   qlora-padded  `qlora` over padded rows (one sequence per row).
+  qlora-whole   `qlora` packed with every sequence whole: each pair's prompt twice, once before
+                each completion (qlora train's layout before it packed each prompt once): beside
+                `qlora`, what sharing the prompt saves.
 
 Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two completions of
 `--completion` tokens each (`--ragged`: each completion's length drawn from [completion/4,
@@ -99,7 +102,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_step as ts  # noqa: E402  (the shapes, the checkpoints, the seeds' model, the harness)
 
-SYSTEMS = ["trl", "unsloth", "qlora", "qlora-eager", "qlora-padded"]
+SYSTEMS = ["trl", "unsloth", "qlora", "qlora-eager", "qlora-padded", "qlora-whole"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -298,7 +301,8 @@ class QloraStep:
     its CUDA graph where `graphs` and train/graphs.py allow, else eagerly (batch_loss), the loss
     a mean over the pairs; then clip, step, zeroed gradients."""
 
-    def __init__(self, model, applied, args, packed: bool, graphs: bool):
+    def __init__(self, model, applied, args, packed: bool, graphs: bool,
+                 share_prompt: bool = True):
         import torch
 
         from qlora.methods import PREFERENCE_METHODS
@@ -307,6 +311,7 @@ class QloraStep:
         from qlora.train.optim import build_optimizer
 
         self.model, self.args, self.packed, self.torch = model, args, packed, torch
+        self.share_prompt = share_prompt
         self.seed, self.stride, self.index = applied.dropout_seed, applied.dropout_stride, 0
         name = "paged_adamw_8bit" if args.device == "cuda" else "adamw_torch"
         self.opt = build_optimizer(model, name, args.lr, 0.001, (0.9, 0.999), 1e-8)
@@ -329,7 +334,7 @@ class QloraStep:
         from qlora.data.preference import preference_batch
         from qlora.methods.preference import batch_loss
 
-        batch = preference_batch(pairs, 0, packed=self.packed)
+        batch = preference_batch(pairs, 0, packed=self.packed, share_prompt=self.share_prompt)
         staged = self.graphs.stage_preference(batch) if self.graphs is not None else None
         if self.seed is not None:
             set_dropout_seed(self.seed, self.args.seed, self.index, self.stride)
@@ -349,7 +354,8 @@ class QloraStep:
         zero_grads(self.opt)
 
 
-def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True):
+def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True,
+                share_prompt: bool = True):
     import torch
 
     from qlora.adapters import AdapterConfig, attach_adapters
@@ -375,7 +381,7 @@ def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True):
                      embedding_on_host=fast, cuda_graphs=graphs)
     applied = apply_speed(model, plan)
     packed = not padded and packs_with_varlen(model, torch.device(args.device))
-    return QloraStep(model, applied, args, packed, graphs)
+    return QloraStep(model, applied, args, packed, graphs, share_prompt)
 
 
 def setup_system(system: str, model_dir: str, args):
@@ -383,9 +389,9 @@ def setup_system(system: str, model_dir: str, args):
         return setup_trl(model_dir, args)
     if system == "unsloth":
         return setup_unsloth(model_dir, args)
-    if system in ("qlora", "qlora-eager", "qlora-padded"):
+    if system in ("qlora", "qlora-eager", "qlora-padded", "qlora-whole"):
         return setup_qlora(model_dir, args, padded=system == "qlora-padded",
-                           graphs=system != "qlora-eager")
+                           graphs=system != "qlora-eager", share_prompt=system != "qlora-whole")
     raise ValueError(system)
 
 
@@ -405,7 +411,8 @@ def worker(args) -> int:
         rec["load_s"] = round(time.time() - t0, 1)
         rec["trainable_params"] = sum(p.numel() for p in step.params)
         if isinstance(step, QloraStep):
-            rec["layout"] = "packed" if step.packed else "padded"
+            rec["layout"] = ("packed" + (", each prompt once" if step.share_prompt else "")
+                             if step.packed else "padded")
             rec["cuda_graphs"] = "on" if step.graphs is not None else step.no_graphs_reason
         data = make_pairs(args, args.steps, shape["vocab_size"])
         sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -234,7 +234,7 @@ def _randomize(model, seed, scale=0.05):
 def test_sequence_logps_equal_trl_get_batch_logps():
     from trl.experimental.cpo import CPOTrainer
 
-    from qlora.methods.preference import label_sequences
+    from qlora.data.preference import label_layout
     from qlora.models.generic import token_losses
 
     g = torch.Generator().manual_seed(6)
@@ -243,7 +243,7 @@ def test_sequence_logps_equal_trl_get_batch_logps():
     labels[:, :4] = -100
     labels[1, 8:] = -100
     batch = {"labels": labels, "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
-    ours = sequence_logps(-token_losses(logits, labels), label_sequences(batch), 4)
+    ours = sequence_logps(-token_losses(logits, labels), label_layout(batch)[3], 4)
     close(ours.logps, CPOTrainer.get_batch_logps(logits, labels.clone()))
     close(ours.logps / ours.tokens, CPOTrainer.get_batch_logps(logits, labels.clone(),
                                                                average_log_prob=True))
@@ -338,22 +338,40 @@ def _loss_metrics_grads(method, model, batch, opts):
 
 # every method through the reference model; the fast path's per-token loss for a method of each
 # layout (pairs, and KTO's halves)
-@pytest.mark.parametrize("name,speed", [("dpo", False), ("orpo", False), ("simpo", False),
-                                        ("kto", False), ("dpo", True), ("kto", True)])
-def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, name, speed):
-    """A micro-batch packed into one row (no padding; sequences kept apart by their position ids)
-    gives the padded batch's loss, metrics and adapter gradients: rel 1e-5 in fp32, the same
-    tokens through attention and GEMMs of other shapes, whose sums run in other orders."""
+@pytest.mark.parametrize("name,speed,share_prompt,model_name", [
+    ("dpo", False, True, "llama"), ("orpo", False, True, "llama"), ("simpo", False, True, "llama"),
+    ("kto", False, True, "llama"), ("dpo", True, True, "llama"), ("kto", True, True, "llama"),
+    ("dpo", False, False, "llama"), ("orpo", True, False, "llama"),
+    ("dpo", False, True, "mistral-window"), ("orpo", True, True, "qwen2-window")])
+def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(tiny_models, name, speed,
+                                                                    share_prompt, model_name):
+    """A micro-batch packed into one row (no padding; sequences kept apart by their position ids
+    and, each pair's prompt packed once, by the attention plan that gives the rejected completion
+    its prompt's keys) gives the padded batch's loss, metrics and adapter gradients: rel 1e-5 in
+    fp32, the same tokens through attention and GEMMs of other shapes, whose sums run in other
+    orders. The windowed families (a window of 16 tokens; the pairs made longer than it) check
+    that a rejected completion's window reaches back into its prompt as in its own sequence."""
     from qlora.data.preference import preference_batch
     from qlora.methods import PREFERENCE_METHODS
 
     method = PREFERENCE_METHODS[name]
-    model = _lora_model(llama_dir, speed=speed)
+    model = _lora_model(tiny_models[model_name], speed=speed)
     examples = _varied_examples(method.LAYOUT)
-    padded, packed = (preference_batch(examples, 0, packed=p) for p in (False, True))
+    if model_name != "llama":  # past the window: each prompt + completion 17 to 26 tokens
+        examples = [{k: v * 3 if isinstance(v, list) else v for k, v in e.items()}
+                    for e in examples]
+    padded, packed = (preference_batch(examples, 0, packed=p, share_prompt=share_prompt)
+                      for p in (False, True))
     assert padded["input_ids"].shape[0] == 2 * len(examples) and packed["input_ids"].shape[0] == 1
-    # every token once, no padding; padded rows pad to the longest
+    # every token once (each prompt once where shared), no padding; padded rows pad to the longest
     assert packed["input_ids"].numel() == packed["n_tokens"] < padded["input_ids"].numel()
+    # both sequences of every example (KTO's KL sequences borrow completions within the batch:
+    # the same total), less each prompt's second copy where the prompt is shared
+    both = sum(2 * len(e["prompt"]) + len(e.get("chosen", e.get("completion")))
+               + len(e.get("rejected", e.get("completion"))) for e in examples)
+    prompts = sum(len(e["prompt"]) for e in examples)
+    shared = method.LAYOUT == "pairs" and share_prompt
+    assert packed["n_tokens"] == (both - prompts if shared else both)
     opts = PreferenceOptions(beta=0.3)
     loss_a, metrics_a, grads_a = _loss_metrics_grads(method, model, padded, opts)
     loss_b, metrics_b, grads_b = _loss_metrics_grads(method, model, packed, opts)
@@ -371,6 +389,30 @@ def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(llama_dir, n
         assert scale > 0, k
         # relative to the largest entry: a near-zero entry's own digits are the sums' rounding
         assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
+
+
+def test_shared_prompt_batch_lays_out_each_pair_as_its_prompt_then_both_completions():
+    """Two pairs, prompts of 2 and 1 tokens: each pair's tokens once, positions continuing from
+    the prompt in both completions, the documents (queries: prompt + chosen, then rejected; keys:
+    the same, then prompt + rejected), and each label predicted from the token before it in its
+    own sequence (a rejected completion's first from its prompt's last)."""
+    from qlora.data.preference import label_layout, shared_prompt_batch
+
+    batch = shared_prompt_batch([{"prompt": [1, 2], "chosen": [3, 4], "rejected": [5]},
+                                 {"prompt": [6], "chosen": [7], "rejected": [8, 9]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 0, 2, 1, 1, 3, 3]]
+    plan = batch["attention"]
+    assert plan.cu_seqlens.tolist() == [0, 4, 5, 7, 9] and plan.max_len == 4
+    assert plan.keys.index.tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 5, 7, 8]
+    assert plan.keys.cu_seqlens.tolist() == [0, 4, 7, 9, 12] and plan.keys.max_len == 4
+    rows, ts, targets, sequences = label_layout(batch)
+    assert rows.tolist() == [0] * 6
+    assert ts.tolist() == [1, 2, 1, 5, 5, 7]  # 5 follows the prompt's 2 (index 1), 8 the 6
+    assert targets.tolist() == [3, 4, 5, 7, 8, 9]
+    assert sequences.tolist() == [0, 0, 2, 1, 3, 3]
+    assert batch["n_sequences"] == 4 and batch["n_tokens"] == 9
 
 
 @pytest.mark.parametrize("packed,speed", [(False, False), (True, False), (True, True)])
@@ -948,7 +990,10 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     """What the packed preference step's attention saves for backward (keep_attention, each
     layer), through a CPU stand-in of torch's varlen_attn that saves what torch's saves (q, k, v,
     the output, an fp32 log-sum-exp per head), equals the planner's kept-attention term, k and v
-    at the kv heads, whether varlen_attn takes enable_gqa or (torch 2.11) has no such argument."""
+    at the kv heads, whether varlen_attn takes enable_gqa or (torch 2.11) has no such argument.
+    Each prompt packed once (the default), the queries are P + C + R tokens a pair and the
+    gathered keys 2P + C + R: the planner's term, which counts 2P + C + R of everything, is then
+    an upper bound, over by the prompts' q, output and log-sum-exp bytes exactly."""
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.memory.attention import kept_attention_bytes_per_token
     from qlora.methods.preference import batch_loss
@@ -963,12 +1008,8 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
                     enable_gqa=False):
         assert k.shape[1] < q.shape[1], "k and v copied to every head"
         assert enable_gqa == takes_gqa, "torch 2.13 refuses grouped heads without enable_gqa"
-        out = torch.empty_like(q)
+        out = attention.varlen_reference(q, k, v, cu_q, cu_k)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):  # one document each
-            qd, kd, vd = (t[a:b].transpose(0, 1) for t in (q, k, v))
-            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                qd, kd, vd, is_causal=True, enable_gqa=True).transpose(0, 1)
         saved.append(sum(t.numel() * t.element_size() for t in (q, k, v, out, lse)))
         return out
 
@@ -977,13 +1018,19 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     pairs = [{"prompt": [5, 6, 7], "chosen": [8, 9], "rejected": [10, 11, 12]},
              {"prompt": [13, 14], "chosen": [15, 16, 17], "rejected": [18]}]
     tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+    prompts = sum(len(p["prompt"]) for p in pairs)
     for takes_gqa in (True, False):
         _varlen_gqa(monkeypatch, takes_gqa)
         model = load_model(llama_dir, QuantConfig(method="none", compute_dtype=torch.bfloat16))
         attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
         apply_speed(model, SpeedPlan(keep_attention=True))
         model.gradient_checkpointing = True
-        saved.clear()
-        batch_loss(orpo, model.train(), pair_batch(pairs, 0, packed=True), PreferenceOptions())
-        assert saved == [tokens * kept_attention_bytes_per_token(model.spec, tokens)
-                         ] * model.spec.num_layers
+        planned = tokens * kept_attention_bytes_per_token(model.spec, tokens)
+        spec = model.spec
+        query_side = 2 * 2 * spec.num_heads * spec.head_dim + 4 * spec.num_heads  # q, out, lse
+        for share_prompt, want in ((False, planned), (True, planned - prompts * query_side)):
+            saved.clear()
+            batch_loss(orpo, model.train(),
+                       pair_batch(pairs, 0, packed=True, share_prompt=share_prompt),
+                       PreferenceOptions())
+            assert saved == [want] * model.spec.num_layers

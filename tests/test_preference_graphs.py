@@ -12,8 +12,9 @@ import torch
 
 from qlora.data.preference import half, pair_batch, unpaired_batch
 from qlora.methods import PREFERENCE_METHODS
-from qlora.methods.preference import (PreferenceOptions, batch_loss, label_sequences,
-                                      label_slots, metric_means, sequence_logps)
+from qlora.data.preference import label_layout
+from qlora.methods.preference import (PreferenceOptions, batch_loss, label_slots, metric_means,
+                                      sequence_logps)
 from qlora.models.decoder import IGNORE_INDEX
 from qlora.train.graphs import GraphedSteps, _Graph, stage_preference
 from test_preference import _lora_model  # the tiny fp32 llama with randomised LoRA
@@ -147,25 +148,30 @@ def test_kto_graph_body_of_desirable_examples_only(llama_dir):
     assert means["kl"] == pytest.approx(metric_means(want_metrics)["kl"], rel=1e-5)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_label_slots_hold_what_the_eager_path_reads(packed):
-    """label_slots puts in what label_sequences / sequence_logps / the model's label selection
+@pytest.mark.parametrize("packed,share_prompt", [(True, True), (True, False), (False, True)])
+def test_label_slots_hold_what_the_eager_path_reads(packed, share_prompt):
+    """label_slots puts in what label_layout / sequence_logps / the model's label selection
     give the eager path: each label's sequence and target at the position that predicts it (in
-    the padded rows), the tokens per sequence; padding slots predict IGNORE_INDEX into slot S."""
-    batch = pair_batch(_examples(reference=False), 0, packed=packed)
+    the padded rows), the tokens per sequence; padding slots predict IGNORE_INDEX into slot S.
+    Where labels say it by position (no shared prompt), each target is the label after the
+    predicting position, of that label's sequence."""
+    batch = pair_batch(_examples(reference=False), 0, packed=packed, share_prompt=share_prompt)
     rows, T = batch["input_ids"].shape
     length = T + 5
     slots = label_slots(batch, length, PAD_TO)
-    sequences = label_sequences(batch)
+    label_rows, ts, targets, sequences = label_layout(batch)
     n, count, S = sequences.numel(), sequences.numel(), batch["n_sequences"]
     assert slots["positions"].numel() % PAD_TO == 0 and slots["positions"].numel() > count
     assert torch.equal(slots["sequences"][:n], sequences)
+    assert torch.equal(slots["targets"][:n], targets)
     want_tokens = sequence_logps(torch.zeros(n), sequences, S).tokens
     assert torch.equal(slots["tokens"], want_tokens)
     # the position before each label, in the rows padded to `length`
     r, t = slots["positions"][:n] // length, slots["positions"][:n] % length
-    assert torch.equal(slots["targets"][:n], batch["labels"][r, t + 1])
-    assert torch.equal(batch["sequence_ids"][r, t + 1], sequences)
+    assert torch.equal(r, label_rows) and torch.equal(t, ts)
+    if not (packed and share_prompt):
+        assert torch.equal(targets, batch["labels"][r, t + 1])
+        assert torch.equal(batch["sequence_ids"][r, t + 1], sequences)
     assert (slots["targets"][n:] == IGNORE_INDEX).all() and (slots["sequences"][n:] == S).all()
     assert "ref_logps" not in slots
 
@@ -271,3 +277,28 @@ def test_kto_saves_the_activations_of_its_examples_only(llama_dir):
                                 row_logps(model, half(batch, second=True))))
     # the loss's own few scalars-per-example (log-ratios, z) are saved on top: a few hundred bytes
     assert examples <= whole < examples + 1024 < both
+
+
+def test_a_shared_prompt_batch_stages_its_gathered_keys_at_a_fixed_length():
+    """The graph's key index: the batch's own gathered keys, then filler and the padding tokens
+    (the padding document's keys end with its own queries, so each padding query sees at least
+    itself); its length the padded row's plus the prompts' keys rounded up to a power of two of
+    at least PAD_TO; the offsets of queries and keys rounded up to a power of two of documents,
+    the unused ones empty."""
+    from qlora.train.graphs import stage_gathered_keys
+
+    batch = pair_batch(_examples(reference=False), 0, packed=True)
+    plan, T = batch["attention"], batch["input_ids"].shape[1]
+    staged = stage_gathered_keys(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                 plan, PAD_TO, pinned=False)
+    length, prompts = staged.input_ids.shape[1], sum(len(e["prompt"]) for e in _examples(False))
+    assert length == -(-(T + 1) // PAD_TO) * PAD_TO and plan.keys.index.numel() == T + prompts
+    key_length = length + max(PAD_TO, 1 << (prompts - 1).bit_length())
+    assert staged.key == (1, length, 16, "keys", key_length)  # 8 documents and the padding: 16
+    index, cu_keys = staged.keys["key_index"], staged.keys["cu_keys"]
+    assert index.numel() == key_length
+    assert torch.equal(index[:T + prompts], plan.keys.index)
+    assert torch.equal(index[-(length - T):], torch.arange(T, length))
+    assert (index[T + prompts:key_length - (length - T)] == T).all()
+    assert staged.cu_seqlens.tolist() == plan.cu_seqlens.tolist() + [length] * 8
+    assert cu_keys.tolist() == plan.keys.cu_seqlens.tolist() + [key_length] * 8

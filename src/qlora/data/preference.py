@@ -20,12 +20,22 @@ mismatched pairs, for the KL estimate). Two layouts of the same sequences:
             varlen attention on CUDA, as SFT's packed rows), and the first token of each has no
             label, so no log-prob crosses a seam
 
-`sequence_ids` ([rows, T], -1 on padding) says which sequence each token is of; a method sums
-its log-probs per sequence with it (methods/preference.py), whatever the layout.
+A packed batch of pairs holds each pair's prompt once (`shared_prompt_batch`): prompt, chosen
+completion, rejected completion end to end, the rejected completion's positions continuing from
+the prompt's end as the chosen's do. Its attention plan is made here, on the host (`attention`: the
+prompt + chosen completion a document, the rejected completion a document whose keys are the
+prompt's then its own: models/attention.GatheredKeys), and so are its label positions (the
+rejected completion's first token is predicted from the prompt's last). At a prompt of P tokens
+and completions of C and R, P + C + R tokens go through each forward instead of 2P + C + R, for
+the same log-probs: every token sees exactly what it sees in its own sequence.
+
+`label_layout` gives each label token's predicting position, its target and its sequence, whatever
+the layout; a method sums its log-probs per sequence with it (methods/preference.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +44,7 @@ from qlora.data.formats import MESSAGE_ROLES, Problem, _read_rows, summarize_pro
 from qlora.data.packing import make_batch
 from qlora.data.templates import _render, resolve_chat_template
 from qlora.errors import QloraError
+from qlora.models.attention import GatheredKeys, Varlen
 from qlora.models.decoder import IGNORE_INDEX as IGNORE
 
 LAYOUTS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
@@ -229,18 +240,90 @@ def sequences_batch(sequences: list[dict], pad_id: int, packed: bool) -> dict:
     return batch
 
 
-def pair_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
-    """The B chosen sequences, then the B rejected ones (sequence k < B: example k's chosen)."""
-    batch = sequences_batch([_sequence(e["prompt"], e["chosen"]) for e in examples]
-                            + [_sequence(e["prompt"], e["rejected"]) for e in examples],
-                            pad_id, packed)
+def pair_batch(examples: list[dict], pad_id: int, packed: bool = False,
+               share_prompt: bool = True) -> dict:
+    """The B chosen sequences, then the B rejected ones (sequence k < B: example k's chosen);
+    packed, each prompt once (shared_prompt_batch) unless `share_prompt` is off."""
+    if packed and share_prompt:
+        batch = shared_prompt_batch(examples)
+    else:
+        batch = sequences_batch([_sequence(e["prompt"], e["chosen"]) for e in examples]
+                                + [_sequence(e["prompt"], e["rejected"]) for e in examples],
+                                pad_id, packed)
+        batch["n_tokens"] = sum(example_tokens(e) for e in examples)
     batch["n_examples"] = len(examples)
-    batch["n_tokens"] = sum(example_tokens(e) for e in examples)
     if all("ref_chosen" in e for e in examples):  # precomputed (precompute_ref_log_probs)
         batch["ref_logps"] = torch.tensor([e["ref_chosen"] for e in examples]
                                           + [e["ref_rejected"] for e in examples],
                                           dtype=torch.float32)
     return batch
+
+
+def shared_prompt_batch(examples: list[dict]) -> dict:
+    """The pairs packed in one row [1, N], each as its prompt, chosen and rejected completions
+    (N = the sum of P + C + R), with what the model needs to see them as 2B sequences:
+
+        position_ids     the prompt 0..P-1, each completion P.. on from it
+        attention        a Varlen plan on the host: per pair, queries prompt + chosen over those
+                         keys, then queries rejected over the keys prompt + rejected
+        label_positions  (rows, ts): the position predicting each completion token (a rejected
+                         completion's first: the prompt's last), with label_targets and
+                         label_sequences (chosen k, rejected B + k), label_layout's order
+        labels           each completion token's own id at its position, -100 elsewhere (as
+                         sequences_batch's, for what reads labels by position: graph staging)
+        sequence_ids     the sequence of each token (a prompt's: its chosen one's)
+
+    Every completion token sees its own prompt and the tokens before it in its own completion,
+    as in its own sequence: the log-probs are those of pair_batch's other layouts."""
+    B = len(examples)
+    ids, pos, seq, labels = [], [], [], []
+    rows_t, targets, label_seq = [], [], []
+    cu_q, cu_k, key_index = [0], [0], []
+    for k, e in enumerate(examples):
+        p, c, r = e["prompt"], e["chosen"], e["rejected"]
+        start, P, C = len(ids), len(p), len(c)
+        ids += p + c + r
+        pos += list(range(P)) + list(range(P, P + C)) + list(range(P, P + len(r)))
+        seq += [k] * (P + C) + [B + k] * len(r)
+        labels += [IGNORE] * P + c + r
+        for sequence, first, completion in ((k, start + P, c), (B + k, start + P + C, r)):
+            for j, token in enumerate(completion):
+                if j == 0 and P == 0:  # nothing predicts a first token without a prompt
+                    continue
+                rows_t.append(start + P - 1 if j == 0 else first + j - 1)
+                targets.append(token)
+                label_seq.append(sequence)
+        chosen_doc = list(range(start, start + P + C))
+        rejected_keys = list(range(start, start + P)) + \
+            list(range(start + P + C, start + P + C + len(r)))
+        key_index += chosen_doc + rejected_keys
+        cu_q += [cu_q[-1] + P + C, cu_q[-1] + P + C + len(r)]
+        cu_k += [cu_k[-1] + P + C, cu_k[-1] + P + C + P + len(r)]
+    as_long = functools.partial(torch.tensor, dtype=torch.long)
+    lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    keys = GatheredKeys(as_long(key_index), torch.tensor(cu_k, dtype=torch.int32),
+                        max(lengths_k, default=0))
+    return {"input_ids": as_long([ids]), "position_ids": as_long([pos]),
+            "labels": as_long([labels]), "sequence_ids": as_long([seq]),
+            "real_lengths": as_long([len(ids)]), "n_sequences": 2 * B, "n_tokens": len(ids),
+            "attention": Varlen(torch.tensor(cu_q, dtype=torch.int32), max(lengths_q, default=0),
+                                keys=keys),
+            "label_positions": (torch.zeros(len(rows_t), dtype=torch.long), as_long(rows_t)),
+            "label_targets": as_long(targets), "label_sequences": as_long(label_seq)}
+
+
+def label_layout(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, ts, targets, sequences) of a batch's label tokens: position ts of row `rows`
+    predicts `targets`, a token of sequence `sequences`; row-major over the predicting positions
+    where the labels say it by position (the model predicts labels[t + 1] at t), else as
+    shared_prompt_batch laid them out."""
+    if "label_positions" in batch:
+        rows, ts = batch["label_positions"]
+        return rows, ts, batch["label_targets"], batch["label_sequences"]
+    labels = batch["labels"]
+    rows, ts = torch.nonzero(labels[:, 1:] != IGNORE, as_tuple=True)
+    return rows, ts, labels[rows, ts + 1], batch["sequence_ids"][rows, ts + 1]
 
 
 def unpaired_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
@@ -275,12 +358,15 @@ def half(batch: dict, second: bool) -> dict:
     return part
 
 
-def preference_batch(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+def preference_batch(examples: list[dict], pad_id: int, packed: bool = False,
+                     share_prompt: bool = True) -> dict:
     """The batch of either data layout (micro_batch's collate for preference rows: one example
-    each), padded or packed."""
+    each), padded or packed (pairs: each prompt once unless `share_prompt` is off)."""
     flat = [e for row in examples for e in row] if examples and isinstance(examples[0], list) \
         else examples
-    return (unpaired_batch if "label" in flat[0] else pair_batch)(flat, pad_id, packed)
+    if "label" in flat[0]:
+        return unpaired_batch(flat, pad_id, packed)
+    return pair_batch(flat, pad_id, packed, share_prompt)
 
 
 def example_tokens(example: dict) -> int:

@@ -98,6 +98,10 @@ def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.de
     buffers, attention.Varlen): read there, with no wait for the GPU."""
     B, T = position_ids.shape
     windows = [window_in_effect(w, T) for w in layer_windows]
+    if varlen is not None and varlen.keys is not None:
+        raise ValueError("flex_attention's block masks take documents of their own tokens, not a "
+                         "shared prompt's gathered keys (pack preference pairs with "
+                         "share_prompt off)")
     if varlen is not None:
         docs = document_numbers(varlen.cu_seqlens, B, T)
     else:

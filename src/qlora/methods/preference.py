@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from qlora.adapters import adapters_disabled
-from qlora.data.preference import half, pair_batch, preference_batch
+from qlora.data.preference import half, label_layout, pair_batch, preference_batch
 from qlora.models.attention import Varlen
 from qlora.models.decoder import IGNORE_INDEX as IGNORE
-from qlora.models.decoder import LabelPositions, compute_device, shifted_targets
+from qlora.models.decoder import LabelPositions, compute_device
 
 
 @dataclass
@@ -92,20 +92,20 @@ def sequence_logps(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -
     return RowLogps(logps.index_add(0, sequences, token_logps.float()), tokens)
 
 
-def label_sequences(batch: dict) -> torch.Tensor:
-    """The sequence of each label token, in the order the model returns their losses (row-major
-    over the positions that predict a label; the model predicts labels[t+1] at position t)."""
-    labelled = batch["labels"][:, 1:] != IGNORE
-    return batch["sequence_ids"][:, 1:][labelled]
-
-
 def row_logps(model, batch: dict) -> RowLogps:
-    """RowLogps of the batch's sequences through `model` (one forward)."""
+    """RowLogps of the batch's sequences through `model` (one forward): its label tokens'
+    positions as data/preference.label_layout gives them, and its attention plan where it brings
+    one (a shared prompt's: position_ids cannot say which keys a rejected completion sees)."""
     device = compute_device(model)  # not the first parameter's: the embedding may be on the host
+    rows, ts, targets, sequences = label_layout(batch)
+    width = batch["input_ids"].shape[1]
+    labels = LabelPositions((rows * width + ts).to(device, non_blocking=True),
+                            targets.to(device, non_blocking=True))
+    plan = batch.get("attention")
     # non-blocking: a blocking copy would wait for every kernel queued (the previous backward)
     losses = model(batch["input_ids"].to(device, non_blocking=True), batch["position_ids"],
-                   batch["labels"], per_token=True)
-    return sequence_logps(-losses, label_sequences(batch), batch["n_sequences"])
+                   labels, varlen=None if plan is None else plan.to(device), per_token=True)
+    return sequence_logps(-losses, sequences, batch["n_sequences"])
 
 
 def policy_and_reference(method, model, batch: dict):
@@ -204,10 +204,10 @@ def packs_with_varlen(model, device: torch.device) -> bool:
 def layout_line(packed: bool, packing_option: bool) -> str:
     """What the log says of the preference batches' layout."""
     if packed:
-        return ("preference batches packed: each micro-batch's sequences (chosen and rejected, "
-                "or KTO's completions and KL sequences) end to end in one row, no padding, "
-                "through flash varlen attention; the log-probs are summed per sequence, as "
-                "padded rows give them (packing: false pads them)")
+        return ("preference batches packed: each micro-batch's sequences end to end in one row, "
+                "no padding, through flash varlen attention (pairs: each prompt once, both "
+                "completions after it; KTO: its completions and KL sequences); the log-probs are "
+                "summed per sequence, as padded rows give them (packing: false pads them)")
     why = "packing: false" if not packing_option else (
         "this model on this device has no flash varlen attention for packed rows, and a dense "
         "mask over one packed row would cost more than the padding")
@@ -232,7 +232,7 @@ def summed_losses(method, policy, reference, opts: PreferenceOptions
 def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tensor]:
     """A batch's label tokens (a pairs batch's, or one half of a KTO batch's: data/preference.half)
     laid out on the host for a graph whose rows are padded to
-    `length` tokens: what label_sequences and sequence_logps read from the batch, in tensors
+    `length` tokens: what label_layout and sequence_logps read from the batch, in tensors
     whose shapes the graph fixes. The label count is rounded up to a multiple of `multiple`;
     the extra slots predict from position 0 a target of IGNORE_INDEX (a loss of 0) into sequence
     slot S, one past the batch's S sequences, which nothing reads.
@@ -243,17 +243,15 @@ def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tens
         tokens     [S] label tokens per sequence
         ref_logps  [S] the precomputed reference, where the batch has it
     """
-    targets = shifted_targets(batch["labels"])
-    rows, ts = torch.nonzero(targets != IGNORE, as_tuple=True)  # row-major: the model's order
+    rows, ts, targets, sequences = label_layout(batch)
     n, count = batch["n_sequences"], rows.numel()
-    sequences = batch["sequence_ids"][rows, ts + 1]  # the label's own sequence, at t + 1
     slots = max(-(-count // multiple) * multiple, multiple)
     out = {"positions": torch.zeros(slots, dtype=torch.long),
            "targets": torch.full((slots,), IGNORE, dtype=torch.long),
            "sequences": torch.full((slots,), n, dtype=torch.long),
            "tokens": torch.bincount(sequences, minlength=n)}
     out["positions"][:count] = rows * length + ts
-    out["targets"][:count] = targets[rows, ts]
+    out["targets"][:count] = targets
     out["sequences"][:count] = sequences
     if "ref_logps" in batch:
         out["ref_logps"] = batch["ref_logps"].float()

@@ -143,16 +143,46 @@ def sdpa_takes_gqa() -> bool:
         return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
+class GatheredKeys:
+    """Documents whose keys are not their own queries' tokens: each document's keys are the
+    tokens `index[cu_seqlens[d]:cu_seqlens[d+1]]` of the flattened batch, in order, and its
+    queries are the last of them (flash attention aligns a causal mask to the bottom right).
+
+    A preference pair packed with its prompt once (data/preference.shared_prompt_layout): the
+    prompt + chosen completion is a document of its own keys, and the rejected completion a
+    document whose keys are the prompt's tokens, then its own. `max_len`: the longest key list."""
+
+    def __init__(self, index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
+        self.index, self.cu_seqlens, self.max_len = index, cu_seqlens, max_len
+
+
 class Varlen:
     """Document offsets of packed rows, flattened over the batch: flash attention's cu_seqlens;
-    `window`: a layer's sliding window (None: each token sees its whole document so far)."""
+    `window`: a layer's sliding window (None: each token sees its whole document so far);
+    `keys`: where documents take their keys from elsewhere than their own tokens (GatheredKeys;
+    None: each document attends to its own tokens)."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, window: int | None = None):
-        self.cu_seqlens, self.max_len, self.window = cu_seqlens, max_len, window
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int, window: int | None = None,
+                 keys: GatheredKeys | None = None):
+        self.cu_seqlens, self.max_len, self.window, self.keys = cu_seqlens, max_len, window, keys
 
     def with_window(self, window: int | None) -> "Varlen":
         """The same documents for a layer of another window (the offsets are shared)."""
-        return Varlen(self.cu_seqlens, self.max_len, window)
+        return Varlen(self.cu_seqlens, self.max_len, window, self.keys)
+
+    def to(self, device) -> "Varlen":
+        """This plan with its tensors on `device` (made on the host with the batch)."""
+        keys = self.keys and GatheredKeys(self.keys.index.to(device, non_blocking=True),
+                                          self.keys.cu_seqlens.to(device, non_blocking=True),
+                                          self.keys.max_len)
+        return Varlen(self.cu_seqlens.to(device, non_blocking=True), self.max_len, self.window,
+                      keys)
+
+    def key_layout(self) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+        """(the gather index or None, the keys' offsets, the longest key list)."""
+        if self.keys is None:
+            return None, self.cu_seqlens, self.max_len
+        return self.keys.index, self.keys.cu_seqlens, self.keys.max_len
 
 
 def cuda_attention_available(device: torch.device, module: str) -> bool:
@@ -209,9 +239,21 @@ def _varlen_takes_gqa() -> bool:
 
 
 def varlen_attention(q, k, v, plan: Varlen, scale: float | None = None) -> torch.Tensor:
+    B, H, T, D = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))
+    index, cu_keys, max_keys = plan.key_layout()
+    if index is not None:  # a shared prompt's keys, copied to each document that reads them
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    if not varlen_available(q.device):  # the plain torch math the kernel must equal (the CPU's)
+        out = varlen_reference(q, k, v, plan.cu_seqlens, cu_keys, plan.window, scale)
+    else:
+        out = _flash_varlen(q, k, v, plan, cu_keys, max_keys, scale)
+    return out.reshape(B, T, H, D).transpose(1, 2)
+
+
+def _flash_varlen(q, k, v, plan: Varlen, cu_keys, max_keys: int, scale: float | None):
     from torch.nn.attention.varlen import varlen_attn
 
-    B, H, T, D = q.shape
     kwargs = _varlen_causal_kwargs(plan.window)
     if scale is not None:
         kwargs["scale"] = scale
@@ -220,12 +262,32 @@ def varlen_attention(q, k, v, plan: Varlen, scale: float | None = None) -> torch
     # unchanged (from 2.13 it asks for enable_gqa first; 2.11 has no such argument). Copied to
     # every head instead, k and v were what attention saved and keep_attention kept, (heads / kv
     # heads)x their bytes: 1.09 GiB more at Qwen2.5-1.5B over 8,192 packed tokens (H100, torch 2.11).
-    if k.shape[1] != H and _varlen_takes_gqa():
+    if k.shape[1] != q.shape[1] and _varlen_takes_gqa():
         kwargs["enable_gqa"] = True
-    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]
-    out = varlen_attn(*flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
-                      **kwargs)
-    return out.reshape(B, T, H, D).transpose(1, 2)
+    return varlen_attn(q, k, v, plan.cu_seqlens, cu_keys, plan.max_len, max_keys, **kwargs)
+
+
+def varlen_reference(q, k, v, cu_queries, cu_keys, window: int | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """varlen_attn's result in plain torch, a document at a time: q [Tq, H, D], k/v [Tk, Hkv, D]
+    flattened; document d's queries cu_queries[d]:cu_queries[d+1] attend causally to its keys
+    cu_keys[d]:cu_keys[d+1], the last query aligned with the last key (flash's bottom-right
+    alignment), within `window` tokens where one is given."""
+    out = torch.zeros_like(q)
+    starts_q, starts_k = cu_queries.tolist(), cu_keys.tolist()
+    for d in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[d], starts_q[d + 1], starts_k[d], starts_k[d + 1]
+        if q1 == q0:
+            continue
+        q_pos = torch.arange(q1 - q0, device=q.device) + (k1 - k0) - (q1 - q0)
+        k_pos = torch.arange(k1 - k0, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
+        one = sdpa(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                   v[k0:k1].transpose(0, 1)[None], mask[None, None], scale)
+        out[q0:q1] = one[0].transpose(0, 1)
+    return out
 
 
 def window_in_effect(window: int | None, length: int) -> int | None:
@@ -241,13 +303,17 @@ def layer_masks(layer_windows, position_ids: torch.Tensor, past: int,
     `varlen`: the offsets given instead (a CUDA graph's buffers). Where the varlen kernel cannot
     take a window, that window's layers get attention_mask's dense mask. `dense`: bool masks
     only, never a Varlen plan (attention computed in torch over a mask: Gemma 2's capped scores)."""
-    length = past + position_ids.shape[1] if varlen is None else varlen.max_len
+    length = past + position_ids.shape[1] if varlen is None else max(varlen.max_len,
+                                                                      varlen.key_layout()[2])
     windows = [window_in_effect(w, length) for w in layer_windows]
     masks: dict = {}
     for window in dict.fromkeys(windows):
         offsets = next((m for m in masks.values() if isinstance(m, Varlen)), varlen)
         if offsets is not None and (window is None or varlen_takes_window()):
             masks[window] = offsets.with_window(window)
+        elif varlen is not None and varlen.keys is not None:
+            raise ValueError("a shared prompt's attention plan needs torch's varlen attention "
+                             "with a window (torch >= 2.11) for a sliding-window layer")
         else:
             masks[window] = attention_mask(position_ids, past, window, device, dense)
     return [masks[w] for w in windows]

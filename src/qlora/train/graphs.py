@@ -55,7 +55,7 @@ import torch
 
 from qlora.data.preference import half
 from qlora.methods.preference import batch_loss, label_slots, staged_batch_loss
-from qlora.models.attention import varlen_takes_window
+from qlora.models.attention import GatheredKeys, varlen_takes_window
 from qlora.models.decoder import IGNORE_INDEX, Varlen, compute_device, varlen_available
 
 
@@ -136,12 +136,14 @@ class StagedBatch:
     slots: dict[str, torch.Tensor] = field(default_factory=dict)
     source: dict | None = None  # the preference batch as collated, for the eager fallback
     kl: StagedBatch | None = None  # KTO: its KL sequences' rows
+    # a shared prompt's gathered keys (stage_gathered_keys): the index and the keys' offsets
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def row_buffers(self) -> dict[str, torch.Tensor]:
         """These rows' tensors, by the names of their graph buffers."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
                 "labels": self.labels, "cu_seqlens": self.cu_seqlens,
-                "real_lengths": self.real_lengths, **self.slots}
+                "real_lengths": self.real_lengths, **self.keys, **self.slots}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """What is copied into the graph's buffers of the same names (the KL rows' as kl.*)."""
@@ -182,6 +184,44 @@ def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: tor
                        (input_ids, position_ids, labels))
 
 
+def stage_gathered_keys(input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        labels: torch.Tensor, plan: Varlen, pad_to: int, pinned: bool
+                        ) -> StagedBatch:
+    """A packed row whose documents gather their keys (a shared prompt's: models/attention.
+    GatheredKeys), staged as stage_batch stages packed rows. Its padding, at least one token, is
+    a document whose keys are filler (the first padding token, over and over) then its own
+    tokens, so that the key index has a length the graph can fix: the row's padded length plus
+    the keys it gathers beyond its tokens (the shared prompts), those rounded up to a power of two
+    of at least `pad_to` (few graph shapes for ragged prompts, at most twice the prompts' keys).
+    The filler is seen by padding queries alone. The documents' offsets, queries' and keys', are
+    rounded up to a power of two (at least 4) as stage_batch's, the unused ones repeating the
+    last."""
+    T = input_ids.shape[1]
+    length = _round_up(T + 1, pad_to)
+    ids, pos, lab = pad_batch(input_ids, position_ids, labels, length)
+    index = plan.keys.index
+    real_keys = index.numel()
+    key_length = length + _pow2_at_least(max(real_keys - T, pad_to))
+    filler = key_length - real_keys - (length - T)
+    key_index = torch.cat([index, torch.full((filler,), T, dtype=torch.long),
+                           torch.arange(T, length)])
+    offsets_q = plan.cu_seqlens.tolist() + [length]
+    offsets_k = plan.keys.cu_seqlens.tolist() + [key_length]
+    docs = max(_pow2_at_least(len(offsets_q) - 1), 4)
+    cu = torch.full((docs + 1,), length, dtype=torch.int32)
+    cu[:len(offsets_q)] = torch.tensor(offsets_q, dtype=torch.int32)
+    cu_keys = torch.full((docs + 1,), key_length, dtype=torch.int32)
+    cu_keys[:len(offsets_k)] = torch.tensor(offsets_k, dtype=torch.int32)
+    real_lengths = torch.tensor([T], dtype=torch.long)
+    tensors = (ids, pos, lab, cu, real_lengths, key_index, cu_keys)
+    if pinned:
+        tensors = tuple(t.pin_memory() for t in tensors)
+    staged = StagedBatch((1, length, docs, "keys", key_length), *tensors[:5],
+                         (input_ids, position_ids, labels))
+    staged.keys = {"key_index": tensors[5], "cu_keys": tensors[6]}
+    return staged
+
+
 def stage_preference(batch: dict, pad_to: int, pinned: bool) -> StagedBatch:
     """A preference batch (data/preference.preference_batch) staged as stage_batch stages its
     rows, with its label slots (methods/preference.label_slots, rounded up to a multiple of
@@ -203,8 +243,13 @@ def _stage_sequences(batch: dict, pad_to: int, pinned: bool, extra: dict[str, to
                      ) -> StagedBatch:
     """Rows of sequences (a pairs batch, or a half of a KTO batch) with their label slots and
     the `extra` ones."""
-    staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
-                         pinned)
+    plan = batch.get("attention")
+    if plan is not None and plan.keys is not None:
+        staged = stage_gathered_keys(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                     plan, pad_to, pinned)
+    else:
+        staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
+                             pinned)
     slots = label_slots(batch, staged.key[1], pad_to)
     if pinned:
         slots = {name: t.pin_memory() for name, t in slots.items()}
@@ -227,9 +272,15 @@ class _Rows:
         length, docs = batch.key[1], batch.key[2]
         self.packed = docs > 0  # else one document a row: positions 0.. and the causal kernel
         # the documents' offsets in a fixed buffer; off CUDA (no graph there: the tests run the
-        # body eagerly on the CPU) the layout is read from position_ids instead
-        self.varlen = Varlen(self.buffers["cu_seqlens"], length) \
-            if self.packed and device.type == "cuda" else None
+        # body eagerly on the CPU) the layout is read from position_ids instead, except for
+        # gathered keys (a shared prompt), which position_ids cannot say
+        self.varlen = None
+        if batch.keys:
+            keys = GatheredKeys(self.buffers["key_index"], self.buffers["cu_keys"],
+                                batch.key[4])
+            self.varlen = Varlen(self.buffers["cu_seqlens"], length, keys=keys)
+        elif self.packed and device.type == "cuda":
+            self.varlen = Varlen(self.buffers["cu_seqlens"], length)
 
     def forward(self, model, labels, per_token: bool = False) -> torch.Tensor:
         """The model over these rows: the loss sum, or with `per_token` each label's loss
