@@ -284,6 +284,30 @@ def test_generate_renders_the_prompt_as_training_did(setup, run_adapter, monkeyp
     assert out == tok.decode([t for t in new if t not in (EOS, IM_END)], skip_special_tokens=True) + "\n"
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_renders_a_preference_adapters_prompt_as_its_training_did(
+        setup, run_adapter, monkeypatch, capsys, chat):
+    """A DPO/ORPO/SimPO/KTO run records its layout and whether its prompts went through the chat
+    template (train/data.load_data): generate feeds the prompt ids data/preference.Encoder made
+    in training, plain text or the template's head with its generation prompt."""
+    from qlora.data.preference import Encoder
+    from qlora.train.output import write_prompt_format
+
+    tok, run, prompt = setup["tok"], run_adapter["run"], "Name a colour"
+    option = BRACKETS if chat else None
+    question = [{"role": "user", "content": prompt}] if chat else prompt
+    answer = [{"role": "assistant", "content": "blue"}] if chat else "blue"
+    expected, _ = Encoder(tok, option).encode(question, answer)
+    write_prompt_format(run, "pairs", option, chat=chat)
+    fed = _fed_ids(monkeypatch)
+    assert _generate(setup, run, prompt) == 0
+    line = next(ln for ln in capsys.readouterr().err.splitlines()
+                if ln.startswith("prompt rendering: "))
+    assert fed == [expected]
+    assert ("chat template" if chat else "plain text, no chat template") in line
+    assert "pairs data" in line
+
+
 def test_flags_win_over_the_record_and_no_record_keeps_the_chat_template(
         setup, run_adapter, monkeypatch, capsys):
     from qlora.train.output import write_prompt_format

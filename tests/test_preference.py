@@ -685,6 +685,32 @@ def test_dpo_demo_through_the_cli_raises_heldout_reward_accuracy(tmp_path, capsy
     assert evals[-1]["rewards/margins"] > 0
     assert (out / "adapter_model.safetensors").is_file()
     assert (out / "loss.png").is_file()
+    # string pairs are encoded as plain text: the run records it, so generate prompts alike
+    assert json.loads((out / "prompt_format.json").read_text()) == {
+        "data_format": "pairs", "chat_template": False, "chat_template_option": None}
+
+
+def test_a_preference_file_of_messages_is_recorded_as_rendered_with_the_chat_template(
+        llama_dir, tmp_path):
+    """load_data's record of how the prompts were rendered: the layout, and the chat template
+    where most examples came as messages (each such row went through Encoder._chat)."""
+    from qlora.config import load_config
+    from qlora.models import load_tokenizer
+    from qlora.train.data import load_data
+
+    tok = load_tokenizer(llama_dir)
+    records = {}
+    for kind, rows in (("text", [{"prompt": "a = ", "chosen": "A", "rejected": "b"}] * 3),
+                       ("messages", [{"prompt": [{"role": "user", "content": "a"}],
+                                      "chosen": [{"role": "assistant", "content": "A"}],
+                                      "rejected": [{"role": "assistant", "content": "b"}]}] * 2
+                        + [{"prompt": "a = ", "chosen": "A", "rejected": "b"}])):
+        (tmp_path / kind).mkdir()
+        data = _pair_data(tmp_path / kind, rows)
+        cfg = load_config(None, dict(model=str(llama_dir), data=str(data), method="dpo",
+                                     output_dir=str(tmp_path / "out"), chat_template="chatml"))
+        records[kind] = load_data(cfg, tok, log=lambda _line: None)[2]
+    assert records == {"text": ("pairs", False), "messages": ("pairs", True)}
 
 
 def test_loss_plot_of_a_preference_run_has_its_reward_panel():

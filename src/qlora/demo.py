@@ -171,8 +171,10 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
 
     save_config(cfg, out / CONFIG_FILE_NAME)
     tokenizer = load_tokenizer(model_dir)
-    train_examples, val_examples, data_format = load_data(cfg, tokenizer, log=lambda s: None)
-    write_prompt_format(out, data_format, cfg.chat_template)  # generate then renders as trained
+    train_examples, val_examples, (data_format, chat) = load_data(cfg, tokenizer,
+                                                                  log=lambda s: None)
+    # generate then renders as trained
+    write_prompt_format(out, data_format, cfg.chat_template, chat=chat)
     raw, _ = load_examples(str(val_file))
     prompts = [encode_prompt(e, tokenizer) for e in raw]
 

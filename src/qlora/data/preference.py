@@ -58,7 +58,14 @@ class PreferenceReport:
     n_rows: int = 0
     n_examples: int = 0
     n_tokens: int = 0
+    chat_rows: int = 0  # examples whose fields came as messages: rendered with a chat template
     problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def chat(self) -> bool:
+        """Whether the prompts went through the chat template: for most of the examples (a file
+        mixing both is rendered row by row; a record of how to prompt the adapter needs one)."""
+        return 2 * self.chat_rows > self.n_examples
 
     def lines(self) -> list[str]:
         left_out = self.n_rows - self.n_examples
@@ -184,6 +191,7 @@ def load_preference(path: str, tokenizer, *, layout: str, max_len: int,
                                                        "dropped", data.unit))
             continue
         examples.append(example)
+        report.chat_rows += any(isinstance(row.get(k), list) for k in LAYOUTS[layout])
     report.n_rows = len(data.rows) + len(data.problems)
     report.n_examples = len(examples)
     report.n_tokens = sum(len(s) for e in examples for k, s in e.items() if k != "label")

@@ -10,24 +10,29 @@ from qlora.errors import QloraError
 
 
 def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
-              ) -> tuple[list[dict], list[dict], str | None]:
-    """Tokenized (train, validation) examples, as the config says, and the training data's format
-    (as detected; None for preference data), which the run records with its adapter."""
+              ) -> tuple[list[dict], list[dict], tuple[str, bool]]:
+    """Tokenized (train, validation) examples, as the config says, and how the training data's
+    prompts were rendered, which the run records with its adapter (train/output.
+    write_prompt_format): (its format as detected, or a preference layout; whether through a chat
+    template)."""
     from qlora.data import prepare, split_validation
+    from qlora.data.templates import CHAT_FORMATS
     from qlora.methods import method_module
 
     method = method_module(cfg.method)
-    formats: list[str] = []
+    formats: list[tuple[str, bool]] = []
 
     def one(path: str) -> list[dict]:
         if method is not None:
-            return _preference_data(path, tokenizer, cfg, method.LAYOUT, log)
+            examples, report = _preference_data(path, tokenizer, cfg, method.LAYOUT, log)
+            formats.append((report.layout, report.chat))
+            return examples
         examples, report = prepare(path, tokenizer, fmt=cfg.data_format, train_on=cfg.train_on,
                                    max_len=cfg.max_seq_length, overlong=cfg.long_examples,
                                    chat_template=cfg.chat_template)
         for line in report.lines():
             log(line)
-        formats.append(report.format)
+        formats.append((report.format, report.format in CHAT_FORMATS))
         return examples
 
     train = one(cfg.data)
@@ -40,15 +45,15 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
             raise QloraError(f"option `val_set_size`: {cfg.val_set_size:g} examples held out of "
                              f"{len(train)} leaves none to train on")
         train, val = split_validation(train, frac, seed=cfg.seed)
-    return train, val, formats[0] if formats else None
+    return train, val, formats[0]
 
 
 def _preference_data(path: str, tokenizer, cfg: RunConfig, layout: str,
-                     log: Callable[[str], None]) -> list[dict]:
+                     log: Callable[[str], None]):
     from qlora.data.preference import load_preference
 
     examples, report = load_preference(path, tokenizer, layout=layout, max_len=cfg.max_seq_length,
                                        overlong=cfg.long_examples, chat_template=cfg.chat_template)
     for line in report.lines():
         log(line)
-    return examples
+    return examples, report

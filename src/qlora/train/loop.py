@@ -125,14 +125,14 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, log: Callable[[st
     host_first = env.local_rank == 0
     if not host_first:
         dist_.barrier(env)
-    train_examples, val_examples, data_format = load_data(cfg, tokenizer, log)
+    train_examples, val_examples, prompts = load_data(cfg, tokenizer, log)
     if host_first:
         dist_.barrier(env)
     model = model_for_run(cfg, env, device, dtype, log)
     # everything loaded (and every rank has checked the output dir): only now is it touched
     dist_.barrier(env)
     if env.is_main:
-        out = write_run_files(cfg, resolved, log, data_format)
+        out = write_run_files(cfg, resolved, log, prompts)
     dist_.barrier(env)
     result = fit(model, tokenizer, train_examples, val_examples, cfg, device=device, log=log,
                  progress=progress, stop_after_steps=stop_after_steps, env=env)

@@ -56,19 +56,19 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
 
 
 def write_run_files(cfg: RunConfig, resolved: dict, log: Callable[[str], None],
-                    data_format: str | None = None) -> Path:
+                    prompts: tuple[str, bool] | None = None) -> Path:
     """The output directory made ready (prepare_output_dir), with run_config.yaml (`resolved`: what
-    the machine decided, saved beside the options), prompt_format.json (`data_format`: the format
-    training detected; None for preference data, whose prompts are not recorded) and the tokenizer
-    files. A resume says what changed and keeps the old run_config.yaml until training ends
-    (`train` writes it then)."""
+    the machine decided, saved beside the options), prompt_format.json (`prompts`: the data format
+    training detected, or a preference layout, and whether its prompts went through a chat
+    template: train/data.load_data's) and the tokenizer files. A resume says what changed and
+    keeps the old run_config.yaml until training ends (`train` writes it then)."""
     out = prepare_output_dir(cfg)
     if cfg.resume:
         report_config_changes(out, cfg, log)
     else:
         save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
-    if data_format is not None:
-        write_prompt_format(out, data_format, cfg.chat_template)
+    if prompts is not None:
+        write_prompt_format(out, prompts[0], cfg.chat_template, chat=prompts[1])
     copy_tokenizer_files(cfg.model, out)
     return out
 
@@ -76,14 +76,18 @@ def write_run_files(cfg: RunConfig, resolved: dict, log: Callable[[str], None],
 PROMPT_FORMAT_FILE = "prompt_format.json"
 
 
-def write_prompt_format(out: Path, data_format: str, chat_template: str | None) -> Path:
-    """prompt_format.json: the data format and, for chat data, the chat_template option it was
-    rendered with (None: the tokenizer's own)."""
+def write_prompt_format(out: Path, data_format: str, chat_template: str | None,
+                        chat: bool | None = None) -> Path:
+    """prompt_format.json: the data format (an SFT format, or a preference layout: pairs,
+    unpaired) and, where its prompts went through a chat template (`chat`; None: as the format
+    says, its chat formats), the chat_template option they were rendered with (None: the
+    tokenizer's own)."""
     import json
 
     from qlora.data.templates import CHAT_FORMATS
 
-    chat = data_format in CHAT_FORMATS
+    if chat is None:
+        chat = data_format in CHAT_FORMATS
     record = {"data_format": data_format, "chat_template": chat,
               "chat_template_option": chat_template if chat else None}
     with staged_file(out / PROMPT_FORMAT_FILE) as tmp:
@@ -121,9 +125,11 @@ def read_prompt_format(adapter_dir: str | Path | None) -> tuple[dict, Path] | No
                          f"prompts with the model's chat template, or pass --chat-template / "
                          f"--no-chat-template") from None
     from qlora.data.formats import FORMATS
+    from qlora.data.preference import LAYOUTS
 
-    if fmt not in FORMATS:
-        raise QloraError(f"{path}: unknown data_format {fmt!r} (known: {', '.join(FORMATS)}); "
+    known = (*FORMATS, *LAYOUTS)
+    if fmt not in known:
+        raise QloraError(f"{path}: unknown data_format {fmt!r} (known: {', '.join(known)}); "
                          f"pass --chat-template or --no-chat-template instead")
     return record, path
 
