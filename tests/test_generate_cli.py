@@ -12,6 +12,7 @@ from torch import nn
 
 from qlora import cli
 from qlora.chat import TextStream, stop_token_ids, stream_reply
+from qlora.errors import QloraError
 from qlora.infer import GenerationOptions, generate
 from qlora.tiny import build_tiny_model
 
@@ -154,6 +155,20 @@ def test_text_stream_keeps_multibyte_characters_whole():
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert "世" in pieces and "☕" in pieces
+
+
+def test_the_library_refuses_an_adapter_of_another_base_as_the_cli_does(setup, tmp_path):
+    """load_for_inference and run_eval, called directly, make the base-name check generate, chat
+    and eval make (before any weight or data file is read: the data file here does not exist)."""
+    from qlora.eval import run_eval
+    from qlora.infer import load_for_inference
+
+    model, other = str(setup["model_dir"]), str(setup["other_adapter"])
+    with pytest.raises(QloraError, match="base_model_name_or_path.*--ignore-base-name"):
+        load_for_inference(model, other, quant="none", device="cpu")
+    with pytest.raises(QloraError, match="base_model_name_or_path.*--ignore-base-name"):
+        run_eval(model, str(tmp_path / "absent.jsonl"), other, quant="none", device="cpu",
+                 log=lambda _line: None)
 
 
 def test_bad_inputs(setup, tmp_path, capsys):

@@ -219,10 +219,10 @@ def _load_for_generation(args):
     from qlora.infer import GenerationOptions, load_for_inference
     from qlora.train.output import read_prompt_format
 
-    _check_adapter_base(args)
     record, record_path = read_prompt_format(args.adapter) or (None, None)
     model, tokenizer = load_for_inference(args.model, args.adapter, quant=args.quant,
-                                          device=args.device)
+                                          device=args.device,
+                                          ignore_base_name=args.ignore_base_name)
     rendering = prompt_rendering(tokenizer, record, record_path,
                                  not getattr(args, "no_chat_template", False), args.chat_template)
     print(f"prompt rendering: {rendering.why}", file=sys.stderr)
@@ -231,13 +231,6 @@ def _load_for_generation(args):
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
         eos_token_ids=stop_token_ids(tokenizer, args.model, rendering.template))
     return model, tokenizer, rendering, opts
-
-
-def _check_adapter_base(args) -> None:
-    """An adapter naming another base model is refused, as merge and export refuse it."""
-    from qlora.adapters import check_adapter_base
-
-    check_adapter_base(args.model, args.adapter, getattr(args, "ignore_base_name", False))
 
 
 def run_generate(args) -> None:
@@ -319,12 +312,11 @@ def _eval_options(p) -> None:
 def run_eval(args) -> None:
     from qlora.eval import run_eval as evaluate
 
-    _check_adapter_base(args)
     evaluate(args.model, args.data, args.adapter, compare_base=args.compare_base, quant=args.quant,
              device=args.device, max_samples=args.max_samples, max_len=args.max_len,
              micro_batch=args.batch_size, generate=not args.no_generate,
              max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-             report_path=args.report)
+             report_path=args.report, ignore_base_name=args.ignore_base_name)
 
 
 # --- merge --------------------------------------------------------------------------------------

@@ -287,9 +287,12 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
              compare_base: bool = False, quant: str = "nf4", device: str = "auto",
              max_samples: int | None = None, max_len: int | None = None, micro_batch: int = 4,
              generate: bool = True, max_new_tokens: int = 128, chat_template: str | None = None,
-             report_path: str | None = None, log: Callable[[str], None] = print) -> dict:
+             report_path: str | None = None, log: Callable[[str], None] = print,
+             ignore_base_name: bool = False) -> dict:
     """Evaluate the model (with the adapter; and without it too when compare_base) and return
-    the report; write it to report_path as JSON when given."""
+    the report; write it to report_path as JSON when given. An adapter naming another base is
+    refused before the data loads, unless `ignore_base_name` (--ignore-base-name)."""
+    from qlora.adapters import check_adapter_base
     from qlora.chat import stop_token_ids
     from qlora.data import resolve_chat_template
     from qlora.infer import load_for_inference
@@ -301,6 +304,7 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
     if not Path(model_dir).is_dir():
         raise QloraError(f"model directory {model_dir} not found (--model takes a directory in "
                          "Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
+    check_adapter_base(model_dir, adapter_dir, ignore_base_name)
     if report_path is not None:
         check_report_path(report_path)  # fail before the slow part
     if micro_batch < 1:
@@ -333,7 +337,8 @@ def run_eval(model_dir: str, data_path: str, adapter_dir: str | None = None, *,
         log(f"evaluating {name} ({model_dir}" + (f" + {adapter_dir}" if name == "adapter" else "")
             + ") ...")
         model, _ = load_for_inference(model_dir, adapter_dir if name == "adapter" else None,
-                                      quant=quant, device=device)
+                                      quant=quant, device=device,
+                                      ignore_base_name=True)  # checked above
         settings_device, model_packs = compute_device(model), model.packs_documents
         results[name], predictions[name] = evaluate_model(model, tokenizer, data, max_len, opts,
                                                           micro_batch)

@@ -114,12 +114,13 @@ def generate(
 
 # --- loading a model to generate with (shared by `qlora generate`, `chat` and `eval`) ---------
 def load_for_inference(model_dir, adapter_dir=None, quant: str = "nf4", device: str = "auto",
-                       double_quant: bool = True):
+                       double_quant: bool = True, ignore_base_name: bool = False):
     """(model, tokenizer) ready to generate: base quantized as `quant` says, adapter attached,
-    eval mode, everything on one device."""
+    eval mode, everything on one device. An adapter whose adapter_config.json names another base
+    is refused before anything loads, unless `ignore_base_name` (--ignore-base-name)."""
     from pathlib import Path
 
-    from qlora.adapters import load_adapter, read_adapter_json
+    from qlora.adapters import check_adapter_base, load_adapter, read_adapter_json
     from qlora.models import load_model, load_tokenizer
     from qlora.quant import QuantConfig
 
@@ -128,6 +129,7 @@ def load_for_inference(model_dir, adapter_dir=None, quant: str = "nf4", device: 
                          "Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
     if adapter_dir is not None:
         read_adapter_json(adapter_dir)  # a bad adapter directory named before the model loads
+        check_adapter_base(model_dir, adapter_dir, ignore_base_name)
     dev = pick_device(device)
     qc = QuantConfig(method=quant, double_quant=double_quant, compute_dtype=compute_dtype(dev))
     tokenizer = load_tokenizer(model_dir)

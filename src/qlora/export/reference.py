@@ -40,7 +40,9 @@ def load_reference(model_dir: str | Path, adapter_dir: str | Path | None, merge_
     from qlora.infer import load_for_inference
 
     quant = reference_quant(merge_base)
-    model, tokenizer = load_for_inference(model_dir, adapter_dir, quant=quant, device=device)
+    # merge and export check the adapter's base name themselves, with the user's --ignore-base-name
+    model, tokenizer = load_for_inference(model_dir, adapter_dir, quant=quant, device=device,
+                                          ignore_base_name=True)
     return model, tokenizer, f"{_described(quant, adapter_dir)} in qlora"
 
 
