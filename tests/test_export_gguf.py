@@ -256,6 +256,10 @@ def test_cli_export(models, tmp_path, capsys):
     assert main(args) == 0
     assert "GGUF written" in capsys.readouterr().out
     assert main(args) == 2
+    # GGUF is the one format: --gguf may be left out, and the file is the same
+    bare = tmp_path / "bare.gguf"
+    assert main([a if a != str(out) else str(bare) for a in args if a != "--gguf"]) == 0
+    assert bare.read_bytes() == out.read_bytes()
 
 
 @pytest.mark.parametrize("qtype", ["q4_k_m", "q8_0", "q4_0", "bf16", "f16"])

@@ -396,7 +396,8 @@ def add_export(sub) -> None:
 def _export_options(p) -> None:
     from qlora.export.mixtures import FILE_TYPES
 
-    p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one format)")
+    p.add_argument("--gguf", action="store_true",
+                   help="write GGUF: the one format, so this may be left out")
     p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
     p.add_argument("--adapter", help="adapter directory (PEFT format), folded into each tensor "
                    "as it is read (no merged copy on disk)")
