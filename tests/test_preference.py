@@ -968,6 +968,68 @@ def test_planned_preference_peaks_within_10_percent_of_the_gpu_measurements(caps
         assert abs(planned / r["peak_alloc_gib"] - 1) <= 0.10, (r["method"], r["system"], planned)
 
 
+def test_planner_counts_each_prompt_once_where_told(capsys):
+    """prompt_len (`qlora plan --prompt-len`): a pair packed with its prompt once puts P + C + R
+    tokens through the model, so everything sized by tokens counts micro x (2·seq_len − P); of
+    kept attention, q, the output and the log-sum-exp follow, k and v stay at 2·seq_len a pair
+    (the arithmetic of test_packed_rows_keep_what_the_planner_counts_of_their_attention)."""
+    from dataclasses import replace
+
+    from qlora.cli import main
+    from qlora.errors import QloraError
+    from qlora.memory import PlanConfig, plan
+    from qlora.memory.attention import kept_attention_layer_bytes
+    from qlora.memory.preference import reference_forward_bytes
+    from qlora.memory.settings import key_tokens, step_tokens
+    from qlora.models.spec import spec_from_shape
+
+    arch = spec_from_shape("llama-3-8b")
+    whole = PlanConfig(seq_len=1024, micro_batch=4, method="dpo", keep_attention=True, kernels="fused")
+    shared = replace(whole, prompt_len=512)
+    assert step_tokens(shared) == 4 * (2 * 1024 - 512) and key_tokens(shared) == step_tokens(whole)
+    query_side = 2 * 2 * arch.num_heads * arch.head_dim + 4 * arch.num_heads  # q, out, lse
+    saved = kept_attention_layer_bytes(arch, whole) - kept_attention_layer_bytes(arch, shared)
+    assert saved == 4 * 512 * query_side
+    assert reference_forward_bytes(arch, shared) == reference_forward_bytes(
+        arch, replace(whole, seq_len=768))  # the same tokens a micro-batch: 4 x 1536
+    assert plan(arch, shared).allocated < plan(arch, whole).allocated
+    for bad in (replace(shared, prompt_len=1024), replace(shared, prompt_len=-1),
+                replace(shared, method="kto"), replace(shared, method="sft")):
+        with pytest.raises(QloraError, match="--prompt-len"):
+            plan(arch, bad)
+    assert main(["plan", "--shape", "llama-3-8b", "--prompt-len", "512"]) == 2  # a QloraError
+    assert "--prompt-len is for the pair methods" in capsys.readouterr().err
+
+
+def test_planned_shared_prompt_peaks_within_10_percent_of_the_gpu_measurements(capsys):
+    """DPO with each prompt packed once (4 pairs of prompt 512 + completions 512 and 512,
+    attention kept, CUDA graphs; H100, 2026-12-07, benchmarks/preference_step.py) against `qlora
+    plan --prompt-len 512`, and the same pairs each sequence whole ("qlora-whole") against the plan
+    without it: the planner's 10% promise (docs/MEMORY.md's preference row)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from qlora.cli import main
+
+    results = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+               / "2026-12-07-0240-h100-shared-prompt-dpo-orpo-gemma-moe")
+    records = [json.loads(line) for run in ("llama-dpo.jsonl", "qwen-dpo.jsonl")
+               for line in (results / run).open()]
+    records = [r for r in records if r["system"] in ("qlora", "qlora-whole")]
+    assert {(r["shape"], r["system"]) for r in records} == {
+        (s, m) for s in ("llama-3-8b", "qwen2.5-1.5b") for m in ("qlora", "qlora-whole")}
+    for r in records:
+        shared = r["layout"] == "packed, each prompt once"
+        assert shared == (r["system"] == "qlora")
+        assert main(["plan", "--shape", r["shape"], "--method", r["method"], "--seq-len",
+                     str(r["prompt"] + r["completion"]), "--micro-batch", str(r["pairs"]),
+                     "--keep-attention", "--prompt-len", str(r["prompt"] if shared else 0)]) == 0
+        planned = float(re.search(r"peak allocated \(torch.cuda.max_memory_allocated\)\s+([\d.]+)",
+                                  capsys.readouterr().out).group(1))
+        assert abs(planned / r["peak_alloc_gib"] - 1) <= 0.10, (r["shape"], r["system"], planned)
+
+
 def test_the_reference_forward_of_gemma_counts_the_fused_loss_that_caps():
     """The fused cross-entropy applies Gemma's final soft-cap in its kernel (FastDecoderLM's
     token_losses), so Gemma 2's reference forward holds the fused loss's chunk (bf16 logits, fp32

@@ -509,6 +509,10 @@ def _plan_options(p) -> None:
     p.add_argument("--precompute-ref-log-probs", action="store_true",
                    help="dpo: the reference log-probs precomputed before training (no reference "
                         "forward in the steps)")
+    p.add_argument("--prompt-len", type=int, default=0, metavar="N",
+                   help="dpo / orpo / simpo: tokens of each pair's prompt, packed once in front of "
+                        "both completions (qlora train's packed pairs); --seq-len stays a whole "
+                        "sequence, prompt and completion (default 0: nothing shared, the upper bound)")
 
 
 def _tile_tokens(text: str) -> int:
@@ -538,7 +542,8 @@ def run_plan(args) -> None:
         keep_attention=args.keep_attention if args.checkpointing else False,
         embedding_on_host=args.embedding_on_host,
         loss=args.loss, gpus=args.gpus, sharding=args.sharding,
-        method=args.method, reference_precomputed=args.precompute_ref_log_probs)
+        method=args.method, reference_precomputed=args.precompute_ref_log_probs,
+        prompt_len=args.prompt_len)
     b = memory.plan(arch, cfg)
     gpu_bytes, gpu_name = _plan_gpu_bytes(args, memory)  # a bad --gpu-memory fails before the table
     generic = isinstance(arch, memory.GenericSpec)

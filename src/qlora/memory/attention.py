@@ -4,7 +4,7 @@ attention's backward makes while it runs."""
 
 from __future__ import annotations
 
-from qlora.memory.settings import PlanConfig
+from qlora.memory.settings import PlanConfig, key_tokens, step_tokens
 from qlora.models.families import FAMILIES
 from qlora.models.generic import GenericSpec
 from qlora.models.spec import GEMMA_TYPES, ArchSpec, attention_layers_kept
@@ -50,9 +50,26 @@ def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int, repeated_kv: bo
     log-sum-exp of each head: flash's, and flex_attention's for Gemma 2's capped scores (dense
     capped scores are never kept: keeps_attention). `seq_len` does not change it (O(T) a row).
     `repeated_kv`: k and v copied to every query head first (repeats_kv_heads)."""
-    q = arch.num_heads * arch.head_dim
-    kv = q if repeated_kv else arch.num_kv_heads * arch.head_dim
-    return 2 * (q + 2 * kv + q) + 4 * arch.num_heads
+    return _kept_query_bytes_per_token(arch) + _kept_key_bytes_per_token(arch, repeated_kv)
+
+
+def _kept_query_bytes_per_token(arch: ArchSpec) -> int:
+    """q, the output (bf16) and the fp32 log-sum-exp per head: one a query token."""
+    return 2 * 2 * arch.num_heads * arch.head_dim + 4 * arch.num_heads
+
+
+def _kept_key_bytes_per_token(arch: ArchSpec, repeated_kv: bool) -> int:
+    """k and v (bf16): one a key token."""
+    kv = arch.num_heads if repeated_kv else arch.num_kv_heads
+    return 2 * 2 * kv * arch.head_dim
+
+
+def kept_attention_layer_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """What one layer's kept attention holds over a micro-batch: q, the output and the
+    log-sum-exp at its step_tokens, k and v at its key_tokens (more where pairs pack their
+    prompt once: settings.key_tokens)."""
+    return (step_tokens(cfg) * _kept_query_bytes_per_token(arch)
+            + key_tokens(cfg) * _kept_key_bytes_per_token(arch, repeats_kv_heads(arch)))
 
 
 def keeps_attention(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> bool:

@@ -126,8 +126,9 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
         singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "micro_batch", cfg.micro_batch // 2, 1))
     if not cfg.checkpointing:
         singles.append(replace(cfg, checkpointing=True))
-    if cfg.seq_len > 128:
-        singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, 128))
+    shortest = max(128, cfg.prompt_len + 1)  # a sequence is longer than its prompt
+    if cfg.seq_len > shortest:
+        singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "seq_len", cfg.seq_len // 2, shortest))
     if cfg.r > 4:
         singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
     if offload and not cfg.offload_activations and cfg.checkpointing:
@@ -160,7 +161,7 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
                        tile_mlp=cfg.tile_mlp or True)
     if fits(plan(arch, combined), gpu_bytes):
         return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
-    for knob, floor in (("seq_len", 128), ("r", 4)):
+    for knob, floor in (("seq_len", shortest), ("r", 4)):
         trial = _first_halving_that_fits(arch, combined, gpu_bytes, knob, getattr(combined, knob), floor)
         if trial is not None:
             return [Advice(_changes(cfg, trial), _describe(cfg, trial, names), plan(arch, trial))]

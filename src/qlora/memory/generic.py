@@ -48,11 +48,12 @@ def coarse_plan(spec: GenericSpec, cfg: PlanConfig) -> Breakdown:
     transformers builds (the quantized linears, everything else in 16 bits), and so are the
     adapters and the optimizer; the activations are not derived from the block's code but
     estimated from its width (GENERIC_BLOCK_VALUES_PER_TOKEN), and the loss reads whole logits.
-    None of the speed layer applies (no fused kernels, no kept attention, no host embedding), and
-    FSDP sharding is not offered."""
+    None of the speed layer applies (no fused kernels, no kept attention, no host embedding; no
+    packed rows either, so a pair's prompt is never packed once: prompt_len counts for nothing),
+    and FSDP sharding is not offered."""
     cfg.validate(targets=False)
     cfg = replace(cfg, kernels="eager", keep_attention=False, embedding_on_host=False,
-                  loss="full", gpus=1, sharding="ddp")
+                  loss="full", gpus=1, sharding="ddp", prompt_len=0)
     rnd = cfg.alloc_rounding
     nbytes = DTYPE_BYTES[cfg.nonquant_dtype]
     L, h, i = spec.num_layers, spec.hidden_size, spec.intermediate_size

@@ -75,6 +75,11 @@ class PlanConfig:
     # DPO's reference log-probs are precomputed before training
     method: str = "sft"
     reference_precomputed: bool = False
+    # dpo / orpo / simpo: tokens of each pair's prompt, packed once (data/preference.
+    # shared_prompt_batch: prompt, chosen, rejected in one row); 0 assumes nothing shared, each
+    # sequence whole, the upper bound. The planner does not know whether the run packs: this is
+    # the user's statement that it does (step_tokens, key_tokens)
+    prompt_len: int = 0
 
     def validate(self, targets: bool = True) -> None:
         """`targets`: check the target names against the native decoder's projections (a
@@ -103,8 +108,18 @@ class PlanConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QloraError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
         check_precomputed_reference(self.method, self.reference_precomputed)  # as qlora train
+        self._check_prompt_len()
         if targets:
             target_names(self.targets)
+
+    def _check_prompt_len(self) -> None:
+        if not isinstance(self.prompt_len, int) or not 0 <= self.prompt_len < self.seq_len:
+            raise QloraError(f"--prompt-len must be a whole number of tokens from 0 to below "
+                             f"--seq-len ({self.seq_len}), not {self.prompt_len!r}")
+        if self.prompt_len and not pair_method(self):
+            raise QloraError(f"--prompt-len is for the pair methods (dpo, orpo, simpo), whose "
+                             f"pairs share their prompt; --method {self.method} has none: leave "
+                             "--prompt-len out")
 
 
 def target_names(targets: str | tuple[str, ...] | list[str],
@@ -138,14 +153,30 @@ def expert_targets(targets: str | tuple[str, ...] | list[str], arch: ArchSpec) -
     return tuple(p for p in EXPERT_PROJECTIONS if f"experts.{p}" in targets)
 
 
+def pair_method(cfg: PlanConfig) -> bool:
+    """Whether the method's examples are pairs (dpo, orpo, simpo: chosen and rejected after one
+    prompt)."""
+    method = method_module(cfg.method)
+    return method is not None and method.LAYOUT == "pairs"
+
+
 def step_tokens(cfg: PlanConfig) -> int:
     """Tokens of one micro-batch's forward with grad, whose activations the step saves: a pair
-    is two sequences (chosen and rejected); a KTO example is one, its KL sequence running under
-    no_grad, a forward of its own at the reference's moment, as each half's reference forward
-    (methods/preference.unpaired_logps): preference.reference_forward_bytes counts that one."""
-    method = method_module(cfg.method)
-    paired = method is not None and method.LAYOUT == "pairs"
-    return cfg.seq_len * cfg.micro_batch * (2 if paired else 1)
+    is two sequences (chosen and rejected), less its prompt where packed once (prompt_len); a
+    KTO example is one, its KL sequence running under no_grad, a forward of its own at the
+    reference's moment, as each half's reference forward (methods/preference.unpaired_logps):
+    preference.reference_forward_bytes counts that one."""
+    if pair_method(cfg):
+        return cfg.micro_batch * (2 * cfg.seq_len - cfg.prompt_len)
+    return cfg.seq_len * cfg.micro_batch
+
+
+def key_tokens(cfg: PlanConfig) -> int:
+    """Tokens whose k and v attention keeps for backward: step_tokens, but a pair's two whole
+    sequences even with its prompt packed once, the rejected completion attending to a copy of
+    its prompt's keys gathered before its own (models/attention; tests/test_preference.py::
+    test_packed_rows_keep_what_the_planner_counts_of_their_attention)."""
+    return cfg.seq_len * cfg.micro_batch * (2 if pair_method(cfg) else 1)
 
 
 def fast_path(cfg: PlanConfig) -> bool:

@@ -17,8 +17,8 @@ from qlora.memory.activations import (backward_working_bytes_per_token, layer_ac
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
                                       split_mlp_terms)
 from qlora.memory.attention import (attention_backward_bytes_per_token, attention_softcap,
-                                    capped_scores_in_torch, kept_attention_bytes_per_token,
-                                    kept_attention_layers, keeps_attention, repeats_kv_heads)
+                                    capped_scores_in_torch, kept_attention_layer_bytes,
+                                    kept_attention_layers, keeps_attention)
 from qlora.memory.breakdown import Breakdown
 from qlora.memory.generic import coarse_plan
 from qlora.memory.host import embedding_in_host_memory, host_offload_bytes, offload_applies
@@ -178,7 +178,7 @@ class _PerToken:
     offloaded: bool  # the checkpointed layer inputs in host memory (offload_applies)
     inputs_on_gpu: int  # checkpointed layer inputs on the GPU at once
     kept_layers: int  # layers that keep attention for backward (keep_attention)
-    kept_each: int  # what one of them keeps
+    kept_each: int  # what one of them keeps over the micro-batch (not per token)
     products: int  # the fast path's LoRA products a checkpointed layer keeps for its rerun
 
 
@@ -197,8 +197,7 @@ def _per_token(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _PerToken:
     rope = 2 * 2 * arch.head_dim * (2 if arch.model_type == "gemma3_text" else 1)
     offloaded = offload_applies(cfg)
     kept_layers = kept_attention_layers(arch, cfg)
-    kept_each = (kept_attention_bytes_per_token(arch, cfg.seq_len, repeats_kv_heads(arch))
-                 if kept_layers else 0)
+    kept_each = kept_attention_layer_bytes(arch, cfg) if kept_layers else 0
     # attention's backward, the layer's other moment (the MLP's is `working`): what attention
     # keeps and the layer's first norm, the gradients of the residual stream and of attention's
     # output, and what flash's backward makes
@@ -252,9 +251,9 @@ def _saved_activations(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
     # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
     if t.kept_layers:
         notes.append(f"attention kept for backward in {t.kept_layers} of {L} "
-                     f"layers: {gib(t.tokens * t.kept_layers * t.kept_each):.2f} GiB (keep_attention)")
-    activations = t.tokens * (t.inputs_on_gpu * t.layer_input + L * t.products
-                              + t.kept_layers * t.kept_each + t.final + t.rope)
+                     f"layers: {gib(t.kept_layers * t.kept_each):.2f} GiB (keep_attention)")
+    activations = (t.tokens * (t.inputs_on_gpu * t.layer_input + L * t.products + t.final + t.rope)
+                   + t.kept_layers * t.kept_each)
     return int(activations), t.per_layer_weights
 
 
@@ -336,7 +335,7 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
         alive = layer + 1  # layer inputs and products of this layer and the ones before it
         kept_alive = t.kept_layers - (L - 1 - layer) if kept_here else 0
         before = t.tokens * ((t.inputs_on_gpu if t.offloaded else alive) * t.layer_input
-                             + alive * t.products + kept_alive * t.kept_each + t.rope)
+                             + alive * t.products + t.rope) + kept_alive * t.kept_each
         rerun = sum(rerun_terms(arch, cfg, t.terms, kept_here, bool(t.tile)).values())
         if t.tile:
             rerun -= split_mlp_terms(t.terms)[1]
@@ -356,8 +355,9 @@ def _reference_forward(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: list
     every phase."""
     method = method_module(cfg.method)
     if method is not None:
+        once = f", each prompt of {cfg.prompt_len} tokens packed once" if cfg.prompt_len else ""
         saved = ("the example's activations saved, its KL sequence's forward under no_grad"
-                 if method.LAYOUT == "unpaired" else "two sequences per example")
+                 if method.LAYOUT == "unpaired" else f"two sequences per example{once}")
         notes.append(f"{cfg.method}: {saved} ({tokens} tokens with grad a micro-batch); "
                      "log-probs per token from the model's chunked loss")
     reference = reference_moment_bytes(arch, cfg)

@@ -9,13 +9,12 @@ from dataclasses import replace
 from qlora.errors import QloraError
 from qlora.memory.activations import mlp_tile_tokens
 from qlora.memory.arch import resolve_arch
-from qlora.memory.attention import (kept_attention_bytes_per_token, kept_attention_layers,
-                                    repeats_kv_heads)
+from qlora.memory.attention import kept_attention_layer_bytes, kept_attention_layers
 from qlora.memory.breakdown import fits, fits_tightly, needed_bytes, tight_fit_line
 from qlora.memory.fitting import (TRAIN_OPTIONS, advise, attention_layers_that_fit, auto_fit,
                                   long_context_choice)
 from qlora.memory.host import check_host_offload, host_offload_bytes
-from qlora.memory.settings import EXPERT_TARGETS, PlanConfig, step_tokens
+from qlora.memory.settings import EXPERT_TARGETS, PlanConfig
 from qlora.memory.sizes import GiB, gib, parse_size
 from qlora.memory.step import plan
 from qlora.methods import method_module
@@ -53,6 +52,7 @@ def _method_fields(cfg) -> dict:
     method = getattr(cfg, "method", "sft")
     if method_module(method) is None:  # SFT
         return {}
+    # no prompt_len: the check plans the worst case for any micro-batch, each sequence whole
     return {"method": method,
             "reference_precomputed": bool(getattr(cfg, "precompute_ref_log_probs", False))}
 
@@ -123,8 +123,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         n = attention_layers_that_fit(arch, pc, gpu_bytes)
         if n or fits(plan(arch, replace(pc, keep_attention=False)), gpu_bytes):
             kept = kept_attention_layers(arch, pc)
-            kept_bytes = (kept * step_tokens(pc) * kept_attention_bytes_per_token(
-                arch, pc.seq_len, repeats_kv_heads(arch)))
+            kept_bytes = kept * kept_attention_layer_bytes(arch, pc)
             raise QloraError(
                 f"this run fits in {gib(gpu_bytes):.1f} GiB ({gpu_name}) only with attention kept "
                 f"in at most {n} layers (keep_attention keeps "
