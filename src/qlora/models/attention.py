@@ -148,7 +148,7 @@ class GatheredKeys:
     tokens `index[cu_seqlens[d]:cu_seqlens[d+1]]` of the flattened batch, in order, and its
     queries are the last of them (flash attention aligns a causal mask to the bottom right).
 
-    A preference pair packed with its prompt once (data/preference.shared_prompt_layout): the
+    A preference pair packed with its prompt once (data/preference.shared_prompt_batch): the
     prompt + chosen completion is a document of its own keys, and the rejected completion a
     document whose keys are the prompt's tokens, then its own. `max_len`: the longest key list."""
 
