@@ -140,7 +140,8 @@ def expert_targets(targets: str | tuple[str, ...] | list[str], arch: ArchSpec) -
 
 def step_tokens(cfg: PlanConfig) -> int:
     """Tokens of one micro-batch's forward with grad, whose activations the step saves: a pair
-    is two sequences (chosen and rejected); a KTO example is one, its KL sequence running under
+    is two sequences (chosen and rejected; packed with its prompt once, P + C + R tokens of the
+    2P + C + R counted here, a bound); a KTO example is one, its KL sequence running under
     no_grad, a forward of its own at the reference's moment, as each half's reference forward
     (methods/preference.unpaired_logps): preference.reference_forward_bytes counts that one."""
     method = method_module(cfg.method)
