@@ -205,10 +205,13 @@ def check_gathered_keys(dirs):
     the causal mask aligned to the bottom right) vs models/attention.varlen_reference, the same
     math in torch over fp32 copies of the inputs: output and q/k/v gradients, at Llama-3-8B's heads
     (32 query heads, 8 kv heads, 128 wide), bf16, 4 pairs of 512 + 512 + 512 and 4 ragged ones,
-    full attention and a 256-token window. Bound 2e-2 relative to the largest entry, as
-    packed-varlen-vs-mask (bf16 inputs and flash's bf16 output against an fp32 reference)."""
+    full attention and a 256-token window; and the dense mask of the same keys through SDPA
+    (gathered_keys_mask: a windowed layer's where torch's varlen takes no window), its output.
+    Bound 2e-2 relative to the largest entry, as packed-varlen-vs-mask (bf16 inputs and flash's
+    bf16 output against an fp32 reference)."""
     from qlora.data.preference import shared_prompt_batch
-    from qlora.models.attention import varlen_attention, varlen_reference
+    from qlora.models.attention import (gathered_keys_mask, sdpa, varlen_attention,
+                                        varlen_reference)
 
     g = torch.Generator().manual_seed(31)
     layouts = {"even": [(512, 512, 512)] * 4,
@@ -234,6 +237,9 @@ def check_gathered_keys(dirs):
             record(f"{name}-out", rel(want, out[0].transpose(0, 1)), 2e-2)
             for label, ours, ref in zip("qkv", (q, k, v), flat):
                 record(f"{name}-grad-{label}", rel(ref.grad, ours.grad[0].transpose(0, 1)), 2e-2)
+            dense = sdpa(q.detach(), k.detach(), v.detach(),
+                         gathered_keys_mask(plan, 1, tokens, window))
+            record(f"{name}-dense-mask-out", rel(want, dense[0].transpose(0, 1)), 2e-2)
 
 
 def check_grads(dirs):

@@ -391,6 +391,42 @@ def test_packed_batch_gives_the_losses_and_gradients_of_padded_rows(tiny_models,
         assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
 
 
+@pytest.mark.parametrize("model_name", ["mistral-window", "qwen2-window"])
+def test_a_shared_prompt_past_the_window_without_a_windowed_varlen_gives_the_padded_logps(
+        tiny_models, monkeypatch, model_name):
+    """Where torch's varlen attention takes no window (before 2.11: the GPU packs pairs there all
+    the same, its full layers' plan being varlen), a windowed layer of a shared prompt's batch
+    gets a dense mask of the gathered keys, as packed rows get attention_mask's: the padded rows'
+    log-probs (fp32, rel 1e-5: the same tokens through attention of other shapes), the pairs
+    longer than the window of 16 tokens so that it hides some of each rejected prompt."""
+    from qlora.models import attention
+
+    monkeypatch.setattr(attention, "varlen_takes_window", lambda: False)
+    model = _lora_model(tiny_models[model_name])
+    examples = [{k: v * 3 for k, v in e.items()} for e in _varied_examples("pairs")]
+    with torch.no_grad():
+        padded = row_logps(model, pair_batch(examples, 0, packed=False))
+        shared = row_logps(model, pair_batch(examples, 0, packed=True))
+    assert torch.equal(shared.tokens, padded.tokens)
+    close(shared.logps, padded.logps)
+
+
+@pytest.mark.parametrize("lengths", [((0, 3, 4), (2, 1, 1)), ((5, 1, 2),)])
+def test_a_shared_prompt_batch_of_edge_pairs_gives_the_padded_logps(llama_dir, lengths):
+    """An empty prompt (no label on either completion's first token, as in its own sequence),
+    completions of one token, a micro-batch of one pair: the padded rows' log-probs and label
+    counts (fp32, rel 1e-5: the same tokens through attention of other shapes)."""
+    g = torch.Generator().manual_seed(4)
+    examples = [{name: torch.randint(3, 90, (n,), generator=g).tolist()
+                 for name, n in zip(("prompt", "chosen", "rejected"), pair)} for pair in lengths]
+    model = _lora_model(llama_dir)
+    with torch.no_grad():
+        padded = row_logps(model, pair_batch(examples, 0, packed=False))
+        shared = row_logps(model, pair_batch(examples, 0, packed=True))
+    assert torch.equal(shared.tokens, padded.tokens)
+    close(shared.logps, padded.logps)
+
+
 def test_shared_prompt_batch_lays_out_each_pair_as_its_prompt_then_both_completions():
     """Two pairs, prompts of 2 and 1 tokens: each pair's tokens once, positions continuing from
     the prompt in both completions, the documents (queries: prompt + chosen, then rejected; keys:

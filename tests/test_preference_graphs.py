@@ -295,7 +295,7 @@ def test_a_shared_prompt_batch_stages_its_gathered_keys_at_a_fixed_length():
     assert length == -(-(T + 1) // PAD_TO) * PAD_TO and plan.keys.index.numel() == T + prompts
     key_length = length + max(PAD_TO, 1 << (prompts - 1).bit_length())
     assert staged.key == (1, length, 16, "keys", key_length)  # 8 documents and the padding: 16
-    index, cu_keys = staged.keys["key_index"], staged.keys["cu_keys"]
+    index, cu_keys = staged.gathered_keys["key_index"], staged.gathered_keys["cu_keys"]
     assert index.numel() == key_length
     assert torch.equal(index[:T + prompts], plan.keys.index)
     assert torch.equal(index[-(length - T):], torch.arange(T, length))

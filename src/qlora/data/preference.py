@@ -277,8 +277,10 @@ def shared_prompt_batch(examples: list[dict]) -> dict:
         label_positions  (rows, ts): the position predicting each completion token (a rejected
                          completion's first: the prompt's last), with label_targets and
                          label_sequences (chosen k, rejected B + k), label_layout's order
-        labels           each completion token's own id at its position, -100 elsewhere (as
-                         sequences_batch's, for what reads labels by position: graph staging)
+        labels           each completion token's own id at its position, -100 elsewhere: the
+                         staging's row buffer only, NOT labels the model shifts (a rejected
+                         completion's first token does not follow the token before it), so
+                         label_layout, never labels, says what predicts what
         sequence_ids     the sequence of each token (a prompt's: its chosen one's)
 
     Every completion token sees its own prompt and the tokens before it in its own completion,

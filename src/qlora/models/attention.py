@@ -148,7 +148,7 @@ class GatheredKeys:
     tokens `index[cu_seqlens[d]:cu_seqlens[d+1]]` of the flattened batch, in order, and its
     queries are the last of them (flash attention aligns a causal mask to the bottom right).
 
-    A preference pair packed with its prompt once (data/preference.shared_prompt_layout): the
+    A preference pair packed with its prompt once (data/preference.shared_prompt_batch): the
     prompt + chosen completion is a document of its own keys, and the rejected completion a
     document whose keys are the prompt's tokens, then its own. `max_len`: the longest key list."""
 
@@ -301,7 +301,8 @@ def layer_masks(layer_windows, position_ids: torch.Tensor, past: int,
     """Each layer's mask (attention_mask's), built once per distinct window in effect and shared
     by the layers of that window; packed rows' document offsets are read once for all windows.
     `varlen`: the offsets given instead (a CUDA graph's buffers). Where the varlen kernel cannot
-    take a window, that window's layers get attention_mask's dense mask. `dense`: bool masks
+    take a window, that window's layers get attention_mask's dense mask (gathered_keys_mask's,
+    where the plan gathers keys). `dense`: bool masks
     only, never a Varlen plan (attention computed in torch over a mask: Gemma 2's capped scores)."""
     length = past + position_ids.shape[1] if varlen is None else max(varlen.max_len,
                                                                       varlen.key_layout()[2])
@@ -311,12 +312,37 @@ def layer_masks(layer_windows, position_ids: torch.Tensor, past: int,
         offsets = next((m for m in masks.values() if isinstance(m, Varlen)), varlen)
         if offsets is not None and (window is None or varlen_takes_window()):
             masks[window] = offsets.with_window(window)
-        elif varlen is not None and varlen.keys is not None:
-            raise ValueError("a shared prompt's attention plan needs torch's varlen attention "
-                             "with a window (torch >= 2.11) for a sliding-window layer")
+        elif varlen is not None and varlen.keys is not None:  # no positions can say its keys
+            masks[window] = gathered_keys_mask(varlen, *position_ids.shape, window)
         else:
             masks[window] = attention_mask(position_ids, past, window, device, dense)
     return [masks[w] for w in windows]
+
+
+def gathered_keys_mask(plan: Varlen, rows: int, length: int, window: int | None
+                       ) -> torch.Tensor:
+    """The bool mask [rows, 1, length, length] over the rows' own tokens that shows each query
+    what `plan`'s gathered keys show it (varlen_reference's bottom-right causal rule, within
+    `window`): for a varlen kernel that takes no window. Every gathered key is a token of the
+    rows, at its own position, so the mask gives the same attention. Made where the plan is,
+    without reading it on the host."""
+    index, cu_keys, cu_queries = plan.keys.index, plan.keys.cu_seqlens, plan.cu_seqlens
+    queries = torch.arange(rows * length, device=index.device, dtype=cu_queries.dtype)
+    slots = torch.arange(index.numel(), device=index.device, dtype=cu_keys.dtype)
+    # each one's document (an empty one, offsets repeated, holds none) and its place counted
+    # back from the document's end, where flash aligns queries and keys
+    q_doc = torch.searchsorted(cu_queries, queries, right=True) - 1
+    k_doc = torch.searchsorted(cu_keys, slots, right=True) - 1
+    q_back = (queries - cu_queries[q_doc + 1])[:, None]
+    k_back = (slots - cu_keys[k_doc + 1])[None, :]
+    sees = (q_doc[:, None] == k_doc[None, :]) & (k_back <= q_back)
+    if window is not None:
+        sees &= q_back - k_back < window
+    # onto the keys' own tokens: a token is at most one of a query's document's keys
+    flat = torch.zeros(rows * length, rows * length, dtype=torch.uint8, device=index.device)
+    flat.index_add_(1, index, sees.to(torch.uint8))
+    blocks = flat.bool().view(rows, length, rows, length).diagonal(dim1=0, dim2=2)
+    return blocks.permute(2, 0, 1)[:, None]
 
 
 def attention_mask(position_ids: torch.Tensor, past: int, sliding_window: int | None,

@@ -134,7 +134,8 @@ class DecoderLM(nn.Module):
         LabelPositions (the label positions staged for a CUDA graph).
 
         `varlen`: the document layout of packed rows, given instead of read from position_ids
-        (which must then be on the GPU): a CUDA graph holds it in fixed buffers.
+        (which must then be on the GPU): a CUDA graph holds it in fixed buffers; a shared
+        prompt's plan (attention.GatheredKeys), which no position ids can say, always comes so.
 
         `real_lengths` (int [B]): each row's real tokens, the rest padding. Nothing here needs it
         (padding is a document of its own without labels: no real token sees it, it adds no

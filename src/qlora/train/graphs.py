@@ -96,6 +96,20 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _document_slots(offsets: list[int]) -> int:
+    """The document slots of a graph's offsets: the documents' count rounded up to a power of
+    two, at least 4 (few graph shapes)."""
+    return max(_pow2_at_least(len(offsets) - 1), 4)
+
+
+def _offset_buffer(offsets: list[int], docs: int) -> torch.Tensor:
+    """`offsets` (int32) in `docs` + 1 slots, the unused ones repeating the last: empty
+    documents."""
+    cu = torch.full((docs + 1,), offsets[-1], dtype=torch.int32)
+    cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+    return cu
+
+
 def document_offsets(position_ids: torch.Tensor) -> list[int]:
     """Where each document starts in the flattened batch (its positions restart at 0), then the end."""
     flat = position_ids.reshape(-1)
@@ -137,13 +151,13 @@ class StagedBatch:
     source: dict | None = None  # the preference batch as collated, for the eager fallback
     kl: StagedBatch | None = None  # KTO: its KL sequences' rows
     # a shared prompt's gathered keys (stage_gathered_keys): the index and the keys' offsets
-    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    gathered_keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def row_buffers(self) -> dict[str, torch.Tensor]:
         """These rows' tensors, by the names of their graph buffers."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
                 "labels": self.labels, "cu_seqlens": self.cu_seqlens,
-                "real_lengths": self.real_lengths, **self.keys, **self.slots}
+                "real_lengths": self.real_lengths, **self.gathered_keys, **self.slots}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """What is copied into the graph's buffers of the same names (the KL rows' as kl.*)."""
@@ -174,9 +188,8 @@ def stage_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: tor
         docs, cu = 0, torch.zeros(1, dtype=torch.int32)
     else:
         offsets = document_offsets(pos)  # the padding starts a document of its own
-        docs = max(_pow2_at_least(len(offsets) - 1), 4)
-        cu = torch.full((docs + 1,), offsets[-1], dtype=torch.int32)
-        cu[:len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+        docs = _document_slots(offsets)
+        cu = _offset_buffer(offsets, docs)
     if pinned:
         ids, pos, lab, cu, real_lengths = (t.pin_memory()
                                            for t in (ids, pos, lab, cu, real_lengths))
@@ -207,18 +220,15 @@ def stage_gathered_keys(input_ids: torch.Tensor, position_ids: torch.Tensor,
                            torch.arange(T, length)])
     offsets_q = plan.cu_seqlens.tolist() + [length]
     offsets_k = plan.keys.cu_seqlens.tolist() + [key_length]
-    docs = max(_pow2_at_least(len(offsets_q) - 1), 4)
-    cu = torch.full((docs + 1,), length, dtype=torch.int32)
-    cu[:len(offsets_q)] = torch.tensor(offsets_q, dtype=torch.int32)
-    cu_keys = torch.full((docs + 1,), key_length, dtype=torch.int32)
-    cu_keys[:len(offsets_k)] = torch.tensor(offsets_k, dtype=torch.int32)
+    docs = _document_slots(offsets_q)
+    cu, cu_keys = _offset_buffer(offsets_q, docs), _offset_buffer(offsets_k, docs)
     real_lengths = torch.tensor([T], dtype=torch.long)
     tensors = (ids, pos, lab, cu, real_lengths, key_index, cu_keys)
     if pinned:
         tensors = tuple(t.pin_memory() for t in tensors)
     staged = StagedBatch((1, length, docs, "keys", key_length), *tensors[:5],
                          (input_ids, position_ids, labels))
-    staged.keys = {"key_index": tensors[5], "cu_keys": tensors[6]}
+    staged.gathered_keys = {"key_index": tensors[5], "cu_keys": tensors[6]}
     return staged
 
 
@@ -275,7 +285,7 @@ class _Rows:
         # body eagerly on the CPU) the layout is read from position_ids instead, except for
         # gathered keys (a shared prompt), which position_ids cannot say
         self.varlen = None
-        if batch.keys:
+        if batch.gathered_keys:
             keys = GatheredKeys(self.buffers["key_index"], self.buffers["cu_keys"],
                                 batch.key[4])
             self.varlen = Varlen(self.buffers["cu_seqlens"], length, keys=keys)
