@@ -411,11 +411,13 @@ def test_a_shared_prompt_past_the_window_without_a_windowed_varlen_gives_the_pad
     close(shared.logps, padded.logps)
 
 
-@pytest.mark.parametrize("lengths", [((0, 3, 4), (2, 1, 1)), ((5, 1, 2),)])
+@pytest.mark.parametrize("lengths", [((0, 3, 4), (2, 1, 1)), ((5, 1, 2),),
+                                     ((3, 0, 2), (4, 2, 0), (0, 0, 3))])
 def test_a_shared_prompt_batch_of_edge_pairs_gives_the_padded_logps(llama_dir, lengths):
     """An empty prompt (no label on either completion's first token, as in its own sequence),
-    completions of one token, a micro-batch of one pair: the padded rows' log-probs and label
-    counts (fp32, rel 1e-5: the same tokens through attention of other shapes)."""
+    completions of one token, empty completions (no label: a log-prob of 0), a micro-batch of
+    one pair: the padded rows' log-probs and label counts (fp32, rel 1e-5: the same tokens
+    through attention of other shapes)."""
     g = torch.Generator().manual_seed(4)
     examples = [{name: torch.randint(3, 90, (n,), generator=g).tolist()
                  for name, n in zip(("prompt", "chosen", "rejected"), pair)} for pair in lengths]

@@ -35,7 +35,6 @@ the layout; a method sums its log-probs per sequence with it (methods/preference
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -285,42 +284,45 @@ def shared_prompt_batch(examples: list[dict]) -> dict:
 
     Every completion token sees its own prompt and the tokens before it in its own completion,
     as in its own sequence: the log-probs are those of pair_batch's other layouts."""
-    B = len(examples)
-    ids, pos, seq, labels = [], [], [], []
-    rows_t, targets, label_seq = [], [], []
-    cu_q, cu_k, key_index = [0], [0], []
-    for k, e in enumerate(examples):
-        p, c, r = e["prompt"], e["chosen"], e["rejected"]
-        start, P, C = len(ids), len(p), len(c)
-        ids += p + c + r
-        pos += list(range(P)) + list(range(P, P + C)) + list(range(P, P + len(r)))
-        seq += [k] * (P + C) + [B + k] * len(r)
-        labels += [IGNORE] * P + c + r
-        for sequence, first, completion in ((k, start + P, c), (B + k, start + P + C, r)):
-            for j, token in enumerate(completion):
-                if j == 0 and P == 0:  # nothing predicts a first token without a prompt
-                    continue
-                rows_t.append(start + P - 1 if j == 0 else first + j - 1)
-                targets.append(token)
-                label_seq.append(sequence)
-        chosen_doc = list(range(start, start + P + C))
-        rejected_keys = list(range(start, start + P)) + \
-            list(range(start + P + C, start + P + C + len(r)))
-        key_index += chosen_doc + rejected_keys
-        cu_q += [cu_q[-1] + P + C, cu_q[-1] + P + C + len(r)]
-        cu_k += [cu_k[-1] + P + C, cu_k[-1] + P + C + P + len(r)]
-    as_long = functools.partial(torch.tensor, dtype=torch.long)
+    B, long = len(examples), torch.long
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (
+        "ids", "pos", "seq", "labels", "predictors", "targets", "label_seq", "keys")}
+    cu_q, cu_k, start = [0], [0], 0
+    for k, e in enumerate(examples):  # a few tensor ops a pair, none a token: host time is staged
+        p, c, r = (torch.tensor(e[name], dtype=long) for name in ("prompt", "chosen", "rejected"))
+        P, C, R = p.numel(), c.numel(), r.numel()
+        prompt, chosen = torch.arange(start, start + P), torch.arange(start + P, start + P + C)
+        rejected = torch.arange(start + P + C, start + P + C + R)
+        parts["ids"] += [p, c, r]
+        parts["pos"] += [torch.arange(P + C), torch.arange(P, P + R)]
+        parts["seq"] += [torch.full((P + C,), k), torch.full((R,), B + k)]
+        parts["labels"] += [torch.full((P,), IGNORE), c, r]
+        # each completion token is predicted by the token before it in its own sequence: the
+        # first by the prompt's last (none without a prompt: that token has no label)
+        for sequence, tokens, positions in ((k, c, chosen), (B + k, r, rejected)):
+            before = (torch.cat([prompt[-1:], positions[:-1]]) if P else positions[:-1])
+            before = before[:tokens.numel()]  # an empty completion: no label, no predictor
+            parts["predictors"].append(before)
+            parts["targets"].append(tokens if P else tokens[1:])
+            parts["label_seq"].append(torch.full((before.numel(),), sequence))
+        parts["keys"] += [prompt, chosen, prompt, rejected]
+        cu_q += [cu_q[-1] + P + C, cu_q[-1] + P + C + R]
+        cu_k += [cu_k[-1] + P + C, cu_k[-1] + P + C + P + R]
+        start += P + C + R
+    flat = {name: torch.cat(t).to(long) if t else torch.zeros(0, dtype=long)
+            for name, t in parts.items()}
     lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
     lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
-    keys = GatheredKeys(as_long(key_index), torch.tensor(cu_k, dtype=torch.int32),
+    keys = GatheredKeys(flat["keys"], torch.tensor(cu_k, dtype=torch.int32),
                         max(lengths_k, default=0))
-    return {"input_ids": as_long([ids]), "position_ids": as_long([pos]),
-            "labels": as_long([labels]), "sequence_ids": as_long([seq]),
-            "real_lengths": as_long([len(ids)]), "n_sequences": 2 * B, "n_tokens": len(ids),
+    return {"input_ids": flat["ids"][None], "position_ids": flat["pos"][None],
+            "labels": flat["labels"][None], "sequence_ids": flat["seq"][None],
+            "real_lengths": torch.tensor([start]), "n_sequences": 2 * B, "n_tokens": start,
             "attention": Varlen(torch.tensor(cu_q, dtype=torch.int32), max(lengths_q, default=0),
                                 keys=keys),
-            "label_positions": (torch.zeros(len(rows_t), dtype=torch.long), as_long(rows_t)),
-            "label_targets": as_long(targets), "label_sequences": as_long(label_seq)}
+            "label_positions": (torch.zeros(flat["predictors"].numel(), dtype=long),
+                                flat["predictors"]),
+            "label_targets": flat["targets"], "label_sequences": flat["label_seq"]}
 
 
 def label_layout(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
