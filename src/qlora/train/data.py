@@ -20,32 +20,30 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
     from qlora.methods import method_module
 
     method = method_module(cfg.method)
-    formats: list[tuple[str, bool]] = []
 
-    def one(path: str) -> list[dict]:
+    def one(path: str) -> tuple[list[dict], tuple[str, bool]]:
+        """The file's examples, and how its prompts were rendered."""
         if method is not None:
             examples, report = _preference_data(path, tokenizer, cfg, method.LAYOUT, log)
-            formats.append((report.layout, report.chat))
-            return examples
+            return examples, (report.layout, report.chat)
         examples, report = prepare(path, tokenizer, fmt=cfg.data_format, train_on=cfg.train_on,
                                    max_len=cfg.max_seq_length, overlong=cfg.long_examples,
                                    chat_template=cfg.chat_template)
         for line in report.lines():
             log(line)
-        formats.append((report.format, report.format in CHAT_FORMATS))
-        return examples
+        return examples, (report.format, report.format in CHAT_FORMATS)
 
-    train = one(cfg.data)
+    train, prompts = one(cfg.data)
     val: list[dict] = []
     if cfg.val_data:
-        val = one(cfg.val_data)
+        val, _ = one(cfg.val_data)
     elif cfg.val_set_size > 0:
         frac = cfg.val_set_size if cfg.val_set_size < 1 else cfg.val_set_size / len(train)
         if frac >= 1:
             raise QloraError(f"option `val_set_size`: {cfg.val_set_size:g} examples held out of "
                              f"{len(train)} leaves none to train on")
         train, val = split_validation(train, frac, seed=cfg.seed)
-    return train, val, formats[0]
+    return train, val, prompts
 
 
 def _preference_data(path: str, tokenizer, cfg: RunConfig, layout: str,
