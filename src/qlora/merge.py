@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from qlora.adapters import check_base_name
+from qlora.adapters import adapter_weights_file, check_base_name, read_adapter_json
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
 from qlora.models.spec import read_config
@@ -67,7 +67,6 @@ class LoraModule:
     bias: torch.Tensor | None = None  # lora_bias=True
 
 
-# --- reading the base ---------------------------------------------------------------------------
 # --- reading the adapter ------------------------------------------------------------------------
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches the end of the module name."""
@@ -80,8 +79,6 @@ def _pattern_value(patterns: dict, module: str, default):
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor]]:
     """(adapter_config, module name → LoraModule, full replacement tensors from modules_to_save)."""
     from safetensors.torch import load_file
-
-    from qlora.adapters import adapter_weights_file, read_adapter_json
 
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = read_adapter_json(adapter_dir)
