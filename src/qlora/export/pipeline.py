@@ -47,8 +47,7 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     from qlora.export import check as check_mod
     from qlora.export import imatrix as imatrix_mod
     from qlora.export import ollama as ollama_mod
-    from qlora.export.gguf import check_moe_export, check_qtype, open_gguf, refuse_generic
-    from qlora.models.spec import read_config
+    from qlora.export.gguf import check_export_inputs, check_qtype, open_gguf
     from qlora.export.mixtures import K_QUANT_FILES
     from qlora.models.weights import read_headers
 
@@ -64,14 +63,13 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     for path in outputs.values():  # the GGUF and the files named after it
         if path is not None:
             refuse_existing(path, "--out")
-    if not Path(model_dir).is_dir():
-        raise QloraError(f"--model {model_dir}: no such directory")
-    refuse_generic(Path(model_dir))  # before the importance matrix's forwards, not after
+    # open_gguf refuses these too (it is called alone as well): here they come before the
+    # headers, the check's host sizing and the importance matrix's forwards
+    check_export_inputs(Path(model_dir), out, qtype, threads)
     headers = read_headers(model_dir)  # once: each step below takes them from here
     if run_check and not check_mod.check_fits_host(check, headers, merge_base, device, note,
                                                    adapter_dir, check_samples):
         run_check, outputs["report"] = False, None
-    check_moe_export(read_config(model_dir)[0], qtype, Path(model_dir) / "config.json")
     translation = ollama_mod.translate(model_dir, adapter_dir) if ollama else None
     if translation is not None and translation.why is not None:
         note(f"ollama: prompts rendered with {translation.why}")
