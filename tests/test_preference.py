@@ -1067,6 +1067,22 @@ def test_planner_counts_each_prompt_once_where_told(capsys):
     assert "--prompt-len is for the pair methods" in capsys.readouterr().err
 
 
+def test_advice_never_shortens_a_sequence_to_its_prompt():
+    """memory.advise halves --seq-len only down to just past --prompt-len (a sequence is longer
+    than its prompt, which PlanConfig.validate refuses otherwise): a single change (the first
+    halving, 2048, already below the prompt of 2500: not offered) and the combined fallback (its
+    floor) alike."""
+    from qlora.memory import GiB, PlanConfig, advise
+    from qlora.models.spec import spec_from_shape
+
+    arch = spec_from_shape("llama-3-8b")
+    cfg = PlanConfig(seq_len=4096, micro_batch=8, method="dpo", prompt_len=2500)
+    advice = advise(arch, cfg, 16 * GiB)  # single changes fit
+    assert advice and all(a.changes.get("seq_len", cfg.seq_len) > cfg.prompt_len for a in advice)
+    (fallback,) = advise(arch, cfg, 8 * GiB)  # nothing fits: it names the sequence's floor
+    assert fallback.changes == {} and "--seq-len 2501 +" in fallback.text
+
+
 def test_planned_shared_prompt_peaks_within_10_percent_of_the_gpu_measurements(capsys):
     """DPO with each prompt packed once (4 pairs of prompt 512 + completions 512 and 512,
     attention kept, CUDA graphs; H100, 2026-12-07, benchmarks/preference_step.py) against `qlora
