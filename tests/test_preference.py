@@ -249,6 +249,34 @@ def test_sequence_logps_equal_trl_get_batch_logps():
                                                                average_log_prob=True))
 
 
+def test_generic_path_logps_at_label_positions_equal_trl_get_batch_logps():
+    """row_logps hands every model its labels as LabelPositions (the positions predicting them
+    and their targets): the generic path's per-token losses at those positions sum to TRL's
+    log-probs, and a padding slot (target IGNORE_INDEX, as a CUDA graph's label slots pad) adds
+    nothing."""
+    from trl.experimental.cpo import CPOTrainer
+
+    from qlora.data.preference import label_layout
+    from qlora.models.decoder import IGNORE_INDEX, LabelPositions
+    from qlora.models.generic import token_losses
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 10, 32, generator=g)
+    labels = torch.randint(0, 32, (4, 10), generator=g)
+    labels[:, :4] = -100
+    labels[2, 7:] = -100
+    batch = {"labels": labels, "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
+    rows, ts, targets, sequences = label_layout(batch)
+    # one padding slot more, at position 0 (a graph pads its label slots so)
+    positions = torch.cat([rows * labels.shape[1] + ts, torch.zeros(1, dtype=torch.long)])
+    targets = torch.cat([targets, torch.full((1,), IGNORE_INDEX)])
+    losses = token_losses(logits, LabelPositions(positions, targets))
+    assert losses[-1] == 0
+    # fp32 log-softmax and sums, TRL's in another order: rel 1e-5 (REL)
+    close(sequence_logps(-losses[:-1], sequences, 4).logps,
+          CPOTrainer.get_batch_logps(logits, labels.clone()))
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_logps_equal_peft_and_reference_equals_base(llama_dir, tmp_path, use_dora):
     """The chosen/rejected log-probs of a batch through our model and adapter equal transformers
@@ -1037,6 +1065,22 @@ def test_planner_counts_each_prompt_once_where_told(capsys):
             plan(arch, bad)
     assert main(["plan", "--shape", "llama-3-8b", "--prompt-len", "512"]) == 2  # a QloraError
     assert "--prompt-len is for the pair methods" in capsys.readouterr().err
+
+
+def test_advice_never_shortens_a_sequence_to_its_prompt():
+    """memory.advise halves --seq-len only down to just past --prompt-len (a sequence is longer
+    than its prompt, which PlanConfig.validate refuses otherwise): a single change (the first
+    halving, 2048, already below the prompt of 2500: not offered) and the combined fallback (its
+    floor) alike."""
+    from qlora.memory import GiB, PlanConfig, advise
+    from qlora.models.spec import spec_from_shape
+
+    arch = spec_from_shape("llama-3-8b")
+    cfg = PlanConfig(seq_len=4096, micro_batch=8, method="dpo", prompt_len=2500)
+    advice = advise(arch, cfg, 16 * GiB)  # single changes fit
+    assert advice and all(a.changes.get("seq_len", cfg.seq_len) > cfg.prompt_len for a in advice)
+    (fallback,) = advise(arch, cfg, 8 * GiB)  # nothing fits: it names the sequence's floor
+    assert fallback.changes == {} and "--seq-len 2501 +" in fallback.text
 
 
 def test_planned_shared_prompt_peaks_within_10_percent_of_the_gpu_measurements(capsys):

@@ -13,10 +13,11 @@ whose blocks differ from the reference decoder's puts its block classes in a mod
 
 Gemma 2 and Gemma 3's blocks live in gemma.py, which this package does not import (it builds on
 models/decoder.py, which reads specs through this package: an import cycle otherwise);
-models/load.py's OWN_DECODERS names their LM class for new_decoder. gemma_config.py reads what their config.json means, for their family
-modules and their blocks alike. Phi-3's blocks (fused qkv_proj and gate_up_proj, partial
-rotary, LongRoPE) are in phi3_blocks.py for the same reason; phi3.py also names its block's
-linears (LINEARS, linear_shapes), which ArchSpec.linear_shapes asks of a family that has them.
+models/load.py's OWN_DECODERS names their LM class for new_decoder. gemma_config.py reads what
+their config.json means, for their family modules and their blocks alike. Phi-3's blocks (fused
+qkv_proj and gate_up_proj, partial rotary, LongRoPE) are in phi3_blocks.py for the same reason;
+phi3.py also names its block's linears (LINEARS, linear_shapes), which ArchSpec.linear_shapes
+asks of a family that has them.
 Mixtral's and Qwen3-MoE's sparse blocks are in moe_blocks.py for the same reason; what their
 config.json means (MoeSpec: experts, top_k, renormalisation, dense layers, the aux loss) is read
 in moe_config.py, which their family modules share.
