@@ -1162,8 +1162,9 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     the output, an fp32 log-sum-exp per head), equals the planner's kept-attention term, k and v
     at the kv heads, whether varlen_attn takes enable_gqa or (torch 2.11) has no such argument.
     Each prompt packed once (the default), the queries are P + C + R tokens a pair and the
-    gathered keys 2P + C + R: the planner's term, which counts 2P + C + R of everything, is then
-    an upper bound, over by the prompts' q, output and log-sum-exp bytes exactly."""
+    gathered keys 2P + C + R: the per-token term over 2P + C + R tokens (the planner's at
+    prompt_len 0) is then over by the prompts' q, output and log-sum-exp bytes exactly, which is
+    what the planner leaves out where told the prompt's length (settings.key_tokens)."""
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.memory.attention import kept_attention_bytes_per_token
     from qlora.methods.preference import batch_loss

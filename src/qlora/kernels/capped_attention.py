@@ -99,9 +99,11 @@ def flex_layer_masks(layer_windows, position_ids: torch.Tensor, device: torch.de
     B, T = position_ids.shape
     windows = [window_in_effect(w, T) for w in layer_windows]
     if varlen is not None and varlen.keys is not None:
+        # unreachable from training: packs_with_varlen is False where flex masks run, so
+        # preference pairs are padded there; a direct caller gets told
         raise ValueError("flex_attention's block masks take documents of their own tokens, not a "
-                         "shared prompt's gathered keys (pack preference pairs with "
-                         "share_prompt off)")
+                         "shared prompt's gathered keys: give this model padded preference "
+                         "batches (preference_batch(..., packed=False))")
     if varlen is not None:
         docs = document_numbers(varlen.cu_seqlens, B, T)
     else:
