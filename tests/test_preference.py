@@ -231,18 +231,25 @@ def _randomize(model, seed, scale=0.05):
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def _four_sequences(seed: int, short_row: int, short_from: int):
+    """(logits [4, 10, 32], labels, batch) of four padded sequences: random logits and labels,
+    no label on the first 4 positions (a prompt) nor on `short_row` from `short_from` (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 10, 32, generator=g)
+    labels = torch.randint(0, 32, (4, 10), generator=g)
+    labels[:, :4] = -100
+    labels[short_row, short_from:] = -100
+    return logits, labels, {"labels": labels,
+                            "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
+
+
 def test_sequence_logps_equal_trl_get_batch_logps():
     from trl.experimental.cpo import CPOTrainer
 
     from qlora.data.preference import label_layout
     from qlora.models.generic import token_losses
 
-    g = torch.Generator().manual_seed(6)
-    logits = torch.randn(4, 10, 32, generator=g)
-    labels = torch.randint(0, 32, (4, 10), generator=g)
-    labels[:, :4] = -100
-    labels[1, 8:] = -100
-    batch = {"labels": labels, "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
+    logits, labels, batch = _four_sequences(seed=6, short_row=1, short_from=8)
     ours = sequence_logps(-token_losses(logits, labels), label_layout(batch)[3], 4)
     close(ours.logps, CPOTrainer.get_batch_logps(logits, labels.clone()))
     close(ours.logps / ours.tokens, CPOTrainer.get_batch_logps(logits, labels.clone(),
@@ -260,12 +267,7 @@ def test_generic_path_logps_at_label_positions_equal_trl_get_batch_logps():
     from qlora.models.decoder import IGNORE_INDEX, LabelPositions
     from qlora.models.generic import token_losses
 
-    g = torch.Generator().manual_seed(7)
-    logits = torch.randn(4, 10, 32, generator=g)
-    labels = torch.randint(0, 32, (4, 10), generator=g)
-    labels[:, :4] = -100
-    labels[2, 7:] = -100
-    batch = {"labels": labels, "sequence_ids": torch.arange(4)[:, None].expand(4, 10)}
+    logits, labels, batch = _four_sequences(seed=7, short_row=2, short_from=7)
     rows, ts, targets, sequences = label_layout(batch)
     # one padding slot more, at position 0 (a graph pads its label slots so)
     positions = torch.cat([rows * labels.shape[1] + ts, torch.zeros(1, dtype=torch.long)])
