@@ -1,0 +1,145 @@
+"""The least time a training step's frozen-base GEMMs take on this GPU: the floor under any
+implementation that does the step's arithmetic (dense bf16 weights, cuBLAS at the step's shapes).
+
+A QLoRA step multiplies every token by every frozen weight several times: each forward of the
+decoder layers (the policy's, its checkpoint's recompute, and for DPO the reference's), and once
+in backward for the input's gradient (the base is frozen: no weight gradient). Those products are
+most of the step's arithmetic. This script times exactly those GEMMs, alone, with the weights
+already dense in bf16 (no dequantize, no LoRA, no attention, no norms), and sums them as the step
+runs them:
+
+    floor = layers x (forwards x Σ_proj t(x @ Wᵀ) + Σ_proj t(g @ W))
+            + layers x Σ_{proj ≠ down} t(x @ Wᵀ)      (the checkpoint's recompute)
+            − t(g @ W_qkv)                              (layer 0's input gradient: nothing reads it)
+            + head_forwards x t(x_head @ Eᵀ) + t(g_head @ E)
+
+with each layer's projections grouped as qlora runs them (q/k/v one GEMM, gate/up one GEMM, o,
+down), x of `tokens` rows and the LM head over `head_tokens` rows (the tokens a label is read
+from). Each GEMM is timed with CUDA events over `--reps` runs after a warm-up; the median is kept.
+
+A step cannot run faster than its floor, so `examples / floor` bounds any implementation's
+examples/s for that arithmetic on this GPU; `--against NAME=RATE` prints that bound as a multiple
+of a peer's measured rate (the same shape, same GPU kind). Where the floor already exceeds the
+time a target asks for, no kernel work inside the step reaches that target.
+
+    python benchmarks/gemm_floor.py --shape llama-3-8b --step dpo --out $OUT/gemm-floor.json
+
+Steps (prompt 512 + completions 512 + 512, 4 pairs, packed with each prompt once, as
+preference_step.py runs them; seq 2048 for sft):
+  dpo   tokens 4 x 1,536; decoder forwards 2 (policy, reference) and the recompute, which stops
+        before each layer's down projection (nothing in backward reads its output); the head over the
+        completions' 4 x 1,024 tokens: 2 forwards (policy, reference; the loss makes its
+        gradient in the forward, kernels/cross_entropy.py, so nothing reruns it), 1 backward
+  orpo  the same without the reference: 1 forward and the recompute, head 1 forward + 1 backward
+  sft   tokens 2,048 (micro-batch 1); 1 forward and the recompute; head over every token, 1 forward
+        + 1 backward
+`--no-recompute` drops the checkpoint's recompute: the floor of a step that keeps every activation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from train_step import SHAPES, is_moe
+
+# (tokens, head tokens, decoder forwards besides the recompute, head forwards, examples) a step
+STEPS = {
+    "dpo": (4 * 1536, 4 * 1024, 2, 2, 4),
+    "orpo": (4 * 1536, 4 * 1024, 1, 1, 4),
+    "sft": (2048, 2048, 1, 1, 1),
+}
+
+
+def projections(shape: dict) -> list[tuple[str, int, int]]:
+    """(name, out, in) of each GEMM of a decoder layer, grouped as qlora runs them."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hd = shape.get("head_dim") or h // nh
+    return [("qkv", (nh + 2 * nkv) * hd, h), ("o", h, nh * hd), ("gate_up", 2 * i, h), ("down", h, i)]
+
+
+def time_gemm(torch, a, b, reps: int) -> float:
+    """Median seconds of a @ b over `reps` runs (after 3 untimed)."""
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def floor(shape_name: str, step: str, recompute: bool, reps: int) -> dict:
+    import torch
+
+    shape = SHAPES[shape_name]
+    if is_moe(shape):
+        raise SystemExit(f"--shape {shape_name}: a mixture of experts' GEMMs depend on routing; dense shapes only")
+    tokens, head_tokens, forwards, head_forwards, examples = STEPS[step]
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*size):
+        return torch.randn(size, generator=gen, device=dev, dtype=dt) * 0.02
+
+    per_layer, flops_layer = {}, 0
+    for name, n_out, n_in in projections(shape):
+        w, x, g = rand(n_out, n_in), rand(tokens, n_in), rand(tokens, n_out)
+        fwd, bwd = time_gemm(torch, x, w.t(), reps), time_gemm(torch, g, w, reps)
+        per_layer[name] = dict(out=n_out, inp=n_in, forward_ms=fwd * 1e3, input_grad_ms=bwd * 1e3)
+        flops_layer += 2 * tokens * n_out * n_in * (forwards + 1 + (recompute and name != "down"))
+        del w, x, g
+    vocab, h = shape["vocab_size"], shape["hidden_size"]
+    e, x, g = rand(vocab, h), rand(head_tokens, h), rand(head_tokens, vocab)
+    head_fwd, head_bwd = time_gemm(torch, x, e.t(), reps), time_gemm(torch, g, e, reps)
+    del e, x, g
+    layers = shape["num_hidden_layers"]
+    reruns = {name: recompute and name != "down" for name in per_layer}
+    decoder_s = (layers * sum((forwards + reruns[name]) * p["forward_ms"] + p["input_grad_ms"]
+                              for name, p in per_layer.items())
+                 - per_layer["qkv"]["input_grad_ms"]) / 1e3
+    head_s = head_forwards * head_fwd + head_bwd
+    qkv = per_layer["qkv"]
+    total_flops = (layers * flops_layer - 2 * tokens * qkv["out"] * qkv["inp"]
+                   + 2 * head_tokens * vocab * h * (head_forwards + 1))
+    floor_s = decoder_s + head_s
+    return dict(shape=shape_name, step=step, recompute=recompute, tokens=tokens, head_tokens=head_tokens,
+                decoder_forwards=forwards, head_forwards=head_forwards, examples=examples,
+                per_layer=per_layer, head_forward_ms=head_fwd * 1e3, head_input_grad_ms=head_bwd * 1e3,
+                floor_s=floor_s, gemm_tflops=total_flops / floor_s / 1e12,
+                max_examples_per_s=examples / floor_s, device=torch.cuda.get_device_name(),
+                torch=torch.__version__)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama-3-8b", choices=[s for s in SHAPES if not is_moe(SHAPES[s])])
+    ap.add_argument("--step", default="dpo", choices=list(STEPS))
+    ap.add_argument("--no-recompute", action="store_true", help="the step without checkpointing's recompute")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--against", action="append", default=[], metavar="NAME=RATE",
+                    help="a peer's measured examples/s: the floor's bound is printed as a multiple of it")
+    ap.add_argument("--out", default=None, help="append the result as one JSON line here")
+    args = ap.parse_args(argv)
+    result = floor(args.shape, args.step, not args.no_recompute, args.reps)
+    for spec in args.against:
+        name, _, rate = spec.partition("=")
+        result.setdefault("bound_vs", {})[name] = result["max_examples_per_s"] / float(rate)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.out:
+        with Path(args.out).open("a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
