@@ -11,8 +11,9 @@ from qlora.models.families.moe_config import MoeSpec, num_experts, sparse_layer_
 
 MODEL_TYPE = "qwen3_moe"
 GGUF_ARCH = "QWEN3MOE"
+# experts' rows a whole 4-bit block (64) wide: see mixtral.py
 TINY_SIZES = {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-              "moe_intermediate_size": 32, "norm_topk_prob": True}
+              "moe_intermediate_size": 64, "norm_topk_prob": True}
 
 
 def spec_fields(cfg: dict) -> dict:
