@@ -12,7 +12,8 @@ from qlora.models.families.moe_config import MoeSpec, num_experts
 MODEL_TYPE = "mixtral"
 GGUF_ARCH = "LLAMA"  # llama.cpp runs Mixtral as llama, the experts as ffn_{gate,up,down}_exps
 # experts' rows a whole 4-bit block (64) wide: bitsandbytes 0.50.2's AVX-512 CPU dequantize
-# misreads rows of another width (tests/test_moe.py compares with it)
+# misreads rows that are not whole blocks (seen at widths 32, 48, 96 and 160; 2026-12-07), and
+# tests/test_moe.py compares the grouped experts with a loop that dequantizes through it
 TINY_SIZES = {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64}
 
 
