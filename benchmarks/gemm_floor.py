@@ -17,10 +17,11 @@ with each layer's projections grouped as qlora runs them (q/k/v one GEMM, gate/u
 down), x of `tokens` rows and the LM head over `head_tokens` rows (the tokens a label is read
 from). Each GEMM is timed with CUDA events over `--reps` runs after a warm-up; the median is kept.
 
-A step cannot run faster than its floor, so `examples / floor` bounds any implementation's
-examples/s for that arithmetic on this GPU; `--against NAME=RATE` prints that bound as a multiple
-of a peer's measured rate (the same shape, same GPU kind). Where the floor already exceeds the
-time a target asks for, no kernel work inside the step reaches that target.
+A step that does this arithmetic in bf16 through cuBLAS cannot run faster than its floor, so
+`examples / floor` bounds its examples/s on this GPU; `--against NAME=RATE` prints that bound as a
+multiple of a peer's measured rate (the same shape, same GPU kind). Where the floor exceeds the
+time a target asks for, no work on the rest of the step (dequantize, LoRA, attention, norms)
+reaches that target; where it is below, the gap is what that work has to win.
 
     python benchmarks/gemm_floor.py --shape llama-3-8b --step dpo --out $OUT/gemm-floor.json
 
