@@ -73,6 +73,10 @@
 #                 Unsloth's PatchDPOTrainer + ORPOTrainer at Llama-3-8B and Qwen2.5-1.5B (Qwen:
 #                 qlora-eager too). About 8 minutes.
 #                 TRL's NLL covers the prompt too, ours the completion only (preference_step.py).
+#   dpo-8b, orpo-8b
+#                 the Llama-3-8B part of dpo / orpo alone: qlora, qlora-nockpt (checkpointing off,
+#                 one pair a forward, the 4 pairs accumulated: no recompute, at about qlora's
+#                 memory), Unsloth, TRL. About 9.5 minutes each.
 #   kto           gpu_check.py --checks preference (KTO's graphed step against its eager one among
 #                 them, qlora train's DPO and KTO end to end), then a KTO step at Qwen2.5-1.5B,
 #                 graphed, eager and TRL's KTOTrainer. About 5 minutes, 7.5 at most.
@@ -104,7 +108,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|dpo-8b|orpo-8b|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -272,6 +276,12 @@ orpo)  # about 8 min in all: the DPO part's steps less its reference forward; lo
   step 190 qwen-orpo $PY "$HERE/preference_step.py" --method orpo --shapes qwen2.5-1.5b \
     --systems qlora,qlora-eager,trl,unsloth --steps 8 --warmup 2 --out "$OUT/qwen-orpo" \
     --deadline 180
+  ;;
+dpo-8b|orpo-8b)  # Llama-3-8B alone, the step with and without checkpointing beside both peers
+  method=${PART%-8b}
+  step 580 "llama-$method" $PY "$HERE/preference_step.py" --method "$method" --shapes llama-3-8b \
+    --systems qlora,qlora-nockpt,unsloth,trl --steps 6 --warmup 2 --out "$OUT/llama-$method" \
+    --deadline 570
   ;;
 kto)  # at most 7.5 min: the graphed preference steps checked against eager (KTO among them) and
       # `qlora train --method dpo / kto` end to end (~2-4 min), then KTO timed graphed, eager and in

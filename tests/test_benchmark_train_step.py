@@ -227,6 +227,37 @@ def test_preference_step_runs_dpo_for_trl_and_qlora_on_the_same_pairs(tmp_path):
         assert r["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_preference_step_without_checkpointing_takes_the_same_steps_a_pair_at_a_time(tmp_path):
+    """`qlora-nockpt` (no checkpointing, one pair a forward, the step's pairs accumulated) makes
+    the update `qlora` makes from the same pairs (dropout 0: its masks are drawn per forward, so
+    two forwards draw others than one): their losses agree step after step. fp32 on the
+    CPU: the first step's loss is log 2 on both (B = 0); the ones after an update differ only by
+    the order of fp32 sums (the gradient summed over two backward passes, not within one), which
+    moves each AdamW update by far less than its lr (1e-2) and the loss by less than 1e-5 (the
+    records keep 5 decimals), where a pair left out or taken twice turns the updates' directions
+    (dropping the last pair moved the losses by 0.24).
+    KTO is refused: splitting its micro-batch changes its KL estimate."""
+    import math
+
+    bench = _preference_bench()
+    model_dir = tmp_path / "tiny-llama"
+    bench.ts.make_model_dir("tiny-llama", model_dir, "cpu")
+    results = tmp_path / "results.jsonl"
+    argv = ["--device", "cpu", "--prompt", "6", "--completion", "5", "--pairs", "3", "--steps", "3",
+            "--warmup", "1", "--lr", "1e-2", "--lora-dropout", "0", "--worker", "--shape", "tiny-llama",
+            "--model-dir", str(model_dir), "--results", str(results)]
+    for system in ("qlora", "qlora-nockpt"):
+        assert bench.worker(bench.parse_args(argv + ["--system", system])) == 0
+    bench.worker(bench.parse_args(argv + ["--system", "qlora-nockpt", "--method", "kto"]))
+    recs = [json.loads(line) for line in results.read_text().splitlines()]
+    whole, split, kto = recs
+    assert "error" not in whole and "error" not in split, split.get("traceback")
+    assert whole["losses"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert split["losses"] == pytest.approx(whole["losses"], abs=1e-5)
+    assert whole["losses"][2] != pytest.approx(whole["losses"][0], abs=1e-3)  # the steps moved it
+    assert "pair methods only" in kto["error"]
+
+
 def test_preference_step_runs_kto_for_trl_and_qlora_on_the_same_examples(tmp_path):
     """--method kto steps TRL's KTOTrainer and ours on the same unpaired examples; at the first
     step LoRA B is 0, so the policy is the reference (the adapter-off base, both sides) and z = 0:
