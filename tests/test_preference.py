@@ -679,22 +679,32 @@ def test_messages_rendered_with_the_chat_template(llama_dir, tmp_path):
 
 
 def test_truncated_examples_fit_every_limit(llama_dir, tmp_path):
-    """An overlong example is cut to max_len tokens (the prompt from its start, the completions
-    at their end) down to max_len 1, where the prompt's share is 0 tokens: `prompt[-0:]`, all of
-    it, kept the whole prompt there and cut the completions by a negative length."""
+    """An overlong example is cut to max_len tokens: the prompt from its start to
+    keep = max(max_len - longest completion, max_len // 2) tokens (whole where it is no longer),
+    then the completions at their end. Down to max_len 1, where keep is 0 (`prompt[-0:]`, all of
+    it, once kept the whole prompt and cut the completions by a negative length); and a short
+    prompt beside a long completion stays whole."""
     from qlora.models import load_tokenizer
 
     tok = load_tokenizer(llama_dir)
-    path = _pair_data(tmp_path, [{"prompt": "the quick brown fox = ", "chosen": "JUMPS OVER",
-                                  "rejected": "sleeps under the dog"}])
-    whole, _ = load_preference(str(path), tok, layout="pairs", max_len=64)
-    whole = whole[0]
-    for max_len in (1, 2, 3, 5, 8):
-        e = load_preference(str(path), tok, layout="pairs", max_len=max_len)[0][0]
-        assert all(len(e["prompt"]) + len(e[n]) <= max_len for n in ("chosen", "rejected"))
-        assert e["prompt"] == whole["prompt"][len(whole["prompt"]) - len(e["prompt"]):]
-        for n in ("chosen", "rejected"):
-            assert len(e[n]) >= 1 and e[n] == whole[n][:len(e[n])]
+    rows = [{"prompt": "the quick brown fox = ", "chosen": "JUMPS OVER",
+             "rejected": "sleeps under the dog"},
+            {"prompt": "a = ", "chosen": "a long answer that runs on and on and on",
+             "rejected": "no"}]
+    path = _pair_data(tmp_path, rows)
+    wholes, _ = load_preference(str(path), tok, layout="pairs", max_len=256)
+    for max_len in (1, 2, 3, 5, 8, 13, 21):
+        cut, _ = load_preference(str(path), tok, layout="pairs", max_len=max_len)
+        for whole, e in zip(wholes, cut):
+            names = ("chosen", "rejected")
+            assert all(len(e["prompt"]) + len(e[n]) <= max_len for n in names)
+            if all(len(whole["prompt"]) + len(whole[n]) <= max_len for n in names):
+                assert e == whole
+                continue
+            keep = max(max_len - max(len(whole[n]) for n in names), max_len // 2)
+            assert e["prompt"] == whole["prompt"][-keep:] if keep else e["prompt"] == []
+            for n in names:
+                assert len(e[n]) >= 1 and e[n] == whole[n][:len(e[n])]
 
 
 def test_bad_preference_data_names_line_and_field(llama_dir, tmp_path):

@@ -161,7 +161,7 @@ def _fit(prompt: list[int], completions: list[list[int]], max_len: int
     end, until every prompt + completion is at most max_len tokens."""
     longest = max(len(c) for c in completions)
     keep = max(max_len - longest, max_len // 2)
-    prompt = prompt[len(prompt) - keep:]  # (not prompt[-keep:]: at keep 0 that is all of it)
+    prompt = prompt[max(len(prompt) - keep, 0):]  # (not prompt[-keep:]: at keep 0, all of it)
     return prompt, [c[:max_len - len(prompt)] for c in completions]
 
 
