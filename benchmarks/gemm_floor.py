@@ -9,7 +9,7 @@ already dense in bf16 (no dequantize, no LoRA, no attention, no norms), and sums
 runs them:
 
     floor = layers x (forwards x Σ_proj t(x @ Wᵀ) + Σ_proj t(g @ W))
-            + layers x Σ_{proj ≠ down} t(x @ Wᵀ)      (the checkpoint's recompute)
+            + layers x Σ_{rerun proj} t(x @ Wᵀ)       (the checkpoint's recompute)
             − t(g @ W_qkv)                              (layer 0's input gradient: nothing reads it)
             + head_forwards x t(x_head @ Eᵀ) + t(g_head @ E)
 
@@ -23,18 +23,23 @@ multiple of a peer's measured rate (the same shape, same GPU kind). Where the fl
 time a target asks for, no work on the rest of the step (dequantize, LoRA, attention, norms)
 reaches that target; where it is below, the gap is what that work has to win.
 
-    python benchmarks/gemm_floor.py --shape llama-3-8b --step dpo --out $OUT/gemm-floor.json
+    python benchmarks/gemm_floor.py --shape llama-3-8b --step dpo --out $OUT/gemm-floor.jsonl
 
 Steps (prompt 512 + completions 512 + 512, 4 pairs, packed with each prompt once, as
 preference_step.py runs them; seq 2048 for sft):
   dpo   tokens 4 x 1,536; decoder forwards 2 (policy, reference) and the recompute, which stops
-        before each layer's down projection (nothing in backward reads its output); the head over the
+        before each layer's down projection (nothing in backward reads its output) and, with
+        attention kept for backward (qlora's default where it fits, as preference_step.py and
+        train_step.py run it; `--no-keep-attention` otherwise), runs no q/k/v base GEMM either
+        (only their LoRA products: speed/kept_attention.py); the head over the
         completions' 4 x 1,024 tokens: 2 forwards (policy, reference; the loss makes its
         gradient in the forward, kernels/cross_entropy.py, so nothing reruns it), 1 backward
   orpo  the same without the reference: 1 forward and the recompute, head 1 forward + 1 backward
   sft   tokens 2,048 (micro-batch 1); 1 forward and the recompute; head over every token, 1 forward
         + 1 backward
-`--no-recompute` drops the checkpoint's recompute: the floor of a step that keeps every activation.
+`--no-recompute` drops the checkpoint's recompute: the floor of a step that keeps every activation
+(run as one micro-batch of the step's tokens; preference_step.py's qlora-nockpt runs a pair a
+forward, whose smaller GEMMs take at least as long).
 """
 
 from __future__ import annotations
@@ -78,7 +83,12 @@ def time_gemm(torch, a, b, reps: int) -> float:
     return statistics.median(times)
 
 
-def floor(shape_name: str, step: str, recompute: bool, reps: int) -> dict:
+def rerun(name: str, recompute: bool, attention_kept: bool) -> bool:
+    """Whether the checkpoint's recompute runs this projection's base GEMM."""
+    return recompute and name != "down" and not (attention_kept and name == "qkv")
+
+
+def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept: bool = True) -> dict:
     import torch
 
     shape = SHAPES[shape_name]
@@ -96,14 +106,14 @@ def floor(shape_name: str, step: str, recompute: bool, reps: int) -> dict:
         w, x, g = rand(n_out, n_in), rand(tokens, n_in), rand(tokens, n_out)
         fwd, bwd = time_gemm(torch, x, w.t(), reps), time_gemm(torch, g, w, reps)
         per_layer[name] = dict(out=n_out, inp=n_in, forward_ms=fwd * 1e3, input_grad_ms=bwd * 1e3)
-        flops_layer += 2 * tokens * n_out * n_in * (forwards + 1 + (recompute and name != "down"))
+        flops_layer += 2 * tokens * n_out * n_in * (forwards + 1 + rerun(name, recompute, attention_kept))
         del w, x, g
     vocab, h = shape["vocab_size"], shape["hidden_size"]
     e, x, g = rand(vocab, h), rand(head_tokens, h), rand(head_tokens, vocab)
     head_fwd, head_bwd = time_gemm(torch, x, e.t(), reps), time_gemm(torch, g, e, reps)
     del e, x, g
     layers = shape["num_hidden_layers"]
-    reruns = {name: recompute and name != "down" for name in per_layer}
+    reruns = {name: rerun(name, recompute, attention_kept) for name in per_layer}
     decoder_s = (layers * sum((forwards + reruns[name]) * p["forward_ms"] + p["input_grad_ms"]
                               for name, p in per_layer.items())
                  - per_layer["qkv"]["input_grad_ms"]) / 1e3
@@ -112,7 +122,8 @@ def floor(shape_name: str, step: str, recompute: bool, reps: int) -> dict:
     total_flops = (layers * flops_layer - 2 * tokens * qkv["out"] * qkv["inp"]
                    + 2 * head_tokens * vocab * h * (head_forwards + 1))
     floor_s = decoder_s + head_s
-    return dict(shape=shape_name, step=step, recompute=recompute, tokens=tokens, head_tokens=head_tokens,
+    return dict(shape=shape_name, step=step, recompute=recompute, attention_kept=attention_kept and recompute,
+                tokens=tokens, head_tokens=head_tokens,
                 decoder_forwards=forwards, head_forwards=head_forwards, examples=examples,
                 per_layer=per_layer, head_forward_ms=head_fwd * 1e3, head_input_grad_ms=head_bwd * 1e3,
                 floor_s=floor_s, gemm_tflops=total_flops / floor_s / 1e12,
@@ -125,12 +136,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="llama-3-8b", choices=[s for s in SHAPES if not is_moe(SHAPES[s])])
     ap.add_argument("--step", default="dpo", choices=list(STEPS))
     ap.add_argument("--no-recompute", action="store_true", help="the step without checkpointing's recompute")
+    ap.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=True,
+                    help="with the recompute: attention kept for backward, so the rerun runs no q/k/v GEMM")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--against", action="append", default=[], metavar="NAME=RATE",
                     help="a peer's measured examples/s: the floor's bound is printed as a multiple of it")
     ap.add_argument("--out", default=None, help="append the result as one JSON line here")
     args = ap.parse_args(argv)
-    result = floor(args.shape, args.step, not args.no_recompute, args.reps)
+    result = floor(args.shape, args.step, not args.no_recompute, args.reps, args.keep_attention)
     for spec in args.against:
         name, _, rate = spec.partition("=")
         result.setdefault("bound_vs", {})[name] = result["max_examples_per_s"] / float(rate)
