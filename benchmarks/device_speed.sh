@@ -35,7 +35,7 @@
 #   moe-graphs    gpu_check.py --checks moe (tiny Mixtral and Qwen3-MoE steps captured against eager),
 #                 then Qwen3-30B-A3B at seq 2048 under a 37.25 GiB cap (a 40 GB card, where the
 #                 graph's pool fits), graphed (qlora) and eager (qlora-eager). About 4 minutes.
-#   moe-peers     (OUTDIR then SYSTEMS; LIMIT, STEPS, WARMUP, CAP from the environment)
+#   moe-peers     (OUTDIR then SYSTEMS; LIMIT, WORKER_TIMEOUT, STEPS, WARMUP, CAP from the environment)
 #                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
 #                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
 #                 written by the first call and read by the next ones while the machine stays warm
@@ -221,13 +221,15 @@ moe-graphs)
     --out "$OUT/qwen3-moe-40gb"
   ;;
 moe-peers)
-  # LIMIT (default 570: the preamble and timeout's 5 s grace fit a 600 s call), STEPS/WARMUP (6/2),
-  # CAP (GiB, none by default: the seeds' stack keeps the experts in bf16) from the environment
+  # from the environment: LIMIT (default 570; up to ~585 leaves the preamble and timeout's 5 s
+  # grace inside a 600 s call), WORKER_TIMEOUT (400: one hung system leaves the others time),
+  # STEPS/WARMUP (6/2), CAP (GiB, none by default: the seeds' stack keeps the experts in bf16)
   LIMIT=${LIMIT:-570}
+  WORKER_TIMEOUT=${WORKER_TIMEOUT:-400}
   step "$LIMIT" qwen3-moe-peers $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
     --systems "${3:-qlora,hf}" ${CAP:+--memory-cap-gib "$CAP"} --keep-attention 0 --no-qlora-ckpt-off \
     --steps "${STEPS:-6}" --warmup "${WARMUP:-2}" --no-gpu-busy --model-root /dev/shm/models \
-    --worker-timeout $((LIMIT - 10)) --deadline $((LIMIT - 5)) --out "$OUT/qwen3-moe-peers"
+    --worker-timeout "$WORKER_TIMEOUT" --deadline $((LIMIT - 5)) --out "$OUT/qwen3-moe-peers"
   ;;
 profile-2048)
   step 70 profile-llama-detail $PY "$HERE/profile_step.py" --shape llama-3-8b --seq 2048 --ours --graphs \

@@ -321,6 +321,7 @@ class QloraStep:
         self.model, self.args, self.packed, self.torch = model, args, packed, torch
         self.share_prompt = share_prompt
         self.pairs_per_forward = pairs_per_forward or args.pairs  # the micro-batch
+        self.grad_norms = []  # each step's, before clipping (tensors: read after the timed steps)
         self.seed, self.stride, self.index = applied.dropout_seed, applied.dropout_stride, 0
         name = "paged_adamw_8bit" if args.device == "cuda" else "adamw_torch"
         self.opt = build_optimizer(model, name, args.lr, 0.001, (0.9, 0.999), 1e-8)
@@ -365,7 +366,7 @@ class QloraStep:
     def optimizer_step(self):
         from qlora.train.optim import zero_grads
 
-        self.torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        self.grad_norms.append(self.torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm))
         self.opt.step()
         zero_grads(self.opt)
 
@@ -460,6 +461,8 @@ def worker(args) -> int:
                    if cuda else None,
                    loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5),
                    losses=[round(x, 5) for x in losses], step_times=[round(x, 4) for x in times])
+        if isinstance(step, QloraStep):
+            rec["grad_norms"] = [round(float(n), 6) for n in step.grad_norms]
         graphs = getattr(step, "graphs", None)
         if graphs is not None:  # how many shapes were captured, and a capture that failed
             rec.update(graphs_captured=len(graphs.graphs), graphs_failed=graphs.failed)
