@@ -37,9 +37,9 @@ preference_step.py runs them; seq 2048 for sft):
   orpo  the same without the reference: 1 forward and the recompute, head 1 forward + 1 backward
   sft   tokens 2,048 (micro-batch 1); 1 forward and the recompute; head over every token, 1 forward
         + 1 backward
-`--no-recompute` drops the checkpoint's recompute: the floor of a step that keeps every activation
-(run as one micro-batch of the step's tokens; preference_step.py's qlora-nockpt runs a pair a
-forward, whose smaller GEMMs take at least as long).
+`--no-recompute` drops the checkpoint's recompute: the floor of a step that keeps every activation.
+`--micro-batches K` splits the step's examples into K forwards (GEMMs of 1/K the rows, each K
+times): preference_step.py's qlora-nockpt runs `--step dpo --no-recompute --micro-batches 4`.
 """
 
 from __future__ import annotations
@@ -88,13 +88,17 @@ def rerun(name: str, recompute: bool, attention_kept: bool) -> bool:
     return recompute and name != "down" and not (attention_kept and name == "qkv")
 
 
-def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept: bool = True) -> dict:
+def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept: bool = True,
+          micro_batches: int = 1) -> dict:
     import torch
 
     shape = SHAPES[shape_name]
     if is_moe(shape):
         raise SystemExit(f"--shape {shape_name}: a mixture of experts' GEMMs depend on routing; dense shapes only")
     tokens, head_tokens, forwards, head_forwards, examples = STEPS[step]
+    if examples % micro_batches:
+        raise SystemExit(f"--micro-batches {micro_batches}: the step's {examples} examples do not split evenly")
+    rows, head_rows = tokens // micro_batches, head_tokens // micro_batches  # a forward's
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -103,14 +107,16 @@ def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept
 
     per_layer, flops_layer = {}, 0
     for name, n_out, n_in in projections(shape):
-        w, x, g = rand(n_out, n_in), rand(tokens, n_in), rand(tokens, n_out)
-        fwd, bwd = time_gemm(torch, x, w.t(), reps), time_gemm(torch, g, w, reps)
+        w, x, g = rand(n_out, n_in), rand(rows, n_in), rand(rows, n_out)
+        fwd, bwd = (micro_batches * time_gemm(torch, x, w.t(), reps),
+                    micro_batches * time_gemm(torch, g, w, reps))
         per_layer[name] = dict(out=n_out, inp=n_in, forward_ms=fwd * 1e3, input_grad_ms=bwd * 1e3)
         flops_layer += 2 * tokens * n_out * n_in * (forwards + 1 + rerun(name, recompute, attention_kept))
         del w, x, g
     vocab, h = shape["vocab_size"], shape["hidden_size"]
-    e, x, g = rand(vocab, h), rand(head_tokens, h), rand(head_tokens, vocab)
-    head_fwd, head_bwd = time_gemm(torch, x, e.t(), reps), time_gemm(torch, g, e, reps)
+    e, x, g = rand(vocab, h), rand(head_rows, h), rand(head_rows, vocab)
+    head_fwd, head_bwd = (micro_batches * time_gemm(torch, x, e.t(), reps),
+                          micro_batches * time_gemm(torch, g, e, reps))
     del e, x, g
     layers = shape["num_hidden_layers"]
     reruns = {name: rerun(name, recompute, attention_kept) for name in per_layer}
@@ -123,7 +129,7 @@ def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept
                    + 2 * head_tokens * vocab * h * (head_forwards + 1))
     floor_s = decoder_s + head_s
     return dict(shape=shape_name, step=step, recompute=recompute, attention_kept=attention_kept and recompute,
-                tokens=tokens, head_tokens=head_tokens,
+                micro_batches=micro_batches, tokens=tokens, head_tokens=head_tokens,
                 decoder_forwards=forwards, head_forwards=head_forwards, examples=examples,
                 per_layer=per_layer, head_forward_ms=head_fwd * 1e3, head_input_grad_ms=head_bwd * 1e3,
                 floor_s=floor_s, gemm_tflops=total_flops / floor_s / 1e12,
@@ -138,12 +144,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-recompute", action="store_true", help="the step without checkpointing's recompute")
     ap.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=True,
                     help="with the recompute: attention kept for backward, so the rerun runs no q/k/v GEMM")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="the step's examples in this many forwards (each GEMM of 1/K the rows, K times)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--against", action="append", default=[], metavar="NAME=RATE",
                     help="a peer's measured examples/s: the floor's bound is printed as a multiple of it")
     ap.add_argument("--out", default=None, help="append the result as one JSON line here")
     args = ap.parse_args(argv)
-    result = floor(args.shape, args.step, not args.no_recompute, args.reps, args.keep_attention)
+    result = floor(args.shape, args.step, not args.no_recompute, args.reps, args.keep_attention,
+                   args.micro_batches)
     for spec in args.against:
         name, _, rate = spec.partition("=")
         result.setdefault("bound_vs", {})[name] = result["max_examples_per_s"] / float(rate)
