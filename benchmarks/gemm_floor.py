@@ -88,6 +88,16 @@ def rerun(name: str, recompute: bool, attention_kept: bool) -> bool:
     return recompute and name != "down" and not (attention_kept and name == "qkv")
 
 
+def base_gemm_flops(shape: dict, step: str, recompute: bool, attention_kept: bool = True) -> int:
+    """FLOPs of the GEMMs `floor` times, for the whole step (as its formula sums them)."""
+    tokens, head_tokens, forwards, head_forwards, _ = STEPS[step]
+    per_layer = sum(2 * tokens * n_out * n_in * (forwards + 1 + rerun(name, recompute, attention_kept))
+                    for name, n_out, n_in in projections(shape))
+    _, qkv_out, qkv_in = projections(shape)[0]
+    return (shape["num_hidden_layers"] * per_layer - 2 * tokens * qkv_out * qkv_in
+            + 2 * head_tokens * shape["vocab_size"] * shape["hidden_size"] * (head_forwards + 1))
+
+
 def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept: bool = True,
           micro_batches: int = 1) -> dict:
     import torch
@@ -105,13 +115,12 @@ def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept
     def rand(*size):
         return torch.randn(size, generator=gen, device=dev, dtype=dt) * 0.02
 
-    per_layer, flops_layer = {}, 0
+    per_layer = {}
     for name, n_out, n_in in projections(shape):
         w, x, g = rand(n_out, n_in), rand(rows, n_in), rand(rows, n_out)
         fwd, bwd = (micro_batches * time_gemm(torch, x, w.t(), reps),
                     micro_batches * time_gemm(torch, g, w, reps))
         per_layer[name] = dict(out=n_out, inp=n_in, forward_ms=fwd * 1e3, input_grad_ms=bwd * 1e3)
-        flops_layer += 2 * tokens * n_out * n_in * (forwards + 1 + rerun(name, recompute, attention_kept))
         del w, x, g
     vocab, h = shape["vocab_size"], shape["hidden_size"]
     e, x, g = rand(vocab, h), rand(head_rows, h), rand(head_rows, vocab)
@@ -124,9 +133,7 @@ def floor(shape_name: str, step: str, recompute: bool, reps: int, attention_kept
                               for name, p in per_layer.items())
                  - per_layer["qkv"]["input_grad_ms"]) / 1e3
     head_s = head_forwards * head_fwd + head_bwd
-    qkv = per_layer["qkv"]
-    total_flops = (layers * flops_layer - 2 * tokens * qkv["out"] * qkv["inp"]
-                   + 2 * head_tokens * vocab * h * (head_forwards + 1))
+    total_flops = base_gemm_flops(shape, step, recompute, attention_kept)
     floor_s = decoder_s + head_s
     return dict(shape=shape_name, step=step, recompute=recompute, attention_kept=attention_kept and recompute,
                 micro_batches=micro_batches, tokens=tokens, head_tokens=head_tokens,

@@ -361,3 +361,38 @@ def test_preference_step_runs_orpo_for_trl_and_qlora_on_the_same_pairs(tmp_path)
     assert abs(float(nll_with_prompt - nll_completion)) > 1e-3
     assert recs["trl"]["loss_first"] == pytest.approx(float(nll_with_prompt - 0.1 * ratio), abs=2e-5)
     assert recs["qlora"]["loss_first"] == pytest.approx(float(nll_completion - 0.1 * ratio), abs=2e-5)
+
+
+def test_gemm_floor_counts_the_base_gemms_of_train_steps_flop_formula():
+    """gemm_floor.py's base-GEMM FLOPs against train_step.py's published formula (`dense` of
+    step_flops: the projections and the head, forward and input gradient, plus the recompute):
+    for an SFT step they differ by exactly what the floor knows the step skips, each layer's
+    down projection in the recompute (and q/k/v too with attention kept) and layer 0's q/k/v
+    input gradient; without the recompute by layer 0's alone. Integers: equal, not close. And a
+    DPO step is the SFT count of its tokens plus one more forward (the reference) of the layers
+    and the head over the completions."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        gemm_floor = importlib.import_module("gemm_floor")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name in ("llama-3-8b", "phi-4", "qwen2.5-1.5b"):
+        shape = gemm_floor.SHAPES[name]
+        h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+        _, qkv_out, qkv_in = gemm_floor.projections(shape)[0]
+        tokens = gemm_floor.STEPS["sft"][0]
+        published = _bench().step_flops(shape, tokens, 1, ckpt=True)["dense"]
+        qkv0 = 2 * tokens * qkv_out * qkv_in
+        down_rerun = layers * 2 * tokens * h * i
+        assert gemm_floor.base_gemm_flops(shape, "sft", True, attention_kept=False) \
+            == published - down_rerun - qkv0
+        assert gemm_floor.base_gemm_flops(shape, "sft", True, attention_kept=True) \
+            == published - down_rerun - qkv0 - layers * qkv0
+        no_rerun = _bench().step_flops(shape, tokens, 1, ckpt=False)["dense"]
+        assert gemm_floor.base_gemm_flops(shape, "sft", False) == no_rerun - qkv0
+    shape = gemm_floor.SHAPES["llama-3-8b"]
+    tokens, head_tokens = gemm_floor.STEPS["dpo"][:2]
+    layer = sum(2 * tokens * o * k for _, o, k in gemm_floor.projections(shape))
+    head = 2 * head_tokens * shape["vocab_size"] * shape["hidden_size"]
+    assert gemm_floor.base_gemm_flops(shape, "dpo", False) \
+        == gemm_floor.base_gemm_flops(shape, "orpo", False) + shape["num_hidden_layers"] * layer + head
