@@ -10,18 +10,17 @@ from qlora.errors import QloraError
 
 
 def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
-              ) -> tuple[list[dict], list[dict], tuple[str, bool]]:
+              ) -> tuple[list[dict], list[dict], tuple[str, bool | None]]:
     """Tokenized (train, validation) examples, as the config says, and how the training data's
     prompts were rendered, which the run records with its adapter (train/output.
     write_prompt_format): (its format as detected, or a preference layout; whether through a chat
-    template)."""
+    template, None for an SFT format: its format says)."""
     from qlora.data import prepare, split_validation
-    from qlora.data.templates import CHAT_FORMATS
     from qlora.methods import method_module
 
     method = method_module(cfg.method)
 
-    def one(path: str) -> tuple[list[dict], tuple[str, bool]]:
+    def one(path: str) -> tuple[list[dict], tuple[str, bool | None]]:
         """The file's examples, and how its prompts were rendered."""
         if method is not None:
             examples, report = _preference_data(path, tokenizer, cfg, method.LAYOUT, log)
@@ -31,7 +30,7 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
                                    chat_template=cfg.chat_template)
         for line in report.lines():
             log(line)
-        return examples, (report.format, report.format in CHAT_FORMATS)
+        return examples, (report.format, None)
 
     train, prompts = one(cfg.data)
     val: list[dict] = []

@@ -56,7 +56,7 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
 
 
 def write_run_files(cfg: RunConfig, resolved: dict, log: Callable[[str], None],
-                    prompts: tuple[str, bool] | None = None) -> Path:
+                    prompts: tuple[str, bool | None]) -> Path:
     """The output directory made ready (prepare_output_dir), with run_config.yaml (`resolved`: what
     the machine decided, saved beside the options), prompt_format.json (`prompts`: the data format
     training detected, or a preference layout, and whether its prompts went through a chat
@@ -67,8 +67,7 @@ def write_run_files(cfg: RunConfig, resolved: dict, log: Callable[[str], None],
         report_config_changes(out, cfg, log)
     else:
         save_config(cfg, out / CONFIG_FILE_NAME, extra=resolved)
-    if prompts is not None:
-        write_prompt_format(out, prompts[0], cfg.chat_template, chat=prompts[1])
+    write_prompt_format(out, prompts[0], cfg.chat_template, chat=prompts[1])
     copy_tokenizer_files(cfg.model, out)
     return out
 
