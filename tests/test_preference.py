@@ -1236,3 +1236,35 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
                        pair_batch(pairs, 0, packed=True, share_prompt=share_prompt),
                        PreferenceOptions())
             assert saved == [want] * model.spec.num_layers
+
+
+def test_the_dense_mask_of_a_staged_shared_prompt_row_shows_every_query_a_key():
+    """gathered_keys_mask (the dense fallback where varlen takes no window) over a staged row
+    (train/graphs.stage_gathered_keys), whose padding document's keys repeat one filler token:
+    255 of them for one pair with a 1-token prompt staged at pad_to 256 (the prompts' keys padded
+    to 256), and the token once more as its own key: 256, which a uint8 count wrapped to 0, so the
+    first padding query saw no key and SDPA could give it NaN. Every query sees at least one key, itself (bottom-right causal), and the
+    mask equals the dense causal mask of each document over its own tokens plus, for the
+    rejected completion, its prompt."""
+    from qlora.data.preference import shared_prompt_batch
+    from qlora.models.attention import GatheredKeys, Varlen, gathered_keys_mask
+    from qlora.train.graphs import stage_gathered_keys
+
+    pair = {"prompt": [5], "chosen": [6, 7], "rejected": [8, 9, 10]}
+    batch = shared_prompt_batch([pair])
+    plan = batch["attention"]
+    staged = stage_gathered_keys(batch["input_ids"], batch["position_ids"], batch["labels"], plan,
+                                 pad_to=256, pinned=False)
+    length = staged.input_ids.shape[1]
+    keys = staged.gathered_keys
+    assert int((keys["key_index"] == 6).sum()) >= 256  # the filler: the first padding token (T=6)
+    staged_plan = Varlen(staged.cu_seqlens, length,
+                         keys=GatheredKeys(keys["key_index"], keys["cu_keys"], length))
+    mask = gathered_keys_mask(staged_plan, 1, length, None)[0, 0]
+    assert bool(mask.any(dim=1).all())
+    # the real tokens: [prompt, chosen] a causal document; rejected sees the prompt, then itself
+    want = torch.zeros(6, 6, dtype=torch.bool)
+    want[:3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
+    want[3:, 0] = True
+    want[3:, 3:] = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert torch.equal(mask[:6, :6], want) and not bool(mask[:6, 6:].any())

@@ -338,9 +338,11 @@ def gathered_keys_mask(plan: Varlen, rows: int, length: int, window: int | None
     sees = (q_doc[:, None] == k_doc[None, :]) & (k_back <= q_back)
     if window is not None:
         sees &= q_back - k_back < window
-    # onto the keys' own tokens: a token is at most one of a query's document's keys
-    flat = torch.zeros(rows * length, rows * length, dtype=torch.uint8, device=index.device)
-    flat.index_add_(1, index, sees.to(torch.uint8))
+    # onto the keys' own tokens, counting: a staged row's padding document repeats one filler
+    # token as a key hundreds of times (train/graphs.stage_gathered_keys), which a uint8 count
+    # wrapped to 0 at 256, hiding every key from a padding query
+    flat = torch.zeros(rows * length, rows * length, dtype=torch.int32, device=index.device)
+    flat.index_add_(1, index, sees.to(torch.int32))
     blocks = flat.bool().view(rows, length, rows, length).diagonal(dim1=0, dim2=2)
     return blocks.permute(2, 0, 1)[:, None]
 
