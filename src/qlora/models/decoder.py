@@ -223,7 +223,7 @@ class DecoderLM(nn.Module):
         [tokens, vocab] matrix never exists; positions without a label cost nothing. Labels on
         the CPU (the loop's) are selected there, so the GPU is not waited for.
         """
-        h, t = self.labelled(hidden, labels)
+        h, t = labelled_rows(hidden, labels)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, t.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
@@ -237,7 +237,7 @@ class DecoderLM(nn.Module):
     def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The cross-entropy of each label token (fp32 [N]), chunk by chunk as loss_sum: only the
         label positions' logits are made, never the [tokens, vocab] matrix whole."""
-        h, t = self.labelled(hidden, labels)
+        h, t = labelled_rows(hidden, labels)
         chunks = []
         for start in range(0, t.numel(), self.loss_chunk_tokens):
             end = start + self.loss_chunk_tokens
@@ -250,21 +250,23 @@ class DecoderLM(nn.Module):
                 chunks.append(self.chunk_loss(h[start:end], t[start:end], "none"))
         return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
 
-    def labelled(self, hidden: torch.Tensor, labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The hidden states of the positions that predict a label, and those labels."""
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        if isinstance(labels, LabelPositions):  # staged: no selection to make
-            return flat.index_select(0, labels.positions), labels.targets
-        targets = shifted_targets(labels)
-        keep = torch.nonzero(targets.reshape(-1) != IGNORE_INDEX).flatten()
-        t = targets.reshape(-1)[keep].to(hidden.device, non_blocking=True)
-        keep = keep.to(hidden.device, non_blocking=True)
-        return flat.index_select(0, keep), t
-
     def chunk_loss(self, h: torch.Tensor, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits, t, reduction=reduction, ignore_index=IGNORE_INDEX)
+
+
+def labelled_rows(x: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x [..., D] (hidden states or logits, flattened over the batch) at the
+    positions that predict a label, and those labels: `labels` [B, T] shifted, or a
+    LabelPositions (staged: no selection to make)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if isinstance(labels, LabelPositions):
+        return flat.index_select(0, labels.positions), labels.targets
+    targets = shifted_targets(labels)
+    keep = torch.nonzero(targets.reshape(-1) != IGNORE_INDEX).flatten()
+    t = targets.reshape(-1)[keep].to(x.device, non_blocking=True)
+    keep = keep.to(x.device, non_blocking=True)
+    return flat.index_select(0, keep), t
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.errors import QloraError
-from qlora.models.decoder import (IGNORE_INDEX, LabelPositions, compute_device,
-                                  shifted_targets)
+from qlora.models.decoder import IGNORE_INDEX, compute_device, labelled_rows
 from qlora.models.spec import read_config
 from qlora.models.weights import (check_nothing_missing, open_shard, read_tensor,
                                   replace_keeping_bias, shard_keys)
@@ -496,18 +495,13 @@ class GenericLM(nn.Module):
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropies (fp32) of the positions whose next label is not IGNORE_INDEX."""
-    targets = shifted_targets(labels).to(logits.device, non_blocking=True)
-    keep = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    rows, targets = labelled_rows(logits, labels)
+    return F.cross_entropy(rows.float(), targets, reduction="sum")
 
 
 def token_losses(logits: torch.Tensor, labels) -> torch.Tensor:
     """Each of those cross-entropies (fp32 [N]), the positions in row-major order; or, where
-    `labels` is a LabelPositions, at its positions in its order."""
-    if isinstance(labels, LabelPositions):
-        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, labels.positions)
-        return F.cross_entropy(flat.float(), labels.targets, reduction="none",
-                               ignore_index=IGNORE_INDEX)
-    targets = shifted_targets(labels).to(logits.device, non_blocking=True)
-    keep = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    `labels` is a LabelPositions, at its positions in its order (its padding slot's target
+    IGNORE_INDEX: a loss of 0)."""
+    rows, targets = labelled_rows(logits, labels)
+    return F.cross_entropy(rows.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)

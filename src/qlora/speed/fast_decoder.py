@@ -45,7 +45,8 @@ from qlora.kernels.dropout import use_triton
 from qlora.kernels.embedding import gather_rows
 from qlora.kernels.lora import drop_kept_products
 from qlora.models.attention import Attention
-from qlora.models.decoder import MLP, DecoderLayer, DecoderLM, compute_device, shifted_targets
+from qlora.models.decoder import (MLP, DecoderLayer, DecoderLM, compute_device, labelled_rows,
+                                  shifted_targets)
 from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, GemmaLM, GemmaMLP,
                                          GemmaRMSNorm, geglu)
 from qlora.models.families.moe_blocks import Experts, MoeDecoderLayer, MoeLM
@@ -191,7 +192,7 @@ class FastDecoderLM(DecoderLM):
             return self._loss_sum_all_positions(hidden, shifted_targets(labels).reshape(-1))
         if self.lm_head.weight.requires_grad:
             return super().loss_sum(hidden, labels)
-        h, t = self.labelled(hidden, labels)
+        h, t = labelled_rows(hidden, labels)
         return linear_cross_entropy_sum(h, self.lm_head.weight, t, self.loss_chunk_tokens,
                                         self.final_softcap)
 
@@ -200,7 +201,7 @@ class FastDecoderLM(DecoderLM):
         frozen (each token's gradient made in forward, weighed in backward)."""
         if self.lm_head.weight.requires_grad:
             return super().token_losses(hidden, labels)
-        h, t = self.labelled(hidden, labels)
+        h, t = labelled_rows(hidden, labels)
         return linear_cross_entropy_rows(h, self.lm_head.weight, t, self.loss_chunk_tokens,
                                          self.final_softcap)
 
