@@ -355,7 +355,8 @@ def test_planner_counts_each_family_at_its_real_shape():
     assert any("gemma2's attention is recomputed" in n for n in plan(gemma, keep).notes)
     cfg = PlanConfig(seq_len=2048, kernels="fused")
     assert memory.activations.layer_activation_terms(gemma, cfg) == memory.activations.layer_activation_terms(uncapped, cfg)
-    assert memory.attention.kept_attention_bytes_per_token(gemma, 2048) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
+    assert (memory.attention.kept_query_bytes_per_token(gemma)
+            + memory.attention.kept_key_bytes_per_token(gemma, False)) == 2 * (4096 + 2 * 2048 + 4096) + 4 * 16
     # kept in every layer, the plan grows by that, 42 layers x 2048 tokens
     kept = plan(gemma, replace(cfg, keep_attention=True)).activations - plan(gemma, cfg).activations
     assert kept == 42 * 2048 * 24_640

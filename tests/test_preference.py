@@ -1197,7 +1197,7 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     prompt_len 0) is then over by the prompts' q, output and log-sum-exp bytes exactly, which is
     what the planner leaves out where told the prompt's length (settings.key_tokens)."""
     from qlora.adapters import AdapterConfig, attach_adapters
-    from qlora.memory.attention import kept_attention_bytes_per_token
+    from qlora.memory.attention import kept_key_bytes_per_token, kept_query_bytes_per_token
     from qlora.methods.preference import batch_loss
     from qlora.models import attention, load_model
     from qlora.quant import QuantConfig
@@ -1227,9 +1227,8 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
         attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
         apply_speed(model, SpeedPlan(keep_attention=True))
         model.gradient_checkpointing = True
-        planned = tokens * kept_attention_bytes_per_token(model.spec, tokens)
-        spec = model.spec
-        query_side = 2 * 2 * spec.num_heads * spec.head_dim + 4 * spec.num_heads  # q, out, lse
+        query_side = kept_query_bytes_per_token(model.spec)  # q, the output, the lse
+        planned = tokens * (query_side + kept_key_bytes_per_token(model.spec, repeated_kv=False))
         for share_prompt, want in ((False, planned), (True, planned - prompts * query_side)):
             saved.clear()
             batch_loss(orpo, model.train(),

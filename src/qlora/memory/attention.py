@@ -44,22 +44,17 @@ def capped_attention_bytes_per_token(arch: ArchSpec, seq_len: int) -> int:
     return 2 * 3 * q + (8 * arch.num_heads + 1) * seq_len
 
 
-def kept_attention_bytes_per_token(arch: ArchSpec, seq_len: int, repeated_kv: bool = False) -> int:
-    """What attention's backward reads, kept per token and layer by keep_attention: RoPE'd q and k,
-    v (a copy, not a view of the grouped projection output), the output (bf16), and the fp32
-    log-sum-exp of each head: flash's, and flex_attention's for Gemma 2's capped scores (dense
-    capped scores are never kept: keeps_attention). `seq_len` does not change it (O(T) a row).
-    `repeated_kv`: k and v copied to every query head first (repeats_kv_heads)."""
-    return _kept_query_bytes_per_token(arch) + _kept_key_bytes_per_token(arch, repeated_kv)
-
-
-def _kept_query_bytes_per_token(arch: ArchSpec) -> int:
-    """q, the output (bf16) and the fp32 log-sum-exp per head: one a query token."""
+def kept_query_bytes_per_token(arch: ArchSpec) -> int:
+    """What attention's backward reads, kept by keep_attention, of each query token and layer:
+    RoPE'd q, the output (bf16) and the fp32 log-sum-exp of each head (flash's, and
+    flex_attention's for Gemma 2's capped scores; dense capped scores are never kept:
+    keeps_attention)."""
     return 2 * 2 * arch.num_heads * arch.head_dim + 4 * arch.num_heads
 
 
-def _kept_key_bytes_per_token(arch: ArchSpec, repeated_kv: bool) -> int:
-    """k and v (bf16): one a key token."""
+def kept_key_bytes_per_token(arch: ArchSpec, repeated_kv: bool) -> int:
+    """The same of each key token: RoPE'd k and v (bf16; v a copy, not a view of the grouped
+    projection output), copied to every query head first where `repeated_kv` (repeats_kv_heads)."""
     kv = arch.num_heads if repeated_kv else arch.num_kv_heads
     return 2 * 2 * kv * arch.head_dim
 
@@ -68,8 +63,8 @@ def kept_attention_layer_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     """What one layer's kept attention holds over a micro-batch: q, the output and the
     log-sum-exp at its step_tokens, k and v at its key_tokens (more where pairs pack their
     prompt once: settings.key_tokens)."""
-    return (step_tokens(cfg) * _kept_query_bytes_per_token(arch)
-            + key_tokens(cfg) * _kept_key_bytes_per_token(arch, repeats_kv_heads(arch)))
+    return (step_tokens(cfg) * kept_query_bytes_per_token(arch)
+            + key_tokens(cfg) * kept_key_bytes_per_token(arch, repeats_kv_heads(arch)))
 
 
 def keeps_attention(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> bool:
