@@ -1267,3 +1267,22 @@ def test_the_dense_mask_of_a_staged_shared_prompt_row_shows_every_query_a_key():
     want[3:, 0] = True
     want[3:, 3:] = torch.ones(3, 3, dtype=torch.bool).tril()
     assert torch.equal(mask[:6, :6], want) and not bool(mask[:6, 6:].any())
+
+
+@pytest.mark.parametrize("method", [dpo, kto])
+def test_a_batch_works_out_its_label_layout_once_for_policy_and_reference(llama_dir, method,
+                                                                          monkeypatch):
+    """The policy's forward and the reference's (adapters off) read the same label positions,
+    targets and attention plan: batch_loss works them out and copies them to the device once per
+    batch (each half's once for KTO), not once per forward."""
+    from qlora.data.preference import preference_batch
+    from qlora.methods import preference
+    from qlora.methods.preference import batch_loss
+
+    calls = []
+    layout = preference.label_layout
+    monkeypatch.setattr(preference, "label_layout", lambda b: calls.append(1) or layout(b))
+    model = _lora_model(llama_dir, speed=True, scale=0.3)
+    examples = _varied_examples(method.LAYOUT)
+    batch_loss(method, model, preference_batch(examples, 0, packed=False), PreferenceOptions())
+    assert len(calls) == (1 if method.LAYOUT == "pairs" else 2)  # KTO: its two halves

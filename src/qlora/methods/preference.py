@@ -96,6 +96,29 @@ def row_logps(model, batch: dict) -> RowLogps:
     """RowLogps of the batch's sequences through `model` (one forward): its label tokens'
     positions as data/preference.label_layout gives them, and its attention plan where it brings
     one (a shared prompt's: position_ids cannot say which keys a rejected completion sees)."""
+    return rows_of(model, batch)()
+
+
+def rows_of(model, batch: dict) -> Callable[[], RowLogps]:
+    """row_logps(model, batch) as the model is at each call, the batch's label layout worked out
+    and copied to the device at the first call only: the policy's forward and the reference's
+    (adapters off) read the same."""
+    ready = None
+
+    def rows() -> RowLogps:
+        nonlocal ready
+        if ready is None:
+            ready = _on_device(model, batch)
+        ids, labels, plan, sequences = ready
+        losses = model(ids, batch["position_ids"], labels, varlen=plan, per_token=True)
+        return sequence_logps(-losses, sequences, batch["n_sequences"])
+
+    return rows
+
+
+def _on_device(model, batch: dict) -> tuple:
+    """(ids, LabelPositions, attention plan or None, each label's sequence) of the batch, the
+    first three on the model's compute device."""
     device = compute_device(model)  # not the first parameter's: the embedding may be on the host
     rows, ts, targets, sequences = label_layout(batch)
     width = batch["input_ids"].shape[1]
@@ -103,20 +126,19 @@ def row_logps(model, batch: dict) -> RowLogps:
                             targets.to(device, non_blocking=True))
     plan = batch.get("attention")
     # non-blocking: a blocking copy would wait for every kernel queued (the previous backward)
-    losses = model(batch["input_ids"].to(device, non_blocking=True), batch["position_ids"],
-                   labels, varlen=None if plan is None else plan.to(device), per_token=True)
-    return sequence_logps(-losses, sequences, batch["n_sequences"])
+    return (batch["input_ids"].to(device, non_blocking=True), labels,
+            None if plan is None else plan.to(device), sequences)
 
 
 def policy_and_reference(method, model, batch: dict):
     """(policy, reference or None) log-probs of a batch for `method`; the reference is `model`
     with its adapters off."""
     if method.LAYOUT == "pairs":
-        return pair_logps(method, model, lambda: row_logps(model, batch), batch.get("ref_logps"))
-    examples, kl = half(batch, second=False), half(batch, second=True)
-    return unpaired_logps(model, lambda: row_logps(model, examples),
-                          lambda: row_logps(model, kl), batch["label"],
-                          both=lambda: row_halves(row_logps(model, batch)))
+        return pair_logps(method, model, rows_of(model, batch), batch.get("ref_logps"))
+    whole = rows_of(model, batch)
+    return unpaired_logps(model, rows_of(model, half(batch, second=False)),
+                          rows_of(model, half(batch, second=True)), batch["label"],
+                          both=lambda: row_halves(whole()))
 
 
 def row_halves(rows: RowLogps) -> tuple[RowLogps, RowLogps]:
