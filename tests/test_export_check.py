@@ -6,8 +6,7 @@ LoRA adapter trained for a few dozen steps to answer every ChatML turn with "OK,
 <|im_end|>, so that its predictions at the answer's tokens are confident and its chat turns end.
 The targets (CI, tiny models): q8_0 next-token agreement 100 % with the trained model, q4_k_m
 ≥ 95 %, the chat stopping on <|im_end|>, for llama and, each trained the same way, every other
-native family (the mixtures of experts in q8_0 only, the types the export writes for them), shown
-here without llama.cpp (the GGUF's dequantized weights in our own engine) and, where
+native family, shown here without llama.cpp (the GGUF's dequantized weights in our own engine) and, where
 llama-cpp-python is importable (or $QLORA_LLAMA_PYTHON names a python that has it), in llama.cpp.
 """
 
@@ -294,8 +293,8 @@ _DENSE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num
 # each family's tiny model with the settings the export accepts (llama.cpp derives Gemma's layer
 # pattern and query scale from the architecture, and caps Gemma 2 always: gguf.gemma_settings);
 # Gemma's windows shorter than a conversation (~36 tokens), so the sliding layers' masks matter;
-# hidden 256, whose rows fill k-quant blocks; the mixtures of experts are written as q8_0 only
-# (gguf.MOE_QTYPES)
+# hidden 256, whose rows fill k-quant blocks (the experts' down projections, 64 wide, fall back
+# to Q5_0 in q4_k_m, as llama.cpp stores them)
 FAMILY_MODELS = {
     # Mistral's window (4096) past the context: llama.cpp runs it as llama, with no window at all
     # (the export says so where the window is shorter: test_export_gguf.py)
@@ -313,8 +312,7 @@ FAMILY_MODELS = {
     "qwen3_moe": {**_DENSE, "moe_intermediate_size": 64, "head_dim": 64},
 }
 FAMILY_CASES = [pytest.param(family, qtype, target, id=f"{family}-{qtype}")
-                for family in FAMILY_MODELS for qtype, target in (("q8_0", 1.0), ("q4_k_m", 0.95))
-                if qtype == "q8_0" or family not in ("mixtral", "qwen3_moe")]
+                for family in FAMILY_MODELS for qtype, target in (("q8_0", 1.0), ("q4_k_m", 0.95))]
 
 
 @pytest.fixture(scope="module")

@@ -336,6 +336,12 @@ def test_mixture_special_cases():
     assert _types("q4_0")[0] == "Q6_K" and _types("q8_0")[0] == "Q8_0"
     assert _types("f16")[2]["attn_v"] == ["F16"] * 32
     assert tensor_type("blk.0.attn_norm.weight", (4096,), "q4_k_m", LLAMA_8B).stored == "F32"
+    # Phi-3's fused attn_qkv takes attn_v's rules (llama.cpp 0.3.36's quantizer: see
+    # test_mixtures_of_experts_follow_llama_cpp)
+    for file_type in ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k"):
+        qkv = [tensor_type(f"blk.{i}.attn_qkv.weight", (6144, 4096), file_type, LLAMA_8B).stored
+               for i in range(32)]
+        assert qkv == _types(file_type)[2]["attn_v"], file_type
 
 
 @pytest.mark.parametrize("file_type,width,want", [
@@ -368,3 +374,37 @@ def test_the_workers_count_stays_within_a_cgroup_cpu_quota(tmp_path):
     cpu_max.write_text("garbled\n")
     assert usable_cores(str(cpu_max)) == affinity
     assert usable_cores(str(tmp_path / "absent")) == affinity
+
+
+def test_mixtures_of_experts_follow_llama_cpp():
+    """llama.cpp's rules for experts (src/llama-quant.cpp): stacked experts by their role, and at 8
+    experts (Mixtral) attn_k / attn_v in Q8_0 and attn_output in Q5_K up to q4_k_m. Checked
+    against llama.cpp's own quantizer on 8-layer Mixtral and Qwen3-MoE models in
+    benchmarks/kquant_vs_llamacpp.py (docs/MERGE_AND_EXPORT.md)."""
+    mixtral = Model(n_layer=32, n_head=32, n_kv_head=8, has_output=True, n_expert=8)
+    qwen3_moe = Model(n_layer=32, n_head=32, n_kv_head=4, has_output=True, n_expert=128)
+
+    def t(name, file_type, model, shape=(8, 4096, 4096)):
+        return tensor_type(name, shape, file_type, model).stored
+
+    more = ["Q6_K" if i in MORE_BITS_32 else "Q4_K" for i in range(32)]
+    for model in (mixtral, qwen3_moe):
+        assert [t(f"blk.{i}.ffn_down_exps.weight", "q4_k_m", model) for i in range(32)] == more
+        assert t("blk.3.ffn_gate_exps.weight", "q4_k_m", model) == "Q4_K"
+        assert t("blk.3.ffn_up_exps.weight", "q3_k_m", model) == "Q3_K"
+    for file_type in ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "q8_0"):
+        assert t("blk.9.attn_k.weight", file_type, mixtral) == "Q8_0"
+        assert t("blk.9.attn_v.weight", file_type, mixtral) == "Q8_0"
+    assert t("blk.9.attn_output.weight", "q4_k_m", mixtral) == "Q5_K"
+    assert t("blk.9.attn_output.weight", "q2_k", mixtral) == "Q5_K"  # not the dense Q3_K
+    assert t("blk.9.attn_output.weight", "q5_k_m", mixtral) == "Q5_K"
+    assert t("blk.9.attn_output.weight", "q4_0", mixtral) == "Q4_0"
+    # more experts than 8: the dense rules
+    assert t("blk.9.attn_k.weight", "q4_k_m", qwen3_moe) == "Q4_K"
+    assert t("blk.9.attn_output.weight", "q2_k", qwen3_moe) == "Q3_K"
+    assert [t(f"blk.{i}.attn_v.weight", "q4_k_m", qwen3_moe) for i in range(32)] == more
+    assert t("blk.0.attn_k.weight", "f16", mixtral) == "F16"
+    # an expert's rows are its input width: Qwen3-30B-A3B's down projections, 768 wide, fill
+    # three Q4_K blocks; a 64-wide one falls back as a dense row does
+    assert t("blk.0.ffn_down_exps.weight", "q4_k_m", qwen3_moe, (128, 2048, 768)) == "Q6_K"
+    assert t("blk.5.ffn_down_exps.weight", "q4_k_m", qwen3_moe, (4, 256, 64)) == "Q5_0"

@@ -496,7 +496,7 @@ def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | N
         raise QloraError(f"--model {model_dir}: no such directory")
     refuse_generic(model_dir)
     config = read_config(model_dir)[0]
-    check_moe_export(config, qtype, model_dir / "config.json")
+    check_moe_export(config, model_dir / "config.json")
     return config
 
 
@@ -620,24 +620,17 @@ class ShardReader:
 
 
 # mixtures of experts: llama.cpp runs Mixtral as llama, Qwen3-MoE as qwen3moe, each layer's experts
-# as three stacked tensors ffn_{gate,up,down}_exps [E, out, in] and the router as ffn_gate_inp
+# as three stacked tensors ffn_{gate,up,down}_exps [E, out, in] and the router as ffn_gate_inp;
+# every file type, with llama.cpp's rules for experts (mixtures.py)
 MIXTURE_OF_EXPERTS = ("mixtral", "qwen3_moe")
-# the file types written for them: those whose every weight takes the file's one type (llama.cpp's
-# k-quant and q4_0 mixtures give experts and attention of an 8-expert model types of their own,
-# which mixtures.py does not reproduce)
-MOE_QTYPES = ("f16", "bf16", "q8_0")
 EXPERT_ROLES = {("gate_up_proj", 0): "ffn_gate_exps", ("gate_up_proj", 1): "ffn_up_exps",
                 ("down_proj", 0): "ffn_down_exps"}
 
 
-def check_moe_export(config: dict, qtype: str, source) -> None:
+def check_moe_export(config: dict, source) -> None:
     """Refuse what the exporter does not write for a mixture of experts, before any work."""
     if config.get("model_type") not in MIXTURE_OF_EXPERTS:
         return
-    if qtype not in MOE_QTYPES:
-        raise QloraError(f"--type {qtype}: a mixture of experts ({config['model_type']}) is written "
-                         f"as {', '.join(MOE_QTYPES)} only (llama.cpp's mixtures for experts are not "
-                         "reproduced); export f16 and quantize it with llama.cpp's llama-quantize")
     if config["model_type"] == "qwen3_moe" and not config.get("norm_topk_prob", False):
         raise QloraError(f"{source}: norm_topk_prob is false, but llama.cpp's qwen3moe always "
                          "renormalises the top-k router weights; its GGUF would compute another model")
@@ -772,11 +765,12 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, arch, qtype: 
     g = _gguf()
     arch_name = g.MODEL_ARCH_NAMES[arch]
     n_layer, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    experts = ExpertStacks(config) if config.get("model_type") in MIXTURE_OF_EXPERTS else None
     model = mixtures.Model(n_layer=n_layer, n_head=n_head,
                            n_kv_head=config.get("num_key_value_heads") or n_head,
-                           has_output="lm_head.weight" in shapes)
+                           has_output="lm_head.weight" in shapes,
+                           n_expert=experts.count if experts is not None else 0)
     tmap = g.get_tensor_name_map(arch, n_layer)
-    experts = ExpertStacks(config) if config.get("model_type") in MIXTURE_OF_EXPERTS else None
     plan = []
     for hf_name, shape in shapes.items():
         if hf_name.endswith("rotary_emb.inv_freq"):

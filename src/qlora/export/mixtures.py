@@ -2,7 +2,7 @@
 
 llama.cpp's `llama-quantize` does not store every tensor of a Q4_K_M file in Q4_K: tensors whose
 errors cost more get more bits. These are its rules (src/llama-quant.cpp, llama_tensor_get_type)
-for the file types we write and the dense models we export (no experts, no fused qkv, not Falcon):
+for the file types we write and the models we export (not Falcon), dense:
 
   file type  default  output*  attn_v                        ffn_down                  attn_output
   q2_k       Q2_K     Q6_K     Q3_K (Q4_K when n_gqa ≥ 4)    Q3_K                      Q3_K
@@ -18,12 +18,20 @@ for the file types we write and the dense models we export (no experts, no fused
 
   * output.weight, or token_embd.weight when the output is tied to it (the one tensor is both).
     An untied token_embd keeps the default type. attn_q, attn_k, ffn_gate, ffn_up: the default.
+    A fused attn_qkv (Phi-3) takes attn_v's rules.
   use_more_bits(i, n): the first and last eighth of the layers and every third one in between.
   A 70B-class model (80 layers with grouped KV heads: llama.cpp's LLM_TYPE_70B for these
   families) stores a Q3_K / Q4_K attn_v as Q5_K: its attn_v is 8× smaller than attn_q.
 
 llama.cpp counts attn_v / ffn_down tensors in its layer-sorted tensor order; for a dense model that
-count is the layer number in the tensor's name, which is what we read.
+count is the layer number in the tensor's name, which is what we read (as llama.cpp does for a
+mixture of experts).
+
+A mixture of experts (n_expert > 1) follows the same rules, its stacked experts [E, out, in] by
+their roles: ffn_down_exps as ffn_down, ffn_gate_exps / ffn_up_exps as ffn_gate / ffn_up (the
+default). An 8-expert model (Mixtral) adds three: attn_k and attn_v in Q8_0 for every quantized
+file type, and attn_output in Q5_K for q2_k, q3_k_m, q4_k_s and q4_k_m (its other file types keep
+the default, not the dense rule). The router (ffn_gate_inp) is never quantized: F32.
 
 Row widths: a k-quant block holds 256 values of one row, Q4_0 / Q8_0 blocks 32. A tensor whose rows
 do not fill whole blocks falls back as llama.cpp does: output to Q8_0; Q2_K, Q3_K → Q4_0; Q4_K →
@@ -67,6 +75,7 @@ class Model:
     n_head: int
     n_kv_head: int
     has_output: bool  # an output.weight of its own (untied)
+    n_expert: int = 0  # a mixture of experts' experts a layer; 0 for a dense model
 
     @property
     def n_gqa(self) -> int:
@@ -107,10 +116,14 @@ def wanted_type(name: str, file_type: str, model: Model) -> str:
     role, layer = role_of(name)
     if role == "output" or (role == "token_embd" and not model.has_output):
         return "Q8_0" if default == "Q8_0" else "Q6_K"
-    if role == "attn_v":
-        return _attn_v(file_type, default, layer, model)
-    if role == "ffn_down":
+    if role == "attn_k" and model.n_expert == 8:
+        return "Q8_0"  # llama.cpp: "bumping this to Q8_0 trades just ~128MB" at 8 experts
+    if role in ("attn_v", "attn_qkv"):  # llama.cpp's rules for v hold for a fused qkv (Phi-3)
+        return "Q8_0" if model.n_expert == 8 else _attn_v(file_type, default, layer, model)
+    if role in ("ffn_down", "ffn_down_exps"):
         return _ffn_down(file_type, default, layer, model)
+    if role == "attn_output" and model.n_expert == 8:
+        return "Q5_K" if file_type in ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m") else default
     if role == "attn_output":
         return {"q2_k": "Q3_K", "q3_k_m": "Q4_K"}.get(file_type, default)
     return default
