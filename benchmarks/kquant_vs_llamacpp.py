@@ -11,6 +11,9 @@ that both quantizers start from the very same values:
      RMS(dequantized - source) for ours and for llama.cpp, and their ratio.
 Weights: `--dist normal` (transformers' init, N(0, 0.02²)) or `t4` (Student's t with 4 degrees of
 freedom, scaled to the same spread: heavy tails, as trained weights have).
+`--family` builds another family (phi3: its fused attn_qkv; mixtral / qwen3_moe: stacked experts,
+`--experts` of them, `--intermediate` each) with `--layers` layers, where the mixtures' per-layer
+rules show; every tensor the two files store in different types is listed ("types differ").
 
     python -m venv /tmp/llamacpp-venv   # then build llama-cpp-python there (llamacpp_check.py says how)
     .venv/bin/python benchmarks/kquant_vs_llamacpp.py --llama-python /tmp/llamacpp-venv/bin/python \
@@ -32,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 # our type names and llama.cpp's file types (llama_ftype) for them
-FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+          "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
           "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
           "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
@@ -134,16 +138,35 @@ def quantize_with_llamacpp(llama_python: str, source: Path, outputs: dict[str, P
     return result
 
 
+def family_sizes(args) -> dict:
+    """A mixture of experts' expert count and width (the dense families need none)."""
+    if args.family == "mixtral":
+        return {"num_local_experts": args.experts}
+    if args.family == "qwen3_moe":
+        return {"num_experts": args.experts, "moe_intermediate_size": args.intermediate,
+                "head_dim": args.hidden // args.heads}
+    return {}
+
+
+def type_name(ggml_type: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(ggml_type).name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default=sys.executable,
                     help="a python that can import llama_cpp (default: this one)")
-    ap.add_argument("--types", default=",".join(q for q in FTYPES if q != "q8_0"))
+    ap.add_argument("--types", default=",".join(q for q in FTYPES if q not in ("q8_0", "q4_0")))
     ap.add_argument("--dist", default="normal,t4", help="normal and/or t4")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--family", default="llama")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--experts", type=int, default=8, help="mixtral / qwen3_moe: experts a layer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -160,9 +183,10 @@ def main() -> None:
         root = Path(tmp)
         for dist in args.dist.split(","):
             model_dir = build_tiny_model(
-                root / f"model-{dist}", "llama", dtype="float16", hidden_size=args.hidden,
+                root / f"model-{dist}", args.family, dtype="float16", hidden_size=args.hidden,
                 intermediate_size=args.intermediate, num_attention_heads=args.heads,
-                num_key_value_heads=args.kv_heads, num_hidden_layers=1)
+                num_key_value_heads=args.kv_heads, num_hidden_layers=args.layers,
+                **family_sizes(args))
             if dist == "t4":
                 heavy_tails(model_dir, seed=1)
             f16 = export_gguf(model_dir, root / f"{dist}-f16.gguf", "f16")
@@ -177,6 +201,10 @@ def main() -> None:
                 tot = ", ".join(f"ggml {t}: ours {v['rms_ours']:.3e} / llama.cpp {v['rms_llamacpp']:.3e}"
                                 f" = {v['ratio']:.4f}" for t, v in sorted(row["by_ggml_type"].items()))
                 print(f"{dist:6} {q:7} {tot}", flush=True)
+                for r in row["tensors"]:
+                    if "ours_type" in r:
+                        print(f"    types differ: {r['tensor']}: ours {type_name(r['ours_type'])}, "
+                              f"llama.cpp {type_name(r['llamacpp_type'])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

@@ -1,7 +1,7 @@
 """Does llama.cpp read our GGUF files and compute what transformers computes?
 
-Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, and
-phi3 with LongRoPE), exports each with `qlora.export.export_gguf`,
+Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3,
+phi3 with LongRoPE, and the mixtures of experts mixtral and qwen3_moe), exports each with `qlora.export.export_gguf`,
 loads the files in llama.cpp through llama-cpp-python, and compares on the same token ids:
   (a) logits at every position (llama.cpp `logits_all=True`) vs transformers fp32, and vs transformers
       fp32 running the GGUF's own dequantized weights (which separates llama.cpp's arithmetic from the
@@ -50,6 +50,9 @@ EXTRA = {"qwen3": {"head_dim": 64},
                          "num_hidden_layers": 6, "sliding_window_pattern": 6,
                          "final_logit_softcapping": None, "layer_types": [_SLIDING] * 5 + [_FULL]},
          "phi3": {},
+         # the experts' widths whole k-quant blocks (256), as real models' are; 4 experts, 2 a token
+         "mixtral": {"intermediate_size": 256},
+         "qwen3_moe": {"head_dim": 64, "moe_intermediate_size": 256},
          # LongRoPE on every rotated frequency, an original context (8) shorter than the 12-token
          # prompt: transformers takes the long factors for every forward here, as llama.cpp does
          # for a context (256) past the original one; the factors unlike each other and unlike 1
@@ -140,15 +143,32 @@ def run_worker(llama_python: str, job: dict, work: Path) -> dict:
 
 
 # --- the reference side (project venv) ---------------------------------------------------------
-def gguf_weights_state_dict(gguf_file: Path, model_dir: Path, hf_shapes: dict) -> dict:
-    """The GGUF's tensors dequantized to fp32 under their HF names (qlora.export.check's reader,
-    what `--check-engine qlora` runs), with a tied head filled in for transformers' state dict."""
+def hf_model_on_gguf_weights(gguf_file: Path, model_dir: Path, work: Path):
+    """transformers' model of model_dir holding the GGUF's tensors dequantized to fp32
+    (qlora.export.check's reader, what `--check-engine qlora` runs), written as a checkpoint of
+    the source's names and loaded by from_pretrained: its name mapping (a mixture of experts'
+    per-expert tensors into transformers' stacked ones) and a tied head, as for the source."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     from qlora.export.check import gguf_state_dict
 
-    state = gguf_state_dict(gguf_file, model_dir)
-    if "lm_head.weight" in hf_shapes and "lm_head.weight" not in state:  # a tied head
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(model_dir / name, work / name)
+    state = {k: v.contiguous() for k, v in gguf_state_dict(gguf_file, model_dir).items()}
+    save_file(state, str(work / "model.safetensors"), metadata={"format": "pt"})
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(work), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    # every weight from the file: none left at its random initialisation, none ignored
+    unread = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if unread:
+        raise RuntimeError(f"{gguf_file.name}: the GGUF's weights do not fill the model: {unread}")
+    return model.eval()
 
 
 def hf_model(model_dir: Path):
@@ -200,9 +220,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default=sys.executable,
                     help="a python that can import llama_cpp (default: this one)")
-    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,phi3-longrope")
+    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,phi3-longrope,"
+                                            "mixtral,qwen3_moe")
     ap.add_argument("--types", default="f16,q8_0", help="file types for every family")
-    ap.add_argument("--q4km-family", default="llama", help="one family also exported as q4_k_m")
+    ap.add_argument("--q4km-family", default="llama,mixtral,qwen3_moe",
+                    help="the families (comma-separated) also exported as q4_k_m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--init-std", type=float, default=0.1,
                     help="initializer_range of the random models: larger than transformers' 0.02 so "
@@ -242,7 +264,7 @@ def main() -> None:
             ref = hf_logits(model, ids)
             ref_greedy = hf_greedy(model, prompt, args.steps)
             ours_greedy = qlora_greedy(model_dir, prompt, args.steps)
-            types = args.types.split(",") + (["q4_k_m"] if family == args.q4km_family else [])
+            types = args.types.split(",") + (["q4_k_m"] if family in args.q4km_family.split(",") else [])
             for qtype in types:
                 gguf_file = export_gguf(model_dir, root / f"{family}-{qtype}.gguf", qtype)
                 res = run_worker(args.llama_python, {"task": "model", "gguf": str(gguf_file), "ids": ids,
@@ -251,9 +273,7 @@ def main() -> None:
                 if "error" in res:
                     row["error"] = res["error"]
                 else:
-                    deq = hf_model(model_dir)
-                    shapes = {k: tuple(v.shape) for k, v in deq.state_dict().items()}
-                    deq.load_state_dict(gguf_weights_state_dict(gguf_file, model_dir, shapes), strict=True)
+                    deq = hf_model_on_gguf_weights(gguf_file, model_dir, root / f"d-{family}-{qtype}")
                     row.update(version=res["version"], vs_hf=compare(res["logits"], ref),
                                vs_hf_on_gguf_weights=compare(res["logits"], hf_logits(deq, ids)),
                                gguf_weights_vs_hf=compare(hf_logits(deq, ids), ref),
