@@ -212,3 +212,20 @@ def test_dora_inference_scale_is_reused_until_the_adapter_changes(llama_dir):
         if hasattr(m, "lora_dropout"):
             m.lora_dropout = torch.nn.Identity()
     torch.testing.assert_close(ours(ids), changed, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_adapter_files_have_ordinary_modes(llama_dir, tmp_path):
+    """Both files of a saved adapter read as 0644 under umask 022, as any other output: the
+    weights too, which safetensors writes 0600."""
+    import os
+    import stat
+
+    ours = load_model(llama_dir, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8))
+    old = os.umask(0o022)
+    try:
+        out = save_adapter(ours, tmp_path / "adapter", str(llama_dir))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}

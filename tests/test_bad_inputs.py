@@ -122,6 +122,16 @@ def broken_adapter(tmp: Path, run: Path) -> Path:
     return adapter
 
 
+def truncated_adapter(tmp: Path, run: Path) -> Path:
+    """A copy of the run's adapter whose adapter_model.safetensors was cut short."""
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run / name, adapter / name)
+    truncate(adapter / "adapter_model.safetensors")
+    return adapter
+
+
 def run_copy(tmp: Path, run: Path, damage: Callable[[Path], None] | None = None) -> Path:
     dst = tmp / "run"
     shutil.copytree(run, dst)
@@ -322,6 +332,22 @@ CASES = [
          lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(broken_adapter(t, r)),
                               "--out", str(t / "merged")], t / "merged"),
          ("adapter_config.json", "not valid JSON", "save the adapter again")),
+    Case("generate with a truncated adapter_model.safetensors",
+         lambda t, m, d, r: (["generate", "--model", str(m), "--adapter",
+                              str(truncated_adapter(t, r)), "--device", "cpu", "hi"], None),
+         ("adapter/adapter_model.safetensors", "damaged or not a safetensors file",
+          "save the adapter again")),
+    Case("merge with a truncated adapter_model.safetensors",
+         lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(truncated_adapter(t, r)),
+                              "--out", str(t / "merged")], t / "merged"),
+         ("adapter/adapter_model.safetensors", "damaged or not a safetensors file",
+          "save the adapter again")),
+    Case("export with a truncated adapter_model.safetensors",
+         lambda t, m, d, r: (["export", "--gguf", "--model", str(m), "--adapter",
+                              str(truncated_adapter(t, r)), "--out", str(t / "m.gguf")],
+                             t / "m.gguf"),
+         ("adapter/adapter_model.safetensors", "damaged or not a safetensors file",
+          "save the adapter again")),
     Case("merge --adapter folder that does not exist",
          lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(t / "gone"), "--out",
                               str(t / "merged")], t / "merged"),

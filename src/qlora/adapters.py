@@ -547,6 +547,20 @@ def adapter_weights_file(adapter_dir: str | Path) -> Path:
     return weights
 
 
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter directory's adapter_model.safetensors, under PEFT's names: the
+    one reader of it (loading and merge alike), naming a missing or damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = adapter_weights_file(adapter_dir)
+    try:
+        return load_file(str(weights))
+    except SafetensorError as err:  # a truncated copy, or another file under the name
+        raise QloraError(f"{weights} is damaged or not a safetensors file ({err}); save the "
+                         f"adapter again, or copy it again from where it came") from err
+
+
 def _name_stem(name: str) -> str:
     """'org/Llama-3-8B-bnb-4bit' / '/models/llama-3-8b/' → 'llama-3-8b' (for comparing base names)."""
     stem = name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
@@ -631,10 +645,8 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
 
 def read_saved_adapter(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """(config, tensors under PEFT's names) of the adapter saved in `adapter_dir`."""
-    from safetensors.torch import load_file
-
     cfg = read_adapter_config(adapter_dir)
-    return cfg, load_file(str(adapter_weights_file(adapter_dir)))
+    return cfg, read_adapter_weights(adapter_dir)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path,

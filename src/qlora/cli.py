@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --- demo ---------------------------------------------------------------------------------------
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny model on a bundled task, end to end, on the CPU")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); a "
+                   "folder a previous demo wrote is replaced, any other non-empty one refused. "
+                   "The base model and data go beside it, in .NAME-inputs")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300: held-out "
                    "accuracy 0%% -> 100%%, about a minute on 2 CPU cores)")
     p.set_defaults(func=run_demo)

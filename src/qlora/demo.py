@@ -33,6 +33,8 @@ MODEL_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                    initializer_range=0.05)
 N_TRAIN, N_HELD_OUT = 2000, 64
+DEMO_RECORD = "demo.json"  # the figures; written first at the start, it marks the demo's folder
+INPUT_FOLDERS = {"base-model", "data"}  # all that the demo puts in its inputs folder
 DEFAULT_STEPS = 300
 WORD_LENGTHS = (3, 4, 5, 6)
 ALPHABET = string.ascii_lowercase
@@ -75,8 +77,41 @@ def demo_config(model_dir: Path, train_file: Path, val_file: Path, out_dir: Path
         micro_batch_size=4, gradient_accumulation_steps=1, max_grad_norm=1.0,
         optim="adamw_torch", gradient_checkpointing=False, seed=0,
         eval_steps=max(1, max_steps // 4), save_steps=max(1, max_steps // 2), save_total_limit=1,
+        # overwrite: prepare_output_dir empties a previous demo's folder; check_demo_folders
+        # has refused every other non-empty one
         logging_steps=10, output_dir=str(out_dir), overwrite=True,
     )
+
+
+def inputs_dir(out: Path) -> Path:
+    """The base model and data of the demo at `out` live beside the run, not in it."""
+    return out.parent / f".{out.name}-inputs"
+
+
+def check_demo_folders(out: Path) -> None:
+    """Refuse (QloraError), before any work, to replace a folder the demo did not write: the
+    demo deletes its run folder `out` and its inputs folder, so each must be missing, empty, or
+    a previous demo's. A training run or a user's files there are never lost."""
+    from qlora.errors import QloraError
+
+    if not is_replaceable(out, lambda: (out / DEMO_RECORD).is_file()):
+        raise QloraError(f"--out {out} is not empty and is not a folder a previous demo wrote (it "
+                         f"has no {DEMO_RECORD}); the demo replaces only its own folders, so "
+                         f"choose another --out, or remove {out} yourself")
+    work = inputs_dir(out)
+    if not is_replaceable(work, lambda: {c.name for c in work.iterdir()} <= INPUT_FOLDERS):
+        raise QloraError(f"{work}, where the demo of --out {out} keeps its base model and data, "
+                         f"holds files the demo did not write; choose another --out, or remove "
+                         f"{work} yourself")
+
+
+def is_replaceable(folder: Path, written_by_demo: Callable[[], bool]) -> bool:
+    """Missing, an empty directory, or a directory the demo wrote (`written_by_demo`)."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    return not any(folder.iterdir()) or written_by_demo()
 
 
 def held_out_scores(model, tokenizer, val_examples: list[dict], prompts: list[tuple[list[int], str]],
@@ -154,7 +189,8 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     t0 = time.perf_counter()
     torch.manual_seed(0)
     out = Path(out_dir)
-    work = out.parent / f".{out.name}-inputs"  # model and data live beside the run, not in it
+    check_demo_folders(out)
+    work = inputs_dir(out)
     if work.exists():
         shutil.rmtree(work)
     log("1/5 building a small llama-family model with random weights "
@@ -167,6 +203,9 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
     cfg = demo_config(model_dir, train_file, val_file, out, max_steps)
     device = torch.device("cpu")
     prepare_output_dir(cfg)
+    # marked now, not only when the figures are written at the end: an interrupted demo's
+    # folder is still the demo's, and running the demo again replaces it
+    (out / DEMO_RECORD).write_text(json.dumps({"finished": False}) + "\n")
     from qlora.config import CONFIG_FILE_NAME, save_config
 
     save_config(cfg, out / CONFIG_FILE_NAME)
@@ -223,7 +262,7 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int = 300, progress: bool 
         "reloaded_matches": same, "steps": result.global_step, "train_time_s": round(train_s, 1),
         "wall_time_s": round(wall, 1),
     }
-    (out / "demo.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (out / DEMO_RECORD).write_text(json.dumps(figures, indent=2) + "\n")
     log(f"\ndone in {wall:.0f} s (training {train_s:.0f} s). The run directory {out}/ holds the "
         f"adapter (PEFT format), metrics.jsonl, loss.png and summary.json; the base model and the "
         f"data are in {work}/. Try the adapter yourself (generate renders the prompt as training "

@@ -13,9 +13,20 @@ from pathlib import Path
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
     os.umask(mask)
     return mask
+
+
+def _give_ordinary_modes(staged: Path) -> None:
+    """Every file in `staged` (a file, or a directory's files at any depth) given the mode an
+    ordinary open() gives: writers such as safetensors' save_file create their files 0600
+    (a private temp file renamed into place), and an output is for whoever may read its folder."""
+    mode = 0o666 & ~_umask()
+    files = [staged] if staged.is_file() else [p for p in staged.rglob("*") if p.is_file()]
+    for path in files:
+        if not path.is_symlink():  # chmod would change the file a link points to
+            os.chmod(path, mode)
 
 
 @contextmanager
@@ -31,6 +42,7 @@ def staged_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an output is an ordinary dir
     try:
         yield tmp
+        _give_ordinary_modes(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final} appeared while it was being written")
@@ -59,9 +71,9 @@ def staged_file(final: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
+        _give_ordinary_modes(tmp)  # mkstemp's 0600, or a writer's that replaced the file
         os.replace(tmp, final)
     finally:
         if tmp.exists():

@@ -39,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from qlora.adapters import adapter_weights_file, check_base_name, read_adapter_json
+from qlora.adapters import (adapter_weights_file, check_base_name, read_adapter_json,
+                            read_adapter_weights)
 from qlora.errors import QloraError
 from qlora.models.load import TOKENIZER_FILES
 from qlora.models.spec import read_config
@@ -78,8 +79,6 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor]]:
     """(adapter_config, module name → LoraModule, full replacement tensors from modules_to_save)."""
-    from safetensors.torch import load_file
-
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = read_adapter_json(adapter_dir)
     weights = adapter_weights_file(adapter_dir)
@@ -91,7 +90,7 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraModule], dict[s
     r, alpha = cfg["r"], cfg["lora_alpha"]
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
 
-    tensors = load_file(str(weights))
+    tensors = read_adapter_weights(adapter_dir)
     modules: dict[str, LoraModule] = {}
     replacements: dict[str, torch.Tensor] = {}
     suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude",
