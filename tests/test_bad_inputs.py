@@ -243,6 +243,17 @@ CASES = [
          lambda t, m, d, r: (train_args(m, d, t / "out", "--resume", "latest", "--overwrite",
                                         "true"), t / "out"),
          ("resume", "overwrite")),
+    # --- inputs read only after the output is written: refused before it is ------------------
+    Case("merge --check-data file that does not exist",
+         lambda t, m, d, r: (["merge", "--model", str(m), "--adapter", str(r), "--out",
+                              str(t / "merged"), "--device", "cpu", "--check-data",
+                              str(t / "nope.jsonl")], t / "merged"),
+         ("--check-data", "nope.jsonl", "no such file")),
+    Case("export --check-data file that does not exist",
+         lambda t, m, d, r: (["export", "--gguf", "--model", str(m), "--out", str(t / "m.gguf"),
+                              "--device", "cpu", "--check-engine", "qlora", "--check-data",
+                              str(t / "nope.jsonl")], t / "m.gguf"),
+         ("--check-data", "nope.jsonl", "no such file")),
     # --- existing outputs ------------------------------------------------------------------------
     Case("existing non-empty output_dir",
          lambda t, m, d, r: (train_args(m, d, write(t / "out" / "keep.txt", "mine").parent),

@@ -357,12 +357,15 @@ def run_merge(args) -> None:
     from pathlib import Path
 
     from qlora.export.check import ReferenceUnavailable, check_fits_host, check_merge, report_path
+    from qlora.files import check_readable
     from qlora.merge import merge_adapter
     from qlora.models.weights import read_headers
 
     report = report_path(Path(args.out))
     if args.check is not False and report.exists():
         raise QloraError(f"{report} exists; give a new --out (or --no-check)")
+    if args.check is not False and args.check_data is not None:
+        check_readable(args.check_data, "--check-data")  # read after the merge is written
     if not Path(args.model).is_dir():
         raise QloraError(f"--model {args.model}: no such directory")
     headers = read_headers(args.model)  # once: the host check and the merge take them from here
