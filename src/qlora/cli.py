@@ -624,12 +624,16 @@ def _compare_options(p) -> None:
                    help=f"default all: {', '.join(PEFT_METHODS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method (default {DEFAULT_STEPS})")
     p.add_argument("--gpu-results", help="measure_memory.py --methods output: fills the GPU columns")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the comparison in an existing --out (a non-empty --out is "
+                        "refused otherwise)")
 
 
 def run_compare(args) -> None:
     from qlora.compare import run
 
-    run(out_dir=args.out, methods=args.methods, steps=args.steps, gpu_results=args.gpu_results)
+    run(out_dir=args.out, methods=args.methods, steps=args.steps, gpu_results=args.gpu_results,
+        overwrite=args.overwrite)
 
 
 def _plan_gpu_bytes(args, memory):
