@@ -188,6 +188,12 @@ CASES = [
              json.dumps({"prompt": w * 40, "completion": "x"}) + "\n" for w in WORDS)), t / "out",
              "--long_examples", "drop"), t / "out"),
          ("long.jsonl", "longer than max_len=64", "dropped")),
+    Case("preference pairs trained as plain fine-tuning",
+         lambda t, m, d, r: (train_args(m, write(t / "prefs.jsonl", "".join(json.dumps(
+             {"prompt": f"{w} = ", "chosen": w.upper(), "rejected": w}) + "\n" for w in WORDS)),
+             t / "out"), t / "out"),
+         ("prefs.jsonl", "preference pairs", "--method dpo", "orpo", "simpo", "kto",
+          "--data_format")),
     Case("data file not found",
          lambda t, m, d, r: (train_args(m, t / "nope.jsonl", t / "out"), t / "out"),
          ("nope.jsonl", "not found")),
