@@ -126,3 +126,30 @@ def test_help_and_version_import_no_heavy_library():
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+# --- (f) bitsandbytes' advice to install `kernels` is not printed ------------------------------------
+QUANTIZE = """
+import torch
+{first}
+from qlora.quant import QuantConfig, quantize_linear
+quantize_linear(torch.randn(64, 64), None, QuantConfig(method="nf4"), "cpu")
+"""
+
+
+def _stderr_of(first: str) -> str:
+    # a fresh interpreter: bitsandbytes logs the advice once, when it is first imported
+    done = subprocess.run([sys.executable, "-c", QUANTIZE.format(first=first)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+def test_bitsandbytes_kernels_advice_is_not_printed():
+    """bitsandbytes' CPU backend says, at import where the CPU has AVX512-BF16, "Failed to load
+    CPU gemm_4bit_forward ... pip install kernels" (a package that fetches kernels from the
+    hub); qlora imports it with that logger quietened."""
+    if "pip install kernels" not in _stderr_of("import bitsandbytes"):
+        pytest.skip("bitsandbytes gives no kernels advice on this CPU (nothing to quieten)")
+    stderr = _stderr_of("")
+    assert "gemm_4bit_forward" not in stderr and "pip install kernels" not in stderr, stderr

@@ -97,3 +97,49 @@ def test_gpu_columns_filled_from_measure_memory_output(result, tmp_path):
     assert dora["measured_peak_allocated_gib"].startswith("failed on the GPU: CUDA out of memory")
     md = table(res)
     assert "4,321" in md and "7.00" in md and "failed on the GPU" in md and PENDING not in md
+
+
+def test_the_8bit_base_does_not_flood_the_log(tmp_path, caplog):
+    """bitsandbytes logs its fp32 -> fp16 cast note on every int8 matmul on the CPU (140 lines for
+    two tiny steps); compare drops that one message while it trains, and only that one."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        run(out_dir=tmp_path / "out", methods=["lora-8bit"], steps=2, model_sizes=SIZES,
+            n_train=16, log=lambda s: None)
+    assert not [r for r in caplog.records if "inputs will be cast" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the logger itself is left as it was
+        logging.getLogger("bitsandbytes.autograd._functions").warning(
+            "MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "fp32")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from fp32 to float16 during quantization"]
+
+
+def test_overwrite_replaces_a_previous_comparison(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")
+    argv = ["compare", "--out", str(out), "--methods", "qlora-nf4", "--steps", "1"]
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err
+    assert (out / "compare.json").read_text() == "{}"
+    res = run(out_dir=out, methods=["qlora-nf4"], steps=1, model_sizes=SIZES, n_train=16,
+              overwrite=True, log=lambda s: None)
+    assert json.loads((out / "compare.json").read_text()) == res
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_compare_refuses_a_non_empty_out_that_is_no_comparison(overwrite, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    argv = ["compare", "--out", str(out), "--methods", "qlora-nf4", "--steps", "1", *overwrite]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    expect = ("holds no compare.json", "--overwrite only replaces") if overwrite else (
+        "not empty", "--overwrite", "another --out")
+    for part in ("--out", str(out), *expect):
+        assert part in err, err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / ".mine-work").exists()  # refused before any training

@@ -92,7 +92,7 @@ def test_format_override_and_unknown_columns(tmp_path):
     with pytest.raises(QloraError) as e:
         load_examples(bad)
     msg = str(e.value)
-    assert "answer" in msg and "question" in msg
+    assert "answer" in msg and "question" in msg and "--data_format" in msg
     for fmt in formats.FORMATS:
         assert fmt in msg
     with pytest.raises(QloraError, match="unknown data format"):

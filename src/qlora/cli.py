@@ -359,12 +359,15 @@ def run_merge(args) -> None:
     from pathlib import Path
 
     from qlora.export.check import ReferenceUnavailable, check_fits_host, check_merge, report_path
+    from qlora.files import check_readable
     from qlora.merge import merge_adapter
     from qlora.models.weights import read_headers
 
     report = report_path(Path(args.out))
     if args.check is not False and report.exists():
         raise QloraError(f"{report} exists; give a new --out (or --no-check)")
+    if args.check is not False and args.check_data is not None:
+        check_readable(args.check_data, "--check-data")  # read after the merge is written
     if not Path(args.model).is_dir():
         raise QloraError(f"--model {args.model}: no such directory")
     headers = read_headers(args.model)  # once: the host check and the merge take them from here
@@ -623,12 +626,16 @@ def _compare_options(p) -> None:
                    help=f"default all: {', '.join(PEFT_METHODS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method (default {DEFAULT_STEPS})")
     p.add_argument("--gpu-results", help="measure_memory.py --methods output: fills the GPU columns")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the comparison in an existing --out (a non-empty --out is "
+                        "refused otherwise)")
 
 
 def run_compare(args) -> None:
     from qlora.compare import run
 
-    run(out_dir=args.out, methods=args.methods, steps=args.steps, gpu_results=args.gpu_results)
+    run(out_dir=args.out, methods=args.methods, steps=args.steps, gpu_results=args.gpu_results,
+        overwrite=args.overwrite)
 
 
 def _plan_gpu_bytes(args, memory):

@@ -108,6 +108,21 @@ def check_writable(path: str | Path, what: str) -> None:
                          f"choose a path in a writable folder (or fix its permissions)")
 
 
+def check_readable(path: str | Path, option: str) -> None:
+    """Refuse (QloraError) an input `path` (a file, or a folder such as datasets' save_to_disk
+    writes) that is missing or unreadable. Called before any slow work or output: found only
+    where it is read, at a command's end, it would leave that command's outputs written and
+    the rerun refused because they exist."""
+    from qlora.errors import QloraError
+
+    path = Path(path)
+    if not path.exists():
+        raise QloraError(f"{option} {path}: no such file; give the path of an existing file")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise QloraError(f"{option} {path} cannot be read: no read permission; fix its "
+                         f"permissions or give another file")
+
+
 def check_free_space(folder: str | Path, needed: int, total: int, what: str) -> None:
     """Refuse (QloraError) an output that would fill the disk: `needed` more bytes are to be
     written into `folder` (of a file `total` bytes in all), and its disk has fewer free. Checked

@@ -8,12 +8,20 @@ head never pass through here: they stay in the 16-bit compute dtype.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qlora.errors import QloraError
+
+# bitsandbytes' CPU backend, when it is imported (lazily, by the functions below), tries to fetch
+# a gemm kernel from the model hub through the optional `kernels` package and, without it, tells
+# every command to `pip install kernels`: advice to download code at run time for a speed-up the
+# CPU path does without. Set here, before any import of bitsandbytes, on that module's logger
+# alone (it logs nothing else); its errors still pass.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 FOUR_BIT_METHODS = ("nf4", "fp4")  # bitsandbytes Linear4bit; int8 is LLM.int8, none 16-bit

@@ -329,11 +329,24 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
         return "prompt_completion"
     if "text" in cols:
         return "text"
+    refuse_preference_pairs(cols, path)
     raise QloraError(
         f"{path}: cannot tell the data format from the columns {sorted(cols)}. Accepted: "
         "alpaca (instruction, input, output), sharegpt (conversations: [{from, value}]), "
         "messages (messages: [{role, content}]), prompt_completion (prompt, completion), "
-        "text (text). Rename the columns or pass the format explicitly.")
+        "text (text). Rename the columns or name the format with --data_format.")
+
+
+def refuse_preference_pairs(cols: set[str], path: str) -> None:
+    """Preference pairs reach plain fine-tuning when --method is left at sft. Renaming columns
+    or --data_format, the generic advice, would train on one answer and drop the comparison
+    the data is for: say which methods read these columns instead."""
+    if {"prompt", "chosen", "rejected"} <= cols:
+        raise QloraError(
+            f"{path}: the columns prompt, chosen, rejected are preference pairs, which plain "
+            "fine-tuning (--method sft, the default) cannot read: train on them with --method dpo "
+            "(or orpo, simpo; kto reads prompt, completion, label rows). To fine-tune on one "
+            "answer instead, rename its columns to a format and name it with --data_format.")
 
 
 def _as_text(value) -> str | None:

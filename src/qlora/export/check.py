@@ -31,6 +31,7 @@ import numpy as np
 
 from qlora.errors import QloraError
 from qlora.export import parity
+from qlora.files import check_readable
 
 DEFAULT_SAMPLES = 8
 MAX_TOKENS = 256  # per held-out example
@@ -136,8 +137,7 @@ def check_samples(tokenizer, data: str | Path | None, adapter_dir, n: int,
     if n < 1:
         raise QloraError(f"--check-samples {n}: give at least 1")
     if data is not None:
-        if not Path(data).exists():
-            raise QloraError(f"--check-data {data}: no such file")
+        check_readable(data, "--check-data")
         return samples_from_file(data, tokenizer, n), str(data)
     run_config = find_run_config(adapter_dir)
     if run_config is not None:

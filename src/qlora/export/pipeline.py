@@ -2,8 +2,9 @@
 
 Everything that can be refused is refused before the first slow step (outputs that exist, a type
 the importance matrix cannot steer, a chat template Ollama's syntax cannot express, a check that
-was asked for but cannot run, a disk without room for the GGUF file). Each output is written whole
-or not at all; a failed check keeps the GGUF (and its report) for inspection and says so.
+was asked for but cannot run, --check-data that cannot be read, a disk without room for the GGUF
+file). Each output is written whole or not at all; a failed check keeps the GGUF (and its report)
+for inspection and says so.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlora.errors import QloraError
-from qlora.files import refuse_existing
+from qlora.files import check_readable, refuse_existing
 
 
 def _stderr(text: str) -> None:
@@ -58,6 +59,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
     if check_engine not in ("llama.cpp", "qlora"):
         raise QloraError(f"--check-engine {check_engine!r}: choose llama.cpp or qlora")
     run_check = decide_check(check, check_engine, llama_python, note)
+    if run_check and check_data is not None:
+        check_readable(check_data, "--check-data")  # read after the GGUF is written
     outputs = {"gguf": out, "modelfile": ollama_mod.modelfile_path(out) if ollama else None,
                "report": check_mod.report_path(out) if run_check else None}
     for path in outputs.values():  # the GGUF and the files named after it
