@@ -204,6 +204,12 @@ CASES = [
              t / "out"), t / "out"),
          ("prefs.jsonl", "preference pairs", "--method dpo", "orpo", "simpo", "kto",
           "--data_format")),
+    Case("unpaired preferences (KTO rows) trained as plain fine-tuning",
+         lambda t, m, d, r: (train_args(m, write(t / "kto.jsonl", "".join(json.dumps(
+             {"prompt": f"{w} = ", "completion": w.upper() if i % 2 else w, "label": bool(i % 2)})
+             + "\n" for i, w in enumerate(WORDS))), t / "out"), t / "out"),
+         ("kto.jsonl", "unpaired preferences", "--method kto",
+          "--data_format prompt_completion")),
     Case("data file not found",
          lambda t, m, d, r: (train_args(m, t / "nope.jsonl", t / "out"), t / "out"),
          ("nope.jsonl", "not found")),

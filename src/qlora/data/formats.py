@@ -326,6 +326,7 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
+        refuse_unpaired_preferences(cols, path)
         return "prompt_completion"
     if "text" in cols:
         return "text"
@@ -347,6 +348,18 @@ def refuse_preference_pairs(cols: set[str], path: str) -> None:
             "fine-tuning (--method sft, the default) cannot read: train on them with --method dpo "
             "(or orpo, simpo; kto reads prompt, completion, label rows). To fine-tune on one "
             "answer instead, rename its columns to a format and name it with --data_format.")
+
+
+def refuse_unpaired_preferences(cols: set[str], path: str) -> None:
+    """prompt, completion, label rows are KTO's: read as prompt_completion, every completion would
+    be trained on as a good answer, the undesirable ones (label false) too. Said before any work;
+    --data_format prompt_completion names that reading where it is meant."""
+    if "label" in cols:
+        raise QloraError(
+            f"{path}: the columns prompt, completion, label are unpaired preferences (label false "
+            "marks an answer to avoid), which plain fine-tuning (--method sft, the default) would "
+            "train on as good answers: train on them with --method kto. To fine-tune on every "
+            "completion regardless of its label, pass --data_format prompt_completion.")
 
 
 def _as_text(value) -> str | None:
