@@ -39,10 +39,12 @@ def build(args):
     from qlora.speed import SpeedPlan, apply_speed
 
     # the flags' fast paths, put on as qlora train does (one apply_speed); --ours seeds the dropout
+    # a mixture of experts' experts grouped as qlora train always runs them
+    # (SpeedPlan.for_run): without it the profile is the reference loop over experts
     applied = apply_speed(model, SpeedPlan(fused_kernels=args.fused, fast_base=args.fast,
                                            grouped=args.fast and args.group,
                                            keep_attention=args.keep_attention,
-                                           seeded_dropout=args.ours))
+                                           seeded_dropout=args.ours, grouped_experts=True))
     model.train()
     if args.ours:  # the step as `qlora train` runs it (benchmarks/train_step.py QloraStep)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
