@@ -209,6 +209,22 @@ def test_auto_fit_picks_the_largest_micro_batch():
     assert memory.auto_fit(memory.resolve_arch(shape="llama-2-70b"), PlanConfig(), 16 * GiB) is None
 
 
+def test_auto_fit_keeps_checkpointing_for_preference_methods():
+    """A preference step pays three dequantize passes a micro-batch (policy, reference, backward):
+    auto-fit keeps checkpointing where it holds more examples a micro-batch (measured 1.05x at
+    Llama-3-8B DPO), where SFT drops it to micro-batch 1."""
+    arch = memory.resolve_arch(shape="llama-3-8b")
+    gpu = 24 * GiB
+    sft = memory.auto_fit(arch, PlanConfig(seq_len=1024), gpu, max_micro_batch=8)
+    assert (sft.micro_batch, sft.checkpointing) == (1, False)
+    for method, extra in (("dpo", {"prompt_len": 512}), ("orpo", {"prompt_len": 512}), ("kto", {})):
+        cfg = PlanConfig(seq_len=1024, method=method, **extra)
+        assert memory.fits(plan(arch, replace(cfg, micro_batch=1, checkpointing=False)), gpu)
+        best = memory.auto_fit(arch, cfg, gpu, max_micro_batch=8)
+        assert best.checkpointing and best.micro_batch > 1, method
+        assert memory.fits(plan(arch, best), gpu)
+
+
 def test_parse_size():
     assert memory.parse_size("24GB") == memory.parse_size("24 GiB") == 24 * GiB
     assert memory.parse_size("16000MiB") == 16000 * 1024**2
