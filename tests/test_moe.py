@@ -925,3 +925,73 @@ def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch):
     # at or above the count, by at most 20% of the whole here (the step's peak is 40% of it;
     # at Qwen3-30B-A3B's size the static bytes are 95% of the peak)
     assert measured <= predicted <= 1.2 * measured, (measured, predicted)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_imatrix_gives_each_expert_the_mean_square_of_its_own_tokens(moe_models, variant):
+    """llama.cpp's imatrix keeps one vector an expert, averaged over the tokens routed to it:
+    gate/up read the block's input, down the expert's SwiGLU of it; keyed by the checkpoint's
+    per-expert names, which the exporter looks up for each expert of a stack."""
+    import torch.nn.functional as F
+
+    from qlora.export.imatrix import collect
+    from qlora.models.families.moe_blocks import SparseMoeBlock
+    from qlora.models.families.moe_config import hub_expert_key
+
+    family = MOE_VARIANTS[variant][0]
+    model = load_model(moe_models[variant], QuantConfig(method="none", compute_dtype=FP32))
+    ids = token_batch(seed=3, batch=1, length=40)[0].tolist()
+    block = model.model.layers[0].mlp
+    assert isinstance(block, SparseMoeBlock)
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0][0]))
+    imatrix, tokens = collect(model, [ids])
+    handle.remove()
+    assert tokens == 40
+    x = seen["x"]
+    with torch.no_grad():
+        _, _, index = block.gate(x)
+        experts = block.experts
+        for e in range(experts.num_experts):
+            routed = (index == e).any(-1)
+            keys = [hub_expert_key(family, "model.layers.0", p, e, part)
+                    for p, part in (("gate_up_proj", 0), ("gate_up_proj", 1), ("down_proj", 0))]
+            if not routed.any():
+                assert not any(k in imatrix for k in keys)
+                continue
+            xe = x[routed]
+            gate, up = F.linear(xe, experts.gate_up_proj.expert_weight(e, FP32)).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            for key, want in zip(keys, (xe.pow(2).mean(0), xe.pow(2).mean(0), h.pow(2).mean(0))):
+                got = torch.from_numpy(imatrix[key])
+                assert rel_err(want, got) <= 1e-5, key  # fp32 sums of ~40 squares
+
+
+def test_gguf_export_weighs_each_expert_by_its_own_importance(tmp_path):
+    """A k-quant stack of experts with an importance matrix: each expert's bytes are its own
+    weight quantized with its own vector (an expert without one: every column alike), as
+    llama.cpp quantizes each expert's rows with that expert's imatrix."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from qlora.export import kquants
+    from qlora.export.gguf import export_gguf
+    from qlora.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "mixtral", "mixtral", seed=5, hidden_size=256,
+                            intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(0)
+    key = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"
+    imatrix = {key.format(e): rng.uniform(0.01, 10.0, 256).astype(np.float32) for e in (0, 1, 3)}
+    out = export_gguf(path, tmp_path / "m.gguf", "q4_k_m", imatrix=imatrix, threads=1,
+                      log=lambda _: None)
+    stack = {t.name: t for t in GGUFReader(str(out)).tensors}["blk.0.ffn_gate_exps.weight"]
+    assert stack.tensor_type.name == "Q4_K"
+    got = np.asarray(stack.data).reshape(4, 256, -1)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for e in range(4):
+            w = f.get_tensor(key.format(e)).float().numpy()
+            want = kquants.quantize(w, "Q4_K", imatrix.get(key.format(e), np.ones(256, np.float32)))
+            assert np.array_equal(got[e], want), e
+            if e in imatrix:  # the importance changed the bytes: it was used, not ignored
+                assert not np.array_equal(got[e], kquants.quantize(w, "Q4_K")), e

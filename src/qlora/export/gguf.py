@@ -104,9 +104,11 @@ def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
     encoded."""
     if type_name == "F32":
         return kquants.as_float32(x)
-    if quantizer is not None:
-        return quantizer.submit(x, type_name, importance)
-    return kquants.submit_type(x, type_name, importance)
+    submit = quantizer.submit if quantizer is not None else kquants.submit_type
+    if importance is not None and importance.ndim == 2:  # a stack of experts: one vector each
+        return kquants.stacked([submit(x[m], type_name, importance[m]) for m in range(len(x))],
+                               x.shape, type_name)
+    return submit(x, type_name, importance)
 
 
 def quantizer(device: str = "auto", threads: int | None = None):
@@ -827,7 +829,7 @@ def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix,
     for planned in plan:
         if planned.stacked:
             x = np.stack([read(hf_name).float().numpy() for hf_name in planned.sources])
-            importance = None
+            importance = stacked_importance(imatrix, planned)
         else:
             hf_name = planned.sources[0]
             x = _host_values(read(hf_name), planned.choice.stored, quantize_on)
@@ -839,6 +841,18 @@ def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix,
                 x = permute_rope(x, n_kv)
             importance = imatrix.get(hf_name)
         yield planned, encode(x, planned.choice.stored, importance, quantize_on), x.size
+
+
+def stacked_importance(imatrix: dict[str, np.ndarray], planned: Planned) -> np.ndarray | None:
+    """[experts, in]: each expert's own importance for a k-quant stack (an expert no token
+    reached has none: its columns weigh alike, ones); None where no expert has one."""
+    if planned.choice.stored not in kquants.KINDS:
+        return None
+    vectors = [imatrix.get(hf_name) for hf_name in planned.sources]
+    if all(v is None for v in vectors):
+        return None
+    width = planned.shape[-1]
+    return np.stack([np.ones(width, np.float32) if v is None else v for v in vectors])
 
 
 def _host_values(t, stored: str, quantize_on) -> np.ndarray:

@@ -10,7 +10,9 @@ exported (base + adapter), over the data the adapter was trained on.
 Hooks on every linear of the decoder blocks and on lm_head add up x² per column over every token of
 up to `samples` examples, each run alone (no padding, so only real tokens count). q/k/v read the
 same input, as do gate/up; each keeps its own entry so that the exporter looks one up by the
-tensor's own name.
+tensor's own name. A mixture of experts' experts (the reference's loop over experts) get one
+entry each, under the checkpoint's per-expert names, averaged over the tokens routed to that
+expert alone, as llama.cpp's imatrix keeps them; an expert no token reached gets none.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def collect(model: torch.nn.Module, sequences: list[list[int]],
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linear_modules(model).items()]
+    experts = ExpertSums(model)
+    handles += experts.hooks()
     device = compute_device(model)
     was_training = model.training
     model.eval()
@@ -92,10 +96,50 @@ def collect(model: torch.nn.Module, sequences: list[list[int]],
     if tokens == 0:
         raise QloraError("--imatrix-data: no tokens to measure activations on")
     out = {f"{name}.weight": (s / tokens).float().cpu().numpy() for name, s in sums.items()}
+    out.update(experts.means())
     if model.lm_head.weight is model.model.embed_tokens.weight:
         # tied: the output matrix multiply is the embedding's, stored under its name
         out["model.embed_tokens.weight"] = out.pop("lm_head.weight")
     return out, tokens
+
+
+class ExpertSums:
+    """x² per column of each expert's own input, and its token count, for each projection of a
+    mixture of experts (models/families/moe_blocks.ExpertLinear: called once per expert with the
+    tokens routed to it); means() gives them under the checkpoint's per-expert names (gate_up_proj
+    is two of them, gate and up, reading the same input)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from qlora.models.families.moe_blocks import ExpertLinear
+
+        self.model_type = getattr(getattr(model, "spec", None), "model_type", None)
+        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, ExpertLinear)}
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def hooks(self) -> list:
+        return [m.register_forward_pre_hook(self._hook_for(name)) for name, m in self.modules.items()]
+
+    def _hook_for(self, name: str):
+        def hook(_module, args):
+            x, expert = args[0].detach().float(), int(args[1])
+            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0, dtype=torch.float64)
+            key = (name, expert)
+            self.sums[key] = sq if key not in self.sums else self.sums[key] + sq
+            self.counts[key] = self.counts.get(key, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+        return hook
+
+    def means(self) -> dict[str, np.ndarray]:
+        from qlora.models.families.moe_config import hub_expert_key
+
+        out = {}
+        for (name, expert), s in self.sums.items():
+            # "model.layers.N.mlp.experts.gate_up_proj" (".base_layer" under an adapter)
+            layer, projection = name.removesuffix(".base_layer").split(".mlp.experts.")
+            mean = (s / self.counts[(name, expert)]).float().cpu().numpy()
+            for part in range(self.modules[name].members):
+                out[hub_expert_key(self.model_type, layer, projection, expert, part)] = mean
+        return out
 
 
 def with_floor(imatrix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -605,6 +605,9 @@ class Pending:
 
     def discard(self) -> None:
         """Drop the mapped files (a worker still writing keeps its mapping until it is done)."""
+        for _, part in self.parts:
+            if isinstance(part, Pending):  # a stack's members (stacked)
+                part.discard()
         self.parts = []
         for f in self.files:
             if os.path.exists(f):
@@ -750,6 +753,16 @@ def submit_type(x: np.ndarray, type_name: str, importance: np.ndarray | None = N
     if type_name in KINDS:
         return submit(x, type_name, importance, executor)
     return submit_gguf(x, type_name, executor)
+
+
+def stacked(parts: list[Pending], shape: tuple[int, ...], type_name: str) -> Pending:
+    """One Pending for the members of a stack [members, rows, cols] submitted one by one (a
+    mixture of experts' experts, each with its own importance): rows never span two members, so
+    the stack's bytes are the members' in order."""
+    block, block_bytes = block_size(type_name)
+    members, rows, cols = shape
+    out = np.empty((members * rows, cols // block * block_bytes), dtype=np.uint8)
+    return Pending(out, (members, rows, out.shape[1]), [(m * rows, p) for m, p in enumerate(parts)])
 
 
 def in_order(items: Iterable[tuple[object, np.ndarray | Pending, int]]) -> Iterator[tuple[object, np.ndarray]]:
