@@ -325,12 +325,11 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
                 return "messages"
     if {"instruction", "output"} <= cols:
         return "alpaca"
+    refuse_preference_rows(cols, path)
     if {"prompt", "completion"} <= cols:
-        refuse_unpaired_preferences(cols, path)
         return "prompt_completion"
     if "text" in cols:
         return "text"
-    refuse_preference_pairs(cols, path)
     raise QloraError(
         f"{path}: cannot tell the data format from the columns {sorted(cols)}. Accepted: "
         "alpaca (instruction, input, output), sharegpt (conversations: [{from, value}]), "
@@ -338,28 +337,29 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
         "text (text). Rename the columns or name the format with --data_format.")
 
 
-def refuse_preference_pairs(cols: set[str], path: str) -> None:
-    """Preference pairs reach plain fine-tuning when --method is left at sft. Renaming columns
-    or --data_format, the generic advice, would train on one answer and drop the comparison
-    the data is for: say which methods read these columns instead."""
-    if {"prompt", "chosen", "rejected"} <= cols:
-        raise QloraError(
-            f"{path}: the columns prompt, chosen, rejected are preference pairs, which plain "
-            "fine-tuning (--method sft, the default) cannot read: train on them with --method dpo "
-            "(or orpo, simpo; kto reads prompt, completion, label rows). To fine-tune on one "
-            "answer instead, rename its columns to a format and name it with --data_format.")
+# preference data's columns (data/preference.LAYOUTS), and what plain fine-tuning would make of them
+PREFERENCE_ROWS = {
+    ("prompt", "chosen", "rejected"): (
+        "preference pairs, which plain fine-tuning (--method sft, the default) cannot read: "
+        "train on them with --method dpo (or orpo, simpo; kto reads prompt, completion, label "
+        "rows). To fine-tune on one answer instead, rename its columns to a format and name it "
+        "with --data_format."),
+    ("prompt", "completion", "label"): (
+        "unpaired preferences (label false marks an answer to avoid), which plain fine-tuning "
+        "(--method sft, the default) would train on as good answers: train on them with --method "
+        "kto. To fine-tune on every completion regardless of its label, pass --data_format "
+        "prompt_completion."),
+}
 
 
-def refuse_unpaired_preferences(cols: set[str], path: str) -> None:
-    """prompt, completion, label rows are KTO's: read as prompt_completion, every completion would
-    be trained on as a good answer, the undesirable ones (label false) too. Said before any work;
-    --data_format prompt_completion names that reading where it is meant."""
-    if "label" in cols:
-        raise QloraError(
-            f"{path}: the columns prompt, completion, label are unpaired preferences (label false "
-            "marks an answer to avoid), which plain fine-tuning (--method sft, the default) would "
-            "train on as good answers: train on them with --method kto. To fine-tune on every "
-            "completion regardless of its label, pass --data_format prompt_completion.")
+def refuse_preference_rows(cols: set[str], path: str) -> None:
+    """Preference data reaches format detection when --method is left at sft: pairs would be
+    refused with advice that drops the comparison they are for, and KTO's rows would be read as
+    prompt_completion, training on every undesirable answer. Said before any work, naming the
+    method that reads them."""
+    for columns, what in PREFERENCE_ROWS.items():
+        if set(columns) <= cols:
+            raise QloraError(f"{path}: the columns {', '.join(columns)} are {what}")
 
 
 def _as_text(value) -> str | None:
