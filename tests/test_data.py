@@ -84,6 +84,29 @@ def test_format_detection(tmp_path, row, fmt):
     assert examples[1].source.endswith("d.jsonl:2")
 
 
+def test_preference_rows_are_refused_for_training_only(tmp_path):
+    """Supervised training refuses preference rows of undeclared format (a forgotten --method);
+    eval, the export check and the importance matrix read their prompts and completions as they
+    are. A label that is not true / false is a class label of supervised data: not refused."""
+    def rows(name, make):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(make(i)) + "\n" for i in range(6)))
+        return str(path)
+
+    kto = rows("kto.jsonl", lambda i: {"prompt": "p", "completion": f"c{i}", "label": i % 2 == 0})
+    pairs = rows("pairs.jsonl", lambda i: {"prompt": "p", "chosen": "a", "rejected": "b"})
+    classes = rows("classes.jsonl", lambda i: {"prompt": "p", "completion": "c", "label": i % 3})
+    with pytest.raises(QloraError, match="kto.jsonl.*unpaired preferences.*--method kto"):
+        load_examples(kto, refuse_preferences=True)
+    with pytest.raises(QloraError, match="pairs.jsonl.*preference pairs.*--method dpo"):
+        load_examples(pairs, refuse_preferences=True)
+    examples, problems = load_examples(kto)  # not training: read as prompt_completion
+    assert [e.completion for e in examples] == [f"c{i}" for i in range(6)] and not problems
+    # named explicitly, the KTO rows train as prompt_completion (the refusal's way out)
+    assert len(load_examples(kto, "prompt_completion", refuse_preferences=True)[0]) == 6
+    assert len(load_examples(classes, refuse_preferences=True)[0]) == 6
+
+
 def test_format_override_and_unknown_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c", "text": "t"}])
     assert load_examples(path)[0][0].format == "prompt_completion"

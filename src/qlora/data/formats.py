@@ -325,7 +325,6 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
                 return "messages"
     if {"instruction", "output"} <= cols:
         return "alpaca"
-    refuse_preference_rows(cols, path)
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "text" in cols:
@@ -334,7 +333,8 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
         f"{path}: cannot tell the data format from the columns {sorted(cols)}. Accepted: "
         "alpaca (instruction, input, output), sharegpt (conversations: [{from, value}]), "
         "messages (messages: [{role, content}]), prompt_completion (prompt, completion), "
-        "text (text). Rename the columns or name the format with --data_format.")
+        "text (text). Rename the columns (qlora train also takes the format by name: "
+        "--data_format).")
 
 
 # preference data's columns (data/preference.LAYOUTS), and what plain fine-tuning would make of them
@@ -352,14 +352,22 @@ PREFERENCE_ROWS = {
 }
 
 
-def refuse_preference_rows(cols: set[str], path: str) -> None:
-    """Preference data reaches format detection when --method is left at sft: pairs would be
-    refused with advice that drops the comparison they are for, and KTO's rows would be read as
-    prompt_completion, training on every undesirable answer. Said before any work, naming the
-    method that reads them."""
+def refuse_preference_rows(cols: set[str], rows: list[dict], path: str) -> None:
+    """Preference data given to supervised training (--method left at sft): pairs would be
+    refused with advice that drops the comparison they are for, and KTO's rows (their labels
+    true / false) read as prompt_completion, training on every undesirable answer. Said before any
+    work, naming the method that reads them. Only training asks (load_examples'
+    `refuse_preferences`): eval, the export check and the importance matrix read such files'
+    prompts and completions as they are."""
     for columns, what in PREFERENCE_ROWS.items():
-        if set(columns) <= cols:
+        if set(columns) <= cols and (columns[-1] != "label" or _labels_are_booleans(rows)):
             raise QloraError(f"{path}: the columns {', '.join(columns)} are {what}")
+
+
+def _labels_are_booleans(rows: list[dict]) -> bool:
+    """KTO's label column (true / false) rather than a class label of supervised data."""
+    labels = [row["label"] for row in rows[:100] if row.get("label") is not None]
+    return bool(labels) and all(isinstance(v, bool) for v in labels)
 
 
 def _as_text(value) -> str | None:
@@ -441,9 +449,11 @@ def normalize_row(row: dict, fmt: str, source: str) -> Example:
     raise QloraError(f"unknown data format {fmt!r}; choose one of auto, {', '.join(FORMATS)}.")
 
 
-def load_examples(path: str, fmt: str = "auto", split: str | None = None
-                  ) -> tuple[list[Example], list[Problem]]:
-    """Read `path` and return its usable Examples and the Problems of the rows that are not."""
+def load_examples(path: str, fmt: str = "auto", split: str | None = None,
+                  refuse_preferences: bool = False) -> tuple[list[Example], list[Problem]]:
+    """Read `path` and return its usable Examples and the Problems of the rows that are not.
+    `refuse_preferences`: supervised training reads it, so preference rows in a file of
+    undeclared format are refused (refuse_preference_rows)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise QloraError(f"unknown data format {fmt!r}; choose one of auto, {', '.join(FORMATS)}.")
     data, name = _read_rows(path, split)
@@ -454,6 +464,8 @@ def load_examples(path: str, fmt: str = "auto", split: str | None = None
         raise QloraError(f"{name} holds no rows: no examples to train on.")
     columns = sorted({k for row in data.rows for k in row})
     if fmt == "auto":
+        if refuse_preferences:
+            refuse_preference_rows(set(columns), data.rows, name)
         fmt = detect_format(columns, data.rows, name)
     examples = []
     for row, line in zip(data.rows, data.lines):

@@ -371,10 +371,10 @@ def _where(example: Example) -> tuple:
 
 def prepare(path: str, tokenizer, *, fmt: str = "auto", train_on: str = "responses",
             max_len: int = 2048, overlong: str = "truncate", chat_template: str | None = None,
-            cache_dir: str | None = None, cache: bool = True, split: str | None = None
-            ) -> tuple[list[dict], PrepareReport]:
+            cache_dir: str | None = None, cache: bool = True, split: str | None = None,
+            refuse_preferences: bool = False) -> tuple[list[dict], PrepareReport]:
     """Load, encode and length-limit every example of `path`. Refuses (QloraError) when no
-    usable example remains. Encoded examples are cached in cache_dir (default
+    usable example remains, and preference rows where `refuse_preferences` (load_examples'). Encoded examples are cached in cache_dir (default
     ~/.cache/qlora/data, or $QLORA_CACHE_DIR/data) under a hash of the file's bytes, the
     tokenizer and these options, so a second run does not tokenize again."""
     if train_on not in ("responses", "all"):
@@ -387,7 +387,9 @@ def prepare(path: str, tokenizer, *, fmt: str = "auto", train_on: str = "respons
     if cache:
         key = hashlib.sha256(json.dumps([CACHE_VERSION, fingerprint(path, split),
                                          tokenizer_fingerprint(tokenizer, chat_template),
-                                         fmt, train_on, max_len, overlong]).encode()).hexdigest()
+                                         fmt, train_on, max_len, overlong,
+                                         # a file another command cached must still be refused
+                                         refuse_preferences]).encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"tokenized-{key[:32]}.npz"
         if cache_file.is_file():
             hit = _load_cache(cache_file)
@@ -398,7 +400,7 @@ def prepare(path: str, tokenizer, *, fmt: str = "auto", train_on: str = "respons
 
     from jinja2 import TemplateError
 
-    examples, problems = load_examples(path, fmt, split)
+    examples, problems = load_examples(path, fmt, split, refuse_preferences)
     report = PrepareReport(path=path, n_rows=len(examples) + len(problems), max_len=max_len,
                            problems=list(problems))
     report.format = examples[0].format if examples else fmt

@@ -27,7 +27,7 @@ def load_data(cfg: RunConfig, tokenizer, log: Callable[[str], None] = print
             return examples, (report.layout, report.chat)
         examples, report = prepare(path, tokenizer, fmt=cfg.data_format, train_on=cfg.train_on,
                                    max_len=cfg.max_seq_length, overlong=cfg.long_examples,
-                                   chat_template=cfg.chat_template)
+                                   chat_template=cfg.chat_template, refuse_preferences=True)
         for line in report.lines():
             log(line)
         return examples, (report.format, None)
