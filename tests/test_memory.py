@@ -223,6 +223,15 @@ def test_auto_fit_keeps_checkpointing_for_preference_methods():
         best = memory.auto_fit(arch, cfg, gpu, max_micro_batch=8)
         assert best.checkpointing and best.micro_batch > 1, method
         assert memory.fits(plan(arch, best), gpu)
+    # the micro-batches compared are those the run uses, divisors of its global batch: at 80 GB
+    # both reach 4 of a global batch of 4, where the recompute buys nothing (off); of 7, no
+    # checkpointing fits fewer than 7, which divide 7 only as 1 (on, at 7)
+    cfg = PlanConfig(seq_len=1024, method="dpo", prompt_len=512)
+    four = memory.auto_fit(arch, cfg, 80 * GiB, max_micro_batch=4, global_batch=4)
+    assert (four.micro_batch, four.checkpointing) == (4, False)
+    seven = memory.auto_fit(arch, cfg, 80 * GiB, max_micro_batch=7, global_batch=7)
+    assert not memory.fits(plan(arch, replace(cfg, micro_batch=7, checkpointing=False)), 80 * GiB)
+    assert (seven.micro_batch, seven.checkpointing) == (7, True)
 
 
 def test_parse_size():

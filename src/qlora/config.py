@@ -104,7 +104,9 @@ class RunConfig:
     seed: int = 42
     # --- memory (qlora.memory plans the run before anything loads; docs/MEMORY.md) -----------------
     gpu_memory: str | None = None  # GPU size to plan for, e.g. 24GB; None = the detected CUDA GPU
-    auto_fit: bool = False  # pick the largest micro-batch that fits, checkpointing off if it can be
+    # pick the largest micro-batch that fits, checkpointing off if it can be (a preference
+    # method: on where that gives a larger micro-batch; memory/fitting.auto_fit)
+    auto_fit: bool = False
     # --- several GPUs (under torchrun; docs/DISTRIBUTED.md) ---------------------------------------
     sharding: str = "ddp"  # ddp: every rank holds the whole base; fsdp: base, adapters, optimizer sharded
     # --- evaluation, checkpoints, logging --------------------------------------------------------
@@ -211,7 +213,8 @@ HELP: dict[str, str] = {
                        "router_aux_loss_coef from config.json) to the training loss",
     "seed": "random seed of the run",
     "gpu_memory": "GPU size to plan the run for, e.g. 24GB",
-    "auto_fit": "pick the largest micro-batch that fits, checkpointing off if it can be",
+    "auto_fit": "pick the largest micro-batch that fits, checkpointing off if it can be (for "
+                "dpo/orpo/simpo/kto on where that gives a larger micro-batch)",
     "sharding": "under torchrun: ddp (each rank holds the whole base) or fsdp (sharded)",
     "eval_steps": "evaluate every N optimizer steps (and at the end); 0 = at the end only",
     "save_steps": "checkpoint every N optimizer steps; 0 = no intermediate checkpoints",

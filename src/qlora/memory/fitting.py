@@ -76,24 +76,33 @@ def _largest_that_fits(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, field_na
     return low
 
 
-def auto_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: int = 64) -> PlanConfig | None:
+def auto_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: int = 64,
+             global_batch: int | None = None) -> PlanConfig | None:
     """The largest micro-batch that fits, and whether checkpointing is on; None if nothing fits.
 
     SFT: checkpointing costs a recomputed forward (about a third more compute), so no
     checkpointing at micro-batch 1 is preferred to checkpointing at a larger micro-batch.
-    A preference method (`cfg.method`) prefers checkpointing wherever it fits more than one
-    example a micro-batch: each micro-batch dequantizes the 4-bit base for its policy forward,
-    its reference forward and its backward, and every further micro-batch pays that again. At
-    Llama-3-8B DPO on an H100, 4 pairs in one checkpointed micro-batch ran 1.05x as fast as one
-    pair a micro-batch without checkpointing, in less memory (docs/BENCHMARKS.md, 2026-12-07).
+    A preference method (`cfg.method`) takes checkpointing where it gives a larger micro-batch:
+    each micro-batch dequantizes the 4-bit base for its policy forward, its reference forward
+    and its backward, and every further micro-batch pays that again. At Llama-3-8B DPO on an
+    H100, 4 pairs in one checkpointed micro-batch ran 1.05x as fast as one pair a micro-batch
+    without checkpointing, in less memory (docs/BENCHMARKS.md, 2026-12-07). The micro-batches
+    compared are those the run would use: divisors of `global_batch`, where given (the run keeps
+    its global batch: micro-batch x accumulation).
     """
     without = _largest_micro_batch(arch, cfg, gpu_bytes, False, max_micro_batch)
     if cfg.method == "sft" and without is not None:
         return without
     with_ckpt = _largest_micro_batch(arch, cfg, gpu_bytes, True, max_micro_batch)
-    if with_ckpt is None or (without is not None and with_ckpt.micro_batch == 1):
-        return without  # (at one example either way, the recompute is only a cost)
-    return with_ckpt
+    if with_ckpt is None or without is None:
+        return with_ckpt or without
+
+    def used(best: PlanConfig) -> int:
+        mb = best.micro_batch
+        return mb if not global_batch else max(d for d in range(1, mb + 1) if global_batch % d == 0)
+
+    # no larger micro-batch with it: the recompute would only be a cost
+    return with_ckpt if used(with_ckpt) > used(without) else without
 
 
 def _largest_micro_batch(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, checkpointing: bool,

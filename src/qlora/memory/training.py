@@ -135,7 +135,8 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
                             f"peak allocated ~{gib(b.allocated):.2f} GiB{coarse}"}
     if cfg.auto_fit:
         global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps
-        best = auto_fit(arch, pc, gpu_bytes, max_micro_batch=max(global_batch, 1))
+        best = auto_fit(arch, pc, gpu_bytes, max_micro_batch=max(global_batch, 1),
+                        global_batch=max(global_batch, 1))
         if best is None:
             smallest = replace(pc, micro_batch=1, checkpointing=True)
             # auto-fit picks only what fits with the usual slack; say so where the user's own
