@@ -333,6 +333,12 @@ def test_mixture_special_cases():
     big = Model(n_layer=80, n_head=64, n_kv_head=8, has_output=True)  # 70B: attn_v to Q5_K
     v = _types("q4_k_s", big)[2]["attn_v"]
     assert v == ["Q5_K"] * 80
+    # llama.cpp's 70B class is per architecture: llama's needs grouped KV heads (else its 65B),
+    # qwen2's any 80 layers, phi3's none
+    for arch, kv, bumped in (("llama", 64, False), ("qwen2", 64, True), ("phi3", 8, False)):
+        model = Model(n_layer=80, n_head=64, n_kv_head=kv, has_output=True, arch=arch)
+        assert model.is_70b_class == bumped, arch
+        assert (_types("q4_k_s", model)[2]["attn_v"][10] == "Q5_K") == bumped, arch
     assert _types("q4_0")[0] == "Q6_K" and _types("q8_0")[0] == "Q8_0"
     assert _types("f16")[2]["attn_v"] == ["F16"] * 32
     assert tensor_type("blk.0.attn_norm.weight", (4096,), "q4_k_m", LLAMA_8B).stored == "F32"

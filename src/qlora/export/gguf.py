@@ -771,7 +771,7 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, arch, qtype: 
     model = mixtures.Model(n_layer=n_layer, n_head=n_head,
                            n_kv_head=config.get("num_key_value_heads") or n_head,
                            has_output="lm_head.weight" in shapes,
-                           n_expert=experts.count if experts is not None else 0)
+                           n_expert=experts.count if experts is not None else 0, arch=arch_name)
     tmap = g.get_tensor_name_map(arch, n_layer)
     plan = []
     for hf_name, shape in shapes.items():

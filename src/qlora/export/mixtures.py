@@ -20,8 +20,9 @@ for the file types we write and the models we export (not Falcon), dense:
     An untied token_embd keeps the default type. attn_q, attn_k, ffn_gate, ffn_up: the default.
     A fused attn_qkv (Phi-3) takes attn_v's rules.
   use_more_bits(i, n): the first and last eighth of the layers and every third one in between.
-  A 70B-class model (80 layers with grouped KV heads: llama.cpp's LLM_TYPE_70B for these
-  families) stores a Q3_K / Q4_K attn_v as Q5_K: its attn_v is 8× smaller than attn_q.
+  A 70B-class model (llama.cpp's LLM_TYPE_70B: llama with 80 layers and grouped KV heads, qwen2
+  with 80 layers; no other architecture we write has one) stores a Q3_K / Q4_K attn_v as Q5_K:
+  its attn_v is 8× smaller than attn_q.
 
 llama.cpp counts attn_v / ffn_down tensors in its layer-sorted tensor order; for a dense model that
 count is the layer number in the tensor's name, which is what we read (as llama.cpp does for a
@@ -76,6 +77,7 @@ class Model:
     n_kv_head: int
     has_output: bool  # an output.weight of its own (untied)
     n_expert: int = 0  # a mixture of experts' experts a layer; 0 for a dense model
+    arch: str = "llama"  # the GGUF architecture (llama.cpp names a 70B-class model per architecture)
 
     @property
     def n_gqa(self) -> int:
@@ -83,7 +85,9 @@ class Model:
 
     @property
     def is_70b_class(self) -> bool:
-        return self.n_layer == 80 and self.n_head != self.n_kv_head
+        if self.arch == "llama":  # 80 layers without grouped KV heads: its 65B
+            return self.n_layer == 80 and self.n_head != self.n_kv_head
+        return self.arch == "qwen2" and self.n_layer == 80
 
 
 @dataclass(frozen=True)
