@@ -96,6 +96,7 @@ WORKER = textwrap.dedent("""
 """)
 
 FSDP_WORKER = textwrap.dedent("""
+    import faulthandler; faulthandler.enable()  # a crash names its thread and frame in the log
     import json, sys, torch, torch.distributed as dist
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.models import load_model
@@ -164,6 +165,11 @@ FSDP_WORKER = textwrap.dedent("""
                states_equal=bool(states_equal), n_4bit=n_4bit)
     if dist.get_rank() == 0:
         open(sys.argv[2], "w").write(json.dumps(out))
+    # the sharded model, its gradients and optimizer states hold the device mesh and with it the
+    # process group: released before it is destroyed, not at interpreter exit, where gloo's threads
+    # outliving their group abort the process ("terminate called without an active exception")
+    del model, local, got, opt, states
+    import gc; gc.collect()
     dist.destroy_process_group()
 """)
 
