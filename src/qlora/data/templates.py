@@ -374,9 +374,10 @@ def prepare(path: str, tokenizer, *, fmt: str = "auto", train_on: str = "respons
             cache_dir: str | None = None, cache: bool = True, split: str | None = None,
             refuse_preferences: bool = False) -> tuple[list[dict], PrepareReport]:
     """Load, encode and length-limit every example of `path`. Refuses (QloraError) when no
-    usable example remains, and preference rows where `refuse_preferences` (load_examples'). Encoded examples are cached in cache_dir (default
-    ~/.cache/qlora/data, or $QLORA_CACHE_DIR/data) under a hash of the file's bytes, the
-    tokenizer and these options, so a second run does not tokenize again."""
+    usable example remains, and preference rows where `refuse_preferences` (load_examples').
+    Encoded examples are cached in cache_dir (default ~/.cache/qlora/data, or
+    $QLORA_CACHE_DIR/data) under a hash of the file's bytes, the tokenizer and these options, so
+    a second run does not tokenize again."""
     if train_on not in ("responses", "all"):
         raise QloraError(f"train_on must be 'responses' or 'all', not {train_on!r}.")
     if overlong not in ("truncate", "drop"):

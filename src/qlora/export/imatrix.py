@@ -122,11 +122,11 @@ class ExpertSums:
 
     def _hook_for(self, name: str):
         def hook(_module, args):
-            x, expert = args[0].detach().float(), int(args[1])
-            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0, dtype=torch.float64)
-            key = (name, expert)
+            x, key = args[0].detach().float(), (name, int(args[1]))
+            x = x.reshape(-1, x.shape[-1])
+            sq = x.pow(2).sum(0, dtype=torch.float64)
             self.sums[key] = sq if key not in self.sums else self.sums[key] + sq
-            self.counts[key] = self.counts.get(key, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+            self.counts[key] = self.counts.get(key, 0) + x.shape[0]
         return hook
 
     def means(self) -> dict[str, np.ndarray]:

@@ -96,18 +96,22 @@ def auto_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: i
     with_ckpt = _largest_micro_batch(arch, cfg, gpu_bytes, True, max_micro_batch)
     if with_ckpt is None or without is None:
         return with_ckpt or without
-
-    def used(best: PlanConfig) -> int:
-        mb = best.micro_batch
-        return mb if not global_batch else max(d for d in range(1, mb + 1) if global_batch % d == 0)
-
+    used = (lambda best: best.micro_batch if not global_batch
+            else micro_batch_dividing(global_batch, best.micro_batch))
     # no larger micro-batch with it: the recompute would only be a cost
     return with_ckpt if used(with_ckpt) > used(without) else without
 
 
+def micro_batch_dividing(global_batch: int, largest: int) -> int:
+    """The largest micro-batch up to `largest` that divides `global_batch`: the one a run keeping
+    its global batch (micro-batch x accumulation) can use."""
+    return max(d for d in range(1, largest + 1) if global_batch % d == 0)
+
+
 def _largest_micro_batch(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, checkpointing: bool,
                          max_micro_batch: int) -> PlanConfig | None:
-    """`cfg` at the largest micro-batch that fits with checkpointing on or off; None if not 1."""
+    """`cfg` at the largest micro-batch that fits with checkpointing on or off; None where not
+    even micro-batch 1 does."""
     base = replace(cfg, checkpointing=checkpointing, micro_batch=1)
     if not fits(plan(arch, base), gpu_bytes):
         return None

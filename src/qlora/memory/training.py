@@ -12,7 +12,7 @@ from qlora.memory.arch import resolve_arch
 from qlora.memory.attention import kept_attention_layer_bytes, kept_attention_layers
 from qlora.memory.breakdown import fits, fits_tightly, needed_bytes, tight_fit_line
 from qlora.memory.fitting import (TRAIN_OPTIONS, advise, attention_layers_that_fit, auto_fit,
-                                  long_context_choice)
+                                  long_context_choice, micro_batch_dividing)
 from qlora.memory.host import check_host_offload, host_offload_bytes
 from qlora.memory.settings import EXPERT_TARGETS, PlanConfig
 from qlora.memory.sizes import GiB, gib, parse_size
@@ -151,7 +151,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
                 "Change:\n" + "\n".join(_advice_lines(arch, smallest, gpu_bytes)))
         # the largest micro-batch that fits and divides the global batch, so the global batch
         # (micro-batch x accumulation) stays what the config asked for
-        mb = max(d for d in range(1, best.micro_batch + 1) if global_batch % d == 0)
+        mb = micro_batch_dividing(global_batch, best.micro_batch)
         accum = global_batch // mb
         chosen = replace(best, micro_batch=mb)
         text = (f"auto-fit: micro-batch {mb} x gradient accumulation {accum} (global batch {global_batch} kept; "
