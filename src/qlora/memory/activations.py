@@ -127,12 +127,14 @@ def routed_activation_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, float]
     # the router: softmax keeps its fp32 output, top_k its indices, renormalising its values
     # and their sum (the logits' linear keeps nothing: the router is frozen)
     t["router softmax, top-k"] = 4 * e + 8 * k + (4 * k + 4 if moe.renormalize else 0)
-    # the sort: the rows' token index, the sorted weights' index, the way back
-    t["sort indices (int64)"] = 3 * 8 * k
+    # the sort: the sorted weights' index and the way back (which both row gathers' backward
+    # read: speed/moe.SortedRows, PermutedRows)
+    t["sort indices (int64)"] = 2 * 8 * k
     if "gate_up_proj" in targets:  # the sorted rows, read by gate_up's LoRA A
         t["routed rows (k per token)"] = 2 * k * h
     t["experts' gate, up outputs"] = 2 * k * 2 * i
-    t["silu(gate)"] = 2 * k * i
+    if torch_activation(arch, cfg):  # the fused SwiGLU reads the packed gate, up output alone
+        t["silu(gate)"] = 2 * k * i
     if "down_proj" in targets:
         t["experts' down_proj input"] = 2 * k * i
     t["experts' LoRA A outputs"] = sum(2 * k * cfg.r for _ in targets)

@@ -55,6 +55,7 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
             module.fused = plan.fused_kernels
         if isinstance(module, FastExperts):
             module.grouped = plan.grouped_experts
+            module.fused = plan.fused_kernels
     assert isinstance(model, FastDecoderLM)
     model.keep_attention = plan.keep_attention
     if isinstance(model, FastGemmaLM):
