@@ -127,3 +127,33 @@ def test_a_rank_left_short_pads_its_window_with_weight_zero():
                           env=DistEnv(rank=1, world_size=2, local_rank=1))
     last = rank1.build(0, 3)
     assert [b["weight"] for b in last.batches] == [0] and last.n_input == 0 and last.n_labels == 0
+
+
+def test_a_failed_capture_is_released_before_the_eager_step_runs():
+    """When capturing a step's graph fails (out of memory at a tight cap, say), the step runs
+    eagerly instead, and by then what the failed capture held is gone: the frames of the
+    exception's traceback keep its tensors (the graphs' pool blocks, on a GPU) alive for as long
+    as the exception is, so the eager step must not run inside its handler."""
+    import weakref
+
+    from qlora.train.graphs import GraphedSteps
+
+    steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
+    steps.device, steps.pad_to, steps.log, steps.preference = torch.device("cpu"), 8, print, None
+    steps.failed, steps.graphs = None, {}
+    held, alive_in_eager = [], []
+
+    def capture(g):
+        activation = torch.empty(1024)  # referenced by this frame alone, then by the traceback
+        held.append(weakref.ref(activation))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated in the capture)")
+
+    def eager(batch, scale):
+        alive_in_eager.append(held[0]() is not None)
+        return torch.zeros(())
+
+    steps._capture, steps._eager = capture, eager
+    ids = torch.arange(6).view(1, 6) + 5
+    steps.run(steps.stage(ids, torch.arange(6).view(1, 6), ids.clone()), 1.0)
+    assert steps.failed.startswith("OutOfMemoryError") and alive_in_eager == [False]
+    assert steps.graphs == {}

@@ -321,6 +321,18 @@ class _Graph(_Rows):
         self.metrics: dict[str, torch.Tensor] = {}  # a preference method's, as loss_sum
 
 
+def release_failed_capture(g: "_Graph") -> None:
+    """Drop what a capture that failed midway holds: its partial graph (whose pool blocks are
+    then free) and the outputs it recorded."""
+    graph = getattr(g, "graph", None)
+    if graph is not None:
+        try:
+            graph.reset()
+        except RuntimeError:  # a capture that never ended has no graph to delete
+            pass
+    g.graph, g.loss_sum, g.metrics = None, None, {}
+
+
 class GraphedSteps:
     """`step(input_ids, position_ids, labels, scale)` = forward, backward of `scale · loss_sum`,
     through a CUDA graph per padded shape; returns the loss sum (a GPU scalar, valid until the
@@ -374,6 +386,13 @@ class GraphedSteps:
                 self._capture(g)
             except Exception as err:  # noqa: BLE001 -- something the capture cannot hold
                 self.failed = f"{type(err).__name__}: {err}"
+            if self.failed is not None:
+                # the eager step runs once the exception is gone: its traceback's frames hold the
+                # failed capture's tensors, whose blocks in the graphs' pool an eager step at the
+                # memory's edge needs (Qwen3-30B-A3B under a 24 GB cap ran out of memory there)
+                release_failed_capture(g)
+                del g
+                torch.cuda.empty_cache()
                 self.log(f"CUDA graphs off from here on: capturing the step failed "
                          f"({self.failed[:300]})")
                 return self._eager(batch, scale)
