@@ -157,3 +157,34 @@ def test_a_failed_capture_is_released_before_the_eager_step_runs():
     steps.run(steps.stage(ids, torch.arange(6).view(1, 6), ids.clone()), 1.0)
     assert steps.failed.startswith("OutOfMemoryError") and alive_in_eager == [False]
     assert steps.graphs == {}
+
+
+def test_a_failed_capture_releases_the_graphs_captured_before_it():
+    """A later batch shape's capture fails (the longest padded shape, the usual place to run out
+    of memory): every graph captured before is reset and dropped with it, since they share one
+    pool whose blocks the eager steps from then on need."""
+    from qlora.train.graphs import GraphedSteps
+
+    steps = GraphedSteps.__new__(GraphedSteps)
+    steps.device, steps.pad_to, steps.log, steps.preference = torch.device("cpu"), 4, print, None
+    steps.failed, steps.graphs = None, {}
+    resets = []
+
+    class StandInGraph:  # what the GPU's CUDAGraph is asked for here
+        def replay(self):
+            pass
+
+        def reset(self):
+            resets.append(self)
+
+    def capture(g):
+        if g.input_ids.shape[1] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated in the second capture)")
+        g.graph, g.loss_sum = StandInGraph(), torch.zeros(())
+
+    steps._capture, steps._eager = capture, lambda batch, scale: torch.zeros(())
+    for length in (4, 8):  # one shape captured, then a longer one that fails
+        ids = torch.arange(length).view(1, length) + 5
+        steps.run(steps.stage(ids, torch.arange(length).view(1, length), ids.clone()), 1.0)
+    assert steps.failed.startswith("OutOfMemoryError")
+    assert steps.graphs == {} and len(resets) == 1

@@ -109,6 +109,11 @@ def rerun_keeps_weights():
         _keeping = False
 
 
+def drop_kept_weights() -> None:
+    """Forget the dense weights a rerun kept that no backward took (a step that failed midway)."""
+    _kept.clear()
+
+
 @contextlib.contextmanager
 def weights_not_kept():
     """Inside rerun_keeps_weights: dense weights made here are not kept (a sequence tile of the

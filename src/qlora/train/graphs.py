@@ -321,16 +321,21 @@ class _Graph(_Rows):
         self.metrics: dict[str, torch.Tensor] = {}  # a preference method's, as loss_sum
 
 
-def release_failed_capture(g: "_Graph") -> None:
-    """Drop what a capture that failed midway holds: its partial graph (whose pool blocks are
-    then free) and the outputs it recorded."""
-    graph = getattr(g, "graph", None)
-    if graph is not None:
-        try:
-            graph.reset()
-        except RuntimeError:  # a capture that never ended has no graph to delete
-            pass
-    g.graph, g.loss_sum, g.metrics = None, None, {}
+def release_graphs(graphs) -> None:
+    """Drop what these graphs hold (one whose capture failed midway among them): each graph
+    (torch's reset: its blocks of the shared pool are then free once no graph holds them), the
+    outputs it recorded, and what a failed step's rerun left in the kernels' hand-over tables.
+    A capture that a host read invalidated ends with the pool still held (torch's reset only
+    warns there); one that ran out of memory on the host ends cleanly."""
+    from qlora.kernels.lora import drop_kept_products
+    from qlora.kernels.matmul_4bit import drop_kept_weights
+
+    for g in graphs:
+        if getattr(g, "graph", None) is not None:
+            g.graph.reset()
+        g.graph, g.loss_sum, g.metrics = None, None, {}
+    drop_kept_products()
+    drop_kept_weights()
 
 
 class GraphedSteps:
@@ -389,8 +394,11 @@ class GraphedSteps:
             if self.failed is not None:
                 # the eager step runs once the exception is gone: its traceback's frames hold the
                 # failed capture's tensors, whose blocks in the graphs' pool an eager step at the
-                # memory's edge needs (Qwen3-30B-A3B under a 24 GB cap ran out of memory there)
-                release_failed_capture(g)
+                # memory's edge needs (Qwen3-30B-A3B under a 24 GB cap ran out of memory there);
+                # the graphs captured before go too: they share the pool, and every step from
+                # here on runs eagerly
+                release_graphs([g, *self.graphs.values()])
+                self.graphs.clear()
                 del g
                 torch.cuda.empty_cache()
                 self.log(f"CUDA graphs off from here on: capturing the step failed "
