@@ -68,12 +68,12 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _graph_body(model, method, opts, batch: dict):
+def _graph_body(model, method, opts, batch: dict, pad_to: int = PAD_TO):
     """(loss sum, metric sums, gradients) of the graph's body on the CPU: the staged batch copied
     into a _Graph's buffers, then GraphedSteps._body, which the capture records."""
     steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
-    steps.model, steps.preference, steps.pad_to = model, (method, opts), PAD_TO
-    staged = stage_preference(batch, PAD_TO, pinned=False)
+    steps.model, steps.preference, steps.pad_to = model, (method, opts), pad_to
+    staged = stage_preference(batch, pad_to, pinned=False)
     g = _Graph(staged, torch.device("cpu"))
     steps._fill(g, staged, 1.0)
     model.zero_grad()
@@ -292,7 +292,8 @@ def test_a_shared_prompt_batch_stages_its_gathered_keys_at_a_fixed_length():
     staged = stage_gathered_keys(batch["input_ids"], batch["position_ids"], batch["labels"],
                                  plan, PAD_TO, pinned=False)
     length, prompts = staged.input_ids.shape[1], sum(len(e["prompt"]) for e in _examples(False))
-    assert length == -(-(T + 1) // PAD_TO) * PAD_TO and plan.keys.index.numel() == T + prompts
+    assert T % PAD_TO and length == -(-T // PAD_TO) * PAD_TO
+    assert plan.keys.index.numel() == T + prompts
     key_length = length + max(PAD_TO, 1 << (prompts - 1).bit_length())
     assert staged.key == (1, length, 16, "keys", key_length)  # 8 documents and the padding: 16
     index, cu_keys = staged.gathered_keys["key_index"], staged.gathered_keys["cu_keys"]
@@ -302,3 +303,33 @@ def test_a_shared_prompt_batch_stages_its_gathered_keys_at_a_fixed_length():
     assert (index[T + prompts:key_length - (length - T)] == T).all()
     assert staged.cu_seqlens.tolist() == plan.cu_seqlens.tolist() + [length] * 8
     assert cu_keys.tolist() == plan.keys.cu_seqlens.tolist() + [key_length] * 8
+
+
+def test_a_shared_prompt_row_of_whole_pad_to_multiples_gets_a_few_padding_tokens(llama_dir):
+    """Two pairs of 32 tokens each (prompt once): a 64-token row staged at pad_to 64 gets
+    ALIGNED_PADDING tokens of padding document (80 tokens), not a whole pad_to more (128), and
+    the graph's body over it still equals batch_loss: loss and every adapter gradient (fp32, rel
+    1e-5 as test_graph_body_equals_batch_loss)."""
+    from qlora.train.graphs import ALIGNED_PADDING
+
+    g = torch.Generator().manual_seed(13)
+
+    def ids(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    pairs = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
+             for p, c, r in ((10, 12, 10), (8, 12, 12))]
+    batch = pair_batch(pairs, 0, packed=True)
+    assert batch["input_ids"].shape[1] == 64 and batch["attention"].keys is not None
+    method, opts = PREFERENCE_METHODS["dpo"], PreferenceOptions(beta=0.3)
+    model = _model(llama_dir)
+    model.zero_grad()
+    want_loss, _ = batch_loss(method, model, batch, opts)
+    want_loss.backward()
+    want_grads = _grads(model)
+    staged, loss, _, grads = _graph_body(model, method, opts, batch, pad_to=64)
+    assert staged.input_ids.shape[1] == 64 + ALIGNED_PADDING < 128
+    want_loss = float(want_loss.detach())
+    assert abs(float(loss) - want_loss) <= 1e-5 * abs(want_loss)
+    for k, want in want_grads.items():
+        assert float((grads[k] - want).abs().max()) <= 1e-5 * float(want.abs().max()), k
