@@ -12,8 +12,9 @@ a fixed buffer (unused slots repeat the last offset: empty documents). Rows that
 document take SDPA's causal kernel instead: measured on an H100 at Llama-3-8B's heads, 28 ms per
 step against varlen's 41 (torch 2.11's varlen has no GQA: k and v are repeated for it), and padding
 after a causal document changes nothing before it. Rows are padded to a multiple of `pad_to` tokens
-(a padding document without labels) and the document count to a power of two, so a run makes few
-graphs; they share one memory pool.
+(a padding document without labels; a shared-prompt row that must have one and is a multiple
+already gets ALIGNED_PADDING tokens) and the document count to a power of two, so a run makes
+few graphs; they share one memory pool.
 
 A preference method (DPO, ORPO, SimPO, KTO) puts its batch loss in the graph instead of the
 model's loss sum (`GraphedSteps(preference=)`): its label positions, their sequences and the
