@@ -331,18 +331,16 @@ class _Graph(_Rows):
 
 
 def release_graphs(graphs) -> None:
-    """Drop what these graphs hold (one whose capture failed midway among them): each graph
-    (torch's reset: its blocks of the shared pool are then free once no graph holds them), the
-    outputs it recorded, and what a failed step's rerun left in the kernels' hand-over tables.
-    A capture that a host read invalidated ends with the pool still held (torch's reset only
-    warns there); one that ran out of memory on the host ends cleanly."""
+    """Reset these graphs (one whose capture failed midway among them: torch's reset frees their
+    blocks of the shared pool once nothing else holds them) and drop what a failed step's rerun
+    left in the kernels' hand-over tables. A capture that a host read invalidated ends with the
+    pool still held (torch's reset only warns there); one that ran out of memory ends cleanly."""
     from qlora.kernels.lora import drop_kept_products
     from qlora.kernels.matmul_4bit import drop_kept_weights
 
     for g in graphs:
-        if getattr(g, "graph", None) is not None:
+        if g.graph is not None:
             g.graph.reset()
-        g.graph, g.loss_sum, g.metrics = None, None, {}
     drop_kept_products()
     drop_kept_weights()
 
@@ -408,6 +406,7 @@ class GraphedSteps:
                 # here on runs eagerly
                 release_graphs([g, *self.graphs.values()])
                 self.graphs.clear()
+                self.metrics = {}  # the last replay's outputs, in the pool
                 del g
                 torch.cuda.empty_cache()
                 self.log(f"CUDA graphs off from here on: capturing the step failed "
