@@ -59,7 +59,9 @@ Systems
                 layer's GEMMs), at the memory of one pair's activations (`qlora plan --method dpo
                 --seq-len 1024 --prompt-len 512 --micro-batch 1 --no-checkpointing`: 11.65 GiB at
                 Llama-3-8B, against 11.90 for `qlora`; measured 12.74 and 11.86 on an H100,
-                2026-12-07, where it ran 0.96x `qlora`). Pair methods only: KTO's KL estimate
+                2026-12-07, where it ran 0.96x `qlora`, both with the graph's staging then padding
+                an aligned row by 256 tokens: 1,792 for this one pair's 1,536, since 1,552).
+                Pair methods only: KTO's KL estimate
                 borrows completions within its micro-batch, so splitting one changes the loss.
 
 Data: `--pairs` pairs of random token ids, a prompt of `--prompt` tokens and two completions of

@@ -166,11 +166,12 @@ FSDP_WORKER = textwrap.dedent("""
     if dist.get_rank() == 0:
         open(sys.argv[2], "w").write(json.dumps(out))
     # the sharded model, its gradients and optimizer states hold the device mesh and with it the
-    # process group: released before it is destroyed, not at interpreter exit, where gloo's threads
-    # outliving their group abort the process ("terminate called without an active exception")
+    # process group: released before it is destroyed (as train's frame is by the time the loop
+    # calls shutdown), not at interpreter exit, where gloo's threads outliving their group abort
+    # the process ("terminate called without an active exception")
     del model, local, got, opt, states
-    import gc; gc.collect()
-    dist.destroy_process_group()
+    from qlora.train.distributed import DistEnv, shutdown
+    shutdown(DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size()))
 """)
 
 

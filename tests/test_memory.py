@@ -212,7 +212,8 @@ def test_auto_fit_picks_the_largest_micro_batch():
 def test_auto_fit_keeps_checkpointing_for_preference_methods():
     """A preference step pays three dequantize passes a micro-batch (policy, reference, backward):
     auto-fit keeps checkpointing where it holds more examples a micro-batch (measured 1.05x at
-    Llama-3-8B DPO), where SFT drops it to micro-batch 1."""
+    Llama-3-8B DPO, with the no-checkpointing step's row then padded 17%: memory/fitting.auto_fit),
+    where SFT drops it to micro-batch 1."""
     arch = memory.resolve_arch(shape="llama-3-8b")
     gpu = 24 * GiB
     sft = memory.auto_fit(arch, PlanConfig(seq_len=1024), gpu, max_micro_batch=8)

@@ -600,6 +600,54 @@ def test_planner_routed_activations_equal_what_autograd_keeps(family, targets):
         assert layer_saved_bytes(layer.train(), x, cos, sin, owned) == expected, unbalanced
 
 
+FUSED_ROUTED_COUNT = r"""
+import json, torch
+from saved_bytes import layer_saved_bytes
+from qlora import memory
+from qlora.adapters import AdapterConfig, attach_adapters
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config
+from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
+from test_moe import PLANNER_CONFIGS, planner_config
+
+results = {}
+for family in PLANNER_CONFIGS:
+    config, r, tokens = planner_config(family), 8, 64
+    model = random_model(spec_from_config(config), QuantConfig(
+        method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0, target_modules="all-linear"))
+    model.train()
+    seed = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
+                                        seeded_dropout=True, grouped_experts=True),
+                       log=lambda _: None).dropout_seed
+    x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().abs()
+    x.requires_grad_(True)
+    cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
+    # x not owned: the fused norm keeps its bf16 input, which the plan counts as the layer's
+    owned = [*model.parameters(), *model.buffers(), cos, sin, seed]
+    saved = layer_saved_bytes(model.model.layers[0], x, cos, sin, owned)
+    arch = memory.arch_from_config(config)
+    cfg = memory.PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
+                            seeded_dropout=True, kernels="fused")
+    planned = (sum(memory.activations.layer_activation_terms(arch, cfg).values()) * tokens
+               + sum(memory.weights.layer_weight_terms(arch, cfg).values()))
+    results[family] = [saved, planned]
+print(json.dumps(results))
+"""
+
+
+def test_planner_routed_activations_equal_what_the_fused_step_keeps():
+    """As test_planner_routed_activations_equal_what_autograd_keeps, on the fused path (Triton's
+    interpreter): the packed SwiGLU kernel keeps the gate/up output alone, no silu(gate), and the
+    fused norms their bf16 inputs; the plan's terms equal what autograd keeps, byte for byte."""
+    from test_dequant_kernel import interpreted
+
+    results = interpreted(FUSED_ROUTED_COUNT)
+    assert set(results) == set(PLANNER_CONFIGS)
+    assert all(saved == planned for saved, planned in results.values()), results
+
+
 def test_named_moe_shapes_have_their_real_sizes():
     from qlora import memory
 

@@ -86,7 +86,10 @@ def auto_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: i
     each micro-batch dequantizes the 4-bit base for its policy forward, its reference forward
     and its backward, and every further micro-batch pays that again. At Llama-3-8B DPO on an
     H100, 4 pairs in one checkpointed micro-batch ran 1.05x as fast as one pair a micro-batch
-    without checkpointing, in less memory (docs/BENCHMARKS.md, 2026-12-07). The micro-batches
+    without checkpointing, in less memory (docs/BENCHMARKS.md, 2026-12-07) -- measured while the
+    graph's staging padded that one pair's 1,536 tokens to 1,792 (the four pairs' 6,144 to
+    6,400; fixed since, train/graphs.ALIGNED_PADDING), and for DPO alone: to be measured again
+    before it is relied on. The micro-batches
     compared are those the run would use: divisors of `global_batch`, where given (the run keeps
     its global batch: micro-batch x accumulation).
     """

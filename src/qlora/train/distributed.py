@@ -105,10 +105,11 @@ def shutdown(env: DistEnv, failed: bool = False) -> None:
     if failed and hasattr(dist.distributed_c10d, "_abort_process_group"):
         dist.distributed_c10d._abort_process_group()
     else:
-        # a sharded model's parameters hold the device mesh and with it the group; left to the
-        # interpreter's exit, gloo's threads can outlive it and abort the process ("terminate
-        # called without an active exception": tests/test_distributed.py's FSDP worker, 2 of 23
-        # runs on 2 CPUs; 0 of 36 with its model released before the group)
+        # a sharded model's parameters hold the device mesh and with it the group (in reference
+        # cycles, hence the collection); left to the interpreter's exit, gloo's threads can
+        # outlive it and abort the process ("terminate called without an active exception":
+        # tests/test_distributed.py's FSDP worker, 2 of 23 runs on 2 CPUs; 0 of 36 with its
+        # model released and collected before the group is destroyed, as here)
         gc.collect()
         dist.destroy_process_group()
 
