@@ -87,7 +87,8 @@ def test_format_detection(tmp_path, row, fmt):
 def test_preference_rows_are_refused_for_training_only(tmp_path):
     """Supervised training refuses preference rows of undeclared format (a forgotten --method);
     eval, the export check and the importance matrix read their prompts and completions as they
-    are. A label that is not true / false is a class label of supervised data: not refused."""
+    are. Labels KTO reads (booleans, 0 / 1, true / false / yes / no as text: a CSV's are
+    text) are refused; a label KTO would not read is a class label of supervised data: not."""
     def rows(name, make):
         path = tmp_path / name
         path.write_text("".join(json.dumps(make(i)) + "\n" for i in range(6)))
@@ -98,6 +99,13 @@ def test_preference_rows_are_refused_for_training_only(tmp_path):
     classes = rows("classes.jsonl", lambda i: {"prompt": "p", "completion": "c", "label": i % 3})
     with pytest.raises(QloraError, match="kto.jsonl.*unpaired preferences.*--method kto"):
         load_examples(kto, refuse_preferences=True)
+    words = rows("words.jsonl", lambda i: {"prompt": "p", "completion": "c", "label": "false"})
+    csv_path = tmp_path / "kto.csv"
+    csv_path.write_text("prompt,completion,label\n" + "".join(f"p,c{i},{'true' if i % 2 else 'false'}\n"
+                                                           for i in range(6)))
+    for path in (words, str(csv_path)):
+        with pytest.raises(QloraError, match="unpaired preferences.*--method kto"):
+            load_examples(path, refuse_preferences=True)
     with pytest.raises(QloraError, match="pairs.jsonl.*preference pairs.*--method dpo"):
         load_examples(pairs, refuse_preferences=True)
     examples, problems = load_examples(kto)  # not training: read as prompt_completion

@@ -337,14 +337,31 @@ def detect_format(columns: list[str], rows: list[dict], path: str = "data") -> s
         "--data_format).")
 
 
-# preference data's columns (data/preference.LAYOUTS), and what plain fine-tuning would make of them
+# preference data's columns (data/preference.py reads them), and a KTO label's words
+LAYOUTS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
+LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def preference_label(value) -> bool | None:
+    """A KTO label as data/preference reads it: a bool, 0 or 1, or one of LABEL_WORDS (any case,
+    spaces around); None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return LABEL_WORDS.get(value.strip().lower())
+    return None
+
+
+# what plain fine-tuning would make of each layout
 PREFERENCE_ROWS = {
-    ("prompt", "chosen", "rejected"): (
+    "pairs": (
         "preference pairs, which plain fine-tuning (--method sft, the default) cannot read: "
         "train on them with --method dpo (or orpo, simpo; kto reads prompt, completion, label "
         "rows). To fine-tune on one answer instead, rename its columns to a format and name it "
         "with --data_format."),
-    ("prompt", "completion", "label"): (
+    "unpaired": (
         "unpaired preferences (label false marks an answer to avoid), which plain fine-tuning "
         "(--method sft, the default) would train on as good answers: train on them with --method "
         "kto. To fine-tune on every completion regardless of its label, pass --data_format "
@@ -354,20 +371,22 @@ PREFERENCE_ROWS = {
 
 def refuse_preference_rows(cols: set[str], rows: list[dict], path: str) -> None:
     """Preference data given to supervised training (--method left at sft): pairs would be
-    refused with advice that drops the comparison they are for, and KTO's rows (their labels
-    true / false) read as prompt_completion, training on every undesirable answer. Said before any
-    work, naming the method that reads them. Only training asks (load_examples'
+    refused with advice that drops the comparison they are for, and KTO's rows (labels KTO reads:
+    preference_label) read as prompt_completion, training on every undesirable answer. Said
+    before any work, naming the method that reads them. Only training asks (load_examples'
     `refuse_preferences`): eval, the export check and the importance matrix read such files'
     prompts and completions as they are."""
-    for columns, what in PREFERENCE_ROWS.items():
-        if set(columns) <= cols and (columns[-1] != "label" or _labels_are_booleans(rows)):
+    for layout, what in PREFERENCE_ROWS.items():
+        columns = LAYOUTS[layout]
+        if set(columns) <= cols and (layout == "pairs" or _labels_are_kto_labels(rows)):
             raise QloraError(f"{path}: the columns {', '.join(columns)} are {what}")
 
 
-def _labels_are_booleans(rows: list[dict]) -> bool:
-    """KTO's label column (true / false) rather than a class label of supervised data."""
+def _labels_are_kto_labels(rows: list[dict]) -> bool:
+    """The label column is KTO's (every label of the first rows one KTO reads) rather than a
+    class label of supervised data."""
     labels = [row["label"] for row in rows[:100] if row.get("label") is not None]
-    return bool(labels) and all(isinstance(v, bool) for v in labels)
+    return bool(labels) and all(preference_label(v) is not None for v in labels)
 
 
 def _as_text(value) -> str | None:

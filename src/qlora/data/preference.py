@@ -39,15 +39,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora.data.formats import MESSAGE_ROLES, Problem, _read_rows, summarize_problems
+from qlora.data.formats import (LAYOUTS, MESSAGE_ROLES, Problem, _read_rows, preference_label,
+                                summarize_problems)
 from qlora.data.packing import make_batch
 from qlora.data.templates import _render, resolve_chat_template
 from qlora.errors import QloraError
 from qlora.models.attention import GatheredKeys, Varlen
 from qlora.models.decoder import IGNORE_INDEX as IGNORE
 
-LAYOUTS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
-LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass
@@ -109,13 +108,10 @@ def _text_or_messages(row: dict, name: str):
 
 def _label(row: dict) -> bool:
     value = row.get("label")
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
-        return LABEL_WORDS[value.strip().lower()]
-    raise ValueError("missing 'label'" if value is None else f"'label' is {value!r}, not a bool")
+    label = preference_label(value)
+    if label is None:
+        raise ValueError("missing 'label'" if value is None else f"'label' is {value!r}, not a bool")
+    return label
 
 
 class Encoder:

@@ -124,7 +124,7 @@ def read_prompt_format(adapter_dir: str | Path | None) -> tuple[dict, Path] | No
                          f"prompts with the model's chat template, or pass --chat-template / "
                          f"--no-chat-template") from None
     from qlora.data.formats import FORMATS
-    from qlora.data.preference import LAYOUTS
+    from qlora.data.formats import LAYOUTS
 
     known = (*FORMATS, *LAYOUTS)
     if fmt not in known:
