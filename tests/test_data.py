@@ -473,3 +473,17 @@ def test_prepare_then_pack_end_to_end(tmp_path, tok):
     assert n_label == rep.n_label_tokens == sum(len(labelled_ids(e)) for e in examples)
     for b in batches:  # no loss at a seam: every document start is unlabelled
         assert (b["labels"][b["position_ids"] == 0] == -100).all()
+
+
+def test_a_file_cached_unrefused_is_still_refused_for_training(tmp_path, tok):
+    """KTO rows prepared by a command that reads them as prompt_completion (eval, the export
+    check) are cached; training on the same file, options and tokenizer must still refuse them,
+    not take that cache (the refusal is part of the cache key)."""
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": f"c{i}",
+                                                 "label": i % 2 == 0} for i in range(4)])
+    cache = str(tmp_path / "cache")
+    examples, report = prepare(path, tok, max_len=64, cache_dir=cache)
+    assert len(examples) == 4 and not report.cache_hit
+    assert prepare(path, tok, max_len=64, cache_dir=cache)[1].cache_hit
+    with pytest.raises(QloraError, match="unpaired preferences.*--method kto"):
+        prepare(path, tok, max_len=64, cache_dir=cache, refuse_preferences=True)

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -164,31 +161,6 @@ def train_method(method: str, base_cfg, tokenizer, train_examples, val_examples,
             "cpu_tokens_per_s": result.summary.get("tokens_per_s")}
 
 
-class _DropMessage(logging.Filter):
-    """Drops a logger's records whose message starts with `prefix`; lets the others through."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-@contextmanager
-def int8_cast_notes_dropped() -> Iterator[None]:
-    """bitsandbytes logs, on every int8 matmul on the CPU, that it casts the fp32 inputs to fp16
-    (hundreds of lines for the 8-bit base's few steps); expected here, so that one message is
-    dropped while the block runs, and the logger's other messages still pass."""
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    drop = _DropMessage("MatMul8bitLt: inputs will be cast")
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-
-
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty --out before the methods train (minutes), as the other commands refuse
     an existing output: unless told to, a previous comparison is not replaced without a word,
@@ -244,12 +216,11 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     log(f"training {len(methods)} methods for {steps} steps each on the demo task (CPU) ...")
     rows = []
     t0 = time.perf_counter()
-    with int8_cast_notes_dropped():  # the 8-bit base's matmuls, in training and scoring
-        for method in methods:
-            cpu = train_method(method, base, tokenizer, train_examples, val_examples, prompts, work, log)
-            rows.append({"method": method, "label": PEFT_METHODS[method][0], "settings": PEFT_METHODS[method][1],
-                         "demo": cpu, "llama_3_8b": {"measured_peak_allocated_gib": PENDING,
-                                                     "tokens_per_s": PENDING, "device": None}})
+    for method in methods:
+        cpu = train_method(method, base, tokenizer, train_examples, val_examples, prompts, work, log)
+        rows.append({"method": method, "label": PEFT_METHODS[method][0], "settings": PEFT_METHODS[method][1],
+                     "demo": cpu, "llama_3_8b": {"measured_peak_allocated_gib": PENDING,
+                                                 "tokens_per_s": PENDING, "device": None}})
     result = {
         "task": "qlora.demo: capitalise a word; held-out words never seen in training",
         "demo_model": {"family": "llama", **sizes, "random_base": True},

@@ -22,6 +22,10 @@ from qlora.errors import QloraError
 # CPU path does without. Set here, before any import of bitsandbytes, on that module's logger
 # alone (it logs nothing else); its errors still pass.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Its 8-bit matmul logs, on every call with fp32 inputs (the CPU; eval-mode forwards on a GPU),
+# that it casts them to fp16: expected of LLM.int8, and hundreds of lines a run (compare's two
+# tiny 8-bit steps: 140). That logger logs nothing else (its other notice is a warnings.warn).
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 FOUR_BIT_METHODS = ("nf4", "fp4")  # bitsandbytes Linear4bit; int8 is LLM.int8, none 16-bit
