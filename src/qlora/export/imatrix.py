@@ -61,6 +61,14 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
+def add_squares(sums: dict, key, x: torch.Tensor) -> int:
+    """sums[key] += x² summed over every row of x [..., columns] (float64); returns the rows."""
+    rows = x.detach().float().reshape(-1, x.shape[-1])
+    sq = rows.pow(2).sum(0, dtype=torch.float64)
+    sums[key] = sq if key not in sums else sums[key] + sq
+    return rows.shape[0]
+
+
 @torch.no_grad()
 def collect(model: torch.nn.Module, sequences: list[list[int]],
             progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
@@ -72,9 +80,7 @@ def collect(model: torch.nn.Module, sequences: list[list[int]],
 
     def hook_for(name: str):
         def hook(_module, args):
-            x = args[0].detach().float()
-            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0, dtype=torch.float64)
-            sums[name] = sq if name not in sums else sums[name] + sq
+            add_squares(sums, name, args[0])
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linear_modules(model).items()]
@@ -122,11 +128,8 @@ class ExpertSums:
 
     def _hook_for(self, name: str):
         def hook(_module, args):
-            x, key = args[0].detach().float(), (name, int(args[1]))
-            x = x.reshape(-1, x.shape[-1])
-            sq = x.pow(2).sum(0, dtype=torch.float64)
-            self.sums[key] = sq if key not in self.sums else self.sums[key] + sq
-            self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+            key = (name, int(args[1]))
+            self.counts[key] = self.counts.get(key, 0) + add_squares(self.sums, key, args[0])
         return hook
 
     def means(self) -> dict[str, np.ndarray]:
@@ -153,11 +156,11 @@ def compute_imatrix(model_dir: str | Path, data_path: str | Path, adapter_dir: s
     """The importance matrix of base (+ adapter) over up to `samples` examples of `data_path`,
     run in our engine (export/reference.py loads the model the export writes)."""
     from qlora.export.reference import load_reference
+    from qlora.files import check_readable
 
     if samples < 1:
         raise QloraError(f"--imatrix-samples {samples}: give at least 1")
-    if not Path(data_path).exists():
-        raise QloraError(f"--imatrix-data {data_path}: no such file")
+    check_readable(data_path, "--imatrix-data")
     model, tokenizer, what = load_reference(model_dir, adapter_dir, merge_base, device)
     sequences = sample_token_ids(data_path, tokenizer, samples)
     log(f"importance matrix: {len(sequences)} examples of {data_path} through {what}")

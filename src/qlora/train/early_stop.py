@@ -65,11 +65,9 @@ def save_final(model, out: Path, base_model: str, main: bool) -> None:
 
 def _adapter_weights_from(model, adapter_dir: Path) -> None:
     """Copy a saved adapter's tensors into the (already attached) adapters of `model`."""
-    from safetensors.torch import load_file
+    from qlora.adapters import adapter_state_dict, read_adapter_weights
 
-    from qlora.adapters import ADAPTER_WEIGHTS, adapter_state_dict
-
-    saved = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    saved = read_adapter_weights(adapter_dir)
     with torch.no_grad():
         for key, param in adapter_state_dict(model).items():
             param.copy_(saved[key].to(param.device, param.dtype))
