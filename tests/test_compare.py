@@ -147,3 +147,14 @@ def test_compare_refuses_a_non_empty_out_that_is_no_comparison(overwrite, tmp_pa
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / ".mine-work").exists()  # refused before any training
+
+
+def test_a_work_folder_compare_did_not_write_is_refused(tmp_path, capsys):
+    """compare deletes and rewrites its work folder beside --out (.NAME-work): one holding files
+    it does not write is refused before any training, and left as it was."""
+    work = tmp_path / ".out-work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    argv = ["compare", "--out", str(tmp_path / "out"), "--methods", "qlora-nf4", "--steps", "1"]
+    assert main(argv) == 2 and "holds files compare did not write" in capsys.readouterr().err
+    assert (work / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()

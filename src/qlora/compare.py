@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from qlora.errors import QloraError
-from qlora.files import staged_file
+from qlora.files import replaceable, staged_file
 
 # The PEFT methods compared (adapter and base settings; the training methods, SFT and the
 # preference losses, are methods.METHODS): name -> (label, RunConfig fields). Every method:
@@ -161,20 +161,32 @@ def train_method(method: str, base_cfg, tokenizer, train_examples, val_examples,
             "cpu_tokens_per_s": result.summary.get("tokens_per_s")}
 
 
+def work_dir(out: Path) -> Path:
+    """Where the methods' runs go (scratch, removed at the end): beside --out."""
+    return out.parent / f".{out.name}-work"
+
+
+# what compare writes in its work folder: the base, the data, the base run's folder, each run's
+WORK_FOLDERS = {"base-model", "data", "run", *PEFT_METHODS}
+
+
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty --out before the methods train (minutes), as the other commands refuse
     an existing output: unless told to, a previous comparison is not replaced without a word,
-    and a folder that holds none is never written into."""
+    and a folder that holds none is never written into; nor is the work folder beside it
+    deleted unless compare wrote it."""
     if out.exists() and not out.is_dir():
         raise QloraError(f"--out {out} exists and is not a directory; give another --out")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise QloraError(f"--out {out} is not empty; pass --overwrite to replace the comparison "
                          f"in it, or give another --out")
-    if not (out / "compare.json").is_file():
+    if not replaceable(out, lambda: (out / "compare.json").is_file()):
         raise QloraError(f"--out {out} is not empty and holds no compare.json, so it is not a "
                          f"comparison; --overwrite only replaces a previous one")
+    work = work_dir(out)
+    if not replaceable(work, lambda: {c.name for c in work.iterdir()} <= WORK_FOLDERS):
+        raise QloraError(f"{work}, where compare of --out {out} keeps its runs, holds files "
+                         f"compare did not write; choose another --out, or remove {work} yourself")
 
 
 def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, steps: int = DEFAULT_STEPS,
@@ -197,7 +209,7 @@ def run(out_dir: str | Path = "docs/compare", methods: list[str] | None = None, 
     gpu = read_gpu_results(gpu_results)
     out = Path(out_dir)
     check_out_dir(out, overwrite)
-    work = out.parent / f".{out.name}-work"  # the runs themselves are scratch: removed at the end
+    work = work_dir(out)
     if work.exists():
         shutil.rmtree(work)
     sizes = dict(demo.MODEL_SIZES, **(model_sizes or {}))

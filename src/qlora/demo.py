@@ -93,25 +93,17 @@ def check_demo_folders(out: Path) -> None:
     demo deletes its run folder `out` and its inputs folder, so each must be missing, empty, or
     a previous demo's. A training run or a user's files there are never lost."""
     from qlora.errors import QloraError
+    from qlora.files import replaceable
 
-    if not is_replaceable(out, lambda: (out / DEMO_RECORD).is_file()):
+    if not replaceable(out, lambda: (out / DEMO_RECORD).is_file()):
         raise QloraError(f"--out {out} is not empty and is not a folder a previous demo wrote (it "
                          f"has no {DEMO_RECORD}); the demo replaces only its own folders, so "
                          f"choose another --out, or remove {out} yourself")
     work = inputs_dir(out)
-    if not is_replaceable(work, lambda: {c.name for c in work.iterdir()} <= INPUT_FOLDERS):
+    if not replaceable(work, lambda: {c.name for c in work.iterdir()} <= INPUT_FOLDERS):
         raise QloraError(f"{work}, where the demo of --out {out} keeps its base model and data, "
                          f"holds files the demo did not write; choose another --out, or remove "
                          f"{work} yourself")
-
-
-def is_replaceable(folder: Path, written_by_demo: Callable[[], bool]) -> bool:
-    """Missing, an empty directory, or a directory the demo wrote (`written_by_demo`)."""
-    if not folder.exists():
-        return True
-    if not folder.is_dir():
-        return False
-    return not any(folder.iterdir()) or written_by_demo()
 
 
 def held_out_scores(model, tokenizer, val_examples: list[dict], prompts: list[tuple[list[int], str]],

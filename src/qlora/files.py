@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,6 +106,17 @@ def check_writable(path: str | Path, what: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise QloraError(f"{what} {path} cannot be written: no write permission in {probe}; "
                          f"choose a path in a writable folder (or fix its permissions)")
+
+
+def replaceable(folder: Path, ours: Callable[[], bool]) -> bool:
+    """Whether a command may delete `folder` and write it again: missing, an empty directory, or
+    a directory `ours` says a previous run of the command wrote (asked only then). A user's
+    files are never lost to an output path given by mistake."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    return not any(folder.iterdir()) or ours()
 
 
 def check_readable(path: str | Path, option: str) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from qlora.config import CONFIG_FILE_NAME, RunConfig, save_config, to_dict
 from qlora.errors import QloraError
-from qlora.files import check_writable, remove_dir, staged_file
+from qlora.files import check_writable, remove_dir, replaceable, staged_file
 from qlora.models.load import TOKENIZER_FILES
 from qlora.train import checkpoint as ckpt
 
@@ -34,14 +34,13 @@ def check_output_dir(cfg: RunConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise QloraError(f"output_dir {out} exists and is not a directory")
     check_writable(out, "output_dir")  # before the model and data load, not after
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise QloraError(f"output_dir {out} is not empty; pass --resume latest to continue "
-                             f"its run, --overwrite true to replace it, or another --output_dir")
-        if not (out / CONFIG_FILE_NAME).exists():
-            # never delete a directory that is not a run of ours (`--output_dir ~ --overwrite`)
-            raise QloraError(f"output_dir {out} is not empty and holds no {CONFIG_FILE_NAME}, so "
-                             f"it is not a qlora run; --overwrite only replaces a previous run")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise QloraError(f"output_dir {out} is not empty; pass --resume latest to continue "
+                         f"its run, --overwrite true to replace it, or another --output_dir")
+    if not replaceable(out, lambda: (out / CONFIG_FILE_NAME).exists()):
+        # never delete a directory that is not a run of ours (`--output_dir ~ --overwrite`)
+        raise QloraError(f"output_dir {out} is not empty and holds no {CONFIG_FILE_NAME}, so "
+                         f"it is not a qlora run; --overwrite only replaces a previous run")
     return out
 
 
