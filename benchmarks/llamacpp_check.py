@@ -159,24 +159,21 @@ def hf_model_on_gguf_weights(gguf_file: Path, model_dir: Path, work: Path):
         shutil.copy(model_dir / name, work / name)
     state = {k: v.contiguous() for k, v in gguf_state_dict(gguf_file, model_dir).items()}
     save_file(state, str(work / "model.safetensors"), metadata={"format": "pt"})
+    return hf_model(work)
+
+
+def hf_model(model_dir: Path):
+    """transformers' fp32 model of model_dir, every weight read from its files: none left at its
+    random initialisation, none ignored."""
     from transformers import AutoModelForCausalLM
     import torch
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(work), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-    # every weight from the file: none left at its random initialisation, none ignored
+        str(model_dir), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     unread = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
     if unread:
-        raise RuntimeError(f"{gguf_file.name}: the GGUF's weights do not fill the model: {unread}")
+        raise RuntimeError(f"{model_dir}: the checkpoint's weights do not fill the model: {unread}")
     return model.eval()
-
-
-def hf_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-    import torch
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                attn_implementation="eager").eval()
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:

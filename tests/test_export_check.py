@@ -294,7 +294,8 @@ _DENSE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num
 # pattern and query scale from the architecture, and caps Gemma 2 always: gguf.gemma_settings);
 # Gemma's windows shorter than a conversation (~36 tokens), so the sliding layers' masks matter;
 # hidden 256, whose rows fill k-quant blocks (the experts' down projections, 64 wide, fall back
-# in q4_k_m as llama.cpp stores them: Q5_0, Q8_0 in the use_more_bits layer)
+# in q4_k_m to Q5_0, Q8_0 in the use_more_bits layer: llama.cpp's fallback rule as export/
+# kquants writes it, compared with llama.cpp's own quantizer only for experts 256 wide)
 FAMILY_MODELS = {
     # Mistral's window (4096) past the context: llama.cpp runs it as llama, with no window at all
     # (the export says so where the window is shorter: test_export_gguf.py)
