@@ -28,13 +28,13 @@
 #                 (longest-80), which a 128 GiB host holds (qlora train refuses, before loading,
 #                 what it cannot: train_step.py records that refusal in seconds). Step times by
 #                 the 262,144-token step's 199 s and attention's square: ~5 and ~7.5 minutes.
-#   moe           qlora alone (the peers read a 61 GB / 93 GB checkpoint: see docs/BENCHMARKS.md
-#                 "Mixtures of experts"), random weights drawn and quantized on the GPU: Qwen3-30B-A3B
-#                 under a 22.35 GiB cap (24 GB) and Mixtral-8x7B under 37.25 GiB (40 GB), seq 2048,
-#                 r16 on attention and every expert. About 6 minutes.
-#   moe-graphs    gpu_check.py --checks moe (tiny Mixtral and Qwen3-MoE steps captured against eager),
-#                 then Qwen3-30B-A3B at seq 2048 under a 37.25 GiB cap (a 40 GB card, where the
-#                 graph's pool fits), graphed (qlora) and eager (qlora-eager). About 4 minutes.
+#   moe           Mixtral-8x7B at seq 2048 under a 37.25 GiB cap (40 GB), r16 on attention and every
+#                 expert, random weights drawn and quantized on the GPU, graphed (qlora) and eager
+#                 (qlora-eager). About 6 minutes.
+#   moe-graphs    gpu_check.py --checks moe (tiny Mixtral and Qwen3-MoE steps captured against eager,
+#                 the stack dequantize at real shapes, whole and in parts), then Qwen3-30B-A3B at
+#                 seq 2048 under a 22.35 GiB cap (a 24 GB card), graphed (qlora) and eager
+#                 (qlora-eager). About 6 minutes.
 #   moe-peers     (OUTDIR then SYSTEMS; LIMIT, WORKER_TIMEOUT, STEPS, WARMUP, CAP from the environment)
 #                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
 #                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
@@ -204,21 +204,19 @@ longest-80-unsloth)  # Unsloth publishes 342,733 tokens on 80 GB for Llama-3.1-8
     --systems unsloth --memory-cap-gib 79 --no-qlora-ckpt-off --long-steps 1 --warmup 0 --no-gpu-busy \
     --worker-timeout 570 --model-root /tmp/models --out "$OUT/unsloth-80" --deadline 575
   ;;
-moe)  # Qwen3-30B-A3B fits 24 GB only tightly, where qlora train turns CUDA graphs off (their pool
-      # does not fit beside the eager cache): qlora-eager is what it runs there
-  step 200 qwen3-30b-a3b-24gb $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
-    --systems qlora-eager --memory-cap-gib 22.35 --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
-    --random-weights --no-gpu-busy --worker-timeout 190 --deadline 195 --out "$OUT/qwen3-moe"
-  step 300 mixtral-8x7b-40gb $PY "$HERE/train_step.py" --shapes mixtral-8x7b --seqs 2048 \
-    --systems qlora --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off --steps 6 --warmup 2 \
-    --random-weights --no-gpu-busy --worker-timeout 290 --deadline 295 --out "$OUT/mixtral"
+moe)  # Mixtral-8x7B under a 40 GB cap: its projections go in parts of output rows (no host read),
+      # so the step is captured: graphed (qlora) and eager (qlora-eager)
+  step 400 mixtral-8x7b-40gb $PY "$HERE/train_step.py" --shapes mixtral-8x7b --seqs 2048 \
+    --systems qlora,qlora-eager --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off \
+    --steps 5 --warmup 2 --random-weights --no-gpu-busy --worker-timeout 195 --deadline 395 \
+    --out "$OUT/mixtral"
   ;;
 moe-graphs)
   step 150 gpu-check-moe $PY "$HERE/gpu_check.py" --checks moe --out "$OUT/gpu-check-moe.jsonl"
-  step 250 qwen3-30b-a3b-40gb $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
-    --systems qlora,qlora-eager --memory-cap-gib 37.25 --keep-attention 0 --no-qlora-ckpt-off \
-    --steps 8 --warmup 3 --random-weights --no-gpu-busy --worker-timeout 120 --deadline 245 \
-    --out "$OUT/qwen3-moe-40gb"
+  step 300 qwen3-30b-a3b-24gb $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+    --systems qlora,qlora-eager --memory-cap-gib 22.35 --keep-attention 0 --no-qlora-ckpt-off \
+    --steps 8 --warmup 3 --random-weights --no-gpu-busy --worker-timeout 145 --deadline 295 \
+    --out "$OUT/qwen3-moe-24gb"
   ;;
 moe-peers)
   # from the environment: LIMIT (default 570; up to ~585 leaves the preamble and timeout's 5 s

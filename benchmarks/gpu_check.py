@@ -1225,7 +1225,8 @@ def check_phi3_fast_path(dirs):
             _record_runs(f"phi3-kept-attention-{tag}", dropout, [runs[0], runs[2]])
         _check_graphed_step(path, True, tag=f"-phi3-{tag}")
 def check_moe(dirs):
-    from qlora.kernels.experts import dequantize_stack, dequantize_stack_triton
+    from qlora.kernels.experts import (dequantize_stack, dequantize_stack_triton, row_alignment,
+                                       stack_rows)
     from qlora.quant import QuantizedStack
 
     root = Path(tempfile.mkdtemp())
@@ -1279,7 +1280,15 @@ def check_moe(dirs):
                kernel_ms=_call_ms(lambda: dequantize_stack_triton(stack, torch.bfloat16), reps=5),
                bnb_member_by_member_ms=_call_ms(
                    lambda: [stack.dequantize_member(i) for i in range(count)], reps=3))
-        del got, want, stack
+        # a part of the projection as the grouped GEMM dequantizes it (kernels/experts.row_parts):
+        # every other member's (the gates'), the rows from the second aligned step on
+        rows = (row_alignment(shape[1], stack.blocksize, stack.nested_blocksize), shape[0])
+        part = stack_rows(stack, *rows, first=0, step=2)
+        got = dequantize_stack_triton(part, torch.bfloat16)
+        record(f"moe-stack-dequant-{name}-rows", 0.0 if torch.equal(
+            got, want[0::2, rows[0]:rows[1]]) else 1.0, 0.0, rows=list(rows),
+               kernel_ms=_call_ms(lambda: dequantize_stack_triton(part, torch.bfloat16), reps=5))
+        del got, want, stack, part
     _time_sparse_block()
 
 

@@ -29,6 +29,7 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 FOUR_BIT_METHODS = ("nf4", "fp4")  # bitsandbytes Linear4bit; int8 is LLM.int8, none 16-bit
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocks of absmax values a nested scale covers
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                   "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -288,7 +289,7 @@ class QuantizedStack(nn.Module):
         self.shape, self.count = (out_features, in_features), count
         self.blocksize, self.quant_type = quant.blocksize, quant.method
         self.dtype, self.nested = quant.compute_dtype, quant.double_quant
-        self.nested_blocksize = 256
+        self.nested_blocksize = NESTED_BLOCKSIZE
         kw = dict(device=device)
         self.register_buffer("data", torch.zeros(count, -(-n // 2), dtype=torch.uint8, **kw))
         self.register_buffer("absmax", torch.zeros(

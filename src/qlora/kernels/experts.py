@@ -13,15 +13,16 @@
 - `GroupedBase`: x @ W_eᵀ over 4-bit (or 16-bit) expert weights, grouped; keeps nothing but the
   weights it was given for backward and dequantizes them again there (as kernels/matmul_4bit.py's
   Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
-  dequantized together pass WHOLE_PROJECTION_BYTES goes in a few runs of experts (`expert_chunks`),
-  one dequantize and one grouped GEMM each: Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in one run;
-  Mixtral-8x7B's 1.75 GiB one expert at a time. The runs' row ranges come from the group offsets
-  read on the host once a sparse block's forward (one sync; none where every projection is one
-  run, as a CUDA graph needs: speed/moe.capture_blocker).
+  dense pass PART_BYTES goes in parts (`row_parts`): the same range of output rows of every
+  expert (`stack_rows`: views of each member's bytes and scales), one dequantize and one grouped
+  GEMM over all the rows each, the outputs side by side (backward: the input gradients summed).
+  Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in two parts; Mixtral-8x7B's 1.75 GiB in five. No
+  part reads the routing on the host, so a CUDA graph holds every projection.
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Callable
 
@@ -84,8 +85,10 @@ def dequantize_stack_triton(stack, dtype: torch.dtype | None = None) -> torch.Te
         stack.nested_absmax if nested else stack.code,  # unread placeholders without nesting
         stack.nested_code if nested else stack.code,
         stack.offset if nested else stack.code, out, n_bytes,
-        MEMBER_BYTES=n // 2, BLOCKS=stack.absmax.shape[1],
-        NESTED_BLOCKS=stack.nested_absmax.shape[1] if nested else 1,
+        MEMBER_BYTES=n // 2, DATA_STRIDE=stack.data.stride(0),
+        ABSMAX_STRIDE=stack.absmax.stride(0),
+        NESTED_STRIDE=stack.nested_absmax.stride(0) if nested else 1,
+        OFFSET_STRIDE=stack.offset.stride(0) if nested else 1,
         BLOCK_BYTES=stack.blocksize // 2, NESTED=nested,
         NESTED_BLOCKSIZE=stack.nested_blocksize, ROWS=TILE_BYTES // cols, COLS=cols,
         NATIVE_ROUNDING=out.device.type == "cuda", num_warps=WARPS, enable_fp_fusion=False)
@@ -103,6 +106,31 @@ def stack_members(stack, start: int, stop: int):
     rows = {name: getattr(stack, name)[start:stop] if getattr(stack, name).numel() else
             getattr(stack, name) for name in STACK_PARTS}
     return SimpleNamespace(count=stop - start, **fields, **rows)
+
+
+def stack_rows(stack, start: int, stop: int, first: int = 0, step: int = 1):
+    """Rows start … stop − 1 of members first, first + step, … of a quant.QuantizedStack
+    ([out, in] each) as a stack of [stop − start, in] members: views of its bytes and of its
+    blocks' scales (a gate_up stack holds each expert's gate and up as members 2e and 2e + 1: its
+    gates are first=0, step=2). The rows must begin and end on a block and, with double
+    quantization, on a nested group (row_alignment)."""
+    out_features, in_features = stack.shape
+    begin, end = start * in_features, stop * in_features
+    unit = stack.blocksize * (stack.nested_blocksize if stack.nested else 1)
+    if begin % unit or (end % unit and stop != out_features):
+        raise QloraError(f"rows {start}:{stop} of {out_features}x{in_features} members do not "
+                         "begin and end on a quantization block (row_alignment)")
+    block, group = stack.blocksize, stack.blocksize * stack.nested_blocksize
+    members = slice(first, None, step)
+    fields = {name: getattr(stack, name) for name in (
+        "blocksize", "dtype", "nested", "nested_blocksize", "code", "nested_code")}
+    return SimpleNamespace(
+        count=len(range(stack.count)[members]), shape=(stop - start, in_features), **fields,
+        data=stack.data[members, begin // 2:-(-end // 2)],
+        absmax=stack.absmax[members, begin // block:-(-end // block)],
+        nested_absmax=(stack.nested_absmax[members, begin // group:-(-end // group)]
+                       if stack.nested else stack.nested_absmax),
+        offset=stack.offset[members] if stack.nested else stack.offset)
 
 
 def dequantize_experts(stack, dtype: torch.dtype) -> torch.Tensor:
@@ -157,72 +185,76 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return padded_grouped_mm(a, b, offsets)
 
 
-# A projection whose experts are this big dense or smaller is dequantized whole, in one run: its
-# rows need no host read (a sync each sparse block; no CUDA graph holds one). Qwen3-30B-A3B's
-# (gate_up 768, down 384 MiB in bf16) are, for 0.56 GiB more at the peak than runs of 256 MiB,
-# and its eager step ran 1.82x as fast (H100, 2026-12-06). A larger one (Mixtral-8x7B's, 1.75 GiB)
-# goes in runs of at most EXPERT_CHUNK_BYTES: it reads the host anyway, so bigger runs would
-# cost memory for nothing.
-WHOLE_PROJECTION_BYTES = 768 * 2**20
-EXPERT_CHUNK_BYTES = 256 * 2**20  # the most of a projection's experts dense at once, in runs
+# The most of a projection's experts made dense at once: a larger one goes in parts, each the same
+# range of output rows of every expert (row_parts), one dequantize and one grouped GEMM over all
+# the rows each, so no part reads the routing on the host (a CUDA graph holds them all).
+# Qwen3-30B-A3B's gate_up (768 MiB dense in bf16) goes in two parts, its down (384 MiB) whole:
+# the step's peak 384 MiB lower than whole, which its CUDA graph under a 24 GB cap needs;
+# Mixtral-8x7B's gate_up (1.75 GiB) in five parts, its down in three.
+PART_BYTES = 384 * 2**20
 
 
-def expert_chunks(experts: int, expert_bytes: int) -> tuple[tuple[int, int], ...]:
-    """(start, stop) runs of experts: the whole projection in one run up to
-    WHOLE_PROJECTION_BYTES dense; else runs as even as can be, each dense in EXPERT_CHUNK_BYTES
-    or one expert alone."""
-    if experts * expert_bytes <= WHOLE_PROJECTION_BYTES:
-        return ((0, experts),)
-    per_run = max(1, EXPERT_CHUNK_BYTES // max(1, expert_bytes))
-    runs = -(-experts // per_run)
-    size = -(-experts // runs)
-    return tuple((start, min(start + size, experts)) for start in range(0, experts, size))
+def row_alignment(in_features: int, blocksize: int | None, nested_blocksize: int | None) -> int:
+    """The rows a part of a 4-bit [out, in] weight must be a multiple of to begin on a
+    quantization block and, with double quantization, on a nested group (stack_rows); 1 for a
+    16-bit weight (blocksize None)."""
+    if blocksize is None:
+        return 1
+    unit = blocksize * (nested_blocksize or 1)
+    return unit // math.gcd(unit, in_features)
 
 
-def chunk_rows(ends: list[int] | None, chunks) -> tuple[tuple[int, int], ...] | None:
-    """Each run's rows (start, stop) in the sorted rows, from `ends` ([0] + the group offsets,
-    on the host); None for a single run, which needs none."""
-    if len(chunks) == 1:
-        return None
-    return tuple((ends[start], ends[stop]) for start, stop in chunks)
+def row_parts(out_features: int, row_bytes: int, align: int,
+              members: int = 1) -> tuple[tuple[int, int], ...]:
+    """(start, stop) ranges of a projection's output rows, each of all its experts dense
+    (`row_bytes` a row) within PART_BYTES where `align`-row steps allow: the whole projection in
+    one where it fits; else each of an expert's `members` weights (gate and up) in parts of its
+    own, as even as can be, every boundary a multiple of `align` from the member's first row (a
+    member's whole rows where no boundary can be aligned)."""
+    parts = -(-out_features * row_bytes // PART_BYTES)
+    if parts <= 1:
+        return ((0, out_features),)
+    member_rows = out_features // members
+    size = -(-member_rows // -(-parts // members))
+    size = min(-(-size // align) * align, member_rows)
+    return tuple((first + start, first + min(start + size, member_rows))
+                 for first in range(0, out_features, member_rows)
+                 for start in range(0, member_rows, size))
 
 
-def chunked_grouped_mm(a: torch.Tensor, offsets: torch.Tensor, chunks, rows,
-                       weight: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """grouped_mm(a, b, offsets) where b's experts start … stop − 1 are `weight(start, stop)`,
-    made one run at a time and freed before the next."""
-    if len(chunks) == 1:
-        return grouped_mm(a, weight(*chunks[0]), offsets)
-    out = None
-    for (start, stop), (first, last) in zip(chunks, rows):
-        b = weight(start, stop)
-        if out is None:
-            out = a.new_empty(a.shape[0], b.shape[-1])
-        if last > first:
-            out[first:last] = grouped_mm(a[first:last], b, offsets[start:stop] - first)
-        del b
-    return out
+def parted_grouped_mm(a: torch.Tensor, offsets: torch.Tensor, parts,
+                      weight: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """grouped_mm(a, b, offsets) where b's columns start … stop − 1 are `weight(start, stop)`
+    ([E, K, stop − start]), made one part at a time and freed before the next."""
+    if len(parts) == 1:
+        return grouped_mm(a, weight(*parts[0]), offsets)
+    return torch.cat([grouped_mm(a, weight(start, stop), offsets) for start, stop in parts],
+                     dim=-1)
 
 
 class GroupedBase(torch.autograd.Function):
     """y = x_e @ W_eᵀ for the rows of each expert e (x sorted by expert), W frozen:
-    `weights(dtype, start, stop)` makes experts start … stop − 1's [stop − start, out, in]
-    (dequantizing a 4-bit stack's members in one batched call), a run of experts at a time
-    (`chunks`, from expert_chunks, over `rows`, from chunk_rows); backward calls it again for
-    x's gradient, dy_e @ W_e. Only the callable is kept for backward, as Matmul4bit keeps only
-    the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM of a layer."""
+    `weights(dtype, start, stop)` makes output rows start … stop − 1 of every expert's weight,
+    [E, stop − start, in] (dequantizing a 4-bit stack's members in one batched call), a part of
+    rows at a time (`parts`, from row_parts); backward calls it again for x's gradient, the sum
+    over the parts of dy_e[:, part] @ W_e[part]. Only the callable is kept for backward, as
+    Matmul4bit keeps only the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM
+    of a layer."""
 
     @staticmethod
     def forward(ctx, x, offsets, weights: Callable[[torch.dtype, int, int], torch.Tensor],
-                chunks: tuple[tuple[int, int], ...], rows: tuple[tuple[int, int], ...] | None):
-        ctx.weights, ctx.offsets, ctx.chunks, ctx.rows = weights, offsets, chunks, rows
-        return chunked_grouped_mm(x, offsets, chunks, rows,
-                                  lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
+                parts: tuple[tuple[int, int], ...]):
+        ctx.weights, ctx.offsets, ctx.parts = weights, offsets, parts
+        return parted_grouped_mm(x, offsets, parts,
+                                 lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = chunked_grouped_mm(grad_out.contiguous(), ctx.offsets, ctx.chunks, ctx.rows,
-                                        lambda start, stop: ctx.weights(grad_out.dtype, start, stop))
-        return grad_x, None, None, None, None
+            for start, stop in ctx.parts:
+                part = grouped_mm(grad_out[:, start:stop].contiguous(),
+                                  ctx.weights(grad_out.dtype, start, stop), ctx.offsets)
+                grad_x = part if grad_x is None else grad_x.add_(part)
+                del part  # the next part's dense weights may take its place
+        return grad_x, None, None, None

@@ -28,7 +28,7 @@ from qlora.memory.settings import (DTYPE_BYTES, EXPERT_TARGETS, MLP_LINEARS, Pla
                                    expert_targets, fast_path, step_tokens, target_names,
                                    torch_norms)
 from qlora.memory.sizes import CUBLAS_WORKSPACE_BYTES, alloc, gib
-from qlora.memory.weights import (adapter_tensors, expert_run_elements, expert_stack_bytes,
+from qlora.memory.weights import (adapter_tensors, expert_part_elements, expert_stack_bytes,
                                   layer_weight_terms, optimizer_state_bytes,
                                   quantized_linear_tensors, rerun_dense_weights, tile_dequant_bytes)
 from qlora.methods import method_module
@@ -285,7 +285,7 @@ def _dequantized_weight(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: lis
     double quant first its fp32 absmax."""
     largest = max(arch.linears(), key=lambda x: x[1] * x[2])
     n_largest = largest[1] * largest[2]
-    experts = expert_run_elements(arch)
+    experts = expert_part_elements(arch, cfg)
     dequant = 0
     if cfg.quant in FOUR_BIT_METHODS:
         dequant = 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)

@@ -1,17 +1,17 @@
 """The weights: the frozen base (quantized or 16-bit), a mixture of experts' stacks, the adapters
 and their optimizer states, all static from the first step on; what a layer's graph keeps of
 them (bf16 adapter copies: per layer, not per token); and the dense weights the step dequantizes
-(one linear in a matmul, a run of experts, what a checkpointed layer's rerun keeps, a tile's
-gate and up)."""
+(one linear in a matmul, a part of an expert projection, what a checkpointed layer's rerun keeps,
+a tile's gate and up)."""
 
 from __future__ import annotations
 
-from qlora.kernels.experts import expert_chunks
+from qlora.kernels.experts import row_alignment, row_parts
 from qlora.memory.settings import (DTYPE_BYTES, MLP_LINEARS, PlanConfig, expert_targets, fast_path,
                                    target_names, torch_norms)
 from qlora.memory.sizes import alloc
 from qlora.models.spec import GEMMA_TYPES, ArchSpec
-from qlora.quant import FOUR_BIT_METHODS
+from qlora.quant import FOUR_BIT_METHODS, NESTED_BLOCKSIZE
 
 
 def quantized_linear_tensors(n_out: int, n_in: int, quant: str, double_quant: bool = True,
@@ -169,15 +169,21 @@ def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
 
 
 # --- dense weights the step makes -----------------------------------------------------------------
-def expert_run_elements(arch: ArchSpec) -> int:
-    """Weights of the largest run of experts the grouped GEMM dequantizes at once
-    (kernels/experts.expert_chunks: a projection whole up to WHOLE_PROJECTION_BYTES, else its
-    experts in runs of at most EXPERT_CHUNK_BYTES
-    in bf16, or one expert alone); 0 without sparse layers."""
+def expert_part_elements(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """Weights of the largest part of a projection the grouped GEMM dequantizes at once
+    (kernels/experts.row_parts: a projection whole up to PART_BYTES in bf16, else the same rows
+    of every expert, gate and up apart); 0 without sparse layers."""
     if arch.moe is None or not arch.moe.num_sparse_layers:
         return 0
-    return max((stop - start) * o * i for e, o, i in arch.expert_shapes().values()
-               for start, stop in expert_chunks(e, 2 * o * i))
+    four_bit = cfg.quant in FOUR_BIT_METHODS
+    largest = 0
+    for name, (e, o, i) in arch.expert_shapes().items():
+        align = row_alignment(i, cfg.blocksize if four_bit else None,
+                              NESTED_BLOCKSIZE if four_bit and cfg.double_quant else None)
+        members = 2 if name == "gate_up_proj" else 1
+        parts = row_parts(o, 2 * e * i, align, members)
+        largest = max(largest, max(stop - start for start, stop in parts) * e * i)
+    return largest
 
 
 def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,

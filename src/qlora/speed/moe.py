@@ -5,7 +5,7 @@ Each token's k choices become k rows, sorted by expert (a stable argsort), so ea
 are one contiguous run ending at offsets[e]. Then one grouped GEMM per projection covers every
 expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded batched matmul): the
 base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward; a
-large projection's in a few runs of experts, kernels/experts.expert_chunks), the
+large projection's in parts of its output rows, kernels/experts.row_parts), the
 LoRA products (PEFT's [E, r, in] and [E, out, r] factors) as two more grouped GEMMs, the
 scaling on A's narrow output; SwiGLU between them (with fused_kernels one Triton kernel reading the
 packed gate/up output in place); each row scaled by its router weight, rounded to the hidden
@@ -24,8 +24,8 @@ import torch
 from qlora.adapters import LoraExperts
 from qlora.kernels import fused as fused_kernels
 from qlora.kernels.dropout import use_triton
-from qlora.kernels.experts import (GroupedBase, chunk_rows, dequantize_experts, expert_chunks,
-                                   grouped_mm, grouped_mm_takes, stack_members)
+from qlora.kernels.experts import (GroupedBase, dequantize_experts, grouped_mm, grouped_mm_takes,
+                                   row_alignment, row_parts, stack_rows)
 from qlora.models.families.moe_blocks import ExpertLinear, Experts, expert_counts
 
 
@@ -49,15 +49,12 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                        device=order.device))
     rows = SortedRows.apply(x, order, inverse, k)
-    runs = {layer: expert_runs(layer, rows.dtype) for layer in (experts.gate_up_proj, experts.down_proj)}
-    # where a projection goes in runs of experts, each run's rows: the offsets on the host, once
-    ends = [0] + offsets.tolist() if any(len(r) > 1 for r in runs.values()) else None
-    gate_up = projection(experts.gate_up_proj, rows, offsets, runs[experts.gate_up_proj], ends)
+    gate_up = projection(experts.gate_up_proj, rows, offsets)
     if getattr(experts, "fused", False) and use_triton(gate_up):
         hidden = fused_kernels.swiglu_packed(gate_up)  # the halves read in place, not copied
     else:
         hidden = fused_kernels.swiglu_packed_reference(gate_up)
-    y = projection(experts.down_proj, hidden, offsets, runs[experts.down_proj], ends)
+    y = projection(experts.down_proj, hidden, offsets)
     # as the reference: the weighted output in the weights' dtype, rounded to x's
     y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
     # back in token order by a gather whose backward is the inverse gather
@@ -109,19 +106,22 @@ def base_of(layer) -> ExpertLinear:
     return layer.base_layer if isinstance(layer, LoraExperts) else layer
 
 
-def expert_runs(layer, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
-    """The runs of experts a projection's base is dequantized in (kernels/experts.expert_chunks)."""
+def expert_parts(layer, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
+    """The parts of output rows a projection's base is dequantized in (kernels/experts.row_parts)."""
     base = base_of(layer)
-    return expert_chunks(base.num_experts, base.out_features * base.in_features * dtype.itemsize)
+    stack = base.quantized
+    align = (1 if stack is None else row_alignment(
+        base.in_features, stack.blocksize, stack.nested_blocksize if stack.nested else None))
+    return row_parts(base.out_features, base.num_experts * base.in_features * dtype.itemsize,
+                     align, base.members)
 
 
-def projection(layer, rows: torch.Tensor, offsets: torch.Tensor, runs, ends) -> torch.Tensor:
+def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """An expert projection (ExpertLinear, or LoraExperts over one) of rows sorted by expert,
-    its base dequantized a run of experts at a time (`ends`: [0] + offsets on the host, where
-    there are several runs)."""
+    its base dequantized a part of its output rows at a time."""
     base = base_of(layer)
-    y = GroupedBase.apply(rows, offsets, functools.partial(expert_weights, base), runs,
-                          chunk_rows(ends, runs))
+    y = GroupedBase.apply(rows, offsets, functools.partial(expert_weights, base),
+                          expert_parts(layer, rows.dtype))
     if isinstance(layer, LoraExperts) and not layer.disabled:
         a, b = layer.factors(rows.dtype)  # [E, r, in], [E, out, r]
         # the scaling applied to A's output [rows, r], not to the [rows, out] product: the same
@@ -132,28 +132,30 @@ def projection(layer, rows: torch.Tensor, offsets: torch.Tensor, runs, ends) -> 
 
 
 def expert_weights(layer: ExpertLinear, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
-    """[stop − start, out, in] of experts start … stop − 1: the 16-bit weight, or their members
-    of the 4-bit stack dequantized in one call."""
+    """[experts, stop − start, in]: output rows start … stop − 1 of every expert's weight (all
+    of them, or rows of one of its 4-bit members: expert_parts), the 16-bit weight's, or the
+    4-bit stack's dequantized in one call."""
     if layer.quantized is None:
-        return layer.weight[start:stop].to(dtype)
-    members = stack_members(layer.quantized, start * layer.members, stop * layer.members)
-    dense = dequantize_experts(members, dtype)
-    return dense.view(stop - start, layer.out_features, layer.in_features)
+        return layer.weight[:, start:stop].to(dtype)
+    stack = layer.quantized
+    if (start, stop) == (0, layer.out_features):
+        dense = dequantize_experts(stack, dtype)
+    else:
+        rows = stack.shape[0]
+        member = start // rows
+        dense = dequantize_experts(stack_rows(stack, start - member * rows, stop - member * rows,
+                                              member, layer.members), dtype)
+    return dense.view(layer.num_experts, stop - start, layer.in_features)
 
 
 def capture_blocker(experts: Experts, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why a step through these experts reads the device on the host (so no CUDA graph can hold
-    it), or None: the reference loop, a projection dequantized in runs of experts (each run's
-    rows), or grouped GEMMs that torch._grouped_mm does not take (padded: the largest group)."""
+    it), or None: the reference loop, or grouped GEMMs that torch._grouped_mm does not take
+    (padded: the largest group)."""
     if not getattr(experts, "grouped", False):
         return "the reference loop over experts reads the routing on the host"
     widths = []
     for layer in (experts.gate_up_proj, experts.down_proj):
-        runs = expert_runs(layer, dtype)
-        if len(runs) > 1:
-            return (f"the experts' {base_of(layer).out_features}x{base_of(layer).in_features} "
-                    f"projections are dequantized in {len(runs)} runs (over kernels.experts."
-                    "WHOLE_PROJECTION_BYTES), whose rows are read on the host")
         base = base_of(layer)
         widths += [base.in_features, base.out_features]
         if isinstance(layer, LoraExperts):
