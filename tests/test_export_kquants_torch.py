@@ -99,6 +99,15 @@ def test_on_device_quantizes_tensors_as_numpy_does(monkeypatch, device):
                                               kquants.quantize(x, kind, imp))
         with pytest.raises(ValueError, match="multiple of 256"):
             on_device.submit(x[:, :300], "Q4_K")
+        # a stack of 3 experts' [2, 768] weights, each with its own importance (6 blocks a
+        # member: the 5-block tasks cross members): each member's bytes as it alone gives
+        stack = x.reshape(3, 2, 768)
+        per_member = (rng.random((3, 768)) ** 2).astype(np.float32)
+        want = np.stack([kquants.quantize(stack[m], "Q4_K", per_member[m]) for m in range(3)])
+        np.testing.assert_array_equal(on_device.submit(stack, "Q4_K", per_member).result(), want)
+        np.testing.assert_array_equal(kquants.quantize(stack, "Q4_K", per_member), want)
+        with pytest.raises(ValueError, match="a vector per member"):
+            on_device.submit(stack, "Q4_K", per_member[:2])
 
 
 def _gguf_type_rows(seed: int) -> np.ndarray:

@@ -843,22 +843,26 @@ def test_a_checkpoint_rerun_leaves_nothing_alive_after_backward(moe_models, grou
 
 
 def test_row_parts_cover_every_row_within_the_budget():
-    from qlora.kernels.experts import PART_BYTES, row_alignment, row_parts
+    from qlora.kernels.experts import GROUPED_MM_ROWS, PART_BYTES, row_alignment, row_parts
 
     mib = 2**20
     # Qwen3-30B-A3B: gate_up (128 experts x 1,536 x 2,048, 768 MiB dense) one part for the gates
     # and one for the ups; down (384 MiB) whole. Mixtral-8x7B's gate_up (1.75 GiB) in three parts
-    # of each member, aligned to 4 rows (16,384 values, a nested group, over 4,096 columns)
+    # of each member: 4 rows begin a nested group (16,384 values over 4,096 columns), 8 make a
+    # width torch._grouped_mm takes (16-byte rows in bf16)
     assert row_parts(1536, 128 * 2048 * 2, row_alignment(2048, 64, 256), 2) == (
         (0, 768), (768, 1536))
     assert row_parts(2048, 128 * 768 * 2, row_alignment(768, 64, 256)) == ((0, 2048),)
-    assert row_alignment(4096, 64, 256) == 4 and row_alignment(768, 64, 256) == 64
-    assert row_alignment(768, 64, None) == 1 and row_alignment(768, None, None) == 1
-    mixtral = row_parts(28672, 8 * 4096 * 2, 4, 2)
+    assert row_alignment(4096, 64, 256) == 8 and row_alignment(768, 64, 256) == 64
+    assert row_alignment(768, 64, None) == GROUPED_MM_ROWS == row_alignment(768, None, None)
+    mixtral = row_parts(28672, 8 * 4096 * 2, row_alignment(4096, 64, 256), 2)
     assert len(mixtral) == 6 and mixtral[3][0] == 14336
-    for rows, row_bytes, align, members in ((1536, 128 * 2048 * 2, 8, 2), (28672, 65536, 4, 2),
+    assert all((stop - start) % GROUPED_MM_ROWS == 0 for start, stop in mixtral)
+    # the even size rounded up to the alignment (39 rows to 64) would pass the budget: 32 rows
+    assert row_parts(155, 9248730, 32) == ((0, 32), (32, 64), (64, 96), (96, 128), (128, 155))
+    for rows, row_bytes, align, members in ((1536, 128 * 2048 * 2, 8, 2), (28672, 65536, 8, 2),
                                             (4096, 8 * 14336 * 2, 8, 1), (100, 9 * mib, 7, 1),
-                                            (64, 64 * mib, 64, 1)):
+                                            (64, 64 * mib, 64, 1), (155, 9248730, 32, 1)):
         parts = row_parts(rows, row_bytes, align, members)
         assert [r for start, stop in parts for r in range(start, stop)] == list(range(rows))
         member_rows = rows // members
@@ -902,13 +906,13 @@ def test_experts_in_parts_equal_all_at_once(moe_models, monkeypatch, quant):
 
 def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
     """The fast MoE model is captured only where its experts read nothing on the host: grouped,
-    each projection one run, torch._grouped_mm taking the operands (bf16, rows of 16-byte
+    torch._grouped_mm taking the operands and every part's width (bf16, rows of 16-byte
     multiples); each other case names its reason."""
     import qlora.kernels.experts as kernels
     from qlora.speed import SpeedPlan, apply_speed
 
-    def refused(dtype, r=8, plan=SpeedPlan(grouped_experts=True)):
-        model = load_model(moe_models["qwen3-moe"], QuantConfig(method="nf4", compute_dtype=dtype))
+    def refused(dtype, r=8, plan=SpeedPlan(grouped_experts=True), quant="nf4"):
+        model = load_model(moe_models["qwen3-moe"], QuantConfig(method=quant, compute_dtype=dtype))
         attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0))
         apply_speed(model, plan, log=lambda _: None)
         return model.cuda_graphs_refused
@@ -918,7 +922,9 @@ def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
     assert "_grouped_mm" in refused(FP32)  # the padded fallback
     assert "_grouped_mm" in refused(torch.bfloat16, r=4)  # LoRA rows of 8 bytes
     monkeypatch.setattr(kernels, "PART_BYTES", 1)  # every projection in parts: read nothing
-    assert refused(torch.bfloat16) is None
+    assert refused(torch.bfloat16) is None and refused(torch.bfloat16, quant="none") is None
+    monkeypatch.setattr(kernels, "GROUPED_MM_ROWS", 1)  # 16-bit experts' parts a row wide
+    assert "_grouped_mm" in refused(torch.bfloat16, quant="none")
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])

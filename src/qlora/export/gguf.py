@@ -99,15 +99,12 @@ def encode(x: np.ndarray, type_name: str, importance: np.ndarray | None = None,
     as a kquants.Pending whose result() is that array, encoded meanwhile by `quantizer` (a
     kquants.Workers or kquants_torch.OnDevice: see quantizer(); None: now, in this thread): the
     k-quants by our search, the other types by gguf.quants (or its bytes, in torch, on a GPU).
-    `importance` (one value per input column) steers the k-quants' scale search; the other types
-    have none. x may be a bf16 tensor's bit patterns (kquants.bf16_bits), widened where it is
-    encoded."""
+    `importance` (one value per input column; a stack of experts' [experts, rows, cols], a vector
+    per expert) steers the k-quants' scale search; the other types have none. x may be a bf16
+    tensor's bit patterns (kquants.bf16_bits), widened where it is encoded."""
     if type_name == "F32":
         return kquants.as_float32(x)
     submit = quantizer.submit if quantizer is not None else kquants.submit_type
-    if importance is not None and importance.ndim == 2:  # a stack of experts: one vector each
-        return kquants.stacked([submit(x[m], type_name, importance[m]) for m in range(len(x))],
-                               x.shape, type_name)
     return submit(x, type_name, importance)
 
 

@@ -538,11 +538,12 @@ def as_float32(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_blocks(blocks: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
-                    first: int = 0) -> np.ndarray:
+                    first: int = 0, member_blocks: int = 0) -> np.ndarray:
     """blocks (n, 256) → uint8 (n, block_bytes): one task of a tensor. `first` is the index of
-    blocks[0] among the tensor's blocks, which places `importance` (one value per input column)
-    on them."""
-    weights = None if importance is None else block_weights(importance, first, len(blocks))
+    blocks[0] among the tensor's blocks, which places `importance` (one value per input column,
+    or one such vector per member of a stack of `member_blocks` blocks each) on them."""
+    weights = (None if importance is None
+               else block_weights(importance, first, len(blocks), member_blocks))
     return PACK[kind_name](codes(blocks, kind_name, weights))
 
 
@@ -671,21 +672,35 @@ def encoding_layout(x: np.ndarray, type_name: str):
     return units, out, (*x.shape[:-1], cols // block * block_bytes)
 
 
-def search_importance(importance: np.ndarray | None, cols: int) -> np.ndarray | None:
-    """A k-quant search's importance (one value per column of rows `cols` long; None: every
-    value alike) checked against the rows, as float32. The other types take none."""
+def search_importance(importance: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A k-quant search's importance (None: every value alike) checked against the shape of the
+    tensor it steers, as float32: one value per column, (cols,); or, for a stack (members, rows,
+    cols) such as a mixture of experts' experts, one vector per member, (members, cols). The
+    other types take none."""
     if importance is None:
         return None
-    if importance.shape != (cols,):
-        raise ValueError(f"importance has shape {importance.shape}, rows have {cols} columns")
+    per_member = len(shape) == 3 and importance.shape == (shape[0], shape[-1])
+    if importance.shape != (shape[-1],) and not per_member:
+        raise ValueError(f"importance has shape {importance.shape}, the tensor {tuple(shape)}: "
+                         "one value per column, or a vector per member of a stack")
     return np.ascontiguousarray(importance, dtype=np.float32)
 
 
-def block_weights(importance: np.ndarray, first: int, n: int) -> np.ndarray:
+def member_blocks(shape: tuple[int, ...]) -> int:
+    """The super-blocks each member of a stack (members, rows, cols) spans; 0 for a matrix."""
+    return int(np.prod(shape[1:])) // QK_K if len(shape) == 3 else 0
+
+
+def block_weights(importance: np.ndarray, first: int, n: int, member_blocks: int = 0) -> np.ndarray:
     """(n, 256): the importance of each value of blocks first … first + n − 1 of a tensor whose
-    rows `importance` (one value per column) spans."""
-    per_row = importance.reshape(-1, QK_K)
-    return per_row[(first + np.arange(n)) % len(per_row)]
+    rows `importance` spans: one vector (cols,) for every row, or (members, cols) a vector for
+    each member's rows, `member_blocks` blocks a member."""
+    index = first + np.arange(n)
+    if importance.ndim == 1:
+        per_row = importance.reshape(-1, QK_K)
+        return per_row[index % len(per_row)]
+    per_row = importance.reshape(len(importance), -1, QK_K)
+    return per_row[index // member_blocks, index % per_row.shape[1]]
 
 
 def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
@@ -696,18 +711,21 @@ def submit(x: np.ndarray, kind_name: str, importance: np.ndarray | None = None,
     TASK_CHUNKS chunks per task; threads take slices of x.
 
     `importance` (x.shape[-1],) ≥ 0: how much an error in each input column costs (an importance
-    matrix's mean squared activations); None weighs every value alike. x may be bf16 bit patterns
-    (uint16: bf16_bits), widened by whoever encodes it."""
+    matrix's mean squared activations), or for a stack x (members, rows, cols) one such vector per
+    member (members, cols); None weighs every value alike. x may be bf16 bit patterns (uint16:
+    bf16_bits), widened by whoever encodes it."""
     if not isinstance(executor, ProcessPoolExecutor):
         x = as_float32(x)
     blocks, out, shape = encoding_layout(x, kind_name)
-    importance = search_importance(importance, x.shape[-1])
+    importance = search_importance(importance, x.shape)
+    per_member = member_blocks(x.shape)
     if isinstance(executor, ProcessPoolExecutor):
-        encode_rows = functools.partial(quantize_blocks, kind_name=kind_name, importance=importance)
+        encode_rows = functools.partial(quantize_blocks, kind_name=kind_name, importance=importance,
+                                        member_blocks=per_member)
         return _submit_mapped(blocks, encode_rows, CHUNK_BLOCKS, TASK_CHUNKS, executor, out, shape)
     parts = []
     for start in range(0, len(blocks), CHUNK_BLOCKS):
-        args = (blocks[start:start + CHUNK_BLOCKS], kind_name, importance, start)
+        args = (blocks[start:start + CHUNK_BLOCKS], kind_name, importance, start, per_member)
         parts.append((start, quantize_blocks(*args) if executor is None
                       else executor.submit(quantize_blocks, *args)))
     return Pending(out, shape, parts)
@@ -753,16 +771,6 @@ def submit_type(x: np.ndarray, type_name: str, importance: np.ndarray | None = N
     if type_name in KINDS:
         return submit(x, type_name, importance, executor)
     return submit_gguf(x, type_name, executor)
-
-
-def stacked(parts: list[Pending], shape: tuple[int, ...], type_name: str) -> Pending:
-    """One Pending for the members of a stack [members, rows, cols] submitted one by one (a
-    mixture of experts' experts, each with its own importance): rows never span two members, so
-    the stack's bytes are the members' in order."""
-    block, block_bytes = block_size(type_name)
-    members, rows, cols = shape
-    out = np.empty((members * rows, cols // block * block_bytes), dtype=np.uint8)
-    return Pending(out, (members, rows, out.shape[1]), [(m * rows, p) for m, p in enumerate(parts)])
 
 
 def in_order(items: Iterable[tuple[object, np.ndarray | Pending, int]]) -> Iterator[tuple[object, np.ndarray]]:

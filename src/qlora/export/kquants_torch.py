@@ -309,21 +309,24 @@ class OnDevice:
         if kind_name not in KINDS:
             return self._submit_gguf(x, kind_name)
         blocks, out, shape = kquants.encoding_layout(x, kind_name)
-        importance = kquants.search_importance(importance, x.shape[-1])
+        importance = kquants.search_importance(importance, x.shape)
         per_task = max(1, DEVICE_CHUNK_VALUES // QK_K)
-        parts = [(a, _Packed(self.feeder.submit(self._search, blocks[a:a + per_task], kind_name, importance, a)))
+        per_member = kquants.member_blocks(x.shape)
+        parts = [(a, _Packed(self.feeder.submit(self._search, blocks[a:a + per_task], kind_name,
+                                                importance, a, per_member)))
                  for a in range(0, len(blocks), per_task)]
         return kquants.Pending(out, shape, parts)
 
     def _search(self, blocks: np.ndarray, kind_name: str, importance: np.ndarray | None,
-                first: int) -> list[Future]:
+                first: int, member_blocks: int) -> list[Future]:
         """The codes of blocks first … on the device; their packing started on the CPU threads
         (the feeder goes on to the next task meanwhile)."""
         with self._own_stream():  # every tensor of the task lives and dies on it
             x = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32)).to(self.device)
             w = None
             if importance is not None:
-                w = torch.from_numpy(kquants.block_weights(importance, first, len(blocks))).to(self.device)
+                w = torch.from_numpy(kquants.block_weights(importance, first, len(blocks),
+                                                           member_blocks)).to(self.device)
             fields = codes(x, kind_name, w)  # ends copying the codes to the host: the stream is done
         pack = kquants.PACK[kind_name]
         return [self.packers.submit(pack, {k: v[a:a + PACK_BLOCKS] for k, v in fields.items()})

@@ -16,7 +16,7 @@
   dense pass PART_BYTES goes in parts (`row_parts`): the same range of output rows of every
   expert (`stack_rows`: views of each member's bytes and scales), one dequantize and one grouped
   GEMM over all the rows each, the outputs side by side (backward: the input gradients summed).
-  Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in two parts; Mixtral-8x7B's 1.75 GiB in five. No
+  Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in two parts; Mixtral-8x7B's 1.75 GiB in six. No
   part reads the routing on the host, so a CUDA graph holds every projection.
 """
 
@@ -190,18 +190,21 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
 # the rows each, so no part reads the routing on the host (a CUDA graph holds them all).
 # Qwen3-30B-A3B's gate_up (768 MiB dense in bf16) goes in two parts, its down (384 MiB) whole:
 # the step's peak 384 MiB lower than whole, which its CUDA graph under a 24 GB cap needs;
-# Mixtral-8x7B's gate_up (1.75 GiB) in five parts, its down in three.
+# Mixtral-8x7B's gate_up (1.75 GiB) in six parts, its down in three.
 PART_BYTES = 384 * 2**20
+# torch._grouped_mm takes bf16 operands whose rows are 16-byte multiples: a part's width (its
+# output's rows in forward, the input gradient's reduction in backward) is a multiple of 8 rows
+GROUPED_MM_ROWS = 8
 
 
 def row_alignment(in_features: int, blocksize: int | None, nested_blocksize: int | None) -> int:
-    """The rows a part of a 4-bit [out, in] weight must be a multiple of to begin on a
-    quantization block and, with double quantization, on a nested group (stack_rows); 1 for a
-    16-bit weight (blocksize None)."""
+    """The rows a part of an [out, in] expert weight must be a multiple of: GROUPED_MM_ROWS, and
+    for a 4-bit weight (blocksize not None) enough to begin on a quantization block and, with
+    double quantization, on a nested group (stack_rows)."""
     if blocksize is None:
-        return 1
+        return GROUPED_MM_ROWS
     unit = blocksize * (nested_blocksize or 1)
-    return unit // math.gcd(unit, in_features)
+    return math.lcm(unit // math.gcd(unit, in_features), GROUPED_MM_ROWS)
 
 
 def row_parts(out_features: int, row_bytes: int, align: int,
@@ -211,12 +214,16 @@ def row_parts(out_features: int, row_bytes: int, align: int,
     one where it fits; else each of an expert's `members` weights (gate and up) in parts of its
     own, as even as can be, every boundary a multiple of `align` from the member's first row (a
     member's whole rows where no boundary can be aligned)."""
-    parts = -(-out_features * row_bytes // PART_BYTES)
-    if parts <= 1:
+    if out_features * row_bytes <= PART_BYTES:
         return ((0, out_features),)
     member_rows = out_features // members
-    size = -(-member_rows // -(-parts // members))
-    size = min(-(-size // align) * align, member_rows)
+    per_member = -(-member_rows * row_bytes // PART_BYTES)
+    while True:
+        size = -(-(-(-member_rows // per_member)) // align) * align
+        if size * row_bytes <= PART_BYTES or size <= align:
+            break
+        per_member += 1  # rounding up to the alignment passed the budget: one part more
+    size = min(size, member_rows)
     return tuple((first + start, first + min(start + size, member_rows))
                  for first in range(0, out_features, member_rows)
                  for start in range(0, member_rows, size))
@@ -225,11 +232,14 @@ def row_parts(out_features: int, row_bytes: int, align: int,
 def parted_grouped_mm(a: torch.Tensor, offsets: torch.Tensor, parts,
                       weight: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """grouped_mm(a, b, offsets) where b's columns start … stop − 1 are `weight(start, stop)`
-    ([E, K, stop − start]), made one part at a time and freed before the next."""
+    ([E, K, stop − start]), made one part at a time and freed before the next, each part's
+    product written into the output as it comes."""
     if len(parts) == 1:
         return grouped_mm(a, weight(*parts[0]), offsets)
-    return torch.cat([grouped_mm(a, weight(start, stop), offsets) for start, stop in parts],
-                     dim=-1)
+    out = a.new_empty(a.shape[0], parts[-1][1])
+    for start, stop in parts:
+        out[:, start:stop] = grouped_mm(a, weight(start, stop), offsets)
+    return out
 
 
 class GroupedBase(torch.autograd.Function):
@@ -255,6 +265,8 @@ class GroupedBase(torch.autograd.Function):
             for start, stop in ctx.parts:
                 part = grouped_mm(grad_out[:, start:stop].contiguous(),
                                   ctx.weights(grad_out.dtype, start, stop), ctx.offsets)
+                # each part's product is rounded to the gradient's dtype by its GEMM; with two
+                # parts (a gate_up's gate and up) the sum adds one rounding, as one GEMM's would
                 grad_x = part if grad_x is None else grad_x.add_(part)
                 del part  # the next part's dense weights may take its place
         return grad_x, None, None, None

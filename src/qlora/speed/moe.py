@@ -110,8 +110,8 @@ def expert_parts(layer, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
     """The parts of output rows a projection's base is dequantized in (kernels/experts.row_parts)."""
     base = base_of(layer)
     stack = base.quantized
-    align = (1 if stack is None else row_alignment(
-        base.in_features, stack.blocksize, stack.nested_blocksize if stack.nested else None))
+    align = row_alignment(base.in_features, None if stack is None else stack.blocksize,
+                          stack.nested_blocksize if stack is not None and stack.nested else None)
     return row_parts(base.out_features, base.num_experts * base.in_features * dtype.itemsize,
                      align, base.members)
 
@@ -169,6 +169,7 @@ def capture_blocker(experts: Experts, dtype: torch.dtype, device: torch.device) 
     for layer in (experts.gate_up_proj, experts.down_proj):
         base = base_of(layer)
         widths += [base.in_features, base.out_features]
+        widths += [stop - start for start, stop in expert_parts(layer, dtype)]  # each part's GEMM
         if isinstance(layer, LoraExperts):
             widths.append(layer.r)
     if not grouped_mm_takes(device, dtype, *widths):

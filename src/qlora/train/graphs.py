@@ -462,11 +462,6 @@ class GraphedSteps:
                 for _ in range(self.warmup):
                     self._body(g)
             torch.cuda.current_stream().wait_stream(side)
-            # the warm-up's blocks, free now but cached for the side stream, go back to the device
-            # so the graph's pool can take them (Qwen3-30B-A3B under a 24 GB cap: its capture
-            # asked 768 MiB with 806 MiB of them cached)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph, pool=self.pool,
                                   capture_error_mode=self.capture_error_mode):
