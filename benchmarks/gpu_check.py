@@ -1267,6 +1267,7 @@ def check_moe(dirs):
         record(f"moe-{family}-grouped-grads-vs-fp32", grouped_error / loop_error, 1.25,
                grouped_to_fp32=grouped_error, loop_to_fp32=loop_error,
                grouped_to_loop=grouped_to_loop, adapters=len(g0))
+        _check_moe_parts(path, family, l1, g1, grouped_to_loop)
         _check_moe_graphed_step(path, family, grouped_to_loop)
     for name, count, shape in (("qwen3-30b-a3b-gate-up", 256, (768, 2048)),
                                ("mixtral-8x7b-down", 8, (4096, 14336))):
@@ -1290,6 +1291,33 @@ def check_moe(dirs):
                kernel_ms=_call_ms(lambda: dequantize_stack_triton(part, torch.bfloat16), reps=5))
         del got, want, stack, part
     _time_sparse_block()
+
+
+def _check_moe_parts(path, family: str, whole_loss: float, whole_grads: dict,
+                     grouped_to_loop: float):
+    """The grouped step with every projection in the smallest parts of output rows
+    (kernels/experts.row_parts: PART_BYTES shrunk), against each projection whole: the same dot
+    products in forward, the input gradients summed over the parts in backward. torch._grouped_mm
+    may pick other tiles for narrower parts, and bf16 rounding that differs by a sum's order tips
+    near-tied routing, so the bounds are the grouped-vs-loop ones above: 1e-2 in the loss, the
+    measured grouped-vs-loop spread in the gradients."""
+    import qlora.kernels.experts as kernels
+
+    budget = kernels.PART_BYTES
+    kernels.PART_BYTES = 1
+    try:
+        model = nf4_lora_model(path, dropout=0.0, dtype=torch.bfloat16)
+        apply_speed(model, SpeedPlan(grouped_experts=True), log=lambda _: None)
+        model.train()
+        loss = model(ids(1), labels=ids(1))
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        kernels.PART_BYTES = budget
+    record(f"moe-{family}-parts-loss", abs(float(loss.detach()) - whole_loss) / abs(whole_loss),
+           1e-2)
+    record(f"moe-{family}-parts-grads", max(rel(whole_grads[n], grads[n]) for n in whole_grads),
+           max(grouped_to_loop, 0.03))
 
 
 def _check_moe_graphed_step(path, family: str, grouped_to_loop: float):
