@@ -677,14 +677,15 @@ def test_named_moe_shapes_have_their_real_sizes():
 
 
 # (the most of a projection's experts dense at once then, the peak allocated GiB measured): runs
-# of at most 256 MiB (11:17: parts of that budget are 192 MiB, 64 MiB or 0.3% of the peak off);
-# 768 MiB, each of Qwen3's projections whole (22:21)
-@pytest.mark.parametrize("part_mib,measured_gib", [(256, 20.906), (768, 21.308)])
+# of at most 256 MiB (2026-12-06 11:17: parts of that budget are 192 MiB, 64 MiB or 0.3% of the
+# peak off); 768 MiB, each of Qwen3's projections whole (12-06 22:21); parts of 384 MiB, the
+# step in a CUDA graph (2026-12-07 12:24)
+@pytest.mark.parametrize("part_mib,measured_gib", [(256, 20.906), (768, 21.308), (384, 21.071)])
 def test_qwen3_moe_plan_within_10_percent_of_the_h100_peak(monkeypatch, part_mib, measured_gib):
     """The plan of the MoE step measured on a GPU (benchmarks/train_step.py, Qwen3-30B-A3B shape,
     seq 2048, r16 on attention and every expert, dropout 0.05 seeded, attention not kept, host
-    embedding, paged 8-bit AdamW; H100 80GB under a 22.35 GiB cap, 2026-12-06), planned under the
-    experts' dense budget it was measured with. Within 10%, the bound every stored calibration
+    embedding, paged 8-bit AdamW; H100 80GB under a 22.35 GiB cap), planned under the experts'
+    dense budget it was measured with. Within 10%, the bound every stored calibration
     point is held to."""
     import qlora.kernels.experts as kernels
     from qlora import memory
