@@ -567,9 +567,9 @@ def run_plan(args) -> None:
               "never measured")
     elif arch.moe is not None:
         print("a mixture of experts: its expert and routed terms are counted against the CPU's "
-              "tensors (tests/test_moe.py); one GPU peak measured: Qwen3-30B-A3B at seq 2048 "
-              "(attention not kept) with each expert projection dequantized whole, 21.47 GiB "
-              "planned for that, 21.31 measured (H100, docs/MEMORY.md)")
+              "tensors (tests/test_moe.py); measured on an H100: Qwen3-30B-A3B at seq 2048 "
+              "(attention not kept, its step in a CUDA graph), 21.07 GiB planned, 21.07 "
+              "measured (docs/MEMORY.md)")
     elif arch.model_type in memory.CALIBRATED_FAMILIES:
         print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "
               "configurations measured since within 10% (docs/MEMORY.md)")

@@ -289,7 +289,7 @@ def _dequantized_weight(arch: ArchSpec, cfg: PlanConfig, tokens: int, notes: lis
     dequant = 0
     if cfg.quant in FOUR_BIT_METHODS:
         dequant = 2 * n_largest + (4 * -(-n_largest // cfg.blocksize) if cfg.double_quant else 0)
-        # the stack kernel reads the nested scales itself: no fp32 absmax beside the run
+        # the stack kernel reads the nested scales itself: no fp32 absmax beside the part
         dequant = max(dequant, 2 * experts)
     elif cfg.quant == "int8":
         # backward turns int8 rows back to bf16; forward quantizes the input to int8 and gets int32
