@@ -75,9 +75,9 @@ def dequantize_stack_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
     """kernels/dequant.py's dequantize kernel over a stack of members of MEMBER_BYTES each,
     member m's bytes from m · DATA_STRIDE and its scales from m · ABSMAX_STRIDE (and
     m · NESTED_STRIDE, its offset at m · OFFSET_STRIDE): the whole members, or the same rows of
-    every member or of every other one (kernels/experts.stack_rows), end to end in the output. A row of COLS bytes lies in
-    one block of one member (a member holds whole blocks), whose scale is that member's block
-    `local`, nested group `local // NESTED_BLOCKSIZE` and offset."""
+    every member or of every other one (kernels/experts.stack_rows), end to end in the output.
+    A row of COLS bytes lies in one block of one member (a member holds whole blocks), whose
+    scale is that member's block `local`, nested group `local // NESTED_BLOCKSIZE` and offset."""
     row = tl.program_id(0).to(tl.int64) * (ROWS * COLS) + tl.arange(0, ROWS) * COLS
     row_inside = row < n_bytes
     member = row // MEMBER_BYTES

@@ -95,19 +95,6 @@ def dequantize_stack_triton(stack, dtype: torch.dtype | None = None) -> torch.Te
     return out
 
 
-STACK_PARTS = ("data", "absmax", "nested_absmax", "offset")  # one row a member
-
-
-def stack_members(stack, start: int, stop: int):
-    """Members start … stop − 1 of a quant.QuantizedStack as a stack of their own (views of its
-    tensors: each member's bytes and scales are rows of them), for `dequantize_experts`."""
-    fields = {name: getattr(stack, name) for name in (
-        "shape", "blocksize", "dtype", "nested", "nested_blocksize", "code", "nested_code")}
-    rows = {name: getattr(stack, name)[start:stop] if getattr(stack, name).numel() else
-            getattr(stack, name) for name in STACK_PARTS}
-    return SimpleNamespace(count=stop - start, **fields, **rows)
-
-
 def stack_rows(stack, start: int, stop: int, first: int = 0, step: int = 1):
     """Rows start … stop − 1 of members first, first + step, … of a quant.QuantizedStack
     ([out, in] each) as a stack of [stop − start, in] members: views of its bytes and of its
@@ -219,7 +206,8 @@ def row_parts(out_features: int, row_bytes: int, align: int,
     member_rows = out_features // members
     per_member = -(-member_rows * row_bytes // PART_BYTES)
     while True:
-        size = -(-(-(-member_rows // per_member)) // align) * align
+        rows_each = -(-member_rows // per_member)
+        size = -(-rows_each // align) * align  # rows_each rounded up to the alignment
         if size * row_bytes <= PART_BYTES or size <= align:
             break
         per_member += 1  # rounding up to the alignment passed the budget: one part more

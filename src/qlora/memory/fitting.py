@@ -99,8 +99,11 @@ def auto_fit(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, max_micro_batch: i
     with_ckpt = _largest_micro_batch(arch, cfg, gpu_bytes, True, max_micro_batch)
     if with_ckpt is None or without is None:
         return with_ckpt or without
-    used = (lambda best: best.micro_batch if not global_batch
-            else micro_batch_dividing(global_batch, best.micro_batch))
+
+    def used(best: PlanConfig) -> int:
+        return (micro_batch_dividing(global_batch, best.micro_batch) if global_batch
+                else best.micro_batch)
+
     # no larger micro-batch with it: the recompute would only be a cost
     return with_ckpt if used(with_ckpt) > used(without) else without
 

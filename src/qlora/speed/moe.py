@@ -107,7 +107,7 @@ def base_of(layer) -> ExpertLinear:
 
 
 def expert_parts(layer, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
-    """The parts of output rows a projection's base is dequantized in (kernels/experts.row_parts)."""
+    """The parts of output rows a projection's base is dequantized in (experts.row_parts)."""
     base = base_of(layer)
     stack = base.quantized
     align = row_alignment(base.in_features, None if stack is None else stack.blocksize,

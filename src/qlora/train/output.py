@@ -122,8 +122,7 @@ def read_prompt_format(adapter_dir: str | Path | None) -> tuple[dict, Path] | No
         raise QloraError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to render "
                          f"prompts with the model's chat template, or pass --chat-template / "
                          f"--no-chat-template") from None
-    from qlora.data.formats import FORMATS
-    from qlora.data.formats import LAYOUTS
+    from qlora.data.formats import FORMATS, LAYOUTS
 
     known = (*FORMATS, *LAYOUTS)
     if fmt not in known:
