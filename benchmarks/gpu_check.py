@@ -1352,8 +1352,9 @@ def _time_sparse_block():
     x = (torch.randn(1, 2048, 2048, device=DEV) * 0.5).to(torch.bfloat16).requires_grad_(True)
     dy = torch.randn_like(x)
     outs, times = [], []
-    for grouped in (False, True):
-        apply_speed(model, SpeedPlan(grouped_experts=grouped), log=lambda _: None)
+    for grouped, fused in ((False, False), (True, False), (True, True)):
+        apply_speed(model, SpeedPlan(grouped_experts=grouped, fused_kernels=fused),
+                    log=lambda _: None)
         model.train()
 
         def step():
@@ -1364,11 +1365,44 @@ def _time_sparse_block():
 
         outs.append((step().detach().float(), x.grad.float().clone()))
         times.append(_call_ms(step, reps=3))
-    (y0, dx0), (y1, dx1) = outs
+    (y0, dx0), (y1, dx1), (y2, dx2) = outs
     # bf16 throughout; the grouped path adds each token's 8 expert outputs in fp32
     record("moe-qwen3-30b-block-grouped-output", rel(y0, y1), 2e-2, loop_ms=times[0],
            grouped_ms=times[1])
     record("moe-qwen3-30b-block-grouped-input-grad", rel(dx0, dx1), 2e-2)
+    # with fused_kernels: SwiGLU and the row sums by Triton (kernels/routing.py), rounding as
+    # the torch path does but for the order of fp32 sums: the same bound
+    record("moe-qwen3-30b-block-fused-output", rel(y0, y2), 2e-2, fused_ms=times[2])
+    record("moe-qwen3-30b-block-fused-input-grad", rel(dx0, dx2), 2e-2)
+    _check_routing_kernels()
+
+
+def _check_routing_kernels():
+    """kernels/routing.py's Triton sums against their torch references at Qwen3-30B-A3B's shape
+    (2048 tokens, 8 of 128 experts each, hidden 2048, bf16 router weights). Both round each
+    weighted row alike; they differ in the order of the fp32 sums (the output, a token's 8 rows:
+    within a bf16 unit, 2^-8 of the largest) and in the router weights' gradient, which the
+    reference sums from products rounded to bf16 (2^-9 each, a random walk over 2048 terms:
+    about 2^-9 of the sum; 2e-2 as the block checks)."""
+    from qlora.kernels import routing
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    n, k, h = 2048, 8, 2048
+    flat = torch.randint(0, 128, (n * k,), generator=g, device=DEV)
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=DEV))
+    y = torch.randn(n * k, h, generator=g, device=DEV).to(torch.bfloat16).requires_grad_()
+    w = torch.rand(n, k, generator=g, device=DEV).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(n, h, generator=g, device=DEV).to(torch.bfloat16)
+    _compare_fused("moe-routing-combine",
+                   lambda a, b: routing.combine(a, b, order, inverse, fused=True),
+                   lambda a, b: routing.combine(a, b, order, inverse), [y, w], grad, 2e-2)
+    x = torch.randn(n, h, generator=g, device=DEV).to(torch.bfloat16).requires_grad_()
+    rows_grad = torch.randn(n * k, h, generator=g, device=DEV).to(torch.bfloat16)
+    _compare_fused("moe-routing-sorted-rows",
+                   lambda a: routing.SortedRows.apply(a, order, inverse, k, True),
+                   lambda a: routing.SortedRows.apply(a, order, inverse, k, False), [x],
+                   rows_grad, 2**-7)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def record(self, *args, grid, warmup, **kwargs):
 
 interpreter.InterpretedFunction.run = record
 
-from qlora.kernels import cross_entropy, dequant, dropout, embedding, experts, fused
+from qlora.kernels import cross_entropy, dequant, dropout, embedding, experts, fused, routing
 from qlora.quant import QuantConfig, QuantizedStack
 from qlora.kernels import lora_dropout as L
 
@@ -112,6 +112,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for i in range(2):
             stack.set_member(i, torch.randn(16, 64, generator=g))
         experts.dequantize_stack_triton(stack, dtype)
+    # routing.py: a sparse block's weighted sum back to tokens (router weights fp32 as Mixtral's,
+    # or in the hidden dtype as Qwen3-MoE's), forward and backward, and the rows' plain sum
+    order = torch.randperm(12, generator=g)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(12))
+    for weights_dtype in (torch.float32, dtype):
+        y, w = rand(12, 40, dtype=dtype, grad=True), rand(4, 3, dtype=weights_dtype, grad=True)
+        routing.combine(y, w, order, inverse, fused=True).float().sum().backward()
+    routing.SortedRows.apply(rand(4, 40, dtype=dtype, grad=True), order, inverse, 3, True
+                             ).float().sum().backward()
     # cross_entropy.py: loss alone and with the gradient written in place
     for write_grad in (False, True):
         cross_entropy.cross_entropy_rows(rand(4, 50, dtype=dtype), torch.tensor([1, 0, -100, 49]),

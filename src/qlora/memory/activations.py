@@ -127,9 +127,9 @@ def routed_activation_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, float]
     # the router: softmax keeps its fp32 output, top_k its indices, renormalising its values
     # and their sum (the logits' linear keeps nothing: the router is frozen)
     t["router softmax, top-k"] = 4 * e + 8 * k + (4 * k + 4 if moe.renormalize else 0)
-    # the sort: the order (read by the router weights' gather and PermutedRows' backward) and
-    # its inverse (read by SortedRows' backward): speed/moe.py
-    t["sort indices (int64)"] = 2 * 8 * k
+    # the sort's inverse (read by the row sums in backward) and, where the sums run in torch,
+    # its order (read by the router weights' gather): kernels/routing.py
+    t["sort indices (int64)"] = (2 if cfg.kernels == "eager" else 1) * 8 * k
     if "gate_up_proj" in targets:  # the sorted rows, read by gate_up's LoRA A
         t["routed rows (k per token)"] = 2 * k * h
     t["experts' gate, up outputs"] = 2 * k * 2 * i

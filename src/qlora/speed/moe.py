@@ -10,9 +10,10 @@ LoRA products (PEFT's [E, r, in] and [E, out, r] factors) as two more grouped GE
 scaling on A's narrow output; SwiGLU between them (with fused_kernels one Triton kernel reading the
 packed gate/up output in place); each row scaled by its router weight, rounded to the hidden
 dtype as the reference rounds each expert's output, and the k rows of each token added in fp32
-(no atomics: the rows are put back in token order and summed over k). Backward is autograd's
-through the same grouped GEMMs; the row gathers' backward gathers too (SortedRows,
-PermutedRows), where index_select's would add by atomics; no Python loop over experts anywhere.
+(no atomics; kernels/routing.py: with fused_kernels one Triton kernel a direction reads each
+token's k rows where the sort put them). Backward is autograd's through the same grouped GEMMs;
+the row gathers' backward sums by gathers too (SortedRows), where index_select's would add by
+atomics; no Python loop over experts anywhere.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from qlora.kernels import fused as fused_kernels
 from qlora.kernels.dropout import use_triton
 from qlora.kernels.experts import (GroupedBase, dequantize_experts, grouped_mm, grouped_mm_takes,
                                    row_alignment, row_parts, stack_rows)
+from qlora.kernels.routing import SortedRows, combine
 from qlora.models.families.moe_blocks import ExpertLinear, Experts, expert_counts
 
 
 class FastExperts(Experts):
     grouped = False  # set by apply_speed (SpeedPlan.grouped_experts)
-    fused = False  # SwiGLU by a Triton kernel on the packed gate/up output (fused_kernels)
+    fused = False  # SwiGLU and the row sums by Triton kernels (fused_kernels)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if not self.grouped:
@@ -42,58 +44,23 @@ class FastExperts(Experts):
 def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
     """Experts.forward's result, expert GEMMs grouped: x [N, H], index and weights [N, k]."""
-    n, k = index.shape
+    k = index.shape[1]
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     offsets = expert_offsets(flat, experts.num_experts)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                        device=order.device))
-    rows = SortedRows.apply(x, order, inverse, k)
+    fused = getattr(experts, "fused", False) and use_triton(x)
+    rows = SortedRows.apply(x, order, inverse, k, fused)
     gate_up = projection(experts.gate_up_proj, rows, offsets)
-    if getattr(experts, "fused", False) and use_triton(gate_up):
+    if fused:
         hidden = fused_kernels.swiglu_packed(gate_up)  # the halves read in place, not copied
     else:
         hidden = fused_kernels.swiglu_packed_reference(gate_up)
     y = projection(experts.down_proj, hidden, offsets)
-    # as the reference: the weighted output in the weights' dtype, rounded to x's
-    y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
-    # back in token order by a gather whose backward is the inverse gather
-    by_token = PermutedRows.apply(y, inverse, order).view(n, k, y.shape[-1])
-    return by_token.float().sum(dim=1).to(x.dtype)
-
-
-class SortedRows(torch.autograd.Function):
-    """rows [N·k, H] = x [N, H]'s k copies of each token in expert order (row j is token
-    order[j] // k). Backward sums each token's k row gradients in fp32, the rows put back in
-    token order by a gather (`inverse`), where index_select's backward would add them into a
-    [N, H] bf16 tensor by atomics (27 of 417 ms of a Qwen3-30B-A3B step, H100, 2026-12-07)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse, k: int):
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (inverse,) = ctx.saved_tensors
-        by_token = grad_rows.index_select(0, inverse).view(-1, ctx.k, grad_rows.shape[-1])
-        return by_token.float().sum(dim=1).to(grad_rows.dtype), None, None, None
-
-
-class PermutedRows(torch.autograd.Function):
-    """x.index_select(0, perm) for a permutation `perm`, whose backward is the gather by its
-    inverse `inverse` (index_select's own backward adds by atomics)."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    # as the reference: each row's output times its router weight, rounded to x's dtype, the
+    # k rows of a token summed in fp32
+    return combine(y.to(x.dtype), weights, order, inverse, fused)
 
 
 def expert_offsets(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
