@@ -392,6 +392,18 @@ def test_expert_offsets_count_as_bincount_does():
     assert expert_offsets(flat, 8).tolist() == [0, 2, 5, 8, 8, 10, 10, 10]
 
 
+@pytest.mark.parametrize("num_experts", [8, 256, 257, 2**15 + 1])
+def test_sort_keys_hold_every_expert_id_and_give_the_int64_order(num_experts):
+    """The grouped path sorts expert ids in the narrowest type that holds them (fewer radix
+    passes): every id fits (the largest survives the cast), and the stable order is int64's."""
+    from qlora.speed.moe import expert_id_dtype
+
+    dtype = expert_id_dtype(num_experts)
+    assert torch.tensor(num_experts - 1).to(dtype).item() == num_experts - 1
+    flat = torch.randint(0, num_experts, (4096,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.argsort(flat.to(dtype), stable=True), torch.argsort(flat, stable=True))
+
+
 def test_mlp_tiles_leave_the_sparse_blocks_whole(moe_models):
     """Long-sequence MLP tiles (speed.set_long_context) pass a sparse block by: it keeps its
     router logits for the aux loss, and tiles would leave only the last tile's."""

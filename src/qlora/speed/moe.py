@@ -46,7 +46,7 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     """Experts.forward's result, expert GEMMs grouped: x [N, H], index and weights [N, k]."""
     k = index.shape[1]
     flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat.to(expert_id_dtype(experts.num_experts)), stable=True)
     offsets = expert_offsets(flat, experts.num_experts)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                        device=order.device))
@@ -61,6 +61,14 @@ def grouped_experts(experts: Experts, x: torch.Tensor, index: torch.Tensor,
     # as the reference: each row's output times its router weight, rounded to x's dtype, the
     # k rows of a token summed in fp32
     return combine(y.to(x.dtype), weights, order, inverse, fused)
+
+
+def expert_id_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integer type that holds an expert's id: the sort's keys, since CUDA's radix
+    sort makes a pass per key byte (int64 ids took eight; the stable order is the same)."""
+    if num_experts <= 256:
+        return torch.uint8
+    return torch.int16 if num_experts <= 2**15 else torch.int32
 
 
 def expert_offsets(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
