@@ -395,7 +395,8 @@ def test_expert_offsets_count_as_bincount_does():
 @pytest.mark.parametrize("num_experts", [8, 256, 257, 2**15 + 1])
 def test_sort_keys_hold_every_expert_id_and_give_the_int64_order(num_experts):
     """The grouped path sorts expert ids in the narrowest type that holds them (fewer radix
-    passes): every id fits (the largest survives the cast), and the stable order is int64's."""
+    passes): every id fits, the largest surviving the cast, so the stable sort's order is
+    int64's."""
     from qlora.speed.moe import expert_id_dtype
 
     dtype = expert_id_dtype(num_experts)

@@ -117,8 +117,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     order = torch.randperm(12, generator=g)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(12))
     for weights_dtype in (torch.float32, dtype):
-        y, w = rand(12, 40, dtype=dtype, grad=True), rand(4, 3, dtype=weights_dtype, grad=True)
-        routing.combine(y, w, order, inverse, fused=True).float().sum().backward()
+        for weights_grad in (True, False):  # the router weights' gradient made or not
+            y = rand(12, 40, dtype=dtype, grad=True)
+            w = rand(4, 3, dtype=weights_dtype, grad=weights_grad)
+            routing.combine(y, w, order, inverse, fused=True).float().sum().backward()
     routing.SortedRows.apply(rand(4, 40, dtype=dtype, grad=True), order, inverse, 3, True
                              ).float().sum().backward()
     # cross_entropy.py: loss alone and with the gradient written in place

@@ -43,7 +43,7 @@ def _sum_launch(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Te
                 k: int) -> torch.Tensor:
     """[N, H] in y's dtype: each token's k rows of y (where `inverse` puts them), weighted
     (weights [N, k]) or not, summed by sum_kernel."""
-    y = y.contiguous()
+    y, inverse = y.contiguous(), inverse.contiguous()
     h, block = y.shape[1], _block(y.shape[1])
     out = y.new_empty(inverse.numel() // k, h)
     if out.numel():
@@ -116,26 +116,29 @@ def combine_reference(y: torch.Tensor, weights: torch.Tensor, order: torch.Tenso
 
 
 class CombinedRows(torch.autograd.Function):
-    """combine_reference by the Triton kernels: keeps y, the weights and `inverse`."""
+    """combine_reference by the Triton kernels: keeps the weights, `inverse` and, where the
+    weights take a gradient (which reads it), y."""
 
     @staticmethod
     def forward(ctx, y, weights, inverse):
-        y = y.contiguous()
-        ctx.save_for_backward(y, weights, inverse)
-        return _sum_launch(y, weights.contiguous(), inverse, weights.shape[1])
+        y, weights, inverse = y.contiguous(), weights.contiguous(), inverse.contiguous()
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, weights, inverse)
+        return _sum_launch(y, weights, inverse, weights.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
         y, weights, inverse = ctx.saved_tensors
+        weight_grad = y is not None
         grad = grad.contiguous()
-        dy = torch.empty_like(y)  # every row is some token's choice: all written
-        dw = torch.empty(weights.shape, dtype=torch.float32, device=y.device)
-        h, block = y.shape[1], _block(y.shape[1])
-        if grad.numel():
-            _kernels()["combine_backward"][(grad.shape[0],)](
-                grad, y, weights.contiguous(), inverse, dy, dw, h, K=weights.shape[1],
-                BLOCK=block, NATIVE_ROUNDING=y.device.type == "cuda", enable_fp_fusion=False)
-        return dy, (dw.to(weights.dtype) if ctx.needs_input_grad[1] else None), None
+        dy = grad.new_empty(inverse.numel(), grad.shape[1])  # every row is a choice: all written
+        dw = torch.empty(weights.shape, dtype=torch.float32, device=grad.device)
+        h, block = grad.shape[1], _block(grad.shape[1])
+        if weights.numel():
+            _kernels()["combine_backward"][(weights.shape[0],)](
+                grad, y if weight_grad else grad, weights, inverse, dy, dw, h,
+                K=weights.shape[1], WEIGHT_GRAD=weight_grad, BLOCK=block,
+                NATIVE_ROUNDING=grad.device.type == "cuda", enable_fp_fusion=False)
+        return dy, (dw.to(weights.dtype) if weight_grad else None), None
 
 
 def combine(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,

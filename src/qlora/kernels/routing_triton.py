@@ -38,10 +38,11 @@ def sum_kernel(y_ptr, w_ptr, at_ptr, out_ptr, H: tl.constexpr, K: tl.constexpr,
 
 @triton.jit
 def combine_backward_kernel(g_ptr, y_ptr, w_ptr, at_ptr, dy_ptr, dw_ptr, H: tl.constexpr,
-                            K: tl.constexpr, BLOCK: tl.constexpr, NATIVE_ROUNDING: tl.constexpr):
+                            K: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                            NATIVE_ROUNDING: tl.constexpr):
     """For choice c of token t (row r = at[t·K + c]): dy[r] = w[t·K + c] · g[t] rounded to
-    dy's dtype, and dw[t·K + c] = Σ_h g[t, h] · y[r, h] in fp32 (the whole row: one program
-    a token)."""
+    dy's dtype and, with WEIGHT_GRAD, dw[t·K + c] = Σ_h g[t, h] · y[r, h] in fp32 (the whole
+    row: one program a token; without it y_ptr and dw_ptr go unread)."""
     token = tl.program_id(0).to(tl.int64)
     for c in tl.static_range(K):
         row = tl.load(at_ptr + token * K + c).to(tl.int64)
@@ -51,8 +52,10 @@ def combine_backward_kernel(g_ptr, y_ptr, w_ptr, at_ptr, dy_ptr, dw_ptr, H: tl.c
             cols = start + tl.arange(0, BLOCK)
             inside = cols < H
             g = tl.load(g_ptr + token * H + cols, mask=inside, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
             tl.store(dy_ptr + row * H + cols,
                      rounded(g * w, dy_ptr.dtype.element_ty, NATIVE_ROUNDING), mask=inside)
-            dot += g * y
-        tl.store(dw_ptr + token * K + c, tl.sum(dot, axis=0))
+            if WEIGHT_GRAD:
+                y = tl.load(y_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+                dot += g * y
+        if WEIGHT_GRAD:
+            tl.store(dw_ptr + token * K + c, tl.sum(dot, axis=0))
