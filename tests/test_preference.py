@@ -1237,6 +1237,55 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
             assert saved == [want] * model.spec.num_layers
 
 
+def test_unkept_attention_keeps_what_the_planner_counts_of_a_shared_prompt(llama_dir,
+                                                                           monkeypatch):
+    """Without checkpointing (and so nothing kept by keep_attention) a packed pair's attention
+    saves q, the output and the log-sum-exp of its step tokens, k and v of its gathered keys:
+    the per-token terms the planner sums for every layer (layer_activation_terms) over
+    step_tokens, plus gathered_key_bytes for the rejected completions' copies of their
+    prompts' keys. Two pairs of a 2-token prompt and 3-token completions: a PlanConfig of
+    2 x 5 tokens, prompt_len 2 (16 step tokens, 20 keys)."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.memory import PlanConfig
+    from qlora.memory.activations import layer_activation_terms
+    from qlora.memory.attention import gathered_key_bytes
+    from qlora.memory.settings import step_tokens
+    from qlora.methods.preference import batch_loss
+    from qlora.models import attention, load_model
+    from qlora.quant import QuantConfig
+
+    torch_varlen = pytest.importorskip("torch.nn.attention.varlen")  # torch >= 2.9
+    saved = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
+                    enable_gqa=False):
+        out = attention.varlen_reference(q, k, v, cu_q, cu_k)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
+        saved.append(sum(t.numel() * t.element_size() for t in (q, k, v, out, lse)))
+        return out
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
+    _varlen_gqa(monkeypatch, True)
+    pairs = [{"prompt": [5, 6], "chosen": [8, 9, 7], "rejected": [10, 11, 12]},
+             {"prompt": [13, 14], "chosen": [15, 16, 17], "rejected": [18, 19, 20]}]
+    model = load_model(llama_dir, QuantConfig(method="none", compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    model.gradient_checkpointing = False
+    cfg = PlanConfig(seq_len=5, micro_batch=2, prompt_len=2, method="orpo", r=4,
+                     lora_dropout=0.0, kernels="eager")
+    terms = layer_activation_terms(model.spec, cfg)
+    attention_terms = [n for n in terms if n.startswith(("q, k, v", "attention output",
+                                                         "attention logsumexp"))]
+    assert len(attention_terms) == 3, sorted(terms)
+    planned = (step_tokens(cfg) * sum(terms[n] for n in attention_terms)
+               + gathered_key_bytes(model.spec, cfg))
+    assert step_tokens(cfg) == 16 and gathered_key_bytes(model.spec, cfg) > 0
+    batch_loss(orpo, model.train(), pair_batch(pairs, 0, packed=True, share_prompt=True),
+               PreferenceOptions())
+    assert saved == [planned] * model.spec.num_layers
+
+
 def test_the_dense_mask_of_a_staged_shared_prompt_row_shows_every_query_a_key():
     """gathered_keys_mask (the dense fallback where varlen takes no window) over a staged row
     (train/graphs.stage_gathered_keys), whose padding document's keys repeat one filler token:

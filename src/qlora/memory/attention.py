@@ -59,6 +59,15 @@ def kept_key_bytes_per_token(arch: ArchSpec, repeated_kv: bool) -> int:
     return 2 * 2 * kv * arch.head_dim
 
 
+def gathered_key_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """What one layer's attention keeps over a micro-batch beyond its step tokens' k and v
+    (layer_activation_terms' per-token term): where pairs pack their prompt once, the copy of
+    each prompt's k and v gathered before its rejected completion's (key_tokens − step_tokens
+    key tokens; models/attention)."""
+    return ((key_tokens(cfg) - step_tokens(cfg))
+            * kept_key_bytes_per_token(arch, repeats_kv_heads(arch)))
+
+
 def kept_attention_layer_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     """What one layer's kept attention holds over a micro-batch: q, the output and the
     log-sum-exp at its step_tokens, k and v at its key_tokens (more where pairs pack their

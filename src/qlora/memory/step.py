@@ -17,8 +17,9 @@ from qlora.memory.activations import (backward_working_bytes_per_token, layer_ac
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
                                       split_mlp_terms)
 from qlora.memory.attention import (attention_backward_bytes_per_token, attention_softcap,
-                                    capped_scores_in_torch, kept_attention_layer_bytes,
-                                    kept_attention_layers, keeps_attention)
+                                    capped_scores_in_torch, gathered_key_bytes,
+                                    kept_attention_layer_bytes, kept_attention_layers,
+                                    keeps_attention)
 from qlora.memory.breakdown import Breakdown
 from qlora.memory.generic import coarse_plan
 from qlora.memory.host import embedding_in_host_memory, host_offload_bytes, offload_applies
@@ -180,6 +181,7 @@ class _PerToken:
     kept_layers: int  # layers that keep attention for backward (keep_attention)
     kept_each: int  # what one of them keeps over the micro-batch (not per token)
     products: int  # the fast path's LoRA products a checkpointed layer keeps for its rerun
+    gathered_keys: int  # a layer's gathered prompt keys over the micro-batch (gathered_key_bytes)
 
 
 def _per_token(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _PerToken:
@@ -217,7 +219,7 @@ def _per_token(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _PerToken:
                      layer_input=2 * h, final=final, rope=rope, working=working,
                      attention_extra=attention_extra, offloaded=offloaded,
                      inputs_on_gpu=inputs_on_gpu, kept_layers=kept_layers, kept_each=kept_each,
-                     products=products)
+                     products=products, gathered_keys=gathered_key_bytes(arch, cfg))
 
 
 def _layer_saved_and_mlp_backward(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float],
@@ -247,7 +249,8 @@ def _saved_activations(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
     keeps (one layer's under checkpointing, which reruns one layer at a time)."""
     L = arch.num_layers
     if not cfg.checkpointing:
-        return int(t.tokens * (L * t.per_layer + t.final + t.rope)), L * t.per_layer_weights
+        saved = t.tokens * (L * t.per_layer + t.final + t.rope) + L * t.gathered_keys
+        return int(saved), L * t.per_layer_weights
     # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
     if t.kept_layers:
         notes.append(f"attention kept for backward in {t.kept_layers} of {L} "
@@ -310,7 +313,8 @@ def _backward_without_checkpointing(arch: ArchSpec, t: _PerToken) -> tuple[float
     activations saved since the forward."""
     backward = t.tokens * max(t.working, t.attention_extra)
     # the last layer's backward comes after the final norm's and the loss's: theirs are gone
-    backward_activations = t.tokens * (arch.num_layers * t.per_layer + t.rope)
+    backward_activations = (t.tokens * (arch.num_layers * t.per_layer + t.rope)
+                            + arch.num_layers * t.gathered_keys)
     return backward_activations, backward
 
 
@@ -340,8 +344,10 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
         if t.tile:
             rerun -= split_mlp_terms(t.terms)[1]
         kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(t.tile))
-        moments = [(t.tokens * (rerun + t.working), kept_dense + dequant_now),
-                   (t.tokens * (rerun + t.attention_extra), attention_dense)]
+        # a rerun attention gathers its prompt keys again (a kept one's are keep_attention's)
+        gathered = 0 if kept_here else t.gathered_keys
+        moments = [(t.tokens * (rerun + t.working) + gathered, kept_dense + dequant_now),
+                   (t.tokens * (rerun + t.attention_extra) + gathered, attention_dense)]
         moment, dense = max(moments, key=sum)
         if best is None or before + moment + dense > sum(best):
             best = (before, moment, dense)
