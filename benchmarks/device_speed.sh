@@ -222,7 +222,9 @@ moe-peers)
   # from the environment: LIMIT (default 570; up to ~585 leaves the preamble and timeout's 5 s
   # grace inside a 600 s call), WORKER_TIMEOUT (400: one hung system leaves the others time),
   # STEPS/WARMUP (6/2), CAP (GiB, none by default: the seeds' stack keeps the experts in bf16),
-  # CKPT_OFF=1 (qlora's systems also without checkpointing, what --auto_fit picks where it fits)
+  # CKPT_OFF=1 (qlora's systems also without checkpointing, what --auto_fit picks where it fits).
+  # qlora,unsloth needs LIMIT >= 330: the checkpoint's writing took 71-85 s and Unsloth's load
+  # 41-74 s (2026-12-07); at LIMIT=300 the 14:06 run cut Unsloth before its first step
   LIMIT=${LIMIT:-570}
   WORKER_TIMEOUT=${WORKER_TIMEOUT:-400}
   CKPT_FLAG=--no-qlora-ckpt-off
