@@ -1168,6 +1168,30 @@ def _varlen_gqa(monkeypatch, takes_gqa: bool) -> None:
     monkeypatch.setattr(attention, "_varlen_takes_gqa", lambda: takes_gqa)
 
 
+def _varlen_saving(monkeypatch, takes_gqa: bool) -> list[int]:
+    """A CPU stand-in of torch's varlen_attn (with enable_gqa or, as torch 2.9 to 2.11, without:
+    _varlen_gqa) that saves what torch's saves: q, k, v, the output and an fp32 log-sum-exp per
+    head. Returns the list each call appends its saved bytes to."""
+    from qlora.models import attention
+
+    torch_varlen = pytest.importorskip("torch.nn.attention.varlen")  # torch >= 2.9
+    saved = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
+                    enable_gqa=False):
+        assert k.shape[1] < q.shape[1], "k and v copied to every head"
+        assert enable_gqa == takes_gqa, "torch 2.13 refuses grouped heads without enable_gqa"
+        out = attention.varlen_reference(q, k, v, cu_q, cu_k)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
+        saved.append(sum(t.numel() * t.element_size() for t in (q, k, v, out, lse)))
+        return out
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
+    _varlen_gqa(monkeypatch, takes_gqa)
+    return saved
+
+
 def test_planner_plans_a_preference_step_as_the_sft_step_of_its_tokens():
     """Packed rows hand grouped kv heads to the varlen kernel (no copies of k and v whatever the
     torch: the planner does not ask), so a preference step at Qwen2.5-1.5B (4 pairs of 512 + 512
@@ -1199,30 +1223,16 @@ def test_packed_rows_keep_what_the_planner_counts_of_their_attention(llama_dir, 
     from qlora.adapters import AdapterConfig, attach_adapters
     from qlora.memory.attention import kept_key_bytes_per_token, kept_query_bytes_per_token
     from qlora.methods.preference import batch_loss
-    from qlora.models import attention, load_model
+    from qlora.models import load_model
     from qlora.quant import QuantConfig
     from qlora.speed import SpeedPlan, apply_speed
 
-    torch_varlen = pytest.importorskip("torch.nn.attention.varlen")  # torch >= 2.9
-    saved = []
-
-    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
-                    enable_gqa=False):
-        assert k.shape[1] < q.shape[1], "k and v copied to every head"
-        assert enable_gqa == takes_gqa, "torch 2.13 refuses grouped heads without enable_gqa"
-        out = attention.varlen_reference(q, k, v, cu_q, cu_k)
-        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
-        saved.append(sum(t.numel() * t.element_size() for t in (q, k, v, out, lse)))
-        return out
-
-    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
-    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
     pairs = [{"prompt": [5, 6, 7], "chosen": [8, 9], "rejected": [10, 11, 12]},
              {"prompt": [13, 14], "chosen": [15, 16, 17], "rejected": [18]}]
     tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
     prompts = sum(len(p["prompt"]) for p in pairs)
     for takes_gqa in (True, False):
-        _varlen_gqa(monkeypatch, takes_gqa)
+        saved = _varlen_saving(monkeypatch, takes_gqa)
         model = load_model(llama_dir, QuantConfig(method="none", compute_dtype=torch.bfloat16))
         attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
         apply_speed(model, SpeedPlan(keep_attention=True))
@@ -1251,22 +1261,10 @@ def test_unkept_attention_keeps_what_the_planner_counts_of_a_shared_prompt(llama
     from qlora.memory.attention import gathered_key_bytes
     from qlora.memory.settings import step_tokens
     from qlora.methods.preference import batch_loss
-    from qlora.models import attention, load_model
+    from qlora.models import load_model
     from qlora.quant import QuantConfig
 
-    torch_varlen = pytest.importorskip("torch.nn.attention.varlen")  # torch >= 2.9
-    saved = []
-
-    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, 0), scale=None,
-                    enable_gqa=False):
-        out = attention.varlen_reference(q, k, v, cu_q, cu_k)
-        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
-        saved.append(sum(t.numel() * t.element_size() for t in (q, k, v, out, lse)))
-        return out
-
-    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
-    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
-    _varlen_gqa(monkeypatch, True)
+    saved = _varlen_saving(monkeypatch, True)
     pairs = [{"prompt": [5, 6], "chosen": [8, 9, 7], "rejected": [10, 11, 12]},
              {"prompt": [13, 14], "chosen": [15, 16, 17], "rejected": [18, 19, 20]}]
     model = load_model(llama_dir, QuantConfig(method="none", compute_dtype=torch.bfloat16))
