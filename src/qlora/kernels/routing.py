@@ -10,8 +10,9 @@ token t sits at row inverse[t·k + c]):
   weighted output), summed in fp32 and rounded once.
 
 Each runs as torch gathers and reductions (`sum_rows_reference`, `combine_reference`: the plain
-computation) or, with `fused`, as one Triton kernel a direction: one program a token reads its k
-rows where `inverse` puts them and writes its sum, so no [N·k, H] intermediate in fp32 or in token
+computation) or, with `fused`, as one Triton kernel a direction: a program reads one token's k
+rows where `inverse` puts them (a block of their columns forward, the whole rows backward) and
+writes their sum, so no [N·k, H] intermediate in fp32 or in token
 order is made (the reference makes four a direction) and nothing adds by atomics. On a
 Qwen3-30B-A3B step the reference's mul, gathers, casts and sums were about 30 of its 386 ms
 (H100 profile, 2026-12-07). Backward of `combine` writes each row's gradient, w · g[token], and
