@@ -347,7 +347,7 @@ runs = {}
 for experts_fused in (False, True):
     model = adapted(PATH, "nf4", torch.bfloat16)
     apply_speed(model, SpeedPlan(grouped_experts=True, fused_kernels=True), log=lambda _: None)
-    for m in model.modules():  # the experts' SwiGLU alone by torch in the first run
+    for m in model.modules():  # the experts' SwiGLU and row sums alone by torch in the first run
         if isinstance(m, FastExperts):
             m.fused = experts_fused
     loss, grads = loss_and_grads(model, ids)
@@ -360,18 +360,20 @@ print(json.dumps(dict(torch=runs[False], fused=runs[True])))
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
-def test_fused_swiglu_of_the_experts_is_as_close_to_fp32_as_torchs(moe_models, variant):
-    """The grouped experts' SwiGLU by the Triton kernel on the packed gate/up output (fused_kernels,
-    run by Triton's interpreter) against torch's, both in bf16, each measured against the fp32
-    step: its adapter gradients no further from fp32 than torch's. (The kernel itself against
-    its torch reference: tests/test_fused_kernels.py.)"""
+def test_fused_kernels_of_the_experts_are_as_close_to_fp32_as_torchs(moe_models, variant):
+    """The grouped experts' Triton kernels (fused_kernels, run by Triton's interpreter): SwiGLU on
+    the packed gate/up output and the row sums (kernels/routing.py), against torch's, both in
+    bf16, each measured against the fp32 step: its adapter gradients no further from fp32 than
+    torch's. (The kernels themselves against their torch references: tests/test_fused_kernels.py,
+    tests/test_routing_kernels.py.)"""
     from test_dequant_kernel import interpreted
 
     result = interpreted(f"PATH = {str(moe_models[variant])!r}\n" + FUSED_SWIGLU_STEP)
     torch_run, fused = result["torch"], result["fused"]
     assert torch_run["names"] and fused["names"]
-    # the kernel rounds as torch does (silu(gate), then the product), so on a GPU the two runs
-    # are one computation; Triton's interpreter truncates its conversions instead, about 3x
+    # the kernels round as torch does (silu(gate), then the product; each weighted row, then the
+    # fp32 sum), so on a GPU the two runs are one computation but for the order of fp32 sums;
+    # Triton's interpreter truncates SwiGLU's conversions instead (not the row sums'), about 3x
     # torch's error a value, which the adapter gradients' distance to fp32 hardly shows
     # (measured 0.98 to 1.01 of torch's): 10% above torch's allows for it and for the tokens
     # whose near-tied router choices tip. What it is for: the experts' packed layout read as the
