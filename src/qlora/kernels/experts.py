@@ -217,6 +217,16 @@ def row_parts(out_features: int, row_bytes: int, align: int,
                  for start in range(0, member_rows, size))
 
 
+def projection_parts(num_experts: int, out_features: int, in_features: int, members: int,
+                     itemsize: int, blocksize: int | None = None,
+                     nested_blocksize: int | None = None) -> tuple[tuple[int, int], ...]:
+    """row_parts of a projection of [out, in] expert weights made dense in `itemsize`-byte
+    values, aligned for its 4-bit blocks (blocksize None: a 16-bit weight): what the grouped step
+    dequantizes at once (speed/moe.expert_parts) and the planner counts (memory/weights)."""
+    return row_parts(out_features, num_experts * in_features * itemsize,
+                     row_alignment(in_features, blocksize, nested_blocksize), members)
+
+
 def parted_grouped_mm(a: torch.Tensor, offsets: torch.Tensor, parts,
                       weight: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """grouped_mm(a, b, offsets) where b's columns start … stop − 1 are `weight(start, stop)`

@@ -57,11 +57,16 @@ def _sum_launch(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Te
 
 # --------------------------------------------------------------------------- token → expert rows
 
+def token_sums(by_token: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, H]: rows [N·k, H] in token order (each token's k together) summed k at a time in
+    fp32, rounded once to their dtype."""
+    return by_token.view(-1, k, by_token.shape[-1]).float().sum(dim=1).to(by_token.dtype)
+
+
 def sum_rows_reference(grad_rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     """[N, H]: each token's k rows (put back in token order by a gather) summed in fp32, rounded
     once to the rows' dtype."""
-    by_token = grad_rows.index_select(0, inverse).view(-1, k, grad_rows.shape[-1])
-    return by_token.float().sum(dim=1).to(grad_rows.dtype)
+    return token_sums(grad_rows.index_select(0, inverse), k)
 
 
 def sum_rows(grad_rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
@@ -110,10 +115,8 @@ def combine_reference(y: torch.Tensor, weights: torch.Tensor, order: torch.Tenso
     """[N, H] in y's dtype: row j of y [N·k, H] times its router weight (of weights [N, k], flat
     choice order[j]), rounded to y's dtype, put back in token order and each token's k summed
     in fp32."""
-    n, k = weights.shape
     weighted = (y * weights.reshape(-1)[order, None]).to(y.dtype)
-    by_token = PermutedRows.apply(weighted, inverse, order).view(n, k, y.shape[-1])
-    return by_token.float().sum(dim=1).to(y.dtype)
+    return token_sums(PermutedRows.apply(weighted, inverse, order), weights.shape[1])
 
 
 class CombinedRows(torch.autograd.Function):

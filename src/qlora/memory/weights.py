@@ -6,7 +6,7 @@ a tile's gate and up)."""
 
 from __future__ import annotations
 
-from qlora.kernels.experts import row_alignment, row_parts
+from qlora.kernels.experts import projection_parts
 from qlora.memory.settings import (DTYPE_BYTES, MLP_LINEARS, PlanConfig, expert_targets, fast_path,
                                    target_names, torch_norms)
 from qlora.memory.sizes import alloc
@@ -178,10 +178,9 @@ def expert_part_elements(arch: ArchSpec, cfg: PlanConfig) -> int:
     four_bit = cfg.quant in FOUR_BIT_METHODS
     largest = 0
     for name, (e, o, i) in arch.expert_shapes().items():
-        align = row_alignment(i, cfg.blocksize if four_bit else None,
-                              NESTED_BLOCKSIZE if four_bit and cfg.double_quant else None)
-        members = 2 if name == "gate_up_proj" else 1
-        parts = row_parts(o, 2 * e * i, align, members)
+        members = 2 if name == "gate_up_proj" else 1  # gate and up, parted apart
+        parts = projection_parts(e, o, i, members, 2, cfg.blocksize if four_bit else None,
+                                 NESTED_BLOCKSIZE if four_bit and cfg.double_quant else None)
         largest = max(largest, max(stop - start for start, stop in parts) * e * i)
     return largest
 

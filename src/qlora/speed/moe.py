@@ -26,7 +26,7 @@ from qlora.adapters import LoraExperts
 from qlora.kernels import fused as fused_kernels
 from qlora.kernels.dropout import use_triton
 from qlora.kernels.experts import (GroupedBase, dequantize_experts, grouped_mm, grouped_mm_takes,
-                                   row_alignment, row_parts, stack_rows)
+                                   projection_parts, stack_rows)
 from qlora.kernels.routing import SortedRows, combine
 from qlora.models.families.moe_blocks import ExpertLinear, Experts, expert_counts
 
@@ -85,10 +85,9 @@ def expert_parts(layer, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
     """The parts of output rows a projection's base is dequantized in (experts.row_parts)."""
     base = base_of(layer)
     stack = base.quantized
-    align = row_alignment(base.in_features, None if stack is None else stack.blocksize,
-                          stack.nested_blocksize if stack is not None and stack.nested else None)
-    return row_parts(base.out_features, base.num_experts * base.in_features * dtype.itemsize,
-                     align, base.members)
+    return projection_parts(base.num_experts, base.out_features, base.in_features, base.members,
+                            dtype.itemsize, None if stack is None else stack.blocksize,
+                            stack.nested_blocksize if stack is not None and stack.nested else None)
 
 
 def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
