@@ -199,9 +199,10 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     it saved. The base GEMM of down_proj saves nothing (its 4-bit bytes are held on ctx), so the
     rerun stops before it: per layer, forward dequantizes 7 weights, the rerun 6 (not down_proj),
     and backward only down_proj, since it takes the 6 dense weights the rerun kept
-    (matmul_4bit.rerun_keeps_weights) — and loss and adapter gradients equal the step without
+    (kept_weights.rerun_keeps_weights) — and loss and adapter gradients equal the step without
     checkpointing. (One projection per GEMM here; grouped, the counts are per group.)"""
     import qlora.kernels.matmul_4bit as matmul_module  # (matmul_4bit here is its function)
+    from qlora.kernels import kept_weights
 
     model = tiny_model(0.1, quant="nf4")
     applied = apply_speed(model, SpeedPlan(seeded_dropout=True, fast_base=True, grouped=False))
@@ -236,4 +237,4 @@ def test_checkpoint_recompute_stops_before_the_last_base_gemm_of_each_layer():
     # with checkpointing the rerun dequantizes 6 per layer and backward only down_proj
     assert counts[1] == (7 * layers, 6 * layers + layers, layers)
     assert_same_runs(runs)
-    assert matmul_module._kept == {}  # every weight the reruns kept was taken by its backward
+    assert kept_weights._kept == {}  # every weight the reruns kept was taken by its backward

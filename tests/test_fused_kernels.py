@@ -480,7 +480,7 @@ from dataclasses import replace
 from saved_bytes import layer_saved_bytes
 from qlora import memory
 from qlora.adapters import AdapterConfig, attach_adapters
-from qlora.kernels import lora, matmul_4bit
+from qlora.kernels import kept_weights, lora
 from qlora.memory import PlanConfig, arch_from_config
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
@@ -515,7 +515,7 @@ for keep in (True, False):
     # the rerun, as the checkpoint runs it in backward: what it saves that is not alive already
     saved = layer_saved_bytes(layer, x, cos, sin,
                               [*model.parameters(), *model.buffers(), seed, cos, sin, *shared])
-    kept_dense = sum(t.untyped_storage().nbytes() for t in matmul_4bit._kept.values())
+    kept_dense = sum(t.untyped_storage().nbytes() for t in kept_weights._kept.values())
     cfg = PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused", tile_mlp=tile, keep_attention=keep)
     arch = arch_from_config(config)

@@ -76,7 +76,7 @@ def test_grouped_path_gives_the_per_projection_loss_and_adapter_gradients(family
     runs = ungrouped_and_grouped_runs(family, dropout)
     assert_same_runs(runs)
     # the grouped GEMM did run: 4 groups in forward, 4 recomputed (checkpointing), and none in
-    # backward, which takes the dense weights the rerun kept (kernels/matmul_4bit.rerun_keeps_weights)
+    # backward, which takes the dense weights the rerun kept (kept_weights.rerun_keeps_weights)
     assert len(groups) == 4 + 4 + 0
     if dropout:  # the masks act: the gradients differ from the dropout-free step's
         plain = ungrouped_and_grouped_runs(family, 0.0)

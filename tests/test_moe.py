@@ -919,6 +919,56 @@ def test_experts_in_parts_equal_all_at_once(moe_models, monkeypatch, quant):
         assert rel_err(want[name], got[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("budget", ["whole", "parts"])
+def test_a_checkpoint_rerun_keeps_each_whole_projection_for_its_backward(moe_models, monkeypatch,
+                                                                         budget):
+    """A checkpointed sparse layer's rerun dequantizes its experts again and keeps each
+    projection made whole for its backward (kernels/experts.GroupedBase, kernels/kept_weights),
+    which then dequantizes none of them; a projection in parts keeps none (so what is held stays
+    within PART_BYTES) and its backward dequantizes each part again. Loss and adapter gradients
+    are the step's without checkpointing to the bit (the rerun makes the same dense weights),
+    and nothing kept outlives the backward."""
+    import qlora.kernels.experts as kernels
+    import qlora.speed.moe as moe
+    from qlora.kernels import kept_weights
+    from qlora.models.families.moe_blocks import SparseMoeBlock
+    from qlora.speed import SpeedPlan, apply_speed
+
+    if budget == "parts":
+        monkeypatch.setattr(kernels, "PART_BYTES", 1)  # every projection in its smallest parts
+    build, ids = moe.dequantize_experts, token_batch(7)
+    runs, counts = [], []
+    for checkpointing in (False, True):
+        model = adapted(moe_models["mixtral"], "nf4", FP32)
+        apply_speed(model, SpeedPlan(grouped_experts=True, seeded_dropout=True),
+                    log=lambda _: None)
+        model.gradient_checkpointing = checkpointing
+        calls = []
+        monkeypatch.setattr(moe, "dequantize_experts",
+                            lambda stack, dtype: calls.append(stack.shape) or build(stack, dtype))
+        loss = model(ids, labels=ids)
+        forward = len(calls)
+        loss.backward()
+        counts.append((forward, len(calls) - forward))
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()
+                                     if p.grad is not None}))
+    layers = sum(isinstance(m, SparseMoeBlock) for m in model.modules())
+    experts = model.model.layers[0].mlp.experts
+    parts = [len(moe.expert_parts(p, FP32)) for p in (experts.gate_up_proj, experts.down_proj)]
+    # in parts: gate_up as its gates, then its ups; down's rows cannot be parted on an aligned
+    # boundary here, so it stays whole (and kept): both cases in one step
+    assert parts == [1, 1] if budget == "whole" else parts[0] >= 2 and parts[1] == 1
+    made = layers * sum(parts)  # dequantize calls over every projection once
+    kept = layers * sum(n for n in parts if n == 1)
+    assert counts[0] == (made, made)  # forward, and backward's input gradients
+    assert counts[1] == (made, made + made - kept)  # and the rerun, which keeps the whole ones
+    assert kept_weights._kept == {}
+    (want_loss, want), (got_loss, got) = runs
+    assert torch.equal(got_loss, want_loss) and want and set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
     """The fast MoE model is captured only where its experts read nothing on the host: grouped,
     torch._grouped_mm taking the operands and every part's width (bf16, rows of 16-byte

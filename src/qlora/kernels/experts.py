@@ -17,18 +17,21 @@
   expert (`stack_rows`: views of each member's bytes and scales), one dequantize and one grouped
   GEMM over all the rows each, the outputs side by side (backward: the input gradients summed).
   Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in two parts; Mixtral-8x7B's 1.75 GiB in six. No
-  part reads the routing on the host, so a CUDA graph holds every projection.
+  part reads the routing on the host, so a CUDA graph holds every projection. A projection made
+  in one part (Qwen3-30B-A3B's down) keeps its dense weight from a checkpoint's rerun for its
+  backward (kernels/kept_weights).
 """
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 from qlora.errors import QloraError
+from qlora.kernels import kept_weights
 from qlora.kernels.dequant import TILE_BYTES, WARPS
 from qlora.kernels.dropout import use_triton
 
@@ -247,24 +250,33 @@ class GroupedBase(torch.autograd.Function):
     rows at a time (`parts`, from row_parts); backward calls it again for x's gradient, the sum
     over the parts of dy_e[:, part] @ W_e[part]. Only the callable is kept for backward, as
     Matmul4bit keeps only the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM
-    of a layer."""
+    of a layer. One exception, as Matmul4bit's: a projection made dense in one part, inside a
+    checkpoint's rerun, keeps that weight under `key` for its backward (kernels/kept_weights),
+    which then makes none; one in parts keeps none, so what is held stays within PART_BYTES."""
 
     @staticmethod
     def forward(ctx, x, offsets, weights: Callable[[torch.dtype, int, int], torch.Tensor],
-                parts: tuple[tuple[int, int], ...]):
-        ctx.weights, ctx.offsets, ctx.parts = weights, offsets, parts
+                parts: tuple[tuple[int, int], ...], key: Hashable):
+        ctx.weights, ctx.offsets, ctx.parts, ctx.key = weights, offsets, parts, key
+        if len(parts) == 1:
+            dense = weights(x.dtype, *parts[0])
+            kept_weights.keep((key, x.dtype), dense)  # in a rerun: its backward takes it
+            return grouped_mm(x, dense.transpose(1, 2), offsets)
         return parted_grouped_mm(x, offsets, parts,
                                  lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_out):
+        # taken whether or not x wants a gradient: nothing the rerun kept outlives this backward
+        kept = kept_weights.take((ctx.key, grad_out.dtype)) if len(ctx.parts) == 1 else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             for start, stop in ctx.parts:
-                part = grouped_mm(grad_out[:, start:stop].contiguous(),
-                                  ctx.weights(grad_out.dtype, start, stop), ctx.offsets)
+                weight = kept if kept is not None else ctx.weights(grad_out.dtype, start, stop)
+                part = grouped_mm(grad_out[:, start:stop].contiguous(), weight, ctx.offsets)
+                del weight  # the next part's dense weights may take its place
                 # each part's product is rounded to the gradient's dtype by its GEMM; with two
                 # parts (a gate_up's gate and up) the sum adds one rounding, as one GEMM's would
                 grad_x = part if grad_x is None else grad_x.add_(part)
-                del part  # the next part's dense weights may take its place
-        return grad_x, None, None, None
+                del part
+        return grad_x, None, None, None, None

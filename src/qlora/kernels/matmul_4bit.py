@@ -7,19 +7,16 @@
 dequantizes again there, so no 16-bit copy of any weight outlives its use. kernels/lora.py puts the
 LoRA adapters in front of it.
 
-One exception, `rerun_keeps_weights`: a checkpointed layer is run again in backward just before
-its backward runs, and that rerun dequantizes the same weights the backward then dequantizes once
-more. Inside the context the dense weights the rerun makes are kept, and the backward that needs
-each one takes it (`take_kept_weight`) instead of dequantizing again: one dequantize less per
-weight, for the dense weights of one layer held from its rerun to its backward.
+One exception: inside a checkpoint's rerun (kernels/kept_weights.rerun_keeps_weights) the dense
+weight is kept for the layer's backward, which takes it (`take_kept_weight`) instead of
+dequantizing again.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from qlora.kernels import kept_weights
 from qlora.kernels.dequant import Packed4bit, dequantize_group, packed_from_bnb
 
 
@@ -45,8 +42,7 @@ class Matmul4bit(torch.autograd.Function):
         ctx.tensors = tensors
         ctx.metas = metas
         weight = dense_weights(metas, tensors, x.dtype)
-        if _keeping:  # a checkpoint's rerun: the backward that follows takes it
-            _kept[_weight_key(tensors, x.dtype)] = weight
+        kept_weights.keep(_weight_key(tensors, x.dtype), weight)  # a rerun's, for its backward
         weight_t = weight.t()
         rows = x.reshape(-1, x.shape[-1])
         if addend is None:
@@ -83,53 +79,14 @@ def _unpack_group(metas: tuple, tensors: tuple) -> list[Packed4bit]:
             in zip(metas, zip(*[iter(tensors)] * 5))]
 
 
-# The dense weights a checkpoint's rerun made, by weight, until a backward takes them. Plain module
-# state: reruns and backward run on one thread, one layer at a time, and a CUDA graph captures
-# what they do like any other Python.
-_keeping = False
-_kept: dict = {}
-
-
 def _weight_key(tensors: tuple, dtype: torch.dtype) -> tuple:
     return tensors[0].data_ptr(), len(tensors), dtype
 
 
-@contextlib.contextmanager
-def rerun_keeps_weights():
-    """Around a checkpointed layer's rerun: each dense weight a Matmul4bit makes is kept until the
-    backward that dequantizes the same weights takes it (take_kept_weight). What an earlier rerun
-    kept and no backward took (nothing, in practice: every LoRA group's backward takes its
-    weight, whether or not it needs it) is dropped here."""
-    global _keeping
-    _kept.clear()
-    _keeping = True
-    try:
-        yield
-    finally:
-        _keeping = False
-
-
-def drop_kept_weights() -> None:
-    """Forget the dense weights a rerun kept that no backward took (a step that failed midway)."""
-    _kept.clear()
-
-
-@contextlib.contextmanager
-def weights_not_kept():
-    """Inside rerun_keeps_weights: dense weights made here are not kept (a sequence tile of the
-    MLP, whose tiles would take each other's); keeping resumes after."""
-    global _keeping
-    before, _keeping = _keeping, False
-    try:
-        yield
-    finally:
-        _keeping = before
-
-
 def take_kept_weight(tensors: tuple, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dense weight the layer's rerun kept for these weights, if it did, handed over (so its
-    memory goes with this use). LoraProducts' backward calls it whether or not it needs it."""
-    return _kept.pop(_weight_key(tensors, dtype), None)
+    """The dense weight the layer's rerun kept for these weights, if it did, handed over
+    (kept_weights.take). LoraProducts' backward calls it whether or not it needs it."""
+    return kept_weights.take(_weight_key(tensors, dtype))
 
 
 def dense_weights(metas: tuple, tensors: tuple, dtype: torch.dtype) -> torch.Tensor:

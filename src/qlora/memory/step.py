@@ -31,7 +31,8 @@ from qlora.memory.settings import (DTYPE_BYTES, EXPERT_TARGETS, MLP_LINEARS, Pla
 from qlora.memory.sizes import CUBLAS_WORKSPACE_BYTES, alloc, gib
 from qlora.memory.weights import (adapter_tensors, expert_part_elements, expert_stack_bytes,
                                   layer_weight_terms, optimizer_state_bytes,
-                                  quantized_linear_tensors, rerun_dense_weights, tile_dequant_bytes)
+                                  quantized_linear_tensors, rerun_dense_weights, rerun_expert_dense,
+                                  tile_dequant_bytes)
 from qlora.methods import method_module
 from qlora.models.generic import GenericSpec
 from qlora.models.spec import ArchSpec
@@ -344,6 +345,7 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
         if t.tile:
             rerun -= split_mlp_terms(t.terms)[1]
         kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(t.tile))
+        kept_dense += rerun_expert_dense(arch, cfg)  # gone by attention's backward
         # a rerun attention gathers its prompt keys again (a kept one's are keep_attention's)
         gathered = 0 if kept_here else t.gathered_keys
         moments = [(t.tokens * (rerun + t.working) + gathered, kept_dense + dequant_now),

@@ -169,35 +169,55 @@ def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
 
 
 # --- dense weights the step makes -----------------------------------------------------------------
-def expert_part_elements(arch: ArchSpec, cfg: PlanConfig) -> int:
-    """Weights of the largest part of a projection the grouped GEMM dequantizes at once
-    (kernels/experts.row_parts: a projection whole up to PART_BYTES in bf16, else the same rows
-    of every expert, gate and up apart); 0 without sparse layers."""
+def expert_parts(arch: ArchSpec, cfg: PlanConfig) -> dict[str, tuple[tuple[int, int], ...]]:
+    """The parts of output rows each expert projection's base is made dense in by the grouped
+    step (kernels/experts.projection_parts: a projection whole up to PART_BYTES in bf16, else
+    the same rows of every expert, gate and up apart); empty without sparse layers."""
     if arch.moe is None or not arch.moe.num_sparse_layers:
-        return 0
+        return {}
     four_bit = cfg.quant in FOUR_BIT_METHODS
-    largest = 0
-    for name, (e, o, i) in arch.expert_shapes().items():
-        members = 2 if name == "gate_up_proj" else 1  # gate and up, parted apart
-        parts = projection_parts(e, o, i, members, 2, cfg.blocksize if four_bit else None,
-                                 NESTED_BLOCKSIZE if four_bit and cfg.double_quant else None)
-        largest = max(largest, max(stop - start for start, stop in parts) * e * i)
-    return largest
+    return {name: projection_parts(e, o, i, 2 if name == "gate_up_proj" else 1, 2,
+                                   cfg.blocksize if four_bit else None,
+                                   NESTED_BLOCKSIZE if four_bit and cfg.double_quant else None)
+            for name, (e, o, i) in arch.expert_shapes().items()}
+
+
+def expert_part_elements(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """Weights of the largest part of a projection the grouped GEMM dequantizes at once; 0
+    without sparse layers."""
+    shapes = arch.expert_shapes()
+    return max((max(stop - start for start, stop in parts) * shapes[name][0] * shapes[name][2]
+                for name, parts in expert_parts(arch, cfg).items()), default=0)
+
+
+def rerun_expert_dense(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """Bytes of a sparse layer's 4-bit experts that its checkpointed rerun makes dense and keeps
+    for its backward (kernels/experts.GroupedBase: a projection made whole), beyond the one the
+    step's dequantize term already counts: the layer's last projection (down_proj), kept where
+    its backward would dequantize it. So Qwen3-30B-A3B's kept down adds nothing (its gate_up is
+    in parts, not kept); a small model's whole gate_up adds its dense bytes."""
+    if not (cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS):
+        return 0
+    shapes = arch.expert_shapes()
+    return sum(2 * shapes[name][0] * shapes[name][1] * shapes[name][2]
+               for name, parts in expert_parts(arch, cfg).items()
+               if len(parts) == 1 and name != "down_proj")
 
 
 def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
                         tiled: bool) -> tuple[int, int]:
     """(bytes of the dense weights a checkpointed layer's rerun makes and keeps for its backward,
     the part of them alive while attention runs backward) on the fused path over 4-bit bases
-    (kernels/matmul_4bit.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun stops
-    before; none of the MLP's when it runs in tiles (the rerun skips the tiled MLP, and a tile's
-    weights are never kept: tile_outside_rerun); no q, k, v where the layer's attention is kept
-    (the rerun makes only their LoRA products). By attention's backward only q, k, v's are left
-    (o_proj's and the MLP's backward took theirs)."""
+    (kernels/kept_weights.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
+    stops before (a sparse layer has no down_proj among these: its o_proj's GEMM runs); none of
+    the MLP's when it runs in tiles (the rerun skips the tiled MLP, and a tile's weights are never
+    kept: tile_outside_rerun); no q, k, v where the layer's attention is kept (the rerun makes
+    only their LoRA products). By attention's backward only q, k, v's are left (o_proj's and the
+    MLP's backward took theirs). The experts' kept weights: rerun_expert_dense."""
     if not (cfg.kernels == "fused" and cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS):
         return 0, 0
     attention_inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
-    skipped = {arch.block_linears()[-1]}  # down_proj, every family's
+    skipped = {"down_proj"}  # every family's last (a sparse layer has none: its o_proj runs)
     if tiled:
         skipped |= set(MLP_LINEARS)
     if attention_kept:

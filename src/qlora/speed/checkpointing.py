@@ -5,7 +5,7 @@ cheaper in three ways, all owned by `CheckpointedLayer`:
 - the LoRA products H = dropout(x)·A of each LoRA group are kept from the first run
   (kernels/lora.products_for_rerun) instead of drawing the dropout masks again;
 - the rerun keeps the dense 4-bit weights it makes for that backward
-  (kernels/matmul_4bit.rerun_keeps_weights: one dequantize less per weight);
+  (kernels/kept_weights.rerun_keeps_weights: one dequantize less per weight);
 - with keep_attention, the attention's autograd graph is kept from the first run
   (speed/kept_attention.py) and the rerun skips q/k/v's base GEMM, RoPE and attention.
 `tile_outside_rerun` is the context a sequence tile of the MLP runs in: outside that keep/reuse
@@ -19,7 +19,7 @@ import contextlib
 from torch import nn
 
 from qlora.adapters import LoraLinear
-from qlora.kernels.matmul_4bit import rerun_keeps_weights, weights_not_kept
+from qlora.kernels.kept_weights import rerun_keeps_weights, weights_not_kept
 from qlora.kernels.lora import products_for_rerun
 from qlora.speed.kept_attention import KeptAttention
 

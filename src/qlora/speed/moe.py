@@ -4,8 +4,9 @@ Experts (models/families/moe_blocks.py), which loops over experts.
 Each token's k choices become k rows, sorted by expert (a stable argsort), so each expert's rows
 are one contiguous run ending at offsets[e]. Then one grouped GEMM per projection covers every
 expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded batched matmul): the
-base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward; a
-large projection's in parts of its output rows, kernels/experts.row_parts), the
+base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward but
+where a checkpoint's rerun kept a projection made whole; a large projection's in parts of its
+output rows, kernels/experts.row_parts), the
 LoRA products (PEFT's [E, r, in] and [E, out, r] factors) as two more grouped GEMMs, the
 scaling on A's narrow output; SwiGLU between them (with fused_kernels one Triton kernel reading the
 packed gate/up output in place); each row scaled by its router weight, rounded to the hidden
@@ -95,7 +96,7 @@ def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     its base dequantized a part of its output rows at a time."""
     base = base_of(layer)
     y = GroupedBase.apply(rows, offsets, functools.partial(expert_weights, base),
-                          expert_parts(layer, rows.dtype))
+                          expert_parts(layer, rows.dtype), base)
     if isinstance(layer, LoraExperts) and not layer.disabled:
         a_t, b_t = grouped_factors(layer, rows.dtype)
         # the scaling applied to A's output [rows, r], not to the [rows, out] product: the same

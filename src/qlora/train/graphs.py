@@ -336,7 +336,7 @@ def release_graphs(graphs) -> None:
     left in the kernels' hand-over tables. A capture that a host read invalidated ends with the
     pool still held (torch's reset only warns there); one that ran out of memory ends cleanly."""
     from qlora.kernels.lora import drop_kept_products
-    from qlora.kernels.matmul_4bit import drop_kept_weights
+    from qlora.kernels.kept_weights import drop_kept_weights
 
     for g in graphs:
         if g.graph is not None:
