@@ -693,7 +693,7 @@ def test_moe_plans_within_10_percent_of_the_graphed_steps_peaks(shape, checkpoin
     """`qlora plan`'s configuration of the benchmark's step (fused kernels, the input embedding
     on the host, attention not kept, r16 on attention and every expert) against the peak
     allocated bytes train_step.py measured: within 10%, the bound every stored calibration
-    point is held to (these three were within 0.4% when committed)."""
+    point is held to (these three were within 1.5% when committed)."""
     from qlora import memory
 
     cfg = memory.PlanConfig(seq_len=2048, keep_attention=0, checkpointing=checkpointing,
@@ -987,6 +987,39 @@ def test_a_checkpoint_rerun_keeps_each_whole_projection_for_its_backward(moe_mod
     assert torch.equal(got_loss, want_loss) and want and set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("targets", ["experts.gate_up_proj,experts.down_proj",
+                                     "experts.down_proj"])
+def test_a_rerun_keeps_no_expert_weight_its_backward_would_not_take(moe_models, targets):
+    """With adapters on the experts alone, the first sparse layer's rows come from the frozen
+    embedding and want no gradient: no backward runs for its gate_up (nor, without gate_up's
+    adapter, for its down), so its rerun must keep nothing for them: a kept weight would stay
+    held through the optimizer step and the next forward. What is kept, later layers' and a
+    down whose input carries gate_up's adapter, is taken by its backward."""
+    import qlora.speed.moe as moe
+    from qlora.kernels import kept_weights
+    from qlora.speed import SpeedPlan, apply_speed
+
+    model = load_model(moe_models["mixtral"], QuantConfig(method="nf4", compute_dtype=FP32))
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0, target_modules=targets))
+    apply_speed(model, SpeedPlan(grouped_experts=True, seeded_dropout=True), log=lambda _: None)
+    model.gradient_checkpointing = True
+    experts = model.model.layers[0].mlp.experts
+    no_backward = [moe.base_of(experts.gate_up_proj)]
+    if "gate_up" not in targets:
+        no_backward.append(moe.base_of(experts.down_proj))
+    kept_keys, keep = [], kept_weights.keep
+    kept_weights.keep = lambda key, weight: kept_keys.append(key) or keep(key, weight)
+    try:
+        ids = token_batch(8)
+        model(ids, labels=ids).backward()
+    finally:
+        kept_weights.keep = keep
+    assert kept_weights._kept == {}  # everything kept was taken
+    bases = [key[0] for key in kept_keys]
+    assert not any(b is base for b in bases for base in no_backward)
+    assert any(isinstance(b, torch.nn.Module) for b in bases)  # the later layers' were kept
 
 
 def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):

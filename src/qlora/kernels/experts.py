@@ -249,10 +249,11 @@ class GroupedBase(torch.autograd.Function):
     [E, stop − start, in] (dequantizing a 4-bit stack's members in one batched call), a part of
     rows at a time (`parts`, from row_parts); backward calls it again for x's gradient, the sum
     over the parts of dy_e[:, part] @ W_e[part]. Only the callable is kept for backward, as
-    Matmul4bit keeps only the 4-bit bytes: a checkpoint's rerun then stops before the last GEMM
-    of a layer. One exception, as Matmul4bit's: a projection made dense in one part, inside a
-    checkpoint's rerun, keeps that weight under `key` for its backward (kernels/kept_weights),
-    which then makes none; one in parts keeps none, so what is held stays within PART_BYTES."""
+    Matmul4bit keeps only the 4-bit bytes. One exception, as Matmul4bit's: a projection made
+    dense in one part, inside a checkpoint's rerun and where x wants a gradient (so a backward
+    runs to take it), keeps that weight under `key` for its backward (kernels/kept_weights),
+    which then makes none; one in parts keeps none, so each projection holds at most PART_BYTES
+    (the planner: memory/weights.rerun_expert_dense)."""
 
     @staticmethod
     def forward(ctx, x, offsets, weights: Callable[[torch.dtype, int, int], torch.Tensor],
@@ -260,19 +261,21 @@ class GroupedBase(torch.autograd.Function):
         ctx.weights, ctx.offsets, ctx.parts, ctx.key = weights, offsets, parts, key
         if len(parts) == 1:
             dense = weights(x.dtype, *parts[0])
-            kept_weights.keep((key, x.dtype), dense)  # in a rerun: its backward takes it
+            if ctx.needs_input_grad[0]:  # else no backward runs to take it (rows wanting none)
+                kept_weights.keep((key, x.dtype), dense)  # in a rerun: its backward takes it
             return grouped_mm(x, dense.transpose(1, 2), offsets)
         return parted_grouped_mm(x, offsets, parts,
                                  lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_out):
-        # taken whether or not x wants a gradient: nothing the rerun kept outlives this backward
+        # a backward runs only where x wants a gradient (the forward kept nothing otherwise)
         kept = kept_weights.take((ctx.key, grad_out.dtype)) if len(ctx.parts) == 1 else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             for start, stop in ctx.parts:
-                weight = kept if kept is not None else ctx.weights(grad_out.dtype, start, stop)
+                weight, kept = (kept, None) if kept is not None else (
+                    ctx.weights(grad_out.dtype, start, stop), None)
                 part = grouped_mm(grad_out[:, start:stop].contiguous(), weight, ctx.offsets)
                 del weight  # the next part's dense weights may take its place
                 # each part's product is rounded to the gradient's dtype by its GEMM; with two

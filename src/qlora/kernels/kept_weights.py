@@ -27,8 +27,10 @@ _kept: dict = {}
 @contextlib.contextmanager
 def rerun_keeps_weights():
     """Around a checkpointed layer's rerun: each dense weight given to `keep` is held until the
-    backward that takes it. What an earlier rerun kept and no backward took (nothing, in
-    practice: every user's backward takes its weight, whether or not it needs it) is dropped."""
+    backward that takes it. Users keep only a weight whose backward will run and take it
+    (Matmul4bit's LoRA group always has one; GroupedBase keeps where its rows want a gradient);
+    what an earlier rerun kept and no backward took is dropped here, and a checkpointed forward
+    drops what a step that failed midway left (speed/fast_decoder.py)."""
     global _keeping
     _kept.clear()
     _keeping = True

@@ -345,10 +345,12 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
         if t.tile:
             rerun -= split_mlp_terms(t.terms)[1]
         kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(t.tile))
-        kept_dense += rerun_expert_dense(arch, cfg)  # gone by attention's backward
+        # a sparse layer's whole projections of experts, kept by its rerun (gone by attention's
+        # backward), beside a fresh part: an upper bound (rerun_expert_dense says why)
+        layer_dense = dequant_now + rerun_expert_dense(arch, cfg)
         # a rerun attention gathers its prompt keys again (a kept one's are keep_attention's)
         gathered = 0 if kept_here else t.gathered_keys
-        moments = [(t.tokens * (rerun + t.working) + gathered, kept_dense + dequant_now),
+        moments = [(t.tokens * (rerun + t.working) + gathered, kept_dense + layer_dense),
                    (t.tokens * (rerun + t.attention_extra) + gathered, attention_dense)]
         moment, dense = max(moments, key=sum)
         if best is None or before + moment + dense > sum(best):

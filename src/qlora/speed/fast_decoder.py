@@ -43,6 +43,7 @@ from qlora.kernels.capped_attention import (FlexMask, flex_available, flex_cappe
 from qlora.kernels.cross_entropy import linear_cross_entropy_rows, linear_cross_entropy_sum
 from qlora.kernels.dropout import use_triton
 from qlora.kernels.embedding import gather_rows
+from qlora.kernels.kept_weights import drop_kept_weights
 from qlora.kernels.lora import drop_kept_products
 from qlora.models.attention import Attention
 from qlora.models.decoder import (MLP, DecoderLayer, DecoderLM, compute_device, labelled_rows,
@@ -174,6 +175,7 @@ class FastDecoderLM(DecoderLM):
                 x = layer(x, cos, sin, mask, cache)
             return x
         drop_kept_products()  # a previous forward's, if its backward never ran
+        drop_kept_weights()  # the same for the dense weights a rerun kept
         layers = len(self.model.layers)
         first_kept = layers - attention_layers_kept(self.keep_attention, layers)
         for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
