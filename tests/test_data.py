@@ -108,6 +108,12 @@ def test_preference_rows_are_refused_for_training_only(tmp_path):
             load_examples(path, refuse_preferences=True)
     with pytest.raises(QloraError, match="pairs.jsonl.*preference pairs.*--method dpo"):
         load_examples(pairs, refuse_preferences=True)
+    # pairs as whole conversations, their prompt the history they share: no prompt column
+    chats = rows("chats.jsonl", lambda i: {
+        "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]})
+    with pytest.raises(QloraError, match="columns chosen, rejected are preference pairs"):
+        load_examples(chats, refuse_preferences=True)
     examples, problems = load_examples(kto)  # not training: read as prompt_completion
     assert [e.completion for e in examples] == [f"c{i}" for i in range(6)] and not problems
     # named explicitly, the KTO rows train as prompt_completion (the refusal's way out)

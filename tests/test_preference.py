@@ -678,6 +678,70 @@ def test_messages_rendered_with_the_chat_template(llama_dir, tmp_path):
     assert tok.decode(e["rejected"]) == "tac<|im_end|>"
 
 
+def _msgs(*turns):
+    return [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 4, turns)]
+
+
+# pairs as whole conversations: (chosen, rejected, a prompt column or None)
+WHOLE_CONVERSATIONS = [
+    (_msgs("cat", "CAT"), _msgs("cat", "tac"), None),  # TRL's implicit prompt
+    (_msgs("hi", "hello", "cat", "CAT"), _msgs("hi", "hello", "cat", "tac"), None),  # history
+    (_msgs("cat", "CAT"), _msgs("cat", "tac"), "cat"),  # UltraFeedback binarized: text prompt too
+    (_msgs("cat", "CAT", "more", "TAC"), _msgs("cat", "CAT"), None),  # one the other's start
+]
+
+
+def test_whole_conversations_read_their_shared_history_as_the_prompt(llama_dir, tmp_path):
+    """Pairs given as two whole conversations (no prompt column, or a text one beside them): the
+    prompt is the messages they share from the start, as TRL's maybe_extract_prompt splits them
+    (its DPOTrainer's reading); each encodes as the same pair with that prompt given apart."""
+    from trl.data_utils import maybe_extract_prompt
+
+    from qlora.data.preference import shared_history
+    from qlora.models import load_tokenizer
+
+    tok = load_tokenizer(llama_dir)
+    rows, explicit = [], []
+    for chosen, rejected, prompt in WHOLE_CONVERSATIONS:
+        row = {"chosen": chosen, "rejected": rejected}
+        if prompt is not None:
+            row["prompt"] = prompt
+        theirs = maybe_extract_prompt(dict(row))
+        ours = shared_history(chosen, rejected)
+        assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+        rows.append(row)
+        explicit.append(dict(zip(("prompt", "chosen", "rejected"), ours)))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got, report = load_preference(str(_pair_data(tmp_path / "a", rows)), tok, layout="pairs",
+                                  max_len=256)
+    want, _ = load_preference(str(_pair_data(tmp_path / "b", explicit)), tok, layout="pairs",
+                              max_len=256)
+    assert got == want and len(got) == len(rows) and report.chat
+    assert tok.decode(got[1]["prompt"]).endswith("cat<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(got[1]["chosen"]) == "CAT<|im_end|>"
+
+
+def test_pairs_without_a_prompt_must_be_conversations_sharing_one(llama_dir, tmp_path):
+    from qlora.models import load_tokenizer
+
+    tok = load_tokenizer(llama_dir)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"chosen": _msgs("cat", "CAT"), "rejected": _msgs("cat", "tac")})
+                    + "\n" + json.dumps({"chosen": "CAT", "rejected": "tac"}) + "\n"
+                    + json.dumps({"chosen": _msgs("cat", "CAT"), "rejected": _msgs("dog", "god")})
+                    + "\n")
+    examples, report = load_preference(str(path), tok, layout="pairs", max_len=64)
+    assert len(examples) == 1
+    text = "\n".join(report.lines())
+    # line 2: text without a prompt; line 3: conversations that share no first message
+    assert "missing 'prompt' (without one, chosen and rejected must be whole conversations" in text
+    assert "(lines 2, 3)" in text
+    path.write_text(json.dumps({"chosen": "CAT"}) + "\n")
+    with pytest.raises(QloraError, match=r"missing 'rejected'"):
+        load_preference(str(path), tok, layout="pairs", max_len=64)
+
+
 def test_truncated_examples_fit_every_limit(llama_dir, tmp_path):
     """An overlong example is cut to max_len tokens: the prompt from its start to
     keep = max(max_len - longest completion, max_len // 2) tokens (whole where it is no longer),

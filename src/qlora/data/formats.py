@@ -377,7 +377,8 @@ def refuse_preference_rows(cols: set[str], rows: list[dict], path: str) -> None:
     `refuse_preferences`): eval, the export check and the importance matrix read such files'
     prompts and completions as they are."""
     for layout, what in PREFERENCE_ROWS.items():
-        columns = LAYOUTS[layout]
+        # pairs may leave the prompt inside their conversations (preference.shared_history)
+        columns = [c for c in LAYOUTS[layout] if c in cols or c != "prompt" or layout != "pairs"]
         if set(columns) <= cols and (layout == "pairs" or _labels_are_kto_labels(rows)):
             raise QloraError(f"{path}: the columns {', '.join(columns)} are {what}")
 

@@ -7,7 +7,9 @@ Two layouts, detected from the columns as the SFT formats are (formats.py):
 
 Each field is a string, or a list of messages ({role, content}) rendered with the model's chat
 template: the prompt with the generation prompt appended, each completion as what the template
-adds after it. Loss is only ever on the completion tokens.
+adds after it. Loss is only ever on the completion tokens. Pairs may also come as two whole
+conversations with no prompt column (or a text one beside them): the messages they share from
+the start are the prompt (shared_history, as TRL reads them).
 
 A batch of pairs holds the chosen sequences first, then the rejected ones (TRL's concatenated
 batch), so one forward serves both. A KTO batch holds each example's sequence, then its KL
@@ -74,8 +76,10 @@ class PreferenceReport:
 
 def detect_layout(columns: list[str], path: str, wanted: str) -> str:
     """`wanted` ("pairs" or "unpaired") when the columns have it, else an error naming what is
-    missing."""
-    missing = [c for c in LAYOUTS[wanted] if c not in columns]
+    missing. Pairs may leave out "prompt" where chosen and rejected are whole conversations that
+    share it (shared_history)."""
+    needed = LAYOUTS[wanted][1:] if wanted == "pairs" else LAYOUTS[wanted]
+    missing = [c for c in needed if c not in columns]
     if not missing:
         return wanted
     other = "unpaired" if wanted == "pairs" else "pairs"
@@ -197,13 +201,45 @@ def load_preference(path: str, tokenizer, *, layout: str, max_len: int,
     return examples, report
 
 
+def shared_history(chosen: list[dict], rejected: list[dict]
+                   ) -> tuple[list[dict], list[dict], list[dict]] | None:
+    """(prompt, chosen, rejected) of a pair given as two whole conversations: the messages they
+    share from the start are the prompt, the rest each one's completion (TRL's extract_prompt;
+    its DPOTrainer reads such rows so). Where one conversation is the other's start, the last
+    shared message stays with the completions, so that each keeps one. None where they share
+    no first message."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == min(len(chosen), len(rejected)):
+        shared -= 1
+    if shared <= 0:
+        return None
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
 def _encode_row(row: dict, layout: str, encoder: Encoder) -> dict:
-    prompt = _text_or_messages(row, "prompt")
     if layout == "pairs":
         chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
+        prompt = row.get("prompt")
+        split = None
+        if isinstance(chosen, list) and isinstance(rejected, list) and not isinstance(prompt, list):
+            # whole conversations: the prompt is the history they share (a text prompt beside
+            # them repeats its first message, as in UltraFeedback's binarized rows; TRL's
+            # maybe_extract_prompt reads both so)
+            split = shared_history(chosen, rejected)
+        if split is not None:
+            prompt, chosen, rejected = split
+        elif prompt is None:
+            raise ValueError("missing 'prompt' (without one, chosen and rejected must be whole "
+                             "conversations, lists of {role, content} messages, that begin "
+                             "with the same messages: the prompt)")
+        else:
+            prompt = _text_or_messages(row, "prompt")
         p, c = encoder.encode(prompt, chosen)
         _, r = encoder.encode(prompt, rejected)
         return {"prompt": p, "chosen": c, "rejected": r}
+    prompt = _text_or_messages(row, "prompt")
     completion, label = _text_or_messages(row, "completion"), _label(row)
     p, c = encoder.encode(prompt, completion)
     return {"prompt": p, "completion": c, "label": label}
