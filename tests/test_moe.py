@@ -791,6 +791,30 @@ def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
     assert built(moe_models["mixtral"], "true").aux_loss  # output_router_logits: false
 
 
+def test_preference_methods_say_they_leave_the_router_aux_loss_out(moe_models, tmp_path):
+    """A preference method's loss is its own over log-probs; the load-balancing loss is added to
+    supervised training's only. Asked for by option with a method: refused before loading; asked
+    for by config.json: said in the log (and not for SFT, which adds it)."""
+    from qlora.config import load_config
+    from qlora.train.model import aux_loss_lines, build_model
+
+    def cfg(**options):
+        return load_config(None, dict(model=str(moe_models["qwen3-moe"]), data="unused.jsonl",
+                                      output_dir=str(tmp_path), quant="none", **options))
+
+    with pytest.raises(QloraError, match=r"`router_aux_loss`: true .*--method dpo does not add"):
+        cfg(method="dpo", router_aux_loss="true")
+    dpo = cfg(method="dpo")
+    model = build_model(dpo, torch.device("cpu"), FP32)  # output_router_logits: true
+    assert model.aux_loss
+    assert aux_loss_lines(model, dpo) == [
+        "router_aux_loss: config.json asks for the router's load-balancing loss "
+        "(output_router_logits); --method dpo trains without it (supervised training adds it)"]
+    assert aux_loss_lines(model, cfg()) == []
+    assert aux_loss_lines(build_model(cfg(method="dpo", router_aux_loss="false"),
+                                      torch.device("cpu"), FP32), dpo) == []
+
+
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
 def test_greedy_generation_matches_transformers(moe_models, variant):
     from qlora.infer import GenerationOptions, generate

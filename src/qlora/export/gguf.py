@@ -650,8 +650,8 @@ def add_moe_hparams(w, config: dict, arch_name: str) -> None:
 
 def refuse_generic(model_dir: Path) -> None:
     """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
-    model on the generic path has none, and is refused by its architecture's name; a mixture of
-    experts is refused too (its stacked expert tensors are not written yet)."""
+    model on the generic path has none, and is refused by its architecture's name (the native
+    mixtures of experts, Mixtral and Qwen3-MoE, are written: ExpertStacks)."""
     from qlora.models.spec import read_config
     from qlora.models.families import FAMILIES
     from qlora.models.spec import is_native

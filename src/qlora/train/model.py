@@ -43,6 +43,17 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=N
     return model
 
 
+def aux_loss_lines(model, cfg: RunConfig) -> list[str]:
+    """What the log says where config.json asks a mixture of experts for its load-balancing loss
+    (output_router_logits) and a preference method leaves it out (MoeLM adds it to supervised
+    training's loss only; `router_aux_loss: true` with a method is refused by config.check)."""
+    if cfg.method == "sft" or not getattr(model, "aux_loss", False):
+        return []
+    return [f"router_aux_loss: config.json asks for the router's load-balancing loss "
+            f"(output_router_logits); --method {cfg.method} trains without it (supervised "
+            "training adds it)"]
+
+
 def generic_path_lines(model: GenericLM, cfg: RunConfig) -> list[str]:
     """What the log says about a model on the generic path: that it is, and what it costs."""
     spec = model.spec
@@ -73,6 +84,8 @@ def model_for_run(cfg: RunConfig, env: DistEnv, device: torch.device, dtype: tor
     if isinstance(model, GenericLM):
         for line in generic_path_lines(model, cfg):
             log(line)
+    for line in aux_loss_lines(model, cfg):
+        log(line)
     log(trainable_summary(model))
     if sharded:
         dist_.shard_fsdp(model, dtype, device)
