@@ -42,6 +42,9 @@ SIZES = {
     "granite": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                     embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0),
+    # transformers 5 saves its head as "embed_out" and renames it "lm_head" as it loads
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256),
 }
 
 
@@ -191,6 +194,60 @@ def test_conv1d_becomes_an_out_by_in_linear(models):
     layers = {layer.name: layer for layer in ours.spec.linears}
     assert layers["transformer.h.0.attn.c_attn"].transposed
     assert "lm_head" not in layers  # the head is never quantized nor an adapter target
+
+
+def test_checkpoint_names_are_renamed_as_transformers_renames_them(models, tmp_path):
+    """GPT-NeoX's saved head "embed_out.weight" is the model's "lm_head.weight" (transformers'
+    renaming as it loads, run by transformers' own rename_source_key); per-expert weights that
+    transformers stacks as it loads (Qwen2-MoE's) are refused before anything is read, naming
+    the tensor."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.models.generic import checkpoint_names
+
+    path = models["gpt_neox"]
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "embed_out.weight" in keys  # as transformers 5 writes it
+    names = checkpoint_names(load_model(path, NONE).hf, keys)
+    assert names["embed_out.weight"] == "lm_head.weight"
+
+    config = AutoConfig.for_model("qwen2_moe", vocab_size=128, hidden_size=64,
+                                  intermediate_size=128, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=64, num_experts=4,
+                                  num_experts_per_tok=2, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(QloraError, match=r"tensor model\.layers\.0\.mlp\.experts\.1\.up_proj"
+                                         r"\.weight is one of the tensors transformers converts"):
+        checkpoint_names(hf, ["model.layers.0.mlp.experts.1.up_proj.weight"])
+
+
+def test_a_multimodal_gemma3_checkpoint_loads_by_transformers_renamings(tmp_path):
+    """Gemma 3's 4B-27B checkpoints are the multimodal model_type gemma3, which transformers 5
+    saves under their old names ("language_model.model.embed_tokens.weight") and renames as it
+    loads: on the generic path its logits over text are transformers'."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from qlora.tiny import build_tokenizer
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=256, sliding_window=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    build_tokenizer(tmp_path)
+    ours = load_model(tmp_path, NONE)
+    assert isinstance(ours, GenericLM) and ours.spec.model_type == "gemma3"
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(hf_model(tmp_path)(ids).logits, ours(ids)) <= 1e-5
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma"])

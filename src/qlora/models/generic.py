@@ -213,30 +213,63 @@ def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str 
     """Each tensor name of a checkpoint → its name in the model, or None for a tensor that
     transformers too leaves unread (an old causal-mask buffer, a stored rotary table).
 
-    A checkpoint of the base model alone names its tensors without the head's prefix
-    ("h.0.attn.c_attn.weight" for GPT-2's "transformer.h.0.attn.c_attn.weight"): the prefix is
-    added. A name that still has no place is refused before anything is read: transformers would
-    rename it with conversions of its own, which this path does not run."""
+    A name is first renamed as transformers renames it when it loads (transformers_renamer:
+    GPT-NeoX's "embed_out" → "lm_head", multimodal Gemma 3's "language_model.model." →
+    "model.language_model."); a checkpoint of the base model alone names its tensors without
+    the head's prefix ("h.0.attn.c_attn.weight" for GPT-2's "transformer.h.0.attn.c_attn.weight"):
+    the prefix is added. A name that still has no place, or one transformers would convert
+    (per-expert weights it stacks), is refused before anything is read: this path reads
+    tensors as they are stored."""
     expected = set(hf.state_dict())
     prefix = hf.base_model_prefix
     ignored = [re.compile(p) for p in (getattr(hf, "_keys_to_ignore_on_load_unexpected", None)
                                        or ())] + [re.compile(r"rotary_emb\.inv_freq$")]
+    rename = transformers_renamer(hf)
     names: dict[str, str | None] = {}
-    for key in keys:
+    for stored in keys:
+        key, converted = rename(stored)
+        if converted:
+            raise QloraError(
+                f"{source}: tensor {stored} is one of the tensors transformers converts as it "
+                f"loads a {hf.config.model_type} model (into {key}: per-expert weights stacked, "
+                "or fused), which qlora's generic path does not do; this model cannot be trained "
+                "here")
         if key in expected:
-            names[key] = key
+            names[stored] = key
         elif prefix and f"{prefix}.{key}" in expected:
-            names[key] = f"{prefix}.{key}"
+            names[stored] = f"{prefix}.{key}"
         elif prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-            names[key] = key[len(prefix) + 1:]
-        elif any(p.search(key) for p in ignored):
-            names[key] = None
+            names[stored] = key[len(prefix) + 1:]
+        elif any(p.search(stored) for p in ignored):
+            names[stored] = None
         else:
             raise QloraError(
-                f"{source}: tensor {key} has no place in a {hf.config.model_type} model "
+                f"{source}: tensor {stored} has no place in a {hf.config.model_type} model "
                 f"({type(hf).__name__}); is config.json from the same checkpoint? A checkpoint "
                 "in an older layout can be re-saved with transformers' save_pretrained first")
     return names
+
+
+def transformers_renamer(hf):
+    """key → (its name after the renamings transformers applies when it loads this model,
+    whether one of its conversions would also apply): transformers' own rename_source_key over
+    the model's conversion mapping (transformers 5); names unchanged on a transformers without
+    one."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
+                                                     rename_source_key)
+    except ImportError:  # transformers 4: checkpoints are read by the model's own names
+        return lambda key: (key, False)
+    mapping = get_model_conversion_mapping(hf)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+
+    def rename(key: str) -> tuple[str, bool]:
+        renamed, converter = rename_source_key(key, renamings, converters)
+        return renamed, converter is not None
+
+    return rename
 
 
 class CheckpointLayout(NamedTuple):
