@@ -34,6 +34,12 @@ LENGTH = 24  # longer than the window
 QWEN_WINDOWS = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
 ALTERNATING = ["full_attention", "sliding_attention"]
 
+QWEN_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+             "rope_theta": 10000.0}
+YARN_OPTIONS = {"rope_type": "yarn", "factor": 6.0, "original_max_position_embeddings": 32,
+                "rope_theta": 5000.0, "beta_fast": 16, "beta_slow": 2, "mscale": 1.0,
+                "mscale_all_dim": 0.5, "truncate": False}
+
 # name → (family, config overrides, drop layer_types from config.json, each layer's window)
 MODELS = {
     # as Qwen2.5's config.json on the hub, written before transformers saved layer_types:
@@ -57,6 +63,9 @@ MODELS = {
     "mistral-nemo-head-dim": ("mistral", dict(head_dim=32, sliding_window=None), False,
                               (None, None)),
     "llama3-rope": ("llama", dict(rope_parameters=LLAMA3_ROPE), False, (None, None)),
+    # YaRN as Qwen2.5's long-context config.json sets it, and with every option of its own
+    "qwen2-yarn": ("qwen2", dict(rope_parameters=QWEN_YARN), False, (None, None)),
+    "qwen3-yarn-options": ("qwen3", dict(rope_parameters=YARN_OPTIONS), False, (None, None)),
 }
 
 
@@ -166,6 +175,27 @@ def test_llama3_rope_past_the_original_context(models):
     """The llama3 variant's frequencies at positions past original_max_position_embeddings."""
     path = models["llama3-rope"]
     ids = tokens(2, batch=1, length=LLAMA3_ROPE["original_max_position_embeddings"] + 16)
+    with torch.no_grad():
+        assert rel_err(hf_model(path)(ids).logits, ours(path)(ids)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen2-yarn", "qwen3-yarn-options"])
+def test_yarn_rope_is_transformers_past_the_original_context(models, name):
+    """YaRN's frequencies and attention factor are transformers' (its rope init function for
+    the same config), and so are the logits at positions past original_max_position_embeddings,
+    where its interpolated dimensions matter."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from qlora.models.spec import rope_inverse_frequencies
+
+    path = models[name]
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](AutoConfig.from_pretrained(path), "cpu")
+    got, factor = rope_inverse_frequencies(read_spec(path))
+    assert factor == pytest.approx(want_factor, rel=1e-12) and factor != 1.0
+    assert rel_err(want, got) <= 1e-6  # fp32: inv_freq / factor against 1 / (factor · base^x)
+    ids = tokens(2, batch=1, length=MODELS[name][1]["rope_parameters"]
+                 ["original_max_position_embeddings"] + 16)
     with torch.no_grad():
         assert rel_err(hf_model(path)(ids).logits, ours(path)(ids)) <= 1e-5
 

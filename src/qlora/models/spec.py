@@ -12,14 +12,18 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora.errors import QloraError
 
 from qlora.models.families import FAMILIES
 from qlora.models.families.moe_config import MoeSpec, expert_shapes
 
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a config needs none
+    import torch
+
 SUPPORTED_FAMILIES = tuple(FAMILIES)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 # The seven linear layers of the reference decoder's block, by their HF leaf names, in layer
 # order; a family whose block has other linears (phi3's fused ones) gives its own linear_shapes
 # the families with Gemma's blocks (models/families/gemma.py): four norms a block, GeGLU
@@ -370,6 +374,8 @@ def rope_inverse_frequencies(spec: ArchSpec) -> tuple["torch.Tensor", float]:
         return inv_freq, 1.0
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"], 1.0
+    if scaling["rope_type"] == "yarn":
+        return yarn_frequencies(inv_freq, scaling, spec)
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -381,6 +387,44 @@ def rope_inverse_frequencies(spec: ArchSpec) -> tuple["torch.Tensor", float]:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled), 1.0
+
+
+def yarn_frequencies(inv_freq: torch.Tensor, scaling: dict, spec: ArchSpec
+                     ) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al., 2023; Qwen2.5 and Qwen3's long-context configs), as transformers
+    computes it: the rotary dimensions that turn more than beta_fast times over the original
+    context keep their frequency, those that turn fewer than beta_slow times are slowed by
+    `factor`, with a linear ramp between; cos and sin are scaled by the attention factor
+    (0.1·ln(factor) + 1, or the ratio of two such magnitudes with mscale / mscale_all_dim, or
+    the config's own)."""
+    import torch
+
+    dim, base = spec.head_dim, spec.rope_theta
+    old_context = scaling.get("original_max_position_embeddings") or spec.max_position_embeddings
+    factor = scaling.get("factor") or spec.max_position_embeddings / old_context
+
+    def magnitude(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = (magnitude(factor, mscale) / magnitude(factor, mscale_all_dim)
+                     if mscale and mscale_all_dim else magnitude(factor))
+
+    def dimension_turning(turns: float) -> float:  # over the original context
+        return dim * math.log(old_context / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low = dimension_turning(scaling.get("beta_fast") or 32)
+    high = dimension_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    # 0 where a dimension keeps its frequency, 1 where it is slowed by `factor`
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention)
 
 
 def attention_layers_kept(keep: bool | int | None, layers: int) -> int:
