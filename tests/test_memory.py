@@ -194,6 +194,18 @@ def test_advise_combines_when_no_single_change_fits():
     assert never.changes == {} and "does not fit" in never.text
 
 
+def test_advice_offers_mlp_tiles_only_where_they_act():
+    """A mixture of experts' sparse blocks are not tiled (the planner counts no tile there): no
+    advice names --tile-mlp for Qwen3-30B-A3B, while a dense model's long row gets it."""
+    moe, cfg = memory.resolve_arch(shape="qwen3-30b-a3b"), PlanConfig(seq_len=4096, keep_attention=0)
+    advice = memory.advise(moe, cfg, 24 * GiB)
+    assert advice and all(a.changes for a in advice)
+    assert not any("tile_mlp" in a.changes for a in advice)
+    dense = memory.advise(memory.resolve_arch(shape="llama-3-8b"),
+                          PlanConfig(seq_len=65536), 24 * GiB)
+    assert any("tile_mlp" in a.changes for a in dense)
+
+
 def test_auto_fit_picks_the_largest_micro_batch():
     arch = memory.resolve_arch(shape="qwen2.5-1.5b")
     for gpu_gib in (8, 24, 80):

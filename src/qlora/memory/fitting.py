@@ -155,6 +155,8 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     offload = names.get("offload_activations") is not None
     if fits(plan(arch, cfg), gpu_bytes):
         return []
+    # MLP tiles are offered where they act: not for a mixture of experts' sparse blocks
+    tiles = not cfg.tile_mlp and mlp_tile_tokens(arch, replace(cfg, tile_mlp=True)) is not None
     singles: list[PlanConfig | None] = []
     if cfg.micro_batch > 1:
         singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "micro_batch", cfg.micro_batch // 2, 1))
@@ -167,7 +169,7 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
         singles.append(_first_halving_that_fits(arch, cfg, gpu_bytes, "r", cfg.r // 2, 4))
     if offload and not cfg.offload_activations and cfg.checkpointing:
         singles.append(replace(cfg, offload_activations=True))
-    if not cfg.tile_mlp:
+    if tiles:
         singles.append(replace(cfg, tile_mlp=True))
     out = []
     for new in singles:
@@ -177,7 +179,7 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
                 out.append(Advice(_changes(cfg, new), _describe(cfg, new, names), b))
     # offload and tiles together, where neither alone fits: they change nothing of what the run
     # computes, which a shorter sequence or a smaller rank does (qlora train's auto picks them)
-    if (offload and cfg.checkpointing and not cfg.offload_activations and not cfg.tile_mlp
+    if (offload and cfg.checkpointing and not cfg.offload_activations and tiles
             and not any(a.changes.keys() & {"offload_activations", "tile_mlp"} for a in out)):
         both = replace(cfg, offload_activations=True, tile_mlp=True)
         b = plan(arch, both)
@@ -192,7 +194,7 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     if fits(plan(arch, combined), gpu_bytes):
         return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     combined = replace(combined, offload_activations=offload or cfg.offload_activations,
-                       tile_mlp=cfg.tile_mlp or True)
+                       tile_mlp=cfg.tile_mlp or tiles)
     if fits(plan(arch, combined), gpu_bytes):
         return [Advice(_changes(cfg, combined), _describe(cfg, combined, names), plan(arch, combined))]
     for knob, floor in (("seq_len", shortest), ("r", 4)):
