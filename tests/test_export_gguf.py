@@ -226,6 +226,34 @@ def test_a_window_llama_cpp_does_not_apply_is_said(models, tmp_path):
             assert len(said) == notes, (family, lines)
 
 
+def test_yarn_rope_is_written_as_llama_cpp_reads_it(tmp_path):
+    """Qwen2.5's long-context YaRN: llama.cpp's yarn type, factor, original context and betas;
+    without a factor, the context's ratio to the original (as transformers); settings that would
+    change llama.cpp's attention factor are refused, leaving no file."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0, "beta_fast": 16.0}
+    model = build_tiny_model(tmp_path / "yarn", "qwen2", **SIZES, rope_parameters=rope)
+    export_gguf(model, tmp_path / "yarn.gguf", "f16")
+    reader = gguf.GGUFReader(str(tmp_path / "yarn.gguf"))
+    assert _field(reader, "qwen2.rope.scaling.type") == "yarn"
+    assert _field(reader, "qwen2.rope.scaling.factor") == 4.0
+    assert _field(reader, "qwen2.rope.scaling.original_context_length") == 64
+    assert _field(reader, "qwen2.rope.scaling.yarn_beta_fast") == 16.0
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    config["rope_parameters"] = {k: v for k, v in rope.items() if k != "factor"}
+    config_path.write_text(json.dumps(config))
+    export_gguf(model, tmp_path / "ratio.gguf", "f16")
+    context = config["max_position_embeddings"]
+    assert _field(gguf.GGUFReader(str(tmp_path / "ratio.gguf")),
+                  "qwen2.rope.scaling.factor") == pytest.approx(context / 64)
+    config["rope_parameters"] = dict(rope, mscale=1.0, mscale_all_dim=0.5)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(QloraError, match=r"yarn's mscale: 1.0, mscale_all_dim: 0.5 has no GGUF"):
+        export_gguf(model, tmp_path / "refused.gguf", "f16")
+    assert not (tmp_path / "refused.gguf").exists()
+
+
 def test_bad_inputs(models, tmp_path):
     model = models["llama"]
     (tmp_path / "exists.gguf").write_bytes(b"mine")

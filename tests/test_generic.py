@@ -210,8 +210,12 @@ def test_checkpoint_names_are_renamed_as_transformers_renames_them(models, tmp_p
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert "embed_out.weight" in keys  # as transformers 5 writes it
-    names = checkpoint_names(load_model(path, NONE).hf, keys)
+    hf = load_model(path, NONE).hf
+    names = checkpoint_names(hf, keys)
     assert names["embed_out.weight"] == "lm_head.weight"
+    with pytest.raises(QloraError, match=r"tensors embed_out\.weight and lm_head\.weight both "
+                                         r"name the model's lm_head\.weight"):
+        checkpoint_names(hf, ["embed_out.weight", "lm_head.weight"])
 
     config = AutoConfig.for_model("qwen2_moe", vocab_size=128, hidden_size=64,
                                   intermediate_size=128, moe_intermediate_size=32,
@@ -223,6 +227,22 @@ def test_checkpoint_names_are_renamed_as_transformers_renames_them(models, tmp_p
     with pytest.raises(QloraError, match=r"tensor model\.layers\.0\.mlp\.experts\.1\.up_proj"
                                          r"\.weight is one of the tensors transformers converts"):
         checkpoint_names(hf, ["model.layers.0.mlp.experts.1.up_proj.weight"])
+
+
+def test_transformers_4_renames_by_the_models_own_regex_map(monkeypatch):
+    """Without transformers 5's conversion mapping, a model's _checkpoint_conversion_mapping (a
+    regex map transformers 4.52-4.57 applies, the first pattern that matches) renames."""
+    import sys
+    from types import SimpleNamespace
+
+    from qlora.models.generic import transformers_renamer
+
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # ImportError
+    hf = SimpleNamespace(_checkpoint_conversion_mapping={
+        r"^language_model\.model": "model.language_model", r"^language_model": "model.x"})
+    rename = transformers_renamer(hf)
+    assert rename("language_model.model.norm.weight") == ("model.language_model.norm.weight", False)
+    assert rename("lm_head.weight") == ("lm_head.weight", False)
 
 
 def test_a_multimodal_gemma3_checkpoint_loads_by_transformers_renamings(tmp_path):

@@ -727,16 +727,25 @@ def test_pairs_without_a_prompt_must_be_conversations_sharing_one(llama_dir, tmp
 
     tok = load_tokenizer(llama_dir)
     path = tmp_path / "pairs.jsonl"
+    system = [{"role": "system", "content": "be brief"}]
     path.write_text(json.dumps({"chosen": _msgs("cat", "CAT"), "rejected": _msgs("cat", "tac")})
                     + "\n" + json.dumps({"chosen": "CAT", "rejected": "tac"}) + "\n"
                     + json.dumps({"chosen": _msgs("cat", "CAT"), "rejected": _msgs("dog", "god")})
-                    + "\n")
+                    + "\n" + json.dumps({"chosen": _msgs("hi", "hello", "cat", "CAT"),
+                                         "rejected": _msgs("hi", "hello", "dog", "GOD")})
+                    + "\n" + json.dumps({"chosen": system + _msgs("cat", "CAT"),
+                                         "rejected": system + _msgs("dog", "GOD")}) + "\n")
     examples, report = load_preference(str(path), tok, layout="pairs", max_len=64)
     assert len(examples) == 1
     text = "\n".join(report.lines())
     # line 2: text without a prompt; line 3: conversations that share no first message
     assert "missing 'prompt' (without one, chosen and rejected must be whole conversations" in text
     assert "(lines 2, 3)" in text
+    # a shared history that ends before a user message is no prompt (TRL would train the user's
+    # next turn as the completion, or refuse)
+    assert f"{path} line 4: 'chosen' and 'rejected' first differ after message 2 (assistant)" \
+        in text
+    assert f"{path} line 5: 'chosen' and 'rejected' first differ after message 1 (system)" in text
     path.write_text(json.dumps({"chosen": "CAT"}) + "\n")
     with pytest.raises(QloraError, match=r"missing 'rejected'"):
         load_preference(str(path), tok, layout="pairs", max_len=64)

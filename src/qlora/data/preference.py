@@ -78,18 +78,25 @@ def detect_layout(columns: list[str], path: str, wanted: str) -> str:
     """`wanted` ("pairs" or "unpaired") when the columns have it, else an error naming what is
     missing. Pairs may leave out "prompt" where chosen and rejected are whole conversations that
     share it (shared_history)."""
-    needed = LAYOUTS[wanted][1:] if wanted == "pairs" else LAYOUTS[wanted]
-    missing = [c for c in needed if c not in columns]
+    missing = [c for c in _needed(wanted) if c not in columns]
     if not missing:
         return wanted
     other = "unpaired" if wanted == "pairs" else "pairs"
     hint = ""
-    if all(c in columns for c in LAYOUTS[other]):
+    if all(c in columns for c in _needed(other)):
         hint = (f" The file holds {other} data ({', '.join(LAYOUTS[other])}): "
                 + ("use --method kto." if other == "unpaired" else "use --method dpo, orpo or simpo."))
-    raise QloraError(f"{path}: {wanted} preference data needs the columns "
-                     f"{', '.join(LAYOUTS[wanted])}; missing {', '.join(repr(m) for m in missing)} "
+    columns_needed = ("prompt (unless chosen and rejected are whole conversations), chosen, "
+                      "rejected" if wanted == "pairs" else ", ".join(LAYOUTS[wanted]))
+    raise QloraError(f"{path}: {wanted} preference data needs the columns {columns_needed}; "
+                     f"missing {', '.join(repr(m) for m in missing)} "
                      f"(columns: {', '.join(sorted(columns))}).{hint}")
+
+
+def _needed(layout: str) -> tuple[str, ...]:
+    """The columns a layout cannot do without: pairs may leave their prompt inside chosen and
+    rejected (shared_history)."""
+    return LAYOUTS[layout][1:] if layout == "pairs" else LAYOUTS[layout]
 
 
 def _text_or_messages(row: dict, name: str):
@@ -230,6 +237,11 @@ def _encode_row(row: dict, layout: str, encoder: Encoder) -> dict:
             split = shared_history(chosen, rejected)
         if split is not None:
             prompt, chosen, rejected = split
+            if prompt[-1]["role"] not in ("user", "tool"):
+                raise ValueError(f"'chosen' and 'rejected' first differ after message "
+                                 f"{len(prompt)} ({prompt[-1]['role']}): the history they share, "
+                                 "the prompt, must end with a user message; give the prompt in a "
+                                 "'prompt' column")
         elif prompt is None:
             raise ValueError("missing 'prompt' (without one, chosen and rejected must be whole "
                              "conversations, lists of {role, content} messages, that begin "

@@ -176,6 +176,30 @@ def phi3_rope(w, config: dict) -> dict[str, np.ndarray]:
             names[g.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": np.array(rope.short_factor, np.float32)}
 
 
+def yarn_rope(w, scaling: dict, config: dict) -> None:
+    """YaRN as llama.cpp reads it: the factor and the original context (each with the fallback
+    transformers and models/spec.yarn_frequencies take), beta_fast / beta_slow where given;
+    llama.cpp derives the attention factor from the factor (0.1·ln(factor) + 1), so settings that
+    change it, or an untruncated ramp, are refused rather than written wrong."""
+    g = _gguf()
+    unwritten = [f"{k}: {scaling[k]}" for k in ("attention_factor", "mscale", "mscale_all_dim")
+                 if scaling.get(k) is not None] + (
+        ["truncate: false"] if scaling.get("truncate", True) is False else [])
+    if unwritten:
+        raise QloraError(f"config.json rope scaling: yarn's {', '.join(unwritten)} has no GGUF "
+                         "key llama.cpp reads the same way; GGUF export writes yarn's factor, "
+                         "original context and betas only")
+    context = config.get("max_position_embeddings", 4096)
+    original = scaling.get("original_max_position_embeddings") or context
+    w.add_rope_scaling_type(g.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(scaling.get("factor") or context / original))
+    w.add_rope_scaling_orig_ctx_len(int(original))
+    if scaling.get("beta_fast"):
+        w.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
+    if scaling.get("beta_slow"):
+        w.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
+
+
 def add_hparams(w, config: dict, arch_name: str) -> dict[str, np.ndarray]:
     """Write the model hyper-parameters; return the rope tensors to store (llama3's
     `rope_freqs`, LongRoPE's factors), by GGUF name."""
@@ -209,9 +233,7 @@ def add_hparams(w, config: dict, arch_name: str) -> dict[str, np.ndarray]:
         w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
     elif kind == "yarn":
-        w.add_rope_scaling_type(g.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(scaling["factor"])
-        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        yarn_rope(w, scaling, config)
     elif kind == "llama3":
         return {g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight":
                 llama3_rope_factors(scaling, theta, head_dim)}

@@ -226,6 +226,7 @@ def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str 
                                        or ())] + [re.compile(r"rotary_emb\.inv_freq$")]
     rename = transformers_renamer(hf)
     names: dict[str, str | None] = {}
+    stored_as: dict[str, str] = {}  # model name → the stored name that fills it
     for stored in keys:
         key, converted = rename(stored)
         if converted:
@@ -240,13 +241,17 @@ def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str 
             names[stored] = f"{prefix}.{key}"
         elif prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
             names[stored] = key[len(prefix) + 1:]
-        elif any(p.search(stored) for p in ignored):
+        elif any(p.search(stored) or p.search(key) for p in ignored):
             names[stored] = None
         else:
             raise QloraError(
                 f"{source}: tensor {stored} has no place in a {hf.config.model_type} model "
                 f"({type(hf).__name__}); is config.json from the same checkpoint? A checkpoint "
                 "in an older layout can be re-saved with transformers' save_pretrained first")
+        name = names[stored]
+        if name is not None and stored_as.setdefault(name, stored) != stored:
+            raise QloraError(f"{source}: tensors {stored_as[name]} and {stored} both name the "
+                             f"model's {name}; keep one of them")
     return names
 
 
@@ -259,8 +264,18 @@ def transformers_renamer(hf):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (WeightConverter, WeightRenaming,
                                                      rename_source_key)
-    except ImportError:  # transformers 4: checkpoints are read by the model's own names
-        return lambda key: (key, False)
+    except ImportError:
+        # transformers 4 (4.52 on) renames by a class's regex map (multimodal Gemma 3's)
+        legacy = getattr(hf, "_checkpoint_conversion_mapping", None) or {}
+
+        def rename_legacy(key: str) -> tuple[str, bool]:
+            for pattern, target in legacy.items():
+                key, hits = re.subn(pattern, target, key, count=1)
+                if hits:
+                    break
+            return key, False
+
+        return rename_legacy
     mapping = get_model_conversion_mapping(hf)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
