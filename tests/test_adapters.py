@@ -72,6 +72,33 @@ def test_our_adapter_loads_in_peft_with_same_logits(llama_dir, tmp_path, method,
         assert rel_err(peft_model(ids).logits, ours(ids)) <= 1e-4
 
 
+@pytest.mark.parametrize("variant", ["mistral-window", "qwen2", "qwen3"])
+def test_adapters_interchange_with_peft_on_each_dense_family(tiny_models, tmp_path, variant):
+    """Both ways on the families beside llama (qwen2's q/k/v biases, qwen3's q/k norms, a
+    mistral window): our NF4 adapter in PEFT over transformers + bitsandbytes, and PEFT's here."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    path = tiny_models[variant]
+    ours = load_model(path, QuantConfig(method="nf4", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    randomize_adapters(ours, 3)
+    save_adapter(ours, tmp_path / "ours", str(path))
+    ids, _ = batch()
+    peft_model = PeftModel.from_pretrained(hf_base(path, "nf4"), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, ours(ids)) <= 1e-4
+
+    theirs = get_peft_model(hf_base(path, "nf4"), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]))
+    randomize_adapters(theirs, 4)
+    theirs.save_pretrained(tmp_path / "peft")
+    here = load_model(path, QuantConfig(method="nf4", compute_dtype=FP32))
+    load_adapter(here, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel_err(theirs.eval()(ids).logits, here(ids)) <= 1e-4
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_peft_adapter_loads_here_with_same_logits(llama_dir, tmp_path, method):
     from peft import LoraConfig, get_peft_model

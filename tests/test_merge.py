@@ -91,6 +91,17 @@ def test_merged_logits_match_peft_fp32(tiny, tmp_path, kind):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_merged_logits_match_peft_on_each_dense_family(tmp_path, family):
+    """merge_and_unload's logits (PEFT over the fp32 base) on the families beside llama."""
+    model = build_tiny_model(tmp_path / family, family)
+    adapter = _make_adapter(model, tmp_path / "adapter", "lora", seed=2)
+    out = merge_adapter(model, adapter, tmp_path / "merged", dtype="float32")
+    base_logits, want = _peft_logits(model, adapter)
+    assert (want - base_logits).abs().max() > 100 * 1e-4
+    torch.testing.assert_close(_logits(out), want, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_output_is_sharded_and_complete(tiny, tmp_path):
     _, model, adapters = tiny
     out = merge_adapter(model, adapters["dora"], tmp_path / "merged", dtype="bf16", max_shard_size="60KB")
