@@ -8,6 +8,9 @@ roundings at most (different but equivalent orders of operations), far below 1e-
 called as TRL defines them: DPOTrainer._compute_loss and KTOTrainer._compute_loss (TRL 1.x has no
 static dpo_loss / kto_loss) with a stand-in `self` and a stand-in model that returns the given
 per-token log-probs; ORPOTrainer.odds_ratio_loss and CPOTrainer.cpo_loss with a stand-in `self`.
+Whole steps, our packed micro-batch through the model against TRL's trainer on transformers + peft
+with the same adapter (loss, metrics, gradients; rel 1e-4): DPOTrainer, CPOTrainer (SimPO),
+ORPOTrainer (but for its NLL over the prompt too).
 """
 
 from __future__ import annotations
@@ -591,6 +594,53 @@ def test_an_evaluation_reads_its_loss_to_the_host_once(llama_dir, monkeypatch):
     assert total == want
 
 
+def _trl_peft_model(trainer_class, args, llama_dir, adapter_dir):
+    """TRL's `trainer_class` over transformers + peft on the tiny model, its fresh adapter given
+    ours (adapter_dir: save_adapter's); the trainer and its peft model."""
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora.models import load_tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=FP32)
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}]  # the trainer wants a dataset
+    trainer = trainer_class(model=hf, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=load_tokenizer(llama_dir),
+                            peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                   target_modules="all-linear"))
+    loaded = set_peft_model_state_dict(
+        trainer.model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    assert not loaded.unexpected_keys
+    return trainer, trainer.model.train()
+
+
+def _padded_pairs(examples) -> dict:
+    """The batch CPOTrainer and ORPOTrainer read: prompt + completion rows of each side, padded,
+    the prompt's labels masked."""
+    batch = {}
+    for name in ("chosen", "rejected"):
+        rows = [e["prompt"] + e[name] for e in examples]
+        labels = [[-100] * len(e["prompt"]) + e[name] for e in examples]
+        pad = [max(map(len, rows)) - len(r) for r in rows]
+        batch[f"{name}_input_ids"] = torch.tensor([r + [0] * p for r, p in zip(rows, pad)])
+        batch[f"{name}_attention_mask"] = torch.tensor([[1] * len(r) + [0] * p
+                                                        for r, p in zip(rows, pad)])
+        batch[f"{name}_labels"] = torch.tensor([lab + [-100] * p for lab, p in zip(labels, pad)])
+    return batch
+
+
+def _adapter_grads_agree(ours, peft_model):
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    their_grads = {n.replace("base_model.model.", "", 1).replace(".default", ""): p.grad
+                   for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 28
+    for name, g in our_grads.items():
+        scale = float(their_grads[name].abs().max())
+        assert scale > 0 and float((g - their_grads[name]).abs().max()) <= 1e-4 * scale, name
+
+
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
     loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its
@@ -598,17 +648,11 @@ def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     adapter switched off on both sides: the loss, TRL's logged metrics and every adapter gradient
     agree to rel 1e-4 (two implementations of the same fp32 model, whose sums run in different
     orders, as test_logps_equal_peft_and_reference_equals_base compares them)."""
-    from datasets import Dataset
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from qlora.adapters import save_adapter
-    from qlora.data.preference import pair_batch
     from qlora.methods.preference import batch_loss
-    from qlora.models import load_tokenizer
 
     beta = 0.3
     # adapters far enough from 0 that every pair's reward margin is well away from 0, where the
@@ -621,26 +665,15 @@ def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     loss_sum, sums = batch_loss(dpo, ours, pair_batch(examples, 0, packed=True),
                                 PreferenceOptions(beta=beta))
     (loss_sum / B).backward()  # TRL's loss is the batch mean
-    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
 
     # a fresh adapter made by the trainer (its reference is then the adapter switched off; one
     # handed over already wrapped gets a frozen copy as its reference), then given our weights
-    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=FP32)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=beta,
                      report_to=[], use_cpu=True, bf16=False, max_length=None)
-    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}]  # the trainer wants a dataset
-    trainer = DPOTrainer(model=hf, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=load_tokenizer(llama_dir),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                target_modules="all-linear"))
-    peft_model = trainer.model
-    loaded = set_peft_model_state_dict(
-        peft_model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
-    assert not loaded.unexpected_keys
+    trainer, peft_model = _trl_peft_model(DPOTrainer, args, llama_dir, tmp_path / "adapter")
     inputs = DataCollatorForPreference(pad_token_id=0)(
         [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
          for e in examples])
-    peft_model.train()
     theirs = trainer.compute_loss(peft_model, inputs)
     theirs.backward()
     their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -654,12 +687,78 @@ def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert abs(ours_metrics[name] - their_metrics[name]) <= 1e-4 * scale, (
             name, ours_metrics[name], their_metrics[name])
-    their_grads = {n.replace("base_model.model.", "", 1).replace(".default", ""): p.grad
-                   for n, p in peft_model.named_parameters() if p.grad is not None}
-    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 28
-    for name, g in our_grads.items():
-        scale = float(their_grads[name].abs().max())
-        assert scale > 0 and float((g - their_grads[name]).abs().max()) <= 1e-4 * scale, name
+    _adapter_grads_agree(ours, peft_model)
+
+
+@pytest.mark.parametrize("cpo_alpha", [0.0, 0.5])
+def test_packed_simpo_step_equals_trl_cpo_trainer(llama_dir, tmp_path, cpo_alpha):
+    """One SimPO micro-batch, packed into one row (each prompt once), through our model and the
+    speed layer's per-token loss, against TRL's CPOTrainer (loss_type simpo) on transformers +
+    peft with the same adapter and its padded concatenated batch: the loss, the logged metrics
+    and every adapter gradient agree to rel 1e-4, as the DPO step's (the same fp32 model in two
+    implementations, sums in other orders); with cpo_alpha, TRL's NLL over the chosen
+    completions is ours (its labels mask the prompt too)."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from qlora.adapters import save_adapter
+    from qlora.methods.preference import batch_loss
+
+    beta, gamma = 2.0, 0.5
+    ours = _lora_model(llama_dir, speed=True, scale=0.3)
+    save_adapter(ours, tmp_path / "adapter", str(llama_dir))
+    examples = _varied_examples("pairs")
+    B = len(examples)
+    ours.zero_grad()
+    opts = PreferenceOptions(beta=beta, simpo_gamma=gamma, cpo_alpha=cpo_alpha)
+    loss_sum, sums = batch_loss(simpo, ours, pair_batch(examples, 0, packed=True), opts)
+    (loss_sum / B).backward()
+
+    args = CPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=beta,
+                     loss_type="simpo", simpo_gamma=gamma, cpo_alpha=cpo_alpha, report_to=[],
+                     use_cpu=True, bf16=False)
+    trainer, peft_model = _trl_peft_model(CPOTrainer, args, llama_dir, tmp_path / "adapter")
+    theirs, their_metrics = trainer.get_batch_loss_metrics(peft_model, _padded_pairs(examples))
+    theirs.backward()
+
+    close(loss_sum / B, theirs, rel=1e-4)
+    ours_metrics = metric_means(sums)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected") + (("nll_loss",) if cpo_alpha else ()):
+        close(ours_metrics[name], their_metrics[name], rel=1e-4)
+    _adapter_grads_agree(ours, peft_model)
+
+
+def test_packed_orpo_step_equals_trl_orpo_trainer_but_for_the_prompt_nll(llama_dir, tmp_path):
+    """One ORPO micro-batch, packed, against TRL's ORPOTrainer on the same model and adapter:
+    the odds-ratio term and every metric of it agree to rel 1e-4 (as the DPO step's). The NLL
+    terms differ by design: ours is over the chosen completion (the authors'
+    --disable_prompt_loss), TRL's over prompt and completion, so the losses are compared less
+    each side's logged nll_loss, and the gradients not at all."""
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from qlora.adapters import save_adapter
+    from qlora.methods.preference import batch_loss
+
+    beta = 0.25
+    ours = _lora_model(llama_dir, speed=True, scale=0.3)
+    save_adapter(ours, tmp_path / "adapter", str(llama_dir))
+    examples = _varied_examples("pairs")
+    B = len(examples)
+    with torch.no_grad():
+        loss_sum, sums = batch_loss(orpo, ours, pair_batch(examples, 0, packed=True),
+                                    PreferenceOptions(beta=beta))
+    args = ORPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B,
+                      beta=beta, report_to=[], use_cpu=True, bf16=False)
+    trainer, peft_model = _trl_peft_model(ORPOTrainer, args, llama_dir, tmp_path / "adapter")
+    with torch.no_grad():
+        theirs, their_metrics = trainer.get_batch_loss_metrics(peft_model,
+                                                               _padded_pairs(examples))
+    ours_metrics = metric_means(sums)
+    close(loss_sum / B - ours_metrics["nll_loss"], theirs - their_metrics["nll_loss"], rel=1e-4)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen"):
+        close(ours_metrics[name], their_metrics[name], rel=1e-4)
+    assert abs(float(ours_metrics["nll_loss"]) - float(their_metrics["nll_loss"])) > 1e-3
 
 
 # --- data ------------------------------------------------------------------------------------------
