@@ -9,8 +9,8 @@ called as TRL defines them: DPOTrainer._compute_loss and KTOTrainer._compute_los
 static dpo_loss / kto_loss) with a stand-in `self` and a stand-in model that returns the given
 per-token log-probs; ORPOTrainer.odds_ratio_loss and CPOTrainer.cpo_loss with a stand-in `self`.
 Whole steps, our packed micro-batch through the model against TRL's trainer on transformers + peft
-with the same adapter (loss, metrics, gradients; rel 1e-4): DPOTrainer, CPOTrainer (SimPO),
-ORPOTrainer (but for its NLL over the prompt too).
+with the same adapter (loss, metrics, gradients; rel 1e-4): DPOTrainer, KTOTrainer, CPOTrainer
+(SimPO), ORPOTrainer (but for its NLL over the prompt too).
 """
 
 from __future__ import annotations
@@ -687,6 +687,48 @@ def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert abs(ours_metrics[name] - their_metrics[name]) <= 1e-4 * scale, (
             name, ours_metrics[name], their_metrics[name])
+    _adapter_grads_agree(ours, peft_model)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_kto_step_equals_trl_kto_trainer(llama_dir, tmp_path, packed):
+    """One KTO micro-batch (its examples, then each prompt with the previous example's
+    completion, as TRL pairs them for the KL estimate; padded, or packed into one row) through
+    our model and the speed layer's per-token loss, against TRL's KTOTrainer on transformers +
+    peft with the same adapter, the reference the adapter switched off on both sides: the loss,
+    TRL's logged metrics and every adapter gradient agree to rel 1e-4, as the DPO step's."""
+    from trl import KTOConfig, KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    from qlora.adapters import save_adapter
+    from qlora.methods.preference import batch_loss
+
+    ours = _lora_model(llama_dir, speed=True, scale=0.3)
+    save_adapter(ours, tmp_path / "adapter", str(llama_dir))
+    examples = _varied_examples("unpaired")
+    B = len(examples)
+    opts = PreferenceOptions(beta=0.2, desirable_weight=1.3, undesirable_weight=0.7)
+    ours.zero_grad()
+    loss_sum, sums = batch_loss(kto, ours, unpaired_batch(examples, 0, packed=packed), opts)
+    (loss_sum / B).backward()
+
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=0.2,
+                     desirable_weight=1.3, undesirable_weight=0.7, report_to=[], use_cpu=True,
+                     bf16=False, max_length=None)
+    trainer, peft_model = _trl_peft_model(KTOTrainer, args, llama_dir, tmp_path / "adapter")
+    completions = [e["completion"] for e in examples]
+    inputs = DataCollatorForUnpairedPreference(pad_token_id=0)(
+        [{"prompt_ids": e["prompt"], "completion_ids": e["completion"], "KL_completion_ids": kl,
+          "label": e["label"]} for e, kl in zip(examples, completions[-1:] + completions[:-1])])
+    theirs = trainer.compute_loss(peft_model, inputs)
+    theirs.backward()
+    their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    close(loss_sum / B, theirs, rel=1e-4)
+    ours_metrics = metric_means(sums)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                 "logps/rejected", "kl"):
+        close(ours_metrics[name], their_metrics[name], rel=1e-4)
     _adapter_grads_agree(ours, peft_model)
 
 
