@@ -114,12 +114,11 @@ def test_preference_rows_are_refused_for_training_only(tmp_path):
         "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]})
     with pytest.raises(QloraError, match="columns chosen, rejected are preference pairs"):
         load_examples(chats, refuse_preferences=True)
-    # text pairs without a prompt (hh-rlhf's) are no preference format: not sent to --method dpo
+    # and as whole texts (hh-rlhf's), their prompt the text they share
     texts = rows("texts.jsonl", lambda i: {"chosen": "Human: p Assistant: a",
                                            "rejected": "Human: p Assistant: b"})
-    with pytest.raises(QloraError) as refused:
+    with pytest.raises(QloraError, match="columns chosen, rejected are preference pairs"):
         load_examples(texts, refuse_preferences=True)
-    assert "preference pairs" not in str(refused.value)
     examples, problems = load_examples(kto)  # not training: read as prompt_completion
     assert [e.completion for e in examples] == [f"c{i}" for i in range(6)] and not problems
     # named explicitly, the KTO rows train as prompt_completion (the refusal's way out)

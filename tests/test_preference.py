@@ -863,6 +863,40 @@ def test_whole_conversations_read_their_shared_history_as_the_prompt(llama_dir, 
     assert tok.decode(got[1]["chosen"]) == "CAT<|im_end|>"
 
 
+HH_TEXTS = [  # (chosen, rejected) as hh-rlhf writes them, and the edge cases of the split
+    ("\n\nHuman: hi?\n\nAssistant: I like it", "\n\nHuman: hi?\n\nAssistant: I hate it"),
+    ("\n\nHuman: hi?\n\nAssistant: Sure", "\n\nHuman: hi?\n\nAssistant: Sorry"),  # mid-word
+    ("Human: a Assistant: b", "Human: a Assistant: b and more"),  # one the other's start
+]
+
+
+def test_whole_texts_read_their_shared_start_as_the_prompt(llama_dir, tmp_path):
+    """Pairs given as two whole texts with no prompt column (hh-rlhf's): the prompt is the text
+    they share from the start, split where TRL's extract_prompt splits it (a shared space before
+    they differ goes with the completions); each encodes as the same pair with that prompt."""
+    from trl.data_utils import extract_prompt
+
+    from qlora.data.preference import shared_text
+    from qlora.models import load_tokenizer
+
+    tok = load_tokenizer(llama_dir)
+    rows, explicit = [], []
+    for chosen, rejected in HH_TEXTS:
+        theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
+        ours = shared_text(chosen, rejected)
+        assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+        rows.append({"chosen": chosen, "rejected": rejected})
+        explicit.append(dict(zip(("prompt", "chosen", "rejected"), ours)))
+    assert explicit[0]["chosen"] == " like it" and explicit[1]["chosen"] == "ure"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got, report = load_preference(str(_pair_data(tmp_path / "a", rows)), tok, layout="pairs",
+                                  max_len=256)
+    want, _ = load_preference(str(_pair_data(tmp_path / "b", explicit)), tok, layout="pairs",
+                              max_len=256)
+    assert got == want and len(got) == len(rows) and not report.chat
+
+
 def test_pairs_without_a_prompt_must_be_conversations_sharing_one(llama_dir, tmp_path):
     from qlora.models import load_tokenizer
 
@@ -880,7 +914,8 @@ def test_pairs_without_a_prompt_must_be_conversations_sharing_one(llama_dir, tmp
     assert len(examples) == 1
     text = "\n".join(report.lines())
     # line 2: text without a prompt; line 3: conversations that share no first message
-    assert "missing 'prompt' (without one, chosen and rejected must be whole conversations" in text
+    assert "missing 'prompt' (without one, chosen and rejected must be whole texts or " \
+           "conversations that begin alike" in text
     assert "(lines 2, 3)" in text
     # a shared history that ends before a user message is no prompt (TRL would train the user's
     # next turn as the completion, or refuse)

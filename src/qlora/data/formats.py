@@ -378,18 +378,10 @@ def refuse_preference_rows(cols: set[str], rows: list[dict], path: str) -> None:
     prompts and completions as they are."""
     for layout, what in PREFERENCE_ROWS.items():
         columns = LAYOUTS[layout]
-        if layout == "pairs" and "prompt" not in cols and _whole_conversations(rows):
-            columns = columns[1:]  # the prompt inside them (preference.shared_history)
+        if layout == "pairs" and "prompt" not in cols:
+            columns = columns[1:]  # the prompt inside them (preference.shared_history, shared_text)
         if set(columns) <= cols and (layout == "pairs" or _labels_are_kto_labels(rows)):
             raise QloraError(f"{path}: the columns {', '.join(columns)} are {what}")
-
-
-def _whole_conversations(rows: list[dict]) -> bool:
-    """chosen and rejected are message lists in the first rows: pairs given as two whole
-    conversations (text ones without a prompt, such as hh-rlhf's, are no format here)."""
-    pairs = [row for row in rows[:100] if "chosen" in row and "rejected" in row]
-    return bool(pairs) and all(isinstance(row["chosen"], list) and isinstance(row["rejected"], list)
-                               for row in pairs)
 
 
 def _labels_are_kto_labels(rows: list[dict]) -> bool:

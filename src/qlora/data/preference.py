@@ -8,8 +8,9 @@ Two layouts, detected from the columns as the SFT formats are (formats.py):
 Each field is a string, or a list of messages ({role, content}) rendered with the model's chat
 template: the prompt with the generation prompt appended, each completion as what the template
 adds after it. Loss is only ever on the completion tokens. Pairs may also come as two whole
-conversations with no prompt column (or a text one beside them): the messages they share from
-the start are the prompt (shared_history, as TRL reads them).
+conversations with no prompt column (or a text one beside them), or as two whole texts with no
+prompt column (hh-rlhf's): what they share from the start is the prompt (shared_history,
+shared_text, as TRL's extract_prompt reads them).
 
 A batch of pairs holds the chosen sequences first, then the rejected ones (TRL's concatenated
 batch), so one forward serves both. A KTO batch holds each example's sequence, then its KL
@@ -86,8 +87,8 @@ def detect_layout(columns: list[str], path: str, wanted: str) -> str:
     if all(c in columns for c in _needed(other)):
         hint = (f" The file holds {other} data ({', '.join(LAYOUTS[other])}): "
                 + ("use --method kto." if other == "unpaired" else "use --method dpo, orpo or simpo."))
-    columns_needed = ("prompt (unless chosen and rejected are whole conversations), chosen, "
-                      "rejected" if wanted == "pairs" else ", ".join(LAYOUTS[wanted]))
+    columns_needed = ("prompt (unless chosen and rejected are whole texts or conversations), "
+                      "chosen, rejected" if wanted == "pairs" else ", ".join(LAYOUTS[wanted]))
     raise QloraError(f"{path}: {wanted} preference data needs the columns {columns_needed}; "
                      f"missing {', '.join(repr(m) for m in missing)} "
                      f"(columns: {', '.join(sorted(columns))}).{hint}")
@@ -225,6 +226,24 @@ def shared_history(chosen: list[dict], rejected: list[dict]
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def shared_text(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen, rejected) of a pair given as two whole texts (hh-rlhf's "Human: ...
+    Assistant: ..."): the characters they share from the start are the prompt, less a space
+    they share just before they differ, which stays with the completions (TRL's extract_prompt
+    on text). Where one is the other's start, the last shared character stays with the
+    completions. None where they share no first character."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == min(len(chosen), len(rejected)):
+        shared -= 1
+    elif shared and chosen[shared - 1] == " ":
+        shared -= 1
+    if shared <= 0:
+        return None
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
 def _encode_row(row: dict, layout: str, encoder: Encoder) -> dict:
     if layout == "pairs":
         chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
@@ -235,17 +254,19 @@ def _encode_row(row: dict, layout: str, encoder: Encoder) -> dict:
             # them repeats its first message, as in UltraFeedback's binarized rows; TRL's
             # maybe_extract_prompt reads both so)
             split = shared_history(chosen, rejected)
+        elif isinstance(chosen, str) and isinstance(rejected, str) and prompt is None:
+            split = shared_text(chosen, rejected)  # whole texts, hh-rlhf's
         if split is not None:
             prompt, chosen, rejected = split
-            if prompt[-1]["role"] not in ("user", "tool"):
+            if isinstance(prompt, list) and prompt[-1]["role"] not in ("user", "tool"):
                 raise ValueError(f"'chosen' and 'rejected' first differ after message "
                                  f"{len(prompt)} ({prompt[-1]['role']}): the history they share, "
                                  "the prompt, must end with a user message; give the prompt in a "
                                  "'prompt' column")
         elif prompt is None:
             raise ValueError("missing 'prompt' (without one, chosen and rejected must be whole "
-                             "conversations, lists of {role, content} messages, that begin "
-                             "with the same messages: the prompt)")
+                             "texts or conversations that begin alike: what they share from the "
+                             "start is the prompt)")
         else:
             prompt = _text_or_messages(row, "prompt")
         p, c = encoder.encode(prompt, chosen)
