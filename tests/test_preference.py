@@ -823,6 +823,17 @@ def _msgs(*turns):
     return [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 4, turns)]
 
 
+def _read_beside_explicit(tmp_path, tok, rows, explicit):
+    """load_preference of `rows` (its report too) and of the same pairs with the prompt given."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got, report = load_preference(str(_pair_data(tmp_path / "a", rows)), tok, layout="pairs",
+                                  max_len=256)
+    want, _ = load_preference(str(_pair_data(tmp_path / "b", explicit)), tok, layout="pairs",
+                              max_len=256)
+    return got, report, want
+
+
 # pairs as whole conversations: (chosen, rejected, a prompt column or None)
 WHOLE_CONVERSATIONS = [
     (_msgs("cat", "CAT"), _msgs("cat", "tac"), None),  # TRL's implicit prompt
@@ -852,12 +863,7 @@ def test_whole_conversations_read_their_shared_history_as_the_prompt(llama_dir, 
         assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
         rows.append(row)
         explicit.append(dict(zip(("prompt", "chosen", "rejected"), ours)))
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    got, report = load_preference(str(_pair_data(tmp_path / "a", rows)), tok, layout="pairs",
-                                  max_len=256)
-    want, _ = load_preference(str(_pair_data(tmp_path / "b", explicit)), tok, layout="pairs",
-                              max_len=256)
+    got, report, want = _read_beside_explicit(tmp_path, tok, rows, explicit)
     assert got == want and len(got) == len(rows) and report.chat
     assert tok.decode(got[1]["prompt"]).endswith("cat<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(got[1]["chosen"]) == "CAT<|im_end|>"
@@ -888,12 +894,7 @@ def test_whole_texts_read_their_shared_start_as_the_prompt(llama_dir, tmp_path):
         rows.append({"chosen": chosen, "rejected": rejected})
         explicit.append(dict(zip(("prompt", "chosen", "rejected"), ours)))
     assert explicit[0]["chosen"] == " like it" and explicit[1]["chosen"] == "ure"
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    got, report = load_preference(str(_pair_data(tmp_path / "a", rows)), tok, layout="pairs",
-                                  max_len=256)
-    want, _ = load_preference(str(_pair_data(tmp_path / "b", explicit)), tok, layout="pairs",
-                              max_len=256)
+    got, report, want = _read_beside_explicit(tmp_path, tok, rows, explicit)
     assert got == want and len(got) == len(rows) and not report.chat
 
 
