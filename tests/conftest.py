@@ -34,6 +34,9 @@ VARIANTS = {
     "gemma3": ("gemma3_text", {}),
     "gemma3-scaled-rope": ("gemma3_text", {"rope_parameters": GEMMA3_SCALED_ROPE,
                                            "final_logit_softcapping": None}),
+    # last: each variant's seed is its place (the ones before keep theirs)
+    # Mistral Nemo / Ministral: head_dim given (32), not hidden 64 / 4 heads
+    "mistral-nemo-head-dim": ("mistral", {"head_dim": 32, "sliding_window": None}),
 }
 
 

@@ -56,7 +56,8 @@ def test_logits_match_transformers_16bit(tiny_models, variant):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen2-window", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen2-window", "qwen3",
+                                     "mistral-window", "mistral-nemo-head-dim"])
 def test_4bit_bytes_and_logits_match_bitsandbytes(tiny_models, variant, quant_type, double_quant):
     path = tiny_models[variant]
     ref = hf_4bit(path, quant_type, double_quant)
