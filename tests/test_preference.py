@@ -849,7 +849,7 @@ def test_whole_conversations_read_their_shared_history_as_the_prompt(llama_dir, 
     (its DPOTrainer's reading); each encodes as the same pair with that prompt given apart."""
     from trl.data_utils import maybe_extract_prompt
 
-    from qlora.data.preference import shared_history
+    from qlora.data.preference import shared_start
     from qlora.models import load_tokenizer
 
     tok = load_tokenizer(llama_dir)
@@ -859,7 +859,7 @@ def test_whole_conversations_read_their_shared_history_as_the_prompt(llama_dir, 
         if prompt is not None:
             row["prompt"] = prompt
         theirs = maybe_extract_prompt(dict(row))
-        ours = shared_history(chosen, rejected)
+        ours = shared_start(chosen, rejected)
         assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
         rows.append(row)
         explicit.append(dict(zip(("prompt", "chosen", "rejected"), ours)))
@@ -882,14 +882,14 @@ def test_whole_texts_read_their_shared_start_as_the_prompt(llama_dir, tmp_path):
     they differ goes with the completions); each encodes as the same pair with that prompt."""
     from trl.data_utils import extract_prompt
 
-    from qlora.data.preference import shared_text
+    from qlora.data.preference import shared_start
     from qlora.models import load_tokenizer
 
     tok = load_tokenizer(llama_dir)
     rows, explicit = [], []
     for chosen, rejected in HH_TEXTS:
         theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
-        ours = shared_text(chosen, rejected)
+        ours = shared_start(chosen, rejected)
         assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
         rows.append({"chosen": chosen, "rejected": rejected})
         explicit.append(dict(zip(("prompt", "chosen", "rejected"), ours)))

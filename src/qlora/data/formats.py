@@ -379,7 +379,7 @@ def refuse_preference_rows(cols: set[str], rows: list[dict], path: str) -> None:
     for layout, what in PREFERENCE_ROWS.items():
         columns = LAYOUTS[layout]
         if layout == "pairs" and "prompt" not in cols:
-            columns = columns[1:]  # the prompt inside them (preference.shared_history, shared_text)
+            columns = columns[1:]  # the prompt inside them (preference.shared_start)
         if set(columns) <= cols and (layout == "pairs" or _labels_are_kto_labels(rows)):
             raise QloraError(f"{path}: the columns {', '.join(columns)} are {what}")
 

@@ -9,8 +9,8 @@ Each field is a string, or a list of messages ({role, content}) rendered with th
 template: the prompt with the generation prompt appended, each completion as what the template
 adds after it. Loss is only ever on the completion tokens. Pairs may also come as two whole
 conversations with no prompt column (or a text one beside them), or as two whole texts with no
-prompt column (hh-rlhf's): what they share from the start is the prompt (shared_history,
-shared_text, as TRL's extract_prompt reads them).
+prompt column (hh-rlhf's): what they share from the start is the prompt (shared_start, as
+TRL's extract_prompt reads them).
 
 A batch of pairs holds the chosen sequences first, then the rejected ones (TRL's concatenated
 batch), so one forward serves both. A KTO batch holds each example's sequence, then its KL
@@ -77,8 +77,8 @@ class PreferenceReport:
 
 def detect_layout(columns: list[str], path: str, wanted: str) -> str:
     """`wanted` ("pairs" or "unpaired") when the columns have it, else an error naming what is
-    missing. Pairs may leave out "prompt" where chosen and rejected are whole conversations that
-    share it (shared_history)."""
+    missing. Pairs may leave out "prompt" where chosen and rejected are whole conversations or
+    texts that begin with it (shared_start)."""
     missing = [c for c in _needed(wanted) if c not in columns]
     if not missing:
         return wanted
@@ -96,7 +96,7 @@ def detect_layout(columns: list[str], path: str, wanted: str) -> str:
 
 def _needed(layout: str) -> tuple[str, ...]:
     """The columns a layout cannot do without: pairs may leave their prompt inside chosen and
-    rejected (shared_history)."""
+    rejected (shared_start)."""
     return LAYOUTS[layout][1:] if layout == "pairs" else LAYOUTS[layout]
 
 
@@ -209,53 +209,33 @@ def load_preference(path: str, tokenizer, *, layout: str, max_len: int,
     return examples, report
 
 
-def shared_history(chosen: list[dict], rejected: list[dict]
-                   ) -> tuple[list[dict], list[dict], list[dict]] | None:
-    """(prompt, chosen, rejected) of a pair given as two whole conversations: the messages they
-    share from the start are the prompt, the rest each one's completion (TRL's extract_prompt;
-    its DPOTrainer reads such rows so). Where one conversation is the other's start, the last
-    shared message stays with the completions, so that each keeps one. None where they share
-    no first message."""
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    if shared == min(len(chosen), len(rejected)):
+def shared_start(chosen, rejected):
+    """(prompt, chosen, rejected) of a pair given whole, as two conversations (lists of messages)
+    or two texts (hh-rlhf's "Human: ... Assistant: ..."): what they share from the start is the
+    prompt, the rest each one's completion, as TRL's extract_prompt splits them (its DPOTrainer
+    reads such rows so). Where one is the other's start, the last shared message or character
+    stays with the completions, so that each keeps one; a space two texts share just before
+    they differ stays with the completions too. None where they share no first one."""
+    shorter = min(len(chosen), len(rejected))
+    shared = next((i for i in range(shorter) if chosen[i] != rejected[i]), shorter)
+    if shared == shorter:
         shared -= 1
-    if shared <= 0:
-        return None
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
-def shared_text(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """(prompt, chosen, rejected) of a pair given as two whole texts (hh-rlhf's "Human: ...
-    Assistant: ..."): the characters they share from the start are the prompt, less a space
-    they share just before they differ, which stays with the completions (TRL's extract_prompt
-    on text). Where one is the other's start, the last shared character stays with the
-    completions. None where they share no first character."""
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    if shared == min(len(chosen), len(rejected)):
+    elif shared and isinstance(chosen, str) and chosen[shared - 1] == " ":
         shared -= 1
-    elif shared and chosen[shared - 1] == " ":
-        shared -= 1
-    if shared <= 0:
-        return None
-    return chosen[:shared], chosen[shared:], rejected[shared:]
+    return None if shared <= 0 else (chosen[:shared], chosen[shared:], rejected[shared:])
 
 
 def _encode_row(row: dict, layout: str, encoder: Encoder) -> dict:
     if layout == "pairs":
         chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
         prompt = row.get("prompt")
-        split = None
-        if isinstance(chosen, list) and isinstance(rejected, list) and not isinstance(prompt, list):
-            # whole conversations: the prompt is the history they share (a text prompt beside
-            # them repeats its first message, as in UltraFeedback's binarized rows; TRL's
-            # maybe_extract_prompt reads both so)
-            split = shared_history(chosen, rejected)
-        elif isinstance(chosen, str) and isinstance(rejected, str) and prompt is None:
-            split = shared_text(chosen, rejected)  # whole texts, hh-rlhf's
+        # whole conversations (a text prompt beside them repeats their first message, as in
+        # UltraFeedback's binarized rows: TRL's maybe_extract_prompt reads both so), or whole
+        # texts without a prompt (hh-rlhf's)
+        conversations = isinstance(chosen, list) and isinstance(rejected, list)
+        texts = isinstance(chosen, str) and isinstance(rejected, str)
+        whole = (conversations and not isinstance(prompt, list)) or (texts and prompt is None)
+        split = shared_start(chosen, rejected) if whole else None
         if split is not None:
             prompt, chosen, rejected = split
             if isinstance(prompt, list) and prompt[-1]["role"] not in ("user", "tool"):

@@ -269,13 +269,13 @@ class GroupedBase(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # a backward runs only where x wants a gradient (the forward kept nothing otherwise)
-        kept = kept_weights.take((ctx.key, grad_out.dtype)) if len(ctx.parts) == 1 else None
+        # what the rerun kept (a projection made whole), taken whether or not x wants a gradient
+        kept = kept_weights.take((ctx.key, grad_out.dtype))
         grad_x = None
         if ctx.needs_input_grad[0]:
             for start, stop in ctx.parts:
-                weight, kept = (kept, None) if kept is not None else (
-                    ctx.weights(grad_out.dtype, start, stop), None)
+                weight = kept if kept is not None else ctx.weights(grad_out.dtype, start, stop)
+                kept = None  # it serves its one part; held by `weight` alone from here
                 part = grouped_mm(grad_out[:, start:stop].contiguous(), weight, ctx.offsets)
                 del weight  # the next part's dense weights may take its place
                 # each part's product is rounded to the gradient's dtype by its GEMM; with two

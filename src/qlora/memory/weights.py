@@ -6,6 +6,8 @@ a tile's gate and up)."""
 
 from __future__ import annotations
 
+import math
+
 from qlora.kernels.experts import projection_parts
 from qlora.memory.settings import (DTYPE_BYTES, MLP_LINEARS, PlanConfig, expert_targets, fast_path,
                                    target_names, torch_norms)
@@ -202,9 +204,8 @@ def rerun_expert_dense(arch: ArchSpec, cfg: PlanConfig) -> int:
     if not (cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS):
         return 0
     shapes = arch.expert_shapes()
-    return sum(2 * experts * out_features * in_features
-               for name, parts in expert_parts(arch, cfg).items() if len(parts) == 1
-               for experts, out_features, in_features in [shapes[name]])
+    return sum(2 * math.prod(shapes[name])
+               for name, parts in expert_parts(arch, cfg).items() if len(parts) == 1)
 
 
 def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
