@@ -791,28 +791,107 @@ def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
     assert built(moe_models["mixtral"], "true").aux_loss  # output_router_logits: false
 
 
-def test_preference_methods_say_they_leave_the_router_aux_loss_out(moe_models, tmp_path):
-    """A preference method's loss is its own over log-probs; the load-balancing loss is added to
-    supervised training's only. Asked for by option with a method: refused before loading; asked
-    for by config.json: said in the log (and not for SFT, which adds it)."""
+def test_a_preference_method_says_where_trl_would_add_the_router_loss(moe_models, tmp_path):
+    """config.json's output_router_logits decides for every method; where it leaves the loss
+    out of a preference method's, the log says that TRL's DPOTrainer would add it."""
     from qlora.config import load_config
     from qlora.train.model import aux_loss_lines, build_model
 
-    def cfg(**options):
-        return load_config(None, dict(model=str(moe_models["qwen3-moe"]), data="unused.jsonl",
-                                      output_dir=str(tmp_path), quant="none", **options))
+    def lines(path, **options):
+        cfg = load_config(None, dict(model=str(path), data="unused.jsonl",
+                                     output_dir=str(tmp_path), quant="none", **options))
+        return aux_loss_lines(build_model(cfg, torch.device("cpu"), FP32), cfg)
 
-    with pytest.raises(QloraError, match=r"`router_aux_loss`: true .*--method dpo does not add"):
-        cfg(method="dpo", router_aux_loss="true")
-    dpo = cfg(method="dpo")
-    model = build_model(dpo, torch.device("cpu"), FP32)  # output_router_logits: true
-    assert model.aux_loss
-    assert aux_loss_lines(model, dpo) == [
-        "router_aux_loss: config.json asks for the router's load-balancing loss "
-        "(output_router_logits); --method dpo trains without it (supervised training adds it)"]
-    assert aux_loss_lines(model, cfg()) == []
-    assert aux_loss_lines(build_model(cfg(method="dpo", router_aux_loss="false"),
-                                      torch.device("cpu"), FP32), dpo) == []
+    assert lines(moe_models["mixtral"], method="dpo") == [  # output_router_logits: false
+        "router_aux_loss: off (config.json's output_router_logits is not true); TRL's "
+        "DPOTrainer and KTOTrainer add router_aux_loss_coef (0.001) x the router's "
+        "load-balancing loss to the loss regardless: router_aux_loss: true does that"]
+    assert lines(moe_models["mixtral"], method="dpo", router_aux_loss="true") == []
+    assert lines(moe_models["mixtral"]) == []  # supervised: as transformers
+    assert lines(moe_models["qwen3-moe"], method="kto") == []  # output_router_logits: true
+
+
+def _with_router_coef(model_dir, out, coef: float):
+    """A copy of a tiny model directory whose config.json weighs the router loss by `coef`
+    (the files linked, not copied)."""
+    out.mkdir()
+    for f in model_dir.iterdir():
+        (out / f.name).symlink_to(f)
+    config = json.loads((model_dir / "config.json").read_text())
+    (out / "config.json").unlink()
+    (out / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": coef}))
+    return out
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize("method,packed", [("dpo", False), ("dpo", True), ("kto", True)])
+def test_preference_step_with_the_router_loss_equals_trl(moe_models, tmp_path, method, packed):
+    """A DPO or KTO micro-batch on Qwen3-MoE with its load-balancing loss on, padded or packed
+    (a pair's prompt once: its tokens weigh 2, as in TRL's two rows), through the speed layer,
+    against TRL's DPOTrainer / KTOTrainer on transformers + peft with the same adapter: the loss
+    (TRL's mean + coef x the policy forward's aux), its logged aux_loss and every adapter
+    gradient agree to rel 1e-4, as test_preference's steps without experts. The coefficient is
+    0.3, so that the aux term (about 0.3 x 1) is far above that bound on a loss of about 0.7."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    from qlora.data.preference import pair_batch, unpaired_batch
+    from qlora.methods import dpo, kto
+    from qlora.methods.preference import PreferenceOptions, batch_loss, metric_means
+    from qlora.speed import SpeedPlan, apply_speed
+    from test_preference import (_adapter_grads_agree, _randomize, _trl_peft_model,
+                                 _varied_examples)
+
+    path = _with_router_coef(moe_models["qwen3-moe"], tmp_path / "model", 0.3)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=ATTENTION))
+    _randomize(ours, 7, 0.3)
+    apply_speed(ours, SpeedPlan())
+    ours.loss_chunk_tokens = 5
+    ours.train()
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    examples = _varied_examples("pairs" if method == "dpo" else "unpaired")
+    B = len(examples)
+    if method == "dpo":
+        batch, module, opts = pair_batch(examples, 0, packed), dpo, PreferenceOptions(beta=0.3)
+        args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B,
+                         beta=0.3, report_to=[], use_cpu=True, bf16=False, max_length=None)
+        trainer_class = DPOTrainer
+        inputs = DataCollatorForPreference(pad_token_id=0)(
+            [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"],
+              "rejected_ids": e["rejected"]} for e in examples])
+    else:
+        batch, module, opts = unpaired_batch(examples, 0, packed), kto, PreferenceOptions(beta=0.2)
+        args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B,
+                         beta=0.2, report_to=[], use_cpu=True, bf16=False, max_length=None)
+        trainer_class = KTOTrainer
+        completions = [e["completion"] for e in examples]
+        inputs = DataCollatorForUnpairedPreference(pad_token_id=0)(
+            [{"prompt_ids": e["prompt"], "completion_ids": e["completion"],
+              "KL_completion_ids": kl, "label": e["label"]}
+             for e, kl in zip(examples, completions[-1:] + completions[:-1])])
+    ours.zero_grad()
+    loss_sum, sums = batch_loss(module, ours, batch, opts)
+    (loss_sum / B).backward()
+
+    trainer, peft_model = _trl_peft_model(trainer_class, args, path, tmp_path / "adapter",
+                                          targets=ATTENTION)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.3
+    theirs = trainer.compute_loss(peft_model, inputs)
+    theirs.backward()
+    their_aux = trainer._metrics["train"]["aux_loss"][-1]
+
+    ours_loss, their_loss = float((loss_sum / B).detach()), float(theirs.detach())
+    assert abs(ours_loss - their_loss) <= 1e-4 * abs(their_loss)
+    assert abs(metric_means(sums)["aux_loss"] - their_aux) <= 1e-4 * their_aux
+    _adapter_grads_agree(ours, peft_model, count=16)  # 2 layers x 4 projections x A, B
+    if method == "kto":  # an evaluation's one forward over examples and KL sequences: the same
+        with torch.no_grad():
+            evaluated = metric_means(batch_loss(module, ours, batch, opts)[1])["aux_loss"]
+        assert abs(evaluated - their_aux) <= 1e-4 * their_aux
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
@@ -1273,3 +1352,41 @@ def test_gguf_export_weighs_each_expert_by_its_own_importance(tmp_path):
             assert np.array_equal(got[e], want), e
             if e in imatrix:  # the importance changed the bytes: it was used, not ignored
                 assert not np.array_equal(got[e], kquants.quantize(w, "Q4_K")), e
+
+
+@pytest.mark.parametrize("method,packed", [("dpo", False), ("dpo", True), ("kto", True)])
+def test_a_graphed_preference_step_adds_the_eager_steps_router_loss(moe_models, tmp_path, method,
+                                                                    packed):
+    """The CUDA graph's body (train/graphs.py, called on the CPU) of a preference micro-batch
+    on Qwen3-MoE with the router loss on: its rows and router weights padded to fixed shapes,
+    the padding weighing 0, so the loss, its aux_loss and every adapter gradient are the eager
+    step's (rel 1e-5: the same tokens over rows longer by padding, summed in other orders)."""
+    from qlora.data.preference import half, pair_batch, unpaired_batch
+    from qlora.methods import PREFERENCE_METHODS
+    from qlora.methods.preference import PreferenceOptions, batch_loss, metric_means
+    from qlora.speed import SpeedPlan, apply_speed
+    from test_preference import _randomize, _varied_examples
+    from test_preference_graphs import _grads, _graph_body
+
+    path = _with_router_coef(moe_models["qwen3-moe"], tmp_path / "model", 0.3)
+    model = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=ATTENTION))
+    _randomize(model, 7, 0.3)
+    apply_speed(model, SpeedPlan())
+    model.train()
+    examples = _varied_examples("pairs" if method == "dpo" else "unpaired")
+    batch = (pair_batch if method == "dpo" else unpaired_batch)(examples, 0, packed)
+    opts = PreferenceOptions(beta=0.3)
+    model.zero_grad()
+    want_loss, want_metrics = batch_loss(PREFERENCE_METHODS[method], model, batch, opts)
+    want_loss.backward()
+    want_grads = _grads(model)
+    staged, loss, metrics, grads = _graph_body(model, PREFERENCE_METHODS[method], opts, batch)
+    rows = half(batch, second=False) if method == "kto" else batch  # KTO's examples' rows
+    assert staged.slots["router_weights"].numel() > rows["router_weights"].numel()
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    aux, want_aux = metric_means(metrics)["aux_loss"], metric_means(want_metrics)["aux_loss"]
+    assert abs(aux - want_aux) <= 1e-5 * want_aux
+    assert grads.keys() == want_grads.keys() and len(grads) == 16
+    for k, want in want_grads.items():
+        assert float((grads[k] - want).abs().max()) <= 1e-5 * float(want.abs().max()), k

@@ -594,9 +594,9 @@ def test_an_evaluation_reads_its_loss_to_the_host_once(llama_dir, monkeypatch):
     assert total == want
 
 
-def _trl_peft_model(trainer_class, args, llama_dir, adapter_dir):
-    """TRL's `trainer_class` over transformers + peft on the tiny model, its fresh adapter given
-    ours (adapter_dir: save_adapter's); the trainer and its peft model."""
+def _trl_peft_model(trainer_class, args, llama_dir, adapter_dir, targets="all-linear"):
+    """TRL's `trainer_class` over transformers + peft on the tiny model, its fresh adapter (on
+    `targets`) given ours (adapter_dir: save_adapter's); the trainer and its peft model."""
     from datasets import Dataset
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -609,7 +609,7 @@ def _trl_peft_model(trainer_class, args, llama_dir, adapter_dir):
     trainer = trainer_class(model=hf, args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=load_tokenizer(llama_dir),
                             peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                   target_modules="all-linear"))
+                                                   target_modules=targets))
     loaded = set_peft_model_state_dict(
         trainer.model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     assert not loaded.unexpected_keys
@@ -631,11 +631,11 @@ def _padded_pairs(examples) -> dict:
     return batch
 
 
-def _adapter_grads_agree(ours, peft_model):
+def _adapter_grads_agree(ours, peft_model, count=28):
     our_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
     their_grads = {n.replace("base_model.model.", "", 1).replace(".default", ""): p.grad
                    for n, p in peft_model.named_parameters() if p.grad is not None}
-    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 28
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == count
     for name, g in our_grads.items():
         scale = float(their_grads[name].abs().max())
         assert scale > 0 and float((g - their_grads[name]).abs().max()) <= 1e-4 * scale, name

@@ -99,8 +99,8 @@ class RunConfig:
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
     fused_kernels: bool = True  # Triton RMSNorm/SwiGLU/RoPE (kernels/fused.py) and, on CUDA, 4-bit dequantize (kernels/dequant.py)
     # a mixture of experts (Mixtral, Qwen3-MoE): add router_aux_loss_coef x the load-balancing
-    # loss to supervised training's loss (a preference method adds none: true with one is
-    # refused); None = as config.json's output_router_logits says (transformers')
+    # loss to the training loss (a preference method: to each example's, from the policy's
+    # forward, as TRL's trainers); None = as config.json's output_router_logits says
     router_aux_loss: bool | None = None
     seed: int = 42
     # --- memory (qlora.memory plans the run before anything loads; docs/MEMORY.md) -----------------
@@ -211,7 +211,8 @@ HELP: dict[str, str] = {
     "cuda_graphs": "replay each micro-batch shape's forward and backward as a CUDA graph",
     "fused_kernels": "Triton RMSNorm / SwiGLU / RoPE kernels and, on CUDA, 4-bit dequantize",
     "router_aux_loss": "a mixture of experts: add the router's load-balancing loss (its "
-                       "router_aux_loss_coef from config.json) to the training loss (SFT only)",
+                       "router_aux_loss_coef from config.json) to the training loss (a "
+                       "preference method's: to each example's, as TRL's trainers add it)",
     "seed": "random seed of the run",
     "gpu_memory": "GPU size to plan the run for, e.g. 24GB",
     "auto_fit": "pick the largest micro-batch that fits, checkpointing off if it can be (for "
@@ -593,11 +594,6 @@ def _check_method(cfg: RunConfig) -> None:
     if not 0 <= cfg.label_smoothing < 0.5:
         raise QloraError(f"option `label_smoothing`: {cfg.label_smoothing:g}; it must be in "
                          "[0, 0.5)")
-    if cfg.router_aux_loss:
-        raise QloraError(f"option `router_aux_loss`: true adds a mixture of experts' "
-                         f"load-balancing loss to supervised training's loss; --method "
-                         f"{cfg.method} does not add it to its own (not implemented); leave the "
-                         "option unset or false")
 
 
 def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -34,6 +34,11 @@ the same log-probs: every token sees exactly what it sees in its own sequence.
 
 `label_layout` gives each label token's predicting position, its target and its sequence, whatever
 the layout; a method sums its log-probs per sequence with it (methods/preference.py).
+
+Each batch also says how much each token weighs in a mixture of experts' load-balancing loss
+(`router_weights`, [rows, T] fp32), as TRL's trainers count it over their padded batch: 1 a token
+of a sequence, 2 a shared prompt's token (TRL's batch holds it in both rows), 0 padding and KTO's
+KL sequences (TRL takes the loss from the examples' forward only).
 """
 
 from __future__ import annotations
@@ -289,6 +294,7 @@ def sequences_batch(sequences: list[dict], pad_id: int, packed: bool) -> dict:
         else:
             ids[k, :n] = k
     batch["sequence_ids"], batch["n_sequences"] = ids, len(sequences)
+    batch["router_weights"] = (ids >= 0).float()
     return batch
 
 
@@ -331,7 +337,7 @@ def shared_prompt_batch(examples: list[dict]) -> dict:
     as in its own sequence: the log-probs are those of pair_batch's other layouts."""
     B, long = len(examples), torch.long
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in (
-        "ids", "pos", "seq", "labels", "predictors", "targets", "label_seq", "keys")}
+        "ids", "pos", "seq", "labels", "predictors", "targets", "label_seq", "keys", "reads")}
     cu_q, cu_k, start = [0], [0], 0
     for k, e in enumerate(examples):  # a few tensor ops a pair, none a token: host time is staged
         p, c, r = (torch.tensor(e[name], dtype=long) for name in ("prompt", "chosen", "rejected"))
@@ -342,6 +348,7 @@ def shared_prompt_batch(examples: list[dict]) -> dict:
         parts["pos"] += [torch.arange(P + C), torch.arange(P, P + R)]
         parts["seq"] += [torch.full((P + C,), k), torch.full((R,), B + k)]
         parts["labels"] += [torch.full((P,), IGNORE), c, r]
+        parts["reads"] += [torch.full((P,), 2), torch.ones(C + R, dtype=long)]  # rows reading it
         # each completion token is predicted by the token before it in its own sequence: the
         # first by the prompt's last (none without a prompt: that token has no label)
         for sequence, tokens, positions in ((k, c, chosen), (B + k, r, rejected)):
@@ -363,6 +370,7 @@ def shared_prompt_batch(examples: list[dict]) -> dict:
     return {"input_ids": flat["ids"][None], "position_ids": flat["pos"][None],
             "labels": flat["labels"][None], "sequence_ids": flat["seq"][None],
             "real_lengths": torch.tensor([start]), "n_sequences": 2 * B, "n_tokens": start,
+            "router_weights": flat["reads"][None].float(),
             "attention": Varlen(torch.tensor(cu_q, dtype=torch.int32), max(lengths_q, default=0),
                                 keys=keys),
             "label_positions": (torch.zeros(flat["predictors"].numel(), dtype=long),
@@ -394,6 +402,7 @@ def unpaired_batch(examples: list[dict], pad_id: int, packed: bool = False) -> d
     batch["n_examples"] = len(examples)
     batch["n_tokens"] = sum(example_tokens(e) for e in examples)
     batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+    batch["router_weights"][batch["sequence_ids"] >= len(examples)] = 0  # the KL sequences
     return batch
 
 
@@ -408,7 +417,7 @@ def half(batch: dict, second: bool) -> dict:
     else:
         seam = int((ids[0] < n).sum())  # the first half's tokens come first
         take = (slice(None), slice(seam, None) if second else slice(0, seam))
-    part = {k: batch[k][take] for k in ("input_ids", "labels", "position_ids")}
+    part = {k: batch[k][take] for k in ("input_ids", "labels", "position_ids", "router_weights")}
     part["sequence_ids"] = ids[take] - (n if second else 0)
     part["sequence_ids"][ids[take] < 0] = -1
     part["n_sequences"] = n

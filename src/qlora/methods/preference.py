@@ -8,7 +8,10 @@
     reference  the same batch with the adapters off (adapters.adapters_disabled), under no_grad,
                in one forward (KTO: one per half, as its policy): the base model is the
                reference, as in TRL with a PEFT model; no second copy
-    losses     the method's (methods/<name>.py), one per example
+    losses     the method's (methods/<name>.py), one per example; a mixture of experts whose
+               load-balancing loss is on (router_aux_loss) adds its coefficient x that loss of
+               the policy's forward to each example's, as TRL's trainers add it to their mean,
+               and logs it as TRL does (aux_loss)
 
 The batch is padded or packed (data/preference.py); the log-probs are summed by sequence id, so
 the two layouts give the same numbers.
@@ -51,6 +54,8 @@ class RowLogps:
     summed NLL of those tokens."""
     logps: torch.Tensor  # [R] fp32
     tokens: torch.Tensor  # [R]
+    # a mixture of experts': the forward's load-balancing loss and its coefficient (0-d), where on
+    router_loss: tuple[torch.Tensor, float] | None = None
 
 
 class PairLogps:
@@ -59,6 +64,7 @@ class PairLogps:
     def __init__(self, rows: RowLogps):
         self.chosen, self.rejected = rows.logps.chunk(2)
         self.chosen_tokens, self.rejected_tokens = rows.tokens.chunk(2)
+        self.router_loss = rows.router_loss
 
     @property
     def chosen_mean(self) -> torch.Tensor:
@@ -79,6 +85,7 @@ class UnpairedLogps:
 
     def __init__(self, rows: RowLogps, kl: torch.Tensor, label: torch.Tensor):
         self.completion, self.tokens, self.kl, self.label = rows.logps, rows.tokens, kl, label
+        self.router_loss = rows.router_loss
 
 
 def sequence_logps(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -> RowLogps:
@@ -109,25 +116,38 @@ def rows_of(model, batch: dict) -> Callable[[], RowLogps]:
         nonlocal ready
         if ready is None:
             ready = _on_device(model, batch)
-        ids, labels, plan, sequences = ready
+        ids, labels, plan, sequences, weights = ready
         losses = model(ids, batch["position_ids"], labels, varlen=plan, per_token=True)
-        return sequence_logps(-losses, sequences, batch["n_sequences"])
+        return with_router_loss(sequence_logps(-losses, sequences, batch["n_sequences"]), model,
+                                weights)
 
     return rows
 
 
+def with_router_loss(rows: RowLogps, model, weights: torch.Tensor | None) -> RowLogps:
+    """`rows` of the forward just run, with a mixture of experts' load-balancing loss of that
+    forward where the model adds one (MoeLM.adds_router_loss), each token weighing `weights`
+    (data/preference's router_weights, on the device): read now, before another forward (the
+    reference's) records its own router logits over these."""
+    if weights is None or not getattr(model, "adds_router_loss", False):
+        return rows
+    rows.router_loss = (model.router_aux_loss(weights=weights), model.spec.moe.aux_loss_coef)
+    return rows
+
+
 def _on_device(model, batch: dict) -> tuple:
-    """(ids, LabelPositions, attention plan or None, each label's sequence) of the batch, the
-    first three on the model's compute device."""
+    """(ids, LabelPositions, attention plan or None, each label's sequence, router weights or
+    None) of the batch, all but the sequences on the model's compute device."""
     device = compute_device(model)  # not the first parameter's: the embedding may be on the host
     rows, ts, targets, sequences = label_layout(batch)
     width = batch["input_ids"].shape[1]
     labels = LabelPositions((rows * width + ts).to(device, non_blocking=True),
                             targets.to(device, non_blocking=True))
-    plan = batch.get("attention")
+    plan, weights = batch.get("attention"), batch.get("router_weights")
     # non-blocking: a blocking copy would wait for every kernel queued (the previous backward)
     return (batch["input_ids"].to(device, non_blocking=True), labels,
-            None if plan is None else plan.to(device), sequences)
+            None if plan is None else plan.to(device), sequences,
+            None if weights is None else weights.to(device, non_blocking=True))
 
 
 def policy_and_reference(method, model, batch: dict):
@@ -145,7 +165,8 @@ def row_halves(rows: RowLogps) -> tuple[RowLogps, RowLogps]:
     """A KTO batch's RowLogps cut into its examples' and their KL sequences' (the batch holds the
     examples first, data/preference.unpaired_batch)."""
     (logps, kl_logps), (tokens, kl_tokens) = rows.logps.chunk(2), rows.tokens.chunk(2)
-    return RowLogps(logps, tokens), RowLogps(kl_logps, kl_tokens)
+    # the router loss (router_weights: the KL sequences' tokens weigh 0) is the examples'
+    return RowLogps(logps, tokens, rows.router_loss), RowLogps(kl_logps, kl_tokens)
 
 
 def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], RowLogps],
@@ -247,7 +268,12 @@ def summed_losses(method, policy, reference, opts: PreferenceOptions
     """The method's losses of the log-probs, summed, and its metric sums: the one tail of
     batch_loss (eager) and staged_batch_loss (a CUDA graph's body)."""
     losses, metrics = method.losses(policy, reference, opts)
-    return losses.sum(), metric_sums(metrics)
+    total = losses.sum()
+    if policy.router_loss is not None:  # TRL: mean loss + coef x aux, so each example's + it
+        aux, coef = policy.router_loss
+        total = total + coef * aux * losses.numel()
+        metrics["aux_loss"] = aux
+    return total, metric_sums(metrics)
 
 
 # --- a preference batch through a CUDA graph (train/graphs.py) ----------------------------------
@@ -264,6 +290,8 @@ def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tens
         sequences  [L] the sequence of each label (S on the extra slots)
         tokens     [S] label tokens per sequence
         ref_logps  [S] the precomputed reference, where the batch has it
+        router_weights  [rows, length] each token's weight in a mixture of experts' router loss
+                   (data/preference's), the graph's padding 0
     """
     rows, ts, targets, sequences = label_layout(batch)
     n, count = batch["n_sequences"], rows.numel()
@@ -277,6 +305,10 @@ def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tens
     out["sequences"][:count] = sequences
     if "ref_logps" in batch:
         out["ref_logps"] = batch["ref_logps"].float()
+    if "router_weights" in batch:  # the graph's padding weighs 0
+        weights = batch["router_weights"]
+        out["router_weights"] = torch.zeros(weights.shape[0], length)
+        out["router_weights"][:, :weights.shape[1]] = weights
     return out
 
 
@@ -303,7 +335,8 @@ def staged_batch_loss(method, model, token_losses: TokenLosses, slots: dict[str,
     are `token_losses` / `slots` (with its `label` slot), their KL sequences, staged as rows of
     their own, `kl`."""
     def rows() -> RowLogps:
-        return slot_logps(token_losses, slots)
+        return with_router_loss(slot_logps(token_losses, slots), model,
+                                slots.get("router_weights"))
 
     if method.LAYOUT == "pairs":
         policy, reference = pair_logps(method, model, rows, slots.get("ref_logps"))

@@ -44,14 +44,15 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=N
 
 
 def aux_loss_lines(model, cfg: RunConfig) -> list[str]:
-    """What the log says where config.json asks a mixture of experts for its load-balancing loss
-    (output_router_logits) and a preference method leaves it out (MoeLM adds it to supervised
-    training's loss only; `router_aux_loss: true` with a method is refused by config.check)."""
-    if cfg.method == "sft" or not getattr(model, "aux_loss", False):
+    """What the log says where a preference method trains a mixture of experts without its
+    load-balancing loss: TRL's DPOTrainer and KTOTrainer add it wherever the coefficient is set,
+    whatever config.json's output_router_logits, which is what decides here (as for SFT)."""
+    moe = getattr(model.spec, "moe", None)
+    if cfg.method == "sft" or moe is None or model.adds_router_loss or moe.aux_loss_coef == 0:
         return []
-    return [f"router_aux_loss: config.json asks for the router's load-balancing loss "
-            f"(output_router_logits); --method {cfg.method} trains without it (supervised "
-            "training adds it)"]
+    return [f"router_aux_loss: off (config.json's output_router_logits is not true); TRL's "
+            f"DPOTrainer and KTOTrainer add router_aux_loss_coef ({moe.aux_loss_coef:g}) x the "
+            "router's load-balancing loss to the loss regardless: router_aux_loss: true does that"]
 
 
 def generic_path_lines(model: GenericLM, cfg: RunConfig) -> list[str]:

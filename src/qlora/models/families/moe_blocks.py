@@ -223,8 +223,7 @@ class MoeLM(DecoderLM):
         """DecoderLM.forward, plus the load-balancing loss over the real tokens (`real_lengths`:
         each row's; None: every token is real)."""
         # a preference method's per-token losses are log-probs: no token's is the router's loss
-        adds_aux = (labels is not None and not per_token and self.aux_loss
-                    and self.spec.moe.aux_loss_coef != 0)
+        adds_aux = labels is not None and not per_token and self.adds_router_loss
         if adds_aux and real_lengths is not None:
             # copied now, not after the layers, where a copy from pageable memory would first
             # wait for the whole forward queued on the GPU
@@ -249,6 +248,12 @@ class MoeLM(DecoderLM):
         n_labels = (shifted_targets(labels) != IGNORE_INDEX).sum()
         return total + self.spec.moe.aux_loss_coef * n_labels * self.router_aux_loss(real_lengths)
 
+    @property
+    def adds_router_loss(self) -> bool:
+        """Whether training adds the load-balancing loss (a preference method adds it itself,
+        methods/preference.with_router_loss, from the policy's forward)."""
+        return bool(self.aux_loss) and self.spec.moe.aux_loss_coef != 0
+
     def sparse_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
@@ -256,11 +261,13 @@ class MoeLM(DecoderLM):
         """The last forward's router logits of each sparse layer, [rows, experts], in order."""
         return [block.router_logits for block in self.sparse_blocks()]
 
-    def router_aux_loss(self, real_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def router_aux_loss(self, real_lengths: torch.Tensor | None = None,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
         """transformers' load-balancing loss of the last forward (without its coefficient), over
         the rows' first `real_lengths` tokens (int [rows of the batch]; None: all of them), as
-        transformers' with the attention_mask of those lengths."""
+        transformers' with the attention_mask of those lengths; or with each token's weight
+        given (`weights`, fp32 [rows, T] on the device: data/preference's router_weights)."""
         logits = self.router_logits()
-        real = None if real_lengths is None else \
-            real_token_weights(real_lengths, logits[0].shape[0], logits[0].device)
+        real = weights.reshape(-1) if weights is not None else None if real_lengths is None \
+            else real_token_weights(real_lengths, logits[0].shape[0], logits[0].device)
         return load_balancing_loss(logits, self.spec.moe.num_experts, self.spec.moe.top_k, real)
