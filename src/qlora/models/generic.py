@@ -209,38 +209,62 @@ def read_generic_spec(model_dir: str | Path) -> GenericSpec:
 
 
 # --- the checkpoint's tensor names ---------------------------------------------------------------
+class SourceMatch(NamedTuple):
+    """A stored tensor that one of transformers' WeightConverters turns into part of a model
+    parameter as it loads (one expert's weight, stacked with the others into a 3D one)."""
+    converter: object  # transformers' WeightConverter, from the model's conversion mapping
+    pattern: str  # which of its source patterns the tensor matches ("mlp.experts.*.up_proj...")
+    renamed: str  # the tensor's name after transformers' renamings, before the converter's
+
+
+class Conversion(NamedTuple):
+    """One model parameter made from several stored tensors, and transformers' converter that
+    makes it."""
+    converter: object  # transformers' WeightConverter (a prototype: each use takes a copy)
+    sources: dict[str, str]  # stored tensor name → the converter's source pattern it matches
+
+
+class ReadPlan(NamedTuple):
+    """How a checkpoint's tensors become the model's parameters."""
+    # stored name → model name; None: unread; a converted tensor: its own name in the model's
+    # terms (an expert's "model.layers.0.mlp.experts.3.up_proj.weight", as the Hub stores it)
+    names: dict[str, str | None]
+    conversions: dict[str, Conversion]  # model parameter → the stored tensors converted into it
+
+
 def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str | None]:
-    """Each tensor name of a checkpoint → its name in the model, or None for a tensor that
-    transformers too leaves unread (an old causal-mask buffer, a stored rotary table).
+    """Each tensor name of a checkpoint → its name in the model (read_plan's names)."""
+    return read_plan(hf, keys, source).names
+
+
+def read_plan(hf, keys, source: str = "the checkpoint") -> ReadPlan:
+    """Where each tensor of a checkpoint goes in the model: its name there, None for a tensor
+    that transformers too leaves unread (an old causal-mask buffer, a stored rotary table), or
+    the parameter it is converted into.
 
     A name is first renamed as transformers renames it when it loads (transformers_renamer:
     GPT-NeoX's "embed_out" → "lm_head", multimodal Gemma 3's "language_model.model." →
     "model.language_model."); a checkpoint of the base model alone names its tensors without
     the head's prefix ("h.0.attn.c_attn.weight" for GPT-2's "transformer.h.0.attn.c_attn.weight"):
-    the prefix is added. A name that still has no place, or one transformers would convert
-    (per-expert weights it stacks), is refused before anything is read: this path reads
-    tensors as they are stored."""
+    the prefix is added. Tensors transformers converts (each expert's weights, which it stacks
+    into one 3D parameter per projection: Qwen2-MoE's, OLMoE's) are grouped by the parameter
+    they make. A name that still has no place is refused before anything is read."""
     expected = set(hf.state_dict())
-    prefix = hf.base_model_prefix
     ignored = [re.compile(p) for p in (getattr(hf, "_keys_to_ignore_on_load_unexpected", None)
                                        or ())] + [re.compile(r"rotary_emb\.inv_freq$")]
     rename = transformers_renamer(hf)
     names: dict[str, str | None] = {}
+    conversions: dict[str, Conversion] = {}
     stored_as: dict[str, str] = {}  # model name → the stored name that fills it
     for stored in keys:
-        key, converted = rename(stored)
-        if converted:
-            raise QloraError(
-                f"{source}: tensor {stored} is one of the tensors transformers converts as it "
-                f"loads a {hf.config.model_type} model (into {key}: per-expert weights stacked, "
-                "or fused), which qlora's generic path does not do; this model cannot be trained "
-                "here")
-        if key in expected:
-            names[stored] = key
-        elif prefix and f"{prefix}.{key}" in expected:
-            names[stored] = f"{prefix}.{key}"
-        elif prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-            names[stored] = key[len(prefix) + 1:]
+        key, match = rename(stored)
+        placed = _placed(key, expected, hf.base_model_prefix)
+        if placed is not None and match is not None:
+            names[stored] = _placed_like(match.renamed, key, placed)
+            conversions.setdefault(placed, Conversion(match.converter, {})).sources[stored] = \
+                match.pattern
+        elif placed is not None:
+            names[stored] = placed
         elif any(p.search(stored) or p.search(key) for p in ignored):
             names[stored] = None
         else:
@@ -252,14 +276,40 @@ def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str 
         if name is not None and stored_as.setdefault(name, stored) != stored:
             raise QloraError(f"{source}: tensors {stored_as[name]} and {stored} both name the "
                              f"model's {name}; keep one of them")
-    return names
+    for target, conversion in conversions.items():
+        if target in stored_as:
+            raise QloraError(f"{source}: tensor {stored_as[target]} is the model's {target}, which "
+                             f"{next(iter(conversion.sources))} and others make too (one expert "
+                             "each); keep one layout of the experts")
+    return ReadPlan(names, conversions)
+
+
+def _placed(key: str, expected: set[str], prefix: str) -> str | None:
+    """The model's name for a (renamed) key: itself, with the base model's prefix added (a
+    checkpoint of the base model alone) or with it taken off; None where none of them exists."""
+    if key in expected:
+        return key
+    if prefix and f"{prefix}.{key}" in expected:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+        return key[len(prefix) + 1:]
+    return None
+
+
+def _placed_like(name: str, key: str, placed: str) -> str:
+    """`name` with the prefix that placing `key` at `placed` added or took off."""
+    if placed == key:
+        return name
+    if placed.endswith(key):
+        return placed[:-len(key)] + name
+    return name.removeprefix(key[:-len(placed)])
 
 
 def transformers_renamer(hf):
-    """key → (its name after the renamings transformers applies when it loads this model,
-    whether one of its conversions would also apply): transformers' own rename_source_key over
-    the model's conversion mapping (transformers 5); names unchanged on a transformers without
-    one."""
+    """key → (its name after the renamings and the conversion transformers applies when it loads
+    this model, a SourceMatch where one of its converters takes the tensor, else None):
+    transformers' own rename_source_key over the model's conversion mapping (transformers 5);
+    names unchanged on a transformers without one."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (WeightConverter, WeightRenaming,
@@ -268,21 +318,25 @@ def transformers_renamer(hf):
         # transformers 4 (4.52 on) renames by a class's regex map (multimodal Gemma 3's)
         legacy = getattr(hf, "_checkpoint_conversion_mapping", None) or {}
 
-        def rename_legacy(key: str) -> tuple[str, bool]:
+        def rename_legacy(key: str) -> tuple[str, SourceMatch | None]:
             for pattern, target in legacy.items():
                 key, hits = re.subn(pattern, target, key, count=1)
                 if hits:
                     break
-            return key, False
+            return key, None
 
         return rename_legacy
     mapping = get_model_conversion_mapping(hf)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
 
-    def rename(key: str) -> tuple[str, bool]:
-        renamed, converter = rename_source_key(key, renamings, converters)
-        return renamed, converter is not None
+    def rename(key: str) -> tuple[str, SourceMatch | None]:
+        renamed, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            return renamed, None
+        before, _ = rename_source_key(key, renamings, [])
+        return renamed, SourceMatch(by_pattern[pattern], pattern, before)
 
     return rename
 
@@ -329,6 +383,7 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     model = GenericLM(hf, spec_of(hf, cfg, name=Path(model_dir).name))
     model.name_or_path, model.quant = str(model_dir), quant
     _stream_weights(model, keys, quant, device, str(Path(model_dir)))
+    model.notes += stacked_expert_notes(hf, quant)
     hf.tie_weights()
     _move_buffers(hf, device)
     check_nothing_missing(model, model_dir)
@@ -337,19 +392,43 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     return model
 
 
+def stacked_expert_notes(hf, quant) -> list[str]:
+    """What the log says about a mixture of experts' experts: each projection of a layer's
+    experts is one 3D parameter ([experts, out, in]), not a linear layer, so it gets no adapter
+    here, and stays in the compute dtype where the linear layers are 4-bit: bitsandbytes
+    quantizes linear layers only (transformers + bitsandbytes keep the experts 16-bit too)."""
+    stacked = sum(p.numel() for name, p in hf.named_parameters()
+                  if p.dim() == 3 and name.rpartition(".")[0].endswith("experts"))
+    if not stacked:
+        return []
+    kept = ""
+    if quant.is_4bit:
+        dtype = str(quant.compute_dtype).removeprefix("torch.")
+        kept = (f" and stay in {dtype}, not {quant.method}, as transformers + bitsandbytes "
+                "keep them (bitsandbytes quantizes linear layers only)")
+    return [f"the experts' stacked 3D weights ({stacked / 1e6:,.1f}M parameters) get no "
+            f"adapters{kept}; PEFT's all-linear adapts them and the router on some model types "
+            "(OLMoE's among them), this path its linear layers only"]
+
+
 def _stream_weights(model: "GenericLM", keys: dict[Path, list[str]], quant, device: torch.device,
                     source: str) -> None:
     """Every tensor of the checkpoint into its place, shard after shard: a linear's weight is
     quantized as soon as it is read, so its 16-bit copy is gone before the next is read; the
-    rest goes in the compute dtype (fp32 where transformers keeps it so). Every name is checked
-    before any tensor is read."""
-    names = checkpoint_names(model.hf, [k for shard in keys.values() for k in shard], source)
+    rest goes in the compute dtype (fp32 where transformers keeps it so). Tensors transformers
+    converts (a layer's experts) are held until the last of their parameter's is read, then
+    converted and put in place: one layer's experts at a time, never the whole checkpoint. Every
+    name is checked before any tensor is read."""
+    plan = read_plan(model.hf, [k for shard in keys.values() for k in shard], source)
+    converted_into = {stored: target for target, conversion in plan.conversions.items()
+                      for stored in conversion.sources}
+    gathered: dict[str, dict[str, torch.Tensor]] = {}  # parameter → its tensors read so far
     to_quantize = {layer.name: layer for layer in model.spec.linears if layer.quantized}
     fp32 = _fp32_modules(model.hf, quant.compute_dtype)
     for path, shard in keys.items():
         handle = open_shard(path)
         for key in shard:
-            name = names[key]
+            name = converted_into.get(key, plan.names[key])
             if name is None:
                 continue
             module_name, _, leaf = name.rpartition(".")
@@ -360,8 +439,38 @@ def _stream_weights(model: "GenericLM", keys: dict[Path, list[str]], quant, devi
             tensor = read_tensor(handle, path, key)
             if tensor.is_floating_point():
                 tensor = tensor.to(torch.float32 if _matches(name, fp32) else quant.compute_dtype)
-            _set_tensor(model, name, tensor.to(device), path)
+            if key not in converted_into:
+                _set_tensor(model, name, tensor.to(device), path)
+                continue
+            parts = gathered.setdefault(name, {})
+            parts[key] = tensor
+            if len(parts) == len(plan.conversions[name].sources):
+                del gathered[name]
+                converted = convert_sources(model.hf, name, plan.conversions[name], parts, path)
+                for target, value in converted.items():
+                    _set_tensor(model, target, value.to(device), path)
         del handle
+
+
+def convert_sources(hf, target: str, conversion: Conversion, tensors: dict[str, torch.Tensor],
+                    path: Path | str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The parameters transformers makes of `tensors` (all the stored tensors of `conversion`,
+    emptied as they are handed over), by its own WeightConverter: given them as its loader gives
+    them, in its natural order of the names (expert 10 after expert 9), then run."""
+    from copy import deepcopy
+
+    from transformers.core_model_loading import dot_natural_key
+
+    converter = deepcopy(conversion.converter)  # as transformers: each parameter its own copy
+    for stored in sorted(tensors, key=dot_natural_key):
+        converter.add_tensor(target, stored, conversion.sources[stored], tensors.pop(stored))
+    try:
+        return converter.convert(target, model=hf, config=hf.config)
+    except (RuntimeError, ValueError) as err:
+        raise QloraError(f"{path}: transformers' conversion of {len(conversion.sources)} tensors "
+                         f"(e.g. {next(iter(conversion.sources))}) into {target} failed ({err}); "
+                         "does every expert have all its weights, of the shapes config.json "
+                         "implies?") from err
 
 
 def _set_quantized(model, layer: LinearLayer, tensor: torch.Tensor, quant, device) -> None:
