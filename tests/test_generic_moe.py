@@ -198,15 +198,8 @@ def test_all_linear_is_peft_s_on_qwen2_moe_and_its_linears_on_olmoe(moe_models):
 def test_training_loss_and_gradients_match_peft(moe_models, model_type):
     """One training batch: the summed loss over the label tokens and every adapter gradient
     equal transformers + peft's, the routing through the experts included."""
-    path = moe_models[model_type]
-    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0)
-    ours = load_model(path, NONE)
-    torch.manual_seed(0)
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in attach_adapters(ours, cfg)})
-    randomize_b(ours)
-    theirs = peft_twin(path, ours, cfg, target_modules=leaves)
-    ours.train()
-    theirs.train()
+    ours, theirs = twins(moe_models[model_type])
+    assert not ours.aux_loss  # config.json leaves output_router_logits off
     ids = tokens(4)
     labels = ids.clone()
     labels[:, :6] = -100
@@ -216,6 +209,22 @@ def test_training_loss_and_gradients_match_peft(moe_models, model_type):
     (loss_sum / n_labels).backward()
     reference.backward()
     assert float(loss_sum.detach()) / n_labels == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert_same_adapter_gradients(ours, theirs)
+
+
+def twins(path):
+    """Our model with random adapters on all its linear layers, and transformers + peft with
+    the same adapters, both in train mode."""
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0)
+    ours = load_model(path, NONE)
+    torch.manual_seed(0)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in attach_adapters(ours, cfg)})
+    randomize_b(ours)
+    theirs = peft_twin(path, ours, cfg, target_modules=leaves)
+    return ours.train(), theirs.train()
+
+
+def assert_same_adapter_gradients(ours, theirs) -> None:
     compared = 0
     for name, m in ours.named_modules():
         if isinstance(m, LoraLinear):
@@ -260,3 +269,43 @@ def test_merge_keeps_one_tensor_per_expert_and_transformers_loads_it(moe_models,
     ids = tokens(6)
     with torch.no_grad():
         assert rel_err(peft_model(ids).logits, hf_model(merged).eval()(ids).logits) <= 1e-5
+
+
+def test_the_router_loss_is_added_as_transformers_adds_it(moe_models, tmp_path):
+    """config.json's output_router_logits on: transformers' loss is its mean cross-entropy +
+    router_aux_loss_coef · its load-balancing loss (load_balancing_loss_func, over the tokens
+    its attention mask keeps); our sum over the label tokens, divided by them as the loop does,
+    is that loss and gives the same adapter gradients, a padded row's padding left out of the
+    routing by `real_lengths` as transformers leaves it out by the mask."""
+    import json
+    import shutil
+
+    path = shutil.copytree(moe_models["olmoe"], tmp_path / "olmoe-aux")
+    config = json.loads((path / "config.json").read_text())
+    config.update(output_router_logits=True, router_aux_loss_coef=0.5)
+    (path / "config.json").write_text(json.dumps(config))
+    ours, theirs = twins(path)
+    assert ours.aux_loss
+    ids = tokens(7)
+    lengths = torch.tensor([24, 15])
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 15:] = -100  # the second row's padding
+    mask = (torch.arange(24) < lengths[:, None]).long()
+    n_labels = int((labels[:, 1:] != -100).sum())
+    loss_sum = ours(ids, labels=labels, real_lengths=lengths)
+    reference = theirs(input_ids=ids, labels=labels, attention_mask=mask)
+    assert float(reference.aux_loss.detach()) > 0.5  # E · Σ f·P: 1 when the routing is even
+    (loss_sum / n_labels).backward()
+    reference.loss.backward()
+    assert float(loss_sum.detach()) / n_labels == pytest.approx(float(reference.loss.detach()),
+                                                                rel=1e-5)
+    assert_same_adapter_gradients(ours, theirs)
+    with torch.no_grad():
+        every_token = float(ours(ids, labels=labels)) / n_labels  # transformers without a mask
+        assert every_token == pytest.approx(float(theirs(input_ids=ids, labels=labels).loss),
+                                            rel=1e-5)
+        ours.aux_loss = False  # train's router_aux_loss: false
+        cross_entropy = float(ours(ids, labels=labels, real_lengths=lengths)) / n_labels
+    assert float(loss_sum.detach()) / n_labels - cross_entropy == pytest.approx(
+        0.5 * float(reference.aux_loss.detach()), rel=1e-5)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.errors import QloraError
-from qlora.models.decoder import IGNORE_INDEX, compute_device, labelled_rows
+from qlora.models.decoder import IGNORE_INDEX, compute_device, labelled_rows, shifted_targets
 from qlora.models.spec import read_config
 from qlora.models.weights import (check_nothing_missing, open_shard, read_tensor,
                                   replace_keeping_bias, shard_keys)
@@ -583,6 +584,16 @@ class GenericLM(nn.Module):
         self.keeps_cache = "past_key_values" in forward_args
         self.packs_documents = False  # measured once the weights are in (documents_kept_apart)
         self.notes: list[str] = []  # what the log should say about this model's path
+        # a mixture of experts' load-balancing loss, transformers' own function; added where
+        # config.json's output_router_logits asks (or train's router_aux_loss), as MoeLM does
+        self.router_loss = (router_loss_function(hf) if "output_router_logits" in forward_args
+                            else None)
+        asked = bool(getattr(hf.config, "output_router_logits", False))
+        self.aux_loss = asked and self.router_loss is not None
+        if asked and self.router_loss is None:
+            self.notes.append("config.json asks for the router's load-balancing loss "
+                              "(output_router_logits), which this path cannot add for "
+                              f"{spec.architecture}; it trains without it")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -611,17 +622,42 @@ class GenericLM(nn.Module):
                 labels: torch.Tensor | None = None, cache: GenericCache | None = None,
                 varlen=None, per_token: bool = False, real_lengths=None) -> torch.Tensor:
         """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32)
-        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them
-        (`real_lengths` unread: no router loss is added here)."""
+        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them. A
+        mixture of experts whose `aux_loss` is on adds to the sum router_aux_loss_coef · its
+        load-balancing loss · the label tokens, as MoeLM (so the loop's mean is transformers'
+        loss), counting each row's first `real_lengths` tokens (None: all of them)."""
         if varlen is not None:
             raise QloraError("the generic path has no varlen attention (the CUDA-graph step's)")
         if cache is not None:
             return self._next_logits(input_ids, cache)
-        logits = self.hf(input_ids=input_ids, **self._positions(input_ids, position_ids),
-                         **self.no_cache).logits
+        coef = getattr(self.hf, "router_aux_loss_coef", 0)
+        adds_aux = labels is not None and not per_token and self.aux_loss and coef != 0
+        routing = {"output_router_logits": adds_aux} if self.router_loss is not None else {}
+        out = self.hf(input_ids=input_ids, **self._positions(input_ids, position_ids),
+                      **self.no_cache, **routing)
         if labels is None:
-            return logits
-        return token_losses(logits, labels) if per_token else summed_loss(logits, labels)
+            return out.logits
+        if per_token:
+            return token_losses(out.logits, labels)
+        total = summed_loss(out.logits, labels)
+        if not adds_aux:
+            return total
+        n_labels = (shifted_targets(labels) != IGNORE_INDEX).sum()
+        return total + coef * n_labels * self._router_aux_loss(out.router_logits, input_ids,
+                                                               real_lengths)
+
+    def _router_aux_loss(self, router_logits, input_ids: torch.Tensor,
+                         real_lengths: torch.Tensor | None) -> torch.Tensor:
+        """transformers' load-balancing loss of this forward's routing, with the attention mask
+        of the rows' real lengths where padding follows them (transformers' forward gets that
+        mask from its caller; ours has none to pass: packed rows keep documents apart by
+        position)."""
+        mask = None
+        if real_lengths is not None:
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            mask = (columns < real_lengths.to(input_ids.device)[:, None]).long()
+        return self.router_loss(router_logits, self.hf.num_experts, self.hf.num_experts_per_tok,
+                                mask)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -648,6 +684,15 @@ class GenericLM(nn.Module):
         # no cache this wrapper can pass: the whole sequence again, its new positions returned
         cache.ids = input_ids if cache.ids is None else torch.cat([cache.ids, input_ids], dim=1)
         return self.hf(input_ids=cache.ids, **self.no_cache).logits[:, -input_ids.shape[1]:]
+
+
+def router_loss_function(hf):
+    """transformers' own load-balancing loss for this model (the load_balancing_loss_func of its
+    modeling module, which its forward adds where output_router_logits asks), or None where the
+    module or the model's expert counts are not there to call it as that forward does."""
+    function = getattr(sys.modules.get(type(hf).__module__), "load_balancing_loss_func", None)
+    counts = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")
+    return function if function is not None and all(hasattr(hf, c) for c in counts) else None
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
