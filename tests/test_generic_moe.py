@@ -309,3 +309,24 @@ def test_the_router_loss_is_added_as_transformers_adds_it(moe_models, tmp_path):
         cross_entropy = float(ours(ids, labels=labels, real_lengths=lengths)) / n_labels
     assert float(loss_sum.detach()) / n_labels - cross_entropy == pytest.approx(
         0.5 * float(reference.aux_loss.detach()), rel=1e-5)
+
+
+def test_plan_counts_the_16bit_experts_exactly(moe_models):
+    """`qlora plan`'s weights are the bytes our loaded 4-bit model holds, its experts' stacked
+    parameters in the compute dtype among them."""
+    import bitsandbytes as bnb
+
+    from qlora import memory
+
+    path = moe_models["qwen2_moe"]
+    b = memory.plan(memory.resolve_arch(model_dir=str(path)),
+                    memory.PlanConfig(alloc_rounding=False, nonquant_dtype="fp32"))
+    model = load_model(path, NF4)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            state = m.weight.quant_state
+            held += sum(t.numel() * t.element_size() for t in (
+                state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code))
+    experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
+    assert experts.dtype == FP32 and b.base + b.embeddings + b.norms == held

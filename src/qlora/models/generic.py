@@ -19,6 +19,19 @@ computes (transformers + bitsandbytes do the same), so once loaded every linear 
 ordinary [out, in] layer; `LinearLayer.transposed` remembers which were Conv1D in the checkpoint,
 for merge (which folds adapters into those transposed) and for the adapter config (PEFT's
 fan_in_fan_out).
+
+Mixtures of experts (Qwen2-MoE, OLMoE, and the other model types transformers loads by the same
+conversion): transformers 5 holds a layer's experts as one 3D parameter per projection
+(experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]), while the Hub's files, and
+transformers' own save_pretrained, store one tensor per expert. `read_plan` groups those tensors by
+the parameter they make; as they stream in, a parameter's tensors are held until its last one is
+read, then transformers' own WeightConverter of the model's conversion mapping (MergeModulelist,
+Concatenate) is run over them (`convert_sources`): one layer's experts in memory at a time. The
+stacked experts are not linear layers: they get no adapters and stay in the compute dtype under a
+4-bit base, as with transformers + bitsandbytes, which the log says. Where config.json's
+output_router_logits asks, the loss adds the router's load-balancing loss, transformers' own
+function, as the native MoeLM adds its own. Merge writes the experts under their stored names,
+which transformers stacks again as it loads.
 """
 
 from __future__ import annotations
