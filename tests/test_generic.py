@@ -48,8 +48,9 @@ SIZES = {
 }
 
 
-def build_generic(out, model_type: str, seed: int = 0):
-    """A random transformers `model_type` model with the tiny tokenizer, saved to `out`."""
+def build_generic(out, model_type: str, seed: int = 0, sizes: dict | None = None):
+    """A random transformers `model_type` model with the tiny tokenizer, saved to `out`; its
+    sizes SIZES' unless given."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora.tiny import build_tokenizer, tokenizer_vocab
@@ -57,7 +58,7 @@ def build_generic(out, model_type: str, seed: int = 0):
     vocab = tokenizer_vocab()
     config = AutoConfig.for_model(model_type, vocab_size=128, bos_token_id=vocab["<s>"],
                                   eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
-                                  **SIZES[model_type])
+                                  **(SIZES[model_type] if sizes is None else sizes))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=FP32)
     with torch.no_grad():  # norms at 1 and biases at 0 would hide a norm or bias left out
@@ -107,12 +108,12 @@ def randomize_b(model, seed: int = 1) -> None:
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
 
 
-def peft_twin(path, ours, cfg: AdapterConfig):
+def peft_twin(path, ours, cfg: AdapterConfig, target_modules="all-linear"):
     """transformers + peft with our adapters' weights copied in."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(hf_model(path), LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules="all-linear",
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_modules,
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM"))
     state = peft_model.state_dict()
     copied = 0
@@ -199,12 +200,12 @@ def test_conv1d_becomes_an_out_by_in_linear(models):
 def test_checkpoint_names_are_renamed_as_transformers_renames_them(models, tmp_path):
     """GPT-NeoX's saved head "embed_out.weight" is the model's "lm_head.weight" (transformers'
     renaming as it loads, run by transformers' own rename_source_key); per-expert weights that
-    transformers stacks as it loads (Qwen2-MoE's) are refused before anything is read, naming
-    the tensor."""
+    transformers stacks as it loads (Qwen2-MoE's) keep their own names and are grouped by the 3D
+    parameter they make (test_generic_moe.py loads them)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.models.generic import checkpoint_names
+    from qlora.models.generic import checkpoint_names, read_plan
 
     path = models["gpt_neox"]
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -224,9 +225,16 @@ def test_checkpoint_names_are_renamed_as_transformers_renames_them(models, tmp_p
                                   num_attention_heads=4, num_key_value_heads=2)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(QloraError, match=r"tensor model\.layers\.0\.mlp\.experts\.1\.up_proj"
-                                         r"\.weight is one of the tensors transformers converts"):
-        checkpoint_names(hf, ["model.layers.0.mlp.experts.1.up_proj.weight"])
+    experts = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in (1, 0)
+               for p in ("up", "gate")]
+    plan = read_plan(hf, experts)
+    assert plan.names == {k: k for k in experts}
+    (target, conversion), = plan.conversions.items()
+    assert target == "model.layers.0.mlp.experts.gate_up_proj"
+    assert conversion.sources[experts[0]] == "mlp.experts.*.up_proj.weight"
+    with pytest.raises(QloraError, match=r"tensor model\.layers\.0\.mlp\.experts\.gate_up_proj "
+                                         r"is the model's .* keep one layout of the experts"):
+        read_plan(hf, ["model.layers.0.mlp.experts.gate_up_proj", *experts])
 
 
 def test_transformers_4_renames_by_the_models_own_regex_map(monkeypatch):
@@ -241,8 +249,8 @@ def test_transformers_4_renames_by_the_models_own_regex_map(monkeypatch):
     hf = SimpleNamespace(_checkpoint_conversion_mapping={
         r"^language_model\.model": "model.language_model", r"^language_model": "model.x"})
     rename = transformers_renamer(hf)
-    assert rename("language_model.model.norm.weight") == ("model.language_model.norm.weight", False)
-    assert rename("lm_head.weight") == ("lm_head.weight", False)
+    assert rename("language_model.model.norm.weight") == ("model.language_model.norm.weight", None)
+    assert rename("lm_head.weight") == ("lm_head.weight", None)
 
 
 def test_a_multimodal_gemma3_checkpoint_loads_by_transformers_renamings(tmp_path):

@@ -19,6 +19,19 @@ computes (transformers + bitsandbytes do the same), so once loaded every linear 
 ordinary [out, in] layer; `LinearLayer.transposed` remembers which were Conv1D in the checkpoint,
 for merge (which folds adapters into those transposed) and for the adapter config (PEFT's
 fan_in_fan_out).
+
+Mixtures of experts (Qwen2-MoE, OLMoE, and the other model types transformers loads by the same
+conversion): transformers 5 holds a layer's experts as one 3D parameter per projection
+(experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]), while the Hub's files, and
+transformers' own save_pretrained, store one tensor per expert. `read_plan` groups those tensors by
+the parameter they make; as they stream in, a parameter's tensors are held until its last one is
+read, then transformers' own WeightConverter of the model's conversion mapping (MergeModulelist,
+Concatenate) is run over them (`convert_sources`): one layer's experts in memory at a time. The
+stacked experts are not linear layers: they get no adapters and stay in the compute dtype under a
+4-bit base, as with transformers + bitsandbytes, which the log says. Where config.json's
+output_router_logits asks, the loss adds the router's load-balancing loss, transformers' own
+function, as the native MoeLM adds its own. Merge writes the experts under their stored names,
+which transformers stacks again as it loads.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.errors import QloraError
-from qlora.models.decoder import IGNORE_INDEX, compute_device, labelled_rows
+from qlora.models.decoder import IGNORE_INDEX, compute_device, labelled_rows, shifted_targets
 from qlora.models.spec import read_config
 from qlora.models.weights import (check_nothing_missing, open_shard, read_tensor,
                                   replace_keeping_bias, shard_keys)
@@ -209,38 +223,62 @@ def read_generic_spec(model_dir: str | Path) -> GenericSpec:
 
 
 # --- the checkpoint's tensor names ---------------------------------------------------------------
+class SourceMatch(NamedTuple):
+    """A stored tensor that one of transformers' WeightConverters turns into part of a model
+    parameter as it loads (one expert's weight, stacked with the others into a 3D one)."""
+    converter: object  # transformers' WeightConverter, from the model's conversion mapping
+    pattern: str  # which of its source patterns the tensor matches ("mlp.experts.*.up_proj...")
+    renamed: str  # the tensor's name after transformers' renamings, before the converter's
+
+
+class Conversion(NamedTuple):
+    """One model parameter made from several stored tensors, and transformers' converter that
+    makes it."""
+    converter: object  # transformers' WeightConverter (a prototype: each use takes a copy)
+    sources: dict[str, str]  # stored tensor name → the converter's source pattern it matches
+
+
+class ReadPlan(NamedTuple):
+    """How a checkpoint's tensors become the model's parameters."""
+    # stored name → model name; None: unread; a converted tensor: its own name in the model's
+    # terms (an expert's "model.layers.0.mlp.experts.3.up_proj.weight", as the Hub stores it)
+    names: dict[str, str | None]
+    conversions: dict[str, Conversion]  # model parameter → the stored tensors converted into it
+
+
 def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str | None]:
-    """Each tensor name of a checkpoint → its name in the model, or None for a tensor that
-    transformers too leaves unread (an old causal-mask buffer, a stored rotary table).
+    """Each tensor name of a checkpoint → its name in the model (read_plan's names)."""
+    return read_plan(hf, keys, source).names
+
+
+def read_plan(hf, keys, source: str = "the checkpoint") -> ReadPlan:
+    """Where each tensor of a checkpoint goes in the model: its name there, None for a tensor
+    that transformers too leaves unread (an old causal-mask buffer, a stored rotary table), or
+    the parameter it is converted into.
 
     A name is first renamed as transformers renames it when it loads (transformers_renamer:
     GPT-NeoX's "embed_out" → "lm_head", multimodal Gemma 3's "language_model.model." →
     "model.language_model."); a checkpoint of the base model alone names its tensors without
     the head's prefix ("h.0.attn.c_attn.weight" for GPT-2's "transformer.h.0.attn.c_attn.weight"):
-    the prefix is added. A name that still has no place, or one transformers would convert
-    (per-expert weights it stacks), is refused before anything is read: this path reads
-    tensors as they are stored."""
+    the prefix is added. Tensors transformers converts (each expert's weights, which it stacks
+    into one 3D parameter per projection: Qwen2-MoE's, OLMoE's) are grouped by the parameter
+    they make. A name that still has no place is refused before anything is read."""
     expected = set(hf.state_dict())
-    prefix = hf.base_model_prefix
     ignored = [re.compile(p) for p in (getattr(hf, "_keys_to_ignore_on_load_unexpected", None)
                                        or ())] + [re.compile(r"rotary_emb\.inv_freq$")]
     rename = transformers_renamer(hf)
     names: dict[str, str | None] = {}
+    conversions: dict[str, Conversion] = {}
     stored_as: dict[str, str] = {}  # model name → the stored name that fills it
     for stored in keys:
-        key, converted = rename(stored)
-        if converted:
-            raise QloraError(
-                f"{source}: tensor {stored} is one of the tensors transformers converts as it "
-                f"loads a {hf.config.model_type} model (into {key}: per-expert weights stacked, "
-                "or fused), which qlora's generic path does not do; this model cannot be trained "
-                "here")
-        if key in expected:
-            names[stored] = key
-        elif prefix and f"{prefix}.{key}" in expected:
-            names[stored] = f"{prefix}.{key}"
-        elif prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-            names[stored] = key[len(prefix) + 1:]
+        key, match = rename(stored)
+        placed = _placed(key, expected, hf.base_model_prefix)
+        if placed is not None and match is not None:
+            names[stored] = _placed_like(match.renamed, key, placed)
+            conversions.setdefault(placed, Conversion(match.converter, {})).sources[stored] = \
+                match.pattern
+        elif placed is not None:
+            names[stored] = placed
         elif any(p.search(stored) or p.search(key) for p in ignored):
             names[stored] = None
         else:
@@ -252,14 +290,40 @@ def checkpoint_names(hf, keys, source: str = "the checkpoint") -> dict[str, str 
         if name is not None and stored_as.setdefault(name, stored) != stored:
             raise QloraError(f"{source}: tensors {stored_as[name]} and {stored} both name the "
                              f"model's {name}; keep one of them")
-    return names
+    for target, conversion in conversions.items():
+        if target in stored_as:
+            raise QloraError(f"{source}: tensor {stored_as[target]} is the model's {target}, which "
+                             f"{next(iter(conversion.sources))} and others make too (one expert "
+                             "each); keep one layout of the experts")
+    return ReadPlan(names, conversions)
+
+
+def _placed(key: str, expected: set[str], prefix: str) -> str | None:
+    """The model's name for a (renamed) key: itself, with the base model's prefix added (a
+    checkpoint of the base model alone) or with it taken off; None where none of them exists."""
+    if key in expected:
+        return key
+    if prefix and f"{prefix}.{key}" in expected:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+        return key[len(prefix) + 1:]
+    return None
+
+
+def _placed_like(name: str, key: str, placed: str) -> str:
+    """`name` with the prefix that placing `key` at `placed` added or took off."""
+    if placed == key:
+        return name
+    if placed.endswith(key):
+        return placed[:-len(key)] + name
+    return name.removeprefix(key[:-len(placed)])
 
 
 def transformers_renamer(hf):
-    """key → (its name after the renamings transformers applies when it loads this model,
-    whether one of its conversions would also apply): transformers' own rename_source_key over
-    the model's conversion mapping (transformers 5); names unchanged on a transformers without
-    one."""
+    """key → (its name after the renamings and the conversion transformers applies when it loads
+    this model, a SourceMatch where one of its converters takes the tensor, else None):
+    transformers' own rename_source_key over the model's conversion mapping (transformers 5);
+    names unchanged on a transformers without one."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (WeightConverter, WeightRenaming,
@@ -268,21 +332,25 @@ def transformers_renamer(hf):
         # transformers 4 (4.52 on) renames by a class's regex map (multimodal Gemma 3's)
         legacy = getattr(hf, "_checkpoint_conversion_mapping", None) or {}
 
-        def rename_legacy(key: str) -> tuple[str, bool]:
+        def rename_legacy(key: str) -> tuple[str, SourceMatch | None]:
             for pattern, target in legacy.items():
                 key, hits = re.subn(pattern, target, key, count=1)
                 if hits:
                     break
-            return key, False
+            return key, None
 
         return rename_legacy
     mapping = get_model_conversion_mapping(hf)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
 
-    def rename(key: str) -> tuple[str, bool]:
-        renamed, converter = rename_source_key(key, renamings, converters)
-        return renamed, converter is not None
+    def rename(key: str) -> tuple[str, SourceMatch | None]:
+        renamed, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            return renamed, None
+        before, _ = rename_source_key(key, renamings, [])
+        return renamed, SourceMatch(by_pattern[pattern], pattern, before)
 
     return rename
 
@@ -329,6 +397,7 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     model = GenericLM(hf, spec_of(hf, cfg, name=Path(model_dir).name))
     model.name_or_path, model.quant = str(model_dir), quant
     _stream_weights(model, keys, quant, device, str(Path(model_dir)))
+    model.notes += stacked_expert_notes(hf, quant)
     hf.tie_weights()
     _move_buffers(hf, device)
     check_nothing_missing(model, model_dir)
@@ -337,19 +406,43 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     return model
 
 
+def stacked_expert_notes(hf, quant) -> list[str]:
+    """What the log says about a mixture of experts' experts: each projection of a layer's
+    experts is one 3D parameter ([experts, out, in]), not a linear layer, so it gets no adapter
+    here, and stays in the compute dtype where the linear layers are 4-bit: bitsandbytes
+    quantizes linear layers only (transformers + bitsandbytes keep the experts 16-bit too)."""
+    stacked = sum(p.numel() for name, p in hf.named_parameters()
+                  if p.dim() == 3 and name.rpartition(".")[0].endswith("experts"))
+    if not stacked:
+        return []
+    kept = ""
+    if quant.is_4bit:
+        dtype = str(quant.compute_dtype).removeprefix("torch.")
+        kept = (f" and stay in {dtype}, not {quant.method}, as transformers + bitsandbytes "
+                "keep them (bitsandbytes quantizes linear layers only)")
+    return [f"the experts' stacked 3D weights ({stacked / 1e6:,.1f}M parameters) get no "
+            f"adapters{kept}; PEFT's all-linear adapts them and the router on some model types "
+            "(OLMoE's among them), this path its linear layers only"]
+
+
 def _stream_weights(model: "GenericLM", keys: dict[Path, list[str]], quant, device: torch.device,
                     source: str) -> None:
     """Every tensor of the checkpoint into its place, shard after shard: a linear's weight is
     quantized as soon as it is read, so its 16-bit copy is gone before the next is read; the
-    rest goes in the compute dtype (fp32 where transformers keeps it so). Every name is checked
-    before any tensor is read."""
-    names = checkpoint_names(model.hf, [k for shard in keys.values() for k in shard], source)
+    rest goes in the compute dtype (fp32 where transformers keeps it so). Tensors transformers
+    converts (a layer's experts) are held until the last of their parameter's is read, then
+    converted and put in place: one layer's experts at a time, never the whole checkpoint. Every
+    name is checked before any tensor is read."""
+    plan = read_plan(model.hf, [k for shard in keys.values() for k in shard], source)
+    converted_into = {stored: target for target, conversion in plan.conversions.items()
+                      for stored in conversion.sources}
+    gathered: dict[str, dict[str, torch.Tensor]] = {}  # parameter → its tensors read so far
     to_quantize = {layer.name: layer for layer in model.spec.linears if layer.quantized}
     fp32 = _fp32_modules(model.hf, quant.compute_dtype)
     for path, shard in keys.items():
         handle = open_shard(path)
         for key in shard:
-            name = names[key]
+            name = converted_into.get(key, plan.names[key])
             if name is None:
                 continue
             module_name, _, leaf = name.rpartition(".")
@@ -360,8 +453,38 @@ def _stream_weights(model: "GenericLM", keys: dict[Path, list[str]], quant, devi
             tensor = read_tensor(handle, path, key)
             if tensor.is_floating_point():
                 tensor = tensor.to(torch.float32 if _matches(name, fp32) else quant.compute_dtype)
-            _set_tensor(model, name, tensor.to(device), path)
+            if key not in converted_into:
+                _set_tensor(model, name, tensor.to(device), path)
+                continue
+            parts = gathered.setdefault(name, {})
+            parts[key] = tensor
+            if len(parts) == len(plan.conversions[name].sources):
+                del gathered[name]
+                converted = convert_sources(model.hf, name, plan.conversions[name], parts, path)
+                for target, value in converted.items():
+                    _set_tensor(model, target, value.to(device), path)
         del handle
+
+
+def convert_sources(hf, target: str, conversion: Conversion, tensors: dict[str, torch.Tensor],
+                    path: Path | str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The parameters transformers makes of `tensors` (all the stored tensors of `conversion`,
+    emptied as they are handed over), by its own WeightConverter: given them as its loader gives
+    them, in its natural order of the names (expert 10 after expert 9), then run."""
+    from copy import deepcopy
+
+    from transformers.core_model_loading import dot_natural_key
+
+    converter = deepcopy(conversion.converter)  # as transformers: each parameter its own copy
+    for stored in sorted(tensors, key=dot_natural_key):
+        converter.add_tensor(target, stored, conversion.sources[stored], tensors.pop(stored))
+    try:
+        return converter.convert(target, model=hf, config=hf.config)
+    except (RuntimeError, ValueError) as err:
+        raise QloraError(f"{path}: transformers' conversion of {len(conversion.sources)} tensors "
+                         f"(e.g. {next(iter(conversion.sources))}) into {target} failed ({err}); "
+                         "does every expert have all its weights, of the shapes config.json "
+                         "implies?") from err
 
 
 def _set_quantized(model, layer: LinearLayer, tensor: torch.Tensor, quant, device) -> None:
@@ -474,6 +597,16 @@ class GenericLM(nn.Module):
         self.keeps_cache = "past_key_values" in forward_args
         self.packs_documents = False  # measured once the weights are in (documents_kept_apart)
         self.notes: list[str] = []  # what the log should say about this model's path
+        # a mixture of experts' load-balancing loss, transformers' own function; added where
+        # config.json's output_router_logits asks (or train's router_aux_loss), as MoeLM does
+        self.router_loss = (router_loss_function(hf) if "output_router_logits" in forward_args
+                            else None)
+        asked = bool(getattr(hf.config, "output_router_logits", False))
+        self.aux_loss = asked and self.router_loss is not None
+        if asked and self.router_loss is None:
+            self.notes.append("config.json asks for the router's load-balancing loss "
+                              "(output_router_logits), which this path cannot add for "
+                              f"{spec.architecture}; it trains without it")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -502,17 +635,42 @@ class GenericLM(nn.Module):
                 labels: torch.Tensor | None = None, cache: GenericCache | None = None,
                 varlen=None, per_token: bool = False, real_lengths=None) -> torch.Tensor:
         """Logits [B, T, V] without labels; with labels, the SUM of token cross-entropies (fp32)
-        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them
-        (`real_lengths` unread: no router loss is added here)."""
+        over the shifted labels, or with `per_token` each one's, as DecoderLM returns them. A
+        mixture of experts whose `aux_loss` is on adds to the sum router_aux_loss_coef · its
+        load-balancing loss · the label tokens, as MoeLM (so the loop's mean is transformers'
+        loss), counting each row's first `real_lengths` tokens (None: all of them)."""
         if varlen is not None:
             raise QloraError("the generic path has no varlen attention (the CUDA-graph step's)")
         if cache is not None:
             return self._next_logits(input_ids, cache)
-        logits = self.hf(input_ids=input_ids, **self._positions(input_ids, position_ids),
-                         **self.no_cache).logits
+        coef = getattr(self.hf, "router_aux_loss_coef", 0)
+        adds_aux = labels is not None and not per_token and self.aux_loss and coef != 0
+        routing = {"output_router_logits": adds_aux} if self.router_loss is not None else {}
+        out = self.hf(input_ids=input_ids, **self._positions(input_ids, position_ids),
+                      **self.no_cache, **routing)
         if labels is None:
-            return logits
-        return token_losses(logits, labels) if per_token else summed_loss(logits, labels)
+            return out.logits
+        if per_token:
+            return token_losses(out.logits, labels)
+        total = summed_loss(out.logits, labels)
+        if not adds_aux:
+            return total
+        n_labels = (shifted_targets(labels) != IGNORE_INDEX).sum()
+        return total + coef * n_labels * self._router_aux_loss(out.router_logits, input_ids,
+                                                               real_lengths)
+
+    def _router_aux_loss(self, router_logits, input_ids: torch.Tensor,
+                         real_lengths: torch.Tensor | None) -> torch.Tensor:
+        """transformers' load-balancing loss of this forward's routing, with the attention mask
+        of the rows' real lengths where padding follows them (transformers' forward gets that
+        mask from its caller; ours has none to pass: packed rows keep documents apart by
+        position)."""
+        mask = None
+        if real_lengths is not None:
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            mask = (columns < real_lengths.to(input_ids.device)[:, None]).long()
+        return self.router_loss(router_logits, self.hf.num_experts, self.hf.num_experts_per_tok,
+                                mask)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -539,6 +697,15 @@ class GenericLM(nn.Module):
         # no cache this wrapper can pass: the whole sequence again, its new positions returned
         cache.ids = input_ids if cache.ids is None else torch.cat([cache.ids, input_ids], dim=1)
         return self.hf(input_ids=cache.ids, **self.no_cache).logits[:, -input_ids.shape[1]:]
+
+
+def router_loss_function(hf):
+    """transformers' own load-balancing loss for this model (the load_balancing_loss_func of its
+    modeling module, which its forward adds where output_router_logits asks), or None where the
+    module or the model's expert counts are not there to call it as that forward does."""
+    function = getattr(sys.modules.get(type(hf).__module__), "load_balancing_loss_func", None)
+    counts = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")
+    return function if function is not None and all(hasattr(hf, c) for c in counts) else None
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

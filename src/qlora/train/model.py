@@ -38,7 +38,9 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=N
                                          target_modules=targets, use_rslora=cfg.use_rslora,
                                          use_dora=cfg.use_dora))
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.router_aux_loss is not None and getattr(model.spec, "moe", None) is not None:
+    has_router_loss = (getattr(model.spec, "moe", None) is not None
+                       or getattr(model, "router_loss", None) is not None)  # the generic path's
+    if cfg.router_aux_loss is not None and has_router_loss:
         model.aux_loss = cfg.router_aux_loss  # else config.json's output_router_logits
     return model
 
