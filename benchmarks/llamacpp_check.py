@@ -2,8 +2,9 @@
 
 Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3,
 phi3 with LongRoPE, and the mixtures of experts mixtral and qwen3_moe) or of the generic path's
-(`--families generic`: gpt2, gpt_neox, olmo, granite, gemma and variants), exports each with `qlora.export.export_gguf`,
-loads the files in llama.cpp through llama-cpp-python, and compares on the same token ids:
+(`--families generic`: gpt2, gpt_neox, olmo, granite, gemma and variants), exports each with
+`qlora.export.export_gguf`, loads the files in llama.cpp through llama-cpp-python, and compares on
+the same token ids:
   (a) logits at every position (llama.cpp `logits_all=True`) vs transformers fp32, and vs transformers
       fp32 running the GGUF's own dequantized weights (which separates llama.cpp's arithmetic from the
       quantization error of the file type);
@@ -264,7 +265,8 @@ def main() -> None:
                     help="a python that can import llama_cpp (default: this one)")
     ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,phi3-longrope,"
                                             "mixtral,qwen3_moe",
-                    help=f"comma-separated; 'generic' stands for the generic path's {GENERIC_FAMILIES}")
+                    help="comma-separated; 'generic' stands for the generic path's "
+                         f"{GENERIC_FAMILIES}")
     ap.add_argument("--types", default="f16,q8_0", help="file types for every family")
     ap.add_argument("--q4km-family", default="llama,mixtral,qwen3_moe",
                     help="the families (comma-separated) also exported as q4_k_m")

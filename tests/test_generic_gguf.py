@@ -145,7 +145,8 @@ def sizes_of(path) -> dict:
 
     c = AutoConfig.from_pretrained(str(path))  # GPT-2's n_embd read as hidden_size...
     heads = c.num_attention_heads
-    return dict(hidden=c.hidden_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", heads),
+    return dict(hidden=c.hidden_size, heads=heads,
+                kv_heads=getattr(c, "num_key_value_heads", heads),
                 head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
                 ff=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
                 vocab=c.vocab_size, context=c.max_position_embeddings)
@@ -203,7 +204,8 @@ def test_tensors_are_the_merged_weights_as_llama_cpp_reads_them(adapted, exporte
     assert {t.name for t in reader.tensors} == set(expected)
     for t in reader.tensors:
         role, kind = t.name.rsplit(".", 1)
-        assert tuple(int(n) for n in t.shape) == llama_cpp_shape(role.split(".")[-1], kind, h), t.name
+        shape = tuple(int(n) for n in t.shape)
+        assert shape == llama_cpp_shape(role.split(".")[-1], kind, h), t.name
         name, w = expected[t.name]
         want = gguf_layout(name, w, model_type, h).astype(np.float32)
         got = dequantize(t.data, t.tensor_type).reshape(want.shape)

@@ -20,6 +20,10 @@ What llama.cpp needs and where it comes from:
   window and the soft-caps as keys. llama.cpp does not read the layer pattern, the query scale
   nor Gemma 3's local RoPE base from the file: it derives them from the architecture and the
   layer count, so a config.json that departs from those is refused (`gemma_settings`).
+- the generic path's gpt2, gpt_neox, olmo, granite and gemma: one dict each in gguf_generic.py
+  (architecture, norm, rope, extra keys, refused settings); their tensors through the same plan,
+  each moved into llama.cpp's layout by its STEPS (tensor_steps: GPT-2's Conv1D weights
+  transposed, GPT-NeoX's fused qkv regrouped, olmo/granite q/k permuted, Gemma's norms 1 + w).
 
 Types (QTYPES): f16, bf16, q8_0, q4_0 and the k-quant mixtures q2_k, q3_k_m, q4_k_s, q4_k_m,
 q5_k_s, q5_k_m, q6_k. Which tensor gets which GGML type, and the fallbacks for rows that do not fill
@@ -99,12 +103,14 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 def qkv_by_part(w: np.ndarray, n_head: int) -> np.ndarray:
     """A fused qkv's rows from transformers' per-head [q k v] groups (GPT-NeoX) → llama.cpp's
     [every q | every k | every v]."""
-    return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+    head_dim = w.shape[0] // n_head // 3
+    return w.reshape(n_head, 3, head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
 def qkv_by_head(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of qkv_by_part."""
-    return w.reshape(3, n_head, w.shape[0] // n_head // 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+    head_dim = w.shape[0] // n_head // 3
+    return w.reshape(3, n_head, head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
 # --- tensor layouts: what llama.cpp's architectures read otherwise than transformers stores -----

@@ -91,13 +91,13 @@ def check_settings(config: dict, family: dict, source: Path) -> None:
     """Refuse a setting llama.cpp's architecture computes otherwise, naming it."""
     from qlora.export.gguf import rope_settings
 
-    name = f"{source}: {config['model_type']}"
+    name, arch = f"{source}: {config['model_type']}", family["arch"].lower()
     for key, allowed in family["requires"].items():
         if config.get(key) not in allowed:
             raise QloraError(
-                f"{name} sets {key} = {config.get(key)!r}, and llama.cpp's {family['arch'].lower()} "
-                f"computes only {' or '.join(map(repr, allowed))}: its GGUF would compute another "
-                "model; GGUF export refuses it (`qlora merge` still writes the merged checkpoint)")
+                f"{name} sets {key} = {config.get(key)!r}, and llama.cpp's {arch} computes only "
+                f"{' or '.join(map(repr, allowed))}: its GGUF would compute another model; GGUF "
+                "export refuses it (`qlora merge` still writes the merged checkpoint)")
     if family["rope"] is None:
         return
     scaling = rope_settings(config)[1]
@@ -106,8 +106,8 @@ def check_settings(config: dict, family: dict, source: Path) -> None:
         raise QloraError(f"{name} sets rope scaling ({kind!r}); GGUF export writes rope scaling "
                          "for the native families only; remove it or merge with `qlora merge`")
     if family["rope"] == "full" and partial_rotary(config) != 1.0:
-        raise QloraError(f"{name} sets partial_rotary_factor = {partial_rotary(config)}; llama.cpp's "
-                         f"{family['arch'].lower()} rotates every dimension of a head")
+        raise QloraError(f"{name} sets partial_rotary_factor = {partial_rotary(config)}; "
+                         f"llama.cpp's {arch} rotates every dimension of a head")
 
 
 def partial_rotary(config: dict) -> float:
