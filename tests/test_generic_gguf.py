@@ -277,3 +277,17 @@ def test_settings_llama_cpp_computes_otherwise_are_refused(adapted, tmp_path, mo
         export_gguf(odd, tmp_path / "m.gguf", "f16")
     assert says in str(err.value) and model_type in str(err.value)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_an_importance_matrix_is_refused_on_the_generic_path(adapted, tmp_path, capsys):
+    """The importance matrix hooks the native decoder's linears: refused before any forward."""
+    from qlora.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello there"}\n')
+    rc = main(["export", "--gguf", "--model", str(adapted["olmo"][0]), "--out",
+               str(tmp_path / "m.gguf"), "--type", "q4_k_m", "--imatrix-data", str(data),
+               "--no-check"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--imatrix-data" in err and "'olmo'" in err and "generic path" in err
+    assert not (tmp_path / "m.gguf").exists()
