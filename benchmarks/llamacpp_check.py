@@ -1,8 +1,10 @@
 """Does llama.cpp read our GGUF files and compute what transformers computes?
 
 Builds tiny random models of the native families (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3,
-phi3 with LongRoPE, and the mixtures of experts mixtral and qwen3_moe), exports each with `qlora.export.export_gguf`,
-loads the files in llama.cpp through llama-cpp-python, and compares on the same token ids:
+phi3 with LongRoPE, and the mixtures of experts mixtral and qwen3_moe) or of the generic path's
+(`--families generic`: gpt2, gpt_neox, olmo, granite, gemma and variants), exports each with
+`qlora.export.export_gguf`, loads the files in llama.cpp through llama-cpp-python, and compares on
+the same token ids:
   (a) logits at every position (llama.cpp `logits_all=True`) vs transformers fp32, and vs transformers
       fp32 running the GGUF's own dequantized weights (which separates llama.cpp's arithmetic from the
       quantization error of the file type);
@@ -60,8 +62,24 @@ EXTRA = {"qwen3": {"head_dim": 64},
                            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
                                                "short_factor": [1.0 + 0.25 * i for i in range(32)],
                                                "long_factor": [2.0 + 1.5 * i for i in range(32)]}}}
+# the generic path's models (models/generic.py), built by transformers' own config class with
+# their own size names; settings unlike transformers' defaults where llama.cpp reads them from the
+# file (Granite's multipliers, OLMo's clip), so that a key written wrong or left out shows
+_GENERIC_BLOCK = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                      num_hidden_layers=2, max_position_embeddings=256)
+GENERIC = {
+    "gpt2": dict(n_embd=256, n_layer=2, n_head=4, n_positions=256),
+    "gpt_neox": _GENERIC_BLOCK,  # rotary on a quarter of each head, parallel residual
+    "gpt_neox-sequential": {**_GENERIC_BLOCK, "use_parallel_residual": False},
+    "olmo": {**_GENERIC_BLOCK, "num_key_value_heads": 2},
+    "olmo-clip": {**_GENERIC_BLOCK, "num_key_value_heads": 2, "clip_qkv": 1.0},
+    "granite": {**_GENERIC_BLOCK, "num_key_value_heads": 2, "embedding_multiplier": 2.0,
+                "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 2.0},
+    "gemma": {**_GENERIC_BLOCK, "num_key_value_heads": 2, "head_dim": 64},
+}
+GENERIC_FAMILIES = ",".join(GENERIC)
 # a variant of a family: the model_type it builds
-FAMILY_OF = {"phi3-longrope": "phi3"}
+FAMILY_OF = {"phi3-longrope": "phi3", "gpt_neox-sequential": "gpt_neox", "olmo-clip": "olmo"}
 TEXT = "Hello, world! The quick brown fox\njumps over 13 lazy dogs.\t(ok?) ~{x}_y"
 SPECIAL_TEXT = "<|im_start|>user\nhi there<|im_end|>\n"
 PROMPT_LEN = 12
@@ -143,6 +161,29 @@ def run_worker(llama_python: str, job: dict, work: Path) -> dict:
 
 
 # --- the reference side (project venv) ---------------------------------------------------------
+def build_generic_model(out: Path, family: str, init_std: float) -> Path:
+    """A random model of a generic-path family with the tiny tokenizer (ChatML template), every
+    1-D parameter moved off its initial 1 or 0 so that a norm or bias left out shows."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.tiny import build_tokenizer, tokenizer_vocab
+
+    vocab = tokenizer_vocab()
+    config = AutoConfig.for_model(FAMILY_OF.get(family, family), vocab_size=128,
+                                  initializer_range=init_std, bos_token_id=vocab["<s>"],
+                                  eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                                  **GENERIC[family])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(out))
+    build_tokenizer(out)
+    return out
+
+
 def hf_model_on_gguf_weights(gguf_file: Path, model_dir: Path, work: Path):
     """transformers' model of model_dir holding the GGUF's tensors dequantized to fp32
     (qlora.export.check's reader, what `--check-engine qlora` runs), written as a checkpoint of
@@ -200,10 +241,15 @@ def qlora_greedy(model_dir: Path, prompt: list[int], steps: int) -> list[int]:
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> dict:
+    """The differences; where the argmax differs, `near_ties` gives the reference's gap between
+    its best logit and the one `got` picks (a near tie: a gap within the logits' error)."""
     d = got - want
+    parted = np.nonzero(got.argmax(-1) != want.argmax(-1))[0]
+    gaps = want[parted, want.argmax(-1)[parted]] - want[parted, got.argmax(-1)[parted]]
     return {"max_abs": float(np.abs(d).max()), "max_ref": float(np.abs(want).max()),
             "rel_rms": float(np.sqrt((d**2).mean()) / np.sqrt((want**2).mean())),
-            "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).mean())}
+            "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).mean()),
+            "near_ties": [round(float(g), 4) for g in gaps]}
 
 
 def agree(a: list[int], b: list[int]) -> str:
@@ -218,7 +264,9 @@ def main() -> None:
     ap.add_argument("--llama-python", default=sys.executable,
                     help="a python that can import llama_cpp (default: this one)")
     ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma2,gemma3_text,phi3,phi3-longrope,"
-                                            "mixtral,qwen3_moe")
+                                            "mixtral,qwen3_moe",
+                    help="comma-separated; 'generic' stands for the generic path's "
+                         f"{GENERIC_FAMILIES}")
     ap.add_argument("--types", default="f16,q8_0", help="file types for every family")
     ap.add_argument("--q4km-family", default="llama,mixtral,qwen3_moe",
                     help="the families (comma-separated) also exported as q4_k_m")
@@ -243,14 +291,18 @@ def main() -> None:
     report = {"runs": []}
     with tempfile.TemporaryDirectory(prefix="llamacpp_check.") as tmp:
         root = Path(tmp)
-        for family in args.families.split(","):
+        for family in args.families.replace("generic", GENERIC_FAMILIES).split(","):
             # not named after the family: llama.cpp reads general.name (the folder's name), and
             # for a name holding "phi3" it looks up Phi-3's <|end|> token, which the tiny
             # vocabulary lacks
-            model_dir = build_tiny_model(root / f"tiny-model-{len(report['runs'])}",
-                                         FAMILY_OF.get(family, family),
-                                         initializer_range=args.init_std,
-                                         **{**SIZES, **EXTRA.get(family, {})})
+            folder = root / f"tiny-model-{len(report['runs'])}"
+            torch.manual_seed(0)
+            if family in GENERIC:
+                model_dir = build_generic_model(folder, family, args.init_std)
+            else:
+                model_dir = build_tiny_model(folder, FAMILY_OF.get(family, family),
+                                             initializer_range=args.init_std,
+                                             **{**SIZES, **EXTRA.get(family, {})})
             tok = AutoTokenizer.from_pretrained(str(model_dir))
             # the reference ids come from tokenizer.json itself (what the exporter reads); for a
             # qwen2 model_type transformers 5 picks Qwen2Tokenizer, which re-tokenizes differently

@@ -235,9 +235,9 @@ CASES = [
          ("model.embed_tokens.weight", "gpt2", "config.json")),
     Case("export of an unsupported family",
          lambda t, m, d, r: (["export", "--gguf", "--model", str(model_copy(
-             t, m, lambda x: set_model_type(x, "gpt2"))), "--out", str(t / "m.gguf")],
+             t, m, lambda x: set_model_type(x, "phi"))), "--out", str(t / "m.gguf")],
              t / "m.gguf"),
-         ("config.json", "'gpt2'")),
+         ("config.json", "'phi'")),
     # --- options and config files ---------------------------------------------------------------
     Case("bad YAML key",
          lambda t, m, d, r: (train_args(m, d, t / "out", "--config", str(write(

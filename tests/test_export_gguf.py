@@ -267,9 +267,9 @@ def test_bad_inputs(models, tmp_path):
     odd = tmp_path / "odd"
     odd.mkdir()
     cfg = json.loads((model / "config.json").read_text())
-    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "phi"}))
     (odd / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
-    with pytest.raises(QloraError, match="model_type 'gpt2'"):
+    with pytest.raises(QloraError, match="model_type 'phi'"):
         export_gguf(odd, tmp_path / "x.gguf")
     with pytest.raises(QloraError, match="adapter_config.json"):
         export_gguf(model, tmp_path / "x.gguf", adapter_dir=odd)

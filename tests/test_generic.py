@@ -625,14 +625,22 @@ def test_merge_refuses_a_trained_copy_of_a_tied_embedding(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_export_refuses_naming_the_architecture(models, tmp_path, capsys):
+def test_gguf_export_refuses_naming_the_architecture(tmp_path, capsys):
+    """An architecture the GGUF writer has no table for (tests/test_generic_gguf.py has those
+    it writes) is refused before anything but config.json is read: Phi (phi-1, phi-2)."""
+    from transformers import AutoConfig
+
     from qlora.cli import main
 
-    rc = main(["export", "--gguf", "--model", str(models["gpt2"]), "--out",
+    AutoConfig.for_model("phi", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, architectures=["PhiForCausalLM"]
+                         ).save_pretrained(str(tmp_path / "phi"))
+    rc = main(["export", "--gguf", "--model", str(tmp_path / "phi"), "--out",
                str(tmp_path / "m.gguf")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "'gpt2'" in err and "GPT2LMHeadModel" in err and "generic path" in err
+    assert "config.json" in err and "'phi'" in err and "PhiForCausalLM" in err
+    assert "generic path" in err and "qlora merge" in err
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -348,29 +348,37 @@ def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] |
 
 def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
     """The GGUF's tensors dequantized (gguf.quants) to float32, turned back into Hugging Face's
-    names and layout (what export/gguf.py did, undone: q/k un-permuted, Gemma's norms less 1, a
-    mixture of experts' stacks split into the source's per-expert tensors), shaped as the source
-    checkpoint in model_dir stores them. A tied output head stays absent, as in that checkpoint.
+    names and layout (what export/gguf.py did, undone: its STEPS inverted, a mixture of experts'
+    stacks split into the source's per-expert tensors), shaped and named as the source checkpoint
+    in model_dir stores them. A tied output head stays absent, as in that checkpoint.
     `headers`: model_dir's (models.weights.read_headers), where the caller has read them."""
     import gguf
     import torch
 
-    from qlora.export.gguf import LLAMA_CPP_GEMMA, arch_of, expert_slot, unpermute_rope
+    from qlora.export.gguf import (STEPS, arch_of, checkpoint_layout, expert_slot, gguf_shape,
+                                   model_name, tensor_steps)
+    from qlora.export.gguf_generic import export_config, generic_family
     from qlora.models.spec import read_config
     from qlora.models.weights import headers_of
 
-    config = read_config(model_dir)[0]
+    config, source = read_config(model_dir)
+    if generic_family(config) is not None:
+        config = export_config(config, Path(source))
     arch = arch_of(config["model_type"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    shapes = headers_of(model_dir, headers).shapes()
-    to_hf = {tmap.get_name(n, try_suffixes=(".weight", ".bias")): n for n in shapes}
+    headers = headers_of(model_dir, headers)
+    shapes = headers.shapes()
+    layout = checkpoint_layout(config, headers, None, Path(model_dir))
+    to_hf = {}  # GGUF name -> (source name, the steps the export took)
+    for n in shapes:
+        if (name := model_name(n, layout)) is not None:
+            to_hf[tmap.get_name(name, try_suffixes=(".weight", ".bias"))] = (
+                n, tensor_steps(name, arch_name, layout.transposed))
     experts: dict[str, dict[int, str]] = {}  # stacked GGUF name -> expert -> source name
     for n in shapes:
         if (slot := expert_slot(n)) is not None:
             experts.setdefault(slot[0], {})[slot[1]] = n
-    heads = {".q_proj.": config["num_attention_heads"],
-             ".k_proj.": config.get("num_key_value_heads") or config["num_attention_heads"]}
     state = {}
     for t in gguf.GGUFReader(str(gguf_file)).tensors:
         x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -381,13 +389,10 @@ def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
             continue
         if t.name not in to_hf:
             continue  # rope_freqs: recomputed from config.json
-        name = to_hf[t.name]
-        x = x.reshape(shapes[name])
-        for part, n_heads in heads.items():
-            if arch_name == "llama" and part in name:
-                x = unpermute_rope(x, n_heads)
-        if arch_name in LLAMA_CPP_GEMMA and name.endswith("norm.weight"):
-            x = x - 1.0  # stored as 1 + w, what llama.cpp multiplies by
+        name, steps = to_hf[t.name]
+        x = x.reshape(gguf_shape(shapes[name], steps))
+        for step in reversed(steps):
+            x = STEPS[step][1](x, config)
         state[name] = torch.from_numpy(np.ascontiguousarray(x))
     return state
 

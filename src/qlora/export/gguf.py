@@ -20,6 +20,10 @@ What llama.cpp needs and where it comes from:
   window and the soft-caps as keys. llama.cpp does not read the layer pattern, the query scale
   nor Gemma 3's local RoPE base from the file: it derives them from the architecture and the
   layer count, so a config.json that departs from those is refused (`gemma_settings`).
+- the generic path's gpt2, gpt_neox, olmo, granite and gemma: one dict each in gguf_generic.py
+  (architecture, norm, rope, extra keys, refused settings); their tensors through the same plan,
+  each moved into llama.cpp's layout by its STEPS (tensor_steps: GPT-2's Conv1D weights
+  transposed, GPT-NeoX's fused qkv regrouped, olmo/granite q/k permuted, Gemma's norms 1 + w).
 
 Types (QTYPES): f16, bf16, q8_0, q4_0 and the k-quant mixtures q2_k, q3_k_m, q4_k_s, q4_k_m,
 q5_k_s, q5_k_m, q6_k. Which tensor gets which GGML type, and the fallbacks for rows that do not fill
@@ -55,6 +59,8 @@ import numpy as np
 
 from qlora.errors import QloraError
 from qlora.export import kquants, mixtures
+from qlora.export.gguf_generic import (GENERIC_FAMILIES, add_family_hparams, export_config,
+                                       generic_family, partial_rotary)
 from qlora.export.mixtures import FILE_TYPES, K_QUANT_FILES
 from qlora.files import (check_free_space, check_writable, disk_full_refused, refuse_existing,
                          staged_file)
@@ -69,14 +75,16 @@ def _gguf():
 
 
 def arch_of(model_type: str):
+    """The gguf.MODEL_ARCH llama.cpp runs a native or generic family as."""
     g = _gguf()
     from qlora.models.families import FAMILIES
 
-    archs = {name: getattr(g.MODEL_ARCH, family.GGUF_ARCH) for name, family in FAMILIES.items()}
-    if model_type not in archs:
+    names = {**{name: family.GGUF_ARCH for name, family in FAMILIES.items()},
+             **{name: family["arch"] for name, family in GENERIC_FAMILIES.items()}}
+    if model_type not in names:
         raise QloraError(f"config.json model_type {model_type!r}: GGUF export supports "
-                         f"{', '.join(archs)}")
-    return archs[model_type]
+                         f"{', '.join(names)}")
+    return getattr(g.MODEL_ARCH, names[model_type])
 
 
 # --- q/k permutation ----------------------------------------------------------------------------
@@ -90,6 +98,69 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of permute_rope (for reading a GGUF back)."""
     return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def qkv_by_part(w: np.ndarray, n_head: int) -> np.ndarray:
+    """A fused qkv's rows from transformers' per-head [q k v] groups (GPT-NeoX) → llama.cpp's
+    [every q | every k | every v]."""
+    head_dim = w.shape[0] // n_head // 3
+    return w.reshape(n_head, 3, head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+def qkv_by_head(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of qkv_by_part."""
+    head_dim = w.shape[0] // n_head // 3
+    return w.reshape(3, n_head, head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+# --- tensor layouts: what llama.cpp's architectures read otherwise than transformers stores -----
+# llama.cpp's NORM rope rotates adjacent pairs: q/k rows permuted (its NEOX rope is HF's layout)
+ROPE_ADJACENT_PAIRS = ("llama", "olmo", "granite")
+# llama.cpp scales by the stored norm weight, transformers' Gemma by 1 + w
+NORM_OF_ONE_PLUS_W = ("gemma", "gemma2", "gemma3")
+# a fused qkv llama.cpp splits as [q | k | v] where transformers groups it by head
+QKV_GROUPED_BY_HEAD = ("gptneox",)
+
+
+def _heads(config: dict) -> int:
+    return config["num_attention_heads"]
+
+
+def _kv_heads(config: dict) -> int:
+    return config.get("num_key_value_heads") or config["num_attention_heads"]
+
+
+# step → (checkpoint layout → GGUF layout, its inverse), each on a numpy array and the config;
+# every step but plus_one only moves values, so it takes a bf16 tensor's bit patterns as they are
+STEPS = {
+    "transpose": (lambda x, c: np.ascontiguousarray(x.T), lambda x, c: np.ascontiguousarray(x.T)),
+    "qkv_by_part": (lambda x, c: qkv_by_part(x, _heads(c)), lambda x, c: qkv_by_head(x, _heads(c))),
+    "rope_q": (lambda x, c: permute_rope(x, _heads(c)), lambda x, c: unpermute_rope(x, _heads(c))),
+    "rope_k": (lambda x, c: permute_rope(x, _kv_heads(c)),
+               lambda x, c: unpermute_rope(x, _kv_heads(c))),
+    "plus_one": (lambda x, c: kquants.as_float32(x) + 1.0, lambda x, c: x - 1.0),
+}
+
+
+def tensor_steps(name: str, arch_name: str, transposed: frozenset[str]) -> tuple[str, ...]:
+    """The STEPS, in order, that turn the model's tensor `name` (transformers' module path) into
+    what llama.cpp's `arch_name` reads; `transposed`: the modules stored [in, out] (Conv1D)."""
+    steps = []
+    if name.endswith(".weight") and name.removesuffix(".weight") in transposed:
+        steps.append("transpose")
+    if arch_name in QKV_GROUPED_BY_HEAD and ".query_key_value." in name:
+        steps.append("qkv_by_part")
+    if arch_name in ROPE_ADJACENT_PAIRS and ".self_attn.q_proj." in name:
+        steps.append("rope_q")  # rows move; the columns (imatrix) do not
+    elif arch_name in ROPE_ADJACENT_PAIRS and ".self_attn.k_proj." in name:
+        steps.append("rope_k")
+    if arch_name in NORM_OF_ONE_PLUS_W and name.endswith("norm.weight"):
+        steps.append("plus_one")
+    return tuple(steps)
+
+
+def gguf_shape(shape: tuple[int, ...], steps: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(shape[::-1]) if "transpose" in steps else tuple(shape)
 
 
 # --- tensor types ---------------------------------------------------------------------------------
@@ -202,8 +273,10 @@ def yarn_rope(w, scaling: dict, config: dict) -> None:
 
 def add_hparams(w, config: dict, arch_name: str) -> dict[str, np.ndarray]:
     """Write the model hyper-parameters; return the rope tensors to store (llama3's
-    `rope_freqs`, LongRoPE's factors), by GGUF name."""
+    `rope_freqs`, LongRoPE's factors), by GGUF name. A generic family's `config` is
+    gguf_generic.export_config's."""
     g = _gguf()
+    family = generic_family(config)
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     w.add_context_length(config.get("max_position_embeddings", 4096))
@@ -214,14 +287,18 @@ def add_hparams(w, config: dict, arch_name: str) -> dict[str, np.ndarray]:
     w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    # a partial rotary (phi3's partial_rotary_factor) rotates only the first part of each head
-    partial = (config.get("rope_parameters") or {}).get(
-        "partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    w.add_rope_dimension_count(int(head_dim * partial))
     if arch_name == "phi3" and config.get("sliding_window"):
         w.add_sliding_window(config["sliding_window"])
-    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    if family is None:
+        w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    else:
+        add_family_hparams(w, config, family)
     w.add_vocab_size(config["vocab_size"])
+    if family is not None and family["rope"] is None:
+        return {}  # learned positions (GPT-2): no rotary keys
+    # a partial rotary (phi3's partial_rotary_factor, GPT-NeoX's rotary_pct) rotates only the
+    # first part of each head
+    w.add_rope_dimension_count(int(head_dim * partial_rotary(config)))
     if arch_name == "phi3":
         return phi3_rope(w, config)
     theta, scaling = rope_settings(config)
@@ -311,8 +388,8 @@ def note_unwritten_window(config: dict, arch_name: str, log) -> None:
     llama.cpp's own converter writes these models so."""
     from qlora.models.families import FAMILIES
 
-    if arch_name in WINDOW_ARCHS:
-        return
+    if arch_name in WINDOW_ARCHS or config["model_type"] not in FAMILIES:
+        return  # the generic families written have no window
     fields = FAMILIES[config["model_type"]].spec_fields(config)
     window, types = fields.get("sliding_window"), fields.get("layer_types")
     if window and window < config.get("max_position_embeddings", 0) and (
@@ -355,7 +432,7 @@ def add_tokenizer(w, model_dir: Path, config: dict) -> None:
         tokens.append(tok)
         types.append(typ)
     w.add_tokenizer_model("llama" if spm else "gpt2")
-    if spm and config.get("model_type") in ("gemma2", "gemma3_text"):
+    if spm and config.get("model_type") in ("gemma", "gemma2", "gemma3_text"):
         w.add_add_space_prefix(False)  # Gemma's SentencePiece adds no space before the text
     w.add_tokenizer_pre(pre_tokenizer_name(tj, config, spm))
     w.add_token_list(tokens)
@@ -426,6 +503,8 @@ def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
         return "default"
     if config.get("model_type") in ("qwen2", "qwen3"):
         return "qwen2"
+    if config.get("model_type") == "gpt2":
+        return "gpt-2"  # GPT-2's own regex (convert_hf_to_gguf.py's, for its tokenizer)
     if tj["model"].get("ignore_merges"):  # Llama 3's tokenizer
         return "llama-bpe"
     return "default"
@@ -506,7 +585,7 @@ def _to_stderr(text: str) -> None:
 
 def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | None) -> dict:
     """The refusals of an export's arguments, before any file but config.json is read; that
-    config."""
+    config (a generic family's as gguf_generic.export_config reads it)."""
     from qlora.models.spec import read_config
 
     if threads is not None and threads < 1:
@@ -515,9 +594,11 @@ def check_export_inputs(model_dir: Path, out: Path, qtype: str, threads: int | N
     check_writable(out, "--out")
     if not model_dir.is_dir():
         raise QloraError(f"--model {model_dir}: no such directory")
-    refuse_generic(model_dir)
     config = read_config(model_dir)[0]
+    refuse_generic(model_dir, config)
     check_moe_export(config, model_dir / "config.json")
+    if generic_family(config) is not None:
+        return export_config(config, model_dir / "config.json")
     return config
 
 
@@ -530,7 +611,8 @@ def planned_file(model_dir: Path, config: dict, headers, merge, qtype: str, name
     arch_name = g.MODEL_ARCH_NAMES[arch]
     gemma = gemma_settings(config, arch_name) if arch_name in LLAMA_CPP_GEMMA else None
     note_unwritten_window(config, arch_name, log)
-    plan = plan_tensors(headers.shapes(), config, arch, qtype, model_dir)
+    plan = plan_tensors(headers.shapes(), config, arch, qtype, model_dir,
+                        checkpoint_layout(config, headers, merge, model_dir))
     w = g.GGUFWriter(None, arch_name)  # the file is opened once everything is known
     rope_factors = add_metadata(w, model_dir, config, arch_name, gemma, qtype, name)
     for factor_name, factors in rope_factors.items():  # F32, as llama.cpp reads them
@@ -539,8 +621,17 @@ def planned_file(model_dir: Path, config: dict, headers, merge, qtype: str, name
         # the values' shape: gguf converts a byte shape only for a uint8 dtype
         w.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), planned.nbytes,
                           raw_dtype=planned.stored_type)
-    return GGUFTensors(w, plan, rope_factors, headers, merge, config, arch_name, gemma, qtype,
-                       log, threads, device)
+    return GGUFTensors(w, plan, rope_factors, headers, merge, config, qtype, log, threads, device)
+
+
+def checkpoint_layout(config: dict, headers, merge, model_dir: Path):
+    """How the checkpoint's files name and store the model's tensors (merge.BaseLayout: a generic
+    model's file names → its module paths, its Conv1D modules), as its merge reads them."""
+    from qlora.merge import base_layout
+
+    if merge is not None:
+        return merge.layout
+    return base_layout(config, headers.shapes(), str(model_dir / "config.json"))
 
 
 def add_metadata(w, model_dir: Path, config: dict, arch_name: str, gemma, qtype: str,
@@ -579,8 +670,6 @@ class GGUFTensors:
     headers: object  # models.weights.CheckpointHeaders: the base's tensors and their shards
     merge: object | None  # qlora.merge.Merge: the adapter folded into each tensor read
     config: dict
-    arch_name: str
-    gemma: object | None  # Gemma's settings: norms stored as 1 + w
     qtype: str
     log: Callable[[str], None]
     threads: int | None
@@ -589,16 +678,13 @@ class GGUFTensors:
     def write_tensors(self, imatrix: dict[str, np.ndarray] | None = None) -> None:
         """Each tensor read (its adapter folded in), encoded and written in the table's order,
         while the next ones are read; only those in flight are held (kquants.in_order)."""
-        w, config = self.writer, self.config
+        w = self.writer
         for factors in self.rope_factors.values():
             w.write_tensor_data(factors)
-        n_head = config["num_attention_heads"]
-        n_kv = config.get("num_key_value_heads") or n_head
         read = ShardReader(self.headers, self.plan, self.merge)
         with contextlib.closing(read), quantizer(self.device, self.threads) as quantize_on:
             self.log(f"quantizing: {quantize_on}")
-            encoded = _encoded(self.plan, read, self.arch_name, n_head, n_kv, self.gemma,
-                               imatrix or {}, quantize_on)
+            encoded = _encoded(self.plan, read, self.config, imatrix or {}, quantize_on)
             for planned, data in kquants.in_order(encoded):
                 check_agrees(w, planned, data)
                 w.write_tensor_data(data)
@@ -670,23 +756,21 @@ def add_moe_hparams(w, config: dict, arch_name: str) -> None:
         w.add_expert_feed_forward_length(config["moe_intermediate_size"])
 
 
-def refuse_generic(model_dir: Path) -> None:
-    """GGUF's tensor names and hyper-parameters are written per family (families/ GGUF_ARCH); a
-    model on the generic path has none, and is refused by its architecture's name (the native
-    mixtures of experts, Mixtral and Qwen3-MoE, are written: ExpertStacks)."""
-    from qlora.models.spec import read_config
-    from qlora.models.families import FAMILIES
+def refuse_generic(model_dir: Path, config: dict) -> None:
+    """GGUF's tensor names and hyper-parameters are written per family: a native one's
+    (families/ GGUF_ARCH) or a generic one's (gguf_generic.GENERIC_FAMILIES); any other model on
+    the generic path is refused by its architecture's name."""
     from qlora.models.spec import is_native
 
-    config = read_config(model_dir)[0]
-    if is_native(config):
+    if is_native(config) or generic_family(config) is not None:
         return
     architecture = ", ".join(config.get("architectures") or []) or "no architectures listed"
     raise QloraError(
         f"{model_dir / 'config.json'}: model_type {config.get('model_type')!r} ({architecture}) "
-        f"runs on qlora's generic path, and GGUF export writes the native families only "
-        f"({', '.join(FAMILIES)}); merge the adapter into a 16-bit checkpoint (`qlora merge`) and "
-        "convert that with llama.cpp's convert_hf_to_gguf.py, which knows many more architectures")
+        f"runs on qlora's generic path, and GGUF export writes the native families and, of the "
+        f"generic path, {', '.join(GENERIC_FAMILIES)} only; merge the adapter into a 16-bit "
+        "checkpoint (`qlora merge`) and convert that with llama.cpp's convert_hf_to_gguf.py, "
+        "which knows many more architectures")
 
 
 ROUTER_NAME = re.compile(r"\.ffn_gate_inp\.weight$")
@@ -768,6 +852,7 @@ class Planned:
     choice: mixtures.Choice
     sources: tuple[str, ...]
     stacked: bool = False
+    steps: tuple[str, ...] = ()  # STEPS from the checkpoint's layout to llama.cpp's, in order
 
     @property
     def stored_type(self):
@@ -779,23 +864,28 @@ class Planned:
 
 
 def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, arch, qtype: str,
-                 source: Path) -> list[Planned]:
+                 source: Path, layout=None) -> list[Planned]:
     """The file's tensors in the order they are written (the shards', each in its key order; a
     stack where its last expert comes), from `shapes` (Hugging Face name → shape, in that order:
-    models.weights.CheckpointHeaders.shapes)."""
+    models.weights.CheckpointHeaders.shapes). `layout` (merge.BaseLayout; None: a native
+    family's, every file name the model's) names each file tensor as the model does."""
+    from qlora.merge import BaseLayout
+
     g = _gguf()
+    layout = layout or BaseLayout()
     arch_name = g.MODEL_ARCH_NAMES[arch]
     n_layer, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     experts = ExpertStacks(config) if config.get("model_type") in MIXTURE_OF_EXPERTS else None
+    tmap = g.get_tensor_name_map(arch, n_layer)
+    names = {hf_name: model_name(hf_name, layout) for hf_name in shapes}
     model = mixtures.Model(n_layer=n_layer, n_head=n_head,
                            n_kv_head=config.get("num_key_value_heads") or n_head,
-                           has_output="lm_head.weight" in shapes,
+                           has_output="lm_head.weight" in names.values(),
                            n_expert=experts.count if experts is not None else 0, arch=arch_name)
-    tmap = g.get_tensor_name_map(arch, n_layer)
     plan = []
     for hf_name, shape in shapes.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed by llama.cpp
+        if names[hf_name] is None:
+            continue  # recomputed by llama.cpp (rotary tables), or unread by transformers too
         if experts is not None and experts.takes(hf_name):
             stacked = experts.add(hf_name, shape)
             if stacked is not None:  # a layer's projection, every expert planned
@@ -803,17 +893,28 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], config: dict, arch, qtype: 
                 plan.append(Planned(name, shape, mixtures.tensor_type(name, shape, qtype, model),
                                     sources, stacked=True))
             continue
-        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = tmap.get_name(names[hf_name], try_suffixes=(".weight", ".bias"))
         if name is None:
             raise QloraError(f"{source}: tensor {hf_name} has no GGUF name for {arch_name}")
+        steps = tensor_steps(names[hf_name], arch_name, layout.transposed)
+        shape = gguf_shape(shape, steps)
         choice = mixtures.tensor_type(name, shape, qtype, model)
         if experts is not None and ROUTER_NAME.search(name):
             # the router stays F32, as llama.cpp's converter and quantizer keep it
             choice = mixtures.Choice("F32", "F32")
-        plan.append(Planned(name, tuple(shape), choice, (hf_name,)))
+        plan.append(Planned(name, shape, choice, (hf_name,), steps=steps))
     if experts is not None:
         experts.check_complete(source)
     return plan
+
+
+def model_name(hf_name: str, layout) -> str | None:
+    """The model's name of a checkpoint tensor (`layout`: merge.BaseLayout); None for one that
+    is not written: a stored rotary table (llama.cpp computes its own), a tensor transformers
+    leaves unread."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    return layout.name(hf_name)
 
 
 def fallback_notes(plan: list[Planned], qtype: str) -> list[str]:
@@ -842,7 +943,7 @@ def check_agrees(w, planned: Planned, data: np.ndarray) -> None:
 
 
 # --- the data pass --------------------------------------------------------------------------------
-def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix, quantize_on):
+def _encoded(plan: list[Planned], read, config: dict, imatrix, quantize_on):
     """(Planned, encoded data or kquants.Pending, values) per planned tensor, in plan order;
     `read`: Hugging Face name → its torch tensor (ShardReader)."""
     for planned in plan:
@@ -852,12 +953,8 @@ def _encoded(plan: list[Planned], read, arch_name, n_head, n_kv, gemma, imatrix,
         else:
             hf_name = planned.sources[0]
             x = _host_values(read(hf_name), planned.choice.stored, quantize_on)
-            if gemma is not None and hf_name.endswith("norm.weight"):
-                x = kquants.as_float32(x) + 1.0  # llama.cpp scales by the stored weight: 1 + w
-            if arch_name == "llama" and ".self_attn.q_proj." in hf_name:
-                x = permute_rope(x, n_head)  # rows move; the columns (imatrix) do not
-            elif arch_name == "llama" and ".self_attn.k_proj." in hf_name:
-                x = permute_rope(x, n_kv)
+            for step in planned.steps:
+                x = STEPS[step][0](x, config)
             importance = imatrix.get(hf_name)
         yield planned, encode(x, planned.choice.stored, importance, quantize_on), x.size
 

@@ -21,6 +21,17 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def refuse_generic_imatrix(config: dict, imatrix_data) -> None:
+    """The importance matrix hooks the native decoder's linears (imatrix.linear_modules); a model
+    on the generic path has transformers' own modules, its GGUF is written without one."""
+    from qlora.models.spec import is_native
+
+    if imatrix_data is not None and not is_native(config):
+        raise QloraError(f"--imatrix-data: model_type {config.get('model_type')!r} runs on the "
+                         "generic path, where qlora measures no importance matrix; export it "
+                         "without --imatrix-data (the k-quants then weigh every column alike)")
+
+
 def decide_check(check: bool | None, engine: str, llama_python: str | None,
                  note: Callable[[str], None]) -> bool:
     """Whether the check runs: asked for (and able to), or by default where it can."""
@@ -68,7 +79,8 @@ def export_model(model_dir: str | Path, out: str | Path, qtype: str = "f16", ada
             refuse_existing(path, "--out")
     # open_gguf refuses these too (it is called alone as well): here they come before the
     # headers, the check's host sizing and the importance matrix's forwards
-    check_export_inputs(Path(model_dir), out, qtype, threads)
+    config = check_export_inputs(Path(model_dir), out, qtype, threads)
+    refuse_generic_imatrix(config, imatrix_data)
     headers = read_headers(model_dir)  # once: each step below takes them from here
     if run_check and not check_mod.check_fits_host(check, headers, merge_base, device, note,
                                                    adapter_dir, check_samples):
