@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -1390,3 +1391,75 @@ def test_a_graphed_preference_step_adds_the_eager_steps_router_loss(moe_models, 
     assert grads.keys() == want_grads.keys() and len(grads) == 16
     for k, want in want_grads.items():
         assert float((grads[k] - want).abs().max()) <= 1e-5 * float(want.abs().max()), k
+
+
+def _per_expert_adapter(stacked_dir, out, model_type: str):
+    """The adapter saved in `stacked_dir` (PEFT's target_parameters over the stacked experts) in
+    transformers 4's per-expert layout, as adapters trained before transformers 5 are on the Hub:
+    expert e's gate and up (Mixtral's w1 and w3) each a LoRA of their own rows of B over the
+    shared rows of A, its down (w2) likewise; every other tensor as it is."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora.models.families.moe_config import hub_expert_key
+
+    config = json.loads((stacked_dir / "adapter_config.json").read_text())
+    r = config["r"]
+    tensors, out_tensors = load_file(str(stacked_dir / "adapter_model.safetensors")), {}
+    for key, t in tensors.items():
+        stem = re.match(r"^base_model\.model\.(model\.layers\.\d+)\.mlp\.experts((?:\.base_layer)*)"
+                        r"\.lora_([AB])\.weight$", key)
+        if stem is None:
+            out_tensors[key] = t
+            continue
+        projection = "gate_up_proj" if stem.group(2) else "down_proj"  # the outer wrapper is down
+        layer, part = stem.group(1), stem.group(3)
+        experts = t.shape[0] // r if part == "A" else t.shape[1] // r
+        for e in range(experts):
+            parts = 2 if projection == "gate_up_proj" else 1
+            for p in range(parts):
+                name = hub_expert_key(model_type, layer, projection, e, p).removesuffix(".weight")
+                if part == "A":
+                    value = t[e * r:(e + 1) * r].clone()  # gate and up: one copy each
+                else:  # PEFT's B is [out, r, E] flattened: expert e's columns e, e + E, ...
+                    b = t.view(t.shape[0], r, experts)[:, :, e]
+                    value = b.chunk(parts)[p]
+                out_tensors[f"base_model.model.{name}.lora_{part}.weight"] = value.contiguous()
+    out.mkdir()
+    save_file(out_tensors, str(out / "adapter_model.safetensors"))
+    names = {"mixtral": ["w1", "w2", "w3"], "qwen3_moe": ["gate_proj", "up_proj", "down_proj"]}
+    targets = [t for t in config["target_modules"] or []] + names[model_type]
+    (out / "adapter_config.json").write_text(json.dumps(
+        {**config, "target_modules": sorted(set(targets)), "target_parameters": None}))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_a_per_expert_adapter_merges_as_its_stacked_twin_and_is_refused_elsewhere(
+        moe_models, variant, tmp_path):
+    """An adapter in transformers 4's per-expert layout (experts.N.w1 …, the Hub's older Mixtral
+    and Qwen3-MoE adapters) folds into the base exactly as the same adapter stacked: merge reads
+    the per-expert names as the Hub checkpoint's linears. Loading it on the stacked model (generate,
+    chat, eval, training) is refused, naming a tensor and pointing to merge."""
+    from safetensors.torch import load_file
+
+    from qlora.merge import merge_adapter
+
+    path = moe_models[variant]
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    randomized_adapters(ours, std=0.05)
+    save_adapter(ours, tmp_path / "stacked", str(path))
+    old = _per_expert_adapter(tmp_path / "stacked", tmp_path / "old", MOE_VARIANTS[variant][0])
+    want = load_file(str(merge_adapter(path, tmp_path / "stacked", tmp_path / "m1",
+                                       dtype="float32") / "model.safetensors"))
+    got = load_file(str(merge_adapter(path, old, tmp_path / "m2",
+                                      dtype="float32") / "model.safetensors"))
+    base = load_file(str(path / "model.safetensors"))
+    assert got.keys() == want.keys()
+    experts = [k for k in want if ".experts." in k]
+    assert experts and all(not torch.equal(want[k], base[k]) for k in experts)  # all adapted
+    for k in want:  # the same products B_e A_e, summed into W in the same order: equal bits
+        assert torch.equal(got[k], want[k]), k
+    fresh = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    with pytest.raises(QloraError, match=r"experts\.0\..* per-expert LoRA .*qlora merge"):
+        load_adapter(fresh, old)

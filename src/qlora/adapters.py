@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -630,7 +631,6 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
         targets = sorted({t if t in EXPERT_TARGETS else t.rsplit(".", 1)[-1] for t in targets})
     if isinstance(targets, str) and targets != "all-linear":
         # PEFT stores a regex when target_modules was given as one; match leaf names in it
-        import re
 
         targets = [m for m in KNOWN_BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
                    or re.search(targets, f"model.layers.0.mlp.{m}")]
@@ -658,6 +658,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path,
     copied; layers on the meta device are checked, nothing copied."""
     cfg, state = saved or read_saved_adapter(adapter_dir)
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    refuse_per_expert(state, weights)
     attach_adapters(model, cfg, within)
     expected = adapter_state_dict(model)
     if within:
@@ -682,6 +683,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path,
             if not target.is_meta:
                 target.copy_(tensor.to(target.dtype))
     return cfg
+
+
+PER_EXPERT_LORA = re.compile(r"\.experts\.\d+\.[^.]+\.lora_[AB]\.")
+
+
+def refuse_per_expert(state: dict[str, torch.Tensor], weights: Path) -> None:
+    """An adapter of transformers 4's per-expert linears (experts.N.w1, experts.N.gate_proj: the
+    Hub's older Mixtral and Qwen3-MoE adapters) does not fit the stacked experts this model holds
+    (transformers 5's, whose adapters PEFT saves as target_parameters); merge reads it."""
+    old = next((k for k in state if PER_EXPERT_LORA.search(k)), None)
+    if old is not None:
+        raise QloraError(
+            f"{weights}: {old} is a per-expert LoRA tensor (transformers 4's layout of a "
+            "mixture of experts), and this model holds each projection's experts stacked, as "
+            "transformers 5 does; `qlora merge` folds this adapter into the base (it reads the "
+            "per-expert names), then generate, chat or train from the merged model")
 
 
 def trainable_summary(model: nn.Module) -> str:
