@@ -330,3 +330,49 @@ def test_plan_counts_the_16bit_experts_exactly(moe_models):
                 state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code))
     experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
     assert experts.dtype == FP32 and b.base + b.embeddings + b.norms == held
+
+
+def test_a_dpo_step_with_the_router_loss_equals_trl_dpo_trainer(tmp_path):
+    """DPO on Qwen2-MoE on the generic path, config.json's output_router_logits on (coefficient
+    0.3: the aux term, about 0.3, far above the bound on a loss of about 0.7): one padded
+    micro-batch through our model against TRL's DPOTrainer on transformers + peft with the same
+    attention adapter: the loss (TRL's mean + coef · the policy forward's aux), its logged
+    aux_loss and every adapter gradient agree to rel 1e-4, as test_preference's DPO step."""
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from qlora.data.preference import pair_batch
+    from qlora.methods import dpo
+    from qlora.methods.preference import PreferenceOptions, batch_loss, metric_means
+    from test_preference import (_adapter_grads_agree, _randomize, _trl_peft_model,
+                                 _varied_examples)
+
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    sizes = dict(MOE_SIZES["qwen2_moe"], output_router_logits=True, router_aux_loss_coef=0.3)
+    path = build_generic(tmp_path / "model", "qwen2_moe", seed=5, sizes=sizes)
+    ours = load_model(path, NONE)
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=attention))
+    _randomize(ours, 7, 0.3)
+    ours.train()
+    assert ours.adds_router_loss
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    examples = _varied_examples("pairs")
+    B = len(examples)
+    loss_sum, sums = batch_loss(dpo, ours, pair_batch(examples, 0), PreferenceOptions(beta=0.3))
+    (loss_sum / B).backward()
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=0.3,
+                     report_to=[], use_cpu=True, bf16=False, max_length=None)
+    trainer, peft_model = _trl_peft_model(DPOTrainer, args, path, tmp_path / "adapter",
+                                          targets=attention)
+    assert trainer.aux_loss_enabled
+    inputs = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
+         for e in examples])
+    theirs = trainer.compute_loss(peft_model, inputs)
+    theirs.backward()
+    their_aux = trainer._metrics["train"]["aux_loss"][-1]
+    ours_loss, their_loss = float((loss_sum / B).detach()), float(theirs.detach())
+    assert abs(ours_loss - their_loss) <= 1e-4 * abs(their_loss)
+    assert abs(metric_means(sums)["aux_loss"] - their_aux) <= 1e-4 * their_aux
+    _adapter_grads_agree(ours, peft_model, count=16)  # 2 layers x 4 projections x A, B

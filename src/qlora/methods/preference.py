@@ -131,7 +131,7 @@ def with_router_loss(rows: RowLogps, model, weights: torch.Tensor | None) -> Row
     reference's) records its own router logits over these."""
     if weights is None or not getattr(model, "adds_router_loss", False):
         return rows
-    rows.router_loss = (model.router_aux_loss(weights=weights), model.spec.moe.aux_loss_coef)
+    rows.router_loss = (model.router_aux_loss(weights=weights), model.router_loss_coef)
     return rows
 
 

@@ -603,6 +603,7 @@ class GenericLM(nn.Module):
                             else None)
         asked = bool(getattr(hf.config, "output_router_logits", False))
         self.aux_loss = asked and self.router_loss is not None
+        self.router_logits = None  # the last forward's, where it added the router loss
         if asked and self.router_loss is None:
             self.notes.append("config.json asks for the router's load-balancing loss "
                               "(output_router_logits), which this path cannot add for "
@@ -643,34 +644,45 @@ class GenericLM(nn.Module):
             raise QloraError("the generic path has no varlen attention (the CUDA-graph step's)")
         if cache is not None:
             return self._next_logits(input_ids, cache)
-        coef = getattr(self.hf, "router_aux_loss_coef", 0)
-        adds_aux = labels is not None and not per_token and self.aux_loss and coef != 0
-        routing = {"output_router_logits": adds_aux} if self.router_loss is not None else {}
+        # with `per_token` (a preference method's log-probs) the routing is kept for the
+        # method to add the loss itself (methods/preference.with_router_loss), as MoeLM's
+        routed = labels is not None and self.adds_router_loss
+        routing = {"output_router_logits": routed} if self.router_loss is not None else {}
         out = self.hf(input_ids=input_ids, **self._positions(input_ids, position_ids),
                       **self.no_cache, **routing)
+        self.router_logits = out.router_logits if routed else None
         if labels is None:
             return out.logits
         if per_token:
             return token_losses(out.logits, labels)
         total = summed_loss(out.logits, labels)
-        if not adds_aux:
+        if not routed:
             return total
         n_labels = (shifted_targets(labels) != IGNORE_INDEX).sum()
-        return total + coef * n_labels * self._router_aux_loss(out.router_logits, input_ids,
-                                                               real_lengths)
+        return total + self.router_loss_coef * n_labels * self.router_aux_loss(real_lengths)
 
-    def _router_aux_loss(self, router_logits, input_ids: torch.Tensor,
-                         real_lengths: torch.Tensor | None) -> torch.Tensor:
-        """transformers' load-balancing loss of this forward's routing, with the attention mask
-        of the rows' real lengths where padding follows them (transformers' forward gets that
-        mask from its caller; ours has none to pass: packed rows keep documents apart by
-        position)."""
-        mask = None
-        if real_lengths is not None:
-            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
-            mask = (columns < real_lengths.to(input_ids.device)[:, None]).long()
-        return self.router_loss(router_logits, self.hf.num_experts, self.hf.num_experts_per_tok,
-                                mask)
+    @property
+    def router_loss_coef(self) -> float:
+        return getattr(self.hf, "router_aux_loss_coef", 0)
+
+    @property
+    def adds_router_loss(self) -> bool:
+        """Whether training adds the load-balancing loss (MoeLM's meaning)."""
+        return bool(self.aux_loss) and self.router_loss_coef != 0
+
+    def router_aux_loss(self, real_lengths: torch.Tensor | None = None,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+        """transformers' load-balancing loss of the last forward's routing, with the attention
+        mask of the rows' real lengths where padding follows them (transformers' forward gets
+        that mask from its caller; ours has none to pass: packed rows keep documents apart by
+        position), or each token's weight given (`weights` [rows, T]: data/preference's
+        router_weights, which the function weighs as a mask)."""
+        logits, mask = self.router_logits, weights  # each layer's [rows · T, experts]
+        if weights is None and real_lengths is not None:
+            device = logits[0].device
+            columns = torch.arange(logits[0].shape[0] // real_lengths.shape[0], device=device)
+            mask = (columns < real_lengths.to(device)[:, None]).long()
+        return self.router_loss(logits, self.hf.num_experts, self.hf.num_experts_per_tok, mask)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
                       ) -> torch.Tensor:

@@ -249,6 +249,10 @@ class MoeLM(DecoderLM):
         return total + self.spec.moe.aux_loss_coef * n_labels * self.router_aux_loss(real_lengths)
 
     @property
+    def router_loss_coef(self) -> float:
+        return self.spec.moe.aux_loss_coef
+
+    @property
     def adds_router_loss(self) -> bool:
         """Whether training adds the load-balancing loss (a preference method adds it itself,
         methods/preference.with_router_loss, from the policy's forward)."""
