@@ -162,26 +162,11 @@ def run_worker(llama_python: str, job: dict, work: Path) -> dict:
 
 # --- the reference side (project venv) ---------------------------------------------------------
 def build_generic_model(out: Path, family: str, init_std: float) -> Path:
-    """A random model of a generic-path family with the tiny tokenizer (ChatML template), every
-    1-D parameter moved off its initial 1 or 0 so that a norm or bias left out shows."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A random model of a generic-path family with the tiny tokenizer (ChatML template)."""
+    from qlora.tiny import build_tiny_generic
 
-    from qlora.tiny import build_tokenizer, tokenizer_vocab
-
-    vocab = tokenizer_vocab()
-    config = AutoConfig.for_model(FAMILY_OF.get(family, family), vocab_size=128,
-                                  initializer_range=init_std, bos_token_id=vocab["<s>"],
-                                  eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
-                                  **GENERIC[family])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(str(out))
-    build_tokenizer(out)
-    return out
+    return build_tiny_generic(out, FAMILY_OF.get(family, family), initializer_range=init_std,
+                              **GENERIC[family])
 
 
 def hf_model_on_gguf_weights(gguf_file: Path, model_dir: Path, work: Path):

@@ -51,23 +51,43 @@ SIZES = {
 def build_generic(out, model_type: str, seed: int = 0, sizes: dict | None = None):
     """A random transformers `model_type` model with the tiny tokenizer, saved to `out`; its
     sizes SIZES' unless given."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from qlora.tiny import build_tiny_generic
 
-    from qlora.tiny import build_tokenizer, tokenizer_vocab
+    return build_tiny_generic(out, model_type, seed,
+                              **(SIZES[model_type] if sizes is None else sizes))
 
-    vocab = tokenizer_vocab()
-    config = AutoConfig.for_model(model_type, vocab_size=128, bos_token_id=vocab["<s>"],
-                                  eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
-                                  **(SIZES[model_type] if sizes is None else sizes))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=FP32)
-    with torch.no_grad():  # norms at 1 and biases at 0 would hide a norm or bias left out
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(str(out))
-    build_tokenizer(out)
-    return out
+
+def load_counting_alive(path, quant, monkeypatch, counted, collect: bool = False):
+    """(load_model(path, quant), the most tensors whose stored name `counted` accepts that were
+    still alive when the loader read another): every read through a spy on generic.read_tensor;
+    `collect`: a garbage collection before each count (only references hold them then)."""
+    import gc
+    import logging
+    import weakref
+
+    import qlora.models.generic as generic
+
+    alive: list[weakref.ref] = []
+    most = 0
+    read = generic.read_tensor
+
+    def spy(handle, file, key):
+        nonlocal most
+        if collect:
+            gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most = max(most, len(alive))
+        tensor = read(handle, file, key)
+        if counted(key):
+            alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(generic, "read_tensor", spy)
+    logging.disable(logging.CRITICAL)  # pytest's log records would keep frames (and tensors)
+    try:
+        return load_model(path, quant), most
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 @pytest.fixture(scope="module")
@@ -148,37 +168,13 @@ def test_logits_and_names_are_transformers(models, model_type):
 def test_loading_streams_one_16bit_linear_weight_at_a_time(models, tmp_path, monkeypatch):
     """A linear's 16-bit weight is quantized and gone before the next tensor is read, shard
     after shard, as on the native path."""
-    import gc
-    import logging
-    import weakref
-
-    import qlora.models.generic as generic
-
     sharded = tmp_path / "sharded"
     hf_model(models["gemma"]).save_pretrained(str(sharded), max_shard_size="40KB")
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     spec = load_model(models["gemma"], NONE).spec
     linear_weights = {f"{layer.name}.weight" for layer in spec.linears}
-    alive: list[weakref.ref] = []
-    most = 0
-    read = generic.read_tensor
-
-    def spy(handle, file, key):
-        nonlocal most
-        gc.collect()
-        alive[:] = [r for r in alive if r() is not None]
-        most = max(most, len(alive))
-        tensor = read(handle, file, key)
-        if key in linear_weights:
-            alive.append(weakref.ref(tensor))
-        return tensor
-
-    monkeypatch.setattr(generic, "read_tensor", spy)
-    logging.disable(logging.CRITICAL)  # pytest's log records would keep frames (and tensors)
-    try:
-        model = load_model(sharded, NF4)
-    finally:
-        logging.disable(logging.NOTSET)
+    model, most = load_counting_alive(sharded, NF4, monkeypatch, linear_weights.__contains__,
+                                      collect=True)
     assert most == 0, f"{most} earlier 16-bit weights were still alive when the next was read"
     assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == len(linear_weights)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generic import (FP32, NF4, NONE, build_generic, hf_model, hf_nf4, peft_twin,
-                          randomize_b, rel_err, tokens)
+from test_generic import (FP32, NF4, NONE, build_generic, hf_model, hf_nf4, load_counting_alive,
+                          peft_twin, randomize_b, rel_err, tokens)
 
 from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, save_adapter
 from qlora.models import GenericLM, load_model
@@ -97,33 +97,10 @@ def test_a_layers_experts_are_held_only_until_their_parameter_is_made(moe_models
     """Sharded so that a layer's experts span files: each expert tensor read is gone once its
     stacked parameter is made, so at most one layer's experts (3 tensors an expert) are alive
     when the next tensor is read, never the checkpoint's."""
-    import logging
-    import weakref
-
-    import qlora.models.generic as generic
-
     sharded = tmp_path / "sharded"
     hf_model(moe_models["qwen2_moe"]).save_pretrained(str(sharded), max_shard_size="60KB")
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
-    alive: list[weakref.ref] = []
-    most = 0
-    read = generic.read_tensor
-
-    def spy(handle, file, key):
-        nonlocal most
-        alive[:] = [r for r in alive if r() is not None]
-        most = max(most, len(alive))
-        tensor = read(handle, file, key)
-        if ".experts." in key:
-            alive.append(weakref.ref(tensor))
-        return tensor
-
-    monkeypatch.setattr(generic, "read_tensor", spy)
-    logging.disable(logging.CRITICAL)  # pytest's log records would keep frames (and tensors)
-    try:
-        model = load_model(sharded, NONE)
-    finally:
-        logging.disable(logging.NOTSET)
+    model, most = load_counting_alive(sharded, NONE, monkeypatch, lambda key: ".experts." in key)
     assert 0 < most < 3 * EXPERTS["qwen2_moe"]
     ids = tokens(2)
     with torch.no_grad():
@@ -343,8 +320,8 @@ def test_a_dpo_step_with_the_router_loss_equals_trl_dpo_trainer(tmp_path):
 
     from qlora.data.preference import pair_batch
     from qlora.methods import dpo
-    from qlora.methods.preference import PreferenceOptions, batch_loss, metric_means
-    from test_preference import (_adapter_grads_agree, _randomize, _trl_peft_model,
+    from qlora.methods.preference import PreferenceOptions, batch_loss
+    from test_preference import (_randomize, _router_step_agrees_with_trl, _trl_peft_model,
                                  _varied_examples)
 
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -365,14 +342,7 @@ def test_a_dpo_step_with_the_router_loss_equals_trl_dpo_trainer(tmp_path):
                      report_to=[], use_cpu=True, bf16=False, max_length=None)
     trainer, peft_model = _trl_peft_model(DPOTrainer, args, path, tmp_path / "adapter",
                                           targets=attention)
-    assert trainer.aux_loss_enabled
     inputs = DataCollatorForPreference(pad_token_id=0)(
         [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
          for e in examples])
-    theirs = trainer.compute_loss(peft_model, inputs)
-    theirs.backward()
-    their_aux = trainer._metrics["train"]["aux_loss"][-1]
-    ours_loss, their_loss = float((loss_sum / B).detach()), float(theirs.detach())
-    assert abs(ours_loss - their_loss) <= 1e-4 * abs(their_loss)
-    assert abs(metric_means(sums)["aux_loss"] - their_aux) <= 1e-4 * their_aux
-    _adapter_grads_agree(ours, peft_model, count=16)  # 2 layers x 4 projections x A, B
+    _router_step_agrees_with_trl(ours, loss_sum, sums, B, trainer, peft_model, inputs)

@@ -641,6 +641,22 @@ def _adapter_grads_agree(ours, peft_model, count=28):
         assert scale > 0 and float((g - their_grads[name]).abs().max()) <= 1e-4 * scale, name
 
 
+def _router_step_agrees_with_trl(ours, loss_sum, sums, n, trainer, peft_model, inputs):
+    """A step with a mixture of experts' router loss against TRL's trainer on the same batch
+    (`inputs`, its collator's) and adapter: TRL's loss, then its logged aux_loss, and our summed
+    loss over `n` examples, our metric sums and every adapter gradient (2 layers x 4 attention
+    projections x A, B) agree to rel 1e-4, as the steps without experts. Returns TRL's aux."""
+    assert trainer.aux_loss_enabled
+    theirs = trainer.compute_loss(peft_model, inputs)
+    theirs.backward()
+    their_aux = trainer._metrics["train"]["aux_loss"][-1]
+    ours_loss, their_loss = float((loss_sum / n).detach()), float(theirs.detach())
+    assert abs(ours_loss - their_loss) <= 1e-4 * abs(their_loss)
+    assert abs(metric_means(sums)["aux_loss"] - their_aux) <= 1e-4 * their_aux
+    _adapter_grads_agree(ours, peft_model, count=16)
+    return their_aux
+
+
 def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     """One DPO micro-batch, packed into one row, through our model and the speed layer's per-token
     loss, against TRL's DPOTrainer (its collator's padded batch; TRL 1.16 has switched its

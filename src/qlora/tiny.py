@@ -121,3 +121,26 @@ def build_tiny_model(
            "pad_token_id": config.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+def build_tiny_generic(out_dir: str | Path, model_type: str, seed: int = 0,
+                       **config_values) -> Path:
+    """Save a random transformers `model_type` model (one with no native module: the generic
+    path's) of `config_values` with the tiny tokenizer to out_dir; every 1-D parameter moved off
+    its initial 1 or 0, so that a norm or bias left out shows. Return out_dir."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab = tokenizer_vocab()
+    config = AutoConfig.for_model(model_type, vocab_size=128, bos_token_id=vocab["<s>"],
+                                  eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                                  **config_values)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(out_dir))
+    build_tokenizer(out_dir)
+    return Path(out_dir)
