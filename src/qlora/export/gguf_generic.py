@@ -89,8 +89,6 @@ def export_config(config: dict, source: Path) -> dict:
 
 def check_settings(config: dict, family: dict, source: Path) -> None:
     """Refuse a setting llama.cpp's architecture computes otherwise, naming it."""
-    from qlora.export.gguf import rope_settings
-
     name, arch = f"{source}: {config['model_type']}", family["arch"].lower()
     for key, allowed in family["requires"].items():
         if config.get(key) not in allowed:
@@ -100,9 +98,9 @@ def check_settings(config: dict, family: dict, source: Path) -> None:
                 "export refuses it (`qlora merge` still writes the merged checkpoint)")
     if family["rope"] is None:
         return
-    scaling = rope_settings(config)[1]
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
+    # transformers' config class has read any rope scaling into rope_parameters (export_config)
+    kind = (config.get("rope_parameters") or {}).get("rope_type", "default")
+    if kind != "default":
         raise QloraError(f"{name} sets rope scaling ({kind!r}); GGUF export writes rope scaling "
                          "for the native families only; remove it or merge with `qlora merge`")
     if family["rope"] == "full" and partial_rotary(config) != 1.0:
