@@ -960,8 +960,8 @@ def check_preference_graphed(dirs):
             return batch_loss(method, model, padded(batch, staged.key[1]), opts)
         rows = padded(half(batch, second=False), staged.key[1])
         kl = padded(half(batch, second=True), staged.kl.key[1])
-        policy, reference = unpaired_logps(model, lambda: row_logps(model, rows),
-                                           lambda: row_logps(model, kl), batch["label"])
+        policy, reference = unpaired_logps(model, lambda **_: row_logps(model, rows),
+                                           lambda **_: row_logps(model, kl), batch["label"])
         return summed_losses(method, policy, reference, opts)
 
     model = nf4_lora_model(dirs["llama"], dropout=0.1)

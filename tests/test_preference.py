@@ -507,8 +507,8 @@ def test_kto_takes_what_runs_without_grad_in_one_forward_of_the_whole_batch(llam
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
 
     def per_half():
-        return summed_losses(kto, *unpaired_logps(model, lambda: row_logps(model, examples),
-                                                  lambda: row_logps(model, kl), batch["label"]),
+        return summed_losses(kto, *unpaired_logps(model, lambda **_: row_logps(model, examples),
+                                                  lambda **_: row_logps(model, kl), batch["label"]),
                              opts)
 
     def loss_metrics_grads(run):

@@ -103,23 +103,27 @@ def row_logps(model, batch: dict) -> RowLogps:
     """RowLogps of the batch's sequences through `model` (one forward): its label tokens'
     positions as data/preference.label_layout gives them, and its attention plan where it brings
     one (a shared prompt's: position_ids cannot say which keys a rejected completion sees)."""
-    return rows_of(model, batch)()
+    return rows_of(model, batch)(router=False)
 
 
-def rows_of(model, batch: dict) -> Callable[[], RowLogps]:
+# rows(router=...): the RowLogps of a batch's forward, with its router loss (the policy's) or not
+Rows = Callable[..., RowLogps]
+
+
+def rows_of(model, batch: dict) -> Rows:
     """row_logps(model, batch) as the model is at each call, the batch's label layout worked out
     and copied to the device at the first call only: the policy's forward and the reference's
     (adapters off) read the same."""
     ready = None
 
-    def rows() -> RowLogps:
+    def rows(router: bool = True) -> RowLogps:
         nonlocal ready
         if ready is None:
             ready = _on_device(model, batch)
         ids, labels, plan, sequences, weights = ready
         losses = model(ids, batch["position_ids"], labels, varlen=plan, per_token=True)
-        return with_router_loss(sequence_logps(-losses, sequences, batch["n_sequences"]), model,
-                                weights)
+        logps = sequence_logps(-losses, sequences, batch["n_sequences"])
+        return with_router_loss(logps, model, weights) if router else logps
 
     return rows
 
@@ -143,7 +147,8 @@ def _on_device(model, batch: dict) -> tuple:
     width = batch["input_ids"].shape[1]
     labels = LabelPositions((rows * width + ts).to(device, non_blocking=True),
                             targets.to(device, non_blocking=True))
-    plan, weights = batch.get("attention"), batch.get("router_weights")
+    plan = batch.get("attention")
+    weights = batch.get("router_weights") if getattr(model, "adds_router_loss", False) else None
     # non-blocking: a blocking copy would wait for every kernel queued (the previous backward)
     return (batch["input_ids"].to(device, non_blocking=True), labels,
             None if plan is None else plan.to(device), sequences,
@@ -158,7 +163,7 @@ def policy_and_reference(method, model, batch: dict):
     whole = rows_of(model, batch)
     return unpaired_logps(model, rows_of(model, half(batch, second=False)),
                           rows_of(model, half(batch, second=True)), batch["label"],
-                          both=lambda: row_halves(whole()))
+                          both=lambda router=True: row_halves(whole(router)))
 
 
 def row_halves(rows: RowLogps) -> tuple[RowLogps, RowLogps]:
@@ -169,15 +174,17 @@ def row_halves(rows: RowLogps) -> tuple[RowLogps, RowLogps]:
     return RowLogps(logps, tokens, rows.router_loss), RowLogps(kl_logps, kl_tokens)
 
 
-def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], RowLogps],
+def unpaired_logps(model, rows: Rows, kl_rows: Rows,
                    label: torch.Tensor,
-                   both: Callable[[], tuple[RowLogps, RowLogps]] | None = None
+                   both: Callable[..., tuple[RowLogps, RowLogps]] | None = None
                    ) -> tuple[UnpairedLogps, UnpairedLogps]:
     """(policy, reference) of a KTO batch: `rows()` / `kl_rows()` are the RowLogps of its
-    examples' / their KL sequences through `model` as it is now. The examples with grad; the KL
-    sequences only feed the detached estimate z, so under no_grad (as TRL); the reference of
-    each half with the adapters off. Each half is a forward of its own, eagerly as in a CUDA
-    graph, whose rows have fixed shapes (train/graphs.py): the reference takes one per half too.
+    examples' / their KL sequences through `model` as it is now (`router=False`: without the
+    router loss, which only the policy's forward of the examples gives). The examples with
+    grad; the KL sequences only feed the detached estimate z, so under no_grad (as TRL); the
+    reference of each half with the adapters off. Each half is a forward of its own, eagerly as
+    in a CUDA graph, whose rows have fixed shapes (train/graphs.py): the reference takes one per
+    half too.
 
     `both()`: (rows(), kl_rows()) from ONE forward over the whole batch (the eager path's): under
     no_grad (an evaluation) nothing needs the examples' grad, so the policy takes one forward and
@@ -186,19 +193,19 @@ def unpaired_logps(model, rows: Callable[[], RowLogps], kl_rows: Callable[[], Ro
         policy_rows, kl_half = both()
         label = label.to(policy_rows.logps.device, non_blocking=True)
         with adapters_disabled(model):
-            ref_rows, ref_kl = both()
+            ref_rows, ref_kl = both(router=False)
         return (UnpairedLogps(policy_rows, kl_half.logps, label),
                 UnpairedLogps(ref_rows, ref_kl.logps, label))
     policy_rows = rows()
     label = label.to(policy_rows.logps.device, non_blocking=True)
     with torch.no_grad():
-        kl = kl_rows().logps
+        kl = kl_rows(router=False).logps
         with adapters_disabled(model):
-            ref_rows, ref_kl = rows(), kl_rows().logps
+            ref_rows, ref_kl = rows(router=False), kl_rows(router=False).logps
     return UnpairedLogps(policy_rows, kl, label), UnpairedLogps(ref_rows, ref_kl, label)
 
 
-def pair_logps(method, model, rows: Callable[[], RowLogps], ref_logps: torch.Tensor | None
+def pair_logps(method, model, rows: Rows, ref_logps: torch.Tensor | None
                ) -> tuple[PairLogps, PairLogps | None]:
     """(policy, reference or None) of a pairs batch: `rows()` is the batch's RowLogps through
     `model` as it is now (once with grad; again with the adapters off, under no_grad, for the
@@ -210,7 +217,7 @@ def pair_logps(method, model, rows: Callable[[], RowLogps], ref_logps: torch.Ten
         reference = PairLogps(RowLogps(ref, policy_rows.tokens))
     elif method.USES_REFERENCE:
         with torch.no_grad(), adapters_disabled(model):
-            reference = PairLogps(rows())
+            reference = PairLogps(rows(router=False))
     return policy, reference
 
 
@@ -334,16 +341,16 @@ def staged_batch_loss(method, model, token_losses: TokenLosses, slots: dict[str,
     no shape read from the data, so a CUDA graph records it (train/graphs.py). KTO's examples
     are `token_losses` / `slots` (with its `label` slot), their KL sequences, staged as rows of
     their own, `kl`."""
-    def rows() -> RowLogps:
-        return with_router_loss(slot_logps(token_losses, slots), model,
-                                slots.get("router_weights"))
+    def rows(router: bool = True) -> RowLogps:
+        logps = slot_logps(token_losses, slots)
+        return with_router_loss(logps, model, slots.get("router_weights")) if router else logps
 
     if method.LAYOUT == "pairs":
         policy, reference = pair_logps(method, model, rows, slots.get("ref_logps"))
     else:
         kl_losses, kl_slots = kl
-        policy, reference = unpaired_logps(model, rows, lambda: slot_logps(kl_losses, kl_slots),
-                                           slots["label"])
+        policy, reference = unpaired_logps(
+            model, rows, lambda router=False: slot_logps(kl_losses, kl_slots), slots["label"])
     return summed_losses(method, policy, reference, opts)
 
 
