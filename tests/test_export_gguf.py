@@ -147,6 +147,26 @@ def test_export_reads_back(models, tmp_path, family, qtype):
         assert kinds["blk.0.attn_q.weight"] == T.Q4_K
 
 
+def test_the_pre_tokenizer_is_named_by_the_regex_it_splits_by():
+    """llama.cpp's pre-tokenizer name for tokenizer.json's shape: a lone ByteLevel splitting by
+    GPT-2's regex (GPT-NeoX-20B's tokenizer, which Pythia and OLMo use) is "gpt-2" whatever the
+    family; Llama 3's ignore_merges BPE "llama-bpe"; a ByteLevel after digit splits, or one not
+    splitting, none of those."""
+    from qlora.export.gguf import pre_tokenizer_name
+
+    def name(pre, model_type="gpt_neox", **model):
+        return pre_tokenizer_name({"pre_tokenizer": pre, "model": model},
+                                  {"model_type": model_type}, spm=False)
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert name(byte_level) == name(byte_level, "olmo") == name(byte_level, "granite") == "gpt-2"
+    assert name({**byte_level, "use_regex": False}) == "default"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits"}, byte_level]}
+    assert name(digits, "llama", ignore_merges=True) == "llama-bpe"
+    assert name(digits) == "default"
+    assert name(None, "gpt2") == "default" and name(digits, "gpt2") == "gpt-2"
+
+
 def test_rope_permutation_matches_llama_cpp_rotation(models):
     """HF rotates (i, i+d/2) pairs; ggml's llama rope rotates (2i, 2i+1). With the permuted weights
     the attention scores must come out the same."""

@@ -92,14 +92,18 @@ def test_a_checkpoint_of_the_stacked_parameters_loads_too(moe_models, tmp_path):
         assert rel_err(load_model(path, NONE)(ids), load_model(fused, NONE)(ids)) == 0
 
 
+@pytest.mark.parametrize("shard", ["60KB", None])
 def test_a_layers_experts_are_held_only_until_their_parameter_is_made(moe_models, tmp_path,
-                                                                      monkeypatch):
-    """Sharded so that a layer's experts span files: each expert tensor read is gone once its
-    stacked parameter is made, so at most one layer's experts (3 tensors an expert) are alive
-    when the next tensor is read, never the checkpoint's."""
+                                                                      monkeypatch, shard):
+    """Each expert tensor read is gone once its stacked parameter is made, so at most one
+    layer's experts (3 tensors an expert) are alive when the next tensor is read, never the
+    checkpoint's: in one file (where tensors held to its end would be both layers', 2 · 3 · E)
+    and sharded so that a layer's experts span files."""
     sharded = tmp_path / "sharded"
-    hf_model(moe_models["qwen2_moe"]).save_pretrained(str(sharded), max_shard_size="60KB")
-    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    kwargs = {} if shard is None else {"max_shard_size": shard}
+    hf_model(moe_models["qwen2_moe"]).save_pretrained(str(sharded), **kwargs)
+    files = list(sharded.glob("*.safetensors"))
+    assert len(files) > 2 if shard else len(files) == 1
     model, most = load_counting_alive(sharded, NONE, monkeypatch, lambda key: ".experts." in key)
     assert 0 < most < 3 * EXPERTS["qwen2_moe"]
     ids = tokens(2)
@@ -346,3 +350,18 @@ def test_a_dpo_step_with_the_router_loss_equals_trl_dpo_trainer(tmp_path):
         [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
          for e in examples])
     _router_step_agrees_with_trl(ours, loss_sum, sums, B, trainer, peft_model, inputs)
+
+
+def test_a_conversion_that_splits_a_tensor_is_refused_naming_it(tmp_path):
+    """HRM-Text stores q, k, v and a gate fused (attn.gqkv_proj), which transformers splits into
+    four linear layers as it loads: a conversion other than stacking experts, refused before
+    anything is read, naming the tensor."""
+    from qlora.errors import QloraError
+    from qlora.tiny import build_tiny_generic
+
+    path = build_tiny_generic(tmp_path / "hrm", "hrm_text", hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                              num_layers_per_stack=1, max_position_embeddings=256)
+    with pytest.raises(QloraError, match=r"attn\.gqkv_proj\.weight is one of the tensors "
+                                         r"transformers converts .*and others"):
+        load_model(path, NONE)

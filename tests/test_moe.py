@@ -794,7 +794,7 @@ def test_router_aux_loss_option_overrides_config_json(moe_models, tmp_path):
 
 def test_a_preference_method_says_where_trl_would_add_the_router_loss(moe_models, tmp_path):
     """config.json's output_router_logits decides for every method; where it leaves the loss
-    out of a preference method's, the log says that TRL's DPOTrainer would add it."""
+    out of DPO's or KTO's, the log says that TRL's DPOTrainer and KTOTrainer would add it."""
     from qlora.config import load_config
     from qlora.train.model import aux_loss_lines, build_model
 
@@ -808,6 +808,7 @@ def test_a_preference_method_says_where_trl_would_add_the_router_loss(moe_models
         "DPOTrainer and KTOTrainer add router_aux_loss_coef (0.001) x the router's "
         "load-balancing loss to the loss regardless: router_aux_loss: true does that"]
     assert lines(moe_models["mixtral"], method="dpo", router_aux_loss="true") == []
+    assert lines(moe_models["mixtral"], method="orpo") == []  # TRL's ORPOTrainer: as here
     assert lines(moe_models["mixtral"]) == []  # supervised: as transformers
     assert lines(moe_models["qwen3-moe"], method="kto") == []  # output_router_logits: true
 

@@ -98,7 +98,7 @@ class RunConfig:
     embedding_on_host: bool = True
     cuda_graphs: bool = True  # replay each micro-batch shape's forward+backward as a CUDA graph (train/graphs.py)
     fused_kernels: bool = True  # Triton RMSNorm/SwiGLU/RoPE (kernels/fused.py) and, on CUDA, 4-bit dequantize (kernels/dequant.py)
-    # a mixture of experts (Mixtral, Qwen3-MoE): add router_aux_loss_coef x the load-balancing
+    # a mixture of experts (native or generic): add router_aux_loss_coef x the load-balancing
     # loss to the training loss (a preference method: to each example's, from the policy's
     # forward, as TRL's trainers); None = as config.json's output_router_logits says
     router_aux_loss: bool | None = None

@@ -503,11 +503,19 @@ def pre_tokenizer_name(tj: dict, config: dict, spm: bool) -> str:
         return "default"
     if config.get("model_type") in ("qwen2", "qwen3"):
         return "qwen2"
-    if config.get("model_type") == "gpt2":
-        return "gpt-2"  # GPT-2's own regex (convert_hf_to_gguf.py's, for its tokenizer)
+    if config.get("model_type") == "gpt2" or is_gpt2_split(tj["pre_tokenizer"]):
+        # GPT-2's own regex: GPT-2's tokenizer, and any whose one pre-tokenizer is a ByteLevel
+        # splitting by it (GPT-NeoX-20B's, which Pythia and OLMo use; llama.cpp's converter
+        # names that one "olmo" or "mpt", regexes equal to "gpt-2"'s)
+        return "gpt-2"
     if tj["model"].get("ignore_merges"):  # Llama 3's tokenizer
         return "llama-bpe"
     return "default"
+
+
+def is_gpt2_split(pre_tokenizer: dict) -> bool:
+    """Whether a tokenizer.json pre-tokenizer is a lone ByteLevel that splits by GPT-2's regex."""
+    return pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
 
 
 # --- the export ---------------------------------------------------------------------------------

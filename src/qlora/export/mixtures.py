@@ -38,7 +38,7 @@ Row widths: a k-quant block holds 256 values of one row, Q4_0 / Q8_0 blocks 32. 
 do not fill whole blocks falls back as llama.cpp does: output to Q8_0; Q2_K, Q3_K → Q4_0; Q4_K →
 Q5_0; Q5_K → Q5_1; Q6_K → Q8_0; and to F16 when even that block (32) does not divide the row.
 1-D tensors (norms, biases, rope factors) stay F32; f16 / bf16 files store every 2-D tensor as such.
-GPT-2's learned position table (position_embd) is never quantized: F16 (BF16 in a bf16 file).
+GPT-2's learned position table (position_embd) is never quantized: F32, as the router.
 """
 
 from __future__ import annotations
@@ -166,9 +166,8 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, model: Model)
     """The type `name` (llama.cpp's tensor name) of `shape` is stored in, in a `file_type` file."""
     if len(shape) < 2:
         return Choice("F32", "F32")
-    if role_of(name)[0] == "position_embd":  # llama.cpp never quantizes learned positions
-        half = "BF16" if file_type == "bf16" else "F16"
-        return Choice(half, half)
+    if role_of(name)[0] == "position_embd":  # llama.cpp's converter and quantizer: F32
+        return Choice("F32", "F32")
     wanted = wanted_type(name, file_type, model)
     stored = wanted
     role, _ = role_of(name)

@@ -50,6 +50,7 @@ from torch import nn
 
 from qlora.errors import QloraError
 from qlora.models.decoder import IGNORE_INDEX, compute_device, labelled_rows, shifted_targets
+from qlora.models.families.moe_blocks import real_token_weights
 from qlora.models.spec import read_config
 from qlora.models.weights import (check_nothing_missing, open_shard, read_tensor,
                                   replace_keeping_bias, shard_keys)
@@ -274,6 +275,7 @@ def read_plan(hf, keys, source: str = "the checkpoint") -> ReadPlan:
         key, match = rename(stored)
         placed = _placed(key, expected, hf.base_model_prefix)
         if placed is not None and match is not None:
+            refuse_unstacked_conversion(hf, stored, placed, match, source)
             names[stored] = _placed_like(match.renamed, key, placed)
             conversions.setdefault(placed, Conversion(match.converter, {})).sources[stored] = \
                 match.pattern
@@ -296,6 +298,21 @@ def read_plan(hf, keys, source: str = "the checkpoint") -> ReadPlan:
                              f"{next(iter(conversion.sources))} and others make too (one expert "
                              "each); keep one layout of the experts")
     return ReadPlan(names, conversions)
+
+
+def refuse_unstacked_conversion(hf, stored: str, placed: str, match: "SourceMatch",
+                                source: str) -> None:
+    """Only conversions that stack tensors into one non-linear parameter (a layer's experts
+    into a 3D one) are run here: one that splits a tensor into several parameters, or makes a
+    linear layer's weight (which the loader quantizes as it reads it), is refused."""
+    one_target = len(match.converter.target_patterns) == 1
+    if one_target and hf.get_parameter(placed).dim() == 3:
+        return
+    raise QloraError(
+        f"{source}: tensor {stored} is one of the tensors transformers converts as it loads a "
+        f"{hf.config.model_type} model (into {placed}{'' if one_target else ' and others'}), a "
+        "conversion qlora's generic path does not do (it stacks experts only); this model "
+        "cannot be trained here")
 
 
 def _placed(key: str, expected: set[str], prefix: str) -> str | None:
@@ -603,7 +620,9 @@ class GenericLM(nn.Module):
                             else None)
         asked = bool(getattr(hf.config, "output_router_logits", False))
         self.aux_loss = asked and self.router_loss is not None
-        self.router_logits = None  # the last forward's, where it added the router loss
+        # the last forward's routing, where the router loss is on (added, or a per-token
+        # forward's kept for a preference method)
+        self.last_router_logits = None
         if asked and self.router_loss is None:
             self.notes.append("config.json asks for the router's load-balancing loss "
                               "(output_router_logits), which this path cannot add for "
@@ -650,7 +669,7 @@ class GenericLM(nn.Module):
         routing = {"output_router_logits": routed} if self.router_loss is not None else {}
         out = self.hf(input_ids=input_ids, **self._positions(input_ids, position_ids),
                       **self.no_cache, **routing)
-        self.router_logits = out.router_logits if routed else None
+        self.last_router_logits = out.router_logits if routed else None
         if labels is None:
             return out.logits
         if per_token:
@@ -677,11 +696,11 @@ class GenericLM(nn.Module):
         that mask from its caller; ours has none to pass: packed rows keep documents apart by
         position), or each token's weight given (`weights` [rows, T]: data/preference's
         router_weights, which the function weighs as a mask)."""
-        logits, mask = self.router_logits, weights  # each layer's [rows · T, experts]
+        logits, mask = self.last_router_logits, weights  # each layer's [rows · T, experts]
         if weights is None and real_lengths is not None:
-            device = logits[0].device
-            columns = torch.arange(logits[0].shape[0] // real_lengths.shape[0], device=device)
-            mask = (columns < real_lengths.to(device)[:, None]).long()
+            rows = real_lengths.shape[0]
+            mask = real_token_weights(real_lengths, logits[0].shape[0], logits[0].device)
+            mask = mask.view(rows, -1)
         return self.router_loss(logits, self.hf.num_experts, self.hf.num_experts_per_tok, mask)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None

@@ -46,15 +46,18 @@ def build_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, part=N
 
 
 def aux_loss_lines(model, cfg: RunConfig) -> list[str]:
-    """What the log says where a preference method trains a mixture of experts without its
-    load-balancing loss: TRL's DPOTrainer and KTOTrainer add it wherever the coefficient is set,
-    whatever config.json's output_router_logits, which is what decides here (as for SFT)."""
-    moe = getattr(model.spec, "moe", None)
-    if cfg.method == "sft" or moe is None or model.adds_router_loss or moe.aux_loss_coef == 0:
+    """What the log says where DPO or KTO trains a mixture of experts without its load-balancing
+    loss: TRL's DPOTrainer and KTOTrainer add it wherever the coefficient is set, whatever
+    config.json's output_router_logits, which is what decides here (as for SFT, and as TRL's
+    ORPOTrainer and CPOTrainer decide)."""
+    coef = getattr(model, "router_loss_coef", 0)  # 0: no router (a dense model)
+    if cfg.method not in ("dpo", "kto") or coef == 0 or model.adds_router_loss:
+        return []
+    if getattr(model, "router_loss", True) is None:  # the generic path cannot add it: its note
         return []
     return [f"router_aux_loss: off (config.json's output_router_logits is not true); TRL's "
-            f"DPOTrainer and KTOTrainer add router_aux_loss_coef ({moe.aux_loss_coef:g}) x the "
-            "router's load-balancing loss to the loss regardless: router_aux_loss: true does that"]
+            f"DPOTrainer and KTOTrainer add router_aux_loss_coef ({coef:g}) x the router's "
+            "load-balancing loss to the loss regardless: router_aux_loss: true does that"]
 
 
 def generic_path_lines(model: GenericLM, cfg: RunConfig) -> list[str]:

@@ -182,7 +182,8 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probability = torch.zeros(num_experts, dtype=torch.float32, device=device)
     # each row's k choices counted with the row's weight (a scatter-add, as expert_counts;
-    # 0/1 weights: whole sums, exact in any order of the adds); made once for every layer
+    # whole-number weights, 0, 1 or a shared prompt's 2: whole sums, exact in any order of the
+    # adds); made once for every layer
     weights = real[:, None].expand(-1, top_k).reshape(-1)
     for logits in router_logits:
         probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
