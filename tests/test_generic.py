@@ -201,7 +201,7 @@ def test_checkpoint_names_are_renamed_as_transformers_renames_them(models, tmp_p
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.models.generic import checkpoint_names, read_plan
+    from qlora.models.generic_checkpoint import checkpoint_names, read_plan
 
     path = models["gpt_neox"]
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -239,7 +239,7 @@ def test_transformers_4_renames_by_the_models_own_regex_map(monkeypatch):
     import sys
     from types import SimpleNamespace
 
-    from qlora.models.generic import transformers_renamer
+    from qlora.models.generic_checkpoint import transformers_renamer
 
     monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # ImportError
     hf = SimpleNamespace(_checkpoint_conversion_mapping={
