@@ -1457,3 +1457,31 @@ def test_a_per_expert_adapter_merges_as_its_stacked_twin_and_is_refused_elsewher
     fresh = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
     with pytest.raises(QloraError, match=r"experts\.0\..* per-expert LoRA .*qlora merge"):
         load_adapter(fresh, old)
+
+
+def test_only_the_policys_forward_computes_the_router_loss(moe_models, tmp_path, monkeypatch):
+    """One router loss per batch, the policy's: DPO and KTO, training and evaluation, none for
+    the reference's forward, KTO's KL sequences or the precomputed reference."""
+    from qlora.data.preference import pair_batch, unpaired_batch
+    from qlora.methods import dpo, kto
+    from qlora.methods.preference import PreferenceOptions, batch_loss, precompute_reference
+    from qlora.models.families.moe_blocks import MoeLM
+    from test_preference import _varied_examples
+
+    path = _with_router_coef(moe_models["qwen3-moe"], tmp_path / "model", 0.3)
+    model = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=ATTENTION))
+    calls = []
+    aux = MoeLM.router_aux_loss
+    monkeypatch.setattr(MoeLM, "router_aux_loss",
+                        lambda self, *a, **k: calls.append(1) or aux(self, *a, **k))
+    pairs, unpaired = _varied_examples("pairs"), _varied_examples("unpaired")
+    for method, batch in ((dpo, pair_batch(pairs, 0)), (kto, unpaired_batch(unpaired, 0))):
+        for grad in (True, False):
+            calls.clear()
+            with torch.set_grad_enabled(grad):
+                batch_loss(method, model.train(grad), batch, PreferenceOptions())
+            assert len(calls) == 1, (method.__name__, grad, len(calls))
+    calls.clear()
+    precompute_reference(model, pairs, 2, 0)
+    assert not calls

@@ -73,7 +73,8 @@ def _graph_body(model, method, opts, batch: dict, pad_to: int = PAD_TO):
     into a _Graph's buffers, then GraphedSteps._body, which the capture records."""
     steps = GraphedSteps.__new__(GraphedSteps)  # no CUDA pool on a CPU
     steps.model, steps.preference, steps.pad_to = model, (method, opts), pad_to
-    staged = stage_preference(batch, pad_to, pinned=False)
+    staged = stage_preference(batch, pad_to, pinned=False,
+                              router=getattr(model, "adds_router_loss", False))
     g = _Graph(staged, torch.device("cpu"))
     steps._fill(g, staged, 1.0)
     model.zero_grad()

@@ -98,8 +98,10 @@ def check_settings(config: dict, family: dict, source: Path) -> None:
                 "export refuses it (`qlora merge` still writes the merged checkpoint)")
     if family["rope"] is None:
         return
-    # transformers' config class has read any rope scaling into rope_parameters (export_config)
-    kind = (config.get("rope_parameters") or {}).get("rope_type", "default")
+    # transformers 5's config class reads any rope scaling into rope_parameters; transformers 4
+    # leaves it in config.json's rope_scaling
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind != "default":
         raise QloraError(f"{name} sets rope scaling ({kind!r}); GGUF export writes rope scaling "
                          "for the native families only; remove it or merge with `qlora merge`")

@@ -100,9 +100,10 @@ def sequence_logps(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -
 
 
 def row_logps(model, batch: dict) -> RowLogps:
-    """RowLogps of the batch's sequences through `model` (one forward): its label tokens'
-    positions as data/preference.label_layout gives them, and its attention plan where it brings
-    one (a shared prompt's: position_ids cannot say which keys a rejected completion sees)."""
+    """RowLogps of the batch's sequences through `model` (one forward), without a router loss:
+    its label tokens' positions as data/preference.label_layout gives them, and its attention
+    plan where it brings one (a shared prompt's: position_ids cannot say which keys a rejected
+    completion sees)."""
     return rows_of(model, batch)(router=False)
 
 
@@ -111,9 +112,10 @@ Rows = Callable[..., RowLogps]
 
 
 def rows_of(model, batch: dict) -> Rows:
-    """row_logps(model, batch) as the model is at each call, the batch's label layout worked out
-    and copied to the device at the first call only: the policy's forward and the reference's
-    (adapters off) read the same."""
+    """rows(router=True): the batch's RowLogps through the model as it is at each call, with the
+    router loss where the model adds one (the policy's forward; router=False for the reference's,
+    adapters off, as row_logps); the batch's label layout worked out and copied to the device at
+    the first call only: both forwards read the same."""
     ready = None
 
     def rows(router: bool = True) -> RowLogps:
@@ -208,8 +210,9 @@ def unpaired_logps(model, rows: Rows, kl_rows: Rows,
 def pair_logps(method, model, rows: Rows, ref_logps: torch.Tensor | None
                ) -> tuple[PairLogps, PairLogps | None]:
     """(policy, reference or None) of a pairs batch: `rows()` is the batch's RowLogps through
-    `model` as it is now (once with grad; again with the adapters off, under no_grad, for the
-    reference), `ref_logps` the precomputed reference where there is one (no forward then)."""
+    `model` as it is now (once with grad and the router loss; again with the adapters off, under
+    no_grad and `router=False`, for the reference), `ref_logps` the precomputed reference where
+    there is one (no forward then)."""
     policy_rows = rows()
     policy, reference = PairLogps(policy_rows), None
     if method.USES_REFERENCE and ref_logps is not None:

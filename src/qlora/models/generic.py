@@ -225,7 +225,7 @@ def read_generic_spec(model_dir: str | Path) -> GenericSpec:
     return spec_from_config(cfg, source, name=Path(model_dir).name)
 
 
-# --- a checkpoint's layout, for tools that read the files (merge) ----------------------------------
+# --- a checkpoint's layout, for tools that read the files (merge) ---------------------------------
 class CheckpointLayout(NamedTuple):
     """How a generic checkpoint's files relate to its model, for tools that work on the files
     (merge): the model name of each tensor, and which linear layers are stored transposed

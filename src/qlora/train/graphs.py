@@ -241,27 +241,31 @@ def stage_gathered_keys(input_ids: torch.Tensor, position_ids: torch.Tensor,
     return staged
 
 
-def stage_preference(batch: dict, pad_to: int, pinned: bool) -> StagedBatch:
+def stage_preference(batch: dict, pad_to: int, pinned: bool, router: bool = False
+                     ) -> StagedBatch:
     """A preference batch (data/preference.preference_batch) staged as stage_batch stages its
     rows, with its label slots (methods/preference.label_slots, rounded up to a multiple of
     `pad_to`); the slots' shapes (labels, sequences, a precomputed reference or not) join the
     key. A KTO batch: its examples' half so, their KL sequences' half as `kl` (its key joins
-    too), and the examples' labels as the slot `label`."""
+    too), and the examples' labels as the slot `label`. `router`: the model adds a router loss
+    (MoeLM.adds_router_loss), whose token weights the policy's rows stage then (never the KL
+    sequences', which it does not count)."""
     if "label" not in batch:
-        staged = _stage_sequences(batch, pad_to, pinned, {})
+        staged = _stage_sequences(batch, pad_to, pinned, {}, router)
     else:
         label = batch["label"].pin_memory() if pinned else batch["label"]
-        staged = _stage_sequences(half(batch, second=False), pad_to, pinned, {"label": label})
-        staged.kl = _stage_sequences(half(batch, second=True), pad_to, pinned, {})
+        staged = _stage_sequences(half(batch, second=False), pad_to, pinned, {"label": label},
+                                  router)
+        staged.kl = _stage_sequences(half(batch, second=True), pad_to, pinned, {}, False)
         staged.key += ("kl", *staged.kl.key)
     staged.source = batch
     return staged
 
 
-def _stage_sequences(batch: dict, pad_to: int, pinned: bool, extra: dict[str, torch.Tensor]
-                     ) -> StagedBatch:
-    """Rows of sequences (a pairs batch, or a half of a KTO batch) with their label slots and
-    the `extra` ones."""
+def _stage_sequences(batch: dict, pad_to: int, pinned: bool, extra: dict[str, torch.Tensor],
+                     router: bool) -> StagedBatch:
+    """Rows of sequences (a pairs batch, or a half of a KTO batch) with their label slots (the
+    router weights' only where `router`) and the `extra` ones."""
     plan = batch.get("attention")
     if plan is not None and plan.keys is not None:
         staged = stage_gathered_keys(batch["input_ids"], batch["position_ids"], batch["labels"],
@@ -270,6 +274,8 @@ def _stage_sequences(batch: dict, pad_to: int, pinned: bool, extra: dict[str, to
         staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
                              pinned)
     slots = label_slots(batch, staged.key[1], pad_to)
+    if not router:
+        slots.pop("router_weights", None)
     if pinned:
         slots = {name: t.pin_memory() for name, t in slots.items()}
     staged.slots = {**slots, **extra}
@@ -382,7 +388,8 @@ class GraphedSteps:
 
     def stage_preference(self, batch: dict) -> StagedBatch:
         """`stage` for a preference method's batch (stage_preference)."""
-        return stage_preference(batch, self.pad_to, pinned=self.device.type == "cuda")
+        return stage_preference(batch, self.pad_to, pinned=self.device.type == "cuda",
+                                router=getattr(self.model, "adds_router_loss", False))
 
     def run(self, batch: StagedBatch, scale: float) -> torch.Tensor:
         """The GPU half: copy `batch` into its graph's buffers (captured on first sight), replay."""

@@ -53,8 +53,8 @@ def aux_loss_lines(model, cfg: RunConfig) -> list[str]:
     coef = getattr(model, "router_loss_coef", 0)  # 0: no router (a dense model)
     if cfg.method not in ("dpo", "kto") or coef == 0 or model.adds_router_loss:
         return []
-    if getattr(model, "router_loss", True) is None:  # the generic path cannot add it: its note
-        return []
+    if getattr(model, "router_loss", True) is None:  # a generic model without transformers'
+        return []  # function: nothing can add it here (its note says so where config.json asks)
     return [f"router_aux_loss: off (config.json's output_router_logits is not true); TRL's "
             f"DPOTrainer and KTOTrainer add router_aux_loss_coef ({coef:g}) x the router's "
             "load-balancing loss to the loss regardless: router_aux_loss: true does that"]
