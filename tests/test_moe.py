@@ -1010,11 +1010,12 @@ def test_row_parts_cover_every_row_within_the_budget():
 def test_experts_in_parts_equal_all_at_once(moe_models, monkeypatch, quant):
     """Each projection in parts of its output rows (the budget shrunk so that each of the tiny
     model's goes in parts of the fewest aligned rows: nf4's gates then its ups, the 16-bit
-    weights' a row at a time): the forward's outputs are the same dot products, so the same loss
-    to the bit; the input gradients are sums over the parts of shorter dot products, so the
-    adapters' gradients differ by reassociation alone. fp32, where that is a few roundings of
-    2^-24 (6e-8) carried back through both layers: 1e-5, as the fp32 grouped-against-loop
-    loss."""
+    weights' a row at a time): the forward's outputs are the same dot products, though a GEMM
+    of one output row may sum them in another order than the whole one (the CPU's does: the
+    logits differ by ~1e-7), so the loss within 1e-6 relative (a few roundings of 2^-24, 6e-8);
+    the input gradients are sums over the parts of shorter dot products, so the adapters'
+    gradients differ by reassociation alone, carried back through both layers: 1e-5, as the
+    fp32 grouped-against-loop loss."""
     dtype = FP32
     import qlora.kernels.experts as kernels
     import qlora.speed.moe as moe
@@ -1032,7 +1033,7 @@ def test_experts_in_parts_equal_all_at_once(moe_models, monkeypatch, quant):
         results.append(loss_and_grads(model, ids))
     assert len(parts[0]) == 1 and len(parts[1]) >= 2  # nf4: the gates, then the ups
     (want_loss, want), (got_loss, got) = results
-    assert got_loss == want_loss and set(got) == set(want)
+    assert abs(got_loss - want_loss) <= 1e-6 * abs(want_loss) and set(got) == set(want)
     for name in want:
         assert rel_err(want[name], got[name]) <= 1e-5, name
 
