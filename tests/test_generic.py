@@ -529,21 +529,12 @@ def test_merge_folds_into_conv1d_weights_transposed(models, tmp_path):
     """The merged checkpoint (16-bit, transformers' layout: c_attn still [in, out]) gives the
     logits of transformers + peft with the adapter; with --base nf4, each Conv1D weight is the
     transpose of the dequantized NF4 layer our model trains on, plus the adapter."""
-    from peft import PeftModel
-
     from qlora.merge import merge_adapter
     from qlora.quant import dequantize_weight
 
     path = models["gpt2"]
-    ours = load_model(path, NF4)
-    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
-    randomize_b(ours)
-    save_adapter(ours, tmp_path / "adapter", str(path))
-    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
-    ids = tokens(10)
-    peft_model = PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert rel_err(peft_model(ids).logits, hf_model(merged).eval()(ids).logits) <= 1e-5
+    ours, merged = merged_random_adapter(path, NF4, tmp_path)
+    assert_merged_is_peft_s(path, merged, tmp_path / "adapter", tokens(10))
 
     on_nf4 = hf_model(merge_adapter(path, tmp_path / "adapter", tmp_path / "merged-nf4",
                                     dtype="float32", base="nf4"))
@@ -552,6 +543,28 @@ def test_merge_folds_into_conv1d_weights_transposed(models, tmp_path):
     got = on_nf4.get_submodule("transformer.h.1.mlp.c_fc").weight.detach()
     assert got.shape == (64, 256)
     torch.testing.assert_close(got.t(), expected, rtol=0, atol=1e-6)
+
+
+def merged_random_adapter(path, quant, tmp_path):
+    """(our model of `path` with a random all-linear adapter, saved in tmp_path/adapter, the
+    fp32 checkpoint merge_adapter makes of it in tmp_path/merged)."""
+    from qlora.merge import merge_adapter
+
+    ours = load_model(path, quant)
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    randomize_b(ours)
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    return ours, merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+
+
+def assert_merged_is_peft_s(path, merged, adapter, ids) -> None:
+    """The merged checkpoint's logits are transformers + peft's with the adapter: fp32, the
+    same products added in another order (1e-5)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(hf_model(path), adapter).eval()
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, hf_model(merged).eval()(ids).logits) <= 1e-5
 
 
 def headless_copy(path, out):
@@ -643,8 +656,6 @@ def test_gguf_export_refuses_naming_the_architecture(tmp_path, capsys):
 def test_plan_is_a_coarser_estimate_that_counts_the_weights_exactly(models, capsys):
     """`qlora plan` on a generic model says it is coarser; its weights are the bytes our loaded
     4-bit model holds (bitsandbytes' packed codes and quant states, the rest in 16 bits)."""
-    import bitsandbytes as bnb
-
     from qlora import memory
     from qlora.cli import main
 
@@ -653,14 +664,21 @@ def test_plan_is_a_coarser_estimate_that_counts_the_weights_exactly(models, caps
     assert "coarser" in out and "generic path" in out and "fits on" in out
     spec = memory.resolve_arch(model_dir=str(models["gpt2"]))
     b = memory.plan(spec, memory.PlanConfig(alloc_rounding=False, nonquant_dtype="fp32"))
-    model = load_model(models["gpt2"], NF4)
+    assert b.base + b.embeddings + b.norms == held_bytes(load_model(models["gpt2"], NF4))
+
+
+def held_bytes(model) -> int:
+    """The bytes a loaded model holds: its parameters and its 4-bit layers' quantization
+    states (absmax, code, offset and the double quantization's)."""
+    import bitsandbytes as bnb
+
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             state = m.weight.quant_state
             held += sum(t.numel() * t.element_size() for t in (
                 state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code))
-    assert b.base + b.embeddings + b.norms == held
+    return held
 
 
 def test_remote_code_only_models_are_refused_and_never_run(models, tmp_path):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generic import (FP32, NF4, NONE, build_generic, hf_model, hf_nf4, load_counting_alive,
-                          peft_twin, randomize_b, rel_err, tokens)
+from test_generic import (FP32, NF4, NONE, assert_merged_is_peft_s, build_generic, held_bytes,
+                          hf_model, hf_nf4, load_counting_alive, merged_random_adapter, peft_twin,
+                          randomize_b, rel_err, tokens)
 
 from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, save_adapter
 from qlora.models import GenericLM, load_model
@@ -235,21 +236,10 @@ def test_saved_adapter_loads_in_peft_over_the_nf4_base(moe_models, tmp_path):
 def test_merge_keeps_one_tensor_per_expert_and_transformers_loads_it(moe_models, tmp_path):
     """The merged checkpoint names its tensors as the base's files do (each expert's own, which
     transformers stacks again as it loads); its logits are transformers + peft's."""
-    from peft import PeftModel
-
-    from qlora.merge import merge_adapter
-
     path = moe_models["qwen2_moe"]
-    ours = load_model(path, NONE)
-    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
-    randomize_b(ours)
-    save_adapter(ours, tmp_path / "adapter", str(path))
-    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    _, merged = merged_random_adapter(path, NONE, tmp_path)
     assert sorted(stored_keys(merged)) == sorted(stored_keys(path))
-    peft_model = PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    ids = tokens(6)
-    with torch.no_grad():
-        assert rel_err(peft_model(ids).logits, hf_model(merged).eval()(ids).logits) <= 1e-5
+    assert_merged_is_peft_s(path, merged, tmp_path / "adapter", tokens(6))
 
 
 def test_the_router_loss_is_added_as_transformers_adds_it(moe_models, tmp_path):
@@ -295,22 +285,14 @@ def test_the_router_loss_is_added_as_transformers_adds_it(moe_models, tmp_path):
 def test_plan_counts_the_16bit_experts_exactly(moe_models):
     """`qlora plan`'s weights are the bytes our loaded 4-bit model holds, its experts' stacked
     parameters in the compute dtype among them."""
-    import bitsandbytes as bnb
-
     from qlora import memory
 
     path = moe_models["qwen2_moe"]
     b = memory.plan(memory.resolve_arch(model_dir=str(path)),
                     memory.PlanConfig(alloc_rounding=False, nonquant_dtype="fp32"))
     model = load_model(path, NF4)
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            state = m.weight.quant_state
-            held += sum(t.numel() * t.element_size() for t in (
-                state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code))
     experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
-    assert experts.dtype == FP32 and b.base + b.embeddings + b.norms == held
+    assert experts.dtype == FP32 and b.base + b.embeddings + b.norms == held_bytes(model)
 
 
 def test_a_dpo_step_with_the_router_loss_equals_trl_dpo_trainer(tmp_path):
