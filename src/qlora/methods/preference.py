@@ -132,10 +132,10 @@ def rows_of(model, batch: dict) -> Rows:
 
 def with_router_loss(rows: RowLogps, model, weights: torch.Tensor | None) -> RowLogps:
     """`rows` of the forward just run, with a mixture of experts' load-balancing loss of that
-    forward where the model adds one (MoeLM.adds_router_loss), each token weighing `weights`
-    (data/preference's router_weights, on the device): read now, before another forward (the
-    reference's) records its own router logits over these."""
-    if weights is None or not getattr(model, "adds_router_loss", False):
+    forward, each token weighing `weights` (data/preference's router_weights, on the device;
+    given only where the model adds the loss, MoeLM.adds_router_loss: _on_device, label_slots):
+    read now, before another forward (the reference's) records its own router logits."""
+    if weights is None:
         return rows
     rows.router_loss = (model.router_aux_loss(weights=weights), model.router_loss_coef)
     return rows
@@ -287,7 +287,8 @@ def summed_losses(method, policy, reference, opts: PreferenceOptions
 
 
 # --- a preference batch through a CUDA graph (train/graphs.py) ----------------------------------
-def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tensor]:
+def label_slots(batch: dict, length: int, multiple: int, router: bool = False
+                ) -> dict[str, torch.Tensor]:
     """A batch's label tokens (a pairs batch's, or one half of a KTO batch's: data/preference.half)
     laid out on the host for a graph whose rows are padded to
     `length` tokens: what label_layout and sequence_logps read from the batch, in tensors
@@ -301,7 +302,8 @@ def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tens
         tokens     [S] label tokens per sequence
         ref_logps  [S] the precomputed reference, where the batch has it
         router_weights  [rows, length] each token's weight in a mixture of experts' router loss
-                   (data/preference's), the graph's padding 0
+                   (data/preference's), the graph's padding 0; only with `router` (the model
+                   adds that loss)
     """
     rows, ts, targets, sequences = label_layout(batch)
     n, count = batch["n_sequences"], rows.numel()
@@ -315,7 +317,7 @@ def label_slots(batch: dict, length: int, multiple: int) -> dict[str, torch.Tens
     out["sequences"][:count] = sequences
     if "ref_logps" in batch:
         out["ref_logps"] = batch["ref_logps"].float()
-    if "router_weights" in batch:  # the graph's padding weighs 0
+    if router:  # the graph's padding weighs 0
         weights = batch["router_weights"]
         out["router_weights"] = torch.zeros(weights.shape[0], length)
         out["router_weights"][:, :weights.shape[1]] = weights

@@ -273,9 +273,7 @@ def _stage_sequences(batch: dict, pad_to: int, pinned: bool, extra: dict[str, to
     else:
         staged = stage_batch(batch["input_ids"], batch["position_ids"], batch["labels"], pad_to,
                              pinned)
-    slots = label_slots(batch, staged.key[1], pad_to)
-    if not router:
-        slots.pop("router_weights", None)
+    slots = label_slots(batch, staged.key[1], pad_to, router)
     if pinned:
         slots = {name: t.pin_memory() for name, t in slots.items()}
     staged.slots = {**slots, **extra}

@@ -257,7 +257,7 @@ class MoeLM(DecoderLM):
     def adds_router_loss(self) -> bool:
         """Whether training adds the load-balancing loss (a preference method adds it itself,
         methods/preference.with_router_loss, from the policy's forward)."""
-        return bool(self.aux_loss) and self.spec.moe.aux_loss_coef != 0
+        return bool(self.aux_loss) and self.router_loss_coef != 0
 
     def sparse_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
