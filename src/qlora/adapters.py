@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,12 +171,23 @@ class LoraLinear(nn.Module):
         return merged * scale.unsqueeze(1) - weight
 
 
+class ExpertFactor(nn.Module):
+    """lora_B of an expert projection: `weight` [E, r, out], expert e's Bᵀ, the layout the
+    grouped GEMM reads (speed/moe.py), so each pass casts it without a strided copy."""
+
+    def __init__(self, experts: int, r: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, r, out_features))
+
+
 class LoraExperts(nn.Module):
     """LoRA on one projection of every expert (an ExpertLinear): expert e's output is
-    base_e(x) + scale · B_e A_e x, with A and B held as PEFT holds them for a 3D parameter
-    (`target_parameters`): lora_A [r·E, in], expert e's A its rows e·r … e·r + r − 1; lora_B
-    [out, r·E], expert e's B the columns e, e + E, e + 2E, … (PEFT's reshape(out, r, E)).
-    No dropout and no DoRA: PEFT's LoRA on a parameter has neither."""
+    base_e(x) + scale · B_e A_e x. A is held as PEFT holds it for a 3D parameter
+    (`target_parameters`): lora_A [r·E, in], expert e's A its rows e·r … e·r + r − 1. B is held
+    transposed per expert (ExpertFactor, [E, r, out]); PEFT's lora_B [out, r·E], expert e's B
+    the columns e, e + E, e + 2E, … (its reshape(out, r, E)), is what `peft_b` gives and
+    `load_peft_b` takes: adapter files have PEFT's layout. No dropout and no DoRA: PEFT's LoRA
+    on a parameter has neither."""
 
     def __init__(self, base_layer: ExpertLinear, cfg: AdapterConfig):
         super().__init__()
@@ -187,22 +199,29 @@ class LoraExperts(nn.Module):
         self.num_experts, self.r = base_layer.num_experts, cfg.r
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.Linear(self.in_features, cfg.r * self.num_experts, bias=False)
-        self.lora_B = nn.Linear(cfg.r * self.num_experts, self.out_features, bias=False)
+        self.lora_B = ExpertFactor(self.num_experts, cfg.r, self.out_features)  # zeros: PEFT's
         self.scaling = cfg.scaling
         self.disabled = False  # adapters_disabled()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init, as LoraLinear
-        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def members(self) -> int:
         return self.base_layer.members
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [E, r, in], B [E, out, r]) in `dtype`: every expert's factors, views of PEFT's."""
-        e, r = self.num_experts, self.r
-        a = self.lora_A.weight.to(dtype).view(e, r, self.in_features)
-        b = self.lora_B.weight.to(dtype).view(self.out_features, r, e).permute(2, 0, 1)
-        return a, b
+        """(A [E, r, in], B [E, out, r]) in `dtype`: every expert's factors, views of the
+        parameters (cast where `dtype` is not theirs)."""
+        a = self.lora_A.weight.to(dtype).view(self.num_experts, self.r, self.in_features)
+        return a, self.lora_B.weight.to(dtype).transpose(1, 2)
+
+    def peft_b(self) -> torch.Tensor:
+        """lora_B in PEFT's layout, [out, r·E] (a copy)."""
+        return self.lora_B.weight.permute(2, 1, 0).reshape(self.out_features, -1)
+
+    def load_peft_b(self, b: torch.Tensor) -> None:
+        """lora_B from PEFT's layout [out, r·E]."""
+        out, r, e = self.out_features, self.r, self.num_experts
+        self.lora_B.weight.copy_(b.view(out, r, e).permute(2, 1, 0))
 
     def expert_weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
         return self.base_layer.expert_weight(expert, dtype)
@@ -429,19 +448,38 @@ def _target_name(path: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's key names."""
-    state = {}
+    """Adapter tensors under PEFT's key names, in PEFT's layouts (an expert projection's lora_B
+    a copy: LoraExperts.peft_b)."""
+    return {key: tensor for key, (tensor, _) in adapter_entries(model).items()}
+
+
+def copy_into_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """PEFT-named, PEFT-laid-out tensors (read from an adapter file) into the model's attached
+    adapters, each in its own layout and dtype; keys the model lacks are the caller's to check."""
+    entries = adapter_entries(model)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            target, load = entries[key]
+            if not target.is_meta:
+                load(tensor.to(target.device, target.dtype))
+
+
+def adapter_entries(model: nn.Module) -> dict[str, tuple[torch.Tensor, Callable]]:
+    """PEFT key → (the tensor in PEFT's layout, a function that copies one in)."""
+    entries = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraExperts):
             prefix = PEFT_PREFIX + peft_expert_path(model, name)
-            state[f"{prefix}.lora_A.weight"] = module.lora_A.weight
-            state[f"{prefix}.lora_B.weight"] = module.lora_B.weight
+            entries[f"{prefix}.lora_A.weight"] = (module.lora_A.weight, module.lora_A.weight.copy_)
+            entries[f"{prefix}.lora_B.weight"] = (module.peft_b(), module.load_peft_b)
         if isinstance(module, LoraLinear):
-            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
-            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
+            for key, param in ((f"{name}.lora_A.weight", module.lora_A.weight),
+                               (f"{name}.lora_B.weight", module.lora_B.weight)):
+                entries[PEFT_PREFIX + key] = (param, param.copy_)
             if module.use_dora:
-                state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
-    return state
+                vector = module.lora_magnitude_vector
+                entries[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (vector, vector.copy_)
+    return entries
 
 
 def peft_expert_path(model: nn.Module, path: str) -> str:
@@ -672,16 +710,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path,
             f"(e.g. {missing[:2]}), {len(unknown)} unexpected (e.g. {unknown[:2]}); "
             "was it trained on another base model?"
         )
-    with torch.no_grad():
-        for key, tensor in state.items():
-            target = expected[key]
-            if target.shape != tensor.shape:
-                raise QloraError(
-                    f"{weights}: {key} has shape {tuple(tensor.shape)} but this model needs "
-                    f"{tuple(target.shape)}; the adapter was trained on another base model"
-                )
-            if not target.is_meta:
-                target.copy_(tensor.to(target.dtype))
+    for key, tensor in state.items():
+        if expected[key].shape != tensor.shape:
+            raise QloraError(
+                f"{weights}: {key} has shape {tuple(tensor.shape)} but this model needs "
+                f"{tuple(expected[key].shape)}; the adapter was trained on another base model"
+            )
+    copy_into_adapters(model, state)
     return cfg
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from qlora.train import distributed as dist_
 from qlora.train.checkpoint import TrainerState
 
@@ -65,12 +63,9 @@ def save_final(model, out: Path, base_model: str, main: bool) -> None:
 
 def _adapter_weights_from(model, adapter_dir: Path) -> None:
     """Copy a saved adapter's tensors into the (already attached) adapters of `model`."""
-    from qlora.adapters import adapter_state_dict, read_adapter_weights
+    from qlora.adapters import copy_into_adapters, read_adapter_weights
 
-    saved = read_adapter_weights(adapter_dir)
-    with torch.no_grad():
-        for key, param in adapter_state_dict(model).items():
-            param.copy_(saved[key].to(param.device, param.dtype))
+    copy_into_adapters(model, read_adapter_weights(adapter_dir))
 
 
 def _save_adapter_into(model, out: Path, base_model: str) -> None:
