@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import fp32_bnb_reference
 from qlora.adapters import AdapterConfig, attach_adapters, load_adapter, save_adapter
@@ -533,10 +534,12 @@ def test_train_command_lowers_the_loss(moe_models, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(path), "--data", str(data), "--output_dir", str(out),
-               "--max_steps", "4", "--micro_batch_size", "4", "--gradient_accumulation_steps",
-               "1", "--learning_rate", "2e-2", "--warmup_steps", "0", "--device", "cpu",
-               "--max_seq_length", "64", "--double_quant", "false", "--logging_steps", "1"])
+    args = ["train", "--model", str(path), "--data", str(data), "--output_dir", str(out),
+            "--max_steps", "4", "--micro_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--learning_rate", "2e-2", "--warmup_steps", "0", "--device", "cpu",
+            "--max_seq_length", "64", "--double_quant", "false", "--logging_steps", "1",
+            "--save_steps", "2"]
+    rc = main(args)
     assert rc == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["split"] == "train"]
@@ -544,6 +547,18 @@ def test_train_command_lowers_the_loss(moe_models, tmp_path, capsys):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_parameters"] and config["lora_dropout"] == 0.0
     PeftModel.from_pretrained(hf_model(path), str(out))  # loads without error
+
+    # checkpoints of a qlora that held the experts' lora_B as PEFT's [out, r·E], not [E, r, out]:
+    # resuming one is refused, saying so, where its shapes alone would be named otherwise
+    for step in (out / "checkpoints").glob("step-*"):
+        saved = load_file(str(step / "trainable.safetensors"))
+        assert any(t.ndim == 3 for t in saved.values())  # the experts' lora_B
+        save_file({k: t.permute(2, 1, 0).reshape(t.shape[2], -1).contiguous() if t.ndim == 3
+                   else t for k, t in saved.items()}, str(step / "trainable.safetensors"))
+    capsys.readouterr()
+    assert main(args[:args.index("--max_steps") + 1] + ["6"] + args[args.index("--max_steps") + 2:]
+                + ["--resume", "latest"]) == 2
+    assert "experts' lora_B as an older qlora did" in capsys.readouterr().err
 
 
 # --- the memory planner (memory/) ---------------------------------------------------------------
@@ -1393,7 +1408,6 @@ def _per_expert_adapter(stacked_dir, out, model_type: str):
     transformers 4's per-expert layout, as adapters trained before transformers 5 are on the Hub:
     expert e's gate and up (Mixtral's w1 and w3) each a LoRA of their own rows of B over the
     shared rows of A, its down (w2) likewise; every other tensor as it is."""
-    from safetensors.torch import load_file, save_file
 
     from qlora.models.families.moe_config import hub_expert_key
 
@@ -1435,7 +1449,6 @@ def test_a_per_expert_adapter_merges_as_its_stacked_twin_and_is_refused_elsewher
     and Qwen3-MoE adapters) folds into the base exactly as the same adapter stacked: merge reads
     the per-expert names as the Hub checkpoint's linears. Loading it on the stacked model (generate,
     chat, eval, training) is refused, naming a tensor and pointing to merge."""
-    from safetensors.torch import load_file
 
     from qlora.merge import merge_adapter
 

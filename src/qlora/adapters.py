@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +216,7 @@ class LoraExperts(nn.Module):
         return a, self.lora_B.weight.to(dtype).transpose(1, 2)
 
     def peft_b(self) -> torch.Tensor:
-        """lora_B in PEFT's layout, [out, r·E] (a copy)."""
+        """lora_B in PEFT's layout, [out, r·E] (a copy where r and E exceed 1, else a view)."""
         return self.lora_B.weight.permute(2, 1, 0).reshape(self.out_features, -1)
 
     def load_peft_b(self, b: torch.Tensor) -> None:
@@ -447,39 +448,57 @@ def _target_name(path: str) -> str:
     return expert if expert in EXPERT_TARGETS else path.rsplit(".", 1)[-1]
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's key names, in PEFT's layouts (an expert projection's lora_B
-    a copy: LoraExperts.peft_b)."""
-    return {key: tensor for key, (tensor, _) in adapter_entries(model).items()}
+class AdapterTensor(NamedTuple):
+    """One adapter tensor as PEFT's file holds it: its shape there, `read` giving it in PEFT's
+    layout (a copy for an expert projection's lora_B: LoraExperts.peft_b), `write` copying such
+    a tensor into the model (to the parameter's device and dtype; nothing on the meta device)."""
+    shape: torch.Size
+    read: Callable[[], torch.Tensor]
+    write: Callable[[torch.Tensor], None]
 
 
-def copy_into_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """PEFT-named, PEFT-laid-out tensors (read from an adapter file) into the model's attached
-    adapters, each in its own layout and dtype; keys the model lacks are the caller's to check."""
-    entries = adapter_entries(model)
-    with torch.no_grad():
-        for key, tensor in state.items():
-            target, load = entries[key]
-            if not target.is_meta:
-                load(tensor.to(target.device, target.dtype))
-
-
-def adapter_entries(model: nn.Module) -> dict[str, tuple[torch.Tensor, Callable]]:
-    """PEFT key → (the tensor in PEFT's layout, a function that copies one in)."""
+def adapter_tensors(model: nn.Module) -> dict[str, AdapterTensor]:
+    """The attached adapters' tensors under PEFT's key names."""
     entries = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraExperts):
             prefix = PEFT_PREFIX + peft_expert_path(model, name)
-            entries[f"{prefix}.lora_A.weight"] = (module.lora_A.weight, module.lora_A.weight.copy_)
-            entries[f"{prefix}.lora_B.weight"] = (module.peft_b(), module.load_peft_b)
+            entries[f"{prefix}.lora_A.weight"] = _parameter_entry(module.lora_A.weight)
+            b = module.lora_B.weight
+            entries[f"{prefix}.lora_B.weight"] = AdapterTensor(
+                torch.Size((module.out_features, b.shape[0] * b.shape[1])), module.peft_b,
+                _writer(b, module.load_peft_b))
         if isinstance(module, LoraLinear):
-            for key, param in ((f"{name}.lora_A.weight", module.lora_A.weight),
-                               (f"{name}.lora_B.weight", module.lora_B.weight)):
-                entries[PEFT_PREFIX + key] = (param, param.copy_)
+            entries[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _parameter_entry(module.lora_A.weight)
+            entries[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _parameter_entry(module.lora_B.weight)
             if module.use_dora:
-                vector = module.lora_magnitude_vector
-                entries[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (vector, vector.copy_)
+                entries[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _parameter_entry(
+                    module.lora_magnitude_vector)
     return entries
+
+
+def _parameter_entry(param: torch.Tensor) -> AdapterTensor:
+    return AdapterTensor(param.shape, lambda: param, _writer(param, param.copy_))
+
+
+def _writer(param: torch.Tensor, copy_in: Callable[[torch.Tensor], None]):
+    def write(tensor: torch.Tensor) -> None:
+        if not param.is_meta:
+            with torch.no_grad():
+                copy_in(tensor.to(param.device, param.dtype))
+    return write
+
+
+def copy_into_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """PEFT-named, PEFT-laid-out tensors (read from an adapter file) into the model's attached
+    adapters, each in its own layout and dtype: every adapter tensor the model has, no other."""
+    entries = adapter_tensors(model)
+    if set(state) != set(entries):
+        raise QloraError(f"the saved adapter's tensors are not this model's: missing "
+                         f"{sorted(set(entries) - set(state))[:2]}, unexpected "
+                         f"{sorted(set(state) - set(entries))[:2]}")
+    for key, tensor in state.items():
+        entries[key].write(tensor)
 
 
 def peft_expert_path(model: nn.Module, path: str) -> str:
@@ -533,7 +552,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    # one tensor at a time to the host: an expert projection's lora_B is a copy on the GPU
+    with torch.no_grad():
+        state = {key: entry.read().to("cpu").contiguous()
+                 for key, entry in adapter_tensors(model).items()}
     if not state:
         raise QloraError("the model has no adapters to save (attach_adapters was not called)")
     config = peft_config_dict(model.adapter_config, model.adapter_targets, base_model_name_or_path,
@@ -698,7 +720,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path,
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     refuse_per_expert(state, weights)
     attach_adapters(model, cfg, within)
-    expected = adapter_state_dict(model)
+    expected = adapter_tensors(model)
     if within:
         state = {k: v for k, v in state.items() if k.startswith(PEFT_PREFIX + within)}
         expected = {k: v for k, v in expected.items() if k.startswith(PEFT_PREFIX + within)}
@@ -716,7 +738,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path,
                 f"{weights}: {key} has shape {tuple(tensor.shape)} but this model needs "
                 f"{tuple(expected[key].shape)}; the adapter was trained on another base model"
             )
-    copy_into_adapters(model, state)
+    for key, tensor in state.items():
+        expected[key].write(tensor)
     return cfg
 
 

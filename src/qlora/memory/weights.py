@@ -67,8 +67,8 @@ def adapter_tensors(arch: ArchSpec, cfg: PlanConfig) -> list[int]:
 
 
 def expert_adapter_tensors(arch: ArchSpec, cfg: PlanConfig) -> list[int]:
-    """Element counts of one sparse layer's expert adapters: PEFT's lora_A [r·E, in] and
-    lora_B [out, r·E] per targeted projection."""
+    """Element counts of one sparse layer's expert adapters: lora_A [r·E, in] and lora_B
+    (held as [E, r, out]) per targeted projection."""
     shapes = arch.expert_shapes()
     sizes = []
     for name in expert_targets(cfg.targets, arch):
@@ -162,7 +162,7 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
 
 def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     """Bytes a sparse layer's graph keeps whatever its tokens: the grouped GEMMs' bf16 copies of
-    the expert adapters (PEFT's factors made contiguous per expert) and the group offsets."""
+    the expert adapters (each factor cast in one copy) and the group offsets."""
     shapes, rnd = arch.expert_shapes(), cfg.alloc_rounding
     targets = expert_targets(cfg.targets, arch)
     copies = sum(alloc(2 * e * cfg.r * n_in, rnd) + alloc(2 * e * n_out * cfg.r, rnd)

@@ -7,7 +7,7 @@ expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded bat
 base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward but
 where a checkpoint's rerun kept a projection made whole; a large projection's in parts of its
 output rows, kernels/experts.row_parts), the
-LoRA products (PEFT's [E, r, in] and [E, out, r] factors) as two more grouped GEMMs, the
+LoRA products (lora_A as PEFT's [E·r, in], lora_B held as [E, r, out]) as two more grouped GEMMs, the
 scaling on A's narrow output; SwiGLU between them (with fused_kernels one Triton kernel reading the
 packed gate/up output in place); each row scaled by its router weight, rounded to the hidden
 dtype as the reference rounds each expert's output, and the k rows of each token added in fp32

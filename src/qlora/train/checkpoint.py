@@ -252,7 +252,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         for name, p in params.items():
             if p.shape != saved[name].shape:
                 raise QloraError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
-                                 f"the model needs {tuple(p.shape)}; resume with the same options")
+                                 f"the model needs {tuple(p.shape)}; "
+                                 f"{_resume_advice(name, saved[name].ndim, p.ndim)}")
             p.copy_(saved[name].to(p.device, p.dtype))
     device = next(iter(params.values())).device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
@@ -261,6 +262,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     rng = torch.load(path / "rng.pt", weights_only=True)
     raw = json.loads((path / STATE_FILE).read_text())
     return TrainerState(**raw), rng
+
+
+def _resume_advice(name: str, saved_dims: int, dims: int) -> str:
+    """What to do about a trainable tensor of another shape than the model's."""
+    if name.endswith("lora_B.weight") and (saved_dims, dims) == (2, 3):
+        # experts' lora_B, [out, r·E] in checkpoints of qlora before 2026-12-07, now [E, r, out]
+        return ("the checkpoint holds the experts' lora_B as an older qlora did; it cannot be "
+                "resumed (start the run again), but its adapter/ folder loads in qlora generate, "
+                "merge and export")
+    return "resume with the same options"
 
 
 class Checkpoints:
