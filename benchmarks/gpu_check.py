@@ -67,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qlora.adapters import AdapterConfig, attach_adapters  # noqa: E402
+from qlora.adapters import AdapterConfig, LoraExperts, attach_adapters  # noqa: E402
 from qlora.models import load_model  # noqa: E402
 from qlora.models import decoder  # noqa: E402
 from qlora.quant import QuantConfig  # noqa: E402
@@ -104,13 +104,23 @@ def hf(path, dtype, quant=None):
 
 
 def nf4_lora_model(path, dropout: float, dtype=torch.bfloat16):
-    """NF4 base (bf16 compute) with LoRA r=8 whose B is not zero, so every adapter has a gradient."""
+    """NF4 base (bf16 compute) with LoRA r=8 whose B is not zero, so every adapter has a gradient.
+    B is drawn as PEFT's file lays it out (an expert projection's [out, r·E], whatever layout
+    LoraExperts holds), so a change of the held layout draws the same adapter."""
     model = load_model(path, QuantConfig(method="nf4", compute_dtype=dtype), device=DEV)
     torch.manual_seed(0)
     attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=dropout))
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" not in name:
+                continue
+            owner = modules[name.rsplit(".", 2)[0]]  # "<adapter>.lora_B.weight"
+            if isinstance(owner, LoraExperts):
+                peft_b = torch.empty(owner.out_features, p.numel() // owner.out_features,
+                                     device=p.device, dtype=p.dtype)
+                owner.load_peft_b(peft_b.normal_(0, 0.05))
+            else:
                 p.normal_(0, 0.05)
     return model
 

@@ -178,6 +178,9 @@ class ExpertFactor(nn.Module):
 
     def __init__(self, experts: int, r: int, out_features: int):
         super().__init__()
+        # zeros, as PEFT's B, after the draw PEFT's nn.Linear(r·E, out) makes for it: the RNG's
+        # stream then moves as PEFT's does, and a seed gives the adapters it gave in that layout
+        nn.init.kaiming_uniform_(torch.empty(out_features, experts * r), a=math.sqrt(5))
         self.weight = nn.Parameter(torch.zeros(experts, r, out_features))
 
 
