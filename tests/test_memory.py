@@ -197,8 +197,8 @@ def test_advise_combines_when_no_single_change_fits():
 def test_advice_offers_mlp_tiles_only_where_they_act():
     """A mixture of experts' sparse blocks are not tiled (the planner counts no tile there): no
     advice names --tile-mlp for Qwen3-30B-A3B, while a dense model's long row gets it."""
-    moe, cfg = memory.resolve_arch(shape="qwen3-30b-a3b"), PlanConfig(seq_len=4096, keep_attention=0)
-    advice = memory.advise(moe, cfg, 24 * GiB)
+    moe, cfg = memory.resolve_arch(shape="qwen3-30b-a3b"), PlanConfig(seq_len=8192, keep_attention=0)
+    advice = memory.advise(moe, cfg, 32 * GiB)
     assert advice and all(a.changes for a in advice)
     assert not any("tile_mlp" in a.changes for a in advice)
     dense = memory.advise(memory.resolve_arch(shape="llama-3-8b"),

@@ -698,10 +698,12 @@ def test_planner_routed_activations_equal_what_the_fused_step_keeps():
     assert all(saved == planned for saved, planned in results.values()), results
 
 
-# measured on an H100 80GB, 2026-12-07 (docs/BENCHMARKS.md, "Mixtures of experts"), the step
-# as today: experts in parts of 384 MiB, the rerun keeping each projection made whole, graphed
+# measured on an H100 80GB, 2026-12-07 (docs/BENCHMARKS.md, "Mixtures of experts"), graphed,
+# experts in parts of 384 MiB: Qwen3 checkpointed as today (the rerun keeping each projection's
+# last part), the others before that (without checkpointing nothing is kept; Mixtral then kept
+# no part, its plan now 0.67 GiB higher for the last parts of gate_up and down)
 @pytest.mark.parametrize("shape,checkpointing,measured_gib", [
-    ("qwen3-30b-a3b", True, 21.145),  # 14:57, under a 22.35 GiB cap
+    ("qwen3-30b-a3b", True, 21.526),  # 19:31, under a 22.35 GiB cap
     ("qwen3-30b-a3b", False, 34.818),  # 15:03, no cap: what --auto-fit picks from ~47.1 GiB
     ("mixtral-8x7b", True, 25.966)])  # 15:08, under a 37.25 GiB cap
 def test_moe_plans_within_10_percent_of_the_graphed_steps_peaks(shape, checkpointing,
@@ -709,7 +711,7 @@ def test_moe_plans_within_10_percent_of_the_graphed_steps_peaks(shape, checkpoin
     """`qlora plan`'s configuration of the benchmark's step (fused kernels, the input embedding
     on the host, attention not kept, r16 on attention and every expert) against the peak
     allocated bytes train_step.py measured: within 10%, the bound every stored calibration
-    point is held to (these three were within 1.5% when committed)."""
+    point is held to (within 1.5% where measured as today's step; Mixtral 2.6% over)."""
     from qlora import memory
 
     cfg = memory.PlanConfig(seq_len=2048, keep_attention=0, checkpointing=checkpointing,
@@ -1054,14 +1056,14 @@ def test_experts_in_parts_equal_all_at_once(moe_models, monkeypatch, quant):
 
 
 @pytest.mark.parametrize("budget", ["whole", "parts"])
-def test_a_checkpoint_rerun_keeps_each_whole_projection_for_its_backward(moe_models, monkeypatch,
-                                                                         budget):
+def test_a_checkpoint_rerun_keeps_each_projections_last_part_for_its_backward(moe_models,
+                                                                            monkeypatch, budget):
     """A checkpointed sparse layer's rerun dequantizes its experts again and keeps each
-    projection made whole for its backward (kernels/experts.GroupedBase, kernels/kept_weights),
-    which then dequantizes none of them; a projection in parts keeps none (so what is held stays
-    within PART_BYTES) and its backward dequantizes each part again. Loss and adapter gradients
-    are the step's without checkpointing to the bit (the rerun makes the same dense weights),
-    and nothing kept outlives the backward."""
+    projection's last part made (the whole projection where it is made in one) for its backward
+    (kernels/experts.GroupedBase, kernels/kept_weights), which runs that part first and
+    dequantizes only the others again (so what is held stays within PART_BYTES a projection).
+    Loss and adapter gradients are the step's without checkpointing to the bit (the rerun makes
+    the same dense weights), and nothing kept outlives the backward."""
     import qlora.kernels.experts as kernels
     import qlora.speed.moe as moe
     from qlora.kernels import kept_weights
@@ -1093,9 +1095,9 @@ def test_a_checkpoint_rerun_keeps_each_whole_projection_for_its_backward(moe_mod
     # boundary here, so it stays whole (and kept): both cases in one step
     assert parts == [1, 1] if budget == "whole" else parts[0] >= 2 and parts[1] == 1
     made = layers * sum(parts)  # dequantize calls over every projection once
-    kept = layers * sum(n for n in parts if n == 1)
+    kept = layers * len(parts)  # each projection's last part
     assert counts[0] == (made, made)  # forward, and backward's input gradients
-    assert counts[1] == (made, made + made - kept)  # and the rerun, which keeps the whole ones
+    assert counts[1] == (made, made + made - kept)  # and the rerun, which keeps the last parts
     assert kept_weights._kept == {}
     (want_loss, want), (got_loss, got) = runs
     assert torch.equal(got_loss, want_loss) and want and set(got) == set(want)

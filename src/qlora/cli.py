@@ -568,7 +568,7 @@ def run_plan(args) -> None:
     elif arch.moe is not None:
         print("a mixture of experts: its expert and routed terms are counted against the CPU's "
               "tensors (tests/test_moe.py); measured on an H100: Qwen3-30B-A3B at seq 2048 "
-              "(attention not kept, its step in a CUDA graph), 21.46 GiB planned, 21.14 "
+              "(attention not kept, its step in a CUDA graph), 21.84 GiB planned, 21.53 "
               "measured (docs/MEMORY.md)")
     elif arch.model_type in memory.CALIBRATED_FAMILIES:
         print("checked on an H100 against measured peaks: the 19 it was calibrated on within 2%, "

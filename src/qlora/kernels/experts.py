@@ -17,9 +17,10 @@
   expert (`stack_rows`: views of each member's bytes and scales), one dequantize and one grouped
   GEMM over all the rows each, the outputs side by side (backward: the input gradients summed).
   Qwen3-30B-A3B's gate_up, 0.75 GiB dense, in two parts; Mixtral-8x7B's 1.75 GiB in six. No
-  part reads the routing on the host, so a CUDA graph holds every projection. A projection made
-  in one part (Qwen3-30B-A3B's down) keeps its dense weight from a checkpoint's rerun for its
-  backward (kernels/kept_weights).
+  part reads the routing on the host, so a CUDA graph holds every projection. Each projection's
+  last part made (the whole of Qwen3-30B-A3B's down, the ups' half of its gate_up) keeps its
+  dense weight from a checkpoint's rerun for its backward (kernels/kept_weights), which runs
+  the parts last first: one dequantize less a projection.
 """
 
 from __future__ import annotations
@@ -249,31 +250,35 @@ class GroupedBase(torch.autograd.Function):
     [E, stop − start, in] (dequantizing a 4-bit stack's members in one batched call), a part of
     rows at a time (`parts`, from row_parts); backward calls it again for x's gradient, the sum
     over the parts of dy_e[:, part] @ W_e[part]. Only the callable is kept for backward, as
-    Matmul4bit keeps only the 4-bit bytes. One exception, as Matmul4bit's: a projection made
-    dense in one part, inside a checkpoint's rerun and where x wants a gradient (so a backward
-    runs to take it), keeps that weight under `key` for its backward (kernels/kept_weights),
-    which then makes none; one in parts keeps none, so each projection holds at most PART_BYTES
-    (the planner: memory/weights.rerun_expert_dense)."""
+    Matmul4bit keeps only the 4-bit bytes. One exception, as Matmul4bit's: inside a checkpoint's
+    rerun and where x wants a gradient (so a backward runs to take it), the last part made (the
+    whole projection where it is made in one) is kept under `key` for the backward
+    (kernels/kept_weights), which runs the parts last first and makes none for it: one part a
+    projection held from its rerun to its backward, PART_BYTES at most (the planner:
+    memory/weights.rerun_expert_dense)."""
 
     @staticmethod
     def forward(ctx, x, offsets, weights: Callable[[torch.dtype, int, int], torch.Tensor],
                 parts: tuple[tuple[int, int], ...], key: Hashable):
         ctx.weights, ctx.offsets, ctx.parts, ctx.key = weights, offsets, parts, key
-        if len(parts) == 1:
-            dense = weights(x.dtype, *parts[0])
-            if ctx.needs_input_grad[0]:  # else no backward runs to take it (rows wanting none)
+
+        def part(start: int, stop: int) -> torch.Tensor:
+            dense = weights(x.dtype, start, stop)
+            # the last part made is the first its backward uses (it runs the parts backwards);
+            # kept only where a backward runs to take it (rows wanting no gradient have none)
+            if (start, stop) == parts[-1] and ctx.needs_input_grad[0]:
                 kept_weights.keep((key, x.dtype), dense)  # in a rerun: its backward takes it
-            return grouped_mm(x, dense.transpose(1, 2), offsets)
-        return parted_grouped_mm(x, offsets, parts,
-                                 lambda start, stop: weights(x.dtype, start, stop).transpose(1, 2))
+            return dense.transpose(1, 2)
+
+        return parted_grouped_mm(x, offsets, parts, part)
 
     @staticmethod
     def backward(ctx, grad_out):
-        # what the rerun kept (a projection made whole), taken whether or not x wants a gradient
+        # what the rerun kept (the last part), taken whether or not x wants a gradient
         kept = kept_weights.take((ctx.key, grad_out.dtype))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            for start, stop in ctx.parts:
+            for start, stop in reversed(ctx.parts):  # the kept (last) part first, then freed
                 weight = kept if kept is not None else ctx.weights(grad_out.dtype, start, stop)
                 kept = None  # it serves its one part; held by `weight` alone from here
                 part = grouped_mm(grad_out[:, start:stop].contiguous(), weight, ctx.offsets)

@@ -6,8 +6,8 @@ dequantizes the same frozen weights the backward then dequantizes once more. Ins
 hands the dense weight it made to `keep`, and the backward that needs it `take`s it by the same
 key instead of dequantizing again: one dequantize less per weight, for the dense weights of one
 layer held from its rerun to its backward. Two users: kernels/matmul_4bit.Matmul4bit (the dense
-linears, keyed by their 4-bit bytes) and kernels/experts.GroupedBase (a projection of experts
-made dense in one part).
+linears, keyed by their 4-bit bytes) and kernels/experts.GroupedBase (the last part of a
+projection of experts made dense).
 
 Plain module state: reruns and backward run on one thread, one layer at a time, and a CUDA
 graph captures what they do like any other Python.

@@ -150,8 +150,8 @@ def least_needed_bytes(b: Breakdown) -> int:
     """What the GPU must have at the very least: the allocated peak, the paged states and the CUDA
     context, with no cached-but-free slack. The allocator gives its cache back and retries before
     it reports out of memory, so a run between this and `needed_bytes` can train: Qwen3-30B-A3B
-    (planned 21.46 GiB allocated) trained under a 22.35 GiB allocator cap at 21.15 allocated,
-    21.48 reserved, its step in a CUDA graph (H100, 2026-12-07), where the usual slack asks for
+    (planned 21.84 GiB allocated) trained under a 22.35 GiB allocator cap at 21.53 allocated,
+    22.06 reserved, its step in a CUDA graph (H100, 2026-12-07), where the usual slack asks for
     ~30 GiB."""
     return b.allocated + b.optimizer_paged + CUDA_CONTEXT_BYTES
 

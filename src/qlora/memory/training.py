@@ -168,8 +168,8 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         log("warning: " + tight_fit_line(b, gpu_bytes, gpu_name) + "\n"
             + "\n".join(_advice_lines(arch, pc, gpu_bytes)))
         if cfg.cuda_graphs:
-            # Qwen3-30B-A3B's graphed step trained under a 22.35 GiB cap at 21.15 GiB allocated,
-            # 21.48 reserved, planned 21.46 (H100, 2026-12-07; the planner has no term of its own
+            # Qwen3-30B-A3B's graphed step trained under a 22.35 GiB cap at 21.53 GiB allocated,
+            # 22.06 reserved, planned 21.84 (H100, 2026-12-07; the planner has no term of its own
             # for a capture, docs/MEMORY.md); a capture that runs out of memory leaves the steps
             # eager
             log("cuda_graphs: on (if capturing the step runs out of memory, the steps run "

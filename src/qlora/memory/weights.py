@@ -194,18 +194,19 @@ def expert_part_elements(arch: ArchSpec, cfg: PlanConfig) -> int:
 
 def rerun_expert_dense(arch: ArchSpec, cfg: PlanConfig) -> int:
     """Bytes of a sparse layer's 4-bit experts that its checkpointed rerun makes dense and keeps
-    for its backward (kernels/experts.GroupedBase: each projection made whole), alive from the
-    rerun's last GEMM through the block's backward: Qwen3-30B-A3B's down (384 MiB; its gate_up
-    is in parts, not kept), a small model's gate_up and down. The step adds them to its
-    dequantize term, an upper bound: at the rerun's end they are alive beside the rerun's
-    transients (the k rows weighted and put back in token order), which no term counts apart
-    (a CPU step of a small model measured over the plan without this margin, tests/test_moe.py);
-    in backward beside one fresh part at most. 0 without checkpointing or sparse layers."""
+    for its backward (kernels/experts.GroupedBase: each projection's last part made, the whole
+    projection where it is made in one), alive from the rerun's last GEMM through the block's
+    backward: Qwen3-30B-A3B's down (384 MiB, whole) and its gate_up's last part (384 MiB), a
+    small model's gate_up and down. The step adds them to its dequantize term, an upper bound: at
+    the rerun's end they are alive beside the rerun's transients (the k rows weighted and put
+    back in token order), which no term counts apart (a CPU step of a small model measured over
+    the plan without this margin, tests/test_moe.py); in backward beside one fresh part at most.
+    0 without checkpointing or sparse layers."""
     if not (cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS):
         return 0
     shapes = arch.expert_shapes()
-    return sum(2 * math.prod(shapes[name])
-               for name, parts in expert_parts(arch, cfg).items() if len(parts) == 1)
+    return sum(2 * shapes[name][0] * (parts[-1][1] - parts[-1][0]) * shapes[name][2]
+               for name, parts in expert_parts(arch, cfg).items())
 
 
 def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
