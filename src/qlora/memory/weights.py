@@ -6,8 +6,6 @@ a tile's gate and up)."""
 
 from __future__ import annotations
 
-import math
-
 from qlora.kernels.experts import projection_parts
 from qlora.memory.settings import (DTYPE_BYTES, MLP_LINEARS, PlanConfig, expert_targets, fast_path,
                                    target_names, torch_norms)
