@@ -2,9 +2,10 @@
 # One commit beside another on the GPU: the qlora step of train_step.py at Llama-3-8B and
 # Qwen2.5-1.5B, seq 2048, old and new alternating twice, same checkpoints; with `moe`, Qwen3-30B-A3B
 # at seq 2048 under the 24 GB cap (22.35 GiB), random weights drawn on the GPU, instead. The old
-# tree is unpacked beside this one first:  git archive COMMIT src benchmarks/*.py | tar -x -C .old
+# tree is unpacked beside this one first:
+#   git archive COMMIT src benchmarks | tar -x -C .old --exclude=benchmarks/results
 # then, on the device (.old is carried as an untracked folder):  bash benchmarks/old_beside_new.sh [moe]
-case "${1:-}" in -h|--help) sed -n 2,6p "$0"; exit 0;; esac
+case "${1:-}" in -h|--help) sed -n 2,7p "$0"; exit 0;; esac
 : "${OUT:?set OUT to the results folder}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/site && tar -C /tmp/site -xJf .site/site.tar.xz && export PYTHONPATH=/tmp/site:$PYTHONPATH

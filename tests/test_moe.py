@@ -4,6 +4,7 @@ adapters on the experts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -701,7 +702,7 @@ def test_planner_routed_activations_equal_what_the_fused_step_keeps():
 # measured on an H100 80GB, 2026-12-07 (docs/BENCHMARKS.md, "Mixtures of experts"), graphed,
 # experts in parts of 384 MiB: Qwen3 checkpointed as today (the rerun keeping each projection's
 # last part), the others before that (without checkpointing nothing is kept; Mixtral then kept
-# no part, its plan now 0.67 GiB higher for the last parts of gate_up and down)
+# no part, its plan now 0.58 GiB higher for the last parts of gate_up and down)
 @pytest.mark.parametrize("shape,checkpointing,measured_gib", [
     ("qwen3-30b-a3b", True, 21.526),  # 19:31, under a 22.35 GiB cap
     ("qwen3-30b-a3b", False, 34.818),  # 15:03, no cap: what --auto-fit picks from ~47.1 GiB
@@ -1055,6 +1056,39 @@ def test_experts_in_parts_equal_all_at_once(moe_models, monkeypatch, quant):
         assert rel_err(want[name], got[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("rerun", [False, True])
+def test_grouped_base_in_four_parts_sums_each_parts_input_gradient(rerun):
+    """GroupedBase over a projection in four parts of output rows (fp64, so the products are
+    exact to the comparison): the output and x's gradient equal the whole weight's, per expert;
+    inside a checkpoint's rerun the last part made is kept and its backward makes only the other
+    three, taking it (nothing is left kept); outside one, backward makes all four."""
+    from qlora.kernels import kept_weights
+    from qlora.kernels.experts import GroupedBase
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)  # [E, out, in]
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(7, 8, generator=g, dtype=torch.float64)
+    offsets = torch.tensor([2, 2, 7], dtype=torch.int32)  # expert 1 has no rows
+    made = []
+
+    def part(dtype, start, stop):
+        made.append((start, stop))
+        return weight[:, start:stop].to(dtype)
+
+    parts = ((0, 2), (2, 4), (4, 6), (6, 8))
+    with kept_weights.rerun_keeps_weights() if rerun else contextlib.nullcontext():
+        y = GroupedBase.apply(x, offsets, part, parts, "projection")
+    forward = list(made)
+    y.backward(dy)
+    want_y = torch.cat([x[:2] @ weight[0].T, x[2:] @ weight[2].T])
+    want_dx = torch.cat([dy[:2] @ weight[0], dy[2:] @ weight[2]])
+    assert torch.allclose(y, want_y, rtol=1e-12, atol=0) and forward == list(parts)
+    assert torch.allclose(x.grad, want_dx, rtol=1e-12, atol=0)
+    assert made[4:] == list(reversed(parts[:-1] if rerun else parts))  # the last part first
+    assert kept_weights._kept == {}
+
+
 @pytest.mark.parametrize("budget", ["whole", "parts"])
 def test_a_checkpoint_rerun_keeps_each_projections_last_part_for_its_backward(moe_models,
                                                                             monkeypatch, budget):
@@ -1238,15 +1272,18 @@ def test_grouped_moe_step_reads_nothing_on_the_host(moe_models, monkeypatch):
     assert experts.grouped and experts.gate_up_proj.lora_A.weight.grad is not None
 
 
-def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch):
+@pytest.mark.parametrize("budget", ["whole", "parts"])
+def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch, budget):
     """One checkpointed step of a small Qwen3-MoE-like model (4-bit experts, LoRA on attention
     and every expert, the flat optimizer), its live storage counted op by op: the planner's
     static bytes (weights, adapters, their flat gradient buffer, optimizer states) equal what
     lives between steps, and its peak is at or above the step's, by no more than its documented
     upper bounds (a layer's saved tensors, the gradients in flight and the dequantized experts
-    counted as alive together, which they are not quite)."""
+    counted as alive together, which they are not quite). Each projection whole, or in its
+    smallest parts (gate_up's gates, then its ups: the rerun keeps the last part of each)."""
     from live_bytes import LiveBytes
 
+    import qlora.kernels.experts as kernels
     import qlora.speed.moe as moe
     from qlora import memory
     from qlora.models.load import random_model
@@ -1254,6 +1291,8 @@ def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch):
     from qlora.speed import SpeedPlan, apply_speed
     from qlora.train.optim import build_optimizer
 
+    if budget == "parts":  # the model's step and the plan alike
+        monkeypatch.setattr(kernels, "PART_BYTES", 1)
     # as the GPU's stack kernel: the dense run and nothing else (the torch batch makes int64
     # codes and fp32 values beside it); the values do not matter to what is kept
     monkeypatch.setattr(moe, "dequantize_experts", lambda stack, dtype: torch.zeros(

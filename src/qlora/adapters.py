@@ -225,7 +225,7 @@ class LoraExperts(nn.Module):
     def load_peft_b(self, b: torch.Tensor) -> None:
         """lora_B from PEFT's layout [out, r·E]."""
         out, r, e = self.out_features, self.r, self.num_experts
-        self.lora_B.weight.copy_(b.view(out, r, e).permute(2, 1, 0))
+        self.lora_B.weight.copy_(b.reshape(out, r, e).permute(2, 1, 0))
 
     def expert_weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
         return self.base_layer.expert_weight(expert, dtype)

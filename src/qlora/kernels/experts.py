@@ -283,8 +283,8 @@ class GroupedBase(torch.autograd.Function):
                 kept = None  # it serves its one part; held by `weight` alone from here
                 part = grouped_mm(grad_out[:, start:stop].contiguous(), weight, ctx.offsets)
                 del weight  # the next part's dense weights may take its place
-                # each part's product is rounded to the gradient's dtype by its GEMM; with two
-                # parts (a gate_up's gate and up) the sum adds one rounding, as one GEMM's would
+                # each part's product is rounded to the gradient's dtype by its GEMM: each part
+                # after the first adds one rounding to the sum, as a GEMM split along K would
                 grad_x = part if grad_x is None else grad_x.add_(part)
                 del part
         return grad_x, None, None, None, None

@@ -345,8 +345,8 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
         if t.tile:
             rerun -= split_mlp_terms(t.terms)[1]
         kept_dense, attention_dense = rerun_dense_weights(arch, cfg, kept_here, bool(t.tile))
-        # a sparse layer's whole projections of experts, kept by its rerun (gone by attention's
-        # backward), beside a fresh part: an upper bound (rerun_expert_dense says why)
+        # a sparse layer's last part of each projection of experts, kept by its rerun (gone by
+        # attention's backward), beside a fresh part: an upper bound (rerun_expert_dense says why)
         layer_dense = dequant_now + rerun_expert_dense(arch, cfg)
         # a rerun attention gathers its prompt keys again (a kept one's are keep_attention's)
         gathered = 0 if kept_here else t.gathered_keys

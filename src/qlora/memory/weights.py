@@ -160,11 +160,13 @@ def layer_weight_terms(arch: ArchSpec, cfg: PlanConfig) -> dict[str, int]:
 
 def routed_weight_bytes(arch: ArchSpec, cfg: PlanConfig) -> int:
     """Bytes a sparse layer's graph keeps whatever its tokens: the grouped GEMMs' bf16 copies of
-    the expert adapters (each factor cast in one copy) and the group offsets."""
+    the expert adapters (each factor cast in one copy; none where the adapters are bf16: each is
+    read as held) and the group offsets."""
     shapes, rnd = arch.expert_shapes(), cfg.alloc_rounding
     targets = expert_targets(cfg.targets, arch)
+    cast = cfg.adapter_dtype != "bf16"
     copies = sum(alloc(2 * e * cfg.r * n_in, rnd) + alloc(2 * e * n_out * cfg.r, rnd)
-                 for name, (e, n_out, n_in) in shapes.items() if name in targets)
+                 for name, (e, n_out, n_in) in shapes.items() if name in targets and cast)
     return copies + (alloc(4 * arch.moe.num_experts, rnd) if targets else 0)
 
 

@@ -5,7 +5,7 @@ Each token's k choices become k rows, sorted by expert (a stable argsort), so ea
 are one contiguous run ending at offsets[e]. Then one grouped GEMM per projection covers every
 expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded batched matmul): the
 base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward but
-where a checkpoint's rerun kept a projection made whole; a large projection's in parts of its
+for the part a checkpoint's rerun kept, each projection's last; a large projection's in parts of its
 output rows, kernels/experts.row_parts), the
 LoRA products (lora_A as PEFT's [E·r, in], lora_B held as [E, r, out]) as two more grouped GEMMs, the
 scaling on A's narrow output; SwiGLU between them (with fused_kernels one Triton kernel reading the
