@@ -348,15 +348,15 @@ def run_llama_cpp(gguf_file: Path, samples: list[Sample], messages: list[dict] |
 
 def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
     """The GGUF's tensors dequantized (gguf.quants) to float32, turned back into Hugging Face's
-    names and layout (what export/gguf.py did, undone: its STEPS inverted, a mixture of experts'
-    stacks split into the source's per-expert tensors), shaped and named as the source checkpoint
-    in model_dir stores them. A tied output head stays absent, as in that checkpoint.
-    `headers`: model_dir's (models.weights.read_headers), where the caller has read them."""
+    names and layout (what export/gguf.py did, undone: each tensor's entry of its plan, the
+    export's own plan_tensors, read backwards: its STEPS inverted, a mixture of experts' stacks
+    split into the source's per-expert tensors), shaped and named as the source checkpoint in
+    model_dir stores them. A tied output head stays absent, as in that checkpoint. `headers`:
+    model_dir's (models.weights.read_headers), where the caller has read them."""
     import gguf
     import torch
 
-    from qlora.export.gguf import (STEPS, arch_of, checkpoint_layout, expert_slot, gguf_shape,
-                                   model_name, tensor_steps)
+    from qlora.export.gguf import STEPS, arch_of, checkpoint_layout, gguf_shape, plan_tensors
     from qlora.export.gguf_generic import export_config, generic_family
     from qlora.models.spec import read_config
     from qlora.models.weights import headers_of
@@ -364,34 +364,26 @@ def gguf_state_dict(gguf_file: Path, model_dir: Path, headers=None) -> dict:
     config, source = read_config(model_dir)
     if generic_family(config) is not None:
         config = export_config(config, Path(source))
-    arch = arch_of(config["model_type"])
-    arch_name = gguf.MODEL_ARCH_NAMES[arch]
-    tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     headers = headers_of(model_dir, headers)
     shapes = headers.shapes()
     layout = checkpoint_layout(config, headers, None, Path(model_dir))
-    to_hf = {}  # GGUF name -> (source name, the steps the export took)
-    for n in shapes:
-        if (name := model_name(n, layout)) is not None:
-            to_hf[tmap.get_name(name, try_suffixes=(".weight", ".bias"))] = (
-                n, tensor_steps(name, arch_name, layout.transposed))
-    experts: dict[str, dict[int, str]] = {}  # stacked GGUF name -> expert -> source name
-    for n in shapes:
-        if (slot := expert_slot(n)) is not None:
-            experts.setdefault(slot[0], {})[slot[1]] = n
+    # the file type only picks each entry's stored type, which the reader's dequantize reads
+    planned = {p.name: p for p in plan_tensors(shapes, config, arch_of(config["model_type"]),
+                                               "f16", Path(model_dir), layout)}
     state = {}
     for t in gguf.GGUFReader(str(gguf_file)).tensors:
-        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        if t.name in experts:
-            names = experts[t.name]
-            x = x.reshape(len(names), *shapes[names[0]])
-            state.update({name: torch.from_numpy(np.ascontiguousarray(x[e])) for e, name in names.items()})
-            continue
-        if t.name not in to_hf:
+        if t.name not in planned:
             continue  # rope_freqs: recomputed from config.json
-        name, steps = to_hf[t.name]
-        x = x.reshape(gguf_shape(shapes[name], steps))
-        for step in reversed(steps):
+        p = planned[t.name]
+        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if p.stacked:  # the experts in their stack's order
+            x = x.reshape(len(p.sources), *shapes[p.sources[0]])
+            state.update({name: torch.from_numpy(np.ascontiguousarray(x[e]))
+                          for e, name in enumerate(p.sources)})
+            continue
+        name = p.sources[0]
+        x = x.reshape(gguf_shape(shapes[name], p.steps))
+        for step in reversed(p.steps):
             x = STEPS[step][1](x, config)
         state[name] = torch.from_numpy(np.ascontiguousarray(x))
     return state
