@@ -213,8 +213,8 @@ def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
                         tiled: bool) -> tuple[int, int]:
     """(bytes of the dense weights a checkpointed layer's rerun makes and keeps for its backward,
     the part of them alive while attention runs backward) on the fused path over 4-bit bases
-    (kernels/kept_weights.rerun_keeps_weights): every linear but down_proj, whose GEMM the rerun
-    stops before (a sparse layer has no down_proj among these: its o_proj's GEMM runs); none of
+    (kernels/kept_weights.rerun_keeps_weights): every targeted linear (an untargeted one runs
+    through bitsandbytes, which keeps nothing) but down_proj, whose GEMM the rerun stops before (a sparse layer has no down_proj among these: its o_proj's GEMM runs); none of
     the MLP's when it runs in tiles (the rerun skips the tiled MLP, and a tile's weights are never
     kept: tile_outside_rerun); no q, k, v where the layer's attention is kept (the rerun makes
     only their LoRA products). By attention's backward only q, k, v's are left (o_proj's and the
@@ -227,7 +227,9 @@ def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
         skipped |= set(MLP_LINEARS)
     if attention_kept:
         skipped |= set(attention_inputs)
-    made = [(name, 2 * n_in * n_out) for name, n_in, n_out in arch.linears() if name not in skipped]
+    targets = target_names(cfg.targets, arch)
+    made = [(name, 2 * n_in * n_out) for name, n_in, n_out in arch.linears()
+            if name in targets and name not in skipped]
     return sum(n for _, n in made), sum(n for name, n in made if name in attention_inputs)
 
 
