@@ -47,7 +47,9 @@ def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: 
     mlp_readers = [n for n in ("gate_proj", "up_proj", "gate_up_proj") if n in targets]
     if attn_readers and not dropout:
         t["attention input (normed)"] = 2 * h
-    if mlp_readers and not dropout:
+    # ... and an MLP in tiles keeps it whatever reads it: its tiles' rerun starts from it
+    # (models/tiling.py)
+    if (mlp_readers and not dropout) or mlp_tile_tokens(arch, cfg) is not None:
         t["MLP input (normed)"] = 2 * h
     if arch.qk_norm:  # qwen3, gemma3: per-head RMSNorm of q and k, same rule as above
         t["q/k norm inputs"] = (4 if eager_norms else 2) * (q + kv) + 4 * (arch.num_heads + arch.num_kv_heads)
