@@ -484,7 +484,7 @@ from qlora.kernels import kept_weights, lora
 from qlora.memory import PlanConfig, arch_from_config
 from qlora.models.load import random_model
 from qlora.models.spec import spec_from_config
-from qlora.quant import QuantConfig
+from qlora.quant import QuantConfig, dequantize_weight
 from qlora.speed import SpeedPlan, apply_speed
 from qlora.speed.checkpointing import CheckpointedLayer
 
@@ -516,6 +516,13 @@ for keep, targets in ((True, "all-linear"), (False, "all-linear"), (False, "q_pr
     saved = layer_saved_bytes(layer, x, cos, sin,
                               [*model.parameters(), *model.buffers(), seed, cos, sin, *shared])
     kept_dense = sum(t.untyped_storage().nbytes() for t in kept_weights._kept.values())
+    # which linears' weights those are: each attention linear's own, dequantized by bitsandbytes
+    attention = model.model.layers[0].self_attn
+    kept_linears = sorted(
+        name for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+        if hasattr(getattr(attention, name, None), "base_layer")  # (not in a grouped q/k/v)
+        and any(t.shape == w.shape and torch.equal(t, w) for t in kept_weights._kept.values()
+                for w in [dequantize_weight(getattr(attention, name).base_layer).to(t.dtype)]))
     cfg = PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
                      seeded_dropout=True, kernels="fused", tile_mlp=tile, keep_attention=keep,
                      targets=targets)
@@ -528,6 +535,7 @@ for keep, targets in ((True, "all-linear"), (False, "all-linear"), (False, "q_pr
     planned = ((rerun - memory.activations.split_mlp_terms(terms)[1]) * tokens
                + sum(memory.weights.layer_weight_terms(arch, attention).values()))
     out.append(dict(keep=keep, targets=targets, saved=saved, planned=planned, kept_dense=kept_dense,
+                    kept_linears=kept_linears,
                     planned_dense=memory.weights.rerun_dense_weights(arch, cfg, keep, True)[0]))
 print(json.dumps(out))
 """
@@ -553,3 +561,5 @@ def test_a_checkpointed_layers_rerun_makes_what_the_planner_counts_new():
         assert r["saved"] == r["planned"], r
         assert r["kept_dense"] == r["planned_dense"] > 0, r
     assert 2 * results[2]["kept_dense"] == results[1]["kept_dense"]  # q + v against q, k, v, o
+    assert results[2]["kept_linears"] == ["q_proj", "v_proj"]  # theirs, by value
+    assert results[1]["kept_linears"] == ["o_proj"]  # q, k, v kept as one grouped weight

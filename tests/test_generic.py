@@ -324,13 +324,18 @@ def test_training_loss_and_gradients_match_peft(models, model_type, method):
     reference.backward()
     mean, expected = float(loss_sum.detach()) / n_labels, float(reference.detach())
     assert abs(mean - expected) <= 1e-5 * expected
+    assert_same_adapter_gradients(ours, theirs)
+
+
+def assert_same_adapter_gradients(ours, theirs) -> None:
+    """Every LoRA layer's gradients (A, B and DoRA's magnitude) within 1e-5 of PEFT's twin's
+    (fp32, the same products in another order)."""
     compared = 0
     for name, m in ours.named_modules():
         if not isinstance(m, LoraLinear):
             continue
-        parts = [("lora_A", "lora_A.default.weight"), ("lora_B", "lora_B.default.weight")]
-        for part, key in parts:
-            expected = theirs.get_parameter(f"base_model.model.{name}.{key}").grad
+        for part in ("lora_A", "lora_B"):
+            expected = theirs.get_parameter(f"base_model.model.{name}.{part}.default.weight").grad
             assert rel_err(expected, getattr(m, part).weight.grad) <= 1e-5, f"{name}.{part}"
             compared += 1
         if m.use_dora:
@@ -340,17 +345,21 @@ def test_training_loss_and_gradients_match_peft(models, model_type, method):
     assert compared == 2 * len(ours.spec.linears)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
-def test_all_linear_is_peft_s(models, model_type):
+def peft_all_linear(path) -> set[str]:
+    """The modules PEFT's all-linear wraps on transformers' model of `path`."""
     from peft import LoraConfig, get_peft_model
 
+    theirs = get_peft_model(hf_model(path), LoraConfig(
+        r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
+def test_all_linear_is_peft_s(models, model_type):
     ours = load_model(models[model_type], NONE)
     wrapped = attach_adapters(ours, AdapterConfig(r=2, alpha=4, dropout=0.0))
-    theirs = get_peft_model(hf_model(models[model_type]), LoraConfig(
-        r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    peft_wrapped = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
-                    if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-    assert sorted(wrapped) == sorted(peft_wrapped)
+    assert sorted(wrapped) == sorted(peft_all_linear(models[model_type]))
 
 
 @pytest.mark.parametrize("model_type,quant", [("gpt2", "none"), ("gpt2", "nf4"),
@@ -681,20 +690,25 @@ def held_bytes(model) -> int:
     return held
 
 
-def test_remote_code_only_models_are_refused_and_never_run(models, tmp_path):
+def with_config(src, dst, **changes):
+    """A copy of the model directory `src` at `dst`, its config.json with `changes`."""
     import shutil
 
-    repo = tmp_path / "custom"
-    shutil.copytree(models["gemma"], repo)
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **changes}))
+    return dst
+
+
+def test_remote_code_only_models_are_refused_and_never_run(models, tmp_path):
+    repo = with_config(models["gemma"], tmp_path / "custom", model_type="my_custom_lm", auto_map={
+        "AutoConfig": "modeling_custom.Config", "AutoModelForCausalLM": "modeling_custom.Model"})
     marker = tmp_path / "executed"
     (repo / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    config = json.loads((repo / "config.json").read_text())
-    config.update(model_type="my_custom_lm", auto_map={
-        "AutoConfig": "modeling_custom.Config", "AutoModelForCausalLM": "modeling_custom.Model"})
-    (repo / "config.json").write_text(json.dumps(config))
     with pytest.raises(QloraError, match="my_custom_lm.*remote code"):
         load_model(repo, NONE)
     assert not marker.exists()
+    config = json.loads((repo / "config.json").read_text())
     del config["auto_map"]
     (repo / "config.json").write_text(json.dumps(config))
     with pytest.raises(QloraError, match="my_custom_lm.*not known to transformers"):

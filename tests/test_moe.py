@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import fp32_bnb_reference
+from test_generic import with_config
 from qlora.adapters import AdapterConfig, attach_adapters, load_adapter, save_adapter
 from qlora.errors import QloraError
 from qlora.models import load_model
@@ -269,6 +270,30 @@ def test_peft_adapter_loads_into_ours(moe_models, tmp_path):
     load_adapter(ours, tmp_path / "peft")
     with torch.no_grad():
         assert rel_err(peft_model.eval()(ids).logits, ours(ids)) <= 1e-5  # as above
+
+
+def test_expert_adapters_start_as_peft_draws_them(moe_models, tmp_path):
+    """Under one seed, LoRA on the experts starts as PEFT's target_parameters starts it, to the
+    bit: PEFT draws both factors as nn.Linear before its kaiming A and zero B, and ExpertFactor,
+    which holds B in another layout, makes that draw too, so the random stream moves alike."""
+    from peft import LoraConfig, get_peft_model
+
+    path = moe_models["qwen3-moe"]
+    base = hf_model(path)
+    torch.manual_seed(7)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=[
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).save_pretrained(
+        str(tmp_path / "peft"))
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
+    torch.manual_seed(7)
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8,
+                                        target_modules="experts.gate_up_proj,experts.down_proj"))
+    save_adapter(ours, tmp_path / "ours", str(path))
+    want = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert set(got) == set(want) and any(".lora_A." in k for k in want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
 
 
 def test_only_down_proj_experts_and_router_frozen(moe_models, tmp_path):
@@ -831,18 +856,6 @@ def test_a_preference_method_says_where_trl_would_add_the_router_loss(moe_models
     assert lines(moe_models["qwen3-moe"], method="kto") == []  # output_router_logits: true
 
 
-def _with_router_coef(model_dir, out, coef: float):
-    """A copy of a tiny model directory whose config.json weighs the router loss by `coef`
-    (the files linked, not copied)."""
-    out.mkdir()
-    for f in model_dir.iterdir():
-        (out / f.name).symlink_to(f)
-    config = json.loads((model_dir / "config.json").read_text())
-    (out / "config.json").unlink()
-    (out / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": coef}))
-    return out
-
-
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -855,17 +868,16 @@ def test_preference_step_with_the_router_loss_equals_trl(moe_models, tmp_path, m
     gradient agree to rel 1e-4, as test_preference's steps without experts. The coefficient is
     0.3, so that the aux term (about 0.3 x 1) is far above that bound on a loss of about 0.7."""
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     from qlora.data.preference import pair_batch, unpaired_batch
     from qlora.methods import dpo, kto
     from qlora.methods.preference import PreferenceOptions, batch_loss, metric_means
     from qlora.speed import SpeedPlan, apply_speed
-    from test_preference import (_randomize, _router_step_agrees_with_trl, _trl_peft_model,
+    from test_preference import (_randomize, _router_step_agrees_with_trl, _trl_args,
+                                 _trl_pair_inputs, _trl_peft_model, _trl_unpaired_inputs,
                                  _varied_examples)
 
-    path = _with_router_coef(moe_models["qwen3-moe"], tmp_path / "model", 0.3)
+    path = with_config(moe_models["qwen3-moe"], tmp_path / "model", router_aux_loss_coef=0.3)
     ours = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
     attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=ATTENTION))
     _randomize(ours, 7, 0.3)
@@ -877,22 +889,12 @@ def test_preference_step_with_the_router_loss_equals_trl(moe_models, tmp_path, m
     B = len(examples)
     if method == "dpo":
         batch, module, opts = pair_batch(examples, 0, packed), dpo, PreferenceOptions(beta=0.3)
-        args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B,
-                         beta=0.3, report_to=[], use_cpu=True, bf16=False, max_length=None)
-        trainer_class = DPOTrainer
-        inputs = DataCollatorForPreference(pad_token_id=0)(
-            [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"],
-              "rejected_ids": e["rejected"]} for e in examples])
+        args = _trl_args(DPOConfig, tmp_path / "trl", B, beta=0.3)
+        trainer_class, inputs = DPOTrainer, _trl_pair_inputs(examples)
     else:
         batch, module, opts = unpaired_batch(examples, 0, packed), kto, PreferenceOptions(beta=0.2)
-        args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B,
-                         beta=0.2, report_to=[], use_cpu=True, bf16=False, max_length=None)
-        trainer_class = KTOTrainer
-        completions = [e["completion"] for e in examples]
-        inputs = DataCollatorForUnpairedPreference(pad_token_id=0)(
-            [{"prompt_ids": e["prompt"], "completion_ids": e["completion"],
-              "KL_completion_ids": kl, "label": e["label"]}
-             for e, kl in zip(examples, completions[-1:] + completions[:-1])])
+        args = _trl_args(KTOConfig, tmp_path / "trl", B, beta=0.2)
+        trainer_class, inputs = KTOTrainer, _trl_unpaired_inputs(examples)
     ours.zero_grad()
     loss_sum, sums = batch_loss(module, ours, batch, opts)
     (loss_sum / B).backward()
@@ -1420,7 +1422,7 @@ def test_a_graphed_preference_step_adds_the_eager_steps_router_loss(moe_models, 
     from test_preference import _randomize, _varied_examples
     from test_preference_graphs import _grads, _graph_body
 
-    path = _with_router_coef(moe_models["qwen3-moe"], tmp_path / "model", 0.3)
+    path = with_config(moe_models["qwen3-moe"], tmp_path / "model", router_aux_loss_coef=0.3)
     model = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
     attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=ATTENTION))
     _randomize(model, 7, 0.3)
@@ -1450,8 +1452,10 @@ def _per_expert_adapter(stacked_dir, out, model_type: str):
     expert e's gate and up (Mixtral's w1 and w3) each a LoRA of their own rows of B over the
     shared rows of A, its down (w2) likewise; every other tensor as it is."""
 
-    from qlora.models.families.moe_config import hub_expert_key
-
+    # the Hub's per-expert names, written out here (not merge's own table): gate_up's two
+    # parts, then down
+    hub = {"mixtral": ("block_sparse_moe", ("w1", "w3"), "w2"),
+           "qwen3_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj")}[model_type]
     config = json.loads((stacked_dir / "adapter_config.json").read_text())
     r = config["r"]
     tensors, out_tensors = load_file(str(stacked_dir / "adapter_model.safetensors")), {}
@@ -1467,7 +1471,8 @@ def _per_expert_adapter(stacked_dir, out, model_type: str):
         for e in range(experts):
             parts = 2 if projection == "gate_up_proj" else 1
             for p in range(parts):
-                name = hub_expert_key(model_type, layer, projection, e, p).removesuffix(".weight")
+                leaf = hub[1][p] if projection == "gate_up_proj" else hub[2]
+                name = f"{layer}.{hub[0]}.experts.{e}.{leaf}"
                 if part == "A":
                     value = t[e * r:(e + 1) * r].clone()  # gate and up: one copy each
                 else:  # PEFT's B is [out, r, E] flattened: expert e's columns e, e + E, ...
@@ -1523,7 +1528,7 @@ def test_only_the_policys_forward_computes_the_router_loss(moe_models, tmp_path,
     from qlora.models.families.moe_blocks import MoeLM
     from test_preference import _varied_examples
 
-    path = _with_router_coef(moe_models["qwen3-moe"], tmp_path / "model", 0.3)
+    path = with_config(moe_models["qwen3-moe"], tmp_path / "model", router_aux_loss_coef=0.3)
     model = load_model(path, QuantConfig(method="none", compute_dtype=FP32))
     attach_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=ATTENTION))
     calls = []

@@ -594,6 +594,32 @@ def test_an_evaluation_reads_its_loss_to_the_host_once(llama_dir, monkeypatch):
     assert total == want
 
 
+def _trl_args(config_class, out_dir, batch: int, **options):
+    """A TRL trainer's config for one CPU step over our whole batch of examples, in fp32."""
+    return config_class(output_dir=str(out_dir), per_device_train_batch_size=batch, report_to=[],
+                        use_cpu=True, bf16=False, max_length=None, **options)
+
+
+def _trl_pair_inputs(examples: list[dict]) -> dict:
+    """TRL's DPO collator's padded batch of our token-id pairs."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
+         for e in examples])
+
+
+def _trl_unpaired_inputs(examples: list[dict]) -> dict:
+    """TRL's KTO collator's padded batch of our examples, each KL completion the one before's
+    (the last's for the first), as unpaired_batch mismatches them."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    completions = [e["completion"] for e in examples]
+    return DataCollatorForUnpairedPreference(pad_token_id=0)(
+        [{"prompt_ids": e["prompt"], "completion_ids": e["completion"], "KL_completion_ids": kl,
+          "label": e["label"]} for e, kl in zip(examples, completions[-1:] + completions[:-1])])
+
+
 def _trl_peft_model(trainer_class, args, llama_dir, adapter_dir, targets="all-linear"):
     """TRL's `trainer_class` over transformers + peft on the tiny model, its fresh adapter (on
     `targets`) given ours (adapter_dir: save_adapter's); the trainer and its peft model."""
@@ -665,7 +691,6 @@ def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
     agree to rel 1e-4 (two implementations of the same fp32 model, whose sums run in different
     orders, as test_logps_equal_peft_and_reference_equals_base compares them)."""
     from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from qlora.adapters import save_adapter
     from qlora.methods.preference import batch_loss
@@ -684,12 +709,9 @@ def test_packed_dpo_step_equals_trl_dpo_trainer(llama_dir, tmp_path):
 
     # a fresh adapter made by the trainer (its reference is then the adapter switched off; one
     # handed over already wrapped gets a frozen copy as its reference), then given our weights
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=beta,
-                     report_to=[], use_cpu=True, bf16=False, max_length=None)
+    args = _trl_args(DPOConfig, tmp_path / "trl", B, beta=beta)
     trainer, peft_model = _trl_peft_model(DPOTrainer, args, llama_dir, tmp_path / "adapter")
-    inputs = DataCollatorForPreference(pad_token_id=0)(
-        [{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]}
-         for e in examples])
+    inputs = _trl_pair_inputs(examples)
     theirs = trainer.compute_loss(peft_model, inputs)
     theirs.backward()
     their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -714,7 +736,6 @@ def test_kto_step_equals_trl_kto_trainer(llama_dir, tmp_path, packed):
     peft with the same adapter, the reference the adapter switched off on both sides: the loss,
     TRL's logged metrics and every adapter gradient agree to rel 1e-4, as the DPO step's."""
     from trl import KTOConfig, KTOTrainer
-    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     from qlora.adapters import save_adapter
     from qlora.methods.preference import batch_loss
@@ -728,14 +749,10 @@ def test_kto_step_equals_trl_kto_trainer(llama_dir, tmp_path, packed):
     loss_sum, sums = batch_loss(kto, ours, unpaired_batch(examples, 0, packed=packed), opts)
     (loss_sum / B).backward()
 
-    args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, beta=0.2,
-                     desirable_weight=1.3, undesirable_weight=0.7, report_to=[], use_cpu=True,
-                     bf16=False, max_length=None)
+    args = _trl_args(KTOConfig, tmp_path / "trl", B, beta=0.2, desirable_weight=1.3,
+                     undesirable_weight=0.7)
     trainer, peft_model = _trl_peft_model(KTOTrainer, args, llama_dir, tmp_path / "adapter")
-    completions = [e["completion"] for e in examples]
-    inputs = DataCollatorForUnpairedPreference(pad_token_id=0)(
-        [{"prompt_ids": e["prompt"], "completion_ids": e["completion"], "KL_completion_ids": kl,
-          "label": e["label"]} for e, kl in zip(examples, completions[-1:] + completions[:-1])])
+    inputs = _trl_unpaired_inputs(examples)
     theirs = trainer.compute_loss(peft_model, inputs)
     theirs.backward()
     their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}

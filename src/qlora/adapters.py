@@ -694,7 +694,6 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
         targets = sorted({t if t in EXPERT_TARGETS else t.rsplit(".", 1)[-1] for t in targets})
     if isinstance(targets, str) and targets != "all-linear":
         # PEFT stores a regex when target_modules was given as one; match leaf names in it
-
         targets = [m for m in KNOWN_BLOCK_LINEARS if re.search(targets, f"model.layers.0.self_attn.{m}")
                    or re.search(targets, f"model.layers.0.mlp.{m}")]
     if experts and targets != "all-linear":  # PEFT's target_parameters: the experts' projections

@@ -205,8 +205,12 @@ def rerun_expert_dense(arch: ArchSpec, cfg: PlanConfig) -> int:
     if not (cfg.checkpointing and cfg.quant in FOUR_BIT_METHODS):
         return 0
     shapes = arch.expert_shapes()
-    return sum(2 * shapes[name][0] * (parts[-1][1] - parts[-1][0]) * shapes[name][2]
-               for name, parts in expert_parts(arch, cfg).items())
+    total = 0
+    for name, parts in expert_parts(arch, cfg).items():
+        experts, _, in_features = shapes[name]
+        start, stop = parts[-1]  # the part kept: its rows of every expert
+        total += 2 * experts * (stop - start) * in_features
+    return total
 
 
 def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
@@ -214,7 +218,8 @@ def rerun_dense_weights(arch: ArchSpec, cfg: PlanConfig, attention_kept: bool,
     """(bytes of the dense weights a checkpointed layer's rerun makes and keeps for its backward,
     the part of them alive while attention runs backward) on the fused path over 4-bit bases
     (kernels/kept_weights.rerun_keeps_weights): every targeted linear (an untargeted one runs
-    through bitsandbytes, which keeps nothing) but down_proj, whose GEMM the rerun stops before (a sparse layer has no down_proj among these: its o_proj's GEMM runs); none of
+    through bitsandbytes, which keeps nothing) but down_proj, whose GEMM the rerun stops before
+    (a sparse layer has no down_proj among these: its o_proj's GEMM runs); none of
     the MLP's when it runs in tiles (the rerun skips the tiled MLP, and a tile's weights are never
     kept: tile_outside_rerun); no q, k, v where the layer's attention is kept (the rerun makes
     only their LoRA products). By attention's backward only q, k, v's are left (o_proj's and the

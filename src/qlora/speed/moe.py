@@ -109,8 +109,8 @@ def projection(layer, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
 def grouped_factors(layer: LoraExperts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(Aᵀ [E, in, r], Bᵀ [E, r, out]) in `dtype`, as the grouped GEMMs take them: A cast, then a
     transposed view (torch._grouped_mm reads either layout); B cast as it is held (LoraExperts
-    keeps Bᵀ: PEFT's layout, the experts innermost, took a strided copy each pass, about 19 ms of
-    a Qwen3-30B-A3B step's copies, H100, 2026-12-07)."""
+    keeps Bᵀ: PEFT's layout, the experts innermost, took a strided copy each pass; holding Bᵀ
+    made a Qwen3-30B-A3B step 7.5 ms shorter, H100, 2026-12-07, docs/BENCHMARKS.md)."""
     a, _ = layer.factors(layer.lora_A.weight.dtype)  # a view of the parameter
     return a.to(dtype).transpose(1, 2), layer.lora_B.weight.to(dtype)
 
