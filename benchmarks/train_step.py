@@ -33,6 +33,9 @@ Systems
             what qlora train keeps where only N fit).
             A model of a family with no native module (stablelm-2-1.6b) runs on the generic path
             as qlora train runs it: transformers' modules, no speed layer, no CUDA graph.
+  qlora-keepacts  "qlora" with the last --keep-activations N layers not checkpointed (every
+                  activation kept, no rerun: what qlora train's keep_activations picks where N
+                  more layers' activations fit); opt-in
   qlora-nokeep    "qlora" with keep_attention off: attention rerun with the layer (what qlora train
                   picks where keeping it fits in no layer)
   qlora-eager     the same without the CUDA graph
@@ -96,7 +99,7 @@ PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-eager", "qlora-old",
            "qlora-bnb", "qlora-unfused"]
 # named in --systems only: not part of the default run
-OPT_IN_SYSTEMS = ["unsloth-nocompile", "qlora-ungrouped"]
+OPT_IN_SYSTEMS = ["unsloth-nocompile", "qlora-ungrouped", "qlora-keepacts"]
 
 def _named_shape(name: str) -> dict:
     """A shape of qlora.models.spec.NAMED_SHAPES (this checkout's, uninstalled)."""
@@ -543,18 +546,20 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
         return model, [p for p in model.parameters() if p.requires_grad], QloraStep(
             model, args, None, graphs=False), False
     if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-unfused", "qlora-bnb",
-                   "qlora-ungrouped"):
+                   "qlora-ungrouped", "qlora-keepacts"):
         model.train()
         from qlora.speed import SpeedPlan, apply_speed
 
         # the fast paths as qlora train puts them on a model (speed.SpeedPlan.for_run), each
         # variant leaving one out; applied before the graphs capture the step
-        fast = (variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped")
-                and args.device == "cuda")
+        fast = (variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-ungrouped",
+                            "qlora-keepacts") and args.device == "cuda")
         keep = args.keep_attention if variant != "qlora-nokeep" else False
         plan = SpeedPlan(fused_kernels=variant != "qlora-unfused", fast_base=fast,
                          grouped=fast and variant != "qlora-ungrouped",
                          keep_attention=False if keep == "auto" else keep,
+                         keep_activations=(args.keep_activations if variant == "qlora-keepacts"
+                                           else False),
                          seeded_dropout=True, embedding_on_host=fast, grouped_experts=moe,
                          # a mixture of experts' too, where its experts read nothing on the
                          # host (FastMoeLM.cuda_graphs_refused says which do)
@@ -712,6 +717,8 @@ def worker(args) -> int:
                 if ours.no_graphs_reason:
                     rec["no_graphs_reason"] = ours.no_graphs_reason
                 rec["keep_attention"] = getattr(model, "keep_attention", False) if ckpt else False
+                rec["keep_activations"] = (getattr(model, "keep_activations", False) if ckpt
+                                           else False)
                 rec["path"] = "generic" if type(model).__name__ == "GenericLM" else "native"
                 if rec["path"] == "native":
                     tiling = getattr(model.model.layers[0].mlp, "sequence_tiling", None)
@@ -911,6 +918,9 @@ def parse_args(argv=None):
                     help="layers whose attention qlora keeps for backward: all (default), the "
                          "last N (what qlora train picks where only N fit), or auto (as qlora "
                          "train picks it for each sequence length, see --plan-gpu-memory)")
+    ap.add_argument("--keep-activations", type=int, default=0,
+                    help="qlora-keepacts: the last N layers not checkpointed (every activation "
+                         "kept, no rerun; qlora train's keep_activations)")
     ap.add_argument("--offload-activations", default="false", choices=("auto", "true", "false"),
                     help="qlora: the checkpointed layer inputs in pinned host memory; auto: as "
                          "qlora train picks it for each sequence length")
@@ -960,7 +970,8 @@ def worker_argv(script: str, args, names: list[str], **kw) -> list[str]:
 
 def _child_argv(args, **kw) -> list[str]:
     keep = ["mb", "steps", "long_steps", "long_from", "warmup", "lora_r", "lora_alpha", "lora_dropout", "lr",
-            "max_grad_norm", "seed", "data_vocab", "hf_attn", "device", "offload_activations", "tile_mlp"]
+            "max_grad_norm", "seed", "data_vocab", "hf_attn", "device", "offload_activations", "tile_mlp",
+            "keep_activations"]
     argv = worker_argv(__file__, args, keep, **kw) + ["--seqs", ",".join(map(str, args.seqs))]
     argv.append("--qlora-ckpt-off" if args.qlora_ckpt_off else "--no-qlora-ckpt-off")
     argv.append("--gpu-busy" if args.gpu_busy else "--no-gpu-busy")

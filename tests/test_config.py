@@ -73,11 +73,11 @@ def test_keep_attention_is_a_flag_or_a_number_of_layers(value, want):
 
 
 def test_keep_attention_past_the_model_s_layers_is_refused_with_the_count():
-    from qlora.models.spec import attention_layers_kept
+    from qlora.models.spec import last_layers
 
-    assert [attention_layers_kept(k, 32) for k in (True, False, None, 0, 5, 32)] == [32, 0, 0, 0, 5, 32]
+    assert [last_layers(k, 32) for k in (True, False, None, 0, 5, 32)] == [32, 0, 0, 0, 5, 32]
     with pytest.raises(QloraError, match="keep_attention.*40 layers.*has 32.*at most 32"):
-        attention_layers_kept(40, 32)
+        last_layers(40, 32)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

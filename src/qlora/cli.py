@@ -493,6 +493,10 @@ def _plan_options(p) -> None:
                    metavar="N", help="with checkpointing, attention kept for backward instead of "
                         "recomputed, in every layer or in the last N (qlora train's keep_attention; "
                         "by default in as many layers as fit)")
+    p.add_argument("--keep-activations", nargs="?", const=True, default=False, type=_layer_count,
+                   metavar="N", help="with checkpointing, the last N layers (every layer with no "
+                        "N) not checkpointed: every activation kept, no rerun (qlora train's "
+                        "keep_activations; by default in as many layers as fit, after attention)")
     p.add_argument("--embedding-on-host", action=argparse.BooleanOptionalAction, default=True,
                    help="the frozen untied input embedding in pinned host memory (qlora train's "
                         "default on a GPU)")
@@ -520,6 +524,20 @@ def _plan_options(p) -> None:
                         "sequence, prompt and completion (default 0: nothing shared, the upper bound)")
 
 
+def _say_whole_layers(memory, arch, cfg, gpu_bytes: int) -> None:
+    """What qlora train's keep_activations would take on this GPU where it is left out."""
+    from dataclasses import replace
+
+    n = memory.activation_layers_that_fit(arch, cfg, gpu_bytes)
+    if not n or cfg.keep_activations:
+        return
+    whole = memory.plan(arch, replace(cfg, keep_activations=n))
+    which = "any layer" if n == arch.num_layers else f"the last {n} of {arch.num_layers} layers"
+    print(f"qlora train does not checkpoint {which} here (keep_activations, faster: no rerun): "
+          f"peak allocated ~{whole.allocated / memory.GiB:.2f} GiB; "
+          f"--keep-activations{'' if n == arch.num_layers else f' {n}'} shows that plan")
+
+
 def _tile_tokens(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens per tile (1 or more)")
@@ -545,6 +563,7 @@ def run_plan(args) -> None:
         offload_activations=args.offload_activations, tile_mlp=args.tile_mlp,
         optimizer=args.optimizer, kernels=args.kernels,
         keep_attention=args.keep_attention if args.checkpointing else False,
+        keep_activations=args.keep_activations if args.checkpointing else False,
         embedding_on_host=args.embedding_on_host,
         loss=args.loss, gpus=args.gpus, sharding=args.sharding,
         method=args.method, reference_precomputed=args.precompute_ref_log_probs,
@@ -589,6 +608,8 @@ def run_plan(args) -> None:
             print(f"qlora train keeps attention for backward in {which} here (keep_attention, "
                   f"faster): peak allocated ~{kept.allocated / memory.GiB:.2f} GiB; "
                   f"--keep-attention{'' if n == arch.num_layers else f' {n}'} shows that plan")
+        _say_whole_layers(memory, arch, replace(cfg, keep_attention=cfg.keep_attention or n),
+                          gpu_bytes)
     else:
         if memory.fits_tightly(b, gpu_bytes):
             print(memory.tight_fit_line(b, gpu_bytes, gpu_name))

@@ -84,6 +84,12 @@ class RunConfig:
     # N: the last N layers; None = as many layers as the memory plan fits on the GPU (each GPU's
     # under torchrun; qlora.memory.check_run)
     keep_attention: bool | int | None = None
+    # with checkpointing, the last N layers not checkpointed: they keep every activation for
+    # backward and are not rerun (selective checkpointing: speed for memory where the GPU has it;
+    # Phi-4 at 2048 tokens: ~0.25 GiB a layer for ~1.2 ms of its rerun). true: every layer (as
+    # checkpointing off); None = as many layers as the memory plan fits on the GPU, after
+    # keep_attention (qlora.memory.check_run); not with offload_activations or tile_mlp
+    keep_activations: bool | int | None = None
     # with checkpointing, each layer's saved input in pinned host memory from its forward to its
     # backward, fetched back one layer ahead (speed/offload.py): long sequences. None (or auto) =
     # only where the memory plan needs it to fit (qlora.memory.check_run)
@@ -142,6 +148,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # What an option's empty default (None) means, for `qlora train --help`.
 NONE_MEANS: dict[str, str] = {
     "keep_attention": "as many layers as the memory plan fits on the GPU",
+    "keep_activations": "as many layers as the memory plan fits on the GPU",
     "offload_activations": "auto: only where the memory plan needs it to fit",
     "tile_mlp": "auto: only where the memory plan needs it to fit",
     "router_aux_loss": "as the model's config.json says (output_router_logits)",
@@ -203,6 +210,8 @@ HELP: dict[str, str] = {
     "gradient_checkpointing": "recompute each layer in backward instead of keeping its activations",
     "keep_attention": "with checkpointing, attention kept for backward instead of rerun: true "
                       "every layer, N the last N layers",
+    "keep_activations": "with checkpointing, the last N layers not checkpointed (every "
+                        "activation kept, no rerun): true every layer, N the last N",
     "offload_activations": "with checkpointing, each layer's saved input in pinned host memory "
                            "until its backward (long sequences)",
     "tile_mlp": "the MLP in sequence tiles: true, false or tokens per tile (long sequences)",
@@ -341,7 +350,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise bad(f"allowed to be empty (give a value of type {getattr(tp, '__name__', tp)})")
     if key in ("offload_activations", "tile_mlp") and str(value).strip().lower() == "auto":
         return None
-    if key == "keep_attention":
+    if key in ("keep_attention", "keep_activations"):
         return _coerce_layers_or_flag(value, bad)
     if key == "tile_mlp":
         return _coerce_tokens_or_flag(value, bad)
@@ -579,6 +588,12 @@ def check(cfg: RunConfig) -> RunConfig:
         raise QloraError("option `offload_activations`: true offloads the inputs that gradient "
                          "checkpointing keeps; set gradient_checkpointing: true, or "
                          "offload_activations: false")
+    if cfg.keep_activations and (cfg.offload_activations or cfg.tile_mlp):
+        option = "offload_activations" if cfg.offload_activations else "tile_mlp"
+        raise QloraError(f"options `keep_activations` and `{option}` exclude each other: "
+                         f"{option} saves memory that layers keeping every activation would "
+                         "spend; set keep_activations: false (or leave it out: none where the "
+                         "memory plan needs offload or tiles)")
     return cfg
 
 

@@ -42,8 +42,8 @@ Below, what callers use (the rest is reached through its module, e.g. memory.act
 from qlora.memory.arch import CALIBRATED_FAMILIES, SHAPES, arch_from_config, resolve_arch
 from qlora.memory.breakdown import (Breakdown, fits, fits_tightly, format_table, least_needed_bytes,
                                     needed_bytes, tight_fit_line)
-from qlora.memory.fitting import (Advice, advise, attention_layers_that_fit, auto_fit,
-                                  long_context_choice)
+from qlora.memory.fitting import (Advice, activation_layers_that_fit, advise,
+                                  attention_layers_that_fit, auto_fit, long_context_choice)
 from qlora.memory.generic import generic_targets
 from qlora.memory.host import check_host_offload
 from qlora.memory.loss import loss_chunk_tokens
@@ -54,7 +54,7 @@ from qlora.memory.training import check_run, out_of_memory_error, plan_config_fo
 from qlora.models.generic import GenericSpec  # what resolve_arch gives for a non-native model
 
 __all__ = ["CALIBRATED_FAMILIES", "DTYPE_BYTES", "RESERVED_FACTOR", "SHAPES", "Advice", "Breakdown",
-           "GenericSpec", "GiB", "PlanConfig", "advise", "arch_from_config", "attention_layers_that_fit",
+           "GenericSpec", "GiB", "PlanConfig", "activation_layers_that_fit", "advise", "arch_from_config", "attention_layers_that_fit",
            "auto_fit", "check_host_offload", "check_run", "fits", "fits_tightly", "format_table",
            "generic_targets", "least_needed_bytes", "long_context_choice", "loss_chunk_tokens",
            "needed_bytes", "out_of_memory_error", "parse_size", "plan", "plan_config_for_run",

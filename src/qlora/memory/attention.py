@@ -7,7 +7,7 @@ from __future__ import annotations
 from qlora.memory.settings import PlanConfig, key_tokens, step_tokens
 from qlora.models.families import FAMILIES
 from qlora.models.generic import GenericSpec
-from qlora.models.spec import GEMMA_TYPES, ArchSpec, attention_layers_kept
+from qlora.models.spec import GEMMA_TYPES, ArchSpec, last_layers
 
 
 def attention_softcap(arch: ArchSpec) -> float | None:
@@ -85,10 +85,12 @@ def keeps_attention(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> bool:
 
 def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
     """Layers whose attention is kept for backward: keep_attention's count, with checkpointing
-    (none where the model cannot keep it: keeps_attention)."""
+    (none where the model cannot keep it: keeps_attention), less the layers keep_activations
+    leaves whole (the last ones: autograd keeps their attention anyway)."""
     if not keeps_attention(arch, cfg) or not cfg.checkpointing:
         return 0
-    return attention_layers_kept(cfg.keep_attention, arch.num_layers)
+    whole = last_layers(cfg.keep_activations, arch.num_layers, "keep_activations")
+    return max(0, last_layers(cfg.keep_attention, arch.num_layers) - whole)
 
 
 def attention_backward_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> int:

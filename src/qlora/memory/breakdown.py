@@ -33,6 +33,9 @@ class Breakdown:
     optimizer_paged: int  # paged states: GPU memory, but outside memory_allocated
     activations: int  # saved for backward at the end of the forward (per-token tensors)
     adapter_copies: int  # per-layer tensors the graph keeps (bf16 adapter copies, DoRA weights)
+    # what of them is alive at the loss: every layer's without checkpointing, under it the
+    # layers keep_activations leaves whole
+    forward_copies: int
     loss: int  # logits/loss transient
     backward: int  # one layer's backward: recomputed layer (checkpointing) + gradients in flight
     adapter_grads: int  # all adapter gradients (alive at the optimizer step)
@@ -73,7 +76,7 @@ class Breakdown:
                                   self.adapter_grads + self.layer_grads)}
         phases = {
             "loss (logits)": [
-                acts, (copies if not self.cfg.checkpointing else (copies[0], 0)),
+                acts, (copies[0], self.forward_copies),
                 grads["loss"], ("logits/loss", self.loss), fixed],
             "backward of the last layer": [
                 acts_left, copies, grads["backward"],
@@ -86,7 +89,7 @@ class Breakdown:
         }
         if self.reference:
             phases["reference forward"] = [
-                acts, (copies if not self.cfg.checkpointing else (copies[0], 0)), grads["loss"],
+                acts, (copies[0], self.forward_copies), grads["loss"],
                 ("reference forward (no grad, adapters off) + the policy's kept loss gradient",
                  self.reference),
                 fixed, ("dequantized weight", self.dequant)]

@@ -56,6 +56,18 @@ def attention_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu
     return _largest_that_fits(arch, cfg, gpu_bytes, "keep_attention", 0, arch.num_layers)
 
 
+def activation_layers_that_fit(arch: ArchSpec | GenericSpec, cfg: PlanConfig, gpu_bytes: int) -> int:
+    """The most layers keep_activations can leave whole (every activation kept, no rerun) with
+    the plan still fitting `gpu_bytes`: 0 without checkpointing, on the generic path (no speed
+    layer), with offload or MLP tiles (long sequences, where memory is short), or where even one
+    does not fit. The plan grows with the count past the first layers (whose whole backward
+    drops the rerun's kept dense weights): bisected."""
+    if (isinstance(arch, GenericSpec) or not cfg.checkpointing or cfg.offload_activations
+            or cfg.tile_mlp):
+        return 0
+    return _largest_that_fits(arch, cfg, gpu_bytes, "keep_activations", 0, arch.num_layers)
+
+
 # Two searches for a value of one PlanConfig field, on purpose: what the plan picks itself
 # (auto_fit's micro-batch, the layers that keep attention) is the largest whole number that fits
 # (_largest_that_fits, bisected); what advise offers is the value halved until it fits

@@ -101,7 +101,8 @@ def coarse_plan(spec: GenericSpec, cfg: PlanConfig) -> Breakdown:
              f"logits/loss: {loss_note} (the generic path's loss reads whole logits)"]
     return Breakdown(arch=spec, cfg=cfg, base=base, embeddings=embeddings, norms=others,
                      adapters=adapters, optimizer=opt, optimizer_paged=opt_paged,
-                     activations=int(activations), adapter_copies=copies, loss=loss,
+                     activations=int(activations), adapter_copies=copies,
+                     forward_copies=0 if cfg.checkpointing else copies, loss=loss,
                      backward=int(backward), adapter_grads=grads, layer_grads=-(-grads // L),
                      optimizer_step=opt_step, workspace=workspace, dequant=dequant,
                      adapter_params=sum(numels), notes=notes)

@@ -60,6 +60,9 @@ class PlanConfig:
     # (speed/kept_attention.AttentionKeptForRerun; qlora train's keep_attention): true in every layer,
     # a number N in the last N
     keep_attention: bool | int = False
+    # with checkpointing: the last N layers not checkpointed, every activation kept for backward
+    # and no rerun (qlora train's keep_activations): true in every layer, a number N in the last N
+    keep_activations: bool | int = False
     # the frozen input embedding (untied) in pinned host memory (qlora train's embedding_on_host)
     embedding_on_host: bool = False
     optimizer: str = "paged_adamw_8bit"
@@ -105,6 +108,13 @@ class PlanConfig:
         keep = self.keep_attention
         if not isinstance(keep, bool) and (not isinstance(keep, int) or keep < 0):
             raise QloraError(f"--keep-attention takes a number of layers (0 or more), not {keep!r}")
+        whole = self.keep_activations
+        if not isinstance(whole, bool) and (not isinstance(whole, int) or whole < 0):
+            raise QloraError(f"--keep-activations takes a number of layers (0 or more), not "
+                             f"{whole!r}")
+        if whole and self.checkpointing and (self.offload_activations or self.tile_mlp):
+            raise QloraError("--keep-activations excludes --offload-activations and --tile-mlp: "
+                             "they save the memory that layers keeping every activation spend")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QloraError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
         check_precomputed_reference(self.method, self.reference_precomputed)  # as qlora train

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from qlora.errors import QloraError
 from qlora.memory.activations import (backward_working_bytes_per_token, layer_activation_terms,
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
-                                      split_mlp_terms)
+                                      split_mlp_terms, whole_layers)
 from qlora.memory.attention import (attention_backward_bytes_per_token, attention_softcap,
                                     capped_scores_in_torch, gathered_key_bytes,
                                     kept_attention_layer_bytes, kept_attention_layers,
@@ -50,7 +50,7 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
     frozen = _frozen_weights(arch, cfg, notes)
     trainable = _adapters_and_optimizer(arch, cfg)
     per_token = _per_token(arch, cfg, notes)
-    activations, copies = _saved_activations(arch, cfg, per_token, notes)
+    activations, copies, forward_copies = _saved_activations(arch, cfg, per_token, notes)
     loss = _loss_peak(arch, cfg, notes)
     _note_attention(arch, cfg, per_token.tokens, notes)
     dequant = _dequantized_weight(arch, cfg, per_token.tokens, notes)
@@ -67,7 +67,8 @@ def plan(arch: ArchSpec | GenericSpec, cfg: PlanConfig = PlanConfig()) -> Breakd
         arch=arch, cfg=cfg, base=frozen.base, embeddings=frozen.embeddings, norms=frozen.norms,
         adapters=trainable.adapters, optimizer=trainable.optimizer,
         optimizer_paged=trainable.optimizer_paged, activations=activations, adapter_copies=copies,
-        loss=loss, backward=int(backward), adapter_grads=trainable.grads,
+        forward_copies=forward_copies, loss=loss, backward=int(backward),
+        adapter_grads=trainable.grads,
         layer_grads=trainable.layer_grads, optimizer_step=trainable.optimizer_step,
         workspace=workspace, dequant=dequant, reference=reference,
         adapter_params=sum(trainable.numels), notes=notes,
@@ -179,7 +180,8 @@ class _PerToken:
     attention_extra: int  # a layer's backward at attention's moment
     offloaded: bool  # the checkpointed layer inputs in host memory (offload_applies)
     inputs_on_gpu: int  # checkpointed layer inputs on the GPU at once
-    kept_layers: int  # layers that keep attention for backward (keep_attention)
+    kept_layers: int  # checkpointed layers that keep attention for backward (keep_attention)
+    whole: int  # the last layers that checkpointing leaves whole (keep_activations)
     kept_each: int  # what one of them keeps over the micro-batch (not per token)
     products: int  # the fast path's LoRA products a checkpointed layer keeps for its rerun
     gathered_keys: int  # a layer's gathered prompt keys over the micro-batch (gathered_key_bytes)
@@ -214,12 +216,14 @@ def _per_token(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _PerToken:
     # H [tokens, r] per target for the rerun (kernels/lora.py), which then draws no dropout mask
     # again: on the GPU, offloaded or not.
     products = 2 * cfg.r * len(target_names(cfg.targets, arch)) if fast_path(cfg) else 0
-    inputs_on_gpu = min(2, L) if offloaded else L
+    whole = whole_layers(arch, cfg)
+    inputs_on_gpu = min(2, L) if offloaded else L - whole  # offload leaves no layer whole
     return _PerToken(tokens=tokens, terms=terms, tile=tile, per_layer=per_layer,
                      per_layer_weights=sum(layer_weight_terms(arch, cfg).values()),
                      layer_input=2 * h, final=final, rope=rope, working=working,
                      attention_extra=attention_extra, offloaded=offloaded,
-                     inputs_on_gpu=inputs_on_gpu, kept_layers=kept_layers, kept_each=kept_each,
+                     inputs_on_gpu=inputs_on_gpu, kept_layers=kept_layers, whole=whole,
+                     kept_each=kept_each,
                      products=products, gathered_keys=gathered_key_bytes(arch, cfg))
 
 
@@ -245,20 +249,29 @@ def _layer_saved_and_mlp_backward(arch: ArchSpec, cfg: PlanConfig, terms: dict[s
 
 
 def _saved_activations(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
-                       notes: list[str]) -> tuple[int, int]:
+                       notes: list[str]) -> tuple[int, int, int]:
     """What the forward leaves saved for backward at its end, and the adapter copies the graph
-    keeps (one layer's under checkpointing, which reruns one layer at a time)."""
+    keeps: at a layer's backward (one layer's under checkpointing, which reruns one layer at a
+    time, or the whole layers' where keep_activations leaves some) and at the loss (checkpointed
+    layers keep none from their first run)."""
     L = arch.num_layers
     if not cfg.checkpointing:
         saved = t.tokens * (L * t.per_layer + t.final + t.rope) + L * t.gathered_keys
-        return int(saved), L * t.per_layer_weights
+        return int(saved), L * t.per_layer_weights, L * t.per_layer_weights
     # kept attention stays on the GPU under offload too (its own saved-tensor hooks)
     if t.kept_layers:
         notes.append(f"attention kept for backward in {t.kept_layers} of {L} "
                      f"layers: {gib(t.kept_layers * t.kept_each):.2f} GiB (keep_attention)")
-    activations = (t.tokens * (t.inputs_on_gpu * t.layer_input + L * t.products + t.final + t.rope)
-                   + t.kept_layers * t.kept_each)
-    return int(activations), t.per_layer_weights
+    whole = t.tokens * t.whole * t.per_layer + t.whole * t.gathered_keys
+    if t.whole:
+        notes.append(f"the last {t.whole} of {L} layers not checkpointed, every activation kept: "
+                     f"{gib(whole):.2f} GiB (keep_activations)")
+    checkpointed = L - t.whole
+    activations = (t.tokens * (t.inputs_on_gpu * t.layer_input + checkpointed * t.products
+                               + t.final + t.rope)
+                   + t.kept_layers * t.kept_each + whole)
+    return (int(activations), max(t.whole, 1) * t.per_layer_weights,
+            t.whole * t.per_layer_weights)
 
 
 # --- the loss and the weights a matmul dequantizes ------------------------------------------------
@@ -321,24 +334,32 @@ def _backward_without_checkpointing(arch: ArchSpec, t: _PerToken) -> tuple[float
 
 def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
                                 dequant: int) -> tuple[float, float, int]:
-    """(activations still saved, the rerun layer's backward, the dense weights beside it) at the
-    layer backward that peaks; the dense weights are that phase's dequantized weight.
+    """(activations still saved, the layer's backward, the dense weights beside it) at the layer
+    backward that peaks; the dense weights are that phase's dequantized weight.
 
     The layer whose backward peaks, and at which of its two moments (the MLP's, with the dense
-    weights the rerun kept and one more being dequantized; attention's). With attention kept in
-    the last N < L layers, the last layer (every input alive, N kept) and the last that reruns
-    its attention (N inputs fewer, none kept, its q, k, v recomputed and their dense weights
-    kept) are both candidates."""
+    weights the rerun kept and one more being dequantized; attention's). Where keep_activations
+    leaves the last layers whole, the last one's backward comes first, every activation alive
+    and nothing rerun. Then the last checkpointed layer (every checkpointed input alive, the
+    kept attention with it) and, with attention kept in its last N < all layers, the last that
+    reruns its attention (N inputs fewer, none kept, its q, k, v recomputed and their dense
+    weights kept) are candidates."""
     L = arch.num_layers
-    candidates = [(L - 1, t.kept_layers > 0)]
-    if 0 < t.kept_layers < L:
-        candidates.append((L - 1 - t.kept_layers, False))
+    best = None
+    if t.whole:
+        before = (t.tokens * ((L - t.whole) * (t.layer_input + t.products)
+                              + t.whole * t.per_layer + t.rope)
+                  + t.kept_layers * t.kept_each + t.whole * t.gathered_keys)
+        best = (before, t.tokens * max(t.working, t.attention_extra), dequant)
+    last = L - 1 - t.whole  # the last checkpointed layer (none: -1)
+    candidates = [(last, t.kept_layers > 0)] if last >= 0 else []
+    if 0 < t.kept_layers <= last:
+        candidates.append((last - t.kept_layers, False))
     # a tile's backward dequantizes gate and up together (the fast path's group)
     dequant_now = max(dequant, tile_dequant_bytes(arch, cfg)) if t.tile else dequant
-    best = None
     for layer, kept_here in candidates:
         alive = layer + 1  # layer inputs and products of this layer and the ones before it
-        kept_alive = t.kept_layers - (L - 1 - layer) if kept_here else 0
+        kept_alive = t.kept_layers - (last - layer) if kept_here else 0
         before = t.tokens * ((t.inputs_on_gpu if t.offloaded else alive) * t.layer_input
                              + alive * t.products + t.rope) + kept_alive * t.kept_each
         rerun = sum(rerun_terms(arch, cfg, t.terms, kept_here, bool(t.tile)).values())

@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from qlora.errors import QloraError
-from qlora.memory.activations import mlp_tile_tokens
+from qlora.memory.activations import mlp_tile_tokens, whole_layers
 from qlora.memory.arch import resolve_arch
 from qlora.memory.attention import kept_attention_layer_bytes, kept_attention_layers
 from qlora.memory.breakdown import fits, fits_tightly, needed_bytes, tight_fit_line
-from qlora.memory.fitting import (TRAIN_OPTIONS, advise, attention_layers_that_fit, auto_fit,
-                                  long_context_choice, micro_batch_dividing)
+from qlora.memory.fitting import (TRAIN_OPTIONS, activation_layers_that_fit, advise,
+                                  attention_layers_that_fit, auto_fit, long_context_choice,
+                                  micro_batch_dividing)
 from qlora.memory.host import check_host_offload, host_offload_bytes
 from qlora.memory.settings import EXPERT_TARGETS, PlanConfig
 from qlora.memory.sizes import GiB, gib, parse_size
@@ -20,7 +21,7 @@ from qlora.memory.step import plan
 from qlora.methods import method_module
 from qlora.models.generic import GenericSpec
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
-from qlora.models.spec import ArchSpec, attention_layers_kept
+from qlora.models.spec import ArchSpec, last_layers
 
 
 def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
@@ -37,6 +38,8 @@ def plan_config_for_run(cfg, dtype=None, world_size: int = 1) -> PlanConfig:
                       seq_len=cfg.max_seq_length, micro_batch=cfg.micro_batch_size,
                       checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optim,
                       keep_attention=(getattr(cfg, "keep_attention", False) or False)
+                      if cfg.gradient_checkpointing else False,
+                      keep_activations=(getattr(cfg, "keep_activations", False) or False)
                       if cfg.gradient_checkpointing else False,
                       embedding_on_host=bool(getattr(cfg, "embedding_on_host", False)),
                       offload_activations=bool(getattr(cfg, "offload_activations", False)
@@ -74,17 +77,20 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
 
     Returns (cfg, facts): cfg possibly changed by --auto_fit (micro-batch, gradient accumulation,
     checkpointing), facts for the resolved config. Raises QloraError, naming what to change, when
-    the run will not fit. On the CPU without --gpu_memory it only checks a keep_attention count
-    against the model's layers.
+    the run will not fit. On the CPU without --gpu_memory it only checks the keep_attention and
+    keep_activations counts against the model's layers.
     """
     import dataclasses
 
     gpu_bytes, gpu_name = run_gpu_bytes(cfg, device)
     keep = cfg.keep_attention
     if gpu_bytes is None:  # keep_attention's default is on only where a plan says it fits
-        if keep is not True and keep:  # a count: checked against the model's layers before loading
-            attention_layers_kept(keep, resolve_arch(model_dir=cfg.model).num_layers)
+        for option in ("keep_attention", "keep_activations"):
+            count = getattr(cfg, option)
+            if count is not True and count:  # checked against the model's layers before loading
+                last_layers(count, resolve_arch(model_dir=cfg.model).num_layers, option)
         return dataclasses.replace(cfg, keep_attention=keep or False,  # as are offload and tiles
+                                   keep_activations=cfg.keep_activations or False,
                                    offload_activations=cfg.offload_activations or False,
                                    tile_mlp=cfg.tile_mlp or False), {}
     arch = resolve_arch(model_dir=cfg.model)
@@ -93,7 +99,10 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
         pc = replace(pc, targets=tuple(cfg.target_modules))  # its own layer names (c_attn...)
     offload_auto, tile_auto = cfg.offload_activations is None, cfg.tile_mlp is None
     if offload_auto or tile_auto:
-        pc = long_context_choice(arch, pc, gpu_bytes, offload_auto, tile_auto)
+        # decided as if no layer were left whole: keep_activations spends spare memory, after
+        pc = replace(long_context_choice(arch, replace(pc, keep_activations=False), gpu_bytes,
+                                         offload_auto, tile_auto),
+                     keep_activations=pc.keep_activations)
         cfg = dataclasses.replace(cfg, offload_activations=pc.offload_activations,
                                   tile_mlp=pc.tile_mlp)
         chosen = [text for on, text in (
@@ -106,6 +115,11 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
                 "only with " + ("them" if len(chosen) > 1 else "it") + " (set to false to turn off)")
     check_host_offload(arch, replace(pc, offload_activations=bool(cfg.offload_activations)),
                        chosen_by_plan=bool(cfg.offload_activations) and offload_auto)
+    if cfg.keep_activations and (cfg.offload_activations or cfg.tile_mlp):
+        raise QloraError(f"keep_activations: {cfg.keep_activations}, but the memory plan fits "
+                         f"{gib(gpu_bytes):.1f} GiB ({gpu_name}) only with offload_activations or "
+                         "tile_mlp, which exclude it: set keep_activations: false (or leave it "
+                         "out)")
     if cfg.keep_attention is None:
         # the plan is per GPU, under torchrun (DDP, FSDP) too; auto_fit spends memory on the
         # micro-batch instead
@@ -118,6 +132,7 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
             log(f"keep_attention: {'on' if keep is True else n} ({which} attention kept for "
                 "backward, not rerun: as many layers as the memory plan fits; keep_attention: "
                 "false turns it off)")
+    cfg, pc = _keep_activations_that_fit(cfg, arch, pc, gpu_bytes, gpu_name, log)
     b = plan(arch, pc)
     if kept_attention_layers(arch, pc) and not fits(b, gpu_bytes):
         n = attention_layers_that_fit(arch, pc, gpu_bytes)
@@ -185,6 +200,33 @@ def check_run(cfg, device, dtype=None, world_size: int = 1, log=print):
     return cfg, facts
 
 
+def _keep_activations_that_fit(cfg, arch, pc: PlanConfig, gpu_bytes: int, gpu_name: str, log):
+    """keep_activations for the run: auto (None) leaves whole as many of the last layers as the
+    memory plan fits, after keep_attention (under auto_fit none: it spends the memory on the
+    micro-batch); a count that does not fit is refused with the count that does."""
+    import dataclasses
+
+    if cfg.keep_activations is None:
+        n = activation_layers_that_fit(arch, pc, gpu_bytes) if not cfg.auto_fit else 0
+        whole = True if n == arch.num_layers else n or False
+        if n:
+            which = "every layer" if whole is True else f"the last {n} of {arch.num_layers} layers"
+            log(f"keep_activations: {'on' if whole is True else n} ({which} not checkpointed: "
+                "every activation kept for backward, no rerun; as many layers as the memory plan "
+                "fits; keep_activations: false turns it off)")
+        return dataclasses.replace(cfg, keep_activations=whole), replace(pc, keep_activations=whole)
+    if isinstance(arch, GenericSpec):  # no speed layer: the option is ignored, said in the log
+        return cfg, pc
+    if whole_layers(arch, pc) and not fits(plan(arch, pc), gpu_bytes):
+        n = activation_layers_that_fit(arch, replace(pc, keep_activations=False), gpu_bytes)
+        raise QloraError(
+            f"this run fits in {gib(gpu_bytes):.1f} GiB ({gpu_name}) only with at most {n} layers "
+            f"left whole (keep_activations: {cfg.keep_activations} keeps every activation of "
+            f"{whole_layers(arch, pc)}): set keep_activations: {n or 'false'} (or leave it out: "
+            "as many as fit)")
+    return cfg, pc
+
+
 def _advice_lines(arch: ArchSpec, pc: PlanConfig, gpu_bytes: int) -> list[str]:
     lines = []
     for a in advise(arch, pc, gpu_bytes, names=TRAIN_OPTIONS):
@@ -215,7 +257,12 @@ def out_of_memory_error(cfg, device, err: BaseException, checkpoint=None, dtype=
         lines.append(f"the planner predicted ~{gib(need):.1f} GiB"
                      + (f" on {gib(gpu_bytes):.1f} GiB ({gpu_name})" if gpu_bytes else "")
                      + f"; to need at most {gib(budget):.1f} GiB, change one of:")
-        if pc.keep_attention:  # the first thing to give back: speed, not the run's settings
+        if pc.keep_activations:  # the first things to give back: speed, not the run's settings
+            freed = need - needed_bytes(plan(arch, replace(pc, keep_activations=False)))
+            lines.append(f"  keep_activations: false (~{gib(freed):.1f} GiB less: every layer "
+                         "checkpointed)")
+            need, pc = need - freed, replace(pc, keep_activations=False)
+        if pc.keep_attention:
             freed = need - needed_bytes(plan(arch, replace(pc, keep_attention=False)))
             lines.append(f"  keep_attention: false (~{gib(freed):.1f} GiB less: attention is "
                          "recomputed in backward instead of kept)")

@@ -427,14 +427,15 @@ def yarn_frequencies(inv_freq: torch.Tensor, scaling: dict, spec: ArchSpec
     return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention)
 
 
-def attention_layers_kept(keep: bool | int | None, layers: int) -> int:
-    """How many of a model's `layers` keep their attention for backward under keep_attention:
-    true all, false or None none, a number N the last N (refused past `layers`)."""
+def last_layers(keep: bool | int | None, layers: int, option: str = "keep_attention") -> int:
+    """How many of a model's `layers` an option counting the last N layers covers
+    (keep_attention, keep_activations): true all, false or None none, a number N the last N
+    (refused past `layers`)."""
     if keep is True:
         return layers
     if not keep:
         return 0
     if keep > layers:
-        raise QloraError(f"option `keep_attention`: {keep} layers, but the model has {layers}; "
+        raise QloraError(f"option `{option}`: {keep} layers, but the model has {layers}; "
                          f"give at most {layers}, or true for every layer")
     return int(keep)

@@ -58,6 +58,7 @@ def apply_speed(model: nn.Module, plan: SpeedPlan, log: Callable[[str], None] = 
             module.fused = plan.fused_kernels
     assert isinstance(model, FastDecoderLM)
     model.keep_attention = plan.keep_attention
+    model.keep_activations = plan.keep_activations
     if isinstance(model, FastGemmaLM):
         model.flex_attention = plan.fused_kernels
     seed, stride = None, 0

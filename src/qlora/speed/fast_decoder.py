@@ -53,7 +53,7 @@ from qlora.models.families.gemma import (GemmaAttention, GemmaDecoderLayer, Gemm
 from qlora.models.families.moe_blocks import Experts, MoeDecoderLayer, MoeLM
 from qlora.models.families.phi3_blocks import Phi3Attention, Phi3DecoderLayer, Phi3LM, Phi3MLP
 from qlora.models.norm import RMSNorm
-from qlora.models.spec import attention_layers_kept
+from qlora.models.spec import last_layers
 from qlora.models.tiling import run_mlp
 from qlora.speed.checkpointing import CheckpointedLayer
 from qlora.speed.kept_attention import AttentionKeptForRerun, KeptAttention
@@ -161,6 +161,9 @@ class FastDecoderLM(DecoderLM):
     # with checkpointing: attention kept from a layer's forward to its backward
     # (AttentionKeptForRerun), True in every layer or N in the last N
     keep_attention: bool | int = False
+    # with checkpointing: the last N layers (True: all) not checkpointed, every activation kept
+    # for backward and no rerun (selective checkpointing, where memory is to spare)
+    keep_activations: bool | int = False
     # the output logits' soft-cap (Gemma's final_logit_softcapping, set by GemmaLM): the fused
     # cross-entropy applies it
     final_softcap: float | None = None
@@ -177,8 +180,12 @@ class FastDecoderLM(DecoderLM):
         drop_kept_products()  # a previous forward's, if its backward never ran
         drop_kept_weights()  # the same for the dense weights a rerun kept
         layers = len(self.model.layers)
-        first_kept = layers - attention_layers_kept(self.keep_attention, layers)
+        first_kept = layers - last_layers(self.keep_attention, layers)
+        first_whole = layers - last_layers(self.keep_activations, layers, "keep_activations")
         for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
+            if i >= first_whole:  # the last layers: their backward comes first, before any rerun
+                x = layer(x, cos, sin, mask, cache)
+                continue
             # the last layers keep it: their backward comes first and frees it before the
             # other layers' reruns make their q/k/v weights
             with self.keeping_layer_input(x, i):

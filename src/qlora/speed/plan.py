@@ -18,6 +18,8 @@ class SpeedPlan:
     grouped: with fast_base, q/k/v and gate/up each as one base GEMM over stacked weights.
     keep_attention: with checkpointing, attention kept for backward instead of rerun: True in
         every layer, N in the last N, False in none.
+    keep_activations: with checkpointing, the last N layers not checkpointed: every activation
+        kept for backward, no rerun (True: every layer; False: none). Not with offload or tiles.
     seeded_dropout: LoRA dropout masks drawn from (seed, micro-batch, layer) instead of the
         global RNG: resumable, and capturable in a CUDA graph.
     embedding_on_host: a frozen, untied input embedding in pinned host memory, gathered by the GPU.
@@ -39,6 +41,7 @@ class SpeedPlan:
     fast_base: bool = False
     grouped: bool = False
     keep_attention: bool | int = False
+    keep_activations: bool | int = False
     seeded_dropout: bool = False
     embedding_on_host: bool = False
     grouped_experts: bool = False
@@ -64,6 +67,8 @@ class SpeedPlan:
             fast_base=fast_base,
             grouped=fast_base,
             keep_attention=(cfg.keep_attention or False) if cfg.gradient_checkpointing else False,
+            keep_activations=((cfg.keep_activations or False) if cfg.gradient_checkpointing
+                              else False),
             seeded_dropout=True,
             embedding_on_host=bool(cfg.embedding_on_host and cuda and not sharded),
             grouped_experts=True,

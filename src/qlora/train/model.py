@@ -66,7 +66,7 @@ def generic_path_lines(model: GenericLM, cfg: RunConfig) -> list[str]:
     lines = [f"{spec.model_type} ({spec.architecture}) runs on the generic path: transformers' "
              f"own modules, its {len(spec.linears)} linear layers quantized "
              f"({cfg.quant}), our adapters on them; the speed layer does not apply"]
-    for option in ("keep_attention", "offload_activations", "tile_mlp"):
+    for option in ("keep_attention", "keep_activations", "offload_activations", "tile_mlp"):
         if getattr(cfg, option):
             lines.append(f"generic path: {option} acts on the native families' decoder only; "
                          "ignored")
