@@ -79,22 +79,104 @@ def test_layers_left_whole_give_the_same_step_without_their_rerun(family, keep_a
 
 
 def test_every_layer_left_whole_plans_the_step_without_checkpointing():
-    """keep_activations over every layer is the step without checkpointing, byte for byte in the
-    plan (the same terms reached from the checkpointed side); the kept attention of the layers
-    left whole is not counted twice."""
-    for shape in ("llama-3-8b", "phi-4", "qwen3-30b-a3b", "gemma-2-9b"):
+    """keep_activations over every layer plans the step without checkpointing, byte for byte
+    (the same terms reached from the checkpointed side), less down_proj's input in each layer
+    where the packed SwiGLU kernel makes it on the fast path (speed/whole_layer.py remakes it in
+    backward): [tokens, intermediate] bf16 a layer for Llama's and Phi-3's MLPs, none for a
+    mixture of experts' or Gemma's GeGLU (torch's); the kept attention of the layers left whole
+    is not counted twice."""
+    tokens = 2048
+    remade = {"llama-3-8b": 2 * 14336, "phi-4": 2 * 17920, "qwen3-30b-a3b": 0, "gemma-2-9b": 0}
+    for shape, per_token in remade.items():
         arch = memory.resolve_arch(shape=shape)
-        cfg = memory.PlanConfig(seq_len=2048, kernels="fused", keep_attention=True)
-        off = memory.plan(arch, replace(cfg, checkpointing=False))
-        for whole in (True, arch.num_layers):
-            b = memory.plan(arch, replace(cfg, keep_activations=whole))
-            assert (b.allocated, b.activations, b.backward) == (
-                off.allocated, off.activations, off.backward), shape
+        for kernels, saved_less in (("eager", 0), ("fused", per_token)):
+            cfg = memory.PlanConfig(seq_len=tokens, kernels=kernels, keep_attention=True)
+            off = memory.plan(arch, replace(cfg, checkpointing=False))
+            less = arch.num_layers * tokens * saved_less
+            for whole in (True, arch.num_layers):
+                b = memory.plan(arch, replace(cfg, keep_activations=whole))
+                assert (b.activations, b.backward_activations, b.backward) == (
+                    off.activations - less, off.backward_activations - less, off.backward), shape
         # past the first layers, each one left whole adds what it saves for backward less the
         # input and LoRA products the checkpoint kept of it, and the attention it kept
         steps = [memory.plan(arch, replace(cfg, keep_activations=n)).activations
                  for n in (4, 5, 6)]
         assert steps[2] - steps[1] == steps[1] - steps[0] > 0
+
+
+WHOLE_LAYER_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, TESTS_DIR)
+from live_bytes import LiveBytes
+from qlora.adapters import AdapterConfig, attach_adapters, set_dropout_seed
+from qlora.models.load import random_model
+from qlora.models.spec import spec_from_config
+from qlora.quant import QuantConfig
+from qlora.speed import SpeedPlan, apply_speed
+from qlora.speed.whole_layer import whole_layer
+
+out = []
+for family in ("llama", "phi3"):
+    config = dict(model_type=family, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                  tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=10000.0)
+    tokens = 64
+    model = random_model(spec_from_config(config), QuantConfig(method="nf4", double_quant=True,
+                                                                compute_dtype=torch.bfloat16))
+    # no dropout: under the interpreter, dropout's q/k/v adapter gradients come out NaN in both
+    # runs alike (not on a GPU: gpu_check's graphed steps run it); down_proj's masks are drawn
+    # from its seed and the remade input, equal to the saved one, either way
+    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
+    model.train()
+    applied = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
+                                           seeded_dropout=True))
+    for p in model.parameters():  # B = 0 at the start would give lora_A no gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    layer = model.model.layers[0]
+    x0 = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach()
+    cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x0.dtype)
+    upstream = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)).to(x0.dtype)
+    runs = []
+    for whole in (False, True):
+        set_dropout_seed(applied.dropout_seed, run_seed=3, micro_batch_index=0,
+                         stride=applied.dropout_stride)
+        x = x0.clone().requires_grad_(True)
+        count = LiveBytes()
+        with count:
+            if whole:
+                with whole_layer():
+                    y = layer(x, cos, sin, "causal")
+            else:
+                y = layer(x, cos, sin, "causal")
+            held = count.current  # what the forward leaves: its output and what autograd saved
+            y.backward(upstream)
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        runs.append((held, grads))
+        layer.zero_grad(set_to_none=True)
+    (held, grads), (whole_held, whole_grads) = runs
+    out.append(dict(family=family, freed=held - whole_held, hidden=tokens * 352 * 2,
+                    grads=len(grads), nonzero=sum(bool(g.abs().sum() > 0) for g in grads),
+                    equal=all(torch.equal(a, b) for a, b in zip(grads, whole_grads))))
+print(json.dumps(out))
+"""
+
+
+def test_a_whole_layer_remakes_the_swiglu_output_for_down_proj():
+    """On the fast path with the fused kernels (Triton's interpreter on the CPU), a layer left
+    whole does not hold its SwiGLU output from forward to backward: it holds exactly that
+    tensor's bytes less, [tokens, intermediate] bf16, and its backward, which remakes it, gives
+    the same input and adapter gradients bit for bit."""
+    from pathlib import Path
+
+    from test_fused_kernels import interpreted
+
+    results = interpreted(WHOLE_LAYER_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
+    assert [r["family"] for r in results] == ["llama", "phi3"]
+    for r in results:
+        assert r["freed"] == r["hidden"], r
+        assert r["equal"] and r["nonzero"] == r["grads"] > 1, r
 
 
 # a dense layer as memory.activations counts it on the CPU's path: eager norms, no fast base

@@ -21,6 +21,15 @@ def whole_layers(arch: ArchSpec, cfg: PlanConfig) -> int:
     return last_layers(cfg.keep_activations, arch.num_layers, "keep_activations")
 
 
+def whole_layer_bytes_per_token(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float]) -> float:
+    """What a layer left whole by keep_activations saves, per token: `terms` (what a layer saves
+    without checkpointing), less down_proj's input where the packed SwiGLU kernel makes it on
+    the fast path of a dense MLP (speed/whole_layer.py remakes it in backward from the gate/up
+    output that the kernel keeps)."""
+    remade = (fast_path(cfg) and not torch_activation(arch, cfg) and arch.moe is None)
+    return sum(terms.values()) - (terms.get("MLP: down_proj input", 0) if remade else 0)
+
+
 def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: int = 1) -> dict[str, float]:
     """Bytes per token that autograd keeps for one decoder layer, term by term (bf16 = 2 bytes).
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from qlora.errors import QloraError
 from qlora.memory.activations import (backward_working_bytes_per_token, layer_activation_terms,
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
-                                      split_mlp_terms, whole_layers)
+                                      split_mlp_terms, whole_layer_bytes_per_token,
+                                      whole_layers)
 from qlora.memory.attention import (attention_backward_bytes_per_token, attention_softcap,
                                     capped_scores_in_torch, gathered_key_bytes,
                                     kept_attention_layer_bytes, kept_attention_layers,
@@ -182,6 +183,7 @@ class _PerToken:
     inputs_on_gpu: int  # checkpointed layer inputs on the GPU at once
     kept_layers: int  # checkpointed layers that keep attention for backward (keep_attention)
     whole: int  # the last layers that checkpointing leaves whole (keep_activations)
+    whole_per_layer: float  # what each of them saves (whole_layer_bytes_per_token)
     kept_each: int  # what one of them keeps over the micro-batch (not per token)
     products: int  # the fast path's LoRA products a checkpointed layer keeps for its rerun
     gathered_keys: int  # a layer's gathered prompt keys over the micro-batch (gathered_key_bytes)
@@ -223,6 +225,7 @@ def _per_token(arch: ArchSpec, cfg: PlanConfig, notes: list[str]) -> _PerToken:
                      layer_input=2 * h, final=final, rope=rope, working=working,
                      attention_extra=attention_extra, offloaded=offloaded,
                      inputs_on_gpu=inputs_on_gpu, kept_layers=kept_layers, whole=whole,
+                     whole_per_layer=whole_layer_bytes_per_token(arch, cfg, terms),
                      kept_each=kept_each,
                      products=products, gathered_keys=gathered_key_bytes(arch, cfg))
 
@@ -262,7 +265,7 @@ def _saved_activations(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
     if t.kept_layers:
         notes.append(f"attention kept for backward in {t.kept_layers} of {L} "
                      f"layers: {gib(t.kept_layers * t.kept_each):.2f} GiB (keep_attention)")
-    whole = t.tokens * t.whole * t.per_layer + t.whole * t.gathered_keys
+    whole = t.tokens * t.whole * t.whole_per_layer + t.whole * t.gathered_keys
     if t.whole:
         notes.append(f"the last {t.whole} of {L} layers not checkpointed, every activation kept: "
                      f"{gib(whole):.2f} GiB (keep_activations)")
@@ -348,7 +351,7 @@ def _checkpointed_backward_peak(arch: ArchSpec, cfg: PlanConfig, t: _PerToken,
     best = None
     if t.whole:
         before = (t.tokens * ((L - t.whole) * (t.layer_input + t.products)
-                              + t.whole * t.per_layer + t.rope)
+                              + t.whole * t.whole_per_layer + t.rope)
                   + t.kept_layers * t.kept_each + t.whole * t.gathered_keys)
         best = (before, t.tokens * max(t.working, t.attention_extra), dequant)
     last = L - 1 - t.whole  # the last checkpointed layer (none: -1)

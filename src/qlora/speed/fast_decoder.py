@@ -58,6 +58,7 @@ from qlora.models.tiling import run_mlp
 from qlora.speed.checkpointing import CheckpointedLayer
 from qlora.speed.kept_attention import AttentionKeptForRerun, KeptAttention
 from qlora.speed.moe import FastExperts, capture_blocker
+from qlora.speed.whole_layer import down_of_swiglu, whole_layer
 
 
 class FastRMSNorm(RMSNorm):
@@ -126,9 +127,8 @@ class FastMLP(MLP):
         if self.grouped and self.fused and use_triton(x):
             # the kernel reads gate and up in place from the one [.., 2·intermediate] output and
             # returns its gradient whole: no copies of the halves, no join in backward
-            hidden = fused.swiglu_packed(grouped_forward(x, (self.gate_proj, self.up_proj),
-                                                         packed=True))
-            return self.down_proj(hidden)
+            return down_of_swiglu(self.down_proj, grouped_forward(
+                x, (self.gate_proj, self.up_proj), packed=True))
         if self.grouped:  # column views of one [.., 2·intermediate] output
             gate, up = grouped_forward(x, (self.gate_proj, self.up_proj))
         else:
@@ -184,7 +184,8 @@ class FastDecoderLM(DecoderLM):
         first_whole = layers - last_layers(self.keep_activations, layers, "keep_activations")
         for i, (layer, mask) in enumerate(zip(self.model.layers, masks, strict=True)):
             if i >= first_whole:  # the last layers: their backward comes first, before any rerun
-                x = layer(x, cos, sin, mask, cache)
+                with whole_layer():
+                    x = layer(x, cos, sin, mask, cache)
                 continue
             # the last layers keep it: their backward comes first and frees it before the
             # other layers' reruns make their q/k/v weights
@@ -337,7 +338,7 @@ class FastPhi3MLP(Phi3MLP):
 
     def forward(self, x):
         if self.fused and use_triton(x):
-            return self.down_proj(fused.swiglu_packed(self.gate_up_proj(x)))
+            return down_of_swiglu(self.down_proj, self.gate_up_proj(x))
         return super().forward(x)
 
 
