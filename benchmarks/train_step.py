@@ -30,7 +30,10 @@ Systems
             (causal SDPA for one-document rows); with and without checkpointing. With
             checkpointing, each layer's attention kept for its backward (keep_attention, on where
             the plan fits, as here on an 80 GB GPU; --keep-attention N: the last N layers only,
-            what qlora train keeps where only N fit).
+            what qlora train keeps where only N fit). Every layer checkpointed: keep_activations
+            off, where qlora train by default leaves out of the checkpoint as many layers as
+            its memory plan fits (on an 80 GB GPU at seq 2048, nearly every one); qlora-keepacts
+            measures that.
             A model of a family with no native module (stablelm-2-1.6b) runs on the generic path
             as qlora train runs it: transformers' modules, no speed layer, no CUDA graph.
   qlora-keepacts  "qlora" with the last --keep-activations N layers not checkpointed (every
@@ -998,6 +1001,11 @@ def main(argv=None) -> int:
     if unknown:  # before any checkpoint is written: a typo would cost the run's device minutes
         print(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS + OPT_IN_SYSTEMS)}",
               file=sys.stderr)
+        return 2
+    if "qlora-keepacts" in systems and (args.offload_activations != "false"
+                                        or args.tile_mlp != "false"):
+        print("qlora-keepacts: --keep-activations excludes --offload-activations and --tile-mlp "
+              "(as qlora train refuses them together)", file=sys.stderr)
         return 2
     if args.random_weights and any(not s.startswith("qlora") for s in systems):
         print("--random-weights: qlora systems only (the others read a checkpoint)", file=sys.stderr)

@@ -80,13 +80,14 @@ def test_layers_left_whole_give_the_same_step_without_their_rerun(family, keep_a
 
 def test_every_layer_left_whole_plans_the_step_without_checkpointing():
     """keep_activations over every layer plans the step without checkpointing, byte for byte
-    (the same terms reached from the checkpointed side), less down_proj's input in each layer
-    where the packed SwiGLU kernel makes it on the fast path (speed/whole_layer.py remakes it in
-    backward): [tokens, intermediate] bf16 a layer for Llama's and Phi-3's MLPs, none for a
-    mixture of experts' or Gemma's GeGLU (torch's); the kept attention of the layers left whole
-    is not counted twice."""
+    (the same terms reached from the checkpointed side), less what speed/whole_layer.py remakes
+    in backward with the fused kernels: down_proj's input ([tokens, intermediate] bf16 a layer)
+    and the normed inputs of attention and the MLP (2 x [tokens, hidden]) for Llama's and
+    Phi-3's blocks; nothing for a mixture of experts' or Gemma's; the kept attention of the
+    layers left whole is not counted twice."""
     tokens = 2048
-    remade = {"llama-3-8b": 2 * 14336, "phi-4": 2 * 17920, "qwen3-30b-a3b": 0, "gemma-2-9b": 0}
+    remade = {"llama-3-8b": 2 * 14336 + 2 * 2 * 4096, "phi-4": 2 * 17920 + 2 * 2 * 5120,
+              "qwen3-30b-a3b": 0, "gemma-2-9b": 0}
     for shape, per_token in remade.items():
         arch = memory.resolve_arch(shape=shape)
         for kernels, saved_less in (("eager", 0), ("fused", per_token)):
@@ -156,7 +157,8 @@ for family in ("llama", "phi3"):
         runs.append((held, grads))
         layer.zero_grad(set_to_none=True)
     (held, grads), (whole_held, whole_grads) = runs
-    out.append(dict(family=family, freed=held - whole_held, hidden=tokens * 352 * 2,
+    # the SwiGLU output [tokens, 352] and the two normed inputs [tokens, 128], in bf16
+    out.append(dict(family=family, freed=held - whole_held, remade=tokens * (352 + 2 * 128) * 2,
                     grads=len(grads), nonzero=sum(bool(g.abs().sum() > 0) for g in grads),
                     equal=all(torch.equal(a, b) for a, b in zip(grads, whole_grads))))
 print(json.dumps(out))
@@ -165,9 +167,9 @@ print(json.dumps(out))
 
 def test_a_whole_layer_remakes_the_swiglu_output_for_down_proj():
     """On the fast path with the fused kernels (Triton's interpreter on the CPU), a layer left
-    whole does not hold its SwiGLU output from forward to backward: it holds exactly that
-    tensor's bytes less, [tokens, intermediate] bf16, and its backward, which remakes it, gives
-    the same input and adapter gradients bit for bit."""
+    whole does not hold its SwiGLU output and its two normed inputs from forward to backward: it
+    holds exactly those tensors' bytes less, and its backward, which remakes them, gives the same
+    input and adapter gradients bit for bit."""
     from pathlib import Path
 
     from test_fused_kernels import interpreted
@@ -175,7 +177,7 @@ def test_a_whole_layer_remakes_the_swiglu_output_for_down_proj():
     results = interpreted(WHOLE_LAYER_CHECK.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
     assert [r["family"] for r in results] == ["llama", "phi3"]
     for r in results:
-        assert r["freed"] == r["hidden"], r
+        assert r["freed"] == r["remade"], r
         assert r["equal"] and r["nonzero"] == r["grads"] > 1, r
 
 
@@ -286,3 +288,42 @@ def test_whole_layers_exclude_offload_and_tiles():
         with pytest.raises(QloraError, match="--keep-activations excludes"):
             memory.PlanConfig(keep_activations=2, **{option: value}).validate()
     assert load_config(None, dict(base, keep_activations="3")).keep_activations == 3
+
+
+def test_the_planner_remakes_only_what_the_runtime_does():
+    """speed/whole_layer.py remakes what the fused kernels make: the normed inputs wherever the
+    fused RMSNorm runs; down_proj's input where the packed SwiGLU kernel does, Phi-3's one
+    gate_up_proj whenever it runs, Llama's gate and up only as one grouped GEMM (both LoRA
+    targets, no DoRA, not sharded by FSDP, which leaves the 4-bit fast path off). Nothing of a
+    mixture of experts' or Gemma's layer."""
+    from qlora.memory.activations import remade_in_whole_layer
+
+    def remade(shape, **changes):
+        cfg = replace(memory.PlanConfig(seq_len=2048, kernels="fused"), **changes)
+        return set(remade_in_whole_layer(memory.resolve_arch(shape=shape), cfg))
+
+    norms = {"attention input (normed)", "MLP input (normed)"}
+    down = {"MLP: down_proj input"}
+    assert remade("llama-3-8b") == remade("llama-3-8b", gpus=2) == norms | down  # DDP: fast path
+    for changes in (dict(targets="q_proj,v_proj,down_proj"), dict(dora=True),
+                    dict(gpus=2, sharding="fsdp")):
+        assert remade("llama-3-8b", **changes) == norms, changes
+    assert remade("llama-3-8b", kernels="eager") == set()
+    assert remade("phi-4", gpus=2, sharding="fsdp") == remade("phi-4") == norms | down
+    assert remade("qwen3-30b-a3b") == remade("gemma-2-9b") == set()
+
+
+def test_advice_gives_the_whole_layers_back_first_and_never_pairs_them_with_offload():
+    """A plan that does not fit with layers left whole: the first advice is to leave none whole;
+    where that is not enough, the other changes come without them (offload and tiles exclude
+    them, and `qlora plan` used to fail offering those)."""
+    arch = memory.resolve_arch(shape="llama-3-8b")
+    gib = 2**30
+    tight = memory.PlanConfig(seq_len=16384, keep_activations=8)
+    (first,) = memory.advise(arch, tight, 24 * gib)
+    assert first.changes == {"keep_activations": False} and first.text == "no --keep-activations"
+    longer = replace(tight, seq_len=65536)
+    advice = memory.advise(arch, longer, 24 * gib)
+    assert advice and all(a.breakdown.cfg.keep_activations is False for a in advice)
+    assert any(a.breakdown.cfg.offload_activations or a.breakdown.cfg.tile_mlp for a in advice)
+    assert all("--keep-activations" in a.text for a in advice if a.changes)

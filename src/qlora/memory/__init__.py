@@ -54,7 +54,8 @@ from qlora.memory.training import check_run, out_of_memory_error, plan_config_fo
 from qlora.models.generic import GenericSpec  # what resolve_arch gives for a non-native model
 
 __all__ = ["CALIBRATED_FAMILIES", "DTYPE_BYTES", "RESERVED_FACTOR", "SHAPES", "Advice", "Breakdown",
-           "GenericSpec", "GiB", "PlanConfig", "activation_layers_that_fit", "advise", "arch_from_config", "attention_layers_that_fit",
+           "GenericSpec", "GiB", "PlanConfig", "activation_layers_that_fit", "advise",
+           "arch_from_config", "attention_layers_that_fit",
            "auto_fit", "check_host_offload", "check_run", "fits", "fits_tightly", "format_table",
            "generic_targets", "least_needed_bytes", "long_context_choice", "loss_chunk_tokens",
            "needed_bytes", "out_of_memory_error", "parse_size", "plan", "plan_config_for_run",

@@ -23,11 +23,28 @@ def whole_layers(arch: ArchSpec, cfg: PlanConfig) -> int:
 
 def whole_layer_bytes_per_token(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float]) -> float:
     """What a layer left whole by keep_activations saves, per token: `terms` (what a layer saves
-    without checkpointing), less down_proj's input where the packed SwiGLU kernel makes it on
-    the fast path of a dense MLP (speed/whole_layer.py remakes it in backward from the gate/up
-    output that the kernel keeps)."""
-    remade = (fast_path(cfg) and not torch_activation(arch, cfg) and arch.moe is None)
-    return sum(terms.values()) - (terms.get("MLP: down_proj input", 0) if remade else 0)
+    without checkpointing), less the ones a whole layer remakes in backward instead of holding
+    (remade_in_whole_layer)."""
+    remade = remade_in_whole_layer(arch, cfg)
+    return sum(v for k, v in terms.items() if k not in remade)
+
+
+def remade_in_whole_layer(arch: ArchSpec, cfg: PlanConfig) -> tuple[str, ...]:
+    """The layer terms speed/whole_layer.py remakes in backward in a layer left whole (a dense
+    block's; a mixture of experts' and Gemma's keep theirs): the normed inputs of attention and
+    of the MLP where the fused RMSNorm makes them, and down_proj's input where the packed SwiGLU
+    kernel does on the fast path."""
+    if arch.moe is not None or arch.model_type in GEMMA_TYPES:
+        return ()
+    remade = () if torch_norms(arch, cfg) else ("attention input (normed)", "MLP input (normed)")
+    # as the runtime runs the packed SwiGLU: Phi-3's one gate_up_proj whenever the fused kernel
+    # runs; Llama's gate and up only grouped (both LoRA targets, no DoRA, not sharded by FSDP)
+    grouped = ({"gate_proj", "up_proj"} <= set(target_names(cfg.targets, arch)) and not cfg.dora
+               and not (cfg.gpus > 1 and cfg.sharding == "fsdp"))
+    if (fast_path(cfg) and not torch_activation(arch, cfg)
+            and ("gate_up_proj" in arch.block_linears() or grouped)):
+        remade += ("MLP: down_proj input",)
+    return remade
 
 
 def layer_activation_terms(arch: ArchSpec, cfg: PlanConfig, dropout_mask_bytes: int = 1) -> dict[str, float]:

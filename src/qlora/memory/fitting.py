@@ -146,9 +146,10 @@ class Advice:
 
 
 # How each knob is spelled on the command line: `qlora plan` and `qlora train`.
-PLAN_OPTIONS = dict(micro_batch="--micro-batch", checkpointing="--checkpointing", seq_len="--seq-len",
+PLAN_OPTIONS = dict(keep_activations="no --keep-activations", micro_batch="--micro-batch",
+                    checkpointing="--checkpointing", seq_len="--seq-len",
                     r="--r", offload_activations="--offload-activations", tile_mlp="--tile-mlp")
-TRAIN_OPTIONS = dict(micro_batch="--micro_batch_size", checkpointing="--gradient_checkpointing true",
+TRAIN_OPTIONS = dict(keep_activations="--keep_activations false", micro_batch="--micro_batch_size", checkpointing="--gradient_checkpointing true",
                      seq_len="--max_seq_length", r="--lora_r",
                      offload_activations="--offload_activations true", tile_mlp="--tile_mlp true")
 
@@ -167,6 +168,15 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
     offload = names.get("offload_activations") is not None
     if fits(plan(arch, cfg), gpu_bytes):
         return []
+    if cfg.keep_activations:
+        # layers left whole spend memory for speed: giving them back comes first, and the other
+        # changes are tried without them (offload and tiles exclude them)
+        lean = replace(cfg, keep_activations=False)
+        first = [Advice(_changes(cfg, lean), _describe(cfg, lean, names), plan(arch, lean))]
+        if fits(first[0].breakdown, gpu_bytes):
+            return first
+        return [Advice(_changes(cfg, a.breakdown.cfg), _describe(cfg, a.breakdown.cfg, names),
+                       a.breakdown) for a in advise(arch, lean, gpu_bytes, names)]
     # MLP tiles are offered where they act: not for a mixture of experts' sparse blocks
     tiles = not cfg.tile_mlp and mlp_tile_tokens(arch, replace(cfg, tile_mlp=True)) is not None
     singles: list[PlanConfig | None] = []
@@ -237,6 +247,8 @@ def _first_halving_that_fits(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, fi
 
 def _describe(cfg: PlanConfig, new: PlanConfig, names: dict = PLAN_OPTIONS) -> str:
     parts = []
+    if new.keep_activations != cfg.keep_activations:
+        parts.append(names["keep_activations"])
     if new.micro_batch != cfg.micro_batch:
         k = cfg.micro_batch // new.micro_batch
         parts.append(f"{names['micro_batch']} {new.micro_batch} (and x{k} gradient accumulation to keep the batch)")

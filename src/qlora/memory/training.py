@@ -217,8 +217,10 @@ def _keep_activations_that_fit(cfg, arch, pc: PlanConfig, gpu_bytes: int, gpu_na
         return dataclasses.replace(cfg, keep_activations=whole), replace(pc, keep_activations=whole)
     if isinstance(arch, GenericSpec):  # no speed layer: the option is ignored, said in the log
         return cfg, pc
-    if whole_layers(arch, pc) and not fits(plan(arch, pc), gpu_bytes):
-        n = activation_layers_that_fit(arch, replace(pc, keep_activations=False), gpu_bytes)
+    lean = replace(pc, keep_activations=False)
+    if whole_layers(arch, pc) and not fits(plan(arch, pc), gpu_bytes) and fits(plan(arch, lean),
+                                                                               gpu_bytes):
+        n = activation_layers_that_fit(arch, lean, gpu_bytes)
         raise QloraError(
             f"this run fits in {gib(gpu_bytes):.1f} GiB ({gpu_name}) only with at most {n} layers "
             f"left whole (keep_activations: {cfg.keep_activations} keeps every activation of "

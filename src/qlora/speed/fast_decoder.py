@@ -58,21 +58,22 @@ from qlora.models.tiling import run_mlp
 from qlora.speed.checkpointing import CheckpointedLayer
 from qlora.speed.kept_attention import AttentionKeptForRerun, KeptAttention
 from qlora.speed.moe import FastExperts, capture_blocker
-from qlora.speed.whole_layer import down_of_swiglu, whole_layer
+from qlora.speed.whole_layer import (add_rms_norm_remade, rms_norm_remade, swiglu_packed_remade,
+                                     whole_layer)
 
 
 class FastRMSNorm(RMSNorm):
     fused = False  # Triton kernel where it runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and use_triton(x):
-            return fused.rms_norm(x, self.weight, self.eps)
+        if self.fused and use_triton(x):  # inside a layer left whole, remade in backward
+            return rms_norm_remade(x, self.weight, self.eps)
         return super().forward(x)
 
     def add_and_norm(self, x, residual):
         if (self.fused and use_triton(x) and residual.dtype == x.dtype
                 and residual.shape == x.shape):
-            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+            return add_rms_norm_remade(x, residual, self.weight, self.eps)
         return super().add_and_norm(x, residual)
 
 
@@ -127,8 +128,8 @@ class FastMLP(MLP):
         if self.grouped and self.fused and use_triton(x):
             # the kernel reads gate and up in place from the one [.., 2·intermediate] output and
             # returns its gradient whole: no copies of the halves, no join in backward
-            return down_of_swiglu(self.down_proj, grouped_forward(
-                x, (self.gate_proj, self.up_proj), packed=True))
+            return self.down_proj(swiglu_packed_remade(grouped_forward(
+                x, (self.gate_proj, self.up_proj), packed=True)))
         if self.grouped:  # column views of one [.., 2·intermediate] output
             gate, up = grouped_forward(x, (self.gate_proj, self.up_proj))
         else:
@@ -338,7 +339,7 @@ class FastPhi3MLP(Phi3MLP):
 
     def forward(self, x):
         if self.fused and use_triton(x):
-            return down_of_swiglu(self.down_proj, self.gate_up_proj(x))
+            return self.down_proj(swiglu_packed_remade(self.gate_up_proj(x)))
         return super().forward(x)
 
 

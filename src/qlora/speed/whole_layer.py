@@ -1,69 +1,99 @@
 """A layer that checkpointing leaves whole (keep_activations): what autograd keeps of it, less
-one tensor that is cheaper to remake than to hold.
+the tensors that are cheaper to remake in backward than to hold from forward.
 
-Autograd keeps the SwiGLU output for down_proj's backward (its LoRA A's weight gradient reads
-it) beside the packed gate/up output that the SwiGLU kernel keeps for its own backward. The
-SwiGLU output is a function of that packed output alone, so inside a whole layer down_proj's saved
-copy is remade from it in backward (one elementwise kernel, ~0.05 ms at Phi-4's [2048, 17920])
-instead of held from forward to backward: [tokens, intermediate] bf16 less a layer (70 MiB at
-Phi-4's 2048 tokens, a quarter of what a whole layer keeps), so more layers fit whole in the same
-memory. A checkpointed layer keeps nothing of its MLP from forward anyway; its rerun's saved
-tensors live only through its own backward.
+Two kinds, each a function of a tensor that its own op keeps for its backward anyway:
+- the normed inputs of attention and of the MLP, which the LoRA products keep for their A's
+  weight gradient: remade by the fused RMSNorm's forward kernel from the input (or the residual
+  sum) that the norm keeps, one row pass each;
+- the SwiGLU output, which down_proj's LoRA products keep: remade by the SwiGLU kernel from the
+  packed gate/up output that the kernel keeps.
+The remade tensors are the saved ones bit for bit (the same kernels on the same inputs). At
+Phi-4's 2048 tokens they are 110 MiB of the 272 a whole layer would keep, so more layers fit
+whole in the same memory; each remake is one elementwise kernel (~0.05 ms there). A checkpointed
+layer keeps nothing of them from forward anyway (its rerun's saved tensors live only through its
+own backward), so none of this runs there.
+
+How: saved-tensor hooks around the whole layer's forward (`whole_layer`). A tensor marked with
+`remade_in_backward` is packed as its remake instead of itself, if autograd saves it while the
+tensor is still referenced (so its storage cannot have been reused by another tensor). Nothing
+may write a marked tensor in place after marking it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections.abc import Callable
 
 import torch
 
 from qlora.kernels import fused
 
-_in_whole_layer = False
+# storage address → (a weak reference to the marked tensor, its remake); None outside a whole layer
+_marked: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] | None = None
 
 
 @contextlib.contextmanager
 def whole_layer():
-    """Around the forward of a layer left out of the checkpoint: its MLP's SwiGLU output is
-    remade in backward (down_of_swiglu)."""
-    global _in_whole_layer
-    before, _in_whole_layer = _in_whole_layer, True
+    """Around the forward of a layer left out of the checkpoint: the tensors marked inside it
+    with `remade_in_backward` are remade in backward when autograd saves them."""
+    global _marked
+    before, _marked = _marked, {}
     try:
-        yield
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
     finally:
-        _in_whole_layer = before
+        _marked = before
 
 
-class _RemadeSwiglu:
-    """What a whole layer's autograd holds in place of a saved SwiGLU output (or a view of it):
-    the packed gate/up output it is made from, and the view's geometry."""
+def remade_in_backward(out: torch.Tensor, remake: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`out`, marked inside a whole layer so that autograd keeps `remake` (which must give `out`
+    bit for bit, from tensors kept anyway) instead of `out`; outside one, `out` unmarked."""
+    if _marked is not None and torch.is_grad_enabled() and out.numel():
+        _marked[out.untyped_storage().data_ptr()] = (weakref.ref(out), remake)
+    return out
 
-    def __init__(self, packed: torch.Tensor, saved: torch.Tensor):
-        self.packed = packed
+
+class _Remade:
+    """What autograd holds in place of a marked tensor (or a view of it): its remake and the
+    view's geometry."""
+
+    def __init__(self, remake: Callable[[], torch.Tensor], saved: torch.Tensor):
+        self.remake = remake
         self.geometry = (saved.shape, saved.stride(), saved.storage_offset())
 
-    def remake(self) -> torch.Tensor:
+    def __call__(self) -> torch.Tensor:
         with torch.no_grad():
-            hidden = fused.swiglu_packed(self.packed)
-        return hidden.as_strided(*self.geometry)
+            return self.remake().as_strided(*self.geometry)
 
 
-def down_of_swiglu(down_proj, packed: torch.Tensor) -> torch.Tensor:
-    """down_proj(swiglu_packed(packed)); inside a whole layer, the SwiGLU output that down_proj's
-    backward reads is not saved but remade from `packed`, which the SwiGLU kernel saves for its
-    own backward (the same tensor: holding it here adds nothing)."""
-    hidden = fused.swiglu_packed(packed)
-    if not _in_whole_layer or not torch.is_grad_enabled():
-        return down_proj(hidden)
-    storage = hidden.untyped_storage().data_ptr()
+def _pack(t: torch.Tensor):
+    entry = _marked.get(t.untyped_storage().data_ptr()) if _marked else None
+    if entry is not None and entry[0]() is not None:  # still referenced: its storage, not reused
+        return _Remade(entry[1], t)
+    return t
 
-    def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() == storage:
-            return _RemadeSwiglu(packed, t)
-        return t
 
-    def unpack(held):
-        return held.remake() if isinstance(held, _RemadeSwiglu) else held
+def _unpack(held):
+    return held() if isinstance(held, _Remade) else held
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return down_proj(hidden)
+
+def rms_norm_remade(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fused.rms_norm, its output remade in backward inside a whole layer (the norm keeps x)."""
+    return remade_in_backward(fused.rms_norm(x, weight, eps),
+                              lambda: fused.rms_norm(x, weight, eps))
+
+
+def add_rms_norm_remade(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused.add_rms_norm, its normed output remade in backward inside a whole layer from the sum
+    the norm keeps (the kernel rounds the sum to x's dtype before the norm, as rms_norm reads
+    it: the same bits)."""
+    total, normed = fused.add_rms_norm(x, residual, weight, eps)
+    return total, remade_in_backward(normed, lambda: fused.rms_norm(total, weight, eps))
+
+
+def swiglu_packed_remade(packed: torch.Tensor) -> torch.Tensor:
+    """fused.swiglu_packed, its output remade in backward inside a whole layer from `packed`,
+    which the kernel keeps."""
+    return remade_in_backward(fused.swiglu_packed(packed), lambda: fused.swiglu_packed(packed))
