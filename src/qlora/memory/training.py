@@ -213,7 +213,9 @@ def _keep_activations_that_fit(cfg, arch, pc: PlanConfig, gpu_bytes: int, gpu_na
             which = "every layer" if whole is True else f"the last {n} of {arch.num_layers} layers"
             log(f"keep_activations: {'on' if whole is True else n} ({which} not checkpointed: "
                 "every activation kept for backward, no rerun; as many layers as the memory plan "
-                "fits; keep_activations: false turns it off)")
+                "fits; keep_activations: false turns it off)"
+                + ("; keep_attention then keeps nothing: no layer is rerun"
+                   if whole is True and pc.keep_attention else ""))
         return dataclasses.replace(cfg, keep_activations=whole), replace(pc, keep_activations=whole)
     if isinstance(arch, GenericSpec):  # no speed layer: the option is ignored, said in the log
         return cfg, pc
@@ -261,9 +263,11 @@ def out_of_memory_error(cfg, device, err: BaseException, checkpoint=None, dtype=
                      + f"; to need at most {gib(budget):.1f} GiB, change one of:")
         if pc.keep_activations:  # the first things to give back: speed, not the run's settings
             freed = need - needed_bytes(plan(arch, replace(pc, keep_activations=False)))
-            lines.append(f"  keep_activations: false (~{gib(freed):.1f} GiB less: every layer "
-                         "checkpointed)")
-            need, pc = need - freed, replace(pc, keep_activations=False)
+            if freed > 0:  # the first whole layer can cost nothing at the peak
+                lines.append(f"  keep_activations: false (~{gib(freed):.1f} GiB less: every "
+                             "layer checkpointed)")
+                need -= freed
+            pc = replace(pc, keep_activations=False)
         if pc.keep_attention:
             freed = need - needed_bytes(plan(arch, replace(pc, keep_attention=False)))
             lines.append(f"  keep_attention: false (~{gib(freed):.1f} GiB less: attention is "
