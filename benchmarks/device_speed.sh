@@ -62,6 +62,9 @@
 #                 compiled (its failure recorded beside; the deadline cuts it first). Its own call:
 #                 families has no room left. About 6 minutes (checkpoint ~30 s, qlora ~70 s, each
 #                 Unsloth ~45 s to load, then its compile or its eager steps).
+#   phi4-keepacts Phi-4 at seq 2048 beside both peers: qlora, then qlora with its last N layers
+#                 left out of the checkpoint (N from the environment, default 26: the most whose
+#                 plan stays under the seeds' stack's measured 15.63 GiB), Unsloth, hf. ~5 minutes.
 #   dpo           a DPO step (preference_step.py): prompt 512 + completions of 512, 4 pairs, reference
 #                 = adapters off; qlora (pairs packed into one row, CUDA graphs), TRL's DPOTrainer on
 #                 the seeds' stack, Unsloth's PatchDPOTrainer at Llama-3-8B and Qwen2.5-1.5B (Qwen:
@@ -108,7 +111,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|dpo|orpo|dpo-8b|orpo-8b|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|phi4-keepacts|dpo|orpo|dpo-8b|orpo-8b|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -259,6 +262,11 @@ families)  # qlora first: a system the deadline cuts is the last one of its shap
   # the generic path loads through transformers (~20 s for 1.6B) and runs eager: 60 s was too short
   step 120 generic-stablelm-2048 $PY "$HERE/train_step.py" --shapes stablelm-2-1.6b --seqs 2048 \
     --systems qlora,hf --no-qlora-ckpt-off --steps 10 --warmup 3 --out "$OUT/generic" --deadline 115
+  ;;
+phi4-keepacts)
+  step 470 phi4-keepacts $PY "$HERE/train_step.py" --shapes phi-4 --seqs 2048 \
+    --systems qlora,qlora-keepacts,unsloth,hf --keep-activations "${N:-26}" --no-qlora-ckpt-off \
+    --steps 8 --warmup 3 --deadline 460 --out "$OUT/phi4-keepacts"
   ;;
 families-gemma-unsloth)  # qlora first, Unsloth compiled last: the deadline cuts it before the fallback
   step 420 gemma2-9b-unsloth-2048 $PY "$HERE/train_step.py" --shapes gemma-2-9b --seqs 2048 \

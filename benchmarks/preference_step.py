@@ -397,7 +397,9 @@ def setup_qlora(model_dir: str, args, padded: bool, graphs: bool = True,
     model.train()
     # train_step.py's `qlora` plan (cuda_graphs: the Stepper's runner, made in QloraStep)
     plan = SpeedPlan(fused_kernels=True, fast_base=fast, grouped=fast,
-                     keep_attention=args.keep_attention and checkpointing, seeded_dropout=True,
+                     keep_attention=args.keep_attention and checkpointing,
+                     keep_activations=args.keep_activations if checkpointing else False,
+                     seeded_dropout=True,
                      embedding_on_host=fast, cuda_graphs=graphs)
     applied = apply_speed(model, plan)
     packed = not padded and packs_with_varlen(model, torch.device(args.device))
@@ -505,6 +507,9 @@ def parse_args(argv=None):
     ap.add_argument("--hf-attn", default="sdpa", help="attn_implementation for trl")
     ap.add_argument("--keep-attention", type=ts._keep_attention, default=True,
                     help="layers whose attention qlora keeps for backward: all or the last N")
+    ap.add_argument("--keep-activations", type=int, default=0,
+                    help="qlora with checkpointing: the last N layers not checkpointed (every "
+                         "activation kept, no rerun; qlora train's keep_activations)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/dpo")
     ap.add_argument("--model-root", default=None, help="where the random checkpoints go (default: a tmp dir)")
@@ -522,7 +527,8 @@ def parse_args(argv=None):
 
 def _child_argv(args, **kw) -> list[str]:
     keep = ["pairs", "prompt", "completion", "steps", "warmup", "method", "beta", "lora_r", "lora_alpha",
-            "lora_dropout", "lr", "max_grad_norm", "seed", "data_vocab", "hf_attn", "device"]
+            "lora_dropout", "lr", "max_grad_norm", "seed", "data_vocab", "hf_attn", "device",
+            "keep_activations"]
     return ts.worker_argv(__file__, args, keep, **kw) + (["--ragged"] if args.ragged else [])
 
 
