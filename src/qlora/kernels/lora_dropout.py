@@ -50,8 +50,11 @@ WARPS = 4
 
 def fused_applies(x: torch.Tensor, n: int, r: int) -> bool:
     """Whether the Triton kernels take this product (else the torch composition does)."""
-    # fp32 only under the interpreter (the tests): on a GPU tl.dot would take it as tf32
-    dtypes = (torch.bfloat16, torch.float16) + ((torch.float32,) if x.device.type == "cpu" else ())
+    # fp32 only under the interpreter (the tests): on a GPU tl.dot would take it as tf32; bf16
+    # on the GPU only: the interpreter's tl.dot multiplies bf16's raw bits (its H came out ~1e11
+    # where the composition's is ~1), so there the composition computes it
+    dtypes = ((torch.float16, torch.float32) if x.device.type == "cpu"
+              else (torch.bfloat16, torch.float16))
     return use_triton(x) and n <= MAX_ADAPTERS and r <= MAX_RANK and x.dtype in dtypes
 
 
