@@ -326,3 +326,6 @@ def test_advice_gives_the_whole_layers_back_first_and_never_pairs_them_with_offl
     assert advice and all(a.breakdown.cfg.keep_activations is False for a in advice)
     assert any(a.breakdown.cfg.offload_activations or a.breakdown.cfg.tile_mlp for a in advice)
     assert all("--keep-activations" in a.text for a in advice if a.changes)
+    # where nothing fits, the verdict stays one (no changes), not advice to follow
+    (verdict,) = memory.advise(arch, tight, 4 * gib)
+    assert verdict.changes == {} and verdict.text.startswith("does not fit even")

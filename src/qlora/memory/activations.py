@@ -9,16 +9,7 @@ from qlora.memory.attention import (capped_attention_bytes_per_token, capped_sco
                                     repeats_kv_heads)
 from qlora.memory.settings import (MLP_LINEARS, PlanConfig, expert_targets, fast_path, step_tokens,
                                    target_names, torch_activation, torch_norms)
-from qlora.models.spec import GEMMA_TYPES, ArchSpec, last_layers
-
-
-def whole_layers(arch: ArchSpec, cfg: PlanConfig) -> int:
-    """Layers that checkpointing leaves whole under keep_activations (the last N): every
-    activation kept for backward, no rerun. Without checkpointing every layer is whole; this
-    counts only the ones keep_activations takes out of the checkpoint."""
-    if not cfg.checkpointing:
-        return 0
-    return last_layers(cfg.keep_activations, arch.num_layers, "keep_activations")
+from qlora.models.spec import GEMMA_TYPES, ArchSpec
 
 
 def whole_layer_bytes_per_token(arch: ArchSpec, cfg: PlanConfig, terms: dict[str, float]) -> float:

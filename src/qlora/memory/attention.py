@@ -4,7 +4,7 @@ attention's backward makes while it runs."""
 
 from __future__ import annotations
 
-from qlora.memory.settings import PlanConfig, key_tokens, step_tokens
+from qlora.memory.settings import PlanConfig, key_tokens, step_tokens, whole_layers
 from qlora.models.families import FAMILIES
 from qlora.models.generic import GenericSpec
 from qlora.models.spec import GEMMA_TYPES, ArchSpec, last_layers
@@ -89,8 +89,7 @@ def kept_attention_layers(arch: ArchSpec | GenericSpec, cfg: PlanConfig) -> int:
     leaves whole (the last ones: autograd keeps their attention anyway)."""
     if not keeps_attention(arch, cfg) or not cfg.checkpointing:
         return 0
-    whole = last_layers(cfg.keep_activations, arch.num_layers, "keep_activations")
-    return max(0, last_layers(cfg.keep_attention, arch.num_layers) - whole)
+    return max(0, last_layers(cfg.keep_attention, arch.num_layers) - whole_layers(arch, cfg))
 
 
 def attention_backward_bytes_per_token(arch: ArchSpec, cfg: PlanConfig) -> int:

@@ -149,7 +149,8 @@ class Advice:
 PLAN_OPTIONS = dict(keep_activations="no --keep-activations", micro_batch="--micro-batch",
                     checkpointing="--checkpointing", seq_len="--seq-len",
                     r="--r", offload_activations="--offload-activations", tile_mlp="--tile-mlp")
-TRAIN_OPTIONS = dict(keep_activations="--keep_activations false", micro_batch="--micro_batch_size", checkpointing="--gradient_checkpointing true",
+TRAIN_OPTIONS = dict(keep_activations="--keep_activations false", micro_batch="--micro_batch_size",
+                     checkpointing="--gradient_checkpointing true",
                      seq_len="--max_seq_length", r="--lora_r",
                      offload_activations="--offload_activations true", tile_mlp="--tile_mlp true")
 
@@ -175,8 +176,10 @@ def advise(arch: ArchSpec, cfg: PlanConfig, gpu_bytes: int, names: dict = PLAN_O
         first = [Advice(_changes(cfg, lean), _describe(cfg, lean, names), plan(arch, lean))]
         if fits(first[0].breakdown, gpu_bytes):
             return first
+        # each relative to the run as asked; a verdict that nothing fits stays one
         return [Advice(_changes(cfg, a.breakdown.cfg), _describe(cfg, a.breakdown.cfg, names),
-                       a.breakdown) for a in advise(arch, lean, gpu_bytes, names)]
+                       a.breakdown) if a.changes else a
+                for a in advise(arch, lean, gpu_bytes, names)]
     # MLP tiles are offered where they act: not for a mixture of experts' sparse blocks
     tiles = not cfg.tile_mlp and mlp_tile_tokens(arch, replace(cfg, tile_mlp=True)) is not None
     singles: list[PlanConfig | None] = []

@@ -9,7 +9,7 @@ from qlora.errors import QloraError
 from qlora.methods import METHODS, check_precomputed_reference, method_module
 from qlora.models.families.moe_config import EXPERT_PROJECTIONS
 from qlora.models.spec import KNOWN_BLOCK_LINEARS as PROJECTIONS  # every family's, in layer order
-from qlora.models.spec import GEMMA_TYPES, ArchSpec
+from qlora.models.spec import GEMMA_TYPES, ArchSpec, last_layers
 from qlora.quant import FOUR_BIT_METHODS, QUANT_METHODS
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
@@ -187,6 +187,15 @@ def key_tokens(cfg: PlanConfig) -> int:
     its prompt's keys gathered before its own (models/attention; tests/test_preference.py::
     test_packed_rows_keep_what_the_planner_counts_of_their_attention)."""
     return cfg.seq_len * cfg.micro_batch * (2 if pair_method(cfg) else 1)
+
+
+def whole_layers(arch: ArchSpec, cfg: PlanConfig) -> int:
+    """Layers that checkpointing leaves whole under keep_activations (the last N): every
+    activation kept for backward, no rerun. Without checkpointing every layer is whole; this
+    counts only the ones keep_activations takes out of the checkpoint."""
+    if not cfg.checkpointing:
+        return 0
+    return last_layers(cfg.keep_activations, arch.num_layers, "keep_activations")
 
 
 def fast_path(cfg: PlanConfig) -> bool:

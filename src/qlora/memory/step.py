@@ -15,8 +15,7 @@ from dataclasses import dataclass, replace
 from qlora.errors import QloraError
 from qlora.memory.activations import (backward_working_bytes_per_token, layer_activation_terms,
                                       mlp_side_bytes_per_token, mlp_tile_tokens, rerun_terms,
-                                      split_mlp_terms, whole_layer_bytes_per_token,
-                                      whole_layers)
+                                      split_mlp_terms, whole_layer_bytes_per_token)
 from qlora.memory.attention import (attention_backward_bytes_per_token, attention_softcap,
                                     capped_scores_in_torch, gathered_key_bytes,
                                     kept_attention_layer_bytes, kept_attention_layers,
@@ -28,7 +27,7 @@ from qlora.memory.loss import loss_peak_bytes
 from qlora.memory.preference import reference_moment_bytes
 from qlora.memory.settings import (DTYPE_BYTES, EXPERT_TARGETS, MLP_LINEARS, PlanConfig,
                                    expert_targets, fast_path, step_tokens, target_names,
-                                   torch_norms)
+                                   torch_norms, whole_layers)
 from qlora.memory.sizes import CUBLAS_WORKSPACE_BYTES, alloc, gib
 from qlora.memory.weights import (adapter_tensors, expert_part_elements, expert_stack_bytes,
                                   layer_weight_terms, optimizer_state_bytes,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from qlora.errors import QloraError
-from qlora.memory.activations import mlp_tile_tokens, whole_layers
+from qlora.memory.activations import mlp_tile_tokens
 from qlora.memory.arch import resolve_arch
 from qlora.memory.attention import kept_attention_layer_bytes, kept_attention_layers
 from qlora.memory.breakdown import fits, fits_tightly, needed_bytes, tight_fit_line
@@ -15,7 +15,7 @@ from qlora.memory.fitting import (TRAIN_OPTIONS, activation_layers_that_fit, adv
                                   attention_layers_that_fit, auto_fit, long_context_choice,
                                   micro_batch_dividing)
 from qlora.memory.host import check_host_offload, host_offload_bytes
-from qlora.memory.settings import EXPERT_TARGETS, PlanConfig
+from qlora.memory.settings import EXPERT_TARGETS, PlanConfig, whole_layers
 from qlora.memory.sizes import GiB, gib, parse_size
 from qlora.memory.step import plan
 from qlora.methods import method_module
