@@ -35,7 +35,7 @@
 #                 the stack dequantize at real shapes, whole and in parts), then Qwen3-30B-A3B at
 #                 seq 2048 under a 22.35 GiB cap (a 24 GB card), graphed (qlora) and eager
 #                 (qlora-eager). About 6 minutes.
-#   moe-peers     (OUTDIR then SYSTEMS; LIMIT, WORKER_TIMEOUT, STEPS, WARMUP, CAP, CKPT_OFF from the environment)
+#   moe-peers     (OUTDIR then SYSTEMS; LIMIT, WORKER_TIMEOUT, STEPS, WARMUP, CAP, CKPT_OFF, SHAPE from the environment)
 #                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
 #                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
 #                 written by the first call and read by the next ones while the machine stays warm
@@ -225,14 +225,16 @@ moe-peers)
   # from the environment: LIMIT (default 570; up to ~585 leaves the preamble and timeout's 5 s
   # grace inside a 600 s call), WORKER_TIMEOUT (400: one hung system leaves the others time),
   # STEPS/WARMUP (6/2), CAP (GiB, none by default: the seeds' stack keeps the experts in bf16),
-  # CKPT_OFF=1 (qlora's systems also without checkpointing, what --auto_fit picks where it fits).
+  # CKPT_OFF=1 (qlora's systems also without checkpointing, what --auto_fit picks where it fits),
+  # SHAPE (qwen3-30b-a3b; qwen3-30b-a3b-24-layers: its first 24 layers, which the seeds' stack fits
+  # on an 80 GB card, 30 GB of checkpoint).
   # qlora,unsloth needs LIMIT >= 330: the checkpoint's writing took 71-85 s and Unsloth's load
   # 41-74 s (2026-12-07); at LIMIT=300 the 14:06 run cut Unsloth before its first step
   LIMIT=${LIMIT:-570}
   WORKER_TIMEOUT=${WORKER_TIMEOUT:-400}
   CKPT_FLAG=--no-qlora-ckpt-off
   [ "${CKPT_OFF:-0}" = 1 ] && CKPT_FLAG=--qlora-ckpt-off
-  step "$LIMIT" qwen3-moe-peers $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+  step "$LIMIT" qwen3-moe-peers $PY "$HERE/train_step.py" --shapes "${SHAPE:-qwen3-30b-a3b}" --seqs 2048 \
     --systems "${3:-qlora,hf}" ${CAP:+--memory-cap-gib "$CAP"} --keep-attention 0 $CKPT_FLAG \
     --steps "${STEPS:-6}" --warmup "${WARMUP:-2}" --no-gpu-busy --model-root /dev/shm/models \
     --worker-timeout "$WORKER_TIMEOUT" --deadline $((LIMIT - 5)) --out "$OUT/qwen3-moe-peers"
