@@ -17,6 +17,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from conftest import LLAMA3_ROPE  # noqa: E402
 from qlora.errors import QloraError  # noqa: E402
 from qlora.export.gguf import export_gguf, permute_rope, unpermute_rope  # noqa: E402
 from qlora.tiny import build_tiny_model  # noqa: E402
@@ -272,6 +273,34 @@ def test_yarn_rope_is_written_as_llama_cpp_reads_it(tmp_path):
     with pytest.raises(QloraError, match=r"yarn's mscale: 1.0, mscale_all_dim: 0.5 has no GGUF"):
         export_gguf(model, tmp_path / "refused.gguf", "f16")
     assert not (tmp_path / "refused.gguf").exists()
+
+
+def test_llama3_rope_factors_give_transformers_frequencies(tmp_path):
+    """Llama 3.x rope scaling: llama.cpp divides each base frequency theta^(-2i/d) by
+    rope_freqs[i], so those quotients must be transformers' own llama3 inv_freq. With head_dim 64
+    and an original context of 64, frequencies fall in all three bands (3 kept, 3 blended, the
+    rest divided by the factor). A model without llama3 scaling stores no rope_freqs."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = build_tiny_model(tmp_path / "llama3", "llama", **SIZES, rope_parameters=LLAMA3_ROPE)
+    reader = gguf.GGUFReader(str(export_gguf(model, tmp_path / "llama3.gguf", "f16")))
+    (freqs,) = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    assert freqs.tensor_type == T.F32
+    factors = np.array(freqs.data, np.float64)
+    head_dim = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+    assert factors.shape == (head_dim // 2,)
+    assert (factors == 1).sum() == 3 and (factors == 8).sum() == head_dim // 2 - 6
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(model), "cpu")
+    base = LLAMA3_ROPE["rope_theta"] ** (-np.arange(0, head_dim, 2) / head_dim)
+    # both sides fp32 (transformers' inv_freq, our stored factors): a few roundings, rel 1e-6
+    np.testing.assert_allclose(base / factors, want.double().numpy(), rtol=1e-6, atol=0)
+
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]}
+    (model / "config.json").write_text(json.dumps(config))
+    plain = gguf.GGUFReader(str(export_gguf(model, tmp_path / "plain.gguf", "f16")))
+    assert "rope_freqs.weight" not in {t.name for t in plain.tensors}
 
 
 def test_bad_inputs(models, tmp_path):

@@ -21,6 +21,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import fp32_bnb_reference
 from qlora.adapters import AdapterConfig, LoraLinear, attach_adapters, load_adapter, save_adapter
@@ -363,7 +364,8 @@ def test_all_linear_is_peft_s(models, model_type):
 
 
 @pytest.mark.parametrize("model_type,quant", [("gpt2", "none"), ("gpt2", "nf4"),
-                                              ("gemma", "none")])
+                                              ("gemma", "none"), ("olmo", "none"),
+                                              ("granite", "none")])
 def test_saved_adapter_loads_in_peft_and_peft_s_loads_here(models, tmp_path, model_type, quant):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -430,13 +432,16 @@ def test_packed_rows_equal_documents_one_by_one(models, model_type):
     torch.testing.assert_close(packed, sum(separate), rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_that_lets_documents_meet_trains_on_padded_rows(tmp_path):
+def test_a_model_that_lets_documents_meet_trains_on_padded_rows(data, tmp_path):
     """Mamba's forward takes no position ids, and its state runs along the whole row: packing
-    would let a document see the one before. The probe says so; evaluation pads instead."""
+    would let a document see the one before. The probe says so; evaluation pads instead, and
+    training (packing on, the default) turns packing off, saying so and why."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from qlora.config import load_config
     from qlora.eval import loss_sums
     from qlora.tiny import build_tokenizer
+    from qlora.train import train
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("mamba", hidden_size=32, state_size=8, num_hidden_layers=2,
@@ -451,6 +456,50 @@ def test_a_model_that_lets_documents_meet_trains_on_padded_rows(tmp_path):
     alone = [float(model(torch.tensor([d["input_ids"]]), labels=torch.tensor([d["labels"]])))
              for d in docs]
     assert n == 8 + 5 and total == pytest.approx(sum(alone), rel=1e-5)
+
+    lines = []
+    result = train(load_config(None, dict(
+        model=str(tmp_path / "mamba"), data=str(data), output_dir=str(tmp_path / "run"),
+        max_steps=1, micro_batch_size=2, device="cpu", max_seq_length=32, quant="nf4",
+        optim="adamw_torch")), log=lines.append, progress=False)
+    assert result.global_step == 1
+    said = [ln for ln in lines if ln.startswith("packing off: ")]
+    assert len(said) == 1, lines
+    assert "would let packed documents see each other" in said[0]
+    assert "each row holds one example, padded" in said[0]
+    assert any("dt_proj, out_proj, x_proj: this mamba model reads their weights itself" in ln
+               for ln in lines), lines
+
+
+def test_mamba_keeps_the_layers_it_reads_the_weight_of_whole_and_unadapted(tmp_path):
+    """transformers' Mamba mixer reads x_proj's, dt_proj's and out_proj's weight itself (its
+    torch path multiplies by dt_proj.weight): a 4-bit weight there is packed bytes (the step
+    failed with a shape error), an adapter there skipped. They load in the compute dtype, bit
+    for bit the checkpoint's; all-linear leaves them out, naming one is refused."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.tiny import build_tokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mamba", hidden_size=32, state_size=8, num_hidden_layers=2,
+                                  vocab_size=128, expand=2, conv_kernel=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "mamba"))
+    build_tokenizer(tmp_path / "mamba")
+    model = load_model(tmp_path / "mamba", QuantConfig(method="nf4", compute_dtype=FP32))
+    saved = load_file(str(tmp_path / "mamba" / "model.safetensors"))
+    mixer = model.hf.backbone.layers[1].mixer
+    for leaf in ("x_proj", "dt_proj", "out_proj"):
+        layer = getattr(mixer, leaf)
+        assert type(layer) is nn.Linear
+        assert torch.equal(layer.weight, saved[f"backbone.layers.1.mixer.{leaf}.weight"])
+    assert type(mixer.in_proj) is not nn.Linear  # bitsandbytes' 4-bit layer
+    wrapped = attach_adapters(model, AdapterConfig(r=4, alpha=8))
+    assert sorted({n.rsplit(".", 1)[-1] for n in wrapped}) == ["in_proj"]
+    assert model(tokens(6, 1)).isfinite().all()
+    with pytest.raises(QloraError, match=r"\['dt_proj'\].*reads their weights itself"):
+        attach_adapters(load_model(tmp_path / "mamba", NONE),
+                        AdapterConfig(r=4, alpha=8, target_modules=["in_proj", "dt_proj"]))
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma"])

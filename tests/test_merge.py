@@ -14,9 +14,12 @@ import json
 import pytest
 import torch
 
+from conftest import VARIANTS, reference_attention
 from qlora.errors import QloraError
 from qlora.merge import merge_adapter
 from qlora.tiny import build_tiny_model
+from test_moe import MOE_VARIANTS
+from test_phi3 import PHI3_VARIANTS, randomize_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -100,6 +103,75 @@ def test_merged_logits_match_peft_on_each_dense_family(tmp_path, family):
     base_logits, want = _peft_logits(model, adapter)
     assert (want - base_logits).abs().max() > 100 * 1e-4
     torch.testing.assert_close(_logits(out), want, rtol=1e-4, atol=1e-5)
+
+
+# the tiny models test_gemma.py, test_phi3.py and test_moe.py build: model_type, config overrides
+MERGE_FAMILIES = {"gemma2": VARIANTS["gemma2"], "gemma3": VARIANTS["gemma3"],
+                  "phi3": ("phi3", PHI3_VARIANTS["phi3"]), "mixtral": MOE_VARIANTS["mixtral"],
+                  "qwen3_moe": MOE_VARIANTS["qwen3-moe"]}  # qwen3_moe: a dense layer beside
+
+
+@pytest.mark.parametrize("family", list(MERGE_FAMILIES))
+def test_merge_equals_peft_merge_and_unload(tmp_path, family):
+    """Our adapter (saved in PEFT's format by save_adapter, B random so the fold matters) merged
+    by merge_adapter (`qlora merge`'s function, fp32) against PeftModel.merge_and_unload() on
+    the fp32 base: every tensor of the state dict as transformers names it (a mixture of
+    experts' stacked experts.gate_up_proj / down_proj) and the logits of each model.
+
+    Bounds. Weights: both sides compute W + s·(B @ A) in fp32, in possibly another order (PEFT
+    scales B @ A before adding; per expert or over the stacked experts). Each element is W plus
+    r = 4 products, scaled and added: some r + 2 roundings of 6e-8 (fp32's unit roundoff) of
+    values at most max|W'|, so <= ~4e-7 of the tensor's largest; 1e-5 of it is 25x that. A scale
+    off by 1% moves each folded weight by 1% of s·B·A, which is near W's size here: 3e-3 to
+    6e-3 of the tensor's largest (measured), 300x the bound. Logits: the same transformers
+    forward (same attention, for Gemma 2 the eager one with its score cap) over weights that
+    differ by <= 4e-7 relative; two layers grow that by no more than a few times, so rel <= 1e-5
+    (max |a - b| / max |a|) holds with room, while the adapter itself moves the logits by more
+    than 100x the bound (asserted).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from qlora.adapters import AdapterConfig, attach_adapters, save_adapter
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    model_type, overrides = MERGE_FAMILIES[family]
+    path = build_tiny_model(tmp_path / family, model_type, **overrides)
+    ours = load_model(path, QuantConfig(method="none", compute_dtype=torch.float32))
+    # dropout 0: PEFT's LoRA on expert parameters refuses any other
+    attach_adapters(ours, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    randomize_adapters(ours, seed=4)  # B from zero to ~0.05: s·B·A about W's size
+    save_adapter(ours, tmp_path / "adapter", str(path))
+    del ours
+    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+
+    kwargs = {"dtype": torch.float32, **reference_attention(path)}
+    base = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    with torch.no_grad():
+        base_logits = base(_ids()).logits
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}  # merge_and_unload is in place
+    want = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload()
+    got, info = AutoModelForCausalLM.from_pretrained(str(merged), output_loading_info=True,
+                                                     **kwargs)
+    assert not any(info.values()), info  # every tensor read from our checkpoint, none made up
+
+    want_sd, got_sd = want.state_dict(), got.state_dict()
+    assert sorted(got_sd) == sorted(want_sd)
+    assert not any("lora" in k or "base_layer" in k for k in want_sd)  # PEFT unloaded it all
+    for key, w in want_sd.items():
+        err = float((got_sd[key] - w).abs().max())
+        assert err <= 1e-5 * float(w.abs().max()), (key, err, float(w.abs().max()))
+    # both changed the same tensors, the experts' among them (the adapter reached them)
+    changed = {k for k, w in want_sd.items() if not torch.equal(w, base_sd[k])}
+    assert changed == {k for k, w in got_sd.items() if not torch.equal(w, base_sd[k])}
+    assert ("experts.gate_up_proj" in " ".join(changed)) == (family in ("mixtral", "qwen3_moe"))
+    with torch.no_grad():
+        want_logits = want.eval()(_ids()).logits
+        got_logits = got.eval()(_ids()).logits
+    scale = float(want_logits.abs().max())
+    assert float((want_logits - base_logits).abs().max()) > 100 * 1e-5 * scale
+    err = float((got_logits - want_logits).abs().max())
+    assert err <= 1e-5 * scale, (err, scale)
 
 
 def test_bf16_output_is_sharded_and_complete(tiny, tmp_path):

@@ -194,6 +194,8 @@ def bnb_reference_with_our_experts(path, ours, quant_type: str, double_quant: bo
 
 
 @pytest.mark.parametrize("variant,quant_type,double_quant", [("mixtral", "nf4", True),
+                                                             ("mixtral", "fp4", False),
+                                                             ("qwen3-moe", "nf4", True),
                                                              ("qwen3-moe", "fp4", False)])
 def test_4bit_bytes_and_logits_match_bitsandbytes(moe_models, variant, quant_type, double_quant):
     import bitsandbytes as bnb

@@ -401,13 +401,19 @@ def _block_linears(model: nn.Module):
 def _generic_target_names(model: GenericLM, target_modules: str | list[str]) -> list[str]:
     """A name in target_modules matches a layer whose path is it or ends in "." + it, as PEFT
     matches (`c_attn`, `mlp.c_proj`, `model.layers.0.self_attn.q_proj`)."""
-    linears = [layer.name for layer in model.spec.linears
-               if not isinstance(model.get_submodule(layer.name), LoraLinear)]
-    if target_modules == "all-linear":
-        return linears
-
     def matches(name: str, target: str) -> bool:
         return name == target or name.endswith("." + target)
+
+    read = [layer.name for layer in model.spec.linears if layer.weight_read_by_model]
+    linears = [layer.name for layer in model.spec.linears if layer.name not in read
+               and not isinstance(model.get_submodule(layer.name), LoraLinear)]
+    if target_modules == "all-linear":
+        return linears
+    refused = sorted({t for t in target_modules if any(matches(n, t) for n in read)})
+    if refused:
+        raise QloraError(f"target_modules {refused}: this {model.spec.model_type} model reads "
+                         "their weights itself, not through the layer, so an adapter there would "
+                         "be skipped; leave them out (all-linear does)")
 
     missing = [t for t in target_modules if not any(matches(n, t) for n in linears)]
     if missing:

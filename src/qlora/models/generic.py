@@ -60,6 +60,20 @@ from qlora.models.weights import (check_nothing_missing, open_shard, read_tensor
 # A config without max_position_embeddings (a recurrent model) sets no context limit
 NO_CONTEXT_LIMIT = 2**31 - 1
 
+# Linear layers whose weight the model's forward reads itself instead of calling the layer, by
+# model type (transformers 5.17): Mamba's mixer hands x_proj's, dt_proj's and out_proj's weights
+# to its fused kernels and multiplies by dt_proj.weight in its torch path; Mamba-2's and the
+# hybrids' mixers hand out_proj's to theirs. A 4-bit weight there is read as packed bytes and an
+# adapter is skipped (or, wrapped, has no weight to read), so these stay in the compute dtype,
+# unadapted. PEFT refuses out_proj on the same model types.
+WEIGHT_READ_BY_MODEL = {
+    "mamba": ("x_proj", "dt_proj", "out_proj"),
+    "falcon_mamba": ("x_proj", "dt_proj", "out_proj"),
+    "mamba2": ("out_proj",),
+    "falcon_h1": ("out_proj",),
+    "nemotron_h": ("out_proj",),
+}
+
 
 class LinearLayer(NamedTuple):
     """One linear layer of a generic model, as the checkpoint and transformers have it."""
@@ -69,6 +83,9 @@ class LinearLayer(NamedTuple):
     bias: bool
     transposed: bool  # a Conv1D: its weight is stored [in, out]
     quantized: bool  # a plain nn.Linear or a Conv1D, so bitsandbytes' layer computes the same
+    # the model's own forward reads this layer's weight, not its output (WEIGHT_READ_BY_MODEL):
+    # kept in the compute dtype and never adapted
+    weight_read_by_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,7 @@ def linear_layers(hf) -> tuple[LinearLayer, ...]:
     kept_wide = tuple(m.removesuffix(".weight") for m in (
         *(getattr(hf, "_keep_in_fp32_modules", None) or ()),
         *(getattr(hf, "_keep_in_fp32_modules_strict", None) or ())))
+    read_by_model = WEIGHT_READ_BY_MODEL.get(getattr(hf.config, "model_type", None), ())
     layers = []
     for name, module in hf.named_modules():
         if module is head or not isinstance(module, (nn.Linear, Conv1D)):
@@ -172,9 +190,11 @@ def linear_layers(hf) -> tuple[LinearLayer, ...]:
         transposed = isinstance(module, Conv1D)
         n_in, n_out = (module.weight.shape if transposed
                        else (module.in_features, module.out_features))
-        quantized = (transposed or type(module) is nn.Linear) and not _matches(name, kept_wide)
+        read = name.rsplit(".", 1)[-1] in read_by_model
+        quantized = ((transposed or type(module) is nn.Linear) and not read
+                     and not _matches(name, kept_wide))
         layers.append(LinearLayer(name, int(n_in), int(n_out), module.bias is not None,
-                                  transposed, quantized))
+                                  transposed, quantized, read))
     return tuple(layers)
 
 
@@ -268,13 +288,23 @@ def load_generic(model_dir: str | Path, quant, device: str | torch.device = "cpu
     model = GenericLM(hf, spec_of(hf, cfg, name=Path(model_dir).name))
     model.name_or_path, model.quant = str(model_dir), quant
     _stream_weights(model, keys, quant, device, str(Path(model_dir)))
-    model.notes += stacked_expert_notes(hf, quant)
+    model.notes += stacked_expert_notes(hf, quant) + weight_read_notes(model.spec)
     hf.tie_weights()
     _move_buffers(hf, device)
     check_nothing_missing(model, model_dir)
     model.eval()
     model.packs_documents = documents_kept_apart(model)
     return model
+
+
+def weight_read_notes(spec: GenericSpec) -> list[str]:
+    """What the log says of the linear layers the model reads the weight of itself."""
+    leaves = sorted({layer.name.rsplit(".", 1)[-1] for layer in spec.linears
+                     if layer.weight_read_by_model})
+    if not leaves:
+        return []
+    return [f"{', '.join(leaves)}: this {spec.model_type} model reads their weights itself "
+            "(not through the layer), so they stay in the compute dtype with no adapters"]
 
 
 def stacked_expert_notes(hf, quant) -> list[str]:
