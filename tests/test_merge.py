@@ -129,8 +129,6 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, family):
     (max |a - b| / max |a|) holds with room, while the adapter itself moves the logits by more
     than 100x the bound (asserted).
     """
-    from transformers import AutoModelForCausalLM
-
     from qlora.adapters import AdapterConfig, attach_adapters, save_adapter
     from qlora.models import load_model
     from qlora.quant import QuantConfig
@@ -144,27 +142,72 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, family):
     save_adapter(ours, tmp_path / "adapter", str(path))
     del ours
     merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
-
-    kwargs = {"dtype": torch.float32, **reference_attention(path)}
-    base = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
-    with torch.no_grad():
-        base_logits = base(_ids()).logits
-    base_sd = {k: v.clone() for k, v in base.state_dict().items()}  # merge_and_unload is in place
+    base, base_sd, base_logits = _fp32_base(path)
     want = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload()
-    got, info = AutoModelForCausalLM.from_pretrained(str(merged), output_loading_info=True,
-                                                     **kwargs)
-    assert not any(info.values()), info  # every tensor read from our checkpoint, none made up
+    changed = _assert_merged_as_peft(merged, want, base_sd, base_logits)
+    assert ("experts.gate_up_proj" in " ".join(changed)) == (family in ("mixtral", "qwen3_moe"))
 
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_merge_of_peft_s_own_all_linear_on_experts_equals_peft(tmp_path, family):
+    """The adapter PEFT itself makes of all-linear on a mixture of experts (peft 0.21 over
+    transformers 5) names the experts' parameters bare (gate_up_proj, down_proj), adapts the
+    router too (gate.weight) and gives gate_up_proj twice the rank and alpha (rank_pattern,
+    alpha_pattern). Merged as merge_and_unload merges it, to the bounds of the test above."""
+    model_type, overrides = MERGE_FAMILIES[family]
+    path = build_tiny_model(tmp_path / family, model_type, **overrides)
+    base, base_sd, base_logits = _fp32_base(path)
+    trained = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8,
+                                                        target_modules="all-linear"))
+    randomize_adapters(trained, seed=5)
+    trained.save_pretrained(str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["down_proj", "gate.weight", "gate_up_proj"]
+    assert list(config["rank_pattern"].values()) == [8]  # the form this test is about
+    merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    changed = _assert_merged_as_peft(merged, trained.merge_and_unload(), base_sd, base_logits)
+    assert any(k.endswith("mlp.gate.weight") for k in changed)
+    assert any(k.endswith("experts.gate_up_proj") for k in changed)
+    # on the 4-bit base it cannot ride (a frozen router, one rank): refused, naming the way out
+    from qlora.adapters import load_adapter
+    from qlora.models import load_model
+    from qlora.quant import QuantConfig
+
+    with pytest.raises(QloraError, match=r"adapts the router.*`qlora merge` folds it"):
+        load_adapter(load_model(path, QuantConfig(method="none", compute_dtype=torch.float32)),
+                     tmp_path / "adapter")
+
+
+def _fp32_base(path):
+    """transformers' fp32 model of `path` (Gemma 2's eager attention, its score cap), a copy of
+    its state dict (merge_and_unload merges in place) and its logits on _ids()."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                **reference_attention(path)).eval()
+    with torch.no_grad():
+        logits = base(_ids()).logits
+    return base, {k: v.clone() for k, v in base.state_dict().items()}, logits
+
+
+def _assert_merged_as_peft(merged, want, base_sd, base_logits) -> set[str]:
+    """Our merged checkpoint, as transformers loads it, against PEFT's merged model `want`: every
+    tensor and the logits to test_merge_equals_peft_merge_and_unload's bounds, the same tensors
+    changed (returned), and the adapter moving the logits well past the bound."""
+    from transformers import AutoModelForCausalLM
+
+    got, info = AutoModelForCausalLM.from_pretrained(str(merged), output_loading_info=True,
+                                                     dtype=torch.float32,
+                                                     **reference_attention(merged))
+    assert not any(info.values()), info  # every tensor read from our checkpoint, none made up
     want_sd, got_sd = want.state_dict(), got.state_dict()
     assert sorted(got_sd) == sorted(want_sd)
     assert not any("lora" in k or "base_layer" in k for k in want_sd)  # PEFT unloaded it all
     for key, w in want_sd.items():
         err = float((got_sd[key] - w).abs().max())
         assert err <= 1e-5 * float(w.abs().max()), (key, err, float(w.abs().max()))
-    # both changed the same tensors, the experts' among them (the adapter reached them)
     changed = {k for k, w in want_sd.items() if not torch.equal(w, base_sd[k])}
     assert changed == {k for k, w in got_sd.items() if not torch.equal(w, base_sd[k])}
-    assert ("experts.gate_up_proj" in " ".join(changed)) == (family in ("mixtral", "qwen3_moe"))
     with torch.no_grad():
         want_logits = want.eval()(_ids()).logits
         got_logits = got.eval()(_ids()).logits
@@ -172,6 +215,7 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, family):
     assert float((want_logits - base_logits).abs().max()) > 100 * 1e-5 * scale
     err = float((got_logits - want_logits).abs().max())
     assert err <= 1e-5 * scale, (err, scale)
+    return changed
 
 
 def test_bf16_output_is_sharded_and_complete(tiny, tmp_path):

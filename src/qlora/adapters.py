@@ -679,9 +679,18 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path | None,
 def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     raw = read_adapter_json(adapter_dir)
+    if any(t == "gate.weight" or t.endswith(".gate.weight")
+           for t in raw.get("target_parameters") or ()):
+        raise QloraError(
+            f"{path}: this adapter adapts the router (target_parameters gate.weight: PEFT's "
+            "all-linear on a mixture of experts does, and gives gate_up_proj twice the rank), "
+            "where qlora keeps the router frozen and one rank; `qlora merge` folds it into the "
+            "base, and generate, chat, eval and export then read the merged model. To train "
+            "with it, retrain with target_modules naming the projections (as qlora train saves)")
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
-            raise QloraError(f"{path}: per-layer {key} is not supported yet; retrain with one r/alpha")
+            raise QloraError(f"{path}: per-layer {key} is not supported yet; retrain with one "
+                             "r/alpha, or fold it into the base with `qlora merge`")
     if raw.get("bias", "none") != "none":
         raise QloraError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
     targets = raw.get("target_modules")

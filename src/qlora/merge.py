@@ -33,7 +33,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -178,13 +178,24 @@ def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config
     adapters.peft_expert_path) as one LoraModule per expert linear of the Hub checkpoint
     (Mixtral's experts.N.w1/w3/w2, Qwen3-MoE's experts.N.gate_proj/up_proj/down_proj): expert e's
     A is rows e·r…, its B the columns e, e + E, …, and gate_up's B splits into gate's and up's rows."""
-    from qlora.models.families.moe_config import EXPERT_PROJECTIONS, hub_expert_key, num_experts
+    from qlora.models.families.moe_config import (EXPERT_PROJECTIONS, HUB_BLOCK_NAMES,
+                                                  hub_expert_key, num_experts)
 
+    # PEFT names a parameter by its path's end: mlp.experts.down_proj, or down_proj alone (its
+    # all-linear on a mixture of experts). The nesting follows the experts' parameter order
     targeted = [p for p in EXPERT_PROJECTIONS
-                if any(t.endswith("experts." + p) for t in adapter_cfg.get("target_parameters") or ())]
+                if any(t == p or t.endswith("experts." + p)
+                       for t in adapter_cfg.get("target_parameters") or ())]
+    rank_pattern = adapter_cfg.get("rank_pattern") or {}
+    alpha_pattern = adapter_cfg.get("alpha_pattern") or {}
     experts = num_experts(config, 0)
     out: dict[str, LoraModule] = {}
     for name, m in modules.items():
+        router = re.match(r"^(model\.layers\.\d+)\.mlp\.gate$", name)
+        if router:  # PEFT's all-linear adapts the router too (gate.weight): the Hub's name for it
+            module = f"{router.group(1)}.{HUB_BLOCK_NAMES[config['model_type']]}.gate"
+            out[module] = replace(m, name=module)
+            continue
         stem = re.match(r"^(model\.layers\.\d+)\.mlp\.experts((?:\.base_layer)*)$", name)
         if not stem:
             out[name] = m
@@ -193,7 +204,15 @@ def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config
         if depth >= len(targeted):
             raise QloraError(f"{where}: {name} is nested deeper than its target_parameters allow")
         projection = targeted[len(targeted) - 1 - depth]
+        # the scale as PEFT sets it for the parameter (its all-linear gives gate_up_proj twice
+        # the rank and alpha), not for the wrapper's module path read_adapter looked up
         r = m.A.shape[0] // experts
+        parameter = f"{stem.group(1)}.mlp.experts.{projection}"
+        if _pattern_value(rank_pattern, parameter, None) not in (None, r):
+            raise QloraError(f"{where}: {name} holds rank {r} for {projection} where "
+                             f"rank_pattern gives {_pattern_value(rank_pattern, parameter, r)}")
+        alpha = _pattern_value(alpha_pattern, parameter, adapter_cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if adapter_cfg.get("use_rslora") else alpha / r
         a = m.A.view(experts, r, m.A.shape[1])
         b = m.B.view(m.B.shape[0], r, experts)
         parts = 2 if projection == "gate_up_proj" else 1
@@ -205,7 +224,7 @@ def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config
                 if key not in shapes:
                     raise QloraError(f"{where}: the base has no {key}; merge folds expert adapters "
                                      "into a checkpoint with one tensor per expert, as on the Hub")
-                out[module] = LoraModule(module, m.scale, A=a[e].contiguous(),
+                out[module] = LoraModule(module, scale, A=a[e].contiguous(),
                                          B=b[part * rows:(part + 1) * rows, :, e].contiguous())
     return out
 
