@@ -35,7 +35,8 @@
 #                 the stack dequantize at real shapes, whole and in parts), then Qwen3-30B-A3B at
 #                 seq 2048 under a 22.35 GiB cap (a 24 GB card), graphed (qlora) and eager
 #                 (qlora-eager). About 6 minutes.
-#   moe-peers     (OUTDIR then SYSTEMS; LIMIT, WORKER_TIMEOUT, STEPS, WARMUP, CAP, CKPT_OFF, SHAPE from the environment)
+#   moe-peers     (OUTDIR then SYSTEMS; LIMIT, WORKER_TIMEOUT, STEPS, WARMUP, CAP, CKPT_OFF, SHAPE
+#                 from the environment)
 #                 Qwen3-30B-A3B at seq 2048 for SYSTEMS (default qlora,hf; then unsloth) from a
 #                 random checkpoint in /dev/shm (61 GB: the disk is 64 GB, the host's RAM 128 GiB),
 #                 written by the first call and read by the next ones while the machine stays warm
@@ -234,7 +235,8 @@ moe-peers)
   WORKER_TIMEOUT=${WORKER_TIMEOUT:-400}
   CKPT_FLAG=--no-qlora-ckpt-off
   [ "${CKPT_OFF:-0}" = 1 ] && CKPT_FLAG=--qlora-ckpt-off
-  step "$LIMIT" qwen3-moe-peers $PY "$HERE/train_step.py" --shapes "${SHAPE:-qwen3-30b-a3b}" --seqs 2048 \
+  step "$LIMIT" qwen3-moe-peers $PY "$HERE/train_step.py" --shapes "${SHAPE:-qwen3-30b-a3b}" \
+    --seqs 2048 \
     --systems "${3:-qlora,hf}" ${CAP:+--memory-cap-gib "$CAP"} --keep-attention 0 $CKPT_FLAG \
     --steps "${STEPS:-6}" --warmup "${WARMUP:-2}" --no-gpu-busy --model-root /dev/shm/models \
     --worker-timeout "$WORKER_TIMEOUT" --deadline $((LIMIT - 5)) --out "$OUT/qwen3-moe-peers"

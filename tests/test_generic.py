@@ -471,35 +471,54 @@ def test_a_model_that_lets_documents_meet_trains_on_padded_rows(data, tmp_path):
                for ln in lines), lines
 
 
-def test_mamba_keeps_the_layers_it_reads_the_weight_of_whole_and_unadapted(tmp_path):
-    """transformers' Mamba mixer reads x_proj's, dt_proj's and out_proj's weight itself (its
-    torch path multiplies by dt_proj.weight): a 4-bit weight there is packed bytes (the step
-    failed with a shape error), an adapter there skipped. They load in the compute dtype, bit
-    for bit the checkpoint's; all-linear leaves them out, naming one is refused."""
+# (config.json of a tiny model, the mixer's linears whose weight transformers reads itself)
+READ_BY_MODEL = {
+    "mamba": (dict(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=128, expand=2,
+                   conv_kernel=4), ["dt_proj", "out_proj", "x_proj"]),
+    "jamba": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128, mamba_d_state=8,
+                   mamba_expand=2, mamba_dt_rank=4, num_experts=2, num_experts_per_tok=1,
+                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                   expert_layer_offset=1, use_mamba_kernels=False), ["dt_proj"]),
+}
+
+
+@pytest.mark.parametrize("model_type", list(READ_BY_MODEL))
+def test_layers_whose_weight_the_model_reads_stay_whole_and_unadapted(tmp_path, model_type):
+    """transformers' Mamba mixer reads x_proj's, dt_proj's and out_proj's weight itself (Jamba's
+    dt_proj's: its torch path multiplies by dt_proj.weight): a 4-bit weight there is packed
+    bytes (the step failed with a shape error), an adapter there skipped. They load in the
+    compute dtype, bit for bit the checkpoint's; all-linear (ours and the planner's) leaves them
+    out, naming one is refused by both."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from qlora.memory.generic import generic_targets
     from qlora.tiny import build_tokenizer
 
+    sizes, read = READ_BY_MODEL[model_type]
     torch.manual_seed(0)
-    config = AutoConfig.for_model("mamba", hidden_size=32, state_size=8, num_hidden_layers=2,
-                                  vocab_size=128, expand=2, conv_kernel=4)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "mamba"))
-    build_tokenizer(tmp_path / "mamba")
-    model = load_model(tmp_path / "mamba", QuantConfig(method="nf4", compute_dtype=FP32))
-    saved = load_file(str(tmp_path / "mamba" / "model.safetensors"))
-    mixer = model.hf.backbone.layers[1].mixer
-    for leaf in ("x_proj", "dt_proj", "out_proj"):
-        layer = getattr(mixer, leaf)
-        assert type(layer) is nn.Linear
-        assert torch.equal(layer.weight, saved[f"backbone.layers.1.mixer.{leaf}.weight"])
-    assert type(mixer.in_proj) is not nn.Linear  # bitsandbytes' 4-bit layer
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).save_pretrained(
+        str(tmp_path / model_type))
+    build_tokenizer(tmp_path / model_type)
+    model = load_model(tmp_path / model_type, QuantConfig(method="nf4", compute_dtype=FP32))
+    saved = load_file(str(tmp_path / model_type / "model.safetensors"))
+    kept = [layer.name for layer in model.spec.linears if layer.weight_read_by_model]
+    assert sorted({name.rsplit(".", 1)[-1] for name in kept}) == read
+    for name in kept:
+        assert type(model.hf.get_submodule(name)) is nn.Linear
+        assert torch.equal(model.hf.get_submodule(name).weight, saved[name + ".weight"])
+    in_proj = next(layer.name for layer in model.spec.linears if layer.name.endswith("in_proj"))
+    assert type(model.hf.get_submodule(in_proj)) is not nn.Linear  # bitsandbytes' 4-bit layer
     wrapped = attach_adapters(model, AdapterConfig(r=4, alpha=8))
-    assert sorted({n.rsplit(".", 1)[-1] for n in wrapped}) == ["in_proj"]
+    planned = [layer.name for layer in generic_targets(model.spec, "all-linear")]
+    assert sorted(wrapped) == sorted(planned) and not set(kept) & set(wrapped)
     assert model(tokens(6, 1)).isfinite().all()
-    with pytest.raises(QloraError, match=r"\['dt_proj'\].*reads their weights itself"):
-        attach_adapters(load_model(tmp_path / "mamba", NONE),
-                        AdapterConfig(r=4, alpha=8, target_modules=["in_proj", "dt_proj"]))
+    with pytest.raises(QloraError, match=rf"\['{read[0]}'\].*reads their weights itself"):
+        attach_adapters(load_model(tmp_path / model_type, NONE),
+                        AdapterConfig(r=4, alpha=8, target_modules=["in_proj", read[0]]))
+    with pytest.raises(QloraError, match=rf"--targets: {read[0]}: .*reads their weights itself"):
+        generic_targets(model.spec, ["in_proj", read[0]])
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma"])

@@ -148,24 +148,37 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, family):
     assert ("experts.gate_up_proj" in " ".join(changed)) == (family in ("mixtral", "qwen3_moe"))
 
 
+@pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_merge_of_peft_s_own_all_linear_on_experts_equals_peft(tmp_path, family):
+def test_merge_of_peft_s_own_all_linear_on_experts_equals_peft(tmp_path, family, rslora):
     """The adapter PEFT itself makes of all-linear on a mixture of experts (peft 0.21 over
     transformers 5) names the experts' parameters bare (gate_up_proj, down_proj), adapts the
     router too (gate.weight) and gives gate_up_proj twice the rank and alpha (rank_pattern,
-    alpha_pattern). Merged as merge_and_unload merges it, to the bounds of the test above."""
+    alpha_pattern). Its alpha_pattern is then set out of proportion to the ranks (gate_up 40,
+    the router 24: scales of 5 and 6 where lora_alpha/r is 2), so each parameter's own scale is
+    tested; with rsLoRA, alpha / √r. Merged as PEFT loads and merges the saved adapter, to the
+    bounds of the test above."""
     model_type, overrides = MERGE_FAMILIES[family]
     path = build_tiny_model(tmp_path / family, model_type, **overrides)
-    base, base_sd, base_logits = _fp32_base(path)
-    trained = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8,
-                                                        target_modules="all-linear"))
+    trained = peft.get_peft_model(_fp32_base(path)[0], peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", use_rslora=rslora))
     randomize_adapters(trained, seed=5)
     trained.save_pretrained(str(tmp_path / "adapter"))
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
     assert sorted(config["target_parameters"]) == ["down_proj", "gate.weight", "gate_up_proj"]
     assert list(config["rank_pattern"].values()) == [8]  # the form this test is about
+    config["alpha_pattern"] = {r".*\.gate_up_proj": 40, "gate.weight": 24}
+    config_path.write_text(json.dumps(config))
+    base, base_sd, base_logits = _fp32_base(path)
+    want = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    scales = {n: m.scaling["default"] for n, m in want.named_modules()
+              if isinstance(getattr(m, "scaling", None), dict)}  # PEFT's layers, not attention's
+    root = 8 ** 0.5 if rslora else 8  # gate_up's rank 8: the patterns reached PEFT's layers
+    assert scales["base_model.model.model.layers.0.mlp.experts.base_layer"] == 40 / root
+    assert scales["base_model.model.model.layers.0.mlp.gate"] == 24 / (2 if rslora else 4)
     merged = merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
-    changed = _assert_merged_as_peft(merged, trained.merge_and_unload(), base_sd, base_logits)
+    changed = _assert_merged_as_peft(merged, want.merge_and_unload(), base_sd, base_logits)
     assert any(k.endswith("mlp.gate.weight") for k in changed)
     assert any(k.endswith("experts.gate_up_proj") for k in changed)
     # on the 4-bit base it cannot ride (a frozen router, one rank): refused, naming the way out

@@ -171,6 +171,15 @@ def is_quantized_linear(name: str, shape: tuple[int, ...]) -> bool:
             and not ROUTER.search(name))
 
 
+def _parameter_scale(adapter_cfg: dict, parameter: str, r: int) -> float:
+    """The scale PEFT gives a LoRA on `parameter` (a 3D expert projection or the router's
+    weight, target_parameters) of rank r: its alpha_pattern's alpha (else lora_alpha) over r, or
+    over √r with rsLoRA."""
+    alpha = _pattern_value(adapter_cfg.get("alpha_pattern") or {}, parameter,
+                           adapter_cfg["lora_alpha"])
+    return alpha / math.sqrt(r) if adapter_cfg.get("use_rslora") else alpha / r
+
+
 def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config: dict,
                        shapes: dict[str, tuple[int, ...]], where: Path) -> dict[str, LoraModule]:
     """A mixture of experts' adapter (PEFT's target_parameters: one lora_A [r·E, in] and lora_B
@@ -187,16 +196,21 @@ def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config
                 if any(t == p or t.endswith("experts." + p)
                        for t in adapter_cfg.get("target_parameters") or ())]
     rank_pattern = adapter_cfg.get("rank_pattern") or {}
-    alpha_pattern = adapter_cfg.get("alpha_pattern") or {}
     experts = num_experts(config, 0)
     out: dict[str, LoraModule] = {}
     for name, m in modules.items():
         router = re.match(r"^(model\.layers\.\d+)\.mlp\.gate$", name)
+        stem = re.match(r"^(model\.layers\.\d+)\.mlp\.experts((?:\.base_layer)*)$", name)
+        if (router or stem) and config.get("model_type") not in HUB_BLOCK_NAMES:
+            raise QloraError(f"{where}: {name} adapts a mixture of experts' router or stacked "
+                             "experts, which merge folds into Mixtral and Qwen3-MoE checkpoints "
+                             f"only, not {config.get('model_type')!r}")
         if router:  # PEFT's all-linear adapts the router too (gate.weight): the Hub's name for it
             module = f"{router.group(1)}.{HUB_BLOCK_NAMES[config['model_type']]}.gate"
-            out[module] = replace(m, name=module)
+            # its scale as PEFT sets it: patterns match the parameter's path, gate.weight
+            out[module] = replace(m, name=module, scale=_parameter_scale(
+                adapter_cfg, f"{name}.weight", m.A.shape[0]))
             continue
-        stem = re.match(r"^(model\.layers\.\d+)\.mlp\.experts((?:\.base_layer)*)$", name)
         if not stem:
             out[name] = m
             continue
@@ -211,8 +225,7 @@ def per_expert_modules(adapter_cfg: dict, modules: dict[str, LoraModule], config
         if _pattern_value(rank_pattern, parameter, None) not in (None, r):
             raise QloraError(f"{where}: {name} holds rank {r} for {projection} where "
                              f"rank_pattern gives {_pattern_value(rank_pattern, parameter, r)}")
-        alpha = _pattern_value(alpha_pattern, parameter, adapter_cfg["lora_alpha"])
-        scale = alpha / math.sqrt(r) if adapter_cfg.get("use_rslora") else alpha / r
+        scale = _parameter_scale(adapter_cfg, parameter, r)
         a = m.A.view(experts, r, m.A.shape[1])
         b = m.B.view(m.B.shape[0], r, experts)
         parts = 2 if projection == "gate_up_proj" else 1

@@ -17,12 +17,20 @@ from qlora.models.generic import GenericSpec, LinearLayer
 def generic_targets(spec: GenericSpec, targets: str | tuple[str, ...] | list[str]
                     ) -> list[LinearLayer]:
     """The layers adapters go on: all-linear (PEFT's: every linear but the head) or the layers
-    whose path is, or ends in "." + , a given name (as adapters.py and PEFT match)."""
+    whose path is, or ends in "." + , a given name (as adapters.py and PEFT match); never one
+    whose weight the model reads itself (generic.WEIGHT_READ_BY_MODEL: training refuses it)."""
+    adaptable = [layer for layer in spec.linears if not layer.weight_read_by_model]
     if targets == "all-linear":
-        return list(spec.linears)
+        return adaptable
     names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) \
         else list(targets)
-    chosen = [layer for layer in spec.linears
+    refused = sorted({t for t in names for layer in spec.linears if layer.weight_read_by_model
+                      and (layer.name == t or layer.name.endswith("." + t))})
+    if refused:
+        raise QloraError(f"--targets: {', '.join(refused)}: this {spec.model_type} model reads "
+                         "their weights itself, so qlora train refuses adapters there; leave "
+                         "them out (all-linear does)")
+    chosen = [layer for layer in adaptable
               if any(layer.name == t or layer.name.endswith("." + t) for t in names)]
     unknown = [t for t in names if not any(l.name == t or l.name.endswith("." + t)
                                            for l in spec.linears)]

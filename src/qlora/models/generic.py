@@ -62,16 +62,15 @@ NO_CONTEXT_LIMIT = 2**31 - 1
 
 # Linear layers whose weight the model's forward reads itself instead of calling the layer, by
 # model type (transformers 5.17): Mamba's mixer hands x_proj's, dt_proj's and out_proj's weights
-# to its fused kernels and multiplies by dt_proj.weight in its torch path; Mamba-2's and the
-# hybrids' mixers hand out_proj's to theirs. A 4-bit weight there is read as packed bytes and an
-# adapter is skipped (or, wrapped, has no weight to read), so these stay in the compute dtype,
-# unadapted. PEFT refuses out_proj on the same model types.
+# to its fused kernels and multiplies by dt_proj.weight in its torch path (Jamba's by dt_proj's);
+# Mamba-2's and the hybrids' mixers hand out_proj's to theirs (their attention's is o_proj). A
+# 4-bit weight there is read as packed bytes and an adapter is skipped (or, wrapped, has no
+# weight to read), so these stay in the compute dtype, unadapted. PEFT refuses out_proj on most.
 WEIGHT_READ_BY_MODEL = {
-    "mamba": ("x_proj", "dt_proj", "out_proj"),
-    "falcon_mamba": ("x_proj", "dt_proj", "out_proj"),
-    "mamba2": ("out_proj",),
-    "falcon_h1": ("out_proj",),
-    "nemotron_h": ("out_proj",),
+    **dict.fromkeys(("mamba", "falcon_mamba"), ("x_proj", "dt_proj", "out_proj")),
+    "jamba": ("dt_proj",),
+    **dict.fromkeys(("mamba2", "falcon_h1", "nemotron_h", "bamba", "granitemoehybrid", "zamba2"),
+                    ("out_proj",)),
 }
 
 

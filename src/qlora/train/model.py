@@ -64,7 +64,8 @@ def generic_path_lines(model: GenericLM, cfg: RunConfig) -> list[str]:
     """What the log says about a model on the generic path: that it is, and what it costs."""
     spec = model.spec
     lines = [f"{spec.model_type} ({spec.architecture}) runs on the generic path: transformers' "
-             f"own modules, its {len(spec.linears)} linear layers quantized "
+             f"own modules, {sum(l.quantized for l in spec.linears)} of its "
+             f"{len(spec.linears)} linear layers quantized "
              f"({cfg.quant}), our adapters on them; the speed layer does not apply"]
     for option in ("keep_attention", "keep_activations", "offload_activations", "tile_mlp"):
         if getattr(cfg, option):
