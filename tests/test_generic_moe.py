@@ -224,6 +224,25 @@ def test_merge_keeps_one_tensor_per_expert_and_transformers_loads_it(moe_models,
     assert_merged_is_peft_s(path, merged, tmp_path / "adapter", tokens(6))
 
 
+def test_peft_s_adapter_on_olmoe_s_experts_is_refused_by_merge_naming_them(moe_models, tmp_path):
+    """PEFT's all-linear on OLMoE adapts its stacked experts and router (target_parameters),
+    which merge folds into Mixtral's and Qwen3-MoE's Hub layouts only: refused by name (it was
+    a bare KeyError), nothing written."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from qlora.errors import QloraError
+    from qlora.merge import merge_adapter
+
+    path = moe_models["olmoe"]
+    base = AutoModelForCausalLM.from_pretrained(str(path), dtype=FP32)
+    peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
+                        ).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(QloraError, match=r"mlp\.(gate|experts).* Mixtral and Qwen3-MoE .*'olmoe'"):
+        merge_adapter(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_the_router_loss_is_added_as_transformers_adds_it(moe_models, tmp_path):
     """config.json's output_router_logits on: transformers' loss is its mean cross-entropy +
     router_aux_loss_coef · its load-balancing loss (load_balancing_loss_func, over the tokens
