@@ -46,3 +46,28 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self._add(t)
         return out
+
+
+def stepped_nf4_model(config: dict, plan, tokens: int, r: int = 8):
+    """(model, optimizer, ids): the NF4 random model of `config` (LoRA r on every target, no
+    dropout, the speed layer applied as `plan` says, checkpointed), stepped once on `tokens`
+    random ids so that everything that lives between steps (the optimizer's states too) exists
+    before a second step is counted."""
+    from qlora.adapters import AdapterConfig, attach_adapters
+    from qlora.models.load import random_model
+    from qlora.models.spec import spec_from_config
+    from qlora.quant import QuantConfig
+    from qlora.speed import apply_speed
+    from qlora.train.optim import build_optimizer
+
+    model = random_model(spec_from_config(config), QuantConfig(
+        method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
+    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0))
+    apply_speed(model.train(), plan, log=lambda _: None)
+    model.gradient_checkpointing = True
+    opt = build_optimizer(model, "adamw_torch", 1e-3, 0.0, (0.9, 0.999), 1e-8)
+    ids = torch.randint(0, config["vocab_size"], (1, tokens),
+                        generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).backward()
+    opt.step()
+    return model, opt, ids

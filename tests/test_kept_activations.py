@@ -191,25 +191,11 @@ def _step_peak(whole: int) -> int:
     """The bytes a second step of the planner's small 4-bit Llama (LoRA r8 on every linear, no
     dropout) holds at its peak above what lives between steps, the last `whole` layers left
     whole, counted op by op."""
-    from live_bytes import LiveBytes
-
-    from qlora.adapters import AdapterConfig, attach_adapters
-    from qlora.models.load import random_model
-    from qlora.models.spec import spec_from_config
-    from qlora.quant import QuantConfig
-    from qlora.train.optim import build_optimizer
+    from live_bytes import LiveBytes, stepped_nf4_model
 
     torch.manual_seed(0)
-    model = random_model(spec_from_config(PLANNER_CONFIG), QuantConfig(
-        method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
-    attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0))
-    apply_speed(model.train(), SpeedPlan(seeded_dropout=True, keep_activations=whole),
-                log=lambda _: None)
-    model.gradient_checkpointing = True
-    opt = build_optimizer(model, "adamw_torch", 1e-3, 0.0, (0.9, 0.999), 1e-8)
-    ids = torch.randint(0, 300, (1, PLANNER_TOKENS), generator=torch.Generator().manual_seed(0))
-    model(ids, labels=ids).backward()
-    opt.step()  # its states exist from the first step on
+    model, _, ids = stepped_nf4_model(
+        PLANNER_CONFIG, SpeedPlan(seeded_dropout=True, keep_activations=whole), PLANNER_TOKENS)
     count = LiveBytes()
     with count:
         model(ids, labels=ids).backward()

@@ -1285,15 +1285,12 @@ def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch, budget):
     upper bounds (a layer's saved tensors, the gradients in flight and the dequantized experts
     counted as alive together, which they are not quite). Each projection whole, or in its
     smallest parts (gate_up's gates, then its ups: the rerun keeps the last part of each)."""
-    from live_bytes import LiveBytes
+    from live_bytes import LiveBytes, stepped_nf4_model
 
     import qlora.kernels.experts as kernels
     import qlora.speed.moe as moe
     from qlora import memory
-    from qlora.models.load import random_model
-    from qlora.models.spec import spec_from_config
-    from qlora.speed import SpeedPlan, apply_speed
-    from qlora.train.optim import build_optimizer
+    from qlora.speed import SpeedPlan
 
     if budget == "parts":  # the model's step and the plan alike
         monkeypatch.setattr(kernels, "PART_BYTES", 1)
@@ -1306,16 +1303,8 @@ def test_planner_step_peak_bounds_what_a_moe_step_holds(monkeypatch, budget):
                   max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
                   norm_topk_prob=True)
     tokens, r = 256, 8
-    model = random_model(spec_from_config(config), QuantConfig(
-        method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
-    attach_adapters(model, AdapterConfig(r=r, alpha=16, dropout=0.0))
-    apply_speed(model.train(), SpeedPlan(grouped_experts=True, seeded_dropout=True),
-                log=lambda _: None)
-    model.gradient_checkpointing = True
-    opt = build_optimizer(model, "adamw_torch", 1e-3, 0.0, (0.9, 0.999), 1e-8)
-    ids = torch.randint(0, 300, (1, tokens), generator=torch.Generator().manual_seed(0))
-    model(ids, labels=ids).backward()
-    opt.step()  # its states exist from the first step on
+    model, opt, ids = stepped_nf4_model(
+        config, SpeedPlan(grouped_experts=True, seeded_dropout=True), tokens, r)
     between_steps = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (
         *model.parameters(), *model.buffers(), *(p.grad for g in opt.param_groups for p in g["params"]),
         *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)))}

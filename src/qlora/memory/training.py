@@ -204,8 +204,6 @@ def _keep_activations_that_fit(cfg, arch, pc: PlanConfig, gpu_bytes: int, gpu_na
     """keep_activations for the run: auto (None) leaves whole as many of the last layers as the
     memory plan fits, after keep_attention (under auto_fit none: it spends the memory on the
     micro-batch); a count that does not fit is refused with the count that does."""
-    import dataclasses
-
     if cfg.keep_activations is None:
         n = activation_layers_that_fit(arch, pc, gpu_bytes) if not cfg.auto_fit else 0
         whole = True if n == arch.num_layers else n or False
@@ -216,7 +214,7 @@ def _keep_activations_that_fit(cfg, arch, pc: PlanConfig, gpu_bytes: int, gpu_na
                 "fits; keep_activations: false turns it off)"
                 + ("; keep_attention then keeps nothing: no layer is rerun"
                    if whole is True and pc.keep_attention else ""))
-        return dataclasses.replace(cfg, keep_activations=whole), replace(pc, keep_activations=whole)
+        return replace(cfg, keep_activations=whole), replace(pc, keep_activations=whole)
     if isinstance(arch, GenericSpec):  # no speed layer: the option is ignored, said in the log
         return cfg, pc
     lean = replace(pc, keep_activations=False)
