@@ -1279,6 +1279,7 @@ def check_moe(dirs):
                grouped_to_loop=grouped_to_loop, adapters=len(g0))
         _check_moe_parts(path, family, l1, g1, grouped_to_loop)
         _check_moe_graphed_step(path, family, grouped_to_loop)
+    _check_triton_grouped_mm()
     for name, count, shape in (("qwen3-30b-a3b-gate-up", 256, (768, 2048)),
                                ("mixtral-8x7b-down", 8, (4096, 14336))):
         stack = QuantizedStack(count, shape, QuantConfig(), DEV)
@@ -1328,6 +1329,74 @@ def _check_moe_parts(path, family: str, whole_loss: float, whole_grads: dict,
            1e-2)
     record(f"moe-{family}-parts-grads", max(rel(whole_grads[n], grads[n]) for n in whole_grads),
            max(grouped_to_loop, 0.03))
+
+
+def _check_triton_grouped_mm():
+    """The Triton grouped GEMM (kernels/experts_triton.py, what GPUs below sm90 and fp16 run)
+    compiled, at Qwen3-30B-A3B's widths: forward and both gradients against the loop over
+    experts in fp64, for balanced routing and every token to the same 8 experts; then forward
+    and backward captured in a CUDA graph and replayed under other routings, against eager."""
+    from qlora.kernels.experts import TritonGroupedMM
+
+    def loop(a, b, offsets):
+        outs, start = [], 0
+        for e, end in enumerate(offsets.tolist()):
+            outs.append(a[start:end] @ b[e])
+            start = end
+        return torch.cat(outs)
+
+    def offsets_of(routing, tokens=512, experts=128, k=8):
+        picks = (torch.rand(tokens, experts).topk(k, dim=1).indices if routing == "balanced"
+                 else torch.arange(k).expand(tokens, k))
+        counts = torch.bincount(picks.reshape(-1), minlength=experts)
+        return counts.cumsum(0).to(torch.int32).to(DEV)
+
+    torch.manual_seed(0)
+    # fp32: sums of 2,048 products in another order, ~sqrt(K)·2^-24 of the largest; bf16/fp16:
+    # one rounding of the output (2^-9, 2^-12 of it) and the fp32 sums' order beneath it
+    bounds = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-8}
+    for dtype, bound in bounds.items():
+        for routing in ("balanced", "unbalanced"):
+            for name, k, n in (("gate-up", 2048, 1536), ("down", 768, 2048),
+                               ("lora-a", 2048, 16), ("lora-b", 16, 1536)):
+                offsets = offsets_of(routing)
+                a = torch.randn(int(offsets[-1]), k, device=DEV).to(dtype).requires_grad_()
+                b = (torch.randn(128, n, k, device=DEV) * k**-0.5).to(dtype).requires_grad_()
+                grad = torch.randn(a.shape[0], n, device=DEV).to(dtype)
+                got = TritonGroupedMM.apply(a, b.transpose(1, 2), offsets)
+                got_grads = torch.autograd.grad(got, [a, b], grad)
+                a64 = a.detach().double().requires_grad_()
+                b64 = b.detach().double().requires_grad_()
+                want = loop(a64, b64.transpose(1, 2), offsets)
+                want_grads = torch.autograd.grad(want, [a64, b64], grad.double())
+                record(f"moe-triton-grouped-mm-{name}-{routing}-{str(dtype)[6:]}",
+                       max(rel(w, g) for w, g in zip((want, *want_grads), (got, *got_grads))),
+                       bound)
+    for dtype in bounds:
+        offsets = offsets_of("balanced")
+        a = torch.randn(int(offsets[-1]), 2048, device=DEV).to(dtype).requires_grad_()
+        b = (torch.randn(128, 1536, 2048, device=DEV) * 2048**-0.5).to(dtype).requires_grad_()
+        grad = torch.randn(a.shape[0], 1536, device=DEV).to(dtype)
+
+        def step():
+            out = TritonGroupedMM.apply(a, b.transpose(1, 2), offsets)
+            return (out, *torch.autograd.grad(out, [a, b], grad))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            held = step()
+        worst = 0.0
+        for routing in ("unbalanced", "balanced"):  # new offsets in place: the graph reads them
+            offsets.copy_(offsets_of(routing))
+            graph.replay()
+            # no atomics: the replay is the eager run's arithmetic, bit for bit
+            worst = max(worst, *(float((h - e).abs().max()) for h, e in zip(held, step())))
+        record(f"moe-triton-grouped-mm-graph-replay-{str(dtype)[6:]}", worst, 0.0)
 
 
 def _check_moe_graphed_step(path, family: str, grouped_to_loop: float):

@@ -42,6 +42,10 @@ Systems
   qlora-nokeep    "qlora" with keep_attention off: attention rerun with the layer (what qlora train
                   picks where keeping it fits in no layer)
   qlora-eager     the same without the CUDA graph
+  qlora-triton-experts
+                  "qlora" with the experts' grouped GEMMs on the Triton kernel
+                  (kernels/experts_triton.py), as GPUs below sm90 and fp16 run them, where an
+                  sm90 GPU in bf16 takes torch._grouped_mm; opt-in
   qlora-ungrouped "qlora" with SpeedPlan(grouped=False): one base GEMM per projection (what
                   "qlora" was until 2026-11-25 23:10; the results of 2026-11-25 22:19 and 23:01
                   named the grouped one "qlora-grouped")
@@ -102,7 +106,8 @@ PHI3_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 SYSTEMS = ["hf", "hf+liger", "unsloth", "qlora", "qlora-nokeep", "qlora-eager", "qlora-old",
            "qlora-bnb", "qlora-unfused"]
 # named in --systems only: not part of the default run
-OPT_IN_SYSTEMS = ["unsloth-nocompile", "qlora-ungrouped", "qlora-keepacts"]
+OPT_IN_SYSTEMS = ["unsloth-nocompile", "qlora-ungrouped", "qlora-keepacts",
+                  "qlora-triton-experts"]
 
 def _named_shape(name: str) -> dict:
     """A shape of qlora.models.spec.NAMED_SHAPES (this checkout's, uninstalled)."""
@@ -552,6 +557,12 @@ def run_qlora(model_dir: str, args, variant: str = "qlora"):
         model.train()
         return model, [p for p in model.parameters() if p.requires_grad], QloraStep(
             model, args, None, graphs=False), False
+    if variant == "qlora-triton-experts":
+        # torch._grouped_mm declined, so grouped_mm takes the Triton kernel as below sm90
+        from qlora.kernels import experts
+
+        experts.grouped_mm_runs = lambda a, b: False
+        variant = "qlora"
     if variant in ("qlora", "qlora-nokeep", "qlora-eager", "qlora-unfused", "qlora-bnb",
                    "qlora-ungrouped", "qlora-keepacts"):
         model.train()

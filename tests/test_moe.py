@@ -339,7 +339,8 @@ def loss_and_grads(model, ids):
     return float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-# fp32: 16-bit experts, and 4-bit in fp32 (the padded batched matmul); bf16: torch._grouped_mm
+# fp32: 16-bit experts, and 4-bit in fp32 (the padded batched matmul here, without Triton's
+# interpreter; the Triton kernel: tests/test_grouped_gemm_kernel.py); bf16: torch._grouped_mm
 @pytest.mark.parametrize("variant,quant,dtype", [
     ("mixtral", "none", FP32), ("mixtral", "nf4", torch.bfloat16),
     ("qwen3-moe", "nf4", FP32), ("qwen3-moe", "nf4", torch.bfloat16)])
@@ -1178,8 +1179,10 @@ def test_a_rerun_keeps_no_expert_weight_its_backward_would_not_take(moe_models, 
 
 def test_cuda_graphs_refused_names_what_reads_the_host(moe_models, monkeypatch):
     """The fast MoE model is captured only where its experts read nothing on the host: grouped,
-    torch._grouped_mm taking the operands and every part's width (bf16, rows of 16-byte
-    multiples); each other case names its reason."""
+    and on this CPU (no Triton interpreter here) torch._grouped_mm taking the operands and every
+    part's width (bf16, rows of 16-byte multiples); each other case names its reason. (Where
+    Triton runs, a CUDA GPU, the grouped GEMM kernel takes every other case and nothing is
+    refused: tests/test_grouped_gemm_kernel.py.)"""
     import qlora.kernels.experts as kernels
     from qlora.speed import SpeedPlan, apply_speed
 

@@ -112,6 +112,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for i in range(2):
             stack.set_member(i, torch.randn(16, 64, generator=g))
         experts.dequantize_stack_triton(stack, dtype)
+    # experts.py: the grouped GEMM forward and backward (input and weight gradients), b as a
+    # transposed view (the grouped step's weights) and as it is held (its LoRA B); a rank-16 width
+    offsets = torch.tensor([3, 3, 7], dtype=torch.int32)
+    for b in (rand(3, 24, 40, dtype=dtype, grad=True).transpose(1, 2),
+              rand(3, 40, 16, dtype=dtype, grad=True)):
+        a = rand(7, 40, dtype=dtype, grad=True)
+        experts.TritonGroupedMM.apply(a, b, offsets).float().sum().backward()
     # routing.py: a sparse block's weighted sum back to tokens (router weights fp32 as Mixtral's,
     # or in the hidden dtype as Qwen3-MoE's), forward and backward, and the rows' plain sum
     order = torch.randperm(12, generator=g)
@@ -183,13 +190,23 @@ print(json.dumps(failures))
 """
 
 
+# The constants a launcher turns on for a CUDA tensor alone (the record's CPU tensors have them
+# off: the interpreter's rounding, its dot's fp32 operands): each launch is built with them on
+# too, as the GPU builds it.
+GPU_FLAGS = ("NATIVE_ROUNDING", "COMPILED")
+
+
 def launched_types() -> list[dict]:
-    """The distinct (kernel, types, options) of the launchers' kernel launches."""
+    """The distinct (kernel, types, options) of the launchers' kernel launches, and each as a
+    CUDA tensor's launch (GPU_FLAGS on)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", RECORD], env=env, capture_output=True, text=True,
                           timeout=3600)  # stops a hung run only, never a slow one
     assert done.returncode == 0, done.stderr[-3000:]
     launches = json.loads(done.stdout.strip().splitlines()[-1])
+    launches += [dict(x, constexprs=dict(x["constexprs"], **{f: True for f in flags}))
+                 for x in launches
+                 if (flags := [f for f in GPU_FLAGS if f in x["constexprs"]])]
     return [json.loads(key) for key in sorted({json.dumps(x, sort_keys=True) for x in launches})]
 
 

@@ -7,9 +7,20 @@
   launch (kernels/dequant.py's kernel with a member index: each member's blocks, nested blocks
   and offset found from its byte offset); `dequantize_experts` picks it where Triton runs.
 - `grouped_mm(a, b, offsets)`: rows offsets[e-1]:offsets[e] of `a` (tokens sorted by expert)
-  times b[e], for all experts in one launch: `torch._grouped_mm` where it runs (bf16 with rows
-  of 16-byte multiples: CUDA sm90+, and torch 2.13's CPU), else one batched matmul over the
-  experts' rows padded to the largest group (`padded_grouped_mm`; any dtype, more memory).
+  times b[e], for all experts in one launch, by the first of these that runs:
+  1. `torch._grouped_mm`: bf16 with rows of 16-byte multiples, on CUDA sm90+ and torch 2.13's
+     CPU (cuBLAS/CUTLASS's grouped GEMM: the fastest where it takes the operands).
+  2. `triton_grouped_mm` (`TritonGroupedMM` with its backward; kernels/experts_triton.py): any
+     dtype and width, on every CUDA GPU (and the CPU under Triton's interpreter, the tests'):
+     each expert's exact rows in tiles of BLOCK_M, each tile's expert found on the device from
+     the offsets, so no count is read on the host (a CUDA graph holds it) and its work and
+     memory are the sorted rows' whatever the routing. The path of GPUs below sm90 (A100, RTX
+     3090/4090, L4, L40S) and of fp16/fp32 or narrow rows everywhere.
+  3. `padded_grouped_mm`: one batched matmul over the experts' rows padded to the largest group
+     (plain PyTorch, the reference): any dtype and device, but it reads the largest group on
+     the host (no CUDA graph) and its memory and work grow with the routing's imbalance (E/k x
+     the sorted rows where every token goes to the same k experts). The CPU's without Triton.
+  `grouped_mm_path` says which for a device, dtype and widths (speed/moe.capture_blocker).
 - `GroupedBase`: x @ W_eᵀ over 4-bit (or 16-bit) expert weights, grouped; keeps nothing but the
   weights it was given for backward and dequantizes them again there (as kernels/matmul_4bit.py's
   Matmul4bit): no dense copy of all experts outlives its GEMM. A projection whose experts
@@ -142,8 +153,8 @@ def grouped_mm_runs(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def grouped_mm_takes(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
     """Whether torch._grouped_mm runs on `device` in `dtype` for operands whose rows are these
-    widths: bf16, each row a multiple of 16 bytes, CUDA sm90+ or the CPU. Else grouped_mm pads,
-    which reads the largest group on the host."""
+    widths: bf16, each row a multiple of 16 bytes, CUDA sm90+ or the CPU. Else grouped_mm takes
+    the Triton kernel where Triton runs, the padded batched matmul elsewhere (grouped_mm_path)."""
     if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
     if any(w * 2 % 16 for w in widths):
@@ -153,9 +164,22 @@ def grouped_mm_takes(device: torch.device, dtype: torch.dtype, *widths: int) -> 
     return device.type == "cpu"
 
 
+def grouped_mm_path(device: torch.device, dtype: torch.dtype, *widths: int) -> str:
+    """What grouped_mm runs on `device` for operands in `dtype` whose rows are these widths:
+    "torch" (torch._grouped_mm), "triton" (the kernel: any CUDA GPU, or the CPU under Triton's
+    interpreter) or "padded" (padded_grouped_mm, which alone reads the largest group on the host:
+    no CUDA graph can hold it)."""
+    if grouped_mm_takes(device, dtype, *widths):
+        return "torch"
+    if use_triton(torch.empty(0, device=device)):
+        return "triton"
+    return "padded"
+
+
 def padded_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """grouped_mm as one batched matmul: each expert's rows into a [E, largest group, K] block,
-    zero-padded, times b, and back. Any dtype and device; memory E × the largest group's rows."""
+    zero-padded, times b, and back. Any dtype and device; memory E × the largest group's rows,
+    which it reads on the host. The plain PyTorch reference of the other two paths."""
     experts = b.shape[0]
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     starts = offsets - counts
@@ -168,11 +192,118 @@ def padded_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -
     return torch.bmm(padded, b)[expert, slot]
 
 
+# The Triton grouped GEMM's tiles (kernels/experts_triton.py), fixed (no autotuning: a launch
+# runs the same program every time, its build made by the first, eager, step before any CUDA
+# graph's capture): 64 rows x 128 columns of output a program, the reduction 128 bytes' worth of
+# values a step (64 bf16/fp16, 32 fp32), 4 warps, 3 pipeline stages: 3 x (64 x 64 + 64 x 128)
+# x 2 bytes = 72 KiB of shared memory in any dtype, within every GPU's from sm80 (sm86/sm89's
+# 99 KiB the least). The weight gradient's program: a 64 x 128 tile of [K, N], the expert's rows
+# the same 128 bytes' worth a step. A dimension narrower than its block gets the least power of
+# two >= 16 (tl.dot's least) that holds it: a LoRA rank of 16 is one 16-wide block, not 128
+# mostly masked columns.
+BLOCK_M = 64
+BLOCK_N = 128
+STEP_BYTES = 128
+GEMM_WARPS = 4
+GEMM_STAGES = 3
+
+
+def _triton_kernels():
+    from qlora.kernels import experts_triton
+
+    return experts_triton.grouped_mm_kernel, experts_triton.grouped_weight_grad_kernel
+
+
+def _fit(block: int, width: int) -> int:
+    """`block`, or for a narrower dimension the least power of two >= 16 that holds it."""
+    return min(block, max(16, 1 << max(width - 1, 0).bit_length()))
+
+
+def _launch_options(device: torch.device, dtype: torch.dtype) -> dict:
+    # fp32 operands multiply as fp32 (IEEE), as torch's matmul does by default (no TF32)
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                COMPILED=device.type == "cuda", num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+
+
+def triton_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm by the Triton kernel, no autograd: [M, N] in a's dtype, a [M, K] and b
+    [E, K, N] of any strides (b a transposed view is read in place). The grid is the most row
+    tiles any routing of M rows can make, ceil(M / BLOCK_M) + E − 1 (each expert's last tile
+    partial, at most M), by column blocks: shapes alone, nothing read on the host."""
+    if a.dtype != b.dtype:
+        raise QloraError(f"the grouped GEMM kernel takes operands of one dtype, not {a.dtype} "
+                         f"and {b.dtype}")
+    m, k = a.shape
+    experts, _, n = b.shape
+    out = a.new_empty(m, n)
+    if out.numel() == 0:
+        return out
+    offsets = offsets.contiguous()
+    block_n = _fit(BLOCK_N, n)
+    block_k = _fit(STEP_BYTES // a.element_size(), k)
+    tiles = min(m, -(-m // BLOCK_M) + experts - 1)
+    _triton_kernels()[0][(tiles, -(-n // block_n))](
+        a, b, offsets, out, n, a.stride(0), a.stride(1), *b.stride(), K=k, E=experts,
+        E_PAD=1 << max(experts - 1, 0).bit_length(), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, **_launch_options(a.device, a.dtype))
+    return out
+
+
+def triton_grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor,
+                               dtype: torch.dtype) -> torch.Tensor:
+    """[E, K, N] in `dtype`: a[rows of e]ᵀ @ grad[rows of e] for each expert e (a [M, K], grad
+    [M, N], any strides), by the Triton kernel; zeros for an expert without rows."""
+    if a.dtype != grad.dtype:
+        raise QloraError(f"the grouped GEMM kernel takes operands of one dtype, not {a.dtype} "
+                         f"and {grad.dtype}")
+    m, k = a.shape
+    n, experts = grad.shape[1], offsets.shape[0]
+    if m == 0:  # no rows: every expert's product is a sum of nothing
+        return torch.zeros(experts, k, n, dtype=dtype, device=a.device)
+    out = torch.empty(experts, k, n, dtype=dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    block_k, block_n = _fit(BLOCK_M, k), _fit(BLOCK_N, n)  # of the [K, N] product a program
+    block_m = STEP_BYTES // a.element_size()  # the reduction runs along the rows here
+    _triton_kernels()[1][(-(-k // block_k) * -(-n // block_n), experts)](
+        a, grad, offsets.contiguous(), out, k, n, a.stride(0), a.stride(1), grad.stride(0),
+        grad.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        **_launch_options(a.device, a.dtype))
+    return out
+
+
+class TritonGroupedMM(torch.autograd.Function):
+    """grouped_mm by the Triton kernels, with its backward: grad_a = the grouped product of the
+    output's gradient with each b[e]ᵀ (the same kernel reading b's strides swapped), grad_b =
+    each expert's aᵀ @ grad (the weight-gradient kernel), made only where b takes a gradient.
+    Keeps a only where b wants a gradient, b only where a does."""
+
+    @staticmethod
+    def forward(ctx, a, b, offsets):
+        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
+                              b if ctx.needs_input_grad[0] else None, offsets)
+        ctx.b_dtype = b.dtype
+        return triton_grouped_mm(a, b, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offsets = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = triton_grouped_mm(grad, b.transpose(1, 2), offsets)
+        if ctx.needs_input_grad[1]:
+            grad_b = triton_grouped_weight_grad(a, grad, offsets, ctx.b_dtype)
+        return grad_a, grad_b, None
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[M, N]: a [M, K] (rows sorted by expert; expert e's rows end at offsets[e], int32)
-    times b [E, K, N], expert by expert, in one launch."""
+    """[M, N]: a [M, K] (rows sorted by expert; expert e's rows end at offsets[e], int32,
+    offsets[-1] = M) times b [E, K, N], expert by expert, in one launch: torch._grouped_mm where
+    it takes them, else the Triton kernel where Triton runs, else the padded batched matmul."""
     if grouped_mm_runs(a, b):
         return torch._grouped_mm(a, b, offs=offsets)
+    if a.dtype == b.dtype and use_triton(a):
+        return TritonGroupedMM.apply(a, b, offsets)
     return padded_grouped_mm(a, b, offsets)
 
 

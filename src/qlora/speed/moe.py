@@ -3,8 +3,9 @@ Experts (models/families/moe_blocks.py), which loops over experts.
 
 Each token's k choices become k rows, sorted by expert (a stable argsort), so each expert's rows
 are one contiguous run ending at offsets[e]. Then one grouped GEMM per projection covers every
-expert (kernels/experts.py: torch._grouped_mm where it runs, else one padded batched matmul): the
-base through GroupedBase (4-bit stacks dequantized in one batched call, again in backward but
+expert (kernels/experts.py: torch._grouped_mm where it runs, else the Triton kernel, else one
+padded batched matmul): the base through GroupedBase (4-bit stacks dequantized in one batched
+call, again in backward but
 for the part a checkpoint's rerun kept, each projection's last; a large projection's in parts of its
 output rows, kernels/experts.row_parts), the
 LoRA products (lora_A as PEFT's [E·r, in], lora_B held as [E, r, out]) as two more grouped GEMMs, the
@@ -26,7 +27,7 @@ import torch
 from qlora.adapters import LoraExperts
 from qlora.kernels import fused as fused_kernels
 from qlora.kernels.dropout import use_triton
-from qlora.kernels.experts import (GroupedBase, dequantize_experts, grouped_mm, grouped_mm_takes,
+from qlora.kernels.experts import (GroupedBase, dequantize_experts, grouped_mm, grouped_mm_path,
                                    projection_parts, stack_rows)
 from qlora.kernels.routing import SortedRows, combine
 from qlora.models.families.moe_blocks import ExpertLinear, Experts, expert_counts
@@ -134,8 +135,9 @@ def expert_weights(layer: ExpertLinear, dtype: torch.dtype, start: int, stop: in
 
 def capture_blocker(experts: Experts, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why a step through these experts reads the device on the host (so no CUDA graph can hold
-    it), or None: the reference loop, or grouped GEMMs that torch._grouped_mm does not take
-    (padded: the largest group)."""
+    it), or None: the reference loop, or grouped GEMMs that go to the padded fallback (it reads
+    the largest group): neither torch._grouped_mm takes them nor Triton runs (grouped_mm_path;
+    on a CUDA GPU with Triton every dtype and width has a path that reads nothing)."""
     if not getattr(experts, "grouped", False):
         return "the reference loop over experts reads the routing on the host"
     widths = []
@@ -145,8 +147,9 @@ def capture_blocker(experts: Experts, dtype: torch.dtype, device: torch.device) 
         widths += [stop - start for start, stop in expert_parts(layer, dtype)]  # each part's GEMM
         if isinstance(layer, LoraExperts):
             widths.append(layer.r)
-    if not grouped_mm_takes(device, dtype, *widths):
+    if grouped_mm_path(device, dtype, *widths) == "padded":
         return (f"torch._grouped_mm does not take {str(dtype).replace('torch.', '')} experts of "
-                f"these widths on this device (bf16 rows of 16-byte multiples, sm90+): the "
-                "padded fallback reads the largest group on the host")
+                f"these widths on this device (bf16 rows of 16-byte multiples, sm90+) and the "
+                "Triton grouped GEMM does not run here (no CUDA GPU with Triton): the padded "
+                "fallback reads the largest group on the host")
     return None
