@@ -690,8 +690,14 @@ from qlora.quant import QuantConfig
 from qlora.speed import SpeedPlan, apply_speed
 from test_moe import PLANNER_CONFIGS, planner_config
 
+import qlora.kernels.experts as kernels
 results = {}
-for family in PLANNER_CONFIGS:
+# each family on torch._grouped_mm (the CPU's in bf16, as sm90's), then on the Triton grouped
+# GEMM (as GPUs below sm90 run it) with a balanced router and with every token to the same experts
+for family, triton, unbalanced in [(f, False, False) for f in PLANNER_CONFIGS] + [
+        (f, True, u) for f in PLANNER_CONFIGS for u in (False, True)]:
+    if triton:
+        kernels.grouped_mm_runs = lambda a, b: False
     config, r, tokens = planner_config(family), 8, 64
     model = random_model(spec_from_config(config), QuantConfig(
         method="nf4", double_quant=True, compute_dtype=torch.bfloat16))
@@ -700,18 +706,28 @@ for family in PLANNER_CONFIGS:
     seed = apply_speed(model, SpeedPlan(fused_kernels=True, fast_base=True, grouped=True,
                                         seeded_dropout=True, grouped_experts=True),
                        log=lambda _: None).dropout_seed
+    layer = model.model.layers[0]
+    if unbalanced:  # every token to the same top_k experts
+        top_k = memory.arch_from_config(config).moe.top_k
+        with torch.no_grad():
+            layer.mlp.gate.weight.zero_()
+            layer.mlp.gate.weight[:top_k] = torch.linspace(3, 5, top_k)[:, None]
+    taken = []
+    apply = kernels.TritonGroupedMM.apply
+    kernels.TritonGroupedMM.apply = lambda *args: taken.append(1) or apply(*args)
     x = model.model.embed_tokens(torch.randint(0, 300, (1, tokens))).detach().abs()
     x.requires_grad_(True)
     cos, sin = model.model.rotary_emb(torch.arange(tokens)[None], x.dtype)
     # x not owned: the fused norm keeps its bf16 input, which the plan counts as the layer's
     owned = [*model.parameters(), *model.buffers(), cos, sin, seed]
-    saved = layer_saved_bytes(model.model.layers[0], x, cos, sin, owned)
+    saved = layer_saved_bytes(layer, x, cos, sin, owned)
+    kernels.TritonGroupedMM.apply = apply
     arch = memory.arch_from_config(config)
     cfg = memory.PlanConfig(r=r, lora_dropout=0.0, seq_len=tokens, alloc_rounding=False,
                             seeded_dropout=True, kernels="fused")
     planned = (sum(memory.activations.layer_activation_terms(arch, cfg).values()) * tokens
                + sum(memory.weights.layer_weight_terms(arch, cfg).values()))
-    results[family] = [saved, planned]
+    results[f"{family}, triton {triton}, unbalanced {unbalanced}"] = [saved, planned, len(taken)]
 print(json.dumps(results))
 """
 
@@ -719,12 +735,17 @@ print(json.dumps(results))
 def test_planner_routed_activations_equal_what_the_fused_step_keeps():
     """As test_planner_routed_activations_equal_what_autograd_keeps, on the fused path (Triton's
     interpreter): the packed SwiGLU kernel keeps the gate/up output alone, no silu(gate), and the
-    fused norms their bf16 inputs; the plan's terms equal what autograd keeps, byte for byte."""
+    fused norms their bf16 inputs; the plan's terms equal what autograd keeps, byte for byte. The
+    same with the experts' GEMMs on the Triton grouped GEMM (GPUs below sm90), balanced and with
+    every token to the same experts: exact rows, so the one plan holds for either routing."""
     from test_dequant_kernel import interpreted
 
     results = interpreted(FUSED_ROUTED_COUNT)
-    assert set(results) == set(PLANNER_CONFIGS)
-    assert all(saved == planned for saved, planned in results.values()), results
+    assert len(results) == 3 * len(PLANNER_CONFIGS)
+    assert all(saved == planned for saved, planned, _ in results.values()), results
+    # the Triton runs took the kernel (the four expert GEMMs of the forward at least), the others not
+    assert all((launches >= 4) == (", triton True" in name)
+               for name, (_, _, launches) in results.items()), results
 
 
 # measured on an H100 80GB, 2026-12-07 (docs/BENCHMARKS.md, "Mixtures of experts"), graphed,
