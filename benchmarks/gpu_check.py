@@ -1336,14 +1336,7 @@ def _check_triton_grouped_mm():
     compiled, at Qwen3-30B-A3B's widths: forward and both gradients against the loop over
     experts in fp64, for balanced routing and every token to the same 8 experts; then forward
     and backward captured in a CUDA graph and replayed under other routings, against eager."""
-    from qlora.kernels.experts import TritonGroupedMM
-
-    def loop(a, b, offsets):
-        outs, start = [], 0
-        for e, end in enumerate(offsets.tolist()):
-            outs.append(a[start:end] @ b[e])
-            start = end
-        return torch.cat(outs)
+    from qlora.kernels.experts import TritonGroupedMM, looped_grouped_mm as loop
 
     def offsets_of(routing, tokens=512, experts=128, k=8):
         picks = (torch.rand(tokens, experts).topk(k, dim=1).indices if routing == "balanced"

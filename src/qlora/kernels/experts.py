@@ -176,6 +176,17 @@ def grouped_mm_path(device: torch.device, dtype: torch.dtype, *widths: int) -> s
     return "padded"
 
 
+def looped_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as one matmul per expert, a[rows of e] @ b[e]: the plainest reference (it reads
+    the offsets on the host and launches E matmuls), which the tests and the GPU checks hold the
+    grouped paths to."""
+    outs, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        outs.append(a[start:end] @ b[e])
+        start = end
+    return torch.cat(outs) if outs else a.new_empty(0, b.shape[-1])
+
+
 def padded_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """grouped_mm as one batched matmul: each expert's rows into a [E, largest group, K] block,
     zero-padded, times b, and back. Any dtype and device; memory E × the largest group's rows,
