@@ -48,6 +48,13 @@
 #   profile-moe   the same for Qwen3-30B-A3B's eager MoE step (no graphs, no kept attention): where
 #                 its 0.89 s a step go (host syncs show among the host-side ops).
 #   checks        gpu_check.py: every part of the step against its reference on the GPU.
+#   triton-experts
+#                 the experts' Triton grouped GEMM (what GPUs below sm90 and fp16 run), timed on
+#                 this GPU: grouped_gemm.py (each path's ms, memory and error at Qwen3-30B-A3B's
+#                 GEMMs, balanced and unbalanced), then Qwen3-30B-A3B's step under the 24 GB cap
+#                 on it beside torch._grouped_mm's (qlora-triton-experts, qlora), then the MoE
+#                 correctness checks (gpu_check.py --checks moe: the kernel compiled, and replayed
+#                 in a CUDA graph). About 8 minutes.
 #   families      the families' shapes at seq 2048, micro-batch 1, all linears r16, checkpointing:
 #                 Gemma-2-9B (qlora with attention kept, qlora-nokeep, hf, Unsloth) and Phi-4 14B
 #                 (qlora, hf, Unsloth); StableLM-2-1.6B, a family with no native module, on the
@@ -112,7 +119,7 @@
 # OUTDIR/<part>/results.jsonl (train_step.py, preference_step.py), OUTDIR/gpu-check.jsonl, and the
 # profile to stdout.
 set -u
-USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|families|families-gemma-unsloth|phi4-keepacts|dpo|orpo|dpo-8b|orpo-8b|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
+USAGE="usage: device_speed.sh speed-2048|speed-8192|long-16384|long-context|longest-24|longest-48|longest-48-unsloth|longest-80|longest-80-unsloth|moe|moe-graphs|moe-peers|profile-2048|profile-phi4|profile-moe|checks|triton-experts|families|families-gemma-unsloth|phi4-keepacts|dpo|orpo|dpo-8b|orpo-8b|kto|export-8b|export-8b-q8|export-8b-ours|export-8b-cpu|export-8b-cpu-q8 OUTDIR [SYSTEMS: moe-peers only]"
 PART=${1:?$USAGE}
 OUT=${2:?$USAGE}
 PY=${PYTHON:-python}
@@ -252,6 +259,14 @@ profile-phi4)  # Phi-4's graph step: 309 ms a step, 297 of kernels (2026-12-06 1
 profile-moe)  # Qwen3-30B-A3B's eager step: 0.89 s a step at 0.05 MFU (2026-12-06 11:17); no graphs, nothing kept
   step 400 profile-qwen3-moe-detail $PY "$HERE/profile_step.py" --shape qwen3-30b-a3b --seq 2048 --ours \
     --fused --fast --group --steps 2 --detail copy,elementwise,other --out /tmp/profile
+  ;;
+triton-experts)
+  step 110 grouped-gemm $PY "$HERE/grouped_gemm.py" --reps 10 --out "$OUT/grouped-gemm.jsonl"
+  step 200 qwen3-moe-triton-experts $PY "$HERE/train_step.py" --shapes qwen3-30b-a3b --seqs 2048 \
+    --systems qlora-triton-experts,qlora --memory-cap-gib 22.35 --keep-attention 0 \
+    --no-qlora-ckpt-off --steps 4 --warmup 2 --random-weights --no-gpu-busy --worker-timeout 95 \
+    --deadline 195 --out "$OUT/qwen3-moe-triton-experts"
+  step 150 gpu_check-moe $PY "$HERE/gpu_check.py" --checks moe --out "$OUT/gpu-check-moe.jsonl"
   ;;
 checks)
   step 420 gpu_check $PY "$HERE/gpu_check.py" --out "$OUT/gpu-check.jsonl"  # every check

@@ -48,7 +48,11 @@ Checks, each against the real other tool on CUDA:
      loop over experts (NF4 experts, LoRA, bf16): loss and every adapter gradient; the stack
      dequantize kernel (kernels/experts.py) vs the torch batch, bit for bit, at Qwen3-30B-A3B's
      and Mixtral-8x7B's expert shapes, timed beside bitsandbytes member by member; one sparse
-     block's forward + backward at Qwen3-30B-A3B's shape (2048 tokens), grouped vs the loop, timed.
+     block's forward + backward at Qwen3-30B-A3B's shape (2048 tokens), grouped vs the loop, timed;
+     the Triton grouped GEMM (kernels/experts_triton.py, the path below sm90 and in fp16/fp32)
+     compiled, at Qwen3-30B-A3B's widths, balanced and unbalanced routing, fp32/bf16/fp16, vs the
+     loop in fp64 (output and both gradients), and its forward + backward replayed in a CUDA
+     graph under other routings, bit for bit the eager run.
 Prints one JSON line per check and exits non-zero if any fails.
 """
 
