@@ -1350,7 +1350,8 @@ def _check_triton_grouped_mm():
 
     torch.manual_seed(0)
     # fp32: sums of 2,048 products in another order, ~sqrt(K)·2^-24 of the largest; bf16/fp16:
-    # one rounding of the output (2^-9, 2^-12 of it) and the fp32 sums' order beneath it
+    # one rounding of the output to nearest (half a unit: 2^-8, 2^-11 of it at most) and the fp32
+    # sums' order beneath it
     bounds = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-8}
     for dtype, bound in bounds.items():
         for routing in ("balanced", "unbalanced"):

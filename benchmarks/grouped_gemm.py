@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from qlora.kernels.experts import (TritonGroupedMM, grouped_mm_runs,  # noqa: E402
-                                   padded_grouped_mm)
+                                   looped_grouped_mm, padded_grouped_mm)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PATHS = ("torch", "triton", "padded")
@@ -74,8 +74,6 @@ def operands(gemm: str, args, rows: int, dtype: torch.dtype, device):
 
 
 def loop_reference(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    from qlora.kernels.experts import looped_grouped_mm
-
     return looped_grouped_mm(a.float(), b.float(), offsets)
 
 

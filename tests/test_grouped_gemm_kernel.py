@@ -3,8 +3,9 @@ by Triton's interpreter on the CPU, against the per-expert loop of `a[rows of e]
 padded batched matmul (padded_grouped_mm): forward, and the input and weight gradients against
 autograd through the loop; fp32, bf16 and fp16; uneven groups, empty experts first, in the
 middle and last, every row in one expert, rows not a multiple of BLOCK_M, widths that are not
-multiples of the blocks nor of 16 bytes, b as a transposed view, no rows at all. Then a tiny
-Qwen3-MoE's grouped step through the kernel against its reference loop over experts.
+multiples of the blocks nor of 16 bytes, b and the output's gradient as transposed views, no
+rows at all. Then a tiny Qwen3-MoE's grouped step through the kernel against its reference
+loop over experts.
 
 TRITON_INTERPRET=1 must be set before triton is imported, so each check runs in a subprocess
 (test_dequant_kernel.interpreted) that prints one JSON line.
@@ -79,7 +80,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             b_view = b.transpose(1, 2)
         else:
             b = b_view = torch.randn(e, k, n, generator=g).to(dtype).requires_grad_()
-        grad = torch.randn(m, n, generator=g).to(dtype)
+        # with b transposed, the output's gradient column-major too (a's gradient reads it with
+        # unit row stride, b's with stride M along its columns)
+        grad = (torch.randn(n, m, generator=g).to(dtype).t() if transposed
+                else torch.randn(m, n, generator=g).to(dtype))
         got = TritonGroupedMM.apply(a, b_view, offsets)
         # the exact products rounded once: the loop in fp32 (and its gradients), then to the dtype
         a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()

@@ -743,7 +743,7 @@ def test_planner_routed_activations_equal_what_the_fused_step_keeps():
     results = interpreted(FUSED_ROUTED_COUNT)
     assert len(results) == 3 * len(PLANNER_CONFIGS)
     assert all(saved == planned for saved, planned, _ in results.values()), results
-    # the Triton runs took the kernel (the four expert GEMMs of the forward at least), the others not
+    # the Triton runs took the kernel (the forward's four expert GEMMs at least), the others not
     assert all((launches >= 4) == (", triton True" in name)
                for name, (_, _, launches) in results.items()), results
 

@@ -206,12 +206,13 @@ def padded_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -
 # The Triton grouped GEMM's tiles (kernels/experts_triton.py), fixed (no autotuning: a launch
 # runs the same program every time, its build made by the first, eager, step before any CUDA
 # graph's capture): 64 rows x 128 columns of output a program, the reduction 128 bytes' worth of
-# values a step (64 bf16/fp16, 32 fp32), 4 warps, 3 pipeline stages: 3 x (64 x 64 + 64 x 128)
-# x 2 bytes = 72 KiB of shared memory in any dtype, within every GPU's from sm80 (sm86/sm89's
-# 99 KiB the least). The weight gradient's program: a 64 x 128 tile of [K, N], the expert's rows
-# the same 128 bytes' worth a step. A dimension narrower than its block gets the least power of
-# two >= 16 (tl.dot's least) that holds it: a LoRA rank of 16 is one 16-wide block, not 128
-# mostly masked columns.
+# values a step (64 bf16/fp16, 32 fp32), 4 warps, 3 pipeline stages: at most 3 x (64 x 64 +
+# 64 x 128) x 2 bytes = 72 KiB of shared memory in any dtype (Triton 3.6's sm80-sm89 builds
+# hold two stages' buffers, 48 KiB), within every GPU's from sm80 (sm86/sm89's 99 KiB the
+# least). The weight gradient's program: a 64 x 128 tile of [K, N], the expert's rows the same
+# 128 bytes' worth a step. A dimension narrower than its block gets the least power of two >= 16
+# (tl.dot's least) that holds it: a LoRA rank of 16 is one 16-wide block, not 128 mostly masked
+# columns.
 BLOCK_M = 64
 BLOCK_N = 128
 STEP_BYTES = 128

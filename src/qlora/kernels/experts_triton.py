@@ -109,8 +109,10 @@ def grouped_weight_grad_kernel(a_ptr, g_ptr, offsets_ptr, out_ptr, K, N, stride_
     expert): a [M, K], g [M, N] of any strides, out [E, K, N] contiguous; the expert's rows
     BLOCK_M at a time, summed in fp32 and rounded once (an expert without rows: zeros)."""
     k_blocks = tl.cdiv(K, BLOCK_K)
-    ks = (tl.program_id(0) % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = (tl.program_id(0) // k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # ks and cols in int64: they index a's and g's whole width, so a column-major a or g
+    # (stride_ak or stride_gn = M) puts them M·K or M·N elements in, which passes int32
+    ks = ((tl.program_id(0) % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    cols = ((tl.program_id(0) // k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     expert = tl.program_id(1)
     start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offsets_ptr + expert)
