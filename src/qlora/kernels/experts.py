@@ -220,10 +220,16 @@ GEMM_WARPS = 4
 GEMM_STAGES = 3
 
 
-def _triton_kernels():
-    from qlora.kernels import experts_triton
+def _kernels():
+    from qlora.kernels import experts_triton  # imported on first use: see its docstring
 
-    return experts_triton.grouped_mm_kernel, experts_triton.grouped_weight_grad_kernel
+    return experts_triton
+
+
+def _one_dtype(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dtype != y.dtype:
+        raise QloraError(f"the grouped GEMM kernel takes operands of one dtype, not {x.dtype} "
+                         f"and {y.dtype}")
 
 
 def _fit(block: int, width: int) -> int:
@@ -242,9 +248,7 @@ def triton_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -
     [E, K, N] of any strides (b a transposed view is read in place). The grid is the most row
     tiles any routing of M rows can make, ceil(M / BLOCK_M) + E − 1 (each expert's last tile
     partial, at most M), by column blocks: shapes alone, nothing read on the host."""
-    if a.dtype != b.dtype:
-        raise QloraError(f"the grouped GEMM kernel takes operands of one dtype, not {a.dtype} "
-                         f"and {b.dtype}")
+    _one_dtype(a, b)
     m, k = a.shape
     experts, _, n = b.shape
     out = a.new_empty(m, n)
@@ -254,7 +258,7 @@ def triton_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -
     block_n = _fit(BLOCK_N, n)
     block_k = _fit(STEP_BYTES // a.element_size(), k)
     tiles = min(m, -(-m // BLOCK_M) + experts - 1)
-    _triton_kernels()[0][(tiles, -(-n // block_n))](
+    _kernels().grouped_mm_kernel[(tiles, -(-n // block_n))](
         a, b, offsets, out, n, a.stride(0), a.stride(1), *b.stride(), K=k, E=experts,
         E_PAD=1 << max(experts - 1, 0).bit_length(), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, **_launch_options(a.device, a.dtype))
@@ -265,9 +269,7 @@ def triton_grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: tor
                                dtype: torch.dtype) -> torch.Tensor:
     """[E, K, N] in `dtype`: a[rows of e]ᵀ @ grad[rows of e] for each expert e (a [M, K], grad
     [M, N], any strides), by the Triton kernel; zeros for an expert without rows."""
-    if a.dtype != grad.dtype:
-        raise QloraError(f"the grouped GEMM kernel takes operands of one dtype, not {a.dtype} "
-                         f"and {grad.dtype}")
+    _one_dtype(a, grad)
     m, k = a.shape
     n, experts = grad.shape[1], offsets.shape[0]
     if m == 0:  # no rows: every expert's product is a sum of nothing
@@ -277,7 +279,7 @@ def triton_grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: tor
         return out
     block_k, block_n = _fit(BLOCK_M, k), _fit(BLOCK_N, n)  # of the [K, N] product a program
     block_m = STEP_BYTES // a.element_size()  # the reduction runs along the rows here
-    _triton_kernels()[1][(-(-k // block_k) * -(-n // block_n), experts)](
+    _kernels().grouped_weight_grad_kernel[(-(-k // block_k) * -(-n // block_n), experts)](
         a, grad, offsets.contiguous(), out, k, n, a.stride(0), a.stride(1), grad.stride(0),
         grad.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
         **_launch_options(a.device, a.dtype))
